@@ -11,3 +11,7 @@ from .engine import RequestOutput, SamplingParams  # noqa: E402
 from .llm import LLM  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CodeShellConfig", "ConfigError"]
+
+from .hf import register as _register_hf  # noqa: E402
+
+_register_hf()

@@ -50,9 +50,24 @@ class LLM:
             raise ValueError(f"unknown quantization {quantization!r}")
         self.model, self.config, self.path = _load(model, dtype, device)
         tok_path = Path(tokenizer) if tokenizer is not None else self.path
-        self.tokenizer: Tokenizer | None = load_tokenizer(tok_path, self.config.eos_token_id)
-        if tokenizer is not None and self.tokenizer is None:
+        tok = load_tokenizer(tok_path, self.config.eos_token_id)
+        if tokenizer is not None and tok is None:
             raise TokenizerMissingError(f"no tokenizer.json in {tokenizer}")
+        self._setup(tok, max_batch, max_model_len)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, config, tokenizer: Tokenizer | None = None, *,
+                   max_batch: int = 8, max_model_len: int | None = None, threads: int | None = None) -> "LLM":
+        """Wrap an already built model (e.g. random weights for a benchmark)."""
+        self = cls.__new__(cls)
+        if next(model.parameters()).device.type == "cpu":
+            torch.set_num_threads(threads or default_threads())
+        self.model, self.config, self.path = model.eval(), config, Path("<in-memory>")
+        self._setup(tokenizer, max_batch, max_model_len)
+        return self
+
+    def _setup(self, tokenizer: Tokenizer | None, max_batch: int, max_model_len: int | None) -> None:
+        self.tokenizer: Tokenizer | None = tokenizer
         self.engine = Engine(self.model, self.config, self.tokenizer, max_batch=max_batch,
                              max_model_len=max_model_len)
         self.max_model_len = self.engine.max_model_len

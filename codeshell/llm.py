@@ -214,8 +214,10 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-        self._p = Progress("[bold]Generating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self._p = Progress("[bold]Generating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           console=Console(stderr=True))
         self._p.__enter__()
         task = self._p.add_task("gen", total=self.total)
         return lambda: self._p.advance(task)

@@ -144,9 +144,11 @@ def _bigcode_qkv_to_fused(t: torch.Tensor, cfg: CodeShellConfig) -> torch.Tensor
 @contextmanager
 def _progress(total: int, desc: str):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-    disable = os.environ.get("CODESHELL_NO_PROGRESS") == "1"
+    from rich.console import Console
+    console = Console(stderr=True)  # progress never mixes with generated text on stdout
+    disable = os.environ.get("CODESHELL_NO_PROGRESS") == "1" or not console.is_terminal
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), transient=True, disable=disable) as prog:
+                  TimeRemainingColumn(), transient=True, disable=disable, console=console) as prog:
         task = prog.add_task(desc, total=total)
         yield lambda n: prog.advance(task, n)
 

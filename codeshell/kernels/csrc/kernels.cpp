@@ -19,7 +19,9 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -130,6 +132,80 @@ void parallel_rows(int64_t N, F&& f) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { f(n0, n1); });
 }
 
+// ---- bf16 ------------------------------------------------------------------------
+// A 32-byte load holds 16 bf16 weights; (v << 16) gives the even ones as fp32 and
+// (v & 0xffff0000) the odd ones, 2 cheap ops per 16 weights instead of 2 per 8 with a
+// widening load. x is permuted to match once per call: within each run of 16,
+// [x0 x2 .. x14 | x1 x3 .. x15] (see permute_x16); the K % 16 tail stays in order.
+
+void permute_x16(const float* x, int64_t M, int64_t K, float* xp) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * K;
+    float* o = xp + m * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      for (int t = 0; t < 8; ++t) {
+        o[k + t] = r[k + 2 * t];
+        o[k + 8 + t] = r[k + 2 * t + 1];
+      }
+    for (; k < K; ++k) o[k] = r[k];
+  }
+}
+
+template <int MB, int NB>
+inline void tile_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t K, float* out,
+                      int64_t ldo) {
+  __m256 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+  const __m256i hi = _mm256_set1_epi32(int32_t(0xffff0000u));
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    for (int j = 0; j < NB; ++j) {
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + k));
+      __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+      for (int i = 0; i < MB; ++i) {
+        acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k), we, acc[i][j]);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k + 8), wo, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * BF16::load1(w + j * ldw + kk);
+      out[i * ldo + j] = s;
+    }
+}
+
+template <int NB, int MB>
+inline void rows_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t ldo) {
+  int64_t m = 0;
+  for (; m + MB <= M; m += MB) tile_bf16<MB, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo);
+  switch (M - m) {
+    case 3: tile_bf16<3, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
+    case 2: tile_bf16<2, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
+    case 1: tile_bf16<1, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
+    default: break;
+  }
+}
+
+template <int NB, int MB>
+void range_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* out, int64_t N,
+                int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) rows_bf16<NB, MB>(x, M, K, w + n * K, out + n, N);
+  for (; n < n1; ++n) rows_bf16<1, MB>(x, M, K, w + n * K, out + n, N);
+  if (bias)
+    for (int64_t mm = 0; mm < M; ++mm)
+      for (int64_t j = n0; j < n1; ++j) out[mm * N + j] += bias[j];
+}
+
+// Tiles are up to 4 rows of x by 3-4 weight rows (12 accumulators; x is a memory operand of
+// the FMA). For M > 4 a weight row group is re-read from L1/L2 once per 4 rows of x. Measured
+// alternative that lost (single core, K=4096): K-blocking so the x chunk stays in L1, with
+// vector partial sums per (row, m) in a buffer -- 20-70% slower at every M from 1 to 16.
 torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(),
               "weight must be a contiguous bf16 [N, K] tensor");
@@ -137,14 +213,16 @@ torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
   check_x(x, K);
   const float* b = opt_ptr(bias, N, "bias");
   auto out = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  auto xperm = torch::empty({M, K}, x.options());
+  permute_x16(x.data_ptr<float>(), M, K, xperm.data_ptr<float>());
+  const float* xp = xperm.data_ptr<float>();
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* op = out.data_ptr<float>();
   parallel_rows(N, [&](int64_t n0, int64_t n1) {
-    if (M == 1)
-      range_dense<BF16, 4>(xp, M, K, wp, nullptr, b, op, N, n0, n1);
+    if (M < 4)
+      range_bf16<4, 3>(xp, M, K, wp, b, op, N, n0, n1);
     else
-      range_dense<BF16, 3>(xp, M, K, wp, nullptr, b, op, N, n0, n1);
+      range_bf16<3, 4>(xp, M, K, wp, b, op, N, n0, n1);
   });
   return out;
 }

@@ -12,7 +12,18 @@ without a compiler or AVX2 everything runs through plain torch after one warning
 """
 
 from .ops import DECODE_MAX_M, available, linear, set_num_threads
-from .packing import KINDS, PackedWeight, dequantize, pack_nibbles, prepack, quantize_int4, quantize_int8, unpack_nibbles
+from .packing import (
+    KINDS,
+    PackedWeight,
+    dequantize,
+    int4_from_parts,
+    int8_from_parts,
+    pack_nibbles,
+    prepack,
+    quantize_int4,
+    quantize_int8,
+    unpack_nibbles,
+)
 
 __all__ = [
     "DECODE_MAX_M",
@@ -20,6 +31,8 @@ __all__ = [
     "PackedWeight",
     "available",
     "dequantize",
+    "int4_from_parts",
+    "int8_from_parts",
     "linear",
     "pack_nibbles",
     "prepack",

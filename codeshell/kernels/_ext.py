@@ -99,6 +99,7 @@ def get() -> ModuleType | None:
             try:
                 _state["mod"] = _build()
                 _state["reason"] = None
+                _cap_threads()
             except Exception as e:  # no compiler, no ninja, unsupported CPU, build error
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 _state["mod"] = None
@@ -107,6 +108,16 @@ def get() -> ModuleType | None:
                     warnings.warn(f"codeshell.kernels: native kernels unavailable ({reason}); using torch fallback",
                                   RuntimeWarning, stacklevel=3)
     return _state["mod"]  # type: ignore[return-value]
+
+
+def _cap_threads() -> None:
+    # More OpenMP threads than cores we may run on only adds context switches to these
+    # bandwidth-bound kernels; cap torch's count at the affinity mask (never raise it).
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
 
 
 def _reset_for_tests() -> None:

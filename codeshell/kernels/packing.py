@@ -104,6 +104,34 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool =
     return PackedWeight("int4", n, k, data, scales.contiguous(), offsets, group_size)
 
 
+def int4_from_parts(data: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                    group_size: int) -> PackedWeight:
+    """PackedWeight from already-quantised int4 parts (e.g. loaded from a checkpoint): data uint8
+    [N, K/2] in the layout above (GGUF Q4_0 blocks use the same nibble order: Q4_0 is
+    symmetric, group 32, scale d -> scales = d, offsets None), scales [N, K/G], offsets [N, K/G]
+    or None. For an integer zero point z pass offsets = (8 - z) * scales."""
+    if data.dtype != torch.uint8 or data.dim() != 2:
+        raise ValueError(f"int4 data must be uint8 [N, K/2], got {data.dtype} {tuple(data.shape)}")
+    n, k = data.shape[0], data.shape[1] * 2
+    if group_size <= 0 or group_size % 32 or k % group_size:
+        raise ValueError(f"int4 group_size={group_size} must be a positive multiple of 32 that divides K={k}")
+    shape = (n, k // group_size)
+    for name, t in (("scales", scales), ("offsets", offsets)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"int4 {name} must have shape {shape}, got {tuple(t.shape)}")
+    return PackedWeight("int4", n, k, data.contiguous(), scales.float().contiguous(),
+                        None if offsets is None else offsets.float().contiguous(), group_size)
+
+
+def int8_from_parts(q: torch.Tensor, scales: torch.Tensor) -> PackedWeight:
+    """PackedWeight from int8 q [N, K] and per-output-channel scales [N] (W = q * scales[:, None])."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"int8 weight must be int8 [N, K], got {q.dtype} {tuple(q.shape)}")
+    if tuple(scales.shape) != (q.shape[0],):
+        raise ValueError(f"int8 scales must have shape ({q.shape[0]},), got {tuple(scales.shape)}")
+    return PackedWeight("int8", q.shape[0], q.shape[1], q.contiguous(), scales.float().contiguous())
+
+
 def pack_nibbles(nib: torch.Tensor) -> torch.Tensor:
     """uint8 nibbles [N, K] (values 0..15, K % 32 == 0) -> packed bytes [N, K/2] (layout above)."""
     n, k = nib.shape

@@ -18,6 +18,8 @@ from codeshell.kernels import (
     _ext,
     available,
     dequantize,
+    int4_from_parts,
+    int8_from_parts,
     linear,
     pack_nibbles,
     prepack,
@@ -171,3 +173,21 @@ def test_bad_inputs_are_named():
         linear(torch.randn(2, 8), torch.randn(4, 8))
     with pytest.raises(ValueError, match="impl"):
         linear(torch.randn(2, 8), pw, impl="fast")
+
+
+def test_from_parts_roundtrip_and_zero_point_convention():
+    w = torch.randn(6, 128)
+    pw = quantize_int4(w, 64, symmetric=False)
+    # integer zero point z <-> offsets = (8 - z) * scale
+    z = 8.0 - pw.offsets / pw.scales
+    again = int4_from_parts(pw.data, pw.scales, (8.0 - z) * pw.scales, 64)
+    assert torch.allclose(dequantize(again), dequantize(pw), atol=1e-6)
+    nib = unpack_nibbles(pw.data).float().reshape(6, 2, 64)
+    direct = ((nib - z[..., None]) * pw.scales[..., None]).reshape(6, 128)
+    assert torch.allclose(direct, dequantize(pw), atol=1e-5)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        int4_from_parts(pw.data, pw.scales[:, :1], None, 64)
+    p8 = quantize_int8(w)
+    assert torch.equal(dequantize(int8_from_parts(p8.data, p8.scales)), dequantize(p8))
+    with pytest.raises(ValueError, match="int8 weight"):
+        int8_from_parts(p8.data.float(), p8.scales)

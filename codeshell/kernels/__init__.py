@@ -11,6 +11,7 @@ GPU path. The native kernels build on first use (JIT, cached in ~/.cache/codeshe
 without a compiler or AVX2 everything runs through plain torch after one warning.
 """
 
+from .module import PackedLinear, prepare_model
 from .ops import DECODE_MAX_M, available, linear, set_num_threads
 from .packing import (
     KINDS,
@@ -28,7 +29,9 @@ from .packing import (
 __all__ = [
     "DECODE_MAX_M",
     "KINDS",
+    "PackedLinear",
     "PackedWeight",
+    "prepare_model",
     "available",
     "dequantize",
     "int4_from_parts",

@@ -117,3 +117,33 @@ def corpus(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("corpus")
     planted = build_corpus(root)
     return root / "src", planted
+
+
+def run_stage(name: str, options: dict, docs: list[dict]) -> tuple[list[dict], object]:
+    """Run one stage in-process over documents (map, or collect/reduce/apply for global)."""
+    from codeshell.data.stages.base import StageStats, build_stage
+
+    st = build_stage(name, options)
+    st.setup()
+    stats = StageStats()
+    if st.is_global():
+        state = st.reduce([st.collect(docs[: len(docs) // 2]), st.collect(docs[len(docs) // 2:])])
+        out = [st.apply(dict(d), state, stats) for d in docs]
+    elif hasattr(st, "process_batch"):
+        out = st.process_batch([dict(d) for d in docs], stats)
+    else:
+        out = [st.process(dict(d), stats) for d in docs]
+    return [d for d in out if d is not None], stats
+
+
+@pytest.fixture(scope="session")
+def corpus_docs(corpus) -> list[dict]:
+    """The corpus as ingested documents with languages (no filtering)."""
+    from codeshell.data.stages.base import StageStats, build_stage
+
+    src, _ = corpus
+    ing = build_stage("ingest", {"sources": [{"type": "folder", "path": str(src), "repo": "src"}],
+                                 "max_file_bytes": 500_000})
+    docs = [d for shard in ing.plan() for d in ing.read(shard, StageStats())]
+    out, _ = run_stage("langid", {"drop_unknown": False}, docs)
+    return out

@@ -170,11 +170,13 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike | dict, output_dir: str 
             stats = _run_steps(pipeline, out, ex, prog)
     finally:
         ex.close()
+        clean_tmp(out)  # temporary files of failed tasks are deleted by them; this drops the folders
     write_json_atomic(out / "stats.json", stats)
     if report:
         from codeshell.data.report import write_report
 
         write_report(out, pipeline, stats)
+    clean_tmp(out)
     return stats
 
 
@@ -245,7 +247,8 @@ def _run_steps(p: Pipeline, out: Path, ex, prog: _Progress) -> dict:
                 _run_tasks(ex, ctasks, f"[{spec.label}] collect", prog, results)
                 state = st.reduce([read_pickle(t["output"]) for t in ctasks])
                 write_json_atomic(step_dir / "reduce.json", getattr(st, "reduce_counters", {}))
-                write_pickle_atomic(state_path, state)
+                # sets pickle in hash order (salted per process): store them sorted, reproducibly
+                write_pickle_atomic(state_path, sorted(state) if isinstance(state, (set, frozenset)) else state)
         i += 1
         while i < len(specs) and specs[i].stage.kind == "map" and not specs[i].stage.is_global():
             chain.append(specs[i])
@@ -259,10 +262,10 @@ def _run_steps(p: Pipeline, out: Path, ex, prog: _Progress) -> dict:
 
     merged: dict[str, Any] = {}
     for s in specs:
-        per_task = [r[s.label] for r in results.values() if s.label in r]
+        per_task = [r[s.label] for _, r in sorted(results.items()) if s.label in r]
         merged[s.label] = StageStats.merge(per_task)
         red = work / s.label / "reduce.json"
         if red.exists():
             merged[s.label]["reduce"] = json.loads(red.read_text())
-    merged["_final_shards"] = shards
+    merged["_final_shards"] = [str(Path(s).relative_to(out)) for s in shards]
     return merged

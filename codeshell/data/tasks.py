@@ -34,7 +34,8 @@ def get_stage(name: str, options: dict) -> Stage:
 
 def _state(path: str):
     if path not in _STATES:
-        _STATES[path] = read_pickle(path)
+        state = read_pickle(path)
+        _STATES[path] = set(state) if isinstance(state, list) else state  # sets are stored sorted
     return _STATES[path]
 
 

@@ -83,41 +83,79 @@ class Pack(Stage):
     def _enc(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids if text else []
 
-    def encode_doc(self, doc: Doc) -> tuple[list[int], int]:
-        """Token ids of one training document (ending with <|endoftext|>) and its FIM mode."""
-        if not hasattr(self, "tok"):
-            self.setup()
+    def _plan(self, doc: Doc) -> tuple[list[str], list, int]:
+        """The texts to tokenize for one document and how to assemble them: a layout of
+        special-token ids (int) and piece numbers (str key "p<i>")."""
         rng = doc_rng(self.opts.seed, doc["id"])
         # Draw all random numbers up front in a fixed order so options don't shift each other.
         u_meta, u_fim, u_spm = rng.random(3)
         cuts = np.sort(rng.integers(0, len(doc["text"]) + 1, size=2))
-        ids: list[int] = []
+        pieces: list[str] = []
+        layout: list = []
+
+        def piece(t: str) -> str:
+            pieces.append(t)
+            return f"p{len(pieces) - 1}"
+
         if u_meta < self.opts.metadata_rate and (doc.get("repo") or doc.get("path")):
-            ids += [self.ids[REPONAME], *self._enc(doc.get("repo") or ""),
-                    self.ids[FILENAME], *self._enc((doc.get("path") or "") + "\n")]
+            layout += [self.ids[REPONAME], piece(doc.get("repo") or ""), self.ids[FILENAME],
+                       piece((doc.get("path") or "") + "\n")]
         text = doc["text"]
         mode = FIM_NONE
         if u_fim < self.opts.fim_rate:
             a, b = int(cuts[0]), int(cuts[1])
-            pre, mid, suf = self._enc(text[:a]), self._enc(text[a:b]), self._enc(text[b:])
+            pre, mid, suf = piece(text[:a]), piece(text[a:b]), piece(text[b:])
             P, M, S = self.ids[FIM_PREFIX], self.ids[FIM_MIDDLE], self.ids[FIM_SUFFIX]
             if u_spm < self.opts.fim_spm_rate:
                 mode = FIM_SPM  # StarCoder's SPM variant: <pre><suf> suffix <mid> prefix middle
-                ids += [P, S, *suf, M, *pre, *mid]
+                layout += [P, S, suf, M, pre, mid]
             else:
                 mode = FIM_PSM
-                ids += [P, *pre, S, *suf, M, *mid]
+                layout += [P, pre, S, suf, M, mid]
         else:
-            ids += self._enc(text)
-        ids.append(self.ids[EOT])
-        return ids, mode
+            layout.append(piece(text))
+        layout.append(self.ids[EOT])
+        return pieces, layout, mode
+
+    def encode_docs(self, docs: list[Doc]) -> list[tuple[list[int], int]]:
+        """Token ids of training documents (each ending with <|endoftext|>) and FIM modes;
+        all pieces of a batch go through the Rust tokenizer in one call."""
+        if not hasattr(self, "tok"):
+            self.setup()
+        plans = [self._plan(d) for d in docs]
+        flat = [p for pieces, _, _ in plans for p in pieces]
+        encs = self.tok.encode_batch(flat, add_special_tokens=False) if flat else []
+        out, k = [], 0
+        for pieces, layout, mode in plans:
+            ids_of = {f"p{i}": encs[k + i].ids for i in range(len(pieces))}
+            k += len(pieces)
+            ids: list[int] = []
+            for item in layout:
+                if isinstance(item, str):
+                    ids += ids_of[item]
+                else:
+                    ids.append(item)
+            out.append((ids, mode))
+        return out
+
+    def encode_doc(self, doc: Doc) -> tuple[list[int], int]:
+        return self.encode_docs([doc])[0]
+
+    def _encoded(self, docs, batch: int = 64):
+        buf: list[Doc] = []
+        for d in docs:
+            buf.append(d)
+            if len(buf) == batch:
+                yield from zip(buf, self.encode_docs(buf))
+                buf = []
+        if buf:
+            yield from zip(buf, self.encode_docs(buf))
 
     def write_shard(self, docs, prefix: Path, stats: StageStats) -> dict:
         """Tokenize `docs` and write `prefix.bin` then `prefix.idx.npz` (the index last)."""
         chunks, offsets, ids, modes = [], [0], [], []
-        for doc in docs:
+        for doc, (toks, mode) in self._encoded(docs):
             stats.seen(doc)
-            toks, mode = self.encode_doc(doc)
             chunks.append(np.asarray(toks, dtype=TOKEN_DTYPE))
             offsets.append(offsets[-1] + len(toks))
             ids.append(doc["id"])

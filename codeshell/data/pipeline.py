@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,8 @@ def _run_tasks(ex, tasks: list[dict], desc: str, prog: _Progress, results: dict)
     def done(task, res):
         if task.get("stats"):
             results[task["stats"]] = res
+        elif "seconds" in res:  # collect tasks: their time is kept beside their output
+            results[task["output"]] = {"_collect": task["stages"][0][0], "seconds": res["seconds"]}
         prog.advance(tid)
 
     ex.map(todo, done)
@@ -239,14 +242,22 @@ def _run_steps(p: Pipeline, out: Path, ex, prog: _Progress) -> dict:
         state_path = None
         chain = [spec]
         if st.is_global():
+            t_prep = time.process_time()
             st.prepare(shards, step_dir)
+            t_prep = time.process_time() - t_prep
             state_path = step_dir / "state.pkl"
             if not state_path.exists():
                 ctasks = [{"kind": "collect", "stages": [(spec.label, spec.name, _options(st))], "input": s,
                            "output": str(step_dir / f"collect-{k:05d}.pkl")} for k, s in enumerate(shards)]
                 _run_tasks(ex, ctasks, f"[{spec.label}] collect", prog, results)
+                t0 = time.process_time()
                 state = st.reduce([read_pickle(t["output"]) for t in ctasks])
-                write_json_atomic(step_dir / "reduce.json", getattr(st, "reduce_counters", {}))
+                counters = dict(getattr(st, "reduce_counters", {}))
+                counters["collect_seconds"] = round(sum(r["seconds"] for r in results.values()
+                                                        if r.get("_collect") == spec.label), 4)
+                counters["reduce_seconds"] = round(time.process_time() - t0, 4)
+                counters["prepare_seconds"] = round(t_prep, 4)
+                write_json_atomic(step_dir / "reduce.json", counters)
                 # sets pickle in hash order (salted per process): store them sorted, reproducibly
                 write_pickle_atomic(state_path, sorted(state) if isinstance(state, (set, frozenset)) else state)
         i += 1
@@ -262,7 +273,7 @@ def _run_steps(p: Pipeline, out: Path, ex, prog: _Progress) -> dict:
 
     merged: dict[str, Any] = {}
     for s in specs:
-        per_task = [r[s.label] for _, r in sorted(results.items()) if s.label in r]
+        per_task = [r[s.label] for _, r in sorted(results.items()) if s.label in r and "_collect" not in r]
         merged[s.label] = StageStats.merge(per_task)
         red = work / s.label / "reduce.json"
         if red.exists():

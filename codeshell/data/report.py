@@ -59,7 +59,7 @@ def write_report(out: Path, pipeline, stats: dict) -> Path:
     """Write report.md / report.json (and charts) into `out`; returns the markdown path."""
     out = Path(out)
     labels = [s.label for s in pipeline.stages]
-    rows = [{"stage": lab, **{k: stats[lab][k] for k in ("docs_in", "docs_out", "bytes_in", "bytes_out")},
+    rows = [{"stage": lab, **{k: stats[lab].get(k, 0) for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "seconds")},
              "counters": stats[lab]["counters"], "reduce": stats[lab].get("reduce", {})} for lab in labels]
     last = stats[labels[-1]]
     tokens = last["counters"].get("tokens")
@@ -79,13 +79,16 @@ def write_report(out: Path, pipeline, stats: dict) -> Path:
         charts = []
     md = ["# Data pipeline report", "",
           f"Output: `{out}`. Stages run in order; each row counts what entered and left the stage.", ""]
-    md += ["| stage | docs in | docs out | dropped | MB in | MB out | MB dropped | est. tokens dropped |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    md += ["| stage | docs in | docs out | dropped | MB in | MB out | MB dropped | est. tokens dropped | CPU s | MB/s per core |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         dropped_b = r["bytes_in"] - r["bytes_out"]
         est = f"{dropped_b / bpt:,.0f}" if bpt else "n/a"
+        red = r["reduce"]
+        secs = r["seconds"] + sum(red.get(k, 0) for k in ("collect_seconds", "reduce_seconds", "prepare_seconds"))
+        rate = f"{r['bytes_in'] / 1e6 / secs:.2f}" if secs > 0 else "-"
         md.append(f"| {r['stage']} | {r['docs_in']:,} | {r['docs_out']:,} | {r['docs_in'] - r['docs_out']:,} | "
-                  f"{_mb(r['bytes_in'])} | {_mb(r['bytes_out'])} | {_mb(dropped_b)} | {est} |")
+                  f"{_mb(r['bytes_in'])} | {_mb(r['bytes_out'])} | {_mb(dropped_b)} | {est} | {secs:.2f} | {rate} |")
     if tokens:
         md += ["", f"Packed output: {tokens:,} tokens in {last['counters'].get('sequences', 0):,} sequences, "
                    f"{bpt:.2f} bytes per token (used for the token estimates above)."]

@@ -45,6 +45,7 @@ def _chain(docs: Iterator[Doc], steps: list[tuple[Stage, object]], stats: list[S
 
     def flush(batch: list[Doc]) -> list[Doc]:
         for (stage, state), st in zip(steps, stats):
+            t0 = time.process_time()
             for d in batch:
                 st.seen(d)
             if state is not None:
@@ -56,6 +57,7 @@ def _chain(docs: Iterator[Doc], steps: list[tuple[Stage, object]], stats: list[S
             batch = [d for d in out if d is not None]
             for d in batch:
                 st.kept(d)
+            st.seconds += time.process_time() - t0
         return batch
 
     for d in docs:
@@ -81,21 +83,24 @@ def run_task(task: dict) -> dict:
     stages = [get_stage(name, opts) for _, name, opts in task["stages"]]
     stats = [StageStats() for _ in stages]
     _fault_point()
+    t0 = time.process_time()
     if kind == "collect":
         stage = stages[0]
         write_pickle_atomic(task["output"], stage.collect(read_jsonl(task["input"])))
-        return {}
+        return {"seconds": time.process_time() - t0}
     if kind == "ingest":
         ingest, rest = stages[0], stages[1:]
         docs = ingest.read(task["input"], stats[0])
         steps = [(s, None) for s in rest]
         write_jsonl_atomic(task["output"], _chain(docs, steps, stats[1:]))
+        stats[0].seconds = time.process_time() - t0 - sum(s.seconds for s in stats[1:])  # reading + writing
     elif kind == "map":
         state = _state(task["state"]) if task.get("state") else None
         steps = [(s, state if i == 0 and state is not None else None) for i, s in enumerate(stages)]
         write_jsonl_atomic(task["output"], _chain(read_jsonl(task["input"]), steps, stats))
     elif kind == "sink":
         stages[0].write_shard(read_jsonl(task["input"]), Path(task["output"]), stats[0])
+        stats[0].seconds = time.process_time() - t0
     else:
         raise ValueError(f"unknown task kind {kind}")
     result = {label: st.to_dict() for label, st in zip(labels, stats)}

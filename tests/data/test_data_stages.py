@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import jaccard, run_stage  # tests/data/conftest.py
+from datacorpus import jaccard, run_stage  # tests/data/datacorpus.py
 
 from codeshell.data.io import PipelineError
 from codeshell.data.languages import LANGUAGES, language_of

@@ -27,6 +27,7 @@ class StageStats:
         self.docs_in = self.docs_out = self.bytes_in = self.bytes_out = 0
         self.by_lang: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         self.counters: dict[str, int] = defaultdict(int)
+        self.seconds = 0.0  # CPU time spent in this stage (summed over workers)
 
     def seen(self, doc: Doc) -> None:
         self.docs_in += 1
@@ -47,14 +48,15 @@ class StageStats:
 
     def to_dict(self) -> dict:
         return {"docs_in": self.docs_in, "docs_out": self.docs_out, "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out, "by_lang": dict(self.by_lang), "counters": dict(self.counters)}
+                "bytes_out": self.bytes_out, "by_lang": dict(self.by_lang), "counters": dict(self.counters),
+                "seconds": round(self.seconds, 4)}
 
     @classmethod
     def merge(cls, dicts: list[dict]) -> dict:
         out = cls().to_dict()
         for d in dicts:
-            for k in ("docs_in", "docs_out", "bytes_in", "bytes_out"):
-                out[k] += d[k]
+            for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "seconds"):
+                out[k] += d.get(k, 0)
             for lang, row in d["by_lang"].items():
                 cur = out["by_lang"].setdefault(lang, [0, 0, 0, 0])
                 for i, v in enumerate(row):

@@ -104,6 +104,17 @@ def write_report(out: Path, pipeline, stats: dict) -> Path:
     for lang, v in sorted(langs.items(), key=lambda kv: -kv[1][2]):
         tk = last["counters"].get(f"tokens:{lang}")
         md.append(f"| {lang} | {v[0]:,} | {v[1]:,} | {_mb(v[2])} | {_mb(v[3])} | {f'{tk:,}' if tk else '-'} |")
+    # which stage dropped how much of each language (MB)
+    top = [k for k, _ in sorted(langs.items(), key=lambda kv: -kv[1][2])[:15]]
+    if top:
+        md += ["", "## MB dropped per stage and language", "",
+               "| stage | " + " | ".join(top) + " |", "| --- |" + " ---: |" * len(top)]
+        after = labels[labels.index(lid) + 1:] if lid else labels[1:]  # languages are known from here on
+        for lab in after:
+            bl = stats[lab]["by_lang"]
+            cells = [_mb(bl[k][2] - bl[k][3]) if k in bl else "-" for k in top]
+            if any(c not in ("-", "0.00") for c in cells):
+                md.append(f"| {lab} | " + " | ".join(cells) + " |")
     md += [""] + [f"![{c}]({c})" for c in charts]
     path = out / "report.md"
     with atomic_path(path) as tmp:

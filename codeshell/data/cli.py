@@ -58,7 +58,7 @@ def train_lm(corpus: list[Path] = typer.Argument(..., help="files or folders of 
 
     try:
         info = train_arpa(sents(), order, output)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError names the missing corpus path
         _fail(e)
     typer.echo(f"wrote {output}: n-grams per order {info['ngrams']}")
 
@@ -76,7 +76,7 @@ def train_quality(good: list[Path] = typer.Option(..., "--good", help="files/fol
         g = [t for _, t in iter_texts(good)]
         b = [t for _, t in iter_texts(bad)]
         train_quality_model(g, b).save(output)
-    except (PipelineError, ValueError) as e:
+    except (PipelineError, ValueError, OSError) as e:
         _fail(e)
     typer.echo(f"wrote {output} ({len(g)} good, {len(b)} bad examples)")
 

@@ -112,3 +112,7 @@ def eval_(tokenizers: list[str] = typer.Argument(..., help="tokenizer.json files
         _fail(str(e))
     result = chars_per_token(toks, texts, forced)
     typer.echo(json.dumps(result, indent=1) if as_json else format_table(result))
+
+
+if __name__ == "__main__":
+    app()

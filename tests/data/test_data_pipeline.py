@@ -292,7 +292,7 @@ def test_corrupt_intermediate_shard_is_named_and_nothing_half_written(corpus, to
     shutil.rmtree(out / "work" / "02-exact_dedup")
     shutil.rmtree(out / "packed")
     with pytest.raises(CorruptShardError, match=r"shard-00001.jsonl:\d+: not valid JSON"):
-        run_pipeline(p, out, quiet=True)
+        run_pipeline(p, out, workers=2, quiet=True)  # raised in a worker process, re-raised here
     assert not list(out.rglob(".tmp/*")), "a failed task left a temporary file"
     assert not (out / "work" / "02-exact_dedup" / "state.pkl").exists()
 

@@ -233,3 +233,27 @@ def test_options_are_validated():
         build_stage("dedupe", {})
     with pytest.raises(PipelineError, match="threshold"):
         build_stage("minhash_dedup", {"threshold": 1.5})
+
+
+def test_large_jsonl_and_parquet_split_into_shards_read_once(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    rows = [{"content": "x = %d\n" % i * int(rng.integers(1, 40)), "path": f"f{i}.py", "repo": "o/r"}
+            for i in range(300)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet", row_group_size=25)
+    for kind, f in (("jsonl", "big.jsonl"), ("parquet", "big.parquet")):
+        for shard_bytes in (997, 4096, 10**9):  # odd sizes: range ends fall mid-line
+            ing = build_stage("ingest", {"sources": [{"type": kind, "path": str(tmp_path / f)}],
+                                         "shard_bytes": shard_bytes})
+            plan = ing.plan()
+            if shard_bytes == 997:
+                assert len(plan) > 5
+            docs = [d for s in plan for d in ing.read(s, StageStats())]
+            assert [d["path"] for d in docs] == [r["path"] for r in rows], (kind, shard_bytes)
+    (tmp_path / "bad.jsonl").write_text('{"content": "a"}\n{"content": \n')
+    ing = build_stage("ingest", {"sources": [{"type": "jsonl", "path": str(tmp_path / "bad.jsonl")}]})
+    with pytest.raises(PipelineError, match=r"bad.jsonl: byte 17: not a valid JSON line"):
+        [d for s in ing.plan() for d in ing.read(s, StageStats())]

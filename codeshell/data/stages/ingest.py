@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from codeshell.data.io import PipelineError, read_jsonl
+from codeshell.data.io import CorruptShardError, PipelineError
 from codeshell.data.stages.base import Doc, Stage, StageStats, register
 
 SOURCE_TYPES = ("folder", "git", "jsonl", "parquet", "hf")
@@ -107,12 +108,12 @@ class Ingest(Stage):
             files = self._git_files(path)
             repo = s.get("repo") or self._git_repo_name(path)
         else:
-            pattern = "*.jsonl*" if kind == "jsonl" else "*.parquet"
+            pattern = "*.jsonl" if kind == "jsonl" else "*.parquet"
             files = sorted(path.rglob(pattern)) if path.is_dir() else [path]
             if not files:
                 raise PipelineError(f"stage 'ingest': no {pattern} files under {path}")
-            return [(f.stat().st_size, {"type": kind, "file": str(f), **{k: s[k] for k in ("license",) if k in s}})
-                    for f in files]
+            extra = {k: s[k] for k in ("license",) if k in s}
+            return [u for f in files for u in self._split(kind, f, extra)]
         inc, exc = s.get("include"), s.get("exclude") or []
         out = []
         for f in files:
@@ -128,6 +129,32 @@ class Ingest(Stage):
             out.append((min(size, self.opts.max_file_bytes),
                         {"type": "file", "file": str(f), "path": rel, "repo": repo, "license": s.get("license")}))
         return out
+
+    def _split(self, kind: str, f: Path, extra: dict) -> list[tuple[int, dict]]:
+        """Large inputs become several units so one big file still spreads over workers:
+        JSONL by byte ranges (cut at line starts when read), Parquet by row groups."""
+        size = f.stat().st_size
+        if kind == "jsonl":
+            step = self.opts.shard_bytes
+            return [(min(step, size - a), {"type": "jsonl", "file": str(f), "start": a, "end": min(a + step, size), **extra})
+                    for a in range(0, max(size, 1), step)]
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise PipelineError(f"stage 'ingest': cannot read parquet file {f}: {e}") from e
+        units, cur, cur_size = [], [], 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).total_byte_size
+            if cur and cur_size + n > self.opts.shard_bytes:
+                units.append((cur_size, {"type": "parquet", "file": str(f), "row_groups": cur, **extra}))
+                cur, cur_size = [], 0
+            cur.append(g)
+            cur_size += n
+        if cur or not units:
+            units.append((cur_size, {"type": "parquet", "file": str(f), "row_groups": cur, **extra}))
+        return units
 
     @staticmethod
     def _walk(root: Path) -> list[Path]:
@@ -172,9 +199,10 @@ class Ingest(Stage):
                 if doc is not None:
                     yield doc
             elif kind in ("jsonl", "parquet"):
-                rows = read_jsonl(u["file"]) if kind == "jsonl" else self._parquet_rows(u["file"])
-                for i, row in enumerate(rows):
-                    doc = self._from_row(row, f"{Path(u['file']).name}:{i}", u.get("license"), stats)
+                rows = (self._jsonl_rows(u["file"], u.get("start", 0), u.get("end")) if kind == "jsonl"
+                        else self._parquet_rows(u["file"], u.get("row_groups")))
+                for key, row in rows:
+                    doc = self._from_row(row, f"{Path(u['file']).name}:{key}", u.get("license"), stats)
                     if doc is not None:
                         yield doc
             elif kind == "hf":
@@ -258,15 +286,48 @@ class Ingest(Stage):
         return self._account(doc, stats)
 
     @staticmethod
-    def _parquet_rows(file: str) -> Iterator[dict]:
+    def _jsonl_rows(file: str, start: int, end: int | None) -> Iterator[tuple[int, dict]]:
+        """(byte offset, row) of the lines that *start* in [start, end): a line cut by the
+        range boundary belongs to the range where it starts."""
+        try:
+            f = open(file, "rb")
+        except OSError as e:
+            raise PipelineError(f"cannot read {file}: {e.strerror}") from e
+        with f:
+            if start:
+                f.seek(start - 1)
+                f.readline()  # finish the line running into `start` (it belongs to the range before)
+            while True:
+                pos = f.tell()
+                if end is not None and pos >= end:
+                    return
+                line = f.readline()
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise CorruptShardError(f"{file}: byte {pos}: not a valid JSON line ({e})") from None
+                if not isinstance(row, dict):
+                    raise CorruptShardError(f"{file}: byte {pos}: expected a JSON object per line")
+                yield pos, row
+
+    @staticmethod
+    def _parquet_rows(file: str, row_groups: list | None) -> Iterator[tuple[str, dict]]:
         import pyarrow.parquet as pq
 
         try:
             pf = pq.ParquetFile(file)
+            batches = pf.iter_batches(batch_size=1024, row_groups=row_groups)
         except Exception as e:  # pyarrow raises several types for a bad file
             raise PipelineError(f"cannot read parquet file {file}: {e}") from e
-        for batch in pf.iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
+        i = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{row_groups[0] if row_groups else 0}-{i}", row
+                i += 1
 
     def _read_hf(self, u: dict, stats: StageStats) -> Iterator[Doc]:
         try:

@@ -107,6 +107,21 @@ LANGUAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "text": ((".txt",), ("README", "LICENSE", "COPYING", "NEWS", "CHANGES")),
 }
 
+# Other spellings (The Stack, Linguist, GitHub) -> our names.
+ALIASES = {"c++": "cpp", "c#": "c-sharp", "csharp": "c-sharp", "f#": "f-sharp", "fsharp": "f-sharp",
+           "js": "javascript", "ts": "typescript", "bash": "shell", "sh": "shell", "golang": "go",
+           "objective-c++": "objective-c", "objc": "objective-c", "emacs lisp": "emacs-lisp",
+           "common lisp": "common-lisp", "visual basic": "visual-basic", "vb": "visual-basic", "tsx": "typescript",
+           "protocol buffer": "protocol-buffer", "jupyter notebook": "jupyter", "plain text": "text",
+           "standard ml": "standard-ml", "literate haskell": "literate-haskell", "batch": "batchfile"}
+
+
+def canonical(name: str) -> str:
+    """Our name for a language label from elsewhere ("C++" -> "cpp"); unknown labels pass through."""
+    low = name.strip().lower()
+    return ALIASES.get(low, low.replace(" ", "-"))
+
+
 EXTENSIONS: dict[str, str] = {}
 FILENAMES: dict[str, str] = {}
 for _lang, (_exts, _names) in LANGUAGES.items():

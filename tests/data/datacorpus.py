@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import random
 import shutil
 import sysconfig
@@ -96,8 +97,9 @@ def build_corpus(root: Path) -> dict:
     for k in (0, 12, 55):
         put(f"bench/he_{k}.py", "# my utils\nimport math\n\n" + he[k]["prompt"] + he[k]["canonical_solution"]
             + "\n\nprint('ok')\n", "bench")
-    mbpp = [json.loads(line) for line in (Path(__file__).resolve().parents[3] / "shared/eval-data/mbpp.jsonl").open()] \
-        if (Path(__file__).resolve().parents[3] / "shared/eval-data/mbpp.jsonl").exists() else []
+    shared = Path(os.environ.get("CODESHELL_SHARED") or Path(__file__).resolve().parents[3] / "shared")
+    mbpp_path = shared / "eval-data" / "mbpp.jsonl"
+    mbpp = [json.loads(line) for line in mbpp_path.open()] if mbpp_path.exists() else []
     for r in mbpp[:2]:
         put(f"bench/mbpp_{r['task_id']}.py", r["code"] + "\n", "bench")
     # other languages, identified by extension, shebang and content

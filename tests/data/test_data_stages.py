@@ -54,7 +54,7 @@ def test_ingest_git_tracked_only_and_stack_jsonl_parquet(tmp_path):
     assert [(d["path"], d["license"]) for d in docs] == [("a.py", "MIT")]
 
     rows = [{"content": "int main() { return 0; }\n", "max_stars_repo_path": "x/m.c",
-             "max_stars_repo_name": "o/r", "max_stars_repo_licenses": ["MIT", "BSD"], "lang": "C"},
+             "max_stars_repo_name": "o/r", "max_stars_repo_licenses": ["MIT", "BSD"], "lang": "C++"},
             {"content": "def f():\n    pass\n", "path": "f.py", "repo": "o/q", "license": "apache-2.0"}]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     import pyarrow as pa
@@ -66,7 +66,7 @@ def test_ingest_git_tracked_only_and_stack_jsonl_parquet(tmp_path):
         docs = [d for s in ing.plan() for d in ing.read(s, StageStats())]
         if kind == "jsonl":
             assert docs[0]["repo"] == "o/r" and docs[0]["path"] == "x/m.c" and docs[0]["license"] == "MIT,BSD"
-            assert docs[0]["lang"] == "c"
+            assert docs[0]["lang"] == "cpp"
         assert docs[-1]["repo"] == "o/q" and docs[-1]["license"] == "apache-2.0" and docs[-1]["id"] == "o/q/f.py"
 
 
@@ -79,6 +79,9 @@ def test_language_table_and_sniffing():
     assert language_of("bin/run", "#!/bin/bash\necho\n") == "shell"
     assert language_of("x", "<?php echo 1;") == "php"
     assert language_of("notes", "just some words") is None
+    from codeshell.data.languages import canonical
+
+    assert canonical("C++") == "cpp" and canonical("Python") == "python" and canonical("Emacs Lisp") == "emacs-lisp"
 
 
 def test_langid_min_language_bytes_is_global(corpus_docs):

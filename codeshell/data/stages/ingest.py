@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from codeshell.data.io import CorruptShardError, PipelineError
+from codeshell.data.languages import canonical
 from codeshell.data.stages.base import Doc, Stage, StageStats, register
 
 SOURCE_TYPES = ("folder", "git", "jsonl", "parquet", "hf")
@@ -276,7 +277,7 @@ class Ingest(Stage):
         doc = {k: _first(row, keys) for k, keys in STACK_FIELDS.items()}
         if doc["license"] is None:
             doc["license"] = license
-        doc["lang"] = doc["lang"].lower() if isinstance(doc["lang"], str) else None
+        doc["lang"] = canonical(doc["lang"]) if isinstance(doc["lang"], str) else None
         rid = row.get("id") or row.get("hexsha") or row.get("blob_id")
         doc["id"] = str(rid) if rid is not None else (
             f"{doc['repo']}/{doc['path']}" if doc["repo"] and doc["path"] else fallback_id)

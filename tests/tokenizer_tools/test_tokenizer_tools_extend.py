@@ -19,7 +19,7 @@ ADD = 400
 
 @pytest.fixture(scope="module")
 def extended(tokenizer_dir, code, zh):
-    zh_train, _ = zh
+    zh_train = zh[0][::2]
     codes = [t for _, t in code]
     text, info = extend_tokenizer(tokenizer_dir, zh_train, ADD, prune_below=2, prune_corpus=codes[::2] + zh_train)
     return Tokenizer.from_str(text), json.loads(text), info
@@ -55,7 +55,7 @@ def test_untouched_text_encodes_the_same(extended, tokenizer_dir, code):
     base = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     kept = set(data["model"]["vocab"])
     new_pairs = {tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"][-ADD:]}
-    held_out = [t for _, t in code][1::2]  # not used for the pruning counts
+    held_out = [t for _, t in code][1::2][:40]  # not used for the pruning counts
     same = touched = differ = 0
     for text in held_out:
         for word, _ in base.pre_tokenizer.pre_tokenize_str(text):
@@ -70,7 +70,7 @@ def test_untouched_text_encodes_the_same(extended, tokenizer_dir, code):
                 same += 1
             else:
                 differ += 1
-    assert same > 10_000 and differ == 0, (same, touched, differ)
+    assert same > 5_000 and differ == 0, (same, touched, differ)
     # and as whole texts (token strings; ids differ after re-numbering)
     for text in held_out[:30]:
         bt = base.encode(text).tokens
@@ -80,7 +80,7 @@ def test_untouched_text_encodes_the_same(extended, tokenizer_dir, code):
 
 def test_new_tokens_compress_the_new_corpus(extended, tokenizer_dir, zh):
     tok, data, _ = extended
-    _, held = zh
+    held = zh[1][::3]
     base = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     text = "\n".join(held)
     cpt_base = len(text) / len(base.encode(text).ids)
@@ -109,11 +109,11 @@ def test_learn_merges_counts_exactly():
 
 
 def test_no_pruning_keeps_code_encoding(tokenizer_dir, code, zh):
-    text, info = extend_tokenizer(tokenizer_dir, zh[0][:3000], 50)
+    text, info = extend_tokenizer(tokenizer_dir, zh[0][:1000], 20)
     tok = Tokenizer.from_str(text)
     base = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     assert info["pruned_low_frequency"] == 0 and info["pruned_unreachable"] == 700  # released vocab entries no merge chain builds
-    for _, t in code[:10]:
+    for _, t in code[:6]:
         assert tok.encode(t).tokens == base.encode(t).tokens
 
 

@@ -103,8 +103,11 @@ def load_pipeline(source: str | os.PathLike | dict) -> Pipeline:
     workers = cfg.get("workers", 2)
     if not isinstance(workers, int) or workers < 1:
         raise PipelineError(f"`workers` must be a positive integer, got {workers!r}")
+    output = cfg.get("output")
+    if output and base_dir is not None and not Path(output).expanduser().is_absolute():
+        output = str(base_dir / output)  # like source paths: relative to the pipeline file
     return Pipeline(specs, workers=workers, executor=cfg.get("executor", "local"),
-                    ray_address=cfg.get("ray_address"), output=cfg.get("output"), base_dir=base_dir)
+                    ray_address=cfg.get("ray_address"), output=output, base_dir=base_dir)
 
 
 def _options(stage: Stage) -> dict:
@@ -148,9 +151,9 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike | dict, output_dir: str 
 
     if not isinstance(pipeline, Pipeline):
         pipeline = load_pipeline(pipeline)
-    out = Path(output_dir or pipeline.output or "")
     if not str(output_dir or pipeline.output or ""):
         raise PipelineError("no output folder: pass one or set `output:` in the pipeline")
+    out = Path(output_dir or pipeline.output).expanduser().resolve()  # tasks may run in other processes/nodes
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

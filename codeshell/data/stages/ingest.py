@@ -96,6 +96,7 @@ class Ingest(Stage):
         path = Path(os.path.expanduser(s["path"]))
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
+        path = path.resolve()  # workers may run elsewhere (Ray) with another working directory
         if not path.exists():
             raise PipelineError(f"stage 'ingest': {kind} source path {path} does not exist")
         if not os.access(path, os.R_OK):

@@ -260,3 +260,23 @@ def test_large_jsonl_and_parquet_split_into_shards_read_once(tmp_path):
     ing = build_stage("ingest", {"sources": [{"type": "jsonl", "path": str(tmp_path / "bad.jsonl")}]})
     with pytest.raises(PipelineError, match=r"bad.jsonl: byte 17: not a valid JSON line"):
         [d for s in ing.plan() for d in ing.read(s, StageStats())]
+
+
+def test_hf_source_streams_rows_in_stack_shape(monkeypatch):
+    """The `hf` source (online in real use) with a stand-in `datasets` module."""
+    import sys
+    import types
+
+    calls = {}
+
+    def load_dataset(name, config=None, split="train", data_dir=None, streaming=False):
+        calls.update(name=name, split=split, data_dir=data_dir, streaming=streaming)
+        return iter([{"content": f"print({i})\n", "max_stars_repo_path": f"p{i}.py",
+                      "max_stars_repo_name": "o/r", "lang": "Python"} for i in range(10)])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    ing = build_stage("ingest", {"sources": [{"type": "hf", "dataset": "bigcode/the-stack-smol",
+                                              "data_dir": "data/python", "limit": 4}]})
+    docs = [d for s in ing.plan() for d in ing.read(s, StageStats())]
+    assert calls == {"name": "bigcode/the-stack-smol", "split": "train", "data_dir": "data/python", "streaming": True}
+    assert [d["id"] for d in docs] == [f"o/r/p{i}.py" for i in range(4)] and docs[0]["lang"] == "python"

@@ -280,3 +280,17 @@ def test_hf_source_streams_rows_in_stack_shape(monkeypatch):
     docs = [d for s in ing.plan() for d in ing.read(s, StageStats())]
     assert calls == {"name": "bigcode/the-stack-smol", "split": "train", "data_dir": "data/python", "streaming": True}
     assert [d["id"] for d in docs] == [f"o/r/p{i}.py" for i in range(4)] and docs[0]["lang"] == "python"
+
+
+def test_kneser_ney_distributions_sum_to_one(tmp_path):
+    from codeshell.data.ngram_lm import ArpaModel, sentences, train_arpa
+
+    text = (__import__("sysconfig").get_paths()["stdlib"] + "/json/encoder.py")
+    sents = list(sentences(open(text).read()))
+    for order in (2, 3, 4):
+        train_arpa(sents, order, tmp_path / "m.arpa")
+        m = ArpaModel(tmp_path / "m.arpa")
+        vocab = [k[0] for k in m.p if len(k) == 1 and k[0] != "<s>"]
+        for hist in [("<s>",), ("self", "."), ("def",), ("never_seen",), ("<s>", "import"), ("return", "self", ".")]:
+            total = sum(10 ** m._logp(hist[-(order - 1):], w) for w in vocab)
+            assert abs(total - 1) < 1e-4, (order, hist, total)

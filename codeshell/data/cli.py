@@ -37,6 +37,24 @@ def run(pipeline: Path = typer.Argument(..., help="pipeline YAML file"),
                + (f", {last['counters']['tokens']:,} tokens" if "tokens" in last["counters"] else ""))
 
 
+@app.command()
+def stages():
+    """List the built-in stages with their options and defaults."""
+    import dataclasses
+
+    from codeshell.data.stages.base import REGISTRY, resolve_stage_class
+
+    resolve_stage_class("ingest")  # registers the built-ins
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        doc = (cls.__doc__ or "").strip().splitlines()
+        typer.echo(f"{name} ({cls.kind}){': ' + doc[0] if doc else ''}")
+        for f in dataclasses.fields(cls.Options):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            typer.echo(f"    {f.name}: {default!r}")
+
+
 @app.command("train-lm")
 def train_lm(corpus: list[Path] = typer.Argument(..., help="files or folders of text/code"),
              output: Path = typer.Option(..., "--output", "-o", help="ARPA file to write"),

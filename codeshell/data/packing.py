@@ -55,6 +55,8 @@ def doc_rng(seed: int, doc_id: str) -> np.random.Generator:
 
 @register
 class Pack(Stage):
+    """Tokenize (with FIM and metadata), pack into fixed-length uint32 shards (last stage)."""
+
     name = "pack"
     kind = "sink"
 

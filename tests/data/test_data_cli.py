@@ -43,3 +43,13 @@ def test_train_quality_then_quality_stage(tmp_path):
     bad_doc = {"id": "b", "text": (bad / "b0.txt").read_text(), "size": 1}
     out = st.process_batch([good_doc, bad_doc], StageStats())
     assert out[0] is not None and out[1] is None
+
+
+def test_stages_lists_every_stage_with_options():
+    from codeshell.data.stages.base import REGISTRY
+
+    r = CliRunner().invoke(app, ["stages"])
+    assert r.exit_code == 0
+    for name in REGISTRY:
+        assert f"\n{name} (" in "\n" + r.output
+    assert "    threshold: 0.7" in r.output and "    seq_len: 8192" in r.output

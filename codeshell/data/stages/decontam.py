@@ -94,6 +94,8 @@ def benchmark_items(benchmarks: list[str], eval_data: str | Path | None, extra: 
 
 @register
 class Decontaminate(Stage):
+    """Drop files holding enough of a benchmark item's n-grams (HumanEval, MBPP, MultiPL-E, extra files)."""
+
     name = "decontaminate"
 
     @dataclasses.dataclass

@@ -37,6 +37,8 @@ def normalize(text: str) -> str:
 
 @register
 class ExactDedup(Stage):
+    """Keep the first of documents with the same whitespace-normalized content."""
+
     name = "exact_dedup"
     kind = "global"
 
@@ -91,6 +93,8 @@ def shingle_hashes(text: str, ngram: int) -> np.ndarray:
 
 @register
 class MinHashDedup(Stage):
+    """Keep one document per cluster of near-duplicates (MinHash + LSH, Jaccard threshold)."""
+
     name = "minhash_dedup"
     kind = "global"
 

@@ -42,6 +42,8 @@ def _first(row: dict, keys: tuple) -> object:
 
 @register
 class Ingest(Stage):
+    """Read folders, git repositories, JSONL/Parquet or HF datasets into documents (first stage)."""
+
     name = "ingest"
     kind = "ingest"
 

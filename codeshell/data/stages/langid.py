@@ -19,6 +19,8 @@ from codeshell.data.stages.base import Doc, Stage, StageStats, register
 
 @register
 class LangId(Stage):
+    """Set `lang` from file name, extension, shebang, content; optionally keep big languages only."""
+
     name = "langid"
     kind = "map"
 

@@ -24,6 +24,8 @@ from codeshell.data.stages.base import Doc, Stage, StageStats, register
 
 @register
 class Perplexity(Stage):
+    """Drop the perplexity tails (by percentile) under an n-gram LM, trained here if not given."""
+
     name = "perplexity"
     kind = "global"
 

@@ -68,6 +68,8 @@ def _public_ip(s: str) -> bool:
 
 @register
 class Pii(Stage):
+    """Redact e-mails, public IPs, keys, tokens and passwords; counts per kind."""
+
     name = "pii"
 
     @dataclasses.dataclass

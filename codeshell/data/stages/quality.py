@@ -86,6 +86,8 @@ def _import_scorer(spec: str) -> Callable[[list[str]], Sequence[float]]:
 
 @register
 class Quality(Stage):
+    """Drop documents a quality classifier scores below `threshold`."""
+
     name = "quality"
 
     @dataclasses.dataclass

@@ -223,6 +223,17 @@ def bench(model: Annotated[Optional[str], typer.Option("--model", "-m", help="Be
         _fail(str(e))
 
 
+def _mount() -> None:
+    """Subcommands of the other areas, each defined in its own package (light imports only)."""
+    from .data.cli import app as data_app
+    from .tokenizer_tools.cli import app as tokenizer_app
+    app.add_typer(data_app, name="data", help="The pretraining data pipeline (ingest, filter, dedup, pack).")
+    app.add_typer(tokenizer_app, name="tokenizer", help="Train, extend and evaluate BPE tokenizers.")
+
+
+_mount()
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

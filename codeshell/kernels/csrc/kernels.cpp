@@ -257,7 +257,9 @@ inline void unpack32u(__m128i b, __m256 v[4]) {
   v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 
-template <int MB, int NB, bool OFFS>
+// C independent accumulator chains per (row of x, weight row): with one chain the 4 FMAs per
+// 32 weights wait on each other (4-cycle latency), which capped M = 1 at ~4 weights/cycle.
+template <int MB, int NB, bool OFFS, int C = (MB == 1 ? 4 : 2)>
 inline void tile_q4(const float* x, int64_t ldx, const float* xs /* [MB][ngroups] group sums of x */,
                     const uint8_t* q, int64_t ldq, const float* sc, const float* of, int64_t ngroups, int64_t G,
                     float* out, int64_t ldo) {
@@ -265,21 +267,26 @@ inline void tile_q4(const float* x, int64_t ldx, const float* xs /* [MB][ngroups
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ngroups; ++g) {
-    __m256 accg[MB][NB];
+    __m256 accg[MB][NB][C];
     for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) accg[i][j] = _mm256_setzero_ps();
+      for (int j = 0; j < NB; ++j)
+        for (int c = 0; c < C; ++c) accg[i][j][c] = _mm256_setzero_ps();
     for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
       for (int j = 0; j < NB; ++j) {
         __m256 wv[4];
         unpack32u(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * ldq + k / 2)), wv);
         for (int t = 0; t < 4; ++t)
           for (int i = 0; i < MB; ++i)
-            accg[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k + 8 * t), wv[t], accg[i][j]);
+            accg[i][j][t % C] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k + 8 * t), wv[t], accg[i][j][t % C]);
       }
     }
     for (int j = 0; j < NB; ++j) {
       const __m256 sv = _mm256_set1_ps(sc[j * ngroups + g]);
-      for (int i = 0; i < MB; ++i) acc[i][j] = _mm256_fmadd_ps(accg[i][j], sv, acc[i][j]);
+      for (int i = 0; i < MB; ++i) {
+        __m256 sum = accg[i][j][0];
+        for (int c = 1; c < C; ++c) sum = _mm256_add_ps(sum, accg[i][j][c]);
+        acc[i][j] = _mm256_fmadd_ps(sum, sv, acc[i][j]);
+      }
     }
   }
   for (int i = 0; i < MB; ++i)

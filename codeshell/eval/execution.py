@@ -9,6 +9,7 @@ failed. This module does not know about tasks or models.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ class ExecOptions:
     timeout_factor: float = 1.0
     workers: int | None = None  # default: all cores
     java_javatuples: bool = True  # False reproduces the old harness (javatuples off the classpath)
+    run_timeout_s: float | None = None  # overrides the run step's wall/CPU limit (compiles keep theirs)
 
     def __post_init__(self) -> None:
         if not self.timeout_factor > 0:
@@ -80,7 +82,10 @@ def run_program(box: Sandbox, lang_key: str, program: str, opts: ExecOptions = E
             if r.returncode != 0:
                 return Outcome(L.COMPILE_ERROR, f"compiler exit status {r.returncode}",
                                (r.stderr or r.stdout)[-STDERR_TAIL:], total)
-        r = box.run(lang.run_cmd(tc, cmd_opts), wd, lang.run_limits.scaled(opts.timeout_factor), env)
+        limits = lang.run_limits.scaled(opts.timeout_factor)
+        if opts.run_timeout_s is not None:
+            limits = dataclasses.replace(limits, wall_s=opts.run_timeout_s, cpu_s=opts.run_timeout_s)
+        r = box.run(lang.run_cmd(tc, cmd_opts), wd, limits, env)
         total += r.wall_s
     if r.setup_failed:
         return Outcome(L.ERROR, "sandbox setup failed", r.stderr[-STDERR_TAIL:], total)

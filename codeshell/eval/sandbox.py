@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -205,7 +206,7 @@ class Sandbox:
                 os.chown(os.path.join(root, n), self.uid, self.uid)
 
     def command(self, argv: Sequence[str], limits: Limits) -> list[str]:
-        cpu = max(1, int(round(limits.cpu_s if limits.cpu_s is not None else limits.wall_s)))
+        cpu = _cpu_seconds(limits)
         pl = [self._prlimit, f"--cpu={cpu}:{cpu + 1}", f"--nproc={limits.nproc}", "--core=0",
               f"--fsize={limits.fsize_mb * 1024 * 1024}"]
         if limits.memory_mb is not None:
@@ -236,24 +237,66 @@ class Sandbox:
             start = time.monotonic()
             proc = subprocess.Popen(cmd, cwd=cwd, env=base_env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=err, process_group=0, close_fds=True)
-            timed_out = False
-            try:
-                proc.wait(timeout=limits.wall_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                # Kill the group even after a clean exit: leftovers that escaped the group are
-                # handled by the PID namespace (they die with its PID 1).
-                _killpg(proc.pid)
-                proc.wait()
+            status, cpu_used, timed_out = _wait(proc, limits.wall_s)
             wall = time.monotonic() - start
             rc = proc.returncode
-            # SIGXCPU (soft CPU limit) or SIGKILL at the hard limit are CPU-time timeouts.
-            if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+            # A CPU-limit kill (SIGXCPU, then SIGKILL at the hard limit) is a timeout too. Under
+            # unshare the signal is not passed on (unshare exits 1), so go by CPU time used;
+            # only for failed runs, since CPU time sums over processes (g++ runs several).
+            if rc != 0 and (rc == -signal.SIGXCPU or cpu_used >= _cpu_seconds(limits) - 0.05):
                 timed_out = True
             stdout, stderr = _tail(out), _tail(err)
+        if stderr.endswith(_UNSHARE_SIGNAL_MSG):
+            # unshare could not re-raise its child's fatal signal; report it as a signal death.
+            stderr = stderr[: -len(_UNSHARE_SIGNAL_MSG)]
+            if rc == 1:
+                rc = -signal.SIGKILL
         setup_failed = self.mode != "none" and rc == SETUP_FAILED and not stdout
         return ProcResult(rc, timed_out, stdout, stderr, wall, setup_failed)
+
+
+_UNSHARE_SIGNAL_MSG = "unshare: sigprocmask unblock failed: Invalid argument\n"
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int, float, bool]:
+    """Wait up to ``timeout`` s, kill the group, reap; returns (status, CPU seconds, timed out).
+
+    Reaps with wait4 to get the CPU time of the process and its reaped descendants; waits on
+    a pidfd where the kernel has them (no polling)."""
+    timed_out = False
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        try:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            timed_out = not ready
+        finally:
+            os.close(fd)
+    else:
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                _killpg(proc.pid)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return status, ru.ru_utime + ru.ru_stime, False
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+    # Kill the group even after a clean exit: anything that escaped it dies with the PID namespace.
+    _killpg(proc.pid)
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return status, ru.ru_utime + ru.ru_stime, timed_out
+
+
+def _cpu_seconds(limits: Limits) -> int:
+    return max(1, int(round(limits.cpu_s if limits.cpu_s is not None else limits.wall_s)))
 
 
 def _killpg(pgid: int) -> None:

@@ -1,0 +1,227 @@
+"""The engine: requests in, token and text deltas out, with continuous batching.
+
+One `step()` is: schedule (admit waiting requests into free KV slots), forward (prefill the
+admitted prompts, then one batched decode step for the others), sample, update (stop checks,
+detokenization, finishing). `add_request` and `abort` may be called from another thread;
+they only enqueue, and `step` applies them. Nothing here knows of HTTP or the CLI.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import CodeShellConfig
+from .kv_cache import KVCache
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .sampling import SamplingParams, SequenceSampler, token_logprob
+from .sequence import Sequence
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run (empty prompt, too long for the context, ...)."""
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, cfg: CodeShellConfig, tokenizer=None, *,
+                 max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 512,
+                 kv_max_len: int | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_model_len = min(max_model_len or cfg.n_positions, cfg.n_positions) \
+            if cfg.position_embedding_type == "learned_absolute" else (max_model_len or cfg.n_positions)
+        self.prefill_chunk = prefill_chunk
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, _compute_dtype(model)
+        self.cache = KVCache(cfg, max_batch, kv_max_len or 64, self.dtype, self.device)
+        self.free_slots = list(range(max_batch))
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.running: dict[str, _Request] = {}
+        self._aborts: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+        self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+
+    # ---- the public surface ---------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        ids = self.check_prompt(prompt_token_ids, params)
+        if params.n > self.max_batch:
+            raise RequestError(f"n={params.n} is more than this engine's max batch ({self.max_batch})")
+        with self._lock:
+            if request_id in self.running or any(r.request_id == request_id for r in self.waiting):
+                raise RequestError(f"request id {request_id!r} is already in use")
+            self.waiting.append(_Request(request_id, prompt, ids, params))
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self._aborts)
+
+    def num_running(self) -> int:
+        return sum(len(r.seqs) for r in self.running.values())
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """Validate (and, if asked, left-truncate) a prompt against the context window."""
+        if not ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        limit = self.max_model_len - 1  # room for at least one new token
+        if len(ids) > limit:
+            if not params.truncate_prompt:
+                raise RequestError(f"the prompt has {len(ids)} tokens but the context window is "
+                                   f"{self.max_model_len} tokens (at most {limit} for the prompt); "
+                                   "shorten it or ask for truncation")
+            keep = max(1, self.max_model_len - (params.max_tokens or 1))
+            ids = ids[-min(keep, limit):]
+        return list(ids)
+
+    # ---- the loop -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Schedule, forward, sample, update. Returns an output for each request that changed."""
+        changed: dict[str, _Request] = {}
+        self._apply_aborts(changed)
+        for req in self._admit():                       # schedule + prefill
+            logits = self._prefill(req)
+            for seq in req.seqs:
+                self._append(seq, logits)
+            changed[req.request_id] = req
+        fresh = set(changed)
+        decoding = [s for r in self.running.values() if r.request_id not in fresh for s in r.seqs
+                    if not s.finished]
+        decoding.sort(key=lambda s: s.slot)              # slot order: the cache reads as a view
+        if decoding:                                     # forward one token for everyone else
+            logits = self._decode(decoding)
+            for i, seq in enumerate(decoding):           # sample + update
+                self._append(seq, logits[i])
+                changed[seq.request_id] = self.running[seq.request_id]
+        outs = [self._output(r) for r in changed.values()]
+        for r in changed.values():
+            if r.finished:
+                self._release(r)
+        return outs
+
+    # ---- pieces of the loop ---------------------------------------------------------------
+    def _apply_aborts(self, changed: dict[str, _Request]) -> None:
+        while self._aborts:
+            rid = self._aborts.popleft()
+            with self._lock:
+                for r in list(self.waiting):
+                    if r.request_id == rid:
+                        self.waiting.remove(r)
+                        r.aborted = True
+                        changed[rid] = r
+            r = self.running.get(rid)
+            if r is not None:
+                for s in r.seqs:
+                    if not s.finished:
+                        s.finish("abort")
+                changed[rid] = r
+
+    def _admit(self) -> list[_Request]:
+        admitted = []
+        with self._lock:
+            while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
+                req = self.waiting.popleft()
+                p = req.params
+                for i in range(p.n):
+                    seed = None if p.seed is None else p.seed + i
+                    sampler = SequenceSampler(p, req.prompt_ids, seed, self.device)
+                    req.seqs.append(Sequence(req.request_id, i, req.prompt_ids, p, sampler,
+                                             self.free_slots.pop(0), self.tokenizer, self.eos_id))
+                self.running[req.request_id] = req
+                admitted.append(req)
+        return admitted
+
+    def _ensure_cache(self, need: int) -> None:
+        if need > self.cache.max_len:
+            grow = min(max(need, 2 * self.cache.max_len), self.max_model_len)
+            self.cache.ensure(self.max_batch, grow)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: list[int], seq_len: int) -> torch.Tensor:
+        """Hidden states of the last position of each row: [B, n_embd]."""
+        view = self.cache.view(slots, pos)
+        h = self.model.transformer(ids, pos, view.mask(), view, seq_len=seq_len)
+        return h[:, -1]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(h).float()
+
+    def _prefill(self, req: _Request) -> torch.Tensor:
+        """Run the prompt through the first sequence's slot (in chunks); copy it to the others."""
+        n = len(req.prompt_ids)
+        self._ensure_cache(n + 1)
+        first = req.seqs[0]
+        ids = torch.tensor(req.prompt_ids, device=self.device)
+        h = None
+        for start in range(0, n, self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk][None]
+            pos = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
+            h = self._forward(chunk, pos, [first.slot], seq_len=start + chunk.shape[1])
+        for s in req.seqs:
+            if s is not first:
+                self.cache.copy_prefix(first.slot, s.slot, n)
+            s.cached = n
+        return self._logits(h)[0]
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        self._ensure_cache(max(s.cached for s in seqs) + 1)
+        ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
+        pos = torch.tensor([[s.cached] for s in seqs], device=self.device)
+        h = self._forward(ids, pos, [s.slot for s in seqs], seq_len=int(pos.max()) + 1)
+        for s in seqs:
+            s.cached += 1
+        return self._logits(h)
+
+    def _append(self, seq: Sequence, logits: torch.Tensor) -> None:
+        tok = seq.sampler.sample(logits)
+        lp = None
+        if seq.params.logprobs is not None:
+            v, top = token_logprob(logits, tok, seq.params.logprobs)
+            lp = Logprob(tok, v, top)
+        seq.append(tok, lp, self.max_model_len)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for s in req.seqs or [None] * req.params.n:
+            if s is None:  # aborted while waiting
+                outs.append(CompletionOutput(0, "", [], "abort"))
+                continue
+            outs.append(s.output())
+        finished = req.aborted or (bool(req.seqs) and req.finished)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished)
+
+    def _release(self, req: _Request) -> None:
+        self.running.pop(req.request_id, None)
+        for s in req.seqs:
+            if s.slot is not None:
+                self.free_slots.append(s.slot)
+                s.slot = None
+        self.free_slots.sort()
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The activation dtype: that of the embeddings (quantized linears keep integer weights)."""
+    return model.transformer.wte.weight.dtype

@@ -1,0 +1,87 @@
+"""A preallocated KV cache of fixed slots, owned by the engine and handed to the model.
+
+Storage is one tensor for keys and one for values, [layers, slots, groups, max_len, head_dim],
+allocated once (grown only when a longer sequence needs it); each step writes its new keys
+in place at the sequence's positions: no concatenation per token. This module knows nothing
+of scheduling or sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import CodeShellConfig
+
+
+class KVCache:
+    def __init__(self, cfg: CodeShellConfig, slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.slots = 0
+        self.max_len = 0
+        self.k = self.v = torch.empty(0)
+        self.ensure(slots, max_len)
+
+    def ensure(self, slots: int, max_len: int) -> None:
+        """Grow to at least `slots` x `max_len`, keeping what is stored."""
+        if slots <= self.slots and max_len <= self.max_len:
+            return
+        slots, max_len = max(slots, self.slots), max(max_len, self.max_len)
+        c = self.cfg
+        shape = (c.n_layer, slots, c.num_query_groups, max_len, c.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.slots:
+            k[:, :self.slots, :, :self.max_len] = self.k
+            v[:, :self.slots, :, :self.max_len] = self.v
+        self.k, self.v, self.slots, self.max_len = k, v, slots, max_len
+
+    def nbytes_per_token(self) -> int:
+        c = self.cfg
+        return 2 * c.n_layer * c.num_query_groups * c.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, n: int) -> None:
+        """Copy the first n cached positions of one slot into another (prefix reuse)."""
+        self.k[:, dst_slot, :, :n] = self.k[:, src_slot, :, :n]
+        self.v[:, dst_slot, :, :n] = self.v[:, src_slot, :, :n]
+
+    def view(self, slot_ids: list[int], positions: torch.Tensor) -> "CacheView":
+        """The cache as seen by one forward over rows `slot_ids`, writing at `positions` [B, T]."""
+        return CacheView(self, slot_ids, positions)
+
+
+class CacheView:
+    """What the model's attention layers call: write new k, v; read all keys up to the longest row."""
+
+    def __init__(self, cache: KVCache, slot_ids: list[int], positions: torch.Tensor):
+        self.cache = cache
+        self.positions = positions  # [B, T]
+        self.kv_len = int(positions.max()) + 1
+        B = len(slot_ids)
+        first = slot_ids[0]
+        # Consecutive slots are read through a view (no copy); others are gathered.
+        self.contiguous = slot_ids == list(range(first, first + B))
+        self.slot_slice = slice(first, first + B)
+        self.slot_index = torch.tensor(slot_ids, device=cache.device)
+        self.rows = torch.arange(B, device=cache.device)[:, None]
+
+    def mask(self) -> torch.Tensor:
+        """bool [B, 1, T, kv_len]: a query at position p sees keys 0..p of its own row."""
+        k_pos = torch.arange(self.kv_len, device=self.positions.device)
+        return (k_pos[None, None, :] <= self.positions[:, :, None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: [B, G, T, D] -> stored at [slot, :, position]; returns [B, G, kv_len, D].
+        c = self.cache
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, T, G, D]
+        if self.contiguous:
+            kc, vc = c.k[layer, self.slot_slice], c.v[layer, self.slot_slice]
+            kc[self.rows, :, self.positions] = kt
+            vc[self.rows, :, self.positions] = vt
+            return kc[:, :, :self.kv_len], vc[:, :, :self.kv_len]
+        slots = self.slot_index[:, None]
+        c.k[layer][slots, :, self.positions] = kt
+        c.v[layer][slots, :, self.positions] = vt
+        return c.k[layer, self.slot_index, :, :self.kv_len], c.v[layer, self.slot_index, :, :self.kv_len]

@@ -1,0 +1,154 @@
+"""Sampling parameters and the sampler: penalties, temperature, top-k, top-p, min-p, seeded
+draws, optional log-probabilities.
+
+Parameters follow vLLM's names and meanings (``repetition_penalty`` is transformers'
+multiplicative penalty over prompt and output; ``presence_penalty`` and
+``frequency_penalty`` are OpenAI's additive penalties over the output). Each sequence has
+its own `torch.Generator`, so a seeded request draws the same tokens whatever else is in
+the batch. This module does not run the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class SamplingError(ValueError):
+    """An out-of-range sampling parameter; the message names it."""
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to the context window
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token plus the k most likely
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    truncate_prompt: bool = False  # left-truncate a too-long prompt instead of an error
+    _stops: tuple[str, ...] = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self._stops = tuple(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, msg: str) -> None:
+            raise SamplingError(f"{name} {msg}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", f"must be an integer >= 1, got {self.n!r}")
+        if self.temperature is None or self.temperature < 0:
+            bad("temperature", f"must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", f"must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2 <= v <= 2:
+                bad(name, f"must be in [-2, 2], got {v!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+            bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", f"must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return self._stops
+
+
+class SequenceSampler:
+    """Per-sequence sampling state: its generator and its token counts for penalties."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], seed: int | None, device: torch.device):
+        self.params = params
+        self.gen: torch.Generator | None = None
+        if not params.greedy:
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        self.prompt_ids = prompt_ids
+        self.output_counts: dict[int, int] = {}
+
+    def observe(self, token: int) -> None:
+        self.output_counts[token] = self.output_counts.get(token, 0) + 1
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply penalties, temperature and truncations to one row of float32 logits [V]."""
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            ids = torch.tensor(sorted(set(self.prompt_ids) | set(self.output_counts)), dtype=torch.long,
+                               device=logits.device)
+            if len(ids):
+                sel = logits[ids]
+                logits[ids] = torch.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and self.output_counts:
+            ids = torch.tensor(list(self.output_counts), dtype=torch.long, device=logits.device)
+            cnt = torch.tensor(list(self.output_counts.values()), dtype=logits.dtype, device=logits.device)
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * cnt
+        if p.greedy:
+            return logits
+        logits = logits / p.temperature
+        if p.top_k > 0 and p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.min_p > 0:
+            probs = torch.softmax(logits, -1)
+            logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, idx = torch.sort(logits, descending=True)
+            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+            # Keep the smallest set whose mass reaches top_p (the first token always stays).
+            remove = cum - torch.softmax(sorted_logits, -1) >= p.top_p
+            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(0, idx, sorted_logits)
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """The next token from one row of raw float32 logits [V]."""
+        x = self.process(logits.clone() if self._mutates else logits)
+        if self.params.greedy:
+            return int(torch.argmax(x))
+        probs = torch.softmax(x, -1)
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    @property
+    def _mutates(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> tuple[float, dict[int, float]]:
+    """Log-probability of `token` under the model's raw distribution, and the `top` best."""
+    lp = torch.log_softmax(logits.float(), -1)
+    best: dict[int, float] = {}
+    if top > 0:
+        v, i = torch.topk(lp, top)
+        best = {int(a): float(b) for a, b in zip(i, v)}
+    return float(lp[token]), best

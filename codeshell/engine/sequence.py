@@ -1,0 +1,96 @@
+"""One generated sequence: its tokens, its text, its stop rules and its streaming state.
+
+Stop strings are caught even when they span tokens and are cut from the text; text that
+could still turn out to be the start of a stop string is held back from the stream.
+"""
+
+from __future__ import annotations
+
+from .outputs import CompletionOutput, Logprob
+from .sampling import SamplingParams, SequenceSampler
+
+
+class Sequence:
+    def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
+                 sampler: SequenceSampler, slot: int, tokenizer, eos_id: int | None):
+        self.request_id = request_id
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sampler = sampler
+        self.slot: int | None = slot
+        self.cached = 0  # positions whose KV is in the cache
+        self.output_ids: list[int] = []
+        self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
+        self.text = ""
+        self.streamed = 0  # characters of `text` already handed out
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.decoder = tokenizer.decoder(params.skip_special_tokens) if tokenizer is not None else None
+        stop_ids = set(params.stop_token_ids or [])
+        if eos_id is not None and not params.ignore_eos:
+            stop_ids.add(eos_id)
+        self.stop_ids = stop_ids
+        self.max_stop = max((len(s) for s in params.stops), default=0)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        if self.decoder is not None and not isinstance(stop_reason, str):
+            self.text += self.decoder.flush()
+
+    def append(self, token: int, logprob: Logprob | None, max_model_len: int) -> None:
+        self.output_ids.append(token)
+        self.sampler.observe(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+        if token in self.stop_ids:
+            self.finish("stop", token)
+            return
+        if self.decoder is not None:
+            before = len(self.text)
+            self.text += self.decoder.add(token)
+            if self.max_stop and len(self.text) > before and self._check_stop(before):
+                return
+        if self.params.max_tokens is not None and len(self.output_ids) >= self.params.max_tokens:
+            self.finish("length")
+        elif len(self.prompt_ids) + len(self.output_ids) >= max_model_len:
+            self.finish("length")
+
+    def _check_stop(self, before: int) -> bool:
+        start = max(0, before - self.max_stop + 1)
+        hits = [(self.text.find(s, start), s) for s in self.params.stops]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        self.text = self.text[:i + len(s)] if self.params.include_stop_str_in_output else self.text[:i]
+        self.streamed = min(self.streamed, len(self.text))
+        self.finish("stop", s)
+        return True
+
+    def _held_back(self) -> int:
+        """Characters at the end of `text` that may be the beginning of a stop string."""
+        if self.finished or not self.max_stop:
+            return 0
+        tail = self.text[-self.max_stop:]
+        for k in range(min(len(tail), self.max_stop - 1), 0, -1):
+            if any(s.startswith(tail[-k:]) for s in self.params.stops):
+                return k
+        return 0
+
+    def output(self) -> CompletionOutput:
+        upto = len(self.text) - self._held_back()
+        delta = self.text[self.streamed:upto] if upto > self.streamed else ""
+        self.streamed = max(self.streamed, upto)
+        return CompletionOutput(self.index, self.text[:upto] if not self.finished else self.text,
+                                list(self.output_ids), self.finish_reason, self.stop_reason,
+                                list(self.logprobs) if self.logprobs is not None else None, delta)

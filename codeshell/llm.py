@@ -1,0 +1,225 @@
+"""`LLM`: the offline Python API, in the shape vLLM users know.
+
+Loads a checkpoint (folder or hub id), owns an `Engine`, and turns prompts (text, token ids,
+chat messages, FIM prefix/suffix) into `RequestOutput`s or streamed text. It is a thin layer:
+prompt formats live in `codeshell.prompts`, generation in `codeshell.engine`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine import Engine, RequestOutput, SamplingParams
+from .engine.engine import RequestError
+from .prompts import CHAT, FIM, chat_prompt, fim_prompt, left_truncate
+from .tokenizer import Tokenizer, TokenizerMissingError, load_tokenizer
+from .weights import load_model, resolve_dtype
+
+PromptType = str | dict[str, Any]
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class LLM:
+    """A loaded model ready to generate.
+
+    >>> llm = LLM("WisdomShell/CodeShell-7B-Chat", dtype="bfloat16")
+    >>> llm.generate(["def fib(n):"], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0].text
+    """
+
+    def __init__(self, model: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
+                 device: str = "cpu", tokenizer: str | os.PathLike | None = None, *,
+                 max_batch: int = 8, max_model_len: int | None = None,
+                 quantization: str | None = None, threads: int | None = None):
+        if device.startswith("cpu"):
+            torch.set_num_threads(threads or default_threads())
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+        if quantization not in (None, "none"):
+            raise ValueError(f"unknown quantization {quantization!r}")
+        self.model, self.config, self.path = _load(model, dtype, device)
+        tok_path = Path(tokenizer) if tokenizer is not None else self.path
+        tok = load_tokenizer(tok_path, self.config.eos_token_id)
+        if tokenizer is not None and tok is None:
+            raise TokenizerMissingError(f"no tokenizer.json in {tokenizer}")
+        self._setup(tok, max_batch, max_model_len)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, config, tokenizer: Tokenizer | None = None, *,
+                   max_batch: int = 8, max_model_len: int | None = None, threads: int | None = None) -> "LLM":
+        """Wrap an already built model (e.g. random weights for a benchmark)."""
+        self = cls.__new__(cls)
+        if next(model.parameters()).device.type == "cpu":
+            torch.set_num_threads(threads or default_threads())
+        self.model, self.config, self.path = model.eval(), config, Path("<in-memory>")
+        self._setup(tokenizer, max_batch, max_model_len)
+        return self
+
+    def _setup(self, tokenizer: Tokenizer | None, max_batch: int, max_model_len: int | None) -> None:
+        self.tokenizer: Tokenizer | None = tokenizer
+        self.engine = Engine(self.model, self.config, self.tokenizer, max_batch=max_batch,
+                             max_model_len=max_model_len)
+        self.max_model_len = self.engine.max_model_len
+        self._ids = itertools.count()
+
+    # ---- prompts -> token ids --------------------------------------------------------------
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise TokenizerMissingError(
+                f"text prompts need a tokenizer, and {self.path} has no tokenizer.json: pass token ids "
+                "({'prompt_token_ids': [...]}) or LLM(..., tokenizer=PATH)")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._need_tokenizer().encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._need_tokenizer().decode(list(ids))
+
+    def _to_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty: give some text")
+            return prompt, self.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                    raise RequestError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                return self._to_ids(prompt["prompt"])
+        raise RequestError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (batched); outputs come back in the order of the prompts."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        encoded = [self._to_ids(p) for p in prompts]
+        return self._run([(text, ids, sp) for (text, ids), sp in zip(encoded, plist)], use_tqdm)
+
+    def _run(self, items: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+        rids = []
+        try:
+            for text, ids, sp in items:
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, ids, sp, prompt=text)
+                rids.append(rid)
+            final: dict[str, RequestOutput] = {}
+            with _progress(len(rids), use_tqdm) as advance:
+                while len(final) < len(rids):
+                    for out in self.engine.step():
+                        if out.finished:
+                            final[out.request_id] = out
+                            advance()
+            return [final[r] for r in rids]
+        except BaseException:
+            for r in rids:
+                self.engine.abort(r)
+            while self.engine.has_unfinished():
+                self.engine.step()
+            raise
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one completion as they are produced (joined: the final text)."""
+        text, ids = self._to_ids(prompt)
+        yield from self._stream_ids(text, ids, sampling_params or SamplingParams())
+
+    def _stream_ids(self, text: str | None, ids: list[int], sp: SamplingParams) -> Iterator[str]:
+        rid = f"llm-{next(self._ids)}"
+        self.engine.add_request(rid, ids, sp, prompt=text)
+        done = False
+        try:
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    if out.outputs[0].delta:
+                        yield out.outputs[0].delta
+                    done = out.finished
+        finally:
+            if not done:
+                self.engine.abort(rid)
+                self.engine.step()
+        self.last_finish_reason = out.outputs[0].finish_reason if done else "abort"
+
+    def chat_ids(self, messages: Sequence[dict], max_tokens: int | None) -> tuple[str, list[int]]:
+        """The chat prompt for `messages`, left-truncated like the official code."""
+        prompt = chat_prompt(messages)
+        ids = self.encode(prompt)
+        return prompt, left_truncate(ids, self.max_model_len, max_tokens or 0)
+
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Reply to one conversation (a list of messages) or several (a list of such lists)."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        sp = with_stops(sampling_params or SamplingParams(max_tokens=512), CHAT.stop)
+        items = []
+        for conv in convs:
+            prompt, ids = self.chat_ids(conv, sp.max_tokens)
+            items.append((prompt, ids, sp))
+        return self._run(items, use_tqdm)
+
+    def chat_stream(self, messages: Sequence[dict], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        sp = with_stops(sampling_params or SamplingParams(max_tokens=512), CHAT.stop)
+        prompt, ids = self.chat_ids(messages, sp.max_tokens)
+        yield from self._stream_ids(prompt, ids, sp)
+
+    def infill(self, prefix: str, suffix: str = "", sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """Fill in the middle between `prefix` and `suffix` (CodeShell's FIM tokens)."""
+        sp = with_stops(sampling_params or SamplingParams(max_tokens=64), FIM.stop)
+        return self.generate([fim_prompt(prefix, suffix)], sp)[0]
+
+
+def with_stops(sp: SamplingParams, stops: Sequence[str]) -> SamplingParams:
+    """A copy of `sp` that also stops at `stops` (the prompt format's own stop strings)."""
+    import dataclasses
+    merged = list(dict.fromkeys([*(sp.stop or []), *stops]))
+    return dataclasses.replace(sp, stop=merged)
+
+
+def _load(model, dtype, device):
+    from .weights import load_config, resolve_model_path
+    path = resolve_model_path(model)
+    if dtype in (None, "auto") and path.is_dir():
+        cfg = load_config(path)
+        dtype = cfg.torch_dtype if cfg.torch_dtype in ("float32", "bfloat16", "float16") else "float32"
+        if dtype == "float16" and str(device).startswith("cpu"):
+            dtype = "bfloat16"  # fp16 matmuls on CPU are slow and overflow-prone
+    return load_model(path, resolve_dtype(dtype), device)
+
+
+class _progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled and total > 1
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+        self._p = Progress("[bold]Generating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self._p.__enter__()
+        task = self._p.add_task("gen", total=self.total)
+        return lambda: self._p.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._p.__exit__(*exc)

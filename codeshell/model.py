@@ -1,0 +1,222 @@
+"""The CodeShell transformer, with the checkpoint's own parameter names.
+
+Pre-LayerNorm GPT-2 blocks with biases, a fused ``c_attn`` projection split as
+[query n_embd | key kv_dim | value kv_dim], RoPE (rotate-half, linear or dynamic-NTK scaling)
+or learned absolute positions, grouped-query attention, GELU-tanh MLP, final LayerNorm and an
+output head tied to ``transformer.wte`` unless the checkpoint stores its own.
+
+This module is the math only: it neither owns a KV cache nor samples. A caller hands
+``forward`` a cache object (anything with ``update(layer, k, v) -> (k_all, v_all)``) and,
+when the batch is not plainly causal, a boolean attention mask. The engine
+(``codeshell.engine``) and the transformers wrapper (``codeshell.hf``) are such callers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CodeShellConfig
+
+
+class LayerCache(Protocol):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, G, T, D] for `layer`; return every cached key and value [B, G, S, D]."""
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unknown activation_function {name!r}")
+
+
+def rope_inv_freq(cfg: CodeShellConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies [D/2] for a sequence of total length `seq_len`.
+
+    Dynamic NTK scaling (as the official code) raises the base once the sequence outgrows
+    `n_positions`: base * (f * L / n_positions - (f - 1)) ** (D / (D - 2)).
+    """
+    dim = cfg.head_dim
+    base = cfg.rope_theta
+    if cfg.rope_scaling_type == "dynamic" and seq_len > cfg.n_positions:
+        f = cfg.rope_scaling_factor
+        base = base * ((f * seq_len / cfg.n_positions) - (f - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+
+def rope_cos_sin(cfg: CodeShellConfig, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, D] (float32) for integer positions [B, T]."""
+    inv_freq = rope_inv_freq(cfg, seq_len, positions.device)
+    t = positions.to(torch.float32)
+    if cfg.rope_scaling_type == "linear":
+        t = t / cfg.rope_scaling_factor
+    freqs = t[..., None] * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, H, T, D], computed in float32 and returned in x's dtype."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rot = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rot * sin).to(x.dtype)
+
+
+class CodeShellAttention(nn.Module):
+    def __init__(self, cfg: CodeShellConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.qkv_dim)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache: LayerCache | None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, G, D = cfg.n_head, cfg.num_query_groups, cfg.head_dim
+        qkv = self.c_attn(x)
+        q, k, v = qkv.split((cfg.n_embd, cfg.kv_dim, cfg.kv_dim), dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, G, D).transpose(1, 2)  # [B, G, T, D]
+        v = v.view(B, T, G, D).transpose(1, 2)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # [B, G, S, D]
+        # SDPA with a boolean mask (True = attend); softmax accumulates in float32 inside the
+        # fused CPU/CUDA kernels. GQA: query head h reads KV group h // (H / G).
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            scale=1.0 / math.sqrt(D), enable_gqa=G != H)
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)
+        return self.c_proj(y)
+
+
+class CodeShellMLP(nn.Module):
+    def __init__(self, cfg: CodeShellConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.ffn_dim)
+        self.c_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd)
+        self.act = _activation(cfg.activation_function)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class CodeShellBlock(nn.Module):
+    def __init__(self, cfg: CodeShellConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = CodeShellAttention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = CodeShellMLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope, mask, cache) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CodeShellModel(nn.Module):
+    """`transformer.*`: embeddings, blocks, final LayerNorm. Returns hidden states."""
+
+    def __init__(self, cfg: CodeShellConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.position_embedding_type == "learned_absolute":
+            self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.h = nn.ModuleList(CodeShellBlock(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        # transformers' gradient_checkpointing_enable() sets these two attributes.
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
+
+    def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor,
+                mask: torch.Tensor | None = None, cache: LayerCache | None = None,
+                seq_len: int | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T], position_ids [B, T] -> hidden [B, T, n_embd].
+
+        mask: bool [B, 1, T, S] (True = attend) over the S keys this call attends to (cache
+        plus new tokens), or None for plain causal attention over the T new tokens.
+        seq_len: the total sequence length, for dynamic NTK scaling (default max position + 1).
+        """
+        cfg = self.cfg
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        rope = None
+        if cfg.position_embedding_type == "rope":
+            L = seq_len if seq_len is not None else int(position_ids.max()) + 1
+            rope = rope_cos_sin(cfg, position_ids, L)
+        else:
+            if int(position_ids.max()) >= cfg.n_positions:
+                raise ValueError(f"position {int(position_ids.max())} is past n_positions={cfg.n_positions} "
+                                 "(learned absolute position embeddings cannot extrapolate)")
+            x = x + self.wpe(position_ids)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.h:
+            if checkpointing:
+                fn = self._gradient_checkpointing_func or _default_checkpoint
+                x = fn(block.__call__, x, rope, mask, cache)
+            else:
+                x = block(x, rope, mask, cache)
+        return self.ln_f(x)
+
+
+def _default_checkpoint(fn, *args):
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+class CodeShellForCausalLM(nn.Module):
+    """The whole model: `transformer` plus `lm_head` (tied to `transformer.wte` by default)."""
+
+    def __init__(self, cfg: CodeShellConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = CodeShellModel(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: LayerCache | None = None,
+                seq_len: int | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for every position (see `CodeShellModel.forward`)."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.lm_head(self.transformer(input_ids, position_ids, mask, cache, seq_len))
+
+
+def padding_mask(attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """Causal + padding mask [B, 1, T, past+T] from a 0/1 mask [B, past+T] over all keys.
+
+    A padded query position may always see itself, so no softmax row is empty (an empty row
+    gives NaN, which would leak into later layers through the padded keys' values).
+    """
+    am = attention_mask.bool()
+    B, S = am.shape
+    T = S - past
+    q_pos = torch.arange(past, S, device=am.device)[:, None]
+    k_pos = torch.arange(S, device=am.device)[None, :]
+    causal = k_pos <= q_pos  # [T, S]
+    mask = causal[None] & am[:, None, :]  # [B, T, S]
+    mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, S] that count only real tokens (left padding gets position 0)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_(min=0)

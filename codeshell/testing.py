@@ -1,0 +1,53 @@
+"""Small random-weight checkpoints in the official CodeShell layout, for tests and demos.
+
+`make_tiny_checkpoint` writes config.json + model.safetensors (and copies a tokenizer when
+given one). The weights are random: useful to exercise code paths, not to produce sense.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import SHAPES, CodeShellConfig
+from .tokenizer import TOKENIZER_FILES
+
+
+def random_state_dict(cfg: CodeShellConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      std: float = 0.2) -> dict[str, torch.Tensor]:
+    """Checkpoint-named tensors with N(0, std) weights (LayerNorms near 1), no lm_head (tied)."""
+    from .model import CodeShellForCausalLM
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        m = CodeShellForCausalLM(cfg)
+    sd = {}
+    for name, p in m.named_parameters():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if ".ln_" in name or name.startswith("transformer.ln_f"):
+            base = 1.0 if name.endswith("weight") else 0.0
+            t = base + 0.05 * torch.randn(p.shape, generator=g)
+        else:
+            t = std * torch.randn(p.shape, generator=g)
+        sd[name] = t.to(dtype).contiguous()
+    return sd
+
+
+def make_tiny_checkpoint(path: str | Path, tokenizer_dir: str | Path | None = None,
+                         cfg: CodeShellConfig | None = None, seed: int = 0) -> Path:
+    """Write a tiny CodeShell checkpoint folder (vocab 70144 so the real tokenizer fits)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = cfg or SHAPES["tiny"]
+    (path / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": "float32"}, indent=2))
+    save_file(random_state_dict(cfg, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        for f in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / f
+            if src.exists():
+                shutil.copy(src, path / f)
+    return path

@@ -1,0 +1,222 @@
+"""Finding and loading checkpoints: a local folder or a Hugging Face hub id, in every layout
+the released CodeShell checkpoints use (single or sharded safetensors, single or sharded
+``pytorch_model.bin``).
+
+Tensors are memory-mapped and copied one at a time into a model built with empty storage in
+the target dtype, so peak memory stays near the weights' own size. ``.bin`` files are read
+with ``torch.load(weights_only=True)``: loading never runs pickled code. This module knows
+nothing of generation; quantized formats hook in through `load_model(..., quantization=)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .config import CodeShellConfig, ConfigError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.gguf"]
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found or read; the message names the file or tensor."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a hub id fetched (or found in the cache) by huggingface_hub.
+
+    Honours HF_HOME and HF_HUB_OFFLINE. Offline with nothing cached is a clear error.
+    """
+    p = Path(model).expanduser()
+    if p.exists():
+        if p.is_file():
+            return p  # a single file (e.g. GGUF) is the caller's business
+        if not (p / "config.json").exists():
+            raise CheckpointError(f"{p} has no config.json: not a CodeShell checkpoint folder")
+        return p
+    s = str(model)
+    if s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise CheckpointError(f"model folder {s!r} does not exist (and it is not a Hugging Face hub id "
+                              "of the form owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(f"cannot fetch {s!r}: huggingface_hub is not installed") from e
+    try:
+        return Path(snapshot_download(s, allow_patterns=WEIGHT_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"model {s!r} is not in the Hugging Face cache and the hub cannot be reached "
+            f"(offline={os.environ.get('HF_HUB_OFFLINE', '0')}); download it first or pass a local "
+            "folder with --model PATH") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"model {s!r} was not found on the Hugging Face hub") from None
+    except Exception as e:  # network failures come in many types
+        raise CheckpointError(f"could not fetch model {s!r} from the Hugging Face hub: {e}; "
+                              "pass a local folder with --model PATH") from None
+
+
+def load_config(path: Path) -> CodeShellConfig:
+    return CodeShellConfig.from_json(path / "config.json")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, in load order."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
+            files = sorted(set(wm.values()))
+            missing = [f for f in files if not (path / f).exists()]
+            if missing:
+                raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+            return [path / f for f in files]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).exists():
+            return [path / single]
+    found = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if found:
+        return found
+    raise CheckpointError(f"{path} has no weights (expected model.safetensors, a sharded "
+                          "model-*.safetensors with its index, or pytorch_model*.bin)")
+
+
+def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one weight file, memory-mapped where the format allows."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file.name}: {e} (truncated or corrupt safetensors file?)") from None
+        with f:
+            for name in f.keys():
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"cannot read tensor {name!r} from {file.name}: {e}") from None
+                yield name, t
+        return
+    try:
+        sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        try:  # old (non-zip) torch.save files cannot be memory-mapped
+            sd = torch.load(str(file), map_location="cpu", weights_only=True)
+        except Exception:
+            raise CheckpointError(f"cannot read {file.name}: {e}") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{file.name} does not hold a state dict (got {type(sd).__name__})")
+    yield from sd.items()
+
+
+def _bigcode_qkv_to_fused(t: torch.Tensor, cfg: CodeShellConfig) -> torch.Tensor:
+    """gpt_bigcode MHA stores c_attn rows per head as [q|k|v]; reorder to [all q | all k | all v]."""
+    H, D = cfg.n_head, cfg.head_dim
+    return t.reshape(H, 3, D, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+@contextmanager
+def _progress(total: int, desc: str):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    disable = os.environ.get("CODESHELL_NO_PROGRESS") == "1"
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), transient=True, disable=disable) as prog:
+        task = prog.add_task(desc, total=total)
+        yield lambda n: prog.advance(task, n)
+
+
+def load_state_into(model: torch.nn.Module, path: Path, cfg: CodeShellConfig) -> None:
+    """Copy every tensor of the checkpoint at `path` into `model`, checking names and shapes."""
+    files = weight_files(path)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    tied = cfg.tie_word_embeddings and model.lm_head.weight is model.transformer.wte.weight
+    expected = {n for n in params if not (tied and n == "lm_head.weight")}
+    seen: set[str] = set()
+    total = sum(f.stat().st_size for f in files)
+    with _progress(total, f"Loading {path.name}") as advance:
+        for file in files:
+            for name, t in iter_tensors(file):
+                if name.endswith(IGNORED_SUFFIXES):
+                    continue
+                if name == "lm_head.weight" and tied:
+                    # The checkpoint carries its own head: untie so it gets its own storage.
+                    model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.transformer.wte.weight),
+                                                              requires_grad=False)
+                    params["lm_head.weight"] = model.lm_head.weight
+                    expected.add(name)
+                    tied = False
+                if name not in params:
+                    raise CheckpointError(f"unexpected tensor {name!r} in {file.name}: not part of a "
+                                          f"{cfg.model_type} model with this config.json")
+                if cfg.bigcode_interleaved_qkv and name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+                    t = _bigcode_qkv_to_fused(t, cfg)
+                dst = params[name]
+                if tuple(t.shape) != tuple(dst.shape):
+                    raise CheckpointError(f"tensor {name!r} in {file.name} has shape {tuple(t.shape)}, "
+                                          f"expected {tuple(dst.shape)} from config.json")
+                with torch.no_grad():
+                    dst.copy_(t)
+                seen.add(name)
+                advance(t.numel() * t.element_size())
+                del t
+    missing = sorted(expected - seen)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint {path} is missing tensor(s): {', '.join(missing[:5])}{more}")
+
+
+def build_empty(cfg: CodeShellConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A CodeShellForCausalLM with uninitialised storage of `dtype` on `device` (no init cost)."""
+    from .model import CodeShellForCausalLM
+    with torch.device("meta"):
+        model = CodeShellForCausalLM(cfg)
+        model = model.to(dtype)  # free on meta; real storage is made once, in the target dtype
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty breaks the tie's identity: restore it
+        model.lm_head.weight = model.transformer.wte.weight
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_model(model: str | os.PathLike, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, CodeShellConfig, Path]:
+    """Load a checkpoint into a CodeShellForCausalLM. Returns (model, config, resolved folder)."""
+    path = resolve_model_path(model)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; expected a checkpoint folder with config.json")
+    cfg = load_config(path)
+    dt = resolve_dtype(dtype, default=torch.float32)
+    m = build_empty(cfg, dt, device)
+    load_state_into(m, path, cfg)
+    return m, cfg, path
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_model", "resolve_model_path", "resolve_dtype",
+           "weight_files", "iter_tensors", "build_empty"]

@@ -68,6 +68,8 @@ def run(
     temperature: float = typer.Option(0.2, "--temperature"),
     top_p: float = typer.Option(0.95, "--top-p"),
     max_length: int = typer.Option(2048, "--max-length", help="Prompt + completion tokens."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens",
+                                                 help="Also cap completion tokens (quick checks; off by default)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of each task."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue a run in --output (default)."),
@@ -91,7 +93,7 @@ def run(
     if batch_size < 1:
         _fail(f"--batch-size must be >= 1, got {batch_size}")
     try:
-        settings = GenerationSettings(n_samples, temperature, top_p, max_length, seed)
+        settings = GenerationSettings(n_samples, temperature, top_p, max_length, seed, max_new_tokens)
     except ValueError as e:
         _fail(str(e))
     opts = _exec_opts(workers, timeout_factor, java_no_javatuples)

@@ -27,6 +27,7 @@ class GenerationSettings:
     top_p: float = 0.95
     max_length: int = 2048  # prompt + completion tokens, as the old harness counted
     seed: int = 0
+    max_new_tokens: int | None = None  # an extra cap on completion tokens (quick checks)
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -37,6 +38,8 @@ class GenerationSettings:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_length < 1:
             raise ValueError(f"--max-length must be >= 1, got {self.max_length}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -96,6 +99,8 @@ class InProcessBackend:
 
     def prompt_tokens(self, problem: Problem) -> int:
         if problem.messages:
+            if hasattr(self.llm, "chat_ids"):  # the templated prompt, without generating
+                return len(self.llm.chat_ids(list(problem.messages), None)[1])
             from codeshell import SamplingParams
 
             out = self.llm.chat([list(problem.messages)], SamplingParams(max_tokens=1, temperature=0.0))
@@ -123,16 +128,15 @@ class InProcessBackend:
         return out
 
     def _generate_group(self, is_chat: bool, reqs: list[Request], temperature: float, top_p: float):
-        inputs = [list(r.messages) for r in reqs] if is_chat else [r.prompt for r in reqs]
-        call = self.llm.chat if is_chat else self.llm.generate
         params = [self._params(r, temperature, top_p) for r in reqs]
-        try:
-            # One SamplingParams per request (vLLM's convention) keeps each request's own
-            # seed and token budget while the engine batches them all.
-            results = call(inputs, params)
-        except (TypeError, AttributeError):
-            # A runtime that takes a single SamplingParams: one call per request.
-            results = [call([x], p)[0] for x, p in zip(inputs, params)]
+        if is_chat:
+            # LLM.chat takes one SamplingParams for all its conversations; each request has its
+            # own seed and budget, so one call per request (its n samples still batch).
+            results = [self.llm.chat([list(r.messages)], p)[0] for r, p in zip(reqs, params)]
+        else:
+            # One SamplingParams per prompt keeps each request's seed and token budget while the
+            # engine batches them all.
+            results = self.llm.generate([r.prompt for r in reqs], params)
         return [[Generation(o.text, o.finish_reason or "stop") for o in res.outputs] for res in results]
 
 
@@ -291,6 +295,8 @@ def plan_requests(task: Task, problems: Sequence[Problem], backend: Backend, set
         if not missing_starts:
             continue
         max_tokens = limit - backend.prompt_tokens(p)
+        if settings.max_new_tokens is not None:
+            max_tokens = min(max_tokens, settings.max_new_tokens)
         for start, k in missing_starts:
             reqs.append(Request(p.task_id, start, k, max_tokens, list(p.stop),
                                 request_seed(settings.seed, p.task_id, start),

@@ -53,8 +53,8 @@ def _fmt(v: float | None) -> str:
 
 def summary_table(scores: Sequence[dict]) -> Table:
     t = Table(title="codeshell eval")
-    for col in ("task", "problems", "samples/problem", "pass@1 %", "pass@10 %", "pass@100 %",
-                "CodeShell-7B pass@1 %", "note"):
+    # pass@k in %; "CodeShell-7B" is the published pass@1 of the released model, for reference.
+    for col in ("task", "problems", "n", "pass@1", "pass@10", "pass@100", "CodeShell-7B", "note"):
         t.add_column(col, justify="left" if col in ("task", "note") else "right")
     for s in scores:
         pub = s.get("published")

@@ -152,7 +152,8 @@ def run_tasks(tasks: Sequence[Task], backend, settings, output: Path, opts: Exec
         score = score_samples(task, problems, rows, opts, console, show_progress)
         score.summary["settings"] = {"n_samples": settings.n_samples, "temperature": settings.temperature,
                                      "top_p": settings.top_p, "max_length": settings.max_length,
-                                     "seed": settings.seed, "backend": backend.description}
+                                     "seed": settings.seed, "max_new_tokens": settings.max_new_tokens,
+                                     "backend": backend.description}
         write_score(score, folder / "scores.json", folder / "results.jsonl")
         summaries.append(score.summary)
     _merge_summary(output / "summary.json", summaries)

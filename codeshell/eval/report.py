@@ -55,7 +55,8 @@ def summary_table(scores: Sequence[dict]) -> Table:
     t = Table(title="codeshell eval")
     # pass@k in %; "CodeShell-7B" is the published pass@1 of the released model, for reference.
     for col in ("task", "problems", "n", "pass@1", "pass@10", "pass@100", "CodeShell-7B", "note"):
-        t.add_column(col, justify="left" if col in ("task", "note") else "right")
+        t.add_column(col, justify="left" if col in ("task", "note") else "right", no_wrap=col != "note",
+                     overflow="fold")
     for s in scores:
         pub = s.get("published")
         t.add_row(s["task"], str(s.get("n_problems", 0)), str(s.get("n_samples", 0)), _fmt(s.get("pass@1")),

@@ -5,7 +5,7 @@ A *request* is one prompt (or chat) with ``n`` samples; a problem's samples are 
 requests of at most ``chunk`` samples, each with its own seed derived from (run seed,
 task id, first sample index), so a resumed run asks for exactly the requests that are
 missing and gets what the first run would have got (given a backend that honours per-request
-seeds). This module never executes generated code and never imports ``codeshell.serve``.
+seeds). This module never executes generated code and never imports the server package.
 """
 
 from __future__ import annotations

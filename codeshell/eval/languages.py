@@ -138,7 +138,7 @@ LANGUAGES: dict[str, Language] = {lang.key: lang for lang in [
         _splice("os.exit(lu.LuaUnit.run())",
                 'local __codeshell_rc = lu.LuaUnit.run()\nif __codeshell_rc == 0 then print("{token}") end\n'
                 "os.exit(__codeshell_rc)"),
-        re.compile(r"\bFAIL\b|Failed tests|expected:")),
+        re.compile(r"expected: .*actual: ")),
     Language(
         "r", "R", "prog.r", ("Rscript",), "apt-get install r-base-core",
         _RUN, None, None, lambda tc, o: [tc.tools["Rscript"], "prog.r"],
@@ -156,15 +156,16 @@ LANGUAGES: dict[str, Language] = {lang.key: lang for lang in [
         lambda tc, o: [tc.tools["ldmd2"], "-unittest", "-of=prog", "prog.d"],
         lambda tc, o: ["./prog"],
         _append('unittest {{ import std.stdio : writeln; writeln("{token}"); }}'),
-        re.compile(r"AssertError|unittest failure")),
+        re.compile(r"Assertion failure|AssertError")),
     Language(
         "rs", "Rust", "prog.rs", ("rustc",), "apt-get install rustc",
         _RUN, _COMPILE,
-        lambda tc, o: [tc.tools["rustc"], "--edition=2021", "prog.rs", "-o", "prog"],
+        lambda tc, o: [tc.tools["rustc"], "--edition=2021", *tc.extra.get("rustc_flags", "").split(), "prog.rs",
+                       "-o", "prog"],
         lambda tc, o: ["./prog"],
         _splice("fn main() {", 'fn main() {{ __codeshell_tests(); println!("{token}"); }}\n'
                 "fn __codeshell_tests() {{"),
-        re.compile(r"panicked at|assertion")),
+        re.compile(r"assertion .*failed|assertion failed")),
     Language(
         "jl", "Julia", "prog.jl", ("julia",), "julia is not packaged by Debian: see https://julialang.org/downloads/",
         Limits(wall_s=30.0, memory_mb=None), None, None, lambda tc, o: [tc.tools["julia"], "prog.jl"],
@@ -224,9 +225,21 @@ def find_toolchain(key: str) -> Toolchain | None:
         jar = os.environ.get("CODESHELL_JAVATUPLES") or next((j for j in _JAVATUPLES if os.path.exists(j)), None)
         if jar:
             extra["javatuples"] = os.path.realpath(jar)
+    if key == "rs" and _accepts(tools["rustc"], "-C", "linker-features=-lld"):
+        # rustc >= 1.90 links with its bundled lld through gcc, which looks it up with access();
+        # access() ignores the sandbox uid's CAP_DAC_READ_SEARCH, so a toolchain under /root
+        # (rustup) is not found. The system linker works everywhere.
+        extra["rustc_flags"] = "-C linker-features=-lld"
     if key == "lua" and not _lua_has_luaunit(tools["lua"]):
         return None
     return Toolchain(tools, extra)
+
+
+def _accepts(tool: str, *flags: str) -> bool:
+    try:
+        return subprocess.run([tool, *flags, "--print", "sysroot"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _lua_has_luaunit(lua: str) -> bool:
@@ -263,4 +276,6 @@ def classify(lang: Language, rc: int, timed_out: bool, stdout: str, stderr: str,
         return FAILED, "a test assertion failed"
     if rc < 0:
         return ERROR, f"killed by signal {-rc}"
+    if rc == 0:
+        return ERROR, "errors reported on stderr"
     return ERROR, f"exit status {rc}"

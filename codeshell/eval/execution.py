@@ -68,6 +68,8 @@ def run_program(box: Sandbox, lang_key: str, program: str, opts: ExecOptions = E
         return Outcome(L.ERROR, str(e))
     cmd_opts = {"java_javatuples": opts.java_javatuples}
     env = {"PATH": ":".join([*tc.path_dirs, "/usr/local/bin", "/usr/bin", "/bin"])}
+    if lang.env is not None:
+        env.update(lang.env(tc))
     with box.workdir() as wd:
         (wd / lang.filename).write_text(source, encoding="utf-8")
         box.chown_tree(wd)

@@ -55,6 +55,7 @@ class Language:
     failure_re: re.Pattern
     stderr_is_failure: bool = False  # rackunit reports failed checks on stderr and exits 0
     available_on_debian: bool = True
+    env: Callable[[Toolchain], dict[str, str]] | None = None  # extra environment for its commands
 
     @property
     def compiled(self) -> bool:
@@ -102,9 +103,13 @@ LANGUAGES: dict[str, Language] = {lang.key: lang for lang in [
     Language(
         "py", "Python", "prog.py", ("python",), "(always available)",
         Limits(wall_s=3.0, memory_mb=2048), None, None,
-        lambda tc, o: [tc.tools["python"], "-I", "prog.py"],
+        # -S -s: no site hooks (.pth files can cost 100+ ms per start); installed packages stay
+        # importable through PYTHONPATH, as they were in the old in-process harness.
+        lambda tc, o: [tc.tools["python"], "-S", "-s", "prog.py"],
         _append("print({token!r})"),
-        re.compile(r"AssertionError")),
+        re.compile(r"AssertionError"),
+        env=lambda tc: {"PYTHONPATH": os.pathsep.join(_site_packages()), "PYTHONDONTWRITEBYTECODE": "1",
+                        "PYTHONIOENCODING": "utf-8"}),
     Language(
         "js", "JavaScript", "prog.js", ("node",), "apt-get install nodejs",
         Limits(wall_s=15.0, memory_mb=4096), None, None,
@@ -182,6 +187,14 @@ LANGUAGES: dict[str, Language] = {lang.key: lang for lang in [
 
 _LUA_NAMES = ("lua5.3", "lua5.4", "lua")
 _JAVATUPLES = ("/usr/share/java/javatuples.jar",)
+
+
+@functools.lru_cache(maxsize=1)
+def _site_packages() -> tuple[str, ...]:
+    import site
+
+    paths = [*site.getsitepackages(), site.getusersitepackages()] if hasattr(site, "getsitepackages") else []
+    return tuple(p for p in paths if os.path.isdir(p))
 
 
 def _which(name: str) -> str | None:

@@ -99,14 +99,18 @@ def run(
     opts = _exec_opts(workers, timeout_factor, java_no_javatuples)
     task_objs = _tasks(tasks, data_dir, mbpp_legacy_setup)
     console = Console()
-    if api_base is not None:
-        from codeshell.eval.generation import OpenAIBackend
+    try:
+        if api_base is not None:
+            from codeshell.eval.generation import OpenAIBackend
 
-        backend = OpenAIBackend(api_base, api_key, api_model, tokenizer, concurrency)
-    else:
-        from codeshell.eval.generation import InProcessBackend
+            backend = OpenAIBackend(api_base, api_key, api_model, tokenizer, concurrency)
+        else:
+            from codeshell.eval.generation import InProcessBackend
 
-        backend = InProcessBackend(model, dtype=dtype, device=device, quantization=quantization)
+            backend = InProcessBackend(model, dtype=dtype, device=device, quantization=quantization)
+    except Exception as e:  # the CLI boundary: a bad path, hub id, dtype or unreachable server
+        where = api_base if api_base is not None else model
+        _fail(f"could not set up generation with {where}: {type(e).__name__}: {e}")
     try:
         run_tasks(task_objs, backend, settings, output, opts, limit=limit, resume=resume, batch_size=batch_size,
                   console=console, show_progress=progress)

@@ -1,6 +1,6 @@
 """Execution sandbox for model-written programs.
 
-Each program runs in a fresh temporary folder, in its own process group, with:
+Each program runs in a fresh temporary folder, in its own session and process group, with:
 
 * resource limits set by util-linux ``prlimit`` (CPU seconds, address space, process count,
   file size, no core dumps) -- an exec'd binary rather than ``preexec_fn`` because the
@@ -236,8 +236,8 @@ class Sandbox:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             start = time.monotonic()
             proc = subprocess.Popen(cmd, cwd=cwd, env=base_env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=err, process_group=0, close_fds=True)
-            status, cpu_used, timed_out = _wait(proc, limits.wall_s)
+                                    stderr=err, start_new_session=True, close_fds=True)
+            _status, cpu_used, timed_out = _wait(proc, limits.wall_s)
             wall = time.monotonic() - start
             rc = proc.returncode
             # A CPU-limit kill (SIGXCPU, then SIGKILL at the hard limit) is a timeout too. Under
@@ -270,19 +270,15 @@ def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int, float, bool]:
         fd = None
     if fd is not None:
         try:
-            ready, _, _ = select.select([fd], [], [], timeout)
-            timed_out = not ready
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            timed_out = not poller.poll(timeout * 1000)
         finally:
             os.close(fd)
-    else:
+    else:  # kernels before 5.3: poll for the exit without reaping (the pgid must stay ours)
         deadline = time.monotonic() + timeout
         delay = 0.0005
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                _killpg(proc.pid)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                return status, ru.ru_utime + ru.ru_stime, False
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             if time.monotonic() >= deadline:
                 timed_out = True
                 break

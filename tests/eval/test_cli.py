@@ -120,3 +120,8 @@ def test_eval_never_imports_serve():
             assert not bad, f"{path.relative_to(REPO)} imports {bad}"
         assert "codeshell.serve" not in path.read_text(), f"{path.relative_to(REPO)} names codeshell.serve"
 
+
+
+def test_run_with_a_missing_model_is_a_clear_error(tmp_path):
+    r = runner.invoke(app, ["run", "humaneval", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "could not set up generation" in r.output and "nope" in r.output

@@ -214,3 +214,12 @@ def test_early_exit_js(box):
 def test_timeout_outcome(box):
     out = run_program(box, "py", PROGRAM.format(body="    while True: pass"), ExecOptions(run_timeout_s=1.0))
     assert out.status == L.TIMEOUT
+
+
+def test_wait_without_pidfd(box, monkeypatch):
+    # kernels before 5.3 have no pidfd: the polling path must behave the same
+    monkeypatch.delattr(os, "pidfd_open", raising=False)
+    r = py(box, "print('ok')")
+    assert (r.returncode, r.stdout, r.timed_out) == (0, "ok\n", False)
+    r = py(box, "import time\ntime.sleep(30)\n", Limits(wall_s=1))
+    assert r.timed_out and r.wall_s < 5

@@ -136,3 +136,29 @@ def test_humaneval_chat_reference_and_body_only_answers_pass():
     he = {p.task_id: p for p in get_task("humaneval").problems()}
     body = [{"task_id": p.task_id, "completion": he[p.task_id].reference} for p in problems]
     assert all(r["passed"] for r in score_samples(task, problems, body, OPTS, show_progress=False).results)
+
+
+def test_hub_fallback_and_its_errors(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        if name == "mbpp":
+            return [{"task_id": 11, "text": "t", "code": "def f(): pass", "test_list": ["assert True"],
+                     "test_setup_code": "", "challenge_test_list": []},
+                    {"task_id": 600, "text": "out of the test split", "code": "", "test_list": ["assert 1"],
+                     "test_setup_code": "", "challenge_test_list": []}]
+        raise ConnectionError("offline")
+
+    monkeypatch.delenv("CODESHELL_EVAL_DATA", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    problems = get_task("mbpp").problems()
+    assert [p.task_id for p in problems] == ["11"] and calls == [("mbpp", "full", "test")]
+    with pytest.raises(DataError, match="--data-dir"):
+        get_task("multiple-lua").problems()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match="pip install datasets"):
+        get_task("mbpp").problems()

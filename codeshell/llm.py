@@ -41,7 +41,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
                  device: str = "cpu", tokenizer: str | os.PathLike | None = None, *,
                  max_batch: int = 8, max_model_len: int | None = None,
-                 quantization: str | None = None, threads: int | None = None):
+                 quantization: str | None = None, threads: int | None = None, kernels: bool = True):
         if device.startswith("cpu"):
             torch.set_num_threads(threads or default_threads())
         elif device.startswith("cuda") and not torch.cuda.is_available():
@@ -53,16 +53,23 @@ class LLM:
         tok = load_tokenizer(tok_path, self.config.eos_token_id)
         if tokenizer is not None and tok is None:
             raise TokenizerMissingError(f"no tokenizer.json in {tokenizer}")
+        if kernels:
+            from .kernels import prepare_model
+            prepare_model(self.model)
         self._setup(tok, max_batch, max_model_len)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, config, tokenizer: Tokenizer | None = None, *,
-                   max_batch: int = 8, max_model_len: int | None = None, threads: int | None = None) -> "LLM":
+                   max_batch: int = 8, max_model_len: int | None = None, threads: int | None = None,
+                   kernels: bool = True) -> "LLM":
         """Wrap an already built model (e.g. random weights for a benchmark)."""
         self = cls.__new__(cls)
         if next(model.parameters()).device.type == "cpu":
             torch.set_num_threads(threads or default_threads())
         self.model, self.config, self.path = model.eval(), config, Path("<in-memory>")
+        if kernels:
+            from .kernels import prepare_model
+            prepare_model(self.model)
         self._setup(tokenizer, max_batch, max_model_len)
         return self
 
@@ -214,8 +221,10 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-        self._p = Progress("[bold]Generating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self._p = Progress("[bold]Generating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           console=Console(stderr=True))
         self._p.__enter__()
         task = self._p.add_task("gen", total=self.total)
         return lambda: self._p.advance(task)

@@ -102,7 +102,13 @@ def test_truncated_safetensors(tmp_path):
     f = tmp_path / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"cannot read model.safetensors: truncated \(\d+ bytes, the header needs"):
+        load_model(tmp_path)
+    f.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="cannot read model.safetensors: truncated"):
+        load_model(tmp_path)
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + data[100:200])
+    with pytest.raises(CheckpointError, match="cannot read model.safetensors: corrupt header"):
         load_model(tmp_path)
 
 

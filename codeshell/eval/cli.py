@@ -62,7 +62,8 @@ def run(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY"),
     api_model: Optional[str] = typer.Option(None, "--api-model", help="Model name on the server (default: its first)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
-                                            help="Tokenizer to count prompt tokens for --api-base (default: ask the server)."),
+                                            help="Tokenizer to count prompt tokens for --api-base "
+                                                 "(default: ask the server)."),
     concurrency: int = typer.Option(8, "--concurrency", help="Parallel requests to --api-base."),
     n_samples: int = typer.Option(40, "--n-samples"),
     temperature: float = typer.Option(0.2, "--temperature"),

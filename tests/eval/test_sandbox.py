@@ -53,10 +53,11 @@ def test_cannot_write_outside_its_folder(box, tmp_path):
     target = Path(__file__).resolve().parent / f"escape-{secrets.token_hex(4)}"
     tmp_target = Path("/tmp") / f"escape-{secrets.token_hex(4)}"
     shm_target = Path("/dev/shm") / f"escape-{secrets.token_hex(4)}"
+    targets = [str(target), str(tmp_target), str(shm_target), str(tmp_path / "x"), os.path.expanduser("~/escape")]
     code = (
         "import os\n"
         "open('inside.txt', 'w').write('ok')\n"
-        f"for p in {[str(target), str(tmp_target), str(shm_target), str(tmp_path / 'x'), os.path.expanduser('~/escape')]!r}:\n"
+        f"for p in {targets!r}:\n"
         "    try:\n"
         "        open(p, 'w').write('pwned')\n"
         "        print('WROTE', p)\n"

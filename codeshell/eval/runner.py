@@ -106,7 +106,8 @@ def score_samples(task: Task, problems: Sequence[Problem], rows: Sequence[dict],
         for k in ("pass@1", "pass@10", "pass@100"):
             summary[k] = None
     else:
-        summary.update(aggregate(per_problem))
+        # every k is present; null where some problem has fewer than k samples
+        summary.update({"pass@1": None, "pass@10": None, "pass@100": None, **aggregate(per_problem)})
         if len(per_problem) < len(problems):
             summary["note"] = f"{len(per_problem)} of {len(problems)} problems"
     return TaskScore(summary, results)

@@ -41,6 +41,10 @@ def serve(
     from .app import build_app
     from .service import ServeSettings
 
+    from pathlib import Path
+    local = Path(model).expanduser()
+    if (local.is_absolute() or model.startswith(".")) and not local.exists():
+        raise typer.BadParameter(f"no checkpoint folder at {model}", param_hint="--model")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -54,13 +58,38 @@ def serve(
         settings.model_name, host, port)
     config = uvicorn.Config(build_app(settings), host=host, port=port, log_level=log_level.lower(),
                             access_log=False, timeout_graceful_shutdown=shutdown_timeout)
-    server = uvicorn.Server(config)
+    server = _GracefulServer(config)
     server.run()
     if not server.started:
         raise typer.Exit(1)
 
 
-app.command("serve")(serve)
+def _graceful_server_class():
+    import contextlib
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would
+        die by the signal; a server that stopped cleanly should exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                if hasattr(self, "_captured_signals"):
+                    self._captured_signals.clear()
+
+    return GracefulServer
+
+
+def _GracefulServer(config):  # noqa: N802 - reads as the class it builds
+    return _graceful_server_class()(config)
+
+
+# Mounted by the project CLI either as a command (`main.command("serve")(serve)`) or as a
+# sub-app (`main.add_typer(app, name="serve")`): both give `codeshell serve --model ...`.
+app.callback(invoke_without_command=True)(serve)
 
 
 def main() -> None:

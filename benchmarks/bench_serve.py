@@ -134,7 +134,8 @@ def fim_latency(url: str, headers: dict, tokens: int, repeats: int) -> dict:
     typed = "helper_3(data) + hel"  # 20 characters
     firsts, seconds, cached = [], [], []
     for i in range(repeats):
-        p = prefix.replace("result = ", f"result_{i} = ")  # a fresh file each round: no cross-round reuse
+        # A different first line each round: the first request of a round finds nothing cached.
+        p = f"# file {i} of {time.time_ns()}\n" + prefix
 
         def run(pre: str) -> tuple[float, dict]:
             body = {"input_prefix": pre, "input_suffix": suffix, "n_predict": 8, "temperature": 0,

@@ -84,6 +84,11 @@ class AsyncEngine:
         self._wake.set()
         return q
 
+    def discard(self, request_id: str) -> None:
+        """Abort a request whose outputs will never be read."""
+        self.abort(request_id)
+        self._queues.pop(request_id, None)
+
     def abort(self, request_id: str) -> None:
         if request_id in self._queues:
             self.engine.abort(request_id)

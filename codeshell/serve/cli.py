@@ -35,13 +35,12 @@ def serve(
 ) -> None:
     """Serve a model to IDE plugins (llama.cpp and TGI APIs), OpenAI clients and a web page."""
     import logging
+    from pathlib import Path
 
     import uvicorn
 
     from .app import build_app
     from .service import ServeSettings
-
-    from pathlib import Path
     local = Path(model).expanduser()
     if (local.is_absolute() or model.startswith(".")) and not local.exists():
         raise typer.BadParameter(f"no checkpoint folder at {model}", param_hint="--model")
@@ -83,7 +82,7 @@ def _graceful_server_class():
     return GracefulServer
 
 
-def _GracefulServer(config):  # noqa: N802 - reads as the class it builds
+def _GracefulServer(config):
     return _graceful_server_class()(config)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from .errors import ApiError
@@ -99,3 +100,20 @@ async def until_disconnect(request: Request, work: Awaitable):
         watcher.cancel()
         if not task.done():
             task.cancel()
+
+
+class EventStream(StreamingResponse):
+    """A `text/event-stream` response that closes (and so aborts) its generations however the
+    response ends, even when the body never started (the client left before the first byte)."""
+
+    def __init__(self, body, generations=(), **kw):
+        super().__init__(body, media_type="text/event-stream", **kw)
+        self.generations = list(generations)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for g in self.generations:
+                await g.aclose()
+            await self.body_iterator.aclose()

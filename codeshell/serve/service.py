@@ -89,8 +89,18 @@ class CompletionService:
         """Load the model (blocking; run in a thread so /health can answer `loading`)."""
         from ..llm import LLM
         s = self.settings
+        done = threading.Event()
+        t0 = time.monotonic()
+
+        def progress() -> None:  # a large checkpoint takes minutes: say that it is moving
+            import psutil
+            proc = psutil.Process()
+            while not done.wait(5.0):
+                log.info("still loading %s: %.0fs, %.1f GiB in memory", s.model_name, time.monotonic() - t0,
+                         proc.memory_info().rss / 2**30)
+
+        threading.Thread(target=progress, name="codeshell-load-progress", daemon=True).start()
         try:
-            t0 = time.monotonic()
             llm = LLM(s.model, dtype=s.dtype, device=s.device, tokenizer=s.tokenizer, max_batch=s.max_batch,
                       max_model_len=s.max_model_len, threads=s.threads)
             if llm.tokenizer is None:
@@ -103,6 +113,8 @@ class CompletionService:
             log.exception("loading %s failed", s.model)
             self.load_error = f"{type(e).__name__}: {e}"
             self.state = "failed"
+        finally:
+            done.set()
 
     async def start(self, load_in_thread: bool = True) -> None:
         loop = asyncio.get_running_loop()
@@ -245,7 +257,7 @@ class CompletionService:
                 self.aengine.abort(old)
             self._fim_by_client[req.client] = rid
         self.metrics.prompt_tokens.inc(len(req.ids))
-        return self._follow(req, rid, gen, t0)
+        return Generation(self, req, rid, self._follow(req, rid, gen, t0))
 
     async def _follow(self, req: GenRequest, rid: str, gen: AsyncIterator[RequestOutput],
                       t0: float) -> AsyncIterator[RequestOutput]:
@@ -304,6 +316,30 @@ class CompletionService:
             async for out in it:
                 final = out
         return final
+
+
+class Generation:
+    """A started generation: async-iterate its outputs. `aclose()` aborts it even when it was
+    never iterated (a response that failed before its body started must not leave a sequence
+    running in the engine)."""
+
+    def __init__(self, svc: CompletionService, req: GenRequest, rid: str, it: AsyncIterator[RequestOutput]):
+        self.svc, self.req, self.rid, self._it = svc, req, rid, it
+        self._started = False
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        self._started = True
+        return await self._it.__anext__()
+
+    async def aclose(self) -> None:
+        if not self._started:
+            self.svc.aengine.discard(self.rid)
+            if self.req.client and self.svc._fim_by_client.get(self.req.client) == self.rid:
+                del self.svc._fim_by_client[self.req.client]
+        await self._it.aclose()
 
 
 def with_stops(params: SamplingParams, stops) -> SamplingParams:

@@ -13,7 +13,7 @@ from tests.conftest import require_shared
 
 httpx = pytest.importorskip("httpx")
 
-from tests.serve._server import start_server  # noqa: E402
+from tests.serve._server import start_server
 
 
 @pytest.fixture(scope="session")

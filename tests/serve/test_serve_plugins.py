@@ -7,7 +7,6 @@ import json
 import re
 
 import httpx
-import pytest
 
 from codeshell.engine import SamplingParams
 from codeshell.prompts import fim_prompt

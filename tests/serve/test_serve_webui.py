@@ -14,6 +14,7 @@ import pytest
 sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+sync_api.expect.set_options(timeout=60_000)  # CI shares 2 cores: be patient, not flaky
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,7 @@ def page(server, tmp_path_factory):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         pg = browser.new_page(viewport={"width": 1100, "height": 800})
+        pg.set_default_timeout(60_000)
         outside = []
         pg.on("request", lambda r: None if r.url.startswith(server.url) else outside.append(r.url))
         pg.errors = []
@@ -51,7 +53,7 @@ def test_chat_streams_and_renders(page, model_name, tmp_path_factory):
     page.press("#chat-input", "Enter")
     sync_api.expect(page.locator(".msg.user")).to_have_text("Write a Python function that adds two numbers")
     answer = page.locator(".msg.assistant").last
-    sync_api.expect(answer).not_to_have_class("streaming", timeout=30000)
+    sync_api.expect(answer).not_to_have_class("streaming", timeout=60_000)
     page.wait_for_function("!document.querySelector('.msg.streaming') && !document.getElementById('send').disabled")
     assert answer.inner_text().strip() != ""
     assert page.locator("#conversations li").count() >= 1
@@ -73,7 +75,7 @@ def test_playground_fim_in_place(page, tmp_path_factory):
     page.fill("#play-suffix", "\n\nprint(add(1, 2))\n")
     page.fill("#play-max", "12")
     page.press("#play-prefix", "Control+Enter")
-    page.wait_for_selector("#play-result.done", timeout=30000)
+    page.wait_for_selector("#play-result.done", timeout=60_000)
     text = page.inner_text("#play-result")
     assert text.startswith("def add(a, b):") and text.rstrip().endswith("print(add(1, 2))")
     assert page.locator("#play-result mark.fim").count() == 1

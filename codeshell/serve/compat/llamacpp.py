@@ -15,13 +15,13 @@ import time
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from ...engine.outputs import RequestOutput
 from ...prompts import FIM
 from ..errors import ApiError
-from ..http import read_model, sse, until_disconnect
+from ..http import EventStream, read_model, sse, until_disconnect
 from ..service import CompletionService, GenRequest, with_stops
 
 router = APIRouter()
@@ -80,7 +80,7 @@ def _params(svc: CompletionService, b: _LlamaOptions, max_tokens: int):
     if len(b.stop) > 32:
         raise ApiError(400, f"stop takes at most 32 strings, got {len(b.stop)}", param="stop")
     return svc.params(max_tokens=max_tokens, temperature=max(b.temperature, 0.0),
-                      top_k=b.top_k if b.top_k > 0 else 0, top_p=b.top_p, min_p=b.min_p,
+                      top_k=max(0, b.top_k), top_p=b.top_p, min_p=b.min_p,
                       repetition_penalty=b.repeat_penalty, presence_penalty=b.presence_penalty,
                       frequency_penalty=b.frequency_penalty, seed=b.seed if b.seed >= 0 else None,
                       stop=b.stop, ignore_eos=b.ignore_eos)
@@ -128,7 +128,7 @@ def _respond(request: Request, svc: CompletionService, req: GenRequest, b: _Llam
         yield sse(_final(svc, req, final, b, t0, t_first, ""))
 
     if stream:
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(events(), [gen])
 
     async def whole():
         out = await svc.collect(gen)

@@ -15,19 +15,19 @@ import re
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from ...engine.outputs import CompletionOutput
 from ...prompts import EOS_TEXT, FIM
 from ..errors import ApiError
-from ..http import read_model, sse, until_disconnect
+from ..http import EventStream, read_model, sse, until_disconnect
 from ..service import CompletionService, GenRequest, with_stops
 
 router = APIRouter()
 
 _FIM_RE = re.compile(re.escape(FIM.prefix) + "(.*)" + re.escape(FIM.suffix) + "(.*)" + re.escape(FIM.middle)
-                     + r"\Z", re.S)
+                     + r"\Z", re.DOTALL)
 
 
 class Parameters(BaseModel):
@@ -162,4 +162,4 @@ async def generate_stream(request: Request):
             pending["details"] = _details(final, b.parameters.seed)
         yield sse(pending, space=False)
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return EventStream(events(), [gen])

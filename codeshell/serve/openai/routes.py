@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from ...engine.outputs import CompletionOutput, RequestOutput
 from ...prompts import CHAT, FIM, PromptError, chat_prompt, fim_prompt
 from ..errors import ApiError
-from ..http import read_model, sse, until_disconnect
+from ..http import EventStream, read_model, sse, until_disconnect
 from ..service import CompletionService, GenRequest, with_stops
 from .protocol import ChatRequest, CompletionRequest
 
@@ -256,7 +256,7 @@ async def completions(request: Request):
                        "usage": _usage(list(finals.values()))})
         yield sse("[DONE]")
 
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    return EventStream(stream(), iters)
 
 
 def _chunk(rid, created, name, index, text, finish, logprobs=None) -> dict:
@@ -340,4 +340,4 @@ async def chat_completions(request: Request):
                        "choices": [], "usage": _usage([final])})
         yield sse("[DONE]")
 
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    return EventStream(stream(), [gen])

@@ -23,7 +23,7 @@ async function describeError(resp) {
     const after = resp.headers.get("Retry-After");
     return `The server is busy${after ? ` — try again in ${after} s` : ""}. (${msg})`;
   }
-  if (resp.status === 401) return "This server needs an API key: click "API key" to set it.";
+  if (resp.status === 401) return "This server needs an API key: click the API key button to set it.";
   return msg;
 }
 

@@ -111,6 +111,23 @@ def throughput(url: str, headers: dict, clients: int, rounds: int, max_tokens: i
             "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]}
 
 
+def engine_throughput(model: Path, clients: list[int], max_tokens: int, threads: int | None) -> dict[int, float]:
+    """The same workload straight on the engine in this process (no HTTP): the ceiling the
+    server's batching can reach on this machine."""
+    from codeshell import LLM
+    from codeshell.engine import SamplingParams
+    llm = LLM(model, max_batch=16, threads=threads)
+    llm.generate("warm up", SamplingParams(temperature=0, max_tokens=2))
+    out = {}
+    for c in clients:
+        prompts = [f"# task {k}\ndef solve_{k}(data):\n    " for k in range(c)]
+        sps = [SamplingParams(temperature=0.8, seed=k, max_tokens=max_tokens, ignore_eos=True) for k in range(c)]
+        t0 = time.perf_counter()
+        llm.generate(prompts, sps)
+        out[c] = c * max_tokens / (time.perf_counter() - t0)
+    return out
+
+
 def fim_source(n_tokens: int, url: str, headers: dict) -> tuple[str, str]:
     """A Python file of about n_tokens tokens, split at a cursor near the end (10 lines of suffix)."""
     lines, k = [], 0
@@ -170,6 +187,7 @@ def main() -> None:
     ap.add_argument("--fim-tokens", type=int, default=1500)
     ap.add_argument("--fim-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads of the servers it starts (default: all cores)")
+    ap.add_argument("--skip-engine", action="store_true", help="no in-process engine baseline")
     ap.add_argument("--skip-nocache", action="store_true", help="with --url: no baseline server to compare")
     args = ap.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -202,13 +220,18 @@ def main() -> None:
         finally:
             server.stop()
 
+    engine = None
+    if not args.url and not args.skip_engine:
+        engine = engine_throughput(model, [r["clients"] for r in rows], args.max_tokens, args.threads)
+
     base = rows[0]["tok_s"]
     print("\n## codeshell serve benchmark" + (f" (shape {args.shape})" if not args.url else f" ({url})"))
-    print("| clients | output tok/s | x vs 1 client | TTFT p50 ms | TTFT p95 ms |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| clients | output tok/s | x vs 1 client | TTFT p50 ms | TTFT p95 ms | engine alone tok/s (x) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        e = f"{engine[r['clients']]:.1f} ({engine[r['clients']] / engine[rows[0]['clients']]:.2f}x)" if engine else "-"
         print(f"| {r['clients']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {r['ttft_p50'] * 1e3:.0f} | "
-              f"{r['ttft_p95'] * 1e3:.0f} |")
+              f"{r['ttft_p95'] * 1e3:.0f} | {e} |")
     print(f"\nIDE completion, {fim['prompt_tokens']}-token FIM prompt, then 20 more characters typed "
           f"(time to first token, median of {args.fim_repeats}):")
     print("| prefix cache | 1st request ms | 2nd request ms | cached tokens (2nd) |")

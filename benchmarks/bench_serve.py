@@ -32,6 +32,8 @@ sys.path.insert(0, str(REPO))
 SHAPES = {
     # ~110M parameters (55M of them the 70144-token embedding): a few minutes on 2 CPU cores.
     "small": dict(n_embd=512, n_layer=8, n_head=8, num_query_groups=2, n_inner=2048, n_positions=4096),
+    # ~160M parameters: decode reads more weights per step, so batching pays more.
+    "medium": dict(n_embd=1024, n_layer=8, n_head=16, num_query_groups=4, n_inner=4096, n_positions=4096),
     "tiny": dict(n_embd=128, n_layer=2, n_head=4, num_query_groups=2, n_inner=512, n_positions=4096),
 }
 

@@ -289,6 +289,9 @@ class CompletionService:
                             finish = "superseded"
                             m.superseded.inc()
                             m.aborted.labels("superseded").inc()
+                        elif self._draining and finish == "abort":
+                            finish = "shutdown"
+                            m.aborted.labels("shutdown").inc()
                     yield out
         except (asyncio.CancelledError, GeneratorExit):
             finish = "disconnect"

@@ -24,3 +24,17 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_bad_port_is_refused():
     r = CliRunner().invoke(app, ["--model", "x", "--max-batch", "0"])
     assert r.exit_code != 0
+
+
+def test_mounts_as_a_subcommand():
+    """The project CLI mounts `app` with add_typer: `codeshell serve --model ...` must work."""
+    import typer
+    root = typer.Typer()
+
+    @root.command()
+    def other() -> None:
+        pass
+
+    root.add_typer(app, name="serve")
+    r = CliRunner().invoke(root, ["serve", "--model", "/nonexistent/x"])
+    assert r.exit_code != 0 and "no checkpoint folder" in r.output

@@ -33,6 +33,8 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     aborted: bool = False
+    num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
+    own_cache: list[int] = field(default_factory=list)  # what its first slot held when admitted
 
     @property
     def finished(self) -> bool:
@@ -42,7 +44,7 @@ class _Request:
 class Engine:
     def __init__(self, model: torch.nn.Module, cfg: CodeShellConfig, tokenizer=None, *,
                  max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 512,
-                 kv_max_len: int | None = None):
+                 kv_max_len: int | None = None, prefix_caching: bool = False):
         self.model = model
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -58,6 +60,15 @@ class Engine:
         self.running: dict[str, _Request] = {}
         self._aborts: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
+        # Prefix caching: a freed slot keeps its KV, and `slot_tokens[slot]` says which tokens
+        # it holds (positions 0..len-1). A new prompt that starts with those tokens (or with
+        # tokens a running sequence has already computed) skips them in prefill.
+        self.prefix_caching = prefix_caching
+        self.slot_tokens: dict[int, list[int]] = {}
+        self.slot_used: dict[int, int] = {}  # slot -> tick of last release (LRU eviction)
+        self._tick = 0
+        self.prefix_hits = 0            # requests that reused at least one cached token
+        self.prefix_hit_tokens = 0      # prompt tokens not recomputed thanks to the cache
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
 
     # ---- the public surface ---------------------------------------------------------------
@@ -149,11 +160,52 @@ class Engine:
                 for i in range(p.n):
                     seed = None if p.seed is None else p.seed + i
                     sampler = SequenceSampler(p, req.prompt_ids, seed, self.device)
+                    slot = self._pick_slot(req.prompt_ids if i == 0 else None)
+                    own = self.slot_tokens.pop(slot, [])  # the slot is no longer a free cache
+                    if i == 0:
+                        req.own_cache = own
                     req.seqs.append(Sequence(req.request_id, i, req.prompt_ids, p, sampler,
-                                             self.free_slots.pop(0), self.tokenizer, self.eos_id))
+                                             slot, self.tokenizer, self.eos_id))
                 self.running[req.request_id] = req
                 admitted.append(req)
         return admitted
+
+    def _pick_slot(self, prompt_ids: list[int] | None) -> int:
+        """A free slot: the one whose cached tokens share the longest prefix with the prompt,
+        else the least recently used (so useful caches survive longest)."""
+        if not self.prefix_caching:
+            return self.free_slots.pop(0)
+        best = min(self.free_slots, key=lambda s: (-_common_prefix(self.slot_tokens.get(s, []), prompt_ids or []),
+                                                   self.slot_used.get(s, -1), s))
+        self.free_slots.remove(best)
+        return best
+
+    def _reuse_prefix(self, req: _Request, slot: int) -> int:
+        """Bring the longest cached prefix of the prompt into `slot`; returns its length.
+
+        Sources: what `slot` itself held, any other free slot, or a running sequence (the
+        positions it has already computed). At least one prompt token is always recomputed:
+        its logits are needed to sample the first new token.
+        """
+        own, req.own_cache = req.own_cache, []
+        if not self.prefix_caching:
+            return 0
+        ids = req.prompt_ids
+        limit = len(ids) - 1
+        best, src = min(_common_prefix(own, ids), limit), slot
+        candidates = [(s, t) for s, t in self.slot_tokens.items()]
+        candidates += [(q.slot, q.cached_tokens()) for r in self.running.values() if r is not req
+                       for q in r.seqs if q.slot is not None]
+        for s, toks in candidates:
+            m = min(_common_prefix(toks, ids), limit)
+            if m > best:
+                best, src = m, s
+        if best and src != slot:
+            self.cache.copy_prefix(src, slot, best)
+        if best:
+            self.prefix_hits += 1
+            self.prefix_hit_tokens += best
+        return best
 
     def _ensure_cache(self, need: int) -> None:
         if need > self.cache.max_len:
@@ -174,9 +226,11 @@ class Engine:
         n = len(req.prompt_ids)
         self._ensure_cache(n + 1)
         first = req.seqs[0]
+        reused = self._reuse_prefix(req, first.slot)
+        req.num_cached = reused
         ids = torch.tensor(req.prompt_ids, device=self.device)
         h = None
-        for start in range(0, n, self.prefill_chunk):
+        for start in range(reused, n, self.prefill_chunk):
             chunk = ids[start:start + self.prefill_chunk][None]
             pos = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
             h = self._forward(chunk, pos, [first.slot], seq_len=start + chunk.shape[1])
@@ -211,15 +265,28 @@ class Engine:
                 continue
             outs.append(s.output())
         finished = req.aborted or (bool(req.seqs) and req.finished)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
+                             num_cached_tokens=req.num_cached)
 
     def _release(self, req: _Request) -> None:
         self.running.pop(req.request_id, None)
+        self._tick += 1
         for s in req.seqs:
             if s.slot is not None:
+                if self.prefix_caching:
+                    self.slot_tokens[s.slot] = s.cached_tokens()
+                    self.slot_used[s.slot] = self._tick
                 self.free_slots.append(s.slot)
                 s.slot = None
         self.free_slots.sort()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _compute_dtype(model: torch.nn.Module) -> torch.dtype:

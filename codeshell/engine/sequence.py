@@ -41,6 +41,10 @@ class Sequence:
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose KV sits in this sequence's slot, positions 0..cached-1."""
+        return (self.prompt_ids + self.output_ids)[:self.cached]
+
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.finish_reason = reason
         self.stop_reason = stop_reason

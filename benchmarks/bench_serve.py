@@ -1,0 +1,251 @@
+"""Benchmark of `codeshell serve`: batching throughput, time to first token, and IDE-style
+FIM latency with and without the prefix cache. Prints figures; not a test.
+
+    python benchmarks/bench_serve.py                      # starts its own servers (random weights)
+    python benchmarks/bench_serve.py --url http://127.0.0.1:8080 --skip-nocache
+
+Without --url it writes a random-weight checkpoint of the chosen shape (with the real
+tokenizer from ../shared/codeshell-tokenizer), starts `python -m codeshell.serve` on it with
+the prefix cache, measures, then restarts it with `--no-prefix-cache` for the baseline of
+the FIM test. Targets (issue 3): 16 streaming clients >= 6x the tokens/s of one; the second
+FIM request's time to first token >= 5x lower with the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    # ~110M parameters (55M of them the 70144-token embedding): a few minutes on 2 CPU cores.
+    "small": dict(n_embd=512, n_layer=8, n_head=8, num_query_groups=2, n_inner=2048, n_positions=4096),
+    # ~160M parameters: decode reads more weights per step, so batching pays more.
+    "medium": dict(n_embd=1024, n_layer=8, n_head=16, num_query_groups=4, n_inner=4096, n_positions=4096),
+    "tiny": dict(n_embd=128, n_layer=2, n_head=4, num_query_groups=2, n_inner=512, n_positions=4096),
+}
+
+
+def make_model(shape: str, folder: Path) -> Path:
+    from codeshell.config import CodeShellConfig
+    from codeshell.testing import make_tiny_checkpoint
+    shared = Path(os.environ.get("CODESHELL_SHARED", REPO.parent / "shared"))
+    tok = shared / "codeshell-tokenizer"
+    if not tok.is_dir():
+        sys.exit(f"the tokenizer is needed at {tok} (set CODESHELL_SHARED)")
+    cfg = CodeShellConfig(vocab_size=70144, position_embedding_type="rope", **SHAPES[shape])
+    return make_tiny_checkpoint(folder, tok, cfg=cfg)
+
+
+class Server:
+    def __init__(self, model: Path, port: int, *args: str, threads: int | None = None):
+        cmd = [sys.executable, "-m", "codeshell.serve", "--model", str(model), "--port", str(port),
+               "--max-batch", "16", "--log-level", "warning", *args]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"the server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        sys.exit("the server did not become ready in 300 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def model_name(url: str, headers: dict) -> str:
+    return httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
+
+
+def stream_one(url: str, headers: dict, body: dict) -> tuple[float, int, float]:
+    """(time to first token, output tokens, total time) of one streamed completion."""
+    t0 = time.perf_counter()
+    ttft = None
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True,
+                                                              "stream_options": {"include_usage": True}},
+                      headers=headers, timeout=600) as r:
+        r.raise_for_status()
+        usage = None
+        for ln in r.iter_lines():
+            if not ln.startswith("data: ") or ln == "data: [DONE]":
+                continue
+            j = json.loads(ln[6:])
+            if j.get("choices") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if j.get("usage"):
+                usage = j["usage"]
+    return ttft or 0.0, usage["completion_tokens"], time.perf_counter() - t0
+
+
+def throughput(url: str, headers: dict, clients: int, rounds: int, max_tokens: int) -> dict:
+    name = model_name(url, headers)
+    jobs = [{"model": name, "prompt": f"# task {k}\ndef solve_{k}(data):\n    ", "max_tokens": max_tokens,
+             "temperature": 0.8, "seed": k, "ignore_eos": True} for k in range(clients * rounds)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        res = list(pool.map(lambda b: stream_one(url, headers, b), jobs))
+    wall = time.perf_counter() - t0
+    ttfts = sorted(r[0] for r in res)
+    return {"clients": clients, "tokens": sum(r[1] for r in res), "wall": wall,
+            "tok_s": sum(r[1] for r in res) / wall, "ttft_p50": statistics.median(ttfts),
+            "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]}
+
+
+def engine_throughput(model: Path, clients: list[int], max_tokens: int, threads: int | None) -> dict[int, float]:
+    """The same workload straight on the engine in this process (no HTTP): the ceiling the
+    server's batching can reach on this machine."""
+    from codeshell import LLM
+    from codeshell.engine import SamplingParams
+    llm = LLM(model, max_batch=16, threads=threads)
+    llm.generate("warm up", SamplingParams(temperature=0, max_tokens=2))
+    out = {}
+    for c in clients:
+        prompts = [f"# task {k}\ndef solve_{k}(data):\n    " for k in range(c)]
+        sps = [SamplingParams(temperature=0.8, seed=k, max_tokens=max_tokens, ignore_eos=True) for k in range(c)]
+        t0 = time.perf_counter()
+        llm.generate(prompts, sps)
+        out[c] = c * max_tokens / (time.perf_counter() - t0)
+    return out
+
+
+def fim_source(n_tokens: int, url: str, headers: dict) -> tuple[str, str]:
+    """A Python file of about n_tokens tokens, split at a cursor near the end (10 lines of suffix)."""
+    lines, k = [], 0
+    while True:
+        lines.append(f"def helper_{k}(items, factor={k}):\n    total = 0\n    for x in items:\n"
+                     f"        total += x * factor + {k}\n    return total\n\n")
+        k += 1
+        if k % 10 == 0:
+            text = "".join(lines)
+            n = len(httpx.post(url + "/tokenize", json={"content": text}, headers=headers).json()["tokens"])
+            if n >= n_tokens:
+                break
+    text = "".join(lines)
+    cut = len(text) - len("".join(lines[-2:]))
+    return text[:cut] + "def main(data):\n    result = ", text[cut:]
+
+
+def fim_latency(url: str, headers: dict, tokens: int, repeats: int) -> dict:
+    """Time to first event of /infill: a first request, then the same file with 20 more characters typed."""
+    prefix, suffix = fim_source(tokens, url, headers)
+    typed = "helper_3(data) + hel"  # 20 characters
+    firsts, seconds, cached = [], [], []
+    for i in range(repeats):
+        # A different first line each round: the first request of a round finds nothing cached.
+        p = f"# file {i} of {time.time_ns()}\n" + prefix
+
+        def run(pre: str) -> tuple[float, dict]:
+            body = {"input_prefix": pre, "input_suffix": suffix, "n_predict": 8, "temperature": 0,
+                    "ignore_eos": True}
+            t0 = time.perf_counter()
+            ttft, final = None, None
+            with httpx.stream("POST", url + "/infill", json=body, headers=headers, timeout=600) as r:
+                for ln in r.iter_lines():
+                    if ln.startswith("data:"):
+                        ttft = ttft or time.perf_counter() - t0
+                        final = json.loads(ln[5:])
+            return ttft, final
+
+        t1, _ = run(p)
+        t2, fin = run(p + typed)
+        firsts.append(t1)
+        seconds.append(t2)
+        cached.append(fin["tokens_cached"])
+    return {"prompt_tokens": fin["tokens_evaluated"], "first": statistics.median(firsts),
+            "second": statistics.median(seconds), "cached": statistics.median(cached)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server (default: start one on a random-weight model)")
+    ap.add_argument("--api-key")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--port", type=int, default=18931)
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--fim-tokens", type=int, default=1500)
+    ap.add_argument("--fim-repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads of the servers it starts (default: all cores)")
+    ap.add_argument("--skip-engine", action="store_true", help="no in-process engine baseline")
+    ap.add_argument("--skip-nocache", action="store_true", help="with --url: no baseline server to compare")
+    args = ap.parse_args()
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+    tmp = tempfile.TemporaryDirectory()
+    server = None
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        print(f"writing a random-weight '{args.shape}' checkpoint ...", flush=True)
+        model = make_model(args.shape, Path(tmp.name) / f"codeshell-{args.shape}")
+        server = Server(model, args.port, threads=args.threads)
+        url = server.url
+    try:
+        rows = []
+        for c in [int(x) for x in args.clients.split(",")]:
+            r = throughput(url, headers, c, args.rounds, args.max_tokens)
+            rows.append(r)
+            print(f"  {c:>3} clients: {r['tok_s']:8.1f} tok/s  ttft p50 {r['ttft_p50'] * 1e3:7.0f} ms  "
+                  f"p95 {r['ttft_p95'] * 1e3:7.0f} ms  ({r['tokens']} tokens in {r['wall']:.1f} s)", flush=True)
+        fim = fim_latency(url, headers, args.fim_tokens, args.fim_repeats)
+    finally:
+        if server:
+            server.stop()
+    nocache = None
+    if not args.url and not args.skip_nocache:
+        server = Server(model, args.port, "--no-prefix-cache", threads=args.threads)
+        try:
+            nocache = fim_latency(server.url, headers, args.fim_tokens, args.fim_repeats)
+        finally:
+            server.stop()
+
+    engine = None
+    if not args.url and not args.skip_engine:
+        engine = engine_throughput(model, [r["clients"] for r in rows], args.max_tokens, args.threads)
+
+    base = rows[0]["tok_s"]
+    print("\n## codeshell serve benchmark" + (f" (shape {args.shape})" if not args.url else f" ({url})"))
+    print("| clients | output tok/s | x vs 1 client | TTFT p50 ms | TTFT p95 ms | engine alone tok/s (x) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        e = f"{engine[r['clients']]:.1f} ({engine[r['clients']] / engine[rows[0]['clients']]:.2f}x)" if engine else "-"
+        print(f"| {r['clients']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {r['ttft_p50'] * 1e3:.0f} | "
+              f"{r['ttft_p95'] * 1e3:.0f} | {e} |")
+    print(f"\nIDE completion, {fim['prompt_tokens']}-token FIM prompt, then 20 more characters typed "
+          f"(time to first token, median of {args.fim_repeats}):")
+    print("| prefix cache | 1st request ms | 2nd request ms | cached tokens (2nd) |")
+    print("|---|---:|---:|---:|")
+    print(f"| on | {fim['first'] * 1e3:.0f} | {fim['second'] * 1e3:.0f} | {fim['cached']:.0f} |")
+    if nocache:
+        print(f"| off | {nocache['first'] * 1e3:.0f} | {nocache['second'] * 1e3:.0f} | {nocache['cached']:.0f} |")
+        print(f"\n2nd-request TTFT speed-up from the cache: {nocache['second'] / fim['second']:.1f}x (target >= 5x)")
+    top = rows[-1]
+    print(f"throughput at {top['clients']} clients: {top['tok_s'] / base:.2f}x one client (target >= 6x at 16)")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

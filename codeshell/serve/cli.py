@@ -1,0 +1,95 @@
+"""`codeshell serve`: the command line of the server (typer). Imports stay light at the top
+so `codeshell --help` is fast; the app, torch and uvicorn load inside the command."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Serve a CodeShell model over HTTP (OpenAI API, IDE plugins, web UI).")
+
+
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder or hub id.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port; 8080 is what both IDE plugins expect.")] = 8080,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer folder, if not beside the weights.")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", help="Require `Authorization: Bearer KEY` (repeatable). The IDE plugins send no key.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before new ones get 503.")] = 64,
+    max_model_len: Annotated[int | None, typer.Option(min=16, help="Context window (default: the model's).")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        "--cors-origin", help="Allowed browser origins (repeatable; default any).")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model name in the OpenAI API.")] = None,
+    prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache",
+                                               help="Reuse KV of shared prompt prefixes.")] = True,
+    max_body: Annotated[int, typer.Option(min=1024, help="Largest request body in bytes.")] = 4 * 1024 * 1024,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch.")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(
+        help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C before aborting them.")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve a model to IDE plugins (llama.cpp and TGI APIs), OpenAI clients and a web page."""
+    import logging
+    from pathlib import Path
+
+    import uvicorn
+
+    from .app import build_app
+    from .service import ServeSettings
+    local = Path(model).expanduser()
+    if (local.is_absolute() or model.startswith(".")) and not local.exists():
+        raise typer.BadParameter(f"no checkpoint folder at {model}", param_hint="--model")
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServeSettings(model=model, host=host, port=port, dtype=dtype, device=device, tokenizer=tokenizer,
+                             api_keys=list(api_key or []), max_batch=max_batch, max_queue=max_queue,
+                             max_model_len=max_model_len, cors_origins=list(cors_origin or ["*"]),
+                             served_model_name=served_model_name, prefix_caching=prefix_cache,
+                             max_body_bytes=max_body, threads=threads, shutdown_timeout=shutdown_timeout)
+    logging.getLogger("codeshell.serve").info(
+        "serving %s on http://%s:%d (loading the model; /health says `loading` until it is ready)",
+        settings.model_name, host, port)
+    config = uvicorn.Config(build_app(settings), host=host, port=port, log_level=log_level.lower(),
+                            access_log=False, timeout_graceful_shutdown=shutdown_timeout)
+    server = _GracefulServer(config)
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+
+
+def _graceful_server_class():
+    import contextlib
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would
+        die by the signal; a server that stopped cleanly should exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                if hasattr(self, "_captured_signals"):
+                    self._captured_signals.clear()
+
+    return GracefulServer
+
+
+def _GracefulServer(config):
+    return _graceful_server_class()(config)
+
+
+# Mounted by the project CLI either as a command (`main.command("serve")(serve)`) or as a
+# sub-app (`main.add_typer(app, name="serve")`): both give `codeshell serve --model ...`.
+app.callback(invoke_without_command=True)(serve)
+
+
+def main() -> None:
+    typer.run(serve)

@@ -1,0 +1,1 @@
+"""Engine tests of the serve area (prefix caching)."""

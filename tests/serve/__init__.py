@@ -1,0 +1,1 @@
+"""Serve tests: black-box HTTP tests against a real server process."""

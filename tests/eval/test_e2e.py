@@ -1,6 +1,6 @@
 """End to end on our runtime: `codeshell eval run` in process on a tiny random checkpoint.
-(The scores of a random model are not the point: the pipeline is.) The same run through
-`--api-base` against a real `codeshell serve` is added when the server lands."""
+(The scores of a random model are not the point: the pipeline is.) And the same run through
+`--api-base` against a real `codeshell serve` process, which must give the same greedy samples."""
 
 from __future__ import annotations
 
@@ -40,3 +40,29 @@ def test_run_in_process_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     r = CliRunner().invoke(app, args, terminal_width=200)  # resume: nothing left to generate
     assert r.exit_code == 0, r.output
     assert (out / "humaneval" / "samples.jsonl").read_bytes() == before
+
+
+def test_run_through_api_base_against_a_real_codeshell_serve(tiny_checkpoint, tmp_path):
+    """`--api-base` against a real `codeshell serve` process: the same greedy samples as in process."""
+    pytest.importorskip("fastapi")
+    from tests.serve._server import start_server
+    server = start_server(tiny_checkpoint, tmp_path / "server.log")
+    try:
+        common = ["--limit", "2", "--n-samples", "1", "--max-new-tokens", "8", "--temperature", "0",
+                  "--no-progress"]
+        api = ["run", "humaneval", "--api-base", server.url + "/v1", "--api-model", tiny_checkpoint.name,
+               "--output", str(tmp_path / "api"), *common]
+        r = CliRunner().invoke(app, api, terminal_width=200)
+        assert r.exit_code == 0, (r.output, r.exception, (tmp_path / "server.log").read_text()[-3000:])
+    finally:
+        assert server.stop() == 0
+    local = ["run", "humaneval", "--model", str(tiny_checkpoint), "--dtype", "float32",
+             "--output", str(tmp_path / "local"), *common]
+    r = CliRunner().invoke(app, local, terminal_width=200)
+    assert r.exit_code == 0, r.output
+    via_api = load_samples(tmp_path / "api" / "humaneval" / "samples.jsonl")
+    in_proc = load_samples(tmp_path / "local" / "humaneval" / "samples.jsonl")
+    assert [x["task_id"] for x in via_api] == ["HumanEval/0", "HumanEval/1"]
+    assert [x["completion"] for x in via_api] == [x["completion"] for x in in_proc]
+    scores = json.loads((tmp_path / "api" / "humaneval" / "scores.json").read_text())
+    assert scores["n_problems"] == 2 and scores["settings"]["backend"].startswith("api:" + server.url)

@@ -32,6 +32,7 @@ from torch import nn
 from ..config import CodeShellConfig
 from ..weights import CheckpointError, LoadHook, weight_files
 from .linear import QuantLinear
+from .load import _trim_heap
 from .scheme import QuantScheme
 
 # bitsandbytes' NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
@@ -205,6 +206,8 @@ def nf4_hook(model: nn.Module, cfg: CodeShellConfig, scheme: QuantScheme) -> Loa
             raise CheckpointError(f"NF4 weight {prefix!r} has shape {tuple(w.shape)}, expected "
                                   f"{(m.out_features, m.in_features)} from config.json")
         m.set_weight(w)
+        del w
+        _trim_heap()
         filled = [f"{prefix}.qweight", f"{prefix}.scales"]
         return filled + ([f"{prefix}.zeros"] if getattr(m, "zeros", None) is not None else [])
 

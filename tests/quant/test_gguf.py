@@ -16,7 +16,7 @@ from codeshell import LLM  # noqa: E402
 from codeshell.config import SHAPES  # noqa: E402
 from codeshell.quant.cli import app  # noqa: E402
 from codeshell.quant.convert import quantize_checkpoint  # noqa: E402
-from codeshell.quant.gguf_io import GGUFError, export_gguf, from_gguf_name  # noqa: E402
+from codeshell.quant.gguf_io import GGUFError, export_gguf, from_gguf_name, read_gguf  # noqa: E402
 from codeshell.quant.scheme import QuantScheme  # noqa: E402
 from codeshell.testing import make_tiny_checkpoint  # noqa: E402
 from codeshell.weights import build_empty  # noqa: E402
@@ -29,6 +29,19 @@ TOL = {"f32": 1e-6, "f16": 3e-3, "bf16": 2e-2, "q8_0": 0.04, "q4_0": 0.4}
 @pytest.fixture(scope="module")
 def src(tmp_path_factory, tokenizer_dir):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("src"), tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def exported(src, tmp_path_factory):
+    """type -> exported file, written once per module (each export takes seconds)."""
+    d = tmp_path_factory.mktemp("gguf")
+    cache: dict[str, object] = {}
+
+    def get(ty: str):
+        if ty not in cache:
+            cache[ty] = export_gguf(src, d / f"m-{ty}.gguf", ty)
+        return cache[ty]
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +65,8 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("ty", ["f32", "f16", "bf16", "q8_0", "q4_0"])
-def test_export_import_roundtrip(src, tmp_path, ids, ref_logits, ty):
-    path = export_gguf(src, tmp_path / f"m-{ty}.gguf", ty)
+def test_export_import_roundtrip(exported, ids, ref_logits, ty):
+    path = exported(ty)
     llm = LLM(str(path), dtype="float32")
     with torch.no_grad():
         got = llm.model(ids)
@@ -65,8 +78,8 @@ def test_export_import_roundtrip(src, tmp_path, ids, ref_logits, ty):
     assert len(out[0].outputs[0].token_ids) == 3
 
 
-def test_exported_metadata_and_tensors(src, tmp_path):
-    path = export_gguf(src, tmp_path / "m.gguf", "q4_0")
+def test_exported_metadata_and_tensors(exported):
+    path = exported("q4_0")
     r = gguf.GGUFReader(str(path))
     cfg = SHAPES["tiny"]
     assert _field(r, "general.architecture") == "codeshell"
@@ -104,16 +117,17 @@ def test_exported_metadata_and_tensors(src, tmp_path):
     assert all(from_gguf_name(n) for n in names)
 
 
-def test_q4_0_import_is_exact(src, tmp_path, ids):
+def test_q4_0_import_is_exact(exported, ids):
     """Q4_0 linears become our int4-g32 without loss: same logits as the file's dequantized weights."""
-    path = export_gguf(src, tmp_path / "m.gguf", "q4_0")
-    r = gguf.GGUFReader(str(path))
+    path = exported("q4_0")
     model = build_empty(SHAPES["tiny"], torch.float32)
     sd = {}
-    for t in r.tensors:
-        shape = tuple(reversed(t.shape.tolist()))
-        arr = gguf.quants.dequantize(np.array(t.data), t.tensor_type) if t.tensor_type != Q.F32 else np.array(t.data)
-        sd[from_gguf_name(t.name)] = torch.from_numpy(arr).reshape(shape).float()
+    for t in read_gguf(path)[2].values():
+        if t.tensor_type == Q.F32:
+            arr = np.array(t.data).view(np.float32)
+        else:
+            arr = gguf.quants.dequantize(np.array(t.data).reshape(t.shape[0], -1), t.tensor_type)
+        sd[from_gguf_name(t.name)] = torch.from_numpy(arr).reshape(t.shape).float()
     model.load_state_dict(sd, strict=False)
     with torch.no_grad():
         want = model(ids)
@@ -121,8 +135,8 @@ def test_q4_0_import_is_exact(src, tmp_path, ids):
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
 
-def test_tokenizer_rebuilt_from_file(src, tmp_path, tokenizer_dir):
-    path = export_gguf(src, tmp_path / "m.gguf", "f16")
+def test_tokenizer_rebuilt_from_file(exported, tokenizer_dir):
+    path = exported("f16")
     tok = LLM(str(path)).tokenizer
     prompts = json.loads((tokenizer_dir / "prompts.json").read_text())
     cases = [(c["prompt"], c["ids"]) for c in prompts["chat"] + prompts["fim"]]
@@ -138,10 +152,10 @@ def test_v2_fork_style_file_loads(tmp_path, tokenizer_dir, ids):
     cfg = SHAPES["tiny"].replace(rope_scaling_type="linear", rope_scaling_factor=2.0)
     src = make_tiny_checkpoint(tmp_path / "lin", tokenizer_dir=tokenizer_dir, cfg=cfg, seed=5)
     path = export_gguf(src, tmp_path / "fork.gguf", "f32", legacy_fork=True)
-    r = gguf.GGUFReader(str(path))
-    assert int(r.get_field("GGUF.version").parts[-1][0]) == 2
-    assert r.get_field("tokenizer.ggml.pre") is None and r.get_field("codeshell.rope.scaling.type") is None
-    assert _field(r, "codeshell.rope.scale_linear") == 2.0
+    version, fields, _ = read_gguf(path)
+    assert version == 2
+    assert "tokenizer.ggml.pre" not in fields and "codeshell.rope.scaling.type" not in fields
+    assert fields["codeshell.rope.scale_linear"] == 2.0
     llm = LLM(str(path), dtype="float32")
     assert llm.config.rope_scaling_type == "linear" and llm.config.rope_scaling_factor == 2.0
     with torch.no_grad():
@@ -171,8 +185,8 @@ def test_other_architecture_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.02])
-def test_truncated_file_is_clear(src, tmp_path, keep):
-    path = export_gguf(src, tmp_path / "m.gguf", "f16")
+def test_truncated_file_is_clear(exported, tmp_path, keep):
+    path = exported("f16")
     data = path.read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: int(len(data) * keep)])
@@ -190,7 +204,7 @@ def test_not_a_gguf_file(tmp_path):
 def test_cli_export(src, tmp_path):
     r = CliRunner().invoke(app, ["export-gguf", str(src), str(tmp_path / "a.gguf"), "--type", "q8_0"])
     assert r.exit_code == 0, r.output
-    assert gguf.GGUFReader(str(tmp_path / "a.gguf")).get_field("general.architecture") is not None
+    assert read_gguf(tmp_path / "a.gguf")[1]["general.architecture"] == "codeshell"
     r = CliRunner().invoke(app, ["export-gguf", str(src), str(tmp_path / "b.gguf"), "--type", "q5_k"])
     assert r.exit_code == 2 and "unknown GGUF type 'q5_k'" in r.output
     r = CliRunner().invoke(app, ["export-gguf", str(src), str(tmp_path / "a.gguf")])

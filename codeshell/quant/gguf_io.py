@@ -57,6 +57,14 @@ class GGUFError(ValueError):
     """A GGUF file that cannot be read or written as a CodeShell model; the message says why."""
 
 
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise GGUFError("GGUF support needs the `gguf` package: pip install 'codeshell[quant]'") from None
+    return gguf
+
+
 def is_gguf(path: str | os.PathLike) -> bool:
     p = Path(path)
     if p.suffix.lower() == ".gguf":
@@ -128,7 +136,7 @@ def _float_tensors(path: Path, cfg: CodeShellConfig) -> Iterator[tuple[str, torc
 
 def _tokenizer_entries(path: Path, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """tokens, token types and merges of the checkpoint's tokenizer.json, padded to vocab_size."""
-    import gguf
+    gguf = _gguf()
     f = path / "tokenizer.json"
     if not f.exists():
         raise GGUFError(f"{path} has no tokenizer.json; GGUF files carry the tokenizer, so export needs it")
@@ -190,7 +198,7 @@ def tokenizer_from_gguf(fields: dict, eos_token_id: int | None) -> Tokenizer:
 # ---- export ------------------------------------------------------------------------------------
 
 def _gguf_type(name: str, t: torch.Tensor, out_type: str):
-    import gguf
+    gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     if t.ndim == 1 or out_type == "f32":
         return Q.F32
@@ -204,7 +212,7 @@ def _gguf_type(name: str, t: torch.Tensor, out_type: str):
 
 
 def _encode(t: torch.Tensor, qtype) -> np.ndarray:
-    import gguf
+    gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     if qtype == Q.F32:
         return t.float().contiguous().numpy()
@@ -219,7 +227,7 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, out_type: str 
                 overwrite: bool = False, legacy_fork: bool = False) -> Path:
     """Write checkpoint `model` as a GGUF file. `legacy_fork` writes the older CodeShell llama.cpp
     fork's flavour (GGUF v2, no pre-tokenizer key, ``codeshell.rope.scale_linear``) for tests."""
-    import gguf
+    gguf = _gguf()
     if out_type not in TYPES:
         raise GGUFError(f"unknown GGUF type {out_type!r}: choose one of {', '.join(TYPES)}")
     src = resolve_model_path(model)
@@ -411,7 +419,7 @@ def read_gguf(path: Path) -> tuple[int, dict, dict[str, _Tensor]]:
     Hand-written instead of gguf.GGUFReader: that reader builds numpy views per string and
     took 18 s on the 142k tokenizer strings of a CodeShell file here; this takes well under 1 s.
     """
-    import gguf
+    gguf = _gguf()
     name = path.name
     size = path.stat().st_size
     mm = np.memmap(path, mode="r") if size else np.zeros(0, np.uint8)
@@ -499,7 +507,7 @@ def _shape(t: _Tensor) -> tuple[int, ...]:
 
 def _to_float(t) -> torch.Tensor:
     """Any supported reader tensor -> float32 torch tensor of its logical shape."""
-    import gguf
+    gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     shape = _shape(t)
     raw = torch.from_numpy(np.array(t.data))  # copy: the memory map is read-only
@@ -525,7 +533,7 @@ def _q4_0_to_int4(t) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _default_scheme(tensors: dict[str, _Tensor]) -> QuantScheme | None:
-    import gguf
+    gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     kinds = {t.tensor_type for t in tensors.values() if re.fullmatch(r"blk\.\d+\.(attn_qkv|attn_output|ffn_up|ffn_down)"
                                                                     r"\.weight", t.name)}
@@ -539,7 +547,7 @@ def _default_scheme(tensors: dict[str, _Tensor]) -> QuantScheme | None:
 def load_gguf(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
               quantization: "str | dict | QuantScheme | None" = None):
     """(model, config, path, tokenizer) from a CodeShell GGUF file."""
-    import gguf
+    gguf = _gguf()
     path = Path(path)
     _, fields, tensors = read_gguf(path)
     cfg = config_from_gguf(fields, tensors)

@@ -5,7 +5,8 @@
 - `load`: building and filling quantized models from float, quantized or NF4 checkpoints;
 - `convert`: `codeshell quantize`, streaming a checkpoint into a quantized folder;
 - `nf4`: the official bitsandbytes-NF4 int4 checkpoint layout;
-- `gguf_io`: GGUF export and import (llama.cpp's CodeShell conventions).
+- `gguf_io`: GGUF export and import (llama.cpp's CodeShell conventions);
+- `gguf_reader`: a fast reader of GGUF headers and tensor tables.
 
 Heavy modules (torch, gguf) are imported by the submodules, not here.
 """

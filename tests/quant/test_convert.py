@@ -83,6 +83,13 @@ def test_cli_quantize_and_errors(src, tmp_path):
     assert r.exit_code == 2 and "already quantized" in r.output
 
 
+def test_unknown_quantization_argument(src):
+    with pytest.raises(QuantError, match="unknown quantization 'int3'"):
+        LLM(src, quantization="int3")
+    with pytest.raises(QuantError, match="group size 128 does not divide the input width 64"):
+        LLM(src, quantization="int4")
+
+
 def test_unknown_scheme_in_config_is_clear(src, tmp_path):
     out = quantize_checkpoint(src, tmp_path / "q", QuantScheme(bits=8))
     cfg = json.loads((out / "config.json").read_text())

@@ -41,17 +41,39 @@ class LLM:
     def __init__(self, model: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
                  device: str = "cpu", tokenizer: str | os.PathLike | None = None, *,
                  max_batch: int = 8, max_model_len: int | None = None,
-                 quantization: str | dict | None = None, threads: int | None = None):
+                 quantization: str | dict | None = None, threads: int | None = None, kernels: bool = True):
         if device.startswith("cpu"):
             torch.set_num_threads(threads or default_threads())
         elif device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but no CUDA device is available")
         self.model, self.config, self.path, file_tok = _load(model, dtype, device, quantization)
         tok_path = Path(tokenizer) if tokenizer is not None else self.path
-        self.tokenizer: Tokenizer | None = (file_tok if tokenizer is None and file_tok is not None
-                                            else load_tokenizer(tok_path, self.config.eos_token_id))
-        if tokenizer is not None and self.tokenizer is None:
+        tok = (file_tok if tokenizer is None and file_tok is not None  # a GGUF file carries its tokenizer
+               else load_tokenizer(tok_path, self.config.eos_token_id))
+        if tokenizer is not None and tok is None:
             raise TokenizerMissingError(f"no tokenizer.json in {tokenizer}")
+        if kernels:
+            from .kernels import prepare_model
+            prepare_model(self.model)
+        self._setup(tok, max_batch, max_model_len)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, config, tokenizer: Tokenizer | None = None, *,
+                   max_batch: int = 8, max_model_len: int | None = None, threads: int | None = None,
+                   kernels: bool = True) -> "LLM":
+        """Wrap an already built model (e.g. random weights for a benchmark)."""
+        self = cls.__new__(cls)
+        if next(model.parameters()).device.type == "cpu":
+            torch.set_num_threads(threads or default_threads())
+        self.model, self.config, self.path = model.eval(), config, Path("<in-memory>")
+        if kernels:
+            from .kernels import prepare_model
+            prepare_model(self.model)
+        self._setup(tokenizer, max_batch, max_model_len)
+        return self
+
+    def _setup(self, tokenizer: Tokenizer | None, max_batch: int, max_model_len: int | None) -> None:
+        self.tokenizer: Tokenizer | None = tokenizer
         self.engine = Engine(self.model, self.config, self.tokenizer, max_batch=max_batch,
                              max_model_len=max_model_len)
         self.max_model_len = self.engine.max_model_len
@@ -214,8 +236,10 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-        self._p = Progress("[bold]Generating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self._p = Progress("[bold]Generating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           console=Console(stderr=True))
         self._p.__enter__()
         task = self._p.add_task("gen", total=self.total)
         return lambda: self._p.advance(task)

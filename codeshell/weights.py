@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -107,21 +108,66 @@ def weight_files(path: Path) -> list[Path]:
                           "model-*.safetensors with its index, or pytorch_model*.bin)")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def safetensors_header(file: Path) -> tuple[dict, int]:
+    """The tensor table of a safetensors file and where its data starts, validated against the file size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"cannot read {file.name}: truncated (no header)")
+        n = int.from_bytes(raw, "little")
+        if n > size - 8 or n > 256 << 20:
+            raise CheckpointError(f"cannot read {file.name}: corrupt header (length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {file.name}: corrupt header ({e})") from None
+    table = {k: v for k, v in header.items() if k != "__metadata__"}
+    for name, e in table.items():
+        if not isinstance(e, dict) or e.get("dtype") not in _ST_DTYPES or len(e.get("data_offsets", ())) != 2:
+            raise CheckpointError(f"cannot read {file.name}: bad entry for tensor {name!r}")
+        begin, end = e["data_offsets"]
+        want = math.prod(e["shape"]) * _ST_DTYPES[e["dtype"]].itemsize
+        if end - begin != want:
+            raise CheckpointError(f"cannot read {file.name}: tensor {name!r} has {end - begin} bytes, its shape "
+                                  f"{e['shape']} needs {want}")
+    end = max((e["data_offsets"][1] for e in table.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"cannot read {file.name}: truncated ({size} bytes, the header needs {8 + n + end})")
+    return table, 8 + n
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a safetensors file, each read straight into its own buffer.
+
+    Hand-written rather than safe_open's mmap: plain reads keep the file's pages out of this
+    process's resident set, so loading a 15 GB single-file checkpoint peaks near the model's
+    own size instead of model + file.
+    """
+    table, start = safetensors_header(file)
+    with open(file, "rb", buffering=0) as f:
+        for name, e in sorted(table.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            t = torch.empty(e["shape"], dtype=_ST_DTYPES[e["dtype"]])
+            f.seek(start + e["data_offsets"][0])
+            view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            got = 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    raise CheckpointError(f"cannot read tensor {name!r} from {file.name}: file ended early")
+                got += k
+            yield name, t
+
+
 def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of one weight file, memory-mapped where the format allows."""
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
-        try:
-            f = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"cannot read {file.name}: {e} (truncated or corrupt safetensors file?)") from None
-        with f:
-            for name in f.keys():
-                try:
-                    t = f.get_tensor(name)
-                except Exception as e:
-                    raise CheckpointError(f"cannot read tensor {name!r} from {file.name}: {e}") from None
-                yield name, t
+        yield from _read_safetensors(file)
         return
     try:
         sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
@@ -144,9 +190,11 @@ def _bigcode_qkv_to_fused(t: torch.Tensor, cfg: CodeShellConfig) -> torch.Tensor
 @contextmanager
 def _progress(total: int, desc: str):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-    disable = os.environ.get("CODESHELL_NO_PROGRESS") == "1"
+    from rich.console import Console
+    console = Console(stderr=True)  # progress never mixes with generated text on stdout
+    disable = os.environ.get("CODESHELL_NO_PROGRESS") == "1" or not console.is_terminal
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), transient=True, disable=disable) as prog:
+                  TimeRemainingColumn(), transient=True, disable=disable, console=console) as prog:
         task = prog.add_task(desc, total=total)
         yield lambda n: prog.advance(task, n)
 

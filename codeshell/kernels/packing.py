@@ -1,0 +1,164 @@
+"""Packed weight formats for `codeshell.kernels.linear`, and their plain-PyTorch reference dequantisers.
+
+What this is: the one-time, load-time step that turns a linear layer's weight W[N, K]
+(out_features x in_features, as in nn.Linear) into a `PackedWeight` the kernels read:
+
+* ``bf16``: W as contiguous bfloat16 [N, K] (no re-layout, so torch can use it directly too).
+* ``int8``: per-output-channel symmetric: ``W ~= q[N, K] (int8, -127..127) * scales[N]``.
+* ``int4``: group-wise along K, group size G in {32, 64, 128, ...} (multiple of 32 dividing K):
+  ``W[n, k] ~= (nib[n, k] - 8) * scales[n, g] + offsets[n, g]`` with g = k // G and
+  nib in 0..15. Symmetric quantisation has no offsets (None). An integer zero point z
+  (``W = (nib - z) * s``) is the same thing with ``offsets = (8 - z) * s``; this is also
+  torch's ``_weight_int4pack_mm`` convention (``(q - 8) * scale + zero``).
+  Byte layout ``data`` uint8 [N, K/2]: each run of 32 weights k0..k0+31 is 16 bytes,
+  byte i = nib[k0 + i] | nib[k0 + 16 + i] << 4 (so the AVX2 kernel unpacks with one mask
+  and one shift per 32 weights).
+
+What this is not: a quantisation-aware algorithm (GPTQ/AWQ live elsewhere); these are
+round-to-nearest quantisers used for tests, benchmarks and as a simple default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("bf16", "int8", "int4")
+
+
+@dataclass
+class PackedWeight:
+    """A linear weight in one of the `KINDS` layouts (see module docstring); build with
+    `prepack`, `quantize_int8` or `quantize_int4`, never by hand."""
+
+    kind: str
+    out_features: int  # N
+    in_features: int  # K
+    data: torch.Tensor
+    scales: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    group_size: int | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight [N, K] this packing represents (the reference for every kernel)."""
+        return dequantize(self)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scales, self.offsets) if t is not None)
+
+    def __repr__(self) -> str:
+        g = f", group_size={self.group_size}, symmetric={self.offsets is None}" if self.kind == "int4" else ""
+        return f"PackedWeight({self.kind}, out_features={self.out_features}, in_features={self.in_features}{g})"
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"codeshell.kernels works on CPU tensors, weight is on {weight.device}")
+
+
+def prepack(weight: torch.Tensor) -> PackedWeight:
+    """bf16 packing of W[N, K] (any float dtype in; rounded to bfloat16)."""
+    _check_weight(weight)
+    w = weight.detach().to(torch.bfloat16).contiguous()
+    return PackedWeight("bf16", w.shape[0], w.shape[1], w)
+
+
+def quantize_int8(weight: torch.Tensor) -> PackedWeight:
+    """Symmetric per-output-channel int8: scale[n] = max|W[n, :]| / 127, round to nearest."""
+    _check_weight(weight)
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    return PackedWeight("int8", w.shape[0], w.shape[1], q, scales.contiguous())
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool = True) -> PackedWeight:
+    """Group-wise int4 along K. Symmetric: q in -8..7, scale = max|W_g| / 7, no offsets.
+    Asymmetric: scale = (max - min) / 15, integer zero point z = round(-min / scale) in 0..15,
+    stored as offsets = (8 - z) * scale."""
+    _check_weight(weight)
+    n, k = weight.shape
+    if group_size <= 0 or group_size % 32 or k % group_size:
+        raise ValueError(f"int4 group_size={group_size} must be a positive multiple of 32 that divides "
+                         f"in_features={k}")
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        scales = (w.abs().amax(dim=2) / 7.0).clamp_min(tiny)
+        nib = torch.round(w / scales[..., None]).clamp_(-8, 7) + 8
+        offsets = None
+    else:
+        lo, hi = w.amin(dim=2), w.amax(dim=2)
+        scales = ((hi - lo) / 15.0).clamp_min(tiny)
+        zero = torch.round(-lo / scales).clamp_(0, 15)
+        nib = (torch.round(w / scales[..., None]) + zero[..., None]).clamp_(0, 15)
+        offsets = ((8.0 - zero) * scales).contiguous()
+    data = pack_nibbles(nib.reshape(n, k).to(torch.uint8))
+    return PackedWeight("int4", n, k, data, scales.contiguous(), offsets, group_size)
+
+
+def int4_from_parts(data: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                    group_size: int) -> PackedWeight:
+    """PackedWeight from already-quantised int4 parts (e.g. loaded from a checkpoint): data uint8
+    [N, K/2] in the layout above (GGUF Q4_0 blocks use the same nibble order: Q4_0 is
+    symmetric, group 32, scale d -> scales = d, offsets None), scales [N, K/G], offsets [N, K/G]
+    or None. For an integer zero point z pass offsets = (8 - z) * scales."""
+    if data.dtype != torch.uint8 or data.dim() != 2:
+        raise ValueError(f"int4 data must be uint8 [N, K/2], got {data.dtype} {tuple(data.shape)}")
+    n, k = data.shape[0], data.shape[1] * 2
+    if group_size <= 0 or group_size % 32 or k % group_size:
+        raise ValueError(f"int4 group_size={group_size} must be a positive multiple of 32 that divides K={k}")
+    shape = (n, k // group_size)
+    for name, t in (("scales", scales), ("offsets", offsets)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"int4 {name} must have shape {shape}, got {tuple(t.shape)}")
+    return PackedWeight("int4", n, k, data.contiguous(), scales.float().contiguous(),
+                        None if offsets is None else offsets.float().contiguous(), group_size)
+
+
+def int8_from_parts(q: torch.Tensor, scales: torch.Tensor) -> PackedWeight:
+    """PackedWeight from int8 q [N, K] and per-output-channel scales [N] (W = q * scales[:, None])."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"int8 weight must be int8 [N, K], got {q.dtype} {tuple(q.shape)}")
+    if tuple(scales.shape) != (q.shape[0],):
+        raise ValueError(f"int8 scales must have shape ({q.shape[0]},), got {tuple(scales.shape)}")
+    return PackedWeight("int8", q.shape[0], q.shape[1], q.contiguous(), scales.float().contiguous())
+
+
+def pack_nibbles(nib: torch.Tensor) -> torch.Tensor:
+    """uint8 nibbles [N, K] (values 0..15, K % 32 == 0) -> packed bytes [N, K/2] (layout above)."""
+    n, k = nib.shape
+    if k % 32:
+        raise ValueError(f"in_features={k} must be a multiple of 32 for int4 packing")
+    v = nib.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (v[:, :, 0, :] | (v[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_nibbles(data: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: bytes [N, K/2] -> uint8 nibbles [N, K]."""
+    n, half = data.shape
+    v = data.reshape(n, half // 16, 1, 16)
+    return torch.cat([v & 0x0F, v >> 4], dim=2).reshape(n, half * 2)
+
+
+def dequantize(p: PackedWeight) -> torch.Tensor:
+    """Plain-PyTorch reference: the fp32 weight [N, K] of any PackedWeight."""
+    if p.kind == "bf16":
+        return p.data.float()
+    if p.kind == "int8":
+        return p.data.float() * p.scales[:, None]
+    if p.kind == "int4":
+        n, k, g = p.out_features, p.in_features, p.group_size
+        q = unpack_nibbles(p.data).float().reshape(n, k // g, g) - 8.0
+        w = q * p.scales[..., None]
+        if p.offsets is not None:
+            w = w + p.offsets[..., None]
+        return w.reshape(n, k)
+    raise ValueError(f"unknown PackedWeight kind {p.kind!r}; expected one of {KINDS}")

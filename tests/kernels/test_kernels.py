@@ -1,0 +1,193 @@
+"""codeshell.kernels: every native kernel against the plain-PyTorch reference, plus the fallback.
+
+Tolerance: native and reference both accumulate in fp32 but in different orders, so we
+require max|y - ref| <= 2e-5 * max|ref| (observed ~1e-6). The torch fallback for bf16 decode
+rounds activations to bf16 (torch's bf16 gemv), so it gets bf16 tolerance (1e-2).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from codeshell.kernels import (
+    DECODE_MAX_M,
+    PackedWeight,
+    _ext,
+    available,
+    dequantize,
+    int4_from_parts,
+    int8_from_parts,
+    linear,
+    pack_nibbles,
+    prepack,
+    quantize_int4,
+    quantize_int8,
+    unpack_nibbles,
+)
+
+needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
+
+# (kind, args, N, K): odd N and K not a multiple of the 8-wide vectors where the format allows it.
+CASES = [
+    ("bf16", {}, 37, 100),
+    ("int8", {}, 35, 203),
+    ("int4", {"group_size": 32, "symmetric": True}, 35, 96),
+    ("int4", {"group_size": 64, "symmetric": False}, 19, 192),
+    ("int4", {"group_size": 128, "symmetric": False}, 21, 256),
+]
+MS = list(range(1, DECODE_MAX_M + 2)) + [40]
+
+
+def make(kind: str, args: dict, n: int, k: int, seed: int = 0) -> PackedWeight:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    if kind == "bf16":
+        return prepack(w)
+    if kind == "int8":
+        return quantize_int8(w)
+    return quantize_int4(w, **args)
+
+
+def close(y: torch.Tensor, ref: torch.Tensor, rel: float = 2e-5) -> None:
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= rel * ref.float().abs().max().item(), f"max abs err {err}"
+
+
+@needs_native
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[2]}x{c[3]}-{c[1]}")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_native_matches_reference_all_m(case, with_bias):
+    kind, args, n, k = case
+    pw = make(kind, args, n, k)
+    bias = torch.randn(n) if with_bias else None
+    for m in MS:
+        x = torch.randn(m, k)
+        close(linear(x, pw, bias, impl="native"), linear(x, pw, bias, impl="reference"))
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_model_sized_rows(kind):
+    # K = 4096 exercises full vector loops and the multi-block prefill path (several row blocks).
+    n, k = 600, 4096
+    pw = make(kind, {"group_size": 128, "symmetric": False}, n, k)
+    bias = torch.randn(n)
+    for m in (1, 8, 16, 300):
+        x = torch.randn(m, k)
+        close(linear(x, pw, bias, impl="native"), linear(x, pw, bias, impl="reference"))
+
+
+@needs_native
+def test_noncontiguous_batched_and_bf16_input():
+    pw = make("int8", {}, 33, 64)
+    base = torch.randn(3, 64, 10)
+    x = base.transpose(1, 2)  # [3, 10, 64], not contiguous
+    y = linear(x, pw, impl="native")
+    assert y.shape == (3, 10, 33)
+    close(y, linear(x.contiguous(), pw, impl="reference"))
+    xb = torch.randn(2, 5, 64).to(torch.bfloat16)
+    yb = linear(xb, pw, impl="native")
+    assert yb.dtype == torch.bfloat16
+    close(yb, linear(xb, pw, impl="reference"), rel=1e-2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[2]}x{c[3]}")
+def test_torch_path_matches_reference(case):
+    kind, args, n, k = case
+    pw = make(kind, args, n, k)
+    bias = torch.randn(n)
+    for m in (1, 7, DECODE_MAX_M + 1, 40):
+        x = torch.randn(m, k)
+        rel = 1e-2 if kind == "bf16" and m <= DECODE_MAX_M else 2e-5
+        close(linear(x, pw, bias, impl="torch"), linear(x, pw, bias, impl="reference"), rel=rel)
+
+
+def test_fallback_warns_once_and_still_computes(monkeypatch):
+    saved = dict(_ext._state)
+    _ext._reset_for_tests()
+
+    def broken():
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(_ext, "_build", broken)
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            assert not available()
+            pw = make("int4", {"group_size": 32, "symmetric": True}, 9, 64)
+            x = torch.randn(4, 64)
+            close(linear(x, pw), linear(x, pw, impl="reference"))
+            linear(x, pw)
+        msgs = [str(w.message) for w in rec if "native kernels unavailable" in str(w.message)]
+        assert len(msgs) == 1 and "no C++ compiler found" in msgs[0] and "second line" not in msgs[0]
+        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+            linear(x, pw, impl="native")
+    finally:
+        _ext._state.clear()
+        _ext._state.update(saved)
+
+
+def test_int8_quantizer_error_bound():
+    w = torch.randn(16, 300)
+    pw = quantize_int8(w)
+    assert pw.data.dtype == torch.int8 and pw.scales.shape == (16,)
+    assert ((dequantize(pw) - w).abs() <= pw.scales[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_quantizer_error_bound(symmetric, group):
+    w = torch.randn(8, 256) + (0.0 if symmetric else 0.7)
+    pw = quantize_int4(w, group, symmetric)
+    assert pw.data.shape == (8, 128) and pw.data.dtype == torch.uint8
+    assert (pw.offsets is None) == symmetric
+    s = pw.scales.repeat_interleave(group, dim=1)
+    assert ((dequantize(pw) - w).abs() <= s / 2 + 1e-6).all()
+
+
+def test_nibble_layout_roundtrip_and_order():
+    nib = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    packed = pack_nibbles(nib)
+    assert torch.equal(unpack_nibbles(packed), nib)
+    # byte i of each 32-run holds k0+i (low) and k0+16+i (high)
+    assert packed[0, 0].item() == nib[0, 0].item() | (nib[0, 16].item() << 4)
+    assert packed[1, 17].item() == nib[1, 33].item() | (nib[1, 49].item() << 4)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="group_size=48"):
+        quantize_int4(torch.randn(4, 96), 48)
+    with pytest.raises(ValueError, match="divides in_features=100"):
+        quantize_int4(torch.randn(4, 100), 32)
+    with pytest.raises(ValueError, match="2-D"):
+        prepack(torch.randn(4))
+    pw = prepack(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="in_features 9"):
+        linear(torch.randn(2, 9), pw)
+    with pytest.raises(ValueError, match="bias has 3"):
+        linear(torch.randn(2, 8), pw, torch.randn(3))
+    with pytest.raises(TypeError, match="PackedWeight"):
+        linear(torch.randn(2, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="impl"):
+        linear(torch.randn(2, 8), pw, impl="fast")
+
+
+def test_from_parts_roundtrip_and_zero_point_convention():
+    w = torch.randn(6, 128)
+    pw = quantize_int4(w, 64, symmetric=False)
+    # integer zero point z <-> offsets = (8 - z) * scale
+    z = 8.0 - pw.offsets / pw.scales
+    again = int4_from_parts(pw.data, pw.scales, (8.0 - z) * pw.scales, 64)
+    assert torch.allclose(dequantize(again), dequantize(pw), atol=1e-6)
+    nib = unpack_nibbles(pw.data).float().reshape(6, 2, 64)
+    direct = ((nib - z[..., None]) * pw.scales[..., None]).reshape(6, 128)
+    assert torch.allclose(direct, dequantize(pw), atol=1e-5)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        int4_from_parts(pw.data, pw.scales[:, :1], None, 64)
+    p8 = quantize_int8(w)
+    assert torch.equal(dequantize(int8_from_parts(p8.data, p8.scales)), dequantize(p8))
+    with pytest.raises(ValueError, match="int8 weight"):
+        int8_from_parts(p8.data.float(), p8.scales)

@@ -1,0 +1,41 @@
+"""`PackedLinear` / `prepare_model`: the model-level wiring of the native kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from codeshell.kernels import PackedLinear, available, prepack, prepare_model
+from codeshell.weights import load_model
+from tests.conftest import require_shared
+
+
+def test_packed_linear_matches_nn_linear_for_bf16_weights():
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40).to(torch.bfloat16)
+    pl = PackedLinear(prepack(lin.weight), lin.bias)
+    for m in (1, 3, 8, 33):
+        x = torch.randn(2, m, 96, dtype=torch.bfloat16)
+        ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+        assert torch.allclose(pl(x).float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_prepare_model_swaps_bf16_cpu_linears_only():
+    d = require_shared("golden/rope-gqa")
+    fp32, cfg, _ = load_model(d, dtype="float32")
+    assert prepare_model(fp32) == 0  # float32 keeps torch's sgemm: exact numbers
+    bf16, _, _ = load_model(d, dtype="bfloat16")
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        before = bf16(ids).float()
+    n = prepare_model(bf16)
+    if not available():
+        assert n == 0
+        pytest.skip("native kernels unavailable here")
+    assert n == 4 * cfg.n_layer + 1  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block + lm_head
+    assert isinstance(bf16.transformer.h[0].attn.c_attn, PackedLinear)
+    assert bf16.lm_head.data.data_ptr() == bf16.transformer.wte.weight.data_ptr()  # tied: shared, not copied
+    with torch.no_grad():
+        after = bf16(ids).float()
+    assert (after - before).abs().max() <= 0.05 * before.abs().max()

@@ -119,6 +119,11 @@ _MEM_SCRIPT = textwrap.dedent("""
             time.sleep(0.002)
     path = Path(sys.argv[1])
     cfg = load_config(path)
+    # torch imports more of itself on first module construction (~70 MiB): not loading memory.
+    from codeshell.config import SHAPES
+    from codeshell.model import CodeShellForCausalLM
+    with torch.device("meta"):
+        CodeShellForCausalLM(SHAPES["tiny"])
     base = anon_kb()
     t = threading.Thread(target=watch); t.start()
     model, _ = load_quantized(path, cfg, "bfloat16", "cpu", None)

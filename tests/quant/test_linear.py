@@ -115,3 +115,12 @@ def test_scheme_errors(spec, msg):
 def test_group_must_divide_width():
     with pytest.raises(QuantError, match="does not divide the input width 48 of x.c_fc"):
         QuantScheme(bits=4, group_size=32).check_width(48, "x.c_fc")
+
+
+@pytest.mark.parametrize("n", [96, 48])
+def test_kernel_layout_repack_matches_torch(n):
+    """Our byte-op repack (or its fallback) gives exactly torch's packed layout."""
+    from codeshell.quant.linear import to_int4_kernel_layout
+    q = torch.randint(0, 16, (n, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(to_int4_kernel_layout(pack_int4(q)), want)

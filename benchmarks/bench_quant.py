@@ -88,18 +88,22 @@ def measure_bandwidth(threads: int) -> float:
     return x.numel() * 4 / best
 
 
-def weight_bytes_per_token(model) -> int:
-    """Bytes decode reads per token: every linear's weight (packed or not) and the output head."""
-    import torch
-
-    from codeshell.quant.linear import QuantLinear
-    total = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            for t in (getattr(m, "_packed", None), getattr(m, "qweight", None), getattr(m, "scales", None)):
-                total += t.numel() * t.element_size() if t is not None else 0
-        elif isinstance(m, torch.nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
+def weight_bytes_per_token(model, cfg) -> int:
+    """Bytes decode reads per token: every weight tensor once (packed layouts included; the tied
+    token embedding is read whole as the output head), counting shared storage once."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():  # kernel layouts kept as plain attributes
+        tensors += [getattr(m, a, None) for a in ("_packed", "_sz_f32")]
+        pw = getattr(m, "packed", None)  # codeshell.kernels.PackedLinear
+        tensors += [getattr(pw, a, None) for a in ("data", "scales", "offsets")]
+    for t in tensors:
+        if t is None or not hasattr(t, "data_ptr") or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    if not cfg.tie_word_embeddings:  # an untied embedding is only looked up, one row per token
+        total -= model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
     return total
 
 
@@ -134,7 +138,7 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
     return {"format": fmt, "load_s": load_s, "rss_gib": rss / 2**30, "prompt_tps": prompt_len / prefill_s,
             "decode1_tps": decode_tokens / max(tn - t1, 1e-9),
             "decodeb_tps": batch * decode_tokens / max(bn - b1, 1e-9),
-            "bytes_per_token": weight_bytes_per_token(llm.model),
+            "bytes_per_token": weight_bytes_per_token(llm.model, llm.config),
             "folder_gib": sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**30}
 
 

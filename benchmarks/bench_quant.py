@@ -125,12 +125,13 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
     def prompt(n):
         return {"prompt_token_ids": torch.randint(0, V, (n,), generator=g).tolist()}
 
-    def run(prompts, max_tokens):
+    def run(prompts, max_tokens, repeats=2):
+        # Best of `repeats`: on a shared machine the slower samples measure the other jobs.
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        return _timed(lambda: llm.generate(prompts, sp))
+        return min(_timed(lambda: llm.generate(prompts, sp)) for _ in range(repeats))
 
     run([prompt(16)], 2)  # warm-up
-    prefill_s = run([prompt(prompt_len)], 1)
+    prefill_s = run([prompt(prompt_len)], 1, repeats=1)
     short = [prompt(16)]
     t1, tn = run(short, 1), run(short, decode_tokens + 1)
     many = [prompt(16) for _ in range(batch)]

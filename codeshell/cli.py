@@ -227,9 +227,12 @@ def _mount() -> None:
     """Subcommands of the other areas, each defined in its own package (light imports only)."""
     from .data.cli import app as data_app
     from .eval.cli import app as eval_app
+    from .quant.cli import export_gguf, quantize
     from .serve.cli import app as serve_app
     from .tokenizer_tools.cli import app as tokenizer_app
     app.add_typer(serve_app, name="serve")
+    app.command("quantize")(quantize)
+    app.command("export-gguf")(export_gguf)
     app.add_typer(eval_app, name="eval", help="HumanEval, MBPP and MultiPL-E: generate, run sandboxed, score.")
     app.add_typer(data_app, name="data", help="The pretraining data pipeline (ingest, filter, dedup, pack).")
     app.add_typer(tokenizer_app, name="tokenizer", help="Train, extend and evaluate BPE tokenizers.")

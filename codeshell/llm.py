@@ -41,16 +41,15 @@ class LLM:
     def __init__(self, model: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
                  device: str = "cpu", tokenizer: str | os.PathLike | None = None, *,
                  max_batch: int = 8, max_model_len: int | None = None,
-                 quantization: str | None = None, threads: int | None = None, kernels: bool = True):
+                 quantization: str | dict | None = None, threads: int | None = None, kernels: bool = True):
         if device.startswith("cpu"):
             torch.set_num_threads(threads or default_threads())
         elif device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but no CUDA device is available")
-        if quantization not in (None, "none"):
-            raise ValueError(f"unknown quantization {quantization!r}")
-        self.model, self.config, self.path = _load(model, dtype, device)
+        self.model, self.config, self.path, file_tok = _load(model, dtype, device, quantization)
         tok_path = Path(tokenizer) if tokenizer is not None else self.path
-        tok = load_tokenizer(tok_path, self.config.eos_token_id)
+        tok = (file_tok if tokenizer is None and file_tok is not None  # a GGUF file carries its tokenizer
+               else load_tokenizer(tok_path, self.config.eos_token_id))
         if tokenizer is not None and tok is None:
             raise TokenizerMissingError(f"no tokenizer.json in {tokenizer}")
         if kernels:
@@ -203,15 +202,31 @@ def with_stops(sp: SamplingParams, stops: Sequence[str]) -> SamplingParams:
     return dataclasses.replace(sp, stop=merged)
 
 
-def _load(model, dtype, device):
+def _load(model, dtype, device, quantization=None):
+    """(model, config, path, tokenizer from the file or None).
+
+    A ``.gguf`` file, a folder written by `codeshell quantize`, the official NF4 checkpoint
+    or any checkpoint with `quantization=` go through `codeshell.quant`.
+    """
     from .weights import load_config, resolve_model_path
     path = resolve_model_path(model)
+    if path.is_file():
+        from .quant.gguf_io import is_gguf, load_gguf
+        if is_gguf(path):
+            return load_gguf(path, dtype, device, quantization)
+    from .quant.scheme import QuantScheme
+    QuantScheme.parse(quantization)  # an unknown scheme fails before any weight is read
+    if path.is_dir():
+        from .quant.load import load_quantized
+        loaded = load_quantized(path, load_config(path), dtype, device, quantization)
+        if loaded is not None:
+            return (*loaded, path, None)
     if dtype in (None, "auto") and path.is_dir():
         cfg = load_config(path)
         dtype = cfg.torch_dtype if cfg.torch_dtype in ("float32", "bfloat16", "float16") else "float32"
         if dtype == "float16" and str(device).startswith("cpu"):
             dtype = "bfloat16"  # fp16 matmuls on CPU are slow and overflow-prone
-    return load_model(path, resolve_dtype(dtype), device)
+    return (*load_model(path, resolve_dtype(dtype), device), None)
 
 
 class _progress:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -199,12 +199,19 @@ def _progress(total: int, desc: str):
         yield lambda n: prog.advance(task, n)
 
 
-def load_state_into(model: torch.nn.Module, path: Path, cfg: CodeShellConfig) -> None:
+# A loader hook sees each (name, tensor) first; it returns the parameter/buffer names it filled
+# (the tensor is then consumed), or None to let the plain copy below handle it. Quantized
+# formats (codeshell.quant) use it to quantize or unpack tensors on the fly.
+LoadHook = Callable[[str, object], "list[str] | None"]
+
+
+def load_state_into(model: torch.nn.Module, path: Path, cfg: CodeShellConfig,
+                    hook: LoadHook | None = None) -> None:
     """Copy every tensor of the checkpoint at `path` into `model`, checking names and shapes."""
     files = weight_files(path)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
-    tied = cfg.tie_word_embeddings and model.lm_head.weight is model.transformer.wte.weight
+    tied = cfg.tie_word_embeddings and getattr(model.lm_head, "weight", None) is model.transformer.wte.weight
     expected = {n for n in params if not (tied and n == "lm_head.weight")}
     seen: set[str] = set()
     total = sum(f.stat().st_size for f in files)
@@ -212,6 +219,12 @@ def load_state_into(model: torch.nn.Module, path: Path, cfg: CodeShellConfig) ->
         for file in files:
             for name, t in iter_tensors(file):
                 if name.endswith(IGNORED_SUFFIXES):
+                    continue
+                filled = hook(name, t) if hook is not None else None
+                if filled is not None:
+                    seen.update(filled)
+                    advance(t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0)
+                    del t
                     continue
                 if name == "lm_head.weight" and tied:
                     # The checkpoint carries its own head: untie so it gets its own storage.

@@ -16,6 +16,8 @@ def serve(
     port: Annotated[int, typer.Option(help="Port; 8080 is what both IDE plugins expect.")] = 8080,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    quantization: Annotated[str | None, typer.Option(
+        help="Quantize weights at load: int8, int4 (groups of 128) or e.g. int4-g32-zp.")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer folder, if not beside the weights.")] = None,
     api_key: Annotated[list[str] | None, typer.Option(
         "--api-key", help="Require `Authorization: Bearer KEY` (repeatable). The IDE plugins send no key.")] = None,
@@ -48,7 +50,7 @@ def serve(
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServeSettings(model=model, host=host, port=port, dtype=dtype, device=device, tokenizer=tokenizer,
-                             api_keys=list(api_key or []), max_batch=max_batch, max_queue=max_queue,
+                             quantization=quantization, api_keys=list(api_key or []), max_batch=max_batch, max_queue=max_queue,
                              max_model_len=max_model_len, cors_origins=list(cors_origin or ["*"]),
                              served_model_name=served_model_name, prefix_caching=prefix_cache,
                              max_body_bytes=max_body, threads=threads, shutdown_timeout=shutdown_timeout)

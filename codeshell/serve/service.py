@@ -41,6 +41,7 @@ class ServeSettings:
     port: int = 8080
     dtype: str = "auto"
     device: str = "cpu"
+    quantization: str | None = None
     tokenizer: str | None = None
     api_keys: list[str] = field(default_factory=list)
     max_batch: int = 8
@@ -102,6 +103,7 @@ class CompletionService:
         threading.Thread(target=progress, name="codeshell-load-progress", daemon=True).start()
         try:
             llm = LLM(s.model, dtype=s.dtype, device=s.device, tokenizer=s.tokenizer, max_batch=s.max_batch,
+                      quantization=s.quantization,
                       max_model_len=s.max_model_len, threads=s.threads)
             if llm.tokenizer is None:
                 raise RuntimeError(f"{s.model} has no tokenizer.json: the server needs one (pass --tokenizer)")

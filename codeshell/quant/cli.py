@@ -1,0 +1,60 @@
+"""`codeshell quantize` and `codeshell export-gguf` (mounted by codeshell.cli).
+
+Only typer is imported at module level so that `codeshell --help` stays fast; the commands
+import torch and gguf when they run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Quantize checkpoints and convert them to GGUF.", no_args_is_help=True)
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command("quantize")
+def quantize(
+    model: str = typer.Argument(..., help="Checkpoint folder or Hugging Face hub id (full precision)."),
+    out: Path = typer.Argument(..., help="Output folder for the quantized checkpoint."),
+    bits: int = typer.Option(4, "--bits", help="8 (int8, per output channel) or 4 (int4, group-wise)."),
+    group_size: int = typer.Option(128, "--group-size", help="int4 group size: 32, 64 or 128 (16, 256 too)."),
+    zero_point: bool = typer.Option(False, "--zero-point/--symmetric", help="int4 with a zero point per group."),
+    quantize_head: bool = typer.Option(False, "--quantize-head", help="Quantize the output head too."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """Write a weight-only quantized copy of MODEL to OUT (safetensors; the scheme in config.json)."""
+    from ..weights import CheckpointError
+    from .convert import quantize_checkpoint
+    from .scheme import QuantError, QuantScheme
+    try:
+        scheme = QuantScheme(bits=bits, group_size=group_size if bits == 4 else None,
+                             symmetric=not zero_point, quantize_head=quantize_head)
+        path = quantize_checkpoint(model, out, scheme, overwrite=overwrite)
+    except (QuantError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    typer.echo(f"wrote {path} ({scheme.name}, {size / 2**30:.2f} GiB)")
+
+
+@app.command("export-gguf")
+def export_gguf(
+    model: str = typer.Argument(..., help="Checkpoint folder (full precision or `codeshell quantize` output)."),
+    out: Path = typer.Argument(..., help="Output .gguf file."),
+    type: str = typer.Option("f16", "--type", help="f32, f16, bf16, q8_0 or q4_0."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """Write MODEL as a GGUF file that llama.cpp runs as a CodeShell model."""
+    from ..weights import CheckpointError
+    from .gguf_io import GGUFError, export_gguf as _export
+    from .scheme import QuantError
+    try:
+        path = _export(model, out, type, overwrite=overwrite)
+    except (GGUFError, QuantError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path} ({type}, {path.stat().st_size / 2**30:.2f} GiB)")

@@ -78,16 +78,24 @@ def _build() -> ModuleType:
         raise RuntimeError("CPU lacks AVX2/FMA")
     from torch.utils import cpp_extension
 
+    import fcntl
+
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name="codeshell_kernels",
-        sources=[str(_SRC)],
-        extra_cflags=_CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build),
-        verbose=os.environ.get("CODESHELL_KERNELS_VERBOSE") == "1",
-    )
+    # torch's own build lock is a plain file (FileBaton) that a killed build leaves behind,
+    # after which every later process waits on it forever. Serialize builds with an flock
+    # instead (the OS drops it when its holder dies); holding it, any baton is stale.
+    with open(build / "codeshell-build.flock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(
+            name="codeshell_kernels",
+            sources=[str(_SRC)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            verbose=os.environ.get("CODESHELL_KERNELS_VERBOSE") == "1",
+        )
 
 
 def get() -> ModuleType | None:

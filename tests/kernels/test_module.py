@@ -39,3 +39,26 @@ def test_prepare_model_swaps_bf16_cpu_linears_only():
     with torch.no_grad():
         after = bf16(ids).float()
     assert (after - before).abs().max() <= 0.05 * before.abs().max()
+
+
+def test_stale_build_lock_from_a_killed_build_does_not_hang(tmp_path, monkeypatch):
+    """torch's file lock, left by a killed build, is cleared under our flock before building."""
+    from torch.utils import cpp_extension
+
+    from codeshell.kernels import _ext
+    monkeypatch.setenv("CODESHELL_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.delenv("CODESHELL_KERNELS_DISABLE", raising=False)
+    if not {"avx2", "fma"} <= _ext._cpu_flags():
+        pytest.skip("needs AVX2/FMA")
+    d = _ext.cache_dir()
+    d.mkdir(parents=True)
+    (d / "lock").write_text("")
+    seen = {}
+
+    def fake_load(**kw):
+        seen["lock_present"] = (d / "lock").exists()
+        return "built"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert _ext._build() == "built"
+    assert seen == {"lock_present": False}

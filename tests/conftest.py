@@ -9,6 +9,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Rich wraps CLI messages at the terminal width, which is 80 without a terminal (CI): give
+# every test, and the commands it runs, the same wide width wherever it runs.
+os.environ["COLUMNS"] = "200"
+
 
 def shared_dir() -> Path | None:
     env = os.environ.get("CODESHELL_SHARED")

@@ -165,7 +165,6 @@ class LLM:
             if not done:
                 self.engine.abort(rid)
                 self.engine.step()
-        self.last_finish_reason = out.outputs[0].finish_reason if done else "abort"
 
     def chat_ids(self, messages: Sequence[dict], max_tokens: int | None) -> tuple[str, list[int]]:
         """The chat prompt for `messages`, left-truncated like the official code."""

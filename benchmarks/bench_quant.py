@@ -94,7 +94,7 @@ def weight_bytes_per_token(model, cfg) -> int:
     seen, total = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
     for m in model.modules():  # kernel layouts kept as plain attributes
-        tensors += [getattr(m, a, None) for a in ("_packed", "_sz_f32")]
+        tensors += m.kernel_tensors() if hasattr(m, "kernel_tensors") else []
         pw = getattr(m, "packed", None)  # codeshell.kernels.PackedLinear
         tensors += [getattr(pw, a, None) for a in ("data", "scales", "offsets")]
     for t in tensors:

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SRC = Path(__file__).with_name("csrc") / "kernels.cpp"
+_SRCS = [Path(__file__).with_name("csrc") / f for f in ("kernels.cpp", "qdot.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -90,7 +90,7 @@ def _build() -> ModuleType:
         (build / "lock").unlink(missing_ok=True)
         return cpp_extension.load(
             name="codeshell_kernels",
-            sources=[str(_SRC)],
+            sources=[str(p) for p in _SRCS],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
-from .packing import PackedWeight, dequantize
+from .packing import PackedWeight, activation_block, dequantize, quantize_activations
 
 DECODE_MAX_M = 16
 """Largest M sent to the streaming decode kernels; larger M goes to blocked dequant + sgemm."""
@@ -97,11 +97,14 @@ def _prefill(mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -
 
 
 def _decode(mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    # int8/int4 weights take the integer-dot kernels (x quantised to int8 per block, see
+    # `activation_block`): 2-3x the fp32-unpacking kernels, which are compute bound here.
     if p.kind == "bf16":
         return mod.decode_bf16(x, p.data, bias)
+    q8 = activation_block(p) is not None
     if p.kind == "int8":
-        return mod.decode_int8(x, p.data, p.scales, bias)
-    return mod.decode_int4(x, p.data, p.scales, p.offsets, p.group_size, bias)
+        return (mod.decode_int8_q8 if q8 else mod.decode_int8)(x, p.data, p.scales, bias)
+    return (mod.decode_int4_q8 if q8 else mod.decode_int4)(x, p.data, p.scales, p.offsets, p.group_size, bias)
 
 
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, *,
@@ -122,6 +125,11 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     x2 = _as_2d_fp32(x, k)
     b = _bias_fp32(bias, n)
     if impl == "reference":
+        # The definition of what the native path computes: decode-sized M with a quantised
+        # weight multiplies int8-rounded activations (`quantize_activations`).
+        block = activation_block(packed)
+        if block is not None and x2.shape[0] <= DECODE_MAX_M:
+            x2 = quantize_activations(x2, block)
         y = F.linear(x2, dequantize(packed), b)
     else:
         mod = None if impl == "torch" else _ext.get()

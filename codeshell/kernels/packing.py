@@ -162,3 +162,35 @@ def dequantize(p: PackedWeight) -> torch.Tensor:
             w = w + p.offsets[..., None]
         return w.reshape(n, k)
     raise ValueError(f"unknown PackedWeight kind {p.kind!r}; expected one of {KINDS}")
+
+
+# ---- int8 activations (what the integer-dot decode kernels compute with) ------------------
+
+
+def activation_block(p: PackedWeight) -> int | None:
+    """Block size along K in which the integer-dot decode kernel quantises x for this weight,
+    or None when that kernel does not take it (then decode is exact fp32 weight-only math).
+
+    int4: the weight's group (K % 64 == 0, group <= 256); int8: 128, 64 or 32, the first
+    dividing K. bf16 weights are never combined with quantised activations.
+    """
+    k = p.in_features
+    if p.kind == "int4":
+        return p.group_size if k % 64 == 0 and p.group_size <= 256 else None
+    if p.kind == "int8":
+        return next((b for b in (128, 64, 32) if k % b == 0), None)
+    return None
+
+
+def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """fp32 x [M, K] -> the fp32 values the integer kernels multiply with: per block of
+    `block` along K, d = amax / 127 and x' = round_half_even(x * (127 / amax)) * d (int8,
+    -127..127; an all-zero block stays zero). Mirrors `quantize_x` in csrc/qdot.cpp."""
+    m, k = x.shape
+    xb = x.float().reshape(m, k // block, block)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    # not `127.0 / amax`: torch evaluates a scalar over a tensor as reciprocal(amax) * 127,
+    # rounded twice, which rounds a few elements differently from the kernel's 127.f / amax.
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv)
+    return (q * (amax / 127.0)).reshape(m, k)

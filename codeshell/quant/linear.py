@@ -10,12 +10,13 @@ returns the same dtype. Weights are stored in a plain, portable layout (what
   when symmetric.
 
 `int8_linear_reference` / `int4_linear_reference` are the plain-PyTorch definitions the fast
-paths are tested against. The fast paths are PyTorch's own CPU weight-only kernels
-(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), chosen because they measured
-fastest on this machine's AVX2 CPU (see docs/quant.md); ``finalize()`` repacks the int4 weight
-into that kernel's (CPU-specific) layout and drops the portable copy, so a finalized int4
-module cannot be saved back, only run. Other devices and shapes the kernels refuse use the
-dequantize-then-matmul path.
+paths are tested against. ``finalize()`` picks the fast path once per module, measured on this
+project's AVX2 CPU (docs/quant.md): first `codeshell.kernels` (native integer-dot decode
+kernels, which quantise activations to int8 per block for M <= 16 -- `activation_block` says
+when -- and dequantise-plus-sgemm prefill), then PyTorch's own CPU weight-only kernels
+(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) when the native build is
+unavailable, else dequantize-then-matmul. A finalized int4 module drops the portable copy
+(unless ``keep_portable``), so it can be run but not saved back.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import kernels
 
 # ---- quantize (float -> portable layout) -------------------------------------------------
 
@@ -155,6 +158,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
         self._per_dtype: dict[torch.dtype, torch.Tensor] = {}  # kernel-ready scales per activation dtype
+        self._kernel: kernels.PackedWeight | None = None  # codeshell.kernels layout, after finalize()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -172,6 +176,25 @@ class QuantLinear(nn.Module):
     def finalize(self) -> None:
         """Called once every buffer holds its loaded value: build kernel layouts."""
         self._per_dtype.clear()
+        self._kernel = None
+
+    @staticmethod
+    def _native_ok(t: torch.Tensor | None) -> bool:
+        return t is not None and t.device.type == "cpu" and kernels.available()
+
+    def activation_block(self, m: int) -> int | None:
+        """Block along K in which a batch of `m` rows of x is rounded to int8 by the fast
+        path (None: exact weight-only math). The reference of the fast path is
+        `int*_linear_reference` on `codeshell.kernels.packing.quantize_activations(x, block)`."""
+        if self._kernel is None or m > kernels.DECODE_MAX_M:
+            return None
+        return kernels.packing.activation_block(self._kernel)
+
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        """Tensors the fast path holds outside the module's buffers (kernel layouts)."""
+        k = self._kernel
+        held = [] if k is None else [t for t in (k.data, k.scales, k.offsets) if t is not None]
+        return held + [t for t in (getattr(self, "_packed", None), getattr(self, "_sz_f32", None)) if t is not None]
 
 
 class Int8Linear(QuantLinear):
@@ -204,7 +227,15 @@ class Int8Linear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scales, dtype)
 
+    @torch.no_grad()
+    def finalize(self) -> None:
+        super().finalize()
+        if self._native_ok(self.qweight):  # shares qweight and scales, no copy
+            self._kernel = kernels.int8_from_parts(self.qweight, self.scales.float().contiguous())
+
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None and x2.device.type == "cpu":
+            return kernels.linear(x2, self._kernel)
         if x2.device.type == "cpu" and x2.dtype in _KERNEL_DTYPES:
             s = self._per_dtype.get(x2.dtype)
             if s is None:
@@ -256,7 +287,7 @@ class Int4Linear(QuantLinear):
 
     @property
     def fast(self) -> bool:
-        return self._packed is not None
+        return self._kernel is not None or self._packed is not None
 
     def kernel_ok(self) -> bool:
         """Whether torch's packed CPU int4 kernel takes this shape (measured constraints)."""
@@ -268,16 +299,27 @@ class Int4Linear(QuantLinear):
     def finalize(self, keep_portable: bool = False) -> None:
         """Repack for the CPU kernel and, unless `keep_portable`, free the portable layout."""
         super().finalize()
-        if not self.kernel_ok():
+        self._packed = self._sz_f32 = None
+        if self._native_ok(self.qweight) and self.group_size % 32 == 0:
+            nib = unpack_int4(self.qweight)  # [N, K] 0..15 -> codeshell.kernels' run-of-32 layout
+            s = self.scales.float()
+            off = None if self.zeros is None else (8.0 - self.zeros.float()) * s
+            self._kernel = kernels.int4_from_parts(kernels.pack_nibbles(nib), s, off, self.group_size)
+            del nib
+        elif self.kernel_ok():
+            self._set_torch_layout()
+        else:
             return
+        if not keep_portable:
+            self.qweight = None
+            self.zeros = None
+
+    def _set_torch_layout(self) -> None:
         self._packed = to_int4_kernel_layout(self.qweight)
         # The kernel computes (q - 8) * scale + zero; ours is (q - z) * s = (q - 8) * s + (8 - z) * s.
         s = self.scales.float()  # [N, K/G]
         zero = torch.zeros_like(s) if self.zeros is None else (8.0 - self.zeros.float()) * s
         self._sz_f32 = torch.stack((s, zero), dim=-1).transpose(0, 1).contiguous()  # [K/G, N, 2]
-        if not keep_portable:
-            self.qweight = None
-            self.zeros = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.qweight is None:
@@ -285,6 +327,8 @@ class Int4Linear(QuantLinear):
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None and x2.device.type == "cpu":
+            return kernels.linear(x2, self._kernel)
         if self._packed is not None and x2.device.type == "cpu" and x2.dtype in _KERNEL_DTYPES:
             sz = self._per_dtype.get(x2.dtype)
             if sz is None:

@@ -131,8 +131,8 @@ _MEM_SCRIPT = textwrap.dedent("""
     held = sum(b.numel() * b.element_size() for b in model.buffers() if b is not None)
     held += sum(p.numel() * p.element_size() for p in model.parameters())
     for m in model.modules():  # kernel layouts are plain attributes, not buffers
-        for t in (getattr(m, "_packed", None), getattr(m, "_sz_f32", None)):
-            held += t.numel() * t.element_size() if t is not None else 0
+        for t in (m.kernel_tensors() if hasattr(m, "kernel_tensors") else []):
+            held += t.numel() * t.element_size()
     print(json.dumps({"peak_kb": max(peak[0], anon_kb()) - base, "held": held}))
 """)
 

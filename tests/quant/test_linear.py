@@ -8,6 +8,15 @@ import torch
 from codeshell.quant.linear import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, int4_linear_reference,
                                     int8_linear_reference, pack_int4, quantize_int4, quantize_int8, unpack_int4)
 from codeshell.quant.scheme import QuantError, QuantScheme
+from codeshell.kernels.packing import quantize_activations
+
+
+def _as_run(mod, x: torch.Tensor) -> torch.Tensor:
+    """x as the module's fast path multiplies it: int8-rounded per block for decode-sized
+    batches on the native integer kernels (see `QuantLinear.activation_block`), else as is."""
+    x2 = x.float().reshape(-1, x.shape[-1])
+    block = mod.activation_block(x2.shape[0])
+    return (x2 if block is None else quantize_activations(x2, block)).reshape(x.shape)
 
 
 def _w(n=64, k=256, seed=0):
@@ -54,7 +63,7 @@ def test_int8_module_matches_reference(dtype, m):
     w, b = _w()
     mod = Int8Linear.from_float(w, b)
     x = torch.randn(2, m, 256).to(dtype)
-    ref = int8_linear_reference(x.float(), mod.qweight, mod.scales, mod.bias)
+    ref = int8_linear_reference(_as_run(mod, x), mod.qweight, mod.scales, mod.bias)
     y = mod(x)
     assert y.dtype == dtype and y.shape == (2, m, 64)
     tol = 1e-4 if dtype == torch.float32 else 3e-2 * ref.abs().max().item()
@@ -64,12 +73,13 @@ def test_int8_module_matches_reference(dtype, m):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_module_matches_reference(dtype, group, symmetric):
+@pytest.mark.parametrize("rows", [1, 4, 21])  # decode (int8 activations on the native path), prefill
+def test_int4_module_matches_reference(dtype, group, symmetric, rows):
     w, b = _w()
     mod = Int4Linear.from_float(w, b, group_size=group, symmetric=symmetric, keep_portable=True)
-    assert mod.fast, "torch's packed CPU int4 kernel should take this shape"
-    x = torch.randn(3, 7, 256).to(dtype)
-    ref = int4_linear_reference(x.float(), mod.qweight, mod.scales, mod.zeros, group, mod.bias)
+    assert mod.fast, "a fast CPU int4 kernel should take this shape"
+    x = torch.randn(rows, 1, 256).to(dtype)
+    ref = int4_linear_reference(_as_run(mod, x), mod.qweight, mod.scales, mod.zeros, group, mod.bias)
     y = mod(x)
     assert y.dtype == dtype
     scale = ref.abs().max().item()

@@ -27,6 +27,9 @@ class LayerCache(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, G, T, D] for `layer`; return every cached key and value [B, G, S, D]."""
 
+    # Optional: `attend(layer, q, k, v, scale)` stores k, v and returns the attention output
+    # [B, H, T, D] computed by the cache's own kernel, or None to fall back to `update` + SDPA.
+
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
@@ -94,13 +97,16 @@ class CodeShellAttention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # [B, G, S, D]
-        # SDPA with a boolean mask (True = attend); softmax accumulates in float32 inside the
-        # fused CPU/CUDA kernels. GQA: query head h reads KV group h // (H / G).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            scale=1.0 / math.sqrt(D), enable_gqa=G != H)
+        attend = getattr(cache, "attend", None)
+        y = attend(self.layer, q, k, v, 1.0 / math.sqrt(D)) if attend is not None else None
+        if y is None:
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)  # [B, G, S, D]
+            # SDPA with a boolean mask (True = attend); softmax accumulates in float32 inside the
+            # fused CPU/CUDA kernels. GQA: query head h reads KV group h // (H / G).
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                scale=1.0 / math.sqrt(D), enable_gqa=G != H)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)
         return self.c_proj(y)
 

@@ -66,11 +66,27 @@ class CacheView:
         self.slot_slice = slice(first, first + B)
         self.slot_index = torch.tensor(slot_ids, device=cache.device)
         self.rows = torch.arange(B, device=cache.device)[:, None]
+        self.lens = positions[:, -1] + 1  # keys each row attends to (its last position + 1)
 
     def mask(self) -> torch.Tensor:
         """bool [B, 1, T, kv_len]: a query at position p sees keys 0..p of its own row."""
         k_pos = torch.arange(self.kv_len, device=self.positions.device)
         return (k_pos[None, None, :] <= self.positions[:, :, None])[:, None]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> torch.Tensor | None:
+        """Decode (one new token per row): store k, v and return attention [B, H, 1, D] computed
+        from the cache in place by the native kernel (no gather of the batch's slots, no mask);
+        None, storing nothing, where that kernel does not apply (the caller uses `update`)."""
+        from ..kernels import decode_attention, decode_attention_ok
+        c = self.cache
+        k_layer, v_layer = c.k[layer], c.v[layer]
+        if self.positions.shape[1] != 1 or not decode_attention_ok(q, k_layer):
+            return None
+        slots = self.slot_index[:, None]
+        k_layer[slots, :, self.positions] = k.transpose(1, 2)
+        v_layer[slots, :, self.positions] = v.transpose(1, 2)
+        return decode_attention(q, k_layer, v_layer, self.slot_index, self.lens, scale)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: [B, G, T, D] -> stored at [slot, :, position]; returns [B, G, kv_len, D].

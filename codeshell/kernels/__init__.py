@@ -12,7 +12,7 @@ without a compiler or AVX2 everything runs through plain torch after one warning
 """
 
 from .module import PackedLinear, prepare_model
-from .ops import DECODE_MAX_M, available, linear, set_num_threads
+from .ops import DECODE_MAX_M, available, decode_attention, decode_attention_ok, linear, set_num_threads
 from .packing import (
     KINDS,
     PackedWeight,
@@ -33,6 +33,8 @@ __all__ = [
     "PackedWeight",
     "prepare_model",
     "available",
+    "decode_attention",
+    "decode_attention_ok",
     "dequantize",
     "int4_from_parts",
     "int8_from_parts",

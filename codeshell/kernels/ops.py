@@ -151,3 +151,27 @@ def _torch_path(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> 
         y = F.linear(x.to(torch.bfloat16), p.data).float()
         return y if bias is None else y.add_(bias)
     return _prefill(None, x, p, bias)
+
+
+def decode_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes this query and cache (else the caller runs SDPA)."""
+    return (q.device.type == "cpu" and q.dim() == 4 and q.shape[2] == 1
+            and q.dtype in (torch.bfloat16, torch.float32) and k_cache.dtype in (torch.bfloat16, torch.float32)
+            and k_cache.is_contiguous() and available())
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One-query grouped-query attention straight from a KV cache layer (native kernel; check
+    `decode_attention_ok` first).
+
+    q [B, H, 1, D]; k_cache, v_cache [slots, G, max_len, D] (bf16 or fp32, contiguous); slots,
+    lens int64 [B]: row b attends keys 0..lens[b]-1 of cache slot slots[b]. Returns [B, H, 1, D]
+    in q's dtype, softmax and accumulation in fp32.
+    """
+    if not decode_attention_ok(q, k_cache):
+        raise ValueError("decode_attention needs one CPU query per row, bf16/fp32 tensors, a contiguous "
+                         f"cache and the native kernels ({_ext.unavailable_reason() or 'available'})")
+    mod = _ext.get()
+    b, h, _, d = q.shape
+    return mod.decode_attention(q.reshape(b, h, d).contiguous(), k_cache, v_cache, slots, lens, scale).view(b, h, 1, d)

@@ -214,3 +214,31 @@ def test_int8_activations_stay_close_to_weight_only_math(kind, args):
         ref = exact(x, pw)
         err = (linear(x, pw, impl="native") - ref).norm() / ref.norm()
         assert err < 1e-2, f"M={m}: relative error {err:.2e}"
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_sdpa(dtype):
+    """Rows read their own cache slot (any order) up to their own length; GQA heads share KV."""
+    from codeshell.kernels import decode_attention
+    g = torch.Generator().manual_seed(0)
+    kc, vc = (torch.randn(5, 2, 40, 16, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(3, 8, 1, 16, generator=g).to(dtype)
+    slots, lens = torch.tensor([4, 0, 2]), torch.tensor([40, 1, 17])
+    y = decode_attention(q, kc, vc, slots, lens, 0.25)
+    assert y.shape == q.shape and y.dtype == dtype
+    for b in range(3):
+        k, v = (c[slots[b], :, :lens[b]].float()[None] for c in (kc, vc))
+        ref = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1].float(), k, v, scale=0.25, enable_gqa=True)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(y[b:b + 1].float(), ref, atol=tol, rtol=tol)
+
+
+@needs_native
+def test_decode_attention_rejects_bad_slots():
+    from codeshell.kernels import decode_attention
+    kc = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="slot 2 is outside the cache"):
+        decode_attention(torch.zeros(1, 2, 1, 8), kc, kc, torch.tensor([2]), torch.tensor([3]), 1.0)
+    with pytest.raises(RuntimeError, match="length 9 is outside the cache"):
+        decode_attention(torch.zeros(1, 2, 1, 8), kc, kc, torch.tensor([1]), torch.tensor([9]), 1.0)

@@ -47,6 +47,28 @@ def test_cached_decode_equals_full_recompute(llm):
     assert seq[len(p):] == out
 
 
+def test_decode_attention_kernel_matches_sdpa_path(llm, monkeypatch):
+    """Decode steps read the KV cache through the native attention kernel when it is built; the
+    logprobs equal those of the SDPA path (kernel switched off) for a batch whose slots are
+    not consecutive after requests left."""
+    import codeshell.kernels as kernels
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    prompts = ids_prompts()
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    fast = llm.generate(prompts, sp)
+    assert calls, "decode did not use the native attention kernel"
+    monkeypatch.setattr(kernels, "decode_attention_ok", lambda q, k: False)
+    slow = llm.generate(prompts, sp)
+    for a, b in zip(fast, slow):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert abs(la.logprob - lb.logprob) < 1e-4
+
+
 def test_seed_makes_sampling_reproducible(llm):
     sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=16, seed=123, ignore_eos=True)
     p = ids_prompts()[1]

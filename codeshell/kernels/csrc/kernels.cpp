@@ -520,6 +520,10 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
 torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                              const c10::optional<torch::Tensor>& bias);
 
+// attention.cpp
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                               const torch::Tensor& slots, const torch::Tensor& lens, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "codeshell weight-only matmul kernels (AVX2+FMA)";
   m.def("decode_bf16", &decode_bf16, "x fp32 [M,K] @ w bf16 [N,K]^T + bias -> fp32 [M,N]");
@@ -528,6 +532,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_int4_q8", &decode_int4_q8, "int4 weight x int8-quantised x (blocks = groups), small M");
   m.def("decode_int8_q8", &decode_int8_q8, "int8 weight x int8-quantised x (blocks of q8_block_int8(K))");
   m.def("q8_block_int8", &q8_block_int8, "activation block size the int8 x int8 kernel uses for K");
+  m.def("decode_attention", &decode_attention, "one-query GQA attention over KV cache slots");
   m.def("dequant_bf16", &dequant_bf16, "rows [n0,n1) of bf16 weight -> fp32 buffer");
   m.def("dequant_int8", &dequant_int8, "rows [n0,n1) of int8 weight -> fp32 buffer");
   m.def("dequant_int4", &dequant_int4, "rows [n0,n1) of int4 weight -> fp32 buffer");

@@ -13,6 +13,7 @@ and transformers' figures from the issue (7B, 2 threads, same machine kind) prin
     python benchmarks/bench_quant.py --shape 1b
     python benchmarks/bench_quant.py --shape 7b         # the issue's table (needs ~16 GiB RAM for bf16)
     python benchmarks/bench_quant.py --formats int4 --decode-tokens 32
+    python benchmarks/bench_quant.py --shape 7b --workdir /tmp/q7 --reuse   # keep the checkpoints between runs
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--workdir", default=None, help="where to write the random checkpoints (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --workdir: keep checkpoints an earlier run left there instead of rewriting them")
     ap.add_argument("--worker", nargs=2, metavar=("FORMAT", "FOLDER"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -167,13 +170,22 @@ def main() -> None:
         from codeshell.quant.convert import quantize_checkpoint
         from codeshell.quant.scheme import QuantScheme
         src = work / "bf16"
+        def kept(folder: Path) -> bool:
+            return a.reuse and (folder / "config.json").is_file()
+
         t = time.perf_counter()
-        write_random_checkpoint(cfg, src)
-        print(f"wrote random bf16 checkpoint in {time.perf_counter() - t:.1f} s", flush=True)
+        if kept(src):
+            print(f"reusing {src}", flush=True)
+        else:
+            write_random_checkpoint(cfg, src)
+            print(f"wrote random bf16 checkpoint in {time.perf_counter() - t:.1f} s", flush=True)
         folders = {"bf16": src}
         group = 128 if cfg.n_embd % 128 == 0 and cfg.ffn_dim % 128 == 0 else 32  # 128 except for tiny shapes
         for fmt, scheme in (("int8", QuantScheme(bits=8)), ("int4", QuantScheme(bits=4, group_size=group))):
-            if fmt in a.formats:
+            if fmt in a.formats and kept(work / fmt):
+                folders[fmt] = work / fmt
+                print(f"reusing {folders[fmt]}", flush=True)
+            elif fmt in a.formats:
                 t = time.perf_counter()
                 folders[fmt] = quantize_checkpoint(src, work / fmt, scheme, overwrite=True)
                 print(f"codeshell quantize -> {fmt}: {time.perf_counter() - t:.1f} s", flush=True)

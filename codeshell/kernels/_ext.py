@@ -88,14 +88,29 @@ def _build() -> ModuleType:
     with open(build / "codeshell-build.flock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (build / "lock").unlink(missing_ok=True)
-        return cpp_extension.load(
-            name="codeshell_kernels",
-            sources=[str(p) for p in _SRCS],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            verbose=os.environ.get("CODESHELL_KERNELS_VERBOSE") == "1",
-        )
+        # Always the same ninja: two versions (pip's and the system's) keep incompatible
+        # .ninja_log hashes, so a process with the other one on PATH rebuilt everything (~85 s).
+        path = os.environ.get("PATH", "")
+        try:
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+        except ImportError:
+            pass
+        try:
+            return _load(cpp_extension, build)
+        finally:
+            os.environ["PATH"] = path
+
+
+def _load(cpp_extension, build: Path) -> ModuleType:
+    return cpp_extension.load(
+        name="codeshell_kernels",
+        sources=[str(p) for p in _SRCS],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build),
+        verbose=os.environ.get("CODESHELL_KERNELS_VERBOSE") == "1",
+    )
 
 
 def get() -> ModuleType | None:

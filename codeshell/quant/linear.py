@@ -159,11 +159,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
         self._per_dtype: dict[torch.dtype, torch.Tensor] = {}  # kernel-ready scales per activation dtype
         self._kernel: kernels.PackedWeight | None = None  # codeshell.kernels layout, after finalize()
+        self._bias_f32: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None and x.device.type == "cpu":  # bias fused into the kernel call
+            return kernels.linear(x, self._kernel, self._bias_f32)
         lead = x.shape[:-1]
         y = self._matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
@@ -177,6 +180,7 @@ class QuantLinear(nn.Module):
         """Called once every buffer holds its loaded value: build kernel layouts."""
         self._per_dtype.clear()
         self._kernel = None
+        self._bias_f32 = None if self.bias is None else self.bias.float().contiguous()
 
     @staticmethod
     def _native_ok(t: torch.Tensor | None) -> bool:
@@ -234,8 +238,6 @@ class Int8Linear(QuantLinear):
             self._kernel = kernels.int8_from_parts(self.qweight, self.scales.float().contiguous())
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if self._kernel is not None and x2.device.type == "cpu":
-            return kernels.linear(x2, self._kernel)
         if x2.device.type == "cpu" and x2.dtype in _KERNEL_DTYPES:
             s = self._per_dtype.get(x2.dtype)
             if s is None:
@@ -327,8 +329,6 @@ class Int4Linear(QuantLinear):
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if self._kernel is not None and x2.device.type == "cpu":
-            return kernels.linear(x2, self._kernel)
         if self._packed is not None and x2.device.type == "cpu" and x2.dtype in _KERNEL_DTYPES:
             sz = self._per_dtype.get(x2.dtype)
             if sz is None:

@@ -25,6 +25,14 @@
 
 namespace {
 
+// Software prefetch distance (bytes ahead in the weight stream). Cold weights (each layer's
+// are read once per token) streamed at 13-14 GB/s without it, 17-19 GB/s with 2 KiB (measured
+// 1, 2 and 4 KiB on 7B int4 layers; cache-warm weights reach 20+ either way).
+#ifndef CODESHELL_PREFETCH
+#define CODESHELL_PREFETCH 2048
+#endif
+constexpr int64_t kPrefetch = CODESHELL_PREFETCH;
+
 inline float hsum8(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
@@ -105,6 +113,7 @@ inline void tile_q4(const int8_t* xq, int64_t K, const float* dx, const float* x
     for (int64_t k = 0; k < K; k += 64) {
       const int64_t g = k / 32;
       for (int j = 0; j < NB; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + j * ldq + k / 2) + kPrefetch, _MM_HINT_T0);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j * ldq + k / 2));
         const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
         const __m256 sv = _mm256_set_m128(_mm_set1_ps(sc[j * ng + g + 1]), _mm_set1_ps(sc[j * ng + g]));
@@ -126,6 +135,7 @@ inline void tile_q4(const int8_t* xq, int64_t K, const float* dx, const float* x
         for (int j = 0; j < NB; ++j) a16[i][j] = _mm256_setzero_si256();
       for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
         for (int j = 0; j < NB; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(q + j * ldq + k / 2) + kPrefetch, _MM_HINT_T0);
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j * ldq + k / 2));
           const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
           for (int i = 0; i < MB; ++i) {
@@ -218,6 +228,7 @@ inline void tile_q8(const int8_t* xq, int64_t K, const float* dx, const int8_t* 
       for (int j = 0; j < NB; ++j) a32[i][j] = _mm256_setzero_si256();
     for (int64_t k = b * B; k < (b + 1) * B; k += 32) {
       for (int j = 0; j < NB; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + kPrefetch, _MM_HINT_T0);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
         const __m256i av = _mm256_sign_epi8(v, v);
         for (int i = 0; i < MB; ++i) {

@@ -50,7 +50,10 @@ def _cpu_key() -> str:
         pass
     import torch
 
-    blob = "|".join([platform.machine(), model, " ".join(sorted(_cpu_flags())), torch.__version__])
+    # The source folder too: torch's build files name sources by absolute path, so two
+    # checkouts sharing one folder rebuilt each other's extension (~85 s) on every switch.
+    blob = "|".join([platform.machine(), model, " ".join(sorted(_cpu_flags())), torch.__version__,
+                     str(_SRCS[0].parent.resolve())])
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

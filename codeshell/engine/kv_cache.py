@@ -65,7 +65,6 @@ class CacheView:
         self.contiguous = slot_ids == list(range(first, first + B))
         self.slot_slice = slice(first, first + B)
         self.slot_index = torch.tensor(slot_ids, device=cache.device)
-        self.rows = torch.arange(B, device=cache.device)[:, None]
         self.lens = positions[:, -1] + 1  # keys each row attends to (its last position + 1)
 
     def mask(self) -> torch.Tensor:
@@ -83,21 +82,19 @@ class CacheView:
         k_layer, v_layer = c.k[layer], c.v[layer]
         if self.positions.shape[1] != 1 or not decode_attention_ok(q, k_layer):
             return None
-        slots = self.slot_index[:, None]
-        k_layer[slots, :, self.positions] = k.transpose(1, 2)
-        v_layer[slots, :, self.positions] = v.transpose(1, 2)
+        self._store(layer, k, v)
         return decode_attention(q, k_layer, v_layer, self.slot_index, self.lens, scale)
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [B, G, T, D] at [slot, :, position] of any slots, consecutive or not."""
+        c, slots = self.cache, self.slot_index[:, None]
+        c.k[layer][slots, :, self.positions] = k.transpose(1, 2)
+        c.v[layer][slots, :, self.positions] = v.transpose(1, 2)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: [B, G, T, D] -> stored at [slot, :, position]; returns [B, G, kv_len, D].
+        self._store(layer, k, v)
         c = self.cache
-        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, T, G, D]
-        if self.contiguous:
-            kc, vc = c.k[layer, self.slot_slice], c.v[layer, self.slot_slice]
-            kc[self.rows, :, self.positions] = kt
-            vc[self.rows, :, self.positions] = vt
-            return kc[:, :, :self.kv_len], vc[:, :, :self.kv_len]
-        slots = self.slot_index[:, None]
-        c.k[layer][slots, :, self.positions] = kt
-        c.v[layer][slots, :, self.positions] = vt
+        if self.contiguous:  # consecutive slots: read through a view, no copy
+            return c.k[layer, self.slot_slice, :, :self.kv_len], c.v[layer, self.slot_slice, :, :self.kv_len]
         return c.k[layer, self.slot_index, :, :self.kv_len], c.v[layer, self.slot_index, :, :self.kv_len]

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -91,6 +92,20 @@ inline float affine_const(const float* sc, const float* of, const float* xs, int
   float r = hsum8(acc);
   for (; g < ng; ++g) r += ((OFFS ? of[g] : 0.f) - 8.f * sc[g]) * xs[g];
   return r;
+}
+
+// Calls f(std::integral_constant<int, MB>, m) for the tiles [m, m + MB) of M rows of x: tiles
+// of 4, then one of the 1-3 rows left (MB is a template parameter of the tile kernels).
+template <class F>
+inline void for_x_tiles(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
 }
 
 // ---- int4 ---------------------------------------------------------------------------
@@ -165,17 +180,10 @@ template <int NB, bool OFFS, bool G32>
 inline void rows_q4(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
                     const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
   const int64_t ng = K / G;
-  int64_t m = 0;
-#define CODESHELL_Q4_TILE(MB)                                                                                 \
-  tile_q4<MB, NB, OFFS, G32>(xq + m * K, K, dx + m * ng, xs + m * ng, q, sc, of, G, out + m * ldo, ldo)
-  for (; m + 4 <= M; m += 4) CODESHELL_Q4_TILE(4);
-  switch (M - m) {
-    case 3: CODESHELL_Q4_TILE(3); break;
-    case 2: CODESHELL_Q4_TILE(2); break;
-    case 1: CODESHELL_Q4_TILE(1); break;
-    default: break;
-  }
-#undef CODESHELL_Q4_TILE
+  for_x_tiles(M, [&](auto mb, int64_t m) {
+    tile_q4<decltype(mb)::value, NB, OFFS, G32>(xq + m * K, K, dx + m * ng, xs + m * ng, q, sc, of, G,
+                                                out + m * ldo, ldo);
+  });
 }
 
 template <int NB, bool OFFS, bool G32>
@@ -253,14 +261,9 @@ void range_q8(const int8_t* xq, const float* dx, int64_t M, int64_t K, int64_t B
   const int64_t nb = K / B;
   auto rows = [&](auto nb_tag, int64_t n) {
     constexpr int R = decltype(nb_tag)::value;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) tile_q8<4, R>(xq + m * K, K, dx + m * nb, w + n * K, B, out + m * N + n, N);
-    switch (M - m) {
-      case 3: tile_q8<3, R>(xq + m * K, K, dx + m * nb, w + n * K, B, out + m * N + n, N); break;
-      case 2: tile_q8<2, R>(xq + m * K, K, dx + m * nb, w + n * K, B, out + m * N + n, N); break;
-      case 1: tile_q8<1, R>(xq + m * K, K, dx + m * nb, w + n * K, B, out + m * N + n, N); break;
-      default: break;
-    }
+    for_x_tiles(M, [&](auto mb, int64_t m) {
+      tile_q8<decltype(mb)::value, R>(xq + m * K, K, dx + m * nb, w + n * K, B, out + m * N + n, N);
+    });
   };
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) rows(std::integral_constant<int, NB>{}, n);

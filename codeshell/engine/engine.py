@@ -290,5 +290,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The activation dtype: that of the embeddings (quantized linears keep integer weights)."""
-    return model.transformer.wte.weight.dtype
+    """The activation dtype: that of the embeddings (quantized linears keep integer weights;
+    a `PackedEmbedding` has no `weight` but a dtype)."""
+    wte = model.transformer.wte
+    return wte.weight.dtype if isinstance(wte, torch.nn.Embedding) else wte.dtype

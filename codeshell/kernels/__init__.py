@@ -11,11 +11,12 @@ GPU path. The native kernels build on first use (JIT, cached in ~/.cache/codeshe
 without a compiler or AVX2 everything runs through plain torch after one warning.
 """
 
-from .module import PackedLinear, prepare_model
+from .module import PackedEmbedding, PackedLinear, prepare_model
 from .ops import DECODE_MAX_M, available, decode_attention, decode_attention_ok, linear, set_num_threads
 from .packing import (
     KINDS,
     PackedWeight,
+    bf16_rows,
     dequantize,
     int4_from_parts,
     int8_from_parts,
@@ -29,10 +30,12 @@ from .packing import (
 __all__ = [
     "DECODE_MAX_M",
     "KINDS",
+    "PackedEmbedding",
     "PackedLinear",
     "PackedWeight",
     "prepare_model",
     "available",
+    "bf16_rows",
     "decode_attention",
     "decode_attention_ok",
     "dequantize",

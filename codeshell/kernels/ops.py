@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
-from .packing import PackedWeight, activation_block, dequantize, quantize_activations
+from .packing import PackedWeight, activation_block, bf16_rows, dequantize, quantize_activations
 
 DECODE_MAX_M = 16
 """Largest M sent to the streaming decode kernels; larger M goes to blocked dequant + sgemm."""
@@ -61,16 +61,21 @@ def _bias_fp32(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 
 def _dequant_rows(mod, p: PackedWeight, n0: int, n1: int, buf: torch.Tensor) -> torch.Tensor:
-    """fp32 rows [n0, n1) of the weight, written into buf (flat fp32, >= (n1-n0)*K)."""
+    """fp32 rows [n0, n1) of the weight [n1-n0, K], written into buf (flat fp32, >= (n1-n0)*K).
+    bf16 panels come out K-major (a transposed view), which sgemm takes without a copy."""
     k = p.in_features
     out = buf[: (n1 - n0) * k]
+    if p.kind == "bf16":
+        if mod is None:
+            out.view(n1 - n0, k).copy_(bf16_rows(p, slice(n0, n1)))
+            return out.view(n1 - n0, k)
+        mod.dequant_bf16(p.data, p.out_features, n0, n1, out)
+        return out.view(k, n1 - n0).t()
     if mod is None:
         rows = PackedWeight(p.kind, n1 - n0, k, p.data[n0:n1],
                             None if p.scales is None else p.scales[n0:n1],
                             None if p.offsets is None else p.offsets[n0:n1], p.group_size)
         out.view(n1 - n0, k).copy_(dequantize(rows))
-    elif p.kind == "bf16":
-        mod.dequant_bf16(p.data, n0, n1, out)
     elif p.kind == "int8":
         mod.dequant_int8(p.data, p.scales, n0, n1, out)
     else:
@@ -100,7 +105,7 @@ def _decode(mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) ->
     # int8/int4 weights take the integer-dot kernels (x quantised to int8 per block, see
     # `activation_block`): 2-3x the fp32-unpacking kernels, which are compute bound here.
     if p.kind == "bf16":
-        return mod.decode_bf16(x, p.data, bias)
+        return mod.decode_bf16(x, p.data, p.out_features, bias)
     q8 = activation_block(p) is not None
     if p.kind == "int8":
         return (mod.decode_int8_q8 if q8 else mod.decode_int8)(x, p.data, p.scales, bias)
@@ -145,11 +150,8 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
 
 
 def _torch_path(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """No native code. bf16 decode uses torch's bf16 gemv (reads the weight once per row of x);
-    everything else the blocked fp32 dequant + sgemm path with torch doing the dequant."""
-    if p.kind == "bf16" and x.shape[0] <= DECODE_MAX_M:
-        y = F.linear(x.to(torch.bfloat16), p.data).float()
-        return y if bias is None else y.add_(bias)
+    """No native code: the blocked fp32 dequant + sgemm path with torch doing the dequant
+    (slow for bf16 decode, which is why `prepare_model` packs nothing without the kernels)."""
     return _prefill(None, x, p, bias)
 
 

@@ -3,7 +3,11 @@
 What this is: the one-time, load-time step that turns a linear layer's weight W[N, K]
 (out_features x in_features, as in nn.Linear) into a `PackedWeight` the kernels read:
 
-* ``bf16``: W as contiguous bfloat16 [N, K] (no re-layout, so torch can use it directly too).
+* ``bf16``: W in panels of 16 rows, bfloat16 ``data`` [P = ceil(N/16), K, 16] (rows past N
+  are zero). For panel p and column k the 16 values are rows 16p + (0, 8, 1, 9, ..., 7, 15):
+  row 16p+i at position 2i and row 16p+8+i at position 2i+1, so that one 32-byte load splits
+  into two fp32 vectors of 8 consecutive rows with a shift and a mask (csrc/panel_bf16.cpp).
+  `bf16_rows` turns selected rows back into a plain [rows, K] tensor (embedding lookups).
 * ``int8``: per-output-channel symmetric: ``W ~= q[N, K] (int8, -127..127) * scales[N]``.
 * ``int4``: group-wise along K, group size G in {32, 64, 128, ...} (multiple of 32 dividing K):
   ``W[n, k] ~= (nib[n, k] - 8) * scales[n, g] + offsets[n, g]`` with g = k // G and
@@ -63,11 +67,32 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"codeshell.kernels works on CPU tensors, weight is on {weight.device}")
 
 
+PANEL = 16
+# position within a panel's 16 values -> row of the panel: (0, 8, 1, 9, ..., 7, 15)
+_PANEL_ROWS = torch.arange(PANEL).reshape(2, 8).t().reshape(-1)
+# row of the panel -> its position: row i < 8 at 2i, row 8 + i at 2i + 1
+_PANEL_POS = torch.argsort(_PANEL_ROWS)
+
+
 def prepack(weight: torch.Tensor) -> PackedWeight:
-    """bf16 packing of W[N, K] (any float dtype in; rounded to bfloat16)."""
+    """bf16 panel packing of W[N, K] (any float dtype in; rounded to bfloat16). A copy: the
+    caller may free `weight` afterwards."""
     _check_weight(weight)
-    w = weight.detach().to(torch.bfloat16).contiguous()
-    return PackedWeight("bf16", w.shape[0], w.shape[1], w)
+    n, k = weight.shape
+    w = weight.detach().to(torch.bfloat16)
+    p = -(-n // PANEL)
+    if p * PANEL != n:
+        w = torch.cat([w, w.new_zeros(p * PANEL - n, k)])
+    data = w.reshape(p, PANEL, k)[:, _PANEL_ROWS].transpose(1, 2).contiguous()  # [P, K, 16]
+    return PackedWeight("bf16", n, k, data)
+
+
+def bf16_rows(p: PackedWeight, rows: torch.Tensor | slice) -> torch.Tensor:
+    """bf16 rows [len(rows), K] of a bf16 `PackedWeight` (a gather: cost is the rows read)."""
+    if p.kind != "bf16":
+        raise ValueError(f"bf16_rows takes a bf16 PackedWeight, got {p.kind}")
+    idx = torch.arange(p.out_features)[rows] if isinstance(rows, slice) else rows
+    return p.data[idx // PANEL, :, _PANEL_POS.to(idx.device)[idx % PANEL]]
 
 
 def quantize_int8(weight: torch.Tensor) -> PackedWeight:
@@ -151,7 +176,7 @@ def unpack_nibbles(data: torch.Tensor) -> torch.Tensor:
 def dequantize(p: PackedWeight) -> torch.Tensor:
     """Plain-PyTorch reference: the fp32 weight [N, K] of any PackedWeight."""
     if p.kind == "bf16":
-        return p.data.float()
+        return bf16_rows(p, slice(None)).float()
     if p.kind == "int8":
         return p.data.float() * p.scales[:, None]
     if p.kind == "int4":

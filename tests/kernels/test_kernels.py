@@ -154,6 +154,18 @@ def test_int4_quantizer_error_bound(symmetric, group):
     assert ((dequantize(pw) - w).abs() <= s / 2 + 1e-6).all()
 
 
+def test_bf16_panel_layout_roundtrip_and_order():
+    from codeshell.kernels import bf16_rows
+    w = torch.randn(37, 40)
+    p = prepack(w)
+    assert tuple(p.data.shape) == (3, 40, 16) and p.data.dtype == torch.bfloat16
+    assert torch.equal(dequantize(p), w.bfloat16().float())  # exact: only the bf16 rounding
+    # documented order: panel 0, column k holds rows (0, 8, 1, 9, ..., 7, 15)
+    assert torch.equal(p.data[0, 5].float(), w.bfloat16().float()[[0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15], 5])
+    assert torch.equal(p.data[2, :, 10:], torch.zeros(40, 6, dtype=torch.bfloat16))  # rows 37..47 padding
+    assert torch.equal(bf16_rows(p, torch.tensor([36, 0, 17])), w.bfloat16()[[36, 0, 17]])
+
+
 def test_nibble_layout_roundtrip_and_order():
     nib = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
     packed = pack_nibbles(nib)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from codeshell.kernels import PackedLinear, available, prepack, prepare_model
+from codeshell.kernels import PackedEmbedding, PackedLinear, available, prepack, prepare_model
 from codeshell.weights import load_model
 from tests.conftest import require_shared
 
@@ -19,6 +19,14 @@ def test_packed_linear_matches_nn_linear_for_bf16_weights():
         x = torch.randn(2, m, 96, dtype=torch.bfloat16)
         ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
         assert torch.allclose(pl(x).float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_packed_embedding_equals_the_embedding_it_replaces():
+    torch.manual_seed(0)
+    emb = nn.Embedding(37, 24).to(torch.bfloat16)  # 37: the last panel is partly padding
+    pe = PackedEmbedding(prepack(emb.weight))
+    ids = torch.tensor([[0, 36, 15, 16], [8, 7, 31, 32]])
+    assert pe(ids).dtype == torch.bfloat16 and torch.equal(pe(ids), emb(ids))
 
 
 def test_prepare_model_swaps_bf16_cpu_linears_only():
@@ -35,7 +43,10 @@ def test_prepare_model_swaps_bf16_cpu_linears_only():
         pytest.skip("native kernels unavailable here")
     assert n == 4 * cfg.n_layer + 1  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block + lm_head
     assert isinstance(bf16.transformer.h[0].attn.c_attn, PackedLinear)
-    assert bf16.lm_head.data.data_ptr() == bf16.transformer.wte.weight.data_ptr()  # tied: shared, not copied
+    # tied: the embedding reads the head's panels, so the vocabulary matrix is held once
+    assert isinstance(bf16.transformer.wte, PackedEmbedding)
+    assert bf16.lm_head.data.data_ptr() == bf16.transformer.wte.data.data_ptr()
+    assert not any(p.dtype == torch.bfloat16 and p.dim() == 2 for p in bf16.parameters())  # no stale copies
     with torch.no_grad():
         after = bf16(ids).float()
     assert (after - before).abs().max() <= 0.05 * before.abs().max()

@@ -76,7 +76,7 @@ def test_int8_bf16_activations(case):
     """The fast path (bf16 activations, the default dtype for quantized models) stays close too."""
     d, exp = _case(case)
     llm = LLM(d, quantization="int8")
-    assert llm.model.transformer.wte.weight.dtype == torch.bfloat16
+    assert llm.engine.dtype == torch.bfloat16
     with torch.no_grad():
         got = llm.model(exp["input_ids"])[:, -exp["logits"].shape[1]:]
     assert _rel(got, exp["logits"]) <= INT8_REL_TOL + 0.01

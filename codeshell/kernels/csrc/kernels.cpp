@@ -7,6 +7,8 @@
 //                  fp32 registers; fp32 accumulation. Memory-bandwidth bound.
 //   * dequant_*  : expand a block of weight rows to fp32 so that prefill (large M)
 //                  can run on MKL's sgemm through torch.mm (see codeshell/kernels/ops.py).
+// bf16 weights (panels of 16 rows) live in panel_bf16.cpp, the int8-activation kernels for
+// int8/int4 weights in qdot.cpp, decode attention in attention.cpp; this file binds them all.
 // What this is not: a general GEMM, or anything for AVX-512/AMX (this project's CPU has
 // neither); there is no scalar-only build (the Python loader falls back to torch instead).
 //
@@ -34,21 +36,6 @@ inline float hsum(__m256 v) {
 }
 
 // Loaders: 8 consecutive weights -> 8 fp32 lanes (unscaled).
-struct BF16 {
-  using T = uint16_t;  // raw bfloat16 bits
-  static inline __m256 load8(const T* p) {
-    // bf16 is the top half of an fp32: widen to 32 bits and shift left by 16.
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  }
-  static inline float load1(const T* p) {
-    uint32_t u = uint32_t(*p) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-};
-
 struct I8 {
   using T = int8_t;
   static inline __m256 load8(const T* p) {
@@ -130,101 +117,6 @@ const float* opt_ptr(const c10::optional<torch::Tensor>& t, int64_t n, const cha
 template <class F>
 void parallel_rows(int64_t N, F&& f) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { f(n0, n1); });
-}
-
-// ---- bf16 ------------------------------------------------------------------------
-// A 32-byte load holds 16 bf16 weights; (v << 16) gives the even ones as fp32 and
-// (v & 0xffff0000) the odd ones, 2 cheap ops per 16 weights instead of 2 per 8 with a
-// widening load. x is permuted to match once per call: within each run of 16,
-// [x0 x2 .. x14 | x1 x3 .. x15] (see permute_x16); the K % 16 tail stays in order.
-
-void permute_x16(const float* x, int64_t M, int64_t K, float* xp) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* r = x + m * K;
-    float* o = xp + m * K;
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16)
-      for (int t = 0; t < 8; ++t) {
-        o[k + t] = r[k + 2 * t];
-        o[k + 8 + t] = r[k + 2 * t + 1];
-      }
-    for (; k < K; ++k) o[k] = r[k];
-  }
-}
-
-template <int MB, int NB>
-inline void tile_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t K, float* out,
-                      int64_t ldo) {
-  __m256 acc[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
-  const __m256i hi = _mm256_set1_epi32(int32_t(0xffff0000u));
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    for (int j = 0; j < NB; ++j) {
-      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + k));
-      __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
-      for (int i = 0; i < MB; ++i) {
-        acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k), we, acc[i][j]);
-        acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k + 8), wo, acc[i][j]);
-      }
-    }
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      float s = hsum(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * BF16::load1(w + j * ldw + kk);
-      out[i * ldo + j] = s;
-    }
-}
-
-template <int NB, int MB>
-inline void rows_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t ldo) {
-  int64_t m = 0;
-  for (; m + MB <= M; m += MB) tile_bf16<MB, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo);
-  switch (M - m) {
-    case 3: tile_bf16<3, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
-    case 2: tile_bf16<2, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
-    case 1: tile_bf16<1, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
-    default: break;
-  }
-}
-
-template <int NB, int MB>
-void range_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* out, int64_t N,
-                int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) rows_bf16<NB, MB>(x, M, K, w + n * K, out + n, N);
-  for (; n < n1; ++n) rows_bf16<1, MB>(x, M, K, w + n * K, out + n, N);
-  if (bias)
-    for (int64_t mm = 0; mm < M; ++mm)
-      for (int64_t j = n0; j < n1; ++j) out[mm * N + j] += bias[j];
-}
-
-// Tiles are up to 4 rows of x by 3-4 weight rows (12 accumulators; x is a memory operand of
-// the FMA). For M > 4 a weight row group is re-read from L1/L2 once per 4 rows of x. Measured
-// alternative that lost (single core, K=4096): K-blocking so the x chunk stays in L1, with
-// vector partial sums per (row, m) in a buffer -- 20-70% slower at every M from 1 to 16.
-torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(),
-              "weight must be a contiguous bf16 [N, K] tensor");
-  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
-  check_x(x, K);
-  const float* b = opt_ptr(bias, N, "bias");
-  auto out = torch::empty({M, N}, x.options());
-  auto xperm = torch::empty({M, K}, x.options());
-  permute_x16(x.data_ptr<float>(), M, K, xperm.data_ptr<float>());
-  const float* xp = xperm.data_ptr<float>();
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
-  parallel_rows(N, [&](int64_t n0, int64_t n1) {
-    if (M < 4)
-      range_bf16<4, 3>(xp, M, K, wp, b, op, N, n0, n1);
-    else
-      range_bf16<3, 4>(xp, M, K, wp, b, op, N, n0, n1);
-  });
-  return out;
 }
 
 // ---- int4 group-wise -------------------------------------------------------------
@@ -446,21 +338,6 @@ torch::Tensor decode_int4(const torch::Tensor& x, const torch::Tensor& q, const 
 
 // ---- dequantise rows [n0, n1) into a caller-owned fp32 buffer (prefill path) -------
 
-void dequant_bf16(const torch::Tensor& w, int64_t n0, int64_t n1, torch::Tensor& out) {
-  const int64_t K = w.size(1);
-  TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "weight must be contiguous bf16");
-  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() >= (n1 - n0) * K,
-              "out buffer too small");
-  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= w.size(0), "bad row range");
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()) + n0 * K;
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, (n1 - n0) * K, 4096, [&](int64_t a, int64_t e) {
-    int64_t i = a;
-    for (; i + 8 <= e; i += 8) _mm256_storeu_ps(op + i, BF16::load8(wp + i));
-    for (; i < e; ++i) op[i] = BF16::load1(wp + i);
-  });
-}
-
 void dequant_int8(const torch::Tensor& q, const torch::Tensor& scale, int64_t n0, int64_t n1, torch::Tensor& out) {
   const int64_t K = q.size(1);
   TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous(), "int8 weight must be contiguous int8");
@@ -512,6 +389,11 @@ void dequant_int4(const torch::Tensor& q, const torch::Tensor& scale, const c10:
 
 }  // namespace
 
+// panel_bf16.cpp: bf16 weights in panels of 16 rows.
+torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                          const c10::optional<torch::Tensor>& bias);
+void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t n0, int64_t n1, torch::Tensor& out);
+
 // qdot.cpp: int8-activation kernels for quantised weights.
 int64_t q8_block_int8(int64_t K);
 torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
@@ -526,14 +408,14 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "codeshell weight-only matmul kernels (AVX2+FMA)";
-  m.def("decode_bf16", &decode_bf16, "x fp32 [M,K] @ w bf16 [N,K]^T + bias -> fp32 [M,N]");
+  m.def("decode_bf16", &decode_bf16, "x fp32 [M,K] @ w bf16 panels [ceil(N/16),K,16]^T + bias -> fp32 [M,N]");
   m.def("decode_int8", &decode_int8, "x fp32 [M,K] @ (q int8 [N,K] * scale[N])^T + bias");
   m.def("decode_int4", &decode_int4, "x fp32 [M,K] @ dequant(q4 [N,K/2], scale, offset, group)^T + bias");
   m.def("decode_int4_q8", &decode_int4_q8, "int4 weight x int8-quantised x (blocks = groups), small M");
   m.def("decode_int8_q8", &decode_int8_q8, "int8 weight x int8-quantised x (blocks of q8_block_int8(K))");
   m.def("q8_block_int8", &q8_block_int8, "activation block size the int8 x int8 kernel uses for K");
   m.def("decode_attention", &decode_attention, "one-query GQA attention over KV cache slots");
-  m.def("dequant_bf16", &dequant_bf16, "rows [n0,n1) of bf16 weight -> fp32 buffer");
+  m.def("dequant_bf16", &dequant_bf16, "rows [n0,n1) of bf16 panels -> fp32 buffer, K-major");
   m.def("dequant_int8", &dequant_int8, "rows [n0,n1) of int8 weight -> fp32 buffer");
   m.def("dequant_int4", &dequant_int4, "rows [n0,n1) of int4 weight -> fp32 buffer");
 }

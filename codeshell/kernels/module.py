@@ -78,11 +78,18 @@ def prepare_model(model: nn.Module) -> int:
         return 0
     head = getattr(model, "lm_head", None)
     tied = isinstance(head, nn.Linear) and head.weight is p
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+    del p
+    # (parent, name) only: holding the old modules here would keep every old weight alive
+    # until the end, doubling peak memory (the 7B model would need 30 GiB).
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16]
-    for parent, name, child in swaps:  # one at a time: the old weight is freed before the next copy
+    del head
+    for parent, name in swaps:  # one at a time: the old weight is freed before the next copy
+        child = getattr(parent, name)
+        is_head = tied and parent is model and name == "lm_head"
         packed = PackedLinear(prepack(child.weight), child.bias)
+        del child
         setattr(parent, name, packed)
-        if tied and child is head:
+        if is_head:
             model.transformer.wte = PackedEmbedding(packed.packed)
     return len(swaps)

@@ -21,6 +21,32 @@ def test_packed_linear_matches_nn_linear_for_bf16_weights():
         assert torch.allclose(pl(x).float(), ref, atol=2e-2, rtol=2e-2)
 
 
+def test_prepare_model_frees_each_old_weight_before_packing_the_next(monkeypatch):
+    """Peak memory stays near one copy of the model: when a linear is packed, the weights of
+    the linears packed before it are already gone."""
+    import weakref
+
+    from codeshell.kernels import module
+    if not available():
+        pytest.skip("native kernels unavailable here")
+    d = require_shared("golden/rope-gqa")
+    model, cfg, _ = load_model(d, dtype="bfloat16")
+    refs = [weakref.ref(m.weight) for m in model.modules() if type(m) is nn.Linear]
+    ids = {id(r()) for r in refs}
+    alive_at_call = []
+    real = module.prepack
+
+    def spy(w):
+        alive_at_call.append(sum(r() is not None for r in refs))
+        return real(w)
+    monkeypatch.setattr(module, "prepack", spy)
+    assert prepare_model(model) == len(refs) == len(ids)
+    # call i sees only the not-yet-packed weights; the tied head's weight is also the embedding
+    # (it is the last swapped), so it stays alive until the very end
+    assert alive_at_call == [len(refs) - i for i in range(len(refs))]
+    assert all(r() is None for r in refs)
+
+
 def test_packed_embedding_equals_the_embedding_it_replaces():
     torch.manual_seed(0)
     emb = nn.Embedding(37, 24).to(torch.bfloat16)  # 37: the last panel is partly padding

@@ -39,8 +39,9 @@ inline void split16(const uint16_t* p, __m256& lo, __m256& hi) {
 // For NP consecutive panels q (weights w + q * pstride, results c + q * 256):
 // c[q][MR][16] (+)= xt[k][0..MR) (x transposed, row stride ldx) times panel[q][k][16], k in [k0, k1).
 // NP > 1 serves small M: each panel is its own sequential stream, and several streams per
-// thread keep more memory requests in flight (M = 1 on the 7B c_fc shape: 21 GB/s with one
-// stream per thread, 27-30 GB/s with four) and give the FMAs independent chains.
+// thread keep more memory requests in flight and give the FMAs independent chains (M = 1,
+// 7B c_fc shape, 2 threads, a noisy shared machine: 5.7-6.8 ms with four streams per thread,
+// 6.3-8.0 with one; the same trick on the int4/int8 rows of qdot.cpp measured no gain).
 template <int MR, int NP>
 inline void micro(const float* xt, int64_t ldx, const uint16_t* w, int64_t pstride, int64_t k0, int64_t k1,
                   float* c, bool first) {

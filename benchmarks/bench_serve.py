@@ -46,7 +46,8 @@ def make_model(shape: str, folder: Path) -> Path:
     if not tok.is_dir():
         sys.exit(f"the tokenizer is needed at {tok} (set CODESHELL_SHARED)")
     cfg = CodeShellConfig(vocab_size=70144, position_embedding_type="rope", **SHAPES[shape])
-    return make_tiny_checkpoint(folder, tok, cfg=cfg)
+    # bfloat16 like the released checkpoints, so the server runs what users run (the bf16 kernels)
+    return make_tiny_checkpoint(folder, tok, cfg=cfg, dtype="bfloat16")
 
 
 class Server:

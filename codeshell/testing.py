@@ -37,14 +37,16 @@ def random_state_dict(cfg: CodeShellConfig, seed: int = 0, dtype: torch.dtype = 
 
 
 def make_tiny_checkpoint(path: str | Path, tokenizer_dir: str | Path | None = None,
-                         cfg: CodeShellConfig | None = None, seed: int = 0) -> Path:
-    """Write a tiny CodeShell checkpoint folder (vocab 70144 so the real tokenizer fits)."""
+                         cfg: CodeShellConfig | None = None, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a tiny CodeShell checkpoint folder (vocab 70144 so the real tokenizer fits), in
+    `dtype` ("float32", or "bfloat16" like the released checkpoints)."""
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = cfg or SHAPES["tiny"]
-    (path / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": "float32"}, indent=2))
-    save_file(random_state_dict(cfg, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": dtype}, indent=2))
+    sd = {k: v.to(getattr(torch, dtype)) for k, v in random_state_dict(cfg, seed).items()}
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_dir is not None:
         for f in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / f

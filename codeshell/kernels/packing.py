@@ -79,12 +79,22 @@ def prepack(weight: torch.Tensor) -> PackedWeight:
     caller may free `weight` afterwards."""
     _check_weight(weight)
     n, k = weight.shape
-    w = weight.detach().to(torch.bfloat16)
+    w = weight.detach().to(torch.bfloat16).contiguous()
+    from . import _ext
+    mod = _ext.get()
+    return PackedWeight("bf16", n, k, panels_torch(w) if mod is None else mod.pack_bf16(w))
+
+
+def panels_torch(w: torch.Tensor) -> torch.Tensor:
+    """The bf16 panel layout [P, K, 16] of W [N, K] in torch ops (the reference for the
+    native `pack_bf16`, and the path without it)."""
+    n, k = w.shape
     p = -(-n // PANEL)
+    w = w.to(torch.bfloat16)
     if p * PANEL != n:
         w = torch.cat([w, w.new_zeros(p * PANEL - n, k)])
-    data = w.reshape(p, PANEL, k)[:, _PANEL_ROWS].transpose(1, 2).contiguous()  # [P, K, 16]
-    return PackedWeight("bf16", n, k, data)
+    # [P, half, i, K] -> [P, K, i, half]: position 2i + half holds row 8 * half + i (one copy)
+    return w.reshape(p, 2, PANEL // 2, k).permute(0, 3, 2, 1).contiguous().reshape(p, k, PANEL)
 
 
 def bf16_rows(p: PackedWeight, rows: torch.Tensor | slice) -> torch.Tensor:

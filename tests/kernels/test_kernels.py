@@ -164,6 +164,8 @@ def test_bf16_panel_layout_roundtrip_and_order():
     assert torch.equal(p.data[0, 5].float(), w.bfloat16().float()[[0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15], 5])
     assert torch.equal(p.data[2, :, 10:], torch.zeros(40, 6, dtype=torch.bfloat16))  # rows 37..47 padding
     assert torch.equal(bf16_rows(p, torch.tensor([36, 0, 17])), w.bfloat16()[[36, 0, 17]])
+    from codeshell.kernels.packing import panels_torch
+    assert torch.equal(p.data, panels_torch(w))  # the native packer (when built) == the torch one
 
 
 def test_nibble_layout_roundtrip_and_order():

@@ -393,6 +393,7 @@ void dequant_int4(const torch::Tensor& q, const torch::Tensor& scale, const c10:
 torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
                           const c10::optional<torch::Tensor>& bias);
 void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t n0, int64_t n1, torch::Tensor& out);
+torch::Tensor pack_bf16(const torch::Tensor& w);
 
 // qdot.cpp: int8-activation kernels for quantised weights.
 int64_t q8_block_int8(int64_t K);
@@ -415,6 +416,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_int8_q8", &decode_int8_q8, "int8 weight x int8-quantised x (blocks of q8_block_int8(K))");
   m.def("q8_block_int8", &q8_block_int8, "activation block size the int8 x int8 kernel uses for K");
   m.def("decode_attention", &decode_attention, "one-query GQA attention over KV cache slots");
+  m.def("pack_bf16", &pack_bf16, "bf16 [N,K] -> panels [ceil(N/16),K,16] (see packing.prepack)");
   m.def("dequant_bf16", &dequant_bf16, "rows [n0,n1) of bf16 panels -> fp32 buffer, K-major");
   m.def("dequant_int8", &dequant_int8, "rows [n0,n1) of int8 weight -> fp32 buffer");
   m.def("dequant_int4", &dequant_int4, "rows [n0,n1) of int4 weight -> fp32 buffer");

@@ -8,6 +8,7 @@ weight-only ops (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu).
 
     python benchmarks/bench_kernels.py                       # all shapes, M=1,8,512, bf16
     python benchmarks/bench_kernels.py --kinds bf16 int8 int4 --m 1 8 --shapes c_fc
+    python benchmarks/bench_kernels.py --attention      # decode attention vs SDPA, 7B heads
 """
 
 from __future__ import annotations
@@ -69,6 +70,25 @@ def torch_int4(w: torch.Tensor, group: int):
     return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
 
 
+def attention(budget: float) -> None:
+    """One decode step's attention for one 7B layer (32 heads, 8 KV groups, head dim 128, bf16
+    cache): ours (read from the cache slots) vs torch SDPA on the gathered keys and values."""
+    from codeshell.kernels import decode_attention
+    h, g, d, slots_n = 32, 8, 128, 8
+    print(f"{'batch':>5} {'keys':>5} {'ours ms':>8} {'SDPA ms':>8} {'x':>6} {'cache GB/s (ours)':>18}")
+    for length in (600, 2000):
+        kc, vc = (torch.randn(slots_n, g, length, d).to(torch.bfloat16) for _ in range(2))
+        for b in (1, 8):
+            q = torch.randn(b, h, 1, d).to(torch.bfloat16)
+            slots, lens = torch.arange(b), torch.full((b,), length)
+            ours = timeit(lambda: decode_attention(q, kc, vc, slots, lens, d ** -0.5), budget)
+            k, v = kc[:b], vc[:b]
+            sdpa = timeit(lambda: F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5, enable_gqa=True), budget)
+            nbytes = 2 * b * g * length * d * 2
+            print(f"{b:5d} {length:5d} {ours * 1e3:8.2f} {sdpa * 1e3:8.2f} {sdpa / ours:5.1f}x {nbytes / ours / 1e9:18.1f}",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -79,6 +99,7 @@ def main() -> None:
     ap.add_argument("--no-torch-bf16-prefill", action="store_true",
                     help="skip torch bf16 F.linear for M > 16 (it is ~4x slower than fp32 here)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--attention", action="store_true", help="only the decode attention kernel vs SDPA")
     ap.add_argument("--per-core", action="store_true",
                     help="1 thread, timed by this thread's CPU time: kernel efficiency without the "
                          "scheduling noise of a shared machine (memory contention still counts)")
@@ -92,6 +113,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {threads}, native kernels: {available()}, "
           f"clock: {'thread CPU time' if args.per_core else 'wall'}, best of several calls")
+    if args.attention:
+        return attention(args.budget)
     print(f"{'shape':12} {'M':>4} {'impl':22} {'ms':>9} {'GB/s':>7} {'GFLOP/s':>8} {'vs torch bf16':>13}")
     gen = torch.Generator().manual_seed(0)
     for name in args.shapes:

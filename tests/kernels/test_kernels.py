@@ -232,18 +232,23 @@ def test_int8_activations_stay_close_to_weight_only_math(kind, args):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_matches_sdpa(dtype):
+# (heads, kv groups, head dim, scale): 4 heads per group (CodeShell's ratio), 6 (blocks of 4 + 2),
+# 1 with a head dim the vector path does not take, 3 at CodeShell's head dim, and a scale so
+# large that most probabilities underflow to 0
+@pytest.mark.parametrize("h,g,d,scale", [(8, 2, 16, 0.25), (6, 1, 32, 0.2), (3, 3, 8, 0.3),
+                                         (12, 4, 128, 128 ** -0.5), (4, 1, 16, 30.0)])
+def test_decode_attention_matches_sdpa(dtype, h, g, d, scale):
     """Rows read their own cache slot (any order) up to their own length; GQA heads share KV."""
     from codeshell.kernels import decode_attention
-    g = torch.Generator().manual_seed(0)
-    kc, vc = (torch.randn(5, 2, 40, 16, generator=g).to(dtype) for _ in range(2))
-    q = torch.randn(3, 8, 1, 16, generator=g).to(dtype)
-    slots, lens = torch.tensor([4, 0, 2]), torch.tensor([40, 1, 17])
-    y = decode_attention(q, kc, vc, slots, lens, 0.25)
+    gen = torch.Generator().manual_seed(0)
+    kc, vc = (torch.randn(5, g, 300, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(4, h, 1, d, generator=gen).to(dtype)
+    slots, lens = torch.tensor([4, 0, 2, 3]), torch.tensor([40, 1, 17, 300])
+    y = decode_attention(q, kc, vc, slots, lens, scale)
     assert y.shape == q.shape and y.dtype == dtype
-    for b in range(3):
+    for b in range(4):
         k, v = (c[slots[b], :, :lens[b]].float()[None] for c in (kc, vc))
-        ref = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1].float(), k, v, scale=0.25, enable_gqa=True)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1].float(), k, v, scale=scale, enable_gqa=True)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(y[b:b + 1].float(), ref, atol=tol, rtol=tol)
 

@@ -3,7 +3,7 @@
 Public API (see docs/kernels.md):
 
     from codeshell.kernels import prepack, quantize_int8, quantize_int4, linear, available
-    pw = prepack(layer.weight)            # once at load: bf16 [N, K]   (or quantize_int8 / quantize_int4)
+    pw = prepack(layer.weight)            # once at load: bf16 panels   (or quantize_int8 / quantize_int4)
     y = linear(x, pw, layer.bias)         # y[..., N] = x[..., K] @ W^T + b, dispatched by M
 
 What this is not: a module/model integration (the model owns nn.Module plumbing) and not a
@@ -12,7 +12,15 @@ without a compiler or AVX2 everything runs through plain torch after one warning
 """
 
 from .module import PackedEmbedding, PackedLinear, prepare_model
-from .ops import DECODE_MAX_M, available, decode_attention, decode_attention_ok, linear, set_num_threads
+from .ops import (
+    DECODE_MAX_M,
+    available,
+    decode_attention,
+    decode_attention_ok,
+    linear,
+    sample_temperature,
+    set_num_threads,
+)
 from .packing import (
     KINDS,
     PackedWeight,
@@ -45,6 +53,7 @@ __all__ = [
     "pack_nibbles",
     "prepack",
     "quantize_int4",
+    "sample_temperature",
     "quantize_int8",
     "set_num_threads",
     "unpack_nibbles",

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SRCS = [Path(__file__).with_name("csrc") / f for f in ("kernels.cpp", "panel_bf16.cpp", "qdot.cpp", "attention.cpp")]
+_SRCS = [Path(__file__).with_name("csrc") / f for f in ("kernels.cpp", "panel_bf16.cpp", "qdot.cpp", "attention.cpp", "sampling.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

@@ -155,6 +155,17 @@ def _torch_path(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> 
     return _prefill(None, x, p, bias)
 
 
+def sample_temperature(logits: torch.Tensor, temperature: float, u: float) -> int | None:
+    """The first token whose cumulative probability under softmax(logits / temperature) exceeds
+    u times the total (u uniform in [0, 1)): an inverse-CDF draw, native and fused. None when
+    the native kernels cannot take it (not a CPU fp32 vector, or no build); the caller then
+    uses torch ops for the same draw."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 1:
+        return None
+    mod = _ext.get()
+    return None if mod is None else int(mod.sample_temperature(logits.contiguous(), float(temperature), float(u)))
+
+
 def decode_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `decode_attention` takes this query and cache (else the caller runs SDPA)."""
     return (q.device.type == "cpu" and q.dim() == 4 and q.shape[2] == 1

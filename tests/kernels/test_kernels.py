@@ -261,3 +261,27 @@ def test_decode_attention_rejects_bad_slots():
         decode_attention(torch.zeros(1, 2, 1, 8), kc, kc, torch.tensor([2]), torch.tensor([3]), 1.0)
     with pytest.raises(RuntimeError, match="length 9 is outside the cache"):
         decode_attention(torch.zeros(1, 2, 1, 8), kc, kc, torch.tensor([1]), torch.tensor([9]), 1.0)
+
+
+@needs_native
+def test_fused_temperature_draw_matches_the_torch_inverse_cdf():
+    """sample_temperature is the same inverse-CDF draw as the torch ops in engine/sampling.py:
+    equal tokens for the same uniform (but where float rounding puts u on a boundary), never a
+    token of probability 0, and a clear error when nothing can be drawn."""
+    from codeshell.kernels import sample_temperature
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(70144, generator=g) * 3
+    logits[::7] = float("-inf")  # masked tokens
+    logits[5] = 9.0
+    for temp in (0.3, 0.8, 1.7):
+        cdf = torch.softmax(logits / temp, -1).cumsum(-1)
+        us = torch.rand(2000, generator=g)
+        ref = torch.searchsorted(cdf, us * cdf[-1], right=True).clamp_(max=cdf.numel() - 1)
+        got = torch.tensor([sample_temperature(logits, temp, float(u)) for u in us])
+        assert (got == ref).float().mean() >= 0.995
+        assert torch.isfinite(logits[got]).all()
+    assert sample_temperature(logits, 1.0, 0.0) == 1  # u = 0: the first token that can be drawn (0 is masked)
+    assert torch.isfinite(logits[sample_temperature(logits, 1.0, 0.9999999)])
+    with pytest.raises(RuntimeError, match="nothing to sample"):
+        sample_temperature(torch.full((10,), float("-inf")), 1.0, 0.5)
+    assert sample_temperature(logits.double(), 1.0, 0.5) is None  # not fp32: the caller's torch path

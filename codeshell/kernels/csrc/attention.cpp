@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -50,28 +52,6 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// e^x for 8 lanes (Cephes-style: 2^n * e^r with |r| <= ln2/2, degree-6 polynomial; relative
-// error ~2e-7, exact 0 below -88). Used by the softmax, where scalar expf cost ~a fifth of the
-// kernel at 600 keys.
-inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-88.f), hi = _mm256_set1_ps(88.f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-
 // p[r][0..S) = softmax over s (fp32, in place) for R rows.
 void softmax_rows(float* p, int R, int64_t S) {
   for (int r = 0; r < R; ++r) {
@@ -87,7 +67,7 @@ void softmax_rows(float* p, int R, int64_t S) {
     const __m256 m8 = _mm256_set1_ps(mx);
     __m256 sv = _mm256_setzero_ps();
     for (s = 0; s + 8 <= S; s += 8) {
-      const __m256 ev = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + s), m8));
+      const __m256 ev = codeshell::exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + s), m8));
       _mm256_storeu_ps(pr + s, ev);
       sv = _mm256_add_ps(sv, ev);
     }

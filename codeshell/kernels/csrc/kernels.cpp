@@ -403,6 +403,9 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
 torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                              const c10::optional<torch::Tensor>& bias);
 
+// sampling.cpp
+int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u);
+
 // attention.cpp
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                                const torch::Tensor& slots, const torch::Tensor& lens, double scale);
@@ -415,6 +418,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_int4_q8", &decode_int4_q8, "int4 weight x int8-quantised x (blocks = groups), small M");
   m.def("decode_int8_q8", &decode_int8_q8, "int8 weight x int8-quantised x (blocks of q8_block_int8(K))");
   m.def("q8_block_int8", &q8_block_int8, "activation block size the int8 x int8 kernel uses for K");
+  m.def("sample_temperature", &sample_temperature, "inverse-CDF draw from softmax(logits / T) with uniform u");
   m.def("decode_attention", &decode_attention, "one-query GQA attention over KV cache slots");
   m.def("pack_bf16", &pack_bf16, "bf16 [N,K] -> panels [ceil(N/16),K,16] (see packing.prepack)");
   m.def("dequant_bf16", &dequant_bf16, "rows [n0,n1) of bf16 panels -> fp32 buffer, K-major");

@@ -1,0 +1,87 @@
+// Temperature sampling of one row of logits by inverse CDF, fused into two passes.
+//
+// What this is: token = the first i with cumsum(softmax(logits / T))[i] > u * total, u in [0, 1):
+// the draw `engine/sampling.py` makes with torch ops (softmax, cumsum, searchsorted), done here
+// as one max pass and one exp-and-sum pass over the vocabulary, then a scan of the block sums
+// that stops at the crossing. Tokens of probability 0 (a -inf logit, or exp underflow) are never
+// drawn. What this is not: top-k/top-p/min-p or penalties (those rows take the torch path).
+//
+// Why: on a 70,144-token vocabulary the torch ops cost 270-350 us a row on this CPU (each pass
+// allocates and the cumsum is scalar), about 8% of a batch-16 decode step of a small model;
+// this takes ~75 us.
+
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+
+#include "simd.h"
+
+int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u) {
+  TORCH_CHECK(logits.dim() == 1 && logits.scalar_type() == torch::kFloat32 && logits.is_contiguous(),
+              "logits must be a contiguous fp32 [V] tensor");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0");
+  TORCH_CHECK(u >= 0 && u < 1, "u must be in [0, 1)");
+  const int64_t V = logits.numel();
+  TORCH_CHECK(V > 0, "empty logits");
+  const float* l = logits.data_ptr<float>();
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(l + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  float mx = -INFINITY;
+  for (float v : lanes) mx = std::max(mx, v);
+  for (; i < V; ++i) mx = std::max(mx, l[i]);
+  TORCH_CHECK(std::isfinite(mx), "every logit is -inf or NaN: nothing to sample");
+  const float inv = float(1.0 / temperature);
+  // Block b's 8 values exp((l[i] - max) / T) (0 past V). The total is the block sums added in
+  // order, which is exactly what the scan adds up again; the crossing block is recomputed
+  // rather than keeping all V values (a 280 KB buffer per call cost more than the exps).
+  const __m256 m8 = _mm256_set1_ps(mx), i8 = _mm256_set1_ps(inv);
+  auto block = [&](int64_t b, float* out) -> __m256 {
+    __m256 ev;
+    if (b * 8 + 8 <= V) {
+      ev = codeshell::exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(l + b * 8), m8), i8));
+    } else {
+      alignas(32) float t8[8];
+      for (int t = 0; t < 8; ++t) t8[t] = b * 8 + t < V ? std::exp((l[b * 8 + t] - mx) * inv) : 0.f;
+      ev = _mm256_load_ps(t8);
+    }
+    if (out) _mm256_storeu_ps(out, ev);
+    return ev;
+  };
+  const int64_t nb = (V + 7) / 8;
+  std::unique_ptr<float[]> bsum(new float[size_t(nb)]);
+  double total = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256 ev = block(b, nullptr);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(ev), _mm256_extractf128_ps(ev, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    bsum[b] = _mm_cvtss_f32(h);
+    total += bsum[b];
+  }
+  const double target = u * total;
+  double acc = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (acc + bsum[b] <= target) {
+      acc += bsum[b];
+      continue;
+    }
+    block(b, lanes);
+    for (int t = 0; t < 8; ++t)
+      if (lanes[t] > 0 && (acc += lanes[t]) > target) return b * 8 + t;
+  }
+  // rounding left the crossing unmet: the last token of non-zero probability
+  for (int64_t b = nb - 1; b >= 0; --b) {
+    if (bsum[b] <= 0) continue;
+    block(b, lanes);
+    for (int t = 7; t >= 0; --t)
+      if (lanes[t] > 0) return b * 8 + t;
+  }
+  return V - 1;
+}

@@ -45,13 +45,6 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
   return uint16_t(u >> 16);
 }
 
-inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
 // p[r][0..S) = softmax over s (fp32, in place) for R rows.
 void softmax_rows(float* p, int R, int64_t S) {
   for (int r = 0; r < R; ++r) {
@@ -71,7 +64,7 @@ void softmax_rows(float* p, int R, int64_t S) {
       _mm256_storeu_ps(pr + s, ev);
       sv = _mm256_add_ps(sv, ev);
     }
-    float sum = hsum(sv);
+    float sum = codeshell::hsum8(sv);
     for (int64_t j = s; j < S; ++j) sum += (pr[j] = std::exp(pr[j] - mx));
     const __m256 inv = _mm256_set1_ps(1.f / sum);
     for (s = 0; s + 8 <= S; s += 8) _mm256_storeu_ps(pr + s, _mm256_mul_ps(_mm256_loadu_ps(pr + s), inv));
@@ -109,8 +102,8 @@ void scores(const float* q, int64_t D, const T* k, int64_t S, float scale, float
       }
     }
     for (int r = 0; r < RB; ++r) {
-      p[r * S + s] = hsum(acc[0][r]) * scale;
-      p[r * S + s + 1] = hsum(acc[1][r]) * scale;
+      p[r * S + s] = codeshell::hsum8(acc[0][r]) * scale;
+      p[r * S + s + 1] = codeshell::hsum8(acc[1][r]) * scale;
     }
   }
   for (; s < S; ++s) {
@@ -120,7 +113,7 @@ void scores(const float* q, int64_t D, const T* k, int64_t S, float scale, float
       const __m256 a = load8(k + s * D + d);
       for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), a, acc[r]);
     }
-    for (int r = 0; r < RB; ++r) p[r * S + s] = hsum(acc[r]) * scale;
+    for (int r = 0; r < RB; ++r) p[r * S + s] = codeshell::hsum8(acc[r]) * scale;
   }
 }
 

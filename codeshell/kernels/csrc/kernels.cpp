@@ -20,20 +20,14 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 sh = _mm_movehdup_ps(lo);
-  lo = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, lo);
-  return _mm_cvtss_f32(_mm_add_ss(lo, sh));
-}
 
 // Loaders: 8 consecutive weights -> 8 fp32 lanes (unscaled).
 struct I8 {
@@ -62,7 +56,7 @@ inline void tile_dense(const float* x, int64_t ldx, const typename L::T* w, int6
   }
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) {
-      float s = hsum(acc[i][j]);
+      float s = codeshell::hsum8(acc[i][j]);
       for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * L::load1(w + j * ldw + kk);
       out[i * ldo + j] = s;
     }
@@ -186,7 +180,7 @@ inline void tile_q4(const float* x, int64_t ldx, const float* xs /* [MB][ngroups
       float corr = 0.f;  // sum_g (o_g - 8 s_g) * xsum_g
       for (int64_t g = 0; g < ngroups; ++g)
         corr += ((OFFS ? of[j * ngroups + g] : 0.f) - 8.f * sc[j * ngroups + g]) * xs[i * ngroups + g];
-      out[i * ldo + j] = hsum(acc[i][j]) + corr;
+      out[i * ldo + j] = codeshell::hsum8(acc[i][j]) + corr;
     }
 }
 

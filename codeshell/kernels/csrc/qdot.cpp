@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,13 +35,6 @@ namespace {
 #define CODESHELL_PREFETCH 2048
 #endif
 constexpr int64_t kPrefetch = CODESHELL_PREFETCH;
-
-inline float hsum8(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 // x fp32 [M, K] -> xq int8 [M, K], dx [M, K/B] (block scale), xs [M, K/B] (dx * sum of xq).
 // Block b: amax = max |x|, dx = amax / 127, xq = round_half_even(x * (127 / amax)).
@@ -89,7 +84,7 @@ inline float affine_const(const float* sc, const float* of, const float* xs, int
     if (OFFS) c = _mm256_add_ps(c, _mm256_loadu_ps(of + g));
     acc = _mm256_fmadd_ps(c, _mm256_loadu_ps(xs + g), acc);
   }
-  float r = hsum8(acc);
+  float r = codeshell::hsum8(acc);
   for (; g < ng; ++g) r += ((OFFS ? of[g] : 0.f) - 8.f * sc[g]) * xs[g];
   return r;
 }
@@ -171,7 +166,7 @@ inline void tile_q4(const int8_t* xq, int64_t K, const float* dx, const float* x
   }
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j)
-      out[i * ldo + j] = hsum8(acc[i][j]) + affine_const<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr,
+      out[i * ldo + j] = codeshell::hsum8(acc[i][j]) + affine_const<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr,
                                                                 xs + i * ng, ng);
 }
 
@@ -252,7 +247,7 @@ inline void tile_q8(const int8_t* xq, int64_t K, const float* dx, const int8_t* 
     }
   }
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) out[i * ldo + j] = hsum8(acc[i][j]);
+    for (int j = 0; j < NB; ++j) out[i * ldo + j] = codeshell::hsum8(acc[i][j]);
 }
 
 template <int NB>

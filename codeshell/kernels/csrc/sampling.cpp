@@ -58,11 +58,7 @@ int64_t sample_temperature(const torch::Tensor& logits, double temperature, doub
   std::unique_ptr<float[]> bsum(new float[size_t(nb)]);
   double total = 0;
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256 ev = block(b, nullptr);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(ev), _mm256_extractf128_ps(ev, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    bsum[b] = _mm_cvtss_f32(h);
+    bsum[b] = codeshell::hsum8(block(b, nullptr));
     total += bsum[b];
   }
   const double target = u * total;

@@ -5,6 +5,14 @@
 
 namespace codeshell {
 
+// Sum of the 8 lanes.
+inline float hsum8(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
 // e^x for 8 lanes (Cephes-style: 2^n * e^r with |r| <= ln2/2, degree-6 polynomial; relative
 // error ~2e-7, exactly 0 below -88). Scalar expf cost ~a fifth of decode attention at 600
 // keys and most of a sampling pass.

@@ -45,8 +45,8 @@ def make_tiny_checkpoint(path: str | Path, tokenizer_dir: str | Path | None = No
     path.mkdir(parents=True, exist_ok=True)
     cfg = cfg or SHAPES["tiny"]
     (path / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": dtype}, indent=2))
-    sd = {k: v.to(getattr(torch, dtype)) for k, v in random_state_dict(cfg, seed).items()}
-    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(random_state_dict(cfg, seed, dtype=getattr(torch, dtype)), str(path / "model.safetensors"),
+              metadata={"format": "pt"})
     if tokenizer_dir is not None:
         for f in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / f

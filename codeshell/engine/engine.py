@@ -21,6 +21,11 @@ from .sampling import SamplingParams, SequenceSampler, token_logprob
 from .sequence import Sequence
 
 
+# A request sharing more prompt tokens than this with one in a pending prefill group waits for
+# that group, so its prefix comes from the cache instead of being computed twice.
+_SHARE = 16
+
+
 class RequestError(ValueError):
     """A request the engine cannot run (empty prompt, too long for the context, ...)."""
 
@@ -114,8 +119,7 @@ class Engine:
         """Schedule, forward, sample, update. Returns an output for each request that changed."""
         changed: dict[str, _Request] = {}
         self._apply_aborts(changed)
-        for req in self._admit():                       # schedule + prefill
-            logits = self._prefill(req)
+        for req, logits in self._prefill(self._admit()):  # schedule + prefill
             for seq in req.seqs:
                 self._append(seq, logits)
             changed[req.request_id] = req
@@ -212,33 +216,101 @@ class Engine:
             grow = min(max(need, 2 * self.cache.max_len), self.max_model_len)
             self.cache.ensure(self.max_batch, grow)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: list[int], seq_len: int) -> torch.Tensor:
-        """Hidden states of the last position of each row: [B, n_embd]."""
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: list[int], seq_len: int,
+                 last: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [B, n_embd] at index `last` [B] of each row (default: the last one)."""
         view = self.cache.view(slots, pos)
         h = self.model.transformer(ids, pos, view.mask(), view, seq_len=seq_len)
-        return h[:, -1]
+        return h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(h).float()
 
-    def _prefill(self, req: _Request) -> torch.Tensor:
-        """Run the prompt through the first sequence's slot (in chunks); copy it to the others."""
+    def _prefill(self, reqs: list[_Request]) -> list[tuple[_Request, torch.Tensor]]:
+        """Prefill newly admitted requests; returns each with its next-token logits [vocab].
+
+        Short prompts go through one right-padded forward together (16 IDE or chat requests
+        arriving at once cost about one forward instead of 16, and the output head runs once
+        at M = 16); a prompt longer than `prefill_chunk` runs alone in chunks. A request that
+        shares more than `_SHARE` tokens with one in the pending group waits for that group,
+        so that its prefix can come from the cache.
+        """
+        out: list[tuple[_Request, torch.Tensor]] = []
+        group: list[tuple[_Request, int]] = []  # (request, prompt tokens reused from the cache)
+
+        def flush() -> None:
+            if group:
+                out.extend(zip([r for r, _ in group], self._prefill_group(group)))
+                group.clear()
+
+        for req in reqs:
+            if any(_common_prefix(g.prompt_ids, req.prompt_ids) > _SHARE for g, _ in group):
+                flush()
+            n = len(req.prompt_ids)
+            self._ensure_cache(n + 1)
+            reused = self._reuse_prefix(req, req.seqs[0].slot)
+            req.num_cached = reused
+            if n - reused > self.prefill_chunk:
+                flush()
+                out.append((req, self._prefill_chunked(req, reused)))
+                continue
+            if group and not self._fits(group + [(req, reused)]):
+                flush()
+            group.append((req, reused))
+        flush()
+        return out
+
+    def _fits(self, group: list[tuple[_Request, int]]) -> bool:
+        """Whether these prompts may share one padded forward: at most `prefill_chunk` tokens
+        with padding, padding inside the context, and one RoPE base (dynamic NTK scaling
+        depends on the sequence length once it passes n_positions)."""
+        T = max(len(r.prompt_ids) - u for r, u in group)
+        if len(group) * T > self.prefill_chunk or any(u + T > self.max_model_len for _, u in group):
+            return False
+        return self.cfg.rope_scaling_type != "dynamic" or \
+            all(len(r.prompt_ids) <= self.cfg.n_positions for r, _ in group)
+
+    def _prefill_group(self, group: list[tuple[_Request, int]]) -> list[torch.Tensor]:
+        """One forward over the rest of each prompt, right-padded to the longest: row i holds
+        positions u_i .. u_i + T - 1. Padding sits after the real tokens, so the causal mask
+        hides it from them; its keys land in the slot past the prompt, where decode overwrites
+        them before any query can reach them."""
+        T = max(len(r.prompt_ids) - u for r, u in group)
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        pos = torch.empty(len(group), T, dtype=torch.long)
+        last = torch.empty(len(group), dtype=torch.long)
+        for i, (r, u) in enumerate(group):
+            rest = r.prompt_ids[u:]
+            ids[i, :len(rest)] = torch.tensor(rest)
+            pos[i] = torch.arange(u, u + T)
+            last[i] = len(rest) - 1
+        self._ensure_cache(int(pos.max()) + 1)
+        h = self._forward(ids.to(self.device), pos.to(self.device), [r.seqs[0].slot for r, _ in group],
+                          seq_len=max(len(r.prompt_ids) for r, _ in group), last=last.to(self.device))
+        for r, _ in group:
+            self._fan_out(r)
+        return list(self._logits(h))
+
+    def _prefill_chunked(self, req: _Request, reused: int) -> torch.Tensor:
+        """A long prompt through its first sequence's slot, `prefill_chunk` tokens at a time."""
         n = len(req.prompt_ids)
-        self._ensure_cache(n + 1)
         first = req.seqs[0]
-        reused = self._reuse_prefix(req, first.slot)
-        req.num_cached = reused
         ids = torch.tensor(req.prompt_ids, device=self.device)
         h = None
         for start in range(reused, n, self.prefill_chunk):
             chunk = ids[start:start + self.prefill_chunk][None]
             pos = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
             h = self._forward(chunk, pos, [first.slot], seq_len=start + chunk.shape[1])
+        self._fan_out(req)
+        return self._logits(h)[0]
+
+    def _fan_out(self, req: _Request) -> None:
+        """The prompt is in the first sequence's slot: copy it to the others (n > 1)."""
+        n, first = len(req.prompt_ids), req.seqs[0]
         for s in req.seqs:
             if s is not first:
                 self.cache.copy_prefix(first.slot, s.slot, n)
             s.cached = n
-        return self._logits(h)[0]
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         self._ensure_cache(max(s.cached for s in seqs) + 1)

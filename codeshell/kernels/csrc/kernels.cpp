@@ -404,18 +404,23 @@ int64_t sample_temperature(const torch::Tensor& logits, double temperature, doub
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                                const torch::Tensor& slots, const torch::Tensor& lens, double scale);
 
+// The compute kernels run without the GIL (as torch's own ops do): the server's event loop, in
+// another thread of the same process, keeps streaming tokens while the engine thread computes.
+// The two short calls keep it: giving it up for ~75 us would risk waiting a whole switch
+// interval (5 ms) to get it back from a busy event loop.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto kNoGil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "codeshell weight-only matmul kernels (AVX2+FMA)";
-  m.def("decode_bf16", &decode_bf16, "x fp32 [M,K] @ w bf16 panels [ceil(N/16),K,16]^T + bias -> fp32 [M,N]");
-  m.def("decode_int8", &decode_int8, "x fp32 [M,K] @ (q int8 [N,K] * scale[N])^T + bias");
-  m.def("decode_int4", &decode_int4, "x fp32 [M,K] @ dequant(q4 [N,K/2], scale, offset, group)^T + bias");
-  m.def("decode_int4_q8", &decode_int4_q8, "int4 weight x int8-quantised x (blocks = groups), small M");
-  m.def("decode_int8_q8", &decode_int8_q8, "int8 weight x int8-quantised x (blocks of q8_block_int8(K))");
+  m.def("decode_bf16", &decode_bf16, kNoGil, "x fp32 [M,K] @ w bf16 panels [ceil(N/16),K,16]^T + bias -> fp32 [M,N]");
+  m.def("decode_int8", &decode_int8, kNoGil, "x fp32 [M,K] @ (q int8 [N,K] * scale[N])^T + bias");
+  m.def("decode_int4", &decode_int4, kNoGil, "x fp32 [M,K] @ dequant(q4 [N,K/2], scale, offset, group)^T + bias");
+  m.def("decode_int4_q8", &decode_int4_q8, kNoGil, "int4 weight x int8-quantised x (blocks = groups), small M");
+  m.def("decode_int8_q8", &decode_int8_q8, kNoGil, "int8 weight x int8-quantised x (blocks of q8_block_int8(K))");
   m.def("q8_block_int8", &q8_block_int8, "activation block size the int8 x int8 kernel uses for K");
   m.def("sample_temperature", &sample_temperature, "inverse-CDF draw from softmax(logits / T) with uniform u");
-  m.def("decode_attention", &decode_attention, "one-query GQA attention over KV cache slots");
-  m.def("pack_bf16", &pack_bf16, "bf16 [N,K] -> panels [ceil(N/16),K,16] (see packing.prepack)");
-  m.def("dequant_bf16", &dequant_bf16, "rows [n0,n1) of bf16 panels -> fp32 buffer, K-major");
-  m.def("dequant_int8", &dequant_int8, "rows [n0,n1) of int8 weight -> fp32 buffer");
-  m.def("dequant_int4", &dequant_int4, "rows [n0,n1) of int4 weight -> fp32 buffer");
+  m.def("decode_attention", &decode_attention, kNoGil, "one-query GQA attention over KV cache slots");
+  m.def("pack_bf16", &pack_bf16, kNoGil, "bf16 [N,K] -> panels [ceil(N/16),K,16] (see packing.prepack)");
+  m.def("dequant_bf16", &dequant_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> fp32 buffer, K-major");
+  m.def("dequant_int8", &dequant_int8, kNoGil, "rows [n0,n1) of int8 weight -> fp32 buffer");
+  m.def("dequant_int4", &dequant_int4, kNoGil, "rows [n0,n1) of int4 weight -> fp32 buffer");
 }

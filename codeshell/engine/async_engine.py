@@ -121,6 +121,10 @@ class AsyncEngine:
         if q is not None:
             q.put_nowait(item)
 
+    def _deliver_all(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            self._deliver(out.request_id, out)
+
     def _run(self) -> None:
         eng = self.engine
         while not self._stop.is_set():
@@ -135,8 +139,8 @@ class AsyncEngine:
                 self.error = e
                 self._fail_all(e)
                 continue
-            for out in outs:
-                self._loop.call_soon_threadsafe(self._deliver, out.request_id, out)
+            if outs:  # one wake-up of the event loop per step, not one per request (a syscall each)
+                self._loop.call_soon_threadsafe(self._deliver_all, outs)
         self._fail_all(EngineDeadError("the server is shutting down"))
 
     def _fail_all(self, err: BaseException) -> None:

@@ -13,6 +13,7 @@ without a compiler or AVX2 everything runs through plain torch after one warning
 
 from .module import PackedEmbedding, PackedLinear, prepare_model
 from .ops import (
+    BF16_PANEL_MAX_M,
     DECODE_MAX_M,
     available,
     decode_attention,
@@ -36,6 +37,7 @@ from .packing import (
 )
 
 __all__ = [
+    "BF16_PANEL_MAX_M",
     "DECODE_MAX_M",
     "KINDS",
     "PackedEmbedding",

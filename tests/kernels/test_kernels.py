@@ -14,6 +14,7 @@ import torch
 
 from codeshell.kernels.packing import activation_block
 from codeshell.kernels import (
+    BF16_PANEL_MAX_M,
     DECODE_MAX_M,
     PackedWeight,
     _ext,
@@ -39,7 +40,7 @@ CASES = [
     ("int4", {"group_size": 64, "symmetric": False}, 19, 192),
     ("int4", {"group_size": 128, "symmetric": False}, 21, 256),
 ]
-MS = list(range(1, DECODE_MAX_M + 2)) + [40]
+MS = list(range(1, DECODE_MAX_M + 2)) + [40, BF16_PANEL_MAX_M, BF16_PANEL_MAX_M + 1]  # each side of both limits
 
 
 def make(kind: str, args: dict, n: int, k: int, seed: int = 0) -> PackedWeight:
@@ -81,7 +82,7 @@ def test_model_sized_rows(kind):
     n, k = 600, 4096
     pw = make(kind, {"group_size": 128, "symmetric": False}, n, k)
     bias = torch.randn(n)
-    for m in (1, 8, 16, 300):
+    for m in (1, 8, 16, 64, 300):
         x = torch.randn(m, k)
         close(linear(x, pw, bias, impl="native"), linear(x, pw, bias, impl="reference"))
 

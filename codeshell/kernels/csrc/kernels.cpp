@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "parallel.h"
 #include "simd.h"
 
 #include <cstdint>
@@ -107,10 +108,10 @@ const float* opt_ptr(const c10::optional<torch::Tensor>& t, int64_t n, const cha
   return t->data_ptr<float>();
 }
 
-// Threads get contiguous row ranges; grain keeps each thread's share >= 16 rows.
+// Rows in chunks of a multiple of 16 that the threads claim (parallel.h).
 template <class F>
 void parallel_rows(int64_t N, F&& f) {
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { f(n0, n1); });
+  codeshell::parallel_chunks(N, 16, 64, f);
 }
 
 // ---- int4 group-wise -------------------------------------------------------------

@@ -1,4 +1,4 @@
-// bf16 weight-only matmul for small M (decode) on AVX2+FMA, over the panel layout.
+// bf16 weight-only matmul for M <= 64 (decode, short prefills) on AVX2+FMA, over the panel layout.
 //
 // What this is: y[M, N] = x[M, K] @ W^T (+ bias) with x fp32 and W bfloat16 stored as
 // panels of 16 output rows: data [P = ceil(N/16), K, 16], padded with zero rows. Within the
@@ -6,7 +6,8 @@
 // so one 32-byte load gives rows 0..7 as fp32 with a shift (v << 16) and rows 8..15 with a
 // mask (v & 0xffff0000). Also `dequant_bf16`, which expands panels to an fp32 K-major block
 // for the prefill sgemm. See codeshell/kernels/packing.py for the reference.
-// What this is not: the int8/int4 kernels (kernels.cpp, qdot.cpp) or anything for large M.
+// What this is not: the int8/int4 kernels (kernels.cpp, qdot.cpp) or anything for large M
+// (ops.py sends M > 64 to dequant + sgemm).
 //
 // Why this layout: a classic outer-product micro-kernel (BLIS-style: broadcast x[m, k],
 // multiply a vector of 8 weights). Up to 6 rows of x by 16 weight rows keeps 12 accumulators
@@ -24,11 +25,14 @@
 #include <cstring>
 #include <functional>
 
+#include "parallel.h"
+
 namespace {
 
 constexpr int64_t kPanel = 16;
 constexpr int64_t kKBlock = 512;     // k range per pass: the panel chunk (16 KiB) stays in L1 across m-tiles
 constexpr int64_t kPrefetch = 128;   // k steps ahead (4 KiB) of software prefetch on the weight stream
+constexpr int64_t kMaxRows = 64;     // rows of x per call: c [64][16] fp32 is the per-thread buffer below
 
 inline void split16(const uint16_t* p, __m256& lo, __m256& hi) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -81,7 +85,7 @@ inline void micro(const float* xt, int64_t ldx, const uint16_t* w, int64_t pstri
       for (int h = 0; h < 2; ++h) _mm256_storeu_ps(c + q * kPanel * kPanel + i * kPanel + h * 8, acc[q][i][h]);
 }
 
-// c[M][16] = x[M, K] @ panel^T for 4 <= M <= 16: tiles of 6 rows (4/3/2 for the rest), k-blocked
+// c[M][16] = x[M, K] @ panel^T for 4 <= M <= 64: tiles of 6 rows (4/3/2 for the rest), k-blocked
 // so the panel chunk is re-read from L1 by every tile.
 void panel_product(const float* xt, int64_t M, int64_t K, const uint16_t* w, float* c) {
   for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
@@ -131,7 +135,7 @@ torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_
   const int64_t K = w.size(1), M = x.size(0), P = w.size(0);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
               "x must be a contiguous fp32 [M, K] tensor with K=", K);
-  TORCH_CHECK(M >= 1 && M <= kPanel, "decode_bf16 takes 1..16 rows of x, got ", M);
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "decode_bf16 takes 1..", kMaxRows, " rows of x, got ", M);
   const float* b = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
@@ -143,8 +147,8 @@ torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_
   const float* xp = xt.data_ptr<float>();
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) {
-    alignas(32) float c[4 * kPanel * kPanel];
+  codeshell::parallel_chunks(P, 4, 4, [&](int64_t p0, int64_t p1) {
+    alignas(32) float c[kMaxRows * kPanel];  // also NP = 4 panels x 16 rows for M <= 3
     auto emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias
       const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
       for (int64_t m = 0; m < M; ++m) {

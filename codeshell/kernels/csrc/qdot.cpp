@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "parallel.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -303,7 +304,7 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
     if (G == 32) {
       if (ofp) run_q4<true, true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
       else run_q4<false, true>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
@@ -338,7 +339,7 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
   float* op = out.data_ptr<float>();
   const int8_t* wp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
     // One weight row per tile at every M: measured best (c_fc, M = 4: 5.1 ms vs 5.8 with 2
     // rows, 6.4 with 4; M = 8: 8.8 vs 9.2 / 10.7).
     range_q8<1>(xqp, dx, M, K, B, wp, op, N, n0, n1);

@@ -17,7 +17,7 @@ import torch
 from ..config import CodeShellConfig
 from .kv_cache import KVCache
 from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampling import SamplingParams, SequenceSampler, token_logprob
+from .sampling import SamplingParams, SequenceSampler, sample_rows, token_logprob
 from .sequence import Sequence
 
 
@@ -129,8 +129,9 @@ class Engine:
         decoding.sort(key=lambda s: s.slot)              # slot order: the cache reads as a view
         if decoding:                                     # forward one token for everyone else
             logits = self._decode(decoding)
-            for i, seq in enumerate(decoding):           # sample + update
-                self._append(seq, logits[i])
+            toks = sample_rows([s.sampler for s in decoding], logits)  # sample
+            for i, seq in enumerate(decoding):           # update
+                self._append(seq, logits[i], toks[i])
                 changed[seq.request_id] = self.running[seq.request_id]
         outs = [self._output(r) for r in changed.values()]
         for r in changed.values():
@@ -321,8 +322,10 @@ class Engine:
             s.cached += 1
         return self._logits(h)
 
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> None:
-        tok = seq.sampler.sample(logits)
+    def _append(self, seq: Sequence, logits: torch.Tensor, tok: int | None = None) -> None:
+        """Add the sampled token (sampled here from `logits` [V] unless given)."""
+        if tok is None:
+            tok = seq.sampler.sample(logits)
         lp = None
         if seq.params.logprobs is not None:
             v, top = token_logprob(logits, tok, seq.params.logprobs)

@@ -20,6 +20,7 @@ from .ops import (
     decode_attention_ok,
     linear,
     sample_temperature,
+    sample_temperature_rows,
     set_num_threads,
 )
 from .packing import (
@@ -56,6 +57,7 @@ __all__ = [
     "prepack",
     "quantize_int4",
     "sample_temperature",
+    "sample_temperature_rows",
     "quantize_int8",
     "set_num_threads",
     "unpack_nibbles",

@@ -172,6 +172,19 @@ def sample_temperature(logits: torch.Tensor, temperature: float, u: float) -> in
     return None if mod is None else int(mod.sample_temperature(logits.contiguous(), float(temperature), float(u)))
 
 
+def sample_temperature_rows(logits: torch.Tensor, temperatures: list[float], us: list[float]) -> list[int] | None:
+    """`sample_temperature` for each row of logits [B, V] (row b with temperatures[b], us[b]),
+    rows in parallel over the threads. None where the native kernels cannot take it."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
+        return None
+    mod = _ext.get()
+    if mod is None:
+        return None
+    t = torch.tensor(temperatures, dtype=torch.float64)
+    u = torch.tensor(us, dtype=torch.float64)
+    return mod.sample_temperature_rows(logits.contiguous(), t, u).tolist()
+
+
 def decode_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `decode_attention` takes this query and cache (else the caller runs SDPA)."""
     return (q.device.type == "cpu" and q.dim() == 4 and q.shape[2] == 1

@@ -286,3 +286,20 @@ def test_fused_temperature_draw_matches_the_torch_inverse_cdf():
     with pytest.raises(RuntimeError, match="nothing to sample"):
         sample_temperature(torch.full((10,), float("-inf")), 1.0, 0.5)
     assert sample_temperature(logits.double(), 1.0, 0.5) is None  # not fp32: the caller's torch path
+
+
+@needs_native
+def test_row_batched_temperature_draw_equals_one_row_at_a_time():
+    from codeshell.kernels import sample_temperature, sample_temperature_rows
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 1003, generator=g) * 4
+    logits[3, ::2] = float("-inf")
+    temps = [0.2, 0.5, 0.7, 1.0, 1.3, 0.9, 2.0, 0.4, 1.1]
+    us = torch.rand(9, generator=g).tolist()
+    want = [sample_temperature(logits[i], temps[i], us[i]) for i in range(9)]
+    assert sample_temperature_rows(logits, temps, us) == want
+    assert sample_temperature_rows(logits.double(), temps, us) is None  # not fp32: per-row torch path
+    bad = logits.clone()
+    bad[4] = float("-inf")
+    with pytest.raises(RuntimeError, match="nothing to sample"):
+        sample_temperature_rows(bad, temps, us)

@@ -400,6 +400,8 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
 
 // sampling.cpp
 int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u);
+torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::Tensor& temperatures,
+                                      const torch::Tensor& us);
 
 // attention.cpp
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
@@ -419,6 +421,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_int8_q8", &decode_int8_q8, kNoGil, "int8 weight x int8-quantised x (blocks of q8_block_int8(K))");
   m.def("q8_block_int8", &q8_block_int8, "activation block size the int8 x int8 kernel uses for K");
   m.def("sample_temperature", &sample_temperature, "inverse-CDF draw from softmax(logits / T) with uniform u");
+  m.def("sample_temperature_rows", &sample_temperature_rows, kNoGil, "sample_temperature for each row of [B, V]");
   m.def("decode_attention", &decode_attention, kNoGil, "one-query GQA attention over KV cache slots");
   m.def("pack_bf16", &pack_bf16, kNoGil, "bf16 [N,K] -> panels [ceil(N/16),K,16] (see packing.prepack)");
   m.def("dequant_bf16", &dequant_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> fp32 buffer, K-major");

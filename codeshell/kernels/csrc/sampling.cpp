@@ -1,4 +1,5 @@
-// Temperature sampling of one row of logits by inverse CDF, fused into two passes.
+// Temperature sampling of a row (or the rows of a decode step) of logits by inverse CDF, fused
+// into two passes.
 //
 // What this is: token = the first i with cumsum(softmax(logits / T))[i] > u * total, u in [0, 1):
 // the draw `engine/sampling.py` makes with torch ops (softmax, cumsum, searchsorted), done here
@@ -11,6 +12,7 @@
 // this takes ~75 us.
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,14 +22,12 @@
 
 #include "simd.h"
 
-int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u) {
-  TORCH_CHECK(logits.dim() == 1 && logits.scalar_type() == torch::kFloat32 && logits.is_contiguous(),
-              "logits must be a contiguous fp32 [V] tensor");
+namespace {
+
+int64_t draw(const float* l, int64_t V, double temperature, double u) {
   TORCH_CHECK(temperature > 0, "temperature must be > 0");
   TORCH_CHECK(u >= 0 && u < 1, "u must be in [0, 1)");
-  const int64_t V = logits.numel();
   TORCH_CHECK(V > 0, "empty logits");
-  const float* l = logits.data_ptr<float>();
   __m256 mv = _mm256_set1_ps(-INFINITY);
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(l + i));
@@ -80,4 +80,34 @@ int64_t sample_temperature(const torch::Tensor& logits, double temperature, doub
       if (lanes[t] > 0) return b * 8 + t;
   }
   return V - 1;
+}
+
+}  // namespace
+
+int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u) {
+  TORCH_CHECK(logits.dim() == 1 && logits.scalar_type() == torch::kFloat32 && logits.is_contiguous(),
+              "logits must be a contiguous fp32 [V] tensor");
+  return draw(logits.data_ptr<float>(), logits.numel(), temperature, u);
+}
+
+// Rows [B, V], one temperature and one uniform each (fp64 [B]): the rows of a decode step, in
+// parallel over the threads (16 rows: ~0.6 ms on 2 threads against ~1.8 ms one call at a time).
+torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::Tensor& temperatures,
+                                      const torch::Tensor& us) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.is_contiguous(),
+              "logits must be a contiguous fp32 [B, V] tensor");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(temperatures.scalar_type() == torch::kFloat64 && temperatures.is_contiguous() &&
+                  temperatures.numel() == B && us.scalar_type() == torch::kFloat64 && us.is_contiguous() &&
+                  us.numel() == B,
+              "temperatures and us must be contiguous fp64 [B] tensors");
+  auto out = torch::empty({B}, logits.options().dtype(torch::kInt64));
+  const float* l = logits.data_ptr<float>();
+  const double* t = temperatures.data_ptr<double>();
+  const double* u = us.data_ptr<double>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) o[b] = draw(l + b * V, V, t[b], u[b]);
+  });
+  return out;
 }

@@ -303,3 +303,18 @@ def test_row_batched_temperature_draw_equals_one_row_at_a_time():
     bad[4] = float("-inf")
     with pytest.raises(RuntimeError, match="nothing to sample"):
         sample_temperature_rows(bad, temps, us)
+
+
+@needs_native
+def test_large_bf16_prefill_in_panel_blocks_matches_reference(monkeypatch):
+    """Large bf16 weights run M > 64 as 64-row panel calls (the last one partial)."""
+    import codeshell.kernels.ops as ops
+    pw, bias = make("bf16", {}, 70, 256), torch.randn(70)
+    x = torch.randn(150, 256)
+    want = linear(x, pw, bias, impl="reference")
+    monkeypatch.setattr(ops, "BF16_PANEL_PREFILL_MIN_WEIGHTS", 70 * 256)
+    calls = []
+    real = ops._decode
+    monkeypatch.setattr(ops, "_decode", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    close(linear(x, pw, bias, impl="native"), want)
+    assert calls == [64, 64, 22]

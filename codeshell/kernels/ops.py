@@ -2,11 +2,12 @@
 
 What this is: the runtime entry point. For M (= rows of x after flattening leading dims)
 <= `DECODE_MAX_M` (`BF16_PANEL_MAX_M` for bf16) it calls the native streaming kernels (one
-pass over the weight for all rows); above that it expands blocks of weight rows to fp32 with the native
-dequantisers and runs MKL sgemm via torch.mm on each block (compute-bound prefill; on an
-AVX2-only CPU fp32 sgemm is ~4x faster than torch's bf16 matmul). Without the native
-extension every path falls back to torch (with one warning at first use). Math is fp32
-throughout; the result has x's dtype.
+pass over the weight for all rows), and large bf16 weights take them 64 rows a call at any
+M; otherwise it expands blocks of weight rows to fp32 with the native dequantisers and runs
+MKL sgemm via torch.mm on each block (compute-bound prefill; on an AVX2-only CPU fp32 sgemm
+is ~4x faster than torch's bf16 matmul). Without the native extension every path falls
+back to torch (with one warning at first use). Math is fp32 throughout; the result has x's
+dtype.
 
 What this is not: an autograd op (inference only; tensors are used under no_grad semantics)
 and not a replacement for nn.Linear's module plumbing (the model wires PackedWeight in).

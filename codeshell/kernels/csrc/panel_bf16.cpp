@@ -7,7 +7,7 @@
 // mask (v & 0xffff0000). Also `dequant_bf16`, which expands panels to an fp32 K-major block
 // for the prefill sgemm. See codeshell/kernels/packing.py for the reference.
 // What this is not: the int8/int4 kernels (kernels.cpp, qdot.cpp) or anything for large M
-// (ops.py sends M > 64 to dequant + sgemm).
+// (ops.py splits larger M into 64-row calls for large weights, else dequant + sgemm).
 //
 // Why this layout: a classic outer-product micro-kernel (BLIS-style: broadcast x[m, k],
 // multiply a vector of 8 weights). Up to 6 rows of x by 16 weight rows keeps 12 accumulators

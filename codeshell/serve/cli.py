@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Serve a CodeShell model over HTTP (OpenAI API, IDE plugins, web UI).")
+# One command, mounted as a group (`codeshell serve ...`): no `COMMAND [ARGS]...` in its usage line.
+app = typer.Typer(help="Serve a CodeShell model over HTTP (OpenAI API, IDE plugins, web UI).",
+                  subcommand_metavar="")
 
 
 def serve(

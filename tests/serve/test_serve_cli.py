@@ -38,3 +38,21 @@ def test_mounts_as_a_subcommand():
     root.add_typer(app, name="serve")
     r = CliRunner().invoke(root, ["serve", "--model", "/nonexistent/x"])
     assert r.exit_code != 0 and "no checkpoint folder" in r.output
+
+
+def test_help_shows_no_command_placeholder():
+    """`serve` has no subcommands: its usage line must not promise `COMMAND [ARGS]...`, mounted or not."""
+    import typer
+    root = typer.Typer()
+
+    @root.command()
+    def other() -> None:
+        pass
+
+    root.add_typer(app, name="serve")
+    for runner_app, argv in ((app, ["--help"]), (root, ["serve", "--help"])):
+        r = CliRunner().invoke(runner_app, argv, terminal_width=100)
+        assert r.exit_code == 0, r.output
+        usage = next(line for line in r.output.splitlines() if "Usage:" in line)
+        assert "[OPTIONS]" in usage and "COMMAND" not in usage, usage
+        assert "Commands" not in r.output

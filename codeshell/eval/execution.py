@@ -28,6 +28,7 @@ class ExecOptions:
     workers: int | None = None  # default: all cores
     java_javatuples: bool = True  # False reproduces the old harness (javatuples off the classpath)
     run_timeout_s: float | None = None  # overrides the run step's wall/CPU limit (compiles keep theirs)
+    allow_unsafe: bool = False  # run without isolation where the sandbox does not work (--unsafe-no-sandbox)
 
     def __post_init__(self) -> None:
         if not self.timeout_factor > 0:
@@ -75,7 +76,8 @@ def run_program(box: Sandbox, lang_key: str, program: str, opts: ExecOptions = E
         box.chown_tree(wd)
         total = 0.0
         if lang.build_cmd is not None:
-            r = box.run(lang.build_cmd(tc, cmd_opts), wd, lang.compile_limits.scaled(opts.timeout_factor), env)
+            r = box.run(lang.build_cmd(tc, cmd_opts), wd, lang.compile_limits.scaled(opts.timeout_factor), env,
+                        tc.ro_paths)
             total += r.wall_s
             if r.setup_failed:
                 return Outcome(L.ERROR, "sandbox setup failed", r.stderr[-STDERR_TAIL:], total)
@@ -87,7 +89,7 @@ def run_program(box: Sandbox, lang_key: str, program: str, opts: ExecOptions = E
         limits = lang.run_limits.scaled(opts.timeout_factor)
         if opts.run_timeout_s is not None:
             limits = dataclasses.replace(limits, wall_s=opts.run_timeout_s, cpu_s=opts.run_timeout_s)
-        r = box.run(lang.run_cmd(tc, cmd_opts), wd, limits, env)
+        r = box.run(lang.run_cmd(tc, cmd_opts), wd, limits, env, tc.ro_paths)
         total += r.wall_s
     if r.setup_failed:
         return Outcome(L.ERROR, "sandbox setup failed", r.stderr[-STDERR_TAIL:], total)
@@ -100,7 +102,7 @@ def execute(jobs: Sequence[tuple[str, str]], opts: ExecOptions = ExecOptions(),
             on_done: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
     """Run ``(language, program)`` jobs on ``opts.n_workers`` threads (each drives one sandbox
     process at a time, so the threads only wait); results come back in job order."""
-    pool = SlotPool(opts.n_workers)
+    pool = SlotPool(opts.n_workers, allow_unsafe=opts.allow_unsafe)
     results: list[Outcome | None] = [None] * len(jobs)
 
     def one(i: int) -> None:

@@ -39,6 +39,20 @@ class Toolchain:
     def path_dirs(self) -> list[str]:
         return sorted({os.path.dirname(p) for p in self.tools.values()})
 
+    @property
+    def ro_paths(self) -> list[str]:
+        """Installation folders the sandbox must show (read-only) for these tools to run: a
+        tool's ``<prefix>/bin/<tool>`` gives ``<prefix>``; a file in ``extra`` gives its folder.
+        The sandbox ignores those already inside its system view (``/usr``, ``/etc``)."""
+        out = []
+        for name, p in self.tools.items():
+            real = os.path.realpath(p)
+            out.append(os.path.dirname(os.path.dirname(real)))
+            if name == "python":  # a venv's site-packages lives in sys.prefix, the stdlib in base_prefix
+                out += [sys.prefix, sys.base_prefix]
+        out += [os.path.dirname(os.path.realpath(p)) for p in self.extra.values() if os.path.isabs(p)]
+        return sorted(set(out))
+
 
 @dataclass(frozen=True)
 class Language:

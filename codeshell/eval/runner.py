@@ -172,7 +172,7 @@ def write_score(score: TaskScore, json_path: Path | None, results_path: Path | N
 
 def run_tasks(tasks: Sequence[Task], backend, settings, output: Path, opts: ExecOptions, *,
               limit: int | None = None, resume: bool = True, batch_size: int = 8, chunk: int = 10,
-              console: Console | None = None, show_progress: bool = True) -> list[dict]:
+              console: Console | None = None, show_progress: bool = True, sandbox: str | None = None) -> list[dict]:
     """Generate (resuming what ``output`` already holds) and score each task; returns the summaries."""
     from codeshell.eval.generation import check_run_settings, fingerprint, generate_samples
 
@@ -202,6 +202,8 @@ def run_tasks(tasks: Sequence[Task], backend, settings, output: Path, opts: Exec
                                      "top_p": settings.top_p, "max_length": settings.max_length,
                                      "seed": settings.seed, "max_new_tokens": settings.max_new_tokens,
                                      "backend": backend.description}
+        if sandbox is not None:
+            score.summary["sandbox"] = sandbox
         write_score(score, folder / "scores.json", folder / "results.jsonl")
         summaries.append(score.summary)
     _merge_summary(output / "summary.json", summaries)

@@ -1,25 +1,30 @@
 """Execution sandbox for model-written programs.
 
-Each program runs in a fresh temporary folder, in its own session and process group, with:
+Model-written code is untrusted: it must not see the host. Each program runs under
+bubblewrap (``bwrap``, Debian package ``bubblewrap``) in a sandbox built for it:
 
+* new PID, network, IPC, UTS (and, where possible, cgroup) namespaces: a fresh ``/proc``
+  that shows only the program's own processes, no network but a downed loopback, and every
+  process of the program dies with it (``--die-with-parent`` and the namespace's init);
+* a new root made of read-only binds: ``/usr`` (and the ``/bin``, ``/lib*`` links), ``/etc``
+  with its secrets masked (``shadow``, ``gshadow``, ``ssh/``, ``sudoers`` ...: empty), and the
+  installation folders of toolchains that live elsewhere (a pyenv Python under ``/root``: that
+  folder only). ``/root``, ``/home``, ``/work``, the project's folders and everything else are
+  simply not there. Writable: the program's own working folder and a private size-capped
+  ``/tmp`` (tmpfs);
+* no capabilities (a root harness switches to an unprivileged per-worker uid with ``setpriv``,
+  bounding set emptied; bubblewrap sets no_new_privs, so setuid binaries cannot raise them);
 * resource limits set by util-linux ``prlimit`` (CPU seconds, address space, process count,
   file size, no core dumps) -- an exec'd binary rather than ``preexec_fn`` because the
   executor runs many sandboxes from threads, where ``preexec_fn`` may deadlock;
 * a wall-clock timeout after which the whole process group is SIGKILLed;
-* a scrubbed environment (PATH, HOME=TMPDIR=the folder, LANG) and stdin on /dev/null;
-* where the kernel allows it, new network, PID and mount namespaces (``unshare``): no
-  network interface but a downed loopback, every process of the program dies with it
-  (PID 1 of the namespace), and every writable filesystem except the program's folder is
-  re-mounted read-only;
-* when started as root, the program itself runs as an unprivileged per-worker uid (root is
-  exempt from RLIMIT_NPROC, so a fork bomb would not be contained otherwise). It keeps
-  CAP_DAC_READ_SEARCH only, so toolchains installed under /root stay readable while
-  nothing outside its folder is writable.
+* a scrubbed environment (PATH, HOME = the folder, TMPDIR, LANG) and stdin on /dev/null.
 
-Isolation modes, picked by :func:`probe_isolation` (first one that works on this kernel):
-``root-ns`` (root: namespaces + uid drop), ``user-ns`` (non-root: ``unshare -r``; the
-process count is then per user namespace on Linux >= 5.15) and ``none`` (process group and
-rlimits only; no network or filesystem isolation -- reported as such by ``doctor``).
+:func:`probe_isolation` checks once that this works here (bwrap installed, namespaces
+allowed). Without it, :class:`Sandbox` refuses to run anything (:class:`SandboxUnavailable`
+says what is missing and how to install it) unless the caller passes ``allow_unsafe=True``
+(``--unsafe-no-sandbox``): then programs get only rlimits, a process group and a scrubbed
+environment -- no filesystem, process or network isolation.
 
 This module runs processes; it knows nothing about languages, tasks or scoring.
 """
@@ -37,7 +42,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -45,23 +50,24 @@ from typing import Iterator, Sequence
 # per-uid process limit of one fork bomb cannot starve a neighbour's compiler.
 SANDBOX_UID_BASE = 61000
 TAIL_BYTES = 16 * 1024
-# Mount types that are not regular storage: left as they are (devices, /proc, cgroups).
-_VIRTUAL_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "mqueue", "securityfs",
-               "debugfs", "tracefs", "pstore", "bpf", "configfs", "fusectl", "hugetlbfs", "autofs",
-               "binfmt_misc", "efivarfs", "nsfs", "rpc_pipefs"}
-# Runs inside the new namespaces before the program: make the program's folder its own
-# mount, re-mount every other writable filesystem read-only, then exec the payload.
-# Positional args: N, N mount points, then the payload argv.
-_SETUP_SCRIPT = (
-    'W="$PWD"; mount --bind "$W" "$W" || exit 125; n=$1; shift; '
-    'while [ "$n" -gt 0 ]; do mount -o remount,bind,ro "$1" 2>/dev/null; shift; n=$((n-1)); done; '
-    'cd "$W" || exit 125; exec "$@"'
-)
+TMP_SIZE_MB = 256  # the private /tmp (tmpfs, so it is memory: capped)
+BWRAP_INSTALL = "apt-get install bubblewrap (Debian/Ubuntu; Fedora: dnf install bubblewrap)"
+# Files and folders under /etc that hold secrets: masked (an empty file / an empty folder).
+_ETC_SECRET_FILES = ("shadow", "shadow-", "gshadow", "gshadow-", "sudoers", "subuid", "subgid",
+                     "security/opasswd", "machine-id", ".pwd.lock")
+_ETC_SECRET_DIRS = ("ssh", "sudoers.d", "ssl/private", "credstore", "credstore.encrypted", "wireguard",
+                    "NetworkManager/system-connections", "ipsec.d/private", "openvpn", "letsencrypt")
+# Top-level folders that make up the read-only system view (symlinks are recreated as links).
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SETUP_FAILED = 125
 
 
 class SandboxError(RuntimeError):
     """The sandbox could not be set up (missing util-linux tools, unusable temp folder)."""
+
+
+class SandboxUnavailable(SandboxError):
+    """No working isolation here and running without it was not allowed; says what to install."""
 
 
 @dataclass(frozen=True)
@@ -95,95 +101,85 @@ class ProcResult:
 
 @dataclass(frozen=True)
 class IsolationInfo:
-    mode: str  # "root-ns" | "user-ns" | "none"
-    network: bool
-    filesystem: bool
-    nproc_binds: bool
-    message: str
-    readonly_mounts: tuple[str, ...] = field(default=())
+    mode: str  # "bwrap" | "none"
+    message: str  # what programs get here, or why there is no isolation and how to get it
 
-
-def _decode_mount(path: str) -> str:
-    # /proc/self/mounts escapes space, tab, newline and backslash as octal.
-    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        path = path.replace(code, ch)
-    return path
-
-
-def writable_mounts() -> list[str]:
-    """Mount points of writable, non-virtual filesystems (to re-mount read-only in the sandbox)."""
-    out = []
-    try:
-        lines = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return ["/"]
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 4:
-            continue
-        mp, fstype, opts = _decode_mount(parts[1]), parts[2], parts[3].split(",")
-        if fstype in _VIRTUAL_FS or "rw" not in opts:
-            continue
-        if mp not in out:
-            out.append(mp)
-    return out
+    @property
+    def isolated(self) -> bool:
+        return self.mode != "none"
 
 
 def _tool(name: str) -> str | None:
     return shutil.which(name) or next((p for p in (f"/usr/bin/{name}", f"/bin/{name}") if os.path.exists(p)), None)
 
 
-def _try_mode(mode: str, mounts: Sequence[str]) -> bool:
-    sb = Sandbox(_forced_mode=mode, _mounts=tuple(mounts))
-    try:
-        with sb.workdir() as wd:
-            (wd / "probe").write_text("x")
-            r = sb.run(["/bin/sh", "-c", "cat probe && touch ok"], wd, Limits(wall_s=10, memory_mb=None))
-            return r.returncode == 0 and not r.timed_out and r.stdout == "x" and (wd / "ok").exists()
-    except (OSError, SandboxError):
-        return False
+def _bwrap() -> str | None:
+    env = os.environ.get("CODESHELL_BWRAP")  # another bwrap (or a path that is not one, in tests)
+    if env:
+        return env if os.access(env, os.X_OK) else None
+    return _tool("bwrap")
 
 
 @functools.lru_cache(maxsize=1)
 def probe_isolation() -> IsolationInfo:
-    """Find the strongest isolation this machine allows (cached; costs ~50 ms once)."""
-    if os.environ.get("CODESHELL_SANDBOX") == "none":
-        return IsolationInfo("none", False, False, os.geteuid() != 0,
-                             "isolation disabled by CODESHELL_SANDBOX=none: no network or filesystem isolation")
-    missing = [t for t in ("prlimit",) if _tool(t) is None]
+    """Check once that the bwrap sandbox works here (cached; costs one sandboxed run)."""
+    missing = [t for t in ("prlimit",) + (("setpriv",) if os.geteuid() == 0 else ()) if _tool(t) is None]
     if missing:
-        raise SandboxError(f"the sandbox needs util-linux's {', '.join(missing)} (Debian: apt-get install util-linux)")
-    mounts = tuple(writable_mounts())
-    have_ns = all(_tool(t) for t in ("unshare", "mount")) and (os.geteuid() != 0 or _tool("setpriv"))
-    if have_ns:
-        mode = "root-ns" if os.geteuid() == 0 else "user-ns"
-        if _try_mode(mode, mounts):
-            return IsolationInfo(mode, True, True, True,
-                                 f"{mode}: new network, PID and mount namespaces; "
-                                 + ("programs run as unprivileged uids" if mode == "root-ns"
-                                    else "process count per user namespace"), mounts)
-    why = ("unshare/mount/setpriv not found" if not have_ns
-           else "the kernel refused new namespaces (unprivileged user namespaces disabled, or a container "
-                "without CAP_SYS_ADMIN)")
-    return IsolationInfo("none", False, False, os.geteuid() != 0,
-                         f"no network or filesystem isolation: {why}; programs only get rlimits and a "
-                         "process group" + ("; RLIMIT_NPROC does not bind root" if os.geteuid() == 0 else ""))
+        return IsolationInfo("none", f"util-linux's {', '.join(missing)} not found: apt-get install util-linux")
+    bwrap = _bwrap()
+    if bwrap is None:
+        return IsolationInfo("none", f"bubblewrap (bwrap) is not installed: {BWRAP_INSTALL}")
+    sb = Sandbox(_mode="bwrap")
+    try:
+        with sb.workdir() as wd:
+            (wd / "probe").write_text("x\n")
+            r = sb.run(["/bin/sh", "-c", "cat probe && touch ok && grep -E '^Cap(Eff|Bnd):' /proc/self/status "
+                        "&& ls /proc"], wd, Limits(wall_s=20, memory_mb=None))
+    except (OSError, SandboxError) as e:
+        return IsolationInfo("none", f"bubblewrap could not run a program here ({e})")
+    caps = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("Cap")]
+    pids = [x for x in r.stdout.split() if x.isdigit()]
+    if r.returncode != 0 or not r.stdout.startswith("x\n") or caps != ["0000000000000000"] * 2 or len(pids) > 8:
+        why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        hint = ("" if os.geteuid() == 0 else
+                "; as a non-root user bubblewrap needs unprivileged user namespaces (sysctl "
+                "kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0), or run as root")
+        return IsolationInfo("none", f"bubblewrap is installed but cannot isolate programs here: {why}{hint}")
+    who = "unprivileged uids" if os.geteuid() == 0 else "your uid in a user namespace"
+    return IsolationInfo("bwrap", f"bwrap: new PID/network/IPC namespaces, fresh /proc, read-only system view "
+                                  f"(no /root, /home or project folders), private /tmp, no capabilities, {who}")
+
+
+def unavailable_message(info: IsolationInfo) -> str:
+    return (f"no sandbox for model-written code: {info.message}. Install it (CI: .ci/install-eval.sh), or pass "
+            "--unsafe-no-sandbox to run the programs on this machine without isolation")
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 class Sandbox:
-    """Runs commands for one worker slot. Thread-compatible: give each thread its own slot."""
+    """Runs commands for one worker slot. Thread-compatible: give each thread its own slot.
 
-    def __init__(self, slot: int = 0, *, _forced_mode: str | None = None, _mounts: tuple[str, ...] | None = None):
+    ``ro_paths``: extra folders (toolchain installations outside ``/usr``) made visible
+    read-only at the same path. ``allow_unsafe``: run without isolation where there is none
+    (otherwise :class:`SandboxUnavailable` is raised)."""
+
+    def __init__(self, slot: int = 0, *, allow_unsafe: bool = False, _mode: str | None = None):
         self.slot = slot
-        if _forced_mode is not None:
-            self.mode, self.mounts = _forced_mode, _mounts or ()
+        if _mode is not None:
+            self.mode = _mode
         else:
             info = probe_isolation()
-            self.mode, self.mounts = info.mode, info.readonly_mounts
-        self.uid = SANDBOX_UID_BASE + slot if self.mode == "root-ns" else None
+            if not info.isolated and not allow_unsafe:
+                raise SandboxUnavailable(unavailable_message(info))
+            self.mode = info.mode
+        self.uid = SANDBOX_UID_BASE + slot if os.geteuid() == 0 and self.mode != "none" else None
         self._prlimit = _tool("prlimit")
         if self._prlimit is None:
             raise SandboxError("the sandbox needs util-linux's prlimit (Debian: apt-get install util-linux)")
+        self._base: list[str] | None = None
 
     @contextmanager
     def workdir(self) -> Iterator[Path]:
@@ -205,7 +201,61 @@ class Sandbox:
             for n in dirs + files:
                 os.chown(os.path.join(root, n), self.uid, self.uid)
 
-    def command(self, argv: Sequence[str], limits: Limits) -> list[str]:
+    def _system_view(self) -> list[str]:
+        """bwrap options for the read-only system part of the new root (the same for every run)."""
+        if self._base is not None:
+            return self._base
+        a = [_bwrap(), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+             "--die-with-parent", "--hostname", "sandbox"]
+        for d in _SYSTEM_DIRS:
+            if os.path.islink(d):
+                a += ["--symlink", os.readlink(d), d]
+            elif os.path.isdir(d):
+                a += ["--ro-bind", d, d]
+        a += ["--ro-bind", "/etc", "/etc"]
+        for f in _ETC_SECRET_FILES:
+            p = "/etc/" + f
+            if os.path.lexists(p) and not os.path.islink(p) and os.path.isfile(p):
+                a += ["--ro-bind", "/dev/null", p]
+        for d in _ETC_SECRET_DIRS:
+            p = "/etc/" + d
+            if os.path.isdir(p) and not os.path.islink(p):
+                a += ["--tmpfs", p, "--remount-ro", p]
+        a += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(TMP_SIZE_MB << 20), "--tmpfs", "/tmp"]
+        self._base = a
+        return a
+
+    def _binds(self, ro_paths: Sequence[str], cwd: Path) -> list[str]:
+        """Per-run binds: toolchain folders outside the system view (read-only), then the working
+        folder (read-write). Folders bwrap would create on the way get mode 0755 (it makes them
+        0700, which the sandbox uid could not enter)."""
+        visible = ["/usr", "/etc", "/proc", "/dev", "/tmp"]
+        made: set[str] = set()
+        a: list[str] = []
+
+        def parents(p: str) -> None:
+            anc = os.path.dirname(p)
+            chain = []
+            while anc not in ("/", "") and not _under(anc, visible) and anc not in made:
+                chain.append(anc)
+                anc = os.path.dirname(anc)
+            for d in reversed(chain):
+                a.extend(["--perms", "0755", "--dir", d])
+                made.add(d)
+
+        for p in dict.fromkeys(os.path.realpath(x) for x in ro_paths):
+            if _under(p, visible) or not os.path.exists(p):
+                continue
+            parents(p)
+            a += ["--ro-bind", p, p]
+            visible.append(p)
+        wd = str(cwd)
+        parents(wd)
+        a += ["--bind", wd, wd, "--chdir", wd]
+        return a
+
+    def command(self, argv: Sequence[str], limits: Limits, cwd: Path | None = None,
+                ro_paths: Sequence[str] = ()) -> list[str]:
         cpu = _cpu_seconds(limits)
         pl = [self._prlimit, f"--cpu={cpu}:{cpu + 1}", f"--nproc={limits.nproc}", "--core=0",
               f"--fsize={limits.fsize_mb * 1024 * 1024}"]
@@ -214,23 +264,19 @@ class Sandbox:
         payload = pl + ["--", *argv]
         if self.mode == "none":
             return payload
-        if self.mode == "root-ns":
+        if self.uid is not None:  # root: become an unprivileged uid with no capabilities at all
             payload = [_tool("setpriv"), f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
-                       "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search",
-                       "--bounding-set=-all,+dac_read_search", *payload]
-            ns = ["-npfm"]
-        else:
-            ns = ["-rnpfm"]
-        return [_tool("unshare"), *ns, "--kill-child", "--", "/bin/sh", "-c", _SETUP_SCRIPT, "sh",
-                str(len(self.mounts)), *self.mounts, *payload]
+                       "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", *payload]
+        return [*self._system_view(), *self._binds(ro_paths, cwd or Path.cwd()), "--", *payload]
 
-    def run(self, argv: Sequence[str], cwd: Path, limits: Limits, env: dict[str, str] | None = None) -> ProcResult:
+    def run(self, argv: Sequence[str], cwd: Path, limits: Limits, env: dict[str, str] | None = None,
+            ro_paths: Sequence[str] = ()) -> ProcResult:
         """Run ``argv`` in ``cwd`` under ``limits``; never raises for the program's own failures."""
-        base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(cwd), "TMPDIR": str(cwd),
-                    "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(cwd),
+                    "TMPDIR": "/tmp" if self.mode != "none" else str(cwd), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         if env:
             base_env.update(env)
-        cmd = self.command(argv, limits)
+        cmd = self.command(argv, limits, cwd, ro_paths)
         # Output goes to files, not pipes: RLIMIT_FSIZE then caps a program that prints forever,
         # and no reader threads are needed.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -240,22 +286,20 @@ class Sandbox:
             _status, cpu_used, timed_out = _wait(proc, limits.wall_s)
             wall = time.monotonic() - start
             rc = proc.returncode
-            # A CPU-limit kill (SIGXCPU, then SIGKILL at the hard limit) is a timeout too. Under
-            # unshare the signal is not passed on (unshare exits 1), so go by CPU time used;
-            # only for failed runs, since CPU time sums over processes (g++ runs several).
-            if rc != 0 and (rc == -signal.SIGXCPU or cpu_used >= _cpu_seconds(limits) - 0.05):
-                timed_out = True
             stdout, stderr = _tail(out), _tail(err)
-        if stderr.endswith(_UNSHARE_SIGNAL_MSG):
-            # unshare could not re-raise its child's fatal signal; report it as a signal death.
-            stderr = stderr[: -len(_UNSHARE_SIGNAL_MSG)]
-            if rc == 1:
-                rc = -signal.SIGKILL
-        setup_failed = self.mode != "none" and rc == SETUP_FAILED and not stdout
+        setup_failed = False
+        if self.mode != "none":
+            # bwrap exits 128 + n when the program dies of signal n, and 1 with "bwrap: ..." when
+            # it could not build the sandbox (or exec the program).
+            if rc > 128:
+                rc = -(rc - 128)
+            elif rc == 1 and stderr.startswith("bwrap: ") and not stdout:
+                setup_failed, rc = True, SETUP_FAILED
+        # A CPU-limit kill (SIGXCPU, then SIGKILL at the hard limit) is a timeout too; go by CPU
+        # time used as well, only for failed runs, since CPU time sums over processes (g++ runs several).
+        if rc != 0 and (rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or cpu_used >= _cpu_seconds(limits) - 0.05):
+            timed_out = True
         return ProcResult(rc, timed_out, stdout, stderr, wall, setup_failed)
-
-
-_UNSHARE_SIGNAL_MSG = "unshare: sigprocmask unblock failed: Invalid argument\n"
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int, float, bool]:
@@ -327,7 +371,8 @@ def _rmtree(path: Path) -> None:
 class SlotPool:
     """Hands out one :class:`Sandbox` per concurrently running thread."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, allow_unsafe: bool = False):
+        self.allow_unsafe = allow_unsafe
         self._free = list(range(n))
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -339,7 +384,7 @@ class SlotPool:
             while not self._free:
                 self._cond.wait()
             slot = self._free.pop()
-            box = self._boxes.get(slot) or self._boxes.setdefault(slot, Sandbox(slot))
+            box = self._boxes.get(slot) or self._boxes.setdefault(slot, Sandbox(slot, allow_unsafe=self.allow_unsafe))
         try:
             yield box
         finally:

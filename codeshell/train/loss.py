@@ -1,0 +1,84 @@
+"""The language-model loss: output head and cross-entropy fused, in chunks of tokens.
+
+Hand-written because the plain route (logits [N, V] -> float32 copy -> log_softmax ->
+gather, then the same tensors again in backward) moves several N x V float32 arrays
+through memory: at sequence 1024 and CodeShell's 70144-token vocabulary that is ~290 MB per
+sequence per pass, and on a CPU such passes cost as much as the matmuls. Here each chunk of
+tokens computes its logits, its log-sum-exp and its gradient (softmax - one-hot) at once, and
+only the gradients w.r.t. the hidden states [N, d] and the head weight [V, d] are kept for
+backward. Tokens whose target is ignored never reach the head (SFT prompts cost nothing).
+
+The returned loss is the *sum* over target tokens; callers divide by the global count.
+This module knows nothing of models or data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+def _chunk_rows(vocab: int) -> int:
+    # About 16M float32 logits (64 MB) per chunk: big enough for efficient matmuls, small
+    # enough that the softmax pass stays near cache sizes on CPU.
+    return max(16, (1 << 24) // vocab)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+        # h [N, d] (only rows with a target), weight [V, d], targets [N] in [0, V)
+        N, _ = h.shape
+        V = weight.shape[0]
+        w = weight.to(dtype)
+        gh = torch.empty(h.shape, dtype=dtype, device=h.device) if h.requires_grad else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        step = _chunk_rows(V)
+        for s in range(0, N, step):
+            hc = h[s: s + step].to(dtype)
+            t = targets[s: s + step]
+            # log_softmax reads the matmul's output once and writes float32 [n, V]; its exp
+            # (in place) is the softmax, so the gradient needs no further pass over the logits.
+            ls = torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)
+            total -= ls.gather(1, t[:, None]).sum()
+            g = ls.exp_()  # d(sum of losses)/d(logits) = softmax - one-hot
+            g.scatter_add_(1, t[:, None], torch.full((t.shape[0], 1), -1.0, device=h.device))
+            g = g.to(dtype)
+            if gh is not None:
+                gh[s: s + step] = g @ w
+            if gw is not None:
+                gw += (g.T @ hc).float()
+        ctx.save_for_backward(gh if gh is not None else torch.empty(0), gw if gw is not None else torch.empty(0))
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        ctx.has = (gh is not None, gw is not None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gh, gw = ctx.saved_tensors
+        has_h, has_w = ctx.has
+        return ((gh * grad).to(ctx.h_dtype) if has_h else None,
+                (gw * grad).to(ctx.w_dtype) if has_w else None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of -log softmax(h @ weight.T)[target] over targets != -100, and their count.
+
+    h [N, d], weight [V, d], targets [N]. `dtype` is the matmul dtype (default: the active
+    autocast dtype, else the weight's); softmax and the sum are float32.
+    """
+    if dtype is None:
+        dtype = (torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type)
+                 else weight.dtype)
+    keep = (targets != IGNORE).nonzero().squeeze(1)
+    n = int(keep.numel())
+    if n == 0:
+        return (h.sum() + weight.sum()) * 0.0, 0  # keeps the graph (DDP wants every grad)
+    if n < targets.numel():
+        h, targets = h.index_select(0, keep), targets.index_select(0, keep)
+    with torch.autocast(h.device.type, enabled=False):
+        loss = _LinearCrossEntropy.apply(h, weight, targets, dtype)
+    return loss, n

@@ -1,0 +1,56 @@
+"""Pretraining on packed shards: a tiny model overfits a small set, the run folder holds the
+metrics and the plot, and the checkpoint loads as it is through LLM and transformers."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.train.helpers import losses, make_shards, metrics, train_cli
+
+
+def test_tiny_model_overfits_and_its_checkpoint_loads(tmp_path, tokenizer_dir):
+    data = make_shards(tmp_path / "small", tokenizer_dir, files="json/__init__.py", max_chars=600)  # 3 rows
+    run = tmp_path / "run"
+    r = train_cli("pretrain", data, "-o", run, "--preset", "tiny", "--batch-tokens", "192", "--micro-batch", "3",
+                  "--max-steps", "30", "--lr", "3e-2", "--warmup-steps", "2", "--save-every", "0",
+                  "--tokenizer", tokenizer_dir, "--threads", "1")
+    assert r.exit_code == 0, r.output
+    curve = losses(run)
+    assert len(curve) == 30
+    assert curve[0] > 10.5 and curve[-1] < 3.0, curve  # ln(70144) = 11.2 at the start
+    rows = metrics(run)
+    for key in ("step", "loss", "lr", "tok_per_s", "mfu", "grad_norm", "data_s", "forward_s", "backward_s",
+                "optimizer_s"):
+        assert key in rows[-1], key
+    assert 0 < rows[-1]["mfu"] < 1
+    assert "done: 30 steps" in r.output
+
+    ck = run / "checkpoint"
+    assert ck.resolve().name == "step-000030"
+    cfg = json.loads((ck / "config.json").read_text())
+    assert cfg["model_type"] == "codeshell"
+    from transformers import AutoModelForCausalLM
+
+    from codeshell import LLM, SamplingParams
+
+    hf = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+    llm = LLM(str(ck), dtype="float32")
+    ids = torch.tensor([llm.tokenizer.encode('"""JSON (JavaScript Object Notation)')])
+    with torch.no_grad():
+        ours = llm.model(ids)
+        theirs = hf(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    out = llm.generate(['r"""JSON (JavaScript'], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+    assert out  # a memorised continuation of the training text
+    r = train_cli("plot", run)
+    assert r.exit_code == 0, r.output
+    png = run / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_presets_are_listed_with_sizes():
+    r = train_cli("presets")
+    assert r.exit_code == 0
+    assert "125m" in r.output and "7b" in r.output and "7688.0M" in r.output

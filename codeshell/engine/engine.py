@@ -2,7 +2,10 @@
 
 One `step()` is: schedule (admit waiting requests into free KV slots), forward (prefill the
 admitted prompts, then one batched decode step for the others), sample, update (stop checks,
-detokenization, finishing). `add_request` and `abort` may be called from another thread;
+detokenization, finishing). With prompt lookup on (`SamplingParams.prompt_lookup_num_tokens`
+or the engine's `prompt_lookup` default), the decode step also runs each sequence's drafted
+tokens (copied from its own earlier n-grams, see `lookup.py`) in the same forward and keeps
+the accepted ones, so a step may add several tokens to a sequence. `add_request` and `abort` may be called from another thread;
 they only enqueue, and `step` applies them. Nothing here knows of HTTP or the CLI.
 """
 
@@ -16,6 +19,7 @@ import torch
 
 from ..config import CodeShellConfig
 from .kv_cache import KVCache
+from .lookup import NgramLookup, verify_token
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling import SamplingParams, SequenceSampler, sample_rows, token_logprob
 from .sequence import Sequence
@@ -49,7 +53,7 @@ class _Request:
 class Engine:
     def __init__(self, model: torch.nn.Module, cfg: CodeShellConfig, tokenizer=None, *,
                  max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 512,
-                 kv_max_len: int | None = None, prefix_caching: bool = False):
+                 kv_max_len: int | None = None, prefix_caching: bool = False, prompt_lookup: int = 0):
         self.model = model
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -74,6 +78,12 @@ class Engine:
         self._tick = 0
         self.prefix_hits = 0            # requests that reused at least one cached token
         self.prefix_hit_tokens = 0      # prompt tokens not recomputed thanks to the cache
+        # Prompt lookup: draft tokens per step for requests that leave
+        # `prompt_lookup_num_tokens` unset (0: off). Counters say how well drafts are accepted.
+        self.prompt_lookup = prompt_lookup
+        self.spec_steps = 0      # decode steps that verified drafts
+        self.spec_drafted = 0    # draft tokens run through the model
+        self.spec_accepted = 0   # draft tokens accepted
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
 
     # ---- the public surface ---------------------------------------------------------------
@@ -127,7 +137,11 @@ class Engine:
         decoding = [s for r in self.running.values() if r.request_id not in fresh for s in r.seqs
                     if not s.finished]
         decoding.sort(key=lambda s: s.slot)              # slot order: the cache reads as a view
-        if decoding:                                     # forward one token for everyone else
+        drafts = self._drafts(decoding)
+        if any(drafts):                                  # last token + drafts, verified in one forward
+            for seq in self._speculate(decoding, drafts):
+                changed[seq.request_id] = self.running[seq.request_id]
+        elif decoding:                                   # forward one token for everyone else
             logits = self._decode(decoding)
             toks = sample_rows([s.sampler for s in decoding], logits)  # sample
             for i, seq in enumerate(decoding):           # update
@@ -321,6 +335,85 @@ class Engine:
         for s in seqs:
             s.cached += 1
         return self._logits(h)
+
+    def _lookup_k(self, p: SamplingParams) -> int:
+        return self.prompt_lookup if p.prompt_lookup_num_tokens is None else p.prompt_lookup_num_tokens
+
+    def _drafts(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Each sequence's draft (empty when lookup is off for it or nothing matched), at most
+        one token short of its remaining budget and of the context window (the verify step
+        emits up to len(draft) + 1 tokens)."""
+        out = []
+        for s in seqs:
+            k = self._lookup_k(s.params)
+            if k <= 0:
+                out.append([])
+                continue
+            if s.lookup is None:
+                p = s.params
+                s.lookup = NgramLookup(s.prompt_ids, p.prompt_lookup_max_ngram, p.prompt_lookup_min_ngram)
+            s.lookup.sync(s.prompt_ids, s.output_ids)
+            total = len(s.prompt_ids) + len(s.output_ids)
+            if s.params.max_tokens is not None:
+                k = min(k, s.params.max_tokens - len(s.output_ids) - 1)
+            k = min(k, self.max_model_len - total - 1)
+            out.append(s.lookup.propose(k) if k > 0 else [])
+        return out
+
+    def _speculate(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Sequence]:
+        """One forward over [last token, draft...] of every decoding sequence (rows right-padded
+        to the longest draft), then per sequence: accept drafted tokens in order while
+        `verify_token` accepts them, emit the correction (or, all accepted, the token after the
+        last draft), and keep the KV of the accepted positions only.
+
+        KV rollback needs no copy: `cached` drops back to the accepted length and the rejected
+        (or padded) positions are overwritten by later steps before any query can see them,
+        since a query at position p attends to keys 0..p only and each forward stores its
+        keys before attending.
+        """
+        limit = self.max_model_len
+        if self.cfg.position_embedding_type == "rope" and self.cfg.rope_scaling_type == "dynamic":
+            # Past n_positions the RoPE base depends on the forward's length: stay below it so
+            # that every position sees the base plain decoding would give it.
+            limit = min(limit, self.cfg.n_positions)
+        T = min(1 + max(len(d) for d in drafts), limit - max(s.cached for s in seqs))
+        drafts = [d[:max(T - 1, 0)] for d in drafts]
+        if T <= 1:  # no room for drafts: plain decode
+            logits = self._decode(seqs)
+            toks = sample_rows([s.sampler for s in seqs], logits)
+            for i, seq in enumerate(seqs):
+                self._append(seq, logits[i], toks[i])
+            return seqs
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        for i, (s, d) in enumerate(zip(seqs, drafts)):
+            ids[i, 0] = s.last_token
+            ids[i, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
+        pos = torch.tensor([s.cached for s in seqs])[:, None] + torch.arange(T)[None]  # [B, T]
+        self._ensure_cache(int(pos.max()) + 1)
+        view = self.cache.view([s.slot for s in seqs], pos.to(self.device))
+        h = self.model.transformer(ids.to(self.device), view.positions, view.mask(), view,
+                                   seq_len=int(pos.max()) + 1)          # [B, T, n_embd]
+        # The output head only on real positions: row i's first 1 + len(d_i) of T.
+        logits = self._logits(torch.cat([h[i, :1 + len(d)] for i, d in enumerate(drafts)]))  # [N, V]
+        self.spec_steps += 1
+        off = 0
+        for s, d in zip(seqs, drafts):
+            rows, off = logits[off:off + 1 + len(d)], off + 1 + len(d)
+            start, accepted = s.cached, 0
+            for j in range(len(d) + 1):
+                if j < len(d):
+                    tok, ok = verify_token(s.sampler, rows[j], d[j])
+                else:  # every draft accepted: the next token comes free from the last row
+                    tok, ok = s.sampler.sample(rows[j]), False
+                self._append(s, rows[j], tok)
+                accepted += ok
+                if not ok or s.finished:
+                    break
+            # KV is valid for the last token and the accepted drafts (inputs 0..accepted).
+            s.cached = start + 1 + accepted
+            self.spec_drafted += len(d)
+            self.spec_accepted += accepted
+        return seqs
 
     def _append(self, seq: Sequence, logits: torch.Tensor, tok: int | None = None) -> None:
         """Add the sampled token (sampled here from `logits` [V] unless given)."""

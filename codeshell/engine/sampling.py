@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+MAX_LOOKUP = 64  # most draft tokens per step: one verify forward runs 1 + this many positions
+
+
 class SamplingError(ValueError):
     """An out-of-range sampling parameter; the message names it."""
 
@@ -38,6 +41,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     truncate_prompt: bool = False  # left-truncate a too-long prompt instead of an error
+    # Prompt-lookup decoding (see engine/lookup.py): draft up to this many tokens per step from
+    # an earlier occurrence of the sequence's last n-gram. None: the engine's default; 0: off.
+    prompt_lookup_num_tokens: int | None = None
+    prompt_lookup_max_ngram: int = 3  # longest suffix n-gram looked up (tried first)
+    prompt_lookup_min_ngram: int = 1  # shortest suffix n-gram looked up
     _stops: tuple[str, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +82,13 @@ class SamplingParams:
             bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
+        k = self.prompt_lookup_num_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOOKUP):
+            bad("prompt_lookup_num_tokens", f"must be None or an integer in [0, {MAX_LOOKUP}], got {k!r}")
+        lo, hi = self.prompt_lookup_min_ngram, self.prompt_lookup_max_ngram
+        if not isinstance(lo, int) or not isinstance(hi, int) or not 1 <= lo <= hi <= 32:
+            bad("prompt_lookup_min_ngram/prompt_lookup_max_ngram",
+                f"must be integers with 1 <= min <= max <= 32, got {lo!r} and {hi!r}")
 
     @property
     def greedy(self) -> bool:

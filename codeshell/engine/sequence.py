@@ -20,6 +20,7 @@ class Sequence:
         self.sampler = sampler
         self.slot: int | None = slot
         self.cached = 0  # positions whose KV is in the cache
+        self.lookup = None  # its n-gram index (engine/lookup.py), made at its first draft
         self.output_ids: list[int] = []
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
         self.text = ""

@@ -1,21 +1,29 @@
 """GGUF both ways, following llama.cpp's CodeShell conventions (``convert_hf_to_gguf.py``'s
-``CodeShellModel`` and ``llama-arch.cpp``'s ``LLM_ARCH_CODESHELL``).
+``CodeShellModel`` and ``src/models/codeshell.cpp``'s loader).
 
 Export (`export_gguf`): architecture ``codeshell``; tensors ``token_embd``, ``output_norm``,
-``output`` (only when the head is not tied: llama.cpp reuses ``token_embd`` otherwise),
-``blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up, ffn_down}`` with ``.weight`` and
-``.bias``, in the checkpoint's own [out, in] layout (llama.cpp applies RoPE in NeoX style to the
-fused QKV, as CodeShell does, so nothing is permuted); 1-D tensors stay F32; the tokenizer as
-``gpt2`` BPE with pre-tokenizer ``codeshell``, one entry per vocabulary row (the 20 specials
-CONTROL, rows without a token ``[PAD{id}]`` UNUSED), merges, and bos/eos/pad 70000.
-With ``q4_0`` the token embedding stays Q8_0 (it is the tied output head too).
+``output``, ``blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up, ffn_down}`` with
+``.weight`` and ``.bias``, in the checkpoint's own [out, in] layout (llama.cpp applies RoPE in
+NeoX style to the fused QKV, as CodeShell does, so nothing is permuted); 1-D tensors stay F32.
+``output.weight`` is written even when the head is tied to the embedding (as CodeShell-7B's
+is): llama.cpp's CodeShell loader requires it (``check_tensor_dims: tensor 'output.weight' not
+found`` otherwise), so a tied head is stored twice. ``feed_forward_length`` is the real
+``n_inner`` (llama.cpp checks ``ffn_up`` against it). The tokenizer is ``gpt2`` BPE with
+pre-tokenizer ``codeshell``, one entry per vocabulary row (the 20 specials CONTROL, rows without
+a token ``[PAD{id}]`` UNUSED), merges, and bos/eos/pad 70000. With ``q4_0`` the token embedding
+and the output head stay Q8_0.
 
-Import (`load_gguf`): F32/F16/BF16/Q8_0/Q4_0 files in GGUF v2 or v3, including files of the
-older CodeShell llama.cpp fork (no ``tokenizer.ggml.pre``, ``codeshell.rope.scale_linear``).
-Q4_0 linears map losslessly onto our int4 (groups of 32, symmetric: both are (q - 8) * d);
-Q8_0 linears are re-quantized into int8 per channel; float files load as float unless
-``quantization=`` asks otherwise. The tokenizer is rebuilt from the file. This module does not
-quantize with K-quants or write other architectures.
+Import (`load_gguf`): F32/F16/BF16/Q8_0/Q4_0 files in GGUF v2 or v3: ours, llama.cpp's own
+converter's (which writes no ``output.weight`` for a tied checkpoint and ``feed_forward_length``
+as 4 * n_embd), and the older CodeShell llama.cpp fork's (GGUF v2, no ``tokenizer.ggml.pre``,
+``codeshell.rope.scale_linear``, every token typed NORMAL). For the CodeShell architecture the
+20 special tokens at ids 70000-70019 are special whatever type the file gives them, so a FIM
+prompt tokenizes the same from every file. An ``output.weight`` identical to ``token_embd``
+loads as a tied head (one copy in memory); ``n_inner`` comes from the ``ffn_up`` tensor's
+shape. Q4_0 linears map losslessly onto our int4 (groups of 32, symmetric: both are
+(q - 8) * d); Q8_0 linears are re-quantized into int8 per channel; float files load as float
+unless ``quantization=`` asks otherwise. The tokenizer is rebuilt from the file. This module
+does not quantize with K-quants or write other architectures.
 """
 
 from __future__ import annotations
@@ -161,6 +169,13 @@ def _tokenizer_entries(path: Path, vocab_size: int) -> tuple[list[str], list[int
     return tokens, types, merges
 
 
+CODESHELL_SPECIAL_IDS = range(70000, 70020)  # <|endoftext|>, <fim_prefix>, ..., <|end|>
+
+
+def _is_pad(token: str, i: int) -> bool:
+    return token == f"[PAD{i}]"
+
+
 def tokenizer_from_gguf(fields: dict, eos_token_id: int | None) -> Tokenizer:
     """Rebuild CodeShell's byte-level BPE (digits split one by one) from GGUF tokenizer keys."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
@@ -175,8 +190,16 @@ def tokenizer_from_gguf(fields: dict, eos_token_id: int | None) -> Tokenizer:
     merges = fields.get("tokenizer.ggml.merges")
     if not tokens or not merges:
         raise GGUFError("the GGUF file has no tokenizer (tokenizer.ggml.tokens / merges)")
-    types = types or [1] * len(tokens)
-    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != 5}  # 5: UNUSED padding rows
+    types = list(types or [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise GGUFError(f"the GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types")
+    special = {i for i, ty in enumerate(types) if ty == 3}  # 3: CONTROL
+    if fields.get("general.architecture") == ARCH:
+        # The older CodeShell fork typed every token NORMAL, specials included: for CodeShell the
+        # 20 specials are special whatever the file says (else a FIM prompt is BPE'd as text).
+        special |= {i for i in CODESHELL_SPECIAL_IDS if i < len(tokens) and not _is_pad(tokens[i], i)}
+    # Rows without a token: UNUSED in our files and llama.cpp's, NORMAL "[PAD{id}]" in the fork's.
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != 5 and not _is_pad(t, i)}
     bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], unk_token=None,
                      fuse_unk=False, byte_fallback=False)
     tok = HFTokenizer(bpe)
@@ -186,7 +209,7 @@ def tokenizer_from_gguf(fields: dict, eos_token_id: int | None) -> Tokenizer:
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    specials = [AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)]
     tok.add_special_tokens(specials)
     return Tokenizer.from_object(tok, eos_token_id)
 
@@ -220,9 +243,8 @@ def _encode(t: torch.Tensor, qtype) -> np.ndarray:
 
 
 def export_gguf(model: str | os.PathLike, out: str | os.PathLike, out_type: str = "f16", *,
-                overwrite: bool = False, legacy_fork: bool = False) -> Path:
-    """Write checkpoint `model` as a GGUF file. `legacy_fork` writes the older CodeShell llama.cpp
-    fork's flavour (GGUF v2, no pre-tokenizer key, ``codeshell.rope.scale_linear``) for tests."""
+                overwrite: bool = False) -> Path:
+    """Write checkpoint `model` as a GGUF file that llama.cpp loads as a CodeShell model."""
     gguf = _gguf()
     if out_type not in TYPES:
         raise GGUFError(f"unknown GGUF type {out_type!r}: choose one of {', '.join(TYPES)}")
@@ -252,17 +274,13 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, out_type: str 
         log.warning("llama.cpp has no dynamic-NTK RoPE for CodeShell: exported without scaling "
                     "(identical up to n_positions=%d)", cfg.n_positions)
     factor = cfg.rope_scaling_factor if cfg.rope_scaling_type == "linear" else 1.0
-    if legacy_fork:
-        w.add_float32(f"{ARCH}.rope.scale_linear", factor)
-    else:
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(factor)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(factor)
     if out_type in ("q8_0", "q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
-    if not legacy_fork:
-        w.add_tokenizer_pre("codeshell")
+    w.add_tokenizer_pre("codeshell")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -287,26 +305,30 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, out_type: str 
     w.write_ti_data_to_file()
     # Pass 2: tensors in that order, one at a time (the source is read by name).
     wanted = [g for g, _ in order]
+    tied_copy = not _has_untied_head(src, cfg)
     buffered: dict[str, torch.Tensor] = {}
     it = _float_tensors(src, cfg)
+    embd_encoded = None
     with _progress(len(wanted), f"Writing {out.name} ({out_type})") as advance:
         for gname in wanted:
+            if gname == "output.weight" and tied_copy and embd_encoded is not None:
+                w.write_tensor_data(embd_encoded)  # the same type as token_embd (both Q8_0 in q4_0)
+                embd_encoded = None
+                advance(1)
+                continue
             while gname not in buffered:
                 try:
                     name, t = next(it)
                 except StopIteration:
                     raise CheckpointError(f"checkpoint {src} is missing the tensor for {gname}") from None
-                if name == "lm_head.weight" and cfg.tie_word_embeddings and "output.weight" not in wanted:
-                    continue
                 buffered[to_gguf_name(name)] = t
             t = buffered.pop(gname)
-            w.write_tensor_data(_encode(t, _gguf_type(gname, t, out_type)))
+            data = _encode(t, _gguf_type(gname, t, out_type))
+            w.write_tensor_data(data)
+            if gname == "token_embd.weight" and tied_copy:
+                embd_encoded = data
             advance(1)
     w.close()
-    if legacy_fork:
-        with open(str(out) + ".part", "r+b") as f:
-            f.seek(4)
-            f.write((2).to_bytes(4, "little"))
     os.replace(str(out) + ".part", out)
     return out
 
@@ -320,7 +342,11 @@ def _export_order(cfg: CodeShellConfig, src: Path) -> list[tuple[str, tuple[int,
     untied = _has_untied_head(src, cfg)
     names = [n for n in shapes if n != "lm_head.weight" or untied]
     # Stream order: checkpoint order where known (index files list names), else model order.
-    return [(to_gguf_name(n), shapes[n]) for n in _checkpoint_order(src, names)]
+    order = [(to_gguf_name(n), shapes[n]) for n in _checkpoint_order(src, names)]
+    if not untied:  # llama.cpp requires output.weight: the tied head's copy follows token_embd
+        at = [g for g, _ in order].index("token_embd.weight")
+        order.insert(at + 1, ("output.weight", shapes["transformer.wte.weight"]))
+    return order
 
 
 def _has_untied_head(src: Path, cfg: CodeShellConfig) -> bool:
@@ -382,17 +408,34 @@ def config_from_gguf(fields: dict, tensors: dict) -> CodeShellConfig:
         raise GGUFError(f"rope scaling {fields[f'{ARCH}.rope.scaling.type']!r} is not supported for CodeShell")
     bos = fields.get("tokenizer.ggml.bos_token_id", 70000)
     eos = fields.get("tokenizer.ggml.eos_token_id", 70000)
+    # llama.cpp's converter and the fork write feed_forward_length as 4 * n_embd whatever n_inner
+    # is; the tensors say what it really is.
+    n_inner = int(fields.get(f"{ARCH}.feed_forward_length", 4 * n_embd))
+    if "blk.0.ffn_up.weight" in tensors:
+        n_inner = _shape(tensors["blk.0.ffn_up.weight"])[0]
+    # The key is a float32: 1e-5 comes back as 9.99999975e-06; take the float32's shortest decimal.
+    eps = float(str(np.float32(fields.get(f"{ARCH}.attention.layer_norm_epsilon", 1e-5))))
     return CodeShellConfig(
         vocab_size=vocab, n_positions=int(need("context_length")), n_embd=n_embd,
         n_layer=int(need("block_count")), n_head=n_head,
         num_query_groups=int(fields.get(f"{ARCH}.attention.head_count_kv", n_head)),
-        n_inner=int(fields.get(f"{ARCH}.feed_forward_length", 4 * n_embd)),
-        layer_norm_epsilon=float(fields.get(f"{ARCH}.attention.layer_norm_epsilon", 1e-5)),
+        n_inner=n_inner,
+        layer_norm_epsilon=eps,
         position_embedding_type="learned_absolute" if "position_embd.weight" in tensors else "rope",
         rope_scaling_type=rs_type, rope_scaling_factor=rs_factor,
         rope_theta=float(fields.get(f"{ARCH}.rope.freq_base", 10000.0)),
         bos_token_id=int(bos), eos_token_id=int(eos),
-        tie_word_embeddings="output.weight" not in tensors, model_type="codeshell")
+        tie_word_embeddings=_head_is_tied(tensors), model_type="codeshell")
+
+
+def _head_is_tied(tensors: dict) -> bool:
+    """No output.weight (llama.cpp's converter on a tied checkpoint), or one holding exactly
+    token_embd's bytes (our export of a tied checkpoint: llama.cpp needs the copy)."""
+    out, emb = tensors.get("output.weight"), tensors.get("token_embd.weight")
+    if out is None:
+        return True
+    return (emb is not None and out.tensor_type == emb.tensor_type and out.shape == emb.shape
+            and np.array_equal(out.data, emb.data))
 
 
 def _shape(t: _Tensor) -> tuple[int, ...]:
@@ -454,7 +497,8 @@ def load_gguf(path: str | os.PathLike, dtype=None, device: str | torch.device = 
     seen: set[str] = set()
     with _progress(len(tensors), f"Loading {path.name}") as advance:
         for gname, t in tensors.items():
-            if gname in ("rope_freqs.weight",) or gname.endswith(".attn_rot_embd"):
+            if (gname in ("rope_freqs.weight",) or gname.endswith(".attn_rot_embd")
+                    or (gname == "output.weight" and cfg.tie_word_embeddings)):  # the tied head's copy
                 advance(1)
                 continue
             name = from_gguf_name(gname)

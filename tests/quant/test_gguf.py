@@ -1,5 +1,6 @@
 """GGUF export -> import round trips, the exported file's metadata and tensor list (read back
-with gguf.GGUFReader), the older fork's v2 flavour, the rebuilt tokenizer, and bad files."""
+with gguf.GGUFReader), files written as the older CodeShell fork's converter writes them, the
+rebuilt tokenizer, and bad files. llama.cpp itself runs in test_gguf_llamacpp.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from codeshell import LLM  # noqa: E402
 from codeshell.config import SHAPES  # noqa: E402
 from codeshell.quant.cli import app  # noqa: E402
 from codeshell.quant.convert import quantize_checkpoint  # noqa: E402
-from codeshell.quant.gguf_io import GGUFError, export_gguf, from_gguf_name, read_gguf  # noqa: E402
+from codeshell.quant.gguf_io import GGUFError, export_gguf, from_gguf_name, read_gguf, to_gguf_name  # noqa: E402
 from codeshell.quant.scheme import QuantScheme  # noqa: E402
 from codeshell.testing import make_tiny_checkpoint  # noqa: E402
 from codeshell.weights import build_empty  # noqa: E402
@@ -108,7 +109,10 @@ def test_exported_metadata_and_tensors(exported):
     for i in range(cfg.n_layer):
         for part in ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"):
             want |= {f"blk.{i}.{part}.weight", f"blk.{i}.{part}.bias"}
-    assert set(names) == want  # tied head: no output.weight, llama.cpp reuses token_embd
+    want.add("output.weight")  # a tied head too: llama.cpp's CodeShell loader requires it
+    assert set(names) == want
+    assert names["output.weight"].tensor_type == Q.Q8_0
+    assert np.array_equal(names["output.weight"].data, names["token_embd.weight"].data)
     assert names["blk.0.attn_qkv.weight"].tensor_type == Q.Q4_0
     assert list(names["blk.0.attn_qkv.weight"].shape) == [cfg.n_embd, cfg.qkv_dim]  # ggml order: ne0 = in
     assert list(names["blk.1.ffn_down.weight"].shape) == [cfg.ffn_dim, cfg.n_embd]
@@ -148,20 +152,122 @@ def test_tokenizer_rebuilt_from_file(exported, tokenizer_dir):
     assert tok.eos_token_id == 70000 and tok.is_special(70001)
 
 
-def test_v2_fork_style_file_loads(tmp_path, tokenizer_dir, ids):
-    cfg = SHAPES["tiny"].replace(rope_scaling_type="linear", rope_scaling_factor=2.0)
-    src = make_tiny_checkpoint(tmp_path / "lin", tokenizer_dir=tokenizer_dir, cfg=cfg, seed=5)
-    path = export_gguf(src, tmp_path / "fork.gguf", "f32", legacy_fork=True)
-    version, fields, _ = read_gguf(path)
-    assert version == 2
-    assert "tokenizer.ggml.pre" not in fields and "codeshell.rope.scaling.type" not in fields
-    assert fields["codeshell.rope.scale_linear"] == 2.0
+def write_fork_gguf(src, out, ftype: int = 0):
+    """The file `convert-codeshell-hf-to-gguf.py MODEL FTYPE` of WisdomShell/llama_cpp_for_codeshell
+    writes, step by step as that script does with the fork's gguf-py (GGUF_VERSION = 2): its keys
+    in its order (feed_forward_length 4 * n_embd, rope.freq_base 10000, rope.scale_linear 1.0, no
+    rope.dimension_count, no tokenizer.ggml.pre), AutoTokenizer's vocab padded with "[PAD{i}]",
+    scores 0.0 and every token NORMAL, SpecialVocab's merges and bos/eos/unk/pad ids, then
+    pytorch_model.bin's tensors in file order, squeezed, 2-D .weight F16 when ftype is 1 and
+    everything else F32; no output.weight for a tied checkpoint."""
+    from transformers import AutoTokenizer
+    hp = json.loads((src / "config.json").read_text())
+    assert hp["architectures"][0] == "CodeShellForCausalLM"
+    w = gguf.GGUFWriter(str(out), "codeshell")
+    w.add_name("CodeShell")
+    w.add_context_length(hp["n_positions"])
+    w.add_embedding_length(hp["n_embd"])
+    w.add_feed_forward_length(4 * hp["n_embd"])
+    w.add_block_count(hp["n_layer"])
+    w.add_head_count(hp["n_head"])
+    w.add_head_count_kv(hp["num_query_groups"])
+    w.add_layer_norm_eps(hp["layer_norm_epsilon"])
+    w.add_file_type(ftype)
+    w.add_rope_freq_base(10000.0)
+    w.add_float32("codeshell.rope.scale_linear", 1.0)
+    w.add_tokenizer_model("gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    vocab_size = hp.get("vocab_size", len(tokenizer.vocab))
+    reverse = {i: t for t, i in tokenizer.vocab.items()}
+    w.add_token_list([reverse[i] if i in reverse else f"[PAD{i}]" for i in range(vocab_size)])
+    w.add_token_scores([0.0] * vocab_size)
+    w.add_token_types([int(gguf.TokenType.NORMAL)] * vocab_size)
+    tj = json.loads((src / "tokenizer.json").read_text())  # gguf.SpecialVocab(dir, load_merges=True)
+    w.add_token_merges(tj["model"]["merges"])
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    for typ in ("bos", "eos", "unk", "sep", "pad"):
+        content = tc.get(f"{typ}_token")
+        content = content.get("content") if isinstance(content, dict) else content
+        ids = [a["id"] for a in tj["added_tokens"] if a["content"] == content]
+        if ids:
+            key = {"sep": "seperator", "pad": "padding", "unk": "unknown"}.get(typ, typ)
+            w.add_uint32(f"tokenizer.ggml.{key}_token_id", ids[0])
+    for name, data in torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True).items():
+        if data.dtype not in (torch.float16, torch.float32):
+            data = data.to(torch.float32)
+        data = data.squeeze().numpy()
+        if ftype == 0 and data.dtype == np.float16:
+            data = data.astype(np.float32)
+        if ftype == 1 and data.dtype == np.float16 and data.ndim == 1:
+            data = data.astype(np.float32)
+        if ftype == 1 and data.dtype == np.float32 and name.endswith(".weight") and data.ndim == 2:
+            data = data.astype(np.float16)
+        w.add_tensor(to_gguf_name(name), data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with open(out, "r+b") as f:  # the fork's gguf-py wrote version 2 (v3 differs only in the number)
+        f.seek(4)
+        f.write((2).to_bytes(4, "little"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fork_src(tmp_path_factory, tokenizer_dir):
+    """A tiny checkpoint as the fork's converter reads it (pytorch_model.bin), n_inner 192 (not 4 * 64)."""
+    from safetensors.torch import load_file
+    cfg = SHAPES["tiny"].replace(n_inner=192)
+    d = make_tiny_checkpoint(tmp_path_factory.mktemp("fork_src"), tokenizer_dir=tokenizer_dir, cfg=cfg, seed=5)
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    return d
+
+
+def test_fork_file_fim_prompt_and_greedy(fork_src, tmp_path, tokenizer_dir):
+    """A file of the old CodeShell fork: v2, no pre-tokenizer, every token NORMAL. The specials
+    still tokenize as specials, so a FIM prompt gives the official ids and the same greedy output."""
+    path = write_fork_gguf(fork_src, tmp_path / "fork.gguf", ftype=0)
+    version, fields, tensors = read_gguf(path)
+    assert version == 2 and "tokenizer.ggml.pre" not in fields and "output.weight" not in tensors
+    assert set(fields["tokenizer.ggml.token_type"]) == {int(gguf.TokenType.NORMAL)}
+    assert fields["codeshell.feed_forward_length"] == 256 and fields["codeshell.rope.scale_linear"] == 1.0
     llm = LLM(str(path), dtype="float32")
-    assert llm.config.rope_scaling_type == "linear" and llm.config.rope_scaling_factor == 2.0
+    assert llm.config.n_inner == 192 and llm.config.tie_word_embeddings
+    fim = json.loads((tokenizer_dir / "prompts.json").read_text())["fim"]
+    for case in fim:
+        assert llm.tokenizer.encode(case["prompt"]) == case["ids"]
+    assert llm.tokenizer.is_special(70001) and llm.tokenizer.encode("<fim_middle>") == [70002]
+    ref = LLM(fork_src, dtype="float32")
+    sp = __import__("codeshell").SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompt = fim[0]["prompt"]
+    assert llm.generate(prompt, sp)[0].outputs[0].token_ids == ref.generate(prompt, sp)[0].outputs[0].token_ids
+
+
+def test_fork_file_f16_loads(fork_src, tmp_path, ids):
+    path = write_fork_gguf(fork_src, tmp_path / "fork16.gguf", ftype=1)
+    assert read_gguf(path)[2]["blk.0.attn_qkv.weight"].tensor_type == Q.F16
     with torch.no_grad():
-        want = LLM(src, dtype="float32").model(ids)
-        torch.testing.assert_close(llm.model(ids), want, atol=1e-5, rtol=1e-5)
-    assert llm.tokenizer.encode("x = 12345") == LLM(src).tokenizer.encode("x = 12345")
+        got = LLM(str(path), dtype="float32").model(ids)
+        want = LLM(fork_src, dtype="float32").model(ids)
+    assert _rel(got, want) <= TOL["f16"]
+
+
+def test_tied_head_exports_output_and_loads_tied(exported, src):
+    """output.weight (llama.cpp needs it) holds token_embd's bytes; ours loads it back as one tied tensor."""
+    llm = LLM(str(exported("f32")), dtype="float32")
+    assert llm.config.tie_word_embeddings
+    assert llm.model.lm_head.weight.data_ptr() == llm.model.transformer.wte.weight.data_ptr()
+
+
+def test_feed_forward_length_is_real_n_inner(tmp_path, tokenizer_dir, ids):
+    cfg = SHAPES["tiny"].replace(n_inner=192)
+    src = make_tiny_checkpoint(tmp_path / "ffn", tokenizer_dir=tokenizer_dir, cfg=cfg, seed=3)
+    path = export_gguf(src, tmp_path / "ffn.gguf", "f32")
+    fields, tensors = read_gguf(path)[1:]
+    assert fields["codeshell.feed_forward_length"] == 192 == tensors["blk.0.ffn_up.weight"].shape[0]
+    with torch.no_grad():
+        torch.testing.assert_close(LLM(str(path), dtype="float32").model(ids), LLM(src, dtype="float32").model(ids))
 
 
 def test_export_from_quantized_folder(src, tmp_path, ids, ref_logits):

@@ -1,10 +1,10 @@
 """Building and loading quantized CodeShell models, tensor by tensor.
 
-Three sources end in the same model (block linears as `Int8Linear`/`Int4Linear`):
+Three sources end in the same model (block linears as `Int8Linear`/`Int4Linear`; NF4 as `NF4Linear`):
 - a full-precision checkpoint, quantized as each weight streams in (`LLM(..., quantization=)`);
 - a folder written by `codeshell quantize` (``config.json`` has a ``quantization`` key): its
   integer tensors are copied straight into the modules, no float weight is ever built;
-- the official bitsandbytes-NF4 ``pytorch_model.bin`` (see `codeshell.quant.nf4`).
+- bitsandbytes NF4 checkpoints (see `codeshell.quant.nf4`: kept NF4, or re-quantized when asked).
 GGUF files have their own reader (`codeshell.quant.gguf_io`). This module does not write files.
 """
 
@@ -156,10 +156,8 @@ def load_quantized(path: Path, cfg: CodeShellConfig, dtype: str | torch.dtype | 
                              f"quantization={quantization!r}, or quantize the original checkpoint")
         model = build_quantized_empty(cfg, dt, stored, device)
         load_state_into(model, path, cfg)
-    elif nf4.is_nf4_checkpoint(path):
-        scheme = asked or nf4.DEFAULT_TARGET
-        model = build_quantized_empty(cfg, dt, scheme, device)
-        load_state_into(model, path, cfg, hook=nf4.nf4_hook(model, cfg, scheme))
+    elif nf4.is_nf4_checkpoint(path):  # kept NF4 (bitsandbytes' numbers) unless a scheme is asked
+        return nf4.load_nf4(path, cfg, dt, device, asked)
     elif asked is not None:
         scheme = asked
         model = build_quantized_empty(cfg, dt, asked, device)

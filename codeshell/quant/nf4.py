@@ -1,23 +1,36 @@
-"""The official ``CodeShell-7B-Chat-int4`` checkpoint: bitsandbytes NF4, read without bitsandbytes.
+"""bitsandbytes NF4 checkpoints, read without bitsandbytes and run with bitsandbytes' numbers.
 
-That checkpoint is one ``pytorch_model.bin`` in which every block linear is stored as
-``<name>.weight.data`` (uint8 [ceil(n/2), 1], two 4-bit indices per byte, high nibble first,
-over the row-major flattened [out, in] weight) and ``<name>.weight.quant_state``, the list
-bitsandbytes 0.40 kept for a 4-bit tensor:
+Two layouts are read; both with plain (float32 absmax per block) and nested ("double quant":
+uint8 absmax indices decoded through a second, 256-value code) statistics:
 
-    [absmax, shape, dtype, blocksize, nested, quant_type, code]
+1. The released ``CodeShell-7B-Chat-int4``: one ``pytorch_model.bin`` written with bitsandbytes
+   0.41, in which every block linear is ``<name>.weight.data`` (uint8 [ceil(n/2), 1], two 4-bit
+   indices per byte, high nibble first, over the row-major flattened [out, in] weight) and
+   ``<name>.weight.quant_state``, the list bitsandbytes 0.41's ``quantize_4bit`` returned::
 
-``absmax`` is one float32 scale per ``blocksize`` (64) values, or, with nested ("double
-quant") statistics, uint8 indices and ``nested = [offset, [absmax2, code2, blocksize2, ...]]``
-where absmax = code2[index] * absmax2[block of blocksize2] + offset; ``quant_type`` is
-"nf4" and ``code`` the 16 NF4 levels; w = code[index] * absmax[block]. Everything else is
-bfloat16. The pickled list holds only tensors, ``torch.Size``, a ``torch.dtype``, ints,
-strings, None and a bool, all on torch's default ``weights_only`` allow-list, so the file is
-read with ``torch.load(weights_only=True)`` and no extra globals.
+       [absmax, shape, dtype, blocksize, nested, quant_type, code]
+       nested = None  or  [offset, [absmax2, code2, blocksize2, False, torch.float32, None, None]]
 
-We re-quantize each dequantized weight into our int4 format (groups of 64 with zero points by
-default) as it streams in; NF4 is never run directly. `write_nf4_checkpoint` makes test
-fixtures in the same layout (our own NF4 quantizer, following bitsandbytes' definitions).
+   (``Params4bit.cuda`` quantized ``weight.half()``, so ``dtype`` is float16 there). The list
+   holds only tensors, ``torch.Size``, a ``torch.dtype``, ints, strings, None and a bool, all on
+   torch's ``weights_only`` allow-list, so no extra globals are allowed.
+2. transformers + bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True,
+   bnb_4bit_quant_type="nf4")`` then ``save_pretrained``): safetensors with ``<name>.weight``
+   (the packed bytes, in ``bnb_4bit_quant_storage``), ``.weight.absmax``, ``.weight.quant_map``,
+   ``.weight.nested_absmax``, ``.weight.nested_quant_map`` and
+   ``.weight.quant_state.bitsandbytes__nf4`` (JSON bytes: blocksize, shape, dtype,
+   nested_blocksize, nested_offset), and ``quantization_config`` in config.json.
+
+The numbers are bitsandbytes': absmax = code2[q] * absmax2[block // blocksize2] + offset
+(float32) when nested; w = code[index] * absmax[block] in float32, then cast to the activation
+dtype; y = F.linear(x, w, bias). That is what bitsandbytes 0.50's CPU forward
+(``gemm_4bit``) computes, so by default the weights stay NF4 in memory (`NF4Linear`, ~4.5 bits
+per weight) and each forward dequantizes them. Asking for ``quantization="int8"`` or an int4
+scheme instead re-quantizes each dequantized weight to that format (faster kernels, further from
+bitsandbytes' numbers: docs/quant.md gives the measured distance). fp4 and 8-bit (LLM.int8)
+bitsandbytes checkpoints are refused with a message saying so.
+
+`write_nf4_checkpoint` writes layout 1 with bitsandbytes' own quantizer (test fixtures).
 """
 
 from __future__ import annotations
@@ -27,12 +40,13 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import CodeShellConfig
 from ..weights import CheckpointError, LoadHook, weight_files
 from .linear import QuantLinear
-from .load import _trim_heap
+from .load import BLOCK_LINEARS, _trim_heap, build_quantized_empty, finalize
 from .scheme import QuantScheme
 
 # bitsandbytes' NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
@@ -41,37 +55,16 @@ NF4_CODE = torch.tensor([
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0])
-BLOCKSIZE = 64
-NESTED_BLOCKSIZE = 256
-DEFAULT_TARGET = QuantScheme(bits=4, group_size=64, symmetric=False)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _SUFFIX_DATA, _SUFFIX_STATE = ".weight.data", ".weight.quant_state"
-
-
-def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
-    """bitsandbytes' 8-bit dynamic-exponent code (256 sorted values in [-1, 1]) for nested absmax."""
-    data: list[float] = []
-    non_sign_bits = total_bits - 1
-    for i in range(max_exponent_bits):
-        n = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
-                else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
-        b = torch.linspace(0.1, 1, n)
-        means = ((b[:-1] + b[1:]) / 2.0) * 10 ** (-(max_exponent_bits - 1) + i)
-        data += means.tolist()
-        if signed:
-            data += (-means).tolist()
-    data += [0.0, 1.0]
-    data += [0.0] * (2 ** total_bits - len(data))
-    return torch.tensor(sorted(data))
-
-
-def _nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest value of sorted `code` for each element of x."""
-    mid = (code[1:] + code[:-1]) / 2
-    return torch.bucketize(x.contiguous(), mid)
+# transformers' save_pretrained: the parts of one quantized weight, after "<prefix>.weight".
+_HF_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_HF_QS = "quant_state.bitsandbytes__"
+METHOD = "bitsandbytes-nf4"
 
 
 class QuantStateError(CheckpointError):
-    """A ``.weight.quant_state`` entry that does not follow the bitsandbytes NF4 layout."""
+    """NF4 statistics that do not follow bitsandbytes' layout (names the tensor and the field)."""
 
 
 def _bad(name: str, what: str) -> QuantStateError:
@@ -79,132 +72,366 @@ def _bad(name: str, what: str) -> QuantStateError:
                            "list [absmax, shape, dtype, blocksize, nested stats or None, 'nf4', code])")
 
 
-def _absmax(name: str, state: list, nblocks: int) -> torch.Tensor:
-    absmax, nested = state[0], state[4]
+def _bad_hf(name: str, what: str) -> QuantStateError:
+    return QuantStateError(f"corrupt bitsandbytes NF4 tensors for {name!r}: {what}")
+
+
+# ---- the numbers ---------------------------------------------------------------------------
+
+def decode_nested_absmax(qabsmax: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor,
+                         blocksize2: int, offset: torch.Tensor | float) -> torch.Tensor:
+    """Nested statistics as bitsandbytes decodes them: code2[q] * absmax2[i // blocksize2] + offset (fp32)."""
+    n = qabsmax.numel()
+    scale2 = absmax2.reshape(-1).float().repeat_interleave(blocksize2)[:n]
+    off = offset.float().reshape(()) if isinstance(offset, torch.Tensor) else torch.tensor(offset, dtype=torch.float32)
+    return code2.float()[qabsmax.reshape(-1).long()] * scale2 + off
+
+
+def byte_table(code: torch.Tensor) -> torch.Tensor:
+    """[256, 2] float32: the two code values (high nibble, low nibble) of each packed byte."""
+    b = torch.arange(256, device=code.device)
+    return torch.stack((code.float()[b >> 4], code.float()[b & 0x0F]), dim=-1).contiguous()
+
+
+def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                      shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                      chunk: int = 1 << 21, lut: torch.Tensor | None = None) -> torch.Tensor:
+    """code[index] * absmax[block] in float32, cast to `dtype`, in `shape` (bitsandbytes' dequantize_4bit).
+
+    `packed` holds ceil(n/2) bytes, high nibble first. Works `chunk` values at a time so the
+    temporaries stay small next to the result; `lut` is `byte_table(code)` when the caller keeps one.
+    """
+    n = math.prod(shape)
+    p = packed.reshape(-1)
+    lut = byte_table(code) if lut is None else lut
+    am = absmax.reshape(-1).float()
+    if n % blocksize == 0 and n <= chunk:  # one piece: the common case of small linears
+        vals = lut[p.long()].view(-1, blocksize)
+        return (vals * am[:, None]).to(dtype).reshape(shape)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    step = max(1, chunk // blocksize) * blocksize
+    for v0 in range(0, n, step):
+        v1 = min(n, v0 + step)
+        vals = lut[p[v0 // 2:(v1 + 1) // 2].long()].reshape(-1)[: v1 - v0]
+        nb = -(-(v1 - v0) // blocksize)
+        full = (v1 - v0) // blocksize * blocksize
+        b0 = v0 // blocksize
+        seg = out[v0:v1]
+        if full:
+            seg[:full] = (vals[:full].view(-1, blocksize) * am[b0:b0 + full // blocksize, None]).reshape(-1)
+        if full < v1 - v0:  # a last, partial block
+            seg[full:] = vals[full:] * am[b0 + nb - 1]
+    return out.reshape(shape)
+
+
+class NF4Linear(QuantLinear):
+    """A linear holding bitsandbytes NF4 weights (packed indices, fp32 absmax per block).
+
+    forward = F.linear(x, dequantize(x.dtype), bias): bitsandbytes' CPU inference math. The
+    weight is dequantized on every call (one [out, in] temporary in x's dtype).
+    """
+
+    bits = 4
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 bias_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(in_features, out_features, bias, bias_dtype, device)
+        # Sizes depend on the file's block size: `set_nf4` replaces these placeholders.
+        self.register_buffer("qweight", torch.empty(0, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.empty(0, dtype=torch.float32, device=device))
+        self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=device))
+        self.blocksize = 64
+        self._lut: torch.Tensor | None = None  # byte -> two code values, built from `code`
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", nf4 blocksize={self.blocksize}"
+
+    @torch.no_grad()
+    def set_nf4(self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> None:
+        dev = self.bias.device if self.bias is not None else self.code.device
+        self.qweight = packed.reshape(-1).to(dev, torch.uint8).contiguous()
+        self.absmax = absmax.reshape(-1).to(dev, torch.float32).contiguous()
+        self.code = code.reshape(-1).to(dev, torch.float32).contiguous()
+        self.blocksize = blocksize
+        self._lut = byte_table(self.code)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self._lut is None or self._lut.device != self.code.device:
+            self._lut = byte_table(self.code)
+        return dequantize_packed(self.qweight, self.absmax, self.code, self.blocksize,
+                                 (self.out_features, self.in_features), dtype, lut=self._lut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+
+def build_nf4_empty(cfg: CodeShellConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
+    """A CodeShellForCausalLM whose block linears are empty `NF4Linear`s (built on meta, no init cost)."""
+    from ..model import CodeShellForCausalLM
+    with torch.device("meta"):
+        model = CodeShellForCausalLM(cfg).to(dtype)
+        for i in range(cfg.n_layer):
+            for n in BLOCK_LINEARS:
+                parent_name, _, attr = f"transformer.h.{i}.{n}".rpartition(".")
+                parent = model.get_submodule(parent_name)
+                lin = getattr(parent, attr)
+                setattr(parent, attr, NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype))
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.requires_grad_(False)
+    return model.eval()
+
+
+# ---- checking one weight's statistics ------------------------------------------------------
+
+def _check_code(name: str, code, bad) -> torch.Tensor:
+    if not isinstance(code, torch.Tensor) or code.numel() != 16 or not code.is_floating_point():
+        raise bad(name, "the code table should have 16 values")
+    if not torch.allclose(code.detach().float().reshape(-1).cpu(), NF4_CODE, rtol=0, atol=1e-6):
+        raise bad(name, "the code table is not bitsandbytes' NF4 table (fp4 or another 4-bit type?)")
+    return code.detach().float().reshape(-1)
+
+
+def _check_sizes(name: str, packed, shape, blocksize, absmax, bad) -> int:
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
+        raise bad(name, f"blocksize {blocksize!r} is not one of bitsandbytes' {BLOCKSIZES}")
+    n = math.prod(shape)
+    if not isinstance(packed, torch.Tensor) or packed.numel() * packed.element_size() < (n + 1) // 2:
+        got = f"{packed.dtype} x {packed.numel()}" if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise CheckpointError(f"NF4 data for {name!r} should be {(n + 1) // 2} packed bytes for shape "
+                              f"{tuple(shape)}, got {got}")
+    nblocks = -(-n // blocksize)
     if not isinstance(absmax, torch.Tensor) or absmax.numel() != nblocks:
         got = tuple(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
-        raise _bad(name, f"absmax should hold {nblocks} block scales, got {got}")
-    if nested is None:
-        if not absmax.is_floating_point():
-            raise _bad(name, f"plain absmax must be floating point, got {absmax.dtype}")
-        return absmax.reshape(-1).float()
-    if (not isinstance(nested, (list, tuple)) or len(nested) != 2 or not isinstance(nested[1], (list, tuple))
-            or len(nested[1]) < 3):
-        raise _bad(name, "nested statistics should be [offset, [absmax2, code2, blocksize2, ...]]")
-    offset, (absmax2, code2, bs2) = nested[0], nested[1][:3]
-    if absmax.dtype != torch.uint8:
-        raise _bad(name, f"nested absmax must be uint8 indices, got {absmax.dtype}")
+        raise bad(name, f"absmax should hold {nblocks} block scales, got {got}")
+    return n
+
+
+def _as_bytes(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The packed indices as uint8 (bitsandbytes may store them in another dtype: quant_storage)."""
+    b = packed.detach().contiguous().reshape(-1)
+    if b.dtype != torch.uint8:
+        b = b.view(torch.uint8)
+    return b[: (n + 1) // 2]
+
+
+def _nested(name: str, qabsmax: torch.Tensor, offset, absmax2, code2, bs2, bad) -> torch.Tensor:
+    if qabsmax.dtype != torch.uint8:
+        raise bad(name, f"nested absmax must be uint8 indices, got {qabsmax.dtype}")
     if not isinstance(code2, torch.Tensor) or code2.numel() != 256:
-        raise _bad(name, "the nested code table should have 256 values")
-    if not isinstance(bs2, int) or bs2 <= 0 or not isinstance(absmax2, torch.Tensor) \
-            or absmax2.numel() != math.ceil(nblocks / bs2):
-        raise _bad(name, f"nested absmax2/blocksize2 do not cover {nblocks} blocks")
-    off = float(offset) if isinstance(offset, (torch.Tensor, float, int)) else None
-    if off is None or not math.isfinite(off):
-        raise _bad(name, f"nested offset should be a number, got {type(offset).__name__}")
-    scale2 = absmax2.reshape(-1).float().repeat_interleave(bs2)[:nblocks]
-    return code2.float()[absmax.reshape(-1).long()] * scale2 + off
+        raise bad(name, "the nested code table should have 256 values")
+    if (not isinstance(bs2, int) or isinstance(bs2, bool) or bs2 <= 0 or not isinstance(absmax2, torch.Tensor)
+            or absmax2.numel() != -(-qabsmax.numel() // bs2)):
+        raise bad(name, f"nested absmax/blocksize do not cover {qabsmax.numel()} blocks")
+    if isinstance(offset, torch.Tensor) and offset.numel() == 1:
+        offset = offset.detach().float().reshape(())
+    elif isinstance(offset, (float, int)) and not isinstance(offset, bool):
+        offset = torch.tensor(float(offset), dtype=torch.float32)
+    else:
+        raise bad(name, f"nested offset should be a number, got {type(offset).__name__}")
+    if not bool(torch.isfinite(offset)):
+        raise bad(name, "nested offset is not finite")
+    return decode_nested_absmax(qabsmax, absmax2, code2, bs2, offset)
 
 
-def dequantize_nf4(name: str, data: torch.Tensor, state) -> torch.Tensor:
-    """One NF4 tensor back to float32 in its original shape, checking every field of `state`."""
+def parse_list_state(name: str, data, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, tuple]:
+    """Layout 1: (packed bytes, fp32 absmax, code, blocksize, shape) from the 0.41 quant_state list."""
     if not isinstance(state, (list, tuple)) or len(state) != 7:
         n = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
         raise _bad(name, f"got {n} items")
-    shape, dtype, blocksize, quant_type, code = state[1], state[2], state[3], state[5], state[6]
+    absmax, shape, dtype, blocksize, nested, quant_type, code = state
     if quant_type != "nf4":
         raise _bad(name, f"quant type {quant_type!r} is not supported (only 'nf4')")
     if not isinstance(shape, (torch.Size, list, tuple)) or not all(isinstance(s, int) and s > 0 for s in shape):
         raise _bad(name, f"shape {shape!r} is not a list of positive integers")
-    if not isinstance(dtype, torch.dtype):
-        raise _bad(name, f"dtype {dtype!r} is not a torch dtype")
-    if not isinstance(blocksize, int) or blocksize <= 0:
-        raise _bad(name, f"blocksize {blocksize!r} is not a positive integer")
-    if not isinstance(code, torch.Tensor) or code.numel() != 16:
-        raise _bad(name, "the code table should have 16 values")
-    n = math.prod(shape)
-    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.numel() != (n + 1) // 2:
-        got = f"{data.dtype} x {data.numel()}" if isinstance(data, torch.Tensor) else type(data).__name__
-        raise CheckpointError(f"NF4 data for {name!r} should be {(n + 1) // 2} uint8 bytes for shape "
-                              f"{tuple(shape)}, got {got}")
-    nblocks = math.ceil(n / blocksize)
-    absmax = _absmax(name, state, nblocks)
-    p = data.reshape(-1)
-    idx = torch.stack((p >> 4, p & 0x0F), dim=-1).reshape(-1)[:n].long()  # high nibble first
-    w = code.float()[idx] * absmax.repeat_interleave(blocksize)[:n]
-    return w.reshape(tuple(shape))
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise _bad(name, f"dtype {dtype!r} is not a torch float dtype")
+    code = _check_code(name, code, _bad)
+    n = _check_sizes(name, data, shape, blocksize, absmax, _bad)
+    if data.dtype != torch.uint8:
+        raise CheckpointError(f"NF4 data for {name!r} should be uint8, got {data.dtype}")
+    if nested is None:
+        if not absmax.is_floating_point():
+            raise _bad(name, f"plain absmax must be floating point, got {absmax.dtype}")
+        am = absmax.detach().float().reshape(-1)
+    else:
+        if (not isinstance(nested, (list, tuple)) or len(nested) != 2 or not isinstance(nested[1], (list, tuple))
+                or len(nested[1]) < 3):
+            raise _bad(name, "nested statistics should be [offset, [absmax2, code2, blocksize2, ...]]")
+        am = _nested(name, absmax, nested[0], *nested[1][:3], _bad)
+    return _as_bytes(data, n), am, code, blocksize, tuple(shape)
 
 
-def quantize_nf4(w: torch.Tensor, nested: bool, blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, list]:
-    """bitsandbytes-style NF4 of w: (data uint8 [ceil(n/2), 1], quant_state list)."""
-    flat = w.detach().float().reshape(-1)
-    n = flat.numel()
-    pad = (-n) % blocksize
-    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    idx = _nearest(blocks / absmax.clamp(min=1e-12)[:, None], NF4_CODE).reshape(-1)[:n].to(torch.uint8)
-    if n % 2:
-        idx = torch.cat([idx, idx.new_zeros(1)])
-    data = ((idx[0::2] << 4) | idx[1::2]).reshape(-1, 1)
-    stats = None
-    if nested:
-        offset = absmax.mean()
-        a = absmax - offset
-        code2 = dynamic_map()
-        nb = a.numel()
-        a_pad = torch.cat([a, a.new_zeros((-nb) % NESTED_BLOCKSIZE)]).view(-1, NESTED_BLOCKSIZE)
-        absmax2 = a_pad.abs().amax(dim=1).clamp(min=1e-12)
-        qa = _nearest(a_pad / absmax2[:, None], code2).reshape(-1)[:nb].to(torch.uint8)
-        stats = [offset, [absmax2, code2, NESTED_BLOCKSIZE, False, torch.float32, None, None]]
-        absmax = qa
-    state = [absmax, torch.Size(w.shape), w.dtype, blocksize, stats, "nf4", NF4_CODE.clone()]
-    return data, state
+def parse_hf_state(name: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, tuple]:
+    """Layout 2: the same from transformers' `weight`, `weight.absmax`, ..., `weight.quant_state.*`."""
+    meta_t = parts["qs"]
+    try:
+        meta = json.loads(bytes(meta_t.reshape(-1).to(torch.uint8).tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise _bad_hf(name, "quant_state.bitsandbytes__nf4 is not bitsandbytes' packed JSON") from None
+    if not isinstance(meta, dict):
+        raise _bad_hf(name, "quant_state.bitsandbytes__nf4 is not a JSON object")
+    if meta.get("quant_type") != "nf4":
+        raise _bad_hf(name, f"quant type {meta.get('quant_type')!r} is not supported (only 'nf4')")
+    shape, blocksize = meta.get("shape"), meta.get("blocksize")
+    if not isinstance(shape, list) or not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise _bad_hf(name, f"shape {shape!r} is not a list of positive integers")
+    code = _check_code(name, parts.get("quant_map"), _bad_hf)
+    absmax = parts["absmax"]
+    n = _check_sizes(name, parts["weight"], shape, blocksize, absmax, _bad_hf)
+    if "nested_blocksize" in meta:
+        for k in ("nested_absmax", "nested_quant_map"):
+            if k not in parts:
+                raise _bad_hf(name, f"nested statistics without weight.{k}")
+        am = _nested(name, absmax, meta.get("nested_offset"), parts["nested_absmax"], parts["nested_quant_map"],
+                     meta["nested_blocksize"], _bad_hf)
+    else:
+        if not absmax.is_floating_point():
+            raise _bad_hf(name, f"plain absmax must be floating point, got {absmax.dtype}")
+        am = absmax.float().reshape(-1)
+    return _as_bytes(parts["weight"], n), am, code, blocksize, tuple(shape)
 
 
-def is_nf4_checkpoint(path: Path) -> bool:
-    """Whether a checkpoint folder stores `.weight.quant_state` entries (bitsandbytes 4-bit)."""
+def dequantize_nf4(name: str, data: torch.Tensor, state) -> torch.Tensor:
+    """One layout-1 NF4 tensor back to float32 in its original shape, checking every field of `state`."""
+    packed, am, code, bs, shape = parse_list_state(name, data, state)
+    return dequantize_packed(packed, am, code, bs, shape)
+
+
+# ---- which layout a folder holds -----------------------------------------------------------
+
+def hf_quantization_config(path: Path) -> dict | None:
+    """config.json's ``quantization_config`` (transformers), or None."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return raw.get("quantization_config") if isinstance(raw, dict) else None
+
+
+def check_hf_quantization_config(q) -> None:
+    """Refuse, in one line, the transformers quantization configs this runtime does not read."""
+    if not isinstance(q, dict):
+        raise CheckpointError(f"config.json `quantization_config` must be an object, got {q!r}")
+    method = q.get("quant_method")
+    if method != "bitsandbytes":
+        raise CheckpointError(f"config.json `quantization_config.quant_method` is {method!r}: this runtime reads "
+                              "bitsandbytes NF4 checkpoints, `codeshell quantize` folders and GGUF files")
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        raise CheckpointError("bitsandbytes 8-bit (LLM.int8) checkpoints are not supported; "
+                              "only 4-bit NF4 (load_in_4bit, bnb_4bit_quant_type 'nf4')")
+    if not (q.get("load_in_4bit") or q.get("_load_in_4bit")):
+        raise CheckpointError("config.json `quantization_config` (bitsandbytes) has neither load_in_4bit nor "
+                              "load_in_8bit set")
+    qt = q.get("bnb_4bit_quant_type", "fp4")
+    if qt != "nf4":
+        raise CheckpointError(f"bitsandbytes 4-bit quant type {qt!r} is not supported; only 'nf4'")
+
+
+def nf4_layout(path: Path) -> str | None:
+    """"transformers" (safetensors + quantization_config), "list" (bitsandbytes 0.41 pickled lists) or None."""
+    q = hf_quantization_config(path)
+    if q is not None:
+        check_hf_quantization_config(q)
+        return "transformers"
     index = path / "pytorch_model.bin.index.json"
     if index.exists():
         try:
             keys = json.loads(index.read_text())["weight_map"].keys()
         except Exception:
-            return False
-        return any(k.endswith(_SUFFIX_STATE) for k in keys)
-    files = weight_files(path)
+            return None
+        return "list" if any(k.endswith(_SUFFIX_STATE) for k in keys) else None
+    try:
+        files = weight_files(path)
+    except CheckpointError:
+        return None
     if len(files) != 1 or files[0].suffix != ".bin":
-        return False
+        return None
     try:
         sd = torch.load(str(files[0]), map_location="cpu", weights_only=True, mmap=True)
     except Exception:
-        return False  # the regular loader reports unreadable files
-    return isinstance(sd, dict) and any(isinstance(k, str) and k.endswith(_SUFFIX_STATE) for k in sd)
+        return None  # the regular loader reports unreadable files
+    ok = isinstance(sd, dict) and any(isinstance(k, str) and k.endswith(_SUFFIX_STATE) for k in sd)
+    return "list" if ok else None
 
 
-def nf4_hook(model: nn.Module, cfg: CodeShellConfig, scheme: QuantScheme) -> LoadHook:
-    """A loader hook pairing `.weight.data` with `.weight.quant_state` and re-quantizing them."""
+def is_nf4_checkpoint(path: Path) -> bool:
+    """Whether a checkpoint folder holds bitsandbytes NF4 weights (either layout)."""
+    return nf4_layout(path) is not None
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """(module prefix, part) for an NF4 tensor name of either layout, else None."""
+    for suffix, part in ((_SUFFIX_DATA, "data"), (_SUFFIX_STATE, "state")):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], part
+    head, sep, tail = name.rpartition(".weight.")
+    if sep:
+        if tail in _HF_PARTS:
+            return head, tail
+        if tail.startswith(_HF_QS):
+            return head, "qs"
+    return None
+
+
+def nf4_hook(model: nn.Module, cfg: CodeShellConfig, layout: str, scheme: QuantScheme | None) -> LoadHook:
+    """A loader hook gathering each block linear's NF4 tensors and filling its module.
+
+    With `scheme` None the modules are `NF4Linear`s and keep NF4; otherwise the dequantized
+    weight is re-quantized into the scheme's int8/int4 module."""
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     pending: dict[str, dict[str, object]] = {}
 
-    def hook(name: str, t) -> list[str] | None:
-        for suffix, key in ((_SUFFIX_DATA, "data"), (_SUFFIX_STATE, "state")):
-            if name.endswith(suffix):
-                prefix = name[: -len(suffix)]
-                break
-        else:
-            return None
+    def module_for(prefix: str, name: str) -> QuantLinear:
         m = qmods.get(prefix)
         if m is None:
             raise CheckpointError(f"NF4 tensor {name!r} is not a block linear of this model "
                                   f"(expected transformer.h.N.attn.c_attn/c_proj or mlp.c_fc/c_proj)")
+        return m
+
+    def complete(entry: dict) -> bool:
+        if layout == "list":
+            return "data" in entry and "state" in entry
+        if not {"weight", "qs", "absmax", "quant_map"} <= entry.keys():
+            return False
+        nested = b'"nested_blocksize"' in bytes(entry["qs"].reshape(-1).to(torch.uint8).tolist())
+        return not nested or {"nested_absmax", "nested_quant_map"} <= entry.keys()
+
+    def hook(name: str, t) -> list[str] | None:
+        split = _split_name(name)
+        if split is None and layout == "transformers" and name.endswith(".weight"):
+            prefix = name[: -len(".weight")]
+            if prefix in qmods:
+                split = (prefix, "weight")
+        if split is None:
+            return None
+        prefix, part = split
+        m = module_for(prefix, name)
+        if layout == "transformers" and part == "weight" and isinstance(t, torch.Tensor) \
+                and t.is_floating_point() and t.dim() == 2 and t.shape[1] > 1:
+            raise CheckpointError(f"{name!r} is not quantized in this checkpoint (llm_int8_skip_modules?); "
+                                  "checkpoints that leave block linears unquantized are not supported")
         entry = pending.setdefault(prefix, {})
-        entry[key] = t
-        if len(entry) < 2:
+        entry[part] = t
+        if not complete(entry):
             return []
         del pending[prefix]
-        w = dequantize_nf4(prefix + ".weight", entry["data"], entry["state"])
-        if tuple(w.shape) != (m.out_features, m.in_features):
-            raise CheckpointError(f"NF4 weight {prefix!r} has shape {tuple(w.shape)}, expected "
-                                  f"{(m.out_features, m.in_features)} from config.json")
+        wname = prefix + ".weight"
+        if layout == "list":
+            packed, am, code, bs, shape = parse_list_state(wname, entry["data"], entry["state"])
+        else:
+            packed, am, code, bs, shape = parse_hf_state(wname, entry)
+        want = (m.out_features, m.in_features)
+        if len(shape) != 2 or tuple(shape) != want:
+            raise CheckpointError(f"NF4 weight {wname!r} has shape {tuple(shape)}, expected {want} from config.json")
+        if isinstance(m, NF4Linear):
+            m.set_nf4(packed, am, code, bs)
+            return [f"{prefix}.qweight", f"{prefix}.absmax", f"{prefix}.code"]
+        w = dequantize_packed(packed, am, code, bs, shape)
         m.set_weight(w)
         del w
         _trim_heap()
@@ -214,20 +441,68 @@ def nf4_hook(model: nn.Module, cfg: CodeShellConfig, scheme: QuantScheme) -> Loa
     return hook
 
 
+def load_nf4(path: Path, cfg: CodeShellConfig, dtype: torch.dtype, device: str | torch.device,
+             scheme: QuantScheme | None) -> tuple[nn.Module, CodeShellConfig]:
+    """Load an NF4 folder: as NF4 (`scheme` None, bitsandbytes' numbers) or re-quantized to `scheme`."""
+    from ..weights import load_state_into
+    layout = nf4_layout(path)
+    if layout is None:
+        raise CheckpointError(f"{path} is not a bitsandbytes NF4 checkpoint")
+    if scheme is None:
+        model = build_nf4_empty(cfg, dtype, device)
+    else:
+        model = build_quantized_empty(cfg, dtype, scheme, device)
+    load_state_into(model, path, cfg, hook=nf4_hook(model, cfg, layout, scheme))
+    finalize(model)
+    if scheme is not None:
+        return model, cfg.replace(quantization=scheme.to_dict())
+    first = next(m for m in model.modules() if isinstance(m, NF4Linear))
+    return model, cfg.replace(quantization={"method": METHOD, "layout": layout, "blocksize": first.blocksize})
+
+
+# ---- writing layout 1 (fixtures) -----------------------------------------------------------
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        raise CheckpointError("writing NF4 checkpoints needs bitsandbytes (pip install bitsandbytes)") from None
+    return bnbf
+
+
+def quant_state_as_list(qs) -> list:
+    """A bitsandbytes ``QuantState`` as the list bitsandbytes 0.41 pickled (layout 1)."""
+    nested = None
+    if qs.nested:
+        s2 = qs.state2
+        nested = [qs.offset, [s2.absmax, s2.code, s2.blocksize, False, s2.dtype, None, None]]
+    return [qs.absmax, torch.Size(qs.shape), qs.dtype, qs.blocksize, nested, qs.quant_type, qs.code]
+
+
 def write_nf4_checkpoint(src_state: dict[str, torch.Tensor], cfg: CodeShellConfig, out: str | Path,
                          nested: bool = True) -> Path:
-    """Write a CodeShell-7B-Chat-int4-layout folder from float tensors (test fixtures, demos)."""
+    """Write a CodeShell-7B-Chat-int4-layout folder from float tensors, quantized by bitsandbytes.
+
+    As the released quantizer did (bitsandbytes 0.41 ``Params4bit.cuda``): each block linear's
+    weight is cast to float16 and quantized with ``quantize_4bit(blocksize=64, quant_type='nf4',
+    compress_statistics=nested)``; its bytes go to ``<name>.data`` and its state, as 0.41's list, to
+    ``<name>.quant_state``. Everything else is stored in bfloat16, plus ``lm_head.weight`` (the
+    released loader reads one) when the head is tied.
+    """
+    bnbf = _bnb()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    linears = {f"transformer.h.{i}.{n}.weight" for i in range(cfg.n_layer) for n in BLOCK_LINEARS}
     sd: dict[str, object] = {}
     for name, t in src_state.items():
-        prefix = name[: -len(".weight")]
-        if name.endswith(".weight") and prefix.rsplit(".", 2)[-2:] in (["attn", "c_attn"], ["attn", "c_proj"],
-                                                                        ["mlp", "c_fc"], ["mlp", "c_proj"]):
-            data, state = quantize_nf4(t.to(torch.bfloat16), nested)
-            sd[name + ".data"], sd[name + ".quant_state"] = data, state
+        if name in linears:
+            data, qs = bnbf.quantize_4bit(t.detach().contiguous().half(), blocksize=64,
+                                          compress_statistics=nested, quant_type="nf4")
+            sd[name + ".data"], sd[name + ".quant_state"] = data, quant_state_as_list(qs)
         else:
             sd[name] = t.to(torch.bfloat16)
+    if "lm_head.weight" not in sd and "transformer.wte.weight" in sd:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
     torch.save(sd, out / "pytorch_model.bin")
     (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": "bfloat16"}, indent=2))
     return out

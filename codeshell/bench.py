@@ -4,25 +4,94 @@ Measures through the engine exactly what a user gets: a prompt's prefill, decode
 and at batch N, peak memory, and the machine's memory read bandwidth, from which it prints
 the decode bound (every weight is read once per decode step). Random weights of a named
 shape need no download; speed does not depend on weight values.
+
+Each phase (writing random weights or loading a checkpoint, packing, prefill, decode, the
+bandwidth probe) reports its progress and running figure as it goes (`BenchProgress`: a rich
+display on a terminal, one line per finished phase otherwise); the table comes at the end.
+This is not a profiler: it measures the engine as a user runs it, not its parts.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .config import SHAPES, CodeShellConfig
 
+# progress(phase, done, total, figure): called when a phase starts (done 0), as it advances and
+# when it ends (done == total); `total` None for a phase of unknown length, `figure` its running
+# result ("12.3 tokens/s").
+ProgressFn = Callable[[str, int, "int | None", str], None]
 
-def fill_random_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+
+def _no_progress(phase: str, done: int, total: int | None, figure: str = "") -> None:
+    pass
+
+
+class BenchProgress:
+    """The bench's phases on stderr as they run: with rich on a terminal (one line per phase, its
+    count, running figure and time), one plain line per finished phase otherwise (logs, pipes).
+    CODESHELL_NO_PROGRESS=1 silences it."""
+
+    def __init__(self, console=None, enabled: bool | None = None):
+        from rich.console import Console
+        self.console = console or Console(stderr=True)
+        if enabled is None:
+            enabled = os.environ.get("CODESHELL_NO_PROGRESS") != "1"
+        self.enabled = enabled
+        self.live = enabled and self.console.is_terminal
+        self._tasks: dict[str, int] = {}
+        self._start: dict[str, float] = {}
+        self._prog = None
+
+    def __enter__(self) -> "BenchProgress":
+        if self.live:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            self._prog = Progress(SpinnerColumn(finished_text="[green]done"), TextColumn("{task.description}"),
+                                  BarColumn(), TextColumn("{task.fields[count]}"),
+                                  TextColumn("[bold]{task.fields[figure]}"), TimeElapsedColumn(),
+                                  console=self.console)
+            self._prog.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._prog is not None:
+            self._prog.__exit__(*exc)
+            self._prog = None
+
+    def __call__(self, phase: str, done: int, total: int | None, figure: str = "") -> None:
+        if not self.enabled:
+            return
+        if phase not in self._start:
+            self._start[phase] = time.perf_counter()
+        count = f"{done:,}/{total:,}" if total and total > 1 else ""
+        finished = total is not None and done >= total
+        if self._prog is not None:
+            if phase not in self._tasks:
+                self._tasks[phase] = self._prog.add_task(phase, total=total, count=count, figure=figure)
+            self._prog.update(self._tasks[phase], total=total, completed=done, count=count, figure=figure)
+        elif finished:
+            took = time.perf_counter() - self._start[phase]
+            self.console.print(f"bench: {phase}: {figure + ', ' if figure else ''}{took:.1f} s", highlight=False)
+
+    def finish(self, phase: str, figure: str = "") -> None:
+        """End a phase of unknown length."""
+        self(phase, 1, 1, figure)
+
+
+def fill_random_(model: torch.nn.Module, seed: int = 0, std: float = 0.02,
+                 advance: Callable[[int], None] | None = None) -> None:
     """Fill every parameter with N(0, std) values (LayerNorm weights 1) without a randn per tensor.
 
     Generating 7B normal samples takes minutes on two cores; tiling one 16M-value random block
-    takes seconds, and speed does not depend on the values.
+    takes seconds, and speed does not depend on the values. `advance(n)` is told of each
+    tensor's n values once it is written.
     """
     g = torch.Generator().manual_seed(seed)
     p0 = next(model.parameters())
@@ -31,29 +100,48 @@ def fill_random_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> No
         for name, p in model.named_parameters():
             if ".ln_" in name or "ln_f" in name:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
-                continue
-            flat = p.view(-1)
-            for start in range(0, flat.numel(), block.numel()):
-                n = min(block.numel(), flat.numel() - start)
-                flat[start:start + n].copy_(block[:n])
+            else:
+                flat = p.view(-1)
+                for start in range(0, flat.numel(), block.numel()):
+                    n = min(block.numel(), flat.numel() - start)
+                    flat[start:start + n].copy_(block[:n])
+            if advance is not None:
+                advance(p.numel())
 
 
-def random_model(cfg: CodeShellConfig, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
+def random_model(cfg: CodeShellConfig, dtype: torch.dtype, device: str = "cpu",
+                 progress: ProgressFn = _no_progress) -> torch.nn.Module:
     from .weights import build_empty
     m = build_empty(cfg, dtype, device)
-    fill_random_(m)
+    total = sum(p.numel() for p in m.parameters())
+    phase = "writing random weights"
+    done = 0
+    progress(phase, 0, total, "")
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(phase, done, total, f"{_values(done)} / {_values(total)} values")
+    fill_random_(m, advance=advance)
     return m
 
 
-def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+def _values(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, progress: ProgressFn = _no_progress) -> float:
     """Best-of-N memory read bandwidth in GB/s (a reduction over a buffer larger than any cache)."""
+    phase = "memory read bandwidth"
+    progress(phase, 0, repeats, "")
     x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
     x.sum()
     best = float("inf")
-    for _ in range(repeats):
+    for i in range(repeats):
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
+        progress(phase, i + 1, repeats, f"{x.numel() * 4 / best / 1e9:.1f} GB/s")
     return x.numel() * 4 / best / 1e9
 
 
@@ -74,8 +162,12 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure_engine(llm, prompt_len: int, decode_tokens: int, batch: int) -> dict:
-    """Prefill tokens/s, decode tokens/s at batch 1 and aggregate at `batch`, through the engine."""
+def measure_engine(llm, prompt_len: int, decode_tokens: int, batch: int,
+                   progress: ProgressFn = _no_progress) -> dict:
+    """Prefill tokens/s, decode tokens/s at batch 1 and aggregate at `batch`, through the engine.
+
+    `progress` hears of each engine step of each phase, with the phase's running tokens/s.
+    """
     from .engine import SamplingParams
     eng = llm.engine
     vocab = llm.config.vocab_size
@@ -84,7 +176,7 @@ def measure_engine(llm, prompt_len: int, decode_tokens: int, batch: int) -> dict
     def prompt(n):
         return torch.randint(0, min(vocab, 60000), (n,), generator=g).tolist()
 
-    def run(prompts, max_tokens):
+    def run(prompts, max_tokens, on_step=None):
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         for i, p in enumerate(prompts):
             eng.add_request(f"bench-{time.monotonic_ns()}-{i}", p, sp)
@@ -92,16 +184,31 @@ def measure_engine(llm, prompt_len: int, decode_tokens: int, batch: int) -> dict
         while eng.has_unfinished():
             eng.step()
             stamps.append(time.perf_counter())
+            if on_step is not None:
+                on_step(stamps)
         return stamps
 
-    run([prompt(8)], 2)  # warm-up
+    progress("warm-up", 0, 1, "")
+    run([prompt(8)], 2)
+    progress("warm-up", 1, 1, "")
+    phase = f"prefill ({prompt_len} tokens)"
+    progress(phase, 0, 1, "")
     t0 = time.perf_counter()
     run([prompt(prompt_len)], 1)
     prefill_s = time.perf_counter() - t0
     res = {"prompt_len": prompt_len, "prefill_s": prefill_s, "prefill_tok_s": prompt_len / prefill_s}
+    progress(phase, 1, 1, f"{res['prefill_tok_s']:.1f} tokens/s")
     for b in sorted({1, batch}):
-        stamps = run([prompt(16) for _ in range(b)], decode_tokens + 1)
-        # The first step of the run prefills and samples token 1; the rest are pure decode steps.
+        phase = f"decode, batch {b}"
+        steps = decode_tokens + 1
+        progress(phase, 0, steps, "")
+
+        def on_step(stamps, phase=phase, b=b, steps=steps):
+            # The first step prefills and samples token 1; the rest are pure decode steps.
+            n = len(stamps) - 1
+            figure = f"{b * n / (stamps[-1] - stamps[0]):.2f} tokens/s" if n else ""
+            progress(phase, min(len(stamps), steps), steps, figure)
+        stamps = run([prompt(16) for _ in range(b)], steps, on_step)
         dt = stamps[-1] - stamps[0]
         res[f"decode_b{b}_tok_s"] = b * decode_tokens / dt
     return res
@@ -109,28 +216,37 @@ def measure_engine(llm, prompt_len: int, decode_tokens: int, batch: int) -> dict
 
 def run_bench(model: str | None, shape: str | None, dtype: str = "bfloat16", device: str = "cpu",
               prompt_len: int = 512, decode_tokens: int = 16, batch: int = 8, threads: int | None = None,
-              json_out: Path | None = None, print_table: bool = True) -> dict:
+              json_out: Path | None = None, print_table: bool = True, progress: bool | None = None) -> dict:
+    """Measure and (by default) print the table; `progress` None shows it unless CODESHELL_NO_PROGRESS=1."""
     from .llm import LLM, default_threads
     from .weights import resolve_dtype
     threads = threads or default_threads()
     torch.set_num_threads(threads)
+    if shape is not None and shape not in SHAPES:
+        raise ValueError(f"unknown --shape {shape!r}; choose one of {', '.join(SHAPES)}")
     t0 = time.perf_counter()
-    if shape is not None:
-        if shape not in SHAPES:
-            raise ValueError(f"unknown --shape {shape!r}; choose one of {', '.join(SHAPES)}")
-        cfg = SHAPES[shape]
-        llm = LLM.from_model(random_model(cfg, resolve_dtype(dtype), device), cfg, max_batch=max(batch, 1),
-                             threads=threads)
-        what = f"random {shape} ({cfg.num_parameters() / 1e9:.2f} B parameters)"
-    else:
+    if model is not None:
+        # Loading shows its own per-shard progress (codeshell.weights) before the phases start.
         llm = LLM(model, dtype=dtype, device=device, max_batch=max(batch, 1), threads=threads)
         cfg = llm.config
         what = str(model)
-    load_s = time.perf_counter() - t0
-    res = {"model": what, "dtype": dtype, "threads": threads, "load_s": load_s}
-    res.update(measure_engine(llm, min(prompt_len, llm.max_model_len - 2), decode_tokens, batch))
-    res["peak_rss_gib"] = peak_rss_gib()
-    bw = read_bandwidth_gbs()
+    with BenchProgress(enabled=progress) as report:
+        if shape is not None:
+            cfg = SHAPES[shape]
+            m = random_model(cfg, resolve_dtype(dtype), device, report)
+            from .kernels import available
+            report("native kernels (built on first use)", 0, None, "")
+            report.finish("native kernels (built on first use)", "available" if available() else "unavailable: torch fallback")
+            report("packing weights for the kernels", 0, None, "")
+            llm = LLM.from_model(m, cfg, max_batch=max(batch, 1), threads=threads)
+            report.finish("packing weights for the kernels")
+            del m
+            what = f"random {shape} ({cfg.num_parameters() / 1e9:.2f} B parameters)"
+        load_s = time.perf_counter() - t0
+        res = {"model": what, "dtype": dtype, "threads": threads, "load_s": load_s}
+        res.update(measure_engine(llm, min(prompt_len, llm.max_model_len - 2), decode_tokens, batch, report))
+        res["peak_rss_gib"] = peak_rss_gib()
+        bw = read_bandwidth_gbs(progress=report)
     wb = weight_bytes_per_token(llm.model)
     res.update({"read_bandwidth_gbs": bw, "weight_gb": wb / 1e9, "decode_bound_tok_s": bw * 1e9 / wb})
     res["decode_fraction_of_bound"] = res["decode_b1_tok_s"] / res["decode_bound_tok_s"]

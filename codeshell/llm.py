@@ -53,8 +53,7 @@ class LLM:
         if tokenizer is not None and tok is None:
             raise TokenizerMissingError(f"no tokenizer.json in {tokenizer}")
         if kernels:
-            from .kernels import prepare_model
-            prepare_model(self.model)
+            _prepare_kernels(self.model)
         self._setup(tok, max_batch, max_model_len)
 
     @classmethod
@@ -146,10 +145,17 @@ class LLM:
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one completion as they are produced (joined: the final text)."""
+        return _deltas(self.stream_outputs(prompt, sampling_params))
+
+    def stream_outputs(self, prompt: PromptType, sampling_params: SamplingParams | None = None
+                       ) -> Iterator[RequestOutput]:
+        """Each `RequestOutput` of one completion as it changes: `.outputs[0].delta` is the new
+        text; the last one is finished (its finish reason, and the prompt as the engine ran it,
+        truncated or not)."""
         text, ids = self._to_ids(prompt)
         yield from self._stream_ids(text, ids, sampling_params or SamplingParams())
 
-    def _stream_ids(self, text: str | None, ids: list[int], sp: SamplingParams) -> Iterator[str]:
+    def _stream_ids(self, text: str | None, ids: list[int], sp: SamplingParams) -> Iterator[RequestOutput]:
         rid = f"llm-{next(self._ids)}"
         self.engine.add_request(rid, ids, sp, prompt=text)
         done = False
@@ -158,8 +164,7 @@ class LLM:
                 for out in self.engine.step():
                     if out.request_id != rid:
                         continue
-                    if out.outputs[0].delta:
-                        yield out.outputs[0].delta
+                    yield out
                     done = out.finished
         finally:
             if not done:
@@ -184,6 +189,11 @@ class LLM:
         return self._run(items, use_tqdm)
 
     def chat_stream(self, messages: Sequence[dict], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        return _deltas(self.chat_stream_outputs(messages, sampling_params))
+
+    def chat_stream_outputs(self, messages: Sequence[dict], sampling_params: SamplingParams | None = None
+                            ) -> Iterator[RequestOutput]:
+        """`stream_outputs` for a conversation (the reply to its last message)."""
         sp = with_stops(sampling_params or SamplingParams(max_tokens=512), CHAT.stop)
         prompt, ids = self.chat_ids(messages, sp.max_tokens)
         yield from self._stream_ids(prompt, ids, sp)
@@ -192,6 +202,28 @@ class LLM:
         """Fill in the middle between `prefix` and `suffix` (CodeShell's FIM tokens)."""
         sp = with_stops(sampling_params or SamplingParams(max_tokens=64), FIM.stop)
         return self.generate([fim_prompt(prefix, suffix)], sp)[0]
+
+
+def _prepare_kernels(model: torch.nn.Module) -> None:
+    """`kernels.prepare_model`, with a spinner on a terminal: the first use compiles the kernels
+    (minutes) and packing a 7B model's weights takes a while."""
+    from .kernels import available, prepare_model
+    from .weights import status
+    p = model.transformer.wte.weight
+    if p.device.type == "cpu" and p.dtype == torch.bfloat16:
+        with status("Loading the native kernels (compiled on first use: a few minutes)"):
+            available()
+    with status("Packing the weights for the native kernels"):
+        prepare_model(model)
+
+
+def _deltas(outputs: Iterator[RequestOutput]) -> Iterator[str]:
+    try:
+        for out in outputs:
+            if out.outputs[0].delta:
+                yield out.outputs[0].delta
+    finally:
+        outputs.close()  # closing the text stream aborts the request in the engine
 
 
 def with_stops(sp: SamplingParams, stops: Sequence[str]) -> SamplingParams:

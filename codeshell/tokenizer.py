@@ -13,7 +13,11 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-class TokenizerMissingError(RuntimeError):
+class TokenizerError(RuntimeError):
+    """A tokenizer that cannot be loaded (missing or unreadable); the message names the file."""
+
+
+class TokenizerMissingError(TokenizerError):
     """Raised when a text prompt is given to a model folder with no tokenizer files."""
 
 
@@ -33,7 +37,12 @@ class Tokenizer:
         f = Path(path) / "tokenizer.json"
         if not f.exists():
             raise TokenizerMissingError(f"no tokenizer.json in {path}")
-        return cls(HFTokenizer.from_file(str(f)), eos_token_id)
+        try:
+            tok = HFTokenizer.from_file(str(f))
+        except Exception as e:  # the tokenizers library raises plain Exception on a bad file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenizerError(f"cannot read {f}: not a valid tokenizer.json ({first})") from None
+        return cls(tok, eos_token_id)
 
     @classmethod
     def from_object(cls, tok, eos_token_id: int | None = None) -> "Tokenizer":

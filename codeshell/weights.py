@@ -187,16 +187,36 @@ def _bigcode_qkv_to_fused(t: torch.Tensor, cfg: CodeShellConfig) -> torch.Tensor
     return t.reshape(H, 3, D, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
+def _show_progress(console) -> bool:
+    return os.environ.get("CODESHELL_NO_PROGRESS") != "1" and console.is_terminal
+
+
 @contextmanager
 def _progress(total: int, desc: str):
+    """A bar on stderr (a terminal only); yields advance(n, desc=None), desc renaming the bar."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.console import Console
     console = Console(stderr=True)  # progress never mixes with generated text on stdout
-    disable = os.environ.get("CODESHELL_NO_PROGRESS") == "1" or not console.is_terminal
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), transient=True, disable=disable, console=console) as prog:
+                  TimeRemainingColumn(), transient=True, disable=not _show_progress(console),
+                  console=console) as prog:
         task = prog.add_task(desc, total=total)
-        yield lambda n: prog.advance(task, n)
+
+        def advance(n: int, desc: str | None = None) -> None:
+            prog.update(task, advance=n, **({"description": desc} if desc else {}))
+        yield advance
+
+
+@contextmanager
+def status(message: str):
+    """A spinner with `message` on stderr while a step of unknown length runs (a terminal only)."""
+    from rich.console import Console
+    console = Console(stderr=True)
+    if not _show_progress(console):
+        yield
+        return
+    with console.status(message):
+        yield
 
 
 # A loader hook sees each (name, tensor) first; it returns the parameter/buffer names it filled
@@ -216,7 +236,9 @@ def load_state_into(model: torch.nn.Module, path: Path, cfg: CodeShellConfig,
     seen: set[str] = set()
     total = sum(f.stat().st_size for f in files)
     with _progress(total, f"Loading {path.name}") as advance:
-        for file in files:
+        for i, file in enumerate(files):
+            if len(files) > 1:
+                advance(0, f"Loading {path.name}: shard {i + 1}/{len(files)} ({file.name})")
             for name, t in iter_tensors(file):
                 if name.endswith(IGNORED_SUFFIXES):
                     continue

@@ -18,10 +18,25 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=2)
 
 
+MODEL_OPT = typer.Option(None, "--model", "-m", help="MODEL as an option: `--model MODEL OUT`.")
+
+
+def _model_out(model: str | None, out: str | None, model_opt: str | None, command: str) -> tuple[str, Path]:
+    """`MODEL OUT` or `--model MODEL OUT` (every command takes --model)."""
+    if model_opt is not None:
+        if out is not None:
+            _fail(f"give the model once: `codeshell {command} MODEL OUT` or `codeshell {command} --model MODEL OUT`")
+        model, out = model_opt, model
+    if model is None or out is None:
+        _fail(f"give MODEL and OUT: `codeshell {command} MODEL OUT` or `codeshell {command} --model MODEL OUT`")
+    return model, Path(out)
+
+
 @app.command("quantize")
 def quantize(
-    model: str = typer.Argument(..., help="Checkpoint folder or Hugging Face hub id (full precision)."),
-    out: Path = typer.Argument(..., help="Output folder for the quantized checkpoint."),
+    model: str = typer.Argument(None, metavar="MODEL", help="Checkpoint folder or Hugging Face hub id (full precision)."),
+    out: str = typer.Argument(None, metavar="OUT", help="Output folder for the quantized checkpoint."),
+    model_opt: str = MODEL_OPT,
     bits: int = typer.Option(4, "--bits", help="8 (int8, per output channel) or 4 (int4, group-wise)."),
     group_size: int = typer.Option(128, "--group-size", help="int4 group size: 32, 64 or 128 (16, 256 too)."),
     zero_point: bool = typer.Option(False, "--zero-point/--symmetric", help="int4 with a zero point per group."),
@@ -32,6 +47,7 @@ def quantize(
     from ..weights import CheckpointError
     from .convert import quantize_checkpoint
     from .scheme import QuantError, QuantScheme
+    model, out = _model_out(model, out, model_opt, "quantize")
     try:
         scheme = QuantScheme(bits=bits, group_size=group_size if bits == 4 else None,
                              symmetric=not zero_point, quantize_head=quantize_head)
@@ -44,8 +60,9 @@ def quantize(
 
 @app.command("export-gguf")
 def export_gguf(
-    model: str = typer.Argument(..., help="Checkpoint folder (full precision or `codeshell quantize` output)."),
-    out: Path = typer.Argument(..., help="Output .gguf file."),
+    model: str = typer.Argument(None, metavar="MODEL", help="Checkpoint folder (full precision or `codeshell quantize` output)."),
+    out: str = typer.Argument(None, metavar="OUT", help="Output .gguf file."),
+    model_opt: str = MODEL_OPT,
     type: str = typer.Option("f16", "--type", help="f32, f16, bf16, q8_0 or q4_0."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
@@ -53,6 +70,7 @@ def export_gguf(
     from ..weights import CheckpointError
     from .gguf_io import GGUFError, export_gguf as _export
     from .scheme import QuantError
+    model, out = _model_out(model, out, model_opt, "export-gguf")
     try:
         path = _export(model, out, type, overwrite=overwrite)
     except (GGUFError, QuantError, CheckpointError, ValueError) as e:

@@ -13,16 +13,19 @@ import hmac
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .compat import llamacpp, tgi
 from .errors import ApiError, llamacpp_error, openai_error, tgi_error
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from . import schema
 from .openai import router as openai_router
 from .service import CompletionService, ServeSettings
 
@@ -30,7 +33,7 @@ log = logging.getLogger("codeshell.serve")
 WEBUI = Path(__file__).parent / "webui"
 
 ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/infill", "/completion", "/generate",
-             "/generate_stream", "/tokenize", "/detokenize", "/health", "/metrics", "/"}
+             "/generate_stream", "/tokenize", "/detokenize", "/health", "/metrics", "/", "/openapi.json", "/docs"}
 _PUBLIC = ("/health",)  # never behind the API key
 _STATIC = ("/", "/static/", "/favicon.ico")  # the web UI's files: public, they hold no data
 
@@ -41,6 +44,16 @@ def render_error(path: str, e: ApiError) -> JSONResponse:
     if path in ("/infill", "/completion", "/tokenize", "/detokenize"):
         return llamacpp_error(e)
     return openai_error(e)
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: Literal["ok", "loading", "failed"]
+    model: str
+    error: str | None = None
+    queue: int | None = None
+    running: int | None = None
+    max_model_len: int | None = None
 
 
 class ServerMiddleware:
@@ -107,10 +120,13 @@ def build_app(settings: ServeSettings, load_in_thread: bool = True) -> FastAPI:
     async def lifespan(app: FastAPI):
         await service.start(load_in_thread=load_in_thread)
         yield
-        log.info("shutting down: aborting requests still in flight")
+        # uvicorn has stopped accepting and let in-flight requests run for the grace period.
         await service.shutdown()
 
-    app = FastAPI(title="codeshell serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    from .. import __version__
+    # The schema and its browsable page, as vLLM's server has them (behind the API key when set).
+    app = FastAPI(title="codeshell serve", version=__version__, lifespan=lifespan, docs_url="/docs",
+                  redoc_url=None, openapi_url="/openapi.json")
     app.state.service = service
     app.state.settings = settings
     app.include_router(openai_router)
@@ -137,7 +153,9 @@ def build_app(settings: ServeSettings, load_in_thread: bool = True) -> FastAPI:
         log.exception("internal error on %s", request.url.path)
         return render_error(request.url.path, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
 
-    @app.get("/health")
+    @app.get("/health", tags=["server"], summary="Readiness (never needs a key)",
+             responses={200: schema.json_response(Health, "the model is loaded"),
+                        503: schema.json_response(Health, "loading, or the load failed (`error` says why)")})
     async def health():
         body = {"status": {"ready": "ok"}.get(service.state, service.state), "model": settings.model_name}
         if service.state == "failed":
@@ -147,14 +165,21 @@ def build_app(settings: ServeSettings, load_in_thread: bool = True) -> FastAPI:
                         max_model_len=service.max_model_len)
         return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", tags=["server"], summary="Prometheus metrics",
+             responses={200: {"description": "Prometheus text format",
+                              "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def metrics_route():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/")
+    @app.get("/", tags=["server"], summary="The web page (chat and FIM playground)",
+             responses={200: {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}})
     async def index():
         return FileResponse(WEBUI / "index.html", media_type="text/html; charset=utf-8")
 
     app.mount("/static", StaticFiles(directory=WEBUI), name="static")
+    schema.install(app, bearer=bool(settings.api_keys), model_name=settings.model_name, description=(
+        "One server for the CodeShell IDE plugins (llama.cpp's /infill, /completion, /tokenize, "
+        "/detokenize; TGI's /generate, /generate_stream), OpenAI clients (/v1/...) and a web page. "
+        "Errors come in each API family's own shape."))
     app.add_middleware(ServerMiddleware, settings=settings, metrics=metrics)
     return app

@@ -35,6 +35,11 @@ async def read_raw(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _no_constant(name: str):
+    # Python's json accepts NaN and Infinity; JSON does not, and they cannot be sent back either.
+    raise ApiError(400, f"the request body is not valid JSON: {name} is not a JSON number")
+
+
 async def read_json(request: Request, limit: int) -> Any:
     raw = await read_raw(request, limit)
     if not raw.strip():
@@ -44,7 +49,7 @@ async def read_json(request: Request, limit: int) -> Any:
     except UnicodeDecodeError as e:
         raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \
             from None

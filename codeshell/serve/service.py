@@ -139,10 +139,24 @@ class CompletionService:
         self.metrics.bind_engine(self.aengine.num_waiting, self.aengine.num_running)
         self.state = "ready"
 
+    def in_flight(self) -> int:
+        """Generations queued or running in the engine."""
+        if self.aengine is None:
+            return 0
+        return self.aengine.num_waiting() + self.aengine.num_running()
+
     async def shutdown(self) -> None:
+        """Stop the engine: at once and quietly when idle; else abort what is left (the grace
+        period for in-flight requests is over by the time this runs)."""
         self._draining = True
-        if self.aengine is not None:
+        if self.aengine is None:
+            return
+        left = self.in_flight()
+        if left:
+            log.info("shutting down: aborting %d request%s still in flight", left, "" if left == 1 else "s")
             await asyncio.to_thread(self.aengine.shutdown, self.settings.shutdown_timeout)
+        else:
+            self.aengine.shutdown(0.5)  # nothing to abort: the loop thread only has to stop
 
     # ---- tokens and budgets ------------------------------------------------------------------
     def ready(self) -> None:
@@ -219,6 +233,11 @@ class CompletionService:
         return ids, min(want, self.max_model_len - len(ids)), truncated
 
     def params(self, **kw) -> SamplingParams:
+        seed = kw.get("seed")
+        # torch seeds a generator with at most 64 bits; one out-of-range seed would fail the whole
+        # engine step, and with it every request in flight.
+        if seed is not None and not -(2**63) <= seed < 2**63:
+            raise ApiError(400, f"seed must be a 64-bit signed integer, got {seed}", param="seed")
         try:
             return SamplingParams(**kw)
         except SamplingError as e:

@@ -40,6 +40,13 @@ CASES = [
     ("/generate", b"\xc3\x28", 422, "UTF-8"),
     ("/detokenize", {"tokens": [-1]}, 400, "vocabulary"),
     ("/nope", {}, 404, "no such endpoint"),
+    # found by fuzzing: Python's json reads NaN (then cannot write it back: a 500), and a seed
+    # torch cannot take failed the whole engine step, every request in flight with it
+    ("/completion", b'{"prompt": "x", "n_predict": 2, "temperature": NaN}', 400, "NaN"),
+    ("/v1/completions", b'{"model": "M", "prompt": "x", "top_p": -Infinity}', 400, "Infinity"),
+    ("/completion", {"prompt": "x", "n_predict": 2, "seed": 2**64}, 400, "seed"),
+    ("/v1/completions", {"model": "M", "prompt": "x", "max_tokens": 2, "seed": -(2**63) - 1}, 400, "seed"),
+    ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": 2, "seed": 10**30}}, 422, "seed"),
 ]
 
 

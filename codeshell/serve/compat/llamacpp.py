@@ -22,6 +22,7 @@ from ...engine.outputs import RequestOutput
 from ...prompts import FIM
 from ..errors import ApiError
 from ..http import EventStream, read_model, sse, until_disconnect
+from ..schema import both_responses, error_responses, json_response, request_body, sse_response
 from ..service import CompletionService, GenRequest, with_stops
 
 router = APIRouter()
@@ -63,6 +64,66 @@ class DetokenizeBody(BaseModel):
     tokens: list[int]
 
 
+# ---- responses (documentation; the routes build plain dicts) --------------------------------------
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Timings(_Out):
+    """llama.cpp server's timings: the prompt phase ends when the first token is sampled."""
+    prompt_n: int
+    prompt_ms: float
+    prompt_per_token_ms: float | None
+    prompt_per_second: float | None
+    predicted_n: int
+    predicted_ms: float
+    predicted_per_token_ms: float | None
+    predicted_per_second: float | None
+
+
+class CompletionResult(_Out):
+    """A whole /completion answer, or the last event of a stream (`content` empty there)."""
+    content: str
+    stop: bool
+    model: str
+    tokens_predicted: int
+    tokens_evaluated: int
+    generation_settings: dict
+    prompt: str
+    truncated: bool
+    stopped_eos: bool
+    stopped_word: bool
+    stopped_limit: bool
+    stopping_word: str
+    tokens_cached: int
+    timings: Timings
+
+
+class StreamEvent(_Out):
+    """A streamed piece of text (`stop` false); the stream ends with a `CompletionResult`."""
+    content: str
+    stop: bool
+
+
+class TokenizeResult(_Out):
+    tokens: list[int]
+
+
+class DetokenizeResult(_Out):
+    content: str
+
+
+class LlamaErrorDetail(_Out):
+    code: int
+    message: str
+    type: str
+
+
+class LlamaError(_Out):
+    error: LlamaErrorDetail
+
+
 def _service(request: Request) -> CompletionService:
     return request.app.state.service
 
@@ -93,6 +154,9 @@ def _final(svc: CompletionService, req: GenRequest, out: RequestOutput, b: _Llam
     now = time.monotonic()
     t_first = t_first or now
     n_out = len(o.token_ids)
+    prompt_n = len(req.ids) - out.num_cached_tokens
+    # llama.cpp's two phases: the prompt until the first token is sampled, then the decoding of
+    # the rest (its `predicted_n` counts that first token too); together they make the whole time.
     prompt_ms, pred_ms = (t_first - t0) * 1e3, (now - t_first) * 1e3
     return {
         "content": content, "stop": True, "model": svc.settings.model_name,
@@ -105,8 +169,11 @@ def _final(svc: CompletionService, req: GenRequest, out: RequestOutput, b: _Llam
         "stopped_word": stopped_word, "stopped_limit": o.finish_reason == "length",
         "stopping_word": o.stop_reason if stopped_word else "",
         "tokens_cached": out.num_cached_tokens,
-        "timings": {"prompt_n": len(req.ids) - out.num_cached_tokens, "prompt_ms": prompt_ms,
+        "timings": {"prompt_n": prompt_n, "prompt_ms": prompt_ms,
+                    "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else None,
+                    "prompt_per_second": prompt_n / (prompt_ms / 1e3) if prompt_ms > 0 else None,
                     "predicted_n": n_out, "predicted_ms": pred_ms,
+                    "predicted_per_token_ms": pred_ms / n_out if n_out else None,
                     "predicted_per_second": n_out / (pred_ms / 1e3) if pred_ms > 0 else None},
     }
 
@@ -131,13 +198,21 @@ def _respond(request: Request, svc: CompletionService, req: GenRequest, b: _Llam
         return EventStream(events(), [gen])
 
     async def whole():
-        out = await svc.collect(gen)
-        return _final(svc, req, out, b, t0, None, out.outputs[0].text)
+        t_first, final = None, None
+        async with aclosing(gen) as it:
+            async for out in it:
+                if out.outputs[0].token_ids and t_first is None:
+                    t_first = time.monotonic()  # the prompt phase ends with the first token
+                final = out
+        return _final(svc, req, final, b, t0, t_first, final.outputs[0].text)
 
     return whole()
 
 
-@router.post("/infill")
+@router.post("/infill", tags=["llama.cpp"], summary="Fill in the middle (always streamed)",
+             openapi_extra=request_body(InfillBody),
+             responses={200: sse_response(StreamEvent, "the middle, then a final `CompletionResult` event"),
+                        **error_responses(LlamaError, 400, 401, 413, 503)})
 async def infill(request: Request):
     svc = _service(request)
     b = await read_model(request, InfillBody, svc.settings.max_body_bytes)
@@ -152,7 +227,10 @@ async def infill(request: Request):
     return _respond(request, svc, req, b, stream=True)  # always SSE, like the reference server
 
 
-@router.post("/completion")
+@router.post("/completion", tags=["llama.cpp"], summary="Completion (streamed when `stream` is true)",
+             openapi_extra=request_body(CompletionBody),
+             responses={200: both_responses(CompletionResult, StreamEvent, "the completion"),
+                        **error_responses(LlamaError, 400, 401, 413, 499, 503)})
 async def completion(request: Request):
     svc = _service(request)
     b = await read_model(request, CompletionBody, svc.settings.max_body_bytes)
@@ -173,7 +251,10 @@ async def completion(request: Request):
     return JSONResponse(await until_disconnect(request, res))
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", tags=["llama.cpp"], summary="Text to token ids",
+             openapi_extra=request_body(TokenizeBody),
+             responses={200: json_response(TokenizeResult, "the token ids"),
+                        **error_responses(LlamaError, 400, 401, 413, 503)})
 async def tokenize(request: Request):
     svc = _service(request)
     b = await read_model(request, TokenizeBody, svc.settings.max_body_bytes)
@@ -181,7 +262,10 @@ async def tokenize(request: Request):
     return JSONResponse({"tokens": svc.encode(b.content)})
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", tags=["llama.cpp"], summary="Token ids to text",
+             openapi_extra=request_body(DetokenizeBody),
+             responses={200: json_response(DetokenizeResult, "the text"),
+                        **error_responses(LlamaError, 400, 401, 413, 503)})
 async def detokenize(request: Request):
     svc = _service(request)
     b = await read_model(request, DetokenizeBody, svc.settings.max_body_bytes)

@@ -22,6 +22,7 @@ from ...engine.outputs import CompletionOutput
 from ...prompts import EOS_TEXT, FIM
 from ..errors import ApiError
 from ..http import EventStream, read_model, sse, until_disconnect
+from ..schema import error_responses, json_response, request_body, sse_response
 from ..service import CompletionService, GenRequest, with_stops
 
 router = APIRouter()
@@ -56,6 +57,42 @@ class GenerateBody(BaseModel):
     inputs: str
     parameters: Parameters = Parameters()
     stream: bool = False
+
+
+# ---- responses (documentation; the routes build plain dicts) --------------------------------------
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Details(_Out):
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None = None
+
+
+class GenerateResult(_Out):
+    generated_text: str
+    details: Details | None = None
+
+
+class Token(_Out):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+class StreamToken(_Out):
+    """One event of /generate_stream; the last one also carries `generated_text`."""
+    token: Token
+    generated_text: str | None = None
+    details: Details | None = None
+
+
+class TgiError(_Out):
+    error: str
+    error_type: str
 
 
 def _service(request: Request) -> CompletionService:
@@ -109,7 +146,10 @@ def _details(o: CompletionOutput, seed: int | None) -> dict:
     return {"finish_reason": _finish(o), "generated_tokens": len(o.token_ids), "seed": seed}
 
 
-@router.post("/generate")
+@router.post("/generate", tags=["TGI"], summary="Generate (the new text only)",
+             openapi_extra=request_body(GenerateBody),
+             responses={200: json_response(GenerateResult, "the generated text"),
+                        **error_responses(TgiError, 401, 413, 422, 499, 503)})
 async def generate(request: Request):
     svc = _service(request)
     b = await read_model(request, GenerateBody, svc.settings.max_body_bytes)
@@ -124,7 +164,10 @@ async def generate(request: Request):
     return JSONResponse(body, media_type="application/json; charset=utf-8")
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", tags=["TGI"], summary="Generate, streamed as token events",
+             openapi_extra=request_body(GenerateBody),
+             responses={200: sse_response(StreamToken, "token events"),
+                        **error_responses(TgiError, 401, 413, 422, 503)})
 async def generate_stream(request: Request):
     svc = _service(request)
     b = await read_model(request, GenerateBody, svc.settings.max_body_bytes)

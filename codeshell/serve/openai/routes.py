@@ -19,8 +19,10 @@ from ...engine.outputs import CompletionOutput, RequestOutput
 from ...prompts import CHAT, FIM, PromptError, chat_prompt, fim_prompt
 from ..errors import ApiError
 from ..http import EventStream, read_model, sse, until_disconnect
+from ..schema import both_responses, error_responses, json_response, request_body
 from ..service import CompletionService, GenRequest, with_stops
-from .protocol import ChatRequest, CompletionRequest
+from .protocol import (ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest,
+                       ErrorResponse, ModelList)
 
 router = APIRouter()
 
@@ -36,7 +38,9 @@ def _check_model(svc: CompletionService, name: str) -> None:
                        param="model", code="model_not_found")
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", tags=["OpenAI"], summary="The served model",
+            responses={200: json_response(ModelList, "the one model this server serves"),
+                       **error_responses(ErrorResponse, 401)})
 async def models(request: Request) -> JSONResponse:
     svc = _service(request)
     s = svc.settings
@@ -163,7 +167,10 @@ def _completion_logprobs(svc: CompletionService, o: CompletionOutput, start: int
             "text_offset": offsets}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", tags=["OpenAI"], summary="Text completion (FIM with `suffix`)",
+             openapi_extra=request_body(CompletionRequest),
+             responses={200: both_responses(Completion, Completion, "the completion"),
+                        **error_responses(ErrorResponse, 400, 401, 404, 413, 499, 503)})
 async def completions(request: Request):
     svc = _service(request)
     body = await read_model(request, CompletionRequest, svc.settings.max_body_bytes)
@@ -279,7 +286,10 @@ def _chat_logprobs(svc: CompletionService, o: CompletionOutput, start: int) -> d
     return {"content": content}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", tags=["OpenAI"], summary="Chat completion",
+             openapi_extra=request_body(ChatRequest),
+             responses={200: both_responses(ChatCompletion, ChatCompletionChunk, "the answer"),
+                        **error_responses(ErrorResponse, 400, 401, 404, 413, 499, 503)})
 async def chat_completions(request: Request):
     svc = _service(request)
     body = await read_model(request, ChatRequest, svc.settings.max_body_bytes)

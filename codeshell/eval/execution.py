@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from codeshell.eval import languages as L
-from codeshell.eval.sandbox import Sandbox, SlotPool
+from codeshell.eval.sandbox import ProcResult, Sandbox, SlotPool
+from codeshell.eval.zygote import PythonServer, ServerDied
 
 STDERR_TAIL = 2000
 
@@ -29,6 +30,9 @@ class ExecOptions:
     java_javatuples: bool = True  # False reproduces the old harness (javatuples off the classpath)
     run_timeout_s: float | None = None  # overrides the run step's wall/CPU limit (compiles keep theirs)
     allow_unsafe: bool = False  # run without isolation where the sandbox does not work (--unsafe-no-sandbox)
+    # Python programs run as forks of one warm sandboxed interpreter per worker
+    # (codeshell.eval.zygote); False starts a fresh sandbox and interpreter for each.
+    python_server: bool = True
 
     def __post_init__(self) -> None:
         if not self.timeout_factor > 0:
@@ -56,8 +60,10 @@ class Outcome:
         return asdict(self)
 
 
-def run_program(box: Sandbox, lang_key: str, program: str, opts: ExecOptions = ExecOptions()) -> Outcome:
-    """Compile (if needed) and run one complete test program in a fresh sandbox folder."""
+def run_program(box: Sandbox, lang_key: str, program: str, opts: ExecOptions = ExecOptions(),
+                server: PythonServer | None = None) -> Outcome:
+    """Compile (if needed) and run one complete test program in a fresh sandbox folder;
+    a Python program runs in ``server`` (a fork of a warm sandboxed interpreter) when given."""
     lang = L.LANGUAGES[lang_key]
     tc = L.find_toolchain(lang_key)
     if tc is None:
@@ -71,6 +77,15 @@ def run_program(box: Sandbox, lang_key: str, program: str, opts: ExecOptions = E
     env = {"PATH": ":".join([*tc.path_dirs, "/usr/local/bin", "/usr/bin", "/bin"])}
     if lang.env is not None:
         env.update(lang.env(tc))
+    if server is not None and lang_key == "py":
+        limits = lang.run_limits.scaled(opts.timeout_factor)
+        if opts.run_timeout_s is not None:
+            limits = dataclasses.replace(limits, wall_s=opts.run_timeout_s, cpu_s=opts.run_timeout_s)
+        with server.workdir() as wd:
+            (wd / lang.filename).write_text(source, encoding="utf-8")
+            box.chown_tree(wd)
+            r = server.run(lang.filename, wd, limits, env)
+        return _outcome(lang, r, token, r.wall_s)
     with box.workdir() as wd:
         (wd / lang.filename).write_text(source, encoding="utf-8")
         box.chown_tree(wd)
@@ -91,11 +106,26 @@ def run_program(box: Sandbox, lang_key: str, program: str, opts: ExecOptions = E
             limits = dataclasses.replace(limits, wall_s=opts.run_timeout_s, cpu_s=opts.run_timeout_s)
         r = box.run(lang.run_cmd(tc, cmd_opts), wd, limits, env, tc.ro_paths)
         total += r.wall_s
+    return _outcome(lang, r, token, total)
+
+
+def _outcome(lang: L.Language, r: ProcResult, token: str, total: float) -> Outcome:
     if r.setup_failed:
         return Outcome(L.ERROR, "sandbox setup failed", r.stderr[-STDERR_TAIL:], total)
     status, reason = L.classify(lang, r.returncode, r.timed_out, r.stdout, r.stderr, token)
     tail = r.stderr if r.stderr.strip() else r.stdout.replace(token, "")
     return Outcome(status, reason, "" if status == L.PASSED else tail[-STDERR_TAIL:], total)
+
+
+def python_server(box: Sandbox, opts: ExecOptions = ExecOptions()) -> PythonServer | None:
+    """A warm sandboxed Python for ``box`` (not started until its first program), or ``None``
+    where programs run unisolated or the option is off."""
+    tc = L.find_toolchain("py")
+    if not opts.python_server or box.mode == "none" or tc is None or not hasattr(os, "pidfd_open"):
+        return None
+    lang = L.LANGUAGES["py"]
+    env = {"PATH": ":".join([*tc.path_dirs, "/usr/local/bin", "/usr/bin", "/bin"]), **lang.env(tc)}
+    return PythonServer(box, tc.tools["python"], env, tc.ro_paths)
 
 
 def execute(jobs: Sequence[tuple[str, str]], opts: ExecOptions = ExecOptions(),
@@ -104,11 +134,20 @@ def execute(jobs: Sequence[tuple[str, str]], opts: ExecOptions = ExecOptions(),
     process at a time, so the threads only wait); results come back in job order."""
     pool = SlotPool(opts.n_workers, allow_unsafe=opts.allow_unsafe)
     results: list[Outcome | None] = [None] * len(jobs)
+    servers: dict[int, PythonServer | None] = {}  # per slot: only the thread holding the slot uses it
 
     def one(i: int) -> None:
         lang, program = jobs[i]
         with pool.acquire() as box:
+            server = None
+            if lang == "py":
+                if box.slot not in servers:
+                    servers[box.slot] = python_server(box, opts)
+                server = servers[box.slot]
             try:
+                out = run_program(box, lang, program, opts, server)
+            except ServerDied:  # could not start here: fresh interpreters for this slot from now on
+                servers[box.slot] = None
                 out = run_program(box, lang, program, opts)
             except OSError as e:  # the harness's own failure (disk full, fork refused)
                 out = Outcome(L.ERROR, f"harness error: {e}")
@@ -116,7 +155,12 @@ def execute(jobs: Sequence[tuple[str, str]], opts: ExecOptions = ExecOptions(),
         if on_done is not None:
             on_done(i, out)
 
-    with ThreadPoolExecutor(max_workers=opts.n_workers) as ex:
-        for f in [ex.submit(one, i) for i in range(len(jobs))]:
-            f.result()
+    try:
+        with ThreadPoolExecutor(max_workers=opts.n_workers) as ex:
+            for f in [ex.submit(one, i) for i in range(len(jobs))]:
+                f.result()
+    finally:
+        for s in servers.values():
+            if s is not None:
+                s.close()
     return results  # type: ignore[return-value]

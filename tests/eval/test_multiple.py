@@ -12,7 +12,7 @@ import pytest
 from codeshell.eval import languages as L
 from codeshell.eval.execution import ExecOptions, execute
 from codeshell.eval.tasks import MULTIPLE_LANGS, get_task
-from tests.conftest import require_shared
+from tests.conftest import require_shared, require_tool
 
 ADD, STRLEN, FIB, SUMPROD = "HumanEval_53_add", "HumanEval_23_strlen", "HumanEval_55_fib", "HumanEval_8_sum_product"
 
@@ -122,6 +122,14 @@ EXPECTED = {"wrong": L.FAILED, "compile_error": L.COMPILE_ERROR, "runtime_error"
 SLOW = {(lang, "early_exit") for lang in ("cpp", "java", "d", "rs", "swift")}
 INSTALLED = [lang for lang in MULTIPLE_LANGS if L.find_toolchain(lang) is not None]
 OPTS = ExecOptions(timeout_factor=3.0)
+# Cases that need more than the language's toolchain: (lang, case) -> the extra piece.
+NEEDS_JAR = {("java", "ok_tuples"): "javatuples"}
+JAVATUPLES_WHY = "the javatuples jar is not installed (apt-get install libjavatuples-java)"
+
+
+def _has_javatuples() -> bool:
+    tc = L.find_toolchain("java")
+    return tc is not None and "javatuples" in tc.extra
 
 
 def _programs(kinds, slow=False):
@@ -155,10 +163,9 @@ def test_every_language_has_cases():
 
 @pytest.mark.parametrize("lang", MULTIPLE_LANGS)
 def test_language(lang, outcomes):
-    if lang not in INSTALLED:
-        pytest.skip(L.missing_reason(lang))
+    require_tool(f"{lang} toolchain", lang in INSTALLED, L.missing_reason(lang))
     for case in CASES[lang]:
-        if (lang, case) in SLOW:
+        if (lang, case) in SLOW or (lang, case) in NEEDS_JAR:
             continue
         o = outcomes[(lang, case)]
         want = L.PASSED if case.startswith("ok_") else EXPECTED[case]
@@ -188,9 +195,16 @@ def test_missing_toolchain_is_skipped_not_failed(monkeypatch):
     assert o.status == L.SKIPPED and "Swift" in o.reason and not o.passed
 
 
+def test_java_with_javatuples(outcomes):
+    require_tool("java toolchain", "java" in INSTALLED, L.missing_reason("java"))
+    require_tool("javatuples", _has_javatuples(), JAVATUPLES_WHY)
+    o = outcomes[("java", "ok_tuples")]
+    assert o.status == L.PASSED, f"java/ok_tuples: {o.status} ({o.reason})\n{o.stderr[-800:]}"
+
+
 def test_java_without_javatuples_reproduces_the_old_failure():
-    if "java" not in INSTALLED or "javatuples" not in L.find_toolchain("java").extra:
-        pytest.skip("needs java and the javatuples jar (apt-get install default-jdk libjavatuples-java)")
+    require_tool("java toolchain", "java" in INSTALLED, L.missing_reason("java"))
+    require_tool("javatuples", _has_javatuples(), JAVATUPLES_WHY)
     task = get_task("multiple-java", require_shared("eval-data"))
     p = next(p for p in task.problems() if p.task_id == SUMPROD)
     prog = task.program(p, CASES["java"]["ok_tuples"][1])

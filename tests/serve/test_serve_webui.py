@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
+
 sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -19,8 +21,8 @@ sync_api.expect.set_options(timeout=60_000)  # CI shares 2 cores: be patient, no
 
 @pytest.fixture(scope="module")
 def page(server, tmp_path_factory):
-    if CHROMIUM is None:  # like every missing toolchain in this project: skip, and say how to get it
-        pytest.skip("Debian's chromium is not installed (run .ci/install-serve.sh)")
+    # like every missing toolchain in this project (fails instead where CI requires it)
+    require_tool("chromium", CHROMIUM is not None, "Debian's chromium is not installed (run .ci/install-serve.sh)")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         pg = browser.new_page(viewport={"width": 1100, "height": 800})

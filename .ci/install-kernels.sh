@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # codeshell.kernels builds its C++ extension on first use: it needs a C++ compiler and ninja.
-# Idempotent and quiet; without them the kernels fall back to torch (tests of the native path skip).
+# Idempotent and quiet. Without them the kernels fall back to torch; CI requires them
+# (.ci/setup-toolchains.sh), and its tests run with CODESHELL_REQUIRE_NATIVE=1.
 set -euo pipefail
 need=()
 command -v g++ >/dev/null 2>&1 || need+=(g++)
@@ -10,3 +11,4 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+command -v g++ >/dev/null 2>&1 || { echo "install-kernels: g++ is still missing" >&2; exit 1; }

@@ -312,11 +312,11 @@ class PythonServer:
         except (OSError, ValueError):
             reply = None
         wall = time.monotonic() - start
-        if reply is None:  # the program killed or stopped the server: its run is an error
-            stderr = "the sandboxed Python server died or stopped answering during this program"
-            self.close()
-            return ProcResult(-signal.SIGKILL, wall >= limits.wall_s + SERVER_MARGIN_S, "", stderr, wall)
         stdout, stderr = (_read_tail(self.io / n) for n in ("stdout", "stderr"))
+        if reply is None:  # the program killed or stopped the server: its run is an error
+            stderr += "\nthe sandboxed Python server died or stopped answering during this program\n"
+            self.close()
+            return ProcResult(-signal.SIGKILL, wall >= limits.wall_s + SERVER_MARGIN_S, stdout, stderr, wall)
         rc = int(reply["rc"])
         timed_out = bool(reply["timed_out"]) or (
             rc != 0 and (rc == -signal.SIGXCPU or float(reply["cpu"]) >= cpu - 0.05))

@@ -23,12 +23,15 @@ import psutil
 import pytest
 
 from codeshell.eval import languages as L
-from codeshell.eval.execution import ExecOptions, run_program
+from codeshell.eval.execution import ExecOptions, python_server, run_program
 from codeshell.eval.sandbox import Sandbox, probe_isolation
 from tests.conftest import REPO, shared_dir
 
-pytestmark = pytest.mark.skipif(not probe_isolation().isolated,
-                                reason="no sandbox here: " + probe_isolation().message)
+if not probe_isolation().isolated:
+    msg = "no sandbox here: " + probe_isolation().message
+    if os.environ.get("CI"):  # CI installs bubblewrap (.ci/install-eval.sh): missing is a failure there
+        raise RuntimeError(msg)
+    pytest.skip(msg, allow_module_level=True)
 
 SECRET = "sk-codeshell-test-" + secrets.token_hex(8)
 TEMPLATE = '''import os, sys
@@ -46,18 +49,33 @@ check(f)
 
 
 @pytest.fixture(scope="module")
-def box() -> Sandbox:
+def sandbox() -> Sandbox:
     return Sandbox(slot=5)
 
 
 @pytest.fixture(scope="module")
-def canary(box):
+def server(sandbox):
+    srv = python_server(sandbox)
+    assert srv is not None
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(params=["fresh", "server"])
+def box(request, sandbox, server):
+    """Each attack runs both ways Python samples run: a fresh sandboxed interpreter, and a fork
+    of the warm sandboxed server (what `eval run` / `eval score` use)."""
+    return sandbox, (server if request.param == "server" else None)
+
+
+@pytest.fixture(scope="module")
+def canary(sandbox):
     """A host process of the sandbox's own uid, holding a secret in its command line and
     environment: without a PID namespace the sandboxed program could read, signal and
     ptrace it."""
     cmd = ["/bin/sh", "-c", "sleep 300; :", SECRET]  # the shell stays, with SECRET in its argv
-    if box.uid is not None:
-        cmd = ["setpriv", f"--reuid={box.uid}", f"--regid={box.uid}", "--clear-groups", *cmd]
+    if sandbox.uid is not None:
+        cmd = ["setpriv", f"--reuid={sandbox.uid}", f"--regid={sandbox.uid}", "--clear-groups", *cmd]
     proc = subprocess.Popen(cmd, env={"OPENAI_API_KEY": SECRET, "PATH": "/usr/bin:/bin"}, cwd="/",
                             start_new_session=True)
     time.sleep(0.2)
@@ -68,7 +86,8 @@ def canary(box):
 
 
 def attack(box, body: str, opts: ExecOptions = ExecOptions(timeout_factor=3.0)):
-    out = run_program(box, "py", TEMPLATE.format(attack=body), opts)
+    sandbox, server = box
+    out = run_program(sandbox, "py", TEMPLATE.format(attack=body), opts, server)
     assert out.status != L.PASSED, out  # the harness never reports an attack as a pass
     return out
 
@@ -300,7 +319,7 @@ def attack():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     hit = []
     for pid, sig in [({os.getpid()}, signal.SIGTERM), ({os.getpid()}, 0), ({canary.pid}, signal.SIGKILL),
-                     ({os.getppid()}, signal.SIGKILL), (1, signal.SIGKILL), (-1, signal.SIGKILL)]:
+                     (1, signal.SIGKILL), (-1, signal.SIGKILL)]:
         try:
             os.kill(pid, sig)
             hit.append((pid, sig))
@@ -309,7 +328,12 @@ def attack():
     print("signalled:", hit, file=sys.stderr)
     return bool(hit)
 ''')
-    assert out.status == L.FAILED and "signalled: []" in out.stderr
+    for pid, errno_ in ((os.getpid(), 3), (canary.pid, 3), (1, 1)):  # ESRCH: not there; EPERM: the sandbox's init
+        assert f"kill {pid} blocked {errno_}" in out.stderr, out.stderr
+    if box[1] is None:
+        assert out.status == L.FAILED and "signalled: []" in out.stderr
+    else:  # kill(-1) reaches the only other process of its uid in there: the sandboxed server
+        assert out.status == L.ERROR and "server died" in out.stderr
     assert canary.poll() is None  # the host process of the same uid is alive
 
 
@@ -320,7 +344,7 @@ def attack():
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     PTRACE_ATTACH, PTRACE_DETACH = 16, 17
     attached = []
-    for pid in ({canary.pid}, {os.getpid()}, 1):
+    for pid in ({canary.pid}, {os.getpid()}, 1, os.getppid()):  # the last: its parent (init, or the server)
         if libc.ptrace(PTRACE_ATTACH, pid, None, None) == 0:
             attached.append(pid)
             libc.ptrace(PTRACE_DETACH, pid, None, None)
@@ -329,7 +353,7 @@ def attack():
     print("attached:", attached, file=sys.stderr)
     return bool(attached)
 ''')
-    assert out.status == L.FAILED and "attached: []" in out.stderr and out.stderr.count("blocked") == 3
+    assert out.status == L.FAILED and "attached: []" in out.stderr and out.stderr.count("blocked") == 4
     assert canary.poll() is None and psutil.Process(canary.pid).status() != psutil.STATUS_TRACING_STOP
 
 
@@ -364,3 +388,51 @@ def attack():
     return {SECRET.encode()!r} in open("/proc/{canary.pid}/cmdline", "rb").read()
 '''), ExecOptions(timeout_factor=3.0))
     assert proc.status == L.PASSED
+
+
+def test_a_program_that_kills_the_server_fails_and_the_next_one_runs(sandbox):
+    """Under the warm server a program may kill the server (its parent, inside the sandbox):
+    that run is an error, never a pass, and the next program gets a fresh server."""
+    srv = python_server(sandbox)
+    try:
+        out = run_program(sandbox, "py", TEMPLATE.format(attack='''
+def attack():
+    import signal
+    os.kill(os.getppid(), signal.SIGKILL)
+    return True
+'''), ExecOptions(timeout_factor=3.0), srv)
+        assert out.status == L.ERROR and "server died" in out.stderr
+        ok = run_program(sandbox, "py", TEMPLATE.format(attack="def attack():\n    return True\n"),
+                         ExecOptions(timeout_factor=3.0), srv)
+        assert ok.status == L.PASSED
+    finally:
+        srv.close()
+
+
+def test_server_programs_do_not_see_each_other(sandbox):
+    """One program's background process and /tmp files are gone before the next one starts."""
+    srv = python_server(sandbox)
+    token = secrets.token_hex(6)
+    try:
+        first = run_program(sandbox, "py", TEMPLATE.format(attack=f'''
+def attack():
+    import subprocess
+    open("/tmp/left-{token}", "w").write("x")
+    subprocess.Popen(["sleep", "300"], start_new_session=True)
+    if os.fork() == 0:
+        os.setsid()
+        import time
+        time.sleep(300)
+    return False
+'''), ExecOptions(timeout_factor=3.0), srv)
+        assert first.status == L.FAILED
+        second = run_program(sandbox, "py", TEMPLATE.format(attack=f'''
+def attack():
+    others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid(), os.getppid())]
+    left = os.path.exists("/tmp/left-{token}")
+    print("others:", others, "left:", left, file=sys.stderr)
+    return bool(others) or left
+'''), ExecOptions(timeout_factor=3.0), srv)
+        assert second.status == L.FAILED and "others: [] left: False" in second.stderr
+    finally:
+        srv.close()

@@ -5,13 +5,14 @@
 # Two kinds, by name:
 # - REQUIRED below: toolchains CI relies on (the kernels' compiler, chromium for the web UI
 #   test, bubblewrap for the eval sandbox, the llama.cpp build the GGUF tests run). If one
-#   fails, or is missing, this script fails and so does the CI run.
-# - Any other install-*.sh: optional toolchains (MultiPL-E's Java, R, Racket...). A failure is a
-#   warning; their tests skip and say how to install them.
+#   fails, or is missing, this script fails and so does the CI run. install-eval.sh is one:
+#   it fails only for bubblewrap, and itself only warns about MultiPL-E's optional toolchains
+#   (Java, R, Racket...), whose tests then skip and say how to install them.
+# - Any other install-*.sh: an optional toolchain. A failure is a warning; its tests skip.
 # Add a script CI must have to REQUIRED; an optional one needs no change here.
 set -uo pipefail
 dir="${1:-$(dirname "$0")}"
-REQUIRED=(install-kernels.sh install-serve.sh install-sandbox.sh install-llamacpp.sh)
+REQUIRED=(install-kernels.sh install-serve.sh install-eval.sh install-llamacpp.sh)
 
 failed=()
 for name in "${REQUIRED[@]}"; do

@@ -94,7 +94,7 @@ def run(
     temperature: float = typer.Option(0.2, "--temperature"),
     top_p: float = typer.Option(0.95, "--top-p"),
     max_length: int = typer.Option(2048, "--max-length", help="Prompt + completion tokens."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens",
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", "--max-new-tokens",
                                                  help="Also cap completion tokens (quick checks; off by default)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of each task."),
     seed: int = typer.Option(0, "--seed"),

@@ -125,3 +125,61 @@ def test_eval_never_imports_serve():
 def test_run_with_a_missing_model_is_a_clear_error(tmp_path):
     r = runner.invoke(app, ["run", "humaneval", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
     assert r.exit_code == 2 and "could not set up generation" in r.output and "nope" in r.output
+
+
+# ---- no sandbox: refuse, or run loudly with --unsafe-no-sandbox ----------------------------------
+@pytest.fixture
+def no_bwrap(monkeypatch):
+    from codeshell.eval.sandbox import probe_isolation
+
+    monkeypatch.setenv("CODESHELL_BWRAP", "/nonexistent/bwrap")  # as if bubblewrap were not installed
+    probe_isolation.cache_clear()
+    yield
+    probe_isolation.cache_clear()
+
+
+def _he_samples(tmp_path: Path) -> Path:
+    problems = get_task("humaneval").problems()[:2]
+    rows = [{"task_id": p.task_id, "completion": c} for p in problems for c in (p.reference, "    return None\n")]
+    return _write(tmp_path / "samples.jsonl", rows)
+
+
+def test_score_and_run_refuse_without_a_sandbox(tmp_path, monkeypatch, no_bwrap):
+    samples = _he_samples(tmp_path)
+    r = runner.invoke(app, ["score", "humaneval", "--samples", str(samples), "--json", str(tmp_path / "s.json"),
+                            "--no-progress"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "bubblewrap" in r.output and "apt-get install bubblewrap" in r.output and "--unsafe-no-sandbox" in r.output
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "samples.results.jsonl").exists()
+
+    made = []
+    monkeypatch.setattr(generation, "InProcessBackend", lambda *a, **kw: made.append(FakeBackend()) or made[-1])
+    r = runner.invoke(app, ["run", "humaneval", "--model", "fake", "--limit", "1", "--n-samples", "1",
+                            "--output", str(tmp_path / "out"), "--no-progress"])
+    assert r.exit_code == 2 and "apt-get install bubblewrap" in r.output
+    assert made == [] and not (tmp_path / "out").exists()  # refused before any generation
+
+    r = runner.invoke(app, ["doctor"], terminal_width=200)
+    assert r.exit_code == 1 and "sandbox: NONE" in r.output and "apt-get install bubblewrap" in r.output
+
+
+def test_unsafe_no_sandbox_runs_anyway_loudly(tmp_path, no_bwrap):
+    samples = _he_samples(tmp_path)
+    r = runner.invoke(app, ["score", "humaneval", "--samples", str(samples), "--json", str(tmp_path / "s.json"),
+                            "--unsafe-no-sandbox", "--timeout-factor", "3", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("WARNING: --unsafe-no-sandbox") >= 2 and "WITHOUT isolation" in r.output
+    out = json.loads((tmp_path / "s.json").read_text())
+    assert out["sandbox"] == "none (--unsafe-no-sandbox)" and out["pass@1"] == pytest.approx(0.5)
+
+
+def test_scores_record_the_sandbox(tmp_path):
+    from codeshell.eval.sandbox import probe_isolation
+
+    if not probe_isolation().isolated:
+        pytest.skip(probe_isolation().message)
+    samples = _he_samples(tmp_path)
+    r = runner.invoke(app, ["score", "humaneval", "--samples", str(samples), "--json", str(tmp_path / "s.json"),
+                            "--timeout-factor", "3", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s.json").read_text())["sandbox"] == "bwrap"

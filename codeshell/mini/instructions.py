@@ -1,0 +1,79 @@
+"""Instruction pairs for codeshell-mini's chat fine-tune, made from the corpus itself: a Python
+function with a docstring becomes a request (its signature and the docstring's first
+paragraph, phrased as a user would ask) answered by the function in a code block.
+
+Output rows are `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`, the shape
+`codeshell train sft` reads (it renders them in the official chat format). Only functions that
+parse, are 3-60 lines long and have a one-paragraph summary of 20-400 characters are used.
+This module does not train.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import textwrap
+from pathlib import Path
+
+TEMPLATES = (
+    "Write a Python function `{sig}` that does the following: {doc}",
+    "Implement `{sig}` in Python. {doc}",
+    "{doc}\nWrite this as a Python function named `{name}`.",
+    "Can you write a Python function `{sig}`? It should do this: {doc}",
+)
+
+
+def _summary(doc: str) -> str | None:
+    para = textwrap.dedent(doc).strip().split("\n\n")[0]
+    para = " ".join(line.strip() for line in para.splitlines())
+    if not 20 <= len(para) <= 400 or para.startswith((":", ">>>", "..")):
+        return None
+    return para
+
+
+def pairs_from_source(text: str) -> list[tuple[str, str, str, str]]:
+    """(name, signature, summary, function source) for each usable function in a module."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    lines = text.splitlines()
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node)
+        summary = _summary(doc) if doc else None
+        if summary is None or node.end_lineno is None:
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        src = textwrap.dedent("\n".join(lines[start - 1:node.end_lineno]))
+        if not 3 <= src.count("\n") + 1 <= 60:
+            continue
+        sig = f"{node.name}({ast.unparse(node.args)})"
+        out.append((node.name, sig, summary, src))
+    return out
+
+
+def write_instruction_pairs(shards: list[Path], out: Path, seed: int = 0, limit: int = 20000) -> int:
+    """Pairs from the Python documents of the pipeline's JSONL `shards`, shuffled with `seed`."""
+    rng = random.Random(seed)
+    rows = []
+    for f in shards:
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                doc = json.loads(line)
+                if doc.get("lang") not in ("python", "Python") and not str(doc.get("path", "")).endswith(".py"):
+                    continue
+                for name, sig, summary, src in pairs_from_source(doc["text"]):
+                    ask = rng.choice(TEMPLATES).format(sig=sig, doc=summary, name=name)
+                    rows.append({"messages": [{"role": "user", "content": ask},
+                                              {"role": "assistant", "content": f"```python\n{src}\n```"}]})
+    rng.shuffle(rows)
+    rows = rows[:limit]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return len(rows)

@@ -1,0 +1,56 @@
+"""The codeshell-mini recipe at its smoke budget: corpus -> pipeline -> tokenizer -> sweep ->
+pretrain -> chat fine-tune -> a bf16 checkpoint that `LLM` loads and generates from; a second
+run resumes (every step already done) instead of starting over."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from codeshell.mini.instructions import pairs_from_source
+from codeshell.mini.recipe import build
+
+
+def test_instruction_pairs_from_a_module():
+    src = ('def add(a, b=1):\n    """Add two numbers and return their sum as an integer."""\n'
+           '    total = a + b\n    return total\n\n'
+           'def _private(x):\n    """A private helper that nobody should ask for."""\n    return x\n\n'
+           'def nodoc(x):\n    return x\n')
+    pairs = pairs_from_source(src)
+    assert [(n, s, d) for n, s, d, _ in pairs] == [("add", "add(a, b=1)", "Add two numbers and return their sum as an integer.")]
+    assert pairs[0][3].startswith("def add(a, b=1):") and pairs[0][3].endswith("return total")
+    assert pairs_from_source("def broken(:\n") == []
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mini")
+    logs: list[str] = []
+    ckpt = build(out, smoke=True, log=logs.append)
+    return out, ckpt, logs
+
+
+def test_smoke_build_gives_a_loadable_checkpoint(smoke):
+    out, ckpt, logs = smoke
+    from safetensors import safe_open
+
+    from codeshell import LLM, SamplingParams
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+    assert (ckpt / "tokenizer.json").is_file()
+    manifest = json.loads((out / "1-corpus" / "manifest.json").read_text())
+    assert manifest["sources"][0]["repo"] == "cpython-stdlib" and manifest["licenses"]["PSF-2.0"]["files"] == 60
+    assert json.loads((out / "7-sft" / "step.json").read_text())["pairs"] > 0
+    llm = LLM(str(ckpt), dtype="float32")
+    o = llm.generate(["def add(a, b):"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    assert len(o.token_ids) == 8
+
+
+def test_second_run_resumes_every_step(smoke):
+    out, ckpt, _ = smoke
+    logs: list[str] = []
+    assert build(out, smoke=True, log=logs.append) == ckpt
+    assert [l for l in logs if l.startswith("[")] == [f"[{s}] done earlier" for s in (
+        "1-corpus", "2-filter", "3-tokenizer", "4-pack", "5-sweep", "6-pretrain", "7-sft", "8-final")]

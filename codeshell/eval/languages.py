@@ -253,9 +253,8 @@ def find_toolchain(key: str) -> Toolchain | None:
         if jar:
             extra["javatuples"] = os.path.realpath(jar)
     if key == "rs" and _accepts(tools["rustc"], "-C", "linker-features=-lld"):
-        # rustc >= 1.90 links with its bundled lld through gcc, which looks it up with access();
-        # access() ignores the sandbox uid's CAP_DAC_READ_SEARCH, so a toolchain under /root
-        # (rustup) is not found. The system linker works everywhere.
+        # rustc >= 1.90 links with its bundled lld through gcc (found with access() in the
+        # toolchain's folder); the system linker works everywhere, whatever the sandbox shows.
         extra["rustc_flags"] = "-C linker-features=-lld"
     if key == "lua" and not _lua_has_luaunit(tools["lua"]):
         return None

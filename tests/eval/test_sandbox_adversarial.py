@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -17,7 +17,7 @@ app = typer.Typer(help="Evaluate code models: HumanEval, MBPP, MultiPL-E, in a s
 
 
 def _fail(msg: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {msg}")
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {msg}")  # one line at any width
     raise typer.Exit(2)
 
 

@@ -1,4 +1,5 @@
-"""Benchmark weight-only quantization on this CPU: bf16 vs int8 vs int4 (group 128).
+"""Benchmark weight-only quantization on this CPU: bf16 vs int8 vs int4 (group 128), and
+llama.cpp on the same weights in the same run.
 
 For each format, in a fresh subprocess (so memory figures are clean): load time of the
 checkpoint folder, resident memory after load, prompt tokens/s (one 512-token prompt),
@@ -6,13 +7,20 @@ decode tokens/s at batch 1 and aggregate at batch 8, and decode's fraction of th
 memory-bandwidth bound (bandwidth measured by this script: a streaming read of a 512 MiB
 buffer with the same thread count; bound = bandwidth / bytes of weights read per token).
 The model has random weights (written once per run to a temporary folder, shard by shard;
-int8/int4 folders come from `codeshell quantize`, whose time is printed too). llama.cpp's
-and transformers' figures from the issue (7B, 2 threads, same machine kind) print beside ours.
+int8/int4 folders come from `codeshell quantize`, whose time is printed too).
+
+llama.cpp in the same run: the bf16 checkpoint is exported with `codeshell export-gguf` to
+BF16, Q8_0 and Q4_0, and llama.cpp's `llama-bench` runs each file right after our side of
+that format (same threads, same prompt length, same number of decode tokens); the table gives
+both sides and the ratios, with the CPU's flags and the bandwidth measured now. llama.cpp is
+found by --compare-llamacpp BIN_DIR, else $CODESHELL_LLAMACPP_BIN, else the cache that
+.ci/install-llamacpp.sh builds (../shared/tools/build_llamacpp.sh builds the same programs).
 
     python benchmarks/bench_quant.py                    # mid-size shape (~0.5B), minutes
     python benchmarks/bench_quant.py --shape 1b
     python benchmarks/bench_quant.py --shape 7b         # the issue's table (needs ~16 GiB RAM for bf16)
     python benchmarks/bench_quant.py --formats int4 --decode-tokens 32
+    python benchmarks/bench_quant.py --compare-llamacpp ~/.cache/codeshell/llama.cpp/build/bin
     python benchmarks/bench_quant.py --shape 7b --workdir /tmp/q7 --reuse   # keep the checkpoints between runs
 """
 
@@ -30,47 +38,21 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-REFERENCE = {  # the issue's figures: (name, size GiB, prompt tok/s, decode AMX build, decode no-AMX build)
-    "bf16": ("llama.cpp BF16", 14.86, 11.4, None, 1.10),
-    "int8": ("llama.cpp Q8_0", 7.90, 12.4, 3.05, 1.91),
-    "int4": ("llama.cpp Q4_0", 4.25, 16.4, 5.43, 2.29),
-}
-TARGETS = {"int8": 3.1, "int4": 5.6}  # decode tok/s at batch 1 on the 7B shape
-
-
 def shape_config(name: str):
     from codeshell.config import SHAPES, CodeShellConfig
     if name == "mid":  # ~0.5B: the real vocabulary, 12 narrower layers
         return CodeShellConfig(n_embd=1536, n_layer=12, n_head=12, num_query_groups=4, n_inner=6144)
+    if name == "small":  # ~0.2B: the real vocabulary, 8 layers of width 1024 (a quick proof run)
+        return CodeShellConfig(n_embd=1024, n_layer=8, n_head=8, num_query_groups=2, n_inner=4096)
     if name not in SHAPES:
         raise SystemExit(f"unknown --shape {name!r}: choose mid, {', '.join(SHAPES)}")
     return SHAPES[name]
 
 
 def write_random_checkpoint(cfg, out: Path) -> None:
-    """bf16 random weights, one safetensors shard per block (memory: one block at a time)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from codeshell.testing import random_state_dict
-    out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    d = cfg.n_embd
-    top = {"transformer.wte.weight": (torch.randn((cfg.vocab_size, d), generator=g) * 0.02).to(torch.bfloat16),
-           "transformer.ln_f.weight": torch.ones(d, dtype=torch.bfloat16),
-           "transformer.ln_f.bias": torch.zeros(d, dtype=torch.bfloat16)}
-    save_file(top, str(out / "model-top.safetensors"))
-    weight_map = {k: "model-top.safetensors" for k in top}
-    one = cfg.replace(n_layer=1, vocab_size=8)  # one block's tensors, a token embedding not worth making
-    for i in range(cfg.n_layer):
-        sd = random_state_dict(one, seed=i, dtype=torch.bfloat16, std=0.02)
-        block = {k.replace("transformer.h.0.", f"transformer.h.{i}."): v for k, v in sd.items()
-                 if k.startswith("transformer.h.0.")}
-        fname = f"model-{i:03d}.safetensors"
-        save_file(block, str(out / fname))
-        weight_map.update({k: fname for k in block})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": "bfloat16"}))
+    """bf16 random weights, one shard per block, with the real tokenizer (GGUF files carry it)."""
+    from codeshell.llamacpp import shared_tokenizer_dir, write_random_checkpoint as write
+    write(cfg, out, shared_tokenizer_dir())
 
 
 def _timed(fn) -> float:
@@ -81,12 +63,8 @@ def _timed(fn) -> float:
 
 def measure_bandwidth(threads: int) -> float:
     """Read bandwidth in bytes/s: best of 5 sums over a 512 MiB float32 buffer."""
-    import torch
-    torch.set_num_threads(threads)
-    x = torch.ones(128 << 20, dtype=torch.float32)
-    x.sum()
-    best = min(_timed(lambda: x.sum()) for _ in range(5))
-    return x.numel() * 4 / best
+    from codeshell.llamacpp import read_bandwidth_gbs
+    return read_bandwidth_gbs(threads, gib=0.5) * 1e9
 
 
 def weight_bytes_per_token(model, cfg) -> int:
@@ -146,7 +124,7 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="mid", help="mid (default, ~0.5B), 1b, 7b, tiny")
+    ap.add_argument("--shape", default="mid", help="mid (default, ~0.5B), small (~0.2B), 1b, 7b, tiny")
     ap.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -155,13 +133,30 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where to write the random checkpoints (default: a temp dir)")
     ap.add_argument("--reuse", action="store_true",
                     help="with --workdir: keep checkpoints an earlier run left there instead of rewriting them")
+    ap.add_argument("--compare-llamacpp", metavar="BIN_DIR", default=None,
+                    help="llama.cpp's build/bin folder (default: $CODESHELL_LLAMACPP_BIN or the install script's cache)")
+    ap.add_argument("--no-llamacpp", action="store_true", help="our side only")
     ap.add_argument("--worker", nargs=2, metavar=("FORMAT", "FOLDER"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker[0], a.worker[1], a.threads, a.prompt_len, a.decode_tokens, a.batch)))
         return
     os.environ.setdefault("CODESHELL_NO_PROGRESS", "1")
+    from codeshell import llamacpp
     cfg = shape_config(a.shape)
+    bins = None
+    if not a.no_llamacpp:
+        try:
+            bins = llamacpp.find_bin_dir(a.compare_llamacpp, need="llama-bench")
+        except llamacpp.LlamaCppError as e:
+            sys.exit(f"error: {e}")
+        if bins is None:
+            print("llama.cpp not found: our side only (build it with .ci/install-llamacpp.sh or "
+                  "../shared/tools/build_llamacpp.sh and pass --compare-llamacpp BIN_DIR)", flush=True)
+        else:
+            print(f"llama.cpp: {bins} ({llamacpp.version(bins)})", flush=True)
+    if bins is not None and llamacpp.shared_tokenizer_dir() is None:
+        sys.exit("error: the GGUF export needs the tokenizer at ../shared/codeshell-tokenizer (set CODESHELL_SHARED)")
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_quant_"))
     print(f"shape {a.shape}: {cfg.num_parameters() / 1e9:.2f}B parameters, {a.threads} threads, "
           f"prompt {a.prompt_len}, decode {a.decode_tokens} tokens, batch {a.batch}; work dir {work}", flush=True)
@@ -201,6 +196,21 @@ def main() -> None:
                 continue
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(f"  measured {fmt}", flush=True)
+            if bins is not None:  # llama.cpp on the same weights, right after ours
+                gtype = llamacpp.GGUF_OF[fmt][0]
+                gfile = work / f"model-{gtype}.gguf"
+                try:
+                    t = llamacpp.export_with_cli(src, gfile, gtype)
+                    print(f"  codeshell export-gguf --type {gtype}: {t:.1f} s", flush=True)
+                    lb = llamacpp.llama_bench(bins, gfile, a.threads, a.prompt_len, a.decode_tokens)
+                except llamacpp.LlamaCppError as e:
+                    print(f"  llama.cpp {gtype}: {e}", flush=True)
+                else:
+                    rows[-1].update(llama_prompt_tps=lb.get("prompt_tps"), llama_decode_tps=lb.get("decode_tps"),
+                                    gguf_bytes=llamacpp.decode_bytes(gfile), llama_info=lb)
+                    print(f"  measured llama.cpp {gtype}", flush=True)
+                finally:
+                    gfile.unlink(missing_ok=True)
     finally:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -213,16 +223,15 @@ def main() -> None:
         print(f"| {r['format']} | {r['folder_gib']:.2f} | {r['load_s']:.1f} | {r['rss_gib']:.2f} | "
               f"{r['prompt_tps']:.1f} | {r['decode1_tps']:.2f} | {bound:.2f} | {100 * r['decode1_tps'] / bound:.0f}% | "
               f"{r['decodeb_tps']:.2f} | {r['decodeb_tps'] / r['decode1_tps']:.1f}x |")
-    print()
-    print("Reference (issue, 7B shape, 2 threads, this machine kind): size GiB, prompt tok/s (pp512), "
-          "decode tok/s AMX build / no-AMX build")
-    for fmt in a.formats:
-        name, size, pp, tg_amx, tg = REFERENCE[fmt]
-        print(f"  {name}: {size} GiB, pp512 {pp}, tg64 {tg_amx or '-'} / {tg}"
-              + (f"; target decode >= {TARGETS[fmt]} tok/s" if fmt in TARGETS else ""))
-    print("  transformers bf16 (official code): 58.6 prompt tok/s, 0.96 decode tok/s")
-    if a.shape != "7b":
-        print(f"  (our figures are for the {a.shape} shape: compare ratios and % of bound, not absolute tok/s)")
+    if bins is not None:
+        info = next((r["llama_info"] for r in rows if r.get("llama_info")), None)
+        llamacpp.print_comparison([{"format": r["format"], "prompt_tps": r["prompt_tps"], "decode_tps": r["decode1_tps"],
+                                    **{k: r[k] for k in ("llama_prompt_tps", "llama_decode_tps", "gguf_bytes") if k in r}}
+                                   for r in rows], a.threads, a.prompt_len, a.decode_tokens, bw / 1e9, info)
+        print("(ours: int8 per channel, int4 groups of 128; llama.cpp: Q8_0 and Q4_0, blocks of 32; "
+              "the GGUF files are `codeshell export-gguf` of the same bf16 weights)")
+    else:
+        print(f"\nCPU flags: {' '.join(llamacpp.cpu_flags())}; read bandwidth {bw / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -444,7 +444,11 @@ def bench(model: Annotated[Optional[str], typer.Option("--model", "-m", help="Be
           decode_tokens: Annotated[int, typer.Option(help="Tokens per decode measurement.")] = 16,
           batch: Annotated[int, typer.Option(help="Batch size for the batched decode figure.")] = 8,
           threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all available).")] = None,
-          json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON.")] = None) -> None:
+          json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON.")] = None,
+          compare_llamacpp: Annotated[Optional[str], typer.Option(
+              "--compare-llamacpp", help="llama.cpp's build/bin folder ('auto': $CODESHELL_LLAMACPP_BIN or the "
+              "install script's cache): bf16/int8/int4 vs llama-bench on the GGUF export of the same weights."
+          )] = None) -> None:
     """Prefill and decode tokens/s and memory on this machine.
 
     With --shape, random weights of that shape: learn how fast CodeShell-7B runs here before
@@ -453,6 +457,14 @@ def bench(model: Annotated[Optional[str], typer.Option("--model", "-m", help="Be
     from .bench import run_bench
     if (model is None) == (shape is None):
         _fail("give exactly one of --model PATH and --shape 7b|1b|tiny")
+    if compare_llamacpp is not None:
+        from .llamacpp import LlamaCppError, bench_compare
+        try:
+            bench_compare(model, shape, None if compare_llamacpp == "auto" else compare_llamacpp, threads=threads,
+                          prompt_len=prompt_len, decode_tokens=decode_tokens)
+        except (LlamaCppError, ValueError, RuntimeError, OSError) as e:
+            _fail(str(e))
+        return
     try:
         run_bench(model=model, shape=shape, dtype=dtype, device=device, prompt_len=prompt_len,
                   decode_tokens=decode_tokens, batch=batch, threads=threads, json_out=json_out)

@@ -1,10 +1,12 @@
-"""Builds and loads the C++ kernels (codeshell/kernels/csrc/kernels.cpp) once per process.
+"""Builds and loads the C++ kernels (codeshell/kernels/csrc/*.cpp) once per process.
 
 This is only the loader: a JIT build with torch.utils.cpp_extension.load into a per-user
-cache directory, keyed by torch version and CPU (the build uses -march=native, so a cache
-built on one CPU must never be loaded on another). It is not a setup.py build. When the
-CPU lacks AVX2/FMA, there is no compiler, or the build fails, `get()` returns None after
-one warning and callers fall back to plain torch.
+cache directory, keyed by torch version and CPU. The baseline is compiled for x86-64-v3
+(AVX2+FMA); the AVX-512 (VNNI, BF16) and AMX kernels are sections compiled with GCC's target
+pragma (csrc/isa.h), so the same build works on an AVX2-only CPU and they only run when
+`cpu_features()` (cpuid, xgetbv, the AMX permission) says so -- ops.py decides. It is not a
+setup.py build. When the CPU lacks AVX2/FMA, there is no compiler, or the build fails,
+`get()` returns None after one warning and callers fall back to plain torch.
 """
 
 from __future__ import annotations
@@ -17,16 +19,21 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SRCS = [Path(__file__).with_name("csrc") / f for f in ("kernels.cpp", "panel_bf16.cpp", "qdot.cpp", "attention.cpp", "sampling.cpp")]
+_SRCS = [Path(__file__).with_name("csrc") / f
+         for f in ("kernels.cpp", "isa.cpp", "panel_bf16.cpp", "qdot.cpp", "attention.cpp", "sampling.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
-# -O3 for unrolling of the small fixed-size tiles; -march=native is safe because the build
-# machine is the run machine (JIT) and the cache key includes the CPU; -fno-math-errno and
+# -O3 for unrolling of the small fixed-size tiles; the x86-64-v3 set (AVX2, FMA, F16C, BMI2),
+# not -march=native: the baseline kernels must be the AVX2 code an AVX2-only CPU runs (with
+# -march=native the compiler would use AVX-512 registers in them here, so forcing the AVX2
+# path on an AVX-512 machine would not test what CI runs); the higher ISAs are per-section
+# target pragmas (csrc/isa.h). -mtune=native only schedules. -fno-math-errno and
 # -fno-trapping-math only drop errno/trap bookkeeping, never reassociate sums.
 # -fopenmp: at::parallel_for is a header template that is serial unless the extension itself is
 # built with OpenMP (it then shares torch's bundled libgomp.so.1 and its thread count).
-_CFLAGS = ["-O3", "-march=native", "-mtune=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+_ISA_BASE = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt"]  # = x86-64-v3, any GCC
+_CFLAGS = ["-O3", *_ISA_BASE, "-mtune=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
 def _cpu_flags() -> set[str]:
@@ -144,6 +151,15 @@ def _cap_threads() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.get_num_threads() > cores:
         torch.set_num_threads(cores)
+
+
+def features() -> dict:
+    """CPU/OS features the extension detected (cpuid, xgetbv, AMX permission) and `max_isa`,
+    the highest usable kernel level (index into ops.ISA_LEVELS); {"max_isa": -1} without it."""
+    if "features" not in _state:
+        mod = get()
+        _state["features"] = {"max_isa": -1} if mod is None else dict(mod.cpu_features())
+    return _state["features"]  # type: ignore[return-value]
 
 
 def _reset_for_tests() -> None:

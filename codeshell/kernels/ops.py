@@ -16,6 +16,8 @@ and not a replacement for nn.Linear's module plumbing (the model wires PackedWei
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +85,7 @@ def _dequant_rows(mod, p: PackedWeight, n0: int, n1: int, buf: torch.Tensor) -> 
         if mod is None:
             out.view(n1 - n0, k).copy_(bf16_rows(p, slice(n0, n1)))
             return out.view(n1 - n0, k)
-        mod.dequant_bf16(p.data, p.out_features, n0, n1, out)
+        mod.dequant_bf16(p.data, p.out_features, k, n0, n1, out)
         return out.view(k, n1 - n0).t()
     if mod is None:
         rows = PackedWeight(p.kind, n1 - n0, k, p.data[n0:n1],
@@ -115,15 +117,153 @@ def _prefill(mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -
     return yt.t()
 
 
-def _decode(mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    # int8/int4 weights take the integer-dot kernels (x quantised to int8 per block, see
-    # `activation_block`): 2-3x the fp32-unpacking kernels, which are compute bound here.
+# ---- dispatch: the one place that decides which kernel (and ISA) runs -------------------
+
+ISA_LEVELS = ("avx2", "avx512_vnni", "avx512_bf16", "amx")
+"""Kernel ISA levels, lowest first (csrc/isa.h); each needs the features of those before it.
+`CODESHELL_KERNEL_ISA=<level>` caps the dispatch at that level (e.g. `avx2` runs the AVX2
+kernels on an AVX-512 machine, which is how their tests run here)."""
+
+PATHS_RUN: Counter = Counter()
+"""(kind, path) -> calls since import: which kernels actually ran (tests print it)."""
+
+_CHOICES: dict[tuple, str] = {}  # (kind, N, K, M bucket, level) -> the measured prefill winner
+CHOICE_TIMES: dict[tuple, dict[str, float]] = {}
+"""The measurements behind each prefill choice: key -> {path: seconds (best of 2)}."""
+
+
+def isa_level() -> int:
+    """Highest kernel ISA level usable here (index into `ISA_LEVELS`), after the
+    CODESHELL_KERNEL_ISA cap; -1 without the native kernels."""
+    if _ext.get() is None:
+        return -1
+    level = _ext.features()["max_isa"]
+    cap = os.environ.get("CODESHELL_KERNEL_ISA", "").strip().lower()
+    if cap:
+        if cap not in ISA_LEVELS:
+            raise ValueError(f"CODESHELL_KERNEL_ISA={cap!r}: expected one of {', '.join(ISA_LEVELS)}")
+        level = min(level, ISA_LEVELS.index(cap))
+    return level
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(6, (m - 1).bit_length())  # 64, 128, 256, 512, ...
+
+
+def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> list[str]:
+    """The paths that may run a prefill (M above the decode limits) of this weight: more than
+    one means the fastest is measured once per (kind, N, K, M bucket) and cached."""
+    if p.kind == "bf16" and x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16"):
+        # bf16 activations (a bf16 model): our bf16 tile/dot kernels and torch's own bf16
+        # matmul (oneDNN, itself AMX/AVX512-BF16 where present) on row blocks of the weight.
+        own = "amx:bf16" if level >= ISA_LEVELS.index("amx") else "avx512_bf16:panel64"
+        return [own, "onednn:bf16"]
+    if p.kind == "bf16" and p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS:
+        return ["avx2:panel64"]
+    return ["sgemm:fp32"]
+
+
+def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
+    """The path `linear(impl="native")` takes for M rows of x of this dtype: "<isa>:<kernel>".
+
+    * bf16 weights, M <= BF16_PANEL_MAX_M: `avx512_bf16:panel` (vdpbf16ps) for bf16 x on a CPU
+      with AVX512-BF16, else `avx2:panel` (fp32 FMA; fp32 x is never rounded to bf16).
+    * int8/int4, M <= DECODE_MAX_M: `avx512_vnni:q8` (512-bit vpdpbusd, K % 128 == 0) or
+      `avx2:q8` (vpmaddubsw) on int8-rounded x (the same integers either way), or `avx2:unpack` (exact fp32) for shapes the integer kernels do not take.
+    * larger M: `prefill_candidates`; one candidate runs as is, several are measured once.
+    "torch" without the native kernels.
+    """
+    level = isa_level()
+    if level < 0:
+        return "torch"
     if p.kind == "bf16":
-        return mod.decode_bf16(x, p.data, p.out_features, bias)
-    q8 = activation_block(p) is not None
-    if p.kind == "int8":
-        return (mod.decode_int8_q8 if q8 else mod.decode_int8)(x, p.data, p.scales, bias)
-    return (mod.decode_int4_q8 if q8 else mod.decode_int4)(x, p.data, p.scales, p.offsets, p.group_size, bias)
+        if m <= BF16_PANEL_MAX_M:
+            bf16_dot = x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16")
+            return "avx512_bf16:panel" if bf16_dot else "avx2:panel"
+    elif m <= DECODE_MAX_M:
+        if activation_block(p) is None:
+            return "avx2:unpack"
+        # the 512-bit kernels read 128 weights of a row per step
+        vnni = level >= ISA_LEVELS.index("avx512_vnni") and p.in_features % 128 == 0
+        return "avx512_vnni:q8" if vnni else "avx2:q8"
+    cands = prefill_candidates(p, x_dtype, level)
+    if len(cands) == 1:
+        return cands[0]
+    key = (p.kind, p.out_features, p.in_features, _bucket(m), ISA_LEVELS[level])
+    if key not in _CHOICES:
+        _measure(key, cands, p, m, x_dtype)
+    return _CHOICES[key]
+
+
+def _measure(key: tuple, cands: list[str], p: PackedWeight, m: int, x_dtype: torch.dtype) -> None:
+    """Runs each candidate twice on a random x of this shape (after a warm-up call each) and
+    keeps the fastest: a per-machine, per-shape choice with no table of figures in the code.
+    Costs ~6 calls once per (weight shape, M bucket) per process."""
+    mod = _ext.get()
+    x = torch.randn(m, p.in_features, generator=torch.Generator().manual_seed(0)).to(x_dtype)
+    times: dict[str, float] = {}
+    for c in cands:
+        _compute(c, mod, x, p, None)
+    for _ in range(2):
+        for c in cands:
+            t = time.perf_counter()
+            _compute(c, mod, x, p, None)
+            times[c] = min(times.get(c, float("inf")), time.perf_counter() - t)
+    CHOICE_TIMES[key] = times
+    _CHOICES[key] = min(times, key=times.__getitem__)
+
+
+def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [M, N] by one named path (fp32, or bf16 for `onednn:bf16`); x [M, K] in the caller's
+    dtype. Tests call this directly to check every path the machine has."""
+    PATHS_RUN[(p.kind, path)] += 1
+    n, m = p.out_features, x.shape[0]
+    isa, _, kernel = path.partition(":")
+    if kernel == "panel64" and m > BF16_PANEL_MAX_M:  # 64-row calls of the panel kernel
+        sub = f"{isa}:panel"
+        return torch.cat([_compute(sub, mod, x[i:i + BF16_PANEL_MAX_M], p, bias)
+                          for i in range(0, m, BF16_PANEL_MAX_M)])
+    if path in ("avx512_bf16:panel", "avx512_bf16:panel64"):
+        return mod.decode_bf16(x.to(torch.bfloat16).contiguous(), p.data, n, bias, ISA_LEVELS.index(isa))
+    if path == "amx:bf16":
+        return mod.prefill_bf16_amx(x.to(torch.bfloat16).contiguous(), p.data, n, bias)
+    if path == "onednn:bf16":
+        return _onednn_bf16(mod, x.to(torch.bfloat16).contiguous(), p, bias)
+    x = x.to(torch.float32).contiguous()
+    if path in ("avx2:panel", "avx2:panel64"):
+        return mod.decode_bf16(x, p.data, n, bias, 0)
+    if path == "sgemm:fp32":
+        return _prefill(mod, x, p, bias)
+    if p.kind == "int8" and kernel == "q8":
+        return mod.decode_int8_q8(x, p.data, p.scales, bias, ISA_LEVELS.index(isa))
+    if p.kind == "int8" and path == "avx2:unpack":
+        return mod.decode_int8(x, p.data, p.scales, bias)
+    if p.kind == "int4" and kernel == "q8":
+        return mod.decode_int4_q8(x, p.data, p.scales, p.offsets, p.group_size, bias, ISA_LEVELS.index(isa))
+    if p.kind == "int4" and path == "avx2:unpack":
+        return mod.decode_int4(x, p.data, p.scales, p.offsets, p.group_size, bias)
+    raise ValueError(f"no path {path!r} for a {p.kind} weight")
+
+
+_ONEDNN_BLOCK_ROWS = 1024  # rows of W per torch.mm: 8 MiB of bf16 at K = 4096 (blocks of 256 ran 2-10x slower)
+
+
+def _onednn_bf16(mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch's bf16 matmul (oneDNN) on row blocks of the weight expanded to plain bf16 [R, K]:
+    the weight stays packed once in memory; each block costs a copy of R*K*2 bytes. bf16 out."""
+    n, k, m = p.out_features, p.in_features, x.shape[0]
+    rows = min(n, _ONEDNN_BLOCK_ROWS)
+    buf = torch.empty(rows, k, dtype=torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = buf[: n1 - n0]
+        mod.rows_bf16(p.data, n, k, n0, n1, w)
+        if bias is None:
+            y[:, n0:n1] = torch.mm(x, w.t())
+        else:
+            y[:, n0:n1] = torch.addmm(bias[n0:n1].to(torch.bfloat16), x, w.t())
+    return y
 
 
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, *,
@@ -141,29 +281,34 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
         raise ValueError(f"impl must be auto, native, torch or reference, got {impl!r}")
     n, k = packed.out_features, packed.in_features
     lead = x.shape[:-1]
-    x2 = _as_2d_fp32(x, k)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has in_features {x.shape[-1]} but the weight expects {k}")
+    if x.device.type != "cpu":
+        raise ValueError(f"codeshell.kernels works on CPU tensors, x is on {x.device}")
     b = _bias_fp32(bias, n)
+    x2 = x.reshape(-1, k)
     if impl == "reference":
-        # The definition of what the native path computes: decode-sized M with a quantised
-        # weight multiplies int8-rounded activations (`quantize_activations`).
-        block = activation_block(packed)
-        if block is not None and x2.shape[0] <= DECODE_MAX_M:
-            x2 = quantize_activations(x2, block)
-        y = F.linear(x2, dequantize(packed), b)
+        y = reference(x2, packed, b, plan(packed, x2.shape[0], x.dtype))
     else:
         mod = None if impl == "torch" else _ext.get()
         if impl == "native" and mod is None:
             raise RuntimeError(f"native kernels unavailable: {_ext.unavailable_reason()}")
         if mod is None:
-            y = _torch_path(x2, packed, b)
-        elif x2.shape[0] <= (BF16_PANEL_MAX_M if packed.kind == "bf16" else DECODE_MAX_M):
-            y = _decode(mod, x2, packed, b)
-        elif packed.kind == "bf16" and n * k >= BF16_PANEL_PREFILL_MIN_WEIGHTS:
-            y = torch.cat([_decode(mod, x2[i:i + BF16_PANEL_MAX_M], packed, b)
-                           for i in range(0, x2.shape[0], BF16_PANEL_MAX_M)])
+            y = _torch_path(_as_2d_fp32(x, k), packed, b)
         else:
-            y = _prefill(mod, x2, packed, b)
+            path = plan(packed, x2.shape[0], x.dtype)
+            y = _compute(path, mod, x2 if x.dtype == torch.bfloat16 else _as_2d_fp32(x, k), packed, b)
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def reference(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, path: str) -> torch.Tensor:
+    """fp32 [M, N]: what `path` computes, in plain torch on the dequantised weight (fp32). The
+    paths differ only in how x is rounded: `*:q8` multiply int8-rounded activations
+    (`quantize_activations`); the bf16 paths take x as it comes (they run only for bf16 x)."""
+    x = x.to(torch.float32)
+    if path.endswith(":q8"):
+        x = quantize_activations(x.contiguous(), activation_block(p))
+    return F.linear(x, dequantize(p), bias)
 
 
 def _torch_path(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:

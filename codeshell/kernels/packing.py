@@ -3,10 +3,12 @@
 What this is: the one-time, load-time step that turns a linear layer's weight W[N, K]
 (out_features x in_features, as in nn.Linear) into a `PackedWeight` the kernels read:
 
-* ``bf16``: W in panels of 16 rows, bfloat16 ``data`` [P = ceil(N/16), K, 16] (rows past N
-  are zero). For panel p and column k the 16 values are rows 16p + (0, 8, 1, 9, ..., 7, 15):
-  row 16p+i at position 2i and row 16p+8+i at position 2i+1, so that one 32-byte load splits
-  into two fp32 vectors of 8 consecutive rows with a shift and a mask (csrc/panel_bf16.cpp).
+* ``bf16``: W in panels of 16 rows and pairs of columns, bfloat16 ``data``
+  [P = ceil(N/16), Kp/2, 32] with Kp = K rounded up to 32 (zero past N and past K). For panel p
+  and k-pair j the 32 values are (row 16p+i, column 2j+h) at position 2i+h. One 64-byte load
+  is then 16 rows of (k, k+1) pairs: vdpbf16ps's operand as is, and 16 consecutive k-pairs
+  are one AMX-BF16 B tile (1 KiB); on AVX2 a 32-byte load gives 8 rows of even k (v << 16)
+  and of odd k (v & 0xffff0000) in fp32 (csrc/panel_bf16.cpp).
   `bf16_rows` turns selected rows back into a plain [rows, K] tensor (embedding lookups).
 * ``int8``: per-output-channel symmetric: ``W ~= q[N, K] (int8, -127..127) * scales[N]``.
 * ``int4``: group-wise along K, group size G in {32, 64, 128, ...} (multiple of 32 dividing K):
@@ -68,10 +70,12 @@ def _check_weight(weight: torch.Tensor) -> None:
 
 
 PANEL = 16
-# position within a panel's 16 values -> row of the panel: (0, 8, 1, 9, ..., 7, 15)
-_PANEL_ROWS = torch.arange(PANEL).reshape(2, 8).t().reshape(-1)
-# row of the panel -> its position: row i < 8 at 2i, row 8 + i at 2i + 1
-_PANEL_POS = torch.argsort(_PANEL_ROWS)
+K_ALIGN = 32  # bf16 panels hold K rounded up to this (one AMX tile depth)
+
+
+def padded_k(k: int) -> int:
+    """Columns a bf16 panel holds for in_features k (k rounded up to `K_ALIGN`)."""
+    return -(-k // K_ALIGN) * K_ALIGN
 
 
 def prepack(weight: torch.Tensor) -> PackedWeight:
@@ -86,15 +90,13 @@ def prepack(weight: torch.Tensor) -> PackedWeight:
 
 
 def panels_torch(w: torch.Tensor) -> torch.Tensor:
-    """The bf16 panel layout [P, K, 16] of W [N, K] in torch ops (the reference for the
+    """The bf16 panel layout [P, Kp/2, 32] of W [N, K] in torch ops (the reference for the
     native `pack_bf16`, and the path without it)."""
     n, k = w.shape
-    p = -(-n // PANEL)
-    w = w.to(torch.bfloat16)
-    if p * PANEL != n:
-        w = torch.cat([w, w.new_zeros(p * PANEL - n, k)])
-    # [P, half, i, K] -> [P, K, i, half]: position 2i + half holds row 8 * half + i (one copy)
-    return w.reshape(p, 2, PANEL // 2, k).permute(0, 3, 2, 1).contiguous().reshape(p, k, PANEL)
+    p, kp = -(-n // PANEL), padded_k(k)
+    w = torch.nn.functional.pad(w.to(torch.bfloat16), (0, kp - k, 0, p * PANEL - n))
+    # [P, i, j, h] -> [P, j, i, h]: position 2i + h of k-pair j holds W[16p + i, 2j + h]
+    return w.reshape(p, PANEL, kp // 2, 2).permute(0, 2, 1, 3).contiguous().reshape(p, kp // 2, 2 * PANEL)
 
 
 def bf16_rows(p: PackedWeight, rows: torch.Tensor | slice) -> torch.Tensor:
@@ -102,7 +104,8 @@ def bf16_rows(p: PackedWeight, rows: torch.Tensor | slice) -> torch.Tensor:
     if p.kind != "bf16":
         raise ValueError(f"bf16_rows takes a bf16 PackedWeight, got {p.kind}")
     idx = torch.arange(p.out_features)[rows] if isinstance(rows, slice) else rows
-    return p.data[idx // PANEL, :, _PANEL_POS.to(idx.device)[idx % PANEL]]
+    d = p.data.view(p.data.shape[0], p.data.shape[1], PANEL, 2)
+    return d[idx // PANEL, :, idx % PANEL, :].reshape(idx.numel(), -1)[:, : p.in_features]
 
 
 def quantize_int8(weight: torch.Tensor) -> PackedWeight:

@@ -159,14 +159,22 @@ def test_bf16_panel_layout_roundtrip_and_order():
     from codeshell.kernels import bf16_rows
     w = torch.randn(37, 40)
     p = prepack(w)
-    assert tuple(p.data.shape) == (3, 40, 16) and p.data.dtype == torch.bfloat16
+    # K = 40 is held padded to 64 (one AMX tile depth): [P, Kp/2, 32]
+    assert tuple(p.data.shape) == (3, 32, 32) and p.data.dtype == torch.bfloat16
     assert torch.equal(dequantize(p), w.bfloat16().float())  # exact: only the bf16 rounding
-    # documented order: panel 0, column k holds rows (0, 8, 1, 9, ..., 7, 15)
-    assert torch.equal(p.data[0, 5].float(), w.bfloat16().float()[[0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15], 5])
-    assert torch.equal(p.data[2, :, 10:], torch.zeros(40, 6, dtype=torch.bfloat16))  # rows 37..47 padding
-    assert torch.equal(bf16_rows(p, torch.tensor([36, 0, 17])), w.bfloat16()[[36, 0, 17]])
+    # documented order: panel 0, k-pair 5 holds (row i, column 10 + h) at position 2i + h
+    wb = w.bfloat16()
+    assert torch.equal(p.data[0, 5], wb[:16, 10:12].reshape(32))
+    assert torch.equal(p.data[1, 19], wb[16:32, 38:40].reshape(32))
+    assert torch.equal(p.data[2, :, 10:], torch.zeros(32, 22, dtype=torch.bfloat16))  # rows 37..47 padding
+    assert torch.equal(p.data[:, 20:], torch.zeros(3, 12, 32, dtype=torch.bfloat16))  # columns 40..63 padding
+    assert torch.equal(bf16_rows(p, torch.tensor([36, 0, 17])), wb[[36, 0, 17]])
     from codeshell.kernels.packing import panels_torch
     assert torch.equal(p.data, panels_torch(w))  # the native packer (when built) == the torch one
+    if available():  # the native row expansion (torch's bf16 matmul path) == bf16_rows
+        out = torch.empty(30, 40, dtype=torch.bfloat16)
+        _ext.get().rows_bf16(p.data, 37, 40, 5, 35, out)
+        assert torch.equal(out, wb[5:35])
 
 
 def test_nibble_layout_roundtrip_and_order():
@@ -307,14 +315,14 @@ def test_row_batched_temperature_draw_equals_one_row_at_a_time():
 
 @needs_native
 def test_large_bf16_prefill_in_panel_blocks_matches_reference(monkeypatch):
-    """Large bf16 weights run M > 64 as 64-row panel calls (the last one partial)."""
+    """Large bf16 weights with fp32 x run M > 64 as 64-row panel calls (the last one partial)."""
     import codeshell.kernels.ops as ops
     pw, bias = make("bf16", {}, 70, 256), torch.randn(70)
     x = torch.randn(150, 256)
     want = linear(x, pw, bias, impl="reference")
     monkeypatch.setattr(ops, "BF16_PANEL_PREFILL_MIN_WEIGHTS", 70 * 256)
     calls = []
-    real = ops._decode
-    monkeypatch.setattr(ops, "_decode", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    real = ops._compute
+    monkeypatch.setattr(ops, "_compute", lambda path, mod, x, *a: calls.append((path, x.shape[0])) or real(path, mod, x, *a))
     close(linear(x, pw, bias, impl="native"), want)
-    assert calls == [64, 64, 22]
+    assert calls == [("avx2:panel64", 150), ("avx2:panel", 64), ("avx2:panel", 64), ("avx2:panel", 22)]

@@ -9,8 +9,9 @@
 //                  can run on MKL's sgemm through torch.mm (see codeshell/kernels/ops.py).
 // bf16 weights (panels of 16 rows) live in panel_bf16.cpp, the int8-activation kernels for
 // int8/int4 weights in qdot.cpp, decode attention in attention.cpp; this file binds them all.
-// What this is not: a general GEMM, or anything for AVX-512/AMX (this project's CPU has
-// neither); there is no scalar-only build (the Python loader falls back to torch instead).
+// What this is not: a general GEMM; the AVX-512/AMX kernels live in per-ISA sections of
+// panel_bf16.cpp and qdot.cpp (isa.h); there is no scalar-only build (the Python loader falls
+// back to torch instead).
 //
 // Why hand-written: torch 2.13 on AVX2 runs bf16 F.linear through a path that re-reads
 // the weight per row of x (M=8 costs 8x M=1) and has no weight-only int4 path with
@@ -386,17 +387,23 @@ void dequant_int4(const torch::Tensor& q, const torch::Tensor& scale, const c10:
 
 // panel_bf16.cpp: bf16 weights in panels of 16 rows.
 torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                          const c10::optional<torch::Tensor>& bias);
-void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t n0, int64_t n1, torch::Tensor& out);
+                          const c10::optional<torch::Tensor>& bias, int64_t isa);
+torch::Tensor prefill_bf16_amx(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                               const c10::optional<torch::Tensor>& bias);
+void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
+void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
 torch::Tensor pack_bf16(const torch::Tensor& w);
+
+// isa.cpp
+py::dict cpu_features_dict();
 
 // qdot.cpp: int8-activation kernels for quantised weights.
 int64_t q8_block_int8(int64_t K);
 torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                              const c10::optional<torch::Tensor>& offset, int64_t G,
-                             const c10::optional<torch::Tensor>& bias);
+                             const c10::optional<torch::Tensor>& bias, int64_t isa);
 torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                             const c10::optional<torch::Tensor>& bias);
+                             const c10::optional<torch::Tensor>& bias, int64_t isa);
 
 // sampling.cpp
 int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u);
@@ -413,8 +420,12 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, 
 // interval (5 ms) to get it back from a busy event loop.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto kNoGil = py::call_guard<py::gil_scoped_release>();
-  m.doc() = "codeshell weight-only matmul kernels (AVX2+FMA)";
-  m.def("decode_bf16", &decode_bf16, kNoGil, "x fp32 [M,K] @ w bf16 panels [ceil(N/16),K,16]^T + bias -> fp32 [M,N]");
+  m.doc() = "codeshell weight-only matmul kernels (AVX2+FMA baseline; AVX-512 VNNI/BF16 and AMX sections)";
+  m.def("cpu_features", &cpu_features_dict, "cpuid/OS features and the highest usable ISA level (isa.h)");
+  m.def("decode_bf16", &decode_bf16, kNoGil,
+        "x [M,K] (fp32 for isa 0, bf16 for isa 2) @ w bf16 panels [ceil(N/16),Kp/2,32]^T + bias -> fp32 [M,N]");
+  m.def("prefill_bf16_amx", &prefill_bf16_amx, kNoGil, "AMX-BF16: x bf16 [M,K] @ panels^T + bias -> fp32 [M,N]");
+  m.def("rows_bf16", &rows_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> bf16 [R,K] row-major buffer");
   m.def("decode_int8", &decode_int8, kNoGil, "x fp32 [M,K] @ (q int8 [N,K] * scale[N])^T + bias");
   m.def("decode_int4", &decode_int4, kNoGil, "x fp32 [M,K] @ dequant(q4 [N,K/2], scale, offset, group)^T + bias");
   m.def("decode_int4_q8", &decode_int4_q8, kNoGil, "int4 weight x int8-quantised x (blocks = groups), small M");

@@ -1,20 +1,25 @@
-// bf16 weight-only matmul for M <= 64 (decode, short prefills) on AVX2+FMA, over the panel layout.
+// bf16 weight-only matmul over the panel layout, for each ISA level the CPU has.
 //
-// What this is: y[M, N] = x[M, K] @ W^T (+ bias) with x fp32 and W bfloat16 stored as
-// panels of 16 output rows: data [P = ceil(N/16), K, 16], padded with zero rows. Within the
-// 16 values of (panel p, k), position 2i holds row 16p+i and position 2i+1 holds row 16p+8+i,
-// so one 32-byte load gives rows 0..7 as fp32 with a shift (v << 16) and rows 8..15 with a
-// mask (v & 0xffff0000). Also `dequant_bf16`, which expands panels to an fp32 K-major block
-// for the prefill sgemm. See codeshell/kernels/packing.py for the reference.
-// What this is not: the int8/int4 kernels (kernels.cpp, qdot.cpp) or anything for large M
-// (ops.py splits larger M into 64-row calls for large weights, else dequant + sgemm).
-//
-// Why this layout: a classic outer-product micro-kernel (BLIS-style: broadcast x[m, k],
-// multiply a vector of 8 weights). Up to 6 rows of x by 16 weight rows keeps 12 accumulators
-// in registers, reads each weight once per tile from L1 and needs no horizontal sums. The
-// earlier row-major dot-product kernel re-read x from L2 for every pair of weight rows; at
-// M = 8..16 this one is 15-40% faster per core (benchmarks/bench_kernels.py), and the weight
-// streams from memory strictly in order, which the prefetchers like.
+// What this is: y[M, N] = x[M, K] @ W^T (+ bias) with W bfloat16 stored as panels of 16 output
+// rows in k-pairs: data [P = ceil(N/16), Kp/2, 32] with Kp = K rounded up to 32; for panel p and
+// k-pair j the 32 values are (row 16p+i, k = 2j+h) at position 2i+h (zero past N and past K).
+// That is at once
+//   * AMX-BF16's B-tile layout: 16 consecutive k-pairs of a panel are one 1 KiB tile (16 rows
+//     of 64 bytes: k-pair r holds the 16 columns' (k, k+1) pairs);
+//   * vdpbf16ps's operand: one 64-byte load is 16 lanes of (k, k+1) pairs, rows in lane order;
+//   * cheap for AVX2: a 32-byte load is rows i..i+7 as 32-bit (even k, odd k); even k in fp32 is
+//     v << 16, odd k is v & 0xffff0000.
+// Kernels, one source with a section per ISA (`Avx2` and, in the CODESHELL_BEGIN_AVX512 section,
+// `Bf16Dot` and the AMX tiles), chosen by ops.py (`plan`):
+//   * decode_bf16 (M <= 64), isa kAvx2: fp32 x, FMA outer product (broadcast x[m, k] times 16
+//     weights), 6 rows of x x 16 weight rows in registers, k-blocked so the panel chunk is
+//     re-read from L1 by every tile; for M <= 3 several panels at once (more read streams).
+//   * decode_bf16, isa kAvx512Bf16: bf16 x (the caller's activations are bf16 already: a bf16
+//     model), vdpbf16ps: one instruction does 16 rows x 2 k for one row of x.
+//   * prefill_bf16_amx (M >= 64 typically), isa kAmx: 2x2 tiles of 16x16 fp32 accumulators
+//     (32 rows of x x 32 weight rows), tdpbf16ps over 32 k per step.
+//   * dequant_bf16 / rows_bf16: expand rows for the fp32 sgemm and torch's bf16 matmul paths.
+// What this is not: the int8/int4 kernels (kernels.cpp, qdot.cpp) or a dispatcher.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -24,132 +29,210 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <type_traits>
+#include <vector>
 
+#include "isa.h"
 #include "parallel.h"
 
 namespace {
 
 constexpr int64_t kPanel = 16;
-constexpr int64_t kKBlock = 512;     // k range per pass: the panel chunk (16 KiB) stays in L1 across m-tiles
-constexpr int64_t kPrefetch = 128;   // k steps ahead (4 KiB) of software prefetch on the weight stream
-constexpr int64_t kMaxRows = 64;     // rows of x per call: c [64][16] fp32 is the per-thread buffer below
+constexpr int64_t kKAlign = 32;      // K padded to this (one AMX tile depth)
+constexpr int64_t kKBlock = 256;     // k-pairs per pass (16 KiB of panel): stays in L1 across m-tiles
+constexpr int64_t kPrefetch = 64;    // k-pairs ahead (4 KiB) of software prefetch on the weight stream
+constexpr int64_t kMaxRows = 64;     // rows of x per decode call: c [64][16] fp32 per-thread buffer
 
-inline void split16(const uint16_t* p, __m256& lo, __m256& hi) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xffff0000u))));
-}
+inline int64_t padded_k(int64_t K) { return (K + kKAlign - 1) / kKAlign * kKAlign; }
 
-// For NP consecutive panels q (weights w + q * pstride, results c + q * 256):
-// c[q][MR][16] (+)= xt[k][0..MR) (x transposed, row stride ldx) times panel[q][k][16], k in [k0, k1).
-// NP > 1 serves small M: each panel is its own sequential stream, and several streams per
-// thread keep more memory requests in flight and give the FMAs independent chains (M = 1,
-// 7B c_fc shape, 2 threads, a noisy shared machine: 5.7-6.8 ms, against 6.8-8.0 for the old
-// row-major kernel; the same trick on the int4/int8 rows of qdot.cpp measured no gain).
-template <int MR, int NP>
-inline void micro(const float* xt, int64_t ldx, const uint16_t* w, int64_t pstride, int64_t k0, int64_t k1,
-                  float* c, bool first) {
-  __m256 acc[NP][MR][2];
-  for (int q = 0; q < NP; ++q)
-    for (int i = 0; i < MR; ++i)
-      for (int h = 0; h < 2; ++h)
-        acc[q][i][h] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + q * kPanel * kPanel + i * kPanel + h * 8);
-  for (int64_t k = k0; k < k1; ++k) {
-    if constexpr (NP == 1) {  // 12 accumulators + 2 weight vectors: one broadcast register left
-      const uint16_t* wk = w + k * kPanel;
-      _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
-      __m256 lo, hi;
-      split16(wk, lo, hi);
-      for (int i = 0; i < MR; ++i) {
-        const __m256 xb = _mm256_broadcast_ss(xt + k * ldx + i);
-        acc[0][i][0] = _mm256_fmadd_ps(xb, lo, acc[0][i][0]);
-        acc[0][i][1] = _mm256_fmadd_ps(xb, hi, acc[0][i][1]);
-      }
-      continue;
-    }
-    __m256 xb[MR];  // reused by every panel
-    for (int i = 0; i < MR; ++i) xb[i] = _mm256_broadcast_ss(xt + k * ldx + i);
-    for (int q = 0; q < NP; ++q) {
-      const uint16_t* wk = w + q * pstride + k * kPanel;
-      _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
-      __m256 lo, hi;
-      split16(wk, lo, hi);
-      for (int i = 0; i < MR; ++i) {
-        acc[q][i][0] = _mm256_fmadd_ps(xb[i], lo, acc[q][i][0]);
-        acc[q][i][1] = _mm256_fmadd_ps(xb[i], hi, acc[q][i][1]);
+using Emit = std::function<void(int64_t, const float*)>;  // (panel, c [M][16] rows in order)
+
+// ---- AVX2 + FMA: fp32 x ------------------------------------------------------------------
+struct Avx2 {
+  static constexpr int kTileRows = 6;  // 12 accumulators + 2 weight vectors + a broadcast: 15 ymm
+  using X = float;                     // x transposed [Kp][M], padded with zero k rows
+  // c[q][MR][16] (+)= x[MR rows] . panel q over k-pairs [j0, j1); NP panels at w + q * pstride.
+  template <int MR, int NP>
+  static void micro(const float* xt, int64_t ldx, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
+                    float* c, bool first) {
+    const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
+    __m256 acc[NP][MR][2];
+    for (int q = 0; q < NP; ++q)
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h)
+          acc[q][i][h] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + q * kPanel * kPanel + i * kPanel + h * 8);
+    for (int64_t j = j0; j < j1; ++j) {
+      for (int q = 0; q < NP; ++q) {
+        const uint32_t* wk = w + q * pstride + j * kPanel;
+        _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
+        // even k then odd k: two passes keep 2 weight vectors live (15 ymm at MR = 6)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk));
+          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 8));
+          const __m256 w0 = _mm256_castsi256_ps(h ? _mm256_and_si256(v0, hi_mask) : _mm256_slli_epi32(v0, 16));
+          const __m256 w1 = _mm256_castsi256_ps(h ? _mm256_and_si256(v1, hi_mask) : _mm256_slli_epi32(v1, 16));
+          const float* xk = xt + (2 * j + h) * ldx;
+          for (int i = 0; i < MR; ++i) {
+            const __m256 xb = _mm256_broadcast_ss(xk + i);
+            acc[q][i][0] = _mm256_fmadd_ps(xb, w0, acc[q][i][0]);
+            acc[q][i][1] = _mm256_fmadd_ps(xb, w1, acc[q][i][1]);
+          }
+        }
       }
     }
+    for (int q = 0; q < NP; ++q)
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(c + q * kPanel * kPanel + i * kPanel + h * 8, acc[q][i][h]);
   }
-  for (int q = 0; q < NP; ++q)
-    for (int i = 0; i < MR; ++i)
-      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(c + q * kPanel * kPanel + i * kPanel + h * 8, acc[q][i][h]);
+  // xt[k][m] = x[m][k] (fp32), k-rows K..Kp-1 zero
+  static std::vector<float> prepare(const torch::Tensor& x, int64_t Kp) {
+    const int64_t M = x.size(0), K = x.size(1);
+    std::vector<float> xt(size_t(Kp) * M, 0.f);
+    const float* xp = x.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xt[k * M + m] = xp[m * K + k];
+    return xt;
+  }
+  static int64_t ld(int64_t M) { return M; }  // x row stride per k (Avx2) / per k-pair (Bf16Dot)
+};
+
+}  // namespace
+
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+
+// ---- AVX512-BF16: bf16 x, vdpbf16ps ------------------------------------------------------
+struct Bf16Dot {
+  static constexpr int kTileRows = 8;  // 2 panels x 8 rows = 16 zmm accumulators
+  using X = uint32_t;                  // x as bf16 pairs [Kp/2][M]: (x[m, 2j], x[m, 2j+1])
+  template <int MR, int NP>
+  static void micro(const uint32_t* xp, int64_t ldx, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
+                    float* c, bool first) {
+    // Two accumulator sets (even/odd k-pairs) at M = 1: one chain per panel would wait on
+    // vdpbf16ps's latency (5 cycles) with few panels in flight.
+    constexpr int C = MR == 1 ? 2 : 1;
+    __m512 acc[C][NP][MR];
+    for (int s = 0; s < C; ++s)
+      for (int q = 0; q < NP; ++q)
+        for (int i = 0; i < MR; ++i)
+          acc[s][q][i] = (first || s) ? _mm512_setzero_ps() : _mm512_loadu_ps(c + q * kPanel * kPanel + i * kPanel);
+    int64_t j = j0;
+    auto step = [&](int s, int64_t jj) {
+      for (int q = 0; q < NP; ++q) {
+        const uint32_t* wk = w + q * pstride + jj * kPanel;
+        _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(wk);
+        for (int i = 0; i < MR; ++i)
+          acc[s][q][i] = _mm512_dpbf16_ps(acc[s][q][i], (__m512bh)_mm512_set1_epi32(int(xp[jj * ldx + i])), wv);
+      }
+    };
+    if constexpr (C == 2)
+      for (; j + 2 <= j1; j += 2) {
+        step(0, j);
+        step(1, j + 1);
+      }
+    for (; j < j1; ++j) step(0, j);
+    for (int q = 0; q < NP; ++q)
+      for (int i = 0; i < MR; ++i) {
+        __m512 a = acc[0][q][i];
+        if constexpr (C == 2) a = _mm512_add_ps(a, acc[C - 1][q][i]);
+        _mm512_storeu_ps(c + q * kPanel * kPanel + i * kPanel, a);
+      }
+  }
+  // xp[j][m] = bf16 pair of x[m][2j], x[m][2j+1] (x is a bf16 tensor: no rounding here)
+  static std::vector<uint32_t> prepare(const torch::Tensor& x, int64_t Kp) {
+    const int64_t M = x.size(0), K = x.size(1), Kh = Kp / 2;
+    std::vector<uint32_t> xp(size_t(Kh) * M, 0u);
+    const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        auto* pair = reinterpret_cast<uint16_t*>(&xp[(k / 2) * M + m]);
+        pair[k & 1] = src[m * K + k];
+      }
+    return xp;
+  }
+  static int64_t ld(int64_t M) { return M; }
+};
+
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+namespace {
+
+// c[M][16] = x[M rows] @ panel^T over all k-pairs, m-tiles of up to Isa::kTileRows (the rest split so
+// no 1-row tile is left when it can be avoided), k-blocked so the panel chunk stays in L1.
+template <class Isa, int MR>
+void tile_call(const typename Isa::X* x, int64_t ldx, const uint32_t* w, int64_t j0, int64_t j1, float* c, bool first) {
+  Isa::template micro<MR, 1>(x, ldx, w, 0, j0, j1, c, first);
 }
 
-// c[M][16] = x[M, K] @ panel^T for 4 <= M <= 64: tiles of 6 rows (4/3/2 for the rest), k-blocked
-// so the panel chunk is re-read from L1 by every tile.
-void panel_product(const float* xt, int64_t M, int64_t K, const uint16_t* w, float* c) {
-  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
-    const int64_t k1 = std::min(K, k0 + kKBlock);
-    const bool first = k0 == 0;
+template <class Isa>
+void panel_product(const typename Isa::X* x, int64_t M, int64_t Kh, const uint32_t* w, float* c) {
+  constexpr int T = Isa::kTileRows;
+  for (int64_t j0 = 0; j0 < Kh; j0 += kKBlock) {
+    const int64_t j1 = std::min(Kh, j0 + kKBlock);
+    const bool first = j0 == 0;
     for (int64_t m = 0; m < M;) {
       const int64_t r = M - m;
-      const float* xm = xt + m;
+      const typename Isa::X* xm = x + m;
       float* cm = c + m * kPanel;
-      // 6-row tiles, splitting the rest so that no 1-row tile (2 FMA chains) is left
-      if (r >= 6 && r != 7 && r != 8) { micro<6, 1>(xm, M, w, 0, k0, k1, cm, first); m += 6; }
-      else if (r >= 4 && r != 5) { micro<4, 1>(xm, M, w, 0, k0, k1, cm, first); m += 4; }
-      else if (r >= 3) { micro<3, 1>(xm, M, w, 0, k0, k1, cm, first); m += 3; }
-      else if (r == 2) { micro<2, 1>(xm, M, w, 0, k0, k1, cm, first); m += 2; }
-      else { micro<1, 1>(xm, M, w, 0, k0, k1, cm, first); m += 1; }
+      int64_t take = r >= T + 2 || r == T ? T : (r > T ? (r + 1) / 2 : r);  // T+1 -> two halves
+      switch (take) {
+#define CODESHELL_TILE(R) \
+  case R:                 \
+    if constexpr (R <= T) tile_call<Isa, R>(xm, M, w, j0, j1, cm, first); \
+    break;
+        CODESHELL_TILE(1) CODESHELL_TILE(2) CODESHELL_TILE(3) CODESHELL_TILE(4)
+        CODESHELL_TILE(5) CODESHELL_TILE(6) CODESHELL_TILE(7) CODESHELL_TILE(8)
+#undef CODESHELL_TILE
+        default: TORCH_CHECK(false, "bad tile");
+      }
+      m += take;
     }
   }
 }
 
-// Panels [p0, p1) for M <= 3, NP at a time (the rest one at a time); c holds NP panels.
-template <int MR, int NP>
-void panels_small_m(const float* xt, int64_t K, const uint16_t* w, int64_t p0, int64_t p1, float* c,
-                    const std::function<void(int64_t, const float*)>& emit) {
-  const int64_t ps = K * kPanel;
+// Panels [p0, p1) for M <= 3: NP at a time (the rest one at a time); c holds NP panels.
+template <class Isa, int MR, int NP>
+void panels_small_m(const typename Isa::X* x, int64_t Kh, const uint32_t* w, int64_t p0, int64_t p1, float* c,
+                    const Emit& emit) {
+  const int64_t ps = Kh * kPanel;  // uint32 per panel
   int64_t p = p0;
   for (; p + NP <= p1; p += NP) {
-    micro<MR, NP>(xt, MR, w + p * ps, ps, 0, K, c, true);
+    Isa::template micro<MR, NP>(x, MR, w + p * ps, ps, 0, Kh, c, true);
     for (int q = 0; q < NP; ++q) emit(p + q, c + q * kPanel * kPanel);
   }
   for (; p < p1; ++p) {
-    micro<MR, 1>(xt, MR, w + p * ps, ps, 0, K, c, true);
+    Isa::template micro<MR, 1>(x, MR, w + p * ps, ps, 0, Kh, c, true);
     emit(p, c);
   }
 }
 
-void check_panels(const torch::Tensor& w, int64_t N) {
-  TORCH_CHECK(w.dim() == 3 && w.size(2) == kPanel && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(),
-              "bf16 weight must be contiguous bf16 panels [ceil(N/16), K, 16]");
+void check_panels(const torch::Tensor& w, int64_t N, int64_t K) {
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 2 * kPanel && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(),
+              "bf16 weight must be contiguous bf16 panels [ceil(N/16), Kp/2, 32]");
   TORCH_CHECK(N > 0 && (N + kPanel - 1) / kPanel == w.size(0), "N=", N, " does not match ", w.size(0), " panels");
+  TORCH_CHECK(w.size(1) * 2 == padded_k(K), "panels hold ", w.size(1) * 2, " k, expected K=", K,
+              " padded to ", padded_k(K));
 }
 
-}  // namespace
+const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+              "bias must be a contiguous fp32 tensor with ", N, " elements");
+  return bias->data_ptr<float>();
+}
 
-torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                          const c10::optional<torch::Tensor>& bias) {
-  check_panels(w, N);
-  const int64_t K = w.size(1), M = x.size(0), P = w.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
-              "x must be a contiguous fp32 [M, K] tensor with K=", K);
-  TORCH_CHECK(M >= 1 && M <= kMaxRows, "decode_bf16 takes 1..", kMaxRows, " rows of x, got ", M);
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
-                "bias must be a contiguous fp32 tensor with ", N, " elements");
-    b = bias->data_ptr<float>();
-  }
-  auto out = torch::empty({M, N}, x.options());
-  auto xt = x.t().contiguous();  // [K, M]: the m-tile's values for one k are adjacent
-  const float* xp = xt.data_ptr<float>();
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
+template <class Isa>
+void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_t Kp, const float* b, float* op) {
+  const int64_t M = x.size(0), Kh = Kp / 2, P = (N + kPanel - 1) / kPanel;
+  const auto xv = Isa::prepare(x, Kp);
+  const typename Isa::X* xp = xv.data();
   codeshell::parallel_chunks(P, 4, 4, [&](int64_t p0, int64_t p1) {
-    alignas(32) float c[kMaxRows * kPanel];  // also NP = 4 panels x 16 rows for M <= 3
-    auto emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias
+    alignas(64) float c[kMaxRows * kPanel];  // also NP = 4 panels x 16 rows for M <= 3
+    const Emit emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias
       const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
       for (int64_t m = 0; m < M; ++m) {
         float* o = op + m * N + n0;
@@ -160,65 +243,255 @@ torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_
           std::memcpy(o, cm, size_t(cols) * sizeof(float));
       }
     };
-    if (M == 1) panels_small_m<1, 4>(xp, K, wp, p0, p1, c, emit);
-    else if (M == 2) panels_small_m<2, 3>(xp, K, wp, p0, p1, c, emit);
-    else if (M == 3) panels_small_m<3, 2>(xp, K, wp, p0, p1, c, emit);
+    if (M == 1) panels_small_m<Isa, 1, 4>(xp, Kh, wp, p0, p1, c, emit);
+    else if (M == 2) panels_small_m<Isa, 2, 3>(xp, Kh, wp, p0, p1, c, emit);
+    else if (M == 3) panels_small_m<Isa, 3, 2>(xp, Kh, wp, p0, p1, c, emit);
     else
       for (int64_t p = p0; p < p1; ++p) {
-        panel_product(xp, M, K, wp + p * K * kPanel, c);
+        panel_product<Isa>(xp, M, Kh, wp + p * Kh * kPanel, c);
         emit(p, c);
       }
   });
-  return out;
 }
 
-// Rows [n0, n1) of the weight (n0 a multiple of 16) as fp32 into out, K-major: out[k * R + j]
-// = W[n0 + j, k] with R = n1 - n0, i.e. the block's transpose, which sgemm takes as is.
-void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t n0, int64_t n1, torch::Tensor& out) {
-  check_panels(w, N);
-  const int64_t K = w.size(1), R = n1 - n0;
-  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N && n0 % kPanel == 0, "bad row range [", n0, ", ", n1, ")");
-  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() >= R * K,
-              "out buffer too small");
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
-  const int64_t pa = n0 / kPanel, pb = (n1 + kPanel - 1) / kPanel;
-  at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
-    alignas(32) float tmp[kPanel];
-    for (int64_t k = k0; k < k1; ++k)
-      for (int64_t p = pa; p < pb; ++p) {
-        __m256 lo, hi;
-        split16(wp + (p * K + k) * kPanel, lo, hi);
-        float* o = op + k * R + (p - pa) * kPanel;
-        const int64_t cols = std::min(kPanel, n1 - p * kPanel);
-        if (cols == kPanel) {
-          _mm256_storeu_ps(o, lo);
-          _mm256_storeu_ps(o + 8, hi);
-        } else {
-          _mm256_store_ps(tmp, lo);
-          _mm256_store_ps(tmp + 8, hi);
-          std::memcpy(o, tmp, size_t(cols) * sizeof(float));
+}  // namespace
+
+// ---- AMX-BF16 prefill ------------------------------------------------------------------------
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+
+// Tile registers: tmm0..3 C (16 rows x 16 fp32), tmm4/5 A (16 rows of x x 32 bf16), tmm6/7 B
+// (16 k-pairs x 16 weight rows x 2). All 16 rows x 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// x bf16 [M, K] -> A tiles [Mt = ceil(M/16)][Kt = Kp/32][16][32] bf16 (zero padded), so each
+// A tile is 1 KiB contiguous.
+void pack_a(const uint16_t* x, int64_t M, int64_t K, int64_t Kp, uint16_t* a) {
+  const int64_t Mt = (M + 15) / 16, Kt = Kp / 32;
+  at::parallel_for(0, Mt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t mt = t0; mt < t1; ++mt)
+      for (int64_t kt = 0; kt < Kt; ++kt) {
+        uint16_t* tile = a + (mt * Kt + kt) * 512;
+        for (int64_t r = 0; r < 16; ++r) {
+          const int64_t m = mt * 16 + r, k0 = kt * 32;
+          uint16_t* dst = tile + r * 32;
+          if (m >= M) {
+            std::memset(dst, 0, 64);
+          } else if (k0 + 32 <= K) {
+            std::memcpy(dst, x + m * K + k0, 64);
+          } else {
+            std::memset(dst, 0, 64);
+            std::memcpy(dst, x + m * K + k0, size_t(K - k0) * 2);
+          }
         }
       }
   });
 }
 
-// The panel layout of a contiguous bf16 W [N, K] (what packing.prepack computes with torch ops,
-// ~10x slower: a 7B model spent ~20 s of its load there).
+// C tiles for rows [16*mt, 16*(mt+TM)) x panels [p, p+TN) over all Kt k-tiles into c
+// [TM*16][TN*16] (row stride TN*16 fp32).
+template <int TM, int TN>
+void amx_block(const uint16_t* a, int64_t mt, int64_t Kt, const uint16_t* w, int64_t p, int64_t Kh, float* c) {
+  const uint16_t* a0 = a + mt * Kt * 512;
+  const uint16_t* a1 = a0 + Kt * 512;
+  const uint16_t* b0 = w + p * Kh * 32;  // panel p: Kh k-pairs x 32 bf16; k-tile kt at kt * 512
+  const uint16_t* b1 = b0 + Kh * 32;
+  _tile_zero(0);
+  if constexpr (TN == 2) _tile_zero(1);
+  if constexpr (TM == 2) _tile_zero(2);
+  if constexpr (TM == 2 && TN == 2) _tile_zero(3);
+  for (int64_t kt = 0; kt < Kt; ++kt) {
+    _tile_loadd(4, a0 + kt * 512, 64);
+    _tile_loadd(6, b0 + kt * 512, 64);
+    if constexpr (TN == 2) _tile_loadd(7, b1 + kt * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (TN == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (TM == 2) {
+      _tile_loadd(5, a1 + kt * 512, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (TN == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  const int64_t ldc = TN * 16 * 4;  // bytes
+  _tile_stored(0, c, ldc);
+  if constexpr (TN == 2) _tile_stored(1, c + 16, ldc);
+  if constexpr (TM == 2) _tile_stored(2, c + 16 * TN * 16, ldc);
+  if constexpr (TM == 2 && TN == 2) _tile_stored(3, c + 16 * TN * 16 + 16, ldc);
+}
+
+void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
+                 float* out) {
+  const int64_t Kp = padded_k(K), Kh = Kp / 2, Kt = Kp / 32, Mt = (M + 15) / 16, P = (N + kPanel - 1) / kPanel;
+  std::vector<uint16_t> a(size_t(Mt) * Kt * 512);
+  pack_a(xb, M, K, Kp, a.data());
+  __asm__ volatile("" ::: "memory");  // the tile loads below are asm without memory operands
+  // Panels per work item: their B tiles (Kp * 32 bytes each) stay in L2 (~1 MiB) while every
+  // 32-row block of x streams past them; each A block is reused by all panel pairs of the item.
+  const int64_t nb = std::max<int64_t>(2, std::min<int64_t>(8, ((int64_t(1) << 20) / (Kp * 32)) / 2 * 2));
+  const int64_t items = (P + nb - 1) / nb;
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    amx_configure();
+    alignas(64) float c[32 * 32];
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t pa = it * nb, pb = std::min(P, pa + nb);
+      for (int64_t mt = 0; mt < Mt; mt += 2) {
+        const int tm = Mt - mt >= 2 ? 2 : 1;
+        for (int64_t p = pa; p < pb; p += 2) {
+          const int tn = pb - p >= 2 ? 2 : 1;
+          if (tm == 2 && tn == 2) amx_block<2, 2>(a.data(), mt, Kt, w, p, Kh, c);
+          else if (tm == 2) amx_block<2, 1>(a.data(), mt, Kt, w, p, Kh, c);
+          else if (tn == 2) amx_block<1, 2>(a.data(), mt, Kt, w, p, Kh, c);
+          else amx_block<1, 1>(a.data(), mt, Kt, w, p, Kh, c);
+          __asm__ volatile("" ::: "memory");  // c was written by tile stores (asm)
+          const int64_t ldc = tn * 16, n0 = p * kPanel, cols = std::min<int64_t>(tn * 16, N - n0);
+          for (int64_t r = 0; r < tm * 16 && mt * 16 + r < M; ++r) {
+            float* o = out + (mt * 16 + r) * N + n0;
+            const float* cr = c + r * ldc;
+            if (bias)
+              for (int64_t j = 0; j < cols; ++j) o[j] = cr[j] + bias[n0 + j];
+            else
+              std::memcpy(o, cr, size_t(cols) * sizeof(float));
+          }
+        }
+      }
+    }
+    _tile_release();  // AMX state off: cheaper context switches for this thread
+  });
+}
+
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+// x [M, K] (fp32 for isa kAvx2, bf16 for kAvx512Bf16) @ panels^T + bias -> fp32 [M, N], M <= 64.
+torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                          const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  const int64_t M = x.size(0), K = x.size(1);
+  check_panels(w, N, K);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "decode_bf16 takes 1..", kMaxRows, " rows of x, got ", M);
+  const float* b = bias_ptr(bias, N);
+  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  const auto* wp = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
+  float* op = out.data_ptr<float>();
+  if (isa == codeshell::kAvx2) {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "the AVX2 bf16 kernel takes fp32 x");
+    decode_panels<Avx2>(x, wp, N, padded_k(K), b, op);
+    return out;
+  }
+  TORCH_CHECK(isa == codeshell::kAvx512Bf16, "decode_bf16: isa must be avx2 (0) or avx512_bf16 (2), got ", isa);
+  codeshell::check_isa(isa);
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "the AVX512-BF16 kernel takes bf16 x");
+#if CODESHELL_HAVE_AVX512
+  decode_panels<Bf16Dot>(x, wp, N, padded_k(K), b, op);
+#endif
+  return out;
+}
+
+// AMX-BF16: bf16 x [M, K] @ panels^T + bias -> fp32 [M, N], any M.
+torch::Tensor prefill_bf16_amx(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                               const c10::optional<torch::Tensor>& bias) {
+  codeshell::check_isa(codeshell::kAmx);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
+              "x must be a contiguous bf16 [M, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_panels(w, N, K);
+  const float* b = bias_ptr(bias, N);
+  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+#if CODESHELL_HAVE_AVX512
+  prefill_amx(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
+              reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), N, b, out.data_ptr<float>());
+#endif
+  return out;
+}
+
+// Rows [n0, n1) of the weight (n0 a multiple of 16) as fp32 into out, K-major: out[k * R + j]
+// = W[n0 + j, k] with R = n1 - n0, i.e. the block's transpose, which sgemm takes as is.
+void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out) {
+  check_panels(w, N, K);
+  const int64_t R = n1 - n0, Kh = w.size(1);
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N && n0 % kPanel == 0, "bad row range [", n0, ", ", n1, ")");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() >= R * K,
+              "out buffer too small");
+  const auto* wp = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
+  float* op = out.data_ptr<float>();
+  const int64_t pa = n0 / kPanel, pb = (n1 + kPanel - 1) / kPanel;
+  const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
+  at::parallel_for(0, (K + 1) / 2, 128, [&](int64_t j0, int64_t j1) {
+    alignas(32) float tmp[kPanel];
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t p = pa; p < pb; ++p) {
+        const uint32_t* src = wp + (p * Kh + j) * kPanel;
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 8));
+        const int64_t cols = std::min(kPanel, n1 - p * kPanel);
+        for (int h = 0; h < 2 && 2 * j + h < K; ++h) {
+          const __m256 lo = _mm256_castsi256_ps(h ? _mm256_and_si256(v0, hi_mask) : _mm256_slli_epi32(v0, 16));
+          const __m256 hi = _mm256_castsi256_ps(h ? _mm256_and_si256(v1, hi_mask) : _mm256_slli_epi32(v1, 16));
+          float* o = op + (2 * j + h) * R + (p - pa) * kPanel;
+          if (cols == kPanel) {
+            _mm256_storeu_ps(o, lo);
+            _mm256_storeu_ps(o + 8, hi);
+          } else {
+            _mm256_store_ps(tmp, lo);
+            _mm256_store_ps(tmp + 8, hi);
+            std::memcpy(o, tmp, size_t(cols) * sizeof(float));
+          }
+        }
+      }
+  });
+}
+
+// Rows [n0, n1) of the weight as a row-major bf16 [R, K] tensor (for torch's bf16 matmul and
+// embedding lookups by rows): a transpose of 32-bit k-pairs.
+void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out) {
+  check_panels(w, N, K);
+  const int64_t R = n1 - n0, Kh = w.size(1);
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, "bad row range [", n0, ", ", n1, ")");
+  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.numel() >= R * K,
+              "out buffer must be contiguous bf16 with >= ", R * K, " elements");
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n) {
+      const uint16_t* src = wp + (n / kPanel) * Kh * 32 + (n % kPanel) * 2;
+      uint16_t* dst = op + (n - n0) * K;
+      int64_t j = 0;
+      for (; 2 * j + 1 < K; ++j) std::memcpy(dst + 2 * j, src + j * 32, 4);
+      if (K & 1) dst[K - 1] = src[j * 32];
+    }
+  });
+}
+
+// The panel layout of a contiguous bf16 W [N, K] (what packing.panels_torch computes with torch
+// ops, ~10x slower: a 7B model spent ~20 s of its load there).
 torch::Tensor pack_bf16(const torch::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(),
               "weight must be a contiguous bf16 [N, K] tensor");
-  const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / kPanel;
-  auto out = torch::empty({P, K, kPanel}, w.options());
-  if (N % kPanel) out[P - 1].zero_();  // the padding rows of the last panel
+  const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / kPanel, Kh = padded_k(K) / 2;
+  auto out = torch::zeros({P, Kh, 2 * kPanel}, w.options());
   const auto* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t r = 0; r < kPanel && p * kPanel + r < N; ++r) {
         const uint16_t* row = src + (p * kPanel + r) * K;
-        uint16_t* o = dst + p * K * kPanel + (r < 8 ? 2 * r : 2 * (r - 8) + 1);
-        for (int64_t k = 0; k < K; ++k) o[k * kPanel] = row[k];
+        uint16_t* o = dst + p * Kh * 32 + 2 * r;
+        for (int64_t k = 0; k < K; ++k) o[(k / 2) * 32 + (k & 1)] = row[k];
       }
   });
   return out;

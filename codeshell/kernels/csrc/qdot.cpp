@@ -1,4 +1,5 @@
-// Integer-dot decode kernels: int4 / int8 weights times int8-quantised activations (AVX2).
+// Integer-dot decode kernels: int4 / int8 weights times int8-quantised activations (AVX2, and
+// AVX512-VNNI in its own section below: isa.h).
 //
 // What this is: y[M,N] = x[M,K] @ W^T (+ bias) for small M (decode, batched decode) where x is
 // first quantised to int8 in blocks along K (one fp32 scale per block, round-half-even, the
@@ -18,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "isa.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -39,15 +41,17 @@ constexpr int64_t kPrefetch = CODESHELL_PREFETCH;
 
 // x fp32 [M, K] -> xq int8 [M, K], dx [M, K/B] (block scale), xs [M, K/B] (dx * sum of xq).
 // Block b: amax = max |x|, dx = amax / 127, xq = round_half_even(x * (127 / amax)).
-// permute64: within each run of 64, store [x0..15 x32..47 | x16..31 x48..63] so that a
+// perm = 64: within each run of 64, store [x0..15 x32..47 | x16..31 x48..63] so that a
 // 32-byte load of packed int4 (low nibbles = k0..15 | k32..47) lines up with one x load.
-void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, bool permute64, int8_t* xq, float* dx,
+// perm = 128 (the 512-bit kernels): within each run of 128, the 64 x of the low nibbles of a
+// 64-byte load (k0+32r+t, r = 0..3, t = 0..15), then the 64 of the high nibbles (k0+32r+16+t).
+void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, int perm, int8_t* xq, float* dx,
                 float* xs) {
   const int64_t nb = K / B;
-  std::vector<int8_t> tmp(permute64 ? K : 0);
+  std::vector<int8_t> tmp(perm ? K : 0);
   for (int64_t m = 0; m < M; ++m) {
     const float* r = x + m * K;
-    int8_t* o = permute64 ? tmp.data() : xq + m * K;
+    int8_t* o = perm ? tmp.data() : xq + m * K;
     for (int64_t b = 0; b < nb; ++b) {
       float amax = 0.f;
       for (int64_t k = b * B; k < (b + 1) * B; ++k) amax = std::max(amax, std::fabs(r[k]));
@@ -61,7 +65,14 @@ void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, bool permute64,
       dx[m * nb + b] = d;
       xs[m * nb + b] = d * float(s);
     }
-    if (permute64) {
+    if (perm == 128) {
+      int8_t* dst = xq + m * K;
+      for (int64_t k = 0; k < K; k += 128)
+        for (int i = 0; i < 64; ++i) {
+          dst[k + i] = o[k + 32 * (i / 16) + i % 16];
+          dst[k + 64 + i] = o[k + 32 * (i / 16) + 16 + i % 16];
+        }
+    } else if (perm == 64) {
       int8_t* dst = xq + m * K;
       for (int64_t k = 0; k < K; k += 64)
         for (int t = 0; t < 16; ++t) {
@@ -268,6 +279,121 @@ void range_q8(const int8_t* xq, const float* dx, int64_t M, int64_t K, int64_t B
 
 }  // namespace
 
+// ---- AVX512-VNNI (512-bit vpdpbusd): the same integer dots, 4 bytes per int32 lane ------------
+// vpdpbusd multiplies 64 unsigned x signed byte pairs and adds each 4 into an int32 lane: no
+// int16 stage (so no saturation bound), one instruction where AVX2 needs maddubs + madd + add.
+// Needs K % 128 == 0 (ops.plan checks): a 64-byte int4 load covers 128 weights.
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+
+// int4: x permuted in runs of 128 (quantize_x perm = 128). G >= 128: int32 sums of a whole group
+// stay in registers and are scaled once; G = 32 / 64: each 128-run holds 4 / 2 groups, lane L of
+// the int32 sums belongs to run L / 4, scaled per run by a lane vector (gidx maps lane -> group).
+template <int MB, bool OFFS>
+inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
+                     const float* sc, const float* of, int64_t G, __m512i gidx, float* out, int64_t ldo) {
+  const int64_t ng = K / G;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  if (G >= 128) {
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512i a[MB][2];  // two chains: lo and hi nibbles
+      for (int i = 0; i < MB; ++i) a[i][0] = a[i][1] = _mm512_setzero_si512();
+      for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(q + k / 2);
+        const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+        for (int i = 0; i < MB; ++i) {
+          const int8_t* xr = xq + i * K + k;
+          a[i][0] = _mm512_dpbusd_epi32(a[i][0], lo, _mm512_loadu_si512(xr));
+          a[i][1] = _mm512_dpbusd_epi32(a[i][1], hi, _mm512_loadu_si512(xr + 64));
+        }
+      }
+      for (int i = 0; i < MB; ++i)
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[i][0], a[i][1])),
+                                 _mm512_set1_ps(sc[g] * dx[i * ng + g]), acc[i]);
+    }
+  } else {
+    const __mmask8 gm = __mmask8((1u << (128 / G)) - 1);  // groups per 128-run
+    for (int64_t k = 0; k < K; k += 128) {
+      const int64_t g = k / G;
+      _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(q + k / 2);
+      const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      const __m128 sw = _mm_maskz_loadu_ps(gm, sc + g);
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xr = xq + i * K + k;
+        const __m512i a = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr)), hi, _mm512_loadu_si512(xr + 64));
+        const __m128 sd = _mm_mul_ps(sw, _mm_maskz_loadu_ps(gm, dx + i * ng + g));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_permutexvar_ps(gidx, _mm512_castps128_ps512(sd)), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
+}
+
+template <bool OFFS>
+void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+             const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t ng = K / G, ldq = K / 2;
+  alignas(64) int32_t lane_group[16];
+  for (int L = 0; L < 16; ++L) lane_group[L] = int32_t((L / 4) * 32 / std::min<int64_t>(G, 128));
+  const __m512i gidx = _mm512_loadu_si512(lane_group);
+  for (int64_t n = n0; n < n1; ++n)  // one weight row per tile (as the AVX2 kernel: measured best)
+    for_x_tiles(M, [&](auto mb, int64_t m) {
+      tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,
+                                          OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N);
+    });
+}
+
+// int8: vpdpbusd wants one unsigned operand and AVX-512 has no vpsignb, so the weight is
+// offset to unsigned, u = w + 128 (w ^ 0x80), and the offset taken back once per row of x:
+// sum_k w x = sum_k u x - 128 sum_k x, with sum_k x = sum_b xs_b / d_b ... per block b:
+// d_b * sum_{k in b} w xq = d_b * (sum u xq) - 128 * xs_b   (xs_b = d_b * sum xq_b).
+template <int MB>
+inline void tile_q8v(const int8_t* xq, int64_t K, const float* dx, const float* corr, const int8_t* w, float* out,
+                     int64_t ldo) {
+  const int64_t nb = K / 128;
+  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i a[MB][2];
+    for (int i = 0; i < MB; ++i) a[i][0] = a[i][1] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = b * 128 + 64 * h;
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
+      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w + k), s80);
+      for (int i = 0; i < MB; ++i) a[i][h] = _mm512_dpbusd_epi32(a[i][h], u, _mm512_loadu_si512(xq + i * K + k));
+    }
+    for (int i = 0; i < MB; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[i][0], a[i][1])), _mm512_set1_ps(dx[i * nb + b]),
+                               acc[i]);
+  }
+  for (int i = 0; i < MB; ++i) out[i * ldo] = _mm512_reduce_add_ps(acc[i]) - corr[i];
+}
+
+void run_q8v(const int8_t* xq, const float* dx, const float* corr, int64_t M, int64_t K, const int8_t* w, float* out,
+             int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / 128;
+  for (int64_t n = n0; n < n1; ++n)
+    for_x_tiles(M, [&](auto mb, int64_t m) {
+      tile_q8v<decltype(mb)::value>(xq + m * K, K, dx + m * nb, corr + m, w + n * K, out + m * N + n, N);
+    });
+}
+
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+namespace {
+bool use_vnni(int64_t isa, int64_t K) { return CODESHELL_HAVE_AVX512 && isa >= codeshell::kAvx512Vnni && K % 128 == 0; }
+}  // namespace
+
 // Block size along K for the activation quantisation of int8 weights: 128 when it divides K.
 int64_t q8_block_int8(int64_t K) {
   for (int64_t b : {128, 64, 32})
@@ -277,7 +403,8 @@ int64_t q8_block_int8(int64_t K) {
 
 torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                              const c10::optional<torch::Tensor>& offset, int64_t G,
-                             const c10::optional<torch::Tensor>& bias) {
+                             const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  codeshell::check_isa(isa);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous fp32 [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
@@ -298,13 +425,22 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   int8_t* xqp = xq.data_ptr<int8_t>();
   float* dx = dxs.data_ptr<float>();
   float* xs = dx + M * ng;
-  quantize_x(x.data_ptr<float>(), M, K, G, /*permute64=*/true, xqp, dx, xs);
+  const bool vnni = use_vnni(isa, K);
+  quantize_x(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, xqp, dx, xs);
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
+#if CODESHELL_HAVE_AVX512
+    if (vnni) {
+      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
+      add_bias(b, op, M, N, n0, n1);
+      return;
+    }
+#endif
     if (G == 32) {
       if (ofp) run_q4<true, true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
       else run_q4<false, true>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
@@ -318,7 +454,8 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
 }
 
 torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                             const c10::optional<torch::Tensor>& bias) {
+                             const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  codeshell::check_isa(isa);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous fp32 [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
@@ -334,15 +471,23 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
   auto dxs = torch::empty({2, M, nb}, x.options());
   int8_t* xqp = xq.data_ptr<int8_t>();
   float* dx = dxs.data_ptr<float>();
-  quantize_x(x.data_ptr<float>(), M, K, B, /*permute64=*/false, xqp, dx, dx + M * nb);
+  quantize_x(x.data_ptr<float>(), M, K, B, /*perm=*/0, xqp, dx, dx + M * nb);
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const int8_t* wp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
+  const bool vnni = use_vnni(isa, K);  // then B == 128
+  std::vector<float> corr(M, 0.f);  // per row of x: 128 * sum_b xs_b (the vnni kernel's u = w + 128 offset)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t bb = 0; bb < nb; ++bb) corr[m] += 128.f * dx[M * nb + m * nb + bb];
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
     // One weight row per tile at every M: measured best (c_fc, M = 4: 5.1 ms vs 5.8 with 2
     // rows, 6.4 with 4; M = 8: 8.8 vs 9.2 / 10.7).
-    range_q8<1>(xqp, dx, M, K, B, wp, op, N, n0, n1);
+#if CODESHELL_HAVE_AVX512
+    if (vnni) run_q8v(xqp, dx, corr.data(), M, K, wp, op, N, n0, n1);
+    else
+#endif
+      range_q8<1>(xqp, dx, M, K, B, wp, op, N, n0, n1);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = n0; j < n1; ++j) op[m * N + j] = op[m * N + j] * sp[j] + (b ? b[j] : 0.f);
   });

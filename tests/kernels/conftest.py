@@ -1,0 +1,20 @@
+"""Kernel tests: at the end of the session, name the CPU features and the kernel paths (ISA)
+that actually ran, so a test log says which instruction sets were checked on this machine."""
+
+from __future__ import annotations
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from codeshell.kernels import _ext, ops
+    if "mod" not in _ext._state:  # nothing built or asked for in this session
+        return
+    tr = terminalreporter
+    tr.section("codeshell.kernels: ISA paths run")
+    feats = _ext.features()
+    if feats.get("max_isa", -1) < 0:
+        tr.write_line(f"native kernels unavailable ({_ext.unavailable_reason()}): torch fallback only")
+        return
+    flags = [k for k, v in feats.items() if v is True]
+    tr.write_line(f"cpu features: {' '.join(flags)}; highest kernel ISA: {ops.ISA_LEVELS[feats['max_isa']]}")
+    for (kind, path), calls in sorted(ops.PATHS_RUN.items()):
+        tr.write_line(f"  {kind:5} {path:22} {calls:6d} calls")

@@ -1,0 +1,136 @@
+"""Every kernel path this CPU has (AVX2, AVX512-VNNI, AVX512-BF16, AMX, torch's oneDNN bf16)
+against the fp32 reference on the dequantised weight, at edge shapes; and the dispatch: what
+`plan` picks per ISA level, and that CODESHELL_KERNEL_ISA caps it so the lower paths run here.
+
+The paths are called by name (`ops._compute`), so each is checked whatever `plan` would pick;
+the session summary (conftest.py) lists the paths that ran. Paths above this CPU's level are
+skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codeshell.kernels import _ext, available, linear, ops, prepack, quantize_int4, quantize_int8
+from codeshell.kernels.packing import activation_block
+
+needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
+LEVEL = ops.isa_level() if available() else -1
+MS = [1, 2, 3, 4, 15, 16, 17, 63, 64, 65, 512]
+
+# (path, minimum ISA level, x dtype, largest M it takes)
+PATHS = {
+    "bf16": [("avx2:panel", 0, torch.float32, 64), ("avx2:panel64", 0, torch.float32, None),
+             ("sgemm:fp32", 0, torch.float32, None), ("avx512_bf16:panel", 2, torch.bfloat16, 64),
+             ("avx512_bf16:panel64", 2, torch.bfloat16, None), ("amx:bf16", 3, torch.bfloat16, None),
+             ("onednn:bf16", 2, torch.bfloat16, None)],
+    "int8": [("avx2:q8", 0, torch.float32, None), ("avx2:unpack", 0, torch.float32, None),
+             ("sgemm:fp32", 0, torch.float32, None), ("avx512_vnni:q8", 1, torch.float32, None)],
+    "int4": [("avx2:q8", 0, torch.float32, None), ("avx2:unpack", 0, torch.float32, None),
+             ("sgemm:fp32", 0, torch.float32, None), ("avx512_vnni:q8", 1, torch.float32, None)],
+}
+# (kind, quantiser args, N, K): N not a multiple of 16 / 32; K not a multiple of the AMX depth
+# (32) for bf16, and K % 128 == 0 where the 512-bit integer kernels need it.
+WEIGHTS = [("bf16", {}, 37, 100), ("bf16", {}, 50, 384), ("int8", {}, 35, 384),
+           ("int4", {"group_size": 32, "symmetric": True}, 35, 384),
+           ("int4", {"group_size": 64, "symmetric": False}, 19, 256),
+           ("int4", {"group_size": 128, "symmetric": False}, 21, 256),
+           ("int4", {"group_size": 256, "symmetric": True}, 17, 512)]
+
+
+def _weight(kind, args, n, k):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k))
+    return prepack(w) if kind == "bf16" else quantize_int8(w) if kind == "int8" else quantize_int4(w, **args)
+
+
+def _cases():
+    for kind, args, n, k in WEIGHTS:
+        for path, lvl, dtype, max_m in PATHS[kind]:
+            if path.endswith(":q8") and activation_block(_weight(kind, args, n, k)) is None:
+                continue
+            yield pytest.param(kind, args, n, k, path, lvl, dtype, max_m,
+                               id=f"{path}-{kind}-{n}x{k}-{'-'.join(f'{v}' for v in args.values())}")
+
+
+@needs_native
+@pytest.mark.parametrize("kind,args,n,k,path,lvl,dtype,max_m", list(_cases()))
+def test_path_matches_reference(kind, args, n, k, path, lvl, dtype, max_m, record_property):
+    if LEVEL < lvl:
+        pytest.skip(f"{path} needs {ops.ISA_LEVELS[lvl]}; this CPU's highest kernel ISA is {ops.ISA_LEVELS[LEVEL]}")
+    record_property("isa_path", path)
+    pw = _weight(kind, args, n, k)
+    bias = torch.randn(n)
+    mod = _ext.get()
+    gen = torch.Generator().manual_seed(1)
+    for m in MS:
+        if max_m is not None and m > max_m:
+            continue
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        y = ops._compute(path, mod, x, pw, bias)
+        ref = ops.reference(x, pw, bias, path)
+        # fp32 accumulation in another order: 2e-5 of the largest output; torch's bf16 matmul
+        # rounds its output to bf16 (2^-8 relative).
+        rel = 1e-2 if y.dtype == torch.bfloat16 else 2e-5
+        err = (y.float() - ref).abs().max().item()
+        assert err <= rel * ref.abs().max().item(), f"{path} M={m}: max abs err {err:.3g}"
+
+
+@needs_native
+def test_dispatch_table_and_isa_cap(monkeypatch, record_property):
+    """plan() per level: the highest path this CPU has, and each lower one under the cap."""
+    monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
+    b16, i8, i4 = _weight("bf16", {}, 50, 384), _weight("int8", {}, 35, 384), _weight("int4", {"group_size": 128}, 21, 256)
+    want = {  # level -> (bf16 x bf16 decode, int8 decode, int4 decode, bf16 x fp32 decode)
+        "avx2": ("avx2:panel", "avx2:q8", "avx2:q8", "avx2:panel"),
+        "avx512_vnni": ("avx2:panel", "avx512_vnni:q8", "avx512_vnni:q8", "avx2:panel"),
+        "avx512_bf16": ("avx512_bf16:panel", "avx512_vnni:q8", "avx512_vnni:q8", "avx2:panel"),
+        "amx": ("avx512_bf16:panel", "avx512_vnni:q8", "avx512_vnni:q8", "avx2:panel"),
+    }
+    table = {}
+    for lvl, name in enumerate(ops.ISA_LEVELS):
+        if lvl > LEVEL:
+            break
+        monkeypatch.setenv("CODESHELL_KERNEL_ISA", name)
+        assert ops.isa_level() == lvl
+        got = (ops.plan(b16, 8, torch.bfloat16), ops.plan(i8, 8), ops.plan(i4, 1), ops.plan(b16, 8, torch.float32))
+        assert got == want[name], name
+        table[name] = got + (ops.plan(b16, 512, torch.bfloat16),)
+        x = torch.randn(3, 384).bfloat16()
+        torch.testing.assert_close(linear(x, b16, impl="native"), linear(x, b16, impl="reference"), rtol=1e-2, atol=1e-2)
+    record_property("dispatch_table", repr(table))
+    print("dispatch per ISA cap:", table)
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx1024")
+    with pytest.raises(ValueError, match="CODESHELL_KERNEL_ISA"):
+        ops.isa_level()
+
+
+@needs_native
+def test_prefill_choice_is_measured_once_and_cached(monkeypatch):
+    """With two candidates (our bf16 kernel and torch's bf16 matmul) the first call of a shape
+    measures both; later calls reuse the choice."""
+    monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
+    pw = _weight("bf16", {}, 50, 384)
+    cands = ops.prefill_candidates(pw, torch.bfloat16, LEVEL)
+    if len(cands) < 2:
+        pytest.skip(f"one prefill candidate at {ops.ISA_LEVELS[LEVEL]}: {cands}")
+    key = ("bf16", 50, 384, 128, ops.ISA_LEVELS[LEVEL])
+    ops._CHOICES.pop(key, None)
+    before = sum(ops.PATHS_RUN[("bf16", c)] for c in cands)
+    x = torch.randn(100, 384).bfloat16()
+    y = linear(x, pw, impl="native")
+    assert set(ops.CHOICE_TIMES[key]) == set(cands) and ops._CHOICES[key] in cands
+    after = sum(ops.PATHS_RUN[("bf16", c)] for c in cands)
+    assert after - before == 3 * len(cands) + 1  # warm-up + 2 timed each, then the call itself
+    linear(x, pw, impl="native")
+    assert sum(ops.PATHS_RUN[("bf16", c)] for c in cands) == after + 1
+    torch.testing.assert_close(y, linear(x, pw, impl="reference"), rtol=1e-2, atol=1e-2)
+
+
+def test_features_name_the_isa():
+    feats = _ext.features()
+    assert "max_isa" in feats
+    if available():
+        assert feats["avx2"] and feats["fma"] and 0 <= feats["max_isa"] < len(ops.ISA_LEVELS)
+        if feats["max_isa"] >= 3:
+            assert feats["amx_permitted"]

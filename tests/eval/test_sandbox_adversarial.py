@@ -201,7 +201,8 @@ def attack():
 def test_write_outside_its_folder(box, tmp_path):
     targets = [str(REPO / f"escape-{secrets.token_hex(4)}"), f"/etc/escape-{secrets.token_hex(4)}",
                f"/usr/escape-{secrets.token_hex(4)}", f"/dev/shm/escape-{secrets.token_hex(4)}",
-               str(tmp_path / "escape"), os.path.expanduser(f"~/escape-{secrets.token_hex(4)}")]
+               str(tmp_path / "escape"), os.path.expanduser(f"~/escape-{secrets.token_hex(4)}"),
+               f"/escape-{secrets.token_hex(4)}", f"/dev/escape-{secrets.token_hex(4)}"]
     out = attack(box, f'''
 def attack():
     wrote = []

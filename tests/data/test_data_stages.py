@@ -218,6 +218,57 @@ def test_pii_redacts_planted_secrets(corpus, corpus_docs):
     assert out[0]["size"] == len(t.encode())
 
 
+# (file path, text, what must go, what must stay): the cases the first version missed or mislabeled.
+PII_PLANTED = [
+    ("db/conn.go", 'func open() {\n\tdbPassword := "hunter22"\n\tdb.Open(dbPassword)\n}\n', ["hunter22"],
+     ["db.Open(dbPassword)"]),
+    ("deploy/values.yaml", "db:\n  user: app\n  password: hunter22\n  passwordFile: /run/pw\n", ["hunter22"],
+     ["user: app", "passwordFile: /run/pw"]),
+    ("service/.env", "DB_HOST=10.0.0.5\nDB_PASSWORD=correcthorse\nexport API_TOKEN=q8Zr2LmX0pT7wVb4\n",
+     ["correcthorse", "q8Zr2LmX0pT7wVb4"], ["DB_HOST=10.0.0.5"]),
+    ("app/settings.py", 'password = "hunter22"\nADMIN_PASSWORD = "letmeinplease"\n', ["hunter22", "letmeinplease"],
+     []),
+    ("app/db.py", 'URL = "postgres://admin:pw@db.corp-mail.com:5432/app"\n', ["admin:pw@"],
+     ["postgres://admin:<PASSWORD>@db.corp-mail.com"]),
+    ("setup.py", '__version__ = "1.2.3.4"\nREQUIRES = ["lib==2.3.4.5"]\n', [], ['"1.2.3.4"', "lib==2.3.4.5"]),
+    # things that look like secrets and are not: left alone
+    ("app/forms.py", 'PASSWORD_FIELD = "password"\npassword_env = "DB_PASSWORD"\ntoken_header = "Authorization"\n'
+     'tokenizer = "bigcode/starcoder2-15b"\npassword = os.environ["DB_PASSWORD"]\nsecret = get_secret()\n', [],
+     ['"password"', '"DB_PASSWORD"', '"Authorization"', "starcoder2-15b", "get_secret()"]),
+    ("app/run.py", "password = hunter22_variable\n", [], ["hunter22_variable"]),  # code: a name, not a value
+    ("ops/secrets.yaml", "password: ${DB_PASSWORD}\ntoken: null\n", [], ["${DB_PASSWORD}", "token: null"]),
+]
+
+
+@pytest.mark.parametrize("path,text,gone,kept", PII_PLANTED, ids=[c[0] for c in PII_PLANTED])
+def test_pii_planted_cases(path, text, gone, kept):
+    out, st = run_stage("pii", {}, [{"id": path, "path": path, "text": text, "size": len(text), "lang": None}])
+    t = out[0]["text"]
+    for g in gone:
+        assert g not in t, (g, t)
+    for k in kept:
+        assert k in t, (k, t)
+    c = st.counters
+    assert "pii:email" not in c, t  # no URL password is labeled an e-mail address
+    assert "pii:ip_address" not in c, t  # versions (and private addresses) are not PII
+    assert sum(v for k, v in c.items() if k.startswith("secret:")) == len(gone), c
+    if "admin:pw@" in gone:
+        assert c["secret:url_password"] == 1
+
+
+def test_pii_detect_secrets_covers_more_services():
+    """detect-secrets' plugins catch service tokens the regexes do not know (SendGrid, Twilio)."""
+    sendgrid = "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"
+    twilio = "SK" + "0123456789abcdef" * 2
+    text = f'MAILER = "{sendgrid}"\nSMS = "{twilio}"\n'
+    doc = {"id": "a.py", "path": "a.py", "text": text, "size": len(text), "lang": "python"}
+    with_ds, st = run_stage("pii", {}, [doc])
+    assert sendgrid not in with_ds[0]["text"] and twilio not in with_ds[0]["text"]
+    assert st.counters["secret:sendgrid_api_key"] == 1 and st.counters["secret:twilio_api_key"] == 1
+    without, _ = run_stage("pii", {"detect_secrets": False}, [doc])
+    assert sendgrid in without[0]["text"]  # the regexes alone miss it: the plugins add coverage
+
+
 def test_decontaminate_drops_benchmark_solutions_only(corpus, corpus_docs, shared):
     _, P = corpus
     out, st = run_stage("decontaminate", {"eval_data": str(shared / "eval-data")}, corpus_docs)

@@ -74,8 +74,8 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: li
         import peft
     except ImportError:
         raise TrainError("lora needs peft: pip install 'codeshell[train]'") from None
-    lcfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                           base_model_name_or_path=base)
+    lcfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    model.name_or_path = base  # peft records it in adapter_config.json (base_model_name_or_path)
     pm = peft.get_peft_model(model, lcfg)
     for n, p in pm.named_parameters():  # adapters train in float32 whatever the base dtype
         if p.requires_grad and p.dtype != torch.float32:

@@ -195,14 +195,12 @@ class Tokenized:
             raise TrainError(str(e)) from None
         self.eot = self.tok.token_to_id(EOT)
 
-    def _labelled(self, text: str, spans: list[tuple[int, int]], eos: bool) -> Example:
+    def _labelled(self, text: str, spans: list[tuple[int, int]]) -> Example:
+        """Tokens of the whole string; a token is a target when it starts inside a span (the
+        chat format puts a space, which starts a new pre-token, at each reply's start)."""
         enc = self.tok.encode(text, add_special_tokens=False)
-        ids = list(enc.ids)
         lab = [any(a <= s < b for a, b in spans) for s, _ in enc.offsets]
-        if eos:
-            ids.append(self.eot)
-            lab.append(True)
-        return Example(np.asarray(ids, dtype=np.int64), np.asarray(lab, dtype=bool))
+        return Example(np.asarray(enc.ids, dtype=np.int64), np.asarray(lab, dtype=bool))
 
     def examples(self, rows: list[tuple[str, dict]]) -> list[Example]:
         out: list[Example | None] = [None] * len(rows)
@@ -210,12 +208,17 @@ class Tokenized:
         for n, (where, row) in enumerate(rows):
             if "messages" in row:
                 text, spans = chat_spans(row["messages"], where)
-                out[n] = self._labelled(text, spans, eos=False)
+                out[n] = self._labelled(text, spans)
             elif "prompt" in row or "completion" in row:
                 p, c = row.get("prompt"), row.get("completion")
                 if not isinstance(p, str) or not isinstance(c, str) or not c:
                     raise TrainError(f"{where}: `prompt` and `completion` must both be text (completion non-empty)")
-                out[n] = self._labelled(p + c, [(len(p), len(p) + len(c))], eos=True)
+                # Tokenized apart, as at inference where the prompt is encoded alone (a
+                # token across the boundary, e.g. "\n" + indent, would never be seen there).
+                pi = self.tok.encode(p, add_special_tokens=False).ids if p else []
+                ci = self.tok.encode(c, add_special_tokens=False).ids + [self.eot]
+                out[n] = Example(np.asarray(pi + ci, dtype=np.int64),
+                                 np.asarray([False] * len(pi) + [True] * len(ci), dtype=bool))
             elif "text" in row:
                 if not isinstance(row["text"], str) or not row["text"]:
                     raise TrainError(f"{where}: `text` must be non-empty text")
@@ -239,16 +242,17 @@ class ExampleRows:
         self.examples = [Example(e.ids[:seq_len], e.labels[:seq_len]) for e in examples]
         self.seq_len, self.packing, self.rank, self.world = seq_len, packing, rank, world
         self.shuffle, self.seed, self.micro_batch, self.eos_id = shuffle, seed, micro_batch, eos_id
-        self._epoch, self._rows = -1, None
+        self._epoch, self._rows, self._packed = -1, None, None
         self.per_epoch = len(self._plan(0)) // world
         if self.per_epoch == 0:
             raise TrainError(f"the data makes {len(self._plan(0))} sequence(s), fewer than the {world} processes")
 
     def _plan(self, epoch: int) -> list[list[int]]:
         """All rows of an epoch (lists of example indices), before the rank split."""
+        rng = np.random.default_rng(self.seed + epoch)
         order = np.arange(len(self.examples))
         if self.shuffle:
-            np.random.default_rng(self.seed + epoch).shuffle(order)
+            rng.shuffle(order)
         if self.packing == "bucket":
             # Sort windows of the shuffled order by length so a micro-batch pads little; the
             # rank split keeps neighbours on the same rank (rows r, r+W, ...).
@@ -258,16 +262,25 @@ class ExampleRows:
                 w = sorted(order[i: i + win], key=lambda j: len(self.examples[j].ids))
                 rows += [[int(j)] for j in w]
             return rows
-        rows, cur, used = [], [], 0  # greedy packing in the shuffled order
-        for j in order:
-            n = len(self.examples[j].ids)
-            if cur and used + n > self.seq_len:
-                rows.append(cur)
-                cur, used = [], 0
-            cur.append(int(j))
-            used += n
-        if cur:
-            rows.append(cur)
+        # Packed once (greedily, in the seed's order) so every epoch has the same number of
+        # rows; each epoch then shuffles the rows.
+        if self._packed is None:
+            first = np.arange(len(self.examples))
+            if self.shuffle:
+                np.random.default_rng(self.seed).shuffle(first)
+            self._packed, cur, used = [], [], 0
+            for j in first:
+                n = len(self.examples[j].ids)
+                if cur and used + n > self.seq_len:
+                    self._packed.append(cur)
+                    cur, used = [], 0
+                cur.append(int(j))
+                used += n
+            if cur:
+                self._packed.append(cur)
+        rows = list(self._packed)
+        if self.shuffle and epoch:
+            rows = [rows[i] for i in rng.permutation(len(rows))]
         return rows
 
     def row(self, epoch: int, k: int) -> list[int]:

@@ -54,3 +54,29 @@ def test_second_run_resumes_every_step(smoke):
     assert build(out, smoke=True, log=logs.append) == ckpt
     assert [l for l in logs if l.startswith("[")] == [f"[{s}] done earlier" for s in (
         "1-corpus", "2-filter", "3-tokenizer", "4-pack", "5-sweep", "6-pretrain", "7-sft", "8-final")]
+
+
+def test_completes_function_needs_a_parsing_body():
+    from codeshell.mini.measure import completes_function
+
+    prompt = 'def f(x):\n    """Double x."""\n'
+    assert completes_function(prompt + "    return 2 * x\n", "f")
+    assert not completes_function(prompt, "f")                       # nothing added
+    assert not completes_function(prompt + "    pass\n", "f")
+    assert not completes_function(prompt + "    return 2 *\n", "f")  # syntax error
+    assert not completes_function(prompt + "    return 2 * x\n", "g")
+
+
+def test_bits_per_byte_of_model_and_ngram(smoke):
+    from codeshell.mini.measure import held_out_docs, model_bits_per_byte, ngram_bits_per_byte
+
+    out, ckpt, _ = smoke
+    shards = sorted((out / "2-filter" / "train" / "work").glob("*/shard-*.jsonl"))[-1:]
+    docs = held_out_docs(shards)
+    m = model_bits_per_byte(ckpt, docs[:2], window=64)
+    assert m["bytes"] == sum(len(d.encode()) for d in docs[:2]) and 0 < m["bits_per_byte"] < 16
+    # Windows overlap: scoring with one long window and with short ones covers each token once.
+    assert abs(model_bits_per_byte(ckpt, docs[:1], window=512)["nats_per_token"]
+               - model_bits_per_byte(ckpt, docs[:1], window=64)["nats_per_token"]) < 1.0
+    g = ngram_bits_per_byte(out / "3-tokenizer", docs[2:], docs[:2], work=out)
+    assert g["bytes"] == m["bytes"] and 0 < g["bits_per_byte"] < 16

@@ -25,7 +25,7 @@ from codeshell.config import CodeShellConfig, ConfigError
 from . import checkpoint as ckpt
 from .build import LMLoss, add_lora, check_lora_targets, distribute, load_model, merged_state, new_model, unwrap
 from .config import PRESETS, TrainConfig, TrainError
-from .data import ExampleRows, ShardRows, Tokenized, read_rows
+from .data import ExampleRows, ShardRows, Tokenized, check_path, read_rows
 from .metrics import Meter, flops_per_token, measure_peak_flops
 
 
@@ -104,6 +104,9 @@ def prepare(cfg: TrainConfig) -> Plan:
     """Check every input and work out the run; raises TrainError naming the problem."""
     rank, world, _ = dist_env()
     run = Path(cfg.output)
+    for d in (cfg.data, cfg.eval_data):  # the cheapest check first (before any hub download)
+        if d is not None:
+            check_path(d)
     mcfg, model_path = _model_config(cfg)
     tok_dir = _tokenizer_dir(cfg, model_path)
     if cfg.mode == "lora":

@@ -137,7 +137,7 @@ class Recipe:
                           for k, v in stats.items() if isinstance(v, dict)}
         return {"stats": out}
 
-    def _filtered(self, split: str) -> list[Path]:
+    def filtered(self, split: str) -> list[Path]:
         """The filter pipeline's final JSONL shards of `split` (none when the split is empty)."""
         root = self.out / "2-filter" / split
         if not (root / "stats.json").is_file():
@@ -148,7 +148,7 @@ class Recipe:
         from codeshell.tokenizer_tools.train import save_tokenizer, train_tokenizer
 
         def texts():
-            for f in self._filtered("train"):
+            for f in self.filtered("train"):
                 with open(f, encoding="utf-8") as fh:
                     for line in fh:
                         yield json.loads(line)["text"]
@@ -163,7 +163,7 @@ class Recipe:
         # Training data with FIM as StarCoder/CodeShell pack it; the held-out set without, so
         # its loss is the plain left-to-right loss the n-gram baseline is compared with.
         for split, fim in (("train", 0.5), ("valid", 0.0)):
-            shards = self._filtered(split)
+            shards = self.filtered(split)
             if not shards:
                 continue
             src = shards[0].parent
@@ -227,7 +227,7 @@ class Recipe:
         return {"shape": shape, **{k: res.get(k) for k in ("final_loss", "eval_loss", "tok_per_s", "checkpoint")}}
 
     def sft(self, d: Path) -> dict:
-        pairs = write_instruction_pairs(self._filtered("train"), d / "pairs.jsonl", seed=self.seed)
+        pairs = write_instruction_pairs(self.filtered("train"), d / "pairs.jsonl", seed=self.seed)
         base = json.loads((self.out / "6-pretrain" / "step.json").read_text())["checkpoint"]
         res = self._train("sft", d, self.b.sft_tokens, data=str(d / "pairs.jsonl"), model=base,
                           seq_len=self.b.seq_len, lr=self.b.lr / 5, micro_batch=8, save_every=0)

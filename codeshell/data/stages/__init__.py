@@ -7,6 +7,7 @@ from codeshell.data.stages import (  # noqa: F401
     filters,
     ingest,
     langid,
+    license,
     perplexity,
     pii,
     quality,

@@ -4,7 +4,9 @@ or (online) Hugging Face datasets into documents with provenance.
 Planning (listing files, grouping them into shards) runs once in the driver and is saved, so
 a rerun reads exactly the same shards; reading runs per shard in workers. Binaries (a NUL
 byte in the first 8 KB, git's rule, or not UTF-8) and files over the size limit are skipped
-and counted. This stage does not guess languages (see `langid`).
+and counted. A folder or git source without `license:` takes the SPDX id of its top-level
+LICENSE/COPYING file when that text is recognized (`codeshell.data.licenses`). This stage
+does not guess languages (see `langid`) nor filter by license (see `license`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def _first(row: dict, keys: tuple) -> object:
         if v is not None:
             return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
     return None
+
+
+def _repo_license(root: Path) -> str | None:
+    """A folder's or repository's license from its top-level LICENSE/COPYING file (SPDX id)."""
+    from codeshell.data.licenses import detect_repo_license
+
+    try:
+        return detect_repo_license(root)
+    except PipelineError:  # license-expression missing: the license stays unknown
+        return None
 
 
 @register
@@ -119,6 +131,7 @@ class Ingest(Stage):
             extra = {k: s[k] for k in ("license",) if k in s}
             return [u for f in files for u in self._split(kind, f, extra)]
         inc, exc = s.get("include"), s.get("exclude") or []
+        license = s.get("license") or _repo_license(path)
         out = []
         for f in files:
             rel = f.relative_to(path).as_posix()
@@ -131,7 +144,7 @@ class Ingest(Stage):
             except OSError:
                 size = 0
             out.append((min(size, self.opts.max_file_bytes),
-                        {"type": "file", "file": str(f), "path": rel, "repo": repo, "license": s.get("license")}))
+                        {"type": "file", "file": str(f), "path": rel, "repo": repo, "license": license}))
         return out
 
     def _split(self, kind: str, f: Path, extra: dict) -> list[tuple[int, dict]]:

@@ -1,12 +1,20 @@
 """Benchmark codeshell.kernels.linear against torch on CodeShell-7B's linear shapes.
 
-Prints, per shape and M: time, effective weight bandwidth (GB/s of packed weight bytes read
-once), GFLOP/s (2*M*N*K), and the ratio of torch's bf16 F.linear time to ours (>1 = we are
-faster), all measured in the same run. Baselines: torch F.linear with bf16 weights and x
-(what a bf16 model does today) and with fp32 weights and x; for int8/int4 also torch's own
-weight-only ops (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu).
+Prints the CPU flags and the kernel ISA level first, then per shape and M: time, effective
+weight bandwidth (GB/s of packed weight bytes read once), GFLOP/s (2*M*N*K), the ratio of
+torch's bf16 F.linear time to ours (>1 = we are faster) and the kernel path that ran
+(`ops.plan`: "<isa>:<kernel>"), all measured in the same run. Baselines: torch F.linear with
+bf16 weights and x (what a bf16 model does today) and with fp32 weights and x; for int8/int4
+also torch's own weight-only ops (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu).
+At the end, the targets of issue 14 as ratios against same-run baselines:
+  * prompt (M = 512): TFLOP/s as % of the bf16 peak = the best of torch's bf16 matmul on these
+    shapes and our AMX micro-kernel on L2-resident tiles (`bf16_peak`);
+  * decode (M = 1): % of the bound from the read bandwidth measured here (weight bytes / GB/s);
+  * batch 8: aggregate rows/s at M = 8 over M = 1 (8 * t(1) / t(8)).
+Single layers only (no model is built).
 
     python benchmarks/bench_kernels.py                       # all shapes, M=1,8,512, bf16
+    python benchmarks/bench_kernels.py --kinds bf16 int8 int4 --shapes c_attn attn.c_proj c_fc mlp.c_proj
     python benchmarks/bench_kernels.py --kinds bf16 int8 int4 --m 1 8 --shapes c_fc
     python benchmarks/bench_kernels.py --attention      # decode attention vs SDPA, 7B heads
 """
@@ -89,15 +97,51 @@ def attention(budget: float) -> None:
                   flush=True)
 
 
+def read_bandwidth(budget: float) -> float:
+    """GB/s of a plain streaming read (sum of a 256 MiB fp32 tensor, larger than any cache),
+    with the threads set: the bound for decode, which reads each weight once."""
+    t = torch.ones(64 << 20)
+    secs = timeit(lambda: t.sum(), budget, min_reps=3)
+    return t.numel() * 4 / secs / 1e9
+
+
+def bf16_peak(budget: float) -> dict[str, float]:
+    """TFLOP/s of our AMX-BF16 micro-kernel with every thread on L2-resident tiles (K = 4096, the
+    7B width): `tiles` with the tile loads, `tmul` the tdpbf16ps alone. Empty without AMX."""
+    from codeshell.kernels import _ext, ops
+    if ops.isa_level() < ops.ISA_LEVELS.index("amx"):
+        return {}
+    mod, out = _ext.get(), {}
+    for name, loads in (("tiles", True), ("tmul", False)):
+        reps = 200
+        flops = mod.bf16_peak(128, reps, loads)
+        secs = timeit(lambda: mod.bf16_peak(128, reps, loads), budget)
+        out[name] = flops / secs / 1e12
+    return out
+
+
+def cpu_line() -> str:
+    from codeshell.kernels import _ext, ops
+    feats = _ext.features()
+    flags = " ".join(k for k, v in feats.items() if v is True and k not in ("os_avx512", "compiled_avx512"))
+    lvl = ops.isa_level()
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cap = os.environ.get("CODESHELL_KERNEL_ISA")
+    return (f"cpu: {model}; flags: {flags}; kernel ISA: {ops.ISA_LEVELS[lvl] if lvl >= 0 else 'none (torch)'}"
+            + (f" (capped by CODESHELL_KERNEL_ISA={cap})" if cap else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"], choices=list(SHAPES))
     ap.add_argument("--m", nargs="+", type=int, default=[1, 8, 512])
     ap.add_argument("--kinds", nargs="+", default=["bf16"], choices=["bf16", "int8", "int4"])
     ap.add_argument("--group", type=int, default=128, help="int4 group size")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement")
     ap.add_argument("--no-torch-bf16-prefill", action="store_true",
-                    help="skip torch bf16 F.linear for M > 16 (it is ~4x slower than fp32 here)")
+                    help="skip torch bf16 F.linear for M > 16 (on an AVX2-only CPU it is ~4x slower than fp32)")
+    ap.add_argument("--no-torch-fp32", action="store_true", help="skip torch fp32 F.linear")
+    ap.add_argument("--no-torch-quant", action="store_true", help="skip torch's int8/int4 weight-only ops")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--attention", action="store_true", help="only the decode attention kernel vs SDPA")
     ap.add_argument("--per-core", action="store_true",
@@ -110,13 +154,25 @@ def main() -> None:
         CLOCK = time.thread_time
         args.threads = 1
     threads = set_num_threads(args.threads)
+    from codeshell.kernels import ops
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {threads}, native kernels: {available()}, "
           f"clock: {'thread CPU time' if args.per_core else 'wall'}, best of several calls")
+    print(cpu_line())
+    try:
+        print(f"load average: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    except OSError:
+        pass
     if args.attention:
         return attention(args.budget)
-    print(f"{'shape':12} {'M':>4} {'impl':22} {'ms':>9} {'GB/s':>7} {'GFLOP/s':>8} {'vs torch bf16':>13}")
+    bw = read_bandwidth(args.budget)
+    peak = bf16_peak(args.budget)
+    print(f"read bandwidth: {bw:.1f} GB/s (256 MiB fp32 sum)"
+          + "".join(f"; AMX bf16 micro-kernel ({k}): {v:.2f} TFLOP/s" for k, v in peak.items()))
+    print(f"{'shape':12} {'M':>4} {'impl':22} {'ms':>9} {'GB/s':>7} {'GFLOP/s':>8} {'vs torch bf16':>13}  path")
     gen = torch.Generator().manual_seed(0)
+    results: dict[tuple[str, str, int], float] = {}  # (shape, label, M) -> seconds
+    sizes: dict[tuple[str, str], int] = {}
     for name in args.shapes:
         n, k, has_bias = SHAPES[name]
         w = torch.randn(n, k, generator=gen) * 0.02
@@ -132,27 +188,66 @@ def main() -> None:
             x = torch.randn(m, k, generator=gen)
             xb = x.to(torch.bfloat16)
             flops = 2.0 * m * n * k
-            rows: list[tuple[str, float, int]] = []
+            rows: list[tuple[str, float, int, str]] = []
             if not (m > 16 and args.no_torch_bf16_prefill):
-                rows.append(("torch F.linear bf16", timeit(lambda: F.linear(xb, wb, bb), args.budget), wb.numel() * 2))
-            wf = w  # fp32 weights: the upper bound of what MKL gives without our packing
-            rows.append(("torch F.linear fp32", timeit(lambda: F.linear(x, wf, bias), args.budget), wf.numel() * 4))
+                rows.append(("torch F.linear bf16", timeit(lambda: F.linear(xb, wb, bb), args.budget), wb.numel() * 2, ""))
+            if not args.no_torch_fp32:
+                rows.append(("torch F.linear fp32", timeit(lambda: F.linear(x, w, bias), args.budget), w.numel() * 4, ""))
             for kind in args.kinds:
                 pw = packs[kind]
                 label = kind if kind != "int4" else f"int4 g{args.group}"
-                rows.append((f"ours {label}", timeit(lambda: linear(xb, pw, bb), args.budget), pw.nbytes))
-                if kind == "int8":
+                linear(xb, pw, bb)  # a prefill's first call measures its candidates (ops.plan)
+                path = ops.plan(pw, m, xb.dtype)
+                rows.append((f"ours {label}", timeit(lambda: linear(xb, pw, bb), args.budget), pw.nbytes, path))
+                sizes[(name, f"ours {label}")] = pw.nbytes
+                if kind == "int8" and not args.no_torch_quant:
                     f8 = torch_int8(w)
-                    rows.append(("torch _weight_int8pack", timeit(lambda: f8(xb), args.budget), pw.nbytes))
-                if kind == "int4":
+                    rows.append(("torch _weight_int8pack", timeit(lambda: f8(xb), args.budget), pw.nbytes, ""))
+                if kind == "int4" and not args.no_torch_quant:
                     f4 = torch_int4(w, args.group)
-                    rows.append(("torch _weight_int4pack", timeit(lambda: f4(xb), args.budget), pw.nbytes))
+                    rows.append(("torch _weight_int4pack", timeit(lambda: f4(xb), args.budget), pw.nbytes, ""))
             base = rows[0][1] if rows[0][0] == "torch F.linear bf16" else None
-            for label, t, nbytes in rows:
+            for label, t, nbytes, path in rows:
+                results[(name, label, m)] = t
                 ratio = f"{base / t:12.2f}x" if base else f"{'-':>13}"
                 print(f"{name:12} {m:4d} {label:22} {t * 1e3:9.2f} {nbytes / t / 1e9:7.1f} "
-                      f"{flops / t / 1e9:8.1f} {ratio}", flush=True)
+                      f"{flops / t / 1e9:8.1f} {ratio}  {path}", flush=True)
         del packs, w, wb
+    summary(args, results, sizes, bw, peak)
+
+
+def summary(args, results, sizes, bw: float, peak: dict[str, float]) -> None:
+    """The issue-14 targets as same-run ratios."""
+    labels = sorted({lab for (_, lab, _) in results if lab.startswith("ours")})
+    if 512 in args.m:
+        torch_best = max((2.0 * 512 * SHAPES[s][0] * SHAPES[s][1] / t / 1e12
+                          for (s, lab, m), t in results.items() if m == 512 and lab == "torch F.linear bf16"), default=0.0)
+        ref = max([torch_best, peak.get("tiles", 0.0)])
+        print(f"\nprompt (M = 512): bf16 peak {ref:.2f} TFLOP/s = max(torch bf16 matmul best here {torch_best:.2f}, "
+              f"our AMX micro-kernel {peak.get('tiles', 0.0):.2f}); target >= 80%")
+        for s in args.shapes:
+            for lab in labels:
+                t = results.get((s, lab, 512))
+                if t:
+                    tf = 2.0 * 512 * SHAPES[s][0] * SHAPES[s][1] / t / 1e12
+                    tb = results.get((s, "torch F.linear bf16", 512))
+                    vs = f", {tb / t:.2f}x torch bf16" if tb else ""
+                    print(f"  {s:12} {lab:16} {tf:6.2f} TFLOP/s = {100 * tf / ref:5.1f}% of peak{vs}")
+    if 1 in args.m:
+        print(f"decode (M = 1): bound = weight bytes / {bw:.1f} GB/s read; target >= 90%")
+        for s in args.shapes:
+            for lab in labels:
+                t = results.get((s, lab, 1))
+                if t:
+                    gbs = sizes[(s, lab)] / t / 1e9
+                    print(f"  {s:12} {lab:16} {gbs:6.1f} GB/s = {100 * gbs / bw:5.1f}% of the bound")
+    if 1 in args.m and 8 in args.m:
+        print("batch 8 aggregate vs batch 1 (8 * t(M=1) / t(M=8)); targets bf16, int8 >= 6x, int4 >= 4x")
+        for s in args.shapes:
+            for lab in labels:
+                t1, t8 = results.get((s, lab, 1)), results.get((s, lab, 8))
+                if t1 and t8:
+                    print(f"  {s:12} {lab:16} {8 * t1 / t8:5.2f}x")
 
 
 if __name__ == "__main__":

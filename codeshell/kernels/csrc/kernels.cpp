@@ -393,6 +393,7 @@ torch::Tensor prefill_bf16_amx(const torch::Tensor& x, const torch::Tensor& w, i
 void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
 void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
 torch::Tensor pack_bf16(const torch::Tensor& w);
+int64_t bf16_peak(int64_t Kt, int64_t reps, bool loads);
 
 // isa.cpp
 py::dict cpu_features_dict();
@@ -425,6 +426,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_bf16", &decode_bf16, kNoGil,
         "x [M,K] (fp32 for isa 0, bf16 for isa 2) @ w bf16 panels [ceil(N/16),Kp/2,32]^T + bias -> fp32 [M,N]");
   m.def("prefill_bf16_amx", &prefill_bf16_amx, kNoGil, "AMX-BF16: x bf16 [M,K] @ panels^T + bias -> fp32 [M,N]");
+  m.def("bf16_peak", &bf16_peak, kNoGil, "AMX bf16 ceiling: every thread runs tiles on L2-resident data; flops");
   m.def("rows_bf16", &rows_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> bf16 [R,K] row-major buffer");
   m.def("decode_int8", &decode_int8, kNoGil, "x fp32 [M,K] @ (q int8 [N,K] * scale[N])^T + bias");
   m.def("decode_int4", &decode_int4, kNoGil, "x fp32 [M,K] @ dequant(q4 [N,K/2], scale, offset, group)^T + bias");

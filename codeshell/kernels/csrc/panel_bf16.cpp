@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -373,9 +374,50 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
   });
 }
 
+// The bf16 compute ceiling of this machine for benchmarks/bench_kernels.py, per thread:
+// `reps` passes of the 2x2-tile block over K = Kt * 32 on data that stays in L2 (A 32 rows and
+// B 2 panels, 2 * Kt KiB each), i.e. the micro-kernel above with memory out of the way; with
+// loads = false only the tdpbf16ps (the TMUL's own rate, which no GEMM reaches).
+int64_t peak_amx(int64_t Kt, int64_t reps, bool loads) {
+  std::vector<uint16_t> a(size_t(2) * Kt * 512, 0x3f80), w(size_t(2) * Kt * 512, 0x3f80);  // 1.0 in bf16
+  alignas(64) float c[32 * 32];
+  amx_configure();
+  for (int64_t r = 0; r < reps; ++r) {
+    if (loads) {
+      amx_block<2, 2>(a.data(), 0, Kt, w.data(), 0, Kt * 16, c);
+    } else {
+      _tile_loadd(4, a.data(), 64);
+      _tile_loadd(5, a.data() + 512, 64);
+      _tile_loadd(6, w.data(), 64);
+      _tile_loadd(7, w.data() + 512, 64);
+      for (int64_t kt = 0; kt < Kt; ++kt) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c, 64);
+    }
+  }
+  _tile_release();
+  return reps * Kt * 4 * 2 * 16 * 16 * 32;  // flops: 4 tiles x 16x16 outputs x 32 k x 2
+}
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
+
+// Runs peak_amx on every thread at once; returns the flops done (the caller times the call).
+int64_t bf16_peak(int64_t Kt, int64_t reps, bool loads) {
+  codeshell::check_isa(codeshell::kAmx);
+  std::atomic<int64_t> flops{0};
+#if CODESHELL_HAVE_AVX512
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) flops += peak_amx(Kt, reps, loads);
+  });
+#endif
+  return flops.load();
+}
 
 // x [M, K] (fp32 for isa kAvx2, bf16 for kAvx512Bf16) @ panels^T + bias -> fp32 [M, N], M <= 64.
 torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t N,

@@ -144,7 +144,8 @@ def load_quantized(path: Path, cfg: CodeShellConfig, dtype: str | torch.dtype | 
                    ) -> tuple[nn.Module, CodeShellConfig] | None:
     """Load `path` quantized, or return None when neither the folder nor the caller asks for it.
 
-    The activation dtype defaults to bfloat16: the CPU kernels measured fastest with it.
+    The activation dtype defaults to bfloat16: the CPU kernels measured fastest with it; an NF4
+    checkpoint kept as NF4 defaults to float32 (bitsandbytes' compute dtype, its exact numbers).
     """
     from . import nf4
     asked = QuantScheme.parse(quantization)
@@ -156,8 +157,8 @@ def load_quantized(path: Path, cfg: CodeShellConfig, dtype: str | torch.dtype | 
                              f"quantization={quantization!r}, or quantize the original checkpoint")
         model = build_quantized_empty(cfg, dt, stored, device)
         load_state_into(model, path, cfg)
-    elif nf4.is_nf4_checkpoint(path):  # kept NF4 (bitsandbytes' numbers) unless a scheme is asked
-        return nf4.load_nf4(path, cfg, dt, device, asked)
+    elif nf4.is_nf4_checkpoint(path):  # kept NF4 unless a scheme is asked: float32, bitsandbytes' numbers
+        return nf4.load_nf4(path, cfg, dt if asked else resolve_dtype(dtype, default=torch.float32), device, asked)
     elif asked is not None:
         scheme = asked
         model = build_quantized_empty(cfg, dt, asked, device)

@@ -95,32 +95,41 @@ def byte_table(code: torch.Tensor) -> torch.Tensor:
 
 def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                       shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                      chunk: int = 1 << 21, lut: torch.Tensor | None = None) -> torch.Tensor:
+                      chunk: int = 1 << 23, lut: torch.Tensor | None = None) -> torch.Tensor:
     """code[index] * absmax[block] in float32, cast to `dtype`, in `shape` (bitsandbytes' dequantize_4bit).
 
-    `packed` holds ceil(n/2) bytes, high nibble first. Works `chunk` values at a time so the
-    temporaries stay small next to the result; `lut` is `byte_table(code)` when the caller keeps one.
+    `packed` holds ceil(n/2) bytes, high nibble first. Works `chunk` values at a time (a
+    multiple of the block size) so the temporaries stay small next to the result; `lut` is
+    `byte_table(code)` when the caller keeps one.
     """
     n = math.prod(shape)
     p = packed.reshape(-1)
     lut = byte_table(code) if lut is None else lut
     am = absmax.reshape(-1).float()
-    if n % blocksize == 0 and n <= chunk:  # one piece: the common case of small linears
-        vals = lut[p.long()].view(-1, blocksize)
-        return (vals * am[:, None]).to(dtype).reshape(shape)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     step = max(1, chunk // blocksize) * blocksize
+    buf = out if dtype == torch.float32 else None
     for v0 in range(0, n, step):
         v1 = min(n, v0 + step)
-        vals = lut[p[v0 // 2:(v1 + 1) // 2].long()].reshape(-1)[: v1 - v0]
-        nb = -(-(v1 - v0) // blocksize)
-        full = (v1 - v0) // blocksize * blocksize
-        b0 = v0 // blocksize
-        seg = out[v0:v1]
+        m = v1 - v0
+        nbytes = (m + 1) // 2
+        if buf is out:
+            if m % 2:  # odd n: the last byte's low nibble is padding, needs room
+                vals = torch.empty(2 * nbytes, dtype=torch.float32, device=packed.device)
+            else:
+                vals = out[v0:v1]
+        else:
+            if buf is None:
+                buf = torch.empty(2 * ((min(step, n) + 1) // 2), dtype=torch.float32, device=packed.device)
+            vals = buf[: 2 * nbytes]
+        torch.index_select(lut, 0, p[v0 // 2: v0 // 2 + nbytes].int(), out=vals.view(-1, 2))
+        b0, full = v0 // blocksize, m // blocksize * blocksize
         if full:
-            seg[:full] = (vals[:full].view(-1, blocksize) * am[b0:b0 + full // blocksize, None]).reshape(-1)
-        if full < v1 - v0:  # a last, partial block
-            seg[full:] = vals[full:] * am[b0 + nb - 1]
+            vals[:full].view(-1, blocksize).mul_(am[b0:b0 + full // blocksize, None])
+        if full < m:  # a last, partial block
+            vals[full:m].mul_(am[b0 + full // blocksize])
+        if vals.data_ptr() != out[v0:v1].data_ptr() or vals.dtype != dtype:
+            out[v0:v1].copy_(vals[:m])
     return out.reshape(shape)
 
 
@@ -438,6 +447,21 @@ def nf4_hook(model: nn.Module, cfg: CodeShellConfig, layout: str, scheme: QuantS
         filled = [f"{prefix}.qweight", f"{prefix}.scales"]
         return filled + ([f"{prefix}.zeros"] if getattr(m, "zeros", None) is not None else [])
 
+    def missing() -> list[str]:
+        """File names of the parts of weights that started arriving but never completed."""
+        out = []
+        for prefix, entry in pending.items():
+            if layout == "list":
+                want = {"data": _SUFFIX_DATA, "state": _SUFFIX_STATE}
+            else:
+                want = {"weight": ".weight", "qs": f".weight.{_HF_QS}nf4", "absmax": ".weight.absmax",
+                        "quant_map": ".weight.quant_map"}
+                if "qs" in entry and b'"nested_blocksize"' in bytes(entry["qs"].reshape(-1).to(torch.uint8).tolist()):
+                    want.update(nested_absmax=".weight.nested_absmax", nested_quant_map=".weight.nested_quant_map")
+            out += [prefix + suffix for part, suffix in want.items() if part not in entry]
+        return out
+
+    hook.missing = missing  # type: ignore[attr-defined]
     return hook
 
 
@@ -452,7 +476,15 @@ def load_nf4(path: Path, cfg: CodeShellConfig, dtype: torch.dtype, device: str |
         model = build_nf4_empty(cfg, dtype, device)
     else:
         model = build_quantized_empty(cfg, dtype, scheme, device)
-    load_state_into(model, path, cfg, hook=nf4_hook(model, cfg, layout, scheme))
+    hook = nf4_hook(model, cfg, layout, scheme)
+    try:
+        load_state_into(model, path, cfg, hook=hook)
+    except CheckpointError as e:
+        lost = hook.missing()
+        if lost and "is missing tensor(s)" in str(e):  # name the file's tensors, not our modules' buffers
+            more = f" (and {len(lost) - 5} more)" if len(lost) > 5 else ""
+            raise CheckpointError(f"NF4 checkpoint {path} is missing tensor(s): {', '.join(lost[:5])}{more}") from None
+        raise
     finalize(model)
     if scheme is not None:
         return model, cfg.replace(quantization=scheme.to_dict())

@@ -198,8 +198,9 @@ def test_list_layout_dequantizes_exactly(list_ckpts, case):
 
 @pytest.mark.parametrize("case", HF_CASES)
 def test_transformers_layout_matches_bitsandbytes(hf_ckpts, case):
-    llm = LLM(hf_ckpts[case], dtype="float32")
+    llm = LLM(hf_ckpts[case])  # no dtype: NF4 defaults to float32, bitsandbytes' compute dtype
     assert llm.config.quantization["method"] == "bitsandbytes-nf4"
+    assert llm.model.transformer.wte.weight.dtype == torch.float32
     diff, got, want = _compare(llm, _bnb_hf_model(hf_ckpts[case]))
     assert diff <= TOL, diff
     assert got == want
@@ -207,7 +208,7 @@ def test_transformers_layout_matches_bitsandbytes(hf_ckpts, case):
 
 @pytest.mark.parametrize("case", LIST_CASES)
 def test_list_layout_matches_bitsandbytes(list_ckpts, case):
-    llm = LLM(list_ckpts[case], dtype="float32")
+    llm = LLM(list_ckpts[case])
     diff, got, want = _compare(llm, _bnb_list_model(list_ckpts[case]))
     assert diff <= TOL, diff
     assert got == want
@@ -272,7 +273,8 @@ P = "transformer.h.1.mlp.c_fc.weight"
 
 
 @pytest.mark.parametrize("edit_t,edit_c,msg", [
-    (lambda sd: sd.pop(P + ".nested_absmax"), None, "missing tensor"),
+    (lambda sd: sd.pop(P + ".nested_absmax"), None, r"missing tensor\(s\): transformer.h.1.mlp.c_fc.weight.nested_absmax$"),
+    (lambda sd: sd.pop(P + ".quant_map"), None, r"missing tensor\(s\): transformer.h.1.mlp.c_fc.weight.quant_map$"),
     (lambda sd: sd.update({P + ".quant_state.bitsandbytes__nf4": torch.tensor([1, 2, 3], dtype=torch.uint8)}),
      None, "not bitsandbytes' packed JSON"),
     (lambda sd: sd.update({P + ".absmax": sd[P + ".absmax"][:-2]}), None, "absmax should hold"),

@@ -50,7 +50,7 @@ sys.path[:] = [p for p in sys.path if p not in ("", ".")]
 libc = ctypes.CDLL(None, use_errno=True)
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of a program come back to us
 libc.prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE 0: programs cannot ptrace us or open /proc/<us>/*
-proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
+proto_in = os.fdopen(os.dup(0), "rb")
 proto_out = os.fdopen(os.dup(1), "w")
 null = os.open("/dev/null", os.O_RDWR)
 os.dup2(null, 0); os.dup2(null, 1)

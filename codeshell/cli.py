@@ -29,7 +29,7 @@ def _click_style_help() -> None:
     Recent typer releases print each option's Python type (`<str>`, `<list[str]>`, and
     `<bool>` even for flags such as `--help`) and usage errors in a multi-line box. Show
     click's metavars instead (TEXT, INTEGER, FLOAT, PATH; none for flags; choices as
-    [a|b]) and a usage error as one `error:` line. Older typer releases already print click's
+    [a|b]; arguments by upper-case name) and a usage error as one `error:` line. Older typer releases already print click's
     metavars and lack these hooks, so nothing is changed there.
     """
     from typer import core, rich_utils
@@ -53,6 +53,16 @@ def _click_style_help() -> None:
     core._TyperParameter.display_type_rich = display_type_rich
     if "display_type_rich" in vars(core.TyperOption):
         core.TyperOption.display_type_rich = display_type_rich
+
+    # Arguments by their upper-case names (`MODEL OUT`, `[PROMPT]`), not `{model}` / `[prompt]`.
+    if hasattr(core.TyperArgument, "_usage_display_name"):
+        def usage_name(self) -> str:
+            name = self.display_name_raw
+            name = name if self.required else f"[{name}]"
+            return name + ("..." if self.nargs != 1 else "")
+        core.TyperArgument.display_name_raw = property(
+            lambda self: self.metavar if self.metavar is not None else (self.name or "").upper())
+        core.TyperArgument._usage_display_name = usage_name
 
     def format_error(e) -> None:
         if type(e).__name__ == "NoArgsIsHelpError":

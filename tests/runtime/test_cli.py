@@ -192,6 +192,7 @@ def test_help_screens_read_like_click():
         usage = next(ln for ln in r.output.splitlines() if "Usage:" in ln)
         has_sub = any(len(p) > len(path) and p[:len(path)] == path for p in screens)
         assert ("COMMAND" in usage) == has_sub, (path, usage)
+        assert "{" not in usage and not re.search(r"\[[a-z_]+\]", usage), (path, usage)  # arguments as click names them
     r = run_inproc("generate", "--help")
     assert "--max-tokens" in r.output and "INTEGER" in r.output and "--truncate-prompt" in r.output
 

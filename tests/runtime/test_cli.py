@@ -275,3 +275,32 @@ def test_infill_truncation_keeps_the_code_next_to_the_cursor(tiny):
     r = run_inproc("infill", "--prefix", pre * 2, "--suffix", suf * 2, "--model", tiny, "-t", "0", "-n", "4",
                    "--truncate-prompt")
     assert r.exit_code == 0 and "--truncate-prompt cut the prompt" in r.stderr, r.output
+
+
+def test_readme_says_which_commands_take_model():
+    """README's command-line paragraph is exact: each command it names takes --model, the
+    positional ones also take MODEL, and the defaults are as it says."""
+    import typer.main
+
+    from codeshell.cli import DEFAULT_MODEL, app
+    from tests.conftest import REPO
+    readme = (REPO / "README.md").read_text()
+    assert "Every command that reads a model takes it with `--model`/`-m`" in readme
+    root = typer.main.get_command(app)
+
+    def command(path):
+        cmd = root
+        for name in path.split():
+            cmd = cmd.commands[name]
+        return cmd
+    for path in ("generate", "infill", "chat", "info", "serve", "quantize", "export-gguf", "bench", "eval run"):
+        opts = {o for p in command(path).params for o in getattr(p, "opts", [])}
+        assert "--model" in opts, path
+        assert f"`{path}`" in readme, path
+    for path in ("info", "quantize", "export-gguf"):
+        args = [p.name for p in command(path).params if p.param_type_name == "argument"]
+        assert args[0] == "model_arg" if path == "info" else args[0] == "model", (path, args)
+    for path in ("generate", "infill", "chat"):
+        model = next(p for p in command(path).params if p.name == "model")
+        assert model.default == DEFAULT_MODEL and not model.required
+    assert next(p for p in command("serve").params if p.name == "model").required

@@ -127,9 +127,9 @@ kernels on an AVX-512 machine, which is how their tests run here)."""
 PATHS_RUN: Counter = Counter()
 """(kind, path) -> calls since import: which kernels actually ran (tests print it)."""
 
-_CHOICES: dict[tuple, str] = {}  # (kind, N, K, M bucket, level) -> the measured prefill winner
+_CHOICES: dict[tuple, str] = {}  # (kind, N, K, M bucket, level) -> the measured winner
 CHOICE_TIMES: dict[tuple, dict[str, float]] = {}
-"""The measurements behind each prefill choice: key -> {path: seconds (best of 2)}."""
+"""The measurements behind each choice: key -> {path: seconds (best of 2)}."""
 
 
 def isa_level() -> int:
@@ -147,7 +147,7 @@ def isa_level() -> int:
 
 
 def _bucket(m: int) -> int:
-    return 1 << max(6, (m - 1).bit_length())  # 64, 128, 256, 512, ...
+    return 1 << (m - 1).bit_length()  # 1, 2, 4, ..., 64, 128, 256, 512, ...
 
 
 def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> list[str]:
@@ -167,7 +167,8 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
     """The path `linear(impl="native")` takes for M rows of x of this dtype: "<isa>:<kernel>".
 
     * bf16 weights, M <= BF16_PANEL_MAX_M: `avx512_bf16:panel` (vdpbf16ps) for bf16 x on a CPU
-      with AVX512-BF16, else `avx2:panel` (fp32 FMA; fp32 x is never rounded to bf16).
+      with AVX512-BF16 (with AMX: that or `amx:bf16`, measured), else `avx2:panel` (fp32 FMA;
+      fp32 x is never rounded to bf16).
     * int8/int4, M <= DECODE_MAX_M: `avx512_vnni:q8` (512-bit vpdpbusd, K % 128 == 0) or
       `avx2:q8` (vpmaddubsw) on int8-rounded x (the same integers either way), or `avx2:unpack` (exact fp32) for shapes the integer kernels do not take.
     * larger M: `prefill_candidates`; one candidate runs as is, several are measured once.
@@ -179,14 +180,24 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
     if p.kind == "bf16":
         if m <= BF16_PANEL_MAX_M:
             bf16_dot = x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16")
-            return "avx512_bf16:panel" if bf16_dot else "avx2:panel"
+            if not bf16_dot:
+                return "avx2:panel"
+            if level < ISA_LEVELS.index("amx"):
+                return "avx512_bf16:panel"
+            # AMX tiles pad x to 16 rows but do 16 rows x 16 weight rows x 32 k per instruction:
+            # measured per shape and M bucket against vdpbf16ps (7B c_attn, 1 core: M = 8 3.9
+            # vs 5.3 ms, M = 64 6.4 vs 31 ms; M = 1 about even)
+            return _choose(p, m, x_dtype, level, ["avx512_bf16:panel", "amx:bf16"])
     elif m <= DECODE_MAX_M:
         if activation_block(p) is None:
             return "avx2:unpack"
         # the 512-bit kernels read 128 weights of a row per step
         vnni = level >= ISA_LEVELS.index("avx512_vnni") and p.in_features % 128 == 0
         return "avx512_vnni:q8" if vnni else "avx2:q8"
-    cands = prefill_candidates(p, x_dtype, level)
+    return _choose(p, m, x_dtype, level, prefill_candidates(p, x_dtype, level))
+
+
+def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: list[str]) -> str:
     if len(cands) == 1:
         return cands[0]
     key = (p.kind, p.out_features, p.in_features, _bucket(m), ISA_LEVELS[level])

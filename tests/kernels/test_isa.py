@@ -94,7 +94,10 @@ def test_dispatch_table_and_isa_cap(monkeypatch, record_property):
         monkeypatch.setenv("CODESHELL_KERNEL_ISA", name)
         assert ops.isa_level() == lvl
         got = (ops.plan(b16, 8, torch.bfloat16), ops.plan(i8, 8), ops.plan(i4, 1), ops.plan(b16, 8, torch.float32))
-        assert got == want[name], name
+        if name == "amx":  # batched bf16 decode: vdpbf16ps or AMX tiles, whichever measured faster
+            assert got[0] in ("avx512_bf16:panel", "amx:bf16") and got[1:] == want[name][1:], got
+        else:
+            assert got == want[name], name
         table[name] = got + (ops.plan(b16, 512, torch.bfloat16),)
         x = torch.randn(3, 384).bfloat16()
         torch.testing.assert_close(linear(x, b16, impl="native"), linear(x, b16, impl="reference"), rtol=1e-2, atol=1e-2)
@@ -114,7 +117,7 @@ def test_prefill_choice_is_measured_once_and_cached(monkeypatch):
     cands = ops.prefill_candidates(pw, torch.bfloat16, LEVEL)
     if len(cands) < 2:
         pytest.skip(f"one prefill candidate at {ops.ISA_LEVELS[LEVEL]}: {cands}")
-    key = ("bf16", 50, 384, 128, ops.ISA_LEVELS[LEVEL])
+    key = ("bf16", 50, 384, 128, ops.ISA_LEVELS[LEVEL])  # M = 100: bucket 128
     ops._CHOICES.pop(key, None)
     before = sum(ops.PATHS_RUN[("bf16", c)] for c in cands)
     x = torch.randn(100, 384).bfloat16()

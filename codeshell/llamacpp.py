@@ -200,12 +200,20 @@ class LlamaServer:
 
     def greedy(self, prompt: list[int] | str, n: int, n_probs: int = 0) -> dict:
         """`n` greedy tokens after `prompt` (no stop at EOS, no prompt cache): {"tokens": [...],
-        "probs": per token the top `n_probs` (id, logprob) pairs when asked}."""
+        "probs": per token the top `n_probs` (id, logprob) pairs when asked, None for a token
+        that llama-server reports no probabilities for}."""
         r = _http(self.url + "/completion", {
             "prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1, "samplers": ["top_k"],
             "ignore_eos": True, "cache_prompt": False, "return_tokens": True, "n_probs": n_probs})
-        probs = [[(p["id"], p["logprob"]) for p in step.get("top_logprobs", [])]
-                 for step in r.get("completion_probabilities", [])]
+        # One entry per emitted piece of text: a token that ends inside a UTF-8 character has
+        # none, so the entries are matched to the tokens by their own "id" (None where missing).
+        entries = r.get("completion_probabilities", [])
+        probs: list = [None] * len(r["tokens"])
+        j = 0
+        for i, t in enumerate(r["tokens"]):
+            if j < len(entries) and entries[j]["id"] == t:
+                probs[i] = [(p["id"], p["logprob"]) for p in entries[j].get("top_logprobs", [])]
+                j += 1
         return {"tokens": r["tokens"], "probs": probs}
 
 

@@ -47,11 +47,21 @@ class Toolchain:
         out = []
         for name, p in self.tools.items():
             real = os.path.realpath(p)
-            out.append(os.path.dirname(os.path.dirname(real)))
+            out.append(_install_dir(real))
             if name == "python":  # a venv's site-packages lives in sys.prefix, the stdlib in base_prefix
                 out += [sys.prefix, sys.base_prefix]
         out += [os.path.dirname(os.path.realpath(p)) for p in self.extra.values() if os.path.isabs(p)]
         return sorted(set(out))
+
+
+def _install_dir(tool: str) -> str:
+    """``<prefix>`` of ``<prefix>/bin/<tool>``; just the tool's folder where that prefix would be
+    ``/``, a home folder or ``/home`` (a binary in ``~/bin`` must not show the whole home)."""
+    prefix = os.path.dirname(os.path.dirname(tool))
+    homes = {"/", "/root", "/home", os.path.expanduser("~")}
+    if prefix in homes or os.path.dirname(prefix) == "/home":
+        return os.path.dirname(tool)
+    return prefix
 
 
 @dataclass(frozen=True)

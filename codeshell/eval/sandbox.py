@@ -229,14 +229,15 @@ class Sandbox:
         """Per-run binds: toolchain folders outside the system view (read-only), then the working
         folder (read-write). Folders bwrap would create on the way get mode 0755 (it makes them
         0700, which the sandbox uid could not enter)."""
-        visible = ["/usr", "/etc", "/proc", "/dev", "/tmp"]
+        shown = ["/usr", "/etc"]  # host content already in the view (read-only)
+        exists = ["/proc", "/dev", "/tmp"]  # folders of the view with nothing of the host in them
         made: set[str] = set()
         a: list[str] = []
 
         def parents(p: str) -> None:
             anc = os.path.dirname(p)
             chain = []
-            while anc not in ("/", "") and not _under(anc, visible) and anc not in made:
+            while anc not in ("/", "", *exists) and not _under(anc, shown) and anc not in made:
                 chain.append(anc)
                 anc = os.path.dirname(anc)
             for d in reversed(chain):
@@ -244,11 +245,11 @@ class Sandbox:
                 made.add(d)
 
         for p in dict.fromkeys(os.path.realpath(x) for x in ro_paths):
-            if _under(p, visible) or not os.path.exists(p):
+            if p == "/" or _under(p, shown) or not os.path.exists(p):
                 continue
             parents(p)
             a += ["--ro-bind", p, p]
-            visible.append(p)
+            shown.append(p)
         wd = str(cwd)
         parents(wd)
         a += ["--bind", wd, wd, "--chdir", wd]

@@ -226,3 +226,35 @@ def test_wait_without_pidfd(box, monkeypatch):
     assert (r.returncode, r.stdout, r.timed_out) == (0, "ok\n", False)
     r = py(box, "import time\ntime.sleep(30)\n", Limits(wall_s=1))
     assert r.timed_out and r.wall_s < 5
+
+
+def test_extra_read_only_folders_are_shown_and_nothing_beside_them(box, tmp_path):
+    """A toolchain folder outside /usr (here one under the host's /tmp, which the sandbox
+    replaces with its own) is shown read-only at its path; its neighbours are not there."""
+    if not isolated():
+        pytest.skip(probe_isolation().message)
+    tool = tmp_path / "toolchain"
+    (tool / "bin").mkdir(parents=True)
+    (tool / "bin" / "data.txt").write_text("toolchain file")
+    (tmp_path / "neighbour.txt").write_text("secret")
+    for p in (tmp_path, tool, tool / "bin"):
+        os.chmod(p, 0o755)
+    os.chmod(tool / "bin" / "data.txt", 0o644)
+    code = (f"import os\nprint(open({str(tool / 'bin' / 'data.txt')!r}).read())\n"
+            f"print(os.path.exists({str(tmp_path / 'neighbour.txt')!r}))\n"
+            f"try:\n    open({str(tool / 'bin' / 'new')!r}, 'w')\nexcept OSError as e:\n    print('ro', e.errno)\n")
+    with box.workdir() as wd:
+        (wd / "p.py").write_text(code)
+        box.chown_tree(wd)
+        tc = L.find_toolchain("py")
+        r = box.run([tc.tools["python"], "-I", "p.py"], wd, Limits(wall_s=10), ro_paths=[*tc.ro_paths, str(tool)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["toolchain file", "False", "ro 30"]  # EROFS
+
+
+def test_install_dir_never_shows_a_whole_home():
+    assert L._install_dir("/opt/julia-1.10/bin/julia") == "/opt/julia-1.10"
+    assert L._install_dir("/root/.rustup/toolchains/stable/bin/rustc") == "/root/.rustup/toolchains/stable"
+    assert L._install_dir("/root/bin/tool") == "/root/bin"
+    assert L._install_dir("/home/ann/bin/tool") == "/home/ann/bin"
+    assert L._install_dir("/bin/tool") == "/bin"

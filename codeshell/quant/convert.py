@@ -100,6 +100,10 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, scheme
     cfg = load_config(src)
     if cfg.quantization:
         raise QuantError(f"{src} is already quantized ({cfg.quantization}); quantize the original checkpoint")
+    from .nf4 import is_nf4_checkpoint
+    if is_nf4_checkpoint(src):
+        raise QuantError(f"{src} is a bitsandbytes NF4 checkpoint; quantize the original checkpoint "
+                         "(LLM(path, quantization=...) re-quantizes NF4 in memory)")
     check_scheme_fits(cfg, scheme)
     out = Path(out)
     if out.resolve() == src.resolve():

@@ -303,3 +303,14 @@ def test_cli_says_one_line(hf_ckpts, tmp_path):
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "fp4" in lines[0] and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("which", ["hf", "list"])
+def test_codeshell_quantize_refuses_nf4(hf_ckpts, list_ckpts, tmp_path, which):
+    """Before, `codeshell quantize` read the transformers layout's packed bytes as float weights."""
+    from typer.testing import CliRunner
+    from codeshell.quant.cli import app
+    src = hf_ckpts[("nested", "float32")] if which == "hf" else list_ckpts["nested"]
+    r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--bits", "8"])
+    assert r.exit_code != 0 and "bitsandbytes NF4 checkpoint" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out" / "config.json").exists()

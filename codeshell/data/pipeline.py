@@ -147,7 +147,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike | dict, output_dir: str 
                  executor: str | None = None, workers: int | None = None, overwrite: bool = False,
                  quiet: bool = False, report: bool = True) -> dict:
     """Run (or resume) a pipeline into `output_dir`; returns the merged statistics per stage."""
-    from codeshell.data.executors import make_executor
+    from codeshell.data.executors import make_executor, stop_on_signals
 
     if not isinstance(pipeline, Pipeline):
         pipeline = load_pipeline(pipeline)
@@ -168,13 +168,16 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike | dict, output_dir: str 
     else:
         write_json_atomic(fp_path, pipeline.fingerprint())
     clean_tmp(out)  # leftovers of a killed run: never read, removed before starting
-    ex = make_executor(executor or pipeline.executor, workers or pipeline.workers, pipeline.ray_address)
-    try:
-        with _Progress(quiet) as prog:
-            stats = _run_steps(pipeline, out, ex, prog)
-    finally:
-        ex.close()
-        clean_tmp(out)  # temporary files of failed tasks are deleted by them; this drops the folders
+    with stop_on_signals():  # SIGTERM/SIGHUP: stop workers / our Ray instance, then exit
+        ex = make_executor(executor or pipeline.executor, workers or pipeline.workers, pipeline.ray_address)
+        ok = False
+        try:
+            with _Progress(quiet) as prog:
+                stats = _run_steps(pipeline, out, ex, prog)
+            ok = True
+        finally:
+            ex.close(abort=not ok)
+            clean_tmp(out)  # temporary files of failed tasks are deleted by them; this drops the folders
     write_json_atomic(out / "stats.json", stats)
     if report:
         from codeshell.data.report import write_report

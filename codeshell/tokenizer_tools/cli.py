@@ -90,7 +90,7 @@ def eval_(tokenizers: list[str] = typer.Argument(..., help="tokenizer.json files
           code: list[Path] = typer.Option(None, "--code"),
           as_json: bool = typer.Option(False, "--json")):
     """Characters per token by category (Chinese, English, code, per language), side by side."""
-    from codeshell.tokenizer_tools.corpus import iter_texts
+    from codeshell.tokenizer_tools.corpus import iter_records
     from codeshell.tokenizer_tools.evaluate import chars_per_token, format_table, load_tokenizer_any
 
     if not (corpus or chinese or english or code):
@@ -104,11 +104,11 @@ def eval_(tokenizers: list[str] = typer.Argument(..., help="tokenizer.json files
     texts, forced = [], {}
     try:
         for paths, cat in ((corpus, None), (chinese, "chinese"), (english, "english"), (code, "code")):
-            for name, t in iter_texts(paths or []):
-                texts.append((name, t))
+            for name, t, lang in iter_records(paths or []):  # a JSONL record keeps its own language
+                texts.append((name, t, lang))
                 if cat:
                     forced[name] = cat
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
         _fail(str(e))
     result = chars_per_token(toks, texts, forced)
     typer.echo(json.dumps(result, indent=1) if as_json else format_table(result))

@@ -26,15 +26,43 @@ def iter_files(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
 
 def iter_texts(paths: Iterable[str | os.PathLike], max_file_bytes: int = 2_000_000) -> Iterator[tuple[str, str]]:
     """(name, text) for every UTF-8 text file, or every JSONL record's `text`/`content`."""
+    for name, text, _ in iter_records(paths, max_file_bytes):
+        yield name, text
+
+
+def _record_language(r: dict) -> str | None:
+    """A JSONL record's own language: its `lang`/`language` field (the data pipeline's and The
+    Stack's), else what its `path` says; None when it says neither."""
+    from codeshell.data.languages import canonical, language_of
+
+    for k in ("lang", "language"):
+        if isinstance(r.get(k), str) and r[k].strip():
+            return canonical(r[k])
+    for k in ("path", "max_stars_repo_path", "file_path"):
+        if isinstance(r.get(k), str) and r[k]:
+            return language_of(r[k], "")
+    return None
+
+
+def iter_records(paths: Iterable[str | os.PathLike],
+                 max_file_bytes: int = 2_000_000) -> Iterator[tuple[str, str, str | None]]:
+    """(name, text, language) for every UTF-8 text file (language None: judge by the name) and
+    every JSONL record, whose language is its own (`lang`, `language` or `path` field), never
+    the shard file's: a pipeline shard `shard-00000.jsonl` holds Python, C, Markdown, ..."""
     for f in iter_files(paths):
         if f.suffix == ".jsonl":
             with open(f, encoding="utf-8") as fh:
                 for i, line in enumerate(fh):
                     if line.strip():
-                        r = json.loads(line)
+                        try:
+                            r = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{f}, line {i + 1}: not a JSON record ({e.msg})") from None
+                        if not isinstance(r, dict):
+                            raise ValueError(f"{f}, line {i + 1}: not a JSON object")
                         t = r.get("text") if isinstance(r.get("text"), str) else r.get("content")
                         if isinstance(t, str):
-                            yield f"{f}:{i}", t
+                            yield f"{f}:{i}", t, _record_language(r) or ""
             continue
         try:
             if f.stat().st_size > max_file_bytes:
@@ -45,6 +73,6 @@ def iter_texts(paths: Iterable[str | os.PathLike], max_file_bytes: int = 2_000_0
         if b"\0" in data[:8000]:
             continue
         try:
-            yield str(f), data.decode("utf-8")
+            yield str(f), data.decode("utf-8"), None
         except UnicodeDecodeError:
             continue

@@ -18,13 +18,19 @@ CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\
 PROSE = {"text", "markdown", "restructuredtext", None}
 
 
-def categorize(name: str, text: str) -> list[str]:
-    """Categories a text counts in: 'chinese', 'english', or 'code' plus 'code:<language>'."""
+def categorize(name: str, text: str, lang: str | None = None) -> list[str]:
+    """Categories a text counts in: 'chinese', 'english', or 'code' plus 'code:<language>'.
+    `lang`: the text's own language where its source says it (a JSONL record's `lang`);
+    "" when the source says nothing (then its content decides, never the name of the file
+    holding it); None: judge by `name` as a file name."""
     from codeshell.data.languages import language_of
 
     if text and len(CJK.findall(text)) / len(text) >= 0.3:
         return ["chinese"]
-    lang = language_of(name.split(":", 1)[0] if not Path(name).exists() else name, "")
+    if lang == "":
+        lang = language_of(None, text)
+    elif lang is None:
+        lang = language_of(name.split(":", 1)[0] if not Path(name).exists() else name, "")
     if lang in PROSE:
         return ["english"]
     return ["code", f"code:{lang}"]
@@ -44,9 +50,10 @@ def load_tokenizer_any(spec: str | Path):
     return Tokenizer.from_pretrained(str(spec))
 
 
-def chars_per_token(tokenizers: dict[str, object], texts: Iterable[tuple[str, str]],
+def chars_per_token(tokenizers: dict[str, object], texts: Iterable[tuple],
                     categories: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
-    """{tokenizer: {category: chars per token}}; `categories` forces one category per name."""
+    """{tokenizer: {category: chars per token}} over `(name, text)` or `(name, text, language)`
+    items (see `categorize`); `categories` forces one category per name."""
     chars: dict[str, int] = defaultdict(int)
     toks: dict[str, dict[str, int]] = {k: defaultdict(int) for k in tokenizers}
     batch: list[tuple[list[str], str]] = []
@@ -59,10 +66,10 @@ def chars_per_token(tokenizers: dict[str, object], texts: Iterable[tuple[str, st
                     toks[name][c] += len(e.ids)
         batch.clear()
 
-    for name, text in texts:
+    for name, text, *lang in texts:
         if not text:
             continue
-        cats = [categories[name]] if categories and name in categories else categorize(name, text)
+        cats = [categories[name]] if categories and name in categories else categorize(name, text, *lang)
         for c in cats:
             chars[c] += len(text)
         batch.append((cats, text))

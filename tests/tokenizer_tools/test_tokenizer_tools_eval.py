@@ -57,3 +57,32 @@ def test_cli_eval_side_by_side(tmp_path, tokenizer_dir, code):
     assert table.splitlines()[0] == "| tokenizer | chinese | english | code | code:python |"
     r = CliRunner().invoke(app, ["eval", str(tokenizer_dir)])
     assert r.exit_code == 2 and "--corpus" in r.output
+
+
+def test_cli_eval_on_pipeline_shards_uses_each_records_language(tmp_path, tokenizer_dir, code):
+    """The data pipeline's JSONL shards mix languages: each record counts under its own
+    language (its `lang`, else its `path`), never `code:json` from the shard's file name."""
+    from codeshell.data import run_pipeline
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text(code[0][1])
+    (src / "b.c").write_text("#include <stdio.h>\n\nint main(void) {\n    printf(\"hi\\n\");\n    return 0;\n}\n")
+    (src / "notes.md").write_text("# Notes\n\nThis is an English paragraph about the project. " * 5)
+    out = tmp_path / "out"
+    stats = run_pipeline({"workers": 1, "stages": [{"ingest": {"sources": [{"type": "folder", "path": str(src)}]}},
+                                                   "langid"]}, out, quiet=True, report=False)
+    shards = [out / s for s in stats["_final_shards"]]
+    assert len(shards) == 1 and shards[0].name.endswith(".jsonl")
+    extra = tmp_path / "stack.jsonl"  # The Stack's shape: a path but no language column
+    extra.write_text(json.dumps({"content": "fn main() { println!(\"hi\"); }\n", "max_stars_repo_path": "src/m.rs"})
+                     + "\n" + json.dumps({"content": "Just some plain words in a sentence here."}) + "\n")
+    r = CliRunner().invoke(app, ["eval", str(tokenizer_dir), "--corpus", str(shards[0]), "--corpus", str(extra),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    cats = set(next(iter(json.loads(r.output).values())))
+    assert cats == {"english", "code", "code:python", "code:c", "code:rust"}, cats
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    r = CliRunner().invoke(app, ["eval", str(tokenizer_dir), "--corpus", str(bad)])
+    assert r.exit_code == 2 and "line 2" in r.output and "Traceback" not in r.output

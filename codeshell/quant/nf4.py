@@ -518,8 +518,9 @@ def write_nf4_checkpoint(src_state: dict[str, torch.Tensor], cfg: CodeShellConfi
     As the released quantizer did (bitsandbytes 0.41 ``Params4bit.cuda``): each block linear's
     weight is cast to float16 and quantized with ``quantize_4bit(blocksize=64, quant_type='nf4',
     compress_statistics=nested)``; its bytes go to ``<name>.data`` and its state, as 0.41's list, to
-    ``<name>.quant_state``. Everything else is stored in bfloat16, plus ``lm_head.weight`` (the
-    released loader reads one) when the head is tied.
+    ``<name>.quant_state``. Everything else is stored in bfloat16, plus what the released
+    loader (its quantizer.py's ``load_state_dict_for_quantized_model``) reads besides:
+    ``lm_head.weight`` when the head is tied and each layer's ``attn.rotary_emb.inv_freq``.
     """
     bnbf = _bnb()
     out = Path(out)
@@ -535,6 +536,11 @@ def write_nf4_checkpoint(src_state: dict[str, torch.Tensor], cfg: CodeShellConfi
             sd[name] = t.to(torch.bfloat16)
     if "lm_head.weight" not in sd and "transformer.wte.weight" in sd:
         sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
+    if cfg.position_embedding_type == "rope":  # the official model's rotary buffer, float32
+        d = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d))
+        for i in range(cfg.n_layer):
+            sd[f"transformer.h.{i}.attn.rotary_emb.inv_freq"] = inv_freq.clone()
     torch.save(sd, out / "pytorch_model.bin")
     (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": "bfloat16"}, indent=2))
     return out

@@ -29,15 +29,16 @@ CFG = CodeShellConfig(vocab_size=512, n_embd=64, n_layer=2, n_head=4, num_query_
                       n_positions=256)
 LINEARS = [f"transformer.h.{i}.{n}" for i in range(CFG.n_layer) for n in BLOCK_LINEARS]
 TOL = 1e-3  # max |difference in log-probability| allowed against bitsandbytes (issue 15)
-HF_CASES = [("nested", "float32"), ("plain", "float32"), ("nested", "bfloat16")]
+HF_CASES = [("nested", "float32", "uint8"), ("plain", "float32", "uint8"), ("nested", "bfloat16", "uint8"),
+            ("nested", "float32", "bfloat16")]  # (statistics, model dtype, bnb_4bit_quant_storage)
 LIST_CASES = ["nested", "plain"]
 
 
-def _hf_quantize(src, out, nested: bool, dtype: str):
+def _hf_quantize(src, out, nested: bool, dtype: str, storage: str = "uint8"):
     """What a user does today: load with BitsAndBytesConfig(nf4), then save_pretrained."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=nested,
-                           bnb_4bit_compute_dtype=torch.float32)
+                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=getattr(torch, storage))
     m = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, device_map="cpu", dtype=getattr(torch, dtype))
     m.save_pretrained(out)
     return out
@@ -51,7 +52,7 @@ def src(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_ckpts(src, tmp_path_factory):
     root = tmp_path_factory.mktemp("nf4hf")
-    return {c: _hf_quantize(src, root / f"{c[0]}-{c[1]}", c[0] == "nested", c[1]) for c in HF_CASES}
+    return {c: _hf_quantize(src, root / "-".join(c), c[0] == "nested", c[1], c[2]) for c in HF_CASES}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def _compare(llm, ref):
 
 def test_transformers_fixture_is_the_transformers_layout(hf_ckpts):
     from safetensors import safe_open
-    path = hf_ckpts[("nested", "float32")]
+    path = hf_ckpts[("nested", "float32", "uint8")]
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     p = "transformer.h.0.attn.c_attn.weight"
@@ -139,14 +140,17 @@ def test_transformers_fixture_is_the_transformers_layout(hf_ckpts):
             p + ".quant_state.bitsandbytes__nf4"} <= keys
     q = json.loads((path / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "bitsandbytes" and q["bnb_4bit_quant_type"] == "nf4" and q["load_in_4bit"]
-    with safe_open(str(hf_ckpts[("plain", "float32")] / "model.safetensors"), "pt") as f:
+    with safe_open(str(hf_ckpts[("plain", "float32", "uint8")] / "model.safetensors"), "pt") as f:
         assert p + ".absmax" in f.keys() and p + ".nested_absmax" not in f.keys()
+    with safe_open(str(hf_ckpts[("nested", "float32", "bfloat16")] / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(p).dtype == torch.bfloat16  # the packed bytes in bnb_4bit_quant_storage
 
 
 @pytest.mark.parametrize("case", LIST_CASES)
 def test_list_fixture_is_the_041_layout(list_ckpts, case):
     raw = torch.load(list_ckpts[case] / "pytorch_model.bin", weights_only=True)  # torch's allow-list only
     assert "transformer.h.0.attn.c_attn.weight" not in raw and "lm_head.weight" in raw
+    assert raw["transformer.h.1.attn.rotary_emb.inv_freq"].dtype == torch.float32  # the released loader reads it
     data = raw["transformer.h.0.mlp.c_fc.weight.data"]
     assert data.dtype == torch.uint8 and data.shape == (CFG.ffn_dim * CFG.n_embd // 2, 1)
     absmax, shape, dtype, blocksize, nested, qt, code = raw["transformer.h.0.mlp.c_fc.weight.quant_state"]
@@ -216,7 +220,7 @@ def test_list_layout_matches_bitsandbytes(list_ckpts, case):
 
 def test_requantizing_is_opt_in_and_stated(hf_ckpts):
     """quantization="int8" re-quantizes the NF4 weights: faster kernels, not bitsandbytes' numbers."""
-    path = hf_ckpts[("nested", "float32")]
+    path = hf_ckpts[("nested", "float32", "uint8")]
     llm = LLM(path, dtype="float32", quantization="int8")
     assert llm.config.quantization["bits"] == 8
     assert not any(isinstance(m, NF4Linear) for m in llm.model.modules())
@@ -285,7 +289,7 @@ P = "transformer.h.1.mlp.c_fc.weight"
     (None, lambda q: q.update(quant_method="gptq"), "quant_method` is 'gptq'"),
 ])
 def test_corrupt_transformers_checkpoint_is_clear(hf_ckpts, tmp_path, edit_t, edit_c, msg):
-    path = _copy(hf_ckpts[("nested", "float32")], tmp_path / "ckpt")
+    path = _copy(hf_ckpts[("nested", "float32", "uint8")], tmp_path / "ckpt")
     if edit_t:
         _edit_tensors(path, edit_t)
     if edit_c:
@@ -297,7 +301,7 @@ def test_corrupt_transformers_checkpoint_is_clear(hf_ckpts, tmp_path, edit_t, ed
 def test_cli_says_one_line(hf_ckpts, tmp_path):
     from typer.testing import CliRunner
     from codeshell.cli import app
-    path = _copy(hf_ckpts[("nested", "float32")], tmp_path / "ckpt")
+    path = _copy(hf_ckpts[("nested", "float32", "uint8")], tmp_path / "ckpt")
     _edit_config(path, lambda q: q.update(bnb_4bit_quant_type="fp4"))
     r = CliRunner().invoke(app, ["generate", "x", "--model", str(path)])
     assert r.exit_code == 2, r.output
@@ -310,7 +314,7 @@ def test_codeshell_quantize_refuses_nf4(hf_ckpts, list_ckpts, tmp_path, which):
     """Before, `codeshell quantize` read the transformers layout's packed bytes as float weights."""
     from typer.testing import CliRunner
     from codeshell.quant.cli import app
-    src = hf_ckpts[("nested", "float32")] if which == "hf" else list_ckpts["nested"]
+    src = hf_ckpts[("nested", "float32", "uint8")] if which == "hf" else list_ckpts["nested"]
     r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--bits", "8"])
     assert r.exit_code != 0 and "bitsandbytes NF4 checkpoint" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "out" / "config.json").exists()

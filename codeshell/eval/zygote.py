@@ -9,9 +9,10 @@ as a fresh run:
 
 * the child chdirs into the program's own fresh folder, sets the program's rlimits (CPU,
   address space, processes, file size, no core), gets the scrubbed environment, stdin on
-  /dev/null and stdout/stderr on files, then runs the file as ``__main__`` the way
-  ``python prog.py`` would (exit status, uncaught exception -> traceback and status 1,
-  ``SystemExit`` codes, atexit handlers);
+  /dev/null and stdout/stderr on anonymous files in the private /tmp (the server reads their
+  tails and sends them back: the harness reads nothing a program could swap for a link), then
+  runs the file as ``__main__`` the way ``python prog.py`` would (exit status, uncaught
+  exception -> traceback and status 1, ``SystemExit`` codes, atexit handlers);
 * after each program the server kills every other process of the sandbox (``kill(-1)``: the
   program's leftovers, double-forked or not; it is their subreaper), reaps them and empties
   the private ``/tmp``, so one program cannot outlive its turn or leave files for the next;
@@ -40,7 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from codeshell.eval.sandbox import Limits, ProcResult, Sandbox, _rmtree, _tail
+from codeshell.eval.sandbox import TAIL_BYTES, Limits, ProcResult, Sandbox, _rmtree, _tail
 
 # Runs inside the sandbox as `python -S -s -c SERVER`; one JSON request per line on stdin,
 # one JSON reply per line on stdout.
@@ -54,6 +55,7 @@ proto_in = os.fdopen(os.dup(0), "rb")
 proto_out = os.fdopen(os.dup(1), "w")
 null = os.open("/dev/null", os.O_RDWR)
 os.dup2(null, 0); os.dup2(null, 1)
+TAIL = %d
 LIMITS = {"cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS, "nproc": resource.RLIMIT_NPROC,
           "fsize": resource.RLIMIT_FSIZE}
 
@@ -160,6 +162,11 @@ def clean_tmp_all(path):
         except OSError:
             pass
 
+def tail(fd, n=TAIL):
+    size = os.fstat(fd).st_size
+    os.lseek(fd, max(0, size - n), os.SEEK_SET)
+    return os.read(fd, n).decode("utf-8", errors="replace")
+
 def kill_all():
     try:
         os.kill(-1, signal.SIGKILL)  # every process we may signal but ourselves and init
@@ -177,8 +184,10 @@ while True:
     if not line:
         break
     req = json.loads(line)
-    out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Output goes to anonymous files in the private /tmp that only we (and the child, through
+    # its fds 1 and 2) hold: nothing a program could swap for a link, and we send the tails back.
+    out = os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
+    err = os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -186,7 +195,6 @@ while True:
             child(req, out, err)
         finally:
             os._exit(70)
-    os.close(out); os.close(err)
     fd = os.pidfd_open(pid)
     p = select.poll(); p.register(fd, select.POLLIN)
     timed_out = not p.poll(req["wall"] * 1000)
@@ -199,12 +207,16 @@ while True:
     _, status, ru = os.wait4(pid, 0)
     wall = time.monotonic() - start
     kill_all()
+    tails = [tail(out), tail(err)]
+    os.close(out); os.close(err)
     clean_tmp()
     proto_out.write(json.dumps({"rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out,
-                                "cpu": ru.ru_utime + ru.ru_stime, "wall": wall}) + "\n")
+                                "cpu": ru.ru_utime + ru.ru_stime, "wall": wall,
+                                "stdout": tails[0], "stderr": tails[1]}) + "\n")
     proto_out.flush()
 '''
 
+SERVER = SERVER.replace("TAIL = %d", f"TAIL = {TAIL_BYTES}")
 SERVER_MARGIN_S = 10.0  # how long past a program's wall limit the server may take to answer
 
 
@@ -227,10 +239,6 @@ class PythonServer:
         # are): a program cannot plant files where the server would look.
         self.root = Path(tempfile.mkdtemp(prefix="codeshell-pysrv-"))
         os.chmod(self.root, 0o755)
-        self.io = self.root / "io"
-        self.io.mkdir(mode=0o700)
-        if self.box.uid is not None:
-            os.chown(self.io, self.box.uid, self.box.uid)
         # The server's own limits are loose (a day of CPU: it only forks and waits); each
         # program sets its own in its child.
         cmd = self.box.command([self.python, "-S", "-s", "-c", SERVER],
@@ -300,8 +308,7 @@ class PythonServer:
         lim = {"cpu": cpu, "nproc": limits.nproc, "fsize": limits.fsize_mb << 20}
         if limits.memory_mb is not None:
             lim["as"] = limits.memory_mb << 20
-        req = {"dir": str(cwd), "file": filename, "stdout": str(self.io / "stdout"), "stderr": str(self.io / "stderr"),
-               "wall": limits.wall_s, "limits": lim,
+        req = {"dir": str(cwd), "file": filename, "wall": limits.wall_s, "limits": lim,
                "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(cwd), "TMPDIR": "/tmp", "LANG": "C.UTF-8",
                        "LC_ALL": "C.UTF-8", **env}}
         start = time.monotonic()
@@ -312,20 +319,12 @@ class PythonServer:
         except (OSError, ValueError):
             reply = None
         wall = time.monotonic() - start
-        stdout, stderr = (_read_tail(self.io / n) for n in ("stdout", "stderr"))
         if reply is None:  # the program killed or stopped the server: its run is an error
-            stderr += "\nthe sandboxed Python server died or stopped answering during this program\n"
+            stderr = "the sandboxed Python server died or stopped answering during this program\n"
             self.close()
-            return ProcResult(-signal.SIGKILL, wall >= limits.wall_s + SERVER_MARGIN_S, stdout, stderr, wall)
+            return ProcResult(-signal.SIGKILL, wall >= limits.wall_s + SERVER_MARGIN_S, "", stderr, wall)
+        stdout, stderr = str(reply["stdout"]), str(reply["stderr"])
         rc = int(reply["rc"])
         timed_out = bool(reply["timed_out"]) or (
             rc != 0 and (rc == -signal.SIGXCPU or float(reply["cpu"]) >= cpu - 0.05))
         return ProcResult(rc, timed_out, stdout, stderr, float(reply["wall"]))
-
-
-def _read_tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            return _tail(f)
-    except OSError:
-        return ""

@@ -318,7 +318,7 @@ def attack():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     hit = []
     for pid, sig in [({os.getpid()}, signal.SIGTERM), ({os.getpid()}, 0), ({canary.pid}, signal.SIGKILL),
-                     (1, signal.SIGKILL), (-1, signal.SIGKILL)]:
+                     (1, signal.SIGKILL)]:
         try:
             os.kill(pid, sig)
             hit.append((pid, sig))
@@ -329,11 +329,26 @@ def attack():
 ''')
     for pid, errno_ in ((os.getpid(), 3), (canary.pid, 3), (1, 1)):  # ESRCH: not there; EPERM: the sandbox's init
         assert f"kill {pid} blocked {errno_}" in out.stderr, out.stderr
-    if box[1] is None:
-        assert out.status == L.FAILED and "signalled: []" in out.stderr
-    else:  # kill(-1) reaches the only other process of its uid in there: the sandboxed server
-        assert out.status == L.ERROR and "server died" in out.stderr
+    assert out.status == L.FAILED and "signalled: []" in out.stderr
     assert canary.poll() is None  # the host process of the same uid is alive
+
+
+def test_kill_every_process_it_may(box, canary):
+    out = attack(box, '''
+def attack():
+    try:
+        os.kill(-1, 9)  # every process of its uid that it can see, but itself and init
+        print("kill -1: signalled something", file=sys.stderr)
+        return True
+    except OSError as e:
+        print("kill -1: blocked", e.errno, file=sys.stderr)
+        return False
+''')
+    if box[1] is None:
+        assert out.status == L.FAILED and "kill -1: blocked 3" in out.stderr  # nothing else is there
+    else:  # the only other process of its uid in there is the sandboxed server: its run is an error
+        assert out.status == L.ERROR and "server died" in out.stderr
+    assert canary.poll() is None
 
 
 def test_ptrace(box, canary):

@@ -11,8 +11,11 @@ DEST=${CODESHELL_LLAMACPP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/codeshell/llama.c
 BIN="$DEST/build/bin"
 STAMP="$DEST/.codeshell-built"
 
+# GGML_NATIVE builds for this CPU's instruction sets: a cache built on another CPU is rebuilt.
+cpu() { grep -m1 '^flags' /proc/cpuinfo | md5sum | cut -c1-16; }
+
 works() {
-    [ -f "$STAMP" ] || return 1
+    [ -f "$STAMP" ] && grep -q "cpu $(cpu)" "$STAMP" || return 1
     for t in llama-server llama-bench llama-simple llama-quantize; do
         [ -x "$BIN/$t" ] || return 1
     done
@@ -46,6 +49,6 @@ echo "llama.cpp: building into $DEST (once per machine; ~15-30 min on 2 cores)"
 # Built in place (the build tree's RPATHs are absolute, so it cannot be moved afterwards); the
 # stamp is written last, so an interrupted build is redone, not used.
 bash "$BUILD" "$DEST"
-"$BIN/llama-server" --version 2>&1 | grep -m1 '^version' > "$STAMP"
+echo "$("$BIN/llama-server" --version 2>&1 | grep -m1 '^version'); cpu $(cpu)" > "$STAMP"
 works || { echo "error: llama.cpp built into $DEST but its programs do not run" >&2; exit 1; }
 echo "llama.cpp: built $(cat "$STAMP")"

@@ -116,3 +116,13 @@ def test_llamacpp_converter_file_loads_in_ours(bin_dir, src, fim, tmp_path):
     # And the reason our export writes output.weight for a tied head: llama.cpp refuses this file.
     with pytest.raises(LlamaCppError, match="output.weight"):
         LlamaServer(bin_dir, out, threads=1, ctx=256).stop()
+
+
+def test_bench_compare_without_llamacpp_is_one_line(tmp_path):
+    """`codeshell bench --compare-llamacpp DIR` on a folder without llama.cpp: one error line, exit 2."""
+    from typer.testing import CliRunner
+
+    from codeshell.cli import app
+    r = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--compare-llamacpp", str(tmp_path)])
+    assert r.exit_code == 2
+    assert f"error: {tmp_path} has no llama-bench" in r.output and "Traceback" not in r.output

@@ -450,3 +450,33 @@ def attack():
         assert second.status == L.FAILED and "others: [] left: False" in second.stderr
     finally:
         srv.close()
+
+
+def test_other_languages_get_the_same_sandbox(sandbox, canary):
+    """MultiPL-E programs run in a fresh sandbox each: the same attacks from JavaScript."""
+    if L.find_toolchain("js") is None:
+        pytest.skip(L.missing_reason("js"))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    prog = f"""
+const fs = require('fs'), net = require('net'), assert = require('node:assert');
+let got = [];
+try {{ if (fs.readFileSync('/etc/shadow', 'utf8').length > 0) got.push('shadow'); }} catch (e) {{}}
+try {{ if (fs.readFileSync('/proc/{canary.pid}/environ').includes('{SECRET}')) got.push('environ'); }} catch (e) {{}}
+for (const p of ['{REPO}', '/home', '/work']) if (fs.existsSync(p)) got.push(p);
+try {{ process.kill({canary.pid}, 'SIGKILL'); got.push('kill'); }} catch (e) {{}}
+const s = net.connect({srv.getsockname()[1]}, '127.0.0.1');
+s.on('connect', () => {{ got.push('net'); finish(); }});
+s.on('error', () => finish());
+function finish() {{
+  console.error('got: ' + JSON.stringify(got));
+  assert.deepEqual(got.length, 5);
+}}
+"""
+    try:
+        out = run_program(sandbox, "js", prog, ExecOptions(timeout_factor=2.0))
+    finally:
+        srv.close()
+    assert out.status == L.FAILED and 'got: []' in out.stderr, out
+    assert canary.poll() is None

@@ -175,7 +175,11 @@ def run_tasks(tasks: Sequence[Task], backend, settings, output: Path, opts: Exec
               console: Console | None = None, show_progress: bool = True, sandbox: str | None = None) -> list[dict]:
     """Generate (resuming what ``output`` already holds) and score each task; returns the summaries."""
     from codeshell.eval.generation import check_run_settings, fingerprint, generate_samples
+    from codeshell.eval.sandbox import SandboxUnavailable, probe_isolation, unavailable_message
 
+    info = probe_isolation()
+    if not info.isolated and not opts.allow_unsafe:  # refuse before any generation is spent
+        raise SandboxUnavailable(unavailable_message(info))
     console = console or Console()
     summaries = []
     for task in tasks:

@@ -258,3 +258,42 @@ def test_install_dir_never_shows_a_whole_home():
     assert L._install_dir("/root/bin/tool") == "/root/bin"
     assert L._install_dir("/home/ann/bin/tool") == "/home/ann/bin"
     assert L._install_dir("/bin/tool") == "/bin"
+
+
+def test_non_root_user_gets_the_same_sandbox():
+    """Run by a normal user, bubblewrap isolates through an unprivileged user namespace: checked
+    here by running the sandbox module as `nobody` with the system Python."""
+    import subprocess
+
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/python3") or not isolated():
+        pytest.skip("needs root (to become nobody), /usr/bin/python3 and a working sandbox")
+    import shutil
+    import tempfile
+
+    src = Path(__file__).resolve().parents[2] / "codeshell" / "eval" / "sandbox.py"
+    tmp_path = Path(tempfile.mkdtemp())  # (pytest's tmp_path is in a folder nobody cannot enter)
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "sandbox.py").write_bytes(src.read_bytes())  # nobody may not read the project either
+    os.chmod(tmp_path / "sandbox.py", 0o644)
+    script = (
+        "import sys, importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('sbx', {str(tmp_path / 'sandbox.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['sbx'] = m; spec.loader.exec_module(m)\n"
+        "info = m.probe_isolation(); print(info.mode)\n"
+        "sb = m.Sandbox(0)\n"
+        "with sb.workdir() as wd:\n"
+        "    open(wd / 'p.py', 'w').write('import os\\n"
+        "print(os.getuid(), sorted(p for p in os.listdir(\"/proc\") if p.isdigit()), "
+        "open(\"/proc/self/status\").read().split(\"CapEff:\")[1].split()[0], "
+        "[p for p in (\"/root\", \"/home\", \"/work\") if os.path.exists(p)])')\n"
+        "    r = sb.run(['/usr/bin/python3', 'p.py'], wd, m.Limits(wall_s=10))\n"
+        "    print(r.returncode, r.stdout.strip(), r.stderr.strip())\n"
+    )
+    try:
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                            script], capture_output=True, text=True, cwd="/", timeout=60,
+                           env={"PATH": "/usr/bin:/bin"})
+    finally:
+        shutil.rmtree(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [x.strip() for x in r.stdout.splitlines()] == ["bwrap", "0 65534 ['1', '2'] 0000000000000000 []"], r.stdout

@@ -32,6 +32,9 @@ def serve(
     prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache",
                                                help="Reuse KV of shared prompt prefixes.")] = True,
     max_body: Annotated[int, typer.Option(min=1024, help="Largest request body in bytes.")] = 4 * 1024 * 1024,
+    prompt_lookup: Annotated[int, typer.Option(
+        "--prompt-lookup", min=0, max=64,
+        help="Prompt-lookup decoding: draft up to N tokens a step from the prompt's n-grams (0: off).")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch.")] = None,
     shutdown_timeout: Annotated[float, typer.Option(
         help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C before aborting them.")] = 10.0,
@@ -54,7 +57,7 @@ def serve(
     settings = ServeSettings(model=model, host=host, port=port, dtype=dtype, device=device, tokenizer=tokenizer,
                              quantization=quantization, api_keys=list(api_key or []), max_batch=max_batch, max_queue=max_queue,
                              max_model_len=max_model_len, cors_origins=list(cors_origin or ["*"]),
-                             served_model_name=served_model_name, prefix_caching=prefix_cache,
+                             served_model_name=served_model_name, prefix_caching=prefix_cache, prompt_lookup=prompt_lookup,
                              max_body_bytes=max_body, threads=threads, shutdown_timeout=shutdown_timeout)
     logging.getLogger("codeshell.serve").info(
         "serving %s on http://%s:%d (loading the model; /health says `loading` until it is ready)",

@@ -51,6 +51,7 @@ class ServeSettings:
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     served_model_name: str | None = None
     prefix_caching: bool = True
+    prompt_lookup: int = 0  # engine default of SamplingParams.prompt_lookup_num_tokens
     max_body_bytes: int = 4 * 1024 * 1024
     max_n: int = 8
     shutdown_timeout: float = 10.0
@@ -109,6 +110,7 @@ class CompletionService:
             if llm.tokenizer is None:
                 raise RuntimeError(f"{s.model} has no tokenizer.json: the server needs one (pass --tokenizer)")
             llm.engine.prefix_caching = s.prefix_caching
+            llm.engine.prompt_lookup = s.prompt_lookup
             self.llm = llm
             log.info("model %s loaded in %.1fs (context %d tokens, max batch %d)", s.model_name,
                      time.monotonic() - t0, llm.max_model_len, s.max_batch)

@@ -14,8 +14,9 @@ as a fresh run:
   runs the file as ``__main__`` the way ``python prog.py`` would (exit status, uncaught
   exception -> traceback and status 1, ``SystemExit`` codes, atexit handlers);
 * after each program the server kills every other process of the sandbox (``kill(-1)``: the
-  program's leftovers, double-forked or not; it is their subreaper), reaps them and empties
-  the private ``/tmp``, so one program cannot outlive its turn or leave files for the next;
+  program's leftovers, double-forked or not; it is their subreaper), reaps them, empties
+  the private ``/tmp`` and removes System V IPC objects, so one program cannot outlive its turn
+  or leave anything for the next;
 * the server is not dumpable (a child cannot ptrace it or read its memory or file
   descriptors), drops ``''`` from ``sys.path`` and imports everything before the first
   program, and its request pipes are closed in the child: a program cannot forge the
@@ -167,6 +168,18 @@ def tail(fd, n=TAIL):
     os.lseek(fd, max(0, size - n), os.SEEK_SET)
     return os.read(fd, n).decode("utf-8", errors="replace")
 
+def clean_ipc():
+    """Remove the System V IPC objects a program left (they outlive processes, not the namespace)."""
+    for kind, rm in (("shm", lambda i: libc.shmctl(i, 0, None)), ("sem", lambda i: libc.semctl(i, 0, 0)),
+                     ("msg", lambda i: libc.msgctl(i, 0, None))):
+        try:
+            with open("/proc/sysvipc/" + kind) as f:
+                ids = [int(line.split()[1]) for line in f.readlines()[1:] if line.strip()]
+        except (OSError, ValueError, IndexError):
+            continue
+        for i in ids:
+            rm(i)  # IPC_RMID
+
 def kill_all():
     try:
         os.kill(-1, signal.SIGKILL)  # every process we may signal but ourselves and init
@@ -210,6 +223,7 @@ while True:
     tails = [tail(out), tail(err)]
     os.close(out); os.close(err)
     clean_tmp()
+    clean_ipc()
     proto_out.write(json.dumps({"rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out,
                                 "cpu": ru.ru_utime + ru.ru_stime, "wall": wall,
                                 "stdout": tails[0], "stderr": tails[1]}) + "\n")

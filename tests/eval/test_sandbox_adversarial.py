@@ -430,7 +430,9 @@ def test_server_programs_do_not_see_each_other(sandbox):
     try:
         first = run_program(sandbox, "py", TEMPLATE.format(attack=f'''
 def attack():
-    import subprocess
+    import subprocess, ctypes
+    libc = ctypes.CDLL(None)
+    assert libc.shmget(0x5eed, 4096, 0o1600) >= 0  # IPC_CREAT | 0600: outlives the process
     open("/tmp/left-{token}", "w").write("x")
     subprocess.Popen(["sleep", "300"], start_new_session=True)
     if os.fork() == 0:
@@ -444,10 +446,11 @@ def attack():
 def attack():
     others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid(), os.getppid())]
     left = os.path.exists("/tmp/left-{token}")
-    print("others:", others, "left:", left, file=sys.stderr)
-    return bool(others) or left
+    shm = open("/proc/sysvipc/shm").read().splitlines()[1:]
+    print("others:", others, "left:", left, "shm:", shm, file=sys.stderr)
+    return bool(others) or left or bool(shm)
 '''), ExecOptions(timeout_factor=3.0), srv)
-        assert second.status == L.FAILED and "others: [] left: False" in second.stderr
+        assert second.status == L.FAILED and "others: [] left: False shm: []" in second.stderr, second
     finally:
         srv.close()
 

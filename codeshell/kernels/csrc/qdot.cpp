@@ -298,9 +298,23 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   if (G >= 128) {
+    // sd[i][g] = scale_g * d_ig, a vector product per row up front (ng <= 256 here), so the
+    // group epilogue is cvt + one fmadd with a broadcast operand from memory.
+    alignas(64) float sd[MB][128];
+    const bool tab = ng <= 128;
+    if (tab)
+      for (int i = 0; i < MB; ++i) {
+        int64_t g = 0;
+        for (; g + 16 <= ng; g += 16)
+          _mm512_storeu_ps(sd[i] + g, _mm512_mul_ps(_mm512_loadu_ps(sc + g), _mm512_loadu_ps(dx + i * ng + g)));
+        for (; g < ng; ++g) sd[i][g] = sc[g] * dx[i * ng + g];
+      }
+    // Two chains (lo, hi nibbles) per row at MB <= 2; at MB >= 3 the rows are enough chains.
+    constexpr int CH = MB <= 2 ? 2 : 1;
     for (int64_t g = 0; g < ng; ++g) {
-      __m512i a[MB][2];  // two chains: lo and hi nibbles
-      for (int i = 0; i < MB; ++i) a[i][0] = a[i][1] = _mm512_setzero_si512();
+      __m512i a[MB][CH];
+      for (int i = 0; i < MB; ++i)
+        for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
       for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
         _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(q + k / 2);
@@ -308,12 +322,15 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
         for (int i = 0; i < MB; ++i) {
           const int8_t* xr = xq + i * K + k;
           a[i][0] = _mm512_dpbusd_epi32(a[i][0], lo, _mm512_loadu_si512(xr));
-          a[i][1] = _mm512_dpbusd_epi32(a[i][1], hi, _mm512_loadu_si512(xr + 64));
+          a[i][CH - 1] = _mm512_dpbusd_epi32(a[i][CH - 1], hi, _mm512_loadu_si512(xr + 64));
         }
       }
-      for (int i = 0; i < MB; ++i)
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[i][0], a[i][1])),
-                                 _mm512_set1_ps(sc[g] * dx[i * ng + g]), acc[i]);
+      for (int i = 0; i < MB; ++i) {
+        __m512i s32 = a[i][0];
+        if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(tab ? sd[i][g] : sc[g] * dx[i * ng + g]),
+                                 acc[i]);
+      }
     }
   } else {
     const __mmask8 gm = __mmask8((1u << (128 / G)) - 1);  // groups per 128-run
@@ -336,6 +353,20 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
     out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
 }
 
+// for_x_tiles with tiles of up to 8 rows (32 zmm registers hold 8 rows' accumulators): the
+// weight row is loaded and unpacked once per 8 rows of x instead of once per 4.
+template <class F>
+inline void for_x_tiles8(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) f(std::integral_constant<int, 8>{}, m);
+  switch (M - m) {
+    case 7: f(std::integral_constant<int, 7>{}, m); break;
+    case 6: f(std::integral_constant<int, 6>{}, m); break;
+    case 5: f(std::integral_constant<int, 5>{}, m); break;
+    default: for_x_tiles(M - m, [&](auto mb, int64_t r) { f(mb, m + r); });
+  }
+}
+
 template <bool OFFS>
 void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
              const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
@@ -344,7 +375,7 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   for (int L = 0; L < 16; ++L) lane_group[L] = int32_t((L / 4) * 32 / std::min<int64_t>(G, 128));
   const __m512i gidx = _mm512_loadu_si512(lane_group);
   for (int64_t n = n0; n < n1; ++n)  // one weight row per tile (as the AVX2 kernel: measured best)
-    for_x_tiles(M, [&](auto mb, int64_t m) {
+    for_x_tiles8(M, [&](auto mb, int64_t m) {
       tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,
                                           OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N);
     });
@@ -381,7 +412,7 @@ void run_q8v(const int8_t* xq, const float* dx, const float* corr, int64_t M, in
              int64_t N, int64_t n0, int64_t n1) {
   const int64_t nb = K / 128;
   for (int64_t n = n0; n < n1; ++n)
-    for_x_tiles(M, [&](auto mb, int64_t m) {
+    for_x_tiles8(M, [&](auto mb, int64_t m) {
       tile_q8v<decltype(mb)::value>(xq + m * K, K, dx + m * nb, corr + m, w + n * K, out + m * N + n, N);
     });
 }

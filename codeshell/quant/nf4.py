@@ -158,9 +158,10 @@ class NF4Linear(QuantLinear):
     @torch.no_grad()
     def set_nf4(self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> None:
         dev = self.bias.device if self.bias is not None else self.code.device
-        self.qweight = packed.reshape(-1).to(dev, torch.uint8).contiguous()
-        self.absmax = absmax.reshape(-1).to(dev, torch.float32).contiguous()
-        self.code = code.reshape(-1).to(dev, torch.float32).contiguous()
+        # Own copies: a .bin is read memory-mapped, and views would keep the file's pages.
+        self.qweight = packed.reshape(-1).to(dev, torch.uint8, copy=True)
+        self.absmax = absmax.reshape(-1).to(dev, torch.float32, copy=True)
+        self.code = code.reshape(-1).to(dev, torch.float32, copy=True)
         self.blocksize = blocksize
         self._lut = byte_table(self.code)
 

@@ -256,7 +256,9 @@ class Sandbox:
         return a
 
     def command(self, argv: Sequence[str], limits: Limits, cwd: Path | None = None,
-                ro_paths: Sequence[str] = ()) -> list[str]:
+                ro_paths: Sequence[str] = (), as_pid1: bool = False) -> list[str]:
+        """The full command line. ``as_pid1``: the program itself is PID 1 of its namespace
+        (no bwrap init): the other processes in there cannot kill or stop it."""
         cpu = _cpu_seconds(limits)
         pl = [self._prlimit, f"--cpu={cpu}:{cpu + 1}", f"--nproc={limits.nproc}", "--core=0",
               f"--fsize={limits.fsize_mb * 1024 * 1024}"]
@@ -268,7 +270,8 @@ class Sandbox:
         if self.uid is not None:  # root: become an unprivileged uid with no capabilities at all
             payload = [_tool("setpriv"), f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
                        "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", *payload]
-        return [*self._system_view(), *self._binds(ro_paths, cwd or Path.cwd()), "--", *payload]
+        return [*self._system_view(), *(["--as-pid-1"] if as_pid1 else []), *self._binds(ro_paths, cwd or Path.cwd()),
+                "--", *payload]
 
     def run(self, argv: Sequence[str], cwd: Path, limits: Limits, env: dict[str, str] | None = None,
             ro_paths: Sequence[str] = ()) -> ProcResult:

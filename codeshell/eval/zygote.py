@@ -17,11 +17,13 @@ as a fresh run:
   program's leftovers, double-forked or not; it is their subreaper), reaps them, empties
   the private ``/tmp`` and removes System V IPC objects, so one program cannot outlive its turn
   or leave anything for the next;
-* the server is not dumpable (a child cannot ptrace it or read its memory or file
-  descriptors), drops ``''`` from ``sys.path`` and imports everything before the first
-  program, and its request pipes are closed in the child: a program cannot forge the
-  result of another. A program can kill the server: its own run is then reported as an
-  error and the next one gets a fresh sandbox.
+* the server is PID 1 of the sandbox's PID namespace, with no signal handlers: programs
+  cannot kill or stop it (the kernel drops such signals from inside the namespace). It is
+  not dumpable (a child cannot ptrace it or read its memory or file descriptors), drops
+  ``''`` from ``sys.path`` and imports everything before the first program, and its request
+  pipes are closed in the child: a program cannot forge the result of another. Should the
+  server die anyway (memory exhaustion), that program's run is reported as an error and the
+  next one gets a fresh sandbox.
 
 What differs from a fresh interpreter: the modules the server imported (``os``, ``json``,
 ``ctypes`` ...) are already in ``sys.modules``, and every program of one server shares its
@@ -52,6 +54,7 @@ sys.path[:] = [p for p in sys.path if p not in ("", ".")]
 libc = ctypes.CDLL(None, use_errno=True)
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of a program come back to us
 libc.prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE 0: programs cannot ptrace us or open /proc/<us>/*
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as PID 1, a signal we handle is one a program could send
 proto_in = os.fdopen(os.dup(0), "rb")
 proto_out = os.fdopen(os.dup(1), "w")
 null = os.open("/dev/null", os.O_RDWR)
@@ -255,9 +258,11 @@ class PythonServer:
         os.chmod(self.root, 0o755)
         # The server's own limits are loose (a day of CPU: it only forks and waits); each
         # program sets its own in its child.
+        # The server is PID 1 of its namespace: from inside, only signals it handles reach it
+        # (none), so a program can neither kill nor stop it; kill(-1) spares it too.
         cmd = self.box.command([self.python, "-S", "-s", "-c", SERVER],
                                Limits(wall_s=86400, memory_mb=None, nproc=4096, fsize_mb=1024), self.root,
-                               self.ro_paths)
+                               self.ro_paths, as_pid1=True)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.root), "TMPDIR": "/tmp",
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **self.env}
         self._err = tempfile.TemporaryFile()

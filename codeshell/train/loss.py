@@ -31,25 +31,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # h [N, d] (only rows with a target), weight [V, d], targets [N] in [0, V)
         N, _ = h.shape
         V = weight.shape[0]
+        dev = h.device
         w = weight.to(dtype)
-        gh = torch.empty(h.shape, dtype=dtype, device=h.device) if h.requires_grad else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if weight.requires_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty(h.shape, dtype=dtype, device=dev) if h.requires_grad else None
+        gw = None
+        total = torch.zeros((), dtype=torch.float32, device=dev)
         step = _chunk_rows(V)
-        for s in range(0, N, step):
-            hc = h[s: s + step].to(dtype)
-            t = targets[s: s + step]
-            # log_softmax reads the matmul's output once and writes float32 [n, V]; its exp
-            # (in place) is the softmax, so the gradient needs no further pass over the logits.
-            ls = torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)
-            total -= ls.gather(1, t[:, None]).sum()
-            g = ls.exp_()  # d(sum of losses)/d(logits) = softmax - one-hot
-            g.scatter_add_(1, t[:, None], torch.full((t.shape[0], 1), -1.0, device=h.device))
-            g = g.to(dtype)
-            if gh is not None:
-                gh[s: s + step] = g @ w
-            if gw is not None:
-                gw += (g.T @ hc).float()
+        # In bf16 the head's weight gradient is one matmul per group of rows over the stored
+        # bf16 softmax gradients G [rows, V] (at most 256 MB): a per-chunk matmul would write,
+        # convert and add a whole [V, d] float32 array for every chunk of ~200 rows.
+        low = dtype != torch.float32
+        group = max(step, (1 << 27) // V) if low else step
+        for gs in range(0, N, group):
+            ge = min(N, gs + group)
+            G = torch.empty((ge - gs, V), dtype=dtype, device=dev) if weight.requires_grad and low else None
+            for s in range(gs, ge, step):
+                e = min(ge, s + step)
+                hc = h[s:e].to(dtype)
+                t = targets[s:e]
+                # log_softmax reads the matmul's output once and writes float32 [n, V]; its exp
+                # (in place) is the softmax, so the gradient needs no further pass over the logits.
+                ls = torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)
+                total -= ls.gather(1, t[:, None]).sum()
+                g = ls.exp_()  # d(sum of losses)/d(logits) = softmax - one-hot
+                g.scatter_add_(1, t[:, None], torch.full((e - s, 1), -1.0, device=dev))
+                if G is not None:
+                    g = G[s - gs: e - gs].copy_(g)  # the one conversion to bf16
+                elif low:
+                    g = g.to(dtype)
+                if gh is not None:
+                    gh[s:e] = g @ w
+                if weight.requires_grad and G is None:  # float32: accumulate in place
+                    if gw is None:
+                        gw = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+                    gw.addmm_(g.T, hc)
+            if G is not None:
+                part = G.T @ h[gs:ge].to(dtype)  # [V, d]
+                gw = part.float() if gw is None else gw.add_(part)
         ctx.save_for_backward(gh if gh is not None else torch.empty(0), gw if gw is not None else torch.empty(0))
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
         ctx.has = (gh is not None, gw is not None)

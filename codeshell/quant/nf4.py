@@ -274,7 +274,8 @@ def parse_list_state(name: str, data, state) -> tuple[torch.Tensor, torch.Tensor
     return _as_bytes(data, n), am, code, blocksize, tuple(shape)
 
 
-def parse_hf_state(name: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, tuple]:
+def parse_hf_state(name: str, parts: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, tuple]:
     """Layout 2: the same from transformers' `weight`, `weight.absmax`, ..., `weight.quant_state.*`."""
     meta_t = parts["qs"]
     try:
@@ -516,12 +517,13 @@ def write_nf4_checkpoint(src_state: dict[str, torch.Tensor], cfg: CodeShellConfi
                          nested: bool = True) -> Path:
     """Write a CodeShell-7B-Chat-int4-layout folder from float tensors, quantized by bitsandbytes.
 
-    As the released quantizer did (bitsandbytes 0.41 ``Params4bit.cuda``): each block linear's
-    weight is cast to float16 and quantized with ``quantize_4bit(blocksize=64, quant_type='nf4',
-    compress_statistics=nested)``; its bytes go to ``<name>.data`` and its state, as 0.41's list, to
-    ``<name>.quant_state``. Everything else is stored in bfloat16, plus what the released
-    loader (its quantizer.py's ``load_state_dict_for_quantized_model``) reads besides:
-    ``lm_head.weight`` when the head is tied and each layer's ``attn.rotary_emb.inv_freq``.
+    As the released quantizer did (bitsandbytes 0.41 ``Params4bit.cuda`` on the bfloat16
+    checkpoint): each block linear's weight, rounded to bfloat16, is cast to float16 and
+    quantized with ``quantize_4bit(blocksize=64, quant_type='nf4', compress_statistics=nested)``;
+    its bytes go to ``<name>.data`` and its state, as 0.41's list, to ``<name>.quant_state``.
+    Everything else is stored in bfloat16, plus what the released loader (its quantizer.py's
+    ``load_state_dict_for_quantized_model``) reads besides: ``lm_head.weight`` when the head is
+    tied and each layer's ``attn.rotary_emb.inv_freq``.
     """
     bnbf = _bnb()
     out = Path(out)
@@ -530,7 +532,7 @@ def write_nf4_checkpoint(src_state: dict[str, torch.Tensor], cfg: CodeShellConfi
     sd: dict[str, object] = {}
     for name, t in src_state.items():
         if name in linears:
-            data, qs = bnbf.quantize_4bit(t.detach().contiguous().half(), blocksize=64,
+            data, qs = bnbf.quantize_4bit(t.detach().to(torch.bfloat16).half().contiguous(), blocksize=64,
                                           compress_statistics=nested, quant_type="nf4")
             sd[name + ".data"], sd[name + ".quant_state"] = data, quant_state_as_list(qs)
         else:

@@ -1,4 +1,5 @@
-"""Fast weight-only matmuls for CodeShell inference on CPU (AVX2+FMA), with torch fallbacks.
+"""Fast weight-only matmuls for CodeShell inference on CPU (AVX2+FMA baseline; AVX512-VNNI,
+AVX512-BF16 and AMX paths where the CPU has them), with torch fallbacks.
 
 Public API (see docs/kernels.md):
 
@@ -8,17 +9,22 @@ Public API (see docs/kernels.md):
 
 What this is not: a module/model integration (the model owns nn.Module plumbing) and not a
 GPU path. The native kernels build on first use (JIT, cached in ~/.cache/codeshell/kernels);
-without a compiler or AVX2 everything runs through plain torch after one warning.
+without a compiler or AVX2 everything runs through plain torch after one warning. Which
+kernel (and instruction set) runs is decided in one place, `ops.plan`;
+CODESHELL_KERNEL_ISA=avx2|avx512_vnni|avx512_bf16|amx caps it.
 """
 
 from .module import PackedEmbedding, PackedLinear, prepare_model
 from .ops import (
     BF16_PANEL_MAX_M,
     DECODE_MAX_M,
+    ISA_LEVELS,
     available,
     decode_attention,
     decode_attention_ok,
+    isa_level,
     linear,
+    plan,
     sample_temperature,
     sample_temperature_rows,
     set_num_threads,
@@ -40,6 +46,7 @@ from .packing import (
 __all__ = [
     "BF16_PANEL_MAX_M",
     "DECODE_MAX_M",
+    "ISA_LEVELS",
     "KINDS",
     "PackedEmbedding",
     "PackedLinear",
@@ -52,8 +59,10 @@ __all__ = [
     "dequantize",
     "int4_from_parts",
     "int8_from_parts",
+    "isa_level",
     "linear",
     "pack_nibbles",
+    "plan",
     "prepack",
     "quantize_int4",
     "sample_temperature",

@@ -1,13 +1,16 @@
-"""`linear(x, packed, bias)`: y = x @ W^T + b for packed (bf16/int8/int4) weights, dispatched by M.
+"""`linear(x, packed, bias)`: y = x @ W^T + b for packed (bf16/int8/int4) weights, dispatched by
+M, x's dtype and the CPU's instruction sets.
 
-What this is: the runtime entry point. For M (= rows of x after flattening leading dims)
-<= `DECODE_MAX_M` (`BF16_PANEL_MAX_M` for bf16) it calls the native streaming kernels (one
-pass over the weight for all rows), and large bf16 weights take them 64 rows a call at any
-M; otherwise it expands blocks of weight rows to fp32 with the native dequantisers and runs
-MKL sgemm via torch.mm on each block (compute-bound prefill; on an AVX2-only CPU fp32 sgemm
-is ~4x faster than torch's bf16 matmul). Without the native extension every path falls
-back to torch (with one warning at first use). Math is fp32 throughout; the result has x's
-dtype.
+What this is: the runtime entry point and the one dispatcher (`plan`): it names the kernel
+path ("<isa>:<kernel>") for each call from the ISA level the extension detected (cpuid, the
+AMX permission; `CODESHELL_KERNEL_ISA` caps it) and, where two paths compete (AMX tiles vs
+vdpbf16ps for batched bf16 decode, our AMX kernel vs torch's oneDNN bf16 matmul for a bf16
+prefill), the one measured faster on this machine for that weight shape and M bucket, once
+per process (`CHOICE_TIMES` keeps the measurements). Decode-sized M streams the weight once
+for all rows (native kernels); int8/int4 prefill expands blocks of weight rows to fp32 and
+runs MKL sgemm via torch.mm. Without the native extension every path falls back to torch
+(with one warning at first use). Math is fp32 (bf16 paths: bf16 products of bf16 x, which
+only run when x is bf16 already); the result has x's dtype.
 
 What this is not: an autograd op (inference only; tensors are used under no_grad semantics)
 and not a replacement for nn.Linear's module plumbing (the model wires PackedWeight in).
@@ -45,7 +48,7 @@ _PREFILL_BLOCK_BYTES = 4 << 20  # fp32 weight block per sgemm call: fits L3 (32 
 
 
 def available() -> bool:
-    """True when the native AVX2 kernels are built and loadable (builds on first call, ~1 min)."""
+    """True when the native kernels (AVX2 baseline) are built and loadable (builds on first call, ~1 min)."""
     return _ext.get() is not None
 
 
@@ -158,6 +161,11 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         # matmul (oneDNN, itself AMX/AVX512-BF16 where present) on row blocks of the weight.
         own = "amx:bf16" if level >= ISA_LEVELS.index("amx") else "avx512_bf16:panel64"
         return [own, "onednn:bf16"]
+    if x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16"):
+        # int8/int4 with bf16 x: blocks of rows expanded to bf16 (int8: q itself, exact, the
+        # scales applied to the output columns; int4: the dequantised weight rounded to bf16)
+        # for our AMX kernel or torch's bf16 matmul, or the fp32 sgemm path.
+        return (["amx:bf16"] if level >= ISA_LEVELS.index("amx") else []) + ["onednn:bf16", "sgemm:fp32"]
     if p.kind == "bf16" and p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS:
         return ["avx2:panel64"]
     return ["sgemm:fp32"]
@@ -236,10 +244,10 @@ def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tenso
                           for i in range(0, m, BF16_PANEL_MAX_M)])
     if path in ("avx512_bf16:panel", "avx512_bf16:panel64"):
         return mod.decode_bf16(x.to(torch.bfloat16).contiguous(), p.data, n, bias, ISA_LEVELS.index(isa))
-    if path == "amx:bf16":
+    if path == "amx:bf16" and p.kind == "bf16":
         return mod.prefill_bf16_amx(x.to(torch.bfloat16).contiguous(), p.data, n, bias)
-    if path == "onednn:bf16":
-        return _onednn_bf16(mod, x.to(torch.bfloat16).contiguous(), p, bias)
+    if path in ("amx:bf16", "onednn:bf16"):
+        return _bf16_blocks(mod, x.to(torch.bfloat16).contiguous(), p, bias, amx=path == "amx:bf16")
     x = x.to(torch.float32).contiguous()
     if path in ("avx2:panel", "avx2:panel64"):
         return mod.decode_bf16(x, p.data, n, bias, 0)
@@ -256,24 +264,45 @@ def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tenso
     raise ValueError(f"no path {path!r} for a {p.kind} weight")
 
 
-_ONEDNN_BLOCK_ROWS = 1024  # rows of W per torch.mm: 8 MiB of bf16 at K = 4096 (blocks of 256 ran 2-10x slower)
+_BF16_BLOCK_ROWS = 1024  # rows of W per torch.mm: 8 MiB of bf16 at K = 4096 (blocks of 256 ran 2-10x slower)
 
 
-def _onednn_bf16(mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """torch's bf16 matmul (oneDNN) on row blocks of the weight expanded to plain bf16 [R, K]:
-    the weight stays packed once in memory; each block costs a copy of R*K*2 bytes. bf16 out."""
+def _bf16_rows(mod, p: PackedWeight, n0: int, n1: int, buf: torch.Tensor, fbuf: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows [n0, n1) of W as plain bf16 [R, K] (in buf), and the per-row scale still to apply
+    to the output columns (int8: q is exact in bf16, the scale is applied after; else None)."""
+    k, r = p.in_features, n1 - n0
+    w = buf[:r]
+    if p.kind == "bf16":
+        mod.rows_bf16(p.data, p.out_features, k, n0, n1, w)
+        return w, None
+    if p.kind == "int8":
+        w.copy_(p.data[n0:n1])
+        return w, p.scales[n0:n1]
+    if not fbuf:
+        fbuf.append(torch.empty(buf.shape[0] * k, dtype=torch.float32))
+    w.copy_(_dequant_rows(mod, p, n0, n1, fbuf[0]))  # int4: fp32 dequantised, rounded to bf16
+    return w, None
+
+
+def _bf16_blocks(mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, amx: bool) -> torch.Tensor:
+    """bf16 x [M, K] times blocks of weight rows expanded to bf16 (`_bf16_rows`), by torch's
+    bf16 matmul (oneDNN; bf16 out) or by our AMX kernel on the block repacked to panels (fp32
+    out). The packed weight stays the only full copy; each block costs a copy of R*K*2 bytes."""
     n, k, m = p.out_features, p.in_features, x.shape[0]
-    rows = min(n, _ONEDNN_BLOCK_ROWS)
-    buf = torch.empty(rows, k, dtype=torch.bfloat16)
-    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rows = min(n, _BF16_BLOCK_ROWS)
+    buf, fbuf = torch.empty(rows, k, dtype=torch.bfloat16), []
+    y = torch.empty(m, n, dtype=torch.float32 if amx else torch.bfloat16)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
-        w = buf[: n1 - n0]
-        mod.rows_bf16(p.data, n, k, n0, n1, w)
-        if bias is None:
-            y[:, n0:n1] = torch.mm(x, w.t())
+        w, scale = _bf16_rows(mod, p, n0, n1, buf, fbuf)
+        b = None if bias is None else bias[n0:n1]
+        if amx:
+            yb = mod.prefill_bf16_amx(x, mod.pack_bf16(w), n1 - n0, None if scale is not None else b)
         else:
-            y[:, n0:n1] = torch.addmm(bias[n0:n1].to(torch.bfloat16), x, w.t())
+            yb = torch.mm(x, w.t()) if scale is not None or b is None else torch.addmm(b.to(torch.bfloat16), x, w.t())
+        if scale is not None:
+            yb = yb.float() * scale if b is None else torch.addcmul(b, yb.float(), scale)
+        y[:, n0:n1] = yb
     return y
 
 
@@ -315,11 +344,15 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
 def reference(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, path: str) -> torch.Tensor:
     """fp32 [M, N]: what `path` computes, in plain torch on the dequantised weight (fp32). The
     paths differ only in how x is rounded: `*:q8` multiply int8-rounded activations
-    (`quantize_activations`); the bf16 paths take x as it comes (they run only for bf16 x)."""
+    (`quantize_activations`); the bf16 paths take x as it comes (they run only for bf16 x),
+    and for int4 weights they multiply the dequantised weight rounded to bf16."""
     x = x.to(torch.float32)
     if path.endswith(":q8"):
         x = quantize_activations(x.contiguous(), activation_block(p))
-    return F.linear(x, dequantize(p), bias)
+    w = dequantize(p)
+    if p.kind == "int4" and path in ("amx:bf16", "onednn:bf16"):
+        w = w.to(torch.bfloat16).float()  # those paths expand int4 rows to bf16
+    return F.linear(x, w, bias)
 
 
 def _torch_path(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -26,9 +26,11 @@ PATHS = {
              ("avx512_bf16:panel64", 2, torch.bfloat16, None), ("amx:bf16", 3, torch.bfloat16, None),
              ("onednn:bf16", 2, torch.bfloat16, None)],
     "int8": [("avx2:q8", 0, torch.float32, None), ("avx2:unpack", 0, torch.float32, None),
-             ("sgemm:fp32", 0, torch.float32, None), ("avx512_vnni:q8", 1, torch.float32, None)],
+             ("sgemm:fp32", 0, torch.float32, None), ("avx512_vnni:q8", 1, torch.float32, None),
+             ("amx:bf16", 3, torch.bfloat16, None), ("onednn:bf16", 2, torch.bfloat16, None)],
     "int4": [("avx2:q8", 0, torch.float32, None), ("avx2:unpack", 0, torch.float32, None),
-             ("sgemm:fp32", 0, torch.float32, None), ("avx512_vnni:q8", 1, torch.float32, None)],
+             ("sgemm:fp32", 0, torch.float32, None), ("avx512_vnni:q8", 1, torch.float32, None),
+             ("amx:bf16", 3, torch.bfloat16, None), ("onednn:bf16", 2, torch.bfloat16, None)],
 }
 # (kind, quantiser args, N, K): N not a multiple of 16 / 32; K not a multiple of the AMX depth
 # (32) for bf16, and K % 128 == 0 where the 512-bit integer kernels need it.

@@ -1,14 +1,25 @@
 """Benchmark of `codeshell serve`: batching throughput, time to first token, and IDE-style
-FIM latency with and without the prefix cache. Prints figures; not a test.
+FIM latency with and without the prefix cache, and against llama.cpp's `llama-server` on the
+same weights in the same run. Prints figures; not a test.
 
     python benchmarks/bench_serve.py                      # starts its own servers (random weights)
     python benchmarks/bench_serve.py --url http://127.0.0.1:8080 --skip-nocache
+    python benchmarks/bench_serve.py --compare-llamacpp ~/.cache/codeshell/llama.cpp/build/bin --format q4_0
 
 Without --url it writes a random-weight checkpoint of the chosen shape (with the real
 tokenizer from ../shared/codeshell-tokenizer), starts `python -m codeshell.serve` on it with
 the prefix cache, measures, then restarts it with `--no-prefix-cache` for the baseline of
 the FIM test. Targets (issue 3): 16 streaming clients >= 6x the tokens/s of one; the second
 FIM request's time to first token >= 5x lower with the cache.
+
+With --compare-llamacpp BIN_DIR the checkpoint is exported with `codeshell export-gguf`
+(--format bf16, q8_0 or q4_0) and both servers run side by side with the same threads:
+ours (`--max-batch 16`; bf16 on the checkpoint folder, q8_0/q4_0 on the GGUF file itself) and
+`llama-server -np 16` (continuous batching) on the GGUF file. Each measurement alternates
+between the two, round after round: 1 / 4 / 16 streaming clients with distinct ~90-token
+prompts (64 new tokens each, sampled), and the IDE re-completion case (a ~1.9k-token FIM
+prompt through /infill, then the same file with 20 characters typed at the cursor: the second
+request is the one a plugin user waits for). It prints both sides and the ratios.
 """
 
 from __future__ import annotations
@@ -105,9 +116,17 @@ def stream_one(url: str, headers: dict, body: dict) -> tuple[float, int, float]:
     return ttft or 0.0, usage["completion_tokens"], time.perf_counter() - t0
 
 
-def throughput(url: str, headers: dict, clients: int, rounds: int, max_tokens: int) -> dict:
+def task_prompt(k: int) -> str:
+    """A distinct prompt of ~90 tokens (90-93 with the CodeShell tokenizer)."""
+    return (f"# Task {k}: the records in `data` are dicts with the keys 'kind', 'score' and 'when'.\n"
+            f"# Keep the records whose score is above {k}, group them by kind, and return a dict that\n"
+            f"# maps each kind to the mean score of its records, rounded to {k % 4 + 1} decimals.\n"
+            f"def summarize_{k}(data: list[dict]) -> dict[str, float]:\n    ")
+
+
+def throughput(url: str, headers: dict, clients: int, rounds: int, max_tokens: int, offset: int = 0) -> dict:
     name = model_name(url, headers)
-    jobs = [{"model": name, "prompt": f"# task {k}\ndef solve_{k}(data):\n    ", "max_tokens": max_tokens,
+    jobs = [{"model": name, "prompt": task_prompt(offset + k), "max_tokens": max_tokens,
              "temperature": 0.8, "seed": k, "ignore_eos": True} for k in range(clients * rounds)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -137,7 +156,7 @@ def engine_throughput(model: Path, clients: list[int], max_tokens: int, threads:
     llm.generate("warm up", SamplingParams(temperature=0, max_tokens=2))
     out = {}
     for c in clients:
-        prompts = [f"# task {k}\ndef solve_{k}(data):\n    " for k in range(c)]
+        prompts = [task_prompt(k) for k in range(c)]
         sps = [SamplingParams(temperature=0.8, seed=k, max_tokens=max_tokens, ignore_eos=True) for k in range(c)]
         t0 = time.perf_counter()
         llm.generate(prompts, sps)
@@ -173,7 +192,7 @@ def fim_latency(url: str, headers: dict, tokens: int, repeats: int) -> dict:
 
         def run(pre: str) -> tuple[float, dict]:
             body = {"input_prefix": pre, "input_suffix": suffix, "n_predict": 8, "temperature": 0,
-                    "ignore_eos": True}
+                    "ignore_eos": True, "stream": True, "cache_prompt": True}  # llama-server streams only if asked
             t0 = time.perf_counter()
             ttft, final = None, None
             with HTTP.stream("POST", url + "/infill", json=body, headers=headers) as r:
@@ -192,6 +211,77 @@ def fim_latency(url: str, headers: dict, tokens: int, repeats: int) -> dict:
             "second": statistics.median(seconds), "cached": statistics.median(cached)}
 
 
+def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
+    """Ours and llama-server side by side on the same weights, alternating request by request."""
+    from codeshell import llamacpp
+    gfile = tmp / f"model-{args.format}.gguf"
+    t = llamacpp.export_with_cli(model, gfile, args.format)
+    print(f"codeshell export-gguf --type {args.format}: {t:.1f} s; {llamacpp.version(bins)}", flush=True)
+    threads = args.threads or os.cpu_count() or 1
+    counts = [int(x) for x in args.clients.split(",")]
+    sides = ("ours", "llama-server")
+    runs = {side: {c: [] for c in counts} for side in sides}
+    fims = {side: [] for side in sides}
+    ours = Server(model if args.format == "bf16" else gfile, args.port, threads=threads)
+    try:
+        # -np 16 slots of 2560 tokens each (the FIM prompt and its completion fit); -b 4096 so that
+        # /infill keeps the whole ~1.9k-token prefix (it keeps at most 3/4 of the batch size).
+        theirs = llamacpp.LlamaServer(bins, gfile, threads=threads, parallel=16, ctx=16 * 2560,
+                                      extra=("-b", "4096", "-ub", "512"))
+        # cpp-httplib (llama-server) drops kept-alive connections after streamed responses, so a
+        # reused connection fails with "Server disconnected": both sides get one connection per
+        # request (a local TCP connect costs well under a millisecond).
+        headers = {"Connection": "close"}
+        try:
+            urls = {"ours": ours.url, "llama-server": theirs.url}
+            for k in range(args.repeats):
+                for c in counts:
+                    for side in sides:
+                        r = throughput(urls[side], headers, c, args.rounds, args.max_tokens, offset=1000 * k)
+                        runs[side][c].append(r)
+                        print(f"  round {k + 1}: {side:>12} {c:>3} clients: {r['tok_s']:8.1f} tok/s  "
+                              f"ttft p50 {r['ttft_p50'] * 1e3:7.0f} ms  ({r['tokens']} tokens in {r['wall']:.1f} s)",
+                              flush=True)
+            for i in range(args.fim_repeats):
+                for side in sides:
+                    f = fim_latency(urls[side], headers, args.fim_tokens, 1)
+                    fims[side].append(f)
+                    print(f"  FIM {i + 1}: {side:>12}: 1st {f['first'] * 1e3:.0f} ms, retyped {f['second'] * 1e3:.0f} ms "
+                          f"({f['prompt_tokens']} prompt tokens, {f['cached']:.0f} cached)", flush=True)
+        except Exception:
+            if theirs.proc.poll() is not None:
+                print(f"llama-server exited ({theirs.proc.returncode}): {theirs.error_line()}", flush=True)
+            raise
+        finally:
+            theirs.stop()
+    finally:
+        ours.stop()
+
+    def med(xs):
+        return statistics.median(xs)
+    print(f"\n## codeshell serve vs llama-server ({args.format}, shape {args.shape}, {threads} threads each)")
+    print(f"CPU: {llamacpp.cpu_name()}; flags: {' '.join(llamacpp.cpu_flags())}")
+    print(f"medians of {args.repeats} alternating rounds; ratio = ours / llama-server (tok/s: > 1 is ours faster; "
+          "TTFT: < 1 is ours faster)")
+    print("| clients | ours tok/s | llama-server tok/s | ratio | ours TTFT p50 ms | llama-server TTFT p50 ms | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for c in counts:
+        o, t_ = runs["ours"][c], runs["llama-server"][c]
+        ratio = med([a["tok_s"] / b["tok_s"] for a, b in zip(o, t_)])
+        tt = med([a["ttft_p50"] / b["ttft_p50"] for a, b in zip(o, t_)])
+        print(f"| {c} | {med([r['tok_s'] for r in o]):.1f} | {med([r['tok_s'] for r in t_]):.1f} | {ratio:.2f}x | "
+              f"{med([r['ttft_p50'] for r in o]) * 1e3:.0f} | {med([r['ttft_p50'] for r in t_]) * 1e3:.0f} | {tt:.2f}x |")
+    fo, ft = fims["ours"], fims["llama-server"]
+    print(f"\nIDE re-completion ({fo[0]['prompt_tokens']}-token FIM prompt through /infill, then 20 characters typed; "
+          f"time to first token, median of {args.fim_repeats}):")
+    print("| request | ours ms | llama-server ms | ratio | cached tokens ours / llama-server |")
+    print("|---|---:|---:|---:|---:|")
+    for key, label in (("first", "1st (cold)"), ("second", "retyped")):
+        a, b = med([f[key] for f in fo]), med([f[key] for f in ft])
+        cached = f"{med([f['cached'] for f in fo]):.0f} / {med([f['cached'] for f in ft]):.0f}" if key == "second" else "-"
+        print(f"| {label} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f}x | {cached} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running server (default: start one on a random-weight model)")
@@ -202,15 +292,35 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="requests per client")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all client counts (medians are reported)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--fim-tokens", type=int, default=1500)
+    ap.add_argument("--fim-tokens", type=int, default=1900, help="FIM prompt size (the IDE case: ~1.9k tokens)")
     ap.add_argument("--fim-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads of the servers it starts (default: all cores)")
     ap.add_argument("--skip-engine", action="store_true", help="no in-process engine baseline")
     ap.add_argument("--skip-nocache", action="store_true", help="with --url: no baseline server to compare")
+    ap.add_argument("--compare-llamacpp", metavar="BIN_DIR",
+                    help="llama.cpp's build/bin folder ('auto': $CODESHELL_LLAMACPP_BIN or the install script's "
+                         "cache): ours against llama-server -np 16 on the same weights")
+    ap.add_argument("--format", choices=["bf16", "q8_0", "q4_0"], default="bf16",
+                    help="with --compare-llamacpp: the GGUF type both servers run")
     args = ap.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
     tmp = tempfile.TemporaryDirectory()
+    if args.compare_llamacpp:
+        if args.url:
+            sys.exit("error: --compare-llamacpp starts both servers itself; drop --url")
+        from codeshell import llamacpp
+        try:
+            bins = llamacpp.find_bin_dir(None if args.compare_llamacpp == "auto" else args.compare_llamacpp)
+        except llamacpp.LlamaCppError as e:
+            sys.exit(f"error: {e}")
+        if bins is None:
+            sys.exit("error: llama.cpp not found (run .ci/install-llamacpp.sh or pass its build/bin folder)")
+        print(f"writing a random-weight '{args.shape}' checkpoint ...", flush=True)
+        model = make_model(args.shape, Path(tmp.name) / f"codeshell-{args.shape}")
+        compare_llamacpp(args, bins, model, Path(tmp.name))
+        tmp.cleanup()
+        return
     server = None
     if args.url:
         url = args.url.rstrip("/")

@@ -92,6 +92,18 @@ def test_our_export_runs_in_llamacpp(bin_dir, src, fim, tmp_path, ty):
     assert checked >= N_NEW // 2, f"only {checked} of {N_NEW} steps had a clear top-1; the check would be weak"
 
 
+def test_real_n_inner_loads_in_llamacpp(bin_dir, tokenizer_dir, fim, tmp_path):
+    """feed_forward_length is the real n_inner (192 here, not 4 * 64): llama.cpp checks ffn_up
+    against it, loads the file and picks our greedy tokens."""
+    from codeshell.config import SHAPES
+    src = make_tiny_checkpoint(tmp_path / "ffn", tokenizer_dir=tokenizer_dir,
+                               cfg=SHAPES["tiny"].replace(n_inner=192), seed=12)
+    path = export_gguf(src, tmp_path / "ffn.gguf", "f32")
+    assert read_gguf(path)[1]["codeshell.feed_forward_length"] == 192
+    with LlamaServer(bin_dir, path, threads=1, ctx=256, extra=F32_CACHE) as srv:
+        assert srv.greedy(fim["ids"], N_NEW)["tokens"] == ours_greedy(src, fim["ids"])
+
+
 def test_llamacpp_converter_file_loads_in_ours(bin_dir, src, fim, tmp_path):
     """llama.cpp's own convert_hf_to_gguf.py (with its gguf-py) on the checkpoint: ours loads the
     file and its greedy tokens equal ours on the checkpoint."""

@@ -84,7 +84,7 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: li
 
 
 class LMLoss(nn.Module):
-    """forward(batch tensors) -> (sum of next-token losses, number of targets).
+    """forward(batch tensors, scale) -> (scale x sum of next-token losses, number of targets).
 
     The loop calls this module (not the model) so that DDP and FSDP2 see the whole step,
     head and loss included, inside one forward."""
@@ -95,10 +95,11 @@ class LMLoss(nn.Module):
         object.__setattr__(self, "core", core)  # the CodeShellForCausalLM inside (not registered twice)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor,
-                mask: torch.Tensor | None = None):
+                mask: torch.Tensor | None = None, scale: float = 1.0):
         core = self.core
         h = core.transformer(input_ids, position_ids, mask, seq_len=input_ids.shape[1])  # [b, T, d]
-        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), core.lm_head.weight, targets.reshape(-1))
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), core.lm_head.weight, targets.reshape(-1),
+                                    scale=scale)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -266,8 +266,15 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         rng = state["rng"]
-        if len(rng) == self.plan.world:
-            torch.set_rng_state(rng[self.plan.rank])
+        if len(rng) == self.plan.world:  # dropout draws continue where they were (same world size)
+            mine = rng[self.plan.rank]
+            torch.set_rng_state(mine["cpu"])
+            if mine.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+
+    def _rng(self) -> dict:
+        return {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
     # ---- data ---------------------------------------------------------------------------
     def _micro_batches(self, step: int):
@@ -306,16 +313,16 @@ class Trainer:
             sync = self._sync_grads(last)
             with sync:
                 t1 = meter.now()
-                with torch.autocast(**self.autocast):
-                    ls, _ = self.module(b.input_ids, b.targets, b.position_ids, b.mask)
                 # DDP and FSDP average gradients over ranks: scale so the result is the mean
                 # over every target token of the global batch.
-                loss = ls * (p.world / max(n_total, 1.0))
+                scale = p.world / max(n_total, 1.0)
+                with torch.autocast(**self.autocast):
+                    loss, _ = self.module(b.input_ids, b.targets, b.position_ids, b.mask, scale=scale)
                 meter.lap("forward", t1)
                 t2 = meter.now()
                 loss.backward()
                 meter.lap("backward", t2)
-            loss_sum += float(ls.detach())
+            loss_sum += float(loss.detach()) / scale
         t3 = meter.now()
         params = [q for _, q in self.trainable]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"),
@@ -376,11 +383,11 @@ class Trainer:
             osd = get_optimizer_state_dict(self.module, self.opt, options=opts)
             msd = get_model_state_dict(self.module, options=opts) if cfg.mode != "lora" else None
             rng = [None] * p.world
-            dist.all_gather_object(rng, torch.get_rng_state())
+            dist.all_gather_object(rng, self._rng())
         else:
             osd = _by_name(self.opt.state_dict(), self.trainable)
             msd = None if cfg.mode == "lora" else self.core.state_dict()
-            rng = [torch.get_rng_state()]
+            rng = [self._rng()]
         path = None
         if p.rank == 0:
             if msd is not None:

@@ -27,7 +27,8 @@ def _chunk_rows(vocab: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
+                scale: float):
         # h [N, d] (only rows with a target), weight [V, d], targets [N] in [0, V)
         N, _ = h.shape
         V = weight.shape[0]
@@ -60,30 +61,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 elif low:
                     g = g.to(dtype)
                 if gh is not None:
-                    gh[s:e] = g @ w
+                    torch.mm(g, w, out=gh[s:e])
+                    gh[s:e].mul_(scale)
                 if weight.requires_grad and G is None:  # float32: accumulate in place
                     if gw is None:
                         gw = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
-                    gw.addmm_(g.T, hc)
+                    gw.addmm_(g.T, hc, alpha=scale)
             if G is not None:
-                part = G.T @ h[gs:ge].to(dtype)  # [V, d]
+                part = G.T @ (h[gs:ge] * scale).to(dtype)  # [V, d], scaled on the small side
                 gw = part.float() if gw is None else gw.add_(part)
         ctx.save_for_backward(gh if gh is not None else torch.empty(0), gw if gw is not None else torch.empty(0))
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
         ctx.has = (gh is not None, gw is not None)
-        return total
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gh, gw = ctx.saved_tensors
         has_h, has_w = ctx.has
-        return ((gh * grad).to(ctx.h_dtype) if has_h else None,
-                (gw * grad).to(ctx.w_dtype) if has_w else None, None, None)
+        if float(grad) != 1.0:  # the loop passes its scale in forward, so this is rare
+            gh, gw = gh * grad, gw * grad
+        return (gh.to(ctx.h_dtype) if has_h else None, gw.to(ctx.w_dtype) if has_w else None, None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
-    """Sum of -log softmax(h @ weight.T)[target] over targets != -100, and their count.
+                         dtype: torch.dtype | None = None, scale: float = 1.0) -> tuple[torch.Tensor, int]:
+    """scale x the sum of -log softmax(h @ weight.T)[target] over targets != -100, and their count.
+
+    Giving the loss's scale (e.g. 1 / tokens in the batch) here rather than multiplying the
+    result spares backward a pass over the [V, d] head gradient.
 
     h [N, d], weight [V, d], targets [N]. `dtype` is the matmul dtype (default: the active
     autocast dtype, else the weight's); softmax and the sum are float32.
@@ -98,5 +104,5 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if n < targets.numel():
         h, targets = h.index_select(0, keep), targets.index_select(0, keep)
     with torch.autocast(h.device.type, enabled=False):
-        loss = _LinearCrossEntropy.apply(h, weight, targets, dtype)
+        loss = _LinearCrossEntropy.apply(h, weight, targets, dtype, float(scale))
     return loss, n

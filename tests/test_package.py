@@ -63,3 +63,15 @@ def test_layering_no_http_below_the_servers(package):
     for f, names in imports_of(package).items():
         bad = [n for n in names if n.startswith(forbidden)]
         assert not bad, f"{f.relative_to(REPO)} imports {bad}"
+
+
+def test_docs_install_the_way_the_readme_does():
+    """One way to install: from the clone (`pip install -e .` / `-e ".[extra]"`), as the README
+    says; never `pip install codeshell` or `'codeshell[extra]'` from an index."""
+    import re
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert 'pip install -e ".[test]"' in docs[0].read_text()
+    for f in docs:
+        for line in f.read_text().splitlines():
+            m = re.search(r"pip install\s+(?:-\S+\s+)*['\"]?codeshell\b", line)
+            assert m is None, f"{f.relative_to(REPO)}: {line.strip()}"

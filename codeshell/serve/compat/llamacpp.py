@@ -16,7 +16,7 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ...engine.outputs import RequestOutput
 from ...prompts import FIM
@@ -28,10 +28,15 @@ from ..service import CompletionService, GenRequest, with_stops
 router = APIRouter()
 
 
+def _doc(default, **bounds):
+    """A field whose JSON schema states the range the route checks (pydantic does not)."""
+    return Field(default, json_schema_extra=bounds)
+
+
 class _LlamaOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")  # llama.cpp ignores unknown fields; so do we
     stream: bool = False
-    n_predict: int = 64
+    n_predict: int = _doc(64, minimum=-1, description="-1: until the context is full; 0 is refused")
     temperature: float = 0.2
     top_k: int = 10
     top_p: float = 0.95
@@ -39,8 +44,8 @@ class _LlamaOptions(BaseModel):
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int = -1
-    stop: list[str] = []
+    seed: int = _doc(-1, minimum=-(2**63), maximum=2**63 - 1, description="-1: random")
+    stop: list[str] = _doc([], maxItems=32)
     ignore_eos: bool = False
     n_probs: int = 0
 

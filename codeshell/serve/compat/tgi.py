@@ -16,7 +16,7 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ...engine.outputs import CompletionOutput
 from ...prompts import EOS_TEXT, FIM
@@ -31,30 +31,35 @@ _FIM_RE = re.compile(re.escape(FIM.prefix) + "(.*)" + re.escape(FIM.suffix) + "(
                      + r"\Z", re.DOTALL)
 
 
+def _doc(default, **bounds):
+    """A field whose JSON schema states the range the route checks (pydantic does not)."""
+    return Field(default, json_schema_extra=bounds)
+
+
 class Parameters(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    best_of: int | None = None
-    temperature: float | None = None
-    repetition_penalty: float | None = None
+    best_of: int | None = _doc(None, minimum=1, maximum=1)
+    temperature: float | None = _doc(None, exclusiveMinimum=0)
+    repetition_penalty: float | None = _doc(None, exclusiveMinimum=0)
     frequency_penalty: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
+    top_k: int | None = _doc(None, exclusiveMinimum=0)
+    top_p: float | None = _doc(None, exclusiveMinimum=0, maximum=1)
     typical_p: float | None = None
     do_sample: bool = False
-    max_new_tokens: int | None = 100
+    max_new_tokens: int | None = _doc(100, minimum=1)
     return_full_text: bool | None = False
-    stop: list[str] = []
+    stop: list[str] = _doc([], maxItems=32)
     truncate: int | None = None
     watermark: bool = False
     details: bool = False
     decoder_input_details: bool = False
-    seed: int | None = None
+    seed: int | None = _doc(None, minimum=-(2**63), maximum=2**63 - 1)
     top_n_tokens: int | None = None
 
 
 class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    inputs: str
+    inputs: str = Field(json_schema_extra={"minLength": 1})
     parameters: Parameters = Parameters()
     stream: bool = False
 

@@ -14,21 +14,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _doc(default, **bounds):
+    """A field whose JSON schema states the range the routes check (with their own messages,
+    in OpenAI's error shape); pydantic itself does not enforce it."""
+    return Field(default, json_schema_extra=bounds)
+
+
+_SEED = {"minimum": -(2**63), "maximum": 2**63 - 1}
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
 class _Sampling(_Strict):
     model: str
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
+    temperature: float | None = _doc(None, minimum=0, maximum=2)
+    top_p: float | None = _doc(None, exclusiveMinimum=0, maximum=1)
+    n: int = _doc(1, minimum=1)
+    stop: str | list[str] | None = _doc(None, maxItems=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    seed: int | None = _doc(None, **_SEED)
+    presence_penalty: float | None = _doc(0.0, minimum=-2, maximum=2)
+    frequency_penalty: float | None = _doc(0.0, minimum=-2, maximum=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extensions
@@ -44,8 +53,8 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: int | None = _doc(16, minimum=1)
+    logprobs: int | None = _doc(None, minimum=0, maximum=20)
     echo: bool = False
     best_of: int | None = None
 
@@ -64,10 +73,10 @@ class Message(_Strict):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = _doc(None, minimum=1)
+    max_completion_tokens: int | None = _doc(None, minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _doc(None, minimum=0, maximum=20)
 
 
 # ---- responses (documentation of what the routes send; the routes build plain dicts) ------------

@@ -79,6 +79,7 @@ def check_ids(ids: list) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def allowed(expression: str, allow: frozenset[str]) -> bool:
     """Whether code under `expression` may be used when the licenses in `allow` may:
     `A OR B` needs one of them, `A AND B` both, `A WITH exception` A."""

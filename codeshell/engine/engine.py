@@ -21,7 +21,7 @@ from ..config import CodeShellConfig
 from .kv_cache import KVCache
 from .lookup import NgramLookup, verify_token
 from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampling import SamplingParams, SequenceSampler, sample_rows, token_logprob
+from .sampling import MAX_LOOKUP, SamplingParams, SequenceSampler, sample_rows, token_logprob
 from .sequence import Sequence
 
 
@@ -80,6 +80,8 @@ class Engine:
         self.prefix_hit_tokens = 0      # prompt tokens not recomputed thanks to the cache
         # Prompt lookup: draft tokens per step for requests that leave
         # `prompt_lookup_num_tokens` unset (0: off). Counters say how well drafts are accepted.
+        if not isinstance(prompt_lookup, int) or not 0 <= prompt_lookup <= MAX_LOOKUP:
+            raise ValueError(f"prompt_lookup must be an integer in [0, {MAX_LOOKUP}], got {prompt_lookup!r}")
         self.prompt_lookup = prompt_lookup
         self.spec_steps = 0      # decode steps that verified drafts
         self.spec_drafted = 0    # draft tokens run through the model

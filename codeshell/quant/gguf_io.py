@@ -43,7 +43,7 @@ from ..tokenizer import Tokenizer
 from ..weights import (IGNORED_SUFFIXES, CheckpointError, _bigcode_qkv_to_fused, _progress, build_empty,
                        iter_tensors, load_config, resolve_dtype, resolve_model_path, weight_files)
 from .linear import QuantLinear, dequantize_int4, dequantize_int8, pack_int4
-from .load import BLOCK_LINEARS, build_quantized_empty, finalize, quantized_scheme_of
+from .load import build_quantized_empty, finalize, quantized_scheme_of
 from .gguf_reader import _GGUF_MAGIC, GGUFError, _Tensor, read_gguf
 from .scheme import QuantScheme
 

@@ -241,7 +241,7 @@ def run_bench(model: str | None, shape: str | None, dtype: str = "bfloat16", dev
             llm = LLM.from_model(m, cfg, max_batch=max(batch, 1), threads=threads)
             report.finish("packing weights for the kernels")
             del m
-            what = f"random {shape} ({cfg.num_parameters() / 1e9:.2f} B parameters)"
+            what = f"random {shape} ({_values(cfg.num_parameters())} parameters)"
         load_s = time.perf_counter() - t0
         res = {"model": what, "dtype": dtype, "threads": threads, "load_s": load_s}
         res.update(measure_engine(llm, min(prompt_len, llm.max_model_len - 2), decode_tokens, batch, report))

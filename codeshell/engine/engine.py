@@ -354,6 +354,10 @@ class Engine:
             if s.lookup is None:
                 p = s.params
                 s.lookup = NgramLookup(s.prompt_ids, p.prompt_lookup_max_ngram, p.prompt_lookup_min_ngram)
+                s.draft_len = k
+            # transformers' heuristic: 2 more after a fully accepted draft, 1 fewer after a
+            # rejection (each drafted position costs a row of the forward and of the 70k head)
+            k = min(k, s.draft_len)
             s.lookup.sync(s.prompt_ids, s.output_ids)
             total = len(s.prompt_ids) + len(s.output_ids)
             if s.params.max_tokens is not None:
@@ -413,6 +417,9 @@ class Engine:
                     break
             # KV is valid for the last token and the accepted drafts (inputs 0..accepted).
             s.cached = start + 1 + accepted
+            if d:
+                k = self._lookup_k(s.params)
+                s.draft_len = min(k, s.draft_len + 2) if accepted == len(d) else max(1, s.draft_len - 1)
             self.spec_drafted += len(d)
             self.spec_accepted += accepted
         return seqs

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CodeShellConfig
-from ..weights import CheckpointError, LoadHook, weight_files
+from ..weights import CheckpointError, LoadHook, _bigcode_qkv_to_fused, weight_files
 from .linear import QuantLinear
 from .load import BLOCK_LINEARS, _trim_heap, build_quantized_empty, finalize
 from .scheme import QuantScheme
@@ -389,6 +389,20 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return None
 
 
+def _bigcode_rows_to_fused(name: str, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                           shape: tuple, cfg: CodeShellConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt_bigcode MHA's c_attn rows per head [q|k|v] -> [all q | all k | all v], on NF4 rows.
+
+    A row permutation moves whole blocks only when every block lies inside one row."""
+    n_rows, k = shape
+    if k % blocksize:
+        raise CheckpointError(f"NF4 weight {name!r}: gpt_bigcode's per-head q|k|v rows can be reordered only "
+                              f"when the block size {blocksize} divides the width {k}")
+    rows = _bigcode_qkv_to_fused(torch.arange(n_rows), cfg)
+    return (packed.reshape(n_rows, k // 2)[rows].reshape(-1),
+            absmax.reshape(n_rows, k // blocksize)[rows].reshape(-1))
+
+
 def nf4_hook(model: nn.Module, cfg: CodeShellConfig, layout: str, scheme: QuantScheme | None) -> LoadHook:
     """A loader hook gathering each block linear's NF4 tensors and filling its module.
 
@@ -439,6 +453,8 @@ def nf4_hook(model: nn.Module, cfg: CodeShellConfig, layout: str, scheme: QuantS
         want = (m.out_features, m.in_features)
         if len(shape) != 2 or tuple(shape) != want:
             raise CheckpointError(f"NF4 weight {wname!r} has shape {tuple(shape)}, expected {want} from config.json")
+        if cfg.bigcode_interleaved_qkv and prefix.endswith("attn.c_attn"):
+            packed, am = _bigcode_rows_to_fused(wname, packed, am, bs, shape, cfg)
         if isinstance(m, NF4Linear):
             m.set_nf4(packed, am, code, bs)
             return [f"{prefix}.qweight", f"{prefix}.absmax", f"{prefix}.code"]

@@ -218,6 +218,20 @@ def test_list_layout_matches_bitsandbytes(list_ckpts, case):
     assert got == want
 
 
+def test_gpt_bigcode_mha_nf4_matches_transformers_and_bitsandbytes(tmp_path):
+    """transformers' own GPTBigCode + bitsandbytes on the file. Without multi_query, c_attn's rows are
+    stored per head as [q|k|v]; the NF4 rows (bytes and absmax) are reordered like float ones."""
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+    hc = GPTBigCodeConfig(vocab_size=512, n_positions=64, n_embd=128, n_layer=2, n_head=4, multi_query=False,
+                          activation_function="gelu_pytorch_tanh", initializer_range=0.2)
+    torch.manual_seed(0)
+    GPTBigCodeForCausalLM(hc).save_pretrained(tmp_path / "src")
+    path = _hf_quantize(tmp_path / "src", tmp_path / "nf4", True, "float32")
+    diff, got, want = _compare(LLM(path), _bnb_hf_model(path))
+    assert diff <= TOL, diff
+    assert got == want
+
+
 def test_requantizing_is_opt_in_and_stated(hf_ckpts):
     """quantization="int8" re-quantizes the NF4 weights: faster kernels, not bitsandbytes' numbers."""
     path = hf_ckpts[("nested", "float32", "uint8")]

@@ -123,13 +123,13 @@ def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Te
                 buf = torch.empty(2 * ((min(step, n) + 1) // 2), dtype=torch.float32, device=packed.device)
             vals = buf[: 2 * nbytes]
         torch.index_select(lut, 0, p[v0 // 2: v0 // 2 + nbytes].int(), out=vals.view(-1, 2))
-        b0, full = v0 // blocksize, m // blocksize * blocksize
+        # The product is float32 and rounded once into `dtype` by `out=` (as `.to(dtype)` would).
+        dst, b0, full = out[v0:v1], v0 // blocksize, m // blocksize * blocksize
         if full:
-            vals[:full].view(-1, blocksize).mul_(am[b0:b0 + full // blocksize, None])
+            torch.mul(vals[:full].view(-1, blocksize), am[b0:b0 + full // blocksize, None],
+                      out=dst[:full].view(-1, blocksize))
         if full < m:  # a last, partial block
-            vals[full:m].mul_(am[b0 + full // blocksize])
-        if vals.data_ptr() != out[v0:v1].data_ptr() or vals.dtype != dtype:
-            out[v0:v1].copy_(vals[:m])
+            torch.mul(vals[full:m], am[b0 + full // blocksize], out=dst[full:m])
     return out.reshape(shape)
 
 

@@ -4,7 +4,7 @@
 - `linear`: the quantized linears, their reference math and the fast CPU kernels;
 - `load`: building and filling quantized models from float, quantized or NF4 checkpoints;
 - `convert`: `codeshell quantize`, streaming a checkpoint into a quantized folder;
-- `nf4`: the official bitsandbytes-NF4 int4 checkpoint layout;
+- `nf4`: bitsandbytes NF4 checkpoints (the released int4 model's and transformers' layouts);
 - `gguf_io`: GGUF export and import (llama.cpp's CodeShell conventions);
 - `gguf_reader`: a fast reader of GGUF headers and tensor tables.
 

@@ -80,8 +80,10 @@ class BenchProgress:
             took = time.perf_counter() - self._start[phase]
             self.console.print(f"bench: {phase}: {figure + ', ' if figure else ''}{took:.1f} s", highlight=False)
 
-    def finish(self, phase: str, figure: str = "") -> None:
-        """End a phase of unknown length."""
+    def finish(self, phase: str, figure: str = "", started: float | None = None) -> None:
+        """End a phase of unknown length (that began at `started`, a perf_counter time, if given)."""
+        if started is not None:
+            self._start.setdefault(phase, started)
         self(phase, 1, 1, figure)
 
 
@@ -231,6 +233,8 @@ def run_bench(model: str | None, shape: str | None, dtype: str = "bfloat16", dev
         cfg = llm.config
         what = str(model)
     with BenchProgress(enabled=progress) as report:
+        if model is not None:  # its own bar and spinners showed while it ran; now its line
+            report.finish(f"loading {model} (weights, native kernels, packing)", started=t0)
         if shape is not None:
             cfg = SHAPES[shape]
             m = random_model(cfg, resolve_dtype(dtype), device, report)

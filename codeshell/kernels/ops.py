@@ -190,7 +190,9 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
             bf16_dot = x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16")
             if not bf16_dot:
                 return "avx2:panel"
-            if level < ISA_LEVELS.index("amx"):
+            if level < ISA_LEVELS.index("amx") or m == 1:
+                # M = 1 is a pure weight stream: the panel kernel keeps 4 read streams per
+                # thread, where AMX pads x to 16 rows (a warm measurement would favour it)
                 return "avx512_bf16:panel"
             # AMX tiles pad x to 16 rows but do 16 rows x 16 weight rows x 32 k per instruction:
             # measured per shape and M bucket against vdpbf16ps (7B c_attn, 1 core: M = 8 3.9

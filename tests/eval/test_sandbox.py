@@ -14,6 +14,7 @@ import pytest
 from codeshell.eval import languages as L
 from codeshell.eval.execution import ExecOptions, run_program
 from codeshell.eval.sandbox import Limits, Sandbox, probe_isolation
+from tests.conftest import require_tool
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX only")
 
@@ -206,8 +207,7 @@ def test_correct_program_passes_and_wrong_fails(box):
 
 
 def test_early_exit_js(box):
-    if L.find_toolchain("js") is None:
-        pytest.skip(L.missing_reason("js"))
+    require_tool("js toolchain", L.find_toolchain("js") is not None, L.missing_reason("js"))
     prog = "function f(){ process.exit(0); }\nconst assert = require('node:assert');\nassert.deepEqual(f(), 1);\n"
     assert run_program(box, "js", prog).status == L.FAILED
     good = "function f(){ return 1; }\nconst assert = require('node:assert');\nassert.deepEqual(f(), 1);\n"

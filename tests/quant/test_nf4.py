@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+import bitsandbytes as bnb  # the `test` extra: the other side of every comparison here
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
@@ -21,9 +23,6 @@ from codeshell.quant.load import BLOCK_LINEARS
 from codeshell.quant.nf4 import NF4_CODE, NF4Linear, write_nf4_checkpoint
 from codeshell.testing import make_tiny_checkpoint, random_state_dict
 from codeshell.weights import CheckpointError
-
-import bitsandbytes as bnb  # the `test` extra: the other side of every comparison here
-import bitsandbytes.functional as bnbf
 
 CFG = CodeShellConfig(vocab_size=512, n_embd=64, n_layer=2, n_head=4, num_query_groups=2, n_inner=256,
                       n_positions=256)
@@ -257,7 +256,7 @@ def test_requantizing_is_opt_in_and_stated(hf_ckpts):
     (lambda s: [s[0], s[1], s[2], 48, *s[4:]], "blocksize 48"),
     (lambda s: [s[0], s[1], s[2], s[3], [s[4][0]], s[5], s[6]], "nested statistics"),
 ])
-def test_corrupt_quant_state_is_clear(list_ckpts, tmp_path, corrupt, msg):
+def test_corrupt_quant_state_is_clear(tmp_path, corrupt, msg):
     path = write_nf4_checkpoint(random_state_dict(CFG, seed=3), CFG, tmp_path / "int4", nested=True)
     raw = torch.load(path / "pytorch_model.bin", weights_only=True)
     key = "transformer.h.1.attn.c_proj.weight.quant_state"

@@ -15,6 +15,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"native kernels unavailable ({_ext.unavailable_reason()}): torch fallback only")
         return
     flags = [k for k, v in feats.items() if v is True]
-    tr.write_line(f"cpu features: {' '.join(flags)}; highest kernel ISA: {ops.ISA_LEVELS[feats['max_isa']]}")
+    import os
+    cap = os.environ.get("CODESHELL_KERNEL_ISA")
+    tr.write_line(f"cpu features: {' '.join(flags)}; highest kernel ISA: {ops.ISA_LEVELS[feats['max_isa']]}"
+                  + (f", dispatch capped at {cap} (CODESHELL_KERNEL_ISA)" if cap else ""))
     for (kind, path), calls in sorted(ops.PATHS_RUN.items()):
         tr.write_line(f"  {kind:5} {path:22} {calls:6d} calls")

@@ -113,6 +113,7 @@ def test_torch_path_matches_reference(case):
 
 
 def test_fallback_warns_once_and_still_computes(monkeypatch):
+    monkeypatch.delenv("CODESHELL_KERNELS_DISABLE", raising=False)  # that setting silences the warning
     saved = dict(_ext._state)
     _ext._reset_for_tests()
 

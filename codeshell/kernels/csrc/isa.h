@@ -17,10 +17,13 @@
 // The compiler must know the ISA for the section to exist at all (GCC >= 11 for AMX and
 // AVX512-BF16 intrinsics used here; clang >= 12). Without it the section compiles to nothing
 // and the feature is reported absent.
+// -DCODESHELL_HAVE_AVX512=0 builds the AVX2-only extension (how an old compiler builds it).
+#ifndef CODESHELL_HAVE_AVX512
 #if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12)
 #define CODESHELL_HAVE_AVX512 1
 #else
 #define CODESHELL_HAVE_AVX512 0
+#endif
 #endif
 
 #if defined(__clang__)

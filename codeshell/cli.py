@@ -28,13 +28,24 @@ def _click_style_help() -> None:
 
     Recent typer releases print each option's Python type (`<str>`, `<list[str]>`, and
     `<bool>` even for flags such as `--help`) and usage errors in a multi-line box. Show
-    click's metavars instead (TEXT, INTEGER, FLOAT, PATH; none for flags; choices as
-    [a|b]; arguments by upper-case name) and a usage error as one `error:` line. Older typer releases already print click's
-    metavars and lack these hooks, so nothing is changed there.
+    click's metavars instead (TEXT, INTEGER, FLOAT, PATH; none for flags; choices as [a|b];
+    arguments by upper-case name) and a usage error as one `error:` line. Older typer releases
+    already print click's metavars and lack those hooks: there only the error line changes.
     """
     from typer import core, rich_utils
+
+    def format_error(e) -> None:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            return
+        ctx = getattr(e, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        msg = " ".join(e.format_message().split())
+        typer.secho(f"error: {msg}{where}", fg="red", err=True)
+
+    if hasattr(rich_utils, "rich_format_error"):  # typer calls it by module attribute, every release
+        rich_utils.rich_format_error = format_error
     if not hasattr(core, "_TyperParameter") or not hasattr(core._TyperParameter, "display_type"):
-        return
+        return  # an older typer: click's metavars already
     names = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "bool": "BOOLEAN", "Path": "PATH",
              "int range": "INTEGER", "float range": "FLOAT"}
 
@@ -63,17 +74,6 @@ def _click_style_help() -> None:
         core.TyperArgument.display_name_raw = property(
             lambda self: self.metavar if self.metavar is not None else (self.name or "").upper())
         core.TyperArgument._usage_display_name = usage_name
-
-    def format_error(e) -> None:
-        if type(e).__name__ == "NoArgsIsHelpError":
-            return
-        ctx = getattr(e, "ctx", None)
-        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        msg = " ".join(e.format_message().split())
-        typer.secho(f"error: {msg}{where}", fg="red", err=True)
-
-    if hasattr(rich_utils, "rich_format_error"):
-        rich_utils.rich_format_error = format_error
 
 
 _click_style_help()

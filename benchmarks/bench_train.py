@@ -119,6 +119,48 @@ def run_hf(a) -> dict:
             "optim": str(args.optim), "peak_tflops": peak / 1e12}
 
 
+def run_ab(a) -> dict:
+    """Forward + backward of one micro-batch (sequence a.seq), ours (LMLoss: fused head + loss)
+    and the transformers model with `labels`, same weights, alternating in one process."""
+    import torch
+    import transformers  # noqa: F401  (before codeshell.hf, as an application would)
+
+    from codeshell.hf import CodeShellHFConfig, CodeShellHFForCausalLM
+    from codeshell.train.build import LMLoss, new_model
+    from codeshell.train.config import PRESETS
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = PRESETS["125m"]
+    m = new_model(cfg, 0).requires_grad_(True).train()
+    lm = LMLoss(m, m)
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("architectures", "model_type")}
+    hf = CodeShellHFForCausalLM(CodeShellHFConfig(**d))
+    hf.load_state_dict(m.state_dict(), strict=False)
+    hf.train()
+    ids = torch.randint(0, 70000, (1, a.seq), generator=torch.Generator().manual_seed(0))
+    tgt, pos = torch.roll(ids, -1, 1), torch.arange(a.seq)[None]
+
+    def ours():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s, _ = lm(ids, tgt, pos, scale=1 / a.seq)
+        s.backward()
+
+    def theirs():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = hf(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+
+    times = {"ours": [], "hf": []}
+    ours(), theirs()  # warm-up
+    for _ in range(a.steps + 2):
+        for k, f in (("ours", ours), ("hf", theirs)):
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def run_lora_memory(a) -> dict:
     """One LoRA step on the 7B width with a.layers layers; peak RSS in GiB."""
     import torch
@@ -189,7 +231,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         a.out = a.out or tempfile.mkdtemp(prefix="bench-train-")
-        fn = {"ours": run_ours, "hf": run_hf, "lora": run_lora_memory}[a.child]
+        fn = {"ours": run_ours, "hf": run_hf, "lora": run_lora_memory, "ab": run_ab}[a.child]
         print(json.dumps(fn(a)))
         return
     import torch
@@ -219,6 +261,9 @@ def main() -> None:
         bd = {k: statistics.median(x["breakdown"][k] for x in ours) for k in ours[0]["breakdown"]}
         total = sum(bd.values())
         print("  our step breakdown: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in bd.items()))
+        ab = child("ab", a, [])
+        print(f"  one micro-batch forward + backward, alternating in one process (medians of {a.steps + 2}): "
+              f"ours {ab['ours']:.2f} s, transformers model with labels {ab['hf']:.2f} s -> {ab['hf'] / ab['ours']:.2f}x")
     if not a.skip_lora:
         rows = [child("lora", a, ["--layers", str(n)]) for n in (2, 4)]
         per_layer = (rows[1]["peak_gib"] - rows[0]["peak_gib"]) / 2

@@ -232,9 +232,9 @@ class Trainer:
         self.trainable = [(n, q) for n, q in module.named_parameters() if q.requires_grad]
         if p.resume_state is not None:
             self._load_weights(module)
-        if cfg.compile:
-            module = torch.compile(module)
         self.module = distribute(module, cfg.dist, p.world, self.device)
+        if cfg.compile:  # after DDP / fully_shard, as torch recommends (DDP's graph breaks at buckets)
+            self.module = torch.compile(self.module)
         self.trainable = [(n, q) for n, q in self.module.named_parameters() if q.requires_grad]
         self.opt = make_optimizer(self.trainable, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(

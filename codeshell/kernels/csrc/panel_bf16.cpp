@@ -555,13 +555,24 @@ torch::Tensor pack_bf16(const torch::Tensor& w) {
   auto out = torch::zeros({P, Kh, 2 * kPanel}, w.options());
   const auto* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  // k-pairs outer, the panel's 16 rows inner: each k-pair's 64 bytes are written together from
+  // 16 sequential row streams; row-outer order wrote 2 bytes at a stride of 64 (7B c_fc, 1 core:
+  // 58-63 ms against 83-87). It runs at model load and for every int8/int4 block of an AMX prefill.
+  const int64_t Kfull = K / 2;  // complete pairs
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t r = 0; r < kPanel && p * kPanel + r < N; ++r) {
-        const uint16_t* row = src + (p * kPanel + r) * K;
-        uint16_t* o = dst + p * Kh * 32 + 2 * r;
-        for (int64_t k = 0; k < K; ++k) o[(k / 2) * 32 + (k & 1)] = row[k];
-      }
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t rows = std::min(kPanel, N - p * kPanel);
+      const uint16_t* base = src + p * kPanel * K;
+      uint32_t* o = reinterpret_cast<uint32_t*>(dst + p * Kh * 32);
+      for (int64_t j = 0; j < Kfull; ++j)
+        for (int64_t r = 0; r < rows; ++r) {
+          uint32_t v;
+          std::memcpy(&v, base + r * K + 2 * j, 4);
+          o[j * kPanel + r] = v;
+        }
+      if (K & 1)
+        for (int64_t r = 0; r < rows; ++r) dst[p * Kh * 32 + Kfull * 32 + 2 * r] = base[r * K + K - 1];
+    }
   });
   return out;
 }

@@ -489,6 +489,7 @@ def _mount() -> None:
     from .quant.cli import export_gguf, quantize
     from .serve.cli import app as serve_app
     from .tokenizer_tools.cli import app as tokenizer_app
+    from .mini.cli import app as mini_app
     from .train.cli import app as train_app
     app.add_typer(serve_app, name="serve")
     app.command("quantize")(quantize)
@@ -497,6 +498,7 @@ def _mount() -> None:
     app.add_typer(data_app, name="data", help="The pretraining data pipeline (ingest, filter, dedup, pack).")
     app.add_typer(tokenizer_app, name="tokenizer", help="Train, extend and evaluate BPE tokenizers.")
     app.add_typer(train_app, name="train", help="Pretrain, fine-tune (full or LoRA) and merge models.")
+    app.add_typer(mini_app, name="mini", help="Build codeshell-mini end to end on this machine, and measure it.")
 
 
 _mount()

@@ -133,10 +133,13 @@ KEEP = os.getcwd()  # our bound folder (it may sit under /tmp): never cleaned fr
 def clean_tmp(path="/tmp"):
     """Empty the private /tmp between programs (not our own folder, nor folders on its way)."""
     try:
-        names = os.listdir(path)
-    except OSError:
-        return
-    for n in names:
+        _empty(path)
+    except OSError:  # path itself could not be listed
+        pass
+
+def _empty(path):
+    """Remove what path holds but KEEP and the folders on its way; OSError when path cannot be listed."""
+    for n in os.listdir(path):
         p = os.path.join(path, n)
         if p == KEEP:
             continue
@@ -146,20 +149,7 @@ def clean_tmp(path="/tmp"):
         try:
             if os.path.isdir(p) and not os.path.islink(p):
                 os.chmod(p, 0o700)
-                clean_tmp_all(p)
-                os.rmdir(p)
-            else:
-                os.unlink(p)
-        except OSError:
-            pass
-
-def clean_tmp_all(path):
-    for n in os.listdir(path):
-        p = os.path.join(path, n)
-        try:
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-                clean_tmp_all(p)
+                _empty(p)
                 os.rmdir(p)
             else:
                 os.unlink(p)

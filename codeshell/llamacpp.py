@@ -108,17 +108,13 @@ def cpu_name() -> str:
 
 
 def read_bandwidth_gbs(threads: int, gib: float = 0.5, repeats: int = 5) -> float:
-    """Best-of-N streaming read (a float32 sum over a buffer larger than any cache), GB/s."""
+    """`codeshell.bench.read_bandwidth_gbs` (best-of-N float32 sum over a buffer larger than any
+    cache, GB/s) on `threads` threads."""
     import torch
+
+    from .bench import read_bandwidth_gbs as best_read_gbs
     torch.set_num_threads(threads)
-    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
+    return best_read_gbs(gib, repeats)
 
 
 # ---- llama-server -----------------------------------------------------------------------------------

@@ -81,6 +81,18 @@ def write_jsonl_atomic(path: str | os.PathLike, docs: Iterable[dict]) -> int:
     return n
 
 
+def json_object(line: str, where: str, error: type[Exception] = CorruptShardError,
+                expected: str = "a JSON object per line") -> dict:
+    """One JSONL line parsed as a JSON object; otherwise `error` naming `where` (file and line)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{where}: expected {expected}")
+    return obj
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Read a JSONL file, naming the file and line of anything that is not a JSON object."""
     try:
@@ -93,13 +105,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorruptShardError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise CorruptShardError(f"{path}:{lineno}: expected a JSON object per line")
-                yield obj
+                yield json_object(line, f"{path}:{lineno}")
         except UnicodeDecodeError as e:
             raise CorruptShardError(f"{path}: not UTF-8 near line {lineno + 1} ({e.reason})") from None
 

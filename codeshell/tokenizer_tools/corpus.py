@@ -3,10 +3,11 @@ and JSONL (a `text` or `content` field per line). Not a data pipeline: no filter
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from codeshell.data.io import json_object
 
 SKIP_DIRS = {".git", "__pycache__", "node_modules", ".venv"}
 
@@ -54,12 +55,7 @@ def iter_records(paths: Iterable[str | os.PathLike],
             with open(f, encoding="utf-8") as fh:
                 for i, line in enumerate(fh):
                     if line.strip():
-                        try:
-                            r = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{f}, line {i + 1}: not a JSON record ({e.msg})") from None
-                        if not isinstance(r, dict):
-                            raise ValueError(f"{f}, line {i + 1}: not a JSON object")
+                        r = json_object(line, f"{f}, line {i + 1}", ValueError, "a JSON object")
                         t = r.get("text") if isinstance(r.get("text"), str) else r.get("content")
                         if isinstance(t, str):
                             yield f"{f}:{i}", t, _record_language(r) or ""

@@ -366,7 +366,9 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
   const int64_t kc = std::min(Kt, kAmxKTiles);
   const int64_t nb = std::max<int64_t>(2, std::min<int64_t>(kAmxPanels, P / (4 * at::get_num_threads()) / 2 * 2));
   const int64_t items = (P + nb - 1) / nb, ldc = nb * 16;
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+  // items claimed by the threads one chunk at a time (parallel.h): a fixed share each made
+  // every call wait for a descheduled thread on this shared machine
+  codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
     amx_configure();
     std::vector<float> cbuf(size_t(Mt) * 16 * ldc);
     float* c = cbuf.data();

@@ -182,10 +182,8 @@ def _rate(n: int, seconds: float) -> str:
     return f"{n / seconds:.2f} tokens/s" if n > 0 and seconds > 0 else "- tokens/s"
 
 
-def _run_stream(llm, outputs, sp, quiet: bool, n_given: int | None = None) -> str:
-    """Write a completion to stdout as it streams; then its speeds (unless quiet) and, always,
-    whether the context cut it short. Returns the text."""
-    stats, text = Stats(), []
+def _echo(outputs, stats: Stats, text: list[str]) -> None:
+    """Write each new piece of a streamed completion to stdout as it comes, into `text` and `stats`."""
     for out in outputs:
         stats.seen(out)
         d = out.outputs[0].delta
@@ -193,6 +191,13 @@ def _run_stream(llm, outputs, sp, quiet: bool, n_given: int | None = None) -> st
             text.append(d)
             sys.stdout.write(d)
             sys.stdout.flush()
+
+
+def _run_stream(llm, outputs, sp, quiet: bool, n_given: int | None = None) -> str:
+    """Write a completion to stdout as it streams; then its speeds (unless quiet) and, always,
+    whether the context cut it short. Returns the text."""
+    stats, text = Stats(), []
+    _echo(outputs, stats, text)
     sys.stdout.write("\n")
     sys.stdout.flush()
     _report(llm, stats, sp, quiet, n_given)
@@ -340,13 +345,7 @@ def chat(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "auto", device: Devi
         stats = Stats()
         stream = llm.chat_stream_outputs(history, sp)
         try:
-            for out in stream:
-                stats.seen(out)
-                d = out.outputs[0].delta
-                if d:
-                    answer.append(d)
-                    sys.stdout.write(d)
-                    sys.stdout.flush()
+            _echo(stream, stats, answer)
         except KeyboardInterrupt:
             stream.close()  # aborts the request in the engine
             sys.stdout.write(" [stopped]")

@@ -17,7 +17,7 @@ once). Decode tokens/s counts the tokens after each request's first one, over th
 after the prefill step. Printed: medians per mode, the speed-up (target >= 1.8x), the draft
 acceptance, and whether the greedy texts are identical (they must be).
 
-    python benchmarks/bench_lookup.py                    # defaults: 800 steps, 3 rounds
+    python benchmarks/bench_lookup.py                    # defaults: 1500 steps, 3 rounds
     python benchmarks/bench_lookup.py --steps 400 --rounds 1 --lookup 10
 """
 
@@ -240,7 +240,7 @@ def worker(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=800, help="training steps")
+    ap.add_argument("--steps", type=int, default=1500, help="training steps")
     ap.add_argument("--batch", type=int, default=16, help="training batch")
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--width", type=int, default=128)

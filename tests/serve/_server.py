@@ -37,6 +37,15 @@ class Server:
                 return float(line.split()[-1])
         return 0.0
 
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Wait (at most `timeout` s) until /health shows nothing queued or running."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            h = httpx.get(self.url + "/health").json()
+            if h["queue"] == 0 and h["running"] == 0:
+                break
+            time.sleep(0.05)
+
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -76,12 +76,7 @@ def test_full_queue_gives_503_then_recovers(small):
     assert r.headers["retry-after"].isdigit()
     assert r.json()["error"]["type"] == "server_busy"
     assert r2.status_code == 503
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        h = httpx.get(small.url + "/health").json()
-        if h["queue"] == 0 and h["running"] == 0:
-            break
-        time.sleep(0.05)
+    small.wait_idle()
     r = httpx.post(small.url + "/v1/completions", json={"model": name, "prompt": "ok", "max_tokens": 2},
                    headers=AUTH, timeout=30)
     assert r.status_code == 200

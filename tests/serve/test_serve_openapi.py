@@ -141,12 +141,7 @@ def test_completion_timings_have_both_phases(fuzzed):
 
 def test_idle_shutdown_is_immediate_and_quiet(fuzzed):
     """SIGTERM with nothing in flight: exit 0 at once, with no word of aborting requests."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        h = httpx.get(fuzzed.url + "/health").json()
-        if h["queue"] == 0 and h["running"] == 0:
-            break
-        time.sleep(0.05)
+    fuzzed.wait_idle()
     t0 = time.monotonic()
     code = fuzzed.stop(timeout=30)
     took = time.monotonic() - t0

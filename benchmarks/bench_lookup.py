@@ -2,13 +2,15 @@
 
 Not a test: prints figures. The project has no small released model yet (codeshell-mini does
 not exist), so the benchmark first trains one that can do the job: a tiny CodeShell model
-(rope, GQA) taught, with plain torch AdamW for a few hundred steps, to rewrite a given Python
+(rope, GQA) taught, with plain torch AdamW (1500 steps of 16 examples), to rewrite a Python
 function with a small change ("# rename total to acc" / "# change 7 to 12"), i.e. to copy
 with edits; a share of the examples are plain repeats of random token strings, which only
-copying predicts, so the copying (induction) heads form sooner. Training runs over the tokens the task uses only (a compact vocabulary, so a step
-is cheap); the trained weights are then placed in a model of the full 70144-token
-vocabulary, whose other tokens get a logit of -30 through a constant dimension of the final
-LayerNorm (so the engine runs the real output head, and those tokens never win).
+copying predicts, so the copying (induction) heads form sooner. Training runs over the
+tokens the task uses only (a compact vocabulary, so a step is cheap); the trained weights
+are then placed in a model of the full 70144-token vocabulary, whose other tokens get a
+logit of -30 through a constant dimension of the final LayerNorm (so the engine runs the
+real output head, and those tokens never win). The model copies imperfectly (it often
+misapplies the edit): the acceptance and speed-up printed are those of such a model.
 
 Then, in separate processes taking turns (plain, lookup, plain, ...; the machine is shared
 and timings drift), each process loads that model and greedily rewrites the evaluation
@@ -106,7 +108,8 @@ def train(args, tok, workdir: Path) -> dict:
     vocab = sorted({t for p, a in enc for t in p + a} |
                    {t for p, a in evals for t in tok.encode(p) + tok.encode(a)} | {tok.eos_token_id})
     remap = {t: i for i, t in enumerate(vocab)}
-    shape = dict(n_embd=args.width, n_layer=args.layers, n_head=args.heads, num_query_groups=args.heads // 2, n_inner=4 * args.width,
+    shape = dict(n_embd=args.width, n_layer=args.layers, n_head=args.heads, num_query_groups=args.heads // 2,
+                 n_inner=4 * args.width,
                  n_positions=1024)
     torch.manual_seed(args.seed)
     small = CodeShellForCausalLM(CodeShellConfig(vocab_size=len(vocab), **shape))

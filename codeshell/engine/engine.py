@@ -5,8 +5,9 @@ admitted prompts, then one batched decode step for the others), sample, update (
 detokenization, finishing). With prompt lookup on (`SamplingParams.prompt_lookup_num_tokens`
 or the engine's `prompt_lookup` default), the decode step also runs each sequence's drafted
 tokens (copied from its own earlier n-grams, see `lookup.py`) in the same forward and keeps
-the accepted ones, so a step may add several tokens to a sequence. `add_request` and `abort` may be called from another thread;
-they only enqueue, and `step` applies them. Nothing here knows of HTTP or the CLI.
+the accepted ones, so a step may add several tokens to a sequence. `add_request` and `abort`
+may be called from another thread; they only enqueue, and `step` applies them. Nothing here
+knows of HTTP or the CLI.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from codeshell.eval import languages as L
 from codeshell.eval.execution import ExecOptions, python_server, run_program
 from codeshell.eval.sandbox import Sandbox, probe_isolation
 from tests.conftest import REPO, require_tool, shared_dir
+from tests.eval.test_sandbox import _alive_with
 
 # CI installs bubblewrap (.ci/install-eval.sh) and lists it in CODESHELL_REQUIRE_TOOLS: missing fails there
 require_tool("bwrap", probe_isolation().isolated, "no sandbox here: " + probe_isolation().message)
@@ -298,14 +299,7 @@ def attack():
     assert out.status == L.TIMEOUT
     assert time.monotonic() - start < 10
     time.sleep(0.3)
-    left = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(token in part for part in (p.info["cmdline"] or [])):
-                left.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    assert not left
+    assert not _alive_with(token)
 
 
 def test_kill_or_signal_the_harness(box, canary):

@@ -164,3 +164,5 @@ def features() -> dict:
 
 def _reset_for_tests() -> None:
     _state.clear()
+    from . import ops
+    ops._LEVEL.clear()

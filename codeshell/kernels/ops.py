@@ -138,15 +138,23 @@ CHOICE_TIMES: dict[tuple, dict[str, float]] = {}
 def isa_level() -> int:
     """Highest kernel ISA level usable here (index into `ISA_LEVELS`), after the
     CODESHELL_KERNEL_ISA cap; -1 without the native kernels."""
+    env = os.environ.get("CODESHELL_KERNEL_ISA")
+    hit = _LEVEL.get(env)  # plan() runs for every linear call: ~1.5 us of lookups saved each
+    if hit is not None and "mod" in _ext._state:
+        return hit
     if _ext.get() is None:
         return -1
     level = _ext.features()["max_isa"]
-    cap = os.environ.get("CODESHELL_KERNEL_ISA", "").strip().lower()
+    cap = (env or "").strip().lower()
     if cap:
         if cap not in ISA_LEVELS:
             raise ValueError(f"CODESHELL_KERNEL_ISA={cap!r}: expected one of {', '.join(ISA_LEVELS)}")
         level = min(level, ISA_LEVELS.index(cap))
+    _LEVEL[env] = level
     return level
+
+
+_LEVEL: dict[str | None, int] = {}  # CODESHELL_KERNEL_ISA value -> level (the build is per process)
 
 
 def _bucket(m: int) -> int:

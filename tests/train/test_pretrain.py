@@ -54,3 +54,13 @@ def test_presets_are_listed_with_sizes():
     r = train_cli("presets")
     assert r.exit_code == 0
     assert "125m" in r.output and "7b" in r.output and "7688.0M" in r.output
+
+
+def test_continued_pretraining_from_a_checkpoint_with_a_token_budget(shards, tiny_ckpt, tmp_path):
+    run = tmp_path / "run"
+    r = train_cli("pretrain", shards, "--model", tiny_ckpt, "-o", run, "--batch-tokens", "256", "--micro-batch", "2",
+                  "--tokens", "300", "--threads", "1")  # ceil(300 / 256) = 2 steps
+    assert r.exit_code == 0, r.output
+    assert len(losses(run)) == 2
+    assert (run / "checkpoint" / "tokenizer.json").is_file()  # taken from the model folder
+    assert losses(run)[0] > 11.5  # the random tiny checkpoint's own loss (std 0.2 weights), not a fresh init's

@@ -14,8 +14,22 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
+
+SEED = {"minimum": -(2**63), "maximum": 2**63 - 1}  # the seed range every route checks (service.py)
+
+
+class Out(BaseModel):
+    """Base of the response models: documentation of what the routes send (plain dicts)."""
+    model_config = ConfigDict(extra="allow")
+
+
+def doc(default, **bounds):
+    """A field whose JSON schema states the range the routes check (with their own messages, in
+    each API family's error shape); pydantic itself does not enforce it."""
+    return Field(default, json_schema_extra=bounds)
+
 
 _REF = "#/components/schemas/{model}"
 _MODELS: dict[str, type[BaseModel]] = {}  # models referenced by hand, by component name

@@ -16,27 +16,22 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from ...engine.outputs import RequestOutput
 from ...prompts import FIM
 from ..errors import ApiError
 from ..http import EventStream, read_model, sse, until_disconnect
-from ..schema import both_responses, error_responses, json_response, request_body, sse_response
+from ..schema import SEED, Out, both_responses, doc, error_responses, json_response, request_body, sse_response
 from ..service import CompletionService, GenRequest, with_stops
 
 router = APIRouter()
 
 
-def _doc(default, **bounds):
-    """A field whose JSON schema states the range the route checks (pydantic does not)."""
-    return Field(default, json_schema_extra=bounds)
-
-
 class _LlamaOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")  # llama.cpp ignores unknown fields; so do we
     stream: bool = False
-    n_predict: int = _doc(64, minimum=-1, description="-1: until the context is full; 0 is refused")
+    n_predict: int = doc(64, minimum=-1, description="-1: until the context is full; 0 is refused")
     temperature: float = 0.2
     top_k: int = 10
     top_p: float = 0.95
@@ -44,8 +39,8 @@ class _LlamaOptions(BaseModel):
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int = _doc(-1, minimum=-(2**63), maximum=2**63 - 1, description="-1: random")
-    stop: list[str] = _doc([], maxItems=32)
+    seed: int = doc(-1, **SEED, description="-1: random")
+    stop: list[str] = doc([], maxItems=32)
     ignore_eos: bool = False
     n_probs: int = 0
 
@@ -71,11 +66,7 @@ class DetokenizeBody(BaseModel):
 
 # ---- responses (documentation; the routes build plain dicts) --------------------------------------
 
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class Timings(_Out):
+class Timings(Out):
     """llama.cpp server's timings: the prompt phase ends when the first token is sampled."""
     prompt_n: int
     prompt_ms: float
@@ -87,7 +78,7 @@ class Timings(_Out):
     predicted_per_second: float | None
 
 
-class CompletionResult(_Out):
+class CompletionResult(Out):
     """A whole /completion answer, or the last event of a stream (`content` empty there)."""
     content: str
     stop: bool
@@ -105,27 +96,27 @@ class CompletionResult(_Out):
     timings: Timings
 
 
-class StreamEvent(_Out):
+class StreamEvent(Out):
     """A streamed piece of text (`stop` false); the stream ends with a `CompletionResult`."""
     content: str
     stop: bool
 
 
-class TokenizeResult(_Out):
+class TokenizeResult(Out):
     tokens: list[int]
 
 
-class DetokenizeResult(_Out):
+class DetokenizeResult(Out):
     content: str
 
 
-class LlamaErrorDetail(_Out):
+class LlamaErrorDetail(Out):
     code: int
     message: str
     type: str
 
 
-class LlamaError(_Out):
+class LlamaError(Out):
     error: LlamaErrorDetail
 
 

@@ -22,7 +22,7 @@ from ...engine.outputs import CompletionOutput
 from ...prompts import EOS_TEXT, FIM
 from ..errors import ApiError
 from ..http import EventStream, read_model, sse, until_disconnect
-from ..schema import error_responses, json_response, request_body, sse_response
+from ..schema import SEED, Out, doc, error_responses, json_response, request_body, sse_response
 from ..service import CompletionService, GenRequest, with_stops
 
 router = APIRouter()
@@ -31,29 +31,24 @@ _FIM_RE = re.compile(re.escape(FIM.prefix) + "(.*)" + re.escape(FIM.suffix) + "(
                      + r"\Z", re.DOTALL)
 
 
-def _doc(default, **bounds):
-    """A field whose JSON schema states the range the route checks (pydantic does not)."""
-    return Field(default, json_schema_extra=bounds)
-
-
 class Parameters(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    best_of: int | None = _doc(None, minimum=1, maximum=1)
-    temperature: float | None = _doc(None, exclusiveMinimum=0)
-    repetition_penalty: float | None = _doc(None, exclusiveMinimum=0)
+    best_of: int | None = doc(None, minimum=1, maximum=1)
+    temperature: float | None = doc(None, exclusiveMinimum=0)
+    repetition_penalty: float | None = doc(None, exclusiveMinimum=0)
     frequency_penalty: float | None = None
-    top_k: int | None = _doc(None, exclusiveMinimum=0)
-    top_p: float | None = _doc(None, exclusiveMinimum=0, maximum=1)
+    top_k: int | None = doc(None, exclusiveMinimum=0)
+    top_p: float | None = doc(None, exclusiveMinimum=0, maximum=1)
     typical_p: float | None = None
     do_sample: bool = False
-    max_new_tokens: int | None = _doc(100, minimum=1)
+    max_new_tokens: int | None = doc(100, minimum=1)
     return_full_text: bool | None = False
-    stop: list[str] = _doc([], maxItems=32)
+    stop: list[str] = doc([], maxItems=32)
     truncate: int | None = None
     watermark: bool = False
     details: bool = False
     decoder_input_details: bool = False
-    seed: int | None = _doc(None, minimum=-(2**63), maximum=2**63 - 1)
+    seed: int | None = doc(None, **SEED)
     top_n_tokens: int | None = None
 
 
@@ -66,36 +61,32 @@ class GenerateBody(BaseModel):
 
 # ---- responses (documentation; the routes build plain dicts) --------------------------------------
 
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class Details(_Out):
+class Details(Out):
     finish_reason: str
     generated_tokens: int
     seed: int | None = None
 
 
-class GenerateResult(_Out):
+class GenerateResult(Out):
     generated_text: str
     details: Details | None = None
 
 
-class Token(_Out):
+class Token(Out):
     id: int
     text: str
     logprob: float
     special: bool
 
 
-class StreamToken(_Out):
+class StreamToken(Out):
     """One event of /generate_stream; the last one also carries `generated_text`."""
     token: Token
     generated_text: str | None = None
     details: Details | None = None
 
 
-class TgiError(_Out):
+class TgiError(Out):
     error: str
     error_type: str
 

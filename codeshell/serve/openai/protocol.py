@@ -9,18 +9,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..schema import SEED, Out, doc
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-def _doc(default, **bounds):
-    """A field whose JSON schema states the range the routes check (with their own messages,
-    in OpenAI's error shape); pydantic itself does not enforce it."""
-    return Field(default, json_schema_extra=bounds)
-
-
-_SEED = {"minimum": -(2**63), "maximum": 2**63 - 1}
 
 
 class StreamOptions(_Strict):
@@ -29,15 +22,15 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     model: str
-    temperature: float | None = _doc(None, minimum=0, maximum=2)
-    top_p: float | None = _doc(None, exclusiveMinimum=0, maximum=1)
-    n: int = _doc(1, minimum=1)
-    stop: str | list[str] | None = _doc(None, maxItems=16)
+    temperature: float | None = doc(None, minimum=0, maximum=2)
+    top_p: float | None = doc(None, exclusiveMinimum=0, maximum=1)
+    n: int = doc(1, minimum=1)
+    stop: str | list[str] | None = doc(None, maxItems=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = _doc(None, **_SEED)
-    presence_penalty: float | None = _doc(0.0, minimum=-2, maximum=2)
-    frequency_penalty: float | None = _doc(0.0, minimum=-2, maximum=2)
+    seed: int | None = doc(None, **SEED)
+    presence_penalty: float | None = doc(0.0, minimum=-2, maximum=2)
+    frequency_penalty: float | None = doc(0.0, minimum=-2, maximum=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extensions
@@ -53,8 +46,8 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None
-    max_tokens: int | None = _doc(16, minimum=1)
-    logprobs: int | None = _doc(None, minimum=0, maximum=20)
+    max_tokens: int | None = doc(16, minimum=1)
+    logprobs: int | None = doc(None, minimum=0, maximum=20)
     echo: bool = False
     best_of: int | None = None
 
@@ -73,19 +66,15 @@ class Message(_Strict):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = _doc(None, minimum=1)
-    max_completion_tokens: int | None = _doc(None, minimum=1)
+    max_tokens: int | None = doc(None, minimum=1)
+    max_completion_tokens: int | None = doc(None, minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = _doc(None, minimum=0, maximum=20)
+    top_logprobs: int | None = doc(None, minimum=0, maximum=20)
 
 
 # ---- responses (documentation of what the routes send; the routes build plain dicts) ------------
 
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ModelCard(_Out):
+class ModelCard(Out):
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -93,37 +82,37 @@ class ModelCard(_Out):
     max_model_len: int | None = None
 
 
-class ModelList(_Out):
+class ModelList(Out):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class PromptTokensDetails(_Out):
+class PromptTokensDetails(Out):
     cached_tokens: int
 
 
-class Usage(_Out):
+class Usage(Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
 
 
-class CompletionLogprobs(_Out):
+class CompletionLogprobs(Out):
     tokens: list[str]
     token_logprobs: list[float]
     top_logprobs: list[dict[str, float]]
     text_offset: list[int]
 
 
-class CompletionChoice(_Out):
+class CompletionChoice(Out):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class Completion(_Out):
+class Completion(Out):
     """The body of a non-streamed /v1/completions answer; a streamed one sends the same shape
     per chunk (one choice, `text` holding the new text), an optional usage chunk, then `[DONE]`."""
     id: str
@@ -134,7 +123,7 @@ class Completion(_Out):
     usage: Usage | None = None
 
 
-class TopLogprob(_Out):
+class TopLogprob(Out):
     token: str
     logprob: float
     bytes: list[int]
@@ -144,23 +133,23 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
-class ChatLogprobs(_Out):
+class ChatLogprobs(Out):
     content: list[TokenLogprob]
 
 
-class ChatMessageOut(_Out):
+class ChatMessageOut(Out):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class ChatChoice(_Out):
+class ChatChoice(Out):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletion(_Out):
+class ChatCompletion(Out):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -169,19 +158,19 @@ class ChatCompletion(_Out):
     usage: Usage
 
 
-class ChatDelta(_Out):
+class ChatDelta(Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
-class ChatChunkChoice(_Out):
+class ChatChunkChoice(Out):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(_Out):
+class ChatCompletionChunk(Out):
     """One event of a streamed chat answer; the stream ends with `data: [DONE]`."""
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
@@ -191,13 +180,13 @@ class ChatCompletionChunk(_Out):
     usage: Usage | None = None
 
 
-class ErrorDetail(_Out):
+class ErrorDetail(Out):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(_Out):
+class ErrorResponse(Out):
     """OpenAI's error body."""
     error: ErrorDetail

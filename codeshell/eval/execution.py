@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from codeshell.eval import languages as L
-from codeshell.eval.sandbox import ProcResult, Sandbox, SlotPool
+from codeshell.eval.sandbox import Limits, ProcResult, Sandbox, SlotPool
 from codeshell.eval.zygote import PythonServer, ServerDied
 
 STDERR_TAIL = 2000
@@ -74,13 +74,9 @@ def run_program(box: Sandbox, lang_key: str, program: str, opts: ExecOptions = E
     except ValueError as e:
         return Outcome(L.ERROR, str(e))
     cmd_opts = {"java_javatuples": opts.java_javatuples}
-    env = {"PATH": ":".join([*tc.path_dirs, "/usr/local/bin", "/usr/bin", "/bin"])}
-    if lang.env is not None:
-        env.update(lang.env(tc))
+    env = _env(lang, tc)
     if server is not None and lang_key == "py":
-        limits = lang.run_limits.scaled(opts.timeout_factor)
-        if opts.run_timeout_s is not None:
-            limits = dataclasses.replace(limits, wall_s=opts.run_timeout_s, cpu_s=opts.run_timeout_s)
+        limits = _run_limits(lang, opts)
         with server.workdir() as wd:
             (wd / lang.filename).write_text(source, encoding="utf-8")
             box.chown_tree(wd)
@@ -101,12 +97,26 @@ def run_program(box: Sandbox, lang_key: str, program: str, opts: ExecOptions = E
             if r.returncode != 0:
                 return Outcome(L.COMPILE_ERROR, f"compiler exit status {r.returncode}",
                                (r.stderr or r.stdout)[-STDERR_TAIL:], total)
-        limits = lang.run_limits.scaled(opts.timeout_factor)
-        if opts.run_timeout_s is not None:
-            limits = dataclasses.replace(limits, wall_s=opts.run_timeout_s, cpu_s=opts.run_timeout_s)
+        limits = _run_limits(lang, opts)
         r = box.run(lang.run_cmd(tc, cmd_opts), wd, limits, env, tc.ro_paths)
         total += r.wall_s
     return _outcome(lang, r, token, total)
+
+
+def _env(lang: L.Language, tc: L.Toolchain) -> dict[str, str]:
+    """A program's whole environment: the toolchain's folders first on PATH, then its language's variables."""
+    env = {"PATH": ":".join([*tc.path_dirs, "/usr/local/bin", "/usr/bin", "/bin"])}
+    if lang.env is not None:
+        env.update(lang.env(tc))
+    return env
+
+
+def _run_limits(lang: L.Language, opts: ExecOptions) -> Limits:
+    """The limits of running (not compiling) a program: the language's, scaled, or ``run_timeout_s``."""
+    limits = lang.run_limits.scaled(opts.timeout_factor)
+    if opts.run_timeout_s is not None:
+        limits = dataclasses.replace(limits, wall_s=opts.run_timeout_s, cpu_s=opts.run_timeout_s)
+    return limits
 
 
 def _outcome(lang: L.Language, r: ProcResult, token: str, total: float) -> Outcome:
@@ -123,9 +133,7 @@ def python_server(box: Sandbox, opts: ExecOptions = ExecOptions()) -> PythonServ
     tc = L.find_toolchain("py")
     if not opts.python_server or box.mode == "none" or tc is None or not hasattr(os, "pidfd_open"):
         return None
-    lang = L.LANGUAGES["py"]
-    env = {"PATH": ":".join([*tc.path_dirs, "/usr/local/bin", "/usr/bin", "/bin"]), **lang.env(tc)}
-    return PythonServer(box, tc.tools["python"], env, tc.ro_paths)
+    return PythonServer(box, tc.tools["python"], _env(L.LANGUAGES["py"], tc), tc.ro_paths)
 
 
 def execute(jobs: Sequence[tuple[str, str]], opts: ExecOptions = ExecOptions(),

@@ -102,15 +102,6 @@ class LMLoss(nn.Module):
                                     scale=scale)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
-
-
 def distribute(module: LMLoss, kind: str, world: int, device: torch.device) -> nn.Module:
     """DDP, or FSDP2 with each block sharded and the rest at the root; plain for one process."""
     if world == 1:

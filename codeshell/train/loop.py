@@ -23,7 +23,7 @@ import torch.distributed as dist
 from codeshell.config import CodeShellConfig, ConfigError
 
 from . import checkpoint as ckpt
-from .build import LMLoss, add_lora, check_lora_targets, distribute, load_model, merged_state, new_model, unwrap
+from .build import LMLoss, add_lora, check_lora_targets, distribute, load_model, merged_state, new_model
 from .config import PRESETS, TrainConfig, TrainError
 from .data import ExampleRows, ShardRows, Tokenized, check_path, read_rows
 from .metrics import Meter, flops_per_token, measure_peak_flops

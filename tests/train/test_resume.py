@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from tests.train.helpers import ENV, losses, train_cli, weights

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -275,14 +275,23 @@ def load_state_into(model: torch.nn.Module, path: Path, cfg: CodeShellConfig,
         raise CheckpointError(f"checkpoint {path} is missing tensor(s): {', '.join(missing[:5])}{more}")
 
 
-def build_empty(cfg: CodeShellConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A CodeShellForCausalLM with uninitialised storage of `dtype` on `device` (no init cost)."""
+def build_empty(cfg: CodeShellConfig, dtype: torch.dtype, device: str | torch.device = "cpu", *,
+                swap: Iterable[str] = (),
+                make: Callable[[str, torch.nn.Linear], torch.nn.Module] | None = None) -> torch.nn.Module:
+    """A CodeShellForCausalLM with uninitialised storage of `dtype` on `device` (no init cost).
+    The linears named in `swap` are replaced by `make(name, linear)` while still on meta (the
+    quantized formats' linears); a swapped `lm_head` is not tied to the embedding."""
     from .model import CodeShellForCausalLM
+    swap = list(swap)
     with torch.device("meta"):
         model = CodeShellForCausalLM(cfg)
         model = model.to(dtype)  # free on meta; real storage is made once, in the target dtype
+        for name in swap:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, make(name, getattr(parent, attr)))
     model = model.to_empty(device=device)
-    if cfg.tie_word_embeddings:  # to_empty breaks the tie's identity: restore it
+    if cfg.tie_word_embeddings and "lm_head" not in swap:  # to_empty breaks the tie's identity: restore it
         model.lm_head.weight = model.transformer.wte.weight
     model.requires_grad_(False)
     return model.eval()

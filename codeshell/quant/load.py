@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..config import CodeShellConfig
-from ..weights import CheckpointError, LoadHook, _bigcode_qkv_to_fused, load_state_into, resolve_dtype
+from ..weights import (CheckpointError, LoadHook, _bigcode_qkv_to_fused, build_empty, load_state_into,
+                       resolve_dtype)
 from .linear import Int4Linear, Int8Linear, QuantLinear
 from .scheme import QuantError, QuantScheme
 
@@ -26,10 +27,14 @@ log = logging.getLogger(__name__)
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
+def block_linear_names(cfg: CodeShellConfig) -> list[str]:
+    """Module names of every block's linears, in checkpoint order."""
+    return [f"transformer.h.{i}.{n}" for i in range(cfg.n_layer) for n in BLOCK_LINEARS]
+
+
 def quantized_names(cfg: CodeShellConfig, scheme: QuantScheme) -> list[str]:
     """Module names that `scheme` stores quantized, in checkpoint order."""
-    names = [f"transformer.h.{i}.{n}" for i in range(cfg.n_layer) for n in BLOCK_LINEARS]
-    return names + (["lm_head"] if scheme.quantize_head else [])
+    return block_linear_names(cfg) + (["lm_head"] if scheme.quantize_head else [])
 
 
 def linear_shapes(cfg: CodeShellConfig) -> dict[str, tuple[int, int]]:
@@ -48,21 +53,9 @@ def make_quant_linear(in_features: int, out_features: int, bias: bool, scheme: Q
 
 def build_quantized_empty(cfg: CodeShellConfig, dtype: torch.dtype, scheme: QuantScheme,
                           device: str | torch.device = "cpu") -> nn.Module:
-    """Like `weights.build_empty`, with the quantized linears swapped in while still on meta."""
-    from ..model import CodeShellForCausalLM
-    with torch.device("meta"):
-        model = CodeShellForCausalLM(cfg).to(dtype)
-        for name in quantized_names(cfg, scheme):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            lin = getattr(parent, attr)
-            setattr(parent, attr, make_quant_linear(lin.in_features, lin.out_features, lin.bias is not None,
-                                                    scheme, dtype, name))
-    model = model.to_empty(device=device)
-    if cfg.tie_word_embeddings and not scheme.quantize_head:
-        model.lm_head.weight = model.transformer.wte.weight
-    model.requires_grad_(False)
-    return model.eval()
+    """`weights.build_empty` with the quantized linears swapped in while still on meta."""
+    return build_empty(cfg, dtype, device, swap=quantized_names(cfg, scheme), make=lambda name, lin: make_quant_linear(
+        lin.in_features, lin.out_features, lin.bias is not None, scheme, dtype, name))
 
 
 def _filled(prefix: str, m: QuantLinear) -> list[str]:

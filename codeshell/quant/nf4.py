@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CodeShellConfig
-from ..weights import CheckpointError, LoadHook, _bigcode_qkv_to_fused, weight_files
+from ..weights import CheckpointError, LoadHook, _bigcode_qkv_to_fused, build_empty, weight_files
 from .linear import QuantLinear
-from .load import BLOCK_LINEARS, _trim_heap, build_quantized_empty, finalize
+from .load import BLOCK_LINEARS, _trim_heap, block_linear_names, build_quantized_empty, finalize
 from .scheme import QuantScheme
 
 # bitsandbytes' NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
@@ -178,20 +178,8 @@ class NF4Linear(QuantLinear):
 
 def build_nf4_empty(cfg: CodeShellConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
     """A CodeShellForCausalLM whose block linears are empty `NF4Linear`s (built on meta, no init cost)."""
-    from ..model import CodeShellForCausalLM
-    with torch.device("meta"):
-        model = CodeShellForCausalLM(cfg).to(dtype)
-        for i in range(cfg.n_layer):
-            for n in BLOCK_LINEARS:
-                parent_name, _, attr = f"transformer.h.{i}.{n}".rpartition(".")
-                parent = model.get_submodule(parent_name)
-                lin = getattr(parent, attr)
-                setattr(parent, attr, NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype))
-    model = model.to_empty(device=device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight
-    model.requires_grad_(False)
-    return model.eval()
+    return build_empty(cfg, dtype, device, swap=block_linear_names(cfg),
+                       make=lambda _, lin: NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype))
 
 
 # ---- checking one weight's statistics ------------------------------------------------------

@@ -46,7 +46,7 @@ from torch import nn
 from ..config import CodeShellConfig
 from ..weights import CheckpointError, LoadHook, _bigcode_qkv_to_fused, build_empty, weight_files
 from .linear import QuantLinear
-from .load import BLOCK_LINEARS, _trim_heap, block_linear_names, build_quantized_empty, finalize
+from .load import BLOCK_LINEARS, _filled, _trim_heap, block_linear_names, build_quantized_empty, finalize
 from .scheme import QuantScheme
 
 # bitsandbytes' NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
@@ -391,6 +391,11 @@ def _bigcode_rows_to_fused(name: str, packed: torch.Tensor, absmax: torch.Tensor
             absmax.reshape(n_rows, k // blocksize)[rows].reshape(-1))
 
 
+def _has_nested(qs: torch.Tensor) -> bool:
+    """Whether a ``quant_state.bitsandbytes__nf4`` tensor (packed JSON) announces nested statistics."""
+    return b'"nested_blocksize"' in bytes(qs.reshape(-1).to(torch.uint8).tolist())
+
+
 def nf4_hook(model: nn.Module, cfg: CodeShellConfig, layout: str, scheme: QuantScheme | None) -> LoadHook:
     """A loader hook gathering each block linear's NF4 tensors and filling its module.
 
@@ -411,8 +416,7 @@ def nf4_hook(model: nn.Module, cfg: CodeShellConfig, layout: str, scheme: QuantS
             return "data" in entry and "state" in entry
         if not {"weight", "qs", "absmax", "quant_map"} <= entry.keys():
             return False
-        nested = b'"nested_blocksize"' in bytes(entry["qs"].reshape(-1).to(torch.uint8).tolist())
-        return not nested or {"nested_absmax", "nested_quant_map"} <= entry.keys()
+        return not _has_nested(entry["qs"]) or {"nested_absmax", "nested_quant_map"} <= entry.keys()
 
     def hook(name: str, t) -> list[str] | None:
         split = _split_name(name)
@@ -450,8 +454,7 @@ def nf4_hook(model: nn.Module, cfg: CodeShellConfig, layout: str, scheme: QuantS
         m.set_weight(w)
         del w
         _trim_heap()
-        filled = [f"{prefix}.qweight", f"{prefix}.scales"]
-        return filled + ([f"{prefix}.zeros"] if getattr(m, "zeros", None) is not None else [])
+        return _filled(prefix, m)
 
     def missing() -> list[str]:
         """File names of the parts of weights that started arriving but never completed."""
@@ -462,7 +465,7 @@ def nf4_hook(model: nn.Module, cfg: CodeShellConfig, layout: str, scheme: QuantS
             else:
                 want = {"weight": ".weight", "qs": f".weight.{_HF_QS}nf4", "absmax": ".weight.absmax",
                         "quant_map": ".weight.quant_map"}
-                if "qs" in entry and b'"nested_blocksize"' in bytes(entry["qs"].reshape(-1).to(torch.uint8).tolist()):
+                if "qs" in entry and _has_nested(entry["qs"]):
                     want.update(nested_absmax=".weight.nested_absmax", nested_quant_map=".weight.nested_quant_map")
             out += [prefix + suffix for part, suffix in want.items() if part not in entry]
         return out

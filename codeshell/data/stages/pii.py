@@ -133,6 +133,13 @@ def _secret_value(kind: str, key: str, val: str, min_entropy: float) -> bool:
     return len(val) >= 8 and entropy(val) >= min_entropy and (len(val) >= 16 or re.search(r"\d", val) is not None)
 
 
+def _keyword_secret(key: str, val: str, min_entropy: float) -> bool:
+    """Whether `val`, assigned to `key`, is a secret: the key names a password or token
+    (`_key_kind`) and the value is one (`_secret_value`)."""
+    kind = _key_kind(key)
+    return kind is not None and _secret_value(kind, key, val, min_entropy)
+
+
 def config_file(path: str | None, lang: str | None) -> bool:
     """Whether unquoted `key: value` / `KEY=value` lines are literal settings (YAML, .env, INI, ...)."""
     name = (path or "").rsplit("/", 1)[-1].lower()
@@ -258,16 +265,14 @@ def redact(text: str, opts=None, config: bool = False) -> tuple[str, Counter]:
 
         def kw(m: re.Match) -> str:
             key, val = m.group(1), m.group(4)
-            kind = _key_kind(key)
-            if kind is None or not _secret_value(kind, key, val, opts.min_entropy):
+            if not _keyword_secret(key, val, opts.min_entropy):
                 return m.group(0)  # names, labels, placeholders, already redacted
             counts["secret:keyword"] += 1
             return f"{key}{m.group(2)}{m.group(3)}<PASSWORD>{m.group(3)}"
 
         def bare(m: re.Match) -> str:
             key, val = m.group(2), m.group(3)
-            kind = _key_kind(key)
-            if kind is None or not _secret_value(kind, key, val, opts.min_entropy):
+            if not _keyword_secret(key, val, opts.min_entropy):
                 return m.group(0)
             counts["secret:keyword"] += 1
             return m.group(1) + "<PASSWORD>" + m.group(0)[len(m.group(1)) + len(val):]

@@ -16,6 +16,8 @@ import random
 import textwrap
 from pathlib import Path
 
+from codeshell.data.io import read_jsonl
+
 TEMPLATES = (
     "Write a Python function `{sig}` that does the following: {doc}",
     "Implement `{sig}` in Python. {doc}",
@@ -61,15 +63,13 @@ def write_instruction_pairs(shards: list[Path], out: Path, seed: int = 0, limit:
     rng = random.Random(seed)
     rows = []
     for f in shards:
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                doc = json.loads(line)
-                if doc.get("lang") not in ("python", "Python") and not str(doc.get("path", "")).endswith(".py"):
-                    continue
-                for name, sig, summary, src in pairs_from_source(doc["text"]):
-                    ask = rng.choice(TEMPLATES).format(sig=sig, doc=summary, name=name)
-                    rows.append({"messages": [{"role": "user", "content": ask},
-                                              {"role": "assistant", "content": f"```python\n{src}\n```"}]})
+        for doc in read_jsonl(f):
+            if doc.get("lang") not in ("python", "Python") and not str(doc.get("path", "")).endswith(".py"):
+                continue
+            for name, sig, summary, src in pairs_from_source(doc["text"]):
+                ask = rng.choice(TEMPLATES).format(sig=sig, doc=summary, name=name)
+                rows.append({"messages": [{"role": "user", "content": ask},
+                                          {"role": "assistant", "content": f"```python\n{src}\n```"}]})
     rng.shuffle(rows)
     rows = rows[:limit]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,23 +11,23 @@ figures exact counterparts. Pass@k is `codeshell eval run`'s job, not this modul
 from __future__ import annotations
 
 import ast
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from codeshell.data.io import read_jsonl
+
 
 def held_out_docs(shards: Iterable[Path], limit: int | None = None) -> list[str]:
     """The `text` of the filter pipeline's documents in `shards` (JSONL)."""
     docs = []
     for f in shards:
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                docs.append(json.loads(line)["text"])
-                if limit and len(docs) >= limit:
-                    return docs
+        for doc in read_jsonl(f):
+            docs.append(doc["text"])
+            if limit and len(docs) >= limit:
+                return docs
     return docs
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from codeshell.data.io import read_jsonl
 from codeshell.mini import corpus as corpus_mod
 from codeshell.mini.instructions import write_instruction_pairs
 
@@ -152,9 +153,8 @@ class Recipe:
 
         def texts():
             for f in self.filtered("train"):
-                with open(f, encoding="utf-8") as fh:
-                    for line in fh:
-                        yield json.loads(line)["text"]
+                for doc in read_jsonl(f):
+                    yield doc["text"]
 
         tok = train_tokenizer(texts(), self.b.vocab_size)
         save_tokenizer(tok, d, model_max_length=4 * self.b.seq_len)

@@ -105,14 +105,14 @@ def _parse_metadata(raw: str) -> dict[str, list[str]]:
 def fetch_sdist(name: str, version: str, cache: Path) -> Path:
     """The sdist archive of name==version, downloaded once into `cache` with pip."""
     cache.mkdir(parents=True, exist_ok=True)
-    norm = re.sub(r"[-_.]+", "[-_.]", name)
-    found = [p for p in cache.iterdir() if re.match(rf"(?i){norm}-{re.escape(version)}\.(tar\.gz|zip)$", p.name)]
+    archive = re.compile(rf"(?i){re.sub(r'[-_.]+', '[-_.]', name)}-{re.escape(version)}\.(tar\.gz|zip)$")
+    found = [p for p in cache.iterdir() if archive.match(p.name)]
     if found:
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
            "-d", str(cache), f"{name}=={version}"]
     r = subprocess.run(cmd, capture_output=True, text=True)
-    found = [p for p in cache.iterdir() if re.match(rf"(?i){norm}-{re.escape(version)}\.(tar\.gz|zip)$", p.name)]
+    found = [p for p in cache.iterdir() if archive.match(p.name)]
     if r.returncode != 0 or not found:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no archive written"]
         raise CorpusError(f"cannot fetch the sdist of {name}=={version}: {tail[0]}")

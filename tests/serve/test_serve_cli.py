@@ -26,8 +26,8 @@ def test_bad_port_is_refused():
     assert r.exit_code != 0
 
 
-def test_mounts_as_a_subcommand():
-    """The project CLI mounts `app` with add_typer: `codeshell serve --model ...` must work."""
+def _mounted():
+    """`app` mounted with add_typer beside another command, as the project CLI mounts it."""
     import typer
     root = typer.Typer()
 
@@ -36,20 +36,19 @@ def test_mounts_as_a_subcommand():
         pass
 
     root.add_typer(app, name="serve")
+    return root
+
+
+def test_mounts_as_a_subcommand():
+    """The project CLI mounts `app` with add_typer: `codeshell serve --model ...` must work."""
+    root = _mounted()
     r = CliRunner().invoke(root, ["serve", "--model", "/nonexistent/x"])
     assert r.exit_code != 0 and "no checkpoint folder" in r.output
 
 
 def test_help_shows_no_command_placeholder():
     """`serve` has no subcommands: its usage line must not promise `COMMAND [ARGS]...`, mounted or not."""
-    import typer
-    root = typer.Typer()
-
-    @root.command()
-    def other() -> None:
-        pass
-
-    root.add_typer(app, name="serve")
+    root = _mounted()
     for runner_app, argv in ((app, ["--help"]), (root, ["serve", "--help"])):
         r = CliRunner().invoke(runner_app, argv, terminal_width=100)
         assert r.exit_code == 0, r.output

@@ -276,10 +276,7 @@ class Sandbox:
     def run(self, argv: Sequence[str], cwd: Path, limits: Limits, env: dict[str, str] | None = None,
             ro_paths: Sequence[str] = ()) -> ProcResult:
         """Run ``argv`` in ``cwd`` under ``limits``; never raises for the program's own failures."""
-        base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(cwd),
-                    "TMPDIR": "/tmp" if self.mode != "none" else str(cwd), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-        if env:
-            base_env.update(env)
+        base_env = scrubbed_env(cwd, "/tmp" if self.mode != "none" else str(cwd), env or {})
         cmd = self.command(argv, limits, cwd, ro_paths)
         # Output goes to files, not pipes: RLIMIT_FSIZE then caps a program that prints forever,
         # and no reader threads are needed.
@@ -337,6 +334,12 @@ def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int, float, bool]:
     _, status, ru = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return status, ru.ru_utime + ru.ru_stime, timed_out
+
+
+def scrubbed_env(home: str | os.PathLike, tmpdir: str, env: dict[str, str]) -> dict[str, str]:
+    """A program's whole environment: a system PATH, HOME, TMPDIR and a UTF-8 locale, then `env`."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "TMPDIR": tmpdir, "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8", **env}
 
 
 def _cpu_seconds(limits: Limits) -> int:

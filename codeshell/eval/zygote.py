@@ -44,7 +44,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from codeshell.eval.sandbox import TAIL_BYTES, Limits, ProcResult, Sandbox, _rmtree, _tail
+from codeshell.eval.sandbox import (TAIL_BYTES, Limits, ProcResult, Sandbox, _cpu_seconds, _rmtree, _tail,
+                                    scrubbed_env)
 
 # Runs inside the sandbox as `python -S -s -c SERVER`; one JSON request per line on stdin,
 # one JSON reply per line on stdout.
@@ -253,8 +254,7 @@ class PythonServer:
         cmd = self.box.command([self.python, "-S", "-s", "-c", SERVER],
                                Limits(wall_s=86400, memory_mb=None, nproc=4096, fsize_mb=1024), self.root,
                                self.ro_paths, as_pid1=True)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.root), "TMPDIR": "/tmp",
-               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **self.env}
+        env = scrubbed_env(self.root, "/tmp", self.env)
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._err, start_new_session=True, close_fds=True)
@@ -313,13 +313,12 @@ class PythonServer:
         """Run ``cwd/filename`` as ``__main__`` in a fork of the server; never raises for the
         program's own failures."""
         assert self.proc is not None and self.proc.stdin is not None and self.root is not None
-        cpu = max(1, int(round(limits.cpu_s if limits.cpu_s is not None else limits.wall_s)))
+        cpu = _cpu_seconds(limits)
         lim = {"cpu": cpu, "nproc": limits.nproc, "fsize": limits.fsize_mb << 20}
         if limits.memory_mb is not None:
             lim["as"] = limits.memory_mb << 20
         req = {"dir": str(cwd), "file": filename, "wall": limits.wall_s, "limits": lim,
-               "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(cwd), "TMPDIR": "/tmp", "LANG": "C.UTF-8",
-                       "LC_ALL": "C.UTF-8", **env}}
+               "env": scrubbed_env(cwd, "/tmp", env)}
         start = time.monotonic()
         try:
             self.proc.stdin.write((json.dumps(req) + "\n").encode())

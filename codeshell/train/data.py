@@ -17,12 +17,13 @@ build models or step optimizers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from codeshell.data.io import json_object
 
 from .config import TrainError
 
@@ -130,13 +131,8 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
                 if not line.strip():
                     continue
                 where = f"{f.name}:{n}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TrainError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise TrainError(f"{where}: expected an object with messages, prompt/completion or text")
-                rows.append((where, row))
+                rows.append((where, json_object(line, where, TrainError,
+                                                "an object with messages, prompt/completion or text")))
     if not rows:
         raise TrainError(f"data path {path} is empty (no JSONL rows)")
     return rows

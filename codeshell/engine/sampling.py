@@ -80,8 +80,10 @@ class SamplingParams:
             bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", f"must be an integer, got {self.seed!r}")
+        # torch.Generator.manual_seed overflows past 64 bits, inside the engine step where it
+        # would fail every request batched with this one; the server's routes use the same range.
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
+            bad("seed", f"must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         k = self.prompt_lookup_num_tokens
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOOKUP):
             bad("prompt_lookup_num_tokens", f"must be None or an integer in [0, {MAX_LOOKUP}], got {k!r}")

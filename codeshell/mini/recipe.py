@@ -36,8 +36,12 @@ class Budget:
     # Candidate shapes (n_embd, n_layer, n_head, kv groups, n_inner): ~8M, ~19M, ~30M parameters
     # with a 16k vocabulary (the head is tied to the embedding).
     sizes: tuple = ((256, 6, 8, 2, 1024), (384, 8, 6, 2, 1536), (512, 8, 8, 2, 2048))
-    sweep_tokens: int = 1_500_000
-    pretrain_tokens: int = 12_000_000
+    # Compute, not tokens, is the budget: every sweep size gets the same training FLOPs (the
+    # smallest ~1.5M tokens), and the winner gets `pretrain_flops` (~9M tokens at ~19M
+    # parameters, ~50 minutes on 2 Sapphire Rapids cores), so a bigger model is not favoured
+    # just by being compared at equal tokens.
+    sweep_flops: float = 9e13
+    pretrain_flops: float = 1.2e15
     batch_tokens: int = 8 * 512
     sft_tokens: int = 600_000
     lr: float = 1e-3
@@ -46,9 +50,19 @@ class Budget:
     @classmethod
     def smoke(cls) -> "Budget":
         return cls(pinned=(), holdout=(), stdlib_files=60, vocab_size=512, seq_len=128,
-                   sizes=((64, 2, 4, 2, 128), (96, 2, 4, 2, 192)), sweep_tokens=128 * 8 * 3,
-                   pretrain_tokens=128 * 8 * 6, batch_tokens=128 * 8, sft_tokens=128 * 8 * 2, workers=1)
+                   sizes=((64, 2, 4, 2, 128), (96, 2, 4, 2, 192)), sweep_flops=3e9,
+                   pretrain_flops=8e9, batch_tokens=128 * 8, sft_tokens=128 * 8 * 2, workers=1)
 
+    def tokens_for(self, flops: float, cfg) -> int:
+        """Training tokens that spend `flops` on a model of `cfg`, in whole batches (at least one)."""
+        from codeshell.train.metrics import flops_per_token
+
+        steps = int(flops / flops_per_token(cfg, self.seq_len) / self.batch_tokens)
+        return max(1, steps) * self.batch_tokens
+
+
+# Held-out sequences per evaluation (spread over the whole held-out set): 256 x 512 tokens.
+EVAL_ROWS = 256
 
 FILTER_STAGES = [
     # The corpus is permissive by construction; the stage re-checks every file's SPDX id and
@@ -176,7 +190,8 @@ class Recipe:
             out[split] = next(v.get("counters", {}) for k, v in stats.items() if k.endswith("pack"))
         return out
 
-    def _model_config(self, d: Path, shape: tuple) -> Path:
+    def _model_config(self, d: Path, shape: tuple):
+        """Writes `d/model-config.json` for `shape`; returns (its path, the config)."""
         from codeshell.config import CodeShellConfig
 
         n_embd, n_layer, n_head, groups, n_inner = shape
@@ -187,7 +202,7 @@ class Recipe:
         d.mkdir(parents=True, exist_ok=True)
         p = d / "model-config.json"
         p.write_text(json.dumps(cfg.to_dict()))
-        return p
+        return p, cfg
 
     def _train(self, mode: str, d: Path, tokens: int, **flags) -> dict:
         """Train (or resume, or find finished) the run in `d/run`; its figures come from the
@@ -212,10 +227,13 @@ class Recipe:
         results = []
         for shape in self.b.sizes:
             sd = d / "x".join(map(str, shape))
-            res = self._train("pretrain", sd, self.b.sweep_tokens, data=str(self.out / "4-pack" / "train" / "packed"),
-                              model_config=str(self._model_config(sd, shape)), lr=self.b.lr, micro_batch=8,
-                              eval_every=0)
-            results.append({"shape": shape, "eval_loss": res.get("eval_loss"), "loss": res.get("final_loss"),
+            path, cfg = self._model_config(sd, shape)
+            tokens = self.b.tokens_for(self.b.sweep_flops, cfg)
+            res = self._train("pretrain", sd, tokens, data=str(self.out / "4-pack" / "train" / "packed"),
+                              model_config=str(path), lr=self.b.lr, micro_batch=8, eval_every=0,
+                              eval_rows=EVAL_ROWS)
+            results.append({"shape": shape, "parameters": cfg.num_parameters(), "tokens": tokens,
+                            "eval_loss": res.get("eval_loss"), "loss": res.get("final_loss"),
                             "tok_per_s": res.get("tok_per_s")})
             self.log(f"  sweep {shape}: held-out loss {res.get('eval_loss')}, train loss {res.get('final_loss')}")
         # Held-out loss decides; without a held-out split (the smoke budget) the training loss does.
@@ -224,10 +242,12 @@ class Recipe:
         return {"results": results, "best": list(best["shape"])}
 
     def pretrain(self, d: Path, shape: list) -> dict:
-        res = self._train("pretrain", d, self.b.pretrain_tokens, data=str(self.out / "4-pack" / "train" / "packed"),
-                          model_config=str(self._model_config(d, tuple(shape))), lr=self.b.lr, micro_batch=8,
-                          eval_every=100, save_every=200)
-        return {"shape": shape, **{k: res.get(k) for k in ("final_loss", "eval_loss", "tok_per_s", "checkpoint")}}
+        path, cfg = self._model_config(d, tuple(shape))
+        tokens = self.b.tokens_for(self.b.pretrain_flops, cfg)
+        res = self._train("pretrain", d, tokens, data=str(self.out / "4-pack" / "train" / "packed"),
+                          model_config=str(path), lr=self.b.lr, micro_batch=8, eval_every=250,
+                          eval_rows=EVAL_ROWS, save_every=200)
+        return {"shape": shape, "parameters": cfg.num_parameters(), "tokens": tokens, **{k: res.get(k) for k in ("final_loss", "eval_loss", "tok_per_s", "checkpoint")}}
 
     def sft(self, d: Path) -> dict:
         pairs = write_instruction_pairs(self.filtered("train"), d / "pairs.jsonl", seed=self.seed)

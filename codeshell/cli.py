@@ -17,7 +17,10 @@ from typing import Annotated, Optional
 
 import typer
 
-DEFAULT_MODEL = "WisdomShell/CodeShell-7B-Chat"
+from .mini.package import HUB_MODEL, NAME as MINI_NAME, cli_model  # standard library only
+
+# Without --model, every command runs the codeshell-mini model shipped in the package (one note
+# on stderr says so); the real CodeShell-7B is `--model WisdomShell/CodeShell-7B-Chat` away.
 
 app = typer.Typer(help="CodeShell: run, serve, evaluate, tune and build CodeShell-family code LLMs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -91,7 +94,8 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
                                                 help="Print the version and exit.")] = False) -> None:
     """CodeShell: run, serve, evaluate, tune and build CodeShell-family code LLMs."""
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder or Hugging Face hub id.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help=f"Checkpoint folder or Hugging Face hub id (default: the built-in {MINI_NAME}).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's own).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
 TokOpt = Annotated[Optional[str], typer.Option(help="Tokenizer folder, when the model folder has none.")]
@@ -114,12 +118,13 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(model: str, dtype: str, device: str, tokenizer: str | None = None, need_text: bool = True):
-    """LLM for a command, with the model-not-available message users need.
+def _load(model: str | None, dtype: str, device: str, tokenizer: str | None = None, need_text: bool = True):
+    """LLM for a command (None: the built-in model), with the model-not-available message users need.
 
     `need_text`: the command encodes text, so a model without a tokenizer is an error here
     (pointing at --tokenizer) rather than at the first prompt.
     """
+    model = cli_model(model)
     from .config import ConfigError
     from .llm import LLM
     from .tokenizer import TokenizerError
@@ -128,8 +133,8 @@ def _load(model: str, dtype: str, device: str, tokenizer: str | None = None, nee
         llm = LLM(model, dtype=dtype, device=device, tokenizer=tokenizer)
     except (CheckpointError, ConfigError, TokenizerError, ValueError, OSError) as e:
         hint = ""
-        if model == DEFAULT_MODEL:
-            hint = ("; the default model is fetched from the Hugging Face hub: when you are offline, "
+        if model == HUB_MODEL:
+            hint = ("; this model is fetched from the Hugging Face hub: when you are offline, "
                     "pass a local checkpoint folder with --model PATH")
         _fail(f"{e}{hint}")
     if need_text and llm.tokenizer is None:
@@ -223,7 +228,7 @@ def _report(llm, stats: Stats, sp, quiet: bool, n_given: int | None = None) -> N
 
 @app.command()
 def generate(prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="The prompt; '-' or none reads stdin.")] = None,
-             model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "auto", device: DeviceOpt = "cpu",
+             model: ModelOpt = None, dtype: DtypeOpt = "auto", device: DeviceOpt = "cpu",
              tokenizer: TokOpt = None, max_tokens: MaxTokOpt = 256, temperature: TempOpt = 0.2,
              top_p: TopPOpt = 0.95, top_k: TopKOpt = 0, min_p: MinPOpt = 0.0, repetition_penalty: RepOpt = 1.0,
              seed: SeedOpt = None, stop: StopOpt = None, truncate_prompt: TruncOpt = False,
@@ -248,7 +253,7 @@ def infill(prefix: Annotated[Optional[str], typer.Option(help="Code before the c
            suffix: Annotated[Optional[str], typer.Option(help="Code after the cursor.")] = None,
            prefix_file: Annotated[Optional[Path], typer.Option(help="Read the prefix from a file.")] = None,
            suffix_file: Annotated[Optional[Path], typer.Option(help="Read the suffix from a file.")] = None,
-           model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "auto", device: DeviceOpt = "cpu",
+           model: ModelOpt = None, dtype: DtypeOpt = "auto", device: DeviceOpt = "cpu",
            tokenizer: TokOpt = None, max_tokens: MaxTokOpt = 64, temperature: TempOpt = 0.2,
            top_p: TopPOpt = 0.95, top_k: TopKOpt = 0, min_p: MinPOpt = 0.0, repetition_penalty: RepOpt = 1.0,
            seed: SeedOpt = None, stop: StopOpt = None,
@@ -304,7 +309,7 @@ def _fit_fim(llm, prefix: str, suffix: str, budget: int) -> tuple[list[int], int
 
 
 @app.command()
-def chat(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "auto", device: DeviceOpt = "cpu",
+def chat(model: ModelOpt = None, dtype: DtypeOpt = "auto", device: DeviceOpt = "cpu",
          tokenizer: TokOpt = None, system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,
          max_tokens: MaxTokOpt = 512, temperature: TempOpt = 0.2, top_p: TopPOpt = 0.95, top_k: TopKOpt = 0,
          min_p: MinPOpt = 0.0, repetition_penalty: RepOpt = 1.0, seed: SeedOpt = None,
@@ -319,8 +324,8 @@ def chat(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "auto", device: Devi
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     if interactive:
-        typer.secho(f"Chatting with {llm.path.name}. /clear starts over, /exit quits, Ctrl-C stops an answer.",
-                    fg="cyan")
+        name = llm.path.name if model is not None else MINI_NAME
+        typer.secho(f"Chatting with {name}. /clear starts over, /exit quits, Ctrl-C stops an answer.", fg="cyan")
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -364,7 +369,7 @@ def info(model_arg: Annotated[Optional[str], typer.Argument(
          ) -> None:
     """Show a checkpoint's config, parameter count, dtype and size in memory (without loading it).
 
-    MODEL defaults to WisdomShell/CodeShell-7B-Chat from the hub.
+    MODEL defaults to the built-in codeshell-mini model.
     """
     from rich.console import Console
     from rich.table import Table
@@ -373,7 +378,7 @@ def info(model_arg: Annotated[Optional[str], typer.Argument(
     from .weights import CheckpointError, load_config, resolve_model_path, weight_files
     if model_arg is not None and model is not None and model_arg != model:
         _fail(f"give the model once: as an argument ({model_arg}) or with --model ({model})")
-    model = model_arg or model or DEFAULT_MODEL
+    model = cli_model(model_arg or model)
     t = Table(title=f"{model}", show_header=False)
     try:
         path = resolve_model_path(model)
@@ -446,7 +451,8 @@ def _info_file(path: Path, t):
 
 
 @app.command()
-def bench(model: Annotated[Optional[str], typer.Option("--model", "-m", help="Benchmark a real checkpoint.")] = None,
+def bench(model: Annotated[Optional[str], typer.Option(
+              "--model", "-m", help=f"Benchmark a real checkpoint (default: the built-in {MINI_NAME}).")] = None,
           shape: Annotated[Optional[str], typer.Option(help="7b, 1b or tiny: random weights of that shape.")] = None,
           dtype: DtypeOpt = "bfloat16", device: DeviceOpt = "cpu",
           prompt_len: Annotated[int, typer.Option(help="Prompt tokens for the prefill figure.")] = 512,
@@ -458,14 +464,16 @@ def bench(model: Annotated[Optional[str], typer.Option("--model", "-m", help="Be
               "--compare-llamacpp", help="llama.cpp's build/bin folder ('auto': $CODESHELL_LLAMACPP_BIN or the "
               "install script's cache): bf16/int8/int4 vs llama-bench on the GGUF export of the same weights."
           )] = None) -> None:
-    """Prefill and decode tokens/s and memory on this machine.
+    """Prefill and decode tokens/s and memory on this machine (default: of the built-in codeshell-mini).
 
     With --shape, random weights of that shape: learn how fast CodeShell-7B runs here before
     downloading 15 GB.
     """
     from .bench import run_bench
-    if (model is None) == (shape is None):
-        _fail("give exactly one of --model PATH and --shape 7b|1b|tiny")
+    if model is not None and shape is not None:
+        _fail("give one of --model PATH and --shape 7b|1b|tiny, not both")
+    if shape is None:
+        model = cli_model(model)
     if compare_llamacpp is not None:
         from .llamacpp import LlamaCppError, bench_compare
         try:

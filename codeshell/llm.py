@@ -36,9 +36,12 @@ class LLM:
 
     >>> llm = LLM("WisdomShell/CodeShell-7B-Chat", dtype="bfloat16")
     >>> llm.generate(["def fib(n):"], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0].text
+
+    `LLM()` with no model loads the codeshell-mini model shipped in the package
+    (`codeshell/mini/model/`): no network, no download.
     """
 
-    def __init__(self, model: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
+    def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = "auto",
                  device: str = "cpu", tokenizer: str | os.PathLike | None = None, *,
                  max_batch: int = 8, max_model_len: int | None = None,
                  quantization: str | dict | None = None, threads: int | None = None, kernels: bool = True):

@@ -45,11 +45,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.
     return DTYPES[dtype]
 
 
-def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id fetched (or found in the cache) by huggingface_hub.
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """A local folder as is; otherwise a hub id fetched (or found in the cache) by huggingface_hub;
+    None: the codeshell-mini model inside the package (no network, no file outside it).
 
     Honours HF_HOME and HF_HUB_OFFLINE. Offline with nothing cached is a clear error.
     """
+    if model is None:
+        from .mini.package import PackagedModelMissing, packaged_model
+        try:
+            return packaged_model()
+        except PackagedModelMissing as e:
+            raise CheckpointError(str(e)) from None
     p = Path(model).expanduser()
     if p.exists():
         if p.is_file():

@@ -79,7 +79,8 @@ UNSAFE = typer.Option(False, "--unsafe-no-sandbox",
 def run(
     tasks: List[str] = typer.Argument(..., help="humaneval, humaneval-chat, mbpp, multiple-<lang> ..."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (resumed if it exists)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint folder or hub id, run in process."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint folder or hub id, run in process "
+                                        "(default, without --api-base: the built-in codeshell-mini)."),
     dtype: str = typer.Option("bfloat16", "--dtype"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, ... (auto: cuda when available)."),
     quantization: Optional[str] = typer.Option(None, "--quantization"),
@@ -113,8 +114,12 @@ def run(
     from codeshell.eval.runner import run_tasks
     from codeshell.eval.tasks import DataError
 
-    if (model is None) == (api_base is None):
-        _fail("give exactly one of --model (in process) or --api-base (a server)")
+    if model is not None and api_base is not None:
+        _fail("give one of --model (in process) or --api-base (a server), not both")
+    if api_base is None:
+        from codeshell.mini.package import cli_model
+
+        model = cli_model(model)  # the built-in model, with its note, when neither is given
     if limit is not None and limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:

@@ -257,21 +257,12 @@ class Recipe:
         return {"pairs": pairs, **{k: res.get(k) for k in ("final_loss", "checkpoint")}}
 
     def final(self, d: Path) -> dict:
-        from codeshell.train.checkpoint import copy_tokenizer
+        from codeshell.mini.package import package_checkpoint
 
-        import torch
-        from safetensors.torch import load_file, save_file
-
+        # The bf16 conversion the package's built-in model gets too (one place: package.py).
         src = Path(json.loads((self.out / "7-sft" / "step.json").read_text())["checkpoint"])
-        out = d / "codeshell-mini"
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(src / "model.safetensors").items()}
-        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-        cfg = json.loads((src / "config.json").read_text())
-        cfg["torch_dtype"] = "bfloat16"
-        (out / "config.json").write_text(json.dumps(cfg, indent=1))
-        copy_tokenizer(self.out / "3-tokenizer", out)
-        return {"checkpoint": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir())}
+        info = package_checkpoint(src, d / "codeshell-mini", tokenizer=self.out / "3-tokenizer")
+        return {"checkpoint": info["checkpoint"], "bytes": info["bytes"]}
 
 
 def build(out: str | Path, smoke: bool = False, seed: int = 0, eval_data: str | Path | None = None,

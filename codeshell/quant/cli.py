@@ -22,19 +22,25 @@ MODEL_OPT = typer.Option(None, "--model", "-m", help="MODEL as an option: `--mod
 
 
 def _model_out(model: str | None, out: str | None, model_opt: str | None, command: str) -> tuple[str, Path]:
-    """`MODEL OUT` or `--model MODEL OUT` (every command takes --model)."""
+    """`MODEL OUT`, `--model MODEL OUT` (every command takes --model) or just `OUT` (the built-in model)."""
+    from codeshell.mini.package import cli_model
+
     if model_opt is not None:
         if out is not None:
             _fail(f"give the model once: `codeshell {command} MODEL OUT` or `codeshell {command} --model MODEL OUT`")
         model, out = model_opt, model
-    if model is None or out is None:
-        _fail(f"give MODEL and OUT: `codeshell {command} MODEL OUT` or `codeshell {command} --model MODEL OUT`")
-    return model, Path(out)
+    elif out is None:  # one argument: OUT, for the built-in model
+        model, out = None, model
+    if out is None:
+        _fail(f"give OUT: `codeshell {command} OUT` (the built-in model), `codeshell {command} MODEL OUT` "
+              f"or `codeshell {command} --model MODEL OUT`")
+    return cli_model(model), Path(out)
 
 
 @app.command("quantize")
 def quantize(
-    model: str = typer.Argument(None, metavar="MODEL", help="Checkpoint folder or Hugging Face hub id (full precision)."),
+    model: str = typer.Argument(None, metavar="MODEL", help="Checkpoint folder or Hugging Face hub id (full precision; "
+                                "default: the built-in codeshell-mini)."),
     out: str = typer.Argument(None, metavar="OUT", help="Output folder for the quantized checkpoint."),
     model_opt: str = MODEL_OPT,
     bits: int = typer.Option(4, "--bits", help="8 (int8, per output channel) or 4 (int4, group-wise)."),
@@ -43,7 +49,9 @@ def quantize(
     quantize_head: bool = typer.Option(False, "--quantize-head", help="Quantize the output head too."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
-    """Write a weight-only quantized copy of MODEL to OUT (safetensors; the scheme in config.json)."""
+    """Write a weight-only quantized copy of MODEL to OUT (safetensors; the scheme in config.json).
+
+    `codeshell quantize OUT` quantizes the built-in codeshell-mini model."""
     from ..weights import CheckpointError
     from .convert import quantize_checkpoint
     from .scheme import QuantError, QuantScheme
@@ -60,13 +68,16 @@ def quantize(
 
 @app.command("export-gguf")
 def export_gguf(
-    model: str = typer.Argument(None, metavar="MODEL", help="Checkpoint folder (full precision or `codeshell quantize` output)."),
+    model: str = typer.Argument(None, metavar="MODEL", help="Checkpoint folder (full precision or `codeshell quantize` "
+                                "output; default: the built-in codeshell-mini)."),
     out: str = typer.Argument(None, metavar="OUT", help="Output .gguf file."),
     model_opt: str = MODEL_OPT,
     type: str = typer.Option("f16", "--type", help="f32, f16, bf16, q8_0 or q4_0."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
-    """Write MODEL as a GGUF file that llama.cpp runs as a CodeShell model."""
+    """Write MODEL as a GGUF file that llama.cpp runs as a CodeShell model.
+
+    `codeshell export-gguf OUT` exports the built-in codeshell-mini model."""
     from ..weights import CheckpointError
     from .gguf_io import GGUFError, export_gguf as _export
     from .scheme import QuantError

@@ -13,7 +13,8 @@ app = typer.Typer(help="Serve a CodeShell model over HTTP (OpenAI API, IDE plugi
 
 
 def serve(
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder or hub id.")],
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Checkpoint folder or hub id (default: the built-in codeshell-mini).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port; 8080 is what both IDE plugins expect.")] = 8080,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
@@ -46,8 +47,13 @@ def serve(
 
     import uvicorn
 
+    from codeshell.mini.package import NAME, cli_model
+
     from .app import build_app
     from .service import ServeSettings
+    if model is None:
+        served_model_name = served_model_name or NAME  # not the folder's name, `model`
+    model = cli_model(model)
     local = Path(model).expanduser()
     if (local.is_absolute() or model.startswith(".")) and not local.exists():
         raise typer.BadParameter(f"no checkpoint folder at {model}", param_hint="--model")

@@ -64,9 +64,11 @@ def test_score_bad_flags(tmp_path):
     assert r.exit_code == 2 and "timeout_factor" in r.output
 
 
-def test_run_needs_exactly_one_backend(tmp_path):
+def test_run_needs_exactly_one_backend(tmp_path, monkeypatch):
+    # Neither: the built-in model, here missing (so nothing runs): one line naming --model.
+    monkeypatch.setattr("codeshell.mini.package.MODEL_DIR", tmp_path / "no-model")
     r = runner.invoke(app, ["run", "humaneval", "--output", str(tmp_path)])
-    assert r.exit_code == 2 and "--model" in r.output
+    assert r.exit_code == 2 and "--model" in r.output and "built-in codeshell-mini" in r.output
     r = runner.invoke(app, ["run", "humaneval", "--output", str(tmp_path), "--model", "m", "--api-base", "u"])
     assert r.exit_code == 2
 

@@ -86,7 +86,7 @@ def test_clear_errors(tiny, tmp_path):
         (("generate", "x", "--model", tiny, "--max-tokens", "0"), "max_tokens must be a positive integer"),
         (("generate", "x = 1\n" * 400, "--model", tiny), "context window is 512"),
         (("generate", "", "--model", tiny), "the prompt is empty"),
-        (("bench",), "--shape"),
+        (("bench", "--model", tiny, "--shape", "tiny"), "not both"),
         (("bench", "--shape", "13b"), "unknown --shape '13b'"),
         (("info", str(tmp_path / "missing")), "does not exist"),
     ]
@@ -96,10 +96,28 @@ def test_clear_errors(tiny, tmp_path):
         assert message in r.output, (args, r.output)
 
 
-def test_default_model_offline_says_how_to_pass_a_path(tmp_path):
-    r = cli("generate", "x", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+def test_hub_model_offline_says_how_to_pass_a_path(tmp_path):
+    r = cli("generate", "x", "--model", "WisdomShell/CodeShell-7B-Chat",
+            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert r.returncode == 2
     assert "WisdomShell/CodeShell-7B-Chat" in r.stderr and "--model PATH" in r.stderr
+
+
+def test_missing_built_in_model_is_one_line(monkeypatch, tmp_path):
+    """A broken install (the package's model files gone): each command that would fall back to
+    the built-in model, and `LLM()`, say so in one line naming --model."""
+    from codeshell.weights import CheckpointError
+    monkeypatch.setattr("codeshell.mini.package.MODEL_DIR", tmp_path / "model")
+    for args in (("generate", "x"), ("infill", "--prefix", "x"), ("chat",), ("info",), ("bench",), ("serve",),
+                 ("quantize", str(tmp_path / "q")), ("export-gguf", str(tmp_path / "x.gguf")),
+                 ("eval", "run", "humaneval", "--output", str(tmp_path / "e"))):
+        r = run_inproc(*args)
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1, (args, r.output)
+        assert lines[0].startswith("error: the built-in codeshell-mini model is missing"), (args, r.output)
+        assert "--model WisdomShell/CodeShell-7B-Chat" in lines[0], (args, r.output)
+    with pytest.raises(CheckpointError, match="built-in codeshell-mini model is missing"):
+        LLM()
 
 
 # ---- issue 16: one-line errors, truncation, context notes, speeds, --version, help, --model ----
@@ -134,10 +152,11 @@ BAD_INPUTS = [  # (args with placeholders, a fragment of the one error line)
     (("info", "{txt}"), "neither GGUF nor safetensors"),
     (("info", "{tiny}", "--model", "{notok}"), "give the model once"),
     (("bench", "--shape", "13b"), "unknown --shape '13b'"),
-    (("quantize", "{tiny}"), "give MODEL and OUT"),
+    (("quantize", "--model", "{tiny}"), "give OUT"),
     (("export-gguf", "--model", "{tiny}", "{root}/x.gguf", "--type", "q5_k"), "unknown GGUF type"),
     (("serve", "--model", "{root}/missing"), "no checkpoint folder"),
-    (("eval", "run", "humaneval", "--output", "{root}/out"), "--model"),
+    (("eval", "run", "humaneval", "--output", "{root}/out", "--model", "{tiny}", "--api-base", "http://127.0.0.1:9"),
+     "--model"),
     (("eval", "score", "no-such-task", "--samples", "{txt}"), "unknown task"),
     (("data", "run", "{root}/missing.yaml"), "missing.yaml"),
     (("tokenizer", "eval", "{notok}"), "--corpus"),
@@ -282,7 +301,7 @@ def test_readme_says_which_commands_take_model():
     positional ones also take MODEL, and the defaults are as it says."""
     import typer.main
 
-    from codeshell.cli import DEFAULT_MODEL, app
+    from codeshell.cli import app
     from tests.conftest import REPO
     readme = (REPO / "README.md").read_text()
     assert "The commands that run or convert a model take it with `--model`" in readme
@@ -304,7 +323,6 @@ def test_readme_says_which_commands_take_model():
     for path in ("info", "quantize", "export-gguf"):
         args = [p.name for p in command(path).params if p.param_type_name == "argument"]
         assert args[0] == "model_arg" if path == "info" else args[0] == "model", (path, args)
-    for path in ("generate", "infill", "chat"):
+    for path in ("generate", "infill", "chat", "serve", "bench", "eval run"):  # default: the built-in model
         model = next(p for p in command(path).params if p.name == "model")
-        assert model.default == DEFAULT_MODEL and not model.required
-    assert next(p for p in command("serve").params if p.name == "model").required
+        assert model.default is None and not model.required, path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,27 +41,56 @@ def build(out: Annotated[Path, typer.Argument(help="Run folder (resumes when it 
 
 @app.command()
 def measure(run: Annotated[Path, typer.Argument(help="A `codeshell mini build` run folder.")],
+            checkpoint: Annotated[Optional[Path], typer.Option(
+                help="Checkpoint to measure (default: RUN/8-final/codeshell-mini).")] = None,
+            out: Annotated[Optional[Path], typer.Option(
+                help="Folder for measure.json and the eval files (default: RUN/measure).")] = None,
+            skip: Annotated[Optional[list[str]], typer.Option(
+                help="Leave out a part: bpb, syntax, passk or serve (repeatable).")] = None,
+            eval_data: Annotated[Optional[Path], typer.Option(
+                envvar="CODESHELL_EVAL_DATA", help="Folder with mbpp.jsonl (MBPP's data).")] = None,
+            n_samples: Annotated[int, typer.Option(help="Samples per problem for pass@k.")] = 20,
+            temperature: Annotated[float, typer.Option(help="Sampling temperature for pass@k.")] = 0.8,
+            max_tokens: Annotated[Optional[int], typer.Option(
+                help="Cap on completion tokens (default: none; prompt + completion <= 2048, the harness's).")] = None,
+            limit: Annotated[Optional[int], typer.Option(help="Only the first N problems of each task.")] = None,
+            batch_size: Annotated[int, typer.Option(help="Eval requests per engine call (10 samples each).")] = 8,
             docs: Annotated[int, typer.Option(help="Held-out documents to score (0: all).")] = 0,
-            ngram_tokens: Annotated[int, typer.Option(help="Tokens the 4-gram baseline trains on.")] = 3_000_000,
-            humaneval: Annotated[bool, typer.Option(help="Also the HumanEval syntax share.")] = True) -> None:
-    """Held-out bits per byte (model and 4-gram) and the HumanEval syntax share; writes RUN/measure.json."""
-    from codeshell.mini.measure import held_out_docs, humaneval_syntax, model_bits_per_byte, ngram_bits_per_byte
-    from codeshell.mini.recipe import Recipe
+            ngram_tokens: Annotated[Optional[int], typer.Option(
+                help="Tokens the 4-gram baseline trains on (default: as many as the model's pretraining).")] = None
+            ) -> None:
+    """Held-out bits per byte (model and 4-gram), HumanEval syntax share, HumanEval/MBPP pass@k
+    and `codeshell serve` speed of a checkpoint; writes OUT/measure.json and prints a table."""
+    from rich.console import Console
 
-    final = run / "8-final" / "codeshell-mini"
-    if not final.is_dir():
-        _fail(f"{run} holds no finished build ({final} is missing); run `codeshell mini build {run}` first")
-    r = Recipe(run)
-    valid = r.filtered("valid") or r.filtered("train")
-    held = held_out_docs(valid, limit=docs or None)
-    train_docs = held_out_docs(r.filtered("train"))
-    res = {"held_out_split": "valid" if r.filtered("valid") else "train",
-           "model": model_bits_per_byte(final, held),
-           "ngram4": ngram_bits_per_byte(run / "3-tokenizer", train_docs, held, work=run,
-                                         max_train_tokens=ngram_tokens)}
-    res["ngram4"].pop("train", None)
-    res["reduction"] = 1 - res["model"]["bits_per_byte"] / res["ngram4"]["bits_per_byte"]
-    if humaneval:
-        res["humaneval_syntax"] = humaneval_syntax(final)
-    (run / "measure.json").write_text(json.dumps(res, indent=1))
-    typer.echo(json.dumps(res, indent=1))
+    from codeshell.mini.measure import PARTS, measure_checkpoint, table
+
+    ckpt = checkpoint or run / "8-final" / "codeshell-mini"
+    if not (ckpt / "config.json").is_file():
+        _fail(f"{ckpt} is not a checkpoint (no config.json)" if checkpoint else
+              f"{run} holds no finished build ({ckpt} is missing); run `codeshell mini build {run}` first")
+    if not (run / "2-filter" / "train" / "stats.json").is_file() or not (run / "3-tokenizer").is_dir():
+        _fail(f"{run} is not a `codeshell mini build` run folder past its tokenizer step")
+    bad = sorted(set(skip or []) - set(PARTS))
+    if bad:
+        _fail(f"--skip {bad[0]}: choose from {', '.join(PARTS)}")
+    parts = [p for p in PARTS if p not in set(skip or [])]
+    if "passk" in parts and (eval_data is None or not (eval_data / "mbpp.jsonl").is_file()):
+        _fail(f"MBPP's data is needed: --eval-data DIR with DIR/mbpp.jsonl ({eval_data} holds none)"
+              if eval_data else "MBPP's data is needed: --eval-data DIR with DIR/mbpp.jsonl (or $CODESHELL_EVAL_DATA)")
+    for name, v in (("--n-samples", n_samples), ("--limit", limit), ("--max-tokens", max_tokens),
+                    ("--batch-size", batch_size)):
+        if v is not None and v < 1:
+            _fail(f"{name} must be >= 1, got {v}")
+    if temperature < 0:
+        _fail(f"--temperature must be >= 0, got {temperature}")
+    from codeshell.eval.sandbox import SandboxUnavailable
+
+    try:
+        res = measure_checkpoint(run, ckpt, out or run / "measure", parts=parts, docs=docs or None,
+                                 ngram_tokens=ngram_tokens, eval_data=eval_data, n_samples=n_samples,
+                                 temperature=temperature, max_tokens=max_tokens, limit=limit, batch_size=batch_size)
+    except SandboxUnavailable as e:
+        _fail(str(e))
+    Console().print(table(res))
+    typer.echo(str((out or run / "measure") / "measure.json"))

@@ -140,7 +140,9 @@ def run(
         else:
             from codeshell.eval.generation import InProcessBackend
 
-            backend = InProcessBackend(model, dtype=dtype, device=device, quantization=quantization)
+            # The engine holds a whole batch: --batch-size requests of up to 10 samples each.
+            backend = InProcessBackend(model, dtype=dtype, device=device, quantization=quantization,
+                                       max_batch=batch_size * min(n_samples, 10))
     except Exception as e:  # the CLI boundary: a bad path, hub id, dtype or unreachable server
         where = api_base if api_base is not None else model
         _fail(f"could not set up generation with {where}: {type(e).__name__}: {e}")

@@ -81,7 +81,10 @@ class InProcessBackend:
     """Generates on codeshell's own runtime (``codeshell.LLM``), batched through its engine."""
 
     def __init__(self, model: str, dtype: str = "bfloat16", device: str = "auto", quantization: str | None = None,
-                 llm: Any = None):
+                 llm: Any = None, max_batch: int = 80):
+        # max_batch: sequences the engine decodes together. One generate() call holds a batch of
+        # requests of up to 10 samples each (run_tasks' chunk), and the engine refuses a request
+        # whose n exceeds it (LLM's default of 8 failed every run with --n-samples >= 9).
         if llm is None:
             from codeshell import LLM  # lazy: loading torch and the engine is the slow part
 
@@ -89,7 +92,7 @@ class InProcessBackend:
                 import torch
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            llm = LLM(model, dtype=dtype, device=device, quantization=quantization)
+            llm = LLM(model, dtype=dtype, device=device, quantization=quantization, max_batch=max_batch)
         self.llm = llm
         self.description = f"codeshell:{model} dtype={dtype} quantization={quantization}"
 

@@ -51,10 +51,13 @@ def measure(run: Annotated[Path, typer.Argument(help="A `codeshell mini build` r
                 envvar="CODESHELL_EVAL_DATA", help="Folder with mbpp.jsonl (MBPP's data).")] = None,
             n_samples: Annotated[int, typer.Option(help="Samples per problem for pass@k.")] = 20,
             temperature: Annotated[float, typer.Option(help="Sampling temperature for pass@k.")] = 0.8,
+            max_length: Annotated[int, typer.Option(
+                help="Prompt + completion tokens for the eval (2048: the harness's default).")] = 2048,
             max_tokens: Annotated[Optional[int], typer.Option(
-                help="Cap on completion tokens (default: none; prompt + completion <= 2048, the harness's).")] = None,
+                help="Also cap completion tokens (default: none).")] = None,
             limit: Annotated[Optional[int], typer.Option(help="Only the first N problems of each task.")] = None,
-            batch_size: Annotated[int, typer.Option(help="Eval requests per engine call (10 samples each).")] = 8,
+            batch_size: Annotated[int, typer.Option(
+                help="Eval requests (10 samples each) per engine call; the engine decodes 80 at once.")] = 32,
             docs: Annotated[int, typer.Option(help="Held-out documents to score (0: all).")] = 0,
             ngram_tokens: Annotated[Optional[int], typer.Option(
                 help="Tokens the 4-gram baseline trains on (default: as many as the model's pretraining).")] = None
@@ -79,18 +82,21 @@ def measure(run: Annotated[Path, typer.Argument(help="A `codeshell mini build` r
         _fail(f"MBPP's data is needed: --eval-data DIR with DIR/mbpp.jsonl ({eval_data} holds none)"
               if eval_data else "MBPP's data is needed: --eval-data DIR with DIR/mbpp.jsonl (or $CODESHELL_EVAL_DATA)")
     for name, v in (("--n-samples", n_samples), ("--limit", limit), ("--max-tokens", max_tokens),
-                    ("--batch-size", batch_size)):
+                    ("--max-length", max_length), ("--batch-size", batch_size)):
         if v is not None and v < 1:
             _fail(f"{name} must be >= 1, got {v}")
     if temperature < 0:
         _fail(f"--temperature must be >= 0, got {temperature}")
+    from codeshell.eval.generation import SettingsMismatch
     from codeshell.eval.sandbox import SandboxUnavailable
+    from codeshell.eval.tasks import DataError
 
     try:
         res = measure_checkpoint(run, ckpt, out or run / "measure", parts=parts, docs=docs or None,
                                  ngram_tokens=ngram_tokens, eval_data=eval_data, n_samples=n_samples,
-                                 temperature=temperature, max_tokens=max_tokens, limit=limit, batch_size=batch_size)
-    except SandboxUnavailable as e:
+                                 temperature=temperature, max_length=max_length, max_tokens=max_tokens, limit=limit,
+                                 batch_size=batch_size)
+    except (SandboxUnavailable, SettingsMismatch, DataError) as e:  # the eval's own one-line errors
         _fail(str(e))
     Console().print(table(res))
     typer.echo(str((out or run / "measure") / "measure.json"))

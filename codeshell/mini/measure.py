@@ -220,11 +220,17 @@ def syntax_share(rows: list[dict]) -> dict:
 # ---- pass@k through codeshell eval ------------------------------------------------------------
 def run_eval(checkpoint: str | Path, out: Path, data_dir: str | Path | None, *, n_samples: int = 20,
              temperature: float = 0.8, top_p: float = 0.95, max_length: int = 2048, max_tokens: int | None = None,
-             limit: int | None = None, batch_size: int = 8, dtype: str = "bfloat16", timeout_factor: float = 2.0,
-             tasks: tuple[str, ...] = ("humaneval", "mbpp"), syntax: bool = True, console=None) -> dict:
+             limit: int | None = None, batch_size: int = 32, slots: int = 80, dtype: str = "bfloat16",
+             timeout_factor: float = 1.0, tasks: tuple[str, ...] = ("humaneval", "mbpp"), syntax: bool = True,
+             console=None) -> dict:
     """Greedy HumanEval (for the syntax share, and its greedy pass@1), then `tasks` at
     `n_samples` per problem and `temperature`, each through `run_tasks` (as `codeshell eval
-    run --model CKPT`) into `out/greedy` and `out/sampled`; resumable like that command."""
+    run --model CKPT`) into `out/greedy` and `out/sampled`; resumable like that command.
+
+    The engine decodes `slots` sequences at once and each call hands it `batch_size` requests
+    (of up to 10 samples): more samples than slots, so a slot freed by a finished sample takes
+    the next one at once instead of idling until the call's longest sample ends (continuous
+    batching; the samples are the same, each request has its own seed)."""
     from codeshell.eval.execution import ExecOptions
     from codeshell.eval.generation import GenerationSettings, InProcessBackend, load_samples
     from codeshell.eval.runner import run_tasks
@@ -235,27 +241,40 @@ def run_eval(checkpoint: str | Path, out: Path, data_dir: str | Path | None, *, 
     if not info.isolated:
         raise SandboxUnavailable(unavailable_message(info))
     opts = ExecOptions(timeout_factor=timeout_factor)
-    backend = InProcessBackend(str(checkpoint), dtype=dtype, device="cpu")
-    res: dict = {"settings": {"n_samples": n_samples, "temperature": temperature, "top_p": top_p,
-                              "max_length": max_length, "max_tokens": max_tokens, "limit": limit,
-                              "batch_size": batch_size, "dtype": dtype, "timeout_factor": timeout_factor}}
+    backend = InProcessBackend(str(checkpoint), dtype=dtype, device="cpu", max_batch=max(slots, min(n_samples, 10)))
+    common = {"max_length": max_length, "max_tokens": max_tokens, "limit": limit, "dtype": dtype,
+              "timeout_factor": timeout_factor}
+    res: dict = {}
     if syntax:
         t0 = time.perf_counter()
         greedy = GenerationSettings(1, 0.0, 1.0, max_length, 0, max_tokens)
+        # One sample per request: twice as many requests per engine call as it has slots.
         (he,) = run_tasks([get_task("humaneval")], backend, greedy, out / "greedy", opts, limit=limit,
-                          batch_size=batch_size * 10, console=console, sandbox=info.mode)
+                          batch_size=2 * slots, console=console, sandbox=info.mode)
         rows = load_samples(out / "greedy" / "humaneval" / "samples.jsonl")
         keep = {p.task_id for p in get_task("humaneval").problems()[:limit]}
-        res["humaneval_syntax"] = {**syntax_share([r for r in rows if r["task_id"] in keep]),
-                                   "greedy_pass@1": he.get("pass@1"), "seconds": round(time.perf_counter() - t0, 1)}
+        res["humaneval_syntax"] = {**syntax_share([r for r in rows if r["task_id"] in keep]), **_generation_stats(rows),
+                                   "greedy_pass@1": he.get("pass@1"), "seconds": round(time.perf_counter() - t0, 1),
+                                   "settings": {"n_samples": 1, "temperature": 0.0, **common}}
     settings = GenerationSettings(n_samples, temperature, top_p, max_length, 0, max_tokens)
     for name in tasks:
         t0 = time.perf_counter()
         (s,) = run_tasks([get_task(name, data_dir)], backend, settings, out / "sampled", opts, limit=limit,
                          batch_size=batch_size, console=console, sandbox=info.mode)
         res[name] = {k: s.get(k) for k in ("n_problems", "n_samples", "pass@1", "pass@10", "status_counts", "note")}
+        res[name].update(_generation_stats(load_samples(out / "sampled" / name / "samples.jsonl")))
         res[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        res[name]["settings"] = {"n_samples": n_samples, "temperature": temperature, "top_p": top_p, **common,
+                                 "batch_size": batch_size, "slots": slots}
     return res
+
+
+def _generation_stats(rows: list[dict]) -> dict:
+    """How long the generations ran: the share cut by the token budget (no stop sequence
+    came) and the mean length of the raw text, in characters."""
+    n = max(len(rows), 1)
+    return {"cut_by_budget": sum(r.get("finish_reason") == "length" for r in rows) / n,
+            "mean_raw_chars": round(sum(len(r.get("raw", "")) for r in rows) / n, 1)}
 
 
 # ---- serving speed ----------------------------------------------------------------------------
@@ -379,10 +398,13 @@ def trained_tokens(run: Path, checkpoint: Path) -> int | None:
 def measure_checkpoint(run: str | Path, checkpoint: str | Path, out: str | Path, *, parts: Iterable[str] = PARTS,
                        docs: int | None = None, ngram_tokens: int | None = None, eval_data: str | Path | None = None,
                        n_samples: int = 20, temperature: float = 0.8, max_tokens: int | None = None,
-                       limit: int | None = None, batch_size: int = 8, serve_requests: int = 5, console=None) -> dict:
+                       max_length: int = 2048, limit: int | None = None, batch_size: int = 32,
+                       serve_requests: int = 5, console=None) -> dict:
     """The four measurements of `checkpoint` (held-out data and training data from the run
     folder `run`), written to `out/measure.json` after each part (so a stopped run keeps what
-    it measured), eval files under `out/eval`. Returns the JSON's content."""
+    it measured), eval files under `out/eval`. A measure.json already there for the same
+    checkpoint keeps the parts not measured now (the eval also resumes its samples, so a run
+    with `limit` and a later full one share the work). Returns the JSON's content."""
     from rich.console import Console
 
     from codeshell.eval.report import progress_bar
@@ -392,8 +414,13 @@ def measure_checkpoint(run: str | Path, checkpoint: str | Path, out: str | Path,
     console = console or Console(stderr=True)
     parts = [p for p in PARTS if p in set(parts)]
     out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"run": str(run), "checkpoint": str(ckpt), "parts": parts}
     path = out / "measure.json"
+    res: dict = {"run": str(run), "checkpoint": str(ckpt)}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("checkpoint") == str(ckpt):
+            res = old
+    res["parts"] = [p for p in PARTS if p in set(parts) | set(res.get("parts", []))]
 
     def save(part: str, t0: float) -> None:
         res.setdefault("seconds", {})[part] = round(time.perf_counter() - t0, 1)
@@ -417,9 +444,11 @@ def measure_checkpoint(run: str | Path, checkpoint: str | Path, out: str | Path,
         save("bpb", t0)
     if "syntax" in parts or "passk" in parts:
         t0 = time.perf_counter()
-        res["eval"] = run_eval(ckpt, out / "eval", eval_data, n_samples=n_samples, temperature=temperature,
-                               max_tokens=max_tokens, limit=limit, batch_size=batch_size, syntax="syntax" in parts,
-                               tasks=("humaneval", "mbpp") if "passk" in parts else (), console=console)
+        got = run_eval(ckpt, out / "eval", eval_data, n_samples=n_samples, temperature=temperature,
+                       max_length=max_length, max_tokens=max_tokens, limit=limit, batch_size=batch_size,
+                       syntax="syntax" in parts, tasks=("humaneval", "mbpp") if "passk" in parts else (),
+                       console=console)
+        res["eval"] = {**res.get("eval", {}), **got}
         save("eval", t0)
     if "serve" in parts:
         t0 = time.perf_counter()
@@ -451,7 +480,7 @@ def table(res: dict):
                   f"{m['docs']} docs, {m['tokens']:,} tokens, {m['bytes']:,} bytes ({res['held_out_split']} split)")
         t.add_row("held-out bits/byte (4-gram)", f"{g['bits_per_byte']:.3f}",
                   f"trained on {g['train_tokens']:,} tokens ({g['train_docs']} random training docs); "
-                  f"model pretrained on {m.get('trained_tokens') or '?':,} tokens")
+                  f"model pretrained on {m['trained_tokens']:,} tokens" if m.get("trained_tokens") else "")
         t.add_row("fewer bits than the 4-gram", _pct(res["reduction"]), ">= 30%")
     ev = res.get("eval", {})
     if "humaneval_syntax" in ev:
@@ -463,7 +492,8 @@ def table(res: dict):
         if task in ev:
             e = ev[task]
             t.add_row(f"{task} pass@1 / pass@10", f"{_pct(e['pass@1'])} / {_pct(e['pass@10'])}",
-                      f"{e['n_problems']} problems x {e['n_samples']} samples, T={ev['settings']['temperature']}")
+                      f"{e['n_problems']} problems x {e['n_samples']} samples, T={e['settings']['temperature']}, "
+                      f"max length {e['settings']['max_length']}; {_pct(e['cut_by_budget'])} cut by the budget")
     if "serve" in res:
         s = res["serve"]
         t.add_row("serve: decode tokens/s (1 stream)", f"{s['decode_tok_s']:.1f}",

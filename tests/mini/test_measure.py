@@ -147,7 +147,7 @@ def test_measure_command_writes_all_four_parts(tiny, tmp_path, shared):
     run = _run_folder(tmp_path, tiny)
     out = tmp_path / "m"
     args = ["measure", str(run), "--checkpoint", str(tiny), "--out", str(out), "--eval-data",
-            str(shared / "eval-data"), "--limit", "1", "--n-samples", "2", "--max-tokens", "4"]
+            str(shared / "eval-data"), "--limit", "1", "--n-samples", "10", "--max-tokens", "4"]
     r = CliRunner().invoke(app, args, terminal_width=200)
     assert r.exit_code == 0, (r.output, r.exception)
     res = json.loads((out / "measure.json").read_text())
@@ -158,11 +158,21 @@ def test_measure_command_writes_all_four_parts(tiny, tmp_path, shared):
     ev = res["eval"]
     assert ev["humaneval_syntax"]["total"] == 1
     for task in ("humaneval", "mbpp"):
-        assert ev[task]["n_problems"] == 1 and ev[task]["n_samples"] == 2 and 0 <= ev[task]["pass@1"] <= 1
+        assert ev[task]["n_problems"] == 1 and ev[task]["n_samples"] == 10 and 0 <= ev[task]["pass@10"] <= 1
         assert (out / "eval" / "sampled" / task / "samples.jsonl").is_file()
     s = res["serve"]
     assert s["decode_tok_s"] > 0 and 0 < s["ttft_s"] < 60 and s["batch"]["tok_s"] > 0
     assert "fewer bits than the 4-gram" in r.output and "mbpp pass@1 / pass@10" in r.output
+    # Measuring one part again keeps the others; the eval resumes its samples (nothing to generate).
+    r = CliRunner().invoke(app, args + ["--skip", "bpb", "--skip", "serve", "--skip", "syntax"], terminal_width=200)
+    assert r.exit_code == 0, (r.output, r.exception)
+    again = json.loads((out / "measure.json").read_text())
+    assert again["model"] == res["model"] and again["serve"] == res["serve"] and again["parts"] == list(M.PARTS)
+    assert again["eval"]["humaneval"]["pass@10"] == ev["humaneval"]["pass@10"]
+    # Other settings in the same folder: one error line, as `codeshell eval run` gives.
+    r = CliRunner().invoke(app, args + ["--skip", "bpb", "--skip", "serve", "--temperature", "0.5"],
+                           terminal_width=200)
+    assert r.exit_code == 2 and "different settings" in r.output and "Traceback" not in r.output, r.output
 
 
 def test_measure_refuses_bad_input_in_one_line(tiny, tmp_path):
@@ -174,3 +184,16 @@ def test_measure_refuses_bad_input_in_one_line(tiny, tmp_path):
     for args, msg in cases:
         r = CliRunner().invoke(app, args, terminal_width=200)
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_eval_run_in_process_with_ten_samples_per_request(tiny, tmp_path):
+    """`codeshell eval run --model` asks the engine for 10 samples per request (more than LLM's
+    default batch of 8, which it refused): the engine is sized for the batch."""
+    from codeshell.eval.cli import app as eval_app
+    from codeshell.eval.generation import load_samples
+
+    r = CliRunner().invoke(eval_app, ["run", "humaneval", "--model", str(tiny), "--dtype", "float32", "--device", "cpu",
+                                      "--limit", "1", "--n-samples", "10", "--max-new-tokens", "2", "--output",
+                                      str(tmp_path), "--no-progress"], terminal_width=200)
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert len(load_samples(tmp_path / "humaneval" / "samples.jsonl")) == 10

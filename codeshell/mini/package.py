@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 NAME = "codeshell-mini"
@@ -98,13 +97,17 @@ def package_checkpoint(src: str | os.PathLike, dest: str | os.PathLike | None = 
     tmp.mkdir()
     try:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         copy_tokenizer(Path(tokenizer) if tokenizer is not None else src, tmp)
         if not (tmp / "tokenizer.json").is_file():
             raise ValueError(f"no tokenizer.json in {tokenizer if tokenizer is not None else src}: "
                              "the packaged model needs its tokenizer (pass tokenizer=FOLDER)")
+        _fix_special_ids(cfg, tmp / "tokenizer.json")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         for name in ("model.safetensors", "config.json", *TOKENIZER_FILES):
             if (tmp / name).exists():
+                # readable by all (safetensors writes 0600; copies keep a read-only source's
+                # mode): a system-wide install is read by other users
+                os.chmod(tmp / name, 0o644)
                 os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,13 +115,17 @@ def package_checkpoint(src: str | os.PathLike, dest: str | os.PathLike | None = 
             "parameters": sum(v.numel() for v in state.values())}
 
 
-def _main(argv: list[str]) -> None:
-    """`python -m codeshell.mini.package SRC [TOKENIZER_FOLDER]`: package a checkpoint into codeshell/mini/model/."""
-    if len(argv) not in (1, 2):
-        sys.exit("usage: python -m codeshell.mini.package SRC [TOKENIZER_FOLDER]")
-    info = package_checkpoint(argv[0], tokenizer=argv[1] if len(argv) > 1 else None)
-    print(f"wrote {info['checkpoint']}: {info['parameters']:,} parameters, {info['bytes'] / 1e6:.1f} MB")
+def _fix_special_ids(cfg: dict, tokenizer_json: Path) -> None:
+    """bos/eos ids outside the vocabulary become the tokenizer's `<|endoftext|>` id.
 
+    CodeShellConfig's defaults (70000) are the 7B vocabulary's `<|endoftext|>`; a config made for
+    a smaller vocabulary that kept them would never stop at the end of text (the engine stops at
+    config.eos_token_id). Ids inside the vocabulary are left as they are.
+    """
+    from tokenizers import Tokenizer
 
-if __name__ == "__main__":
-    _main(sys.argv[1:])
+    eot = Tokenizer.from_file(str(tokenizer_json)).token_to_id("<|endoftext|>")
+    vocab = cfg.get("vocab_size")
+    for key in ("bos_token_id", "eos_token_id"):
+        if eot is not None and vocab is not None and not (isinstance(cfg.get(key), int) and 0 <= cfg[key] < vocab):
+            cfg[key] = eot

@@ -24,6 +24,7 @@ from codeshell.config import CodeShellConfig, ConfigError
 
 from . import checkpoint as ckpt
 from .build import LMLoss, add_lora, check_lora_targets, distribute, load_model, merged_state, new_model
+from .casts import step_casts
 from .config import PRESETS, TrainConfig, TrainError
 from .data import ExampleRows, ShardRows, Tokenized, check_path, read_rows
 from .metrics import Meter, flops_per_token, measure_peak_flops
@@ -307,22 +308,24 @@ class Trainer:
                                       float(sum(b.input_ids.numel() for b in batches)))
         meter.lap("data", t0)
         loss_sum = 0.0
-        for i, b in enumerate(batches):
-            b = b.to(self.device)
-            last = i == len(batches) - 1
-            sync = self._sync_grads(last)
-            with sync:
-                t1 = meter.now()
-                # DDP and FSDP average gradients over ranks: scale so the result is the mean
-                # over every target token of the global batch.
-                scale = p.world / max(n_total, 1.0)
-                with torch.autocast(**self.autocast):
-                    loss, _ = self.module(b.input_ids, b.targets, b.position_ids, b.mask, scale=scale)
-                meter.lap("forward", t1)
-                t2 = meter.now()
-                loss.backward()
-                meter.lap("backward", t2)
-            loss_sum += float(loss.detach()) / scale
+        # bf16: each weight is cast once per step, not once per micro-batch (casts.py).
+        with step_casts(self.autocast["enabled"] and not (p.world > 1 and self.cfg.dist == "fsdp")):
+            for i, b in enumerate(batches):
+                b = b.to(self.device)
+                last = i == len(batches) - 1
+                sync = self._sync_grads(last)
+                with sync:
+                    t1 = meter.now()
+                    # DDP and FSDP average gradients over ranks: scale so the result is the mean
+                    # over every target token of the global batch.
+                    scale = p.world / max(n_total, 1.0)
+                    with torch.autocast(**self.autocast):
+                        loss, _ = self.module(b.input_ids, b.targets, b.position_ids, b.mask, scale=scale)
+                    meter.lap("forward", t1)
+                    t2 = meter.now()
+                    loss.backward()
+                    meter.lap("backward", t2)
+                loss_sum += float(loss.detach()) / scale
         t3 = meter.now()
         params = [q for _, q in self.trainable]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"),

@@ -197,8 +197,13 @@ class Recipe:
         n_embd, n_layer, n_head, groups, n_inner = shape
         vocab = json.loads((self.out / "3-tokenizer" / "step.json").read_text())["vocab_size"]
         vocab = (vocab + 63) // 64 * 64  # a multiple of 64, as the released 70144
+        # bos/eos are this tokenizer's <|endoftext|>, not the config defaults (the 7B vocabulary's
+        # 70000, outside this one), so generation stops at the end of text.
+        tok = json.loads((self.out / "3-tokenizer" / "tokenizer.json").read_text())
+        eot = next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|endoftext|>")
         cfg = CodeShellConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                              num_query_groups=groups, n_inner=n_inner, n_positions=4 * self.b.seq_len)
+                              num_query_groups=groups, n_inner=n_inner, n_positions=4 * self.b.seq_len,
+                              bos_token_id=eot, eos_token_id=eot)
         d.mkdir(parents=True, exist_ok=True)
         p = d / "model-config.json"
         p.write_text(json.dumps(cfg.to_dict()))

@@ -54,7 +54,7 @@ def measure(run: Annotated[Path, typer.Argument(help="A `codeshell mini build` r
             max_length: Annotated[int, typer.Option(
                 help="Prompt + completion tokens for the eval (2048: the harness's default).")] = 2048,
             max_tokens: Annotated[Optional[int], typer.Option(
-                help="Also cap completion tokens (default: none).")] = None,
+                help="Also cap the pass@k completions' tokens (default: none; the greedy syntax run never).")] = None,
             limit: Annotated[Optional[int], typer.Option(help="Only the first N problems of each task.")] = None,
             batch_size: Annotated[int, typer.Option(
                 help="Eval requests (10 samples each) per engine call; the engine decodes 80 at once.")] = 32,

@@ -226,6 +226,7 @@ def run_eval(checkpoint: str | Path, out: Path, data_dir: str | Path | None, *, 
     """Greedy HumanEval (for the syntax share, and its greedy pass@1), then `tasks` at
     `n_samples` per problem and `temperature`, each through `run_tasks` (as `codeshell eval
     run --model CKPT`) into `out/greedy` and `out/sampled`; resumable like that command.
+    `max_tokens` caps the sampled completions only.
 
     The engine decodes `slots` sequences at once and each call hands it `batch_size` requests
     (of up to 10 samples): more samples than slots, so a slot freed by a finished sample takes
@@ -247,7 +248,10 @@ def run_eval(checkpoint: str | Path, out: Path, data_dir: str | Path | None, *, 
     res: dict = {}
     if syntax:
         t0 = time.perf_counter()
-        greedy = GenerationSettings(1, 0.0, 1.0, max_length, 0, max_tokens)
+        # The harness's own budget (no `max_tokens` cap): the syntax share is of completions
+        # "stopped as the harness stops them", and 164 greedy samples are cheap even when a
+        # repetition loop runs to the end of the context.
+        greedy = GenerationSettings(1, 0.0, 1.0, max_length, 0, None)
         # One sample per request: twice as many requests per engine call as it has slots.
         (he,) = run_tasks([get_task("humaneval")], backend, greedy, out / "greedy", opts, limit=limit,
                           batch_size=2 * slots, console=console, sandbox=info.mode)
@@ -255,7 +259,7 @@ def run_eval(checkpoint: str | Path, out: Path, data_dir: str | Path | None, *, 
         keep = {p.task_id for p in get_task("humaneval").problems()[:limit]}
         res["humaneval_syntax"] = {**syntax_share([r for r in rows if r["task_id"] in keep]), **_generation_stats(rows),
                                    "greedy_pass@1": he.get("pass@1"), "seconds": round(time.perf_counter() - t0, 1),
-                                   "settings": {"n_samples": 1, "temperature": 0.0, **common}}
+                                   "settings": {"n_samples": 1, "temperature": 0.0, **common, "max_tokens": None}}
     settings = GenerationSettings(n_samples, temperature, top_p, max_length, 0, max_tokens)
     for name in tasks:
         t0 = time.perf_counter()

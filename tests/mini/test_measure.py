@@ -147,7 +147,7 @@ def test_measure_command_writes_all_four_parts(tiny, tmp_path, shared):
     run = _run_folder(tmp_path, tiny)
     out = tmp_path / "m"
     args = ["measure", str(run), "--checkpoint", str(tiny), "--out", str(out), "--eval-data",
-            str(shared / "eval-data"), "--limit", "1", "--n-samples", "10", "--max-tokens", "4"]
+            str(shared / "eval-data"), "--limit", "1", "--n-samples", "10", "--max-tokens", "4", "--max-length", "200"]
     r = CliRunner().invoke(app, args, terminal_width=200)
     assert r.exit_code == 0, (r.output, r.exception)
     res = json.loads((out / "measure.json").read_text())
@@ -157,6 +157,8 @@ def test_measure_command_writes_all_four_parts(tiny, tmp_path, shared):
     assert res["reduction"] == pytest.approx(1 - res["model"]["bits_per_byte"] / res["ngram4"]["bits_per_byte"])
     ev = res["eval"]
     assert ev["humaneval_syntax"]["total"] == 1
+    greedy = json.loads((out / "eval" / "greedy" / "humaneval" / "scores.json").read_text())["settings"]
+    assert greedy["max_new_tokens"] is None and greedy["max_length"] == 200  # the harness's budget, not --max-tokens
     for task in ("humaneval", "mbpp"):
         assert ev[task]["n_problems"] == 1 and ev[task]["n_samples"] == 10 and 0 <= ev[task]["pass@10"] <= 1
         assert (out / "eval" / "sampled" / task / "samples.jsonl").is_file()

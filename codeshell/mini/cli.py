@@ -55,6 +55,8 @@ def measure(run: Annotated[Path, typer.Argument(help="A `codeshell mini build` r
                 help="Prompt + completion tokens for the eval (2048: the harness's default).")] = 2048,
             max_tokens: Annotated[Optional[int], typer.Option(
                 help="Also cap the pass@k completions' tokens (default: none; the greedy syntax run never).")] = None,
+            mbpp_max_tokens: Annotated[Optional[int], typer.Option(
+                help="MBPP's own cap (default: --max-tokens).")] = None,
             limit: Annotated[Optional[int], typer.Option(help="Only the first N problems of each task.")] = None,
             batch_size: Annotated[int, typer.Option(
                 help="Eval requests (10 samples each) per engine call; the engine decodes 80 at once.")] = 32,
@@ -82,7 +84,7 @@ def measure(run: Annotated[Path, typer.Argument(help="A `codeshell mini build` r
         _fail(f"MBPP's data is needed: --eval-data DIR with DIR/mbpp.jsonl ({eval_data} holds none)"
               if eval_data else "MBPP's data is needed: --eval-data DIR with DIR/mbpp.jsonl (or $CODESHELL_EVAL_DATA)")
     for name, v in (("--n-samples", n_samples), ("--limit", limit), ("--max-tokens", max_tokens),
-                    ("--max-length", max_length), ("--batch-size", batch_size)):
+                    ("--mbpp-max-tokens", mbpp_max_tokens), ("--max-length", max_length), ("--batch-size", batch_size)):
         if v is not None and v < 1:
             _fail(f"{name} must be >= 1, got {v}")
     if temperature < 0:
@@ -94,8 +96,9 @@ def measure(run: Annotated[Path, typer.Argument(help="A `codeshell mini build` r
     try:
         res = measure_checkpoint(run, ckpt, out or run / "measure", parts=parts, docs=docs or None,
                                  ngram_tokens=ngram_tokens, eval_data=eval_data, n_samples=n_samples,
-                                 temperature=temperature, max_length=max_length, max_tokens=max_tokens, limit=limit,
-                                 batch_size=batch_size)
+                                 temperature=temperature, max_length=max_length, limit=limit, batch_size=batch_size,
+                                 max_tokens={"humaneval": max_tokens,
+                                             "mbpp": max_tokens if mbpp_max_tokens is None else mbpp_max_tokens})
     except (SandboxUnavailable, SettingsMismatch, DataError) as e:  # the eval's own one-line errors
         _fail(str(e))
     Console().print(table(res))

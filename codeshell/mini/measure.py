@@ -219,14 +219,17 @@ def syntax_share(rows: list[dict]) -> dict:
 
 # ---- pass@k through codeshell eval ------------------------------------------------------------
 def run_eval(checkpoint: str | Path, out: Path, data_dir: str | Path | None, *, n_samples: int = 20,
-             temperature: float = 0.8, top_p: float = 0.95, max_length: int = 2048, max_tokens: int | None = None,
+             temperature: float = 0.8, top_p: float = 0.95, max_length: int = 2048,
+             max_tokens: int | dict[str, int | None] | None = None,
              limit: int | None = None, batch_size: int = 32, slots: int = 80, dtype: str = "bfloat16",
              timeout_factor: float = 1.0, tasks: tuple[str, ...] = ("humaneval", "mbpp"), syntax: bool = True,
-             console=None) -> dict:
+             console=None, on_result: Callable[[str, dict], None] = lambda name, r: None) -> dict:
     """Greedy HumanEval (for the syntax share, and its greedy pass@1), then `tasks` at
     `n_samples` per problem and `temperature`, each through `run_tasks` (as `codeshell eval
     run --model CKPT`) into `out/greedy` and `out/sampled`; resumable like that command.
-    `max_tokens` caps the sampled completions only.
+    `max_tokens` caps the sampled completions only: one cap, or one per task ({"mbpp": 128}:
+    a model that never writes MBPP's stop sequences runs every sample to the cap).
+    `on_result(name, result)` gets each task's result as soon as it is scored.
 
     The engine decodes `slots` sequences at once and each call hands it `batch_size` requests
     (of up to 10 samples): more samples than slots, so a slot freed by a finished sample takes
@@ -243,8 +246,9 @@ def run_eval(checkpoint: str | Path, out: Path, data_dir: str | Path | None, *, 
         raise SandboxUnavailable(unavailable_message(info))
     opts = ExecOptions(timeout_factor=timeout_factor)
     backend = InProcessBackend(str(checkpoint), dtype=dtype, device="cpu", max_batch=max(slots, min(n_samples, 10)))
-    common = {"max_length": max_length, "max_tokens": max_tokens, "limit": limit, "dtype": dtype,
-              "timeout_factor": timeout_factor}
+    common = {"max_length": max_length, "limit": limit, "dtype": dtype, "timeout_factor": timeout_factor}
+    caps = max_tokens if isinstance(max_tokens, dict) else {}
+    default_cap = None if isinstance(max_tokens, dict) else max_tokens
     res: dict = {}
     if syntax:
         t0 = time.perf_counter()
@@ -260,16 +264,19 @@ def run_eval(checkpoint: str | Path, out: Path, data_dir: str | Path | None, *, 
         res["humaneval_syntax"] = {**syntax_share([r for r in rows if r["task_id"] in keep]), **_generation_stats(rows),
                                    "greedy_pass@1": he.get("pass@1"), "seconds": round(time.perf_counter() - t0, 1),
                                    "settings": {"n_samples": 1, "temperature": 0.0, **common, "max_tokens": None}}
-    settings = GenerationSettings(n_samples, temperature, top_p, max_length, 0, max_tokens)
+        on_result("humaneval_syntax", res["humaneval_syntax"])
     for name in tasks:
         t0 = time.perf_counter()
+        cap = caps.get(name, default_cap)
+        settings = GenerationSettings(n_samples, temperature, top_p, max_length, 0, cap)
         (s,) = run_tasks([get_task(name, data_dir)], backend, settings, out / "sampled", opts, limit=limit,
                          batch_size=batch_size, console=console, sandbox=info.mode)
         res[name] = {k: s.get(k) for k in ("n_problems", "n_samples", "pass@1", "pass@10", "status_counts", "note")}
         res[name].update(_generation_stats(load_samples(out / "sampled" / name / "samples.jsonl")))
         res[name]["seconds"] = round(time.perf_counter() - t0, 1)
         res[name]["settings"] = {"n_samples": n_samples, "temperature": temperature, "top_p": top_p, **common,
-                                 "batch_size": batch_size, "slots": slots}
+                                 "max_tokens": cap, "batch_size": batch_size, "slots": slots}
+        on_result(name, res[name])
     return res
 
 
@@ -401,7 +408,8 @@ def trained_tokens(run: Path, checkpoint: Path) -> int | None:
 
 def measure_checkpoint(run: str | Path, checkpoint: str | Path, out: str | Path, *, parts: Iterable[str] = PARTS,
                        docs: int | None = None, ngram_tokens: int | None = None, eval_data: str | Path | None = None,
-                       n_samples: int = 20, temperature: float = 0.8, max_tokens: int | None = None,
+                       n_samples: int = 20, temperature: float = 0.8,
+                       max_tokens: int | dict[str, int | None] | None = None,
                        max_length: int = 2048, limit: int | None = None, batch_size: int = 32,
                        serve_requests: int = 5, console=None) -> dict:
     """The four measurements of `checkpoint` (held-out data and training data from the run
@@ -448,11 +456,16 @@ def measure_checkpoint(run: str | Path, checkpoint: str | Path, out: str | Path,
         save("bpb", t0)
     if "syntax" in parts or "passk" in parts:
         t0 = time.perf_counter()
-        got = run_eval(ckpt, out / "eval", eval_data, n_samples=n_samples, temperature=temperature,
-                       max_length=max_length, max_tokens=max_tokens, limit=limit, batch_size=batch_size,
-                       syntax="syntax" in parts, tasks=("humaneval", "mbpp") if "passk" in parts else (),
-                       console=console)
-        res["eval"] = {**res.get("eval", {}), **got}
+        res["eval"] = res.get("eval", {})
+
+        def keep(name: str, result: dict) -> None:  # each task into measure.json as it is scored
+            res["eval"][name] = result
+            path.write_text(json.dumps(res, indent=1) + "\n")
+
+        run_eval(ckpt, out / "eval", eval_data, n_samples=n_samples, temperature=temperature,
+                 max_length=max_length, max_tokens=max_tokens, limit=limit, batch_size=batch_size,
+                 syntax="syntax" in parts, tasks=("humaneval", "mbpp") if "passk" in parts else (),
+                 console=console, on_result=keep)
         save("eval", t0)
     if "serve" in parts:
         t0 = time.perf_counter()
@@ -497,7 +510,8 @@ def table(res: dict):
             e = ev[task]
             t.add_row(f"{task} pass@1 / pass@10", f"{_pct(e['pass@1'])} / {_pct(e['pass@10'])}",
                       f"{e['n_problems']} problems x {e['n_samples']} samples, T={e['settings']['temperature']}, "
-                      f"max length {e['settings']['max_length']}; {_pct(e['cut_by_budget'])} cut by the budget")
+                      f"max length {e['settings']['max_length']}, max tokens {e['settings']['max_tokens']}; "
+                      f"{_pct(e['cut_by_budget'])} cut by the budget")
     if "serve" in res:
         s = res["serve"]
         t.add_row("serve: decode tokens/s (1 stream)", f"{s['decode_tok_s']:.1f}",

@@ -147,7 +147,7 @@ def test_measure_command_writes_all_four_parts(tiny, tmp_path, shared):
     run = _run_folder(tmp_path, tiny)
     out = tmp_path / "m"
     args = ["measure", str(run), "--checkpoint", str(tiny), "--out", str(out), "--eval-data",
-            str(shared / "eval-data"), "--limit", "1", "--n-samples", "10", "--max-tokens", "4", "--max-length", "200"]
+            str(shared / "eval-data"), "--limit", "1", "--n-samples", "10", "--max-tokens", "4", "--max-length", "200", "--mbpp-max-tokens", "3"]
     r = CliRunner().invoke(app, args, terminal_width=200)
     assert r.exit_code == 0, (r.output, r.exception)
     res = json.loads((out / "measure.json").read_text())
@@ -162,6 +162,7 @@ def test_measure_command_writes_all_four_parts(tiny, tmp_path, shared):
     for task in ("humaneval", "mbpp"):
         assert ev[task]["n_problems"] == 1 and ev[task]["n_samples"] == 10 and 0 <= ev[task]["pass@10"] <= 1
         assert (out / "eval" / "sampled" / task / "samples.jsonl").is_file()
+    assert (ev["humaneval"]["settings"]["max_tokens"], ev["mbpp"]["settings"]["max_tokens"]) == (4, 3)
     s = res["serve"]
     assert s["decode_tok_s"] > 0 and 0 < s["ttft_s"] < 60 and s["batch"]["tok_s"] > 0
     assert "fewer bits than the 4-gram" in r.output and "mbpp pass@1 / pass@10" in r.output

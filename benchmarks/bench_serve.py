@@ -98,22 +98,10 @@ def model_name(url: str, headers: dict) -> str:
 
 def stream_one(url: str, headers: dict, body: dict) -> tuple[float, int, float]:
     """(time to first token, output tokens, total time) of one streamed completion."""
-    t0 = time.perf_counter()
-    ttft = None
-    with HTTP.stream("POST", url + "/v1/completions", json={**body, "stream": True,
-                                                              "stream_options": {"include_usage": True}},
-                     headers=headers) as r:
-        r.raise_for_status()
-        usage = None
-        for ln in r.iter_lines():
-            if not ln.startswith("data: ") or ln == "data: [DONE]":
-                continue
-            j = json.loads(ln[6:])
-            if j.get("choices") and ttft is None:
-                ttft = time.perf_counter() - t0
-            if j.get("usage"):
-                usage = j["usage"]
-    return ttft or 0.0, usage["completion_tokens"], time.perf_counter() - t0
+    from codeshell.serve.timing import time_streamed_completion
+
+    ttft, tokens, total = time_streamed_completion(HTTP, url, body, headers)
+    return ttft or 0.0, tokens, total
 
 
 def task_prompt(k: int) -> str:

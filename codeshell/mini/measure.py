@@ -299,23 +299,12 @@ def _free_port() -> int:
 
 def _stream(client, url: str, body: dict) -> tuple[float, int, float]:
     """(time to first token, completion tokens, total seconds) of one streamed completion."""
-    t0 = time.perf_counter()
-    ttft = None
-    usage = None
-    with client.stream("POST", url + "/v1/completions",
-                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            j = json.loads(line[6:])
-            if j.get("choices") and ttft is None:
-                ttft = time.perf_counter() - t0
-            if j.get("usage"):
-                usage = j["usage"]
-    if ttft is None or usage is None:
+    from codeshell.serve.timing import time_streamed_completion
+
+    ttft, tokens, total = time_streamed_completion(client, url, body)
+    if ttft is None or tokens is None:
         raise RuntimeError("the server streamed no tokens or no usage")
-    return ttft, int(usage["completion_tokens"]), time.perf_counter() - t0
+    return ttft, tokens, total
 
 
 def serve_speed(checkpoint: str | Path, prompts: list[str], max_tokens: int = 128, clients: int = 8,

@@ -68,12 +68,48 @@ def rope_cos_sin(cfg: CodeShellConfig, positions: torch.Tensor, seq_len: int) ->
     return emb.cos(), emb.sin()
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, H, T, D], computed in float32 and returned in x's dtype:
+    y = x * cos + cat(-x2, x1) * sin for the halves x1, x2 of the last dimension.
+
+    Written per half into one float32 buffer: the same float32 products and sums (so the same
+    bits) as the textbook form, but x is read in its own dtype (bf16 -> float32 is exact) and
+    neither x's float32 copy nor the rotated copy is made: 6 half-width passes instead of 7
+    full-width ones. cos/sin [B, 1, T, D] repeat their halves (see `rope_cos_sin`)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., :half], sin[..., :half]
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1).sub_(x2 * s)  # x1 c - x2 s  (== x1 c + (-x2) s exactly)
+    torch.mul(x2, c, out=o2).add_(x1 * s)  # x2 c + x1 s
+    return out.to(x.dtype)
+
+
+class _RopeFn(torch.autograd.Function):
+    """RoPE with its gradient written out. The rotation by angle t has the rotation by -t as its
+    transpose, so the gradient is `_rotate(grad, cos, -sin)`: one pass, the same float32 math
+    autograd would do, but nothing of x saved. Autograd through `_rotate` keeps x's float32
+    copy and its rotated copy alive until backward (2 x 4 bytes per element of q and k, every
+    layer) and replays the cat/neg/mul/add chain; training time and memory both drop."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):  # noqa: D102 (x [B, H, T, D]; cos, sin [B, 1, T, D] float32)
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B, H, T, D], computed in float32 and returned in x's dtype."""
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rot = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos + rot * sin).to(x.dtype)
+    """Rotate-half RoPE on x [B, H, T, D], computed in float32 and returned in x's dtype (the
+    same numbers with or without autograd; `_RopeFn` only changes how the gradient is made)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _RopeFn.apply(x, cos, sin)
+    return _rotate(x, cos, sin)
 
 
 class CodeShellAttention(nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EOT = "<|endoftext|>"
 
 
 class TokenizerError(RuntimeError):
@@ -26,7 +27,7 @@ class Tokenizer:
 
     def __init__(self, tok, eos_token_id: int | None = None):
         self._tok = tok
-        self.eos_token_id = eos_token_id if eos_token_id is not None else tok.token_to_id("<|endoftext|>")
+        self.eos_token_id = eos_token_id if eos_token_id is not None else tok.token_to_id(EOT)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self._special_ids = {t.id if hasattr(t, "id") else tok.token_to_id(t.content)
                              for t in _added_tokens(tok) if t.special}
@@ -68,6 +69,17 @@ class Tokenizer:
 
     def decoder(self, skip_special_tokens: bool = False) -> "IncrementalDecoder":
         return IncrementalDecoder(self, skip_special_tokens)
+
+
+def eot_id(folder: str | Path) -> int | None:
+    """The id of `<|endoftext|>` in the tokenizer of `folder` (None when it has none).
+
+    A model's bos/eos must be this id: the data pipeline ends every document with it, and the
+    engine stops at config.eos_token_id. CodeShellConfig's default (70000) is the released
+    vocabulary's; a tokenizer trained by `codeshell tokenizer train` has its own."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_file(str(Path(folder) / "tokenizer.json")).token_to_id(EOT)
 
 
 def _added_tokens(tok):

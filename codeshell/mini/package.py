@@ -118,13 +118,14 @@ def package_checkpoint(src: str | os.PathLike, dest: str | os.PathLike | None = 
 def _fix_special_ids(cfg: dict, tokenizer_json: Path) -> None:
     """bos/eos ids outside the vocabulary become the tokenizer's `<|endoftext|>` id.
 
-    CodeShellConfig's defaults (70000) are the 7B vocabulary's `<|endoftext|>`; a config made for
-    a smaller vocabulary that kept them would never stop at the end of text (the engine stops at
-    config.eos_token_id). Ids inside the vocabulary are left as they are.
+    `codeshell train` gives new models their tokenizer's id (`codeshell.tokenizer.eot_id`);
+    this guards checkpoints made elsewhere, whose config kept CodeShellConfig's default (70000,
+    the 7B vocabulary's) for a smaller vocabulary and so would never stop at the end of text
+    (the engine stops at config.eos_token_id). Ids inside the vocabulary are left as they are.
     """
-    from tokenizers import Tokenizer
+    from codeshell.tokenizer import eot_id
 
-    eot = Tokenizer.from_file(str(tokenizer_json)).token_to_id("<|endoftext|>")
+    eot = eot_id(tokenizer_json.parent)
     vocab = cfg.get("vocab_size")
     for key in ("bos_token_id", "eos_token_id"):
         if eot is not None and vocab is not None and not (isinstance(cfg.get(key), int) and 0 <= cfg[key] < vocab):

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from codeshell.config import CodeShellConfig, ConfigError
+from codeshell.tokenizer import eot_id
 
 from . import checkpoint as ckpt
 from .build import LMLoss, add_lora, check_lora_targets, distribute, load_model, merged_state, new_model
@@ -110,6 +111,16 @@ def prepare(cfg: TrainConfig) -> Plan:
             check_path(d)
     mcfg, model_path = _model_config(cfg)
     tok_dir = _tokenizer_dir(cfg, model_path)
+    if model_path is None and tok_dir is not None:
+        # A new model ends text where its tokenizer does: the packed data closes every document
+        # with the tokenizer's <|endoftext|>, and generation stops at config.eos_token_id (the
+        # presets' default 70000 is the released vocabulary's, not a custom tokenizer's).
+        eot = eot_id(tok_dir)
+        if eot is not None:
+            if eot >= mcfg.vocab_size:
+                raise TrainError(f"--tokenizer {tok_dir}: its <|endoftext|> id {eot} is outside the model's "
+                                 f"vocabulary of {mcfg.vocab_size}")
+            mcfg = mcfg.replace(bos_token_id=eot, eos_token_id=eot)
     if cfg.mode == "lora":
         check_lora_targets(mcfg, cfg.targets)
         if cfg.dist == "fsdp" and world > 1:

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from tests.train.helpers import losses, make_shards, metrics, train_cli
+from tests.train.helpers import STDLIB, losses, make_shards, metrics, train_cli
 
 
 def test_tiny_model_overfits_and_its_checkpoint_loads(tmp_path, tokenizer_dir):
@@ -64,3 +64,31 @@ def test_continued_pretraining_from_a_checkpoint_with_a_token_budget(shards, tin
     assert len(losses(run)) == 2
     assert (run / "checkpoint" / "tokenizer.json").is_file()  # taken from the model folder
     assert losses(run)[0] > 11.5  # the random tiny checkpoint's own loss (std 0.2 weights), not a fresh init's
+
+
+def test_a_new_model_takes_its_tokenizers_end_of_text(tmp_path, tokenizer_dir):
+    released = tokenizer_dir
+    # A tokenizer of our own (`<|endoftext|>` is id 0 there, not the released 70000): the new
+    # model's bos/eos become that id, so generation stops where the packed documents end.
+    from codeshell.tokenizer import eot_id
+    from codeshell.tokenizer_tools.train import save_tokenizer, train_tokenizer
+
+    texts = [f.read_text() for f in sorted((STDLIB / "json").glob("*.py"))]
+    tok = tmp_path / "tok"
+    save_tokenizer(train_tokenizer(texts, 400), tok, model_max_length=256)
+    eot = eot_id(tok)
+    assert eot is not None and eot != 70000
+    data = make_shards(tmp_path / "data", tok, files="json/__init__.py", max_chars=600)
+    run = tmp_path / "run"
+    r = train_cli("pretrain", data, "-o", run, "--preset", "tiny", "--batch-tokens", "128", "--micro-batch", "2",
+                  "--max-steps", "1", "--save-every", "0", "--tokenizer", tok, "--threads", "1")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert cfg["bos_token_id"] == cfg["eos_token_id"] == eot
+
+    # A vocabulary that does not hold the tokenizer's eot (the released one's 70000): one line.
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({**cfg, "vocab_size": 512}))
+    r = train_cli("pretrain", data, "-o", tmp_path / "run2", "--model-config", small, "--max-steps", "1",
+                  "--batch-tokens", "128", "--micro-batch", "2", "--tokenizer", released, "--threads", "1")
+    assert r.exit_code == 2 and "<|endoftext|> id 70000 is outside the model's vocabulary of 512" in r.output, r.output

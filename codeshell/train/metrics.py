@@ -140,7 +140,8 @@ class Meter:
         self.t_step = self.now()
 
     def end_step(self, step: int, row: dict, eval_loss: float | None) -> None:
-        dt = self.now() - self.t_step
+        # The step's own time: a held-out evaluation after it is logged as eval_s, not counted.
+        dt = self.now() - self.t_step - self.acc.get("eval", 0.0)
         tokens = self.plan.rows_per_step * self.plan.seq_len
         tps = row.get("tokens_step", tokens) / dt
         mfu = tps * self.fpt / (self.peak * self.plan.world)

@@ -54,7 +54,8 @@ def plot_run(run: str | Path, output: str | Path | None = None) -> Path:
         m = b.twinx()
         m.plot([r["step"] for r in train], [100 * r.get("mfu", 0) for r in train], lw=0.8, color="tab:gray", alpha=0.6)
         m.set_ylabel("MFU %")
-    fig.suptitle(str(Path(run).resolve().name))
+    where = Path(run).resolve()  # "6-pretrain/run" says more than "run"
+    fig.suptitle(f"{where.parent.name}/{where.name}" if where.parent.name else where.name)
     fig.tight_layout()
     out = Path(output) if output else Path(run) / "metrics.png"
     fig.savefig(out, dpi=100)

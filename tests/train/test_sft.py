@@ -5,12 +5,13 @@ examples do not see each other; a full fine-tune runs end to end (pack and bucke
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
 from codeshell.train.data import IGNORE, ExampleRows, Tokenized
-from tests.train.helpers import losses, train_cli
+from tests.train.helpers import losses, metrics, train_cli
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,16 @@ def test_targets_match_transformers_labels_and_packing_isolates_examples(tok, ti
 
 
 @pytest.mark.parametrize("packing", ["pack", "bucket"])
-def test_sft_runs_end_to_end(tiny_ckpt, tmp_path, packing):
+def test_sft_runs_end_to_end(tiny_ckpt, tmp_path, packing, monkeypatch):
+    from codeshell.train.loop import Trainer
+
+    evaluate = Trainer.evaluate
+
+    def slow_evaluate(self):  # a held-out pass that takes 2 s: it must not count as step time
+        time.sleep(2.0)
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow_evaluate)
     data = tmp_path / "chat.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
                           {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]} for i in range(12)]
@@ -107,6 +117,12 @@ def test_sft_runs_end_to_end(tiny_ckpt, tmp_path, packing):
     curve = losses(run)
     assert len(curve) == 6 and curve[-1] < curve[0]
     assert "held-out loss" in r.output
+    rows = [x for x in metrics(run) if "loss" in x]
+    at3 = next(x for x in rows if x["step"] == 3)  # the (slowed) evaluation after step 3 is timed apart
+    at2 = next(x for x in rows if x["step"] == 2)
+    # wall time between the two rows = the step + its evaluation (eval no longer in step_s)
+    assert at3["eval_s"] >= 2.0 and abs(at3["time"] - at2["time"] - at3["step_s"] - at3["eval_s"]) < 1.0, at3
+    assert "eval_s" not in rows[0] and rows[0]["step_s"] >= rows[0]["forward_s"]
     if packing == "pack":
         from codeshell import LLM, SamplingParams
 

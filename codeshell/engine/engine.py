@@ -230,9 +230,11 @@ class Engine:
         return best
 
     def _ensure_cache(self, need: int) -> None:
+        # Grown (a copy of everything stored) at least twofold and in whole 256-position blocks,
+        # so that a long first prompt does not grow it again at its first decoded token.
         if need > self.cache.max_len:
-            grow = min(max(need, 2 * self.cache.max_len), self.max_model_len)
-            self.cache.ensure(self.max_batch, grow)
+            grow = min(max(-(-need // 256) * 256, 2 * self.cache.max_len), self.max_model_len)
+            self.cache.ensure(self.max_batch, max(grow, need))
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: list[int], seq_len: int,
                  last: torch.Tensor | None = None) -> torch.Tensor:
@@ -265,7 +267,8 @@ class Engine:
             if any(_common_prefix(g.prompt_ids, req.prompt_ids) > _SHARE for g, _ in group):
                 flush()
             n = len(req.prompt_ids)
-            self._ensure_cache(n + 1)
+            # room for the prompt and the reply it asks for (one growth, not one per step)
+            self._ensure_cache(max(n + 1, min(n + (req.params.max_tokens or 1), self.max_model_len)))
             reused = self._reuse_prefix(req, req.seqs[0].slot)
             req.num_cached = reused
             if n - reused > self.prefill_chunk:

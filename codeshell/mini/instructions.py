@@ -5,6 +5,7 @@ paragraph, phrased as a user would ask) answered by the function in a code block
 Output rows are `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`, the shape
 `codeshell train sft` reads (it renders them in the official chat format). Only functions that
 parse, are 3-60 lines long and have a one-paragraph summary of 20-400 characters are used.
+Optionally, `{"text": ...}` rows of plain pretraining text are mixed in (replay).
 This module does not train.
 """
 
@@ -58,12 +59,34 @@ def pairs_from_source(text: str) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def write_instruction_pairs(shards: list[Path], out: Path, seed: int = 0, limit: int = 20000) -> int:
-    """Pairs from the Python documents of the pipeline's JSONL `shards`, shuffled with `seed`."""
+def _chunk(text: str, rng: random.Random, chars: int) -> str:
+    """A random run of whole lines of `text`, about `chars` long (the whole text if shorter)."""
+    if len(text) <= chars:
+        return text
+    lines = text.splitlines(keepends=True)
+    i = rng.randrange(len(lines))
+    j, n = i, 0
+    while j < len(lines) and n < chars:
+        n += len(lines[j])
+        j += 1
+    return "".join(lines[i:j])
+
+
+def write_instruction_pairs(shards: list[Path], out: Path, seed: int = 0, limit: int = 20000,
+                            replay: float = 0.0, replay_chars: int = 1500) -> int:
+    """Pairs from the Python documents of the pipeline's JSONL `shards`, shuffled with `seed`;
+    returns how many pairs were written.
+
+    `replay` > 0 adds `{"text": ...}` rows of pretraining text (runs of whole lines of random
+    training documents, ~`replay_chars` each, so that they fit the fine-tune's sequence) until
+    they are that share of all characters: the fine-tune keeps seeing the pretraining
+    distribution, so the chat model does not forget plain code (its held-out loss)."""
     rng = random.Random(seed)
-    rows = []
+    rows, docs = [], []
     for f in shards:
         for doc in read_jsonl(f):
+            if replay > 0:
+                docs.append(doc["text"])
             if doc.get("lang") not in ("python", "Python") and not str(doc.get("path", "")).endswith(".py"):
                 continue
             for name, sig, summary, src in pairs_from_source(doc["text"]):
@@ -72,8 +95,18 @@ def write_instruction_pairs(shards: list[Path], out: Path, seed: int = 0, limit:
                                           {"role": "assistant", "content": f"```python\n{src}\n```"}]})
     rng.shuffle(rows)
     rows = rows[:limit]
+    pairs = len(rows)
+    if replay > 0 and docs:
+        want = replay / (1 - replay) * sum(len(m["content"]) for r in rows for m in r["messages"])
+        have = 0
+        while have < want:
+            text = _chunk(rng.choice(docs), rng, replay_chars)
+            if text.strip():
+                rows.append({"text": text})
+                have += len(text)
+        rng.shuffle(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
-    return len(rows)
+    return pairs

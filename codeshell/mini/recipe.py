@@ -37,13 +37,15 @@ class Budget:
     # with a 16k vocabulary (the head is tied to the embedding).
     sizes: tuple = ((256, 6, 8, 2, 1024), (384, 8, 6, 2, 1536), (512, 8, 8, 2, 2048))
     # Compute, not tokens, is the budget: every sweep size gets the same training FLOPs (the
-    # smallest ~1.5M tokens), and the winner gets `pretrain_flops` (~9M tokens at ~19M
-    # parameters, ~50 minutes on 2 Sapphire Rapids cores), so a bigger model is not favoured
-    # just by being compared at equal tokens.
+    # smallest ~1.5M tokens), so a bigger model is not favoured just by being compared at equal
+    # tokens; the winner gets `pretrain_flops` (~40M tokens at ~8M parameters, ~100 minutes on 2
+    # Sapphire Rapids cores). Half that (20M tokens) left the model 26% below the 4-gram model in
+    # bits per byte with the held-out loss still falling (docs/mini.md).
     sweep_flops: float = 9e13
-    pretrain_flops: float = 1.2e15
+    pretrain_flops: float = 2.4e15
     batch_tokens: int = 8 * 512
     sft_tokens: int = 600_000
+    sft_replay: float = 0.0  # share of the fine-tune's characters that are pretraining text (replay)
     lr: float = 1e-3
     workers: int = 2
 
@@ -193,14 +195,14 @@ class Recipe:
     def _model_config(self, d: Path, shape: tuple):
         """Writes `d/model-config.json` for `shape`; returns (its path, the config)."""
         from codeshell.config import CodeShellConfig
+        from codeshell.tokenizer import eot_id
 
         n_embd, n_layer, n_head, groups, n_inner = shape
         vocab = json.loads((self.out / "3-tokenizer" / "step.json").read_text())["vocab_size"]
         vocab = (vocab + 63) // 64 * 64  # a multiple of 64, as the released 70144
         # bos/eos are this tokenizer's <|endoftext|>, not the config defaults (the 7B vocabulary's
         # 70000, outside this one), so generation stops at the end of text.
-        tok = json.loads((self.out / "3-tokenizer" / "tokenizer.json").read_text())
-        eot = next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|endoftext|>")
+        eot = eot_id(self.out / "3-tokenizer")
         cfg = CodeShellConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                               num_query_groups=groups, n_inner=n_inner, n_positions=4 * self.b.seq_len,
                               bos_token_id=eot, eos_token_id=eot)
@@ -255,10 +257,13 @@ class Recipe:
         return {"shape": shape, "parameters": cfg.num_parameters(), "tokens": tokens, **{k: res.get(k) for k in ("final_loss", "eval_loss", "tok_per_s", "checkpoint")}}
 
     def sft(self, d: Path) -> dict:
-        pairs = write_instruction_pairs(self.filtered("train"), d / "pairs.jsonl", seed=self.seed)
+        pairs = write_instruction_pairs(self.filtered("train"), d / "pairs.jsonl", seed=self.seed,
+                                        replay=self.b.sft_replay)
         base = json.loads((self.out / "6-pretrain" / "step.json").read_text())["checkpoint"]
+        # Replayed text gets pretraining's FIM rate, so infilling is not forgotten either.
         res = self._train("sft", d, self.b.sft_tokens, data=str(d / "pairs.jsonl"), model=base,
-                          seq_len=self.b.seq_len, lr=self.b.lr / 5, micro_batch=8, save_every=0)
+                          seq_len=self.b.seq_len, lr=self.b.lr / 5, micro_batch=8, save_every=0,
+                          fim_rate=0.5 if self.b.sft_replay else 0.0)
         return {"pairs": pairs, **{k: res.get(k) for k in ("final_loss", "checkpoint")}}
 
     def final(self, d: Path) -> dict:

@@ -8,8 +8,24 @@ import json
 
 import pytest
 
-from codeshell.mini.instructions import pairs_from_source
+from codeshell.mini.instructions import pairs_from_source, write_instruction_pairs
 from codeshell.mini.recipe import build
+
+
+def test_instruction_pairs_with_replayed_pretraining_text(tmp_path):
+    fn = 'def add{i}(a, b):\n    """Add two numbers and return their sum as an integer."""\n    x = a\n    return x + b\n'
+    docs = [{"text": "\n".join(fn.format(i=i) for i in range(j, j + 5)), "lang": "python"} for j in range(0, 40, 5)]
+    docs += [{"text": "int main() {\n  return 0;\n}\n" * 40, "lang": "c"}]
+    shard = tmp_path / "s.jsonl"
+    shard.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert write_instruction_pairs([shard], tmp_path / "plain.jsonl") == 40
+    assert write_instruction_pairs([shard], tmp_path / "mix.jsonl", replay=0.5, replay_chars=200) == 40
+    rows = [json.loads(x) for x in (tmp_path / "mix.jsonl").read_text().splitlines()]
+    text = [r["text"] for r in rows if "text" in r]
+    chat = sum(len(m["content"]) for r in rows if "messages" in r for m in r["messages"])
+    assert len(rows) - len(text) == 40 and 0.45 < sum(map(len, text)) / (chat + sum(map(len, text))) < 0.6
+    assert all(t.endswith("\n") and len(t) < 200 + 80 for t in text)  # whole lines, about the size asked
+    assert any("int main" in t for t in text)  # any language is replayed, not only the pairs' Python
 
 
 def test_instruction_pairs_from_a_module():

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .prompts import EOS_TEXT
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-EOT = "<|endoftext|>"
 
 
 class TokenizerError(RuntimeError):
@@ -27,7 +28,7 @@ class Tokenizer:
 
     def __init__(self, tok, eos_token_id: int | None = None):
         self._tok = tok
-        self.eos_token_id = eos_token_id if eos_token_id is not None else tok.token_to_id(EOT)
+        self.eos_token_id = eos_token_id if eos_token_id is not None else tok.token_to_id(EOS_TEXT)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self._special_ids = {t.id if hasattr(t, "id") else tok.token_to_id(t.content)
                              for t in _added_tokens(tok) if t.special}
@@ -79,7 +80,7 @@ def eot_id(folder: str | Path) -> int | None:
     vocabulary's; a tokenizer trained by `codeshell tokenizer train` has its own."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    return HFTokenizer.from_file(str(Path(folder) / "tokenizer.json")).token_to_id(EOT)
+    return HFTokenizer.from_file(str(Path(folder) / "tokenizer.json")).token_to_id(EOS_TEXT)
 
 
 def _added_tokens(tok):

@@ -18,8 +18,8 @@ import numpy as np
 
 from codeshell.data.io import PipelineError, atomic_path
 from codeshell.data.stages.base import Doc, Stage, StageStats, register
+from codeshell.prompts import EOS_TEXT as EOT
 
-EOT = "<|endoftext|>"
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
 REPONAME, FILENAME = "<reponame>", "<filename>"
 FIM_NONE, FIM_PSM, FIM_SPM = 0, 1, 2

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codeshell.prompts import EOS_TEXT as EOT
+
 MULTIPLE_LANGS = ("cpp", "d", "java", "jl", "js", "lua", "php", "r", "rkt", "rs", "swift")
 # CodeShell-7B's published pass@1 (%) (README of WisdomShell/codeshell), shown beside results.
 PUBLISHED = {
@@ -30,7 +32,6 @@ PUBLISHED = {
     "multiple-swift": 24.30, "multiple-php": 30.87, "multiple-d": 8.85, "multiple-jl": 22.08,
     "multiple-lua": 22.39, "multiple-r": 20.52, "multiple-rkt": 17.20, "multiple-rs": 24.55,
 }
-EOT = "<|endoftext|>"
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
 MBPP_STOP = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/")
 CHAT_INSTRUCTION = (

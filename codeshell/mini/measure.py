@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from codeshell.data.io import read_jsonl
+from codeshell.prompts import EOS_TEXT
 
 Progress = Callable[[int, int], None]
 
@@ -86,7 +87,7 @@ def model_bits_per_byte(checkpoint: str | Path, docs: list[str], window: int = 5
     cfg = CodeShellConfig.from_json(ckpt / "config.json")
     model = load_model(ckpt, cfg, torch.float32).eval()
     tok = load_tokenizer(str(ckpt))
-    eot = tok.token_to_id("<|endoftext|>")
+    eot = tok.token_to_id(EOS_TEXT)
     window = min(window, cfg.n_positions)
     seqs, n_bytes, n_tokens = [], 0, 0
     for text in docs:
@@ -138,7 +139,7 @@ def ngram_bits_per_byte(tokenizer: str | Path, train_docs: Iterable[str], docs: 
     from codeshell.data.packing import load_tokenizer
 
     tok = load_tokenizer(str(tokenizer))
-    eot = tok.token_to_id("<|endoftext|>")
+    eot = tok.token_to_id(EOS_TEXT)
     names = [str(i) for i in range(tok.get_vocab_size())]  # one str object per id, shared by all n-grams
     seen = {"tokens": 0, "docs": 0}
 

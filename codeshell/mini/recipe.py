@@ -63,6 +63,10 @@ class Budget:
         return max(1, steps) * self.batch_tokens
 
 
+# Share of training documents rewritten as fill-in-the-middle (PSM and SPM), as StarCoder and
+# CodeShell pretrain: in packing, and for text replayed in the fine-tune.
+FIM_RATE = 0.5
+
 # Held-out sequences per evaluation (spread over the whole held-out set): 256 x 512 tokens.
 EVAL_ROWS = 256
 
@@ -181,7 +185,7 @@ class Recipe:
         out = {}
         # Training data with FIM as StarCoder/CodeShell pack it; the held-out set without, so
         # its loss is the plain left-to-right loss the n-gram baseline is compared with.
-        for split, fim in (("train", 0.5), ("valid", 0.0)):
+        for split, fim in (("train", FIM_RATE), ("valid", 0.0)):
             shards = self.filtered(split)
             if not shards:
                 continue
@@ -263,7 +267,7 @@ class Recipe:
         # Replayed text gets pretraining's FIM rate, so infilling is not forgotten either.
         res = self._train("sft", d, self.b.sft_tokens, data=str(d / "pairs.jsonl"), model=base,
                           seq_len=self.b.seq_len, lr=self.b.lr / 5, micro_batch=8, save_every=0,
-                          fim_rate=0.5 if self.b.sft_replay else 0.0)
+                          fim_rate=FIM_RATE if self.b.sft_replay else 0.0)
         return {"pairs": pairs, **{k: res.get(k) for k in ("final_loss", "checkpoint")}}
 
     def final(self, d: Path) -> dict:

@@ -5,7 +5,8 @@ paragraph, phrased as a user would ask) answered by the function in a code block
 Output rows are `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`, the shape
 `codeshell train sft` reads (it renders them in the official chat format). Only functions that
 parse, are 3-60 lines long and have a one-paragraph summary of 20-400 characters are used.
-Optionally, `{"text": ...}` rows of plain pretraining text are mixed in (replay).
+Optionally, only functions that compute a value in a few lines are used (`max_body_lines`),
+and `{"text": ...}` rows of plain pretraining text are mixed in (replay).
 This module does not train.
 """
 
@@ -35,8 +36,21 @@ def _summary(doc: str) -> str | None:
     return para
 
 
-def pairs_from_source(text: str) -> list[tuple[str, str, str, str]]:
-    """(name, signature, summary, function source) for each usable function in a module."""
+def _computes(node: ast.FunctionDef | ast.AsyncFunctionDef, max_body_lines: int) -> bool:
+    """Whether a function's body (after its docstring) is at most `max_body_lines` lines, returns
+    a value and raises nothing: the shape of a function that computes something, not of
+    argument checking or a wrapper."""
+    body = node.body[1:]
+    if not body or body[-1].end_lineno - body[0].lineno + 1 > max_body_lines:
+        return False
+    nodes = [n for s in body for n in ast.walk(s)]
+    return (not any(isinstance(n, ast.Raise) for n in nodes)
+            and any(isinstance(n, ast.Return) and n.value is not None for n in nodes))
+
+
+def pairs_from_source(text: str, max_body_lines: int | None = None) -> list[tuple[str, str, str, str]]:
+    """(name, signature, summary, function source) for each usable function in a module; with
+    `max_body_lines`, only functions that compute a value in at most that many lines."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
@@ -49,6 +63,8 @@ def pairs_from_source(text: str) -> list[tuple[str, str, str, str]]:
         doc = ast.get_docstring(node)
         summary = _summary(doc) if doc else None
         if summary is None or node.end_lineno is None:
+            continue
+        if max_body_lines is not None and not _computes(node, max_body_lines):
             continue
         start = min([node.lineno] + [d.lineno for d in node.decorator_list])
         src = textwrap.dedent("\n".join(lines[start - 1:node.end_lineno]))
@@ -73,9 +89,13 @@ def _chunk(text: str, rng: random.Random, chars: int) -> str:
 
 
 def write_instruction_pairs(shards: list[Path], out: Path, seed: int = 0, limit: int = 20000,
+                            max_body_lines: int | None = None,
                             replay: float = 0.0, replay_chars: int = 1500) -> int:
     """Pairs from the Python documents of the pipeline's JSONL `shards`, shuffled with `seed`;
     returns how many pairs were written.
+
+    `max_body_lines` keeps only functions that compute a value in at most that many lines
+    (see `_computes`).
 
     `replay` > 0 adds `{"text": ...}` rows of pretraining text (runs of whole lines of random
     training documents, ~`replay_chars` each, so that they fit the fine-tune's sequence) until
@@ -89,7 +109,7 @@ def write_instruction_pairs(shards: list[Path], out: Path, seed: int = 0, limit:
                 docs.append(doc["text"])
             if doc.get("lang") not in ("python", "Python") and not str(doc.get("path", "")).endswith(".py"):
                 continue
-            for name, sig, summary, src in pairs_from_source(doc["text"]):
+            for name, sig, summary, src in pairs_from_source(doc["text"], max_body_lines):
                 ask = rng.choice(TEMPLATES).format(sig=sig, doc=summary, name=name)
                 rows.append({"messages": [{"role": "user", "content": ask},
                                           {"role": "assistant", "content": f"```python\n{src}\n```"}]})

@@ -39,6 +39,17 @@ def test_instruction_pairs_from_a_module():
     assert pairs_from_source("def broken(:\n") == []
 
 
+def test_instruction_pairs_can_keep_only_functions_that_compute():
+    doc = '    """Say what this function is for, in one sentence or so."""\n'
+    src = ("def total(xs):\n" + doc + "    s = 0\n    for x in xs:\n        s += x\n    return s\n\n"
+           "def check(x):\n" + doc + "    if x < 0:\n        raise ValueError(x)\n    return x\n\n"
+           "def show(x):\n" + doc + "    print(x)\n    return\n\n"
+           "def long(x):\n" + doc + "    x += 1\n" * 20 + "    return x\n")
+    assert [p[0] for p in pairs_from_source(src)] == ["total", "check", "show", "long"]
+    assert [p[0] for p in pairs_from_source(src, max_body_lines=20)] == ["total"]  # raises, no value, 21 lines
+    assert [p[0] for p in pairs_from_source(src, max_body_lines=21)] == ["total", "long"]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("mini")

@@ -4,11 +4,11 @@ M, x's dtype and the CPU's instruction sets.
 What this is: the runtime entry point and the one dispatcher (`plan`): it names the kernel
 path ("<isa>:<kernel>") for each call from the ISA level the extension detected (cpuid, the
 AMX permission; `CODESHELL_KERNEL_ISA` caps it) and, where two paths compete (AMX tiles vs
-vdpbf16ps for batched bf16 decode, our AMX kernel vs torch's oneDNN bf16 matmul for a bf16
-prefill), the one measured faster on this machine for that weight shape and M bucket, once
-per process (`CHOICE_TIMES` keeps the measurements). Decode-sized M streams the weight once
-for all rows (native kernels); int8/int4 prefill expands blocks of weight rows to fp32 and
-runs MKL sgemm via torch.mm. Without the native extension every path falls back to torch
+vdpbf16ps for batched bf16 decode, our AMX kernels vs torch's oneDNN bf16 matmul for a bf16
+prefill), the one measured faster on this machine for that weight shape, M bucket and x dtype,
+once per process (`CHOICE_TIMES` keeps the measurements). Decode-sized M streams the weight once
+for all rows (native kernels); int8/int4 prefill runs AMX-INT8 tiles on int8-rounded x where
+the CPU has them, or expands blocks of weight rows to bf16 / fp32 for a bf16 / sgemm matmul. Without the native extension every path falls back to torch
 (with one warning at first use). Math is fp32 (bf16 paths: bf16 products of bf16 x, which
 only run when x is bf16 already); the result has x's dtype.
 
@@ -130,7 +130,7 @@ kernels on an AVX-512 machine, which is how their tests run here)."""
 PATHS_RUN: Counter = Counter()
 """(kind, path) -> calls since import: which kernels actually ran (tests print it)."""
 
-_CHOICES: dict[tuple, str] = {}  # (kind, N, K, M bucket, level) -> the measured winner
+_CHOICES: dict[tuple, str] = {}  # (kind, N, K, M bucket, level, x dtype) -> the measured winner
 CHOICE_TIMES: dict[tuple, dict[str, float]] = {}
 """The measurements behind each choice: key -> {path: seconds (best of 2)}."""
 
@@ -170,10 +170,14 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         own = "amx:bf16" if level >= ISA_LEVELS.index("amx") else "avx512_bf16:panel64"
         return [own, "onednn:bf16"]
     if x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16"):
-        # int8/int4 with bf16 x: blocks of rows expanded to bf16 (int8: q itself, exact, the
-        # scales applied to the output columns; int4: the dequantised weight rounded to bf16)
-        # for our AMX kernel or torch's bf16 matmul, or the fp32 sgemm path.
-        return (["amx:bf16"] if level >= ISA_LEVELS.index("amx") else []) + ["onednn:bf16", "sgemm:fp32"]
+        # int8/int4 with bf16 x: AMX-INT8 tiles on x rounded to int8 as decode rounds it
+        # (`amx:q8`, where the integer kernels take K), or blocks of rows expanded to bf16
+        # (int8: q itself, exact, the scales applied to the output columns; int4: the
+        # dequantised weight rounded to bf16) for our AMX-BF16 kernel or torch's bf16 matmul,
+        # or the fp32 sgemm path. fp32 x keeps exact weight-only math (sgemm) at prefill.
+        amx = level >= ISA_LEVELS.index("amx")
+        q8 = ["amx:q8"] if amx and activation_block(p) is not None else []
+        return q8 + (["amx:bf16"] if amx else []) + ["onednn:bf16", "sgemm:fp32"]
     if p.kind == "bf16" and p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS:
         return ["avx2:panel64"]
     return ["sgemm:fp32"]
@@ -218,7 +222,8 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
 def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: list[str]) -> str:
     if len(cands) == 1:
         return cands[0]
-    key = (p.kind, p.out_features, p.in_features, _bucket(m), ISA_LEVELS[level])
+    # x's dtype too: the candidates differ by dtype (bf16 x may take bf16 paths, fp32 x never)
+    key = (p.kind, p.out_features, p.in_features, _bucket(m), ISA_LEVELS[level], str(x_dtype).split(".")[-1])
     if key not in _CHOICES:
         _measure(key, cands, p, m, x_dtype)
     return _CHOICES[key]
@@ -259,6 +264,8 @@ def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tenso
     if path in ("amx:bf16", "onednn:bf16"):
         return _bf16_blocks(mod, x.to(torch.bfloat16).contiguous(), p, bias, amx=path == "amx:bf16")
     x = x.to(torch.float32).contiguous()
+    if path == "amx:q8":  # AMX-INT8 tiles; x rounded to int8 in decode's blocks (csrc/qgemm_amx.cpp)
+        return mod.prefill_q8_amx(x, p.data, p.scales, p.offsets, p.group_size if p.kind == "int4" else 0, bias)
     if path in ("avx2:panel", "avx2:panel64"):
         return mod.decode_bf16(x, p.data, n, bias, 0)
     if path == "sgemm:fp32":

@@ -12,8 +12,9 @@ returns the same dtype. Weights are stored in a plain, portable layout (what
 `int8_linear_reference` / `int4_linear_reference` are the plain-PyTorch definitions the fast
 paths are tested against. ``finalize()`` picks the fast path once per module, measured on this
 project's AVX2 CPU (docs/quant.md): first `codeshell.kernels` (native integer-dot decode
-kernels, which quantise activations to int8 per block for M <= 16 -- `activation_block` says
-when -- and dequantise-plus-sgemm prefill), then PyTorch's own CPU weight-only kernels
+kernels, which quantise activations to int8 per block for M <= 16, and for a bf16 prefill on
+AMX-INT8 tiles where those measured fastest -- `activation_block` says when -- else
+dequantise-plus-matmul prefill), then PyTorch's own CPU weight-only kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) when the native build is
 unavailable, else dequantize-then-matmul. A finalized int4 module drops the portable copy
 (unless ``keep_portable``), so it can be run but not saved back.
@@ -186,11 +187,12 @@ class QuantLinear(nn.Module):
     def _native_ok(t: torch.Tensor | None) -> bool:
         return t is not None and t.device.type == "cpu" and kernels.available()
 
-    def activation_block(self, m: int) -> int | None:
-        """Block along K in which a batch of `m` rows of x is rounded to int8 by the fast
-        path (None: exact weight-only math). The reference of the fast path is
-        `int*_linear_reference` on `codeshell.kernels.packing.quantize_activations(x, block)`."""
-        if self._kernel is None or m > kernels.DECODE_MAX_M:
+    def activation_block(self, m: int, x_dtype: torch.dtype = torch.float32) -> int | None:
+        """Block along K in which a batch of `m` rows of x (of `x_dtype`) is rounded to int8 by
+        the fast path (None: no rounding of x): decode-sized batches on the integer kernels, and
+        a bf16 prefill where AMX-INT8 tiles measured fastest (`kernels.plan`). The reference of
+        the fast path is `int*_linear_reference` on `codeshell.kernels.packing.quantize_activations(x, block)`."""
+        if self._kernel is None or not kernels.plan(self._kernel, m, x_dtype).endswith(":q8"):
             return None
         return kernels.packing.activation_block(self._kernel)
 

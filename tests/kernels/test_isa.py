@@ -27,14 +27,18 @@ PATHS = {
              ("onednn:bf16", 2, torch.bfloat16, None)],
     "int8": [("avx2:q8", 0, torch.float32, None), ("avx2:unpack", 0, torch.float32, None),
              ("sgemm:fp32", 0, torch.float32, None), ("avx512_vnni:q8", 1, torch.float32, None),
-             ("amx:bf16", 3, torch.bfloat16, None), ("onednn:bf16", 2, torch.bfloat16, None)],
+             ("amx:q8", 3, torch.bfloat16, None), ("amx:bf16", 3, torch.bfloat16, None),
+             ("onednn:bf16", 2, torch.bfloat16, None)],
     "int4": [("avx2:q8", 0, torch.float32, None), ("avx2:unpack", 0, torch.float32, None),
              ("sgemm:fp32", 0, torch.float32, None), ("avx512_vnni:q8", 1, torch.float32, None),
-             ("amx:bf16", 3, torch.bfloat16, None), ("onednn:bf16", 2, torch.bfloat16, None)],
+             ("amx:q8", 3, torch.bfloat16, None), ("amx:bf16", 3, torch.bfloat16, None),
+             ("onednn:bf16", 2, torch.bfloat16, None)],
 }
 # (kind, quantiser args, N, K): N not a multiple of 16 / 32; K not a multiple of the AMX depth
-# (32) for bf16, and K % 128 == 0 where the 512-bit integer kernels need it.
-WEIGHTS = [("bf16", {}, 37, 100), ("bf16", {}, 50, 384), ("int8", {}, 35, 384),
+# (32) for bf16, and K % 128 == 0 where the 512-bit integer kernels need it; int8 K = 416
+# (blocks of 32: AMX-INT8 tiles of depth 32, K not a multiple of 64) and N = 70 (a partial
+# last panel paired with a full one in the AMX-INT8 kernel).
+WEIGHTS = [("bf16", {}, 37, 100), ("bf16", {}, 50, 384), ("int8", {}, 35, 384), ("int8", {}, 70, 416),
            ("int4", {"group_size": 32, "symmetric": True}, 35, 384),
            ("int4", {"group_size": 64, "symmetric": False}, 19, 256),
            ("int4", {"group_size": 128, "symmetric": False}, 21, 256),
@@ -119,7 +123,7 @@ def test_prefill_choice_is_measured_once_and_cached(monkeypatch):
     cands = ops.prefill_candidates(pw, torch.bfloat16, LEVEL)
     if len(cands) < 2:
         pytest.skip(f"one prefill candidate at {ops.ISA_LEVELS[LEVEL]}: {cands}")
-    key = ("bf16", 50, 384, 128, ops.ISA_LEVELS[LEVEL])  # M = 100: bucket 128
+    key = ("bf16", 50, 384, 128, ops.ISA_LEVELS[LEVEL], "bfloat16")  # M = 100: bucket 128
     ops._CHOICES.pop(key, None)
     before = sum(ops.PATHS_RUN[("bf16", c)] for c in cands)
     x = torch.randn(100, 384).bfloat16()
@@ -139,3 +143,28 @@ def test_features_name_the_isa():
         assert feats["avx2"] and feats["fma"] and 0 <= feats["max_isa"] < len(ops.ISA_LEVELS)
         if feats["max_isa"] >= 3:
             assert feats["amx_permitted"]
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_prefill_measures_amx_int8(kind, monkeypatch, record_property):
+    """On an AMX machine an int8/int4 prefill with bf16 x measures AMX-INT8 (`amx:q8`) against
+    the bf16 paths and sgemm, and whichever wins matches its own reference (amx:q8: x rounded
+    to int8 in decode's blocks)."""
+    monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
+    if LEVEL < ops.ISA_LEVELS.index("amx"):
+        pytest.skip(f"no AMX here: this CPU's highest kernel ISA is {ops.ISA_LEVELS[LEVEL]}")
+    pw = _weight(kind, {} if kind == "int8" else {"group_size": 128, "symmetric": False}, 70, 512)
+    cands = ops.prefill_candidates(pw, torch.bfloat16, LEVEL)
+    assert cands[0] == "amx:q8" and {"amx:bf16", "onednn:bf16", "sgemm:fp32"} <= set(cands)
+    x = torch.randn(80, 512).bfloat16()
+    y = linear(x, pw, impl="native")
+    key = (kind, 70, 512, 128, "amx", "bfloat16")
+    assert set(ops.CHOICE_TIMES[key]) == set(cands)
+    path = ops.plan(pw, 80, torch.bfloat16)
+    record_property("prefill_choice", f"{kind}: {path} of {ops.CHOICE_TIMES[key]}")
+    print(f"{kind} prefill M=80: {path} chosen, times {ops.CHOICE_TIMES[key]}")
+    ref = linear(x, pw, impl="reference")
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.float().abs().max().item())
+    # fp32 x keeps exact weight-only math at prefill (never rounded to int8 or bf16)
+    assert ops.prefill_candidates(pw, torch.float32, LEVEL) == ["sgemm:fp32"]

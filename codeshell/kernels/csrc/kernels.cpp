@@ -8,9 +8,10 @@
 //   * dequant_*  : expand a block of weight rows to fp32 so that prefill (large M)
 //                  can run on MKL's sgemm through torch.mm (see codeshell/kernels/ops.py).
 // bf16 weights (panels of 16 rows) live in panel_bf16.cpp, the int8-activation kernels for
-// int8/int4 weights in qdot.cpp, decode attention in attention.cpp; this file binds them all.
+// int8/int4 weights in qdot.cpp (decode) and qgemm_amx.cpp (AMX-INT8 prefill), decode attention
+// in attention.cpp; this file binds them all.
 // What this is not: a general GEMM; the AVX-512/AMX kernels live in per-ISA sections of
-// panel_bf16.cpp and qdot.cpp (isa.h); there is no scalar-only build (the Python loader falls
+// panel_bf16.cpp, qdot.cpp and qgemm_amx.cpp (isa.h); there is no scalar-only build (the Python loader falls
 // back to torch instead).
 //
 // Why hand-written: torch 2.13 on AVX2 runs bf16 F.linear through a path that re-reads
@@ -406,6 +407,11 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
 torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                              const c10::optional<torch::Tensor>& bias, int64_t isa);
 
+// qgemm_amx.cpp: AMX-INT8 prefill for quantised weights.
+torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& offset, int64_t G,
+                             const c10::optional<torch::Tensor>& bias);
+
 // sampling.cpp
 int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u);
 torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::Tensor& temperatures,
@@ -432,6 +438,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_int4", &decode_int4, kNoGil, "x fp32 [M,K] @ dequant(q4 [N,K/2], scale, offset, group)^T + bias");
   m.def("decode_int4_q8", &decode_int4_q8, kNoGil, "int4 weight x int8-quantised x (blocks = groups), small M");
   m.def("decode_int8_q8", &decode_int8_q8, kNoGil, "int8 weight x int8-quantised x (blocks of q8_block_int8(K))");
+  m.def("prefill_q8_amx", &prefill_q8_amx, kNoGil,
+        "AMX-INT8: int8 (G = 0) or int4 weight x int8-quantised x (decode's blocks), any M -> fp32 [M,N]");
   m.def("q8_block_int8", &q8_block_int8, "activation block size the int8 x int8 kernel uses for K");
   m.def("sample_temperature", &sample_temperature, "inverse-CDF draw from softmax(logits / T) with uniform u");
   m.def("sample_temperature_rows", &sample_temperature_rows, kNoGil, "sample_temperature for each row of [B, V]");

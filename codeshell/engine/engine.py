@@ -22,7 +22,7 @@ from ..config import CodeShellConfig
 from .kv_cache import KVCache
 from .lookup import NgramLookup, verify_token
 from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampling import MAX_LOOKUP, SamplingParams, SequenceSampler, sample_rows, token_logprob
+from .sampling import MAX_LOOKUP, SamplingParams, SequenceSampler, greedy_picks, sample_rows, token_logprob
 from .sequence import Sequence
 
 
@@ -333,14 +333,22 @@ class Engine:
                 self.cache.copy_prefix(first.slot, s.slot, n)
             s.cached = n
 
+    def _forward_packed(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Logits [M, vocab] (float32) of single tokens of any sequences packed into one row of
+        the forward (see `PackedView`): token i at positions[i] of slot slots[i]."""
+        need = max(positions) + 1
+        self._ensure_cache(need)
+        view = self.cache.packed_view(slots, positions)
+        ids = torch.tensor(tokens, device=self.device)[None]
+        h = self.model.transformer(ids, view.positions, None, view, seq_len=need)   # [1, M, n_embd]
+        return self._logits(h[0])
+
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        self._ensure_cache(max(s.cached for s in seqs) + 1)
-        ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
-        pos = torch.tensor([[s.cached] for s in seqs], device=self.device)
-        h = self._forward(ids, pos, [s.slot for s in seqs], seq_len=int(pos.max()) + 1)
+        logits = self._forward_packed([s.last_token for s in seqs], [s.cached for s in seqs],
+                                      [s.slot for s in seqs])
         for s in seqs:
             s.cached += 1
-        return self._logits(h)
+        return logits
 
     def _lookup_k(self, p: SamplingParams) -> int:
         return self.prompt_lookup if p.prompt_lookup_num_tokens is None else p.prompt_lookup_num_tokens
@@ -371,50 +379,44 @@ class Engine:
         return out
 
     def _speculate(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Sequence]:
-        """One forward over [last token, draft...] of every decoding sequence (rows right-padded
-        to the longest draft), then per sequence: accept drafted tokens in order while
-        `verify_token` accepts them, emit the correction (or, all accepted, the token after the
-        last draft), and keep the KV of the accepted positions only.
+        """One forward over [last token, draft...] of every decoding sequence, packed into one
+        row (`PackedView`: no padding, a sequence without a draft costs one token), then per
+        sequence: accept drafted tokens in order while `verify_token` accepts them, emit the
+        correction (or, all accepted, the token after the last draft), and keep the KV of the
+        accepted positions only.
 
         KV rollback needs no copy: `cached` drops back to the accepted length and the rejected
-        (or padded) positions are overwritten by later steps before any query can see them,
-        since a query at position p attends to keys 0..p only and each forward stores its
-        keys before attending.
+        positions are overwritten by later steps before any query can see them, since a query
+        at position p attends to keys 0..p only and each forward stores its keys before
+        attending.
         """
         limit = self.max_model_len
         if self.cfg.position_embedding_type == "rope" and self.cfg.rope_scaling_type == "dynamic":
             # Past n_positions the RoPE base depends on the forward's length: stay below it so
             # that every position sees the base plain decoding would give it.
             limit = min(limit, self.cfg.n_positions)
-        T = min(1 + max(len(d) for d in drafts), limit - max(s.cached for s in seqs))
-        drafts = [d[:max(T - 1, 0)] for d in drafts]
-        if T <= 1:  # no room for drafts: plain decode
-            logits = self._decode(seqs)
-            toks = sample_rows([s.sampler for s in seqs], logits)
-            for i, seq in enumerate(seqs):
-                self._append(seq, logits[i], toks[i])
-            return seqs
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)
-        for i, (s, d) in enumerate(zip(seqs, drafts)):
-            ids[i, 0] = s.last_token
-            ids[i, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
-        pos = torch.tensor([s.cached for s in seqs])[:, None] + torch.arange(T)[None]  # [B, T]
-        self._ensure_cache(int(pos.max()) + 1)
-        view = self.cache.view([s.slot for s in seqs], pos.to(self.device))
-        h = self.model.transformer(ids.to(self.device), view.positions, view.mask(), view,
-                                   seq_len=int(pos.max()) + 1)          # [B, T, n_embd]
-        # The output head only on real positions: row i's first 1 + len(d_i) of T.
-        logits = self._logits(torch.cat([h[i, :1 + len(d)] for i, d in enumerate(drafts)]))  # [N, V]
-        self.spec_steps += 1
+        drafts = [d[:max(limit - s.cached - 1, 0)] for s, d in zip(seqs, drafts)]
+        tokens, positions, slots = [], [], []
+        for s, d in zip(seqs, drafts):
+            tokens += [s.last_token] + d
+            positions += range(s.cached, s.cached + 1 + len(d))
+            slots += [s.slot] * (1 + len(d))
+        logits = self._forward_packed(tokens, positions, slots)                    # [M, V]
+        if any(drafts):
+            self.spec_steps += 1
+        # Greedy rows whose sampler leaves the logits as they are: every row's pick in one
+        # reduction (the first maximal index, as `SequenceSampler.sample`), not one per row.
+        picks = greedy_picks([s.sampler for s, d in zip(seqs, drafts) for _ in range(1 + len(d))], logits)
         off = 0
         for s, d in zip(seqs, drafts):
-            rows, off = logits[off:off + 1 + len(d)], off + 1 + len(d)
+            rows, base, off = logits[off:off + 1 + len(d)], off, off + 1 + len(d)
             start, accepted = s.cached, 0
             for j in range(len(d) + 1):
+                pick = picks[base + j]
                 if j < len(d):
-                    tok, ok = verify_token(s.sampler, rows[j], d[j])
+                    tok, ok = (pick, pick == d[j]) if pick is not None else verify_token(s.sampler, rows[j], d[j])
                 else:  # every draft accepted: the next token comes free from the last row
-                    tok, ok = s.sampler.sample(rows[j]), False
+                    tok, ok = (pick if pick is not None else s.sampler.sample(rows[j])), False
                 self._append(s, rows[j], tok)
                 accepted += ok
                 if not ok or s.finished:

@@ -9,6 +9,7 @@ of scheduling or sampling.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..config import CodeShellConfig
 
@@ -50,6 +51,12 @@ class KVCache:
     def view(self, slot_ids: list[int], positions: torch.Tensor) -> "CacheView":
         """The cache as seen by one forward over rows `slot_ids`, writing at `positions` [B, T]."""
         return CacheView(self, slot_ids, positions)
+
+    def packed_view(self, slot_ids: list[int], positions: list[int]) -> "PackedView":
+        """The cache as seen by one forward over single tokens of any sequences packed into
+        one row: token i is at `positions[i]` of slot `slot_ids[i]` (decode, or a sequence's
+        last token and its drafts)."""
+        return PackedView(self, slot_ids, positions)
 
 
 class CacheView:
@@ -98,3 +105,62 @@ class CacheView:
         if self.contiguous:  # consecutive slots: read through a view, no copy
             return c.k[layer, self.slot_slice, :, :self.kv_len], c.v[layer, self.slot_slice, :, :self.kv_len]
         return c.k[layer, self.slot_index, :, :self.kv_len], c.v[layer, self.slot_index, :, :self.kv_len]
+
+
+class PackedView:
+    """Tokens of several sequences packed into one row of the forward (input [1, M]): each
+    token is a query of its own, at its own position of its own slot, attending to keys
+    0..position of that slot. No padding and no mask: a decode step is M = batch tokens, a
+    speculative verify step M = sum over sequences of 1 + its draft, whatever the drafts'
+    lengths.
+
+    Every token runs the one-query attention of plain decode (`decode_attention`, per token and
+    KV group, independent of what else is in the forward), so the verify step's attention
+    computes exactly what plain decoding would at that position: the same bits, given the
+    same keys. The tokens' keys are all stored before any of them attends, so the draft at
+    position p sees the keys of the tokens before it in its own sequence, and only those (its
+    length is p + 1; rejected drafts' keys past it are never read and later overwritten).
+    """
+
+    def __init__(self, cache: KVCache, slot_ids: list[int], positions: list[int]):
+        self.cache = cache
+        dev = cache.device
+        pos = torch.tensor(positions, dtype=torch.long)
+        self.kv_len = int(pos.max()) + 1
+        self.positions = pos.to(dev)[None]                                         # [1, M]
+        self.slot_index = torch.tensor(slot_ids, dtype=torch.long, device=dev)      # [M]
+        self.lens = (pos + 1).to(dev)                                              # [M]
+
+    def mask(self) -> None:
+        return None  # attention is per token (see the class docstring): there is no mask
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v [1, G, M, D] -> [M, G, D] at [slot_i, :, position_i]
+        c, pos = self.cache, self.positions[0]
+        c.k[layer][self.slot_index, :, pos] = k[0].transpose(0, 1)
+        c.v[layer][self.slot_index, :, pos] = v[0].transpose(0, 1)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Store k, v and return attention [1, H, M, D] for q [1, H, M, D]; never None (the
+        model's padded SDPA path does not apply to a packed row)."""
+        from ..kernels import decode_attention, decode_attention_ok
+        c = self.cache
+        _, H, M, D = q.shape
+        self._store(layer, k, v)
+        qt = q[0].transpose(0, 1)[:, :, None]                                       # [M, H, 1, D]
+        k_layer, v_layer = c.k[layer], c.v[layer]
+        if decode_attention_ok(qt, k_layer):
+            y = decode_attention(qt, k_layer, v_layer, self.slot_index, self.lens, scale)
+        else:
+            # No native kernel: each token's slot gathered ([M, G, S, D], S = the longest
+            # row) and masked to its own keys; for decode-sized M only.
+            ks = k_layer[self.slot_index, :, :self.kv_len]
+            vs = v_layer[self.slot_index, :, :self.kv_len]
+            mask = torch.arange(self.kv_len, device=q.device)[None] < self.lens[:, None]
+            y = F.scaled_dot_product_attention(qt, ks, vs, attn_mask=mask[:, None, None], scale=scale,
+                                               enable_gqa=ks.shape[1] != H)
+        return y.view(M, H, D).transpose(0, 1)[None]                                # [1, H, M, D]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        raise NotImplementedError("a packed view attends through `attend` only")

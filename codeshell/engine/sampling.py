@@ -185,12 +185,26 @@ class SequenceSampler:
         return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
 
 
+def greedy_picks(samplers: list[SequenceSampler], logits: torch.Tensor) -> list[int | None]:
+    """For each row of logits [N, V]: the greedy pick where samplers[i] is greedy and leaves the
+    logits as they are (no penalties), else None. One reduction over those rows instead of one
+    call per row; the same first maximal index as `SequenceSampler.sample`."""
+    rows = [i for i, s in enumerate(samplers) if s.params.greedy and not s._mutates]
+    out: list[int | None] = [None] * len(samplers)
+    if rows:
+        x = logits if len(rows) == len(samplers) else logits[rows]
+        for i, t in zip(rows, x.max(-1).indices.tolist()):
+            out[i] = t
+    return out
+
+
 def sample_rows(samplers: list[SequenceSampler], logits: torch.Tensor) -> list[int]:
     """The next token of each row of logits [B, V] (row i with samplers[i]): the same tokens as
-    calling each sampler's `sample` on its row. Temperature-only rows are drawn by one native
-    call, in parallel over the threads; the others one by one."""
+    calling each sampler's `sample` on its row. Greedy rows without penalties are picked by one
+    reduction; temperature-only rows are drawn by one native call, in parallel over the
+    threads; the others one by one."""
+    toks = greedy_picks(samplers, logits)
     fused = [i for i, s in enumerate(samplers) if not s.params.greedy and s._temperature_only]
-    toks: list[int | None] = [None] * len(samplers)
     us = {i: samplers[i].uniform() for i in fused}
     if len(fused) > 1:
         from ..kernels import sample_temperature_rows

@@ -28,7 +28,17 @@ def test_proposer_copies_what_followed_the_longest_most_recent_match():
     # the suffix itself is never its own match, and no match gives no draft
     assert NgramLookup([5, 6, 7], 3, 1).propose(4) == []
     assert NgramLookup([5, 6, 5], 3, 2).propose(4) == []  # min_ngram 2: the 1-gram "5" is not used
-    assert NgramLookup([5, 6, 5], 3, 1).propose(4) == [6, 5]  # runs into the suffix: fine
+    assert NgramLookup([5, 6, 5, 6], 3, 1).propose(4) == [5, 6]  # runs into the suffix: fine
+
+
+def test_proposer_drafts_fewer_tokens_after_a_shorter_match():
+    """At most 2**n - 1 tokens follow an n-token match (k permitting)."""
+    base = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert NgramLookup(base + [7], 3, 1).propose(8) == [8]                     # 1-gram "7"
+    assert NgramLookup(base + [6, 7], 3, 1).propose(8) == [8, 9, 10]           # 2-gram "6 7"
+    assert NgramLookup(base + [5, 6, 7], 3, 1).propose(8) == [8, 9, 10, 11, 12, 5, 6]  # 3-gram
+    assert NgramLookup(base + [5, 6, 7], 3, 1).propose(2) == [8, 9]            # k still caps
+    assert NgramLookup(base + [5, 6, 7], 4, 1).propose(8) == [8, 9, 10, 11, 12, 5, 6]  # 3 of max 4
 
 
 def test_proposer_sync_indexes_only_new_output():

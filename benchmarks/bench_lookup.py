@@ -141,8 +141,8 @@ def first_diff(a: list[int], b: list[int]) -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the built-in codeshell-mini)")
-    ap.add_argument("--dtype", default="auto", help="auto (the checkpoint's: bf16 for codeshell-mini), "
-                    "bfloat16 or float32")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="auto: the checkpoint's (bf16 for codeshell-mini)")
     ap.add_argument("--format", choices=["chat", "completion"], default="chat")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--lookup", type=int, default=8, help="prompt_lookup_num_tokens")
@@ -155,8 +155,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    if args.rounds < 1 or args.lookup < 1 or args.max_tokens < 2:
-        sys.exit("error: --rounds, --lookup must be >= 1 and --max-tokens >= 2")
+    if args.rounds < 1 or not 1 <= args.lookup <= 64 or args.max_tokens < 2:
+        ap.error("--rounds must be >= 1, --lookup in 1..64, --max-tokens >= 2")
 
     import torch
     print(cpu_line())

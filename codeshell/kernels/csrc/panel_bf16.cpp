@@ -48,6 +48,20 @@ inline int64_t padded_k(int64_t K) { return (K + kKAlign - 1) / kKAlign * kKAlig
 
 using Emit = std::function<void(int64_t, const float*)>;  // (panel, c [M][16] rows in order)
 
+// The epilogue of every kernel here: c [M][ldc] (columns [0, cols)) -> out[:, n0 : n0 + cols)
+// (out [M, N] fp32), plus bias[n0 + j] when given.
+inline void store_rows(const float* c, int64_t ldc, int64_t M, float* out, int64_t N, int64_t n0, int64_t cols,
+                       const float* bias) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* o = out + m * N + n0;
+    const float* cm = c + m * ldc;
+    if (bias)
+      for (int64_t j = 0; j < cols; ++j) o[j] = cm[j] + bias[n0 + j];
+    else
+      std::memcpy(o, cm, size_t(cols) * sizeof(float));
+  }
+}
+
 // ---- AVX2 + FMA: fp32 x ------------------------------------------------------------------
 struct Avx2 {
   static constexpr int kTileRows = 6;  // 12 accumulators + 2 weight vectors + a broadcast: 15 ymm
@@ -234,15 +248,8 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
   codeshell::parallel_chunks(P, 4, 4, [&](int64_t p0, int64_t p1) {
     alignas(64) float c[kMaxRows * kPanel];  // also NP = 4 panels x 16 rows for M <= 3
     const Emit emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias
-      const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        float* o = op + m * N + n0;
-        const float* cm = cp + m * kPanel;
-        if (b)
-          for (int64_t j = 0; j < cols; ++j) o[j] = cm[j] + b[n0 + j];
-        else
-          std::memcpy(o, cm, size_t(cols) * sizeof(float));
-      }
+      const int64_t n0 = p * kPanel;
+      store_rows(cp, kPanel, M, op, N, n0, std::min(kPanel, N - n0), b);
     };
     if (M == 1) panels_small_m<Isa, 1, 4>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 2) panels_small_m<Isa, 2, 3>(xp, Kh, wp, p0, p1, c, emit);
@@ -401,15 +408,8 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
         }
       }
       __asm__ volatile("" ::: "memory");  // c was written by tile stores (asm)
-      const int64_t n0 = pa * kPanel, cols = std::min(N, pb * kPanel) - n0;
-      for (int64_t r = 0; r < M; ++r) {
-        float* o = out + r * N + n0;
-        const float* cr = c + r * ldc;
-        if (bias)
-          for (int64_t j = 0; j < cols; ++j) o[j] = cr[j] + bias[n0 + j];
-        else
-          std::memcpy(o, cr, size_t(cols) * sizeof(float));
-      }
+      const int64_t n0 = pa * kPanel;
+      store_rows(c, ldc, M, out, N, n0, std::min(N, pb * kPanel) - n0, bias);
     }
     _tile_release();  // AMX state off: cheaper context switches for this thread
   });

@@ -74,11 +74,12 @@ def requests(fmt: str) -> list[dict]:
 
 
 def code_of(answer: str) -> str:
-    """The code in an answer: inside its first ``` fence if it has one."""
-    if "```" in answer:
+    """The code in an answer: its opening ``` fence's contents if it starts with one (a chat
+    answer), else the text before any fence (a completion)."""
+    if answer.lstrip().startswith("```"):
         body = answer.split("```", 2)[1]
         return body[len("python"):] if body.startswith("python") else body
-    return answer
+    return answer.split("```", 1)[0]
 
 
 # ---- one measuring process -------------------------------------------------------------------

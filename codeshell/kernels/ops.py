@@ -232,16 +232,18 @@ def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: li
 def _measure(key: tuple, cands: list[str], p: PackedWeight, m: int, x_dtype: torch.dtype) -> None:
     """Runs each candidate twice on a random x of this shape (after a warm-up call each) and
     keeps the fastest: a per-machine, per-shape choice with no table of figures in the code.
-    Costs ~6 calls once per (weight shape, M bucket) per process."""
+    Costs ~3 calls per candidate once per (weight shape, M bucket, x dtype) per process.
+    Each call is timed up to the result in x's dtype, as `linear` returns it: the fp32 paths'
+    conversion to bf16 is part of their cost (oneDNN returns bf16 itself)."""
     mod = _ext.get()
     x = torch.randn(m, p.in_features, generator=torch.Generator().manual_seed(0)).to(x_dtype)
     times: dict[str, float] = {}
     for c in cands:
-        _compute(c, mod, x, p, None)
+        _compute(c, mod, x, p, None).to(x_dtype)
     for _ in range(2):
         for c in cands:
             t = time.perf_counter()
-            _compute(c, mod, x, p, None)
+            _compute(c, mod, x, p, None).to(x_dtype)
             times[c] = min(times.get(c, float("inf")), time.perf_counter() - t)
     CHOICE_TIMES[key] = times
     _CHOICES[key] = min(times, key=times.__getitem__)

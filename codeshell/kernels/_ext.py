@@ -101,15 +101,30 @@ def _build() -> ModuleType:
         # Always the same ninja: two versions (pip's and the system's) keep incompatible
         # .ninja_log hashes, so a process with the other one on PATH rebuilt everything (~85 s).
         path = os.environ.get("PATH", "")
-        try:
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
-        except ImportError:
-            pass
+        ninja_dir = _ninja_dir()
+        if ninja_dir:
+            os.environ["PATH"] = ninja_dir + os.pathsep + path
         try:
             return _load(cpp_extension, build)
         finally:
             os.environ["PATH"] = path
+
+
+def _ninja_dir() -> str | None:
+    """The folder of pip's ninja binary, or None. `ninja.BIN_DIR` is "" inside a virtual
+    environment made over the interpreter that has the package (the binary is in the base
+    prefix's bin/), and then a process whose PATH finds the system's ninja first (a test's
+    minimal env) rebuilt everything, and the next ordinary process rebuilt it back (~2 min each)."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    import sys
+
+    for d in (getattr(ninja, "BIN_DIR", ""), os.path.join(sys.prefix, "bin"), os.path.join(sys.base_prefix, "bin")):
+        if d and os.path.isfile(os.path.join(d, "ninja")):
+            return d
+    return None
 
 
 def _load(cpp_extension, build: Path) -> ModuleType:

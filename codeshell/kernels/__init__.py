@@ -14,7 +14,7 @@ kernel (and instruction set) runs is decided in one place, `ops.plan`;
 CODESHELL_KERNEL_ISA=avx2|avx512_vnni|avx512_bf16|amx caps it.
 """
 
-from .module import PackedEmbedding, PackedLinear, prepare_model
+from .module import FastLinear, PackedEmbedding, PackedLinear, prepare_model
 from .ops import (
     BF16_PANEL_MAX_M,
     DECODE_MAX_M,
@@ -48,6 +48,7 @@ __all__ = [
     "DECODE_MAX_M",
     "ISA_LEVELS",
     "KINDS",
+    "FastLinear",
     "PackedEmbedding",
     "PackedLinear",
     "PackedWeight",

@@ -167,7 +167,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None and x.device.type == "cpu":  # bias fused into the kernel call
-            return kernels.linear(x, self._kernel, self._bias_f32)
+            fast = self.__dict__.get("_fast")  # kernels.linear's per-call work done once (kernels.FastLinear)
+            if fast is None or fast.packed is not self._kernel or fast.bias is not self._bias_f32:
+                fast = self._fast = kernels.FastLinear(self._kernel, self._bias_f32)
+            return fast(x)
         lead = x.shape[:-1]
         y = self._matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:

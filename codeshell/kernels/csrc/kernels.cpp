@@ -421,6 +421,9 @@ torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                                const torch::Tensor& slots, const torch::Tensor& lens, double scale);
 
+// fused.cpp: residual add + LayerNorm, GELU, in-place RoPE for the model's inference path.
+void register_fused(py::module& m);
+
 // The compute kernels run without the GIL (as torch's own ops do): the server's event loop, in
 // another thread of the same process, keeps streaming tokens while the engine thread computes.
 // The two short calls keep it: giving it up for ~75 us would risk waiting a whole switch
@@ -448,4 +451,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_bf16", &dequant_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> fp32 buffer, K-major");
   m.def("dequant_int8", &dequant_int8, kNoGil, "rows [n0,n1) of int8 weight -> fp32 buffer");
   m.def("dequant_int4", &dequant_int4, kNoGil, "rows [n0,n1) of int4 weight -> fp32 buffer");
+  register_fused(m);
 }

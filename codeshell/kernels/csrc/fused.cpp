@@ -1,0 +1,297 @@
+// Fused elementwise ops for the model's inference path (codeshell/model.py, no autograd).
+//
+// What this is: three row-wise passes that each replace a chain of small torch ops at decode,
+// where every torch op costs a few microseconds of dispatch and allocation for a row of a
+// few thousand values (measured: ~220 small ops per token on the mid model, ~4 ms of a 52 ms
+// token at 1 thread, which do not shrink with threads while the weight reads do):
+//   * add_layer_norm: h = x + r (rounded to x's dtype, as torch's add), y = LayerNorm(h) --
+//     the residual add and the next LayerNorm in one pass, both outputs written;
+//   * gelu_tanh: y = gelu_tanh(v [+ bias]) with v the fp32 output of a linear, rounded to
+//     bf16 first when the model is bf16 (exactly as the plain path's cast then F.gelu);
+//   * rope_: rotate-half RoPE in place on the first `heads` heads of each row of the fused
+//     qkv projection (q and k), the same fp32 products and sums as model._rotate (same bits).
+// All math is fp32; bf16 in/out round to nearest even (torch's conversion). Rows run on
+// at::parallel_for only when there are many (prefill); a decode row runs on the calling
+// thread (waking the OpenMP team costs more than the row).
+// What this is not: autograd ops (training keeps the torch ops) and not a matmul.
+//
+// Numerics: RoPE's a * b - c * d is two rounded products and a rounded difference, as torch
+// computes it (`rounded` keeps GCC from contracting them into an FMA; the test compares bits). GELU uses gelu_tanh(v) = v * sigmoid(2u) = v / (1 + e^{-2u}),
+// u = sqrt(2/pi) (v + 0.044715 v^3), which equals torch's 0.5 v (1 + tanh(u)) in exact
+// arithmetic and avoids its cancellation for negative v; with exp8's ~2e-7 relative error the
+// fp32 result is within ~1e-6 of torch's, and bf16 results differ only at rounding ties.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+// 8 values <-> 8 fp32 lanes. bf16 -> fp32 is exact (a shift); fp32 -> bf16 rounds to nearest
+// even as c10::BFloat16 does (NaN -> quiet NaN 0x7fc0).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+// Round fp32 lanes through bf16 and back (what .to(bfloat16) then .float() does).
+inline __m256 round_bf16(__m256 v) {
+  alignas(32) bf16 tmp[8];
+  store8(tmp, v);
+  return load8(tmp);
+}
+
+// A tail of n < 8 values goes through an 8-wide buffer, so it runs the same vector code
+// (the same bits) as the body.
+template <class T>
+inline __m256 load_tail(const T* p, int64_t n) {
+  alignas(32) T tmp[8] = {};
+  std::memcpy(tmp, p, n * sizeof(T));
+  return load8(tmp);
+}
+template <class T>
+inline void store_tail(T* p, __m256 v, int64_t n) {
+  alignas(32) T tmp[8];
+  store8(tmp, v);
+  std::memcpy(p, tmp, n * sizeof(T));
+}
+template <class T>
+inline __m256 loadn(const T* p, int64_t n) { return n >= 8 ? load8(p) : load_tail(p, n); }
+template <class T>
+inline void storen(T* p, __m256 v, int64_t n) {
+  if (n >= 8) store8(p, v); else store_tail(p, v, n);
+}
+
+// A product the compiler may not fuse into an FMA with the add that follows (GCC contracts
+// a * b - c across intrinsics under C++'s default -ffp-contract=fast): an empty asm that
+// "changes" the register forces the rounded product to exist.
+inline __m256 rounded(__m256 v) {
+  asm("" : "+x"(v));
+  return v;
+}
+
+// Rows per parallel task: at decode (a few rows) the call stays on this thread.
+inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(width, 1)); }
+
+// ---- residual add + LayerNorm ----------------------------------------------------------------
+
+// One row: h = x + r (r may be null), y = (h - mean) * rstd * w + b. h is rounded to T before
+// the statistics (torch normalises the stored residual). Two passes over the row for the mean
+// and the variance (the row is in L1), 2 x 8 fp32 accumulators each.
+template <class T, class W>
+void add_ln_row(const T* x, const T* r, T* h, T* y, const W* w, const W* b, int64_t C, float eps, float* buf) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c < C; c += 8) {
+    int64_t n = std::min<int64_t>(8, C - c);
+    __m256 v = loadn(x + c, n);
+    if (r != nullptr) {
+      v = _mm256_add_ps(v, loadn(r + c, n));  // tails load zeros past C: the padded lanes stay 0
+      storen(h + c, v, n);
+      if constexpr (std::is_same<T, bf16>::value) v = round_bf16(v);
+    }
+    _mm256_storeu_ps(buf + c, v);
+    if ((c / 8) & 1) s1 = _mm256_add_ps(s1, v); else s0 = _mm256_add_ps(s0, v);
+  }
+  const float mean = codeshell::hsum8(_mm256_add_ps(s0, s1)) / float(C);
+  const __m256 vm = _mm256_set1_ps(mean);
+  s0 = _mm256_setzero_ps();
+  s1 = _mm256_setzero_ps();
+  for (c = 0; c < C; c += 8) {
+    __m256 d = _mm256_sub_ps(_mm256_loadu_ps(buf + c), vm);
+    if (C - c < 8) d = _mm256_blendv_ps(_mm256_setzero_ps(), d, _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(int(C - c)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+    if ((c / 8) & 1) s1 = _mm256_fmadd_ps(d, d, s1); else s0 = _mm256_fmadd_ps(d, d, s0);
+  }
+  const float var = codeshell::hsum8(_mm256_add_ps(s0, s1)) / float(C);
+  const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(var + eps));
+  for (c = 0; c < C; c += 8) {
+    int64_t n = std::min<int64_t>(8, C - c);
+    __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(buf + c), vm), rstd);
+    __m256 o = d;
+    if (w != nullptr) o = _mm256_mul_ps(o, loadn(w + c, n));
+    if (b != nullptr) o = _mm256_add_ps(o, loadn(b + c, n));
+    storen(y + c, o, n);
+  }
+}
+
+template <class T, class W>
+void add_ln(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, torch::Tensor& h, torch::Tensor& y,
+            const c10::optional<torch::Tensor>& w, const c10::optional<torch::Tensor>& b, double eps) {
+  const int64_t C = x.size(1), rows = x.size(0);
+  const T* xp = x.data_ptr<T>();
+  const T* rp = r ? r->data_ptr<T>() : nullptr;
+  T* hp = r ? h.data_ptr<T>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  const W* wp = w ? w->data_ptr<W>() : nullptr;
+  const W* bp = b ? b->data_ptr<W>() : nullptr;
+  const int64_t Cp = (C + 7) / 8 * 8;
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(Cp);  // the row in fp32 (h as rounded), reread by the two later passes
+    for (int64_t i = r0; i < r1; ++i)
+      add_ln_row<T, W>(xp + i * C, rp ? rp + i * C : nullptr, hp ? hp + i * C : nullptr, yp + i * C, wp, bp, C,
+                       float(eps), buf.data());
+  });
+}
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous CPU [rows, C] tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, " must be float32 or bfloat16");
+}
+
+void check_vec(const c10::optional<torch::Tensor>& t, int64_t C, at::ScalarType dt, const char* name) {
+  if (!t) return;
+  TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->numel() == C, name, " must be a contiguous CPU [", C, "] tensor");
+  TORCH_CHECK(t->scalar_type() == dt, name, " must have the same dtype as the other affine parameter");
+}
+
+// ---- GELU (tanh approximation) ---------------------------------------------------------------
+
+inline __m256 gelu8(__m256 v) {
+  const __m256 k0 = _mm256_set1_ps(-2.0f * 0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
+  // -2u = -2 sqrt(2/pi) (v + 0.044715 v^3)
+  __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+  __m256 a = _mm256_mul_ps(k0, _mm256_add_ps(v, _mm256_mul_ps(k1, v3)));
+  __m256 g = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), codeshell::exp8(a)));
+  // exp8 clamps its argument at 88: past it (v < ~-5.4) the sigmoid is 0 in fp32, and torch's
+  // 0.5 v (1 + tanh u) gives v * 0 = -0; v / (1 + e^88) would leave a tiny non-zero
+  return _mm256_blendv_ps(g, _mm256_mul_ps(v, _mm256_setzero_ps()), _mm256_cmp_ps(a, _mm256_set1_ps(88.f), _CMP_GT_OQ));
+}
+
+template <class TI, class TO>
+void gelu_rows(const TI* in, const float* bias, TO* out, int64_t rows, int64_t N, bool round_in) {
+  at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const TI* x = in + i * N;
+      TO* o = out + i * N;
+      for (int64_t c = 0; c < N; c += 8) {
+        int64_t n = std::min<int64_t>(8, N - c);
+        __m256 v = loadn(x + c, n);
+        if (bias != nullptr) v = _mm256_add_ps(v, loadn(bias + c, n));
+        if (round_in) v = round_bf16(v);
+        storen(o + c, gelu8(v), n);
+      }
+    }
+  });
+}
+
+// ---- RoPE (rotate-half) in place ---------------------------------------------------------------
+
+template <class T>
+void rope_rows(T* qkv, const float* cs, const float* sn, int64_t rows, int64_t C, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, rows, row_grain(heads * D), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* c = cs + i * D;  // cos/sin [rows, D]: the first half is the rotation's (halves repeat)
+      const float* s = sn + i * D;
+      for (int64_t hd = 0; hd < heads; ++hd) {
+        T* x = qkv + i * C + hd * D;
+        for (int64_t j = 0; j < half; j += 8) {
+          int64_t n = std::min<int64_t>(8, half - j);
+          __m256 x1 = loadn(x + j, n), x2 = loadn(x + half + j, n);
+          __m256 cv = loadn(c + j, n), sv = loadn(s + j, n);
+          // o1 = x1 c - x2 s, o2 = x2 c + x1 s: rounded products, then the rounded sum
+          __m256 o1 = _mm256_sub_ps(rounded(_mm256_mul_ps(x1, cv)), rounded(_mm256_mul_ps(x2, sv)));
+          __m256 o2 = _mm256_add_ps(rounded(_mm256_mul_ps(x2, cv)), rounded(_mm256_mul_ps(x1, sv)));
+          storen(x + j, o1, n);
+          storen(x + half + j, o2, n);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x, r [rows, C] (same dtype, bf16 or fp32; r optional); weight, bias [C] (bf16 or fp32, both
+// the same, optional). Returns (h, y): h = x + r in x's dtype (x itself when r is None) and
+// y = LayerNorm(h) * weight + bias in x's dtype.
+std::vector<torch::Tensor> fused_add_layer_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& r,
+                                                const c10::optional<torch::Tensor>& weight,
+                                                const c10::optional<torch::Tensor>& bias, double eps) {
+  check_rows(x, "x");
+  const int64_t C = x.size(1);
+  TORCH_CHECK(C > 0, "x must have at least one column");
+  if (r) {
+    check_rows(*r, "r");
+    TORCH_CHECK(r->sizes() == x.sizes() && r->scalar_type() == x.scalar_type(), "r must match x's shape and dtype");
+  }
+  const auto wdt = weight ? weight->scalar_type() : bias ? bias->scalar_type() : at::kFloat;
+  TORCH_CHECK(wdt == at::kFloat || wdt == at::kBFloat16, "weight and bias must be float32 or bfloat16");
+  check_vec(weight, C, wdt, "weight");
+  check_vec(bias, C, wdt, "bias");
+  torch::Tensor h = r ? torch::empty_like(x) : x;
+  torch::Tensor y = torch::empty_like(x);
+  const bool xb = x.scalar_type() == at::kBFloat16, wb = wdt == at::kBFloat16;
+  if (xb && wb) add_ln<bf16, bf16>(x, r, h, y, weight, bias, eps);
+  else if (xb) add_ln<bf16, float>(x, r, h, y, weight, bias, eps);
+  else if (wb) add_ln<float, bf16>(x, r, h, y, weight, bias, eps);
+  else add_ln<float, float>(x, r, h, y, weight, bias, eps);
+  return {h, y};
+}
+
+// v [rows, N] (fp32 or bf16), bias fp32 [N] optional; out_bf16: the result in bf16 (v, plus
+// bias, rounded to bf16 before the GELU, as the plain path's cast then F.gelu), else fp32 (v
+// must then be fp32).
+torch::Tensor fused_gelu_tanh(const torch::Tensor& v, const c10::optional<torch::Tensor>& bias, bool out_bf16) {
+  check_rows(v, "v");
+  const int64_t rows = v.size(0), N = v.size(1);
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32");
+    check_vec(bias, N, at::kFloat, "bias");
+  }
+  const bool vb = v.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(out_bf16 || !vb, "a bfloat16 v gives a bfloat16 result (out_bf16=True)");
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  torch::Tensor out = torch::empty({rows, N}, v.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  if (vb) gelu_rows<bf16, bf16>(v.data_ptr<bf16>(), bp, out.data_ptr<bf16>(), rows, N, bp != nullptr);
+  else if (out_bf16) gelu_rows<float, bf16>(v.data_ptr<float>(), bp, out.data_ptr<bf16>(), rows, N, true);
+  else gelu_rows<float, float>(v.data_ptr<float>(), bp, out.data_ptr<float>(), rows, N, false);
+  return out;
+}
+
+// qkv [rows, C] (bf16 or fp32, contiguous), rotated in place for heads 0..heads-1 of width D
+// (columns [0, heads * D)); cos, sin fp32 [rows, D] as model.rope_cos_sin builds them.
+void fused_rope_(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t D) {
+  check_rows(qkv, "qkv");
+  const int64_t rows = qkv.size(0), C = qkv.size(1);
+  TORCH_CHECK(D > 0 && D % 2 == 0 && heads >= 0 && heads * D <= C, "heads * D must fit in a row of qkv and D be even");
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) == rows && t->size(1) == D,
+                "cos and sin must be contiguous float32 [rows, D]");
+  if (qkv.scalar_type() == at::kBFloat16)
+    rope_rows<bf16>(qkv.data_ptr<bf16>(), cos.data_ptr<float>(), sin.data_ptr<float>(), rows, C, heads, D);
+  else
+    rope_rows<float>(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), rows, C, heads, D);
+}
+
+void register_fused(pybind11::module& m) {
+  // These keep the GIL: a decode row takes a few microseconds, less than a release and
+  // reacquire can cost against a busy event loop (see kernels.cpp).
+  m.def("fused_add_layer_norm", &fused_add_layer_norm, "(h, y): h = x + r, y = LayerNorm(h) (rows of [rows, C])");
+  m.def("fused_gelu_tanh", &fused_gelu_tanh, "gelu_tanh(v + bias), rounded through bf16 when out_bf16");
+  m.def("fused_rope_", &fused_rope_, "rotate-half RoPE in place on the first heads of each row of qkv");
+}

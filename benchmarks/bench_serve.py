@@ -50,6 +50,9 @@ SHAPES = {
     "small": dict(n_embd=512, n_layer=8, n_head=8, num_query_groups=2, n_inner=2048, n_positions=4096),
     # ~160M parameters: decode reads more weights per step, so batching pays more.
     "medium": dict(n_embd=1024, n_layer=8, n_head=16, num_query_groups=4, n_inner=4096, n_positions=4096),
+    # ~1.7B parameters: CodeShell-7B's width (4096, 32 heads / 8 KV groups, FFN 16384) with 8 of
+    # its 42 layers: the issue-14 comparison with llama-server (3.4 GB in bf16, 1 GB in Q4_0).
+    "1.7b": dict(n_embd=4096, n_layer=8, n_head=32, num_query_groups=8, n_inner=16384, n_positions=8192),
     "tiny": dict(n_embd=128, n_layer=2, n_head=4, num_query_groups=2, n_inner=512, n_positions=4096),
 }
 

@@ -376,7 +376,7 @@ class Engine:
                 k = min(k, s.params.max_tokens - len(s.output_ids) - 1)
             k = min(k, self.max_model_len - total - 1)
             out.append(s.lookup.propose(k) if k > 0 else [])
-        return out
+        return _cap_rows(out, _max_rows())
 
     def _speculate(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Sequence]:
         """One forward over [last token, draft...] of every decoding sequence, packed into one
@@ -462,6 +462,33 @@ class Engine:
                 self.free_slots.append(s.slot)
                 s.slot = None
         self.free_slots.sort()
+
+
+def _max_rows() -> int:
+    """Most tokens one packed forward may hold: the linear kernels give each row the same bits
+    whatever the other rows only up to `ROW_INVARIANT_MAX_M` rows per call (kernels/ops.py), and
+    greedy text with prompt lookup must equal plain decoding's."""
+    from ..kernels import ops
+    return int(getattr(ops, "ROW_INVARIANT_MAX_M", 64))  # 64 until kernels/ops.py names it
+
+
+def _cap_rows(drafts: list[list[int]], cap: int) -> list[list[int]]:
+    """Shorten drafts so that the verify forward (each sequence's last token + its draft)
+    holds at most `cap` tokens: one token at a time off the end of the longest draft (a
+    draft's later tokens are the least likely to be accepted). With more sequences than
+    `cap`, no drafts."""
+    total = sum(1 + len(d) for d in drafts)
+    if total <= cap:
+        return drafts
+    lens = [len(d) for d in drafts]
+    excess = total - cap
+    while excess > 0 and any(lens):
+        top = max(lens)
+        for i, n in enumerate(lens):
+            if n == top and excess > 0:
+                lens[i] -= 1
+                excess -= 1
+    return [d[:n] for d, n in zip(drafts, lens)]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -114,10 +114,11 @@ class PackedView:
     speculative verify step M = sum over sequences of 1 + its draft, whatever the drafts'
     lengths.
 
-    Every token runs the one-query attention of plain decode (`decode_attention`, per token and
-    KV group, independent of what else is in the forward), so the verify step's attention
-    computes exactly what plain decoding would at that position: the same bits, given the
-    same keys. The tokens' keys are all stored before any of them attends, so the draft at
+    Every token gets the one-query attention of plain decode (`decode_attention`'s arithmetic,
+    per token and KV group, independent of what else is in the forward), so the verify step's
+    attention computes exactly what plain decoding would at that position: the same bits,
+    given the same keys. The call is `packed_attention`, where consecutive tokens of one slot
+    (a sequence's last token and its drafts) share one pass over the slot's keys and values. The tokens' keys are all stored before any of them attends, so the draft at
     position p sees the keys of the tokens before it in its own sequence, and only those (its
     length is p + 1; rejected drafts' keys past it are never read and later overwritten).
     """
@@ -144,14 +145,15 @@ class PackedView:
                scale: float) -> torch.Tensor:
         """Store k, v and return attention [1, H, M, D] for q [1, H, M, D]; never None (the
         model's padded SDPA path does not apply to a packed row)."""
-        from ..kernels import decode_attention, decode_attention_ok
+        from ..kernels import decode_attention_ok
+        from ..kernels.attention import packed_attention
         c = self.cache
         _, H, M, D = q.shape
         self._store(layer, k, v)
         qt = q[0].transpose(0, 1)[:, :, None]                                       # [M, H, 1, D]
         k_layer, v_layer = c.k[layer], c.v[layer]
         if decode_attention_ok(qt, k_layer):
-            y = decode_attention(qt, k_layer, v_layer, self.slot_index, self.lens, scale)
+            y = packed_attention(qt, k_layer, v_layer, self.slot_index, self.lens, scale)
         else:
             # No native kernel: each token's slot gathered ([M, G, S, D], S = the longest
             # row) and masked to its own keys; for decode-sized M only.

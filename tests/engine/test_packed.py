@@ -130,3 +130,55 @@ def test_verify_step_packs_rows_without_padding(monkeypatch):
     assert eng.spec_drafted - before == 6
     while eng.has_unfinished():
         eng.step()
+
+
+def test_cap_rows_shortens_the_longest_drafts_first():
+    from codeshell.engine.engine import _cap_rows
+    drafts = [[1] * 8, [2] * 3, [], [3] * 8]
+    assert _cap_rows(drafts, 23) == drafts                            # 4 + 19 drafted: fits
+    assert _cap_rows(drafts, 16) == [[1] * 4, [2] * 3, [], [3] * 5]   # 7 fewer, off the longest
+    assert _cap_rows(drafts, 3) == [[], [], [], []]                   # fewer rows than sequences
+
+
+def test_verify_steps_stay_within_the_row_invariant_cap(monkeypatch):
+    """No packed forward holds more tokens than the linear kernels keep row-invariant
+    (`ROW_INVARIANT_MAX_M`, here patched to 5 for 3 sequences drafting up to 6 tokens each),
+    and the greedy text is still plain decoding's."""
+    from tests.conftest import require_shared
+    from codeshell.engine import engine as engine_mod
+    from codeshell.engine import lookup as lookup_mod
+    llm = LLM(str(require_shared("golden/rope-gqa")), dtype="float32", max_batch=4)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(0, 500, (20,), generator=g).tolist()
+    prompts = [{"prompt_token_ids": p} for p in (base * 2, base[:7] * 3, base[3:15])]
+    plain = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, plain)]
+    monkeypatch.setattr(engine_mod, "_max_rows", lambda: 5)
+    monkeypatch.setattr(lookup_mod.NgramLookup, "propose", lambda self, k: self.tokens[-6:][:k])
+    sizes = []
+    transformer = llm.engine.model.transformer
+    forward = transformer.forward
+
+    def spy(ids, pos, mask, cache, seq_len=None):
+        if isinstance(cache, kv_mod.PackedView):
+            sizes.append(ids.shape[1])
+        return forward(ids, pos, mask, cache, seq_len=seq_len)
+
+    monkeypatch.setattr(transformer, "forward", spy)
+    drafted = llm.engine.spec_drafted
+    spec = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_lookup_num_tokens=6)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, spec)]
+    assert got == want
+    assert llm.engine.spec_drafted > drafted and max(sizes) == 5
+
+
+def test_first_argmax_is_max_indices_with_ties_and_odd_vocabularies():
+    from codeshell.engine.sampling import first_argmax
+    g = torch.Generator().manual_seed(7)
+    for V in (16384, 70144, 1000, 130):
+        x = torch.randn(9, V, generator=g)
+        x[1, 5] = x[1, V - 3] = x[1].max() + 1          # a tie across blocks: the first wins
+        x[2, 300 % V] = x[2, 301 % V] = x[2].max() + 2  # a tie inside a block
+        x[3] = 0.5                                       # a flat row: index 0
+        assert torch.equal(first_argmax(x), x.max(-1).indices), V
+        assert torch.equal(first_argmax(x.bfloat16()), x.bfloat16().max(-1).indices), V

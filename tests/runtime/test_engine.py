@@ -61,6 +61,9 @@ def test_decode_attention_kernel_matches_sdpa_path(llm, monkeypatch):
     calls = []
     real = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    from codeshell.kernels import attention  # decode steps call it (decode_attention's bits, per query)
+    packed = attention.packed_attention
+    monkeypatch.setattr(attention, "packed_attention", lambda *a: calls.append(1) or packed(*a))
     fast = llm.generate(prompts, sp)
     assert calls, "decode did not use the native attention kernel"
     monkeypatch.setattr(kernels, "decode_attention_ok", lambda q, k: False)

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "isa.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -223,10 +224,275 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
   });
 }
 
+
+// ---- packed attention: the queries of one slot share their keys ------------------------------
+//
+// A speculative verify step packs a sequence's last token and its drafts as consecutive
+// queries of one slot (positions p .. p + d: query j sees keys 0..p + j). Each query must get
+// exactly the bits `run` above gives it alone (plain decoding's kernel: the greedy text must
+// not depend on whether a token was verified or plainly decoded), so the arithmetic per
+// (query, head, key) stays attend_block's: each score an FMA chain over d in 8-lane steps from
+// zero, summed by hsum8's tree and scaled; softmax_rows on the query's own length; each
+// output lane an FMA chain over keys 0..S-1 in order from zero. What a run of n >= 2 queries
+// shares (avx512::attend_run): a block of the slot's keys and values converted to fp32 once
+// for all its queries and heads (it stays in L1), and 16-lane registers that do two keys'
+// 8-lane chains side by side. A single query, or a CPU without AVX-512, runs decode's own
+// code (attend_group) per query: on AVX2 registers sharing the loads measured no faster
+// (the FMAs, hsum8 and exps are per query and dominate at head_dim 32), and for one query
+// the fp32 copy of the block costs more than it saves.
+
+#if CODESHELL_HAVE_AVX512
+// A run with 16-lane registers (AVX-512F; chosen by the caller's isa >= kAvx512Vnni), still
+// exactly the AVX2 arithmetic per query: a score register holds two keys' 8-lane FMA chains
+// side by side (lanes 0-7 and 8-15), reduced by hsum8's tree in each half (hsum8x16); a value
+// register holds 16 output lanes, each its own FMA chain over the keys in order; softmax's
+// exps are exp8's operations 16 at a time, its sum accumulated 8 lanes at a time in order.
+CODESHELL_BEGIN_AVX512
+namespace avx512 {
+
+// hsum8 of each 256-bit half of 8 registers (16 sums). Register i holds keys (kA[i], kB[i]) of
+// a 16-key group; the result holds keys 0..15 in order.
+constexpr int kA[8] = {0, 8, 1, 9, 2, 10, 3, 11};
+constexpr int kB[8] = {4, 12, 5, 13, 6, 14, 7, 15};
+
+inline __m512 hsum8x16(const __m512* a) {
+  auto half = [](__m512 x, __m512 y) {  // per 8-lane half: lane i + lane i + 4 -> [x.A, x.B, y.A, y.B] x 4 lanes
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  const __m512 s01 = half(a[0], a[1]), s23 = half(a[2], a[3]), s45 = half(a[4], a[5]), s67 = half(a[6], a[7]);
+  const __m512 t0 = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 t1 = _mm512_add_ps(_mm512_shuffle_ps(s45, s67, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_ps(s45, s67, _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// exp8's operations on 16 lanes (the same bits per lane).
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-88.f), hi = _mm512_set1_ps(88.f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(__mmask16(~under), _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+}
+
+// softmax_rows for one row, the same bits: max (exact in any order), exps with the sum
+// accumulated 8 lanes at a time in key order, hsum8, the same scalar tail, then the scaling.
+inline void softmax_row(float* pr, int64_t S) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 16 <= S; s += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(pr + s));
+  float mx = _mm512_reduce_max_ps(mv);
+  for (; s + 8 <= S; s += 8)
+    for (int t = 0; t < 8; ++t) mx = std::max(mx, pr[s + t]);
+  for (int64_t j = s; j < S; ++j) mx = std::max(mx, pr[j]);
+  const __m512 m16 = _mm512_set1_ps(mx);
+  __m256 sv = _mm256_setzero_ps();
+  for (s = 0; s + 16 <= S; s += 16) {
+    const __m512 ev = exp16(_mm512_sub_ps(_mm512_loadu_ps(pr + s), m16));
+    _mm512_storeu_ps(pr + s, ev);
+    sv = _mm256_add_ps(sv, _mm512_castps512_ps256(ev));
+    sv = _mm256_add_ps(sv, _mm512_extractf32x8_ps(ev, 1));
+  }
+  for (; s + 8 <= S; s += 8) {
+    const __m256 ev = codeshell::exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + s), _mm512_castps512_ps256(m16)));
+    _mm256_storeu_ps(pr + s, ev);
+    sv = _mm256_add_ps(sv, ev);
+  }
+  float sum = codeshell::hsum8(sv);
+  for (int64_t j = s; j < S; ++j) sum += (pr[j] = std::exp(pr[j] - mx));
+  const __m512 inv = _mm512_set1_ps(1.f / sum);
+  for (s = 0; s + 16 <= S; s += 16) _mm512_storeu_ps(pr + s, _mm512_mul_ps(_mm512_loadu_ps(pr + s), inv));
+  for (; s + 8 <= S; s += 8) _mm256_storeu_ps(pr + s, _mm256_mul_ps(_mm256_loadu_ps(pr + s), _mm512_castps512_ps256(inv)));
+  for (int64_t j = s; j < S; ++j) pr[j] *= 1.f / sum;
+}
+
+// Keys [s0, s1) of a cache block as fp32 in score order: per 16-key group and register i,
+// D/8 chunks of 16 floats [key kA[i] chunk c | key kB[i] chunk c] (keys past s1: zeros).
+template <class T>
+void keys_paired(const T* src, int64_t s0, int64_t s1, int64_t D, float* buf) {
+  const int64_t C = D / 8;
+  for (int64_t g = s0; g < s1; g += 16)
+    for (int i = 0; i < 8; ++i)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t s = g + (h ? kB[i] : kA[i]);
+        float* dst = buf + (((g - s0) / 16 * 8 + i) * C) * 16 + 8 * h;
+        if (s < s1) {
+          for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(dst + c * 16, load8(src + s * D + c * 8));
+        } else {
+          for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(dst + c * 16, _mm256_setzero_ps());
+        }
+      }
+}
+
+// Values [s0, s1) as fp32 rows [s1 - s0][D].
+template <class T>
+void values_f32(const T* src, int64_t s0, int64_t s1, int64_t D, float* buf) {
+  const int64_t n = (s1 - s0) * D;
+  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(buf + i, load8(src + s0 * D + i));
+}
+
+// p[s] for keys [0, n) of a 16-key group (n <= 16), keys paired as keys_paired stores them.
+inline void scores16(const float* q, const float* kp, int64_t D, int n, __m512 scale, float* p) {
+  const int64_t C = D / 8;
+  __m512 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; ++c) {
+    const __m512 qv = _mm512_broadcast_f32x8(_mm256_loadu_ps(q + c * 8));
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kp + (i * C + c) * 16), acc[i]);
+  }
+  _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), _mm512_mul_ps(hsum8x16(acc), scale));
+}
+
+// o [RB][D] += p [RB] (stride ps) @ v [n][D], 16 * NV lanes at a time.
+template <int RB, int NV>
+void values_block(const float* p, int64_t ps, const float* v, int64_t n, int64_t D, float* o) {
+  for (int64_t d = 0; d < D; d += 16 * NV) {
+    __m512 acc[RB][NV];
+    for (int r = 0; r < RB; ++r)
+      for (int h = 0; h < NV; ++h) acc[r][h] = _mm512_loadu_ps(o + r * D + d + 16 * h);
+    for (int64_t s = 0; s < n; ++s) {
+      __m512 x[NV];
+      for (int h = 0; h < NV; ++h) x[h] = _mm512_loadu_ps(v + s * D + d + 16 * h);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 w = _mm512_set1_ps(p[r * ps + s]);
+        for (int h = 0; h < NV; ++h) acc[r][h] = _mm512_fmadd_ps(w, x[h], acc[r][h]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int h = 0; h < NV; ++h) _mm512_storeu_ps(o + r * D + d + 16 * h, acc[r][h]);
+  }
+}
+
+template <int NV>
+void values_heads(const float* p, int64_t ps, const float* v, int64_t n, int64_t D, int R, float* o) {
+  int r = 0;
+  for (; r + 4 <= R; r += 4) values_block<4, NV>(p + r * ps, ps, v, n, D, o + r * D);
+  switch (R - r) {
+    case 3: values_block<3, NV>(p + r * ps, ps, v, n, D, o + r * D); break;
+    case 2: values_block<2, NV>(p + r * ps, ps, v, n, D, o + r * D); break;
+    case 1: values_block<1, NV>(p + r * ps, ps, v, n, D, o + r * D); break;
+    default: break;
+  }
+}
+
+// attend_run with 16-lane registers; D % 16 == 0.
+template <class T>
+void attend_run(const float* q, int n, int R, int64_t D, const T* k, const T* v, const int64_t* lens, float scale,
+                std::vector<float>& p, std::vector<float>& kb, float* o) {
+  int64_t smax = 0;
+  for (int j = 0; j < n; ++j) smax = std::max(smax, lens[j]);
+  const int64_t KB = std::max<int64_t>(16, (4096 / D) / 16 * 16);  // keys per fp32 block: 16 KiB
+  p.resize(size_t(n) * R * smax + 16);  // + 16: a 16-key group's masked store stays inside
+  kb.resize(size_t(KB) * D);
+  const __m512 sc = _mm512_set1_ps(scale);
+  float* pp = p.data();
+  for (int64_t s0 = 0; s0 < smax; s0 += KB) {
+    const int64_t s1 = std::min(smax, s0 + KB);
+    keys_paired(k, s0, s1, D, kb.data());
+    for (int j = 0; j < n; ++j) {
+      const int64_t e = std::min(s1, lens[j]);
+      for (int r = 0; r < R; ++r) {
+        const float* qr = q + (int64_t(j) * R + r) * D;
+        float* pr = pp + (int64_t(j) * R + r) * smax;
+        for (int64_t s = s0; s < e; s += 16)
+          scores16(qr, kb.data() + (s - s0) * D, D, int(std::min<int64_t>(16, e - s)), sc, pr + s);
+      }
+    }
+  }
+  for (int j = 0; j < n; ++j)
+    for (int r = 0; r < R; ++r) softmax_row(pp + (int64_t(j) * R + r) * smax, lens[j]);
+  std::fill(o, o + int64_t(n) * R * D, 0.f);
+  for (int64_t s0 = 0; s0 < smax; s0 += KB) {
+    const int64_t s1 = std::min(smax, s0 + KB);
+    values_f32(v, s0, s1, D, kb.data());
+    for (int j = 0; j < n; ++j) {
+      const int64_t e = std::min(s1, lens[j]);
+      if (e <= s0) continue;
+      if (D % 32 == 0) values_heads<2>(pp + int64_t(j) * R * smax + s0, smax, kb.data(), e - s0, D, R, o + int64_t(j) * R * D);
+      else values_heads<1>(pp + int64_t(j) * R * smax + s0, smax, kb.data(), e - s0, D, R, o + int64_t(j) * R * D);
+    }
+  }
+}
+
+template void attend_run<uint16_t>(const float*, int, int, int64_t, const uint16_t*, const uint16_t*, const int64_t*,
+                                   float, std::vector<float>&, std::vector<float>&, float*);
+template void attend_run<float>(const float*, int, int, int64_t, const float*, const float*, const int64_t*, float,
+                                std::vector<float>&, std::vector<float>&, float*);
+}  // namespace avx512
+CODESHELL_END_AVX512
+#endif
+
+template <class T>
+void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const int64_t* slots,
+                const int64_t* lens, double scale, bool wide, torch::Tensor& out) {
+  const int64_t M = q.size(0), H = q.size(1), D = q.size(2), G = kc.size(1), L = kc.size(2);
+  const int R = int(H / G);
+  std::vector<int64_t> start{0};  // runs: maximal stretches of consecutive queries of one slot
+  for (int64_t i = 1; i <= M; ++i)
+    if (i == M || slots[i] != slots[i - 1]) start.push_back(i);
+  const int64_t U = int64_t(start.size()) - 1;
+  const T* kp = reinterpret_cast<const T*>(kc.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(vc.data_ptr());
+  const bool q32 = q.scalar_type() == torch::kFloat32;
+  const float* q_f = q32 ? q.data_ptr<float>() : nullptr;
+  const uint16_t* q_h = q32 ? nullptr : reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  float* o_f = q32 ? out.data_ptr<float>() : nullptr;
+  uint16_t* o_h = q32 ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, U * G, 1, [&](int64_t a, int64_t e) {
+    std::vector<float> qf, o, p, kb;
+    for (int64_t u_g = a; u_g < e; ++u_g) {
+      const int64_t u = u_g / G, g = u_g % G, i0 = start[u];
+      const int n = int(start[u + 1] - i0);
+      qf.resize(size_t(n) * R * D);
+      o.resize(size_t(n) * R * D);
+      for (int j = 0; j < n; ++j)
+        for (int64_t x = 0; x < R * D; ++x) {
+          const int64_t idx = ((i0 + j) * H + g * R) * D + x;
+          qf[size_t(j) * R * D + x] = q32 ? q_f[idx] : to_f(q_h[idx]);
+        }
+      const int64_t base = (slots[i0] * G + g) * L * D;
+      bool done = false;
+#if CODESHELL_HAVE_AVX512
+      if (wide && n >= 2 && D % 16 == 0) {
+        avx512::attend_run<T>(qf.data(), n, R, D, kp + base, vp + base, lens + i0, float(scale), p, kb, o.data());
+        done = true;
+      }
+#endif
+      for (int j = 0; j < n && !done; ++j) {  // decode's code, one query at a time
+        p.resize(size_t(R) * lens[i0 + j]);
+        attend_group<T>(qf.data() + size_t(j) * R * D, R, D, kp + base, vp + base, lens[i0 + j], float(scale),
+                        p.data(), o.data() + size_t(j) * R * D);
+      }
+      for (int j = 0; j < n; ++j)
+        for (int64_t x = 0; x < R * D; ++x) {
+          const int64_t idx = ((i0 + j) * H + g * R) * D + x;
+          if (q32) o_f[idx] = o[size_t(j) * R * D + x];
+          else o_h[idx] = to_bf16(o[size_t(j) * R * D + x]);
+        }
+    }
+  });
+}
+
 }  // namespace
 
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
-                               const torch::Tensor& slots, const torch::Tensor& lens, double scale) {
+namespace {
+// The arguments of both entry points: q [B, H, D]; caches [slots, G, max_len, D]; slots, lens int64 [B].
+void check_args(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const torch::Tensor& slots,
+                const torch::Tensor& lens) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [B, H, D] tensor");
   TORCH_CHECK(kc.dim() == 4 && kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.is_contiguous(),
               "k and v caches must be contiguous [slots, G, max_len, D] tensors of one shape");
@@ -245,8 +511,33 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, 
     TORCH_CHECK(0 <= sp[b] && sp[b] < kc.size(0), "slot ", sp[b], " is outside the cache");
     TORCH_CHECK(0 < lp[b] && lp[b] <= kc.size(2), "length ", lp[b], " is outside the cache");
   }
+}
+}  // namespace
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                               const torch::Tensor& slots, const torch::Tensor& lens, double scale) {
+  check_args(q, kc, vc, slots, lens);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
   auto out = torch::empty_like(q);
   if (kc.scalar_type() == torch::kBFloat16) run<uint16_t>(q, kc, vc, sp, lp, scale, out);
   else run<float>(q, kc, vc, sp, lp, scale, out);
+  return out;
+}
+
+// Packed attention for single queries of any slots (decode, or a verify step's last tokens and
+// drafts): the same result as decode_attention, bit for bit, per query; consecutive queries of
+// one slot (a run) share their key and value loads (attend_run).
+torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                               const torch::Tensor& slots, const torch::Tensor& lens, double scale, int64_t isa) {
+  check_args(q, kc, vc, slots, lens);
+  codeshell::check_isa(isa);
+  // 16-lane registers from the AVX-512 levels on (AVX-512F; the same bits as the AVX2 path)
+  const bool wide = CODESHELL_HAVE_AVX512 && isa >= codeshell::kAvx512Vnni;
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  auto out = torch::empty_like(q);
+  if (kc.scalar_type() == torch::kBFloat16) run_packed<uint16_t>(q, kc, vc, sp, lp, scale, wide, out);
+  else run_packed<float>(q, kc, vc, sp, lp, scale, wide, out);
   return out;
 }

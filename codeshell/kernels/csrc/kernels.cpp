@@ -420,6 +420,8 @@ torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::
 // attention.cpp
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                                const torch::Tensor& slots, const torch::Tensor& lens, double scale);
+torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                               const torch::Tensor& slots, const torch::Tensor& lens, double scale, int64_t isa);
 
 // fused.cpp: residual add + LayerNorm, GELU, in-place RoPE for the model's inference path.
 void register_fused(py::module& m);
@@ -447,6 +449,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_temperature", &sample_temperature, "inverse-CDF draw from softmax(logits / T) with uniform u");
   m.def("sample_temperature_rows", &sample_temperature_rows, kNoGil, "sample_temperature for each row of [B, V]");
   m.def("decode_attention", &decode_attention, kNoGil, "one-query GQA attention over KV cache slots");
+  m.def("packed_attention", &packed_attention, kNoGil,
+        "decode_attention's result per query; consecutive queries of one slot share key/value loads");
   m.def("pack_bf16", &pack_bf16, kNoGil, "bf16 [N,K] -> panels [ceil(N/16),K,16] (see packing.prepack)");
   m.def("dequant_bf16", &dequant_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> fp32 buffer, K-major");
   m.def("dequant_int8", &dequant_int8, kNoGil, "rows [n0,n1) of int8 weight -> fp32 buffer");

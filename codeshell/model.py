@@ -54,6 +54,17 @@ def _fused_ops():
     return _ext._state.get("mod")
 
 
+def _linear_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear's output [M, N] for x [..., K] as its kernel returns it: fp32 from the packed
+    and quantized linears (`forward_raw`, before their cast to x's dtype), else the module's
+    own output. The fused ops take it and round it where the plain path casts it."""
+    raw = getattr(linear, "forward_raw", None)
+    if raw is not None:
+        return raw(x)
+    y = linear(x)
+    return y.reshape(-1, y.shape[-1])
+
+
 def rope_inv_freq(cfg: CodeShellConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
     """Inverse frequencies [D/2] for a sequence of total length `seq_len`.
 
@@ -163,17 +174,22 @@ class CodeShellAttention(nn.Module):
 
     def forward_inference(self, x: torch.Tensor, rope_rows: tuple[torch.Tensor, torch.Tensor] | None,
                           mask: torch.Tensor | None, cache: LayerCache | None, f) -> torch.Tensor:
-        """`forward` without autograd, with RoPE rotated in place in the qkv projection by one
-        native call (`f.fused_rope_`: the same fp32 math as `_rotate`, the same bits) instead of
-        ~12 torch ops; q, k, v are then views of qkv. rope_rows: cos, sin [B*T, D] float32."""
+        """`forward` without autograd, with RoPE done by one native call instead of ~12 torch
+        ops (`f.fused_rope_bf16` from the kernel's fp32 qkv: the cast and the rotation in one
+        pass; `f.fused_rope_` in place otherwise; the same fp32 math as `_rotate`, the same
+        bits); q, k, v are then views of qkv. rope_rows: cos, sin [B*T, D/2] float32.
+        Returns c_proj's output rows [B*T, C] as the kernel gives them (fp32 in a bf16 model:
+        the caller's fused add rounds them as the plain path's cast would)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, G, D = cfg.n_head, cfg.num_query_groups, cfg.head_dim
-        qkv = self.c_attn(x)  # [B, T, (H + 2G) * D]
-        if not qkv.is_contiguous():
-            qkv = qkv.contiguous()
-        if rope_rows is not None:
-            f.fused_rope_(qkv.view(B * T, -1), rope_rows[0], rope_rows[1], H + G, D)  # q and k heads
+        qkv = _linear_rows(self.c_attn, x).contiguous()  # [B*T, (H + 2G) * D]
+        if rope_rows is not None and qkv.dtype != x.dtype:  # fp32 out of a bf16 model's kernel:
+            qkv = f.fused_rope_bf16(qkv, rope_rows[0], rope_rows[1], H + G, D)  # cast + rotate q, k
+        elif rope_rows is not None:
+            f.fused_rope_(qkv, rope_rows[0], rope_rows[1], H + G, D)  # q and k heads, in place
+        elif qkv.dtype != x.dtype:
+            qkv = qkv.to(x.dtype)
         heads = qkv.view(B, T, H + 2 * G, D).transpose(1, 2)  # [B, H + 2G, T, D], a view
         q, k, v = heads[:, :H], heads[:, H:H + G], heads[:, H + G:]
         attend = getattr(cache, "attend", None)
@@ -184,7 +200,7 @@ class CodeShellAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                 scale=1.0 / math.sqrt(D), enable_gqa=G != H)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, cfg.n_embd))
+        return _linear_rows(self.c_proj, y.transpose(1, 2).reshape(B, T, cfg.n_embd))  # [B*T, C]
 
 
 class CodeShellMLP(nn.Module):
@@ -198,16 +214,16 @@ class CodeShellMLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
     def forward_inference(self, x: torch.Tensor, f, gelu_tanh: bool) -> torch.Tensor:
-        """x [M, C] -> [M, C] without autograd. With a GELU-tanh activation it runs natively on
-        c_fc's fp32 kernel output (`PackedLinear.forward_raw`), rounded to the model's dtype
-        first exactly where the plain path casts it: one call for cast + GELU."""
+        """x [M, C] -> [M, C] without autograd (c_proj's rows as its kernel returns them, see
+        `_linear_rows`). With a GELU-tanh activation it runs natively on c_fc's fp32 kernel
+        output, rounded to the model's dtype first exactly where the plain path casts it: one
+        call for cast + GELU."""
         if not gelu_tanh:
-            return self.forward(x)
-        raw = getattr(self.c_fc, "forward_raw", None)
-        y = raw(x) if raw is not None else self.c_fc(x)
+            return _linear_rows(self.c_proj, self.act(self.c_fc(x)))
+        y = _linear_rows(self.c_fc, x)
         if y.dtype != x.dtype and y.dtype != torch.float32:
             y = y.to(x.dtype)
-        return self.c_proj(f.fused_gelu_tanh(y.contiguous(), None, x.dtype == torch.bfloat16))
+        return _linear_rows(self.c_proj, f.fused_gelu_tanh(y.contiguous(), None, x.dtype == torch.bfloat16))
 
 
 class CodeShellBlock(nn.Module):
@@ -249,17 +265,18 @@ class CodeShellModel(nn.Module):
         """
         cfg = self.cfg
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        f = None if torch.is_grad_enabled() else _fused_ops()
+        fused = f is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
         rope = None
         if cfg.position_embedding_type == "rope":
             L = seq_len if seq_len is not None else int(position_ids.max()) + 1
-            rope = rope_cos_sin(cfg, position_ids, L)
+            rope = self._rope_rows(position_ids, L) if fused else rope_cos_sin(cfg, position_ids, L)
         else:
             if int(position_ids.max()) >= cfg.n_positions:
                 raise ValueError(f"position {int(position_ids.max())} is past n_positions={cfg.n_positions} "
                                  "(learned absolute position embeddings cannot extrapolate)")
             x = x + self.wpe(position_ids)
-        f = None if torch.is_grad_enabled() else _fused_ops()
-        if f is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if fused:
             return self._forward_inference(x, rope, mask, cache, f)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:
@@ -270,6 +287,22 @@ class CodeShellModel(nn.Module):
                 x = block(x, rope, mask, cache)
         return self.ln_f(x)
 
+
+    def _rope_rows(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B*T, D/2] float32 for the fused RoPE: `rope_cos_sin`'s first halves (the
+        same float32 products, so the same values) without the concatenated copy, with the
+        inverse frequencies kept between calls (they change only with a dynamic-NTK base)."""
+        cfg = self.cfg
+        dynamic = cfg.rope_scaling_type == "dynamic" and seq_len > cfg.n_positions
+        key = (positions.device, seq_len if dynamic else None)
+        cached = self.__dict__.get("_inv_freq")
+        if cached is None or cached[0] != key:
+            cached = self._inv_freq = (key, rope_inv_freq(cfg, seq_len, positions.device))
+        t = positions.to(torch.float32)
+        if cfg.rope_scaling_type == "linear":
+            t = t / cfg.rope_scaling_factor
+        freqs = (t[..., None] * cached[1]).reshape(-1, cached[1].shape[0])  # [B*T, D/2]
+        return freqs.cos(), freqs.sin()
 
     def _forward_inference(self, x: torch.Tensor, rope, mask, cache, f) -> torch.Tensor:
         """The blocks and the final LayerNorm without autograd (grad disabled: the engine, HF
@@ -283,9 +316,7 @@ class CodeShellModel(nn.Module):
         cfg = self.cfg
         B, T, C = x.shape
         rows = B * T
-        rope_rows = None
-        if rope is not None:  # cos, sin [B, 1, T, D] -> [B*T, D]
-            rope_rows = (rope[0].reshape(rows, -1).contiguous(), rope[1].reshape(rows, -1).contiguous())
+        rope_rows = rope  # cos, sin [B*T, D/2] (`_rope_rows`) or None
         gelu_tanh = cfg.activation_function in _GELU_TANH
         h, pending = x.reshape(rows, C).contiguous(), None
         for block in self.h:
@@ -293,11 +324,19 @@ class CodeShellModel(nn.Module):
             h, a = f.fused_add_layer_norm(h, pending, ln.weight, ln.bias, ln.eps)
             y = block.attn.forward_inference(a.view(B, T, C), rope_rows, mask, cache, f)
             ln = block.ln_2
-            h, a = f.fused_add_layer_norm(h, y.reshape(rows, C).contiguous(), ln.weight, ln.bias, ln.eps)
-            pending = block.mlp.forward_inference(a, f, gelu_tanh).contiguous()
+            h, a = f.fused_add_layer_norm(h, _residual(y, h), ln.weight, ln.bias, ln.eps)
+            pending = _residual(block.mlp.forward_inference(a, f, gelu_tanh), h)
         ln = self.ln_f
         _, out = f.fused_add_layer_norm(h, pending, ln.weight, ln.bias, ln.eps)
         return out.view(B, T, C)
+
+
+def _residual(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """A block's output rows as `fused_add_layer_norm` takes them: contiguous, h's dtype or fp32
+    (fp32 into a bf16 residual is rounded to bf16 first, as the plain path's cast)."""
+    if y.dtype != h.dtype and y.dtype != torch.float32:
+        y = y.to(h.dtype)
+    return y.contiguous()
 
 
 def _default_checkpoint(fn, *args):

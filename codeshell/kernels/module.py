@@ -90,16 +90,18 @@ class PackedLinear(nn.Module):
     def fast(self) -> FastLinear:
         """The call cache, rebuilt when a buffer was replaced (`.to()`, `load_state_dict` into a
         new tensor) or the bias changed in place (its version counter)."""
-        b = self.bias
-        key = (self.data, self.scales, self.offsets, b, None if b is None else b._version)
-        old = self._fast_key
-        if len(old) != 5 or any(u is not v for u, v in zip(old[:4], key[:4])) or old[4] != key[4]:
-            p = PackedWeight(self.kind, self.out_features, self.in_features, self.data, self.scales,
-                             self.offsets, self.group_size)
-            b32 = None if b is None else b.detach().reshape(-1).to(torch.float32).contiguous()
-            if b32 is not None and b32.numel() != self.out_features:
-                raise ValueError(f"bias has {b32.numel()} elements, expected out_features={self.out_features}")
-            self._fast, self._fast_key = FastLinear(p, b32), key
+        bufs, old = self._buffers, self._fast_key  # (plain dict reads: this runs on every call)
+        b = bufs["bias"]
+        if (old and old[0] is bufs["data"] and old[1] is bufs["scales"] and old[2] is bufs["offsets"]
+                and old[3] is b and (b is None or old[4] == b._version)):
+            return self._fast
+        p = PackedWeight(self.kind, self.out_features, self.in_features, self.data, self.scales,
+                         self.offsets, self.group_size)
+        b32 = None if b is None else b.detach().reshape(-1).to(torch.float32).contiguous()
+        if b32 is not None and b32.numel() != self.out_features:
+            raise ValueError(f"bias has {b32.numel()} elements, expected out_features={self.out_features}")
+        self._fast = FastLinear(p, b32)
+        self._fast_key = (self.data, self.scales, self.offsets, b, None if b is None else b._version)
         return self._fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

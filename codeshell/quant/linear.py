@@ -167,15 +167,28 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None and x.device.type == "cpu":  # bias fused into the kernel call
-            fast = self.__dict__.get("_fast")  # kernels.linear's per-call work done once (kernels.FastLinear)
-            if fast is None or fast.packed is not self._kernel or fast.bias is not self._bias_f32:
-                fast = self._fast = kernels.FastLinear(self._kernel, self._bias_f32)
-            return fast(x)
+            return self._fast_linear()(x)
         lead = x.shape[:-1]
         y = self._matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def _fast_linear(self) -> kernels.FastLinear:
+        """kernels.linear's per-call work done once for this weight (kernels.FastLinear)."""
+        fast = self.__dict__.get("_fast")
+        if fast is None or fast.packed is not self._kernel or fast.bias is not self._bias_f32:
+            fast = self._fast = kernels.FastLinear(self._kernel, self._bias_f32)
+        return fast
+
+    def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, N] as the kernel returns it (fp32 with the bias; bf16 on `onednn:bf16`), before
+        the cast to x's dtype: the model's fused inference path rounds it where it is used."""
+        if self._kernel is not None and x.device.type == "cpu":
+            y = self._fast_linear().raw(x)
+            if y is not None:
+                return y
+        return self.forward(x).reshape(-1, self.out_features)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -39,6 +39,11 @@ def test_add_layer_norm_matches_torch(rows, C, dtype, residual):
     b = (torch.randn(C, generator=g) * 0.1).to(dtype)
     h, y = _mod().fused_add_layer_norm(x, r, w, b, 1e-5)
     h_ref = x + r if residual else x
+    if residual and dtype == torch.bfloat16:  # r as a linear's fp32 output: rounded first
+        r32 = r.float() + torch.randn(r.shape, generator=g) * 1e-3
+        h2, y2 = _mod().fused_add_layer_norm(x, r32, w, b, 1e-5)
+        h2_ref, _ = _mod().fused_add_layer_norm(x, r32.to(dtype), w, b, 1e-5)
+        assert torch.equal(h2, x + r32.to(dtype)) and torch.equal(h2, h2_ref)
     y_ref = F.layer_norm(h_ref, (C,), w, b, 1e-5)
     assert torch.equal(h, h_ref)  # the residual is torch's add, bit for bit
     if dtype == torch.float32:
@@ -108,6 +113,16 @@ def test_rope_in_place_matches_model_bits(B, T, H, G, D, dtype):
     got = out[..., :(H + G) * D].view(B, T, H + G, D).transpose(1, 2)
     assert torch.equal(got, ref)  # the same fp32 products and sums: the same bits
     assert torch.equal(out[..., (H + G) * D:], qkv[..., (H + G) * D:])  # v untouched
+    if dtype == torch.bfloat16:  # from a linear's fp32 output: the cast and the rotation at once
+        y32 = qkv.float() + torch.randn(qkv.shape, generator=g) * 1e-3  # not bf16-exact
+        want = y32.to(torch.bfloat16)
+        _mod().fused_rope_(want.view(B * T, -1), cos.reshape(B * T, D), sin.reshape(B * T, D), H + G, D)
+        got = _mod().fused_rope_bf16(y32.view(B * T, -1), cos.reshape(B * T, D), sin.reshape(B * T, D), H + G, D)
+        assert torch.equal(got.view(qkv.shape), want)
+    half = qkv.clone()  # cos, sin given as their first halves only (the model's fused path)
+    c2, s2 = (t.reshape(B * T, D)[:, :D // 2].contiguous() for t in (cos, sin))
+    _mod().fused_rope_(half.view(B * T, -1), c2, s2, H + G, D)
+    assert torch.equal(half, out)
 
 
 # ---- FastLinear / PackedLinear --------------------------------------------------------------

@@ -8,8 +8,11 @@
 //     the residual add and the next LayerNorm in one pass, both outputs written;
 //   * gelu_tanh: y = gelu_tanh(v [+ bias]) with v the fp32 output of a linear, rounded to
 //     bf16 first when the model is bf16 (exactly as the plain path's cast then F.gelu);
-//   * rope_: rotate-half RoPE in place on the first `heads` heads of each row of the fused
-//     qkv projection (q and k), the same fp32 products and sums as model._rotate (same bits).
+//   * rope_ / rope_bf16: rotate-half RoPE on the first `heads` heads of each row of the fused
+//     qkv projection (q and k), the same fp32 products and sums as model._rotate (same bits):
+//     in place, or from the linear's fp32 output to bf16 (the cast and the rotation in one pass).
+// The adds take a linear's fp32 output as r too (rounded to bf16 first for a bf16 model), so in
+// a bf16 model no linear's output needs a separate cast.
 // All math is fp32; bf16 in/out round to nearest even (torch's conversion). Rows run on
 // at::parallel_for only when there are many (prefill); a decode row runs on the calling
 // thread (waking the OpenMP team costs more than the row).
@@ -98,17 +101,20 @@ inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, (int64_t(1
 // ---- residual add + LayerNorm ----------------------------------------------------------------
 
 // One row: h = x + r (r may be null), y = (h - mean) * rstd * w + b. h is rounded to T before
-// the statistics (torch normalises the stored residual). Two passes over the row for the mean
-// and the variance (the row is in L1), 2 x 8 fp32 accumulators each.
-template <class T, class W>
-void add_ln_row(const T* x, const T* r, T* h, T* y, const W* w, const W* b, int64_t C, float eps, float* buf) {
+// the statistics (torch normalises the stored residual). An fp32 r with bf16 x (a linear's fp32
+// kernel output) is rounded to bf16 first, as the plain path's cast before its add. Two passes
+// over the row for the mean and the variance (the row is in L1), 2 x 8 fp32 accumulators each.
+template <class T, class W, class R>
+void add_ln_row(const T* x, const R* r, T* h, T* y, const W* w, const W* b, int64_t C, float eps, float* buf) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c < C; c += 8) {
     int64_t n = std::min<int64_t>(8, C - c);
     __m256 v = loadn(x + c, n);
     if (r != nullptr) {
-      v = _mm256_add_ps(v, loadn(r + c, n));  // tails load zeros past C: the padded lanes stay 0
+      __m256 rv = loadn(r + c, n);  // tails load zeros past C: the padded lanes stay 0
+      if constexpr (std::is_same<T, bf16>::value && std::is_same<R, float>::value) rv = round_bf16(rv);
+      v = _mm256_add_ps(v, rv);
       storen(h + c, v, n);
       if constexpr (std::is_same<T, bf16>::value) v = round_bf16(v);
     }
@@ -137,12 +143,12 @@ void add_ln_row(const T* x, const T* r, T* h, T* y, const W* w, const W* b, int6
   }
 }
 
-template <class T, class W>
+template <class T, class W, class R>
 void add_ln(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, torch::Tensor& h, torch::Tensor& y,
             const c10::optional<torch::Tensor>& w, const c10::optional<torch::Tensor>& b, double eps) {
   const int64_t C = x.size(1), rows = x.size(0);
   const T* xp = x.data_ptr<T>();
-  const T* rp = r ? r->data_ptr<T>() : nullptr;
+  const R* rp = r ? r->data_ptr<R>() : nullptr;
   T* hp = r ? h.data_ptr<T>() : nullptr;
   T* yp = y.data_ptr<T>();
   const W* wp = w ? w->data_ptr<W>() : nullptr;
@@ -151,7 +157,7 @@ void add_ln(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, torch
   at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(Cp);  // the row in fp32 (h as rounded), reread by the two later passes
     for (int64_t i = r0; i < r1; ++i)
-      add_ln_row<T, W>(xp + i * C, rp ? rp + i * C : nullptr, hp ? hp + i * C : nullptr, yp + i * C, wp, bp, C,
+      add_ln_row<T, W, R>(xp + i * C, rp ? rp + i * C : nullptr, hp ? hp + i * C : nullptr, yp + i * C, wp, bp, C,
                        float(eps), buf.data());
   });
 }
@@ -199,18 +205,29 @@ void gelu_rows(const TI* in, const float* bias, TO* out, int64_t rows, int64_t N
 
 // ---- RoPE (rotate-half) in place ---------------------------------------------------------------
 
-template <class T>
-void rope_rows(T* qkv, const float* cs, const float* sn, int64_t rows, int64_t C, int64_t heads, int64_t D) {
+// in -> out (the same buffer for the in-place op); an fp32 `in` with bf16 `out` is rounded to
+// bf16 first (the plain path's cast of the linear's output), and the columns past the rotated
+// heads (v) are copied (rounded) when in is not out.
+template <class TI, class TO>
+void rope_rows(const TI* in, TO* out, const float* cs, const float* sn, int64_t cw, int64_t rows, int64_t C,
+               int64_t heads, int64_t D) {
   const int64_t half = D / 2;
-  at::parallel_for(0, rows, row_grain(heads * D), [&](int64_t r0, int64_t r1) {
+  const bool copy = static_cast<const void*>(in) != static_cast<const void*>(out);
+  constexpr bool round_in = std::is_same<TI, float>::value && std::is_same<TO, bf16>::value;
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
-      const float* c = cs + i * D;  // cos/sin [rows, D]: the first half is the rotation's (halves repeat)
-      const float* s = sn + i * D;
+      const float* c = cs + i * cw;  // cos/sin rows of width cw = D or D/2: only the first half is read
+      const float* s = sn + i * cw;
       for (int64_t hd = 0; hd < heads; ++hd) {
-        T* x = qkv + i * C + hd * D;
+        const TI* xi = in + i * C + hd * D;
+        TO* x = out + i * C + hd * D;
         for (int64_t j = 0; j < half; j += 8) {
           int64_t n = std::min<int64_t>(8, half - j);
-          __m256 x1 = loadn(x + j, n), x2 = loadn(x + half + j, n);
+          __m256 x1 = loadn(xi + j, n), x2 = loadn(xi + half + j, n);
+          if constexpr (round_in) {
+            x1 = round_bf16(x1);
+            x2 = round_bf16(x2);
+          }
           __m256 cv = loadn(c + j, n), sv = loadn(s + j, n);
           // o1 = x1 c - x2 s, o2 = x2 c + x1 s: rounded products, then the rounded sum
           __m256 o1 = _mm256_sub_ps(rounded(_mm256_mul_ps(x1, cv)), rounded(_mm256_mul_ps(x2, sv)));
@@ -219,14 +236,19 @@ void rope_rows(T* qkv, const float* cs, const float* sn, int64_t rows, int64_t C
           storen(x + half + j, o2, n);
         }
       }
+      if (copy)
+        for (int64_t c0 = heads * D; c0 < C; c0 += 8) {
+          int64_t n = std::min<int64_t>(8, C - c0);
+          storen(out + i * C + c0, loadn(in + i * C + c0, n), n);
+        }
     }
   });
 }
 
 }  // namespace
 
-// x, r [rows, C] (same dtype, bf16 or fp32; r optional); weight, bias [C] (bf16 or fp32, both
-// the same, optional). Returns (h, y): h = x + r in x's dtype (x itself when r is None) and
+// x, r [rows, C] (x bf16 or fp32; r optional, x's dtype or fp32: an fp32 r with bf16 x is
+// rounded to bf16 first); weight, bias [C] (bf16 or fp32, both the same, optional). Returns (h, y): h = x + r in x's dtype (x itself when r is None) and
 // y = LayerNorm(h) * weight + bias in x's dtype.
 std::vector<torch::Tensor> fused_add_layer_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& r,
                                                 const c10::optional<torch::Tensor>& weight,
@@ -236,7 +258,9 @@ std::vector<torch::Tensor> fused_add_layer_norm(const torch::Tensor& x, const c1
   TORCH_CHECK(C > 0, "x must have at least one column");
   if (r) {
     check_rows(*r, "r");
-    TORCH_CHECK(r->sizes() == x.sizes() && r->scalar_type() == x.scalar_type(), "r must match x's shape and dtype");
+    TORCH_CHECK(r->sizes() == x.sizes(), "r must match x's shape");
+    TORCH_CHECK(r->scalar_type() == x.scalar_type() || r->scalar_type() == at::kFloat,
+                "r must have x's dtype or be float32");
   }
   const auto wdt = weight ? weight->scalar_type() : bias ? bias->scalar_type() : at::kFloat;
   TORCH_CHECK(wdt == at::kFloat || wdt == at::kBFloat16, "weight and bias must be float32 or bfloat16");
@@ -245,10 +269,18 @@ std::vector<torch::Tensor> fused_add_layer_norm(const torch::Tensor& x, const c1
   torch::Tensor h = r ? torch::empty_like(x) : x;
   torch::Tensor y = torch::empty_like(x);
   const bool xb = x.scalar_type() == at::kBFloat16, wb = wdt == at::kBFloat16;
-  if (xb && wb) add_ln<bf16, bf16>(x, r, h, y, weight, bias, eps);
-  else if (xb) add_ln<bf16, float>(x, r, h, y, weight, bias, eps);
-  else if (wb) add_ln<float, bf16>(x, r, h, y, weight, bias, eps);
-  else add_ln<float, float>(x, r, h, y, weight, bias, eps);
+  const bool rf = r && r->scalar_type() == at::kFloat;
+  if (xb && wb) {
+    if (rf) add_ln<bf16, bf16, float>(x, r, h, y, weight, bias, eps);
+    else add_ln<bf16, bf16, bf16>(x, r, h, y, weight, bias, eps);
+  } else if (xb) {
+    if (rf) add_ln<bf16, float, float>(x, r, h, y, weight, bias, eps);
+    else add_ln<bf16, float, bf16>(x, r, h, y, weight, bias, eps);
+  } else if (wb) {
+    add_ln<float, bf16, float>(x, r, h, y, weight, bias, eps);
+  } else {
+    add_ln<float, float, float>(x, r, h, y, weight, bias, eps);
+  }
   return {h, y};
 }
 
@@ -272,20 +304,43 @@ torch::Tensor fused_gelu_tanh(const torch::Tensor& v, const c10::optional<torch:
   return out;
 }
 
-// qkv [rows, C] (bf16 or fp32, contiguous), rotated in place for heads 0..heads-1 of width D
-// (columns [0, heads * D)); cos, sin fp32 [rows, D] as model.rope_cos_sin builds them.
-void fused_rope_(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t D) {
-  check_rows(qkv, "qkv");
-  const int64_t rows = qkv.size(0), C = qkv.size(1);
+void check_rope(int64_t rows, int64_t C, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t D) {
   TORCH_CHECK(D > 0 && D % 2 == 0 && heads >= 0 && heads * D <= C, "heads * D must fit in a row of qkv and D be even");
   for (const auto* t : {&cos, &sin})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
-                    t->size(0) == rows && t->size(1) == D,
-                "cos and sin must be contiguous float32 [rows, D]");
+                    t->size(0) == rows && (t->size(1) == D || t->size(1) == D / 2) && t->size(1) == cos.size(1),
+                "cos and sin must be contiguous float32 [rows, D] or [rows, D/2]");
+}
+
+// qkv [rows, C] (bf16 or fp32, contiguous), rotated in place for heads 0..heads-1 of width D
+// (columns [0, heads * D)); cos, sin fp32 [rows, D] as model.rope_cos_sin builds them (the
+// halves repeat) or [rows, D/2], the first half alone.
+void fused_rope_(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t D) {
+  check_rows(qkv, "qkv");
+  const int64_t rows = qkv.size(0), C = qkv.size(1);
+  check_rope(rows, C, cos, sin, heads, D);
+  const int64_t cw = cos.size(1);
   if (qkv.scalar_type() == at::kBFloat16)
-    rope_rows<bf16>(qkv.data_ptr<bf16>(), cos.data_ptr<float>(), sin.data_ptr<float>(), rows, C, heads, D);
+    rope_rows<bf16, bf16>(qkv.data_ptr<bf16>(), qkv.data_ptr<bf16>(), cos.data_ptr<float>(), sin.data_ptr<float>(), cw,
+                          rows, C, heads, D);
   else
-    rope_rows<float>(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), rows, C, heads, D);
+    rope_rows<float, float>(qkv.data_ptr<float>(), qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                            cw, rows, C, heads, D);
+}
+
+// y fp32 [rows, C] (a linear's fp32 output) -> bf16 [rows, C]: rounded to bf16 (the plain
+// path's cast), then the first `heads` heads rotated as fused_rope_ rotates them: cast + RoPE
+// in one pass over the qkv row.
+torch::Tensor fused_rope_bf16(const torch::Tensor& y, const torch::Tensor& cos, const torch::Tensor& sin,
+                              int64_t heads, int64_t D) {
+  check_rows(y, "y");
+  TORCH_CHECK(y.scalar_type() == at::kFloat, "y must be float32");
+  const int64_t rows = y.size(0), C = y.size(1);
+  check_rope(rows, C, cos, sin, heads, D);
+  torch::Tensor out = torch::empty({rows, C}, y.options().dtype(at::kBFloat16));
+  rope_rows<float, bf16>(y.data_ptr<float>(), out.data_ptr<bf16>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                         cos.size(1), rows, C, heads, D);
+  return out;
 }
 
 void register_fused(pybind11::module& m) {
@@ -294,4 +349,5 @@ void register_fused(pybind11::module& m) {
   m.def("fused_add_layer_norm", &fused_add_layer_norm, "(h, y): h = x + r, y = LayerNorm(h) (rows of [rows, C])");
   m.def("fused_gelu_tanh", &fused_gelu_tanh, "gelu_tanh(v + bias), rounded through bf16 when out_bf16");
   m.def("fused_rope_", &fused_rope_, "rotate-half RoPE in place on the first heads of each row of qkv");
+  m.def("fused_rope_bf16", &fused_rope_bf16, "fp32 qkv rows -> bf16, the first heads rotated (cast + RoPE)");
 }

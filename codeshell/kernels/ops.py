@@ -28,9 +28,24 @@ import torch.nn.functional as F
 from . import _ext
 from .packing import PackedWeight, activation_block, bf16_rows, dequantize, quantize_activations
 
-DECODE_MAX_M = 16
+ROW_INVARIANT_MAX_M = 64
+"""Row invariance: for M up to this many rows, every row of `linear(x)` has exactly the bits
+that row gives alone (`linear(x)[i] == linear(x[i:i+1])[0]`), for each weight kind (bf16,
+int8, int4) and x dtype (bf16, fp32), at each ISA level (the same level for both calls). So
+a batch's result does not depend on which other rows share the call: batched decode equals
+decode at batch 1, and a prompt-lookup verify step (the drafts of several sequences packed
+into one call of up to 8 x (1 + 7) = 64 rows) gives the greedy tokens of plain decoding. The
+engine caps the rows of a verify step at this. How: every M in 1..ROW_INVARIANT_MAX_M takes one
+path per (weight, x dtype, level), whose per-row arithmetic (accumulation order, activation
+rounding, epilogue) does not depend on M or on a row's place in a tile; no measured choice
+between paths of different rounding is made there. Larger M (prefill) may pick the fastest
+path per M bucket and is not invariant (`tests/kernels/test_invariance.py`)."""
+
+DECODE_MAX_M = ROW_INVARIANT_MAX_M
 """Largest M sent to the int8/int4 streaming decode kernels (bf16: `BF16_PANEL_MAX_M`); larger
-M goes to blocked dequant + sgemm."""
+M goes to the measured prefill paths. Equal to `ROW_INVARIANT_MAX_M`: the prefill paths
+(AMX-INT8 tiles, bf16 expansion, sgemm) round differently from the streaming kernels, so a
+verify step of up to 64 rows stays on the streaming kernels (it was 16, chosen for speed)."""
 
 BF16_PANEL_MAX_M = 64
 """bf16 weights: the panel kernel takes up to this many rows in one pass (each panel chunk is
@@ -164,11 +179,16 @@ def _bucket(m: int) -> int:
 def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> list[str]:
     """The paths that may run a prefill (M above the decode limits) of this weight: more than
     one means the fastest is measured once per (kind, N, K, M bucket) and cached."""
+    if p.kind == "bf16" and x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("amx"):
+        # AMX tiles at every M (decode included, see `plan`): one path, so a bf16 model's rows
+        # are invariant at every M (a prompt prefilled alone or padded into a batch of 8 gives
+        # the same KV), and the same path in every process. torch's oneDNN bf16 matmul is not
+        # a candidate here: it measured 0.86-0.94x our AMX kernel at M = 512 (docs/kernels.md).
+        return ["amx:bf16"]
     if p.kind == "bf16" and x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16"):
-        # bf16 activations (a bf16 model): our bf16 tile/dot kernels and torch's own bf16
-        # matmul (oneDNN, itself AMX/AVX512-BF16 where present) on row blocks of the weight.
-        own = "amx:bf16" if level >= ISA_LEVELS.index("amx") else "avx512_bf16:panel64"
-        return [own, "onednn:bf16"]
+        # bf16 activations (a bf16 model) without AMX: our vdpbf16ps kernel in 64-row calls
+        # and torch's own bf16 matmul (oneDNN) on row blocks of the weight, measured.
+        return ["avx512_bf16:panel64", "onednn:bf16"]
     if x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16"):
         # int8/int4 with bf16 x: AMX-INT8 tiles on x rounded to int8 as decode rounds it
         # (`amx:q8`, where the integer kernels take K), or blocks of rows expanded to bf16
@@ -186,12 +206,13 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
 def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
     """The path `linear(impl="native")` takes for M rows of x of this dtype: "<isa>:<kernel>".
 
-    * bf16 weights, M <= BF16_PANEL_MAX_M: `avx512_bf16:panel` (vdpbf16ps) for bf16 x on a CPU
-      with AVX512-BF16 (with AMX: that or `amx:bf16`, measured), else `avx2:panel` (fp32 FMA;
-      fp32 x is never rounded to bf16).
-    * int8/int4, M <= DECODE_MAX_M: `avx512_vnni:q8` (512-bit vpdpbusd, K % 128 == 0) or
+    * bf16 weights, bf16 x: `amx:bf16` at every M on an AMX CPU; else, M <= BF16_PANEL_MAX_M,
+      `avx512_bf16:panel` (vdpbf16ps) with AVX512-BF16, `avx2:panel` (fp32 FMA) without, and
+      `avx2:panel` for fp32 x (never rounded to bf16).
+    * int8/int4, M <= DECODE_MAX_M (= ROW_INVARIANT_MAX_M): `avx512_vnni:q8` (512-bit vpdpbusd, K % 128 == 0) or
       `avx2:q8` (vpmaddubsw) on int8-rounded x (the same integers either way), or `avx2:unpack` (exact fp32) for shapes the integer kernels do not take.
     * larger M: `prefill_candidates`; one candidate runs as is, several are measured once.
+    Up to ROW_INVARIANT_MAX_M rows every M takes the same path (row invariance).
     "torch" without the native kernels.
     """
     level = isa_level()
@@ -202,14 +223,14 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
             bf16_dot = x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16")
             if not bf16_dot:
                 return "avx2:panel"
-            if level < ISA_LEVELS.index("amx") or m == 1:
-                # M = 1 is a pure weight stream: the panel kernel keeps 4 read streams per
-                # thread, where AMX pads x to 16 rows (a warm measurement would favour it)
-                return "avx512_bf16:panel"
-            # AMX tiles pad x to 16 rows but do 16 rows x 16 weight rows x 32 k per instruction:
-            # measured per shape and M bucket against vdpbf16ps (7B c_attn, 1 core: M = 8 3.9
-            # vs 5.3 ms, M = 64 6.4 vs 31 ms; M = 1 about even)
-            return _choose(p, m, x_dtype, level, ["avx512_bf16:panel", "amx:bf16"])
+            # One path for every M <= 64 (ROW_INVARIANT_MAX_M): tdpbf16ps sums a k-tile in another
+            # order than a vdpbf16ps chain (measured: not the same bits), so a choice per M
+            # bucket made a row's result depend on the batch. With AMX, the tiles at every M:
+            # per core, 7B shapes, caches flushed, against vdpbf16ps (one chain per panel): M = 1
+            # even within the noise (+-15%: c_attn 4.9-6.4 vs 5.3-6.5 ms, c_fc 14.8 vs 14.1),
+            # M = 8 1.3-1.5x faster (c_attn 5.0-5.6 vs 7.3-8.5), M = 64 (a full verify step)
+            # 3-5x (c_attn 9.1-10.3 vs 38-42, c_fc 24-41 vs 110-125).
+            return "amx:bf16" if level >= ISA_LEVELS.index("amx") else "avx512_bf16:panel"
     elif m <= DECODE_MAX_M:
         if activation_block(p) is None:
             return "avx2:unpack"

@@ -133,84 +133,6 @@ inline void unpack32(const uint8_t* p, __m256 v[4]) {
   v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
 }
 
-// Streaming int4 for M < kStagedMinM. Per group g the tile accumulates dot(x_g, nib_g) with
-// the raw unsigned nibbles and folds the scale in once per group; the rest of the affine
-// map is a per-group constant: sum_k x_k w_k = sum_g s_g dot(x_g, nib_g) + (o_g - 8 s_g) xsum_g.
-// That drops the "- 8" and the per-weight scale FMA (24 -> 17 vector ops per 32 weights).
-inline void unpack32u(__m128i b, __m256 v[4]) {
-  const __m128i m0f = _mm_set1_epi8(0x0f);
-  __m128i lo = _mm_and_si128(b, m0f), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m0f);
-  v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-  v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-  v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-  v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-}
-
-// C independent accumulator chains per (row of x, weight row): with one chain the 4 FMAs per
-// 32 weights wait on each other (4-cycle latency), which capped M = 1 at ~4 weights/cycle.
-template <int MB, int NB, bool OFFS, int C = (MB == 1 ? 4 : 2)>
-inline void tile_q4(const float* x, int64_t ldx, const float* xs /* [MB][ngroups] group sums of x */,
-                    const uint8_t* q, int64_t ldq, const float* sc, const float* of, int64_t ngroups, int64_t G,
-                    float* out, int64_t ldo) {
-  __m256 acc[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < ngroups; ++g) {
-    __m256 accg[MB][NB][C];
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j)
-        for (int c = 0; c < C; ++c) accg[i][j][c] = _mm256_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-      for (int j = 0; j < NB; ++j) {
-        __m256 wv[4];
-        unpack32u(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * ldq + k / 2)), wv);
-        for (int t = 0; t < 4; ++t)
-          for (int i = 0; i < MB; ++i)
-            accg[i][j][t % C] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k + 8 * t), wv[t], accg[i][j][t % C]);
-      }
-    }
-    for (int j = 0; j < NB; ++j) {
-      const __m256 sv = _mm256_set1_ps(sc[j * ngroups + g]);
-      for (int i = 0; i < MB; ++i) {
-        __m256 sum = accg[i][j][0];
-        for (int c = 1; c < C; ++c) sum = _mm256_add_ps(sum, accg[i][j][c]);
-        acc[i][j] = _mm256_fmadd_ps(sum, sv, acc[i][j]);
-      }
-    }
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      float corr = 0.f;  // sum_g (o_g - 8 s_g) * xsum_g
-      for (int64_t g = 0; g < ngroups; ++g)
-        corr += ((OFFS ? of[j * ngroups + g] : 0.f) - 8.f * sc[j * ngroups + g]) * xs[i * ngroups + g];
-      out[i * ldo + j] = codeshell::hsum8(acc[i][j]) + corr;
-    }
-}
-
-template <int NB, bool OFFS>
-inline void rows_q4(const float* x, const float* xs, int64_t M, int64_t K, const uint8_t* q, const float* sc,
-                    const float* of, int64_t G, float* out, int64_t ldo) {
-  const int64_t ng = K / G, ldq = K / 2;
-  int64_t m = 0;
-  for (; m + 2 <= M; m += 2)
-    tile_q4<2, NB, OFFS>(x + m * K, K, xs + m * ng, q, ldq, sc, of, ng, G, out + m * ldo, ldo);
-  if (M - m == 1) tile_q4<1, NB, OFFS>(x + m * K, K, xs + m * ng, q, ldq, sc, of, ng, G, out + m * ldo, ldo);
-}
-
-template <bool OFFS>
-void range_q4(const float* x, const float* xs, int64_t M, int64_t K, const uint8_t* q, const float* sc,
-              const float* of, int64_t G, const float* bias, float* out, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t ng = K / G;
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2)
-    rows_q4<2, OFFS>(x, xs, M, K, q + n * (K / 2), sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
-  for (; n < n1; ++n)
-    rows_q4<1, OFFS>(x, xs, M, K, q + n * (K / 2), sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
-  if (bias)
-    for (int64_t mm = 0; mm < M; ++mm)
-      for (int64_t j = n0; j < n1; ++j) out[mm * N + j] += bias[j];
-}
-
 void check_q4(const torch::Tensor& q, const torch::Tensor& scale, const c10::optional<torch::Tensor>& offset,
               int64_t K, int64_t G) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous(),
@@ -226,14 +148,13 @@ void check_q4(const torch::Tensor& q, const torch::Tensor& scale, const c10::opt
                 "int4 offsets must be a contiguous fp32 [N, K/group] tensor");
 }
 
-// ---- staged path for quantised weights at M >= kStagedMinM ---------------------------
-// Unpacking int8/int4 costs more than the FMAs it feeds; the streaming tiles redo it once per
-// 3-4 rows of x. From M = 4 on it is cheaper to expand kStageRows weight rows to fp32 once
-// (into a per-thread buffer that stays in L2) and run the fp32 4x3 tile over that buffer.
-// Measured (1 core, 4096x4096, K-major): int4 M=4 5.7 -> 4.5 ms, M=8 10.7 -> 6.5 ms, M=16
-// 18.8 -> 11.2 ms. int8 unpacks cheaply enough that staging lost (M=16: 9.4 -> 11.4 ms), so
-// int8 keeps the streaming tiles at every M.
-constexpr int64_t kStagedMinM = 4;
+// ---- staged path for int4 weights -------------------------------------------------------
+// Unpacking int4 costs more than the FMAs it feeds; streaming tiles redo it once per 3-4 rows
+// of x. It is cheaper to expand kStageRows weight rows to fp32 once (into a per-thread buffer
+// that stays in L2) and run the fp32 4x3 tile over that buffer. Measured (1 core, 4096x4096,
+// K-major) against the streaming tiles: int4 M=4 5.7 -> 4.5 ms, M=8 10.7 -> 6.5 ms, M=16
+// 18.8 -> 11.2 ms; it now runs at every M (decode_int4). int8 unpacks cheaply enough that
+// staging lost (M=16: 9.4 -> 11.4 ms), so int8 keeps the streaming tiles at every M.
 constexpr int kStageRows = 3;
 
 struct F32 {
@@ -315,20 +236,14 @@ torch::Tensor decode_int4(const torch::Tensor& x, const torch::Tensor& q, const 
   const float* op_ = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   float* outp = out.data_ptr<float>();
   const int64_t ng = K / G;
-  std::vector<float> xsum(size_t(M) * ng, 0.f);  // [M][ng] per-group sums of x (streaming path)
-  if (M < kStagedMinM)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xsum[m * ng + k / G] += xp[m * K + k];
-  const float* xsp = xsum.data();
+  // The staged path at every M (row invariance, ops.ROW_INVARIANT_MAX_M: one accumulation
+  // order per row whatever M is). The streaming tiles that ran M < 4 summed a row in 4 chains
+  // at M = 1 and 2 at M = 2-3, so a row's bits depended on M. This kernel only runs for shapes
+  // the integer kernels do not take (K % 64 != 0 or groups > 256), which models do not have.
   parallel_rows(N, [&](int64_t n0, int64_t n1) {
-    if (M >= kStagedMinM)
-      staged_range(xp, M, K, [&](int64_t n, float* dst) {
-        deq_row_int4(qp + n * (K / 2), sp + n * ng, op_ ? op_ + n * ng : nullptr, K, G, dst);
-      }, b, outp, N, n0, n1);
-    else if (op_)
-      range_q4<true>(xp, xsp, M, K, qp, sp, op_, G, b, outp, N, n0, n1);
-    else
-      range_q4<false>(xp, xsp, M, K, qp, sp, nullptr, G, b, outp, N, n0, n1);
+    staged_range(xp, M, K, [&](int64_t n, float* dst) {
+      deq_row_int4(qp + n * (K / 2), sp + n * ng, op_ ? op_ + n * ng : nullptr, K, G, dst);
+    }, b, outp, N, n0, n1);
   });
   return out;
 }

@@ -121,39 +121,26 @@ namespace {
 struct Bf16Dot {
   static constexpr int kTileRows = 8;  // 2 panels x 8 rows = 16 zmm accumulators
   using X = uint32_t;                  // x as bf16 pairs [Kp/2][M]: (x[m, 2j], x[m, 2j+1])
+  // One accumulator chain per (panel, row of x), k-pairs in order, at every MR: a row's result
+  // is then the same bits whatever M the call has (row invariance, see decode_panels). At
+  // MR = 1 the latency of vdpbf16ps (5 cycles) is hidden by NP panels in flight instead.
   template <int MR, int NP>
   static void micro(const uint32_t* xp, int64_t ldx, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
                     float* c, bool first) {
-    // Two accumulator sets (even/odd k-pairs) at M = 1: one chain per panel would wait on
-    // vdpbf16ps's latency (5 cycles) with few panels in flight.
-    constexpr int C = MR == 1 ? 2 : 1;
-    __m512 acc[C][NP][MR];
-    for (int s = 0; s < C; ++s)
-      for (int q = 0; q < NP; ++q)
-        for (int i = 0; i < MR; ++i)
-          acc[s][q][i] = (first || s) ? _mm512_setzero_ps() : _mm512_loadu_ps(c + q * kPanel * kPanel + i * kPanel);
-    int64_t j = j0;
-    auto step = [&](int s, int64_t jj) {
+    __m512 acc[NP][MR];
+    for (int q = 0; q < NP; ++q)
+      for (int i = 0; i < MR; ++i)
+        acc[q][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + q * kPanel * kPanel + i * kPanel);
+    for (int64_t j = j0; j < j1; ++j)
       for (int q = 0; q < NP; ++q) {
-        const uint32_t* wk = w + q * pstride + jj * kPanel;
+        const uint32_t* wk = w + q * pstride + j * kPanel;
         _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(wk);
         for (int i = 0; i < MR; ++i)
-          acc[s][q][i] = _mm512_dpbf16_ps(acc[s][q][i], (__m512bh)_mm512_set1_epi32(int(xp[jj * ldx + i])), wv);
+          acc[q][i] = _mm512_dpbf16_ps(acc[q][i], (__m512bh)_mm512_set1_epi32(int(xp[j * ldx + i])), wv);
       }
-    };
-    if constexpr (C == 2)
-      for (; j + 2 <= j1; j += 2) {
-        step(0, j);
-        step(1, j + 1);
-      }
-    for (; j < j1; ++j) step(0, j);
     for (int q = 0; q < NP; ++q)
-      for (int i = 0; i < MR; ++i) {
-        __m512 a = acc[0][q][i];
-        if constexpr (C == 2) a = _mm512_add_ps(a, acc[C - 1][q][i]);
-        _mm512_storeu_ps(c + q * kPanel * kPanel + i * kPanel, a);
-      }
+      for (int i = 0; i < MR; ++i) _mm512_storeu_ps(c + q * kPanel * kPanel + i * kPanel, acc[q][i]);
   }
   // xp[j][m] = bf16 pair of x[m][2j], x[m][2j+1] (x is a bf16 tensor: no rounding here)
   static std::vector<uint32_t> prepare(const torch::Tensor& x, int64_t Kp) {
@@ -245,13 +232,20 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
   const int64_t M = x.size(0), Kh = Kp / 2, P = (N + kPanel - 1) / kPanel;
   const auto xv = Isa::prepare(x, Kp);
   const typename Isa::X* xp = xv.data();
-  codeshell::parallel_chunks(P, 4, 4, [&](int64_t p0, int64_t p1) {
-    alignas(64) float c[kMaxRows * kPanel];  // also NP = 4 panels x 16 rows for M <= 3
+  // M = 1: the weight is streamed once, so the kernel is bound by reads; NP panels in flight
+  // are NP read streams and NP independent vdpbf16ps chains (one chain per panel: row
+  // invariance). Per core, 7B shapes, caches flushed, medians of 3 alternating processes:
+  // NP = 8 c_attn 4.69 ms, attn.c_proj 3.31, c_fc 11.45, mlp.c_proj 11.03, against 4.58 / 3.37 /
+  // 12.37 / 12.24 for the earlier 2 chains x 4 panels; NP = 4 (one chain) 4.86 / 3.52 / 12.10 /
+  // 10.54 and NP = 12 6.15 / 3.42 / 11.59 / 12.42 (the machine was shared: +-15%).
+  constexpr int NP1 = std::is_same_v<Isa, Avx2> ? 4 : 8;  // AVX2: 2 ymm per panel, 16 registers
+  codeshell::parallel_chunks(P, M == 1 ? NP1 : 4, M == 1 ? NP1 : 4, [&](int64_t p0, int64_t p1) {
+    alignas(64) float c[std::max<int64_t>(kMaxRows, 8 * kPanel) * kPanel];  // also NP panels x 16 rows for M <= 3
     const Emit emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias
       const int64_t n0 = p * kPanel;
       store_rows(cp, kPanel, M, op, N, n0, std::min(kPanel, N - n0), b);
     };
-    if (M == 1) panels_small_m<Isa, 1, 4>(xp, Kh, wp, p0, p1, c, emit);
+    if (M == 1) panels_small_m<Isa, 1, NP1>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 2) panels_small_m<Isa, 2, 3>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 3) panels_small_m<Isa, 3, 2>(xp, Kh, wp, p0, p1, c, emit);
     else
@@ -362,6 +356,73 @@ void amx_block(const uint16_t* a, int64_t mt, int64_t Kt, const uint16_t* w, int
   if constexpr (TM == 2 && TN == 2) _tile_stored(3, c3, ldb);
 }
 
+// Decode-sized M (one 16-row block of x, M <= 16): TN panels (TN <= 4) over all of K, C tiles
+// tmm0..3, the A tile tmm4, B tiles through tmm5..7 (tmm5 reused by the 4th panel once its
+// first TMUL has read it). The weight is streamed once, so each B stream is prefetched
+// kAmxPrefetchTiles tiles (4 KiB) ahead, as the vdpbf16ps panel kernel does; the chunked
+// prefill schedule below left the stream to the hardware prefetchers (M = 1 per core, 7B
+// shapes: 5-20% slower than vdpbf16ps). Each C tile sees the same tdpbf16ps sequence over
+// k-tiles 0..Kt-1 as in the prefill schedule (whose tile stores and loads between K chunks
+// are exact), so a row's bits do not depend on which schedule ran: row invariance across M.
+constexpr int64_t kAmxPrefetchTiles = 4;
+
+template <int TN>
+void amx_decode_block(const uint16_t* a, int64_t Kt, const uint16_t* w, int64_t p, int64_t Kh, float* c,
+                      int64_t ldc) {
+  const int64_t ps = Kh * 32;  // bf16 per panel
+  const uint16_t* b = w + p * ps;
+  const int64_t ldb = ldc * 4;
+  _tile_zero(0);
+  if constexpr (TN > 1) _tile_zero(1);
+  if constexpr (TN > 2) _tile_zero(2);
+  if constexpr (TN > 3) _tile_zero(3);
+  for (int64_t kt = 0; kt < Kt; ++kt) {
+    for (int q = 0; q < TN; ++q) {
+      const char* pf = reinterpret_cast<const char*>(b + q * ps + (kt + kAmxPrefetchTiles) * 512);
+      for (int l = 0; l < 16; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
+    }
+    _tile_loadd(4, a + kt * 512, 64);
+    _tile_loadd(5, b + kt * 512, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (TN > 1) {
+      _tile_loadd(6, b + ps + kt * 512, 64);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if constexpr (TN > 2) {
+      _tile_loadd(7, b + 2 * ps + kt * 512, 64);
+      _tile_dpbf16ps(2, 4, 7);
+    }
+    if constexpr (TN > 3) {
+      _tile_loadd(5, b + 3 * ps + kt * 512, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, c, ldb);
+  if constexpr (TN > 1) _tile_stored(1, c + 16, ldb);
+  if constexpr (TN > 2) _tile_stored(2, c + 32, ldb);
+  if constexpr (TN > 3) _tile_stored(3, c + 48, ldb);
+}
+
+void decode_amx(const uint16_t* a, int64_t M, int64_t Kt, const uint16_t* w, int64_t N, int64_t Kh,
+                const float* bias, float* out) {
+  const int64_t P = (N + kPanel - 1) / kPanel;
+  codeshell::parallel_chunks(P, 4, 4, [&](int64_t p0, int64_t p1) {
+    amx_configure();
+    alignas(64) float c[16 * 64];  // 16 rows x 4 panels
+    for (int64_t p = p0; p < p1; p += 4) {
+      const int64_t tn = std::min<int64_t>(4, p1 - p);
+      if (tn == 4) amx_decode_block<4>(a, Kt, w, p, Kh, c, 64);
+      else if (tn == 3) amx_decode_block<3>(a, Kt, w, p, Kh, c, 64);
+      else if (tn == 2) amx_decode_block<2>(a, Kt, w, p, Kh, c, 64);
+      else amx_decode_block<1>(a, Kt, w, p, Kh, c, 64);
+      __asm__ volatile("" ::: "memory");  // c was written by tile stores (asm)
+      const int64_t n0 = p * kPanel;
+      store_rows(c, 64, M, out, N, n0, std::min(N, (p + tn) * kPanel) - n0, bias);
+    }
+    _tile_release();
+  });
+}
+
 // Blocking (measured, 7B shapes at M = 512, 1 core, a busy machine, +-15%): work items of
 // kAmxPanels panels; K in chunks of kAmxKTiles k-tiles; within a chunk, for each panel pair,
 // every 32-row block of x. The pair's B chunk (2 x 8 KiB) and one A block (2 x 8 KiB) then fit
@@ -381,6 +442,10 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
   std::vector<uint16_t> a(size_t(Mt) * Kt * 512);
   pack_a(xb, M, K, Kp, a.data());
   __asm__ volatile("" ::: "memory");  // the tile loads below are asm without memory operands
+  if (Mt == 1) {  // decode-sized: stream the weight once (decode_amx)
+    decode_amx(a.data(), M, Kt, w, N, Kh, bias, out);
+    return;
+  }
   // fewer panels per item when there are few panels: >= 4 items per thread to share out
   const int64_t kc = std::min(Kt, kAmxKTiles);
   const int64_t nb = std::max<int64_t>(2, std::min<int64_t>(kAmxPanels, P / (4 * at::get_num_threads()) / 2 * 2));

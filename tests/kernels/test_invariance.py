@@ -1,0 +1,108 @@
+"""Row invariance of `linear` (ops.ROW_INVARIANT_MAX_M): for every M up to the cap, each row of
+a call gives exactly the bits that the same row gives alone, for every weight kind, x dtype
+and ISA level this CPU has (CODESHELL_KERNEL_ISA caps the level, so the lower levels' kernels
+run here too).
+
+Why it matters: batched decode runs M = batch rows and a prompt-lookup verify step packs all
+sequences' drafts into one call of up to 64 rows; greedy tokens must not depend on which
+other rows shared the call. A kernel that sums a row in an order that depends on M (two
+accumulator chains at M = 1, one at M >= 2), or a dispatcher that takes a differently-rounding
+path for some M (AMX tiles vs vdpbf16ps, the int8/int4 prefill paths from M = 17), fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codeshell.kernels import _ext, available, linear, ops, prepack, quantize_int4, quantize_int8
+
+needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
+LEVEL = ops.isa_level() if available() else -1
+MS = [1, 2, 3, 4, 7, 8, 9, 16, 17, 31, 33, ops.ROW_INVARIANT_MAX_M]
+
+# (kind, quantiser args, N, K): N not a multiple of 16; realistic K; for bf16 also a K that is
+# not a multiple of 32 (a partial k-tile) and a 4096 x 4096-wide K (several k-blocks of the
+# panel kernel); int8 K = 416 (activation blocks of 32), int8 K = 200 and int4 K = 96 (shapes
+# the integer kernels do not take: the fp32-unpacking kernels run).
+WEIGHTS = [("bf16", {}, 45, 512), ("bf16", {}, 37, 100), ("bf16", {}, 19, 4096),
+           ("int8", {}, 35, 384), ("int8", {}, 70, 416), ("int8", {}, 21, 200),
+           ("int4", {"group_size": 128, "symmetric": False}, 21, 512),
+           ("int4", {"group_size": 32, "symmetric": True}, 35, 256),
+           ("int4", {"group_size": 32, "symmetric": False}, 19, 96)]
+
+
+def _weight(kind, args, n, k):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
+    return prepack(w) if kind == "bf16" else quantize_int8(w) if kind == "int8" else quantize_int4(w, **args)
+
+
+def _x(k: int, dtype: torch.dtype) -> torch.Tensor:
+    """64 rows of different scales (each row's own int8 block scales differ) with outliers."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(ops.ROW_INVARIANT_MAX_M, k, generator=g) * torch.rand(ops.ROW_INVARIANT_MAX_M, 1, generator=g) * 4
+    x[:, ::37] *= 8
+    return x.to(dtype)
+
+
+def _levels():
+    return [pytest.param(name, id=name) for name in ops.ISA_LEVELS]
+
+
+@needs_native
+@pytest.mark.parametrize("level", _levels())
+@pytest.mark.parametrize("kind,args,n,k", [pytest.param(*w, id=f"{w[0]}-{w[2]}x{w[3]}") for w in WEIGHTS])
+def test_rows_are_bitwise_those_of_m1(level, kind, args, n, k, monkeypatch):
+    lvl = ops.ISA_LEVELS.index(level)
+    if lvl > LEVEL:
+        pytest.skip(f"{level} above this CPU's highest kernel ISA ({ops.ISA_LEVELS[LEVEL]})")
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", level)
+    assert ops.isa_level() == lvl
+    pw = _weight(kind, args, n, k)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    for dtype in (torch.bfloat16, torch.float32):
+        # one path for every M up to the cap (a per-M choice between paths that round
+        # differently is what breaks invariance; this names it when it happens)
+        paths = {m: ops.plan(pw, m, dtype) for m in range(1, ops.ROW_INVARIANT_MAX_M + 1)}
+        assert len(set(paths.values())) == 1, f"{kind} {dtype}: several paths below the cap: {paths}"
+        x = _x(k, dtype)
+        alone = torch.cat([linear(x[i:i + 1], pw, bias, impl="native") for i in range(x.shape[0])])
+        for m in MS:
+            y = linear(x[:m], pw, bias, impl="native")
+            bad = (y.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)
+                   != alone[:m].view(torch.int16 if dtype == torch.bfloat16 else torch.int32)).any(dim=1)
+            assert not bad.any(), (f"{kind} {n}x{k} x {dtype} at {level} ({paths[1]}): rows "
+                                   f"{bad.nonzero().flatten().tolist()} of M={m} differ from M=1, max abs diff "
+                                   f"{(y.float() - alone[:m].float()).abs().max().item():.3g}")
+
+
+@needs_native
+def test_fp32_output_of_each_decode_path_is_row_invariant(monkeypatch):
+    """The kernels' own fp32 output (before `linear` rounds to x's dtype): a bf16 result can hide
+    a last-bit difference of the fp32 sum, so each path this CPU has is also checked unrounded."""
+    monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
+    mod = _ext.get()
+    cases = [("bf16", {}, 45, 512, "avx2:panel", 0, torch.float32),
+             ("bf16", {}, 45, 512, "avx512_bf16:panel", 2, torch.bfloat16),
+             ("bf16", {}, 37, 100, "avx512_bf16:panel", 2, torch.bfloat16),
+             ("bf16", {}, 45, 512, "amx:bf16", 3, torch.bfloat16),
+             ("bf16", {}, 19, 4096, "amx:bf16", 3, torch.bfloat16),
+             ("int8", {}, 35, 384, "avx2:q8", 0, torch.float32),
+             ("int8", {}, 35, 384, "avx512_vnni:q8", 1, torch.float32),
+             ("int8", {}, 21, 200, "avx2:unpack", 0, torch.float32),
+             ("int4", {"group_size": 128, "symmetric": False}, 21, 512, "avx2:q8", 0, torch.float32),
+             ("int4", {"group_size": 128, "symmetric": False}, 21, 512, "avx512_vnni:q8", 1, torch.float32),
+             ("int4", {"group_size": 32, "symmetric": True}, 35, 256, "avx512_vnni:q8", 1, torch.float32),
+             ("int4", {"group_size": 32, "symmetric": False}, 19, 96, "avx2:unpack", 0, torch.float32)]
+    ran = 0
+    for kind, args, n, k, path, lvl, dtype in cases:
+        if lvl > LEVEL:
+            continue
+        pw = _weight(kind, args, n, k)
+        x = _x(k, dtype)
+        alone = torch.cat([ops._compute(path, mod, x[i:i + 1], pw, None) for i in range(x.shape[0])])
+        for m in MS:
+            y = ops._compute(path, mod, x[:m], pw, None)
+            assert torch.equal(y.view(torch.int32), alone[:m].view(torch.int32)), f"{path} {kind} {n}x{k} M={m}"
+        ran += 1
+    assert ran >= 4

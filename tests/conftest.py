@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Rich wraps CLI messages at the terminal width, which is 80 without a terminal (CI): give
 # every test, and the commands it runs, the same wide width wherever it runs.
 os.environ["COLUMNS"] = "200"
+# Kernel choices measured by an earlier run stay out of the tests (each test process measures
+# its own, as the tests of the measurement expect); tests/kernels/test_choices.py sets a file.
+os.environ.setdefault("CODESHELL_KERNEL_CHOICES", "off")
 
 
 def shared_dir() -> Path | None:

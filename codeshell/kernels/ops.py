@@ -6,7 +6,8 @@ path ("<isa>:<kernel>") for each call from the ISA level the extension detected 
 AMX permission; `CODESHELL_KERNEL_ISA` caps it) and, where two paths compete (AMX tiles vs
 vdpbf16ps for batched bf16 decode, our AMX kernels vs torch's oneDNN bf16 matmul for a bf16
 prefill), the one measured faster on this machine for that weight shape, M bucket and x dtype,
-once per process (`CHOICE_TIMES` keeps the measurements). Decode-sized M streams the weight once
+once per machine (`CHOICE_TIMES` keeps this process's measurements; `choices.py` keeps the
+winners on disk for later processes). Decode-sized M streams the weight once
 for all rows (native kernels); int8/int4 prefill runs AMX-INT8 tiles on int8-rounded x where
 the CPU has them, or expands blocks of weight rows to bf16 / fp32 for a bf16 / sgemm matmul. Without the native extension every path falls back to torch
 (with one warning at first use). Math is fp32 (bf16 paths: bf16 products of bf16 x, which
@@ -25,7 +26,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from . import _ext
+from . import _ext, choices
 from .packing import PackedWeight, activation_block, bf16_rows, dequantize, quantize_activations
 
 ROW_INVARIANT_MAX_M = 64
@@ -246,7 +247,14 @@ def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: li
     # x's dtype too: the candidates differ by dtype (bf16 x may take bf16 paths, fp32 x never)
     key = (p.kind, p.out_features, p.in_features, _bucket(m), ISA_LEVELS[level], str(x_dtype).split(".")[-1])
     if key not in _CHOICES:
-        _measure(key, cands, p, m, x_dtype)
+        # a winner measured by an earlier process on this machine (choices.py), while this
+        # code still offers it; else measure now and keep the result for later processes
+        stored = choices.lookup(key)
+        if stored in cands:
+            _CHOICES[key] = stored
+        else:
+            _measure(key, cands, p, m, x_dtype)
+            choices.store(key, _CHOICES[key], CHOICE_TIMES[key])
     return _CHOICES[key]
 
 

@@ -1,0 +1,111 @@
+"""The measured kernel choices of `ops.plan`, kept on disk between processes (like FFTW's
+wisdom), so only the first process on a machine pays for measuring them.
+
+What this is: a small JSON file beside the compiled extension (`_ext.cache_dir()`, itself
+keyed by CPU model, CPU flags, torch version and source folder), mapping a choice key
+(weight kind and shape, M bucket, ISA level, x dtype, torch's thread count, and a hash of
+the kernel sources) to the winning path and the times behind it. `ops._choose` asks it
+before measuring and tells it what it measured.
+
+Why: each choice costs ~3 calls per candidate per (weight shape, M bucket); on a 1.7B model
+the first prompts of a fresh server paid ~1.5 s for it (bench_serve.py: time to first token
+2.4 s in the first round against 0.8 s in the next), and llama.cpp pays nothing of the kind.
+
+What this is not: a tuning database shipped with the package (figures differ per machine and
+load; nothing here is a table of numbers in the code) or a lock-protected store: writers
+merge what is on disk with their own entries and replace the file atomically, so two
+processes at once can lose one another's new entries, never corrupt the file (a lost entry
+is measured again next time).
+
+`CODESHELL_KERNEL_CHOICES=off` turns it off; `=PATH` uses that file instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+_lock = threading.Lock()
+_memo: dict[str, object] = {}
+
+
+def path() -> Path | None:
+    """The choices file, or None when persistence is off (or the extension cache is unknown)."""
+    env = os.environ.get("CODESHELL_KERNEL_CHOICES", "").strip()
+    if env.lower() in ("off", "0", "none"):
+        return None
+    if env:
+        return Path(env)
+    from . import _ext
+    return _ext.cache_dir() / "kernel-choices.json"
+
+
+def _sources_hash() -> str:
+    # A change to any kernel source can change which path wins: its entries are then stale.
+    if "src" not in _memo:
+        from . import _ext
+        h = hashlib.sha1()
+        for p in _ext._SRCS + sorted(_ext._SRCS[0].parent.glob("*.h")):
+            try:
+                h.update(p.read_bytes())
+            except OSError:
+                pass
+        _memo["src"] = h.hexdigest()[:12]
+    return _memo["src"]  # type: ignore[return-value]
+
+
+def entry_key(key: tuple) -> str:
+    """The file's key for an `ops` choice key: the key itself, torch's threads, the sources' hash."""
+    import torch
+    return "|".join(map(str, key)) + f"|threads={torch.get_num_threads()}|src={_sources_hash()}"
+
+
+def _read(p: Path) -> dict:
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}  # absent, unreadable or damaged: measure again (and rewrite it whole)
+    return data if isinstance(data, dict) else {}
+
+
+def lookup(key: tuple) -> str | None:
+    """The stored winner for this choice key, or None."""
+    p = path()
+    if p is None:
+        return None
+    with _lock:
+        if _memo.get("file") != str(p):
+            _memo["file"], _memo["data"] = str(p), _read(p)
+        hit = _memo["data"].get(entry_key(key))  # type: ignore[union-attr]
+    return hit.get("path") if isinstance(hit, dict) else None
+
+
+def store(key: tuple, winner: str, times: dict[str, float]) -> None:
+    """Record a measured choice (merged into the file, which is replaced atomically)."""
+    p = path()
+    if p is None:
+        return
+    entry = {"path": winner, "seconds": {k: round(v, 7) for k, v in times.items()}}
+    with _lock:
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            data = _read(p)
+            data[entry_key(key)] = entry
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".kernel-choices.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=0, sort_keys=True)
+            os.replace(tmp, p)
+            _memo["file"], _memo["data"] = str(p), data
+        except OSError:
+            pass  # a read-only cache folder: the choice still holds for this process
+
+
+def forget() -> None:
+    """Drop the in-process copy of the file (tests, or after the file was changed by hand)."""
+    with _lock:
+        _memo.pop("file", None)
+        _memo.pop("data", None)

@@ -1,0 +1,119 @@
+"""The measured kernel choices kept on disk (`codeshell.kernels.choices`): a fresh process
+reuses a stored winner instead of measuring again; a damaged file, a stale path or another
+thread count means measuring again, never a failure.
+
+The rest of the suite runs with CODESHELL_KERNEL_CHOICES=off (tests/conftest.py), so tests
+that check a measurement happens do not depend on what an earlier run stored.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from codeshell.kernels import available, choices, ops
+from codeshell.kernels.packing import quantize_int8
+
+needs_native = pytest.mark.skipif(not available(), reason="native kernels unavailable")
+
+# Two paths every native build has for an int8 weight and fp32 x at any M, whatever the ISA:
+# the test makes them the candidates, so it measures on an AVX2-only machine as on AMX.
+CANDS = ["sgemm:fp32", "avx2:unpack"]
+N, K, M = 48, 256, 100
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    f = tmp_path / "choices.json"
+    monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(f))
+    monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
+    monkeypatch.setattr(ops, "prefill_candidates", lambda p, dt, level: list(CANDS))
+    choices.forget()
+    yield f
+    choices.forget()
+
+
+def _fresh_process_state(key):
+    # what a new process starts with: no in-memory choice (the file stays)
+    ops._CHOICES.pop(key, None)
+    ops.CHOICE_TIMES.pop(key, None)
+    choices.forget()
+
+
+def _calls():
+    return sum(ops.PATHS_RUN[("int8", c)] for c in CANDS)
+
+
+@needs_native
+def test_a_fresh_process_reuses_the_stored_choice(store):
+    pw = quantize_int8(torch.randn(N, K))
+    x = torch.randn(M, K)
+    key = ("int8", N, K, 128, ops.ISA_LEVELS[ops.isa_level()], "float32")
+    _fresh_process_state(key)
+    before = _calls()
+    ops.linear(x, pw, impl="native")
+    assert _calls() - before == 3 * len(CANDS) + 1  # measured: warm-up + 2 timed each, then the call
+    data = json.loads(store.read_text())
+    (entry_key, entry), = data.items()
+    assert entry["path"] == ops._CHOICES[key] and set(entry["seconds"]) == set(CANDS)
+    assert f"threads={torch.get_num_threads()}" in entry_key
+
+    _fresh_process_state(key)
+    before = _calls()
+    y = ops.linear(x, pw, impl="native")
+    assert _calls() - before == 1  # no measurement: the stored winner ran once
+    assert ops._CHOICES[key] == entry["path"] and key not in ops.CHOICE_TIMES
+    torch.testing.assert_close(y, ops.linear(x, pw, impl="reference"), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_a_damaged_file_or_a_stale_path_means_measuring_again(store):
+    pw = quantize_int8(torch.randn(N, K))
+    x = torch.randn(M, K)
+    key = ("int8", N, K, 128, ops.ISA_LEVELS[ops.isa_level()], "float32")
+    store.write_text("{not json")
+    _fresh_process_state(key)
+    before = _calls()
+    ops.linear(x, pw, impl="native")
+    assert _calls() - before == 3 * len(CANDS) + 1
+    data = json.loads(store.read_text())  # rewritten whole, valid again
+    assert len(data) == 1
+
+    # a path this code no longer offers (an older version's name): ignored, measured again
+    (k,), = [tuple(data)]
+    data[k]["path"] = "avx1024:gone"
+    store.write_text(json.dumps(data))
+    _fresh_process_state(key)
+    before = _calls()
+    ops.linear(x, pw, impl="native")
+    assert _calls() - before == 3 * len(CANDS) + 1 and ops._CHOICES[key] in CANDS
+
+
+@needs_native
+def test_another_thread_count_is_another_choice(store):
+    pw = quantize_int8(torch.randn(N, K))
+    x = torch.randn(M, K)
+    key = ("int8", N, K, 128, ops.ISA_LEVELS[ops.isa_level()], "float32")
+    _fresh_process_state(key)
+    ops.linear(x, pw, impl="native")
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    try:
+        torch.set_num_threads(other)
+        _fresh_process_state(key)
+        before = _calls()
+        ops.linear(x, pw, impl="native")
+        assert _calls() - before == 3 * len(CANDS) + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert len(json.loads(store.read_text())) == 2
+
+
+def test_off_keeps_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", "off")
+    choices.forget()
+    assert choices.path() is None
+    choices.store(("bf16", 1, 2, 3), "x:y", {"x:y": 1.0})
+    assert choices.lookup(("bf16", 1, 2, 3)) is None

@@ -261,3 +261,51 @@ def test_sampled_engine_output_has_the_plain_distribution(wide, monkeypatch):
     # and the draft is emitted about as often as plainly sampled (a scheme that always kept
     # it, or redrew from the full distribution, would sit far above)
     assert abs(spec[draft] - plain[draft]) < 0.12 * 240, (plain[draft], spec[draft])
+
+
+# ---- bf16: the same tokens at any batch and with lookup (row-invariant kernels) ------------
+def _edit_prompts() -> list[str]:
+    """Code-editing completions whose answers copy the prompt (what lookup drafts): a
+    standard-library function's source, then the start of its copy with one change."""
+    import colorsys
+    import fnmatch
+    import html
+    import inspect
+    import shutil
+    import statistics
+    import string
+    import textwrap
+
+    fns = [colorsys.rgb_to_hsv, textwrap.indent, string.capwords, html.escape, fnmatch.filter,
+           statistics.median, shutil.copyfileobj, colorsys.hls_to_rgb]
+    return [f"# original\n{inspect.getsource(f)}\n# the same function, renamed to {f.__name__}_v2\n"
+            for f in fns]
+
+
+@pytest.fixture(scope="module")
+def mini():
+    from codeshell import kernels
+    if not kernels.available():
+        pytest.skip("native kernels unavailable: a bf16 model runs the torch fallback")
+    return LLM(max_batch=8)  # codeshell-mini, shipped in the package: bf16
+
+
+def test_bf16_greedy_tokens_do_not_depend_on_batch_or_lookup(mini):
+    """The built-in bf16 model: greedy tokens at batch 1, at batch 8 and with prompt lookup at
+    batch 1 and 8 are identical (kernels.ops.ROW_INVARIANT_MAX_M: a row's linear result does
+    not depend on the other rows of the call; a verify step runs up to 8 x 9 rows here)."""
+    llm = mini
+    assert {p.dtype for p in llm.model.parameters()} == {torch.bfloat16}
+    ps = _edit_prompts()
+    plain = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    look = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_lookup_num_tokens=8)
+    b1 = [llm.generate(p, plain)[0].outputs[0].token_ids for p in ps]
+    b8 = [o.outputs[0].token_ids for o in llm.generate(ps, plain)]
+    steps = llm.engine.spec_steps
+    l1 = [llm.generate(p, look)[0].outputs[0].token_ids for p in ps]
+    l8 = [o.outputs[0].token_ids for o in llm.generate(ps, look)]
+    assert llm.engine.spec_accepted > 0 and llm.engine.spec_steps > steps
+    for i in range(len(ps)):
+        assert b8[i] == b1[i], f"prompt {i}: batch 8 differs from batch 1"
+        assert l1[i] == b1[i], f"prompt {i}: lookup at batch 1 differs from plain decode"
+        assert l8[i] == b1[i], f"prompt {i}: lookup at batch 8 differs from plain decode"

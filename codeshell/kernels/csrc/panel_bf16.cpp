@@ -16,8 +16,12 @@
 //     re-read from L1 by every tile; for M <= 3 several panels at once (more read streams).
 //   * decode_bf16, isa kAvx512Bf16: bf16 x (the caller's activations are bf16 already: a bf16
 //     model), vdpbf16ps: one instruction does 16 rows x 2 k for one row of x.
-//   * prefill_bf16_amx (M >= 64 typically), isa kAmx: 2x2 tiles of 16x16 fp32 accumulators
-//     (32 rows of x x 32 weight rows), tdpbf16ps over 32 k per step.
+//   * prefill_bf16_amx (any M; ops.py sends bf16 x here at every M on an AMX CPU), isa kAmx:
+//     2x2 tiles of 16x16 fp32 accumulators (32 rows of x x 32 weight rows), tdpbf16ps over 32 k
+//     per step; M <= 16 in a decode schedule (decode_amx: 4 panels over all of K, prefetched).
+// Row invariance (ops.ROW_INVARIANT_MAX_M): every kernel here sums each (row of x, output) in
+// an order that does not depend on M or on the row's tile, so a row's bits are the same in a
+// call of any M (tests/kernels/test_invariance.py).
 //   * dequant_bf16 / rows_bf16: expand rows for the fp32 sgemm and torch's bf16 matmul paths.
 // What this is not: the int8/int4 kernels (kernels.cpp, qdot.cpp) or a dispatcher.
 

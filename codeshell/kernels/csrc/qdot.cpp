@@ -6,7 +6,10 @@
 // same arithmetic as codeshell.kernels.packing.quantize_activations) and each block's dot
 // product with the weight runs in integers: vpmaddubsw multiplies 32 unsigned x signed bytes
 // into 16 int16 pair sums per instruction, 4x the multiply-adds of an fp32 FMA.
-// What this is not: the prefill path (large M goes to dequantise + sgemm in ops.py), or
+// Row invariance: x is rounded per row, the block dots are exact integers and the epilogue is
+// per row, so a row's bits do not depend on M or on its tile; ops.py runs these kernels for
+// every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1.
+// What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
 //

@@ -19,8 +19,9 @@
 // (xs = d * sum of the block's xq), a [M, K/G] x [K/G, N] product done once after the tiles.
 // Why transposed: in the x . W^T orientation every int8 weight tile would need a 4-byte transpose
 // per call (N x K bytes); here the transposes are x's (M x K) and the output's (M x N, fp32).
-// What this is not: decode (M <= 16 stays on qdot.cpp's VNNI kernels: x padded to 16 rows would
-// waste the tiles there), nor a dispatcher: ops.py measures this path against the bf16 paths
+// What this is not: decode (M <= 64 stays on qdot.cpp's VNNI kernels: x padded to 16 rows would
+// waste the tiles at M = 1, and a row's result must not depend on M up to
+// ops.ROW_INVARIANT_MAX_M, while this path's block sums are scaled in another order), nor a dispatcher: ops.py measures this path against the bf16 paths
 // (AMX-BF16 on expanded rows, torch's oneDNN) and sgemm per shape and keeps the fastest.
 
 #include <torch/extension.h>

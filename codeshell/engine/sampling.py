@@ -205,7 +205,7 @@ def first_argmax(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     picks a token for every row (up to 64 here): on torch 2.13's CPU kernels, one thread, rows
     of 16384 fp32 logits cost ~5 us each this way against ~10 us by max(-1)."""
     N, V = x.shape
-    if V % block or V < 8 * block or not x.is_contiguous():
+    if N < 4 or V % block or V < 8 * block or not x.is_contiguous():  # 1-3 rows: max(-1) is as fast
         return x.max(-1).indices
     blocks = x.view(N, V // block, block)
     top = blocks.amax(-1).max(-1).indices                                   # [N] first block with the max

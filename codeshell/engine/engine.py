@@ -468,8 +468,8 @@ def _max_rows() -> int:
     """Most tokens one packed forward may hold: the linear kernels give each row the same bits
     whatever the other rows only up to `ROW_INVARIANT_MAX_M` rows per call (kernels/ops.py), and
     greedy text with prompt lookup must equal plain decoding's."""
-    from ..kernels import ops
-    return int(getattr(ops, "ROW_INVARIANT_MAX_M", 64))  # 64 until kernels/ops.py names it
+    from ..kernels import ROW_INVARIANT_MAX_M
+    return ROW_INVARIANT_MAX_M
 
 
 def _cap_rows(drafts: list[list[int]], cap: int) -> list[list[int]]:

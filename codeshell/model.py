@@ -265,7 +265,9 @@ class CodeShellModel(nn.Module):
         """
         cfg = self.cfg
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        f = None if torch.is_grad_enabled() else _fused_ops()
+        # Not under autocast (a training job's held-out pass): there the linears return bf16
+        # into an fp32 residual, and the plain path's autocast rules are the ones to follow.
+        f = None if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) else _fused_ops()
         fused = f is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
         rope = None
         if cfg.position_embedding_type == "rope":

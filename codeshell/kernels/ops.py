@@ -3,9 +3,9 @@ M, x's dtype and the CPU's instruction sets.
 
 What this is: the runtime entry point and the one dispatcher (`plan`): it names the kernel
 path ("<isa>:<kernel>") for each call from the ISA level the extension detected (cpuid, the
-AMX permission; `CODESHELL_KERNEL_ISA` caps it) and, where two paths compete (AMX tiles vs
-vdpbf16ps for batched bf16 decode, our AMX kernels vs torch's oneDNN bf16 matmul for a bf16
-prefill), the one measured faster on this machine for that weight shape, M bucket and x dtype,
+AMX permission; `CODESHELL_KERNEL_ISA` caps it) and, where two prefill paths compete (above
+`ROW_INVARIANT_MAX_M` rows: our vdpbf16ps kernel vs torch's oneDNN bf16 matmul on a CPU without
+AMX, the int8/int4 prefill candidates), the one measured faster on this machine for that weight shape, M bucket and x dtype,
 once per machine (`CHOICE_TIMES` keeps this process's measurements; `choices.py` keeps the
 winners on disk for later processes). Decode-sized M streams the weight once
 for all rows (native kernels); int8/int4 prefill runs AMX-INT8 tiles on int8-rounded x where

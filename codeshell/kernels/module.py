@@ -97,9 +97,7 @@ class PackedLinear(nn.Module):
             return self._fast
         p = PackedWeight(self.kind, self.out_features, self.in_features, self.data, self.scales,
                          self.offsets, self.group_size)
-        b32 = None if b is None else b.detach().reshape(-1).to(torch.float32).contiguous()
-        if b32 is not None and b32.numel() != self.out_features:
-            raise ValueError(f"bias has {b32.numel()} elements, expected out_features={self.out_features}")
+        b32 = ops._bias_fp32(None if b is None else b.detach(), self.out_features)  # linear's own check
         self._fast = FastLinear(p, b32)
         self._fast_key = (self.data, self.scales, self.offsets, b, None if b is None else b._version)
         return self._fast

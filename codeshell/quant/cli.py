@@ -47,6 +47,8 @@ def quantize(
     group_size: int = typer.Option(128, "--group-size", help="int4 group size: 32, 64 or 128 (16, 256 too)."),
     zero_point: bool = typer.Option(False, "--zero-point/--symmetric", help="int4 with a zero point per group."),
     quantize_head: bool = typer.Option(False, "--quantize-head", help="Quantize the output head too."),
+    head_bits: int = typer.Option(None, "--head-bits", help="Quantize the output head in 8 bits (int8 per "
+                                  "channel) whatever --bits is, as llama.cpp's Q4_0 files do; implies --quantize-head."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Write a weight-only quantized copy of MODEL to OUT (safetensors; the scheme in config.json).
@@ -58,7 +60,8 @@ def quantize(
     model, out = _model_out(model, out, model_opt, "quantize")
     try:
         scheme = QuantScheme(bits=bits, group_size=group_size if bits == 4 else None,
-                             symmetric=not zero_point, quantize_head=quantize_head)
+                             symmetric=not zero_point, quantize_head=quantize_head or head_bits is not None,
+                             head_bits=head_bits)
         path = quantize_checkpoint(model, out, scheme, overwrite=overwrite)
     except (QuantError, CheckpointError, ValueError) as e:
         _fail(str(e))

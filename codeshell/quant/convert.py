@@ -33,7 +33,7 @@ def check_scheme_fits(cfg: CodeShellConfig, scheme: QuantScheme) -> None:
     for kind, (_, k) in linear_shapes(cfg).items():
         scheme.check_width(k, f"transformer.h.*.{kind} (in_features {k})")
     if scheme.quantize_head:
-        scheme.check_width(cfg.n_embd, "lm_head")
+        scheme.head_scheme().check_width(cfg.n_embd, "lm_head")
 
 
 def quantize_tensor(w: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
@@ -129,12 +129,12 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, scheme
                 if cfg.bigcode_interleaved_qkv and name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
                     t = _bigcode_qkv_to_fused(t, cfg)
                 if name in quantized:
-                    for suffix, qt in quantize_tensor(t, scheme).items():
+                    for suffix, qt in quantize_tensor(t, scheme.module_scheme(name[: -len(".weight")])).items():
                         writer.add(name[: -len("weight")] + suffix, qt)
                 else:
                     writer.add(name, t)
                     if name == "transformer.wte.weight" and scheme.quantize_head and cfg.tie_word_embeddings:
-                        for suffix, qt in quantize_tensor(t, scheme).items():
+                        for suffix, qt in quantize_tensor(t, scheme.head_scheme()).items():
                             writer.add("lm_head." + suffix, qt)
                 advance(nbytes)
                 del t

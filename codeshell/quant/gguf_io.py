@@ -120,13 +120,13 @@ def _float_tensors(path: Path, cfg: CodeShellConfig) -> Iterator[tuple[str, torc
                 prefix, _, part = name.rpartition(".")
                 parts = pending.setdefault(prefix, {})
                 parts[part] = t
-                if "qweight" in parts and "scales" in parts and (scheme.bits == 8 or scheme.symmetric
-                                                                  or "zeros" in parts):
+                s = scheme.module_scheme(prefix)  # an int8 head in an int4 checkpoint (head_bits 8)
+                if "qweight" in parts and "scales" in parts and (s.bits == 8 or s.symmetric or "zeros" in parts):
                     del pending[prefix]
-                    if scheme.bits == 8:
+                    if s.bits == 8:
                         w = dequantize_int8(parts["qweight"], parts["scales"])
                     else:
-                        w = dequantize_int4(parts["qweight"], parts["scales"], parts.get("zeros"), scheme.group_size)
+                        w = dequantize_int4(parts["qweight"], parts["scales"], parts.get("zeros"), s.group_size)
                     yield prefix + ".weight", w
                 continue
             if cfg.bigcode_interleaved_qkv and name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
@@ -338,7 +338,9 @@ def _export_order(cfg: CodeShellConfig, src: Path) -> list[tuple[str, tuple[int,
     from ..model import CodeShellForCausalLM
     with torch.device("meta"):
         m = CodeShellForCausalLM(cfg)
-    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    # remove_duplicate=False: a tied config still names lm_head.weight, which a checkpoint with a
+    # quantized head (`codeshell quantize --quantize-head`) stores apart and exports as output
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters(remove_duplicate=False)}
     untied = _has_untied_head(src, cfg)
     names = [n for n in shapes if n != "lm_head.weight" or untied]
     # Stream order: checkpoint order where known (index files list names), else model order.

@@ -55,7 +55,7 @@ def build_quantized_empty(cfg: CodeShellConfig, dtype: torch.dtype, scheme: Quan
                           device: str | torch.device = "cpu") -> nn.Module:
     """`weights.build_empty` with the quantized linears swapped in while still on meta."""
     return build_empty(cfg, dtype, device, swap=quantized_names(cfg, scheme), make=lambda name, lin: make_quant_linear(
-        lin.in_features, lin.out_features, lin.bias is not None, scheme, dtype, name))
+        lin.in_features, lin.out_features, lin.bias is not None, scheme.module_scheme(name), dtype, name))
 
 
 def _filled(prefix: str, m: QuantLinear) -> list[str]:

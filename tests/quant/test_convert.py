@@ -34,7 +34,7 @@ def _logits(llm, ids):
         return llm.model(ids)
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4-g32", "int4-g64-zp", "int4-g32-head"])
+@pytest.mark.parametrize("spec", ["int8", "int4-g32", "int4-g64-zp", "int4-g32-head", "int4-g32-head8"])
 def test_roundtrip_matches_quantize_on_load(src, tmp_path, spec):
     scheme = QuantScheme.parse(spec)
     out = quantize_checkpoint(src, tmp_path / "q", scheme)
@@ -53,6 +53,37 @@ def test_roundtrip_matches_quantize_on_load(src, tmp_path, spec):
     other = "int8" if scheme.bits == 4 else "int4-g32"
     with pytest.raises(QuantError, match="already quantized"):
         LLM(out, quantization=other)
+
+
+def test_int8_head_in_an_int4_checkpoint(tmp_path, tokenizer_dir):
+    """head_bits 8: block linears in int4, the output head in int8 per channel (as llama.cpp's
+    Q4_0 files keep an 8-bit output matrix); the name, config.json and CLI spelling agree, and a
+    GGUF export reads the head as int8 (checked with the gguf package's own reader)."""
+    from codeshell.quant.gguf_io import export_gguf
+    from codeshell.quant.linear import Int4Linear, Int8Linear, dequantize_int8
+    gguf = pytest.importorskip("gguf")
+    scheme = QuantScheme.parse("int4-g32-head8")
+    assert scheme == QuantScheme(bits=4, group_size=32, quantize_head=True, head_bits=8)
+    assert scheme.name == "int4-g32-head8" and QuantScheme.parse(scheme.name) == scheme
+    assert QuantScheme.from_dict(scheme.to_dict()) == scheme
+    assert "head_bits" not in QuantScheme.parse("int4-g32-head").to_dict()  # older files unchanged
+    assert QuantScheme(bits=8, quantize_head=True, head_bits=8) == QuantScheme.parse("int8-head")
+    with pytest.raises(QuantError, match="unknown head_bits 4"):
+        QuantScheme(bits=8, quantize_head=True, head_bits=4)
+    src = make_tiny_checkpoint(tmp_path / "src", tokenizer_dir=tokenizer_dir, cfg=CFG.replace(vocab_size=70144))
+    r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "q"), "--group-size", "32", "--head-bits", "8"])
+    assert r.exit_code == 0 and "int4-g32-head8" in r.output, r.output
+    out = tmp_path / "q"
+    assert json.loads((out / "config.json").read_text())["quantization"]["head_bits"] == 8
+    llm = LLM(out, dtype="float32")
+    assert isinstance(llm.model.lm_head, Int8Linear) and isinstance(llm.model.transformer.h[0].mlp.c_fc, Int4Linear)
+    from safetensors.torch import load_file
+    stored = load_file(out / "model.safetensors")
+    head = dequantize_int8(stored["lm_head.qweight"], stored["lm_head.scales"])
+    path = export_gguf(out, tmp_path / "m.gguf", "f32")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    got = torch.from_numpy(tensors["output.weight"].data.copy()).reshape(head.shape)
+    torch.testing.assert_close(got, head.float(), rtol=0, atol=0)
 
 
 def test_sharded_output_loads(src, tmp_path):

@@ -77,6 +77,25 @@ def test_our_export_runs_in_llamacpp(bin_dir, src, fim, tmp_path, ty):
     if ty == "f32":
         assert theirs["tokens"] == ours_greedy(llm, fim["ids"]) == ours_greedy(src, fim["ids"])
         return
+    _agrees_where_clear(llm, fim, theirs, ty)
+
+
+def test_quantized_head_exports_and_runs_in_llamacpp(bin_dir, src, fim, tmp_path):
+    """A `codeshell quantize --head-bits 8` folder (int4 linears, int8 head, tied config): the
+    export writes the stored head as output.weight (it once left it out, which llama.cpp's
+    loader refuses), and llama.cpp picks the tokens we pick from the same file where its top-1
+    is clear. (Not against the folder itself: Q4_0 re-quantizes our int4 groups on its own grid.)"""
+    from codeshell.quant.convert import quantize_checkpoint
+    from codeshell.quant.scheme import QuantScheme
+    q = quantize_checkpoint(src, tmp_path / "q", QuantScheme.parse("int4-g32-head8"))
+    path = export_gguf(q, tmp_path / "m-q4_0.gguf", "q4_0")
+    with LlamaServer(bin_dir, path, threads=1, ctx=256, extra=F32_CACHE) as srv:
+        theirs = srv.greedy(fim["ids"], N_NEW, n_probs=2)
+    assert len(theirs["tokens"]) == N_NEW
+    _agrees_where_clear(LLM(str(path), dtype="float32"), fim, theirs, "q4_0")
+
+
+def _agrees_where_clear(llm, fim, theirs, ty):
     # Teacher-forced on llama.cpp's sequence: one forward, our argmax at each generated position.
     seq = torch.tensor([fim["ids"] + theirs["tokens"][:-1]])
     with torch.no_grad():

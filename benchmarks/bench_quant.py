@@ -7,7 +7,11 @@ decode tokens/s at batch 1 and aggregate at batch 8, and decode's fraction of th
 memory-bandwidth bound (bandwidth measured by this script: a streaming read of a 512 MiB
 buffer with the same thread count; bound = bandwidth / bytes of weights read per token).
 The model has random weights (written once per run to a temporary folder, shard by shard;
-int8/int4 folders come from `codeshell quantize`, whose time is printed too).
+int8/int4 folders come from `codeshell quantize`, whose time is printed too). Their output
+head is int8 per channel by default (`--head int8`: `int8-head`, `int4-g128-head8`), as the
+Q8_0 and Q4_0 files `codeshell export-gguf` writes keep theirs in Q8_0, so both sides read
+8-bit heads; `--head bf16` keeps our head in bf16 (on the small shapes the 70k-row head is
+most of the bytes a token reads, so that compares a larger format against llama.cpp's).
 
 llama.cpp in the same run: the bf16 checkpoint is exported with `codeshell export-gguf` to
 BF16, Q8_0 and Q4_0, and llama.cpp's `llama-bench` runs each file right after our side of
@@ -69,7 +73,10 @@ def measure_bandwidth(threads: int) -> float:
 
 def weight_bytes_per_token(model, cfg) -> int:
     """Bytes decode reads per token: every weight tensor once (packed layouts included; the tied
-    token embedding is read whole as the output head), counting shared storage once."""
+    token embedding is read whole as the output head), counting shared storage once. A
+    quantized head (`QuantLinear`) is read in its own format; the embedding is then only looked
+    up, one row per token."""
+    from codeshell.quant.linear import QuantLinear
     seen, total = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
     for m in model.modules():  # kernel layouts kept as plain attributes
@@ -81,7 +88,7 @@ def weight_bytes_per_token(model, cfg) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    if not cfg.tie_word_embeddings:  # an untied embedding is only looked up, one row per token
+    if not cfg.tie_word_embeddings or isinstance(model.lm_head, QuantLinear):  # only looked up
         total -= model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
     return total
 
@@ -135,6 +142,9 @@ def main() -> None:
     ap.add_argument("--shape", default="mid", help="mid (default, ~0.5B), small (~0.2B), 1b, 7b, tiny")
     ap.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--head", choices=["int8", "bf16"], default="int8",
+                    help="output head of our int8/int4 checkpoints: int8 (default, as llama.cpp's Q8_0/Q4_0 "
+                         "files) or bf16")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
@@ -173,8 +183,11 @@ def main() -> None:
         from codeshell.quant.convert import quantize_checkpoint
         from codeshell.quant.scheme import QuantScheme
         src = work / "bf16"
-        def kept(folder: Path) -> bool:
-            return a.reuse and (folder / "config.json").is_file()
+        def kept(folder: Path, scheme=None) -> bool:
+            if not (a.reuse and (folder / "config.json").is_file()):
+                return False
+            stored = json.loads((folder / "config.json").read_text()).get("quantization")
+            return scheme is None or stored == scheme.to_dict()  # another head is not reused
 
         t = time.perf_counter()
         if kept(src):
@@ -184,14 +197,16 @@ def main() -> None:
             print(f"wrote random bf16 checkpoint in {time.perf_counter() - t:.1f} s", flush=True)
         folders = {"bf16": src}
         group = 128 if cfg.n_embd % 128 == 0 and cfg.ffn_dim % 128 == 0 else 32  # 128 except for tiny shapes
-        for fmt, scheme in (("int8", QuantScheme(bits=8)), ("int4", QuantScheme(bits=4, group_size=group))):
-            if fmt in a.formats and kept(work / fmt):
+        head = a.head == "int8"
+        for fmt, scheme in (("int8", QuantScheme(bits=8, quantize_head=head)),
+                            ("int4", QuantScheme(bits=4, group_size=group, quantize_head=head, head_bits=8))):
+            if fmt in a.formats and kept(work / fmt, scheme):
                 folders[fmt] = work / fmt
                 print(f"reusing {folders[fmt]}", flush=True)
             elif fmt in a.formats:
                 t = time.perf_counter()
                 folders[fmt] = quantize_checkpoint(src, work / fmt, scheme, overwrite=True)
-                print(f"codeshell quantize -> {fmt}: {time.perf_counter() - t:.1f} s", flush=True)
+                print(f"codeshell quantize -> {fmt} ({scheme.name}): {time.perf_counter() - t:.1f} s", flush=True)
         bw = measure_bandwidth(a.threads)
         print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s", flush=True)
         for fmt in a.formats:
@@ -241,8 +256,9 @@ def main() -> None:
         llamacpp.print_comparison([{"format": r["format"], "prompt_tps": r["prompt_tps"], "decode_tps": r["decode1_tps"],
                                     **{k: r[k] for k in ("llama_prompt_tps", "llama_decode_tps", "gguf_bytes") if k in r}}
                                    for r in rows], a.threads, a.prompt_len, a.decode_tokens, bw / 1e9, info)
-        print("(ours: int8 per channel, int4 groups of 128; llama.cpp: Q8_0 and Q4_0, blocks of 32; "
-              "the GGUF files are `codeshell export-gguf` of the same bf16 weights)")
+        print(f"(ours: int8 per channel, int4 groups of {group}, the output head in {a.head}; llama.cpp: Q8_0 and "
+              "Q4_0, blocks of 32, the output head in Q8_0 in both; the GGUF files are `codeshell export-gguf` "
+              "of the same bf16 weights)")
     else:
         print(f"\nCPU flags: {' '.join(llamacpp.cpu_flags())}; read bandwidth {bw / 1e9:.1f} GB/s")
 

@@ -315,6 +315,10 @@ class CodeShellModel(nn.Module):
         that is ~20 fewer torch ops (each a few microseconds at any model size). The same math
         as `CodeShellBlock.forward` (the adds rounded as torch rounds them); tests/kernels/
         test_fused.py compares the two paths."""
+        from .kernels import step as native_step
+        out = native_step.forward(self, x, rope, mask, cache)  # a packed decode / verify step in one
+        if out is not None:                                     # native call (kernels/step.py), else None
+            return out
         cfg = self.cfg
         B, T, C = x.shape
         rows = B * T

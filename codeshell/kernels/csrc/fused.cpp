@@ -17,6 +17,7 @@
 // at::parallel_for only when there are many (prefill); a decode row runs on the calling
 // thread (waking the OpenMP team costs more than the row).
 // What this is not: autograd ops (training keeps the torch ops) and not a matmul.
+// The native decode step (decode_step.cpp) calls the entry points below directly (entry.h).
 //
 // Numerics: RoPE's a * b - c * d is two rounded products and a rounded difference, as torch
 // computes it (`rounded` keeps GCC from contracting them into an FMA; the test compares bits). GELU uses gelu_tanh(v) = v * sigmoid(2u) = v / (1 + e^{-2u}),
@@ -35,6 +36,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "entry.h"
 #include "simd.h"
 
 namespace {

@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "entry.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -201,6 +202,9 @@ void staged_range(const float* x, int64_t M, int64_t K, Deq&& deq, const float* 
       for (int64_t j = n0; j < n1; ++j) out[mm * N + j] += bias[j];
 }
 
+}  // namespace
+
+// Entry points (entry.h): outside the anonymous namespace, decode_step.cpp calls them too.
 torch::Tensor decode_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                           const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous(),
@@ -247,6 +251,8 @@ torch::Tensor decode_int4(const torch::Tensor& x, const torch::Tensor& q, const 
   });
   return out;
 }
+
+namespace {
 
 // ---- dequantise rows [n0, n1) into a caller-owned fp32 buffer (prefill path) -------
 
@@ -301,46 +307,6 @@ void dequant_int4(const torch::Tensor& q, const torch::Tensor& scale, const c10:
 
 }  // namespace
 
-// panel_bf16.cpp: bf16 weights in panels of 16 rows.
-torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                          const c10::optional<torch::Tensor>& bias, int64_t isa);
-torch::Tensor prefill_bf16_amx(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                               const c10::optional<torch::Tensor>& bias);
-void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
-void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
-torch::Tensor pack_bf16(const torch::Tensor& w);
-int64_t bf16_peak(int64_t Kt, int64_t reps, bool loads);
-
-// isa.cpp
-py::dict cpu_features_dict();
-
-// qdot.cpp: int8-activation kernels for quantised weights.
-int64_t q8_block_int8(int64_t K);
-torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                             const c10::optional<torch::Tensor>& offset, int64_t G,
-                             const c10::optional<torch::Tensor>& bias, int64_t isa);
-torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                             const c10::optional<torch::Tensor>& bias, int64_t isa);
-
-// qgemm_amx.cpp: AMX-INT8 prefill for quantised weights.
-torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                             const c10::optional<torch::Tensor>& offset, int64_t G,
-                             const c10::optional<torch::Tensor>& bias);
-
-// sampling.cpp
-int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u);
-torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::Tensor& temperatures,
-                                      const torch::Tensor& us);
-
-// attention.cpp
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
-                               const torch::Tensor& slots, const torch::Tensor& lens, double scale);
-torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
-                               const torch::Tensor& slots, const torch::Tensor& lens, double scale, int64_t isa);
-
-// fused.cpp: residual add + LayerNorm, GELU, in-place RoPE for the model's inference path.
-void register_fused(py::module& m);
-
 // The compute kernels run without the GIL (as torch's own ops do): the server's event loop, in
 // another thread of the same process, keeps streaming tokens while the engine thread computes.
 // The two short calls keep it: giving it up for ~75 us would risk waiting a whole switch
@@ -371,4 +337,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_int8", &dequant_int8, kNoGil, "rows [n0,n1) of int8 weight -> fp32 buffer");
   m.def("dequant_int4", &dequant_int4, kNoGil, "rows [n0,n1) of int4 weight -> fp32 buffer");
   register_fused(m);
+  register_decode_step(m);
 }

@@ -1,0 +1,240 @@
+// The native decode step: a decode or prompt-lookup verify step's transformer blocks in one call.
+//
+// What this is: `DecodeStep`, built once per model (per ISA cap and weights, by
+// codeshell/kernels/step.py), holding per layer the LayerNorm parameters and, per linear, the
+// packed weight's tensors, its fp32 bias and the kernel `ops.plan` names for it at M <= 64
+// (fixed per weight there: row invariance). `run` takes the M packed token rows of a step (the
+// engine's PackedView: any slots, one position each) and runs every block and the final
+// LayerNorm: the same entry points, in the same order, on the same inputs (x converted for
+// each linear exactly as ops._compute converts it) as the model's fused Python path
+// (CodeShellModel._forward_inference with PackedView.attend), so the result is bit for bit
+// that path's. Per layer: fused_add_layer_norm, c_attn, fused_rope_bf16, the new k, v rows
+// stored into the KV cache, packed_attention, c_proj, fused_add_layer_norm, c_fc,
+// fused_gelu_tanh, mlp.c_proj; then ln_f.
+// What this is not: a prefill path (more than 64 rows, masks, padded batches stay in Python),
+// an fp32-model path, or a new kernel: it only removes the Python between the kernels.
+//
+// Why: at decode on small models the kernels take a few microseconds each and the Python
+// around them (module calls, FastLinear, ops._compute, PackedView's index_put stores,
+// reshapes) ~250-400 us per layer: codeshell-mini ran at 0.3x llama.cpp's step rate.
+
+#include <torch/extension.h>
+
+#include "entry.h"
+#include "isa.h"
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+// The kernel of one linear, as ops.plan names it ("<isa>:<kernel>"); codeshell/kernels/step.py
+// maps the names to these codes (keep the two in step).
+enum Kernel : int64_t {
+  kAmxBf16 = 0,    // "amx:bf16", bf16 weight: prefill_bf16_amx on bf16 x
+  kPanelBf16 = 1,  // "avx512_bf16:panel", bf16 weight: decode_bf16 (vdpbf16ps) on bf16 x
+  kPanelF32 = 2,   // "avx2:panel", bf16 weight: decode_bf16 (fp32 FMA) on fp32 x
+  kQ8 = 3,         // "<isa>:q8", int8/int4 weight: decode_int8_q8 / decode_int4_q8 on fp32 x
+  kUnpack = 4,     // "avx2:unpack", int8/int4 weight: decode_int8 / decode_int4 on fp32 x
+};
+enum Kind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
+
+struct Linear {
+  int64_t kind, kernel, isa, N, K, group;
+  torch::Tensor data;                                  // panels (bf16), q (int8), nibbles (uint8)
+  c10::optional<torch::Tensor> scales, offsets, bias;  // fp32; bias [N] or none
+};
+
+struct Layer {
+  c10::optional<torch::Tensor> ln1_w, ln1_b, ln2_w, ln2_b;
+  double ln1_eps, ln2_eps;
+  int64_t attn, proj, fc, mlp_proj;  // indices into DecodeStep::linears_
+};
+
+// bf16 [M, K] -> fp32 [M, K]: exact (what `.to(torch.float32)` gives), without the dispatcher.
+torch::Tensor to_f32(const torch::Tensor& x) {
+  auto out = torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
+  const bf16* src = x.data_ptr<bf16>();
+  float* dst = out.data_ptr<float>();
+  const int64_t n = x.numel();
+  for (int64_t i = 0; i < n; ++i) dst[i] = float(src[i]);
+  return out;
+}
+
+// y [M, N] fp32 for x bf16 [M, K] contiguous: ops._compute's call for this linear's path.
+torch::Tensor apply(const Linear& l, const torch::Tensor& x) {
+  switch (l.kernel) {
+    case kAmxBf16: return prefill_bf16_amx(x, l.data, l.N, l.bias);
+    case kPanelBf16: return decode_bf16(x, l.data, l.N, l.bias, l.isa);
+    default: break;
+  }
+  const torch::Tensor xf = to_f32(x);  // every other path takes fp32 x (ops._compute's x.to(float32))
+  switch (l.kernel) {
+    case kPanelF32: return decode_bf16(xf, l.data, l.N, l.bias, codeshell::kAvx2);
+    case kQ8:
+      if (l.kind == kInt8) return decode_int8_q8(xf, l.data, *l.scales, l.bias, l.isa);
+      return decode_int4_q8(xf, l.data, *l.scales, l.offsets, l.group, l.bias, l.isa);
+    case kUnpack:
+      if (l.kind == kInt8) return decode_int8(xf, l.data, *l.scales, l.bias);
+      return decode_int4(xf, l.data, *l.scales, l.offsets, l.group, l.bias);
+    default: break;
+  }
+  TORCH_CHECK(false, "DecodeStep: unknown kernel code ", l.kernel);
+  return {};
+}
+
+// Rows i of k, v (heads H..H+G-1 and H+G..H+2G-1 of qkv bf16 [M, (H + 2G) * D]) into the
+// layer's cache [slots, G, max_len, D] at [slot_i, g, pos_i]: PackedView._store's index_put as
+// plain copies (converted exactly to fp32 for an fp32 cache).
+template <class T>
+void store_kv(const bf16* qkv, int64_t M, int64_t H, int64_t G, int64_t D, const int64_t* slots,
+              const int64_t* pos, T* kc, T* vc, int64_t L) {
+  const int64_t W = (H + 2 * G) * D;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t at = ((slots[i] * G + g) * L + pos[i]) * D;
+      const bf16* k = qkv + i * W + (H + g) * D;
+      const bf16* v = qkv + i * W + (H + G + g) * D;
+      if constexpr (std::is_same<T, bf16>::value) {
+        std::memcpy(kc + at, k, D * sizeof(bf16));
+        std::memcpy(vc + at, v, D * sizeof(bf16));
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          kc[at + d] = float(k[d]);
+          vc[at + d] = float(v[d]);
+        }
+      }
+    }
+}
+
+class DecodeStep {
+ public:
+  // H query heads, G KV groups of D dims; attn_isa: packed_attention's isa (ops.isa_level()).
+  DecodeStep(int64_t H, int64_t G, int64_t D, int64_t attn_isa) : H_(H), G_(G), D_(D), attn_isa_(attn_isa) {
+    TORCH_CHECK(H > 0 && G > 0 && D > 0 && D % 2 == 0 && H % G == 0, "DecodeStep: bad head shape H=", H, " G=", G,
+                " D=", D);
+    codeshell::check_isa(attn_isa);
+  }
+
+  // One linear: y = x @ W^T + bias by `kernel` (Kernel) at `isa`; returns its index.
+  int64_t add_linear(int64_t kind, int64_t kernel, int64_t isa, const torch::Tensor& data,
+                     const c10::optional<torch::Tensor>& scales, const c10::optional<torch::Tensor>& offsets,
+                     const c10::optional<torch::Tensor>& bias, int64_t group, int64_t N, int64_t K) {
+    TORCH_CHECK(kind >= kBf16 && kind <= kInt4, "DecodeStep: bad weight kind ", kind);
+    TORCH_CHECK(kernel >= kAmxBf16 && kernel <= kUnpack, "DecodeStep: bad kernel code ", kernel);
+    TORCH_CHECK((kind == kBf16) == (kernel <= kPanelF32), "DecodeStep: kernel ", kernel, " does not take weight kind ",
+                kind);
+    TORCH_CHECK(kind == kBf16 || scales.has_value(), "DecodeStep: an int8/int4 weight needs its scales");
+    TORCH_CHECK(!bias || (bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N),
+                "DecodeStep: the bias must be a contiguous fp32 [N] tensor");
+    codeshell::check_isa(isa);
+    linears_.push_back(Linear{kind, kernel, isa, N, K, group, data, scales, offsets, bias});
+    return int64_t(linears_.size()) - 1;
+  }
+
+  // One block: ln_1, c_attn, c_proj, ln_2, c_fc, mlp.c_proj (linear indices from add_linear).
+  void add_layer(const c10::optional<torch::Tensor>& ln1_w, const c10::optional<torch::Tensor>& ln1_b, double ln1_eps,
+                 int64_t attn, int64_t proj, const c10::optional<torch::Tensor>& ln2_w,
+                 const c10::optional<torch::Tensor>& ln2_b, double ln2_eps, int64_t fc, int64_t mlp_proj) {
+    const int64_t C = H_ * D_, n = int64_t(linears_.size());
+    for (int64_t i : {attn, proj, fc, mlp_proj}) TORCH_CHECK(0 <= i && i < n, "DecodeStep: no linear ", i);
+    const Linear &a = linears_[attn], &p = linears_[proj], &f = linears_[fc], &m = linears_[mlp_proj];
+    TORCH_CHECK(a.K == C && a.N == (H_ + 2 * G_) * D_ && p.K == C && p.N == C && f.K == C && m.K == f.N && m.N == C,
+                "DecodeStep: the linears' shapes do not chain (C=", C, ")");
+    layers_.push_back(Layer{ln1_w, ln1_b, ln2_w, ln2_b, ln1_eps, ln2_eps, attn, proj, fc, mlp_proj});
+  }
+
+  void set_final(const c10::optional<torch::Tensor>& w, const c10::optional<torch::Tensor>& b, double eps) {
+    lnf_w_ = w;
+    lnf_b_ = b;
+    lnf_eps_ = eps;
+  }
+
+  int64_t layers() const { return int64_t(layers_.size()); }
+
+  // h bf16 [M, C]: the step's embedded rows (M <= 64); cos, sin fp32 [M, D/2] (none: no RoPE);
+  // kc, vc the KV cache [layers, slots, G, max_len, D] (bf16 or fp32); slots, positions, lens
+  // int64 [M]: token i is at positions[i] of slot slots[i] and attends keys 0..lens[i]-1.
+  // Returns ln_f's output bf16 [M, C].
+  torch::Tensor run(const torch::Tensor& x, const c10::optional<torch::Tensor>& cos,
+                    const c10::optional<torch::Tensor>& sin, const torch::Tensor& kc, const torch::Tensor& vc,
+                    const torch::Tensor& slots, const torch::Tensor& positions, const torch::Tensor& lens,
+                    double scale) const {
+    const int64_t H = H_, G = G_, D = D_, C = H * D;
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16 && x.size(1) == C,
+                "DecodeStep.run: x must be a contiguous bf16 [M, ", C, "] tensor");
+    const int64_t M = x.size(0);
+    TORCH_CHECK(M >= 1 && M <= 64, "DecodeStep.run takes 1..64 rows, got ", M);
+    TORCH_CHECK(cos.has_value() == sin.has_value(), "DecodeStep.run: cos and sin come together");
+    TORCH_CHECK(kc.dim() == 5 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() &&
+                    kc.scalar_type() == vc.scalar_type() &&
+                    (kc.scalar_type() == torch::kBFloat16 || kc.scalar_type() == torch::kFloat32) &&
+                    kc.size(0) == layers() && kc.size(2) == G && kc.size(4) == D,
+                "DecodeStep.run: the KV cache must be two contiguous bf16/fp32 [", layers(), ", slots, ", G,
+                ", max_len, ", D, "] tensors");
+    for (const auto* t : {&slots, &positions, &lens})
+      TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == M,
+                  "DecodeStep.run: slots, positions and lens must be contiguous int64 [M] tensors");
+    const int64_t* sp = slots.data_ptr<int64_t>();
+    const int64_t* pp = positions.data_ptr<int64_t>();
+    const int64_t S = kc.size(1), L = kc.size(3);
+    for (int64_t i = 0; i < M; ++i)
+      TORCH_CHECK(0 <= sp[i] && sp[i] < S && 0 <= pp[i] && pp[i] < L, "DecodeStep.run: token ", i, " at slot ", sp[i],
+                  " position ", pp[i], " is outside the cache [", S, " slots, ", L, " positions]");
+
+    torch::Tensor h = x;
+    c10::optional<torch::Tensor> pending;  // the last block's output rows (fp32), added before the next LayerNorm
+    for (int64_t layer = 0; layer < layers(); ++layer) {
+      const Layer& ly = layers_[layer];
+      auto ha = fused_add_layer_norm(h, pending, ly.ln1_w, ly.ln1_b, ly.ln1_eps);
+      h = ha[0];
+      torch::Tensor y = apply(linears_[ly.attn], ha[1]);  // fp32 [M, (H + 2G) D]
+      torch::Tensor qkv = cos ? fused_rope_bf16(y, *cos, *sin, H + G, D) : y.to(torch::kBFloat16);
+      const bf16* qp = qkv.data_ptr<bf16>();
+      torch::Tensor kl = kc.select(0, layer), vl = vc.select(0, layer);  // [slots, G, max_len, D]
+      if (kc.scalar_type() == torch::kBFloat16)
+        store_kv<bf16>(qp, M, H, G, D, sp, pp, kl.data_ptr<bf16>(), vl.data_ptr<bf16>(), L);
+      else
+        store_kv<float>(qp, M, H, G, D, sp, pp, kl.data_ptr<float>(), vl.data_ptr<float>(), L);
+      // q rows [M, H, D]: the first H heads of each qkv row, made contiguous (as PackedView.attend)
+      torch::Tensor q = torch::empty({M, H, D}, qkv.options());
+      for (int64_t i = 0; i < M; ++i)
+        std::memcpy(q.data_ptr<bf16>() + i * C, qp + i * (H + 2 * G) * D, C * sizeof(bf16));
+      torch::Tensor att = packed_attention(q, kl, vl, slots, lens, scale, attn_isa_);  // bf16 [M, H, D]
+      y = apply(linears_[ly.proj], att.view({M, C}));
+      ha = fused_add_layer_norm(h, y, ly.ln2_w, ly.ln2_b, ly.ln2_eps);
+      h = ha[0];
+      y = apply(linears_[ly.fc], ha[1]);
+      pending = apply(linears_[ly.mlp_proj], fused_gelu_tanh(y, c10::nullopt, /*out_bf16=*/true));
+    }
+    return fused_add_layer_norm(h, pending, lnf_w_, lnf_b_, lnf_eps_)[1];
+  }
+
+ private:
+  int64_t H_, G_, D_, attn_isa_;
+  std::vector<Linear> linears_;
+  std::vector<Layer> layers_;
+  c10::optional<torch::Tensor> lnf_w_, lnf_b_;
+  double lnf_eps_ = 1e-5;
+};
+
+}  // namespace
+
+void register_decode_step(py::module& m) {
+  py::class_<DecodeStep>(m, "DecodeStep",
+                         "A decode / verify step's blocks and final LayerNorm in one call (csrc/decode_step.cpp)")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t>(), py::arg("H"), py::arg("G"), py::arg("D"),
+           py::arg("attn_isa"))
+      .def("add_linear", &DecodeStep::add_linear, "(kind, kernel, isa, data, scales, offsets, bias, group, N, K) -> index")
+      .def("add_layer", &DecodeStep::add_layer,
+           "(ln1 weight, bias, eps, c_attn, c_proj, ln2 weight, bias, eps, c_fc, mlp c_proj)")
+      .def("set_final", &DecodeStep::set_final, "ln_f's weight, bias, eps")
+      .def_property_readonly("layers", &DecodeStep::layers)
+      // The whole step runs without the GIL, as the kernels it calls do (kernels.cpp).
+      .def("run", &DecodeStep::run, py::call_guard<py::gil_scoped_release>(),
+           "(x, cos, sin, k cache, v cache, slots, positions, lens, scale) -> ln_f output bf16 [M, C]");
+}

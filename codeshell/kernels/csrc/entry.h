@@ -1,0 +1,71 @@
+// The extension's C++ entry points, declared once.
+//
+// What this is: the declarations of the functions each source file defines for others to call:
+// kernels.cpp binds them all to Python (PYBIND11_MODULE), and decode_step.cpp calls the matmul,
+// attention and fused ones directly, with no pybind in between (the native decode step).
+// What this is not: documentation of the kernels (see each definition) or a stable ABI; the
+// tensors' shapes and dtypes are checked by the definitions themselves.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+// kernels.cpp: AVX2 fp32-unpacking kernels for int8/int4 weights (exact fp32 x; the shapes the
+// integer kernels do not take).
+torch::Tensor decode_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& bias);
+torch::Tensor decode_int4(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& offset, int64_t G,
+                          const c10::optional<torch::Tensor>& bias);
+
+// panel_bf16.cpp: bf16 weights in panels of 16 rows.
+torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                          const c10::optional<torch::Tensor>& bias, int64_t isa);
+torch::Tensor prefill_bf16_amx(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                               const c10::optional<torch::Tensor>& bias);
+void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
+void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
+torch::Tensor pack_bf16(const torch::Tensor& w);
+int64_t bf16_peak(int64_t Kt, int64_t reps, bool loads);
+
+// isa.cpp
+py::dict cpu_features_dict();
+
+// qdot.cpp: int8-activation kernels for quantised weights.
+int64_t q8_block_int8(int64_t K);
+torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& offset, int64_t G,
+                             const c10::optional<torch::Tensor>& bias, int64_t isa);
+torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& bias, int64_t isa);
+
+// qgemm_amx.cpp: AMX-INT8 prefill for quantised weights.
+torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& offset, int64_t G,
+                             const c10::optional<torch::Tensor>& bias);
+
+// sampling.cpp
+int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u);
+torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::Tensor& temperatures,
+                                      const torch::Tensor& us);
+
+// attention.cpp
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                               const torch::Tensor& slots, const torch::Tensor& lens, double scale);
+torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                               const torch::Tensor& slots, const torch::Tensor& lens, double scale, int64_t isa);
+
+// fused.cpp: residual add + LayerNorm, GELU, RoPE for the model's inference path.
+std::vector<torch::Tensor> fused_add_layer_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& r,
+                                                const c10::optional<torch::Tensor>& weight,
+                                                const c10::optional<torch::Tensor>& bias, double eps);
+torch::Tensor fused_gelu_tanh(const torch::Tensor& v, const c10::optional<torch::Tensor>& bias, bool out_bf16);
+void fused_rope_(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t D);
+torch::Tensor fused_rope_bf16(const torch::Tensor& y, const torch::Tensor& cos, const torch::Tensor& sin,
+                              int64_t heads, int64_t D);
+void register_fused(py::module& m);
+
+// decode_step.cpp: the blocks of a decode / verify step in one call (DecodeStep).
+void register_decode_step(py::module& m);

@@ -1,0 +1,168 @@
+"""The native decode step: a decode or prompt-lookup verify step's blocks in one native call.
+
+What this is: the Python side of csrc/decode_step.cpp. `forward` is what
+`CodeShellModel._forward_inference` calls first: when the step is one the native `DecodeStep`
+takes (the engine's `PackedView` cache, bf16 rows, M <= ROW_INVARIANT_MAX_M, every linear a
+native `FastLinear`, GELU-tanh, the native attention), it runs every block and ln_f in one call
+and returns the result, bit for bit what the Python fused path returns (the same entry points
+on the same inputs); else None, and the caller runs the Python path. The `DecodeStep` is built
+once per model (the linears' tensors and the kernel `ops.plan` names for each at M <= 64, fixed
+per weight there) and rebuilt when a linear's weight or bias, a LayerNorm parameter, the module
+structure or the ISA cap (CODESHELL_KERNEL_ISA) changes.
+`CODESHELL_DECODE_STEP=off` forces the Python path (tests, A/B timing).
+
+What this is not: a prefill path, an fp32-model path, or a kernel dispatcher (`ops.plan` names
+the kernels; this only maps its names to the native codes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+
+import torch
+from torch import nn
+
+from . import _ext, ops
+from .module import FastLinear, PackedLinear
+
+# ops.plan's path -> (csrc/decode_step.cpp's Kernel code); the isa is the path's prefix level.
+_KERNELS = {("bf16", "amx:bf16"): 0, ("bf16", "avx512_bf16:panel"): 1, ("bf16", "avx2:panel"): 2,
+            ("int8", "avx512_vnni:q8"): 3, ("int8", "avx2:q8"): 3, ("int4", "avx512_vnni:q8"): 3,
+            ("int4", "avx2:q8"): 3, ("int8", "avx2:unpack"): 4, ("int4", "avx2:unpack"): 4}
+_KINDS = {"bf16": 0, "int8": 1, "int4": 2}
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # as codeshell.model
+
+# model -> (sources, isa cap, DecodeStep or None): weak, so the cache neither keeps a model
+# alive nor travels with it (state_dict, deepcopy, pickling never see it).
+_STEPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_PACKED_VIEW: list = []  # codeshell.engine.kv_cache.PackedView, imported at first use
+
+
+def enabled() -> bool:
+    """False when CODESHELL_DECODE_STEP=off (the Python path then runs every step)."""
+    v = os.environ.get("CODESHELL_DECODE_STEP")
+    if v is None or v == "on":
+        return True
+    if v == "off":
+        return False
+    raise ValueError(f"CODESHELL_DECODE_STEP={v!r}: expected on or off")
+
+
+def _fast(linear: nn.Module) -> FastLinear | None:
+    """The linear's native call cache (rebuilt by the module itself when its buffers change),
+    or None for anything else (nn.Linear, a LoRA wrapper, a QuantLinear on torch's kernels)."""
+    if type(linear) is PackedLinear:
+        return linear.fast
+    get = getattr(type(linear), "_fast_linear", None)  # codeshell.quant.linear.QuantLinear
+    if get is not None and linear.__dict__.get("_kernel") is not None:
+        return get(linear)
+    return None
+
+
+def _sources(model: nn.Module) -> list | None:
+    """Every object the step is built from, in order: per block its 4 FastLinears and its 2
+    LayerNorms' weight, bias and eps, then ln_f's. The step is rebuilt when any of them is not
+    the one it was built from (a swapped module or tensor; a PackedLinear's bias changed in
+    place gives a new FastLinear). None when a module is not one the native step runs."""
+    out = []
+    for block in model.h:
+        mods = block._modules
+        attn, mlp, ln1, ln2 = mods["attn"], mods["mlp"], mods["ln_1"], mods["ln_2"]
+        if type(ln1) is not nn.LayerNorm or type(ln2) is not nn.LayerNorm:
+            return None
+        am, mm = attn._modules, mlp._modules
+        for lin in (am["c_attn"], am["c_proj"], mm["c_fc"], mm["c_proj"]):
+            f = _fast(lin)
+            if f is None:
+                return None
+            out.append(f)
+        out += (ln1.weight, ln1.bias, ln1.eps, ln2.weight, ln2.bias, ln2.eps)
+    ln = model.ln_f
+    if type(ln) is not nn.LayerNorm:
+        return None
+    out += (ln.weight, ln.bias, ln.eps)
+    return out
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y or (type(x) is float and x == y) for x, y in zip(a, b))
+
+
+def _build(model: nn.Module, src: list):
+    """A DecodeStep for these sources, or None when some linear's path is not one it runs."""
+    cfg = model.cfg
+    if cfg.activation_function not in _GELU_TANH:
+        return None
+    mod = _ext.get()
+    step = mod.DecodeStep(cfg.n_head, cfg.num_query_groups, cfg.head_dim, ops.isa_level())
+    per = 4 + 6
+    for i in range(len(model.h)):
+        s = src[i * per:(i + 1) * per]
+        ids = []
+        for f in s[:4]:
+            p = f.packed
+            path = ops.plan(p, 1, torch.bfloat16)
+            # one path for every M <= ROW_INVARIANT_MAX_M (row invariance): one step serves them all
+            if path != ops.plan(p, ops.ROW_INVARIANT_MAX_M, torch.bfloat16):
+                return None
+            code = _KERNELS.get((p.kind, path))
+            if code is None:
+                return None
+            isa = ops.ISA_LEVELS.index(path.partition(":")[0])
+            ids.append(step.add_linear(_KINDS[p.kind], code, isa, p.data, p.scales, p.offsets, f.bias,
+                                       p.group_size if p.kind == "int4" else 0, p.out_features, p.in_features))
+        w1, b1, e1, w2, b2, e2 = s[4:]
+        step.add_layer(_t(w1), _t(b1), e1, ids[0], ids[1], _t(w2), _t(b2), e2, ids[2], ids[3])
+    w, b, e = src[-3:]
+    step.set_final(_t(w), _t(b), e)
+    return step
+
+
+def _t(p: torch.Tensor | None) -> torch.Tensor | None:
+    return None if p is None else p.detach()
+
+
+def step_for(model: nn.Module):
+    """The model's (`CodeShellModel`) DecodeStep for the current weights and ISA cap, built or
+    rebuilt as needed, or None when its modules or kernels are not ones the native step runs."""
+    src = _sources(model)
+    if src is None:
+        return None
+    cap = os.environ.get("CODESHELL_KERNEL_ISA")
+    hit = _STEPS.get(model)
+    if hit is not None and hit[1] == cap and _same(hit[0], src):
+        return hit[2]
+    step = _build(model, src)
+    _STEPS[model] = (src, cap, step)
+    return step
+
+
+def forward(model: nn.Module, x: torch.Tensor, rope, mask, cache) -> torch.Tensor | None:
+    """ln_f's output [1, M, C] for the embedded rows x [1, M, C] of a packed decode / verify
+    step (`CodeShellModel._forward_inference`'s arguments), or None where the native step does
+    not apply (the caller runs the Python path)."""
+    if not _PACKED_VIEW:
+        from ..engine.kv_cache import PackedView
+        _PACKED_VIEW.append(PackedView)
+    if type(cache) is not _PACKED_VIEW[0] or mask is not None or not enabled():
+        return None
+    B, M, C = x.shape
+    if B != 1 or M > ops.ROW_INVARIANT_MAX_M or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return None
+    kv = cache.cache
+    k, v = kv.k, kv.v
+    if (k.dtype != torch.bfloat16 or k.device.type != "cpu" or not k.is_contiguous()
+            or not v.is_contiguous() or _ext.get() is None):
+        return None
+    cos = sin = None
+    if rope is not None:
+        cos, sin = rope  # fp32 [M, D/2] (CodeShellModel._rope_rows)
+    step = step_for(model)
+    if step is None:
+        return None
+    scale = 1.0 / math.sqrt(model.cfg.head_dim)  # as CodeShellAttention's
+    out = step.run(x.reshape(M, C).contiguous(), cos, sin, k, v, cache.slot_index, cache.positions[0],
+                   cache.lens, scale)
+    return out.view(1, M, C)

@@ -1,0 +1,223 @@
+"""The native decode step (csrc/decode_step.cpp, codeshell/kernels/step.py) against the Python
+fused path it replaces: the engine's logits (every forward's), greedy tokens and KV cache are
+bit for bit those of CODESHELL_DECODE_STEP=off, for bf16, int8 and int4 weights, at batch 1, at
+batch 4 with different lengths and in prompt-lookup verify steps, at every ISA level this CPU
+has; the step is rebuilt when a weight, bias, LayerNorm or the ISA cap changes; everything the
+native step does not take runs the Python path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from codeshell.config import CodeShellConfig
+from codeshell.engine.engine import Engine
+from codeshell.engine.sampling import SamplingParams
+from codeshell.kernels import _ext, available, ops, prepack, prepare_model
+from codeshell.kernels import step as step_mod
+from codeshell.kernels.module import PackedLinear
+from codeshell.model import CodeShellForCausalLM
+from codeshell.quant.linear import Int4Linear, Int8Linear
+
+pytestmark = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
+LEVEL = ops.isa_level() if available() else -1
+VOCAB = 300
+
+
+def tiny(kind: str = "bf16", **over) -> CodeShellForCausalLM:
+    """A random 2-layer bf16 model (C = 128, GQA 4 heads / 2 groups) with non-trivial
+    LayerNorms, its block linears packed bf16 or quantized int8 / int4 (asymmetric groups of
+    64), the head and the tied embedding packed bf16 (kind "fp32": the plain fp32 model).
+    K = 128 and 256: the 512-bit kernels run."""
+    kw = dict(n_embd=128, n_layer=2, n_head=4, num_query_groups=2, n_inner=256, vocab_size=VOCAB, n_positions=256)
+    kw.update(over)
+    torch.manual_seed(0)
+    m = CodeShellForCausalLM(CodeShellConfig(**kw)).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.LayerNorm):
+                mod.weight.normal_(1.0, 0.2)
+                mod.bias.normal_(0.0, 0.1)
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(0.0, 0.05)
+    if kind == "fp32":
+        return m
+    m = m.to(torch.bfloat16)
+    if kind != "bf16":
+        for block in m.transformer.h:
+            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                                 (block.mlp, "c_proj")):
+                lin = getattr(parent, name)
+                w, b = lin.weight.float(), lin.bias.float()
+                q = Int8Linear.from_float(w, b) if kind == "int8" else \
+                    Int4Linear.from_float(w, b, group_size=64, symmetric=False)
+                setattr(parent, name, q)
+    prepare_model(m)
+    return m
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the forwards the native step ran (step.forward returned a result)."""
+    calls = []
+    orig = step_mod.forward
+
+    def counted(*a):
+        out = orig(*a)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(step_mod, "forward", counted)
+    return calls
+
+
+def prompts(n: int) -> list[list[int]]:
+    """Repetitive prompts of different lengths (the prompt lookup finds drafts in them)."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for i in range(n):
+        base = torch.randint(0, VOCAB, (4 + 3 * i,), generator=g).tolist()
+        out.append(base * 3 + base[:2])
+    return out
+
+
+def engine_run(m, monkeypatch, native: bool, ps, lookup: int = 0, max_tokens: int = 10):
+    """Greedy tokens per request, every forward's logits and the final KV cache of one engine run."""
+    monkeypatch.setenv("CODESHELL_DECODE_STEP", "on" if native else "off")
+    logits = []
+    hook = m.lm_head.register_forward_hook(lambda mod, args, out: logits.append(out.clone()))
+    try:
+        eng = Engine(m, m.cfg, max_batch=4, prompt_lookup=lookup)
+        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        for i, p in enumerate(ps):
+            eng.add_request(f"r{i}", p, sp)
+        out = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+    finally:
+        hook.remove()
+    return out, logits, eng
+
+
+def assert_same_runs(m, monkeypatch, calls, ps, lookup=0):
+    start = len(calls)
+    want, want_logits, e0 = engine_run(m, monkeypatch, False, ps, lookup)
+    mid = len(calls)
+    got, got_logits, e1 = engine_run(m, monkeypatch, True, ps, lookup)
+    assert not any(calls[start:mid]) and any(calls[mid:])  # the switch works, and the native step ran
+    assert got == want
+    assert len(got_logits) == len(want_logits)
+    for a, b in zip(got_logits, want_logits):
+        assert torch.equal(a, b)
+    assert torch.equal(e1.cache.k, e0.cache.k) and torch.equal(e1.cache.v, e0.cache.v)
+    if lookup:
+        assert e1.spec_steps > 0 and e1.spec_steps == e0.spec_steps
+
+
+def _levels():
+    return [pytest.param(name, id=name) for name in ops.ISA_LEVELS]
+
+
+@pytest.mark.parametrize("level", _levels())
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_engine_bitwise_equal_to_python_path(kind, level, monkeypatch, native_calls):
+    if ops.ISA_LEVELS.index(level) > LEVEL:
+        pytest.skip(f"{level} above this CPU's highest kernel ISA ({ops.ISA_LEVELS[LEVEL]})")
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", level)
+    m = tiny(kind)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(1))              # batch 1
+    assert_same_runs(m, monkeypatch, native_calls, prompts(4))              # batch 4, different lengths
+    assert_same_runs(m, monkeypatch, native_calls, prompts(4), lookup=5)    # verify steps with drafts
+    # the kernels the step was built with are the ones plan names at this level
+    src, cap, step = step_mod._STEPS[m.transformer]
+    assert cap == level and step is not None and step.layers == m.cfg.n_layer
+
+
+def test_learned_positions_without_rope(monkeypatch, native_calls):
+    """Learned absolute positions: no RoPE in the step (qkv only rounded to bf16)."""
+    m = tiny("bf16", position_embedding_type="learned_absolute")
+    assert_same_runs(m, monkeypatch, native_calls, prompts(3), lookup=4)
+
+
+def test_rebuilt_when_weights_or_isa_change(monkeypatch, native_calls):
+    m = tiny("bf16")
+    ps = prompts(2)
+    assert_same_runs(m, monkeypatch, native_calls, ps)
+    first = step_mod._STEPS[m.transformer][2]
+    assert_same_runs(m, monkeypatch, native_calls, ps)
+    assert step_mod._STEPS[m.transformer][2] is first  # unchanged model: the same step
+    logits = engine_run(m, monkeypatch, True, ps)[1]
+
+    def changed_by(mutate):
+        before = step_mod._STEPS[m.transformer][2]
+        with torch.no_grad():
+            mutate()
+        assert_same_runs(m, monkeypatch, native_calls, ps)
+        assert step_mod._STEPS[m.transformer][2] is not before
+
+    g = torch.Generator().manual_seed(3)
+    block = m.transformer.h[1]
+    # a linear swapped for another
+    w = torch.randn(m.cfg.ffn_dim, m.cfg.n_embd, generator=g).to(torch.bfloat16) * 0.2
+    changed_by(lambda: setattr(block.mlp, "c_fc", PackedLinear(prepack(w), block.mlp.c_fc.bias)))
+    # a bias changed in place (PackedLinear's call cache follows its version)
+    changed_by(lambda: block.attn.c_attn.bias.add_(0.5))
+    # a LayerNorm weight replaced, and loaded in place by load_state_dict (no rebuild needed:
+    # the step holds the tensor itself), then a weight swapped to a quantized linear
+    changed_by(lambda: setattr(block.ln_2, "weight", nn.Parameter(block.ln_2.weight * 1.5)))
+    sd = m.state_dict()
+    sd["transformer.h.0.ln_1.bias"] = sd["transformer.h.0.ln_1.bias"] + 0.3
+    m.load_state_dict(sd, strict=False)
+    assert_same_runs(m, monkeypatch, native_calls, ps)
+    lin = block.attn.c_proj
+    changed_by(lambda: setattr(block.attn, "c_proj", Int8Linear.from_float(
+        torch.randn(lin.out_features, lin.in_features, generator=g) * 0.1, lin.bias.float())))
+    assert not torch.equal(engine_run(m, monkeypatch, True, ps)[1][-1], logits[-1])  # they changed the model
+    # the ISA cap is part of the key
+    if LEVEL >= 1:
+        before = step_mod._STEPS[m.transformer][2]
+        monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
+        assert_same_runs(m, monkeypatch, native_calls, ps)
+        assert step_mod._STEPS[m.transformer][2] is not before
+
+
+def test_fallbacks_take_the_python_path(monkeypatch, native_calls):
+    ps = prompts(2)
+    # an fp32 model (x is fp32; prepare_model packs nothing)
+    engine_run(tiny("fp32"), monkeypatch, True, ps)
+    assert native_calls and not any(native_calls)
+    native_calls.clear()
+    # a bf16 model whose linears stay nn.Linear (no prepare_model), e.g. a LoRA-wrapped module
+    m = tiny("bf16")
+    m.transformer.h[0].mlp.c_fc = nn.Linear(m.cfg.n_embd, m.cfg.ffn_dim).to(torch.bfloat16)
+    engine_run(m, monkeypatch, True, ps)
+    assert native_calls and not any(native_calls)
+    native_calls.clear()
+    # an activation the step does not run
+    m = tiny("bf16", activation_function="relu")
+    engine_run(m, monkeypatch, True, ps)
+    assert native_calls and not any(native_calls)
+    native_calls.clear()
+    # prefill and plain cache views never reach the step; more than 64 packed rows neither
+    m = tiny("bf16")
+    engine_run(m, monkeypatch, True, ps)
+    assert any(native_calls) and not all(native_calls)  # prefills ran the Python path
+    from codeshell.engine.kv_cache import KVCache
+    kv = KVCache(m.cfg, 1, 128, torch.bfloat16)
+    n = ops.ROW_INVARIANT_MAX_M + 1
+    view = kv.packed_view([0] * n, list(range(n)))
+    x = torch.randn(1, n, m.cfg.n_embd).to(torch.bfloat16)
+    rope = m.transformer._rope_rows(view.positions, n)
+    assert step_mod.forward(m.transformer, x, rope, None, view) is None
+    view = kv.packed_view([0] * 3, [0, 1, 2])
+    rope = m.transformer._rope_rows(view.positions, 3)
+    assert step_mod.forward(m.transformer, x[:, :3], rope, None, view) is not None
+    assert step_mod.forward(m.transformer, x[:, :3], rope, None, kv.view([0], view.positions)) is None
+    monkeypatch.setenv("CODESHELL_DECODE_STEP", "off")
+    assert step_mod.forward(m.transformer, x[:, :3], rope, None, view) is None
+    monkeypatch.setenv("CODESHELL_DECODE_STEP", "fast")
+    with pytest.raises(ValueError, match="CODESHELL_DECODE_STEP='fast': expected on or off"):
+        step_mod.forward(m.transformer, x[:, :3], rope, None, view)

@@ -53,6 +53,10 @@ def test_packed_embedding_equals_the_embedding_it_replaces():
     pe = PackedEmbedding(prepack(emb.weight))
     ids = torch.tensor([[0, 36, 15, 16], [8, 7, 31, 32]])
     assert pe(ids).dtype == torch.bfloat16 and torch.equal(pe(ids), emb(ids))
+    many = torch.randint(0, 37, (3, 9))  # 27 rows: past the row-by-row copies, one gather
+    assert torch.equal(pe(many), emb(many)) and torch.equal(pe(ids[:1, :1]), emb(ids[:1, :1]))
+    with pytest.raises(IndexError, match="token id 37 is out of range"):
+        pe(torch.tensor([[37]]))
 
 
 def test_prepare_model_swaps_bf16_cpu_linears_only():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import SequenceSampler
+from .sampling import SequenceSampler, as_float32
 
 
 class NgramLookup:
@@ -81,8 +81,8 @@ def verify_token(sampler: SequenceSampler, logits: torch.Tensor, draft: int) -> 
     if p.greedy:
         tok = sampler.sample(logits)
         return tok, tok == draft
-    x = sampler.process(logits.clone() if sampler._mutates else logits)
-    probs = torch.softmax(x.float(), -1)  # [V]
+    x = sampler.process(as_float32(logits, copy=sampler._mutates))
+    probs = torch.softmax(x, -1)  # [V]
     u = sampler.uniform()
     if u < float(probs[draft]):
         return draft, True

@@ -148,13 +148,14 @@ class SequenceSampler:
         return logits
 
     def sample(self, logits: torch.Tensor, u: float | None = None) -> int:
-        """The next token from one row of raw float32 logits [V]; `u`, if given, is this
-        sampler's uniform number already drawn (see `sample_rows`)."""
+        """The next token from one row of raw logits [V] (float32, or the model's bf16: widened
+        here); `u`, if given, is this sampler's uniform number already drawn (see `sample_rows`)."""
         p = self.params
+        logits = as_float32(logits, copy=self._mutates)
         if p.greedy:
             # max(0).indices is argmax (the first maximal index) at half the cost on CPU: a
             # 70k-vocabulary row, 1 thread, torch 2.13: ~0.6 ms for argmax, ~0.3 ms for max.
-            return int(self.process(logits.clone() if self._mutates else logits).max(0).indices)
+            return int(self.process(logits).max(0).indices)
         # Inverse-CDF draw with one uniform number: the same distribution as torch.multinomial,
         # ~10x faster on a 70k vocabulary on CPU (multinomial spends ~2 ms a row, which at
         # batch 16 was a fifth of a decode step). Zero-probability tokens are never picked.
@@ -165,7 +166,7 @@ class SequenceSampler:
             tok = sample_temperature(logits, p.temperature, u)
             if tok is not None:
                 return tok
-        x = self.process(logits.clone() if self._mutates else logits)
+        x = self.process(logits)
         cdf = torch.softmax(x, -1).cumsum(-1)
         target = torch.tensor(u, dtype=cdf.dtype, device=cdf.device) * cdf[-1]
         return int(torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.numel() - 1))
@@ -183,6 +184,14 @@ class SequenceSampler:
     def _mutates(self) -> bool:
         p = self.params
         return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
+
+def as_float32(logits: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """float32 logits: a widened copy of bf16 ones (exact), or float32 ones as they are (a copy
+    when `copy`: the caller changes them in place)."""
+    if logits.dtype != torch.float32:
+        return logits.float()
+    return logits.clone() if copy else logits
 
 
 def greedy_picks(samplers: list[SequenceSampler], logits: torch.Tensor) -> list[int | None]:
@@ -223,7 +232,7 @@ def sample_rows(samplers: list[SequenceSampler], logits: torch.Tensor) -> list[i
     us = {i: samplers[i].uniform() for i in fused}
     if len(fused) > 1:
         from ..kernels import sample_temperature_rows
-        rows = logits if len(fused) == len(samplers) else logits[fused]
+        rows = as_float32(logits if len(fused) == len(samplers) else logits[fused])
         got = sample_temperature_rows(rows, [samplers[i].params.temperature for i in fused], [us[i] for i in fused])
         if got is not None:
             for i, t in zip(fused, got):

@@ -26,6 +26,7 @@ found by --compare-llamacpp BIN_DIR, else $CODESHELL_LLAMACPP_BIN, else the cach
     python benchmarks/bench_quant.py --formats int4 --decode-tokens 32
     python benchmarks/bench_quant.py --compare-llamacpp ~/.cache/codeshell/llama.cpp/build/bin
     python benchmarks/bench_quant.py --shape 7b --workdir /tmp/q7 --reuse   # keep the checkpoints between runs
+    python benchmarks/bench_quant.py --model codeshell-mini --prompt-len 256  # a real bf16 checkpoint instead
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="mid", help="mid (default, ~0.5B), small (~0.2B), 1b, 7b, tiny")
     ap.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"])
+    ap.add_argument("--model", default=None,
+                    help="a bf16 checkpoint folder (with its tokenizer) instead of random weights of --shape; "
+                         "`codeshell-mini` names the built-in model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--head", choices=["int8", "bf16"], default="int8",
                     help="output head of our int8/int4 checkpoints: int8 (default, as llama.cpp's Q8_0/Q4_0 "
@@ -161,7 +165,22 @@ def main() -> None:
         return
     os.environ.setdefault("CODESHELL_NO_PROGRESS", "1")
     from codeshell import llamacpp
-    cfg = shape_config(a.shape)
+    model = None
+    if a.model:
+        from codeshell.weights import CheckpointError, load_config
+        model = Path(a.model)
+        if a.model == "codeshell-mini":
+            from codeshell.mini import MODEL_DIR
+            model = Path(MODEL_DIR)
+        try:
+            cfg = load_config(model)
+        except (CheckpointError, OSError, ValueError) as e:
+            sys.exit(f"error: --model {a.model}: {e}")
+        if cfg.quantization:
+            sys.exit(f"error: --model {a.model} is quantized; give the full-precision checkpoint")
+        a.shape = model.name
+    else:
+        cfg = shape_config(a.shape)
     bins = None
     if not a.no_llamacpp:
         try:
@@ -173,7 +192,7 @@ def main() -> None:
                   "../shared/tools/build_llamacpp.sh and pass --compare-llamacpp BIN_DIR)", flush=True)
         else:
             print(f"llama.cpp: {bins} ({llamacpp.version(bins)})", flush=True)
-    if bins is not None and llamacpp.shared_tokenizer_dir() is None:
+    if bins is not None and model is None and llamacpp.shared_tokenizer_dir() is None:
         sys.exit("error: the GGUF export needs the tokenizer at ../shared/codeshell-tokenizer (set CODESHELL_SHARED)")
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_quant_"))
     print(f"shape {a.shape}: {cfg.num_parameters() / 1e9:.2f}B parameters, {a.threads} threads, "
@@ -182,7 +201,7 @@ def main() -> None:
     try:
         from codeshell.quant.convert import quantize_checkpoint
         from codeshell.quant.scheme import QuantScheme
-        src = work / "bf16"
+        src = model or work / "bf16"
         def kept(folder: Path, scheme=None) -> bool:
             if not (a.reuse and (folder / "config.json").is_file()):
                 return False
@@ -190,7 +209,9 @@ def main() -> None:
             return scheme is None or stored == scheme.to_dict()  # another head is not reused
 
         t = time.perf_counter()
-        if kept(src):
+        if model is not None:
+            print(f"model {model} ({cfg.torch_dtype or 'bfloat16'})", flush=True)
+        elif kept(src):
             print(f"reusing {src}", flush=True)
         else:
             write_random_checkpoint(cfg, src)

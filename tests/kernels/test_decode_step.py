@@ -25,10 +25,10 @@ LEVEL = ops.isa_level() if available() else -1
 VOCAB = 300
 
 
-def tiny(kind: str = "bf16", **over) -> CodeShellForCausalLM:
+def tiny(kind: str = "bf16", group: int = 64, **over) -> CodeShellForCausalLM:
     """A random 2-layer bf16 model (C = 128, GQA 4 heads / 2 groups) with non-trivial
     LayerNorms, its block linears packed bf16 or quantized int8 / int4 (asymmetric groups of
-    64), the head and the tied embedding packed bf16 (kind "fp32": the plain fp32 model).
+    `group`), the head and the tied embedding packed bf16 (kind "fp32": the plain fp32 model).
     K = 128 and 256: the 512-bit kernels run."""
     kw = dict(n_embd=128, n_layer=2, n_head=4, num_query_groups=2, n_inner=256, vocab_size=VOCAB, n_positions=256)
     kw.update(over)
@@ -51,7 +51,7 @@ def tiny(kind: str = "bf16", **over) -> CodeShellForCausalLM:
                 lin = getattr(parent, name)
                 w, b = lin.weight.float(), lin.bias.float()
                 q = Int8Linear.from_float(w, b) if kind == "int8" else \
-                    Int4Linear.from_float(w, b, group_size=64, symmetric=False)
+                    Int4Linear.from_float(w, b, group_size=group, symmetric=False)
                 setattr(parent, name, q)
     prepare_model(m)
     return m
@@ -139,6 +139,18 @@ def test_engine_bitwise_equal_to_python_path(kind, level, monkeypatch, native_ca
 def test_learned_positions_without_rope(monkeypatch, native_calls):
     """Learned absolute positions: no RoPE in the step (qkv only rounded to bf16)."""
     m = tiny("bf16", position_embedding_type="learned_absolute")
+    assert_same_runs(m, monkeypatch, native_calls, prompts(3), lookup=4)
+
+
+@pytest.mark.parametrize("kind,over", [
+    ("int8", dict(n_embd=72, n_head=3, num_query_groups=1, n_inner=200)),   # K % 32 != 0
+    ("int4", dict(n_embd=96, n_head=4, num_query_groups=2, n_inner=160)),   # K % 64 != 0
+])
+def test_exact_unpacking_kernels(kind, over, monkeypatch, native_calls):
+    """Shapes the integer kernels do not take run the fp32-unpacking kernels (`avx2:unpack`)."""
+    m = tiny(kind, group=32, **over)
+    lin = m.transformer.h[0].attn.c_attn
+    assert ops.plan(lin._fast_linear().packed, 1, torch.bfloat16) == "avx2:unpack"
     assert_same_runs(m, monkeypatch, native_calls, prompts(3), lookup=4)
 
 

@@ -25,7 +25,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -88,26 +87,16 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x) {
 }
 
 // Rows i of k, v (heads H..H+G-1 and H+G..H+2G-1 of qkv bf16 [M, (H + 2G) * D]) into the
-// layer's cache [slots, G, max_len, D] at [slot_i, g, pos_i]: PackedView._store's index_put as
-// plain copies (converted exactly to fp32 for an fp32 cache).
-template <class T>
-void store_kv(const bf16* qkv, int64_t M, int64_t H, int64_t G, int64_t D, const int64_t* slots,
-              const int64_t* pos, T* kc, T* vc, int64_t L) {
+// layer's bf16 cache [slots, G, max_len, D] at [slot_i, g, pos_i]: PackedView._store's
+// index_put as plain copies.
+void store_kv(const bf16* qkv, int64_t M, int64_t H, int64_t G, int64_t D, const int64_t* slots, const int64_t* pos,
+              bf16* kc, bf16* vc, int64_t L) {
   const int64_t W = (H + 2 * G) * D;
   for (int64_t i = 0; i < M; ++i)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t at = ((slots[i] * G + g) * L + pos[i]) * D;
-      const bf16* k = qkv + i * W + (H + g) * D;
-      const bf16* v = qkv + i * W + (H + G + g) * D;
-      if constexpr (std::is_same<T, bf16>::value) {
-        std::memcpy(kc + at, k, D * sizeof(bf16));
-        std::memcpy(vc + at, v, D * sizeof(bf16));
-      } else {
-        for (int64_t d = 0; d < D; ++d) {
-          kc[at + d] = float(k[d]);
-          vc[at + d] = float(v[d]);
-        }
-      }
+      std::memcpy(kc + at, qkv + i * W + (H + g) * D, D * sizeof(bf16));
+      std::memcpy(vc + at, qkv + i * W + (H + G + g) * D, D * sizeof(bf16));
     }
 }
 
@@ -157,7 +146,7 @@ class DecodeStep {
   int64_t layers() const { return int64_t(layers_.size()); }
 
   // h bf16 [M, C]: the step's embedded rows (M <= 64); cos, sin fp32 [M, D/2] (none: no RoPE);
-  // kc, vc the KV cache [layers, slots, G, max_len, D] (bf16 or fp32); slots, positions, lens
+  // kc, vc the KV cache [layers, slots, G, max_len, D] (bf16); slots, positions, lens
   // int64 [M]: token i is at positions[i] of slot slots[i] and attends keys 0..lens[i]-1.
   // Returns ln_f's output bf16 [M, C].
   torch::Tensor run(const torch::Tensor& x, const c10::optional<torch::Tensor>& cos,
@@ -170,12 +159,12 @@ class DecodeStep {
     const int64_t M = x.size(0);
     TORCH_CHECK(M >= 1 && M <= 64, "DecodeStep.run takes 1..64 rows, got ", M);
     TORCH_CHECK(cos.has_value() == sin.has_value(), "DecodeStep.run: cos and sin come together");
+    // a bf16 model's cache is bf16 (the engine's); PackedView's index_put takes no other
     TORCH_CHECK(kc.dim() == 5 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() &&
-                    kc.scalar_type() == vc.scalar_type() &&
-                    (kc.scalar_type() == torch::kBFloat16 || kc.scalar_type() == torch::kFloat32) &&
+                    kc.scalar_type() == torch::kBFloat16 && vc.scalar_type() == torch::kBFloat16 &&
                     kc.size(0) == layers() && kc.size(2) == G && kc.size(4) == D,
-                "DecodeStep.run: the KV cache must be two contiguous bf16/fp32 [", layers(), ", slots, ", G,
-                ", max_len, ", D, "] tensors");
+                "DecodeStep.run: the KV cache must be two contiguous bf16 [", layers(), ", slots, ", G, ", max_len, ",
+                D, "] tensors");
     for (const auto* t : {&slots, &positions, &lens})
       TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == M,
                   "DecodeStep.run: slots, positions and lens must be contiguous int64 [M] tensors");
@@ -196,10 +185,7 @@ class DecodeStep {
       torch::Tensor qkv = cos ? fused_rope_bf16(y, *cos, *sin, H + G, D) : y.to(torch::kBFloat16);
       const bf16* qp = qkv.data_ptr<bf16>();
       torch::Tensor kl = kc.select(0, layer), vl = vc.select(0, layer);  // [slots, G, max_len, D]
-      if (kc.scalar_type() == torch::kBFloat16)
-        store_kv<bf16>(qp, M, H, G, D, sp, pp, kl.data_ptr<bf16>(), vl.data_ptr<bf16>(), L);
-      else
-        store_kv<float>(qp, M, H, G, D, sp, pp, kl.data_ptr<float>(), vl.data_ptr<float>(), L);
+      store_kv(qp, M, H, G, D, sp, pp, kl.data_ptr<bf16>(), vl.data_ptr<bf16>(), L);
       // q rows [M, H, D]: the first H heads of each qkv row, made contiguous (as PackedView.attend)
       torch::Tensor q = torch::empty({M, H, D}, qkv.options());
       for (int64_t i = 0; i < M; ++i)

@@ -29,6 +29,7 @@ from .ops import (
     sample_temperature,
     sample_temperature_rows,
     set_num_threads,
+    argmax_rows,
 )
 from .packing import (
     KINDS,
@@ -70,6 +71,7 @@ __all__ = [
     "quantize_int4",
     "sample_temperature",
     "sample_temperature_rows",
+    "argmax_rows",
     "quantize_int8",
     "set_num_threads",
     "unpack_nibbles",

@@ -420,6 +420,17 @@ def sample_temperature(logits: torch.Tensor, temperature: float, u: float) -> in
     return None if mod is None else int(mod.sample_temperature(logits.contiguous(), float(temperature), float(u)))
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
+    """The first maximal index of each row of logits [N, V] (fp32 or bf16), as a long [N]
+    tensor: torch's `max(-1).indices` at ~5-10x its speed. None where the native kernels cannot
+    take it (not a contiguous CPU fp32/bf16 matrix, or no build)."""
+    if (logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16)
+            or logits.dim() != 2 or not logits.is_contiguous() or logits.shape[1] == 0):
+        return None
+    mod = _ext.get()
+    return None if mod is None else mod.argmax_rows(logits)
+
+
 def sample_temperature_rows(logits: torch.Tensor, temperatures: list[float], us: list[float]) -> list[int] | None:
     """`sample_temperature` for each row of logits [B, V] (row b with temperatures[b], us[b]),
     rows in parallel over the threads. None where the native kernels cannot take it."""

@@ -50,6 +50,7 @@ torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, con
 int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u);
 torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::Tensor& temperatures,
                                       const torch::Tensor& us);
+torch::Tensor argmax_rows(const torch::Tensor& logits);
 
 // attention.cpp
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,

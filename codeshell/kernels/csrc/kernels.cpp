@@ -329,6 +329,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_block_int8", &q8_block_int8, "activation block size the int8 x int8 kernel uses for K");
   m.def("sample_temperature", &sample_temperature, "inverse-CDF draw from softmax(logits / T) with uniform u");
   m.def("sample_temperature_rows", &sample_temperature_rows, kNoGil, "sample_temperature for each row of [B, V]");
+  m.def("argmax_rows", &argmax_rows, kNoGil, "the first maximal index of each row of fp32/bf16 logits [N, V]");
   m.def("decode_attention", &decode_attention, kNoGil, "one-query GQA attention over KV cache slots");
   m.def("packed_attention", &packed_attention, kNoGil,
         "decode_attention's result per query; consecutive queries of one slot share key/value loads");

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 
 #include "simd.h"
@@ -108,6 +109,86 @@ torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::
   int64_t* o = out.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) o[b] = draw(l + b * V, V, t[b], u[b]);
+  });
+  return out;
+}
+
+// ---- greedy picks ------------------------------------------------------------------------------
+// The first maximal index of each row of logits [N, V], fp32 or bf16 (compared widened to fp32,
+// which is exact): one vectorised max pass, then a compare pass that stops at the first lane
+// equal to the maximum. Why: torch 2.13's CPU `max(-1)` reads ~6 GB/s (49 us for one 70k fp32
+// row, 2.7 ms for 64 bf16 rows, slower on bf16 than fp32); a verify step of prompt lookup picks
+// a token for each of up to 64 rows. NaN logits never win (a row of NaN gives index 0).
+
+namespace {
+
+struct LoadF32 {
+  using T = float;
+  static inline __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  static inline float load1(const T* p) { return *p; }
+};
+
+struct LoadBF16 {
+  using T = uint16_t;
+  static inline __m256 load8(const T* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static inline float load1(const T* p) {
+    uint32_t u = uint32_t(*p) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+template <class L>
+int64_t row_argmax(const typename L::T* p, int64_t V) {
+  // pass 1: the maximum (4 independent max chains)
+  __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+  int64_t i = 0;
+  for (; i + 32 <= V; i += 32) {
+    m0 = _mm256_max_ps(m0, L::load8(p + i));
+    m1 = _mm256_max_ps(m1, L::load8(p + i + 8));
+    m2 = _mm256_max_ps(m2, L::load8(p + i + 16));
+    m3 = _mm256_max_ps(m3, L::load8(p + i + 24));
+  }
+  for (; i + 8 <= V; i += 8) m0 = _mm256_max_ps(m0, L::load8(p + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  float mx = -INFINITY;
+  for (float v : lanes) mx = v > mx ? v : mx;
+  for (; i < V; ++i) {
+    const float v = L::load1(p + i);
+    mx = v > mx ? v : mx;
+  }
+  // pass 2: the first index holding it
+  const __m256 mv = _mm256_set1_ps(mx);
+  for (i = 0; i + 8 <= V; i += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(L::load8(p + i), mv, _CMP_EQ_OQ));
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  for (; i < V; ++i)
+    if (L::load1(p + i) == mx) return i;
+  return 0;  // every logit NaN
+}
+
+}  // namespace
+
+torch::Tensor argmax_rows(const torch::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0 &&
+                  (logits.scalar_type() == torch::kFloat32 || logits.scalar_type() == torch::kBFloat16),
+              "logits must be a contiguous fp32 or bf16 [N, V] tensor with V > 0");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto out = torch::empty({N}, logits.options().dtype(torch::kInt64));
+  int64_t* o = out.data_ptr<int64_t>();
+  const bool bf16 = logits.scalar_type() == torch::kBFloat16;
+  const void* base = logits.data_ptr();
+  // rows in parallel; one row is ~10 us, below what splitting it across threads would save
+  at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      o[r] = bf16 ? row_argmax<LoadBF16>(static_cast<const uint16_t*>(base) + r * V, V)
+                  : row_argmax<LoadF32>(static_cast<const float*>(base) + r * V, V);
   });
   return out;
 }

@@ -40,6 +40,12 @@ SHAPES = {  # name: (N = out_features, K = in_features, has_bias) for CodeShell-
     "mlp.c_proj": (4096, 16384, True),
     "lm_head": (70144, 4096, False),
 }
+MODEL_SHAPES = {  # --model: the same five linears of bench_quant.py's shapes
+    "7b": dict(SHAPES),
+    # bench_quant `shape_config("mid")`: n_embd 1536, 12 heads of 128, 4 kv groups, n_inner 6144
+    "mid": {"c_attn": (1536 + 2 * 4 * 128, 1536, True), "attn.c_proj": (1536, 1536, True),
+            "c_fc": (6144, 1536, True), "mlp.c_proj": (1536, 6144, True), "lm_head": (70144, 1536, False)},
+}
 
 
 CLOCK = time.perf_counter  # --per-core switches to time.thread_time (CPU time of this thread)
@@ -178,17 +184,27 @@ def main() -> None:
                     help="do not evict the caches before decode-sized calls (M <= 16): the weight may then be "
                          "read from the LLC, not memory")
     ap.add_argument("--attention", action="store_true", help="only the decode attention kernel vs SDPA")
+    ap.add_argument("--model", default="7b", choices=list(MODEL_SHAPES),
+                    help="whose linear shapes: CodeShell-7B or bench_quant.py's mid shape (0.41B, width 1536)")
+    ap.add_argument("--direct", action="store_true",
+                    help="time our kernels' native entry point for the planned path on fp32 x (ops._compute: "
+                         "what the C++ decode step calls) instead of linear() on bf16 x with its Python dispatch")
+    ap.add_argument("--sweep", type=int, default=0, metavar="LAYERS",
+                    help="instead: one decode step's linears, LAYERS layers of the --model shape (each its own "
+                         "weights) then lm_head, in model order, for each --kinds and --m: time per step against "
+                         "the bound (weight bytes / read bandwidth); the kernels' share of a decode step")
     ap.add_argument("--per-core", action="store_true",
                     help="1 thread, timed by this thread's CPU time: kernel efficiency without the "
                          "scheduling noise of a shared machine (memory contention still counts)")
     args = ap.parse_args()
 
     global CLOCK
+    SHAPES.update(MODEL_SHAPES[args.model])  # the same five names; summary() reads SHAPES too
     if args.per_core:
         CLOCK = time.thread_time
         args.threads = 1
     threads = set_num_threads(args.threads)
-    from codeshell.kernels import ops
+    from codeshell.kernels import _ext, ops
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {threads}, native kernels: {available()}, "
           f"clock: {'thread CPU time' if args.per_core else 'wall'}, best of several calls")
@@ -200,12 +216,14 @@ def main() -> None:
     if args.attention:
         return attention(args.budget)
     bw = read_bandwidth(args.budget)
+    if args.sweep:
+        return sweep(args, bw)
     peak = bf16_peak(args.budget)
     flush = Flush(not args.warm)
-    print(f"decode calls (M <= 16) {'warm' if args.warm else f'cold: caches evicted before each ({llc_bytes() >> 20} MiB LLC)'}")
+    print(f"shapes: {args.model}; decode calls (M <= {ops.DECODE_MAX_M}) {'warm' if args.warm else f'cold: caches evicted before each ({llc_bytes() >> 20} MiB LLC)'}")
     print(f"read bandwidth: {bw:.1f} GB/s (fp32 sum over 2x the LLC)"
           + "".join(f"; AMX bf16 micro-kernel ({k}): {v:.2f} TFLOP/s" for k, v in peak.items()))
-    print(f"{'shape':12} {'M':>4} {'impl':22} {'ms':>9} {'GB/s':>7} {'GFLOP/s':>8} {'vs torch bf16':>13}  path")
+    print(f"{'shape':12} {'M':>4} {'impl':22} {'ms':>9} {'GB/s':>7} {'%read':>6} {'GFLOP/s':>8} {'vs torch bf16':>13}  path")
     gen = torch.Generator().manual_seed(0)
     results: dict[tuple[str, str, int], float] = {}  # (shape, label, M) -> seconds
     sizes: dict[tuple[str, str], int] = {}
@@ -225,7 +243,7 @@ def main() -> None:
             xb = x.to(torch.bfloat16)
             flops = 2.0 * m * n * k
             rows: list[tuple[str, float, int, str]] = []
-            fl = flush if m <= 16 else None
+            fl = flush if m <= ops.DECODE_MAX_M else None  # the streaming decode kernels' range
 
             def tm(fn):
                 return timeit(fn, args.budget, before=fl)
@@ -238,7 +256,11 @@ def main() -> None:
                 label = kind if kind != "int4" else f"int4 g{args.group}"
                 linear(xb, pw, bb)  # a prefill's first call measures its candidates (ops.plan)
                 path = ops.plan(pw, m, xb.dtype)
-                rows.append((f"ours {label}", tm(lambda: linear(xb, pw, bb)), pw.nbytes, path))
+                if args.direct:
+                    mod, xf = _ext.get(), x.float().contiguous()
+                    rows.append((f"ours {label}", tm(lambda: ops._compute(path, mod, xf, pw, bias)), pw.nbytes, path))
+                else:
+                    rows.append((f"ours {label}", tm(lambda: linear(xb, pw, bb)), pw.nbytes, path))
                 sizes[(name, f"ours {label}")] = pw.nbytes
                 if kind == "int8" and not args.no_torch_quant:
                     f8 = torch_int8(w)
@@ -250,10 +272,48 @@ def main() -> None:
             for label, t, nbytes, path in rows:
                 results[(name, label, m)] = t
                 ratio = f"{base / t:12.2f}x" if base else f"{'-':>13}"
-                print(f"{name:12} {m:4d} {label:22} {t * 1e3:9.2f} {nbytes / t / 1e9:7.1f} "
+                print(f"{name:12} {m:4d} {label:22} {t * 1e3:9.3f} {nbytes / t / 1e9:7.1f} {100 * nbytes / t / 1e9 / bw:5.0f}% "
                       f"{flops / t / 1e9:8.1f} {ratio}  {path}", flush=True)
         del packs, w, wb
     summary(args, results, sizes, bw, peak)
+
+
+def sweep(args, bw: float) -> None:
+    """--sweep: the linears of one decode step (no attention, no norms), timed as a whole: each
+    layer has its own weights, so, as in a model, a weight was last read one step ago."""
+    from codeshell.kernels import _ext, ops
+    mod, gen = _ext.get(), torch.Generator().manual_seed(0)
+    order = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+    print(f"sweep: {args.sweep} layers of {args.model} ({', '.join(order)}) + lm_head, native entry points, fp32 x")
+    print(f"{'kind':10} {'M':>4} {'ms/step':>9} {'bound ms':>9} {'% of bound':>10} {'rows/s vs M=1':>14}")
+    for kind in args.kinds:
+        layers = []
+        for name in order * args.sweep + ["lm_head"]:
+            n, k, has_bias = SHAPES[name]
+            w = torch.randn(n, k, generator=gen) * 0.02
+            pw = {"bf16": prepack, "int8": quantize_int8}.get(kind, lambda v: quantize_int4(v, args.group, symmetric=False))(w)
+            layers.append((pw, torch.randn(n, generator=gen) * 0.02 if has_bias else None))
+            del w
+        nbytes = sum(pw.nbytes for pw, _ in layers)
+        t1 = None
+        for m in args.m:
+            xs = {k_: torch.randn(m, k_, generator=gen) for k_ in {pw.in_features for pw, _ in layers}}
+            calls = []
+            for pw, b in layers:
+                path = ops.plan(pw, m, torch.bfloat16 if kind == "bf16" else torch.float32)
+                x = xs[pw.in_features] if kind != "bf16" or not path.startswith(("amx", "avx512_bf16")) \
+                    else xs[pw.in_features].to(torch.bfloat16)
+                calls.append((path, x, pw, b))
+
+            def step():
+                for path, x, pw, b in calls:
+                    ops._compute(path, mod, x, pw, b)
+            t = timeit(step, max(args.budget, 1.0), min_reps=5)
+            t1 = t if m == 1 else t1
+            bound = nbytes / bw / 1e9
+            agg = f"{m * t1 / t:13.2f}x" if t1 else f"{'-':>14}"
+            print(f"{kind:10} {m:4d} {t * 1e3:9.2f} {bound * 1e3:9.2f} {100 * bound / t:9.1f}% {agg}", flush=True)
+        del layers
 
 
 def summary(args, results, sizes, bw: float, peak: dict[str, float]) -> None:

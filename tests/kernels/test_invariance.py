@@ -29,7 +29,12 @@ WEIGHTS = [("bf16", {}, 45, 512), ("bf16", {}, 37, 100), ("bf16", {}, 19, 4096),
            ("int8", {}, 35, 384), ("int8", {}, 70, 416), ("int8", {}, 21, 200),
            ("int4", {"group_size": 128, "symmetric": False}, 21, 512),
            ("int4", {"group_size": 32, "symmetric": True}, 35, 256),
-           ("int4", {"group_size": 32, "symmetric": False}, 19, 96)]
+           ("int4", {"group_size": 32, "symmetric": False}, 19, 96),
+           # the mid shape's K (12 blocks: the tables' and affine sums' scalar tails) with N
+           # leaving 1 weight row after the blocked kernels' 3-row (int8) / 2-row (int4) tiles,
+           # and int4 groups of 256 (two 128-weight steps per group)
+           ("int8", {}, 37, 1536), ("int4", {"group_size": 128, "symmetric": False}, 23, 1536),
+           ("int4", {"group_size": 256, "symmetric": True}, 19, 1024)]
 
 
 def _weight(kind, args, n, k):
@@ -93,6 +98,9 @@ def test_fp32_output_of_each_decode_path_is_row_invariant(monkeypatch):
              ("int4", {"group_size": 128, "symmetric": False}, 21, 512, "avx2:q8", 0, torch.float32),
              ("int4", {"group_size": 128, "symmetric": False}, 21, 512, "avx512_vnni:q8", 1, torch.float32),
              ("int4", {"group_size": 32, "symmetric": True}, 35, 256, "avx512_vnni:q8", 1, torch.float32),
+             ("int8", {}, 37, 1536, "avx512_vnni:q8", 1, torch.float32),
+             ("int4", {"group_size": 128, "symmetric": False}, 23, 1536, "avx512_vnni:q8", 1, torch.float32),
+             ("int4", {"group_size": 256, "symmetric": True}, 19, 1024, "avx512_vnni:q8", 1, torch.float32),
              ("int4", {"group_size": 32, "symmetric": False}, 19, 96, "avx2:unpack", 0, torch.float32)]
     ran = 0
     for kind, args, n, k, path, lvl, dtype in cases:

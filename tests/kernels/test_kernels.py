@@ -39,6 +39,10 @@ CASES = [
     ("int4", {"group_size": 32, "symmetric": True}, 35, 96),
     ("int4", {"group_size": 64, "symmetric": False}, 19, 192),
     ("int4", {"group_size": 128, "symmetric": False}, 21, 256),
+    # the 512-bit integer kernels (K % 128 == 0) with N leaving 1 row after their blocked 3-row
+    # (int8) tiles from M = 9, and int4 groups of 256
+    ("int8", {}, 37, 384),
+    ("int4", {"group_size": 256, "symmetric": True}, 19, 512),
 ]
 MS = list(range(1, DECODE_MAX_M + 2)) + [40, BF16_PANEL_MAX_M, BF16_PANEL_MAX_M + 1]  # each side of both limits
 

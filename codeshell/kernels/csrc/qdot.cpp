@@ -8,7 +8,9 @@
 // into 16 int16 pair sums per instruction, 4x the multiply-adds of an fp32 FMA.
 // Row invariance: x is rounded per row, the block dots are exact integers and the epilogue is
 // per row, so a row's bits do not depend on M or on its tile; ops.py runs these kernels for
-// every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1.
+// every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1. From
+// M = 9 the 512-bit kernels take register tiles of several weight rows (tile_q8v_blk,
+// tile_q4v_blk) with the same per-row arithmetic (tests/kernels/test_invariance.py).
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -42,6 +44,12 @@ namespace {
 #define CODESHELL_PREFETCH 2048
 #endif
 constexpr int64_t kPrefetch = CODESHELL_PREFETCH;
+
+// Rows of x from which the 512-bit kernels take register tiles of several weight rows
+// (tile_q8v_blk, tile_q4v_blk) instead of one weight row per tile of up to 8 rows of x. Up to 8
+// rows of x stay in L1 and the one-row tiles are as fast (per core, mid shapes, M = 8: within
+// +-10% either way); from 9 rows x comes from L2 for every weight row.
+constexpr int64_t kBlockMinM = 9;
 
 // x fp32 [M, K] -> xq int8 [M, K], dx [M, K/B] (block scale), xs [M, K/B] (dx * sum of xq).
 // Block b: amax = max |x|, dx = amax / 127, xq = round_half_even(x * (127 / amax)).
@@ -105,8 +113,11 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, int perm, in
 }
 
 // sum_g c_g * xs_g with c_g = offset_g - 8 * scale_g (or -8 * scale_g when symmetric).
+// Not inlined: every tile kernel (M = 1 and the blocked M > 8 tiles) then runs the same machine
+// code for it, so no call site's floating-point contraction or vectorisation can differ (row
+// invariance: the same row must get the same bits from every tile shape).
 template <bool OFFS>
-inline float affine_const(const float* sc, const float* of, const float* xs, int64_t ng) {
+__attribute__((noinline)) float affine_const(const float* sc, const float* of, const float* xs, int64_t ng) {
   __m256 acc = _mm256_setzero_ps();
   const __m256 m8 = _mm256_set1_ps(-8.f);
   int64_t g = 0;
@@ -372,6 +383,73 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
     out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
 }
 
+// M > 8 (kBlockMinM), G >= 128: register tiles of MB rows of x by NR weight rows, so each x
+// load feeds NR vpdpbusd and each unpacked weight load MB. Why: with one weight row per tile
+// (tile_q4v) every weight row re-reads all M rows of x from L2 (M x K bytes: 96 KiB at M = 64,
+// K = 1536), which made M = 17..64 2-3x slower than the AMX prefill it replaced.
+// Row invariance: per (row of x, weight row) the same arithmetic as tile_q4v: exact int32 group
+// sums (integer adds: any order gives the same lanes; lane L holds the same k in both), then
+// acc = fma(cvt(sum), scale_g * d_g, acc) per group in k order, reduce_add, + affine_const.
+template <int MB, int NR, bool OFFS>
+inline void tile_q4v_blk(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
+                         const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+  const int64_t ng = K / G, ldq = K / 2;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  // sd[i][j][g] = scale_jg * d_ig (the same fp32 product as tile_q4v's), 16 at a time up front:
+  // the group epilogue is then cvt + fmadd with a broadcast memory operand.
+  constexpr int64_t kMaxG = 64;  // K <= 8192 at G = 128; longer rows take the product per group
+  alignas(64) float sd[MB][NR][kMaxG];
+  const bool tab = ng <= kMaxG;
+  if (tab)
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j) {
+        int64_t g = 0;
+        for (; g + 16 <= ng; g += 16)
+          _mm512_storeu_ps(sd[i][j] + g,
+                           _mm512_mul_ps(_mm512_loadu_ps(sc + j * ng + g), _mm512_loadu_ps(dx + i * ng + g)));
+        for (; g < ng; ++g) sd[i][j][g] = sc[j * ng + g] * dx[i * ng + g];
+      }
+  __m512 acc[MB][NR];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i a[MB][NR];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j) a[i][j] = _mm512_setzero_si512();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
+      __m512i lo[NR], hi[NR];
+      for (int j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + j * ldq + k / 2) + kPrefetch, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(q + j * ldq + k / 2);
+        lo[j] = _mm512_and_si512(v, m0f);
+        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      }
+      for (int i = 0; i < MB; ++i) {
+        const __m512i x0 = _mm512_loadu_si512(xq + i * K + k), x1 = _mm512_loadu_si512(xq + i * K + k + 64);
+        for (int j = 0; j < NR; ++j) a[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[i][j], lo[j], x0), hi[j], x1);
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j)
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][j]),
+                                    _mm512_set1_ps(tab ? sd[i][j][g] : sc[j * ng + g] * dx[i * ng + g]), acc[i][j]);
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j)
+      out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) +
+                         affine_const<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr, xs + i * ng, ng);
+}
+
+// Rows of x in tiles of 4 (then the 1-3 left), for NR weight rows at q.
+template <int NR, bool OFFS>
+inline void rows_q4v_blk(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+                         const float* sc, const float* of, int64_t G, float* out, int64_t N) {
+  const int64_t ng = K / G;
+  for_x_tiles(M, [&](auto mb, int64_t m) {
+    tile_q4v_blk<decltype(mb)::value, NR, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q, sc, of, G, out + m * N, N);
+  });
+}
+
 // for_x_tiles with tiles of up to 8 rows (32 zmm registers hold 8 rows' accumulators): the
 // weight row is loaded and unpacked once per 8 rows of x instead of once per 4.
 template <class F>
@@ -393,6 +471,15 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   alignas(64) int32_t lane_group[16];
   for (int L = 0; L < 16; ++L) lane_group[L] = int32_t((L / 4) * 32 / std::min<int64_t>(G, 128));
   const __m512i gidx = _mm512_loadu_si512(lane_group);
+  if (M >= kBlockMinM && G >= 128) {
+    constexpr int NR = 2;  // 4 x 2 tiles: 8 int32 + 8 fp32 sums + 4 unpacked weight vectors in zmm
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR)
+      rows_q4v_blk<NR, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+    for (; n < n1; ++n)
+      rows_q4v_blk<1, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+    return;
+  }
   for (int64_t n = n0; n < n1; ++n)  // one weight row per tile (as the AVX2 kernel: measured best)
     for_x_tiles8(M, [&](auto mb, int64_t m) {
       tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,
@@ -427,9 +514,59 @@ inline void tile_q8v(const int8_t* xq, int64_t K, const float* dx, const float* 
   for (int i = 0; i < MB; ++i) out[i * ldo] = _mm512_reduce_add_ps(acc[i]) - corr[i];
 }
 
+// M > 8 (kBlockMinM): register tiles of MB rows of x by NR weight rows (why: tile_q4v_blk).
+// Row invariance: per (row of x, weight row) the same arithmetic as tile_q8v: the int32 block sum
+// (exact, the same lanes), acc = fma(cvt(sum), d_b, acc) per block in k order, reduce_add - corr.
+template <int MB, int NR>
+inline void tile_q8v_blk(const int8_t* xq, int64_t K, const float* dx, const float* corr, const int8_t* w,
+                         float* out, int64_t ldo) {
+  const int64_t nb = K / 128;
+  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
+  __m512 acc[MB][NR];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i a[MB][NR];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j) a[i][j] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = b * 128 + 64 * h;
+      __m512i u[NR];
+      for (int j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + kPrefetch, _MM_HINT_T0);
+        u[j] = _mm512_xor_si512(_mm512_loadu_si512(w + j * K + k), s80);
+      }
+      for (int i = 0; i < MB; ++i) {
+        const __m512i xv = _mm512_loadu_si512(xq + i * K + k);
+        for (int j = 0; j < NR; ++j) a[i][j] = _mm512_dpbusd_epi32(a[i][j], u[j], xv);
+      }
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512 d = _mm512_set1_ps(dx[i * nb + b]);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][j]), d, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) - corr[i];
+}
+
 void run_q8v(const int8_t* xq, const float* dx, const float* corr, int64_t M, int64_t K, const int8_t* w, float* out,
              int64_t N, int64_t n0, int64_t n1) {
   const int64_t nb = K / 128;
+  if (M >= kBlockMinM) {
+    constexpr int NR = 3;  // 4 x 3 tiles: 12 int32 + 12 fp32 sums + 3 weight vectors in zmm
+    auto rows = [&](auto nr, int64_t n) {
+      for_x_tiles(M, [&](auto mb, int64_t m) {
+        tile_q8v_blk<decltype(mb)::value, decltype(nr)::value>(xq + m * K, K, dx + m * nb, corr + m, w + n * K,
+                                                                out + m * N + n, N);
+      });
+    };
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) rows(std::integral_constant<int, NR>{}, n);
+    if (n1 - n == 2) rows(std::integral_constant<int, 2>{}, n);
+    else if (n1 - n == 1) rows(std::integral_constant<int, 1>{}, n);
+    return;
+  }
   for (int64_t n = n0; n < n1; ++n)
     for_x_tiles8(M, [&](auto mb, int64_t m) {
       tile_q8v<decltype(mb)::value>(xq + m * K, K, dx + m * nb, corr + m, w + n * K, out + m * N + n, N);

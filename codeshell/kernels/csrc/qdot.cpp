@@ -317,6 +317,32 @@ void range_q8(const int8_t* xq, const float* dx, int64_t M, int64_t K, int64_t B
 CODESHELL_BEGIN_AVX512
 namespace {
 
+// affine_const for the 512-bit kernels: 16 groups per step, the last step masked (the 1536-wide
+// mid shape has 12 groups of 128: one step instead of an 8-wide step, its sum and 4 scalar
+// terms, ~3x fewer instructions per output; at M = 8 int4 this ran once per 24 vpdpbusd).
+// Not inlined, for the reason affine_const is not.
+template <bool OFFS>
+__attribute__((noinline)) float affine_const_v(const float* sc, const float* of, const float* xs, int64_t ng) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 m8 = _mm512_set1_ps(-8.f);
+  for (int64_t g = 0; g < ng; g += 16) {
+    const __mmask16 k = ng - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
+    __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc + g), m8);
+    if (OFFS) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(k, of + g));
+    acc = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(k, xs + g), acc);  // masked lanes add 0
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// sd[g] = sc[g] * dx[g] for g < ng, 16 at a time (the last step masked): the same fp32 products
+// as the scalar sc[g] * dx[g] the kernels use when the table does not fit.
+inline void scale_products(const float* sc, const float* dx, int64_t ng, float* sd) {
+  for (int64_t g = 0; g < ng; g += 16) {
+    const __mmask16 k = ng - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
+    _mm512_mask_storeu_ps(sd + g, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc + g), _mm512_maskz_loadu_ps(k, dx + g)));
+  }
+}
+
 // int4: x permuted in runs of 128 (quantize_x perm = 128). G >= 128: int32 sums of a whole group
 // stay in registers and are scaled once; G = 32 / 64: each 128-run holds 4 / 2 groups, lane L of
 // the int32 sums belongs to run L / 4, scaled per run by a lane vector (gidx maps lane -> group).
@@ -333,12 +359,7 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
     alignas(64) float sd[MB][128];
     const bool tab = ng <= 128;
     if (tab)
-      for (int i = 0; i < MB; ++i) {
-        int64_t g = 0;
-        for (; g + 16 <= ng; g += 16)
-          _mm512_storeu_ps(sd[i] + g, _mm512_mul_ps(_mm512_loadu_ps(sc + g), _mm512_loadu_ps(dx + i * ng + g)));
-        for (; g < ng; ++g) sd[i][g] = sc[g] * dx[i * ng + g];
-      }
+      for (int i = 0; i < MB; ++i) scale_products(sc, dx + i * ng, ng, sd[i]);
     // Two chains (lo, hi nibbles) per row at MB <= 2; at MB >= 3 the rows are enough chains.
     constexpr int CH = MB <= 2 ? 2 : 1;
     for (int64_t g = 0; g < ng; ++g) {
@@ -380,7 +401,7 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
     }
   }
   for (int i = 0; i < MB; ++i)
-    out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
+    out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const_v<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
 }
 
 // M > 8 (kBlockMinM), G >= 128: register tiles of MB rows of x by NR weight rows, so each x
@@ -402,13 +423,7 @@ inline void tile_q4v_blk(const int8_t* xq, int64_t K, const float* dx, const flo
   const bool tab = ng <= kMaxG;
   if (tab)
     for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NR; ++j) {
-        int64_t g = 0;
-        for (; g + 16 <= ng; g += 16)
-          _mm512_storeu_ps(sd[i][j] + g,
-                           _mm512_mul_ps(_mm512_loadu_ps(sc + j * ng + g), _mm512_loadu_ps(dx + i * ng + g)));
-        for (; g < ng; ++g) sd[i][j][g] = sc[j * ng + g] * dx[i * ng + g];
-      }
+      for (int j = 0; j < NR; ++j) scale_products(sc + j * ng, dx + i * ng, ng, sd[i][j]);
   __m512 acc[MB][NR];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -437,7 +452,7 @@ inline void tile_q4v_blk(const int8_t* xq, int64_t K, const float* dx, const flo
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NR; ++j)
       out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) +
-                         affine_const<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr, xs + i * ng, ng);
+                         affine_const_v<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr, xs + i * ng, ng);
 }
 
 // Rows of x in tiles of 4 (then the 1-3 left), for NR weight rows at q.
@@ -498,18 +513,25 @@ inline void tile_q8v(const int8_t* xq, int64_t K, const float* dx, const float* 
   const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  // Two chains (one per 64-byte half) per row at MB <= 2; at MB >= 3 the rows are enough
+  // chains and one saves an add per row and block (the int32 sums are exact either way).
+  constexpr int CH = MB <= 2 ? 2 : 1;
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i a[MB][2];
-    for (int i = 0; i < MB; ++i) a[i][0] = a[i][1] = _mm512_setzero_si512();
+    __m512i a[MB][CH];
+    for (int i = 0; i < MB; ++i)
+      for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
     for (int h = 0; h < 2; ++h) {
       const int64_t k = b * 128 + 64 * h;
       _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
       const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w + k), s80);
-      for (int i = 0; i < MB; ++i) a[i][h] = _mm512_dpbusd_epi32(a[i][h], u, _mm512_loadu_si512(xq + i * K + k));
+      for (int i = 0; i < MB; ++i)
+        a[i][h % CH] = _mm512_dpbusd_epi32(a[i][h % CH], u, _mm512_loadu_si512(xq + i * K + k));
     }
-    for (int i = 0; i < MB; ++i)
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[i][0], a[i][1])), _mm512_set1_ps(dx[i * nb + b]),
-                               acc[i]);
+    for (int i = 0; i < MB; ++i) {
+      __m512i s32 = a[i][0];
+      if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(dx[i * nb + b]), acc[i]);
+    }
   }
   for (int i = 0; i < MB; ++i) out[i * ldo] = _mm512_reduce_add_ps(acc[i]) - corr[i];
 }

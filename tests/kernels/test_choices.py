@@ -42,42 +42,44 @@ def _fresh_process_state(key):
     choices.forget()
 
 
-def _calls():
-    return sum(ops.PATHS_RUN[("int8", c)] for c in CANDS)
+MEASURED = 3 * len(CANDS) + 1  # kernel calls of a linear that measures: warm-up + 2 timed each, then the call
+
+
+def _case():
+    """An int8 weight, x of M rows and their choice key, as a fresh process starts (no choice in memory)."""
+    key = ("int8", N, K, 128, ops.ISA_LEVELS[ops.isa_level()], "float32")
+    _fresh_process_state(key)
+    return quantize_int8(torch.randn(N, K)), torch.randn(M, K), key
+
+
+def _run(pw, x):
+    """One native linear: (how many candidate kernel calls it made, its result)."""
+    before = sum(ops.PATHS_RUN[("int8", c)] for c in CANDS)
+    y = ops.linear(x, pw, impl="native")
+    return sum(ops.PATHS_RUN[("int8", c)] for c in CANDS) - before, y
 
 
 @needs_native
 def test_a_fresh_process_reuses_the_stored_choice(store):
-    pw = quantize_int8(torch.randn(N, K))
-    x = torch.randn(M, K)
-    key = ("int8", N, K, 128, ops.ISA_LEVELS[ops.isa_level()], "float32")
-    _fresh_process_state(key)
-    before = _calls()
-    ops.linear(x, pw, impl="native")
-    assert _calls() - before == 3 * len(CANDS) + 1  # measured: warm-up + 2 timed each, then the call
+    pw, x, key = _case()
+    assert _run(pw, x)[0] == MEASURED
     data = json.loads(store.read_text())
     (entry_key, entry), = data.items()
     assert entry["path"] == ops._CHOICES[key] and set(entry["seconds"]) == set(CANDS)
     assert f"threads={torch.get_num_threads()}" in entry_key
 
     _fresh_process_state(key)
-    before = _calls()
-    y = ops.linear(x, pw, impl="native")
-    assert _calls() - before == 1  # no measurement: the stored winner ran once
+    calls, y = _run(pw, x)
+    assert calls == 1  # no measurement: the stored winner ran once
     assert ops._CHOICES[key] == entry["path"] and key not in ops.CHOICE_TIMES
     torch.testing.assert_close(y, ops.linear(x, pw, impl="reference"), rtol=1e-4, atol=1e-4)
 
 
 @needs_native
 def test_a_damaged_file_or_a_stale_path_means_measuring_again(store):
-    pw = quantize_int8(torch.randn(N, K))
-    x = torch.randn(M, K)
-    key = ("int8", N, K, 128, ops.ISA_LEVELS[ops.isa_level()], "float32")
     store.write_text("{not json")
-    _fresh_process_state(key)
-    before = _calls()
-    ops.linear(x, pw, impl="native")
-    assert _calls() - before == 3 * len(CANDS) + 1
+    pw, x, key = _case()
+    assert _run(pw, x)[0] == MEASURED
     data = json.loads(store.read_text())  # rewritten whole, valid again
     assert len(data) == 1
 
@@ -86,26 +88,19 @@ def test_a_damaged_file_or_a_stale_path_means_measuring_again(store):
     data[k]["path"] = "avx1024:gone"
     store.write_text(json.dumps(data))
     _fresh_process_state(key)
-    before = _calls()
-    ops.linear(x, pw, impl="native")
-    assert _calls() - before == 3 * len(CANDS) + 1 and ops._CHOICES[key] in CANDS
+    assert _run(pw, x)[0] == MEASURED and ops._CHOICES[key] in CANDS
 
 
 @needs_native
 def test_another_thread_count_is_another_choice(store):
-    pw = quantize_int8(torch.randn(N, K))
-    x = torch.randn(M, K)
-    key = ("int8", N, K, 128, ops.ISA_LEVELS[ops.isa_level()], "float32")
-    _fresh_process_state(key)
+    pw, x, key = _case()
     ops.linear(x, pw, impl="native")
     threads = torch.get_num_threads()
     other = 1 if threads > 1 else 2
     try:
         torch.set_num_threads(other)
         _fresh_process_state(key)
-        before = _calls()
-        ops.linear(x, pw, impl="native")
-        assert _calls() - before == 3 * len(CANDS) + 1
+        assert _run(pw, x)[0] == MEASURED
     finally:
         torch.set_num_threads(threads)
     assert len(json.loads(store.read_text())) == 2

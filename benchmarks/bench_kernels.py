@@ -95,6 +95,13 @@ class Flush:
             self.buf.add_(1.0)
 
 
+def pack(kind: str, w: torch.Tensor, group: int):
+    """Our packed weight of one kind for w [N, K] (int4: groups of `group` with zero points)."""
+    if kind == "bf16":
+        return prepack(w)
+    return quantize_int8(w) if kind == "int8" else quantize_int4(w, group, symmetric=False)
+
+
 def torch_int8(w: torch.Tensor):
     pw = quantize_int8(w)
     scales = pw.scales.to(torch.bfloat16)
@@ -233,11 +240,7 @@ def main() -> None:
         bias = torch.randn(n, generator=gen) * 0.02 if has_bias else None
         wb = w.to(torch.bfloat16)
         bb = None if bias is None else bias.to(torch.bfloat16)
-        packs = {"bf16": prepack(w)}
-        if "int8" in args.kinds:
-            packs["int8"] = quantize_int8(w)
-        if "int4" in args.kinds:
-            packs["int4"] = quantize_int4(w, args.group, symmetric=False)
+        packs = {kind: pack(kind, w, args.group) for kind in args.kinds}
         for m in args.m:
             x = torch.randn(m, k, generator=gen)
             xb = x.to(torch.bfloat16)
@@ -291,7 +294,7 @@ def sweep(args, bw: float) -> None:
         for name in order * args.sweep + ["lm_head"]:
             n, k, has_bias = SHAPES[name]
             w = torch.randn(n, k, generator=gen) * 0.02
-            pw = {"bf16": prepack, "int8": quantize_int8}.get(kind, lambda v: quantize_int4(v, args.group, symmetric=False))(w)
+            pw = pack(kind, w, args.group)
             layers.append((pw, torch.randn(n, generator=gen) * 0.02 if has_bias else None))
             del w
         nbytes = sum(pw.nbytes for pw, _ in layers)

@@ -5,7 +5,9 @@ For each format, in a fresh subprocess (so memory figures are clean): load time 
 checkpoint folder, resident memory after load, prompt tokens/s (one 512-token prompt),
 decode tokens/s at batch 1 and aggregate at batch 8, and decode's fraction of the
 memory-bandwidth bound (bandwidth measured by this script: a streaming read of a 512 MiB
-buffer with the same thread count; bound = bandwidth / bytes of weights read per token).
+buffer with the same thread count; bound = bandwidth / bytes of weights read per token);
+the prompt's TFLOP/s as a fraction of the machine's bf16 matmul peak measured in the same run
+(the best of torch's bf16 matmul on CodeShell-7B's linear shapes and our AMX micro-kernel).
 The model has random weights (written once per run to a temporary folder, shard by shard;
 int8/int4 folders come from `codeshell quantize`, whose time is printed too). Their output
 head is int8 per channel by default (`--head int8`: `int8-head`, `int4-g128-head8`), as the
@@ -132,8 +134,9 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
     return {"format": fmt, "load_s": load_s, "rss_gib": rss / 2**30, "prompt_tps": prompt_len / prefill_s,
             "first_prompt_tps": prompt_len / first_s, "choices": {f"{k[0]} {k[1]}x{k[2]} M<={k[3]}": v
                                                                for k, v in ops._CHOICES.items()},
-            "decode1_tps": decode_tokens / max(tn - t1, 1e-9),
-            "decodeb_tps": batch * decode_tokens / max(bn - b1, 1e-9),
+            # nan where the decode time is lost in the noise of the 1-token run it is the difference of
+            "decode1_tps": decode_tokens / (tn - t1) if tn > t1 else float("nan"),
+            "decodeb_tps": batch * decode_tokens / (bn - b1) if bn > b1 else float("nan"),
             "bytes_per_token": weight_bytes_per_token(llm.model, llm.config),
             "folder_gib": sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**30}
 
@@ -165,6 +168,7 @@ def main() -> None:
         return
     os.environ.setdefault("CODESHELL_NO_PROGRESS", "1")
     from codeshell import llamacpp
+    from codeshell.bench import bf16_matmul_peak, prompt_flops
     model = None
     if a.model:
         from codeshell.weights import CheckpointError, load_config
@@ -231,6 +235,9 @@ def main() -> None:
                 print(f"codeshell quantize -> {fmt} ({scheme.name}): {time.perf_counter() - t:.1f} s", flush=True)
         bw = measure_bandwidth(a.threads)
         print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s", flush=True)
+        peak = bf16_matmul_peak(a.prompt_len)  # on a.threads: measure_bandwidth set them
+        print("measured bf16 matmul peak: " + ", ".join(f"{k} {v:.2f}" for k, v in peak.items()) + " TFLOP/s",
+              flush=True)
         for fmt in a.formats:
             r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", fmt, str(folders[fmt]),
                                 "--threads", str(a.threads), "--prompt-len", str(a.prompt_len),
@@ -260,16 +267,22 @@ def main() -> None:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print(f"| format | files GiB | load s | RSS GiB | prompt tok/s | 1st prompt tok/s | decode tok/s b=1 | "
-          f"bound tok/s | % of bound | decode tok/s b={a.batch} (aggregate) | b={a.batch} / b=1 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| format | files GiB | load s | RSS GiB | prompt tok/s | 1st prompt tok/s | prompt TFLOP/s | % of bf16 peak | "
+          f"decode tok/s b=1 | bound tok/s | % of bound | decode tok/s b={a.batch} (aggregate) | b={a.batch} / b=1 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    flops = prompt_flops(cfg, a.prompt_len)
     for r in rows:
         bound = bw / r["bytes_per_token"]
+        tflops = flops * r["prompt_tps"] / a.prompt_len / 1e12
         print(f"| {r['format']} | {r['folder_gib']:.2f} | {r['load_s']:.1f} | {r['rss_gib']:.2f} | "
-              f"{r['prompt_tps']:.1f} | {r['first_prompt_tps']:.1f} | {r['decode1_tps']:.2f} | {bound:.2f} | "
+              f"{r['prompt_tps']:.1f} | {r['first_prompt_tps']:.1f} | {tflops:.2f} | {100 * tflops / peak['peak']:.0f}% | "
+              f"{r['decode1_tps']:.2f} | {bound:.2f} | "
               f"{100 * r['decode1_tps'] / bound:.0f}% | {r['decodeb_tps']:.2f} | {r['decodeb_tps'] / r['decode1_tps']:.1f}x |")
     print("(1st prompt: the first prompt of this length, which also measures each weight shape's prefill "
-          "candidates once; prompt: best of the next two)")
+          "candidates once; prompt: best of the next two. Prompt TFLOP/s: the blocks' linears, causal attention "
+          f"and the last token's head (`codeshell.bench.prompt_flops`); bf16 peak {peak['peak']:.2f} TFLOP/s, the "
+          f"best of torch's bf16 matmul on the 7B shapes at M = {a.prompt_len} ({peak['torch']:.2f}) and our AMX "
+          f"micro-kernel on L2-resident tiles ({peak.get('kernel', float('nan')):.2f}), measured in this run)")
     for r in rows:  # the measured choices (ops.plan), so a figure says which kernels made it
         if r.get("choices"):
             print(f"{r['format']} prefill/batch paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(r["choices"].items())))

@@ -147,6 +147,50 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, progress: ProgressFn 
     return x.numel() * 4 / best / 1e9
 
 
+def prompt_flops(cfg: CodeShellConfig, tokens: int) -> float:
+    """Floating-point operations of one `tokens`-long prefill: 2 per weight of the blocks' linears
+    per token, causal attention's QK^T and PV (T^2 / 2 query-key pairs, 2 * n_embd flops each, per
+    layer, counted as 2 T^2 n_embd), and the output head for the last token only (the engine's
+    prefill computes logits for the position it samples)."""
+    d = cfg.n_embd
+    per_layer = d * cfg.qkv_dim + d * d + 2 * d * cfg.ffn_dim  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    return 2.0 * per_layer * cfg.n_layer * tokens + 2.0 * tokens * tokens * d * cfg.n_layer + 2.0 * cfg.vocab_size * d
+
+
+def bf16_matmul_peak(m: int = 512, cfg: CodeShellConfig | None = None, repeats: int = 3) -> dict[str, float]:
+    """The machine's bf16 matmul peak in TFLOP/s on the current thread count, for prompt figures
+    to be put against: `torch`, torch's own bf16 matmul (oneDNN) over CodeShell-7B's four linear
+    shapes at M = `m` (total flops / the sum of each shape's best time), and `kernel`, our AMX-BF16
+    micro-kernel with every thread on L2-resident tiles (only on AMX CPUs); `peak` is the larger.
+    Each figure is measured now: a ratio against it holds on any machine."""
+    cfg = cfg or SHAPES["7b"]
+    d = cfg.n_embd
+    flops = secs = 0.0
+    x = torch.randn(m, max(d, cfg.ffn_dim), dtype=torch.bfloat16)
+    for n_out, n_in in ((cfg.qkv_dim, d), (d, d), (cfg.ffn_dim, d), (d, cfg.ffn_dim)):
+        w = torch.randn(n_out, n_in, dtype=torch.bfloat16)
+        xs = x[:, :n_in].contiguous()
+        torch.nn.functional.linear(xs, w)  # warm-up (oneDNN builds its kernel on the first call)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.nn.functional.linear(xs, w)
+            best = min(best, time.perf_counter() - t)
+        flops, secs = flops + 2.0 * m * n_out * n_in, secs + best
+    out = {"torch": flops / secs / 1e12}
+    from .kernels import _ext, ops
+    mod = _ext.get()
+    if mod is not None and ops.isa_level() >= ops.ISA_LEVELS.index("amx"):
+        reps, best = 200, float("inf")
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            done = mod.bf16_peak(128, reps, True)
+            best = min(best, time.perf_counter() - t)
+        out["kernel"] = done / best / 1e12
+    out["peak"] = max(out.values())
+    return out
+
+
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes read per decode step: every parameter once (tied tensors once), minus embedding rows."""
     seen, total = set(), 0

@@ -1,0 +1,37 @@
+"""The prompt FLOP count and the bf16 matmul peak that `benchmarks/bench_quant.py` reports its
+prompt speed against (`codeshell.bench.prompt_flops`, `bf16_matmul_peak`)."""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from codeshell.bench import bf16_matmul_peak, prompt_flops
+from codeshell.config import CodeShellConfig
+from codeshell.model import CodeShellForCausalLM
+
+CFG = CodeShellConfig(vocab_size=512, n_embd=64, n_layer=3, n_head=4, num_query_groups=2, n_inner=160)
+
+
+def test_prompt_flops_agrees_with_torch_flop_counter():
+    # torch's own counter over a training-path forward (plain F.linear): it counts the head at
+    # every position, where a prefill needs the last position's. It does not see the CPU SDPA
+    # kernel, so attention is counted on its matmul form (q @ k^T, then p @ v, per head) and
+    # halved: a causal prefill computes the lower triangle.
+    T = 24
+    model = CodeShellForCausalLM(CFG)
+    ids = torch.randint(0, CFG.vocab_size, (1, T))
+    with FlopCounterMode(display=False) as counter:
+        model(ids)
+    linears_and_heads = counter.get_total_flops()
+    H, D = CFG.n_head, CFG.head_dim
+    q, k, v = (torch.randn(1, H, T, D) for _ in range(3))
+    with FlopCounterMode(display=False) as counter:
+        torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+    attention = CFG.n_layer * counter.get_total_flops() // 2
+    head_rows_not_needed = 2 * (T - 1) * CFG.vocab_size * CFG.n_embd
+    assert prompt_flops(CFG, T) == linears_and_heads - head_rows_not_needed + attention
+
+
+def test_bf16_matmul_peak_is_the_best_measured_figure():
+    peak = bf16_matmul_peak(16, CFG, repeats=1)
+    assert peak["torch"] > 0
+    assert peak["peak"] == max(v for k, v in peak.items() if k != "peak")

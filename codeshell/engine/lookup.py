@@ -26,6 +26,9 @@ This module neither runs the model nor touches the KV cache.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import operator
 import time
 
 import torch
@@ -122,6 +125,7 @@ class DraftBudget:
     def __init__(self) -> None:
         self.cost_s: dict[int, float] = {}  # row count -> moving average of a step's seconds
         self.steps = 0
+        self._stale = 0  # observations since the slope was fitted
         self._fit: tuple[list[int], float] | None = None  # (sorted known M, slope): cached
 
     def observe(self, rows: int, seconds: float) -> None:
@@ -131,11 +135,15 @@ class DraftBudget:
             self._fit = None
         else:
             self.cost_s[rows] = old + self.ALPHA * (min(seconds, 3.0 * old) - old)
+            self._stale += 1
+            if self._stale >= 16:  # the slope follows the averages now and then
+                self._fit = None
 
     def ready(self) -> bool:
         return len(self.cost_s) >= 2
 
     def _known(self) -> tuple[list[int], float]:
+        """The row counts measured (sorted) and the least-squares slope of cost over them."""
         if self._fit is None:
             ms = sorted(self.cost_s)
             n = len(ms)
@@ -143,7 +151,7 @@ class DraftBudget:
             my = sum(self.cost_s[m] for m in ms) / n
             var = sum((m - mx) ** 2 for m in ms)
             slope = sum((m - mx) * (self.cost_s[m] - my) for m in ms) / var if var else 0.0
-            self._fit = ms, max(slope, 0.0)
+            self._fit, self._stale = (ms, max(slope, 0.0)), 0
         return self._fit
 
     def cost(self, rows: int) -> float:
@@ -152,14 +160,15 @@ class DraftBudget:
         if c is not None:
             return c
         ms, slope = self._known()
-        lo = max((m for m in ms if m < rows), default=None)
-        hi = min((m for m in ms if m > rows), default=None)
-        if lo is None:
-            return max(self.cost_s[hi] - slope * (hi - rows), 0.5 * self.cost_s[hi])
-        if hi is None:
-            return self.cost_s[lo] + slope * (rows - lo)
-        w = (rows - lo) / (hi - lo)
-        return (1 - w) * self.cost_s[lo] + w * self.cost_s[hi]
+        i = bisect.bisect_left(ms, rows)
+        if i == 0:
+            hi = self.cost_s[ms[0]]
+            return max(hi - slope * (ms[0] - rows), 0.5 * hi)
+        lo = self.cost_s[ms[i - 1]]
+        if i == len(ms):
+            return lo + slope * (rows - ms[-1])
+        w = (rows - ms[i - 1]) / (ms[i] - ms[i - 1])
+        return (1 - w) * lo + w * self.cost_s[ms[i]]
 
     def choose(self, drafts: list[list[int]], rates: list[float], fixed: list[bool], cap: int) -> list[int]:
         """How many tokens of each draft to run: drafts[i] of sequence i (accepted at rate
@@ -173,10 +182,7 @@ class DraftBudget:
         for i, (d, a, f) in enumerate(zip(drafts, rates, fixed)):
             if d and not f:
                 a = min(max(a, 0.05), 0.97)
-                p = 1.0
-                for _ in d:
-                    p *= a
-                    cand.append((p, i))
+                cand += zip(itertools.accumulate([a] * len(d), operator.mul), [i] * len(d))
         if not cand:
             return keep
         self.steps += 1

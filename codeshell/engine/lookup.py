@@ -103,11 +103,13 @@ class DraftBudget:
     with many, each row costs real compute (codeshell-mini bf16: ~60 us a row up to 16 rows,
     ~115 us beyond, against ~2 ms a step: AMX tiles of 16 rows) and only likely tokens pay.
 
-    C comes from the engine's own steps: `observe(M, seconds)` keeps a moving average per row
-    count M (a value far above the average, a preemption on a shared machine, counts as 3x
-    it); an M not seen yet is interpolated between the nearest seen ones and extrapolated past
-    them by the slope of a least-squares line through them, so it is tried and then known.
-    Until two row counts are known every draft runs (the row cap still applies).
+    C comes from the engine's own verify steps (`observe(M, seconds)`, CPU seconds of the
+    step's thread from the packed forward to the last accepted token): per row count M the
+    mean of its first timings, then a moving average (a value far above it counts as 3x it);
+    an M not seen yet is interpolated between the nearest seen ones and extrapolated past them
+    by the slope of a least-squares line through them, and exploration (EXPLORE) retimes the
+    row counts just past the choice. Until two row counts are known every draft runs (the row
+    cap still applies).
 
     The choice depends on timings, so which tokens are drafted is not reproducible; that
     changes no greedy text (every kept draft is verified) and no distribution. Sequences marked

@@ -123,6 +123,8 @@ def worker(args) -> None:
         res[f"b{b}"] = {"tok_s": toks / secs, "cpu_tok_s": toks / cpu, "tokens": toks, "texts": [o.text for o in outs],
                         "ids": [o.token_ids for o in outs], "drafted": eng.spec_drafted - d0,
                         "accepted": eng.spec_accepted - a0, "spec_steps": eng.spec_steps - s0}
+    budget = getattr(eng, "draft_budget", None)
+    res["step_ms"] = {m: 1e3 * c for m, c in sorted(budget.cost_s.items())} if budget is not None else {}
     print("RESULT " + json.dumps(res))
 
 
@@ -200,6 +202,14 @@ def main() -> None:
         print(f"| {b[1:]} | {p:.1f} | {q:.1f} | {q / p:.2f}x | {l0[b]['accepted']}/{l0[b]['drafted']} "
               f"({100 * acc:.0f}%) | {l0[b]['tokens'] / max(1, steps):.2f} |")
     print("target: >= 1.8x decode tokens/s (medians of alternating runs)")
+    for b in ("b1", "b8"):
+        print(f"batch {b[1:]}: {l0[b]['spec_steps']} verify steps, {l0[b]['drafted'] - l0[b]['accepted']} drafted rows "
+              "rejected (each a row of the forward run for nothing)")
+    ms = {int(m): c for m, c in l0.get("step_ms", {}).items()}
+    if ms:  # what the draft budget measured: a verify step's CPU time by its rows
+        show = [m for m in (2, 4, 8, 12, 16, 17, 20, 24, 32, 48, 64) if m in ms]
+        print("verify step CPU ms by rows (the draft budget's moving averages, first lookup process): "
+              + ", ".join(f"{m}: {ms[m]:.2f}" for m in show))
     # With one thread, tokens per CPU second of the measuring process leave out the time other
     # processes on a shared machine took the core (the wall-clock rounds above vary ~2x then);
     # they still include what sharing costs in caches and a hyperthread sibling.

@@ -20,7 +20,7 @@ import torch
 
 from ..config import CodeShellConfig
 from .kv_cache import KVCache
-from .lookup import NgramLookup, verify_token
+from .lookup import DraftBudget, NgramLookup, _cap_rows, verify_token
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling import MAX_LOOKUP, SamplingParams, SequenceSampler, greedy_picks, sample_rows, token_logprob
 from .sequence import Sequence
@@ -87,6 +87,9 @@ class Engine:
         self.spec_steps = 0      # decode steps that verified drafts
         self.spec_drafted = 0    # draft tokens run through the model
         self.spec_accepted = 0   # draft tokens accepted
+        # How many drafted tokens a verify step runs, by their odds and the measured cost of
+        # the step's rows (`lookup.DraftBudget`); None: every draft, up to the row cap.
+        self.draft_budget: DraftBudget | None = DraftBudget()
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
 
     # ---- the public surface ---------------------------------------------------------------
@@ -380,7 +383,13 @@ class Engine:
                 k = min(k, s.params.max_tokens - len(s.output_ids) - 1)
             k = min(k, self.max_model_len - total - 1)
             out.append(s.lookup.propose(k) if k > 0 else [])
-        return _cap_rows(out, _max_rows())
+        if self.draft_budget is None or not any(out):
+            return _cap_rows(out, _max_rows())
+        # a seeded sampled request's text depends on which tokens are drafted: its draft is
+        # not left to the budget's timings
+        keep = self.draft_budget.choose(out, [s.accept_rate for s in seqs],
+                                        [s.params.seed is not None and not s.params.greedy for s in seqs], _max_rows())
+        return [d[:n] for d, n in zip(out, keep)]
 
     def _speculate(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Sequence]:
         """One forward over [last token, draft...] of every decoding sequence, packed into one
@@ -400,6 +409,7 @@ class Engine:
             # that every position sees the base plain decoding would give it.
             limit = min(limit, self.cfg.n_positions)
         drafts = [d[:max(limit - s.cached - 1, 0)] for s, d in zip(seqs, drafts)]
+        t0 = DraftBudget.clock()  # the step's cost by its rows, for the draft budget
         tokens, positions, slots = [], [], []
         for s, d in zip(seqs, drafts):
             tokens += [s.last_token] + d
@@ -430,8 +440,11 @@ class Engine:
             if d:
                 k = self._lookup_k(s.params)
                 s.draft_len = min(k, s.draft_len + 2) if accepted == len(d) else max(1, s.draft_len - 1)
+                s.accept_rate += 0.3 * (accepted / len(d) - s.accept_rate)
             self.spec_drafted += len(d)
             self.spec_accepted += accepted
+        if self.draft_budget is not None:
+            self.draft_budget.observe(len(tokens), DraftBudget.clock() - t0)
         return seqs
 
     def _append(self, seq: Sequence, logits: torch.Tensor, tok: int | None = None) -> None:
@@ -474,25 +487,6 @@ def _max_rows() -> int:
     greedy text with prompt lookup must equal plain decoding's."""
     from ..kernels import ROW_INVARIANT_MAX_M
     return ROW_INVARIANT_MAX_M
-
-
-def _cap_rows(drafts: list[list[int]], cap: int) -> list[list[int]]:
-    """Shorten drafts so that the verify forward (each sequence's last token + its draft)
-    holds at most `cap` tokens: one token at a time off the end of the longest draft (a
-    draft's later tokens are the least likely to be accepted). With more sequences than
-    `cap`, no drafts."""
-    total = sum(1 + len(d) for d in drafts)
-    if total <= cap:
-        return drafts
-    lens = [len(d) for d in drafts]
-    excess = total - cap
-    while excess > 0 and any(lens):
-        top = max(lens)
-        for i, n in enumerate(lens):
-            if n == top and excess > 0:
-                lens[i] -= 1
-                excess -= 1
-    return [d[:n] for d, n in zip(drafts, lens)]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

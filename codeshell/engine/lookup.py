@@ -16,10 +16,20 @@ and greedy output (accept iff d is the argmax) is the same text. A seeded reques
 uniforms in a different order than plain decoding, so its text differs from a plain run's
 with the same seed; its distribution does not.
 
+How many of the drafted tokens a step runs is `DraftBudget`'s choice: each drafted token
+costs a row of the verify forward, accepted or not, and the step's cost grows with its rows
+(measured per row count as the engine runs), so it keeps the drafted tokens that most raise
+the expected tokens per second of the step.
+
 This module neither runs the model nor touches the KV cache.
 """
 
 from __future__ import annotations
+
+import bisect
+import itertools
+import operator
+import time
 
 import torch
 
@@ -55,18 +65,177 @@ class NgramLookup:
             self.extend(output_ids[have:])
 
     def propose(self, k: int) -> list[int]:
-        """Up to k tokens that followed the longest matching suffix (empty if none matched),
-        and at most 2**n - 1 of them after an n-token match: a 1-token match (a common
-        token, often continued otherwise) drafts 1 token, a 2-token match 3, a 3-token one 7.
-        Each drafted token costs a row of the verify forward, accepted or not; on the
-        code-editing benchmark's greedy codeshell-mini answers (bench_lookup.py) this cap kept
-        the accepted tokens within 2% while drafting 16% fewer (acceptance 65% -> 76%)."""
+        """Up to k tokens that followed the most recent earlier occurrence of the longest
+        matching suffix (empty if none matched).
+
+        Where that continuation runs into the end of the text (the suffix matched d tokens
+        back: the last d tokens repeat what came before them), the copy goes on through its
+        own tokens, as if the text kept repeating with period d: what the lookup would find
+        at the next step anyway, one step sooner. A model stuck in a loop ("y = y\\n" over
+        and over) or text that repeats a short pattern then drafts k tokens, not d. On the
+        code-editing benchmark's greedy codeshell-mini answers (bench_lookup.py) this took a
+        quarter of the verify steps of a batch-1 run away (871 -> 709, replayed).
+
+        How many of these a step runs is the `DraftBudget`'s choice; the old cap of 2**n - 1
+        tokens after an n-token match is left to it (a short match's later tokens are
+        rejected more often, which the sequence's acceptance rate tells the budget)."""
         toks, L = self.tokens, len(self.tokens)
         for n in range(min(self.max_ngram, L), self.min_ngram - 1, -1):
             j = self.index[n].get(tuple(toks[L - n:]))
             if j is not None:
-                return toks[j:j + min(k, 2 ** n - 1)]
+                out = toks[j:j + k]
+                period = L - j
+                while len(out) < k:
+                    out.append(out[len(out) - period])
+                return out
         return []
+
+
+class DraftBudget:
+    """How many drafted tokens a verify step runs: those that raise the step's expected
+    tokens per second, by the measured cost of a forward of M rows.
+
+    A step over B sequences with r drafted tokens emits E = B + (expected accepted) tokens
+    and costs C(B + r). Drafted token j (0-based) of a sequence whose tokens are accepted at
+    rate a is accepted with probability ~ a**(j + 1) (it needs the ones before it), so the
+    candidates, best first, are nested prefixes of each draft; the step keeps the r that
+    maximises E / C(B + r). With few sequences the per-step cost dominates and long drafts pay;
+    with many, each row costs real compute (codeshell-mini bf16: ~60 us a row up to 16 rows,
+    ~115 us beyond, against ~2 ms a step: AMX tiles of 16 rows) and only likely tokens pay.
+
+    C comes from the engine's own verify steps (`observe(M, seconds)`, CPU seconds of the
+    step's thread from the packed forward to the last accepted token): per row count M the
+    mean of its first timings, then a moving average (a value far above it counts as 3x it);
+    an M not seen yet is interpolated between the nearest seen ones and extrapolated past them
+    by the slope of a least-squares line through them, and exploration (EXPLORE) retimes the
+    row counts just past the choice. Until two row counts are known every draft runs (the row
+    cap still applies).
+
+    The choice depends on timings, so which tokens are drafted is not reproducible; that
+    changes no greedy text (every kept draft is verified) and no distribution. Sequences marked
+    `fixed` (seeded sampled requests, whose text depends on which tokens are drafted) keep
+    their whole draft, so their text is the same from run to run of the same batch.
+    """
+
+    ALPHA = 0.2  # weight of a new timing in its row count's moving average
+    # CPU seconds of the calling thread: the forward's own work (the calling thread takes part
+    # in every parallel region), without the time the OS gave the core to other processes,
+    # which on a shared machine swamps the difference of a few rows in wall-clock time
+    clock = staticmethod(time.thread_time)
+    # Every EXPLORE-th step with drafts runs 1, 2, ..., EXPLORE_ROWS (in turn) more drafted
+    # tokens than the choice, if there are: the row counts just past the choice stay measured
+    # (a first timing that came out high on a busy machine is retimed), and a choice of none is
+    # revisited. Running every draft instead (up to 64 rows) cost more than it taught: at
+    # batch 8 such a step took ~12 ms against ~3.5 ms.
+    EXPLORE, EXPLORE_ROWS = 4, 8
+
+    def __init__(self) -> None:
+        self.cost_s: dict[int, float] = {}  # row count -> moving average of a step's seconds
+        self.count: dict[int, int] = {}  # row count -> timings seen
+        self.steps = 0
+        self._stale = 0  # observations since the slope was fitted
+        self._fit: tuple[list[int], float] | None = None  # (sorted known M, slope): cached
+
+    def observe(self, rows: int, seconds: float) -> None:
+        old = self.cost_s.get(rows)
+        n = self.count[rows] = self.count.get(rows, 0) + 1
+        if old is None:
+            self.cost_s[rows] = seconds
+            self._fit = None
+        else:  # the mean of the first timings, then a moving average
+            self.cost_s[rows] = old + max(1.0 / n, self.ALPHA) * (min(seconds, 3.0 * old) - old)
+            self._stale += 1
+            if self._stale >= 16:  # the slope follows the averages now and then
+                self._fit = None
+
+    def ready(self) -> bool:
+        return len(self.cost_s) >= 2
+
+    def _known(self) -> tuple[list[int], float]:
+        """The row counts measured (sorted) and the least-squares slope of cost over them."""
+        if self._fit is None:
+            ms = sorted(self.cost_s)
+            n = len(ms)
+            mx = sum(ms) / n
+            my = sum(self.cost_s[m] for m in ms) / n
+            var = sum((m - mx) ** 2 for m in ms)
+            slope = sum((m - mx) * (self.cost_s[m] - my) for m in ms) / var if var else 0.0
+            self._fit, self._stale = (ms, max(slope, 0.0)), 0
+        return self._fit
+
+    def cost(self, rows: int) -> float:
+        """Estimated seconds of a step of `rows` rows (needs `ready()`)."""
+        c = self.cost_s.get(rows)
+        if c is not None:
+            return c
+        ms, slope = self._known()
+        i = bisect.bisect_left(ms, rows)
+        if i == 0:
+            hi = self.cost_s[ms[0]]
+            return max(hi - slope * (ms[0] - rows), 0.5 * hi)
+        lo = self.cost_s[ms[i - 1]]
+        if i == len(ms):
+            return lo + slope * (rows - ms[-1])
+        w = (rows - ms[i - 1]) / (ms[i] - ms[i - 1])
+        return (1 - w) * lo + w * self.cost_s[ms[i]]
+
+    def choose(self, drafts: list[list[int]], rates: list[float], fixed: list[bool], cap: int) -> list[int]:
+        """How many tokens of each draft to run: drafts[i] of sequence i (accepted at rate
+        rates[i]), each sequence one row of its own plus its kept draft, at most `cap` rows in
+        all; fixed[i] keeps draft i whole (shortened only by the cap, longest first)."""
+        keep = [len(d) if f else 0 for d, f in zip(drafts, fixed)]
+        rows = len(drafts) + sum(keep)
+        if rows > cap:  # the fixed drafts alone overflow: the longest shortened first
+            return [len(d) for d in _cap_rows([d[:n] for d, n in zip(drafts, keep)], cap)]
+        cand = []  # (probability that the token is accepted, sequence)
+        for i, (d, a, f) in enumerate(zip(drafts, rates, fixed)):
+            if d and not f:
+                a = min(max(a, 0.05), 0.97)
+                cand += zip(itertools.accumulate([a] * len(d), operator.mul), [i] * len(d))
+        if not cand:
+            return keep
+        if not self.ready():  # nothing measured yet: every draft, up to the cap
+            return [len(d) for d in _cap_rows(drafts, cap)]
+        self.steps += 1
+        cand.sort(key=lambda c: -c[0])
+        fixed_gain = sum(_expected(len(d), a) for d, a, f in zip(drafts, rates, fixed) if f and d)
+        e = len(drafts) + fixed_gain
+        best, best_r = e / self.cost(rows), 0
+        for r, (p, _) in enumerate(cand[:cap - rows], 1):
+            e += p
+            v = e / self.cost(rows + r)
+            if v > best:
+                best, best_r = v, r
+        if self.steps % self.EXPLORE == 0:
+            best_r = min(best_r + 1 + (self.steps // self.EXPLORE) % self.EXPLORE_ROWS, len(cand), cap - rows)
+        for _, i in cand[:best_r]:
+            keep[i] += 1
+        return keep
+
+
+def _expected(n: int, a: float) -> float:
+    """Expected accepted tokens of an n-token draft accepted at rate a: a + a^2 + ... + a^n."""
+    a = min(max(a, 0.05), 0.97)
+    return a * (1 - a ** n) / (1 - a)
+
+
+def _cap_rows(drafts: list[list[int]], cap: int) -> list[list[int]]:
+    """Shorten drafts so that the verify forward (each sequence's last token + its draft)
+    holds at most `cap` tokens: one token at a time off the end of the longest draft (a
+    draft's later tokens are the least likely to be accepted). With more sequences than
+    `cap`, no drafts."""
+    total = sum(1 + len(d) for d in drafts)
+    if total <= cap:
+        return drafts
+    lens = [len(d) for d in drafts]
+    excess = total - cap
+    while excess > 0 and any(lens):
+        top = max(lens)
+        for i, n in enumerate(lens):
+            if n == top and excess > 0:
+                lens[i] -= 1
+                excess -= 1
+    return [d[:n] for d, n in zip(drafts, lens)]
 
 
 def verify_token(sampler: SequenceSampler, logits: torch.Tensor, draft: int) -> tuple[int, bool]:

@@ -22,6 +22,7 @@ class Sequence:
         self.cached = 0  # positions whose KV is in the cache
         self.lookup = None  # its n-gram index (engine/lookup.py), made at its first draft
         self.draft_len = 0  # the current draft length limit (adapted to how drafts fare)
+        self.accept_rate = 0.7  # moving average of the accepted share of its drafts (DraftBudget's odds)
         self.output_ids: list[int] = []
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
         self.text = ""

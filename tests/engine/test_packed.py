@@ -155,6 +155,7 @@ def test_verify_steps_stay_within_the_row_invariant_cap(monkeypatch):
     plain = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, plain)]
     monkeypatch.setattr(engine_mod, "_max_rows", lambda: 5)
+    monkeypatch.setattr(llm.engine, "draft_budget", None)  # every draft, up to the cap
     monkeypatch.setattr(lookup_mod.NgramLookup, "propose", lambda self, k: self.tokens[-6:][:k])
     sizes = []
     transformer = llm.engine.model.transformer

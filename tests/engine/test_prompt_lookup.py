@@ -28,17 +28,25 @@ def test_proposer_copies_what_followed_the_longest_most_recent_match():
     # the suffix itself is never its own match, and no match gives no draft
     assert NgramLookup([5, 6, 7], 3, 1).propose(4) == []
     assert NgramLookup([5, 6, 5], 3, 2).propose(4) == []  # min_ngram 2: the 1-gram "5" is not used
-    assert NgramLookup([5, 6, 5, 6], 3, 1).propose(4) == [5, 6]  # runs into the suffix: fine
-
-
-def test_proposer_drafts_fewer_tokens_after_a_shorter_match():
-    """At most 2**n - 1 tokens follow an n-token match (k permitting)."""
+    # k tokens whatever the match length (the budget, not the proposer, trims unlikely ones)
     base = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-    assert NgramLookup(base + [7], 3, 1).propose(8) == [8]                     # 1-gram "7"
-    assert NgramLookup(base + [6, 7], 3, 1).propose(8) == [8, 9, 10]           # 2-gram "6 7"
-    assert NgramLookup(base + [5, 6, 7], 3, 1).propose(8) == [8, 9, 10, 11, 12, 5, 6]  # 3-gram
-    assert NgramLookup(base + [5, 6, 7], 3, 1).propose(2) == [8, 9]            # k still caps
-    assert NgramLookup(base + [5, 6, 7], 4, 1).propose(8) == [8, 9, 10, 11, 12, 5, 6]  # 3 of max 4
+    assert NgramLookup(base + [7], 3, 1).propose(8) == [8, 9, 10, 11, 12, 7, 8, 9]  # 1-gram "7"
+    assert NgramLookup(base + [5, 6, 7], 3, 1).propose(2) == [8, 9]                 # k caps
+
+
+def test_proposer_continues_a_repeating_run_through_its_own_draft():
+    """A continuation that runs into the end of the text goes on as the text repeats (period:
+    how far back the match was): a loop drafts k tokens, not one period."""
+    assert NgramLookup([5, 6, 5, 6], 3, 1).propose(5) == [5, 6, 5, 6, 5]  # period 2
+    y = [31, 9, 31, 4]  # "y = y\n" as tokens, repeated: period 4
+    assert NgramLookup([1, 2] + y * 2 + y[:1], 3, 1).propose(6) == [9, 31, 4, 31, 9, 31]
+    assert NgramLookup([7, 7], 3, 1).propose(3) == [7, 7, 7]  # period 1
+    # a match further back with enough text after it is copied as it is (no wrap needed)
+    assert NgramLookup([1, 2, 3, 4, 5, 6, 1, 2], 3, 1).propose(3) == [3, 4, 5]
+    # what the proposer drafts is what the text turns out to be when it keeps repeating
+    text = [3, 1, 4, 1, 5] * 6
+    for cut in range(6, 25):
+        assert NgramLookup(text[:cut], 3, 1).propose(5) == text[cut:cut + 5]
 
 
 def test_proposer_sync_indexes_only_new_output():
@@ -46,7 +54,7 @@ def test_proposer_sync_indexes_only_new_output():
     lk.sync([1, 2, 3], [1, 2])
     lk.sync([1, 2, 3], [1, 2])  # nothing new
     assert lk.tokens == [1, 2, 3, 1, 2]
-    assert lk.propose(5) == [3, 1, 2]
+    assert lk.propose(3) == [3, 1, 2]
 
 
 def test_bad_lookup_options_are_one_clear_error():
@@ -187,6 +195,7 @@ def test_accepted_drafts_and_rolled_back_kv(llm, monkeypatch, corrupt_every):
     want = [o.token_ids for o in run(llm, ps, plain)]
     expected = oracle(monkeypatch, {tuple(p): w for p, w in zip(ps, want)}, corrupt_every)
     eng = llm.engine
+    monkeypatch.setattr(eng, "draft_budget", None)  # every draft runs: exact counts
     acc0, steps0 = eng.spec_accepted, eng.spec_steps
     spec = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, prompt_lookup_num_tokens=5, logprobs=2)
     got = run(llm, ps, spec)
@@ -213,6 +222,7 @@ def test_stop_inside_an_accepted_draft_and_prefix_cache_after(llm, monkeypatch):
     follow = ps[0] + first + [7, 8]
     plain_follow = run(llm, [follow], plain)[0].token_ids
     oracle(monkeypatch, {tuple(p): w for p, w in zip(ps, want)}, 0)
+    monkeypatch.setattr(llm.engine, "draft_budget", None)  # every draft runs: steps of 6 tokens
     monkeypatch.setattr(llm.engine, "prefix_caching", True)
     sp = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop], ignore_eos=True,
                         prompt_lookup_num_tokens=5)

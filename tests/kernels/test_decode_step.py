@@ -89,6 +89,7 @@ def engine_run(m, monkeypatch, native: bool, ps, lookup: int = 0, max_tokens: in
     hook = m.lm_head.register_forward_hook(lambda mod, args, out: logits.append(out.clone()))
     try:
         eng = Engine(m, m.cfg, max_batch=4, prompt_lookup=lookup)
+        eng.draft_budget = None  # every draft runs (the budget's choice depends on timings)
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         for i, p in enumerate(ps):
             eng.add_request(f"r{i}", p, sp)

@@ -35,6 +35,10 @@ class Sequence:
             stop_ids.add(eos_id)
         self.stop_ids = stop_ids
         self.max_stop = max((len(s) for s in params.stops), default=0)
+        # every non-empty prefix of a stop string: `_held_back` runs for each running sequence at
+        # every step, and a set lookup per tail length is ~5x cheaper than `startswith` over the
+        # stops (12 -> ~2 us with the chat stops)
+        self._stop_prefixes = {s[:k] for s in params.stops for k in range(1, len(s) + 1)}
 
     @property
     def finished(self) -> bool:
@@ -88,9 +92,9 @@ class Sequence:
         """Characters at the end of `text` that may be the beginning of a stop string."""
         if self.finished or not self.max_stop:
             return 0
-        tail = self.text[-self.max_stop:]
-        for k in range(min(len(tail), self.max_stop - 1), 0, -1):
-            if any(s.startswith(tail[-k:]) for s in self.params.stops):
+        text, prefixes = self.text, self._stop_prefixes
+        for k in range(min(len(text), self.max_stop - 1), 0, -1):
+            if text[-k:] in prefixes:
                 return k
         return 0
 

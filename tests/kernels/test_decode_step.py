@@ -13,7 +13,7 @@ from torch import nn
 
 from codeshell.config import CodeShellConfig
 from codeshell.engine.engine import Engine
-from codeshell.engine.sampling import SamplingParams
+from codeshell.engine.sampling import SamplingParams, first_argmax
 from codeshell.kernels import _ext, available, ops, prepack, prepare_model
 from codeshell.kernels import step as step_mod
 from codeshell.kernels.module import PackedLinear
@@ -59,16 +59,17 @@ def tiny(kind: str = "bf16", group: int = 64, **over) -> CodeShellForCausalLM:
 
 @pytest.fixture
 def native_calls(monkeypatch):
-    """Counts the forwards the native step ran (step.forward returned a result)."""
+    """Counts the forwards the native step ran (step.forward or step.decode returned a result)."""
     calls = []
-    orig = step_mod.forward
+    for name in ("forward", "decode"):
+        orig = getattr(step_mod, name)
 
-    def counted(*a):
-        out = orig(*a)
-        calls.append(out is not None)
-        return out
+        def counted(*a, _orig=orig):
+            out = _orig(*a)
+            calls.append(out is not None)
+            return out
 
-    monkeypatch.setattr(step_mod, "forward", counted)
+        monkeypatch.setattr(step_mod, name, counted)
     return calls
 
 
@@ -82,31 +83,44 @@ def prompts(n: int) -> list[list[int]]:
     return out
 
 
-def engine_run(m, monkeypatch, native: bool, ps, lookup: int = 0, max_tokens: int = 10):
-    """Greedy tokens per request, every forward's logits and the final KV cache of one engine run."""
+def engine_run(m, monkeypatch, native: bool, ps, lookup: int = 0, max_tokens=10):
+    """Greedy tokens per request, every forward's logits (prefills' and packed steps') and the
+    final KV cache of one engine run. `max_tokens` may be a list (one per request: the batch
+    then shrinks as requests finish)."""
     monkeypatch.setenv("CODESHELL_DECODE_STEP", "on" if native else "off")
     logits = []
-    hook = m.lm_head.register_forward_hook(lambda mod, args, out: logits.append(out.clone()))
-    try:
-        eng = Engine(m, m.cfg, max_batch=4, prompt_lookup=lookup)
-        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        for i, p in enumerate(ps):
-            eng.add_request(f"r{i}", p, sp)
-        out = {}
-        while eng.has_unfinished():
-            for o in eng.step():
-                if o.finished:
-                    out[o.request_id] = o.outputs[0].token_ids
-    finally:
-        hook.remove()
+    eng = Engine(m, m.cfg, max_batch=4, prompt_lookup=lookup)
+    packed, prefill = eng._packed, eng._prefill
+
+    def recorded_packed(*a):
+        out = packed(*a)
+        if out[1] is not None:  # the native step's greedy picks: first_argmax's, row by row
+            assert out[1] == first_argmax(out[0]).tolist()
+        logits.append(out[0].clone())
+        return out
+
+    def recorded_prefill(reqs):
+        out = prefill(reqs)
+        logits.extend(x.clone() for _, x in out)
+        return out
+
+    eng._packed, eng._prefill = recorded_packed, recorded_prefill
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(ps)
+    for i, (p, n) in enumerate(zip(ps, limits)):
+        eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    out = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                out[o.request_id] = o.outputs[0].token_ids
     return out, logits, eng
 
 
-def assert_same_runs(m, monkeypatch, calls, ps, lookup=0):
+def assert_same_runs(m, monkeypatch, calls, ps, lookup=0, max_tokens=10):
     start = len(calls)
-    want, want_logits, e0 = engine_run(m, monkeypatch, False, ps, lookup)
+    want, want_logits, e0 = engine_run(m, monkeypatch, False, ps, lookup, max_tokens)
     mid = len(calls)
-    got, got_logits, e1 = engine_run(m, monkeypatch, True, ps, lookup)
+    got, got_logits, e1 = engine_run(m, monkeypatch, True, ps, lookup, max_tokens)
     assert not any(calls[start:mid]) and any(calls[mid:])  # the switch works, and the native step ran
     assert got == want
     assert len(got_logits) == len(want_logits)
@@ -115,6 +129,12 @@ def assert_same_runs(m, monkeypatch, calls, ps, lookup=0):
     assert torch.equal(e1.cache.k, e0.cache.k) and torch.equal(e1.cache.v, e0.cache.v)
     if lookup:
         assert e1.spec_steps > 0 and e1.spec_steps == e0.spec_steps
+
+
+def built(m):
+    """The native step the engine's last packed step ran (`decode`'s, else `forward`'s)."""
+    d = step_mod._DECODERS.get(m)
+    return d.step if d is not None and d.step is not None else step_mod._STEPS[m.transformer][2]
 
 
 def _levels():
@@ -131,9 +151,10 @@ def test_engine_bitwise_equal_to_python_path(kind, level, monkeypatch, native_ca
     assert_same_runs(m, monkeypatch, native_calls, prompts(1))              # batch 1
     assert_same_runs(m, monkeypatch, native_calls, prompts(4))              # batch 4, different lengths
     assert_same_runs(m, monkeypatch, native_calls, prompts(4), lookup=5)    # verify steps with drafts
-    # the kernels the step was built with are the ones plan names at this level
-    src, cap, step = step_mod._STEPS[m.transformer]
-    assert cap == level and step is not None and step.layers == m.cfg.n_layer
+    # the kernels the step was built with are the ones plan names at this level; the engine's
+    # steps went from token ids to logits in one call (step.decode)
+    d = step_mod._DECODERS[m]
+    assert d.cap == level and d.step is not None and d.step.layers == m.cfg.n_layer
 
 
 def test_learned_positions_without_rope(monkeypatch, native_calls):
@@ -158,17 +179,17 @@ def test_rebuilt_when_weights_or_isa_change(monkeypatch, native_calls):
     m = tiny("bf16")
     ps = prompts(2)
     assert_same_runs(m, monkeypatch, native_calls, ps)
-    first = step_mod._STEPS[m.transformer][2]
+    first = built(m)
     assert_same_runs(m, monkeypatch, native_calls, ps)
-    assert step_mod._STEPS[m.transformer][2] is first  # unchanged model: the same step
+    assert built(m) is first  # unchanged model: the same step
     logits = engine_run(m, monkeypatch, True, ps)[1]
 
     def changed_by(mutate):
-        before = step_mod._STEPS[m.transformer][2]
+        before = built(m)
         with torch.no_grad():
             mutate()
         assert_same_runs(m, monkeypatch, native_calls, ps)
-        assert step_mod._STEPS[m.transformer][2] is not before
+        assert built(m) is not before
 
     g = torch.Generator().manual_seed(3)
     block = m.transformer.h[1]
@@ -190,10 +211,10 @@ def test_rebuilt_when_weights_or_isa_change(monkeypatch, native_calls):
     assert not torch.equal(engine_run(m, monkeypatch, True, ps)[1][-1], logits[-1])  # they changed the model
     # the ISA cap is part of the key
     if LEVEL >= 1:
-        before = step_mod._STEPS[m.transformer][2]
+        before = built(m)
         monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
         assert_same_runs(m, monkeypatch, native_calls, ps)
-        assert step_mod._STEPS[m.transformer][2] is not before
+        assert built(m) is not before
 
 
 def test_fallbacks_take_the_python_path(monkeypatch, native_calls):

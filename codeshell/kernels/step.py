@@ -44,7 +44,8 @@ _DECODERS: "weakref.WeakKeyDictionary[nn.Module, _Decoder]" = weakref.WeakKeyDic
 # model -> (sources, isa cap, DecodeStep or None): weak, so the cache neither keeps a model
 # alive nor travels with it (state_dict, deepcopy, pickling never see it).
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_PACKED_VIEW: list = []  # codeshell.engine.kv_cache.PackedView, imported at first use
+_PACKED_VIEW: list = []
+_VERSION = operator.attrgetter("_version")  # codeshell.engine.kv_cache.PackedView, imported at first use
 
 
 def enabled() -> bool:
@@ -186,10 +187,10 @@ class _Checks:
     buffer it holds was replaced, an eps set anew, a bias changed in place, or a QuantLinear
     finalized again -- what `_sources` / `_same` compare, ~5x cheaper (every step runs it)."""
 
-    __slots__ = ("dicts", "keys", "objs", "versioned")
+    __slots__ = ("dicts", "keys", "objs", "tensors", "versions")
 
     def __init__(self):
-        self.dicts, self.keys, self.objs, self.versioned = [], [], [], []
+        self.dicts, self.keys, self.objs, self.tensors, self.versions = [], [], [], [], []
 
     def add(self, d: dict, key: str):
         obj = d.get(key)
@@ -208,7 +209,8 @@ class _Checks:
                 self.add(lin._buffers, k)
             b = self.add(lin._buffers, "bias")
             if b is not None:
-                self.versioned.append((b, b._version))
+                self.tensors.append(b)
+                self.versions.append(b._version)
         else:  # QuantLinear: _fast_linear's cache follows its kernel layout and fp32 bias
             self.add(lin.__dict__, "_kernel")
             self.add(lin.__dict__, "_bias_f32")
@@ -216,7 +218,7 @@ class _Checks:
 
     def valid(self) -> bool:
         return (all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objs))
-                and all(t._version == v for t, v in self.versioned))
+                and list(map(_VERSION, self.tensors)) == self.versions)
 
 
 class _Decoder:

@@ -254,3 +254,77 @@ def test_fallbacks_take_the_python_path(monkeypatch, native_calls):
     monkeypatch.setenv("CODESHELL_DECODE_STEP", "fast")
     with pytest.raises(ValueError, match="CODESHELL_DECODE_STEP='fast': expected on or off"):
         step_mod.forward(m.transformer, x[:, :3], rope, None, view)
+
+
+def decoded(calls_before: int, calls: list, m) -> bool:
+    """Whether the engine's packed steps since `calls_before` ran `step.decode` (token ids to
+    logits natively): its decoder for m holds a step."""
+    d = step_mod._DECODERS.get(m)
+    return d is not None and d.step is not None and any(calls[calls_before:])
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_decode_untied_embedding_and_int8_head(kind, monkeypatch, native_calls):
+    """An untied model: the embedding stays a plain bf16 nn.Embedding (a row table) and the
+    head its own linear, packed bf16 or quantized int8 per channel (bench_quant's --head int8)."""
+    m = tiny(kind, tie_word_embeddings=False)
+    assert type(m.transformer.wte) is nn.Embedding and type(m.lm_head) is PackedLinear
+    start = len(native_calls)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(3), lookup=4)
+    assert decoded(start, native_calls, m)
+    w = m.lm_head.packed
+    g = torch.Generator().manual_seed(5)
+    m.lm_head = Int8Linear.from_float(torch.randn(w.out_features, w.in_features, generator=g) * 0.1)
+    before = built(m)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(3))
+    assert built(m) is not before and step_mod._DECODERS[m].step is not None  # rebuilt with the new head
+    # the embedding table replaced: rebuilt, and the same logits as the Python path again
+    before = built(m)
+    m.transformer.wte.weight = nn.Parameter(m.transformer.wte.weight * 2)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(2))
+    assert built(m) is not before
+
+
+def test_decode_batch_size_changes(monkeypatch, native_calls):
+    """Requests finishing at different steps: the packed steps' M shrinks 4 -> 3 -> 2 -> 1
+    between calls of the same step object, with drafts (verify steps of varying M) too."""
+    m = tiny("bf16")
+    start = len(native_calls)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(4), max_tokens=[2, 5, 9, 12])
+    assert_same_runs(m, monkeypatch, native_calls, prompts(4), lookup=3, max_tokens=[12, 3, 7, 1])
+    assert decoded(start, native_calls, m)
+
+
+def test_decode_fallbacks(monkeypatch, native_calls):
+    """Where `step.decode` does not apply the engine runs the model (its forward and head): a
+    hook on the head or the transformer, learned positions, scaled RoPE, CODESHELL_DECODE_STEP=off;
+    the blocks may still take the native step (`step.forward`)."""
+    kv_args = ([1], [3], [0])
+
+    def try_decode(m):
+        from codeshell.engine.kv_cache import KVCache
+        return step_mod.decode(m, KVCache(m.cfg, 1, 64, torch.bfloat16), *kv_args)
+
+    m = tiny("bf16")
+    with torch.inference_mode():
+        assert try_decode(m) is not None
+        h = m.lm_head.register_forward_hook(lambda *a: None)
+        assert try_decode(m) is None
+        h.remove()
+        h = m.transformer.register_forward_pre_hook(lambda *a: None)
+        assert try_decode(m) is None
+        h.remove()
+        assert try_decode(m) is not None
+        monkeypatch.setenv("CODESHELL_DECODE_STEP", "off")
+        assert try_decode(m) is None
+        monkeypatch.delenv("CODESHELL_DECODE_STEP")
+        for over in (dict(position_embedding_type="learned_absolute"),
+                     dict(rope_scaling_type="linear", rope_scaling_factor=2.0)):
+            assert try_decode(tiny("bf16", **over)) is None
+    with torch.no_grad():  # grad off but not inference mode: still the native step
+        assert try_decode(m) is not None
+    assert try_decode(m) is None  # grad enabled: the model's autograd path
+    # scaled RoPE and hooks give the Python path's results (the engine runs the model)
+    m = tiny("bf16", rope_scaling_type="linear", rope_scaling_factor=2.0)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(2))
+    assert step_mod._DECODERS[m].step is None

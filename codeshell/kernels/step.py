@@ -222,10 +222,15 @@ class _Checks:
 
 
 class _Decoder:
-    __slots__ = ("step", "checks", "cap", "scale", "hooks")
+    __slots__ = ("step", "checks", "cap", "scale", "hooks", "attrs")
 
-    def __init__(self, step, checks: _Checks, cap, scale: float, hooks: tuple):
-        self.step, self.checks, self.cap, self.scale, self.hooks = step, checks, cap, scale, hooks
+    def __init__(self, step, checks: _Checks, cap, scale: float, hooks: tuple, attrs: tuple):
+        self.step, self.checks, self.cap, self.scale = step, checks, cap, scale
+        self.hooks = hooks  # the modules' forward (pre-)hook dicts: any entry -> the model runs
+        self.attrs = attrs  # their __dict__s: a `forward` set on the instance -> the model runs
+
+    def skip(self) -> bool:
+        return any(self.hooks) or any("forward" in d for d in self.attrs)
 
 
 def _build_decoder(lm: nn.Module, cap) -> _Decoder:
@@ -235,9 +240,10 @@ def _build_decoder(lm: nn.Module, cap) -> _Decoder:
     from .module import PackedEmbedding
     ch = _Checks()
     model, head = ch.add(lm._modules, "transformer"), ch.add(lm._modules, "lm_head")
-    hooks = tuple(getattr(m, a) for m in (lm, model, head) if m is not None
-                  for a in ("_forward_hooks", "_forward_pre_hooks"))
-    none = _Decoder(None, ch, cap, 0.0, hooks)
+    mods = [m for m in (lm, model, head) if m is not None]
+    hooks = tuple(getattr(m, a) for m in mods for a in ("_forward_hooks", "_forward_pre_hooks"))
+    attrs = tuple(m.__dict__ for m in mods)
+    none = _Decoder(None, ch, cap, 0.0, hooks, attrs)
     cfg = getattr(model, "cfg", None)
     if (cfg is None or cfg.position_embedding_type != "rope" or cfg.rope_scaling_type is not None
             or cfg.activation_function not in _GELU_TANH or _ext.get() is None):
@@ -288,7 +294,7 @@ def _build_decoder(lm: nn.Module, cap) -> _Decoder:
     else:
         return none
     step.set_rope(rope_inv_freq(cfg, cfg.n_positions).contiguous())
-    return _Decoder(step, ch, cap, 1.0 / math.sqrt(cfg.head_dim), hooks)
+    return _Decoder(step, ch, cap, 1.0 / math.sqrt(cfg.head_dim), hooks, attrs)
 
 
 def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots: list[int]):
@@ -302,7 +308,7 @@ def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots:
     d = _DECODERS.get(lm)
     if d is None or d.cap != cap or not d.checks.valid():
         d = _DECODERS[lm] = _build_decoder(lm, cap)
-    if d.step is None or any(d.hooks) or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+    if d.step is None or d.skip() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return None
     from torch.nn.modules import module as _m  # global hooks: the model's forward would run them
     if _m._global_forward_hooks or _m._global_forward_pre_hooks:

@@ -297,7 +297,7 @@ def test_decode_batch_size_changes(monkeypatch, native_calls):
 
 def test_decode_fallbacks(monkeypatch, native_calls):
     """Where `step.decode` does not apply the engine runs the model (its forward and head): a
-    hook on the head or the transformer, learned positions, scaled RoPE, CODESHELL_DECODE_STEP=off;
+    hook on the head or the transformer, a forward patched onto one, learned positions, scaled RoPE, CODESHELL_DECODE_STEP=off;
     the blocks may still take the native step (`step.forward`)."""
     kv_args = ([1], [3], [0])
 
@@ -314,6 +314,9 @@ def test_decode_fallbacks(monkeypatch, native_calls):
         h = m.transformer.register_forward_pre_hook(lambda *a: None)
         assert try_decode(m) is None
         h.remove()
+        m.lm_head.forward = lambda x: x  # a forward set on the instance (a test's spy, a patch)
+        assert try_decode(m) is None
+        del m.lm_head.forward
         assert try_decode(m) is not None
         monkeypatch.setenv("CODESHELL_DECODE_STEP", "off")
         assert try_decode(m) is None

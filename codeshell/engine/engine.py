@@ -148,8 +148,8 @@ class Engine:
             for seq in self._speculate(decoding, drafts):
                 changed[seq.request_id] = self.running[seq.request_id]
         elif decoding:                                   # forward one token for everyone else
-            logits = self._decode(decoding)
-            toks = sample_rows([s.sampler for s in decoding], logits)  # sample
+            logits, picks = self._decode(decoding)
+            toks = sample_rows([s.sampler for s in decoding], logits, picks)  # sample
             for i, seq in enumerate(decoding):           # update
                 self._append(seq, logits[i], toks[i])
                 changed[seq.request_id] = self.running[seq.request_id]
@@ -340,22 +340,28 @@ class Engine:
                 self.cache.copy_prefix(first.slot, s.slot, n)
             s.cached = n
 
-    def _forward_packed(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        """Logits [M, vocab] (float32) of single tokens of any sequences packed into one row of
-        the forward (see `PackedView`): token i at positions[i] of slot slots[i]."""
+    def _packed(self, tokens: list[int], positions: list[int], slots: list[int]) -> tuple[torch.Tensor, list | None]:
+        """Logits [M, vocab] of single tokens of any sequences packed into one row of the forward
+        (see `PackedView`: token i at positions[i] of slot slots[i]) and, where the native step
+        ran, each row's first maximal index (the greedy pick `sampling.first_argmax` would
+        give; else None). The native step
+        (`kernels.step.decode`: embedding to logits in one call) takes the bf16 models whose
+        modules it runs; any other model runs its transformer and head here."""
         need = max(positions) + 1
         self._ensure_cache(need)
+        got = _native_decode(self.model, self.cache, tokens, positions, slots)
+        if got is not None:
+            return got
         view = self.cache.packed_view(slots, positions)
         ids = torch.tensor(tokens, device=self.device)[None]
         h = self.model.transformer(ids, view.positions, None, view, seq_len=need)   # [1, M, n_embd]
-        return self._logits(h[0])
+        return self._logits(h[0]), None
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        logits = self._forward_packed([s.last_token for s in seqs], [s.cached for s in seqs],
-                                      [s.slot for s in seqs])
+    def _decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list | None]:
+        got = self._packed([s.last_token for s in seqs], [s.cached for s in seqs], [s.slot for s in seqs])
         for s in seqs:
             s.cached += 1
-        return logits
+        return got
 
     def _lookup_k(self, p: SamplingParams) -> int:
         return self.prompt_lookup if p.prompt_lookup_num_tokens is None else p.prompt_lookup_num_tokens
@@ -415,12 +421,12 @@ class Engine:
             tokens += [s.last_token] + d
             positions += range(s.cached, s.cached + 1 + len(d))
             slots += [s.slot] * (1 + len(d))
-        logits = self._forward_packed(tokens, positions, slots)                    # [M, V]
+        logits, argmax = self._packed(tokens, positions, slots)                    # [M, V]
         if any(drafts):
             self.spec_steps += 1
         # Greedy rows whose sampler leaves the logits as they are: every row's pick in one
         # reduction (the first maximal index, as `SequenceSampler.sample`), not one per row.
-        picks = greedy_picks([s.sampler for s, d in zip(seqs, drafts) for _ in range(1 + len(d))], logits)
+        picks = greedy_picks([s.sampler for s, d in zip(seqs, drafts) for _ in range(1 + len(d))], logits, argmax)
         off = 0
         for s, d in zip(seqs, drafts):
             rows, base, off = logits[off:off + 1 + len(d)], off, off + 1 + len(d)
@@ -479,6 +485,14 @@ class Engine:
                 self.free_slots.append(s.slot)
                 s.slot = None
         self.free_slots.sort()
+
+
+def _native_decode(model, cache, tokens, positions, slots):
+    """kernels.step.decode (None off the CPU); the kernels package is imported at first use."""
+    if cache.device.type != "cpu":
+        return None
+    from ..kernels import step
+    return step.decode(model, cache, tokens, positions, slots)
 
 
 def _max_rows() -> int:

@@ -193,13 +193,18 @@ def as_float32(logits: torch.Tensor, copy: bool = False) -> torch.Tensor:
     return logits.clone() if copy else logits
 
 
-def greedy_picks(samplers: list[SequenceSampler], logits: torch.Tensor) -> list[int | None]:
+def greedy_picks(samplers: list[SequenceSampler], logits: torch.Tensor,
+                 argmax: list[int] | None = None) -> list[int | None]:
     """For each row of logits [N, V]: the greedy pick where samplers[i] is greedy and leaves the
     logits as they are (no penalties), else None. One reduction over those rows instead of one
-    call per row; the same first maximal index as `SequenceSampler.sample`."""
+    call per row; the same first maximal index as `SequenceSampler.sample`. `argmax`, when
+    given, is every row's first maximal index already (the native decode step's)."""
     rows = [i for i, s in enumerate(samplers) if s.params.greedy and not s._mutates]
     out: list[int | None] = [None] * len(samplers)
-    if rows:
+    if rows and argmax is not None:
+        for i in rows:
+            out[i] = argmax[i]
+    elif rows:
         x = logits if len(rows) == len(samplers) else logits[rows]
         for i, t in zip(rows, first_argmax(x).tolist()):
             out[i] = t
@@ -227,12 +232,13 @@ def first_argmax(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     return top * block + inner
 
 
-def sample_rows(samplers: list[SequenceSampler], logits: torch.Tensor) -> list[int]:
+def sample_rows(samplers: list[SequenceSampler], logits: torch.Tensor, argmax: list[int] | None = None) -> list[int]:
     """The next token of each row of logits [B, V] (row i with samplers[i]): the same tokens as
     calling each sampler's `sample` on its row. Greedy rows without penalties are picked by one
-    reduction; temperature-only rows are drawn by one native call, in parallel over the
-    threads; the others one by one."""
-    toks = greedy_picks(samplers, logits)
+    reduction (or from `argmax`, every row's first maximal index when the caller has it);
+    temperature-only rows are drawn by one native call, in parallel over the threads; the
+    others one by one."""
+    toks = greedy_picks(samplers, logits, argmax)
     fused = [i for i, s in enumerate(samplers) if not s.params.greedy and s._temperature_only]
     us = {i: samplers[i].uniform() for i in fused}
     if len(fused) > 1:

@@ -9,6 +9,11 @@ on the same inputs); else None, and the caller runs the Python path. The `Decode
 once per model (the linears' tensors and the kernel `ops.plan` names for each at M <= 64, fixed
 per weight there) and rebuilt when a linear's weight or bias, a LayerNorm parameter, the module
 structure or the ISA cap (CODESHELL_KERNEL_ISA) changes.
+`decode` goes one call further for the engine's packed steps (`Engine._packed`): from the token
+ids to the logits and the greedy picks (the embedding rows, RoPE's rows, the blocks, ln_f, the
+output head and its argmax in the same native call), for the same bits as the model's forward,
+`lm_head` and `sampling.first_argmax`; the engine's Python per step is then the scheduling and
+the sequences' bookkeeping.
 `CODESHELL_DECODE_STEP=off` forces the Python path (tests, A/B timing).
 
 What this is not: a prefill path, an fp32-model path, or a kernel dispatcher (`ops.plan` names
@@ -34,10 +39,13 @@ _KERNELS = {("bf16", "amx:bf16"): 0, ("bf16", "avx512_bf16:panel"): 1, ("bf16", 
             ("int4", "avx2:q8"): 3, ("int8", "avx2:unpack"): 4, ("int4", "avx2:unpack"): 4}
 _KINDS = {"bf16": 0, "int8": 1, "int4": 2}
 
+# CodeShellForCausalLM -> _Decoder (`decode`'s step with its checks), weak for the same reason.
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, _Decoder]" = weakref.WeakKeyDictionary()
 # model -> (sources, isa cap, DecodeStep or None): weak, so the cache neither keeps a model
 # alive nor travels with it (state_dict, deepcopy, pickling never see it).
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_PACKED_VIEW: list = []  # codeshell.engine.kv_cache.PackedView, imported at first use
+_PACKED_VIEW: list = []
+_VERSION = operator.attrgetter("_version")  # codeshell.engine.kv_cache.PackedView, imported at first use
 
 
 def enabled() -> bool:
@@ -171,3 +179,141 @@ def forward(model: nn.Module, x: torch.Tensor, rope, mask, cache) -> torch.Tenso
     out = step.run(x.reshape(M, C).contiguous(), cos, sin, k, v, cache.slot_index, cache.positions[0],
                    cache.lens, scale)
     return out.view(1, M, C)
+
+
+class _Checks:
+    """What a step was built from, as (dict, key, object) triples and (tensor, version) pairs,
+    checked by identity in C-level loops: `valid()` is False once a module, parameter or
+    buffer it holds was replaced, an eps set anew, a bias changed in place, or a QuantLinear
+    finalized again -- what `_sources` / `_same` compare, ~5x cheaper (every step runs it)."""
+
+    __slots__ = ("dicts", "keys", "objs", "tensors", "versions")
+
+    def __init__(self):
+        self.dicts, self.keys, self.objs, self.tensors, self.versions = [], [], [], [], []
+
+    def add(self, d: dict, key: str):
+        obj = d.get(key)
+        self.dicts.append(d)
+        self.keys.append(key)
+        self.objs.append(obj)
+        return obj
+
+    def linear(self, lin: nn.Module) -> FastLinear | None:
+        """The linear's FastLinear (as `_fast`), its rebuild conditions recorded."""
+        f = _fast(lin)
+        if f is None:
+            return None
+        if type(lin) is PackedLinear:
+            for k in ("data", "scales", "offsets"):
+                self.add(lin._buffers, k)
+            b = self.add(lin._buffers, "bias")
+            if b is not None:
+                self.tensors.append(b)
+                self.versions.append(b._version)
+        else:  # QuantLinear: _fast_linear's cache follows its kernel layout and fp32 bias
+            self.add(lin.__dict__, "_kernel")
+            self.add(lin.__dict__, "_bias_f32")
+        return f
+
+    def valid(self) -> bool:
+        return (all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objs))
+                and list(map(_VERSION, self.tensors)) == self.versions)
+
+
+class _Decoder:
+    __slots__ = ("step", "checks", "cap", "scale", "hooks", "attrs")
+
+    def __init__(self, step, checks: _Checks, cap, scale: float, hooks: tuple, attrs: tuple):
+        self.step, self.checks, self.cap, self.scale = step, checks, cap, scale
+        self.hooks = hooks  # the modules' forward (pre-)hook dicts: any entry -> the model runs
+        self.attrs = attrs  # their __dict__s: a `forward` set on the instance -> the model runs
+
+    def skip(self) -> bool:
+        return any(self.hooks) or any("forward" in d for d in self.attrs)
+
+
+def _build_decoder(lm: nn.Module, cap) -> _Decoder:
+    """`decode`'s step for a CodeShellForCausalLM (step None where it does not apply), with
+    the checks that say when to rebuild it."""
+    from ..model import _GELU_TANH, rope_inv_freq
+    from .module import PackedEmbedding
+    ch = _Checks()
+    model, head = ch.add(lm._modules, "transformer"), ch.add(lm._modules, "lm_head")
+    mods = [m for m in (lm, model, head) if m is not None]
+    hooks = tuple(getattr(m, a) for m in mods for a in ("_forward_hooks", "_forward_pre_hooks"))
+    attrs = tuple(m.__dict__ for m in mods)
+    none = _Decoder(None, ch, cap, 0.0, hooks, attrs)
+    cfg = getattr(model, "cfg", None)
+    if (cfg is None or cfg.position_embedding_type != "rope" or cfg.rope_scaling_type is not None
+            or cfg.activation_function not in _GELU_TANH or _ext.get() is None):
+        return none
+    # the transformer's step, built as `step_for` builds it, from the same sources
+    h, ln_f, wte = ch.add(model._modules, "h"), ch.add(model._modules, "ln_f"), ch.add(model._modules, "wte")
+    src = []
+    for key in list(h._modules):
+        block = ch.add(h._modules, key)
+        mods = block._modules
+        ln1, attn, ln2, mlp = (ch.add(mods, k) for k in ("ln_1", "attn", "ln_2", "mlp"))
+        if type(ln1) is not nn.LayerNorm or type(ln2) is not nn.LayerNorm:
+            return none
+        for parent, k in ((attn, "c_attn"), (attn, "c_proj"), (mlp, "c_fc"), (mlp, "c_proj")):
+            f = ch.linear(ch.add(parent._modules, k))
+            if f is None:
+                return none
+            src.append(f)
+        for ln in (ln1, ln2):
+            src += (ch.add(ln._parameters, "weight"), ch.add(ln._parameters, "bias"), ch.add(ln.__dict__, "eps"))
+    if type(ln_f) is not nn.LayerNorm:
+        return none
+    src += (ch.add(ln_f._parameters, "weight"), ch.add(ln_f._parameters, "bias"), ch.add(ln_f.__dict__, "eps"))
+    step = _build(model, src)
+    if step is None:
+        return none
+    # the output head: one kernel path for every M <= ROW_INVARIANT_MAX_M, as the blocks' linears
+    f = ch.linear(head) if head is not None else None
+    if f is None:
+        return none
+    p = f.packed
+    path = ops.plan(p, 1, torch.bfloat16)
+    code = _KERNELS.get((p.kind, path))
+    if code is None or path != ops.plan(p, ops.ROW_INVARIANT_MAX_M, torch.bfloat16) or p.in_features != cfg.n_embd:
+        return none
+    isa = ops.ISA_LEVELS.index(path.partition(":")[0])
+    step.set_head(step.add_linear(_KINDS[p.kind], code, isa, p.data, p.scales, p.offsets, f.bias,
+                                  p.group_size if p.kind == "int4" else 0, p.out_features, p.in_features))
+    # the token embedding: the head's panels, or a plain bf16 table
+    if type(wte) is PackedEmbedding:
+        step.set_embedding(0, ch.add(wte._buffers, "data"), wte.num_embeddings)
+    elif type(wte) is nn.Embedding and wte.max_norm is None:
+        w = ch.add(wte._parameters, "weight")
+        ch.add(wte.__dict__, "max_norm")
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous():
+            return none
+        step.set_embedding(1, w.detach(), w.shape[0])
+    else:
+        return none
+    step.set_rope(rope_inv_freq(cfg, cfg.n_positions).contiguous())
+    return _Decoder(step, ch, cap, 1.0 / math.sqrt(cfg.head_dim), hooks, attrs)
+
+
+def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots: list[int]):
+    """(logits [M, V] bf16, greedy picks [M]) of a packed step (`Engine._packed`: token i is
+    tokens[i] at positions[i] of slot slots[i] of the engine's KVCache `cache`, which holds
+    room for them), bit for bit what `lm`'s transformer + lm_head + `first_argmax` give; or
+    None where the native step does not apply (the caller runs the model)."""
+    if not enabled() or len(tokens) > ops.ROW_INVARIANT_MAX_M:
+        return None
+    cap = os.environ.get("CODESHELL_KERNEL_ISA")
+    d = _DECODERS.get(lm)
+    if d is None or d.cap != cap or not d.checks.valid():
+        d = _DECODERS[lm] = _build_decoder(lm, cap)
+    if d.step is None or d.skip() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return None
+    from torch.nn.modules import module as _m  # global hooks: the model's forward would run them
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return None
+    k, v = cache.k, cache.v
+    if k.dtype != torch.bfloat16 or k.device.type != "cpu" or not k.is_contiguous() or not v.is_contiguous():
+        return None
+    return d.step.decode(tokens, positions, slots, k, v, d.scale)

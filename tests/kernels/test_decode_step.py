@@ -13,7 +13,7 @@ from torch import nn
 
 from codeshell.config import CodeShellConfig
 from codeshell.engine.engine import Engine
-from codeshell.engine.sampling import SamplingParams
+from codeshell.engine.sampling import SamplingParams, first_argmax
 from codeshell.kernels import _ext, available, ops, prepack, prepare_model
 from codeshell.kernels import step as step_mod
 from codeshell.kernels.module import PackedLinear
@@ -59,16 +59,17 @@ def tiny(kind: str = "bf16", group: int = 64, **over) -> CodeShellForCausalLM:
 
 @pytest.fixture
 def native_calls(monkeypatch):
-    """Counts the forwards the native step ran (step.forward returned a result)."""
+    """Counts the forwards the native step ran (step.forward or step.decode returned a result)."""
     calls = []
-    orig = step_mod.forward
+    for name in ("forward", "decode"):
+        orig = getattr(step_mod, name)
 
-    def counted(*a):
-        out = orig(*a)
-        calls.append(out is not None)
-        return out
+        def counted(*a, _orig=orig):
+            out = _orig(*a)
+            calls.append(out is not None)
+            return out
 
-    monkeypatch.setattr(step_mod, "forward", counted)
+        monkeypatch.setattr(step_mod, name, counted)
     return calls
 
 
@@ -82,32 +83,45 @@ def prompts(n: int) -> list[list[int]]:
     return out
 
 
-def engine_run(m, monkeypatch, native: bool, ps, lookup: int = 0, max_tokens: int = 10):
-    """Greedy tokens per request, every forward's logits and the final KV cache of one engine run."""
+def engine_run(m, monkeypatch, native: bool, ps, lookup: int = 0, max_tokens=10):
+    """Greedy tokens per request, every forward's logits (prefills' and packed steps') and the
+    final KV cache of one engine run. `max_tokens` may be a list (one per request: the batch
+    then shrinks as requests finish)."""
     monkeypatch.setenv("CODESHELL_DECODE_STEP", "on" if native else "off")
     logits = []
-    hook = m.lm_head.register_forward_hook(lambda mod, args, out: logits.append(out.clone()))
-    try:
-        eng = Engine(m, m.cfg, max_batch=4, prompt_lookup=lookup)
-        eng.draft_budget = None  # every draft runs (the budget's choice depends on timings)
-        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        for i, p in enumerate(ps):
-            eng.add_request(f"r{i}", p, sp)
-        out = {}
-        while eng.has_unfinished():
-            for o in eng.step():
-                if o.finished:
-                    out[o.request_id] = o.outputs[0].token_ids
-    finally:
-        hook.remove()
+    eng = Engine(m, m.cfg, max_batch=4, prompt_lookup=lookup)
+    eng.draft_budget = None  # every draft runs (the budget's choice depends on timings)
+    packed, prefill = eng._packed, eng._prefill
+
+    def recorded_packed(*a):
+        out = packed(*a)
+        if out[1] is not None:  # the native step's greedy picks: first_argmax's, row by row
+            assert out[1] == first_argmax(out[0]).tolist()
+        logits.append(out[0].clone())
+        return out
+
+    def recorded_prefill(reqs):
+        out = prefill(reqs)
+        logits.extend(x.clone() for _, x in out)
+        return out
+
+    eng._packed, eng._prefill = recorded_packed, recorded_prefill
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(ps)
+    for i, (p, n) in enumerate(zip(ps, limits)):
+        eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    out = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                out[o.request_id] = o.outputs[0].token_ids
     return out, logits, eng
 
 
-def assert_same_runs(m, monkeypatch, calls, ps, lookup=0):
+def assert_same_runs(m, monkeypatch, calls, ps, lookup=0, max_tokens=10):
     start = len(calls)
-    want, want_logits, e0 = engine_run(m, monkeypatch, False, ps, lookup)
+    want, want_logits, e0 = engine_run(m, monkeypatch, False, ps, lookup, max_tokens)
     mid = len(calls)
-    got, got_logits, e1 = engine_run(m, monkeypatch, True, ps, lookup)
+    got, got_logits, e1 = engine_run(m, monkeypatch, True, ps, lookup, max_tokens)
     assert not any(calls[start:mid]) and any(calls[mid:])  # the switch works, and the native step ran
     assert got == want
     assert len(got_logits) == len(want_logits)
@@ -116,6 +130,12 @@ def assert_same_runs(m, monkeypatch, calls, ps, lookup=0):
     assert torch.equal(e1.cache.k, e0.cache.k) and torch.equal(e1.cache.v, e0.cache.v)
     if lookup:
         assert e1.spec_steps > 0 and e1.spec_steps == e0.spec_steps
+
+
+def built(m):
+    """The native step the engine's last packed step ran (`decode`'s, else `forward`'s)."""
+    d = step_mod._DECODERS.get(m)
+    return d.step if d is not None and d.step is not None else step_mod._STEPS[m.transformer][2]
 
 
 def _levels():
@@ -132,9 +152,10 @@ def test_engine_bitwise_equal_to_python_path(kind, level, monkeypatch, native_ca
     assert_same_runs(m, monkeypatch, native_calls, prompts(1))              # batch 1
     assert_same_runs(m, monkeypatch, native_calls, prompts(4))              # batch 4, different lengths
     assert_same_runs(m, monkeypatch, native_calls, prompts(4), lookup=5)    # verify steps with drafts
-    # the kernels the step was built with are the ones plan names at this level
-    src, cap, step = step_mod._STEPS[m.transformer]
-    assert cap == level and step is not None and step.layers == m.cfg.n_layer
+    # the kernels the step was built with are the ones plan names at this level; the engine's
+    # steps went from token ids to logits in one call (step.decode)
+    d = step_mod._DECODERS[m]
+    assert d.cap == level and d.step is not None and d.step.layers == m.cfg.n_layer
 
 
 def test_learned_positions_without_rope(monkeypatch, native_calls):
@@ -159,17 +180,17 @@ def test_rebuilt_when_weights_or_isa_change(monkeypatch, native_calls):
     m = tiny("bf16")
     ps = prompts(2)
     assert_same_runs(m, monkeypatch, native_calls, ps)
-    first = step_mod._STEPS[m.transformer][2]
+    first = built(m)
     assert_same_runs(m, monkeypatch, native_calls, ps)
-    assert step_mod._STEPS[m.transformer][2] is first  # unchanged model: the same step
+    assert built(m) is first  # unchanged model: the same step
     logits = engine_run(m, monkeypatch, True, ps)[1]
 
     def changed_by(mutate):
-        before = step_mod._STEPS[m.transformer][2]
+        before = built(m)
         with torch.no_grad():
             mutate()
         assert_same_runs(m, monkeypatch, native_calls, ps)
-        assert step_mod._STEPS[m.transformer][2] is not before
+        assert built(m) is not before
 
     g = torch.Generator().manual_seed(3)
     block = m.transformer.h[1]
@@ -191,10 +212,10 @@ def test_rebuilt_when_weights_or_isa_change(monkeypatch, native_calls):
     assert not torch.equal(engine_run(m, monkeypatch, True, ps)[1][-1], logits[-1])  # they changed the model
     # the ISA cap is part of the key
     if LEVEL >= 1:
-        before = step_mod._STEPS[m.transformer][2]
+        before = built(m)
         monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
         assert_same_runs(m, monkeypatch, native_calls, ps)
-        assert step_mod._STEPS[m.transformer][2] is not before
+        assert built(m) is not before
 
 
 def test_fallbacks_take_the_python_path(monkeypatch, native_calls):
@@ -234,3 +255,80 @@ def test_fallbacks_take_the_python_path(monkeypatch, native_calls):
     monkeypatch.setenv("CODESHELL_DECODE_STEP", "fast")
     with pytest.raises(ValueError, match="CODESHELL_DECODE_STEP='fast': expected on or off"):
         step_mod.forward(m.transformer, x[:, :3], rope, None, view)
+
+
+def decoded(calls_before: int, calls: list, m) -> bool:
+    """Whether the engine's packed steps since `calls_before` ran `step.decode` (token ids to
+    logits natively): its decoder for m holds a step."""
+    d = step_mod._DECODERS.get(m)
+    return d is not None and d.step is not None and any(calls[calls_before:])
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_decode_untied_embedding_and_int8_head(kind, monkeypatch, native_calls):
+    """An untied model: the embedding stays a plain bf16 nn.Embedding (a row table) and the
+    head its own linear, packed bf16 or quantized int8 per channel (bench_quant's --head int8)."""
+    m = tiny(kind, tie_word_embeddings=False)
+    assert type(m.transformer.wte) is nn.Embedding and type(m.lm_head) is PackedLinear
+    start = len(native_calls)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(3), lookup=4)
+    assert decoded(start, native_calls, m)
+    w = m.lm_head.packed
+    g = torch.Generator().manual_seed(5)
+    m.lm_head = Int8Linear.from_float(torch.randn(w.out_features, w.in_features, generator=g) * 0.1)
+    before = built(m)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(3))
+    assert built(m) is not before and step_mod._DECODERS[m].step is not None  # rebuilt with the new head
+    # the embedding table replaced: rebuilt, and the same logits as the Python path again
+    before = built(m)
+    m.transformer.wte.weight = nn.Parameter(m.transformer.wte.weight * 2)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(2))
+    assert built(m) is not before
+
+
+def test_decode_batch_size_changes(monkeypatch, native_calls):
+    """Requests finishing at different steps: the packed steps' M shrinks 4 -> 3 -> 2 -> 1
+    between calls of the same step object, with drafts (verify steps of varying M) too."""
+    m = tiny("bf16")
+    start = len(native_calls)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(4), max_tokens=[2, 5, 9, 12])
+    assert_same_runs(m, monkeypatch, native_calls, prompts(4), lookup=3, max_tokens=[12, 3, 7, 1])
+    assert decoded(start, native_calls, m)
+
+
+def test_decode_fallbacks(monkeypatch, native_calls):
+    """Where `step.decode` does not apply the engine runs the model (its forward and head): a
+    hook on the head or the transformer, a forward patched onto one, learned positions, scaled RoPE, CODESHELL_DECODE_STEP=off;
+    the blocks may still take the native step (`step.forward`)."""
+    kv_args = ([1], [3], [0])
+
+    def try_decode(m):
+        from codeshell.engine.kv_cache import KVCache
+        return step_mod.decode(m, KVCache(m.cfg, 1, 64, torch.bfloat16), *kv_args)
+
+    m = tiny("bf16")
+    with torch.inference_mode():
+        assert try_decode(m) is not None
+        h = m.lm_head.register_forward_hook(lambda *a: None)
+        assert try_decode(m) is None
+        h.remove()
+        h = m.transformer.register_forward_pre_hook(lambda *a: None)
+        assert try_decode(m) is None
+        h.remove()
+        m.lm_head.forward = lambda x: x  # a forward set on the instance (a test's spy, a patch)
+        assert try_decode(m) is None
+        del m.lm_head.forward
+        assert try_decode(m) is not None
+        monkeypatch.setenv("CODESHELL_DECODE_STEP", "off")
+        assert try_decode(m) is None
+        monkeypatch.delenv("CODESHELL_DECODE_STEP")
+        for over in (dict(position_embedding_type="learned_absolute"),
+                     dict(rope_scaling_type="linear", rope_scaling_factor=2.0)):
+            assert try_decode(tiny("bf16", **over)) is None
+    with torch.no_grad():  # grad off but not inference mode: still the native step
+        assert try_decode(m) is not None
+    assert try_decode(m) is None  # grad enabled: the model's autograd path
+    # scaled RoPE and hooks give the Python path's results (the engine runs the model)
+    m = tiny("bf16", rope_scaling_type="linear", rope_scaling_factor=2.0)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(2))
+    assert step_mod._DECODERS[m].step is None

@@ -10,7 +10,11 @@
 // (CodeShellModel._forward_inference with PackedView.attend), so the result is bit for bit
 // that path's. Per layer: fused_add_layer_norm, c_attn, fused_rope_bf16, the new k, v rows
 // stored into the KV cache, packed_attention, c_proj, fused_add_layer_norm, c_fc,
-// fused_gelu_tanh, mlp.c_proj; then ln_f.
+// fused_gelu_tanh, mlp.c_proj; then ln_f. `decode` (the engine's packed steps, via
+// kernels/step.py `decode`) starts from the token ids and ends with the logits and their greedy
+// picks: the embedding rows and RoPE's cos / sin rows first, the output head, its cast to bf16
+// and argmax_rows after, so a codeshell-mini step has no Python between the token ids and the
+// sampled token (the Python around them was ~0.45 ms of a ~1.7 ms step at 1 thread).
 // What this is not: a prefill path (more than 64 rows, masks, padded batches stay in Python),
 // an fp32-model path, or a new kernel: it only removes the Python between the kernels.
 //
@@ -25,6 +29,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -153,28 +158,135 @@ class DecodeStep {
                     const c10::optional<torch::Tensor>& sin, const torch::Tensor& kc, const torch::Tensor& vc,
                     const torch::Tensor& slots, const torch::Tensor& positions, const torch::Tensor& lens,
                     double scale) const {
-    const int64_t H = H_, G = G_, D = D_, C = H * D;
+    const int64_t C = H_ * D_;
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16 && x.size(1) == C,
                 "DecodeStep.run: x must be a contiguous bf16 [M, ", C, "] tensor");
     const int64_t M = x.size(0);
     TORCH_CHECK(M >= 1 && M <= 64, "DecodeStep.run takes 1..64 rows, got ", M);
     TORCH_CHECK(cos.has_value() == sin.has_value(), "DecodeStep.run: cos and sin come together");
-    // a bf16 model's cache is bf16 (the engine's); PackedView's index_put takes no other
-    TORCH_CHECK(kc.dim() == 5 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() &&
-                    kc.scalar_type() == torch::kBFloat16 && vc.scalar_type() == torch::kBFloat16 &&
-                    kc.size(0) == layers() && kc.size(2) == G && kc.size(4) == D,
-                "DecodeStep.run: the KV cache must be two contiguous bf16 [", layers(), ", slots, ", G, ", max_len, ",
-                D, "] tensors");
     for (const auto* t : {&slots, &positions, &lens})
       TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == M,
                   "DecodeStep.run: slots, positions and lens must be contiguous int64 [M] tensors");
-    const int64_t* sp = slots.data_ptr<int64_t>();
-    const int64_t* pp = positions.data_ptr<int64_t>();
+    return blocks(x, cos, sin, kc, vc, slots, positions, lens, scale);
+  }
+
+  // The whole packed step from token ids (the engine's decode / verify step, CodeShellForCausalLM
+  // with RoPE): the embedding rows (set_embedding), RoPE's cos / sin rows computed as
+  // CodeShellModel._rope_rows computes them (set_rope), run's blocks and ln_f, then the output
+  // head (set_head) and its cast to bf16 (what FastLinear's call returns), and the first maximal
+  // index of each logits row (sampling's argmax_rows). Token i is `tokens[i]` at
+  // `positions[i]` of slot `slots[i]` (it attends keys 0..positions[i]). Returns (logits bf16
+  // [M, V], the greedy picks [M]).
+  std::tuple<torch::Tensor, std::vector<int64_t>> decode(const std::vector<int64_t>& tokens,
+                                                         const std::vector<int64_t>& positions,
+                                                         const std::vector<int64_t>& slots, const torch::Tensor& kc,
+                                                         const torch::Tensor& vc, double scale) const {
+    const int64_t M = int64_t(tokens.size()), C = H_ * D_, half = D_ / 2;
+    TORCH_CHECK(M >= 1 && M <= 64, "DecodeStep.decode takes 1..64 tokens, got ", M);
+    TORCH_CHECK(int64_t(positions.size()) == M && int64_t(slots.size()) == M,
+                "DecodeStep.decode: tokens, positions and slots must have one entry per token");
+    TORCH_CHECK(head_ >= 0 && emb_.defined() && inv_freq_.defined(),
+                "DecodeStep.decode needs set_head, set_embedding and set_rope first");
+    // the embedding rows x bf16 [M, C] (exact copies, as the model's embedding lookup)
+    torch::Tensor x = torch::empty({M, C}, emb_.options());
+    auto* xp = reinterpret_cast<uint16_t*>(x.data_ptr<bf16>());
+    const auto* ep = reinterpret_cast<const uint16_t*>(emb_.data_ptr<bf16>());
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t r = tokens[i];
+      TORCH_CHECK_INDEX(0 <= r && r < vocab_, "token id ", r, " is out of range for an embedding of ", vocab_, " rows");
+      uint16_t* dst = xp + i * C;
+      if (emb_kind_ == kEmbRows) {
+        std::memcpy(dst, ep + r * C, C * sizeof(uint16_t));
+      } else {  // the head's panels: row r is lane r % 16 of panel r / 16, k-pairs 64 bytes apart
+        const uint16_t* src = ep + (r / 16) * emb_.size(1) * 32 + (r % 16) * 2;
+        int64_t j = 0;
+        for (; 2 * j + 1 < C; ++j) std::memcpy(dst + 2 * j, src + j * 32, 4);
+        if (C & 1) dst[C - 1] = src[j * 32];
+      }
+    }
+    // RoPE rows: freqs [M, D/2] = float(position) * inv_freq (single fp32 products, as torch's
+    // broadcast multiply), then torch's own cos and sin on the same [M, D/2] shape (same bits)
+    torch::Tensor freqs = torch::empty({M, half}, inv_freq_.options());
+    const float* inv = inv_freq_.data_ptr<float>();
+    float* fp = freqs.data_ptr<float>();
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < half; ++j) fp[i * half + j] = float(positions[i]) * inv[j];
+    const torch::Tensor cos = freqs.cos(), sin = freqs.sin();
+    std::vector<int64_t> lens(M);
+    for (int64_t i = 0; i < M; ++i) lens[i] = positions[i] + 1;
+    const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+    auto as_tensor = [&](const std::vector<int64_t>& v) {
+      return torch::from_blob(const_cast<int64_t*>(v.data()), {M}, i64);
+    };
+    const torch::Tensor h = blocks(x, cos, sin, kc, vc, as_tensor(slots), as_tensor(positions), as_tensor(lens), scale);
+    const torch::Tensor logits = apply(linears_[head_], h).to(torch::kBFloat16);
+    const torch::Tensor picks = argmax_rows(logits);
+    const int64_t* pp = picks.data_ptr<int64_t>();
+    return {logits, std::vector<int64_t>(pp, pp + M)};
+  }
+
+  // The output head: linear `index` (add_linear; K = C). Its logits are decode's.
+  void set_head(int64_t index) {
+    TORCH_CHECK(0 <= index && index < int64_t(linears_.size()) && linears_[index].K == H_ * D_,
+                "DecodeStep.set_head: no linear ", index, " of width ", H_ * D_);
+    head_ = index;
+  }
+
+  // The token embedding: kind 0 the head's bf16 panels [ceil(V/16), Kp/2, 32] (PackedEmbedding),
+  // kind 1 a bf16 [V, C] table (nn.Embedding).
+  void set_embedding(int64_t kind, const torch::Tensor& table, int64_t V) {
+    const int64_t C = H_ * D_;
+    TORCH_CHECK(table.scalar_type() == torch::kBFloat16 && table.is_contiguous() && V > 0,
+                "DecodeStep.set_embedding: the table must be contiguous bf16");
+    if (kind == kEmbRows) {
+      TORCH_CHECK(table.dim() == 2 && table.size(0) == V && table.size(1) == C,
+                  "DecodeStep.set_embedding: a row table must be [V, ", C, "]");
+    } else {
+      TORCH_CHECK(kind == kEmbPanels && table.dim() == 3 && table.size(0) == (V + 15) / 16 &&
+                      table.size(1) * 2 >= C && table.size(2) == 32,
+                  "DecodeStep.set_embedding: panels must be [ceil(V/16), Kp/2, 32] with Kp >= ", C);
+    }
+    emb_kind_ = kind;
+    emb_ = table;
+    vocab_ = V;
+  }
+
+  // RoPE's inverse frequencies fp32 [D/2] (model.rope_inv_freq; no position scaling).
+  void set_rope(const torch::Tensor& inv_freq) {
+    TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.is_contiguous() && inv_freq.dim() == 1 &&
+                    inv_freq.numel() == D_ / 2,
+                "DecodeStep.set_rope: inv_freq must be a contiguous fp32 [", D_ / 2, "] tensor");
+    inv_freq_ = inv_freq;
+  }
+
+ private:
+  enum : int64_t { kEmbPanels = 0, kEmbRows = 1 };
+
+  // The KV cache's checks (decode's and run's), and each token's slot and position inside it.
+  void check_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t M, const int64_t* sp,
+                   const int64_t* pp) const {
+    // a bf16 model's cache is bf16 (the engine's); PackedView's index_put takes no other
+    TORCH_CHECK(kc.dim() == 5 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() &&
+                    kc.scalar_type() == torch::kBFloat16 && vc.scalar_type() == torch::kBFloat16 &&
+                    kc.size(0) == layers() && kc.size(2) == G_ && kc.size(4) == D_,
+                "DecodeStep: the KV cache must be two contiguous bf16 [", layers(), ", slots, ", G_, ", max_len, ",
+                D_, "] tensors");
     const int64_t S = kc.size(1), L = kc.size(3);
     for (int64_t i = 0; i < M; ++i)
-      TORCH_CHECK(0 <= sp[i] && sp[i] < S && 0 <= pp[i] && pp[i] < L, "DecodeStep.run: token ", i, " at slot ", sp[i],
+      TORCH_CHECK(0 <= sp[i] && sp[i] < S && 0 <= pp[i] && pp[i] < L, "DecodeStep: token ", i, " at slot ", sp[i],
                   " position ", pp[i], " is outside the cache [", S, " slots, ", L, " positions]");
+  }
 
+  // run's work: every block and ln_f on rows x bf16 [M, C] (checked by the caller).
+  torch::Tensor blocks(const torch::Tensor& x, const c10::optional<torch::Tensor>& cos,
+                       const c10::optional<torch::Tensor>& sin, const torch::Tensor& kc, const torch::Tensor& vc,
+                       const torch::Tensor& slots, const torch::Tensor& positions, const torch::Tensor& lens,
+                       double scale) const {
+    const int64_t H = H_, G = G_, D = D_, C = H * D, M = x.size(0);
+    const int64_t* sp = slots.data_ptr<int64_t>();
+    const int64_t* pp = positions.data_ptr<int64_t>();
+    check_cache(kc, vc, M, sp, pp);
+    const int64_t L = kc.size(3);
     torch::Tensor h = x;
     c10::optional<torch::Tensor> pending;  // the last block's output rows (fp32), added before the next LayerNorm
     for (int64_t layer = 0; layer < layers(); ++layer) {
@@ -200,12 +312,13 @@ class DecodeStep {
     return fused_add_layer_norm(h, pending, lnf_w_, lnf_b_, lnf_eps_)[1];
   }
 
- private:
   int64_t H_, G_, D_, attn_isa_;
   std::vector<Linear> linears_;
   std::vector<Layer> layers_;
   c10::optional<torch::Tensor> lnf_w_, lnf_b_;
   double lnf_eps_ = 1e-5;
+  int64_t head_ = -1, emb_kind_ = kEmbPanels, vocab_ = 0;
+  torch::Tensor emb_, inv_freq_;
 };
 
 }  // namespace
@@ -222,5 +335,10 @@ void register_decode_step(py::module& m) {
       .def_property_readonly("layers", &DecodeStep::layers)
       // The whole step runs without the GIL, as the kernels it calls do (kernels.cpp).
       .def("run", &DecodeStep::run, py::call_guard<py::gil_scoped_release>(),
-           "(x, cos, sin, k cache, v cache, slots, positions, lens, scale) -> ln_f output bf16 [M, C]");
+           "(x, cos, sin, k cache, v cache, slots, positions, lens, scale) -> ln_f output bf16 [M, C]")
+      .def("decode", &DecodeStep::decode, py::call_guard<py::gil_scoped_release>(),
+           "(tokens, positions, slots, k cache, v cache, scale) -> (logits bf16 [M, V], greedy picks)")
+      .def("set_head", &DecodeStep::set_head, "the output head: a linear index (add_linear)")
+      .def("set_embedding", &DecodeStep::set_embedding, "(kind 0 panels / 1 rows, bf16 table, V)")
+      .def("set_rope", &DecodeStep::set_rope, "RoPE's inverse frequencies fp32 [D/2]");
 }

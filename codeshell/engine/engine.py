@@ -20,7 +20,7 @@ import torch
 
 from ..config import CodeShellConfig
 from .kv_cache import KVCache
-from .lookup import DraftBudget, NgramLookup, _cap_rows, verify_token
+from .lookup import DraftBudget, NgramLookup, cap_rows, verify_token
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling import MAX_LOOKUP, SamplingParams, SequenceSampler, greedy_picks, sample_rows, token_logprob
 from .sequence import Sequence
@@ -390,7 +390,7 @@ class Engine:
             k = min(k, self.max_model_len - total - 1)
             out.append(s.lookup.propose(k) if k > 0 else [])
         if self.draft_budget is None or not any(out):
-            return _cap_rows(out, _max_rows())
+            return cap_rows(out, _max_rows())
         # a seeded sampled request's text depends on which tokens are drafted: its draft is
         # not left to the budget's timings
         keep = self.draft_budget.choose(out, [s.accept_rate for s in seqs],

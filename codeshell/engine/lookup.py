@@ -186,7 +186,7 @@ class DraftBudget:
         keep = [len(d) if f else 0 for d, f in zip(drafts, fixed)]
         rows = len(drafts) + sum(keep)
         if rows > cap:  # the fixed drafts alone overflow: the longest shortened first
-            return [len(d) for d in _cap_rows([d[:n] for d, n in zip(drafts, keep)], cap)]
+            return [len(d) for d in cap_rows([d[:n] for d, n in zip(drafts, keep)], cap)]
         cand = []  # (probability that the token is accepted, sequence)
         for i, (d, a, f) in enumerate(zip(drafts, rates, fixed)):
             if d and not f:
@@ -195,7 +195,7 @@ class DraftBudget:
         if not cand:
             return keep
         if not self.ready():  # nothing measured yet: every draft, up to the cap
-            return [len(d) for d in _cap_rows(drafts, cap)]
+            return [len(d) for d in cap_rows(drafts, cap)]
         self.steps += 1
         cand.sort(key=lambda c: -c[0])
         fixed_gain = sum(_expected(len(d), a) for d, a, f in zip(drafts, rates, fixed) if f and d)
@@ -219,7 +219,7 @@ def _expected(n: int, a: float) -> float:
     return a * (1 - a ** n) / (1 - a)
 
 
-def _cap_rows(drafts: list[list[int]], cap: int) -> list[list[int]]:
+def cap_rows(drafts: list[list[int]], cap: int) -> list[list[int]]:
     """Shorten drafts so that the verify forward (each sequence's last token + its draft)
     holds at most `cap` tokens: one token at a time off the end of the longest draft (a
     draft's later tokens are the least likely to be accepted). With more sequences than

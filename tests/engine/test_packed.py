@@ -133,12 +133,13 @@ def test_verify_step_packs_rows_without_padding(monkeypatch):
 
 
 def test_cap_rows_shortens_the_longest_drafts_first():
-    from codeshell.engine.engine import _cap_rows, _max_rows
+    from codeshell.engine.engine import _max_rows
+    from codeshell.engine.lookup import cap_rows
     assert _max_rows() == kernels.ROW_INVARIANT_MAX_M  # the linear kernels' row-invariant limit
     drafts = [[1] * 8, [2] * 3, [], [3] * 8]
-    assert _cap_rows(drafts, 23) == drafts                            # 4 + 19 drafted: fits
-    assert _cap_rows(drafts, 16) == [[1] * 4, [2] * 3, [], [3] * 5]   # 7 fewer, off the longest
-    assert _cap_rows(drafts, 3) == [[], [], [], []]                   # fewer rows than sequences
+    assert cap_rows(drafts, 23) == drafts                            # 4 + 19 drafted: fits
+    assert cap_rows(drafts, 16) == [[1] * 4, [2] * 3, [], [3] * 5]   # 7 fewer, off the longest
+    assert cap_rows(drafts, 3) == [[], [], [], []]                   # fewer rows than sequences
 
 
 def test_verify_steps_stay_within_the_row_invariant_cap(monkeypatch):

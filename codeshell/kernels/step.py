@@ -44,8 +44,8 @@ _DECODERS: "weakref.WeakKeyDictionary[nn.Module, _Decoder]" = weakref.WeakKeyDic
 # model -> (sources, isa cap, DecodeStep or None): weak, so the cache neither keeps a model
 # alive nor travels with it (state_dict, deepcopy, pickling never see it).
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_PACKED_VIEW: list = []
-_VERSION = operator.attrgetter("_version")  # codeshell.engine.kv_cache.PackedView, imported at first use
+_PACKED_VIEW: list = []  # codeshell.engine.kv_cache.PackedView, imported at first use
+_VERSION = operator.attrgetter("_version")
 
 
 def enabled() -> bool:
@@ -113,24 +113,28 @@ def _build(model: nn.Module, src: list):
     per = 4 + 6
     for i in range(len(model.h)):
         s = src[i * per:(i + 1) * per]
-        ids = []
-        for f in s[:4]:
-            p = f.packed
-            path = ops.plan(p, 1, torch.bfloat16)
-            # one path for every M <= ROW_INVARIANT_MAX_M (row invariance): one step serves them all
-            if path != ops.plan(p, ops.ROW_INVARIANT_MAX_M, torch.bfloat16):
-                return None
-            code = _KERNELS.get((p.kind, path))
-            if code is None:
-                return None
-            isa = ops.ISA_LEVELS.index(path.partition(":")[0])
-            ids.append(step.add_linear(_KINDS[p.kind], code, isa, p.data, p.scales, p.offsets, f.bias,
-                                       p.group_size if p.kind == "int4" else 0, p.out_features, p.in_features))
+        ids = [_add_linear(step, f) for f in s[:4]]
+        if None in ids:
+            return None
         w1, b1, e1, w2, b2, e2 = s[4:]
         step.add_layer(_t(w1), _t(b1), e1, ids[0], ids[1], _t(w2), _t(b2), e2, ids[2], ids[3])
     w, b, e = src[-3:]
     step.set_final(_t(w), _t(b), e)
     return step
+
+
+def _add_linear(step, f: FastLinear) -> int | None:
+    """Registers a linear with the step; its id, or None when its kernel path is not one the
+    step runs or differs between M = 1 and ROW_INVARIANT_MAX_M (one path for every M: row
+    invariance, so one step serves them all)."""
+    p = f.packed
+    path = ops.plan(p, 1, torch.bfloat16)
+    code = _KERNELS.get((p.kind, path))
+    if code is None or path != ops.plan(p, ops.ROW_INVARIANT_MAX_M, torch.bfloat16):
+        return None
+    isa = ops.ISA_LEVELS.index(path.partition(":")[0])
+    return step.add_linear(_KINDS[p.kind], code, isa, p.data, p.scales, p.offsets, f.bias,
+                           p.group_size if p.kind == "int4" else 0, p.out_features, p.in_features)
 
 
 def _t(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -272,16 +276,12 @@ def _build_decoder(lm: nn.Module, cap) -> _Decoder:
         return none
     # the output head: one kernel path for every M <= ROW_INVARIANT_MAX_M, as the blocks' linears
     f = ch.linear(head) if head is not None else None
-    if f is None:
+    if f is None or f.packed.in_features != cfg.n_embd:
         return none
-    p = f.packed
-    path = ops.plan(p, 1, torch.bfloat16)
-    code = _KERNELS.get((p.kind, path))
-    if code is None or path != ops.plan(p, ops.ROW_INVARIANT_MAX_M, torch.bfloat16) or p.in_features != cfg.n_embd:
+    head_id = _add_linear(step, f)
+    if head_id is None:
         return none
-    isa = ops.ISA_LEVELS.index(path.partition(":")[0])
-    step.set_head(step.add_linear(_KINDS[p.kind], code, isa, p.data, p.scales, p.offsets, f.bias,
-                                  p.group_size if p.kind == "int4" else 0, p.out_features, p.in_features))
+    step.set_head(head_id)
     # the token embedding: the head's panels, or a plain bf16 table
     if type(wte) is PackedEmbedding:
         step.set_embedding(0, ch.add(wte._buffers, "data"), wte.num_embeddings)

@@ -149,19 +149,12 @@ def read_bandwidth(budget: float) -> float:
     return n / secs / 1e9
 
 
-def bf16_peak(budget: float) -> dict[str, float]:
-    """TFLOP/s of our AMX-BF16 micro-kernel with every thread on L2-resident tiles (K = 4096, the
-    7B width): `tiles` with the tile loads, `tmul` the tdpbf16ps alone. Empty without AMX."""
-    from codeshell.kernels import _ext, ops
-    if ops.isa_level() < ops.ISA_LEVELS.index("amx"):
-        return {}
-    mod, out = _ext.get(), {}
-    for name, loads in (("tiles", True), ("tmul", False)):
-        reps = 200
-        flops = mod.bf16_peak(128, reps, loads)
-        secs = timeit(lambda: mod.bf16_peak(128, reps, loads), budget)
-        out[name] = flops / secs / 1e12
-    return out
+def bf16_peak(repeats: int) -> dict[str, float]:
+    """TFLOP/s of our AMX-BF16 micro-kernel (`codeshell.bench.amx_tile_tflops`): `tiles` with the
+    tile loads, `tmul` the tdpbf16ps alone. Empty without AMX."""
+    from codeshell.bench import amx_tile_tflops
+    out = {name: amx_tile_tflops(loads, repeats) for name, loads in (("tiles", True), ("tmul", False))}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def cpu_line() -> str:
@@ -225,7 +218,7 @@ def main() -> None:
     bw = read_bandwidth(args.budget)
     if args.sweep:
         return sweep(args, bw)
-    peak = bf16_peak(args.budget)
+    peak = bf16_peak(4)
     flush = Flush(not args.warm)
     print(f"shapes: {args.model}; decode calls (M <= {ops.DECODE_MAX_M}) {'warm' if args.warm else f'cold: caches evicted before each ({llc_bytes() >> 20} MiB LLC)'}")
     print(f"read bandwidth: {bw:.1f} GB/s (fp32 sum over 2x the LLC)"

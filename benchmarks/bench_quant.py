@@ -74,33 +74,12 @@ def measure_bandwidth(threads: int) -> float:
     return read_bandwidth_gbs(threads, gib=0.5) * 1e9
 
 
-def weight_bytes_per_token(model, cfg) -> int:
-    """Bytes decode reads per token: every weight tensor once (packed layouts included; the tied
-    token embedding is read whole as the output head), counting shared storage once. A
-    quantized head (`QuantLinear`) is read in its own format; the embedding is then only looked
-    up, one row per token."""
-    from codeshell.quant.linear import QuantLinear
-    seen, total = set(), 0
-    tensors = list(model.parameters()) + list(model.buffers())
-    for m in model.modules():  # kernel layouts kept as plain attributes
-        tensors += m.kernel_tensors() if hasattr(m, "kernel_tensors") else []
-        pw = getattr(m, "packed", None)  # codeshell.kernels.PackedLinear
-        tensors += [getattr(pw, a, None) for a in ("data", "scales", "offsets")]
-    for t in tensors:
-        if t is None or not hasattr(t, "data_ptr") or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    if not cfg.tie_word_embeddings or isinstance(model.lm_head, QuantLinear):  # only looked up
-        total -= model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
-    return total
-
-
 def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: int, batch: int) -> dict:
     import psutil
     import torch
 
     from codeshell import LLM, SamplingParams
+    from codeshell.bench import weight_bytes_per_token
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
     t = time.perf_counter()
@@ -137,7 +116,7 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
             # nan where the decode time is lost in the noise of the 1-token run it is the difference of
             "decode1_tps": decode_tokens / (tn - t1) if tn > t1 else float("nan"),
             "decodeb_tps": batch * decode_tokens / (bn - b1) if bn > b1 else float("nan"),
-            "bytes_per_token": weight_bytes_per_token(llm.model, llm.config),
+            "bytes_per_token": weight_bytes_per_token(llm.model),
             "folder_gib": sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**30}
 
 

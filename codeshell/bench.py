@@ -178,29 +178,51 @@ def bf16_matmul_peak(m: int = 512, cfg: CodeShellConfig | None = None, repeats: 
             best = min(best, time.perf_counter() - t)
         flops, secs = flops + 2.0 * m * n_out * n_in, secs + best
     out = {"torch": flops / secs / 1e12}
-    from .kernels import _ext, ops
-    mod = _ext.get()
-    if mod is not None and ops.isa_level() >= ops.ISA_LEVELS.index("amx"):
-        reps, best = 200, float("inf")
-        for _ in range(repeats + 1):
-            t = time.perf_counter()
-            done = mod.bf16_peak(128, reps, True)
-            best = min(best, time.perf_counter() - t)
-        out["kernel"] = done / best / 1e12
+    kernel = amx_tile_tflops(True, repeats + 1)
+    if kernel is not None:
+        out["kernel"] = kernel
     out["peak"] = max(out.values())
     return out
 
 
+def amx_tile_tflops(loads: bool = True, repeats: int = 4, reps: int = 200) -> float | None:
+    """TFLOP/s of our AMX-BF16 micro-kernel with every thread on L2-resident tiles (K = 4096, the 7B
+    width), the best of `repeats` timed calls of `reps` passes: with the tile loads (`loads`), or
+    the tdpbf16ps alone. None without AMX (or without the native kernels)."""
+    from .kernels import _ext, ops
+    mod = _ext.get()
+    if mod is None or ops.isa_level() < ops.ISA_LEVELS.index("amx"):
+        return None
+    best, done = float("inf"), 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        done = mod.bf16_peak(128, reps, loads)
+        best = min(best, time.perf_counter() - t)
+    return done / best / 1e12
+
+
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes read per decode step: every parameter once (tied tensors once), minus embedding rows."""
+    """Bytes decode reads per token: every weight tensor once (the kernels' packed layouts
+    included, shared storage counted once; the tied token embedding is read whole as the output
+    head). An untied embedding, or one whose head is a `QuantLinear` read in its own format, and a
+    learned position embedding are only looked up, one row per token, and are not counted."""
+    from .quant.linear import QuantLinear
     seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if id(p) in seen or name.endswith("wpe.weight"):
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():  # kernel layouts kept as plain attributes
+        tensors += m.kernel_tensors() if hasattr(m, "kernel_tensors") else []
+        pw = getattr(m, "packed", None)  # codeshell.kernels.PackedLinear
+        tensors += [getattr(pw, a, None) for a in ("data", "scales", "offsets")]
+    for t in tensors:
+        if t is None or not hasattr(t, "data_ptr") or t.data_ptr() in seen:
             continue
-        seen.add(id(p))
-        total += p.numel() * p.element_size()
-    for name, b in model.named_buffers():  # quantized weights live in buffers
-        total += b.numel() * b.element_size()
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    looked_up = [getattr(model.transformer, "wpe", None)]  # learned positions, if any
+    if not model.cfg.tie_word_embeddings or isinstance(model.lm_head, QuantLinear):
+        looked_up.append(model.transformer.wte)
+    for emb in filter(None, looked_up):  # nn.Embedding's weight, or a PackedEmbedding's data
+        total -= sum(t.numel() * t.element_size() for t in [*emb.parameters(), *emb.buffers()])
     return total
 
 

@@ -1,10 +1,15 @@
 """The prompt FLOP count and the bf16 matmul peak that `benchmarks/bench_quant.py` reports its
-prompt speed against (`codeshell.bench.prompt_flops`, `bf16_matmul_peak`)."""
+prompt speed against (`codeshell.bench.prompt_flops`, `bf16_matmul_peak`), and the bytes a decode
+step reads that the decode bound divides the bandwidth by (`weight_bytes_per_token`)."""
 
+import dataclasses
+
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from codeshell.bench import bf16_matmul_peak, prompt_flops
+from codeshell import LLM
+from codeshell.bench import bf16_matmul_peak, prompt_flops, weight_bytes_per_token
 from codeshell.config import CodeShellConfig
 from codeshell.model import CodeShellForCausalLM
 
@@ -35,3 +40,18 @@ def test_bf16_matmul_peak_is_the_best_measured_figure():
     peak = bf16_matmul_peak(16, CFG, repeats=1)
     assert peak["torch"] > 0
     assert peak["peak"] == max(v for k, v in peak.items() if k != "peak")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_bytes_per_token_counts_what_decode_reads(tied):
+    # Every weight once (a tied embedding is the head, read whole); an untied embedding is only
+    # looked up. The kernels' packed layouts (bf16 panels, the tied head's PackedEmbedding) hold
+    # the same values at these widths (multiples of 32), so packing must not change the count.
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+    model = CodeShellForCausalLM(cfg).to(torch.bfloat16)
+    expected = sum(p.numel() * 2 for p in model.parameters())  # parameters() yields a tied one once
+    if not tied:
+        expected -= cfg.vocab_size * cfg.n_embd * 2
+    assert weight_bytes_per_token(model) == expected
+    llm = LLM.from_model(model, cfg, max_batch=1)
+    assert weight_bytes_per_token(llm.model) == expected

@@ -40,6 +40,7 @@
 
 #include "isa.h"
 #include "parallel.h"
+#include "scratch.h"
 
 namespace {
 
@@ -51,23 +52,6 @@ constexpr int64_t kMaxRows = 64;     // rows of x per decode call: c [64][16] fp
 
 inline int64_t padded_k(int64_t K) { return (K + kKAlign - 1) / kKAlign * kKAlign; }
 
-// A 64-byte aligned buffer of n T (uninitialised) for tile loads and stores: a tile row that
-// straddles two cache lines costs two L1 accesses. std::vector's storage is only 16-byte
-// aligned (a large one comes from mmap at a page + 16), and with A and B rows both off by 16
-// bytes the 2x2-tile block ran at ~1/3 of its rate on L1-resident data (a standalone copy of
-// amx_block, 1 core: 1.1 against 3.0 TFLOP/s; the 7B c_attn shape blocked as prefill_amx does,
-// 1.05 against 1.30).
-template <class T>
-struct AlignedBuf {
-  T* p;
-  explicit AlignedBuf(size_t n) : p(static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64))) {
-    TORCH_CHECK(p != nullptr, "out of memory (", n * sizeof(T), " bytes)");
-  }
-  ~AlignedBuf() { std::free(p); }
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
-  T* data() const { return p; }
-};
 
 using Emit = std::function<void(int64_t, const float*)>;  // (panel, c [M][16] rows in order)
 
@@ -473,7 +457,8 @@ constexpr int64_t kAmxPanels = 16;
 void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
                  float* out) {
   const int64_t Kp = padded_k(K), Kh = Kp / 2, Kt = Kp / 32, Mt = (M + 15) / 16, P = (N + kPanel - 1) / kPanel;
-  AlignedBuf<uint16_t> a(size_t(Mt) * Kt * 512);  // 64-byte aligned A tiles (AlignedBuf)
+  static thread_local codeshell::ThreadScratch a_keep;
+  codeshell::Scratch<uint16_t> a(a_keep, size_t(Mt) * Kt * 512);  // aligned, kept between calls (scratch.h)
   pack_a(xb, M, K, Kp, a.data());
   __asm__ volatile("" ::: "memory");  // the tile loads below are asm without memory operands
   if (Mt == 1) {  // decode-sized: stream the weight once (decode_amx)
@@ -483,12 +468,15 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
   // fewer panels per item when there are few panels: >= 4 items per thread to share out
   const int64_t kc = std::min(Kt, kAmxKTiles);
   const int64_t nb = std::max<int64_t>(2, std::min<int64_t>(kAmxPanels, P / (4 * at::get_num_threads()) / 2 * 2));
-  const int64_t items = (P + nb - 1) / nb, ldc = nb * 16;
+  // C rows padded by 16 floats: the next 32-row block's C tiles (loaded right after this
+  // block's are stored) then sit at other 4 KiB page offsets than the stores still in flight
+  const int64_t items = (P + nb - 1) / nb, ldc = nb * 16 + 16;
   // items claimed by the threads one chunk at a time (parallel.h): a fixed share each made
   // every call wait for a descheduled thread on this shared machine
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
     amx_configure();
-    AlignedBuf<float> cbuf(size_t(Mt) * 16 * ldc);  // C tiles' rows at 64-byte boundaries
+    static thread_local codeshell::ThreadScratch c_keep;
+    codeshell::Scratch<float> cbuf(c_keep, size_t(Mt) * 16 * ldc);  // C tiles' rows at 64-byte boundaries
     float* c = cbuf.data();
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t pa = it * nb, pb = std::min(P, pa + nb);

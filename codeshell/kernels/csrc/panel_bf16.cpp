@@ -581,7 +581,7 @@ torch::Tensor prefill_bf16_amx(const torch::Tensor& x, const torch::Tensor& w, i
   const int64_t M = x.size(0), K = x.size(1);
   check_panels(w, N, K);
   const float* b = bias_ptr(bias, N);
-  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  auto out = codeshell::cached_output(M, N, x.options());  // large results reuse freed blocks (scratch.h)
 #if CODESHELL_HAVE_AVX512
   prefill_amx(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
               reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), N, b, out.data_ptr<float>());

@@ -381,7 +381,7 @@ torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, con
                 "bias must be a contiguous fp32 tensor with ", N, " elements");
     b = bias->data_ptr<float>();
   }
-  auto out = torch::empty({M, N}, x.options());
+  auto out = codeshell::cached_output(M, N, x.options());  // large results reuse freed blocks (scratch.h)
 #if CODESHELL_HAVE_AVX512
   const int64_t Mt = (M + 15) / 16, Mp = Mt * 16, nb = K / B;
   static thread_local codeshell::ThreadScratch xt_keep;  // x's B tiles, kept between calls (scratch.h)

@@ -11,6 +11,12 @@
 //   * reuse: a prefill's A tiles are M x K bf16 (4 MiB at M = 512, K = 4096; 16 MiB at K =
 //     16384), above glibc's mmap threshold, so each call mapped fresh pages and took a page
 //     fault per 4 KiB (1,000-4,000 per call, measured with getrusage) before its first TMUL.
+// Also `cached_output(M, N, options)`: an fp32 [M, N] result tensor whose memory, once the
+// tensor is freed, goes back to a small process-wide cache of freed blocks (exact sizes, at
+// most kOutputCacheBytes held) instead of to the system: a prefill's outputs are 8-32 MiB
+// (7B at M = 512: c_attn 12 MiB, c_fc 32 MiB), so each call's fresh torch::empty took a page
+// fault per 4 KiB written (3,000-8,000 per call) and the next layer's call of the same shape
+// took them again.
 // What this is not: a general allocator; each thread keeps at most kScratchKeepBytes per slot.
 #pragma once
 
@@ -19,6 +25,9 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 namespace codeshell {
 
@@ -62,5 +71,57 @@ class Scratch {
   T* p_ = nullptr;
   char* own_ = nullptr;
 };
+
+constexpr size_t kOutputCacheMinBytes = size_t(1) << 20;  // smaller results: torch::empty (no faults to save)
+constexpr size_t kOutputCacheBytes = size_t(256) << 20;   // freed blocks held at most
+
+class OutputCache {
+ public:
+  static OutputCache& get() {
+    static OutputCache* cache = new OutputCache;  // never destroyed: deleters may run at exit
+    return *cache;
+  }
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t i = 0; i < free_.size(); ++i)
+        if (free_[i].first == bytes) {
+          void* p = free_[i].second;
+          free_[i] = free_.back();
+          free_.pop_back();
+          held_ -= bytes;
+          return p;
+        }
+    }
+    void* p = std::aligned_alloc(64, bytes);
+    TORCH_CHECK(p != nullptr, "out of memory (", bytes, " bytes of output)");
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (held_ + bytes <= kOutputCacheBytes) {
+        free_.emplace_back(bytes, p);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<size_t, void*>> free_;  // (bytes, block)
+  size_t held_ = 0;
+};
+
+// fp32 [M, N], uninitialised; from OutputCache when it is at least kOutputCacheMinBytes.
+inline torch::Tensor cached_output(int64_t M, int64_t N, const torch::TensorOptions& options) {
+  const size_t bytes = (size_t(M) * size_t(N) * sizeof(float) + 63) / 64 * 64;
+  const auto opts = options.dtype(torch::kFloat32);
+  if (bytes < kOutputCacheMinBytes) return torch::empty({M, N}, opts);
+  void* p = OutputCache::get().take(bytes);
+  return torch::from_blob(p, {M, N}, [bytes](void* q) { OutputCache::get().give(q, bytes); }, opts);
+}
 
 }  // namespace codeshell

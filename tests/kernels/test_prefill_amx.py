@@ -5,7 +5,8 @@ What this tests: the same x gives the same bits before and after calls of other 
 kept A / C / x-tile scratch grows and is reused, stale contents never leak into a result); a
 result that is still held is not overwritten by the next call of the same shape; a freed
 result's block is reused by the next call of that shape (the point of the cache) and that call
-is still exact against the reference; the same at 1 and 2 threads. Both AMX prefill entry
+is still exact against the reference, as is a slightly smaller result given the same block;
+the same at 1 and 2 threads. Both AMX prefill entry
 points: `prefill_bf16_amx` (bf16 weights, and int8/int4 rows expanded to bf16) and
 `prefill_q8_amx` (AMX-INT8). Skips without AMX.
 What this is not: a speed test (benchmarks/bench_kernels.py, bench_quant.py).
@@ -85,6 +86,13 @@ def test_bf16_output_block_reused_after_free(threads):
     ref = ops.reference(x2, p, bias, "amx:bf16")
     assert (y2 - ref).abs().max() <= 2e-5 * ref.abs().max()
     assert y2.shape == (520, N) and y2.dtype == torch.float32 and y2.is_contiguous()
+    # a prompt a little shorter takes the same block (sizes within 1/4 share), its own shape
+    del y2
+    x3 = _bf16(500, seed=14)
+    y3 = mod.prefill_bf16_amx(x3, p.data, N, bias)
+    assert y3.data_ptr() == ptr and y3.shape == (500, N) and y3.is_contiguous()
+    ref = ops.reference(x3, p, bias, "amx:bf16")
+    assert (y3 - ref).abs().max() <= 2e-5 * ref.abs().max()
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

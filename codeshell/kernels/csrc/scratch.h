@@ -12,8 +12,9 @@
 //     16384), above glibc's mmap threshold, so each call mapped fresh pages and took a page
 //     fault per 4 KiB (1,000-4,000 per call, measured with getrusage) before its first TMUL.
 // Also `cached_output(M, N, options)`: an fp32 [M, N] result tensor whose memory, once the
-// tensor is freed, goes back to a small process-wide cache of freed blocks (exact sizes, at
-// most kOutputCacheBytes held) instead of to the system: a prefill's outputs are 8-32 MiB
+// tensor is freed, goes back to a small process-wide cache of freed blocks (taken again by a
+// result of the same size or up to 1/4 smaller; at most kOutputCacheBytes held, the oldest
+// dropped first) instead of to the system: a prefill's outputs are 8-32 MiB
 // (7B at M = 512: c_attn 12 MiB, c_fc 32 MiB), so each call's fresh torch::empty took a page
 // fault per 4 KiB written (3,000-8,000 per call) and the next layer's call of the same shape
 // took them again.
@@ -73,7 +74,7 @@ class Scratch {
 };
 
 constexpr size_t kOutputCacheMinBytes = size_t(1) << 20;  // smaller results: torch::empty (no faults to save)
-constexpr size_t kOutputCacheBytes = size_t(256) << 20;   // freed blocks held at most
+constexpr size_t kOutputCacheBytes = size_t(128) << 20;   // freed blocks held at most (7B, M = 512: ~60 MiB a layer)
 
 class OutputCache {
  public:
@@ -81,37 +82,50 @@ class OutputCache {
     static OutputCache* cache = new OutputCache;  // never destroyed: deleters may run at exit
     return *cache;
   }
-  void* take(size_t bytes) {
+  // The smallest held block of bytes..bytes * 5/4 (prompts of nearby lengths share blocks),
+  // else a new one. Returns (block, its size).
+  std::pair<void*, size_t> take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
+      size_t best = free_.size();
       for (size_t i = 0; i < free_.size(); ++i)
-        if (free_[i].first == bytes) {
-          void* p = free_[i].second;
-          free_[i] = free_.back();
-          free_.pop_back();
-          held_ -= bytes;
-          return p;
-        }
+        if (free_[i].first >= bytes && free_[i].first <= bytes + bytes / 4 &&
+            (best == free_.size() || free_[i].first < free_[best].first))
+          best = i;
+      if (best < free_.size()) {
+        const auto hit = free_[best];
+        free_.erase(free_.begin() + std::ptrdiff_t(best));
+        held_ -= hit.first;
+        return {hit.second, hit.first};
+      }
     }
     void* p = std::aligned_alloc(64, bytes);
     TORCH_CHECK(p != nullptr, "out of memory (", bytes, " bytes of output)");
-    return p;
+    return {p, bytes};
   }
+  // Holds a freed block, dropping the oldest held ones when it would pass kOutputCacheBytes.
   void give(void* p, size_t bytes) {
+    std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (held_ + bytes <= kOutputCacheBytes) {
+      if (bytes > kOutputCacheBytes) {
+        drop.push_back(p);
+      } else {
+        while (held_ + bytes > kOutputCacheBytes) {
+          drop.push_back(free_.front().second);
+          held_ -= free_.front().first;
+          free_.erase(free_.begin());
+        }
         free_.emplace_back(bytes, p);
         held_ += bytes;
-        return;
       }
     }
-    std::free(p);
+    for (void* q : drop) std::free(q);
   }
 
  private:
   std::mutex mu_;
-  std::vector<std::pair<size_t, void*>> free_;  // (bytes, block)
+  std::vector<std::pair<size_t, void*>> free_;  // (bytes, block), oldest first
   size_t held_ = 0;
 };
 
@@ -120,8 +134,8 @@ inline torch::Tensor cached_output(int64_t M, int64_t N, const torch::TensorOpti
   const size_t bytes = (size_t(M) * size_t(N) * sizeof(float) + 63) / 64 * 64;
   const auto opts = options.dtype(torch::kFloat32);
   if (bytes < kOutputCacheMinBytes) return torch::empty({M, N}, opts);
-  void* p = OutputCache::get().take(bytes);
-  return torch::from_blob(p, {M, N}, [bytes](void* q) { OutputCache::get().give(q, bytes); }, opts);
+  const auto [p, size] = OutputCache::get().take(bytes);
+  return torch::from_blob(p, {M, N}, [size = size](void* q) { OutputCache::get().give(q, size); }, opts);
 }
 
 }  // namespace codeshell

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <type_traits>
@@ -39,6 +40,7 @@
 
 #include "isa.h"
 #include "parallel.h"
+#include "scratch.h"
 
 namespace {
 
@@ -49,6 +51,7 @@ constexpr int64_t kPrefetch = 64;    // k-pairs ahead (4 KiB) of software prefet
 constexpr int64_t kMaxRows = 64;     // rows of x per decode call: c [64][16] fp32 per-thread buffer
 
 inline int64_t padded_k(int64_t K) { return (K + kKAlign - 1) / kKAlign * kKAlign; }
+
 
 using Emit = std::function<void(int64_t, const float*)>;  // (panel, c [M][16] rows in order)
 
@@ -454,7 +457,8 @@ constexpr int64_t kAmxPanels = 16;
 void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
                  float* out) {
   const int64_t Kp = padded_k(K), Kh = Kp / 2, Kt = Kp / 32, Mt = (M + 15) / 16, P = (N + kPanel - 1) / kPanel;
-  std::vector<uint16_t> a(size_t(Mt) * Kt * 512);
+  static thread_local codeshell::ThreadScratch a_keep;
+  codeshell::Scratch<uint16_t> a(a_keep, size_t(Mt) * Kt * 512);  // aligned, kept between calls (scratch.h)
   pack_a(xb, M, K, Kp, a.data());
   __asm__ volatile("" ::: "memory");  // the tile loads below are asm without memory operands
   if (Mt == 1) {  // decode-sized: stream the weight once (decode_amx)
@@ -464,12 +468,15 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
   // fewer panels per item when there are few panels: >= 4 items per thread to share out
   const int64_t kc = std::min(Kt, kAmxKTiles);
   const int64_t nb = std::max<int64_t>(2, std::min<int64_t>(kAmxPanels, P / (4 * at::get_num_threads()) / 2 * 2));
-  const int64_t items = (P + nb - 1) / nb, ldc = nb * 16;
+  // C rows padded by 16 floats: the next 32-row block's C tiles (loaded right after this
+  // block's are stored) then sit at other 4 KiB page offsets than the stores still in flight
+  const int64_t items = (P + nb - 1) / nb, ldc = nb * 16 + 16;
   // items claimed by the threads one chunk at a time (parallel.h): a fixed share each made
   // every call wait for a descheduled thread on this shared machine
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
     amx_configure();
-    std::vector<float> cbuf(size_t(Mt) * 16 * ldc);
+    static thread_local codeshell::ThreadScratch c_keep;
+    codeshell::Scratch<float> cbuf(c_keep, size_t(Mt) * 16 * ldc);  // C tiles' rows at 64-byte boundaries
     float* c = cbuf.data();
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t pa = it * nb, pb = std::min(P, pa + nb);
@@ -574,7 +581,7 @@ torch::Tensor prefill_bf16_amx(const torch::Tensor& x, const torch::Tensor& w, i
   const int64_t M = x.size(0), K = x.size(1);
   check_panels(w, N, K);
   const float* b = bias_ptr(bias, N);
-  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  auto out = codeshell::cached_output(M, N, x.options());  // large results reuse freed blocks (scratch.h)
 #if CODESHELL_HAVE_AVX512
   prefill_amx(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
               reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), N, b, out.data_ptr<float>());

@@ -30,12 +30,14 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "isa.h"
 #include "parallel.h"
 #include "quant_x.h"
+#include "scratch.h"
 
 int64_t q8_block_int8(int64_t K);  // qdot.cpp: the int8 weight's activation block for K
 
@@ -273,19 +275,23 @@ void prefill_q8_tiles(const Problem& P) {
   const int64_t items = (Pn + nb - 1) / nb, kc = std::min(K, kChunkK);
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
     configure(int(D));
-    std::vector<float> accv(size_t(nb) * 16 * Mt * 16);
-    std::vector<int8_t> abuf(size_t(nb) * 16 * kc);
+    // A rows at 64-byte boundaries, sums kept between calls (scratch.h: alignment, page faults)
+    static thread_local codeshell::ThreadScratch a_keep, acc_keep;
+    const size_t acc_n = size_t(nb) * 16 * Mt * 16;
+    codeshell::Scratch<float> accv(acc_keep, acc_n);
+    codeshell::Scratch<int8_t> abuf_mem(a_keep, size_t(nb) * 16 * kc);
+    int8_t* const abuf = abuf_mem.data();
     alignas(64) int32_t ci[2][4 * 256];
     float* acc = accv.data();
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t pa = it * nb, pb = std::min(Pn, pa + nb), rows_item = (pb - pa) * 16;
-      std::fill(accv.begin(), accv.end(), 0.f);
+      std::fill(accv.data(), accv.data() + acc_n, 0.f);
       Pending pend;
       int cur = 0;
       for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
         const int64_t k1 = std::min(K, k0 + kChunkK), kl = k1 - k0;
         for (int64_t p = pa; p < pb; ++p) {  // A rows of the chunk: buf [panel][16][kl]
-          int8_t* buf = abuf.data() + (p - pa) * 16 * kl;
+          int8_t* buf = abuf + (p - pa) * 16 * kl;
           if (P.G) {
             unpack_int4(P.w4, N, K, p, k0, k1, buf);
           } else {
@@ -299,7 +305,7 @@ void prefill_q8_tiles(const Problem& P) {
         for (int64_t p = pa; p < pb; p += 4) {
           const int64_t tp = std::min<int64_t>(4, pb - p);
           const int8_t* a[4];
-          for (int64_t i = 0; i < 4; ++i) a[i] = abuf.data() + (p - pa + std::min(i, tp - 1)) * 16 * kl;
+          for (int64_t i = 0; i < 4; ++i) a[i] = abuf + (p - pa + std::min(i, tp - 1)) * 16 * kl;
           for (int64_t mt = 0; mt < Mt; ++mt) {
             const int8_t* b = P.xt + xt_offset(Mt, K, mt, k0);
             for (int64_t kb = 0; kb < kl; kb += P.B) {
@@ -375,18 +381,19 @@ torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, con
                 "bias must be a contiguous fp32 tensor with ", N, " elements");
     b = bias->data_ptr<float>();
   }
-  auto out = torch::empty({M, N}, x.options());
+  auto out = codeshell::cached_output(M, N, x.options());  // large results reuse freed blocks (scratch.h)
 #if CODESHELL_HAVE_AVX512
   const int64_t Mt = (M + 15) / 16, Mp = Mt * 16, nb = K / B;
-  auto xt = torch::empty({Mt * 16 * K}, x.options().dtype(torch::kInt8));
+  static thread_local codeshell::ThreadScratch xt_keep;  // x's B tiles, kept between calls (scratch.h)
+  codeshell::Scratch<int8_t> xt(xt_keep, size_t(Mt) * 16 * K);
   auto dxt = torch::empty({nb * Mp}, x.options());
   const bool offs = G > 0 && offset.has_value();
   auto xs = torch::empty({offs ? M : 0, nb}, x.options());
-  quantize_xt(x.data_ptr<float>(), M, K, B, xt.data_ptr<int8_t>(), dxt.data_ptr<float>(),
+  quantize_xt(x.data_ptr<float>(), M, K, B, xt.data(), dxt.data_ptr<float>(),
               offs ? xs.data_ptr<float>() : nullptr);
   Problem P{M, K, N, B, B % 64 == 0 ? 64 : 32, G,
             G ? nullptr : q.data_ptr<int8_t>(), G ? q.data_ptr<uint8_t>() : nullptr,
-            scale.data_ptr<float>(), b, xt.data_ptr<int8_t>(), dxt.data_ptr<float>(), out.data_ptr<float>()};
+            scale.data_ptr<float>(), b, xt.data(), dxt.data_ptr<float>(), out.data_ptr<float>()};
   prefill_q8_tiles(P);
   if (offs) out.addmm_(xs, offset->view({N, nb}).t());  // sum_g off[n, g] * xs[m, g]
 #endif

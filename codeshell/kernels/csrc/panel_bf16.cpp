@@ -35,6 +35,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -506,18 +507,28 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
 // `reps` passes of the 2x2-tile block over K = Kt * 32 on data that stays in L2 (A 32 rows and
 // B 2 panels, 2 * Kt KiB each), i.e. the micro-kernel above with memory out of the way; with
 // loads = false only the tdpbf16ps (the TMUL's own rate, which no GEMM reaches).
+// The operands are 64-byte aligned as the prefill's own buffers are (scratch.h): in a
+// std::vector (16-byte aligned) every tile row straddled two cache lines by chance of the
+// allocation, and this ceiling read 1.07-1.77 TFLOP/s per core from one process to the next.
 int64_t peak_amx(int64_t Kt, int64_t reps, bool loads) {
-  std::vector<uint16_t> a(size_t(2) * Kt * 512, 0x3f80), w(size_t(2) * Kt * 512, 0x3f80);  // 1.0 in bf16
+  const size_t n = size_t(2) * Kt * 512;
+  std::unique_ptr<uint16_t, decltype(&std::free)> ab(static_cast<uint16_t*>(std::aligned_alloc(64, 2 * n)), &std::free),
+      wb(static_cast<uint16_t*>(std::aligned_alloc(64, 2 * n)), &std::free);
+  TORCH_CHECK(ab && wb, "bf16_peak: out of memory");
+  uint16_t* const a = ab.get();
+  uint16_t* const w = wb.get();
+  std::fill(a, a + n, uint16_t(0x3f80));  // 1.0 in bf16
+  std::fill(w, w + n, uint16_t(0x3f80));
   alignas(64) float c[32 * 32];
   amx_configure();
   for (int64_t r = 0; r < reps; ++r) {
     if (loads) {
-      amx_block<2, 2>(a.data(), 0, Kt, w.data(), 0, Kt * 16, 0, Kt, true, c, 32);
+      amx_block<2, 2>(a, 0, Kt, w, 0, Kt * 16, 0, Kt, true, c, 32);
     } else {
-      _tile_loadd(4, a.data(), 64);
-      _tile_loadd(5, a.data() + 512, 64);
-      _tile_loadd(6, w.data(), 64);
-      _tile_loadd(7, w.data() + 512, 64);
+      _tile_loadd(4, a, 64);
+      _tile_loadd(5, a + 512, 64);
+      _tile_loadd(6, w, 64);
+      _tile_loadd(7, w + 512, 64);
       for (int64_t kt = 0; kt < Kt; ++kt) {
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);

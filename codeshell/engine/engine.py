@@ -149,10 +149,16 @@ class Engine:
                 changed[seq.request_id] = self.running[seq.request_id]
         elif decoding:                                   # forward one token for everyone else
             logits, picks = self._decode(decoding)
-            toks = sample_rows([s.sampler for s in decoding], logits, picks)  # sample
-            for i, seq in enumerate(decoding):           # update
-                self._append(seq, logits[i], toks[i])
-                changed[seq.request_id] = self.running[seq.request_id]
+            mml, running = self.max_model_len, self.running
+            if picks is not None and all(s.plain_greedy for s in decoding):
+                for seq, tok in zip(decoding, picks):    # the native greedy picks as they are
+                    seq.append(tok, None, mml)
+                    changed[seq.request_id] = running[seq.request_id]
+            else:
+                toks = sample_rows([s.sampler for s in decoding], logits, picks)  # sample
+                for i, seq in enumerate(decoding):       # update
+                    self._append(seq, logits[i], toks[i])
+                    changed[seq.request_id] = running[seq.request_id]
         outs = [self._output(r) for r in changed.values()]
         for r in changed.values():
             if r.finished:
@@ -418,40 +424,66 @@ class Engine:
         t0 = DraftBudget.clock()  # the step's cost by its rows, for the draft budget
         tokens, positions, slots = [], [], []
         for s, d in zip(seqs, drafts):
-            tokens += [s.last_token] + d
-            positions += range(s.cached, s.cached + 1 + len(d))
-            slots += [s.slot] * (1 + len(d))
+            n, c = 1 + len(d), s.cached
+            tokens.append(s.last_token)
+            tokens += d
+            positions += range(c, c + n)
+            slots += [s.slot] * n
         logits, argmax = self._packed(tokens, positions, slots)                    # [M, V]
         if any(drafts):
             self.spec_steps += 1
+        fast = argmax is not None and all(s.plain_greedy for s in seqs)
         # Greedy rows whose sampler leaves the logits as they are: every row's pick in one
         # reduction (the first maximal index, as `SequenceSampler.sample`), not one per row.
-        picks = greedy_picks([s.sampler for s, d in zip(seqs, drafts) for _ in range(1 + len(d))], logits, argmax)
-        off = 0
+        picks = argmax if fast else \
+            greedy_picks([s.sampler for s, d in zip(seqs, drafts) for _ in range(1 + len(d))], logits, argmax)
+        mml, lookup_k = self.max_model_len, self._lookup_k
+        drafted = accepted_all = off = 0
         for s, d in zip(seqs, drafts):
-            rows, base, off = logits[off:off + 1 + len(d)], off, off + 1 + len(d)
-            start, accepted = s.cached, 0
-            for j in range(len(d) + 1):
-                pick = picks[base + j]
-                if j < len(d):
-                    tok, ok = (pick, pick == d[j]) if pick is not None else verify_token(s.sampler, rows[j], d[j])
-                else:  # every draft accepted: the next token comes free from the last row
-                    tok, ok = (pick if pick is not None else s.sampler.sample(rows[j])), False
-                self._append(s, rows[j], tok)
-                accepted += ok
-                if not ok or s.finished:
-                    break
+            n, base = len(d), off
+            off += n + 1
+            start = s.cached
+            if fast or (s.plain_greedy and picks[base] is not None):
+                # the drafts equal to the picks in one comparison, then the accepted ones and
+                # the pick after them (the correction, or the next token after a full match)
+                row = picks[base:base + n + 1]
+                a = 0
+                while a < n and row[a] == d[a]:
+                    a += 1
+                accepted = min(a, s.append_many(row[:a + 1], mml))
+            else:
+                accepted = self._verify_rows(s, d, logits[base:base + n + 1], picks[base:base + n + 1])
             # KV is valid for the last token and the accepted drafts (inputs 0..accepted).
             s.cached = start + 1 + accepted
             if d:
-                k = self._lookup_k(s.params)
-                s.draft_len = min(k, s.draft_len + 2) if accepted == len(d) else max(1, s.draft_len - 1)
-                s.accept_rate += 0.3 * (accepted / len(d) - s.accept_rate)
-            self.spec_drafted += len(d)
-            self.spec_accepted += accepted
+                k = lookup_k(s.params)
+                s.draft_len = min(k, s.draft_len + 2) if accepted == n else max(1, s.draft_len - 1)
+                s.accept_rate += 0.3 * (accepted / n - s.accept_rate)
+            drafted += n
+            accepted_all += accepted
+        self.spec_drafted += drafted
+        self.spec_accepted += accepted_all
         if self.draft_budget is not None:
             self.draft_budget.observe(len(tokens), DraftBudget.clock() - t0)
         return seqs
+
+    def _verify_rows(self, s: Sequence, d: list[int], rows: torch.Tensor, picks: list[int | None]) -> int:
+        """Accept the drafted tokens `d` of one sequence in order while `verify_token` accepts
+        them (rows [1 + len(d), V]: the logits of its last token and each draft; picks: each
+        row's greedy pick or None), emitting the correction (or, all accepted, the token after
+        the last draft); returns how many drafts were accepted."""
+        accepted = 0
+        for j in range(len(d) + 1):
+            pick = picks[j]
+            if j < len(d):
+                tok, ok = (pick, pick == d[j]) if pick is not None else verify_token(s.sampler, rows[j], d[j])
+            else:  # every draft accepted: the next token comes free from the last row
+                tok, ok = (pick if pick is not None else s.sampler.sample(rows[j])), False
+            self._append(s, rows[j], tok)
+            accepted += ok
+            if not ok or s.finished:
+                break
+        return accepted
 
     def _append(self, seq: Sequence, logits: torch.Tensor, tok: int | None = None) -> None:
         """Add the sampled token (sampled here from `logits` [V] unless given)."""

@@ -179,6 +179,30 @@ class DraftBudget:
         w = (rows - ms[i - 1]) / (ms[i] - ms[i - 1])
         return (1 - w) * lo + w * self.cost_s[ms[i]]
 
+    def costs(self, lo: int, hi: int) -> list[float]:
+        """[cost(m) for m in lo..hi] (needs `ready()`), in one walk over the measured row
+        counts instead of a search per m (the draft budget asks for up to 64 a step)."""
+        cs = self.cost_s
+        ms, slope = self._known()
+        first, last = ms[0], ms[-1]
+        out, i = [], 0
+        for m in range(lo, hi + 1):
+            c = cs.get(m)
+            if c is None:
+                if m < first:
+                    hi_c = cs[first]
+                    c = max(hi_c - slope * (first - m), 0.5 * hi_c)
+                elif m > last:
+                    c = cs[last] + slope * (m - last)
+                else:
+                    while ms[i + 1] < m:
+                        i += 1
+                    a, b = ms[i], ms[i + 1]
+                    w = (m - a) / (b - a)
+                    c = (1 - w) * cs[a] + w * cs[b]
+            out.append(c)
+        return out
+
     def choose(self, drafts: list[list[int]], rates: list[float], fixed: list[bool], cap: int) -> list[int]:
         """How many tokens of each draft to run: drafts[i] of sequence i (accepted at rate
         rates[i]), each sequence one row of its own plus its kept draft, at most `cap` rows in
@@ -200,10 +224,12 @@ class DraftBudget:
         cand.sort(key=lambda c: -c[0])
         fixed_gain = sum(_expected(len(d), a) for d, a, f in zip(drafts, rates, fixed) if f and d)
         e = len(drafts) + fixed_gain
-        best, best_r = e / self.cost(rows), 0
-        for r, (p, _) in enumerate(cand[:cap - rows], 1):
+        top = cand[:cap - rows]
+        costs = self.costs(rows, rows + len(top))
+        best, best_r = e / costs[0], 0
+        for r, (p, _) in enumerate(top, 1):
             e += p
-            v = e / self.cost(rows + r)
+            v = e / costs[r]
             if v > best:
                 best, best_r = v, r
         if self.steps % self.EXPLORE == 0:

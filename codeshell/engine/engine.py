@@ -140,13 +140,19 @@ class Engine:
                 self._append(seq, logits)
             changed[req.request_id] = req
         fresh = set(changed)
+        # A verify step's cost for the draft budget: CPU time from here (after any prefill) to
+        # its outputs, so the per-step Python (drafting, outputs) counts with the forward.
+        t0 = DraftBudget.clock()
         decoding = [s for r in self.running.values() if r.request_id not in fresh for s in r.seqs
                     if not s.finished]
         decoding.sort(key=lambda s: s.slot)              # slot order: the cache reads as a view
         drafts = self._drafts(decoding)
+        rows = 0
         if any(drafts):                                  # last token + drafts, verified in one forward
-            for seq in self._speculate(decoding, drafts):
-                changed[seq.request_id] = self.running[seq.request_id]
+            rows = self._speculate(decoding, drafts)
+            running = self.running
+            for seq in decoding:
+                changed[seq.request_id] = running[seq.request_id]
         elif decoding:                                   # forward one token for everyone else
             logits, picks = self._decode(decoding)
             mml, running = self.max_model_len, self.running
@@ -163,6 +169,8 @@ class Engine:
         for r in changed.values():
             if r.finished:
                 self._release(r)
+        if rows and self.draft_budget is not None:
+            self.draft_budget.observe(rows, DraftBudget.clock() - t0)
         return outs
 
     # ---- pieces of the loop ---------------------------------------------------------------
@@ -376,9 +384,11 @@ class Engine:
         """Each sequence's draft (empty when lookup is off for it or nothing matched), at most
         one token short of its remaining budget and of the context window (the verify step
         emits up to len(draft) + 1 tokens)."""
-        out = []
+        out, default = [], self.prompt_lookup
         for s in seqs:
-            k = self._lookup_k(s.params)
+            k = s.params.prompt_lookup_num_tokens
+            if k is None:
+                k = default
             if k <= 0:
                 out.append([])
                 continue
@@ -403,7 +413,7 @@ class Engine:
                                         [s.params.seed is not None and not s.params.greedy for s in seqs], _max_rows())
         return [d[:n] for d, n in zip(out, keep)]
 
-    def _speculate(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Sequence]:
+    def _speculate(self, seqs: list[Sequence], drafts: list[list[int]]) -> int:
         """One forward over [last token, draft...] of every decoding sequence, packed into one
         row (`PackedView`: no padding, a sequence without a draft costs one token), then per
         sequence: accept drafted tokens in order while `verify_token` accepts them, emit the
@@ -413,7 +423,7 @@ class Engine:
         KV rollback needs no copy: `cached` drops back to the accepted length and the rejected
         positions are overwritten by later steps before any query can see them, since a query
         at position p attends to keys 0..p only and each forward stores its keys before
-        attending.
+        attending. Returns the forward's rows (tokens).
         """
         limit = self.max_model_len
         if self.cfg.position_embedding_type == "rope" and self.cfg.rope_scaling_type == "dynamic":
@@ -421,7 +431,6 @@ class Engine:
             # that every position sees the base plain decoding would give it.
             limit = min(limit, self.cfg.n_positions)
         drafts = [d[:max(limit - s.cached - 1, 0)] for s, d in zip(seqs, drafts)]
-        t0 = DraftBudget.clock()  # the step's cost by its rows, for the draft budget
         tokens, positions, slots = [], [], []
         for s, d in zip(seqs, drafts):
             n, c = 1 + len(d), s.cached
@@ -463,9 +472,7 @@ class Engine:
             accepted_all += accepted
         self.spec_drafted += drafted
         self.spec_accepted += accepted_all
-        if self.draft_budget is not None:
-            self.draft_budget.observe(len(tokens), DraftBudget.clock() - t0)
-        return seqs
+        return len(tokens)
 
     def _verify_rows(self, s: Sequence, d: list[int], rows: torch.Tensor, picks: list[int | None]) -> int:
         """Accept the drafted tokens `d` of one sequence in order while `verify_token` accepts

@@ -104,7 +104,7 @@ class DraftBudget:
     ~115 us beyond, against ~2 ms a step: AMX tiles of 16 rows) and only likely tokens pay.
 
     C comes from the engine's own verify steps (`observe(M, seconds)`, CPU seconds of the
-    step's thread from the packed forward to the last accepted token): per row count M the
+    step's thread from drafting to the step's outputs: the per-step Python counts too): per row count M the
     mean of its first timings, then a moving average (a value far above it counts as 3x it);
     an M not seen yet is interpolated between the nearest seen ones and extrapolated past them
     by the slope of a least-squares line through them, and exploration (EXPLORE) retimes the

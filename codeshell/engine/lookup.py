@@ -51,12 +51,25 @@ class NgramLookup:
         self.extend(prompt_ids)
 
     def extend(self, tokens: list[int]) -> None:
-        for t in tokens:
-            i = len(self.tokens)  # the new token's position: n-grams ending at i-1 continue here
-            self.tokens.append(t)
-            for n, idx in self.index.items():
-                if i >= n:
-                    idx[tuple(self.tokens[i - n:i])] = i
+        toks, items = self.tokens, self.index.items()
+        start = len(toks)
+        toks.extend(tokens)
+        end = len(toks)
+        # the new tokens' positions i in [start, end): the n-gram ending at i - 1 continues at i
+        if end - start <= 8:  # a verify step's few tokens: one assignment each
+            for i in range(start, end):
+                for n, idx in items:
+                    if i >= n:
+                        idx[tuple(toks[i - n:i])] = i
+            return
+        # A prompt: one dict.update of zipped slices per n, in position order (the most recent
+        # occurrence wins, as one assignment per token leaves it), 1.5-4x the loop above, which
+        # took ~0.3 ms for a 300-token prompt at a sequence's first draft.
+        for n, idx in items:
+            lo = max(start, n)
+            if lo < end:
+                grams = zip(*(toks[lo - n + j:end - n + j] for j in range(n)))
+                idx.update(zip(grams, range(lo, end)))
 
     def sync(self, prompt_ids: list[int], output_ids: list[int]) -> None:
         """Index the output tokens added since the last call."""

@@ -192,6 +192,8 @@ class Engine:
 
     def _admit(self) -> list[_Request]:
         admitted = []
+        if not self.waiting:  # the common decode step (a request added meanwhile: next step)
+            return admitted
         with self._lock:
             while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
                 req = self.waiting.popleft()
@@ -405,7 +407,9 @@ class Engine:
                 k = min(k, s.params.max_tokens - len(s.output_ids) - 1)
             k = min(k, self.max_model_len - total - 1)
             out.append(s.lookup.propose(k) if k > 0 else [])
-        if self.draft_budget is None or not any(out):
+        if not any(out):
+            return out
+        if self.draft_budget is None:
             return cap_rows(out, _max_rows())
         # a seeded sampled request's text depends on which tokens are drafted: its draft is
         # not left to the budget's timings
@@ -538,8 +542,13 @@ def _max_rows() -> int:
     """Most tokens one packed forward may hold: the linear kernels give each row the same bits
     whatever the other rows only up to `ROW_INVARIANT_MAX_M` rows per call (kernels/ops.py), and
     greedy text with prompt lookup must equal plain decoding's."""
-    from ..kernels import ROW_INVARIANT_MAX_M
-    return ROW_INVARIANT_MAX_M
+    if not _MAX_ROWS:
+        from ..kernels import ROW_INVARIANT_MAX_M
+        _MAX_ROWS.append(ROW_INVARIANT_MAX_M)
+    return _MAX_ROWS[0]
+
+
+_MAX_ROWS: list[int] = []  # ROW_INVARIANT_MAX_M, imported at the first verify step
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -140,23 +140,37 @@ class Engine:
                 self._append(seq, logits)
             changed[req.request_id] = req
         fresh = set(changed)
+        # A verify step's cost for the draft budget: CPU time from here (after any prefill) to
+        # its outputs, so the per-step Python (drafting, outputs) counts with the forward.
+        t0 = DraftBudget.clock()
         decoding = [s for r in self.running.values() if r.request_id not in fresh for s in r.seqs
                     if not s.finished]
         decoding.sort(key=lambda s: s.slot)              # slot order: the cache reads as a view
         drafts = self._drafts(decoding)
+        rows = 0
         if any(drafts):                                  # last token + drafts, verified in one forward
-            for seq in self._speculate(decoding, drafts):
-                changed[seq.request_id] = self.running[seq.request_id]
+            rows = self._speculate(decoding, drafts)
+            running = self.running
+            for seq in decoding:
+                changed[seq.request_id] = running[seq.request_id]
         elif decoding:                                   # forward one token for everyone else
             logits, picks = self._decode(decoding)
-            toks = sample_rows([s.sampler for s in decoding], logits, picks)  # sample
-            for i, seq in enumerate(decoding):           # update
-                self._append(seq, logits[i], toks[i])
-                changed[seq.request_id] = self.running[seq.request_id]
+            mml, running = self.max_model_len, self.running
+            if picks is not None and all(s.plain_greedy for s in decoding):
+                for seq, tok in zip(decoding, picks):    # the native greedy picks as they are
+                    seq.append(tok, None, mml)
+                    changed[seq.request_id] = running[seq.request_id]
+            else:
+                toks = sample_rows([s.sampler for s in decoding], logits, picks)  # sample
+                for i, seq in enumerate(decoding):       # update
+                    self._append(seq, logits[i], toks[i])
+                    changed[seq.request_id] = running[seq.request_id]
         outs = [self._output(r) for r in changed.values()]
         for r in changed.values():
             if r.finished:
                 self._release(r)
+        if rows and self.draft_budget is not None:
+            self.draft_budget.observe(rows, DraftBudget.clock() - t0)
         return outs
 
     # ---- pieces of the loop ---------------------------------------------------------------
@@ -178,6 +192,8 @@ class Engine:
 
     def _admit(self) -> list[_Request]:
         admitted = []
+        if not self.waiting:  # the common decode step (a request added meanwhile: next step)
+            return admitted
         with self._lock:
             while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
                 req = self.waiting.popleft()
@@ -370,9 +386,11 @@ class Engine:
         """Each sequence's draft (empty when lookup is off for it or nothing matched), at most
         one token short of its remaining budget and of the context window (the verify step
         emits up to len(draft) + 1 tokens)."""
-        out = []
+        out, default = [], self.prompt_lookup
         for s in seqs:
-            k = self._lookup_k(s.params)
+            k = s.params.prompt_lookup_num_tokens
+            if k is None:
+                k = default
             if k <= 0:
                 out.append([])
                 continue
@@ -389,7 +407,9 @@ class Engine:
                 k = min(k, s.params.max_tokens - len(s.output_ids) - 1)
             k = min(k, self.max_model_len - total - 1)
             out.append(s.lookup.propose(k) if k > 0 else [])
-        if self.draft_budget is None or not any(out):
+        if not any(out):
+            return out
+        if self.draft_budget is None:
             return cap_rows(out, _max_rows())
         # a seeded sampled request's text depends on which tokens are drafted: its draft is
         # not left to the budget's timings
@@ -397,7 +417,7 @@ class Engine:
                                         [s.params.seed is not None and not s.params.greedy for s in seqs], _max_rows())
         return [d[:n] for d, n in zip(out, keep)]
 
-    def _speculate(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Sequence]:
+    def _speculate(self, seqs: list[Sequence], drafts: list[list[int]]) -> int:
         """One forward over [last token, draft...] of every decoding sequence, packed into one
         row (`PackedView`: no padding, a sequence without a draft costs one token), then per
         sequence: accept drafted tokens in order while `verify_token` accepts them, emit the
@@ -407,7 +427,7 @@ class Engine:
         KV rollback needs no copy: `cached` drops back to the accepted length and the rejected
         positions are overwritten by later steps before any query can see them, since a query
         at position p attends to keys 0..p only and each forward stores its keys before
-        attending.
+        attending. Returns the forward's rows (tokens).
         """
         limit = self.max_model_len
         if self.cfg.position_embedding_type == "rope" and self.cfg.rope_scaling_type == "dynamic":
@@ -415,43 +435,66 @@ class Engine:
             # that every position sees the base plain decoding would give it.
             limit = min(limit, self.cfg.n_positions)
         drafts = [d[:max(limit - s.cached - 1, 0)] for s, d in zip(seqs, drafts)]
-        t0 = DraftBudget.clock()  # the step's cost by its rows, for the draft budget
         tokens, positions, slots = [], [], []
         for s, d in zip(seqs, drafts):
-            tokens += [s.last_token] + d
-            positions += range(s.cached, s.cached + 1 + len(d))
-            slots += [s.slot] * (1 + len(d))
+            n, c = 1 + len(d), s.cached
+            tokens.append(s.last_token)
+            tokens += d
+            positions += range(c, c + n)
+            slots += [s.slot] * n
         logits, argmax = self._packed(tokens, positions, slots)                    # [M, V]
         if any(drafts):
             self.spec_steps += 1
+        fast = argmax is not None and all(s.plain_greedy for s in seqs)
         # Greedy rows whose sampler leaves the logits as they are: every row's pick in one
         # reduction (the first maximal index, as `SequenceSampler.sample`), not one per row.
-        picks = greedy_picks([s.sampler for s, d in zip(seqs, drafts) for _ in range(1 + len(d))], logits, argmax)
-        off = 0
+        picks = argmax if fast else \
+            greedy_picks([s.sampler for s, d in zip(seqs, drafts) for _ in range(1 + len(d))], logits, argmax)
+        mml, lookup_k = self.max_model_len, self._lookup_k
+        drafted = accepted_all = off = 0
         for s, d in zip(seqs, drafts):
-            rows, base, off = logits[off:off + 1 + len(d)], off, off + 1 + len(d)
-            start, accepted = s.cached, 0
-            for j in range(len(d) + 1):
-                pick = picks[base + j]
-                if j < len(d):
-                    tok, ok = (pick, pick == d[j]) if pick is not None else verify_token(s.sampler, rows[j], d[j])
-                else:  # every draft accepted: the next token comes free from the last row
-                    tok, ok = (pick if pick is not None else s.sampler.sample(rows[j])), False
-                self._append(s, rows[j], tok)
-                accepted += ok
-                if not ok or s.finished:
-                    break
+            n, base = len(d), off
+            off += n + 1
+            start = s.cached
+            if fast or (s.plain_greedy and picks[base] is not None):
+                # the drafts equal to the picks in one comparison, then the accepted ones and
+                # the pick after them (the correction, or the next token after a full match)
+                row = picks[base:base + n + 1]
+                a = 0
+                while a < n and row[a] == d[a]:
+                    a += 1
+                accepted = min(a, s.append_many(row[:a + 1], mml))
+            else:
+                accepted = self._verify_rows(s, d, logits[base:base + n + 1], picks[base:base + n + 1])
             # KV is valid for the last token and the accepted drafts (inputs 0..accepted).
             s.cached = start + 1 + accepted
             if d:
-                k = self._lookup_k(s.params)
-                s.draft_len = min(k, s.draft_len + 2) if accepted == len(d) else max(1, s.draft_len - 1)
-                s.accept_rate += 0.3 * (accepted / len(d) - s.accept_rate)
-            self.spec_drafted += len(d)
-            self.spec_accepted += accepted
-        if self.draft_budget is not None:
-            self.draft_budget.observe(len(tokens), DraftBudget.clock() - t0)
-        return seqs
+                k = lookup_k(s.params)
+                s.draft_len = min(k, s.draft_len + 2) if accepted == n else max(1, s.draft_len - 1)
+                s.accept_rate += 0.3 * (accepted / n - s.accept_rate)
+            drafted += n
+            accepted_all += accepted
+        self.spec_drafted += drafted
+        self.spec_accepted += accepted_all
+        return len(tokens)
+
+    def _verify_rows(self, s: Sequence, d: list[int], rows: torch.Tensor, picks: list[int | None]) -> int:
+        """Accept the drafted tokens `d` of one sequence in order while `verify_token` accepts
+        them (rows [1 + len(d), V]: the logits of its last token and each draft; picks: each
+        row's greedy pick or None), emitting the correction (or, all accepted, the token after
+        the last draft); returns how many drafts were accepted."""
+        accepted = 0
+        for j in range(len(d) + 1):
+            pick = picks[j]
+            if j < len(d):
+                tok, ok = (pick, pick == d[j]) if pick is not None else verify_token(s.sampler, rows[j], d[j])
+            else:  # every draft accepted: the next token comes free from the last row
+                tok, ok = (pick if pick is not None else s.sampler.sample(rows[j])), False
+            self._append(s, rows[j], tok)
+            accepted += ok
+            if not ok or s.finished:
+                break
+        return accepted
 
     def _append(self, seq: Sequence, logits: torch.Tensor, tok: int | None = None) -> None:
         """Add the sampled token (sampled here from `logits` [V] unless given)."""
@@ -499,8 +542,13 @@ def _max_rows() -> int:
     """Most tokens one packed forward may hold: the linear kernels give each row the same bits
     whatever the other rows only up to `ROW_INVARIANT_MAX_M` rows per call (kernels/ops.py), and
     greedy text with prompt lookup must equal plain decoding's."""
-    from ..kernels import ROW_INVARIANT_MAX_M
-    return ROW_INVARIANT_MAX_M
+    if not _MAX_ROWS:
+        from ..kernels import ROW_INVARIANT_MAX_M
+        _MAX_ROWS.append(ROW_INVARIANT_MAX_M)
+    return _MAX_ROWS[0]
+
+
+_MAX_ROWS: list[int] = []  # ROW_INVARIANT_MAX_M, imported at the first verify step
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

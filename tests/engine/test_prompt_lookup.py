@@ -319,3 +319,35 @@ def test_bf16_greedy_tokens_do_not_depend_on_batch_or_lookup(mini):
         assert b8[i] == b1[i], f"prompt {i}: batch 8 differs from batch 1"
         assert l1[i] == b1[i], f"prompt {i}: lookup at batch 1 differs from plain decode"
         assert l8[i] == b1[i], f"prompt {i}: lookup at batch 8 differs from plain decode"
+
+
+def test_bf16_fast_path_stops_and_mixed_batches_equal_plain(mini):
+    """The native greedy fast path (`Sequence.plain_greedy`: drafts compared with the native
+    picks in one pass, `Sequence.append_many`) next to the per-token path (a request with
+    logprobs) in the same verify steps: a stop token, a stop string and max_tokens met inside
+    accepted drafts end each sequence where plain decoding ends it, with its text, reason and
+    token ids; the logprobs request keeps its tokens."""
+    llm = mini
+    ps = _edit_prompts()[:4]
+    base = dict(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = [o.outputs[0] for o in llm.generate(ps, SamplingParams(**base))]
+    i = next(i for i in range(12, 40) if ref[0].token_ids[i] not in ref[0].token_ids[:i])
+    stop_tok = ref[0].token_ids[i]
+    text = ref[1].text
+    stop_str = text[len(text) // 2:len(text) // 2 + 3]
+    kinds = [dict(stop_token_ids=[stop_tok]), dict(stop=[stop_str]), dict(max_tokens=13), dict(logprobs=1)]
+    acc = llm.engine.spec_accepted
+    for look in (0, 8):
+        params = [SamplingParams(**{**base, **k, "prompt_lookup_num_tokens": look}) for k in kinds]
+        got = [o.outputs[0] for o in llm.generate(ps, params)]
+        if look == 0:
+            want = got
+            continue
+        for g, w in zip(got, want):
+            assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == \
+                (w.token_ids, w.text, w.finish_reason, w.stop_reason)
+    assert want[0].token_ids == ref[0].token_ids[:i + 1] and want[0].finish_reason == "stop"
+    assert want[1].finish_reason == "stop" and want[1].stop_reason == stop_str
+    assert len(want[2].token_ids) == 13 and want[2].finish_reason == "length"
+    assert want[3].token_ids == ref[3].token_ids and len(want[3].logprobs) == 40
+    assert llm.engine.spec_accepted > acc

@@ -101,7 +101,10 @@ def test_fp32_output_of_each_decode_path_is_row_invariant(monkeypatch):
              ("int8", {}, 37, 1536, "avx512_vnni:q8", 1, torch.float32),
              ("int4", {"group_size": 128, "symmetric": False}, 23, 1536, "avx512_vnni:q8", 1, torch.float32),
              ("int4", {"group_size": 256, "symmetric": True}, 19, 1024, "avx512_vnni:q8", 1, torch.float32),
-             ("int4", {"group_size": 32, "symmetric": False}, 19, 96, "avx2:unpack", 0, torch.float32)]
+             ("int4", {"group_size": 32, "symmetric": False}, 19, 96, "avx2:unpack", 0, torch.float32),
+             ("int8", {}, 37, 1536, "amx:q8", 3, torch.float32),
+             ("int4", {"group_size": 128, "symmetric": False}, 23, 1536, "amx:q8", 3, torch.float32),
+             ("int4", {"group_size": 32, "symmetric": True}, 35, 256, "amx:q8", 3, torch.float32)]
     ran = 0
     for kind, args, n, k, path, lvl, dtype in cases:
         if lvl > LEVEL:
@@ -114,3 +117,65 @@ def test_fp32_output_of_each_decode_path_is_row_invariant(monkeypatch):
             assert torch.equal(y.view(torch.int32), alone[:m].view(torch.int32)), f"{path} {kind} {n}x{k} M={m}"
         ran += 1
     assert ran >= 4
+
+
+# int8/int4 weights for the AMX-INT8 rows: every block kind of the shared epilogue
+# (csrc/q8_epilogue.h): int8 with 3 / 12 / 32 blocks of 128 (fewer and more than the 16 lanes),
+# int4 groups of 32 / 64 / 128 / 256 with and without offsets (groups per 128-run 4 / 2 / 1, a
+# group over two runs), N leaving a partial last panel of 16 weight rows (odd N too).
+Q8_WEIGHTS = [("int8", {}, 35, 384), ("int8", {}, 37, 1536), ("int8", {}, 33, 4096),
+              ("int4", {"group_size": 32, "symmetric": True}, 35, 256),
+              ("int4", {"group_size": 32, "symmetric": False}, 17, 2560),
+              ("int4", {"group_size": 64, "symmetric": False}, 40, 512),
+              ("int4", {"group_size": 128, "symmetric": False}, 23, 1536),
+              ("int4", {"group_size": 256, "symmetric": True}, 19, 1024)]
+Q8_MS = [1, 2, 5, 8, 16, 17, 33, 48, ops.ROW_INVARIANT_MAX_M]
+
+
+def _q8_call(mod, pw, x, bias, isa):
+    if pw.kind == "int8":
+        return mod.decode_int8_q8(x, pw.data, pw.scales, bias, isa)
+    return mod.decode_int4_q8(x, pw.data, pw.scales, pw.offsets, pw.group_size, bias, isa)
+
+
+@needs_native
+@pytest.mark.skipif(LEVEL < ops.ISA_LEVELS.index("amx"), reason="needs AMX-INT8 (this CPU: "
+                    f"{ops.ISA_LEVELS[LEVEL] if LEVEL >= 0 else 'no native kernels'})")
+@pytest.mark.parametrize("kind,args,n,k", [pytest.param(*w, id=f"{w[0]}-{w[2]}x{w[3]}-"
+                                           f"{'-'.join(str(v) for v in w[1].values())}") for w in Q8_WEIGHTS])
+def test_amx_int8_tiles_give_the_vnni_rows(kind, args, n, k, monkeypatch):
+    """The AMX-INT8 tiles at M = 1..64 against the 512-bit vpdpbusd kernel at M = 1, row by row,
+    bit for bit, fp32 output (before any rounding to x's dtype), with a bias: both must run the
+    one epilogue of csrc/q8_epilogue.h. `prefill_q8_amx` runs the tiles at every M <= 64 (M = 1
+    included); `decode_*_q8` at isa 1 is the vpdpbusd kernel. Then `linear` at the `amx` and
+    `avx512_vnni` caps, fp32 and bf16 x: the same bits at every M."""
+    mod = _ext.get()
+    pw = _weight(kind, args, n, k)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    x = _x(k, torch.float32)
+    vnni1 = torch.cat([_q8_call(mod, pw, x[i:i + 1].contiguous(), bias, 1) for i in range(x.shape[0])])
+    ref = ops.reference(x, pw, bias, "avx512_vnni:q8")
+    assert (vnni1 - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows vs the reference"
+    group = pw.group_size if kind == "int4" else 0
+    for m in Q8_MS:
+        xm = x[:m].contiguous()
+        amx = mod.prefill_q8_amx(xm, pw.data, pw.scales, pw.offsets, group, bias)
+        vnni = _q8_call(mod, pw, xm, bias, 1)
+        for name, y in (("amx tiles (prefill_q8_amx)", amx), ("vpdpbusd (decode_*_q8 isa 1)", vnni)):
+            bad = (y.view(torch.int32) != vnni1[:m].view(torch.int32)).any(dim=1)
+            assert not bad.any(), (f"{kind} {n}x{k} {args}: {name} rows {bad.nonzero().flatten().tolist()} of M={m} "
+                                   f"differ from vpdpbusd at M=1, max abs diff {(y - vnni1[:m]).abs().max().item():.3g}")
+    ran = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        outs = {}
+        for level in ("avx512_vnni", "amx"):
+            monkeypatch.setenv("CODESHELL_KERNEL_ISA", level)
+            ran[level] = ops.plan(pw, 8, dtype)
+            outs[level] = [linear(xd[:m], pw, bias, impl="native") for m in Q8_MS]
+        for m, a, b in zip(Q8_MS, outs["amx"], outs["avx512_vnni"]):
+            bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+            assert torch.equal(a.view(bits), b.view(bits)), (f"{kind} {n}x{k} {dtype} M={m}: {ran['amx']} differs "
+                                                             f"from {ran['avx512_vnni']}")
+    assert ran == {"avx512_vnni": "avx512_vnni:q8", "amx": "amx:q8"}, ran
+    print(f"{kind} {n}x{k} {args}: amx tiles, vpdpbusd and linear at {ran} give the M=1 vpdpbusd bits, M in {Q8_MS}")

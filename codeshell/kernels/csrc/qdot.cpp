@@ -486,20 +486,21 @@ bool use_vnni(int64_t isa, int64_t K) { return CODESHELL_HAVE_AVX512 && isa >= c
 
 // Rows of x from which `amx:q8` (isa = kAmx, M <= ops.ROW_INVARIANT_MAX_M) runs the AMX-INT8
 // tiles (qgemm_amx.cpp) instead of the vpdpbusd kernels: the same bits either way (both end in
-// q8_epilogue.h), so this is a speed choice only. At M = 1 the tiles waste 15 of their 16 rows
-// and the vpdpbusd kernels read the weight at the memory's rate; from 2 rows the tiles won on
-// every mid-model shape (docs/kernels.md, "session 11"). CODESHELL_Q8_AMX_MIN_M overrides it
-// (read once per process; benchmarks and tests use it to time / check either kernel).
-int64_t amx_rows_min_m() {
-  static const int64_t v = [] {
+// q8_epilogue.h), so this is a speed choice only. Measured per core on the mid model's shapes
+// (docs/kernels.md, "session 11"): the tiles cost ~1.1-1.8 us per panel of 16 weight rows at
+// K = 1536 whatever M (x padded to 16 rows), the vpdpbusd kernels grow with M: int8 ties at
+// M = 2 and the tiles win from 4, int4 (whose vpdpbusd kernel is cheaper per row) from 8.
+// CODESHELL_Q8_AMX_MIN_M overrides both (read once per process; benchmarks time either kernel).
+int64_t amx_rows_min_m(bool int4) {
+  static const int64_t env = [] {
     const char* e = std::getenv("CODESHELL_Q8_AMX_MIN_M");
-    return e && *e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(2);
+    return e && *e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(0);
   }();
-  return v;
+  return env ? env : int4 ? 8 : 4;
 }
 
-bool use_amx_rows(int64_t isa, int64_t K, int64_t M) {
-  return use_vnni(isa, K) && isa >= codeshell::kAmx && M >= amx_rows_min_m();
+bool use_amx_rows(int64_t isa, int64_t K, int64_t M, bool int4) {
+  return use_vnni(isa, K) && isa >= codeshell::kAmx && M >= amx_rows_min_m(int4);
 }
 }  // namespace
 
@@ -528,7 +529,7 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   if (offset.has_value())
     TORCH_CHECK(offset->scalar_type() == torch::kFloat32 && offset->is_contiguous() && offset->numel() == N * ng,
                 "int4 offsets must be a contiguous fp32 [N, K/group] tensor");
-  if (use_amx_rows(isa, K, M)) return prefill_q8_amx(x, q, scale, offset, G, bias);  // M <= 64: the same bits
+  if (use_amx_rows(isa, K, M, true)) return prefill_q8_amx(x, q, scale, offset, G, bias);  // M <= 64: the same bits
   const float* b = bias_ptr(bias, N);
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
   auto dxs = torch::empty({3, M, ng}, x.options());
@@ -575,7 +576,7 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
   TORCH_CHECK(B > 0, "int8-activation int8 kernel needs K % 32 == 0, got K=", K);
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N,
               "int8 scales must be a contiguous fp32 [N] tensor");
-  if (use_amx_rows(isa, K, M)) return prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);  // M <= 64: the same bits
+  if (use_amx_rows(isa, K, M, false)) return prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);  // M <= 64: the same bits
   const float* b = bias_ptr(bias, N);
   const int64_t nb = K / B;
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));

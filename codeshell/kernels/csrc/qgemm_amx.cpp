@@ -151,7 +151,6 @@ void unpack_int4(const uint8_t* q, int64_t N, int64_t K, int64_t p, int64_t k0, 
     }
     const uint8_t* src = q + n * (K / 2) + k0 / 2;
     for (int64_t k = 0; k < kl; k += 64) {
-      if (k % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k / 2) + 2048, _MM_HINT_T0);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k / 2));
       const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
       __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // [k0..15, k32..47, k16..31, k48..63]
@@ -345,11 +344,20 @@ void prefill_q8_tiles(const Problem& P) {
 // fp32 epilogue of the 512-bit vpdpbusd kernels (q8_epilogue.h), so every row gets the bits it
 // gets alone from qdot.cpp at M = 1. Loop order: one panel of 16 weight rows at a time against
 // all Mt <= 4 row blocks of x (tmm0..3), all of K: the weight is read from memory once per call
-// (int8 A tiles straight from the rows, each row prefetched kRowsPrefetch ahead; int4 unpacked
+// (int8 A tiles straight from the rows, the next panel prefetched into L2; int4 unpacked
 // per kRowsChunkK into an L1 buffer), x's B tiles (M x K bytes, <= 384 KiB) come from L2. Per
 // block the C tiles are stored and folded into acc [mt][L = block mod 16][weight row][16 rows of
 // x] while the next block's TMULs run (the prefill's TMULs(b), epilogue(b - 1), store(b) order).
-constexpr int64_t kRowsPrefetch = 2048;  // bytes ahead in each weight row (qdot.cpp's distance)
+// Prefetch: a panel's 16 weight rows are one contiguous range of memory (16 x K bytes, int4
+// 16 x K / 2), consumed 16 rows side by side; while a panel runs, the next panel's range is
+// prefetched into L2 in step (the same fraction of it per k as of this one), so the tile loads
+// and the unpacking find it there. (Prefetching 2 KiB ahead within each row, as the one-row
+// vpdpbusd kernels do, reached past the end of the 1536-byte rows and left the tiles waiting
+// on memory: M = 2 ran 1.2-2x slower than the vpdpbusd kernel.)
+inline void prefetch_l2(const void* base, int64_t from, int64_t to, int64_t size) {
+  const char* b = static_cast<const char*>(base);
+  for (int64_t o = from; o < std::min(to, size); o += 64) _mm_prefetch(b + o, _MM_HINT_T1);
+}
 constexpr int64_t kRowsChunkK = 1024;    // int4: k unpacked per pass (16 KiB of A)
 constexpr int64_t kRowsMaxM = 64;        // = ops.ROW_INVARIANT_MAX_M (4 row blocks in tmm0..3)
 
@@ -368,18 +376,55 @@ struct RowsProblem {
 // tmm5 (odd: the load need not wait for the TMULs still reading tmm4), B tiles of row block mt at
 // b[mt] alternating tmm6 / tmm7, C^T of row block mt in tmm mt. (GCC's tile intrinsics are macros
 // that paste the register number: literals only, hence the macro.)
-#define CODESHELL_ROWS_STEP(TA)                                       \
-  _tile_loadd(TA, a, la);                                             \
-  _tile_loadd(6, b[0], 64);                                           \
-  _tile_dpbssd(0, TA, 6);                                             \
-  if constexpr (MT > 1) { _tile_loadd(7, b[1], 64); _tile_dpbssd(1, TA, 7); } \
-  if constexpr (MT > 2) { _tile_loadd(6, b[2], 64); _tile_dpbssd(2, TA, 6); } \
+// With MT <= 2 row blocks the C tiles of odd blocks are tmm1 (MT = 1) / tmm2, tmm3 (MT = 2), so
+// a block's TMULs do not wait for the previous block's C tiles to be stored (a tile register is
+// not renamed): with one C set the blocks ran strictly one after another.
+// B of row block 0 goes to tmm6 with A in tmm4 and to tmm7 with A in tmm5, so with MT = 1 its
+// load need not wait for the previous TMUL to finish reading the register. (Neither this nor
+// the C tiles alternating by block changed the time measurably: ~1.1-1.8 us per panel of
+// 16 x 1536 int8 weights even from L2, ~150 cycles per k-tile against the TMUL's 16; not
+// understood yet -- a suspect is each block's C tile store waiting on its TMULs and the
+// epilogue's loads waiting on that store.)
+#define CODESHELL_ROWS_STEP(TA, TB, C0, C1)                                           \
+  _tile_loadd(TA, a, la);                                                             \
+  _tile_loadd(TB, b[0], 64);                                                          \
+  _tile_dpbssd(C0, TA, TB);                                                           \
+  if constexpr (MT > 1) { _tile_loadd(7, b[1], 64); _tile_dpbssd(C1, TA, 7); }        \
+  if constexpr (MT > 2) { _tile_loadd(6, b[2], 64); _tile_dpbssd(2, TA, 6); }         \
   if constexpr (MT > 3) { _tile_loadd(7, b[3], 64); _tile_dpbssd(3, TA, 7); }
-template <int MT>
-inline void rows_step4(const int8_t* a, int64_t la, const int8_t* const* b) { CODESHELL_ROWS_STEP(4) }
-template <int MT>
-inline void rows_step5(const int8_t* a, int64_t la, const int8_t* const* b) { CODESHELL_ROWS_STEP(5) }
+template <int MT, bool ODD>
+inline void rows_step4(const int8_t* a, int64_t la, const int8_t* const* b) {
+  if constexpr (ODD && MT == 1) { CODESHELL_ROWS_STEP(4, 6, 1, 1) }
+  else if constexpr (ODD && MT == 2) { CODESHELL_ROWS_STEP(4, 6, 2, 3) }
+  else { CODESHELL_ROWS_STEP(4, 6, 0, 1) }
+}
+template <int MT, bool ODD>
+inline void rows_step5(const int8_t* a, int64_t la, const int8_t* const* b) {
+  if constexpr (ODD && MT == 1) { CODESHELL_ROWS_STEP(5, 7, 1, 1) }
+  else if constexpr (ODD && MT == 2) { CODESHELL_ROWS_STEP(5, 6, 2, 3) }
+  else if constexpr (MT == 1) { CODESHELL_ROWS_STEP(5, 7, 0, 1) }
+  else { CODESHELL_ROWS_STEP(5, 6, 0, 1) }
+}
 #undef CODESHELL_ROWS_STEP
+
+// The C tiles of one block: zero / store (ci [MT][256]) the set rows_step<MT, ODD> accumulates in.
+template <int MT, bool ODD>
+inline void rows_zero() {
+  if constexpr (ODD && MT == 1) { _tile_zero(1); }
+  else if constexpr (ODD && MT == 2) { _tile_zero(2); _tile_zero(3); }
+  else {
+    _tile_zero(0);
+    if constexpr (MT > 1) _tile_zero(1);
+    if constexpr (MT > 2) _tile_zero(2);
+    if constexpr (MT > 3) _tile_zero(3);
+  }
+}
+template <int MT, bool ODD>
+inline void rows_store_c(int32_t* ci) {
+  if constexpr (ODD && MT == 1) { _tile_stored(1, ci, 64); }
+  else if constexpr (ODD && MT == 2) { _tile_stored(2, ci, 64); _tile_stored(3, ci + 256, 64); }
+  else tiles_store<MT>(ci);
+}
 
 // Block blk's sums ci [MT][16 weight rows][16 rows of x] (weight rows n0..n0+rows-1) into acc.
 template <int MT>
@@ -421,15 +466,14 @@ inline void rows_store(const RowsProblem& P, int64_t n0, int64_t cols, const flo
 struct RowsScratch {
   float* acc;    // [Mt][16][16][16], 64-byte aligned
   int8_t* abuf;  // int4: [16][kRowsChunkK]; int8: [16][K] for a last partial panel
-  int32_t* ci;   // [2][4][256]
+  int32_t* ci;   // [kRing][4][256]
 };
+constexpr int64_t kLag = 3, kRing = 4;  // blocks between a C tile store and its epilogue; C buffers
 
 template <int MT>
 void rows_panel(const RowsProblem& P, int64_t p, const RowsScratch& S) {
   const int64_t K = P.K, D = P.D, tpb = P.B / D, n0 = p * 16, rows = std::min<int64_t>(16, P.N - n0);
   const int8_t* bt[4];
-  int cur = 0;
-  int64_t pend = -1;
   const bool direct = !P.G && rows == 16;  // int8 A tiles straight from the weight rows
   if (!P.G && !direct) {
     for (int64_t r = 0; r < 16; ++r) {
@@ -438,8 +482,14 @@ void rows_panel(const RowsProblem& P, int64_t p, const RowsScratch& S) {
     }
   }
   const int64_t kc = P.G ? std::min(K, kRowsChunkK) : K;
+  // the next panel's bytes (16 rows, fewer at the end), prefetched in step with this one's k
+  const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(16, P.N - n0 - 16));
+  const int64_t row_bytes = P.G ? K / 2 : K, next_size = next_rows * row_bytes;
+  const void* next = P.G ? static_cast<const void*>(P.w4 + (n0 + 16) * row_bytes)
+                         : static_cast<const void*>(P.w8 + (n0 + 16) * row_bytes);
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t k1 = std::min(K, k0 + kc);
+    if (P.G) prefetch_l2(next, k0 * 8, k1 * 8, next_size);  // 16 rows x (k1 - k0) / 2 bytes
     const int8_t* a;  // A row r, k at a + r * la + (k - ka)
     int64_t la, ka;
     if (P.G) {
@@ -454,28 +504,35 @@ void rows_panel(const RowsProblem& P, int64_t p, const RowsScratch& S) {
     }
     __asm__ volatile("" ::: "memory");  // tile loads are asm without memory operands
     for (int64_t kb = k0; kb < k1; kb += P.B) {
-      _tile_zero(0);  // each block's sums start from 0 (they are scaled per block)
-      if constexpr (MT > 1) _tile_zero(1);
-      if constexpr (MT > 2) _tile_zero(2);
-      if constexpr (MT > 3) _tile_zero(3);
+      const bool odd = MT <= 2 && ((kb / P.B) & 1);
+      if (odd) rows_zero<MT, true>();
+      else rows_zero<MT, false>();
       for (int64_t s = 0; s < tpb; ++s) {
         const int64_t k = kb + s * D;
-        if (direct)
-          for (int r = 0; r < 16; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * la + k) + kRowsPrefetch, _MM_HINT_T0);
+        if (!P.G) prefetch_l2(next, k * 16, (k + D) * 16, next_size);  // 16 rows x D bytes
         for (int mt = 0; mt < MT; ++mt) bt[mt] = P.xt + xt_offset(P.Mt, K, mt, k);
-        if (s & 1) rows_step5<MT>(a + (k - ka), la, bt);
-        else rows_step4<MT>(a + (k - ka), la, bt);
+        const int8_t* at = a + (k - ka);
+        if (odd) {
+          if (s & 1) rows_step5<MT, true>(at, la, bt);
+          else rows_step4<MT, true>(at, la, bt);
+        } else {
+          if (s & 1) rows_step5<MT, false>(at, la, bt);
+          else rows_step4<MT, false>(at, la, bt);
+        }
       }
-      int32_t* c = S.ci + cur * 1024;
-      if (pend >= 0) rows_epilogue<MT>(P, S.ci + (cur ^ 1) * 1024, pend, n0, rows, S.acc);
+      // epilogue of block j - kLag, whose C tiles were stored kLag blocks ago (the prefill's
+      // TMULs(b), scale(b - 1), store(b) order at kLag = 1; 3 measured the same)
+      const int64_t j = kb / P.B;
+      if (j >= kLag) rows_epilogue<MT>(P, S.ci + ((j - kLag) % kRing) * 1024, j - kLag, n0, rows, S.acc);
       __asm__ volatile("" ::: "memory");  // the epilogue's loads stay before the tile stores (asm)
-      tiles_store<MT>(c);
+      int32_t* c = S.ci + (j % kRing) * 1024;
+      if (odd) rows_store_c<MT, true>(c);
+      else rows_store_c<MT, false>(c);
       __asm__ volatile("" ::: "memory");  // c is written by tile stores (asm)
-      pend = kb / P.B;
-      cur ^= 1;
     }
   }
-  rows_epilogue<MT>(P, S.ci + (cur ^ 1) * 1024, pend, n0, rows, S.acc);
+  for (int64_t j = std::max<int64_t>(0, P.nb - kLag); j < P.nb; ++j)
+    rows_epilogue<MT>(P, S.ci + (j % kRing) * 1024, j, n0, rows, S.acc);
   rows_store<MT>(P, n0, rows, S.acc);
 }
 
@@ -490,7 +547,7 @@ void rows_tiles(const RowsProblem& P) {
     const size_t abuf_n = P.G ? size_t(16) * std::min(P.K, kRowsChunkK) : (P.N % 16 ? size_t(16) * P.K : 0);
     std::vector<float> accv(acc_n + 16);
     std::vector<int8_t> abufv(abuf_n + 64);
-    alignas(64) int32_t ci[2 * 1024];
+    alignas(64) int32_t ci[kRing * 1024];
     float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(accv.data()) + 63) & ~uintptr_t(63));
     // lanes L >= nb are never written: +0 for the tree (as the VNNI kernels' empty lanes)
     for (int64_t mt = 0; mt < P.Mt; ++mt)

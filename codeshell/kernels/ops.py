@@ -240,7 +240,7 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
         # the 512-bit kernels read 128 weights of a row per step
         if p.in_features % 128 != 0 or level < ISA_LEVELS.index("avx512_vnni"):
             return "avx2:q8"
-        # With AMX: `amx:q8` = the vpdpbusd kernel for few rows and AMX-INT8 tiles from 4 (int8) / 8 (int4)
+        # With AMX: `amx:q8` = the vpdpbusd kernel below 4 rows and AMX-INT8 tiles from 4
         # (csrc/qdot.cpp amx_rows_min_m), both ending in one fp32 epilogue (csrc/q8_epilogue.h):
         # the bits of `avx512_vnni:q8` at every M, so the choice inside is a speed choice only.
         return "amx:q8" if level >= ISA_LEVELS.index("amx") else "avx512_vnni:q8"

@@ -486,17 +486,18 @@ bool use_vnni(int64_t isa, int64_t K) { return CODESHELL_HAVE_AVX512 && isa >= c
 
 // Rows of x from which `amx:q8` (isa = kAmx, M <= ops.ROW_INVARIANT_MAX_M) runs the AMX-INT8
 // tiles (qgemm_amx.cpp) instead of the vpdpbusd kernels: the same bits either way (both end in
-// q8_epilogue.h), so this is a speed choice only. Measured per core on the mid model's shapes
-// (docs/kernels.md, "session 11"): the tiles cost ~1.1-1.8 us per panel of 16 weight rows at
-// K = 1536 whatever M (x padded to 16 rows), the vpdpbusd kernels grow with M: int8 ties at
-// M = 2 and the tiles win from 4, int4 (whose vpdpbusd kernel is cheaper per row) from 8.
-// CODESHELL_Q8_AMX_MIN_M overrides both (read once per process; benchmarks time either kernel).
+// q8_epilogue.h), so this is a speed choice only. Measured per core, cold, on the mid model's
+// shapes (docs/kernels.md, "session 11"): the tiles cost ~1.1-1.8 us per panel of 16 weight rows
+// at K = 1536 whatever M (x padded to 16 rows), the vpdpbusd kernels grow with M: at M = 2 each
+// wins on two of the four shapes, from M = 4 the tiles win or tie on all of them (int8, int4).
+// CODESHELL_Q8_AMX_MIN_M overrides it (read once per process; benchmarks time either kernel).
 int64_t amx_rows_min_m(bool int4) {
   static const int64_t env = [] {
     const char* e = std::getenv("CODESHELL_Q8_AMX_MIN_M");
     return e && *e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(0);
   }();
-  return env ? env : int4 ? 8 : 4;
+  (void)int4;  // one threshold for both kinds (measured); kept per kind for the next measurement
+  return env ? env : 4;
 }
 
 bool use_amx_rows(int64_t isa, int64_t K, int64_t M, bool int4) {

@@ -211,8 +211,8 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
       `avx512_bf16:panel` (vdpbf16ps) with AVX512-BF16, `avx2:panel` (fp32 FMA) without, and
       `avx2:panel` for fp32 x (never rounded to bf16).
     * int8/int4, M <= DECODE_MAX_M (= ROW_INVARIANT_MAX_M), K % 128 == 0: `amx:q8` with AMX
-      (vpdpbusd at M = 1, AMX-INT8 tiles from 2 rows: the same bits), `avx512_vnni:q8` (512-bit
-      vpdpbusd) without; else `avx2:q8` (vpmaddubsw) on int8-rounded x (the same integers
+      (vpdpbusd on the shared epilogue below 4 rows, AMX-INT8 tiles from 4: the same bits),
+      `avx512_vnni:q8` (512-bit vpdpbusd, its own per-lane epilogue) without; else `avx2:q8` (vpmaddubsw) on int8-rounded x (the same integers
       either way), or `avx2:unpack` (exact fp32) for shapes the integer kernels do not take.
     * larger M: `prefill_candidates`; one candidate runs as is, several are measured once.
     Up to ROW_INVARIANT_MAX_M rows every M takes the same path (row invariance).
@@ -242,7 +242,8 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
             return "avx2:q8"
         # With AMX: `amx:q8` = the vpdpbusd kernel below 4 rows and AMX-INT8 tiles from 4
         # (csrc/qdot.cpp amx_rows_min_m), both ending in one fp32 epilogue (csrc/q8_epilogue.h):
-        # the bits of `avx512_vnni:q8` at every M, so the choice inside is a speed choice only.
+        # the same bits at every M, so the choice inside is a speed choice only. Without AMX
+        # `avx512_vnni:q8` keeps its cheaper per-lane epilogue (other last bits, same invariance).
         return "amx:q8" if level >= ISA_LEVELS.index("amx") else "avx512_vnni:q8"
     return _choose(p, m, x_dtype, level, prefill_candidates(p, x_dtype, level))
 

@@ -144,38 +144,47 @@ def _q8_call(mod, pw, x, bias, isa):
 @pytest.mark.parametrize("kind,args,n,k", [pytest.param(*w, id=f"{w[0]}-{w[2]}x{w[3]}-"
                                            f"{'-'.join(str(v) for v in w[1].values())}") for w in Q8_WEIGHTS])
 def test_amx_int8_tiles_give_the_vnni_rows(kind, args, n, k, monkeypatch):
-    """The AMX-INT8 tiles at M = 1..64 against the 512-bit vpdpbusd kernel at M = 1, row by row,
-    bit for bit, fp32 output (before any rounding to x's dtype), with a bias: both must run the
-    one epilogue of csrc/q8_epilogue.h. `prefill_q8_amx` runs the tiles at every M <= 64 (M = 1
-    included); `decode_*_q8` at isa 1 is the vpdpbusd kernel. Then `linear` at the `amx` and
-    `avx512_vnni` caps, fp32 and bf16 x: the same bits at every M."""
+    """`amx:q8` (isa 3) runs two kernels that must give every row the same bits: the vpdpbusd
+    kernel on the shared epilogue of csrc/q8_epilogue.h below the AMX row threshold and the
+    AMX-INT8 tiles from it. Checked bit for bit, fp32 output (before any rounding to x's dtype),
+    with a bias, against that vpdpbusd kernel at M = 1 row by row: the tiles at every M <= 64
+    (`prefill_q8_amx` runs them from M = 1), the vpdpbusd kernel at every M
+    (CODESHELL_Q8_AMX_MIN_M=65 keeps it below the tiles' threshold), the default split; then
+    `linear` at the `amx` cap on fp32 and bf16 x against its own M = 1 rows. `avx512_vnni:q8`
+    (isa 1, CPUs without AMX) keeps its per-lane epilogue: other last bits, only near the
+    reference (its own row invariance: test_rows_are_bitwise_those_of_m1)."""
     mod = _ext.get()
+    amx = ops.ISA_LEVELS.index("amx")
+    monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
+    monkeypatch.delenv("CODESHELL_Q8_AMX_MIN_M", raising=False)
     pw = _weight(kind, args, n, k)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
     x = _x(k, torch.float32)
-    vnni1 = torch.cat([_q8_call(mod, pw, x[i:i + 1].contiguous(), bias, 1) for i in range(x.shape[0])])
+    epi1 = torch.cat([_q8_call(mod, pw, x[i:i + 1].contiguous(), bias, amx) for i in range(x.shape[0])])
     ref = ops.reference(x, pw, bias, "avx512_vnni:q8")
-    assert (vnni1 - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows vs the reference"
+    assert (epi1 - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows (shared epilogue) vs the reference"
+    lane = torch.cat([_q8_call(mod, pw, x[i:i + 1].contiguous(), bias, 1) for i in range(x.shape[0])])
+    assert (lane - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows (per-lane epilogue) vs the reference"
     group = pw.group_size if kind == "int4" else 0
     for m in Q8_MS:
         xm = x[:m].contiguous()
-        amx = mod.prefill_q8_amx(xm, pw.data, pw.scales, pw.offsets, group, bias)
-        vnni = _q8_call(mod, pw, xm, bias, 1)
-        for name, y in (("amx tiles (prefill_q8_amx)", amx), ("vpdpbusd (decode_*_q8 isa 1)", vnni)):
-            bad = (y.view(torch.int32) != vnni1[:m].view(torch.int32)).any(dim=1)
+        outs = {"amx tiles (prefill_q8_amx)": mod.prefill_q8_amx(xm, pw.data, pw.scales, pw.offsets, group, bias),
+                "amx:q8 (default split)": _q8_call(mod, pw, xm, bias, amx)}
+        monkeypatch.setenv("CODESHELL_Q8_AMX_MIN_M", str(ops.ROW_INVARIANT_MAX_M + 1))
+        outs["vpdpbusd, shared epilogue (amx:q8 below the tiles)"] = _q8_call(mod, pw, xm, bias, amx)
+        monkeypatch.delenv("CODESHELL_Q8_AMX_MIN_M")
+        for name, y in outs.items():
+            bad = (y.view(torch.int32) != epi1[:m].view(torch.int32)).any(dim=1)
             assert not bad.any(), (f"{kind} {n}x{k} {args}: {name} rows {bad.nonzero().flatten().tolist()} of M={m} "
-                                   f"differ from vpdpbusd at M=1, max abs diff {(y - vnni1[:m]).abs().max().item():.3g}")
-    ran = {}
+                                   f"differ from vpdpbusd at M=1, max abs diff {(y - epi1[:m]).abs().max().item():.3g}")
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "amx")
+    assert ops.plan(pw, 8, torch.bfloat16) == "amx:q8"
     for dtype in (torch.float32, torch.bfloat16):
         xd = x.to(dtype)
-        outs = {}
-        for level in ("avx512_vnni", "amx"):
-            monkeypatch.setenv("CODESHELL_KERNEL_ISA", level)
-            ran[level] = ops.plan(pw, 8, dtype)
-            outs[level] = [linear(xd[:m], pw, bias, impl="native") for m in Q8_MS]
-        for m, a, b in zip(Q8_MS, outs["amx"], outs["avx512_vnni"]):
-            bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
-            assert torch.equal(a.view(bits), b.view(bits)), (f"{kind} {n}x{k} {dtype} M={m}: {ran['amx']} differs "
-                                                             f"from {ran['avx512_vnni']}")
-    assert ran == {"avx512_vnni": "avx512_vnni:q8", "amx": "amx:q8"}, ran
-    print(f"{kind} {n}x{k} {args}: amx tiles, vpdpbusd and linear at {ran} give the M=1 vpdpbusd bits, M in {Q8_MS}")
+        alone = torch.cat([linear(xd[i:i + 1], pw, bias, impl="native") for i in range(xd.shape[0])])
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        for m in Q8_MS:
+            y = linear(xd[:m], pw, bias, impl="native")
+            assert torch.equal(y.view(bits), alone[:m].view(bits)), f"{kind} {n}x{k} {dtype} M={m}: amx:q8 rows"
+    print(f"{kind} {n}x{k} {args}: amx tiles, vpdpbusd (shared epilogue) and linear at amx:q8 give the M=1 bits, "
+          f"M in {Q8_MS}")

@@ -9,11 +9,16 @@
 // Row invariance: x is rounded per row, the block dots are exact integers and the epilogue is
 // per row, so a row's bits do not depend on M or on its tile; ops.py runs these kernels for
 // every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1. From
-// M = 9 the 512-bit kernels take register tiles of several weight rows (tile_v with NR > 1)
-// with the same per-row arithmetic. The 512-bit kernels end in the epilogue of q8_epilogue.h
-// (exact block sums, then one fixed fp32 order), which qgemm_amx.cpp's AMX-INT8 row tiles run
-// too: on an AMX CPU (`amx:q8`) M >= 2 rows go to the tiles with the same bits
-// (tests/kernels/test_invariance.py).
+// M = 9 the 512-bit kernels take register tiles of several weight rows (tile_q8v_blk,
+// tile_q4v_blk) with the same per-row arithmetic (tests/kernels/test_invariance.py).
+// Two 512-bit kernel families: `avx512_vnni:q8` (tile_q8v / tile_q4v: each block's 16 int32
+// lane sums converted and scaled per lane, then one horizontal sum) on AVX-512 CPUs without
+// AMX, and on AMX CPUs `amx:q8` (tile_v: exact block sums, then the fp32 epilogue of
+// q8_epilogue.h, which qgemm_amx.cpp's AMX-INT8 row tiles run too, so below the AMX row
+// threshold a row gets the bits the tiles give it above). The two families differ in the last
+// bits; each is row-invariant on its own. Why two: the shared epilogue's lane reduction made
+// the vpdpbusd kernels 1.2-1.9x slower at M >= 2 (docs/kernels.md, session 11), which an
+// AVX-512 CPU without AMX would pay with nothing to gain.
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -31,6 +36,7 @@
 #include "isa.h"
 #include "parallel.h"
 #include "q8_epilogue.h"
+#include "q8_panel.h"
 #include "quant_x.h"
 #include "simd.h"
 
@@ -324,6 +330,285 @@ void range_q8(const int8_t* xq, const float* dx, int64_t M, int64_t K, int64_t B
 CODESHELL_BEGIN_AVX512
 namespace {
 
+// affine_const for the 512-bit kernels: 16 groups per step, the last step masked (the 1536-wide
+// mid shape has 12 groups of 128: one step instead of an 8-wide step, its sum and 4 scalar
+// terms, ~3x fewer instructions per output; at M = 8 int4 this ran once per 24 vpdpbusd).
+// Not inlined, for the reason affine_const is not.
+template <bool OFFS>
+__attribute__((noinline)) float affine_const_v(const float* sc, const float* of, const float* xs, int64_t ng) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 m8 = _mm512_set1_ps(-8.f);
+  for (int64_t g = 0; g < ng; g += 16) {
+    const __mmask16 k = ng - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
+    __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc + g), m8);
+    if (OFFS) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(k, of + g));
+    acc = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(k, xs + g), acc);  // masked lanes add 0
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// sd[g] = sc[g] * dx[g] for g < ng, 16 at a time (the last step masked): the same fp32 products
+// as the scalar sc[g] * dx[g] the kernels use when the table does not fit.
+inline void scale_products(const float* sc, const float* dx, int64_t ng, float* sd) {
+  for (int64_t g = 0; g < ng; g += 16) {
+    const __mmask16 k = ng - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
+    _mm512_mask_storeu_ps(sd + g, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc + g), _mm512_maskz_loadu_ps(k, dx + g)));
+  }
+}
+
+// int4: x permuted in runs of 128 (quantize_x perm = 128). G >= 128: int32 sums of a whole group
+// stay in registers and are scaled once; G = 32 / 64: each 128-run holds 4 / 2 groups, lane L of
+// the int32 sums belongs to run L / 4, scaled per run by a lane vector (gidx maps lane -> group).
+template <int MB, bool OFFS>
+inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
+                     const float* sc, const float* of, int64_t G, __m512i gidx, float* out, int64_t ldo) {
+  const int64_t ng = K / G;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  if (G >= 128) {
+    // sd[i][g] = scale_g * d_ig, a vector product per row up front (ng <= 256 here), so the
+    // group epilogue is cvt + one fmadd with a broadcast operand from memory.
+    alignas(64) float sd[MB][128];
+    const bool tab = ng <= 128;
+    if (tab)
+      for (int i = 0; i < MB; ++i) scale_products(sc, dx + i * ng, ng, sd[i]);
+    // Two chains (lo, hi nibbles) per row at MB <= 2; at MB >= 3 the rows are enough chains.
+    constexpr int CH = MB <= 2 ? 2 : 1;
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512i a[MB][CH];
+      for (int i = 0; i < MB; ++i)
+        for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
+      for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(q + k / 2);
+        const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+        for (int i = 0; i < MB; ++i) {
+          const int8_t* xr = xq + i * K + k;
+          a[i][0] = _mm512_dpbusd_epi32(a[i][0], lo, _mm512_loadu_si512(xr));
+          a[i][CH - 1] = _mm512_dpbusd_epi32(a[i][CH - 1], hi, _mm512_loadu_si512(xr + 64));
+        }
+      }
+      for (int i = 0; i < MB; ++i) {
+        __m512i s32 = a[i][0];
+        if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(tab ? sd[i][g] : sc[g] * dx[i * ng + g]),
+                                 acc[i]);
+      }
+    }
+  } else {
+    const __mmask8 gm = __mmask8((1u << (128 / G)) - 1);  // groups per 128-run
+    for (int64_t k = 0; k < K; k += 128) {
+      const int64_t g = k / G;
+      _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(q + k / 2);
+      const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      const __m128 sw = _mm_maskz_loadu_ps(gm, sc + g);
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xr = xq + i * K + k;
+        const __m512i a = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr)), hi, _mm512_loadu_si512(xr + 64));
+        const __m128 sd = _mm_mul_ps(sw, _mm_maskz_loadu_ps(gm, dx + i * ng + g));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_permutexvar_ps(gidx, _mm512_castps128_ps512(sd)), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const_v<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
+}
+
+// M > 8 (kBlockMinM), G >= 128: register tiles of MB rows of x by NR weight rows, so each x
+// load feeds NR vpdpbusd and each unpacked weight load MB. Why: with one weight row per tile
+// (tile_q4v) every weight row re-reads all M rows of x from L2 (M x K bytes: 96 KiB at M = 64,
+// K = 1536), which made M = 17..64 2-3x slower than the AMX prefill it replaced.
+// Row invariance: per (row of x, weight row) the same arithmetic as tile_q4v: exact int32 group
+// sums (integer adds: any order gives the same lanes; lane L holds the same k in both), then
+// acc = fma(cvt(sum), scale_g * d_g, acc) per group in k order, reduce_add, + affine_const.
+template <int MB, int NR, bool OFFS>
+inline void tile_q4v_blk(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
+                         const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+  const int64_t ng = K / G, ldq = K / 2;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  // sd[i][j][g] = scale_jg * d_ig (the same fp32 product as tile_q4v's), 16 at a time up front:
+  // the group epilogue is then cvt + fmadd with a broadcast memory operand.
+  constexpr int64_t kMaxG = 64;  // K <= 8192 at G = 128; longer rows take the product per group
+  alignas(64) float sd[MB][NR][kMaxG];
+  const bool tab = ng <= kMaxG;
+  if (tab)
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j) scale_products(sc + j * ng, dx + i * ng, ng, sd[i][j]);
+  __m512 acc[MB][NR];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i a[MB][NR];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j) a[i][j] = _mm512_setzero_si512();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
+      __m512i lo[NR], hi[NR];
+      for (int j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + j * ldq + k / 2) + kPrefetch, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(q + j * ldq + k / 2);
+        lo[j] = _mm512_and_si512(v, m0f);
+        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      }
+      for (int i = 0; i < MB; ++i) {
+        const __m512i x0 = _mm512_loadu_si512(xq + i * K + k), x1 = _mm512_loadu_si512(xq + i * K + k + 64);
+        for (int j = 0; j < NR; ++j) a[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[i][j], lo[j], x0), hi[j], x1);
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j)
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][j]),
+                                    _mm512_set1_ps(tab ? sd[i][j][g] : sc[j * ng + g] * dx[i * ng + g]), acc[i][j]);
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j)
+      out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) +
+                         affine_const_v<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr, xs + i * ng, ng);
+}
+
+// Rows of x in tiles of 4 (then the 1-3 left), for NR weight rows at q.
+template <int NR, bool OFFS>
+inline void rows_q4v_blk(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+                         const float* sc, const float* of, int64_t G, float* out, int64_t N) {
+  const int64_t ng = K / G;
+  for_x_tiles(M, [&](auto mb, int64_t m) {
+    tile_q4v_blk<decltype(mb)::value, NR, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q, sc, of, G, out + m * N, N);
+  });
+}
+
+// for_x_tiles with tiles of up to 8 rows (32 zmm registers hold 8 rows' accumulators): the
+// weight row is loaded and unpacked once per 8 rows of x instead of once per 4.
+template <class F>
+inline void for_x_tiles8(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) f(std::integral_constant<int, 8>{}, m);
+  switch (M - m) {
+    case 7: f(std::integral_constant<int, 7>{}, m); break;
+    case 6: f(std::integral_constant<int, 6>{}, m); break;
+    case 5: f(std::integral_constant<int, 5>{}, m); break;
+    default: for_x_tiles(M - m, [&](auto mb, int64_t r) { f(mb, m + r); });
+  }
+}
+
+template <bool OFFS>
+void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+             const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t ng = K / G, ldq = K / 2;
+  alignas(64) int32_t lane_group[16];
+  for (int L = 0; L < 16; ++L) lane_group[L] = int32_t((L / 4) * 32 / std::min<int64_t>(G, 128));
+  const __m512i gidx = _mm512_loadu_si512(lane_group);
+  if (M >= kBlockMinM && G >= 128) {
+    constexpr int NR = 2;  // 4 x 2 tiles: 8 int32 + 8 fp32 sums + 4 unpacked weight vectors in zmm
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR)
+      rows_q4v_blk<NR, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+    for (; n < n1; ++n)
+      rows_q4v_blk<1, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+    return;
+  }
+  for (int64_t n = n0; n < n1; ++n)  // one weight row per tile (as the AVX2 kernel: measured best)
+    for_x_tiles8(M, [&](auto mb, int64_t m) {
+      tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,
+                                          OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N);
+    });
+}
+
+// int8: vpdpbusd wants one unsigned operand and AVX-512 has no vpsignb, so the weight is
+// offset to unsigned, u = w + 128 (w ^ 0x80), and the offset taken back once per row of x:
+// sum_k w x = sum_k u x - 128 sum_k x, with sum_k x = sum_b xs_b / d_b ... per block b:
+// d_b * sum_{k in b} w xq = d_b * (sum u xq) - 128 * xs_b   (xs_b = d_b * sum xq_b).
+template <int MB>
+inline void tile_q8v(const int8_t* xq, int64_t K, const float* dx, const float* corr, const int8_t* w, float* out,
+                     int64_t ldo) {
+  const int64_t nb = K / 128;
+  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  // Two chains (one per 64-byte half) per row at MB <= 2; at MB >= 3 the rows are enough
+  // chains and one saves an add per row and block (the int32 sums are exact either way).
+  constexpr int CH = MB <= 2 ? 2 : 1;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i a[MB][CH];
+    for (int i = 0; i < MB; ++i)
+      for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = b * 128 + 64 * h;
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
+      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w + k), s80);
+      for (int i = 0; i < MB; ++i)
+        a[i][h % CH] = _mm512_dpbusd_epi32(a[i][h % CH], u, _mm512_loadu_si512(xq + i * K + k));
+    }
+    for (int i = 0; i < MB; ++i) {
+      __m512i s32 = a[i][0];
+      if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(dx[i * nb + b]), acc[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) out[i * ldo] = _mm512_reduce_add_ps(acc[i]) - corr[i];
+}
+
+// M > 8 (kBlockMinM): register tiles of MB rows of x by NR weight rows (why: tile_q4v_blk).
+// Row invariance: per (row of x, weight row) the same arithmetic as tile_q8v: the int32 block sum
+// (exact, the same lanes), acc = fma(cvt(sum), d_b, acc) per block in k order, reduce_add - corr.
+template <int MB, int NR>
+inline void tile_q8v_blk(const int8_t* xq, int64_t K, const float* dx, const float* corr, const int8_t* w,
+                         float* out, int64_t ldo) {
+  const int64_t nb = K / 128;
+  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
+  __m512 acc[MB][NR];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i a[MB][NR];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j) a[i][j] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = b * 128 + 64 * h;
+      __m512i u[NR];
+      for (int j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + kPrefetch, _MM_HINT_T0);
+        u[j] = _mm512_xor_si512(_mm512_loadu_si512(w + j * K + k), s80);
+      }
+      for (int i = 0; i < MB; ++i) {
+        const __m512i xv = _mm512_loadu_si512(xq + i * K + k);
+        for (int j = 0; j < NR; ++j) a[i][j] = _mm512_dpbusd_epi32(a[i][j], u[j], xv);
+      }
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512 d = _mm512_set1_ps(dx[i * nb + b]);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][j]), d, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) - corr[i];
+}
+
+void run_q8v(const int8_t* xq, const float* dx, const float* corr, int64_t M, int64_t K, const int8_t* w, float* out,
+             int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / 128;
+  if (M >= kBlockMinM) {
+    constexpr int NR = 3;  // 4 x 3 tiles: 12 int32 + 12 fp32 sums + 3 weight vectors in zmm
+    auto rows = [&](auto nr, int64_t n) {
+      for_x_tiles(M, [&](auto mb, int64_t m) {
+        tile_q8v_blk<decltype(mb)::value, decltype(nr)::value>(xq + m * K, K, dx + m * nb, corr + m, w + n * K,
+                                                                out + m * N + n, N);
+      });
+    };
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) rows(std::integral_constant<int, NR>{}, n);
+    if (n1 - n == 2) rows(std::integral_constant<int, 2>{}, n);
+    else if (n1 - n == 1) rows(std::integral_constant<int, 1>{}, n);
+    return;
+  }
+  for (int64_t n = n0; n < n1; ++n)
+    for_x_tiles8(M, [&](auto mb, int64_t m) {
+      tile_q8v<decltype(mb)::value>(xq + m * K, K, dx + m * nb, corr + m, w + n * K, out + m * N + n, N);
+    });
+}
+
+// ---- amx:q8 below its AMX row threshold: the shared epilogue (q8_epilogue.h) ----------------
 // The 512-bit kernels sum each block (int8: 128 k; int4: the group) of a (row of x, weight row)
 // in int32 lanes with vpdpbusd, keep the lane vectors of 16 blocks in a small buffer, reduce them
 // to the 16 exact block sums (q8epi::reduce_lanes) and run the shared epilogue (q8_epilogue.h)
@@ -411,20 +696,6 @@ inline void tile_v(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, co
     for (int j = 0; j < NR; ++j) out[i * ldo + j] = E::tree16_h(acc[i][j]);
 }
 
-// for_x_tiles with tiles of up to 8 rows (32 zmm registers hold 8 rows' sums): the weight row
-// is loaded (and unpacked) once per 8 rows of x instead of once per 4.
-template <class F>
-inline void for_x_tiles8(int64_t M, F&& f) {
-  int64_t m = 0;
-  for (; m + 8 <= M; m += 8) f(std::integral_constant<int, 8>{}, m);
-  switch (M - m) {
-    case 7: f(std::integral_constant<int, 7>{}, m); break;
-    case 6: f(std::integral_constant<int, 6>{}, m); break;
-    case 5: f(std::integral_constant<int, 5>{}, m); break;
-    default: for_x_tiles(M - m, [&](auto mb, int64_t r) { f(mb, m + r); });
-  }
-}
-
 // Raw tree16 results of rows [n0, n1) for all M rows of x (finish_cols applies scale and bias).
 // Up to 8 rows of x: one weight row per tile (the weight read once per 8 rows, x from L1);
 // from kBlockMinM rows register tiles of 4 rows of x by NR weight rows (int8 3, int4 2), so each
@@ -457,7 +728,7 @@ void run_v(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs
   else if (n1 - n == 1) tiles(std::integral_constant<int, 1>{}, n);
 }
 
-void run_q4v(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t M, int64_t K,
+void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t M, int64_t K,
              const uint8_t* q, const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0,
              int64_t n1) {
   const int64_t ng = K / G;
@@ -472,7 +743,7 @@ void run_q4v(const int8_t* xq, const float* dx, const int32_t* sx, const float* 
   }
 }
 
-void run_q8v(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, const int8_t* w, float* out,
+void run_q8v_epi(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, const int8_t* w, float* out,
              int64_t N, int64_t n0, int64_t n1) {
   run_v<false, false, 1>(xq, dx, sx, dx, M, K, K / 128, reinterpret_cast<const uint8_t*>(w), nullptr, nullptr, 128,
                          out, N, n0, n1);
@@ -490,18 +761,19 @@ bool use_vnni(int64_t isa, int64_t K) { return CODESHELL_HAVE_AVX512 && isa >= c
 // shapes (docs/kernels.md, "session 11"): the tiles cost ~1.1-1.8 us per panel of 16 weight rows
 // at K = 1536 whatever M (x padded to 16 rows), the vpdpbusd kernels grow with M: at M = 2 each
 // wins on two of the four shapes, from M = 4 the tiles win or tie on all of them (int8, int4).
-// CODESHELL_Q8_AMX_MIN_M overrides it (read once per process; benchmarks time either kernel).
-int64_t amx_rows_min_m(bool int4) {
-  static const int64_t env = [] {
-    const char* e = std::getenv("CODESHELL_Q8_AMX_MIN_M");
-    return e && *e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(0);
-  }();
-  (void)int4;  // one threshold for both kinds (measured); kept per kind for the next measurement
-  return env ? env : 4;
+// CODESHELL_Q8_AMX_MIN_M overrides it (read per call, ~0.1 us against a call's >= 1 us:
+// benchmarks time either kernel, tests check both at every M).
+int64_t amx_rows_min_m(bool panel) {
+  const char* e = std::getenv("CODESHELL_Q8_AMX_MIN_M");
+  return e && *e ? std::max<int64_t>(1, std::atoll(e)) : panel ? int64_t(9) : int64_t(4);
 }
 
-bool use_amx_rows(int64_t isa, int64_t K, int64_t M, bool int4) {
-  return use_vnni(isa, K) && isa >= codeshell::kAmx && M >= amx_rows_min_m(int4);
+// The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 and int4 with groups of 128 or
+// 256; int4 groups of 32 / 64 keep the per-row kernels (tile_v on AMX CPUs, tile_q4v without).
+bool panel_kernel(int64_t G) { return G % 128 == 0; }
+
+bool use_amx_rows(int64_t isa, int64_t K, int64_t M, int64_t G) {
+  return use_vnni(isa, K) && isa >= codeshell::kAmx && M >= amx_rows_min_m(panel_kernel(G));
 }
 }  // namespace
 
@@ -530,7 +802,7 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   if (offset.has_value())
     TORCH_CHECK(offset->scalar_type() == torch::kFloat32 && offset->is_contiguous() && offset->numel() == N * ng,
                 "int4 offsets must be a contiguous fp32 [N, K/group] tensor");
-  if (use_amx_rows(isa, K, M, true)) return prefill_q8_amx(x, q, scale, offset, G, bias);  // M <= 64: the same bits
+  if (use_amx_rows(isa, K, M, G)) return prefill_q8_amx(x, q, scale, offset, G, bias);  // M <= 64: the same bits
   const float* b = bias_ptr(bias, N);
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
   auto dxs = torch::empty({3, M, ng}, x.options());
@@ -539,6 +811,7 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   float* xs = dx + M * ng;
   int32_t* sx = reinterpret_cast<int32_t*>(dx + 2 * M * ng);  // the 512-bit kernels' integer block sums of xq
   const bool vnni = use_vnni(isa, K);
+  const bool epi = vnni && isa >= codeshell::kAmx;
   quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs, sx);
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
@@ -547,9 +820,21 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
-    if (vnni) {
-      run_q4v(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+    if (vnni && panel_kernel(G)) {  // the AMX rows' bits (q8_panel.h), with or without AMX
+      const codeshell::q8panel::Args A{xqp, dx, sx, xs, M, K, N, qp, sp, ofp, G, b, op};
+      if (ofp) codeshell::q8panel::run_panels<true, true>(A, n0, n1);
+      else codeshell::q8panel::run_panels<true, false>(A, n0, n1);
+      return;
+    }
+    if (vnni && epi) {  // amx:q8 below the AMX row threshold: the AMX rows' bits
+      run_q4v_epi(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
+      return;
+    }
+    if (vnni) {
+      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
+      add_bias(b, op, M, N, n0, n1);
       return;
     }
 #endif
@@ -577,7 +862,7 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
   TORCH_CHECK(B > 0, "int8-activation int8 kernel needs K % 32 == 0, got K=", K);
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N,
               "int8 scales must be a contiguous fp32 [N] tensor");
-  if (use_amx_rows(isa, K, M, false)) return prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);  // M <= 64: the same bits
+  if (use_amx_rows(isa, K, M, 0)) return prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);  // M <= 64: the same bits
   const float* b = bias_ptr(bias, N);
   const int64_t nb = K / B;
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
@@ -593,15 +878,18 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
   const bool vnni = use_vnni(isa, K);  // then B == 128
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
-    if (vnni) {
-      run_q8v(xqp, dx, sx, M, K, wp, op, N, n0, n1);
-      codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
+    if (vnni) {  // the AMX rows' bits (q8_panel.h), with or without AMX
+      const codeshell::q8panel::Args A{xqp, dx, sx, nullptr, M, K, N, reinterpret_cast<const uint8_t*>(wp), sp,
+                                       nullptr, 0, b, op};
+      codeshell::q8panel::run_panels<false, false>(A, n0, n1);
       return;
     }
 #endif
-    // One weight row per tile at every M: measured best (c_fc, M = 4: 5.1 ms vs 5.8 with 2
-    // rows, 6.4 with 4; M = 8: 8.8 vs 9.2 / 10.7).
-    range_q8<1>(xqp, dx, M, K, B, wp, op, N, n0, n1);
+    {
+      // One weight row per tile at every M: measured best (c_fc, M = 4: 5.1 ms vs 5.8 with 2
+      // rows, 6.4 with 4; M = 8: 8.8 vs 9.2 / 10.7).
+      range_q8<1>(xqp, dx, M, K, B, wp, op, N, n0, n1);
+    }
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = n0; j < n1; ++j) op[m * N + j] = op[m * N + j] * sp[j] + (b ? b[j] : 0.f);
   });

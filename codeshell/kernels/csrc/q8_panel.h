@@ -83,22 +83,32 @@ inline void transpose_block(const uint8_t* const* rp, int64_t ldw, int64_t k0, i
   const __m512i s80 = _mm512_set1_epi8(int8_t(0x80)), m0f = _mm512_set1_epi8(0x0f);
   for (int64_t run = 0; run < runs; ++run) {
     const int64_t k = k0 + 128 * run;
-    for (int h = 0; h < 2; ++h) {
+    if constexpr (INT4) {
+      // The packed bytes are transposed once and unpacked after (the unpack is bytewise): byte j
+      // of a row's 64 holds the weights of xq perm positions j (low nibble) and 64 + j (high),
+      // so quad q of the transposed bytes gives wt[q] (low) and wt[16 + q] (high).
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
-        if constexpr (INT4) {
-          const uint8_t* p = rp[i] + k / 2;
-          if (h == 0) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ldw), _MM_HINT_T1);
-          const __m512i v = _mm512_loadu_si512(p);  // lo nibbles: xq perm positions 0..63, hi: 64..127
-          r[i] = h ? _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f) : _mm512_and_si512(v, m0f);
-        } else {
+        const uint8_t* p = rp[i] + k / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ldw), _MM_HINT_T1);
+        r[i] = _mm512_loadu_si512(p);
+      }
+      transpose16(r);
+      for (int q = 0; q < 16; ++q) {
+        _mm512_store_si512(wt + (32 * run + q) * 16, _mm512_and_si512(r[q], m0f));
+        _mm512_store_si512(wt + (32 * run + 16 + q) * 16, _mm512_and_si512(_mm512_srli_epi16(r[q], 4), m0f));
+      }
+    } else {
+      for (int h = 0; h < 2; ++h) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
           const uint8_t* p = rp[i] + k + 64 * h;
           _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ldw), _MM_HINT_T1);
           r[i] = _mm512_xor_si512(_mm512_loadu_si512(p), s80);
         }
+        transpose16(r);
+        for (int q = 0; q < 16; ++q) _mm512_store_si512(wt + (32 * run + 16 * h + q) * 16, r[q]);
       }
-      transpose16(r);
-      for (int q = 0; q < 16; ++q) _mm512_store_si512(wt + (32 * run + 16 * h + q) * 16, r[q]);
     }
   }
 }

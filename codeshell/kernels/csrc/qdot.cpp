@@ -8,17 +8,14 @@
 // into 16 int16 pair sums per instruction, 4x the multiply-adds of an fp32 FMA.
 // Row invariance: x is rounded per row, the block dots are exact integers and the epilogue is
 // per row, so a row's bits do not depend on M or on its tile; ops.py runs these kernels for
-// every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1. From
-// M = 9 the 512-bit kernels take register tiles of several weight rows (tile_q8v_blk,
-// tile_q4v_blk) with the same per-row arithmetic (tests/kernels/test_invariance.py).
-// Two 512-bit kernel families: `avx512_vnni:q8` (tile_q8v / tile_q4v: each block's 16 int32
-// lane sums converted and scaled per lane, then one horizontal sum) on AVX-512 CPUs without
-// AMX, and on AMX CPUs `amx:q8` (tile_v: exact block sums, then the fp32 epilogue of
-// q8_epilogue.h, which qgemm_amx.cpp's AMX-INT8 row tiles run too, so below the AMX row
-// threshold a row gets the bits the tiles give it above). The two families differ in the last
-// bits; each is row-invariant on its own. Why two: the shared epilogue's lane reduction made
-// the vpdpbusd kernels 1.2-1.9x slower at M >= 2 (docs/kernels.md, session 11), which an
-// AVX-512 CPU without AMX would pay with nothing to gain.
+// every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1.
+// The 512-bit kernels (K % 128 == 0): int8 and int4 with groups of 128 / 256 run q8_panel.h
+// (16 weight rows transposed per block, exact block sums, the fp32 epilogue of q8_epilogue.h)
+// at every M on AVX-512 CPUs without AMX (`avx512_vnni:q8`) and below the AMX row threshold
+// on AMX CPUs (`amx:q8`), where qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the
+// same epilogue, so a row gets the same bits from either (tests/kernels/test_invariance.py).
+// int4 groups of 32 / 64: tile_v (the shared epilogue after a lane reduction) on AMX CPUs,
+// tile_q4v (per-lane epilogue, its own bits) without.
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -57,10 +54,10 @@ namespace {
 #endif
 constexpr int64_t kPrefetch = CODESHELL_PREFETCH;
 
-// Rows of x from which the 512-bit kernels take register tiles of several weight rows
-// (tile_q8v_blk, tile_q4v_blk) instead of one weight row per tile of up to 8 rows of x. Up to 8
-// rows of x stay in L1 and the one-row tiles are as fast (per core, mid shapes, M = 8: within
-// +-10% either way); from 9 rows x comes from L2 for every weight row.
+// Rows of x from which tile_v (int4 groups of 32 / 64 on AMX CPUs) takes register tiles of
+// several weight rows instead of one weight row per tile of up to 8 rows of x. Up to 8 rows of x
+// stay in L1 and the one-row tiles are as fast (per core, mid shapes, M = 8: within +-10%
+// either way); from 9 rows x comes from L2 for every weight row.
 constexpr int64_t kBlockMinM = 9;
 
 // x fp32 [M, K] -> xq int8 [M, K], dx [M, K/B] (block scale), xs [M, K/B] (dx * sum of xq).
@@ -347,17 +344,8 @@ __attribute__((noinline)) float affine_const_v(const float* sc, const float* of,
   return _mm512_reduce_add_ps(acc);
 }
 
-// sd[g] = sc[g] * dx[g] for g < ng, 16 at a time (the last step masked): the same fp32 products
-// as the scalar sc[g] * dx[g] the kernels use when the table does not fit.
-inline void scale_products(const float* sc, const float* dx, int64_t ng, float* sd) {
-  for (int64_t g = 0; g < ng; g += 16) {
-    const __mmask16 k = ng - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
-    _mm512_mask_storeu_ps(sd + g, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc + g), _mm512_maskz_loadu_ps(k, dx + g)));
-  }
-}
-
-// int4: x permuted in runs of 128 (quantize_x perm = 128). G >= 128: int32 sums of a whole group
-// stay in registers and are scaled once; G = 32 / 64: each 128-run holds 4 / 2 groups, lane L of
+// int4 groups of 32 / 64 without AMX (`avx512_vnni:q8`; groups of 128 and 256: q8_panel.h): x
+// permuted in runs of 128 (quantize_x perm = 128), each 128-run holds 4 / 2 groups, lane L of
 // the int32 sums belongs to run L / 4, scaled per run by a lane vector (gidx maps lane -> group).
 template <int MB, bool OFFS>
 inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
@@ -366,37 +354,7 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
-  if (G >= 128) {
-    // sd[i][g] = scale_g * d_ig, a vector product per row up front (ng <= 256 here), so the
-    // group epilogue is cvt + one fmadd with a broadcast operand from memory.
-    alignas(64) float sd[MB][128];
-    const bool tab = ng <= 128;
-    if (tab)
-      for (int i = 0; i < MB; ++i) scale_products(sc, dx + i * ng, ng, sd[i]);
-    // Two chains (lo, hi nibbles) per row at MB <= 2; at MB >= 3 the rows are enough chains.
-    constexpr int CH = MB <= 2 ? 2 : 1;
-    for (int64_t g = 0; g < ng; ++g) {
-      __m512i a[MB][CH];
-      for (int i = 0; i < MB; ++i)
-        for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
-      for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
-        _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(q + k / 2);
-        const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-        for (int i = 0; i < MB; ++i) {
-          const int8_t* xr = xq + i * K + k;
-          a[i][0] = _mm512_dpbusd_epi32(a[i][0], lo, _mm512_loadu_si512(xr));
-          a[i][CH - 1] = _mm512_dpbusd_epi32(a[i][CH - 1], hi, _mm512_loadu_si512(xr + 64));
-        }
-      }
-      for (int i = 0; i < MB; ++i) {
-        __m512i s32 = a[i][0];
-        if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(tab ? sd[i][g] : sc[g] * dx[i * ng + g]),
-                                 acc[i]);
-      }
-    }
-  } else {
+  {  // G = 32 / 64 (groups of 128 and more: q8_panel.h)
     const __mmask8 gm = __mmask8((1u << (128 / G)) - 1);  // groups per 128-run
     for (int64_t k = 0; k < K; k += 128) {
       const int64_t g = k / G;
@@ -415,67 +373,6 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
   }
   for (int i = 0; i < MB; ++i)
     out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const_v<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
-}
-
-// M > 8 (kBlockMinM), G >= 128: register tiles of MB rows of x by NR weight rows, so each x
-// load feeds NR vpdpbusd and each unpacked weight load MB. Why: with one weight row per tile
-// (tile_q4v) every weight row re-reads all M rows of x from L2 (M x K bytes: 96 KiB at M = 64,
-// K = 1536), which made M = 17..64 2-3x slower than the AMX prefill it replaced.
-// Row invariance: per (row of x, weight row) the same arithmetic as tile_q4v: exact int32 group
-// sums (integer adds: any order gives the same lanes; lane L holds the same k in both), then
-// acc = fma(cvt(sum), scale_g * d_g, acc) per group in k order, reduce_add, + affine_const.
-template <int MB, int NR, bool OFFS>
-inline void tile_q4v_blk(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
-                         const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
-  const int64_t ng = K / G, ldq = K / 2;
-  const __m512i m0f = _mm512_set1_epi8(0x0f);
-  // sd[i][j][g] = scale_jg * d_ig (the same fp32 product as tile_q4v's), 16 at a time up front:
-  // the group epilogue is then cvt + fmadd with a broadcast memory operand.
-  constexpr int64_t kMaxG = 64;  // K <= 8192 at G = 128; longer rows take the product per group
-  alignas(64) float sd[MB][NR][kMaxG];
-  const bool tab = ng <= kMaxG;
-  if (tab)
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NR; ++j) scale_products(sc + j * ng, dx + i * ng, ng, sd[i][j]);
-  __m512 acc[MB][NR];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    __m512i a[MB][NR];
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NR; ++j) a[i][j] = _mm512_setzero_si512();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
-      __m512i lo[NR], hi[NR];
-      for (int j = 0; j < NR; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(q + j * ldq + k / 2) + kPrefetch, _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(q + j * ldq + k / 2);
-        lo[j] = _mm512_and_si512(v, m0f);
-        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-      }
-      for (int i = 0; i < MB; ++i) {
-        const __m512i x0 = _mm512_loadu_si512(xq + i * K + k), x1 = _mm512_loadu_si512(xq + i * K + k + 64);
-        for (int j = 0; j < NR; ++j) a[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[i][j], lo[j], x0), hi[j], x1);
-      }
-    }
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NR; ++j)
-        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][j]),
-                                    _mm512_set1_ps(tab ? sd[i][j][g] : sc[j * ng + g] * dx[i * ng + g]), acc[i][j]);
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NR; ++j)
-      out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) +
-                         affine_const_v<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr, xs + i * ng, ng);
-}
-
-// Rows of x in tiles of 4 (then the 1-3 left), for NR weight rows at q.
-template <int NR, bool OFFS>
-inline void rows_q4v_blk(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
-                         const float* sc, const float* of, int64_t G, float* out, int64_t N) {
-  const int64_t ng = K / G;
-  for_x_tiles(M, [&](auto mb, int64_t m) {
-    tile_q4v_blk<decltype(mb)::value, NR, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q, sc, of, G, out + m * N, N);
-  });
 }
 
 // for_x_tiles with tiles of up to 8 rows (32 zmm registers hold 8 rows' accumulators): the
@@ -499,112 +396,10 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   alignas(64) int32_t lane_group[16];
   for (int L = 0; L < 16; ++L) lane_group[L] = int32_t((L / 4) * 32 / std::min<int64_t>(G, 128));
   const __m512i gidx = _mm512_loadu_si512(lane_group);
-  if (M >= kBlockMinM && G >= 128) {
-    constexpr int NR = 2;  // 4 x 2 tiles: 8 int32 + 8 fp32 sums + 4 unpacked weight vectors in zmm
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR)
-      rows_q4v_blk<NR, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
-    for (; n < n1; ++n)
-      rows_q4v_blk<1, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
-    return;
-  }
   for (int64_t n = n0; n < n1; ++n)  // one weight row per tile (as the AVX2 kernel: measured best)
     for_x_tiles8(M, [&](auto mb, int64_t m) {
       tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,
                                           OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N);
-    });
-}
-
-// int8: vpdpbusd wants one unsigned operand and AVX-512 has no vpsignb, so the weight is
-// offset to unsigned, u = w + 128 (w ^ 0x80), and the offset taken back once per row of x:
-// sum_k w x = sum_k u x - 128 sum_k x, with sum_k x = sum_b xs_b / d_b ... per block b:
-// d_b * sum_{k in b} w xq = d_b * (sum u xq) - 128 * xs_b   (xs_b = d_b * sum xq_b).
-template <int MB>
-inline void tile_q8v(const int8_t* xq, int64_t K, const float* dx, const float* corr, const int8_t* w, float* out,
-                     int64_t ldo) {
-  const int64_t nb = K / 128;
-  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
-  __m512 acc[MB];
-  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
-  // Two chains (one per 64-byte half) per row at MB <= 2; at MB >= 3 the rows are enough
-  // chains and one saves an add per row and block (the int32 sums are exact either way).
-  constexpr int CH = MB <= 2 ? 2 : 1;
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512i a[MB][CH];
-    for (int i = 0; i < MB; ++i)
-      for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
-    for (int h = 0; h < 2; ++h) {
-      const int64_t k = b * 128 + 64 * h;
-      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
-      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w + k), s80);
-      for (int i = 0; i < MB; ++i)
-        a[i][h % CH] = _mm512_dpbusd_epi32(a[i][h % CH], u, _mm512_loadu_si512(xq + i * K + k));
-    }
-    for (int i = 0; i < MB; ++i) {
-      __m512i s32 = a[i][0];
-      if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(dx[i * nb + b]), acc[i]);
-    }
-  }
-  for (int i = 0; i < MB; ++i) out[i * ldo] = _mm512_reduce_add_ps(acc[i]) - corr[i];
-}
-
-// M > 8 (kBlockMinM): register tiles of MB rows of x by NR weight rows (why: tile_q4v_blk).
-// Row invariance: per (row of x, weight row) the same arithmetic as tile_q8v: the int32 block sum
-// (exact, the same lanes), acc = fma(cvt(sum), d_b, acc) per block in k order, reduce_add - corr.
-template <int MB, int NR>
-inline void tile_q8v_blk(const int8_t* xq, int64_t K, const float* dx, const float* corr, const int8_t* w,
-                         float* out, int64_t ldo) {
-  const int64_t nb = K / 128;
-  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
-  __m512 acc[MB][NR];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512i a[MB][NR];
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NR; ++j) a[i][j] = _mm512_setzero_si512();
-    for (int h = 0; h < 2; ++h) {
-      const int64_t k = b * 128 + 64 * h;
-      __m512i u[NR];
-      for (int j = 0; j < NR; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + kPrefetch, _MM_HINT_T0);
-        u[j] = _mm512_xor_si512(_mm512_loadu_si512(w + j * K + k), s80);
-      }
-      for (int i = 0; i < MB; ++i) {
-        const __m512i xv = _mm512_loadu_si512(xq + i * K + k);
-        for (int j = 0; j < NR; ++j) a[i][j] = _mm512_dpbusd_epi32(a[i][j], u[j], xv);
-      }
-    }
-    for (int i = 0; i < MB; ++i) {
-      const __m512 d = _mm512_set1_ps(dx[i * nb + b]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][j]), d, acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NR; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) - corr[i];
-}
-
-void run_q8v(const int8_t* xq, const float* dx, const float* corr, int64_t M, int64_t K, const int8_t* w, float* out,
-             int64_t N, int64_t n0, int64_t n1) {
-  const int64_t nb = K / 128;
-  if (M >= kBlockMinM) {
-    constexpr int NR = 3;  // 4 x 3 tiles: 12 int32 + 12 fp32 sums + 3 weight vectors in zmm
-    auto rows = [&](auto nr, int64_t n) {
-      for_x_tiles(M, [&](auto mb, int64_t m) {
-        tile_q8v_blk<decltype(mb)::value, decltype(nr)::value>(xq + m * K, K, dx + m * nb, corr + m, w + n * K,
-                                                                out + m * N + n, N);
-      });
-    };
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) rows(std::integral_constant<int, NR>{}, n);
-    if (n1 - n == 2) rows(std::integral_constant<int, 2>{}, n);
-    else if (n1 - n == 1) rows(std::integral_constant<int, 1>{}, n);
-    return;
-  }
-  for (int64_t n = n0; n < n1; ++n)
-    for_x_tiles8(M, [&](auto mb, int64_t m) {
-      tile_q8v<decltype(mb)::value>(xq + m * K, K, dx + m * nb, corr + m, w + n * K, out + m * N + n, N);
     });
 }
 
@@ -743,11 +538,6 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
   }
 }
 
-void run_q8v_epi(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, const int8_t* w, float* out,
-             int64_t N, int64_t n0, int64_t n1) {
-  run_v<false, false, 1>(xq, dx, sx, dx, M, K, K / 128, reinterpret_cast<const uint8_t*>(w), nullptr, nullptr, 128,
-                         out, N, n0, n1);
-}
 }  // namespace
 CODESHELL_END_AVX512
 #endif
@@ -757,15 +547,17 @@ bool use_vnni(int64_t isa, int64_t K) { return CODESHELL_HAVE_AVX512 && isa >= c
 
 // Rows of x from which `amx:q8` (isa = kAmx, M <= ops.ROW_INVARIANT_MAX_M) runs the AMX-INT8
 // tiles (qgemm_amx.cpp) instead of the vpdpbusd kernels: the same bits either way (both end in
-// q8_epilogue.h), so this is a speed choice only. Measured per core, cold, on the mid model's
-// shapes (docs/kernels.md, "session 11"): the tiles cost ~1.1-1.8 us per panel of 16 weight rows
-// at K = 1536 whatever M (x padded to 16 rows), the vpdpbusd kernels grow with M: at M = 2 each
-// wins on two of the four shapes, from M = 4 the tiles win or tie on all of them (int8, int4).
+// q8_epilogue.h), so this is a speed choice only. Measured per core, cold, 7B and mid shapes
+// (docs/kernels.md, "session 12"): the tiles cost about the same whatever M up to 16 (x padded
+// to 16 rows), the transposed-panel kernel (q8_panel.h) grows with M from its M = 1 memory
+// bound: int8 tiles win from M = 9, int4 (whose panel kernel reads half the bytes) from ~12;
+// int4 groups of 32 / 64 (tile_v, session 11) from 4.
 // CODESHELL_Q8_AMX_MIN_M overrides it (read per call, ~0.1 us against a call's >= 1 us:
 // benchmarks time either kernel, tests check both at every M).
-int64_t amx_rows_min_m(bool panel) {
+int64_t amx_rows_min_m(bool int4, bool panel) {
   const char* e = std::getenv("CODESHELL_Q8_AMX_MIN_M");
-  return e && *e ? std::max<int64_t>(1, std::atoll(e)) : panel ? int64_t(9) : int64_t(4);
+  if (e && *e) return std::max<int64_t>(1, std::atoll(e));
+  return !panel ? 4 : int4 ? 12 : 9;
 }
 
 // The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 and int4 with groups of 128 or
@@ -773,7 +565,7 @@ int64_t amx_rows_min_m(bool panel) {
 bool panel_kernel(int64_t G) { return G % 128 == 0; }
 
 bool use_amx_rows(int64_t isa, int64_t K, int64_t M, int64_t G) {
-  return use_vnni(isa, K) && isa >= codeshell::kAmx && M >= amx_rows_min_m(panel_kernel(G));
+  return use_vnni(isa, K) && isa >= codeshell::kAmx && M >= amx_rows_min_m(G > 0, panel_kernel(G));
 }
 }  // namespace
 

@@ -151,28 +151,38 @@ def test_amx_int8_tiles_give_the_vnni_rows(kind, args, n, k, monkeypatch):
     (`prefill_q8_amx` runs them from M = 1), the vpdpbusd kernel at every M
     (CODESHELL_Q8_AMX_MIN_M=65 keeps it below the tiles' threshold), the default split; then
     `linear` at the `amx` cap on fp32 and bf16 x against its own M = 1 rows. `avx512_vnni:q8`
-    (isa 1, CPUs without AMX) keeps its per-lane epilogue: other last bits, only near the
-    reference (its own row invariance: test_rows_are_bitwise_those_of_m1)."""
+    (isa 1, CPUs without AMX) runs the same panel kernel for int8 (the same bits); for int4 it
+    keeps the per-lane epilogue: other last bits, only near the reference (its own row
+    invariance: test_rows_are_bitwise_those_of_m1). CODESHELL_Q8_PANEL_MIN_M = 1 / 65 runs
+    int4's panel kernel / tile_v at every M below the tiles."""
     mod = _ext.get()
     amx = ops.ISA_LEVELS.index("amx")
     monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
     monkeypatch.delenv("CODESHELL_Q8_AMX_MIN_M", raising=False)
+    monkeypatch.delenv("CODESHELL_Q8_PANEL_MIN_M", raising=False)
     pw = _weight(kind, args, n, k)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
     x = _x(k, torch.float32)
     epi1 = torch.cat([_q8_call(mod, pw, x[i:i + 1].contiguous(), bias, amx) for i in range(x.shape[0])])
     ref = ops.reference(x, pw, bias, "avx512_vnni:q8")
     assert (epi1 - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows (shared epilogue) vs the reference"
-    lane = torch.cat([_q8_call(mod, pw, x[i:i + 1].contiguous(), bias, 1) for i in range(x.shape[0])])
-    assert (lane - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows (per-lane epilogue) vs the reference"
+    vnni1 = torch.cat([_q8_call(mod, pw, x[i:i + 1].contiguous(), bias, 1) for i in range(x.shape[0])])
+    if kind == "int8":  # csrc/q8_panel.h at both levels: the same bits
+        assert torch.equal(vnni1.view(torch.int32), epi1.view(torch.int32)), "avx512_vnni:q8 vs amx:q8 at M=1"
+    else:  # int4 without AMX: tile_q4v's per-lane epilogue
+        assert (vnni1 - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows (per-lane epilogue) vs the reference"
     group = pw.group_size if kind == "int4" else 0
     for m in Q8_MS:
         xm = x[:m].contiguous()
         outs = {"amx tiles (prefill_q8_amx)": mod.prefill_q8_amx(xm, pw.data, pw.scales, pw.offsets, group, bias),
                 "amx:q8 (default split)": _q8_call(mod, pw, xm, bias, amx)}
         monkeypatch.setenv("CODESHELL_Q8_AMX_MIN_M", str(ops.ROW_INVARIANT_MAX_M + 1))
-        outs["vpdpbusd, shared epilogue (amx:q8 below the tiles)"] = _q8_call(mod, pw, xm, bias, amx)
+        for panel in ("1", str(ops.ROW_INVARIANT_MAX_M + 1)):  # int4: q8_panel.h / tile_v at every M
+            monkeypatch.setenv("CODESHELL_Q8_PANEL_MIN_M", panel)
+            outs[f"vpdpbusd, shared epilogue (amx:q8 below the tiles, panel from {panel})"] = _q8_call(
+                mod, pw, xm, bias, amx)
         monkeypatch.delenv("CODESHELL_Q8_AMX_MIN_M")
+        monkeypatch.delenv("CODESHELL_Q8_PANEL_MIN_M")
         for name, y in outs.items():
             bad = (y.view(torch.int32) != epi1[:m].view(torch.int32)).any(dim=1)
             assert not bad.any(), (f"{kind} {n}x{k} {args}: {name} rows {bad.nonzero().flatten().tolist()} of M={m} "

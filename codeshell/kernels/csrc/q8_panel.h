@@ -17,6 +17,10 @@
 // Weights: int8 offset to unsigned (u = w ^ 0x80 = w + 128: vpdpbusd's unsigned operand), int4
 // nibbles as stored (0..15); the offset comes back out of the exact sums in integers:
 // T_b = S_b - 128 sx_b (int8) or S_b - 8 sx_b (int4), sx_b = the block's sum of xq.
+// Cost: the transposes are per weight byte whatever M (64 shuffles per KiB), so where int4
+// reads twice the weights per byte at M = 1-2 qdot.cpp runs its per-row kernels instead.
+// Prefetch: the next panel's same bytes into L2 as each row is read (a panel's rows are one
+// contiguous range); a near L1 prefetch (256-1024 bytes ahead per row) measured the same.
 // What this is not: int4 groups below 128 (qdot.cpp's tile_v), the AVX2 kernels.
 #pragma once
 

@@ -211,7 +211,7 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
       `avx512_bf16:panel` (vdpbf16ps) with AVX512-BF16, `avx2:panel` (fp32 FMA) without, and
       `avx2:panel` for fp32 x (never rounded to bf16).
     * int8/int4, M <= DECODE_MAX_M (= ROW_INVARIANT_MAX_M), K % 128 == 0: `amx:q8` with AMX
-      (512-bit vpdpbusd kernels below 9 / 12 rows, AMX-INT8 tiles above: the same bits),
+      (512-bit vpdpbusd kernels below 12 rows, AMX-INT8 tiles from 12: the same bits),
       `avx512_vnni:q8` (the vpdpbusd kernels at every M) without; else
       `avx2:q8` (vpmaddubsw) on int8-rounded x (the same integers either way), or
       `avx2:unpack` (exact fp32) for shapes the integer kernels do not take.
@@ -241,8 +241,8 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
         # the 512-bit kernels read 128 weights of a row per step
         if p.in_features % 128 != 0 or level < ISA_LEVELS.index("avx512_vnni"):
             return "avx2:q8"
-        # With AMX: `amx:q8` = the vpdpbusd kernels below 9 rows (int8; 12 for int4 groups of
-        # 128 / 256, 4 for groups of 32 / 64) and AMX-INT8 tiles above (csrc/qdot.cpp
+        # With AMX: `amx:q8` = the vpdpbusd kernels below 12 rows (4 for int4 groups of 32 /
+        # 64) and AMX-INT8 tiles from there (csrc/qdot.cpp
         # amx_rows_min_m), both ending in one fp32 epilogue (csrc/q8_epilogue.h): the same bits
         # at every M, so the choice inside is a speed choice only. int8 gives the same bits with
         # and without AMX (csrc/q8_panel.h); int4 without AMX keeps the per-lane epilogue of its

@@ -662,14 +662,14 @@ bool use_vnni(int64_t isa, int64_t K) { return CODESHELL_HAVE_AVX512 && isa >= c
 // q8_epilogue.h), so this is a speed choice only. Measured per core, cold, 7B and mid shapes
 // (docs/kernels.md, "session 12"): the tiles cost about the same whatever M up to 16 (x padded
 // to 16 rows), the transposed-panel kernel (q8_panel.h) grows with M from its M = 1 memory
-// bound: int8 tiles win from M = 9, int4 (whose panel kernel reads half the bytes) from ~12;
-// int4 groups of 32 / 64 (tile_v, session 11) from 4.
+// bound: at M = 9 the panel kernel won on most shapes, at M = 16 the tiles (int8 and int4), so
+// the tiles run from 12; int4 groups of 32 / 64 (tile_v, session 11) from 4.
 // CODESHELL_Q8_AMX_MIN_M overrides it (read per call, ~0.1 us against a call's >= 1 us:
 // benchmarks time either kernel, tests check both at every M).
-int64_t amx_rows_min_m(bool int4, bool panel) {
+int64_t amx_rows_min_m(bool panel) {
   const char* e = std::getenv("CODESHELL_Q8_AMX_MIN_M");
   if (e && *e) return std::max<int64_t>(1, std::atoll(e));
-  return !panel ? 4 : int4 ? 12 : 9;
+  return panel ? 12 : 4;
 }
 
 // The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows
@@ -686,7 +686,7 @@ int64_t panel_min_m() {
 }
 
 bool use_amx_rows(int64_t isa, int64_t K, int64_t M, int64_t G) {
-  return use_vnni(isa, K) && isa >= codeshell::kAmx && M >= amx_rows_min_m(G > 0, panel_kernel(G));
+  return use_vnni(isa, K) && isa >= codeshell::kAmx && M >= amx_rows_min_m(panel_kernel(G));
 }
 }  // namespace
 

@@ -1,7 +1,7 @@
-// The fp32 epilogue of the int8-activation kernels at the AVX-512 levels, shared by qdot.cpp's
-// 512-bit vpdpbusd kernels (`avx512_vnni:q8`, and `amx:q8` below its AMX row threshold) and
-// qgemm_amx.cpp's row-invariant AMX-INT8 tiles (`amx:q8`, M <= 64), so that both give every row
-// the same bits (header-only, inlined).
+// The fp32 epilogue of the int8-activation kernels at the AVX-512 levels, shared by the 512-bit
+// vpdpbusd kernels (q8_panel.h: int8 at `avx512_vnni:q8` and `amx:q8`, int4 at `amx:q8`;
+// qdot.cpp's tile_v: int4 at `amx:q8`) and qgemm_amx.cpp's row-invariant AMX-INT8 tiles
+// (`amx:q8`, M <= 64), so that all give every row the same bits (header-only, inlined).
 //
 // What this is: the arithmetic that turns exact int32 block sums into a row's fp32 outputs.
 // Per output y[m, n] (row m of x, weight row n), with T_b the exact int32 sum over block b of
@@ -15,8 +15,8 @@
 //   y      = fma(r, s, bias[n]) with s = scale[n] (int8) or 1 (int4), bias 0 without one (`finish_vec`)
 // T_b is an integer, so it does not matter which instruction summed it (vpdpbusd lanes reduced
 // by `reduce_lanes`, or a tdpbssd tile) nor in which order; float(T_b) is exact (|T_b| < 2^24).
-// The VNNI kernels hold acc as one zmm per output (lane L) and step 16 blocks at a time; the AMX
-// tiles hold 16 zmm per output row of a tile (one per L, lanes = 16 rows of x) and step one
+// tile_v holds acc as one zmm per output (lane L) and steps 16 blocks at a time; q8_panel.h and
+// the AMX tiles hold 16 zmm per row of x (one per L, lanes = 16 weight rows) and step one
 // block at a time. Elementwise both run the same fma on the same operands in the same order per
 // lane; tree16_h (one zmm, horizontally) and tree16_v (16 zmm, lane by lane) pair the same
 // terms, and fp32 addition is commutative, so the results are bitwise equal
@@ -25,9 +25,10 @@
 // acc is never -0, as it starts at +0 and x + y is -0 only if both are).
 // Why this and not the earlier per-lane epilogue (each block's 16 lane sums converted and
 // scaled separately): tdpbssd only gives whole block sums, so a shared definition has to start
-// from those; it also costs the VNNI kernels one cvt + fma per 16 blocks instead of per block,
-// against ~2 lane shuffles per block for the reduction (port 5, beside vpdpbusd's port 0).
-// What this is not: the AVX2 kernels' epilogue (`avx2:q8` keeps its own, per-lane one).
+// from those; q8_panel.h gets them without a lane reduction (its lanes are weight rows),
+// tile_v with ~2 lane shuffles per block (port 5, beside vpdpbusd's port 0).
+// What this is not: the AVX2 kernels' epilogue (`avx2:q8` keeps its own, per-lane one), nor
+// int4's without AMX (`avx512_vnni:q8` int4 keeps qdot.cpp's per-lane tile_q4v).
 #pragma once
 
 #include <immintrin.h>

@@ -210,8 +210,11 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
     * bf16 weights, bf16 x: `amx:bf16` at every M on an AMX CPU; else, M <= BF16_PANEL_MAX_M,
       `avx512_bf16:panel` (vdpbf16ps) with AVX512-BF16, `avx2:panel` (fp32 FMA) without, and
       `avx2:panel` for fp32 x (never rounded to bf16).
-    * int8/int4, M <= DECODE_MAX_M (= ROW_INVARIANT_MAX_M): `avx512_vnni:q8` (512-bit vpdpbusd, K % 128 == 0) or
-      `avx2:q8` (vpmaddubsw) on int8-rounded x (the same integers either way), or `avx2:unpack` (exact fp32) for shapes the integer kernels do not take.
+    * int8/int4, M <= DECODE_MAX_M (= ROW_INVARIANT_MAX_M), K % 128 == 0: `amx:q8` with AMX
+      (512-bit vpdpbusd kernels below 12 rows, AMX-INT8 tiles from 12: the same bits),
+      `avx512_vnni:q8` (the vpdpbusd kernels at every M) without; else
+      `avx2:q8` (vpmaddubsw) on int8-rounded x (the same integers either way), or
+      `avx2:unpack` (exact fp32) for shapes the integer kernels do not take.
     * larger M: `prefill_candidates`; one candidate runs as is, several are measured once.
     Up to ROW_INVARIANT_MAX_M rows every M takes the same path (row invariance).
     "torch" without the native kernels.
@@ -236,8 +239,15 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
         if activation_block(p) is None:
             return "avx2:unpack"
         # the 512-bit kernels read 128 weights of a row per step
-        vnni = level >= ISA_LEVELS.index("avx512_vnni") and p.in_features % 128 == 0
-        return "avx512_vnni:q8" if vnni else "avx2:q8"
+        if p.in_features % 128 != 0 or level < ISA_LEVELS.index("avx512_vnni"):
+            return "avx2:q8"
+        # With AMX: `amx:q8` = the vpdpbusd kernels below 12 rows (4 for int4 groups of 32 /
+        # 64) and AMX-INT8 tiles from there (csrc/qdot.cpp
+        # amx_rows_min_m), both ending in one fp32 epilogue (csrc/q8_epilogue.h): the same bits
+        # at every M, so the choice inside is a speed choice only. int8 gives the same bits with
+        # and without AMX (csrc/q8_panel.h); int4 without AMX keeps the per-lane epilogue of its
+        # vpdpbusd kernels (other last bits, the same invariance).
+        return "amx:q8" if level >= ISA_LEVELS.index("amx") else "avx512_vnni:q8"
     return _choose(p, m, x_dtype, level, prefill_candidates(p, x_dtype, level))
 
 
@@ -295,7 +305,7 @@ def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tenso
     if path in ("amx:bf16", "onednn:bf16"):
         return _bf16_blocks(mod, x.to(torch.bfloat16).contiguous(), p, bias, amx=path == "amx:bf16")
     x = x.to(torch.float32).contiguous()
-    if path == "amx:q8":  # AMX-INT8 tiles; x rounded to int8 in decode's blocks (csrc/qgemm_amx.cpp)
+    if path == "amx:q8" and m > DECODE_MAX_M:  # AMX-INT8 prefill tiles; x rounded to int8 in decode's blocks
         return mod.prefill_q8_amx(x, p.data, p.scales, p.offsets, p.group_size if p.kind == "int4" else 0, bias)
     if path in ("avx2:panel", "avx2:panel64"):
         return mod.decode_bf16(x, p.data, n, bias, 0)

@@ -101,7 +101,10 @@ def test_fp32_output_of_each_decode_path_is_row_invariant(monkeypatch):
              ("int8", {}, 37, 1536, "avx512_vnni:q8", 1, torch.float32),
              ("int4", {"group_size": 128, "symmetric": False}, 23, 1536, "avx512_vnni:q8", 1, torch.float32),
              ("int4", {"group_size": 256, "symmetric": True}, 19, 1024, "avx512_vnni:q8", 1, torch.float32),
-             ("int4", {"group_size": 32, "symmetric": False}, 19, 96, "avx2:unpack", 0, torch.float32)]
+             ("int4", {"group_size": 32, "symmetric": False}, 19, 96, "avx2:unpack", 0, torch.float32),
+             ("int8", {}, 37, 1536, "amx:q8", 3, torch.float32),
+             ("int4", {"group_size": 128, "symmetric": False}, 23, 1536, "amx:q8", 3, torch.float32),
+             ("int4", {"group_size": 32, "symmetric": True}, 35, 256, "amx:q8", 3, torch.float32)]
     ran = 0
     for kind, args, n, k, path, lvl, dtype in cases:
         if lvl > LEVEL:
@@ -114,3 +117,84 @@ def test_fp32_output_of_each_decode_path_is_row_invariant(monkeypatch):
             assert torch.equal(y.view(torch.int32), alone[:m].view(torch.int32)), f"{path} {kind} {n}x{k} M={m}"
         ran += 1
     assert ran >= 4
+
+
+# int8/int4 weights for the AMX-INT8 rows: every block kind of the shared epilogue
+# (csrc/q8_epilogue.h): int8 with 3 / 12 / 32 blocks of 128 (fewer and more than the 16 lanes),
+# int4 groups of 32 / 64 / 128 / 256 with and without offsets (groups per 128-run 4 / 2 / 1, a
+# group over two runs), N leaving a partial last panel of 16 weight rows (odd N too).
+Q8_WEIGHTS = [("int8", {}, 35, 384), ("int8", {}, 37, 1536), ("int8", {}, 33, 4096),
+              ("int4", {"group_size": 32, "symmetric": True}, 35, 256),
+              ("int4", {"group_size": 32, "symmetric": False}, 17, 2560),
+              ("int4", {"group_size": 64, "symmetric": False}, 40, 512),
+              ("int4", {"group_size": 128, "symmetric": False}, 23, 1536),
+              ("int4", {"group_size": 256, "symmetric": True}, 19, 1024)]
+Q8_MS = [1, 2, 5, 8, 16, 17, 33, 48, ops.ROW_INVARIANT_MAX_M]
+
+
+def _q8_call(mod, pw, x, bias, isa):
+    if pw.kind == "int8":
+        return mod.decode_int8_q8(x, pw.data, pw.scales, bias, isa)
+    return mod.decode_int4_q8(x, pw.data, pw.scales, pw.offsets, pw.group_size, bias, isa)
+
+
+@needs_native
+@pytest.mark.skipif(LEVEL < ops.ISA_LEVELS.index("amx"), reason="needs AMX-INT8 (this CPU: "
+                    f"{ops.ISA_LEVELS[LEVEL] if LEVEL >= 0 else 'no native kernels'})")
+@pytest.mark.parametrize("kind,args,n,k", [pytest.param(*w, id=f"{w[0]}-{w[2]}x{w[3]}-"
+                                           f"{'-'.join(str(v) for v in w[1].values())}") for w in Q8_WEIGHTS])
+def test_amx_int8_tiles_give_the_vnni_rows(kind, args, n, k, monkeypatch):
+    """`amx:q8` (isa 3) runs two kernels that must give every row the same bits: the vpdpbusd
+    kernel on the shared epilogue of csrc/q8_epilogue.h below the AMX row threshold and the
+    AMX-INT8 tiles from it. Checked bit for bit, fp32 output (before any rounding to x's dtype),
+    with a bias, against that vpdpbusd kernel at M = 1 row by row: the tiles at every M <= 64
+    (`prefill_q8_amx` runs them from M = 1), the vpdpbusd kernel at every M
+    (CODESHELL_Q8_AMX_MIN_M=65 keeps it below the tiles' threshold), the default split; then
+    `linear` at the `amx` cap on fp32 and bf16 x against its own M = 1 rows. `avx512_vnni:q8`
+    (isa 1, CPUs without AMX) runs the same panel kernel for int8 (the same bits); for int4 it
+    keeps the per-lane epilogue: other last bits, only near the reference (its own row
+    invariance: test_rows_are_bitwise_those_of_m1). CODESHELL_Q8_PANEL_MIN_M = 1 / 65 runs
+    int4's panel kernel / tile_v at every M below the tiles."""
+    mod = _ext.get()
+    amx = ops.ISA_LEVELS.index("amx")
+    monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
+    monkeypatch.delenv("CODESHELL_Q8_AMX_MIN_M", raising=False)
+    monkeypatch.delenv("CODESHELL_Q8_PANEL_MIN_M", raising=False)
+    pw = _weight(kind, args, n, k)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    x = _x(k, torch.float32)
+    epi1 = torch.cat([_q8_call(mod, pw, x[i:i + 1].contiguous(), bias, amx) for i in range(x.shape[0])])
+    ref = ops.reference(x, pw, bias, "avx512_vnni:q8")
+    assert (epi1 - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows (shared epilogue) vs the reference"
+    vnni1 = torch.cat([_q8_call(mod, pw, x[i:i + 1].contiguous(), bias, 1) for i in range(x.shape[0])])
+    if kind == "int8":  # csrc/q8_panel.h at both levels: the same bits
+        assert torch.equal(vnni1.view(torch.int32), epi1.view(torch.int32)), "avx512_vnni:q8 vs amx:q8 at M=1"
+    else:  # int4 without AMX: tile_q4v's per-lane epilogue
+        assert (vnni1 - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows (per-lane epilogue) vs the reference"
+    group = pw.group_size if kind == "int4" else 0
+    for m in Q8_MS:
+        xm = x[:m].contiguous()
+        outs = {"amx tiles (prefill_q8_amx)": mod.prefill_q8_amx(xm, pw.data, pw.scales, pw.offsets, group, bias),
+                "amx:q8 (default split)": _q8_call(mod, pw, xm, bias, amx)}
+        monkeypatch.setenv("CODESHELL_Q8_AMX_MIN_M", str(ops.ROW_INVARIANT_MAX_M + 1))
+        for panel in ("1", str(ops.ROW_INVARIANT_MAX_M + 1)):  # int4: q8_panel.h / tile_v at every M
+            monkeypatch.setenv("CODESHELL_Q8_PANEL_MIN_M", panel)
+            outs[f"vpdpbusd, shared epilogue (amx:q8 below the tiles, panel from {panel})"] = _q8_call(
+                mod, pw, xm, bias, amx)
+        monkeypatch.delenv("CODESHELL_Q8_AMX_MIN_M")
+        monkeypatch.delenv("CODESHELL_Q8_PANEL_MIN_M")
+        for name, y in outs.items():
+            bad = (y.view(torch.int32) != epi1[:m].view(torch.int32)).any(dim=1)
+            assert not bad.any(), (f"{kind} {n}x{k} {args}: {name} rows {bad.nonzero().flatten().tolist()} of M={m} "
+                                   f"differ from vpdpbusd at M=1, max abs diff {(y - epi1[:m]).abs().max().item():.3g}")
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "amx")
+    assert ops.plan(pw, 8, torch.bfloat16) == "amx:q8"
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        alone = torch.cat([linear(xd[i:i + 1], pw, bias, impl="native") for i in range(xd.shape[0])])
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        for m in Q8_MS:
+            y = linear(xd[:m], pw, bias, impl="native")
+            assert torch.equal(y.view(bits), alone[:m].view(bits)), f"{kind} {n}x{k} {dtype} M={m}: amx:q8 rows"
+    print(f"{kind} {n}x{k} {args}: amx tiles, vpdpbusd (shared epilogue) and linear at amx:q8 give the M=1 bits, "
+          f"M in {Q8_MS}")

@@ -91,7 +91,7 @@ def test_dispatch_table_and_isa_cap(monkeypatch, record_property):
         "avx2": ("avx2:panel", "avx2:q8", "avx2:q8", "avx2:panel"),
         "avx512_vnni": ("avx2:panel", "avx512_vnni:q8", "avx512_vnni:q8", "avx2:panel"),
         "avx512_bf16": ("avx512_bf16:panel", "avx512_vnni:q8", "avx512_vnni:q8", "avx2:panel"),
-        "amx": ("avx512_bf16:panel", "avx512_vnni:q8", "avx512_vnni:q8", "avx2:panel"),
+        "amx": ("avx512_bf16:panel", "amx:q8", "amx:q8", "avx2:panel"),
     }
     table = {}
     for lvl, name in enumerate(ops.ISA_LEVELS):

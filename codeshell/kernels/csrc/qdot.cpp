@@ -8,9 +8,15 @@
 // into 16 int16 pair sums per instruction, 4x the multiply-adds of an fp32 FMA.
 // Row invariance: x is rounded per row, the block dots are exact integers and the epilogue is
 // per row, so a row's bits do not depend on M or on its tile; ops.py runs these kernels for
-// every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1. From
-// M = 9 the 512-bit kernels take register tiles of several weight rows (tile_q8v_blk,
-// tile_q4v_blk) with the same per-row arithmetic (tests/kernels/test_invariance.py).
+// every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1.
+// The 512-bit kernels (K % 128 == 0): int8 runs q8_panel.h (16 weight rows transposed per
+// block, exact block sums, the fp32 epilogue of q8_epilogue.h) at every M without AMX
+// (`avx512_vnni:q8`) and below the AMX row threshold with AMX (`amx:q8`), where
+// qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the same epilogue. int4 on AMX CPUs
+// runs tile_v (the same epilogue after a lane reduction) at M = 1-2, q8_panel.h (groups of 128 /
+// 256) up to the AMX rows, the AMX rows above: the same bits from all three
+// (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk (per-lane
+// epilogue, main's kernels and bits).
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -24,13 +30,17 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "entry.h"
 #include "isa.h"
 #include "parallel.h"
+#include "q8_epilogue.h"
+#include "q8_panel.h"
 #include "quant_x.h"
 #include "simd.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -45,10 +55,10 @@ namespace {
 #endif
 constexpr int64_t kPrefetch = CODESHELL_PREFETCH;
 
-// Rows of x from which the 512-bit kernels take register tiles of several weight rows
-// (tile_q8v_blk, tile_q4v_blk) instead of one weight row per tile of up to 8 rows of x. Up to 8
-// rows of x stay in L1 and the one-row tiles are as fast (per core, mid shapes, M = 8: within
-// +-10% either way); from 9 rows x comes from L2 for every weight row.
+// Rows of x from which tile_v (int4 groups of 32 / 64 on AMX CPUs) takes register tiles of
+// several weight rows instead of one weight row per tile of up to 8 rows of x. Up to 8 rows of x
+// stay in L1 and the one-row tiles are as fast (per core, mid shapes, M = 8: within +-10%
+// either way); from 9 rows x comes from L2 for every weight row.
 constexpr int64_t kBlockMinM = 9;
 
 // x fp32 [M, K] -> xq int8 [M, K], dx [M, K/B] (block scale), xs [M, K/B] (dx * sum of xq).
@@ -100,12 +110,13 @@ void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, int perm, int8_
 // quantize_x, with the AVX-512 rounding (quant_x.h: the same integers, ~10x faster) where the
 // call's ISA level has it; perm 64 (the AVX2 int4 order) stays scalar.
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, int perm, int64_t isa, int8_t* xq, float* dx,
-                   float* xs) {
+                   float* xs, int32_t* sx = nullptr) {
 #if CODESHELL_HAVE_AVX512
   if (isa >= codeshell::kAvx512Vnni && perm != 64) {
     const int64_t nb = K / B;
     for (int64_t m = 0; m < M; ++m)
-      codeshell::quantize_row_avx512(x + m * K, K, B, perm, xq + m * K, dx + m * nb, 1, xs + m * nb);
+      codeshell::quantize_row_avx512(x + m * K, K, B, perm, xq + m * K, dx + m * nb, 1, xs + m * nb,
+                                     sx ? sx + m * nb : nullptr);
     return;
   }
 #endif
@@ -343,7 +354,9 @@ inline void scale_products(const float* sc, const float* dx, int64_t ng, float* 
   }
 }
 
-// int4: x permuted in runs of 128 (quantize_x perm = 128). G >= 128: int32 sums of a whole group
+// int4 without AMX (`avx512_vnni:q8`; main's per-lane epilogue, its own bits: with AMX these
+// rows run tile_v / q8_panel.h / the AMX tiles on the shared epilogue).
+// x permuted in runs of 128 (quantize_x perm = 128). G >= 128: int32 sums of a whole group
 // stay in registers and are scaled once; G = 32 / 64: each 128-run holds 4 / 2 groups, lane L of
 // the int32 sums belongs to run L / 4, scaled per run by a lane vector (gidx maps lane -> group).
 template <int MB, bool OFFS>
@@ -502,97 +515,139 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
     });
 }
 
-// int8: vpdpbusd wants one unsigned operand and AVX-512 has no vpsignb, so the weight is
-// offset to unsigned, u = w + 128 (w ^ 0x80), and the offset taken back once per row of x:
-// sum_k w x = sum_k u x - 128 sum_k x, with sum_k x = sum_b xs_b / d_b ... per block b:
-// d_b * sum_{k in b} w xq = d_b * (sum u xq) - 128 * xs_b   (xs_b = d_b * sum xq_b).
-template <int MB>
-inline void tile_q8v(const int8_t* xq, int64_t K, const float* dx, const float* corr, const int8_t* w, float* out,
-                     int64_t ldo) {
-  const int64_t nb = K / 128;
-  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
-  __m512 acc[MB];
-  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
-  // Two chains (one per 64-byte half) per row at MB <= 2; at MB >= 3 the rows are enough
-  // chains and one saves an add per row and block (the int32 sums are exact either way).
-  constexpr int CH = MB <= 2 ? 2 : 1;
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512i a[MB][CH];
-    for (int i = 0; i < MB; ++i)
-      for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
-    for (int h = 0; h < 2; ++h) {
-      const int64_t k = b * 128 + 64 * h;
-      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
-      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w + k), s80);
-      for (int i = 0; i < MB; ++i)
-        a[i][h % CH] = _mm512_dpbusd_epi32(a[i][h % CH], u, _mm512_loadu_si512(xq + i * K + k));
-    }
-    for (int i = 0; i < MB; ++i) {
-      __m512i s32 = a[i][0];
-      if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(dx[i * nb + b]), acc[i]);
-    }
-  }
-  for (int i = 0; i < MB; ++i) out[i * ldo] = _mm512_reduce_add_ps(acc[i]) - corr[i];
-}
+// ---- amx:q8 below its AMX row threshold: the shared epilogue (q8_epilogue.h) ----------------
+// The 512-bit kernels sum each block (int8: 128 k; int4: the group) of a (row of x, weight row)
+// in int32 lanes with vpdpbusd, keep the lane vectors of 16 blocks in a small buffer, reduce them
+// to the 16 exact block sums (q8epi::reduce_lanes) and run the shared epilogue (q8_epilogue.h)
+// on them, so that a row gets the bits that the AMX-INT8 tiles give it (qgemm_amx.cpp).
+// Weights: int8 is offset to unsigned (u = w ^ 0x80 = w + 128: vpdpbusd wants one unsigned
+// operand and AVX-512 has no vpsignb), int4 nibbles are unsigned as stored; the offset is taken
+// back from the block sums in integers: T_b = S_b - 128 * sx_b (int8) or S_b - 8 * sx_b (int4),
+// sx_b = the block's sum of xq (exact), so T_b is the sum over w * xq (int4: (nib - 8) * xq).
+// int4: x permuted in runs of 128 (quantize_x perm = 128) so one 64-byte load of nibbles (128
+// weights) meets two 64-byte loads of x; a lane vector holds one group (G >= 128: G / 128 runs
+// summed in it) or the 128 / G groups of one run (G = 32 / 64: in runs of 4 / 8 lanes, as
+// vpdpbusd lane L sums x bytes 4L..4L+3, i.e. k0 + 32 (L / 4) + 0..15 and + 16..31).
 
-// M > 8 (kBlockMinM): register tiles of MB rows of x by NR weight rows (why: tile_q4v_blk).
-// Row invariance: per (row of x, weight row) the same arithmetic as tile_q8v: the int32 block sum
-// (exact, the same lanes), acc = fma(cvt(sum), d_b, acc) per block in k order, reduce_add - corr.
-template <int MB, int NR>
-inline void tile_q8v_blk(const int8_t* xq, int64_t K, const float* dx, const float* corr, const int8_t* w,
-                         float* out, int64_t ldo) {
-  const int64_t nb = K / 128;
-  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
+// MB rows of x by NR weight rows; GPV blocks per lane vector (int4 G < 128: 128 / G, else 1).
+// Per lane vector (one block, or one run of 128 holding GPV blocks): RPV runs of 128 k summed
+// in CH chains per output (two at MB * NR <= 2, the latency of one chain of vpdpbusd would
+// show; the integer sums are the same either way); every 16 blocks (or at the end) the stored
+// lane vectors are reduced and folded into acc (one zmm per output, lane = block mod 16).
+template <int MB, int NR, bool INT4, bool OFFS, int GPV>
+inline void tile_v(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, const int32_t* sx, const float* xs,
+                   const uint8_t* w, int64_t ldw, const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+  namespace E = codeshell::q8epi;
+  constexpr int VPC = 16 / GPV;  // lane vectors per 16 blocks
+  constexpr int CH = MB * NR <= 2 ? 2 : 1;
+  const int64_t rpv = INT4 && G > 128 ? G / 128 : 1, nvec = K / 128 / rpv, ng = INT4 ? K / G : 0;
+  const __m512i m0f = _mm512_set1_epi8(0x0f), s80 = _mm512_set1_epi8(int8_t(0x80));
+  alignas(64) int32_t lb[MB][NR][VPC][16];
   __m512 acc[MB][NR];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512i a[MB][NR];
+  for (int64_t v = 0; v < nvec; ++v) {
+    __m512i a[MB][NR][CH];
     for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NR; ++j) a[i][j] = _mm512_setzero_si512();
-    for (int h = 0; h < 2; ++h) {
-      const int64_t k = b * 128 + 64 * h;
-      __m512i u[NR];
+      for (int j = 0; j < NR; ++j)
+        for (int h = 0; h < CH; ++h) a[i][j][h] = _mm512_setzero_si512();
+    for (int64_t r = 0; r < rpv; ++r) {
+      const int64_t k = (v * rpv + r) * 128;
+      __m512i w0[NR], w1[NR];
       for (int j = 0; j < NR; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + kPrefetch, _MM_HINT_T0);
-        u[j] = _mm512_xor_si512(_mm512_loadu_si512(w + j * K + k), s80);
+        const uint8_t* p = w + j * ldw + (INT4 ? k / 2 : k);
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+        if constexpr (INT4) {
+          const __m512i q = _mm512_loadu_si512(p);
+          w0[j] = _mm512_and_si512(q, m0f);
+          w1[j] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
+        } else {
+          _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+          w0[j] = _mm512_xor_si512(_mm512_loadu_si512(p), s80);
+          w1[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64), s80);
+        }
       }
       for (int i = 0; i < MB; ++i) {
-        const __m512i xv = _mm512_loadu_si512(xq + i * K + k);
-        for (int j = 0; j < NR; ++j) a[i][j] = _mm512_dpbusd_epi32(a[i][j], u[j], xv);
+        const __m512i x0 = _mm512_loadu_si512(xq + i * K + k), x1 = _mm512_loadu_si512(xq + i * K + k + 64);
+        for (int j = 0; j < NR; ++j) {
+          a[i][j][0] = _mm512_dpbusd_epi32(a[i][j][0], w0[j], x0);
+          a[i][j][CH - 1] = _mm512_dpbusd_epi32(a[i][j][CH - 1], w1[j], x1);
+        }
       }
     }
-    for (int i = 0; i < MB; ++i) {
-      const __m512 d = _mm512_set1_ps(dx[i * nb + b]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][j]), d, acc[i][j]);
+    const int vl = int(v % VPC);
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j) {
+        __m512i s = a[i][j][0];
+        if constexpr (CH == 2) s = _mm512_add_epi32(s, a[i][j][1]);
+        _mm512_store_si512(lb[i][j][vl], s);
+      }
+    if (vl == VPC - 1 || v == nvec - 1) {
+      const int64_t b0 = (v - vl) * GPV, cnt = int64_t(vl + 1) * GPV;  // blocks [b0, b0 + cnt)
+      const __mmask16 km = cnt >= 16 ? __mmask16(0xffff) : __mmask16((1u << cnt) - 1);
+      for (int i = 0; i < MB; ++i) {
+        const __m512i so = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(km, sx + i * nbx + b0), INT4 ? 3 : 7);
+        const __m512 d = _mm512_maskz_loadu_ps(km, dx + i * nbx + b0);
+        const __m512 xv = OFFS ? _mm512_maskz_loadu_ps(km, xs + i * nbx + b0) : _mm512_setzero_ps();
+        for (int j = 0; j < NR; ++j) {
+          for (int u = vl + 1; u < VPC; ++u) _mm512_store_si512(lb[i][j][u], _mm512_setzero_si512());
+          const __m512i T = _mm512_sub_epi32(E::reduce_lanes<VPC>(lb[i][j]), so);
+          const __m512 mul = INT4 ? E::int4_mul(_mm512_maskz_loadu_ps(km, sc + j * ng + b0), d) : d;
+          acc[i][j] = E::epi_step(acc[i][j], T, mul);
+          if constexpr (OFFS) acc[i][j] = E::epi_offsets(acc[i][j], _mm512_maskz_loadu_ps(km, of + j * ng + b0), xv);
+        }
+      }
     }
   }
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NR; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) - corr[i];
+    for (int j = 0; j < NR; ++j) out[i * ldo + j] = E::tree16_h(acc[i][j]);
 }
 
-void run_q8v(const int8_t* xq, const float* dx, const float* corr, int64_t M, int64_t K, const int8_t* w, float* out,
-             int64_t N, int64_t n0, int64_t n1) {
-  const int64_t nb = K / 128;
-  if (M >= kBlockMinM) {
-    constexpr int NR = 3;  // 4 x 3 tiles: 12 int32 + 12 fp32 sums + 3 weight vectors in zmm
-    auto rows = [&](auto nr, int64_t n) {
-      for_x_tiles(M, [&](auto mb, int64_t m) {
-        tile_q8v_blk<decltype(mb)::value, decltype(nr)::value>(xq + m * K, K, dx + m * nb, corr + m, w + n * K,
-                                                                out + m * N + n, N);
-      });
+// Raw tree16 results of rows [n0, n1) for all M rows of x (finish_cols applies scale and bias).
+// Up to 8 rows of x: one weight row per tile (the weight read once per 8 rows, x from L1);
+// from kBlockMinM rows register tiles of 4 rows of x by NR weight rows (int8 3, int4 2), so each
+// x load feeds NR vpdpbusd and x is re-read from L2 once per NR weight rows instead of once
+// per row (one weight row per tile made M = 17..64 2-3x slower than the AMX prefill).
+template <bool INT4, bool OFFS, int GPV>
+void run_v(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t M, int64_t K, int64_t nbx,
+           const uint8_t* w, const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0,
+           int64_t n1) {
+  const int64_t ldw = INT4 ? K / 2 : K, ng = INT4 ? K / G : 0;
+  auto tiles = [&](auto nr, int64_t n) {
+    constexpr int NR = decltype(nr)::value;
+    const float* s = INT4 ? sc + n * ng : nullptr;
+    const float* o = OFFS ? of + n * ng : nullptr;
+    auto one = [&](auto mb, int64_t m) {
+      tile_v<decltype(mb)::value, NR, INT4, OFFS, GPV>(xq + m * K, K, nbx, dx + m * nbx, sx + m * nbx, xs + m * nbx,
+                                                       w + n * ldw, ldw, s, o, G, out + m * N + n, N);
     };
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) rows(std::integral_constant<int, NR>{}, n);
-    if (n1 - n == 2) rows(std::integral_constant<int, 2>{}, n);
-    else if (n1 - n == 1) rows(std::integral_constant<int, 1>{}, n);
+    if (NR == 1 && M < kBlockMinM) for_x_tiles8(M, one);
+    else for_x_tiles(M, one);
+  };
+  if (M < kBlockMinM) {
+    for (int64_t n = n0; n < n1; ++n) tiles(std::integral_constant<int, 1>{}, n);
     return;
   }
-  for (int64_t n = n0; n < n1; ++n)
-    for_x_tiles8(M, [&](auto mb, int64_t m) {
-      tile_q8v<decltype(mb)::value>(xq + m * K, K, dx + m * nb, corr + m, w + n * K, out + m * N + n, N);
-    });
+  constexpr int NR = INT4 ? 2 : 3;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) tiles(std::integral_constant<int, NR>{}, n);
+  if (n1 - n == 2) tiles(std::integral_constant<int, 2>{}, n);
+  else if (n1 - n == 1) tiles(std::integral_constant<int, 1>{}, n);
+}
+
+void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t M, int64_t K,
+             const uint8_t* q, const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0,
+             int64_t n1) {
+  const int64_t ng = K / G;
+  if (of) {
+    if (G == 32) run_v<true, true, 4>(xq, dx, sx, xs, M, K, ng, q, sc, of, G, out, N, n0, n1);
+    else if (G == 64) run_v<true, true, 2>(xq, dx, sx, xs, M, K, ng, q, sc, of, G, out, N, n0, n1);
+    else run_v<true, true, 1>(xq, dx, sx, xs, M, K, ng, q, sc, of, G, out, N, n0, n1);
+  } else {
+    if (G == 32) run_v<true, false, 4>(xq, dx, sx, xs, M, K, ng, q, sc, nullptr, G, out, N, n0, n1);
+    else if (G == 64) run_v<true, false, 2>(xq, dx, sx, xs, M, K, ng, q, sc, nullptr, G, out, N, n0, n1);
+    else run_v<true, false, 1>(xq, dx, sx, xs, M, K, ng, q, sc, nullptr, G, out, N, n0, n1);
+  }
 }
 
 }  // namespace
@@ -601,6 +656,38 @@ CODESHELL_END_AVX512
 
 namespace {
 bool use_vnni(int64_t isa, int64_t K) { return CODESHELL_HAVE_AVX512 && isa >= codeshell::kAvx512Vnni && K % 128 == 0; }
+
+// Rows of x from which `amx:q8` (isa = kAmx, M <= ops.ROW_INVARIANT_MAX_M) runs the AMX-INT8
+// tiles (qgemm_amx.cpp) instead of the vpdpbusd kernels: the same bits either way (both end in
+// q8_epilogue.h), so this is a speed choice only. Measured per core, cold, 7B and mid shapes
+// (docs/kernels.md, "session 12"): the tiles cost about the same whatever M up to 16 (x padded
+// to 16 rows), the transposed-panel kernel (q8_panel.h) grows with M from its M = 1 memory
+// bound: at M = 9 the panel kernel won on most shapes, at M = 16 the tiles (int8 and int4), so
+// the tiles run from 12; int4 groups of 32 / 64 (tile_v, session 11) from 4.
+// CODESHELL_Q8_AMX_MIN_M overrides it (read per call, ~0.1 us against a call's >= 1 us:
+// benchmarks time either kernel, tests check both at every M).
+int64_t amx_rows_min_m(bool panel) {
+  const char* e = std::getenv("CODESHELL_Q8_AMX_MIN_M");
+  if (e && *e) return std::max<int64_t>(1, std::atoll(e));
+  return panel ? 12 : 4;
+}
+
+// The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows
+// (and at every M without AMX), and on AMX CPUs int4 with groups of 128 / 256 from 3 rows: its
+// transposes cost the same per weight byte at any M, so at M = 1-2 int4 (twice the weights per
+// byte of int8) ran 15-25% slower than the per-row kernels (measured per core, caches flushed,
+// mid and 7B shapes), and tile_v (the shared epilogue after a lane reduction: the same bits)
+// runs those rows. Without AMX int4 keeps main's per-lane tile_q4v at every M (nothing there
+// needs the shared epilogue). CODESHELL_Q8_PANEL_MIN_M overrides the 3 (read per call).
+bool panel_kernel(int64_t G) { return G % 128 == 0; }
+int64_t panel_min_m() {
+  const char* e = std::getenv("CODESHELL_Q8_PANEL_MIN_M");
+  return e && *e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(3);
+}
+
+bool use_amx_rows(int64_t isa, int64_t K, int64_t M, int64_t G) {
+  return use_vnni(isa, K) && isa >= codeshell::kAmx && M >= amx_rows_min_m(panel_kernel(G));
+}
 }  // namespace
 
 // Block size along K for the activation quantisation of int8 weights: 128 when it divides K.
@@ -628,14 +715,17 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   if (offset.has_value())
     TORCH_CHECK(offset->scalar_type() == torch::kFloat32 && offset->is_contiguous() && offset->numel() == N * ng,
                 "int4 offsets must be a contiguous fp32 [N, K/group] tensor");
+  if (use_amx_rows(isa, K, M, G)) return prefill_q8_amx(x, q, scale, offset, G, bias);  // M <= 64: the same bits
   const float* b = bias_ptr(bias, N);
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto dxs = torch::empty({2, M, ng}, x.options());
+  auto dxs = torch::empty({3, M, ng}, x.options());
   int8_t* xqp = xq.data_ptr<int8_t>();
   float* dx = dxs.data_ptr<float>();
   float* xs = dx + M * ng;
+  int32_t* sx = reinterpret_cast<int32_t*>(dx + 2 * M * ng);  // the 512-bit kernels' integer block sums of xq
   const bool vnni = use_vnni(isa, K);
-  quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs);
+  const bool epi = vnni && isa >= codeshell::kAmx;
+  quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs, sx);
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -643,6 +733,17 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
+    if (vnni && epi && panel_kernel(G) && M >= panel_min_m()) {  // the AMX rows' bits (q8_panel.h)
+      const codeshell::q8panel::Args A{xqp, dx, sx, xs, M, K, N, qp, sp, ofp, G, b, op};
+      if (ofp) codeshell::q8panel::run_panels<true, true>(A, n0, n1);
+      else codeshell::q8panel::run_panels<true, false>(A, n0, n1);
+      return;
+    }
+    if (vnni && epi) {  // amx:q8 below the AMX row threshold: the AMX rows' bits
+      run_q4v_epi(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+      codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
+      return;
+    }
     if (vnni) {
       if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
       else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
@@ -674,29 +775,34 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
   TORCH_CHECK(B > 0, "int8-activation int8 kernel needs K % 32 == 0, got K=", K);
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N,
               "int8 scales must be a contiguous fp32 [N] tensor");
+  if (use_amx_rows(isa, K, M, 0)) return prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);  // M <= 64: the same bits
   const float* b = bias_ptr(bias, N);
   const int64_t nb = K / B;
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto dxs = torch::empty({2, M, nb}, x.options());
+  auto dxs = torch::empty({3, M, nb}, x.options());
   int8_t* xqp = xq.data_ptr<int8_t>();
   float* dx = dxs.data_ptr<float>();
-  quantize_rows(x.data_ptr<float>(), M, K, B, /*perm=*/0, isa, xqp, dx, dx + M * nb);
+  int32_t* sx = reinterpret_cast<int32_t*>(dx + 2 * M * nb);
+  quantize_rows(x.data_ptr<float>(), M, K, B, /*perm=*/0, isa, xqp, dx, dx + M * nb, sx);
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const int8_t* wp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const bool vnni = use_vnni(isa, K);  // then B == 128
-  std::vector<float> corr(M, 0.f);  // per row of x: 128 * sum_b xs_b (the vnni kernel's u = w + 128 offset)
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t bb = 0; bb < nb; ++bb) corr[m] += 128.f * dx[M * nb + m * nb + bb];
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
-    // One weight row per tile at every M: measured best (c_fc, M = 4: 5.1 ms vs 5.8 with 2
-    // rows, 6.4 with 4; M = 8: 8.8 vs 9.2 / 10.7).
 #if CODESHELL_HAVE_AVX512
-    if (vnni) run_q8v(xqp, dx, corr.data(), M, K, wp, op, N, n0, n1);
-    else
+    if (vnni) {  // the AMX rows' bits (q8_panel.h), with or without AMX
+      const codeshell::q8panel::Args A{xqp, dx, sx, nullptr, M, K, N, reinterpret_cast<const uint8_t*>(wp), sp,
+                                       nullptr, 0, b, op};
+      codeshell::q8panel::run_panels<false, false>(A, n0, n1);
+      return;
+    }
 #endif
+    {
+      // One weight row per tile at every M: measured best (c_fc, M = 4: 5.1 ms vs 5.8 with 2
+      // rows, 6.4 with 4; M = 8: 8.8 vs 9.2 / 10.7).
       range_q8<1>(xqp, dx, M, K, B, wp, op, N, n0, n1);
+    }
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = n0; j < n1; ++j) op[m * N + j] = op[m * N + j] * sp[j] + (b ? b[j] : 0.f);
   });

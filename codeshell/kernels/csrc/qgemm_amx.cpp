@@ -19,9 +19,13 @@
 // (xs = d * sum of the block's xq), a [M, K/G] x [K/G, N] product done once after the tiles.
 // Why transposed: in the x . W^T orientation every int8 weight tile would need a 4-byte transpose
 // per call (N x K bytes); here the transposes are x's (M x K) and the output's (M x N, fp32).
-// What this is not: decode (M <= 64 stays on qdot.cpp's VNNI kernels: x padded to 16 rows would
-// waste the tiles at M = 1, and a row's result must not depend on M up to
-// ops.ROW_INVARIANT_MAX_M, while this path's block sums are scaled in another order), nor a dispatcher: ops.py measures this path against the bf16 paths
+// M <= 64 (decode, batched decode, verify steps: `rows_tiles` below) runs another loop order
+// with the fp32 epilogue of qdot.cpp's 512-bit kernels (q8_epilogue.h), so a row's bits do not
+// depend on M up to ops.ROW_INVARIANT_MAX_M nor on which of the two kernels ran it; qdot.cpp's
+// decode entry points send M >= 2 rows here on AMX CPUs (`amx:q8`). The prefill loop (M > 64)
+// scales each block's sums per row block as they come (its acc is 1/16 the size) and is not
+// row-invariant.
+// What this is not: a dispatcher: ops.py measures the prefill against the bf16 paths
 // (AMX-BF16 on expanded rows, torch's oneDNN) and sgemm per shape and keeps the fastest.
 
 #include <torch/extension.h>
@@ -29,6 +33,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -36,6 +41,7 @@
 
 #include "isa.h"
 #include "parallel.h"
+#include "q8_epilogue.h"
 #include "quant_x.h"
 #include "scratch.h"
 
@@ -338,6 +344,245 @@ void prefill_q8_tiles(const Problem& P) {
   });
 }
 
+
+// ---- M <= 64 (ops.ROW_INVARIANT_MAX_M): row-invariant tiles ---------------------------------
+// The same tiles (C^T = W . xq^T, tdpbssd) for decode, batched decode and verify steps, with the
+// fp32 epilogue of the 512-bit vpdpbusd kernels (q8_epilogue.h), so every row gets the bits it
+// gets alone from qdot.cpp at M = 1. Loop order: one panel of 16 weight rows at a time against
+// all Mt <= 4 row blocks of x (tmm0..3), all of K: the weight is read from memory once per call
+// (int8 A tiles straight from the rows, the next panel prefetched into L2; int4 unpacked
+// per kRowsChunkK into an L1 buffer), x's B tiles (M x K bytes, <= 384 KiB) come from L2. Per
+// block the C tiles are stored and folded into acc [mt][L = block mod 16][weight row][16 rows of
+// x] while the next block's TMULs run (the prefill's TMULs(b), epilogue(b - 1), store(b) order).
+// Prefetch: a panel's 16 weight rows are one contiguous range of memory (16 x K bytes, int4
+// 16 x K / 2), consumed 16 rows side by side; while a panel runs, the next panel's range is
+// prefetched into L2 in step (the same fraction of it per k as of this one), so the tile loads
+// and the unpacking find it there. (Prefetching 2 KiB ahead within each row, as the one-row
+// vpdpbusd kernels do, reached past the end of the 1536-byte rows and left the tiles waiting
+// on memory: M = 2 ran 1.2-2x slower than the vpdpbusd kernel.)
+inline void prefetch_l2(const void* base, int64_t from, int64_t to, int64_t size) {
+  const char* b = static_cast<const char*>(base);
+  for (int64_t o = from; o < std::min(to, size); o += 64) _mm_prefetch(b + o, _MM_HINT_T1);
+}
+constexpr int64_t kRowsChunkK = 1024;    // int4: k unpacked per pass (16 KiB of A)
+constexpr int64_t kRowsMaxM = 64;        // = ops.ROW_INVARIANT_MAX_M (4 row blocks in tmm0..3)
+
+struct RowsProblem {
+  int64_t M, K, N, B, D, G, Mt, Mp, nb;
+  const int8_t* w8;
+  const uint8_t* w4;
+  const float *scale, *offset, *bias;
+  const int8_t* xt;   // quantize_xt
+  const float* dxt;   // [nb][Mp]
+  const float* xst;   // [nb][Mp]: xs transposed (int4 offsets), or null
+  float* out;
+};
+
+// One k-tile of all MT row blocks: A (weight rows at a, stride la) into tmm4 (even k-tiles) or
+// tmm5 (odd: the load need not wait for the TMULs still reading tmm4), B tiles of row block mt at
+// b[mt] alternating tmm6 / tmm7, C^T of row block mt in tmm mt. (GCC's tile intrinsics are macros
+// that paste the register number: literals only, hence the macro.)
+// With MT <= 2 row blocks the C tiles of odd blocks are tmm1 (MT = 1) / tmm2, tmm3 (MT = 2), so
+// a block's TMULs do not wait for the previous block's C tiles to be stored (a tile register is
+// not renamed): with one C set the blocks ran strictly one after another.
+// B of row block 0 goes to tmm6 with A in tmm4 and to tmm7 with A in tmm5, so with MT = 1 its
+// load need not wait for the previous TMUL to finish reading the register. (Neither this nor
+// the C tiles alternating by block changed the time measurably: ~1.1-1.8 us per panel of
+// 16 x 1536 int8 weights even from L2, ~150 cycles per k-tile against the TMUL's 16; not
+// understood yet -- a suspect is each block's C tile store waiting on its TMULs and the
+// epilogue's loads waiting on that store.)
+#define CODESHELL_ROWS_STEP(TA, TB, C0, C1)                                           \
+  _tile_loadd(TA, a, la);                                                             \
+  _tile_loadd(TB, b[0], 64);                                                          \
+  _tile_dpbssd(C0, TA, TB);                                                           \
+  if constexpr (MT > 1) { _tile_loadd(7, b[1], 64); _tile_dpbssd(C1, TA, 7); }        \
+  if constexpr (MT > 2) { _tile_loadd(6, b[2], 64); _tile_dpbssd(2, TA, 6); }         \
+  if constexpr (MT > 3) { _tile_loadd(7, b[3], 64); _tile_dpbssd(3, TA, 7); }
+template <int MT, bool ODD>
+inline void rows_step4(const int8_t* a, int64_t la, const int8_t* const* b) {
+  if constexpr (ODD && MT == 1) { CODESHELL_ROWS_STEP(4, 6, 1, 1) }
+  else if constexpr (ODD && MT == 2) { CODESHELL_ROWS_STEP(4, 6, 2, 3) }
+  else { CODESHELL_ROWS_STEP(4, 6, 0, 1) }
+}
+template <int MT, bool ODD>
+inline void rows_step5(const int8_t* a, int64_t la, const int8_t* const* b) {
+  if constexpr (ODD && MT == 1) { CODESHELL_ROWS_STEP(5, 7, 1, 1) }
+  else if constexpr (ODD && MT == 2) { CODESHELL_ROWS_STEP(5, 6, 2, 3) }
+  else if constexpr (MT == 1) { CODESHELL_ROWS_STEP(5, 7, 0, 1) }
+  else { CODESHELL_ROWS_STEP(5, 6, 0, 1) }
+}
+#undef CODESHELL_ROWS_STEP
+
+// The C tiles of one block: zero / store (ci [MT][256]) the set rows_step<MT, ODD> accumulates in.
+template <int MT, bool ODD>
+inline void rows_zero() {
+  if constexpr (ODD && MT == 1) { _tile_zero(1); }
+  else if constexpr (ODD && MT == 2) { _tile_zero(2); _tile_zero(3); }
+  else {
+    _tile_zero(0);
+    if constexpr (MT > 1) _tile_zero(1);
+    if constexpr (MT > 2) _tile_zero(2);
+    if constexpr (MT > 3) _tile_zero(3);
+  }
+}
+template <int MT, bool ODD>
+inline void rows_store_c(int32_t* ci) {
+  if constexpr (ODD && MT == 1) { _tile_stored(1, ci, 64); }
+  else if constexpr (ODD && MT == 2) { _tile_stored(2, ci, 64); _tile_stored(3, ci + 256, 64); }
+  else tiles_store<MT>(ci);
+}
+
+// Block blk's sums ci [MT][16 weight rows][16 rows of x] (weight rows n0..n0+rows-1) into acc.
+template <int MT>
+inline void rows_epilogue(const RowsProblem& P, const int32_t* ci, int64_t blk, int64_t n0, int64_t rows, float* acc) {
+  namespace E = codeshell::q8epi;
+  const int64_t L = blk & 15, ng = P.nb;
+  const bool first = blk < 16;
+  for (int mt = 0; mt < MT; ++mt) {
+    const __m512 dv = _mm512_loadu_ps(P.dxt + blk * P.Mp + mt * 16);
+    const __m512 xv = P.xst ? _mm512_loadu_ps(P.xst + blk * P.Mp + mt * 16) : _mm512_setzero_ps();
+    float* a = acc + (mt * 16 + L) * 256;
+    const int32_t* c = ci + mt * 256;
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 mul = P.G ? E::int4_mul(_mm512_set1_ps(P.scale[(n0 + r) * ng + blk]), dv) : dv;
+      __m512 v = E::epi_step(first ? _mm512_setzero_ps() : _mm512_load_ps(a + r * 16), _mm512_load_si512(c + r * 16), mul);
+      if (P.xst) v = E::epi_offsets(v, _mm512_set1_ps(P.offset[(n0 + r) * ng + blk]), xv);
+      _mm512_store_ps(a + r * 16, v);
+    }
+  }
+}
+
+// tree16 of acc for each (weight row, row of x), transposed to rows of x, finished (scale, bias)
+// and stored: out[m, n0..n0+cols).
+template <int MT>
+inline void rows_store(const RowsProblem& P, int64_t n0, int64_t cols, const float* acc) {
+  namespace E = codeshell::q8epi;
+  const __mmask16 cm = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+  const __m512 sv = P.G ? _mm512_set1_ps(1.f) : _mm512_maskz_loadu_ps(cm, P.scale + n0);
+  const __m512 bv = P.bias ? _mm512_maskz_loadu_ps(cm, P.bias + n0) : _mm512_setzero_ps();
+  for (int mt = 0; mt < MT; ++mt) {
+    __m512i v[16];
+    for (int r = 0; r < 16; ++r) v[r] = _mm512_castps_si512(E::tree16_v(acc + mt * 16 * 256 + r * 16, 256));
+    transpose16(v);  // v[j]: row 16 mt + j of x, lane = weight row
+    for (int64_t j = 0; j < 16 && mt * 16 + j < P.M; ++j)
+      _mm512_mask_storeu_ps(P.out + (mt * 16 + j) * P.N + n0, cm, E::finish_vec(_mm512_castsi512_ps(v[j]), sv, bv));
+  }
+}
+
+struct RowsScratch {
+  float* acc;    // [Mt][16][16][16], 64-byte aligned
+  int8_t* abuf;  // int4: [16][kRowsChunkK]; int8: [16][K] for a last partial panel
+  int32_t* ci;   // [kRing][4][256]
+};
+constexpr int64_t kLag = 3, kRing = 4;  // blocks between a C tile store and its epilogue; C buffers
+
+template <int MT>
+void rows_panel(const RowsProblem& P, int64_t p, const RowsScratch& S) {
+  const int64_t K = P.K, D = P.D, tpb = P.B / D, n0 = p * 16, rows = std::min<int64_t>(16, P.N - n0);
+  const int8_t* bt[4];
+  const bool direct = !P.G && rows == 16;  // int8 A tiles straight from the weight rows
+  if (!P.G && !direct) {
+    for (int64_t r = 0; r < 16; ++r) {
+      if (r < rows) std::memcpy(S.abuf + r * K, P.w8 + (n0 + r) * K, size_t(K));
+      else std::memset(S.abuf + r * K, 0, size_t(K));
+    }
+  }
+  const int64_t kc = P.G ? std::min(K, kRowsChunkK) : K;
+  // the next panel's bytes (16 rows, fewer at the end), prefetched in step with this one's k
+  const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(16, P.N - n0 - 16));
+  const int64_t row_bytes = P.G ? K / 2 : K, next_size = next_rows * row_bytes;
+  const void* next = P.G ? static_cast<const void*>(P.w4 + (n0 + 16) * row_bytes)
+                         : static_cast<const void*>(P.w8 + (n0 + 16) * row_bytes);
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t k1 = std::min(K, k0 + kc);
+    if (P.G) prefetch_l2(next, k0 * 8, k1 * 8, next_size);  // 16 rows x (k1 - k0) / 2 bytes
+    const int8_t* a;  // A row r, k at a + r * la + (k - ka)
+    int64_t la, ka;
+    if (P.G) {
+      unpack_int4(P.w4, P.N, K, p, k0, k1, S.abuf);
+      a = S.abuf;
+      la = k1 - k0;
+      ka = k0;
+    } else {
+      a = direct ? P.w8 + n0 * K : S.abuf;
+      la = K;
+      ka = 0;
+    }
+    __asm__ volatile("" ::: "memory");  // tile loads are asm without memory operands
+    for (int64_t kb = k0; kb < k1; kb += P.B) {
+      const bool odd = MT <= 2 && ((kb / P.B) & 1);
+      if (odd) rows_zero<MT, true>();
+      else rows_zero<MT, false>();
+      for (int64_t s = 0; s < tpb; ++s) {
+        const int64_t k = kb + s * D;
+        if (!P.G) prefetch_l2(next, k * 16, (k + D) * 16, next_size);  // 16 rows x D bytes
+        for (int mt = 0; mt < MT; ++mt) bt[mt] = P.xt + xt_offset(P.Mt, K, mt, k);
+        const int8_t* at = a + (k - ka);
+        if (odd) {
+          if (s & 1) rows_step5<MT, true>(at, la, bt);
+          else rows_step4<MT, true>(at, la, bt);
+        } else {
+          if (s & 1) rows_step5<MT, false>(at, la, bt);
+          else rows_step4<MT, false>(at, la, bt);
+        }
+      }
+      // epilogue of block j - kLag, whose C tiles were stored kLag blocks ago (the prefill's
+      // TMULs(b), scale(b - 1), store(b) order at kLag = 1; 3 measured the same)
+      const int64_t j = kb / P.B;
+      if (j >= kLag) rows_epilogue<MT>(P, S.ci + ((j - kLag) % kRing) * 1024, j - kLag, n0, rows, S.acc);
+      __asm__ volatile("" ::: "memory");  // the epilogue's loads stay before the tile stores (asm)
+      int32_t* c = S.ci + (j % kRing) * 1024;
+      if (odd) rows_store_c<MT, true>(c);
+      else rows_store_c<MT, false>(c);
+      __asm__ volatile("" ::: "memory");  // c is written by tile stores (asm)
+    }
+  }
+  for (int64_t j = std::max<int64_t>(0, P.nb - kLag); j < P.nb; ++j)
+    rows_epilogue<MT>(P, S.ci + (j % kRing) * 1024, j, n0, rows, S.acc);
+  rows_store<MT>(P, n0, rows, S.acc);
+}
+
+// Panels shared out as parallel_chunks does (claimed chunks, ~8 per thread), with the tile
+// configuration loaded once per thread per call and the scratch allocated once per thread.
+void rows_tiles(const RowsProblem& P) {
+  const int64_t Pn = (P.N + 15) / 16, threads = at::get_num_threads();
+  const int64_t grain = std::max<int64_t>(4, (Pn + 8 * threads - 1) / (8 * threads)), chunks = (Pn + grain - 1) / grain;
+  auto work = [&](std::atomic<int64_t>* next) {
+    configure(int(P.D));
+    const size_t acc_n = size_t(P.Mt) * 16 * 256;
+    const size_t abuf_n = P.G ? size_t(16) * std::min(P.K, kRowsChunkK) : (P.N % 16 ? size_t(16) * P.K : 0);
+    std::vector<float> accv(acc_n + 16);
+    std::vector<int8_t> abufv(abuf_n + 64);
+    alignas(64) int32_t ci[kRing * 1024];
+    float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(accv.data()) + 63) & ~uintptr_t(63));
+    // lanes L >= nb are never written: +0 for the tree (as the VNNI kernels' empty lanes)
+    for (int64_t mt = 0; mt < P.Mt; ++mt)
+      for (int64_t L = P.nb; L < 16; ++L) std::memset(acc + (mt * 16 + L) * 256, 0, 256 * sizeof(float));
+    const RowsScratch S{acc, abufv.data(), ci};
+    auto panel = [&](int64_t p) {
+      switch (P.Mt) {
+        case 1: rows_panel<1>(P, p, S); break;
+        case 2: rows_panel<2>(P, p, S); break;
+        case 3: rows_panel<3>(P, p, S); break;
+        default: rows_panel<4>(P, p, S); break;
+      }
+    };
+    if (!next) {
+      for (int64_t p = 0; p < Pn; ++p) panel(p);
+    } else {
+      for (int64_t c; (c = next->fetch_add(1, std::memory_order_relaxed)) < chunks;)
+        for (int64_t p = c * grain; p < std::min(Pn, (c + 1) * grain); ++p) panel(p);
+    }
+    _tile_release();
+  };
+  if (threads == 1 || chunks == 1 || at::in_parallel_region()) {
+    work(nullptr);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) { work(&next); });
+}
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
@@ -391,6 +636,18 @@ torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, con
   auto xs = torch::empty({offs ? M : 0, nb}, x.options());
   quantize_xt(x.data_ptr<float>(), M, K, B, xt.data(), dxt.data_ptr<float>(),
               offs ? xs.data_ptr<float>() : nullptr);
+  if (M <= kRowsMaxM) {  // decode / verify sizes: the row-invariant tiles (the VNNI kernels' bits)
+    std::vector<float> xst(offs ? size_t(nb) * Mp : 0, 0.f);
+    const float* xsp = offs ? xs.data_ptr<float>() : nullptr;
+    for (int64_t m = 0; offs && m < M; ++m)
+      for (int64_t g = 0; g < nb; ++g) xst[g * Mp + m] = xsp[m * nb + g];
+    RowsProblem R{M, K, N, B, B % 64 == 0 ? 64 : 32, G, Mt, Mp, nb,
+                  G ? nullptr : q.data_ptr<int8_t>(), G ? q.data_ptr<uint8_t>() : nullptr, scale.data_ptr<float>(),
+                  offs ? offset->data_ptr<float>() : nullptr, b, xt.data(), dxt.data_ptr<float>(),
+                  offs ? xst.data() : nullptr, out.data_ptr<float>()};
+    rows_tiles(R);
+    return out;
+  }
   Problem P{M, K, N, B, B % 64 == 0 ? 64 : 32, G,
             G ? nullptr : q.data_ptr<int8_t>(), G ? q.data_ptr<uint8_t>() : nullptr,
             scale.data_ptr<float>(), b, xt.data(), dxt.data_ptr<float>(), out.data_ptr<float>()};

@@ -20,11 +20,12 @@ CODESHELL_BEGIN_AVX512
 namespace codeshell {
 
 // x [K] -> o [K] int8 (B % 16 == 0, K % B == 0); d[b * dstride] = amax / 127; xs[b] (if not
-// null) = d * sum of the block's integers. perm = 128: within each run of 128, the order the
+// null) = d * sum of the block's integers; sx[b] (if not null) = that sum as int32 (the 512-bit
+// kernels take their weight offset, 128 for int8 and 8 for int4, back out of the exact block sums). perm = 128: within each run of 128, the order the
 // 512-bit int4 kernel reads (16-byte pieces 0, 2, 4, 6 then 1, 3, 5, 7: quantize_x's perm 128);
 // perm = 0: k order.
 inline void quantize_row_avx512(const float* x, int64_t K, int64_t B, int perm, int8_t* o, float* d,
-                                int64_t dstride, float* xs) {
+                                int64_t dstride, float* xs, int32_t* sx = nullptr) {
   for (int64_t b = 0; b < K / B; ++b) {
     const float* xb = x + b * B;
     __m512 am = _mm512_setzero_ps();
@@ -45,7 +46,9 @@ inline void quantize_row_avx512(const float* x, int64_t K, int64_t B, int perm, 
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o + at), _mm512_cvtepi32_epi8(q));
     }
     d[b * dstride] = db;
-    if (xs) xs[b] = db * float(_mm512_reduce_add_epi32(s));
+    const int32_t si = _mm512_reduce_add_epi32(s);
+    if (xs) xs[b] = db * float(si);
+    if (sx) sx[b] = si;
   }
 }
 

@@ -1,0 +1,103 @@
+// The fp32 epilogue of the int8-activation kernels at the AVX-512 levels, shared by the 512-bit
+// vpdpbusd kernels (q8_panel.h: int8 at `avx512_vnni:q8` and `amx:q8`, int4 at `amx:q8`;
+// qdot.cpp's tile_v: int4 at `amx:q8`) and qgemm_amx.cpp's row-invariant AMX-INT8 tiles
+// (`amx:q8`, M <= 64), so that all give every row the same bits (header-only, inlined).
+//
+// What this is: the arithmetic that turns exact int32 block sums into a row's fp32 outputs.
+// Per output y[m, n] (row m of x, weight row n), with T_b the exact int32 sum over block b of
+// w[n, k] * xq[m, k] (int8: w as stored, blocks of 128 k; int4: nib - 8, blocks = groups):
+//   mul_b  = d[m, b] (int8) or scale[n, b] * d[m, b] (int4: one fp32 product, `int4_mul`)
+//   acc[L] = +0 for L = 0..15; for b = L, L + 16, L + 32, ... in that order:
+//            acc[L] = fma(float(T_b), mul_b, acc[L])                       (`epi_step`)
+//            int4 with offsets: acc[L] = fma(off[n, b], xs[m, b], acc[L])  (`epi_offsets`)
+//   r      = tree16(acc): a_i = acc_i + acc_(i+8), b_i = a_i + a_(i+4), c_i = b_i + b_(i+2),
+//            r = c_0 + c_1                                                  (`tree16_h`, `tree16_v`)
+//   y      = fma(r, s, bias[n]) with s = scale[n] (int8) or 1 (int4), bias 0 without one (`finish_vec`)
+// T_b is an integer, so it does not matter which instruction summed it (vpdpbusd lanes reduced
+// by `reduce_lanes`, or a tdpbssd tile) nor in which order; float(T_b) is exact (|T_b| < 2^24).
+// tile_v holds acc as one zmm per output (lane L) and steps 16 blocks at a time; q8_panel.h and
+// the AMX tiles hold 16 zmm per row of x (one per L, lanes = 16 weight rows) and step one
+// block at a time. Elementwise both run the same fma on the same operands in the same order per
+// lane; tree16_h (one zmm, horizontally) and tree16_v (16 zmm, lane by lane) pair the same
+// terms, and fp32 addition is commutative, so the results are bitwise equal
+// (tests/kernels/test_invariance.py compares the two paths row for row).
+// Lanes with no block (nb < 16, masked tails) hold +0 in both (a fma(0, 0, acc) leaves acc:
+// acc is never -0, as it starts at +0 and x + y is -0 only if both are).
+// Why this and not the earlier per-lane epilogue (each block's 16 lane sums converted and
+// scaled separately): tdpbssd only gives whole block sums, so a shared definition has to start
+// from those; q8_panel.h gets them without a lane reduction (its lanes are weight rows),
+// tile_v with ~2 lane shuffles per block (port 5, beside vpdpbusd's port 0).
+// What this is not: the AVX2 kernels' epilogue (`avx2:q8` keeps its own, per-lane one), nor
+// int4's without AMX (`avx512_vnni:q8` int4 keeps qdot.cpp's per-lane tile_q4v).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "isa.h"
+
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace codeshell {
+namespace q8epi {
+
+inline __m512 epi_step(__m512 acc, __m512i T, __m512 mul) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), mul, acc); }
+inline __m512 epi_offsets(__m512 acc, __m512 off, __m512 xs) { return _mm512_fmadd_ps(off, xs, acc); }
+inline __m512 int4_mul(__m512 scale, __m512 d) { return _mm512_mul_ps(scale, d); }
+inline __m512 finish_vec(__m512 r, __m512 s, __m512 b) { return _mm512_fmadd_ps(r, s, b); }
+
+// tree16 of one zmm's lanes.
+inline float tree16_h(__m512 v) {
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));  // i + (i+8)
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));           // i + (i+4)
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));                                           // i + (i+2)
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));                                       // 0 + 1
+}
+
+// tree16 lane by lane over 16 zmm at v, v + stride, ... (stride in floats): lane j of the
+// result is tree16 of lane j of the 16.
+inline __m512 tree16_v(const float* v, int64_t stride) {
+  __m512 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm512_add_ps(_mm512_loadu_ps(v + i * stride), _mm512_loadu_ps(v + (i + 8) * stride));
+  for (int i = 0; i < 4; ++i) a[i] = _mm512_add_ps(a[i], a[i + 4]);
+  for (int i = 0; i < 2; ++i) a[i] = _mm512_add_ps(a[i], a[i + 2]);
+  return _mm512_add_ps(a[0], a[1]);
+}
+
+// out[m, n] = finish_vec(out[m, n], s_n, bias_n) for rows m < M and columns [n0, n1): the raw
+// tree16 results written by a VNNI kernel; scale null: s = 1 (int4).
+inline void finish_cols(float* out, int64_t M, int64_t ldo, int64_t n0, int64_t n1, const float* scale,
+                        const float* bias) {
+  for (int64_t n = n0; n < n1; n += 16) {
+    const __mmask16 k = n1 - n >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n1 - n)) - 1);
+    const __m512 s = scale ? _mm512_maskz_loadu_ps(k, scale + n) : _mm512_set1_ps(1.f);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(k, bias + n) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m)
+      _mm512_mask_storeu_ps(out + m * ldo + n, k, finish_vec(_mm512_maskz_loadu_ps(k, out + m * ldo + n), s, b));
+  }
+}
+
+// Lane sums -> block sums (integers: exact in any order). combine(a, b): lanes 0..7 = a's
+// adjacent lane pairs summed, 8..15 = b's. reduce_lanes<NV> over NV vectors (lb[v][16], each
+// holding 16 / NV blocks in equal runs of lanes, in order) gives lane i = the sum of block i.
+inline __m512i combine(__m512i a, __m512i b) {
+  const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return _mm512_add_epi32(_mm512_permutex2var_epi32(a, ev, b), _mm512_permutex2var_epi32(a, od, b));
+}
+
+template <int NV>
+inline __m512i reduce_lanes(const int32_t (*lb)[16]) {
+  __m512i v[NV];
+  for (int i = 0; i < NV; ++i) v[i] = _mm512_load_si512(lb[i]);
+  for (int n = NV; n > 1; n /= 2)
+    for (int i = 0; i < n / 2; ++i) v[i] = combine(v[2 * i], v[2 * i + 1]);
+  return v[0];
+}
+
+}  // namespace q8epi
+}  // namespace codeshell
+CODESHELL_END_AVX512
+#endif

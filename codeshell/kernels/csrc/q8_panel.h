@@ -1,0 +1,207 @@
+// int8 / int4 x int8-activation decode kernel on transposed weight panels (AVX512-VNNI),
+// header-only (qdot.cpp's `avx512_vnni:q8` and `amx:q8` below the AMX row threshold).
+//
+// What this is: y[M, N] = x[M, K] . W^T for M <= ops.ROW_INVARIANT_MAX_M with the fp32 epilogue
+// of q8_epilogue.h (exact int32 block sums T_b, then one fixed fp32 order), so a row gets the
+// bits qgemm_amx.cpp's AMX-INT8 row tiles give it, at every M. Loop order: a panel of 16 weight
+// rows at a time; per block (int8: 128 k; int4: the group) the panel's 16 rows are loaded 64
+// bytes at a time and transposed in registers (16 x 16 int32: 64 shuffles per KiB, port 5) into
+// wt[quad][16 rows], so one vpdpbusd with a broadcast 4-byte quad of x sums 16 weight rows at
+// once, lane r = weight row r: after the block's quads each lane holds T_b of (row of x, weight
+// row r) exactly, with no lane reduction. The epilogue then runs once per 16 outputs per block
+// (cvt + fma on a zmm of 16 weight rows) instead of once per output per block.
+// Why: the per-row kernels (tile_q8v: one weight row, its 16 int32 lanes per block converted and
+// scaled per lane) spend a cvt + fma per (row of x, weight row, block) on the port vpdpbusd
+// needs, and a lane reduction to get T_b (what the AMX tiles produce) cost more still (session
+// 11: 1.2-1.9x slower at M >= 2); here the transpose is per weight block, shared by all M rows.
+// Weights: int8 offset to unsigned (u = w ^ 0x80 = w + 128: vpdpbusd's unsigned operand), int4
+// nibbles as stored (0..15); the offset comes back out of the exact sums in integers:
+// T_b = S_b - 128 sx_b (int8) or S_b - 8 sx_b (int4), sx_b = the block's sum of xq.
+// Cost: the transposes are per weight byte whatever M (64 shuffles per KiB), so where int4
+// reads twice the weights per byte at M = 1-2 qdot.cpp runs its per-row kernels instead.
+// Prefetch: the next panel's same bytes into L2 as each row is read (a panel's rows are one
+// contiguous range); a near L1 prefetch (256-1024 bytes ahead per row) measured the same.
+// What this is not: int4 groups below 128 (qdot.cpp's tile_v), the AVX2 kernels.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "isa.h"
+#include "q8_epilogue.h"
+
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace codeshell {
+namespace q8panel {
+
+// 16 x 16 int32 transpose in registers (r[i] = row i in, r[q] = column q out; as qgemm_amx.cpp's).
+inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {
+    b[4 * g + 0] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
+    b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i c2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i c3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], _MM_SHUFFLE(3, 2, 3, 2));
+    r[j] = _mm512_shuffle_i32x4(c0, c2, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + j] = _mm512_shuffle_i32x4(c0, c2, _MM_SHUFFLE(3, 1, 3, 1));
+    r[8 + j] = _mm512_shuffle_i32x4(c1, c3, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + j] = _mm512_shuffle_i32x4(c1, c3, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+struct Args {
+  const int8_t* xq;   // [M][K] (int4: quantize_x's perm 128 order)
+  const float* dx;    // [M][nb] block scales of x
+  const int32_t* sx;  // [M][nb] exact block sums of xq
+  const float* xs;    // [M][nb] dx * sx (int4 offsets) or null
+  int64_t M, K, N;
+  const uint8_t* w;      // int8 [N][K] / int4 [N][K/2] (packing.py)
+  const float* scale;    // int8 [N] / int4 [N][nb]
+  const float* offset;   // int4 [N][nb] or null
+  int64_t G;             // int4 group (a multiple of 128); 0 for int8 (blocks of 128)
+  const float* bias;     // [N] or null
+  float* out;            // [M][N]
+};
+
+// Block b's runs of 128 k of the panel rows rp[0..15] -> wt[Q][16], Q = 0 .. 32 * runs - 1:
+// lane r = the 4 weights of row r whose x quad is at xq[m][b * B + 4 Q]. Each row is read once,
+// the next panel's same bytes are prefetched into L2 (16 rows x K bytes ahead: the weight rows
+// of a panel are one contiguous range, read 16 rows side by side).
+template <bool INT4>
+inline void transpose_block(const uint8_t* const* rp, int64_t ldw, int64_t k0, int64_t runs, int32_t* wt) {
+  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80)), m0f = _mm512_set1_epi8(0x0f);
+  for (int64_t run = 0; run < runs; ++run) {
+    const int64_t k = k0 + 128 * run;
+    if constexpr (INT4) {
+      // The packed bytes are transposed once and unpacked after (the unpack is bytewise): byte j
+      // of a row's 64 holds the weights of xq perm positions j (low nibble) and 64 + j (high),
+      // so quad q of the transposed bytes gives wt[q] (low) and wt[16 + q] (high).
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const uint8_t* p = rp[i] + k / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ldw), _MM_HINT_T1);
+        r[i] = _mm512_loadu_si512(p);
+      }
+      transpose16(r);
+      for (int q = 0; q < 16; ++q) {
+        _mm512_store_si512(wt + (32 * run + q) * 16, _mm512_and_si512(r[q], m0f));
+        _mm512_store_si512(wt + (32 * run + 16 + q) * 16, _mm512_and_si512(_mm512_srli_epi16(r[q], 4), m0f));
+      }
+    } else {
+      for (int h = 0; h < 2; ++h) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+          const uint8_t* p = rp[i] + k + 64 * h;
+          _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ldw), _MM_HINT_T1);
+          r[i] = _mm512_xor_si512(_mm512_loadu_si512(p), s80);
+        }
+        transpose16(r);
+        for (int q = 0; q < 16; ++q) _mm512_store_si512(wt + (32 * run + 16 * h + q) * 16, r[q]);
+      }
+    }
+  }
+}
+
+// MB rows of x (m0..m0+MB-1) against one transposed block: the int32 sums S (lanes = the panel's
+// weight rows), then T = S - offset * sx and acc[m][b mod 16] = fma(float(T), mul, ...).
+template <int MB, bool INT4, bool OFFS>
+inline void block_rows(const Args& A, int64_t m0, int64_t b, int64_t B, int64_t nq, const int32_t* wt,
+                       const float* sT, const float* oT, float* acc) {
+  constexpr int CH = MB == 1 ? 4 : MB == 2 ? 2 : 1;  // independent chains per row (vpdpbusd latency)
+  const int64_t nb = A.K / B;
+  __m512i a[MB][CH];
+  for (int i = 0; i < MB; ++i)
+    for (int c = 0; c < CH; ++c) a[i][c] = _mm512_setzero_si512();
+  const int8_t* x0 = A.xq + m0 * A.K + b * B;
+  for (int64_t q = 0; q < nq; q += CH)
+    for (int c = 0; c < CH; ++c) {
+      const __m512i w = _mm512_load_si512(wt + (q + c) * 16);
+      for (int i = 0; i < MB; ++i) {
+        int32_t xv;
+        std::memcpy(&xv, x0 + i * A.K + 4 * (q + c), 4);
+        a[i][c] = _mm512_dpbusd_epi32(a[i][c], w, _mm512_set1_epi32(xv));
+      }
+    }
+  namespace E = codeshell::q8epi;
+  for (int i = 0; i < MB; ++i) {
+    const int64_t m = m0 + i;
+    __m512i s = a[i][0];
+    for (int c = 1; c < CH; ++c) s = _mm512_add_epi32(s, a[i][c]);
+    const __m512i T = _mm512_sub_epi32(s, _mm512_set1_epi32(A.sx[m * nb + b] * (INT4 ? 8 : 128)));
+    const __m512 d = _mm512_set1_ps(A.dx[m * nb + b]);
+    const __m512 mul = INT4 ? E::int4_mul(_mm512_load_ps(sT + b * 16), d) : d;
+    float* ac = acc + (m * 16 + (b & 15)) * 16;
+    __m512 v = E::epi_step(_mm512_load_ps(ac), T, mul);
+    if constexpr (OFFS) v = E::epi_offsets(v, _mm512_load_ps(oT + b * 16), _mm512_set1_ps(A.xs[m * nb + b]));
+    _mm512_store_ps(ac, v);
+  }
+}
+
+// Weight rows [n0, n1) (n0 a multiple of 16 or the call's start), all M rows of x.
+template <bool INT4, bool OFFS>
+void run_panels(const Args& A, int64_t n0, int64_t n1) {
+  namespace E = codeshell::q8epi;
+  const int64_t K = A.K, M = A.M, ldw = INT4 ? K / 2 : K, B = INT4 ? A.G : 128, nb = K / B, runs = B / 128;
+  const int64_t nq = 32 * runs;
+  std::vector<float> bufv(size_t(M) * 256 + size_t(INT4 ? nb * 16 * (OFFS ? 2 : 1) : 0) + 16);
+  float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bufv.data()) + 63) & ~uintptr_t(63));
+  float* sT = acc + M * 256;      // int4: [nb][16] the panel's scales, transposed
+  float* oT = sT + nb * 16;       // int4 with offsets: [nb][16]
+  std::vector<int32_t> wtv(size_t(nq) * 16 + 16);
+  int32_t* wt = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(wtv.data()) + 63) & ~uintptr_t(63));
+  for (int64_t p = n0; p < n1; p += 16) {
+    const int64_t rows = std::min<int64_t>(16, n1 - p);
+    const uint8_t* rp[16];
+    for (int r = 0; r < 16; ++r) rp[r] = A.w + std::min(p + r, n1 - 1) * ldw;  // a short panel repeats its last row
+    if constexpr (INT4) {  // one gather per block (a scalar loop here cost ~1/3 of the panel at K = 1536)
+      alignas(64) int32_t idx[16];
+      for (int r = 0; r < 16; ++r) idx[r] = int32_t((std::min(p + r, n1 - 1) - p) * nb);
+      const __m512i vi = _mm512_load_si512(idx);
+      for (int64_t b = 0; b < nb; ++b) {
+        _mm512_store_ps(sT + b * 16, _mm512_i32gather_ps(vi, A.scale + p * nb + b, 4));
+        if constexpr (OFFS) _mm512_store_ps(oT + b * 16, _mm512_i32gather_ps(vi, A.offset + p * nb + b, 4));
+      }
+    }
+    std::memset(acc, 0, size_t(M) * 256 * sizeof(float));  // +0 in every lane L (blocks L, L + 16, ...)
+    for (int64_t b = 0; b < nb; ++b) {
+      transpose_block<INT4>(rp, ldw, b * B, runs, wt);
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8) block_rows<8, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc);
+      switch (M - m) {
+        case 7: block_rows<7, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
+        case 6: block_rows<6, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
+        case 5: block_rows<5, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
+        case 4: block_rows<4, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
+        case 3: block_rows<3, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
+        case 2: block_rows<2, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
+        case 1: block_rows<1, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
+        default: break;
+      }
+    }
+    const __mmask16 cm = rows >= 16 ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
+    const __m512 sv = INT4 ? _mm512_set1_ps(1.f) : _mm512_maskz_loadu_ps(cm, A.scale + p);
+    const __m512 bv = A.bias ? _mm512_maskz_loadu_ps(cm, A.bias + p) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m)
+      _mm512_mask_storeu_ps(A.out + m * A.N + p, cm, E::finish_vec(E::tree16_v(acc + m * 256, 16), sv, bv));
+  }
+}
+
+}  // namespace q8panel
+}  // namespace codeshell
+CODESHELL_END_AVX512
+#endif

@@ -13,6 +13,7 @@ per batch the medians over the rounds, the best round, and the ratio off / on.
 
     python benchmarks/bench_decode_step.py                              # codeshell-mini, batch 1 and 8
     python benchmarks/bench_decode_step.py --model /tmp/bq/bf16 --tokens 32 --threads 1
+    python benchmarks/bench_decode_step.py --compare team   # the step without / with its thread team
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def worker(model: str, tokens: int, batch: int, threads: int) -> None:
     print(json.dumps({"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu)}))
 
 
-def measure(model: str, tokens: int, batch: int, threads: int, mode: str) -> dict:
-    env = dict(os.environ, CODESHELL_DECODE_STEP=mode)
+def measure(model: str, tokens: int, batch: int, threads: int, mode: str, compare: str = "step") -> dict:
+    var = "CODESHELL_DECODE_STEP" if compare == "step" else "CODESHELL_DECODE_TEAM"
+    env = dict(os.environ, **{var: mode})
     out = subprocess.run([sys.executable, __file__, "--worker", model, str(tokens), str(batch), str(threads)],
                          env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -72,16 +74,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compare", choices=["step", "team"], default="step",
+                    help="step: the native step off / on (CODESHELL_DECODE_STEP); team: the native step "
+                         "without / with its thread team (CODESHELL_DECODE_TEAM off / on)")
     a = ap.parse_args()
     if not Path(a.model, "config.json").is_file():
         ap.error(f"--model {a.model}: no config.json there")
-    print(f"model {a.model}, {a.threads} threads, {a.tokens} tokens, rounds {a.rounds}; "
+    print(f"model {a.model}, {a.threads} threads, {a.tokens} tokens, rounds {a.rounds}, off / on: {a.compare}; "
           f"load average before: {os.getloadavg()}")
     for b in a.batch:
         res: dict[str, list[dict]] = {"off": [], "on": []}
         for r in range(a.rounds):
             for mode in ("off", "on"):
-                res[mode].append(measure(a.model, a.tokens, b, a.threads, mode))
+                res[mode].append(measure(a.model, a.tokens, b, a.threads, mode, a.compare))
                 m = res[mode][-1]
                 print(f"  batch {b} round {r + 1} {mode:>3}: {m['wall_ms']:.3f} ms/step wall, "
                       f"{m['cpu_ms']:.3f} ms/step CPU", flush=True)

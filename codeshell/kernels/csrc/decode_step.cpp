@@ -25,8 +25,8 @@
 // The step's fixed cost (session 12): with the Python gone, a codeshell-mini token was still
 // ~60 parallel loops of a few microseconds (each kernel's at::parallel_for forking and joining
 // the OpenMP team) and ~50 output allocations. So a step (1) holds one thread team for the
-// whole call (parallel.h's Team: the calling thread runs the step, the others spin and take
-// chunks of each kernel's loop; `team` mode, on by default where a layer's weights are small,
+// whole call (parallel.h's Team: the calling thread runs the step, the team's helper threads
+// spin and take chunks of each kernel's loop; `team` mode, on by default where a layer's weights are small,
 // see `use_team`), and (2) writes the ops' outputs into per-step buffers (`Arena`: allocated
 // for the largest M seen, views remade only when M changes) through the entry points' `_out`
 // variants. Neither changes any op's arithmetic: every output element is computed by the same
@@ -358,35 +358,38 @@ class DecodeStep {
   static constexpr int64_t kTeamBytes = int64_t(4) << 20;
 
   // Runs body(arena) with the step's arena (a fresh one when another thread holds it) and, when
-  // use_team() and more than one thread, inside one OpenMP region: this thread runs the body as
-  // the team's master, the others serve its loops (parallel.h). Exceptions reach the caller.
+  // use_team() and more than one thread, as the master of the process's Team (parallel.h): the
+  // kernels' parallel_chunks loops go to its helpers, and torch's own loops on this thread
+  // (packed_attention's, torch ops) run serially for the call (this thread's OpenMP count 1),
+  // as they would inside a parallel region. Exceptions reach the caller.
   template <class Body>
   void step(const Body& body) const {
     std::unique_lock<std::mutex> lock(arena_mu_, std::try_to_lock);
     Arena fresh;
     Arena& a = lock.owns_lock() ? arena_ : fresh;
     const int threads = at::get_num_threads();
-    if (!use_team() || threads <= 1 || at::in_parallel_region()) {
+    codeshell::Team* team = nullptr;
+    if (use_team() && threads > 1 && !at::in_parallel_region() && codeshell::current_team() == nullptr) {
+      team = codeshell::Team::shared(threads);
+      if (!team->try_own()) team = nullptr;  // another thread's step holds it: run without
+    }
+    if (team == nullptr) {
       body(a);
       return;
     }
-    codeshell::Team team(threads);
+    omp_set_num_threads(1);
+    team->begin();
+    codeshell::current_team() = team;
     std::exception_ptr err;
-#pragma omp parallel num_threads(threads)
-    {
-      if (omp_get_thread_num() == 0) {
-        codeshell::current_team() = &team;
-        try {
-          body(a);
-        } catch (...) {
-          err = std::current_exception();
-        }
-        codeshell::current_team() = nullptr;
-        team.stop();
-      } else {
-        team.serve();
-      }
+    try {
+      body(a);
+    } catch (...) {
+      err = std::current_exception();
     }
+    codeshell::current_team() = nullptr;
+    team->end();
+    team->disown();
+    omp_set_num_threads(threads);
     if (err) std::rethrow_exception(err);
   }
 

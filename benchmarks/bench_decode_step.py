@@ -57,8 +57,9 @@ def worker(model: str, tokens: int, batch: int, threads: int) -> None:
 
 def calls(model: str, batch: int, threads: int, blocks: int) -> None:
     """The native call alone (`DecodeStep.decode`, what the engine's `_packed` calls), timed call by
-    call in this process with its thread team off and on, alternating blocks of 100 calls; then
-    the engine's steps of greedy generations, each step's wall time and the native call's share.
+    call (blocks of 100 calls), then the engine's steps of greedy generations: each step's wall
+    time and the native call's share. CODESHELL_DECODE_TEAM as the caller set it (one mode per
+    process: switching the team on and off inside one process slowed the off calls at batch 8).
     Percentiles: on a shared machine the low ones are the steps the other jobs left alone."""
     import numpy as np
     import torch
@@ -74,21 +75,16 @@ def calls(model: str, batch: int, threads: int, blocks: int) -> None:
     if d is None or d.step is None:
         sys.exit("error: the native decode step does not run this model")
     pc, cache, pct = time.perf_counter, eng.cache, (10, 50)
-    times: dict[int, list[float]] = {0: [], 1: []}
-    built = d.step.team
+    times: list[float] = []
     with torch.inference_mode():
         for _ in range(blocks):
-            for mode in (0, 1):
-                d.step.team = mode
-                for i in range(100):
-                    t = pc()
-                    d.step.decode([5] * batch, [20 + i % 40] * batch, list(range(batch)), cache.k, cache.v, d.scale)
-                    times[mode].append(pc() - t)
-    d.step.team = built
-    for mode, name in ((0, "team off"), (1, "team on")):
-        q = np.percentile(times[mode], pct) * 1e3
-        print(f"  batch {batch} native call, {name}: p10 {q[0]:.3f} ms, p50 {q[1]:.3f} ms")
-    # the engine's steps (CODESHELL_DECODE_TEAM as set): wall per step and the native call in it
+            for i in range(100):
+                t = pc()
+                d.step.decode([5] * batch, [20 + i % 40] * batch, list(range(batch)), cache.k, cache.v, d.scale)
+                times.append(pc() - t)
+    team = "team on" if d.step.uses_team else "team off"
+    q = np.percentile(times, pct) * 1e3
+    print(f"  batch {batch}, {team}: native call p10 {q[0]:.3f} ms, p50 {q[1]:.3f} ms")
     inner: list[float] = []
     orig = engine_mod._native_decode
 
@@ -115,10 +111,9 @@ def calls(model: str, batch: int, threads: int, blocks: int) -> None:
     engine_mod._native_decode = orig
     s, n = np.array(steps), np.array(native)
     for q in pct:
-        st, nt = np.percentile(s, q) * 1e3, np.percentile(n, q) * 1e3
-        py = np.percentile(s - n, q) * 1e3
-        print(f"  batch {batch} engine step p{q}: {st:.3f} ms, native call {nt:.3f} ms, the rest (engine Python) "
-              f"{py:.3f} ms ({py / st:.0%})")
+        st, nt, py = (np.percentile(v, q) * 1e3 for v in (s, n, s - n))
+        print(f"  batch {batch}, {team}: engine step p{q} {st:.3f} ms, native call {nt:.3f} ms, the rest "
+              f"(engine Python) {py:.3f} ms ({py / st:.0%})")
 
 
 def measure(model: str, tokens: int, batch: int, threads: int, mode: str, compare: str = "step") -> dict:
@@ -148,7 +143,7 @@ def main() -> None:
                     help="step: the native step off / on (CODESHELL_DECODE_STEP); team: the native step "
                          "without / with its thread team (CODESHELL_DECODE_TEAM off / on)")
     ap.add_argument("--calls", action="store_true",
-                    help="instead: the native call alone, call by call, team off / on in one process "
+                    help="instead: the native call alone, call by call, team off / on in alternating processes "
                          "(percentiles), and the engine Python's share of a step")
     a = ap.parse_args()
     if not Path(a.model, "config.json").is_file():
@@ -156,11 +151,14 @@ def main() -> None:
     if a.calls:
         print(f"model {a.model}, {a.threads} threads; load average before: {os.getloadavg()}")
         for b in a.batch:
-            out = subprocess.run([sys.executable, __file__, "--calls-worker", a.model, str(b), str(a.threads),
-                                  str(10 * a.rounds)], capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"error: the worker failed: {out.stderr.strip().splitlines()[-1:]}")
-            print(out.stdout.rstrip(), flush=True)
+            for r in range(a.rounds):
+                for mode in ("off", "on"):  # separate processes, alternating
+                    out = subprocess.run([sys.executable, __file__, "--calls-worker", a.model, str(b), str(a.threads),
+                                          "10"], env=dict(os.environ, CODESHELL_DECODE_TEAM=mode),
+                                         capture_output=True, text=True)
+                    if out.returncode != 0:
+                        sys.exit(f"error: the worker failed: {out.stderr.strip().splitlines()[-1:]}")
+                    print(out.stdout.rstrip(), flush=True)
         print(f"load average after: {os.getloadavg()}")
         return
     print(f"model {a.model}, {a.threads} threads, {a.tokens} tokens, rounds {a.rounds}, off / on: {a.compare}; "

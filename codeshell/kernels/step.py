@@ -63,10 +63,11 @@ _TEAM = {"off": 0, "on": 1, "auto": 2}
 
 
 def team_mode() -> int:
-    """CODESHELL_DECODE_TEAM (auto by default): whether the native step runs in one thread
+    """CODESHELL_DECODE_TEAM (off by default): whether the native step runs in one thread
     team for the whole call (csrc/decode_step.cpp `set_team`: 0 off, 1 on, 2 auto = on where
-    every layer's weights are small, codeshell-mini's size)."""
-    v = os.environ.get("CODESHELL_DECODE_TEAM", "auto")
+    every layer's weights are small, codeshell-mini's size). Off by default: on the shared
+    2-core machine of session 12 it gave no steady gain (docs/kernels.md)."""
+    v = os.environ.get("CODESHELL_DECODE_TEAM", "off")
     if v not in _TEAM:
         raise ValueError(f"CODESHELL_DECODE_TEAM={v!r}: expected auto, on or off")
     return _TEAM[v]

@@ -363,21 +363,22 @@ def test_team_and_step_buffers_bitwise(kind, team, monkeypatch, native_calls, tw
 
 
 def test_team_mode_auto_and_switch(monkeypatch, native_calls, two_threads):
-    """auto (the default): the team where every layer's weights are <= 4 MiB (codeshell-mini's
+    """off by default; auto: the team where every layer's weights are <= 4 MiB (codeshell-mini's
     size), not above; a change of CODESHELL_DECODE_TEAM rebuilds the step; a bad value is one
     clear error."""
     m = tiny("bf16")
     assert_same_runs(m, monkeypatch, native_calls, prompts(2))
     s = built(m)
-    assert s.team == 2 and s.uses_team
-    monkeypatch.setenv("CODESHELL_DECODE_TEAM", "off")
+    assert s.team == 0 and not s.uses_team
+    monkeypatch.setenv("CODESHELL_DECODE_TEAM", "auto")
     assert_same_runs(m, monkeypatch, native_calls, prompts(2))
-    assert built(m) is not s and built(m).team == 0
+    assert built(m) is not s and built(m).team == 2 and built(m).uses_team
     # the threshold, on a step's own bookkeeping (C = 256, one layer of 5 MiB of weights)
     mod = _ext.get()
 
     def layer_of(mib_fc):
         st = mod.DecodeStep(8, 2, 32, 0)
+        st.team = 2
         ids = [st.add_linear(0, 2, 0, torch.empty(n << 20, dtype=torch.uint8), None, None, None, 0, N, K)
                for n, N, K in ((1, 384, 256), (1, 256, 256), (mib_fc, 1024, 256), (1, 256, 1024))]
         st.add_layer(None, None, 1e-5, ids[0], ids[1], None, None, 1e-5, ids[2], ids[3])

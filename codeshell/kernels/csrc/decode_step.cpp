@@ -24,13 +24,15 @@
 //
 // The step's fixed cost (session 12): with the Python gone, a codeshell-mini token was still
 // ~60 parallel loops of a few microseconds (each kernel's at::parallel_for forking and joining
-// the OpenMP team) and ~50 output allocations. So a step (1) holds one thread team for the
-// whole call (parallel.h's Team: the calling thread runs the step, the team's helper threads
-// spin and take chunks of each kernel's loop; `team` mode, on by default where a layer's weights are small,
-// see `use_team`), and (2) writes the ops' outputs into per-step buffers (`Arena`: allocated
-// for the largest M seen, views remade only when M changes) through the entry points' `_out`
-// variants. Neither changes any op's arithmetic: every output element is computed by the same
-// code on the same inputs, whichever thread runs its chunk.
+// the OpenMP team) and ~50 output allocations. So a step (1) writes the ops' outputs into
+// per-step buffers (`Arena`: allocated for the largest M seen, views remade only when M
+// changes) through the entry points' `_out` variants: codeshell-mini's native call at 2 threads
+// 0.60 -> 0.49-0.53 ms (p10, batch 1); and (2) can hold one thread team for the whole call
+// (parallel.h's Team: the calling thread runs the step, the team's helper threads spin and take
+// chunks of each kernel's loop; `team` mode, off by default: on the shared 2-core machine it
+// measured no steadier gain, and some processes ran 1.5x slower with it; docs/kernels.md,
+// session 12). Neither changes any op's arithmetic: every output element is computed by the
+// same code on the same inputs, whichever thread runs its chunk.
 
 #include <torch/extension.h>
 
@@ -204,13 +206,13 @@ class DecodeStep {
     inner_ = f.N;
   }
 
-  // The thread team for a whole step (parallel.h's Team): 0 off (each kernel forks its own
-  // loops, as before session 12), 1 on, 2 auto: on when every layer's weights are at most
-  // kTeamBytes (codeshell-mini's are 1.4 MiB in bf16), where the ops take microseconds and
-  // forking the OpenMP team per op costs as much as the op. Off on larger models: with the
-  // team the attention of one query runs on the calling thread (packed_attention's own split
-  // over KV groups cannot take the team's threads), which costs more at long contexts there
-  // than the forks it saves.
+  // The thread team for a whole step (parallel.h's Team): 0 off (the default: each kernel
+  // forks its own loops, as before session 12), 1 on, 2 auto: on when every layer's weights are
+  // at most kTeamBytes (codeshell-mini's are 1.4 MiB in bf16), where the ops take microseconds
+  // and forking the OpenMP team per op costs as much as the op. Never on larger models by
+  // auto: with the team the attention of one query runs on the calling thread
+  // (packed_attention's own split over KV groups cannot take the team's threads), which costs
+  // more at long contexts there than the forks it saves.
   void set_team(int64_t mode) {
     TORCH_CHECK(mode >= 0 && mode <= 2, "DecodeStep.set_team: mode must be 0 (off), 1 (on) or 2 (auto), got ", mode);
     team_ = mode;
@@ -492,7 +494,7 @@ class DecodeStep {
   double lnf_eps_ = 1e-5;
   int64_t head_ = -1, emb_kind_ = kEmbPanels, vocab_ = 0;
   torch::Tensor emb_, inv_freq_;
-  int64_t team_ = 2, layer_bytes_ = 0, inner_ = 0;
+  int64_t team_ = 0, layer_bytes_ = 0, inner_ = 0;
   mutable std::mutex arena_mu_;
   mutable Arena arena_;
 };

@@ -13,6 +13,8 @@ per batch the medians over the rounds, the best round, and the ratio off / on.
 
     python benchmarks/bench_decode_step.py                              # codeshell-mini, batch 1 and 8
     python benchmarks/bench_decode_step.py --model /tmp/bq/bf16 --tokens 32 --threads 1
+    python benchmarks/bench_decode_step.py --compare team   # the step without / with its thread team
+    python benchmarks/bench_decode_step.py --calls          # the native call alone, team off / on, percentiles
 """
 
 from __future__ import annotations
@@ -53,8 +55,70 @@ def worker(model: str, tokens: int, batch: int, threads: int) -> None:
     print(json.dumps({"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu)}))
 
 
-def measure(model: str, tokens: int, batch: int, threads: int, mode: str) -> dict:
-    env = dict(os.environ, CODESHELL_DECODE_STEP=mode)
+def calls(model: str, batch: int, threads: int, blocks: int) -> None:
+    """The native call alone (`DecodeStep.decode`, what the engine's `_packed` calls), timed call by
+    call (blocks of 100 calls), then the engine's steps of greedy generations: each step's wall
+    time and the native call's share. CODESHELL_DECODE_TEAM as the caller set it (one mode per
+    process: switching the team on and off inside one process slowed the off calls at batch 8).
+    Percentiles: on a shared machine the low ones are the steps the other jobs left alone."""
+    import numpy as np
+    import torch
+
+    import codeshell.engine.engine as engine_mod
+    from codeshell import LLM, SamplingParams
+    from codeshell.kernels import step as step_mod
+
+    llm = LLM(model, dtype="bfloat16", threads=threads, max_batch=max(8, batch), max_model_len=400)
+    eng = llm.engine
+    llm.generate([{"prompt_token_ids": [5] * 16}] * batch, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    d = step_mod._DECODERS.get(eng.model)
+    if d is None or d.step is None:
+        sys.exit("error: the native decode step does not run this model")
+    pc, cache, pct = time.perf_counter, eng.cache, (10, 50)
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(blocks):
+            for i in range(100):
+                t = pc()
+                d.step.decode([5] * batch, [20 + i % 40] * batch, list(range(batch)), cache.k, cache.v, d.scale)
+                times.append(pc() - t)
+    team = "team on" if d.step.uses_team else "team off"
+    q = np.percentile(times, pct) * 1e3
+    print(f"  batch {batch}, {team}: native call p10 {q[0]:.3f} ms, p50 {q[1]:.3f} ms")
+    inner: list[float] = []
+    orig = engine_mod._native_decode
+
+    def timed(*a):
+        t = pc()
+        out = orig(*a)
+        inner.append(pc() - t)
+        return out
+
+    engine_mod._native_decode = timed
+    g = torch.Generator().manual_seed(1)
+    steps, native = [], []
+    for rep in range(4):
+        for i in range(batch):
+            eng.add_request(f"c{rep}-{i}", torch.randint(0, eng.cfg.vocab_size, (16,), generator=g).tolist(),
+                            SamplingParams(temperature=0, max_tokens=129, ignore_eos=True))
+        while eng.has_unfinished():
+            inner.clear()
+            t = pc()
+            eng.step()
+            if len(inner) == 1:
+                steps.append(pc() - t)
+                native.append(inner[0])
+    engine_mod._native_decode = orig
+    s, n = np.array(steps), np.array(native)
+    for q in pct:
+        st, nt, py = (np.percentile(v, q) * 1e3 for v in (s, n, s - n))
+        print(f"  batch {batch}, {team}: engine step p{q} {st:.3f} ms, native call {nt:.3f} ms, the rest "
+              f"(engine Python) {py:.3f} ms ({py / st:.0%})")
+
+
+def measure(model: str, tokens: int, batch: int, threads: int, mode: str, compare: str = "step") -> dict:
+    var = "CODESHELL_DECODE_STEP" if compare == "step" else "CODESHELL_DECODE_TEAM"
+    env = dict(os.environ, **{var: mode})
     out = subprocess.run([sys.executable, __file__, "--worker", model, str(tokens), str(batch), str(threads)],
                          env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -63,6 +127,9 @@ def measure(model: str, tokens: int, batch: int, threads: int, mode: str) -> dic
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--calls-worker":
+        calls(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
         return
@@ -72,16 +139,35 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compare", choices=["step", "team"], default="step",
+                    help="step: the native step off / on (CODESHELL_DECODE_STEP); team: the native step "
+                         "without / with its thread team (CODESHELL_DECODE_TEAM off / on)")
+    ap.add_argument("--calls", action="store_true",
+                    help="instead: the native call alone, call by call, team off / on in alternating processes "
+                         "(percentiles), and the engine Python's share of a step")
     a = ap.parse_args()
     if not Path(a.model, "config.json").is_file():
         ap.error(f"--model {a.model}: no config.json there")
-    print(f"model {a.model}, {a.threads} threads, {a.tokens} tokens, rounds {a.rounds}; "
+    if a.calls:
+        print(f"model {a.model}, {a.threads} threads; load average before: {os.getloadavg()}")
+        for b in a.batch:
+            for r in range(a.rounds):
+                for mode in ("off", "on"):  # separate processes, alternating
+                    out = subprocess.run([sys.executable, __file__, "--calls-worker", a.model, str(b), str(a.threads),
+                                          "10"], env=dict(os.environ, CODESHELL_DECODE_TEAM=mode),
+                                         capture_output=True, text=True)
+                    if out.returncode != 0:
+                        sys.exit(f"error: the worker failed: {out.stderr.strip().splitlines()[-1:]}")
+                    print(out.stdout.rstrip(), flush=True)
+        print(f"load average after: {os.getloadavg()}")
+        return
+    print(f"model {a.model}, {a.threads} threads, {a.tokens} tokens, rounds {a.rounds}, off / on: {a.compare}; "
           f"load average before: {os.getloadavg()}")
     for b in a.batch:
         res: dict[str, list[dict]] = {"off": [], "on": []}
         for r in range(a.rounds):
             for mode in ("off", "on"):
-                res[mode].append(measure(a.model, a.tokens, b, a.threads, mode))
+                res[mode].append(measure(a.model, a.tokens, b, a.threads, mode, a.compare))
                 m = res[mode][-1]
                 print(f"  batch {b} round {r + 1} {mode:>3}: {m['wall_ms']:.3f} ms/step wall, "
                       f"{m['cpu_ms']:.3f} ms/step CPU", flush=True)

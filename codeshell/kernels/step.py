@@ -14,7 +14,8 @@ ids to the logits and the greedy picks (the embedding rows, RoPE's rows, the blo
 output head and its argmax in the same native call), for the same bits as the model's forward,
 `lm_head` and `sampling.first_argmax`; the engine's Python per step is then the scheduling and
 the sequences' bookkeeping.
-`CODESHELL_DECODE_STEP=off` forces the Python path (tests, A/B timing).
+`CODESHELL_DECODE_STEP=off` forces the Python path (tests, A/B timing);
+`CODESHELL_DECODE_TEAM=off|on|auto` whether the step runs in one thread team (see `team_mode`).
 
 What this is not: a prefill path, an fp32-model path, or a kernel dispatcher (`ops.plan` names
 the kernels; this only maps its names to the native codes).
@@ -57,6 +58,20 @@ def enabled() -> bool:
     if v == "off":
         return False
     raise ValueError(f"CODESHELL_DECODE_STEP={v!r}: expected on or off")
+
+
+_TEAM = {"off": 0, "on": 1, "auto": 2}
+
+
+def team_mode() -> int:
+    """CODESHELL_DECODE_TEAM (off by default): whether the native step runs in one thread
+    team for the whole call (csrc/decode_step.cpp `set_team`: 0 off, 1 on, 2 auto = on where
+    every layer's weights are small, codeshell-mini's size). Off by default: on the shared
+    2-core machine of session 12 it gave no steady gain (docs/kernels.md)."""
+    v = os.environ.get("CODESHELL_DECODE_TEAM", "off")
+    if v not in _TEAM:
+        raise ValueError(f"CODESHELL_DECODE_TEAM={v!r}: expected auto, on or off")
+    return _TEAM[v]
 
 
 def _fast(linear: nn.Module) -> FastLinear | None:
@@ -111,6 +126,7 @@ def _build(model: nn.Module, src: list):
         return None
     mod = _ext.get()
     step = mod.DecodeStep(cfg.n_head, cfg.num_query_groups, cfg.head_dim, ops.isa_level())
+    step.team = team_mode()
     per = 4 + 6
     for i in range(len(model.h)):
         s = src[i * per:(i + 1) * per]
@@ -148,12 +164,12 @@ def step_for(model: nn.Module):
     src = _sources(model)
     if src is None:
         return None
-    cap = os.environ.get("CODESHELL_KERNEL_ISA")
+    cap, team = os.environ.get("CODESHELL_KERNEL_ISA"), os.environ.get("CODESHELL_DECODE_TEAM")
     hit = _STEPS.get(model)
-    if hit is not None and hit[1] == cap and _same(hit[0], src):
+    if hit is not None and hit[1] == cap and hit[3] == team and _same(hit[0], src):
         return hit[2]
     step = _build(model, src)
-    _STEPS[model] = (src, cap, step)
+    _STEPS[model] = (src, cap, step, team)
     return step
 
 
@@ -227,10 +243,11 @@ class _Checks:
 
 
 class _Decoder:
-    __slots__ = ("step", "checks", "cap", "scale", "hooks", "attrs")
+    __slots__ = ("step", "checks", "cap", "team", "scale", "hooks", "attrs")
 
     def __init__(self, step, checks: _Checks, cap, scale: float, hooks: tuple, attrs: tuple):
         self.step, self.checks, self.cap, self.scale = step, checks, cap, scale
+        self.team = None  # CODESHELL_DECODE_TEAM when built (a change rebuilds)
         self.hooks = hooks  # the modules' forward (pre-)hook dicts: any entry -> the model runs
         self.attrs = attrs  # their __dict__s: a `forward` set on the instance -> the model runs
 
@@ -305,10 +322,11 @@ def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots:
     None where the native step does not apply (the caller runs the model)."""
     if not enabled() or len(tokens) > ops.ROW_INVARIANT_MAX_M:
         return None
-    cap = os.environ.get("CODESHELL_KERNEL_ISA")
+    cap, team = os.environ.get("CODESHELL_KERNEL_ISA"), os.environ.get("CODESHELL_DECODE_TEAM")
     d = _DECODERS.get(lm)
-    if d is None or d.cap != cap or not d.checks.valid():
+    if d is None or d.cap != cap or d.team != team or not d.checks.valid():
         d = _DECODERS[lm] = _build_decoder(lm, cap)
+        d.team = team
     if d.step is None or d.skip() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return None
     from torch.nn.modules import module as _m  # global hooks: the model's forward would run them

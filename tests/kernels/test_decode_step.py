@@ -332,3 +332,64 @@ def test_decode_fallbacks(monkeypatch, native_calls):
     m = tiny("bf16", rope_scaling_type="linear", rope_scaling_factor=2.0)
     assert_same_runs(m, monkeypatch, native_calls, prompts(2))
     assert step_mod._DECODERS[m].step is None
+
+
+@pytest.fixture
+def two_threads():
+    """2 OpenMP threads (the team needs more than one), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("team", ["on", "off"])
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_team_and_step_buffers_bitwise(kind, team, monkeypatch, native_calls, two_threads):
+    """The step in one thread team (CODESHELL_DECODE_TEAM=on: the helper thread takes chunks of
+    every kernel's loop, a batch's queries split between the threads) and without it, its
+    per-step buffers reused as the batch size changes between steps (verify steps of varying
+    rows, requests finishing): bit for bit the Python path."""
+    monkeypatch.setenv("CODESHELL_DECODE_TEAM", team)
+    m = tiny(kind)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(1))
+    assert_same_runs(m, monkeypatch, native_calls, prompts(4), lookup=5)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(4), max_tokens=[2, 9, 5, 7])
+    s = built(m)
+    assert s.team == {"off": 0, "on": 1}[team] and s.uses_team == (team == "on")
+    # the blocks-only call (`run`, learned positions: no RoPE), in the team too
+    assert_same_runs(tiny("bf16", position_embedding_type="learned_absolute"), monkeypatch, native_calls,
+                     prompts(3), lookup=4)
+
+
+def test_team_mode_auto_and_switch(monkeypatch, native_calls, two_threads):
+    """off by default; auto: the team where every layer's weights are <= 4 MiB (codeshell-mini's
+    size), not above; a change of CODESHELL_DECODE_TEAM rebuilds the step; a bad value is one
+    clear error."""
+    m = tiny("bf16")
+    assert_same_runs(m, monkeypatch, native_calls, prompts(2))
+    s = built(m)
+    assert s.team == 0 and not s.uses_team
+    monkeypatch.setenv("CODESHELL_DECODE_TEAM", "auto")
+    assert_same_runs(m, monkeypatch, native_calls, prompts(2))
+    assert built(m) is not s and built(m).team == 2 and built(m).uses_team
+    # the threshold, on a step's own bookkeeping (C = 256, one layer of 5 MiB of weights)
+    mod = _ext.get()
+
+    def layer_of(mib_fc):
+        st = mod.DecodeStep(8, 2, 32, 0)
+        st.team = 2
+        ids = [st.add_linear(0, 2, 0, torch.empty(n << 20, dtype=torch.uint8), None, None, None, 0, N, K)
+               for n, N, K in ((1, 384, 256), (1, 256, 256), (mib_fc, 1024, 256), (1, 256, 1024))]
+        st.add_layer(None, None, 1e-5, ids[0], ids[1], None, None, 1e-5, ids[2], ids[3])
+        return st
+
+    assert layer_of(1).uses_team and not layer_of(2).uses_team
+    big = layer_of(2)
+    big.team = 1
+    assert big.uses_team
+    with pytest.raises(RuntimeError, match="mode must be 0"):
+        big.team = 3
+    monkeypatch.setenv("CODESHELL_DECODE_TEAM", "fast")
+    with pytest.raises(ValueError, match="CODESHELL_DECODE_TEAM='fast': expected auto, on or off"):
+        step_mod.team_mode()

@@ -21,14 +21,31 @@
 // Why: at decode on small models the kernels take a few microseconds each and the Python
 // around them (module calls, FastLinear, ops._compute, PackedView's index_put stores,
 // reshapes) ~250-400 us per layer: codeshell-mini ran at 0.3x llama.cpp's step rate.
+//
+// The step's fixed cost (session 12): with the Python gone, a codeshell-mini token was still
+// ~60 parallel loops of a few microseconds (each kernel's at::parallel_for forking and joining
+// the OpenMP team) and ~50 output allocations. So a step (1) writes the ops' outputs into
+// per-step buffers (`Arena`: allocated for the largest M seen, views remade only when M
+// changes) through the entry points' `_out` variants: codeshell-mini's native call at 2 threads
+// 0.60 -> 0.49-0.53 ms (p10, batch 1); and (2) can hold one thread team for the whole call
+// (parallel.h's Team: the calling thread runs the step, the team's helper threads spin and take
+// chunks of each kernel's loop; `team` mode, off by default: on the shared 2-core machine it
+// measured no steadier gain, and some processes ran 1.5x slower with it; docs/kernels.md,
+// session 12). Neither changes any op's arithmetic: every output element is computed by the
+// same code on the same inputs, whichever thread runs its chunk.
 
 #include <torch/extension.h>
 
 #include "entry.h"
 #include "isa.h"
+#include "parallel.h"
+
+#include <omp.h>
 
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -59,26 +76,26 @@ struct Layer {
   int64_t attn, proj, fc, mlp_proj;  // indices into DecodeStep::linears_
 };
 
-// bf16 [M, K] -> fp32 [M, K]: exact (what `.to(torch.float32)` gives), without the dispatcher.
-torch::Tensor to_f32(const torch::Tensor& x) {
-  auto out = torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
+// bf16 [M, K] -> fp32 out [M, K]: exact (what `.to(torch.float32)` gives), without the dispatcher.
+void to_f32(const torch::Tensor& x, torch::Tensor& out) {
   const bf16* src = x.data_ptr<bf16>();
   float* dst = out.data_ptr<float>();
   const int64_t n = x.numel();
   for (int64_t i = 0; i < n; ++i) dst[i] = float(src[i]);
-  return out;
 }
 
-// y [M, N] fp32 for x bf16 [M, K] contiguous: ops._compute's call for this linear's path.
-torch::Tensor apply(const Linear& l, const torch::Tensor& x) {
+// y [M, N] fp32 for x bf16 [M, K] contiguous: ops._compute's call for this linear's path. The
+// bf16 paths write into `out` (fp32 [M, N]) and return it; the int8/int4 kernels return their
+// own tensor. `xf` (fp32 [M, K]) holds x converted for the paths that take fp32 x.
+torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out, torch::Tensor& xf) {
   switch (l.kernel) {
-    case kAmxBf16: return prefill_bf16_amx(x, l.data, l.N, l.bias);
-    case kPanelBf16: return decode_bf16(x, l.data, l.N, l.bias, l.isa);
+    case kAmxBf16: prefill_bf16_amx_out(x, l.data, l.N, l.bias, out); return out;
+    case kPanelBf16: decode_bf16_out(x, l.data, l.N, l.bias, l.isa, out); return out;
     default: break;
   }
-  const torch::Tensor xf = to_f32(x);  // every other path takes fp32 x (ops._compute's x.to(float32))
+  to_f32(x, xf);  // every other path takes fp32 x (ops._compute's x.to(float32))
   switch (l.kernel) {
-    case kPanelF32: return decode_bf16(xf, l.data, l.N, l.bias, codeshell::kAvx2);
+    case kPanelF32: decode_bf16_out(xf, l.data, l.N, l.bias, codeshell::kAvx2, out); return out;
     case kQ8:
       if (l.kind == kInt8) return decode_int8_q8(xf, l.data, *l.scales, l.bias, l.isa);
       return decode_int4_q8(xf, l.data, *l.scales, l.offsets, l.group, l.bias, l.isa);
@@ -90,6 +107,49 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x) {
   TORCH_CHECK(false, "DecodeStep: unknown kernel code ", l.kernel);
   return {};
 }
+
+// The step's buffers for M rows: allocated for the largest M seen (`rows`), viewed as [M, ...]
+// (the views remade only when M changes). One per DecodeStep, used under its mutex; a call
+// that finds it busy (two threads stepping one model) uses a fresh one.
+struct Arena {
+  int64_t rows = 0, vcap = 1, M = 0, Vv = -1;  // capacity; the views' M and V
+  // bases [rows, width]; views [M, width] (att / q as [M, H, D])
+  torch::Tensor b_x, b_h0, b_h1, b_y, b_qkv, b_q, b_att, b_g, b_fqkv, b_fc, b_ffc, b_fpend, b_xc, b_xi, b_head, b_freqs,
+      b_cos, b_sin;
+  torch::Tensor x, h0, h1, y, qkv, q, att, g, fqkv, fc, ffc, fpend, xc, xi, head, freqs, cos, sin;
+
+  // C the width, W = (H + 2G) D, I the MLP's inner width, V the head's rows (0: none), half = D/2
+  void shape(int64_t M_, int64_t C, int64_t W, int64_t I, int64_t V, int64_t half, int64_t H, int64_t D) {
+    if (M_ == M && V == Vv) return;
+    // plain tensors and views even when the first call runs under torch.inference_mode (the
+    // engine's): an inference tensor cannot be written (cos_out) by a later call outside it
+    c10::InferenceMode normal(false);
+    if (M_ > rows || V > vcap) {
+      const auto b = torch::TensorOptions().dtype(torch::kBFloat16), f = torch::TensorOptions().dtype(torch::kFloat32);
+      rows = std::max(rows, M_);
+      vcap = std::max(vcap, V);
+      b_x = torch::empty({rows, C}, b), b_h0 = torch::empty({rows, C}, b), b_h1 = torch::empty({rows, C}, b);
+      b_y = torch::empty({rows, C}, b), b_qkv = torch::empty({rows, W}, b), b_q = torch::empty({rows, C}, b);
+      b_att = torch::empty({rows, C}, b), b_g = torch::empty({rows, I}, b);
+      b_fqkv = torch::empty({rows, W}, f), b_fc = torch::empty({rows, C}, f), b_ffc = torch::empty({rows, I}, f);
+      b_fpend = torch::empty({rows, C}, f), b_xc = torch::empty({rows, C}, f), b_xi = torch::empty({rows, I}, f);
+      b_head = torch::empty({rows * vcap}, f);
+      b_freqs = torch::empty({rows, half}, f), b_cos = torch::empty({rows, half}, f), b_sin = torch::empty({rows, half}, f);
+    }
+    M = M_;
+    Vv = V;
+    auto v = [&](const torch::Tensor& t) { return t.narrow(0, 0, M); };
+    x = v(b_x), h0 = v(b_h0), h1 = v(b_h1), y = v(b_y), qkv = v(b_qkv), g = v(b_g);
+    q = v(b_q).view({M, H, D}), att = v(b_att).view({M, H, D});
+    fqkv = v(b_fqkv), fc = v(b_fc), ffc = v(b_ffc), fpend = v(b_fpend), xc = v(b_xc), xi = v(b_xi);
+    const int64_t Vh = std::max<int64_t>(V, 1);
+    head = b_head.narrow(0, 0, M * Vh).view({M, Vh});  // contiguous [M, V]
+    freqs = v(b_freqs), cos = v(b_cos), sin = v(b_sin);
+  }
+
+  // the fp32 buffer for x converted for a linear of K inputs (C or I)
+  torch::Tensor& xf(int64_t K, int64_t C) { return K == C ? xc : xi; }
+};
 
 // Rows i of k, v (heads H..H+G-1 and H+G..H+2G-1 of qkv bf16 [M, (H + 2G) * D]) into the
 // layer's bf16 cache [slots, G, max_len, D] at [slot_i, g, pos_i]: PackedView._store's
@@ -140,7 +200,25 @@ class DecodeStep {
     TORCH_CHECK(a.K == C && a.N == (H_ + 2 * G_) * D_ && p.K == C && p.N == C && f.K == C && m.K == f.N && m.N == C,
                 "DecodeStep: the linears' shapes do not chain (C=", C, ")");
     layers_.push_back(Layer{ln1_w, ln1_b, ln2_w, ln2_b, ln1_eps, ln2_eps, attn, proj, fc, mlp_proj});
+    int64_t bytes = 0;
+    for (const Linear* l : {&a, &p, &f, &m}) bytes += l->data.nbytes();
+    layer_bytes_ = std::max(layer_bytes_, bytes);
+    inner_ = f.N;
   }
+
+  // The thread team for a whole step (parallel.h's Team): 0 off (the default: each kernel
+  // forks its own loops, as before session 12), 1 on, 2 auto: on when every layer's weights are
+  // at most kTeamBytes (codeshell-mini's are 1.4 MiB in bf16), where the ops take microseconds
+  // and forking the OpenMP team per op costs as much as the op. Never on larger models by
+  // auto: with the team the attention of one query runs on the calling thread
+  // (packed_attention's own split over KV groups cannot take the team's threads), which costs
+  // more at long contexts there than the forks it saves.
+  void set_team(int64_t mode) {
+    TORCH_CHECK(mode >= 0 && mode <= 2, "DecodeStep.set_team: mode must be 0 (off), 1 (on) or 2 (auto), got ", mode);
+    team_ = mode;
+  }
+  int64_t team() const { return team_; }
+  bool use_team() const { return team_ == 1 || (team_ == 2 && layer_bytes_ <= kTeamBytes); }
 
   void set_final(const c10::optional<torch::Tensor>& w, const c10::optional<torch::Tensor>& b, double eps) {
     lnf_w_ = w;
@@ -167,7 +245,12 @@ class DecodeStep {
     for (const auto* t : {&slots, &positions, &lens})
       TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == M,
                   "DecodeStep.run: slots, positions and lens must be contiguous int64 [M] tensors");
-    return blocks(x, cos, sin, kc, vc, slots, positions, lens, scale);
+    torch::Tensor out;
+    step([&](Arena& a) {
+      a.shape(M, C, (H_ + 2 * G_) * D_, inner_, 0, D_ / 2, H_, D_);
+      out = blocks(a, x, cos, sin, kc, vc, slots, positions, lens, scale).clone();  // the arena's is reused
+    });
+    return out;
   }
 
   // The whole packed step from token ids (the engine's decode / verify step, CodeShellForCausalLM
@@ -187,42 +270,39 @@ class DecodeStep {
                 "DecodeStep.decode: tokens, positions and slots must have one entry per token");
     TORCH_CHECK(head_ >= 0 && emb_.defined() && inv_freq_.defined(),
                 "DecodeStep.decode needs set_head, set_embedding and set_rope first");
-    // the embedding rows x bf16 [M, C] (exact copies, as the model's embedding lookup)
-    torch::Tensor x = torch::empty({M, C}, emb_.options());
-    auto* xp = reinterpret_cast<uint16_t*>(x.data_ptr<bf16>());
-    const auto* ep = reinterpret_cast<const uint16_t*>(emb_.data_ptr<bf16>());
-    for (int64_t i = 0; i < M; ++i) {
-      const int64_t r = tokens[i];
-      TORCH_CHECK_INDEX(0 <= r && r < vocab_, "token id ", r, " is out of range for an embedding of ", vocab_, " rows");
-      uint16_t* dst = xp + i * C;
-      if (emb_kind_ == kEmbRows) {
-        std::memcpy(dst, ep + r * C, C * sizeof(uint16_t));
-      } else {  // the head's panels: row r is lane r % 16 of panel r / 16, k-pairs 64 bytes apart
-        const uint16_t* src = ep + (r / 16) * emb_.size(1) * 32 + (r % 16) * 2;
-        int64_t j = 0;
-        for (; 2 * j + 1 < C; ++j) std::memcpy(dst + 2 * j, src + j * 32, 4);
-        if (C & 1) dst[C - 1] = src[j * 32];
-      }
-    }
-    // RoPE rows: freqs [M, D/2] = float(position) * inv_freq (single fp32 products, as torch's
-    // broadcast multiply), then torch's own cos and sin on the same [M, D/2] shape (same bits)
-    torch::Tensor freqs = torch::empty({M, half}, inv_freq_.options());
-    const float* inv = inv_freq_.data_ptr<float>();
-    float* fp = freqs.data_ptr<float>();
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < half; ++j) fp[i * half + j] = float(positions[i]) * inv[j];
-    const torch::Tensor cos = freqs.cos(), sin = freqs.sin();
-    std::vector<int64_t> lens(M);
-    for (int64_t i = 0; i < M; ++i) lens[i] = positions[i] + 1;
-    const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-    auto as_tensor = [&](const std::vector<int64_t>& v) {
-      return torch::from_blob(const_cast<int64_t*>(v.data()), {M}, i64);
-    };
-    const torch::Tensor h = blocks(x, cos, sin, kc, vc, as_tensor(slots), as_tensor(positions), as_tensor(lens), scale);
-    const torch::Tensor logits = apply(linears_[head_], h).to(torch::kBFloat16);
-    const torch::Tensor picks = argmax_rows(logits);
-    const int64_t* pp = picks.data_ptr<int64_t>();
-    return {logits, std::vector<int64_t>(pp, pp + M)};
+    torch::Tensor logits;
+    std::vector<int64_t> picks(M);
+    const Linear& head = linears_[head_];
+    step([&](Arena& a) {
+      a.shape(M, C, (H_ + 2 * G_) * D_, inner_, head.N, half, H_, D_);
+      embed(tokens, a.x);
+      // RoPE rows: freqs [M, D/2] = float(position) * inv_freq (single fp32 products, as torch's
+      // broadcast multiply), then torch's own cos and sin on the same [M, D/2] shape (same bits)
+      const float* inv = inv_freq_.data_ptr<float>();
+      float* fp = a.freqs.data_ptr<float>();
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < half; ++j) fp[i * half + j] = float(positions[i]) * inv[j];
+      at::cos_out(a.cos, a.freqs);
+      at::sin_out(a.sin, a.freqs);
+      std::vector<int64_t> lens(M);
+      for (int64_t i = 0; i < M; ++i) lens[i] = positions[i] + 1;
+      const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+      auto as_tensor = [&](const std::vector<int64_t>& v) {
+        return torch::from_blob(const_cast<int64_t*>(v.data()), {M}, i64);
+      };
+      torch::Tensor h = blocks(a, a.x, a.cos, a.sin, kc, vc, as_tensor(slots), as_tensor(positions), as_tensor(lens),
+                               scale);
+      const torch::Tensor y = apply(head, h, a.head, a.xf(C, C));  // fp32 [M, V]
+      // its cast to bf16 (FastLinear's `.to(bfloat16)`: the same rounding), split over the team
+      logits = torch::empty({M, head.N}, h.options());
+      const float* yp = y.data_ptr<float>();
+      bf16* lp = logits.data_ptr<bf16>();
+      codeshell::parallel_chunks(M * head.N, 1024, 8192,
+                                 [&](int64_t i0, int64_t i1) { f32_to_bf16(yp + i0, lp + i0, i1 - i0); });
+      const torch::Tensor p = argmax_rows(logits);
+      std::memcpy(picks.data(), p.data_ptr<int64_t>(), M * sizeof(int64_t));
+    });
+    return {logits, picks};
   }
 
   // The output head: linear `index` (add_linear; K = C). Its logits are decode's.
@@ -277,8 +357,87 @@ class DecodeStep {
                   " position ", pp[i], " is outside the cache [", S, " slots, ", L, " positions]");
   }
 
-  // run's work: every block and ln_f on rows x bf16 [M, C] (checked by the caller).
-  torch::Tensor blocks(const torch::Tensor& x, const c10::optional<torch::Tensor>& cos,
+  static constexpr int64_t kTeamBytes = int64_t(4) << 20;
+
+  // Runs body(arena) with the step's arena (a fresh one when another thread holds it) and, when
+  // use_team() and more than one thread, as the master of the process's Team (parallel.h): the
+  // kernels' parallel_chunks loops go to its helpers, and torch's own loops on this thread
+  // (packed_attention's, torch ops) run serially for the call (this thread's OpenMP count 1),
+  // as they would inside a parallel region. Exceptions reach the caller.
+  template <class Body>
+  void step(const Body& body) const {
+    std::unique_lock<std::mutex> lock(arena_mu_, std::try_to_lock);
+    Arena fresh;
+    Arena& a = lock.owns_lock() ? arena_ : fresh;
+    const int threads = at::get_num_threads();
+    codeshell::Team* team = nullptr;
+    if (use_team() && threads > 1 && !at::in_parallel_region() && codeshell::current_team() == nullptr) {
+      team = codeshell::Team::shared(threads);
+      if (!team->try_own()) team = nullptr;  // another thread's step holds it: run without
+    }
+    if (team == nullptr) {
+      body(a);
+      return;
+    }
+    omp_set_num_threads(1);
+    team->begin();
+    codeshell::current_team() = team;
+    std::exception_ptr err;
+    try {
+      body(a);
+    } catch (...) {
+      err = std::current_exception();
+    }
+    codeshell::current_team() = nullptr;
+    team->end();
+    team->disown();
+    omp_set_num_threads(threads);
+    if (err) std::rethrow_exception(err);
+  }
+
+  // The embedding rows of `tokens` into x bf16 [M, C] (exact copies, as the model's lookup).
+  void embed(const std::vector<int64_t>& tokens, torch::Tensor& x) const {
+    const int64_t M = int64_t(tokens.size()), C = H_ * D_;
+    auto* xp = reinterpret_cast<uint16_t*>(x.data_ptr<bf16>());
+    const auto* ep = reinterpret_cast<const uint16_t*>(emb_.data_ptr<bf16>());
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t r = tokens[i];
+      TORCH_CHECK_INDEX(0 <= r && r < vocab_, "token id ", r, " is out of range for an embedding of ", vocab_, " rows");
+      uint16_t* dst = xp + i * C;
+      if (emb_kind_ == kEmbRows) {
+        std::memcpy(dst, ep + r * C, C * sizeof(uint16_t));
+      } else {  // the head's panels: row r is lane r % 16 of panel r / 16, k-pairs 64 bytes apart
+        const uint16_t* src = ep + (r / 16) * emb_.size(1) * 32 + (r % 16) * 2;
+        int64_t j = 0;
+        for (; 2 * j + 1 < C; ++j) std::memcpy(dst + 2 * j, src + j * 32, 4);
+        if (C & 1) dst[C - 1] = src[j * 32];
+      }
+    }
+  }
+
+  // packed_attention of the M queries q bf16 [M, H, D] into att (the arena's [M, H, D]). In a
+  // team with M > 1 the queries are split into one contiguous share per thread, each share one
+  // packed_attention call (each query's result does not depend on the others in the call:
+  // attention.cpp), since packed_attention's own loop cannot take the team's threads.
+  torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& kl, const torch::Tensor& vl,
+                       const torch::Tensor& slots, const torch::Tensor& lens, double scale, torch::Tensor& att) const {
+    const int64_t M = q.size(0);
+    codeshell::Team* team = codeshell::current_team();
+    if (team == nullptr || M == 1) return packed_attention(q, kl, vl, slots, lens, scale, attn_isa_);
+    const int64_t share = (M + team->threads() - 1) / team->threads(), row = q.size(1) * q.size(2);
+    bf16* out = att.data_ptr<bf16>();
+    team->run(M, share, [&](int64_t i0, int64_t i1) {
+      const int64_t n = i1 - i0;
+      const torch::Tensor o = packed_attention(q.narrow(0, i0, n), kl, vl, slots.narrow(0, i0, n),
+                                               lens.narrow(0, i0, n), scale, attn_isa_);
+      std::memcpy(out + i0 * row, o.data_ptr<bf16>(), n * row * sizeof(bf16));
+    });
+    return att;
+  }
+
+  // run's work: every block and ln_f on rows x bf16 [M, C] (checked by the caller), in the
+  // arena `a` (shaped for M). Returns ln_f's output: the arena's y.
+  torch::Tensor blocks(Arena& a, const torch::Tensor& x, const c10::optional<torch::Tensor>& cos,
                        const c10::optional<torch::Tensor>& sin, const torch::Tensor& kc, const torch::Tensor& vc,
                        const torch::Tensor& slots, const torch::Tensor& positions, const torch::Tensor& lens,
                        double scale) const {
@@ -289,27 +448,43 @@ class DecodeStep {
     const int64_t L = kc.size(3);
     torch::Tensor h = x;
     c10::optional<torch::Tensor> pending;  // the last block's output rows (fp32), added before the next LayerNorm
+    int64_t flip = 0;                       // h's buffer: the adds write h0 and h1 in turn (never their input)
+    auto add_ln = [&](const c10::optional<torch::Tensor>& r, const c10::optional<torch::Tensor>& w,
+                      const c10::optional<torch::Tensor>& b, double eps) {
+      torch::Tensor& hn = (flip++ & 1) ? a.h1 : a.h0;
+      fused_add_layer_norm_out(h, r, w, b, eps, hn, a.y);
+      if (r) h = hn;
+    };
     for (int64_t layer = 0; layer < layers(); ++layer) {
       const Layer& ly = layers_[layer];
-      auto ha = fused_add_layer_norm(h, pending, ly.ln1_w, ly.ln1_b, ly.ln1_eps);
-      h = ha[0];
-      torch::Tensor y = apply(linears_[ly.attn], ha[1]);  // fp32 [M, (H + 2G) D]
-      torch::Tensor qkv = cos ? fused_rope_bf16(y, *cos, *sin, H + G, D) : y.to(torch::kBFloat16);
+      add_ln(pending, ly.ln1_w, ly.ln1_b, ly.ln1_eps);
+      const Linear& la = linears_[ly.attn];
+      torch::Tensor y = apply(la, a.y, a.fqkv, a.xf(la.K, C));  // fp32 [M, (H + 2G) D]
+      torch::Tensor qkv;
+      if (cos) {
+        fused_rope_bf16_out(y, *cos, *sin, H + G, D, a.qkv);
+        qkv = a.qkv;
+      } else {
+        qkv = y.to(torch::kBFloat16);
+      }
       const bf16* qp = qkv.data_ptr<bf16>();
       torch::Tensor kl = kc.select(0, layer), vl = vc.select(0, layer);  // [slots, G, max_len, D]
       store_kv(qp, M, H, G, D, sp, pp, kl.data_ptr<bf16>(), vl.data_ptr<bf16>(), L);
       // q rows [M, H, D]: the first H heads of each qkv row, made contiguous (as PackedView.attend)
-      torch::Tensor q = torch::empty({M, H, D}, qkv.options());
-      for (int64_t i = 0; i < M; ++i)
-        std::memcpy(q.data_ptr<bf16>() + i * C, qp + i * (H + 2 * G) * D, C * sizeof(bf16));
-      torch::Tensor att = packed_attention(q, kl, vl, slots, lens, scale, attn_isa_);  // bf16 [M, H, D]
-      y = apply(linears_[ly.proj], att.view({M, C}));
-      ha = fused_add_layer_norm(h, y, ly.ln2_w, ly.ln2_b, ly.ln2_eps);
-      h = ha[0];
-      y = apply(linears_[ly.fc], ha[1]);
-      pending = apply(linears_[ly.mlp_proj], fused_gelu_tanh(y, c10::nullopt, /*out_bf16=*/true));
+      bf16* q = a.q.data_ptr<bf16>();
+      for (int64_t i = 0; i < M; ++i) std::memcpy(q + i * C, qp + i * (H + 2 * G) * D, C * sizeof(bf16));
+      const torch::Tensor att = attend(a.q, kl, vl, slots, lens, scale, a.att);  // bf16 [M, H, D]
+      const Linear& lp = linears_[ly.proj];
+      y = apply(lp, att.view({M, C}), a.fc, a.xf(lp.K, C));
+      add_ln(y, ly.ln2_w, ly.ln2_b, ly.ln2_eps);
+      const Linear& lf = linears_[ly.fc];
+      y = apply(lf, a.y, a.ffc, a.xf(lf.K, C));
+      fused_gelu_tanh_out(y, c10::nullopt, /*out_bf16=*/true, a.g);
+      const Linear& lm = linears_[ly.mlp_proj];
+      pending = apply(lm, a.g, a.fpend, a.xf(lm.K, C));
     }
-    return fused_add_layer_norm(h, pending, lnf_w_, lnf_b_, lnf_eps_)[1];
+    add_ln(pending, lnf_w_, lnf_b_, lnf_eps_);
+    return a.y;
   }
 
   int64_t H_, G_, D_, attn_isa_;
@@ -319,6 +494,9 @@ class DecodeStep {
   double lnf_eps_ = 1e-5;
   int64_t head_ = -1, emb_kind_ = kEmbPanels, vocab_ = 0;
   torch::Tensor emb_, inv_freq_;
+  int64_t team_ = 0, layer_bytes_ = 0, inner_ = 0;
+  mutable std::mutex arena_mu_;
+  mutable Arena arena_;
 };
 
 }  // namespace
@@ -340,5 +518,8 @@ void register_decode_step(py::module& m) {
            "(tokens, positions, slots, k cache, v cache, scale) -> (logits bf16 [M, V], greedy picks)")
       .def("set_head", &DecodeStep::set_head, "the output head: a linear index (add_linear)")
       .def("set_embedding", &DecodeStep::set_embedding, "(kind 0 panels / 1 rows, bf16 table, V)")
-      .def("set_rope", &DecodeStep::set_rope, "RoPE's inverse frequencies fp32 [D/2]");
+      .def("set_rope", &DecodeStep::set_rope, "RoPE's inverse frequencies fp32 [D/2]")
+      .def_property("team", &DecodeStep::team, &DecodeStep::set_team,
+                    "the whole step in one thread team: 0 off, 1 on, 2 auto (on where the layers are small)")
+      .def_property_readonly("uses_team", &DecodeStep::use_team);
 }

@@ -68,5 +68,23 @@ torch::Tensor fused_rope_bf16(const torch::Tensor& y, const torch::Tensor& cos, 
                               int64_t heads, int64_t D);
 void register_fused(py::module& m);
 
+// Output-buffer variants for the native decode step (session 12, helper B): the same work as
+// the entry points above, written into the caller's buffers (decode_step.cpp reuses them
+// across steps instead of allocating every op's output).
+// panel_bf16.cpp: out contiguous fp32 with >= M * N values.
+void decode_bf16_out(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                     const c10::optional<torch::Tensor>& bias, int64_t isa, torch::Tensor& out);
+void prefill_bf16_amx_out(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                          const c10::optional<torch::Tensor>& bias, torch::Tensor& out);
+// fused.cpp: outputs of the input's shape.
+void fused_add_layer_norm_out(const torch::Tensor& x, const c10::optional<torch::Tensor>& r,
+                              const c10::optional<torch::Tensor>& weight, const c10::optional<torch::Tensor>& bias,
+                              double eps, torch::Tensor& h, torch::Tensor& y);
+void fused_gelu_tanh_out(const torch::Tensor& v, const c10::optional<torch::Tensor>& bias, bool out_bf16,
+                         torch::Tensor& out);
+void fused_rope_bf16_out(const torch::Tensor& y, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads,
+                         int64_t D, torch::Tensor& out);
+void f32_to_bf16(const float* src, at::BFloat16* dst, int64_t n);
+
 // decode_step.cpp: the blocks of a decode / verify step in one call (DecodeStep).
 void register_decode_step(py::module& m);

@@ -84,6 +84,7 @@ inline void store_tail(T* p, __m256 v, int64_t n) {
   store8(tmp, v);
   std::memcpy(p, tmp, n * sizeof(T));
 }
+inline __m256 load8_tail(const float* p, int64_t n) { return load_tail(p, n); }
 template <class T>
 inline __m256 loadn(const T* p, int64_t n) { return n >= 8 ? load8(p) : load_tail(p, n); }
 template <class T>
@@ -349,6 +350,21 @@ std::vector<torch::Tensor> fused_add_layer_norm(const torch::Tensor& x, const c1
                                                 const c10::optional<torch::Tensor>& weight,
                                                 const c10::optional<torch::Tensor>& bias, double eps) {
   check_rows(x, "x");
+  torch::Tensor h = r ? torch::empty_like(x) : x;
+  torch::Tensor y = torch::empty_like(x);
+  fused_add_layer_norm_out(x, r, weight, bias, eps, h, y);
+  return {h, y};
+}
+
+// fused_add_layer_norm into the caller's h and y (contiguous, x's shape and dtype; h is only
+// written when r is given). The native decode step's per-step buffers (decode_step.cpp).
+void fused_add_layer_norm_out(const torch::Tensor& x, const c10::optional<torch::Tensor>& r,
+                              const c10::optional<torch::Tensor>& weight, const c10::optional<torch::Tensor>& bias,
+                              double eps, torch::Tensor& h, torch::Tensor& y) {
+  check_rows(x, "x");
+  for (const torch::Tensor* t : {&h, &y})
+    TORCH_CHECK(t->is_contiguous() && t->sizes() == x.sizes() && t->scalar_type() == x.scalar_type(),
+                "h and y must be contiguous tensors of x's shape and dtype");
   const int64_t C = x.size(1);
   TORCH_CHECK(C > 0, "x must have at least one column");
   if (r) {
@@ -361,8 +377,6 @@ std::vector<torch::Tensor> fused_add_layer_norm(const torch::Tensor& x, const c1
   TORCH_CHECK(wdt == at::kFloat || wdt == at::kBFloat16, "weight and bias must be float32 or bfloat16");
   check_vec(weight, C, wdt, "weight");
   check_vec(bias, C, wdt, "bias");
-  torch::Tensor h = r ? torch::empty_like(x) : x;
-  torch::Tensor y = torch::empty_like(x);
   const bool xb = x.scalar_type() == at::kBFloat16, wb = wdt == at::kBFloat16;
   const bool rf = r && r->scalar_type() == at::kFloat;
   if (xb && wb) {
@@ -376,7 +390,6 @@ std::vector<torch::Tensor> fused_add_layer_norm(const torch::Tensor& x, const c1
   } else {
     add_ln<float, float, float>(x, r, h, y, weight, bias, eps);
   }
-  return {h, y};
 }
 
 // v [rows, N] (fp32 or bf16), bias fp32 [N] optional; out_bf16: the result in bf16 (v, plus
@@ -391,12 +404,29 @@ torch::Tensor fused_gelu_tanh(const torch::Tensor& v, const c10::optional<torch:
   }
   const bool vb = v.scalar_type() == at::kBFloat16;
   TORCH_CHECK(out_bf16 || !vb, "a bfloat16 v gives a bfloat16 result (out_bf16=True)");
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   torch::Tensor out = torch::empty({rows, N}, v.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  fused_gelu_tanh_out(v, bias, out_bf16, out);
+  return out;
+}
+
+// fused_gelu_tanh into the caller's contiguous `out` of v's shape (bf16 when out_bf16, else fp32).
+void fused_gelu_tanh_out(const torch::Tensor& v, const c10::optional<torch::Tensor>& bias, bool out_bf16,
+                         torch::Tensor& out) {
+  check_rows(v, "v");
+  const int64_t rows = v.size(0), N = v.size(1);
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32");
+    check_vec(bias, N, at::kFloat, "bias");
+  }
+  const bool vb = v.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(out_bf16 || !vb, "a bfloat16 v gives a bfloat16 result (out_bf16=True)");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == v.sizes() &&
+                  out.scalar_type() == (out_bf16 ? at::kBFloat16 : at::kFloat),
+              "out must be a contiguous tensor of v's shape in the result's dtype");
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   if (vb) gelu_rows<bf16, bf16>(v.data_ptr<bf16>(), bp, out.data_ptr<bf16>(), rows, N, bp != nullptr);
   else if (out_bf16) gelu_rows<float, bf16>(v.data_ptr<float>(), bp, out.data_ptr<bf16>(), rows, N, true);
   else gelu_rows<float, float>(v.data_ptr<float>(), bp, out.data_ptr<float>(), rows, N, false);
-  return out;
 }
 
 void check_rope(int64_t rows, int64_t C, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t D) {
@@ -433,9 +463,29 @@ torch::Tensor fused_rope_bf16(const torch::Tensor& y, const torch::Tensor& cos, 
   const int64_t rows = y.size(0), C = y.size(1);
   check_rope(rows, C, cos, sin, heads, D);
   torch::Tensor out = torch::empty({rows, C}, y.options().dtype(at::kBFloat16));
+  fused_rope_bf16_out(y, cos, sin, heads, D, out);
+  return out;
+}
+
+// fused_rope_bf16 into the caller's contiguous bf16 `out` of y's shape.
+void fused_rope_bf16_out(const torch::Tensor& y, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads,
+                         int64_t D, torch::Tensor& out) {
+  check_rows(y, "y");
+  TORCH_CHECK(y.scalar_type() == at::kFloat, "y must be float32");
+  const int64_t rows = y.size(0), C = y.size(1);
+  check_rope(rows, C, cos, sin, heads, D);
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == y.sizes() && out.scalar_type() == at::kBFloat16,
+              "out must be a contiguous bf16 tensor of y's shape");
   rope_rows<float, bf16>(y.data_ptr<float>(), out.data_ptr<bf16>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
                          cos.size(1), rows, C, heads, D);
-  return out;
+}
+
+// n fp32 values -> bf16, rounded to nearest even with NaN -> 0x7fc0: the bits of torch's
+// `.to(torch.bfloat16)` (c10::BFloat16's conversion), for the decode step's logits.
+void f32_to_bf16(const float* src, at::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
+  if (i < n) store_tail(dst + i, load8_tail(src + i, n - i), n - i);
 }
 
 void register_fused(pybind11::module& m) {

@@ -688,3 +688,46 @@ torch::Tensor pack_bf16(const torch::Tensor& w) {
   });
   return out;
 }
+
+// ---- Output-buffer variants (helper B, session 12: the native decode step's per-step buffers) ----
+// decode_bf16 and prefill_bf16_amx writing into the caller's contiguous fp32 buffer `out` (at
+// least M * N values; row m at out + m * N) instead of a new tensor: csrc/decode_step.cpp
+// reuses one buffer per linear output across steps. The same checks and kernels as above.
+void decode_bf16_out(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                     const c10::optional<torch::Tensor>& bias, int64_t isa, torch::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1);
+  check_panels(w, N, K);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "decode_bf16 takes 1..", kMaxRows, " rows of x, got ", M);
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() >= M * N,
+              "out must be a contiguous fp32 buffer of >= M * N values");
+  const float* b = bias_ptr(bias, N);
+  const auto* wp = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
+  if (isa == codeshell::kAvx2) {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "the AVX2 bf16 kernel takes fp32 x");
+    decode_panels<Avx2>(x, wp, N, padded_k(K), b, out.data_ptr<float>());
+    return;
+  }
+  TORCH_CHECK(isa == codeshell::kAvx512Bf16, "decode_bf16: isa must be avx2 (0) or avx512_bf16 (2), got ", isa);
+  codeshell::check_isa(isa);
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "the AVX512-BF16 kernel takes bf16 x");
+#if CODESHELL_HAVE_AVX512
+  decode_panels<Bf16Dot>(x, wp, N, padded_k(K), b, out.data_ptr<float>());
+#endif
+}
+
+void prefill_bf16_amx_out(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                          const c10::optional<torch::Tensor>& bias, torch::Tensor& out) {
+  codeshell::check_isa(codeshell::kAmx);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
+              "x must be a contiguous bf16 [M, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_panels(w, N, K);
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() >= M * N,
+              "out must be a contiguous fp32 buffer of >= M * N values");
+  const float* b = bias_ptr(bias, N);
+#if CODESHELL_HAVE_AVX512
+  prefill_amx(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
+              reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), N, b, out.data_ptr<float>());
+#endif
+}

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 
+#include "parallel.h"
 #include "simd.h"
 
 namespace {
@@ -185,7 +186,8 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
   const bool bf16 = logits.scalar_type() == torch::kBFloat16;
   const void* base = logits.data_ptr();
   // rows in parallel; one row is ~10 us, below what splitting it across threads would save
-  at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+  // (parallel_chunks: inside the native decode step's team, its threads take the rows)
+  codeshell::parallel_chunks(N, 1, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       o[r] = bf16 ? row_argmax<LoadBF16>(static_cast<const uint16_t*>(base) + r * V, V)
                   : row_argmax<LoadF32>(static_cast<const float*>(base) + r * V, V);

@@ -17,6 +17,7 @@
 
 #include "isa.h"
 #include "simd.h"
+#include "simd512.h"
 
 #include <algorithm>
 #include <cmath>
@@ -269,25 +270,6 @@ inline __m512 hsum8x16(const __m512* a) {
                        _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// exp8's operations on 16 lanes (the same bits per lane).
-inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-88.f), hi = _mm512_set1_ps(88.f);
-  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mov_ps(__mmask16(~under), _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
-}
 
 // softmax_rows for one row, the same bits: max (exact in any order), exps with the sum
 // accumulated 8 lanes at a time in key order, hsum8, the same scalar tail, then the scaling.
@@ -302,7 +284,7 @@ inline void softmax_row(float* pr, int64_t S) {
   const __m512 m16 = _mm512_set1_ps(mx);
   __m256 sv = _mm256_setzero_ps();
   for (s = 0; s + 16 <= S; s += 16) {
-    const __m512 ev = exp16(_mm512_sub_ps(_mm512_loadu_ps(pr + s), m16));
+    const __m512 ev = codeshell::exp16(_mm512_sub_ps(_mm512_loadu_ps(pr + s), m16));
     _mm512_storeu_ps(pr + s, ev);
     sv = _mm256_add_ps(sv, _mm512_castps512_ps256(ev));
     sv = _mm256_add_ps(sv, _mm512_extractf32x8_ps(ev, 1));

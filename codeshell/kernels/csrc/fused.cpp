@@ -40,6 +40,7 @@
 #include "entry.h"
 #include "isa.h"
 #include "simd.h"
+#include "simd512.h"
 
 namespace {
 
@@ -217,30 +218,12 @@ inline void store16(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, 
 inline void store16(bf16* p, __m512 v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(bf16_bits(v))); }
 inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
 
-inline __m512 exp16(__m512 x) {  // exp8's steps
-  const __m512 lo = _mm512_set1_ps(-88.f), hi = _mm512_set1_ps(88.f);
-  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mov_ps(__mmask16(~under), _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
-}
 
 inline __m512 gelu16(__m512 v) {  // gelu8's steps
   const __m512 k0 = _mm512_set1_ps(-2.0f * 0.7978845608028654f), k1 = _mm512_set1_ps(0.044715f);
   __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
   __m512 a = _mm512_mul_ps(k0, _mm512_add_ps(v, _mm512_mul_ps(k1, v3)));
-  __m512 g = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(a)));
+  __m512 g = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), codeshell::exp16(a)));
   return _mm512_mask_mov_ps(g, _mm512_cmp_ps_mask(a, _mm512_set1_ps(88.f), _CMP_GT_OQ), _mm512_mul_ps(v, _mm512_setzero_ps()));
 }
 
@@ -397,15 +380,8 @@ void fused_add_layer_norm_out(const torch::Tensor& x, const c10::optional<torch:
 // must then be fp32).
 torch::Tensor fused_gelu_tanh(const torch::Tensor& v, const c10::optional<torch::Tensor>& bias, bool out_bf16) {
   check_rows(v, "v");
-  const int64_t rows = v.size(0), N = v.size(1);
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32");
-    check_vec(bias, N, at::kFloat, "bias");
-  }
-  const bool vb = v.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(out_bf16 || !vb, "a bfloat16 v gives a bfloat16 result (out_bf16=True)");
-  torch::Tensor out = torch::empty({rows, N}, v.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
-  fused_gelu_tanh_out(v, bias, out_bf16, out);
+  torch::Tensor out = torch::empty({v.size(0), v.size(1)}, v.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  fused_gelu_tanh_out(v, bias, out_bf16, out);  // checks the rest
   return out;
 }
 

@@ -44,6 +44,7 @@
 #include "q8_epilogue.h"
 #include "quant_x.h"
 #include "scratch.h"
+#include "simd512.h"
 
 int64_t q8_block_int8(int64_t K);  // qdot.cpp: the int8 weight's activation block for K
 
@@ -71,32 +72,6 @@ void configure(int D) {
   _tile_loadconfig(&c);
 }
 
-// In-register transpose of a 16 x 16 matrix of 32-bit elements (r[i] = row i): unpack 32 and 64
-// within 128-bit lanes, then two rounds of lane shuffles (64 shuffles for 1 KiB).
-inline void transpose16(__m512i r[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 16; i += 2) {
-    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  // b[4g + j], lane L: column 4L + j of rows 4g..4g+3
-  for (int g = 0; g < 4; ++g) {
-    b[4 * g + 0] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
-    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
-    b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
-    b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512i c2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i c3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], _MM_SHUFFLE(3, 2, 3, 2));
-    r[j] = _mm512_shuffle_i32x4(c0, c2, _MM_SHUFFLE(2, 0, 2, 0));
-    r[4 + j] = _mm512_shuffle_i32x4(c0, c2, _MM_SHUFFLE(3, 1, 3, 1));
-    r[8 + j] = _mm512_shuffle_i32x4(c1, c3, _MM_SHUFFLE(2, 0, 2, 0));
-    r[12 + j] = _mm512_shuffle_i32x4(c1, c3, _MM_SHUFFLE(3, 1, 3, 1));
-  }
-}
 
 // Where k-quad k/4 of row block mt lives in xt: chunks of kChunkK along K outermost, then row
 // blocks, then the chunk's k-quads (64 bytes: 16 rows x 4), so the B tiles one chunk pass reads
@@ -127,7 +102,7 @@ void quantize_xt(const float* x, int64_t M, int64_t K, int64_t B, int8_t* xt, fl
       for (; k + 64 <= K; k += 64) {  // 16 k-quads in a row of one chunk (chunks are multiples of 64)
         __m512i v[16];
         for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_si512(rows.data() + r * K + k);
-        transpose16(v);
+        codeshell::transpose16(v);
         int8_t* dst = xt + xt_offset(Mt, K, mt, k);
         for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + j * 64, v[j]);
       }
@@ -255,7 +230,7 @@ void store_item(const Problem& P, int64_t pa, int64_t pb, const float* acc, int6
       __m512i v[16];
       const float* a = acc + (mt * rows_item + (p - pa) * 16) * 16;
       for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_si512(a + r * 16);
-      transpose16(v);
+      codeshell::transpose16(v);
       for (int64_t j = 0; j < 16 && mt * 16 + j < P.M; ++j)
         _mm512_mask_storeu_ps(P.out + (mt * 16 + j) * P.N + n0, cm,
                               _mm512_fmadd_ps(_mm512_castsi512_ps(v[j]), sv, bv));
@@ -463,7 +438,7 @@ inline void rows_store(const RowsProblem& P, int64_t n0, int64_t cols, const flo
   for (int mt = 0; mt < MT; ++mt) {
     __m512i v[16];
     for (int r = 0; r < 16; ++r) v[r] = _mm512_castps_si512(E::tree16_v(acc + mt * 16 * 256 + r * 16, 256));
-    transpose16(v);  // v[j]: row 16 mt + j of x, lane = weight row
+    codeshell::transpose16(v);  // v[j]: row 16 mt + j of x, lane = weight row
     for (int64_t j = 0; j < 16 && mt * 16 + j < P.M; ++j)
       _mm512_mask_storeu_ps(P.out + (mt * 16 + j) * P.N + n0, cm, E::finish_vec(_mm512_castsi512_ps(v[j]), sv, bv));
   }

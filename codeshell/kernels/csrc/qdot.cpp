@@ -663,13 +663,16 @@ bool use_vnni(int64_t isa, int64_t K) { return CODESHELL_HAVE_AVX512 && isa >= c
 // (docs/kernels.md, "session 12"): the tiles cost about the same whatever M up to 16 (x padded
 // to 16 rows), the transposed-panel kernel (q8_panel.h) grows with M from its M = 1 memory
 // bound: at M = 9 the panel kernel won on most shapes, at M = 16 the tiles (int8 and int4), so
-// the tiles run from 12; int4 groups of 32 / 64 (tile_v, session 11) from 4.
+// the tiles run from 12; int4 groups of 32 / 64 (tile_v, session 11, below) from 8: at 2
+// threads on the 4096-wide shapes (the GGUF Q4_0 files' groups of 32) the tiles cost ~9-10 ms
+// a step of the four linears at any M <= 12, tile_v 5.3-5.7 at M = 4 and 8.7-9.0 at M = 8
+// (a threshold of 4 cost the 4-client server a quarter of its tokens/s).
 // CODESHELL_Q8_AMX_MIN_M overrides it (read per call, ~0.1 us against a call's >= 1 us:
 // benchmarks time either kernel, tests check both at every M).
 int64_t amx_rows_min_m(bool panel) {
   const char* e = std::getenv("CODESHELL_Q8_AMX_MIN_M");
   if (e && *e) return std::max<int64_t>(1, std::atoll(e));
-  return panel ? 12 : 4;
+  return panel ? 12 : 8;
 }
 
 // The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows

@@ -39,6 +39,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "entry.h"
 #include "isa.h"
 #include "parallel.h"
 #include "scratch.h"
@@ -561,25 +562,10 @@ int64_t bf16_peak(int64_t Kt, int64_t reps, bool loads) {
 // x [M, K] (fp32 for isa kAvx2, bf16 for kAvx512Bf16) @ panels^T + bias -> fp32 [M, N], M <= 64.
 torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
                           const c10::optional<torch::Tensor>& bias, int64_t isa) {
-  const int64_t M = x.size(0), K = x.size(1);
-  check_panels(w, N, K);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
-  TORCH_CHECK(M >= 1 && M <= kMaxRows, "decode_bf16 takes 1..", kMaxRows, " rows of x, got ", M);
-  const float* b = bias_ptr(bias, N);
-  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-  const auto* wp = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
-  if (isa == codeshell::kAvx2) {
-    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "the AVX2 bf16 kernel takes fp32 x");
-    decode_panels<Avx2>(x, wp, N, padded_k(K), b, op);
-    return out;
-  }
-  TORCH_CHECK(isa == codeshell::kAvx512Bf16, "decode_bf16: isa must be avx2 (0) or avx512_bf16 (2), got ", isa);
-  codeshell::check_isa(isa);
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "the AVX512-BF16 kernel takes bf16 x");
-#if CODESHELL_HAVE_AVX512
-  decode_panels<Bf16Dot>(x, wp, N, padded_k(K), b, op);
-#endif
+  check_panels(w, N, x.size(1));  // before N sizes the result
+  auto out = torch::empty({x.size(0), N}, x.options().dtype(torch::kFloat32));
+  decode_bf16_out(x, w, N, bias, isa, out);  // the other checks
   return out;
 }
 
@@ -589,14 +575,9 @@ torch::Tensor prefill_bf16_amx(const torch::Tensor& x, const torch::Tensor& w, i
   codeshell::check_isa(codeshell::kAmx);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
               "x must be a contiguous bf16 [M, K] tensor");
-  const int64_t M = x.size(0), K = x.size(1);
-  check_panels(w, N, K);
-  const float* b = bias_ptr(bias, N);
-  auto out = codeshell::cached_output(M, N, x.options());  // large results reuse freed blocks (scratch.h)
-#if CODESHELL_HAVE_AVX512
-  prefill_amx(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
-              reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), N, b, out.data_ptr<float>());
-#endif
+  check_panels(w, N, x.size(1));  // before N sizes the result
+  auto out = codeshell::cached_output(x.size(0), N, x.options());  // large results reuse freed blocks (scratch.h)
+  prefill_bf16_amx_out(x, w, N, bias, out);
   return out;
 }
 

@@ -13,6 +13,7 @@ knows of HTTP or the CLI.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -386,11 +387,9 @@ class Engine:
         """Each sequence's draft (empty when lookup is off for it or nothing matched), at most
         one token short of its remaining budget and of the context window (the verify step
         emits up to len(draft) + 1 tokens)."""
-        out, default = [], self.prompt_lookup
+        out = []
         for s in seqs:
-            k = s.params.prompt_lookup_num_tokens
-            if k is None:
-                k = default
+            k = self._lookup_k(s.params)
             if k <= 0:
                 out.append([])
                 continue
@@ -538,17 +537,13 @@ def _native_decode(model, cache, tokens, positions, slots):
     return step.decode(model, cache, tokens, positions, slots)
 
 
+@functools.cache  # the import once, not at every verify step
 def _max_rows() -> int:
     """Most tokens one packed forward may hold: the linear kernels give each row the same bits
     whatever the other rows only up to `ROW_INVARIANT_MAX_M` rows per call (kernels/ops.py), and
     greedy text with prompt lookup must equal plain decoding's."""
-    if not _MAX_ROWS:
-        from ..kernels import ROW_INVARIANT_MAX_M
-        _MAX_ROWS.append(ROW_INVARIANT_MAX_M)
-    return _MAX_ROWS[0]
-
-
-_MAX_ROWS: list[int] = []  # ROW_INVARIANT_MAX_M, imported at the first verify step
+    from ..kernels import ROW_INVARIANT_MAX_M
+    return ROW_INVARIANT_MAX_M
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -70,7 +70,7 @@ def _timed(fn) -> float:
 
 
 def measure_bandwidth(threads: int) -> float:
-    """Read bandwidth in bytes/s: best of 5 sums over a 512 MiB float32 buffer."""
+    """Read bandwidth in bytes/s: `codeshell.bench.read_bandwidth_gbs` over a 512 MiB buffer."""
     from codeshell.llamacpp import read_bandwidth_gbs
     return read_bandwidth_gbs(threads, gib=0.5) * 1e9
 

@@ -108,7 +108,7 @@ def cpu_name() -> str:
 
 
 def read_bandwidth_gbs(threads: int, gib: float = 0.5, repeats: int = 5) -> float:
-    """`codeshell.bench.read_bandwidth_gbs` (best-of-N float32 sum over a buffer larger than any
+    """`codeshell.bench.read_bandwidth_gbs` (best-of-N read of a buffer larger than any
     cache, GB/s) on `threads` threads."""
     import torch
 

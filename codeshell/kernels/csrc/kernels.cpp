@@ -26,6 +26,7 @@
 #include "parallel.h"
 #include "simd.h"
 
+#include <atomic>
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
@@ -307,6 +308,39 @@ void dequant_int4(const torch::Tensor& q, const torch::Tensor& scale, const c10:
 
 }  // namespace
 
+// The memory read probe of the benchmarks (codeshell.bench.read_bandwidth_gbs): every byte of
+// `buf` read once per pass by all threads, in chunks the threads claim as the decode kernels claim
+// theirs (parallel_chunks), 256-bit loads into 4 independent OR chains with the decode kernels'
+// software prefetch distance, so nothing but memory bounds it. Returns the OR of all 64-bit words
+// (so the loads cannot be elided). Why not torch's sum alone: on some CPUs the float sum is not
+// memory bound (Zen 4, 2 threads: torch fp32 sum 46-59 GB/s while the int8 decode kernel streamed
+// weights at 62), and a probe below what the kernels reach makes "% of the bound" meaningless.
+int64_t read_stream(const torch::Tensor& buf, int64_t passes) {
+  TORCH_CHECK(buf.is_contiguous() && buf.nbytes() % 128 == 0 && passes > 0,
+              "read_stream needs a contiguous buffer of a multiple of 128 bytes and passes > 0");
+  const char* base = static_cast<const char*>(buf.data_ptr());
+  const int64_t lines = int64_t(buf.nbytes()) / 128;  // 128-byte units: 4 loads of 32 bytes
+  std::atomic<uint64_t> all{0};
+  for (int64_t pass = 0; pass < passes; ++pass)
+    codeshell::parallel_chunks(lines, 64, 512, [&](int64_t l0, int64_t l1) {
+      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t l = l0; l < l1; ++l) {
+        const char* p = base + l * 128;
+        _mm_prefetch(p + 2048, _MM_HINT_T0);
+        _mm_prefetch(p + 2048 + 64, _MM_HINT_T0);
+        a0 = _mm256_or_si256(a0, _mm256_load_si256(reinterpret_cast<const __m256i*>(p)));
+        a1 = _mm256_or_si256(a1, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 32)));
+        a2 = _mm256_or_si256(a2, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 64)));
+        a3 = _mm256_or_si256(a3, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 96)));
+      }
+      alignas(32) uint64_t v[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(v),
+                         _mm256_or_si256(_mm256_or_si256(a0, a1), _mm256_or_si256(a2, a3)));
+      all.fetch_or(v[0] | v[1] | v[2] | v[3], std::memory_order_relaxed);
+    });
+  return int64_t(all.load());
+}
+
 // The compute kernels run without the GIL (as torch's own ops do): the server's event loop, in
 // another thread of the same process, keeps streaming tokens while the engine thread computes.
 // The two short calls keep it: giving it up for ~75 us would risk waiting a whole switch
@@ -337,6 +371,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_bf16", &dequant_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> fp32 buffer, K-major");
   m.def("dequant_int8", &dequant_int8, kNoGil, "rows [n0,n1) of int8 weight -> fp32 buffer");
   m.def("dequant_int4", &dequant_int4, kNoGil, "rows [n0,n1) of int4 weight -> fp32 buffer");
+  m.def("read_stream", &read_stream, kNoGil, "read every byte of a buffer `passes` times on all threads (bandwidth probe)");
   register_fused(m);
   register_decode_step(m);
 }

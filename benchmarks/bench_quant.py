@@ -264,8 +264,8 @@ def main() -> None:
               f"{r['prompt_tps']:.1f} | {r['first_prompt_tps']:.1f} | {tflops:.2f} | {100 * tflops / peak['peak']:.0f}% | "
               f"{r['decode1_tps']:.2f} | {bound:.2f} | "
               f"{100 * r['decode1_tps'] / bound:.0f}% | {r['decodeb_tps']:.2f} | {r['decodeb_tps'] / r['decode1_tps']:.1f}x |")
-    print("(1st prompt: the first prompt of this length, which also measures each weight shape's prefill "
-          "candidates once; prompt: best of the next two. Prompt TFLOP/s: the blocks' linears, causal attention "
+    print("(1st prompt: the first prompt after load (each weight shape's prefill path is chosen at load, in "
+          "load s: measured there once per machine, then read from disk); prompt: best of the next two. Prompt TFLOP/s: the blocks' linears, causal attention "
           f"and the last token's head (`codeshell.bench.prompt_flops`); bf16 peak {peak['peak']:.2f} TFLOP/s, the "
           f"best of torch's bf16 matmul on the 7B shapes at M = {a.prompt_len} ({peak['torch']:.2f}) and our AMX "
           f"micro-kernel on L2-resident tiles ({peak.get('kernel', float('nan')):.2f}), measured in this run. "

@@ -78,6 +78,7 @@ class LLM:
         self.tokenizer: Tokenizer | None = tokenizer
         self.engine = Engine(self.model, self.config, self.tokenizer, max_batch=max_batch,
                              max_model_len=max_model_len)
+        _choose_prefill_paths(self.model, self.engine.prefill_chunk)
         self.max_model_len = self.engine.max_model_len
         self._ids = itertools.count()
 
@@ -218,6 +219,15 @@ def _prepare_kernels(model: torch.nn.Module) -> None:
             available()
     with status("Packing the weights for the native kernels"):
         prepare_model(model)
+
+
+def _choose_prefill_paths(model: torch.nn.Module, max_rows: int) -> None:
+    """`kernels.choose_prefill_paths` (the per-shape prefill choices measured at load, once per
+    machine: later loads read them from disk), with a spinner on a terminal."""
+    from .kernels import choose_prefill_paths
+    from .weights import status
+    with status("Choosing this machine's prefill kernels (measured once, then kept)"):
+        choose_prefill_paths(model, max_rows)
 
 
 def _deltas(outputs: Iterator[RequestOutput]) -> Iterator[str]:

@@ -14,7 +14,7 @@ kernel (and instruction set) runs is decided in one place, `ops.plan`;
 CODESHELL_KERNEL_ISA=avx2|avx512_vnni|avx512_bf16|amx caps it.
 """
 
-from .module import FastLinear, PackedEmbedding, PackedLinear, prepare_model
+from .module import FastLinear, PackedEmbedding, PackedLinear, choose_prefill_paths, prepare_model
 from .ops import (
     BF16_PANEL_MAX_M,
     DECODE_MAX_M,
@@ -56,6 +56,7 @@ __all__ = [
     "PackedLinear",
     "PackedWeight",
     "prepare_model",
+    "choose_prefill_paths",
     "available",
     "bf16_rows",
     "decode_attention",

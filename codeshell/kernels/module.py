@@ -181,3 +181,33 @@ def prepare_model(model: nn.Module) -> int:
         if is_head:
             model.transformer.wte = PackedEmbedding(packed.packed)
     return len(swaps)
+
+
+def choose_prefill_paths(model: nn.Module, max_rows: int) -> dict[tuple, str]:
+    """At load: the prefill path of each distinct weight shape of the model's linears (the output
+    head excepted) for every M bucket a prefill of up to `max_rows` rows falls in (128, 256, ...
+    the bucket of `max_rows`; M <= ROW_INVARIANT_MAX_M takes the decode kernels, no choice), with
+    activations of the model's dtype: `ops.plan` measures the candidates where several compete and
+    keeps the winner (in this process and on disk, `choices.py`), so no request pays for it later.
+    Returns {(kind, N, K, bucket): path}; {} when nothing is packed for the native kernels.
+    Why at load: measured at first use, the first prompt of each length bucket paid ~6 extra
+    calls per weight shape (a 7B bf16 prompt of 512 tokens: seconds) -- the request a user
+    waits for. The output head is left out: a prefill computes its logits for the last rows only.
+    """
+    head = getattr(model, "lm_head", None)
+    wte = model.transformer.wte
+    x_dtype = wte.dtype if isinstance(wte, PackedEmbedding) else wte.weight.dtype
+    seen: dict[tuple, PackedWeight] = {}
+    for mod in model.modules():
+        if mod is head:
+            continue
+        p = mod.packed if isinstance(mod, PackedLinear) else getattr(mod, "_kernel", None)
+        if isinstance(p, PackedWeight):
+            seen.setdefault((p.kind, p.out_features, p.in_features, p.group_size, p.offsets is None), p)
+    out: dict[tuple, str] = {}
+    bucket = 2 * ops.ROW_INVARIANT_MAX_M
+    while seen and bucket < 2 * max_rows:
+        for p in seen.values():
+            out[(p.kind, p.out_features, p.in_features, bucket)] = ops.plan(p, bucket, x_dtype)
+        bucket *= 2
+    return out

@@ -112,3 +112,32 @@ def test_off_keeps_nothing(tmp_path, monkeypatch):
     assert choices.path() is None
     choices.store(("bf16", 1, 2, 3), "x:y", {"x:y": 1.0})
     assert choices.lookup(("bf16", 1, 2, 3)) is None
+
+
+@needs_native
+def test_prefill_paths_are_chosen_at_load(tmp_path, monkeypatch):
+    # Loading a model measures (or reads) the prefill choice of each weight shape for every M
+    # bucket the engine's prefill can use, so a request never pays for it: a prompt of 100 tokens
+    # and a padded batch of 4 x 100 afterwards find their choices made. The head is left out (a
+    # prefill computes logits for the last rows only, M <= the batch). sgemm:fp32 joins the
+    # machine's own candidates so that there is a choice to make on every machine.
+    from codeshell import LLM, SamplingParams
+    from codeshell.bench import random_model
+    from codeshell.config import CodeShellConfig
+    monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(tmp_path / "choices.json"))
+    real = ops.prefill_candidates
+    monkeypatch.setattr(ops, "prefill_candidates",
+                        lambda p, dt, level: list(dict.fromkeys(real(p, dt, level) + ["sgemm:fp32"])))
+    choices.forget()
+    cfg = CodeShellConfig(vocab_size=512, n_embd=128, n_layer=2, n_head=4, num_query_groups=2, n_inner=256,
+                          n_positions=1024)
+    ops._CHOICES.clear()
+    llm = LLM.from_model(random_model(cfg, torch.bfloat16), cfg, max_batch=4)
+    made = dict(ops._CHOICES)
+    assert {(k[1], k[2]) for k in made} == {(cfg.qkv_dim, 128), (128, 128), (256, 128), (128, 256)}
+    assert {k[3] for k in made} == {128, 256, 512} and llm.engine.prefill_chunk == 512
+    prompts = [{"prompt_token_ids": list(range(i, 100 + i))} for i in range(4)]
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))
+    llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0))
+    assert ops._CHOICES == made
+    choices.forget()

@@ -81,16 +81,24 @@ class CacheView:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor | None:
-        """Decode (one new token per row): store k, v and return attention [B, H, 1, D] computed
-        from the cache in place by the native kernel (no gather of the batch's slots, no mask);
-        None, storing nothing, where that kernel does not apply (the caller uses `update`)."""
+        """Store k, v and return attention [B, H, T, D] computed from the cache in place by a
+        native kernel (no gather of the batch's slots, no mask): decode (one new token per row)
+        and, on AVX512-BF16 CPUs, prefill (T > 1, causal by position: `prefill_attention`, whose
+        result is laid out [B, T, H, D] underneath, so the caller's transpose back is free);
+        None, storing nothing, where neither applies (the caller uses `update` and SDPA)."""
         from ..kernels import decode_attention, decode_attention_ok
+        from ..kernels.prefill_attention import prefill_attention, prefill_attention_ok
         c = self.cache
         k_layer, v_layer = c.k[layer], c.v[layer]
-        if self.positions.shape[1] != 1 or not decode_attention_ok(q, k_layer):
+        if self.positions.shape[1] == 1:
+            if not decode_attention_ok(q, k_layer):
+                return None
+            self._store(layer, k, v)
+            return decode_attention(q, k_layer, v_layer, self.slot_index, self.lens, scale)
+        if not prefill_attention_ok(q, k_layer):
             return None
         self._store(layer, k, v)
-        return decode_attention(q, k_layer, v_layer, self.slot_index, self.lens, scale)
+        return prefill_attention(q, k_layer, v_layer, self.slot_index, self.positions, scale).transpose(1, 2)
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, G, T, D] at [slot, :, position] of any slots, consecutive or not."""

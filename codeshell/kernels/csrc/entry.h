@@ -88,3 +88,7 @@ void f32_to_bf16(const float* src, at::BFloat16* dst, int64_t n);
 
 // decode_step.cpp: the blocks of a decode / verify step in one call (DecodeStep).
 void register_decode_step(py::module& m);
+
+// attention_prefill.cpp: causal prefill attention over the KV cache (AVX512-BF16).
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                const torch::Tensor& slots, const torch::Tensor& positions, double scale);

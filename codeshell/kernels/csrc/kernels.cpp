@@ -371,6 +371,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_bf16", &dequant_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> fp32 buffer, K-major");
   m.def("dequant_int8", &dequant_int8, kNoGil, "rows [n0,n1) of int8 weight -> fp32 buffer");
   m.def("dequant_int4", &dequant_int4, kNoGil, "rows [n0,n1) of int4 weight -> fp32 buffer");
+  m.def("prefill_attention", &prefill_attention, kNoGil,
+        "causal GQA attention of T queries per row straight from the KV cache (AVX512-BF16) -> bf16 [B,T,H,D]");
   m.def("read_stream", &read_stream, kNoGil, "read every byte of a buffer `passes` times on all threads (bandwidth probe)");
   register_fused(m);
   register_decode_step(m);

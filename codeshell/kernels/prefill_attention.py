@@ -1,0 +1,41 @@
+"""Causal prefill attention straight from the engine's KV cache, through the native kernel
+`prefill_attention` (csrc/attention_prefill.cpp, AVX512-BF16).
+
+What this is: T new queries per row (a prompt, a chunk of one, a padded batch of prompts, the
+part of a prompt after a cached prefix), each attending to keys 0..its position of its own
+cache slot, grouped-query heads, bf16 in and out with fp32 scores, softmax and sums. The
+keys past a query's position are never computed, and the cache is read in place (no gather of
+the batch's slots, no [B, 1, T, S] mask). What this is not: decode attention (one query per
+row: `ops.decode_attention`, `attention.packed_attention`), or a path for fp32 models or CPUs
+without AVX512-BF16: `prefill_attention_ok` says when it applies, else the model runs
+PyTorch's SDPA with the boolean mask as before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from .ops import ISA_LEVELS, isa_level
+
+
+def prefill_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `prefill_attention` takes these tensors: CPU bf16 queries [B, H, T, D] with T > 1 and
+    a contiguous bf16 cache layer, D a multiple of 64 up to 256, and AVX512-BF16 here."""
+    return (q.device.type == "cpu" and q.dim() == 4 and q.shape[2] > 1 and q.dtype == torch.bfloat16
+            and k_cache.dtype == torch.bfloat16 and k_cache.is_contiguous() and q.stride(3) == 1
+            and q.shape[3] % 64 == 0 and q.shape[3] <= 256
+            and isa_level() >= ISA_LEVELS.index("avx512_bf16"))
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                      positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, T, D] bf16 (a view is fine: the last dim contiguous); k_cache, v_cache [slots, G,
+    max_len, D] bf16 with this call's keys already stored; slots int64 [B]; positions int64 [B, T]:
+    query t of row b is at positions[b, t] and sees keys 0..positions[b, t] of slot slots[b].
+    Returns [B, T, H, D] bf16 (the layout the output projection reads). Check
+    `prefill_attention_ok` first."""
+    if not prefill_attention_ok(q, k_cache):
+        raise ValueError("prefill_attention needs CPU bf16 queries [B, H, T > 1, D % 64 == 0], a contiguous bf16 "
+                         f"cache and AVX512-BF16 ({_ext.unavailable_reason() or 'available'})")
+    return _ext.get().prefill_attention(q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale)

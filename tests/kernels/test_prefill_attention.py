@@ -1,0 +1,103 @@
+"""The native prefill attention (`codeshell.kernels.prefill_attention`, csrc/attention_prefill.cpp):
+causal by position over the KV cache read in place, against fp32 attention with the mask the
+cache's SDPA path uses, and the engine's prefill with it against the same prefill on SDPA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codeshell.kernels import ISA_LEVELS, available, isa_level
+from codeshell.kernels import prefill_attention as pa
+
+needs_bf16 = pytest.mark.skipif(not available() or isa_level() < ISA_LEVELS.index("avx512_bf16"),
+                                reason="prefill_attention needs the native kernels and AVX512-BF16")
+
+
+def _case(B, H, G, D, T, P, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = P + T
+    kc = torch.randn(B + 2, G, S + 9, D, generator=g).to(torch.bfloat16)
+    vc = torch.randn(B + 2, G, S + 9, D, generator=g).to(torch.bfloat16)
+    # q as the model makes it: a view of the qkv rows [B, T, H + 2G, D], heads transposed
+    q = (torch.randn(B, T, H + 2 * G, D, generator=g) * 2).to(torch.bfloat16).transpose(1, 2)[:, :H]
+    slots = torch.tensor([2 * b + 1 for b in range(B)]) % (B + 2)  # not consecutive
+    pos = torch.arange(P, S).repeat(B, 1)
+    if B > 1:
+        pos[1] = torch.arange(T) + P // 2  # a row with a shorter prefix (padding rows of a batch)
+    return q, kc, vc, slots, pos
+
+
+def _reference(q, kc, vc, slots, pos, scale):
+    S = int(pos.max()) + 1
+    k, v = kc[slots, :, :S].float(), vc[slots, :, :S].float()
+    mask = (torch.arange(S)[None, None, :] <= pos[:, :, None])[:, None]
+    return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+@needs_bf16
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 128, 100, 0), (1, 32, 8, 128, 45, 300), (3, 4, 2, 64, 37, 5),
+                                         (2, 8, 8, 64, 33, 0), (2, 4, 1, 256, 70, 20), (1, 2, 2, 64, 2, 0)])
+def test_against_fp32_attention(B, H, G, D, T, P):
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    scale = 1 / math.sqrt(D)
+    got = pa.prefill_attention(q, kc, vc, slots, pos, scale)
+    assert got.shape == (B, T, H, D) and got.dtype == torch.bfloat16
+    ref = _reference(q, kc, vc, slots, pos, scale).transpose(1, 2)
+    # fp32 math inside, one rounding to bf16 at the end: within bf16's half-ulp of the exact result
+    torch.testing.assert_close(got.float(), ref, rtol=2 ** -8, atol=1e-3)
+    print(f"prefill_attention (avx512_bf16) B{B} H{H} G{G} D{D} T{T} P{P}: max err "
+          f"{(got.float() - ref).abs().max():.1e}")
+
+
+@needs_bf16
+def test_keys_past_a_position_are_never_read():
+    # NaN in every cache position past each row's last query: a kernel reading any of them
+    # (or the rows of other slots) would return NaN.
+    q, kc, vc, slots, pos = _case(2, 8, 2, 64, 40, 10)
+    for b in range(2):
+        kc[slots[b], :, int(pos[b].max()) + 1:] = float("nan")
+        vc[slots[b], :, int(pos[b].max()) + 1:] = float("nan")
+    other = [s for s in range(kc.shape[0]) if s not in slots.tolist()]
+    kc[other] = float("nan")
+    vc[other] = float("nan")
+    got = pa.prefill_attention(q, kc, vc, slots, pos, 0.125)
+    assert torch.isfinite(got.float()).all()
+
+
+@needs_bf16
+def test_bad_input_is_one_clear_error():
+    q, kc, vc, slots, pos = _case(1, 4, 2, 64, 8, 0)
+    with pytest.raises(RuntimeError, match="position .* outside the cache"):
+        pa.prefill_attention(q, kc, vc, slots, pos + 1000, 0.125)
+    with pytest.raises(RuntimeError, match="slot .* out of range"):
+        pa.prefill_attention(q, kc, vc, slots + 100, pos, 0.125)
+    assert not pa.prefill_attention_ok(q.float(), kc)  # fp32 models keep SDPA
+    assert not pa.prefill_attention_ok(q[:, :, :1], kc)  # one query: decode attention's job
+
+
+@needs_bf16
+def test_engine_prefill_matches_the_sdpa_path(monkeypatch):
+    # The same prompts (alone, a padded batch, after a cached prefix) through the engine with the
+    # native prefill attention and with SDPA: the same greedy tokens and close logits.
+    from codeshell import LLM, SamplingParams
+    from codeshell.bench import random_model
+    from codeshell.config import CodeShellConfig
+    cfg = CodeShellConfig(vocab_size=512, n_embd=256, n_layer=2, n_head=4, num_query_groups=2, n_inner=512,
+                          n_positions=512)
+    llm = LLM.from_model(random_model(cfg, torch.bfloat16), cfg, max_batch=4)
+    prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 for j in range(60 + 11 * i)]} for i in range(3)]
+    sp = SamplingParams(max_tokens=8, temperature=0, logprobs=1)
+    calls = []
+    real = pa.prefill_attention
+    monkeypatch.setattr(pa, "prefill_attention", lambda *a: calls.append(1) or real(*a))
+    native = [o.outputs[0] for o in llm.generate(prompts, sp)] + [llm.generate(prompts[:1], sp)[0].outputs[0]]
+    assert calls, "the native prefill attention did not run"
+    monkeypatch.setattr(pa, "prefill_attention_ok", lambda q, k: False)
+    sdpa = [o.outputs[0] for o in llm.generate(prompts, sp)] + [llm.generate(prompts[:1], sp)[0].outputs[0]]
+    for a, b in zip(native, sdpa):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05

@@ -13,10 +13,12 @@
 // Why: PyTorch's CPU SDPA (its flash kernel, bf16) ran 66-125 GFLOP/s on a 2-core Zen 4 against
 // 0.81 TFLOP/s for its own bf16 matmul there, and took 39% of a 512-token prefill of a 1024-wide
 // model (8 layers: 66 of 167 ms, the linears 84); with a boolean mask (what a cache with a
-// prefix needs) it also computes the masked half of the causal square. Here the scores are
-// vdpbf16ps over a key block packed as a weight panel (16 keys x 2 dims per 64-byte vector, the
-// same operand shape as the bf16 matmul kernels), every query row of the item reusing it, and the
-// values are FMAs on a block converted to fp32 once for all rows.
+// prefix needs) it also computes the masked half of the causal square. Here both products are
+// vdpbf16ps on blocks packed once for all the item's query rows: the scores over a key block laid
+// out as a weight panel (16 keys x 2 dims per 64-byte vector, the bf16 matmul kernels' operand),
+// the values over key pairs (16 dims x 2 keys) with the probabilities rounded to bf16 once, as
+// PyTorch's own CPU flash kernel rounds them for its bf16 value product (fp32 FMAs on the values
+// ran the whole kernel at 161-182 GFLOP/s; vdpbf16ps does twice the multiply-adds an instruction).
 // Work item: (row b, KV group g, 32 consecutive queries) = the r = H / G query heads of the group
 // x 32 queries, R = 32 r rows of queries sharing each packed key/value block.
 
@@ -53,22 +55,28 @@ struct Item {
   float scale;
 };
 
-// kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j (16 keys; keys past `n` are zero); vf[j][d] =
-// value row j0 + j in fp32 (zero past `n`).
-inline void pack_block(const Item& it, int64_t j0, int64_t n, uint32_t* kp, float* vf) {
+// kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
+// dim d, for the 16 keys j0..j0+15 (zero past `n`): both operands of vdpbf16ps as they are (the
+// scores sum over dims in pairs, the values over keys in pairs).
+inline void pack_block(const Item& it, int64_t j0, int64_t n, uint32_t* kp, uint32_t* vp) {
   const int64_t D = it.D, D2 = D / 2;
   for (int64_t j = 0; j < kKb; ++j) {
-    if (j < n) {
-      const uint32_t* kr = reinterpret_cast<const uint32_t*>(it.k + (j0 + j) * D);
+    const uint32_t* kr = reinterpret_cast<const uint32_t*>(it.k + (j0 + j) * D);
+    if (j < n)
       for (int64_t d2 = 0; d2 < D2; ++d2) kp[d2 * kKb + j] = kr[d2];
-      const uint16_t* vr = it.v + (j0 + j) * D;
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + d));
-        _mm512_store_ps(vf + j * D + d, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-      }
-    } else {
+    else
       for (int64_t d2 = 0; d2 < D2; ++d2) kp[d2 * kKb + j] = 0u;
-      for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(vf + j * D + d, _mm512_setzero_ps());
+  }
+  for (int64_t j2 = 0; j2 < kKb / 2; ++j2) {
+    const int64_t a = 2 * j2, b = a + 1;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512i lo = a < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                     it.v + (j0 + a) * D + d)))
+                               : _mm512_setzero_si512();
+      const __m512i hi = b < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                     it.v + (j0 + b) * D + d)))
+                               : _mm512_setzero_si512();
+      _mm512_store_si512(vp + j2 * D + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
   }
 }
@@ -83,7 +91,7 @@ inline void scores(const uint32_t* const* qr, const uint32_t* kp, int64_t D2, __
   }
 }
 
-void run_item(const Item& it, uint32_t* kp, float* vf, float* o, float* mrow, float* lrow, float* prow) {
+void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow, float* lrow, uint32_t* prow) {
   const int64_t D = it.D, D2 = D / 2, T = it.t1 - it.t0, R = it.r * T;
   // row i = (head h_local = i / T, query t = t0 + i % T)
   std::vector<const uint32_t*> qrow(size_t(R) + kMr);
@@ -101,8 +109,9 @@ void run_item(const Item& it, uint32_t* kp, float* vf, float* o, float* mrow, fl
   std::fill(lrow, lrow + R, 0.f);
   const __m512 sc = _mm512_set1_ps(it.scale);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  constexpr int64_t kP = kKb / 2;  // key pairs per block
   for (int64_t j0 = 0; j0 <= maxpos; j0 += kKb) {
-    pack_block(it, j0, std::min<int64_t>(kKb, maxpos + 1 - j0), kp, vf);
+    pack_block(it, j0, std::min<int64_t>(kKb, maxpos + 1 - j0), kp, vp);
     for (int64_t i0 = 0; i0 < R; i0 += kMr) {
       __m512 s[kMr];
       scores<kMr>(qrow.data() + i0, kp, D2, s);
@@ -111,17 +120,21 @@ void run_item(const Item& it, uint32_t* kp, float* vf, float* o, float* mrow, fl
         const int64_t i = i0 + ii;
         // keys j0 + lane <= pos of this query are visible
         const __mmask16 vis = _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(int32_t(qpos[i] - j0)), _MM_CMPINT_LE);
-        float* p = prow + ii * kKb;
+        uint32_t* p = prow + ii * kP;
         if (vis == 0) {  // a block wholly past this query: nothing to add
-          _mm512_store_ps(p, _mm512_setzero_ps());
+          _mm256_store_si256(reinterpret_cast<__m256i*>(p), _mm256_setzero_si256());
           continue;
         }
         const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, _mm512_mul_ps(s[ii], sc));
         const float mnew = std::max(mrow[i], _mm512_reduce_max_ps(x));
         const float alpha = std::exp(mrow[i] - mnew);  // 0 on the first visible block (-inf)
-        const __m512 e = _mm512_maskz_mov_ps(vis, codeshell::exp16(_mm512_sub_ps(x, _mm512_set1_ps(mnew))));
-        _mm512_store_ps(p, e);
-        lrow[i] = lrow[i] * alpha + _mm512_reduce_add_ps(e);
+        // the probabilities rounded to bf16 once (the values' vdpbf16ps operand); the row sum
+        // adds the rounded values, so the weights that multiply V are the ones normalised
+        const __m256bh eb = _mm512_cvtneps_pbh(
+            _mm512_maskz_mov_ps(vis, codeshell::exp16(_mm512_sub_ps(x, _mm512_set1_ps(mnew)))));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p), (__m256i)eb);
+        const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
+        lrow[i] = lrow[i] * alpha + _mm512_reduce_add_ps(er);
         mrow[i] = mnew;
         if (alpha != 1.f) {
           const __m512 a = _mm512_set1_ps(alpha);
@@ -129,22 +142,22 @@ void run_item(const Item& it, uint32_t* kp, float* vf, float* o, float* mrow, fl
           for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(oi + d, _mm512_mul_ps(_mm512_load_ps(oi + d), a));
         }
       }
-      // o[i] += p[i] . vf: two rows at a time share each value vector (16-wide strips of D)
+      // o[i] += p[i] . V: vdpbf16ps over key pairs, two rows at a time sharing each value vector
       int64_t ii = 0;
       for (; ii + 2 <= rows; ii += 2) {
         float* o0 = o + (i0 + ii) * D;
         float* o1 = o0 + D;
-        const float* p0 = prow + ii * kKb;
-        const float* p1 = p0 + kKb;
+        const uint32_t* p0 = prow + ii * kP;
+        const uint32_t* p1 = p0 + kP;
         for (int64_t d = 0; d < D; d += 64) {
           __m512 a0[4], a1[4];
           for (int c = 0; c < 4; ++c) a0[c] = _mm512_load_ps(o0 + d + 16 * c), a1[c] = _mm512_load_ps(o1 + d + 16 * c);
-          for (int64_t j = 0; j < kKb; ++j) {
-            const __m512 b0 = _mm512_set1_ps(p0[j]), b1 = _mm512_set1_ps(p1[j]);
+          for (int64_t j2 = 0; j2 < kP; ++j2) {
+            const __m512bh b0 = (__m512bh)_mm512_set1_epi32(int(p0[j2])), b1 = (__m512bh)_mm512_set1_epi32(int(p1[j2]));
             for (int c = 0; c < 4; ++c) {
-              const __m512 vv = _mm512_load_ps(vf + j * D + d + 16 * c);
-              a0[c] = _mm512_fmadd_ps(b0, vv, a0[c]);
-              a1[c] = _mm512_fmadd_ps(b1, vv, a1[c]);
+              const __m512bh vv = (__m512bh)_mm512_load_si512(vp + j2 * D + d + 16 * c);
+              a0[c] = _mm512_dpbf16_ps(a0[c], b0, vv);
+              a1[c] = _mm512_dpbf16_ps(a1[c], b1, vv);
             }
           }
           for (int c = 0; c < 4; ++c) _mm512_store_ps(o0 + d + 16 * c, a0[c]), _mm512_store_ps(o1 + d + 16 * c, a1[c]);
@@ -152,13 +165,14 @@ void run_item(const Item& it, uint32_t* kp, float* vf, float* o, float* mrow, fl
       }
       for (; ii < rows; ++ii) {
         float* o0 = o + (i0 + ii) * D;
-        const float* p0 = prow + ii * kKb;
+        const uint32_t* p0 = prow + ii * kP;
         for (int64_t d = 0; d < D; d += 64) {
           __m512 a0[4];
           for (int c = 0; c < 4; ++c) a0[c] = _mm512_load_ps(o0 + d + 16 * c);
-          for (int64_t j = 0; j < kKb; ++j) {
-            const __m512 b0 = _mm512_set1_ps(p0[j]);
-            for (int c = 0; c < 4; ++c) a0[c] = _mm512_fmadd_ps(b0, _mm512_load_ps(vf + j * D + d + 16 * c), a0[c]);
+          for (int64_t j2 = 0; j2 < kP; ++j2) {
+            const __m512bh b0 = (__m512bh)_mm512_set1_epi32(int(p0[j2]));
+            for (int c = 0; c < 4; ++c)
+              a0[c] = _mm512_dpbf16_ps(a0[c], b0, (__m512bh)_mm512_load_si512(vp + j2 * D + d + 16 * c));
           }
           for (int c = 0; c < 4; ++c) _mm512_store_ps(o0 + d + 16 * c, a0[c]);
         }
@@ -219,21 +233,22 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   auto* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t Rmax = r * kTq;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
-    // per-thread scratch, 64-byte aligned: packed keys [D/2][16], values fp32 [16][D], o [R][D], p [8][16]
-    std::vector<float> buf(size_t(kKb) * D / 2 + size_t(kKb) * D + size_t(Rmax) * D + size_t(kMr) * kKb + 2 * Rmax + 64);
+    // per-thread scratch, 64-byte aligned: packed keys [D/2][16] and values [8][D] (pairs), o [R][D]
+    // fp32, the probabilities of a score tile [8 rows][8 key pairs] (bf16 pairs), row max and sum
+    std::vector<float> buf(size_t(kKb) * D + size_t(Rmax) * D + size_t(kMr) * kKb + 2 * Rmax + 64);
     float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
     uint32_t* kp = reinterpret_cast<uint32_t*>(base);
-    float* vf = base + kKb * D / 2;
-    float* o = vf + kKb * D;
-    float* prow = o + Rmax * D;
-    float* mrow = prow + kMr * kKb;
+    uint32_t* vp = kp + kKb * D / 2;
+    float* o = reinterpret_cast<float*>(vp + kKb * D / 2);
+    uint32_t* prow = reinterpret_cast<uint32_t*>(o + Rmax * D);
+    float* mrow = reinterpret_cast<float*>(prow + kMr * kKb);
     float* lrow = mrow + Rmax;
     for (int64_t w = a; w < e; ++w) {
       const int64_t b = w / (G * nq), g = (w / nq) % G, qi = w % nq;
       const int64_t cell = (sp[b] * G + g) * L * D;
       const Item it{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
                     yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale)};
-      run_item(it, kp, vf, o, mrow, lrow, prow);
+      run_item(it, kp, vp, o, mrow, lrow, prow);
     }
   });
 #else

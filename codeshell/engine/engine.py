@@ -192,11 +192,23 @@ class Engine:
                 changed[rid] = r
 
     def _admit(self) -> list[_Request]:
+        """Move waiting requests to running while slots are free, up to `prefill_chunk` prompt
+        tokens a step (at least one request): the rest wait for the next step, so 16 prompts
+        arriving together are prefilled a group per step, interleaved with the decode steps of
+        the ones admitted before, and the first groups stream their first tokens while the later
+        ones prefill (vLLM's chunked prefill does the same with its token budget). Admitting all
+        at once put every first token after the last group's forward: 16 clients of ~90 tokens
+        on a 1.7B bf16 model, time to first token p50 7.8 s against llama-server's 4.8 s."""
         admitted = []
         if not self.waiting:  # the common decode step (a request added meanwhile: next step)
             return admitted
+        budget = self.prefill_chunk
         with self._lock:
             while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
+                n = len(self.waiting[0].prompt_ids)  # an upper bound: a cached prefix is not run
+                if admitted and n > budget:
+                    break
+                budget -= n
                 req = self.waiting.popleft()
                 p = req.params
                 for i in range(p.n):

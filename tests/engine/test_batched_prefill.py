@@ -100,3 +100,23 @@ def test_a_request_sharing_a_prefix_waits_for_the_group(llm, monkeypatch):
     assert len(groups) == 2 and groups[1][0] <= 2  # the third reused the first's 40 tokens
     assert [o.token_ids for o in outs] == [run_one_step(llm, [p], GREEDY)[0].token_ids
                                            for p in (base + [1, 2], other, base + [3])]
+
+
+def test_a_step_admits_up_to_the_token_budget(llm, monkeypatch):
+    # Prompts arriving together are prefilled a budget's worth a step (at least one request), so
+    # the first ones stream their first token while the rest wait: step 1 takes 10 + 10 + 10 of a
+    # 32-token budget, step 2 the 20 and the 5 (with a decode step of the first three), step 3 the
+    # 40-token prompt alone (over the budget: in chunks). The tokens are those of one-at-a-time runs.
+    eng = llm.engine
+    monkeypatch.setattr(eng, "prefill_chunk", 32)
+    ps = prompts([10, 10, 10, 20, 5, 40], seed=3)
+    want = [run_one_step(llm, [p], GREEDY)[0].token_ids for p in ps]
+    for i, ids in enumerate(ps):
+        eng.add_request(f"r{i}", ids, GREEDY)
+    firsts = [sorted(o.request_id for o in eng.step() if len(o.outputs[0].token_ids) == 1) for _ in range(3)]
+    assert firsts == [["r0", "r1", "r2"], ["r3", "r4"], ["r5"]]
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert [outs[f"r{i}"].outputs[0].token_ids for i in range(len(ps))] == want

@@ -367,7 +367,8 @@ class Engine:
         (`kernels.step.decode`: embedding to logits in one call) takes the bf16 models whose
         modules it runs; any other model runs its transformer and head here. want_logits False
         (every row plain greedy): where the native step ran, the logits are None (only its picks
-        are made; the bf16 [M, V] copy cost ~4 us a row on Zen 4, docs/kernels.md session 13)."""
+        are made; the bf16 [M, V] copy cost ~2-5 us a row at a 16k vocabulary on Zen 4, docs/kernels.md
+        session 13)."""
         need = max(positions) + 1
         self._ensure_cache(need)
         got = _native_decode(self.model, self.cache, tokens, positions, slots, want_logits)

@@ -225,8 +225,9 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
 // V) into out[N]: argmax_rows of `logits.to(bfloat16)`, bit for bit (the same passes on the same
 // widened values, ties to the first index), without the [N, V] bf16 copy.
 // Why: the native decode step's greedy rows need only the picks; writing the bf16 logits
-// (N x 32 KiB at a 16k vocabulary) and reading them back cost ~4 us a row on top of the head on
-// the Zen 4 machine of session 13 (docs/kernels.md), where a verify step runs up to 64 rows.
+// (N x 32 KiB at codeshell-mini's 16k vocabulary, 137 KiB at 70k) and reading them back cost
+// ~2-5 us a row on the Zen 4 machine of session 13 (in-process alternation, about the noise;
+// docs/kernels.md), where a verify step runs up to 64 rows.
 void argmax_rows_rounded(const float* logits, int64_t N, int64_t V, int64_t* out) {
   TORCH_CHECK(V > 0, "argmax_rows_rounded: empty rows");
   codeshell::parallel_chunks(N, 1, 1, [&](int64_t r0, int64_t r1) {

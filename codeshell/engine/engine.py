@@ -155,9 +155,10 @@ class Engine:
             for seq in decoding:
                 changed[seq.request_id] = running[seq.request_id]
         elif decoding:                                   # forward one token for everyone else
-            logits, picks = self._decode(decoding)
+            plain = all(s.plain_greedy for s in decoding)
+            logits, picks = self._decode(decoding, not plain)
             mml, running = self.max_model_len, self.running
-            if picks is not None and all(s.plain_greedy for s in decoding):
+            if picks is not None and plain:
                 for seq, tok in zip(decoding, picks):    # the native greedy picks as they are
                     seq.append(tok, None, mml)
                     changed[seq.request_id] = running[seq.request_id]
@@ -369,16 +370,20 @@ class Engine:
                 self.cache.copy_prefix(first.slot, s.slot, n)
             s.cached = n
 
-    def _packed(self, tokens: list[int], positions: list[int], slots: list[int]) -> tuple[torch.Tensor, list | None]:
+    def _packed(self, tokens: list[int], positions: list[int], slots: list[int],
+                want_logits: bool = True) -> tuple[torch.Tensor | None, list | None]:
         """Logits [M, vocab] of single tokens of any sequences packed into one row of the forward
         (see `PackedView`: token i at positions[i] of slot slots[i]) and, where the native step
         ran, each row's first maximal index (the greedy pick `sampling.first_argmax` would
         give; else None). The native step
         (`kernels.step.decode`: embedding to logits in one call) takes the bf16 models whose
-        modules it runs; any other model runs its transformer and head here."""
+        modules it runs; any other model runs its transformer and head here. want_logits False
+        (every row plain greedy): where the native step ran, the logits are None (only its picks
+        are made; the bf16 [M, V] copy cost ~2-5 us a row at a 16k vocabulary on Zen 4, docs/kernels.md
+        session 13)."""
         need = max(positions) + 1
         self._ensure_cache(need)
-        got = _native_decode(self.model, self.cache, tokens, positions, slots)
+        got = _native_decode(self.model, self.cache, tokens, positions, slots, want_logits)
         if got is not None:
             return got
         view = self.cache.packed_view(slots, positions)
@@ -386,8 +391,9 @@ class Engine:
         h = self.model.transformer(ids, view.positions, None, view, seq_len=need)   # [1, M, n_embd]
         return self._logits(h[0]), None
 
-    def _decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list | None]:
-        got = self._packed([s.last_token for s in seqs], [s.cached for s in seqs], [s.slot for s in seqs])
+    def _decode(self, seqs: list[Sequence], want_logits: bool = True) -> tuple[torch.Tensor | None, list | None]:
+        got = self._packed([s.last_token for s in seqs], [s.cached for s in seqs], [s.slot for s in seqs],
+                           want_logits)
         for s in seqs:
             s.cached += 1
         return got
@@ -453,10 +459,11 @@ class Engine:
             tokens += d
             positions += range(c, c + n)
             slots += [s.slot] * n
-        logits, argmax = self._packed(tokens, positions, slots)                    # [M, V]
+        plain = all(s.plain_greedy for s in seqs)
+        logits, argmax = self._packed(tokens, positions, slots, not plain)         # [M, V] or None
         if any(drafts):
             self.spec_steps += 1
-        fast = argmax is not None and all(s.plain_greedy for s in seqs)
+        fast = argmax is not None and plain
         # Greedy rows whose sampler leaves the logits as they are: every row's pick in one
         # reduction (the first maximal index, as `SequenceSampler.sample`), not one per row.
         picks = argmax if fast else \
@@ -541,12 +548,12 @@ class Engine:
         self.free_slots.sort()
 
 
-def _native_decode(model, cache, tokens, positions, slots):
+def _native_decode(model, cache, tokens, positions, slots, want_logits=True):
     """kernels.step.decode (None off the CPU); the kernels package is imported at first use."""
     if cache.device.type != "cpu":
         return None
     from ..kernels import step
-    return step.decode(model, cache, tokens, positions, slots)
+    return step.decode(model, cache, tokens, positions, slots, want_logits)
 
 
 @functools.cache  # the import once, not at every verify step

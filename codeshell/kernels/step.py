@@ -315,11 +315,13 @@ def _build_decoder(lm: nn.Module, cap) -> _Decoder:
     return _Decoder(step, ch, cap, 1.0 / math.sqrt(cfg.head_dim), hooks, attrs)
 
 
-def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots: list[int]):
+def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots: list[int], logits: bool = True):
     """(logits [M, V] bf16, greedy picks [M]) of a packed step (`Engine._packed`: token i is
     tokens[i] at positions[i] of slot slots[i] of the engine's KVCache `cache`, which holds
     room for them), bit for bit what `lm`'s transformer + lm_head + `first_argmax` give; or
-    None where the native step does not apply (the caller runs the model)."""
+    None where the native step does not apply (the caller runs the model). With `logits`
+    False the first item is None: the caller needs only the picks (every row plain greedy),
+    and the step skips the bf16 [M, V] copy of the head's output."""
     if not enabled() or len(tokens) > ops.ROW_INVARIANT_MAX_M:
         return None
     cap, team = os.environ.get("CODESHELL_KERNEL_ISA"), os.environ.get("CODESHELL_DECODE_TEAM")
@@ -335,4 +337,4 @@ def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots:
     k, v = cache.k, cache.v
     if k.dtype != torch.bfloat16 or k.device.type != "cpu" or not k.is_contiguous() or not v.is_contiguous():
         return None
-    return d.step.decode(tokens, positions, slots, k, v, d.scale)
+    return d.step.decode(tokens, positions, slots, k, v, d.scale, logits)

@@ -93,8 +93,10 @@ def engine_run(m, monkeypatch, native: bool, ps, lookup: int = 0, max_tokens=10)
     eng.draft_budget = None  # every draft runs (the budget's choice depends on timings)
     packed, prefill = eng._packed, eng._prefill
 
-    def recorded_packed(*a):
-        out = packed(*a)
+    def recorded_packed(tokens, positions, slots, want_logits=True):
+        # the logits of every step are compared, so they are asked for even where every row is
+        # plain greedy (the engine then asks for the picks only: test_greedy_picks_without_logits)
+        out = packed(tokens, positions, slots, True)
         if out[1] is not None:  # the native step's greedy picks: first_argmax's, row by row
             assert out[1] == first_argmax(out[0]).tolist()
         logits.append(out[0].clone())
@@ -393,3 +395,115 @@ def test_team_mode_auto_and_switch(monkeypatch, native_calls, two_threads):
     monkeypatch.setenv("CODESHELL_DECODE_TEAM", "fast")
     with pytest.raises(ValueError, match="CODESHELL_DECODE_TEAM='fast': expected auto, on or off"):
         step_mod.team_mode()
+
+
+def _rounded_argmax_cases() -> list[torch.Tensor]:
+    """fp32 logit rows whose bf16 rounding has ties the fp32 values do not: a later fp32 value
+    larger than an earlier one that rounds to the same bf16 (the first index must win), NaN,
+    -inf and +inf, rows of V not a multiple of 8 (the scalar tail), and the maximum in the tail."""
+    g = torch.Generator().manual_seed(5)
+    out = [torch.randn(7, 300, generator=g) * 4, torch.randn(3, 16384, generator=g) * 8,
+           torch.randn(2, 13, generator=g)]
+    t = torch.randn(6, 301, generator=g)
+    one = torch.tensor(1.0).view(torch.int32)
+    for r, (i, j) in enumerate([(10, 200), (3, 4), (0, 300), (299, 300), (64, 65), (8, 296)]):
+        t[r, i] = (one + 1).view(torch.float32) * 30   # 30 * (1 + 2^-23): rounds to 30 in bf16
+        t[r, j] = (one + 3).view(torch.float32) * 30   # larger in fp32, the same bf16 value
+    t[1, 7] = float("nan")
+    t[2, 5] = float("-inf")
+    t[3, 0] = float("nan")
+    out.append(t)
+    inf = torch.randn(2, 40, generator=g)
+    inf[0, 33] = inf[0, 39] = float("inf")
+    inf[1] = float("nan")
+    out.append(inf)
+    return out
+
+
+def test_rounded_argmax_is_argmax_rows_of_the_bf16_logits():
+    """argmax_rows_rounded (decode's picks without bf16 logits) on fp32 rows equals argmax_rows
+    and first_argmax on the rows rounded to bf16, ties (equal after rounding) included."""
+    mod = _ext.get()
+    for x in _rounded_argmax_cases():
+        got = mod.argmax_rows_rounded(x.contiguous())
+        b = x.to(torch.bfloat16)
+        assert got.tolist() == mod.argmax_rows(b).tolist()
+        assert got.tolist() == first_argmax(b).tolist()
+    # the crafted tie: the earlier index wins although the later fp32 value is larger
+    t = _rounded_argmax_cases()[3]
+    assert int(mod.argmax_rows_rounded(t)[0]) == 10 and int(t[0].argmax()) == 200
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_greedy_picks_without_logits(kind, monkeypatch, native_calls):
+    """Greedy engine steps ask the native step for its picks only (logits None) and give the
+    tokens and KV cache of the Python path, plain and with prompt lookup (verify steps)."""
+    m = tiny(kind)
+    asked = []
+    orig = step_mod.decode
+
+    def spy(lm, cache, tokens, positions, slots, logits=True):
+        out = orig(lm, cache, tokens, positions, slots, logits)
+        asked.append((logits, out is not None and out[0] is None))
+        return out
+
+    monkeypatch.setattr(step_mod, "decode", spy)
+    for lookup in (0, 5):
+        ps = prompts(4)
+        runs = {}
+        for native in (False, True):
+            monkeypatch.setenv("CODESHELL_DECODE_STEP", "on" if native else "off")
+            eng = Engine(m, m.cfg, max_batch=4, prompt_lookup=lookup)
+            eng.draft_budget = None
+            for i, p in enumerate(ps):
+                eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+            out = {}
+            while eng.has_unfinished():
+                for o in eng.step():
+                    if o.finished:
+                        out[o.request_id] = o.outputs[0].token_ids
+            runs[native] = (out, eng)
+        assert runs[True][0] == runs[False][0]
+        e0, e1 = runs[False][1], runs[True][1]
+        assert torch.equal(e1.cache.k, e0.cache.k) and torch.equal(e1.cache.v, e0.cache.v)
+        if lookup:
+            assert e1.spec_steps > 0
+    # every step was greedy: the picks only were asked for, and the native runs gave no logits
+    assert asked and not any(want for want, _ in asked) and any(none for _, none in asked)
+
+
+def test_logits_are_made_when_a_row_samples(monkeypatch):
+    """A batch with a sampled row asks for the logits (its sampler needs them); greedy rows in
+    the same step still take the picks, and their text is that of a greedy-only run."""
+    monkeypatch.setenv("CODESHELL_DECODE_STEP", "on")
+    m = tiny("bf16")
+    asked = []
+    orig = step_mod.decode
+
+    def spy(lm, cache, tokens, positions, slots, logits=True):
+        asked.append(logits)
+        out = orig(lm, cache, tokens, positions, slots, logits)
+        assert out is None or (out[0] is None) == (not logits)
+        return out
+
+    monkeypatch.setattr(step_mod, "decode", spy)
+    ps = prompts(2)
+
+    def run(params):
+        eng = Engine(m, m.cfg, max_batch=4, prompt_lookup=4)
+        for i, (p, sp) in enumerate(zip(ps, params)):
+            eng.add_request(f"r{i}", p, sp)
+        out = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+        return out
+
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = run([greedy, greedy])
+    assert asked and not any(asked)
+    asked.clear()
+    mixed = run([greedy, SamplingParams(temperature=0.8, seed=1, max_tokens=12, ignore_eos=True)])
+    assert asked and all(asked)
+    assert mixed["r0"] == alone["r0"]

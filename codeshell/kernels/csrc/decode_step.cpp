@@ -259,11 +259,14 @@ class DecodeStep {
   // head (set_head) and its cast to bf16 (what FastLinear's call returns), and the first maximal
   // index of each logits row (sampling's argmax_rows). Token i is `tokens[i]` at
   // `positions[i]` of slot `slots[i]` (it attends keys 0..positions[i]). Returns (logits bf16
-  // [M, V], the greedy picks [M]).
+  // [M, V], the greedy picks [M]). With want_logits false the logits are not made (None): the
+  // picks come from the head's fp32 rows as the bf16 values they round to, the same picks (see
+  // below).
   std::tuple<torch::Tensor, std::vector<int64_t>> decode(const std::vector<int64_t>& tokens,
                                                          const std::vector<int64_t>& positions,
                                                          const std::vector<int64_t>& slots, const torch::Tensor& kc,
-                                                         const torch::Tensor& vc, double scale) const {
+                                                         const torch::Tensor& vc, double scale,
+                                                         bool want_logits) const {
     const int64_t M = int64_t(tokens.size()), C = H_ * D_, half = D_ / 2;
     TORCH_CHECK(M >= 1 && M <= 64, "DecodeStep.decode takes 1..64 tokens, got ", M);
     TORCH_CHECK(int64_t(positions.size()) == M && int64_t(slots.size()) == M,
@@ -293,14 +296,19 @@ class DecodeStep {
       torch::Tensor h = blocks(a, a.x, a.cos, a.sin, kc, vc, as_tensor(slots), as_tensor(positions), as_tensor(lens),
                                scale);
       const torch::Tensor y = apply(head, h, a.head, a.xf(C, C));  // fp32 [M, V]
-      // its cast to bf16 (FastLinear's `.to(bfloat16)`: the same rounding), split over the team
-      logits = torch::empty({M, head.N}, h.options());
       const float* yp = y.data_ptr<float>();
-      bf16* lp = logits.data_ptr<bf16>();
-      codeshell::parallel_chunks(M * head.N, 1024, 8192,
-                                 [&](int64_t i0, int64_t i1) { f32_to_bf16(yp + i0, lp + i0, i1 - i0); });
-      const torch::Tensor p = argmax_rows(logits);
-      std::memcpy(picks.data(), p.data_ptr<int64_t>(), M * sizeof(int64_t));
+      // The greedy picks: each row's first maximal index among the bf16 values its fp32 logits
+      // round to, read from the fp32 rows (argmax_rows_rounded: what argmax_rows gives on the
+      // bf16 logits below, ties included), so a step whose rows are all plain greedy (the
+      // engine's common case) skips the bf16 [M, V] copy and its re-read.
+      argmax_rows_rounded(yp, M, head.N, picks.data());
+      if (want_logits) {
+        // the cast to bf16 (FastLinear's `.to(bfloat16)`: the same rounding), split over the team
+        logits = torch::empty({M, head.N}, h.options());
+        bf16* lp = logits.data_ptr<bf16>();
+        codeshell::parallel_chunks(M * head.N, 1024, 8192,
+                                   [&](int64_t i0, int64_t i1) { f32_to_bf16(yp + i0, lp + i0, i1 - i0); });
+      }
     });
     return {logits, picks};
   }
@@ -514,12 +522,28 @@ void register_decode_step(py::module& m) {
       // The whole step runs without the GIL, as the kernels it calls do (kernels.cpp).
       .def("run", &DecodeStep::run, py::call_guard<py::gil_scoped_release>(),
            "(x, cos, sin, k cache, v cache, slots, positions, lens, scale) -> ln_f output bf16 [M, C]")
-      .def("decode", &DecodeStep::decode, py::call_guard<py::gil_scoped_release>(),
-           "(tokens, positions, slots, k cache, v cache, scale) -> (logits bf16 [M, V], greedy picks)")
+      .def("decode", &DecodeStep::decode, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"),
+           py::arg("positions"), py::arg("slots"), py::arg("k_cache"), py::arg("v_cache"), py::arg("scale"),
+           py::arg("want_logits") = true,
+           "(tokens, positions, slots, k cache, v cache, scale, want_logits=True) -> (logits bf16 [M, V] or None, "
+           "greedy picks)")
       .def("set_head", &DecodeStep::set_head, "the output head: a linear index (add_linear)")
       .def("set_embedding", &DecodeStep::set_embedding, "(kind 0 panels / 1 rows, bf16 table, V)")
       .def("set_rope", &DecodeStep::set_rope, "RoPE's inverse frequencies fp32 [D/2]")
       .def_property("team", &DecodeStep::team, &DecodeStep::set_team,
                     "the whole step in one thread team: 0 off, 1 on, 2 auto (on where the layers are small)")
       .def_property_readonly("uses_team", &DecodeStep::use_team);
+  // For the tests: decode's picks without bf16 logits must equal argmax_rows on them, ties included.
+  m.def(
+      "argmax_rows_rounded",
+      [](const torch::Tensor& logits) {
+        TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == torch::kFloat32 &&
+                        logits.size(1) > 0,
+                    "argmax_rows_rounded: logits must be a contiguous fp32 [N, V] tensor with V > 0");
+        auto out = torch::empty({logits.size(0)}, logits.options().dtype(torch::kInt64));
+        argmax_rows_rounded(logits.data_ptr<float>(), logits.size(0), logits.size(1), out.data_ptr<int64_t>());
+        return out;
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "the first maximal index of each row of fp32 logits [N, V] rounded to bf16 (argmax_rows of .to(bfloat16))");
 }

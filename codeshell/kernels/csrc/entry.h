@@ -51,6 +51,8 @@ int64_t sample_temperature(const torch::Tensor& logits, double temperature, doub
 torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::Tensor& temperatures,
                                       const torch::Tensor& us);
 torch::Tensor argmax_rows(const torch::Tensor& logits);
+// the picks argmax_rows gives on the bf16 rounding of fp32 rows [N, V], without writing it
+void argmax_rows_rounded(const float* logits, int64_t N, int64_t V, int64_t* out);
 
 // attention.cpp
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,

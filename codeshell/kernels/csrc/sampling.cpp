@@ -143,6 +143,32 @@ struct LoadBF16 {
   }
 };
 
+// fp32 logits read as the bf16 values they round to (fused.cpp store8's rounding: nearest even,
+// NaN -> 0x7fc0), widened back: the maxima and first maximal index of the bf16 logits that the
+// native decode step would have written, without writing them (argmax_rows_rounded below).
+struct LoadF32AsBF16 {
+  using T = float;
+  static inline __m256 load8(const T* p) {
+    const __m256 v = _mm256_loadu_ps(p);
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
+                                 _mm256_set1_epi32(int32_t(0xffff0000u)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc00000), nan);
+    return _mm256_castsi256_ps(r);
+  }
+  static inline float load1(const T* p) {
+    const float v = *p;
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    u = v != v ? 0x7fc00000u : (u + ((u >> 16) & 1u) + 0x7fffu) & 0xffff0000u;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
 template <class L>
 int64_t row_argmax(const typename L::T* p, int64_t V) {
   // pass 1: the maximum (4 independent max chains)
@@ -193,4 +219,18 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
                   : row_argmax<LoadF32>(static_cast<const float*>(base) + r * V, V);
   });
   return out;
+}
+
+// The first maximal index of each row of the bf16 rounding of fp32 logits [N, V] (row stride
+// V) into out[N]: argmax_rows of `logits.to(bfloat16)`, bit for bit (the same passes on the same
+// widened values, ties to the first index), without the [N, V] bf16 copy.
+// Why: the native decode step's greedy rows need only the picks; writing the bf16 logits
+// (N x 32 KiB at codeshell-mini's 16k vocabulary, 137 KiB at 70k) and reading them back cost
+// ~2-5 us a row on the Zen 4 machine of session 13 (in-process alternation, about the noise;
+// docs/kernels.md), where a verify step runs up to 64 rows.
+void argmax_rows_rounded(const float* logits, int64_t N, int64_t V, int64_t* out) {
+  TORCH_CHECK(V > 0, "argmax_rows_rounded: empty rows");
+  codeshell::parallel_chunks(N, 1, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) out[r] = row_argmax<LoadF32AsBF16>(logits + r * V, V);
+  });
 }

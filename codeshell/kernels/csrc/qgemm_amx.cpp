@@ -574,17 +574,16 @@ CODESHELL_END_AVX512
 // (kVnItem panels of 16 weight rows) repacks its rows one K chunk at a time to [panel][k-quad]
 // [16] dwords (int8 as stored, int4 as nib - 8), with -128 * (the block's weight sum) per row
 // and block (the offset taken back), and for int4 the group's scales / offsets as 16-lane
-// vectors. The register block: NP = 2 panels x MR = 6 rows, 12 int32 sums of one block and 12
-// fp32 sums of the chunk in registers (+ 2 weight vectors + a broadcast: 27 zmm); at each
-// block's end the int32 sums are converted and scaled into the fp32 sums (int8: by d[m, b];
-// int4: by s[n, g] * d[m, g], plus off[n, g] * xs[m, g]); the int8 per-row scale and the bias
-// come when the item's rows are stored. Not row-invariant (M > 64 only), like the AMX loop.
+// vectors. The register block: NP = 4 panels x MR = 6 rows of int32 sums of one block (24 zmm +
+// 4 weight vectors + a broadcast); at each block's end they are converted and scaled into the
+// fp32 sums in L1 (int8: by d[m, b]; int4: by s[n, g] * d[m, g], plus off[n, g] * xs[m, g]);
+// the int8 per-row scale and the bias come when the item's rows are stored. Not row-invariant (M > 64 only), like the AMX loop.
 #if CODESHELL_HAVE_AVX512
 CODESHELL_BEGIN_AVX512
 namespace {
 
-constexpr int kVnNP = 2, kVnMR = 6;
-constexpr int64_t kVnKC = 512;   // k per pass: a multiple of every block (32..256); 2 panels' chunk = 16 KiB in L1
+constexpr int kVnNP = 4, kVnMR = 6;
+constexpr int64_t kVnKC = 512;   // k per pass: a multiple of every block (32..256); 4 panels' chunk = 32 KiB in L1
 constexpr int64_t kVnItem = 8;   // panels per work item: its fp32 sums (M x 128 x 4 B) stay in L2
 
 struct VnniProblem {
@@ -641,43 +640,60 @@ void vnni_repack(const VnniProblem& P, int64_t p, int64_t k0, int64_t kc, uint32
 // fp32 sums c [MR rows][NP * 16] (row stride ldc) (+)= one row tile x NP panels over a chunk of
 // nbc blocks of bq k-quads. xt: the tile's chunk [quad][MR]; w: panel q at w + q * pstride
 // ([quad][16]); corr / sc / of: panel q at + q * vstride ([block][16]); d / xs: row i's block b
-// at [i * nb + b0 + b].
+// at [i * nb + b0 + b]. Only the int32 sums live in registers (NP x MR = 24 + NP weight
+// vectors + a broadcast); the fp32 sums are read and written in c (L1) once per block. With
+// the fp32 sums in registers too (2 x 6: 12 + 12) GCC copied the int32 sums between registers
+// every k-quad and spilled fp32 sums: 0.84 TOP/s for int8 at M = 512 against 1.0-1.1 this way
+// (2 threads, CPU time, the four 7B shapes, same process).
+// acc + the 4-byte dot of unsigned u and signed s per int32 lane (vpdpbusd), as inline asm:
+// with the intrinsic, GCC 12 copied every accumulator to a spare register and to the stack
+// around each vpdpbusd of vnni_block's 24-sum block (3 extra moves per instruction); with a
+// plain "+v" operand the sums stay in their registers.
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
+  return acc;
+}
+
 template <int NP, int MR, bool I4, bool OFF>
 inline void vnni_block(const uint32_t* xt, const uint32_t* w, int64_t pstride, const int32_t* corr, const float* sc,
                        const float* of, int64_t vstride, const float* d, const float* xs, int64_t nb, int64_t b0,
                        int64_t nbc, int64_t bq, float* c, int64_t ldc, bool first) {
-  __m512 fa[NP][MR];
-  for (int q = 0; q < NP; ++q)
-    for (int i = 0; i < MR; ++i) fa[q][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + i * ldc + q * 16);
   for (int64_t b = 0; b < nbc; ++b) {
+    // every loop over q / i fully unrolled (the pragmas): ia[][] is indexed by constants only
     __m512i ia[NP][MR];
-    for (int q = 0; q < NP; ++q) {
-      const __m512i cv = _mm512_load_si512(corr + q * vstride + b * 16);
-      for (int i = 0; i < MR; ++i) ia[q][i] = cv;
-    }
+#pragma GCC unroll 8
+    for (int q = 0; q < NP; ++q)
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) ia[q][i] = _mm512_setzero_si512();
     const uint32_t* xb = xt + b * bq * MR;
     const uint32_t* wb = w + b * bq * 16;
     for (int64_t j = 0; j < bq; ++j) {
       __m512i wv[NP];
+#pragma GCC unroll 8
       for (int q = 0; q < NP; ++q) wv[q] = _mm512_load_si512(wb + q * pstride + j * 16);
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const __m512i xv = _mm512_set1_epi32(int(xb[j * MR + i]));
-        for (int q = 0; q < NP; ++q) ia[q][i] = _mm512_dpbusd_epi32(ia[q][i], xv, wv[q]);
+#pragma GCC unroll 8
+        for (int q = 0; q < NP; ++q) ia[q][i] = dpbusd(ia[q][i], xv, wv[q]);
       }
     }
+    const bool zero = first && b == 0;
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 dv = _mm512_set1_ps(d[i * nb + b0 + b]);
+#pragma GCC unroll 8
       for (int q = 0; q < NP; ++q) {
+        float* cp = c + i * ldc + q * 16;
         const __m512 s = I4 ? _mm512_mul_ps(dv, _mm512_load_ps(sc + q * vstride + b * 16)) : dv;
-        fa[q][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[q][i]), s, fa[q][i]);
+        const __m512i sum = _mm512_add_epi32(ia[q][i], _mm512_load_si512(corr + q * vstride + b * 16));
+        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, zero ? _mm512_setzero_ps() : _mm512_load_ps(cp));
         if (OFF)
-          fa[q][i] = _mm512_fmadd_ps(_mm512_load_ps(of + q * vstride + b * 16), _mm512_set1_ps(xs[i * nb + b0 + b]),
-                                     fa[q][i]);
+          v = _mm512_fmadd_ps(_mm512_load_ps(of + q * vstride + b * 16), _mm512_set1_ps(xs[i * nb + b0 + b]), v);
+        _mm512_store_ps(cp, v);
       }
     }
   }
-  for (int q = 0; q < NP; ++q)
-    for (int i = 0; i < MR; ++i) _mm512_store_ps(c + i * ldc + q * 16, fa[q][i]);
 }
 
 template <bool I4, bool OFF>
@@ -711,12 +727,15 @@ void vnni_items(const VnniProblem& P) {
             const float* dt = P.d + t * MR * P.nb;
             const float* xst = OFF ? P.xs + t * MR * P.nb : nullptr;
             float* ct = c + t * MR * ldc + l * 16;
-            if (pb - p >= 2)
-              vnni_block<2, MR, I4, OFF>(xt, wbuf + l * pstride, pstride, corr + l * vstride, sc + l * vstride,
-                                         of + l * vstride, vstride, dt, xst, P.nb, k0 / P.B, nbc, bq, ct, ldc, k0 == 0);
-            else
-              vnni_block<1, MR, I4, OFF>(xt, wbuf + l * pstride, pstride, corr + l * vstride, sc + l * vstride,
-                                         of + l * vstride, vstride, dt, xst, P.nb, k0 / P.B, nbc, bq, ct, ldc, k0 == 0);
+            switch (std::min<int64_t>(NP, pb - p)) {  // a tail of 1-3 panels in the last item
+#define CODESHELL_VNNI(R)                                                                                   \
+  case R:                                                                                                   \
+    vnni_block<R, MR, I4, OFF>(xt, wbuf + l * pstride, pstride, corr + l * vstride, sc + l * vstride,       \
+                               of + l * vstride, vstride, dt, xst, P.nb, k0 / P.B, nbc, bq, ct, ldc, k0 == 0); \
+    break;
+              CODESHELL_VNNI(4) CODESHELL_VNNI(3) CODESHELL_VNNI(2) CODESHELL_VNNI(1)
+#undef CODESHELL_VNNI
+            }
           }
         }
       }

@@ -637,23 +637,25 @@ void vnni_repack(const VnniProblem& P, int64_t p, int64_t k0, int64_t kc, uint32
   }
 }
 
-// fp32 sums c [MR rows][NP * 16] (row stride ldc) (+)= one row tile x NP panels over a chunk of
-// nbc blocks of bq k-quads. xt: the tile's chunk [quad][MR]; w: panel q at w + q * pstride
-// ([quad][16]); corr / sc / of: panel q at + q * vstride ([block][16]); d / xs: row i's block b
-// at [i * nb + b0 + b]. Only the int32 sums live in registers (NP x MR = 24 + NP weight
-// vectors + a broadcast); the fp32 sums are read and written in c (L1) once per block. With
-// the fp32 sums in registers too (2 x 6: 12 + 12) GCC copied the int32 sums between registers
-// every k-quad and spilled fp32 sums: 0.84 TOP/s for int8 at M = 512 against 1.0-1.1 this way
-// (2 threads, CPU time, the four 7B shapes, same process).
 // acc + the 4-byte dot of unsigned u and signed s per int32 lane (vpdpbusd), as inline asm:
-// with the intrinsic, GCC 12 copied every accumulator to a spare register and to the stack
-// around each vpdpbusd of vnni_block's 24-sum block (3 extra moves per instruction); with a
-// plain "+v" operand the sums stay in their registers.
+// with the intrinsic, GCC 12 copied every accumulator to a spare register and stored it to the
+// stack around each vpdpbusd of vnni_block (3 extra moves per instruction, in the 2 x 6 block
+// with fp32 sums in registers and in this 4 x 6 one alike); with a plain "+v" operand the sums
+// stay in their registers (checked in the object code).
 inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
   __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
   return acc;
 }
 
+// fp32 sums c [MR rows][NP * 16] (row stride ldc) (+)= one row tile x NP panels over a chunk of
+// nbc blocks of bq k-quads. xt: the tile's chunk [quad][MR]; w: panel q at w + q * pstride
+// ([quad][16]); corr / sc / of: panel q at + q * vstride ([block][16]); d / xs: row i's block b
+// at [i * nb + b0 + b]. Only the int32 sums live in registers (NP x MR = 24 + NP weight
+// vectors + a broadcast); the fp32 sums are read and written in c (L1) once per block (24
+// loads + 24 stores per 768 vpdpbusd at a block of 128), which leaves 4 x 6 sums room; the
+// first version kept 2 x 6 int32 and 2 x 6 fp32 sums in registers. int8 at M = 512, the four
+// 7B shapes, 2 threads, alternating processes on a loaded machine: first 0.52 and 0.25 TOP/s
+// wall, this 0.22 and 0.56 -- no difference shown beyond the noise.
 template <int NP, int MR, bool I4, bool OFF>
 inline void vnni_block(const uint32_t* xt, const uint32_t* w, int64_t pstride, const int32_t* corr, const float* sc,
                        const float* of, int64_t vstride, const float* d, const float* xs, int64_t nb, int64_t b0,

@@ -170,8 +170,10 @@ def prompt_flops(cfg: CodeShellConfig, tokens: int) -> float:
 def bf16_matmul_peak(m: int = 512, cfg: CodeShellConfig | None = None, repeats: int = 3) -> dict[str, float]:
     """The machine's bf16 matmul peak in TFLOP/s on the current thread count, for prompt figures
     to be put against: `torch`, torch's own bf16 matmul (oneDNN) over CodeShell-7B's four linear
-    shapes at M = `m` (total flops / the sum of each shape's best time), and `kernel`, our AMX-BF16
-    micro-kernel with every thread on L2-resident tiles (only on AMX CPUs); `peak` is the larger.
+    shapes at M = `m` (total flops / the sum of each shape's best time), `kernel`, our AMX-BF16
+    micro-kernel with every thread on L2-resident tiles (only on AMX CPUs), and `dot_kernel`, our
+    vdpbf16ps micro-kernel on L1-resident operands (`dot_tflops`, AVX512-BF16 CPUs); `peak` is
+    the largest.
     Each figure is measured now: a ratio against it holds on any machine."""
     cfg = cfg or SHAPES["7b"]
     d = cfg.n_embd
@@ -191,8 +193,28 @@ def bf16_matmul_peak(m: int = 512, cfg: CodeShellConfig | None = None, repeats: 
     kernel = amx_tile_tflops(True, repeats + 1)
     if kernel is not None:
         out["kernel"] = kernel
+    dot = dot_tflops(repeats + 1)
+    if dot is not None:
+        out["dot_kernel"] = dot
     out["peak"] = max(out.values())
     return out
+
+
+def dot_tflops(repeats: int = 4, reps: int = 20000) -> float | None:
+    """TFLOP/s of our vdpbf16ps micro-kernel (the register block of the AVX512-BF16 prefill,
+    `avx512_bf16:gemm`) with every thread on L1-resident operands, the best of `repeats` timed
+    calls of `reps` passes. The ceiling of AVX512-BF16 machines without AMX (on AMX machines the
+    tiles' `amx_tile_tflops` is far above it). None without AVX512-BF16 or the native kernels."""
+    from .kernels import _ext, ops
+    mod = _ext.get()
+    if mod is None or ops.isa_level() < ops.ISA_LEVELS.index("avx512_bf16") or not hasattr(mod, "bf16_dot_peak"):
+        return None
+    best, done = float("inf"), 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        done = mod.bf16_dot_peak(reps)
+        best = min(best, time.perf_counter() - t)
+    return done / best / 1e12
 
 
 def amx_tile_tflops(loads: bool = True, repeats: int = 4, reps: int = 200) -> float | None:

@@ -187,18 +187,22 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         # a candidate here: it measured 0.86-0.94x our AMX kernel at M = 512 (docs/kernels.md).
         return ["amx:bf16"]
     if p.kind == "bf16" and x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16"):
-        # bf16 activations (a bf16 model) without AMX: our vdpbf16ps kernel in 64-row calls
+        # bf16 activations (a bf16 model) without AMX: our vdpbf16ps GEMM (`prefill_bf16_dot`:
+        # 4 panels x 6 rows register blocks, K in L1 chunks), the decode kernel in 64-row calls
         # and torch's own bf16 matmul (oneDNN) on row blocks of the weight, measured.
-        return ["avx512_bf16:panel64", "onednn:bf16"]
-    if x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16"):
-        # int8/int4 with bf16 x: AMX-INT8 tiles on x rounded to int8 as decode rounds it
-        # (`amx:q8`, where the integer kernels take K), or blocks of rows expanded to bf16
+        return ["avx512_bf16:gemm", "avx512_bf16:panel64", "onednn:bf16"]
+    if x_dtype == torch.bfloat16 and p.kind != "bf16" and level >= ISA_LEVELS.index("avx512_vnni"):
+        # int8/int4 with bf16 x: integer GEMMs on x rounded to int8 as decode rounds it (where
+        # the integer kernels take K): AMX-INT8 tiles (`amx:q8`) or, without AMX, 512-bit
+        # vpdpbusd (`avx512_vnni:q8`, `prefill_q8_vnni`); or blocks of rows expanded to bf16
         # (int8: q itself, exact, the scales applied to the output columns; int4: the
-        # dequantised weight rounded to bf16) for our AMX-BF16 kernel or torch's bf16 matmul,
-        # or the fp32 sgemm path. fp32 x keeps exact weight-only math (sgemm) at prefill.
+        # dequantised weight rounded to bf16) for our AMX-BF16 kernel or torch's bf16 matmul
+        # (AVX512-BF16 CPUs), or the fp32 sgemm path. fp32 x keeps exact weight-only math
+        # (sgemm) at prefill.
         amx = level >= ISA_LEVELS.index("amx")
-        q8 = ["amx:q8"] if amx and activation_block(p) is not None else []
-        return q8 + (["amx:bf16"] if amx else []) + ["onednn:bf16", "sgemm:fp32"]
+        q8 = [] if activation_block(p) is None else ["amx:q8"] if amx else ["avx512_vnni:q8"]
+        bf16 = ["onednn:bf16"] if level >= ISA_LEVELS.index("avx512_bf16") else []
+        return q8 + (["amx:bf16"] if amx else []) + bf16 + ["sgemm:fp32"]
     if p.kind == "bf16" and p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS:
         return ["avx2:panel64"]
     return ["sgemm:fp32"]
@@ -300,6 +304,8 @@ def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tenso
                           for i in range(0, m, BF16_PANEL_MAX_M)])
     if path in ("avx512_bf16:panel", "avx512_bf16:panel64"):
         return mod.decode_bf16(x.to(torch.bfloat16).contiguous(), p.data, n, bias, ISA_LEVELS.index(isa))
+    if path == "avx512_bf16:gemm":
+        return mod.prefill_bf16_dot(x.to(torch.bfloat16).contiguous(), p.data, n, bias)
     if path == "amx:bf16" and p.kind == "bf16":
         return mod.prefill_bf16_amx(x.to(torch.bfloat16).contiguous(), p.data, n, bias)
     if path in ("amx:bf16", "onednn:bf16"):
@@ -307,6 +313,8 @@ def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tenso
     x = x.to(torch.float32).contiguous()
     if path == "amx:q8" and m > DECODE_MAX_M:  # AMX-INT8 prefill tiles; x rounded to int8 in decode's blocks
         return mod.prefill_q8_amx(x, p.data, p.scales, p.offsets, p.group_size if p.kind == "int4" else 0, bias)
+    if path == "avx512_vnni:q8" and m > DECODE_MAX_M:  # vpdpbusd prefill GEMM; x rounded as above
+        return mod.prefill_q8_vnni(x, p.data, p.scales, p.offsets, p.group_size if p.kind == "int4" else 0, bias)
     if path in ("avx2:panel", "avx2:panel64"):
         return mod.decode_bf16(x, p.data, n, bias, 0)
     if path == "sgemm:fp32":

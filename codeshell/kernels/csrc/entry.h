@@ -29,6 +29,9 @@ void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int6
 void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
 torch::Tensor pack_bf16(const torch::Tensor& w);
 int64_t bf16_peak(int64_t Kt, int64_t reps, bool loads);
+torch::Tensor prefill_bf16_dot(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                               const c10::optional<torch::Tensor>& bias);
+int64_t bf16_dot_peak(int64_t reps);
 
 // isa.cpp
 py::dict cpu_features_dict();
@@ -41,10 +44,13 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
 torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                              const c10::optional<torch::Tensor>& bias, int64_t isa);
 
-// qgemm_amx.cpp: AMX-INT8 prefill for quantised weights.
+// qgemm_amx.cpp: AMX-INT8 and AVX512-VNNI prefill for quantised weights.
 torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                              const c10::optional<torch::Tensor>& offset, int64_t G,
                              const c10::optional<torch::Tensor>& bias);
+torch::Tensor prefill_q8_vnni(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                              const c10::optional<torch::Tensor>& offset, int64_t G,
+                              const c10::optional<torch::Tensor>& bias);
 
 // sampling.cpp
 int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u);

@@ -353,6 +353,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M,K] (fp32 for isa 0, bf16 for isa 2) @ w bf16 panels [ceil(N/16),Kp/2,32]^T + bias -> fp32 [M,N]");
   m.def("prefill_bf16_amx", &prefill_bf16_amx, kNoGil, "AMX-BF16: x bf16 [M,K] @ panels^T + bias -> fp32 [M,N]");
   m.def("bf16_peak", &bf16_peak, kNoGil, "AMX bf16 ceiling: every thread runs tiles on L2-resident data; flops");
+  m.def("prefill_bf16_dot", &prefill_bf16_dot, kNoGil,
+        "AVX512-BF16 (vdpbf16ps) prefill: x bf16 [M,K] @ panels^T + bias -> fp32 [M,N]");
+  m.def("bf16_dot_peak", &bf16_dot_peak, kNoGil,
+        "vdpbf16ps ceiling: every thread runs the prefill's register block on L1-resident data; flops");
   m.def("rows_bf16", &rows_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> bf16 [R,K] row-major buffer");
   m.def("decode_int8", &decode_int8, kNoGil, "x fp32 [M,K] @ (q int8 [N,K] * scale[N])^T + bias");
   m.def("decode_int4", &decode_int4, kNoGil, "x fp32 [M,K] @ dequant(q4 [N,K/2], scale, offset, group)^T + bias");
@@ -360,6 +364,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_int8_q8", &decode_int8_q8, kNoGil, "int8 weight x int8-quantised x (blocks of q8_block_int8(K))");
   m.def("prefill_q8_amx", &prefill_q8_amx, kNoGil,
         "AMX-INT8: int8 (G = 0) or int4 weight x int8-quantised x (decode's blocks), any M -> fp32 [M,N]");
+  m.def("prefill_q8_vnni", &prefill_q8_vnni, kNoGil,
+        "AVX512-VNNI: int8 (G = 0) or int4 weight x int8-quantised x (decode's blocks), any M -> fp32 [M,N]");
   m.def("q8_block_int8", &q8_block_int8, "activation block size the int8 x int8 kernel uses for K");
   m.def("sample_temperature", &sample_temperature, "inverse-CDF draw from softmax(logits / T) with uniform u");
   m.def("sample_temperature_rows", &sample_temperature_rows, kNoGil, "sample_temperature for each row of [B, V]");

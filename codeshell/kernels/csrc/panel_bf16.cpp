@@ -547,6 +547,162 @@ int64_t peak_amx(int64_t Kt, int64_t reps, bool loads) {
 CODESHELL_END_AVX512
 #endif
 
+// ---- vdpbf16ps prefill (AVX512-BF16 without AMX, M > 64) -----------------------------------
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+
+// Register block of `prefill_dot`: NP panels (64 weight rows) x MR rows of x, NP x MR = 24 zmm
+// accumulators + NP weight vectors + one broadcast pair of x = 29 of the 32 zmm. Per k-pair:
+// NP 64-byte weight loads (L1), MR dword broadcasts of x, NP x MR vdpbf16ps. The weight stays in
+// the panel layout (no second copy). Measured in a standalone copy (Zen 5, 2 threads, CPU time
+// on a shared machine, M = 512, the four 7B shapes, in-process alternation with torch's bf16
+// matmul at 0.72-0.78 TFLOP/s): 4x6 0.65-0.67, 2x12 0.57-0.61, 2x14 0.57.
+constexpr int kDotNP = 4, kDotMR = 6;
+// k-pairs per pass (KC): the NP panels' chunk (4 x 128 x 64 B = 32 KiB) stays in L1 (48 KiB)
+// while every row tile of x streams past it from L2 (x's chunk: M x 128 x 4 B = 256 KiB at M =
+// 512). KC 32 / 64 / 96 / 128 / 256 measured 0.56 / 0.60 / 0.65 / 0.67 / 0.65 (fewer, longer
+// micro calls until the chunk spills L1). Work items of kDotItem panels keep their fp32 sums
+// (M x 128 x 4 B) in L2 between passes; 16 panels measured the same (0.66). Prefetching the
+// next chunk of weight (to L2, spread over the row tiles) measured no gain (0.64 vs 0.65).
+constexpr int64_t kDotKC = 128, kDotItem = 8;
+
+// c[MR rows][NP * 16] (row stride ldc, 64-byte aligned) (+)= x tile . NP panels over nj k-pairs.
+// xp: the tile's k-pairs in order, MR dwords (bf16 pairs) each; w: panel q at w + q * pstride.
+template <int NP, int MR>
+inline void dot_block(const uint32_t* xp, const uint32_t* w, int64_t pstride, int64_t nj, float* c, int64_t ldc,
+                      bool first) {
+  __m512 acc[NP][MR];
+  for (int q = 0; q < NP; ++q)
+    for (int i = 0; i < MR; ++i) acc[q][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + i * ldc + q * 16);
+  for (int64_t j = 0; j < nj; ++j) {
+    __m512bh wv[NP];
+    for (int q = 0; q < NP; ++q) wv[q] = (__m512bh)_mm512_loadu_si512(w + q * pstride + j * kPanel);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(xp[j * MR + i]));
+      for (int q = 0; q < NP; ++q) acc[q][i] = _mm512_dpbf16_ps(acc[q][i], xb, wv[q]);
+    }
+  }
+  for (int q = 0; q < NP; ++q)
+    for (int i = 0; i < MR; ++i) _mm512_store_ps(c + i * ldc + q * 16, acc[q][i]);
+}
+
+// bf16 x [M, K] @ panels^T (+ bias) -> out fp32 [M, N] by vdpbf16ps, any M (meant for M > 64;
+// M <= 64 keeps decode_bf16, whose per-row order ops.ROW_INVARIANT_MAX_M relies on).
+// x is packed once per call into the micro-kernel's order: [K chunk][row tile][k-pair][MR]
+// (zero rows past M, zero k past K), so one pass's x (all tiles) is contiguous.
+void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_t N, const float* bias,
+                 float* out) {
+  constexpr int NP = kDotNP, MR = kDotMR;
+  const int64_t Kh = padded_k(K) / 2, P = (N + kPanel - 1) / kPanel, T = (M + MR - 1) / MR;
+  static thread_local codeshell::ThreadScratch x_keep;
+  codeshell::Scratch<uint32_t> xs(x_keep, size_t(T) * MR * Kh);
+  uint32_t* xp = xs.data();
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j0 = 0; j0 < Kh; j0 += kDotKC) {
+        const int64_t nj = std::min(kDotKC, Kh - j0);
+        uint32_t* d = xp + j0 * T * MR + t * nj * MR;
+        for (int i = 0; i < MR; ++i) {
+          const int64_t m = t * MR + i;
+          const uint16_t* src = x + m * K;
+          for (int64_t j = 0; j < nj; ++j) {
+            const int64_t k = 2 * (j0 + j);
+            uint32_t v = 0;
+            if (m < M && k + 1 < K) std::memcpy(&v, src + k, 4);
+            else if (m < M && k < K) v = src[k];
+            d[j * MR + i] = v;
+          }
+        }
+      }
+  });
+  const int64_t items = (P + kDotItem - 1) / kDotItem, ldc = kDotItem * kPanel;
+  codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
+    static thread_local codeshell::ThreadScratch c_keep;
+    codeshell::Scratch<float> cs(c_keep, size_t(T) * MR * ldc);
+    float* c = cs.data();
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t pa = it * kDotItem, pb = std::min(P, pa + kDotItem);
+      for (int64_t j0 = 0; j0 < Kh; j0 += kDotKC) {
+        const int64_t nj = std::min(kDotKC, Kh - j0);
+        const uint32_t* xb = xp + j0 * T * MR;
+        for (int64_t p = pa; p < pb;) {
+          const int64_t np = std::min<int64_t>(NP, pb - p);  // a tail of 1-3 panels
+          const uint32_t* wp = w + (p * Kh + j0) * kPanel;
+          float* cp = c + (p - pa) * kPanel;
+          for (int64_t t = 0; t < T; ++t) {
+            const uint32_t* xt = xb + t * nj * MR;
+            float* ct = cp + t * MR * ldc;
+            switch (np) {
+              case 4: dot_block<4, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
+              case 3: dot_block<3, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
+              case 2: dot_block<2, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
+              default: dot_block<1, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
+            }
+          }
+          p += np;
+        }
+      }
+      const int64_t n0 = pa * kPanel;
+      store_rows(c, ldc, M, out, N, n0, std::min(N, pb * kPanel) - n0, bias);
+    }
+  });
+}
+
+// The vdpbf16ps ceiling of one thread: `reps` passes of the prefill's register block (kDotNP
+// panels x kDotMR rows, 24 accumulators) over one KC chunk of L1-resident operands (32 KiB of
+// panels, 3 KiB of x), i.e. dot_block with memory out of the way (its sums still stored and
+// reloaded between passes, as between the prefill's K chunks). Returns the flops done.
+int64_t peak_dot(int64_t reps) {
+  constexpr int64_t Kh = kDotKC;
+  std::unique_ptr<uint32_t, decltype(&std::free)> wb(
+      static_cast<uint32_t*>(std::aligned_alloc(64, kDotNP * Kh * 64)), &std::free),
+      xb(static_cast<uint32_t*>(std::aligned_alloc(64, Kh * kDotMR * 4 + 64)), &std::free);
+  TORCH_CHECK(wb && xb, "bf16_dot_peak: out of memory");
+  std::fill(wb.get(), wb.get() + kDotNP * Kh * kPanel, 0x3f803f80u);  // pairs of 1.0 in bf16
+  std::fill(xb.get(), xb.get() + Kh * kDotMR, 0u);                     // zeros: the sums stay finite
+  alignas(64) float c[kDotMR * kDotNP * 16];
+  for (int64_t r = 0; r < reps; ++r) {
+    dot_block<kDotNP, kDotMR>(xb.get(), wb.get(), Kh * kPanel, Kh, c, kDotNP * 16, r == 0);
+    __asm__ volatile("" ::"r"(c) : "memory");  // the sums are used: the passes cannot be dropped
+  }
+  return reps * Kh * kDotNP * kDotMR * 16 * 2 * 2;  // flops: 16 lanes x 2 k x 2 per vdpbf16ps
+}
+
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+// Runs peak_dot on every thread at once; returns the flops done (the caller times the call).
+int64_t bf16_dot_peak(int64_t reps) {
+  codeshell::check_isa(codeshell::kAvx512Bf16);
+  std::atomic<int64_t> flops{0};
+#if CODESHELL_HAVE_AVX512
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) flops += peak_dot(reps);
+  });
+#endif
+  return flops.load();
+}
+
+// vdpbf16ps: bf16 x [M, K] @ panels^T + bias -> fp32 [M, N], any M (ops.py: `avx512_bf16:gemm`).
+torch::Tensor prefill_bf16_dot(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                               const c10::optional<torch::Tensor>& bias) {
+  codeshell::check_isa(codeshell::kAvx512Bf16);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
+              "x must be a contiguous bf16 [M, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_panels(w, N, K);
+  const float* b = bias_ptr(bias, N);
+  auto out = codeshell::cached_output(M, N, x.options());  // large results reuse freed blocks (scratch.h)
+#if CODESHELL_HAVE_AVX512
+  if (M > 0)
+    prefill_dot(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
+                reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>()), N, b, out.data_ptr<float>());
+#endif
+  return out;
+}
+
 // Runs peak_amx on every thread at once; returns the flops done (the caller times the call).
 int64_t bf16_peak(int64_t Kt, int64_t reps, bool loads) {
   codeshell::check_isa(codeshell::kAmx);

@@ -565,10 +565,239 @@ CODESHELL_END_AVX512
 // x [M, K] fp32 @ W^T + bias -> fp32 [M, N] on AMX-INT8 tiles, x rounded to int8 per block.
 // G = 0: W = q int8 [N, K] * scale [N] (blocks of q8_block_int8(K)); G > 0: int4 q uint8 [N, K/2],
 // scale [N, K/G], offset [N, K/G] or None (blocks = groups; K % 64 == 0, G in 32..256).
-torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                             const c10::optional<torch::Tensor>& offset, int64_t G,
-                             const c10::optional<torch::Tensor>& bias) {
-  codeshell::check_isa(codeshell::kAmx);
+// ---- AVX512-VNNI prefill (no AMX): vpdpbusd on the same int8-rounded x ----------------------
+// The AMX-INT8 path's arithmetic without tiles, for AVX-512 CPUs that have VNNI but no AMX
+// (ops.py: `avx512_vnni:q8` at M > 64, measured against torch's bf16 matmul on expanded rows).
+// x is rounded exactly as above (quantize_row_avx512, blocks of B), then offset to unsigned
+// (u = xq + 128: vpdpbusd multiplies unsigned by signed bytes) and packed once per call as
+// dwords (4 consecutive k of one row) in [K chunk][row tile][k-quad][MR] order. Each work item
+// (kVnItem panels of 16 weight rows) repacks its rows one K chunk at a time to [panel][k-quad]
+// [16] dwords (int8 as stored, int4 as nib - 8), with -128 * (the block's weight sum) per row
+// and block (the offset taken back), and for int4 the group's scales / offsets as 16-lane
+// vectors. The register block: NP = 4 panels x MR = 6 rows of int32 sums of one block (24 zmm +
+// 4 weight vectors + a broadcast); at each block's end they are converted and scaled into the
+// fp32 sums in L1 (int8: by d[m, b]; int4: by s[n, g] * d[m, g], plus off[n, g] * xs[m, g]);
+// the int8 per-row scale and the bias come when the item's rows are stored. Not row-invariant (M > 64 only), like the AMX loop.
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+
+constexpr int kVnNP = 4, kVnMR = 6;
+constexpr int64_t kVnKC = 512;   // k per pass: a multiple of every block (32..256); 4 panels' chunk = 32 KiB in L1
+constexpr int64_t kVnItem = 8;   // panels per work item: its fp32 sums (M x 128 x 4 B) stay in L2
+
+struct VnniProblem {
+  int64_t M, K, N, B, G, nb, T;  // nb = K / B blocks; T row tiles of kVnMR
+  const int8_t* q8;              // int8 [N, K] (G == 0)
+  const uint8_t* q4;             // int4 nibbles [N, K/2] (G > 0)
+  const float *scale, *offset, *bias;
+  const uint32_t* xp;            // packed u8 x (see above)
+  const float *d, *xs;           // [T * MR][nb]: block scales, d * (sum of the block's xq) (int4 offsets)
+  float* out;
+};
+
+// Rows of panel p, k in [k0, k0 + kc), to w [kc/4][16] dwords (signed bytes), the block
+// corrections to corr [kc/B][16] (-128 * block sum), int4 scales / offsets to sc / of [kc/B][16].
+void vnni_repack(const VnniProblem& P, int64_t p, int64_t k0, int64_t kc, uint32_t* w, int32_t* corr, float* sc,
+                 float* of) {
+  const int64_t nbc = kc / P.B;
+  alignas(64) int8_t row[kVnKC];
+  for (int64_t r = 0; r < 16; ++r) {
+    const int64_t n = p * 16 + r;
+    if (n >= P.N) {
+      for (int64_t j = 0; j < kc / 4; ++j) w[j * 16 + r] = 0;
+      for (int64_t b = 0; b < nbc; ++b) {
+        corr[b * 16 + r] = 0;
+        if (sc) sc[b * 16 + r] = 0.f;
+        if (of) of[b * 16 + r] = 0.f;
+      }
+      continue;
+    }
+    if (P.G == 0) {
+      std::memcpy(row, P.q8 + n * P.K + k0, size_t(kc));
+    } else {  // 32 k per 16 bytes: byte i holds k = i (low nibble) and k = 16 + i (high)
+      const uint8_t* src = P.q4 + n * (P.K / 2) + k0 / 2;
+      const __m128i lo4 = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+      for (int64_t k = 0; k < kc; k += 32) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k / 2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + k), _mm_sub_epi8(_mm_and_si128(v, lo4), eight));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + k + 16),
+                         _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), lo4), eight));
+      }
+    }
+    for (int64_t j = 0; j < kc / 4; ++j) std::memcpy(&w[j * 16 + r], row + 4 * j, 4);
+    for (int64_t b = 0; b < nbc; ++b) {
+      int32_t sum = 0;
+      for (int64_t k = b * P.B; k < (b + 1) * P.B; ++k) sum += row[k];
+      corr[b * 16 + r] = -128 * sum;
+      const int64_t g = (k0 / P.B) + b;
+      if (sc) sc[b * 16 + r] = P.scale[n * P.nb + g];
+      if (of) of[b * 16 + r] = P.offset[n * P.nb + g];
+    }
+  }
+}
+
+// acc + the 4-byte dot of unsigned u and signed s per int32 lane (vpdpbusd), as inline asm:
+// with the intrinsic, GCC 12 copied every accumulator to a spare register and stored it to the
+// stack around each vpdpbusd of vnni_block (3 extra moves per instruction, in the 2 x 6 block
+// with fp32 sums in registers and in this 4 x 6 one alike); with a plain "+v" operand the sums
+// stay in their registers (checked in the object code).
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
+  return acc;
+}
+
+// fp32 sums c [MR rows][NP * 16] (row stride ldc) (+)= one row tile x NP panels over a chunk of
+// nbc blocks of bq k-quads. xt: the tile's chunk [quad][MR]; w: panel q at w + q * pstride
+// ([quad][16]); corr / sc / of: panel q at + q * vstride ([block][16]); d / xs: row i's block b
+// at [i * nb + b0 + b]. Only the int32 sums live in registers (NP x MR = 24 + NP weight
+// vectors + a broadcast); the fp32 sums are read and written in c (L1) once per block (24
+// loads + 24 stores per 768 vpdpbusd at a block of 128), which leaves 4 x 6 sums room; the
+// first version kept 2 x 6 int32 and 2 x 6 fp32 sums in registers. int8 at M = 512, the four
+// 7B shapes, 2 threads, alternating processes on a loaded machine: first 0.52 and 0.25 TOP/s
+// wall, this 0.22 and 0.56 -- no difference shown beyond the noise.
+template <int NP, int MR, bool I4, bool OFF>
+inline void vnni_block(const uint32_t* xt, const uint32_t* w, int64_t pstride, const int32_t* corr, const float* sc,
+                       const float* of, int64_t vstride, const float* d, const float* xs, int64_t nb, int64_t b0,
+                       int64_t nbc, int64_t bq, float* c, int64_t ldc, bool first) {
+  for (int64_t b = 0; b < nbc; ++b) {
+    // every loop over q / i fully unrolled (the pragmas): ia[][] is indexed by constants only
+    __m512i ia[NP][MR];
+#pragma GCC unroll 8
+    for (int q = 0; q < NP; ++q)
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) ia[q][i] = _mm512_setzero_si512();
+    const uint32_t* xb = xt + b * bq * MR;
+    const uint32_t* wb = w + b * bq * 16;
+    for (int64_t j = 0; j < bq; ++j) {
+      __m512i wv[NP];
+#pragma GCC unroll 8
+      for (int q = 0; q < NP; ++q) wv[q] = _mm512_load_si512(wb + q * pstride + j * 16);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m512i xv = _mm512_set1_epi32(int(xb[j * MR + i]));
+#pragma GCC unroll 8
+        for (int q = 0; q < NP; ++q) ia[q][i] = dpbusd(ia[q][i], xv, wv[q]);
+      }
+    }
+    const bool zero = first && b == 0;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 dv = _mm512_set1_ps(d[i * nb + b0 + b]);
+#pragma GCC unroll 8
+      for (int q = 0; q < NP; ++q) {
+        float* cp = c + i * ldc + q * 16;
+        const __m512 s = I4 ? _mm512_mul_ps(dv, _mm512_load_ps(sc + q * vstride + b * 16)) : dv;
+        const __m512i sum = _mm512_add_epi32(ia[q][i], _mm512_load_si512(corr + q * vstride + b * 16));
+        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, zero ? _mm512_setzero_ps() : _mm512_load_ps(cp));
+        if (OFF)
+          v = _mm512_fmadd_ps(_mm512_load_ps(of + q * vstride + b * 16), _mm512_set1_ps(xs[i * nb + b0 + b]), v);
+        _mm512_store_ps(cp, v);
+      }
+    }
+  }
+}
+
+template <bool I4, bool OFF>
+void vnni_items(const VnniProblem& P) {
+  constexpr int NP = kVnNP, MR = kVnMR;
+  const int64_t Pn = (P.N + 15) / 16, items = (Pn + kVnItem - 1) / kVnItem, ldc = kVnItem * 16;
+  const int64_t bq = P.B / 4, nbmax = kVnKC / P.B;
+  codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
+    static thread_local codeshell::ThreadScratch c_keep, w_keep, v_keep;
+    codeshell::Scratch<float> cs(c_keep, size_t(P.T) * MR * ldc);
+    codeshell::Scratch<uint32_t> ws(w_keep, size_t(kVnItem) * (kVnKC / 4) * 16);
+    codeshell::Scratch<float> vs(v_keep, size_t(kVnItem) * nbmax * 16 * 3);  // corr (int32), sc, of
+    float* c = cs.data();
+    uint32_t* wbuf = ws.data();
+    int32_t* corr = reinterpret_cast<int32_t*>(vs.data());
+    float* sc = vs.data() + kVnItem * nbmax * 16;
+    float* of = sc + kVnItem * nbmax * 16;
+    const int64_t vstride = nbmax * 16, pstride = (kVnKC / 4) * 16;
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t pa = it * kVnItem, pb = std::min(Pn, pa + kVnItem);
+      for (int64_t k0 = 0; k0 < P.K; k0 += kVnKC) {
+        const int64_t kc = std::min(kVnKC, P.K - k0), nbc = kc / P.B;
+        for (int64_t p = pa; p < pb; ++p)
+          vnni_repack(P, p, k0, kc, wbuf + (p - pa) * pstride, corr + (p - pa) * vstride,
+                      I4 ? sc + (p - pa) * vstride : nullptr, OFF ? of + (p - pa) * vstride : nullptr);
+        const uint32_t* xc = P.xp + k0 / 4 * P.T * MR;
+        for (int64_t p = pa; p < pb; p += NP) {
+          const int64_t l = p - pa;
+          for (int64_t t = 0; t < P.T; ++t) {
+            const uint32_t* xt = xc + t * (kc / 4) * MR;
+            const float* dt = P.d + t * MR * P.nb;
+            const float* xst = OFF ? P.xs + t * MR * P.nb : nullptr;
+            float* ct = c + t * MR * ldc + l * 16;
+            switch (std::min<int64_t>(NP, pb - p)) {  // a tail of 1-3 panels in the last item
+#define CODESHELL_VNNI(R)                                                                                   \
+  case R:                                                                                                   \
+    vnni_block<R, MR, I4, OFF>(xt, wbuf + l * pstride, pstride, corr + l * vstride, sc + l * vstride,       \
+                               of + l * vstride, vstride, dt, xst, P.nb, k0 / P.B, nbc, bq, ct, ldc, k0 == 0); \
+    break;
+              CODESHELL_VNNI(4) CODESHELL_VNNI(3) CODESHELL_VNNI(2) CODESHELL_VNNI(1)
+#undef CODESHELL_VNNI
+            }
+          }
+        }
+      }
+      const int64_t n0 = pa * 16, cols = std::min(P.N, pb * 16) - n0;
+      for (int64_t m = 0; m < P.M; ++m) {
+        float* o = P.out + m * P.N + n0;
+        const float* cm = c + m * ldc;
+        for (int64_t j = 0; j < cols; ++j) {
+          const float v = I4 ? cm[j] : cm[j] * P.scale[n0 + j];
+          o[j] = P.bias ? v + P.bias[n0 + j] : v;
+        }
+      }
+    }
+  });
+}
+
+// x fp32 [M, K] -> xp (u8 = xq + 128, packed as vnni_items reads it), d / xs [T * MR][nb].
+void vnni_pack_x(const float* x, int64_t M, int64_t K, int64_t B, int64_t T, uint32_t* xp, float* d, float* xs) {
+  constexpr int MR = kVnMR;
+  const int64_t nb = K / B;
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int8_t> q(size_t(K) * MR);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int i = 0; i < MR; ++i) {
+        const int64_t m = t * MR + i;
+        float* dm = d + m * nb;
+        float* xm = xs ? xs + m * nb : nullptr;
+        if (m < M) {
+          codeshell::quantize_row_avx512(x + m * K, K, B, 0, q.data() + i * K, dm, 1, xm);
+        } else {
+          std::memset(q.data() + i * K, 0, size_t(K));
+          for (int64_t b = 0; b < nb; ++b) {
+            dm[b] = 0.f;
+            if (xm) xm[b] = 0.f;
+          }
+        }
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += kVnKC) {
+        const int64_t kq = std::min(kVnKC, K - k0) / 4;
+        uint32_t* dst = xp + k0 / 4 * T * MR + t * kq * MR;
+        for (int64_t j = 0; j < kq; ++j)
+          for (int i = 0; i < MR; ++i) {
+            uint32_t v;
+            std::memcpy(&v, q.data() + i * K + k0 + 4 * j, 4);
+            dst[j * MR + i] = v ^ 0x80808080u;  // xq + 128 as unsigned bytes
+          }
+      }
+    }
+  });
+}
+
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+// The argument checks of prefill_q8_amx and prefill_q8_vnni (below); returns the activation block B
+// (int8: q8_block_int8(K); int4: the group) and sets *b to the bias (or null).
+static int64_t check_q8_prefill(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                                const c10::optional<torch::Tensor>& offset, int64_t G,
+                                const c10::optional<torch::Tensor>& bias, const float** bp) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous fp32 [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
@@ -581,12 +810,12 @@ torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, con
                 "int8 scales must be a contiguous fp32 [N] tensor");
     TORCH_CHECK(!offset.has_value(), "int8 weights have no offsets");
     B = q8_block_int8(K);
-    TORCH_CHECK(B > 0, "the AMX int8 kernel needs K % 32 == 0, got K=", K);
+    TORCH_CHECK(B > 0, "the integer prefill kernels need K % 32 == 0, got K=", K);
   } else {
     TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous() && q.size(1) * 2 == K,
                 "int4 weight must be a contiguous uint8 [N, K/2] tensor with K=", K);
     TORCH_CHECK(K % 64 == 0 && G % 32 == 0 && G <= 256 && K % G == 0,
-                "the AMX int4 kernel needs K % 64 == 0 and a group size in 32..256 dividing K; got K=", K, ", group ", G);
+                "the integer prefill kernels need K % 64 == 0 and a group size in 32..256 dividing K; got K=", K, ", group ", G);
     TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N * (K / G),
                 "int4 scales must be a contiguous fp32 [N, K/group] tensor");
     if (offset.has_value())
@@ -601,6 +830,17 @@ torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, con
                 "bias must be a contiguous fp32 tensor with ", N, " elements");
     b = bias->data_ptr<float>();
   }
+  *bp = b;
+  return B;
+}
+
+torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& offset, int64_t G,
+                             const c10::optional<torch::Tensor>& bias) {
+  codeshell::check_isa(codeshell::kAmx);
+  const float* b = nullptr;
+  const int64_t B = check_q8_prefill(x, q, scale, offset, G, bias, &b);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto out = codeshell::cached_output(M, N, x.options());  // large results reuse freed blocks (scratch.h)
 #if CODESHELL_HAVE_AVX512
   const int64_t Mt = (M + 15) / 16, Mp = Mt * 16, nb = K / B;
@@ -628,6 +868,34 @@ torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, con
             scale.data_ptr<float>(), b, xt.data(), dxt.data_ptr<float>(), out.data_ptr<float>()};
   prefill_q8_tiles(P);
   if (offs) out.addmm_(xs, offset->view({N, nb}).t());  // sum_g off[n, g] * xs[m, g]
+#endif
+  return out;
+}
+
+// AVX512-VNNI: x fp32 [M, K] rounded to int8 per block as the decode kernels round it, times an
+// int8 / int4 weight, + bias -> fp32 [M, N]; any M (ops.py sends M > 64: `avx512_vnni:q8`).
+torch::Tensor prefill_q8_vnni(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                              const c10::optional<torch::Tensor>& offset, int64_t G,
+                              const c10::optional<torch::Tensor>& bias) {
+  codeshell::check_isa(codeshell::kAvx512Vnni);
+  const float* b = nullptr;
+  const int64_t B = check_q8_prefill(x, q, scale, offset, G, bias, &b);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  auto out = codeshell::cached_output(M, N, x.options());  // large results reuse freed blocks (scratch.h)
+#if CODESHELL_HAVE_AVX512
+  const int64_t T = (M + kVnMR - 1) / kVnMR, nb = K / B;
+  const bool offs = G > 0 && offset.has_value();
+  static thread_local codeshell::ThreadScratch x_keep, d_keep;
+  codeshell::Scratch<uint32_t> xp(x_keep, size_t(T) * kVnMR * K / 4);
+  codeshell::Scratch<float> dx(d_keep, size_t(T) * kVnMR * nb * 2);  // d, then xs
+  vnni_pack_x(x.data_ptr<float>(), M, K, B, T, xp.data(), dx.data(), offs ? dx.data() + T * kVnMR * nb : nullptr);
+  VnniProblem P{M, K, N, B, G, nb, T,
+                G ? nullptr : q.data_ptr<int8_t>(), G ? q.data_ptr<uint8_t>() : nullptr,
+                scale.data_ptr<float>(), offs ? offset->data_ptr<float>() : nullptr, b,
+                xp.data(), dx.data(), offs ? dx.data() + T * kVnMR * nb : nullptr, out.data_ptr<float>()};
+  if (G == 0) vnni_items<false, false>(P);
+  else if (offs) vnni_items<true, true>(P);
+  else vnni_items<true, false>(P);
 #endif
   return out;
 }

@@ -1,0 +1,136 @@
+"""The prefill (M > 64) kernels of AVX-512 CPUs without AMX, against the reference.
+
+What this tests: `avx512_bf16:gemm` (`prefill_bf16_dot`: vdpbf16ps on the bf16 panels) and
+`avx512_vnni:q8` at M > 64 (`prefill_q8_vnni`: vpdpbusd on x rounded to int8 in the decode
+kernels' blocks) against `ops.reference` for that path, at M = 65..600 (row tiles of 6 with
+tails), N not a multiple of 16 / of a work item, K not a multiple of the k chunk (bf16: K
+tails inside a k-pair and a 32-k tile; int8: blocks of 32 / 128; int4: groups 32..256,
+symmetric and not), with and without bias; that a kept scratch buffer never changes a result;
+that the dispatch offers both as measured candidates where the CPU has them (with AMX they are
+checked under CODESHELL_KERNEL_ISA=avx512_bf16); and the vdpbf16ps peak micro-kernel the
+benchmark's bf16 peak includes. Each test records the path it ran.
+What this is not: a speed test (benchmarks/bench_kernels.py, /bench_quant.py, docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codeshell import bench
+from codeshell.kernels import _ext, available, linear, ops, prepack, quantize_int4, quantize_int8
+
+LEVEL = ops.isa_level() if available() else -1
+BF16 = ops.ISA_LEVELS.index("avx512_bf16")
+VNNI = ops.ISA_LEVELS.index("avx512_vnni")
+needs_bf16 = pytest.mark.skipif(LEVEL < BF16, reason="needs the native kernels on an AVX512-BF16 CPU")
+needs_vnni = pytest.mark.skipif(LEVEL < VNNI, reason="needs the native kernels on an AVX512-VNNI CPU")
+MS = [65, 66, 71, 100, 130, 513, 600]
+
+
+def _check(path, pw, m, bias, seed=1, dtype=torch.bfloat16):
+    x = torch.randn(m, pw.in_features, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    before = ops.PATHS_RUN[(pw.kind, path)]
+    y = ops._compute(path, _ext.get(), x, pw, bias)
+    assert ops.PATHS_RUN[(pw.kind, path)] == before + 1
+    ref = ops.reference(x, pw, bias, path)
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    # fp32 sums in another order than the reference's: 2e-5 of the largest output
+    err = (y - ref).abs().max().item()
+    assert err <= 2e-5 * ref.abs().max().item(), f"{path} {pw.kind} M={m}: max abs err {err:.3g}"
+    return y
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k", [(37, 100), (50, 384), (300, 1030), (1040, 256)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_gemm_matches_reference(n, k, with_bias, record_property):
+    record_property("isa_path", "avx512_bf16:gemm")
+    pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)))
+    bias = torch.randn(n) if with_bias else None
+    for m in MS:
+        _check("avx512_bf16:gemm", pw, m, bias)
+
+
+def _quant(kind, n, k, group=128, symmetric=True):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k + group))
+    return quantize_int8(w) if kind == "int8" else quantize_int4(w, group, symmetric)
+
+
+QUANT = [("int8", 35, 384, 0, True), ("int8", 70, 416, 0, True), ("int8", 200, 1536, 0, True),
+         ("int4", 35, 384, 32, True), ("int4", 19, 256, 64, False), ("int4", 150, 640, 128, False),
+         ("int4", 130, 1024, 128, True), ("int4", 17, 512, 256, True)]
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind,n,k,group,symmetric", QUANT,
+                         ids=[f"{q[0]}-{q[1]}x{q[2]}-g{q[3]}-{'sym' if q[4] else 'asym'}" for q in QUANT])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_vnni_q8_prefill_matches_reference(kind, n, k, group, symmetric, with_bias, record_property):
+    record_property("isa_path", "avx512_vnni:q8 (prefill_q8_vnni)")
+    pw = _quant(kind, n, k, group or 128, symmetric)
+    bias = torch.randn(n) if with_bias else None
+    for m in MS:
+        # bf16 x, as a bf16 model's prefill brings it (the path rounds it to int8 per block)
+        _check("avx512_vnni:q8", pw, m, bias, seed=m)
+
+
+@needs_vnni
+def test_vnni_q8_prefill_outliers_and_zero_blocks():
+    # a row with a huge outlier (its block's other values round to 0) and an all-zero block
+    # (d = 0): the same integers as the reference's rounding
+    pw = _quant("int4", 64, 512, 128, False)
+    x = torch.randn(80, 512)
+    x[3, 7] = 1e4
+    x[5, 128:256] = 0
+    y = ops._compute("avx512_vnni:q8", _ext.get(), x, pw, None)
+    ref = ops.reference(x, pw, None, "avx512_vnni:q8")
+    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max()
+
+
+@needs_bf16
+def test_scratch_reuse_keeps_bits():
+    mod = _ext.get()
+    pb = prepack(torch.randn(100, 384, generator=torch.Generator().manual_seed(3)))
+    p8 = _quant("int8", 100, 384)
+    x = torch.randn(300, 384, generator=torch.Generator().manual_seed(4))
+    first_b = mod.prefill_bf16_dot(x.bfloat16(), pb.data, 100, None).clone()
+    first_q = mod.prefill_q8_vnni(x, p8.data, p8.scales, None, 0, None).clone()
+    # larger calls in between grow the kept x / sum / weight buffers and leave stale contents
+    big = torch.randn(700, 1024)
+    mod.prefill_bf16_dot(big.bfloat16(), prepack(torch.randn(200, 1024)).data, 200, None)
+    q4 = _quant("int4", 200, 1024, 64, False)
+    mod.prefill_q8_vnni(big, q4.data, q4.scales, q4.offsets, 64, None)
+    assert torch.equal(first_b, mod.prefill_bf16_dot(x.bfloat16(), pb.data, 100, None))
+    assert torch.equal(first_q, mod.prefill_q8_vnni(x, p8.data, p8.scales, None, 0, None))
+
+
+@needs_bf16
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_prefill_candidates_without_amx(kind, monkeypatch, record_property):
+    """Without AMX (or capped below it) a bf16-x prefill measures our kernels against torch's
+    bf16 matmul, and the measured winner matches its own reference."""
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_bf16")
+    pw = prepack(torch.randn(70, 512)) if kind == "bf16" else _quant(kind, 70, 512, 128, False)
+    cands = ops.prefill_candidates(pw, torch.bfloat16, BF16)
+    ours = "avx512_bf16:gemm" if kind == "bf16" else "avx512_vnni:q8"
+    assert ours in cands and "onednn:bf16" in cands
+    x = torch.randn(80, 512).bfloat16()
+    y = linear(x, pw, impl="native")
+    key = (kind, 70, 512, 128, "avx512_bf16", "bfloat16")
+    assert set(ops.CHOICE_TIMES[key]) == set(cands)
+    path = ops.plan(pw, 80, torch.bfloat16)
+    record_property("prefill_choice", f"{kind}: {path} of {ops.CHOICE_TIMES[key]}")
+    ref = linear(x, pw, impl="reference")
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.float().abs().max().item())
+    # fp32 x keeps exact weight-only math at prefill for int8/int4
+    if kind != "bf16":
+        assert ops.prefill_candidates(pw, torch.float32, BF16) == ["sgemm:fp32"]
+
+
+@needs_bf16
+def test_dot_peak_is_measured_and_in_the_bench_peak():
+    mod = _ext.get()
+    assert mod.bf16_dot_peak(10) == 10 * 128 * 4 * 6 * 64 * torch.get_num_threads()
+    tf = bench.dot_tflops(repeats=1, reps=2000)
+    assert tf is not None and tf > 0

@@ -8,7 +8,7 @@ memory-bandwidth bound (bandwidth measured by this script: a streaming read of a
 buffer with the same thread count, before the formats and again after each one's decode, the
 best probe counting; bound = bandwidth / bytes of weights read per token);
 the prompt's TFLOP/s as a fraction of the machine's bf16 matmul peak measured in the same run
-(the best of torch's bf16 matmul on CodeShell-7B's linear shapes and our AMX micro-kernel).
+(the best of torch's bf16 matmul on CodeShell-7B's linear shapes and our micro-kernels: AMX tiles, vdpbf16ps).
 The model has random weights (written once per run to a temporary folder, shard by shard;
 int8/int4 folders come from `codeshell quantize`, whose time is printed too). Their output
 head is int8 per channel by default (`--head int8`: `int8-head`, `int4-g128-head8`), as the
@@ -100,10 +100,10 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
         return min(_timed(lambda: llm.generate(prompts, sp)) for _ in range(repeats))
 
     run([prompt(16)], 2)  # warm-up
-    # The first prompt of a length also measures the prefill candidates of each weight shape
-    # once (ops.plan: our AMX kernels vs oneDNN vs sgemm, ~3 calls each, then cached for the
-    # process): printed apart as the first prompt; the prompt figure is the best of two after
-    # it, as llama-bench's figure follows its warm-up run.
+    # The first prompt of this length is printed apart (the prefill candidates of each weight
+    # shape were measured at load, `kernels.choose_prefill_paths`; what is left is first-touch
+    # cost); the prompt figure is the best of two after it, as llama-bench's figure follows its
+    # warm-up run.
     first_s = run([prompt(prompt_len)], 1, repeats=1)
     prefill_s = run([prompt(prompt_len)], 1, repeats=2)
     short = [prompt(16)]
@@ -267,8 +267,10 @@ def main() -> None:
     print("(1st prompt: the first prompt after load (each weight shape's prefill path is chosen at load, in "
           "load s: measured there once per machine, then read from disk); prompt: best of the next two. Prompt TFLOP/s: the blocks' linears, causal attention "
           f"and the last token's head (`codeshell.bench.prompt_flops`); bf16 peak {peak['peak']:.2f} TFLOP/s, the "
-          f"best of torch's bf16 matmul on the 7B shapes at M = {a.prompt_len} ({peak['torch']:.2f}) and our AMX "
-          f"micro-kernel on L2-resident tiles ({peak.get('kernel', float('nan')):.2f}), measured in this run. "
+          f"best of torch's bf16 matmul on the 7B shapes at M = {a.prompt_len} ({peak['torch']:.2f}) and our "
+          f"micro-kernels (AMX tiles on L2-resident data: {peak.get('kernel', float('nan')):.2f}; vdpbf16ps on "
+          f"L1-resident operands: {peak.get('dot_kernel', float('nan')):.2f}; nan where the CPU lacks it), "
+          "measured in this run. "
           f"Bound: weight bytes per token / {bw / 1e9:.1f} GB/s, the best of the run's read-bandwidth probes "
           f"({', '.join(f'{p / 1e9:.1f}' for p in probes)} GB/s: before the formats, then after each one's decode))")
     for r in rows:  # the measured choices (ops.plan), so a figure says which kernels made it

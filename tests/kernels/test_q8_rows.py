@@ -1,14 +1,17 @@
-"""`avx512_vnni:q8` on CPUs without AMX: csrc/q8_rows.h (per-row vpdpbusd dots, per-lane fp32
-epilogue), int8 and int4 weights, every M from 1 to ops.ROW_INVARIANT_MAX_M.
+"""`avx512_vnni:q8` on CPUs without AMX (isa below `amx`), int8 and int4 weights, every M from 1
+to ops.ROW_INVARIANT_MAX_M: int8 and int4 groups of 128 / 256 run the AMX level's vpdpbusd
+kernels (tile_v at M = 1-2, csrc/q8_panel.h from 3: the shared epilogue of csrc/q8_epilogue.h,
+the bits `amx:q8` gives); int4 groups of 32 / 64 run csrc/q8_rows.h (per-lane epilogue).
 
 Checked at each AVX-512 level below AMX (CODESHELL_KERNEL_ISA caps the level, so an AMX CPU runs
 these kernels too): the kernel's own fp32 output against the reference of its path
-(`ops.reference`, int8-rounded x times the dequantised weight) within 2e-5 of the largest output,
-and each row of every M bit for bit against the same row alone (row invariance). The shapes
-cover tails (N not a multiple of the 16-row panels or of the 2-row tiles used from 9 rows of x),
-int4 groups of 32 / 64 (lane groups per 128-run), 128 and 256 (two runs per group), with and
-without offsets and bias, and K long enough that x is run in K chunks (M x K > 16 KiB of xq:
-K = 1536 from 11 rows, K = 4096 from 5).
+(`ops.reference`, int8-rounded x times the dequantised weight) within 2e-5 of the largest output;
+each row of every M bit for bit against the same row alone (row invariance), with the default
+split and with CODESHELL_Q8_PANEL_MIN_M = 1 / 65 (the panel kernel / tile_v at every M, which
+must give the same bits). The shapes cover tails (N not a multiple of the 16-row panels or of
+the 2-row tiles used from 9 rows of x), int4 groups of 32 / 64 / 128 / 256 with and without
+offsets and bias, an all-zero row of x, and K long enough that q8_rows.h runs x in K chunks
+(M x K > 16 KiB of xq: K = 2560 from 7 rows, K = 512 from 33).
 """
 
 from __future__ import annotations
@@ -56,14 +59,21 @@ def test_rows_kernel_matches_reference_and_m1_at_every_m(level, with_bias, kind,
     x = torch.randn(ops.ROW_INVARIANT_MAX_M, k, generator=g) * torch.rand(ops.ROW_INVARIANT_MAX_M, 1, generator=g) * 4
     x[:, ::37] *= 8
     x[3] = 0  # an all-zero row: every block scale 0
+    monkeypatch.delenv("CODESHELL_Q8_PANEL_MIN_M", raising=False)
     alone = torch.cat([ops._compute(path, mod, x[i:i + 1], pw, bias) for i in range(x.shape[0])])
     ref = ops.reference(x, pw, bias, path)
     err = (alone - ref).abs().max().item()
     assert err <= 2e-5 * ref.abs().max().item(), f"{path} {kind} {n}x{k} {args}: max abs error {err:.3g}"
-    for m in range(1, ops.ROW_INVARIANT_MAX_M + 1):
-        y = ops._compute(path, mod, x[:m], pw, bias)
-        bad = (y.view(torch.int32) != alone[:m].view(torch.int32)).any(dim=1)
-        assert not bad.any(), (f"{path} at {level} {kind} {n}x{k} {args}: rows {bad.nonzero().flatten().tolist()} "
-                               f"of M={m} differ from M=1, max abs diff {(y - alone[:m]).abs().max().item():.3g}")
-    print(f"{path} (q8_rows.h) at {level}: {kind} {n}x{k} {args} bias={with_bias}: within {err:.2g} of the "
+    shared = kind == "int8" or pw.group_size % 128 == 0
+    kernel = "tile_v (M = 1-2) / q8_panel.h" if shared else "q8_rows.h"
+    for split in ([None, "1", str(ops.ROW_INVARIANT_MAX_M + 1)] if shared else [None]):
+        if split is not None:
+            monkeypatch.setenv("CODESHELL_Q8_PANEL_MIN_M", split)
+        for m in range(1, ops.ROW_INVARIANT_MAX_M + 1):
+            y = ops._compute(path, mod, x[:m], pw, bias)
+            bad = (y.view(torch.int32) != alone[:m].view(torch.int32)).any(dim=1)
+            assert not bad.any(), (f"{path} ({kernel}, panel from {split or 'default'}) at {level} {kind} {n}x{k} "
+                                   f"{args}: rows {bad.nonzero().flatten().tolist()} of M={m} differ from M=1, "
+                                   f"max abs diff {(y - alone[:m]).abs().max().item():.3g}")
+    print(f"{path} ({kernel}) at {level}: {kind} {n}x{k} {args} bias={with_bias}: within {err:.2g} of the "
           f"reference, rows of M = 1..{ops.ROW_INVARIANT_MAX_M} bitwise those of M = 1")

@@ -9,15 +9,15 @@
 // Row invariance: x is rounded per row, the block dots are exact integers and the epilogue is
 // per row, so a row's bits do not depend on M or on its tile; ops.py runs these kernels for
 // every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1.
-// The 512-bit kernels (K % 128 == 0), AMX CPUs (`amx:q8`): int8 runs q8_panel.h (16 weight
+// The 512-bit kernels (K % 128 == 0): on AMX CPUs (`amx:q8`) int8 runs q8_panel.h (16 weight
 // rows transposed per block, exact block sums, the fp32 epilogue of q8_epilogue.h) below the
-// AMX row threshold, where
-// qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the same epilogue. int4 on AMX CPUs
-// runs tile_v (the same epilogue after a lane reduction) at M = 1-2, q8_panel.h (groups of 128 /
-// 256) up to the AMX rows, the AMX rows above: the same bits from all three
-// (tests/kernels/test_invariance.py). Without AMX (`avx512_vnni:q8`, isa < kAmx) int8 and int4
-// run q8_rows.h (per-row dots, per-lane fp32 epilogue, no transposes: their own bits, row
-// invariant; the transposes cost more than the weight read on AMD Zen without AMX).
+// AMX row threshold, where qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the same
+// epilogue; int4 runs tile_v (the same epilogue after a lane reduction) at M = 1-2, q8_panel.h
+// (groups of 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
+// (tests/kernels/test_invariance.py). Without AMX (`avx512_vnni:q8`) int8 and int4 groups of
+// 128 / 256 run the same vpdpbusd kernels, tile_v at M = 1-2 and q8_panel.h from 3 (int8 too:
+// the panel's transposes at M = 1 ran 2.1x slower than AVX2 on AMD Zen), so they give the AMX
+// level's bits; int4 groups of 32 / 64 run q8_rows.h (per-row dots, per-lane epilogue: own bits).
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -344,7 +344,7 @@ inline void for_x_tiles8(int64_t M, F&& f) {
   }
 }
 
-// ---- amx:q8 below its AMX row threshold: the shared epilogue (q8_epilogue.h) ----------------
+// ---- tile_v, on the shared epilogue (q8_epilogue.h): amx:q8 below its AMX rows, avx512_vnni:q8 at M = 1-2
 // The 512-bit kernels sum each block (int8: 128 k; int4: the group) of a (row of x, weight row)
 // in int32 lanes with vpdpbusd, keep the lane vectors of 16 blocks in a small buffer, reduce them
 // to the 16 exact block sums (q8epi::reduce_lanes) and run the shared epilogue (q8_epilogue.h)
@@ -504,13 +504,17 @@ int64_t amx_rows_min_m(bool panel) {
   return panel ? 12 : 8;
 }
 
-// The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows
-// (AMX CPUs only: without AMX q8_rows.h runs), and on AMX CPUs int4 with groups of 128 / 256 from 3 rows: its
-// transposes cost the same per weight byte at any M, so at M = 1-2 int4 (twice the weights per
-// byte of int8) ran 15-25% slower than the per-row kernels (measured per core, caches flushed,
-// mid and 7B shapes), and tile_v (the shared epilogue after a lane reduction: the same bits)
-// runs those rows. Without AMX int4 runs q8_rows.h at every M (nothing there needs the shared
-// epilogue). CODESHELL_Q8_PANEL_MIN_M overrides the 3 (read per call).
+// The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows on
+// AMX CPUs (unchanged since session 12) and from 3 rows without AMX, and int4 with groups of
+// 128 / 256 from 3 rows at both: its transposes cost the same per weight byte at any M, so at
+// M = 1-2 int4 (twice the weights per byte of int8) ran 15-25% slower than the per-row kernels
+// on Sapphire Rapids (per core, caches flushed, mid and 7B shapes), and tile_v (the shared
+// epilogue after a lane reduction: the same bits) runs those rows. On the AMD EPYC without AMX
+// (Zen, 1 thread, the four 7B linears) the panel ran int8 M = 1 at 11.9-13.1 ms against AVX2's
+// 7.9-9.6, tile_v 5.4-6.5; at M = 8 the panel 13.5-16.9 against 24.6-30.7 for per-row dots with a
+// per-lane epilogue (q8_rows.h's form), so int8 takes tile_v at M = 1-2 there too. Without AMX
+// int4 groups of 32 / 64 run q8_rows.h at every M. CODESHELL_Q8_PANEL_MIN_M overrides the 3
+// (read per call).
 bool panel_kernel(int64_t G) { return G % 128 == 0; }
 int64_t panel_min_m() {
   const char* e = std::getenv("CODESHELL_Q8_PANEL_MIN_M");
@@ -556,7 +560,10 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   float* xs = dx + M * ng;
   int32_t* sx = reinterpret_cast<int32_t*>(dx + 2 * M * ng);  // the 512-bit kernels' integer block sums of xq
   const bool vnni = use_vnni(isa, K);
-  const bool epi = vnni && isa >= codeshell::kAmx;
+  // int4 groups of 32 / 64 without AMX: q8_rows.h; everything else at the AVX-512 levels: the
+  // shared epilogue (q8_epilogue.h), with or without AMX (no_amx_kernels below)
+  const bool rows = vnni && isa < codeshell::kAmx && !panel_kernel(G);
+  const bool epi = vnni && !rows;
   quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs, sx);
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
@@ -571,17 +578,16 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
       else codeshell::q8panel::run_panels<true, false>(A, n0, n1);
       return;
     }
-    if (vnni && epi) {  // amx:q8 below the AMX row threshold: the AMX rows' bits
+    if (vnni && epi) {  // tile_v: the AMX rows' bits
       run_q4v_epi(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
       return;
     }
-    if (vnni) {  // no AMX: per-row dots, per-lane epilogue (q8_rows.h)
-      const codeshell::q8rows::Args A{xqp, dx, xs, nullptr, M, K, N, qp, sp, ofp, G, b, op, kPrefetch};
+    if (rows) {  // no AMX, groups of 32 / 64: per-row dots, per-lane epilogue (q8_rows.h)
+      const codeshell::q8rows::Args A{xqp, dx, xs, M, K, N, qp, sp, ofp, G, b, op, kPrefetch};
       namespace R = codeshell::q8rows;
-      if (G == 32) ofp ? R::run<true, true, 4>(A, n0, n1) : R::run<true, false, 4>(A, n0, n1);
-      else if (G == 64) ofp ? R::run<true, true, 2>(A, n0, n1) : R::run<true, false, 2>(A, n0, n1);
-      else ofp ? R::run<true, true, 1>(A, n0, n1) : R::run<true, false, 1>(A, n0, n1);
+      if (G == 32) ofp ? R::run<true, 4>(A, n0, n1) : R::run<false, 4>(A, n0, n1);
+      else ofp ? R::run<true, 2>(A, n0, n1) : R::run<false, 2>(A, n0, n1);
       return;
     }
 #endif
@@ -623,21 +629,15 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
   const int8_t* wp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const bool vnni = use_vnni(isa, K);  // then B == 128
-  const bool rows = vnni && isa < codeshell::kAmx;
-  std::vector<int32_t> ncx(rows ? size_t(M * nb * 16) : 0);
-#if CODESHELL_HAVE_AVX512
-  if (rows)
-    for (int64_t m = 0; m < M; ++m) codeshell::q8rows::int8_lane_offsets(xqp + m * K, K, ncx.data() + m * nb * 16);
-#endif
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
-    if (rows) {  // no AMX: per-row dots, per-lane epilogue (q8_rows.h)
-      const codeshell::q8rows::Args A{xqp, dx, nullptr, ncx.data(), M, K, N, reinterpret_cast<const uint8_t*>(wp),
-                                      sp, nullptr, 0, b, op, kPrefetch};
-      codeshell::q8rows::run<false, false, 1>(A, n0, n1);
+    if (vnni && isa < codeshell::kAmx && M < panel_min_m()) {  // no AMX, M = 1-2: tile_v, the panel's bits
+      run_v<false, false, 1>(xqp, dx, sx, nullptr, M, K, nb, reinterpret_cast<const uint8_t*>(wp), nullptr, nullptr,
+                             0, op, N, n0, n1);
+      codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
       return;
     }
-    if (vnni) {  // amx:q8 below the AMX rows: the AMX rows' bits (q8_panel.h)
+    if (vnni) {  // the AMX rows' bits (q8_panel.h): below the AMX rows, or from 3 rows without AMX
       const codeshell::q8panel::Args A{xqp, dx, sx, nullptr, M, K, N, reinterpret_cast<const uint8_t*>(wp), sp,
                                        nullptr, 0, b, op};
       codeshell::q8panel::run_panels<false, false>(A, n0, n1);

@@ -1,6 +1,6 @@
 // The fp32 epilogue of the int8-activation kernels at the AVX-512 levels, shared by the 512-bit
-// vpdpbusd kernels (q8_panel.h: int8 and int4 at `amx:q8` and `avx512_vnni:q8`;
-// qdot.cpp's tile_v: int4 (groups of 32 / 64 with AMX only), int8 at M = 1-2 without AMX) and qgemm_amx.cpp's AMX-INT8 tiles
+// vpdpbusd kernels (q8_panel.h: int8 at `avx512_vnni:q8` and `amx:q8`, int4 at `amx:q8`;
+// qdot.cpp's tile_v: int4 at `amx:q8`, int8 at `avx512_vnni:q8` M = 1-2) and qgemm_amx.cpp's AMX-INT8 tiles
 // (`amx:q8`, M <= 64), so that all give every row the same bits (header-only, inlined).
 //
 // What this is: the arithmetic that turns exact int32 block sums into a row's fp32 outputs.
@@ -28,7 +28,7 @@
 // from those; q8_panel.h gets them without a lane reduction (its lanes are weight rows),
 // tile_v with ~2 lane shuffles per block (port 5, beside vpdpbusd's port 0).
 // What this is not: the AVX2 kernels' epilogue (`avx2:q8` keeps its own, per-lane one), nor
-// int4 groups of 32 / 64 without AMX (`avx512_vnni:q8`: q8_rows.h's per-lane epilogue).
+// int4's without AMX (`avx512_vnni:q8` int4 keeps qdot.cpp's per-lane tile_q4v).
 #pragma once
 
 #include <immintrin.h>

@@ -9,15 +9,15 @@
 // Row invariance: x is rounded per row, the block dots are exact integers and the epilogue is
 // per row, so a row's bits do not depend on M or on its tile; ops.py runs these kernels for
 // every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1.
-// The 512-bit kernels (K % 128 == 0): on AMX CPUs (`amx:q8`) int8 runs q8_panel.h (16 weight
-// rows transposed per block, exact block sums, the fp32 epilogue of q8_epilogue.h) below the
-// AMX row threshold, where qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the same
-// epilogue; int4 runs tile_v (the same epilogue after a lane reduction) at M = 1-2, q8_panel.h
-// (groups of 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
-// (tests/kernels/test_invariance.py). Without AMX (`avx512_vnni:q8`) int8 and int4 groups of
-// 128 / 256 run the same vpdpbusd kernels, tile_v at M = 1-2 and q8_panel.h from 3 (int8 too:
-// the panel's transposes at M = 1 ran 2.1x slower than AVX2 on AMD Zen), so they give the AMX
-// level's bits; int4 groups of 32 / 64 run q8_rows.h (per-row dots, per-lane epilogue: own bits).
+// The 512-bit kernels (K % 128 == 0): int8 runs q8_panel.h (16 weight rows transposed per
+// block, exact block sums, the fp32 epilogue of q8_epilogue.h) below the AMX row threshold with
+// AMX (`amx:q8`), where qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the same
+// epilogue, and from 3 rows without AMX (`avx512_vnni:q8`), where tile_v (the same epilogue
+// after a lane reduction) runs M = 1-2: the panel's transposes ran int8 M = 1 2.1x slower than
+// AVX2 on AMD Zen (panel_min_m). int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
+// 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
+// (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk (per-lane
+// epilogue, main's kernels and bits).
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -36,7 +36,6 @@
 #include "parallel.h"
 #include "q8_epilogue.h"
 #include "q8_panel.h"
-#include "q8_rows.h"
 #include "quant_x.h"
 #include "simd.h"
 
@@ -330,6 +329,156 @@ void range_q8(const int8_t* xq, const float* dx, int64_t M, int64_t K, int64_t B
 CODESHELL_BEGIN_AVX512
 namespace {
 
+// affine_const for the 512-bit kernels: 16 groups per step, the last step masked (the 1536-wide
+// mid shape has 12 groups of 128: one step instead of an 8-wide step, its sum and 4 scalar
+// terms, ~3x fewer instructions per output; at M = 8 int4 this ran once per 24 vpdpbusd).
+// Not inlined, for the reason affine_const is not.
+template <bool OFFS>
+__attribute__((noinline)) float affine_const_v(const float* sc, const float* of, const float* xs, int64_t ng) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 m8 = _mm512_set1_ps(-8.f);
+  for (int64_t g = 0; g < ng; g += 16) {
+    const __mmask16 k = ng - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
+    __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc + g), m8);
+    if (OFFS) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(k, of + g));
+    acc = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(k, xs + g), acc);  // masked lanes add 0
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// sd[g] = sc[g] * dx[g] for g < ng, 16 at a time (the last step masked): the same fp32 products
+// as the scalar sc[g] * dx[g] the kernels use when the table does not fit.
+inline void scale_products(const float* sc, const float* dx, int64_t ng, float* sd) {
+  for (int64_t g = 0; g < ng; g += 16) {
+    const __mmask16 k = ng - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
+    _mm512_mask_storeu_ps(sd + g, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc + g), _mm512_maskz_loadu_ps(k, dx + g)));
+  }
+}
+
+// int4 without AMX (`avx512_vnni:q8`; main's per-lane epilogue, its own bits: with AMX these
+// rows run tile_v / q8_panel.h / the AMX tiles on the shared epilogue).
+// x permuted in runs of 128 (quantize_x perm = 128). G >= 128: int32 sums of a whole group
+// stay in registers and are scaled once; G = 32 / 64: each 128-run holds 4 / 2 groups, lane L of
+// the int32 sums belongs to run L / 4, scaled per run by a lane vector (gidx maps lane -> group).
+template <int MB, bool OFFS>
+inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
+                     const float* sc, const float* of, int64_t G, __m512i gidx, float* out, int64_t ldo) {
+  const int64_t ng = K / G;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  if (G >= 128) {
+    // sd[i][g] = scale_g * d_ig, a vector product per row up front (ng <= 256 here), so the
+    // group epilogue is cvt + one fmadd with a broadcast operand from memory.
+    alignas(64) float sd[MB][128];
+    const bool tab = ng <= 128;
+    if (tab)
+      for (int i = 0; i < MB; ++i) scale_products(sc, dx + i * ng, ng, sd[i]);
+    // Two chains (lo, hi nibbles) per row at MB <= 2; at MB >= 3 the rows are enough chains.
+    constexpr int CH = MB <= 2 ? 2 : 1;
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512i a[MB][CH];
+      for (int i = 0; i < MB; ++i)
+        for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
+      for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(q + k / 2);
+        const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+        for (int i = 0; i < MB; ++i) {
+          const int8_t* xr = xq + i * K + k;
+          a[i][0] = _mm512_dpbusd_epi32(a[i][0], lo, _mm512_loadu_si512(xr));
+          a[i][CH - 1] = _mm512_dpbusd_epi32(a[i][CH - 1], hi, _mm512_loadu_si512(xr + 64));
+        }
+      }
+      for (int i = 0; i < MB; ++i) {
+        __m512i s32 = a[i][0];
+        if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_set1_ps(tab ? sd[i][g] : sc[g] * dx[i * ng + g]),
+                                 acc[i]);
+      }
+    }
+  } else {
+    const __mmask8 gm = __mmask8((1u << (128 / G)) - 1);  // groups per 128-run
+    for (int64_t k = 0; k < K; k += 128) {
+      const int64_t g = k / G;
+      _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(q + k / 2);
+      const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      const __m128 sw = _mm_maskz_loadu_ps(gm, sc + g);
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xr = xq + i * K + k;
+        const __m512i a = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr)), hi, _mm512_loadu_si512(xr + 64));
+        const __m128 sd = _mm_mul_ps(sw, _mm_maskz_loadu_ps(gm, dx + i * ng + g));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_permutexvar_ps(gidx, _mm512_castps128_ps512(sd)), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const_v<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
+}
+
+// M > 8 (kBlockMinM), G >= 128: register tiles of MB rows of x by NR weight rows, so each x
+// load feeds NR vpdpbusd and each unpacked weight load MB. Why: with one weight row per tile
+// (tile_q4v) every weight row re-reads all M rows of x from L2 (M x K bytes: 96 KiB at M = 64,
+// K = 1536), which made M = 17..64 2-3x slower than the AMX prefill it replaced.
+// Row invariance: per (row of x, weight row) the same arithmetic as tile_q4v: exact int32 group
+// sums (integer adds: any order gives the same lanes; lane L holds the same k in both), then
+// acc = fma(cvt(sum), scale_g * d_g, acc) per group in k order, reduce_add, + affine_const.
+template <int MB, int NR, bool OFFS>
+inline void tile_q4v_blk(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
+                         const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+  const int64_t ng = K / G, ldq = K / 2;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  // sd[i][j][g] = scale_jg * d_ig (the same fp32 product as tile_q4v's), 16 at a time up front:
+  // the group epilogue is then cvt + fmadd with a broadcast memory operand.
+  constexpr int64_t kMaxG = 64;  // K <= 8192 at G = 128; longer rows take the product per group
+  alignas(64) float sd[MB][NR][kMaxG];
+  const bool tab = ng <= kMaxG;
+  if (tab)
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j) scale_products(sc + j * ng, dx + i * ng, ng, sd[i][j]);
+  __m512 acc[MB][NR];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i a[MB][NR];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j) a[i][j] = _mm512_setzero_si512();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
+      __m512i lo[NR], hi[NR];
+      for (int j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + j * ldq + k / 2) + kPrefetch, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(q + j * ldq + k / 2);
+        lo[j] = _mm512_and_si512(v, m0f);
+        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      }
+      for (int i = 0; i < MB; ++i) {
+        const __m512i x0 = _mm512_loadu_si512(xq + i * K + k), x1 = _mm512_loadu_si512(xq + i * K + k + 64);
+        for (int j = 0; j < NR; ++j) a[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[i][j], lo[j], x0), hi[j], x1);
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NR; ++j)
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][j]),
+                                    _mm512_set1_ps(tab ? sd[i][j][g] : sc[j * ng + g] * dx[i * ng + g]), acc[i][j]);
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j)
+      out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) +
+                         affine_const_v<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr, xs + i * ng, ng);
+}
+
+// Rows of x in tiles of 4 (then the 1-3 left), for NR weight rows at q.
+template <int NR, bool OFFS>
+inline void rows_q4v_blk(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+                         const float* sc, const float* of, int64_t G, float* out, int64_t N) {
+  const int64_t ng = K / G;
+  for_x_tiles(M, [&](auto mb, int64_t m) {
+    tile_q4v_blk<decltype(mb)::value, NR, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q, sc, of, G, out + m * N, N);
+  });
+}
+
 // for_x_tiles with tiles of up to 8 rows (32 zmm registers hold 8 rows' accumulators): the
 // weight row is loaded and unpacked once per 8 rows of x instead of once per 4.
 template <class F>
@@ -344,7 +493,30 @@ inline void for_x_tiles8(int64_t M, F&& f) {
   }
 }
 
-// ---- tile_v, on the shared epilogue (q8_epilogue.h): amx:q8 below its AMX rows, avx512_vnni:q8 at M = 1-2
+template <bool OFFS>
+void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+             const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t ng = K / G, ldq = K / 2;
+  alignas(64) int32_t lane_group[16];
+  for (int L = 0; L < 16; ++L) lane_group[L] = int32_t((L / 4) * 32 / std::min<int64_t>(G, 128));
+  const __m512i gidx = _mm512_loadu_si512(lane_group);
+  if (M >= kBlockMinM && G >= 128) {
+    constexpr int NR = 2;  // 4 x 2 tiles: 8 int32 + 8 fp32 sums + 4 unpacked weight vectors in zmm
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR)
+      rows_q4v_blk<NR, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+    for (; n < n1; ++n)
+      rows_q4v_blk<1, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+    return;
+  }
+  for (int64_t n = n0; n < n1; ++n)  // one weight row per tile (as the AVX2 kernel: measured best)
+    for_x_tiles8(M, [&](auto mb, int64_t m) {
+      tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,
+                                          OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N);
+    });
+}
+
+// ---- amx:q8 below its AMX row threshold: the shared epilogue (q8_epilogue.h) ----------------
 // The 512-bit kernels sum each block (int8: 128 k; int4: the group) of a (row of x, weight row)
 // in int32 lanes with vpdpbusd, keep the lane vectors of 16 blocks in a small buffer, reduce them
 // to the 16 exact block sums (q8epi::reduce_lanes) and run the shared epilogue (q8_epilogue.h)
@@ -505,16 +677,17 @@ int64_t amx_rows_min_m(bool panel) {
 }
 
 // The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows on
-// AMX CPUs (unchanged since session 12) and from 3 rows without AMX, and int4 with groups of
-// 128 / 256 from 3 rows at both: its transposes cost the same per weight byte at any M, so at
+// AMX CPUs (unchanged since session 12) and from 3 rows without AMX, and on AMX CPUs int4 with
+// groups of 128 / 256 from 3 rows: its transposes cost the same per weight byte at any M, so at
 // M = 1-2 int4 (twice the weights per byte of int8) ran 15-25% slower than the per-row kernels
 // on Sapphire Rapids (per core, caches flushed, mid and 7B shapes), and tile_v (the shared
 // epilogue after a lane reduction: the same bits) runs those rows. On the AMD EPYC without AMX
-// (Zen, 1 thread, the four 7B linears) the panel ran int8 M = 1 at 11.9-13.1 ms against AVX2's
-// 7.9-9.6, tile_v 5.4-6.5; at M = 8 the panel 13.5-16.9 against 24.6-30.7 for per-row dots with a
-// per-lane epilogue (q8_rows.h's form), so int8 takes tile_v at M = 1-2 there too. Without AMX
-// int4 groups of 32 / 64 run q8_rows.h at every M. CODESHELL_Q8_PANEL_MIN_M overrides the 3
-// (read per call).
+// (Zen, 1 thread, CPU time, the four 7B linears, 3 alternating rounds, medians) the panel ran
+// int8 M = 1 in 12.0 ms against 7.5 for AVX2 and 7.9 for tile_v (M = 2 10.9 vs 8.7), so
+// int8 takes tile_v at M = 1-2 there too (the same bits: amx:q8's). Without AMX int4 keeps main's
+// per-lane tile_q4v at every M: tile_v / the panel ran int4 g128 M = 1 2x slower there (7.2 vs
+// 3.4 ms), faster only from 8 rows (M = 8 11.6 vs 12.7, M = 16 17.5 vs 25.6), and one family
+// has to serve every M (row invariance). CODESHELL_Q8_PANEL_MIN_M overrides the 3 (read per call).
 bool panel_kernel(int64_t G) { return G % 128 == 0; }
 int64_t panel_min_m() {
   const char* e = std::getenv("CODESHELL_Q8_PANEL_MIN_M");
@@ -560,10 +733,7 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   float* xs = dx + M * ng;
   int32_t* sx = reinterpret_cast<int32_t*>(dx + 2 * M * ng);  // the 512-bit kernels' integer block sums of xq
   const bool vnni = use_vnni(isa, K);
-  // int4 groups of 32 / 64 without AMX: q8_rows.h; everything else at the AVX-512 levels: the
-  // shared epilogue (q8_epilogue.h), with or without AMX (no_amx_kernels below)
-  const bool rows = vnni && isa < codeshell::kAmx && !panel_kernel(G);
-  const bool epi = vnni && !rows;
+  const bool epi = vnni && isa >= codeshell::kAmx;
   quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs, sx);
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
@@ -578,16 +748,15 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
       else codeshell::q8panel::run_panels<true, false>(A, n0, n1);
       return;
     }
-    if (vnni && epi) {  // tile_v: the AMX rows' bits
+    if (vnni && epi) {  // amx:q8 below the AMX row threshold: the AMX rows' bits
       run_q4v_epi(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
       return;
     }
-    if (rows) {  // no AMX, groups of 32 / 64: per-row dots, per-lane epilogue (q8_rows.h)
-      const codeshell::q8rows::Args A{xqp, dx, xs, M, K, N, qp, sp, ofp, G, b, op, kPrefetch};
-      namespace R = codeshell::q8rows;
-      if (G == 32) ofp ? R::run<true, 4>(A, n0, n1) : R::run<false, 4>(A, n0, n1);
-      else ofp ? R::run<true, 2>(A, n0, n1) : R::run<false, 2>(A, n0, n1);
+    if (vnni) {
+      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
+      add_bias(b, op, M, N, n0, n1);
       return;
     }
 #endif

@@ -1,17 +1,16 @@
 """`avx512_vnni:q8` on CPUs without AMX (isa below `amx`), int8 and int4 weights, every M from 1
-to ops.ROW_INVARIANT_MAX_M: int8 and int4 groups of 128 / 256 run the AMX level's vpdpbusd
-kernels (tile_v at M = 1-2, csrc/q8_panel.h from 3: the shared epilogue of csrc/q8_epilogue.h,
-the bits `amx:q8` gives); int4 groups of 32 / 64 run csrc/q8_rows.h (per-lane epilogue).
+to ops.ROW_INVARIANT_MAX_M: int8 runs the AMX level's vpdpbusd kernels on the shared epilogue of
+csrc/q8_epilogue.h (tile_v at M = 1-2, csrc/q8_panel.h from 3: the bits `amx:q8` gives); int4
+runs qdot.cpp's tile_q4v / tile_q4v_blk (per-lane epilogue).
 
 Checked at each AVX-512 level below AMX (CODESHELL_KERNEL_ISA caps the level, so an AMX CPU runs
 these kernels too): the kernel's own fp32 output against the reference of its path
 (`ops.reference`, int8-rounded x times the dequantised weight) within 2e-5 of the largest output;
-each row of every M bit for bit against the same row alone (row invariance), with the default
-split and with CODESHELL_Q8_PANEL_MIN_M = 1 / 65 (the panel kernel / tile_v at every M, which
-must give the same bits). The shapes cover tails (N not a multiple of the 16-row panels or of
-the 2-row tiles used from 9 rows of x), int4 groups of 32 / 64 / 128 / 256 with and without
-offsets and bias, an all-zero row of x, and K long enough that q8_rows.h runs x in K chunks
-(M x K > 16 KiB of xq: K = 2560 from 7 rows, K = 512 from 33).
+each row of every M bit for bit against the same row alone (row invariance); for int8 also with
+CODESHELL_Q8_PANEL_MIN_M = 1 / 65 (the panel kernel / tile_v at every M, which must give the
+same bits as the default split). The shapes cover tails (N not a multiple of the 16-row panels
+or of the multi-row tiles), int4 groups of 32 / 64 / 128 / 256 with and without offsets and
+bias, and an all-zero row of x (block scales 0).
 """
 
 from __future__ import annotations
@@ -64,8 +63,8 @@ def test_rows_kernel_matches_reference_and_m1_at_every_m(level, with_bias, kind,
     ref = ops.reference(x, pw, bias, path)
     err = (alone - ref).abs().max().item()
     assert err <= 2e-5 * ref.abs().max().item(), f"{path} {kind} {n}x{k} {args}: max abs error {err:.3g}"
-    shared = kind == "int8" or pw.group_size % 128 == 0
-    kernel = "tile_v (M = 1-2) / q8_panel.h" if shared else "q8_rows.h"
+    shared = kind == "int8"
+    kernel = "tile_v (M = 1-2) / q8_panel.h" if shared else "tile_q4v"
     for split in ([None, "1", str(ops.ROW_INVARIANT_MAX_M + 1)] if shared else [None]):
         if split is not None:
             monkeypatch.setenv("CODESHELL_Q8_PANEL_MIN_M", split)

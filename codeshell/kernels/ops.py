@@ -249,7 +249,8 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
         # 64) and AMX-INT8 tiles from there (csrc/qdot.cpp
         # amx_rows_min_m), both ending in one fp32 epilogue (csrc/q8_epilogue.h): the same bits
         # at every M, so the choice inside is a speed choice only. int8 gives the same bits with
-        # and without AMX (csrc/q8_panel.h); int4 without AMX keeps the per-lane epilogue of its
+        # and without AMX (csrc/q8_panel.h; without AMX tile_v at M = 1-2, where the panel ran
+        # 1.6-2.1x slower than AVX2 on AMD Zen); int4 without AMX keeps the per-lane epilogue of its
         # vpdpbusd kernels (other last bits, the same invariance).
         return "amx:q8" if level >= ISA_LEVELS.index("amx") else "avx512_vnni:q8"
     return _choose(p, m, x_dtype, level, prefill_candidates(p, x_dtype, level))

@@ -151,9 +151,9 @@ def test_amx_int8_tiles_give_the_vnni_rows(kind, args, n, k, monkeypatch):
     (`prefill_q8_amx` runs them from M = 1), the vpdpbusd kernel at every M
     (CODESHELL_Q8_AMX_MIN_M=65 keeps it below the tiles' threshold), the default split; then
     `linear` at the `amx` cap on fp32 and bf16 x against its own M = 1 rows. `avx512_vnni:q8`
-    (isa 1, CPUs without AMX) runs the same panel kernel for int8 (the same bits); for int4 it
-    keeps the per-lane epilogue: other last bits, only near the reference (its own row
-    invariance: test_rows_are_bitwise_those_of_m1). CODESHELL_Q8_PANEL_MIN_M = 1 / 65 runs
+    (isa 1, CPUs without AMX) runs the same kernels for int8 (tile_v at M = 1-2, the panel from
+    3: the same bits); for int4 it keeps the per-lane epilogue: other last bits, only near the
+    reference (its own row invariance: test_q8_no_amx.py, test_rows_are_bitwise_those_of_m1). CODESHELL_Q8_PANEL_MIN_M = 1 / 65 runs
     int4's panel kernel / tile_v at every M below the tiles."""
     mod = _ext.get()
     amx = ops.ISA_LEVELS.index("amx")
@@ -167,7 +167,7 @@ def test_amx_int8_tiles_give_the_vnni_rows(kind, args, n, k, monkeypatch):
     ref = ops.reference(x, pw, bias, "avx512_vnni:q8")
     assert (epi1 - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows (shared epilogue) vs the reference"
     vnni1 = torch.cat([_q8_call(mod, pw, x[i:i + 1].contiguous(), bias, 1) for i in range(x.shape[0])])
-    if kind == "int8":  # csrc/q8_panel.h at both levels: the same bits
+    if kind == "int8":  # tile_v (M = 1-2 without AMX) / csrc/q8_panel.h at both levels: the same bits
         assert torch.equal(vnni1.view(torch.int32), epi1.view(torch.int32)), "avx512_vnni:q8 vs amx:q8 at M=1"
     else:  # int4 without AMX: tile_q4v's per-lane epilogue
         assert (vnni1 - ref).abs().max() <= 2e-5 * ref.abs().max(), "vpdpbusd rows (per-lane epilogue) vs the reference"

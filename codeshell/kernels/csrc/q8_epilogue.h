@@ -1,6 +1,6 @@
 // The fp32 epilogue of the int8-activation kernels at the AVX-512 levels, shared by the 512-bit
 // vpdpbusd kernels (q8_panel.h: int8 at `avx512_vnni:q8` and `amx:q8`, int4 at `amx:q8`;
-// qdot.cpp's tile_v: int4 at `amx:q8`) and qgemm_amx.cpp's row-invariant AMX-INT8 tiles
+// qdot.cpp's tile_v: int4 at `amx:q8`, int8 at `avx512_vnni:q8` M = 1-2) and qgemm_amx.cpp's AMX-INT8 tiles
 // (`amx:q8`, M <= 64), so that all give every row the same bits (header-only, inlined).
 //
 // What this is: the arithmetic that turns exact int32 block sums into a row's fp32 outputs.

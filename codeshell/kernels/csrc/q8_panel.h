@@ -1,5 +1,5 @@
 // int8 / int4 x int8-activation decode kernel on transposed weight panels (AVX512-VNNI),
-// header-only (qdot.cpp's `avx512_vnni:q8` and `amx:q8` below the AMX row threshold).
+// header-only (qdot.cpp's `amx:q8` below the AMX row threshold, and `avx512_vnni:q8` int8 from 3 rows).
 //
 // What this is: y[M, N] = x[M, K] . W^T for M <= ops.ROW_INVARIANT_MAX_M with the fp32 epilogue
 // of q8_epilogue.h (exact int32 block sums T_b, then one fixed fp32 order), so a row gets the

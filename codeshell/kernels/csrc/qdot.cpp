@@ -10,11 +10,12 @@
 // per row, so a row's bits do not depend on M or on its tile; ops.py runs these kernels for
 // every M up to ROW_INVARIANT_MAX_M (64), so batched decode and verify steps match M = 1.
 // The 512-bit kernels (K % 128 == 0): int8 runs q8_panel.h (16 weight rows transposed per
-// block, exact block sums, the fp32 epilogue of q8_epilogue.h) at every M without AMX
-// (`avx512_vnni:q8`) and below the AMX row threshold with AMX (`amx:q8`), where
-// qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the same epilogue. int4 on AMX CPUs
-// runs tile_v (the same epilogue after a lane reduction) at M = 1-2, q8_panel.h (groups of 128 /
-// 256) up to the AMX rows, the AMX rows above: the same bits from all three
+// block, exact block sums, the fp32 epilogue of q8_epilogue.h) below the AMX row threshold with
+// AMX (`amx:q8`), where qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the same
+// epilogue, and from 3 rows without AMX (`avx512_vnni:q8`), where tile_v (the same epilogue
+// after a lane reduction) runs M = 1-2: the panel's transposes ran int8 M = 1 2.1x slower than
+// AVX2 on AMD Zen (panel_min_m). int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
+// 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
 // (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk (per-lane
 // epilogue, main's kernels and bits).
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
@@ -675,13 +676,18 @@ int64_t amx_rows_min_m(bool panel) {
   return panel ? 12 : 8;
 }
 
-// The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows
-// (and at every M without AMX), and on AMX CPUs int4 with groups of 128 / 256 from 3 rows: its
-// transposes cost the same per weight byte at any M, so at M = 1-2 int4 (twice the weights per
-// byte of int8) ran 15-25% slower than the per-row kernels (measured per core, caches flushed,
-// mid and 7B shapes), and tile_v (the shared epilogue after a lane reduction: the same bits)
-// runs those rows. Without AMX int4 keeps main's per-lane tile_q4v at every M (nothing there
-// needs the shared epilogue). CODESHELL_Q8_PANEL_MIN_M overrides the 3 (read per call).
+// The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows on
+// AMX CPUs (unchanged since session 12) and from 3 rows without AMX, and on AMX CPUs int4 with
+// groups of 128 / 256 from 3 rows: its transposes cost the same per weight byte at any M, so at
+// M = 1-2 int4 (twice the weights per byte of int8) ran 15-25% slower than the per-row kernels
+// on Sapphire Rapids (per core, caches flushed, mid and 7B shapes), and tile_v (the shared
+// epilogue after a lane reduction: the same bits) runs those rows. On the AMD EPYC without AMX
+// (Zen, 1 thread, CPU time, the four 7B linears, 3 alternating rounds, medians) the panel ran
+// int8 M = 1 in 12.0 ms against 7.5 for AVX2 and 7.9 for tile_v (M = 2 10.9 vs 8.7), so
+// int8 takes tile_v at M = 1-2 there too (the same bits: amx:q8's). Without AMX int4 keeps main's
+// per-lane tile_q4v at every M: tile_v / the panel ran int4 g128 M = 1 2x slower there (7.2 vs
+// 3.4 ms), faster only from 8 rows (M = 8 11.6 vs 12.7, M = 16 17.5 vs 25.6), and one family
+// has to serve every M (row invariance). CODESHELL_Q8_PANEL_MIN_M overrides the 3 (read per call).
 bool panel_kernel(int64_t G) { return G % 128 == 0; }
 int64_t panel_min_m() {
   const char* e = std::getenv("CODESHELL_Q8_PANEL_MIN_M");
@@ -794,7 +800,13 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
   const bool vnni = use_vnni(isa, K);  // then B == 128
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
-    if (vnni) {  // the AMX rows' bits (q8_panel.h), with or without AMX
+    if (vnni && isa < codeshell::kAmx && M < panel_min_m()) {  // no AMX, M = 1-2: tile_v, the panel's bits
+      run_v<false, false, 1>(xqp, dx, sx, nullptr, M, K, nb, reinterpret_cast<const uint8_t*>(wp), nullptr, nullptr,
+                             0, op, N, n0, n1);
+      codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
+      return;
+    }
+    if (vnni) {  // the AMX rows' bits (q8_panel.h): below the AMX rows, or from 3 rows without AMX
       const codeshell::q8panel::Args A{xqp, dx, sx, nullptr, M, K, N, reinterpret_cast<const uint8_t*>(wp), sp,
                                        nullptr, 0, b, op};
       codeshell::q8panel::run_panels<false, false>(A, n0, n1);

@@ -3,7 +3,8 @@
 // What this is: out[b, h] = softmax(scale * q[b, h] . K[slot_b, g]^T over keys 0..len_b-1) V[slot_b, g]
 // with g = h / (H / G), read straight from the cache layer [slots, G, max_len, D] (bfloat16 or
 // float32) through each row's slot index: no gather of the cache, no mask tensor. Math in fp32.
-// What this is not: prefill attention (T > 1 goes to PyTorch SDPA) or a training kernel.
+// What this is not: prefill attention (T > 1: attention_prefill.cpp on AVX512-BF16, else PyTorch SDPA)
+// or a training kernel.
 //
 // Why: on this AVX2 CPU torch's SDPA for one query spends 3.7 ms per layer at 600 cached
 // tokens in bf16 (26 ms at batch 8), several times the cost of reading K and V; the cache is

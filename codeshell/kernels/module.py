@@ -189,7 +189,8 @@ def choose_prefill_paths(model: nn.Module, max_rows: int) -> dict[tuple, str]:
     the bucket of `max_rows`; M <= ROW_INVARIANT_MAX_M takes the decode kernels, no choice), with
     activations of the model's dtype: `ops.plan` measures the candidates where several compete and
     keeps the winner (in this process and on disk, `choices.py`), so no request pays for it later.
-    Returns {(kind, N, K, bucket): path}; {} when nothing is packed for the native kernels.
+    Returns {(kind, N, K, group size, symmetric, bucket): path}; {} when nothing is packed for the
+    native kernels.
     Why at load: measured at first use, the first prompt of each length bucket paid ~6 extra
     calls per weight shape (a 7B bf16 prompt of 512 tokens: seconds) -- the request a user
     waits for. The output head is left out: a prefill computes its logits for the last rows only.
@@ -207,7 +208,7 @@ def choose_prefill_paths(model: nn.Module, max_rows: int) -> dict[tuple, str]:
     out: dict[tuple, str] = {}
     bucket = 2 * ops.ROW_INVARIANT_MAX_M
     while seen and bucket < 2 * max_rows:
-        for p in seen.values():
-            out[(p.kind, p.out_features, p.in_features, bucket)] = ops.plan(p, bucket, x_dtype)
+        for key, p in seen.items():  # keyed as `seen`: int4 weights of one shape may differ in group
+            out[key + (bucket,)] = ops.plan(p, bucket, x_dtype)
         bucket *= 2
     return out

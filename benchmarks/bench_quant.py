@@ -116,7 +116,7 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
     bw = measure_bandwidth(threads)
     from codeshell.kernels import ops
     return {"format": fmt, "load_s": load_s, "rss_gib": rss / 2**30, "prompt_tps": prompt_len / prefill_s,
-            "first_prompt_tps": prompt_len / first_s, "choices": {f"{k[0]} {k[1]}x{k[2]} M<={k[3]}": v
+            "first_prompt_tps": prompt_len / first_s, "choices": {f"{k[0]} {k[1]}x{k[2]}": v
                                                                for k, v in ops._CHOICES.items()},
             # nan where the decode time is lost in the noise of the 1-token run it is the difference of
             "decode1_tps": decode_tokens / (tn - t1) if tn > t1 else float("nan"),

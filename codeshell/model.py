@@ -29,6 +29,24 @@ class LayerCache(Protocol):
 
     # Optional: `attend(layer, q, k, v, scale)` stores k, v and returns the attention output
     # [B, H, T, D] computed by the cache's own kernel, or None to fall back to `update` + SDPA.
+    # Optional: `mask()` -> bool [B, 1, T, S], the mask for the keys `update` returns, used when
+    # the caller passed none (the engine's views build theirs only where SDPA runs).
+
+
+def _cached_sdpa(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None, cache: LayerCache | None) -> torch.Tensor:
+    """Attention by torch's SDPA over the cache's keys: q [B, H, T, D], new k, v [B, G, T, D]
+    (stored first); the mask is the caller's, else the cache's own (`mask()`), else causal."""
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # [B, G, S, D]
+        if mask is None and hasattr(cache, "mask"):
+            mask = cache.mask()
+    # SDPA with a boolean mask (True = attend); softmax accumulates in float32 inside the
+    # fused CPU/CUDA kernels. GQA: query head h reads KV group h // (H / G).
+    H, T, D, G = q.shape[1], q.shape[2], q.shape[3], k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        scale=1.0 / math.sqrt(D), enable_gqa=G != H)
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -162,13 +180,7 @@ class CodeShellAttention(nn.Module):
         attend = getattr(cache, "attend", None)
         y = attend(self.layer, q, k, v, 1.0 / math.sqrt(D)) if attend is not None else None
         if y is None:
-            if cache is not None:
-                k, v = cache.update(self.layer, k, v)  # [B, G, S, D]
-            # SDPA with a boolean mask (True = attend); softmax accumulates in float32 inside the
-            # fused CPU/CUDA kernels. GQA: query head h reads KV group h // (H / G).
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                scale=1.0 / math.sqrt(D), enable_gqa=G != H)
+            y = _cached_sdpa(self.layer, q, k, v, mask, cache)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)
         return self.c_proj(y)
 
@@ -195,11 +207,7 @@ class CodeShellAttention(nn.Module):
         attend = getattr(cache, "attend", None)
         y = attend(self.layer, q, k, v, 1.0 / math.sqrt(D)) if attend is not None else None
         if y is None:
-            if cache is not None:
-                k, v = cache.update(self.layer, k, v)
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                scale=1.0 / math.sqrt(D), enable_gqa=G != H)
+            y = _cached_sdpa(self.layer, q, k, v, mask, cache)
         return _linear_rows(self.c_proj, y.transpose(1, 2).reshape(B, T, cfg.n_embd))  # [B*T, C]
 
 

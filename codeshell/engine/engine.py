@@ -273,7 +273,7 @@ class Engine:
                  last: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [B, n_embd] at index `last` [B] of each row (default: the last one)."""
         view = self.cache.view(slots, pos)
-        h = self.model.transformer(ids, pos, view.mask(), view, seq_len=seq_len)
+        h = self.model.transformer(ids, pos, None, view, seq_len=seq_len)  # the view's mask, if SDPA runs
         return h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

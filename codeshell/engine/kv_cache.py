@@ -73,11 +73,16 @@ class CacheView:
         self.slot_slice = slice(first, first + B)
         self.slot_index = torch.tensor(slot_ids, device=cache.device)
         self.lens = positions[:, -1] + 1  # keys each row attends to (its last position + 1)
+        self._mask: torch.Tensor | None = None
 
     def mask(self) -> torch.Tensor:
-        """bool [B, 1, T, kv_len]: a query at position p sees keys 0..p of its own row."""
-        k_pos = torch.arange(self.kv_len, device=self.positions.device)
-        return (k_pos[None, None, :] <= self.positions[:, :, None])[:, None]
+        """bool [B, 1, T, kv_len]: a query at position p sees keys 0..p of its own row. Built on
+        the first call of a forward and kept for its other layers; the model asks for it only
+        where SDPA runs (`attend` needs none)."""
+        if self._mask is None:
+            k_pos = torch.arange(self.kv_len, device=self.positions.device)
+            self._mask = (k_pos[None, None, :] <= self.positions[:, :, None])[:, None]
+        return self._mask
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor | None:

@@ -185,16 +185,18 @@ def prepare_model(model: nn.Module) -> int:
 
 def choose_prefill_paths(model: nn.Module, max_rows: int) -> dict[tuple, str]:
     """At load: the prefill path of each distinct weight shape of the model's linears (the output
-    head excepted) for every M bucket a prefill of up to `max_rows` rows falls in (128, 256, ...
-    the bucket of `max_rows`; M <= ROW_INVARIANT_MAX_M takes the decode kernels, no choice), with
-    activations of the model's dtype: `ops.plan` measures the candidates where several compete and
-    keeps the winner (in this process and on disk, `choices.py`), so no request pays for it later.
-    Returns {(kind, N, K, group size, symmetric, bucket): path}; {} when nothing is packed for the
-    native kernels.
-    Why at load: measured at first use, the first prompt of each length bucket paid ~6 extra
-    calls per weight shape (a 7B bf16 prompt of 512 tokens: seconds) -- the request a user
-    waits for. The output head is left out: a prefill computes its logits for the last rows only.
+    head excepted), with activations of the model's dtype, when a prefill of up to `max_rows`
+    rows goes past the decode kernels (M > ROW_INVARIANT_MAX_M): `ops.plan` measures the
+    candidates where several compete (at each of `ops.PREFILL_MEASURE_ROWS`) and keeps the winner
+    for every prefill M (in this process and on disk, `choices.py`), so no request pays for it
+    later. Returns {(kind, N, K, group size, symmetric): path}; {} when nothing is packed for the
+    native kernels or no prefill goes past the decode kernels.
+    Why at load: measured at first use, the first prompt paid ~6 extra calls per weight shape
+    and M (a 7B bf16 prompt of 512 tokens: seconds) -- the request a user waits for. The output
+    head is left out: a prefill computes its logits for the last rows only.
     """
+    if max_rows <= ops.ROW_INVARIANT_MAX_M:
+        return {}
     head = getattr(model, "lm_head", None)
     wte = model.transformer.wte
     x_dtype = wte.dtype if isinstance(wte, PackedEmbedding) else wte.weight.dtype
@@ -205,10 +207,5 @@ def choose_prefill_paths(model: nn.Module, max_rows: int) -> dict[tuple, str]:
         p = mod.packed if isinstance(mod, PackedLinear) else getattr(mod, "_kernel", None)
         if isinstance(p, PackedWeight):
             seen.setdefault((p.kind, p.out_features, p.in_features, p.group_size, p.offsets is None), p)
-    out: dict[tuple, str] = {}
-    bucket = 2 * ops.ROW_INVARIANT_MAX_M
-    while seen and bucket < 2 * max_rows:
-        for key, p in seen.items():  # keyed as `seen`: int4 weights of one shape may differ in group
-            out[key + (bucket,)] = ops.plan(p, bucket, x_dtype)
-        bucket *= 2
-    return out
+    # keyed as `seen`: int4 weights of one shape may differ in group size or symmetry
+    return {key: ops.plan(p, ops.ROW_INVARIANT_MAX_M + 1, x_dtype) for key, p in seen.items()}

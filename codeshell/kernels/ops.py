@@ -146,7 +146,7 @@ kernels on an AVX-512 machine, which is how their tests run here)."""
 PATHS_RUN: Counter = Counter()
 """(kind, path) -> calls since import: which kernels actually ran (tests print it)."""
 
-_CHOICES: dict[tuple, str] = {}  # (kind, N, K, M bucket, level, x dtype) -> the measured winner
+_CHOICES: dict[tuple, str] = {}  # (kind, N, K, "prefill", level, x dtype) -> the measured winner
 CHOICE_TIMES: dict[tuple, dict[str, float]] = {}
 """The measurements behind each choice: key -> {path: seconds (best of 2)}."""
 
@@ -173,13 +173,10 @@ def isa_level() -> int:
 _LEVEL: dict[str | None, int] = {}  # CODESHELL_KERNEL_ISA value -> level (the build is per process)
 
 
-def _bucket(m: int) -> int:
-    return 1 << (m - 1).bit_length()  # 1, 2, 4, ..., 64, 128, 256, 512, ...
-
-
 def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> list[str]:
     """The paths that may run a prefill (M above the decode limits) of this weight: more than
-    one means the fastest is measured once per (kind, N, K, M bucket) and cached."""
+    one means the fastest is measured once per (kind, N, K, x dtype) over the prefill Ms and
+    cached: one path for every M above the decode limits (see `_choose`)."""
     if p.kind == "bf16" and x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("amx"):
         # AMX tiles at every M (decode included, see `plan`): one path, so a bf16 model's rows
         # are invariant at every M (a prompt prefilled alone or padded into a batch of 8 gives
@@ -219,7 +216,8 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
       `avx512_vnni:q8` (the vpdpbusd kernels at every M) without; else
       `avx2:q8` (vpmaddubsw) on int8-rounded x (the same integers either way), or
       `avx2:unpack` (exact fp32) for shapes the integer kernels do not take.
-    * larger M: `prefill_candidates`; one candidate runs as is, several are measured once.
+    * larger M: `prefill_candidates`; one candidate runs as is, several are measured once
+      (one winner per weight shape for every prefill M).
     Up to ROW_INVARIANT_MAX_M rows every M takes the same path (row invariance).
     "torch" without the native kernels.
     """
@@ -256,11 +254,21 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
     return _choose(p, m, x_dtype, level, prefill_candidates(p, x_dtype, level))
 
 
+# Rows of x at which a prefill choice is measured: the M buckets of the engine's prefill steps
+# (its prefill_chunk, 512 tokens a step, in padded groups of any size up to it).
+PREFILL_MEASURE_ROWS = (128, 256, 512)
+
+
 def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: list[str]) -> str:
     if len(cands) == 1:
         return cands[0]
-    # x's dtype too: the candidates differ by dtype (bf16 x may take bf16 paths, fp32 x never)
-    key = (p.kind, p.out_features, p.in_features, _bucket(m), ISA_LEVELS[level], str(x_dtype).split(".")[-1])
+    # One path per weight for every prefill M, not one per M bucket: the candidates differ in
+    # their last bits (each is row invariant on its own: a row's result does not depend on M),
+    # so a choice per bucket made a prompt's KV, and so its greedy tokens, depend on how it was
+    # prefilled (alone: M = T; padded into a group: M = B x T) wherever the buckets' measured
+    # winners differed (seen: codeshell-mini's greedy text at batch 8 unlike batch 1).
+    # x's dtype too: the candidates differ by dtype (bf16 x may take bf16 paths, fp32 x never).
+    key = (p.kind, p.out_features, p.in_features, "prefill", ISA_LEVELS[level], str(x_dtype).split(".")[-1])
     if key not in _CHOICES:
         # a winner measured by an earlier process on this machine (choices.py), while this
         # code still offers it; else measure now and keep the result for later processes
@@ -268,27 +276,32 @@ def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: li
         if stored in cands:
             _CHOICES[key] = stored
         else:
-            _measure(key, cands, p, m, x_dtype)
+            _measure(key, cands, p, x_dtype)
             choices.store(key, _CHOICES[key], CHOICE_TIMES[key])
     return _CHOICES[key]
 
 
-def _measure(key: tuple, cands: list[str], p: PackedWeight, m: int, x_dtype: torch.dtype) -> None:
-    """Runs each candidate twice on a random x of this shape (after a warm-up call each) and
-    keeps the fastest: a per-machine, per-shape choice with no table of figures in the code.
-    Costs ~3 calls per candidate once per (weight shape, M bucket, x dtype) per process.
+def _measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype) -> None:
+    """Runs each candidate at each of PREFILL_MEASURE_ROWS (a warm-up call, then the best of
+    two timed) and keeps the one with the least time per row summed over them: a per-machine,
+    per-shape choice with no table of figures in the code. Costs 3 calls per candidate per M,
+    once per (weight shape, x dtype) per machine (`choices.py` keeps it on disk).
     Each call is timed up to the result in x's dtype, as `linear` returns it: the fp32 paths'
     conversion to bf16 is part of their cost (oneDNN returns bf16 itself)."""
     mod = _ext.get()
-    x = torch.randn(m, p.in_features, generator=torch.Generator().manual_seed(0)).to(x_dtype)
-    times: dict[str, float] = {}
-    for c in cands:
-        _compute(c, mod, x, p, None).to(x_dtype)
-    for _ in range(2):
+    times: dict[str, float] = dict.fromkeys(cands, 0.0)  # seconds per row, summed over the Ms
+    for m in PREFILL_MEASURE_ROWS:
+        x = torch.randn(m, p.in_features, generator=torch.Generator().manual_seed(0)).to(x_dtype)
+        best = dict.fromkeys(cands, float("inf"))
         for c in cands:
-            t = time.perf_counter()
             _compute(c, mod, x, p, None).to(x_dtype)
-            times[c] = min(times.get(c, float("inf")), time.perf_counter() - t)
+        for _ in range(2):
+            for c in cands:
+                t = time.perf_counter()
+                _compute(c, mod, x, p, None).to(x_dtype)
+                best[c] = min(best[c], time.perf_counter() - t)
+        for c in cands:
+            times[c] += best[c] / m
     CHOICE_TIMES[key] = times
     _CHOICES[key] = min(times, key=times.__getitem__)
 

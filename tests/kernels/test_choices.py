@@ -42,12 +42,12 @@ def _fresh_process_state(key):
     choices.forget()
 
 
-MEASURED = 3 * len(CANDS) + 1  # kernel calls of a linear that measures: warm-up + 2 timed each, then the call
+MEASURED = 3 * len(ops.PREFILL_MEASURE_ROWS) * len(CANDS) + 1  # warm-up + 2 timed, each candidate at each M, then the call
 
 
 def _case():
     """An int8 weight, x of M rows and their choice key, as a fresh process starts (no choice in memory)."""
-    key = ("int8", N, K, 128, ops.ISA_LEVELS[ops.isa_level()], "float32")
+    key = ("int8", N, K, "prefill", ops.ISA_LEVELS[ops.isa_level()], "float32")
     _fresh_process_state(key)
     return quantize_int8(torch.randn(N, K)), torch.randn(M, K), key
 
@@ -116,9 +116,9 @@ def test_off_keeps_nothing(tmp_path, monkeypatch):
 
 @needs_native
 def test_prefill_paths_are_chosen_at_load(tmp_path, monkeypatch):
-    # Loading a model measures (or reads) the prefill choice of each weight shape for every M
-    # bucket the engine's prefill can use, so a request never pays for it: a prompt of 100 tokens
-    # and a padded batch of 4 x 100 afterwards find their choices made. The head is left out (a
+    # Loading a model measures (or reads) the prefill choice of each weight shape, one path for
+    # every prefill M, so a request never pays for it: a prompt of 100 tokens and a padded batch
+    # of 4 x 100 afterwards find their choices made. The head is left out (a
     # prefill computes logits for the last rows only, M <= the batch). sgemm:fp32 joins the
     # machine's own candidates so that there is a choice to make on every machine.
     from codeshell import LLM, SamplingParams
@@ -135,7 +135,7 @@ def test_prefill_paths_are_chosen_at_load(tmp_path, monkeypatch):
     llm = LLM.from_model(random_model(cfg, torch.bfloat16), cfg, max_batch=4)
     made = dict(ops._CHOICES)
     assert {(k[1], k[2]) for k in made} == {(cfg.qkv_dim, 128), (128, 128), (256, 128), (128, 256)}
-    assert {k[3] for k in made} == {128, 256, 512} and llm.engine.prefill_chunk == 512
+    assert {k[3] for k in made} == {"prefill"} and llm.engine.prefill_chunk == 512
     prompts = [{"prompt_token_ids": list(range(i, 100 + i))} for i in range(4)]
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))
     llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0))

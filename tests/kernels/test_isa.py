@@ -123,14 +123,15 @@ def test_prefill_choice_is_measured_once_and_cached(monkeypatch):
     cands = ops.prefill_candidates(pw, torch.bfloat16, LEVEL)
     if len(cands) < 2:
         pytest.skip(f"one prefill candidate at {ops.ISA_LEVELS[LEVEL]}: {cands}")
-    key = ("bf16", 50, 384, 128, ops.ISA_LEVELS[LEVEL], "bfloat16")  # M = 100: bucket 128
+    key = ("bf16", 50, 384, "prefill", ops.ISA_LEVELS[LEVEL], "bfloat16")  # one choice for every prefill M
     ops._CHOICES.pop(key, None)
     before = sum(ops.PATHS_RUN[("bf16", c)] for c in cands)
     x = torch.randn(100, 384).bfloat16()
     y = linear(x, pw, impl="native")
     assert set(ops.CHOICE_TIMES[key]) == set(cands) and ops._CHOICES[key] in cands
     after = sum(ops.PATHS_RUN[("bf16", c)] for c in cands)
-    assert after - before == 3 * len(cands) + 1  # warm-up + 2 timed each, then the call itself
+    # warm-up + 2 timed, each candidate at each measured M, then the call itself
+    assert after - before == 3 * len(ops.PREFILL_MEASURE_ROWS) * len(cands) + 1
     linear(x, pw, impl="native")
     assert sum(ops.PATHS_RUN[("bf16", c)] for c in cands) == after + 1
     torch.testing.assert_close(y, linear(x, pw, impl="reference"), rtol=1e-2, atol=1e-2)
@@ -159,7 +160,7 @@ def test_quantized_prefill_measures_amx_int8(kind, monkeypatch, record_property)
     assert cands[0] == "amx:q8" and {"amx:bf16", "onednn:bf16", "sgemm:fp32"} <= set(cands)
     x = torch.randn(80, 512).bfloat16()
     y = linear(x, pw, impl="native")
-    key = (kind, 70, 512, 128, "amx", "bfloat16")
+    key = (kind, 70, 512, "prefill", "amx", "bfloat16")
     assert set(ops.CHOICE_TIMES[key]) == set(cands)
     path = ops.plan(pw, 80, torch.bfloat16)
     record_property("prefill_choice", f"{kind}: {path} of {ops.CHOICE_TIMES[key]}")

@@ -99,13 +99,19 @@ def test_engine_prefill_matches_the_sdpa_path(monkeypatch):
     llm = LLM.from_model(random_model(cfg, torch.bfloat16), cfg, max_batch=4)
     prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 for j in range(60 + 11 * i)]} for i in range(3)]
     sp = SamplingParams(max_tokens=8, temperature=0, logprobs=1)
-    calls = []
+    calls, masks = [], []
     real = pa.prefill_attention
     monkeypatch.setattr(pa, "prefill_attention", lambda *a: calls.append(1) or real(*a))
+    # The [B, 1, T, S] mask is built only where SDPA runs (the native kernel reads positions).
+    from codeshell.engine import kv_cache
+    real_mask = kv_cache.CacheView.mask
+    monkeypatch.setattr(kv_cache.CacheView, "mask", lambda self: masks.append(1) or real_mask(self))
     native = [o.outputs[0] for o in llm.generate(prompts, sp)] + [llm.generate(prompts[:1], sp)[0].outputs[0]]
     assert calls, "the native prefill attention did not run"
+    assert not masks, "a mask was built for the native prefill attention"
     monkeypatch.setattr(pa, "prefill_attention_ok", lambda q, k: False)
     sdpa = [o.outputs[0] for o in llm.generate(prompts, sp)] + [llm.generate(prompts[:1], sp)[0].outputs[0]]
+    assert masks, "SDPA ran without the view's mask"
     for a, b in zip(native, sdpa):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05

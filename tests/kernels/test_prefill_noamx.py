@@ -117,7 +117,7 @@ def test_prefill_candidates_without_amx(kind, monkeypatch, record_property):
     assert ours in cands and "onednn:bf16" in cands
     x = torch.randn(80, 512).bfloat16()
     y = linear(x, pw, impl="native")
-    key = (kind, 70, 512, 128, "avx512_bf16", "bfloat16")
+    key = (kind, 70, 512, "prefill", "avx512_bf16", "bfloat16")
     assert set(ops.CHOICE_TIMES[key]) == set(cands)
     path = ops.plan(pw, 80, torch.bfloat16)
     record_property("prefill_choice", f"{kind}: {path} of {ops.CHOICE_TIMES[key]}")

@@ -139,12 +139,13 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, progress: ProgressFn 
     alone can read low: the sum is not memory bound on every CPU (Zen 4, 2 threads: 46-59 GB/s
     while the int8 decode kernel streamed 62), and a probe below what the kernels reach would make
     a "% of the bound" over 100% mean nothing."""
-    from .kernels import _ext
+    from .kernels import _ext, hugepages
     phase = "memory read bandwidth"
     mod = _ext.get()
     probes = [lambda: x.sum()] + ([lambda: mod.read_stream(x, 1)] if mod is not None else [])
     progress(phase, 0, repeats * len(probes), "")
-    x = torch.ones(int(gib * (1 << 30)) // 128 * 32, dtype=torch.float32)
+    # placed as the weights are (kernels/hugepages.py): the bound is the best read of the machine
+    x = hugepages.empty((int(gib * (1 << 30)) // 128 * 32,), torch.float32).fill_(1.0)
     best, done = float("inf"), 0
     for probe in probes:
         probe()

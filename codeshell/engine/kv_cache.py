@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import CodeShellConfig
+from ..kernels import hugepages
 
 
 class KVCache:
@@ -32,8 +33,11 @@ class KVCache:
         slots, max_len = max(slots, self.slots), max(max_len, self.max_len)
         c = self.cfg
         shape = (c.n_layer, slots, c.num_query_groups, max_len, c.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":  # read every step by attention: on huge pages where offered
+            k, v = hugepages.zeros(shape, self.dtype), hugepages.zeros(shape, self.dtype)
+        else:
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.slots:
             k[:, :self.slots, :, :self.max_len] = self.k
             v[:, :self.slots, :, :self.max_len] = self.v

@@ -14,6 +14,7 @@ kernel (and instruction set) runs is decided in one place, `ops.plan`;
 CODESHELL_KERNEL_ISA=avx2|avx512_vnni|avx512_bf16|amx caps it.
 """
 
+from . import hugepages
 from .module import FastLinear, PackedEmbedding, PackedLinear, choose_prefill_paths, prepare_model
 from .ops import (
     BF16_PANEL_MAX_M,

@@ -84,9 +84,10 @@ def prepack(weight: torch.Tensor) -> PackedWeight:
     _check_weight(weight)
     n, k = weight.shape
     w = weight.detach().to(torch.bfloat16).contiguous()
-    from . import _ext
+    from . import _ext, hugepages
     mod = _ext.get()
-    return PackedWeight("bf16", n, k, panels_torch(w) if mod is None else mod.pack_bf16(w))
+    # on huge pages: decode streams these panels every token (hugepages.py says why)
+    return PackedWeight("bf16", n, k, hugepages.resident(panels_torch(w) if mod is None else mod.pack_bf16(w)))
 
 
 def panels_torch(w: torch.Tensor) -> torch.Tensor:

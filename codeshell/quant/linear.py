@@ -253,6 +253,8 @@ class Int8Linear(QuantLinear):
     def finalize(self) -> None:
         super().finalize()
         if self._native_ok(self.qweight):  # shares qweight and scales, no copy
+            # qweight moved once onto huge pages (kernels/hugepages.py): the kernels stream it every token
+            self.qweight = kernels.hugepages.resident(self.qweight)
             self._kernel = kernels.int8_from_parts(self.qweight, self.scales.float().contiguous())
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
@@ -324,7 +326,8 @@ class Int4Linear(QuantLinear):
             nib = unpack_int4(self.qweight)  # [N, K] 0..15 -> codeshell.kernels' run-of-32 layout
             s = self.scales.float()
             off = None if self.zeros is None else (8.0 - self.zeros.float()) * s
-            self._kernel = kernels.int4_from_parts(kernels.pack_nibbles(nib), s, off, self.group_size)
+            data = kernels.hugepages.resident(kernels.pack_nibbles(nib))  # streamed every token: huge pages
+            self._kernel = kernels.int4_from_parts(data, s, off, self.group_size)
             del nib
         elif self.kernel_ok():
             self._set_torch_layout()

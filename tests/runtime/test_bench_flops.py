@@ -76,7 +76,8 @@ def test_read_stream_reads_every_byte():
 
 def test_read_bandwidth_takes_the_faster_probe(monkeypatch):
     # The figure is the better of torch's sum and the native read: with the sum made slow (a
-    # 50 ms sleep per call: under 1 GB/s for this buffer), the native read still gives it.
+    # 50 ms sleep per call: under 0.45 GB/s for this buffer), the native read still gives more
+    # than twice that (a 20 MiB read in under 21 ms: met with room at nice 19 on a busy machine).
     import time as _time
 
     from codeshell.bench import read_bandwidth_gbs
@@ -90,4 +91,4 @@ def test_read_bandwidth_takes_the_faster_probe(monkeypatch):
         return real_sum(self, *a, **k)
 
     monkeypatch.setattr(torch.Tensor, "sum", slow_sum)
-    assert read_bandwidth_gbs(gib=0.02, repeats=2) > 2.0
+    assert read_bandwidth_gbs(gib=0.02, repeats=2) > 1.0

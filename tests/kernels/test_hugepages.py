@@ -1,0 +1,119 @@
+"""Weights, KV cache and the read probe on transparent huge pages (codeshell/kernels/hugepages.py):
+the tensors hold what they should, small ones stay on torch's allocator, the kernel really backs
+an advised tensor with huge pages where the machine offers them, and a model's output does not
+change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from codeshell.kernels import hugepages, prepack
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _mapped(t: torch.Tensor) -> bool:
+    return not t.untyped_storage().resizable()  # torch.frombuffer over the mapping
+
+
+def _anon_huge_kb(t: torch.Tensor) -> int:
+    """AnonHugePages of the mapping that holds t's first byte (/proc/self/smaps)."""
+    addr, found = t.data_ptr(), False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            found = lo <= addr < hi
+        elif found and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_big_tensors_are_mapped_small_ones_are_not():
+    big = hugepages.empty((1024, 4096), torch.bfloat16)
+    assert big.shape == (1024, 4096) and big.dtype == torch.bfloat16 and big.is_contiguous()
+    assert _mapped(big) and big.data_ptr() % 64 == 0
+    small = hugepages.empty((16, 16), torch.float32)
+    assert not _mapped(small)
+    z = hugepages.zeros((3, 1 << 20), torch.float32)
+    assert _mapped(z) and not z.any()
+    assert not hugepages.zeros((4, 4), torch.int8).any()
+
+
+def test_resident_copies_exactly_and_outlives_its_views():
+    src = torch.randn(2048, 1024)
+    out = hugepages.resident(src)
+    assert _mapped(out) and torch.equal(out, src) and out.data_ptr() != src.data_ptr()
+    view = out[5:7]
+    expect = src[5:7].clone()
+    del out
+    torch.randn(4096, 1024)  # reuse of freed memory would show in the view
+    assert torch.equal(view, expect)
+    tiny = torch.randn(8, 8)
+    assert hugepages.resident(tiny) is tiny
+
+
+def test_off_switch(monkeypatch):
+    monkeypatch.setenv("CODESHELL_HUGE_PAGES", "0")
+    assert not _mapped(hugepages.empty((1024, 4096), torch.bfloat16))
+    src = torch.randn(2048, 1024)
+    assert hugepages.resident(src) is src
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_the_kernel_backs_an_advised_tensor_with_huge_pages():
+    t = hugepages.empty((32 << 20,), torch.uint8)  # 32 MiB: several aligned 2 MiB pages inside
+    t.fill_(1)
+    kb = _anon_huge_kb(t)
+    print(f"AnonHugePages of a 32 MiB tensor: {kb} kB (THP: {THP.read_text().strip()})")
+    assert kb >= 2048
+
+
+def test_packed_weights_kv_cache_and_probe_use_it(monkeypatch):
+    # A model's big packed weights and its KV cache land on the mappings; with the switch off the
+    # same model gives the same tokens (placement changes no arithmetic).
+    from codeshell import LLM, SamplingParams, kernels
+    from codeshell.bench import random_model
+    from codeshell.config import CodeShellConfig
+    if not kernels.available():
+        pytest.skip("native kernels unavailable: bf16 weights are not packed")
+    cfg = CodeShellConfig(vocab_size=4096, n_embd=512, n_layer=2, n_head=4, num_query_groups=2, n_inner=4096,
+                          n_positions=2048)
+
+    def run():
+        torch.manual_seed(0)
+        llm = LLM.from_model(random_model(cfg, torch.bfloat16), cfg, max_batch=2)
+        out = llm.generate([{"prompt_token_ids": list(range(1, 40))}],
+                           SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        return llm, out[0].outputs[0].token_ids
+
+    llm, on = run()
+    fc = llm.model.transformer.h[0].mlp.c_fc  # 4096 x 512 bf16 = 4 MiB of panels
+    assert _mapped(fc.data)
+    cache = llm.engine.cache
+    if cache.k.numel() * cache.k.element_size() >= hugepages.MIN_BYTES:
+        assert _mapped(cache.k) and _mapped(cache.v)
+    monkeypatch.setenv("CODESHELL_HUGE_PAGES", "0")
+    llm_off, off = run()
+    assert not _mapped(llm_off.model.transformer.h[0].mlp.c_fc.data)
+    assert on == off
+
+
+def test_quantized_linears_keep_their_kernel_tensors_there():
+    # int8: qweight itself is what the kernels read (shared, not copied); int4: the repacked nibbles.
+    from codeshell import kernels
+    from codeshell.quant.linear import Int4Linear, Int8Linear
+    if not kernels.available():
+        pytest.skip("native kernels unavailable: no kernel layouts are built")
+    w = torch.randn(2048, 4096) * 0.02
+    x = torch.randn(3, 4096)
+    q8 = Int8Linear.from_float(w, None)
+    assert _mapped(q8.qweight) and q8._kernel.data.data_ptr() == q8.qweight.data_ptr()
+    q4 = Int4Linear.from_float(w, None, group_size=128)
+    assert _mapped(q4._kernel.data)
+    for lin in (q8, q4):
+        ref = x @ lin._kernel.dequantize().T  # the kernels round x to int8 per block: loose bounds
+        torch.testing.assert_close(lin(x), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())

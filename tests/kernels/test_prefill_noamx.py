@@ -129,6 +129,22 @@ def test_prefill_candidates_without_amx(kind, monkeypatch, record_property):
 
 
 @needs_bf16
+@pytest.mark.parametrize("k", [1024, 1030])
+def test_bf16_gemm_row_bits_do_not_depend_on_m(k):
+    # x's pack copies full row tiles without bounds tests and the tail tile (rows past M) with
+    # them; the K chunks, register block and prefetches are the same for every tile. So a row's
+    # bits are the same whether it lands in a full tile (M = 600) or in the tail tile (M = 97:
+    # rows 96.. alone in the last tile), with K a multiple of the pair (1024) or not (1030).
+    mod = _ext.get()
+    pb = prepack(torch.randn(300, k, generator=torch.Generator().manual_seed(k)))
+    x = torch.randn(600, k, generator=torch.Generator().manual_seed(5)).bfloat16()
+    full = mod.prefill_bf16_dot(x, pb.data, 300, None).clone()
+    for m in (97, 130):
+        part = mod.prefill_bf16_dot(x[:m].contiguous(), pb.data, 300, None)
+        assert torch.equal(part, full[:m]), f"M={m}, K={k}"
+
+
+@needs_bf16
 def test_dot_peak_is_measured_and_in_the_bench_peak():
     mod = _ext.get()
     assert mod.bf16_dot_peak(10) == 10 * 128 * 4 * 6 * 64 * torch.get_num_threads()

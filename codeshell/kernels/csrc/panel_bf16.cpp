@@ -563,8 +563,22 @@ constexpr int kDotNP = 4, kDotMR = 6;
 // while every row tile of x streams past it from L2 (x's chunk: M x 128 x 4 B = 256 KiB at M =
 // 512). KC 32 / 64 / 96 / 128 / 256 measured 0.56 / 0.60 / 0.65 / 0.67 / 0.65 (fewer, longer
 // micro calls until the chunk spills L1). Work items of kDotItem panels keep their fp32 sums
-// (M x 128 x 4 B) in L2 between passes; 16 panels measured the same (0.66). Prefetching the
-// next chunk of weight (to L2, spread over the row tiles) measured no gain (0.64 vs 0.65).
+// (M x 128 x 4 B) in L2 between passes; 16 panels measured the same (0.66).
+// Session 14 (the same Zen 5, 2 threads, in-process A/B with the old schedule, 7B shapes,
+// M = 512; figures and the harness in docs/kernels.md, "Session 14, helper D"): what kept the
+// block below its L1 peak was the x stream, not the sums' round trip -- with every tile reading the same x the old
+// schedule ran 0.78 vs 0.70 TFLOP/s, with the same sums 0.69, the same weight chunk 0.72. Each
+// item re-reads all of x (M x K x 2 B: 4 MiB at K = 4096, 16 MiB at K = 16384, from L3 or DRAM)
+// once per chunk pass, and the hardware prefetcher does not run far enough ahead of it. Hence
+// two software prefetches (`dot_block_pf`, `prefill_dot`): the next row tile's x into L1 during
+// this tile (one prefetch per 64-byte line, 3 per 8 k-pairs), and the next weight chunk (the
+// next 4 panels' chunk, or the item's first panels at the next K chunk) into L2, spread over the
+// row tiles (the old schedule's weight prefetch alone measured no gain: the x stream hid it).
+// Measured: 0.80-0.83 vs 0.70-0.80 TFLOP/s for the old schedule (K = 16384: 0.80 vs 0.69), with
+// the peak micro-kernel at 0.92-0.94 in the same runs. Still measured no better: KC 64 / 96 /
+// 256 with the prefetches, items of 4 / 12 / 16 panels, one prefetch per k-pair, the sums of a
+// tile's next block prefetched, the last chunk's sums stored straight into the output (no
+// store_rows pass), single items claimed one at a time.
 constexpr int64_t kDotKC = 128, kDotItem = 8;
 
 // c[MR rows][NP * 16] (row stride ldc, 64-byte aligned) (+)= x tile . NP panels over nj k-pairs.
@@ -587,6 +601,33 @@ inline void dot_block(const uint32_t* xp, const uint32_t* w, int64_t pstride, in
     for (int i = 0; i < MR; ++i) _mm512_store_ps(c + i * ldc + q * 16, acc[q][i]);
 }
 
+// dot_block with the next row tile's x prefetched into L1 (pfd k-pairs ahead: the next tile of
+// the chunk starts right after this one's nj x MR dwords): k-pairs in groups of 8, one prefetch
+// per 64-byte line of x (8 x MR x 4 B = 3 lines at MR = 6). nj is a multiple of 8 (Kh of 16).
+// The same sums in the same order as dot_block: prefetches do not change a bit.
+template <int NP, int MR>
+inline void dot_block_pf(const uint32_t* xp, const uint32_t* w, int64_t pstride, int64_t nj, float* c, int64_t ldc,
+                         bool first, int64_t pfd) {
+  __m512 acc[NP][MR];
+  for (int q = 0; q < NP; ++q)
+    for (int i = 0; i < MR; ++i) acc[q][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + i * ldc + q * 16);
+  for (int64_t j8 = 0; j8 < nj; j8 += 8) {
+    const char* pf = reinterpret_cast<const char*>(xp + (j8 + pfd) * MR);
+    for (int l = 0; l < 8 * MR * 4; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int64_t j = j8; j < j8 + 8; ++j) {
+      __m512bh wv[NP];
+      for (int q = 0; q < NP; ++q) wv[q] = (__m512bh)_mm512_loadu_si512(w + q * pstride + j * kPanel);
+      for (int i = 0; i < MR; ++i) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(xp[j * MR + i]));
+        for (int q = 0; q < NP; ++q) acc[q][i] = _mm512_dpbf16_ps(acc[q][i], xb, wv[q]);
+      }
+    }
+  }
+  for (int q = 0; q < NP; ++q)
+    for (int i = 0; i < MR; ++i) _mm512_store_ps(c + i * ldc + q * 16, acc[q][i]);
+}
+
 // bf16 x [M, K] @ panels^T (+ bias) -> out fp32 [M, N] by vdpbf16ps, any M (meant for M > 64;
 // M <= 64 keeps decode_bf16, whose per-row order ops.ROW_INVARIANT_MAX_M relies on).
 // x is packed once per call into the micro-kernel's order: [K chunk][row tile][k-pair][MR]
@@ -603,6 +644,13 @@ void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int
       for (int64_t j0 = 0; j0 < Kh; j0 += kDotKC) {
         const int64_t nj = std::min(kDotKC, Kh - j0);
         uint32_t* d = xp + j0 * T * MR + t * nj * MR;
+        if ((t + 1) * MR <= M && 2 * (j0 + nj) <= K) {  // all rows and k-pairs inside x: no tests per value
+          const uint16_t* src[MR];
+          for (int i = 0; i < MR; ++i) src[i] = x + (t * MR + i) * K + 2 * j0;
+          for (int64_t j = 0; j < nj; ++j)
+            for (int i = 0; i < MR; ++i) std::memcpy(d + j * MR + i, src[i] + 2 * j, 4);
+          continue;
+        }
         for (int i = 0; i < MR; ++i) {
           const int64_t m = t * MR + i;
           const uint16_t* src = x + m * K;
@@ -630,11 +678,22 @@ void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int
           const int64_t np = std::min<int64_t>(NP, pb - p);  // a tail of 1-3 panels
           const uint32_t* wp = w + (p * Kh + j0) * kPanel;
           float* cp = c + (p - pa) * kPanel;
+          // The weight chunk that comes next in this order (the next panels at this chunk, else
+          // the item's first panels at the next chunk), into L2 a few lines per row tile; its
+          // lines are one k-pair of one panel (64 B). None after the item's last pass.
+          const bool more = p + np < pb;
+          const int64_t pn = more ? p + np : pa, jn = more ? j0 : j0 + kDotKC;
+          const int64_t npn = std::min<int64_t>(NP, pb - pn), njn = std::min(kDotKC, Kh - jn);
+          const uint32_t* wn = w + (pn * Kh + jn) * kPanel;
+          const int64_t lines = jn < Kh ? npn * njn : 0, per = (lines + T - 1) / T;
           for (int64_t t = 0; t < T; ++t) {
+            for (int64_t l = t * per, le = std::min(lines, l + per); l < le; ++l)
+              _mm_prefetch(reinterpret_cast<const char*>(wn + (l / njn) * Kh * kPanel + (l % njn) * kPanel),
+                           _MM_HINT_T1);
             const uint32_t* xt = xb + t * nj * MR;
             float* ct = cp + t * MR * ldc;
             switch (np) {
-              case 4: dot_block<4, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
+              case 4: dot_block_pf<4, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0, nj); break;
               case 3: dot_block<3, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
               case 2: dot_block<2, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
               default: dot_block<1, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;

@@ -19,8 +19,9 @@ LEVEL = ops.isa_level() if available() else -1
 
 # N: 9 panels + 5 rows (2 groups of 4 and a tail, or one group of 8 and a tail), 63 panels (the
 # small model's 1000-ish rows: chunks of the group size plus a 3-panel tail), 129 panels + 1 row;
-# K: one that is not a multiple of 32, the small model's, and several k-blocks of the M >= 4 kernel.
-SHAPES = [(149, 100), (1000, 1024), (2065, 4096)]
+# K: an odd one (the last pair half padding: x is copied as is at M = 1, pair by pair above), one
+# that is not a multiple of 32, the small model's, and several k-blocks of the M >= 4 kernel.
+SHAPES = [(149, 37), (149, 100), (1000, 1024), (2065, 4096)]
 
 
 @needs_native

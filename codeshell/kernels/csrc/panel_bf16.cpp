@@ -15,7 +15,8 @@
 //     weights), 6 rows of x x 16 weight rows in registers, k-blocked so the panel chunk is
 //     re-read from L1 by every tile; for M <= 3 several panels at once (more read streams).
 //   * decode_bf16, isa kAvx512Bf16: bf16 x (the caller's activations are bf16 already: a bf16
-//     model), vdpbf16ps: one instruction does 16 rows x 2 k for one row of x.
+//     model), vdpbf16ps: one instruction does 16 rows x 2 k for one row of x; at M = 1 several
+//     panels at once, their number and the software prefetch by CPU kind (decode_panels).
 //   * prefill_bf16_amx (any M; ops.py sends bf16 x here at every M on an AMX CPU), isa kAmx:
 //     2x2 tiles of 16x16 fp32 accumulators (32 rows of x x 32 weight rows), tdpbf16ps over 32 k
 //     per step; M <= 16 in a decode schedule (decode_amx: 4 panels over all of K, prefetched).
@@ -75,8 +76,9 @@ inline void store_rows(const float* c, int64_t ldc, int64_t M, float* out, int64
 struct Avx2 {
   static constexpr int kTileRows = 6;  // 12 accumulators + 2 weight vectors + a broadcast: 15 ymm
   using X = float;                     // x transposed [Kp][M], padded with zero k rows
-  // c[q][MR][16] (+)= x[MR rows] . panel q over k-pairs [j0, j1); NP panels at w + q * pstride.
-  template <int MR, int NP>
+  // c[q][MR][16] (+)= x[MR rows] . panel q over k-pairs [j0, j1); NP panels at w + q * pstride;
+  // kPf: software prefetch on the weight streams (as Bf16Dot's).
+  template <int MR, int NP, bool kPf = true>
   static void micro(const float* xt, int64_t ldx, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
                     float* c, bool first) {
     const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
@@ -88,7 +90,7 @@ struct Avx2 {
     for (int64_t j = j0; j < j1; ++j) {
       for (int q = 0; q < NP; ++q) {
         const uint32_t* wk = w + q * pstride + j * kPanel;
-        _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
+        if constexpr (kPf) _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
         // even k then odd k: two passes keep 2 weight vectors live (15 ymm at MR = 6)
         for (int h = 0; h < 2; ++h) {
           const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk));
@@ -133,7 +135,9 @@ struct Bf16Dot {
   // One accumulator chain per (panel, row of x), k-pairs in order, at every MR: a row's result
   // is then the same bits whatever M the call has (row invariance, see decode_panels). At
   // MR = 1 the latency of vdpbf16ps (5 cycles) is hidden by NP panels in flight instead.
-  template <int MR, int NP>
+  // kPf: software prefetch kPrefetch k-pairs ahead on each panel's stream (false: the hardware
+  // prefetchers alone, which read faster on Zen 5 at M = 1: decode_panels).
+  template <int MR, int NP, bool kPf = true>
   static void micro(const uint32_t* xp, int64_t ldx, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
                     float* c, bool first) {
     __m512 acc[NP][MR];
@@ -143,7 +147,7 @@ struct Bf16Dot {
     for (int64_t j = j0; j < j1; ++j)
       for (int q = 0; q < NP; ++q) {
         const uint32_t* wk = w + q * pstride + j * kPanel;
-        _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
+        if constexpr (kPf) _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(wk);
         for (int i = 0; i < MR; ++i)
           acc[q][i] = _mm512_dpbf16_ps(acc[q][i], (__m512bh)_mm512_set1_epi32(int(xp[j * ldx + i])), wv);
@@ -156,6 +160,13 @@ struct Bf16Dot {
     const int64_t M = x.size(0), K = x.size(1), Kh = Kp / 2;
     std::vector<uint32_t> xp(size_t(Kh) * M, 0u);
     const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    // M = 1: the row's pairs are its bf16 values in order, so a copy (the 2-byte loop below took
+    // ~0.6 us per 1,024 of K on the calling thread before the parallel loop: 16 x 16384 weight,
+    // 24 against 15 us a call through the binding)
+    if (M == 1) {
+      std::memcpy(xp.data(), src, size_t(K) * sizeof(uint16_t));
+      return xp;
+    }
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) {
         auto* pair = reinterpret_cast<uint16_t*>(&xp[(k / 2) * M + m]);
@@ -206,17 +217,17 @@ void panel_product(const typename Isa::X* x, int64_t M, int64_t Kh, const uint32
 }
 
 // Panels [p0, p1) for M <= 3: NP at a time (the rest one at a time); c holds NP panels.
-template <class Isa, int MR, int NP>
+template <class Isa, int MR, int NP, bool kPf = true>
 void panels_small_m(const typename Isa::X* x, int64_t Kh, const uint32_t* w, int64_t p0, int64_t p1, float* c,
                     const Emit& emit) {
   const int64_t ps = Kh * kPanel;  // uint32 per panel
   int64_t p = p0;
   for (; p + NP <= p1; p += NP) {
-    Isa::template micro<MR, NP>(x, MR, w + p * ps, ps, 0, Kh, c, true);
+    Isa::template micro<MR, NP, kPf>(x, MR, w + p * ps, ps, 0, Kh, c, true);
     for (int q = 0; q < NP; ++q) emit(p + q, c + q * kPanel * kPanel);
   }
   for (; p < p1; ++p) {
-    Isa::template micro<MR, 1>(x, MR, w + p * ps, ps, 0, Kh, c, true);
+    Isa::template micro<MR, 1, kPf>(x, MR, w + p * ps, ps, 0, Kh, c, true);
     emit(p, c);
   }
 }
@@ -243,18 +254,34 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
   const typename Isa::X* xp = xv.data();
   // M = 1: the weight is streamed once, so the kernel is bound by reads; NP panels in flight
   // are NP read streams and NP independent vdpbf16ps chains (one chain per panel: row
-  // invariance). Per core, 7B shapes, caches flushed, medians of 3 alternating processes:
-  // NP = 8 c_attn 4.69 ms, attn.c_proj 3.31, c_fc 11.45, mlp.c_proj 11.03, against 4.58 / 3.37 /
-  // 12.37 / 12.24 for the earlier 2 chains x 4 panels; NP = 4 (one chain) 4.86 / 3.52 / 12.10 /
-  // 10.54 and NP = 12 6.15 / 3.42 / 11.59 / 12.42 (the machine was shared: +-15%).
-  constexpr int NP1 = std::is_same_v<Isa, Avx2> ? 4 : 8;  // AVX2: 2 ymm per panel, 16 registers
-  codeshell::parallel_chunks(P, M == 1 ? NP1 : 4, M == 1 ? NP1 : 4, [&](int64_t p0, int64_t p1) {
+  // invariance). Two schedules, by the CPU they were measured on:
+  //   * with AMX (Sapphire Rapids, where this path runs only under CODESHELL_KERNEL_ISA's cap):
+  //     NP = 8 and the software prefetch kPrefetch k-pairs ahead on every stream. Per core, 7B
+  //     shapes, caches flushed, medians of 3 alternating processes: NP = 8 c_attn 4.69 ms,
+  //     attn.c_proj 3.31, c_fc 11.45, mlp.c_proj 11.03, against 4.58 / 3.37 / 12.37 / 12.24 for
+  //     the earlier 2 chains x 4 panels; NP = 4 (one chain) 4.86 / 3.52 / 12.10 / 10.54 and
+  //     NP = 12 6.15 / 3.42 / 11.59 / 12.42 (the machine was shared: +-15%).
+  //   * without AMX (measured on Zen 5, 2 threads): NP = 4 and no software prefetch, the
+  //     hardware prefetchers alone. The prefetch was what held the old schedule back: at NP = 8
+  //     it read 49-51 GB/s on the 7B shapes, without it 58-60, NP = 4 without it 62-64, where
+  //     read_stream read 63-69 in the same rounds; NP = 4 with the prefetch 58-61, NP = 2, 6, 12,
+  //     16 without it and prefetch to L2 / non-temporal / 32-256 k-pairs ahead no better
+  //     (docs/kernels.md, session 14 helper A).
+  // Both sum each (row, output) the same way (one chain per panel, k-pairs in order): only
+  // which panels share a pass and the prefetch differ, so a row's bits are the same either way.
+  constexpr bool kDot = !std::is_same_v<Isa, Avx2>;
+  static const bool amx = codeshell::cpu_features().amx_bf16;  // the CPU kind (cpuid), not the OS permission
+  const bool lean = kDot && !amx;              // NP = 4 without software prefetch
+  const int64_t np1 = kDot && amx ? 8 : 4;     // AVX2: 2 ymm per panel, 16 registers: NP = 4
+  codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     alignas(64) float c[std::max<int64_t>(kMaxRows, 8 * kPanel) * kPanel];  // also NP panels x 16 rows for M <= 3
     const Emit emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias
       const int64_t n0 = p * kPanel;
       store_rows(cp, kPanel, M, op, N, n0, std::min(kPanel, N - n0), b);
     };
-    if (M == 1) panels_small_m<Isa, 1, NP1>(xp, Kh, wp, p0, p1, c, emit);
+    if (M == 1 && lean) panels_small_m<Isa, 1, 4, false>(xp, Kh, wp, p0, p1, c, emit);
+    else if (M == 1 && kDot) panels_small_m<Isa, 1, 8>(xp, Kh, wp, p0, p1, c, emit);
+    else if (M == 1) panels_small_m<Isa, 1, 4>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 2) panels_small_m<Isa, 2, 3>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 3) panels_small_m<Isa, 3, 2>(xp, Kh, wp, p0, p1, c, emit);
     else

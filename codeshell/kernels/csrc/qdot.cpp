@@ -533,7 +533,7 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
 // M = 8 10.3 vs 8.2 ms) and stay on tile_q4v.
 template <int MB, int NR, int RUNS, bool OFFS>
 inline void tile_q4r(const int8_t* xq, int64_t K, const float* dxT, const float* xs, const uint8_t* q,
-                     const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+                     const float* sc, const float* of, int64_t G, int64_t pf, float* out, int64_t ldo) {
   const int64_t ng = K / G, ldq = K / 2;
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   __m512 acc[MB][NR];
@@ -546,7 +546,8 @@ inline void tile_q4r(const int8_t* xq, int64_t K, const float* dxT, const float*
       for (int r = 0; r < RUNS; ++r)
         for (int j = 0; j < NR; ++j) {
           const uint8_t* p = q + j * ldq + (g * G + 128 * r) / 2;
-          _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+          if (pf) _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T1);
+          else _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
           const __m512i v = _mm512_loadu_si512(p);
           lo[r][j] = _mm512_and_si512(v, m0f);
           hi[r][j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
@@ -576,10 +577,11 @@ inline void tile_q4r(const int8_t* xq, int64_t K, const float* dxT, const float*
 // tile reads them again from L2).
 template <int NR, int RUNS, bool OFFS>
 inline void rows_q4r(const int8_t* xq, const float* dxT, const float* xs, int64_t M, int64_t K, const uint8_t* q,
-                     const float* sc, const float* of, int64_t G, float* out, int64_t N) {
+                     const float* sc, const float* of, int64_t G, int64_t pf, float* out, int64_t N) {
   const int64_t ng = K / G;
   for_x_tiles8(M, [&](auto mb, int64_t m) {
-    tile_q4r<decltype(mb)::value, NR, RUNS, OFFS>(xq + m * K, K, dxT + m, xs + m * ng, q, sc, of, G, out + m * N, N);
+    tile_q4r<decltype(mb)::value, NR, RUNS, OFFS>(xq + m * K, K, dxT + m, xs + m * ng, q, sc, of, G, pf, out + m * N,
+                                                  N);
   });
 }
 
@@ -594,13 +596,20 @@ void run_q4r(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   float* dxT = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(dxv.data()) + 63) & ~uintptr_t(63));
   for (int64_t g = 0; g < ng; ++g)
     for (int64_t i = 0; i < 16; ++i) dxT[g * 16 + i] = i < M ? dx[i * ng + g] : 0.f;
+  // Prefetch: 16 weight rows ahead (the same bytes of the 8th next pair; 32 KiB at K = 4096) into
+  // L2, as q8_rows.h's next group; CODESHELL_Q4_ROWS_PF overrides the distance in bytes (0: 2 KiB
+  // ahead in each row into L1, tile_q4v's, which at K <= 4096 is only the next row or two).
+  const char* e = std::getenv("CODESHELL_Q4_ROWS_PF");
+  const int64_t pf = e && *e ? std::max<int64_t>(0, std::atoll(e)) : 16 * ldq;
   auto go = [&](auto runs) {
     constexpr int RUNS = decltype(runs)::value;
     int64_t n = n0;
     for (; n + 2 <= n1; n += 2)
-      rows_q4r<2, RUNS, OFFS>(xq, dxT, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+      rows_q4r<2, RUNS, OFFS>(xq, dxT, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, pf,
+                              out + n, N);
     if (n < n1)
-      rows_q4r<1, RUNS, OFFS>(xq, dxT, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+      rows_q4r<1, RUNS, OFFS>(xq, dxT, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, pf,
+                              out + n, N);
   };
   if (G == 128) go(std::integral_constant<int, 1>{});
   else go(std::integral_constant<int, 2>{});

@@ -12,12 +12,12 @@
 // The 512-bit kernels (K % 128 == 0): int8 runs q8_panel.h (16 weight rows transposed per
 // block, exact block sums, the fp32 epilogue of q8_epilogue.h) below the AMX row threshold with
 // AMX (`amx:q8`), where qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the same
-// epilogue, and from 3 rows without AMX (`avx512_vnni:q8`), where tile_v (the same epilogue
-// after a lane reduction) runs M = 1-2: the panel's transposes ran int8 M = 1 2.1x slower than
-// AVX2 on AMD Zen (panel_min_m). int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
+// epilogue, and from 17 rows without AMX (`avx512_vnni:q8`), where tile_v (the same epilogue
+// after a lane reduction) runs M = 1-2 (the panel's transposes ran int8 M = 1 2.1x slower than
+// AVX2 on AMD Zen: panel_min_m) and q8_rows.h (rows of x in the lanes, the same epilogue) M = 3-16. int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
 // 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
-// (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk (per-lane
-// epilogue, main's kernels and bits).
+// (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk, and tile_q4r at
+// M = 5-16 with groups of 128 / 256 (per-lane epilogue, main's kernels and bits).
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -776,7 +776,8 @@ int64_t amx_rows_min_m(bool panel) {
 }
 
 // The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows on
-// AMX CPUs (unchanged since session 12) and from 3 rows without AMX, and on AMX CPUs int4 with
+// AMX CPUs (unchanged since session 12) and from 3 rows without AMX (where q8_rows.h takes
+// M = 3..rows_max_m first: session 14), and on AMX CPUs int4 with
 // groups of 128 / 256 from 3 rows: its transposes cost the same per weight byte at any M, so at
 // M = 1-2 int4 (twice the weights per byte of int8) ran 15-25% slower than the per-row kernels
 // on Sapphire Rapids (per core, caches flushed, mid and 7B shapes), and tile_v (the shared

@@ -1,5 +1,6 @@
 // int8 / int4 x int8-activation decode kernel on transposed weight panels (AVX512-VNNI),
-// header-only (qdot.cpp's `amx:q8` below the AMX row threshold, and `avx512_vnni:q8` int8 from 3 rows).
+// header-only (qdot.cpp's `amx:q8` below the AMX row threshold, and `avx512_vnni:q8` int8 from 17
+// rows, 3 with CODESHELL_Q8_ROWS_MAX_M=0: q8_rows.h takes M = 3-16 there with the same bits).
 //
 // What this is: y[M, N] = x[M, K] . W^T for M <= ops.ROW_INVARIANT_MAX_M with the fp32 epilogue
 // of q8_epilogue.h (exact int32 block sums T_b, then one fixed fp32 order), so a row gets the

@@ -12,12 +12,12 @@
 // The 512-bit kernels (K % 128 == 0): int8 runs q8_panel.h (16 weight rows transposed per
 // block, exact block sums, the fp32 epilogue of q8_epilogue.h) below the AMX row threshold with
 // AMX (`amx:q8`), where qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the same
-// epilogue, and from 3 rows without AMX (`avx512_vnni:q8`), where tile_v (the same epilogue
-// after a lane reduction) runs M = 1-2: the panel's transposes ran int8 M = 1 2.1x slower than
-// AVX2 on AMD Zen (panel_min_m). int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
+// epilogue, and from 17 rows without AMX (`avx512_vnni:q8`), where tile_v (the same epilogue
+// after a lane reduction) runs M = 1-2 (the panel's transposes ran int8 M = 1 2.1x slower than
+// AVX2 on AMD Zen: panel_min_m) and q8_rows.h (rows of x in the lanes, the same epilogue) M = 3-16. int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
 // 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
-// (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk (per-lane
-// epilogue, main's kernels and bits).
+// (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk, and tile_q4r at
+// M = 5-16 with groups of 128 / 256 (per-lane epilogue, main's kernels and bits).
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -36,6 +36,7 @@
 #include "parallel.h"
 #include "q8_epilogue.h"
 #include "q8_panel.h"
+#include "q8_rows.h"
 #include "quant_x.h"
 #include "simd.h"
 
@@ -516,6 +517,104 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
     });
 }
 
+// ---- int4 without AMX, M = 5..16, groups of 128 / 256: two weight rows per x load (tile_q4v's bits)
+// tile_q4v (above) takes one weight row at a time against up to 8 rows of x, so at M = 8 every
+// weight row re-reads 8 x 128 bytes of x per 64 bytes of packed weight (x is 32-128 KiB at the
+// 7B shapes: L1 / L2), ~2 loads per vpdpbusd. tile_q4r holds MB (<= 8) rows of x by NR = 2
+// weight rows: each x load feeds 2 weight rows, each unpacked weight vector MB rows.
+// Row invariance: per (row of x, weight row) exactly tile_q4v's arithmetic, so tile_q4v's bits
+// at every M (tests/kernels/test_q8_no_amx.py compares every row of every M with M = 1): per
+// group the int32 lane sums over its runs (integers: the same lanes in any order), then
+// acc = fma(cvt(sum), sc_g * d_g, acc) per group in k order (the same fp32 product, here a vector
+// mul of the rows' d_g by the broadcast sc_g), then reduce_add + affine_const_v.
+// Measured (2 threads, the four 7B linears, g128, A/B against run_q4v in one process): M = 8
+// 5.6 vs 6.7 ms, M = 16 10.5 vs 12.9; M = 3 / 4 3.5 / 4.0 vs 3.2 / 3.7 (slower: M >= 5 only).
+// Groups of 32 (GGUF Q4_0) ran slower this way at M = 3..8 (the scale spread per run and row:
+// M = 8 10.3 vs 8.2 ms) and stay on tile_q4v.
+template <int MB, int NR, int RUNS, bool OFFS>
+inline void tile_q4r(const int8_t* xq, int64_t K, const float* dxT, const float* xs, const uint8_t* q,
+                     const float* sc, const float* of, int64_t G, int64_t pf, float* out, int64_t ldo) {
+  const int64_t ng = K / G, ldq = K / 2;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  __m512 acc[MB][NR];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  {  // G = 128 * RUNS: one fp32 step per group
+    alignas(64) float sdb[NR][16];
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512i lo[RUNS][NR], hi[RUNS][NR];
+      for (int r = 0; r < RUNS; ++r)
+        for (int j = 0; j < NR; ++j) {
+          const uint8_t* p = q + j * ldq + (g * G + 128 * r) / 2;
+          if (pf) _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T1);
+          else _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+          const __m512i v = _mm512_loadu_si512(p);
+          lo[r][j] = _mm512_and_si512(v, m0f);
+          hi[r][j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+        }
+      const __m512 dg = _mm512_loadu_ps(dxT + g * 16);  // lane i = d of row i of the tile, group g
+      for (int j = 0; j < NR; ++j) _mm512_store_ps(sdb[j], _mm512_mul_ps(_mm512_set1_ps(sc[j * ng + g]), dg));
+      for (int i = 0; i < MB; ++i) {
+        __m512i a[NR];
+        for (int j = 0; j < NR; ++j) a[j] = _mm512_setzero_si512();
+        for (int r = 0; r < RUNS; ++r) {
+          const int8_t* xr = xq + i * K + g * G + 128 * r;
+          const __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 64);
+          for (int j = 0; j < NR; ++j) a[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[j], lo[r][j], x0), hi[r][j], x1);
+        }
+        for (int j = 0; j < NR; ++j)
+          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[j]), _mm512_set1_ps(sdb[j][i]), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j)
+      out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) +
+                         affine_const_v<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr, xs + i * ng, ng);
+}
+
+// Rows of x in tiles of up to 8 (M = 9..16: 8, then the rest), NR weight rows at q (the second
+// tile reads them again from L2).
+template <int NR, int RUNS, bool OFFS>
+inline void rows_q4r(const int8_t* xq, const float* dxT, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+                     const float* sc, const float* of, int64_t G, int64_t pf, float* out, int64_t N) {
+  const int64_t ng = K / G;
+  for_x_tiles8(M, [&](auto mb, int64_t m) {
+    tile_q4r<decltype(mb)::value, NR, RUNS, OFFS>(xq + m * K, K, dxT + m, xs + m * ng, q, sc, of, G, pf, out + m * N,
+                                                  N);
+  });
+}
+
+// Weight rows [n0, n1) for M = 5..16 rows of x, groups of 128 / 256 (q4r_takes): pairs of weight
+// rows, an odd last alone.
+template <bool OFFS>
+void run_q4r(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+             const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t ng = K / G, ldq = K / 2;
+  // dxT[g][i] = d of row i, group g (16 lanes; a tile of rows m.. reads 16 from lane m).
+  std::vector<float> dxv(size_t(ng * 16 + 32));
+  float* dxT = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(dxv.data()) + 63) & ~uintptr_t(63));
+  for (int64_t g = 0; g < ng; ++g)
+    for (int64_t i = 0; i < 16; ++i) dxT[g * 16 + i] = i < M ? dx[i * ng + g] : 0.f;
+  // Prefetch: 16 weight rows ahead (the same bytes of the 8th next pair; 32 KiB at K = 4096) into
+  // L2, as q8_rows.h's next group; CODESHELL_Q4_ROWS_PF overrides the distance in bytes (0: 2 KiB
+  // ahead in each row into L1, tile_q4v's, which at K <= 4096 is only the next row or two).
+  const char* e = std::getenv("CODESHELL_Q4_ROWS_PF");
+  const int64_t pf = e && *e ? std::max<int64_t>(0, std::atoll(e)) : 16 * ldq;
+  auto go = [&](auto runs) {
+    constexpr int RUNS = decltype(runs)::value;
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2)
+      rows_q4r<2, RUNS, OFFS>(xq, dxT, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, pf,
+                              out + n, N);
+    if (n < n1)
+      rows_q4r<1, RUNS, OFFS>(xq, dxT, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, pf,
+                              out + n, N);
+  };
+  if (G == 128) go(std::integral_constant<int, 1>{});
+  else go(std::integral_constant<int, 2>{});
+}
+
 // ---- amx:q8 below its AMX row threshold: the shared epilogue (q8_epilogue.h) ----------------
 // The 512-bit kernels sum each block (int8: 128 k; int4: the group) of a (row of x, weight row)
 // in int32 lanes with vpdpbusd, keep the lane vectors of 16 blocks in a small buffer, reduce them
@@ -677,7 +776,8 @@ int64_t amx_rows_min_m(bool panel) {
 }
 
 // The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows on
-// AMX CPUs (unchanged since session 12) and from 3 rows without AMX, and on AMX CPUs int4 with
+// AMX CPUs (unchanged since session 12) and from 3 rows without AMX (where q8_rows.h takes
+// M = 3..rows_max_m first: session 14), and on AMX CPUs int4 with
 // groups of 128 / 256 from 3 rows: its transposes cost the same per weight byte at any M, so at
 // M = 1-2 int4 (twice the weights per byte of int8) ran 15-25% slower than the per-row kernels
 // on Sapphire Rapids (per core, caches flushed, mid and 7B shapes), and tile_v (the shared
@@ -692,6 +792,24 @@ bool panel_kernel(int64_t G) { return G % 128 == 0; }
 int64_t panel_min_m() {
   const char* e = std::getenv("CODESHELL_Q8_PANEL_MIN_M");
   return e && *e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(3);
+}
+
+// int4 without AMX: rows of x (from 5) up to which run_q4r (two weight rows per x load, tile_q4v's
+// bits) takes groups of 128 / 256 instead of run_q4v; CODESHELL_Q4_ROWS_MAX_M overrides the 16
+// (0: run_q4v at every M; read per call, for benchmarks and tests).
+bool q4r_takes(int64_t M, int64_t G) {
+  const char* e = std::getenv("CODESHELL_Q4_ROWS_MAX_M");
+  const int64_t hi = e && *e ? std::min<int64_t>(16, std::max<int64_t>(0, std::atoll(e))) : int64_t(16);
+  return M >= 5 && M <= hi && (G == 128 || G == 256);
+}
+
+// Rows of x up to which int8 without AMX runs q8_rows.h (from panel_min_m: the rows of x in the
+// lanes, weight quads broadcast; the same bits as q8_panel.h, which keeps M above).
+// CODESHELL_Q8_ROWS_MAX_M overrides the 16 (0: q8_panel.h at every M from panel_min_m; read per
+// call, for benchmarks and tests).
+int64_t rows_max_m() {
+  const char* e = std::getenv("CODESHELL_Q8_ROWS_MAX_M");
+  return e && *e ? std::min<int64_t>(16, std::max<int64_t>(0, std::atoll(e))) : int64_t(16);
 }
 
 bool use_amx_rows(int64_t isa, int64_t K, int64_t M, int64_t G) {
@@ -753,6 +871,12 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
       return;
     }
+    if (vnni && q4r_takes(M, G)) {  // M = 5..16, G >= 128: two weight rows per x load, tile_q4v's bits
+      if (ofp) run_q4r<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+      else run_q4r<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
+      add_bias(b, op, M, N, n0, n1);
+      return;
+    }
     if (vnni) {
       if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
       else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
@@ -798,6 +922,12 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
   const int8_t* wp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const bool vnni = use_vnni(isa, K);  // then B == 128
+#if CODESHELL_HAVE_AVX512
+  if (vnni && isa < codeshell::kAmx && M >= panel_min_m() && M <= rows_max_m()) {  // q8_rows.h: amx:q8's bits
+    codeshell::q8rows::run(xqp, dx, sx, M, K, N, wp, sp, b, op);
+    return out;
+  }
+#endif
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && isa < codeshell::kAmx && M < panel_min_m()) {  // no AMX, M = 1-2: tile_v, the panel's bits

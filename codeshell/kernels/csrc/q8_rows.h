@@ -1,0 +1,203 @@
+// int8 x int8-activation batched decode kernel with the rows of x in the vector lanes
+// (AVX512-VNNI, header-only): qdot.cpp's `avx512_vnni:q8` int8 at M = 3..16 (CPUs without AMX).
+//
+// What this is: y[M, N] = x[M, K] . W^T + bias for M <= 16 with the fp32 epilogue of
+// q8_epilogue.h (exact int32 block sums T_b over blocks of 128 k, then its fixed fp32 order), so
+// a row gets the bits that q8_panel.h, tile_v and the AMX-INT8 tiles give it, at every M.
+// Layout: the M rows of x are padded to MP = 4, 8 or 16 (MP = 16 / E) and rearranged once per
+// call (`prepare`) so that one zmm of x holds, in lane m * E + e, the 4-byte quad e of a run of
+// E quads of row m; the matching E quads of one weight row are broadcast to all 16 lanes (4, 8
+// or 16 bytes: vpbroadcastd / vpbroadcastq / vbroadcasti32x4, load-port operations), so one
+// vpdpbusd multiplies one weight row by MP rows of x with every lane useful (M = 4, 8, 16; at
+// M = 3, 5-7, 9-15 the pad lanes are wasted). After a block's 32 / E steps, lane m * E + e holds
+// row m's sum over the quads e mod E; q8epi::combine (E - 1 per E weight rows) sums the E lanes,
+// leaving one vector with lane i * MP + m = T_b of (row m, weight row i of the E).
+// Why: the transposed panel (q8_panel.h) spends 64 shuffles per KiB of weight whatever M, and
+// reads 16 weight rows side by side; measured on the Zen 5 EPYC (2 vpdpbusd zmm per cycle, 4
+// cycles latency; 512-bit shuffles 2 per cycle) it ran int8 M = 8 at about a fifth of vpdpbusd's
+// peak. Here the weight needs no shuffle at all (8 per E weight rows per block for the lane sums),
+// each weight quad run is broadcast straight from the weight rows and offset in the register
+// (xor 0x80: vpdpbusd's unsigned operand, which cannot take an embedded broadcast), and x
+// (MP x 128 bytes per block, from L1 / L2) is loaded once per 8 weight rows. Measured (1 thread,
+// the four 7B linears, cold, a standalone copy of the loop): M = 8 ~10 ms against 11-12 with the
+// weights first xor-ed into a 1 KiB L1 stage (single or double buffered) and broadcast from it.
+// The unsigned-weight operand costs: with x as the unsigned operand (x + 128) the weight quads
+// could be vpdpbusd's embedded {1to16} memory operand (timed: M = 4 / 8 ~25% / 15% faster, cache
+// warm), but T_b then needs each weight block's own sum (128 * sum w), which the packed weights
+// do not carry.
+// Prefetch: as each block of the NR rows is read, the same block of the next NR rows (NR x K
+// bytes ahead: the rows of a group are one contiguous range) into L2, as q8_panel.h does. Measured
+// (1 thread, cold, standalone copy, M = 8): the four 7B linears 8.3-10.0 ms against 10.4-11.8
+// with qdot.cpp's 2 KiB-ahead L1 prefetch per row, the small model's 32 linears (K = 1024 / 4096)
+// 4.1-4.4 against 6.1-7.0 (2 KiB ahead is inside the same group there); two groups ahead or
+// 4 / 16 rows per group measured the same or slower.
+// Weights are offset to unsigned (u = w ^ 0x80 = w + 128); T_b = S_b - 128 sx_b (sx_b = the
+// block's exact sum of xq), as in q8_panel.h.
+// What this is not: int4 (its rows keep qdot.cpp's per-lane tile_q4v bits without AMX), M > 16
+// (q8_panel.h), the AMX CPUs' path (their rows below the AMX threshold stay on q8_panel.h).
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "isa.h"
+#include "parallel.h"
+#include "q8_epilogue.h"
+
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace codeshell {
+namespace q8rows {
+
+// Quads per lane run for M rows of x: MP = 16 / E >= M.
+inline int quads_per_lane(int64_t M) { return M <= 1 ? 16 : M <= 2 ? 8 : M <= 4 ? 4 : M <= 8 ? 2 : 1; }
+
+struct Args {
+  int64_t M, K, N, nb;   // nb = K / 128
+  const int8_t* xt;      // [nb][32 / E][64]: prepare's layout of xq (zero in the pad rows)
+  const int32_t* so;     // [nb][16]: 128 * sx[m][b] in lane i * MP + m (0 in pad rows)
+  const float* dT;       // [nb][16]: dx[m][b] in lane i * MP + m (0 in pad rows)
+  const uint8_t* w;      // int8 [N][K] (as stored, signed)
+  const float* scale;    // [N]
+  const float* bias;     // [N] or null
+  float* out;            // [M][N]
+};
+
+// E quads (4E bytes) at p, broadcast to the 16 lanes.
+template <int E>
+inline __m512i bcast(const uint8_t* p) {
+  if constexpr (E == 1) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  } else if constexpr (E == 2) {
+    int64_t v;
+    std::memcpy(&v, p, 8);
+    return _mm512_set1_epi64(v);
+  } else if constexpr (E == 4) {
+    return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (E == 8) {
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    return _mm512_loadu_si512(p);
+  }
+}
+
+// a[0..E-1] (lane m * E + e: row m's sum over the quads e mod E against weight row i) -> lane
+// i * MP + m = row m's whole sum against weight row i (integers: exact in any order).
+template <int E>
+inline __m512i reduce(const __m512i* a) {
+  if constexpr (E == 1) {
+    return a[0];
+  } else {
+    __m512i c[E / 2];
+    for (int i = 0; i < E / 2; ++i) c[i] = codeshell::q8epi::combine(a[2 * i], a[2 * i + 1]);
+    return reduce<E / 2>(c);
+  }
+}
+
+// Weight rows [n0, n1), all M rows of x: NR weight rows at a time (8, or E where E > 8), the
+// last group's missing rows repeating row n1 - 1 (computed, not stored).
+template <int E>
+void run_rows(const Args& A, int64_t n0, int64_t n1) {
+  namespace E_ = codeshell::q8epi;
+  constexpr int NR = E > 8 ? E : 8, NG = NR / E, NP = 32 / E, MP = 16 / E;
+  const int64_t K = A.K, nb = A.nb;
+  alignas(64) float acc[NG][16][16];
+  alignas(64) float y[16], sv[16], bv[16];
+  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
+  for (int64_t n = n0; n < n1; n += NR) {
+    const uint8_t* rp[NR];
+    for (int j = 0; j < NR; ++j) rp[j] = A.w + std::min(n + j, n1 - 1) * K;
+    std::memset(acc, 0, sizeof acc);  // +0 in every lane L (blocks L, L + 16, ...)
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int j = 0; j < NR; ++j) {  // the next NR rows' same bytes into L2 (past n1: harmless)
+        const char* p = reinterpret_cast<const char*>(rp[j] + b * 128 + NR * K);
+        _mm_prefetch(p, _MM_HINT_T1);
+        _mm_prefetch(p + 64, _MM_HINT_T1);
+      }
+      __m512i a[NR];
+      for (int j = 0; j < NR; ++j) a[j] = _mm512_setzero_si512();
+      const int8_t* xb = A.xt + b * NP * 64;
+      for (int p = 0; p < NP; ++p) {
+        const __m512i xv = _mm512_load_si512(xb + 64 * p);
+        for (int j = 0; j < NR; ++j)
+          a[j] = _mm512_dpbusd_epi32(a[j], _mm512_xor_si512(bcast<E>(rp[j] + b * 128 + 4 * E * p), s80), xv);
+      }
+      const __m512i so = _mm512_load_si512(A.so + b * 16);
+      const __m512 d = _mm512_load_ps(A.dT + b * 16);
+      for (int g = 0; g < NG; ++g) {
+        const __m512i T = _mm512_sub_epi32(reduce<E>(a + g * E), so);
+        float* ac = acc[g][b & 15];
+        _mm512_store_ps(ac, E_::epi_step(_mm512_load_ps(ac), T, d));
+      }
+    }
+    for (int g = 0; g < NG; ++g) {
+      for (int l = 0; l < 16; ++l) {
+        const int64_t r = std::min<int64_t>(n + g * E + l / MP, n1 - 1);
+        sv[l] = A.scale[r];
+        bv[l] = A.bias ? A.bias[r] : 0.f;
+      }
+      _mm512_store_ps(y, E_::finish_vec(E_::tree16_v(&acc[g][0][0], 16), _mm512_load_ps(sv), _mm512_load_ps(bv)));
+      for (int i = 0; i < E; ++i) {
+        const int64_t r = n + g * E + i;
+        if (r >= n1) break;
+        for (int64_t m = 0; m < A.M; ++m) A.out[m * A.N + r] = y[i * MP + m];
+      }
+    }
+  }
+}
+
+// Rows of x [M, K] (k order, K % 128 == 0, M <= 16) -> the layout run_rows reads; then the
+// weight rows in parallel chunks. dx, sx: [M][K / 128] block scales and exact block sums of xq.
+inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t N,
+                const int8_t* w, const float* scale, const float* bias, float* out) {
+  const int E = quads_per_lane(M), MP = 16 / E;
+  const int64_t nb = K / 128, np = 32 / E;
+  std::vector<int8_t> xtv(size_t(nb * np * 64 + 64));
+  std::vector<int32_t> sov(size_t(nb * 16 + 16));
+  std::vector<float> dv(size_t(nb * 16 + 16));
+  auto align = [](auto* p) { return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); };
+  int8_t* xt = align(xtv.data());
+  int32_t* so = align(sov.data());
+  float* dT = align(dv.data());
+  // One gather per zmm of x: lane l = m * E + e reads the quad e of row m's run (masked: pad rows 0).
+  alignas(64) int32_t idx[16];
+  __mmask16 valid = 0;
+  for (int l = 0; l < 16; ++l) {
+    const int64_t m = l / E, e = l % E;
+    idx[l] = int32_t(std::min<int64_t>(m, M - 1) * K + 4 * e);
+    if (m < M) valid |= __mmask16(1u << l);
+  }
+  const __m512i vi = _mm512_load_si512(idx);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t p = 0; p < np; ++p)
+      _mm512_store_si512(xt + (b * np + p) * 64,
+                         _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, vi, xq + b * 128 + 4 * E * p, 1));
+    for (int l = 0; l < 16; ++l) {
+      const int64_t m = l % MP;
+      so[b * 16 + l] = m < M ? 128 * sx[m * nb + b] : 0;
+      dT[b * 16 + l] = m < M ? dx[m * nb + b] : 0.f;
+    }
+  }
+  const Args A{M, K, N, nb, xt, so, dT, reinterpret_cast<const uint8_t*>(w), scale, bias, out};
+  codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
+    switch (E) {
+      case 1: run_rows<1>(A, n0, n1); break;
+      case 2: run_rows<2>(A, n0, n1); break;
+      case 4: run_rows<4>(A, n0, n1); break;
+      case 8: run_rows<8>(A, n0, n1); break;
+      default: run_rows<16>(A, n0, n1); break;
+    }
+  });
+}
+
+}  // namespace q8rows
+}  // namespace codeshell
+CODESHELL_END_AVX512
+#endif

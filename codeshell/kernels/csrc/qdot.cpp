@@ -17,7 +17,9 @@
 // AVX2 on AMD Zen (panel_min_m). int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
 // 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
 // (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk (per-lane
-// epilogue, main's kernels and bits).
+// epilogue, main's kernels and bits). Without AMX at M = 1-2 (session 14): int8 runs tile_r16_q8
+// (tile_v's bits, 16 weight rows a tile) where a row is at most one span of blocks, int4 groups
+// of 128 / 256 tile_q4v12 (tile_q4v's bits) up to 16 groups; tile_v / tile_q4v past those.
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).

@@ -509,10 +509,11 @@ inline void for_x_tiles8(int64_t M, F&& f) {
 // group sums in two chains, acc = fma(float(sum), scale_g * d_g, acc) per group in order,
 // reduce_add, + affine_const_v), with scale_g * d_g taken as a scalar product per group instead
 // of from the table tile_q4v writes first (the same fp32 product either way).
-// Why: each row's table is written with a masked 512-bit store and read back at once with 4-byte
-// loads, which the store cannot forward to: every row's first group waited for the store to
-// retire, i.e. for the row before to finish, and the rows ran one after another (at K = 256,
-// codeshell-mini: ~70 cycles a row for ~60 instructions; int4 decode was slower than bf16).
+// Why: tile_q4v ran ~70 cycles a row for ~60 instructions at K = 256 (codeshell-mini; its int4
+// decode was slower than bf16), the rows one after another; tile_q4v12 runs the same shapes in
+// about half the time (docs/kernels.md, session 14). The likely cause (inferred, not profiled):
+// the table is written with a masked 512-bit store and read back at once with 4-byte loads, which
+// a masked store does not forward to, so each row waited for the store to retire.
 template <int MB, bool OFFS>
 inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
                        const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {

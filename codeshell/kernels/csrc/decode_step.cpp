@@ -85,8 +85,8 @@ void to_f32(const torch::Tensor& x, torch::Tensor& out) {
 }
 
 // y [M, N] fp32 for x bf16 [M, K] contiguous: ops._compute's call for this linear's path. The
-// bf16 paths write into `out` (fp32 [M, N]) and return it; the int8/int4 kernels return their
-// own tensor. `xf` (fp32 [M, K]) holds x converted for the paths that take fp32 x.
+// bf16 and `q8` paths write into `out` (fp32 [M, N]) and return it; the unpack kernels return
+// their own tensor. `xf` (fp32 [M, K]) holds x converted for the paths that take fp32 x.
 torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out, torch::Tensor& xf) {
   switch (l.kernel) {
     case kAmxBf16: prefill_bf16_amx_out(x, l.data, l.N, l.bias, out); return out;
@@ -96,9 +96,10 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out,
   to_f32(x, xf);  // every other path takes fp32 x (ops._compute's x.to(float32))
   switch (l.kernel) {
     case kPanelF32: decode_bf16_out(xf, l.data, l.N, l.bias, codeshell::kAvx2, out); return out;
-    case kQ8:
-      if (l.kind == kInt8) return decode_int8_q8(xf, l.data, *l.scales, l.bias, l.isa);
-      return decode_int4_q8(xf, l.data, *l.scales, l.offsets, l.group, l.bias, l.isa);
+    case kQ8:  // into `out` as the bf16 paths (no output allocation a call)
+      if (l.kind == kInt8) decode_int8_q8_out(xf, l.data, *l.scales, l.bias, l.isa, out);
+      else decode_int4_q8_out(xf, l.data, *l.scales, l.offsets, l.group, l.bias, l.isa, out);
+      return out;
     case kUnpack:
       if (l.kind == kInt8) return decode_int8(xf, l.data, *l.scales, l.bias);
       return decode_int4(xf, l.data, *l.scales, l.offsets, l.group, l.bias);

@@ -93,6 +93,12 @@ void fused_gelu_tanh_out(const torch::Tensor& v, const c10::optional<torch::Tens
 void fused_rope_bf16_out(const torch::Tensor& y, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads,
                          int64_t D, torch::Tensor& out);
 void f32_to_bf16(const float* src, at::BFloat16* dst, int64_t n);
+// qdot.cpp: out contiguous fp32 with >= M * N values.
+void decode_int8_q8_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                        const c10::optional<torch::Tensor>& bias, int64_t isa, torch::Tensor& out);
+void decode_int4_q8_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                        const c10::optional<torch::Tensor>& offset, int64_t G,
+                        const c10::optional<torch::Tensor>& bias, int64_t isa, torch::Tensor& out);
 
 // decode_step.cpp: the blocks of a decode / verify step in one call (DecodeStep).
 void register_decode_step(py::module& m);

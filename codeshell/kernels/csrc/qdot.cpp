@@ -17,7 +17,10 @@
 // AVX2 on AMD Zen: panel_min_m) and q8_rows.h (rows of x in the lanes, the same epilogue) M = 3-16. int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
 // 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
 // (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk, and tile_q4r at
-// M = 5-16 with groups of 128 / 256 (per-lane epilogue, main's kernels and bits).
+// M = 5-16 with groups of 128 / 256 (per-lane epilogue, main's kernels and bits). Without AMX at
+// M = 1-2 (session 14): int8 runs tile_r16_q8 (tile_v's bits, 16 weight rows a tile) where a row
+// is at most one span of blocks, int4 groups of 128 / 256 tile_q4v12 (tile_q4v's bits) up to 16
+// groups; tile_v / tile_q4v past those.
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -38,12 +41,14 @@
 #include "q8_panel.h"
 #include "q8_rows.h"
 #include "quant_x.h"
+#include "scratch.h"
 #include "simd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -56,6 +61,14 @@ namespace {
 #define CODESHELL_PREFETCH 2048
 #endif
 constexpr int64_t kPrefetch = CODESHELL_PREFETCH;
+
+// A/B switches of the M = 1-2 kernels (read per call; 0 = the earlier kernel, same bits).
+inline bool env_on(const char* name) {
+  const char* e = std::getenv(name);
+  return !(e && *e == '0');
+}
+inline bool q4v12() { return env_on("CODESHELL_Q4V12"); }
+inline bool r16_q8() { return env_on("CODESHELL_Q8_R16"); }
 
 // Rows of x from which tile_v (int4 groups of 32 / 64 on AMX CPUs) takes register tiles of
 // several weight rows instead of one weight row per tile of up to 8 rows of x. Up to 8 rows of x
@@ -494,10 +507,61 @@ inline void for_x_tiles8(int64_t M, F&& f) {
   }
 }
 
+// tile_q4v for M = 1-2 rows of x and groups of 128 / 256: the same arithmetic (its bits: the
+// group sums in two chains, acc = fma(float(sum), scale_g * d_g, acc) per group in order,
+// reduce_add, + affine_const_v), with scale_g * d_g taken as a scalar product per group instead
+// of from the table tile_q4v writes first (the same fp32 product either way).
+// Why: tile_q4v ran ~70 cycles a row for ~60 instructions at K = 256 (codeshell-mini; its int4
+// decode was slower than bf16), the rows one after another; tile_q4v12 runs the same shapes in
+// about half the time (docs/kernels.md, session 14). The likely cause (inferred, not profiled):
+// the table is written with a masked 512-bit store and read back at once with 4-byte loads, which
+// a masked store does not forward to, so each row waited for the store to retire.
+template <int MB, bool OFFS>
+inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
+                       const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+  const int64_t ng = K / G;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i a[MB][2];
+    for (int i = 0; i < MB; ++i) a[i][0] = a[i][1] = _mm512_setzero_si512();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(q + k / 2);
+      const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xr = xq + i * K + k;
+        a[i][0] = _mm512_dpbusd_epi32(a[i][0], lo, _mm512_loadu_si512(xr));
+        a[i][1] = _mm512_dpbusd_epi32(a[i][1], hi, _mm512_loadu_si512(xr + 64));
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[i][0], a[i][1])),
+                               _mm512_set1_ps(sc[g] * dx[i * ng + g]), acc[i]);
+  }
+  for (int i = 0; i < MB; ++i)
+    out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const_v<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
+}
+
+// Groups a row up to which tile_q4v12 runs M = 1-2: at K = 4096 (32 groups of 128) tile_q4v
+// measured faster (1024x4096, warm, 2 threads: 33-35 against 39-42 us; 1 thread 55 vs 67), its
+// table's wait then shared by 32 groups; at K = 256 and 1024 tile_q4v12 (docs/kernels.md, session 14).
+constexpr int64_t kQ4v12MaxGroups = 16;
+
 template <bool OFFS>
 void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
-             const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
+             const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1,
+             bool q4v12 = true) {
   const int64_t ng = K / G, ldq = K / 2;
+  if (M <= 2 && G >= 128 && ng <= kQ4v12MaxGroups && q4v12) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* o = OFFS ? of + n * ng : nullptr;
+      if (M == 1) tile_q4v12<1, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N);
+      else tile_q4v12<2, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N);
+    }
+    return;
+  }
   alignas(64) int32_t lane_group[16];
   for (int L = 0; L < 16; ++L) lane_group[L] = int32_t((L / 4) * 32 / std::min<int64_t>(G, 128));
   const __m512i gidx = _mm512_loadu_si512(lane_group);
@@ -750,6 +814,77 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
   }
 }
 
+// ---- int8 without AMX, M = 1-2: 16 weight rows per tile, block sums reduced across rows -------
+// The bits of q8_epilogue.h (amx:q8's, q8_panel.h's, tile_v's), by another loop order: rows
+// [n, n + R) (R <= 16) of the weight are read one after another, each row's K bytes front to
+// back (the 16 rows are one contiguous range, so the tile is one sequential stream), a block's
+// (128 k) vpdpbusd lane sums of row r stored at lb[i][block][r]; then per block the 16 rows'
+// lane vectors are reduced together (q8epi::reduce_lanes<16>: lane r = row r's exact block sum
+// S_b) and the epilogue runs on 16 weight rows at once (lane = weight row, as in q8_panel.h):
+// acc[i][b % 16] = fma(float(S_b - 128 sx_b), d_b, acc[i][b % 16]) in block order, then tree16_v.
+// Why: tile_v reduces each weight row's lane vectors of 16 blocks on its own (15 two-permute
+// combines whatever the number of blocks, the missing ones zero-filled), so at K = 256 (2 blocks)
+// a row cost ~70 instructions for 4 vpdpbusd: codeshell-mini's int8 linears ran slower than its
+// bf16 ones. Here a combine serves 16 (row, block) pairs' sums: one per block and weight row at
+// every K. Blocks are taken in spans of 16 / M (lb: 16 KiB), rows within a span.
+template <int MB>
+inline void tile_r16_q8(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, const int32_t* sx,
+                        const uint8_t* w, int64_t R, float* out, int64_t ldo) {
+  namespace E = codeshell::q8epi;
+  const int64_t nb = K / 128;
+  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
+  constexpr int64_t SPAN = 16 / MB;          // blocks per span: lb is 16 KiB
+  alignas(64) int32_t lb[MB][SPAN][16][16];  // [row of x][block in span][weight row][lane]
+  alignas(64) float acc[MB][16][16];       // [row of x][L = block % 16][weight row]
+  for (int i = 0; i < MB; ++i)
+    for (int L = 0; L < 16; ++L) _mm512_store_ps(acc[i][L], _mm512_setzero_ps());
+  if (R < 16)  // rows past R: zero lane sums (reduced with the others, never stored)
+    for (int i = 0; i < MB; ++i)
+      for (int c = 0; c < SPAN; ++c)
+        for (int64_t r = R; r < 16; ++r) _mm512_store_si512(lb[i][c][r], _mm512_setzero_si512());
+  for (int64_t b0 = 0; b0 < nb; b0 += SPAN) {
+    const int64_t cnt = std::min<int64_t>(SPAN, nb - b0);
+    for (int64_t r = 0; r < R; ++r) {
+      const uint8_t* wr = w + r * K + b0 * 128;
+      const int8_t* xr = xq + b0 * 128;
+      for (int64_t c = 0; c < cnt; ++c) {
+        const uint8_t* p = wr + c * 128;
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+        const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(p), s80);
+        const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(p + 64), s80);
+        for (int i = 0; i < MB; ++i) {
+          const int8_t* xi = xr + i * K + c * 128;
+          const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xi));
+          const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(xi + 64));
+          _mm512_store_si512(lb[i][c][r], _mm512_add_epi32(s0, s1));
+        }
+      }
+    }
+    for (int64_t c = 0; c < cnt; ++c) {
+      const int64_t b = b0 + c;
+      for (int i = 0; i < MB; ++i) {
+        const __m512i T = _mm512_sub_epi32(E::reduce_lanes<16>(lb[i][c]), _mm512_set1_epi32(sx[i * nbx + b] << 7));
+        float* a = acc[i][b % 16];
+        _mm512_store_ps(a, E::epi_step(_mm512_load_ps(a), T, _mm512_set1_ps(dx[i * nbx + b])));
+      }
+    }
+  }
+  const __mmask16 km = R >= 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
+  for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(out + i * ldo, km, E::tree16_v(acc[i][0], 16));
+}
+
+// Raw tree16 results of weight rows [n0, n1) for M = 1-2 rows of x (finish_cols applies scale
+// and bias), 16 rows per tile (n0 is a multiple of 16: parallel_chunks' alignment).
+void run_r16_q8(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t nbx,
+                const uint8_t* w, float* out, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 16) {
+    const int64_t R = std::min<int64_t>(16, n1 - n);
+    if (M == 1) tile_r16_q8<1>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N);
+    else tile_r16_q8<2>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N);
+  }
+}
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
@@ -824,13 +959,40 @@ int64_t q8_block_int8(int64_t K) {
   return 0;
 }
 
-torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                             const c10::optional<torch::Tensor>& offset, int64_t G,
-                             const c10::optional<torch::Tensor>& bias, int64_t isa) {
+namespace {
+// x's rounding for one call: xq int8 [M, K], then dx, xs fp32 and sx int32 [M, nb] each, in a
+// buffer the calling thread keeps between calls (scratch.h; the team's or OpenMP's threads only
+// read it inside the call). Why: three torch::empty a call (xq, the scales, the output) cost
+// ~1-2 us each at codeshell-mini's 25 linears a token, where a K = 256 linear's kernel takes a few.
+struct RoundedX {
+  codeshell::Scratch<char> buf;
+  int8_t* xq;
+  float *dx, *xs;
+  int32_t* sx;
+  RoundedX(int64_t M, int64_t K, int64_t nb) : buf(keep(), size_t(M) * ((K + 63) / 64 * 64) + 3 * size_t(M * nb) * 4) {
+    xq = reinterpret_cast<int8_t*>(buf.data());
+    dx = reinterpret_cast<float*>(buf.data() + M * ((K + 63) / 64 * 64));
+    xs = dx + M * nb;
+    sx = reinterpret_cast<int32_t*>(xs + M * nb);
+  }
+  static codeshell::ThreadScratch& keep() {
+    static thread_local codeshell::ThreadScratch k;
+    return k;
+  }
+};
+
+// out: a contiguous fp32 tensor of at least M * N values (the `_out` entry points' buffer).
+void check_out(const torch::Tensor& out, int64_t M, int64_t N) {
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() >= M * N,
+              "out must be a contiguous fp32 tensor with at least ", M * N, " values");
+}
+
+void check_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                   const c10::optional<torch::Tensor>& offset, int64_t G, int64_t isa) {
   codeshell::check_isa(isa);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous fp32 [M, K] tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous() && q.size(1) * 2 == K,
               "int4 weight must be a contiguous uint8 [N, K/2] tensor with K=", K);
   TORCH_CHECK(K % 64 == 0 && G % 32 == 0 && G <= 256 && K % G == 0,
@@ -842,22 +1004,25 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
   if (offset.has_value())
     TORCH_CHECK(offset->scalar_type() == torch::kFloat32 && offset->is_contiguous() && offset->numel() == N * ng,
                 "int4 offsets must be a contiguous fp32 [N, K/group] tensor");
-  if (use_amx_rows(isa, K, M, G)) return prefill_q8_amx(x, q, scale, offset, G, bias);  // M <= 64: the same bits
+}
+
+// decode_int4_q8's work below the AMX rows (checked by the caller), into op [M, N].
+void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+             const c10::optional<torch::Tensor>& offset, int64_t G, const c10::optional<torch::Tensor>& bias,
+             int64_t isa, float* op) {
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), ng = K / G;
   const float* b = bias_ptr(bias, N);
-  auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto dxs = torch::empty({3, M, ng}, x.options());
-  int8_t* xqp = xq.data_ptr<int8_t>();
-  float* dx = dxs.data_ptr<float>();
-  float* xs = dx + M * ng;
-  int32_t* sx = reinterpret_cast<int32_t*>(dx + 2 * M * ng);  // the 512-bit kernels' integer block sums of xq
+  RoundedX r(M, K, ng);
+  int8_t* xqp = r.xq;
+  float *dx = r.dx, *xs = r.xs;
+  int32_t* sx = r.sx;  // the 512-bit kernels' integer block sums of xq
   const bool vnni = use_vnni(isa, K);
   const bool epi = vnni && isa >= codeshell::kAmx;
   quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs, sx);
-  auto out = torch::empty({M, N}, x.options());
-  float* op = out.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
+  const bool v12 = q4v12();
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && epi && panel_kernel(G) && M >= panel_min_m()) {  // the AMX rows' bits (q8_panel.h)
@@ -878,8 +1043,8 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
       return;
     }
     if (vnni) {
-      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
-      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
+      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, v12);
+      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, v12);
       add_bias(b, op, M, N, n0, n1);
       return;
     }
@@ -893,43 +1058,49 @@ torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, con
     }
     add_bias(b, op, M, N, n0, n1);
   });
-  return out;
 }
 
-torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                             const c10::optional<torch::Tensor>& bias, int64_t isa) {
+void check_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t isa) {
   codeshell::check_isa(isa);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous fp32 [M, K] tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.size(1) == K,
               "int8 weight must be a contiguous int8 [N, K] tensor with K=", K);
-  const int64_t B = q8_block_int8(K);
-  TORCH_CHECK(B > 0, "int8-activation int8 kernel needs K % 32 == 0, got K=", K);
+  TORCH_CHECK(q8_block_int8(K) > 0, "int8-activation int8 kernel needs K % 32 == 0, got K=", K);
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N,
               "int8 scales must be a contiguous fp32 [N] tensor");
-  if (use_amx_rows(isa, K, M, 0)) return prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);  // M <= 64: the same bits
+}
+
+// decode_int8_q8's work below the AMX rows (checked by the caller), into op [M, N].
+void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+             const c10::optional<torch::Tensor>& bias, int64_t isa, float* op) {
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), B = q8_block_int8(K), nb = K / B;
   const float* b = bias_ptr(bias, N);
-  const int64_t nb = K / B;
-  auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto dxs = torch::empty({3, M, nb}, x.options());
-  int8_t* xqp = xq.data_ptr<int8_t>();
-  float* dx = dxs.data_ptr<float>();
-  int32_t* sx = reinterpret_cast<int32_t*>(dx + 2 * M * nb);
-  quantize_rows(x.data_ptr<float>(), M, K, B, /*perm=*/0, isa, xqp, dx, dx + M * nb, sx);
-  auto out = torch::empty({M, N}, x.options());
-  float* op = out.data_ptr<float>();
+  RoundedX r(M, K, nb);
+  int8_t* xqp = r.xq;
+  float* dx = r.dx;
+  int32_t* sx = r.sx;
+  quantize_rows(x.data_ptr<float>(), M, K, B, /*perm=*/0, isa, xqp, dx, r.xs, sx);
   const int8_t* wp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const bool vnni = use_vnni(isa, K);  // then B == 128
 #if CODESHELL_HAVE_AVX512
   if (vnni && isa < codeshell::kAmx && M >= panel_min_m() && M <= rows_max_m()) {  // q8_rows.h: amx:q8's bits
     codeshell::q8rows::run(xqp, dx, sx, M, K, N, wp, sp, b, op);
-    return out;
+    return;
   }
 #endif
+  // tile_r16_q8 where a row's blocks are one span (K <= 2048 at M = 1, 1024 at M = 2): at K = 4096
+  // its two spans measured slower than tile_v (1024x4096, warm: 45 against 38-40 us at 2 threads)
+  const bool r16 = M <= 2 && nb <= 16 / M && r16_q8();
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
+    if (vnni && isa < codeshell::kAmx && M < panel_min_m() && r16) {  // no AMX, M = 1-2: the panel's bits
+      run_r16_q8(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1);
+      codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
+      return;
+    }
     if (vnni && isa < codeshell::kAmx && M < panel_min_m()) {  // no AMX, M = 1-2: tile_v, the panel's bits
       run_v<false, false, 1>(xqp, dx, sx, nullptr, M, K, nb, reinterpret_cast<const uint8_t*>(wp), nullptr, nullptr,
                              0, op, N, n0, n1);
@@ -951,5 +1122,53 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = n0; j < n1; ++j) op[m * N + j] = op[m * N + j] * sp[j] + (b ? b[j] : 0.f);
   });
+}
+}  // namespace
+
+torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& offset, int64_t G,
+                             const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  check_int4_q8(x, q, scale, offset, G, isa);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  if (use_amx_rows(isa, K, M, G)) return prefill_q8_amx(x, q, scale, offset, G, bias);  // M <= 64: the same bits
+  auto out = torch::empty({M, N}, x.options());
+  int4_q8(x, q, scale, offset, G, bias, isa, out.data_ptr<float>());
   return out;
+}
+
+void decode_int4_q8_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                        const c10::optional<torch::Tensor>& offset, int64_t G,
+                        const c10::optional<torch::Tensor>& bias, int64_t isa, torch::Tensor& out) {
+  check_int4_q8(x, q, scale, offset, G, isa);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  check_out(out, M, N);
+  if (use_amx_rows(isa, K, M, G)) {
+    const auto y = prefill_q8_amx(x, q, scale, offset, G, bias);
+    std::memcpy(out.data_ptr<float>(), y.data_ptr<float>(), size_t(M * N) * sizeof(float));
+    return;
+  }
+  int4_q8(x, q, scale, offset, G, bias, isa, out.data_ptr<float>());
+}
+
+torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  check_int8_q8(x, q, scale, isa);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  if (use_amx_rows(isa, K, M, 0)) return prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);  // M <= 64: the same bits
+  auto out = torch::empty({M, N}, x.options());
+  int8_q8(x, q, scale, bias, isa, out.data_ptr<float>());
+  return out;
+}
+
+void decode_int8_q8_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                        const c10::optional<torch::Tensor>& bias, int64_t isa, torch::Tensor& out) {
+  check_int8_q8(x, q, scale, isa);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  check_out(out, M, N);
+  if (use_amx_rows(isa, K, M, 0)) {
+    const auto y = prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);
+    std::memcpy(out.data_ptr<float>(), y.data_ptr<float>(), size_t(M * N) * sizeof(float));
+    return;
+  }
+  int8_q8(x, q, scale, bias, isa, out.data_ptr<float>());
 }

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from ..config import CodeShellConfig
-from ..kernels import hugepages
 
 
 class KVCache:
@@ -33,11 +32,12 @@ class KVCache:
         slots, max_len = max(slots, self.slots), max(max_len, self.max_len)
         c = self.cfg
         shape = (c.n_layer, slots, c.num_query_groups, max_len, c.head_dim)
-        if self.device.type == "cpu":  # read every step by attention: on huge pages where offered
-            k, v = hugepages.zeros(shape, self.dtype), hugepages.zeros(shape, self.dtype)
-        else:
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # torch.zeros, not kernels/hugepages.py: a mapping is faulted in by the first requests
+        # that write it, and in a VM a fresh huge page costs the host's backing then (~1.4 s a
+        # GiB): the 1.7B server's first request waited 1.2 s for its first token (0.5 s with
+        # zeros, which touch every page at load). Attention reads a slot's used prefix only.
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.slots:
             k[:, :self.slots, :, :self.max_len] = self.k
             v[:, :self.slots, :, :self.max_len] = self.v

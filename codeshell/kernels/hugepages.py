@@ -3,8 +3,9 @@
 What this is: `empty` / `zeros` / `resident`, which put a tensor of at least `MIN_BYTES` in an
 anonymous mapping advised MADV_HUGEPAGE before its first touch, so its pages fault in as 2 MiB
 pages. Used for what a decode step streams every token: the packed weights (bf16 panels,
-int8 rows, int4 nibbles), the KV cache, and the read-bandwidth probe that the decode figures
-are put against (`codeshell.bench.read_bandwidth_gbs`).
+int8 rows, int4 nibbles, written once at load), and the read-bandwidth probe that the decode
+figures are put against (`codeshell.bench.read_bandwidth_gbs`). Not the KV cache (see
+engine/kv_cache.py: faulted in by the first requests, it would make them pay the pages' cost).
 
 Why: a batch-1 decode step reads every weight byte once, a few MiB per linear, from memory.
 With 4 KiB pages that is a TLB miss (a page walk) every 4 KiB of every stream. Measured on a

@@ -597,7 +597,7 @@ constexpr int kDotNP = 4, kDotMR = 6;
 // schedule ran 0.78 vs 0.70 TFLOP/s, with the same sums 0.69, the same weight chunk 0.72. Each
 // item re-reads all of x (M x K x 2 B: 4 MiB at K = 4096, 16 MiB at K = 16384, from L3 or DRAM)
 // once per chunk pass, and the hardware prefetcher does not run far enough ahead of it. Hence
-// two software prefetches (`dot_block_pf`, `prefill_dot`): the next row tile's x into L1 during
+// two software prefetches (`dot_block<.., true>`, `prefill_dot`): the next row tile's x into L1 during
 // this tile (one prefetch per 64-byte line, 3 per 8 k-pairs), and the next weight chunk (the
 // next 4 panels' chunk, or the item's first panels at the next K chunk) into L2, spread over the
 // row tiles (the old schedule's weight prefetch alone measured no gain: the x stream hid it).
@@ -610,37 +610,21 @@ constexpr int64_t kDotKC = 128, kDotItem = 8;
 
 // c[MR rows][NP * 16] (row stride ldc, 64-byte aligned) (+)= x tile . NP panels over nj k-pairs.
 // xp: the tile's k-pairs in order, MR dwords (bf16 pairs) each; w: panel q at w + q * pstride.
-template <int NP, int MR>
+// With PF, the next row tile's x is prefetched into L1 on the way (pfd k-pairs ahead: the next
+// tile of the chunk starts right after this one's nj x MR dwords): one prefetch per 64-byte line
+// of x per 8 k-pairs (8 x MR x 4 B = 3 lines at MR = 6). nj is a multiple of 8 (Kh of 16).
+// The same sums in the same order either way: prefetches do not change a bit.
+template <int NP, int MR, bool PF = false>
 inline void dot_block(const uint32_t* xp, const uint32_t* w, int64_t pstride, int64_t nj, float* c, int64_t ldc,
-                      bool first) {
-  __m512 acc[NP][MR];
-  for (int q = 0; q < NP; ++q)
-    for (int i = 0; i < MR; ++i) acc[q][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + i * ldc + q * 16);
-  for (int64_t j = 0; j < nj; ++j) {
-    __m512bh wv[NP];
-    for (int q = 0; q < NP; ++q) wv[q] = (__m512bh)_mm512_loadu_si512(w + q * pstride + j * kPanel);
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(xp[j * MR + i]));
-      for (int q = 0; q < NP; ++q) acc[q][i] = _mm512_dpbf16_ps(acc[q][i], xb, wv[q]);
-    }
-  }
-  for (int q = 0; q < NP; ++q)
-    for (int i = 0; i < MR; ++i) _mm512_store_ps(c + i * ldc + q * 16, acc[q][i]);
-}
-
-// dot_block with the next row tile's x prefetched into L1 (pfd k-pairs ahead: the next tile of
-// the chunk starts right after this one's nj x MR dwords): k-pairs in groups of 8, one prefetch
-// per 64-byte line of x (8 x MR x 4 B = 3 lines at MR = 6). nj is a multiple of 8 (Kh of 16).
-// The same sums in the same order as dot_block: prefetches do not change a bit.
-template <int NP, int MR>
-inline void dot_block_pf(const uint32_t* xp, const uint32_t* w, int64_t pstride, int64_t nj, float* c, int64_t ldc,
-                         bool first, int64_t pfd) {
+                      bool first, int64_t pfd = 0) {
   __m512 acc[NP][MR];
   for (int q = 0; q < NP; ++q)
     for (int i = 0; i < MR; ++i) acc[q][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + i * ldc + q * 16);
   for (int64_t j8 = 0; j8 < nj; j8 += 8) {
-    const char* pf = reinterpret_cast<const char*>(xp + (j8 + pfd) * MR);
-    for (int l = 0; l < 8 * MR * 4; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+    if constexpr (PF) {
+      const char* pf = reinterpret_cast<const char*>(xp + (j8 + pfd) * MR);
+      for (int l = 0; l < 8 * MR * 4; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+    }
 #pragma GCC unroll 8
     for (int64_t j = j8; j < j8 + 8; ++j) {
       __m512bh wv[NP];
@@ -720,7 +704,7 @@ void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int
             const uint32_t* xt = xb + t * nj * MR;
             float* ct = cp + t * MR * ldc;
             switch (np) {
-              case 4: dot_block_pf<4, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0, nj); break;
+              case 4: dot_block<4, MR, true>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0, nj); break;
               case 3: dot_block<3, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
               case 2: dot_block<2, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
               default: dot_block<1, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;

@@ -374,6 +374,26 @@ inline void scale_products(const float* sc, const float* dx, int64_t ng, float* 
 // x permuted in runs of 128 (quantize_x perm = 128). G >= 128: int32 sums of a whole group
 // stay in registers and are scaled once; G = 32 / 64: each 128-run holds 4 / 2 groups, lane L of
 // the int32 sums belongs to run L / 4, scaled per run by a lane vector (gidx maps lane -> group).
+// The integer dots of group g (G >= 128 k) of one int4 weight row (q: its packed bytes) with MB
+// rows of x, 128 k a step: a[i][0] += lo nibbles . x, a[i][CH - 1] += hi nibbles . x (at CH = 1
+// one chain takes both, lo first). tile_q4v's and tile_q4v12's shared inner loop.
+template <int MB, int CH>
+inline void group_dots(const int8_t* xq, int64_t K, const uint8_t* q, int64_t g, int64_t G, __m512i m0f,
+                       __m512i (&a)[MB][CH]) {
+  for (int i = 0; i < MB; ++i)
+    for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
+  for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(q + k / 2);
+    const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+    for (int i = 0; i < MB; ++i) {
+      const int8_t* xr = xq + i * K + k;
+      a[i][0] = _mm512_dpbusd_epi32(a[i][0], lo, _mm512_loadu_si512(xr));
+      a[i][CH - 1] = _mm512_dpbusd_epi32(a[i][CH - 1], hi, _mm512_loadu_si512(xr + 64));
+    }
+  }
+}
+
 template <int MB, bool OFFS>
 inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
                      const float* sc, const float* of, int64_t G, __m512i gidx, float* out, int64_t ldo) {
@@ -392,18 +412,7 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
     constexpr int CH = MB <= 2 ? 2 : 1;
     for (int64_t g = 0; g < ng; ++g) {
       __m512i a[MB][CH];
-      for (int i = 0; i < MB; ++i)
-        for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
-      for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
-        _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(q + k / 2);
-        const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-        for (int i = 0; i < MB; ++i) {
-          const int8_t* xr = xq + i * K + k;
-          a[i][0] = _mm512_dpbusd_epi32(a[i][0], lo, _mm512_loadu_si512(xr));
-          a[i][CH - 1] = _mm512_dpbusd_epi32(a[i][CH - 1], hi, _mm512_loadu_si512(xr + 64));
-        }
-      }
+      group_dots<MB, CH>(xq, K, q, g, G, m0f, a);
       for (int i = 0; i < MB; ++i) {
         __m512i s32 = a[i][0];
         if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
@@ -525,17 +534,7 @@ inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     __m512i a[MB][2];
-    for (int i = 0; i < MB; ++i) a[i][0] = a[i][1] = _mm512_setzero_si512();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
-      const __m512i v = _mm512_loadu_si512(q + k / 2);
-      const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-      for (int i = 0; i < MB; ++i) {
-        const int8_t* xr = xq + i * K + k;
-        a[i][0] = _mm512_dpbusd_epi32(a[i][0], lo, _mm512_loadu_si512(xr));
-        a[i][1] = _mm512_dpbusd_epi32(a[i][1], hi, _mm512_loadu_si512(xr + 64));
-      }
-    }
+    group_dots<MB, 2>(xq, K, q, g, G, m0f, a);
     for (int i = 0; i < MB; ++i)
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[i][0], a[i][1])),
                                _mm512_set1_ps(sc[g] * dx[i * ng + g]), acc[i]);

@@ -1,6 +1,6 @@
 """Large CPU tensors on transparent huge pages (2 MiB) where Linux offers them.
 
-What this is: `empty` / `zeros` / `resident`, which put a tensor of at least `MIN_BYTES` in an
+What this is: `empty` / `resident`, which put a tensor of at least `MIN_BYTES` in an
 anonymous mapping advised MADV_HUGEPAGE before its first touch, so its pages fault in as 2 MiB
 pages. Used for what a decode step streams every token: the packed weights (bf16 panels,
 int8 rows, int4 nibbles, written once at load), and the read-bandwidth probe that the decode
@@ -61,13 +61,6 @@ def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tenso
     shape = tuple(int(s) for s in shape)
     t = _map(shape, dtype)
     return torch.empty(shape, dtype=dtype) if t is None else t
-
-
-def zeros(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
-    """Zeros, placed as `empty` places them (a fresh mapping reads zero already: no fill)."""
-    shape = tuple(int(s) for s in shape)
-    t = _map(shape, dtype)
-    return torch.zeros(shape, dtype=dtype) if t is None else t
 
 
 def resident(t: torch.Tensor) -> torch.Tensor:

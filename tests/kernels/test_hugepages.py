@@ -38,9 +38,6 @@ def test_big_tensors_are_mapped_small_ones_are_not():
     assert _mapped(big) and big.data_ptr() % 64 == 0
     small = hugepages.empty((16, 16), torch.float32)
     assert not _mapped(small)
-    z = hugepages.zeros((3, 1 << 20), torch.float32)
-    assert _mapped(z) and not z.any()
-    assert not hugepages.zeros((4, 4), torch.int8).any()
 
 
 def test_resident_copies_exactly_and_outlives_its_views():

@@ -228,6 +228,12 @@ class CodeShellMLP(nn.Module):
         call for cast + GELU."""
         if not gelu_tanh:
             return _linear_rows(self.c_proj, self.act(self.c_fc(x)))
+        # A bf16 prefill GEMM applies the GELU in its epilogue (the same bits, see
+        # `PackedLinear.forward_gelu`): c_fc's fp32 output is never written out.
+        gelu = getattr(self.c_fc, "forward_gelu", None)
+        h = gelu(x) if gelu is not None else None
+        if h is not None:
+            return _linear_rows(self.c_proj, h)
         y = _linear_rows(self.c_fc, x)
         if y.dtype != x.dtype and y.dtype != torch.float32:
             y = y.to(x.dtype)

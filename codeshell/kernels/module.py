@@ -54,11 +54,28 @@ class FastLinear:
         x2 = x.reshape(-1, k)
         if x.dtype != torch.bfloat16:  # as linear: other dtypes enter the kernels as fp32
             x2 = x2.to(torch.float32).contiguous()
-        key = (x2.shape[0], x.dtype, os.environ.get("CODESHELL_KERNEL_ISA"))
+        return ops._compute(self._path(x2.shape[0], x.dtype), mod, x2, p, self.bias)
+
+    def _path(self, m: int, dtype: torch.dtype) -> str:
+        key = (m, dtype, os.environ.get("CODESHELL_KERNEL_ISA"))
         path = self._paths.get(key)
         if path is None:
-            path = self._paths[key] = ops.plan(p, x2.shape[0], x.dtype)
-        return ops._compute(path, mod, x2, p, self.bias)
+            path = self._paths[key] = ops.plan(self.packed, m, dtype)
+        return path
+
+    def raw_gelu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """bf16 gelu_tanh of y rounded to bf16, [M, N], for bf16 x [..., K] whose path is the
+        vdpbf16ps GEMM (`avx512_bf16:gemm`: its epilogue applies the GELU while the sums are in
+        cache, the same bits as `raw` then `fused_gelu_tanh(y, None, True)`); None elsewhere."""
+        p = self.packed
+        if x.dtype != torch.bfloat16 or x.shape[-1] != p.in_features or x.device.type != "cpu":
+            return None
+        mod = _ext.get()
+        x2 = x.reshape(-1, p.in_features)
+        if mod is None or self._path(x2.shape[0], x.dtype) != "avx512_bf16:gemm":
+            return None
+        ops.PATHS_RUN[(p.kind, "avx512_bf16:gemm+gelu")] += 1
+        return mod.prefill_bf16_dot(x2.contiguous(), p.data, p.out_features, self.bias, True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """y [..., N] in x's dtype: what `ops.linear(x, packed, bias)` returns."""
@@ -111,6 +128,11 @@ class PackedLinear(nn.Module):
         inference path feeds it to the fused GELU, which rounds as that cast would."""
         y = self.fast.raw(x)
         return self.forward(x).reshape(-1, self.out_features) if y is None else y
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """bf16 gelu_tanh(y) [M, N] from the GEMM's epilogue where the path has one, else None
+        (`FastLinear.raw_gelu`; the model then runs `forward_raw` and the fused GELU)."""
+        return self.fast.raw_gelu(x)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"

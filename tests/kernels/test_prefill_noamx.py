@@ -150,3 +150,37 @@ def test_dot_peak_is_measured_and_in_the_bench_peak():
     assert mod.bf16_dot_peak(10) == 10 * 128 * 4 * 6 * 64 * torch.get_num_threads()
     tf = bench.dot_tflops(repeats=1, reps=2000)
     assert tf is not None and tf > 0
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k", [(37, 100), (300, 1030), (1040, 256)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_gemm_gelu_epilogue_is_the_unfused_bits(n, k, with_bias):
+    # prefill_bf16_dot(gelu=True): the GELU applied in the epilogue (c_fc of a bf16 prefill) gives
+    # exactly the bits of the fp32 result followed by fused_gelu_tanh(y, None, out_bf16=True),
+    # including N not a multiple of 16 (masked tail) and rows past a tile of 6
+    mod = _ext.get()
+    pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 4 if with_bias else None
+    for m in (65, 71, 513):
+        x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3).to(torch.bfloat16)
+        y = mod.prefill_bf16_dot(x, pw.data, n, bias)
+        g = mod.prefill_bf16_dot(x, pw.data, n, bias, True)
+        assert g.dtype == torch.bfloat16 and g.shape == (m, n) and g.is_contiguous()
+        assert torch.equal(g.view(torch.int16), mod.fused_gelu_tanh(y, None, True).view(torch.int16)), (n, k, m)
+
+
+@needs_bf16
+def test_packed_linear_gelu_only_on_the_gemm_path():
+    # forward_gelu: the GEMM with its epilogue at prefill M (bf16 x), None where the path has no
+    # epilogue (decode M, fp32 x), so the model falls back to forward_raw + fused GELU there
+    from codeshell.kernels.module import PackedLinear
+    lin = PackedLinear(prepack(torch.randn(96, 128)), torch.randn(96))
+    x = torch.randn(100, 128).to(torch.bfloat16)
+    if lin.fast._path(100, torch.bfloat16) == "avx512_bf16:gemm":
+        g = lin.forward_gelu(x)
+        assert torch.equal(g, _ext.get().fused_gelu_tanh(lin.forward_raw(x), None, True))
+    else:
+        assert lin.forward_gelu(x) is None
+    assert lin.forward_gelu(x[:8]) is None
+    assert lin.forward_gelu(x.float()) is None

@@ -208,24 +208,12 @@ inline __m512 load16(const bf16* p, __mmask16 k) {
   const __m256i h = _mm256_maskz_loadu_epi16(k, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-inline __m512i bf16_bits(__m512 v) {  // store8's rounding: nearest even, NaN -> 0x7fc0
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-}
 inline void store16(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
-inline void store16(bf16* p, __m512 v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(bf16_bits(v))); }
-inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
-
-
-inline __m512 gelu16(__m512 v) {  // gelu8's steps
-  const __m512 k0 = _mm512_set1_ps(-2.0f * 0.7978845608028654f), k1 = _mm512_set1_ps(0.044715f);
-  __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-  __m512 a = _mm512_mul_ps(k0, _mm512_add_ps(v, _mm512_mul_ps(k1, v3)));
-  __m512 g = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), codeshell::exp16(a)));
-  return _mm512_mask_mov_ps(g, _mm512_cmp_ps_mask(a, _mm512_set1_ps(88.f), _CMP_GT_OQ), _mm512_mul_ps(v, _mm512_setzero_ps()));
+inline void store16(bf16* p, __m512 v, __mmask16 k) {
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(codeshell::bf16_bits(v)));
 }
+using codeshell::gelu16;      // simd512.h: shared with the prefill GEMM's GELU epilogue (panel_bf16.cpp)
+using codeshell::round_bf16;  // the 16-lane overload beside the 8-lane one above
 
 template <class TI, class TO>
 void gelu_row16(const TI* x, const float* bias, TO* o, int64_t N, bool round_in) {

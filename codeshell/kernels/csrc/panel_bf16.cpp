@@ -44,6 +44,7 @@
 #include "isa.h"
 #include "parallel.h"
 #include "scratch.h"
+#include "simd512.h"
 
 namespace {
 
@@ -639,12 +640,34 @@ inline void dot_block(const uint32_t* xp, const uint32_t* w, int64_t pstride, in
     for (int i = 0; i < MR; ++i) _mm512_store_ps(c + i * ldc + q * 16, acc[q][i]);
 }
 
+// prefill_dot's GELU epilogue (`out_gelu`): c [M][ldc] (columns [0, cols)) + bias[n0 + j] ->
+// gelu_tanh of the sum rounded to bf16 -> out_gelu[:, n0 : n0 + cols) (bf16 [M, N]). Exactly what
+// store_rows and then fused_gelu_tanh(out, None, out_bf16=True) compute (the same fp32 bias add,
+// the rounding to bf16 that the model's cast does, the shared gelu16: the same bits), while the
+// item's sums are still in L2: the c_fc output of a 7B prefill (512 x 16384) is otherwise written
+// as 32 MiB of fp32 and read back by the GELU, 3-5 ms a layer on this 2-core Zen 5.
+inline void store_rows_gelu(const float* c, int64_t ldc, int64_t M, uint16_t* out, int64_t N, int64_t n0,
+                            int64_t cols, const float* bias) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* cm = c + m * ldc;
+    uint16_t* o = out + m * N + n0;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 k = cols - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (cols - j)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(k, cm + j);
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + n0 + j));
+      const __m512 g = codeshell::gelu16(codeshell::round_bf16(v));
+      _mm256_mask_storeu_epi16(o + j, k, _mm512_cvtepi32_epi16(codeshell::bf16_bits(g)));
+    }
+  }
+}
+
 // bf16 x [M, K] @ panels^T (+ bias) -> out fp32 [M, N] by vdpbf16ps, any M (meant for M > 64;
 // M <= 64 keeps decode_bf16, whose per-row order ops.ROW_INVARIANT_MAX_M relies on).
 // x is packed once per call into the micro-kernel's order: [K chunk][row tile][k-pair][MR]
 // (zero rows past M, zero k past K), so one pass's x (all tiles) is contiguous.
+// With out_gelu (bf16 [M, N]) the result goes there through the GELU (store_rows_gelu), not to out.
 void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_t N, const float* bias,
-                 float* out) {
+                 float* out, uint16_t* out_gelu = nullptr) {
   constexpr int NP = kDotNP, MR = kDotMR;
   const int64_t Kh = padded_k(K) / 2, P = (N + kPanel - 1) / kPanel, T = (M + MR - 1) / MR;
   static thread_local codeshell::ThreadScratch x_keep;
@@ -714,7 +737,8 @@ void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int
         }
       }
       const int64_t n0 = pa * kPanel;
-      store_rows(c, ldc, M, out, N, n0, std::min(N, pb * kPanel) - n0, bias);
+      if (out_gelu) store_rows_gelu(c, ldc, M, out_gelu, N, n0, std::min(N, pb * kPanel) - n0, bias);
+      else store_rows(c, ldc, M, out, N, n0, std::min(N, pb * kPanel) - n0, bias);
     }
   });
 }
@@ -755,20 +779,26 @@ int64_t bf16_dot_peak(int64_t reps) {
   return flops.load();
 }
 
-// vdpbf16ps: bf16 x [M, K] @ panels^T + bias -> fp32 [M, N], any M (ops.py: `avx512_bf16:gemm`).
+// vdpbf16ps: bf16 x [M, K] @ panels^T + bias -> fp32 [M, N], any M (ops.py: `avx512_bf16:gemm`);
+// gelu: bf16 gelu_tanh of that, rounded to bf16 first (the model's c_fc + fused_gelu_tanh in one).
 torch::Tensor prefill_bf16_dot(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                               const c10::optional<torch::Tensor>& bias) {
+                               const c10::optional<torch::Tensor>& bias, bool gelu) {
   codeshell::check_isa(codeshell::kAvx512Bf16);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
               "x must be a contiguous bf16 [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1);
   check_panels(w, N, K);
   const float* b = bias_ptr(bias, N);
-  auto out = codeshell::cached_output(M, N, x.options());  // large results reuse freed blocks (scratch.h)
+  // large results reuse freed blocks (scratch.h); the bf16 GELU output is half the fp32 size
+  auto out = gelu ? codeshell::cached_output(1, (M * N + 1) / 2, x.options()).view(torch::kBFloat16)
+                        .narrow(1, 0, M * N).view({M, N})
+                  : codeshell::cached_output(M, N, x.options());
 #if CODESHELL_HAVE_AVX512
   if (M > 0)
     prefill_dot(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
-                reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>()), N, b, out.data_ptr<float>());
+                reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>()), N, b,
+                gelu ? nullptr : out.data_ptr<float>(),
+                gelu ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr);
 #endif
   return out;
 }

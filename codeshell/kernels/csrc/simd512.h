@@ -2,6 +2,8 @@
 //
 // What this is: `exp16`, exp8's operations (simd.h) on 16 lanes, the same bits per lane (the
 // fused GELU and attention's softmax rely on that to give the same results on either width),
+// `gelu16` and the bf16 rounding (`bf16_bits`, `round_bf16`) shared by fused.cpp and the prefill
+// GEMM's GELU epilogue,
 // and `transpose16`, an in-register transpose of a 16 x 16 matrix of 32-bit elements (the
 // int8/int4 kernels: qgemm_amx.cpp's x tiles, q8_panel.h's weight panels).
 // What this is not: a dispatcher; only code inside a CODESHELL_BEGIN_AVX512 section calls these.
@@ -34,6 +36,27 @@ inline __m512 exp16(__m512 x) {
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mov_ps(__mmask16(~under), _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+}
+
+// fp32 -> bf16 bits in the low half of each lane: round to nearest even, NaN -> 0x7fc0 (torch's
+// conversion; fused.cpp's 8-lane store8 rounds the same way).
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+}
+inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
+
+// gelu_tanh(v) = v / (1 + e^{-2u}), u = sqrt(2/pi) (v + 0.044715 v^3): fused.cpp's gelu8 lane for
+// lane (the same operations, order and rounding; its header gives the numerics). One copy for
+// fused_gelu_tanh and the prefill GEMM's GELU epilogue (panel_bf16.cpp), so both give the same bits.
+inline __m512 gelu16(__m512 v) {
+  const __m512 k0 = _mm512_set1_ps(-2.0f * 0.7978845608028654f), k1 = _mm512_set1_ps(0.044715f);
+  __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+  __m512 a = _mm512_mul_ps(k0, _mm512_add_ps(v, _mm512_mul_ps(k1, v3)));
+  __m512 g = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(a)));
+  return _mm512_mask_mov_ps(g, _mm512_cmp_ps_mask(a, _mm512_set1_ps(88.f), _CMP_GT_OQ), _mm512_mul_ps(v, _mm512_setzero_ps()));
 }
 
 // In-register transpose of a 16 x 16 matrix of 32-bit elements (r[i] = row i in, r[q] = column

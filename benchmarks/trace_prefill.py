@@ -1,0 +1,188 @@
+"""Where one prompt's prefill time goes, part by part, as a % of the machine's bf16 matmul peak.
+
+Builds a model of a named shape with fewer layers (random bf16 weights: a 7B-width model with
+2-4 layers fits in a few GiB where the whole 7B does not), wraps it in `codeshell.LLM` and
+runs one `--prompt-len`-token prompt (batch 1, greedy, 1 new token) through `LLM.generate`,
+as `benchmarks/bench_quant.py` times a prompt. Each timed round is one of two kinds,
+alternating:
+
+* plain: the prompt untouched; its TFLOP/s (`codeshell.bench.prompt_flops` of this shape and
+  layer count) over the peak (`codeshell.bench.bf16_matmul_peak`, measured in this process) is
+  the figure issue 14 sets at >= 80%;
+* traced: the same prompt with `time.perf_counter` around every part the model's inference
+  path calls (each linear by name, `fused_add_layer_norm`, the RoPE cast, the KV-cache write,
+  the prefill attention kernel, GELU, the residual copies, the embedding, the RoPE tables, the
+  output head); "rest" is the prompt's time less the parts (engine, Python between calls).
+
+Every part runs on torch's thread count and returns when done, so wall time per call adds up.
+
+    flock /tmp/bench.lock nice -n -10 python benchmarks/trace_prefill.py --shape 7b --layers 2
+    python benchmarks/trace_prefill.py --shape small --layers 8 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+PARTS = collections.defaultdict(float)  # part name -> seconds in the current traced round
+
+
+@contextlib.contextmanager
+def _timed(name: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        PARTS[name] += time.perf_counter() - t
+
+
+def _wrap(fn, name):
+    def timed(*a, **kw):
+        with _timed(name):
+            return fn(*a, **kw)
+    return timed
+
+
+class _FusedProxy:
+    """The native module as `model._fused_ops` returns it, each fused op timed under its name."""
+
+    def __init__(self, mod):
+        self._mod = mod
+
+    def __getattr__(self, name):
+        return _wrap(getattr(self._mod, name), name)
+
+
+def install_tracing(llm) -> list:
+    """Patch the inference path's callees with timers (module attributes looked up per call);
+    returns what `remove_tracing` needs to put the originals back."""
+    from codeshell import model as M
+    from codeshell.engine import engine as E
+    from codeshell.engine import kv_cache as KV
+    from codeshell.kernels import prefill_attention as PA
+    names = {id(mod): name.split(".", 3)[-1] for name, mod in llm.model.named_modules()
+             if name.endswith(("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"))}
+    lin, fused = M._linear_rows, M._fused_ops
+    wte = llm.model.transformer.wte
+    from codeshell.kernels import module as KM
+    gelu = KM.PackedLinear.forward_gelu
+    saved = [(KM.PackedLinear, "forward_gelu", gelu), (M, "_linear_rows", lin), (M, "_fused_ops", fused), (M, "_residual", M._residual),
+             (KV.CacheView, "_store", KV.CacheView._store), (PA, "prefill_attention", PA.prefill_attention),
+             (E.Engine, "_logits", E.Engine._logits), (M.CodeShellModel, "_rope_rows", M.CodeShellModel._rope_rows),
+             (wte, "forward", None)]
+    M._linear_rows = lambda linear, x: _wrap(lin, names.get(id(linear), "linear (other)"))(linear, x)
+    KM.PackedLinear.forward_gelu = lambda lin, x: _wrap(gelu, names.get(id(lin), "?") + " + GELU")(lin, x)
+    M._fused_ops = lambda: (lambda f: None if f is None else _FusedProxy(f))(fused())
+    M._residual = _wrap(M._residual, "residual copy")
+    KV.CacheView._store = _wrap(KV.CacheView._store, "KV-cache write")
+    PA.prefill_attention = _wrap(PA.prefill_attention, "attention kernel")
+    E.Engine._logits = _wrap(E.Engine._logits, "output head")
+    M.CodeShellModel._rope_rows = _wrap(M.CodeShellModel._rope_rows, "RoPE tables")
+    wte.forward = _wrap(wte.forward, "embedding")
+    return saved
+
+
+def remove_tracing(saved: list) -> None:
+    for owner, attr, orig in saved:
+        if orig is None:
+            del owner.__dict__[attr]  # an instance attribute over the class's method
+        else:
+            setattr(owner, attr, orig)
+
+
+def build(shape: str, layers: int, threads: int, prompt_len: int):
+    from codeshell import LLM
+    from codeshell.bench import random_model
+    from codeshell.config import SHAPES
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_quant import shape_config
+    cfg = (SHAPES.get(shape) or shape_config(shape)).replace(n_layer=layers)
+    m = random_model(cfg, torch.bfloat16)
+    llm = LLM.from_model(m, cfg, max_batch=1, threads=threads, max_model_len=prompt_len + 8)
+    return llm, cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="7b", help="a codeshell.config.SHAPES name, or small / mid")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="plain + traced pairs")
+    ap.add_argument("--ab-gelu", action="store_true",
+                    help="also time each round with c_fc's GELU epilogue off (the path before it), alternating")
+    args = ap.parse_args()
+    from codeshell import SamplingParams
+    from codeshell.bench import bf16_matmul_peak, prompt_flops
+    llm, cfg = build(args.shape, args.layers, args.threads, args.prompt_len)
+    g = torch.Generator().manual_seed(1)
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def prompt():
+        ids = torch.randint(0, min(cfg.vocab_size, 60000), (args.prompt_len,), generator=g).tolist()
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": ids}], sp)
+        return time.perf_counter() - t
+
+    prompt(), prompt()  # warm-up: first touch of the cache and scratch
+    peak = bf16_matmul_peak()["peak"]
+    flops = prompt_flops(cfg, args.prompt_len)
+    plain, traced, parts, before = [], [], collections.defaultdict(list), []
+    for _ in range(args.rounds):
+        plain.append(prompt())
+        if args.ab_gelu:  # the same prompt with c_fc's GELU epilogue off (forward_raw + fused_gelu_tanh)
+            from codeshell.kernels.module import PackedLinear
+            on = PackedLinear.forward_gelu
+            PackedLinear.forward_gelu = lambda lin, x: None
+            before.append(prompt())
+            PackedLinear.forward_gelu = on
+        saved = install_tracing(llm)
+        PARTS.clear()
+        traced.append(prompt())
+        remove_tracing(saved)
+        for k, v in PARTS.items():
+            parts[k].append(v)
+    if before:
+        print("GELU epilogue off, alternating: " + ", ".join(f"{100 * flops / t / 1e12 / peak:.1f}%" for t in before))
+        print("GELU epilogue on,  alternating: " + ", ".join(f"{100 * flops / t / 1e12 / peak:.1f}%" for t in plain))
+    report(cfg, args, peak, flops, plain, traced, parts)
+
+
+def report(cfg, args, peak, flops, plain, traced, parts) -> None:
+    lf = {"attn.c_attn": cfg.qkv_dim, "attn.c_proj": cfg.n_embd, "mlp.c_fc": cfg.ffn_dim, "mlp.c_proj": cfg.n_embd}
+    kin = {"attn.c_attn": cfg.n_embd, "attn.c_proj": cfg.n_embd, "mlp.c_fc": cfg.n_embd, "mlp.c_proj": cfg.ffn_dim}
+    lf["mlp.c_fc + GELU"], kin["mlp.c_fc + GELU"] = lf["mlp.c_fc"], kin["mlp.c_fc"]
+    T = args.prompt_len
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    total = statistics.median(traced)
+    print(f"shape {args.shape} x {cfg.n_layer} layers, prompt {T}, {args.threads} threads, peak {peak:.3f} TFLOP/s")
+    if plain:
+        p = statistics.median(plain)
+        print(f"plain prompt (median of {len(plain)}; best {min(plain) * 1e3:.1f} ms): {p * 1e3:.1f} ms = {flops / p / 1e12:.3f} TFLOP/s = {100 * flops / p / 1e12 / peak:.1f}% of peak")
+    print(f"traced prompt: {total * 1e3:.1f} ms (median of {len(traced)})")
+    rows = sorted(med.items(), key=lambda kv: -kv[1])
+    for k, v in rows:
+        extra = ""
+        if k in lf:  # per linear: its own rate against the peak
+            tf = 2.0 * T * lf[k] * kin[k] * cfg.n_layer / v / 1e12
+            extra = f"  {tf:.3f} TFLOP/s = {100 * tf / peak:.0f}% of peak"
+        elif k == "attention kernel":
+            tf = 2.0 * T * T * cfg.n_embd * cfg.n_layer / v / 1e12
+            extra = f"  {tf:.3f} TFLOP/s (causal, as prompt_flops counts it)"
+        print(f"  {k:24s} {v * 1e3:8.2f} ms  {100 * v / total:5.1f}%{extra}")
+    rest = total - sum(med.values())
+    print(f"  {'rest (engine, Python)':24s} {rest * 1e3:8.2f} ms  {100 * rest / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()

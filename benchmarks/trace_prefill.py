@@ -18,6 +18,7 @@ Every part runs on torch's thread count and returns when done, so wall time per 
 
     flock /tmp/bench.lock nice -n -10 python benchmarks/trace_prefill.py --shape 7b --layers 2
     python benchmarks/trace_prefill.py --shape small --layers 8 --rounds 5
+    python benchmarks/trace_prefill.py --model codeshell-mini --prompt-len 256 --rounds 20
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def install_tracing(llm) -> list:
     wte = llm.model.transformer.wte
     from codeshell.kernels import module as KM
     gelu = KM.PackedLinear.forward_gelu
-    saved = [(KM.PackedLinear, "forward_gelu", gelu), (M, "_linear_rows", lin), (M, "_fused_ops", fused), (M, "_residual", M._residual),
+    saved = [(KM.PackedLinear, "forward_gelu", gelu), (M, "_cached_sdpa", M._cached_sdpa), (M, "_linear_rows", lin), (M, "_fused_ops", fused), (M, "_residual", M._residual),
              (KV.CacheView, "_store", KV.CacheView._store), (PA, "prefill_attention", PA.prefill_attention),
              (E.Engine, "_logits", E.Engine._logits), (M.CodeShellModel, "_rope_rows", M.CodeShellModel._rope_rows),
              (wte, "forward", None)]
@@ -84,6 +85,7 @@ def install_tracing(llm) -> list:
     KM.PackedLinear.forward_gelu = lambda lin, x: _wrap(gelu, names.get(id(lin), "?") + " + GELU")(lin, x)
     M._fused_ops = lambda: (lambda f: None if f is None else _FusedProxy(f))(fused())
     M._residual = _wrap(M._residual, "residual copy")
+    M._cached_sdpa = _wrap(M._cached_sdpa, "attention (cache update + SDPA)")
     KV.CacheView._store = _wrap(KV.CacheView._store, "KV-cache write")
     PA.prefill_attention = _wrap(PA.prefill_attention, "attention kernel")
     E.Engine._logits = _wrap(E.Engine._logits, "output head")
@@ -100,8 +102,11 @@ def remove_tracing(saved: list) -> None:
             setattr(owner, attr, orig)
 
 
-def build(shape: str, layers: int, threads: int, prompt_len: int):
+def build(shape: str, layers: int, threads: int, prompt_len: int, model: str | None = None):
     from codeshell import LLM
+    if model is not None:  # a checkpoint as it is (codeshell-mini: the package's own), all its layers
+        llm = LLM(None if model == "codeshell-mini" else model, dtype="bfloat16", threads=threads, max_batch=1, max_model_len=prompt_len + 8)
+        return llm, llm.config
     from codeshell.bench import random_model
     from codeshell.config import SHAPES
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="7b", help="a codeshell.config.SHAPES name, or small / mid")
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--model", default=None, help="a checkpoint (e.g. codeshell-mini) instead of --shape / --layers")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="plain + traced pairs")
@@ -124,7 +130,9 @@ def main() -> None:
     args = ap.parse_args()
     from codeshell import SamplingParams
     from codeshell.bench import bf16_matmul_peak, prompt_flops
-    llm, cfg = build(args.shape, args.layers, args.threads, args.prompt_len)
+    llm, cfg = build(args.shape, args.layers, args.threads, args.prompt_len, args.model)
+    if args.model is not None:
+        args.shape = args.model
     g = torch.Generator().manual_seed(1)
     sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 

@@ -21,10 +21,10 @@ from .ops import ISA_LEVELS, isa_level
 
 def prefill_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `prefill_attention` takes these tensors: CPU bf16 queries [B, H, T, D] with T > 1 and
-    a contiguous bf16 cache layer, D a multiple of 64 up to 256, and AVX512-BF16 here."""
+    a contiguous bf16 cache layer, D a multiple of 32 up to 256, and AVX512-BF16 here."""
     return (q.device.type == "cpu" and q.dim() == 4 and q.shape[2] > 1 and q.dtype == torch.bfloat16
             and k_cache.dtype == torch.bfloat16 and k_cache.is_contiguous() and q.stride(3) == 1
-            and q.shape[3] % 64 == 0 and q.shape[3] <= 256
+            and q.shape[3] % 32 == 0 and q.shape[3] <= 256
             and isa_level() >= ISA_LEVELS.index("avx512_bf16"))
 
 
@@ -36,6 +36,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     Returns [B, T, H, D] bf16 (the layout the output projection reads). Check
     `prefill_attention_ok` first."""
     if not prefill_attention_ok(q, k_cache):
-        raise ValueError("prefill_attention needs CPU bf16 queries [B, H, T > 1, D % 64 == 0], a contiguous bf16 "
+        raise ValueError("prefill_attention needs CPU bf16 queries [B, H, T > 1, D % 32 == 0], a contiguous bf16 "
                          f"cache and AVX512-BF16 ({_ext.unavailable_reason() or 'available'})")
     return _ext.get().prefill_attention(q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale)

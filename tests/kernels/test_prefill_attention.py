@@ -40,7 +40,10 @@ def _reference(q, kc, vc, slots, pos, scale):
 
 @needs_bf16
 @pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 128, 100, 0), (1, 32, 8, 128, 45, 300), (3, 4, 2, 64, 37, 5),
-                                         (2, 8, 8, 64, 33, 0), (2, 4, 1, 256, 70, 20), (1, 2, 2, 64, 2, 0)])
+                                         (2, 8, 8, 64, 33, 0), (2, 4, 1, 256, 70, 20), (1, 2, 2, 64, 2, 0),
+                                         # head dims with D % 64 == 32 (the values' last 32-wide chunk):
+                                         # codeshell-mini's 8 heads of 32, and 96
+                                         (1, 8, 2, 32, 256, 0), (2, 4, 2, 32, 37, 9), (1, 4, 2, 96, 50, 3)])
 def test_against_fp32_attention(B, H, G, D, T, P):
     q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
     scale = 1 / math.sqrt(D)
@@ -85,6 +88,8 @@ def test_bad_input_is_one_clear_error():
         pa.prefill_attention(q, kc, vc, slots + 100, pos, 0.125)
     assert not pa.prefill_attention_ok(q.float(), kc)  # fp32 models keep SDPA
     assert not pa.prefill_attention_ok(q[:, :, :1], kc)  # one query: decode attention's job
+    q48, kc48, _, _, _ = _case(1, 4, 2, 48, 8, 0)
+    assert not pa.prefill_attention_ok(q48, kc48)  # head dim not a multiple of 32: SDPA
 
 
 @needs_bf16

@@ -91,6 +91,36 @@ inline void scores(const uint32_t* const* qr, const uint32_t* kp, int64_t D2, __
   }
 }
 
+// o[r] (+)= p[r] . V for NR query rows sharing each value vector, over the block's key pairs, for
+// dims [d, d + 16 NC): the value operand vp[j2][d] (key pairs) as pack_block lays it out.
+template <int NR, int NC>
+inline void pv_chunk(float* const* o, const uint32_t* const* p, const uint32_t* vp, int64_t D, int64_t d) {
+  constexpr int64_t kP = kKb / 2;
+  __m512 a[NR][NC];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) a[r][c] = _mm512_load_ps(o[r] + d + 16 * c);
+  for (int64_t j2 = 0; j2 < kP; ++j2) {
+    __m512bh b[NR];
+    for (int r = 0; r < NR; ++r) b[r] = (__m512bh)_mm512_set1_epi32(int(p[r][j2]));
+    for (int c = 0; c < NC; ++c) {
+      const __m512bh vv = (__m512bh)_mm512_load_si512(vp + j2 * D + d + 16 * c);
+      for (int r = 0; r < NR; ++r) a[r][c] = _mm512_dpbf16_ps(a[r][c], b[r], vv);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) _mm512_store_ps(o[r] + d + 16 * c, a[r][c]);
+}
+
+// pv_chunk over all D dims: 64 at a time, then a last 32 where D % 64 == 32 (head dim 32, 96, ..:
+// codeshell-mini's heads are 32 wide). Each lane's sum runs over the key pairs in the same order
+// whatever the chunk width, so the width does not change a bit.
+template <int NR>
+inline void pv_rows(float* const* o, const uint32_t* const* p, const uint32_t* vp, int64_t D) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) pv_chunk<NR, 4>(o, p, vp, D, d);
+  if (d < D) pv_chunk<NR, 2>(o, p, vp, D, d);
+}
+
 void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow, float* lrow, uint32_t* prow) {
   const int64_t D = it.D, D2 = D / 2, T = it.t1 - it.t0, R = it.r * T;
   // row i = (head h_local = i / T, query t = t0 + i % T)
@@ -145,37 +175,14 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
       // o[i] += p[i] . V: vdpbf16ps over key pairs, two rows at a time sharing each value vector
       int64_t ii = 0;
       for (; ii + 2 <= rows; ii += 2) {
-        float* o0 = o + (i0 + ii) * D;
-        float* o1 = o0 + D;
-        const uint32_t* p0 = prow + ii * kP;
-        const uint32_t* p1 = p0 + kP;
-        for (int64_t d = 0; d < D; d += 64) {
-          __m512 a0[4], a1[4];
-          for (int c = 0; c < 4; ++c) a0[c] = _mm512_load_ps(o0 + d + 16 * c), a1[c] = _mm512_load_ps(o1 + d + 16 * c);
-          for (int64_t j2 = 0; j2 < kP; ++j2) {
-            const __m512bh b0 = (__m512bh)_mm512_set1_epi32(int(p0[j2])), b1 = (__m512bh)_mm512_set1_epi32(int(p1[j2]));
-            for (int c = 0; c < 4; ++c) {
-              const __m512bh vv = (__m512bh)_mm512_load_si512(vp + j2 * D + d + 16 * c);
-              a0[c] = _mm512_dpbf16_ps(a0[c], b0, vv);
-              a1[c] = _mm512_dpbf16_ps(a1[c], b1, vv);
-            }
-          }
-          for (int c = 0; c < 4; ++c) _mm512_store_ps(o0 + d + 16 * c, a0[c]), _mm512_store_ps(o1 + d + 16 * c, a1[c]);
-        }
+        float* const orow[2] = {o + (i0 + ii) * D, o + (i0 + ii + 1) * D};
+        const uint32_t* const pr[2] = {prow + ii * kP, prow + (ii + 1) * kP};
+        pv_rows<2>(orow, pr, vp, D);
       }
       for (; ii < rows; ++ii) {
-        float* o0 = o + (i0 + ii) * D;
-        const uint32_t* p0 = prow + ii * kP;
-        for (int64_t d = 0; d < D; d += 64) {
-          __m512 a0[4];
-          for (int c = 0; c < 4; ++c) a0[c] = _mm512_load_ps(o0 + d + 16 * c);
-          for (int64_t j2 = 0; j2 < kP; ++j2) {
-            const __m512bh b0 = (__m512bh)_mm512_set1_epi32(int(p0[j2]));
-            for (int c = 0; c < 4; ++c)
-              a0[c] = _mm512_dpbf16_ps(a0[c], b0, (__m512bh)_mm512_load_si512(vp + j2 * D + d + 16 * c));
-          }
-          for (int c = 0; c < 4; ++c) _mm512_store_ps(o0 + d + 16 * c, a0[c]);
-        }
+        float* const orow[1] = {o + (i0 + ii) * D};
+        const uint32_t* const pr[1] = {prow + ii * kP};
+        pv_rows<1>(orow, pr, vp, D);
       }
     }
   }
@@ -208,8 +215,8 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
                   v_cache.is_contiguous(),
               "prefill_attention: k_cache and v_cache must be contiguous bf16 [slots, G, max_len, D] of one shape");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), G = k_cache.size(1), L = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && D % 64 == 0 && D <= 256 && G > 0 && H % G == 0,
-              "prefill_attention: head dim ", D, " (a multiple of 64 up to 256 needed) or groups ", G,
+  TORCH_CHECK(k_cache.size(3) == D && D % 32 == 0 && D <= 256 && G > 0 && H % G == 0,
+              "prefill_attention: head dim ", D, " (a multiple of 32 up to 256 needed) or groups ", G,
               " not dividing ", H, " heads");
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1 && slots.size(0) == B && slots.is_contiguous(),
               "prefill_attention: slots must be int64 [B]");

@@ -19,6 +19,7 @@ Every part runs on torch's thread count and returns when done, so wall time per 
     flock /tmp/bench.lock nice -n -10 python benchmarks/trace_prefill.py --shape 7b --layers 2
     python benchmarks/trace_prefill.py --shape small --layers 8 --rounds 5
     python benchmarks/trace_prefill.py --model codeshell-mini --prompt-len 256 --rounds 20
+    python benchmarks/trace_prefill.py --shape 7b --attention-only --rounds 40
 """
 
 from __future__ import annotations
@@ -102,6 +103,45 @@ def remove_tracing(saved: list) -> None:
             setattr(owner, attr, orig)
 
 
+@contextlib.contextmanager
+def _before(change: str):
+    """The prefill path as it was before one change (for alternating A/B rounds in one process)."""
+    from codeshell.kernels import module as KM
+    from codeshell.kernels import prefill_attention as PA
+    owner, attr = (KM.PackedLinear, "forward_gelu") if change == "gelu" else (PA, "prefill_attention_ok")
+    on = getattr(owner, attr)
+    if change == "gelu":
+        setattr(owner, attr, lambda lin, x: None)
+    else:
+        setattr(owner, attr, lambda q, k: q.shape[3] % 64 == 0 and on(q, k))
+    try:
+        yield
+    finally:
+        setattr(owner, attr, on)
+
+
+def attention_only(cfg, T: int, rounds: int, save: str | None) -> None:
+    """The prefill attention kernel alone at this shape (one row, T queries at positions 0..T-1):
+    best and median ms of `rounds` calls; `save` writes its output (to compare two builds' bits)."""
+    from codeshell.kernels import prefill_attention as pa
+    H, G, D = cfg.n_head, cfg.num_query_groups, cfg.head_dim
+    g = torch.Generator().manual_seed(0)
+    kc = torch.randn(1, G, T + 8, D, generator=g).bfloat16()
+    vc = torch.randn(1, G, T + 8, D, generator=g).bfloat16()
+    q = torch.randn(1, T, H + 2 * G, D, generator=g).bfloat16().transpose(1, 2)[:, :H]  # a view of qkv, as the model's
+    slots, pos = torch.zeros(1, dtype=torch.long), torch.arange(T)[None]
+    y = pa.prefill_attention(q, kc, vc, slots, pos, D ** -0.5)
+    ts = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        pa.prefill_attention(q, kc, vc, slots, pos, D ** -0.5)
+        ts.append(time.perf_counter() - t)
+    print(f"prefill attention H {H} G {G} D {D} T {T}: best {min(ts) * 1e3:.2f} ms, median "
+          f"{statistics.median(ts) * 1e3:.2f} ms ({2.0 * T * T * H * D / min(ts) / 1e12:.3f} TFLOP/s causal)")
+    if save:
+        torch.save(y, save)
+
+
 def build(shape: str, layers: int, threads: int, prompt_len: int, model: str | None = None):
     from codeshell import LLM
     if model is not None:  # a checkpoint as it is (codeshell-mini: the package's own), all its layers
@@ -125,9 +165,19 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="plain + traced pairs")
-    ap.add_argument("--ab-gelu", action="store_true",
-                    help="also time each round with c_fc's GELU epilogue off (the path before it), alternating")
+    ap.add_argument("--attention-only", action="store_true", help="time the prefill attention kernel alone")
+    ap.add_argument("--save", default=None, help="with --attention-only: torch.save its output here")
+    ap.add_argument("--ab", choices=("gelu", "attn32"), default=None,
+                    help="also time each round with one of this session's changes off, alternating: gelu (c_fc's "
+                         "GELU in the GEMM epilogue), attn32 (the native prefill attention at head dims % 64 == 32)")
     args = ap.parse_args()
+    if args.attention_only:
+        from codeshell.config import SHAPES
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_quant import shape_config
+        torch.set_num_threads(args.threads)
+        attention_only(SHAPES.get(args.shape) or shape_config(args.shape), args.prompt_len, args.rounds, args.save)
+        return
     from codeshell import SamplingParams
     from codeshell.bench import bf16_matmul_peak, prompt_flops
     llm, cfg = build(args.shape, args.layers, args.threads, args.prompt_len, args.model)
@@ -148,12 +198,9 @@ def main() -> None:
     plain, traced, parts, before = [], [], collections.defaultdict(list), []
     for _ in range(args.rounds):
         plain.append(prompt())
-        if args.ab_gelu:  # the same prompt with c_fc's GELU epilogue off (forward_raw + fused_gelu_tanh)
-            from codeshell.kernels.module import PackedLinear
-            on = PackedLinear.forward_gelu
-            PackedLinear.forward_gelu = lambda lin, x: None
-            before.append(prompt())
-            PackedLinear.forward_gelu = on
+        if args.ab:
+            with _before(args.ab):
+                before.append(prompt())
         saved = install_tracing(llm)
         PARTS.clear()
         traced.append(prompt())
@@ -161,8 +208,9 @@ def main() -> None:
         for k, v in PARTS.items():
             parts[k].append(v)
     if before:
-        print("GELU epilogue off, alternating: " + ", ".join(f"{100 * flops / t / 1e12 / peak:.1f}%" for t in before))
-        print("GELU epilogue on,  alternating: " + ", ".join(f"{100 * flops / t / 1e12 / peak:.1f}%" for t in plain))
+        for name, ts in ((f"{args.ab} off", before), (f"{args.ab} on ", plain)):
+            print(f"{name}, alternating (% of peak): " + ", ".join(f"{100 * flops / t / 1e12 / peak:.1f}" for t in ts)
+                  + f"; median {statistics.median(ts) * 1e3:.2f} ms")
     report(cfg, args, peak, flops, plain, traced, parts)
 
 

@@ -215,7 +215,7 @@ def engine_vs_served(args, model: Path, threads: int) -> None:
     from codeshell.engine import SamplingParams
     llm = LLM(model, max_batch=16, threads=threads)
     llm.generate("warm up", SamplingParams(temperature=0, max_tokens=2))
-    server = Server(model, args.port, threads=threads)
+    server = Server(model, args.port, *args.serve_arg, threads=threads)
     headers: dict = {}
     counts = [int(x) for x in args.clients.split(",")]
     rows = {(side, c): [] for side in ("engine", "served") for c in counts}
@@ -313,7 +313,7 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
     sides = ("ours", "llama-server")
     runs = {side: {c: [] for c in counts} for side in sides}
     fims = {side: [] for side in sides}
-    ours = Server(model if args.format == "bf16" else gfile, args.port, threads=threads)
+    ours = Server(model if args.format == "bf16" else gfile, args.port, *args.serve_arg, threads=threads)
     try:
         # -np 16 slots of 2560 tokens each (the FIM prompt and its completion fit); -b 4096 so that
         # /infill keeps the whole ~1.9k-token prefix (it keeps at most 3/4 of the batch size).
@@ -356,7 +356,7 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
           "TTFT: < 1 is ours faster)")
     print("| clients | ours tok/s | llama-server tok/s | ratio | ours TTFT p50 ms | llama-server TTFT p50 ms | ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for c in counts:
+    for c in counts if args.repeats else []:  # --repeats 0: the FIM test only
         o, t_ = runs["ours"][c], runs["llama-server"][c]
         ratio = med([a["tok_s"] / b["tok_s"] for a, b in zip(o, t_)])
         tt = med([a["ttft_p50"] / b["ttft_p50"] for a, b in zip(o, t_)])
@@ -393,6 +393,8 @@ def main() -> None:
     ap.add_argument("--compare-llamacpp", metavar="BIN_DIR",
                     help="llama.cpp's build/bin folder ('auto': $CODESHELL_LLAMACPP_BIN or the install script's "
                          "cache): ours against llama-server -np 16 on the same weights")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="an extra flag for the `codeshell serve` it starts (repeatable), e.g. --serve-arg=--no-warmup")
     ap.add_argument("--engine-vs-served", type=int, metavar="ROUNDS",
                     help="only time the --clients workloads straight on the engine and through the server, "
                          "alternating for ROUNDS rounds (the server's own cost)")
@@ -430,7 +432,7 @@ def main() -> None:
         url = args.url.rstrip("/")
     else:
         model = checkpoint(args, Path(tmp.name))
-        server = Server(model, args.port, threads=args.threads)
+        server = Server(model, args.port, *args.serve_arg, threads=args.threads)
         url = server.url
     try:
         # Client counts alternate, round after round: on a shared machine whose speed drifts by
@@ -450,7 +452,7 @@ def main() -> None:
             server.stop()
     nocache = None
     if not args.url and not args.skip_nocache:
-        server = Server(model, args.port, "--no-prefix-cache", threads=args.threads)
+        server = Server(model, args.port, "--no-prefix-cache", *args.serve_arg, threads=args.threads)
         try:
             nocache = fim_latency(server.url, headers, args.fim_tokens, args.fim_repeats)
         finally:

@@ -69,6 +69,25 @@ def make_model(shape: str, folder: Path) -> Path:
     return make_tiny_checkpoint(folder, tok, cfg=cfg, dtype="bfloat16")
 
 
+def checkpoint(args, tmp: Path) -> Path:
+    """The random-weight checkpoint of args.shape: reused from --work-dir when it is there."""
+    folder = (args.work_dir or tmp) / f"codeshell-{args.shape}"
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    print(f"writing a random-weight '{args.shape}' checkpoint ...", flush=True)
+    return make_model(args.shape, folder)
+
+
+def gguf_file(args, model: Path, tmp: Path) -> Path:
+    """args.format's GGUF export of `model` (`codeshell export-gguf`): reused from --work-dir."""
+    from codeshell import llamacpp
+    gfile = (args.work_dir or tmp) / f"model-{args.shape}-{args.format}.gguf"
+    if not gfile.is_file():
+        t = llamacpp.export_with_cli(model, gfile, args.format)
+        print(f"codeshell export-gguf --type {args.format}: {t:.1f} s", flush=True)
+    return gfile
+
+
 class Server:
     def __init__(self, model: Path, port: int, *args: str, threads: int | None = None):
         cmd = [sys.executable, "-m", "codeshell.serve", "--model", str(model), "--port", str(port),
@@ -155,6 +174,86 @@ def engine_throughput(model: Path, clients: list[int], max_tokens: int, threads:
     return out
 
 
+def direct(llm, ks: list[int], max_tokens: int) -> dict:
+    """The requests `throughput` sends for prompts `ks` (one round), run straight on `llm`'s
+    engine in this process, all added at once: no HTTP, no engine thread, no event loop."""
+    from codeshell.engine import SamplingParams
+    eng = llm.engine
+    t0 = time.perf_counter()
+    for k in ks:
+        sp = SamplingParams(temperature=0.8, seed=k % 1000, max_tokens=max_tokens, ignore_eos=True)
+        eng.add_request(f"direct-{k}-{time.time_ns()}", llm.tokenizer.encode(task_prompt(k)), sp)
+    first: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            tokens[out.request_id] = n = len(out.outputs[0].token_ids)
+            if n and out.request_id not in first:
+                first[out.request_id] = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    return {"clients": len(ks), "tokens": sum(tokens.values()), "wall": wall, "tok_s": sum(tokens.values()) / wall,
+            "ttft_p50": statistics.median(first.values())}
+
+
+def engine_metrics(url: str, headers: dict) -> tuple[float, float]:
+    """(seconds in engine steps, steps) so far, from the server's /metrics."""
+    vals = {}
+    for line in HTTP.get(url + "/metrics", headers=headers).text.splitlines():
+        name, _, v = line.partition(" ")
+        if name in ("codeshell_engine_step_seconds", "codeshell_engine_steps"):
+            vals[name] = float(v)
+    return vals.get("codeshell_engine_step_seconds", 0.0), vals.get("codeshell_engine_steps", 0.0)
+
+
+def engine_vs_served(args, model: Path, threads: int) -> None:
+    """The bench's workload at each client count, alternating round by round: straight on the
+    engine in this process, then through `codeshell serve` on the same checkpoint, so the
+    server's own cost is a figure: tokens/s and TTFT against the engine's, and the share of
+    the served run's wall time that the server's engine thread spent in steps (the rest is
+    the hand-off, HTTP and the event loop, between steps). One request per client a round."""
+    from codeshell import LLM
+    from codeshell.engine import SamplingParams
+    llm = LLM(model, max_batch=16, threads=threads)
+    llm.generate("warm up", SamplingParams(temperature=0, max_tokens=2))
+    server = Server(model, args.port, *args.serve_arg, threads=threads)
+    headers: dict = {}
+    counts = [int(x) for x in args.clients.split(",")]
+    rows = {(side, c): [] for side in ("engine", "served") for c in counts}
+    try:
+        stream_one(server.url, headers, {"model": model_name(server.url, headers), "prompt": "warm up",
+                                         "max_tokens": 2})
+        for r in range(args.engine_vs_served):
+            for c in counts:
+                offset = 2000 + 100 * r
+                for side in (("engine", "served") if r % 2 == 0 else ("served", "engine")):
+                    if side == "engine":
+                        x = direct(llm, [offset + k for k in range(c)], args.max_tokens)
+                        x["busy"] = 1.0
+                    else:
+                        s0, _ = engine_metrics(server.url, headers)
+                        x = throughput(server.url, headers, c, 1, args.max_tokens, offset=offset)
+                        x["busy"] = (engine_metrics(server.url, headers)[0] - s0) / x["wall"]
+                    rows[side, c].append(x)
+                    print(f"  round {r + 1}: {side:>6} {c:>3} clients: {x['tok_s']:7.2f} tok/s  ttft p50 "
+                          f"{x['ttft_p50'] * 1e3:6.0f} ms  ({x['tokens']} tokens in {x['wall']:.2f} s"
+                          + (f"; {x['busy'] * 100:.0f}% in engine steps)" if side == "served" else ")"), flush=True)
+    finally:
+        server.stop()
+
+    def med(side, c, key):
+        return statistics.median(x[key] for x in rows[side, c])
+    print(f"\n## engine alone vs served ({args.format}, shape {args.shape}, {threads} threads; medians of "
+          f"{args.engine_vs_served} alternating rounds; ratio: the median of each round's served / engine)")
+    print("| clients | engine tok/s | served tok/s | ratio | engine TTFT p50 ms | served TTFT p50 ms | "
+          "served wall in engine steps |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for c in counts:
+        ratio = statistics.median(s["tok_s"] / e["tok_s"] for s, e in zip(rows["served", c], rows["engine", c]))
+        print(f"| {c} | {med('engine', c, 'tok_s'):.2f} | {med('served', c, 'tok_s'):.2f} | {ratio:.2f}x | "
+              f"{med('engine', c, 'ttft_p50') * 1e3:.0f} | {med('served', c, 'ttft_p50') * 1e3:.0f} | "
+              f"{med('served', c, 'busy') * 100:.0f}% |")
+
+
 def fim_source(n_tokens: int, url: str, headers: dict) -> tuple[str, str]:
     """A Python file of about n_tokens tokens, split at a cursor near the end (10 lines of suffix)."""
     lines, k = [], 0
@@ -207,15 +306,14 @@ def fim_latency(url: str, headers: dict, tokens: int, repeats: int) -> dict:
 def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
     """Ours and llama-server side by side on the same weights, alternating request by request."""
     from codeshell import llamacpp
-    gfile = tmp / f"model-{args.format}.gguf"
-    t = llamacpp.export_with_cli(model, gfile, args.format)
-    print(f"codeshell export-gguf --type {args.format}: {t:.1f} s; {llamacpp.version(bins)}", flush=True)
+    gfile = gguf_file(args, model, tmp)
+    print(llamacpp.version(bins), flush=True)
     threads = args.threads or os.cpu_count() or 1
     counts = [int(x) for x in args.clients.split(",")]
     sides = ("ours", "llama-server")
     runs = {side: {c: [] for c in counts} for side in sides}
     fims = {side: [] for side in sides}
-    ours = Server(model if args.format == "bf16" else gfile, args.port, threads=threads)
+    ours = Server(model if args.format == "bf16" else gfile, args.port, *args.serve_arg, threads=threads)
     try:
         # -np 16 slots of 2560 tokens each (the FIM prompt and its completion fit); -b 4096 so that
         # /infill keeps the whole ~1.9k-token prefix (it keeps at most 3/4 of the batch size).
@@ -258,13 +356,15 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
           "TTFT: < 1 is ours faster)")
     print("| clients | ours tok/s | llama-server tok/s | ratio | ours TTFT p50 ms | llama-server TTFT p50 ms | ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for c in counts:
+    for c in counts if args.repeats else []:  # --repeats 0: the FIM test only
         o, t_ = runs["ours"][c], runs["llama-server"][c]
         ratio = med([a["tok_s"] / b["tok_s"] for a, b in zip(o, t_)])
         tt = med([a["ttft_p50"] / b["ttft_p50"] for a, b in zip(o, t_)])
         print(f"| {c} | {med([r['tok_s'] for r in o]):.1f} | {med([r['tok_s'] for r in t_]):.1f} | {ratio:.2f}x | "
               f"{med([r['ttft_p50'] for r in o]) * 1e3:.0f} | {med([r['ttft_p50'] for r in t_]) * 1e3:.0f} | {tt:.2f}x |")
     fo, ft = fims["ours"], fims["llama-server"]
+    if not fo:  # --fim-repeats 0: throughput only
+        return
     print(f"\nIDE re-completion ({fo[0]['prompt_tokens']}-token FIM prompt through /infill, then 20 characters typed; "
           f"time to first token, median of {args.fim_repeats}):")
     print("| request | ours ms | llama-server ms | ratio | cached tokens ours / llama-server |")
@@ -286,13 +386,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all client counts (medians are reported)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--fim-tokens", type=int, default=1900, help="FIM prompt size (the IDE case: ~1.9k tokens)")
-    ap.add_argument("--fim-repeats", type=int, default=3)
+    ap.add_argument("--fim-repeats", type=int, default=3, help="0: no FIM test (with --compare-llamacpp)")
     ap.add_argument("--threads", type=int, help="torch threads of the servers it starts (default: all cores)")
     ap.add_argument("--skip-engine", action="store_true", help="no in-process engine baseline")
     ap.add_argument("--skip-nocache", action="store_true", help="with --url: no baseline server to compare")
     ap.add_argument("--compare-llamacpp", metavar="BIN_DIR",
                     help="llama.cpp's build/bin folder ('auto': $CODESHELL_LLAMACPP_BIN or the install script's "
                          "cache): ours against llama-server -np 16 on the same weights")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="an extra flag for the `codeshell serve` it starts (repeatable), e.g. --serve-arg=--no-warmup")
+    ap.add_argument("--engine-vs-served", type=int, metavar="ROUNDS",
+                    help="only time the --clients workloads straight on the engine and through the server, "
+                         "alternating for ROUNDS rounds (the server's own cost)")
+    ap.add_argument("--work-dir", type=Path,
+                    help="keep the random checkpoint (DIR/codeshell-SHAPE) and its GGUF files here and reuse them "
+                         "in later runs (default: a temporary folder, written each run)")
     ap.add_argument("--format", choices=["bf16", "q8_0", "q4_0"], default="bf16",
                     help="with --compare-llamacpp: the GGUF type both servers run")
     args = ap.parse_args()
@@ -309,18 +417,22 @@ def main() -> None:
             sys.exit(f"error: {e}")
         if bins is None:
             sys.exit("error: llama.cpp not found (run .ci/install-llamacpp.sh or pass its build/bin folder)")
-        print(f"writing a random-weight '{args.shape}' checkpoint ...", flush=True)
-        model = make_model(args.shape, Path(tmp.name) / f"codeshell-{args.shape}")
-        compare_llamacpp(args, bins, model, Path(tmp.name))
+        compare_llamacpp(args, bins, checkpoint(args, Path(tmp.name)), Path(tmp.name))
+        tmp.cleanup()
+        return
+    if args.engine_vs_served:
+        model = checkpoint(args, Path(tmp.name))
+        if args.format != "bf16":
+            model = gguf_file(args, model, Path(tmp.name))
+        engine_vs_served(args, model, args.threads or os.cpu_count() or 1)
         tmp.cleanup()
         return
     server = None
     if args.url:
         url = args.url.rstrip("/")
     else:
-        print(f"writing a random-weight '{args.shape}' checkpoint ...", flush=True)
-        model = make_model(args.shape, Path(tmp.name) / f"codeshell-{args.shape}")
-        server = Server(model, args.port, threads=args.threads)
+        model = checkpoint(args, Path(tmp.name))
+        server = Server(model, args.port, *args.serve_arg, threads=args.threads)
         url = server.url
     try:
         # Client counts alternate, round after round: on a shared machine whose speed drifts by
@@ -340,7 +452,7 @@ def main() -> None:
             server.stop()
     nocache = None
     if not args.url and not args.skip_nocache:
-        server = Server(model, args.port, "--no-prefix-cache", threads=args.threads)
+        server = Server(model, args.port, "--no-prefix-cache", *args.serve_arg, threads=args.threads)
         try:
             nocache = fim_latency(server.url, headers, args.fim_tokens, args.fim_repeats)
         finally:

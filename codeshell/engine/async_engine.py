@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from .engine import Engine
@@ -34,6 +35,10 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        # Wall seconds inside `engine.step()` and the steps run: against a request's wall time
+        # they split the server's cost into the steps themselves and what lies between them.
+        self.step_seconds = 0.0
+        self.steps = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -132,6 +137,7 @@ class AsyncEngine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            t0 = time.perf_counter()
             try:
                 outs = eng.step()
             except BaseException as e:  # a failed step must not leave clients waiting forever
@@ -139,6 +145,8 @@ class AsyncEngine:
                 self.error = e
                 self._fail_all(e)
                 continue
+            self.step_seconds += time.perf_counter() - t0
+            self.steps += 1
             if outs:  # one wake-up of the event loop per step, not one per request (a syscall each)
                 self._loop.call_soon_threadsafe(self._deliver_all, outs)
         self._fail_all(EngineDeadError("the server is shutting down"))

@@ -37,6 +37,9 @@ def serve(
         "--prompt-lookup", min=0, max=64,
         help="Prompt-lookup decoding: draft up to N tokens a step from the prompt's n-grams (0: off).")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch.")] = None,
+    warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help=(
+        "Run one short request before /health says ready, so the first client does not pay "
+        "one-time costs (as llama-server's warm-up)."))] = True,
     shutdown_timeout: Annotated[float, typer.Option(
         help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C before aborting them.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
@@ -64,7 +67,8 @@ def serve(
                              quantization=quantization, api_keys=list(api_key or []), max_batch=max_batch, max_queue=max_queue,
                              max_model_len=max_model_len, cors_origins=list(cors_origin or ["*"]),
                              served_model_name=served_model_name, prefix_caching=prefix_cache, prompt_lookup=prompt_lookup,
-                             max_body_bytes=max_body, threads=threads, shutdown_timeout=shutdown_timeout)
+                             max_body_bytes=max_body, threads=threads, shutdown_timeout=shutdown_timeout,
+                             warmup=warmup)
     logging.getLogger("codeshell.serve").info(
         "serving %s on http://%s:%d (loading the model; /health says `loading` until it is ready)",
         settings.model_name, host, port)

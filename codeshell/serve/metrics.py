@@ -51,10 +51,18 @@ class Metrics:
                                   registry=r)
         self.rejected = Counter(f"{p}_rejected_requests", "Requests refused before any work, by reason",
                                 ["reason"], registry=r)
+        self.step_seconds = Gauge(f"{p}_engine_step_seconds", "Wall seconds the engine thread spent in steps",
+                                  registry=r)
+        self.steps = Gauge(f"{p}_engine_steps", "Engine steps run", registry=r)
 
-    def bind_engine(self, waiting: Callable[[], int], running: Callable[[], int]) -> None:
+    def bind_engine(self, waiting: Callable[[], int], running: Callable[[], int],
+                    step_seconds: Callable[[], float] | None = None, steps: Callable[[], int] | None = None) -> None:
         self.queue_depth.set_function(waiting)
         self.running.set_function(running)
+        if step_seconds is not None:
+            self.step_seconds.set_function(step_seconds)
+        if steps is not None:
+            self.steps.set_function(steps)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

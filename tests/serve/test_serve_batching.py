@@ -114,3 +114,29 @@ def test_metrics_and_log_line(server, client):
     assert 'codeshell_requests_total{endpoint="/v1/completions",status="200"}' in text
     log = server.log.read_text()
     assert "endpoint=/v1/completions" in log and "ttft=" in log and "finish=" in log
+
+
+def test_engine_step_counters_and_warm_up(server, client, model_name):
+    """/metrics says how long the engine thread spent in steps (bench_serve's --engine-vs-served
+    puts it against a request's wall time), and the server ran its warm-up request at load."""
+    steps, busy = server.metric("codeshell_engine_steps"), server.metric("codeshell_engine_step_seconds")
+    r = client.post("/v1/completions", json={"model": model_name, "prompt": "def f(x):", "max_tokens": 5,
+                                             "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200
+    assert server.metric("codeshell_engine_steps") >= steps + 5  # a prefill step and 4 decode steps at least
+    assert server.metric("codeshell_engine_step_seconds") > busy
+    assert "warm-up request:" in server.log.read_text()
+
+
+def test_warm_up_leaves_the_engine_as_it_found_it(model_dir, llm):
+    """The warm-up request runs to its end, frees its slot and changes no later output."""
+    from codeshell import LLM
+    from codeshell.serve.service import warm_up
+    fresh = LLM(model_dir, max_batch=4, threads=1)
+    fresh.engine.prefix_caching = True
+    warm_up(fresh.engine)
+    eng = fresh.engine
+    assert not eng.has_unfinished() and not eng.running and sorted(eng.free_slots) == list(range(4))
+    sp = SamplingParams(temperature=0, max_tokens=8)
+    prompt = "def fibonacci(n):\n    "
+    assert fresh.generate(prompt, sp)[0].outputs[0].text == llm.generate(prompt, sp)[0].outputs[0].text

@@ -11,7 +11,7 @@ def test_help_lists_the_flags():
     r = CliRunner().invoke(app, ["--help"])
     assert r.exit_code == 0
     for flag in ("--model", "--host", "--port", "--api-key", "--max-batch", "--max-queue", "--max-model-len",
-                 "--cors-origin", "--dtype", "--device"):
+                 "--cors-origin", "--dtype", "--device", "--no-warmup"):
         assert flag in r.output, flag
 
 

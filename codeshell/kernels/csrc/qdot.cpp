@@ -69,10 +69,7 @@ inline bool env_on(const char* name) {
 }
 inline bool q4v12() { return env_on("CODESHELL_Q4V12"); }
 inline bool r16_q8() { return env_on("CODESHELL_Q8_R16"); }
-inline int64_t env_int(const char* name, int64_t dflt) {
-  const char* e = std::getenv(name);
-  return e && *e ? std::atoll(e) : dflt;
-}
+inline bool q4p() { return env_on("CODESHELL_Q4P"); }
 
 // Rows of x from which tile_v (int4 groups of 32 / 64 on AMX CPUs) takes register tiles of
 // several weight rows instead of one weight row per tile of up to 8 rows of x. Up to 8 rows of x
@@ -817,167 +814,64 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
   }
 }
 
-// ---- M = 1-2 without AMX past the one-span kernels: NR weight rows interleaved (experiment) ----
-// Software prefetch of the streaming kernels below: `near` bytes ahead into L1 (0: none), `far`
-// bytes ahead into L2 (0: none).
-struct Pf {
-  int64_t near = kPrefetch, far = 0;
-};
-inline void prefetch_line(const uint8_t* p, const Pf& pf) {
-  if (pf.near) _mm_prefetch(reinterpret_cast<const char*>(p) + pf.near, _MM_HINT_T0);
-  if (pf.far) _mm_prefetch(reinterpret_cast<const char*>(p) + pf.far, _MM_HINT_T1);
-}
-
-// int8: tile_v's arithmetic (q8_epilogue.h) for MB rows of x by NR weight rows read in step.
-template <int MB, int NR>
-inline void tile_s8(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, const int32_t* sx, const uint8_t* w,
-                    float* out, int64_t ldo, const Pf& pf) {
-  namespace E = codeshell::q8epi;
-  constexpr int CH = MB * NR <= 2 ? 2 : 1;
-  const int64_t nvec = K / 128;
-  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
-  alignas(64) int32_t lb[MB][NR][16][16];
-  __m512 acc[MB][NR];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t v = 0; v < nvec; ++v) {
-    const int64_t k = v * 128;
-    __m512i a[MB][NR][CH];
-    __m512i w0[NR], w1[NR];
-    for (int j = 0; j < NR; ++j) {
-      const uint8_t* p = w + j * K + k;
-      prefetch_line(p, pf);
-      prefetch_line(p + 64, pf);
-      w0[j] = _mm512_xor_si512(_mm512_loadu_si512(p), s80);
-      w1[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64), s80);
-    }
-    for (int i = 0; i < MB; ++i) {
-      const __m512i x0 = _mm512_loadu_si512(xq + i * K + k), x1 = _mm512_loadu_si512(xq + i * K + k + 64);
-      for (int j = 0; j < NR; ++j) {
-        a[i][j][0] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0[j], x0);
-        if constexpr (CH == 2) a[i][j][1] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1[j], x1);
-        else a[i][j][0] = _mm512_dpbusd_epi32(a[i][j][0], w1[j], x1);
-      }
-    }
-    const int vl = int(v % 16);
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NR; ++j) {
-        __m512i s = a[i][j][0];
-        if constexpr (CH == 2) s = _mm512_add_epi32(s, a[i][j][1]);
-        _mm512_store_si512(lb[i][j][vl], s);
-      }
-    if (vl == 15 || v == nvec - 1) {
-      const int64_t b0 = v - vl, cnt = vl + 1;  // blocks [b0, b0 + cnt)
-      const __mmask16 km = cnt >= 16 ? __mmask16(0xffff) : __mmask16((1u << cnt) - 1);
-      for (int i = 0; i < MB; ++i) {
-        const __m512i so = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(km, sx + i * nbx + b0), 7);
-        const __m512 d = _mm512_maskz_loadu_ps(km, dx + i * nbx + b0);
-        for (int j = 0; j < NR; ++j) {
-          for (int u = vl + 1; u < 16; ++u) _mm512_store_si512(lb[i][j][u], _mm512_setzero_si512());
-          acc[i][j] = E::epi_step(acc[i][j], _mm512_sub_epi32(E::reduce_lanes<16>(lb[i][j]), so), d);
-        }
-      }
-    }
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NR; ++j) out[i * ldo + j] = E::tree16_h(acc[i][j]);
-}
-
-template <int NR>
-void run_s8(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t nbx, const uint8_t* w,
-            float* out, int64_t N, int64_t n0, int64_t n1, const Pf& pf) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
-    if (M == 1) tile_s8<1, NR>(xq, K, nbx, dx, sx, w + n * K, out + n, N, pf);
-    else tile_s8<2, NR>(xq, K, nbx, dx, sx, w + n * K, out + n, N, pf);
-  }
-  for (; n < n1; ++n) {
-    if (M == 1) tile_s8<1, 1>(xq, K, nbx, dx, sx, w + n * K, out + n, N, pf);
-    else tile_s8<2, 1>(xq, K, nbx, dx, sx, w + n * K, out + n, N, pf);
-  }
-}
-
-// int4, groups of 128 / 256: tile_q4v's arithmetic for MB rows of x by NR weight rows read in
-// step. sd: the products scale_g * d_g, [NR][MB][ng] (written one tile earlier), or null
-// (taken per group, the same fp32 product).
-template <int MB, int NR, bool OFFS>
-inline void tile_q4s(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q, const float* sc,
-                     const float* of, int64_t G, const float* sd, float* out, int64_t ldo, const Pf& pf) {
-  const int64_t ng = K / G, ldq = K / 2;
+// ---- int4 without AMX, M = 1-2, more than 16 groups a row: rows skewed over two loops ---------
+// tile_q4v's arithmetic per (row of x, weight row): exact int32 group sums (lo + hi chains),
+// acc = fma(float(sum_g), scale_g * d_g, acc) for g in order, reduce_add + affine_const_v; the
+// product taken per group as tile_q4v12 does (the same fp32 product as tile_q4v's table).
+// Why: one row at a time, that fma chain (32 groups at K = 4096, 4 cycles each) is the row's
+// critical path and the next row's chain only starts when the out-of-order window reaches it
+// (~13 instructions a group: about one row); warm, tile_q4v read 41 GB/s a core. Reading two or
+// four rows in step gives independent chains but several streams, which cold read 0.84x (the
+// session-15 experiment, docs/kernels.md). Here the weight stays one stream, row after row: loop
+// n sums row n's groups into float vectors (S, a ring of 3 rows) and, in the same iterations,
+// runs the first half of row n-1's chain and the second half of row n-2's: two independent
+// chains, each in order, from data already loaded.
+template <int MB, bool OFFS>
+void run_q4p(const int8_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q, const float* sc,
+             const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t ng = K / G, ldq = K / 2, half = ng / 2;  // ng even (the caller checks)
   const __m512i m0f = _mm512_set1_epi8(0x0f);
-  __m512 acc[MB][NR];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    __m512i a[MB][NR][2];
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NR; ++j) a[i][j][0] = a[i][j][1] = _mm512_setzero_si512();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
-      __m512i lo[NR], hi[NR];
-      for (int j = 0; j < NR; ++j) {
-        const uint8_t* p = q + j * ldq + k / 2;
-        prefetch_line(p, pf);
-        const __m512i v = _mm512_loadu_si512(p);
-        lo[j] = _mm512_and_si512(v, m0f);
-        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-      }
-      for (int i = 0; i < MB; ++i) {
-        const __m512i x0 = _mm512_loadu_si512(xq + i * K + k), x1 = _mm512_loadu_si512(xq + i * K + k + 64);
-        for (int j = 0; j < NR; ++j) {
-          a[i][j][0] = _mm512_dpbusd_epi32(a[i][j][0], lo[j], x0);
-          a[i][j][1] = _mm512_dpbusd_epi32(a[i][j][1], hi[j], x1);
-        }
-      }
+  std::vector<float> raw(size_t(3 * MB * ng * 16 + 16));  // [row % 3][row of x][group][16], 64-byte aligned
+  float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
+  auto row = [&](int64_t n) { return buf + (n % 3) * MB * ng * 16; };  // [row of x][group][16]
+  __m512 acc1[MB], acc2[MB];  // row n-1's chain (first half), row n-2's (second half)
+  for (int i = 0; i < MB; ++i) acc1[i] = _mm512_setzero_ps();
+  for (int64_t n = n0; n < n1 + 2; ++n) {
+    const bool A = n < n1, B1 = n - 1 >= n0 && n - 1 < n1, B2 = n - 2 >= n0;
+    for (int i = 0; i < MB; ++i) {
+      acc2[i] = acc1[i];  // row n-2 was row n-1 of the loop before
+      acc1[i] = _mm512_setzero_ps();
     }
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NR; ++j)
-        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[i][j][0], a[i][j][1])),
-                                    sd ? _mm512_set1_ps(sd[(j * MB + i) * ng + g])
-                                       : _mm512_set1_ps(sc[j * ng + g] * dx[i * ng + g]),
-                                    acc[i][j]);
+    const uint8_t* qr = q + n * ldq;
+    float *S0 = row(n), *S1 = row(n + 2) /* = row n-1 */, *S2 = row(n + 1) /* = row n-2 */ + half * 16;
+    const float *s1 = sc + (n - 1) * ng, *s2 = sc + (n - 2) * ng + half;
+    // a, b1, b2: std::true_type in the steady state (every branch folded away), bools at the ends
+    auto body = [&](auto a, auto b1, auto b2) {
+      for (int64_t h = 0; h < half; ++h) {
+        if (a)
+          for (int64_t g = 2 * h; g < 2 * h + 2; ++g) {
+            __m512i s[MB][2];
+            group_dots<MB, 2>(xq, K, qr, g, G, m0f, s);
+            for (int i = 0; i < MB; ++i)
+              _mm512_store_ps(S0 + (i * ng + g) * 16, _mm512_cvtepi32_ps(_mm512_add_epi32(s[i][0], s[i][1])));
+          }
+        if (b1)
+          for (int i = 0; i < MB; ++i)
+            acc1[i] = _mm512_fmadd_ps(_mm512_load_ps(S1 + (i * ng + h) * 16), _mm512_set1_ps(s1[h] * dx[i * ng + h]),
+                                      acc1[i]);
+        if (b2)
+          for (int i = 0; i < MB; ++i)
+            acc2[i] = _mm512_fmadd_ps(_mm512_load_ps(S2 + (i * ng + h) * 16),
+                                      _mm512_set1_ps(s2[h] * dx[i * ng + half + h]), acc2[i]);
+      }
+    };
+    if (A && B1 && B2) body(std::true_type{}, std::true_type{}, std::true_type{});
+    else body(A, B1, B2);
+    if (B2)
+      for (int i = 0; i < MB; ++i)
+        out[i * N + n - 2] = _mm512_reduce_add_ps(acc2[i]) +
+                             affine_const_v<OFFS>(sc + (n - 2) * ng, OFFS ? of + (n - 2) * ng : nullptr, xs + i * ng, ng);
   }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NR; ++j)
-      out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) +
-                         affine_const_v<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr, xs + i * ng, ng);
-}
-
-template <int MB, int NR, bool OFFS>
-void rows_q4s(const int8_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q, const float* sc,
-              const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1, bool tab, const Pf& pf) {
-  const int64_t ng = K / G, ldq = K / 2;
-  // two tables, the next tile's written while this one runs (its reads then never wait for a store)
-  std::vector<float> sdv(tab ? size_t(2 * NR * MB * ng) + 16 : 0);
-  auto fill = [&](float* t, int64_t n) {
-    for (int j = 0; j < NR; ++j)
-      for (int i = 0; i < MB; ++i) scale_products(sc + (n + j) * ng, dx + i * ng, ng, t + (j * MB + i) * ng);
-  };
-  int64_t n = n0, t = 0;
-  if (tab && n + NR <= n1) fill(sdv.data(), n);
-  for (; n + NR <= n1; n += NR, ++t) {
-    float* cur = tab ? sdv.data() + (t & 1) * NR * MB * ng : nullptr;
-    if (tab && n + 2 * NR <= n1) fill(sdv.data() + ((t + 1) & 1) * NR * MB * ng, n + NR);
-    tile_q4s<MB, NR, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, cur, out + n, N, pf);
-  }
-  for (; n < n1; ++n)
-    tile_q4s<MB, 1, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, nullptr, out + n, N,
-                          pf);
-}
-
-template <bool OFFS>
-void run_q4s(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
-             const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1, int nr,
-             bool tab, const Pf& pf) {
-  auto go = [&](auto mb, auto nrc) {
-    rows_q4s<decltype(mb)::value, decltype(nrc)::value, OFFS>(xq, dx, xs, K, q, sc, of, G, out, N, n0, n1, tab, pf);
-  };
-  auto by_m = [&](auto nrc) {
-    if (M == 1) go(std::integral_constant<int, 1>{}, nrc);
-    else go(std::integral_constant<int, 2>{}, nrc);
-  };
-  if (nr >= 4) by_m(std::integral_constant<int, 4>{});
-  else if (nr == 2) by_m(std::integral_constant<int, 2>{});
-  else by_m(std::integral_constant<int, 1>{});
 }
 
 // ---- int8 without AMX, M = 1-2: 16 weight rows per tile, block sums reduced across rows -------
@@ -1189,11 +1083,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   const bool v12 = q4v12();
-  const int64_t q4s_nr = env_int("CODESHELL_Q4S", 0);
-  const bool q4s_tab = env_int("CODESHELL_Q4S_TAB", 1) != 0;
-#if CODESHELL_HAVE_AVX512
-  const Pf pf{env_int("CODESHELL_PF_NEAR", kPrefetch), env_int("CODESHELL_PF_FAR", 0)};
-#endif
+  const bool p4 = q4p();
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && epi && panel_kernel(G) && M >= panel_min_m()) {  // the AMX rows' bits (q8_panel.h)
@@ -1213,9 +1103,14 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       add_bias(b, op, M, N, n0, n1);
       return;
     }
-    if (vnni && q4s_nr && M <= 2 && G >= 128 && K / G > kQ4v12MaxGroups) {  // experiment
-      if (ofp) run_q4s<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, int(q4s_nr), q4s_tab, pf);
-      else run_q4s<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, int(q4s_nr), q4s_tab, pf);
+    if (vnni && p4 && M <= 2 && G >= 128 && K / G > kQ4v12MaxGroups && (K / G) % 2 == 0) {  // tile_q4v's bits
+      auto go = [&](auto mb) {
+        constexpr int MB = decltype(mb)::value;
+        if (ofp) run_q4p<MB, true>(xqp, dx, xs, K, qp, sp, ofp, G, op, N, n0, n1);
+        else run_q4p<MB, false>(xqp, dx, xs, K, qp, sp, nullptr, G, op, N, n0, n1);
+      };
+      if (M == 1) go(std::integral_constant<int, 1>{});
+      else go(std::integral_constant<int, 2>{});
       add_bias(b, op, M, N, n0, n1);
       return;
     }
@@ -1271,21 +1166,10 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   // tile_r16_q8 where a row's blocks are one span (K <= 2048 at M = 1, 1024 at M = 2): at K = 4096
   // its two spans measured slower than tile_v (1024x4096, warm: 45 against 38-40 us at 2 threads)
   const bool r16 = M <= 2 && nb <= 16 / M && r16_q8();
-  const int64_t s8_nr = env_int("CODESHELL_Q8_S8", 0);
-#if CODESHELL_HAVE_AVX512
-  const Pf pf{env_int("CODESHELL_PF_NEAR", kPrefetch), env_int("CODESHELL_PF_FAR", 0)};
-#endif
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && isa < codeshell::kAmx && M < panel_min_m() && r16) {  // no AMX, M = 1-2: the panel's bits
       run_r16_q8(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1);
-      codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
-      return;
-    }
-    if (vnni && isa < codeshell::kAmx && M < panel_min_m() && M <= 2 && s8_nr) {  // experiment
-      if (s8_nr >= 4) run_s8<4>(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1, pf);
-      else if (s8_nr == 2) run_s8<2>(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1, pf);
-      else run_s8<1>(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1, pf);
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
       return;
     }

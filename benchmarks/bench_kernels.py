@@ -17,9 +17,10 @@ Single layers only (no model is built).
     python benchmarks/bench_kernels.py --kinds bf16 int8 int4 --shapes c_attn attn.c_proj c_fc mlp.c_proj
     python benchmarks/bench_kernels.py --kinds bf16 int8 int4 --m 1 8 --shapes c_fc
     python benchmarks/bench_kernels.py --attention      # decode attention vs SDPA, 7B heads
-    python benchmarks/bench_kernels.py --sweep 3 --kinds int8 int4 --m 1 2 --ab CODESHELL_Q8_STREAM=0 CODESHELL_Q8_STREAM=1
+    python benchmarks/bench_kernels.py --sweep 3 --no-head --kinds int8 --m 1 2 --ab - CODESHELL_Q8_PANEL_MIN_M=1
                                   # cold A/B: kernel variants (env switches read per call) alternating
-                                  # in rounds with a plain read probe, medians (GB/s, % of the probe)
+                                  # in rounds with a plain read probe, medians (GB/s, % of the probe,
+                                  # speed against the first variant in the same round)
 """
 
 from __future__ import annotations

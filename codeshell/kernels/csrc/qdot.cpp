@@ -69,7 +69,6 @@ inline bool env_on(const char* name) {
 }
 inline bool q4v12() { return env_on("CODESHELL_Q4V12"); }
 inline bool r16_q8() { return env_on("CODESHELL_Q8_R16"); }
-inline bool q4p() { return env_on("CODESHELL_Q4P"); }
 
 // Rows of x from which tile_v (int4 groups of 32 / 64 on AMX CPUs) takes register tiles of
 // several weight rows instead of one weight row per tile of up to 8 rows of x. Up to 8 rows of x
@@ -814,66 +813,6 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
   }
 }
 
-// ---- int4 without AMX, M = 1-2, more than 16 groups a row: rows skewed over two loops ---------
-// tile_q4v's arithmetic per (row of x, weight row): exact int32 group sums (lo + hi chains),
-// acc = fma(float(sum_g), scale_g * d_g, acc) for g in order, reduce_add + affine_const_v; the
-// product taken per group as tile_q4v12 does (the same fp32 product as tile_q4v's table).
-// Why: one row at a time, that fma chain (32 groups at K = 4096, 4 cycles each) is the row's
-// critical path and the next row's chain only starts when the out-of-order window reaches it
-// (~13 instructions a group: about one row); warm, tile_q4v read 41 GB/s a core. Reading two or
-// four rows in step gives independent chains but several streams, which cold read 0.84x (the
-// session-15 experiment, docs/kernels.md). Here the weight stays one stream, row after row: loop
-// n sums row n's groups into float vectors (S, a ring of 3 rows) and, in the same iterations,
-// runs the first half of row n-1's chain and the second half of row n-2's: two independent
-// chains, each in order, from data already loaded.
-template <int MB, bool OFFS>
-void run_q4p(const int8_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q, const float* sc,
-             const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t ng = K / G, ldq = K / 2, half = ng / 2;  // ng even (the caller checks)
-  const __m512i m0f = _mm512_set1_epi8(0x0f);
-  std::vector<float> raw(size_t(3 * MB * ng * 16 + 16));  // [row % 3][row of x][group][16], 64-byte aligned
-  float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
-  auto row = [&](int64_t n) { return buf + (n % 3) * MB * ng * 16; };  // [row of x][group][16]
-  __m512 acc1[MB], acc2[MB];  // row n-1's chain (first half), row n-2's (second half)
-  for (int i = 0; i < MB; ++i) acc1[i] = _mm512_setzero_ps();
-  for (int64_t n = n0; n < n1 + 2; ++n) {
-    const bool A = n < n1, B1 = n - 1 >= n0 && n - 1 < n1, B2 = n - 2 >= n0;
-    for (int i = 0; i < MB; ++i) {
-      acc2[i] = acc1[i];  // row n-2 was row n-1 of the loop before
-      acc1[i] = _mm512_setzero_ps();
-    }
-    const uint8_t* qr = q + n * ldq;
-    float *S0 = row(n), *S1 = row(n + 2) /* = row n-1 */, *S2 = row(n + 1) /* = row n-2 */ + half * 16;
-    const float *s1 = sc + (n - 1) * ng, *s2 = sc + (n - 2) * ng + half;
-    // a, b1, b2: std::true_type in the steady state (every branch folded away), bools at the ends
-    auto body = [&](auto a, auto b1, auto b2) {
-      for (int64_t h = 0; h < half; ++h) {
-        if (a)
-          for (int64_t g = 2 * h; g < 2 * h + 2; ++g) {
-            __m512i s[MB][2];
-            group_dots<MB, 2>(xq, K, qr, g, G, m0f, s);
-            for (int i = 0; i < MB; ++i)
-              _mm512_store_ps(S0 + (i * ng + g) * 16, _mm512_cvtepi32_ps(_mm512_add_epi32(s[i][0], s[i][1])));
-          }
-        if (b1)
-          for (int i = 0; i < MB; ++i)
-            acc1[i] = _mm512_fmadd_ps(_mm512_load_ps(S1 + (i * ng + h) * 16), _mm512_set1_ps(s1[h] * dx[i * ng + h]),
-                                      acc1[i]);
-        if (b2)
-          for (int i = 0; i < MB; ++i)
-            acc2[i] = _mm512_fmadd_ps(_mm512_load_ps(S2 + (i * ng + h) * 16),
-                                      _mm512_set1_ps(s2[h] * dx[i * ng + half + h]), acc2[i]);
-      }
-    };
-    if (A && B1 && B2) body(std::true_type{}, std::true_type{}, std::true_type{});
-    else body(A, B1, B2);
-    if (B2)
-      for (int i = 0; i < MB; ++i)
-        out[i * N + n - 2] = _mm512_reduce_add_ps(acc2[i]) +
-                             affine_const_v<OFFS>(sc + (n - 2) * ng, OFFS ? of + (n - 2) * ng : nullptr, xs + i * ng, ng);
-  }
-}
-
 // ---- int8 without AMX, M = 1-2: 16 weight rows per tile, block sums reduced across rows -------
 // The bits of q8_epilogue.h (amx:q8's, q8_panel.h's, tile_v's), by another loop order: rows
 // [n, n + R) (R <= 16) of the weight are read one after another, each row's K bytes front to
@@ -1083,7 +1022,6 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   const bool v12 = q4v12();
-  const bool p4 = q4p();
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && epi && panel_kernel(G) && M >= panel_min_m()) {  // the AMX rows' bits (q8_panel.h)
@@ -1100,17 +1038,6 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     if (vnni && q4r_takes(M, G)) {  // M = 5..16, G >= 128: two weight rows per x load, tile_q4v's bits
       if (ofp) run_q4r<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
       else run_q4r<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
-      add_bias(b, op, M, N, n0, n1);
-      return;
-    }
-    if (vnni && p4 && M <= 2 && G >= 128 && K / G > kQ4v12MaxGroups && (K / G) % 2 == 0) {  // tile_q4v's bits
-      auto go = [&](auto mb) {
-        constexpr int MB = decltype(mb)::value;
-        if (ofp) run_q4p<MB, true>(xqp, dx, xs, K, qp, sp, ofp, G, op, N, n0, n1);
-        else run_q4p<MB, false>(xqp, dx, xs, K, qp, sp, nullptr, G, op, N, n0, n1);
-      };
-      if (M == 1) go(std::integral_constant<int, 1>{});
-      else go(std::integral_constant<int, 2>{});
       add_bias(b, op, M, N, n0, n1);
       return;
     }

@@ -17,6 +17,10 @@ Single layers only (no model is built).
     python benchmarks/bench_kernels.py --kinds bf16 int8 int4 --shapes c_attn attn.c_proj c_fc mlp.c_proj
     python benchmarks/bench_kernels.py --kinds bf16 int8 int4 --m 1 8 --shapes c_fc
     python benchmarks/bench_kernels.py --attention      # decode attention vs SDPA, 7B heads
+    python benchmarks/bench_kernels.py --sweep 3 --no-head --kinds int8 --m 1 2 --ab - CODESHELL_Q8_PANEL_MIN_M=1
+                                  # cold A/B: kernel variants (env switches read per call) alternating
+                                  # in rounds with a plain read probe, medians (GB/s, % of the probe,
+                                  # speed against the first variant in the same round)
 """
 
 from __future__ import annotations
@@ -95,11 +99,12 @@ class Flush:
             self.buf.add_(1.0)
 
 
-def pack(kind: str, w: torch.Tensor, group: int):
-    """Our packed weight of one kind for w [N, K] (int4: groups of `group` with zero points)."""
+def pack(kind: str, w: torch.Tensor, group: int, symmetric: bool = False):
+    """Our packed weight of one kind for w [N, K] (int4: groups of `group`, with zero points
+    unless `symmetric`)."""
     if kind == "bf16":
         return prepack(w)
-    return quantize_int8(w) if kind == "int8" else quantize_int4(w, group, symmetric=False)
+    return quantize_int8(w) if kind == "int8" else quantize_int4(w, group, symmetric=symmetric)
 
 
 def torch_int8(w: torch.Tensor):
@@ -193,6 +198,13 @@ def main() -> None:
                     help="instead: one decode step's linears, LAYERS layers of the --model shape (each its own "
                          "weights) then lm_head, in model order, for each --kinds and --m: time per step against "
                          "the bound (weight bytes / read bandwidth); the kernels' share of a decode step")
+    ap.add_argument("--ab", nargs="+", default=None, metavar="ENV=V[,ENV=V]",
+                    help="with --sweep: variants (environment settings the kernels read per call, '-' for none) "
+                         "timed in turn, --rounds rounds in rotating order, each round with a plain read probe "
+                         "(read_stream over 1 GiB on huge pages); medians of GB/s and of %% of the probe")
+    ap.add_argument("--rounds", type=int, default=5, help="--ab rounds")
+    ap.add_argument("--no-head", action="store_true", help="--sweep without lm_head (the blocks' linears only)")
+    ap.add_argument("--symmetric", action="store_true", help="int4 without offsets (default: with)")
     ap.add_argument("--per-core", action="store_true",
                     help="1 thread, timed by this thread's CPU time: kernel efficiency without the "
                          "scheduling noise of a shared machine (memory contention still counts)")
@@ -215,6 +227,8 @@ def main() -> None:
         pass
     if args.attention:
         return attention(args.budget)
+    if args.sweep and args.ab:
+        return sweep_ab(args)
     bw = read_bandwidth(args.budget)
     if args.sweep:
         return sweep(args, bw)
@@ -309,6 +323,101 @@ def sweep(args, bw: float) -> None:
             bound = nbytes / bw / 1e9
             agg = f"{m * t1 / t:13.2f}x" if t1 else f"{'-':>14}"
             print(f"{kind:10} {m:4d} {t * 1e3:9.2f} {bound * 1e3:9.2f} {100 * bound / t:9.1f}% {agg}", flush=True)
+        del layers
+
+
+def sweep_layers(args, kind: str, gen: torch.Generator) -> list:
+    """--sweep's weights: LAYERS layers of the four block linears (each its own weights) in
+    model order, then lm_head unless --no-head; packed data on huge pages, as a model loads them
+    (kernels/hugepages.py). [(name, PackedWeight, bias or None)]."""
+    import dataclasses
+    from codeshell.kernels import hugepages
+    order = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+    layers = []
+    for name in order * args.sweep + ([] if args.no_head else ["lm_head"]):
+        n, k, has_bias = SHAPES[name]
+        w = torch.randn(n, k, generator=gen) * 0.02
+        pw = pack(kind, w, args.group, args.symmetric)
+        if kind != "bf16":
+            pw = dataclasses.replace(pw, data=hugepages.resident(pw.data))
+        layers.append((name, pw, torch.randn(n, generator=gen) * 0.02 if has_bias else None))
+        del w
+    return layers
+
+
+def set_env(variant: str) -> None:
+    """Apply one --ab variant: 'NAME=V,NAME=V' (or '-': nothing) on top of the environment."""
+    for kv in variant.split(","):
+        if kv and kv != "-":
+            name, _, val = kv.partition("=")
+            os.environ[name] = val
+
+
+def sweep_ab(args) -> None:
+    """--sweep with --ab: one decode step's linears, cold (the step's weights exceed the LLC),
+    for each variant in turn, rounds rotating the order, a plain read probe in every round.
+    A variant's step time is the best of 3 steps in a round; its GB/s = step bytes / time; its
+    % of the probe is against the same round's probe. Medians over the rounds, per shape too
+    (the sum of that shape's call times within the best step), and of the speed against the first
+    variant in the same round (the host's bandwidth moves within minutes: the paired ratio is the
+    figure to trust)."""
+    import statistics
+    from codeshell.kernels import _ext, hugepages, ops
+    mod, gen = _ext.get(), torch.Generator().manual_seed(0)
+    probe_buf = hugepages.empty(((1 << 30) // 4,), torch.float32).fill_(1.0)
+
+    def probe() -> float:  # best of 3 passes after one
+        return probe_buf.numel() * 4 / timeit(lambda: mod.read_stream(probe_buf, 1), 0.0, 3, 3) / 1e9
+
+    base_env = dict(os.environ)
+    print(f"sweep A/B: {args.sweep} layers of {args.model}{'' if args.no_head else ' + lm_head'}, "
+          f"variants {args.ab}, {args.rounds} rounds; int4 {'symmetric' if args.symmetric else 'with offsets'}, "
+          f"g{args.group}")
+    for kind in args.kinds:
+        layers = sweep_layers(args, kind, gen)
+        nbytes = sum(pw.nbytes for _, pw, _ in layers)
+        shape_bytes: dict[str, int] = {}
+        for name, pw, _ in layers:
+            shape_bytes[name] = shape_bytes.get(name, 0) + pw.nbytes
+        for m in args.m:
+            xs = {k_: torch.randn(m, k_, generator=gen) for k_ in {pw.in_features for _, pw, _ in layers}}
+            xdt = torch.bfloat16 if kind == "bf16" else torch.float32
+            calls = [(name, ops.plan(pw, m, xdt), xs[pw.in_features].to(xdt), pw, b) for name, pw, b in layers]
+
+            def step() -> tuple[float, dict[str, float]]:
+                per: dict[str, float] = {}
+                t0 = time.perf_counter()
+                for name, path, x, pw, b in calls:
+                    t = time.perf_counter()
+                    ops._compute(path, mod, x, pw, b)
+                    per[name] = per.get(name, 0.0) + time.perf_counter() - t
+                return time.perf_counter() - t0, per
+
+            res: dict[str, list[tuple[float, float, dict[str, float]]]] = {v: [] for v in args.ab}
+            for r in range(args.rounds):
+                bw = probe()
+                order = args.ab[r % len(args.ab):] + args.ab[:r % len(args.ab)]
+                for v in order:
+                    os.environ.clear()
+                    os.environ.update(base_env)
+                    set_env(v)
+                    step()  # warm-up: the kernels' first call with this setting
+                    best = min((step() for _ in range(3)), key=lambda s: s[0])
+                    res[v].append((best[0], bw, best[1]))
+                os.environ.clear()
+                os.environ.update(base_env)
+                print(f"{kind} M={m} round {r}: probe {bw:5.1f} GB/s; "
+                      + "; ".join(f"{v}: {nbytes / res[v][-1][0] / 1e9:5.1f}" for v in args.ab), flush=True)
+            print(f"{kind} M={m}: {nbytes / 1e6:.0f} MB a step, medians over {args.rounds} rounds "
+                  f"(path {calls[0][1]}); probe {statistics.median(bw for _, bw, _ in res[args.ab[0]]):.1f} GB/s")
+            for v in args.ab:
+                t = statistics.median(s for s, _, _ in res[v])
+                pct = statistics.median(100 * nbytes / s / 1e9 / bw for s, bw, _ in res[v])
+                per = " ".join(f"{name} {statistics.median(shape_bytes[name] / p[name] / 1e9 for _, _, p in res[v]):5.1f}"
+                               for name in shape_bytes)
+                ratio = statistics.median(b[0] / s[0] for s, b in zip(res[v], res[args.ab[0]]))
+                print(f"  {v:40} {t * 1e3:8.2f} ms {nbytes / t / 1e9:6.1f} GB/s {pct:5.1f}% of probe "
+                      f"{ratio:5.2f}x the first | GB/s: {per}", flush=True)
         del layers
 
 

@@ -42,10 +42,13 @@
 
 #include <omp.h>
 
+#include <array>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -166,6 +169,31 @@ void store_kv(const bf16* qkv, int64_t M, int64_t H, int64_t G, int64_t D, const
     }
 }
 
+// Where a step's time goes (`DecodeStep.profile`, off by default; benchmarks/bench_decode_step.py
+// --profile prints it): wall nanoseconds per phase summed over the calls, measured on the calling
+// thread between the phases (a phase's parallel loop is inside its own time). Off, each mark is one
+// predictable branch.
+enum Phase : int { kEmbed, kNorm, kQkv, kRopeStore, kAttention, kProj, kFc, kGelu, kMlpProj, kHead, kPick, kCast,
+                    kPhases };
+constexpr const char* kPhaseNames[kPhases] = {"embed+rope rows", "layer norms", "c_attn",   "rope+kv store",
+                                              "attention",       "attn.c_proj", "c_fc",     "gelu",
+                                              "mlp.c_proj",      "head",        "argmax",   "logits cast"};
+struct Profile {
+  bool on = false;
+  int64_t calls = 0;
+  std::array<int64_t, kPhases> ns{};
+  std::chrono::steady_clock::time_point last;
+  void start() {
+    if (on) last = std::chrono::steady_clock::now(), ++calls;
+  }
+  void mark(Phase p) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    ns[p] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count();
+    last = now;
+  }
+};
+
 class DecodeStep {
  public:
   // H query heads, G KV groups of D dims; attn_isa: packed_attention's isa (ops.isa_level()).
@@ -249,6 +277,7 @@ class DecodeStep {
     torch::Tensor out;
     step([&](Arena& a) {
       a.shape(M, C, (H_ + 2 * G_) * D_, inner_, 0, D_ / 2, H_, D_);
+      prof_.start();
       out = blocks(a, x, cos, sin, kc, vc, slots, positions, lens, scale).clone();  // the arena's is reused
     });
     return out;
@@ -279,6 +308,7 @@ class DecodeStep {
     const Linear& head = linears_[head_];
     step([&](Arena& a) {
       a.shape(M, C, (H_ + 2 * G_) * D_, inner_, head.N, half, H_, D_);
+      prof_.start();
       embed(tokens, a.x);
       // RoPE rows: freqs [M, D/2] = float(position) * inv_freq (single fp32 products, as torch's
       // broadcast multiply), then torch's own cos and sin on the same [M, D/2] shape (same bits)
@@ -294,21 +324,25 @@ class DecodeStep {
       auto as_tensor = [&](const std::vector<int64_t>& v) {
         return torch::from_blob(const_cast<int64_t*>(v.data()), {M}, i64);
       };
+      prof_.mark(kEmbed);
       torch::Tensor h = blocks(a, a.x, a.cos, a.sin, kc, vc, as_tensor(slots), as_tensor(positions), as_tensor(lens),
                                scale);
       const torch::Tensor y = apply(head, h, a.head, a.xf(C, C));  // fp32 [M, V]
+      prof_.mark(kHead);
       const float* yp = y.data_ptr<float>();
       // The greedy picks: each row's first maximal index among the bf16 values its fp32 logits
       // round to, read from the fp32 rows (argmax_rows_rounded: what argmax_rows gives on the
       // bf16 logits below, ties included), so a step whose rows are all plain greedy (the
       // engine's common case) skips the bf16 [M, V] copy and its re-read.
       argmax_rows_rounded(yp, M, head.N, picks.data());
+      prof_.mark(kPick);
       if (want_logits) {
         // the cast to bf16 (FastLinear's `.to(bfloat16)`: the same rounding), split over the team
         logits = torch::empty({M, head.N}, h.options());
         bf16* lp = logits.data_ptr<bf16>();
         codeshell::parallel_chunks(M * head.N, 1024, 8192,
                                    [&](int64_t i0, int64_t i1) { f32_to_bf16(yp + i0, lp + i0, i1 - i0); });
+        prof_.mark(kCast);
       }
     });
     return {logits, picks};
@@ -346,6 +380,18 @@ class DecodeStep {
                     inv_freq.numel() == D_ / 2,
                 "DecodeStep.set_rope: inv_freq must be a contiguous fp32 [", D_ / 2, "] tensor");
     inv_freq_ = inv_freq;
+  }
+
+  // The phase profile (Profile): on / off (turning it on clears it), and (calls, {phase: seconds}).
+  void set_profile(bool on) {
+    prof_ = Profile{};
+    prof_.on = on;
+  }
+  bool profile() const { return prof_.on; }
+  std::tuple<int64_t, std::vector<std::tuple<std::string, double>>> profile_times() const {
+    std::vector<std::tuple<std::string, double>> out;
+    for (int p = 0; p < kPhases; ++p) out.emplace_back(kPhaseNames[p], prof_.ns[p] * 1e-9);
+    return {prof_.calls, out};
   }
 
  private:
@@ -467,8 +513,10 @@ class DecodeStep {
     for (int64_t layer = 0; layer < layers(); ++layer) {
       const Layer& ly = layers_[layer];
       add_ln(pending, ly.ln1_w, ly.ln1_b, ly.ln1_eps);
+      prof_.mark(kNorm);
       const Linear& la = linears_[ly.attn];
       torch::Tensor y = apply(la, a.y, a.fqkv, a.xf(la.K, C));  // fp32 [M, (H + 2G) D]
+      prof_.mark(kQkv);
       torch::Tensor qkv;
       if (cos) {
         fused_rope_bf16_out(y, *cos, *sin, H + G, D, a.qkv);
@@ -482,17 +530,25 @@ class DecodeStep {
       // q rows [M, H, D]: the first H heads of each qkv row, made contiguous (as PackedView.attend)
       bf16* q = a.q.data_ptr<bf16>();
       for (int64_t i = 0; i < M; ++i) std::memcpy(q + i * C, qp + i * (H + 2 * G) * D, C * sizeof(bf16));
+      prof_.mark(kRopeStore);
       const torch::Tensor att = attend(a.q, kl, vl, slots, lens, scale, a.att);  // bf16 [M, H, D]
+      prof_.mark(kAttention);
       const Linear& lp = linears_[ly.proj];
       y = apply(lp, att.view({M, C}), a.fc, a.xf(lp.K, C));
+      prof_.mark(kProj);
       add_ln(y, ly.ln2_w, ly.ln2_b, ly.ln2_eps);
+      prof_.mark(kNorm);
       const Linear& lf = linears_[ly.fc];
       y = apply(lf, a.y, a.ffc, a.xf(lf.K, C));
+      prof_.mark(kFc);
       fused_gelu_tanh_out(y, c10::nullopt, /*out_bf16=*/true, a.g);
+      prof_.mark(kGelu);
       const Linear& lm = linears_[ly.mlp_proj];
       pending = apply(lm, a.g, a.fpend, a.xf(lm.K, C));
+      prof_.mark(kMlpProj);
     }
     add_ln(pending, lnf_w_, lnf_b_, lnf_eps_);
+    prof_.mark(kNorm);
     return a.y;
   }
 
@@ -504,6 +560,7 @@ class DecodeStep {
   int64_t head_ = -1, emb_kind_ = kEmbPanels, vocab_ = 0;
   torch::Tensor emb_, inv_freq_;
   int64_t team_ = 0, layer_bytes_ = 0, inner_ = 0;
+  mutable Profile prof_;
   mutable std::mutex arena_mu_;
   mutable Arena arena_;
 };
@@ -533,7 +590,10 @@ void register_decode_step(py::module& m) {
       .def("set_rope", &DecodeStep::set_rope, "RoPE's inverse frequencies fp32 [D/2]")
       .def_property("team", &DecodeStep::team, &DecodeStep::set_team,
                     "the whole step in one thread team: 0 off, 1 on, 2 auto (on where the layers are small)")
-      .def_property_readonly("uses_team", &DecodeStep::use_team);
+      .def_property_readonly("uses_team", &DecodeStep::use_team)
+      .def_property("profile", &DecodeStep::profile, &DecodeStep::set_profile,
+                    "time each phase of decode's calls (setting it clears the sums)")
+      .def("profile_times", &DecodeStep::profile_times, "(calls, [(phase, seconds summed over the calls)])");
   // For the tests: decode's picks without bf16 logits must equal argmax_rows on them, ties included.
   m.def(
       "argmax_rows_rounded",

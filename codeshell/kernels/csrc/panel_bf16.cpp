@@ -168,11 +168,12 @@ struct Bf16Dot {
       std::memcpy(xp.data(), src, size_t(K) * sizeof(uint16_t));
       return xp;
     }
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) {
-        auto* pair = reinterpret_cast<uint16_t*>(&xp[(k / 2) * M + m]);
-        pair[k & 1] = src[m * K + k];
-      }
+    // M > 1: a transpose of the rows' bf16 pairs as 32-bit words (an odd K's last value alone)
+    const int64_t full = K / 2;
+    for (int64_t j = 0; j < full; ++j)
+      for (int64_t m = 0; m < M; ++m) std::memcpy(&xp[j * M + m], src + m * K + 2 * j, sizeof(uint32_t));
+    if (K & 1)
+      for (int64_t m = 0; m < M; ++m) xp[full * M + m] = src[m * K + K - 1];  // (x, 0): the pair's low half
     return xp;
   }
   static int64_t ld(int64_t M) { return M; }
@@ -186,13 +187,21 @@ namespace {
 
 // c[M][16] = x[M rows] @ panel^T over all k-pairs, m-tiles of up to Isa::kTileRows (the rest split so
 // no 1-row tile is left when it can be avoided), k-blocked so the panel chunk stays in L1.
-template <class Isa, int MR>
-void tile_call(const typename Isa::X* x, int64_t ldx, const uint32_t* w, int64_t j0, int64_t j1, float* c, bool first) {
-  Isa::template micro<MR, 1>(x, ldx, w, 0, j0, j1, c, first);
+// NP panels side by side (pstride: uint32 from one panel to the next); c holds panel q's rows at
+// c + q * kPanel * kPanel, so NP > 1 takes M <= kPanel.
+template <class Isa, int MR, int NP>
+void tile_call(const typename Isa::X* x, int64_t ldx, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
+               float* c, bool first) {
+  Isa::template micro<MR, NP>(x, ldx, w, pstride, j0, j1, c, first);
 }
 
-template <class Isa>
-void panel_product(const typename Isa::X* x, int64_t M, int64_t Kh, const uint32_t* w, float* c) {
+// c = x [M rows] @ NP panels^T (panel q's c rows at c + q * kPanel * kPanel when NP > 1, else c + m * kPanel
+// for any M <= kMaxRows). NP = 2 at 4..16 rows (decode_panels): one chain per (row, panel) either way, so
+// the same bits; two panels give a vdpbf16ps tile of 8 rows 16 independent chains (8 left the
+// chain latency exposed) and halve the broadcasts of x per weight load.
+template <class Isa, int NP = 1>
+void panel_product(const typename Isa::X* x, int64_t M, int64_t Kh, const uint32_t* w, float* c,
+                   int64_t pstride = 0) {
   constexpr int T = Isa::kTileRows;
   for (int64_t j0 = 0; j0 < Kh; j0 += kKBlock) {
     const int64_t j1 = std::min(Kh, j0 + kKBlock);
@@ -205,7 +214,7 @@ void panel_product(const typename Isa::X* x, int64_t M, int64_t Kh, const uint32
       switch (take) {
 #define CODESHELL_TILE(R) \
   case R:                 \
-    if constexpr (R <= T) tile_call<Isa, R>(xm, M, w, j0, j1, cm, first); \
+    if constexpr (R <= T) tile_call<Isa, R, NP>(xm, M, w, pstride, j0, j1, cm, first); \
     break;
         CODESHELL_TILE(1) CODESHELL_TILE(2) CODESHELL_TILE(3) CODESHELL_TILE(4)
         CODESHELL_TILE(5) CODESHELL_TILE(6) CODESHELL_TILE(7) CODESHELL_TILE(8)
@@ -285,11 +294,21 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     else if (M == 1) panels_small_m<Isa, 1, 4>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 2) panels_small_m<Isa, 2, 3>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 3) panels_small_m<Isa, 3, 2>(xp, Kh, wp, p0, p1, c, emit);
-    else
-      for (int64_t p = p0; p < p1; ++p) {
+    else {
+      int64_t p = p0;
+      if constexpr (kDot) {  // two panels at a time (the Bf16Dot tile: 8 rows x 2 panels)
+        if (M <= kPanel)
+          for (; p + 2 <= p1; p += 2) {
+            panel_product<Isa, 2>(xp, M, Kh, wp + p * Kh * kPanel, c, Kh * kPanel);
+            emit(p, c);
+            emit(p + 1, c + kPanel * kPanel);
+          }
+      }
+      for (; p < p1; ++p) {
         panel_product<Isa>(xp, M, Kh, wp + p * Kh * kPanel, c);
         emit(p, c);
       }
+    }
   });
 }
 

@@ -111,10 +111,16 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
   alignas(64) float acc[NG][16][16];
   alignas(64) float y[16], sv[16], bv[16];
   const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
+  // acc[g][L] sums blocks L, L + 16, ... from +0. Blocks 0..15 start from a zero register
+  // instead of a load (the same +0), so only the slots no block reaches (L >= nb) are zeroed,
+  // once per call: a memset of all NG x 16 slots per NR weight rows (4 KiB at E = 2) cost as
+  // much as the rows' vpdpbusd at K = 256 (codeshell-mini's head at M = 8: 162 -> see
+  // docs/kernels.md, session 15 helper C).
+  for (int g = 0; g < NG; ++g)
+    for (int64_t l = std::min<int64_t>(nb, 16); l < 16; ++l) std::memset(acc[g][l], 0, sizeof acc[g][l]);
   for (int64_t n = n0; n < n1; n += NR) {
     const uint8_t* rp[NR];
     for (int j = 0; j < NR; ++j) rp[j] = A.w + std::min(n + j, n1 - 1) * K;
-    std::memset(acc, 0, sizeof acc);  // +0 in every lane L (blocks L, L + 16, ...)
     for (int64_t b = 0; b < nb; ++b) {
       for (int j = 0; j < NR; ++j) {  // the next NR rows' same bytes into L2 (past n1: harmless)
         const char* p = reinterpret_cast<const char*>(rp[j] + b * 128 + NR * K);
@@ -134,7 +140,7 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
       for (int g = 0; g < NG; ++g) {
         const __m512i T = _mm512_sub_epi32(reduce<E>(a + g * E), so);
         float* ac = acc[g][b & 15];
-        _mm512_store_ps(ac, E_::epi_step(_mm512_load_ps(ac), T, d));
+        _mm512_store_ps(ac, E_::epi_step(b < 16 ? _mm512_setzero_ps() : _mm512_load_ps(ac), T, d));
       }
     }
     for (int g = 0; g < NG; ++g) {

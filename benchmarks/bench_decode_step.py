@@ -15,6 +15,9 @@ per batch the medians over the rounds, the best round, and the ratio off / on.
     python benchmarks/bench_decode_step.py --model /tmp/bq/bf16 --tokens 32 --threads 1
     python benchmarks/bench_decode_step.py --compare team   # the step without / with its thread team
     python benchmarks/bench_decode_step.py --calls          # the native call alone, team off / on, percentiles
+    python benchmarks/bench_decode_step.py --profile --model /tmp/q/int4 --tokens 32 --ab - team=1
+                                     # where a step's time goes (DecodeStep.profile), per phase, per batch,
+                                     # variants alternating in one process (team=0|1 or ENV=V, '-' = none)
 """
 
 from __future__ import annotations
@@ -116,6 +119,61 @@ def calls(model: str, batch: int, threads: int, blocks: int) -> None:
               f"(engine Python) {py:.3f} ms ({py / st:.0%})")
 
 
+def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: int, variants: list[str]) -> None:
+    """Per-phase wall time of the native step (`DecodeStep.profile` / `profile_times`, us a call,
+    medians over the rounds) for each batch and variant, in one process: greedy generations of
+    `tokens` tokens after 16-token prompts, the variants' order reversed every other round.
+    A variant is '-' (as loaded), `team=0|1` (DecodeStep.team, set on the built step) or
+    comma-separated ENV=V settings the kernels read per call (CODESHELL_Q4_ROWS_MAX_M=0, ...)."""
+    import torch
+
+    from codeshell import LLM, SamplingParams
+    from codeshell.kernels import step as step_mod
+
+    llm = LLM(model, dtype="bfloat16", threads=threads, max_batch=max(batches), max_model_len=16 + tokens + 8)
+    vocab = min(llm.engine.cfg.vocab_size, 70000)
+    g = torch.Generator().manual_seed(1)
+    prompts = {b: [{"prompt_token_ids": torch.randint(0, vocab, (16,), generator=g).tolist()} for _ in range(b)]
+               for b in batches}
+    llm.generate(prompts[max(batches)], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    d = step_mod._DECODERS.get(llm.engine.model)
+    if d is None or d.step is None:
+        sys.exit("error: the native decode step does not run this model")
+    st, team0, env0 = d.step, d.step.team, dict(os.environ)
+    sp = SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
+    res: dict[tuple[str, int], list[dict]] = {}
+    for r in range(rounds):
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            os.environ.clear()
+            os.environ.update(env0)
+            st.team = team0
+            for kv in ([] if v == "-" else v.split(",")):
+                k, val = kv.split("=", 1)
+                if k == "team":
+                    st.team = int(val)
+                else:
+                    os.environ[k] = val
+            for b in batches:
+                st.profile = True  # clears the sums
+                llm.generate(prompts[b], sp)
+                calls, phases = st.profile_times()
+                st.profile = False
+                row = {n: s / calls * 1e6 for n, s in phases}
+                row["whole call"] = sum(s for _, s in phases) / calls * 1e6
+                res.setdefault((v, b), []).append(row)
+    os.environ.clear()
+    os.environ.update(env0)
+    st.team = team0
+    cols = [(v, b) for v in variants for b in batches]
+    print("us a call, medians over rounds".ljust(22) + "".join(f"{v[:14] + ' b' + str(b):>20}" for v, b in cols))
+    for name in res[cols[0]][0]:
+        print(name.ljust(22) + "".join(f"{statistics.median(x[name] for x in res[c]):20.1f}" for c in cols))
+    for v in variants:
+        w = {b: statistics.median(x["whole call"] for x in res[(v, b)]) for b in batches}
+        print(f"{v}: " + ", ".join(f"b{b}/b{batches[0]} rows per second {b * w[batches[0]] / (batches[0] * w[b]):.2f}x"
+                                   for b in batches[1:]))
+
+
 def measure(model: str, tokens: int, batch: int, threads: int, mode: str, compare: str = "step") -> dict:
     var = "CODESHELL_DECODE_STEP" if compare == "step" else "CODESHELL_DECODE_TEAM"
     env = dict(os.environ, **{var: mode})
@@ -145,9 +203,20 @@ def main() -> None:
     ap.add_argument("--calls", action="store_true",
                     help="instead: the native call alone, call by call, team off / on in alternating processes "
                          "(percentiles), and the engine Python's share of a step")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: per-phase time of the native step (DecodeStep.profile) at each --batch, "
+                         "--ab variants alternating over --rounds in one process")
+    ap.add_argument("--ab", nargs="+", default=["-"], metavar="VARIANT",
+                    help="with --profile: '-' (as loaded), team=0|1, or ENV=V[,ENV=V] the kernels read per call")
     a = ap.parse_args()
     if not Path(a.model, "config.json").is_file():
         ap.error(f"--model {a.model}: no config.json there")
+    if a.profile:
+        print(f"model {a.model}, {a.threads} threads, {a.tokens} tokens, rounds {a.rounds}; "
+              f"load average before: {os.getloadavg()}")
+        profile(a.model, a.tokens, a.batch, a.threads, a.rounds, a.ab)
+        print(f"load average after: {os.getloadavg()}")
+        return
     if a.calls:
         print(f"model {a.model}, {a.threads} threads; load average before: {os.getloadavg()}")
         for b in a.batch:

@@ -49,6 +49,9 @@ MODEL_SHAPES = {  # --model: the same five linears of bench_quant.py's shapes
     # bench_quant `shape_config("mid")`: n_embd 1536, 12 heads of 128, 4 kv groups, n_inner 6144
     "mid": {"c_attn": (1536 + 2 * 4 * 128, 1536, True), "attn.c_proj": (1536, 1536, True),
             "c_fc": (6144, 1536, True), "mlp.c_proj": (1536, 6144, True), "lm_head": (70144, 1536, False)},
+    # bench_quant `shape_config("small")`: n_embd 1024, 8 heads of 128, 2 kv groups, n_inner 4096
+    "small": {"c_attn": (1024 + 2 * 2 * 128, 1024, True), "attn.c_proj": (1024, 1024, True),
+              "c_fc": (4096, 1024, True), "mlp.c_proj": (1024, 4096, True), "lm_head": (70144, 1024, False)},
 }
 
 
@@ -190,7 +193,7 @@ def main() -> None:
                          "read from the LLC, not memory")
     ap.add_argument("--attention", action="store_true", help="only the decode attention kernel vs SDPA")
     ap.add_argument("--model", default="7b", choices=list(MODEL_SHAPES),
-                    help="whose linear shapes: CodeShell-7B or bench_quant.py's mid shape (0.41B, width 1536)")
+                    help="whose linear shapes: CodeShell-7B or bench_quant.py's mid (0.41B, width 1536) or small (width 1024) shape")
     ap.add_argument("--direct", action="store_true",
                     help="time our kernels' native entry point for the planned path on fp32 x (ops._compute: "
                          "what the C++ decode step calls) instead of linear() on bf16 x with its Python dispatch")

@@ -29,7 +29,12 @@ import os
 
 import torch
 
-MIN_BYTES = 4 << 20  # below this a 2 MiB-aligned huge page rarely fits inside the tensor
+HUGE = 2 << 20  # the x86-64 transparent huge page
+# At least one whole huge page: a smaller tensor stays on torch's allocator (see `_map`).
+MIN_BYTES = HUGE
+# Where the tensor starts in its mapping (`_map`): at the mapping's first 2 MiB boundary (True),
+# or at the mapping's start as before session 16 (False: for A/B timing only).
+ALIGN = True
 
 
 def enabled() -> bool:
@@ -46,14 +51,31 @@ def _map(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
     nbytes = n * torch.empty((), dtype=dtype).element_size()
     if nbytes < MIN_BYTES or not enabled():
         return None
+    # The kernel backs only the 2 MiB-aligned ranges that lie wholly inside an advised mapping
+    # with huge pages, and mmap returns a 4 KiB-aligned address: a tensor placed at the start
+    # of its mapping lost its first partial 2 MiB to 4 KiB pages, and one under ~4 MiB usually
+    # got no huge page at all (the small shape's c_attn, 3.1 MiB, and attn.c_proj, 2.1 MiB:
+    # they read ~30 GB/s in the decode step where c_fc and mlp.c_proj, 8.4 MiB, read ~42).
+    # So the mapping is over-sized by up to 2 MiB, the tensor starts at its first 2 MiB
+    # boundary, and only the tensor's own range is advised: its whole 2 MiB ranges get huge
+    # pages, a tail under 2 MiB stays on 4 KiB pages (advising past the end would fault a whole
+    # huge page there: up to 2 MiB more resident memory per tensor). The unused front is never
+    # touched (no memory).
+    page = mmap.PAGESIZE
+    pad = HUGE - page if ALIGN else 0
     try:
-        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        m.madvise(mmap.MADV_HUGEPAGE)
+        m = mmap.mmap(-1, nbytes + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        start = 0
+        if pad:
+            addr = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+            start = -addr % HUGE  # a multiple of the page size, <= pad
+        length = (nbytes + page - 1) // page * page
+        m.madvise(mmap.MADV_HUGEPAGE, start, min(length, len(m) - start))
     except (OSError, ValueError):  # no such advice on this kernel, or no address space left
         return None
     # frombuffer keeps the mapping alive as long as the tensor (or a view of it) lives; the
-    # mapping is page aligned, more than the kernels' 64 bytes.
-    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+    # tensor is page aligned (2 MiB aligned with ALIGN), more than the kernels' 64 bytes.
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start).view(dtype).view(shape)
 
 
 def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -5,6 +5,7 @@ change."""
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,51 @@ def test_the_kernel_backs_an_advised_tensor_with_huge_pages():
     kb = _anon_huge_kb(t)
     print(f"AnonHugePages of a 32 MiB tensor: {kb} kB (THP: {THP.read_text().strip()})")
     assert kb >= 2048
+
+
+def _anon_kb(t: torch.Tensor, field: str) -> int:
+    """`field` (kB) summed over the mappings that overlap t's bytes (/proc/self/smaps)."""
+    lo_t, hi_t = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo < hi_t and lo_t < hi
+        elif inside and line.startswith(field + ":"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_tensors_start_on_a_huge_page_boundary(monkeypatch):
+    # 2 MiB and up: the tensor starts at a 2 MiB boundary of its (over-sized) mapping, so its
+    # whole 2 MiB ranges can be huge pages (the small shape's 3.1 MiB c_attn got none when it
+    # started at its mapping's 4 KiB-aligned start); below 2 MiB torch's allocator as before.
+    for mib in (2, 2.1, 3.15, 8.4):
+        n = int(mib * (1 << 20)) // 2
+        t = hugepages.empty((n,), torch.bfloat16)
+        assert _mapped(t) and t.shape == (n,) and t.data_ptr() % hugepages.HUGE == 0
+        assert t.untyped_storage().nbytes() == 2 * n  # the storage is the tensor, not the padding
+    assert not _mapped(hugepages.empty(((1 << 20) - 8,), torch.bfloat16))
+    src = torch.randn(int(3.15 * (1 << 20)) // 4)
+    out = hugepages.resident(src)
+    assert out.data_ptr() % hugepages.HUGE == 0 and torch.equal(out, src)
+    monkeypatch.setattr(hugepages, "ALIGN", False)  # the old placement: at the mapping's start
+    t = hugepages.empty((3 << 20,), torch.uint8)
+    assert _mapped(t) and t.data_ptr() % mmap.PAGESIZE == 0
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_a_3_mib_tensor_gets_a_huge_page_and_no_padding_in_memory():
+    t = hugepages.empty((int(3.15 * (1 << 20)),), torch.uint8)
+    t.fill_(1)
+    huge, rss = _anon_kb(t, "AnonHugePages"), _anon_kb(t, "Rss")
+    print(f"3.15 MiB tensor: AnonHugePages {huge} kB, Rss {rss} kB")
+    assert huge >= 2048
+    # only the tensor's own range is advised: its 1.15 MiB tail stays on 4 KiB pages, so the
+    # mapping holds no more than the tensor (rounded to 4 KiB) -- not a second whole huge page
+    assert rss <= (t.numel() + 4095) // 4096 * 4
+    assert bool((t == 1).all())
 
 
 def test_packed_weights_use_it(monkeypatch):

@@ -69,3 +69,33 @@ def test_small_m_kernels_give_the_earlier_kernels_bits(kind, args, n, k, with_bi
         ref = ops.reference(xm, pw, bias, "avx512_vnni:q8")
         err = (new - ref).abs().max().item()
         assert err <= 2e-5 * ref.abs().max().item(), f"M={m}: max abs error {err:.3g} against the reference"
+
+
+@needs_native
+@needs_vnni
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("n,k", [(19, 4096), (1029, 4096), (37, 8192), (45, 16384), (23, 2048)])
+def test_int8_m1_rows_gives_tile_v_bits(n, k, with_bias, monkeypatch):
+    # int8 M = 1 at K > 4096 runs q8_rows.h (session 16); CODESHELL_Q8_M1_ROWS=0 runs tile_v, the
+    # kernel it replaced: the same bits, the same as the row inside M = 2 (tile_v) and M = 3
+    # (q8_rows.h from panel_min_m). K = 4096: tile_v, K = 2048: tile_r16_q8, either way.
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_vnni")
+    for v in ("CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q8_ROWS_MAX_M", "CODESHELL_Q8_R16"):
+        monkeypatch.delenv(v, raising=False)
+    mod = _ext.get()
+    g = torch.Generator().manual_seed(n + k)
+    pw = quantize_int8(torch.randn(n, k, generator=g) * 0.05)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    x = torch.randn(3, k, generator=g) * 3
+    x[0, 128:256] = 0  # a zero block (scale 0)
+    xm = x[:1].contiguous()
+    monkeypatch.setenv("CODESHELL_Q8_M1_ROWS", "0")
+    old = mod.decode_int8_q8(xm, pw.data, pw.scales, bias, VNNI)
+    monkeypatch.setenv("CODESHELL_Q8_M1_ROWS", "1")
+    new = mod.decode_int8_q8(xm, pw.data, pw.scales, bias, VNNI)
+    assert torch.equal(new, old), "q8_rows.h at M = 1 differs from tile_v"
+    monkeypatch.delenv("CODESHELL_Q8_M1_ROWS")
+    assert torch.equal(mod.decode_int8_q8(xm, pw.data, pw.scales, bias, VNNI), new)  # the default: q8_rows.h at K > 4096
+    for m in (2, 3):
+        rows = mod.decode_int8_q8(x[:m].contiguous(), pw.data, pw.scales, bias, VNNI)
+        assert torch.equal(rows[:1], new), f"row 0 of M={m} differs from M = 1"

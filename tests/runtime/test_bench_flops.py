@@ -92,3 +92,19 @@ def test_read_bandwidth_takes_the_faster_probe(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "sum", slow_sum)
     assert read_bandwidth_gbs(gib=0.02, repeats=2) > 1.0
+
+
+def test_bench_quant_1p7b_shape_is_bench_serves():
+    # bench_quant --shape 1.7b times the served 1.7B model's decode (8 layers of CodeShell-7B's width)
+    import importlib.util
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+    mods = {}
+    for name in ("bench_quant", "bench_serve"):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+    cfg = mods["bench_quant"].shape_config("1.7b")
+    want = {k: v for k, v in mods["bench_serve"].SHAPES["1.7b"].items() if k != "n_positions"}
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert cfg.vocab_size == 70144

@@ -69,6 +69,15 @@ inline bool env_on(const char* name) {
 }
 inline bool q4v12() { return env_on("CODESHELL_Q4V12"); }
 inline bool r16_q8() { return env_on("CODESHELL_Q8_R16"); }
+// int8 M = 1 without AMX at K > 4096 (the 7B's mlp.c_proj, K = 16384): q8_rows.h (the same bits)
+// instead of tile_v. Cold, inside the whole model's step (8 layers of 7B width, int8, 2 threads,
+// docs/kernels.md session 16 helper A), three 8-round A/Bs: mlp.c_proj 40.8 / 34.9 / 36.8 GB/s
+// against tile_v's 31.8 / 27.1 / 30.0, though warm tile_v computes faster (1 thread 42 against 30
+// GB/s: at K = 16384 x's 16 KiB row shares L1 with the weight stream). At K = 4096 (c_attn,
+// attn.c_proj, c_fc, the head) q8_rows won only in busy minutes (probe 30-35 GB/s) and lost
+// 4-9% in quieter ones, so tile_v keeps those. CODESHELL_Q8_M1_ROWS=0 runs tile_v at every K (A/B
+// timing; read per call).
+inline bool m1_rows_q8() { return env_on("CODESHELL_Q8_M1_ROWS"); }
 
 // Rows of x from which tile_v (int4 groups of 32 / 64 on AMX CPUs) takes register tiles of
 // several weight rows instead of one weight row per tile of up to 8 rows of x. Up to 8 rows of x
@@ -1084,15 +1093,16 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const int8_t* wp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const bool vnni = use_vnni(isa, K);  // then B == 128
+  // tile_r16_q8 where a row's blocks are one span (K <= 2048 at M = 1, 1024 at M = 2): at K = 4096
+  // its two spans measured slower than tile_v (1024x4096, warm: 45 against 38-40 us at 2 threads)
+  const bool r16 = M <= 2 && nb <= 16 / M && r16_q8();
 #if CODESHELL_HAVE_AVX512
-  if (vnni && isa < codeshell::kAmx && M >= panel_min_m() && M <= rows_max_m()) {  // q8_rows.h: amx:q8's bits
+  const bool m1_rows = M == 1 && K > 4096 && m1_rows_q8();  // q8_rows.h at M = 1, K > 4096 (m1_rows_q8)
+  if (vnni && isa < codeshell::kAmx && ((M >= panel_min_m() && M <= rows_max_m()) || m1_rows)) {  // amx:q8's bits
     codeshell::q8rows::run(xqp, dx, sx, M, K, N, wp, sp, b, op);
     return;
   }
 #endif
-  // tile_r16_q8 where a row's blocks are one span (K <= 2048 at M = 1, 1024 at M = 2): at K = 4096
-  // its two spans measured slower than tile_v (1024x4096, warm: 45 against 38-40 us at 2 threads)
-  const bool r16 = M <= 2 && nb <= 16 / M && r16_q8();
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && isa < codeshell::kAmx && M < panel_min_m() && r16) {  // no AMX, M = 1-2: the panel's bits

@@ -1,0 +1,162 @@
+"""Where a batch-1 decode token goes on a loaded checkpoint: the engine's time per token, the
+native decode step's phases (`DecodeStep.profile`), the same linears called alone (the model's
+own packed weights, in model order: cold when the model exceeds the LLC) and a plain read probe,
+all in one process, alternated in rounds; variants (environment settings read per call) A/B'd
+in the same rounds. Medians over the rounds, and the engine's speed per variant against the
+first variant in the same round (the figure to trust on a host whose bandwidth moves).
+
+Per round: the probe (`read_stream` over 1 GiB on huge pages, best of 3); then per variant
+(the order rotating): the engine's ms/token (`LLM.generate` of TOKENS + 1 greedy tokens of one
+16-token prompt, less a 1-token run, over TOKENS) with the step's phase profile on, and the
+linears alone (the mean of 3 passes, as the engine figure is a mean of tokens; always with the
+base environment). Printed once: the weight bytes a token reads and how many of the process's
+bytes sit on transparent huge pages (/proc/self/smaps_rollup AnonHugePages).
+
+    python benchmarks/bench_decode_phases.py W/int8 --rounds 8 --tokens 12
+    python benchmarks/bench_decode_phases.py W/int8 --ab - CODESHELL_DECODE_TEAM=on CODESHELL_Q8_PANEL_MIN_M=1
+
+(W: a `bench_quant.py --shape 1.7b --workdir W` folder; any checkpoint the native step runs.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+LINEARS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "head")
+
+
+def smaps() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            m = re.match(r"(\w+):\s+(\d+) kB", line)
+            if m:
+                out[m.group(1)] = int(m.group(2)) << 10
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ab", nargs="+", default=["-"], help="variants: 'NAME=V,NAME=V' or '-' (none)")
+    a = ap.parse_args()
+    import torch
+
+    from codeshell import LLM, SamplingParams
+    from codeshell.bench import weight_bytes_per_token
+    from codeshell.kernels import _ext, hugepages, ops
+    from codeshell.kernels import step as kstep
+
+    base_env = dict(os.environ)
+
+    def set_env(v: str) -> None:
+        os.environ.clear()
+        os.environ.update(base_env)
+        for kv in v.split(","):
+            if kv and kv != "-":
+                k, _, val = kv.partition("=")
+                os.environ[k] = val
+
+    llm = LLM(a.folder, dtype="bfloat16", threads=a.threads, max_batch=1, max_model_len=a.tokens + 64)
+    lm, mod = llm.model, _ext.get()
+    bpt, s = weight_bytes_per_token(lm), smaps()
+    print(f"{a.folder}: {bpt / 1e6:.0f} MB a token; RSS {s['Rss'] / 1e9:.2f} GB, on huge pages "
+          f"{s.get('AnonHugePages', 0) / 1e9:.2f} GB", flush=True)
+    g = torch.Generator().manual_seed(1)
+    prompt = {"prompt_token_ids": torch.randint(0, min(lm.cfg.vocab_size, 70000), (16,), generator=g).tolist()}
+
+    def gen(n: int) -> float:
+        t = time.perf_counter()
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        return time.perf_counter() - t
+
+    gen(4)
+    if kstep._DECODERS.get(lm) is None or kstep._DECODERS[lm].step is None:
+        sys.exit("the native decode step does not run this model")
+    fasts = []
+    for blk in lm.transformer.h:
+        fasts += [("c_attn", blk.attn.c_attn), ("attn.c_proj", blk.attn.c_proj), ("c_fc", blk.mlp.c_fc),
+                  ("mlp.c_proj", blk.mlp.c_proj)]
+    fasts.append(("head", lm.lm_head))
+    calls, shape_bytes = [], dict.fromkeys(LINEARS, 0)
+    for name, lin in fasts:
+        f = kstep._fast(lin)
+        p = f.packed
+        path = ops.plan(p, 1, torch.bfloat16)
+        xdt = torch.bfloat16 if path.startswith(("amx:bf16", "avx512_bf16")) else torch.float32
+        calls.append((name, path, torch.randn(1, p.in_features, generator=g).to(xdt), p, f.bias))
+        shape_bytes[name] += p.nbytes
+    lin_bytes = sum(shape_bytes.values())
+    print("paths: " + ", ".join(sorted({f"{c[0]} {c[1]}" for c in calls})), flush=True)
+
+    def sweep() -> tuple[float, dict[str, float]]:
+        per = dict.fromkeys(LINEARS, 0.0)
+        t0 = time.perf_counter()
+        for name, path, x, p, b in calls:
+            t = time.perf_counter()
+            ops._compute(path, mod, x, p, b)
+            per[name] += time.perf_counter() - t
+        return time.perf_counter() - t0, per
+
+    buf = hugepages.empty(((1 << 30) // 4,), torch.float32).fill_(1.0)
+
+    def probe() -> float:
+        mod.read_stream(buf, 1)
+        best = 1e9
+        for _ in range(3):
+            t = time.perf_counter()
+            mod.read_stream(buf, 1)
+            best = min(best, time.perf_counter() - t)
+        return buf.numel() * 4 / best / 1e9
+
+    res: dict[str, list[dict]] = {v: [] for v in a.ab}
+    for r in range(a.rounds):
+        bw = probe()
+        line = []
+        for v in a.ab[r % len(a.ab):] + a.ab[:r % len(a.ab)]:
+            set_env(v)
+            gen(2)  # a rebuilt step / the kernels' first calls with this setting
+            st = kstep._DECODERS[lm].step
+            t1 = min(gen(1) for _ in range(2))
+            st.profile = True
+            tn = gen(a.tokens + 1)
+            n, phases = st.profile_times()
+            st.profile = False
+            set_env("-")
+            passes = [sweep() for _ in range(3)]
+            res[v].append(dict(bw=bw, eng=(tn - t1) / a.tokens, prof={k: t / n for k, t in phases},
+                               sw=sum(t for t, _ in passes) / 3,
+                               per={k: sum(p[k] for _, p in passes) / 3 for k in LINEARS}))
+            e = res[v][-1]
+            line.append(f"[{v}] engine {e['eng'] * 1e3:.2f} ms ({100 * bpt / e['eng'] / 1e9 / bw:.0f}%), "
+                        f"native {sum(e['prof'].values()) * 1e3:.2f}, linears alone {e['sw'] * 1e3:.2f}")
+        print(f"round {r}: probe {bw:.1f} GB/s; " + "; ".join(line), flush=True)
+    first = res[a.ab[0]]
+    for v, rs in res.items():
+        def med(f):
+            return statistics.median(f(x) for x in rs)
+        print(f"== {v}: engine {med(lambda x: x['eng']) * 1e3:.2f} ms a token, "
+              f"{med(lambda x: 100 * bpt / x['eng'] / 1e9 / x['bw']):.0f}% of the round's probe "
+              f"(median probe {med(lambda x: x['bw']):.1f} GB/s), "
+              f"{statistics.median(b['eng'] / x['eng'] for x, b in zip(rs, first)):.3f}x the first variant; "
+              f"native step {med(lambda x: sum(x['prof'].values())) * 1e3:.2f} ms; "
+              f"linears alone {med(lambda x: x['sw']) * 1e3:.2f} ms "
+              f"({med(lambda x: 100 * lin_bytes / x['sw'] / 1e9 / x['bw']):.0f}% of the probe)")
+        print("   step phases ms: " + ", ".join(f"{k} {med(lambda x: x['prof'][k]) * 1e3:.3f}" for k in rs[0]["prof"]))
+        print("   GB/s in the step / alone: " + ", ".join(
+            f"{k} {med(lambda x: shape_bytes[k] / x['prof'][k] / 1e9):.1f} / "
+            f"{med(lambda x: shape_bytes[k] / x['per'][k] / 1e9):.1f}" for k in LINEARS))
+
+
+if __name__ == "__main__":
+    main()

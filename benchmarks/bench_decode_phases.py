@@ -5,7 +5,7 @@ all in one process, alternated in rounds; variants (environment settings read pe
 in the same rounds. Medians over the rounds, and the engine's speed per variant against the
 first variant in the same round (the figure to trust on a host whose bandwidth moves).
 
-Per round: the probe (`read_stream` over 1 GiB on huge pages, best of 3); then per variant
+Per round: the probe (bench_kernels.read_probe: `read_stream` over 1 GiB on huge pages, best of 3); then per variant
 (the order rotating): the engine's ms/token (`LLM.generate` of TOKENS + 1 greedy tokens of one
 16-token prompt, less a 1-token run, over TOKENS) with the step's phase profile on, and the
 linears alone (the mean of 3 passes, as the engine figure is a mean of tokens; always with the
@@ -57,15 +57,9 @@ def main() -> None:
     from codeshell.kernels import _ext, hugepages, ops
     from codeshell.kernels import step as kstep
 
-    base_env = dict(os.environ)
+    from bench_kernels import read_probe, set_env  # the --ab variants and the read probe, as bench_kernels --sweep
 
-    def set_env(v: str) -> None:
-        os.environ.clear()
-        os.environ.update(base_env)
-        for kv in v.split(","):
-            if kv and kv != "-":
-                k, _, val = kv.partition("=")
-                os.environ[k] = val
+    base_env = dict(os.environ)
 
     llm = LLM(a.folder, dtype="bfloat16", threads=a.threads, max_batch=1, max_model_len=a.tokens + 64)
     lm, mod = llm.model, _ext.get()
@@ -110,21 +104,12 @@ def main() -> None:
 
     buf = hugepages.empty(((1 << 30) // 4,), torch.float32).fill_(1.0)
 
-    def probe() -> float:
-        mod.read_stream(buf, 1)
-        best = 1e9
-        for _ in range(3):
-            t = time.perf_counter()
-            mod.read_stream(buf, 1)
-            best = min(best, time.perf_counter() - t)
-        return buf.numel() * 4 / best / 1e9
-
     res: dict[str, list[dict]] = {v: [] for v in a.ab}
     for r in range(a.rounds):
-        bw = probe()
+        bw = read_probe(buf)
         line = []
         for v in a.ab[r % len(a.ab):] + a.ab[:r % len(a.ab)]:
-            set_env(v)
+            set_env(v, base_env)
             gen(2)  # a rebuilt step / the kernels' first calls with this setting
             st = kstep._DECODERS[lm].step
             t1 = min(gen(1) for _ in range(2))
@@ -132,7 +117,7 @@ def main() -> None:
             tn = gen(a.tokens + 1)
             n, phases = st.profile_times()
             st.profile = False
-            set_env("-")
+            set_env("-", base_env)
             passes = [sweep() for _ in range(3)]
             res[v].append(dict(bw=bw, eng=(tn - t1) / a.tokens, prof={k: t / n for k, t in phases},
                                sw=sum(t for t, _ in passes) / 3,

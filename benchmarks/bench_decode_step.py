@@ -130,6 +130,8 @@ def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: i
     from codeshell import LLM, SamplingParams
     from codeshell.kernels import step as step_mod
 
+    from bench_kernels import set_env  # the --ab environment variants, as bench_kernels --sweep
+
     llm = LLM(model, dtype="bfloat16", threads=threads, max_batch=max(batches), max_model_len=16 + tokens + 8)
     vocab = min(llm.engine.cfg.vocab_size, 70000)
     g = torch.Generator().manual_seed(1)
@@ -144,15 +146,10 @@ def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: i
     res: dict[tuple[str, int], list[dict]] = {}
     for r in range(rounds):
         for v in (variants if r % 2 == 0 else variants[::-1]):
-            os.environ.clear()
-            os.environ.update(env0)
-            st.team = team0
-            for kv in ([] if v == "-" else v.split(",")):
-                k, val = kv.split("=", 1)
-                if k == "team":
-                    st.team = int(val)
-                else:
-                    os.environ[k] = val
+            items = [] if v == "-" else v.split(",")
+            teams = [int(kv.split("=", 1)[1]) for kv in items if kv.startswith("team=")]
+            st.team = teams[-1] if teams else team0
+            set_env(",".join(kv for kv in items if not kv.startswith("team=")), env0)
             for b in batches:
                 st.profile = True  # clears the sums
                 llm.generate(prompts[b], sp)
@@ -161,8 +158,7 @@ def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: i
                 row = {n: s / calls * 1e6 for n, s in phases}
                 row["whole call"] = sum(s for _, s in phases) / calls * 1e6
                 res.setdefault((v, b), []).append(row)
-    os.environ.clear()
-    os.environ.update(env0)
+    set_env("-", env0)
     st.team = team0
     cols = [(v, b) for v in variants for b in batches]
     print("us a call, medians over rounds".ljust(22) + "".join(f"{v[:14] + ' b' + str(b):>20}" for v, b in cols))

@@ -348,12 +348,30 @@ def sweep_layers(args, kind: str, gen: torch.Generator) -> list:
     return layers
 
 
-def set_env(variant: str) -> None:
-    """Apply one --ab variant: 'NAME=V,NAME=V' (or '-': nothing) on top of the environment."""
+def set_env(variant: str, base: dict[str, str]) -> None:
+    """Apply one --ab variant: the environment becomes `base` plus 'NAME=V,NAME=V' (or '-': nothing).
+    Also used by bench_decode_step.py --profile and bench_decode_phases.py."""
+    os.environ.clear()
+    os.environ.update(base)
     for kv in variant.split(","):
         if kv and kv != "-":
             name, _, val = kv.partition("=")
             os.environ[name] = val
+
+
+def read_probe(buf: torch.Tensor) -> float:
+    """GB/s of the native plain read (`read_stream`) over `buf` (a buffer on huge pages larger
+    than the LLC, as the weights are placed): best of 3 passes after one. Also used by
+    bench_decode_phases.py."""
+    from codeshell.kernels import _ext
+    mod = _ext.get()
+    mod.read_stream(buf, 1)
+    best = float("inf")
+    for _ in range(3):  # not timeit(..., 0.0, 3, 3): a zero budget makes that one timed pass
+        t = time.perf_counter()
+        mod.read_stream(buf, 1)
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * buf.element_size() / best / 1e9
 
 
 def sweep_ab(args) -> None:
@@ -368,9 +386,6 @@ def sweep_ab(args) -> None:
     from codeshell.kernels import _ext, hugepages, ops
     mod, gen = _ext.get(), torch.Generator().manual_seed(0)
     probe_buf = hugepages.empty(((1 << 30) // 4,), torch.float32).fill_(1.0)
-
-    def probe() -> float:  # best of 3 passes after one
-        return probe_buf.numel() * 4 / timeit(lambda: mod.read_stream(probe_buf, 1), 0.0, 3, 3) / 1e9
 
     base_env = dict(os.environ)
     print(f"sweep A/B: {args.sweep} layers of {args.model}{'' if args.no_head else ' + lm_head'}, "
@@ -398,17 +413,14 @@ def sweep_ab(args) -> None:
 
             res: dict[str, list[tuple[float, float, dict[str, float]]]] = {v: [] for v in args.ab}
             for r in range(args.rounds):
-                bw = probe()
+                bw = read_probe(probe_buf)
                 order = args.ab[r % len(args.ab):] + args.ab[:r % len(args.ab)]
                 for v in order:
-                    os.environ.clear()
-                    os.environ.update(base_env)
-                    set_env(v)
+                    set_env(v, base_env)
                     step()  # warm-up: the kernels' first call with this setting
                     best = min((step() for _ in range(3)), key=lambda s: s[0])
                     res[v].append((best[0], bw, best[1]))
-                os.environ.clear()
-                os.environ.update(base_env)
+                set_env("-", base_env)
                 print(f"{kind} M={m} round {r}: probe {bw:5.1f} GB/s; "
                       + "; ".join(f"{v}: {nbytes / res[v][-1][0] / 1e9:5.1f}" for v in args.ab), flush=True)
             print(f"{kind} M={m}: {nbytes / 1e6:.0f} MB a step, medians over {args.rounds} rounds "

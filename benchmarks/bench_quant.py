@@ -154,7 +154,7 @@ def main() -> None:
         return
     os.environ.setdefault("CODESHELL_NO_PROGRESS", "1")
     from codeshell import llamacpp
-    from codeshell.bench import bf16_matmul_peak, prompt_flops
+    from codeshell.bench import HostLoad, bf16_matmul_peak, prompt_flops
     model = None
     if a.model:
         from codeshell.weights import CheckpointError, load_config
@@ -225,28 +225,30 @@ def main() -> None:
         print("measured bf16 matmul peak: " + ", ".join(f"{k} {v:.2f}" for k, v in peak.items()) + " TFLOP/s",
               flush=True)
         for fmt in a.formats:
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", fmt, str(folders[fmt]),
-                                "--threads", str(a.threads), "--prompt-len", str(a.prompt_len),
-                                "--decode-tokens", str(a.decode_tokens), "--batch", str(a.batch)],
-                               capture_output=True, text=True)
+            with HostLoad() as load:  # what else used the cores while this format ran
+                r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", fmt, str(folders[fmt]),
+                                    "--threads", str(a.threads), "--prompt-len", str(a.prompt_len),
+                                    "--decode-tokens", str(a.decode_tokens), "--batch", str(a.batch)],
+                                   capture_output=True, text=True)
             if r.returncode != 0:
                 print(f"{fmt}: worker failed:\n{r.stderr[-3000:]}")
                 continue
-            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-            print(f"  measured {fmt}", flush=True)
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]) | {"other": load.other})
+            print(f"  measured {fmt} ({load})", flush=True)
             if bins is not None:  # llama.cpp on the same weights, right after ours
                 gtype = llamacpp.GGUF_OF[fmt][0]
                 gfile = work / f"model-{gtype}.gguf"
                 try:
                     t = llamacpp.export_with_cli(src, gfile, gtype)
                     print(f"  codeshell export-gguf --type {gtype}: {t:.1f} s", flush=True)
-                    lb = llamacpp.llama_bench(bins, gfile, a.threads, a.prompt_len, a.decode_tokens)
+                    with HostLoad() as load:
+                        lb = llamacpp.llama_bench(bins, gfile, a.threads, a.prompt_len, a.decode_tokens)
                 except llamacpp.LlamaCppError as e:
                     print(f"  llama.cpp {gtype}: {e}", flush=True)
                 else:
                     rows[-1].update(llama_prompt_tps=lb.get("prompt_tps"), llama_decode_tps=lb.get("decode_tps"),
                                     gguf_bytes=llamacpp.decode_bytes(gfile), llama_info=lb)
-                    print(f"  measured llama.cpp {gtype}", flush=True)
+                    print(f"  measured llama.cpp {gtype} ({load})", flush=True)
                 finally:
                     gfile.unlink(missing_ok=True)
     finally:
@@ -278,6 +280,10 @@ def main() -> None:
           f"({', '.join(f'{p / 1e9:.1f}' for p in probes)} GB/s: before the formats, then after each one's decode); "
           "% of own probe: against the probe taken right after that format's decode, in the same process (the "
           "host's bandwidth moves between minutes: the best probe of the run can come from a faster minute))")
+    if any(r.get("other") is not None for r in rows):
+        print("Other processes on the machine while our side of each format ran (from /proc/stat, this run's own "
+              "processes excluded): " + ", ".join(f"{r['format']} {r['other']:.2f}" for r in rows
+                                                  if r.get("other") is not None) + " cores")
     for r in rows:  # the measured choices (ops.plan), so a figure says which kernels made it
         if r.get("choices"):
             print(f"{r['format']} prefill/batch paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(r["choices"].items())))

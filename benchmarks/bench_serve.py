@@ -45,6 +45,8 @@ HTTP = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64, max_kee
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from codeshell.bench import HostLoad  # noqa: E402  (after the path: runs from a checkout)
+
 SHAPES = {
     # ~110M parameters (55M of them the 70144-token embedding): a few minutes on 2 CPU cores.
     "small": dict(n_embd=512, n_layer=8, n_head=8, num_query_groups=2, n_inner=2048, n_positions=4096),
@@ -139,11 +141,12 @@ def throughput(url: str, headers: dict, clients: int, rounds: int, max_tokens: i
     jobs = [{"model": name, "prompt": task_prompt(offset + k), "max_tokens": max_tokens,
              "temperature": 0.8, "seed": k, "ignore_eos": True} for k in range(clients * rounds)]
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
+    # what else used the cores meanwhile (a round that lost a core to another process says so)
+    with HostLoad() as load, ThreadPoolExecutor(clients) as pool:
         res = list(pool.map(lambda b: stream_one(url, headers, b), jobs))
     wall = time.perf_counter() - t0
     ttfts = sorted(r[0] for r in res)
-    return {"clients": clients, "tokens": sum(r[1] for r in res), "wall": wall,
+    return {"clients": clients, "tokens": sum(r[1] for r in res), "wall": wall, "other": load.other or 0.0,
             "tok_s": sum(r[1] for r in res) / wall, "ttft_p50": statistics.median(ttfts),
             "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]}
 
@@ -331,8 +334,8 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
                         r = throughput(urls[side], headers, c, args.rounds, args.max_tokens, offset=1000 * k)
                         runs[side][c].append(r)
                         print(f"  round {k + 1}: {side:>12} {c:>3} clients: {r['tok_s']:8.1f} tok/s  "
-                              f"ttft p50 {r['ttft_p50'] * 1e3:7.0f} ms  ({r['tokens']} tokens in {r['wall']:.1f} s)",
-                              flush=True)
+                              f"ttft p50 {r['ttft_p50'] * 1e3:7.0f} ms  ({r['tokens']} tokens in {r['wall']:.1f} s; "
+                              f"other processes {r['other']:.2f} cores)", flush=True)
             for i in range(args.fim_repeats):
                 for side in sides:
                     f = fim_latency(urls[side], headers, args.fim_tokens, 1)
@@ -362,6 +365,10 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
         tt = med([a["ttft_p50"] / b["ttft_p50"] for a, b in zip(o, t_)])
         print(f"| {c} | {med([r['tok_s'] for r in o]):.1f} | {med([r['tok_s'] for r in t_]):.1f} | {ratio:.2f}x | "
               f"{med([r['ttft_p50'] for r in o]) * 1e3:.0f} | {med([r['ttft_p50'] for r in t_]) * 1e3:.0f} | {tt:.2f}x |")
+    if args.repeats:
+        busy = {side: med([r["other"] for c in counts for r in runs[side][c]]) for side in sides}
+        print(f"(other processes on the machine during the rounds, median: {busy['ours']:.2f} cores in ours', "
+              f"{busy['llama-server']:.2f} in llama-server's; from /proc/stat, this run's own processes excluded)")
     fo, ft = fims["ours"], fims["llama-server"]
     if not fo:  # --fim-repeats 0: throughput only
         return
@@ -444,7 +451,8 @@ def main() -> None:
                 r = throughput(url, headers, c, args.rounds, args.max_tokens)
                 runs[c].append(r)
                 print(f"  round {k + 1}: {c:>3} clients: {r['tok_s']:8.1f} tok/s  ttft p50 {r['ttft_p50'] * 1e3:7.0f} ms  "
-                      f"p95 {r['ttft_p95'] * 1e3:7.0f} ms  ({r['tokens']} tokens in {r['wall']:.1f} s)", flush=True)
+                      f"p95 {r['ttft_p95'] * 1e3:7.0f} ms  ({r['tokens']} tokens in {r['wall']:.1f} s; "
+                      f"other processes {r['other']:.2f} cores)", flush=True)
         rows = [median_run(runs[c], runs[counts[0]]) for c in counts]
         fim = fim_latency(url, headers, args.fim_tokens, args.fim_repeats)
     finally:

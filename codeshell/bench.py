@@ -259,6 +259,79 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
+class HostLoad:
+    """What the rest of the machine did while a benchmark ran: `with HostLoad() as h: ...`, then
+    `h.other` (cores' worth of CPU that processes outside this one and its descendants used, from
+    /proc/stat's busy time less this process tree's own), `h.steal` (cores' worth the hypervisor
+    gave to other guests) and `str(h)`, a short note to print beside the figure.
+    Why: on a shared 2-core VM the same run moves by 2-5x from minute to minute; a figure printed
+    with "other 0.9 cores" says its round lost a core to something else, and one printed with
+    "other 0.0" that is still slow points at what /proc cannot see (memory bandwidth taken by other
+    guests: the read probe says that). Linux only; elsewhere the fields stay None.
+    What this is not: a profiler, or a per-process account of the others."""
+
+    def __init__(self) -> None:
+        self.other: float | None = None
+        self.steal: float | None = None
+        self.wall = 0.0
+
+    @staticmethod
+    def _system() -> tuple[int, int]:
+        """(busy, steal) jiffies of all CPUs since boot (busy without idle, iowait and steal)."""
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+        return user + nice + system + irq + softirq, steal
+
+    @staticmethod
+    def _tree() -> int:
+        """CPU jiffies of this process and its live descendants, each with its reaped children's
+        (so a child that exits inside the window moves from one term to the other, not out)."""
+        stats: dict[int, tuple[int, int]] = {}  # pid -> (ppid, utime + stime + cutime + cstime)
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()  # after "(comm)": field 3 on
+            except OSError:  # exited meanwhile
+                continue
+            stats[int(d)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        total, todo = 0, [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            total += stats.get(pid, (0, 0))[1]
+            todo.extend(children.get(pid, []))
+        return total
+
+    def __enter__(self) -> "HostLoad":
+        try:
+            self._t0, self._sys0, self._own0 = time.perf_counter(), self._system(), self._tree()
+        except (OSError, ValueError, IndexError):
+            self._t0 = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if getattr(self, "_t0", None) is None:
+            return
+        try:
+            (busy, steal), own = self._system(), self._tree()
+        except (OSError, ValueError, IndexError):
+            return
+        self.wall = time.perf_counter() - self._t0
+        hz = os.sysconf("SC_CLK_TCK") * max(self.wall, 1e-9)
+        self.other = max(0.0, (busy - self._sys0[0] - (own - self._own0)) / hz)
+        self.steal = (steal - self._sys0[1]) / hz
+
+    def __str__(self) -> str:
+        if self.other is None:
+            return "host load n/a"
+        return f"other processes {self.other:.2f} cores, steal {self.steal:.2f}"
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 

@@ -1,4 +1,5 @@
-"""csrc/q4_rows.h: int4 (groups of 128 / 256) at M = 2..16 on CPUs without AMX (`avx512_vnni:q8`).
+"""csrc/q4_rows.h: int4 (groups of 128 / 256) at M = 3..16 on CPUs without AMX (`avx512_vnni:q8`; 2..16 here,
+CODESHELL_Q4_ROWS_MIN_M=2).
 
 The kernel promises tile_q4v's bits (the M = 1 kernel's per-lane epilogue), so every row of every
 M = 2..16 is checked bit for bit against the same row alone (M = 1, tile_q4v / tile_q4v12) and
@@ -52,7 +53,9 @@ def test_q4_rows_matches_m1_old_kernels_and_reference(level, with_bias, group, s
     err = (alone - ref).abs().max().item()
     assert err <= 2e-5 * ref.abs().max().item(), f"{n}x{k} g{group}: max abs error {err:.3g}"
     for m in range(2, 17):
+        monkeypatch.setenv("CODESHELL_Q4_ROWS_MIN_M", "2")  # the default starts at 3
         new = ops._compute(path, mod, x[:m], pw, bias)
+        monkeypatch.delenv("CODESHELL_Q4_ROWS_MIN_M")
         monkeypatch.setenv("CODESHELL_Q4_ROWS", "0")
         old = ops._compute(path, mod, x[:m], pw, bias)
         monkeypatch.delenv("CODESHELL_Q4_ROWS")

@@ -114,7 +114,15 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dxT, cons
         }
       } else {
       // Weight row by weight row: its runs unpacked once (2 * RUNS zmm), then every row of x's
-      // integer sums and fp32 step, so only the 16 accumulators stay live across the tile.
+      // integer sums and fp32 step, so only the 16 accumulators stay live across the tile; at
+      // MB <= 4 (RUNS = 1) the tile's x loads are held in registers for all NR weight rows.
+      __m512i xr0[MB <= 4 && RUNS == 1 ? MB : 1], xr1[MB <= 4 && RUNS == 1 ? MB : 1];
+      if constexpr (MB <= 4 && RUNS == 1)
+        for (int i = 0; i < MB; ++i) {
+          xr0[i] = _mm512_loadu_si512(xq + i * K + k0);
+          xr1[i] = _mm512_loadu_si512(xq + i * K + k0 + 64);
+          asm("" : "+v"(xr0[i]), "+v"(xr1[i]));
+        }
       for (int j = 0; j < NR; ++j) {
         __m512i lo[RUNS], hi[RUNS];
         for (int r = 0; r < RUNS; ++r) {
@@ -128,7 +136,8 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dxT, cons
           __m512i s = _mm512_setzero_si512();
           for (int r = 0; r < RUNS; ++r) {
             const int8_t* xr = xq + i * K + k0 + 128 * r;
-            s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo[r], _mm512_loadu_si512(xr)), hi[r], _mm512_loadu_si512(xr + 64));
+            if constexpr (MB <= 4 && RUNS == 1) s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo[r], xr0[i]), hi[r], xr1[i]);
+            else s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo[r], _mm512_loadu_si512(xr)), hi[r], _mm512_loadu_si512(xr + 64));
           }
           acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(sd[c][j][i]), acc[i][j]);
         }

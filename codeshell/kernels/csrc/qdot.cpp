@@ -16,8 +16,8 @@
 // after a lane reduction) runs M = 1-2 (the panel's transposes ran int8 M = 1 2.1x slower than
 // AVX2 on AMD Zen: panel_min_m) and q8_rows.h (rows of x in the lanes, the same epilogue) M = 3-16. int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
 // 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
-// (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk, and tile_q4r at
-// M = 5-16 with groups of 128 / 256 (per-lane epilogue, main's kernels and bits). Without AMX at
+// (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk, and q4_rows.h at
+// M = 3-16 with groups of 128 / 256 (tile_q4r there with CODESHELL_Q4_ROWS=0; per-lane epilogue, tile_q4v's bits). Without AMX at
 // M = 1-2 (session 14): int8 runs tile_r16_q8 (tile_v's bits, 16 weight rows a tile) where a row
 // is at most one span of blocks, int4 groups of 128 / 256 tile_q4v12 (tile_q4v's bits) up to 16
 // groups; tile_v / tile_q4v past those.
@@ -947,14 +947,16 @@ bool q4r_takes(int64_t M, int64_t G) {
   return M >= 5 && M <= hi && (G == 128 || G == 256);
 }
 
-// int4 without AMX, groups of 128 / 256: rows of x (2..16) that q4_rows.h takes (tile_q4v's bits,
-// docs/kernels.md session 17 helper A) before run_q4r / run_q4v. CODESHELL_Q4_ROWS=0 turns it off
-// (the earlier kernels; read per call, for A/B and tests); CODESHELL_Q4_ROWS_MIN_M overrides the 2.
+// int4 without AMX, groups of 128 / 256: rows of x (3..16) that q4_rows.h takes (tile_q4v's bits,
+// docs/kernels.md session 17 helper A) before run_q4r / run_q4v. M = 2 stays on tile_q4v12 /
+// tile_q4v: q4_rows.h (2 x 8 tiles) ran it 6% slower in the small shape's cold sweep. CODESHELL_Q4_ROWS=0
+// turns it off (the earlier kernels; read per call, for A/B and tests); CODESHELL_Q4_ROWS_MIN_M
+// overrides the 3 (at least 2).
 bool q4rows_takes(int64_t M, int64_t G) {
   const char* e = std::getenv("CODESHELL_Q4_ROWS");
   if (e && *e == '0') return false;
   const char* lo = std::getenv("CODESHELL_Q4_ROWS_MIN_M");
-  const int64_t m0 = lo && *lo ? std::max<int64_t>(2, std::atoll(lo)) : int64_t(2);
+  const int64_t m0 = lo && *lo ? std::max<int64_t>(2, std::atoll(lo)) : int64_t(3);
   return M >= m0 && M <= 16 && (G == 128 || G == 256);
 }
 
@@ -1056,7 +1058,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
       return;
     }
-    if (vnni && q4rows_takes(M, G)) {  // M = 2..16, G >= 128: q4_rows.h, tile_q4v's bits
+    if (vnni && q4rows_takes(M, G)) {  // M = 3..16, G >= 128: q4_rows.h, tile_q4v's bits
       namespace R = codeshell::q4rows;
       const R::XT xt(dx, M, K / G);
       const int64_t pf = 16 * (K / 2);  // 16 weight rows ahead into L2, as run_q4r

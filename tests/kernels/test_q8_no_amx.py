@@ -34,15 +34,18 @@ WEIGHTS = [("int8", {}, 35, 384), ("int8", {}, 37, 1536), ("int8", {}, 19, 4096)
            ("int4", {"group_size": 256, "symmetric": False}, 33, 2048)]
 
 
-ENV_VARS = ("CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q8_ROWS_MAX_M", "CODESHELL_Q4_ROWS_MAX_M")
+ENV_VARS = ("CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q8_ROWS_MAX_M", "CODESHELL_Q4_ROWS_MAX_M", "CODESHELL_Q4_ROWS",
+            "CODESHELL_Q4_ROWS_MIN_M")
 # Kernel splits checked against M = 1 alone (default split): int8 by default tile_v at M = 1-2,
 # q8_rows.h at 3-16, q8_panel.h above; q8_rows.h from M = 1 (its 16- and 8-quad lane runs);
-# q8_panel.h at every M; tile_v at every M. int4: run_q4r at 3-16 by default, or run_q4v throughout.
+# q8_panel.h at every M; tile_v at every M. int4: q4_rows.h at 3-16 by default (2-16 with
+# CODESHELL_Q4_ROWS_MIN_M=2), run_q4r at 5-16 with CODESHELL_Q4_ROWS=0, or run_q4v throughout.
 _TOP = str(ops.ROW_INVARIANT_MAX_M + 1)
 SPLITS_INT8 = [{}, {"CODESHELL_Q8_PANEL_MIN_M": "1"},
                {"CODESHELL_Q8_PANEL_MIN_M": "1", "CODESHELL_Q8_ROWS_MAX_M": "0"},
                {"CODESHELL_Q8_PANEL_MIN_M": _TOP}]
-SPLITS_INT4 = [{}, {"CODESHELL_Q4_ROWS_MAX_M": "0"}]
+SPLITS_INT4 = [{}, {"CODESHELL_Q4_ROWS_MIN_M": "2"}, {"CODESHELL_Q4_ROWS": "0"},
+               {"CODESHELL_Q4_ROWS": "0", "CODESHELL_Q4_ROWS_MAX_M": "0"}]
 
 
 def _levels():
@@ -77,7 +80,7 @@ def test_rows_kernel_matches_reference_and_m1_at_every_m(level, with_bias, kind,
     err = (alone - ref).abs().max().item()
     assert err <= 2e-5 * ref.abs().max().item(), f"{path} {kind} {n}x{k} {args}: max abs error {err:.3g}"
     shared = kind == "int8"
-    kernel = "tile_v (M = 1-2) / q8_rows.h (3-16) / q8_panel.h" if shared else "tile_q4v / run_q4r (3-16)"
+    kernel = "tile_v (M = 1-2) / q8_rows.h (3-16) / q8_panel.h" if shared else "tile_q4v / q4_rows.h (3-16)"
     for split in (SPLITS_INT8 if shared else SPLITS_INT4):
         for var in ENV_VARS:
             monkeypatch.delenv(var, raising=False)

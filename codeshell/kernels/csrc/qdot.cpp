@@ -16,8 +16,8 @@
 // after a lane reduction) runs M = 1-2 (the panel's transposes ran int8 M = 1 2.1x slower than
 // AVX2 on AMD Zen: panel_min_m) and q8_rows.h (rows of x in the lanes, the same epilogue) M = 3-16. int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
 // 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
-// (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk, and tile_q4r at
-// M = 5-16 with groups of 128 / 256 (per-lane epilogue, main's kernels and bits). Without AMX at
+// (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk, and q4_rows.h at
+// M = 3-16 with groups of 128 / 256 (tile_q4r there with CODESHELL_Q4_ROWS=0; per-lane epilogue, tile_q4v's bits). Without AMX at
 // M = 1-2 (session 14): int8 runs tile_r16_q8 (tile_v's bits, 16 weight rows a tile) where a row
 // is at most one span of blocks, int4 groups of 128 / 256 tile_q4v12 (tile_q4v's bits) up to 16
 // groups; tile_v / tile_q4v past those.
@@ -40,6 +40,7 @@
 #include "q8_epilogue.h"
 #include "q8_panel.h"
 #include "q8_rows.h"
+#include "q4_rows.h"
 #include "quant_x.h"
 #include "scratch.h"
 #include "simd.h"
@@ -946,6 +947,19 @@ bool q4r_takes(int64_t M, int64_t G) {
   return M >= 5 && M <= hi && (G == 128 || G == 256);
 }
 
+// int4 without AMX, groups of 128 / 256: rows of x (3..16) that q4_rows.h takes (tile_q4v's bits,
+// docs/kernels.md session 17 helper A) before run_q4r / run_q4v. M = 2 stays on tile_q4v12 /
+// tile_q4v: q4_rows.h (2 x 8 tiles) ran it 6% slower in the small shape's cold sweep. CODESHELL_Q4_ROWS=0
+// turns it off (the earlier kernels; read per call, for A/B and tests); CODESHELL_Q4_ROWS_MIN_M
+// overrides the 3 (at least 2).
+bool q4rows_takes(int64_t M, int64_t G) {
+  const char* e = std::getenv("CODESHELL_Q4_ROWS");
+  if (e && *e == '0') return false;
+  const char* lo = std::getenv("CODESHELL_Q4_ROWS_MIN_M");
+  const int64_t m0 = lo && *lo ? std::max<int64_t>(2, std::atoll(lo)) : int64_t(3);
+  return M >= m0 && M <= 16 && (G == 128 || G == 256);
+}
+
 // Rows of x up to which int8 without AMX runs q8_rows.h (from panel_min_m: the rows of x in the
 // lanes, weight quads broadcast; the same bits as q8_panel.h, which keeps M above).
 // CODESHELL_Q8_ROWS_MAX_M overrides the 16 (0: q8_panel.h at every M from panel_min_m; read per
@@ -1042,6 +1056,17 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     if (vnni && epi) {  // amx:q8 below the AMX row threshold: the AMX rows' bits
       run_q4v_epi(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
+      return;
+    }
+    if (vnni && q4rows_takes(M, G)) {  // M = 3..16, G >= 128: q4_rows.h, tile_q4v's bits
+      namespace R = codeshell::q4rows;
+      const R::XT xt(dx, M, K / G);
+      const int64_t pf = 16 * (K / 2);  // 16 weight rows ahead into L2, as run_q4r
+      if (G == 128) ofp ? R::run_rows<1, true>(xqp, xt.dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
+                        : R::run_rows<1, false>(xqp, xt.dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
+      else ofp ? R::run_rows<2, true>(xqp, xt.dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
+               : R::run_rows<2, false>(xqp, xt.dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
+      add_bias(b, op, M, N, n0, n1);
       return;
     }
     if (vnni && q4r_takes(M, G)) {  // M = 5..16, G >= 128: two weight rows per x load, tile_q4v's bits

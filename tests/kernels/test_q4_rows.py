@@ -1,0 +1,68 @@
+"""csrc/q4_rows.h: int4 (groups of 128 / 256) at M = 3..16 on CPUs without AMX (`avx512_vnni:q8`; 2..16 here,
+CODESHELL_Q4_ROWS_MIN_M=2).
+
+The kernel promises tile_q4v's bits (the M = 1 kernel's per-lane epilogue), so every row of every
+M = 2..16 is checked bit for bit against the same row alone (M = 1, tile_q4v / tile_q4v12) and
+against the earlier M >= 2 kernels (CODESHELL_Q4_ROWS=0: tile_q4v12 / tile_q4v / run_q4r), and the
+output against the path's reference (`ops.reference`) within 2e-5 of the largest output. Shapes:
+groups of 128 and 256, with and without offsets and bias, N leaving partial tiles for every
+tile width (2, 4, 8 and 16 weight rows), K with more than 16 groups (the scale table's and the
+affine sums' second 16-group pass), an all-zero row of x. Checked at each AVX-512 level below AMX
+(CODESHELL_KERNEL_ISA caps the level, so an AMX CPU runs this kernel too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codeshell.kernels import _ext, available, ops, quantize_int4
+
+needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
+LEVEL = ops.isa_level() if available() else -1
+
+# (group, symmetric, N, K): N = 37 leaves 1 / 1 / 5 / 5 rows past the 2- / 4- / 8- / 16-row tiles.
+WEIGHTS = [(128, False, 37, 1024), (128, True, 37, 256), (256, True, 19, 1024), (256, False, 23, 2048),
+           (128, True, 21, 4096)]
+
+
+@needs_native
+@pytest.mark.parametrize("level", ["avx512_vnni", "avx512_bf16"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("group,sym,n,k", [pytest.param(*w, id=f"g{w[0]}-{'sym' if w[1] else 'offs'}-{w[2]}x{w[3]}")
+                                           for w in WEIGHTS])
+def test_q4_rows_matches_m1_old_kernels_and_reference(level, with_bias, group, sym, n, k, monkeypatch):
+    lvl = ops.ISA_LEVELS.index(level)
+    if lvl > LEVEL:
+        pytest.skip(f"{level} above this CPU's highest kernel ISA ({ops.ISA_LEVELS[LEVEL]})")
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", level)
+    for var in ("CODESHELL_Q4_ROWS", "CODESHELL_Q4_ROWS_MIN_M", "CODESHELL_Q4_ROWS_MAX_M"):
+        monkeypatch.delenv(var, raising=False)
+    mod = _ext.get()
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
+    pw = quantize_int4(w, group_size=group, symmetric=sym)
+    path = ops.plan(pw, 1, torch.float32)
+    assert path == "avx512_vnni:q8", path
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(3)) if with_bias else None
+    g = torch.Generator().manual_seed(k + 1)
+    x = torch.randn(16, k, generator=g) * torch.rand(16, 1, generator=g) * 4
+    x[:, ::37] *= 8
+    x[5] = 0
+    alone = torch.cat([ops._compute(path, mod, x[i:i + 1], pw, bias) for i in range(16)])
+    ref = ops.reference(x, pw, bias, path)
+    err = (alone - ref).abs().max().item()
+    assert err <= 2e-5 * ref.abs().max().item(), f"{n}x{k} g{group}: max abs error {err:.3g}"
+    for m in range(2, 17):
+        monkeypatch.setenv("CODESHELL_Q4_ROWS_MIN_M", "2")  # the default starts at 3
+        new = ops._compute(path, mod, x[:m], pw, bias)
+        monkeypatch.delenv("CODESHELL_Q4_ROWS_MIN_M")
+        monkeypatch.setenv("CODESHELL_Q4_ROWS", "0")
+        old = ops._compute(path, mod, x[:m], pw, bias)
+        monkeypatch.delenv("CODESHELL_Q4_ROWS")
+        for name, y in (("q4_rows.h", new), ("the earlier kernels (CODESHELL_Q4_ROWS=0)", old)):
+            bad = (y.view(torch.int32) != alone[:m].view(torch.int32)).any(dim=1)
+            assert not bad.any(), (f"{name} at {level}, int4 {n}x{k} g{group} sym={sym}: rows "
+                                   f"{bad.nonzero().flatten().tolist()} of M={m} differ from M=1, max abs diff "
+                                   f"{(y - alone[:m]).abs().max().item():.3g}")
+    print(f"{path} (q4_rows.h, M = 2..16) at {level}: int4 {n}x{k} g{group} sym={sym} bias={with_bias}: rows bitwise "
+          f"those of M = 1 (tile_q4v) and of CODESHELL_Q4_ROWS=0, within {err:.2g} of the reference")

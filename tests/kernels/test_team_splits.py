@@ -1,7 +1,7 @@
 """The loops that the native decode step's thread team splits since session 17 (docs/kernels.md,
 "Session 17, helper C"): inside the team (`run_in_team`, csrc/decode_step.cpp: the calling
 thread as the team's master, as in a step with CODESHELL_DECODE_TEAM=on) a few LayerNorm rows
-(fused.cpp for_rows), GELU row pieces of 1024 values (for_pieces), a batch-1 row of >= 16384
+(fused.cpp for_rows: chunks of >= 2048 values), GELU row pieces of 1024 values (for_pieces), a batch-1 row of >= 16384
 logits cut into segments (sampling.cpp argmax_rows_of) go to the helper threads. Each must give exactly
 the bits of the same call outside the team; each case also checks that the call posted loops
 to the helpers (the split path ran)."""
@@ -39,7 +39,7 @@ def _equal(a, b):
     return torch.equal(a, b)
 
 
-@pytest.mark.parametrize("rows,C", [(8, 1024), (2, 4096), (5, 256), (8, 1000)])
+@pytest.mark.parametrize("rows,C", [(8, 1024), (2, 4096), (5, 256), (8, 1000), (8, 256), (3, 1536)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_layer_norm_rows_in_team(mod, rows, C, dtype):
     g = torch.Generator().manual_seed(rows * C)
@@ -49,7 +49,7 @@ def test_layer_norm_rows_in_team(mod, rows, C, dtype):
     want = mod.fused_add_layer_norm(x, r, w, b, 1e-5)
     got, loops = in_team(mod, lambda: mod.fused_add_layer_norm(x, r, w, b, 1e-5))
     assert _equal(got, want)
-    assert (loops >= 1) == (rows * C >= 2048)  # split from 2 items of 1024 values
+    assert (loops >= 1) == (rows * C >= 4096)  # split from 2 items of 2048 values
 
 
 @pytest.mark.parametrize("rows,N", [(1, 4096), (8, 4096), (3, 1030), (1, 1024), (2, 4000)])

@@ -120,10 +120,12 @@ inline int64_t split_item() {
   return codeshell::current_team() != nullptr && !codeshell::small_split_off() ? kTeamItem : 0;
 }
 
-// f(r0, r1) over rows [0, rows) of `width` values.
+// f(r0, r1) over rows [0, rows) of `width` values, in chunks of >= 2 kTeamItem values in a team
+// (a LayerNorm row costs ~3 passes: codeshell-mini's 8 x 256 in two chunks measured 38.7
+// against 32.4 us a step unsplit, the small shape's 8 x 1024 86 against 126).
 template <class F>
 void for_rows(int64_t rows, int64_t width, const F& f) {
-  const int64_t item = split_item();
+  const int64_t item = 2 * split_item();
   if (item > 0 && rows > 1 && rows * width >= 2 * item) {
     codeshell::parallel_chunks(rows, 1, std::max<int64_t>(1, item / std::max<int64_t>(width, 1)), f);
     return;

@@ -345,13 +345,18 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("team", ["on", "off"])
+@pytest.mark.parametrize("team", ["on", "off", "on-nosplit"])
 @pytest.mark.parametrize("kind", ["bf16", "int4"])
 def test_team_and_step_buffers_bitwise(kind, team, monkeypatch, native_calls, two_threads):
     """The step in one thread team (CODESHELL_DECODE_TEAM=on: the helper thread takes chunks of
-    every kernel's loop, a batch's queries split between the threads) and without it, its
-    per-step buffers reused as the batch size changes between steps (verify steps of varying
-    rows, requests finishing): bit for bit the Python path."""
+    every kernel's loop, a batch's queries split between the threads, since session 17 a few
+    LayerNorm rows and GELU pieces too; "on-nosplit": CODESHELL_SMALL_SPLIT=off, the team as
+    before session 17) and without it, its per-step buffers reused as the batch size changes
+    between steps (verify steps of varying rows, requests finishing): bit for bit the Python
+    path. (tests/kernels/test_team_splits.py checks the split loops at the small shape's widths.)"""
+    if team == "on-nosplit":
+        monkeypatch.setenv("CODESHELL_SMALL_SPLIT", "off")
+        team = "on"
     monkeypatch.setenv("CODESHELL_DECODE_TEAM", team)
     m = tiny(kind)
     assert_same_runs(m, monkeypatch, native_calls, prompts(1))

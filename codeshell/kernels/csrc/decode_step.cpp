@@ -45,6 +45,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -424,6 +425,8 @@ class DecodeStep {
     std::unique_lock<std::mutex> lock(arena_mu_, std::try_to_lock);
     Arena fresh;
     Arena& a = lock.owns_lock() ? arena_ : fresh;
+    const char* split = std::getenv("CODESHELL_SMALL_SPLIT");  // A/B only (parallel.h small_split_off)
+    codeshell::small_split_off() = split != nullptr && std::strcmp(split, "off") == 0;
     const int threads = at::get_num_threads();
     codeshell::Team* team = nullptr;
     if (use_team() && threads > 1 && !at::in_parallel_region() && codeshell::current_team() == nullptr) {
@@ -607,4 +610,34 @@ void register_decode_step(py::module& m) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "the first maximal index of each row of fp32 logits [N, V] rounded to bf16 (argmax_rows of .to(bfloat16))");
+  // For the tests: fn() with the calling thread as the master of the process's thread team (as
+  // inside a step with the team on), so the kernels fn calls split their loops as they do in a
+  // step (fused.cpp's for_rows / for_pieces, sampling.cpp's row segments).
+  // Returns (fn's result, the loops that went to the helpers); False without a team (1 thread,
+  // or another thread holds it).
+  m.def("run_in_team", [](const py::function& fn) -> py::object {
+    const int threads = at::get_num_threads();
+    codeshell::Team* t = threads > 1 && codeshell::current_team() == nullptr ? codeshell::Team::shared(threads) : nullptr;
+    if (t == nullptr || !t->try_own()) return py::bool_(false);
+    omp_set_num_threads(1);
+    codeshell::small_split_off() = false;
+    t->begin();
+    codeshell::current_team() = t;
+    auto done = [&] {
+      codeshell::current_team() = nullptr;
+      t->end();
+      t->disown();
+      omp_set_num_threads(threads);
+    };
+    const uint64_t loops0 = t->loops();
+    try {
+      py::object r = fn();
+      const uint64_t loops = t->loops() - loops0;
+      done();
+      return py::make_tuple(r, loops);
+    } catch (...) {
+      done();
+      throw;
+    }
+  }, "fn() as the master of the thread team (as inside a decode step with the team on)");
 }

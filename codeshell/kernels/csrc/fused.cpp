@@ -15,7 +15,8 @@
 // a bf16 model no linear's output needs a separate cast.
 // All math is fp32; bf16 in/out round to nearest even (torch's conversion). Rows run on
 // at::parallel_for only when there are many (prefill); a decode row runs on the calling
-// thread (waking the OpenMP team costs more than the row).
+// thread (waking the OpenMP team costs more than the row); inside the native decode step's
+// thread team a few rows (and GELU row pieces) are split since session 17 (for_rows, for_pieces).
 // What this is not: autograd ops (training keeps the torch ops) and not a matmul.
 // The native decode step (decode_step.cpp) calls the entry points below directly (entry.h).
 //
@@ -39,6 +40,7 @@
 
 #include "entry.h"
 #include "isa.h"
+#include "parallel.h"
 #include "simd.h"
 #include "simd512.h"
 
@@ -104,6 +106,54 @@ inline __m256 rounded(__m256 v) {
 // Rows per parallel task: at decode (a few rows) the call stays on this thread.
 inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(width, 1)); }
 
+// A few rows split over the threads inside the native decode step's thread team (session 17):
+// at batch 8 the LayerNorms (~0.9 us a 1024-wide row) and the GELU (~0.8 ns a value, 15-25 us
+// for 8 x 4096) ran on one thread by row_grain (65536 values a task; session 16: ~4.5% of the
+// small shape's int4 batch-8 step). In the team (parallel.h current_team(): its helpers spin,
+// so a loop costs a post and a few cache-line transfers) items of kTeamItem values and up go
+// to its threads. Outside a team the split stays row_grain's: an OpenMP fork per LayerNorm /
+// GELU measured faster in one same-process A/B and 1.8-3x slower in another (a loaded host:
+// LayerNorms 382 against 125 us a batch-8 step; docs/kernels.md, session 17).
+// Which thread runs an item does not change its bits. CODESHELL_SMALL_SPLIT=off: row_grain.
+constexpr int64_t kTeamItem = 1024;
+inline int64_t split_item() {
+  return codeshell::current_team() != nullptr && !codeshell::small_split_off() ? kTeamItem : 0;
+}
+
+// f(r0, r1) over rows [0, rows) of `width` values, in chunks of >= 2 kTeamItem values in a team
+// (a LayerNorm row costs ~3 passes: codeshell-mini's 8 x 256 in two chunks measured 38.7
+// against 32.4 us a step unsplit, the small shape's 8 x 1024 86 against 126).
+template <class F>
+void for_rows(int64_t rows, int64_t width, const F& f) {
+  const int64_t item = 2 * split_item();
+  if (item > 0 && rows > 1 && rows * width >= 2 * item) {
+    codeshell::parallel_chunks(rows, 1, std::max<int64_t>(1, item / std::max<int64_t>(width, 1)), f);
+    return;
+  }
+  at::parallel_for(0, rows, row_grain(width), f);
+}
+
+// f(row, c0, c1) over [0, rows) x [0, N) for an elementwise pass: pieces of `item` columns (a
+// multiple of 16: a piece runs the same vector code on the same lanes as the whole row, and
+// the elements are independent), so a batch-1 row of 4096 splits too; else rows by row_grain.
+template <class F>
+void for_pieces(int64_t rows, int64_t N, const F& f) {
+  const int64_t item = split_item();
+  if (item > 0 && rows * N >= 2 * item) {
+    const int64_t per = (N + item - 1) / item;  // pieces per row
+    codeshell::parallel_chunks(rows * per, 1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = i / per, c0 = (i % per) * item;
+        f(r, c0, std::min(N, c0 + item));
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) f(r, int64_t(0), N);
+  });
+}
+
 // ---- residual add + LayerNorm ----------------------------------------------------------------
 
 // One row: h = x + r (r may be null), y = (h - mean) * rstd * w + b. h is rounded to T before
@@ -160,7 +210,7 @@ void add_ln(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, torch
   const W* wp = w ? w->data_ptr<W>() : nullptr;
   const W* bp = b ? b->data_ptr<W>() : nullptr;
   const int64_t Cp = (C + 7) / 8 * 8;
-  at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+  for_rows(rows, C, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(Cp);  // the row in fp32 (h as rounded), reread by the two later passes
     for (int64_t i = r0; i < r1; ++i)
       add_ln_row<T, W, R>(xp + i * C, rp ? rp + i * C : nullptr, hp ? hp + i * C : nullptr, yp + i * C, wp, bp, C,
@@ -249,23 +299,21 @@ template <class TI, class TO>
 void gelu_rows(const TI* in, const float* bias, TO* out, int64_t rows, int64_t N, bool round_in) {
 #if CODESHELL_HAVE_AVX512
   if (gelu_wide()) {
-    at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) gelu_row16(in + i * N, bias, out + i * N, N, round_in);
+    for_pieces(rows, N, [&](int64_t i, int64_t c0, int64_t c1) {
+      gelu_row16(in + i * N + c0, bias ? bias + c0 : nullptr, out + i * N + c0, c1 - c0, round_in);
     });
     return;
   }
 #endif
-  at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const TI* x = in + i * N;
-      TO* o = out + i * N;
-      for (int64_t c = 0; c < N; c += 8) {
-        int64_t n = std::min<int64_t>(8, N - c);
-        __m256 v = loadn(x + c, n);
-        if (bias != nullptr) v = _mm256_add_ps(v, loadn(bias + c, n));
-        if (round_in) v = round_bf16(v);
-        storen(o + c, gelu8(v), n);
-      }
+  for_pieces(rows, N, [&](int64_t i, int64_t c0, int64_t c1) {
+    const TI* x = in + i * N;
+    TO* o = out + i * N;
+    for (int64_t c = c0; c < c1; c += 8) {
+      int64_t n = std::min<int64_t>(8, c1 - c);
+      __m256 v = loadn(x + c, n);
+      if (bias != nullptr) v = _mm256_add_ps(v, loadn(bias + c, n));
+      if (round_in) v = round_bf16(v);
+      storen(o + c, gelu8(v), n);
     }
   });
 }

@@ -51,6 +51,7 @@ class Team {
   }
 
   int64_t threads() const { return threads_; }
+  uint64_t loops() const { return seq_; }  // loops posted to the helpers so far (the master's count; tests)
 
   // The master: ownership for one call (false: another thread's call holds the team).
   bool try_own() { return owner_.try_lock(); }
@@ -189,6 +190,15 @@ class Team {
 inline Team*& current_team() {
   static thread_local Team* team = nullptr;
   return team;
+}
+
+// CODESHELL_SMALL_SPLIT=off (read once a call by the native decode step; for A/B runs only):
+// the small loops split over the threads since session 17 (fused.cpp's few rows and GELU
+// pieces, sampling.cpp's argmax segments) run as before session 17. This thread's flag;
+// false unless a step set it.
+inline bool& small_split_off() {
+  static thread_local bool off = false;
+  return off;
 }
 
 // Runs f(i0, i1) over [0, n) in chunks of a multiple of `align` items that the threads claim

@@ -200,6 +200,104 @@ int64_t row_argmax(const typename L::T* p, int64_t V) {
   return 0;  // every logit NaN
 }
 
+// Segment [i0, i1) of a row (i0 a multiple of 8; i1 a multiple of 8 or V): its maximum over
+// the non-NaN values and the first index in the segment holding it (-1: none), and whether it
+// holds a NaN. The maximum is exact in any order for NaN-free values (-0 and +0 compare equal
+// in the index pass, as in row_argmax), so the first segment whose maximum is the row's gives
+// row_argmax's index. (m = max(v, m): vmaxps returns its second operand when either is NaN, so
+// a NaN v leaves m; the NaN is flagged, and a row with a NaN takes row_argmax itself, whose max
+// chains NaN resets differently.)
+template <class L>
+void seg_argmax(const typename L::T* p, int64_t i0, int64_t i1, float& mx_out, int64_t& idx, bool& nan) {
+  __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, bad = _mm256_setzero_ps();
+  int64_t i = i0;
+  for (; i + 16 <= i1; i += 16) {
+    const __m256 a = L::load8(p + i), b = L::load8(p + i + 8);
+    m0 = _mm256_max_ps(a, m0);
+    m1 = _mm256_max_ps(b, m1);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+  }
+  for (; i + 8 <= i1; i += 8) {
+    const __m256 a = L::load8(p + i);
+    m0 = _mm256_max_ps(a, m0);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(m0, m1));
+  float mx = -INFINITY;
+  for (float v : lanes) mx = v > mx ? v : mx;
+  nan = _mm256_movemask_ps(bad) != 0;
+  for (; i < i1; ++i) {
+    const float v = L::load1(p + i);
+    nan |= v != v;
+    mx = v > mx ? v : mx;
+  }
+  mx_out = mx;
+  idx = -1;
+  const __m256 mv = _mm256_set1_ps(mx);
+  for (i = i0; i + 8 <= i1; i += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(L::load8(p + i), mv, _CMP_EQ_OQ));
+    if (hit) {
+      idx = i + __builtin_ctz(hit);
+      return;
+    }
+  }
+  for (; i < i1; ++i)
+    if (L::load1(p + i) == mx) {
+      idx = i;
+      return;
+    }
+}
+
+// out[r] = row_argmax<L>(rows + r * V, V) for r < N. With fewer rows than threads inside the
+// native decode step's thread team (a batch-1 step's 70k-logit row: ~10 us on one thread),
+// each row is cut into segments of >= 8192 values that the team's threads take (seg_argmax),
+// then combined in order: the same index. Outside a team a row a chunk, as before: an OpenMP
+// fork for the two halves of a 70k row measured 12.2 against 11.1 us unsplit (session 17).
+// CODESHELL_SMALL_SPLIT=off: a row a chunk in the team too.
+template <class L>
+void argmax_rows_of(const typename L::T* rows, int64_t N, int64_t V, int64_t* out) {
+  const codeshell::Team* team = codeshell::current_team();
+  const int64_t threads = team ? team->threads() : 1;
+  const int64_t S = N < threads && !codeshell::small_split_off() ? std::min<int64_t>(V / 8192, 4 * threads / N) : 1;
+  if (S <= 1) {
+    codeshell::parallel_chunks(N, 1, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) out[r] = row_argmax<L>(rows + r * V, V);
+    });
+    return;
+  }
+  const int64_t seg = (V / S + 7) / 8 * 8;  // multiples of 8: the last segment holds the tail
+  const int64_t per = (V + seg - 1) / seg;
+  std::vector<float> mx(size_t(N * per));
+  std::vector<int64_t> idx(size_t(N * per));
+  std::unique_ptr<bool[]> nan(new bool[size_t(N * per)]);
+  codeshell::parallel_chunks(N * per, 1, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r = k / per, i0 = (k % per) * seg;
+      seg_argmax<L>(rows + r * V, i0, std::min(V, i0 + seg), mx[k], idx[k], nan[k]);
+    }
+  });
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t k0 = r * per;
+    bool any_nan = false;
+    float m = -INFINITY;
+    for (int64_t k = k0; k < k0 + per; ++k) {
+      any_nan |= nan[k];
+      m = mx[k] > m ? mx[k] : m;
+    }
+    if (any_nan) {
+      out[r] = row_argmax<L>(rows + r * V, V);
+      continue;
+    }
+    out[r] = 0;
+    for (int64_t k = k0; k < k0 + per; ++k)
+      if (mx[k] == m && idx[k] >= 0) {
+        out[r] = idx[k];
+        break;
+      }
+  }
+}
+
 }  // namespace
 
 torch::Tensor argmax_rows(const torch::Tensor& logits) {
@@ -213,11 +311,8 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
   const void* base = logits.data_ptr();
   // rows in parallel; one row is ~10 us, below what splitting it across threads would save
   // (parallel_chunks: inside the native decode step's team, its threads take the rows)
-  codeshell::parallel_chunks(N, 1, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      o[r] = bf16 ? row_argmax<LoadBF16>(static_cast<const uint16_t*>(base) + r * V, V)
-                  : row_argmax<LoadF32>(static_cast<const float*>(base) + r * V, V);
-  });
+  if (bf16) argmax_rows_of<LoadBF16>(static_cast<const uint16_t*>(base), N, V, o);
+  else argmax_rows_of<LoadF32>(static_cast<const float*>(base), N, V, o);
   return out;
 }
 
@@ -230,7 +325,5 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
 // docs/kernels.md), where a verify step runs up to 64 rows.
 void argmax_rows_rounded(const float* logits, int64_t N, int64_t V, int64_t* out) {
   TORCH_CHECK(V > 0, "argmax_rows_rounded: empty rows");
-  codeshell::parallel_chunks(N, 1, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) out[r] = row_argmax<LoadF32AsBF16>(logits + r * V, V);
-  });
+  argmax_rows_of<LoadF32AsBF16>(logits, N, V, out);
 }

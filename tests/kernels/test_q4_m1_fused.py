@@ -3,8 +3,8 @@ products and affine constant taken per block of 16 groups beside the block's dot
 split between threads by parallel.h's parallel_owned (a contiguous share a thread, the rest
 stolen from the back).
 
-Each must give the bits of what it replaced, row for row: CODESHELL_Q4_M1_FUSED=0 runs tile_q4v,
-CODESHELL_Q4_M1_SPLIT=0 parallel_chunks (both read per call); and the row must equal the same row
+Both are off by default (CODESHELL_Q4_M1_FUSED=1 / CODESHELL_Q4_M1_SPLIT=1 run them, read per call;
+=0 or unset: tile_q4v, parallel_chunks). Each must give the bits of the default, row for row; and the row must equal the same row
 inside M = 2..16 (row invariance: tile_q4v / tile_q4r / q4_rows.h there), within 2e-5 of
 `ops.reference`. Shapes: the 7B width's K = 4096 (32 groups of 128) and 16384 (128), K = 8192
 with groups of 256 (32), K = 2560 (20 groups: a block of 16, then a masked block of 4), K = 4608

@@ -229,7 +229,9 @@ inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F
 // EPYC (a standalone copy of the int4 M = 1 loops, 2 threads, cold, a fast minute of the host:
 // +4-9% with 1-2 chunks a thread; docs/kernels.md, session 17 helper B). The steal from the back
 // keeps what parallel_chunks is for: a descheduled thread's share is finished by the other.
-// Who calls it: int4 M = 1 without AMX (qdot.cpp, CODESHELL_Q4_M1_SPLIT); parallel_chunks is unchanged.
+// In the extension's int4 M = 1 calls (bench_kernels --sweep, slow minutes) it ran 0.97-0.98x
+// parallel_chunks, so it is not the default there.
+// Who calls it: int4 M = 1 without AMX with CODESHELL_Q4_M1_SPLIT=1 (qdot.cpp); parallel_chunks is unchanged.
 template <class F>
 inline void parallel_owned(int64_t n, int64_t align, int64_t step, const F& f) {
   Team* team = current_team();

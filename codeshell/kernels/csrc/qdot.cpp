@@ -561,12 +561,12 @@ inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float
 // here in its order with its operations (c = sc * -8 (+ of), aff = fma(c, xs, aff), masked the
 // same way past ng, then reduce_add): sc * -8 is exact, so fma(sc, -8, of) (the contraction GCC
 // applies to affine_const_v) and mul + add give the same c. tests/kernels/test_q4_m1_fused.py.
-// Why: tile_q4v reads a row's offsets in affine_const_v after the row's last group (2 lines at K
-// = 4096, 8 at K = 16384: a burst of the offset stream per row) and its scale table before the
-// first. A standalone copy of the loops, cold (the four 7B shapes, 3 layers, 283 MB; 1 thread:
-// a per-core streaming test; docs/kernels.md, session 17 helper B): 35.1 against 32.7 GB/s (probe
-// 41), mlp.c_proj (K = 16384) 34.6 against 28.9; the same kernel without reading the offsets at
-// all ran 35.1 (the cost was how they were read, not their bytes).
+// Why try it: tile_q4v reads a row's offsets in affine_const_v after the row's last group (2 lines
+// at K = 4096, 8 at K = 16384: a burst of the offset stream per row) and its scale table before the
+// first. A standalone copy of the loops, cold (the four 7B shapes, 3 layers, 283 MB; 1 thread: a
+// per-core streaming test; docs/kernels.md, session 17 helper B): 35.1 against 32.7 GB/s (probe
+// 41), mlp.c_proj (K = 16384) 34.6 against 28.9; tile_q4v without reading the offsets at all ran
+// 35.1. In the extension it did not win (q4_m1_fused below), so it is off by default.
 template <bool OFFS>
 inline void tile_q4f(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
                      const float* sc, const float* of, int64_t G, float* out) {
@@ -578,7 +578,9 @@ inline void tile_q4f(const int8_t* xq, int64_t K, const float* dx, const float* 
   // The int32 sum of one run of 128 k (64 bytes of nibbles) against x; a group of 256 adds two.
   auto run = [&](int64_t r) {
     const uint8_t* p = q + r * 64;
-    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+    // a volatile asm, so GCC keeps one prefetch beside each run (with _mm_prefetch it hoisted the 16
+    // of a block to its start)
+    __asm__ __volatile__("prefetcht0 %0" : : "m"(*(reinterpret_cast<const char*>(p) + kPrefetch)));
     const __m512i v = _mm512_loadu_si512(p);
     const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
     const int8_t* xr = xq + r * 128;
@@ -590,7 +592,8 @@ inline void tile_q4f(const int8_t* xq, int64_t K, const float* dx, const float* 
     const __m512 s = _mm512_maskz_loadu_ps(k, sc + g);
     _mm512_store_ps(sd, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, dx + g)));
     // Read back from memory (a broadcast load a group): without this GCC kept sd in a register and
-    // took each lane by vpbroadcastd + vpermd, ~10% slower cold in the sweep (and in session 14's A/B).
+    // took each lane by vpbroadcastd + vpermd (the form session 14 measured slower); the sweep A/B
+    // put both forms below tile_q4v at K = 4096 (docs/kernels.md, session 17 helper B).
     __asm__ __volatile__("" ::: "memory");
     __m512 c = _mm512_mul_ps(s, m8);
     if (OFFS) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(k, of + g));
@@ -611,11 +614,20 @@ inline void tile_q4f(const int8_t* xq, int64_t K, const float* dx, const float* 
   out[0] = _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(aff);
 }
 
-// int4 M = 1 without AMX past kQ4v12MaxGroups: tile_q4f (default) or tile_q4v (CODESHELL_Q4_M1_FUSED=0;
-// the same bits; read per call, for A/B timing and tests).
-inline bool q4_m1_fused() { return env_on("CODESHELL_Q4_M1_FUSED"); }
-// int4 M = 1 without AMX: rows split by parallel_owned (default) or parallel_chunks (CODESHELL_Q4_M1_SPLIT=0).
-inline bool q4_m1_split() { return env_on("CODESHELL_Q4_M1_SPLIT"); }
+// Switches read per call (A/B timing and tests), both off by default: in the model's linears (the
+// extension, bench_kernels --sweep, slow minutes of the host, probe 44-52 GB/s) tile_q4f ran 0.93-0.95x
+// tile_q4v (K = 4096 12% slower, K = 16384 +1%) and parallel_owned 0.97-0.98x parallel_chunks,
+// although the standalone copy ran both faster (docs/kernels.md, session 17 helper B).
+inline bool env_set(const char* name) {
+  const char* e = std::getenv(name);
+  return e && *e && *e != '0';
+}
+// int4 M = 1 without AMX past kQ4v12MaxGroups: tile_q4f with CODESHELL_Q4_M1_FUSED=1, else tile_q4v
+// (the same bits).
+inline bool q4_m1_fused() { return env_set("CODESHELL_Q4_M1_FUSED"); }
+// int4 M = 1 without AMX: rows split by parallel_owned with CODESHELL_Q4_M1_SPLIT=1, else
+// parallel_chunks (the same bits).
+inline bool q4_m1_split() { return env_set("CODESHELL_Q4_M1_SPLIT"); }
 
 // Groups a row up to which tile_q4v12 runs M = 1-2: at K = 4096 (32 groups of 128) tile_q4v
 // measured faster (1024x4096, warm, 2 threads: 33-35 against 39-42 us; 1 thread 55 vs 67), its
@@ -1136,8 +1148,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     }
     add_bias(b, op, M, N, n0, n1);
   };
-  // M = 1 without AMX: one contiguous share of the rows a thread (parallel.h parallel_owned), unless
-  // CODESHELL_Q4_M1_SPLIT=0 (parallel_chunks; read per call, for A/B timing). The split changes no bits.
+  // M = 1 without AMX, CODESHELL_Q4_M1_SPLIT=1: one contiguous share of the rows a thread (parallel.h
+  // parallel_owned; read per call, for A/B timing). The split changes no bits.
   if (M == 1 && use_vnni(isa, K) && isa < codeshell::kAmx && q4_m1_split()) codeshell::parallel_owned(N, 16, 64, body);
   else codeshell::parallel_chunks(N, 16, 64, body);
 }

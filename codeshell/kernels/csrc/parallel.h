@@ -230,4 +230,65 @@ inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F
   });
 }
 
+// Runs f(i0, i1) over [0, n) with one contiguous share per thread, taken front to back in steps of
+// `step` items (a multiple of `align`), and a thread whose share is done then takes steps from the
+// BACK of the other shares (each share is one atomic word: front << 32 | back; every step is
+// claimed by one CAS, so each item runs once).
+// Why: parallel_chunks' ~8 chunks a thread restart each thread's read stream 8 times a call; for a
+// batch-1 decode linear that streams its weights once, one stream a thread read faster on the AMD
+// EPYC (a standalone copy of the int4 M = 1 loops, 2 threads, cold, a fast minute of the host:
+// +4-9% with 1-2 chunks a thread; docs/kernels.md, session 17 helper B). The steal from the back
+// keeps what parallel_chunks is for: a descheduled thread's share is finished by the other.
+// In the extension's int4 M = 1 calls (bench_kernels --sweep, slow minutes) it ran 0.97-0.98x
+// parallel_chunks, so it is not the default there.
+// Who calls it: int4 M = 1 without AMX with CODESHELL_Q4_M1_SPLIT=1 (qdot.cpp); parallel_chunks is unchanged.
+template <class F>
+inline void parallel_owned(int64_t n, int64_t align, int64_t step, const F& f) {
+  Team* team = current_team();
+  const int64_t threads = std::min<int64_t>(team ? team->threads() : at::get_num_threads(), 64);
+  step = std::max<int64_t>(align, step / align * align);
+  if (threads == 1 || n <= step || n >= (int64_t(1) << 31) || (team == nullptr && at::in_parallel_region())) {
+    f(0, n);
+    return;
+  }
+  struct alignas(64) Share {
+    std::atomic<uint64_t> fb;
+  };
+  Share sh[64];
+  for (int64_t t = 0; t < threads; ++t) {
+    auto edge = [&](int64_t i) { return std::min(n, i == threads ? n : (n * i / threads + align - 1) / align * align); };
+    sh[t].fb.store(uint64_t(edge(t)) << 32 | uint64_t(edge(t + 1)), std::memory_order_relaxed);
+  }
+  auto share = [&](int64_t me) {
+    for (int64_t o = 0; o < threads; ++o) {
+      std::atomic<uint64_t>& w = sh[(me + o) % threads].fb;
+      for (uint64_t v = w.load(std::memory_order_acquire);;) {
+        const int64_t fr = int64_t(v >> 32), bk = int64_t(v & 0xffffffffu);
+        if (fr >= bk) break;
+        int64_t a, b;
+        uint64_t nv;
+        if (o == 0) {  // own share: the next step from the front
+          a = fr, b = std::min(bk, fr + step);
+          nv = uint64_t(b) << 32 | uint64_t(bk);
+        } else {  // another's: a step from its back
+          a = std::max(fr, (bk - step) / align * align), b = bk;
+          nv = uint64_t(fr) << 32 | uint64_t(a);
+        }
+        if (!w.compare_exchange_weak(v, nv, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+        f(a, b);
+        v = w.load(std::memory_order_acquire);
+      }
+    }
+  };
+  if (team != nullptr) {
+    team->run(threads, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t t = i0; t < i1; ++t) share(t);
+    });
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t t = i0; t < i1; ++t) share(t);
+  });
+}
+
 }  // namespace codeshell

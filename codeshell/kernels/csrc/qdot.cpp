@@ -553,6 +553,83 @@ inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float
     out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const_v<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
 }
 
+// tile_q4v at M = 1 for groups of 128 / 256 with the row's scale products and its affine constant
+// taken per block of 16 groups beside that block's dots, so the row's scales and offsets are read
+// in step with its nibbles (the K = 4096 / 16384 rows of the 7B width, past kQ4v12MaxGroups).
+// The same bits as tile_q4v: per group the exact int32 sum (integer adds in any order), then
+// acc = fma(float(sum), sc_g * dx_g, acc) in group order (the product a vector mul of 16 groups,
+// as scale_products), reduce_add(acc); plus affine_const_v's sum, whose steps of 16 groups run
+// here in its order with its operations (c = sc * -8 (+ of), aff = fma(c, xs, aff), masked the
+// same way past ng, then reduce_add): sc * -8 is exact, so fma(sc, -8, of) (the contraction GCC
+// applies to affine_const_v) and mul + add give the same c. tests/kernels/test_q4_m1_fused.py.
+// Why try it: tile_q4v reads a row's offsets in affine_const_v after the row's last group (2 lines
+// at K = 4096, 8 at K = 16384: a burst of the offset stream per row) and its scale table before the
+// first. A standalone copy of the loops, cold (the four 7B shapes, 3 layers, 283 MB; 1 thread: a
+// per-core streaming test; docs/kernels.md, session 17 helper B): 35.1 against 32.7 GB/s (probe
+// 41), mlp.c_proj (K = 16384) 34.6 against 28.9; tile_q4v without reading the offsets at all ran
+// 35.1. In the extension it did not win (q4_m1_fused below), so it is off by default.
+template <bool OFFS>
+inline void tile_q4f(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
+                     const float* sc, const float* of, int64_t G, float* out) {
+  const int64_t ng = K / G;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  const __m512 m8 = _mm512_set1_ps(-8.f);
+  __m512 acc = _mm512_setzero_ps(), aff = _mm512_setzero_ps();
+  alignas(64) float sd[16];  // sc_g * dx_g of the block's groups (one full store, then 4-byte loads)
+  // The int32 sum of one run of 128 k (64 bytes of nibbles) against x; a group of 256 adds two.
+  auto run = [&](int64_t r) {
+    const uint8_t* p = q + r * 64;
+    // a volatile asm, so GCC keeps one prefetch beside each run (with _mm_prefetch it hoisted the 16
+    // of a block to its start)
+    __asm__ __volatile__("prefetcht0 %0" : : "m"(*(reinterpret_cast<const char*>(p) + kPrefetch)));
+    const __m512i v = _mm512_loadu_si512(p);
+    const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+    const int8_t* xr = xq + r * 128;
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr)), hi,
+                               _mm512_loadu_si512(xr + 64));
+  };
+  for (int64_t g = 0; g < ng; g += 16) {
+    const __mmask16 k = ng - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(k, sc + g);
+    _mm512_store_ps(sd, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, dx + g)));
+    // Read back from memory (a broadcast load a group): without this GCC kept sd in a register and
+    // took each lane by vpbroadcastd + vpermd (the form session 14 measured slower); the sweep A/B
+    // put both forms below tile_q4v at K = 4096 (docs/kernels.md, session 17 helper B).
+    __asm__ __volatile__("" ::: "memory");
+    __m512 c = _mm512_mul_ps(s, m8);
+    if (OFFS) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(k, of + g));
+    aff = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(k, xs + g), aff);  // masked lanes add 0, as there
+    if (k == 0xffff && G == 128) {
+#pragma GCC unroll 16
+      for (int u = 0; u < 16; ++u)
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(run(g + u)), _mm512_set1_ps(sd[u]), acc);
+    } else {
+      const int64_t rpg = G / 128;
+      for (int64_t u = 0; u < std::min<int64_t>(16, ng - g); ++u) {
+        __m512i t = run((g + u) * rpg);
+        for (int64_t r = 1; r < rpg; ++r) t = _mm512_add_epi32(t, run((g + u) * rpg + r));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(sd[u]), acc);
+      }
+    }
+  }
+  out[0] = _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(aff);
+}
+
+// Switches read per call (A/B timing and tests), both off by default: in the model's linears (the
+// extension, bench_kernels --sweep, slow minutes of the host, probe 44-52 GB/s) tile_q4f ran 0.93-0.95x
+// tile_q4v (K = 4096 12% slower, K = 16384 +1%) and parallel_owned 0.97-0.98x parallel_chunks,
+// although the standalone copy ran both faster (docs/kernels.md, session 17 helper B).
+inline bool env_set(const char* name) {
+  const char* e = std::getenv(name);
+  return e && *e && *e != '0';
+}
+// int4 M = 1 without AMX past kQ4v12MaxGroups: tile_q4f with CODESHELL_Q4_M1_FUSED=1, else tile_q4v
+// (the same bits).
+inline bool q4_m1_fused() { return env_set("CODESHELL_Q4_M1_FUSED"); }
+// int4 M = 1 without AMX: rows split by parallel_owned with CODESHELL_Q4_M1_SPLIT=1, else
+// parallel_chunks (the same bits).
+inline bool q4_m1_split() { return env_set("CODESHELL_Q4_M1_SPLIT"); }
+
 // Groups a row up to which tile_q4v12 runs M = 1-2: at K = 4096 (32 groups of 128) tile_q4v
 // measured faster (1024x4096, warm, 2 threads: 33-35 against 39-42 us; 1 thread 55 vs 67), its
 // table's wait then shared by 32 groups; at K = 256 and 1024 tile_q4v12 (docs/kernels.md, session 14).
@@ -561,8 +638,13 @@ constexpr int64_t kQ4v12MaxGroups = 16;
 template <bool OFFS>
 void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
              const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1,
-             bool q4v12 = true) {
+             bool q4v12 = true, bool fused = false) {
   const int64_t ng = K / G, ldq = K / 2;
+  if (M == 1 && (G == 128 || G == 256) && ng > kQ4v12MaxGroups && fused) {
+    for (int64_t n = n0; n < n1; ++n)
+      tile_q4f<OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n);
+    return;
+  }
   if (M <= 2 && G >= 128 && ng <= kQ4v12MaxGroups && q4v12) {
     for (int64_t n = n0; n < n1; ++n) {
       const float* o = OFFS ? of + n * ng : nullptr;
@@ -1044,8 +1126,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
-  const bool v12 = q4v12();
-  codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
+  const bool v12 = q4v12(), fused = M == 1 && q4_m1_fused();
+  auto body = [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && epi && panel_kernel(G) && M >= panel_min_m()) {  // the AMX rows' bits (q8_panel.h)
       const codeshell::q8panel::Args A{xqp, dx, sx, xs, M, K, N, qp, sp, ofp, G, b, op};
@@ -1076,8 +1158,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       return;
     }
     if (vnni) {
-      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, v12);
-      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, v12);
+      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, v12, fused);
+      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, v12, fused);
       add_bias(b, op, M, N, n0, n1);
       return;
     }
@@ -1090,7 +1172,11 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       else run_q4<false, false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
     }
     add_bias(b, op, M, N, n0, n1);
-  });
+  };
+  // M = 1 without AMX, CODESHELL_Q4_M1_SPLIT=1: one contiguous share of the rows a thread (parallel.h
+  // parallel_owned; read per call, for A/B timing). The split changes no bits.
+  if (M == 1 && use_vnni(isa, K) && isa < codeshell::kAmx && q4_m1_split()) codeshell::parallel_owned(N, 16, 64, body);
+  else codeshell::parallel_chunks(N, 16, 64, body);
 }
 
 void check_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t isa) {

@@ -53,3 +53,11 @@ def make_tiny_checkpoint(path: str | Path, tokenizer_dir: str | Path | None = No
             if src.exists():
                 shutil.copy(src, path / f)
     return path
+
+
+def assert_rows_bitwise(y: torch.Tensor, ref: torch.Tensor, what: str, against: str = "M=1") -> None:
+    """Row invariance checks: y [M, N] fp32 must equal ref [M, N] bit for bit, row by row; the
+    message names `what` ran, the rows that differ and by how much."""
+    bad = (y.view(torch.int32) != ref.view(torch.int32)).any(dim=1)
+    assert not bad.any(), (f"{what}: rows {bad.nonzero().flatten().tolist()} of M={y.shape[0]} differ from "
+                           f"{against}, max abs diff {(y - ref).abs().max().item():.3g}")

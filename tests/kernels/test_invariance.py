@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from codeshell.kernels import _ext, available, linear, ops, prepack, quantize_int4, quantize_int8
+from codeshell.testing import assert_rows_bitwise
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 LEVEL = ops.isa_level() if available() else -1
@@ -184,9 +185,7 @@ def test_amx_int8_tiles_give_the_vnni_rows(kind, args, n, k, monkeypatch):
         monkeypatch.delenv("CODESHELL_Q8_AMX_MIN_M")
         monkeypatch.delenv("CODESHELL_Q8_PANEL_MIN_M")
         for name, y in outs.items():
-            bad = (y.view(torch.int32) != epi1[:m].view(torch.int32)).any(dim=1)
-            assert not bad.any(), (f"{kind} {n}x{k} {args}: {name} rows {bad.nonzero().flatten().tolist()} of M={m} "
-                                   f"differ from vpdpbusd at M=1, max abs diff {(y - epi1[:m]).abs().max().item():.3g}")
+            assert_rows_bitwise(y, epi1[:m], f"{kind} {n}x{k} {args}: {name}", "vpdpbusd at M=1")
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "amx")
     assert ops.plan(pw, 8, torch.bfloat16) == "amx:q8"
     for dtype in (torch.float32, torch.bfloat16):

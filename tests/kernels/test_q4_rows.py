@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from codeshell.kernels import _ext, available, ops, quantize_int4
+from codeshell.testing import assert_rows_bitwise
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 LEVEL = ops.isa_level() if available() else -1
@@ -60,9 +61,6 @@ def test_q4_rows_matches_m1_old_kernels_and_reference(level, with_bias, group, s
         old = ops._compute(path, mod, x[:m], pw, bias)
         monkeypatch.delenv("CODESHELL_Q4_ROWS")
         for name, y in (("q4_rows.h", new), ("the earlier kernels (CODESHELL_Q4_ROWS=0)", old)):
-            bad = (y.view(torch.int32) != alone[:m].view(torch.int32)).any(dim=1)
-            assert not bad.any(), (f"{name} at {level}, int4 {n}x{k} g{group} sym={sym}: rows "
-                                   f"{bad.nonzero().flatten().tolist()} of M={m} differ from M=1, max abs diff "
-                                   f"{(y - alone[:m]).abs().max().item():.3g}")
+            assert_rows_bitwise(y, alone[:m], f"{name} at {level}, int4 {n}x{k} g{group} sym={sym}")
     print(f"{path} (q4_rows.h, M = 2..16) at {level}: int4 {n}x{k} g{group} sym={sym} bias={with_bias}: rows bitwise "
           f"those of M = 1 (tile_q4v) and of CODESHELL_Q4_ROWS=0, within {err:.2g} of the reference")

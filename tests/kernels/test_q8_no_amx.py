@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from codeshell.kernels import _ext, available, ops, quantize_int4, quantize_int8
+from codeshell.testing import assert_rows_bitwise
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 LEVEL = ops.isa_level() if available() else -1
@@ -88,9 +89,7 @@ def test_rows_kernel_matches_reference_and_m1_at_every_m(level, with_bias, kind,
             monkeypatch.setenv(var, val)
         for m in range(1, ops.ROW_INVARIANT_MAX_M + 1):
             y = ops._compute(path, mod, x[:m], pw, bias)
-            bad = (y.view(torch.int32) != alone[:m].view(torch.int32)).any(dim=1)
-            assert not bad.any(), (f"{path} ({kernel}, {split or 'default split'}) at {level} {kind} {n}x{k} "
-                                   f"{args}: rows {bad.nonzero().flatten().tolist()} of M={m} differ from M=1, "
-                                   f"max abs diff {(y - alone[:m]).abs().max().item():.3g}")
+            assert_rows_bitwise(y, alone[:m], f"{path} ({kernel}, {split or 'default split'}) at {level} {kind} "
+                                              f"{n}x{k} {args}")
     print(f"{path} ({kernel}) at {level}: {kind} {n}x{k} {args} bias={with_bias}: within {err:.2g} of the "
           f"reference, rows of M = 1..{ops.ROW_INVARIANT_MAX_M} bitwise those of M = 1")

@@ -211,8 +211,9 @@ void run_rows(const int8_t* xq, const float* dxT, const float* xs, int64_t M, in
   if (M > 8) dispatch(M - 8, 8);
 }
 
-// The call's x side, once: dxT[g][i] = dx[i][g] (16 lanes, 0 past M; a tile of rows m.. reads 16
-// lanes from m). dx, xs: [M][ng]. Then run_rows on weight rows [n0, n1).
+// The call's x side, once (qdot.cpp's int4_q8 builds it before splitting the weight rows; run_q4r,
+// the earlier kernel, too): dxT[g][i] = dx[i][g] (16 lanes, 0 past M; a tile of rows m.. reads 16
+// lanes from m). dx: [M][ng].
 struct XT {
   std::vector<float> buf;
   float* dxT;

@@ -51,6 +51,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -63,13 +64,14 @@ namespace {
 #endif
 constexpr int64_t kPrefetch = CODESHELL_PREFETCH;
 
-// A/B switches of the M = 1-2 kernels (read per call; 0 = the earlier kernel, same bits).
-inline bool env_on(const char* name) {
+// A/B switches of the kernels, read per call: unset or empty -> `dflt`, "0..." -> off, else on
+// (the kernels behind them give the same bits).
+inline bool env_flag(const char* name, bool dflt) {
   const char* e = std::getenv(name);
-  return !(e && *e == '0');
+  return e && *e ? *e != '0' : dflt;
 }
-inline bool q4v12() { return env_on("CODESHELL_Q4V12"); }
-inline bool r16_q8() { return env_on("CODESHELL_Q8_R16"); }
+inline bool q4v12() { return env_flag("CODESHELL_Q4V12", true); }
+inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // int8 M = 1 without AMX at K > 4096 (the 7B's mlp.c_proj, K = 16384): q8_rows.h (the same bits)
 // instead of tile_v. Cold, inside the whole model's step (8 layers of 7B width, int8, 2 threads,
 // docs/kernels.md session 16 helper A), three 8-round A/Bs: mlp.c_proj 40.8 / 34.9 / 36.8 GB/s
@@ -78,7 +80,7 @@ inline bool r16_q8() { return env_on("CODESHELL_Q8_R16"); }
 // attn.c_proj, c_fc, the head) q8_rows won only in busy minutes (probe 30-35 GB/s) and lost
 // 4-9% in quieter ones, so tile_v keeps those. CODESHELL_Q8_M1_ROWS=0 runs tile_v at every K (A/B
 // timing; read per call).
-inline bool m1_rows_q8() { return env_on("CODESHELL_Q8_M1_ROWS"); }
+inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", true); }
 
 // Rows of x from which tile_v (int4 groups of 32 / 64 on AMX CPUs) takes register tiles of
 // several weight rows instead of one weight row per tile of up to 8 rows of x. Up to 8 rows of x
@@ -619,16 +621,12 @@ inline void tile_q4f(const int8_t* xq, int64_t K, const float* dx, const float* 
 // extension, bench_kernels --sweep, slow minutes of the host, probe 44-52 GB/s) tile_q4f ran 0.93-0.95x
 // tile_q4v (K = 4096 12% slower, K = 16384 +1%) and parallel_owned 0.97-0.98x parallel_chunks,
 // although the standalone copy ran both faster (docs/kernels.md, session 17 helper B).
-inline bool env_set(const char* name) {
-  const char* e = std::getenv(name);
-  return e && *e && *e != '0';
-}
 // int4 M = 1 without AMX past kQ4v12MaxGroups: tile_q4f with CODESHELL_Q4_M1_FUSED=1, else tile_q4v
 // (the same bits).
-inline bool q4_m1_fused() { return env_set("CODESHELL_Q4_M1_FUSED"); }
+inline bool q4_m1_fused() { return env_flag("CODESHELL_Q4_M1_FUSED", false); }
 // int4 M = 1 without AMX: rows split by parallel_owned with CODESHELL_Q4_M1_SPLIT=1, else
 // parallel_chunks (the same bits).
-inline bool q4_m1_split() { return env_set("CODESHELL_Q4_M1_SPLIT"); }
+inline bool q4_m1_split() { return env_flag("CODESHELL_Q4_M1_SPLIT", false); }
 
 // Groups a row up to which tile_q4v12 runs M = 1-2: at K = 4096 (32 groups of 128) tile_q4v
 // measured faster (1024x4096, warm, 2 threads: 33-35 against 39-42 us; 1 thread 55 vs 67), its
@@ -747,10 +745,8 @@ void run_q4r(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
              const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
   const int64_t ng = K / G, ldq = K / 2;
   // dxT[g][i] = d of row i, group g (16 lanes; a tile of rows m.. reads 16 from lane m).
-  std::vector<float> dxv(size_t(ng * 16 + 32));
-  float* dxT = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(dxv.data()) + 63) & ~uintptr_t(63));
-  for (int64_t g = 0; g < ng; ++g)
-    for (int64_t i = 0; i < 16; ++i) dxT[g * 16 + i] = i < M ? dx[i * ng + g] : 0.f;
+  const codeshell::q4rows::XT xt(dx, M, ng);
+  const float* dxT = xt.dxT;
   // Prefetch: 16 weight rows ahead (the same bytes of the 8th next pair; 32 KiB at K = 4096) into
   // L2, as q8_rows.h's next group; CODESHELL_Q4_ROWS_PF overrides the distance in bytes (0: 2 KiB
   // ahead in each row into L1, tile_q4v's, which at K <= 4096 is only the next row or two).
@@ -1035,8 +1031,7 @@ bool q4r_takes(int64_t M, int64_t G) {
 // turns it off (the earlier kernels; read per call, for A/B and tests); CODESHELL_Q4_ROWS_MIN_M
 // overrides the 3 (at least 2).
 bool q4rows_takes(int64_t M, int64_t G) {
-  const char* e = std::getenv("CODESHELL_Q4_ROWS");
-  if (e && *e == '0') return false;
+  if (!env_flag("CODESHELL_Q4_ROWS", true)) return false;
   const char* lo = std::getenv("CODESHELL_Q4_ROWS_MIN_M");
   const int64_t m0 = lo && *lo ? std::max<int64_t>(2, std::atoll(lo)) : int64_t(3);
   return M >= m0 && M <= 16 && (G == 128 || G == 256);
@@ -1127,6 +1122,13 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   const bool v12 = q4v12(), fused = M == 1 && q4_m1_fused();
+#if CODESHELL_HAVE_AVX512
+  // q4_rows.h's x side (dx transposed to [ng][16]), once a call rather than once a chunk
+  namespace R = codeshell::q4rows;
+  const bool rows4 = vnni && !epi && q4rows_takes(M, G);
+  std::optional<R::XT> xt;
+  if (rows4) xt.emplace(dx, M, K / G);
+#endif
   auto body = [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && epi && panel_kernel(G) && M >= panel_min_m()) {  // the AMX rows' bits (q8_panel.h)
@@ -1140,14 +1142,12 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
       return;
     }
-    if (vnni && q4rows_takes(M, G)) {  // M = 3..16, G >= 128: q4_rows.h, tile_q4v's bits
-      namespace R = codeshell::q4rows;
-      const R::XT xt(dx, M, K / G);
+    if (rows4) {  // M = 3..16, G >= 128: q4_rows.h, tile_q4v's bits
       const int64_t pf = 16 * (K / 2);  // 16 weight rows ahead into L2, as run_q4r
-      if (G == 128) ofp ? R::run_rows<1, true>(xqp, xt.dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
-                        : R::run_rows<1, false>(xqp, xt.dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
-      else ofp ? R::run_rows<2, true>(xqp, xt.dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
-               : R::run_rows<2, false>(xqp, xt.dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
+      if (G == 128) ofp ? R::run_rows<1, true>(xqp, xt->dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
+                        : R::run_rows<1, false>(xqp, xt->dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
+      else ofp ? R::run_rows<2, true>(xqp, xt->dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
+               : R::run_rows<2, false>(xqp, xt->dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
       add_bias(b, op, M, N, n0, n1);
       return;
     }
@@ -1175,7 +1175,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   };
   // M = 1 without AMX, CODESHELL_Q4_M1_SPLIT=1: one contiguous share of the rows a thread (parallel.h
   // parallel_owned; read per call, for A/B timing). The split changes no bits.
-  if (M == 1 && use_vnni(isa, K) && isa < codeshell::kAmx && q4_m1_split()) codeshell::parallel_owned(N, 16, 64, body);
+  if (M == 1 && vnni && !epi && q4_m1_split()) codeshell::parallel_owned(N, 16, 64, body);
   else codeshell::parallel_chunks(N, 16, 64, body);
 }
 

@@ -309,8 +309,8 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
   int64_t* o = out.data_ptr<int64_t>();
   const bool bf16 = logits.scalar_type() == torch::kBFloat16;
   const void* base = logits.data_ptr();
-  // rows in parallel; one row is ~10 us, below what splitting it across threads would save
-  // (parallel_chunks: inside the native decode step's team, its threads take the rows)
+  // rows in parallel; a row (~10 us) is split only inside the native decode step's team, with
+  // fewer rows than threads (argmax_rows_of)
   if (bf16) argmax_rows_of<LoadBF16>(static_cast<const uint16_t*>(base), N, V, o);
   else argmax_rows_of<LoadF32>(static_cast<const float*>(base), N, V, o);
   return out;

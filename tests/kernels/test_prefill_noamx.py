@@ -184,3 +184,23 @@ def test_packed_linear_gelu_only_on_the_gemm_path():
         assert lin.forward_gelu(x) is None
     assert lin.forward_gelu(x[:8]) is None
     assert lin.forward_gelu(x.float()) is None
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k", [(384, 256), (256, 1030), (1040, 256)])
+def test_bf16_gemm_work_item_does_not_change_bits(n, k, monkeypatch, record_property):
+    # The GEMM's work item (panels a thread claims at once) is 4 where items of 8 would leave
+    # fewer than 4 a thread (codeshell-mini's N = 256 / 384), else 8; CODESHELL_DOT_ITEM sets it.
+    # Each output's sum runs over the K chunks in order whatever the item: the same bits.
+    record_property("isa_path", "avx512_bf16:gemm")
+    pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)))
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    bias = torch.randn(n)
+    ys = {}
+    for item in ("", "1", "2", "4", "8", "16"):
+        monkeypatch.setenv("CODESHELL_DOT_ITEM", item)
+        ys[item] = ops._compute("avx512_bf16:gemm", _ext.get(), x, pw, bias).clone()
+        assert torch.equal(ys[item], ys[""]), f"item {item!r} changed the bits"
+    ref = ops.reference(x, pw, bias, "avx512_bf16:gemm")
+    assert (ys[""] - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    print(f"avx512_bf16:gemm N={n} K={k}: items of 1, 2, 4, 8, 16 panels and the default give the same bits")

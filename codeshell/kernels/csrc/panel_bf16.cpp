@@ -628,6 +628,16 @@ constexpr int kDotNP = 4, kDotMR = 6;
 // store_rows pass), single items claimed one at a time.
 constexpr int64_t kDotKC = 128, kDotItem = 8;
 
+// Panels per work item for P panels: kDotItem, or half of it where that leaves fewer than 4 items a
+// thread. Why: codeshell-mini's c_attn (N = 384: 24 panels) made 3 items of 8 for 2 threads, one
+// thread doing two thirds of the call (47% of the peak in the session-18 trace against 54-67% for
+// the mini's other linears); items of 4 give 6. The bits do not depend on the item (each output's
+// sum runs over the K chunks in order either way). CODESHELL_DOT_ITEM=<panels> overrides it (A/B).
+inline int64_t dot_item(int64_t P) {
+  if (const char* e = std::getenv("CODESHELL_DOT_ITEM"); e != nullptr && std::atoi(e) > 0) return std::atoi(e);
+  return (P + kDotItem - 1) / kDotItem < 4 * at::get_num_threads() ? kDotItem / 2 : kDotItem;
+}
+
 // c[MR rows][NP * 16] (row stride ldc, 64-byte aligned) (+)= x tile . NP panels over nj k-pairs.
 // xp: the tile's k-pairs in order, MR dwords (bf16 pairs) each; w: panel q at w + q * pstride.
 // With PF, the next row tile's x is prefetched into L1 on the way (pfd k-pairs ahead: the next
@@ -717,13 +727,13 @@ void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int
         }
       }
   });
-  const int64_t items = (P + kDotItem - 1) / kDotItem, ldc = kDotItem * kPanel;
+  const int64_t item = dot_item(P), items = (P + item - 1) / item, ldc = item * kPanel;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
     static thread_local codeshell::ThreadScratch c_keep;
     codeshell::Scratch<float> cs(c_keep, size_t(T) * MR * ldc);
     float* c = cs.data();
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t pa = it * kDotItem, pb = std::min(P, pa + kDotItem);
+      const int64_t pa = it * item, pb = std::min(P, pa + item);
       for (int64_t j0 = 0; j0 < Kh; j0 += kDotKC) {
         const int64_t nj = std::min(kDotKC, Kh - j0);
         const uint32_t* xb = xp + j0 * T * MR;

@@ -110,17 +110,30 @@ def _before(change: str):
     % 64 == 32), attnkb (the prefill attention's 16-key blocks, session 15's kernel)."""
     from codeshell.kernels import module as KM
     from codeshell.kernels import prefill_attention as PA
-    if change == "attnkb" or "=" in change:  # an environment switch the kernels read each call
-        name, value = ("CODESHELL_PREFILL_ATTN_KB", "16") if change == "attnkb" else change.split("=", 1)
-        old = os.environ.get(name)
-        os.environ[name] = value
+    if change in ("attnkb", "s18") or "=" in change:  # environment switches the kernels read each call
+        if change == "s18":  # all of session 18's prefill changes off (helper C): the three switches and
+            pairs = [("CODESHELL_PREFILL_ATTN_KB", "16"), ("CODESHELL_DOT_ITEM", "8"),  # the KV-cache index_put
+                     ("CODESHELL_PREFILL_LN_SPLIT", "off")]
+        else:
+            pairs = [("CODESHELL_PREFILL_ATTN_KB", "16")] if change == "attnkb" else [tuple(change.split("=", 1))]
+        old = {name: os.environ.get(name) for name, _ in pairs}
+        os.environ.update(dict(pairs))
+        from codeshell.engine import kv_cache as KV
+        init = KV.CacheView.__init__
+        if change == "s18":
+            def plain_store(view, *a):
+                init(view, *a)
+                view._run = None
+            KV.CacheView.__init__ = plain_store
         try:
             yield
         finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
+            KV.CacheView.__init__ = init
+            for name, value in old.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
         return
     owner, attr = (KM.PackedLinear, "forward_gelu") if change == "gelu" else (PA, "prefill_attention_ok")
     on = getattr(owner, attr)
@@ -192,7 +205,8 @@ def main() -> None:
     ap.add_argument("--ab", default=None,
                     help="also time each round with one change off, alternating: gelu (c_fc's GELU in the GEMM "
                          "epilogue), attn32 (the native prefill attention at head dims % 64 == 32), attnkb (the "
-                         "prefill attention's 64-key blocks: 16 as before), or NAME=VALUE (an environment switch "
+                         "prefill attention's 64-key blocks: 16 as before), s18 (all of session 18's prefill "
+                         "changes: the three switches below and the KV cache's slice store), or NAME=VALUE (an environment switch "
                          "the kernels read each call: CODESHELL_DOT_ITEM=8, CODESHELL_PREFILL_LN_SPLIT=off)")
     args = ap.parse_args()
     if args.attention_only:

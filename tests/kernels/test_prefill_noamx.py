@@ -204,3 +204,28 @@ def test_bf16_gemm_work_item_does_not_change_bits(n, k, monkeypatch, record_prop
     ref = ops.reference(x, pw, bias, "avx512_bf16:gemm")
     assert (ys[""] - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
     print(f"avx512_bf16:gemm N={n} K={k}: items of 1, 2, 4, 8, 16 panels and the default give the same bits")
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k,m", [(384, 256, 256), (1040, 1024, 131), (37, 96, 65), (300, 512, 600)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bf16_gemm_reads_x_rows_in_place_with_the_packed_bits(n, k, m, gelu, monkeypatch, record_property):
+    # K a multiple of 32: prefill_dot reads x's rows in place (dot_block_rows, rows past M on a
+    # row of zeros; by default where N <= 512, CODESHELL_DOT_XPACK=0 at every N) instead of
+    # packing x (CODESHELL_DOT_XPACK=1, as before). The same bits.
+    record_property("isa_path", "avx512_bf16:gemm (x rows in place)")
+    pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    bias = torch.randn(n)
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_DOT_XPACK", "1")
+    packed = mod.prefill_bf16_dot(x, pw.data, n, bias, gelu).clone()
+    monkeypatch.setenv("CODESHELL_DOT_XPACK", "0")
+    direct = mod.prefill_bf16_dot(x, pw.data, n, bias, gelu).clone()
+    monkeypatch.delenv("CODESHELL_DOT_XPACK")
+    default = mod.prefill_bf16_dot(x, pw.data, n, bias, gelu).clone()
+    assert torch.equal(direct, packed) and torch.equal(default, packed)
+    if not gelu:
+        ref = ops.reference(x, pw, bias, "avx512_bf16:gemm")
+        assert (direct - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    print(f"avx512_bf16:gemm x rows in place N={n} K={k} M={m} gelu={gelu}: the packed path's bits")

@@ -229,3 +229,18 @@ def test_bf16_gemm_reads_x_rows_in_place_with_the_packed_bits(n, k, m, gelu, mon
         ref = ops.reference(x, pw, bias, "avx512_bf16:gemm")
         assert (direct - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
     print(f"avx512_bf16:gemm x rows in place N={n} K={k} M={m} gelu={gelu}: the packed path's bits")
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k,m", [(1024, 256, 256), (1040, 256, 70), (100, 96, 65)])
+def test_bf16_gemm_gelu_four_vectors_a_step_keeps_bits(n, k, m, monkeypatch, record_property):
+    # store_rows_gelu runs four vectors a step where 64 columns are left (CODESHELL_GELU_X4=0: one).
+    record_property("isa_path", "avx512_bf16:gemm + GELU epilogue")
+    pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n)))
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3).to(torch.bfloat16)
+    bias = torch.randn(n)
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_GELU_X4", "0")
+    one = mod.prefill_bf16_dot(x, pw.data, n, bias, True).clone()
+    monkeypatch.delenv("CODESHELL_GELU_X4")
+    assert torch.equal(mod.prefill_bf16_dot(x, pw.data, n, bias, True), one)

@@ -148,3 +148,18 @@ def test_key_block_switch(monkeypatch):
     monkeypatch.setenv("CODESHELL_PREFILL_ATTN_KB", "48")
     with pytest.raises(ValueError, match="CODESHELL_PREFILL_ATTN_KB"):
         pa.key_block(32)
+
+
+@needs_bf16
+@pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
+@pytest.mark.parametrize("D,T,P", [(32, 256, 0), (128, 77, 5), (64, 33, 40)])
+def test_partial_key_block_trim_keeps_bits(kb, D, T, P, monkeypatch):
+    # A work item's last key block computes only its 16-key chunks that hold keys and the value
+    # product only over its key pairs (block_rows); CODESHELL_PREFILL_ATTN_TRIM=0 computes every
+    # block whole. The parts left out hold only keys no query sees: the same bits.
+    q, kc, vc, slots, pos = _case(1, 4, 2, D, T, P)
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_TRIM", "0")
+    whole = pa.prefill_attention(q, kc, vc, slots, pos, 0.2, kb)
+    monkeypatch.delenv("CODESHELL_PREFILL_ATTN_TRIM")
+    assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 0.2, kb), whole)
+    print(f"prefill_attention (avx512_bf16, key block {kb}, last blocks trimmed) D{D} T{T} P{P}: the whole blocks' bits")

@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -60,6 +61,7 @@ struct Item {
   uint16_t* y;            // y[b] [T][H][D]
   int64_t H, D, r, g, t0, t1;
   float scale;
+  bool trim;              // a partial last key block computes only its chunks with keys (block_rows)
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -94,9 +96,8 @@ inline void pack_block(const Item& it, int64_t j0, int64_t n, uint32_t* kp, uint
 // may-alias type, so accumulating through `s` itself kept every sum in memory (a store and a
 // reload per vdpbf16ps, perf on Zen 5) and reloaded the row pointers each step. MR x NB
 // independent chains (16 at the default tiles: 8 left vdpbf16ps's latency exposed).
-template <int MR, int NB>
+template <int MR, int NB, int KB = 16 * NB>
 inline void scores(const uint32_t* const* qr, const uint32_t* kp, int64_t D2, __m512* s) {
-  constexpr int KB = 16 * NB;
   __m512 acc[MR][NB];
   const uint32_t* q[MR];
   for (int i = 0; i < MR; ++i) {
@@ -112,7 +113,7 @@ inline void scores(const uint32_t* const* qr, const uint32_t* kp, int64_t D2, __
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int c = 0; c < NB; ++c) s[i * NB + c] = acc[i][c];
+    for (int c = 0; c < NB; ++c) s[i * (KB / 16) + c] = acc[i][c];
 }
 
 // o[r] = alpha[r] o[r] + p[r] . V for NR query rows sharing each value vector, over the block's
@@ -150,6 +151,76 @@ inline void pv_rows(float* const* o, const uint32_t* const* p, const float* alph
   if (d < D) pv_chunk<NR, 2>(o, p, alpha, vp, D, d, KP);
 }
 
+// The score tiles and value products of one key block for all R rows: NBE of the block's KB / 16
+// key chunks hold keys (a last, partial block: the chunks past its keys are never computed) and
+// kPe key pairs (the value product stops there). The chunks and pairs left out hold only keys no
+// query sees (zero probabilities on zero values): the same sums, the same bits as the whole block.
+template <int KB, int MR, int PR, int NBE>
+inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
+                       const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
+                       float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane) {
+  constexpr int NB = KB / 16;
+  constexpr int64_t kP = KB / 2;
+    for (int64_t i0 = 0; i0 < R; i0 += MR) {
+      __m512 s[MR * NB];
+      scores<MR, NBE, KB>(qrowp + i0, kp, D2, s);
+      const int64_t rows = std::min<int64_t>(MR, R - i0);
+      float alpha[MR];
+      for (int64_t ii = 0; ii < rows; ++ii) {
+        const int64_t i = i0 + ii;
+        uint32_t* p = prow + ii * kP;
+        alpha[ii] = 1.f;
+        // keys j0 + 16c + lane <= pos of this query are visible
+        const int64_t last = qpos[i] - j0;
+        if (last < 0) {  // a block wholly past this query: nothing to add
+          std::memset(p, 0, kP * 4);
+          continue;
+        }
+        __m512 x[NB];
+        __mmask16 vis[NB];
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int c = 0; c < NBE; ++c) {
+          vis[c] = _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last - 16 * c, 16))),
+                                         _MM_CMPINT_LE);
+          x[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis[c], _mm512_mul_ps(s[ii * NB + c], sc));
+          mx = _mm512_max_ps(mx, x[c]);
+        }
+        const float mnew = std::max(mrow[i], _mm512_reduce_max_ps(mx));
+        const float al = std::exp(mrow[i] - mnew);  // 0 on the first visible block (-inf)
+        // the probabilities rounded to bf16 once (the values' vdpbf16ps operand); the row sum
+        // adds the rounded values, so the weights that multiply V are the ones normalised
+        const __m512 mv = _mm512_set1_ps(mnew);
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < NBE; ++c) {
+          const __m256bh eb = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(vis[c], codeshell::exp16(_mm512_sub_ps(x[c], mv))));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), (__m256i)eb);
+          const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
+          sum = NBE == 1 ? er : _mm512_add_ps(sum, er);
+        }
+        // l a l + sum as a rounded product then a rounded sum: not contracted into an FMA (whether the
+        // compiler contracts it depends on the inlining around it; the bits must not)
+        float lp = lrow[i] * al;
+        __asm__("" : "+x"(lp));
+        lrow[i] = lp + _mm512_reduce_add_ps(sum);
+        mrow[i] = mnew;
+        alpha[ii] = al;
+      }
+      // o[i] = alpha o[i] + p[i] . V: vdpbf16ps over key pairs, PR rows at a time sharing each value vector
+      int64_t ii = 0;
+      for (; ii + PR <= rows; ii += PR) {
+        float* orow[PR];
+        const uint32_t* pr[PR];
+        for (int r = 0; r < PR; ++r) orow[r] = o + (i0 + ii + r) * D, pr[r] = prow + (ii + r) * kP;
+        pv_rows<PR>(orow, pr, alpha + ii, vp, D, kPe);
+      }
+      for (; ii < rows; ++ii) {
+        float* const orow[1] = {o + (i0 + ii) * D};
+        const uint32_t* const pr[1] = {prow + ii * kP};
+        pv_rows<1>(orow, pr, alpha + ii, vp, D, kPe);
+      }
+    }
+}
+
 // One work item with key blocks of KB keys and score tiles of MR query rows; o += p . V in
 // groups of PR rows sharing each value vector.
 template <int KB, int MR, int PR>
@@ -176,60 +247,12 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t j0 = 0; j0 <= maxpos; j0 += KB) {
     pack_block<KB>(it, j0, std::min<int64_t>(KB, maxpos + 1 - j0), kp, vp);
-    for (int64_t i0 = 0; i0 < R; i0 += MR) {
-      __m512 s[MR * NB];
-      scores<MR, NB>(qrow.data() + i0, kp, D2, s);
-      const int64_t rows = std::min<int64_t>(MR, R - i0);
-      float alpha[MR];
-      for (int64_t ii = 0; ii < rows; ++ii) {
-        const int64_t i = i0 + ii;
-        uint32_t* p = prow + ii * kP;
-        alpha[ii] = 1.f;
-        // keys j0 + 16c + lane <= pos of this query are visible
-        const int64_t last = qpos[i] - j0;
-        if (last < 0) {  // a block wholly past this query: nothing to add
-          std::memset(p, 0, kP * 4);
-          continue;
-        }
-        __m512 x[NB];
-        __mmask16 vis[NB];
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int c = 0; c < NB; ++c) {
-          vis[c] = _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last - 16 * c, 16))),
-                                         _MM_CMPINT_LE);
-          x[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis[c], _mm512_mul_ps(s[ii * NB + c], sc));
-          mx = _mm512_max_ps(mx, x[c]);
-        }
-        const float mnew = std::max(mrow[i], _mm512_reduce_max_ps(mx));
-        const float al = std::exp(mrow[i] - mnew);  // 0 on the first visible block (-inf)
-        // the probabilities rounded to bf16 once (the values' vdpbf16ps operand); the row sum
-        // adds the rounded values, so the weights that multiply V are the ones normalised
-        const __m512 mv = _mm512_set1_ps(mnew);
-        __m512 sum = _mm512_setzero_ps();
-        for (int c = 0; c < NB; ++c) {
-          const __m256bh eb = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(vis[c], codeshell::exp16(_mm512_sub_ps(x[c], mv))));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), (__m256i)eb);
-          const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
-          sum = NB == 1 ? er : _mm512_add_ps(sum, er);
-        }
-        lrow[i] = lrow[i] * al + _mm512_reduce_add_ps(sum);
-        mrow[i] = mnew;
-        alpha[ii] = al;
-      }
-      // o[i] = alpha o[i] + p[i] . V: vdpbf16ps over key pairs, PR rows at a time sharing each value vector
-      int64_t ii = 0;
-      for (; ii + PR <= rows; ii += PR) {
-        float* orow[PR];
-        const uint32_t* pr[PR];
-        for (int r = 0; r < PR; ++r) orow[r] = o + (i0 + ii + r) * D, pr[r] = prow + (ii + r) * kP;
-        pv_rows<PR>(orow, pr, alpha + ii, vp, D, kP);
-      }
-      for (; ii < rows; ++ii) {
-        float* const orow[1] = {o + (i0 + ii) * D};
-        const uint32_t* const pr[1] = {prow + ii * kP};
-        pv_rows<1>(orow, pr, alpha + ii, vp, D, kP);
-      }
-    }
+    const int64_t n = it.trim ? std::min<int64_t>(KB, maxpos + 1 - j0) : KB, nb = (n + 15) / 16,
+                  kPe = std::min<int64_t>(kP, (n + 1) / 2);
+    if constexpr (NB >= 4) if (nb == 3) { block_rows<KB, MR, PR, 3>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane); continue; }
+    if constexpr (NB >= 2) if (nb == 1) { block_rows<KB, MR, PR, 1>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane); continue; }
+    if constexpr (NB >= 4) if (nb == 2) { block_rows<KB, MR, PR, 2>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane); continue; }
+    block_rows<KB, MR, PR, NB>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane);
   }
   // y[t][h] = o / l, rounded to bf16 (round to nearest even)
   for (int64_t i = 0; i < R; ++i) {
@@ -292,6 +315,9 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // (the session-15 kernel's bits); 32 keys x 8 rows (16 score chains), values 4 rows at a time
   // (16 chains of 64 dims), or 8 rows where D = 32 (codeshell-mini: 16 chains of 32 dims);
   // 64 keys x 4 rows.
+  // CODESHELL_PREFILL_ATTN_TRIM=0: every key block whole (A/B; the same bits either way)
+  const char* trim_env = std::getenv("CODESHELL_PREFILL_ATTN_TRIM");
+  const bool trim = !(trim_env != nullptr && trim_env[0] == '0');
   const RunItem run = key_block == 16 ? run_item<16, 8, 2>
                       : key_block == 32 ? (D == 32 ? run_item<32, 8, 8> : run_item<32, 8, 4>)
                                  : run_item<64, 4, 4>;
@@ -310,7 +336,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
       const int64_t b = w / (G * nq), g = (w / nq) % G, qi = w % nq;
       const int64_t cell = (sp[b] * G + g) * L * D;
       const Item it{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
-                    yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale)};
+                    yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale), trim};
       run(it, kp, vp, o, mrow, lrow, prow);
     }
   });

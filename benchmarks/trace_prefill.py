@@ -113,7 +113,8 @@ def _before(change: str):
     if change in ("attnkb", "s18") or "=" in change:  # environment switches the kernels read each call
         if change == "s18":  # all of session 18's prefill changes off (helper C): the three switches and
             pairs = [("CODESHELL_PREFILL_ATTN_KB", "16"), ("CODESHELL_DOT_ITEM", "8"),  # the KV-cache index_put
-                     ("CODESHELL_PREFILL_LN_SPLIT", "off"), ("CODESHELL_DOT_XPACK", "1"), ("CODESHELL_GELU_X4", "0")]
+                     ("CODESHELL_PREFILL_LN_SPLIT", "off"), ("CODESHELL_DOT_XPACK", "1"), ("CODESHELL_GELU_X4", "0"),
+                     ("CODESHELL_PREFILL_ATTN_TRIM", "0")]
         else:
             pairs = [("CODESHELL_PREFILL_ATTN_KB", "16")] if change == "attnkb" else [tuple(change.split("=", 1))]
         old = {name: os.environ.get(name) for name, _ in pairs}
@@ -207,7 +208,8 @@ def main() -> None:
                          "epilogue), attn32 (the native prefill attention at head dims % 64 == 32), attnkb (the "
                          "prefill attention's 64-key blocks: 16 as before), s18 (all of session 18's prefill "
                          "changes: CODESHELL_PREFILL_ATTN_KB=16, CODESHELL_DOT_ITEM=8, CODESHELL_PREFILL_LN_SPLIT=off, "
-                         "CODESHELL_DOT_XPACK=1, CODESHELL_GELU_X4=0 and the KV cache's index_put), or NAME=VALUE (an environment switch "
+                         "CODESHELL_DOT_XPACK=1, CODESHELL_GELU_X4=0, CODESHELL_PREFILL_ATTN_TRIM=0 and the KV cache's "
+                         "index_put), or NAME=VALUE (an environment switch "
                          "the kernels read each call: CODESHELL_DOT_ITEM=8, CODESHELL_PREFILL_LN_SPLIT=off)")
     args = ap.parse_args()
     if args.attention_only:

@@ -105,9 +105,37 @@ def remove_tracing(saved: list) -> None:
 
 @contextlib.contextmanager
 def _before(change: str):
-    """The prefill path as it was before one change (for alternating A/B rounds in one process)."""
+    """The prefill path as it was before one change (for alternating A/B rounds in one process):
+    gelu (c_fc's GELU in the GEMM epilogue off), attn32 (no native prefill attention at head dims
+    % 64 == 32), attnkb (the prefill attention's 16-key blocks, session 15's kernel)."""
     from codeshell.kernels import module as KM
     from codeshell.kernels import prefill_attention as PA
+    if change in ("attnkb", "s18") or "=" in change:  # environment switches the kernels read each call
+        if change == "s18":  # all of session 18's prefill changes off (helper C): the three switches and
+            pairs = [("CODESHELL_PREFILL_ATTN_KB", "16"), ("CODESHELL_DOT_ITEM", "8"),  # the KV-cache index_put
+                     ("CODESHELL_PREFILL_LN_SPLIT", "off"), ("CODESHELL_DOT_XPACK", "1"), ("CODESHELL_GELU_X4", "0"),
+                     ("CODESHELL_PREFILL_ATTN_TRIM", "0")]
+        else:
+            pairs = [("CODESHELL_PREFILL_ATTN_KB", "16")] if change == "attnkb" else [tuple(change.split("=", 1))]
+        old = {name: os.environ.get(name) for name, _ in pairs}
+        os.environ.update(dict(pairs))
+        from codeshell.engine import kv_cache as KV
+        init = KV.CacheView.__init__
+        if change == "s18":
+            def plain_store(view, *a):
+                init(view, *a)
+                view._run = None
+            KV.CacheView.__init__ = plain_store
+        try:
+            yield
+        finally:
+            KV.CacheView.__init__ = init
+            for name, value in old.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
+        return
     owner, attr = (KM.PackedLinear, "forward_gelu") if change == "gelu" else (PA, "prefill_attention_ok")
     on = getattr(owner, attr)
     if change == "gelu":
@@ -120,9 +148,10 @@ def _before(change: str):
         setattr(owner, attr, on)
 
 
-def attention_only(cfg, T: int, rounds: int, save: str | None) -> None:
+def attention_only(cfg, T: int, rounds: int, save: str | None, kbs: list[int] | None = None) -> None:
     """The prefill attention kernel alone at this shape (one row, T queries at positions 0..T-1):
-    best and median ms of `rounds` calls; `save` writes its output (to compare two builds' bits)."""
+    best and median ms of `rounds` calls per key block (`kbs`, alternating in the process; default
+    the kernel's own choice); `save` writes the first key block's output (to compare two builds' bits)."""
     from codeshell.kernels import prefill_attention as pa
     H, G, D = cfg.n_head, cfg.num_query_groups, cfg.head_dim
     g = torch.Generator().manual_seed(0)
@@ -130,16 +159,21 @@ def attention_only(cfg, T: int, rounds: int, save: str | None) -> None:
     vc = torch.randn(1, G, T + 8, D, generator=g).bfloat16()
     q = torch.randn(1, T, H + 2 * G, D, generator=g).bfloat16().transpose(1, 2)[:, :H]  # a view of qkv, as the model's
     slots, pos = torch.zeros(1, dtype=torch.long), torch.arange(T)[None]
-    y = pa.prefill_attention(q, kc, vc, slots, pos, D ** -0.5)
-    ts = []
+    kbs = kbs or [pa.key_block(D)]
+    ys = {kb: pa.prefill_attention(q, kc, vc, slots, pos, D ** -0.5, kb) for kb in kbs}
+    ts = {kb: [] for kb in kbs}
     for _ in range(rounds):
-        t = time.perf_counter()
-        pa.prefill_attention(q, kc, vc, slots, pos, D ** -0.5)
-        ts.append(time.perf_counter() - t)
-    print(f"prefill attention H {H} G {G} D {D} T {T}: best {min(ts) * 1e3:.2f} ms, median "
-          f"{statistics.median(ts) * 1e3:.2f} ms ({2.0 * T * T * H * D / min(ts) / 1e12:.3f} TFLOP/s causal)")
+        for kb in kbs:
+            t = time.perf_counter()
+            pa.prefill_attention(q, kc, vc, slots, pos, D ** -0.5, kb)
+            ts[kb].append(time.perf_counter() - t)
+    for kb in kbs:
+        diff = (ys[kb].float() - ys[kbs[0]].float()).abs().max().item()
+        print(f"prefill attention H {H} G {G} D {D} T {T} key block {kb}: best {min(ts[kb]) * 1e3:.3f} ms, median "
+              f"{statistics.median(ts[kb]) * 1e3:.3f} ms ({2.0 * T * T * H * D / statistics.median(ts[kb]) / 1e12:.3f} "
+              f"TFLOP/s causal at the median); max |diff| to key block {kbs[0]}: {diff:.2e}")
     if save:
-        torch.save(y, save)
+        torch.save(ys[kbs[0]], save)
 
 
 def build(shape: str, layers: int, threads: int, prompt_len: int, model: str | None = None):
@@ -167,16 +201,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="plain + traced pairs")
     ap.add_argument("--attention-only", action="store_true", help="time the prefill attention kernel alone")
     ap.add_argument("--save", default=None, help="with --attention-only: torch.save its output here")
-    ap.add_argument("--ab", choices=("gelu", "attn32"), default=None,
-                    help="also time each round with one of this session's changes off, alternating: gelu (c_fc's "
-                         "GELU in the GEMM epilogue), attn32 (the native prefill attention at head dims % 64 == 32)")
+    ap.add_argument("--kb", type=int, nargs="*", default=None,
+                    help="with --attention-only: the key blocks to time, alternating (default: the kernel's choice)")
+    ap.add_argument("--ab", default=None,
+                    help="also time each round with one change off, alternating: gelu (c_fc's GELU in the GEMM "
+                         "epilogue), attn32 (the native prefill attention at head dims % 64 == 32), attnkb (the "
+                         "prefill attention's 64-key blocks: 16 as before), s18 (all of session 18's prefill "
+                         "changes: CODESHELL_PREFILL_ATTN_KB=16, CODESHELL_DOT_ITEM=8, CODESHELL_PREFILL_LN_SPLIT=off, "
+                         "CODESHELL_DOT_XPACK=1, CODESHELL_GELU_X4=0, CODESHELL_PREFILL_ATTN_TRIM=0 and the KV cache's "
+                         "index_put), or NAME=VALUE (an environment switch "
+                         "the kernels read each call: CODESHELL_DOT_ITEM=8, CODESHELL_PREFILL_LN_SPLIT=off)")
     args = ap.parse_args()
     if args.attention_only:
         from codeshell.config import SHAPES
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from bench_quant import shape_config
         torch.set_num_threads(args.threads)
-        attention_only(SHAPES.get(args.shape) or shape_config(args.shape), args.prompt_len, args.rounds, args.save)
+        if args.model is not None:  # a checkpoint's own shape (codeshell-mini: the package's)
+            from codeshell.config import CodeShellConfig
+            from codeshell.mini import MODEL_DIR
+            cfg = CodeShellConfig.from_json(os.path.join(MODEL_DIR if args.model == "codeshell-mini" else args.model,
+                                                         "config.json"))
+        else:
+            cfg = SHAPES.get(args.shape) or shape_config(args.shape)
+        attention_only(cfg, args.prompt_len, args.rounds, args.save, args.kb)
         return
     from codeshell import SamplingParams
     from codeshell.bench import bf16_matmul_peak, prompt_flops
@@ -238,6 +286,10 @@ def report(cfg, args, peak, flops, plain, traced, parts) -> None:
         print(f"  {k:24s} {v * 1e3:8.2f} ms  {100 * v / total:5.1f}%{extra}")
     rest = total - sum(med.values())
     print(f"  {'rest (engine, Python)':24s} {rest * 1e3:8.2f} ms  {100 * rest / total:5.1f}%")
+    from codeshell.kernels import ops
+    for key, path in sorted(ops._CHOICES.items(), key=str):  # the prefill paths chosen at load (or read from disk)
+        if key[0] == "bf16" or path != "avx512_vnni:q8":
+            print(f"  prefill path {key[0]} {key[1]}x{key[2]}: {path}")
 
 
 if __name__ == "__main__":

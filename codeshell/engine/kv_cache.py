@@ -78,6 +78,14 @@ class CacheView:
         self.slot_index = torch.tensor(slot_ids, device=cache.device)
         self.lens = positions[:, -1] + 1  # keys each row attends to (its last position + 1)
         self._mask: torch.Tensor | None = None
+        # One prompt at consecutive positions (a prefill alone, or a chunk of one): its keys are
+        # stored by a slice copy per layer instead of an index_put (session 18: 0.18-0.33 ms of
+        # codeshell-mini's ~7 ms 256-token prompt, 1.2 ms of the small shape's 126 ms for the
+        # index_put; the same values either way).
+        T = positions.shape[1]
+        self._run = None
+        if B == 1 and T > 1 and bool((positions[0] == torch.arange(T) + positions[0, 0]).all()):
+            self._run = (first, int(positions[0, 0]), T)
 
     def mask(self) -> torch.Tensor:
         """bool [B, 1, T, kv_len]: a query at position p sees keys 0..p of its own row. Built on
@@ -111,7 +119,13 @@ class CacheView:
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, G, T, D] at [slot, :, position] of any slots, consecutive or not."""
-        c, slots = self.cache, self.slot_index[:, None]
+        c = self.cache
+        if self._run is not None:  # [G, T, D] into [slot, :, p0:p0 + T]
+            slot, p0, T = self._run
+            c.k[layer, slot, :, p0:p0 + T].copy_(k[0])
+            c.v[layer, slot, :, p0:p0 + T].copy_(v[0])
+            return
+        slots = self.slot_index[:, None]
         c.k[layer][slots, :, self.positions] = k.transpose(1, 2)
         c.v[layer][slots, :, self.positions] = v.transpose(1, 2)
 

@@ -7,7 +7,7 @@ keyed by CPU model, CPU flags, torch version and source folder), mapping a choic
 the kernel sources) to the winning path and the times behind it. `ops._choose` asks it
 before measuring and tells it what it measured.
 
-Why: each choice costs ~3 calls per candidate per (weight shape, M bucket); on a 1.7B model
+Why: each choice costs ~6 calls per candidate per (weight shape, M bucket); on a 1.7B model
 the first prompts of a fresh server paid ~1.5 s for it (bench_serve.py: time to first token
 2.4 s in the first round against 0.8 s in the next), and llama.cpp pays nothing of the kind.
 

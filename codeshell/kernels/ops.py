@@ -148,7 +148,7 @@ PATHS_RUN: Counter = Counter()
 
 _CHOICES: dict[tuple, str] = {}  # (kind, N, K, "prefill", level, x dtype) -> the measured winner
 CHOICE_TIMES: dict[tuple, dict[str, float]] = {}
-"""The measurements behind each choice: key -> {path: seconds (best of 2)}."""
+"""The measurements behind each choice: key -> {path: seconds per row (best of MEASURE_ROUNDS), summed over the Ms}."""
 
 
 def isa_level() -> int:
@@ -281,11 +281,21 @@ def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: li
     return _CHOICES[key]
 
 
+MEASURE_ROUNDS = 5
+"""Timed calls per candidate per M in `_measure` (after one warm-up call), candidates alternating."""
+
+
 def _measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype) -> None:
-    """Runs each candidate at each of PREFILL_MEASURE_ROWS (a warm-up call, then the best of
-    two timed) and keeps the one with the least time per row summed over them: a per-machine,
-    per-shape choice with no table of figures in the code. Costs 3 calls per candidate per M,
-    once per (weight shape, x dtype) per machine (`choices.py` keeps it on disk).
+    """Runs each candidate at each of PREFILL_MEASURE_ROWS (a warm-up call, then MEASURE_ROUNDS
+    timed rounds, the candidates alternating in a rotated order each round, the best of each
+    kept) and keeps the one with the least time per row summed over them: a per-machine,
+    per-shape choice with no table of figures in the code. Costs 1 + MEASURE_ROUNDS calls per
+    candidate per M, once per (weight shape, x dtype) per machine (`choices.py` keeps it on disk).
+    Why 5 rotated rounds (was the best of 2 in a fixed order): on a shared 2-core host a burst of
+    another process's work inside both of one candidate's calls made it lose, and the choice is
+    kept on disk: session 18 found the small shape's mlp.c_proj (1024 x 4096) stored as
+    `avx512_bf16:panel64` (78 us a row against the GEMM's 98) and, in another build, `onednn:bf16`
+    (297 against 359), where a quiet minute measures the GEMM 27, oneDNN 34, panel64 48.
     Each call is timed up to the result in x's dtype, as `linear` returns it: the fp32 paths'
     conversion to bf16 is part of their cost (oneDNN returns bf16 itself)."""
     mod = _ext.get()
@@ -295,8 +305,8 @@ def _measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype
         best = dict.fromkeys(cands, float("inf"))
         for c in cands:
             _compute(c, mod, x, p, None).to(x_dtype)
-        for _ in range(2):
-            for c in cands:
+        for r in range(MEASURE_ROUNDS):
+            for c in cands[r % len(cands):] + cands[:r % len(cands)]:
                 t = time.perf_counter()
                 _compute(c, mod, x, p, None).to(x_dtype)
                 best[c] = min(best[c], time.perf_counter() - t)

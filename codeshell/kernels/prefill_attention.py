@@ -13,6 +13,8 @@ PyTorch's SDPA with the boolean mask as before.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _ext
@@ -28,14 +30,40 @@ def prefill_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and isa_level() >= ISA_LEVELS.index("avx512_bf16"))
 
 
+KEY_BLOCKS = (16, 32, 64)
+"""Keys per block of the kernel's online softmax (csrc/attention_prefill.cpp): each block costs
+every query row two horizontal reductions, a scalar exp and the rescale of its fp32 output, so
+larger blocks spread that over more vdpbf16ps work; 16 is the session-15 kernel (its bits)."""
+
+
+def key_block(head_dim: int) -> int:
+    """The key block for this head dim: `CODESHELL_PREFILL_ATTN_KB` (16, 32 or 64; for A/B) if set,
+    else DEFAULT_KEY_BLOCK. The block changes the last bits (another running-max schedule), not
+    which keys a query sees; every row's result is still independent of the batch around it."""
+    env = os.environ.get("CODESHELL_PREFILL_ATTN_KB", "").strip()
+    if env:
+        if int(env) not in KEY_BLOCKS:
+            raise ValueError(f"CODESHELL_PREFILL_ATTN_KB={env!r}: expected one of {KEY_BLOCKS}")
+        return int(env)
+    return DEFAULT_KEY_BLOCK
+
+
+DEFAULT_KEY_BLOCK = 64
+"""Measured (`python benchmarks/trace_prefill.py --shape small --attention-only --rounds 40 --kb 16 32 64`,
+key blocks alternating in one process, medians; docs/kernels.md "Session 18, helper C"): 16 / 32 / 64
+keys 1.90 / 1.30 / 1.04 ms at the small shape (H 8, G 2, D 128, T 512), 7.89 / 5.49 / 4.44 ms at the
+7B's (H 32, G 8), 0.228 / 0.149 / 0.139 ms at codeshell-mini's (D 32, T 256)."""
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                      positions: torch.Tensor, scale: float) -> torch.Tensor:
+                      positions: torch.Tensor, scale: float, kb: int | None = None) -> torch.Tensor:
     """q [B, H, T, D] bf16 (a view is fine: the last dim contiguous); k_cache, v_cache [slots, G,
     max_len, D] bf16 with this call's keys already stored; slots int64 [B]; positions int64 [B, T]:
     query t of row b is at positions[b, t] and sees keys 0..positions[b, t] of slot slots[b].
     Returns [B, T, H, D] bf16 (the layout the output projection reads). Check
-    `prefill_attention_ok` first."""
+    `prefill_attention_ok` first. kb: keys per block (`key_block(D)` by default)."""
     if not prefill_attention_ok(q, k_cache):
         raise ValueError("prefill_attention needs CPU bf16 queries [B, H, T > 1, D % 32 == 0], a contiguous bf16 "
                          f"cache and AVX512-BF16 ({_ext.unavailable_reason() or 'available'})")
-    return _ext.get().prefill_attention(q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale)
+    kb = key_block(q.shape[3]) if kb is None else kb
+    return _ext.get().prefill_attention(q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale, kb)

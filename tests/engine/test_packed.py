@@ -185,3 +185,26 @@ def test_first_argmax_is_max_indices_with_ties_and_odd_vocabularies():
         x[3] = 0.5                                       # a flat row: index 0
         assert torch.equal(first_argmax(x), x.max(-1).indices), V
         assert torch.equal(first_argmax(x.bfloat16()), x.bfloat16().max(-1).indices), V
+
+
+@pytest.mark.parametrize("slots,positions", [([2], [list(range(5, 12))]), ([1], [[3, 4, 6, 7]]), ([0, 2], [[0, 1, 2], [4, 5, 6]]),
+                                             ([3], [[9]])])
+def test_cache_view_store_fast_path_stores_what_index_put_stores(slots, positions):
+    # CacheView._store copies one prompt at consecutive positions as a slice (kv_cache.py `_run`),
+    # else index_put: both leave the cache with the same contents.
+    from codeshell.config import CodeShellConfig
+    from codeshell.engine.kv_cache import KVCache
+    cfg = CodeShellConfig(vocab_size=64, n_embd=64, n_layer=2, n_head=4, num_query_groups=2, n_inner=128, n_positions=64)
+    pos = torch.tensor(positions)
+    B, T = pos.shape
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(B, T, 4, 16, generator=g).to(torch.bfloat16).transpose(1, 2)[:, :2]  # [B, G, T, D], a view
+    v = torch.randn(B, 2, T, 16, generator=g).to(torch.bfloat16)
+    fast, ref = KVCache(cfg, 4, 32, torch.bfloat16), KVCache(cfg, 4, 32, torch.bfloat16)
+    view = fast.view(slots, pos)
+    assert (view._run is not None) == (B == 1 and T > 1 and positions[0] == list(range(positions[0][0], positions[0][0] + T)))
+    view._store(1, k, v)
+    rv = ref.view(slots, pos)
+    rv._run = None
+    rv._store(1, k, v)
+    assert torch.equal(fast.k, ref.k) and torch.equal(fast.v, ref.v) and fast.k.abs().sum() > 0

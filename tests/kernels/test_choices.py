@@ -42,7 +42,7 @@ def _fresh_process_state(key):
     choices.forget()
 
 
-MEASURED = 3 * len(ops.PREFILL_MEASURE_ROWS) * len(CANDS) + 1  # warm-up + 2 timed, each candidate at each M, then the call
+MEASURED = (1 + ops.MEASURE_ROUNDS) * len(ops.PREFILL_MEASURE_ROWS) * len(CANDS) + 1  # warm-up + timed rounds, each candidate at each M, then the call
 
 
 def _case():

@@ -52,6 +52,23 @@ def test_add_layer_norm_matches_torch(rows, C, dtype, residual):
         _bf16_close(y, y_ref)
 
 
+@pytest.mark.parametrize("rows,C", [(256, 256), (300, 257), (64, 1024)])
+def test_add_layer_norm_prefill_split_keeps_bits(rows, C, monkeypatch):
+    # A prefill's LayerNorm of >= 65536 values splits over the threads (fused.cpp
+    # prefill_row_grain; codeshell-mini's 256 x 256 was one task); CODESHELL_PREFILL_LN_SPLIT=off
+    # is the single task of before. Rows are independent: the same bits either way.
+    g = torch.Generator().manual_seed(rows + C)
+    x = (torch.randn(rows, C, generator=g) * 3).to(torch.bfloat16)
+    r = torch.randn(rows, C, generator=g)  # a linear's fp32 output
+    w, b = torch.randn(C, generator=g).to(torch.bfloat16), torch.randn(C, generator=g).to(torch.bfloat16)
+    monkeypatch.setenv("CODESHELL_PREFILL_LN_SPLIT", "off")
+    h0, y0 = _mod().fused_add_layer_norm(x, r, w, b, 1e-5)
+    monkeypatch.delenv("CODESHELL_PREFILL_LN_SPLIT")
+    h1, y1 = _mod().fused_add_layer_norm(x, r, w, b, 1e-5)
+    assert torch.equal(h0, h1) and torch.equal(y0, y1)
+    _bf16_close(y1, F.layer_norm(x + r.to(torch.bfloat16), (C,), w, b, 1e-5))
+
+
 def test_add_layer_norm_mixed_and_no_affine():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 77, generator=g).to(torch.bfloat16)

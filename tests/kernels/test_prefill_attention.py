@@ -44,10 +44,11 @@ def _reference(q, kc, vc, slots, pos, scale):
                                          # head dims with D % 64 == 32 (the values' last 32-wide chunk):
                                          # codeshell-mini's 8 heads of 32, and 96
                                          (1, 8, 2, 32, 256, 0), (2, 4, 2, 32, 37, 9), (1, 4, 2, 96, 50, 3)])
-def test_against_fp32_attention(B, H, G, D, T, P):
+@pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
+def test_against_fp32_attention(B, H, G, D, T, P, kb):
     q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
     scale = 1 / math.sqrt(D)
-    got = pa.prefill_attention(q, kc, vc, slots, pos, scale)
+    got = pa.prefill_attention(q, kc, vc, slots, pos, scale, kb)
     assert got.shape == (B, T, H, D) and got.dtype == torch.bfloat16
     ref = _reference(q, kc, vc, slots, pos, scale).transpose(1, 2)
     # fp32 scores and sums, the probabilities rounded to bf16 for the value product (as torch's
@@ -60,14 +61,15 @@ def test_against_fp32_attention(B, H, G, D, T, P):
     err, err_torch = (got.float() - ref).abs(), (torch_bf16 - ref).abs()
     assert err.max() <= 1.5 * err_torch.max() + 1e-3 and err.mean() <= 1.5 * err_torch.mean() + 1e-4
     torch.testing.assert_close(got.float(), ref, rtol=2 ** -6, atol=2e-2)
-    print(f"prefill_attention (avx512_bf16) B{B} H{H} G{G} D{D} T{T} P{P}: max err {err.max():.1e} "
+    print(f"prefill_attention (avx512_bf16, key block {kb}) B{B} H{H} G{G} D{D} T{T} P{P}: max err {err.max():.1e} "
           f"(torch bf16 SDPA {err_torch.max():.1e}), mean {err.mean():.1e} ({err_torch.mean():.1e})")
 
 
 @needs_bf16
-def test_keys_past_a_position_are_never_read():
+@pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
+def test_keys_past_a_position_are_never_read(kb):
     # NaN in every cache position past each row's last query: a kernel reading any of them
-    # (or the rows of other slots) would return NaN.
+    # (or the rows of other slots) would return NaN, at every key block size.
     q, kc, vc, slots, pos = _case(2, 8, 2, 64, 40, 10)
     for b in range(2):
         kc[slots[b], :, int(pos[b].max()) + 1:] = float("nan")
@@ -75,7 +77,7 @@ def test_keys_past_a_position_are_never_read():
     other = [s for s in range(kc.shape[0]) if s not in slots.tolist()]
     kc[other] = float("nan")
     vc[other] = float("nan")
-    got = pa.prefill_attention(q, kc, vc, slots, pos, 0.125)
+    got = pa.prefill_attention(q, kc, vc, slots, pos, 0.125, kb)
     assert torch.isfinite(got.float()).all()
 
 
@@ -120,3 +122,44 @@ def test_engine_prefill_matches_the_sdpa_path(monkeypatch):
     for a, b in zip(native, sdpa):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
+
+
+@needs_bf16
+@pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
+def test_a_row_does_not_depend_on_the_batch_around_it(kb):
+    # A prompt's attention alone (B = 1) and as row 1 of a batch with another prompt: the same
+    # bits at every key block (the key blocks a query sees do not depend on the other rows).
+    q, kc, vc, slots, pos = _case(2, 8, 2, 128, 70, 6)
+    both = pa.prefill_attention(q, kc, vc, slots, pos, 0.1, kb)
+    alone = pa.prefill_attention(q[1:], kc, vc, slots[1:], pos[1:], 0.1, kb)
+    assert torch.equal(both[1:], alone)
+
+
+@needs_bf16
+def test_key_block_switch(monkeypatch):
+    # The default (64 keys) and CODESHELL_PREFILL_ATTN_KB: the A/B switch picks the block the call runs.
+    monkeypatch.delenv("CODESHELL_PREFILL_ATTN_KB", raising=False)
+    assert pa.key_block(128) == pa.DEFAULT_KEY_BLOCK == 64
+    q, kc, vc, slots, pos = _case(1, 4, 2, 32, 90, 0)
+    for kb in pa.KEY_BLOCKS:
+        monkeypatch.setenv("CODESHELL_PREFILL_ATTN_KB", str(kb))
+        assert pa.key_block(32) == kb
+        assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 0.2), pa.prefill_attention(q, kc, vc, slots, pos, 0.2, kb))
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_KB", "48")
+    with pytest.raises(ValueError, match="CODESHELL_PREFILL_ATTN_KB"):
+        pa.key_block(32)
+
+
+@needs_bf16
+@pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
+@pytest.mark.parametrize("D,T,P", [(32, 256, 0), (128, 77, 5), (64, 33, 40)])
+def test_partial_key_block_trim_keeps_bits(kb, D, T, P, monkeypatch):
+    # A work item's last key block computes only its 16-key chunks that hold keys and the value
+    # product only over its key pairs (block_rows); CODESHELL_PREFILL_ATTN_TRIM=0 computes every
+    # block whole. The parts left out hold only keys no query sees: the same bits.
+    q, kc, vc, slots, pos = _case(1, 4, 2, D, T, P)
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_TRIM", "0")
+    whole = pa.prefill_attention(q, kc, vc, slots, pos, 0.2, kb)
+    monkeypatch.delenv("CODESHELL_PREFILL_ATTN_TRIM")
+    assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 0.2, kb), whole)
+    print(f"prefill_attention (avx512_bf16, key block {kb}, last blocks trimmed) D{D} T{T} P{P}: the whole blocks' bits")

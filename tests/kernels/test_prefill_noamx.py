@@ -184,3 +184,63 @@ def test_packed_linear_gelu_only_on_the_gemm_path():
         assert lin.forward_gelu(x) is None
     assert lin.forward_gelu(x[:8]) is None
     assert lin.forward_gelu(x.float()) is None
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k", [(384, 256), (256, 1030), (1040, 256)])
+def test_bf16_gemm_work_item_does_not_change_bits(n, k, monkeypatch, record_property):
+    # The GEMM's work item (panels a thread claims at once) is 4 where items of 8 would leave
+    # fewer than 4 a thread (codeshell-mini's N = 256 / 384), else 8; CODESHELL_DOT_ITEM sets it.
+    # Each output's sum runs over the K chunks in order whatever the item: the same bits.
+    record_property("isa_path", "avx512_bf16:gemm")
+    pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)))
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    bias = torch.randn(n)
+    ys = {}
+    for item in ("", "1", "2", "4", "8", "16"):
+        monkeypatch.setenv("CODESHELL_DOT_ITEM", item)
+        ys[item] = ops._compute("avx512_bf16:gemm", _ext.get(), x, pw, bias).clone()
+        assert torch.equal(ys[item], ys[""]), f"item {item!r} changed the bits"
+    ref = ops.reference(x, pw, bias, "avx512_bf16:gemm")
+    assert (ys[""] - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    print(f"avx512_bf16:gemm N={n} K={k}: items of 1, 2, 4, 8, 16 panels and the default give the same bits")
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k,m", [(384, 256, 256), (1040, 1024, 131), (37, 96, 65), (300, 512, 600)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bf16_gemm_reads_x_rows_in_place_with_the_packed_bits(n, k, m, gelu, monkeypatch, record_property):
+    # K a multiple of 32: prefill_dot reads x's rows in place (dot_block_rows, rows past M on a
+    # row of zeros; by default where N <= 512, CODESHELL_DOT_XPACK=0 at every N) instead of
+    # packing x (CODESHELL_DOT_XPACK=1, as before). The same bits.
+    record_property("isa_path", "avx512_bf16:gemm (x rows in place)")
+    pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    bias = torch.randn(n)
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_DOT_XPACK", "1")
+    packed = mod.prefill_bf16_dot(x, pw.data, n, bias, gelu).clone()
+    monkeypatch.setenv("CODESHELL_DOT_XPACK", "0")
+    direct = mod.prefill_bf16_dot(x, pw.data, n, bias, gelu).clone()
+    monkeypatch.delenv("CODESHELL_DOT_XPACK")
+    default = mod.prefill_bf16_dot(x, pw.data, n, bias, gelu).clone()
+    assert torch.equal(direct, packed) and torch.equal(default, packed)
+    if not gelu:
+        ref = ops.reference(x, pw, bias, "avx512_bf16:gemm")
+        assert (direct - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    print(f"avx512_bf16:gemm x rows in place N={n} K={k} M={m} gelu={gelu}: the packed path's bits")
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k,m", [(1024, 256, 256), (1040, 256, 70), (100, 96, 65)])
+def test_bf16_gemm_gelu_four_vectors_a_step_keeps_bits(n, k, m, monkeypatch, record_property):
+    # store_rows_gelu runs four vectors a step where 64 columns are left (CODESHELL_GELU_X4=0: one).
+    record_property("isa_path", "avx512_bf16:gemm + GELU epilogue")
+    pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n)))
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3).to(torch.bfloat16)
+    bias = torch.randn(n)
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_GELU_X4", "0")
+    one = mod.prefill_bf16_dot(x, pw.data, n, bias, True).clone()
+    monkeypatch.delenv("CODESHELL_GELU_X4")
+    assert torch.equal(mod.prefill_bf16_dot(x, pw.data, n, bias, True), one)

@@ -3,10 +3,17 @@
 //
 // What this is: y[b, t, h] = softmax(scale * q[b, h, t] . K[slot_b, g]^T over keys 0..pos[b, t])
 // V[slot_b, g] with g = h / (H / G), K and V read in place from the cache layer [slots, G,
-// max_len, D] (the new keys already stored there), in the flash-attention order: per block of 16
-// keys, the scores of every query of a work item, an online softmax (running max and sum per
-// query), and the value rows accumulated in fp32; keys past a query's position never computed
-// (a whole key block is skipped once it is past every query of the item).
+// max_len, D] (the new keys already stored there), in the flash-attention order: per block of KB
+// keys (64 by default, 16 or 32 by the caller's `key_block`), the scores of every query of a work
+// item, an online softmax (running max and sum per query), and the value rows accumulated in
+// fp32; keys past a query's position never computed (a whole key block is skipped once it is
+// past every query of the item).
+// Key blocks (session 18): each block costs every query row two horizontal reductions, a scalar
+// exp and the rescale of its fp32 output (now folded into the value product's load of o), and
+// the 16-key block ran 8 vdpbf16ps chains in both products; 64 keys x 4 rows (16 chains in both
+// products) measured 1.83x / 1.78x / 1.64x faster than 16 x 8 at the small / 7B / codeshell-mini
+// shapes (T = 512 / 512 / 256; docs/kernels.md "Session 18, helper C"). Another block gives other
+// last bits (another running-max schedule); the 16-key block gives the session-15 kernel's.
 // What this is not: decode attention (one query per row: attention.cpp), a training kernel (no
 // gradient, no dropout), or an AVX2 kernel: without AVX512-BF16 the model keeps PyTorch's SDPA.
 //
@@ -33,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -41,8 +49,8 @@ CODESHELL_BEGIN_AVX512
 namespace {
 
 constexpr int64_t kTq = 32;   // queries per work item (per head of the group)
-constexpr int64_t kKb = 16;   // keys per block: one zmm of scores per query row
-constexpr int kMr = 8;        // query rows per score tile (8 zmm accumulators)
+constexpr int64_t kKbMax = 64;  // the largest key block (scratch sizes)
+constexpr int kMrMax = 8;       // the most query rows per score tile (scratch sizes, tile padding)
 
 struct Item {
   const uint16_t* q;      // q[b] base: [H][T][D] with strides qh, qt (elements)
@@ -53,21 +61,23 @@ struct Item {
   uint16_t* y;            // y[b] [T][H][D]
   int64_t H, D, r, g, t0, t1;
   float scale;
+  bool trim;              // a partial last key block computes only its chunks with keys (block_rows)
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
-// dim d, for the 16 keys j0..j0+15 (zero past `n`): both operands of vdpbf16ps as they are (the
+// dim d, for the KB keys j0..j0+KB-1 (zero past `n`): both operands of vdpbf16ps as they are (the
 // scores sum over dims in pairs, the values over keys in pairs).
+template <int KB>
 inline void pack_block(const Item& it, int64_t j0, int64_t n, uint32_t* kp, uint32_t* vp) {
   const int64_t D = it.D, D2 = D / 2;
-  for (int64_t j = 0; j < kKb; ++j) {
+  for (int64_t j = 0; j < KB; ++j) {
     const uint32_t* kr = reinterpret_cast<const uint32_t*>(it.k + (j0 + j) * D);
     if (j < n)
-      for (int64_t d2 = 0; d2 < D2; ++d2) kp[d2 * kKb + j] = kr[d2];
+      for (int64_t d2 = 0; d2 < D2; ++d2) kp[d2 * KB + j] = kr[d2];
     else
-      for (int64_t d2 = 0; d2 < D2; ++d2) kp[d2 * kKb + j] = 0u;
+      for (int64_t d2 = 0; d2 < D2; ++d2) kp[d2 * KB + j] = 0u;
   }
-  for (int64_t j2 = 0; j2 < kKb / 2; ++j2) {
+  for (int64_t j2 = 0; j2 < KB / 2; ++j2) {
     const int64_t a = 2 * j2, b = a + 1;
     for (int64_t d = 0; d < D; d += 16) {
       const __m512i lo = a < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
@@ -81,31 +91,44 @@ inline void pack_block(const Item& it, int64_t j0, int64_t n, uint32_t* kp, uint
   }
 }
 
-// Scores of MR query rows (row pointers qr[i], bf16 pairs) against the packed block: s[i] (16 keys).
-// The sums and the row pointers are locals: __m512 is a may-alias type, so accumulating through
-// `s` itself kept every sum in memory (a store and a reload per vdpbf16ps, perf on Zen 5) and
-// reloaded the row pointers each step. The same operations in the same order: the same bits.
-template <int MR>
+// Scores of MR query rows (row pointers qr[i], bf16 pairs) against the packed block of NB x 16
+// keys: s[i * NB + c] (keys 16c..16c+15). The sums and the row pointers are locals: __m512 is a
+// may-alias type, so accumulating through `s` itself kept every sum in memory (a store and a
+// reload per vdpbf16ps, perf on Zen 5) and reloaded the row pointers each step. MR x NB
+// independent chains (16 at the default tiles: 8 left vdpbf16ps's latency exposed).
+template <int MR, int NB, int KB = 16 * NB>
 inline void scores(const uint32_t* const* qr, const uint32_t* kp, int64_t D2, __m512* s) {
-  __m512 acc[MR];
+  __m512 acc[MR][NB];
   const uint32_t* q[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps(), q[i] = qr[i];
-  for (int64_t d2 = 0; d2 < D2; ++d2) {
-    const __m512bh kv = (__m512bh)_mm512_load_si512(kp + d2 * kKb);
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(q[i][d2])), kv);
+  for (int i = 0; i < MR; ++i) {
+    q[i] = qr[i];
+    for (int c = 0; c < NB; ++c) acc[i][c] = _mm512_setzero_ps();
   }
-  for (int i = 0; i < MR; ++i) s[i] = acc[i];
+  for (int64_t d2 = 0; d2 < D2; ++d2) {
+    __m512bh kv[NB];
+    for (int c = 0; c < NB; ++c) kv[c] = (__m512bh)_mm512_load_si512(kp + d2 * KB + 16 * c);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh qb = (__m512bh)_mm512_set1_epi32(int(q[i][d2]));
+      for (int c = 0; c < NB; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], qb, kv[c]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int c = 0; c < NB; ++c) s[i * (KB / 16) + c] = acc[i][c];
 }
 
-// o[r] (+)= p[r] . V for NR query rows sharing each value vector, over the block's key pairs, for
-// dims [d, d + 16 NC): the value operand vp[j2][d] (key pairs) as pack_block lays it out.
+// o[r] = alpha[r] o[r] + p[r] . V for NR query rows sharing each value vector, over the block's
+// KP key pairs, for dims [d, d + 16 NC): the value operand vp[j2][d] (key pairs) as pack_block lays
+// it out. The online softmax's rescale of o (alpha: 1 where the row's max did not move, exact) is
+// done on the load here, not in a pass of its own: the same multiply before the same sums.
 template <int NR, int NC>
-inline void pv_chunk(float* const* o, const uint32_t* const* p, const uint32_t* vp, int64_t D, int64_t d) {
-  constexpr int64_t kP = kKb / 2;
+inline void pv_chunk(float* const* o, const uint32_t* const* p, const float* alpha, const uint32_t* vp,
+                     int64_t D, int64_t d, int64_t KP) {
   __m512 a[NR][NC];
-  for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < NC; ++c) a[r][c] = _mm512_load_ps(o[r] + d + 16 * c);
-  for (int64_t j2 = 0; j2 < kP; ++j2) {
+  for (int r = 0; r < NR; ++r) {
+    const __m512 al = _mm512_set1_ps(alpha[r]);
+    for (int c = 0; c < NC; ++c) a[r][c] = _mm512_mul_ps(_mm512_load_ps(o[r] + d + 16 * c), al);
+  }
+  for (int64_t j2 = 0; j2 < KP; ++j2) {
     __m512bh b[NR];
     for (int r = 0; r < NR; ++r) b[r] = (__m512bh)_mm512_set1_epi32(int(p[r][j2]));
     for (int c = 0; c < NC; ++c) {
@@ -121,17 +144,94 @@ inline void pv_chunk(float* const* o, const uint32_t* const* p, const uint32_t* 
 // codeshell-mini's heads are 32 wide). Each lane's sum runs over the key pairs in the same order
 // whatever the chunk width, so the width does not change a bit.
 template <int NR>
-inline void pv_rows(float* const* o, const uint32_t* const* p, const uint32_t* vp, int64_t D) {
+inline void pv_rows(float* const* o, const uint32_t* const* p, const float* alpha, const uint32_t* vp, int64_t D,
+                    int64_t KP) {
   int64_t d = 0;
-  for (; d + 64 <= D; d += 64) pv_chunk<NR, 4>(o, p, vp, D, d);
-  if (d < D) pv_chunk<NR, 2>(o, p, vp, D, d);
+  for (; d + 64 <= D; d += 64) pv_chunk<NR, 4>(o, p, alpha, vp, D, d, KP);
+  if (d < D) pv_chunk<NR, 2>(o, p, alpha, vp, D, d, KP);
 }
 
+// The score tiles and value products of one key block for all R rows: NBE of the block's KB / 16
+// key chunks hold keys (a last, partial block: the chunks past its keys are never computed) and
+// kPe key pairs (the value product stops there). The chunks and pairs left out hold only keys no
+// query sees (zero probabilities on zero values): the same sums, the same bits as the whole block.
+template <int KB, int MR, int PR, int NBE>
+inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
+                       const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
+                       float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane) {
+  constexpr int NB = KB / 16;
+  constexpr int64_t kP = KB / 2;
+    for (int64_t i0 = 0; i0 < R; i0 += MR) {
+      __m512 s[MR * NB];
+      scores<MR, NBE, KB>(qrowp + i0, kp, D2, s);
+      const int64_t rows = std::min<int64_t>(MR, R - i0);
+      float alpha[MR];
+      for (int64_t ii = 0; ii < rows; ++ii) {
+        const int64_t i = i0 + ii;
+        uint32_t* p = prow + ii * kP;
+        alpha[ii] = 1.f;
+        // keys j0 + 16c + lane <= pos of this query are visible
+        const int64_t last = qpos[i] - j0;
+        if (last < 0) {  // a block wholly past this query: nothing to add
+          std::memset(p, 0, kP * 4);
+          continue;
+        }
+        __m512 x[NB];
+        __mmask16 vis[NB];
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int c = 0; c < NBE; ++c) {
+          vis[c] = _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last - 16 * c, 16))),
+                                         _MM_CMPINT_LE);
+          x[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis[c], _mm512_mul_ps(s[ii * NB + c], sc));
+          mx = _mm512_max_ps(mx, x[c]);
+        }
+        const float mnew = std::max(mrow[i], _mm512_reduce_max_ps(mx));
+        const float al = std::exp(mrow[i] - mnew);  // 0 on the first visible block (-inf)
+        // the probabilities rounded to bf16 once (the values' vdpbf16ps operand); the row sum
+        // adds the rounded values, so the weights that multiply V are the ones normalised
+        const __m512 mv = _mm512_set1_ps(mnew);
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < NBE; ++c) {
+          const __m256bh eb = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(vis[c], codeshell::exp16(_mm512_sub_ps(x[c], mv))));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), (__m256i)eb);
+          const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
+          sum = NBE == 1 ? er : _mm512_add_ps(sum, er);
+        }
+        // l a l + sum as a rounded product then a rounded sum: not contracted into an FMA (whether the
+        // compiler contracts it depends on the inlining around it; the bits must not)
+        float lp = lrow[i] * al;
+        __asm__("" : "+x"(lp));
+        lrow[i] = lp + _mm512_reduce_add_ps(sum);
+        mrow[i] = mnew;
+        alpha[ii] = al;
+      }
+      // o[i] = alpha o[i] + p[i] . V: vdpbf16ps over key pairs, PR rows at a time sharing each value vector
+      int64_t ii = 0;
+      for (; ii + PR <= rows; ii += PR) {
+        float* orow[PR];
+        const uint32_t* pr[PR];
+        for (int r = 0; r < PR; ++r) orow[r] = o + (i0 + ii + r) * D, pr[r] = prow + (ii + r) * kP;
+        pv_rows<PR>(orow, pr, alpha + ii, vp, D, kPe);
+      }
+      for (; ii < rows; ++ii) {
+        float* const orow[1] = {o + (i0 + ii) * D};
+        const uint32_t* const pr[1] = {prow + ii * kP};
+        pv_rows<1>(orow, pr, alpha + ii, vp, D, kPe);
+      }
+    }
+}
+
+// One work item with key blocks of KB keys and score tiles of MR query rows; o += p . V in
+// groups of PR rows sharing each value vector.
+template <int KB, int MR, int PR>
 void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow, float* lrow, uint32_t* prow) {
+  constexpr int NB = KB / 16;
+  constexpr int64_t kP = KB / 2;  // key pairs per block
+  static_assert(KB <= kKbMax && MR <= kMrMax && MR % PR == 0, "prefill attention tile");
   const int64_t D = it.D, D2 = D / 2, T = it.t1 - it.t0, R = it.r * T;
   // row i = (head h_local = i / T, query t = t0 + i % T)
-  std::vector<const uint32_t*> qrow(size_t(R) + kMr);
-  std::vector<int64_t> qpos(size_t(R) + kMr);
+  std::vector<const uint32_t*> qrow(size_t(R) + kMrMax);
+  std::vector<int64_t> qpos(size_t(R) + kMrMax);
   int64_t maxpos = 0;
   for (int64_t i = 0; i < R; ++i) {
     const int64_t h = it.g * it.r + i / T, t = it.t0 + i % T;
@@ -139,58 +239,20 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
     qpos[i] = it.pos[t];
     maxpos = std::max(maxpos, qpos[i]);
   }
-  for (int64_t i = R; i < R + kMr; ++i) qrow[i] = qrow[0], qpos[i] = qpos[0];  // tile padding
+  for (int64_t i = R; i < R + kMrMax; ++i) qrow[i] = qrow[0], qpos[i] = qpos[0];  // tile padding
   std::fill(o, o + R * D, 0.f);
   std::fill(mrow, mrow + R, -INFINITY);
   std::fill(lrow, lrow + R, 0.f);
   const __m512 sc = _mm512_set1_ps(it.scale);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  constexpr int64_t kP = kKb / 2;  // key pairs per block
-  for (int64_t j0 = 0; j0 <= maxpos; j0 += kKb) {
-    pack_block(it, j0, std::min<int64_t>(kKb, maxpos + 1 - j0), kp, vp);
-    for (int64_t i0 = 0; i0 < R; i0 += kMr) {
-      __m512 s[kMr];
-      scores<kMr>(qrow.data() + i0, kp, D2, s);
-      const int64_t rows = std::min<int64_t>(kMr, R - i0);
-      for (int64_t ii = 0; ii < rows; ++ii) {
-        const int64_t i = i0 + ii;
-        // keys j0 + lane <= pos of this query are visible
-        const __mmask16 vis = _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(int32_t(qpos[i] - j0)), _MM_CMPINT_LE);
-        uint32_t* p = prow + ii * kP;
-        if (vis == 0) {  // a block wholly past this query: nothing to add
-          _mm256_store_si256(reinterpret_cast<__m256i*>(p), _mm256_setzero_si256());
-          continue;
-        }
-        const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, _mm512_mul_ps(s[ii], sc));
-        const float mnew = std::max(mrow[i], _mm512_reduce_max_ps(x));
-        const float alpha = std::exp(mrow[i] - mnew);  // 0 on the first visible block (-inf)
-        // the probabilities rounded to bf16 once (the values' vdpbf16ps operand); the row sum
-        // adds the rounded values, so the weights that multiply V are the ones normalised
-        const __m256bh eb = _mm512_cvtneps_pbh(
-            _mm512_maskz_mov_ps(vis, codeshell::exp16(_mm512_sub_ps(x, _mm512_set1_ps(mnew)))));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(p), (__m256i)eb);
-        const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
-        lrow[i] = lrow[i] * alpha + _mm512_reduce_add_ps(er);
-        mrow[i] = mnew;
-        if (alpha != 1.f) {
-          const __m512 a = _mm512_set1_ps(alpha);
-          float* oi = o + i * D;
-          for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(oi + d, _mm512_mul_ps(_mm512_load_ps(oi + d), a));
-        }
-      }
-      // o[i] += p[i] . V: vdpbf16ps over key pairs, two rows at a time sharing each value vector
-      int64_t ii = 0;
-      for (; ii + 2 <= rows; ii += 2) {
-        float* const orow[2] = {o + (i0 + ii) * D, o + (i0 + ii + 1) * D};
-        const uint32_t* const pr[2] = {prow + ii * kP, prow + (ii + 1) * kP};
-        pv_rows<2>(orow, pr, vp, D);
-      }
-      for (; ii < rows; ++ii) {
-        float* const orow[1] = {o + (i0 + ii) * D};
-        const uint32_t* const pr[1] = {prow + ii * kP};
-        pv_rows<1>(orow, pr, vp, D);
-      }
-    }
+  for (int64_t j0 = 0; j0 <= maxpos; j0 += KB) {
+    pack_block<KB>(it, j0, std::min<int64_t>(KB, maxpos + 1 - j0), kp, vp);
+    const int64_t n = it.trim ? std::min<int64_t>(KB, maxpos + 1 - j0) : KB, nb = (n + 15) / 16,
+                  kPe = std::min<int64_t>(kP, (n + 1) / 2);
+    if constexpr (NB >= 4) if (nb == 3) { block_rows<KB, MR, PR, 3>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane); continue; }
+    if constexpr (NB >= 2) if (nb == 1) { block_rows<KB, MR, PR, 1>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane); continue; }
+    if constexpr (NB >= 4) if (nb == 2) { block_rows<KB, MR, PR, 2>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane); continue; }
+    block_rows<KB, MR, PR, NB>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane);
   }
   // y[t][h] = o / l, rounded to bf16 (round to nearest even)
   for (int64_t i = 0; i < R; ++i) {
@@ -203,6 +265,8 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
   }
 }
 
+using RunItem = void (*)(const Item&, uint32_t*, uint32_t*, float*, float*, float*, uint32_t*);
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
@@ -211,8 +275,9 @@ CODESHELL_END_AVX512
 // k_cache, v_cache bf16 [slots, G, max_len, D] contiguous, the new keys already stored; slots int64
 // [B]; positions int64 [B, T]: query t of row b sits at positions[b, t] and sees keys
 // 0..positions[b, t] of slot slots[b]. Returns y bf16 [B, T, H, D].
+// key_block: keys per block, 16, 32 or 64 (prefill_attention.py's `key_block` picks it by head dim).
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                                const torch::Tensor& slots, const torch::Tensor& positions, double scale) {
+                                const torch::Tensor& slots, const torch::Tensor& positions, double scale, int64_t key_block) {
   codeshell::check_isa(codeshell::kAvx512Bf16);
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kBFloat16 && q.stride(3) == 1,
               "prefill_attention: q must be bf16 [B, H, T, D] with a contiguous last dim");
@@ -224,6 +289,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   TORCH_CHECK(k_cache.size(3) == D && D % 32 == 0 && D <= 256 && G > 0 && H % G == 0,
               "prefill_attention: head dim ", D, " (a multiple of 32 up to 256 needed) or groups ", G,
               " not dividing ", H, " heads");
+  TORCH_CHECK(key_block == 16 || key_block == 32 || key_block == 64, "prefill_attention: key block ", key_block, " (16, 32 or 64)");
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1 && slots.size(0) == B && slots.is_contiguous(),
               "prefill_attention: slots must be int64 [B]");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 2 && positions.size(0) == B &&
@@ -245,23 +311,33 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   const auto* vb = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
   auto* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t Rmax = r * kTq;
+  // The tile per key block (see the header): 16 keys x 8 query rows, values 2 rows at a time
+  // (the session-15 kernel's bits); 32 keys x 8 rows (16 score chains), values 4 rows at a time
+  // (16 chains of 64 dims), or 8 rows where D = 32 (codeshell-mini: 16 chains of 32 dims);
+  // 64 keys x 4 rows.
+  // CODESHELL_PREFILL_ATTN_TRIM=0: every key block whole (A/B; the same bits either way)
+  const char* trim_env = std::getenv("CODESHELL_PREFILL_ATTN_TRIM");
+  const bool trim = !(trim_env != nullptr && trim_env[0] == '0');
+  const RunItem run = key_block == 16 ? run_item<16, 8, 2>
+                      : key_block == 32 ? (D == 32 ? run_item<32, 8, 8> : run_item<32, 8, 4>)
+                                 : run_item<64, 4, 4>;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
-    // per-thread scratch, 64-byte aligned: packed keys [D/2][16] and values [8][D] (pairs), o [R][D]
-    // fp32, the probabilities of a score tile [8 rows][8 key pairs] (bf16 pairs), row max and sum
-    std::vector<float> buf(size_t(kKb) * D + size_t(Rmax) * D + size_t(kMr) * kKb + 2 * Rmax + 64);
+    // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs), o [R][D]
+    // fp32, the probabilities of a score tile [MR rows][KB/2 key pairs] (bf16 pairs), row max and sum
+    std::vector<float> buf(size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kMrMax) * kKbMax + 2 * Rmax + 64);
     float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
     uint32_t* kp = reinterpret_cast<uint32_t*>(base);
-    uint32_t* vp = kp + kKb * D / 2;
-    float* o = reinterpret_cast<float*>(vp + kKb * D / 2);
+    uint32_t* vp = kp + kKbMax * D / 2;
+    float* o = reinterpret_cast<float*>(vp + kKbMax * D / 2);
     uint32_t* prow = reinterpret_cast<uint32_t*>(o + Rmax * D);
-    float* mrow = reinterpret_cast<float*>(prow + kMr * kKb);
+    float* mrow = reinterpret_cast<float*>(prow + kMrMax * kKbMax);
     float* lrow = mrow + Rmax;
     for (int64_t w = a; w < e; ++w) {
       const int64_t b = w / (G * nq), g = (w / nq) % G, qi = w % nq;
       const int64_t cell = (sp[b] * G + g) * L * D;
       const Item it{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
-                    yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale)};
-      run_item(it, kp, vp, o, mrow, lrow, prow);
+                    yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale), trim};
+      run(it, kp, vp, o, mrow, lrow, prow);
     }
   });
 #else

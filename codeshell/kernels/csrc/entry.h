@@ -105,4 +105,4 @@ void register_decode_step(py::module& m);
 
 // attention_prefill.cpp: causal prefill attention over the KV cache (AVX512-BF16).
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                                const torch::Tensor& slots, const torch::Tensor& positions, double scale);
+                                const torch::Tensor& slots, const torch::Tensor& positions, double scale, int64_t key_block);

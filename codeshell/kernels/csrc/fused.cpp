@@ -35,6 +35,7 @@
 #include <cstring>
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -120,6 +121,18 @@ inline int64_t split_item() {
   return codeshell::current_team() != nullptr && !codeshell::small_split_off() ? kTeamItem : 0;
 }
 
+// row_grain, except that a call of 65536 values and more (a prefill's LayerNorm) splits in at least
+// two: codeshell-mini's 256 x 256 prompt LayerNorms were one task of row_grain's 65536 values, on one
+// thread (~52 us each, 13 a prompt: 9% of the prompt; session 18, helper C). Smaller calls (decode
+// rows) keep row_grain. Which thread runs a row does not change its bits.
+// CODESHELL_PREFILL_LN_SPLIT=off: row_grain alone (A/B).
+inline int64_t prefill_row_grain(int64_t rows, int64_t width) {
+  const int64_t g = row_grain(width);
+  if (rows * width < (int64_t(1) << 16) || rows < 2) return g;
+  const char* e = std::getenv("CODESHELL_PREFILL_LN_SPLIT");  // read each call (~0.1 us against ~50): A/B in one process
+  return e != nullptr && std::string(e) == "off" ? g : std::min(g, (rows + 1) / 2);
+}
+
 // f(r0, r1) over rows [0, rows) of `width` values, in chunks of >= 2 kTeamItem values in a team
 // (a LayerNorm row costs ~3 passes: codeshell-mini's 8 x 256 in two chunks measured 38.7
 // against 32.4 us a step unsplit, the small shape's 8 x 1024 86 against 126).
@@ -130,7 +143,7 @@ void for_rows(int64_t rows, int64_t width, const F& f) {
     codeshell::parallel_chunks(rows, 1, std::max<int64_t>(1, item / std::max<int64_t>(width, 1)), f);
     return;
   }
-  at::parallel_for(0, rows, row_grain(width), f);
+  at::parallel_for(0, rows, prefill_row_grain(rows, width), f);
 }
 
 // f(row, c0, c1) over [0, rows) x [0, N) for an elementwise pass: pieces of `item` columns (a

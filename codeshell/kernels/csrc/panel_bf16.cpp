@@ -628,6 +628,16 @@ constexpr int kDotNP = 4, kDotMR = 6;
 // store_rows pass), single items claimed one at a time.
 constexpr int64_t kDotKC = 128, kDotItem = 8;
 
+// Panels per work item for P panels: kDotItem, or half of it where that leaves fewer than 4 items a
+// thread. Why: codeshell-mini's c_attn (N = 384: 24 panels) made 3 items of 8 for 2 threads, one
+// thread doing two thirds of the call (47% of the peak in the session-18 trace against 54-67% for
+// the mini's other linears); items of 4 give 6. The bits do not depend on the item (each output's
+// sum runs over the K chunks in order either way). CODESHELL_DOT_ITEM=<panels> overrides it (A/B).
+inline int64_t dot_item(int64_t P) {
+  if (const char* e = std::getenv("CODESHELL_DOT_ITEM"); e != nullptr && std::atoi(e) > 0) return std::atoi(e);
+  return (P + kDotItem - 1) / kDotItem < 4 * at::get_num_threads() ? kDotItem / 2 : kDotItem;
+}
+
 // c[MR rows][NP * 16] (row stride ldc, 64-byte aligned) (+)= x tile . NP panels over nj k-pairs.
 // xp: the tile's k-pairs in order, MR dwords (bf16 pairs) each; w: panel q at w + q * pstride.
 // With PF, the next row tile's x is prefetched into L1 on the way (pfd k-pairs ahead: the next
@@ -659,6 +669,52 @@ inline void dot_block(const uint32_t* xp, const uint32_t* w, int64_t pstride, in
     for (int i = 0; i < MR; ++i) _mm512_store_ps(c + i * ldc + q * 16, acc[q][i]);
 }
 
+// dot_block on x's own rows (no pack): rp[i] is row i of the tile as bf16 pairs (k-pair 0), the
+// block's k-pairs start at j0; rn, when given, the next tile's rows, prefetched into L1 on the way
+// (one 64-byte line = 16 k-pairs of a row: MR prefetches per 16 k-pairs, as many lines as
+// dot_block's 3 per 8). The same products in the same order as dot_block on the packed copy of
+// the same x: the same bits. Why: the pack (one 4-byte copy per row and k-pair, a parallel region
+// of its own) cost 7-8% of a small-shape GEMM call (M = 512, K = 1024: ~55 of ~1130 us; session 18).
+template <int NP, int MR>
+inline void dot_block_rows(const uint32_t* const* rp, int64_t j0, const uint32_t* const* rn, const uint32_t* w,
+                           int64_t pstride, int64_t nj, float* c, int64_t ldc, bool first) {
+  __m512 acc[NP][MR];
+  const uint32_t* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = rp[i] + j0;
+  for (int q = 0; q < NP; ++q)
+    for (int i = 0; i < MR; ++i) acc[q][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + i * ldc + q * 16);
+  for (int64_t j8 = 0; j8 < nj; j8 += 8) {
+    if (rn != nullptr && (j8 & 15) == 0)
+      for (int i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(rn[i] + j0 + j8), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int64_t j = j8; j < j8 + 8; ++j) {
+      __m512bh wv[NP];
+      for (int q = 0; q < NP; ++q) wv[q] = (__m512bh)_mm512_loadu_si512(w + q * pstride + j * kPanel);
+      for (int i = 0; i < MR; ++i) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(xr[i][j]));
+        for (int q = 0; q < NP; ++q) acc[q][i] = _mm512_dpbf16_ps(acc[q][i], xb, wv[q]);
+      }
+    }
+  }
+  for (int q = 0; q < NP; ++q)
+    for (int i = 0; i < MR; ++i) _mm512_store_ps(c + i * ldc + q * 16, acc[q][i]);
+}
+
+// Whether prefill_dot reads x's rows in place (dot_block_rows) rather than a packed copy: K a
+// multiple of 32 (the panels' padded K: no k past a row's end is read) and N <= 512, where the
+// pack's cost (per row of x) is spread over few outputs. Measured (session 18, one process,
+// alternating calls, 4 weights cycled, medians of 15): N = 256 / 384 (codeshell-mini, M = 256)
+// 0.92-0.94x the packed path's time, N = 1024 at K = 256 1.00x; N >= 1024 at M = 512 (the small
+// shape) 1.01-1.04x, i.e. slower: there the pack is ~2-3% of the call, and six rows 2-8 KiB apart
+// share L1 sets with the weight chunk. CODESHELL_DOT_XPACK=1 packs at every shape, =0 reads rows
+// in place at every K % 32 == 0 (A/B; read each call).
+inline bool dot_rows_direct(int64_t K, int64_t N) {
+  if (K % kKAlign != 0) return false;
+  const char* e = std::getenv("CODESHELL_DOT_XPACK");
+  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '0';
+  return N <= 512;
+}
+
 // prefill_dot's GELU epilogue (`out_gelu`): c [M][ldc] (columns [0, cols)) + bias[n0 + j] ->
 // gelu_tanh of the sum rounded to bf16 -> out_gelu[:, n0 : n0 + cols) (bf16 [M, N]). Exactly what
 // store_rows and then fused_gelu_tanh(out, None, out_bf16=True) compute (the same fp32 bias add,
@@ -667,10 +723,28 @@ inline void dot_block(const uint32_t* xp, const uint32_t* w, int64_t pstride, in
 // as 32 MiB of fp32 and read back by the GELU, 3-5 ms a layer on this 2-core Zen 5.
 inline void store_rows_gelu(const float* c, int64_t ldc, int64_t M, uint16_t* out, int64_t N, int64_t n0,
                             int64_t cols, const float* bias) {
+  // Four vectors a step where a row has 64 columns left (their exp16 / divide chains overlap):
+  // one process, alternating calls, medians of 25 (session 18): c_fc + GELU 0.982x the time at the
+  // small shape (512 x 4096 x 1024), 0.954x at codeshell-mini's (256 x 1024 x 256), the same bits.
+  // CODESHELL_GELU_X4=0: one vector a step (A/B; read each call).
+  const char* e = std::getenv("CODESHELL_GELU_X4");
+  const bool x4 = !(e != nullptr && e[0] == '0');
   for (int64_t m = 0; m < M; ++m) {
     const float* cm = c + m * ldc;
     uint16_t* o = out + m * N + n0;
-    for (int64_t j = 0; j < cols; j += 16) {
+    int64_t j = 0;
+    if (x4)
+      for (; j + 64 <= cols; j += 64) {  // four independent vectors a step: the same lanes, the same bits
+        __m512 v[4];
+        for (int u = 0; u < 4; ++u) {
+          v[u] = _mm512_loadu_ps(cm + j + 16 * u);
+          if (bias) v[u] = _mm512_add_ps(v[u], _mm512_loadu_ps(bias + n0 + j + 16 * u));
+          v[u] = codeshell::gelu16(codeshell::round_bf16(v[u]));
+        }
+        for (int u = 0; u < 4; ++u)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j + 16 * u), _mm512_cvtepi32_epi16(codeshell::bf16_bits(v[u])));
+      }
+    for (; j < cols; j += 16) {
       const __mmask16 k = cols - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (cols - j)) - 1);
       __m512 v = _mm512_maskz_loadu_ps(k, cm + j);
       if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + n0 + j));
@@ -689,10 +763,17 @@ void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int
                  float* out, uint16_t* out_gelu = nullptr) {
   constexpr int NP = kDotNP, MR = kDotMR;
   const int64_t Kh = padded_k(K) / 2, P = (N + kPanel - 1) / kPanel, T = (M + MR - 1) / MR;
+  const bool direct = dot_rows_direct(K, N);
+  // direct: row pointers (bf16 pairs) of every tile's rows, rows past M (and one tile past the
+  // last, the prefetch's) on a row of zeros; else x packed [K chunk][row tile][k-pair][MR]
+  std::vector<const uint32_t*> rows(direct ? size_t(T + 1) * MR : 0);
+  std::vector<uint32_t> zeros(direct ? size_t(Kh) : 0, 0u);
+  for (int64_t m = 0; m < int64_t(rows.size()); ++m)
+    rows[m] = m < M ? reinterpret_cast<const uint32_t*>(x + m * K) : zeros.data();
   static thread_local codeshell::ThreadScratch x_keep;
-  codeshell::Scratch<uint32_t> xs(x_keep, size_t(T) * MR * Kh);
+  codeshell::Scratch<uint32_t> xs(x_keep, direct ? 0 : size_t(T) * MR * Kh);
   uint32_t* xp = xs.data();
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+  if (!direct) at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t j0 = 0; j0 < Kh; j0 += kDotKC) {
         const int64_t nj = std::min(kDotKC, Kh - j0);
@@ -717,16 +798,16 @@ void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int
         }
       }
   });
-  const int64_t items = (P + kDotItem - 1) / kDotItem, ldc = kDotItem * kPanel;
+  const int64_t item = dot_item(P), items = (P + item - 1) / item, ldc = item * kPanel;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
     static thread_local codeshell::ThreadScratch c_keep;
     codeshell::Scratch<float> cs(c_keep, size_t(T) * MR * ldc);
     float* c = cs.data();
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t pa = it * kDotItem, pb = std::min(P, pa + kDotItem);
+      const int64_t pa = it * item, pb = std::min(P, pa + item);
       for (int64_t j0 = 0; j0 < Kh; j0 += kDotKC) {
         const int64_t nj = std::min(kDotKC, Kh - j0);
-        const uint32_t* xb = xp + j0 * T * MR;
+        const uint32_t* xb = direct ? nullptr : xp + j0 * T * MR;
         for (int64_t p = pa; p < pb;) {
           const int64_t np = std::min<int64_t>(NP, pb - p);  // a tail of 1-3 panels
           const uint32_t* wp = w + (p * Kh + j0) * kPanel;
@@ -743,8 +824,18 @@ void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int
             for (int64_t l = t * per, le = std::min(lines, l + per); l < le; ++l)
               _mm_prefetch(reinterpret_cast<const char*>(wn + (l / njn) * Kh * kPanel + (l % njn) * kPanel),
                            _MM_HINT_T1);
-            const uint32_t* xt = xb + t * nj * MR;
             float* ct = cp + t * MR * ldc;
+            if (direct) {
+              const uint32_t* const* rt = rows.data() + t * MR;
+              switch (np) {
+                case 4: dot_block_rows<4, MR>(rt, j0, rt + MR, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
+                case 3: dot_block_rows<3, MR>(rt, j0, nullptr, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
+                case 2: dot_block_rows<2, MR>(rt, j0, nullptr, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
+                default: dot_block_rows<1, MR>(rt, j0, nullptr, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;
+              }
+              continue;
+            }
+            const uint32_t* xt = xb + t * nj * MR;
             switch (np) {
               case 4: dot_block<4, MR, true>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0, nj); break;
               case 3: dot_block<3, MR>(xt, wp, Kh * kPanel, nj, ct, ldc, j0 == 0); break;

@@ -41,6 +41,7 @@
 #include "q8_panel.h"
 #include "q8_rows.h"
 #include "q4_rows.h"
+#include "q4_m1.h"
 #include "quant_x.h"
 #include "scratch.h"
 #include "simd.h"
@@ -81,6 +82,30 @@ inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // 4-9% in quieter ones, so tile_v keeps those. CODESHELL_Q8_M1_ROWS=0 runs tile_v at every K (A/B
 // timing; read per call).
 inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", true); }
+
+// EXPERIMENT (session 18 A): the int8 M = 1-2 tiles' software prefetch, read per call:
+// CODESHELL_Q8_M1_PF = bytes ahead (0: none), CODESHELL_Q8_M1_PFH = 0 T0 / 1 T1 / 2 T2 / 3 NTA.
+struct Pf {
+  int64_t d = kPrefetch;
+  int h = 0;
+};
+inline Pf pf_env(const char* dist, const char* hint) {
+  Pf p;
+  if (const char* e = std::getenv(dist); e && *e) p.d = std::atoll(e);
+  if (const char* e = std::getenv(hint); e && *e) p.h = std::atoi(e);
+  return p;
+}
+inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"); }
+inline Pf q4_m1_pf() { return pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH"); }
+inline void pf_line(const void* p, const Pf& f) {
+  const char* c = static_cast<const char*>(p) + f.d;
+  switch (f.h) {
+    case 1: _mm_prefetch(c, _MM_HINT_T1); break;
+    case 2: _mm_prefetch(c, _MM_HINT_T2); break;
+    case 3: _mm_prefetch(c, _MM_HINT_NTA); break;
+    default: _mm_prefetch(c, _MM_HINT_T0); break;
+  }
+}
 
 // Rows of x from which tile_v (int4 groups of 32 / 64 on AMX CPUs) takes register tiles of
 // several weight rows instead of one weight row per tile of up to 8 rows of x. Up to 8 rows of x
@@ -391,11 +416,11 @@ inline void scale_products(const float* sc, const float* dx, int64_t ng, float* 
 // one chain takes both, lo first). tile_q4v's and tile_q4v12's shared inner loop.
 template <int MB, int CH>
 inline void group_dots(const int8_t* xq, int64_t K, const uint8_t* q, int64_t g, int64_t G, __m512i m0f,
-                       __m512i (&a)[MB][CH]) {
+                       __m512i (&a)[MB][CH], const Pf& pf = Pf()) {
   for (int i = 0; i < MB; ++i)
     for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
   for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
-    _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
+    if (pf.d) pf_line(q + k / 2, pf);
     const __m512i v = _mm512_loadu_si512(q + k / 2);
     const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
     for (int i = 0; i < MB; ++i) {
@@ -408,7 +433,8 @@ inline void group_dots(const int8_t* xq, int64_t K, const uint8_t* q, int64_t g,
 
 template <int MB, bool OFFS>
 inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
-                     const float* sc, const float* of, int64_t G, __m512i gidx, float* out, int64_t ldo) {
+                     const float* sc, const float* of, int64_t G, __m512i gidx, float* out, int64_t ldo,
+                     const Pf& pf = Pf()) {
   const int64_t ng = K / G;
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   __m512 acc[MB];
@@ -424,7 +450,7 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
     constexpr int CH = MB <= 2 ? 2 : 1;
     for (int64_t g = 0; g < ng; ++g) {
       __m512i a[MB][CH];
-      group_dots<MB, CH>(xq, K, q, g, G, m0f, a);
+      group_dots<MB, CH>(xq, K, q, g, G, m0f, a, pf);
       for (int i = 0; i < MB; ++i) {
         __m512i s32 = a[i][0];
         if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
@@ -539,14 +565,14 @@ inline void for_x_tiles8(int64_t M, F&& f) {
 // a masked store does not forward to, so each row waited for the store to retire.
 template <int MB, bool OFFS>
 inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
-                       const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+                       const float* sc, const float* of, int64_t G, float* out, int64_t ldo, const Pf& pf = Pf()) {
   const int64_t ng = K / G;
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     __m512i a[MB][2];
-    group_dots<MB, 2>(xq, K, q, g, G, m0f, a);
+    group_dots<MB, 2>(xq, K, q, g, G, m0f, a, pf);
     for (int i = 0; i < MB; ++i)
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[i][0], a[i][1])),
                                _mm512_set1_ps(sc[g] * dx[i * ng + g]), acc[i]);
@@ -554,6 +580,10 @@ inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float
   for (int i = 0; i < MB; ++i)
     out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const_v<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
 }
+
+// int4 M = 1 without AMX, groups of 128 / 256: 16 weight rows a tile (q4_m1.h, tile_q4v's bits)
+// with CODESHELL_Q4_M1_R16=1, else tile_q4v12 / tile_q4v (read per call).
+inline bool q4_m1_r16() { return env_flag("CODESHELL_Q4_M1_R16", false); }
 
 // tile_q4v at M = 1 for groups of 128 / 256 with the row's scale products and its affine constant
 // taken per block of 16 groups beside that block's dots, so the row's scales and offsets are read
@@ -636,8 +666,16 @@ constexpr int64_t kQ4v12MaxGroups = 16;
 template <bool OFFS>
 void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
              const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1,
-             bool q4v12 = true, bool fused = false) {
+             bool q4v12 = true, bool fused = false, const Pf& pf = Pf(), bool r16 = false) {
   const int64_t ng = K / G, ldq = K / 2;
+  if (M == 1 && (G == 128 || G == 256) && r16 && !fused) {  // 16-row tiles, then the rest one row at a time
+    for (; n0 + 16 <= n1; n0 += 16) {
+      const float* o = OFFS ? of + n0 * ng : nullptr;
+      if (G == 128) codeshell::q4m1::tile16<1, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
+      else codeshell::q4m1::tile16<2, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
+    }
+    if (n0 == n1) return;
+  }
   if (M == 1 && (G == 128 || G == 256) && ng > kQ4v12MaxGroups && fused) {
     for (int64_t n = n0; n < n1; ++n)
       tile_q4f<OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n);
@@ -646,8 +684,8 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   if (M <= 2 && G >= 128 && ng <= kQ4v12MaxGroups && q4v12) {
     for (int64_t n = n0; n < n1; ++n) {
       const float* o = OFFS ? of + n * ng : nullptr;
-      if (M == 1) tile_q4v12<1, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N);
-      else tile_q4v12<2, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N);
+      if (M == 1) tile_q4v12<1, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N, pf);
+      else tile_q4v12<2, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N, pf);
     }
     return;
   }
@@ -666,7 +704,7 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   for (int64_t n = n0; n < n1; ++n)  // one weight row per tile (as the AVX2 kernel: measured best)
     for_x_tiles8(M, [&](auto mb, int64_t m) {
       tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,
-                                          OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N);
+                                          OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N, pf);
     });
 }
 
@@ -787,7 +825,8 @@ void run_q4r(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
 // lane vectors are reduced and folded into acc (one zmm per output, lane = block mod 16).
 template <int MB, int NR, bool INT4, bool OFFS, int GPV>
 inline void tile_v(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, const int32_t* sx, const float* xs,
-                   const uint8_t* w, int64_t ldw, const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+                   const uint8_t* w, int64_t ldw, const float* sc, const float* of, int64_t G, float* out, int64_t ldo,
+                   const Pf& pf = Pf()) {
   namespace E = codeshell::q8epi;
   constexpr int VPC = 16 / GPV;  // lane vectors per 16 blocks
   constexpr int CH = MB * NR <= 2 ? 2 : 1;
@@ -807,13 +846,13 @@ inline void tile_v(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, co
       __m512i w0[NR], w1[NR];
       for (int j = 0; j < NR; ++j) {
         const uint8_t* p = w + j * ldw + (INT4 ? k / 2 : k);
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+        if (pf.d) pf_line(p, pf);
         if constexpr (INT4) {
           const __m512i q = _mm512_loadu_si512(p);
           w0[j] = _mm512_and_si512(q, m0f);
           w1[j] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
         } else {
-          _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+          if (pf.d) pf_line(p + 64, pf);
           w0[j] = _mm512_xor_si512(_mm512_loadu_si512(p), s80);
           w1[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64), s80);
         }
@@ -862,7 +901,7 @@ inline void tile_v(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, co
 template <bool INT4, bool OFFS, int GPV>
 void run_v(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t M, int64_t K, int64_t nbx,
            const uint8_t* w, const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0,
-           int64_t n1) {
+           int64_t n1, const Pf& pf = Pf()) {
   const int64_t ldw = INT4 ? K / 2 : K, ng = INT4 ? K / G : 0;
   auto tiles = [&](auto nr, int64_t n) {
     constexpr int NR = decltype(nr)::value;
@@ -870,7 +909,7 @@ void run_v(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs
     const float* o = OFFS ? of + n * ng : nullptr;
     auto one = [&](auto mb, int64_t m) {
       tile_v<decltype(mb)::value, NR, INT4, OFFS, GPV>(xq + m * K, K, nbx, dx + m * nbx, sx + m * nbx, xs + m * nbx,
-                                                       w + n * ldw, ldw, s, o, G, out + m * N + n, N);
+                                                       w + n * ldw, ldw, s, o, G, out + m * N + n, N, pf);
     };
     if (NR == 1 && M < kBlockMinM) for_x_tiles8(M, one);
     else for_x_tiles(M, one);
@@ -916,7 +955,7 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
 // every K. Blocks are taken in spans of 16 / M (lb: 16 KiB), rows within a span.
 template <int MB>
 inline void tile_r16_q8(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, const int32_t* sx,
-                        const uint8_t* w, int64_t R, float* out, int64_t ldo) {
+                        const uint8_t* w, int64_t R, float* out, int64_t ldo, const Pf& pf = Pf()) {
   namespace E = codeshell::q8epi;
   const int64_t nb = K / 128;
   const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
@@ -936,8 +975,10 @@ inline void tile_r16_q8(const int8_t* xq, int64_t K, int64_t nbx, const float* d
       const int8_t* xr = xq + b0 * 128;
       for (int64_t c = 0; c < cnt; ++c) {
         const uint8_t* p = wr + c * 128;
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+        if (pf.d) {
+          pf_line(p, pf);
+          pf_line(p + 64, pf);
+        }
         const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(p), s80);
         const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(p + 64), s80);
         for (int i = 0; i < MB; ++i) {
@@ -964,10 +1005,10 @@ inline void tile_r16_q8(const int8_t* xq, int64_t K, int64_t nbx, const float* d
 // Raw tree16 results of weight rows [n0, n1) for M = 1-2 rows of x (finish_cols applies scale
 // and bias), 16 rows per tile (n0 is a multiple of 16: parallel_chunks' alignment).
 void run_r16_q8(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t nbx,
-                const uint8_t* w, float* out, int64_t N, int64_t n0, int64_t n1) {
+                const uint8_t* w, float* out, int64_t N, int64_t n0, int64_t n1, const Pf& pf = Pf()) {
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t R = std::min<int64_t>(16, n1 - n);
-    if (M == 1) tile_r16_q8<1>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N);
+    if (M == 1) tile_r16_q8<1>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N, pf);
     else tile_r16_q8<2>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N);
   }
 }
@@ -1033,7 +1074,7 @@ bool q4r_takes(int64_t M, int64_t G) {
 bool q4rows_takes(int64_t M, int64_t G) {
   if (!env_flag("CODESHELL_Q4_ROWS", true)) return false;
   const char* lo = std::getenv("CODESHELL_Q4_ROWS_MIN_M");
-  const int64_t m0 = lo && *lo ? std::max<int64_t>(2, std::atoll(lo)) : int64_t(3);
+  const int64_t m0 = lo && *lo ? std::max<int64_t>(1, std::atoll(lo)) : int64_t(3);
   return M >= m0 && M <= 16 && (G == 128 || G == 256);
 }
 
@@ -1122,6 +1163,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   const bool v12 = q4v12(), fused = M == 1 && q4_m1_fused();
+  const Pf pf = q4_m1_pf();
+  const bool r16 = M == 1 && q4_m1_r16();
 #if CODESHELL_HAVE_AVX512
   // q4_rows.h's x side (dx transposed to [ng][16]), once a call rather than once a chunk
   namespace R = codeshell::q4rows;
@@ -1158,8 +1201,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       return;
     }
     if (vnni) {
-      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, v12, fused);
-      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, v12, fused);
+      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, v12, fused, pf, r16);
+      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, v12, fused, pf, r16);
       add_bias(b, op, M, N, n0, n1);
       return;
     }
@@ -1207,6 +1250,7 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   // tile_r16_q8 where a row's blocks are one span (K <= 2048 at M = 1, 1024 at M = 2): at K = 4096
   // its two spans measured slower than tile_v (1024x4096, warm: 45 against 38-40 us at 2 threads)
   const bool r16 = M <= 2 && nb <= 16 / M && r16_q8();
+  const Pf pf = q8_m1_pf();
 #if CODESHELL_HAVE_AVX512
   const bool m1_rows = M == 1 && K > 4096 && m1_rows_q8();  // q8_rows.h at M = 1, K > 4096 (m1_rows_q8)
   if (vnni && isa < codeshell::kAmx && ((M >= panel_min_m() && M <= rows_max_m()) || m1_rows)) {  // amx:q8's bits
@@ -1217,13 +1261,13 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && isa < codeshell::kAmx && M < panel_min_m() && r16) {  // no AMX, M = 1-2: the panel's bits
-      run_r16_q8(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1);
+      run_r16_q8(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1, pf);
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
       return;
     }
     if (vnni && isa < codeshell::kAmx && M < panel_min_m()) {  // no AMX, M = 1-2: tile_v, the panel's bits
       run_v<false, false, 1>(xqp, dx, sx, nullptr, M, K, nb, reinterpret_cast<const uint8_t*>(wp), nullptr, nullptr,
-                             0, op, N, n0, n1);
+                             0, op, N, n0, n1, pf);
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
       return;
     }

@@ -83,14 +83,26 @@ inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // timing; read per call).
 inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", true); }
 
-// EXPERIMENT (session 18 A): the int8 M = 1-2 tiles' software prefetch, read per call:
-// CODESHELL_Q8_M1_PF = bytes ahead (0: none), CODESHELL_Q8_M1_PFH = 0 T0 / 1 T1 / 2 T2 / 3 NTA.
+// The M = 1 tiles' software prefetch (int8: tile_r16_q8, tile_v; int4: tile_q4v, tile_q4v12, q4_m1.h):
+// kM1Prefetch bytes ahead of the weight stream, T0. Why 8 KiB, not kPrefetch's 2 KiB: measured
+// cold on the 2-core Zen 5 EPYC, the same weights on huge pages, same process, alternating
+// (benchmarks/bench_m1_threads.py; docs/kernels.md session 18 helper A): 1 thread, int8 c_fc
+// (16384 x 4096) 32.5 -> 38.4 GB/s and the small head (70144 x 1024) 32.9 -> 35.3 against a
+// 1-thread probe of ~40-42 (plain read of the same bytes 42-43); 2 threads in a fast minute
+// (probe 75.6) int8 c_fc 60.4 -> 75.9, the head 61.4 -> 68.6, int4 c_fc 57.4 -> 69.2 (probe 76.6);
+// slow minutes (probe ~50) unchanged. 2 KiB ahead is inside what the hardware prefetcher already
+// fetched; without a software prefetch int8 read 33-35, 4 KiB 36-37, 16 KiB 34-38.
+// Switches for A/B timing (read per call): CODESHELL_Q8_M1_PF / CODESHELL_Q4_M1_PF = bytes ahead
+// (0: none; 2048 = before session 18), CODESHELL_Q8_M1_PFH / CODESHELL_Q4_M1_PFH = 0 T0 / 1 T1 / 2 T2
+// / 3 NTA (T1 measured no better). Prefetches change no bits.
+constexpr int64_t kM1Prefetch = 8192;
 struct Pf {
-  int64_t d = kPrefetch;
+  int64_t d = kPrefetch;  // the M > 1 calls' distance (the tiles' default argument)
   int h = 0;
 };
 inline Pf pf_env(const char* dist, const char* hint) {
   Pf p;
+  p.d = kM1Prefetch;
   if (const char* e = std::getenv(dist); e && *e) p.d = std::atoll(e);
   if (const char* e = std::getenv(hint); e && *e) p.h = std::atoi(e);
   return p;
@@ -581,9 +593,15 @@ inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float
     out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const_v<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
 }
 
-// int4 M = 1 without AMX, groups of 128 / 256: 16 weight rows a tile (q4_m1.h, tile_q4v's bits)
-// with CODESHELL_Q4_M1_R16=1, else tile_q4v12 / tile_q4v (read per call).
-inline bool q4_m1_r16() { return env_flag("CODESHELL_Q4_M1_R16", false); }
+// int4 M = 1 without AMX, groups of 128 / 256, up to kQ4v12MaxGroups groups a row (K <= 2048 at
+// G = 128: the small shape's linears): 16 weight rows a tile (q4_m1.h, tile_q4v's bits) instead
+// of tile_q4v12. Cold, 1 / 2 threads, the small shape's 32 linears and int8 head (bench_m1_threads,
+// docs/kernels.md session 18 helper A): 1.08-1.22x / 1.04-1.13x. Not past 16 groups: at K = 4096
+// (the 7B width's c_attn, attn.c_proj, c_fc) tile_q4v with kM1Prefetch read faster (c_fc 37.5
+// against 34.3 GB/s on 1 thread, 69.2 against 60.7 on 2; warm the 16-row tile was 1.5x faster, so
+// the loss is in how it streams, not found); K = 16384 was mixed (0.94x on 1 thread, 1.06x on 2).
+// CODESHELL_Q4_M1_R16=0: tile_q4v12 (A/B timing; read per call).
+inline bool q4_m1_r16() { return env_flag("CODESHELL_Q4_M1_R16", true); }
 
 // tile_q4v at M = 1 for groups of 128 / 256 with the row's scale products and its affine constant
 // taken per block of 16 groups beside that block's dots, so the row's scales and offsets are read
@@ -668,7 +686,7 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
              const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1,
              bool q4v12 = true, bool fused = false, const Pf& pf = Pf(), bool r16 = false) {
   const int64_t ng = K / G, ldq = K / 2;
-  if (M == 1 && (G == 128 || G == 256) && r16 && !fused) {  // 16-row tiles, then the rest one row at a time
+  if (M == 1 && (G == 128 || G == 256) && ng <= kQ4v12MaxGroups && r16) {  // 16-row tiles, the rest one row at a time
     for (; n0 + 16 <= n1; n0 += 16) {
       const float* o = OFFS ? of + n0 * ng : nullptr;
       if (G == 128) codeshell::q4m1::tile16<1, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
@@ -1163,7 +1181,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   const bool v12 = q4v12(), fused = M == 1 && q4_m1_fused();
-  const Pf pf = q4_m1_pf();
+  const Pf pf = M == 1 ? q4_m1_pf() : Pf();
   const bool r16 = M == 1 && q4_m1_r16();
 #if CODESHELL_HAVE_AVX512
   // q4_rows.h's x side (dx transposed to [ng][16]), once a call rather than once a chunk
@@ -1250,7 +1268,7 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   // tile_r16_q8 where a row's blocks are one span (K <= 2048 at M = 1, 1024 at M = 2): at K = 4096
   // its two spans measured slower than tile_v (1024x4096, warm: 45 against 38-40 us at 2 threads)
   const bool r16 = M <= 2 && nb <= 16 / M && r16_q8();
-  const Pf pf = q8_m1_pf();
+  const Pf pf = M == 1 ? q8_m1_pf() : Pf();
 #if CODESHELL_HAVE_AVX512
   const bool m1_rows = M == 1 && K > 4096 && m1_rows_q8();  // q8_rows.h at M = 1, K > 4096 (m1_rows_q8)
   if (vnni && isa < codeshell::kAmx && ((M >= panel_min_m() && M <= rows_max_m()) || m1_rows)) {  // amx:q8's bits
@@ -1258,7 +1276,7 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     return;
   }
 #endif
-  codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
+  auto body = [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && isa < codeshell::kAmx && M < panel_min_m() && r16) {  // no AMX, M = 1-2: the panel's bits
       run_r16_q8(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1, pf);
@@ -1285,7 +1303,12 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     }
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = n0; j < n1; ++j) op[m * N + j] = op[m * N + j] * sp[j] + (b ? b[j] : 0.f);
-  });
+  };
+  // M = 1 without AMX, CODESHELL_Q8_M1_SPLIT=1: one contiguous share of the rows a thread
+  // (parallel.h parallel_owned; read per call, for A/B timing). The split changes no bits.
+  if (M == 1 && vnni && isa < codeshell::kAmx && env_flag("CODESHELL_Q8_M1_SPLIT", false))
+    codeshell::parallel_owned(N, 16, 64, body);
+  else codeshell::parallel_chunks(N, 16, 64, body);
 }
 }  // namespace
 

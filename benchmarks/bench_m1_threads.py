@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_kernels import MODEL_SHAPES, pack, read_probe, set_env  # noqa: E402
 
 SINGLE = {"small_head": (70144, 1024), "c_fc": (16384, 4096), "mlp.c_proj": (4096, 16384),
-          "c_attn7": (6144, 4096), "small_fc": (4096, 1024)}
+          "c_attn7": (6144, 4096), "small_fc": (4096, 1024), "small_attn": (1536, 1024), "small_mproj": (1024, 4096)}
 
 
 def build(spec: str, gen: torch.Generator, copies_bytes: int):

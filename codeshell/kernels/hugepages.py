@@ -2,7 +2,8 @@
 
 What this is: `empty` / `resident`, which put a tensor of at least `MIN_BYTES` in an
 anonymous mapping advised MADV_HUGEPAGE before its first touch, so its pages fault in as 2 MiB
-pages. Used for what a decode step streams every token: the packed weights (bf16 panels,
+pages; a tensor of `ARENA_MIN_BYTES` up to `MIN_BYTES` goes into a shared chunk of such pages
+(`_arena`, since session 18: the small shape's c_attn / attn.c_proj). Used for what a decode step streams every token: the packed weights (bf16 panels,
 int8 rows, int4 nibbles, written once at load), and the read-bandwidth probe that the decode
 figures are put against (`codeshell.bench.read_bandwidth_gbs`). Not the KV cache (see
 engine/kv_cache.py: faulted in by the first requests, it would make them pay the pages' cost).
@@ -16,8 +17,8 @@ M = 1 read bf16 38.4 vs 34.8 GB/s, int8 43.6 vs 39.1, int4 36.8 vs 35.8; a plain
 huge pages), and torch's allocator never advises, hence this. llama.cpp maps its GGUF file,
 whose page cache the kernel may back with large folios.
 
-What this is not: an allocator for everything (small tensors and activations stay on torch's
-allocator: a mapping per tensor costs a system call and rounds up to the page size), or a
+What this is not: an allocator for everything (tensors under ARENA_MIN_BYTES and activations
+stay on torch's allocator; chunks are never reused once their tensors die), or a
 guarantee: where THP is `never`, memory is short or fragmented, the kernel quietly gives 4 KiB
 pages and nothing else changes. `CODESHELL_HUGE_PAGES=0` turns it off (for A/B timing).
 """

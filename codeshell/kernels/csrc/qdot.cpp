@@ -20,7 +20,8 @@
 // M = 3-16 with groups of 128 / 256 (tile_q4r there with CODESHELL_Q4_ROWS=0; per-lane epilogue, tile_q4v's bits). Without AMX at
 // M = 1-2 (session 14): int8 runs tile_r16_q8 (tile_v's bits, 16 weight rows a tile) where a row
 // is at most one span of blocks, int4 groups of 128 / 256 tile_q4v12 (tile_q4v's bits) up to 16
-// groups; tile_v / tile_q4v past those.
+// groups (at M = 1 since session 18 q4_m1.h's 16-row tile, the same bits); tile_v / tile_q4v past
+// those. The M = 1 tiles prefetch kM1Prefetch (8 KiB) ahead (session 18; M > 1 kPrefetch).
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).

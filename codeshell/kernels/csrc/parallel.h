@@ -241,7 +241,9 @@ inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F
 // keeps what parallel_chunks is for: a descheduled thread's share is finished by the other.
 // In the extension's int4 M = 1 calls (bench_kernels --sweep, slow minutes) it ran 0.97-0.98x
 // parallel_chunks, so it is not the default there.
-// Who calls it: int4 M = 1 without AMX with CODESHELL_Q4_M1_SPLIT=1 (qdot.cpp); parallel_chunks is unchanged.
+// For sub-MiB int4 M = 1 calls (the small shape) it won (1.12-1.23x at 2 threads, session 18 helper A).
+// Who calls it: int4 M = 1 without AMX for weights under 4 MiB, or with CODESHELL_Q4_M1_SPLIT=1; int8
+// M = 1 with CODESHELL_Q8_M1_SPLIT=1 (qdot.cpp); parallel_chunks is unchanged.
 template <class F>
 inline void parallel_owned(int64_t n, int64_t align, int64_t step, const F& f) {
   Team* team = current_team();

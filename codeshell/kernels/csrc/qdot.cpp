@@ -100,16 +100,25 @@ constexpr int64_t kM1Prefetch = 8192;
 struct Pf {
   int64_t d = kPrefetch;  // the M > 1 calls' distance (the tiles' default argument)
   int h = 0;
+  bool prime = false;
 };
 inline Pf pf_env(const char* dist, const char* hint) {
   Pf p;
   p.d = kM1Prefetch;
   if (const char* e = std::getenv(dist); e && *e) p.d = std::atoll(e);
   if (const char* e = std::getenv(hint); e && *e) p.h = std::atoi(e);
+  p.prime = env_flag("CODESHELL_M1_PRIME", false);
   return p;
 }
 inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"); }
 inline Pf q4_m1_pf() { return pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH"); }
+// EXPERIMENT: CODESHELL_M1_PRIME=1: at the start of a chunk of rows, prefetch its first pf.d bytes
+// (the lines the running prefetch never covers: it starts pf.d ahead).
+inline bool m1_prime() { return env_flag("CODESHELL_M1_PRIME", false); }
+inline void prime(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
 inline void pf_line(const void* p, const Pf& f) {
   const char* c = static_cast<const char*>(p) + f.d;
   switch (f.h) {
@@ -673,9 +682,21 @@ inline void tile_q4f(const int8_t* xq, int64_t K, const float* dx, const float* 
 // int4 M = 1 without AMX past kQ4v12MaxGroups: tile_q4f with CODESHELL_Q4_M1_FUSED=1, else tile_q4v
 // (the same bits).
 inline bool q4_m1_fused() { return env_flag("CODESHELL_Q4_M1_FUSED", false); }
-// int4 M = 1 without AMX: rows split by parallel_owned with CODESHELL_Q4_M1_SPLIT=1, else
-// parallel_chunks (the same bits).
-inline bool q4_m1_split() { return env_flag("CODESHELL_Q4_M1_SPLIT", false); }
+// int4 M = 1 without AMX: rows split by parallel_owned (one contiguous share a thread) where the
+// weight is under kQ4SplitMaxBytes, else parallel_chunks (the same bits). CODESHELL_Q4_M1_SPLIT=1 /
+// =0: parallel_owned at every size / never (read per call).
+// Why by size: a sub-MiB linear (the small shape's c_attn / attn.c_proj) restarts each thread's
+// stream cold at every one of parallel_chunks' ~8 chunks a thread, and barely gained from the
+// second thread (small_attn int4, 1536 x 1024: 31.2 GB/s at 2 threads against 28.6 at 1); one
+// share a thread measured 1.23x there, the small shape's 32 linears + head 1.12x (1.17-1.18x in the
+// fast rounds, probe 72-79 GB/s), docs/kernels.md session 18 helper A. At the 7B width (8-32 MiB
+// a linear) session 17 measured it 0.97-0.99x, so those keep parallel_chunks.
+constexpr int64_t kQ4SplitMaxBytes = 4 << 20;
+inline bool q4_m1_split(int64_t bytes) {
+  const char* e = std::getenv("CODESHELL_Q4_M1_SPLIT");
+  if (e && *e) return *e != '0';
+  return bytes < kQ4SplitMaxBytes;
+}
 
 // Groups a row up to which tile_q4v12 runs M = 1-2: at K = 4096 (32 groups of 128) tile_q4v
 // measured faster (1024x4096, warm, 2 threads: 33-35 against 39-42 us; 1 thread 55 vs 67), its
@@ -687,6 +708,7 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
              const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1,
              bool q4v12 = true, bool fused = false, const Pf& pf = Pf(), bool r16 = false) {
   const int64_t ng = K / G, ldq = K / 2;
+  if (M == 1 && pf.prime) prime(q + n0 * ldq, std::min<int64_t>(pf.d, (n1 - n0) * ldq));
   if (M == 1 && (G == 128 || G == 256) && ng <= kQ4v12MaxGroups && r16) {  // 16-row tiles, the rest one row at a time
     for (; n0 + 16 <= n1; n0 += 16) {
       const float* o = OFFS ? of + n0 * ng : nullptr;
@@ -922,6 +944,7 @@ void run_v(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs
            const uint8_t* w, const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0,
            int64_t n1, const Pf& pf = Pf()) {
   const int64_t ldw = INT4 ? K / 2 : K, ng = INT4 ? K / G : 0;
+  if (pf.prime) prime(w + n0 * ldw, std::min<int64_t>(pf.d, (n1 - n0) * ldw));
   auto tiles = [&](auto nr, int64_t n) {
     constexpr int NR = decltype(nr)::value;
     const float* s = INT4 ? sc + n * ng : nullptr;
@@ -1025,6 +1048,7 @@ inline void tile_r16_q8(const int8_t* xq, int64_t K, int64_t nbx, const float* d
 // and bias), 16 rows per tile (n0 is a multiple of 16: parallel_chunks' alignment).
 void run_r16_q8(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t nbx,
                 const uint8_t* w, float* out, int64_t N, int64_t n0, int64_t n1, const Pf& pf = Pf()) {
+  if (pf.prime) prime(w + n0 * K, std::min<int64_t>(pf.d, (n1 - n0) * K));
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t R = std::min<int64_t>(16, n1 - n);
     if (M == 1) tile_r16_q8<1>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N, pf);
@@ -1235,9 +1259,9 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     }
     add_bias(b, op, M, N, n0, n1);
   };
-  // M = 1 without AMX, CODESHELL_Q4_M1_SPLIT=1: one contiguous share of the rows a thread (parallel.h
-  // parallel_owned; read per call, for A/B timing). The split changes no bits.
-  if (M == 1 && vnni && !epi && q4_m1_split()) codeshell::parallel_owned(N, 16, 64, body);
+  // M = 1 without AMX, a weight under 4 MiB (or CODESHELL_Q4_M1_SPLIT=1): one contiguous share of the
+  // rows a thread (parallel.h parallel_owned; q4_m1_split). The split changes no bits.
+  if (M == 1 && vnni && !epi && q4_m1_split(N * K / 2)) codeshell::parallel_owned(N, 16, 64, body);
   else codeshell::parallel_chunks(N, 16, 64, body);
 }
 

@@ -1,7 +1,9 @@
 """Batch-1 (M = 1) kernels without AMX after session 18: qdot.cpp's int4 16-row tile (q4_m1.h, the
-default at K <= 2048 with groups of 128 / 256; CODESHELL_Q4_M1_R16=0: tile_q4v12), the M = 1
+default at K <= 2048 with groups of 128 / 256; CODESHELL_Q4_M1_R16=0: tile_q4v12), int4's split
+by size (parallel_owned under 4 MiB of weight; CODESHELL_Q4_M1_SPLIT=0: parallel_chunks), the M = 1
 prefetch distance (CODESHELL_Q8_M1_PF / CODESHELL_Q4_M1_PF, hint *_PFH) and int8's contiguous
-split (CODESHELL_Q8_M1_SPLIT=1: parallel_owned). None of them may change a bit: every row of
+split (CODESHELL_Q8_M1_SPLIT=1: parallel_owned), the chunk priming (CODESHELL_M1_PRIME=1) and
+parallel_chunks on the shared Team (CODESHELL_CHUNKS_TEAM=1). None of them may change a bit: every row of
 M = 1 must equal the earlier kernels' (tile_q4v12 / tile_q4v / tile_r16_q8 / tile_v with 2 KiB
 prefetch) and row 0 of M = 2, 3, 8, 16 (row invariance), within 2e-5 of `ops.reference`.
 Shapes: K = 256 / 1024 / 2048 (1-16 groups of 128, or of 256), N not a multiple of 16 (the
@@ -22,7 +24,7 @@ needs_vnni = pytest.mark.skipif(not available() or ops.isa_level() < VNNI, reaso
 
 SWITCHES = ("CODESHELL_Q4_M1_R16", "CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH", "CODESHELL_Q8_M1_PF",
             "CODESHELL_Q8_M1_PFH", "CODESHELL_Q8_M1_SPLIT", "CODESHELL_Q4_M1_FUSED", "CODESHELL_Q4_M1_SPLIT",
-            "CODESHELL_Q4V12", "CODESHELL_Q4_ROWS_MIN_M")
+            "CODESHELL_Q4V12", "CODESHELL_Q4_ROWS_MIN_M", "CODESHELL_CHUNKS_TEAM", "CODESHELL_M1_PRIME")
 INT4 = [(37, 1024, 128, False), (1029, 1024, 128, True), (203, 2048, 128, False), (45, 256, 128, True),
         (11, 1024, 128, False), (70, 2048, 256, False), (33, 512, 256, True), (50, 4096, 128, False)]
 INT8 = [(1029, 1024), (37, 4096), (45, 2048), (9, 1024), (21, 8192)]
@@ -64,9 +66,12 @@ def test_int4_m1_tile16_and_prefetch_give_the_earlier_bits(n, k, group, symmetri
         set_num_threads(threads)
         mp.setenv("CODESHELL_Q4_M1_R16", "0")
         mp.setenv("CODESHELL_Q4_M1_PF", "2048")
-        old = _int4(mod, pw, x1, bias)  # tile_q4v12 / tile_q4v, 2 KiB ahead: the kernels before session 18
+        mp.setenv("CODESHELL_Q4_M1_SPLIT", "0")
+        old = _int4(mod, pw, x1, bias)  # tile_q4v12 / tile_q4v, 2 KiB ahead, parallel_chunks: before session 18
+        mp.delenv("CODESHELL_Q4_M1_SPLIT")  # below: the default split (parallel_owned under 4 MiB)
         for r16 in ("0", "1"):
             for pf, pfh in (("0", "0"), ("8192", "0"), ("8192", "1"), ("4096", "3")):
+                mp.setenv("CODESHELL_M1_PRIME", "1" if pfh == "1" else "0")
                 mp.setenv("CODESHELL_Q4_M1_R16", r16)
                 mp.setenv("CODESHELL_Q4_M1_PF", pf)
                 mp.setenv("CODESHELL_Q4_M1_PFH", pfh)
@@ -108,6 +113,7 @@ def test_int8_m1_prefetch_and_split_give_the_earlier_bits(n, k, threads, vnni_en
         old = _int8(mod, pw, x1, bias)  # 2 KiB ahead, parallel_chunks: before session 18
         for split in ("0", "1"):
             for pf, pfh in (("0", "0"), ("8192", "0"), ("8192", "2"), ("16384", "1")):
+                mp.setenv("CODESHELL_M1_PRIME", "1" if pfh == "2" else "0")
                 mp.setenv("CODESHELL_Q8_M1_SPLIT", split)
                 mp.setenv("CODESHELL_Q8_M1_PF", pf)
                 mp.setenv("CODESHELL_Q8_M1_PFH", pfh)
@@ -127,3 +133,28 @@ def test_int8_m1_prefetch_and_split_give_the_earlier_bits(n, k, threads, vnni_en
     ref = ops.reference(x1, pw, bias, "avx512_vnni:q8")
     err = (old - ref).abs().max().item()
     assert err <= 2e-5 * ref.abs().max().item(), f"max abs error {err:.3g} against the reference"
+
+
+@needs_native
+@needs_vnni
+@pytest.mark.parametrize("threads", [2, 3])
+def test_chunks_on_the_shared_team_give_the_same_bits(threads, vnni_env):
+    # CODESHELL_CHUNKS_TEAM=1 (parallel.h, off by default): parallel_chunks outside a decode step runs
+    # its chunks on Team::shared instead of an at::parallel_for region; every row once, call after call
+    mp = vnni_env
+    mod = _ext.get()
+    g = torch.Generator().manual_seed(threads)
+    p8 = quantize_int8(torch.randn(1029, 1024, generator=g) * 0.05)
+    p4 = quantize_int4(torch.randn(2003, 4096, generator=g) * 0.05, group_size=128, symmetric=False)
+    x8, x4 = torch.randn(1, 1024, generator=g), torch.randn(1, 4096, generator=g)
+    before = torch.get_num_threads()
+    try:
+        set_num_threads(threads)
+        ref8, ref4 = _int8(mod, p8, x8, None), _int4(mod, p4, x4, None)
+        mp.setenv("CODESHELL_CHUNKS_TEAM", "1")
+        for _ in range(10):
+            assert torch.equal(_int8(mod, p8, x8, None), ref8)
+            assert torch.equal(_int4(mod, p4, x4, None), ref4)
+    finally:
+        set_num_threads(before)
+    print(f"int8 / int4 M = 1 at {threads} threads: parallel_chunks on Team::shared (CODESHELL_CHUNKS_TEAM=1)")

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -201,6 +202,17 @@ inline bool& small_split_off() {
   return off;
 }
 
+// EXPERIMENT (session 18 A; CODESHELL_CHUNKS_TEAM=1, read per call, off by default): parallel_chunks
+// outside a decode step's Team runs its chunks on the process's shared Team (Team::shared) instead of
+// an at::parallel_for region. Why try it: with another runnable process on the second core, every
+// 2-thread at::parallel_for call waited ~8 ms for its second thread to be scheduled (the OpenMP
+// region joins both threads), whatever its size; the Team's master claims the chunks a descheduled
+// helper never took and returns (docs/kernels.md, session 18 helper A).
+inline bool chunks_in_team() {
+  const char* e = std::getenv("CODESHELL_CHUNKS_TEAM");
+  return e && *e && *e != '0';
+}
+
 // Runs f(i0, i1) over [0, n) in chunks of a multiple of `align` items that the threads claim
 // one after another (about 8 per thread, none below `min_items`), instead of at::parallel_for's
 // one fixed share per thread.
@@ -222,6 +234,22 @@ inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F
   if (threads == 1 || chunks == 1 || at::in_parallel_region()) {
     f(0, n);
     return;
+  }
+  if (chunks_in_team()) {  // the process's Team for this one loop, when no other call holds it
+    Team* t = Team::shared(threads);
+    if (t->try_own()) {
+      t->begin();
+      try {
+        t->run(n, grain, f);
+      } catch (...) {
+        t->end();
+        t->disown();
+        throw;
+      }
+      t->end();
+      t->disown();
+      return;
+    }
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {

@@ -126,7 +126,7 @@ def test_int8_m1_prefetch_and_split_give_the_earlier_bits(n, k, threads, vnni_en
     finally:
         set_num_threads(before)
     print(f"int8 M = 1 {n}x{k} at {threads} threads: path avx512_vnni:q8 "
-          f"{'tile_r16_q8' if k <= 2048 else 'tile_v' if k <= 4096 else 'q8_rows.h'}, prefetch / split variants")
+          f"{'tile_r16_q8' if k <= 2048 else 'tile_v'}, prefetch / split variants")
     assert torch.equal(default, old)
     for m, out in rows.items():
         assert torch.equal(out[:1], old), f"row 0 of M={m} differs from M = 1"

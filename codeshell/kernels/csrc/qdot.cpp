@@ -75,14 +75,13 @@ inline bool env_flag(const char* name, bool dflt) {
 inline bool q4v12() { return env_flag("CODESHELL_Q4V12", true); }
 inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // int8 M = 1 without AMX at K > 4096 (the 7B's mlp.c_proj, K = 16384): q8_rows.h (the same bits)
-// instead of tile_v. Cold, inside the whole model's step (8 layers of 7B width, int8, 2 threads,
-// docs/kernels.md session 16 helper A), three 8-round A/Bs: mlp.c_proj 40.8 / 34.9 / 36.8 GB/s
-// against tile_v's 31.8 / 27.1 / 30.0, though warm tile_v computes faster (1 thread 42 against 30
-// GB/s: at K = 16384 x's 16 KiB row shares L1 with the weight stream). At K = 4096 (c_attn,
-// attn.c_proj, c_fc, the head) q8_rows won only in busy minutes (probe 30-35 GB/s) and lost
-// 4-9% in quieter ones, so tile_v keeps those. CODESHELL_Q8_M1_ROWS=0 runs tile_v at every K (A/B
-// timing; read per call).
-inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", true); }
+// instead of tile_v with CODESHELL_Q8_M1_ROWS=1 (read per call). Session 16 made q8_rows.h the
+// default there (three 8-round A/Bs in busy minutes: mlp.c_proj 35-41 against tile_v's 27-32 GB/s
+// with kPrefetch, 2 KiB ahead). Session 18 (docs/kernels.md, helper A): with the M = 1 prefetch at
+// kM1Prefetch tile_v reads faster: mlp.c_proj int8 cold, same rounds (probe 38.5 / 44.8), 1 thread
+// 33.3 against 24.3 GB/s (1.38x), 2 threads 40.8 against 34.6 (1.18x); the 1.7B model's token
+// (bench_decode_phases, probe 44) 1.059x, mlp.c_proj in the step 39.9 against 34.5. So tile_v again.
+inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", false); }
 
 // The M = 1 tiles' software prefetch (int8: tile_r16_q8, tile_v; int4: tile_q4v, tile_q4v12, q4_m1.h):
 // kM1Prefetch bytes ahead of the weight stream, T0. Why 8 KiB, not kPrefetch's 2 KiB: measured
@@ -1295,7 +1294,7 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const bool r16 = M <= 2 && nb <= 16 / M && r16_q8();
   const Pf pf = M == 1 ? q8_m1_pf() : Pf();
 #if CODESHELL_HAVE_AVX512
-  const bool m1_rows = M == 1 && K > 4096 && m1_rows_q8();  // q8_rows.h at M = 1, K > 4096 (m1_rows_q8)
+  const bool m1_rows = M == 1 && K > 4096 && m1_rows_q8();  // q8_rows.h at M = 1, K > 4096 only if switched on (m1_rows_q8)
   if (vnni && isa < codeshell::kAmx && ((M >= panel_min_m() && M <= rows_max_m()) || m1_rows)) {  // amx:q8's bits
     codeshell::q8rows::run(xqp, dx, sx, M, K, N, wp, sp, b, op);
     return;

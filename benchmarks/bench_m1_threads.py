@@ -17,7 +17,8 @@ Variants (--ab: environment settings the kernels read per call) run in turn insi
     python benchmarks/bench_m1_threads.py --sets small:int8 --ab - CODESHELL_X=1   # the small shape's step
 
 Sets: SHAPE:KIND with SHAPE one of `small_head` (70144 x 1024, the small shape's head), `c_fc`
-(16384 x 4096, the 1.7B / 7B c_fc), `mlp.c_proj` (4096 x 16384), or `small` (the small shape's
+(16384 x 4096, the 1.7B / 7B c_fc), `mlp.c_proj` (4096 x 16384), `c_attn7` (6144 x 4096), the small
+shape's `small_attn` (1536 x 1024), `small_fc` (4096 x 1024), `small_mproj` (1024 x 4096), or `small` (the small shape's
 8 layers of four linears then its head, in model order: a whole batch-1 step's linears).
 """
 

@@ -2,7 +2,8 @@
 
 What this is: `empty` / `resident`, which put a tensor of at least `MIN_BYTES` in an
 anonymous mapping advised MADV_HUGEPAGE before its first touch, so its pages fault in as 2 MiB
-pages. Used for what a decode step streams every token: the packed weights (bf16 panels,
+pages; a tensor of `ARENA_MIN_BYTES` up to `MIN_BYTES` goes into a shared chunk of such pages
+(`_arena`, since session 18: the small shape's c_attn / attn.c_proj). Used for what a decode step streams every token: the packed weights (bf16 panels,
 int8 rows, int4 nibbles, written once at load), and the read-bandwidth probe that the decode
 figures are put against (`codeshell.bench.read_bandwidth_gbs`). Not the KV cache (see
 engine/kv_cache.py: faulted in by the first requests, it would make them pay the pages' cost).
@@ -16,8 +17,8 @@ M = 1 read bf16 38.4 vs 34.8 GB/s, int8 43.6 vs 39.1, int4 36.8 vs 35.8; a plain
 huge pages), and torch's allocator never advises, hence this. llama.cpp maps its GGUF file,
 whose page cache the kernel may back with large folios.
 
-What this is not: an allocator for everything (small tensors and activations stay on torch's
-allocator: a mapping per tensor costs a system call and rounds up to the page size), or a
+What this is not: an allocator for everything (tensors under ARENA_MIN_BYTES and activations
+stay on torch's allocator; chunks are never reused once their tensors die), or a
 guarantee: where THP is `never`, memory is short or fragmented, the kernel quietly gives 4 KiB
 pages and nothing else changes. `CODESHELL_HUGE_PAGES=0` turns it off (for A/B timing).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 
 import torch
 
@@ -35,6 +37,11 @@ MIN_BYTES = HUGE
 # Where the tensor starts in its mapping (`_map`): at the mapping's first 2 MiB boundary (True),
 # or at the mapping's start as before session 16 (False: for A/B timing only).
 ALIGN = True
+# Tensors from ARENA_MIN_BYTES up to MIN_BYTES share huge-page chunks of ARENA_CHUNK (`_arena`),
+# each at a 4 KiB boundary of its chunk; below ARENA_MIN_BYTES they stay on torch's allocator.
+# CODESHELL_HUGE_ARENA=0 turns the sharing off (for A/B timing: such tensors then stay on 4 KiB pages).
+ARENA_MIN_BYTES = 256 << 10
+ARENA_CHUNK = 16 << 20
 
 
 def enabled() -> bool:
@@ -49,6 +56,8 @@ def _map(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
     for s in shape:
         n *= s
     nbytes = n * torch.empty((), dtype=dtype).element_size()
+    if ARENA_MIN_BYTES <= nbytes < MIN_BYTES:
+        return _arena(shape, dtype, nbytes)
     if nbytes < MIN_BYTES or not enabled():
         return None
     # The kernel backs only the 2 MiB-aligned ranges that lie wholly inside an advised mapping
@@ -76,6 +85,43 @@ def _map(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
     # frombuffer keeps the mapping alive as long as the tensor (or a view of it) lives; the
     # tensor is page aligned (2 MiB aligned with ALIGN), more than the kernels' 64 bytes.
     return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start).view(dtype).view(shape)
+
+
+_ARENA_LOCK = threading.Lock()
+_arena_state: list = []  # [mmap, next free offset, end offset] of the chunk being filled
+
+
+def arena_enabled() -> bool:
+    return os.environ.get("CODESHELL_HUGE_ARENA", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _arena(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Tensor | None:
+    """A tensor of ARENA_MIN_BYTES..MIN_BYTES placed in a shared chunk of huge pages (a fresh
+    anonymous mapping of ARENA_CHUNK bytes, 2 MiB aligned and advised MADV_HUGEPAGE as a whole),
+    at the chunk's next 4 KiB boundary; None where it is off or refused.
+    Why: the small shape's c_attn and attn.c_proj (int8 1.5 / 1 MiB, int4 0.75 / 0.5 MiB) sat on
+    4 KiB pages (a TLB miss every 4 KiB of the stream) and read slower in the decode step than
+    c_fc and mlp.c_proj on huge pages (docs/kernels.md, session 18 helper A). A chunk lives as long
+    as any tensor in it (each tensor's storage holds the mapping); at most the chunk being filled
+    is held here. Cost: up to 2 MiB of resident memory past the last tensor of a chunk (its last
+    huge page), and the rest of the chunk's address space."""
+    if not (enabled() and arena_enabled()) or nbytes > ARENA_CHUNK:
+        return None
+    page = mmap.PAGESIZE
+    need = (nbytes + page - 1) // page * page
+    with _ARENA_LOCK:
+        if not _arena_state or _arena_state[1] + need > _arena_state[2]:
+            try:
+                m = mmap.mmap(-1, ARENA_CHUNK + HUGE - page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                addr = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+                start = -addr % HUGE
+                m.madvise(mmap.MADV_HUGEPAGE, start, ARENA_CHUNK)
+            except (OSError, ValueError):
+                return None
+            _arena_state[:] = [m, start, start + ARENA_CHUNK]
+        m, off = _arena_state[0], _arena_state[1]
+        _arena_state[1] = off + need
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=off).view(dtype).view(shape)
 
 
 def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Weights, KV cache and the read probe on transparent huge pages (codeshell/kernels/hugepages.py):
-the tensors hold what they should, small ones stay on torch's allocator, the kernel really backs
+the tensors hold what they should, small ones stay on torch's allocator (256 KiB..2 MiB share chunks), the kernel really backs
 an advised tensor with huge pages where the machine offers them, and a model's output does not
 change."""
 
@@ -93,7 +93,9 @@ def test_tensors_start_on_a_huge_page_boundary(monkeypatch):
         t = hugepages.empty((n,), torch.bfloat16)
         assert _mapped(t) and t.shape == (n,) and t.data_ptr() % hugepages.HUGE == 0
         assert t.untyped_storage().nbytes() == 2 * n  # the storage is the tensor, not the padding
+    monkeypatch.setenv("CODESHELL_HUGE_ARENA", "0")  # below 2 MiB: torch's allocator without the arena
     assert not _mapped(hugepages.empty(((1 << 20) - 8,), torch.bfloat16))
+    monkeypatch.delenv("CODESHELL_HUGE_ARENA")
     src = torch.randn(int(3.15 * (1 << 20)) // 4)
     out = hugepages.resident(src)
     assert out.data_ptr() % hugepages.HUGE == 0 and torch.equal(out, src)
@@ -159,3 +161,36 @@ def test_quantized_linears_keep_their_kernel_tensors_there():
     for lin in (q8, q4):
         ref = x @ lin._kernel.dequantize().T  # the kernels round x to int8 per block: loose bounds
         torch.testing.assert_close(lin(x), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_tensors_under_2_mib_share_huge_page_chunks(monkeypatch):
+    # session 18: 256 KiB .. 2 MiB (the small shape's c_attn / attn.c_proj) go to shared chunks of
+    # huge pages, each at a 4 KiB boundary; below 256 KiB, or with CODESHELL_HUGE_ARENA=0, torch's allocator
+    monkeypatch.delenv("CODESHELL_HUGE_ARENA", raising=False)
+    srcs = [torch.randn(n) for n in (300_000, 262_144 // 4, 500_001, (2 << 20) // 4 - 1)]
+    outs = [hugepages.resident(s) for s in srcs]
+    for s, o in zip(srcs, outs):
+        assert _mapped(o) and o.data_ptr() % mmap.PAGESIZE == 0 and torch.equal(o, s) and o.is_contiguous()
+        assert o.untyped_storage().nbytes() == s.numel() * 4  # the tensor's bytes, not the chunk's
+    spans = sorted((o.data_ptr(), o.data_ptr() + o.numel() * 4) for o in outs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no overlap
+    view, expect = outs[0][10:20], srcs[0][10:20].clone()
+    del outs
+    torch.randn(1 << 20)
+    assert torch.equal(view, expect)  # a view keeps its chunk alive
+    assert not _mapped(hugepages.resident(torch.randn(1000)))
+    monkeypatch.setenv("CODESHELL_HUGE_ARENA", "0")
+    small = torch.randn(300_000)
+    assert hugepages.resident(small) is small
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_a_chunk_of_small_tensors_is_backed_by_huge_pages(monkeypatch):
+    monkeypatch.delenv("CODESHELL_HUGE_ARENA", raising=False)
+    monkeypatch.setattr(hugepages, "_arena_state", [])  # a fresh chunk for this test
+    ts = [hugepages.empty((1 << 20,), torch.uint8) for _ in range(6)]  # 6 x 1 MiB in one chunk
+    for t in ts:
+        t.fill_(3)
+    kb = _anon_huge_kb(ts[0])
+    print(f"AnonHugePages of a chunk holding six 1 MiB tensors: {kb} kB")
+    assert kb >= 2048 and all(bool((t == 3).all()) for t in ts)

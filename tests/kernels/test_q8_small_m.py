@@ -76,8 +76,8 @@ def test_small_m_kernels_give_the_earlier_kernels_bits(kind, args, n, k, with_bi
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("n,k", [(19, 4096), (1029, 4096), (37, 8192), (45, 16384), (23, 2048)])
 def test_int8_m1_rows_gives_tile_v_bits(n, k, with_bias, monkeypatch):
-    # int8 M = 1 at K > 4096 runs q8_rows.h (session 16); CODESHELL_Q8_M1_ROWS=0 runs tile_v, the
-    # kernel it replaced: the same bits, the same as the row inside M = 2 (tile_v) and M = 3
+    # int8 M = 1 at K > 4096: tile_v (session 18; q8_rows.h in sessions 16-17, CODESHELL_Q8_M1_ROWS=1
+    # runs it): the same bits, the same as the row inside M = 2 (tile_v) and M = 3
     # (q8_rows.h from panel_min_m). K = 4096: tile_v, K = 2048: tile_r16_q8, either way.
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_vnni")
     for v in ("CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q8_ROWS_MAX_M", "CODESHELL_Q8_R16"):
@@ -95,7 +95,7 @@ def test_int8_m1_rows_gives_tile_v_bits(n, k, with_bias, monkeypatch):
     new = mod.decode_int8_q8(xm, pw.data, pw.scales, bias, VNNI)
     assert torch.equal(new, old), "q8_rows.h at M = 1 differs from tile_v"
     monkeypatch.delenv("CODESHELL_Q8_M1_ROWS")
-    assert torch.equal(mod.decode_int8_q8(xm, pw.data, pw.scales, bias, VNNI), new)  # the default: q8_rows.h at K > 4096
+    assert torch.equal(mod.decode_int8_q8(xm, pw.data, pw.scales, bias, VNNI), new)  # the default: tile_v
     for m in (2, 3):
         rows = mod.decode_int8_q8(x[:m].contiguous(), pw.data, pw.scales, bias, VNNI)
         assert torch.equal(rows[:1], new), f"row 0 of M={m} differs from M = 1"

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -201,6 +202,17 @@ inline bool& small_split_off() {
   return off;
 }
 
+// EXPERIMENT (session 18 A; CODESHELL_CHUNKS_TEAM=1, read per call, off by default): parallel_chunks
+// outside a decode step's Team runs its chunks on the process's shared Team (Team::shared) instead of
+// an at::parallel_for region. Why try it: with another runnable process on the second core, every
+// 2-thread at::parallel_for call waited ~8 ms for its second thread to be scheduled (the OpenMP
+// region joins both threads), whatever its size; the Team's master claims the chunks a descheduled
+// helper never took and returns (docs/kernels.md, session 18 helper A).
+inline bool chunks_in_team() {
+  const char* e = std::getenv("CODESHELL_CHUNKS_TEAM");
+  return e && *e && *e != '0';
+}
+
 // Runs f(i0, i1) over [0, n) in chunks of a multiple of `align` items that the threads claim
 // one after another (about 8 per thread, none below `min_items`), instead of at::parallel_for's
 // one fixed share per thread.
@@ -223,6 +235,22 @@ inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F
     f(0, n);
     return;
   }
+  if (chunks_in_team()) {  // the process's Team for this one loop, when no other call holds it
+    Team* t = Team::shared(threads);
+    if (t->try_own()) {
+      t->begin();
+      try {
+        t->run(n, grain, f);
+      } catch (...) {
+        t->end();
+        t->disown();
+        throw;
+      }
+      t->end();
+      t->disown();
+      return;
+    }
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
@@ -241,7 +269,9 @@ inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F
 // keeps what parallel_chunks is for: a descheduled thread's share is finished by the other.
 // In the extension's int4 M = 1 calls (bench_kernels --sweep, slow minutes) it ran 0.97-0.98x
 // parallel_chunks, so it is not the default there.
-// Who calls it: int4 M = 1 without AMX with CODESHELL_Q4_M1_SPLIT=1 (qdot.cpp); parallel_chunks is unchanged.
+// For sub-MiB int4 M = 1 calls (the small shape) it won (1.12-1.23x at 2 threads, session 18 helper A).
+// Who calls it: int4 M = 1 without AMX for weights under 4 MiB, or with CODESHELL_Q4_M1_SPLIT=1; int8
+// M = 1 with CODESHELL_Q8_M1_SPLIT=1 (qdot.cpp); parallel_chunks is unchanged.
 template <class F>
 inline void parallel_owned(int64_t n, int64_t align, int64_t step, const F& f) {
   Team* team = current_team();

@@ -20,7 +20,8 @@
 // M = 3-16 with groups of 128 / 256 (tile_q4r there with CODESHELL_Q4_ROWS=0; per-lane epilogue, tile_q4v's bits). Without AMX at
 // M = 1-2 (session 14): int8 runs tile_r16_q8 (tile_v's bits, 16 weight rows a tile) where a row
 // is at most one span of blocks, int4 groups of 128 / 256 tile_q4v12 (tile_q4v's bits) up to 16
-// groups; tile_v / tile_q4v past those.
+// groups (at M = 1 since session 18 q4_m1.h's 16-row tile, the same bits); tile_v / tile_q4v past
+// those. The M = 1 tiles prefetch kM1Prefetch (8 KiB) ahead (session 18; M > 1 kPrefetch).
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -41,6 +42,7 @@
 #include "q8_panel.h"
 #include "q8_rows.h"
 #include "q4_rows.h"
+#include "q4_m1.h"
 #include "quant_x.h"
 #include "scratch.h"
 #include "simd.h"
@@ -73,14 +75,58 @@ inline bool env_flag(const char* name, bool dflt) {
 inline bool q4v12() { return env_flag("CODESHELL_Q4V12", true); }
 inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // int8 M = 1 without AMX at K > 4096 (the 7B's mlp.c_proj, K = 16384): q8_rows.h (the same bits)
-// instead of tile_v. Cold, inside the whole model's step (8 layers of 7B width, int8, 2 threads,
-// docs/kernels.md session 16 helper A), three 8-round A/Bs: mlp.c_proj 40.8 / 34.9 / 36.8 GB/s
-// against tile_v's 31.8 / 27.1 / 30.0, though warm tile_v computes faster (1 thread 42 against 30
-// GB/s: at K = 16384 x's 16 KiB row shares L1 with the weight stream). At K = 4096 (c_attn,
-// attn.c_proj, c_fc, the head) q8_rows won only in busy minutes (probe 30-35 GB/s) and lost
-// 4-9% in quieter ones, so tile_v keeps those. CODESHELL_Q8_M1_ROWS=0 runs tile_v at every K (A/B
-// timing; read per call).
-inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", true); }
+// instead of tile_v with CODESHELL_Q8_M1_ROWS=1 (read per call). Session 16 made q8_rows.h the
+// default there (three 8-round A/Bs in busy minutes: mlp.c_proj 35-41 against tile_v's 27-32 GB/s
+// with kPrefetch, 2 KiB ahead). Session 18 (docs/kernels.md, helper A): with the M = 1 prefetch at
+// kM1Prefetch tile_v reads faster: mlp.c_proj int8 cold, same rounds (probe 38.5 / 44.8), 1 thread
+// 33.3 against 24.3 GB/s (1.38x), 2 threads 40.8 against 34.6 (1.18x); the 1.7B model's token
+// (bench_decode_phases, probe 44) 1.059x, mlp.c_proj in the step 39.9 against 34.5. So tile_v again.
+inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", false); }
+
+// The M = 1 tiles' software prefetch (int8: tile_r16_q8, tile_v; int4: tile_q4v, tile_q4v12, q4_m1.h):
+// kM1Prefetch bytes ahead of the weight stream, T0. Why 8 KiB, not kPrefetch's 2 KiB: measured
+// cold on the 2-core Zen 5 EPYC, the same weights on huge pages, same process, alternating
+// (benchmarks/bench_m1_threads.py; docs/kernels.md session 18 helper A): 1 thread, int8 c_fc
+// (16384 x 4096) 32.5 -> 38.4 GB/s and the small head (70144 x 1024) 32.9 -> 35.3 against a
+// 1-thread probe of ~40-42 (plain read of the same bytes 42-43); 2 threads in a fast minute
+// (probe 75.6) int8 c_fc 60.4 -> 75.9, the head 61.4 -> 68.6, int4 c_fc 57.4 -> 69.2 (probe 76.6);
+// slow minutes (probe ~50) unchanged. 2 KiB ahead is inside what the hardware prefetcher already
+// fetched; without a software prefetch int8 read 33-35, 4 KiB 36-37, 16 KiB 34-38.
+// Switches for A/B timing (read per call): CODESHELL_Q8_M1_PF / CODESHELL_Q4_M1_PF = bytes ahead
+// (0: none; 2048 = before session 18), CODESHELL_Q8_M1_PFH / CODESHELL_Q4_M1_PFH = 0 T0 / 1 T1 / 2 T2
+// / 3 NTA (T1 measured no better). Prefetches change no bits.
+constexpr int64_t kM1Prefetch = 8192;
+struct Pf {
+  int64_t d = kPrefetch;  // the M > 1 calls' distance (the tiles' default argument)
+  int h = 0;
+  bool prime = false;
+};
+inline Pf pf_env(const char* dist, const char* hint) {
+  Pf p;
+  p.d = kM1Prefetch;
+  if (const char* e = std::getenv(dist); e && *e) p.d = std::atoll(e);
+  if (const char* e = std::getenv(hint); e && *e) p.h = std::atoi(e);
+  p.prime = env_flag("CODESHELL_M1_PRIME", false);
+  return p;
+}
+inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"); }
+inline Pf q4_m1_pf() { return pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH"); }
+// EXPERIMENT: CODESHELL_M1_PRIME=1: at the start of a chunk of rows, prefetch its first pf.d bytes
+// (the lines the running prefetch never covers: it starts pf.d ahead).
+inline bool m1_prime() { return env_flag("CODESHELL_M1_PRIME", false); }
+inline void prime(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+inline void pf_line(const void* p, const Pf& f) {
+  const char* c = static_cast<const char*>(p) + f.d;
+  switch (f.h) {
+    case 1: _mm_prefetch(c, _MM_HINT_T1); break;
+    case 2: _mm_prefetch(c, _MM_HINT_T2); break;
+    case 3: _mm_prefetch(c, _MM_HINT_NTA); break;
+    default: _mm_prefetch(c, _MM_HINT_T0); break;
+  }
+}
 
 // Rows of x from which tile_v (int4 groups of 32 / 64 on AMX CPUs) takes register tiles of
 // several weight rows instead of one weight row per tile of up to 8 rows of x. Up to 8 rows of x
@@ -391,11 +437,11 @@ inline void scale_products(const float* sc, const float* dx, int64_t ng, float* 
 // one chain takes both, lo first). tile_q4v's and tile_q4v12's shared inner loop.
 template <int MB, int CH>
 inline void group_dots(const int8_t* xq, int64_t K, const uint8_t* q, int64_t g, int64_t G, __m512i m0f,
-                       __m512i (&a)[MB][CH]) {
+                       __m512i (&a)[MB][CH], const Pf& pf = Pf()) {
   for (int i = 0; i < MB; ++i)
     for (int h = 0; h < CH; ++h) a[i][h] = _mm512_setzero_si512();
   for (int64_t k = g * G; k < (g + 1) * G; k += 128) {
-    _mm_prefetch(reinterpret_cast<const char*>(q + k / 2) + kPrefetch, _MM_HINT_T0);
+    if (pf.d) pf_line(q + k / 2, pf);
     const __m512i v = _mm512_loadu_si512(q + k / 2);
     const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
     for (int i = 0; i < MB; ++i) {
@@ -408,7 +454,8 @@ inline void group_dots(const int8_t* xq, int64_t K, const uint8_t* q, int64_t g,
 
 template <int MB, bool OFFS>
 inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
-                     const float* sc, const float* of, int64_t G, __m512i gidx, float* out, int64_t ldo) {
+                     const float* sc, const float* of, int64_t G, __m512i gidx, float* out, int64_t ldo,
+                     const Pf& pf = Pf()) {
   const int64_t ng = K / G;
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   __m512 acc[MB];
@@ -424,7 +471,7 @@ inline void tile_q4v(const int8_t* xq, int64_t K, const float* dx, const float* 
     constexpr int CH = MB <= 2 ? 2 : 1;
     for (int64_t g = 0; g < ng; ++g) {
       __m512i a[MB][CH];
-      group_dots<MB, CH>(xq, K, q, g, G, m0f, a);
+      group_dots<MB, CH>(xq, K, q, g, G, m0f, a, pf);
       for (int i = 0; i < MB; ++i) {
         __m512i s32 = a[i][0];
         if constexpr (CH == 2) s32 = _mm512_add_epi32(s32, a[i][1]);
@@ -539,14 +586,14 @@ inline void for_x_tiles8(int64_t M, F&& f) {
 // a masked store does not forward to, so each row waited for the store to retire.
 template <int MB, bool OFFS>
 inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q,
-                       const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+                       const float* sc, const float* of, int64_t G, float* out, int64_t ldo, const Pf& pf = Pf()) {
   const int64_t ng = K / G;
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     __m512i a[MB][2];
-    group_dots<MB, 2>(xq, K, q, g, G, m0f, a);
+    group_dots<MB, 2>(xq, K, q, g, G, m0f, a, pf);
     for (int i = 0; i < MB; ++i)
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[i][0], a[i][1])),
                                _mm512_set1_ps(sc[g] * dx[i * ng + g]), acc[i]);
@@ -554,6 +601,16 @@ inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float
   for (int i = 0; i < MB; ++i)
     out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + affine_const_v<OFFS>(sc, OFFS ? of : nullptr, xs + i * ng, ng);
 }
+
+// int4 M = 1 without AMX, groups of 128 / 256, up to kQ4v12MaxGroups groups a row (K <= 2048 at
+// G = 128: the small shape's linears): 16 weight rows a tile (q4_m1.h, tile_q4v's bits) instead
+// of tile_q4v12. Cold, 1 / 2 threads, the small shape's 32 linears and int8 head (bench_m1_threads,
+// docs/kernels.md session 18 helper A): 1.08-1.22x / 1.04-1.13x. Not past 16 groups: at K = 4096
+// (the 7B width's c_attn, attn.c_proj, c_fc) tile_q4v with kM1Prefetch read faster (c_fc 37.5
+// against 34.3 GB/s on 1 thread, 69.2 against 60.7 on 2; warm the 16-row tile was 1.5x faster, so
+// the loss is in how it streams, not found); K = 16384 was mixed (0.94x on 1 thread, 1.06x on 2).
+// CODESHELL_Q4_M1_R16=0: tile_q4v12 (A/B timing; read per call).
+inline bool q4_m1_r16() { return env_flag("CODESHELL_Q4_M1_R16", true); }
 
 // tile_q4v at M = 1 for groups of 128 / 256 with the row's scale products and its affine constant
 // taken per block of 16 groups beside that block's dots, so the row's scales and offsets are read
@@ -624,9 +681,21 @@ inline void tile_q4f(const int8_t* xq, int64_t K, const float* dx, const float* 
 // int4 M = 1 without AMX past kQ4v12MaxGroups: tile_q4f with CODESHELL_Q4_M1_FUSED=1, else tile_q4v
 // (the same bits).
 inline bool q4_m1_fused() { return env_flag("CODESHELL_Q4_M1_FUSED", false); }
-// int4 M = 1 without AMX: rows split by parallel_owned with CODESHELL_Q4_M1_SPLIT=1, else
-// parallel_chunks (the same bits).
-inline bool q4_m1_split() { return env_flag("CODESHELL_Q4_M1_SPLIT", false); }
+// int4 M = 1 without AMX: rows split by parallel_owned (one contiguous share a thread) where the
+// weight is under kQ4SplitMaxBytes, else parallel_chunks (the same bits). CODESHELL_Q4_M1_SPLIT=1 /
+// =0: parallel_owned at every size / never (read per call).
+// Why by size: a sub-MiB linear (the small shape's c_attn / attn.c_proj) restarts each thread's
+// stream cold at every one of parallel_chunks' ~8 chunks a thread, and barely gained from the
+// second thread (small_attn int4, 1536 x 1024: 31.2 GB/s at 2 threads against 28.6 at 1); one
+// share a thread measured 1.23x there, the small shape's 32 linears + head 1.12x (1.17-1.18x in the
+// fast rounds, probe 72-79 GB/s), docs/kernels.md session 18 helper A. At the 7B width (8-32 MiB
+// a linear) session 17 measured it 0.97-0.99x, so those keep parallel_chunks.
+constexpr int64_t kQ4SplitMaxBytes = 4 << 20;
+inline bool q4_m1_split(int64_t bytes) {
+  const char* e = std::getenv("CODESHELL_Q4_M1_SPLIT");
+  if (e && *e) return *e != '0';
+  return bytes < kQ4SplitMaxBytes;
+}
 
 // Groups a row up to which tile_q4v12 runs M = 1-2: at K = 4096 (32 groups of 128) tile_q4v
 // measured faster (1024x4096, warm, 2 threads: 33-35 against 39-42 us; 1 thread 55 vs 67), its
@@ -636,8 +705,17 @@ constexpr int64_t kQ4v12MaxGroups = 16;
 template <bool OFFS>
 void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
              const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1,
-             bool q4v12 = true, bool fused = false) {
+             bool q4v12 = true, bool fused = false, const Pf& pf = Pf(), bool r16 = false) {
   const int64_t ng = K / G, ldq = K / 2;
+  if (M == 1 && pf.prime) prime(q + n0 * ldq, std::min<int64_t>(pf.d, (n1 - n0) * ldq));
+  if (M == 1 && (G == 128 || G == 256) && ng <= kQ4v12MaxGroups && r16) {  // 16-row tiles, the rest one row at a time
+    for (; n0 + 16 <= n1; n0 += 16) {
+      const float* o = OFFS ? of + n0 * ng : nullptr;
+      if (G == 128) codeshell::q4m1::tile16<1, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
+      else codeshell::q4m1::tile16<2, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
+    }
+    if (n0 == n1) return;
+  }
   if (M == 1 && (G == 128 || G == 256) && ng > kQ4v12MaxGroups && fused) {
     for (int64_t n = n0; n < n1; ++n)
       tile_q4f<OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n);
@@ -646,8 +724,8 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   if (M <= 2 && G >= 128 && ng <= kQ4v12MaxGroups && q4v12) {
     for (int64_t n = n0; n < n1; ++n) {
       const float* o = OFFS ? of + n * ng : nullptr;
-      if (M == 1) tile_q4v12<1, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N);
-      else tile_q4v12<2, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N);
+      if (M == 1) tile_q4v12<1, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N, pf);
+      else tile_q4v12<2, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N, pf);
     }
     return;
   }
@@ -666,7 +744,7 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   for (int64_t n = n0; n < n1; ++n)  // one weight row per tile (as the AVX2 kernel: measured best)
     for_x_tiles8(M, [&](auto mb, int64_t m) {
       tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,
-                                          OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N);
+                                          OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N, pf);
     });
 }
 
@@ -787,7 +865,8 @@ void run_q4r(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
 // lane vectors are reduced and folded into acc (one zmm per output, lane = block mod 16).
 template <int MB, int NR, bool INT4, bool OFFS, int GPV>
 inline void tile_v(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, const int32_t* sx, const float* xs,
-                   const uint8_t* w, int64_t ldw, const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+                   const uint8_t* w, int64_t ldw, const float* sc, const float* of, int64_t G, float* out, int64_t ldo,
+                   const Pf& pf = Pf()) {
   namespace E = codeshell::q8epi;
   constexpr int VPC = 16 / GPV;  // lane vectors per 16 blocks
   constexpr int CH = MB * NR <= 2 ? 2 : 1;
@@ -807,13 +886,13 @@ inline void tile_v(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, co
       __m512i w0[NR], w1[NR];
       for (int j = 0; j < NR; ++j) {
         const uint8_t* p = w + j * ldw + (INT4 ? k / 2 : k);
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+        if (pf.d) pf_line(p, pf);
         if constexpr (INT4) {
           const __m512i q = _mm512_loadu_si512(p);
           w0[j] = _mm512_and_si512(q, m0f);
           w1[j] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
         } else {
-          _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+          if (pf.d) pf_line(p + 64, pf);
           w0[j] = _mm512_xor_si512(_mm512_loadu_si512(p), s80);
           w1[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64), s80);
         }
@@ -862,15 +941,16 @@ inline void tile_v(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, co
 template <bool INT4, bool OFFS, int GPV>
 void run_v(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t M, int64_t K, int64_t nbx,
            const uint8_t* w, const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0,
-           int64_t n1) {
+           int64_t n1, const Pf& pf = Pf()) {
   const int64_t ldw = INT4 ? K / 2 : K, ng = INT4 ? K / G : 0;
+  if (pf.prime) prime(w + n0 * ldw, std::min<int64_t>(pf.d, (n1 - n0) * ldw));
   auto tiles = [&](auto nr, int64_t n) {
     constexpr int NR = decltype(nr)::value;
     const float* s = INT4 ? sc + n * ng : nullptr;
     const float* o = OFFS ? of + n * ng : nullptr;
     auto one = [&](auto mb, int64_t m) {
       tile_v<decltype(mb)::value, NR, INT4, OFFS, GPV>(xq + m * K, K, nbx, dx + m * nbx, sx + m * nbx, xs + m * nbx,
-                                                       w + n * ldw, ldw, s, o, G, out + m * N + n, N);
+                                                       w + n * ldw, ldw, s, o, G, out + m * N + n, N, pf);
     };
     if (NR == 1 && M < kBlockMinM) for_x_tiles8(M, one);
     else for_x_tiles(M, one);
@@ -916,7 +996,7 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
 // every K. Blocks are taken in spans of 16 / M (lb: 16 KiB), rows within a span.
 template <int MB>
 inline void tile_r16_q8(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, const int32_t* sx,
-                        const uint8_t* w, int64_t R, float* out, int64_t ldo) {
+                        const uint8_t* w, int64_t R, float* out, int64_t ldo, const Pf& pf = Pf()) {
   namespace E = codeshell::q8epi;
   const int64_t nb = K / 128;
   const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
@@ -936,8 +1016,10 @@ inline void tile_r16_q8(const int8_t* xq, int64_t K, int64_t nbx, const float* d
       const int8_t* xr = xq + b0 * 128;
       for (int64_t c = 0; c < cnt; ++c) {
         const uint8_t* p = wr + c * 128;
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+        if (pf.d) {
+          pf_line(p, pf);
+          pf_line(p + 64, pf);
+        }
         const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(p), s80);
         const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(p + 64), s80);
         for (int i = 0; i < MB; ++i) {
@@ -964,10 +1046,11 @@ inline void tile_r16_q8(const int8_t* xq, int64_t K, int64_t nbx, const float* d
 // Raw tree16 results of weight rows [n0, n1) for M = 1-2 rows of x (finish_cols applies scale
 // and bias), 16 rows per tile (n0 is a multiple of 16: parallel_chunks' alignment).
 void run_r16_q8(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t nbx,
-                const uint8_t* w, float* out, int64_t N, int64_t n0, int64_t n1) {
+                const uint8_t* w, float* out, int64_t N, int64_t n0, int64_t n1, const Pf& pf = Pf()) {
+  if (pf.prime) prime(w + n0 * K, std::min<int64_t>(pf.d, (n1 - n0) * K));
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t R = std::min<int64_t>(16, n1 - n);
-    if (M == 1) tile_r16_q8<1>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N);
+    if (M == 1) tile_r16_q8<1>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N, pf);
     else tile_r16_q8<2>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N);
   }
 }
@@ -1033,7 +1116,7 @@ bool q4r_takes(int64_t M, int64_t G) {
 bool q4rows_takes(int64_t M, int64_t G) {
   if (!env_flag("CODESHELL_Q4_ROWS", true)) return false;
   const char* lo = std::getenv("CODESHELL_Q4_ROWS_MIN_M");
-  const int64_t m0 = lo && *lo ? std::max<int64_t>(2, std::atoll(lo)) : int64_t(3);
+  const int64_t m0 = lo && *lo ? std::max<int64_t>(1, std::atoll(lo)) : int64_t(3);
   return M >= m0 && M <= 16 && (G == 128 || G == 256);
 }
 
@@ -1122,6 +1205,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   const bool v12 = q4v12(), fused = M == 1 && q4_m1_fused();
+  const Pf pf = M == 1 ? q4_m1_pf() : Pf();
+  const bool r16 = M == 1 && q4_m1_r16();
 #if CODESHELL_HAVE_AVX512
   // q4_rows.h's x side (dx transposed to [ng][16]), once a call rather than once a chunk
   namespace R = codeshell::q4rows;
@@ -1158,8 +1243,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       return;
     }
     if (vnni) {
-      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, v12, fused);
-      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, v12, fused);
+      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, v12, fused, pf, r16);
+      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, v12, fused, pf, r16);
       add_bias(b, op, M, N, n0, n1);
       return;
     }
@@ -1173,9 +1258,9 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     }
     add_bias(b, op, M, N, n0, n1);
   };
-  // M = 1 without AMX, CODESHELL_Q4_M1_SPLIT=1: one contiguous share of the rows a thread (parallel.h
-  // parallel_owned; read per call, for A/B timing). The split changes no bits.
-  if (M == 1 && vnni && !epi && q4_m1_split()) codeshell::parallel_owned(N, 16, 64, body);
+  // M = 1 without AMX, a weight under 4 MiB (or CODESHELL_Q4_M1_SPLIT=1): one contiguous share of the
+  // rows a thread (parallel.h parallel_owned; q4_m1_split). The split changes no bits.
+  if (M == 1 && vnni && !epi && q4_m1_split(N * K / 2)) codeshell::parallel_owned(N, 16, 64, body);
   else codeshell::parallel_chunks(N, 16, 64, body);
 }
 
@@ -1207,23 +1292,24 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   // tile_r16_q8 where a row's blocks are one span (K <= 2048 at M = 1, 1024 at M = 2): at K = 4096
   // its two spans measured slower than tile_v (1024x4096, warm: 45 against 38-40 us at 2 threads)
   const bool r16 = M <= 2 && nb <= 16 / M && r16_q8();
+  const Pf pf = M == 1 ? q8_m1_pf() : Pf();
 #if CODESHELL_HAVE_AVX512
-  const bool m1_rows = M == 1 && K > 4096 && m1_rows_q8();  // q8_rows.h at M = 1, K > 4096 (m1_rows_q8)
+  const bool m1_rows = M == 1 && K > 4096 && m1_rows_q8();  // q8_rows.h at M = 1, K > 4096 only if switched on (m1_rows_q8)
   if (vnni && isa < codeshell::kAmx && ((M >= panel_min_m() && M <= rows_max_m()) || m1_rows)) {  // amx:q8's bits
     codeshell::q8rows::run(xqp, dx, sx, M, K, N, wp, sp, b, op);
     return;
   }
 #endif
-  codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
+  auto body = [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && isa < codeshell::kAmx && M < panel_min_m() && r16) {  // no AMX, M = 1-2: the panel's bits
-      run_r16_q8(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1);
+      run_r16_q8(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1, pf);
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
       return;
     }
     if (vnni && isa < codeshell::kAmx && M < panel_min_m()) {  // no AMX, M = 1-2: tile_v, the panel's bits
       run_v<false, false, 1>(xqp, dx, sx, nullptr, M, K, nb, reinterpret_cast<const uint8_t*>(wp), nullptr, nullptr,
-                             0, op, N, n0, n1);
+                             0, op, N, n0, n1, pf);
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
       return;
     }
@@ -1241,7 +1327,12 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     }
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = n0; j < n1; ++j) op[m * N + j] = op[m * N + j] * sp[j] + (b ? b[j] : 0.f);
-  });
+  };
+  // M = 1 without AMX, CODESHELL_Q8_M1_SPLIT=1: one contiguous share of the rows a thread
+  // (parallel.h parallel_owned; read per call, for A/B timing). The split changes no bits.
+  if (M == 1 && vnni && isa < codeshell::kAmx && env_flag("CODESHELL_Q8_M1_SPLIT", false))
+    codeshell::parallel_owned(N, 16, 64, body);
+  else codeshell::parallel_chunks(N, 16, 64, body);
 }
 }  // namespace
 

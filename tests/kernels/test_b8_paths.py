@@ -1,0 +1,117 @@
+"""Session 18's batch-decode paths (docs/kernels.md, "Session 18, helper B") give the bits of the
+paths they replace, each named by the switch that selects it:
+
+* `ln16`: the LayerNorm (fused.cpp add_ln_row16, 16 lanes) against the 8-lane add_ln_row
+  (`CODESHELL_LN16=0`) and torch's LayerNorm;
+* `gelu_x2`: the 16-lane GELU two vectors a step against one (`CODESHELL_GELU_X2=0`) and the
+  8-lane GELU (`CODESHELL_KERNEL_ISA=avx2`);
+* `bf16_pf2` / `q8r_pf0`: software prefetch only (`CODESHELL_BF16_PF2`, `CODESHELL_Q8R_PF0`),
+  and `q8r_epi`, q8_rows.h's vector epilogue (`CODESHELL_Q8R_EPI=0`: the scalar one): the bf16
+  and int8 linears at M = 3..16 equal the same call without them, and each row the M = 1 call.
+On a CPU without AVX-512 the 16-lane paths do not run, and the tests say so in their skips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codeshell import kernels
+from codeshell.kernels import _ext, ops
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
+
+
+def wide() -> bool:
+    return ops.isa_level() >= ops.ISA_LEVELS.index("avx512_vnni")
+
+
+def need_wide(path: str) -> None:
+    if not wide():
+        pytest.skip(f"no AVX-512 here: the {path} path does not run")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("C", [1, 7, 8, 9, 16, 24, 40, 100, 256, 1000, 1024, 1536])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("xdt,wdt", [("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "bf16"), ("fp32", "fp32")])
+def test_ln16_is_the_8_lane_layer_norm(monkeypatch, C, rows, xdt, wdt):
+    need_wide("ln16")
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    g = torch.Generator().manual_seed(C * 31 + rows)
+    x = (torch.randn(rows, C, generator=g) * 3 + 0.5).to(dt[xdt])
+    w = torch.randn(C, generator=g).to(dt[wdt])
+    b = torch.randn(C, generator=g).to(dt[wdt])
+    mod = _ext.get()
+    for r in (None, torch.randn(rows, C, generator=g), torch.randn(rows, C, generator=g).to(dt[xdt])):
+        for ww, bb in ((w, b), (None, None), (w, None), (None, b)):
+            monkeypatch.setenv("CODESHELL_LN16", "1")
+            got = mod.fused_add_layer_norm(x, r, ww, bb, 1e-5)
+            monkeypatch.setenv("CODESHELL_LN16", "0")
+            want = mod.fused_add_layer_norm(x, r, ww, bb, 1e-5)
+            assert same(got, want), f"ln16 vs 8 lanes: C={C} rows={rows} r={r is not None} w={ww is not None} b={bb is not None}"
+    # and the reference (the no-residual case; torch normalises in fp32)
+    monkeypatch.setenv("CODESHELL_LN16", "1")
+    y = mod.fused_add_layer_norm(x, None, w, b, 1e-5)[1]
+    ref = torch.nn.functional.layer_norm(x.float(), (C,), w.float(), b.float(), 1e-5)
+    tol = 2e-2 if x.dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(y.float(), ref, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("rows,N", [(1, 7), (1, 1024), (8, 1024), (8, 4096), (3, 48), (5, 1000), (2, 33)])
+@pytest.mark.parametrize("kind", ["fp32", "fp32->bf16", "bf16"])
+def test_gelu_x2_is_the_one_vector_loop_and_8_lanes(monkeypatch, rows, N, kind):
+    need_wide("gelu_x2")
+    g = torch.Generator().manual_seed(rows * 13 + N)
+    v = torch.randn(rows, N, generator=g) * 6
+    v.view(-1)[:5] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])[: v.numel()]
+    if kind == "bf16":
+        v = v.to(torch.bfloat16)
+    bias = torch.randn(N, generator=g) if kind == "fp32" else None
+    out_bf16 = kind != "fp32"
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_GELU_X2", "1")
+    x2 = mod.fused_gelu_tanh(v, bias, out_bf16)
+    monkeypatch.setenv("CODESHELL_GELU_X2", "0")
+    x1 = mod.fused_gelu_tanh(v, bias, out_bf16)
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
+    narrow = mod.fused_gelu_tanh(v, bias, out_bf16)
+    assert torch.equal(bits(x2), bits(x1)), "gelu_x2 vs one vector a step"
+    assert torch.equal(bits(x2), bits(narrow)), "gelu_x2 vs 8 lanes"
+    ref = torch.nn.functional.gelu((v.float() + (bias if bias is not None else 0)), approximate="tanh")
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(x2.float()[fin], ref[fin], atol=2e-2 if out_bf16 else 1e-5, rtol=1e-2 if out_bf16 else 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("N,K", [(384, 256), (1024, 256), (256, 1024), (37, 128), (100, 384), (72, 640), (24, 2048)])
+def test_batch_switches_keep_the_bits(monkeypatch, kind, N, K):
+    """bf16_pf2 (bf16 at M >= 4: a prefetch), and int8 at M = 3..16 on q8_rows.h: q8r_pf0 (a
+    prefetch; default 2 blocks), q8r_epi (the vector epilogue, the tree without its +0 slots)
+    and q8r_asm (vpdpbusd through inline asm) against CODESHELL_Q8R_EPI=0 / CODESHELL_Q8R_ASM=0 and each row at M = 1 (row invariance)."""
+    g = torch.Generator().manual_seed(N + K)
+    w = torch.randn(N, K, generator=g) * 0.05
+    lin = kernels.prepack(w.to(torch.bfloat16)) if kind == "bf16" else kernels.quantize_int8(w)
+    bias = torch.randn(N, generator=g)
+    if kind == "bf16":
+        variants = [("CODESHELL_BF16_PF2", "256"), ("CODESHELL_BF16_PF2", "1024")]
+    else:
+        variants = [("CODESHELL_Q8R_PF0", "0"), ("CODESHELL_Q8R_PF0", "1"), ("CODESHELL_Q8R_EPI", "0"), ("CODESHELL_Q8R_ASM", "0")]
+    for M in (3, 4, 8, 16):
+        x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+        for b in (None, bias):
+            for var, _ in variants:
+                monkeypatch.delenv(var, raising=False)
+            want = kernels.linear(x, lin, b)
+            for i in range(M):  # every row as the M = 1 call gives it
+                assert torch.equal(kernels.linear(x[i:i + 1], lin, b)[0], want[i]), f"row {i} of M={M}"
+            for var, v in variants:
+                monkeypatch.setenv(var, v)
+                assert torch.equal(kernels.linear(x, lin, b), want), f"{var}={v} at M={M}"
+                monkeypatch.delenv(var)

@@ -115,3 +115,35 @@ def test_batch_switches_keep_the_bits(monkeypatch, kind, N, K):
                 monkeypatch.setenv(var, v)
                 assert torch.equal(kernels.linear(x, lin, b), want), f"{var}={v} at M={M}"
                 monkeypatch.delenv(var)
+
+
+@pytest.mark.parametrize("H,G,D", [(8, 2, 32), (8, 2, 128), (16, 4, 64), (4, 1, 24), (8, 4, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attn_tree_is_the_per_score_hsum(monkeypatch, H, G, D, dtype):
+    """attn_tree: decode attention's 4-head score blocks reduced by one transposing tree
+    (attention.cpp hsum8x8) against each score's own hsum8 (CODESHELL_ATTN_TREE=0), on both
+    entry points, odd and even lengths (the last odd key keeps the per-score path), and the
+    reference softmax attention."""
+    from codeshell.kernels.attention import packed_attention
+    g = torch.Generator().manual_seed(H * D + G)
+    kc = torch.randn(8, G, 300, D, generator=g).to(dtype)
+    vc = torch.randn(8, G, 300, D, generator=g).to(dtype)
+    lens = torch.tensor([1, 2, 15, 16, 17, 129, 256, 300])
+    slots = torch.tensor([3, 0, 7, 1, 5, 2, 6, 4])
+    q = torch.randn(8, H, 1, D, generator=g).to(dtype)
+    outs = {}
+    for sw in ("1", "0"):
+        monkeypatch.setenv("CODESHELL_ATTN_TREE", sw)
+        outs[sw] = (kernels.decode_attention(q, kc, vc, slots, lens, 0.2),
+                    [packed_attention(q, kc, vc, slots, lens, 0.2, isa=i) for i in ([0, 1] if wide() else [0])])
+    assert torch.equal(outs["1"][0], outs["0"][0]), "attn_tree vs hsum8 per score (decode_attention)"
+    for a, b in zip(outs["1"][1], outs["0"][1]):
+        assert torch.equal(a, b), "attn_tree vs hsum8 per score (packed_attention)"
+        assert torch.equal(a, outs["1"][0]), "packed_attention vs decode_attention"
+    for i in range(8):  # the reference
+        n = int(lens[i])
+        k = kc[slots[i], :, :n].float().repeat_interleave(H // G, 0)
+        v = vc[slots[i], :, :n].float().repeat_interleave(H // G, 0)
+        ref = torch.softmax(q[i].float() @ k.transpose(1, 2) * 0.2, -1) @ v
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(outs["1"][0][i].float(), ref, atol=tol, rtol=tol)

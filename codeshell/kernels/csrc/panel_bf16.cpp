@@ -45,6 +45,7 @@
 #include "parallel.h"
 #include "scratch.h"
 #include "simd512.h"
+#include "step_hints.h"
 
 namespace {
 
@@ -129,10 +130,11 @@ struct Avx2 {
 CODESHELL_BEGIN_AVX512
 namespace {
 
-// CODESHELL_BF16_PF2=J (session 18 helper B, an experiment for batched decode, M >= 4): Bf16Dot's
-// tiles also prefetch J k-pairs ahead on each panel's stream into L2 (0 / unset: no). Set per
-// decode_panels call on its thread (the tiles run on the threads of its parallel loop: a
-// thread_local would not reach them, so it is one process-wide value; only A/B runs set it).
+// Batched decode (M >= 4, session 18 helper B): Bf16Dot's tiles also prefetch J k-pairs ahead on
+// each panel's stream into L2 (0: no), J = the native decode step's hint for a cache-resident
+// model (step_hints.h), or CODESHELL_BF16_PF2=J (A/B runs). Set per decode_panels call (the tiles
+// run on the threads of its parallel loop: a thread_local would not reach them, so it is one
+// process-wide value).
 inline std::atomic<int64_t>& far_prefetch_k() {
   static std::atomic<int64_t> v{0};
   return v;
@@ -298,7 +300,8 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
 #if CODESHELL_HAVE_AVX512
   if constexpr (kDot) {
     const char* pf2 = M > 3 ? std::getenv("CODESHELL_BF16_PF2") : nullptr;
-    far_prefetch_k().store(pf2 ? std::atoll(pf2) : 0, std::memory_order_relaxed);
+    const int64_t hint = M > 3 ? codeshell::bf16_far_prefetch_hint().load(std::memory_order_relaxed) : 0;
+    far_prefetch_k().store(pf2 ? std::atoll(pf2) : hint, std::memory_order_relaxed);
   }
 #endif
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {

@@ -96,6 +96,8 @@ inline __m512 tree16_prefix(const float* acc, int64_t nb) {
 // bytes a vpdpbusd, and their L1 misses stalled the loop: prefetching each row's block 2 ahead
 // into L1 cut the small shape's int8 block linears at M = 8 by 17-30% (bench_decode_step.py
 // --profile, docs/kernels.md session 18 helper B); 1 and 4 blocks ran within a few % of 2.
+// Batched calls only (M > 1): M = 1 at K > 4096 (qdot.cpp's m1_rows_q8) streams 16 rows from
+// memory, was not measured with it, and keeps its schedule.
 constexpr int64_t kL1Blocks = 2;
 
 // acc += u . s (vpdpbusd) with the accumulator as the instruction's own in-out register. Why:
@@ -263,7 +265,7 @@ inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M,
   const char* epi = std::getenv("CODESHELL_Q8R_EPI");  // A/B runs; unset: lean
   const char* dp = std::getenv("CODESHELL_Q8R_ASM");   // A/B runs; unset: asm
   const Args A{M, K, N, nb, xt, so, dT, reinterpret_cast<const uint8_t*>(w), scale, bias, out,
-               pf != nullptr ? std::max<int64_t>(0, std::atoll(pf)) : kL1Blocks, dp == nullptr || dp[0] != '0',
+               pf != nullptr ? std::max<int64_t>(0, std::atoll(pf)) : M > 1 ? kL1Blocks : 0, dp == nullptr || dp[0] != '0',
                epi == nullptr || epi[0] != '0'};
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
     switch (E) {

@@ -7,7 +7,11 @@ paths they replace, each named by the switch that selects it:
   8-lane GELU (`CODESHELL_KERNEL_ISA=avx2`);
 * `bf16_pf2` / `q8r_pf0`: software prefetch only (`CODESHELL_BF16_PF2`, `CODESHELL_Q8R_PF0`),
   and `q8r_epi`, q8_rows.h's vector epilogue (`CODESHELL_Q8R_EPI=0`: the scalar one): the bf16
-  and int8 linears at M = 3..16 equal the same call without them, and each row the M = 1 call.
+  and int8 linears at M = 3..16 equal the same call without them, and each row the M = 1 call;
+  `q8r_asm`: the int8 rows' vpdpbusd through inline asm (`CODESHELL_Q8R_ASM=0`: the intrinsic);
+* `attn_tree`: decode attention's 4-head score blocks by one transposing tree against one hsum8
+  per score (`CODESHELL_ATTN_TREE=0`), on both entry points;
+* `bf16_far`: the native step's far-prefetch hint for a cache-resident model (codeshell-mini).
 On a CPU without AVX-512 the 16-lane paths do not run, and the tests say so in their skips."""
 
 from __future__ import annotations
@@ -147,3 +151,37 @@ def test_attn_tree_is_the_per_score_hsum(monkeypatch, H, G, D, dtype):
         ref = torch.softmax(q[i].float() @ k.transpose(1, 2) * 0.2, -1) @ v
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(outs["1"][0][i].float(), ref, atol=tol, rtol=tol)
+
+
+def test_far_prefetch_hint_of_a_cache_resident_model(monkeypatch):
+    """bf16_far (step_hints.h): the native step of codeshell-mini (16.6 MB of bf16 weights) sets the
+    bf16 batched rows' L2 prefetch where the L3 holds 4/3 of that; its batch-8 greedy tokens equal
+    those with the prefetch off (CODESHELL_BF16_PF2=0) and the Python path's (no step, no hint)."""
+    from pathlib import Path
+
+    from codeshell import LLM, SamplingParams
+    from codeshell.kernels import step as step_mod
+    from codeshell.mini import MODEL_DIR
+
+    llm = LLM(str(MODEL_DIR), dtype="bfloat16", max_batch=8, max_model_len=64)
+    g = torch.Generator().manual_seed(3)
+    ps = [{"prompt_token_ids": torch.randint(0, 16000, (5 + i,), generator=g).tolist()} for i in range(8)]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    runs = {}
+    for name, env in (("hint", {}), ("off", {"CODESHELL_BF16_PF2": "0"}), ("python", {"CODESHELL_DECODE_STEP": "off"})):
+        for k in ("CODESHELL_BF16_PF2", "CODESHELL_DECODE_STEP"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        runs[name] = [o.outputs[0].token_ids for o in llm.generate(ps, sp)]
+    assert runs["hint"] == runs["off"] == runs["python"]
+    step = step_mod._DECODERS[llm.engine.model].step
+    size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    l3 = 0
+    if size.is_file():
+        t = size.read_text().strip()
+        l3 = int(t[:-1]) * (1 << 20 if t[-1] in "Mm" else 1 << 10) if t[-1] in "KkMm" else int(t) * 1024
+    want = 1024 if l3 and 16_600_000 <= l3 * 3 // 4 else 0
+    assert step.far_prefetch == want, f"L3 {l3} bytes"
+    if want == 0:
+        pytest.skip("no L3 size in sysfs, or an L3 too small for the mini: the hint stays off here")

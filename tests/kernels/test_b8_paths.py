@@ -10,7 +10,8 @@ paths they replace, each named by the switch that selects it:
   and int8 linears at M = 3..16 equal the same call without them, and each row the M = 1 call;
   `q8r_asm`: the int8 rows' vpdpbusd through inline asm (`CODESHELL_Q8R_ASM=0`: the intrinsic);
 * `attn_tree`: decode attention's 4-head score blocks by one transposing tree against one hsum8
-  per score (`CODESHELL_ATTN_TREE=0`), on both entry points;
+  per score (`CODESHELL_ATTN_TREE=0`), on both entry points; `attn_v16`: the packed path's
+  weighted values in 16-lane registers (`CODESHELL_ATTN_V16=0`: 8 lanes);
 * `bf16_far`: the native step's far-prefetch hint for a cache-resident model (codeshell-mini).
 On a CPU without AVX-512 the 16-lane paths do not run, and the tests say so in their skips."""
 
@@ -185,3 +186,24 @@ def test_far_prefetch_hint_of_a_cache_resident_model(monkeypatch):
     assert step.far_prefetch == want, f"L3 {l3} bytes"
     if want == 0:
         pytest.skip("no L3 size in sysfs, or an L3 too small for the mini: the hint stays off here")
+
+
+@pytest.mark.parametrize("H,G,D", [(8, 2, 32), (8, 2, 128), (16, 4, 64), (6, 2, 48), (4, 4, 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attn_v16_is_the_8_lane_values(monkeypatch, H, G, D, dtype):
+    """attn_v16: the packed path's weighted values in 16-lane registers (attention.cpp values16; 32
+    lanes a pass at D % 32 == 0, 16 otherwise) against the 8-lane loop (CODESHELL_ATTN_V16=0) and plain
+    decode_attention, at lengths across the 256-key value chunks."""
+    need_wide("attn_v16")
+    from codeshell.kernels.attention import packed_attention
+    g = torch.Generator().manual_seed(H + D)
+    kc = torch.randn(8, G, 600, D, generator=g).to(dtype)
+    vc = torch.randn(8, G, 600, D, generator=g).to(dtype)
+    lens = torch.tensor([1, 3, 16, 255, 256, 257, 513, 600])
+    slots = torch.tensor([3, 0, 7, 1, 5, 2, 6, 4])
+    q = torch.randn(8, H, 1, D, generator=g).to(dtype)
+    want = kernels.decode_attention(q, kc, vc, slots, lens, 0.2)
+    for sw in ("1", "0"):
+        monkeypatch.setenv("CODESHELL_ATTN_V16", sw)
+        got = packed_attention(q, kc, vc, slots, lens, 0.2, isa=1)
+        assert torch.equal(got, want), f"CODESHELL_ATTN_V16={sw} vs decode_attention"

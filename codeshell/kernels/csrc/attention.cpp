@@ -210,10 +210,69 @@ void weighted_values(const float* p, int64_t S, const T* v, int64_t D, float* o)
   }
 }
 
+}  // namespace
+
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+// weighted_values in 16-lane registers (32 lanes a pass where D % 32 == 0), the same bits: each
+// output lane is its own FMA chain over the keys in order, from +0 at the first chunk and from o
+// at the next, as in the 8-lane loop; the lanes are independent, so their width does not matter.
+// Why: at D = 32 and 4 heads the 8-lane loop spent 16 FMAs a key (and 4 value conversions), half
+// of decode attention's per-key work (docs/kernels.md, session 18 helper B).
+inline __m512 load16v(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16v(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <class T, int RB, int NV>
+void values16(const float* p, int64_t S, const T* v, int64_t D, float* o) {
+  for (int64_t s0 = 0; s0 < S; s0 += kValueChunk) {
+    const int64_t s1 = std::min(S, s0 + kValueChunk);
+    for (int64_t d = 0; d < D; d += 16 * NV) {
+      __m512 acc[RB][NV];
+      for (int r = 0; r < RB; ++r)
+        for (int h = 0; h < NV; ++h)
+          acc[r][h] = s0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(o + r * D + d + 16 * h);
+      for (int64_t s = s0; s < s1; ++s) {
+        if (d == 0 && s + kAhead < S) prefetch_rows(v + (s + kAhead) * D, 1, D);
+        __m512 x[NV];
+        for (int h = 0; h < NV; ++h) x[h] = load16v(v + s * D + d + 16 * h);
+        for (int r = 0; r < RB; ++r) {
+          const __m512 w = _mm512_set1_ps(p[r * S + s]);
+          for (int h = 0; h < NV; ++h) acc[r][h] = _mm512_fmadd_ps(w, x[h], acc[r][h]);
+        }
+      }
+      for (int r = 0; r < RB; ++r)
+        for (int h = 0; h < NV; ++h) _mm512_storeu_ps(o + r * D + d + 16 * h, acc[r][h]);
+    }
+  }
+}
+
 template <class T, int RB>
-void attend_block(const float* q, int64_t D, const T* k, const T* v, int64_t S, float scale, float* p, float* o) {
+void weighted_values16(const float* p, int64_t S, const T* v, int64_t D, float* o) {
+  if (D % 32 == 0) values16<T, RB, 2>(p, S, v, D, o);
+  else values16<T, RB, 1>(p, S, v, D, o);
+}
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+namespace {
+
+// wide: the values in 16-lane registers (values16; the caller's isa has AVX-512F), the same bits.
+template <class T, int RB>
+void attend_block(const float* q, int64_t D, const T* k, const T* v, int64_t S, float scale, float* p, float* o,
+                  bool wide = false) {
   scores<T, RB>(q, D, k, S, scale, p);
   softmax_rows(p, RB, S);
+#if CODESHELL_HAVE_AVX512
+  if (wide) {
+    weighted_values16<T, RB>(p, S, v, D, o);
+    return;
+  }
+#endif
   weighted_values<T, RB>(p, S, v, D, o);
 }
 
@@ -221,14 +280,14 @@ void attend_block(const float* q, int64_t D, const T* k, const T* v, int64_t S, 
 // Heads go in blocks of up to 4 (K and V are re-read from cache, not memory, per block).
 template <class T>
 void attend_group(const float* q, int R, int64_t D, const T* k, const T* v, int64_t S, float scale, float* p,
-                  float* o) {
+                  float* o, bool wide = false) {
   if (D % 16 == 0) {
     int r = 0;
-    for (; r + 4 <= R; r += 4) attend_block<T, 4>(q + r * D, D, k, v, S, scale, p, o + r * D);
+    for (; r + 4 <= R; r += 4) attend_block<T, 4>(q + r * D, D, k, v, S, scale, p, o + r * D, wide);
     switch (R - r) {
-      case 3: attend_block<T, 3>(q + r * D, D, k, v, S, scale, p, o + r * D); break;
-      case 2: attend_block<T, 2>(q + r * D, D, k, v, S, scale, p, o + r * D); break;
-      case 1: attend_block<T, 1>(q + r * D, D, k, v, S, scale, p, o + r * D); break;
+      case 3: attend_block<T, 3>(q + r * D, D, k, v, S, scale, p, o + r * D, wide); break;
+      case 2: attend_block<T, 2>(q + r * D, D, k, v, S, scale, p, o + r * D, wide); break;
+      case 1: attend_block<T, 1>(q + r * D, D, k, v, S, scale, p, o + r * D, wide); break;
       default: break;
     }
     return;
@@ -484,6 +543,12 @@ CODESHELL_END_AVX512
 // keys' chains in one transposing tree, after converting a block of keys to fp32 once for the
 // group's R heads. Measured slower at codeshell-mini's short contexts (docs/kernels.md, session 18
 // helper B), so it stays an A/B switch.
+// CODESHELL_ATTN_V16=0 (read per call; A/B runs): the packed path's values in 8-lane registers.
+bool values_wide() {
+  const char* v = std::getenv("CODESHELL_ATTN_V16");
+  return v == nullptr || v[0] != '0';
+}
+
 bool single_queries_run() {
   const char* v = std::getenv("CODESHELL_ATTN_RUN1");
   return v != nullptr && v[0] == '1';
@@ -494,7 +559,7 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
                 const int64_t* lens, double scale, bool wide, torch::Tensor& out) {
   const int64_t M = q.size(0), H = q.size(1), D = q.size(2), G = kc.size(1), L = kc.size(2);
   const int R = int(H / G);
-  const bool single_run = wide && single_queries_run();
+  const bool single_run = wide && single_queries_run(), vwide = wide && values_wide();
   std::vector<int64_t> start{0};  // runs: maximal stretches of consecutive queries of one slot
   for (int64_t i = 1; i <= M; ++i)
     if (i == M || slots[i] != slots[i - 1]) start.push_back(i);
@@ -529,7 +594,7 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
       for (int j = 0; j < n && !done; ++j) {  // decode's code, one query at a time
         p.resize(size_t(R) * lens[i0 + j]);
         attend_group<T>(qf.data() + size_t(j) * R * D, R, D, kp + base, vp + base, lens[i0 + j], float(scale),
-                        p.data(), o.data() + size_t(j) * R * D);
+                        p.data(), o.data() + size_t(j) * R * D, vwide);
       }
       for (int j = 0; j < n; ++j)
         for (int64_t x = 0; x < R * D; ++x) {

@@ -18,6 +18,8 @@ per batch the medians over the rounds, the best round, and the ratio off / on.
     python benchmarks/bench_decode_step.py --profile --model /tmp/q/int4 --tokens 32 --ab - team=1
                                      # where a step's time goes (DecodeStep.profile), per phase, per batch,
                                      # variants alternating in one process (team=0|1 or ENV=V, '-' = none)
+    python benchmarks/bench_decode_step.py --profile --prompt-len 256 --tokens 128 --rounds 5
+                                     # bench_quant's codeshell-mini prompt and decode lengths
 """
 
 from __future__ import annotations
@@ -119,10 +121,12 @@ def calls(model: str, batch: int, threads: int, blocks: int) -> None:
               f"(engine Python) {py:.3f} ms ({py / st:.0%})")
 
 
-def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: int, variants: list[str]) -> None:
+def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: int, variants: list[str],
+            prompt_len: int = 16) -> None:
     """Per-phase wall time of the native step (`DecodeStep.profile` / `profile_times`, us a call,
     medians over the rounds) for each batch and variant, in one process: greedy generations of
-    `tokens` tokens after 16-token prompts, the variants' order reversed every other round.
+    `tokens` tokens after `prompt_len`-token prompts (--prompt-len; bench_quant's codeshell-mini
+    figures use 256), the variants' order reversed every other round.
     A variant is '-' (as loaded), `team=0|1` (DecodeStep.team, set on the built step) or
     comma-separated ENV=V settings the kernels read per call (CODESHELL_Q4_ROWS_MAX_M=0, ...)."""
     import torch
@@ -132,10 +136,10 @@ def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: i
 
     from bench_kernels import set_env  # the --ab environment variants, as bench_kernels --sweep
 
-    llm = LLM(model, dtype="bfloat16", threads=threads, max_batch=max(batches), max_model_len=16 + tokens + 8)
+    llm = LLM(model, dtype="bfloat16", threads=threads, max_batch=max(batches), max_model_len=prompt_len + tokens + 8)
     vocab = min(llm.engine.cfg.vocab_size, 70000)
     g = torch.Generator().manual_seed(1)
-    prompts = {b: [{"prompt_token_ids": torch.randint(0, vocab, (16,), generator=g).tolist()} for _ in range(b)]
+    prompts = {b: [{"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()} for _ in range(b)]
                for b in batches}
     llm.generate(prompts[max(batches)], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
     d = step_mod._DECODERS.get(llm.engine.model)
@@ -192,6 +196,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per generation")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=16, help="with --profile: prompt tokens (default 16)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compare", choices=["step", "team"], default="step",
                     help="step: the native step off / on (CODESHELL_DECODE_STEP); team: the native step "
@@ -210,7 +215,7 @@ def main() -> None:
     if a.profile:
         print(f"model {a.model}, {a.threads} threads, {a.tokens} tokens, rounds {a.rounds}; "
               f"load average before: {os.getloadavg()}")
-        profile(a.model, a.tokens, a.batch, a.threads, a.rounds, a.ab)
+        profile(a.model, a.tokens, a.batch, a.threads, a.rounds, a.ab, a.prompt_len)
         print(f"load average after: {os.getloadavg()}")
         return
     if a.calls:

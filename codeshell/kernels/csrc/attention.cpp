@@ -21,8 +21,10 @@
 #include "simd512.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -87,9 +89,65 @@ inline void prefetch_rows(const T* row, int64_t n, int64_t D) {
   for (int64_t off = 0; off < n * D * int64_t(sizeof(T)); off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
 }
 
+// hsum8 of 8 registers at once, the same pairs of lanes per register (hsum8: lanes i + (i + 4),
+// then j + (j + 2), then 0 + 1), as one transposing tree: 8 permutes, 8 shuffles and 7 adds
+// for the 8 sums instead of 8 x (extract, 3 adds, 2 shuffles) and 8 scalar multiply-stores.
+// Returns [v0, v2, v4, v6, v1, v3, v5, v7]'s sums. fp32 addition is commutative, so each sum is
+// hsum8's bits.
+inline __m256 hsum8x8(const __m256* v) {
+  __m256 x[4];
+  for (int i = 0; i < 4; ++i)  // lanes 0-3: v[2i]'s i + (i + 4), lanes 4-7: v[2i + 1]'s
+    x[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                         _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+  const __m256 y0 = _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 y1 = _mm256_add_ps(_mm256_shuffle_ps(x[2], x[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm256_shuffle_ps(x[2], x[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm256_add_ps(_mm256_shuffle_ps(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm256_shuffle_ps(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// CODESHELL_ATTN_TREE=0 (read once a call by the entry points; A/B runs): scores' 4-head blocks
+// reduce each score by its own hsum8, as before session 18.
+std::atomic<bool>& tree_scores() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+void read_tree_switch() {
+  const char* v = std::getenv("CODESHELL_ATTN_TREE");
+  tree_scores().store(v == nullptr || v[0] != '0', std::memory_order_relaxed);
+}
+
 template <class T, int RB>
 void scores(const float* q, int64_t D, const T* k, int64_t S, float scale, float* p) {
   int64_t s = 0;
+  if (RB == 4 && tree_scores().load(std::memory_order_relaxed)) {
+    // 4 heads x 2 keys: the 8 sums by one tree, scaled in one multiply (the same single
+    // rounding per score as hsum8(acc) * scale)
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (; s + 2 <= S; s += 2) {
+      if (s + kAhead + 2 <= S) prefetch_rows(k + (s + kAhead) * D, 2, D);
+      __m256 acc[2 * RB];  // [2r + h]: head r, key s + h
+      for (int i = 0; i < 2 * RB; ++i) acc[i] = _mm256_setzero_ps();
+      const T* k0 = k + s * D;
+      const T* k1 = k0 + D;
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 a = load8(k0 + d), b = load8(k1 + d);
+        for (int r = 0; r < RB; ++r) {
+          const __m256 qv = _mm256_loadu_ps(q + r * D + d);
+          acc[2 * r] = _mm256_fmadd_ps(qv, a, acc[2 * r]);
+          acc[2 * r + 1] = _mm256_fmadd_ps(qv, b, acc[2 * r + 1]);
+        }
+      }
+      const __m256 z = _mm256_mul_ps(hsum8x8(acc), sc);  // [h0 k0, h1 k0, h2 k0, h3 k0, h0 k1, ...]
+      const __m128 lo = _mm256_castps256_ps128(z), hi = _mm256_extractf128_ps(z, 1);
+      const __m128 p01 = _mm_unpacklo_ps(lo, hi), p23 = _mm_unpackhi_ps(lo, hi);  // (h0 k0, h0 k1, h1 k0, h1 k1)
+      _mm_storel_pi(reinterpret_cast<__m64*>(p + 0 * S + s), p01);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(p + 1 * S + s), p01);
+      _mm_storel_pi(reinterpret_cast<__m64*>(p + 2 * S + s), p23);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(p + 3 * S + s), p23);
+    }
+  }
   for (; s + 2 <= S; s += 2) {
     if (s + kAhead + 2 <= S) prefetch_rows(k + (s + kAhead) * D, 2, D);
     __m256 acc[2][RB];
@@ -152,10 +210,69 @@ void weighted_values(const float* p, int64_t S, const T* v, int64_t D, float* o)
   }
 }
 
+}  // namespace
+
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+// weighted_values in 16-lane registers (32 lanes a pass where D % 32 == 0), the same bits: each
+// output lane is its own FMA chain over the keys in order, from +0 at the first chunk and from o
+// at the next, as in the 8-lane loop; the lanes are independent, so their width does not matter.
+// Why: at D = 32 and 4 heads the 8-lane loop spent 16 FMAs a key (and 4 value conversions), half
+// of decode attention's per-key work (docs/kernels.md, session 18 helper B).
+inline __m512 load16v(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16v(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <class T, int RB, int NV>
+void values16(const float* p, int64_t S, const T* v, int64_t D, float* o) {
+  for (int64_t s0 = 0; s0 < S; s0 += kValueChunk) {
+    const int64_t s1 = std::min(S, s0 + kValueChunk);
+    for (int64_t d = 0; d < D; d += 16 * NV) {
+      __m512 acc[RB][NV];
+      for (int r = 0; r < RB; ++r)
+        for (int h = 0; h < NV; ++h)
+          acc[r][h] = s0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(o + r * D + d + 16 * h);
+      for (int64_t s = s0; s < s1; ++s) {
+        if (d == 0 && s + kAhead < S) prefetch_rows(v + (s + kAhead) * D, 1, D);
+        __m512 x[NV];
+        for (int h = 0; h < NV; ++h) x[h] = load16v(v + s * D + d + 16 * h);
+        for (int r = 0; r < RB; ++r) {
+          const __m512 w = _mm512_set1_ps(p[r * S + s]);
+          for (int h = 0; h < NV; ++h) acc[r][h] = _mm512_fmadd_ps(w, x[h], acc[r][h]);
+        }
+      }
+      for (int r = 0; r < RB; ++r)
+        for (int h = 0; h < NV; ++h) _mm512_storeu_ps(o + r * D + d + 16 * h, acc[r][h]);
+    }
+  }
+}
+
 template <class T, int RB>
-void attend_block(const float* q, int64_t D, const T* k, const T* v, int64_t S, float scale, float* p, float* o) {
+void weighted_values16(const float* p, int64_t S, const T* v, int64_t D, float* o) {
+  if (D % 32 == 0) values16<T, RB, 2>(p, S, v, D, o);
+  else values16<T, RB, 1>(p, S, v, D, o);
+}
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+namespace {
+
+// wide: the values in 16-lane registers (values16; the caller's isa has AVX-512F), the same bits.
+template <class T, int RB>
+void attend_block(const float* q, int64_t D, const T* k, const T* v, int64_t S, float scale, float* p, float* o,
+                  bool wide = false) {
   scores<T, RB>(q, D, k, S, scale, p);
   softmax_rows(p, RB, S);
+#if CODESHELL_HAVE_AVX512
+  if (wide) {
+    weighted_values16<T, RB>(p, S, v, D, o);
+    return;
+  }
+#endif
   weighted_values<T, RB>(p, S, v, D, o);
 }
 
@@ -163,14 +280,14 @@ void attend_block(const float* q, int64_t D, const T* k, const T* v, int64_t S, 
 // Heads go in blocks of up to 4 (K and V are re-read from cache, not memory, per block).
 template <class T>
 void attend_group(const float* q, int R, int64_t D, const T* k, const T* v, int64_t S, float scale, float* p,
-                  float* o) {
+                  float* o, bool wide = false) {
   if (D % 16 == 0) {
     int r = 0;
-    for (; r + 4 <= R; r += 4) attend_block<T, 4>(q + r * D, D, k, v, S, scale, p, o + r * D);
+    for (; r + 4 <= R; r += 4) attend_block<T, 4>(q + r * D, D, k, v, S, scale, p, o + r * D, wide);
     switch (R - r) {
-      case 3: attend_block<T, 3>(q + r * D, D, k, v, S, scale, p, o + r * D); break;
-      case 2: attend_block<T, 2>(q + r * D, D, k, v, S, scale, p, o + r * D); break;
-      case 1: attend_block<T, 1>(q + r * D, D, k, v, S, scale, p, o + r * D); break;
+      case 3: attend_block<T, 3>(q + r * D, D, k, v, S, scale, p, o + r * D, wide); break;
+      case 2: attend_block<T, 2>(q + r * D, D, k, v, S, scale, p, o + r * D, wide); break;
+      case 1: attend_block<T, 1>(q + r * D, D, k, v, S, scale, p, o + r * D, wide); break;
       default: break;
     }
     return;
@@ -419,11 +536,30 @@ template void attend_run<float>(const float*, int, int, int64_t, const float*, c
 CODESHELL_END_AVX512
 #endif
 
+// CODESHELL_ATTN_RUN1=1 (read per call; off by default): a single query of its slot (every query
+// of a plain batched decode step) on attend_run too, not attend_group. The same bits either way
+// (attend_run is attend_group's arithmetic per query, see above); what differs is the cost per
+// (key, head): attend_group reduces each score's 8-lane chain by its own hsum8, attend_run 16
+// keys' chains in one transposing tree, after converting a block of keys to fp32 once for the
+// group's R heads. Measured slower at codeshell-mini's short contexts (docs/kernels.md, session 18
+// helper B), so it stays an A/B switch.
+// CODESHELL_ATTN_V16=0 (read per call; A/B runs): the packed path's values in 8-lane registers.
+bool values_wide() {
+  const char* v = std::getenv("CODESHELL_ATTN_V16");
+  return v == nullptr || v[0] != '0';
+}
+
+bool single_queries_run() {
+  const char* v = std::getenv("CODESHELL_ATTN_RUN1");
+  return v != nullptr && v[0] == '1';
+}
+
 template <class T>
 void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const int64_t* slots,
                 const int64_t* lens, double scale, bool wide, torch::Tensor& out) {
   const int64_t M = q.size(0), H = q.size(1), D = q.size(2), G = kc.size(1), L = kc.size(2);
   const int R = int(H / G);
+  const bool single_run = wide && single_queries_run(), vwide = wide && values_wide();
   std::vector<int64_t> start{0};  // runs: maximal stretches of consecutive queries of one slot
   for (int64_t i = 1; i <= M; ++i)
     if (i == M || slots[i] != slots[i - 1]) start.push_back(i);
@@ -450,7 +586,7 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
       const int64_t base = (slots[i0] * G + g) * L * D;
       bool done = false;
 #if CODESHELL_HAVE_AVX512
-      if (wide && n >= 2 && D % 16 == 0) {
+      if (wide && (n >= 2 || single_run) && D % 16 == 0) {
         avx512::attend_run<T>(qf.data(), n, R, D, kp + base, vp + base, lens + i0, float(scale), p, kb, o.data());
         done = true;
       }
@@ -458,7 +594,7 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
       for (int j = 0; j < n && !done; ++j) {  // decode's code, one query at a time
         p.resize(size_t(R) * lens[i0 + j]);
         attend_group<T>(qf.data() + size_t(j) * R * D, R, D, kp + base, vp + base, lens[i0 + j], float(scale),
-                        p.data(), o.data() + size_t(j) * R * D);
+                        p.data(), o.data() + size_t(j) * R * D, vwide);
       }
       for (int j = 0; j < n; ++j)
         for (int64_t x = 0; x < R * D; ++x) {
@@ -503,6 +639,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, 
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   auto out = torch::empty_like(q);
+  read_tree_switch();
   if (kc.scalar_type() == torch::kBFloat16) run<uint16_t>(q, kc, vc, sp, lp, scale, out);
   else run<float>(q, kc, vc, sp, lp, scale, out);
   return out;
@@ -520,6 +657,7 @@ torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& kc, 
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   auto out = torch::empty_like(q);
+  read_tree_switch();
   if (kc.scalar_type() == torch::kBFloat16) run_packed<uint16_t>(q, kc, vc, sp, lp, scale, wide, out);
   else run_packed<float>(q, kc, vc, sp, lp, scale, wide, out);
   return out;

@@ -39,12 +39,14 @@
 #include "entry.h"
 #include "isa.h"
 #include "parallel.h"
+#include "step_hints.h"
 
 #include <omp.h>
 
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -217,6 +219,7 @@ class DecodeStep {
                 "DecodeStep: the bias must be a contiguous fp32 [N] tensor");
     codeshell::check_isa(isa);
     linears_.push_back(Linear{kind, kernel, isa, N, K, group, data, scales, offsets, bias});
+    weight_bytes_ += data.nbytes();
     return int64_t(linears_.size()) - 1;
   }
 
@@ -257,6 +260,7 @@ class DecodeStep {
   }
 
   int64_t layers() const { return int64_t(layers_.size()); }
+  int64_t far_prefetch_kpairs() const { return far_prefetch(); }
 
   // h bf16 [M, C]: the step's embedded rows (M <= 64); cos, sin fp32 [M, D/2] (none: no RoPE);
   // kc, vc the KV cache [layers, slots, G, max_len, D] (bf16); slots, positions, lens
@@ -415,6 +419,27 @@ class DecodeStep {
 
   static constexpr int64_t kTeamBytes = int64_t(4) << 20;
 
+  // The bf16 batched rows' far L2 prefetch (step_hints.h) in k-pairs, for a model whose weights
+  // (all linears, the head included) take at most 3/4 of the last-level cache: they are read
+  // from it, not from memory, at every step. 0 otherwise, and when the cache size is unknown.
+  static constexpr int64_t kFarPrefetch = 1024;
+  int64_t far_prefetch() const {
+    static const int64_t l3 = l3_bytes();
+    return l3 > 0 && weight_bytes_ <= l3 / 4 * 3 ? kFarPrefetch : 0;
+  }
+  // The L3 one core sees (sysfs index3; in K), 0 if unknown. Not sysconf(_SC_LEVEL3_CACHE_SIZE):
+  // on the EPYC VM it gave 384 MiB, the whole package's, where a core's CCD has 32 MiB.
+  static int64_t l3_bytes() {
+    std::FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
+    if (f == nullptr) return 0;
+    long kb = 0;
+    char unit = 0;
+    const int got = std::fscanf(f, "%ld%c", &kb, &unit);
+    std::fclose(f);
+    if (got < 1 || kb <= 0) return 0;
+    return int64_t(kb) * (got == 2 && (unit == 'M' || unit == 'm') ? 1 << 20 : 1 << 10);
+  }
+
   // Runs body(arena) with the step's arena (a fresh one when another thread holds it) and, when
   // use_team() and more than one thread, as the master of the process's Team (parallel.h): the
   // kernels' parallel_chunks loops go to its helpers, and torch's own loops on this thread
@@ -427,6 +452,10 @@ class DecodeStep {
     Arena& a = lock.owns_lock() ? arena_ : fresh;
     const char* split = std::getenv("CODESHELL_SMALL_SPLIT");  // A/B only (parallel.h small_split_off)
     codeshell::small_split_off() = split != nullptr && std::strcmp(split, "off") == 0;
+    struct Hint {  // the step's hint for the kernels it calls, cleared when the call ends
+      explicit Hint(int64_t v) { codeshell::bf16_far_prefetch_hint().store(v, std::memory_order_relaxed); }
+      ~Hint() { codeshell::bf16_far_prefetch_hint().store(0, std::memory_order_relaxed); }
+    } hint(far_prefetch());
     const int threads = at::get_num_threads();
     codeshell::Team* team = nullptr;
     if (use_team() && threads > 1 && !at::in_parallel_region() && codeshell::current_team() == nullptr) {
@@ -562,7 +591,7 @@ class DecodeStep {
   double lnf_eps_ = 1e-5;
   int64_t head_ = -1, emb_kind_ = kEmbPanels, vocab_ = 0;
   torch::Tensor emb_, inv_freq_;
-  int64_t team_ = 0, layer_bytes_ = 0, inner_ = 0;
+  int64_t team_ = 0, layer_bytes_ = 0, inner_ = 0, weight_bytes_ = 0;
   mutable Profile prof_;
   mutable std::mutex arena_mu_;
   mutable Arena arena_;
@@ -594,6 +623,8 @@ void register_decode_step(py::module& m) {
       .def_property("team", &DecodeStep::team, &DecodeStep::set_team,
                     "the whole step in one thread team: 0 off, 1 on, 2 auto (on where the layers are small)")
       .def_property_readonly("uses_team", &DecodeStep::use_team)
+      .def_property_readonly("far_prefetch", &DecodeStep::far_prefetch_kpairs,
+                             "k-pairs of the bf16 batched rows' L2 prefetch in its calls (0: none; step_hints.h)")
       .def_property("profile", &DecodeStep::profile, &DecodeStep::set_profile,
                     "time each phase of decode's calls (setting it clears the sums)")
       .def("profile_times", &DecodeStep::profile_times, "(calls, [(phase, seconds summed over the calls)])");

@@ -212,6 +212,97 @@ void add_ln_row(const T* x, const R* r, T* h, T* y, const W* w, const W* b, int6
   }
 }
 
+}  // namespace
+
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+
+// add_ln_row in 16 lanes, the same bits: the 8-lane loop's two accumulators (s0 over the even
+// 8-value chunks of the row, s1 over the odd ones) are this register's low and high halves, so
+// each lane adds the same values in the same order; the sums end as hsum8(s0 + s1) there too,
+// and the third pass is elementwise (the same operations per value, the same contraction).
+// Tails: the lanes past C load as zeros, and a last chunk of <= 8 values adds into the low half
+// only (the 8-lane loop has no odd chunk there). Why: at decode a LayerNorm row is short (256 at
+// codeshell-mini) and the 8-lane loop's instruction count was the cost: 13 LayerNorms of 8 rows
+// ~27 us of a ~430 us batch-8 step (docs/kernels.md, session 18 helper B).
+namespace ln16 {
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+inline __m512 ld(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 ld(const bf16* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+inline void st(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
+inline void st(bf16* p, __m512 v, __mmask16 k) {
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(codeshell::bf16_bits(v)));
+}
+// A product GCC may not contract into an FMA with the add after it: the 8-lane loop's products
+// stay rounded there (measured: its w * d + b is not fused), and in this section GCC fused them.
+inline __m512 rounded(__m512 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+inline float halves(__m512 s) {  // hsum8(s0 + s1)
+  return codeshell::hsum8(_mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1)));
+}
+}  // namespace ln16
+
+template <class T, class W, class R>
+void add_ln_row16(const T* x, const R* r, T* h, T* y, const W* w, const W* b, int64_t C, float eps, float* buf) {
+  using namespace ln16;
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += 16) {
+    const int64_t n = std::min<int64_t>(16, C - c);
+    const __mmask16 k = lanes(n);
+    __m512 v = ld(x + c, k);
+    if (r != nullptr) {
+      __m512 rv = ld(r + c, k);
+      if constexpr (std::is_same<T, bf16>::value && std::is_same<R, float>::value) rv = codeshell::round_bf16(rv);
+      v = _mm512_add_ps(v, rv);
+      st(h + c, v, k);
+      if constexpr (std::is_same<T, bf16>::value) v = codeshell::round_bf16(v);
+    }
+    _mm512_storeu_ps(buf + c, v);
+    s = _mm512_mask_add_ps(s, n > 8 ? __mmask16(0xffff) : __mmask16(0x00ff), s, v);
+  }
+  const float mean = halves(s) / float(C);
+  const __m512 vm = _mm512_set1_ps(mean);
+  s = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += 16) {
+    const int64_t n = std::min<int64_t>(16, C - c);
+    const __m512 d = _mm512_maskz_sub_ps(lanes(n), _mm512_loadu_ps(buf + c), vm);
+    s = _mm512_mask3_fmadd_ps(d, d, s, n > 8 ? __mmask16(0xffff) : __mmask16(0x00ff));
+  }
+  const float var = halves(s) / float(C);
+  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + eps));
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = lanes(C - c);
+    __m512 o = rounded(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + c), vm), rstd));
+    if (w != nullptr) o = rounded(_mm512_mul_ps(o, ld(w + c, k)));
+    if (b != nullptr) o = _mm512_add_ps(o, ld(b + c, k));
+    st(y + c, o, k);
+  }
+}
+
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+namespace {
+
+// The 16-lane LayerNorm where the CPU has AVX-512 and CODESHELL_KERNEL_ISA does not cap the
+// kernels at avx2 (as the GELU's gelu_wide), unless CODESHELL_LN16=0 (read per call; A/B runs).
+bool ln_wide() {
+#if CODESHELL_HAVE_AVX512
+  static const bool cpu = codeshell::cpu_features().max_isa >= codeshell::kAvx512Vnni;
+  const char* cap = std::getenv("CODESHELL_KERNEL_ISA");
+  const char* sw = std::getenv("CODESHELL_LN16");
+  return cpu && (cap == nullptr || std::strcmp(cap, "avx2") != 0) && (sw == nullptr || sw[0] != '0');
+#else
+  return false;
+#endif
+}
+
 template <class T, class W, class R>
 void add_ln(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, torch::Tensor& h, torch::Tensor& y,
             const c10::optional<torch::Tensor>& w, const c10::optional<torch::Tensor>& b, double eps) {
@@ -222,12 +313,21 @@ void add_ln(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, torch
   T* yp = y.data_ptr<T>();
   const W* wp = w ? w->data_ptr<W>() : nullptr;
   const W* bp = b ? b->data_ptr<W>() : nullptr;
-  const int64_t Cp = (C + 7) / 8 * 8;
+  const int64_t Cp = (C + 15) / 16 * 16;
+  const bool wide = ln_wide();
   for_rows(rows, C, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(Cp);  // the row in fp32 (h as rounded), reread by the two later passes
-    for (int64_t i = r0; i < r1; ++i)
+    for (int64_t i = r0; i < r1; ++i) {
+#if CODESHELL_HAVE_AVX512
+      if (wide) {
+        add_ln_row16<T, W, R>(xp + i * C, rp ? rp + i * C : nullptr, hp ? hp + i * C : nullptr, yp + i * C, wp, bp,
+                              C, float(eps), buf.data());
+        continue;
+      }
+#endif
       add_ln_row<T, W, R>(xp + i * C, rp ? rp + i * C : nullptr, hp ? hp + i * C : nullptr, yp + i * C, wp, bp, C,
                        float(eps), buf.data());
+    }
   });
 }
 
@@ -278,9 +378,31 @@ inline void store16(bf16* p, __m512 v, __mmask16 k) {
 using codeshell::gelu16;      // simd512.h: shared with the prefill GEMM's GELU epilogue (panel_bf16.cpp)
 using codeshell::round_bf16;  // the 16-lane overload beside the 8-lane one above
 
+// Two vectors a step where the row has them: each vector's ~45 operations are one dependent
+// chain (exp16's polynomial, the divide), so two side by side keep more of the FP pipes busy
+// (the same operations per lane: the same bits). CODESHELL_GELU_X2=0 (read per call) runs the
+// one-vector loop alone, for A/B runs.
+bool gelu_x2() {
+  const char* v = std::getenv("CODESHELL_GELU_X2");
+  return v == nullptr || v[0] != '0';
+}
+
 template <class TI, class TO>
-void gelu_row16(const TI* x, const float* bias, TO* o, int64_t N, bool round_in) {
-  for (int64_t c = 0; c < N; c += 16) {
+void gelu_row16(const TI* x, const float* bias, TO* o, int64_t N, bool round_in, bool x2) {
+  int64_t c = 0;
+  if (x2)
+    for (; c + 32 <= N; c += 32) {
+      __m512 v0 = load16(x + c, __mmask16(0xffff)), v1 = load16(x + c + 16, __mmask16(0xffff));
+      if (bias != nullptr) {
+        v0 = _mm512_add_ps(v0, load16(bias + c, __mmask16(0xffff)));
+        v1 = _mm512_add_ps(v1, load16(bias + c + 16, __mmask16(0xffff)));
+      }
+      if (round_in) v0 = round_bf16(v0), v1 = round_bf16(v1);
+      const __m512 g0 = gelu16(v0), g1 = gelu16(v1);
+      store16(o + c, g0, __mmask16(0xffff));
+      store16(o + c + 16, g1, __mmask16(0xffff));
+    }
+  for (; c < N; c += 16) {
     const __mmask16 k = N - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (N - c)) - 1);
     __m512 v = load16(x + c, k);
     if (bias != nullptr) v = _mm512_add_ps(v, load16(bias + c, k));
@@ -312,8 +434,9 @@ template <class TI, class TO>
 void gelu_rows(const TI* in, const float* bias, TO* out, int64_t rows, int64_t N, bool round_in) {
 #if CODESHELL_HAVE_AVX512
   if (gelu_wide()) {
+    const bool x2 = gelu_x2();
     for_pieces(rows, N, [&](int64_t i, int64_t c0, int64_t c1) {
-      gelu_row16(in + i * N + c0, bias ? bias + c0 : nullptr, out + i * N + c0, c1 - c0, round_in);
+      gelu_row16(in + i * N + c0, bias ? bias + c0 : nullptr, out + i * N + c0, c1 - c0, round_in, x2);
     });
     return;
   }

@@ -45,6 +45,7 @@
 #include "parallel.h"
 #include "scratch.h"
 #include "simd512.h"
+#include "step_hints.h"
 
 namespace {
 
@@ -129,6 +130,17 @@ struct Avx2 {
 CODESHELL_BEGIN_AVX512
 namespace {
 
+// Batched decode (M >= 4, session 18 helper B): Bf16Dot's tiles also prefetch J k-pairs ahead on
+// each panel's stream into L2 (0: no), J = the native decode step's hint for a cache-resident
+// model (step_hints.h), or CODESHELL_BF16_PF2=J (A/B runs). Set per decode_panels call (the tiles
+// run on the threads of its parallel loop: a thread_local would not reach them, so it is one
+// process-wide value).
+inline std::atomic<int64_t>& far_prefetch_k() {
+  static std::atomic<int64_t> v{0};
+  return v;
+}
+inline int64_t far_prefetch() { return far_prefetch_k().load(std::memory_order_relaxed); }
+
 // ---- AVX512-BF16: bf16 x, vdpbf16ps ------------------------------------------------------
 struct Bf16Dot {
   static constexpr int kTileRows = 8;  // 2 panels x 8 rows = 16 zmm accumulators
@@ -141,6 +153,7 @@ struct Bf16Dot {
   template <int MR, int NP, bool kPf = true>
   static void micro(const uint32_t* xp, int64_t ldx, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
                     float* c, bool first) {
+    const int64_t far = kPf ? far_prefetch() : 0;  // 0 unless a batched decode call set it (decode_panels)
     __m512 acc[NP][MR];
     for (int q = 0; q < NP; ++q)
       for (int i = 0; i < MR; ++i)
@@ -149,6 +162,7 @@ struct Bf16Dot {
       for (int q = 0; q < NP; ++q) {
         const uint32_t* wk = w + q * pstride + j * kPanel;
         if constexpr (kPf) _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
+        if (far > 0) _mm_prefetch(reinterpret_cast<const char*>(wk + far * kPanel), _MM_HINT_T1);
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(wk);
         for (int i = 0; i < MR; ++i)
           acc[q][i] = _mm512_dpbf16_ps(acc[q][i], (__m512bh)_mm512_set1_epi32(int(xp[j * ldx + i])), wv);
@@ -283,6 +297,13 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
   static const bool amx = codeshell::cpu_features().amx_bf16;  // the CPU kind (cpuid), not the OS permission
   const bool lean = kDot && !amx;              // NP = 4 without software prefetch
   const int64_t np1 = kDot && amx ? 8 : 4;     // AVX2: 2 ymm per panel, 16 registers: NP = 4
+#if CODESHELL_HAVE_AVX512
+  if constexpr (kDot) {
+    const char* pf2 = M > 3 ? std::getenv("CODESHELL_BF16_PF2") : nullptr;
+    const int64_t hint = M > 3 ? codeshell::bf16_far_prefetch_hint().load(std::memory_order_relaxed) : 0;
+    far_prefetch_k().store(pf2 ? std::atoll(pf2) : hint, std::memory_order_relaxed);
+  }
+#endif
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     alignas(64) float c[std::max<int64_t>(kMaxRows, 8 * kPanel) * kPanel];  // also NP panels x 16 rows for M <= 3
     const Emit emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias

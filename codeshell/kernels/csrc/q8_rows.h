@@ -66,7 +66,49 @@ struct Args {
   const float* scale;    // [N]
   const float* bias;     // [N] or null
   float* out;            // [M][N]
+  int64_t pf0 = 0;       // also prefetch the same NR rows' block b + pf0 into L1 (0: no)
+  bool asm_dp = true;    // the step loop's vpdpbusd through dpbusd() (false: the intrinsic; CODESHELL_Q8R_ASM=0)
+  bool lean_epi = true;  // run_rows' vector epilogue (false: its scalar loops and full tree16_v; CODESHELL_Q8R_EPI=0)
 };
+
+// tree16_v over the 16 slots acc[0..15] (stride 16 floats) of which only slots < nb were written
+// (the rest hold +0): the same sum without the adds of +0. Exact: a slot's acc is never -0
+// (q8_epilogue.h: it starts at +0), so x + (+0) = x, and the tree's remaining pairs are the same.
+inline __m512 tree16_prefix(const float* acc, int64_t nb) {
+  auto ld = [&](int i) { return _mm512_load_ps(acc + 16 * i); };
+  if (nb >= 9) return codeshell::q8epi::tree16_v(acc, 16);
+  if (nb <= 1) return ld(0);
+  if (nb <= 2) return _mm512_add_ps(ld(0), ld(1));
+  __m512 a[4];
+  if (nb <= 4) {
+    for (int i = 0; i < 4; ++i) a[i] = i < nb ? ld(i) : _mm512_setzero_ps();
+  } else {
+    for (int i = 0; i < 4; ++i) a[i] = i + 4 < nb ? _mm512_add_ps(ld(i), ld(i + 4)) : ld(i);
+  }
+  // levels i + 2 and i + 1 as tree16_v (a slot past nb: +0, added as tree16_v adds it)
+  const __m512 c0 = _mm512_add_ps(a[0], a[2]), c1 = _mm512_add_ps(a[1], a[3]);
+  return _mm512_add_ps(c0, c1);
+}
+
+// The L1 prefetch distance in 128-byte blocks (CODESHELL_Q8R_PF0 overrides it; 0 = none; past a
+// row's end the next NR rows' first blocks, so K = 256 rows get it too). The
+// T1 prefetch brings the next NR rows into L2, but the NR rows being read are 8 streams of 8-16
+// bytes a vpdpbusd, and their L1 misses stalled the loop: prefetching each row's block 2 ahead
+// into L1 cut the small shape's int8 block linears at M = 8 by 17-30% (bench_decode_step.py
+// --profile, docs/kernels.md session 18 helper B); 1 and 4 blocks ran within a few % of 2.
+// Batched calls only (M > 1): M = 1 at K > 4096 (qdot.cpp's m1_rows_q8) streams 16 rows from
+// memory, was not measured with it, and keeps its schedule.
+constexpr int64_t kL1Blocks = 2;
+
+// acc += u . s (vpdpbusd) with the accumulator as the instruction's own in-out register. Why:
+// GCC 12 compiled the intrinsic in run_rows' step loop with a register copy before and after
+// every vpdpbusd (16 vmovdqa per 8 vpdpbusd, and each chain's latency through two moves); the
+// asm names the tied operand, so the 8 chains stay in their registers. The same instruction on
+// the same operands: the same integers.
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
 
 // E quads (4E bytes) at p, broadcast to the 16 lanes.
 template <int E>
@@ -127,13 +169,27 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
         _mm_prefetch(p, _MM_HINT_T1);
         _mm_prefetch(p + 64, _MM_HINT_T1);
       }
+      if (A.pf0 > 0)
+        for (int j = 0; j < NR; ++j) {  // block b + pf0 of the row, past its end the next group's (L2 -> L1)
+          const int64_t ahead = b + A.pf0 < nb ? (b + A.pf0) * 128 : NR * K + (b + A.pf0 - nb) * 128;
+          const char* p = reinterpret_cast<const char*>(rp[j] + ahead);
+          _mm_prefetch(p, _MM_HINT_T0);
+          _mm_prefetch(p + 64, _MM_HINT_T0);
+        }
       __m512i a[NR];
       for (int j = 0; j < NR; ++j) a[j] = _mm512_setzero_si512();
       const int8_t* xb = A.xt + b * NP * 64;
-      for (int p = 0; p < NP; ++p) {
-        const __m512i xv = _mm512_load_si512(xb + 64 * p);
-        for (int j = 0; j < NR; ++j)
-          a[j] = _mm512_dpbusd_epi32(a[j], _mm512_xor_si512(bcast<E>(rp[j] + b * 128 + 4 * E * p), s80), xv);
+      if (A.asm_dp) {
+        for (int p = 0; p < NP; ++p) {
+          const __m512i xv = _mm512_load_si512(xb + 64 * p);
+          for (int j = 0; j < NR; ++j) a[j] = dpbusd(a[j], _mm512_xor_si512(bcast<E>(rp[j] + b * 128 + 4 * E * p), s80), xv);
+        }
+      } else {
+        for (int p = 0; p < NP; ++p) {
+          const __m512i xv = _mm512_load_si512(xb + 64 * p);
+          for (int j = 0; j < NR; ++j)
+            a[j] = _mm512_dpbusd_epi32(a[j], _mm512_xor_si512(bcast<E>(rp[j] + b * 128 + 4 * E * p), s80), xv);
+        }
       }
       const __m512i so = _mm512_load_si512(A.so + b * 16);
       const __m512 d = _mm512_load_ps(A.dT + b * 16);
@@ -144,12 +200,26 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
       }
     }
     for (int g = 0; g < NG; ++g) {
-      for (int l = 0; l < 16; ++l) {
-        const int64_t r = std::min<int64_t>(n + g * E + l / MP, n1 - 1);
-        sv[l] = A.scale[r];
-        bv[l] = A.bias ? A.bias[r] : 0.f;
+      if (A.lean_epi) {
+        // lane l = i * MP + m takes weight row n + g E + i (clamped to n1 - 1): the E scales and
+        // biases from one masked load each, spread by a permute; the tree without its +0 slots
+        const int64_t r0 = n + g * E, left = std::min<int64_t>(E, n1 - r0);
+        if (left <= 0) break;  // this group and the next hold no row below n1
+        const __mmask16 k = __mmask16((1u << left) - 1);
+        alignas(64) int32_t ix[16];
+        for (int l = 0; l < 16; ++l) ix[l] = int32_t(std::min<int64_t>(l / MP, left - 1));
+        const __m512i iv = _mm512_load_si512(ix);
+        const __m512 s = _mm512_permutexvar_ps(iv, _mm512_maskz_loadu_ps(k, A.scale + r0));
+        const __m512 bb = A.bias ? _mm512_permutexvar_ps(iv, _mm512_maskz_loadu_ps(k, A.bias + r0)) : _mm512_setzero_ps();
+        _mm512_store_ps(y, E_::finish_vec(tree16_prefix(&acc[g][0][0], nb), s, bb));
+      } else {
+        for (int l = 0; l < 16; ++l) {
+          const int64_t r = std::min<int64_t>(n + g * E + l / MP, n1 - 1);
+          sv[l] = A.scale[r];
+          bv[l] = A.bias ? A.bias[r] : 0.f;
+        }
+        _mm512_store_ps(y, E_::finish_vec(E_::tree16_v(&acc[g][0][0], 16), _mm512_load_ps(sv), _mm512_load_ps(bv)));
       }
-      _mm512_store_ps(y, E_::finish_vec(E_::tree16_v(&acc[g][0][0], 16), _mm512_load_ps(sv), _mm512_load_ps(bv)));
       for (int i = 0; i < E; ++i) {
         const int64_t r = n + g * E + i;
         if (r >= n1) break;
@@ -191,7 +261,12 @@ inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M,
       dT[b * 16 + l] = m < M ? dx[m * nb + b] : 0.f;
     }
   }
-  const Args A{M, K, N, nb, xt, so, dT, reinterpret_cast<const uint8_t*>(w), scale, bias, out};
+  const char* pf = std::getenv("CODESHELL_Q8R_PF0");  // A/B runs; unset: kL1Blocks
+  const char* epi = std::getenv("CODESHELL_Q8R_EPI");  // A/B runs; unset: lean
+  const char* dp = std::getenv("CODESHELL_Q8R_ASM");   // A/B runs; unset: asm
+  const Args A{M, K, N, nb, xt, so, dT, reinterpret_cast<const uint8_t*>(w), scale, bias, out,
+               pf != nullptr ? std::max<int64_t>(0, std::atoll(pf)) : M > 1 ? kL1Blocks : 0, dp == nullptr || dp[0] != '0',
+               epi == nullptr || epi[0] != '0'};
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
     switch (E) {
       case 1: run_rows<1>(A, n0, n1); break;

@@ -61,3 +61,17 @@ def assert_rows_bitwise(y: torch.Tensor, ref: torch.Tensor, what: str, against: 
     bad = (y.view(torch.int32) != ref.view(torch.int32)).any(dim=1)
     assert not bad.any(), (f"{what}: rows {bad.nonzero().flatten().tolist()} of M={y.shape[0]} differ from "
                            f"{against}, max abs diff {(y - ref).abs().max().item():.3g}")
+
+
+def assert_m1_rows_and_reference(old: torch.Tensor, rows: dict, x1: torch.Tensor, packed, bias,
+                                 path: str, tol: float = 2e-5) -> None:
+    """The M = 1 kernel tests' common tail: row 0 of every batched call in `rows` ({M: output
+    [M, N]}) has the M = 1 bits `old` [1, N], and `old` is within `tol` (relative to the largest
+    output) of `ops.reference` for `path` on x1 [1, K]."""
+    from .kernels import ops
+
+    for m, out in rows.items():
+        assert torch.equal(out[:1], old), f"row 0 of M={m} differs from M = 1"
+    ref = ops.reference(x1, packed, bias, path)
+    err = (old - ref).abs().max().item()
+    assert err <= tol * ref.abs().max().item(), f"max abs error {err:.3g} against the reference"

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from codeshell.kernels import _ext, available, ops, quantize_int4, quantize_int8, set_num_threads
+from codeshell.testing import assert_m1_rows_and_reference
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 VNNI = ops.ISA_LEVELS.index("avx512_vnni")
@@ -86,11 +87,7 @@ def test_int4_m1_tile16_and_prefetch_give_the_earlier_bits(n, k, group, symmetri
     print(f"int4 M = 1 {n}x{k} g{group} at {threads} threads: path avx512_vnni:q8 "
           f"{'q4_m1.h tile16 (+ tile_q4v12 tail)' if tile16 else 'tile_q4v'} against tile_q4v12 / tile_q4v")
     assert torch.equal(default, old), "the default M = 1 kernel's bits differ from the earlier kernels'"
-    for m, out in rows.items():
-        assert torch.equal(out[:1], old), f"row 0 of M={m} differs from M = 1"
-    ref = ops.reference(x1, pw, bias, "avx512_vnni:q8")
-    err = (old - ref).abs().max().item()
-    assert err <= 2e-5 * ref.abs().max().item(), f"max abs error {err:.3g} against the reference"
+    assert_m1_rows_and_reference(old, rows, x1, pw, bias, "avx512_vnni:q8")
 
 
 @needs_native
@@ -128,11 +125,7 @@ def test_int8_m1_prefetch_and_split_give_the_earlier_bits(n, k, threads, vnni_en
     print(f"int8 M = 1 {n}x{k} at {threads} threads: path avx512_vnni:q8 "
           f"{'tile_r16_q8' if k <= 2048 else 'tile_v'}, prefetch / split variants")
     assert torch.equal(default, old)
-    for m, out in rows.items():
-        assert torch.equal(out[:1], old), f"row 0 of M={m} differs from M = 1"
-    ref = ops.reference(x1, pw, bias, "avx512_vnni:q8")
-    err = (old - ref).abs().max().item()
-    assert err <= 2e-5 * ref.abs().max().item(), f"max abs error {err:.3g} against the reference"
+    assert_m1_rows_and_reference(old, rows, x1, pw, bias, "avx512_vnni:q8")
 
 
 @needs_native

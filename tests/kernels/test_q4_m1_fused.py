@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from codeshell.kernels import _ext, available, ops, quantize_int4, set_num_threads
+from codeshell.testing import assert_m1_rows_and_reference
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 VNNI = ops.ISA_LEVELS.index("avx512_vnni")
@@ -61,12 +62,8 @@ def test_int4_m1_fused_and_split_give_the_earlier_bits(n, k, group, symmetric, w
     monkeypatch.delenv("CODESHELL_Q4_M1_FUSED")
     monkeypatch.delenv("CODESHELL_Q4_M1_SPLIT")
     assert torch.equal(_call(mod, pw, x1, bias), old)  # the defaults
-    for m in (2, 3, 5, 8, 16):
-        rows = _call(mod, pw, x[:m].contiguous(), bias)
-        assert torch.equal(rows[:1], old), f"row 0 of M={m} differs from M = 1"
-    ref = ops.reference(x1, pw, bias, "avx512_vnni:q8")
-    err = (old - ref).abs().max().item()
-    assert err <= 2e-5 * ref.abs().max().item(), f"max abs error {err:.3g} against the reference"
+    rows = {m: _call(mod, pw, x[:m].contiguous(), bias) for m in (2, 3, 5, 8, 16)}
+    assert_m1_rows_and_reference(old, rows, x1, pw, bias, "avx512_vnni:q8")
 
 
 @needs_native

@@ -19,6 +19,7 @@
 #include "isa.h"
 #include "simd.h"
 #include "simd512.h"
+#include "switches.h"
 
 #include <algorithm>
 #include <atomic>
@@ -114,8 +115,7 @@ std::atomic<bool>& tree_scores() {
   return on;
 }
 void read_tree_switch() {
-  const char* v = std::getenv("CODESHELL_ATTN_TREE");
-  tree_scores().store(v == nullptr || v[0] != '0', std::memory_order_relaxed);
+  tree_scores().store(codeshell::env_flag("CODESHELL_ATTN_TREE", true), std::memory_order_relaxed);
 }
 
 template <class T, int RB>
@@ -545,13 +545,11 @@ CODESHELL_END_AVX512
 // helper B), so it stays an A/B switch.
 // CODESHELL_ATTN_V16=0 (read per call; A/B runs): the packed path's values in 8-lane registers.
 bool values_wide() {
-  const char* v = std::getenv("CODESHELL_ATTN_V16");
-  return v == nullptr || v[0] != '0';
+  return codeshell::env_flag("CODESHELL_ATTN_V16", true);
 }
 
 bool single_queries_run() {
-  const char* v = std::getenv("CODESHELL_ATTN_RUN1");
-  return v != nullptr && v[0] == '1';
+  return codeshell::env_flag("CODESHELL_ATTN_RUN1", false);
 }
 
 template <class T>

@@ -316,8 +316,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // (16 chains of 64 dims), or 8 rows where D = 32 (codeshell-mini: 16 chains of 32 dims);
   // 64 keys x 4 rows.
   // CODESHELL_PREFILL_ATTN_TRIM=0: every key block whole (A/B; the same bits either way)
-  const char* trim_env = std::getenv("CODESHELL_PREFILL_ATTN_TRIM");
-  const bool trim = !(trim_env != nullptr && trim_env[0] == '0');
+  const bool trim = codeshell::env_flag("CODESHELL_PREFILL_ATTN_TRIM", true);
   const RunItem run = key_block == 16 ? run_item<16, 8, 2>
                       : key_block == 32 ? (D == 32 ? run_item<32, 8, 8> : run_item<32, 8, 4>)
                                  : run_item<64, 4, 4>;

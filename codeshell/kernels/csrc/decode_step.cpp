@@ -450,8 +450,7 @@ class DecodeStep {
     std::unique_lock<std::mutex> lock(arena_mu_, std::try_to_lock);
     Arena fresh;
     Arena& a = lock.owns_lock() ? arena_ : fresh;
-    const char* split = std::getenv("CODESHELL_SMALL_SPLIT");  // A/B only (parallel.h small_split_off)
-    codeshell::small_split_off() = split != nullptr && std::strcmp(split, "off") == 0;
+    codeshell::small_split_off() = codeshell::env_is("CODESHELL_SMALL_SPLIT", "off");  // A/B only (parallel.h)
     struct Hint {  // the step's hint for the kernels it calls, cleared when the call ends
       explicit Hint(int64_t v) { codeshell::bf16_far_prefetch_hint().store(v, std::memory_order_relaxed); }
       ~Hint() { codeshell::bf16_far_prefetch_hint().store(0, std::memory_order_relaxed); }

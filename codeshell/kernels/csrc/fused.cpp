@@ -129,8 +129,8 @@ inline int64_t split_item() {
 inline int64_t prefill_row_grain(int64_t rows, int64_t width) {
   const int64_t g = row_grain(width);
   if (rows * width < (int64_t(1) << 16) || rows < 2) return g;
-  const char* e = std::getenv("CODESHELL_PREFILL_LN_SPLIT");  // read each call (~0.1 us against ~50): A/B in one process
-  return e != nullptr && std::string(e) == "off" ? g : std::min(g, (rows + 1) / 2);
+  // read each call (~0.1 us against ~50): A/B in one process
+  return codeshell::env_is("CODESHELL_PREFILL_LN_SPLIT", "off") ? g : std::min(g, (rows + 1) / 2);
 }
 
 // f(r0, r1) over rows [0, rows) of `width` values, in chunks of >= 2 kTeamItem values in a team
@@ -295,9 +295,7 @@ namespace {
 bool ln_wide() {
 #if CODESHELL_HAVE_AVX512
   static const bool cpu = codeshell::cpu_features().max_isa >= codeshell::kAvx512Vnni;
-  const char* cap = std::getenv("CODESHELL_KERNEL_ISA");
-  const char* sw = std::getenv("CODESHELL_LN16");
-  return cpu && (cap == nullptr || std::strcmp(cap, "avx2") != 0) && (sw == nullptr || sw[0] != '0');
+  return cpu && !codeshell::env_is("CODESHELL_KERNEL_ISA", "avx2") && codeshell::env_flag("CODESHELL_LN16", true);
 #else
   return false;
 #endif
@@ -383,8 +381,7 @@ using codeshell::round_bf16;  // the 16-lane overload beside the 8-lane one abov
 // (the same operations per lane: the same bits). CODESHELL_GELU_X2=0 (read per call) runs the
 // one-vector loop alone, for A/B runs.
 bool gelu_x2() {
-  const char* v = std::getenv("CODESHELL_GELU_X2");
-  return v == nullptr || v[0] != '0';
+  return codeshell::env_flag("CODESHELL_GELU_X2", true);
 }
 
 template <class TI, class TO>
@@ -423,8 +420,7 @@ namespace {
 bool gelu_wide() {
 #if CODESHELL_HAVE_AVX512
   static const bool cpu = codeshell::cpu_features().max_isa >= codeshell::kAvx512Vnni;
-  const char* cap = std::getenv("CODESHELL_KERNEL_ISA");
-  return cpu && (cap == nullptr || std::strcmp(cap, "avx2") != 0);
+  return cpu && !codeshell::env_is("CODESHELL_KERNEL_ISA", "avx2");
 #else
   return false;
 #endif

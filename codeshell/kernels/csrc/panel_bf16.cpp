@@ -299,9 +299,8 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
   const int64_t np1 = kDot && amx ? 8 : 4;     // AVX2: 2 ymm per panel, 16 registers: NP = 4
 #if CODESHELL_HAVE_AVX512
   if constexpr (kDot) {
-    const char* pf2 = M > 3 ? std::getenv("CODESHELL_BF16_PF2") : nullptr;
     const int64_t hint = M > 3 ? codeshell::bf16_far_prefetch_hint().load(std::memory_order_relaxed) : 0;
-    far_prefetch_k().store(pf2 ? std::atoll(pf2) : hint, std::memory_order_relaxed);
+    far_prefetch_k().store(M > 3 ? codeshell::env_int("CODESHELL_BF16_PF2", hint) : 0, std::memory_order_relaxed);
   }
 #endif
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
@@ -655,7 +654,7 @@ constexpr int64_t kDotKC = 128, kDotItem = 8;
 // the mini's other linears); items of 4 give 6. The bits do not depend on the item (each output's
 // sum runs over the K chunks in order either way). CODESHELL_DOT_ITEM=<panels> overrides it (A/B).
 inline int64_t dot_item(int64_t P) {
-  if (const char* e = std::getenv("CODESHELL_DOT_ITEM"); e != nullptr && std::atoi(e) > 0) return std::atoi(e);
+  if (const int64_t e = codeshell::env_int("CODESHELL_DOT_ITEM", 0); e > 0) return e;
   return (P + kDotItem - 1) / kDotItem < 4 * at::get_num_threads() ? kDotItem / 2 : kDotItem;
 }
 
@@ -731,8 +730,7 @@ inline void dot_block_rows(const uint32_t* const* rp, int64_t j0, const uint32_t
 // in place at every K % 32 == 0 (A/B; read each call).
 inline bool dot_rows_direct(int64_t K, int64_t N) {
   if (K % kKAlign != 0) return false;
-  const char* e = std::getenv("CODESHELL_DOT_XPACK");
-  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '0';
+  if (const int64_t e = codeshell::env_int("CODESHELL_DOT_XPACK", -1); e == 0 || e == 1) return e == 0;
   return N <= 512;
 }
 
@@ -748,8 +746,7 @@ inline void store_rows_gelu(const float* c, int64_t ldc, int64_t M, uint16_t* ou
   // one process, alternating calls, medians of 25 (session 18): c_fc + GELU 0.982x the time at the
   // small shape (512 x 4096 x 1024), 0.954x at codeshell-mini's (256 x 1024 x 256), the same bits.
   // CODESHELL_GELU_X4=0: one vector a step (A/B; read each call).
-  const char* e = std::getenv("CODESHELL_GELU_X4");
-  const bool x4 = !(e != nullptr && e[0] == '0');
+  const bool x4 = codeshell::env_flag("CODESHELL_GELU_X4", true);
   for (int64_t m = 0; m < M; ++m) {
     const float* cm = c + m * ldc;
     uint16_t* o = out + m * N + n0;

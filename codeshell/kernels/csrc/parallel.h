@@ -17,6 +17,8 @@
 #include <mutex>
 #include <thread>
 
+#include "switches.h"
+
 namespace codeshell {
 
 // A thread team for calls that run many small parallel loops (the native decode step,
@@ -209,8 +211,7 @@ inline bool& small_split_off() {
 // region joins both threads), whatever its size; the Team's master claims the chunks a descheduled
 // helper never took and returns (docs/kernels.md, session 18 helper A).
 inline bool chunks_in_team() {
-  const char* e = std::getenv("CODESHELL_CHUNKS_TEAM");
-  return e && *e && *e != '0';
+  return env_flag("CODESHELL_CHUNKS_TEAM", false);
 }
 
 // Runs f(i0, i1) over [0, n) in chunks of a multiple of `align` items that the threads claim

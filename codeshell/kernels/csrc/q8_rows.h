@@ -261,12 +261,10 @@ inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M,
       dT[b * 16 + l] = m < M ? dx[m * nb + b] : 0.f;
     }
   }
-  const char* pf = std::getenv("CODESHELL_Q8R_PF0");  // A/B runs; unset: kL1Blocks
-  const char* epi = std::getenv("CODESHELL_Q8R_EPI");  // A/B runs; unset: lean
-  const char* dp = std::getenv("CODESHELL_Q8R_ASM");   // A/B runs; unset: asm
+  // A/B runs (read per call): CODESHELL_Q8R_PF0 (unset: kL1Blocks), _ASM (unset: asm), _EPI (unset: lean)
   const Args A{M, K, N, nb, xt, so, dT, reinterpret_cast<const uint8_t*>(w), scale, bias, out,
-               pf != nullptr ? std::max<int64_t>(0, std::atoll(pf)) : M > 1 ? kL1Blocks : 0, dp == nullptr || dp[0] != '0',
-               epi == nullptr || epi[0] != '0'};
+               std::max<int64_t>(0, codeshell::env_int("CODESHELL_Q8R_PF0", M > 1 ? kL1Blocks : 0)),
+               codeshell::env_flag("CODESHELL_Q8R_ASM", true), codeshell::env_flag("CODESHELL_Q8R_EPI", true)};
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
     switch (E) {
       case 1: run_rows<1>(A, n0, n1); break;

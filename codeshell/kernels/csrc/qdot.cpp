@@ -66,12 +66,9 @@ namespace {
 #endif
 constexpr int64_t kPrefetch = CODESHELL_PREFETCH;
 
-// A/B switches of the kernels, read per call: unset or empty -> `dflt`, "0..." -> off, else on
-// (the kernels behind them give the same bits).
-inline bool env_flag(const char* name, bool dflt) {
-  const char* e = std::getenv(name);
-  return e && *e ? *e != '0' : dflt;
-}
+// A/B switches of the kernels, read per call (csrc/switches.h; the kernels behind them give the same bits).
+using codeshell::env_flag;
+using codeshell::env_int;
 inline bool q4v12() { return env_flag("CODESHELL_Q4V12", true); }
 inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // int8 M = 1 without AMX at K > 4096 (the 7B's mlp.c_proj, K = 16384): q8_rows.h (the same bits)
@@ -104,8 +101,8 @@ struct Pf {
 inline Pf pf_env(const char* dist, const char* hint) {
   Pf p;
   p.d = kM1Prefetch;
-  if (const char* e = std::getenv(dist); e && *e) p.d = std::atoll(e);
-  if (const char* e = std::getenv(hint); e && *e) p.h = std::atoi(e);
+  p.d = env_int(dist, kM1Prefetch);
+  p.h = static_cast<int>(env_int(hint, 0));
   p.prime = env_flag("CODESHELL_M1_PRIME", false);
   return p;
 }
@@ -692,9 +689,7 @@ inline bool q4_m1_fused() { return env_flag("CODESHELL_Q4_M1_FUSED", false); }
 // a linear) session 17 measured it 0.97-0.99x, so those keep parallel_chunks.
 constexpr int64_t kQ4SplitMaxBytes = 4 << 20;
 inline bool q4_m1_split(int64_t bytes) {
-  const char* e = std::getenv("CODESHELL_Q4_M1_SPLIT");
-  if (e && *e) return *e != '0';
-  return bytes < kQ4SplitMaxBytes;
+  return env_flag("CODESHELL_Q4_M1_SPLIT", bytes < kQ4SplitMaxBytes);
 }
 
 // Groups a row up to which tile_q4v12 runs M = 1-2: at K = 4096 (32 groups of 128) tile_q4v
@@ -828,8 +823,7 @@ void run_q4r(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   // Prefetch: 16 weight rows ahead (the same bytes of the 8th next pair; 32 KiB at K = 4096) into
   // L2, as q8_rows.h's next group; CODESHELL_Q4_ROWS_PF overrides the distance in bytes (0: 2 KiB
   // ahead in each row into L1, tile_q4v's, which at K <= 4096 is only the next row or two).
-  const char* e = std::getenv("CODESHELL_Q4_ROWS_PF");
-  const int64_t pf = e && *e ? std::max<int64_t>(0, std::atoll(e)) : 16 * ldq;
+  const int64_t pf = std::max<int64_t>(0, env_int("CODESHELL_Q4_ROWS_PF", 16 * ldq));
   auto go = [&](auto runs) {
     constexpr int RUNS = decltype(runs)::value;
     int64_t n = n0;
@@ -1075,9 +1069,7 @@ bool use_vnni(int64_t isa, int64_t K) { return CODESHELL_HAVE_AVX512 && isa >= c
 // CODESHELL_Q8_AMX_MIN_M overrides it (read per call, ~0.1 us against a call's >= 1 us:
 // benchmarks time either kernel, tests check both at every M).
 int64_t amx_rows_min_m(bool panel) {
-  const char* e = std::getenv("CODESHELL_Q8_AMX_MIN_M");
-  if (e && *e) return std::max<int64_t>(1, std::atoll(e));
-  return panel ? 12 : 8;
+  return std::max<int64_t>(1, env_int("CODESHELL_Q8_AMX_MIN_M", panel ? 12 : 8));
 }
 
 // The transposed-panel vpdpbusd kernel (q8_panel.h) takes int8 at every M below the AMX rows on
@@ -1095,16 +1087,14 @@ int64_t amx_rows_min_m(bool panel) {
 // has to serve every M (row invariance). CODESHELL_Q8_PANEL_MIN_M overrides the 3 (read per call).
 bool panel_kernel(int64_t G) { return G % 128 == 0; }
 int64_t panel_min_m() {
-  const char* e = std::getenv("CODESHELL_Q8_PANEL_MIN_M");
-  return e && *e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(3);
+  return std::max<int64_t>(1, env_int("CODESHELL_Q8_PANEL_MIN_M", 3));
 }
 
 // int4 without AMX: rows of x (from 5) up to which run_q4r (two weight rows per x load, tile_q4v's
 // bits) takes groups of 128 / 256 instead of run_q4v; CODESHELL_Q4_ROWS_MAX_M overrides the 16
 // (0: run_q4v at every M; read per call, for benchmarks and tests).
 bool q4r_takes(int64_t M, int64_t G) {
-  const char* e = std::getenv("CODESHELL_Q4_ROWS_MAX_M");
-  const int64_t hi = e && *e ? std::min<int64_t>(16, std::max<int64_t>(0, std::atoll(e))) : int64_t(16);
+  const int64_t hi = std::min<int64_t>(16, std::max<int64_t>(0, env_int("CODESHELL_Q4_ROWS_MAX_M", 16)));
   return M >= 5 && M <= hi && (G == 128 || G == 256);
 }
 
@@ -1115,8 +1105,7 @@ bool q4r_takes(int64_t M, int64_t G) {
 // overrides the 3 (at least 2).
 bool q4rows_takes(int64_t M, int64_t G) {
   if (!env_flag("CODESHELL_Q4_ROWS", true)) return false;
-  const char* lo = std::getenv("CODESHELL_Q4_ROWS_MIN_M");
-  const int64_t m0 = lo && *lo ? std::max<int64_t>(1, std::atoll(lo)) : int64_t(3);
+  const int64_t m0 = std::max<int64_t>(1, env_int("CODESHELL_Q4_ROWS_MIN_M", 3));
   return M >= m0 && M <= 16 && (G == 128 || G == 256);
 }
 
@@ -1125,8 +1114,7 @@ bool q4rows_takes(int64_t M, int64_t G) {
 // CODESHELL_Q8_ROWS_MAX_M overrides the 16 (0: q8_panel.h at every M from panel_min_m; read per
 // call, for benchmarks and tests).
 int64_t rows_max_m() {
-  const char* e = std::getenv("CODESHELL_Q8_ROWS_MAX_M");
-  return e && *e ? std::min<int64_t>(16, std::max<int64_t>(0, std::atoll(e))) : int64_t(16);
+  return std::min<int64_t>(16, std::max<int64_t>(0, env_int("CODESHELL_Q8_ROWS_MAX_M", 16)));
 }
 
 bool use_amx_rows(int64_t isa, int64_t K, int64_t M, int64_t G) {

@@ -117,7 +117,9 @@ inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"
 // demand miss there stalls the row loop. Measured cold on the 2-core Zen 5 (bench_m1_threads.py,
 // 1 thread, same rounds; docs/kernels.md session 19 helper C): the small shape's c_fc (4096 x 1024)
 // 25-27 -> 32-35 GB/s, c_attn (1536 x 1024) 22-24 -> 30-31 (+27-35%); tile_q4v's K = 4096 / 16384
-// rows +-3%. CODESHELL_Q4_M1_PFS = tiles ahead (0: none, as before session 19; read per call).
+// rows +-3%. In a loaded model's decode step the same linears read ~37 GB/s a core either way (their
+// scales' pages evidently stream better there): within the noise, kept as it costs nothing measurable.
+// CODESHELL_Q4_M1_PFS = tiles ahead (0: none, as before session 19; read per call).
 constexpr int64_t kQ4M1ScalePf = 1;
 inline int64_t q4_m1_pfs() { return env_int("CODESHELL_Q4_M1_PFS", kQ4M1ScalePf); }
 inline void prefetch_rows(const float* p, int64_t floats) {
@@ -721,9 +723,10 @@ constexpr int64_t kQ4v12MaxGroups = 16;
 // session 19 (K <= 4096 at G = 128: the small shape's mlp.c_proj 1024 x 4096, the 7B width's c_attn,
 // attn.c_proj, c_fc), 16 before (CODESHELL_Q4_M1_R16_G=16; read per call; the same bits either way).
 // Why now: session 18 found the tile slower cold than tile_q4v at K = 4096 though 1.5x faster warm;
-// with the scale rows prefetched (kQ4M1ScalePf) it reads faster cold on 1 thread: c_fc 16384 x 4096
-// 35.9 -> 39.7 GB/s (1.11x), 1024 x 4096 32.3 -> 37.0 (1.15x); 2 threads in slow minutes at the probe
-// either way (1.00-1.02x). docs/kernels.md session 19 helper C.
+// here it reads faster cold on 1 thread (with kQ4M1ScalePf): c_fc 16384 x 4096 35.9 -> 40.4 GB/s
+// (1.11x), 1024 x 4096 31.7 -> 35.5 (1.12x; alone, without the scale prefetch, 1.11x); 2 threads in
+// slow minutes 0.99-1.06x. Whole model: small int4 in a fast minute 1.08x (mlp.c_proj 48.5 -> 66.9 GB/s
+// in the step), the 1.7B int4 at 1 thread 1.12x. docs/kernels.md session 19 helper C.
 constexpr int64_t kQ4M1R16Groups = 32;
 inline int64_t q4_m1_r16_groups() { return env_int("CODESHELL_Q4_M1_R16_G", kQ4M1R16Groups); }
 

@@ -9,6 +9,9 @@ prefetch) and row 0 of M = 2, 3, 8, 16 (row invariance), within 2e-5 of `ops.ref
 Shapes: K = 256 / 1024 / 2048 (1-16 groups of 128, or of 256), N not a multiple of 16 (the
 tile's tail rows run tile_q4v12) and below 16, offsets / symmetric, bias, a zero group of x,
 1-3 threads (chunks that start at any multiple of 16).
+Session 19: the int4 M = 1 scale / offset rows prefetched tiles ahead (CODESHELL_Q4_M1_PFS, default 1;
+0 as before) and the 16-row tile up to 32 groups (CODESHELL_Q4_M1_R16_G, default 32; 16 as before):
+K = 4096 / 8192 / 16384 rows too, the same bits.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ needs_vnni = pytest.mark.skipif(not available() or ops.isa_level() < VNNI, reaso
 
 SWITCHES = ("CODESHELL_Q4_M1_R16", "CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH", "CODESHELL_Q8_M1_PF",
             "CODESHELL_Q8_M1_PFH", "CODESHELL_Q8_M1_SPLIT", "CODESHELL_Q4_M1_FUSED", "CODESHELL_Q4_M1_SPLIT",
-            "CODESHELL_Q4V12", "CODESHELL_Q4_ROWS_MIN_M", "CODESHELL_CHUNKS_TEAM", "CODESHELL_M1_PRIME")
+            "CODESHELL_Q4V12", "CODESHELL_Q4_ROWS_MIN_M", "CODESHELL_CHUNKS_TEAM", "CODESHELL_M1_PRIME",
+            "CODESHELL_Q4_M1_PFS", "CODESHELL_Q4_M1_R16_G")
 INT4 = [(37, 1024, 128, False), (1029, 1024, 128, True), (203, 2048, 128, False), (45, 256, 128, True),
         (11, 1024, 128, False), (70, 2048, 256, False), (33, 512, 256, True), (50, 4096, 128, False)]
 INT8 = [(1029, 1024), (37, 4096), (45, 2048), (9, 1024), (21, 8192)]
@@ -151,3 +155,50 @@ def test_chunks_on_the_shared_team_give_the_same_bits(threads, vnni_env):
     finally:
         set_num_threads(before)
     print(f"int8 / int4 M = 1 at {threads} threads: parallel_chunks on Team::shared (CODESHELL_CHUNKS_TEAM=1)")
+
+
+INT4_WIDE = [(1029, 4096, 128, False), (37, 4096, 128, True), (45, 8192, 256, False), (21, 8192, 128, True),
+             (19, 16384, 128, False), (203, 1024, 128, False)]
+
+
+@needs_native
+@needs_vnni
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n,k,group,symmetric", [pytest.param(*s, id=f"{s[0]}x{s[1]}-g{s[2]}-{'sym' if s[3] else 'offs'}")
+                                                 for s in INT4_WIDE])
+def test_int4_m1_scale_prefetch_and_wide_tile16_give_the_earlier_bits(n, k, group, symmetric, threads, vnni_env):
+    # session 19: the scale / offset rows prefetched 0-5 tiles ahead (past the last row too), the
+    # 16-row tile at 16 / 32 / 64 / 128 groups a row (K = 4096 .. 16384), against the kernels before
+    # session 18 (tile_q4v12 / tile_q4v, 2 KiB ahead, parallel_chunks), row 0 of M = 2, 3, 16
+    mp = vnni_env
+    mod = _ext.get()
+    g = torch.Generator().manual_seed(n * 5 + k + threads)
+    pw = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group_size=group, symmetric=symmetric)
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(16, k, generator=g) * 3
+    x[0, group:2 * group] = 0  # a zero group (scale 0) in row 0
+    x1 = x[:1].contiguous()
+    before = torch.get_num_threads()
+    try:
+        set_num_threads(threads)
+        for v, val in (("CODESHELL_Q4_M1_R16", "0"), ("CODESHELL_Q4_M1_PF", "2048"), ("CODESHELL_Q4_M1_SPLIT", "0"),
+                       ("CODESHELL_Q4_M1_PFS", "0")):
+            mp.setenv(v, val)
+        old = _int4(mod, pw, x1, bias)
+        for v in ("CODESHELL_Q4_M1_R16", "CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_SPLIT"):
+            mp.delenv(v)
+        for r16g in ("16", "32", "64", "128"):
+            for pfs in ("0", "1", "2", "5"):
+                mp.setenv("CODESHELL_Q4_M1_R16_G", r16g)
+                mp.setenv("CODESHELL_Q4_M1_PFS", pfs)
+                assert torch.equal(_int4(mod, pw, x1, bias), old), f"R16_G={r16g} PFS={pfs}: bits differ"
+        for v in SWITCHES:
+            mp.delenv(v, raising=False)
+        default = _int4(mod, pw, x1, bias)
+        rows = {m: _int4(mod, pw, x[:m].contiguous(), bias) for m in (2, 3, 16)}
+    finally:
+        set_num_threads(before)
+    print(f"int4 M = 1 {n}x{k} g{group} at {threads} threads: scale prefetch 0-5 tiles ahead, 16-row tile up "
+          f"to 16-128 groups, against tile_q4v12 / tile_q4v")
+    assert torch.equal(default, old), "the default M = 1 kernel's bits differ from the earlier kernels'"
+    assert_m1_rows_and_reference(old, rows, x1, pw, bias, "avx512_vnni:q8")

@@ -1,5 +1,6 @@
 // int4 x int8-activation batch-1 (M = 1) tile for CPUs without AMX (AVX512-VNNI, header-only):
-// qdot.cpp's `avx512_vnni:q8` int4 at M = 1 with groups of 128 / 256, 16 weight rows a tile.
+// qdot.cpp's `avx512_vnni:q8` int4 at M = 1 with groups of 128 / 256, 16 weight rows a tile (up to
+// kQ4M1R16Groups groups a row: K <= 4096 at G = 128 since session 19, any K computes the same bits).
 //
 // What this is: y[n] = x . W[n]^T for 16 consecutive weight rows (uint8 [N, K/2] nibbles, scale
 // [N, K/G], optional offset [N, K/G]; x rounded to int8 per group, quantize_x perm = 128), giving

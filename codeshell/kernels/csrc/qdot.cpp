@@ -20,8 +20,9 @@
 // M = 3-16 with groups of 128 / 256 (tile_q4r there with CODESHELL_Q4_ROWS=0; per-lane epilogue, tile_q4v's bits). Without AMX at
 // M = 1-2 (session 14): int8 runs tile_r16_q8 (tile_v's bits, 16 weight rows a tile) where a row
 // is at most one span of blocks, int4 groups of 128 / 256 tile_q4v12 (tile_q4v's bits) up to 16
-// groups (at M = 1 since session 18 q4_m1.h's 16-row tile, the same bits); tile_v / tile_q4v past
-// those. The M = 1 tiles prefetch kM1Prefetch (8 KiB) ahead (session 18; M > 1 kPrefetch).
+// groups (at M = 1 since session 18 q4_m1.h's 16-row tile, the same bits; since session 19 up to
+// 32 groups, kQ4M1R16Groups); tile_v / tile_q4v past those. The M = 1 tiles prefetch kM1Prefetch
+// (8 KiB) ahead (session 18; M > 1 kPrefetch), int4 also its scale rows (kQ4M1ScalePf, session 19).
 // What this is not: the prefill path (M > 64 goes to AMX-INT8 / bf16 / sgemm in ops.py), or
 // an exact fp32 weight-only matmul (the activation rounding is part of the definition and
 // the Python reference reproduces it).
@@ -97,6 +98,7 @@ struct Pf {
   int64_t d = kPrefetch;  // the M > 1 calls' distance (the tiles' default argument)
   int h = 0;
   bool prime = false;
+  int64_t sc = 0;  // int4 M = 1: prefetch the scales / offsets of the rows this many 16-row tiles ahead (0: none)
 };
 inline Pf pf_env(const char* dist, const char* hint) {
   Pf p;
@@ -107,7 +109,28 @@ inline Pf pf_env(const char* dist, const char* hint) {
   return p;
 }
 inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"); }
-inline Pf q4_m1_pf() { return pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH"); }
+// int4 M = 1 (run_q4v: the 16-row tile and tile_q4v's rows): prefetch the scale (and offset) rows
+// kQ4M1ScalePf tiles of 16 rows ahead, T0. Why: the nibbles sit on huge pages with kM1Prefetch's
+// software prefetch, but the fp32 scales / offsets [N, K/G] (quant/linear.py, torch's allocator) are
+// two more streams a call (K = 1024, G = 128: 32 + 32 bytes a row against 512 of nibbles) on 4 KiB
+// pages, which the hardware prefetcher restarts at every page (every 128 rows at K = 1024): a
+// demand miss there stalls the row loop. Measured cold on the 2-core Zen 5 (bench_m1_threads.py,
+// 1 thread, same rounds; docs/kernels.md session 19 helper C): the small shape's c_fc (4096 x 1024)
+// 25-27 -> 32-35 GB/s, c_attn (1536 x 1024) 22-24 -> 30-31 (+27-35%); tile_q4v's K = 4096 / 16384
+// rows +-3%. In a loaded model's decode step the same linears read ~37 GB/s a core either way (their
+// scales' pages evidently stream better there): within the noise, kept as it costs nothing measurable.
+// CODESHELL_Q4_M1_PFS = tiles ahead (0: none, as before session 19; read per call).
+constexpr int64_t kQ4M1ScalePf = 1;
+inline int64_t q4_m1_pfs() { return env_int("CODESHELL_Q4_M1_PFS", kQ4M1ScalePf); }
+inline void prefetch_rows(const float* p, int64_t floats) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t o = 0; o < floats * 4; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+inline Pf q4_m1_pf() {
+  Pf p = pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH");
+  p.sc = q4_m1_pfs();
+  return p;
+}
 // EXPERIMENT: CODESHELL_M1_PRIME=1: at the start of a chunk of rows, prefetch its first pf.d bytes
 // (the lines the running prefetch never covers: it starts pf.d ahead).
 inline bool m1_prime() { return env_flag("CODESHELL_M1_PRIME", false); }
@@ -600,7 +623,7 @@ inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float
 }
 
 // int4 M = 1 without AMX, groups of 128 / 256, up to kQ4v12MaxGroups groups a row (K <= 2048 at
-// G = 128: the small shape's linears): 16 weight rows a tile (q4_m1.h, tile_q4v's bits) instead
+// G = 128: the small shape's linears; since session 19 up to kQ4M1R16Groups, below): 16 weight rows a tile (q4_m1.h, tile_q4v's bits) instead
 // of tile_q4v12. Cold, 1 / 2 threads, the small shape's 32 linears and int8 head (bench_m1_threads,
 // docs/kernels.md session 18 helper A): 1.08-1.22x / 1.04-1.13x. Not past 16 groups: at K = 4096
 // (the 7B width's c_attn, attn.c_proj, c_fc) tile_q4v with kM1Prefetch read faster (c_fc 37.5
@@ -696,16 +719,30 @@ inline bool q4_m1_split(int64_t bytes) {
 // measured faster (1024x4096, warm, 2 threads: 33-35 against 39-42 us; 1 thread 55 vs 67), its
 // table's wait then shared by 32 groups; at K = 256 and 1024 tile_q4v12 (docs/kernels.md, session 14).
 constexpr int64_t kQ4v12MaxGroups = 16;
+// The groups a row up to which int4 M = 1 runs the 16-row tile (q4_m1.h): kQ4M1R16Groups = 32 since
+// session 19 (K <= 4096 at G = 128: the small shape's mlp.c_proj 1024 x 4096, the 7B width's c_attn,
+// attn.c_proj, c_fc), 16 before (CODESHELL_Q4_M1_R16_G=16; read per call; the same bits either way).
+// Why now: session 18 found the tile slower cold than tile_q4v at K = 4096 though 1.5x faster warm;
+// here it reads faster cold on 1 thread (with kQ4M1ScalePf): c_fc 16384 x 4096 35.9 -> 40.4 GB/s
+// (1.11x), 1024 x 4096 31.7 -> 35.5 (1.12x; alone, without the scale prefetch, 1.11x); 2 threads in
+// slow minutes 0.99-1.06x. Whole model: small int4 in a fast minute 1.08x (mlp.c_proj 48.5 -> 66.9 GB/s
+// in the step), the 1.7B int4 at 1 thread 1.12x. docs/kernels.md session 19 helper C.
+constexpr int64_t kQ4M1R16Groups = 32;
+inline int64_t q4_m1_r16_groups() { return env_int("CODESHELL_Q4_M1_R16_G", kQ4M1R16Groups); }
 
 template <bool OFFS>
 void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
              const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1,
-             bool q4v12 = true, bool fused = false, const Pf& pf = Pf(), bool r16 = false) {
+             bool q4v12 = true, bool fused = false, const Pf& pf = Pf(), int64_t r16 = 0) {
   const int64_t ng = K / G, ldq = K / 2;
   if (M == 1 && pf.prime) prime(q + n0 * ldq, std::min<int64_t>(pf.d, (n1 - n0) * ldq));
-  if (M == 1 && (G == 128 || G == 256) && ng <= kQ4v12MaxGroups && r16) {  // 16-row tiles, the rest one row at a time
+  if (M == 1 && (G == 128 || G == 256) && ng <= r16) {  // 16-row tiles up to r16 groups, the rest one row at a time
     for (; n0 + 16 <= n1; n0 += 16) {
       const float* o = OFFS ? of + n0 * ng : nullptr;
+      if (pf.sc) {  // the scale (offset) rows pf.sc tiles ahead (prefetches past the end do not fault)
+        prefetch_rows(sc + (n0 + 16 * pf.sc) * ng, 16 * ng);
+        if (OFFS) prefetch_rows(of + (n0 + 16 * pf.sc) * ng, 16 * ng);
+      }
       if (G == 128) codeshell::q4m1::tile16<1, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
       else codeshell::q4m1::tile16<2, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
     }
@@ -736,11 +773,16 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
       rows_q4v_blk<1, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
     return;
   }
-  for (int64_t n = n0; n < n1; ++n)  // one weight row per tile (as the AVX2 kernel: measured best)
+  for (int64_t n = n0; n < n1; ++n) {  // one weight row per tile (as the AVX2 kernel: measured best)
+    if (M == 1 && pf.sc) {
+      prefetch_rows(sc + (n + 16 * pf.sc) * ng, ng);
+      if (OFFS) prefetch_rows(of + (n + 16 * pf.sc) * ng, ng);
+    }
     for_x_tiles8(M, [&](auto mb, int64_t m) {
       tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,
                                           OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N, pf);
     });
+  }
 }
 
 // ---- int4 without AMX, M = 5..16, groups of 128 / 256: two weight rows per x load (tile_q4v's bits)
@@ -1194,7 +1236,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   const bool v12 = q4v12(), fused = M == 1 && q4_m1_fused();
   const Pf pf = M == 1 ? q4_m1_pf() : Pf();
-  const bool r16 = M == 1 && q4_m1_r16();
+  const int64_t r16 = M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
 #if CODESHELL_HAVE_AVX512
   // q4_rows.h's x side (dx transposed to [ng][16]), once a call rather than once a chunk
   namespace R = codeshell::q4rows;

@@ -25,9 +25,9 @@ LEVEL = ops.isa_level() if available() else -1
 
 # (group, symmetric, N, K): N = 301 / 259: many 8 x 2 tiles, several thread chunks (chunks of a
 # multiple of 16 rows, at least 64) and an odd last row; K = 2048 at g128 and 4096 at g256 are 16
-# groups (one pass), K = 4096 at g128 32 groups (two passes: the old schedule).
+# groups, K = 4096 at g128 32 groups (one v2 pass), K = 8192 at g128 64 groups (the old schedule).
 WEIGHTS = [(128, True, 301, 1024), (128, False, 259, 256), (128, True, 259, 2048), (256, False, 301, 4096),
-           (128, True, 131, 4096)]
+           (128, True, 131, 4096), (128, False, 67, 8192)]
 
 
 @needs_native

@@ -64,11 +64,16 @@ inline __m512 tree16_t(const __m512 (&v)[16]) {
 
 // Groups of the scale-product table per pass (sd[KC][NR][16]: 8 KiB at NR = 2... 16).
 constexpr int64_t KC = 16;
+// The v2 schedule's pass: up to KC2 groups (its tables 2 x KC2 x NR x 16 floats: 8 KiB at NR = 2).
+#ifndef Q4R_KC2
+#define Q4R_KC2 32
+#endif
+constexpr int64_t KC2 = Q4R_KC2;
 
 // The v2 schedule (CODESHELL_Q4_ROWS_V2, default on; off: the session 17 schedule, for A/B). Same
 // integers, same fp32 operations in the same order, so the same bits; what changes is when things
 // are issued (docs/kernels.md, session 19 helper B):
-// (1) The scale-product table sd of a pass of KC groups is written one pass ahead (the next pass's
+// (1) The scale-product table sd of a pass of KC2 groups is written one pass ahead (the next pass's
 //     table at the start of this one; the next tile's first pass at the start of this tile's last
 //     pass), into the other of two buffers. Why: the group loop reads it as 4-byte broadcast
 //     operands right after the table's 64-byte stores; on Zen 5 those loads cannot be forwarded
@@ -81,11 +86,12 @@ constexpr int64_t KC = 16;
 //     FP scheduler (+3-10% standalone; depth 4 spilled registers).
 // (3) vpdpbusd through inline asm (q8_rows.h's dpbusd): GCC 12 put register copies around the
 //     intrinsic.
-// Where: 8 x 2 tiles (MB >= 5: M = 5..16's first 8 rows, M = 13..16's rest) at one pass a tile
-// (ng <= KC: K <= 2048 at G = 128, the small shape's c_attn, attn.c_proj and c_fc). Standalone (1
-// thread, cold weights, M = 8) the 4 x 4 tiles (M = 3-4) ran 0.75-0.85x with (1), and tiles of
-// several passes (K = 4096 / 16384) 0.87-0.95x with (1) alone and 0.96-1.03x with (1) + (2): they
-// keep the session 17 schedule.
+// Where: 8 x 2 tiles (MB >= 5: M = 5..16's first 8 rows, M = 13..16's rest) with at most KC2 = 32
+// groups (K <= 4096 at G = 128: the small shape's four block linears, the 1.7B's c_attn, attn.c_proj
+// and c_fc), one pass a tile. Standalone (1 thread, cold weights, M = 8) the 4 x 4 tiles (M = 3-4)
+// ran 0.75-0.85x with (1), and tiles of several 16-group passes (K = 4096 / 16384) 0.87-0.95x with
+// (1) alone, 0.96-1.03x with (1) + (2), hence one pass of up to 32 groups (K = 4096: 1.2x) and the
+// session 17 schedule above that (the 1.7B's mlp.c_proj, K = 16384).
 // The bound: a (row, weight row, group) needs 2 vpdpbusd + 1 fma on the same two FP pipes (zmm fma
 // costs about two vpdpbusd slots on this Zen 5: 2 vpdpbusd + cvt + fma per output ran 4.4
 // vpdpbusd/ns against 8.3 for vpdpbusd alone, a register-only micro-kernel), i.e. ~4.4 vpdpbusd/ns
@@ -121,9 +127,10 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dxT, cons
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   // sd[g - g0][j][i] = sc[j, g] * d[i, g] (tile_q4v's product); V2: two buffers, one pass ahead
-  alignas(64) float sdb[V2 ? 2 : 1][KC][NR][16];
-  for (int64_t g0 = 0, p = 0; g0 < ng; g0 += KC, ++p) {
-    const int64_t gn = std::min<int64_t>(KC, ng - g0);
+  constexpr int64_t KP = V2 ? KC2 : KC;  // groups a pass
+  alignas(64) float sdb[V2 ? 2 : 1][KP][NR][16];
+  for (int64_t g0 = 0, p = 0; g0 < ng; g0 += KP, ++p) {
+    const int64_t gn = std::min<int64_t>(KP, ng - g0);
     const float (*sd)[NR][16] = sdb[0];
     if constexpr (V2) {
       if (p == 0 && tb0) sd = reinterpret_cast<const float (*)[NR][16]>(tb0);
@@ -131,8 +138,8 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dxT, cons
         sd = sdb[p & 1];
         if (p == 0) fill_sd<NR>(&sdb[0][0][0][0], sc, dxT, ng, 0, gn);  // no earlier tile wrote it
       }
-      if (g0 + KC < ng) fill_sd<NR>(&sdb[(p + 1) & 1][0][0][0], sc, dxT, ng, g0 + KC, std::min<int64_t>(KC, ng - g0 - KC));
-      else if (scn) fill_sd<NR>(tbn, scn, dxT, ng, 0, std::min<int64_t>(KC, ng));
+      if (g0 + KP < ng) fill_sd<NR>(&sdb[(p + 1) & 1][0][0][0], sc, dxT, ng, g0 + KP, std::min<int64_t>(KP, ng - g0 - KP));
+      else if (scn) fill_sd<NR>(tbn, scn, dxT, ng, 0, std::min<int64_t>(KP, ng));
     } else {
       fill_sd<NR>(&sdb[0][0][0][0], sc, dxT, ng, g0, gn);
     }
@@ -268,8 +275,8 @@ void run_rows(const int8_t* xq, const float* dxT, const float* xs, int64_t M, in
     float* o = out + m * N;
     int64_t n = n0;
     if constexpr (V2 && MB >= 5) {  // 8 x 2 tiles (the 4 x 4 / 2 x 8 / 1 x 16 tiles ran 0.75-0.85x with it)
-      alignas(64) float tb[2][KC * NR * 16];
-      if (n + NR <= n1) fill_sd<NR>(tb[0], sc + n * ng, d, ng, 0, std::min<int64_t>(KC, ng));
+      alignas(64) float tb[2][KC2 * NR * 16];
+      if (n + NR <= n1) fill_sd<NR>(tb[0], sc + n * ng, d, ng, 0, std::min<int64_t>(KC2, ng));
       for (int t = 0; n + NR <= n1; n += NR, t ^= 1)
         tile<MB, NR, RUNS, OFFS, true>(x, K, ng, d, s, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, pf, o + n,
                                        N, tb[t], tb[t ^ 1], n + 2 * NR <= n1 ? sc + (n + NR) * ng : nullptr);
@@ -284,7 +291,7 @@ void run_rows(const int8_t* xq, const float* dxT, const float* xs, int64_t M, in
   };
   auto dispatch = [&](int64_t mb, int64_t m) {
     if constexpr (V2)
-      if (ng > KC) {  // several passes a tile: the session 17 schedule (see below)
+      if (ng > KC2) {  // several passes a tile: the session 17 schedule (see below)
         run_rows<RUNS, OFFS, false>(xq + m * K, dxT + m, xs + m * ng, mb, K, q, sc, of, pf, out + m * N, N, n0, n1);
         return;
       }

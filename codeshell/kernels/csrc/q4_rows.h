@@ -86,9 +86,10 @@ constexpr int64_t KC2 = Q4R_KC2;
 //     FP scheduler (+3-10% standalone; depth 4 spilled registers).
 // (3) vpdpbusd through inline asm (q8_rows.h's dpbusd): GCC 12 put register copies around the
 //     intrinsic.
-// Where: 8 x 2 tiles (MB >= 5: M = 5..16's first 8 rows, M = 13..16's rest) with at most KC2 = 32
-// groups (K <= 4096 at G = 128: the small shape's four block linears, the 1.7B's c_attn, attn.c_proj
-// and c_fc), one pass a tile. Standalone (1 thread, cold weights, M = 8) the 4 x 4 tiles (M = 3-4)
+// Where: 8 x 2 tiles (MB >= 5: M = 5..16's first 8 rows, M = 13..16's rest) with at most KC = 16
+// groups (K <= 2048 at G = 128), and 8-row tiles (MB = 8) with at most KC2 = 32 (K = 4096: the small
+// shape's mlp.c_proj, the 1.7B's c_attn, attn.c_proj and c_fc), one pass a tile. At K = 4096 and
+// 5-7 rows it ran 0.95-1.03x standalone (M = 5 / 6, cold), so those keep the session 17 schedule. Standalone (1 thread, cold weights, M = 8) the 4 x 4 tiles (M = 3-4)
 // ran 0.75-0.85x with (1), and tiles of several 16-group passes (K = 4096 / 16384) 0.87-0.95x with
 // (1) alone, 0.96-1.03x with (1) + (2), hence one pass of up to 32 groups (K = 4096: 1.2x) and the
 // session 17 schedule above that (the 1.7B's mlp.c_proj, K = 16384).
@@ -291,7 +292,8 @@ void run_rows(const int8_t* xq, const float* dxT, const float* xs, int64_t M, in
   };
   auto dispatch = [&](int64_t mb, int64_t m) {
     if constexpr (V2)
-      if (ng > KC2) {  // several passes a tile: the session 17 schedule (see below)
+      // several passes a tile, or 17..32 groups at 5-7 rows: the session 17 schedule (see below)
+      if (ng > KC2 || (ng > KC && mb < 8)) {
         run_rows<RUNS, OFFS, false>(xq + m * K, dxT + m, xs + m * ng, mb, K, q, sc, of, pf, out + m * N, N, n0, n1);
         return;
       }

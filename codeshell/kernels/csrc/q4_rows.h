@@ -64,13 +64,62 @@ inline __m512 tree16_t(const __m512 (&v)[16]) {
 
 // Groups of the scale-product table per pass (sd[KC][NR][16]: 8 KiB at NR = 2... 16).
 constexpr int64_t KC = 16;
+// The v2 schedule's pass: up to KC2 groups (its tables 2 x KC2 x NR x 16 floats: 8 KiB at NR = 2).
+#ifndef Q4R_KC2
+#define Q4R_KC2 32
+#endif
+constexpr int64_t KC2 = Q4R_KC2;
+
+// The v2 schedule (CODESHELL_Q4_ROWS_V2, default on; off: the session 17 schedule, for A/B). Same
+// integers, same fp32 operations in the same order, so the same bits; what changes is when things
+// are issued (docs/kernels.md, session 19 helper B):
+// (1) The scale-product table sd of a pass of KC2 groups is written one pass ahead (the next pass's
+//     table at the start of this one; the next tile's first pass at the start of this tile's last
+//     pass), into the other of two buffers. Why: the group loop reads it as 4-byte broadcast
+//     operands right after the table's 64-byte stores; on Zen 5 those loads cannot be forwarded
+//     from the wider stores and waited for the stores to reach L1. Standalone (1 thread, M = 8,
+//     K = 1024, weights in L2) the tile ran 1.23-1.34x faster with the table written a tile ahead;
+//     with the broadcasts replaced by a register operand (wrong bits, a probe) it gained the same.
+// (2) In the 8 x 2 (MB >= 5) tiles the fp32 step of row i (cvt + fma) is issued after the integer
+//     sums of row i + 2 (a software pipeline of depth 2): each row's chain is zero -> vpdpbusd ->
+//     vpdpbusd -> cvt -> fma, and issued in row order the fmas waiting on their chains filled the
+//     FP scheduler (+3-10% standalone; depth 4 spilled registers).
+// (3) vpdpbusd through inline asm (q8_rows.h's dpbusd): GCC 12 put register copies around the
+//     intrinsic.
+// Where: 8 x 2 tiles (MB >= 5: M = 5..16's first 8 rows, M = 13..16's rest) with at most KC = 16
+// groups (K <= 2048 at G = 128), and 8-row tiles (MB = 8) with at most KC2 = 32 (K = 4096: the small
+// shape's mlp.c_proj, the 1.7B's c_attn, attn.c_proj and c_fc), one pass a tile. At K = 4096 and
+// 5-7 rows it ran 0.95-1.03x standalone (M = 5 / 6, cold), so those keep the session 17 schedule. Standalone (1 thread, cold weights, M = 8) the 4 x 4 tiles (M = 3-4)
+// ran 0.75-0.85x with (1), and tiles of several 16-group passes (K = 4096 / 16384) 0.87-0.95x with
+// (1) alone, 0.96-1.03x with (1) + (2), hence one pass of up to 32 groups (K = 4096: 1.2x) and the
+// session 17 schedule above that (the 1.7B's mlp.c_proj, K = 16384).
+// The bound: a (row, weight row, group) needs 2 vpdpbusd + 1 fma on the same two FP pipes (zmm fma
+// costs about two vpdpbusd slots on this Zen 5: 2 vpdpbusd + cvt + fma per output ran 4.4
+// vpdpbusd/ns against 8.3 for vpdpbusd alone, a register-only micro-kernel), i.e. ~4.4 vpdpbusd/ns
+// a core whatever the schedule while the bits keep one fp32 fma per lane per group.
+inline __m512i dpbusd_asm(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+
+// sd[c][j][i] = sc[j * ng + g0 + c] * dxT[(g0 + c) * 16 + i] for c < gn (tile_q4v's product).
+template <int NR>
+inline void fill_sd(float* sd, const float* sc, const float* dxT, int64_t ng, int64_t g0, int64_t gn) {
+  for (int64_t c = 0; c < gn; ++c) {
+    const __m512 dg = _mm512_loadu_ps(dxT + (g0 + c) * 16);
+    for (int j = 0; j < NR; ++j) _mm512_store_ps(sd + (c * NR + j) * 16, _mm512_mul_ps(_mm512_set1_ps(sc[j * ng + g0 + c]), dg));
+  }
+}
 
 // MB rows of x (xq: row 0 of the tile, stride K; dxT: [ng][16] block scales, lane i = row i of
 // the tile; xs: [M][ng] rows' d * sum xq, row 0 of the tile, stride ng) by NR weight rows (q:
 // row 0, stride K / 2; sc, of: row 0, stride ng), G = 128 * RUNS, ng = K / G; out[i * ldo + j].
-template <int MB, int NR, int RUNS, bool OFFS>
+// V2: the schedule above; tb0: this tile's first-pass table if the previous tile wrote it (else
+// null), tbn / scn: where and for which weight rows to write the next tile's (scn null: no next).
+template <int MB, int NR, int RUNS, bool OFFS, bool V2 = false>
 inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dxT, const float* xs, const uint8_t* q,
-                 const float* sc, const float* of, int64_t pf, float* out, int64_t ldo) {
+                 const float* sc, const float* of, int64_t pf, float* out, int64_t ldo, const float* tb0 = nullptr,
+                 float* tbn = nullptr, const float* scn = nullptr) {
   static_assert(MB * NR <= 16, "16 outputs per tile");
   constexpr int64_t G = 128 * RUNS;
   const int64_t ldq = K / 2;
@@ -78,12 +127,22 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dxT, cons
   __m512 acc[MB][NR];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  alignas(64) float sd[KC][NR][16];  // sd[g - g0][j][i] = sc[j, g] * d[i, g] (tile_q4v's product)
-  for (int64_t g0 = 0; g0 < ng; g0 += KC) {
-    const int64_t gn = std::min<int64_t>(KC, ng - g0);
-    for (int64_t c = 0; c < gn; ++c) {
-      const __m512 dg = _mm512_loadu_ps(dxT + (g0 + c) * 16);
-      for (int j = 0; j < NR; ++j) _mm512_store_ps(sd[c][j], _mm512_mul_ps(_mm512_set1_ps(sc[j * ng + g0 + c]), dg));
+  // sd[g - g0][j][i] = sc[j, g] * d[i, g] (tile_q4v's product); V2: two buffers, one pass ahead
+  constexpr int64_t KP = V2 ? KC2 : KC;  // groups a pass
+  alignas(64) float sdb[V2 ? 2 : 1][KP][NR][16];
+  for (int64_t g0 = 0, p = 0; g0 < ng; g0 += KP, ++p) {
+    const int64_t gn = std::min<int64_t>(KP, ng - g0);
+    const float (*sd)[NR][16] = sdb[0];
+    if constexpr (V2) {
+      if (p == 0 && tb0) sd = reinterpret_cast<const float (*)[NR][16]>(tb0);
+      else {
+        sd = sdb[p & 1];
+        if (p == 0) fill_sd<NR>(&sdb[0][0][0][0], sc, dxT, ng, 0, gn);  // no earlier tile wrote it
+      }
+      if (g0 + KP < ng) fill_sd<NR>(&sdb[(p + 1) & 1][0][0][0], sc, dxT, ng, g0 + KP, std::min<int64_t>(KP, ng - g0 - KP));
+      else if (scn) fill_sd<NR>(tbn, scn, dxT, ng, 0, std::min<int64_t>(KP, ng));
+    } else {
+      fill_sd<NR>(&sdb[0][0][0][0], sc, dxT, ng, g0, gn);
     }
     for (int64_t c = 0; c < gn; ++c) {
       const int64_t k0 = (g0 + c) * G;
@@ -100,17 +159,41 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dxT, cons
             lo[r][j] = _mm512_and_si512(v, m0f);
             hi[r][j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
           }
-        for (int i = 0; i < MB; ++i) {
-          __m512i s[NR];
-          for (int j = 0; j < NR; ++j) s[j] = _mm512_setzero_si512();
-          for (int r = 0; r < RUNS; ++r) {
-            const int8_t* xr = xq + i * K + k0 + 128 * r;
-            __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 64);
-            asm("" : "+v"(x0), "+v"(x1));
-            for (int j = 0; j < NR; ++j) s[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s[j], lo[r][j], x0), hi[r][j], x1);
+        if constexpr (V2) {
+          // row i's integer sums, then row i - D's fp32 step (D = 2; the same operations per row)
+          constexpr int D = MB >= 3 ? 2 : MB - 1;
+          __m512i sb[D + 1][NR];
+          for (int i = 0; i < MB + D; ++i) {
+            if (i < MB) {
+              __m512i* s = sb[i % (D + 1)];
+              for (int j = 0; j < NR; ++j) s[j] = _mm512_setzero_si512();
+              for (int r = 0; r < RUNS; ++r) {
+                const int8_t* xr = xq + i * K + k0 + 128 * r;
+                __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 64);
+                asm("" : "+v"(x0), "+v"(x1));
+                for (int j = 0; j < NR; ++j) s[j] = dpbusd_asm(dpbusd_asm(s[j], lo[r][j], x0), hi[r][j], x1);
+              }
+            }
+            if (i >= D) {
+              const int ii = i - D;
+              const __m512i* s = sb[ii % (D + 1)];
+              for (int j = 0; j < NR; ++j)
+                acc[ii][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j]), _mm512_set1_ps(sd[c][j][ii]), acc[ii][j]);
+            }
           }
-          for (int j = 0; j < NR; ++j)
-            acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j]), _mm512_set1_ps(sd[c][j][i]), acc[i][j]);
+        } else {
+          for (int i = 0; i < MB; ++i) {
+            __m512i s[NR];
+            for (int j = 0; j < NR; ++j) s[j] = _mm512_setzero_si512();
+            for (int r = 0; r < RUNS; ++r) {
+              const int8_t* xr = xq + i * K + k0 + 128 * r;
+              __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 64);
+              asm("" : "+v"(x0), "+v"(x1));
+              for (int j = 0; j < NR; ++j) s[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s[j], lo[r][j], x0), hi[r][j], x1);
+            }
+            for (int j = 0; j < NR; ++j)
+              acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j]), _mm512_set1_ps(sd[c][j][i]), acc[i][j]);
+          }
         }
       } else {
       // Weight row by weight row: its runs unpacked once (2 * RUNS zmm), then every row of x's
@@ -179,7 +262,9 @@ constexpr int nr_for() { return MB >= 5 ? 2 : MB >= 3 ? 4 : MB == 2 ? 8 : 16; }
 // Weight rows [n0, n1), all M (<= 16) rows of x: tiles of NR weight rows (the last < NR one at a
 // time), rows of x in tiles of up to 8 (9..16: 8, then the rest; the second reads the weights
 // again, from L2).
-template <int RUNS, bool OFFS>
+// V2: the session 19 schedule (tile's comment), the first-pass tables of a tile written by the
+// tile before it into two buffers that alternate.
+template <int RUNS, bool OFFS, bool V2 = false>
 void run_rows(const int8_t* xq, const float* dxT, const float* xs, int64_t M, int64_t K, const uint8_t* q,
               const float* sc, const float* of, int64_t pf, float* out, int64_t N, int64_t n0, int64_t n1) {
   const int64_t ng = K / (128 * RUNS), ldq = K / 2;
@@ -190,12 +275,28 @@ void run_rows(const int8_t* xq, const float* dxT, const float* xs, int64_t M, in
     const float* s = xs + m * ng;
     float* o = out + m * N;
     int64_t n = n0;
-    for (; n + NR <= n1; n += NR)
-      tile<MB, NR, RUNS, OFFS>(x, K, ng, d, s, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, pf, o + n, N);
-    for (; n < n1; ++n)
-      tile<MB, 1, RUNS, OFFS>(x, K, ng, d, s, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, pf, o + n, N);
+    if constexpr (V2 && MB >= 5) {  // 8 x 2 tiles (the 4 x 4 / 2 x 8 / 1 x 16 tiles ran 0.75-0.85x with it)
+      alignas(64) float tb[2][KC2 * NR * 16];
+      if (n + NR <= n1) fill_sd<NR>(tb[0], sc + n * ng, d, ng, 0, std::min<int64_t>(KC2, ng));
+      for (int t = 0; n + NR <= n1; n += NR, t ^= 1)
+        tile<MB, NR, RUNS, OFFS, true>(x, K, ng, d, s, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, pf, o + n,
+                                       N, tb[t], tb[t ^ 1], n + 2 * NR <= n1 ? sc + (n + NR) * ng : nullptr);
+      for (; n < n1; ++n)
+        tile<MB, 1, RUNS, OFFS, true>(x, K, ng, d, s, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, pf, o + n, N);
+    } else {
+      for (; n + NR <= n1; n += NR)
+        tile<MB, NR, RUNS, OFFS>(x, K, ng, d, s, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, pf, o + n, N);
+      for (; n < n1; ++n)
+        tile<MB, 1, RUNS, OFFS>(x, K, ng, d, s, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, pf, o + n, N);
+    }
   };
   auto dispatch = [&](int64_t mb, int64_t m) {
+    if constexpr (V2)
+      // several passes a tile, or 17..32 groups at 5-7 rows: the session 17 schedule (see below)
+      if (ng > KC2 || (ng > KC && mb < 8)) {
+        run_rows<RUNS, OFFS, false>(xq + m * K, dxT + m, xs + m * ng, mb, K, q, sc, of, pf, out + m * N, N, n0, n1);
+        return;
+      }
     switch (mb) {
       case 1: rows(std::integral_constant<int, 1>{}, m); break;
       case 2: rows(std::integral_constant<int, 2>{}, m); break;

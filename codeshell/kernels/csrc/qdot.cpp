@@ -17,7 +17,8 @@
 // AVX2 on AMD Zen: panel_min_m) and q8_rows.h (rows of x in the lanes, the same epilogue) M = 3-16. int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
 // 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
 // (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk, and q4_rows.h at
-// M = 3-16 with groups of 128 / 256 (tile_q4r there with CODESHELL_Q4_ROWS=0; per-lane epilogue, tile_q4v's bits). Without AMX at
+// M = 3-16 with groups of 128 / 256 (tile_q4r there with CODESHELL_Q4_ROWS=0; per-lane epilogue, tile_q4v's bits;
+// CODESHELL_Q4_ROWS_V2=0: q4_rows.h's session 17 schedule). Without AMX at
 // M = 1-2 (session 14): int8 runs tile_r16_q8 (tile_v's bits, 16 weight rows a tile) where a row
 // is at most one span of blocks, int4 groups of 128 / 256 tile_q4v12 (tile_q4v's bits) up to 16
 // groups (at M = 1 since session 18 q4_m1.h's 16-row tile, the same bits; since session 19 up to
@@ -1241,6 +1242,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   // q4_rows.h's x side (dx transposed to [ng][16]), once a call rather than once a chunk
   namespace R = codeshell::q4rows;
   const bool rows4 = vnni && !epi && q4rows_takes(M, G);
+  // q4_rows.h's session 19 schedule (the same bits; CODESHELL_Q4_ROWS_V2=0: session 17's, for A/B)
+  const bool rows4_v2 = rows4 && env_flag("CODESHELL_Q4_ROWS_V2", true);
   std::optional<R::XT> xt;
   if (rows4) xt.emplace(dx, M, K / G);
 #endif
@@ -1259,10 +1262,15 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     }
     if (rows4) {  // M = 3..16, G >= 128: q4_rows.h, tile_q4v's bits
       const int64_t pf = 16 * (K / 2);  // 16 weight rows ahead into L2, as run_q4r
-      if (G == 128) ofp ? R::run_rows<1, true>(xqp, xt->dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
-                        : R::run_rows<1, false>(xqp, xt->dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
-      else ofp ? R::run_rows<2, true>(xqp, xt->dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
-               : R::run_rows<2, false>(xqp, xt->dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
+      auto go = [&](auto v2) {
+        constexpr bool V2 = decltype(v2)::value;
+        if (G == 128) ofp ? R::run_rows<1, true, V2>(xqp, xt->dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
+                          : R::run_rows<1, false, V2>(xqp, xt->dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
+        else ofp ? R::run_rows<2, true, V2>(xqp, xt->dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
+                 : R::run_rows<2, false, V2>(xqp, xt->dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
+      };
+      if (rows4_v2) go(std::true_type{});
+      else go(std::false_type{});
       add_bias(b, op, M, N, n0, n1);
       return;
     }

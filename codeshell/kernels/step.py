@@ -15,7 +15,7 @@ output head and its argmax in the same native call), for the same bits as the mo
 `lm_head` and `sampling.first_argmax`; the engine's Python per step is then the scheduling and
 the sequences' bookkeeping.
 `CODESHELL_DECODE_STEP=off` forces the Python path (tests, A/B timing);
-`CODESHELL_DECODE_TEAM=off|on|auto` whether the step runs in one thread team (see `team_mode`).
+`CODESHELL_DECODE_TEAM=off|on|auto` whether the step runs in one thread team (on by default; see `team_mode`).
 
 What this is not: a prefill path, an fp32-model path, or a kernel dispatcher (`ops.plan` names
 the kernels; this only maps its names to the native codes).
@@ -64,11 +64,16 @@ _TEAM = {"off": 0, "on": 1, "auto": 2}
 
 
 def team_mode() -> int:
-    """CODESHELL_DECODE_TEAM (off by default): whether the native step runs in one thread
-    team for the whole call (csrc/decode_step.cpp `set_team`: 0 off, 1 on, 2 auto = on where
-    every layer's weights are small, codeshell-mini's size). Off by default: on the shared
-    2-core machine of session 12 it gave no steady gain (docs/kernels.md)."""
-    v = os.environ.get("CODESHELL_DECODE_TEAM", "off")
+    """CODESHELL_DECODE_TEAM (on by default since session 19): whether the native step runs in one
+    thread team for the whole call (csrc/decode_step.cpp `set_team`: 0 off, 1 on, 2 auto = on where
+    every layer's weights are small, codeshell-mini's size). On by default: with any other runnable
+    process on the 2-core machine (an IDE, a browser, another job) each OpenMP fork of the `off`
+    path may wait ~8 ms for its second thread to get a core (codeshell-mini: 240 ms a step in one
+    process of three against 0.3 ms with the team), while the team's master takes the chunks of a
+    helper that is not running; quiet, the team measured faster at codeshell-mini and the small
+    shape and within the noise at the 1.7B (docs/kernels.md, session 19 helper A). `off` keeps each
+    kernel's own OpenMP fork (the default before session 19)."""
+    v = os.environ.get("CODESHELL_DECODE_TEAM", "on")
     if v not in _TEAM:
         raise ValueError(f"CODESHELL_DECODE_TEAM={v!r}: expected auto, on or off")
     return _TEAM[v]

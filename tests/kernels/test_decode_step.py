@@ -345,17 +345,22 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("team", ["on", "off", "on-nosplit"])
+@pytest.mark.parametrize("team", ["on", "off", "on-nosplit", "on-attnsplit"])
 @pytest.mark.parametrize("kind", ["bf16", "int4"])
 def test_team_and_step_buffers_bitwise(kind, team, monkeypatch, native_calls, two_threads):
     """The step in one thread team (CODESHELL_DECODE_TEAM=on: the helper thread takes chunks of
     every kernel's loop, a batch's queries split between the threads, since session 17 a few
     LayerNorm rows and GELU pieces too; "on-nosplit": CODESHELL_SMALL_SPLIT=off, the team as
-    before session 17) and without it, its per-step buffers reused as the batch size changes
-    between steps (verify steps of varying rows, requests finishing): bit for bit the Python
-    path. (tests/kernels/test_team_splits.py checks the split loops at the small shape's widths.)"""
+    before session 17; "on-attnsplit": CODESHELL_TEAM_ATTN_MIN=1, a batch-1 query's KV groups split
+    over the team at every context length, session 19) and without it, its per-step buffers reused
+    as the batch size changes between steps (verify steps of varying rows, requests finishing): bit
+    for bit the Python path. (tests/kernels/test_team_splits.py checks the split loops at the small
+    shape's widths.)"""
     if team == "on-nosplit":
         monkeypatch.setenv("CODESHELL_SMALL_SPLIT", "off")
+        team = "on"
+    if team == "on-attnsplit":
+        monkeypatch.setenv("CODESHELL_TEAM_ATTN_MIN", "1")
         team = "on"
     monkeypatch.setenv("CODESHELL_DECODE_TEAM", team)
     m = tiny(kind)
@@ -370,13 +375,18 @@ def test_team_and_step_buffers_bitwise(kind, team, monkeypatch, native_calls, tw
 
 
 def test_team_mode_auto_and_switch(monkeypatch, native_calls, two_threads):
-    """off by default; auto: the team where every layer's weights are <= 4 MiB (codeshell-mini's
-    size), not above; a change of CODESHELL_DECODE_TEAM rebuilds the step; a bad value is one
-    clear error."""
+    """on by default (session 19; off before); off: no team; auto: the team where every layer's
+    weights are <= 4 MiB (codeshell-mini's size), not above; a change of CODESHELL_DECODE_TEAM
+    rebuilds the step; a bad value is one clear error."""
+    monkeypatch.delenv("CODESHELL_DECODE_TEAM", raising=False)
     m = tiny("bf16")
     assert_same_runs(m, monkeypatch, native_calls, prompts(2))
     s = built(m)
-    assert s.team == 0 and not s.uses_team
+    assert s.team == 1 and s.uses_team
+    monkeypatch.setenv("CODESHELL_DECODE_TEAM", "off")
+    assert_same_runs(m, monkeypatch, native_calls, prompts(2))
+    assert built(m) is not s and built(m).team == 0 and not built(m).uses_team
+    s = built(m)
     monkeypatch.setenv("CODESHELL_DECODE_TEAM", "auto")
     assert_same_runs(m, monkeypatch, native_calls, prompts(2))
     assert built(m) is not s and built(m).team == 2 and built(m).uses_team
@@ -400,6 +410,49 @@ def test_team_mode_auto_and_switch(monkeypatch, native_calls, two_threads):
     monkeypatch.setenv("CODESHELL_DECODE_TEAM", "fast")
     with pytest.raises(ValueError, match="CODESHELL_DECODE_TEAM='fast': expected auto, on or off"):
         step_mod.team_mode()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_team_attention_group_split(kind, monkeypatch, two_threads):
+    """Session 19: in a team at batch 1, a query whose context has at least CODESHELL_TEAM_ATTN_MIN
+    positions (default 512) has its KV groups split over the team's threads (one packed_attention a
+    group): the same logits and picks as unsplit (CODESHELL_TEAM_ATTN_MIN=0) and as outside a team,
+    bit for bit, at short and long contexts, in slot 0 and a later slot; the split posts one more loop
+    a layer, and only from the threshold on."""
+    from codeshell.engine.kv_cache import KVCache
+
+    mod = _ext.get()
+    m = tiny(kind)
+    cache = KVCache(m.cfg, 3, 256, torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        cache.k.copy_(torch.randn(cache.k.shape, generator=g).to(cache.k.dtype))
+        cache.v.copy_(torch.randn(cache.v.shape, generator=g).to(cache.v.dtype))
+    layers = m.cfg.n_layer
+
+    def run(pos, slot):
+        with torch.inference_mode():
+            out = step_mod.decode(m, cache, [7], [pos], [slot])
+        assert out is not None
+        return out
+
+    def loops(env, pos, slot):
+        monkeypatch.setenv("CODESHELL_TEAM_ATTN_MIN", env)
+        got = mod.run_in_team(lambda: run(pos, slot))
+        assert got is not False
+        return got
+
+    run(3, 0)  # builds the step
+    for pos, slot in ((3, 0), (40, 2), (200, 1), (255, 2)):
+        st = step_mod._DECODERS[m].step
+        st.team = 0
+        alone = run(pos, slot)  # outside a team: packed_attention's own split (OpenMP)
+        st.team = 1
+        (plain, n0), (split, n1) = loops("0", pos, slot), loops("1", pos, slot)
+        (at, n2), (below, n3) = loops(str(pos + 1), pos, slot), loops(str(pos + 2), pos, slot)
+        for a, b in ((plain, alone), (split, alone), (at, alone), (below, alone)):
+            assert torch.equal(a[0], b[0]) and list(a[1]) == list(b[1])  # the bf16 logits, the picks
+        assert n1 == n0 + layers and n2 == n0 + layers and n3 == n0  # the context is pos + 1 positions
 
 
 def _rounded_argmax_cases() -> list[torch.Tensor]:

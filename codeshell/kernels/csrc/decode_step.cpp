@@ -29,9 +29,11 @@
 // changes) through the entry points' `_out` variants: codeshell-mini's native call at 2 threads
 // 0.60 -> 0.49-0.53 ms (p10, batch 1); and (2) can hold one thread team for the whole call
 // (parallel.h's Team: the calling thread runs the step, the team's helper threads spin and take
-// chunks of each kernel's loop; `team` mode, off by default: on the shared 2-core machine it
-// measured no steadier gain, and some processes ran 1.5x slower with it; docs/kernels.md,
-// session 12). Neither changes any op's arithmetic: every output element is computed by the
+// chunks of each kernel's loop; `team` mode, off in session 12 (on the shared 2-core machine it
+// measured no steadier gain, and some processes ran 1.5x slower with it), on by default since
+// session 19 through kernels/step.py: with any other runnable process on the machine every OpenMP
+// fork of the off path waited for its second thread to get a core; docs/kernels.md, sessions 12,
+// 17, 18 and 19). Neither changes any op's arithmetic: every output element is computed by the
 // same code on the same inputs, whichever thread runs its chunk.
 
 #include <torch/extension.h>
@@ -239,13 +241,15 @@ class DecodeStep {
     inner_ = f.N;
   }
 
-  // The thread team for a whole step (parallel.h's Team): 0 off (the default: each kernel
-  // forks its own loops, as before session 12), 1 on, 2 auto: on when every layer's weights are
+  // The thread team for a whole step (parallel.h's Team): 0 off (each kernel forks its own
+  // loops, as before session 12; this object's default, CODESHELL_DECODE_TEAM=off), 1 on (what
+  // kernels/step.py sets by default since session 19), 2 auto: on when every layer's weights are
   // at most kTeamBytes (codeshell-mini's are 1.4 MiB in bf16), where the ops take microseconds
   // and forking the OpenMP team per op costs as much as the op. Never on larger models by
-  // auto: with the team the attention of one query runs on the calling thread
-  // (packed_attention's own split over KV groups cannot take the team's threads), which costs
-  // more at long contexts there than the forks it saves.
+  // auto: with the team the attention of one query ran on the calling thread
+  // (packed_attention's own split over KV groups cannot take the team's threads), which cost
+  // more at long contexts there than the forks it saved (since session 19 `attend` splits a
+  // batch-1 query's groups over the team from CODESHELL_TEAM_ATTN_MIN positions on).
   void set_team(int64_t mode) {
     TORCH_CHECK(mode >= 0 && mode <= 2, "DecodeStep.set_team: mode must be 0 (off), 1 (on) or 2 (auto), got ", mode);
     team_ = mode;
@@ -505,11 +509,41 @@ class DecodeStep {
   // team with M > 1 the queries are split into one contiguous share per thread, each share one
   // packed_attention call (each query's result does not depend on the others in the call:
   // attention.cpp), since packed_attention's own loop cannot take the team's threads.
+  // In a team at M = 1 (batch-1 decode) with a context of at least CODESHELL_TEAM_ATTN_MIN positions
+  // (default kTeamAttnMin; read per call; <= 0: never) the query's KV groups are split instead, one
+  // packed_attention call per group on that group's [1, 1, L, D] slice of the slot's cache (contiguous:
+  // the cache is [slots, G, L, D]) and the group's R = H / G query heads: packed_attention's own item is
+  // one (query, group), computed by the same code on the same inputs, so the bits are the same.
+  // Why: with the team on, packed_attention's own split over the groups runs serially on the master
+  // (its OpenMP count is 1 in a step), so a batch-1 token's attention used one core of two; at the
+  // 7B width (G = 8, D = 128) a 2048-position context is 8 MiB of K and V a layer. Below the threshold
+  // the per-call cost (an output tensor and scratch vectors a group, ~ microseconds) outweighs the
+  // split (session 17 measured (query, group) items on the team slower at codeshell-mini / the small
+  // shape's short contexts).
+  static constexpr int64_t kTeamAttnMin = 512;
   torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& kl, const torch::Tensor& vl,
                        const torch::Tensor& slots, const torch::Tensor& lens, double scale, torch::Tensor& att) const {
     const int64_t M = q.size(0);
     codeshell::Team* team = codeshell::current_team();
-    if (team == nullptr || M == 1) return packed_attention(q, kl, vl, slots, lens, scale, attn_isa_);
+    if (team != nullptr && M == 1) {
+      const int64_t G = kl.size(1), H = q.size(1), D = q.size(2), min_len = codeshell::env_int("CODESHELL_TEAM_ATTN_MIN", kTeamAttnMin);
+      const int64_t slot = slots.data_ptr<int64_t>()[0], len = lens.data_ptr<int64_t>()[0];
+      if (G < 2 || min_len <= 0 || len < min_len || !q.is_contiguous() || !kl.is_contiguous() || !vl.is_contiguous() ||
+          slot < 0 || slot >= kl.size(0))
+        return packed_attention(q, kl, vl, slots, lens, scale, attn_isa_);
+      const int64_t R = H / G;
+      const torch::Tensor zero = torch::zeros({1}, slots.options());
+      bf16* out = att.data_ptr<bf16>();
+      team->run(G, 1, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
+          const torch::Tensor o = packed_attention(q.narrow(1, g * R, R), kl.narrow(0, slot, 1).narrow(1, g, 1),
+                                                   vl.narrow(0, slot, 1).narrow(1, g, 1), zero, lens, scale, attn_isa_);
+          std::memcpy(out + g * R * D, o.data_ptr<bf16>(), R * D * sizeof(bf16));
+        }
+      });
+      return att;
+    }
+    if (team == nullptr) return packed_attention(q, kl, vl, slots, lens, scale, attn_isa_);
     const int64_t share = (M + team->threads() - 1) / team->threads(), row = q.size(1) * q.size(2);
     bf16* out = att.data_ptr<bf16>();
     team->run(M, share, [&](int64_t i0, int64_t i1) {

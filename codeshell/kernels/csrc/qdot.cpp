@@ -103,7 +103,6 @@ struct Pf {
 };
 inline Pf pf_env(const char* dist, const char* hint) {
   Pf p;
-  p.d = kM1Prefetch;
   p.d = env_int(dist, kM1Prefetch);
   p.h = static_cast<int>(env_int(hint, 0));
   p.prime = env_flag("CODESHELL_M1_PRIME", false);
@@ -123,10 +122,6 @@ inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"
 // CODESHELL_Q4_M1_PFS = tiles ahead (0: none, as before session 19; read per call).
 constexpr int64_t kQ4M1ScalePf = 1;
 inline int64_t q4_m1_pfs() { return env_int("CODESHELL_Q4_M1_PFS", kQ4M1ScalePf); }
-inline void prefetch_rows(const float* p, int64_t floats) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t o = 0; o < floats * 4; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
-}
 inline Pf q4_m1_pf() {
   Pf p = pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH");
   p.sc = q4_m1_pfs();
@@ -135,6 +130,7 @@ inline Pf q4_m1_pf() {
 // EXPERIMENT: CODESHELL_M1_PRIME=1: at the start of a chunk of rows, prefetch its first pf.d bytes
 // (the lines the running prefetch never covers: it starts pf.d ahead).
 inline bool m1_prime() { return env_flag("CODESHELL_M1_PRIME", false); }
+// `bytes` from p into L1, a line at a time (that experiment's prime, and int4 M = 1's scale rows: Pf::sc).
 inline void prime(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
@@ -741,8 +737,8 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
     for (; n0 + 16 <= n1; n0 += 16) {
       const float* o = OFFS ? of + n0 * ng : nullptr;
       if (pf.sc) {  // the scale (offset) rows pf.sc tiles ahead (prefetches past the end do not fault)
-        prefetch_rows(sc + (n0 + 16 * pf.sc) * ng, 16 * ng);
-        if (OFFS) prefetch_rows(of + (n0 + 16 * pf.sc) * ng, 16 * ng);
+        prime(sc + (n0 + 16 * pf.sc) * ng, 16 * ng * int64_t(sizeof(float)));
+        if (OFFS) prime(of + (n0 + 16 * pf.sc) * ng, 16 * ng * int64_t(sizeof(float)));
       }
       if (G == 128) codeshell::q4m1::tile16<1, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
       else codeshell::q4m1::tile16<2, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
@@ -776,8 +772,8 @@ void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   }
   for (int64_t n = n0; n < n1; ++n) {  // one weight row per tile (as the AVX2 kernel: measured best)
     if (M == 1 && pf.sc) {
-      prefetch_rows(sc + (n + 16 * pf.sc) * ng, ng);
-      if (OFFS) prefetch_rows(of + (n + 16 * pf.sc) * ng, ng);
+      prime(sc + (n + 16 * pf.sc) * ng, ng * int64_t(sizeof(float)));
+      if (OFFS) prime(of + (n + 16 * pf.sc) * ng, ng * int64_t(sizeof(float)));
     }
     for_x_tiles8(M, [&](auto mb, int64_t m) {
       tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,

@@ -39,6 +39,7 @@
 #include "switches.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -65,7 +66,9 @@ struct Item {
   int64_t H, D, r, g, t0, t1;
   float scale;
   bool trim;              // a partial last key block computes only its chunks with keys (block_rows)
-  const uint32_t* pk;     // the (row, group)'s key blocks packed once for all its items (prepack), or null
+  uint32_t* pk;           // the (row, group)'s key blocks, packed once for all its items (prepack), or null:
+  std::atomic<int>* ready;  // per block 0 not packed, 1 being packed, 2 packed
+  int64_t nkeys;          // the row's keys (its last position + 1): what a shared block holds
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -354,8 +357,22 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
   for (int64_t j0 = 0; j0 <= maxpos; j0 += KB) {
     const uint32_t* kb = kp;
     const uint32_t* vb = vp;
-    if (it.pk != nullptr) kb = it.pk + (j0 / KB) * KB * D, vb = kb + KB * D / 2;  // packed once (prepack)
-    else pack_block<KB>(it, j0, std::min<int64_t>(KB, maxpos + 1 - j0), kp, vp);
+    if (it.pk != nullptr) {  // packed once for the (row, group): by the first item to reach the block
+      uint32_t* kw = it.pk + (j0 / KB) * KB * D;
+      std::atomic<int>& f = it.ready[j0 / KB];
+      if (f.load(std::memory_order_acquire) != 2) {
+        int idle = 0;
+        if (f.compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
+          pack_block<KB>(it, j0, std::min<int64_t>(KB, it.nkeys - j0), kw, kw + KB * D / 2);
+          f.store(2, std::memory_order_release);
+        } else {
+          while (f.load(std::memory_order_acquire) != 2) _mm_pause();  // the other thread is packing it (~1 us)
+        }
+      }
+      kb = kw, vb = kw + KB * D / 2;
+    } else {
+      pack_block<KB>(it, j0, std::min<int64_t>(KB, maxpos + 1 - j0), kp, vp);
+    }
     const int64_t n = it.trim ? std::min<int64_t>(KB, maxpos + 1 - j0) : KB, nb = (n + 15) / 16,
                   kPe = std::min<int64_t>(kP, (n + 1) / 2);
     auto block = [&](auto nbe) {
@@ -383,14 +400,6 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
 
 using RunItem = void (*)(const Item&, uint32_t*, uint32_t*, float*, float*, float*, uint32_t*);
 
-// Block `blk` of a (row, group)'s keys 0..n-1 packed as run_item packs it (pack_block: keys past n
-// zero) into dst: [D/2][KB] key pairs, then [KB/2][D] value pairs (KB * D dwords a block).
-template <int KB>
-void prepack_block(const Item& it, int64_t blk, int64_t n, uint32_t* dst) {
-  const int64_t j0 = blk * KB;
-  pack_block<KB>(it, j0, std::min<int64_t>(KB, n - j0), dst, dst + KB * it.D / 2);
-}
-using PrepackBlock = void (*)(const Item&, int64_t, int64_t, uint32_t*);
 
 }  // namespace
 CODESHELL_END_AVX512
@@ -447,17 +456,19 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   const RunItem run = key_block == 16 ? run_item<16, 8, 2>
                       : key_block == 32 ? (D == 32 ? run_item<32, 8, 8> : run_item<32, 8, 4>)
                                  : (r4 ? run_item<64, 4, 4, true> : run_item<64, 4, 4>);
-  // Prepack (CODESHELL_PREFILL_ATTN_PREPACK=0: off, A/B): each (row, group)'s key blocks packed once,
-  // in a parallel pass, for all its T / 32 query items, where every item packed its own copy of each
-  // block it reads (a 512-token prompt's last item reads all 8 blocks, its first one): the packing
-  // ran ~T / 64 times per block. A block packed for the row holds the row's keys up to its last
-  // position (the per-item pack zeroed keys past the item's last query): those keys sit past every
-  // query of the item, get probability 0 and add +-0 to the value sums; the keys past the row's
-  // last position (never written: NaN in tests) are zero either way.
+  // Prepack (CODESHELL_PREFILL_ATTN_PREPACK=0: off, A/B): each (row, group)'s key blocks packed once
+  // for all its T / 32 query items (by the first item to reach a block; another item needing it
+  // meanwhile waits for it), where every item packed its own copy of each block it reads (a
+  // 512-token prompt's last item reads all 8 blocks, its first one): the packing ran ~T / 64 times
+  // per block. In the items' own parallel region: no second fork and join. A block packed for
+  // the row holds the row's keys up to its last position (the per-item pack zeroed keys past the
+  // item's last query): those keys sit past every query of the item, get probability 0 and add
+  // +-0 to the value sums; keys past the row's last position (never written: NaN in tests) are
+  // zero either way.
   const bool prepack = codeshell::env_flag("CODESHELL_PREFILL_ATTN_PREPACK", true) && nq > 1;
-  std::vector<int64_t> nkeys(prepack ? size_t(B) : 0);
+  std::vector<int64_t> nkeys(size_t(B), 0);
   int64_t nblk = 0;
-  for (int64_t b = 0; b < int64_t(nkeys.size()); ++b) {
+  for (int64_t b = 0; b < B && prepack; ++b) {
     nkeys[b] = *std::max_element(pp + b * T, pp + (b + 1) * T) + 1;
     nblk = std::max(nblk, (nkeys[b] + key_block - 1) / key_block);
   }
@@ -465,21 +476,15 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   std::unique_ptr<uint32_t, decltype(&std::free)> packed(
       prepack ? static_cast<uint32_t*>(std::aligned_alloc(64, size_t(B * G * nblk * bstride) * 4 + 64)) : nullptr, &std::free);
   TORCH_CHECK(!prepack || packed, "prefill_attention: out of memory");
+  std::unique_ptr<std::atomic<int>[]> ready(prepack ? new std::atomic<int>[size_t(B * G * nblk)] : nullptr);
+  for (int64_t i = 0; prepack && i < B * G * nblk; ++i) ready[i].store(0, std::memory_order_relaxed);
   auto item_of = [&](int64_t b, int64_t g, int64_t qi) {
     const int64_t cell = (sp[b] * G + g) * L * D;
     return Item{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
                 yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale), trim,
-                prepack ? packed.get() + (b * G + g) * nblk * bstride : nullptr};
+                prepack ? packed.get() + (b * G + g) * nblk * bstride : nullptr,
+                prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b]};
   };
-  if (prepack) {
-    const PrepackBlock pb = key_block == 16 ? prepack_block<16> : key_block == 32 ? prepack_block<32> : prepack_block<64>;
-    codeshell::parallel_chunks(B * G * nblk, 1, 1, [&](int64_t a, int64_t e) {
-      for (int64_t w = a; w < e; ++w) {
-        const int64_t b = w / (G * nblk), g = (w / nblk) % G, blk = w % nblk;
-        if (blk * key_block < nkeys[b]) pb(item_of(b, g, 0), blk, nkeys[b], packed.get() + w * bstride);
-      }
-    });
-  }
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
     // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs), o [R][D]
     // fp32, the probabilities of a score tile [MR rows][KB/2 key pairs] (bf16 pairs), row max and sum

@@ -35,6 +35,7 @@
 
 #include "isa.h"
 #include "parallel.h"
+#include "scratch.h"
 #include "simd512.h"
 #include "switches.h"
 
@@ -473,16 +474,17 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     nblk = std::max(nblk, (nkeys[b] + key_block - 1) / key_block);
   }
   const int64_t bstride = key_block * D;  // dwords per packed block
-  std::unique_ptr<uint32_t, decltype(&std::free)> packed(
-      prepack ? static_cast<uint32_t*>(std::aligned_alloc(64, size_t(B * G * nblk * bstride) * 4 + 64)) : nullptr, &std::free);
-  TORCH_CHECK(!prepack || packed, "prefill_attention: out of memory");
+  // kept by the calling thread between calls (scratch.h): a 512-token prompt's blocks are 512 KiB at
+  // the small shape (H 8, G 2, D 128), a fresh mapping with a page fault per 4 KiB each call
+  static thread_local codeshell::ThreadScratch packed_keep;
+  codeshell::Scratch<uint32_t> packed(packed_keep, prepack ? size_t(B * G * nblk * bstride) : 0);
   std::unique_ptr<std::atomic<int>[]> ready(prepack ? new std::atomic<int>[size_t(B * G * nblk)] : nullptr);
   for (int64_t i = 0; prepack && i < B * G * nblk; ++i) ready[i].store(0, std::memory_order_relaxed);
   auto item_of = [&](int64_t b, int64_t g, int64_t qi) {
     const int64_t cell = (sp[b] * G + g) * L * D;
     return Item{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
                 yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale), trim,
-                prepack ? packed.get() + (b * G + g) * nblk * bstride : nullptr,
+                prepack ? packed.data() + (b * G + g) * nblk * bstride : nullptr,
                 prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b]};
   };
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {

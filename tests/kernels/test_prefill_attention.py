@@ -163,3 +163,47 @@ def test_partial_key_block_trim_keeps_bits(kb, D, T, P, monkeypatch):
     monkeypatch.delenv("CODESHELL_PREFILL_ATTN_TRIM")
     assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 0.2, kb), whole)
     print(f"prefill_attention (avx512_bf16, key block {kb}, last blocks trimmed) D{D} T{T} P{P}: the whole blocks' bits")
+
+
+@needs_bf16
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (1, 8, 2, 128, 100, 0), (2, 4, 2, 64, 37, 5),
+                                         (2, 4, 1, 256, 70, 20), (1, 2, 2, 64, 2, 0), (1, 4, 2, 96, 50, 3),
+                                         (2, 8, 8, 32, 33, 0)])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_four_row_softmax_keeps_bits(B, H, G, D, T, P, zeros, monkeypatch):
+    # The 64-key tile's softmax four rows at a time (block_rows4: the maxima and sums by reduce4,
+    # the same reduction trees as _mm512_reduce_max_ps / _mm512_reduce_add_ps; the running max's
+    # exp only where it moved) against one row at a time (CODESHELL_PREFILL_ATTN_R4=0): the same
+    # bits, also with rows of a tile past R (R % 4 != 0) and on zero queries (scores of +-0).
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    if zeros:
+        q = q * 0
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_R4", "0")
+    one = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
+    monkeypatch.delenv("CODESHELL_PREFILL_ATTN_R4")
+    four = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
+    assert torch.equal(four, one)
+    print(f"prefill_attention (avx512_bf16, 64-key tile, softmax of 4 rows a step) B{B} H{H} G{G} D{D} T{T} P{P}: "
+          "the one-row softmax's bits")
+
+
+@needs_bf16
+@pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (1, 8, 2, 128, 100, 0), (3, 4, 2, 64, 37, 5),
+                                         (2, 4, 1, 256, 70, 20), (1, 4, 2, 96, 50, 3), (2, 8, 8, 32, 33, 0)])
+def test_prepacked_key_blocks(B, H, G, D, T, P, kb, monkeypatch):
+    # Each (row, group)'s key blocks packed once for all its query items (CODESHELL_PREFILL_ATTN_PREPACK,
+    # on by default) against every item packing its own: the same values (keys past an item's last
+    # query get probability 0 either way; equal also holds for -0 against +0), and NaN past each row's
+    # last position is never read (the _case rows with a shorter prefix included).
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    for b in range(B):
+        kc[slots[b], :, int(pos[b].max()) + 1:] = float("nan")
+        vc[slots[b], :, int(pos[b].max()) + 1:] = float("nan")
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_PREPACK", "0")
+    own = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), kb)
+    monkeypatch.delenv("CODESHELL_PREFILL_ATTN_PREPACK")
+    shared = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), kb)
+    assert not shared.isnan().any() and torch.equal(shared, own)
+    print(f"prefill_attention (avx512_bf16, key block {kb}, blocks packed once per row and group) "
+          f"B{B} H{H} G{G} D{D} T{T} P{P}: the per-item packing's values")

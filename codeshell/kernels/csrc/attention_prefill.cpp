@@ -35,13 +35,18 @@
 
 #include "isa.h"
 #include "parallel.h"
+#include "scratch.h"
 #include "simd512.h"
+#include "switches.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #if CODESHELL_HAVE_AVX512
@@ -62,6 +67,9 @@ struct Item {
   int64_t H, D, r, g, t0, t1;
   float scale;
   bool trim;              // a partial last key block computes only its chunks with keys (block_rows)
+  uint32_t* pk;           // the (row, group)'s key blocks, packed once for all its items (prepack), or null:
+  std::atomic<int>* ready;  // per block 0 not packed, 1 being packed, 2 packed
+  int64_t nkeys;          // the row's keys (its last position + 1): what a shared block holds
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -221,9 +229,111 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
     }
 }
 
+// The horizontal max (MAX) or sum of four rows' vectors v[0..3] at once, lane 4 r holding row r's:
+// the same tree, operand for operand, as GCC's _mm512_reduce_max_ps / _mm512_reduce_add_ps
+// (avx512fintrin.h's __MM512_REDUCE_OP: the high 256 bits op the low, then the high 128 op the
+// low, then lanes {2,3} op {0,1}, then lane 1 op lane 0 with lane 0 first), so each row gets the
+// bits the one-row reduction gives, in 3 shuffle-op steps for four rows instead of four chains of
+// extracts and scalar ops (the softmax's reductions were a per-row latency chain between the score
+// and the value products).
+template <bool MAX>
+inline __m512 reduce4(const __m512* v) {
+  auto op = [](__m512 a, __m512 b) { return MAX ? _mm512_max_ps(a, b) : _mm512_add_ps(a, b); };
+  // [hi256(v0) | hi256(v1)] op [lo256(v0) | lo256(v1)]: T3 of rows 0 and 1 (and 2, 3)
+  const __m512 c01 = op(_mm512_shuffle_f32x4(v[0], v[1], _MM_SHUFFLE(3, 2, 3, 2)),
+                        _mm512_shuffle_f32x4(v[0], v[1], _MM_SHUFFLE(1, 0, 1, 0)));
+  const __m512 c23 = op(_mm512_shuffle_f32x4(v[2], v[3], _MM_SHUFFLE(3, 2, 3, 2)),
+                        _mm512_shuffle_f32x4(v[2], v[3], _MM_SHUFFLE(1, 0, 1, 0)));
+  // T6 of rows 0..3 in 128-bit lanes 0..3: high 128 of each T3 op its low 128
+  const __m512 t6 = op(_mm512_shuffle_f32x4(c01, c23, _MM_SHUFFLE(3, 1, 3, 1)),
+                       _mm512_shuffle_f32x4(c01, c23, _MM_SHUFFLE(2, 0, 2, 0)));
+  const __m512 t8 = op(t6, _mm512_permute_ps(t6, _MM_SHUFFLE(1, 0, 3, 2)));   // T6 op {2,3,0,1}
+  return op(t8, _mm512_permute_ps(t8, _MM_SHUFFLE(2, 3, 0, 1)));             // lane 0 op lane 1
+}
+
+// block_rows with the softmax's bookkeeping for MR = 4 rows at a time (the default 64-key tile):
+// the four rows' maxima and sums by reduce4 (the same trees), the scalar exp of the running max's
+// move only where it moved (exp(0) = 1 exactly: the same alpha), the scores rescaled and masked
+// again in the exp pass instead of being kept (the same multiply). The same products in the same
+// order: the same bits as block_rows (tests/kernels/test_prefill_attention.py checks them equal).
+template <int KB, int MR, int PR, int NBE>
+inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
+                        const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
+                        float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane) {
+  static_assert(MR == 4, "block_rows4: four rows a tile");
+  constexpr int NB = KB / 16;
+  constexpr int64_t kP = KB / 2;
+  for (int64_t i0 = 0; i0 < R; i0 += MR) {
+    __m512 s[MR * NB];
+    scores<MR, NBE, KB>(qrowp + i0, kp, D2, s);
+    const int64_t rows = std::min<int64_t>(MR, R - i0);
+    int64_t last[MR];
+    __m512 mx[MR];
+    for (int ii = 0; ii < MR; ++ii) {
+      last[ii] = ii < rows ? qpos[i0 + ii] - j0 : -1;
+      mx[ii] = _mm512_set1_ps(-INFINITY);
+      if (last[ii] < 0) continue;
+      for (int c = 0; c < NBE; ++c) {
+        const __mmask16 vis = _mm512_cmp_epi32_mask(
+            lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last[ii] - 16 * c, 16))), _MM_CMPINT_LE);
+        mx[ii] = _mm512_max_ps(mx[ii], _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, _mm512_mul_ps(s[ii * NB + c], sc)));
+      }
+    }
+    alignas(64) float red[16];
+    _mm512_store_ps(red, reduce4<true>(mx));
+    float alpha[MR], mnew[MR];
+    __m512 sum[MR];
+    for (int ii = 0; ii < MR; ++ii) {
+      sum[ii] = _mm512_setzero_ps();
+      alpha[ii] = 1.f;
+      uint32_t* p = prow + ii * kP;
+      if (last[ii] < 0) {  // a block wholly past this query (or a row past R): nothing to add
+        if (ii < rows) std::memset(p, 0, kP * 4);
+        continue;
+      }
+      const float mo = mrow[i0 + ii];
+      mnew[ii] = std::max(mo, red[4 * ii]);
+      alpha[ii] = mo == mnew[ii] ? 1.f : std::exp(mo - mnew[ii]);  // 0 on the first visible block (-inf)
+      const __m512 mv = _mm512_set1_ps(mnew[ii]);
+      for (int c = 0; c < NBE; ++c) {
+        const __mmask16 vis = _mm512_cmp_epi32_mask(
+            lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last[ii] - 16 * c, 16))), _MM_CMPINT_LE);
+        const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, _mm512_mul_ps(s[ii * NB + c], sc));
+        const __m256bh eb = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(vis, codeshell::exp16(_mm512_sub_ps(x, mv))));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), (__m256i)eb);
+        const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
+        sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
+      }
+    }
+    _mm512_store_ps(red, reduce4<false>(sum));
+    for (int ii = 0; ii < rows; ++ii) {
+      if (last[ii] < 0) continue;
+      const int64_t i = i0 + ii;
+      // l alpha + sum as a rounded product then a rounded sum (not an FMA), as block_rows
+      float lp = lrow[i] * alpha[ii];
+      __asm__("" : "+x"(lp));
+      lrow[i] = lp + red[4 * ii];
+      mrow[i] = mnew[ii];
+    }
+    int64_t ii = 0;
+    for (; ii + PR <= rows; ii += PR) {
+      float* orow[PR];
+      const uint32_t* pr[PR];
+      for (int r = 0; r < PR; ++r) orow[r] = o + (i0 + ii + r) * D, pr[r] = prow + (ii + r) * kP;
+      pv_rows<PR>(orow, pr, alpha + ii, vp, D, kPe);
+    }
+    for (; ii < rows; ++ii) {
+      float* const orow[1] = {o + (i0 + ii) * D};
+      const uint32_t* const pr[1] = {prow + ii * kP};
+      pv_rows<1>(orow, pr, alpha + ii, vp, D, kPe);
+    }
+  }
+}
+
 // One work item with key blocks of KB keys and score tiles of MR query rows; o += p . V in
 // groups of PR rows sharing each value vector.
-template <int KB, int MR, int PR>
+// R4: the softmax of four rows at a time (block_rows4, MR = 4 only; the same bits).
+template <int KB, int MR, int PR, bool R4 = false>
 void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow, float* lrow, uint32_t* prow) {
   constexpr int NB = KB / 16;
   constexpr int64_t kP = KB / 2;  // key pairs per block
@@ -246,13 +356,37 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
   const __m512 sc = _mm512_set1_ps(it.scale);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t j0 = 0; j0 <= maxpos; j0 += KB) {
-    pack_block<KB>(it, j0, std::min<int64_t>(KB, maxpos + 1 - j0), kp, vp);
+    const uint32_t* kb = kp;
+    const uint32_t* vb = vp;
+    if (it.pk != nullptr) {  // packed once for the (row, group): by the first item to reach the block
+      uint32_t* kw = it.pk + (j0 / KB) * KB * D;
+      std::atomic<int>& f = it.ready[j0 / KB];
+      if (f.load(std::memory_order_acquire) != 2) {
+        int idle = 0;
+        if (f.compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
+          pack_block<KB>(it, j0, std::min<int64_t>(KB, it.nkeys - j0), kw, kw + KB * D / 2);
+          f.store(2, std::memory_order_release);
+        } else {
+          while (f.load(std::memory_order_acquire) != 2) _mm_pause();  // the other thread is packing it (~1 us)
+        }
+      }
+      kb = kw, vb = kw + KB * D / 2;
+    } else {
+      pack_block<KB>(it, j0, std::min<int64_t>(KB, maxpos + 1 - j0), kp, vp);
+    }
     const int64_t n = it.trim ? std::min<int64_t>(KB, maxpos + 1 - j0) : KB, nb = (n + 15) / 16,
                   kPe = std::min<int64_t>(kP, (n + 1) / 2);
-    if constexpr (NB >= 4) if (nb == 3) { block_rows<KB, MR, PR, 3>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane); continue; }
-    if constexpr (NB >= 2) if (nb == 1) { block_rows<KB, MR, PR, 1>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane); continue; }
-    if constexpr (NB >= 4) if (nb == 2) { block_rows<KB, MR, PR, 2>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane); continue; }
-    block_rows<KB, MR, PR, NB>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kp, vp, o, mrow, lrow, prow, sc, lane);
+    auto block = [&](auto nbe) {
+      constexpr int NBE = decltype(nbe)::value;
+      if constexpr (R4 && MR == 4)
+        block_rows4<KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane);
+      else
+        block_rows<KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane);
+    };
+    if constexpr (NB >= 4) if (nb == 3) { block(std::integral_constant<int, 3>{}); continue; }
+    if constexpr (NB >= 2) if (nb == 1) { block(std::integral_constant<int, 1>{}); continue; }
+    if constexpr (NB >= 4) if (nb == 2) { block(std::integral_constant<int, 2>{}); continue; }
+    block(std::integral_constant<int, NB>{});
   }
   // y[t][h] = o / l, rounded to bf16 (round to nearest even)
   for (int64_t i = 0; i < R; ++i) {
@@ -266,6 +400,7 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
 }
 
 using RunItem = void (*)(const Item&, uint32_t*, uint32_t*, float*, float*, float*, uint32_t*);
+
 
 }  // namespace
 CODESHELL_END_AVX512
@@ -317,9 +452,41 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // 64 keys x 4 rows.
   // CODESHELL_PREFILL_ATTN_TRIM=0: every key block whole (A/B; the same bits either way)
   const bool trim = codeshell::env_flag("CODESHELL_PREFILL_ATTN_TRIM", true);
+  // CODESHELL_PREFILL_ATTN_R4=0: the 64-key tile's softmax one row at a time (block_rows; A/B, the same bits)
+  const bool r4 = codeshell::env_flag("CODESHELL_PREFILL_ATTN_R4", true);
   const RunItem run = key_block == 16 ? run_item<16, 8, 2>
                       : key_block == 32 ? (D == 32 ? run_item<32, 8, 8> : run_item<32, 8, 4>)
-                                 : run_item<64, 4, 4>;
+                                 : (r4 ? run_item<64, 4, 4, true> : run_item<64, 4, 4>);
+  // Prepack (CODESHELL_PREFILL_ATTN_PREPACK=0: off, A/B): each (row, group)'s key blocks packed once
+  // for all its T / 32 query items (by the first item to reach a block; another item needing it
+  // meanwhile waits for it), where every item packed its own copy of each block it reads (a
+  // 512-token prompt's last item reads all 8 blocks, its first one): the packing ran ~T / 64 times
+  // per block. In the items' own parallel region: no second fork and join. A block packed for
+  // the row holds the row's keys up to its last position (the per-item pack zeroed keys past the
+  // item's last query): those keys sit past every query of the item, get probability 0 and add
+  // +-0 to the value sums; keys past the row's last position (never written: NaN in tests) are
+  // zero either way.
+  const bool prepack = codeshell::env_flag("CODESHELL_PREFILL_ATTN_PREPACK", true) && nq > 1;
+  std::vector<int64_t> nkeys(size_t(B), 0);
+  int64_t nblk = 0;
+  for (int64_t b = 0; b < B && prepack; ++b) {
+    nkeys[b] = *std::max_element(pp + b * T, pp + (b + 1) * T) + 1;
+    nblk = std::max(nblk, (nkeys[b] + key_block - 1) / key_block);
+  }
+  const int64_t bstride = key_block * D;  // dwords per packed block
+  // kept by the calling thread between calls (scratch.h): a 512-token prompt's blocks are 512 KiB at
+  // the small shape (H 8, G 2, D 128), a fresh mapping with a page fault per 4 KiB each call
+  static thread_local codeshell::ThreadScratch packed_keep;
+  codeshell::Scratch<uint32_t> packed(packed_keep, prepack ? size_t(B * G * nblk * bstride) : 0);
+  std::unique_ptr<std::atomic<int>[]> ready(prepack ? new std::atomic<int>[size_t(B * G * nblk)] : nullptr);
+  for (int64_t i = 0; prepack && i < B * G * nblk; ++i) ready[i].store(0, std::memory_order_relaxed);
+  auto item_of = [&](int64_t b, int64_t g, int64_t qi) {
+    const int64_t cell = (sp[b] * G + g) * L * D;
+    return Item{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
+                yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale), trim,
+                prepack ? packed.data() + (b * G + g) * nblk * bstride : nullptr,
+                prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b]};
+  };
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
     // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs), o [R][D]
     // fp32, the probabilities of a score tile [MR rows][KB/2 key pairs] (bf16 pairs), row max and sum
@@ -333,10 +500,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     float* lrow = mrow + Rmax;
     for (int64_t w = a; w < e; ++w) {
       const int64_t b = w / (G * nq), g = (w / nq) % G, qi = w % nq;
-      const int64_t cell = (sp[b] * G + g) * L * D;
-      const Item it{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
-                    yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale), trim};
-      run(it, kp, vp, o, mrow, lrow, prow);
+      run(item_of(b, g, qi), kp, vp, o, mrow, lrow, prow);
     }
   });
 #else

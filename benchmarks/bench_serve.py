@@ -91,13 +91,13 @@ def gguf_file(args, model: Path, tmp: Path) -> Path:
 
 
 class Server:
-    def __init__(self, model: Path, port: int, *args: str, threads: int | None = None):
+    def __init__(self, model: Path, port: int, *args: str, threads: int | None = None, env: dict | None = None):
         cmd = [sys.executable, "-m", "codeshell.serve", "--model", str(model), "--port", str(port),
                "--max-batch", "16", "--log-level", "warning", *args]
         if threads:
             cmd += ["--threads", str(threads)]
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {}), "PYTHONPATH": str(REPO)})
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -114,6 +114,41 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float, int]]:
+    """{tid: (name, CPU seconds, involuntary context switches)} of process `pid`'s threads, from
+    /proc (Linux; {} elsewhere): where a served token's CPU goes (the event loop is the process's
+    first thread, the engine's driver thread runs the steps' serial code, the decode team's helper
+    and OpenMP's workers the rest) and how often each was preempted."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+            status = Path(f"/proc/{pid}/task/{t}/status").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        f = stat[stat.rindex(")") + 2:].split()
+        nv = next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("nonvoluntary_ctxt_switches")), 0)
+        out[int(t)] = (name, (int(f[11]) + int(f[12])) / tick, nv)
+    return out
+
+
+def cpu_split(pid: int, before: dict, after: dict) -> str:
+    """The threads' CPU seconds (and preemptions) between two thread_cpu() readings, busiest first."""
+    rows = []
+    for tid, (name, cpu, nv) in after.items():
+        c0, n0 = before.get(tid, (name, 0.0, 0))[1:]
+        if cpu - c0 > 0.005 or nv - n0 > 0:
+            label = "main" if tid == pid else name
+            rows.append((cpu - c0, f"{label}:{cpu - c0:.2f}s/{nv - n0}p"))
+    return " ".join(r[1] for r in sorted(rows, reverse=True)[:5])
 
 
 def model_name(url: str, headers: dict) -> str:
@@ -313,11 +348,19 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
     print(llamacpp.version(bins), flush=True)
     threads = args.threads or os.cpu_count() or 1
     counts = [int(x) for x in args.clients.split(",")]
-    sides = ("ours", "llama-server")
+    # --ours-env: more `codeshell serve` processes, each with its environment variables, taking
+    # their turn in every round beside the default one (a same-run A/B of a switch).
+    variants = {"ours": {}}
+    for spec in args.ours_env:
+        variants[f"ours[{spec}]"] = dict(kv.split("=", 1) for kv in spec.split(","))
+    sides = (*variants, "llama-server")
     runs = {side: {c: [] for c in counts} for side in sides}
     fims = {side: [] for side in sides}
-    ours = Server(model if args.format == "bf16" else gfile, args.port, *args.serve_arg, threads=threads)
+    servers = {}
     try:
+        for i, (side, env) in enumerate(variants.items()):
+            servers[side] = Server(model if args.format == "bf16" else gfile, args.port + i, *args.serve_arg,
+                                   threads=threads, env=env)
         # -np 16 slots of 2560 tokens each (the FIM prompt and its completion fit); -b 4096 so that
         # /infill keeps the whole ~1.9k-token prefix (it keeps at most 3/4 of the batch size).
         theirs = llamacpp.LlamaServer(bins, gfile, threads=threads, parallel=16, ctx=16 * 2560,
@@ -327,15 +370,26 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
         # request (a local TCP connect costs well under a millisecond).
         headers = {"Connection": "close"}
         try:
-            urls = {"ours": ours.url, "llama-server": theirs.url}
+            urls = {**{side: srv.url for side, srv in servers.items()}, "llama-server": theirs.url}
             for k in range(args.repeats):
                 for c in counts:
-                    for side in sides:
+                    # each round in a new order, so no side always follows the same one
+                    order = sides[k % len(sides):] + sides[:k % len(sides)]
+                    for side in order:
+                        srv = servers.get(side)
+                        if srv is not None:
+                            cpu0, (s0, n0) = thread_cpu(srv.proc.pid), engine_metrics(srv.url, headers)
                         r = throughput(urls[side], headers, c, args.rounds, args.max_tokens, offset=1000 * k)
                         runs[side][c].append(r)
+                        extra = ""
+                        if srv is not None:  # the server's steps: mean ms, share of the wall, threads' CPU
+                            s1, n1 = engine_metrics(srv.url, headers)
+                            extra = (f"\n      steps {n1 - n0:.0f}, {(s1 - s0) / max(1, n1 - n0) * 1e3:.1f} ms mean, "
+                                     f"{(s1 - s0) / r['wall'] * 100:.0f}% of the wall; CPU "
+                                     + cpu_split(srv.proc.pid, cpu0, thread_cpu(srv.proc.pid)))
                         print(f"  round {k + 1}: {side:>12} {c:>3} clients: {r['tok_s']:8.1f} tok/s  "
                               f"ttft p50 {r['ttft_p50'] * 1e3:7.0f} ms  ({r['tokens']} tokens in {r['wall']:.1f} s; "
-                              f"other processes {r['other']:.2f} cores)", flush=True)
+                              f"other processes {r['other']:.2f} cores){extra}", flush=True)
             for i in range(args.fim_repeats):
                 for side in sides:
                     f = fim_latency(urls[side], headers, args.fim_tokens, 1)
@@ -349,7 +403,8 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
         finally:
             theirs.stop()
     finally:
-        ours.stop()
+        for srv in servers.values():
+            srv.stop()
 
     def med(xs):
         return statistics.median(xs)
@@ -359,12 +414,15 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
           "TTFT: < 1 is ours faster)")
     print("| clients | ours tok/s | llama-server tok/s | ratio | ours TTFT p50 ms | llama-server TTFT p50 ms | ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for c in counts if args.repeats else []:  # --repeats 0: the FIM test only
-        o, t_ = runs["ours"][c], runs["llama-server"][c]
-        ratio = med([a["tok_s"] / b["tok_s"] for a, b in zip(o, t_)])
-        tt = med([a["ttft_p50"] / b["ttft_p50"] for a, b in zip(o, t_)])
-        print(f"| {c} | {med([r['tok_s'] for r in o]):.1f} | {med([r['tok_s'] for r in t_]):.1f} | {ratio:.2f}x | "
-              f"{med([r['ttft_p50'] for r in o]) * 1e3:.0f} | {med([r['ttft_p50'] for r in t_]) * 1e3:.0f} | {tt:.2f}x |")
+    for v in variants:
+        for c in counts if args.repeats else []:  # --repeats 0: the FIM test only
+            o, t_ = runs[v][c], runs["llama-server"][c]
+            ratio = med([a["tok_s"] / b["tok_s"] for a, b in zip(o, t_)])
+            tt = med([a["ttft_p50"] / b["ttft_p50"] for a, b in zip(o, t_)])
+            label = f"{c}" if v == "ours" else f"{c} {v}"
+            print(f"| {label} | {med([r['tok_s'] for r in o]):.1f} | {med([r['tok_s'] for r in t_]):.1f} | "
+                  f"{ratio:.2f}x | {med([r['ttft_p50'] for r in o]) * 1e3:.0f} | "
+                  f"{med([r['ttft_p50'] for r in t_]) * 1e3:.0f} | {tt:.2f}x |")
     if args.repeats:
         busy = {side: med([r["other"] for c in counts for r in runs[side][c]]) for side in sides}
         print(f"(other processes on the machine during the rounds, median: {busy['ours']:.2f} cores in ours', "
@@ -402,6 +460,9 @@ def main() -> None:
                          "cache): ours against llama-server -np 16 on the same weights")
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="an extra flag for the `codeshell serve` it starts (repeatable), e.g. --serve-arg=--no-warmup")
+    ap.add_argument("--ours-env", action="append", default=[], metavar="NAME=V[,NAME=V]",
+                    help="with --compare-llamacpp: one more `codeshell serve` with these environment variables, "
+                         "alternating with the default one and llama-server in every round (repeatable)")
     ap.add_argument("--engine-vs-served", type=int, metavar="ROUNDS",
                     help="only time the --clients workloads straight on the engine and through the server, "
                          "alternating for ROUNDS rounds (the server's own cost)")

@@ -3,9 +3,37 @@ so `codeshell --help` is fast; the app, torch and uvicorn load inside the comman
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import MutableMapping
 from typing import Annotated
 
 import typer
+
+OMP_WAITS = ("passive", "keep")
+
+
+def omp_wait_policy(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Sets OMP_WAIT_POLICY=passive for the server (returned; None where nothing was set), before
+    torch loads libgomp (which reads it once, at load). CODESHELL_SERVE_OMP_WAIT=keep leaves the
+    environment as it is (the behaviour before session 20); an OMP_WAIT_POLICY the user set is kept,
+    and so is libgomp's default unless the decode team is on (CODESHELL_DECODE_TEAM, default on).
+
+    Why: with the decode team on, the native step runs on the team's threads, but the engine's
+    torch ops between steps (the sampled rows' float32 logits, the sampler) still fork OpenMP,
+    whose worker then spins (libgomp's default: ~300k spins) through the next step beside the
+    team's master and helper: three busy threads on two cores. Measured at the 1.7B q4_0, one
+    client, temperature 0.8 (docs/kernels.md, session 20 helper A): 37-48 ms a step with the
+    spinning worker (its thread 1.66 s of CPU for 128 tokens), 33-43 passive (0.67 s). Passive
+    costs a futex wake per OpenMP region, nothing next to a prompt's region of milliseconds; the
+    OpenMP decode path (team off or auto) forks for every small loop, so it keeps the default."""
+    mode = environ.get("CODESHELL_SERVE_OMP_WAIT", "passive")
+    if mode not in OMP_WAITS:
+        raise typer.BadParameter(f"CODESHELL_SERVE_OMP_WAIT={mode!r}: expected {' or '.join(OMP_WAITS)}")
+    if mode == "keep" or "OMP_WAIT_POLICY" in environ or environ.get("CODESHELL_DECODE_TEAM", "on") != "on":
+        return None
+    environ["OMP_WAIT_POLICY"] = "passive"
+    return "passive"
 
 # One command, mounted as a group (`codeshell serve ...`): no `COMMAND [ARGS]...` in its usage line.
 app = typer.Typer(help="Serve a CodeShell model over HTTP (OpenAI API, IDE plugins, web UI).",
@@ -45,6 +73,8 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve a model to IDE plugins (llama.cpp and TGI APIs), OpenAI clients and a web page."""
+    torch_loaded = "torch" in sys.modules  # then libgomp has read its settings already
+    omp_wait = omp_wait_policy()
     import logging
     from pathlib import Path
 
@@ -63,6 +93,9 @@ def serve(
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if omp_wait and torch_loaded:
+        logging.getLogger("codeshell.serve").warning(
+            "OMP_WAIT_POLICY=%s comes too late: torch was imported before `serve` ran", omp_wait)
     settings = ServeSettings(model=model, host=host, port=port, dtype=dtype, device=device, tokenizer=tokenizer,
                              quantization=quantization, api_keys=list(api_key or []), max_batch=max_batch, max_queue=max_queue,
                              max_model_len=max_model_len, cors_origins=list(cors_origin or ["*"]),

@@ -88,3 +88,39 @@ def test_load_stops_with_the_benchmark(sig):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# ---- the decode team's idle policy (csrc/parallel.h Team::end, CODESHELL_TEAM_IDLE_US) ----------
+
+@pytest.mark.parametrize("idle_us", ["-1", "0", "300", "2000"])
+def test_team_idle_policy_same_bits_and_wakes(idle_us, monkeypatch):
+    """However long the helper spins out of a call (the old ~1 ms of pauses, none: it sleeps at
+    once, N microseconds), every later call finds it (woken from its sleep where it slept) and
+    the team's loops give the bits of the call outside a team. Calls are spaced by more than
+    the spin so that the helper really is asleep at the next begin()."""
+    import torch
+
+    from codeshell import kernels
+    from codeshell.kernels import _ext
+
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    mod = _ext.get()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the team needs 2 threads
+    try:
+        monkeypatch.setenv("CODESHELL_TEAM_IDLE_US", idle_us)
+        g = torch.Generator().manual_seed(7)
+        x, r = torch.randn(8, 1024, generator=g), torch.randn(8, 1024, generator=g)
+        w, b = torch.randn(1024, generator=g), torch.randn(1024, generator=g)
+        want = mod.fused_add_layer_norm(x, r, w, b, 1e-5)
+        for k in range(12):
+            out = mod.run_in_team(lambda: mod.fused_add_layer_norm(x, r, w, b, 1e-5))
+            assert out is not False, "no thread team (another thread holds it?)"
+            got, loops = out
+            assert loops >= 1  # the rows went to the team (8 x 1024 values: split)
+            assert all(torch.equal(a, c) for a, c in zip(got, want)) if isinstance(got, (list, tuple)) \
+                else torch.equal(got, want)
+            time.sleep(0.003 if k % 2 else 0)  # past a 2 ms spin every other call; back to back else
+    finally:
+        torch.set_num_threads(before)

@@ -134,7 +134,7 @@ def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: i
     from codeshell import LLM, SamplingParams
     from codeshell.kernels import step as step_mod
 
-    from bench_kernels import set_env  # the --ab environment variants, as bench_kernels --sweep
+    from ab_variant import apply_variant, restore  # the --ab variants, shared with bench_loaded.py
 
     llm = LLM(model, dtype="bfloat16", threads=threads, max_batch=max(batches), max_model_len=prompt_len + tokens + 8)
     vocab = min(llm.engine.cfg.vocab_size, 70000)
@@ -150,10 +150,7 @@ def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: i
     res: dict[tuple[str, int], list[dict]] = {}
     for r in range(rounds):
         for v in (variants if r % 2 == 0 else variants[::-1]):
-            items = [] if v == "-" else v.split(",")
-            teams = [int(kv.split("=", 1)[1]) for kv in items if kv.startswith("team=")]
-            st.team = teams[-1] if teams else team0
-            set_env(",".join(kv for kv in items if not kv.startswith("team=")), env0)
+            apply_variant(v, st, team0, env0)
             for b in batches:
                 st.profile = True  # clears the sums
                 llm.generate(prompts[b], sp)
@@ -162,8 +159,7 @@ def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: i
                 row = {n: s / calls * 1e6 for n, s in phases}
                 row["whole call"] = sum(s for _, s in phases) / calls * 1e6
                 res.setdefault((v, b), []).append(row)
-    set_env("-", env0)
-    st.team = team0
+    restore(st, team0, env0)
     cols = [(v, b) for v in variants for b in batches]
     print("us a call, medians over rounds".ljust(22) + "".join(f"{v[:14] + ' b' + str(b):>20}" for v, b in cols))
     for name in res[cols[0]][0]:
@@ -191,6 +187,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
         return
+    from ab_variant import HELP as AB_HELP, add_ab_argument  # --ab, shared with bench_loaded.py
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(MINI), help="checkpoint folder (default: codeshell-mini)")
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per generation")
@@ -207,8 +205,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="instead: per-phase time of the native step (DecodeStep.profile) at each --batch, "
                          "--ab variants alternating over --rounds in one process")
-    ap.add_argument("--ab", nargs="+", default=["-"], metavar="VARIANT",
-                    help="with --profile: '-' (as loaded), team=0|1, or ENV=V[,ENV=V] the kernels read per call")
+    add_ab_argument(ap, ["-"], "with --profile: " + AB_HELP)
     a = ap.parse_args()
     if not Path(a.model, "config.json").is_file():
         ap.error(f"--model {a.model}: no config.json there")

@@ -168,7 +168,7 @@ def run(model: str, tokens: int, batches: list[int], threads: int, rounds: int, 
         loads: list[int], prompt_len: int, own_group: bool = True, context: int = 16) -> None:
     import torch
 
-    from bench_kernels import set_env
+    from ab_variant import apply_variant, restore  # the --ab variants, as bench_decode_step.py --profile
     from codeshell import LLM, SamplingParams
     from codeshell.bench import HostLoad
     from codeshell.kernels import step as step_mod
@@ -196,18 +196,14 @@ def run(model: str, tokens: int, batches: list[int], threads: int, rounds: int, 
             with Load(n, own_group), HostLoad() as h:
                 time.sleep(0.05 if n else 0)  # the load processes up and running
                 for v in (variants if r % 2 == 0 else variants[::-1]):
-                    items = [] if v == "-" else v.split(",")
-                    teams = [int(kv.split("=", 1)[1]) for kv in items if kv.startswith("team=")]
-                    st.team = teams[-1] if teams else team0
-                    set_env(",".join(kv for kv in items if not kv.startswith("team=")), env0)
+                    apply_variant(v, st, team0, env0)
                     try:
                         for b in batches:
                             steps.setdefault((n, v, b), []).extend(decode_steps(eng, prompts[b], tokens))
                         if long:
                             proms.setdefault((n, v), []).append(prompt_time(eng, long))
                     finally:
-                        set_env("-", env0)
-                        st.team = team0
+                        restore(st, team0, env0)
             if h.other is not None:
                 other.setdefault(n, []).append(h.other)
             print(f"  round {r + 1} load {n} done ({h})", flush=True)
@@ -234,6 +230,8 @@ def main() -> None:
         return
     from codeshell.mini import MODEL_DIR as MINI
 
+    from ab_variant import add_ab_argument  # --ab, shared with bench_decode_step.py
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(MINI), help="checkpoint folder (default: codeshell-mini)")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per generation")
@@ -249,8 +247,7 @@ def main() -> None:
                          "application (default); same: in this benchmark's session, at its niceness")
     ap.add_argument("--prompt-len", type=int, default=None,
                     help="prompt tokens for the prompt timing (default 256 for codeshell-mini, else 512; 0: none)")
-    ap.add_argument("--ab", nargs="+", default=["team=0", "team=1", "team=2", "team=0,CODESHELL_CHUNKS_TEAM=1"],
-                    metavar="VARIANT", help="'-' (the defaults), team=0|1|2, or ENV=V[,ENV=V] read per call")
+    add_ab_argument(ap, ["team=0", "team=1", "team=2", "team=0,CODESHELL_CHUNKS_TEAM=1"])
     a = ap.parse_args()
     if not Path(a.model, "config.json").is_file():
         ap.error(f"--model {a.model}: no config.json there")

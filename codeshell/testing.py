@@ -64,14 +64,49 @@ def assert_rows_bitwise(y: torch.Tensor, ref: torch.Tensor, what: str, against: 
 
 
 def assert_m1_rows_and_reference(old: torch.Tensor, rows: dict, x1: torch.Tensor, packed, bias,
-                                 path: str, tol: float = 2e-5) -> None:
+                                 path: str, tol: float = 2e-5, *, call=None, x: torch.Tensor | None = None,
+                                 ms: tuple[int, ...] = ()) -> None:
     """The M = 1 kernel tests' common tail: row 0 of every batched call in `rows` ({M: output
     [M, N]}) has the M = 1 bits `old` [1, N], and `old` is within `tol` (relative to the largest
-    output) of `ops.reference` for `path` on x1 [1, K]."""
+    output) of `ops.reference` for `path` on x1 [1, K].
+    With `call` (x [m, K] -> output [m, N], the kernels on their default switches: the caller
+    clears its own first) and `x` [>= max(ms), K] whose row 0 is x1, the tail's calls too: the
+    defaults at M = 1 must give `old` (the new kernels keep the earlier bits), and row 0 of
+    call(x[:m]) for every m in `ms` joins `rows`."""
     from .kernels import ops
 
+    if call is not None:
+        assert torch.equal(call(x1), old), "the default M = 1 kernel's bits differ from the earlier kernels'"
+        rows = {**rows, **{m: call(x[:m].contiguous()) for m in ms}}
     for m, out in rows.items():
         assert torch.equal(out[:1], old), f"row 0 of M={m} differs from M = 1"
     ref = ops.reference(x1, packed, bias, path)
     err = (old - ref).abs().max().item()
     assert err <= tol * ref.abs().max().item(), f"max abs error {err:.3g} against the reference"
+
+
+def int4_rows_case(n: int, k: int, group: int, sym: bool, with_bias: bool, seeds: tuple[int, int, int],
+                   spike_every: int, zero_row: int):
+    """The int4 batched-rows tests' case (tests/kernels/test_q4_rows*.py): weights [n, k] (N(0, 0.05), seed
+    seeds[0]) packed to int4 with `group`, `sym`; a bias (seed seeds[1]) or None; x [16, k] (seed seeds[2])
+    with rows of different sizes, every `spike_every`-th column x8 and row `zero_row` all zero; each row
+    alone (M = 1) through the path `ops.plan` picks, checked within 2e-5 (of the largest output) of
+    `ops.reference`. The caller sets the ISA level and clears the switches first.
+    Returns (mod, path, packed, bias, x, alone)."""
+    from .kernels import _ext, ops, quantize_int4
+
+    mod = _ext.get()
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seeds[0])) * 0.05
+    pw = quantize_int4(w, group_size=group, symmetric=sym)
+    path = ops.plan(pw, 1, torch.float32)
+    assert path == "avx512_vnni:q8", path
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(seeds[1])) if with_bias else None
+    g = torch.Generator().manual_seed(seeds[2])
+    x = torch.randn(16, k, generator=g) * torch.rand(16, 1, generator=g) * 4
+    x[:, ::spike_every] *= 8
+    x[zero_row] = 0
+    alone = torch.cat([ops._compute(path, mod, x[i:i + 1], pw, bias) for i in range(16)])
+    ref = ops.reference(x, pw, bias, path)
+    err = (alone - ref).abs().max().item()
+    assert err <= 2e-5 * ref.abs().max().item(), f"{n}x{k} g{group}: max abs error {err:.3g}"
+    return mod, path, pw, bias, x, alone

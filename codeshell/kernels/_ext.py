@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 _SRCS = [Path(__file__).with_name("csrc") / f
-         for f in ("kernels.cpp", "isa.cpp", "panel_bf16.cpp", "qdot.cpp", "qgemm_amx.cpp", "attention.cpp", "sampling.cpp",
+         for f in ("kernels.cpp", "isa.cpp", "panel_bf16.cpp", "qdot.cpp", "qdot_int4.cpp", "qdot_int8.cpp", "qgemm_amx.cpp", "attention.cpp", "sampling.cpp",
                    "fused.cpp", "decode_step.cpp", "attention_prefill.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -51,6 +51,14 @@ def _int8(mod, pw, x, bias):
     return mod.decode_int8_q8(x, pw.data, pw.scales, bias, VNNI)
 
 
+def _defaults_rows_reference(mp, old, call, x, pw, bias, ms):
+    # every test's tail: the switches back to their defaults, then the defaults' M = 1 bits (`old`),
+    # row 0 of M in ms, and `old` against the reference (codeshell.testing)
+    for v in SWITCHES:
+        mp.delenv(v, raising=False)
+    assert_m1_rows_and_reference(old, {}, x[:1].contiguous(), pw, bias, "avx512_vnni:q8", call=call, x=x, ms=ms)
+
+
 @needs_native
 @needs_vnni
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -81,17 +89,12 @@ def test_int4_m1_tile16_and_prefetch_give_the_earlier_bits(n, k, group, symmetri
                 mp.setenv("CODESHELL_Q4_M1_PF", pf)
                 mp.setenv("CODESHELL_Q4_M1_PFH", pfh)
                 assert torch.equal(_int4(mod, pw, x1, bias), old), f"R16={r16} PF={pf} PFH={pfh}: bits differ"
-        for v in SWITCHES:
-            mp.delenv(v, raising=False)
-        default = _int4(mod, pw, x1, bias)
-        rows = {m: _int4(mod, pw, x[:m].contiguous(), bias) for m in (2, 3, 8, 16)}
+        _defaults_rows_reference(mp, old, lambda xx: _int4(mod, pw, xx, bias), x, pw, bias, (2, 3, 8, 16))
     finally:
         set_num_threads(before)
     tile16 = k // group <= 16
     print(f"int4 M = 1 {n}x{k} g{group} at {threads} threads: path avx512_vnni:q8 "
           f"{'q4_m1.h tile16 (+ tile_q4v12 tail)' if tile16 else 'tile_q4v'} against tile_q4v12 / tile_q4v")
-    assert torch.equal(default, old), "the default M = 1 kernel's bits differ from the earlier kernels'"
-    assert_m1_rows_and_reference(old, rows, x1, pw, bias, "avx512_vnni:q8")
 
 
 @needs_native
@@ -120,16 +123,11 @@ def test_int8_m1_prefetch_and_split_give_the_earlier_bits(n, k, threads, vnni_en
                 mp.setenv("CODESHELL_Q8_M1_PFH", pfh)
                 for _ in range(3 if split == "1" else 1):  # a stolen share covers every row once, call after call
                     assert torch.equal(_int8(mod, pw, x1, bias), old), f"SPLIT={split} PF={pf} PFH={pfh}: bits differ"
-        for v in SWITCHES:
-            mp.delenv(v, raising=False)
-        default = _int8(mod, pw, x1, bias)
-        rows = {m: _int8(mod, pw, x[:m].contiguous(), bias) for m in (2, 3, 16)}
+        _defaults_rows_reference(mp, old, lambda xx: _int8(mod, pw, xx, bias), x, pw, bias, (2, 3, 16))
     finally:
         set_num_threads(before)
     print(f"int8 M = 1 {n}x{k} at {threads} threads: path avx512_vnni:q8 "
           f"{'tile_r16_q8' if k <= 2048 else 'tile_v'}, prefetch / split variants")
-    assert torch.equal(default, old)
-    assert_m1_rows_and_reference(old, rows, x1, pw, bias, "avx512_vnni:q8")
 
 
 @needs_native
@@ -192,13 +190,8 @@ def test_int4_m1_scale_prefetch_and_wide_tile16_give_the_earlier_bits(n, k, grou
                 mp.setenv("CODESHELL_Q4_M1_R16_G", r16g)
                 mp.setenv("CODESHELL_Q4_M1_PFS", pfs)
                 assert torch.equal(_int4(mod, pw, x1, bias), old), f"R16_G={r16g} PFS={pfs}: bits differ"
-        for v in SWITCHES:
-            mp.delenv(v, raising=False)
-        default = _int4(mod, pw, x1, bias)
-        rows = {m: _int4(mod, pw, x[:m].contiguous(), bias) for m in (2, 3, 16)}
+        _defaults_rows_reference(mp, old, lambda xx: _int4(mod, pw, xx, bias), x, pw, bias, (2, 3, 16))
     finally:
         set_num_threads(before)
     print(f"int4 M = 1 {n}x{k} g{group} at {threads} threads: scale prefetch 0-5 tiles ahead, 16-row tile up "
           f"to 16-128 groups, against tile_q4v12 / tile_q4v")
-    assert torch.equal(default, old), "the default M = 1 kernel's bits differ from the earlier kernels'"
-    assert_m1_rows_and_reference(old, rows, x1, pw, bias, "avx512_vnni:q8")

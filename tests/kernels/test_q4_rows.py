@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeshell.kernels import _ext, available, ops, quantize_int4
-from codeshell.testing import assert_rows_bitwise
+from codeshell.kernels import _ext, available, ops
+from codeshell.testing import assert_rows_bitwise, int4_rows_case
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 LEVEL = ops.isa_level() if available() else -1
@@ -39,20 +39,7 @@ def test_q4_rows_matches_m1_old_kernels_and_reference(level, with_bias, group, s
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", level)
     for var in ("CODESHELL_Q4_ROWS", "CODESHELL_Q4_ROWS_MIN_M", "CODESHELL_Q4_ROWS_MAX_M"):
         monkeypatch.delenv(var, raising=False)
-    mod = _ext.get()
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
-    pw = quantize_int4(w, group_size=group, symmetric=sym)
-    path = ops.plan(pw, 1, torch.float32)
-    assert path == "avx512_vnni:q8", path
-    bias = torch.randn(n, generator=torch.Generator().manual_seed(3)) if with_bias else None
-    g = torch.Generator().manual_seed(k + 1)
-    x = torch.randn(16, k, generator=g) * torch.rand(16, 1, generator=g) * 4
-    x[:, ::37] *= 8
-    x[5] = 0
-    alone = torch.cat([ops._compute(path, mod, x[i:i + 1], pw, bias) for i in range(16)])
-    ref = ops.reference(x, pw, bias, path)
-    err = (alone - ref).abs().max().item()
-    assert err <= 2e-5 * ref.abs().max().item(), f"{n}x{k} g{group}: max abs error {err:.3g}"
+    mod, path, pw, bias, x, alone = int4_rows_case(n, k, group, sym, with_bias, (n * k, 3, k + 1), 37, 5)
     for m in range(2, 17):
         monkeypatch.setenv("CODESHELL_Q4_ROWS_MIN_M", "2")  # the default starts at 3
         new = ops._compute(path, mod, x[:m], pw, bias)
@@ -63,4 +50,4 @@ def test_q4_rows_matches_m1_old_kernels_and_reference(level, with_bias, group, s
         for name, y in (("q4_rows.h", new), ("the earlier kernels (CODESHELL_Q4_ROWS=0)", old)):
             assert_rows_bitwise(y, alone[:m], f"{name} at {level}, int4 {n}x{k} g{group} sym={sym}")
     print(f"{path} (q4_rows.h, M = 2..16) at {level}: int4 {n}x{k} g{group} sym={sym} bias={with_bias}: rows bitwise "
-          f"those of M = 1 (tile_q4v) and of CODESHELL_Q4_ROWS=0, within {err:.2g} of the reference")
+          f"those of M = 1 (tile_q4v) and of CODESHELL_Q4_ROWS=0, M = 1 within 2e-5 of the reference")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeshell.kernels import _ext, available, ops, quantize_int4
-from codeshell.testing import assert_rows_bitwise
+from codeshell.kernels import _ext, available, ops
+from codeshell.testing import assert_rows_bitwise, int4_rows_case
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 LEVEL = ops.isa_level() if available() else -1
@@ -42,20 +42,7 @@ def test_q4_rows_v2_matches_v1_m1_and_reference(with_bias, group, sym, n, k, mon
                        else "avx512_vnni")
     for var in ("CODESHELL_Q4_ROWS", "CODESHELL_Q4_ROWS_MIN_M", "CODESHELL_Q4_ROWS_MAX_M", "CODESHELL_Q4_ROWS_V2"):
         monkeypatch.delenv(var, raising=False)
-    mod = _ext.get()
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05
-    pw = quantize_int4(w, group_size=group, symmetric=sym)
-    path = ops.plan(pw, 1, torch.float32)
-    assert path == "avx512_vnni:q8", path
-    bias = torch.randn(n, generator=torch.Generator().manual_seed(5)) if with_bias else None
-    g = torch.Generator().manual_seed(k + 7)
-    x = torch.randn(16, k, generator=g) * torch.rand(16, 1, generator=g) * 4
-    x[:, ::29] *= 8
-    x[6] = 0
-    alone = torch.cat([ops._compute(path, mod, x[i:i + 1], pw, bias) for i in range(16)])
-    ref = ops.reference(x, pw, bias, path)
-    err = (alone - ref).abs().max().item()
-    assert err <= 2e-5 * ref.abs().max().item(), f"{n}x{k} g{group}: max abs error {err:.3g}"
+    mod, path, pw, bias, x, alone = int4_rows_case(n, k, group, sym, with_bias, (n + k, 5, k + 7), 29, 6)
     for m in range(3, 17):
         new = ops._compute(path, mod, x[:m], pw, bias)
         monkeypatch.setenv("CODESHELL_Q4_ROWS_V2", "0")

@@ -33,6 +33,15 @@
 // 4 / 16 rows per group measured the same or slower.
 // Weights are offset to unsigned (u = w ^ 0x80 = w + 128); T_b = S_b - 128 sx_b (sx_b = the
 // block's exact sum of xq), as in q8_panel.h.
+// Session 20 (v2, the default at M = 2..16; CODESHELL_Q8R_V2=0: the xor schedule above, read per call):
+// x + 128 as the unsigned operand and the weight broadcast signed as stored, so no xor per broadcast;
+// T_b = S'_b - 128 sum_b(w) with the 8 weight rows' block sums from two vpdpbusd a row (weight_sums).
+// The same T_b, so the same bits. Measured (docs/kernels.md, session 20 helper D): the small int8
+// checkpoint's batch-8 step in the model (2 threads, weights from DRAM) 4.0% faster, its linears
+// 5.4%; a 1-thread standalone copy ran the block linears 2-14% slower and the head 6-10% faster, so
+// the model's figure is the reason. The L1 prefetch (kL1Blocks) went from 2 to 4 blocks with it.
+// Prepared / run_chunk: the call's x side and one chunk of weight rows, so that a standalone harness
+// (benchmarks/standalone/q8rows_ab.cpp) runs the kernel without the thread pool.
 // What this is not: int4 (its rows keep qdot.cpp's per-lane tile_q4v bits without AMX), M > 16
 // (q8_panel.h), the AMX CPUs' path (their rows below the AMX threshold stay on q8_panel.h).
 #pragma once
@@ -69,6 +78,9 @@ struct Args {
   int64_t pf0 = 0;       // also prefetch the same NR rows' block b + pf0 into L1 (0: no)
   bool asm_dp = true;    // the step loop's vpdpbusd through dpbusd() (false: the intrinsic; CODESHELL_Q8R_ASM=0)
   bool lean_epi = true;  // run_rows' vector epilogue (false: its scalar loops and full tree16_v; CODESHELL_Q8R_EPI=0)
+  int64_t pf1 = 1;       // the T1 prefetch: this many groups of NR rows ahead (0: none)
+  bool v2 = true;        // x as the unsigned operand (xu), no per-broadcast xor (run_rows' XU; CODESHELL_Q8R_V2=0: off)
+  const int8_t* xu = nullptr;  // xt ^ 0x80 (x + 128, unsigned), for v2
 };
 
 // tree16_v over the 16 slots acc[0..15] (stride 16 floats) of which only slots < nb were written
@@ -95,10 +107,13 @@ inline __m512 tree16_prefix(const float* acc, int64_t nb) {
 // T1 prefetch brings the next NR rows into L2, but the NR rows being read are 8 streams of 8-16
 // bytes a vpdpbusd, and their L1 misses stalled the loop: prefetching each row's block 2 ahead
 // into L1 cut the small shape's int8 block linears at M = 8 by 17-30% (bench_decode_step.py
-// --profile, docs/kernels.md session 18 helper B); 1 and 4 blocks ran within a few % of 2.
+// --profile, docs/kernels.md session 18 helper B); 1 and 4 blocks ran within a few % of 2 there.
+// Session 20 (helper D): 4 blocks, same process, 10 rounds: the small int8 batch-8 step 4.3% faster
+// (its linears 4.9%), with v2 4.5% (linears 6.0%); 1 thread cold standalone 6% (6 blocks: 11%).
+// CODESHELL_Q8R_PF0=2: session 18's distance.
 // Batched calls only (M > 1): M = 1 at K > 4096 (qdot.cpp's m1_rows_q8) streams 16 rows from
 // memory, was not measured with it, and keeps its schedule.
-constexpr int64_t kL1Blocks = 2;
+constexpr int64_t kL1Blocks = 4;
 
 // acc += u . s (vpdpbusd) with the accumulator as the instruction's own in-out register. Why:
 // GCC 12 compiled the intrinsic in run_rows' step loop with a register copy before and after
@@ -143,12 +158,30 @@ inline __m512i reduce(const __m512i* a) {
   }
 }
 
+// XU (x + 128 as vpdpbusd's unsigned operand, the weight signed as stored): S'_b = sum (x + 128) w
+// = T_b + 128 sum_b(w), so T_b = S'_b - 128 sum_b(w) (exact integers, the same T_b as u = w ^ 0x80
+// against x less 128 sx_b). 128 sum_b(w) of the 8 rows rp[0..7]: per row two vpdpbusd of the
+// block's 128 bytes (L1: just read) against bytes of 128, then a transposing tree of combines
+// (q8epi::combine: pair sums, a's in lanes 0-7, b's in 8-15) to lane j (and j + 8) = row j's.
+inline __m512i weight_sums(const uint8_t* const* rp, int64_t b) {
+  namespace E_ = codeshell::q8epi;
+  const __m512i c128 = _mm512_set1_epi8(int8_t(0x80)), z = _mm512_setzero_si512();
+  __m512i s[8];
+  for (int j = 0; j < 8; ++j)
+    s[j] = dpbusd(dpbusd(z, c128, _mm512_loadu_si512(rp[j] + b * 128)), c128, _mm512_loadu_si512(rp[j] + b * 128 + 64));
+  const __m512i c0 = E_::combine(s[0], s[1]), c1 = E_::combine(s[2], s[3]), c2 = E_::combine(s[4], s[5]),
+                c3 = E_::combine(s[6], s[7]);
+  const __m512i e = E_::combine(E_::combine(c0, c1), E_::combine(c2, c3));  // lanes 2j, 2j + 1: row j's halves
+  return E_::combine(e, e);
+}
+
 // Weight rows [n0, n1), all M rows of x: NR weight rows at a time (8, or E where E > 8), the
 // last group's missing rows repeating row n1 - 1 (computed, not stored).
-template <int E>
+template <int E, bool XU = false>
 void run_rows(const Args& A, int64_t n0, int64_t n1) {
   namespace E_ = codeshell::q8epi;
   constexpr int NR = E > 8 ? E : 8, NG = NR / E, NP = 32 / E, MP = 16 / E;
+  static_assert(!XU || NR == 8, "XU: 8 weight rows a group");
   const int64_t K = A.K, nb = A.nb;
   alignas(64) float acc[NG][16][16];
   alignas(64) float y[16], sv[16], bv[16];
@@ -160,12 +193,18 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
   // docs/kernels.md, session 15 helper C).
   for (int g = 0; g < NG; ++g)
     for (int64_t l = std::min<int64_t>(nb, 16); l < 16; ++l) std::memset(acc[g][l], 0, sizeof acc[g][l]);
+  __m512i gix[NG];  // XU: lane l = i * MP + m of group g takes weight row g E + i's sum (weight_sums' lane)
+  for (int g = 0; g < NG; ++g) {
+    alignas(64) int32_t ix[16];
+    for (int l = 0; l < 16; ++l) ix[l] = g * E + l / MP;
+    gix[g] = _mm512_load_si512(ix);
+  }
   for (int64_t n = n0; n < n1; n += NR) {
     const uint8_t* rp[NR];
     for (int j = 0; j < NR; ++j) rp[j] = A.w + std::min(n + j, n1 - 1) * K;
     for (int64_t b = 0; b < nb; ++b) {
       for (int j = 0; j < NR; ++j) {  // the next NR rows' same bytes into L2 (past n1: harmless)
-        const char* p = reinterpret_cast<const char*>(rp[j] + b * 128 + NR * K);
+        const char* p = reinterpret_cast<const char*>(rp[j] + b * 128 + A.pf1 * NR * K);
         _mm_prefetch(p, _MM_HINT_T1);
         _mm_prefetch(p + 64, _MM_HINT_T1);
       }
@@ -178,8 +217,13 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
         }
       __m512i a[NR];
       for (int j = 0; j < NR; ++j) a[j] = _mm512_setzero_si512();
-      const int8_t* xb = A.xt + b * NP * 64;
-      if (A.asm_dp) {
+      const int8_t* xb = (XU ? A.xu : A.xt) + b * NP * 64;
+      if constexpr (XU) {
+        for (int p = 0; p < NP; ++p) {
+          const __m512i xv = _mm512_load_si512(xb + 64 * p);
+          for (int j = 0; j < NR; ++j) a[j] = dpbusd(a[j], xv, bcast<E>(rp[j] + b * 128 + 4 * E * p));
+        }
+      } else if (A.asm_dp) {
         for (int p = 0; p < NP; ++p) {
           const __m512i xv = _mm512_load_si512(xb + 64 * p);
           for (int j = 0; j < NR; ++j) a[j] = dpbusd(a[j], _mm512_xor_si512(bcast<E>(rp[j] + b * 128 + 4 * E * p), s80), xv);
@@ -191,9 +235,11 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
             a[j] = _mm512_dpbusd_epi32(a[j], _mm512_xor_si512(bcast<E>(rp[j] + b * 128 + 4 * E * p), s80), xv);
         }
       }
-      const __m512i so = _mm512_load_si512(A.so + b * 16);
+      __m512i so = _mm512_load_si512(A.so + b * 16), sw = so;
+      if constexpr (XU) sw = weight_sums(rp, b);
       const __m512 d = _mm512_load_ps(A.dT + b * 16);
       for (int g = 0; g < NG; ++g) {
+        if constexpr (XU) so = _mm512_permutexvar_epi32(gix[g], sw);  // lane i * MP + m: row g E + i's
         const __m512i T = _mm512_sub_epi32(reduce<E>(a + g * E), so);
         float* ac = acc[g][b & 15];
         _mm512_store_ps(ac, E_::epi_step(b < 16 ? _mm512_setzero_ps() : _mm512_load_ps(ac), T, d));
@@ -229,51 +275,88 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
   }
 }
 
-// Rows of x [M, K] (k order, K % 128 == 0, M <= 16) -> the layout run_rows reads; then the
-// weight rows in parallel chunks. dx, sx: [M][K / 128] block scales and exact block sums of xq.
+// Rows of x [M, K] (k order, K % 128 == 0, M <= 16) -> the layout run_rows reads (xt, so, dT in
+// buffers this object owns). dx, sx: [M][K / 128] block scales and exact block sums of xq.
+struct Prepared {
+  int64_t M, K, nb;
+  int E;
+  std::vector<int8_t> xtv, xuv;
+  std::vector<int32_t> sov;
+  std::vector<float> dv;
+  int8_t *xt, *xu;
+  int32_t* so;
+  float* dT;
+  Prepared(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M_, int64_t K_)
+      : M(M_), K(K_), nb(K_ / 128), E(quads_per_lane(M_)) {
+    const int MP = 16 / E;
+    const int64_t np = 32 / E;
+    xtv.resize(size_t(nb * np * 64 + 64));
+    xuv.resize(size_t(nb * np * 64 + 64));
+    sov.resize(size_t(nb * 16 + 16));
+    dv.resize(size_t(nb * 16 + 16));
+    auto align = [](auto* p) { return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); };
+    xt = align(xtv.data());
+    xu = align(xuv.data());
+    so = align(sov.data());
+    dT = align(dv.data());
+    // One gather per zmm of x: lane l = m * E + e reads the quad e of row m's run (masked: pad rows 0).
+    alignas(64) int32_t idx[16];
+    __mmask16 valid = 0;
+    for (int l = 0; l < 16; ++l) {
+      const int64_t m = l / E, e = l % E;
+      idx[l] = int32_t(std::min<int64_t>(m, M - 1) * K + 4 * e);
+      if (m < M) valid |= __mmask16(1u << l);
+    }
+    const __m512i vi = _mm512_load_si512(idx);
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t p = 0; p < np; ++p) {
+        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, vi, xq + b * 128 + 4 * E * p, 1);
+        _mm512_store_si512(xt + (b * np + p) * 64, v);
+        _mm512_store_si512(xu + (b * np + p) * 64, _mm512_xor_si512(v, _mm512_set1_epi8(int8_t(0x80))));
+      }
+      for (int l = 0; l < 16; ++l) {
+        const int64_t m = l % MP;
+        so[b * 16 + l] = m < M ? 128 * sx[m * nb + b] : 0;
+        dT[b * 16 + l] = m < M ? dx[m * nb + b] : 0.f;
+      }
+    }
+  }
+  // The call's Args with the switches at their defaults or as the environment sets them (A/B runs,
+  // read per call): CODESHELL_Q8R_PF0 (unset: kL1Blocks), _ASM (unset: asm), _EPI (unset: lean), _V2 (unset: v2).
+  Args args(int64_t N, const uint8_t* w, const float* scale, const float* bias, float* out) const {
+    return Args{M, K, N, nb, xt, so, dT, w, scale, bias, out,
+                std::max<int64_t>(0, codeshell::env_int("CODESHELL_Q8R_PF0", M > 1 ? kL1Blocks : 0)),
+                codeshell::env_flag("CODESHELL_Q8R_ASM", true), codeshell::env_flag("CODESHELL_Q8R_EPI", true),
+                1, codeshell::env_flag("CODESHELL_Q8R_V2", true), xu};
+  }
+};
+
+// Weight rows [n0, n1) of one call (A.M rows of x, prepared): run_rows at the call's E.
+inline void run_chunk(const Args& A, int64_t n0, int64_t n1) {
+  if (A.v2 && A.xu) {
+    switch (quads_per_lane(A.M)) {
+      case 1: run_rows<1, true>(A, n0, n1); return;
+      case 2: run_rows<2, true>(A, n0, n1); return;
+      case 4: run_rows<4, true>(A, n0, n1); return;
+      case 8: run_rows<8, true>(A, n0, n1); return;
+      default: break;  // E = 16 (M = 1): 16 rows a group, the xor schedule
+    }
+  }
+  switch (quads_per_lane(A.M)) {
+    case 1: run_rows<1>(A, n0, n1); break;
+    case 2: run_rows<2>(A, n0, n1); break;
+    case 4: run_rows<4>(A, n0, n1); break;
+    case 8: run_rows<8>(A, n0, n1); break;
+    default: run_rows<16>(A, n0, n1); break;
+  }
+}
+
+// y[M, N] = x . W^T (+ bias): prepare x, then the weight rows in parallel chunks.
 inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t N,
                 const int8_t* w, const float* scale, const float* bias, float* out) {
-  const int E = quads_per_lane(M), MP = 16 / E;
-  const int64_t nb = K / 128, np = 32 / E;
-  std::vector<int8_t> xtv(size_t(nb * np * 64 + 64));
-  std::vector<int32_t> sov(size_t(nb * 16 + 16));
-  std::vector<float> dv(size_t(nb * 16 + 16));
-  auto align = [](auto* p) { return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); };
-  int8_t* xt = align(xtv.data());
-  int32_t* so = align(sov.data());
-  float* dT = align(dv.data());
-  // One gather per zmm of x: lane l = m * E + e reads the quad e of row m's run (masked: pad rows 0).
-  alignas(64) int32_t idx[16];
-  __mmask16 valid = 0;
-  for (int l = 0; l < 16; ++l) {
-    const int64_t m = l / E, e = l % E;
-    idx[l] = int32_t(std::min<int64_t>(m, M - 1) * K + 4 * e);
-    if (m < M) valid |= __mmask16(1u << l);
-  }
-  const __m512i vi = _mm512_load_si512(idx);
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int64_t p = 0; p < np; ++p)
-      _mm512_store_si512(xt + (b * np + p) * 64,
-                         _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, vi, xq + b * 128 + 4 * E * p, 1));
-    for (int l = 0; l < 16; ++l) {
-      const int64_t m = l % MP;
-      so[b * 16 + l] = m < M ? 128 * sx[m * nb + b] : 0;
-      dT[b * 16 + l] = m < M ? dx[m * nb + b] : 0.f;
-    }
-  }
-  // A/B runs (read per call): CODESHELL_Q8R_PF0 (unset: kL1Blocks), _ASM (unset: asm), _EPI (unset: lean)
-  const Args A{M, K, N, nb, xt, so, dT, reinterpret_cast<const uint8_t*>(w), scale, bias, out,
-               std::max<int64_t>(0, codeshell::env_int("CODESHELL_Q8R_PF0", M > 1 ? kL1Blocks : 0)),
-               codeshell::env_flag("CODESHELL_Q8R_ASM", true), codeshell::env_flag("CODESHELL_Q8R_EPI", true)};
-  codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
-    switch (E) {
-      case 1: run_rows<1>(A, n0, n1); break;
-      case 2: run_rows<2>(A, n0, n1); break;
-      case 4: run_rows<4>(A, n0, n1); break;
-      case 8: run_rows<8>(A, n0, n1); break;
-      default: run_rows<16>(A, n0, n1); break;
-    }
-  });
+  const Prepared P(xq, dx, sx, M, K);
+  const Args A = P.args(N, reinterpret_cast<const uint8_t*>(w), scale, bias, out);
+  codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) { run_chunk(A, n0, n1); });
 }
 
 }  // namespace q8rows

@@ -1,0 +1,543 @@
+// int4 weights x int8-rounded x (decode_int4_q8 / decode_int4_q8_out): the int4 half of the
+// integer-dot decode kernels (qdot.cpp's opening comment maps which kernel runs which M on which CPU).
+// Here: the checks and the dispatch (int4_q8: the panel / tile_v on AMX CPUs, q4_rows.h, tile_q4r,
+// run_q4v, the AVX2 tiles), the int4 switches, the AVX2 tiles (tile_q4 ...), run_q4v (M = 1's 16-row
+// tile of q4_m1.h, tile_q4v12, tile_q4f, tile_q4v_blk, tile_q4v: qdot_q4v.h) and tile_q4r / run_q4r.
+// What this is not: int8 weights (qdot_int8.cpp), x's rounding (qdot.cpp), the shared helpers
+// (qdot.h), tile_v (qdot_tile_v.h), the batched rows' kernel (q4_rows.h) or AMX (qgemm_amx.cpp).
+// Split out of qdot.cpp in session 20 (code unchanged).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include "entry.h"
+#include "isa.h"
+#include "parallel.h"
+#include "q8_epilogue.h"
+#include "q8_panel.h"
+#include "q4_rows.h"
+#include "q4_m1.h"
+#include "qdot.h"
+#include "qdot_q4v.h"
+#include "qdot_tile_v.h"
+#include "simd.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+
+using namespace codeshell::qdot;
+
+namespace {
+
+// A/B switches of the kernels, read per call (csrc/switches.h; the kernels behind them give the same bits).
+using codeshell::env_flag;
+using codeshell::env_int;
+inline bool q4v12() { return env_flag("CODESHELL_Q4V12", true); }
+// int4 M = 1 (run_q4v: the 16-row tile and tile_q4v's rows): prefetch the scale (and offset) rows
+// kQ4M1ScalePf tiles of 16 rows ahead, T0. Why: the nibbles sit on huge pages with kM1Prefetch's
+// software prefetch, but the fp32 scales / offsets [N, K/G] (quant/linear.py, torch's allocator) are
+// two more streams a call (K = 1024, G = 128: 32 + 32 bytes a row against 512 of nibbles) on 4 KiB
+// pages, which the hardware prefetcher restarts at every page (every 128 rows at K = 1024): a
+// demand miss there stalls the row loop. Measured cold on the 2-core Zen 5 (bench_m1_threads.py,
+// 1 thread, same rounds; docs/kernels.md session 19 helper C): the small shape's c_fc (4096 x 1024)
+// 25-27 -> 32-35 GB/s, c_attn (1536 x 1024) 22-24 -> 30-31 (+27-35%); tile_q4v's K = 4096 / 16384
+// rows +-3%. In a loaded model's decode step the same linears read ~37 GB/s a core either way (their
+// scales' pages evidently stream better there): within the noise, kept as it costs nothing measurable.
+// CODESHELL_Q4_M1_PFS = tiles ahead (0: none, as before session 19; read per call).
+constexpr int64_t kQ4M1ScalePf = 1;
+inline int64_t q4_m1_pfs() { return env_int("CODESHELL_Q4_M1_PFS", kQ4M1ScalePf); }
+inline Pf q4_m1_pf() {
+  Pf p = pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH");
+  p.sc = q4_m1_pfs();
+  return p;
+}
+
+// sum_g c_g * xs_g with c_g = offset_g - 8 * scale_g (or -8 * scale_g when symmetric).
+// Not inlined: every tile kernel (M = 1 and the blocked M > 8 tiles) then runs the same machine
+// code for it, so no call site's floating-point contraction or vectorisation can differ (row
+// invariance: the same row must get the same bits from every tile shape).
+template <bool OFFS>
+__attribute__((noinline)) float affine_const(const float* sc, const float* of, const float* xs, int64_t ng) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 m8 = _mm256_set1_ps(-8.f);
+  int64_t g = 0;
+  for (; g + 8 <= ng; g += 8) {
+    __m256 c = _mm256_mul_ps(_mm256_loadu_ps(sc + g), m8);
+    if (OFFS) c = _mm256_add_ps(c, _mm256_loadu_ps(of + g));
+    acc = _mm256_fmadd_ps(c, _mm256_loadu_ps(xs + g), acc);
+  }
+  float r = codeshell::hsum8(acc);
+  for (; g < ng; ++g) r += ((OFFS ? of[g] : 0.f) - 8.f * sc[g]) * xs[g];
+  return r;
+}
+
+// ---- int4 ---------------------------------------------------------------------------
+// Weight layout (codeshell/kernels/packing.py): uint8 [N, K/2]; each run of 32 weights is 16
+// bytes, byte i = nib(k0+i) | nib(k0+16+i) << 4; W = (nib - 8) * scale[n,g] + offset[n,g].
+// A 32-byte load covers k0..k0+63: (v & 15) = k0..15 | k32..47, (v >> 4 & 15) = k16..31 | k48..63.
+// x blocks are the weight groups (B = G), so for G >= 64 the int16 pair sums of a whole group
+// add up in registers (|sum| <= G/32 * 2 * 15 * 127 <= 30480 for G <= 256: no saturation) and
+// are widened and scaled once per group. For G = 32 the two 128-bit lanes of each 64-run are
+// different groups, scaled per run with a [d_g x4 | d_g+1 x4] vector.
+template <int MB, int NB, bool OFFS, bool G32>
+inline void tile_q4(const int8_t* xq, int64_t K, const float* dx, const float* xs, const uint8_t* q, const float* sc,
+                    const float* of, int64_t G, float* out, int64_t ldo) {
+  const int64_t ng = K / G, ldq = K / 2;
+  const __m256i m0f = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  __m256 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+  if (G32) {
+    for (int64_t k = 0; k < K; k += 64) {
+      const int64_t g = k / 32;
+      for (int j = 0; j < NB; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + j * ldq + k / 2) + kPrefetch, _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j * ldq + k / 2));
+        const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+        const __m256 sv = _mm256_set_m128(_mm_set1_ps(sc[j * ng + g + 1]), _mm_set1_ps(sc[j * ng + g]));
+        for (int i = 0; i < MB; ++i) {
+          const int8_t* xr = xq + i * K + k;
+          __m256i p = _mm256_add_epi16(
+              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))));
+          const __m256 dv = _mm256_set_m128(_mm_set1_ps(dx[i * ng + g + 1]), _mm_set1_ps(dx[i * ng + g]));
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_mul_ps(sv, dv),
+                                      acc[i][j]);
+        }
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < ng; ++g) {
+      __m256i a16[MB][NB];
+      for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < NB; ++j) a16[i][j] = _mm256_setzero_si256();
+      for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+        for (int j = 0; j < NB; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(q + j * ldq + k / 2) + kPrefetch, _MM_HINT_T0);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j * ldq + k / 2));
+          const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+          for (int i = 0; i < MB; ++i) {
+            const int8_t* xr = xq + i * K + k;
+            a16[i][j] = _mm256_add_epi16(
+                a16[i][j],
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32)))));
+          }
+        }
+      }
+      for (int j = 0; j < NB; ++j)
+        for (int i = 0; i < MB; ++i)
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a16[i][j], ones)),
+                                      _mm256_set1_ps(sc[j * ng + g] * dx[i * ng + g]), acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j)
+      out[i * ldo + j] = codeshell::hsum8(acc[i][j]) + affine_const<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr,
+                                                                xs + i * ng, ng);
+}
+
+// Rows of x in tiles of MB (the last tile smaller), NB weight rows at a time.
+template <int NB, bool OFFS, bool G32>
+inline void rows_q4(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+                    const float* sc, const float* of, int64_t G, float* out, int64_t ldo) {
+  const int64_t ng = K / G;
+  for_x_tiles(M, [&](auto mb, int64_t m) {
+    tile_q4<decltype(mb)::value, NB, OFFS, G32>(xq + m * K, K, dx + m * ng, xs + m * ng, q, sc, of, G,
+                                                out + m * ldo, ldo);
+  });
+}
+
+template <int NB, bool OFFS, bool G32>
+void range_q4(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+              const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t ng = K / G, ldq = K / 2;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB)
+    rows_q4<NB, OFFS, G32>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+  for (; n < n1; ++n)
+    rows_q4<1, OFFS, G32>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+}
+
+template <bool OFFS, bool G32>
+void run_q4(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+            const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
+  // One weight row at a time, for every M (measured, c_fc 16384x4096, 2 threads): at M = 1
+  // 1.9 ms (20 GB/s, the read bandwidth) vs 2.4 ms for 4 rows per tile (4 read streams);
+  // at M = 2..16 tiles of 4 x rows by 1 weight row beat 2 weight rows (M = 8: 6.7 vs 8.3 ms).
+  range_q4<1, OFFS, G32>(xq, dx, xs, M, K, q, sc, of, G, out, N, n0, n1);
+}
+
+}  // namespace
+
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+
+// int4 M = 1 without AMX, groups of 128 / 256, up to kQ4v12MaxGroups groups a row (K <= 2048 at
+// G = 128: the small shape's linears; since session 19 up to kQ4M1R16Groups, below): 16 weight rows a tile (q4_m1.h, tile_q4v's bits) instead
+// of tile_q4v12. Cold, 1 / 2 threads, the small shape's 32 linears and int8 head (bench_m1_threads,
+// docs/kernels.md session 18 helper A): 1.08-1.22x / 1.04-1.13x. Not past 16 groups: at K = 4096
+// (the 7B width's c_attn, attn.c_proj, c_fc) tile_q4v with kM1Prefetch read faster (c_fc 37.5
+// against 34.3 GB/s on 1 thread, 69.2 against 60.7 on 2; warm the 16-row tile was 1.5x faster, so
+// the loss is in how it streams, not found); K = 16384 was mixed (0.94x on 1 thread, 1.06x on 2).
+// CODESHELL_Q4_M1_R16=0: tile_q4v12 (A/B timing; read per call).
+inline bool q4_m1_r16() { return env_flag("CODESHELL_Q4_M1_R16", true); }
+
+// Switches read per call (A/B timing and tests), both off by default: in the model's linears (the
+// extension, bench_kernels --sweep, slow minutes of the host, probe 44-52 GB/s) tile_q4f ran 0.93-0.95x
+// tile_q4v (K = 4096 12% slower, K = 16384 +1%) and parallel_owned 0.97-0.98x parallel_chunks,
+// although the standalone copy ran both faster (docs/kernels.md, session 17 helper B).
+// int4 M = 1 without AMX past kQ4v12MaxGroups: tile_q4f with CODESHELL_Q4_M1_FUSED=1, else tile_q4v
+// (the same bits).
+inline bool q4_m1_fused() { return env_flag("CODESHELL_Q4_M1_FUSED", false); }
+// int4 M = 1 without AMX: rows split by parallel_owned (one contiguous share a thread) where the
+// weight is under kQ4SplitMaxBytes, else parallel_chunks (the same bits). CODESHELL_Q4_M1_SPLIT=1 /
+// =0: parallel_owned at every size / never (read per call).
+// Why by size: a sub-MiB linear (the small shape's c_attn / attn.c_proj) restarts each thread's
+// stream cold at every one of parallel_chunks' ~8 chunks a thread, and barely gained from the
+// second thread (small_attn int4, 1536 x 1024: 31.2 GB/s at 2 threads against 28.6 at 1); one
+// share a thread measured 1.23x there, the small shape's 32 linears + head 1.12x (1.17-1.18x in the
+// fast rounds, probe 72-79 GB/s), docs/kernels.md session 18 helper A. At the 7B width (8-32 MiB
+// a linear) session 17 measured it 0.97-0.99x, so those keep parallel_chunks.
+constexpr int64_t kQ4SplitMaxBytes = 4 << 20;
+inline bool q4_m1_split(int64_t bytes) {
+  return env_flag("CODESHELL_Q4_M1_SPLIT", bytes < kQ4SplitMaxBytes);
+}
+
+// Groups a row up to which tile_q4v12 runs M = 1-2: at K = 4096 (32 groups of 128) tile_q4v
+// measured faster (1024x4096, warm, 2 threads: 33-35 against 39-42 us; 1 thread 55 vs 67), its
+// table's wait then shared by 32 groups; at K = 256 and 1024 tile_q4v12 (docs/kernels.md, session 14).
+constexpr int64_t kQ4v12MaxGroups = 16;
+// The groups a row up to which int4 M = 1 runs the 16-row tile (q4_m1.h): kQ4M1R16Groups = 32 since
+// session 19 (K <= 4096 at G = 128: the small shape's mlp.c_proj 1024 x 4096, the 7B width's c_attn,
+// attn.c_proj, c_fc), 16 before (CODESHELL_Q4_M1_R16_G=16; read per call; the same bits either way).
+// Why now: session 18 found the tile slower cold than tile_q4v at K = 4096 though 1.5x faster warm;
+// here it reads faster cold on 1 thread (with kQ4M1ScalePf): c_fc 16384 x 4096 35.9 -> 40.4 GB/s
+// (1.11x), 1024 x 4096 31.7 -> 35.5 (1.12x; alone, without the scale prefetch, 1.11x); 2 threads in
+// slow minutes 0.99-1.06x. Whole model: small int4 in a fast minute 1.08x (mlp.c_proj 48.5 -> 66.9 GB/s
+// in the step), the 1.7B int4 at 1 thread 1.12x. docs/kernels.md session 19 helper C.
+constexpr int64_t kQ4M1R16Groups = 32;
+inline int64_t q4_m1_r16_groups() { return env_int("CODESHELL_Q4_M1_R16_G", kQ4M1R16Groups); }
+
+template <bool OFFS>
+void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+             const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1,
+             bool q4v12 = true, bool fused = false, const Pf& pf = Pf(), int64_t r16 = 0) {
+  const int64_t ng = K / G, ldq = K / 2;
+  if (M == 1 && pf.prime) prime(q + n0 * ldq, std::min<int64_t>(pf.d, (n1 - n0) * ldq));
+  if (M == 1 && (G == 128 || G == 256) && ng <= r16) {  // 16-row tiles up to r16 groups, the rest one row at a time
+    for (; n0 + 16 <= n1; n0 += 16) {
+      const float* o = OFFS ? of + n0 * ng : nullptr;
+      if (pf.sc) {  // the scale (offset) rows pf.sc tiles ahead (prefetches past the end do not fault)
+        prime(sc + (n0 + 16 * pf.sc) * ng, 16 * ng * int64_t(sizeof(float)));
+        if (OFFS) prime(of + (n0 + 16 * pf.sc) * ng, 16 * ng * int64_t(sizeof(float)));
+      }
+      if (G == 128) codeshell::q4m1::tile16<1, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
+      else codeshell::q4m1::tile16<2, OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, pf.d, out + n0);
+    }
+    if (n0 == n1) return;
+  }
+  if (M == 1 && (G == 128 || G == 256) && ng > kQ4v12MaxGroups && fused) {
+    for (int64_t n = n0; n < n1; ++n)
+      tile_q4f<OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n);
+    return;
+  }
+  if (M <= 2 && G >= 128 && ng <= kQ4v12MaxGroups && q4v12) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* o = OFFS ? of + n * ng : nullptr;
+      if (M == 1) tile_q4v12<1, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N, pf);
+      else tile_q4v12<2, OFFS>(xq, K, dx, xs, q + n * ldq, sc + n * ng, o, G, out + n, N, pf);
+    }
+    return;
+  }
+  alignas(64) int32_t lane_group[16];
+  for (int L = 0; L < 16; ++L) lane_group[L] = int32_t((L / 4) * 32 / std::min<int64_t>(G, 128));
+  const __m512i gidx = _mm512_loadu_si512(lane_group);
+  if (M >= kBlockMinM && G >= 128) {
+    constexpr int NR = 2;  // 4 x 2 tiles: 8 int32 + 8 fp32 sums + 4 unpacked weight vectors in zmm
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR)
+      rows_q4v_blk<NR, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+    for (; n < n1; ++n)
+      rows_q4v_blk<1, OFFS>(xq, dx, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, out + n, N);
+    return;
+  }
+  for (int64_t n = n0; n < n1; ++n) {  // one weight row per tile (as the AVX2 kernel: measured best)
+    if (M == 1 && pf.sc) {
+      prime(sc + (n + 16 * pf.sc) * ng, ng * int64_t(sizeof(float)));
+      if (OFFS) prime(of + (n + 16 * pf.sc) * ng, ng * int64_t(sizeof(float)));
+    }
+    for_x_tiles8(M, [&](auto mb, int64_t m) {
+      tile_q4v<decltype(mb)::value, OFFS>(xq + m * K, K, dx + m * ng, xs + m * ng, q + n * ldq, sc + n * ng,
+                                          OFFS ? of + n * ng : nullptr, G, gidx, out + m * N + n, N, pf);
+    });
+  }
+}
+
+// ---- int4 without AMX, M = 5..16, groups of 128 / 256: two weight rows per x load (tile_q4v's bits)
+// tile_q4v (above) takes one weight row at a time against up to 8 rows of x, so at M = 8 every
+// weight row re-reads 8 x 128 bytes of x per 64 bytes of packed weight (x is 32-128 KiB at the
+// 7B shapes: L1 / L2), ~2 loads per vpdpbusd. tile_q4r holds MB (<= 8) rows of x by NR = 2
+// weight rows: each x load feeds 2 weight rows, each unpacked weight vector MB rows.
+// Row invariance: per (row of x, weight row) exactly tile_q4v's arithmetic, so tile_q4v's bits
+// at every M (tests/kernels/test_q8_no_amx.py compares every row of every M with M = 1): per
+// group the int32 lane sums over its runs (integers: the same lanes in any order), then
+// acc = fma(cvt(sum), sc_g * d_g, acc) per group in k order (the same fp32 product, here a vector
+// mul of the rows' d_g by the broadcast sc_g), then reduce_add + affine_const_v.
+// Measured (2 threads, the four 7B linears, g128, A/B against run_q4v in one process): M = 8
+// 5.6 vs 6.7 ms, M = 16 10.5 vs 12.9; M = 3 / 4 3.5 / 4.0 vs 3.2 / 3.7 (slower: M >= 5 only).
+// Groups of 32 (GGUF Q4_0) ran slower this way at M = 3..8 (the scale spread per run and row:
+// M = 8 10.3 vs 8.2 ms) and stay on tile_q4v.
+template <int MB, int NR, int RUNS, bool OFFS>
+inline void tile_q4r(const int8_t* xq, int64_t K, const float* dxT, const float* xs, const uint8_t* q,
+                     const float* sc, const float* of, int64_t G, int64_t pf, float* out, int64_t ldo) {
+  const int64_t ng = K / G, ldq = K / 2;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  __m512 acc[MB][NR];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  {  // G = 128 * RUNS: one fp32 step per group
+    alignas(64) float sdb[NR][16];
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512i lo[RUNS][NR], hi[RUNS][NR];
+      for (int r = 0; r < RUNS; ++r)
+        for (int j = 0; j < NR; ++j) {
+          const uint8_t* p = q + j * ldq + (g * G + 128 * r) / 2;
+          if (pf) _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T1);
+          else _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+          const __m512i v = _mm512_loadu_si512(p);
+          lo[r][j] = _mm512_and_si512(v, m0f);
+          hi[r][j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+        }
+      const __m512 dg = _mm512_loadu_ps(dxT + g * 16);  // lane i = d of row i of the tile, group g
+      for (int j = 0; j < NR; ++j) _mm512_store_ps(sdb[j], _mm512_mul_ps(_mm512_set1_ps(sc[j * ng + g]), dg));
+      for (int i = 0; i < MB; ++i) {
+        __m512i a[NR];
+        for (int j = 0; j < NR; ++j) a[j] = _mm512_setzero_si512();
+        for (int r = 0; r < RUNS; ++r) {
+          const int8_t* xr = xq + i * K + g * G + 128 * r;
+          const __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 64);
+          for (int j = 0; j < NR; ++j) a[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[j], lo[r][j], x0), hi[r][j], x1);
+        }
+        for (int j = 0; j < NR; ++j)
+          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[j]), _mm512_set1_ps(sdb[j][i]), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NR; ++j)
+      out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]) +
+                         affine_const_v<OFFS>(sc + j * ng, OFFS ? of + j * ng : nullptr, xs + i * ng, ng);
+}
+
+// Rows of x in tiles of up to 8 (M = 9..16: 8, then the rest), NR weight rows at q (the second
+// tile reads them again from L2).
+template <int NR, int RUNS, bool OFFS>
+inline void rows_q4r(const int8_t* xq, const float* dxT, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+                     const float* sc, const float* of, int64_t G, int64_t pf, float* out, int64_t N) {
+  const int64_t ng = K / G;
+  for_x_tiles8(M, [&](auto mb, int64_t m) {
+    tile_q4r<decltype(mb)::value, NR, RUNS, OFFS>(xq + m * K, K, dxT + m, xs + m * ng, q, sc, of, G, pf, out + m * N,
+                                                  N);
+  });
+}
+
+// Weight rows [n0, n1) for M = 5..16 rows of x, groups of 128 / 256 (q4r_takes): pairs of weight
+// rows, an odd last alone.
+template <bool OFFS>
+void run_q4r(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+             const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t ng = K / G, ldq = K / 2;
+  // dxT[g][i] = d of row i, group g (16 lanes; a tile of rows m.. reads 16 from lane m).
+  const codeshell::q4rows::XT xt(dx, M, ng);
+  const float* dxT = xt.dxT;
+  // Prefetch: 16 weight rows ahead (the same bytes of the 8th next pair; 32 KiB at K = 4096) into
+  // L2, as q8_rows.h's next group; CODESHELL_Q4_ROWS_PF overrides the distance in bytes (0: 2 KiB
+  // ahead in each row into L1, tile_q4v's, which at K <= 4096 is only the next row or two).
+  const int64_t pf = std::max<int64_t>(0, env_int("CODESHELL_Q4_ROWS_PF", 16 * ldq));
+  auto go = [&](auto runs) {
+    constexpr int RUNS = decltype(runs)::value;
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2)
+      rows_q4r<2, RUNS, OFFS>(xq, dxT, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, pf,
+                              out + n, N);
+    if (n < n1)
+      rows_q4r<1, RUNS, OFFS>(xq, dxT, xs, M, K, q + n * ldq, sc + n * ng, OFFS ? of + n * ng : nullptr, G, pf,
+                              out + n, N);
+  };
+  if (G == 128) go(std::integral_constant<int, 1>{});
+  else go(std::integral_constant<int, 2>{});
+}
+
+void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t M, int64_t K,
+             const uint8_t* q, const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0,
+             int64_t n1) {
+  const int64_t ng = K / G;
+  if (of) {
+    if (G == 32) run_v<true, true, 4>(xq, dx, sx, xs, M, K, ng, q, sc, of, G, out, N, n0, n1);
+    else if (G == 64) run_v<true, true, 2>(xq, dx, sx, xs, M, K, ng, q, sc, of, G, out, N, n0, n1);
+    else run_v<true, true, 1>(xq, dx, sx, xs, M, K, ng, q, sc, of, G, out, N, n0, n1);
+  } else {
+    if (G == 32) run_v<true, false, 4>(xq, dx, sx, xs, M, K, ng, q, sc, nullptr, G, out, N, n0, n1);
+    else if (G == 64) run_v<true, false, 2>(xq, dx, sx, xs, M, K, ng, q, sc, nullptr, G, out, N, n0, n1);
+    else run_v<true, false, 1>(xq, dx, sx, xs, M, K, ng, q, sc, nullptr, G, out, N, n0, n1);
+  }
+}
+
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+namespace {
+// int4 without AMX: rows of x (from 5) up to which run_q4r (two weight rows per x load, tile_q4v's
+// bits) takes groups of 128 / 256 instead of run_q4v; CODESHELL_Q4_ROWS_MAX_M overrides the 16
+// (0: run_q4v at every M; read per call, for benchmarks and tests).
+bool q4r_takes(int64_t M, int64_t G) {
+  const int64_t hi = std::min<int64_t>(16, std::max<int64_t>(0, env_int("CODESHELL_Q4_ROWS_MAX_M", 16)));
+  return M >= 5 && M <= hi && (G == 128 || G == 256);
+}
+
+// int4 without AMX, groups of 128 / 256: rows of x (3..16) that q4_rows.h takes (tile_q4v's bits,
+// docs/kernels.md session 17 helper A) before run_q4r / run_q4v. M = 2 stays on tile_q4v12 /
+// tile_q4v: q4_rows.h (2 x 8 tiles) ran it 6% slower in the small shape's cold sweep. CODESHELL_Q4_ROWS=0
+// turns it off (the earlier kernels; read per call, for A/B and tests); CODESHELL_Q4_ROWS_MIN_M
+// overrides the 3 (at least 2).
+bool q4rows_takes(int64_t M, int64_t G) {
+  if (!env_flag("CODESHELL_Q4_ROWS", true)) return false;
+  const int64_t m0 = std::max<int64_t>(1, env_int("CODESHELL_Q4_ROWS_MIN_M", 3));
+  return M >= m0 && M <= 16 && (G == 128 || G == 256);
+}
+
+void check_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                   const c10::optional<torch::Tensor>& offset, int64_t G, int64_t isa) {
+  codeshell::check_isa(isa);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous fp32 [M, K] tensor");
+  const int64_t K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous() && q.size(1) * 2 == K,
+              "int4 weight must be a contiguous uint8 [N, K/2] tensor with K=", K);
+  TORCH_CHECK(K % 64 == 0 && G % 32 == 0 && G <= 256 && K % G == 0,
+              "int8-activation int4 kernel needs K % 64 == 0 and a group size in 32..256 dividing K; got K=", K,
+              ", group ", G);
+  const int64_t ng = K / G;
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N * ng,
+              "int4 scales must be a contiguous fp32 [N, K/group] tensor");
+  if (offset.has_value())
+    TORCH_CHECK(offset->scalar_type() == torch::kFloat32 && offset->is_contiguous() && offset->numel() == N * ng,
+                "int4 offsets must be a contiguous fp32 [N, K/group] tensor");
+}
+
+// decode_int4_q8's work below the AMX rows (checked by the caller), into op [M, N].
+void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+             const c10::optional<torch::Tensor>& offset, int64_t G, const c10::optional<torch::Tensor>& bias,
+             int64_t isa, float* op) {
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), ng = K / G;
+  const float* b = bias_ptr(bias, N);
+  RoundedX r(M, K, ng);
+  int8_t* xqp = r.xq;
+  float *dx = r.dx, *xs = r.xs;
+  int32_t* sx = r.sx;  // the 512-bit kernels' integer block sums of xq
+  const bool vnni = use_vnni(isa, K);
+  const bool epi = vnni && isa >= codeshell::kAmx;
+  quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs, sx);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
+  const bool v12 = q4v12(), fused = M == 1 && q4_m1_fused();
+  const Pf pf = M == 1 ? q4_m1_pf() : Pf();
+  const int64_t r16 = M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
+#if CODESHELL_HAVE_AVX512
+  // q4_rows.h's x side (dx transposed to [ng][16]), once a call rather than once a chunk
+  namespace R = codeshell::q4rows;
+  const bool rows4 = vnni && !epi && q4rows_takes(M, G);
+  // q4_rows.h's session 19 schedule (the same bits; CODESHELL_Q4_ROWS_V2=0: session 17's, for A/B)
+  const bool rows4_v2 = rows4 && env_flag("CODESHELL_Q4_ROWS_V2", true);
+  std::optional<R::XT> xt;
+  if (rows4) xt.emplace(dx, M, K / G);
+#endif
+  auto body = [&](int64_t n0, int64_t n1) {
+#if CODESHELL_HAVE_AVX512
+    if (vnni && epi && panel_kernel(G) && M >= panel_min_m()) {  // the AMX rows' bits (q8_panel.h)
+      const codeshell::q8panel::Args A{xqp, dx, sx, xs, M, K, N, qp, sp, ofp, G, b, op};
+      if (ofp) codeshell::q8panel::run_panels<true, true>(A, n0, n1);
+      else codeshell::q8panel::run_panels<true, false>(A, n0, n1);
+      return;
+    }
+    if (vnni && epi) {  // amx:q8 below the AMX row threshold: the AMX rows' bits
+      run_q4v_epi(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+      codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
+      return;
+    }
+    if (rows4) {  // M = 3..16, G >= 128: q4_rows.h, tile_q4v's bits
+      const int64_t pf = 16 * (K / 2);  // 16 weight rows ahead into L2, as run_q4r
+      auto go = [&](auto v2) {
+        constexpr bool V2 = decltype(v2)::value;
+        if (G == 128) ofp ? R::run_rows<1, true, V2>(xqp, xt->dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
+                          : R::run_rows<1, false, V2>(xqp, xt->dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
+        else ofp ? R::run_rows<2, true, V2>(xqp, xt->dxT, xs, M, K, qp, sp, ofp, pf, op, N, n0, n1)
+                 : R::run_rows<2, false, V2>(xqp, xt->dxT, xs, M, K, qp, sp, nullptr, pf, op, N, n0, n1);
+      };
+      if (rows4_v2) go(std::true_type{});
+      else go(std::false_type{});
+      add_bias(b, op, M, N, n0, n1);
+      return;
+    }
+    if (vnni && q4r_takes(M, G)) {  // M = 5..16, G >= 128: two weight rows per x load, tile_q4v's bits
+      if (ofp) run_q4r<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+      else run_q4r<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
+      add_bias(b, op, M, N, n0, n1);
+      return;
+    }
+    if (vnni) {
+      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, v12, fused, pf, r16);
+      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, v12, fused, pf, r16);
+      add_bias(b, op, M, N, n0, n1);
+      return;
+    }
+#endif
+    if (G == 32) {
+      if (ofp) run_q4<true, true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+      else run_q4<false, true>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
+    } else {
+      if (ofp) run_q4<true, false>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+      else run_q4<false, false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);
+    }
+    add_bias(b, op, M, N, n0, n1);
+  };
+  // M = 1 without AMX, a weight under 4 MiB (or CODESHELL_Q4_M1_SPLIT=1): one contiguous share of the
+  // rows a thread (parallel.h parallel_owned; q4_m1_split). The split changes no bits.
+  if (M == 1 && vnni && !epi && q4_m1_split(N * K / 2)) codeshell::parallel_owned(N, 16, 64, body);
+  else codeshell::parallel_chunks(N, 16, 64, body);
+}
+}  // namespace
+
+torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& offset, int64_t G,
+                             const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  check_int4_q8(x, q, scale, offset, G, isa);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  if (use_amx_rows(isa, K, M, G)) return prefill_q8_amx(x, q, scale, offset, G, bias);  // M <= 64: the same bits
+  auto out = torch::empty({M, N}, x.options());
+  int4_q8(x, q, scale, offset, G, bias, isa, out.data_ptr<float>());
+  return out;
+}
+
+void decode_int4_q8_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                        const c10::optional<torch::Tensor>& offset, int64_t G,
+                        const c10::optional<torch::Tensor>& bias, int64_t isa, torch::Tensor& out) {
+  check_int4_q8(x, q, scale, offset, G, isa);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  check_out(out, M, N);
+  if (use_amx_rows(isa, K, M, G)) {
+    const auto y = prefill_q8_amx(x, q, scale, offset, G, bias);
+    std::memcpy(out.data_ptr<float>(), y.data_ptr<float>(), size_t(M * N) * sizeof(float));
+    return;
+  }
+  int4_q8(x, q, scale, offset, G, bias, isa, out.data_ptr<float>());
+}

@@ -1,0 +1,294 @@
+// int8 weights x int8-rounded x (decode_int8_q8 / decode_int8_q8_out, q8_block_int8): the int8 half
+// of the integer-dot decode kernels (qdot.cpp's opening comment maps which kernel runs which M on
+// which CPU). Here: the checks and the dispatch (int8_q8: q8_rows.h at M = 3..16 without AMX,
+// tile_r16_q8 / tile_v at M = 1-2, q8_panel.h, the AVX2 tiles), the int8 switches, the AVX2 tiles
+// (tile_q8, range_q8) and tile_r16_q8 / run_r16_q8 (M = 1-2, 16 weight rows a tile).
+// What this is not: int4 weights (qdot_int4.cpp), x's rounding (qdot.cpp), the shared helpers
+// (qdot.h), tile_v (qdot_tile_v.h), the batched rows' kernel (q8_rows.h) or AMX (qgemm_amx.cpp).
+// Split out of qdot.cpp in session 20 (code unchanged).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include "entry.h"
+#include "isa.h"
+#include "parallel.h"
+#include "q8_epilogue.h"
+#include "q8_panel.h"
+#include "q8_rows.h"
+#include "qdot.h"
+#include "qdot_tile_v.h"
+#include "simd.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+using namespace codeshell::qdot;
+
+namespace {
+
+// A/B switches of the kernels, read per call (csrc/switches.h; the kernels behind them give the same bits).
+using codeshell::env_flag;
+using codeshell::env_int;
+inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
+// int8 M = 1 without AMX at K > 4096 (the 7B's mlp.c_proj, K = 16384): q8_rows.h (the same bits)
+// instead of tile_v with CODESHELL_Q8_M1_ROWS=1 (read per call). Session 16 made q8_rows.h the
+// default there (three 8-round A/Bs in busy minutes: mlp.c_proj 35-41 against tile_v's 27-32 GB/s
+// with kPrefetch, 2 KiB ahead). Session 18 (docs/kernels.md, helper A): with the M = 1 prefetch at
+// kM1Prefetch tile_v reads faster: mlp.c_proj int8 cold, same rounds (probe 38.5 / 44.8), 1 thread
+// 33.3 against 24.3 GB/s (1.38x), 2 threads 40.8 against 34.6 (1.18x); the 1.7B model's token
+// (bench_decode_phases, probe 44) 1.059x, mlp.c_proj in the step 39.9 against 34.5. So tile_v again.
+inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", false); }
+inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"); }
+
+// ---- int8 ---------------------------------------------------------------------------
+// W = q[n, k] * scale[n]. vpmaddubsw wants one unsigned operand: |q| times x with q's sign
+// (vpsignb), |pair sums| <= 2 * 127 * 127 = 32258, widened to int32 at once (two would overflow).
+template <int MB, int NB>
+inline void tile_q8(const int8_t* xq, int64_t K, const float* dx, const int8_t* w, int64_t B, float* out,
+                    int64_t ldo) {
+  const int64_t nb = K / B;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i a32[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) a32[i][j] = _mm256_setzero_si256();
+    for (int64_t k = b * B; k < (b + 1) * B; k += 32) {
+      for (int j = 0; j < NB; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + kPrefetch, _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
+        const __m256i av = _mm256_sign_epi8(v, v);
+        for (int i = 0; i < MB; ++i) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + k));
+          a32[i][j] = _mm256_add_epi32(
+              a32[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(xv, v)), ones));
+        }
+      }
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m256 d = _mm256_set1_ps(dx[i * nb + b]);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a32[i][j]), d, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out[i * ldo + j] = codeshell::hsum8(acc[i][j]);
+}
+
+template <int NB>
+void range_q8(const int8_t* xq, const float* dx, int64_t M, int64_t K, int64_t B, const int8_t* w, float* out,
+              int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / B;
+  auto rows = [&](auto nb_tag, int64_t n) {
+    constexpr int R = decltype(nb_tag)::value;
+    for_x_tiles(M, [&](auto mb, int64_t m) {
+      tile_q8<decltype(mb)::value, R>(xq + m * K, K, dx + m * nb, w + n * K, B, out + m * N + n, N);
+    });
+  };
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) rows(std::integral_constant<int, NB>{}, n);
+  for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
+}
+
+}  // namespace
+
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+
+// ---- int8 without AMX, M = 1-2: 16 weight rows per tile, block sums reduced across rows -------
+// The bits of q8_epilogue.h (amx:q8's, q8_panel.h's, tile_v's), by another loop order: rows
+// [n, n + R) (R <= 16) of the weight are read one after another, each row's K bytes front to
+// back (the 16 rows are one contiguous range, so the tile is one sequential stream), a block's
+// (128 k) vpdpbusd lane sums of row r stored at lb[i][block][r]; then per block the 16 rows'
+// lane vectors are reduced together (q8epi::reduce_lanes<16>: lane r = row r's exact block sum
+// S_b) and the epilogue runs on 16 weight rows at once (lane = weight row, as in q8_panel.h):
+// acc[i][b % 16] = fma(float(S_b - 128 sx_b), d_b, acc[i][b % 16]) in block order, then tree16_v.
+// Why: tile_v reduces each weight row's lane vectors of 16 blocks on its own (15 two-permute
+// combines whatever the number of blocks, the missing ones zero-filled), so at K = 256 (2 blocks)
+// a row cost ~70 instructions for 4 vpdpbusd: codeshell-mini's int8 linears ran slower than its
+// bf16 ones. Here a combine serves 16 (row, block) pairs' sums: one per block and weight row at
+// every K. Blocks are taken in spans of 16 / M (lb: 16 KiB), rows within a span.
+template <int MB>
+inline void tile_r16_q8(const int8_t* xq, int64_t K, int64_t nbx, const float* dx, const int32_t* sx,
+                        const uint8_t* w, int64_t R, float* out, int64_t ldo, const Pf& pf = Pf()) {
+  namespace E = codeshell::q8epi;
+  const int64_t nb = K / 128;
+  const __m512i s80 = _mm512_set1_epi8(int8_t(0x80));
+  constexpr int64_t SPAN = 16 / MB;          // blocks per span: lb is 16 KiB
+  alignas(64) int32_t lb[MB][SPAN][16][16];  // [row of x][block in span][weight row][lane]
+  alignas(64) float acc[MB][16][16];       // [row of x][L = block % 16][weight row]
+  for (int i = 0; i < MB; ++i)
+    for (int L = 0; L < 16; ++L) _mm512_store_ps(acc[i][L], _mm512_setzero_ps());
+  if (R < 16)  // rows past R: zero lane sums (reduced with the others, never stored)
+    for (int i = 0; i < MB; ++i)
+      for (int c = 0; c < SPAN; ++c)
+        for (int64_t r = R; r < 16; ++r) _mm512_store_si512(lb[i][c][r], _mm512_setzero_si512());
+  for (int64_t b0 = 0; b0 < nb; b0 += SPAN) {
+    const int64_t cnt = std::min<int64_t>(SPAN, nb - b0);
+    for (int64_t r = 0; r < R; ++r) {
+      const uint8_t* wr = w + r * K + b0 * 128;
+      const int8_t* xr = xq + b0 * 128;
+      for (int64_t c = 0; c < cnt; ++c) {
+        const uint8_t* p = wr + c * 128;
+        if (pf.d) {
+          pf_line(p, pf);
+          pf_line(p + 64, pf);
+        }
+        const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(p), s80);
+        const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(p + 64), s80);
+        for (int i = 0; i < MB; ++i) {
+          const int8_t* xi = xr + i * K + c * 128;
+          const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xi));
+          const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(xi + 64));
+          _mm512_store_si512(lb[i][c][r], _mm512_add_epi32(s0, s1));
+        }
+      }
+    }
+    for (int64_t c = 0; c < cnt; ++c) {
+      const int64_t b = b0 + c;
+      for (int i = 0; i < MB; ++i) {
+        const __m512i T = _mm512_sub_epi32(E::reduce_lanes<16>(lb[i][c]), _mm512_set1_epi32(sx[i * nbx + b] << 7));
+        float* a = acc[i][b % 16];
+        _mm512_store_ps(a, E::epi_step(_mm512_load_ps(a), T, _mm512_set1_ps(dx[i * nbx + b])));
+      }
+    }
+  }
+  const __mmask16 km = R >= 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
+  for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(out + i * ldo, km, E::tree16_v(acc[i][0], 16));
+}
+
+// Raw tree16 results of weight rows [n0, n1) for M = 1-2 rows of x (finish_cols applies scale
+// and bias), 16 rows per tile (n0 is a multiple of 16: parallel_chunks' alignment).
+void run_r16_q8(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t nbx,
+                const uint8_t* w, float* out, int64_t N, int64_t n0, int64_t n1, const Pf& pf = Pf()) {
+  if (pf.prime) prime(w + n0 * K, std::min<int64_t>(pf.d, (n1 - n0) * K));
+  for (int64_t n = n0; n < n1; n += 16) {
+    const int64_t R = std::min<int64_t>(16, n1 - n);
+    if (M == 1) tile_r16_q8<1>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N, pf);
+    else tile_r16_q8<2>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N);
+  }
+}
+
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+namespace {
+
+// Rows of x up to which int8 without AMX runs q8_rows.h (from panel_min_m: the rows of x in the
+// lanes, weight quads broadcast; the same bits as q8_panel.h, which keeps M above).
+// CODESHELL_Q8_ROWS_MAX_M overrides the 16 (0: q8_panel.h at every M from panel_min_m; read per
+// call, for benchmarks and tests).
+int64_t rows_max_m() {
+  return std::min<int64_t>(16, std::max<int64_t>(0, env_int("CODESHELL_Q8_ROWS_MAX_M", 16)));
+}
+}  // namespace
+
+// Block size along K for the activation quantisation of int8 weights: 128 when it divides K.
+int64_t q8_block_int8(int64_t K) {
+  for (int64_t b : {128, 64, 32})
+    if (K % b == 0) return b;
+  return 0;
+}
+
+namespace {
+void check_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t isa) {
+  codeshell::check_isa(isa);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous fp32 [M, K] tensor");
+  const int64_t K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.size(1) == K,
+              "int8 weight must be a contiguous int8 [N, K] tensor with K=", K);
+  TORCH_CHECK(q8_block_int8(K) > 0, "int8-activation int8 kernel needs K % 32 == 0, got K=", K);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N,
+              "int8 scales must be a contiguous fp32 [N] tensor");
+}
+
+// decode_int8_q8's work below the AMX rows (checked by the caller), into op [M, N].
+void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+             const c10::optional<torch::Tensor>& bias, int64_t isa, float* op) {
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), B = q8_block_int8(K), nb = K / B;
+  const float* b = bias_ptr(bias, N);
+  RoundedX r(M, K, nb);
+  int8_t* xqp = r.xq;
+  float* dx = r.dx;
+  int32_t* sx = r.sx;
+  quantize_rows(x.data_ptr<float>(), M, K, B, /*perm=*/0, isa, xqp, dx, r.xs, sx);
+  const int8_t* wp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const bool vnni = use_vnni(isa, K);  // then B == 128
+  // tile_r16_q8 where a row's blocks are one span (K <= 2048 at M = 1, 1024 at M = 2): at K = 4096
+  // its two spans measured slower than tile_v (1024x4096, warm: 45 against 38-40 us at 2 threads)
+  const bool r16 = M <= 2 && nb <= 16 / M && r16_q8();
+  const Pf pf = M == 1 ? q8_m1_pf() : Pf();
+#if CODESHELL_HAVE_AVX512
+  const bool m1_rows = M == 1 && K > 4096 && m1_rows_q8();  // q8_rows.h at M = 1, K > 4096 only if switched on (m1_rows_q8)
+  if (vnni && isa < codeshell::kAmx && ((M >= panel_min_m() && M <= rows_max_m()) || m1_rows)) {  // amx:q8's bits
+    codeshell::q8rows::run(xqp, dx, sx, M, K, N, wp, sp, b, op);
+    return;
+  }
+#endif
+  auto body = [&](int64_t n0, int64_t n1) {
+#if CODESHELL_HAVE_AVX512
+    if (vnni && isa < codeshell::kAmx && M < panel_min_m() && r16) {  // no AMX, M = 1-2: the panel's bits
+      run_r16_q8(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1, pf);
+      codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
+      return;
+    }
+    if (vnni && isa < codeshell::kAmx && M < panel_min_m()) {  // no AMX, M = 1-2: tile_v, the panel's bits
+      run_v<false, false, 1>(xqp, dx, sx, nullptr, M, K, nb, reinterpret_cast<const uint8_t*>(wp), nullptr, nullptr,
+                             0, op, N, n0, n1, pf);
+      codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
+      return;
+    }
+    if (vnni) {  // the AMX rows' bits (q8_panel.h): below the AMX rows, or from 3 rows without AMX
+      const codeshell::q8panel::Args A{xqp, dx, sx, nullptr, M, K, N, reinterpret_cast<const uint8_t*>(wp), sp,
+                                       nullptr, 0, b, op};
+      codeshell::q8panel::run_panels<false, false>(A, n0, n1);
+      return;
+    }
+#endif
+    {
+      // One weight row per tile at every M: measured best (c_fc, M = 4: 5.1 ms vs 5.8 with 2
+      // rows, 6.4 with 4; M = 8: 8.8 vs 9.2 / 10.7).
+      range_q8<1>(xqp, dx, M, K, B, wp, op, N, n0, n1);
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = n0; j < n1; ++j) op[m * N + j] = op[m * N + j] * sp[j] + (b ? b[j] : 0.f);
+  };
+  // M = 1 without AMX, CODESHELL_Q8_M1_SPLIT=1: one contiguous share of the rows a thread
+  // (parallel.h parallel_owned; read per call, for A/B timing). The split changes no bits.
+  if (M == 1 && vnni && isa < codeshell::kAmx && env_flag("CODESHELL_Q8_M1_SPLIT", false))
+    codeshell::parallel_owned(N, 16, 64, body);
+  else codeshell::parallel_chunks(N, 16, 64, body);
+}
+}  // namespace
+
+torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  check_int8_q8(x, q, scale, isa);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  if (use_amx_rows(isa, K, M, 0)) return prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);  // M <= 64: the same bits
+  auto out = torch::empty({M, N}, x.options());
+  int8_q8(x, q, scale, bias, isa, out.data_ptr<float>());
+  return out;
+}
+
+void decode_int8_q8_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                        const c10::optional<torch::Tensor>& bias, int64_t isa, torch::Tensor& out) {
+  check_int8_q8(x, q, scale, isa);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  check_out(out, M, N);
+  if (use_amx_rows(isa, K, M, 0)) {
+    const auto y = prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);
+    std::memcpy(out.data_ptr<float>(), y.data_ptr<float>(), size_t(M * N) * sizeof(float));
+    return;
+  }
+  int8_q8(x, q, scale, bias, isa, out.data_ptr<float>());
+}

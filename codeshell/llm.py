@@ -140,9 +140,15 @@ class LLM:
                 self.engine.add_request(rid, ids, sp, prompt=text)
                 rids.append(rid)
             final: dict[str, RequestOutput] = {}
-            with _progress(len(rids), use_tqdm) as advance:
+            # Only the finished outputs are kept: lean (the default), the engine makes no others
+            # (final_only), and the loop runs inside one inference_mode instead of one a step.
+            # CODESHELL_ENGINE_LEAN=off: every output made, as before session 20 (A/B timing).
+            lean = _lean()
+            self.engine.set_lean(lean)
+            with _progress(len(rids), use_tqdm) as advance, torch.inference_mode():
+                step = self.engine.step
                 while len(final) < len(rids):
-                    for out in self.engine.step():
+                    for out in step(lean):
                         if out.finished:
                             final[out.request_id] = out
                             advance()
@@ -213,6 +219,14 @@ class LLM:
         """Fill in the middle between `prefix` and `suffix` (CodeShell's FIM tokens)."""
         sp = with_stops(sampling_params or SamplingParams(max_tokens=64), FIM.stop)
         return self.generate([fim_prompt(prefix, suffix)], sp)[0]
+
+
+def _lean() -> bool:
+    """CODESHELL_ENGINE_LEAN (on by default): the engine's trimmed per-step path (`Engine.set_lean`)."""
+    v = os.environ.get("CODESHELL_ENGINE_LEAN", "on")
+    if v not in ("on", "off"):
+        raise ValueError(f"CODESHELL_ENGINE_LEAN={v!r}: expected on or off")
+    return v == "on"
 
 
 def _prepare_kernels(model: torch.nn.Module) -> None:

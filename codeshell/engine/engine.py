@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -92,6 +93,12 @@ class Engine:
         # the step's rows (`lookup.DraftBudget`); None: every draft, up to the row cap.
         self.draft_budget: DraftBudget | None = DraftBudget()
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        # The per-step Python trimmed (session 20: at the small shape ~0.25 ms a token ran between two
+        # native steps, every object it touched cold): no abort / admission / draft-clock work when
+        # none can apply, lazy detokenization (`Sequence`), the native rebuild check
+        # (kernels/step.py). `set_lean(False)` (CODESHELL_ENGINE_LEAN=off in `LLM`) restores the
+        # earlier path for A/B timing; the outputs are the same either way.
+        self.lean = True
 
     # ---- the public surface ---------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -106,6 +113,13 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)
+
+    def set_lean(self, on: bool) -> None:
+        """The trimmed per-step path on or off (`lean`; the kernels' rebuild check follows)."""
+        self.lean = bool(on)
+        step = sys.modules.get("codeshell.kernels.step")
+        if step is not None:
+            step._LEAN[0] = self.lean
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._aborts)
@@ -131,23 +145,36 @@ class Engine:
         return list(ids)
 
     # ---- the loop -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
-        """Schedule, forward, sample, update. Returns an output for each request that changed."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Schedule, forward, sample, update. Returns an output for each request that changed
+        (`final_only`: for each that finished; the others' outputs are not made, their streams
+        advance as if they were: `Sequence.skip_output`)."""
+        if self.lean and torch.is_inference_mode_enabled():  # the caller's (LLM._run) already
+            return self._step(final_only)
+        with torch.inference_mode():
+            return self._step(final_only)
+
+    def _step(self, final_only: bool) -> list[RequestOutput]:
         changed: dict[str, _Request] = {}
-        self._apply_aborts(changed)
-        for req, logits in self._prefill(self._admit()):  # schedule + prefill
-            for seq in req.seqs:
-                self._append(seq, logits)
-            changed[req.request_id] = req
+        lean = self.lean
+        if self._aborts or not lean:
+            self._apply_aborts(changed)
+        if self.waiting or not lean:  # `_admit` admits nothing without waiting requests
+            for req, logits in self._prefill(self._admit()):  # schedule + prefill
+                for seq in req.seqs:
+                    self._append(seq, logits)
+                changed[req.request_id] = req
         fresh = set(changed)
-        # A verify step's cost for the draft budget: CPU time from here (after any prefill) to
-        # its outputs, so the per-step Python (drafting, outputs) counts with the forward.
-        t0 = DraftBudget.clock()
         decoding = [s for r in self.running.values() if r.request_id not in fresh for s in r.seqs
                     if not s.finished]
         decoding.sort(key=lambda s: s.slot)              # slot order: the cache reads as a view
-        drafts = self._drafts(decoding)
+        # A verify step's cost for the draft budget: CPU time from here (after any prefill) to
+        # its outputs, so the per-step Python (drafting, outputs) counts with the forward. Lean:
+        # taken only when some sequence may draft (a system call: ~5-10 us in place, cold).
+        lookup_k, drafts, t0 = self._lookup_k, (), 0.0
+        if not lean or any(lookup_k(s.params) > 0 for s in decoding):
+            t0 = DraftBudget.clock()
+            drafts = self._drafts(decoding)
         rows = 0
         if any(drafts):                                  # last token + drafts, verified in one forward
             rows = self._speculate(decoding, drafts)
@@ -167,7 +194,16 @@ class Engine:
                 for i, seq in enumerate(decoding):       # update
                     self._append(seq, logits[i], toks[i])
                     changed[seq.request_id] = running[seq.request_id]
-        outs = [self._output(r) for r in changed.values()]
+        if not final_only:
+            outs = [self._output(r) for r in changed.values()]
+        else:
+            outs = []
+            for r in changed.values():
+                if r.aborted or (r.seqs and r.finished):  # `_output`'s finished
+                    outs.append(self._output(r))
+                else:
+                    for s in r.seqs:
+                        s.skip_output()
         for r in changed.values():
             if r.finished:
                 self._release(r)
@@ -220,7 +256,7 @@ class Engine:
                     if i == 0:
                         req.own_cache = own
                     req.seqs.append(Sequence(req.request_id, i, req.prompt_ids, p, sampler,
-                                             slot, self.tokenizer, self.eos_id))
+                                             slot, self.tokenizer, self.eos_id, self.lean))
                 self.running[req.request_id] = req
                 admitted.append(req)
         return admitted
@@ -548,12 +584,18 @@ class Engine:
         self.free_slots.sort()
 
 
+_STEP: list = []  # codeshell.kernels.step, imported at the first native step (an import statement
+                  # per step cost ~10 us in place: the import machinery's objects are cold by then)
+
+
 def _native_decode(model, cache, tokens, positions, slots, want_logits=True):
     """kernels.step.decode (None off the CPU); the kernels package is imported at first use."""
     if cache.device.type != "cpu":
         return None
-    from ..kernels import step
-    return step.decode(model, cache, tokens, positions, slots, want_logits)
+    if not _STEP:
+        from ..kernels import step
+        _STEP.append(step)
+    return _STEP[0].decode(model, cache, tokens, positions, slots, want_logits)
 
 
 @functools.cache  # the import once, not at every verify step

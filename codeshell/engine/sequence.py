@@ -12,7 +12,7 @@ from .sampling import SamplingParams, SequenceSampler
 
 class Sequence:
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
-                 sampler: SequenceSampler, slot: int, tokenizer, eos_id: int | None):
+                 sampler: SequenceSampler, slot: int, tokenizer, eos_id: int | None, lazy: bool = True):
         self.request_id = request_id
         self.index = index
         self.prompt_ids = prompt_ids
@@ -42,6 +42,16 @@ class Sequence:
         # greedy without penalties and without logprobs: its token is the native step's greedy
         # pick as it is (`Engine` then skips the sampler and the logits row: ~10 us a token)
         self.plain_greedy = params.greedy and not getattr(sampler, "_mutates", True) and params.logprobs is None
+        # Lazy detokenization (`lazy`, the default; the engine passes False under
+        # CODESHELL_ENGINE_LEAN=off): without stop strings nothing needs `text` before an output is
+        # made, so `append` only records the token and `output` / `finish` feed the decoder the
+        # tokens since (the same calls in the same order: the same text). `skip_output` (an output
+        # nobody reads, `Engine.step(final_only=True)`) records where the stream would have been, so
+        # the final delta is what streaming gives. Per token at the small shape the decoder's two
+        # decodes cost ~20 us in place (cold after the native step) against ~4 in a batch at the end.
+        self._lazy = lazy and self.decoder is not None and not self.max_stop
+        self._fed = 0    # output_ids fed to the decoder (lazy)
+        self._mark = -1  # lazy: len(output_ids) at the last skipped output (-1: none since)
 
     @property
     def finished(self) -> bool:
@@ -59,7 +69,26 @@ class Sequence:
         self.finish_reason = reason
         self.stop_reason = stop_reason
         if self.decoder is not None and not isinstance(stop_reason, str):
+            if self._lazy:  # a stop token ends output_ids and is never decoded
+                self._apply_mark()
+                n = len(self.output_ids)
+                self._sync(n - 1 if reason == "stop" else n)
+                self._fed = n
             self.text += self.decoder.flush()
+
+    def _sync(self, n: int) -> None:
+        """Lazy: feed the decoder output_ids[_fed:n], as `append` would have one at a time."""
+        ids, add = self.output_ids, self.decoder.add
+        while self._fed < n:
+            self.text += add(ids[self._fed])
+            self._fed += 1
+
+    def _apply_mark(self) -> None:
+        """Lazy: the stream position the last skipped output left (its text decoded up to there)."""
+        if self._mark >= 0:
+            self._sync(self._mark)
+            self.streamed = max(self.streamed, len(self.text))  # nothing held back: no stop strings
+            self._mark = -1
 
     def append(self, token: int, logprob: Logprob | None, max_model_len: int) -> None:
         self.output_ids.append(token)
@@ -69,7 +98,7 @@ class Sequence:
         if token in self.stop_ids:
             self.finish("stop", token)
             return
-        if self.decoder is not None:
+        if self.decoder is not None and not self._lazy:
             before = len(self.text)
             self.text += self.decoder.add(token)
             if self.max_stop and len(self.text) > before and self._check_stop(before):
@@ -110,7 +139,18 @@ class Sequence:
                 return k
         return 0
 
+    def skip_output(self) -> None:
+        """What `output` does to the stream, without making the output (nobody reads it)."""
+        if self._lazy:
+            self._mark = len(self.output_ids)
+            return
+        upto = len(self.text) - self._held_back()
+        self.streamed = max(self.streamed, upto)
+
     def output(self) -> CompletionOutput:
+        if self._lazy:
+            self._apply_mark()
+            self._sync(len(self.output_ids))
         upto = len(self.text) - self._held_back()
         delta = self.text[self.streamed:upto] if upto > self.streamed else ""
         self.streamed = max(self.streamed, upto)

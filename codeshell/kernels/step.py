@@ -30,6 +30,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _TORCH_MODULE  # its global forward hooks (`decode`)
 
 from . import _ext, ops
 from .module import FastLinear, PackedLinear
@@ -47,6 +48,22 @@ _DECODERS: "weakref.WeakKeyDictionary[nn.Module, _Decoder]" = weakref.WeakKeyDic
 # alive nor travels with it (state_dict, deepcopy, pickling never see it).
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _PACKED_VIEW: list = []  # codeshell.engine.kv_cache.PackedView, imported at first use
+# `decode`'s per-step reads, made cheap (it runs before every native call, with the caches cold
+# from the step before: docs/kernels.md, session 20 helper B): the environment as os.environ's
+# own dict (bytes keys and values; os.environ.get encodes the key and decodes the value at each
+# call, and `os.putenv` bypasses both alike), ROW_INVARIANT_MAX_M bound once, and the extension's
+# `same_entries` for the rebuild check (`_Checks.valid_native`).
+_ENV = getattr(os.environ, "_data", None)
+if not isinstance(_ENV, dict):  # not CPython's os._Environ: read through os.environ (str keys)
+    _ENV, _STEP_KEY, _ISA_KEY, _TEAM_KEY = os.environ, "CODESHELL_DECODE_STEP", "CODESHELL_KERNEL_ISA", "CODESHELL_DECODE_TEAM"
+else:
+    _STEP_KEY, _ISA_KEY, _TEAM_KEY = (os.fsencode(k) for k in ("CODESHELL_DECODE_STEP", "CODESHELL_KERNEL_ISA",
+                                                                "CODESHELL_DECODE_TEAM"))
+_MAX_M = ops.ROW_INVARIANT_MAX_M
+_SAME: list = []  # the extension's same_entries, set when the first decoder is built
+# False: the rebuild check in Python (`_Checks.valid`), as before session 20 (A/B: the engine
+# sets it from CODESHELL_ENGINE_LEAN=off at each generate; codeshell/engine/engine.py `lean`).
+_LEAN = [True]
 _VERSION = operator.attrgetter("_version")
 
 
@@ -246,13 +263,21 @@ class _Checks:
         return (all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objs))
                 and list(map(_VERSION, self.tensors)) == self.versions)
 
+    def valid_native(self, same_entries) -> bool:
+        """`valid()` by the extension's `same_entries` (the same answer): after a step has streamed
+        the weights through the caches the ~200 dicts read here are cold, and Python's loop takes
+        their misses one at a time (small shape: ~65 us a token in place against ~11 in a hot loop;
+        docs/kernels.md, session 20 helper B); the native loop overlaps them."""
+        return same_entries(self.dicts, self.keys, self.objs, self.tensors, self.versions)
+
 
 class _Decoder:
-    __slots__ = ("step", "checks", "cap", "team", "scale", "hooks", "attrs")
+    __slots__ = ("step", "checks", "cap", "team", "scale", "hooks", "attrs", "raw_cap", "raw_team")
 
     def __init__(self, step, checks: _Checks, cap, scale: float, hooks: tuple, attrs: tuple):
         self.step, self.checks, self.cap, self.scale = step, checks, cap, scale
         self.team = None  # CODESHELL_DECODE_TEAM when built (a change rebuilds)
+        self.raw_cap = self.raw_team = None  # both as `decode` reads them (os.environ's own values)
         self.hooks = hooks  # the modules' forward (pre-)hook dicts: any entry -> the model runs
         self.attrs = attrs  # their __dict__s: a `forward` set on the instance -> the model runs
 
@@ -317,6 +342,9 @@ def _build_decoder(lm: nn.Module, cap) -> _Decoder:
     else:
         return none
     step.set_rope(rope_inv_freq(cfg, cfg.n_positions).contiguous())
+    same = getattr(_ext.get(), "same_entries", None)
+    if same is not None and not _SAME:
+        _SAME.append(same)
     return _Decoder(step, ch, cap, 1.0 / math.sqrt(cfg.head_dim), hooks, attrs)
 
 
@@ -327,18 +355,22 @@ def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots:
     None where the native step does not apply (the caller runs the model). With `logits`
     False the first item is None: the caller needs only the picks (every row plain greedy),
     and the step skips the bf16 [M, V] copy of the head's output."""
-    if not enabled() or len(tokens) > ops.ROW_INVARIANT_MAX_M:
+    env = _ENV.get  # os.environ's own dict (bytes keys): the same values as os.environ.get, ~10x cheaper
+    step_env, cap, team = env(_STEP_KEY), env(_ISA_KEY), env(_TEAM_KEY)
+    if step_env is not None and step_env != b"on" and not enabled():
         return None
-    cap, team = os.environ.get("CODESHELL_KERNEL_ISA"), os.environ.get("CODESHELL_DECODE_TEAM")
+    if len(tokens) > _MAX_M:
+        return None
     d = _DECODERS.get(lm)
-    if d is None or d.cap != cap or d.team != team or not d.checks.valid():
-        d = _DECODERS[lm] = _build_decoder(lm, cap)
-        d.team = team
+    if d is None or d.raw_cap != cap or d.raw_team != team or not (
+            d.checks.valid_native(_SAME[0]) if _SAME and _LEAN[0] else d.checks.valid()):
+        d = _DECODERS[lm] = _build_decoder(lm, os.environ.get("CODESHELL_KERNEL_ISA"))
+        d.team = os.environ.get("CODESHELL_DECODE_TEAM")
+        d.raw_cap, d.raw_team = cap, team
     if d.step is None or d.skip() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return None
-    from torch.nn.modules import module as _m  # global hooks: the model's forward would run them
-    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
-        return None
+    if _TORCH_MODULE._global_forward_hooks or _TORCH_MODULE._global_forward_pre_hooks:
+        return None  # global hooks: the model's forward would run them
     k, v = cache.k, cache.v
     if k.dtype != torch.bfloat16 or k.device.type != "cpu" or not k.is_contiguous() or not v.is_contiguous():
         return None

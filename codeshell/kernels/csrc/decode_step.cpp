@@ -674,6 +674,49 @@ void register_decode_step(py::module& m) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "the first maximal index of each row of fp32 logits [N, V] rounded to bf16 (argmax_rows of .to(bfloat16))");
+  // kernels/step.py's `_Checks.valid` (every decode / verify step, before the native call): whether
+  // dicts[i].get(keys[i]) is objs[i] for every i and tensors[j]._version == versions[j]. The same
+  // answer as its Python loops; why native: after a step has streamed the weights through the caches,
+  // the ~200 dicts a small-shape model's check reads are all cold, and Python's loop takes their misses
+  // one after another (~65 us a token in place, 11 us in a hot loop, session 20 helper B); here the
+  // loop is a few instructions an entry, so the out-of-order core overlaps the misses of many entries,
+  // and each dict is prefetched a few entries ahead.
+  m.def(
+      "same_entries",
+      [](const py::list& dicts, const py::list& keys, const py::list& objs, const py::list& tensors,
+         const py::list& versions) -> bool {
+        const Py_ssize_t n = PyList_GET_SIZE(dicts.ptr());
+        TORCH_CHECK(PyList_GET_SIZE(keys.ptr()) == n && PyList_GET_SIZE(objs.ptr()) == n &&
+                        PyList_GET_SIZE(tensors.ptr()) == PyList_GET_SIZE(versions.ptr()),
+                    "same_entries: dicts, keys and objs (and tensors and versions) must have one entry each");
+        PyObject** d = reinterpret_cast<PyListObject*>(dicts.ptr())->ob_item;
+        PyObject** k = reinterpret_cast<PyListObject*>(keys.ptr())->ob_item;
+        PyObject** o = reinterpret_cast<PyListObject*>(objs.ptr())->ob_item;
+        constexpr Py_ssize_t kAhead = 8;
+        for (Py_ssize_t i = 0; i < n && i < kAhead; ++i) __builtin_prefetch(d[i]);
+        for (Py_ssize_t i = 0; i < n; ++i) {
+          if (i + kAhead < n) __builtin_prefetch(d[i + kAhead]);
+          TORCH_CHECK(PyDict_Check(d[i]), "same_entries: entry ", i, " is not a dict");
+          PyObject* v = PyDict_GetItemWithError(d[i], k[i]);  // borrowed; NULL: absent (dict.get's None)
+          if (v == nullptr) {
+            if (PyErr_Occurred()) throw py::error_already_set();
+            v = Py_None;
+          }
+          if (v != o[i]) return false;
+        }
+        const Py_ssize_t nt = PyList_GET_SIZE(tensors.ptr());
+        PyObject** t = reinterpret_cast<PyListObject*>(tensors.ptr())->ob_item;
+        PyObject** ver = reinterpret_cast<PyListObject*>(versions.ptr())->ob_item;
+        for (Py_ssize_t j = 0; j < nt; ++j) {
+          TORCH_CHECK(THPVariable_Check(t[j]), "same_entries: tensors[", j, "] is not a tensor");
+          const long long want = PyLong_AsLongLong(ver[j]);
+          if (want == -1 && PyErr_Occurred()) throw py::error_already_set();
+          if (int64_t(THPVariable_Unpack(t[j])._version()) != want) return false;
+        }
+        return true;
+      },
+      "dicts[i].get(keys[i]) is objs[i] for all i and tensors[j]._version == versions[j] for all j "
+      "(kernels/step.py _Checks.valid)");
   // For the tests: fn() with the calling thread as the master of the process's thread team (as
   // inside a step with the team on), so the kernels fn calls split their loops as they do in a
   // step (fused.cpp's for_rows / for_pieces, sampling.cpp's row segments).

@@ -125,6 +125,12 @@ def _load(model: str | None, dtype: str, device: str, tokenizer: str | None = No
     (pointing at --tokenizer) rather than at the first prompt.
     """
     model = cli_model(model)
+    from .omp import wait_policy
+
+    try:  # before torch loads libgomp: sampled decode's OpenMP worker must not spin through the team's step
+        wait_policy()
+    except ValueError as e:
+        _fail(str(e))
     from .config import ConfigError
     from .llm import LLM
     from .tokenizer import TokenizerError

@@ -10,30 +10,18 @@ from typing import Annotated
 
 import typer
 
-OMP_WAITS = ("passive", "keep")
-
 
 def omp_wait_policy(environ: MutableMapping[str, str] = os.environ) -> str | None:
-    """Sets OMP_WAIT_POLICY=passive for the server (returned; None where nothing was set), before
-    torch loads libgomp (which reads it once, at load). CODESHELL_SERVE_OMP_WAIT=keep leaves the
-    environment as it is (the behaviour before session 20); an OMP_WAIT_POLICY the user set is kept,
-    and so is libgomp's default unless the decode team is on (CODESHELL_DECODE_TEAM, default on).
+    """`codeshell.omp.wait_policy` (OMP_WAIT_POLICY=passive before torch loads, unless
+    CODESHELL_OMP_WAIT=keep, a policy the user set, or the decode team off), a bad switch value as
+    the command line's one-line error."""
+    from ..omp import wait_policy
 
-    Why: with the decode team on, the native step runs on the team's threads, but the engine's
-    torch ops between steps (the sampled rows' float32 logits, the sampler) still fork OpenMP,
-    whose worker then spins (libgomp's default: ~300k spins) through the next step beside the
-    team's master and helper: three busy threads on two cores. Measured at the 1.7B q4_0, one
-    client, temperature 0.8 (docs/kernels.md, session 20 helper A): 37-48 ms a step with the
-    spinning worker (its thread 1.66 s of CPU for 128 tokens), 33-43 passive (0.67 s). Passive
-    costs a futex wake per OpenMP region, nothing next to a prompt's region of milliseconds; the
-    OpenMP decode path (team off or auto) forks for every small loop, so it keeps the default."""
-    mode = environ.get("CODESHELL_SERVE_OMP_WAIT", "passive")
-    if mode not in OMP_WAITS:
-        raise typer.BadParameter(f"CODESHELL_SERVE_OMP_WAIT={mode!r}: expected {' or '.join(OMP_WAITS)}")
-    if mode == "keep" or "OMP_WAIT_POLICY" in environ or environ.get("CODESHELL_DECODE_TEAM", "on") != "on":
-        return None
-    environ["OMP_WAIT_POLICY"] = "passive"
-    return "passive"
+    try:
+        return wait_policy(environ)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
 
 # One command, mounted as a group (`codeshell serve ...`): no `COMMAND [ARGS]...` in its usage line.
 app = typer.Typer(help="Serve a CodeShell model over HTTP (OpenAI API, IDE plugins, web UI).",

@@ -1,0 +1,37 @@
+"""OpenMP's wait policy for the inference commands (`codeshell serve`, `generate`, `infill`, `chat`).
+
+What it is: one function that sets OMP_WAIT_POLICY=passive in the environment before torch loads
+libgomp (which reads it once, at load), with the switch that turns it off. What it is not: a thread
+setting for training or for library users (`codeshell.LLM` in someone's own process keeps whatever
+their environment says); it imports nothing heavy, so the CLI can call it before torch loads.
+
+Why: with the decode team on (CODESHELL_DECODE_TEAM, default on) the native step runs on the team's
+own threads, but the engine's torch ops between steps when sampling (the sampled rows' float32
+logits, the sampler) still fork OpenMP, whose worker then spins (libgomp's default, ~300k spins)
+through the next step beside the team's master and helper: three busy threads on two cores.
+Measured (docs/kernels.md, session 20): the 1.7B q4_0 server at one client, temperature 0.8, 37-48 ms
+a step with the spinning worker against 33-43 passive (1.16x llama-server against 0.99x);
+`codeshell generate` on the 1.7B int4 at -t 0.8, 26.5-29.4 tok/s against 35.4-36.4 passive.
+Passive costs a futex wake per OpenMP region, nothing next to a prompt's regions of milliseconds;
+the OpenMP decode path (team off or auto) forks for every small loop, so there the default stays.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+
+WAITS = ("passive", "keep")
+
+
+def wait_policy(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Sets OMP_WAIT_POLICY=passive in `environ` and returns "passive", or returns None where it sets
+    nothing: CODESHELL_OMP_WAIT=keep (the behaviour before session 20), an OMP_WAIT_POLICY the user
+    set, or the decode team not on. A bad CODESHELL_OMP_WAIT value raises ValueError (one line)."""
+    mode = environ.get("CODESHELL_OMP_WAIT", "passive")
+    if mode not in WAITS:
+        raise ValueError(f"CODESHELL_OMP_WAIT={mode!r}: expected {' or '.join(WAITS)}")
+    if mode == "keep" or "OMP_WAIT_POLICY" in environ or environ.get("CODESHELL_DECODE_TEAM", "on") != "on":
+        return None
+    environ["OMP_WAIT_POLICY"] = "passive"
+    return "passive"

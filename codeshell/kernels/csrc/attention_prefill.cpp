@@ -159,6 +159,26 @@ inline void pv_rows(float* const* o, const uint32_t* const* p, const float* alph
   if (d < D) pv_chunk<NR, 2>(o, p, alpha, vp, D, d, KP);
 }
 
+// o[i0 + ii] = alpha[ii] o[i0 + ii] + p[ii] . V for a score tile's `rows` rows (probabilities prow
+// [rows][kP] key pairs): PR rows at a time sharing each value vector, then one at a time. Shared by
+// block_rows and block_rows4.
+template <int PR>
+inline void pv_tile(const int64_t rows, const int64_t i0, float* o, const uint32_t* prow, const int64_t kP,
+                    const float* alpha, const uint32_t* vp, const int64_t D, const int64_t kPe) {
+  int64_t ii = 0;
+  for (; ii + PR <= rows; ii += PR) {
+    float* orow[PR];
+    const uint32_t* pr[PR];
+    for (int r = 0; r < PR; ++r) orow[r] = o + (i0 + ii + r) * D, pr[r] = prow + (ii + r) * kP;
+    pv_rows<PR>(orow, pr, alpha + ii, vp, D, kPe);
+  }
+  for (; ii < rows; ++ii) {
+    float* const orow[1] = {o + (i0 + ii) * D};
+    const uint32_t* const pr[1] = {prow + ii * kP};
+    pv_rows<1>(orow, pr, alpha + ii, vp, D, kPe);
+  }
+}
+
 // The score tiles and value products of one key block for all R rows: NBE of the block's KB / 16
 // key chunks hold keys (a last, partial block: the chunks past its keys are never computed) and
 // kPe key pairs (the value product stops there). The chunks and pairs left out hold only keys no
@@ -214,18 +234,7 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
         alpha[ii] = al;
       }
       // o[i] = alpha o[i] + p[i] . V: vdpbf16ps over key pairs, PR rows at a time sharing each value vector
-      int64_t ii = 0;
-      for (; ii + PR <= rows; ii += PR) {
-        float* orow[PR];
-        const uint32_t* pr[PR];
-        for (int r = 0; r < PR; ++r) orow[r] = o + (i0 + ii + r) * D, pr[r] = prow + (ii + r) * kP;
-        pv_rows<PR>(orow, pr, alpha + ii, vp, D, kPe);
-      }
-      for (; ii < rows; ++ii) {
-        float* const orow[1] = {o + (i0 + ii) * D};
-        const uint32_t* const pr[1] = {prow + ii * kP};
-        pv_rows<1>(orow, pr, alpha + ii, vp, D, kPe);
-      }
+      pv_tile<PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe);
     }
 }
 
@@ -315,18 +324,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
       lrow[i] = lp + red[4 * ii];
       mrow[i] = mnew[ii];
     }
-    int64_t ii = 0;
-    for (; ii + PR <= rows; ii += PR) {
-      float* orow[PR];
-      const uint32_t* pr[PR];
-      for (int r = 0; r < PR; ++r) orow[r] = o + (i0 + ii + r) * D, pr[r] = prow + (ii + r) * kP;
-      pv_rows<PR>(orow, pr, alpha + ii, vp, D, kPe);
-    }
-    for (; ii < rows; ++ii) {
-      float* const orow[1] = {o + (i0 + ii) * D};
-      const uint32_t* const pr[1] = {prow + ii * kP};
-      pv_rows<1>(orow, pr, alpha + ii, vp, D, kPe);
-    }
+    pv_tile<PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe);
   }
 }
 
@@ -400,7 +398,6 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
 }
 
 using RunItem = void (*)(const Item&, uint32_t*, uint32_t*, float*, float*, float*, uint32_t*);
-
 
 }  // namespace
 CODESHELL_END_AVX512

@@ -98,7 +98,7 @@ def test_gelu_x2_is_the_one_vector_loop_and_8_lanes(monkeypatch, rows, N, kind):
 @pytest.mark.parametrize("N,K", [(384, 256), (1024, 256), (256, 1024), (37, 128), (100, 384), (72, 640), (24, 2048)])
 def test_batch_switches_keep_the_bits(monkeypatch, kind, N, K):
     """bf16_pf2 (bf16 at M >= 4: a prefetch), and int8 at M = 3..16 on q8_rows.h: q8r_pf0 (a
-    prefetch; default 2 blocks), q8r_epi (the vector epilogue, the tree without its +0 slots)
+    prefetch; default 4 blocks since session 20, 2 before), q8r_epi (the vector epilogue, the tree without its +0 slots)
     and q8r_asm (vpdpbusd through inline asm) against CODESHELL_Q8R_EPI=0 / CODESHELL_Q8R_ASM=0 and each row at M = 1 (row invariance)."""
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g) * 0.05

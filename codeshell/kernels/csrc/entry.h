@@ -36,7 +36,8 @@ int64_t bf16_dot_peak(int64_t reps);
 // isa.cpp
 py::dict cpu_features_dict();
 
-// qdot.cpp: int8-activation kernels for quantised weights.
+// qdot_int4.cpp / qdot_int8.cpp (the split qdot.cpp; qdot.h shares their helpers): int8-activation
+// kernels for quantised weights.
 int64_t q8_block_int8(int64_t K);
 torch::Tensor decode_int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                              const c10::optional<torch::Tensor>& offset, int64_t G,
@@ -93,7 +94,7 @@ void fused_gelu_tanh_out(const torch::Tensor& v, const c10::optional<torch::Tens
 void fused_rope_bf16_out(const torch::Tensor& y, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads,
                          int64_t D, torch::Tensor& out);
 void f32_to_bf16(const float* src, at::BFloat16* dst, int64_t n);
-// qdot.cpp: out contiguous fp32 with >= M * N values.
+// qdot_int8.cpp: out contiguous fp32 with >= M * N values.
 void decode_int8_q8_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                         const c10::optional<torch::Tensor>& bias, int64_t isa, torch::Tensor& out);
 void decode_int4_q8_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,

@@ -277,6 +277,8 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
 
 // Rows of x [M, K] (k order, K % 128 == 0, M <= 16) -> the layout run_rows reads (xt, so, dT in
 // buffers this object owns). dx, sx: [M][K / 128] block scales and exact block sums of xq.
+// with_xt / with_xu: which of the x layouts to build (the xor schedule reads xt, v2 reads xu; null
+// where not built): a call builds the one its schedule reads, the standalone harness both.
 struct Prepared {
   int64_t M, K, nb;
   int E;
@@ -286,17 +288,18 @@ struct Prepared {
   int8_t *xt, *xu;
   int32_t* so;
   float* dT;
-  Prepared(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M_, int64_t K_)
+  Prepared(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M_, int64_t K_, bool with_xt = true,
+           bool with_xu = true)
       : M(M_), K(K_), nb(K_ / 128), E(quads_per_lane(M_)) {
     const int MP = 16 / E;
     const int64_t np = 32 / E;
-    xtv.resize(size_t(nb * np * 64 + 64));
-    xuv.resize(size_t(nb * np * 64 + 64));
+    if (with_xt) xtv.resize(size_t(nb * np * 64 + 64));
+    if (with_xu) xuv.resize(size_t(nb * np * 64 + 64));
     sov.resize(size_t(nb * 16 + 16));
     dv.resize(size_t(nb * 16 + 16));
     auto align = [](auto* p) { return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); };
-    xt = align(xtv.data());
-    xu = align(xuv.data());
+    xt = with_xt ? align(xtv.data()) : nullptr;
+    xu = with_xu ? align(xuv.data()) : nullptr;
     so = align(sov.data());
     dT = align(dv.data());
     // One gather per zmm of x: lane l = m * E + e reads the quad e of row m's run (masked: pad rows 0).
@@ -311,8 +314,8 @@ struct Prepared {
     for (int64_t b = 0; b < nb; ++b) {
       for (int64_t p = 0; p < np; ++p) {
         const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, vi, xq + b * 128 + 4 * E * p, 1);
-        _mm512_store_si512(xt + (b * np + p) * 64, v);
-        _mm512_store_si512(xu + (b * np + p) * 64, _mm512_xor_si512(v, _mm512_set1_epi8(int8_t(0x80))));
+        if (with_xt) _mm512_store_si512(xt + (b * np + p) * 64, v);
+        if (with_xu) _mm512_store_si512(xu + (b * np + p) * 64, _mm512_xor_si512(v, _mm512_set1_epi8(int8_t(0x80))));
       }
       for (int l = 0; l < 16; ++l) {
         const int64_t m = l % MP;
@@ -354,7 +357,9 @@ inline void run_chunk(const Args& A, int64_t n0, int64_t n1) {
 // y[M, N] = x . W^T (+ bias): prepare x, then the weight rows in parallel chunks.
 inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t N,
                 const int8_t* w, const float* scale, const float* bias, float* out) {
-  const Prepared P(xq, dx, sx, M, K);
+  // v2 reads xu where it applies (E < 16: M >= 2), the xor schedule xt: build only that one
+  const bool v2 = codeshell::env_flag("CODESHELL_Q8R_V2", true) && quads_per_lane(M) != 16;
+  const Prepared P(xq, dx, sx, M, K, !v2, v2);
   const Args A = P.args(N, reinterpret_cast<const uint8_t*>(w), scale, bias, out);
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) { run_chunk(A, n0, n1); });
 }

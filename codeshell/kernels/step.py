@@ -272,12 +272,13 @@ class _Checks:
 
 
 class _Decoder:
-    __slots__ = ("step", "checks", "cap", "team", "scale", "hooks", "attrs", "raw_cap", "raw_team")
+    __slots__ = ("step", "checks", "cap", "scale", "hooks", "attrs", "raw_cap", "raw_team")
 
     def __init__(self, step, checks: _Checks, cap, scale: float, hooks: tuple, attrs: tuple):
         self.step, self.checks, self.cap, self.scale = step, checks, cap, scale
-        self.team = None  # CODESHELL_DECODE_TEAM when built (a change rebuilds)
-        self.raw_cap = self.raw_team = None  # both as `decode` reads them (os.environ's own values)
+        # CODESHELL_KERNEL_ISA and CODESHELL_DECODE_TEAM when built, as `decode` reads them (os.environ's
+        # own values): a change rebuilds
+        self.raw_cap = self.raw_team = None
         self.hooks = hooks  # the modules' forward (pre-)hook dicts: any entry -> the model runs
         self.attrs = attrs  # their __dict__s: a `forward` set on the instance -> the model runs
 
@@ -365,7 +366,6 @@ def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots:
     if d is None or d.raw_cap != cap or d.raw_team != team or not (
             d.checks.valid_native(_SAME[0]) if _SAME and _LEAN[0] else d.checks.valid()):
         d = _DECODERS[lm] = _build_decoder(lm, os.environ.get("CODESHELL_KERNEL_ISA"))
-        d.team = os.environ.get("CODESHELL_DECODE_TEAM")
         d.raw_cap, d.raw_team = cap, team
     if d.step is None or d.skip() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return None

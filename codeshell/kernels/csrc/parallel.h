@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cstdlib>
 #include <condition_variable>
 #include <cstdint>
@@ -70,18 +69,12 @@ class Team {
     }
   }
 
-  // The master: the call is over; the helpers go idle on their own (nothing waits for them).
-  // CODESHELL_TEAM_IDLE_US (read per call): how long a helper spins out of a call before it
-  // sleeps. Unset or < 0: kIdleSpins pauses (~1 ms; the policy of sessions 17-19); 0: it sleeps
-  // at once (the next begin() wakes it through the condition variable, a futex wake); N > 0:
-  // up to N microseconds. Why a switch: between two steps of a server the event loop thread
-  // (HTTP, detokenizing, SSE) and the engine's driver thread need the cores that a spinning
-  // helper holds; a quiet decode loop's next step comes after ~0.1 ms of Python and finds a
-  // spinning helper at once. Changes no arithmetic, only which thread waits how.
-  void end() {
-    idle_ns_.store(env_int("CODESHELL_TEAM_IDLE_US", -1) * 1000, std::memory_order_relaxed);
-    active_.store(false, std::memory_order_release);
-  }
+  // The master: the call is over; the helpers go idle on their own (nothing waits for them): each
+  // spins kIdleSpins pauses (~1 ms), then sleeps until the next begin() (a futex wake). A quiet
+  // decode loop's next step comes after ~0.1 ms of Python and finds a spinning helper at once.
+  // (Session 20's CODESHELL_TEAM_IDLE_US, a settable spin read by a getenv every step, measured no
+  // gain in the server and was dropped in session 21.)
+  void end() { active_.store(false, std::memory_order_release); }
 
   // The master: f(i0, i1) over [0, n) in chunks of `grain` items, run by the master and the
   // helpers; returns when all are done (rethrows the first exception a chunk threw).
@@ -120,8 +113,6 @@ class Team {
     (void)at::get_num_threads();  // torch's per-thread OpenMP setup first, then 1 thread here:
     omp_set_num_threads(1);       // a chunk's own at::parallel_for (attention) stays on this thread
     uint64_t seen = 0;
-    int64_t idle_ns = -1;
-    std::chrono::steady_clock::time_point idle_until{};
     for (int64_t spins = 0, idle = 0;;) {
       const uint64_t seq = state_.load(std::memory_order_acquire) >> 32;
       if (seq != seen) {
@@ -135,12 +126,7 @@ class Team {
         pause(spins);
         continue;
       }
-      if (idle == 0) {  // a call just ended: this idle spell's policy (see end())
-        idle_ns = idle_ns_.load(std::memory_order_relaxed);
-        if (idle_ns >= 0) idle_until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(idle_ns);
-      }
-      if (idle_ns < 0 ? ++idle < kIdleSpins
-                      : idle_ns > 0 && (++idle & 255 || std::chrono::steady_clock::now() < idle_until)) {
+      if (++idle < kIdleSpins) {
         _mm_pause();
         continue;
       }
@@ -201,7 +187,6 @@ class Team {
   alignas(64) std::atomic<int64_t> done_{0};
   alignas(64) std::atomic<bool> active_{false}, failed_{false};
   std::atomic<int> sleepers_{0};
-  std::atomic<int64_t> idle_ns_{-1};  // CODESHELL_TEAM_IDLE_US * 1000 as of the last end()
   std::mutex mu_, err_mu_;
   std::condition_variable cv_;
   std::exception_ptr err_;

@@ -38,6 +38,7 @@
 
 #include <torch/extension.h>
 
+#include "attention_rows.h"
 #include "entry.h"
 #include "isa.h"
 #include "parallel.h"
@@ -55,6 +56,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -315,18 +317,30 @@ class DecodeStep {
     torch::Tensor logits;
     std::vector<int64_t> picks(M);
     const Linear& head = linears_[head_];
+    const auto table = rope_table(positions);  // before the team is taken (see rope_table)
     step([&](Arena& a) {
       a.shape(M, C, (H_ + 2 * G_) * D_, inner_, head.N, half, H_, D_);
       prof_.start();
       embed(tokens, a.x);
-      // RoPE rows: freqs [M, D/2] = float(position) * inv_freq (single fp32 products, as torch's
-      // broadcast multiply), then torch's own cos and sin on the same [M, D/2] shape (same bits)
-      const float* inv = inv_freq_.data_ptr<float>();
-      float* fp = a.freqs.data_ptr<float>();
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = 0; j < half; ++j) fp[i * half + j] = float(positions[i]) * inv[j];
-      at::cos_out(a.cos, a.freqs);
-      at::sin_out(a.sin, a.freqs);
+      if (table.first.defined()) {  // RoPE rows: copies of the table's rows
+        const float* tc = table.first.data_ptr<float>();
+        const float* ts = table.second.data_ptr<float>();
+        float* cp = a.cos.data_ptr<float>();
+        float* sp = a.sin.data_ptr<float>();
+        for (int64_t i = 0; i < M; ++i) {
+          std::memcpy(cp + i * half, tc + positions[i] * half, half * sizeof(float));
+          std::memcpy(sp + i * half, ts + positions[i] * half, half * sizeof(float));
+        }
+      } else {
+        // RoPE rows: freqs [M, D/2] = float(position) * inv_freq (single fp32 products, as torch's
+        // broadcast multiply), then torch's own cos and sin on the same [M, D/2] shape (same bits)
+        const float* inv = inv_freq_.data_ptr<float>();
+        float* fp = a.freqs.data_ptr<float>();
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t j = 0; j < half; ++j) fp[i * half + j] = float(positions[i]) * inv[j];
+        at::cos_out(a.cos, a.freqs);
+        at::sin_out(a.sin, a.freqs);
+      }
       std::vector<int64_t> lens(M);
       for (int64_t i = 0; i < M; ++i) lens[i] = positions[i] + 1;
       const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
@@ -389,6 +403,8 @@ class DecodeStep {
                     inv_freq.numel() == D_ / 2,
                 "DecodeStep.set_rope: inv_freq must be a contiguous fp32 [", D_ / 2, "] tensor");
     inv_freq_ = inv_freq;
+    std::lock_guard<std::mutex> lock(rope_mu_);
+    rope_cos_ = torch::empty({0}), rope_sin_ = torch::Tensor();  // rope_table's rows were of the old frequencies
   }
 
   // The phase profile (Profile): on / off (turning it on clears it), and (calls, {phase: seconds}).
@@ -485,6 +501,43 @@ class DecodeStep {
     if (err) std::rethrow_exception(err);
   }
 
+  // RoPE's cos and sin rows of positions [0, P) (fp32 [P, D/2] each), computed as decode's rows were:
+  // freqs = float(position) * inv_freq, then torch's cos and sin. Returns them when every position
+  // is in [0, kRopeTableMax) (grown to cover the largest: P a power of two >= 256), else undefined
+  // tensors (decode then computes its rows as before). CODESHELL_ROPE_TABLE=0 (read per call; A/B
+  // runs): never (torch's cos and sin on the step's [M, D/2] rows, as before session 21).
+  // Why: torch's float cos / sin go through MKL's VML, which threads a call from ~100 values on
+  // (mkl_get_max_threads(): torch's thread count, not the calling thread's OpenMP count): inside a
+  // step with the team on, batch 8's [8, 64] rows forked an OpenMP region whose second thread had to
+  // get the core the team's helper spins on, ~4-8 ms (the scheduler's slice) in many steps: the
+  // small shape's b8 "embed+rope rows" phase measured 0.14-4.0 ms a call against 12 us at batch 1
+  // ([1, 64]: serial) (docs/kernels.md, session 21 helper D). VML's cos / sin are elementwise: a
+  // row's values do not depend on the call's length or threads (measured: [64, 64] rows one by one
+  // and the whole, 1 and 2 threads, the same bits; test_decode_step compares the step with the
+  // Python path), so the table's rows are the bits decode computed. The table is made here, before
+  // the step takes its team, where a fork finds its threads.
+  static constexpr int64_t kRopeTableMax = int64_t(1) << 16;
+  std::pair<torch::Tensor, torch::Tensor> rope_table(const std::vector<int64_t>& positions) const {
+    int64_t lo = 0, need = 0;
+    for (int64_t p : positions) lo = std::min(lo, p), need = std::max(need, p + 1);
+    if (lo < 0 || need > kRopeTableMax || !codeshell::env_flag("CODESHELL_ROPE_TABLE", true)) return {};
+    std::lock_guard<std::mutex> lock(rope_mu_);
+    if (rope_cos_.size(0) < need) {
+      int64_t P = 256;
+      while (P < need) P *= 2;
+      const int64_t half = D_ / 2;
+      c10::InferenceMode normal(false);  // plain tensors, as the arena's
+      torch::Tensor freqs = torch::empty({P, half}, torch::TensorOptions().dtype(torch::kFloat32));
+      const float* inv = inv_freq_.data_ptr<float>();
+      float* fp = freqs.data_ptr<float>();
+      for (int64_t i = 0; i < P; ++i)
+        for (int64_t j = 0; j < half; ++j) fp[i * half + j] = float(i) * inv[j];
+      rope_cos_ = at::cos(freqs);
+      rope_sin_ = at::sin(freqs);
+    }
+    return {rope_cos_, rope_sin_};
+  }
+
   // The embedding rows of `tokens` into x bf16 [M, C] (exact copies, as the model's lookup).
   void embed(const std::vector<int64_t>& tokens, torch::Tensor& x) const {
     const int64_t M = int64_t(tokens.size()), C = H_ * D_;
@@ -545,6 +598,17 @@ class DecodeStep {
     }
     if (team == nullptr) return packed_attention(q, kl, vl, slots, lens, scale, attn_isa_);
     const int64_t share = (M + team->threads() - 1) / team->threads(), row = q.size(1) * q.size(2);
+    // CODESHELL_ATTN_ROWS=0 (read per call; A/B runs): each share through packed_attention on
+    // narrowed tensors and a copy, as before session 21; default: packed_attention_rows into att
+    // (attention_rows.h: no tensors made, the checks and switches once a call). The same bits.
+    if (codeshell::env_flag("CODESHELL_ATTN_ROWS", true)) {
+      packed_attention_check(q, kl, vl, slots, lens, attn_isa_, att);
+      const PackedAttentionSwitches sw = packed_attention_switches();
+      team->run(M, share, [&](int64_t i0, int64_t i1) {
+        packed_attention_rows(q, kl, vl, slots, lens, scale, attn_isa_, sw, i0, i1, att);
+      });
+      return att;
+    }
     bf16* out = att.data_ptr<bf16>();
     team->run(M, share, [&](int64_t i0, int64_t i1) {
       const int64_t n = i1 - i0;
@@ -627,6 +691,8 @@ class DecodeStep {
   int64_t team_ = 0, layer_bytes_ = 0, inner_ = 0, weight_bytes_ = 0;
   mutable Profile prof_;
   mutable std::mutex arena_mu_;
+  mutable std::mutex rope_mu_;
+  mutable torch::Tensor rope_cos_ = torch::empty({0}), rope_sin_;  // rope_table's rows, [P, D/2]
   mutable Arena arena_;
 };
 

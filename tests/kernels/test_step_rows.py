@@ -7,9 +7,7 @@ replace, each named by the switch that restores the old one (docs/kernels.md, "S
   that make the table grow (256 -> 512 -> 1024 rows) and after `set_rope` replaced the frequencies;
 * `attn_rows`: a team's shares of a step's queries through `packed_attention_rows` into the step's
   buffer against packed_attention on narrowed tensors (`CODESHELL_ATTN_ROWS=0`), and against the
-  step outside a team, with slots out of order, a slot twice and different lengths;
-* `attn_pf_all`: packed attention's up-front prefetch of a call's K and V rows
-  (`CODESHELL_ATTN_PF_ALL`, 0 = off) against none, on both entry points' shapes.
+  step outside a team, with slots out of order, a slot twice and different lengths.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeshell.kernels import _ext, available, ops
+from codeshell.kernels import _ext, available
 from codeshell.kernels import step as step_mod
 
 pytestmark = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
@@ -119,20 +117,3 @@ def test_attention_rows_in_team_are_packed_attention(kind, monkeypatch, two_thre
         monkeypatch.delenv("CODESHELL_ATTN_ROWS")
         new = decode(m, cache, tokens, positions, slots, team=True)
         assert same(new, old) and same(new, alone), f"attention rows at {positions}"
-
-
-@pytest.mark.parametrize("H,G,D", [(8, 2, 128), (8, 2, 32), (16, 4, 64), (4, 1, 24)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_attention_prefetch_all_keeps_the_bits(monkeypatch, H, G, D, dtype):
-    from test_verify_attention import RUNS, case  # runs of 1..49 queries of any slots, lengths 1..300
-
-    mod = _ext.get()
-    q, kc, vc, slots, lens = case(dtype, H, G, D, RUNS)
-    q = q.reshape(q.shape[0], H, D).contiguous()
-    for isa in sorted({0, min(ops.isa_level(), 1)}):
-        monkeypatch.setenv("CODESHELL_ATTN_PF_ALL", "0")
-        want = mod.packed_attention(q, kc, vc, slots, lens, 0.125, isa)
-        for v in ("64", "1000000000"):  # under and over every call's bytes
-            monkeypatch.setenv("CODESHELL_ATTN_PF_ALL", v)
-            got = mod.packed_attention(q, kc, vc, slots, lens, 0.125, isa)
-            assert torch.equal(got, want), f"CODESHELL_ATTN_PF_ALL={v} at isa {isa}"

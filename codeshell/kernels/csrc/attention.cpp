@@ -553,39 +553,11 @@ bool single_queries_run() {
   return codeshell::env_flag("CODESHELL_ATTN_RUN1", false);
 }
 
-// CODESHELL_ATTN_PF_ALL=B (read per call; default kPrefetchAll; 0: off): a packed_attention call
-// (one thread's share of a decode step's queries) whose keys and values take at most B bytes in
-// all issues a prefetch of every cache line of them before its first score, in the order they are
-// read (item by item, K rows then V rows), so the DRAM misses overlap one another instead of each
-// item's first kAhead keys missing one after another. Why: between two steps a model's weights
-// stream through the caches (the small shape's 150 MB against a 32 MiB L3), so the KV rows of every
-// slot come from DRAM at each step; at a 16-48 key context an item (one query's KV group at the
-// small shape: 2 x 32 x 128 bf16 = 16 KiB) is ~0.7 us of arithmetic, and the decode step's attention
-// took 359 us at batch 8 (64 query-layers, 2 threads: ~11 us a query-layer) and 62 us at batch 1
-// (session 20 helper D): latency, not arithmetic or bandwidth (2 MiB a step). Past B (long
-// contexts) the kAhead stream prefetch alone, as before: the share would not stay in L2. Prefetches
-// change no arithmetic: the same bits.
-constexpr int64_t kPrefetchAll = int64_t(512) << 10;
-
-int64_t prefetch_all_bytes() { return codeshell::env_int("CODESHELL_ATTN_PF_ALL", kPrefetchAll); }
-
-// Every line of rows [0, n) of K and V (each [n][D] of T) into L2, K first.
-template <class T>
-inline void prefetch_kv(const T* k, const T* v, int64_t n, int64_t D) {
-  const char* kc = reinterpret_cast<const char*>(k);
-  const char* vc = reinterpret_cast<const char*>(v);
-  const int64_t bytes = n * D * int64_t(sizeof(T));
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(kc + off, _MM_HINT_T1);
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(vc + off, _MM_HINT_T1);
-}
-
-// The packed path's switches, read once a call (read_switches; each getenv scans the environment,
-// whose strings are cold after a step's weights streamed through the caches).
+// The packed path's switches, read once a call (read_switches).
 struct Switches {
   bool run1, v16;
-  int64_t pf_all;
 };
-Switches read_switches() { return Switches{single_queries_run(), values_wide(), prefetch_all_bytes()}; }
+Switches read_switches() { return Switches{single_queries_run(), values_wide()}; }
 
 // Queries [i0, i1) of q (out's rows [i0, i1)); `serial`: on the calling thread (a decode step's
 // team chunk), else split over (run, group) items by at::parallel_for. `sw`: the switches, read
@@ -608,25 +580,7 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
   const uint16_t* q_h = q32 ? nullptr : reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   float* o_f = q32 ? out.data_ptr<float>() : nullptr;
   uint16_t* o_h = q32 ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t pf_all = sw.pf_all;
   auto items = [&](int64_t a, int64_t e) {
-    if (pf_all > 0) {  // this share's K and V rows at once, when they fit (prefetch_all_bytes)
-      int64_t bytes = 0;
-      for (int64_t u_g = a; u_g < e && bytes <= pf_all; ++u_g) {
-        const int64_t u = u_g / G;
-        int64_t smax = 0;
-        for (int64_t i = start[u]; i < start[u + 1]; ++i) smax = std::max(smax, lens[i]);
-        bytes += 2 * smax * D * int64_t(sizeof(T));
-      }
-      if (bytes <= pf_all)
-        for (int64_t u_g = a; u_g < e; ++u_g) {
-          const int64_t u = u_g / G, g = u_g % G;
-          int64_t smax = 0;
-          for (int64_t i = start[u]; i < start[u + 1]; ++i) smax = std::max(smax, lens[i]);
-          const int64_t base = (slots[start[u]] * G + g) * L * D;
-          prefetch_kv(kp + base, vp + base, smax, D);
-        }
-    }
     // per-thread scratch kept between calls (resized per item: the sizes do not change the bits)
     thread_local std::vector<float> qf, o, p, kb;
     for (int64_t u_g = a; u_g < e; ++u_g) {
@@ -728,7 +682,7 @@ torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& kc, 
 // (decode_step.cpp `attend`), each row the bits packed_attention gives it (the same run_packed
 // items; a query's result does not depend on the others in the call). What it saves against a
 // packed_attention call on narrowed tensors: the output tensor, three views, the OpenMP region and
-// three getenv scans a call (at batch 8 each of the 8 layers' attention ran as two such calls; after
+// two getenv scans a call (at batch 8 each of the 8 layers' attention ran as two such calls; after
 // a step's weights have streamed through the caches that code and the environment are cold).
 // The caller checks the arguments once (packed_attention_check) and reads the switches once
 // (packed_attention_switches) for all its chunks.
@@ -744,7 +698,7 @@ void packed_attention_check(const torch::Tensor& q, const torch::Tensor& kc, con
 PackedAttentionSwitches packed_attention_switches() {
   read_tree_switch();
   const Switches sw = read_switches();
-  return PackedAttentionSwitches{sw.run1, sw.v16, sw.pf_all};
+  return PackedAttentionSwitches{sw.run1, sw.v16};
 }
 
 void packed_attention_rows(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
@@ -753,7 +707,7 @@ void packed_attention_rows(const torch::Tensor& q, const torch::Tensor& kc, cons
   const bool wide = CODESHELL_HAVE_AVX512 && isa >= codeshell::kAvx512Vnni;
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  const Switches sw{s.run1, s.v16, s.pf_all};
+  const Switches sw{s.run1, s.v16};
   if (i1 <= i0) return;
   if (kc.scalar_type() == torch::kBFloat16) run_packed<uint16_t>(q, kc, vc, sp, lp, scale, wide, out, sw, i0, i1, true);
   else run_packed<float>(q, kc, vc, sp, lp, scale, wide, out, sw, i0, i1, true);

@@ -22,6 +22,7 @@ MAX_LOOKUP = 64  # most draft tokens per step: one verify forward runs 1 + this 
 # 64 numbers that 64 calls of rand(1) give (tested: tests/engine/test_sampler_lean.py), for
 # ~0.2 us a number against ~10 us a call (measured on the 2-core Zen 5, torch 2.13).
 UNIFORM_BLOCK = 64
+TOP_K_MAX = 1024  # a lean top-k row up to this k samples from its k largest logits (`_draw_top_k`)
 
 
 def sampler_lean() -> bool:
@@ -158,6 +159,9 @@ class SequenceSampler:
         self._block = UNIFORM_BLOCK if self.lean and self.gen is not None and self.gen.device.type == "cpu" else 0
         self._us: list[float] = []
         self.fused = not params.greedy and self._temperature_only
+        # lean: a top-k row (no penalties, no min-p) sampled from its k largest logits (`_draw_top_k`)
+        self.top_k_only = (self.lean and not params.greedy and not self._mutates and 0 < params.top_k <= TOP_K_MAX
+                           and params.min_p == 0)
 
     def observe(self, token: int) -> None:
         self.output_counts[token] = self.output_counts.get(token, 0) + 1
@@ -185,7 +189,8 @@ class SequenceSampler:
             probs = torch.softmax(logits, -1)
             logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         if p.top_p < 1.0:
-            sorted_logits, idx = torch.sort(logits, descending=True)
+            # stable: of equal logits at the cut, the lower token id is kept (as `_draw_top_k`)
+            sorted_logits, idx = torch.sort(logits, descending=True, stable=True)
             cum = torch.softmax(sorted_logits, -1).cumsum(-1)
             # Keep the smallest set whose mass reaches top_p (the first token always stays).
             remove = cum - torch.softmax(sorted_logits, -1) >= p.top_p
@@ -203,6 +208,10 @@ class SequenceSampler:
             tok = _native_draw(logits, p.temperature, u)
             if tok is not None:
                 return tok
+        elif self.top_k_only and logits.dim() == 1 and logits.numel() > p.top_k:
+            if u is None:
+                u = self.uniform()
+            return _draw_top_k(logits, p.temperature, p.top_k, p.top_p, u)
         logits = as_float32(logits, copy=self._mutates)
         if p.greedy:
             # the first maximal index, as the batched greedy picks take it (native argmax)
@@ -243,6 +252,41 @@ class SequenceSampler:
     def _mutates(self) -> bool:
         p = self.params
         return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
+
+def _draw_top_k(row: torch.Tensor, temperature: float, k: int, top_p: float, u: float) -> int:
+    """`SequenceSampler.process` + the inverse-CDF draw for a top-k row (no penalties, no min-p),
+    on its k largest logits instead of the whole row: the same steps (logits / T; top-p over them
+    sorted, the first always kept; softmax; the cumulative sum in token order; the first token
+    past u x total) on the tokens the whole-row path leaves finite, which are exactly these k
+    (and any more equal to the k-th largest: the whole-row path keeps every tie; bf16 logits tie
+    often). The same distribution; the same token for the same u but
+    where the sums' rounding differs at a boundary (the whole-row softmax adds 70k terms, most of
+    them exact zeros, in another order).
+
+    Why: the whole-row ops (divide, topk, masked_fill, sort, softmax twice, scatter, cumsum over
+    70,144 logits) cost 7-35 ms a token on the 2-core Zen 5 with 2 threads (each an OpenMP
+    region; docs/kernels.md, session 21 A) against a ~26 ms decode step of the 1.7B q4_0: the
+    llama.cpp-compatible /completion route's defaults (top_k 10, top_p 0.95: the IDE plugin's
+    requests) take this path. Here: one topk over the row (one slice: no OpenMP region) and
+    ops on k values."""
+    V, n = row.numel(), k + 1
+    while True:  # the whole-row path keeps every logit equal to the k-th largest: take the ties too
+        vals, idx = torch.topk(row, min(n, V))   # sorted, largest first
+        if n >= V or vals[-1] < vals[k - 1]:
+            break
+        n *= 2
+    m = k + int((vals[k:] == vals[k - 1]).sum())
+    keep = idx[:m].sort().values                 # the survivors in token order
+    x = row[keep].float() / temperature           # as the whole row's fp32 logits / T
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True, stable=True)  # ties: lower id first, as `process`
+        probs = torch.softmax(sorted_x, -1)
+        remove = probs.cumsum(-1) - probs >= top_p
+        x = torch.empty_like(x).scatter_(0, order, sorted_x.masked_fill(remove, float("-inf")))
+    cdf = torch.softmax(x, -1).cumsum(-1)
+    target = torch.tensor(u, dtype=cdf.dtype) * cdf[-1]
+    return int(keep[torch.searchsorted(cdf, target, right=True).clamp_(max=m - 1)])
 
 
 def as_float32(logits: torch.Tensor, copy: bool = False) -> torch.Tensor:

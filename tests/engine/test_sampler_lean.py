@@ -22,7 +22,7 @@ KINDS = [
     SamplingParams(temperature=0),                       # greedy
     SamplingParams(temperature=1.2, top_p=0.9),
     SamplingParams(temperature=0.5, seed=3),
-    SamplingParams(temperature=0.7, top_k=20),
+    SamplingParams(temperature=0.7, top_k=20, seed=1),  # lean: from its 20 largest logits (its own test below)
     SamplingParams(temperature=0.9, repetition_penalty=1.3),
     SamplingParams(temperature=1.5, min_p=0.05),
     SamplingParams(temperature=0.3),
@@ -95,9 +95,11 @@ def test_native_rows_bf16_strided_and_one_row():
 @pytest.mark.parametrize("width", [1, 2, len(KINDS)])
 def test_sample_rows_lean_equals_earlier_path(dtype, width, monkeypatch):
     """sample_rows over steps, lean against off, with and without the native step's argmax: the
-    same tokens for every kind of sampler (each generator advancing as alone), logits unchanged."""
+    same tokens for every kind of sampler (each generator advancing as alone), logits unchanged.
+    (Top-k rows: the same but at rounding boundaries, test_top_k_rows_from_k_largest.)"""
     from codeshell.engine.sampling import first_argmax
     g = torch.Generator().manual_seed(width)
+    monkeypatch.setattr(smp, "TOP_K_MAX", 0)  # top-k rows on the whole-row path here
     for start in range(0, len(KINDS), width):
         kinds = KINDS[start:start + width]
         lean, off = make(kinds, True, monkeypatch), make(kinds, False, monkeypatch)
@@ -110,6 +112,51 @@ def test_sample_rows_lean_equals_earlier_path(dtype, width, monkeypatch):
             assert torch.equal(logits, keep)
             for s, t in zip(lean + off, got + want):
                 s.observe(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_top_k_rows_from_k_largest(dtype):
+    """`_draw_top_k` (a lean top-k row from its k largest logits) against the whole-row path
+    (`process` + the inverse CDF) for the same u: a token of the whole row's survivors always,
+    the same token but at rounding boundaries (>= 99.5%), the same probabilities (so the same
+    distribution), and the whole-row path's own answer where the k-th logit ties the next."""
+    g = torch.Generator().manual_seed(0)
+    agree = total = 0
+    for V, k, top_p, t in [(70144, 10, 0.95, 0.2), (70144, 40, 1.0, 0.8), (5000, 2, 0.5, 1.0),
+                           (3001, 1024, 0.9, 1.3), (999, 20, 0.3, 0.7)]:
+        sp = SamplingParams(temperature=t, top_k=k, top_p=top_p)
+        ref = SequenceSampler(sp, [1], seed=1, device=torch.device("cpu"))
+        for _ in range(4):
+            row = (torch.randn(V, generator=g) * 3).to(dtype)
+            x = ref.process(row.float())
+            probs = torch.softmax(x, -1)
+            cdf = probs.cumsum(-1)
+            us = torch.rand(400, generator=g, dtype=torch.float64).tolist()
+            want = torch.searchsorted(cdf, torch.tensor(us, dtype=cdf.dtype) * cdf[-1], right=True).clamp_(max=V - 1)
+            got = torch.tensor([smp._draw_top_k(row, t, k, top_p, u) for u in us])
+            assert torch.isfinite(x[got]).all()
+            agree += int((got == want).sum())
+            total += len(us)
+            # the same probabilities over the same survivors: the k largest and their ties, top-p applied
+            keep = (row >= torch.topk(row, k).values[-1]).nonzero().squeeze(1)
+            assert torch.equal(torch.isfinite(x).nonzero().squeeze(1), keep[torch.isfinite(x[keep])])
+            y = row[keep].float() / t
+            if top_p < 1.0:
+                sy, order = torch.sort(y, descending=True, stable=True)
+                pr = torch.softmax(sy, -1)
+                y = torch.empty_like(y).scatter_(0, order, sy.masked_fill(pr.cumsum(-1) - pr >= top_p, float("-inf")))
+            a, b = torch.softmax(y, -1), probs[keep]
+            # top-p's cut may fall one token apart where the two paths' sums round differently
+            cut = (a == 0) != (b == 0)
+            assert int(cut.sum()) <= 1
+            if not cut.any():
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert agree >= 0.995 * total, (agree, total)
+    row = torch.tensor([0.0, 3.0, 1.0, 3.0, 2.0, 3.0, 2.0, 1.0])  # the 2nd largest ties the 3rd
+    for u, tok in ((0.1, 1), (0.5, 3), (0.9, 5)):  # every tie kept (a third each), as the whole-row path does
+        assert smp._draw_top_k(row, 1.0, 2, 1.0, u) == tok
+    row = torch.full((3000,), 1.0).bfloat16()  # ties past several doublings of the topk
+    assert smp._draw_top_k(row, 1.0, 3, 1.0, 0.99999) == 2999
 
 
 def test_fallback_without_native_kernels(monkeypatch):

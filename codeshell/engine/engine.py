@@ -595,7 +595,9 @@ def _native_decode(model, cache, tokens, positions, slots, want_logits=True, lea
     if not _STEP:
         from ..kernels import step
         _STEP.append(step)
-    return _STEP[0].decode(model, cache, tokens, positions, slots, want_logits, lean)
+    if lean:  # the default spelled as before (callers' and tests' wrappers of `decode` keep working)
+        return _STEP[0].decode(model, cache, tokens, positions, slots, want_logits)
+    return _STEP[0].decode(model, cache, tokens, positions, slots, want_logits, lean=False)
 
 
 @functools.cache  # the import once, not at every verify step

@@ -278,6 +278,8 @@ def _load(model, dtype, device, quantization=None):
     if path.is_file():
         from .quant.gguf_io import is_gguf, load_gguf
         if is_gguf(path):
+            if quantization is None:
+                quantization = gguf_head_scheme(path)
             return load_gguf(path, dtype, device, quantization)
     from .quant.scheme import QuantScheme
     QuantScheme.parse(quantization)  # an unknown scheme fails before any weight is read
@@ -292,6 +294,38 @@ def _load(model, dtype, device, quantization=None):
         if dtype == "float16" and str(device).startswith("cpu"):
             dtype = "bfloat16"  # fp16 matmuls on CPU are slow and overflow-prone
     return (*load_model(path, resolve_dtype(dtype), device), None)
+
+
+GGUF_HEADS = ("int8", "bf16")
+
+
+def gguf_head_scheme(path: Path, environ=os.environ):
+    """The scheme a GGUF file loads with when the caller names none: the file's own (Q4_0 blocks:
+    int4 g32, their bits as they are; Q8_0: int8), with the output head in int8 where the file
+    stores it in Q8_0 (llama.cpp's Q4_0 and Q8_0 files do), instead of widened to bf16. None:
+    the loader's own default (`gguf_io._default_scheme`: the head in bf16).
+
+    Why: the head is a sixth of a 1.7B model's weights (70,144 x 4,096): widened to bf16 it was
+    575 MB read per decode token, 11.1 ms of the 1.7B q4_0 server's ~30 ms step, where llama-server
+    reads the file's Q8_0 head (305 MB); in int8 it is 287 MB (docs/kernels.md, session 21 A).
+    The int8 head is the Q8_0 values requantized per output row (one scale a row where Q8_0 has
+    one a 32-value block): not bit for bit the file's values, as the bf16 widening nearly was.
+    CODESHELL_GGUF_HEAD=bf16 keeps the head in bf16 (the behaviour before session 21)."""
+    mode = environ.get("CODESHELL_GGUF_HEAD", "int8")
+    if mode not in GGUF_HEADS:
+        raise ValueError(f"CODESHELL_GGUF_HEAD={mode!r}: expected {' or '.join(GGUF_HEADS)}")
+    if mode == "bf16":
+        return None
+    from .quant.gguf_io import _default_scheme, _gguf
+    from .quant.gguf_reader import read_gguf
+    from .quant.scheme import QuantScheme
+    _, _, tensors = read_gguf(Path(path))
+    scheme = _default_scheme(tensors)
+    head = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if scheme is None or head is None or head.tensor_type != _gguf().GGMLQuantizationType.Q8_0:
+        return None
+    return QuantScheme(bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric,
+                       quantize_head=True, head_bits=8)
 
 
 class _progress:

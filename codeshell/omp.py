@@ -6,9 +6,12 @@ setting for training or for library users (`codeshell.LLM` in someone's own proc
 their environment says); it imports nothing heavy, so the CLI can call it before torch loads.
 
 Why: with the decode team on (CODESHELL_DECODE_TEAM, default on) the native step runs on the team's
-own threads, but the engine's torch ops between steps when sampling (the sampled rows' float32
-logits, the sampler) still fork OpenMP, whose worker then spins (libgomp's default, ~300k spins)
-through the next step beside the team's master and helper: three busy threads on two cores.
+own threads, but an OpenMP region between two steps (session 20: the sampled row's float32 widening;
+still: the sampler's torch ops for top-k / top-p / min-p / penalties, the batched temperature draw's
+rows, a prompt's prefill) leaves libgomp's worker spinning (its default, ~300k spins) through the
+next step beside the team's master and helper: three busy threads on two cores. Since session 21
+a temperature-only row at one client runs no OpenMP region between steps (engine/sampling.py's
+lean sampler), so there the policy no longer matters; it still guards the other cases.
 Measured (docs/kernels.md, session 20): the 1.7B q4_0 server at one client, temperature 0.8, 37-48 ms
 a step with the spinning worker against 33-43 passive (1.16x llama-server against 0.99x);
 `codeshell generate` on the 1.7B int4 at -t 0.8, 26.5-29.4 tok/s against 35.4-36.4 passive.

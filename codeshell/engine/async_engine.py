@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
+
+import torch
 
 from .engine import Engine
 from .outputs import RequestOutput
@@ -27,32 +28,9 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped (shut down, or a step failed): the request cannot finish."""
 
 
-HANDOFFS = ("overlap", "wait")
-
-
-def handoff_mode() -> str:
-    """CODESHELL_SERVE_HANDOFF: what the engine thread does after handing a step's outputs to the
-    event loop. `overlap`: it starts the next step at once, so the event loop's work on the
-    outputs (each request's detokenizing, SSE framing, socket write) runs beside that step on the
-    same cores. `wait`: it first waits until the loop has taken one turn over them (at most
-    `AsyncEngine.handoff_timeout`), so the step that follows has the cores to itself."""
-    v = os.environ.get("CODESHELL_SERVE_HANDOFF", "overlap")
-    if v not in HANDOFFS:
-        raise ValueError(f"CODESHELL_SERVE_HANDOFF={v!r}: expected one of {', '.join(HANDOFFS)}")
-    return v
-
-
 class AsyncEngine:
-    # With handoff `wait`: the longest the engine thread waits for the loop to take a step's
-    # outputs (a loop busy elsewhere, a parsing a large request body, must not stall decoding).
-    handoff_timeout = 0.05
-
-    def __init__(self, engine: Engine, handoff: str | None = None):
+    def __init__(self, engine: Engine):
         self.engine = engine
-        self.handoff = handoff or handoff_mode()
-        if self.handoff not in HANDOFFS:
-            raise ValueError(f"handoff={self.handoff!r}: expected one of {', '.join(HANDOFFS)}")
-        self._taken = threading.Event()  # handoff `wait`: the loop has had its turn at the outputs
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = threading.Event()
@@ -150,15 +128,17 @@ class AsyncEngine:
         if q is not None:
             q.put_nowait(item)
 
-    def _deliver_all(self, outs: list[RequestOutput], taken: threading.Event | None = None) -> None:
+    def _deliver_all(self, outs: list[RequestOutput]) -> None:
         for out in outs:
             self._deliver(out.request_id, out)
-        if taken is not None:
-            # Set after the callbacks the deliveries scheduled (each woken request's task runs its
-            # turn: detokenize, frame, write to the socket), which call_soon queued ahead of this.
-            self._loop.call_soon(taken.set)
 
     def _run(self) -> None:
+        # One inference_mode around the loop (thread-local, so this thread's only), not one a
+        # step: a lean engine then skips its own enter / exit (`Engine.step`).
+        with torch.inference_mode():
+            self._loop_steps()
+
+    def _loop_steps(self) -> None:
         eng = self.engine
         while not self._stop.is_set():
             if not eng.has_unfinished():
@@ -175,13 +155,11 @@ class AsyncEngine:
                 continue
             self.step_seconds += time.perf_counter() - t0
             self.steps += 1
-            if outs:  # one wake-up of the event loop per step, not one per request (a syscall each)
-                if self.handoff == "wait":
-                    self._taken.clear()
-                    self._loop.call_soon_threadsafe(self._deliver_all, outs, self._taken)
-                    self._taken.wait(self.handoff_timeout)
-                else:
-                    self._loop.call_soon_threadsafe(self._deliver_all, outs)
+            # One wake-up of the event loop per step, not one per request (a syscall each); the
+            # next step starts at once, beside the loop's work on these outputs (~1% of a core at
+            # one client; making the step wait for the loop's turn measured no gain, session 20).
+            if outs:
+                self._loop.call_soon_threadsafe(self._deliver_all, outs)
         self._fail_all(EngineDeadError("the server is shutting down"))
 
     def _fail_all(self, err: BaseException) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -115,11 +114,9 @@ class Engine:
         self._aborts.append(request_id)
 
     def set_lean(self, on: bool) -> None:
-        """The trimmed per-step path on or off (`lean`; the kernels' rebuild check follows)."""
+        """The trimmed per-step path on or off (`lean`; this engine's native steps' rebuild check
+        follows: `kernels.step.decode`'s `lean`)."""
         self.lean = bool(on)
-        step = sys.modules.get("codeshell.kernels.step")
-        if step is not None:
-            step._LEAN[0] = self.lean
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._aborts)
@@ -192,7 +189,10 @@ class Engine:
             else:
                 toks = sample_rows([s.sampler for s in decoding], logits, picks)  # sample
                 for i, seq in enumerate(decoding):       # update
-                    self._append(seq, logits[i], toks[i])
+                    if lean and seq.params.logprobs is None:  # `_append` without the row's view
+                        seq.append(toks[i], None, mml)
+                    else:
+                        self._append(seq, logits[i], toks[i])
                     changed[seq.request_id] = running[seq.request_id]
         if not final_only:
             outs = [self._output(r) for r in changed.values()]
@@ -419,7 +419,7 @@ class Engine:
         session 13)."""
         need = max(positions) + 1
         self._ensure_cache(need)
-        got = _native_decode(self.model, self.cache, tokens, positions, slots, want_logits)
+        got = _native_decode(self.model, self.cache, tokens, positions, slots, want_logits, self.lean)
         if got is not None:
             return got
         view = self.cache.packed_view(slots, positions)
@@ -588,14 +588,16 @@ _STEP: list = []  # codeshell.kernels.step, imported at the first native step (a
                   # per step cost ~10 us in place: the import machinery's objects are cold by then)
 
 
-def _native_decode(model, cache, tokens, positions, slots, want_logits=True):
+def _native_decode(model, cache, tokens, positions, slots, want_logits=True, lean=True):
     """kernels.step.decode (None off the CPU); the kernels package is imported at first use."""
     if cache.device.type != "cpu":
         return None
     if not _STEP:
         from ..kernels import step
         _STEP.append(step)
-    return _STEP[0].decode(model, cache, tokens, positions, slots, want_logits)
+    if lean:  # the default spelled as before (callers' and tests' wrappers of `decode` keep working)
+        return _STEP[0].decode(model, cache, tokens, positions, slots, want_logits)
+    return _STEP[0].decode(model, cache, tokens, positions, slots, want_logits, lean=False)
 
 
 @functools.cache  # the import once, not at every verify step

@@ -10,12 +10,53 @@ the batch. This module does not run the model.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 
 MAX_LOOKUP = 64  # most draft tokens per step: one verify forward runs 1 + this many positions
+# Uniform numbers a CPU sequence generator draws at a time (`SequenceSampler.uniform`): torch's
+# CPU `rand` fills a tensor serially, one number per generator step, so rand(64) gives the next
+# 64 numbers that 64 calls of rand(1) give (tested: tests/engine/test_sampler_lean.py), for
+# ~0.2 us a number against ~10 us a call (measured on the 2-core Zen 5, torch 2.13).
+UNIFORM_BLOCK = 64
+TOP_K_MAX = 1024  # a lean top-k row up to this k samples from its k largest logits (`_draw_top_k`)
+
+
+def sampler_lean() -> bool:
+    """CODESHELL_SAMPLE_LEAN (on by default, session 21): temperature-only rows drawn natively
+    straight from the model's bf16 logits and seeded uniforms drawn UNIFORM_BLOCK at a time (no
+    torch op between two native decode steps at one client: the float32 widening forked an
+    OpenMP region whose worker then spun through the next step; docs/kernels.md, sessions 20-21).
+    `off`: widened with torch and one `rand` call a draw, as before (A/B timing); the same
+    tokens either way. Read once per sequence (its sampler)."""
+    v = os.environ.get("CODESHELL_SAMPLE_LEAN", "on")
+    if v not in ("on", "off"):
+        raise ValueError(f"CODESHELL_SAMPLE_LEAN={v!r}: expected on or off")
+    return v == "on"
+
+
+_EXT: list = []  # the kernel extension module (or None: not built), resolved at first use
+
+
+def _ext():
+    if not _EXT:
+        from ..kernels import _ext as ext
+        _EXT.append(ext.get())
+    return _EXT[0]
+
+
+def _native_draw(logits: torch.Tensor, temperature: float, u: float) -> int | None:
+    """`kernels.sample_temperature`'s draw on a CPU fp32 or bf16 row [V] as it is (a bf16 row
+    draws what its fp32 widening draws, without the widening); None where the native kernels
+    cannot take it (the caller widens and draws with torch ops)."""
+    if (logits.dtype not in (torch.bfloat16, torch.float32) or logits.dim() != 1 or logits.device.type != "cpu"
+            or not logits.is_contiguous()):
+        return None
+    mod = _ext()
+    return None if mod is None else int(mod.sample_temperature(logits, temperature, u))
 
 
 class SamplingError(ValueError):
@@ -112,6 +153,15 @@ class SequenceSampler:
             self.gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.prompt_ids = prompt_ids
         self.output_counts: dict[int, int] = {}
+        # Lean (CODESHELL_SAMPLE_LEAN): the next uniform numbers, last first (`uniform`), on a CPU
+        # generator; `fused`: a sampled temperature-only row (the native draw from the raw row).
+        self.lean = sampler_lean()
+        self._block = UNIFORM_BLOCK if self.lean and self.gen is not None and self.gen.device.type == "cpu" else 0
+        self._us: list[float] = []
+        self.fused = not params.greedy and self._temperature_only
+        # lean: a top-k row (no penalties, no min-p) sampled from its k largest logits (`_draw_top_k`)
+        self.top_k_only = (self.lean and not params.greedy and not self._mutates and 0 < params.top_k <= TOP_K_MAX
+                           and params.min_p == 0)
 
     def observe(self, token: int) -> None:
         self.output_counts[token] = self.output_counts.get(token, 0) + 1
@@ -139,7 +189,8 @@ class SequenceSampler:
             probs = torch.softmax(logits, -1)
             logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         if p.top_p < 1.0:
-            sorted_logits, idx = torch.sort(logits, descending=True)
+            # stable: of equal logits at the cut, the lower token id is kept (as `_draw_top_k`)
+            sorted_logits, idx = torch.sort(logits, descending=True, stable=True)
             cum = torch.softmax(sorted_logits, -1).cumsum(-1)
             # Keep the smallest set whose mass reaches top_p (the first token always stays).
             remove = cum - torch.softmax(sorted_logits, -1) >= p.top_p
@@ -151,6 +202,16 @@ class SequenceSampler:
         """The next token from one row of raw logits [V] (float32, or the model's bf16: widened
         here); `u`, if given, is this sampler's uniform number already drawn (see `sample_rows`)."""
         p = self.params
+        if self.fused and self.lean:  # the native draw on the row as it is (bf16: no widening)
+            if u is None:
+                u = self.uniform()
+            tok = _native_draw(logits, p.temperature, u)
+            if tok is not None:
+                return tok
+        elif self.top_k_only and logits.dim() == 1 and logits.numel() > p.top_k:
+            if u is None:
+                u = self.uniform()
+            return _draw_top_k(logits, p.temperature, p.top_k, p.top_p, u)
         logits = as_float32(logits, copy=self._mutates)
         if p.greedy:
             # the first maximal index, as the batched greedy picks take it (native argmax)
@@ -171,7 +232,15 @@ class SequenceSampler:
         return int(torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.numel() - 1))
 
     def uniform(self) -> float:
-        """The next uniform number of this sequence's generator (one per sampled token)."""
+        """The next uniform number of this sequence's generator (one per sampled token): the
+        numbers of successive `torch.rand(1, generator=gen)` calls, drawn UNIFORM_BLOCK at a
+        time on a CPU generator when lean (the same numbers in the same order)."""
+        us = self._us
+        if us:
+            return us.pop()
+        if self._block:
+            us += reversed(torch.rand(self._block, generator=self.gen).tolist())
+            return us.pop()
         return float(torch.rand(1, generator=self.gen, device=self.gen.device))
 
     @property
@@ -183,6 +252,41 @@ class SequenceSampler:
     def _mutates(self) -> bool:
         p = self.params
         return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
+
+def _draw_top_k(row: torch.Tensor, temperature: float, k: int, top_p: float, u: float) -> int:
+    """`SequenceSampler.process` + the inverse-CDF draw for a top-k row (no penalties, no min-p),
+    on its k largest logits instead of the whole row: the same steps (logits / T; top-p over them
+    sorted, the first always kept; softmax; the cumulative sum in token order; the first token
+    past u x total) on the tokens the whole-row path leaves finite, which are exactly these k
+    (and any more equal to the k-th largest: the whole-row path keeps every tie; bf16 logits tie
+    often). The same distribution; the same token for the same u but
+    where the sums' rounding differs at a boundary (the whole-row softmax adds 70k terms, most of
+    them exact zeros, in another order).
+
+    Why: the whole-row ops (divide, topk, masked_fill, sort, softmax twice, scatter, cumsum over
+    70,144 logits, each an OpenMP region on 2 threads) put ~2.0 ms between two ~26 ms decode steps
+    of the 1.7B q4_0 engine, ~0.6 ms this way (docs/kernels.md, session 21 A): the
+    llama.cpp-compatible /completion route's defaults (top_k 10, top_p 0.95: the IDE plugin's
+    requests) take this path. Here: one topk over the row (one slice: no OpenMP region) and
+    ops on k values."""
+    V, n = row.numel(), k + 1
+    while True:  # the whole-row path keeps every logit equal to the k-th largest: take the ties too
+        vals, idx = torch.topk(row, min(n, V))   # sorted, largest first
+        if n >= V or vals[-1] < vals[k - 1]:
+            break
+        n *= 2
+    m = k + int((vals[k:] == vals[k - 1]).sum())
+    keep = idx[:m].sort().values                 # the survivors in token order
+    x = row[keep].float() / temperature           # as the whole row's fp32 logits / T
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True, stable=True)  # ties: lower id first, as `process`
+        probs = torch.softmax(sorted_x, -1)
+        remove = probs.cumsum(-1) - probs >= top_p
+        x = torch.empty_like(x).scatter_(0, order, sorted_x.masked_fill(remove, float("-inf")))
+    cdf = torch.softmax(x, -1).cumsum(-1)
+    target = torch.tensor(u, dtype=cdf.dtype) * cdf[-1]
+    return int(keep[torch.searchsorted(cdf, target, right=True).clamp_(max=m - 1)])
 
 
 def as_float32(logits: torch.Tensor, copy: bool = False) -> torch.Tensor:
@@ -238,10 +342,23 @@ def sample_rows(samplers: list[SequenceSampler], logits: torch.Tensor, argmax: l
     reduction (or from `argmax`, every row's first maximal index when the caller has it);
     temperature-only rows are drawn by one native call, in parallel over the threads; the
     others one by one."""
+    if len(samplers) == 1 and samplers[0].lean:  # one row (the 1-client server): straight to its sampler
+        s = samplers[0]
+        if s.fused or not (s.params.greedy and not s._mutates) or argmax is None:
+            return [s.sample(logits[0])]
+        return [argmax[0]]
     toks = greedy_picks(samplers, logits, argmax)
     fused = [i for i, s in enumerate(samplers) if not s.params.greedy and s._temperature_only]
     us = {i: samplers[i].uniform() for i in fused}
-    if len(fused) > 1:
+    if len(fused) > 1 and samplers[fused[0]].lean:  # bf16 or fp32 rows as they are, no widening
+        mod = _ext()
+        if mod is not None and logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float32):
+            rows = logits if len(fused) == len(samplers) else logits[fused]
+            t = torch.tensor([samplers[i].params.temperature for i in fused], dtype=torch.float64)
+            u = torch.tensor([us[i] for i in fused], dtype=torch.float64)
+            for i, tok in zip(fused, mod.sample_temperature_rows(rows, t, u).tolist()):
+                toks[i] = tok
+    elif len(fused) > 1:
         from ..kernels import sample_temperature_rows
         rows = as_float32(logits if len(fused) == len(samplers) else logits[fused])
         got = sample_temperature_rows(rows, [samplers[i].params.temperature for i in fused], [us[i] for i in fused])

@@ -61,9 +61,6 @@ else:
                                                                 "CODESHELL_DECODE_TEAM"))
 _MAX_M = ops.ROW_INVARIANT_MAX_M
 _SAME: list = []  # the extension's same_entries, set when the first decoder is built
-# False: the rebuild check in Python (`_Checks.valid`), as before session 20 (A/B: the engine
-# sets it from CODESHELL_ENGINE_LEAN=off at each generate; codeshell/engine/engine.py `lean`).
-_LEAN = [True]
 _VERSION = operator.attrgetter("_version")
 
 
@@ -349,13 +346,16 @@ def _build_decoder(lm: nn.Module, cap) -> _Decoder:
     return _Decoder(step, ch, cap, 1.0 / math.sqrt(cfg.head_dim), hooks, attrs)
 
 
-def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots: list[int], logits: bool = True):
+def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots: list[int], logits: bool = True,
+           lean: bool = True):
     """(logits [M, V] bf16, greedy picks [M]) of a packed step (`Engine._packed`: token i is
     tokens[i] at positions[i] of slot slots[i] of the engine's KVCache `cache`, which holds
     room for them), bit for bit what `lm`'s transformer + lm_head + `first_argmax` give; or
     None where the native step does not apply (the caller runs the model). With `logits`
     False the first item is None: the caller needs only the picks (every row plain greedy),
-    and the step skips the bf16 [M, V] copy of the head's output."""
+    and the step skips the bf16 [M, V] copy of the head's output. `lean` False: the rebuild
+    check in Python (`_Checks.valid`), as before session 20 (the caller's engine's `lean`, for
+    A/B timing; the same answer as the native check)."""
     env = _ENV.get  # os.environ's own dict (bytes keys): the same values as os.environ.get, ~10x cheaper
     step_env, cap, team = env(_STEP_KEY), env(_ISA_KEY), env(_TEAM_KEY)
     if step_env is not None and step_env != b"on" and not enabled():
@@ -364,7 +364,7 @@ def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots:
         return None
     d = _DECODERS.get(lm)
     if d is None or d.raw_cap != cap or d.raw_team != team or not (
-            d.checks.valid_native(_SAME[0]) if _SAME and _LEAN[0] else d.checks.valid()):
+            d.checks.valid_native(_SAME[0]) if _SAME and lean else d.checks.valid()):
         d = _DECODERS[lm] = _build_decoder(lm, os.environ.get("CODESHELL_KERNEL_ISA"))
         d.raw_cap, d.raw_team = cap, team
     if d.step is None or d.skip() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):

@@ -82,11 +82,31 @@ def test_codeshell_mini_generates_the_same_lean_or_not(monkeypatch):
     llm = LLM(max_batch=2)
     ps = [{"prompt_token_ids": [5, 9, 200, 31, 7]}, "def add(a, b):"]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    # which rebuild check each step ran: the engine's own `lean` picks it (no process-wide state)
+    ran = []
+    valid, native = _Checks.valid, _Checks.valid_native
+    monkeypatch.setattr(_Checks, "valid", lambda self: ran.append("py") or valid(self))
+    monkeypatch.setattr(_Checks, "valid_native", lambda self, f: ran.append("native") or native(self, f))
     got = {}
     for mode in ("off", "on"):
         monkeypatch.setenv("CODESHELL_ENGINE_LEAN", mode)
+        ran.clear()
         got[mode] = [(c.text, c.token_ids, c.finish_reason, c.delta) for o in llm.generate(ps, sp) for c in o.outputs]
         d = kstep._DECODERS.get(llm.model)
         assert d is not None and d.step is not None  # the native step ran
-        assert kstep._LEAN[0] == (mode == "on")
+        assert ran and set(ran) == {"native" if mode == "on" else "py"}, ran
+        assert llm.engine.lean == (mode == "on")
     assert got["on"] == got["off"]
+    # engines are independent: one set lean off after another set it on leaves the first one's
+    # steps on the native check, and its own on the Python one (driven by step(), not generate,
+    # which sets lean from the environment)
+    other = LLM(max_batch=1)
+    llm.engine.set_lean(True)
+    other.engine.set_lean(False)
+    for eng, want in ((llm.engine, "native"), (other.engine, "py"), (llm.engine, "native")):
+        ran.clear()
+        eng.add_request(f"r-{want}-{len(got)}", [5, 9, 200], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        got[len(got)] = True
+        while eng.has_unfinished():
+            eng.step()
+        assert ran and set(ran) == {want}, (want, ran)

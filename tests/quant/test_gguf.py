@@ -122,8 +122,11 @@ def test_exported_metadata_and_tensors(exported):
     assert all(from_gguf_name(n) for n in names)
 
 
-def test_q4_0_import_is_exact(exported):
-    """Q4_0 linears become our int4-g32 without loss: same logits as the file's dequantized weights."""
+def test_q4_0_import_is_exact(exported, monkeypatch):
+    """Q4_0 linears become our int4-g32 without loss: same logits as the file's dequantized weights
+    (with the file's Q8_0 head widened to bf16, CODESHELL_GGUF_HEAD=bf16; by default it loads in
+    int8: tests/engine/test_gguf_head.py)."""
+    monkeypatch.setenv("CODESHELL_GGUF_HEAD", "bf16")
     # 2 x 40 tokens: a forward of more than ops.ROW_INVARIANT_MAX_M rows takes the exact fp32
     # path; up to that many rows fp32 x is rounded to int8 as one decode row is (row-invariant
     # kernels), which is the activations' rounding, not the import's.

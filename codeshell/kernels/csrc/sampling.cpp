@@ -26,18 +26,46 @@
 
 namespace {
 
-int64_t draw(const float* l, int64_t V, double temperature, double u) {
+// How a row's logits are read as fp32: fp32 as they are, bf16 widened (exact: bf16 is the top
+// half of an fp32). Every pass reads through these, so a bf16 row gives the fp32 path's results
+// on its widened copy bit for bit, without the copy.
+struct LoadF32 {
+  using T = float;
+  static inline __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  static inline float load1(const T* p) { return *p; }
+};
+
+struct LoadBF16 {
+  using T = uint16_t;
+  static inline __m256 load8(const T* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static inline float load1(const T* p) {
+    uint32_t u = uint32_t(*p) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+// Why bf16 rows: the native decode step hands the engine its logits in bf16; widening a 70k row
+// with torch (`logits.float()`) forked an OpenMP region between two native steps, whose worker
+// then spun through the next step beside the decode team's two threads (docs/kernels.md,
+// session 20 helper A); reading the bf16 row here needs no torch op at all (session 21 A).
+template <class L>
+int64_t draw(const typename L::T* l, int64_t V, double temperature, double u) {
   TORCH_CHECK(temperature > 0, "temperature must be > 0");
   TORCH_CHECK(u >= 0 && u < 1, "u must be in [0, 1)");
   TORCH_CHECK(V > 0, "empty logits");
   __m256 mv = _mm256_set1_ps(-INFINITY);
   int64_t i = 0;
-  for (; i + 8 <= V; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(l + i));
+  for (; i + 8 <= V; i += 8) mv = _mm256_max_ps(mv, L::load8(l + i));
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, mv);
   float mx = -INFINITY;
   for (float v : lanes) mx = std::max(mx, v);
-  for (; i < V; ++i) mx = std::max(mx, l[i]);
+  for (; i < V; ++i) mx = std::max(mx, L::load1(l + i));
   TORCH_CHECK(std::isfinite(mx), "every logit is -inf or NaN: nothing to sample");
   const float inv = float(1.0 / temperature);
   // Block b's 8 values exp((l[i] - max) / T) (0 past V). The total is the block sums added in
@@ -47,10 +75,10 @@ int64_t draw(const float* l, int64_t V, double temperature, double u) {
   auto block = [&](int64_t b, float* out) -> __m256 {
     __m256 ev;
     if (b * 8 + 8 <= V) {
-      ev = codeshell::exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(l + b * 8), m8), i8));
+      ev = codeshell::exp8(_mm256_mul_ps(_mm256_sub_ps(L::load8(l + b * 8), m8), i8));
     } else {
       alignas(32) float t8[8];
-      for (int t = 0; t < 8; ++t) t8[t] = b * 8 + t < V ? std::exp((l[b * 8 + t] - mx) * inv) : 0.f;
+      for (int t = 0; t < 8; ++t) t8[t] = b * 8 + t < V ? std::exp((L::load1(l + b * 8 + t) - mx) * inv) : 0.f;
       ev = _mm256_load_ps(t8);
     }
     if (out) _mm256_storeu_ps(out, ev);
@@ -86,31 +114,52 @@ int64_t draw(const float* l, int64_t V, double temperature, double u) {
 
 }  // namespace
 
-int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u) {
-  TORCH_CHECK(logits.dim() == 1 && logits.scalar_type() == torch::kFloat32 && logits.is_contiguous(),
-              "logits must be a contiguous fp32 [V] tensor");
-  return draw(logits.data_ptr<float>(), logits.numel(), temperature, u);
+namespace {
+
+bool f32_or_bf16(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16;
 }
 
-// Rows [B, V], one temperature and one uniform each (fp64 [B]): the rows of a decode step, in
-// parallel over the threads (16 rows: ~0.6 ms on 2 threads against ~1.8 ms one call at a time).
+// One row at p (fp32 or bf16 as `bf16` says).
+int64_t draw_row(const void* p, bool bf16, int64_t V, double temperature, double u) {
+  return bf16 ? draw<LoadBF16>(static_cast<const uint16_t*>(p), V, temperature, u)
+              : draw<LoadF32>(static_cast<const float*>(p), V, temperature, u);
+}
+
+}  // namespace
+
+// One row [V], fp32 or bf16 (a bf16 row draws what its fp32 widening draws), on this thread.
+int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u) {
+  TORCH_CHECK(logits.dim() == 1 && f32_or_bf16(logits) && logits.is_contiguous(),
+              "logits must be a contiguous fp32 or bf16 [V] tensor");
+  return draw_row(logits.data_ptr(), logits.scalar_type() == torch::kBFloat16, logits.numel(), temperature, u);
+}
+
+// Rows [B, V] (fp32 or bf16; rows may be strided, the values of a row contiguous), one
+// temperature and one uniform each (fp64 [B]): the rows of a decode step, in parallel over the
+// threads (16 rows: ~0.6 ms on 2 threads against ~1.8 ms one call at a time); one row on this
+// thread (no OpenMP region for the 1-client server's step).
 torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::Tensor& temperatures,
                                       const torch::Tensor& us) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.is_contiguous(),
-              "logits must be a contiguous fp32 [B, V] tensor");
-  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(logits.dim() == 2 && f32_or_bf16(logits) && (logits.size(1) <= 1 || logits.stride(1) == 1),
+              "logits must be an fp32 or bf16 [B, V] tensor with contiguous rows");
+  const int64_t B = logits.size(0), V = logits.size(1), ld = logits.stride(0);
   TORCH_CHECK(temperatures.scalar_type() == torch::kFloat64 && temperatures.is_contiguous() &&
                   temperatures.numel() == B && us.scalar_type() == torch::kFloat64 && us.is_contiguous() &&
                   us.numel() == B,
               "temperatures and us must be contiguous fp64 [B] tensors");
   auto out = torch::empty({B}, logits.options().dtype(torch::kInt64));
-  const float* l = logits.data_ptr<float>();
+  const bool bf16 = logits.scalar_type() == torch::kBFloat16;
+  const char* base = static_cast<const char*>(logits.data_ptr());
+  const int64_t row_bytes = ld * int64_t(logits.element_size());
   const double* t = temperatures.data_ptr<double>();
   const double* u = us.data_ptr<double>();
   int64_t* o = out.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) o[b] = draw(l + b * V, V, t[b], u[b]);
-  });
+  auto rows = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) o[b] = draw_row(base + b * row_bytes, bf16, V, t[b], u[b]);
+  };
+  if (B <= 1) rows(0, B);
+  else at::parallel_for(0, B, 1, rows);
   return out;
 }
 
@@ -122,26 +171,6 @@ torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::
 // a token for each of up to 64 rows. NaN logits never win (a row of NaN gives index 0).
 
 namespace {
-
-struct LoadF32 {
-  using T = float;
-  static inline __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
-  static inline float load1(const T* p) { return *p; }
-};
-
-struct LoadBF16 {
-  using T = uint16_t;
-  static inline __m256 load8(const T* p) {
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
-  static inline float load1(const T* p) {
-    uint32_t u = uint32_t(*p) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-};
 
 // fp32 logits read as the bf16 values they round to (fused.cpp store8's rounding: nearest even,
 // NaN -> 0x7fc0), widened back: the maxima and first maximal index of the bf16 logits that the

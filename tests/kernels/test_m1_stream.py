@@ -29,7 +29,7 @@ needs_vnni = pytest.mark.skipif(not available() or ops.isa_level() < VNNI, reaso
 SWITCHES = ("CODESHELL_Q4_M1_R16", "CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH", "CODESHELL_Q8_M1_PF",
             "CODESHELL_Q8_M1_PFH", "CODESHELL_Q8_M1_SPLIT", "CODESHELL_Q4_M1_FUSED", "CODESHELL_Q4_M1_SPLIT",
             "CODESHELL_Q4V12", "CODESHELL_Q4_ROWS_MIN_M", "CODESHELL_CHUNKS_TEAM", "CODESHELL_M1_PRIME",
-            "CODESHELL_Q4_M1_PFS", "CODESHELL_Q4_M1_R16_G")
+            "CODESHELL_Q4_M1_PFS", "CODESHELL_Q4_M1_R16_G", "CODESHELL_Q8_M1_SPLIT_MAX_MB")
 INT4 = [(37, 1024, 128, False), (1029, 1024, 128, True), (203, 2048, 128, False), (45, 256, 128, True),
         (11, 1024, 128, False), (70, 2048, 256, False), (33, 512, 256, True), (50, 4096, 128, False)]
 INT8 = [(1029, 1024), (37, 4096), (45, 2048), (9, 1024), (21, 8192)]
@@ -128,6 +128,46 @@ def test_int8_m1_prefetch_and_split_give_the_earlier_bits(n, k, threads, vnni_en
         set_num_threads(before)
     print(f"int8 M = 1 {n}x{k} at {threads} threads: path avx512_vnni:q8 "
           f"{'tile_r16_q8' if k <= 2048 else 'tile_v'}, prefetch / split variants")
+
+
+@needs_native
+@needs_vnni
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n,k", [pytest.param(*s, id=f"{s[0]}x{s[1]}")
+                                 for s in [(1536, 1024), (1029, 4096), (2053, 4096), (45, 2048), (8192, 1024)]])
+def test_int8_m1_split_by_size_gives_the_chunks_bits(n, k, threads, vnni_env):
+    """Session 21: int8 M = 1 runs parallel_owned for a weight of at most 8 MiB by default
+    (CODESHELL_Q8_M1_SPLIT unset; CODESHELL_Q8_M1_SPLIT_MAX_MB moves the size) and parallel_chunks
+    above: the same bits as parallel_chunks everywhere (CODESHELL_Q8_M1_SPLIT=0), call after call (a
+    stolen share covers every row once), with sizes at, below and above the threshold; tile_r16_q8
+    (K <= 2048) and tile_v (K = 4096)."""
+    mp = vnni_env
+    mod = _ext.get()
+    g = torch.Generator().manual_seed(n * 5 + k + threads)
+    pw = quantize_int8(torch.randn(n, k, generator=g) * 0.05)
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(16, k, generator=g) * 2
+    x1 = x[:1].contiguous()
+    before = torch.get_num_threads()
+    try:
+        set_num_threads(threads)
+        mp.setenv("CODESHELL_Q8_M1_SPLIT", "0")
+        old = _int8(mod, pw, x1, bias)  # parallel_chunks: before session 21
+        mp.delenv("CODESHELL_Q8_M1_SPLIT")
+        mib = (n * k) / 2**20
+        for max_mb in (None, "0", "1", "4", "8", "64"):
+            if max_mb is None:
+                mp.delenv("CODESHELL_Q8_M1_SPLIT_MAX_MB", raising=False)
+            else:
+                mp.setenv("CODESHELL_Q8_M1_SPLIT_MAX_MB", max_mb)
+            for _ in range(3):
+                assert torch.equal(_int8(mod, pw, x1, bias), old), f"SPLIT_MAX_MB={max_mb} ({mib:.2f} MiB): bits differ"
+        _defaults_rows_reference(mp, old, lambda xx: _int8(mod, pw, xx, bias), x, pw, bias, (2, 3))
+    finally:
+        set_num_threads(before)
+    print(f"int8 M = 1 {n}x{k} ({mib:.2f} MiB) at {threads} threads: path avx512_vnni:q8 "
+          f"{'tile_r16_q8' if k <= 2048 else 'tile_v'}, {'parallel_owned' if n * k <= 8 << 20 else 'parallel_chunks'} "
+          "by default, against parallel_chunks")
 
 
 @needs_native

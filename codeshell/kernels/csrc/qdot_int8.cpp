@@ -43,6 +43,21 @@ inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // (bench_decode_phases, probe 44) 1.059x, mlp.c_proj in the step 39.9 against 34.5. So tile_v again.
 inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", false); }
 inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"); }
+// int8 M = 1 without AMX: parallel_owned (one contiguous share of the rows a thread, the other's
+// steps stolen from the back) for a weight of at most kQ8SplitMaxBytes, else parallel_chunks (~8
+// chunks a thread); the same bits. CODESHELL_Q8_M1_SPLIT=1 / =0: parallel_owned at every size / never;
+// CODESHELL_Q8_M1_SPLIT_MAX_MB overrides the size (MiB; both read per call, for A/B runs).
+// Why by size (session 21 helper C, docs/kernels.md): the small shape's block linears (1-4 MiB at
+// int8) restart each thread's stream at every chunk; in its native step (team, fast minutes, probe
+// 82-85 GB/s, five runs) one share a thread read c_attn at 60-67 against 49-57 GB/s, attn.c_proj 56-62
+// against 46-49, mlp.c_proj 71-84 against 56-69, the token 1.05-1.08x faster (in a slow minute, probe
+// ~48, 0.97-1.04x); the small head (68.5 MiB) showed no clear side, and at the 1.7B / 7B width (16-64
+// MiB linears, a 274 MiB head) the split measured 0.99x (as int4's, session 17): those keep parallel_chunks.
+constexpr int64_t kQ8SplitMaxBytes = int64_t(8) << 20;
+inline bool q8_m1_split(int64_t bytes) {
+  const int64_t max = env_int("CODESHELL_Q8_M1_SPLIT_MAX_MB", -1);
+  return env_flag("CODESHELL_Q8_M1_SPLIT", bytes <= (max >= 0 ? max << 20 : kQ8SplitMaxBytes));
+}
 
 // ---- int8 ---------------------------------------------------------------------------
 // W = q[n, k] * scale[n]. vpmaddubsw wants one unsigned operand: |q| times x with q's sign
@@ -262,10 +277,9 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = n0; j < n1; ++j) op[m * N + j] = op[m * N + j] * sp[j] + (b ? b[j] : 0.f);
   };
-  // M = 1 without AMX, CODESHELL_Q8_M1_SPLIT=1: one contiguous share of the rows a thread
-  // (parallel.h parallel_owned; read per call, for A/B timing). The split changes no bits.
-  if (M == 1 && vnni && isa < codeshell::kAmx && env_flag("CODESHELL_Q8_M1_SPLIT", false))
-    codeshell::parallel_owned(N, 16, 64, body);
+  // M = 1 without AMX, a weight of at most kQ8SplitMaxBytes (or CODESHELL_Q8_M1_SPLIT=1): one contiguous
+  // share of the rows a thread (parallel.h parallel_owned; q8_m1_split). The split changes no bits.
+  if (M == 1 && vnni && isa < codeshell::kAmx && q8_m1_split(N * K)) codeshell::parallel_owned(N, 16, 64, body);
   else codeshell::parallel_chunks(N, 16, 64, body);
 }
 }  // namespace

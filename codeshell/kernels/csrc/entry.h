@@ -30,7 +30,7 @@ void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t
 torch::Tensor pack_bf16(const torch::Tensor& w);
 int64_t bf16_peak(int64_t Kt, int64_t reps, bool loads);
 torch::Tensor prefill_bf16_dot(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                               const c10::optional<torch::Tensor>& bias, bool gelu = false);
+                               const c10::optional<torch::Tensor>& bias, bool gelu = false, bool out_bf16 = false);
 int64_t bf16_dot_peak(int64_t reps);
 
 // isa.cpp

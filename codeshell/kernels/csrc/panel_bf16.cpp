@@ -1076,6 +1076,40 @@ void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t
   });
 }
 
+// Rows ids[0..R) of the weight (any order, repeats allowed) as bf16 into out [R, K]: the tied
+// embedding's lookup of a prompt's tokens from the output head's panels (module.py PackedEmbedding).
+// A row's K values are Kh k-pairs 64 bytes apart (one line each), so a row is Kh line reads
+// (512 at K = 1024) from anywhere in the weight (144 MB at the small shape): the lines of the next
+// row are prefetched while this one is copied, and the rows split over the threads. Why: the torch
+// gather of the same rows (packing.bf16_rows: advanced indexing, 4 bytes an element) took 1.3 ms
+// of a 512-token small-shape prompt and 0.18 ms of codeshell-mini's 256 (docs/kernels.md, session 21 B).
+void gather_bf16(const torch::Tensor& w, int64_t N, int64_t K, const torch::Tensor& ids, torch::Tensor& out) {
+  check_panels(w, N, K);
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1 && ids.is_contiguous(), "ids must be int64 [R]");
+  const int64_t R = ids.size(0), Kh = w.size(1);
+  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.numel() >= R * K,
+              "out buffer must be contiguous bf16 with >= ", R * K, " elements");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i)
+    TORCH_CHECK_INDEX(0 <= id[i] && id[i] < N, "token id ", id[i], " is out of range for an embedding of ", N, " rows");
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  auto row = [&](int64_t n) { return wp + (n / kPanel) * Kh * 32 + (n % kPanel) * 2; };
+  at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const uint16_t* src = row(id[i]);
+      const char* next = i + 1 < r1 ? reinterpret_cast<const char*>(row(id[i + 1])) : nullptr;
+      uint16_t* dst = op + i * K;
+      int64_t j = 0;
+      for (; 2 * j + 1 < K; ++j) {
+        if (next != nullptr) _mm_prefetch(next + j * 64, _MM_HINT_T0);
+        std::memcpy(dst + 2 * j, src + j * 32, 4);
+      }
+      if (K & 1) dst[K - 1] = src[j * 32];
+    }
+  });
+}
+
 // The panel layout of a contiguous bf16 W [N, K] (what packing.panels_torch computes with torch
 // ops, ~10x slower: a 7B model spent ~20 s of its load there).
 torch::Tensor pack_bf16(const torch::Tensor& w) {

@@ -42,8 +42,16 @@ class FastLinear:
         self._paths: dict = {}      # (M, x dtype, $CODESHELL_KERNEL_ISA) -> plan's path
 
     def raw(self, x: torch.Tensor) -> torch.Tensor | None:
-        """y [M, N] as the kernel returns it (fp32, or bf16 for `onednn:bf16`) for x [..., K],
-        or None where the fast path does not apply (the caller then uses `__call__`)."""
+        """y [M, N] as the kernel returns it (fp32; bf16 for `onednn:bf16`, and for the vdpbf16ps
+        GEMM `avx512_bf16:gemm` with bf16 x, see below) for x [..., K], or None where the fast
+        path does not apply (the caller then uses `__call__`).
+
+        With bf16 x on `avx512_bf16:gemm` the GEMM's epilogue rounds its fp32 sums (bias added) to
+        bf16 itself (`prefill_bf16_dot(out_bf16=True)`): the bits of the fp32 result's
+        `.to(torch.bfloat16)`, which every caller does next anyway (the model's fused RoPE cast
+        of c_attn's rows, the residual add's cast of attn.c_proj / mlp.c_proj, `__call__`'s cast).
+        Why: at the small shape (M = 512) a layer wrote 7 MiB of fp32 for the next op to read
+        back; bf16 halves both. `CODESHELL_DOT_BF16OUT=0` (read per call) returns fp32 as before."""
         p = self.packed
         k = p.in_features
         if x.shape[-1] != k or x.device.type != "cpu":
@@ -54,7 +62,12 @@ class FastLinear:
         x2 = x.reshape(-1, k)
         if x.dtype != torch.bfloat16:  # as linear: other dtypes enter the kernels as fp32
             x2 = x2.to(torch.float32).contiguous()
-        return ops._compute(self._path(x2.shape[0], x.dtype), mod, x2, p, self.bias)
+        path = self._path(x2.shape[0], x.dtype)
+        if (path == "avx512_bf16:gemm" and x.dtype == torch.bfloat16
+                and os.environ.get("CODESHELL_DOT_BF16OUT", "1") != "0"):
+            ops.PATHS_RUN[(p.kind, "avx512_bf16:gemm+bf16")] += 1
+            return mod.prefill_bf16_dot(x2.contiguous(), p.data, p.out_features, self.bias, False, True)
+        return ops._compute(path, mod, x2, p, self.bias)
 
     def _path(self, m: int, dtype: torch.dtype) -> str:
         key = (m, dtype, os.environ.get("CODESHELL_KERNEL_ISA"))
@@ -66,7 +79,9 @@ class FastLinear:
     def raw_gelu(self, x: torch.Tensor) -> torch.Tensor | None:
         """bf16 gelu_tanh of y rounded to bf16, [M, N], for bf16 x [..., K] whose path is the
         vdpbf16ps GEMM (`avx512_bf16:gemm`: its epilogue applies the GELU while the sums are in
-        cache, the same bits as `raw` then `fused_gelu_tanh(y, None, True)`); None elsewhere."""
+        cache); None elsewhere. By default the epilogue's GELU is `gelu16_fast` (csrc/simd512.h:
+        within one bf16 ulp of the exact GELU, as the fused GELU is); `CODESHELL_GELU_FAST=0`
+        gives the bits of `raw` then `fused_gelu_tanh(y, None, True)`."""
         p = self.packed
         if x.dtype != torch.bfloat16 or x.shape[-1] != p.in_features or x.device.type != "cpu":
             return None
@@ -124,8 +139,9 @@ class PackedLinear(nn.Module):
 
     def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
         """y [M, N] (x flattened to [M, K]) as the kernel returns it: fp32 (bf16 where the path
-        is `onednn:bf16`) with the bias added, before `forward`'s cast to x's dtype. The model's
-        inference path feeds it to the fused GELU, which rounds as that cast would."""
+        is `onednn:bf16`, or the vdpbf16ps GEMM on bf16 x: `FastLinear.raw`) with the bias
+        added, before `forward`'s cast to x's dtype. The model's inference path feeds it to the
+        fused ops, which round fp32 as that cast would."""
         y = self.fast.raw(x)
         return self.forward(x).reshape(-1, self.out_features) if y is None else y
 
@@ -169,6 +185,15 @@ class PackedEmbedding(nn.Module):
                     raise IndexError(f"token id {r} is out of range for an embedding of {n} rows")
                 mod.rows_bf16(self.data, n, k, r, r + 1, out[i:i + 1])
             return out.reshape(*ids.shape, k)
+        mod = _ext.get() if flat.device.type == "cpu" else None
+        if mod is not None and hasattr(mod, "gather_bf16") and os.environ.get("CODESHELL_EMBED_NATIVE", "1") != "0":
+            # A prompt's rows: one native gather (`gather_bf16`: the next row's lines prefetched,
+            # rows over the threads; an id out of range raises IndexError there), the same values
+            # as bf16_rows' advanced indexing (CODESHELL_EMBED_NATIVE=0), 1.3 -> ~0.5 ms for a
+            # 512-token prompt at the small shape.
+            out = torch.empty(flat.numel(), self.embedding_dim, dtype=torch.bfloat16)
+            mod.gather_bf16(self.data, self.num_embeddings, self.embedding_dim, flat.to(torch.int64).contiguous(), out)
+            return out.reshape(*ids.shape, self.embedding_dim)
         p = PackedWeight("bf16", self.num_embeddings, self.embedding_dim, self.data)
         return bf16_rows(p, flat).reshape(*ids.shape, self.embedding_dim)
 

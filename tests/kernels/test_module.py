@@ -59,6 +59,29 @@ def test_packed_embedding_equals_the_embedding_it_replaces():
         pe(torch.tensor([[37]]))
 
 
+@pytest.mark.parametrize("k", [24, 25, 1024])
+def test_packed_embedding_native_gather(k, monkeypatch):
+    # A prompt's rows (> 16) by the native gather (gather_bf16: the next row's lines prefetched,
+    # rows over the threads) and by bf16_rows' advanced indexing (CODESHELL_EMBED_NATIVE=0): the
+    # embedding's rows either way, any order, repeats, odd K (the last k-pair's half), the last
+    # panel's padding rows never read; an id out of range is the IndexError of the short path.
+    if not available():
+        pytest.skip("native kernels unavailable here")
+    torch.manual_seed(1)
+    emb = nn.Embedding(37, k).to(torch.bfloat16)
+    pe = PackedEmbedding(prepack(emb.weight))
+    ids = torch.randint(0, 37, (3, 100))
+    ids[0, :5] = torch.tensor([36, 0, 36, 16, 15])
+    native = pe(ids)
+    monkeypatch.setenv("CODESHELL_EMBED_NATIVE", "0")
+    assert torch.equal(pe(ids), emb(ids)) and torch.equal(native, emb(ids))
+    monkeypatch.delenv("CODESHELL_EMBED_NATIVE")
+    bad = ids.clone()
+    bad[2, 50] = 37
+    with pytest.raises(IndexError, match="token id 37 is out of range"):
+        pe(bad)
+
+
 def test_prepare_model_swaps_bf16_cpu_linears_only():
     d = require_shared("golden/rope-gqa")
     fp32, cfg, _ = load_model(d, dtype="float32")

@@ -189,6 +189,28 @@ def test_four_row_softmax_keeps_bits(B, H, G, D, T, P, zeros, monkeypatch):
 
 @needs_bf16
 @pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
+@pytest.mark.parametrize("prepack", ["0", "1"])
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (1, 8, 2, 128, 100, 0), (3, 4, 2, 64, 37, 5),
+                                         (2, 4, 1, 256, 70, 20), (1, 4, 2, 96, 50, 3), (2, 8, 8, 32, 33, 0)])
+def test_lean_setup_keeps_bits(B, H, G, D, T, P, kb, prepack, monkeypatch, record_property):
+    # Each thread's scratch kept between calls (not a fresh zero-filled vector per chunk) and o not
+    # zero-filled (the first key block's value sums start from zero: pv_chunk's `first`) against
+    # the old setup (CODESHELL_PREFILL_ATTN_SETUP=0): the same bits, after a call that left NaN in
+    # the kept scratch (NaN queries: scores, probabilities and o all NaN), so nothing reads a part
+    # of the scratch it did not write.
+    record_property("isa_path", "avx512_bf16 prefill attention (kept scratch, no o fill)")
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_PREPACK", prepack)
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_SETUP", "0")
+    old = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), kb)
+    monkeypatch.delenv("CODESHELL_PREFILL_ATTN_SETUP")
+    assert torch.isnan(pa.prefill_attention(q * float("nan"), kc, vc, slots, pos, 1 / math.sqrt(D), kb)).all()
+    new = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), kb)
+    assert torch.equal(new, old)
+
+
+@needs_bf16
+@pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
 @pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (1, 8, 2, 128, 100, 0), (3, 4, 2, 64, 37, 5),
                                          (2, 4, 1, 256, 70, 20), (1, 4, 2, 96, 50, 3), (2, 8, 8, 32, 33, 0)])
 def test_prepacked_key_blocks(B, H, G, D, T, P, kb, monkeypatch):

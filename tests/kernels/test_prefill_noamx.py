@@ -155,10 +155,12 @@ def test_dot_peak_is_measured_and_in_the_bench_peak():
 @needs_bf16
 @pytest.mark.parametrize("n,k", [(37, 100), (300, 1030), (1040, 256)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bf16_gemm_gelu_epilogue_is_the_unfused_bits(n, k, with_bias):
-    # prefill_bf16_dot(gelu=True): the GELU applied in the epilogue (c_fc of a bf16 prefill) gives
-    # exactly the bits of the fp32 result followed by fused_gelu_tanh(y, None, out_bf16=True),
-    # including N not a multiple of 16 (masked tail) and rows past a tile of 6
+def test_bf16_gemm_gelu_epilogue_is_the_unfused_bits(n, k, with_bias, monkeypatch):
+    # prefill_bf16_dot(gelu=True) with CODESHELL_GELU_FAST=0: the GELU applied in the epilogue
+    # (c_fc of a bf16 prefill) gives exactly the bits of the fp32 result followed by
+    # fused_gelu_tanh(y, None, out_bf16=True), including N not a multiple of 16 (masked tail) and
+    # rows past a tile of 6 (the default, gelu16_fast: test_bf16_gemm_fast_gelu_within_one_ulp)
+    monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
     mod = _ext.get()
     pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)))
     bias = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 4 if with_bias else None
@@ -171,9 +173,11 @@ def test_bf16_gemm_gelu_epilogue_is_the_unfused_bits(n, k, with_bias):
 
 
 @needs_bf16
-def test_packed_linear_gelu_only_on_the_gemm_path():
+def test_packed_linear_gelu_only_on_the_gemm_path(monkeypatch):
     # forward_gelu: the GEMM with its epilogue at prefill M (bf16 x), None where the path has no
     # epilogue (decode M, fp32 x), so the model falls back to forward_raw + fused GELU there
+    # (the exact GELU here, CODESHELL_GELU_FAST=0, for a bitwise comparison)
+    monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
     from codeshell.kernels.module import PackedLinear
     lin = PackedLinear(prepack(torch.randn(96, 128)), torch.randn(96))
     x = torch.randn(100, 128).to(torch.bfloat16)
@@ -244,3 +248,157 @@ def test_bf16_gemm_gelu_four_vectors_a_step_keeps_bits(n, k, m, monkeypatch, rec
     one = mod.prefill_bf16_dot(x, pw.data, n, bias, True).clone()
     monkeypatch.delenv("CODESHELL_GELU_X4")
     assert torch.equal(mod.prefill_bf16_dot(x, pw.data, n, bias, True), one)
+
+
+def _bf16_close(a: torch.Tensor, b: torch.Tensor, rare: float, bits: bool = False) -> float:
+    """Equal up to one bf16 rounding step (tests/kernels/test_fused.py's criterion for the fused
+    GELU against torch's: differences over 1e-6 in fewer than `rare` of the values); bits: any
+    differing bit counts. Returns that fraction."""
+    assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+    diff = (a.float() - b.float()).abs()
+    ulp = b.float().abs().clamp(min=1e-30) * 2.0 ** -7
+    assert bool((diff <= ulp + 1e-6).all()), f"max diff {diff.max()}"  # 1e-6: torch rounds the far tail of GELU to 0
+    frac = ((a.view(torch.int16) != b.view(torch.int16)) if bits else (diff > 1e-6)).float().mean().item()
+    assert frac < rare, f"{frac:.2e} of the values differ"
+    return frac
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k,m", [(1024, 256, 256), (1040, 256, 70), (300, 1030, 513), (100, 96, 65)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_gemm_fast_gelu_within_one_ulp(n, k, m, with_bias, monkeypatch, record_property):
+    # The GELU epilogue's default gelu16_fast (simd512.h: vrcp14ps + one Newton step for the
+    # divide, vscalefps for exp's scale) against (a) torch's exact F.gelu(approximate="tanh") of
+    # the same bf16-rounded pre-activations, as the fused GELU's own test (test_fused.py), and
+    # (b) the exact epilogue (CODESHELL_GELU_FAST=0, gelu16): within one bf16 ulp of both, and
+    # the same bits as gelu16 but for rare values on a rounding boundary (a few fp32 ulps apart).
+    record_property("isa_path", "avx512_bf16:gemm + fast GELU epilogue")
+    import torch.nn.functional as F
+    pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) / k ** 0.5)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n)) if with_bias else None
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3).to(torch.bfloat16)
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
+    exact = mod.prefill_bf16_dot(x, pw.data, n, bias, True).clone()
+    monkeypatch.delenv("CODESHELL_GELU_FAST")
+    fast = mod.prefill_bf16_dot(x, pw.data, n, bias, True)
+    pre = mod.prefill_bf16_dot(x, pw.data, n, bias).to(torch.bfloat16)  # the rounded pre-activation
+    _bf16_close(fast, F.gelu(pre.float(), approximate="tanh").to(torch.bfloat16), 0.01)
+    frac = _bf16_close(fast, exact, 1e-3, bits=True)
+    print(f"fast GELU epilogue N={n} K={k} M={m}: {frac:.1e} of values 1 bf16 ulp from gelu16's")
+
+
+@needs_bf16
+def test_fast_gelu_lanes_over_the_range(monkeypatch, record_property):
+    # gelu16_fast value by value over the range the model meets and past it (|v| up to 80: a > 88
+    # gives v * 0, the exp's overflow and underflow ends; v^3 past fp32's range, denormals),
+    # through the epilogue with an identity weight (y = x exactly; no infinities: inf * 0 in the
+    # sums is NaN): within one bf16 ulp of torch's exact GELU and of gelu16.
+    record_property("isa_path", "avx512_bf16:gemm + fast GELU epilogue")
+    import torch.nn.functional as F
+    vals = torch.cat([torch.linspace(-80, 80, 64 * 1000), torch.linspace(-6, 6, 64 * 1000),
+                      torch.tensor([0.0, -0.0, 1e-30, -1e-30, 87.9, -87.9, 1e13, -1e13, 1e30, -1e30,
+                                    3e38, -3e38, 1e38, 2.0, 1e-39, -1e-39] * 4)]).to(torch.bfloat16)
+    k = 64
+    pw = prepack(torch.eye(k))
+    x = vals.view(-1, k).contiguous()
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
+    exact = mod.prefill_bf16_dot(x, pw.data, k, None, True).clone()
+    monkeypatch.delenv("CODESHELL_GELU_FAST")
+    fast = mod.prefill_bf16_dot(x, pw.data, k, None, True)
+    assert not torch.isnan(fast.float()).any()
+    big = x.float().abs() > 1e12  # gelu(v) = v (or -0) there; F.gelu's own tanh form overflows to NaN
+    assert torch.equal(fast[big].view(torch.int16), exact[big].view(torch.int16))
+    _bf16_close(fast[~big], F.gelu(x[~big].float(), approximate="tanh").to(torch.bfloat16), 0.01)
+    _bf16_close(fast, exact, 1e-3, bits=True)
+    # a NaN pre-activation gives NaN (0x7fc0), as the exact epilogue
+    xn = x[:2].clone()
+    xn[1, 3] = float("nan")
+    out = mod.prefill_bf16_dot(xn, pw.data, k, None, True)
+    assert int(out.view(torch.int16)[1, 3]) == 0x7fc0 and not torch.isnan(out[0].float()).any()
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k", [(37, 100), (300, 1030), (1040, 256), (1536, 1024)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_gemm_bf16_epilogue_is_the_cast_bits(n, k, with_bias, record_property):
+    # prefill_bf16_dot(out_bf16=True): the fp32 result (bias added) rounded to bf16 in the
+    # epilogue gives exactly torch's `.to(torch.bfloat16)` of the fp32 result, N tails (masked
+    # and two-vector steps), M tile tails, both x layouts (in place at N <= 512, packed above),
+    # values at and past bf16's largest (rounded to inf), and a NaN row: NaN there, as 0x7fc0
+    # (torch's scalar conversion and the fused ops' bf16_bits / store8, which every bf16 result
+    # of the model's inference path goes through: its vectorised `.to` writes 0xffff).
+    record_property("isa_path", "avx512_bf16:gemm + bf16 epilogue")
+    mod = _ext.get()
+    pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 4 if with_bias else None
+    for m in (65, 71, 513):
+        x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3).to(torch.bfloat16)
+        x[3, 5] = float("nan")
+        x[7] *= 2.0 ** 124  # sums past bf16's largest finite value
+        y = mod.prefill_bf16_dot(x, pw.data, n, bias).clone()
+        b = mod.prefill_bf16_dot(x, pw.data, n, bias, False, True)
+        assert b.dtype == torch.bfloat16 and b.shape == (m, n) and b.is_contiguous()
+        nan = torch.isnan(y)
+        assert bool(nan[3].all()) and int(nan.sum()) == n and torch.isinf(y[7]).any()
+        assert bool((b.view(torch.int16)[nan] == 0x7fc0).all())
+        want = y.to(torch.bfloat16).view(torch.int16)
+        assert torch.equal(b.view(torch.int16)[~nan], want[~nan]), (n, k, m)
+
+
+@needs_bf16
+def test_packed_linear_raw_is_bf16_on_the_gemm_path(monkeypatch):
+    # FastLinear.raw on the GEMM with bf16 x returns the epilogue's bf16 (CODESHELL_DOT_BF16OUT=0:
+    # fp32 as before); the values are the fp32 result's cast, and __call__ is unchanged.
+    from codeshell.kernels.module import PackedLinear
+    monkeypatch.setattr(ops, "prefill_candidates", lambda *a: ["avx512_bf16:gemm"])
+    lin = PackedLinear(prepack(torch.randn(96, 128)), torch.randn(96))
+    x = torch.randn(100, 128).to(torch.bfloat16)
+    before = ops.PATHS_RUN[("bf16", "avx512_bf16:gemm+bf16")]
+    b = lin.forward_raw(x)
+    assert b.dtype == torch.bfloat16 and ops.PATHS_RUN[("bf16", "avx512_bf16:gemm+bf16")] == before + 1
+    monkeypatch.setenv("CODESHELL_DOT_BF16OUT", "0")
+    f = lin.forward_raw(x)
+    assert f.dtype == torch.float32
+    assert torch.equal(b, f.to(torch.bfloat16)) and torch.equal(lin(x), b)
+    assert lin.forward_raw(x[:8]).dtype == torch.float32  # decode M: the panel kernel, fp32
+
+
+def _tiny_bf16_logits(ids, monkeypatch, env):
+    from codeshell.config import CodeShellConfig
+    from codeshell.kernels import prepare_model
+    from codeshell.model import CodeShellForCausalLM
+    torch.manual_seed(0)
+    cfg = CodeShellConfig(n_embd=256, n_layer=2, n_head=4, num_query_groups=2, n_inner=640, vocab_size=300,
+                          n_positions=512)
+    m = CodeShellForCausalLM(cfg).eval().to(torch.bfloat16)
+    prepare_model(m)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        with torch.no_grad():
+            return m(ids)
+    finally:
+        for name in env:
+            monkeypatch.delenv(name)
+
+
+@needs_bf16
+def test_model_prefill_bf16_epilogues(monkeypatch, record_property):
+    # The model's prefill (M = 2 x 100 rows > 64) on the vdpbf16ps GEMM: c_attn's rows in bf16
+    # (RoPE then in place), attn.c_proj / mlp.c_proj's into the residual add in bf16: the same
+    # logits, bit for bit, as the fp32 results cast by the next op (CODESHELL_DOT_BF16OUT=0).
+    # The fast GELU epilogue: within the bf16 model's own rounding of the exact one's logits.
+    record_property("isa_path", "avx512_bf16:gemm (model prefill, bf16 epilogues)")
+    monkeypatch.setattr(ops, "prefill_candidates", lambda *a: ["avx512_bf16:gemm"])
+    ids = torch.randint(0, 300, (2, 100), generator=torch.Generator().manual_seed(4))
+    before = ops.PATHS_RUN[("bf16", "avx512_bf16:gemm+bf16")]
+    new = _tiny_bf16_logits(ids, monkeypatch, {"CODESHELL_GELU_FAST": "0"})
+    # 3 linears a layer (c_fc has the GELU epilogue), and the tied head's call at M = 200
+    assert ops.PATHS_RUN[("bf16", "avx512_bf16:gemm+bf16")] == before + 2 * 3 + 1
+    old = _tiny_bf16_logits(ids, monkeypatch, {"CODESHELL_GELU_FAST": "0", "CODESHELL_DOT_BF16OUT": "0"})
+    assert torch.equal(new.view(torch.int16), old.view(torch.int16))
+    fast = _tiny_bf16_logits(ids, monkeypatch, {})
+    err = (fast.float() - new.float()).abs().max().item()
+    assert err <= 0.05 * new.float().abs().max().item(), err

@@ -128,13 +128,17 @@ inline void scores(const uint32_t* const* qr, const uint32_t* kp, int64_t D2, __
 // KP key pairs, for dims [d, d + 16 NC): the value operand vp[j2][d] (key pairs) as pack_block lays
 // it out. The online softmax's rescale of o (alpha: 1 where the row's max did not move, exact) is
 // done on the load here, not in a pass of its own: the same multiply before the same sums.
+// first: the item's first key block (keys 0..): every row's alpha is 0 there (its running max moves
+// from -inf) and o would be zeros, so the sums start from +0 without reading o (+0 x 0 = +0: the
+// same bits), and o need not be zero-filled before (run_item).
 template <int NR, int NC>
 inline void pv_chunk(float* const* o, const uint32_t* const* p, const float* alpha, const uint32_t* vp,
-                     int64_t D, int64_t d, int64_t KP) {
+                     int64_t D, int64_t d, int64_t KP, bool first) {
   __m512 a[NR][NC];
   for (int r = 0; r < NR; ++r) {
     const __m512 al = _mm512_set1_ps(alpha[r]);
-    for (int c = 0; c < NC; ++c) a[r][c] = _mm512_mul_ps(_mm512_load_ps(o[r] + d + 16 * c), al);
+    for (int c = 0; c < NC; ++c)
+      a[r][c] = first ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_load_ps(o[r] + d + 16 * c), al);
   }
   for (int64_t j2 = 0; j2 < KP; ++j2) {
     __m512bh b[NR];
@@ -153,10 +157,10 @@ inline void pv_chunk(float* const* o, const uint32_t* const* p, const float* alp
 // whatever the chunk width, so the width does not change a bit.
 template <int NR>
 inline void pv_rows(float* const* o, const uint32_t* const* p, const float* alpha, const uint32_t* vp, int64_t D,
-                    int64_t KP) {
+                    int64_t KP, bool first) {
   int64_t d = 0;
-  for (; d + 64 <= D; d += 64) pv_chunk<NR, 4>(o, p, alpha, vp, D, d, KP);
-  if (d < D) pv_chunk<NR, 2>(o, p, alpha, vp, D, d, KP);
+  for (; d + 64 <= D; d += 64) pv_chunk<NR, 4>(o, p, alpha, vp, D, d, KP, first);
+  if (d < D) pv_chunk<NR, 2>(o, p, alpha, vp, D, d, KP, first);
 }
 
 // o[i0 + ii] = alpha[ii] o[i0 + ii] + p[ii] . V for a score tile's `rows` rows (probabilities prow
@@ -164,18 +168,18 @@ inline void pv_rows(float* const* o, const uint32_t* const* p, const float* alph
 // block_rows and block_rows4.
 template <int PR>
 inline void pv_tile(const int64_t rows, const int64_t i0, float* o, const uint32_t* prow, const int64_t kP,
-                    const float* alpha, const uint32_t* vp, const int64_t D, const int64_t kPe) {
+                    const float* alpha, const uint32_t* vp, const int64_t D, const int64_t kPe, const bool first) {
   int64_t ii = 0;
   for (; ii + PR <= rows; ii += PR) {
     float* orow[PR];
     const uint32_t* pr[PR];
     for (int r = 0; r < PR; ++r) orow[r] = o + (i0 + ii + r) * D, pr[r] = prow + (ii + r) * kP;
-    pv_rows<PR>(orow, pr, alpha + ii, vp, D, kPe);
+    pv_rows<PR>(orow, pr, alpha + ii, vp, D, kPe, first);
   }
   for (; ii < rows; ++ii) {
     float* const orow[1] = {o + (i0 + ii) * D};
     const uint32_t* const pr[1] = {prow + ii * kP};
-    pv_rows<1>(orow, pr, alpha + ii, vp, D, kPe);
+    pv_rows<1>(orow, pr, alpha + ii, vp, D, kPe, first);
   }
 }
 
@@ -186,7 +190,8 @@ inline void pv_tile(const int64_t rows, const int64_t i0, float* o, const uint32
 template <int KB, int MR, int PR, int NBE>
 inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
                        const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
-                       float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane) {
+                       float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane,
+                       const bool first) {
   constexpr int NB = KB / 16;
   constexpr int64_t kP = KB / 2;
     for (int64_t i0 = 0; i0 < R; i0 += MR) {
@@ -234,7 +239,7 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
         alpha[ii] = al;
       }
       // o[i] = alpha o[i] + p[i] . V: vdpbf16ps over key pairs, PR rows at a time sharing each value vector
-      pv_tile<PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe);
+      pv_tile<PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
     }
 }
 
@@ -268,7 +273,8 @@ inline __m512 reduce4(const __m512* v) {
 template <int KB, int MR, int PR, int NBE>
 inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
                         const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
-                        float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane) {
+                        float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane,
+                       const bool first) {
   static_assert(MR == 4, "block_rows4: four rows a tile");
   constexpr int NB = KB / 16;
   constexpr int64_t kP = KB / 2;
@@ -324,15 +330,18 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
       lrow[i] = lp + red[4 * ii];
       mrow[i] = mnew[ii];
     }
-    pv_tile<PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe);
+    pv_tile<PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
   }
 }
 
 // One work item with key blocks of KB keys and score tiles of MR query rows; o += p . V in
 // groups of PR rows sharing each value vector.
 // R4: the softmax of four rows at a time (block_rows4, MR = 4 only; the same bits).
+// nofill: o is not zero-filled; the first key block's value product starts its sums from zero
+// instead (pv_chunk's `first`: the same bits).
 template <int KB, int MR, int PR, bool R4 = false>
-void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow, float* lrow, uint32_t* prow) {
+void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow, float* lrow, uint32_t* prow,
+              bool nofill) {
   constexpr int NB = KB / 16;
   constexpr int64_t kP = KB / 2;  // key pairs per block
   static_assert(KB <= kKbMax && MR <= kMrMax && MR % PR == 0, "prefill attention tile");
@@ -348,7 +357,7 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
     maxpos = std::max(maxpos, qpos[i]);
   }
   for (int64_t i = R; i < R + kMrMax; ++i) qrow[i] = qrow[0], qpos[i] = qpos[0];  // tile padding
-  std::fill(o, o + R * D, 0.f);
+  if (!nofill) std::fill(o, o + R * D, 0.f);
   std::fill(mrow, mrow + R, -INFINITY);
   std::fill(lrow, lrow + R, 0.f);
   const __m512 sc = _mm512_set1_ps(it.scale);
@@ -377,9 +386,11 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
     auto block = [&](auto nbe) {
       constexpr int NBE = decltype(nbe)::value;
       if constexpr (R4 && MR == 4)
-        block_rows4<KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane);
+        block_rows4<KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
+                                     nofill && j0 == 0);
       else
-        block_rows<KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane);
+        block_rows<KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
+                                    nofill && j0 == 0);
     };
     if constexpr (NB >= 4) if (nb == 3) { block(std::integral_constant<int, 3>{}); continue; }
     if constexpr (NB >= 2) if (nb == 1) { block(std::integral_constant<int, 1>{}); continue; }
@@ -397,7 +408,7 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
   }
 }
 
-using RunItem = void (*)(const Item&, uint32_t*, uint32_t*, float*, float*, float*, uint32_t*);
+using RunItem = void (*)(const Item&, uint32_t*, uint32_t*, float*, float*, float*, uint32_t*, bool);
 
 }  // namespace
 CODESHELL_END_AVX512
@@ -484,11 +495,21 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
                 prepack ? packed.data() + (b * G + g) * nblk * bstride : nullptr,
                 prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b]};
   };
+  // CODESHELL_PREFILL_ATTN_SETUP=0: each parallel chunk's scratch a fresh zero-filled vector and o
+  // zero-filled per item, as before (A/B; the same bits). By default the scratch is the thread's kept
+  // buffer (no allocation, no fill: every part is written before it is read) and o is not filled
+  // (run_item's nofill). Why: at the small shape (H 8, G 2, D 128, T 512) a call made 16 chunks of
+  // ~100 KiB zero-filled and 32 items' o of 64 KiB each, ~3.6 MiB of stores before any product.
+  const bool lean = codeshell::env_flag("CODESHELL_PREFILL_ATTN_SETUP", true);
+  const size_t nbuf = size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kMrMax) * kKbMax + 2 * Rmax + 64;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
     // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs), o [R][D]
     // fp32, the probabilities of a score tile [MR rows][KB/2 key pairs] (bf16 pairs), row max and sum
-    std::vector<float> buf(size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kMrMax) * kKbMax + 2 * Rmax + 64);
-    float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    static thread_local codeshell::ThreadScratch buf_keep;
+    std::vector<float> buf(lean ? 0 : nbuf);
+    codeshell::Scratch<float> kept(buf_keep, lean ? nbuf : 0);
+    float* const raw = lean ? kept.data() : buf.data();
+    float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t(63));
     uint32_t* kp = reinterpret_cast<uint32_t*>(base);
     uint32_t* vp = kp + kKbMax * D / 2;
     float* o = reinterpret_cast<float*>(vp + kKbMax * D / 2);
@@ -497,7 +518,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     float* lrow = mrow + Rmax;
     for (int64_t w = a; w < e; ++w) {
       const int64_t b = w / (G * nq), g = (w / nq) % G, qi = w % nq;
-      run(item_of(b, g, qi), kp, vp, o, mrow, lrow, prow);
+      run(item_of(b, g, qi), kp, vp, o, mrow, lrow, prow, lean);
     }
   });
 #else

@@ -354,12 +354,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_bf16_amx", &prefill_bf16_amx, kNoGil, "AMX-BF16: x bf16 [M,K] @ panels^T + bias -> fp32 [M,N]");
   m.def("bf16_peak", &bf16_peak, kNoGil, "AMX bf16 ceiling: every thread runs tiles on L2-resident data; flops");
   m.def("prefill_bf16_dot", &prefill_bf16_dot, kNoGil, py::arg("x"), py::arg("w"), py::arg("N"), py::arg("bias"),
-        py::arg("gelu") = false,
+        py::arg("gelu") = false, py::arg("out_bf16") = false,
         "AVX512-BF16 (vdpbf16ps) prefill: x bf16 [M,K] @ panels^T + bias -> fp32 [M,N]; gelu: "
-        "bf16 gelu_tanh of it (rounded to bf16 first)");
+        "bf16 gelu_tanh of it (rounded to bf16 first); out_bf16: it rounded to bf16");
   m.def("bf16_dot_peak", &bf16_dot_peak, kNoGil,
         "vdpbf16ps ceiling: every thread runs the prefill's register block on L1-resident data; flops");
   m.def("rows_bf16", &rows_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> bf16 [R,K] row-major buffer");
+  m.def("gather_bf16", &gather_bf16, kNoGil, "rows ids (int64 [R]) of bf16 panels -> bf16 [R,K] row-major buffer");
   m.def("decode_int8", &decode_int8, kNoGil, "x fp32 [M,K] @ (q int8 [N,K] * scale[N])^T + bias");
   m.def("decode_int4", &decode_int4, kNoGil, "x fp32 [M,K] @ dequant(q4 [N,K/2], scale, offset, group)^T + bias");
   m.def("decode_int4_q8", &decode_int4_q8, kNoGil, "int4 weight x int8-quantised x (blocks = groups), small M");

@@ -734,19 +734,13 @@ inline bool dot_rows_direct(int64_t K, int64_t N) {
   return N <= 512;
 }
 
-// prefill_dot's GELU epilogue (`out_gelu`): c [M][ldc] (columns [0, cols)) + bias[n0 + j] ->
-// gelu_tanh of the sum rounded to bf16 -> out_gelu[:, n0 : n0 + cols) (bf16 [M, N]). Exactly what
-// store_rows and then fused_gelu_tanh(out, None, out_bf16=True) compute (the same fp32 bias add,
-// the rounding to bf16 that the model's cast does, the shared gelu16: the same bits), while the
-// item's sums are still in L2: the c_fc output of a 7B prefill (512 x 16384) is otherwise written
-// as 32 MiB of fp32 and read back by the GELU, 3-5 ms a layer on this 2-core Zen 5.
-inline void store_rows_gelu(const float* c, int64_t ldc, int64_t M, uint16_t* out, int64_t N, int64_t n0,
-                            int64_t cols, const float* bias) {
-  // Four vectors a step where a row has 64 columns left (their exp16 / divide chains overlap):
-  // one process, alternating calls, medians of 25 (session 18): c_fc + GELU 0.982x the time at the
-  // small shape (512 x 4096 x 1024), 0.954x at codeshell-mini's (256 x 1024 x 256), the same bits.
-  // CODESHELL_GELU_X4=0: one vector a step (A/B; read each call).
-  const bool x4 = codeshell::env_flag("CODESHELL_GELU_X4", true);
+// store_rows_gelu's rows with gelu16_fast (FAST) or gelu16, each on its input rounded to bf16.
+template <bool FAST>
+inline void gelu_rows(const float* c, int64_t ldc, int64_t M, uint16_t* out, int64_t N, int64_t n0, int64_t cols,
+                      const float* bias, bool x4) {
+  auto gelu = [](__m512 v) {
+    return FAST ? codeshell::gelu16_fast(codeshell::round_bf16_fast(v)) : codeshell::gelu16(codeshell::round_bf16(v));
+  };
   for (int64_t m = 0; m < M; ++m) {
     const float* cm = c + m * ldc;
     uint16_t* o = out + m * N + n0;
@@ -757,7 +751,7 @@ inline void store_rows_gelu(const float* c, int64_t ldc, int64_t M, uint16_t* ou
         for (int u = 0; u < 4; ++u) {
           v[u] = _mm512_loadu_ps(cm + j + 16 * u);
           if (bias) v[u] = _mm512_add_ps(v[u], _mm512_loadu_ps(bias + n0 + j + 16 * u));
-          v[u] = codeshell::gelu16(codeshell::round_bf16(v[u]));
+          v[u] = gelu(v[u]);
         }
         for (int u = 0; u < 4; ++u)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j + 16 * u), _mm512_cvtepi32_epi16(codeshell::bf16_bits(v[u])));
@@ -766,8 +760,62 @@ inline void store_rows_gelu(const float* c, int64_t ldc, int64_t M, uint16_t* ou
       const __mmask16 k = cols - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (cols - j)) - 1);
       __m512 v = _mm512_maskz_loadu_ps(k, cm + j);
       if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + n0 + j));
-      const __m512 g = codeshell::gelu16(codeshell::round_bf16(v));
+      const __m512 g = gelu(v);
       _mm256_mask_storeu_epi16(o + j, k, _mm512_cvtepi32_epi16(codeshell::bf16_bits(g)));
+    }
+  }
+}
+
+// prefill_dot's GELU epilogue (`out_gelu`): c [M][ldc] (columns [0, cols)) + bias[n0 + j] ->
+// gelu_tanh of the sum rounded to bf16 -> out_gelu[:, n0 : n0 + cols) (bf16 [M, N]). With
+// CODESHELL_GELU_FAST=0 exactly what store_rows and then fused_gelu_tanh(out, None, out_bf16=True)
+// compute (the same fp32 bias add, the rounding to bf16 that the model's cast does, the shared
+// gelu16: the same bits); by default gelu16_fast (within one bf16 ulp of it, see simd512.h), while the
+// item's sums are still in L2: the c_fc output of a 7B prefill (512 x 16384) is otherwise written
+// as 32 MiB of fp32 and read back by the GELU, 3-5 ms a layer on this 2-core Zen 5.
+inline void store_rows_gelu(const float* c, int64_t ldc, int64_t M, uint16_t* out, int64_t N, int64_t n0,
+                            int64_t cols, const float* bias) {
+  // Four vectors a step where a row has 64 columns left (their exp16 / divide chains overlap):
+  // one process, alternating calls, medians of 25 (session 18): c_fc + GELU 0.982x the time at the
+  // small shape (512 x 4096 x 1024), 0.954x at codeshell-mini's (256 x 1024 x 256), the same bits.
+  // CODESHELL_GELU_X4=0: one vector a step (A/B; read each call).
+  const bool x4 = codeshell::env_flag("CODESHELL_GELU_X4", true);
+  // gelu16_fast (simd512.h: a shorter dependency chain; within one bf16 ulp of the exact GELU,
+  // as gelu16) unless CODESHELL_GELU_FAST=0: gelu16, the bits of forward_raw + fused_gelu_tanh
+  // (A/B and the reference; read each call).
+  if (codeshell::env_flag("CODESHELL_GELU_FAST", true)) {
+    gelu_rows<true>(c, ldc, M, out, N, n0, cols, bias, x4);
+    return;
+  }
+  gelu_rows<false>(c, ldc, M, out, N, n0, cols, bias, x4);
+}
+
+// prefill_dot's bf16 epilogue (`out_b16`): c [M][ldc] (columns [0, cols)) + bias[n0 + j], rounded
+// to bf16 (to nearest even, NaN -> 0x7fc0: bf16_bits, torch's `.to(torch.bfloat16)`) ->
+// out_b16[:, n0 : n0 + cols) (bf16 [M, N]): store_rows' fp32 value and then the cast the model
+// does anyway (the fused RoPE's cast of c_attn's rows, the residual add's of attn.c_proj /
+// mlp.c_proj), the same bits. Why: at the small shape (M = 512, N = 1536 / 1024 / 1024) each
+// layer wrote 7 MiB of fp32 for the next op to read back and round; bf16 halves both.
+inline void store_rows_b16(const float* c, int64_t ldc, int64_t M, uint16_t* out, int64_t N, int64_t n0,
+                           int64_t cols, const float* bias) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* cm = c + m * ldc;
+    uint16_t* o = out + m * N + n0;
+    int64_t j = 0;
+    for (; j + 32 <= cols; j += 32) {  // two vectors a step (independent rounding chains)
+      __m512 v0 = _mm512_loadu_ps(cm + j), v1 = _mm512_loadu_ps(cm + j + 16);
+      if (bias) {
+        v0 = _mm512_add_ps(v0, _mm512_loadu_ps(bias + n0 + j));
+        v1 = _mm512_add_ps(v1, _mm512_loadu_ps(bias + n0 + j + 16));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), _mm512_cvtepi32_epi16(codeshell::bf16_bits(v0)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j + 16), _mm512_cvtepi32_epi16(codeshell::bf16_bits(v1)));
+    }
+    for (; j < cols; j += 16) {
+      const __mmask16 k = cols - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (cols - j)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(k, cm + j);
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + n0 + j));
+      _mm256_mask_storeu_epi16(o + j, k, _mm512_cvtepi32_epi16(codeshell::bf16_bits(v)));
     }
   }
 }
@@ -776,9 +824,10 @@ inline void store_rows_gelu(const float* c, int64_t ldc, int64_t M, uint16_t* ou
 // M <= 64 keeps decode_bf16, whose per-row order ops.ROW_INVARIANT_MAX_M relies on).
 // x is packed once per call into the micro-kernel's order: [K chunk][row tile][k-pair][MR]
 // (zero rows past M, zero k past K), so one pass's x (all tiles) is contiguous.
-// With out_gelu (bf16 [M, N]) the result goes there through the GELU (store_rows_gelu), not to out.
+// With out_gelu (bf16 [M, N]) the result goes there through the GELU (store_rows_gelu), not to out;
+// with out_b16 (bf16 [M, N]) it goes there rounded to bf16 (store_rows_b16).
 void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_t N, const float* bias,
-                 float* out, uint16_t* out_gelu = nullptr) {
+                 float* out, uint16_t* out_gelu = nullptr, uint16_t* out_b16 = nullptr) {
   constexpr int NP = kDotNP, MR = kDotMR;
   const int64_t Kh = padded_k(K) / 2, P = (N + kPanel - 1) / kPanel, T = (M + MR - 1) / MR;
   const bool direct = dot_rows_direct(K, N);
@@ -866,6 +915,7 @@ void prefill_dot(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int
       }
       const int64_t n0 = pa * kPanel;
       if (out_gelu) store_rows_gelu(c, ldc, M, out_gelu, N, n0, std::min(N, pb * kPanel) - n0, bias);
+      else if (out_b16) store_rows_b16(c, ldc, M, out_b16, N, n0, std::min(N, pb * kPanel) - n0, bias);
       else store_rows(c, ldc, M, out, N, n0, std::min(N, pb * kPanel) - n0, bias);
     }
   });
@@ -908,9 +958,10 @@ int64_t bf16_dot_peak(int64_t reps) {
 }
 
 // vdpbf16ps: bf16 x [M, K] @ panels^T + bias -> fp32 [M, N], any M (ops.py: `avx512_bf16:gemm`);
-// gelu: bf16 gelu_tanh of that, rounded to bf16 first (the model's c_fc + fused_gelu_tanh in one).
+// gelu: bf16 gelu_tanh of that, rounded to bf16 first (the model's c_fc + fused_gelu_tanh in one);
+// out_bf16 (without gelu): that fp32 result rounded to bf16 (as `.to(torch.bfloat16)`), bf16 [M, N].
 torch::Tensor prefill_bf16_dot(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                               const c10::optional<torch::Tensor>& bias, bool gelu) {
+                               const c10::optional<torch::Tensor>& bias, bool gelu, bool out_bf16) {
   codeshell::check_isa(codeshell::kAvx512Bf16);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
               "x must be a contiguous bf16 [M, K] tensor");
@@ -918,15 +969,17 @@ torch::Tensor prefill_bf16_dot(const torch::Tensor& x, const torch::Tensor& w, i
   check_panels(w, N, K);
   const float* b = bias_ptr(bias, N);
   // large results reuse freed blocks (scratch.h); the bf16 GELU output is half the fp32 size
-  auto out = gelu ? codeshell::cached_output(1, (M * N + 1) / 2, x.options()).view(torch::kBFloat16)
-                        .narrow(1, 0, M * N).view({M, N})
-                  : codeshell::cached_output(M, N, x.options());
+  const bool b16 = gelu || out_bf16;
+  auto out = b16 ? codeshell::cached_output(1, (M * N + 1) / 2, x.options()).view(torch::kBFloat16)
+                       .narrow(1, 0, M * N).view({M, N})
+                 : codeshell::cached_output(M, N, x.options());
 #if CODESHELL_HAVE_AVX512
-  if (M > 0)
+  if (M > 0) {
+    uint16_t* ob = b16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
     prefill_dot(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
                 reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>()), N, b,
-                gelu ? nullptr : out.data_ptr<float>(),
-                gelu ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr);
+                b16 ? nullptr : out.data_ptr<float>(), gelu ? ob : nullptr, gelu ? nullptr : ob);
+  }
 #endif
   return out;
 }
@@ -1018,6 +1071,40 @@ void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t
       uint16_t* dst = op + (n - n0) * K;
       int64_t j = 0;
       for (; 2 * j + 1 < K; ++j) std::memcpy(dst + 2 * j, src + j * 32, 4);
+      if (K & 1) dst[K - 1] = src[j * 32];
+    }
+  });
+}
+
+// Rows ids[0..R) of the weight (any order, repeats allowed) as bf16 into out [R, K]: the tied
+// embedding's lookup of a prompt's tokens from the output head's panels (module.py PackedEmbedding).
+// A row's K values are Kh k-pairs 64 bytes apart (one line each), so a row is Kh line reads
+// (512 at K = 1024) from anywhere in the weight (144 MB at the small shape): the lines of the next
+// row are prefetched while this one is copied, and the rows split over the threads. Why: the torch
+// gather of the same rows (packing.bf16_rows: advanced indexing, 4 bytes an element) took 1.3 ms
+// of a 512-token small-shape prompt and 0.18 ms of codeshell-mini's 256 (docs/kernels.md, session 21 B).
+void gather_bf16(const torch::Tensor& w, int64_t N, int64_t K, const torch::Tensor& ids, torch::Tensor& out) {
+  check_panels(w, N, K);
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1 && ids.is_contiguous(), "ids must be int64 [R]");
+  const int64_t R = ids.size(0), Kh = w.size(1);
+  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.numel() >= R * K,
+              "out buffer must be contiguous bf16 with >= ", R * K, " elements");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i)
+    TORCH_CHECK_INDEX(0 <= id[i] && id[i] < N, "token id ", id[i], " is out of range for an embedding of ", N, " rows");
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  auto row = [&](int64_t n) { return wp + (n / kPanel) * Kh * 32 + (n % kPanel) * 2; };
+  at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const uint16_t* src = row(id[i]);
+      const char* next = i + 1 < r1 ? reinterpret_cast<const char*>(row(id[i + 1])) : nullptr;
+      uint16_t* dst = op + i * K;
+      int64_t j = 0;
+      for (; 2 * j + 1 < K; ++j) {
+        if (next != nullptr) _mm_prefetch(next + j * 64, _MM_HINT_T0);
+        std::memcpy(dst + 2 * j, src + j * 32, 4);
+      }
       if (K & 1) dst[K - 1] = src[j * 32];
     }
   });

@@ -21,12 +21,7 @@ from codeshell.kernels import step as step_mod
 pytestmark = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+from test_decode_step import two_threads  # noqa: E402,F401  (the fixture: 2 OpenMP threads, restored after)
 
 
 def model_and_cache(kind: str, positions: int = 1024, slots: int = 8):

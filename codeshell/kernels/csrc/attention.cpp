@@ -553,18 +553,15 @@ bool single_queries_run() {
   return codeshell::env_flag("CODESHELL_ATTN_RUN1", false);
 }
 
-// The packed path's switches, read once a call (read_switches).
-struct Switches {
-  bool run1, v16;
-};
-Switches read_switches() { return Switches{single_queries_run(), values_wide()}; }
+// The packed path's switches (attention_rows.h), read once a call.
+PackedAttentionSwitches read_switches() { return PackedAttentionSwitches{single_queries_run(), values_wide()}; }
 
 // Queries [i0, i1) of q (out's rows [i0, i1)); `serial`: on the calling thread (a decode step's
 // team chunk), else split over (run, group) items by at::parallel_for. `sw`: the switches, read
 // by the caller (read_switches).
 template <class T>
 void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const int64_t* slots,
-                const int64_t* lens, double scale, bool wide, torch::Tensor& out, const Switches& sw, int64_t i0,
+                const int64_t* lens, double scale, bool wide, torch::Tensor& out, const PackedAttentionSwitches& sw, int64_t i0,
                 int64_t i1, bool serial) {
   const int64_t H = q.size(1), D = q.size(2), G = kc.size(1), L = kc.size(2);
   const int R = int(H / G);
@@ -670,7 +667,7 @@ torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& kc, 
   const int64_t* lp = lens.data_ptr<int64_t>();
   auto out = torch::empty_like(q);
   read_tree_switch();
-  const Switches sw = read_switches();
+  const PackedAttentionSwitches sw = read_switches();
   const int64_t M = q.size(0);
   if (kc.scalar_type() == torch::kBFloat16) run_packed<uint16_t>(q, kc, vc, sp, lp, scale, wide, out, sw, 0, M, false);
   else run_packed<float>(q, kc, vc, sp, lp, scale, wide, out, sw, 0, M, false);
@@ -697,17 +694,15 @@ void packed_attention_check(const torch::Tensor& q, const torch::Tensor& kc, con
 
 PackedAttentionSwitches packed_attention_switches() {
   read_tree_switch();
-  const Switches sw = read_switches();
-  return PackedAttentionSwitches{sw.run1, sw.v16};
+  return read_switches();
 }
 
 void packed_attention_rows(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                            const torch::Tensor& slots, const torch::Tensor& lens, double scale, int64_t isa,
-                           const PackedAttentionSwitches& s, int64_t i0, int64_t i1, torch::Tensor& out) {
+                           const PackedAttentionSwitches& sw, int64_t i0, int64_t i1, torch::Tensor& out) {
   const bool wide = CODESHELL_HAVE_AVX512 && isa >= codeshell::kAvx512Vnni;
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  const Switches sw{s.run1, s.v16};
   if (i1 <= i0) return;
   if (kc.scalar_type() == torch::kBFloat16) run_packed<uint16_t>(q, kc, vc, sp, lp, scale, wide, out, sw, i0, i1, true);
   else run_packed<float>(q, kc, vc, sp, lp, scale, wide, out, sw, i0, i1, true);

@@ -332,12 +332,9 @@ class DecodeStep {
           std::memcpy(sp + i * half, ts + positions[i] * half, half * sizeof(float));
         }
       } else {
-        // RoPE rows: freqs [M, D/2] = float(position) * inv_freq (single fp32 products, as torch's
-        // broadcast multiply), then torch's own cos and sin on the same [M, D/2] shape (same bits)
-        const float* inv = inv_freq_.data_ptr<float>();
-        float* fp = a.freqs.data_ptr<float>();
-        for (int64_t i = 0; i < M; ++i)
-          for (int64_t j = 0; j < half; ++j) fp[i * half + j] = float(positions[i]) * inv[j];
+        // RoPE rows: freqs [M, D/2] (rope_freqs), then torch's own cos and sin on the same [M, D/2]
+        // shape (same bits)
+        rope_freqs(M, [&](int64_t i) { return positions[i]; }, a.freqs.data_ptr<float>());
         at::cos_out(a.cos, a.freqs);
         at::sin_out(a.sin, a.freqs);
       }
@@ -516,6 +513,16 @@ class DecodeStep {
   // and the whole, 1 and 2 threads, the same bits; test_decode_step compares the step with the
   // Python path), so the table's rows are the bits decode computed. The table is made here, before
   // the step takes its team, where a fork finds its threads.
+  // RoPE's angles of n positions into fp [n, D/2]: float(pos(i)) * inv_freq (single fp32 products, as
+  // torch's broadcast multiply): decode's rows and rope_table's, one computation so they are the same bits.
+  template <class Pos>
+  void rope_freqs(int64_t n, Pos pos, float* fp) const {
+    const int64_t half = D_ / 2;
+    const float* inv = inv_freq_.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < half; ++j) fp[i * half + j] = float(pos(i)) * inv[j];
+  }
+
   static constexpr int64_t kRopeTableMax = int64_t(1) << 16;
   std::pair<torch::Tensor, torch::Tensor> rope_table(const std::vector<int64_t>& positions) const {
     int64_t lo = 0, need = 0;
@@ -528,10 +535,7 @@ class DecodeStep {
       const int64_t half = D_ / 2;
       c10::InferenceMode normal(false);  // plain tensors, as the arena's
       torch::Tensor freqs = torch::empty({P, half}, torch::TensorOptions().dtype(torch::kFloat32));
-      const float* inv = inv_freq_.data_ptr<float>();
-      float* fp = freqs.data_ptr<float>();
-      for (int64_t i = 0; i < P; ++i)
-        for (int64_t j = 0; j < half; ++j) fp[i * half + j] = float(i) * inv[j];
+      rope_freqs(P, [](int64_t i) { return i; }, freqs.data_ptr<float>());
       rope_cos_ = at::cos(freqs);
       rope_sin_ = at::sin(freqs);
     }

@@ -41,6 +41,7 @@
 #include "attention_rows.h"
 #include "entry.h"
 #include "isa.h"
+#include "panel_rows.h"
 #include "parallel.h"
 #include "step_hints.h"
 
@@ -554,10 +555,7 @@ class DecodeStep {
       if (emb_kind_ == kEmbRows) {
         std::memcpy(dst, ep + r * C, C * sizeof(uint16_t));
       } else {  // the head's panels: row r is lane r % 16 of panel r / 16, k-pairs 64 bytes apart
-        const uint16_t* src = ep + (r / 16) * emb_.size(1) * 32 + (r % 16) * 2;
-        int64_t j = 0;
-        for (; 2 * j + 1 < C; ++j) std::memcpy(dst + 2 * j, src + j * 32, 4);
-        if (C & 1) dst[C - 1] = src[j * 32];
+        codeshell::copy_panel_row(codeshell::panel_row(ep, emb_.size(1), r), C, dst);
       }
     }
   }

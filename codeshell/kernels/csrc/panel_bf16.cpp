@@ -42,6 +42,7 @@
 
 #include "entry.h"
 #include "isa.h"
+#include "panel_rows.h"
 #include "parallel.h"
 #include "scratch.h"
 #include "simd512.h"
@@ -1067,11 +1068,7 @@ void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t n = r0; n < r1; ++n) {
-      const uint16_t* src = wp + (n / kPanel) * Kh * 32 + (n % kPanel) * 2;
-      uint16_t* dst = op + (n - n0) * K;
-      int64_t j = 0;
-      for (; 2 * j + 1 < K; ++j) std::memcpy(dst + 2 * j, src + j * 32, 4);
-      if (K & 1) dst[K - 1] = src[j * 32];
+      codeshell::copy_panel_row(codeshell::panel_row(wp, Kh, n), K, op + (n - n0) * K);
     }
   });
 }
@@ -1094,18 +1091,11 @@ void gather_bf16(const torch::Tensor& w, int64_t N, int64_t K, const torch::Tens
     TORCH_CHECK_INDEX(0 <= id[i] && id[i] < N, "token id ", id[i], " is out of range for an embedding of ", N, " rows");
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  auto row = [&](int64_t n) { return wp + (n / kPanel) * Kh * 32 + (n % kPanel) * 2; };
+  auto row = [&](int64_t n) { return codeshell::panel_row(wp, Kh, n); };
   at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
-      const uint16_t* src = row(id[i]);
       const char* next = i + 1 < r1 ? reinterpret_cast<const char*>(row(id[i + 1])) : nullptr;
-      uint16_t* dst = op + i * K;
-      int64_t j = 0;
-      for (; 2 * j + 1 < K; ++j) {
-        if (next != nullptr) _mm_prefetch(next + j * 64, _MM_HINT_T0);
-        std::memcpy(dst + 2 * j, src + j * 32, 4);
-      }
-      if (K & 1) dst[K - 1] = src[j * 32];
+      codeshell::copy_panel_row(row(id[i]), K, op + i * K, next);
     }
   });
 }

@@ -558,11 +558,12 @@ PackedAttentionSwitches read_switches() { return PackedAttentionSwitches{single_
 
 // Queries [i0, i1) of q (out's rows [i0, i1)); `serial`: on the calling thread (a decode step's
 // team chunk), else split over (run, group) items by at::parallel_for. `sw`: the switches, read
-// by the caller (read_switches).
+// by the caller (read_switches). `g0, g1` (serial only; default all): only KV groups [g0, g1) of
+// each run (packed_attention_groups: a batch-1 query's groups split over the team).
 template <class T>
 void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const int64_t* slots,
                 const int64_t* lens, double scale, bool wide, torch::Tensor& out, const PackedAttentionSwitches& sw, int64_t i0,
-                int64_t i1, bool serial) {
+                int64_t i1, bool serial, int64_t g0 = 0, int64_t g1 = -1) {
   const int64_t H = q.size(1), D = q.size(2), G = kc.size(1), L = kc.size(2);
   const int R = int(H / G);
   const bool single_run = wide && sw.run1, vwide = wide && sw.v16;
@@ -611,8 +612,13 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
         }
     }
   };
-  if (serial) items(0, U * G);
-  else at::parallel_for(0, U * G, 1, items);
+  if (serial && (g0 > 0 || (g1 >= 0 && g1 < G))) {
+    for (int64_t u = 0; u < U; ++u) items(u * G + g0, u * G + std::min(g1, G));  // the same items, fewer of them
+  } else if (serial) {
+    items(0, U * G);
+  } else {
+    at::parallel_for(0, U * G, 1, items);
+  }
 }
 
 }  // namespace
@@ -706,4 +712,21 @@ void packed_attention_rows(const torch::Tensor& q, const torch::Tensor& kc, cons
   if (i1 <= i0) return;
   if (kc.scalar_type() == torch::kBFloat16) run_packed<uint16_t>(q, kc, vc, sp, lp, scale, wide, out, sw, i0, i1, true);
   else run_packed<float>(q, kc, vc, sp, lp, scale, wide, out, sw, i0, i1, true);
+}
+
+// KV groups [g0, g1) of every query of q [M, H, D] (heads [g0 R, g1 R)) into those heads of out,
+// on the calling thread: the decode step's batch-1 query split over its team by groups
+// (decode_step.cpp `attend`), each (query, group) item the run_packed item packed_attention
+// computes for it (an item reads only its group's heads of q and writes only its heads of out), so
+// the bits are packed_attention's. Checks and switches as packed_attention_rows.
+void packed_attention_groups(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                             const torch::Tensor& slots, const torch::Tensor& lens, double scale, int64_t isa,
+                             const PackedAttentionSwitches& sw, int64_t g0, int64_t g1, torch::Tensor& out) {
+  const bool wide = CODESHELL_HAVE_AVX512 && isa >= codeshell::kAvx512Vnni;
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t M = q.size(0);
+  if (g1 <= g0 || M == 0) return;
+  if (kc.scalar_type() == torch::kBFloat16) run_packed<uint16_t>(q, kc, vc, sp, lp, scale, wide, out, sw, 0, M, true, g0, g1);
+  else run_packed<float>(q, kc, vc, sp, lp, scale, wide, out, sw, 0, M, true, g0, g1);
 }

@@ -23,3 +23,8 @@ PackedAttentionSwitches packed_attention_switches();
 void packed_attention_rows(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                            const torch::Tensor& slots, const torch::Tensor& lens, double scale, int64_t isa,
                            const PackedAttentionSwitches& s, int64_t i0, int64_t i1, torch::Tensor& out);
+// KV groups [g0, g1) (heads [g0 H/G, g1 H/G)) of every query of q into those heads of out, on the
+// calling thread (a batch-1 decode query's groups split over the step's team).
+void packed_attention_groups(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                             const torch::Tensor& slots, const torch::Tensor& lens, double scale, int64_t isa,
+                             const PackedAttentionSwitches& s, int64_t g0, int64_t g1, torch::Tensor& out);

@@ -576,10 +576,33 @@ class DecodeStep {
   // split (session 17 measured (query, group) items on the team slower at codeshell-mini / the small
   // shape's short contexts).
   static constexpr int64_t kTeamAttnMin = 512;
+  // CODESHELL_ATTN_M1 (read per call in a team at M = 1): 0 the packed_attention calls below (before
+  // session 22), 1 packed_attention_rows / _groups into att (groups split from kTeamAttnMin on), 2 the
+  // groups split at every length.
+  static constexpr int64_t kAttnM1 = 1;
   torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& kl, const torch::Tensor& vl,
                        const torch::Tensor& slots, const torch::Tensor& lens, double scale, torch::Tensor& att) const {
     const int64_t M = q.size(0);
     codeshell::Team* team = codeshell::current_team();
+    const int64_t m1 = team != nullptr && M == 1 ? codeshell::env_int("CODESHELL_ATTN_M1", kAttnM1) : 0;
+    if (m1 > 0) {
+      // Batch 1 without packed_attention's tensors (its output, per-group views and outputs, an
+      // OpenMP region, the switches' getenvs per call): the checks and switches once, then the
+      // query's KV groups on the master (short contexts) or split over the team (`m1` 2: always; 1:
+      // from CODESHELL_TEAM_ATTN_MIN positions on, as the path below). The same items, the same bits.
+      packed_attention_check(q, kl, vl, slots, lens, attn_isa_, att);
+      const PackedAttentionSwitches sw = packed_attention_switches();
+      const int64_t G = kl.size(1), len = lens.data_ptr<int64_t>()[0];
+      const int64_t min_len = m1 >= 2 ? 0 : codeshell::env_int("CODESHELL_TEAM_ATTN_MIN", kTeamAttnMin);
+      if (G >= 2 && (m1 >= 2 || (min_len > 0 && len >= min_len))) {
+        team->run(G, 1, [&](int64_t g0, int64_t g1) {
+          packed_attention_groups(q, kl, vl, slots, lens, scale, attn_isa_, sw, g0, g1, att);
+        });
+      } else {
+        packed_attention_rows(q, kl, vl, slots, lens, scale, attn_isa_, sw, 0, 1, att);
+      }
+      return att;
+    }
     if (team != nullptr && M == 1) {
       const int64_t G = kl.size(1), H = q.size(1), D = q.size(2), min_len = codeshell::env_int("CODESHELL_TEAM_ATTN_MIN", kTeamAttnMin);
       const int64_t slot = slots.data_ptr<int64_t>()[0], len = lens.data_ptr<int64_t>()[0];

@@ -17,6 +17,11 @@ merge what is on disk with their own entries and replace the file atomically, so
 processes at once can lose one another's new entries, never corrupt the file (a lost entry
 is measured again next time).
 
+Trust (session 22): `ops._measure` stores only a measurement it trusts (steady repeats, a second
+look where the first was unsteady or close, a quiet host) and the entry records those checks
+(`checks`); an entry without them (written before session 22, when one loaded minute could stick
+a wrong path for good) is not used: the first process to need it measures again.
+
 `CODESHELL_KERNEL_CHOICES=off` turns it off; `=PATH` uses that file instead.
 """
 
@@ -81,15 +86,18 @@ def lookup(key: tuple) -> str | None:
         if _memo.get("file") != str(p):
             _memo["file"], _memo["data"] = str(p), _read(p)
         hit = _memo["data"].get(entry_key(key))  # type: ignore[union-attr]
-    return hit.get("path") if isinstance(hit, dict) else None
+    if not isinstance(hit, dict) or not isinstance(hit.get("checks"), dict) or not hit["checks"].get("stored"):
+        return None  # no record of a trusted measurement (an older entry): measure again
+    return hit.get("path")
 
 
-def store(key: tuple, winner: str, times: dict[str, float]) -> None:
-    """Record a measured choice (merged into the file, which is replaced atomically)."""
+def store(key: tuple, winner: str, times: dict[str, float], checks: dict) -> None:
+    """Record a measured choice (merged into the file, which is replaced atomically) with the
+    checks that made it one to trust (`ops._measure`'s `CHOICE_CHECKS` entry, `stored` true)."""
     p = path()
     if p is None:
         return
-    entry = {"path": winner, "seconds": {k: round(v, 7) for k, v in times.items()}}
+    entry = {"path": winner, "seconds": {k: round(v, 7) for k, v in times.items()}, "checks": dict(checks)}
     with _lock:
         try:
             p.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """The measured kernel choices kept on disk (`codeshell.kernels.choices`): a fresh process
 reuses a stored winner instead of measuring again; a damaged file, a stale path or another
-thread count means measuring again, never a failure.
+thread count means measuring again, never a failure. Only a measurement to trust is stored
+(`ops._measure`: steady repeats, a second look where the first was unsteady or close, a quiet
+host): tested with scripted call times (`_Clock`), nothing timed.
 
 The rest of the suite runs with CODESHELL_KERNEL_CHOICES=off (tests/conftest.py), so tests
 that check a measurement happens do not depend on what an earlier run stored.
@@ -9,6 +11,7 @@ that check a measurement happens do not depend on what an earlier run stored.
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -30,6 +33,10 @@ def store(tmp_path, monkeypatch):
     monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(f))
     monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
     monkeypatch.setattr(ops, "prefill_candidates", lambda p, dt, level: list(CANDS))
+    # the real kernels run (their calls are counted) but their times are scripted: a clear,
+    # steady winner on a quiet host, so one look and a stored entry whatever this host's load
+    monkeypatch.setattr(ops, "_time_call", _Clock({"sgemm:fp32": 1e-6, "avx2:unpack": 2e-6}, run=True))
+    monkeypatch.setattr(ops, "_host_load", lambda: 0.1)
     choices.forget()
     yield f
     choices.forget()
@@ -40,6 +47,23 @@ def _fresh_process_state(key):
     ops._CHOICES.pop(key, None)
     ops.CHOICE_TIMES.pop(key, None)
     choices.forget()
+
+
+class _Clock:
+    """A scripted `ops._time_call`: candidate c's n-th call (its own count, warm-ups included)
+    takes per_row[c] x M seconds, times burst(c, look, n) (1 unless the test says; look = n //
+    calls a look). run=True also runs the real kernel (so `PATHS_RUN` counts it)."""
+
+    def __init__(self, per_row, burst=None, run=False):
+        self.per_row, self.burst, self.run, self.n = per_row, burst or (lambda c, look, n: 1.0), run, {}
+
+    def __call__(self, c, mod, x, p, x_dtype):
+        if self.run:
+            ops._compute(c, mod, x, p, None)
+        n = self.n.get(c, 0)
+        self.n[c] = n + 1
+        per_look = (1 + ops.MEASURE_ROUNDS) * len(ops.PREFILL_MEASURE_ROWS)
+        return self.per_row[c] * x.shape[0] * self.burst(c, n // per_look, n % per_look)
 
 
 MEASURED = (1 + ops.MEASURE_ROUNDS) * len(ops.PREFILL_MEASURE_ROWS) * len(CANDS) + 1  # warm-up + timed rounds, each candidate at each M, then the call
@@ -110,7 +134,7 @@ def test_off_keeps_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", "off")
     choices.forget()
     assert choices.path() is None
-    choices.store(("bf16", 1, 2, 3), "x:y", {"x:y": 1.0})
+    choices.store(("bf16", 1, 2, 3), "x:y", {"x:y": 1.0}, {"stored": True})
     assert choices.lookup(("bf16", 1, 2, 3)) is None
 
 
@@ -141,3 +165,104 @@ def test_prefill_paths_are_chosen_at_load(tmp_path, monkeypatch):
     llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0))
     assert ops._CHOICES == made
     choices.forget()
+
+
+# ---- which measurements are stored (scripted times: no kernel runs, nothing timed) ----
+
+GEMM, ONEDNN, PANEL = "avx512_bf16:gemm", "onednn:bf16", "avx512_bf16:panel64"
+FAKE_KEY = ("bf16", 16, 8, "prefill", "fake", "bfloat16")
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """Runs `ops._measure` + the store as `_choose` does, on scripted times: returns
+    measure(per_row, burst=None, load=0.1) -> (winner, stored entry or None, checks)."""
+    f = tmp_path / "choices.json"
+    monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(f))
+    monkeypatch.setattr(ops._ext, "get", lambda: None)
+    weight = types.SimpleNamespace(in_features=8)
+
+    def measure(per_row, burst=None, load=0.1):
+        monkeypatch.setattr(ops, "_time_call", _Clock(per_row, burst))
+        monkeypatch.setattr(ops, "_host_load", lambda: load)
+        _fresh_process_state(FAKE_KEY)
+        ops._CHOICES.pop(FAKE_KEY, None)
+        if ops._measure(FAKE_KEY, list(per_row), weight, torch.bfloat16):
+            choices.store(FAKE_KEY, ops._CHOICES[FAKE_KEY], ops.CHOICE_TIMES[FAKE_KEY], ops.CHOICE_CHECKS[FAKE_KEY])
+        choices.forget()
+        return ops._CHOICES[FAKE_KEY], choices.lookup(FAKE_KEY), ops.CHOICE_CHECKS[FAKE_KEY]
+
+    choices.forget()
+    yield measure
+    _fresh_process_state(FAKE_KEY)
+
+
+# the small shape's 4096 x 1024 in a quiet minute (session 22: 1.27 / 2.13 / 1.99 ms at M = 128)
+QUIET = {GEMM: 1.0e-5, ONEDNN: 1.3e-5, PANEL: 1.6e-5}
+
+
+def test_a_steady_clear_winner_is_stored_after_one_look(fake):
+    winner, stored, checks = fake(QUIET)
+    assert winner == stored == GEMM
+    assert checks["looks"] == 1 and checks["stored"] and checks["scatter"] == [0.0]
+
+
+def test_a_burst_in_the_first_look_gets_a_second_one(fake):
+    # session 21's case: another process's work lands on the GEMM's calls of the first look, so
+    # oneDNN wins it (and its repeats scatter); the second look, quiet, finds the GEMM again
+    burst = lambda c, look, n: (1.5 if n % 3 == 0 else 3.0) if (c == GEMM and look == 0) else 1.0
+    winner, stored, checks = fake(QUIET, burst)
+    assert checks["winners"][0] == ONEDNN and checks["scatter"][0] > ops.MEASURE_SCATTER_MAX
+    assert checks["looks"] == 2 and winner == stored == GEMM  # the unsteady look has no vote
+
+
+def test_a_uniformly_slowed_candidate_in_the_first_look_is_not_stored_if_the_second_disagrees(fake):
+    # every GEMM call of look 1 slowed 1.6x: steady, and oneDNN wins it clearly (23%), so one
+    # look. That is the case the load check is for (a steadily loaded minute): not stored.
+    burst = lambda c, look, n: 1.6 if (c == GEMM and look == 0) else 1.0
+    winner, stored, checks = fake(QUIET, burst, load=2.5)
+    assert winner == ONEDNN and stored is None and checks["looks"] == 1 and not checks["stored"]
+    # a fresh process in a quiet minute measures again and stores the GEMM
+    winner, stored, checks = fake(QUIET)
+    assert winner == stored == GEMM
+
+
+def test_repeats_that_keep_scattering_are_not_stored(fake):
+    burst = lambda c, look, n: 2.0 if n % 2 else 1.0  # every candidate, both looks
+    winner, stored, checks = fake(QUIET, burst)
+    assert checks["looks"] == 2 and min(checks["scatter"]) > ops.MEASURE_SCATTER_MAX
+    assert winner == GEMM and stored is None  # the winner holds for this process only
+
+
+def test_a_close_call_gets_a_second_look_and_is_stored_when_both_agree(fake):
+    close = {GEMM: 1.0e-5, ONEDNN: 1.05e-5}
+    winner, stored, checks = fake(close)
+    assert checks["looks"] == 2 and winner == stored == GEMM
+
+
+def test_looks_that_disagree_clearly_are_not_stored(fake):
+    # look 1: GEMM by 5% (close, so a second look); look 2: oneDNN by 40% (the GEMM slowed)
+    close = {GEMM: 1.0e-5, ONEDNN: 1.05e-5}
+    burst = lambda c, look, n: 1.5 if (c == GEMM and look == 1) else 1.0
+    winner, stored, checks = fake(close, burst)
+    assert checks["looks"] == 2 and checks["winners"] == [GEMM, ONEDNN]
+    assert winner == GEMM and stored is None  # each candidate's best over both looks: the GEMM
+
+
+def test_a_close_call_both_looks_close_is_stored_whichever_wins(fake):
+    # both candidates at the same speed: either winner is right, so it is stored
+    same = {GEMM: 1.0e-5, ONEDNN: 1.0e-5 * 1.02}
+    burst = lambda c, look, n: 1.04 if (c == GEMM and look == 1) else 1.0
+    winner, stored, checks = fake(same, burst)
+    assert checks["looks"] == 2 and checks["winners"] == [GEMM, ONEDNN] and stored == winner
+
+
+def test_an_entry_without_checks_is_measured_again(fake, tmp_path):
+    # an entry written before session 22 (no record of its measurement's checks)
+    f = tmp_path / "choices.json"
+    f.write_text(json.dumps({choices.entry_key(FAKE_KEY): {"path": ONEDNN, "seconds": {ONEDNN: 1.0}}}))
+    choices.forget()
+    assert choices.lookup(FAKE_KEY) is None
+    winner, stored, _ = fake(QUIET)
+    assert winner == stored == GEMM
+    assert json.loads(f.read_text())[choices.entry_key(FAKE_KEY)]["checks"]["stored"] is True

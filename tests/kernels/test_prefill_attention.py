@@ -188,6 +188,31 @@ def test_four_row_softmax_keeps_bits(B, H, G, D, T, P, zeros, monkeypatch):
 
 
 @needs_bf16
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (1, 8, 2, 128, 100, 0), (2, 4, 2, 64, 37, 5),
+                                         (2, 4, 1, 256, 70, 20), (1, 2, 2, 64, 2, 0), (1, 4, 2, 96, 50, 3),
+                                         (2, 8, 8, 32, 33, 0), (1, 1, 1, 32, 3, 130)])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_full_tiles_without_masks_keep_bits(B, H, G, D, T, P, zeros, monkeypatch):
+    # block_rows4 leaves out the visibility masks of a tile whose keys are all visible to its four
+    # rows (session 22) against the masks everywhere (CODESHELL_PREFILL_ATTN_FULL=0): a masked move
+    # under an all-ones mask is the value itself, so the same bits; with prefixes (P > 0: whole
+    # blocks before every query), R % 4 != 0 tiles (masked), and zero queries. Also the one-row
+    # softmax's bits (CODESHELL_PREFILL_ATTN_R4=0).
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    if zeros:
+        q = q * 0
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_FULL", "0")
+    masked = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
+    monkeypatch.delenv("CODESHELL_PREFILL_ATTN_FULL")
+    full = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
+    assert torch.equal(full, masked)
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_R4", "0")
+    assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), full)
+    print(f"prefill_attention (avx512_bf16, 64-key tile, unmasked full tiles) B{B} H{H} G{G} D{D} T{T} P{P}: "
+          "the masked tiles' bits")
+
+
+@needs_bf16
 @pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
 @pytest.mark.parametrize("prepack", ["0", "1"])
 @pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (1, 8, 2, 128, 100, 0), (3, 4, 2, 64, 37, 5),

@@ -70,6 +70,7 @@ struct Item {
   uint32_t* pk;           // the (row, group)'s key blocks, packed once for all its items (prepack), or null:
   std::atomic<int>* ready;  // per block 0 not packed, 1 being packed, 2 packed
   int64_t nkeys;          // the row's keys (its last position + 1): what a shared block holds
+  bool full;              // block_rows4: tiles whose keys are all visible skip the masks (the same bits)
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -274,7 +275,7 @@ template <int KB, int MR, int PR, int NBE>
 inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
                         const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
                         float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane,
-                       const bool first) {
+                       const bool first, const bool full_tiles) {
   static_assert(MR == 4, "block_rows4: four rows a tile");
   constexpr int NB = KB / 16;
   constexpr int64_t kP = KB / 2;
@@ -283,53 +284,77 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
     scores<MR, NBE, KB>(qrowp + i0, kp, D2, s);
     const int64_t rows = std::min<int64_t>(MR, R - i0);
     int64_t last[MR];
-    __m512 mx[MR];
+    bool all_seen = rows == MR;  // every key of the block's NBE chunks visible to all four rows
     for (int ii = 0; ii < MR; ++ii) {
       last[ii] = ii < rows ? qpos[i0 + ii] - j0 : -1;
-      mx[ii] = _mm512_set1_ps(-INFINITY);
-      if (last[ii] < 0) continue;
-      for (int c = 0; c < NBE; ++c) {
-        const __mmask16 vis = _mm512_cmp_epi32_mask(
-            lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last[ii] - 16 * c, 16))), _MM_CMPINT_LE);
-        mx[ii] = _mm512_max_ps(mx[ii], _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, _mm512_mul_ps(s[ii * NB + c], sc)));
-      }
+      all_seen = all_seen && last[ii] >= 16 * NBE - 1;
     }
-    alignas(64) float red[16];
-    _mm512_store_ps(red, reduce4<true>(mx));
-    float alpha[MR], mnew[MR];
-    __m512 sum[MR];
-    for (int ii = 0; ii < MR; ++ii) {
-      sum[ii] = _mm512_setzero_ps();
-      alpha[ii] = 1.f;
-      uint32_t* p = prow + ii * kP;
-      if (last[ii] < 0) {  // a block wholly past this query (or a row past R): nothing to add
-        if (ii < rows) std::memset(p, 0, kP * 4);
-        continue;
+    float alpha[MR];
+    // FULL: the tile's masks are all ones (a key block wholly before the tile's queries: all but
+    // the diagonal blocks of a causal prompt), so the compares and masked moves are left out:
+    // a masked move under an all-ones mask is the value itself, the same bits (session 22;
+    // CODESHELL_PREFILL_ATTN_FULL=0 keeps the masks everywhere, A/B).
+    auto softmax = [&](auto full_c) {
+      constexpr bool FULL = decltype(full_c)::value;
+      auto visible = [&](int ii, int c) -> __mmask16 {
+        if constexpr (FULL) return __mmask16(0xffff);
+        return _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last[ii] - 16 * c, 16))),
+                                     _MM_CMPINT_LE);
+      };
+      auto masked = [&](__mmask16 vis, __m512 v) {
+        // FULL: v as it is, but kept out of an FMA with the following subtraction (GCC contracts
+        // the intrinsics' multiply and subtract into vfmsub, one rounding: other bits)
+        if constexpr (FULL) { __asm__("" : "+v"(v)); return v; }
+        return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, v);
+      };
+      auto zeroed = [&](__mmask16 vis, __m512 v) {
+        if constexpr (FULL) return v;
+        return _mm512_maskz_mov_ps(vis, v);
+      };
+      __m512 mx[MR];
+      for (int ii = 0; ii < MR; ++ii) {
+        mx[ii] = _mm512_set1_ps(-INFINITY);
+        if (last[ii] < 0) continue;
+        for (int c = 0; c < NBE; ++c) mx[ii] = _mm512_max_ps(mx[ii], masked(visible(ii, c), _mm512_mul_ps(s[ii * NB + c], sc)));
       }
-      const float mo = mrow[i0 + ii];
-      mnew[ii] = std::max(mo, red[4 * ii]);
-      alpha[ii] = mo == mnew[ii] ? 1.f : std::exp(mo - mnew[ii]);  // 0 on the first visible block (-inf)
-      const __m512 mv = _mm512_set1_ps(mnew[ii]);
-      for (int c = 0; c < NBE; ++c) {
-        const __mmask16 vis = _mm512_cmp_epi32_mask(
-            lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last[ii] - 16 * c, 16))), _MM_CMPINT_LE);
-        const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, _mm512_mul_ps(s[ii * NB + c], sc));
-        const __m256bh eb = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(vis, codeshell::exp16(_mm512_sub_ps(x, mv))));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), (__m256i)eb);
-        const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
-        sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
+      alignas(64) float red[16];
+      _mm512_store_ps(red, reduce4<true>(mx));
+      float mnew[MR];
+      __m512 sum[MR];
+      for (int ii = 0; ii < MR; ++ii) {
+        sum[ii] = _mm512_setzero_ps();
+        alpha[ii] = 1.f;
+        uint32_t* p = prow + ii * kP;
+        if (last[ii] < 0) {  // a block wholly past this query (or a row past R): nothing to add
+          if (ii < rows) std::memset(p, 0, kP * 4);
+          continue;
+        }
+        const float mo = mrow[i0 + ii];
+        mnew[ii] = std::max(mo, red[4 * ii]);
+        alpha[ii] = mo == mnew[ii] ? 1.f : std::exp(mo - mnew[ii]);  // 0 on the first visible block (-inf)
+        const __m512 mv = _mm512_set1_ps(mnew[ii]);
+        for (int c = 0; c < NBE; ++c) {
+          const __mmask16 vis = visible(ii, c);
+          const __m512 x = masked(vis, _mm512_mul_ps(s[ii * NB + c], sc));
+          const __m256bh eb = _mm512_cvtneps_pbh(zeroed(vis, codeshell::exp16(_mm512_sub_ps(x, mv))));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), (__m256i)eb);
+          const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
+          sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
+        }
       }
-    }
-    _mm512_store_ps(red, reduce4<false>(sum));
-    for (int ii = 0; ii < rows; ++ii) {
-      if (last[ii] < 0) continue;
-      const int64_t i = i0 + ii;
-      // l alpha + sum as a rounded product then a rounded sum (not an FMA), as block_rows
-      float lp = lrow[i] * alpha[ii];
-      __asm__("" : "+x"(lp));
-      lrow[i] = lp + red[4 * ii];
-      mrow[i] = mnew[ii];
-    }
+      _mm512_store_ps(red, reduce4<false>(sum));
+      for (int ii = 0; ii < rows; ++ii) {
+        if (last[ii] < 0) continue;
+        const int64_t i = i0 + ii;
+        // l alpha + sum as a rounded product then a rounded sum (not an FMA), as block_rows
+        float lp = lrow[i] * alpha[ii];
+        __asm__("" : "+x"(lp));
+        lrow[i] = lp + red[4 * ii];
+        mrow[i] = mnew[ii];
+      }
+    };
+    if (all_seen && full_tiles) softmax(std::true_type{});
+    else softmax(std::false_type{});
     pv_tile<PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
   }
 }
@@ -387,7 +412,7 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
       constexpr int NBE = decltype(nbe)::value;
       if constexpr (R4 && MR == 4)
         block_rows4<KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
-                                     nofill && j0 == 0);
+                                     nofill && j0 == 0, it.full);
       else
         block_rows<KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                     nofill && j0 == 0);
@@ -462,6 +487,9 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   const bool trim = codeshell::env_flag("CODESHELL_PREFILL_ATTN_TRIM", true);
   // CODESHELL_PREFILL_ATTN_R4=0: the 64-key tile's softmax one row at a time (block_rows; A/B, the same bits)
   const bool r4 = codeshell::env_flag("CODESHELL_PREFILL_ATTN_R4", true);
+  // CODESHELL_PREFILL_ATTN_FULL=0: block_rows4 computes the visibility masks of every tile, also
+  // where all its keys are visible (A/B; the same bits)
+  const bool full = codeshell::env_flag("CODESHELL_PREFILL_ATTN_FULL", true);
   const RunItem run = key_block == 16 ? run_item<16, 8, 2>
                       : key_block == 32 ? (D == 32 ? run_item<32, 8, 8> : run_item<32, 8, 4>)
                                  : (r4 ? run_item<64, 4, 4, true> : run_item<64, 4, 4>);
@@ -493,7 +521,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     return Item{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
                 yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale), trim,
                 prepack ? packed.data() + (b * G + g) * nblk * bstride : nullptr,
-                prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b]};
+                prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b], full};
   };
   // CODESHELL_PREFILL_ATTN_SETUP=0: each parallel chunk's scratch a fresh zero-filled vector and o
   // zero-filled per item, as before (A/B; the same bits). By default the scratch is the thread's kept

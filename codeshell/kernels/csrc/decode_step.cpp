@@ -43,6 +43,7 @@
 #include "isa.h"
 #include "panel_rows.h"
 #include "parallel.h"
+#include "q8_wsum.h"
 #include "step_hints.h"
 
 #include <omp.h>
@@ -54,6 +55,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -75,11 +77,36 @@ enum Kernel : int64_t {
 };
 enum Kind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
 
+// An int8 weight's block sums for the batched int8 rows (q8_wsum.h), made at the first batched
+// call (batch 1 never reads them) and kept with the Linear.
+struct WeightSums {
+  std::once_flag once;
+  std::vector<int32_t> sums;
+};
+
 struct Linear {
   int64_t kind, kernel, isa, N, K, group;
   torch::Tensor data;                                  // panels (bf16), q (int8), nibbles (uint8)
   c10::optional<torch::Tensor> scales, offsets, bias;  // fp32; bias [N] or none
+  std::shared_ptr<WeightSums> wsum = std::make_shared<WeightSums>();
 };
+
+// The int8 q8 path at M > 1 (batch > 1): q8_rows.h's v2 reads the weight's block sums from a
+// table made once per weight (q8_wsum.h) instead of computing them per block; the hint is keyed
+// by the weight's pointer and shape, so any other kernel the call reaches ignores it.
+// CODESHELL_Q8R_WSUM=0 (read per call): neither made nor used, the per-block weight_sums as before.
+// The same integers either way: the same bits (tests/kernels/test_q8_wsum.py).
+void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& out) {
+  const int8_t* w = l.data.data_ptr<int8_t>();
+  const int32_t* sums = nullptr;
+  if (l.K % 128 == 0 && codeshell::env_flag("CODESHELL_Q8R_WSUM", true)) {
+    WeightSums& ws = *l.wsum;
+    std::call_once(ws.once, [&] { ws.sums = codeshell::q8rows::block_sums(w, l.N, l.K); });
+    sums = ws.sums.data();
+  }
+  codeshell::q8rows::SumsHintScope hint(w, l.N, l.K, sums);
+  decode_int8_q8_out(xf, l.data, *l.scales, l.bias, l.isa, out);
+}
 
 struct Layer {
   c10::optional<torch::Tensor> ln1_w, ln1_b, ln2_w, ln2_b;
@@ -108,7 +135,8 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out,
   switch (l.kernel) {
     case kPanelF32: decode_bf16_out(xf, l.data, l.N, l.bias, codeshell::kAvx2, out); return out;
     case kQ8:  // into `out` as the bf16 paths (no output allocation a call)
-      if (l.kind == kInt8) decode_int8_q8_out(xf, l.data, *l.scales, l.bias, l.isa, out);
+      if (l.kind == kInt8 && xf.size(0) > 1) int8_q8_batched(l, xf, out);
+      else if (l.kind == kInt8) decode_int8_q8_out(xf, l.data, *l.scales, l.bias, l.isa, out);
       else decode_int4_q8_out(xf, l.data, *l.scales, l.offsets, l.group, l.bias, l.isa, out);
       return out;
     case kUnpack:
@@ -838,4 +866,14 @@ void register_decode_step(py::module& m) {
       throw;
     }
   }, "fn() as the master of the thread team (as inside a decode step with the team on)");
+  // For the tests (test_q8_wsum.py): decode_int8_q8 with the weight's block sums table hinted as
+  // the decode step hints it at batch > 1 (q8_wsum.h); the table made here per call.
+  m.def("decode_int8_q8_wsum", [](const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                                  const c10::optional<torch::Tensor>& bias, int64_t isa) {
+    TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.size(1) % 128 == 0,
+                "q must be a contiguous int8 [N, K] tensor with K % 128 == 0");
+    const std::vector<int32_t> sums = codeshell::q8rows::block_sums(q.data_ptr<int8_t>(), q.size(0), q.size(1));
+    codeshell::q8rows::SumsHintScope hint(q.data_ptr<int8_t>(), q.size(0), q.size(1), sums.data());
+    return decode_int8_q8(x, q, scale, bias, isa);
+  }, "decode_int8_q8 with q's block sums hinted (the decode step's batch > 1 int8 calls)");
 }

@@ -57,6 +57,7 @@
 #include "isa.h"
 #include "parallel.h"
 #include "q8_epilogue.h"
+#include "q8_wsum.h"
 
 #if CODESHELL_HAVE_AVX512
 CODESHELL_BEGIN_AVX512
@@ -81,6 +82,7 @@ struct Args {
   int64_t pf1 = 1;       // the T1 prefetch: this many groups of NR rows ahead (0: none)
   bool v2 = true;        // x as the unsigned operand (xu), no per-broadcast xor (run_rows' XU; CODESHELL_Q8R_V2=0: off)
   const int8_t* xu = nullptr;  // xt ^ 0x80 (x + 128, unsigned), for v2
+  const int32_t* wsum = nullptr;  // v2: q8_wsum.h's block_sums of w (null: weight_sums per block; CODESHELL_Q8R_WSUM=0)
 };
 
 // tree16_v over the 16 slots acc[0..15] (stride 16 floats) of which only slots < nb were written
@@ -199,6 +201,10 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
     for (int l = 0; l < 16; ++l) ix[l] = g * E + l / MP;
     gix[g] = _mm512_load_si512(ix);
   }
+  // v2 with the weight's block sums table (q8_wsum.h; [n / 8][b][8], so groups must start at a
+  // multiple of 8 rows: parallel_chunks' chunks start at multiples of 16): one 32-byte load per
+  // block instead of weight_sums. Lanes past n1 read rows the group does not store.
+  const bool tab = XU && A.wsum != nullptr && n0 % 8 == 0;
   for (int64_t n = n0; n < n1; n += NR) {
     const uint8_t* rp[NR];
     for (int j = 0; j < NR; ++j) rp[j] = A.w + std::min(n + j, n1 - 1) * K;
@@ -208,6 +214,8 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
         _mm_prefetch(p, _MM_HINT_T1);
         _mm_prefetch(p + 64, _MM_HINT_T1);
       }
+      if (tab && A.pf1 > 0)  // the block sums of the T1-prefetched rows (a block's 32 bytes; one line every 2 blocks)
+        _mm_prefetch(reinterpret_cast<const char*>(A.wsum + ((n / 8 + A.pf1) * nb + b) * 8), _MM_HINT_T0);
       if (A.pf0 > 0)
         for (int j = 0; j < NR; ++j) {  // block b + pf0 of the row, past its end the next group's (L2 -> L1)
           const int64_t ahead = b + A.pf0 < nb ? (b + A.pf0) * 128 : NR * K + (b + A.pf0 - nb) * 128;
@@ -236,7 +244,12 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
         }
       }
       __m512i so = _mm512_load_si512(A.so + b * 16), sw = so;
-      if constexpr (XU) sw = weight_sums(rp, b);
+      if constexpr (XU) {
+        if (tab)  // lanes j and j + 8: row n + j's 128 sum_b(w), as weight_sums leaves them
+          sw = _mm512_broadcast_i32x8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.wsum + ((n / 8) * nb + b) * 8)));
+        else
+          sw = weight_sums(rp, b);
+      }
       const __m512 d = _mm512_load_ps(A.dT + b * 16);
       for (int g = 0; g < NG; ++g) {
         if constexpr (XU) so = _mm512_permutexvar_epi32(gix[g], sw);  // lane i * MP + m: row g E + i's
@@ -360,7 +373,23 @@ inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M,
   // v2 reads xu where it applies (E < 16: M >= 2), the xor schedule xt: build only that one
   const bool v2 = codeshell::env_flag("CODESHELL_Q8R_V2", true) && quads_per_lane(M) != 16;
   const Prepared P(xq, dx, sx, M, K, !v2, v2);
-  const Args A = P.args(N, reinterpret_cast<const uint8_t*>(w), scale, bias, out);
+  Args A = P.args(N, reinterpret_cast<const uint8_t*>(w), scale, bias, out);
+  // the caller's block sums of this very weight (q8_wsum.h's hint; CODESHELL_Q8R_WSUM=0: not used)
+  const SumsHint& h = sums_hint();
+  if (v2 && h.sums != nullptr && h.w == static_cast<const void*>(w) && h.N == N && h.K == K &&
+      codeshell::env_flag("CODESHELL_Q8R_WSUM", true))
+    A.wsum = h.sums;
+  // The weight rows split (session 22): one contiguous share per thread, taken front to back in
+  // steps (parallel_owned; a thread done early takes steps from the back of the other's share), so
+  // each thread's T1 prefetch past a step's end reads the rows of its own next step. With
+  // parallel_chunks (CODESHELL_Q8R_OWNED=0, read per call: before) the threads claim the ~16 chunks
+  // in turn, a thread's next chunk is not the one after its last, and each chunk starts cold.
+  // Rows are independent and groups start at multiples of 16 either way: the same bits.
+  if (codeshell::env_flag("CODESHELL_Q8R_OWNED", true)) {
+    const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 15) / 16 * 16;
+    codeshell::parallel_owned(N, 16, step, [&](int64_t n0, int64_t n1) { run_chunk(A, n0, n1); });
+    return;
+  }
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) { run_chunk(A, n0, n1); });
 }
 

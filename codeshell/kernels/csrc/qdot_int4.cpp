@@ -18,6 +18,7 @@
 #include "q8_panel.h"
 #include "q4_rows.h"
 #include "q4_m1.h"
+#include "q4_m1_g32.h"
 #include "qdot.h"
 #include "qdot_q4v.h"
 #include "qdot_tile_v.h"
@@ -188,6 +189,10 @@ namespace {
 // the loss is in how it streams, not found); K = 16384 was mixed (0.94x on 1 thread, 1.06x on 2).
 // CODESHELL_Q4_M1_R16=0: tile_q4v12 (A/B timing; read per call).
 inline bool q4_m1_r16() { return env_flag("CODESHELL_Q4_M1_R16", true); }
+// int4 M = 1 without AMX, groups of 32 / 64 (a Q4_0 GGUF's layers): 16 weight rows a tile
+// (q4_m1_g32.h, tile_q4v's bits) up to kG32MaxGroups groups a row, instead of tile_q4v a row at a
+// time. CODESHELL_Q4_M1_G32=off: tile_q4v (A/B timing; read per call).
+inline bool q4_m1_g32() { return !codeshell::env_is("CODESHELL_Q4_M1_G32", "off"); }
 
 // Switches read per call (A/B timing and tests), both off by default: in the model's linears (the
 // extension, bench_kernels --sweep, slow minutes of the host, probe 44-52 GB/s) tile_q4f ran 0.93-0.95x
@@ -228,9 +233,24 @@ inline int64_t q4_m1_r16_groups() { return env_int("CODESHELL_Q4_M1_R16_G", kQ4M
 template <bool OFFS>
 void run_q4v(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
              const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0, int64_t n1,
-             bool q4v12 = true, bool fused = false, const Pf& pf = Pf(), int64_t r16 = 0) {
+             bool q4v12 = true, bool fused = false, const Pf& pf = Pf(), int64_t r16 = 0, bool g32 = false) {
   const int64_t ng = K / G, ldq = K / 2;
   if (M == 1 && pf.prime) prime(q + n0 * ldq, std::min<int64_t>(pf.d, (n1 - n0) * ldq));
+  if (M == 1 && g32 && (G == 32 || G == 64) && ng <= codeshell::q4m1::kG32MaxGroups) {
+    // 16-row tiles (q4_m1_g32.h), the rest one row at a time below
+    alignas(64) int32_t lg[16];
+    for (int L = 0; L < 16; ++L) lg[L] = int32_t((L / 4) * 32 / G);  // tile_q4v's gidx at G < 128
+    const __m512i gi = _mm512_loadu_si512(lg);
+    for (; n0 + 16 <= n1; n0 += 16) {
+      const float* o = OFFS ? of + n0 * ng : nullptr;
+      if (pf.sc) {  // the scale (offset) rows pf.sc tiles ahead, as the G >= 128 tile's
+        prime(sc + (n0 + 16 * pf.sc) * ng, 16 * ng * int64_t(sizeof(float)));
+        if (OFFS) prime(of + (n0 + 16 * pf.sc) * ng, 16 * ng * int64_t(sizeof(float)));
+      }
+      codeshell::q4m1::tile16_g<OFFS>(xq, K, dx, xs, q + n0 * ldq, sc + n0 * ng, o, G, gi, pf.d, out + n0);
+    }
+    if (n0 == n1) return;
+  }
   if (M == 1 && (G == 128 || G == 256) && ng <= r16) {  // 16-row tiles up to r16 groups, the rest one row at a time
     for (; n0 + 16 <= n1; n0 += 16) {
       const float* o = OFFS ? of + n0 * ng : nullptr;
@@ -452,6 +472,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const bool v12 = q4v12(), fused = M == 1 && q4_m1_fused();
   const Pf pf = M == 1 ? q4_m1_pf() : Pf();
   const int64_t r16 = M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
+  const bool g32 = M == 1 && (G == 32 || G == 64) && q4_m1_g32();  // run_q4v's 16-row tile at G < 128
 #if CODESHELL_HAVE_AVX512
   // q4_rows.h's x side (dx transposed to [ng][16]), once a call rather than once a chunk
   namespace R = codeshell::q4rows;
@@ -495,8 +516,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       return;
     }
     if (vnni) {
-      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, v12, fused, pf, r16);
-      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, v12, fused, pf, r16);
+      if (ofp) run_q4v<true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, v12, fused, pf, r16, g32);
+      else run_q4v<false>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1, v12, fused, pf, r16, g32);
       add_bias(b, op, M, N, n0, n1);
       return;
     }

@@ -158,8 +158,36 @@ torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::
   auto rows = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) o[b] = draw_row(base + b * row_bytes, bf16, V, t[b], u[b]);
   };
-  if (B <= 1) rows(0, B);
-  else at::parallel_for(0, B, 1, rows);
+  if (B <= 1) {
+    rows(0, B);
+    return out;
+  }
+  // The rows on the process's decode team (parallel.h Team::shared, the team the native decode
+  // step just ran on: its helper still spins for ~1 ms after a step, so posting 4-16 rows costs a
+  // few cache-line transfers), a row a chunk claimed in turn, when no other call holds the team;
+  // otherwise (or CODESHELL_SAMPLE_ROWS_TEAM=off, read per call) an OpenMP region as before.
+  // Why: the batched temperature rows ran between two team steps at 4+ clients, forking
+  // libgomp's pool there (its worker then spins into, or must be woken for, the next regions:
+  // session 20 helper A). Each row's draw is the same function on the same values either way.
+  const int threads = at::get_num_threads();
+  if (threads > 1 && codeshell::current_team() == nullptr && !at::in_parallel_region() &&
+      !codeshell::env_is("CODESHELL_SAMPLE_ROWS_TEAM", "off")) {
+    codeshell::Team* team = codeshell::Team::shared(threads);
+    if (team->try_own()) {
+      team->begin();
+      std::exception_ptr err;
+      try {
+        team->run(B, 1, rows);
+      } catch (...) {
+        err = std::current_exception();
+      }
+      team->end();
+      team->disown();
+      if (err) std::rethrow_exception(err);
+      return out;
+    }
+  }
+  at::parallel_for(0, B, 1, rows);
   return out;
 }
 

@@ -26,18 +26,10 @@ SWITCHES = ("CODESHELL_Q8R_V2", "CODESHELL_Q8R_PF0", "CODESHELL_Q8_PANEL_MIN_M",
 SHAPES = [(37, 1024), (301, 128), (67, 256), (1029, 1024), (45, 2048), (29, 4096), (16, 384), (9, 640)]
 
 
-@needs_native
-@pytest.mark.parametrize("extreme", [False, True], ids=["randn", "extreme"])
-@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("n,k", [pytest.param(*s, id=f"{s[0]}x{s[1]}") for s in SHAPES])
-def test_q8_rows_v2_keeps_the_bits(n, k, with_bias, extreme, monkeypatch):
-    if LEVEL < VNNI:
-        pytest.skip("needs AVX512-VNNI")
-    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_vnni")  # below AMX: q8_rows.h runs on an AMX CPU too
-    for v in SWITCHES:
-        monkeypatch.delenv(v, raising=False)
-    mod = _ext.get()
-    g = torch.Generator().manual_seed(n * 3 + k)
+def q8_rows_case(n, k, with_bias, extreme, seed):
+    """An int8 weight [n, k] (per-row scales), its bias or None and 16 x rows [16, k]: random, or at
+    the int8 ends with a zero row (`extreme`); every 41st column x 9 so the x scales differ by column."""
+    g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
     if extreme:  # rows at the int8 ends (|q| = 127 everywhere after the per-row scale)
         w = torch.sign(w) * 0.05
@@ -50,6 +42,20 @@ def test_q8_rows_v2_keeps_the_bits(n, k, with_bias, extreme, monkeypatch):
         x = torch.sign(x) * 3  # every x rounds to +-127
         x[3] = 0
     x[:, ::41] *= 9
+    return pw, bias, x
+
+@needs_native
+@pytest.mark.parametrize("extreme", [False, True], ids=["randn", "extreme"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("n,k", [pytest.param(*s, id=f"{s[0]}x{s[1]}") for s in SHAPES])
+def test_q8_rows_v2_keeps_the_bits(n, k, with_bias, extreme, monkeypatch):
+    if LEVEL < VNNI:
+        pytest.skip("needs AVX512-VNNI")
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_vnni")  # below AMX: q8_rows.h runs on an AMX CPU too
+    for v in SWITCHES:
+        monkeypatch.delenv(v, raising=False)
+    mod = _ext.get()
+    pw, bias, x = q8_rows_case(n, k, with_bias, extreme, seed=n * 3 + k)
 
     def call(xx):
         return mod.decode_int8_q8(xx.contiguous(), pw.data, pw.scales, bias, VNNI)

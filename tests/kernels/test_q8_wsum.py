@@ -14,8 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeshell.kernels import _ext, available, ops, quantize_int8
+from codeshell.kernels import _ext, available, ops
 from codeshell.testing import assert_rows_bitwise
+
+from test_q8_rows_v2 import q8_rows_case  # noqa: E402  (the same int8 weight, bias and x rows)
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 LEVEL = ops.isa_level() if available() else -1
@@ -36,19 +38,7 @@ def test_q8_rows_with_block_sums_keep_the_bits(n, k, with_bias, extreme, monkeyp
     for v in SWITCHES:
         monkeypatch.delenv(v, raising=False)
     mod = _ext.get()
-    g = torch.Generator().manual_seed(n * 7 + k)
-    w = torch.randn(n, k, generator=g) * 0.05
-    if extreme:  # rows at the int8 ends (|q| = 127 everywhere after the per-row scale)
-        w = torch.sign(w) * 0.05
-        w[0] = 0.05
-        w[1] = -0.05
-    pw = quantize_int8(w)
-    bias = torch.randn(n, generator=g) if with_bias else None
-    x = torch.randn(16, k, generator=g) * 3
-    if extreme:
-        x = torch.sign(x) * 3  # every x rounds to +-127
-        x[3] = 0
-    x[:, ::41] *= 9
+    pw, bias, x = q8_rows_case(n, k, with_bias, extreme, seed=n * 7 + k)
 
     def call(xx, table=True):
         f = mod.decode_int8_q8_wsum if table else mod.decode_int8_q8

@@ -36,6 +36,31 @@ CODESHELL_BEGIN_AVX512
 namespace codeshell {
 namespace q4m1 {
 
+// The end of a 16-row tile (tile16 and q4_m1_g32.h's tile16_g): the rows' lane sums accs[16][16]
+// reduced, plus each row's affine term (-8 sc (+ of)) . xs over its ng groups; out[0..15].
+template <bool OFFS>
+inline void finish16(const float (*accs)[16], const float* xs, const float* sc, const float* of, int64_t ng,
+                     float* out) {
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_load_ps(accs[j]);
+  // affine_const_v of each row, 16 rows at a time (q4_rows.h's tile: the same steps)
+  __m512 e[16];
+  for (int j = 0; j < 16; ++j) e[j] = _mm512_setzero_ps();
+  const __m512 m8 = _mm512_set1_ps(-8.f);
+  for (int64_t g = 0; g < ng; g += 16) {
+    const __mmask16 km = ng - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(km, xs + g);
+    for (int j = 0; j < 16; ++j) {
+      __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(km, sc + j * ng + g), m8);
+      if (OFFS) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(km, of + j * ng + g));
+      e[j] = _mm512_fmadd_ps(c, xv, e[j]);
+    }
+  }
+  alignas(64) float y[16];
+  _mm512_store_ps(y, _mm512_add_ps(q4rows::tree16_t(acc), q4rows::tree16_t(e)));  // reduce_add(acc) + affine
+  for (int j = 0; j < 16; ++j) out[j] = y[4 * (j % 4) + j / 4];  // tree16_t: lane 4k + t holds p = 4t + k
+}
+
 // 16 weight rows (q: row 0, stride K / 2; sc, of: row 0, stride ng) against one row of x (xq
 // [K] permuted in runs of 128, dx / xs [ng]); G = 128 * RUNS, ng = K / G. out[0..15].
 // pf: software prefetch distance in bytes ahead on the weight stream (0: none), hint T0.
@@ -68,24 +93,7 @@ inline void tile16(const int8_t* xq, int64_t K, const float* dx, const float* xs
     }
     _mm512_store_ps(accs[j], a);
   }
-  __m512 acc[16];
-  for (int j = 0; j < 16; ++j) acc[j] = _mm512_load_ps(accs[j]);
-  // affine_const_v of each row, 16 rows at a time (q4_rows.h's tile: the same steps)
-  __m512 e[16];
-  for (int j = 0; j < 16; ++j) e[j] = _mm512_setzero_ps();
-  const __m512 m8 = _mm512_set1_ps(-8.f);
-  for (int64_t g = 0; g < ng; g += 16) {
-    const __mmask16 km = ng - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
-    const __m512 xv = _mm512_maskz_loadu_ps(km, xs + g);
-    for (int j = 0; j < 16; ++j) {
-      __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(km, sc + j * ng + g), m8);
-      if (OFFS) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(km, of + j * ng + g));
-      e[j] = _mm512_fmadd_ps(c, xv, e[j]);
-    }
-  }
-  alignas(64) float y[16];
-  _mm512_store_ps(y, _mm512_add_ps(q4rows::tree16_t(acc), q4rows::tree16_t(e)));  // reduce_add(acc) + affine
-  for (int j = 0; j < 16; ++j) out[j] = y[4 * (j % 4) + j / 4];  // tree16_t: lane 4k + t holds p = 4t + k
+  finish16<OFFS>(accs, xs, sc, of, ng, out);
 }
 
 }  // namespace q4m1

@@ -143,15 +143,17 @@ def test_prefill_paths_are_chosen_at_load(tmp_path, monkeypatch):
     # Loading a model measures (or reads) the prefill choice of each weight shape, one path for
     # every prefill M, so a request never pays for it: a prompt of 100 tokens and a padded batch
     # of 4 x 100 afterwards find their choices made. The head is left out (a
-    # prefill computes logits for the last rows only, M <= the batch). sgemm:fp32 joins the
-    # machine's own candidates so that there is a choice to make on every machine.
+    # prefill computes logits for the last rows only, M <= the batch). sgemm:fp32 and the
+    # AVX2 panel kernel (both run on every machine with the native kernels) join the machine's
+    # own candidates so that there is a choice to make on every machine: an AVX-512 CPU
+    # without AVX512-BF16 has one candidate of its own for these small bf16 weights.
     from codeshell import LLM, SamplingParams
     from codeshell.bench import random_model
     from codeshell.config import CodeShellConfig
     monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(tmp_path / "choices.json"))
     real = ops.prefill_candidates
     monkeypatch.setattr(ops, "prefill_candidates",
-                        lambda p, dt, level: list(dict.fromkeys(real(p, dt, level) + ["sgemm:fp32"])))
+                        lambda p, dt, level: list(dict.fromkeys(real(p, dt, level) + ["sgemm:fp32", "avx2:panel64"])))
     choices.forget()
     cfg = CodeShellConfig(vocab_size=512, n_embd=128, n_layer=2, n_head=4, num_query_groups=2, n_inner=256,
                           n_positions=1024)

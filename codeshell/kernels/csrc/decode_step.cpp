@@ -99,7 +99,10 @@ struct Linear {
 void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& out) {
   const int8_t* w = l.data.data_ptr<int8_t>();
   const int32_t* sums = nullptr;
-  if (l.K % 128 == 0 && codeshell::env_flag("CODESHELL_Q8R_WSUM", true)) {
+  // Only where q8_rows.h can run (CPUs without AMX: amx:q8 takes M >= 2 with q8_panel.h / the AMX
+  // tiles, which never read the table; session 23: it was built there too). The switch is read here
+  // only: with it off no table is made or handed over (q8rows::run uses the hint it is given).
+  if (l.K % 128 == 0 && l.isa < codeshell::kAmx && codeshell::env_flag("CODESHELL_Q8R_WSUM", true)) {
     WeightSums& ws = *l.wsum;
     std::call_once(ws.once, [&] { ws.sums = codeshell::q8rows::block_sums(w, l.N, l.K); });
     sums = ws.sums.data();
@@ -873,7 +876,9 @@ void register_decode_step(py::module& m) {
     TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.size(1) % 128 == 0,
                 "q must be a contiguous int8 [N, K] tensor with K % 128 == 0");
     const std::vector<int32_t> sums = codeshell::q8rows::block_sums(q.data_ptr<int8_t>(), q.size(0), q.size(1));
-    codeshell::q8rows::SumsHintScope hint(q.data_ptr<int8_t>(), q.size(0), q.size(1), sums.data());
+    // as the step: CODESHELL_Q8R_WSUM=0 hands over no table
+    const bool on = codeshell::env_flag("CODESHELL_Q8R_WSUM", true);
+    codeshell::q8rows::SumsHintScope hint(q.data_ptr<int8_t>(), q.size(0), q.size(1), on ? sums.data() : nullptr);
     return decode_int8_q8(x, q, scale, bias, isa);
   }, "decode_int8_q8 with q's block sums hinted (the decode step's batch > 1 int8 calls)");
 }

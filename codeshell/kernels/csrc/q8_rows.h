@@ -374,10 +374,10 @@ inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M,
   const bool v2 = codeshell::env_flag("CODESHELL_Q8R_V2", true) && quads_per_lane(M) != 16;
   const Prepared P(xq, dx, sx, M, K, !v2, v2);
   Args A = P.args(N, reinterpret_cast<const uint8_t*>(w), scale, bias, out);
-  // the caller's block sums of this very weight (q8_wsum.h's hint; CODESHELL_Q8R_WSUM=0: not used)
+  // the caller's block sums of this very weight (q8_wsum.h's hint; with CODESHELL_Q8R_WSUM=0 the
+  // decode step, which reads the switch, hands over none: read once a call, there)
   const SumsHint& h = sums_hint();
-  if (v2 && h.sums != nullptr && h.w == static_cast<const void*>(w) && h.N == N && h.K == K &&
-      codeshell::env_flag("CODESHELL_Q8R_WSUM", true))
+  if (v2 && h.sums != nullptr && h.w == static_cast<const void*>(w) && h.N == N && h.K == K)
     A.wsum = h.sums;
   // The weight rows split (session 22): one contiguous share per thread, taken front to back in
   // steps (parallel_owned; a thread done early takes steps from the back of the other's share), so

@@ -228,6 +228,7 @@ constexpr int64_t kQ4v12MaxGroups = 16;
 // slow minutes 0.99-1.06x. Whole model: small int4 in a fast minute 1.08x (mlp.c_proj 48.5 -> 66.9 GB/s
 // in the step), the 1.7B int4 at 1 thread 1.12x. docs/kernels.md session 19 helper C.
 constexpr int64_t kQ4M1R16Groups = 32;
+inline bool q4_m1_r16e() { return env_flag("CODESHELL_Q4_M1_R16E", true); }
 inline int64_t q4_m1_r16_groups() { return env_int("CODESHELL_Q4_M1_R16_G", kQ4M1R16Groups); }
 
 template <bool OFFS>
@@ -395,10 +396,83 @@ void run_q4r(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
   else go(std::integral_constant<int, 2>{});
 }
 
+// ---- int4 M = 1 on the shared epilogue (q4_epi_kind CPUs without AMX): 16 weight rows a tile ----
+// tile_v's bits (q8_epilogue.h: exact int32 group sums T_g = S_g - 8 sx_g, then per group
+// acc = fma(float(T_g), sc_g * d_g, acc) (+ fma(of_g, xs_g, acc)) in slot g % 16, then tree16), by
+// tile_r16_q8's loop order: rows [n, n + R) (R <= 16) one after another, each row's groups of a
+// span of 16 front to back (the 16 rows' nibbles are one contiguous range: one stream), a group's
+// vpdpbusd lane sums of row r stored at lb[c][r]; then per group the 16 rows' lane vectors are
+// reduced together (reduce_lanes<16>: lane r = row r's S_g) and the epilogue runs with lane = weight
+// row (the rows' scales / offsets of group g gathered, stride ng). Why: tile_v reduces each row's
+// 16 group slots on its own (15 combines whatever the number of groups; at K = 1024, G = 128: 8
+// groups, 15 combines a row), which made M = 1 with CODESHELL_Q4_EPI=1 ~40% slower than tile_q4v
+// on the small shape's K = 1024 linears on the Ice Lake-class Xeon; here one combine serves a
+// (row, group) pair at every K. G = 128 * RUNS (128 / 256). CODESHELL_Q4_M1_R16E=0: tile_v (read per call).
+template <bool OFFS, int SPAN = 16>  // groups a span (lb: SPAN KiB)
+inline void tile_r16_q4e(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const int32_t* sx,
+                         const float* xs, const uint8_t* w, int64_t R, const float* sc, const float* of, int64_t G,
+                         float* out, const Pf& pf) {
+  namespace E = codeshell::q8epi;
+  const int64_t ldq = K / 2, runs = G / 128;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  alignas(64) int32_t lb[SPAN][16][16];  // [group in span][weight row][lane]: 16 KiB a 16-group span
+  alignas(64) float acc[16][16];       // [g % 16][weight row]
+  for (int L = 0; L < 16; ++L) _mm512_store_ps(acc[L], _mm512_setzero_ps());
+  if (R < 16)  // rows past R: zero lane sums (reduced with the others, never stored)
+    for (int c = 0; c < SPAN; ++c)
+      for (int64_t r = R; r < 16; ++r) _mm512_store_si512(lb[c][r], _mm512_setzero_si512());
+  const __mmask16 km = R >= 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
+  const __m512i gi = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(int32_t(ng)));
+  for (int64_t g0 = 0; g0 < ng; g0 += SPAN) {
+    const int64_t cnt = std::min<int64_t>(SPAN, ng - g0);
+    for (int64_t r = 0; r < R; ++r) {
+      const uint8_t* wr = w + r * ldq + g0 * G / 2;
+      const int8_t* xr = xq + g0 * G;
+      for (int64_t c = 0; c < cnt; ++c) {
+        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        for (int64_t u = 0; u < runs; ++u) {
+          const uint8_t* p = wr + (c * G + 128 * u) / 2;
+          if (pf.d) pf_line(p, pf);
+          const __m512i q = _mm512_loadu_si512(p);
+          const int8_t* xi = xr + c * G + 128 * u;
+          s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(q, m0f), _mm512_loadu_si512(xi));
+          s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f), _mm512_loadu_si512(xi + 64));
+        }
+        _mm512_store_si512(lb[c][r], _mm512_add_epi32(s0, s1));
+      }
+    }
+    for (int64_t c = 0; c < cnt; ++c) {
+      const int64_t g = g0 + c;
+      const __m512i T = _mm512_sub_epi32(E::reduce_lanes<16>(lb[c]), _mm512_set1_epi32(sx[g] << 3));
+      const __m512 scv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, gi, sc + g, 4);
+      float* a = acc[g % 16];
+      __m512 v = E::epi_step(_mm512_load_ps(a), T, E::int4_mul(scv, _mm512_set1_ps(dx[g])));
+      if constexpr (OFFS)
+        v = E::epi_offsets(v, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, gi, of + g, 4), _mm512_set1_ps(xs[g]));
+      _mm512_store_ps(a, v);
+    }
+  }
+  _mm512_mask_storeu_ps(out, km, E::tree16_v(acc[0], 16));
+}
+
 void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t M, int64_t K,
              const uint8_t* q, const float* sc, const float* of, int64_t G, float* out, int64_t N, int64_t n0,
-             int64_t n1) {
+             int64_t n1, bool r16e = false) {
   const int64_t ng = K / G;
+  // one span of up to 16 groups a row (K <= 2048 at G = 128): at K = 4096 (two spans, or one of 32
+  // groups, a 32 KiB lb) it ran the small shape's mlp.c_proj in 1.05 / 0.99 ms against tile_v's 0.81
+  // (b1 step profile, 5 rounds, quiet minute), as tile_r16_q8's two spans did for int8
+  if (r16e && M == 1 && G % 128 == 0 && ng <= 16) {  // raw tree16 results, 16 rows a tile (n0 % 16 == 0)
+    const Pf pf = q4_m1_pf();
+    for (int64_t n = n0; n < n1; n += 16) {
+      const int64_t R = std::min<int64_t>(16, n1 - n);
+      const uint8_t* qn = q + n * (K / 2);
+      if (of) tile_r16_q4e<true>(xq, K, ng, dx, sx, xs, qn, R, sc + n * ng, of + n * ng, G, out + n, pf);
+      else tile_r16_q4e<false>(xq, K, ng, dx, sx, xs, qn, R, sc + n * ng, nullptr, G, out + n, pf);
+    }
+    return;
+  }
   if (of) {
     if (G == 32) run_v<true, true, 4>(xq, dx, sx, xs, M, K, ng, q, sc, of, G, out, N, n0, n1);
     else if (G == 64) run_v<true, true, 2>(xq, dx, sx, xs, M, K, ng, q, sc, of, G, out, N, n0, n1);
@@ -428,6 +502,23 @@ bool q4r_takes(int64_t M, int64_t G) {
 // tile_q4v: q4_rows.h (2 x 8 tiles) ran it 6% slower in the small shape's cold sweep. CODESHELL_Q4_ROWS=0
 // turns it off (the earlier kernels; read per call, for A/B and tests); CODESHELL_Q4_ROWS_MIN_M
 // overrides the 3 (at least 2).
+// int4 without AMX on the shared epilogue's bits (q8_epilogue.h: tile_v at M = 1-2, q8_panel.h from
+// panel_min_m, as amx:q8 below its AMX rows) instead of tile_q4v's per-lane bits (qdot_q4v.h, q4_rows.h).
+// Why by CPU kind: the per-lane family spends a cvt + fma per (row of x, weight row, group) beside its
+// 2 vpdpbusd; on a core with one 512-bit vector port those issue on the same port as vpdpbusd. On the
+// Ice Lake-class Xeon (AVX512-VNNI without AVX512-BF16: isa max = avx512_vnni) a register-only loop
+// ran vpdpbusd zmm at 1.2 /ns and fma zmm at 0.8-1.4 /ns a core, 2 vpdpbusd + cvt + fma at 0.7
+// vpdpbusd/ns (one port), and the small int4 checkpoint's batch-8 step took 2.9x its batch-1 time
+// (block linears 4.6x). The epilogue family reduces the lane sums in integers first (one fp32 step
+// per 16 outputs), docs/kernels.md "Session 23, helper B". Zen 5 (2 vpdpbusd zmm a cycle, AVX512-BF16)
+// measured the other way (qdot.h's panel_kernel comment): it keeps tile_q4v's bits.
+// CODESHELL_Q4_EPI=1 / =0 forces either family (read per call: A/B runs and tests); every M of one
+// process must take one family (row invariance), so set it for a whole process.
+bool q4_epi_kind() {
+  static const bool kind = codeshell::cpu_features().max_isa == codeshell::kAvx512Vnni;
+  return env_flag("CODESHELL_Q4_EPI", kind);
+}
+
 bool q4rows_takes(int64_t M, int64_t G) {
   if (!env_flag("CODESHELL_Q4_ROWS", true)) return false;
   const int64_t m0 = std::max<int64_t>(1, env_int("CODESHELL_Q4_ROWS_MIN_M", 3));
@@ -464,7 +555,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   float *dx = r.dx, *xs = r.xs;
   int32_t* sx = r.sx;  // the 512-bit kernels' integer block sums of xq
   const bool vnni = use_vnni(isa, K);
-  const bool epi = vnni && isa >= codeshell::kAmx;
+  const bool epi = vnni && (isa >= codeshell::kAmx || q4_epi_kind());
   quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs, sx);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -491,7 +582,9 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       return;
     }
     if (vnni && epi) {  // amx:q8 below the AMX row threshold: the AMX rows' bits
-      run_q4v_epi(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
+      // M = 1: tile_r16_q4e on the CPUs that take the epilogue for its speed (q4_epi_kind; AMX CPUs
+      // keep tile_v, not measured there)
+      run_q4v_epi(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, isa < codeshell::kAmx && q4_m1_r16e());
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
       return;
     }
@@ -533,7 +626,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   };
   // M = 1 without AMX, a weight under 4 MiB (or CODESHELL_Q4_M1_SPLIT=1): one contiguous share of the
   // rows a thread (parallel.h parallel_owned; q4_m1_split). The split changes no bits.
-  if (M == 1 && vnni && !epi && q4_m1_split(N * K / 2)) codeshell::parallel_owned(N, 16, 64, body);
+  if (M == 1 && vnni && isa < codeshell::kAmx && q4_m1_split(N * K / 2)) codeshell::parallel_owned(N, 16, 64, body);
   else codeshell::parallel_chunks(N, 16, 64, body);
 }
 }  // namespace

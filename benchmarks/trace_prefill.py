@@ -205,7 +205,7 @@ def main() -> None:
                     help="with --attention-only: the key blocks to time, alternating (default: the kernel's choice)")
     ap.add_argument("--ab", default=None,
                     help="also time each round with one change off, alternating: gelu (c_fc's GELU in the GEMM "
-                         "epilogue), attn32 (the native prefill attention at head dims % 64 == 32), attnkb (the "
+                         "epilogue), attn32 (the native prefill attention at head dims %% 64 == 32), attnkb (the "
                          "prefill attention's 64-key blocks: 16 as before), s18 (all of session 18's prefill "
                          "changes: CODESHELL_PREFILL_ATTN_KB=16, CODESHELL_DOT_ITEM=8, CODESHELL_PREFILL_LN_SPLIT=off, "
                          "CODESHELL_DOT_XPACK=1, CODESHELL_GELU_X4=0, CODESHELL_PREFILL_ATTN_TRIM=0 and the KV cache's "

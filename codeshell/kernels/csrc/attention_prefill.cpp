@@ -1,4 +1,4 @@
-// Prefill attention over the engine's KV cache on AVX512-BF16: T new queries per row, causal by
+// Prefill attention over the engine's KV cache on AVX512-BF16 (or AVX-512 emulating it): T new queries per row, causal by
 // position, grouped-query heads, bf16 in and out, fp32 math.
 //
 // What this is: y[b, t, h] = softmax(scale * q[b, h, t] . K[slot_b, g]^T over keys 0..pos[b, t])
@@ -15,7 +15,9 @@
 // shapes (T = 512 / 512 / 256; docs/kernels.md "Session 18, helper C"). Another block gives other
 // last bits (another running-max schedule); the 16-key block gives the session-15 kernel's.
 // What this is not: decode attention (one query per row: attention.cpp), a training kernel (no
-// gradient, no dropout), or an AVX2 kernel: without AVX512-BF16 the model keeps PyTorch's SDPA.
+// gradient, no dropout), or an AVX2 kernel. Without AVX512-BF16 (AVX-512 F/BW only: Ice Lake /
+// Cascade Lake Xeons) the same kernel runs with vdpbf16ps and vcvtneps2bf16 emulated (`dpbf16`,
+// `to_bf16` below; session 23: 1.09x / 1.16x whole prompts over PyTorch's SDPA there).
 //
 // Why: PyTorch's CPU SDPA (its flash kernel, bf16) ran 66-125 GFLOP/s on a 2-core Zen 4 against
 // 0.81 TFLOP/s for its own bf16 matmul there, and took 39% of a 512-token prefill of a 1024-wide
@@ -56,6 +58,42 @@ namespace {
 constexpr int64_t kTq = 32;   // queries per work item (per head of the group)
 constexpr int64_t kKbMax = 64;  // the largest key block (scratch sizes)
 constexpr int kMrMax = 8;       // the most query rows per score tile (scratch sizes, tile padding)
+
+// The two AVX512-BF16 instructions the kernel uses, and their emulation on AVX-512 F/BW (E = true:
+// CPUs without AVX512-BF16, such as Ice Lake / Cascade Lake Xeons; session 23). vdpbf16ps adds the
+// products of a lane's two bf16 pairs to its fp32 sum; a bf16 x bf16 product is exact in fp32, so
+// each step is one rounded add, which an FMA on the operands widened to fp32 (the odd element:
+// the high 16 bits kept, the even one: shifted up) gives exactly; the odd pair first, then the
+// even one, as the SDM's pseudo-code orders them. The emulation's bits are its own (an AVX512-BF16
+// CPU may round the pair's sum once); it is checked against fp32 attention like the instruction.
+// vcvtneps2bf16: round to nearest even, denormals flushed to signed zero, NaN kept quiet.
+template <bool E>
+inline __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {
+  if constexpr (!E) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  } else {
+    const __m512i hi = _mm512_set1_epi32(int(0xffff0000u));
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)), _mm512_castsi512_ps(_mm512_and_si512(b, hi)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)),
+                           acc);
+  }
+}
+
+template <bool E>
+inline __m256i to_bf16(__m512 v) {
+  if constexpr (!E) {
+    return (__m256i)_mm512_cvtneps_pbh(v);
+  } else {
+    __m512i u = _mm512_castps_si512(v);
+    const __mmask16 den = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000));  // zero or denormal
+    u = _mm512_mask_and_epi32(u, den, u, _mm512_set1_epi32(int(0x80000000u)));
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                              _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+  }
+}
 
 struct Item {
   const uint16_t* q;      // q[b] base: [H][T][D] with strides qh, qt (elements)
@@ -105,7 +143,7 @@ inline void pack_block(const Item& it, int64_t j0, int64_t n, uint32_t* kp, uint
 // may-alias type, so accumulating through `s` itself kept every sum in memory (a store and a
 // reload per vdpbf16ps, perf on Zen 5) and reloaded the row pointers each step. MR x NB
 // independent chains (16 at the default tiles: 8 left vdpbf16ps's latency exposed).
-template <int MR, int NB, int KB = 16 * NB>
+template <bool E, int MR, int NB, int KB = 16 * NB>
 inline void scores(const uint32_t* const* qr, const uint32_t* kp, int64_t D2, __m512* s) {
   __m512 acc[MR][NB];
   const uint32_t* q[MR];
@@ -114,11 +152,11 @@ inline void scores(const uint32_t* const* qr, const uint32_t* kp, int64_t D2, __
     for (int c = 0; c < NB; ++c) acc[i][c] = _mm512_setzero_ps();
   }
   for (int64_t d2 = 0; d2 < D2; ++d2) {
-    __m512bh kv[NB];
-    for (int c = 0; c < NB; ++c) kv[c] = (__m512bh)_mm512_load_si512(kp + d2 * KB + 16 * c);
+    __m512i kv[NB];
+    for (int c = 0; c < NB; ++c) kv[c] = _mm512_load_si512(kp + d2 * KB + 16 * c);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh qb = (__m512bh)_mm512_set1_epi32(int(q[i][d2]));
-      for (int c = 0; c < NB; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], qb, kv[c]);
+      const __m512i qb = _mm512_set1_epi32(int(q[i][d2]));
+      for (int c = 0; c < NB; ++c) acc[i][c] = dpbf16<E>(acc[i][c], qb, kv[c]);
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -132,7 +170,7 @@ inline void scores(const uint32_t* const* qr, const uint32_t* kp, int64_t D2, __
 // first: the item's first key block (keys 0..): every row's alpha is 0 there (its running max moves
 // from -inf) and o would be zeros, so the sums start from +0 without reading o (+0 x 0 = +0: the
 // same bits), and o need not be zero-filled before (run_item).
-template <int NR, int NC>
+template <bool E, int NR, int NC>
 inline void pv_chunk(float* const* o, const uint32_t* const* p, const float* alpha, const uint32_t* vp,
                      int64_t D, int64_t d, int64_t KP, bool first) {
   __m512 a[NR][NC];
@@ -142,11 +180,11 @@ inline void pv_chunk(float* const* o, const uint32_t* const* p, const float* alp
       a[r][c] = first ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_load_ps(o[r] + d + 16 * c), al);
   }
   for (int64_t j2 = 0; j2 < KP; ++j2) {
-    __m512bh b[NR];
-    for (int r = 0; r < NR; ++r) b[r] = (__m512bh)_mm512_set1_epi32(int(p[r][j2]));
+    __m512i b[NR];
+    for (int r = 0; r < NR; ++r) b[r] = _mm512_set1_epi32(int(p[r][j2]));
     for (int c = 0; c < NC; ++c) {
-      const __m512bh vv = (__m512bh)_mm512_load_si512(vp + j2 * D + d + 16 * c);
-      for (int r = 0; r < NR; ++r) a[r][c] = _mm512_dpbf16_ps(a[r][c], b[r], vv);
+      const __m512i vv = _mm512_load_si512(vp + j2 * D + d + 16 * c);
+      for (int r = 0; r < NR; ++r) a[r][c] = dpbf16<E>(a[r][c], b[r], vv);
     }
   }
   for (int r = 0; r < NR; ++r)
@@ -156,18 +194,18 @@ inline void pv_chunk(float* const* o, const uint32_t* const* p, const float* alp
 // pv_chunk over all D dims: 64 at a time, then a last 32 where D % 64 == 32 (head dim 32, 96, ..:
 // codeshell-mini's heads are 32 wide). Each lane's sum runs over the key pairs in the same order
 // whatever the chunk width, so the width does not change a bit.
-template <int NR>
+template <bool E, int NR>
 inline void pv_rows(float* const* o, const uint32_t* const* p, const float* alpha, const uint32_t* vp, int64_t D,
                     int64_t KP, bool first) {
   int64_t d = 0;
-  for (; d + 64 <= D; d += 64) pv_chunk<NR, 4>(o, p, alpha, vp, D, d, KP, first);
-  if (d < D) pv_chunk<NR, 2>(o, p, alpha, vp, D, d, KP, first);
+  for (; d + 64 <= D; d += 64) pv_chunk<E, NR, 4>(o, p, alpha, vp, D, d, KP, first);
+  if (d < D) pv_chunk<E, NR, 2>(o, p, alpha, vp, D, d, KP, first);
 }
 
 // o[i0 + ii] = alpha[ii] o[i0 + ii] + p[ii] . V for a score tile's `rows` rows (probabilities prow
 // [rows][kP] key pairs): PR rows at a time sharing each value vector, then one at a time. Shared by
 // block_rows and block_rows4.
-template <int PR>
+template <bool E, int PR>
 inline void pv_tile(const int64_t rows, const int64_t i0, float* o, const uint32_t* prow, const int64_t kP,
                     const float* alpha, const uint32_t* vp, const int64_t D, const int64_t kPe, const bool first) {
   int64_t ii = 0;
@@ -175,12 +213,12 @@ inline void pv_tile(const int64_t rows, const int64_t i0, float* o, const uint32
     float* orow[PR];
     const uint32_t* pr[PR];
     for (int r = 0; r < PR; ++r) orow[r] = o + (i0 + ii + r) * D, pr[r] = prow + (ii + r) * kP;
-    pv_rows<PR>(orow, pr, alpha + ii, vp, D, kPe, first);
+    pv_rows<E, PR>(orow, pr, alpha + ii, vp, D, kPe, first);
   }
   for (; ii < rows; ++ii) {
     float* const orow[1] = {o + (i0 + ii) * D};
     const uint32_t* const pr[1] = {prow + ii * kP};
-    pv_rows<1>(orow, pr, alpha + ii, vp, D, kPe, first);
+    pv_rows<E, 1>(orow, pr, alpha + ii, vp, D, kPe, first);
   }
 }
 
@@ -188,7 +226,7 @@ inline void pv_tile(const int64_t rows, const int64_t i0, float* o, const uint32
 // key chunks hold keys (a last, partial block: the chunks past its keys are never computed) and
 // kPe key pairs (the value product stops there). The chunks and pairs left out hold only keys no
 // query sees (zero probabilities on zero values): the same sums, the same bits as the whole block.
-template <int KB, int MR, int PR, int NBE>
+template <bool E, int KB, int MR, int PR, int NBE>
 inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
                        const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
                        float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane,
@@ -197,7 +235,7 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
   constexpr int64_t kP = KB / 2;
     for (int64_t i0 = 0; i0 < R; i0 += MR) {
       __m512 s[MR * NB];
-      scores<MR, NBE, KB>(qrowp + i0, kp, D2, s);
+      scores<E, MR, NBE, KB>(qrowp + i0, kp, D2, s);
       const int64_t rows = std::min<int64_t>(MR, R - i0);
       float alpha[MR];
       for (int64_t ii = 0; ii < rows; ++ii) {
@@ -226,9 +264,9 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
         const __m512 mv = _mm512_set1_ps(mnew);
         __m512 sum = _mm512_setzero_ps();
         for (int c = 0; c < NBE; ++c) {
-          const __m256bh eb = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(vis[c], codeshell::exp16(_mm512_sub_ps(x[c], mv))));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), (__m256i)eb);
-          const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
+          const __m256i eb = to_bf16<E>(_mm512_maskz_mov_ps(vis[c], codeshell::exp16(_mm512_sub_ps(x[c], mv))));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), eb);
+          const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
           sum = NBE == 1 ? er : _mm512_add_ps(sum, er);
         }
         // l a l + sum as a rounded product then a rounded sum: not contracted into an FMA (whether the
@@ -240,7 +278,7 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
         alpha[ii] = al;
       }
       // o[i] = alpha o[i] + p[i] . V: vdpbf16ps over key pairs, PR rows at a time sharing each value vector
-      pv_tile<PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
+      pv_tile<E, PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
     }
 }
 
@@ -271,7 +309,7 @@ inline __m512 reduce4(const __m512* v) {
 // move only where it moved (exp(0) = 1 exactly: the same alpha), the scores rescaled and masked
 // again in the exp pass instead of being kept (the same multiply). The same products in the same
 // order: the same bits as block_rows (tests/kernels/test_prefill_attention.py checks them equal).
-template <int KB, int MR, int PR, int NBE>
+template <bool E, int KB, int MR, int PR, int NBE>
 inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
                         const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
                         float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane,
@@ -281,7 +319,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
   constexpr int64_t kP = KB / 2;
   for (int64_t i0 = 0; i0 < R; i0 += MR) {
     __m512 s[MR * NB];
-    scores<MR, NBE, KB>(qrowp + i0, kp, D2, s);
+    scores<E, MR, NBE, KB>(qrowp + i0, kp, D2, s);
     const int64_t rows = std::min<int64_t>(MR, R - i0);
     int64_t last[MR];
     bool all_seen = rows == MR;  // every key of the block's NBE chunks visible to all four rows
@@ -336,9 +374,9 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
         for (int c = 0; c < NBE; ++c) {
           const __mmask16 vis = visible(ii, c);
           const __m512 x = masked(vis, _mm512_mul_ps(s[ii * NB + c], sc));
-          const __m256bh eb = _mm512_cvtneps_pbh(zeroed(vis, codeshell::exp16(_mm512_sub_ps(x, mv))));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), (__m256i)eb);
-          const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
+          const __m256i eb = to_bf16<E>(zeroed(vis, codeshell::exp16(_mm512_sub_ps(x, mv))));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), eb);
+          const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
           sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
         }
       }
@@ -355,7 +393,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
     };
     if (all_seen && full_tiles) softmax(std::true_type{});
     else softmax(std::false_type{});
-    pv_tile<PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
+    pv_tile<E, PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
   }
 }
 
@@ -364,7 +402,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
 // R4: the softmax of four rows at a time (block_rows4, MR = 4 only; the same bits).
 // nofill: o is not zero-filled; the first key block's value product starts its sums from zero
 // instead (pv_chunk's `first`: the same bits).
-template <int KB, int MR, int PR, bool R4 = false>
+template <bool E, int KB, int MR, int PR, bool R4 = false>
 void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow, float* lrow, uint32_t* prow,
               bool nofill) {
   constexpr int NB = KB / 16;
@@ -411,10 +449,10 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
     auto block = [&](auto nbe) {
       constexpr int NBE = decltype(nbe)::value;
       if constexpr (R4 && MR == 4)
-        block_rows4<KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
+        block_rows4<E, KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                      nofill && j0 == 0, it.full);
       else
-        block_rows<KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
+        block_rows<E, KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                     nofill && j0 == 0);
     };
     if constexpr (NB >= 4) if (nb == 3) { block(std::integral_constant<int, 3>{}); continue; }
@@ -429,7 +467,7 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
     uint16_t* yr = it.y + (t * it.H + h) * D;
     for (int64_t d = 0; d < D; d += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + d),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(o + i * D + d), inv)));
+                          to_bf16<E>(_mm512_mul_ps(_mm512_load_ps(o + i * D + d), inv)));
   }
 }
 
@@ -446,7 +484,7 @@ CODESHELL_END_AVX512
 // key_block: keys per block, 16, 32 or 64 (prefill_attention.py's `key_block` picks it by head dim).
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                 const torch::Tensor& slots, const torch::Tensor& positions, double scale, int64_t key_block) {
-  codeshell::check_isa(codeshell::kAvx512Bf16);
+  codeshell::check_isa(codeshell::kAvx512Vnni);  // AVX-512 F/BW: the emulated BF16 steps without AVX512-BF16
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kBFloat16 && q.stride(3) == 1,
               "prefill_attention: q must be bf16 [B, H, T, D] with a contiguous last dim");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == torch::kBFloat16 && k_cache.is_contiguous() &&
@@ -490,9 +528,16 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // CODESHELL_PREFILL_ATTN_FULL=0: block_rows4 computes the visibility masks of every tile, also
   // where all its keys are visible (A/B; the same bits)
   const bool full = codeshell::env_flag("CODESHELL_PREFILL_ATTN_FULL", true);
-  const RunItem run = key_block == 16 ? run_item<16, 8, 2>
-                      : key_block == 32 ? (D == 32 ? run_item<32, 8, 8> : run_item<32, 8, 4>)
-                                 : (r4 ? run_item<64, 4, 4, true> : run_item<64, 4, 4>);
+  // Without AVX512-BF16 (or CODESHELL_PREFILL_ATTN_EMU=1, to run it on a CPU with it: A/B and
+  // tests) the same kernel with the two instructions emulated (dpbf16 / to_bf16 above).
+  const bool emu = !codeshell::cpu_features().avx512bf16 || codeshell::env_flag("CODESHELL_PREFILL_ATTN_EMU", false);
+  auto pick = [&](auto e) -> RunItem {
+    constexpr bool E = decltype(e)::value;
+    return key_block == 16 ? run_item<E, 16, 8, 2>
+           : key_block == 32 ? (D == 32 ? run_item<E, 32, 8, 8> : run_item<E, 32, 8, 4>)
+                             : (r4 ? run_item<E, 64, 4, 4, true> : run_item<E, 64, 4, 4>);
+  };
+  const RunItem run = emu ? pick(std::true_type{}) : pick(std::false_type{});
   // Prepack (CODESHELL_PREFILL_ATTN_PREPACK=0: off, A/B): each (row, group)'s key blocks packed once
   // for all its T / 32 query items (by the first item to reach a block; another item needing it
   // meanwhile waits for it), where every item packed its own copy of each block it reads (a

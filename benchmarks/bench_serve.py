@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -440,7 +441,18 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
         print(f"| {label} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f}x | {cached} |")
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (`timeout 300 python benchmarks/bench_serve.py ...`, as runs under the shared timing
+    lock are capped) raises SystemExit, so the `finally` blocks stop the servers this run started.
+    Python's default SIGTERM ends the process at once: a capped run then left its llama-server
+    (and ours) running, holding the cores and the memory of the next measurements."""
+    def _term(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, _term)
+
+
 def main() -> None:
+    stop_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running server (default: start one on a random-weight model)")
     ap.add_argument("--api-key")

@@ -201,6 +201,11 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         q8 = [] if activation_block(p) is None else ["amx:q8"] if amx else ["avx512_vnni:q8"]
         bf16 = ["onednn:bf16"] if level >= ISA_LEVELS.index("avx512_bf16") else []
         return q8 + (["amx:bf16"] if amx else []) + bf16 + ["sgemm:fp32"]
+    if p.kind == "bf16" and level >= ISA_LEVELS.index("avx512_vnni"):
+        # fp32 FMA on an AVX-512 CPU (fp32 x, or bf16 x without AVX512-BF16): the 512-bit panel
+        # kernel in 64-row calls against torch's fp32 sgemm (MKL uses AVX-512 on Intel),
+        # measured (session 23 helper A, docs/kernels.md), not a size threshold
+        return ["avx512_vnni:panel64", "sgemm:fp32"]
     if p.kind == "bf16" and p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS:
         return ["avx2:panel64"]
     return ["sgemm:fp32"]
@@ -229,7 +234,9 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
         if m <= BF16_PANEL_MAX_M:
             bf16_dot = x_dtype == torch.bfloat16 and level >= ISA_LEVELS.index("avx512_bf16")
             if not bf16_dot:
-                return "avx2:panel"
+                # fp32 FMA: at 512 bits on any AVX-512 CPU (`avx512_vnni:panel`, Avx512Fma), the
+                # same bits as `avx2:panel` (CODESHELL_KERNEL_ISA=avx2 keeps the AVX2 kernel)
+                return "avx512_vnni:panel" if level >= ISA_LEVELS.index("avx512_vnni") else "avx2:panel"
             # One path for every M <= 64 (ROW_INVARIANT_MAX_M): tdpbf16ps sums a k-tile in another
             # order than a vdpbf16ps chain (measured: not the same bits), so a choice per M
             # bucket made a row's result depend on the batch. With AMX, the tiles at every M:
@@ -418,8 +425,8 @@ def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tenso
         return mod.prefill_q8_amx(x, p.data, p.scales, p.offsets, p.group_size if p.kind == "int4" else 0, bias)
     if path == "avx512_vnni:q8" and m > DECODE_MAX_M:  # vpdpbusd prefill GEMM; x rounded as above
         return mod.prefill_q8_vnni(x, p.data, p.scales, p.offsets, p.group_size if p.kind == "int4" else 0, bias)
-    if path in ("avx2:panel", "avx2:panel64"):
-        return mod.decode_bf16(x, p.data, n, bias, 0)
+    if path in ("avx2:panel", "avx2:panel64", "avx512_vnni:panel", "avx512_vnni:panel64"):
+        return mod.decode_bf16(x, p.data, n, bias, ISA_LEVELS.index(isa))
     if path == "sgemm:fp32":
         return _prefill(mod, x, p, bias)
     if p.kind == "int8" and kernel == "q8":

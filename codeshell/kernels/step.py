@@ -37,6 +37,7 @@ from .module import FastLinear, PackedLinear
 
 # ops.plan's path -> (csrc/decode_step.cpp's Kernel code); the isa is the path's prefix level.
 _KERNELS = {("bf16", "amx:bf16"): 0, ("bf16", "avx512_bf16:panel"): 1, ("bf16", "avx2:panel"): 2,
+            ("bf16", "avx512_vnni:panel"): 2,
             ("int8", "avx512_vnni:q8"): 3, ("int8", "avx2:q8"): 3, ("int4", "avx512_vnni:q8"): 3,
             ("int4", "avx2:q8"): 3, ("int8", "avx2:unpack"): 4, ("int4", "avx2:unpack"): 4,
             ("int8", "amx:q8"): 3, ("int4", "amx:q8"): 3}

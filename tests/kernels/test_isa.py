@@ -22,7 +22,8 @@ MS = [1, 2, 3, 4, 15, 16, 17, 63, 64, 65, 512]
 # (path, minimum ISA level, x dtype, largest M it takes)
 PATHS = {
     "bf16": [("avx2:panel", 0, torch.float32, 64), ("avx2:panel64", 0, torch.float32, None),
-             ("sgemm:fp32", 0, torch.float32, None), ("avx512_bf16:panel", 2, torch.bfloat16, 64),
+             ("sgemm:fp32", 0, torch.float32, None), ("avx512_vnni:panel", 1, torch.float32, 64),
+             ("avx512_vnni:panel64", 1, torch.float32, None), ("avx512_bf16:panel", 2, torch.bfloat16, 64),
              ("avx512_bf16:panel64", 2, torch.bfloat16, None), ("amx:bf16", 3, torch.bfloat16, None),
              ("onednn:bf16", 2, torch.bfloat16, None)],
     "int8": [("avx2:q8", 0, torch.float32, None), ("avx2:unpack", 0, torch.float32, None),
@@ -89,9 +90,9 @@ def test_dispatch_table_and_isa_cap(monkeypatch, record_property):
     b16, i8, i4 = _weight("bf16", {}, 50, 384), _weight("int8", {}, 35, 384), _weight("int4", {"group_size": 128}, 21, 256)
     want = {  # level -> (bf16 x bf16 decode, int8 decode, int4 decode, bf16 x fp32 decode)
         "avx2": ("avx2:panel", "avx2:q8", "avx2:q8", "avx2:panel"),
-        "avx512_vnni": ("avx2:panel", "avx512_vnni:q8", "avx512_vnni:q8", "avx2:panel"),
-        "avx512_bf16": ("avx512_bf16:panel", "avx512_vnni:q8", "avx512_vnni:q8", "avx2:panel"),
-        "amx": ("avx512_bf16:panel", "amx:q8", "amx:q8", "avx2:panel"),
+        "avx512_vnni": ("avx512_vnni:panel", "avx512_vnni:q8", "avx512_vnni:q8", "avx512_vnni:panel"),
+        "avx512_bf16": ("avx512_bf16:panel", "avx512_vnni:q8", "avx512_vnni:q8", "avx512_vnni:panel"),
+        "amx": ("avx512_bf16:panel", "amx:q8", "amx:q8", "avx512_vnni:panel"),
     }
     table = {}
     for lvl, name in enumerate(ops.ISA_LEVELS):

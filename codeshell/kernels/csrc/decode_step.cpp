@@ -136,7 +136,7 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out,
   }
   to_f32(x, xf);  // every other path takes fp32 x (ops._compute's x.to(float32))
   switch (l.kernel) {
-    case kPanelF32: decode_bf16_out(xf, l.data, l.N, l.bias, codeshell::kAvx2, out); return out;
+    case kPanelF32: decode_bf16_out(xf, l.data, l.N, l.bias, l.isa, out); return out;  // avx2 or avx512_vnni (Avx512Fma)
     case kQ8:  // into `out` as the bf16 paths (no output allocation a call)
       if (l.kind == kInt8 && xf.size(0) > 1) int8_q8_batched(l, xf, out);
       else if (l.kind == kInt8) decode_int8_q8_out(xf, l.data, *l.scales, l.bias, l.isa, out);

@@ -194,6 +194,46 @@ struct Bf16Dot {
   static int64_t ld(int64_t M) { return M; }
 };
 
+// ---- AVX-512F: fp32 x, FMA (CPUs without AVX512-BF16, e.g. Ice Lake; session 23 helper A) ----------
+// Avx2's math at 512 bits: one 64-byte load is a panel's 16 (even k, odd k) bf16 pairs, even k
+// in fp32 = v << 16, odd k = v & 0xffff0000; per (row of x, panel) one zmm chain that adds
+// x[m, 2j] * w_even then x[m, 2j+1] * w_odd, k-pairs in order: per lane the same FMAs in the
+// same order as Avx2::micro's two ymm halves, so the SAME BITS as `avx2:panel` (tested:
+// tests/kernels/test_bf16_fma512.py) and the same row invariance. 32 zmm: tiles of up to 12
+// rows x 2 panels (24 accumulators + 2 weight vectors + a broadcast).
+struct Avx512Fma {
+  static constexpr int kTileRows = 12;
+  using X = float;  // x transposed [Kp][M] (Avx2::prepare), zero k rows K..Kp-1
+  template <int MR, int NP, bool kPf = true>
+  static void micro(const float* xt, int64_t ldx, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
+                    float* c, bool first) {
+    const int64_t far = kPf ? far_prefetch() : 0;
+    const __m512i hi_mask = _mm512_set1_epi32(int32_t(0xffff0000u));
+    __m512 acc[NP][MR];
+    for (int q = 0; q < NP; ++q)
+      for (int i = 0; i < MR; ++i)
+        acc[q][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + q * kPanel * kPanel + i * kPanel);
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* xe = xt + (2 * j) * ldx;
+      const float* xo = xe + ldx;
+      for (int q = 0; q < NP; ++q) {
+        const uint32_t* wk = w + q * pstride + j * kPanel;
+        if constexpr (kPf) _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetch * kPanel), _MM_HINT_T0);
+        if (far > 0) _mm_prefetch(reinterpret_cast<const char*>(wk + far * kPanel), _MM_HINT_T1);
+        const __m512i v = _mm512_loadu_si512(wk);
+        const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
+        for (int i = 0; i < MR; ++i) acc[q][i] = _mm512_fmadd_ps(_mm512_set1_ps(xe[i]), we, acc[q][i]);
+        for (int i = 0; i < MR; ++i) acc[q][i] = _mm512_fmadd_ps(_mm512_set1_ps(xo[i]), wo, acc[q][i]);
+      }
+    }
+    for (int q = 0; q < NP; ++q)
+      for (int i = 0; i < MR; ++i) _mm512_storeu_ps(c + q * kPanel * kPanel + i * kPanel, acc[q][i]);
+  }
+  static std::vector<float> prepare(const torch::Tensor& x, int64_t Kp) { return Avx2::prepare(x, Kp); }
+  static int64_t ld(int64_t M) { return M; }
+};
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
@@ -233,6 +273,7 @@ void panel_product(const typename Isa::X* x, int64_t M, int64_t Kh, const uint32
     break;
         CODESHELL_TILE(1) CODESHELL_TILE(2) CODESHELL_TILE(3) CODESHELL_TILE(4)
         CODESHELL_TILE(5) CODESHELL_TILE(6) CODESHELL_TILE(7) CODESHELL_TILE(8)
+        CODESHELL_TILE(9) CODESHELL_TILE(10) CODESHELL_TILE(11) CODESHELL_TILE(12)
 #undef CODESHELL_TILE
         default: TORCH_CHECK(false, "bad tile");
       }
@@ -1150,7 +1191,15 @@ void decode_bf16_out(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
     decode_panels<Avx2>(x, wp, N, padded_k(K), b, out.data_ptr<float>());
     return;
   }
-  TORCH_CHECK(isa == codeshell::kAvx512Bf16, "decode_bf16: isa must be avx2 (0) or avx512_bf16 (2), got ", isa);
+  if (isa == codeshell::kAvx512Vnni) {  // AVX-512F fp32 FMA (Avx512Fma): the same bits as kAvx2
+    codeshell::check_isa(isa);
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "the AVX-512 FMA bf16 kernel takes fp32 x");
+#if CODESHELL_HAVE_AVX512
+    decode_panels<Avx512Fma>(x, wp, N, padded_k(K), b, out.data_ptr<float>());
+#endif
+    return;
+  }
+  TORCH_CHECK(isa == codeshell::kAvx512Bf16, "decode_bf16: isa must be avx2 (0), avx512_vnni (1) or avx512_bf16 (2), got ", isa);
   codeshell::check_isa(isa);
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "the AVX512-BF16 kernel takes bf16 x");
 #if CODESHELL_HAVE_AVX512

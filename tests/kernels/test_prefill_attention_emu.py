@@ -15,19 +15,10 @@ import torch.nn.functional as F
 from codeshell.kernels import ISA_LEVELS, available, isa_level
 from codeshell.kernels import prefill_attention as pa
 
+from test_prefill_attention import _case  # noqa: E402  (the same q, KV cache, slots and positions)
+
 needs_avx512 = pytest.mark.skipif(not available() or isa_level() < ISA_LEVELS.index("avx512_vnni"),
                                   reason="the emulated prefill attention needs the native kernels and AVX-512")
-
-
-def _case(B, H, G, D, T, P, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    S = P + T
-    kc = torch.randn(B + 1, G, S + 5, D, generator=g).to(torch.bfloat16)
-    vc = torch.randn(B + 1, G, S + 5, D, generator=g).to(torch.bfloat16)
-    q = (torch.randn(B, T, H + 2 * G, D, generator=g) * 2).to(torch.bfloat16).transpose(1, 2)[:, :H]
-    slots = torch.arange(B) + 1
-    pos = torch.arange(P, S).repeat(B, 1)
-    return q, kc, vc, slots, pos
 
 
 def _emulated_scores(q, k):

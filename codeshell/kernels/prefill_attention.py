@@ -10,7 +10,7 @@ row: `ops.decode_attention`, `attention.packed_attention`), or a path for fp32 m
 without AVX-512: `prefill_attention_ok` says when it applies, else the model runs PyTorch's SDPA
 with the boolean mask as before. On an AVX-512 CPU without AVX512-BF16 (Ice Lake / Cascade Lake
 Xeons) the kernel runs with its two bf16 instructions emulated by fp32 FMAs (session 23; see
-`EMULATED_OK`).
+`prefill_attention_ok`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from .ops import ISA_LEVELS, isa_level
 def prefill_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `prefill_attention` takes these tensors: CPU bf16 queries [B, H, T, D] with T > 1 and
     a contiguous bf16 cache layer, D a multiple of 32 up to 256, and AVX512-BF16 here, or AVX-512
-    without it where `EMULATED_OK` (CODESHELL_PREFILL_ATTN_NOBF16=0 keeps PyTorch's SDPA there)."""
+    without it: there the kernel's vdpbf16ps steps run as two fp32 FMAs on the widened pairs and its
+    bf16 rounding in integer steps (csrc/attention_prefill.cpp `dpbf16`, `to_bf16`), where PyTorch's
+    SDPA computes the whole masked square (docs/kernels.md "Session 23, helper C");
+    CODESHELL_PREFILL_ATTN_NOBF16=0 keeps PyTorch's SDPA there."""
     if not (q.device.type == "cpu" and q.dim() == 4 and q.shape[2] > 1 and q.dtype == torch.bfloat16
             and k_cache.dtype == torch.bfloat16 and k_cache.is_contiguous() and q.stride(3) == 1
             and q.shape[3] % 32 == 0 and q.shape[3] <= 256):
@@ -34,14 +37,7 @@ def prefill_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     level = isa_level()
     if level >= ISA_LEVELS.index("avx512_bf16"):
         return True
-    return level >= ISA_LEVELS.index("avx512_vnni") and EMULATED_OK and os.environ.get("CODESHELL_PREFILL_ATTN_NOBF16", "1") != "0"
-
-
-EMULATED_OK = True
-"""Whether an AVX-512 CPU without AVX512-BF16 runs the native kernel (its vdpbf16ps steps as two fp32
-FMAs on the widened pairs, its bf16 rounding in integer steps: csrc/attention_prefill.cpp `dpbf16`,
-`to_bf16`) instead of PyTorch's SDPA, which there computes the whole masked square with the boolean
-mask. Measured: docs/kernels.md "Session 23, helper C"."""
+    return level >= ISA_LEVELS.index("avx512_vnni") and os.environ.get("CODESHELL_PREFILL_ATTN_NOBF16", "1") != "0"
 
 
 KEY_BLOCKS = (16, 32, 64)

@@ -79,9 +79,11 @@ def measure_bandwidth(threads: int) -> float:
 
 def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: int, batch: int) -> dict:
     import psutil
-    import torch
 
+    # codeshell.llm before torch, as a user's `from codeshell import LLM` first: the library's
+    # OpenMP setting (omp.library_spin) applies only where it comes before libgomp loads
     from codeshell import LLM, SamplingParams
+    import torch
     from codeshell.bench import weight_bytes_per_token
     proc = psutil.Process()
     rss0 = proc.memory_info().rss

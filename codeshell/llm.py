@@ -14,7 +14,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from .omp import library_spin
+
+try:  # before torch loads libgomp: a prompt's OpenMP worker must not spin through the next decode steps
+    library_spin()
+except ValueError:
+    pass  # a bad CODESHELL_OMP_WAIT: the CLI reports it (`omp.wait_policy`); the library keeps libgomp's default
+
+import torch  # noqa: E402
 
 from .engine import Engine, RequestOutput, SamplingParams
 from .engine.engine import RequestError

@@ -17,14 +17,28 @@ a step with the spinning worker against 33-43 passive (1.16x llama-server agains
 `codeshell generate` on the 1.7B int4 at -t 0.8, 26.5-29.4 tok/s against 35.4-36.4 passive.
 Passive costs a futex wake per OpenMP region, nothing next to a prompt's regions of milliseconds;
 the OpenMP decode path (team off or auto) forks for every small loop, so there the default stays.
+
+The library (`codeshell.LLM`, session 24): `library_spin`, called by codeshell/llm.py before it
+imports torch, sets GOMP_SPINCOUNT=10000 (libgomp's spin before its worker sleeps: ~0.5 ms of
+pauses on an Ice Lake-class Xeon instead of the default 300k, ~15 ms) where torch is not loaded yet
+and the user set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT (CODESHELL_OMP_WAIT=keep: nothing).
+Why: a prompt's OpenMP regions left the worker spinning through the next ~5-15 ms of decode steps
+beside the team's two threads; codeshell-mini's batch-1 decode right after a 16-token prompt
+(bench_quant's figure, `benchmarks/bench_decode_wait.py`): 1327 tok/s default, 1811 with the short
+spin, 1822 passive, same minutes. Not passive: a prompt's back-to-back regions keep a hot worker
+(16-token prompt + 1st token 4.2 ms with the short spin and the default, 6.0 ms passive). A process
+that imported torch before codeshell.llm keeps libgomp's default (it read its environment at load).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import MutableMapping
 
 WAITS = ("passive", "keep")
+# libgomp spins this many pauses before its idle worker sleeps (`library_spin`)
+LIBRARY_SPINS = "10000"
 
 
 def wait_policy(environ: MutableMapping[str, str] = os.environ) -> str | None:
@@ -38,3 +52,20 @@ def wait_policy(environ: MutableMapping[str, str] = os.environ) -> str | None:
         return None
     environ["OMP_WAIT_POLICY"] = "passive"
     return "passive"
+
+
+def library_spin(environ: MutableMapping[str, str] = os.environ, loaded: bool | None = None) -> str | None:
+    """Sets GOMP_SPINCOUNT=LIBRARY_SPINS in `environ` and returns it, or returns None where it sets
+    nothing: torch (so libgomp) already loaded (`loaded`, default: "torch" in sys.modules),
+    CODESHELL_OMP_WAIT=keep, an OMP_WAIT_POLICY or GOMP_SPINCOUNT the user set, or the decode team
+    not on. A bad CODESHELL_OMP_WAIT value raises ValueError (one line)."""
+    mode = environ.get("CODESHELL_OMP_WAIT", "passive")
+    if mode not in WAITS:
+        raise ValueError(f"CODESHELL_OMP_WAIT={mode!r}: expected {' or '.join(WAITS)}")
+    if loaded is None:
+        loaded = "torch" in sys.modules
+    if (loaded or mode == "keep" or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ
+            or environ.get("CODESHELL_DECODE_TEAM", "on") != "on"):
+        return None
+    environ["GOMP_SPINCOUNT"] = LIBRARY_SPINS
+    return LIBRARY_SPINS

@@ -875,9 +875,10 @@ void register_decode_step(py::module& m) {
                                   const c10::optional<torch::Tensor>& bias, int64_t isa) {
     TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.size(1) % 128 == 0,
                 "q must be a contiguous int8 [N, K] tensor with K % 128 == 0");
-    const std::vector<int32_t> sums = codeshell::q8rows::block_sums(q.data_ptr<int8_t>(), q.size(0), q.size(1));
-    // as the step: CODESHELL_Q8R_WSUM=0 hands over no table
+    // as the step: CODESHELL_Q8R_WSUM=0 neither makes nor hands over a table
     const bool on = codeshell::env_flag("CODESHELL_Q8R_WSUM", true);
+    const std::vector<int32_t> sums =
+        on ? codeshell::q8rows::block_sums(q.data_ptr<int8_t>(), q.size(0), q.size(1)) : std::vector<int32_t>();
     codeshell::q8rows::SumsHintScope hint(q.data_ptr<int8_t>(), q.size(0), q.size(1), on ? sums.data() : nullptr);
     return decode_int8_q8(x, q, scale, bias, isa);
   }, "decode_int8_q8 with q's block sums hinted (the decode step's batch > 1 int8 calls)");

@@ -1,7 +1,10 @@
 """`AsyncEngine`: the engine driven by a background thread, its outputs fanned out to asyncio.
 
 One daemon thread runs `engine.step()` while there is work and sleeps on an event when there
-is none; each `RequestOutput` goes to the asyncio queue of its request through
+is none. Woken from idle, it first gathers the requests arriving together (`gather`: until no new
+one came for a few milliseconds, at most CODESHELL_ADMIT_GATHER_MS), so that concurrent clients'
+prompts share one prefill instead of the first one's prefill running alone while the others
+queue behind it. Each `RequestOutput` goes to the asyncio queue of its request through
 `loop.call_soon_threadsafe`. `generate()` is an async iterator over one request's outputs:
 leaving it early (a client that disconnects, a cancelled task) aborts the request, so its
 sequence stops using compute at the next step. This module knows nothing of HTTP.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -28,9 +32,36 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped (shut down, or a step failed): the request cannot finish."""
 
 
+# Woken from idle, wait for more requests until none came for GATHER_QUIET_S (at most the
+# gather window). Measured arrivals (bench_serve's streaming clients, a fresh thread pool each
+# round, on the 2-core Xeon): 0.5-6 ms apart, 23 ms between the first two of a process's first
+# round; one step of a 1.7B prefill takes seconds. A lone request pays GATHER_QUIET_S once.
+GATHER_QUIET_S = 0.015
+
+
+def gather_window(environ=os.environ) -> float:
+    """CODESHELL_ADMIT_GATHER_MS (default 50): the most milliseconds an idle engine waits for
+    requests arriving together before its first step; 0 restores the immediate start (the
+    behaviour before session 24). Measured (docs/kernels.md, session 24 helper D): 4 streaming
+    clients on the 1.7B bf16 model, the first request's 90-token prefill ran alone (3.2 s on
+    the Ice Lake-class Xeon) and the other three after it, time to first token p50 7.4 s against
+    4.8 s when the four shared one forward."""
+    v = environ.get("CODESHELL_ADMIT_GATHER_MS", "50").strip()
+    try:
+        ms = float(v)
+    except ValueError:
+        raise ValueError(f"CODESHELL_ADMIT_GATHER_MS={v!r}: expected milliseconds (0: off)") from None
+    if not 0 <= ms <= 1000:
+        raise ValueError(f"CODESHELL_ADMIT_GATHER_MS={v!r}: expected 0..1000 milliseconds")
+    return ms / 1000
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, gather_s: float | None = None):
         self.engine = engine
+        # the idle engine's wait for requests arriving together (seconds; 0: step at once)
+        self.gather_s = gather_window() if gather_s is None else gather_s
+        self._adds = 0  # requests added so far (the gather wait watches it move)
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = threading.Event()
@@ -88,6 +119,7 @@ class AsyncEngine:
         except BaseException:
             self._queues.pop(request_id, None)
             raise
+        self._adds += 1
         self._wake.set()
         return q
 
@@ -138,13 +170,33 @@ class AsyncEngine:
         with torch.inference_mode():
             self._loop_steps()
 
+    def _gather(self) -> None:
+        """Before the first step after idle: wait while requests keep arriving (each within
+        GATHER_QUIET_S of the last), at most `gather_s`, or until they fill the free slots."""
+        eng, end = self.engine, time.perf_counter() + self.gather_s
+        seen = self._adds
+        while not self._stop.is_set() and len(eng.waiting) < len(eng.free_slots):
+            left = end - time.perf_counter()
+            if left <= 0:
+                return
+            self._wake.clear()
+            self._wake.wait(min(GATHER_QUIET_S, left))
+            if self._adds == seen:  # quiet: nobody else is coming now
+                return
+            seen = self._adds
+
     def _loop_steps(self) -> None:
         eng = self.engine
+        idle = True
         while not self._stop.is_set():
             if not eng.has_unfinished():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+                idle = True
                 continue
+            if idle and self.gather_s > 0 and not eng.running and eng.waiting:
+                self._gather()
+            idle = False
             t0 = time.perf_counter()
             try:
                 outs = eng.step()

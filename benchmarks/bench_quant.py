@@ -8,7 +8,9 @@ memory-bandwidth bound (bandwidth measured by this script: a streaming read of a
 buffer with the same thread count, before the formats and again after each one's decode, the
 best probe counting; bound = bandwidth / bytes of weights read per token);
 the prompt's TFLOP/s as a fraction of the machine's bf16 matmul peak measured in the same run
-(the best of torch's bf16 matmul on CodeShell-7B's linear shapes and our micro-kernels: AMX tiles, vdpbf16ps).
+(the best of torch's bf16 matmul on CodeShell-7B's linear shapes and our micro-kernels: AMX tiles, vdpbf16ps;
+on CPUs without bf16 hardware, where our bf16 path is fp32 FMA, also torch's fp32 matmul and our
+fp32-FMA micro-kernel: `codeshell.bench.bf16_matmul_peak`).
 The model has random weights (written once per run to a temporary folder, shard by shard;
 int8/int4 folders come from `codeshell quantize`, whose time is printed too). Their output
 head is int8 per channel by default (`--head int8`: `int8-head`, `int4-g128-head8`), as the
@@ -274,9 +276,13 @@ def main() -> None:
     print("(1st prompt: the first prompt after load (each weight shape's prefill path is chosen at load, in "
           "load s: measured there once per machine, then read from disk); prompt: best of the next two. Prompt TFLOP/s: the blocks' linears, causal attention "
           f"and the last token's head (`codeshell.bench.prompt_flops`); bf16 peak {peak['peak']:.2f} TFLOP/s, the "
-          f"best of torch's bf16 matmul on the 7B shapes at M = {a.prompt_len} ({peak['torch']:.2f}) and our "
-          f"micro-kernels (AMX tiles on L2-resident data: {peak.get('kernel', float('nan')):.2f}; vdpbf16ps on "
-          f"L1-resident operands: {peak.get('dot_kernel', float('nan')):.2f}; nan where the CPU lacks it), "
+          f"best of torch's bf16 matmul on the 7B shapes at M = {a.prompt_len} (torch {peak['torch']:.2f}) and our "
+          f"micro-kernels (AMX tiles on L2-resident data: kernel {peak.get('kernel', float('nan')):.2f}; vdpbf16ps on "
+          f"L1-resident operands: dot_kernel {peak.get('dot_kernel', float('nan')):.2f}; nan where the CPU lacks it); "
+          "on a CPU without bf16 hardware (no AVX512-BF16, no AMX) our bf16 path is fp32 FMA (bf16 weights "
+          "widened to fp32) and torch's bf16 matmul is emulated, so there the candidates also include torch's "
+          f"fp32 matmul on the same shapes (torch_fp32 {peak.get('torch_fp32', float('nan')):.2f}) and our fp32-FMA "
+          f"micro-kernel on L1-resident operands (fma_kernel {peak.get('fma_kernel', float('nan')):.2f}); "
           "measured in this run. "
           f"Bound: weight bytes per token / {bw / 1e9:.1f} GB/s, the best of the run's read-bandwidth probes "
           f"({', '.join(f'{p / 1e9:.1f}' for p in probes)} GB/s: before the formats, then after each one's decode); "

@@ -170,18 +170,49 @@ def prompt_flops(cfg: CodeShellConfig, tokens: int) -> float:
 
 def bf16_matmul_peak(m: int = 512, cfg: CodeShellConfig | None = None, repeats: int = 3) -> dict[str, float]:
     """The machine's bf16 matmul peak in TFLOP/s on the current thread count, for prompt figures
-    to be put against: `torch`, torch's own bf16 matmul (oneDNN) over CodeShell-7B's four linear
-    shapes at M = `m` (total flops / the sum of each shape's best time), `kernel`, our AMX-BF16
-    micro-kernel with every thread on L2-resident tiles (only on AMX CPUs), and `dot_kernel`, our
-    vdpbf16ps micro-kernel on L1-resident operands (`dot_tflops`, AVX512-BF16 CPUs); `peak` is
-    the largest.
+    to be put against, the largest of the candidates measured now (`peak`):
+    * `torch`: torch's own bf16 matmul (oneDNN) over CodeShell-7B's four linear shapes at
+      M = `m` (total flops / the sum of each shape's best time);
+    * `kernel`: our AMX-BF16 micro-kernel with every thread on L2-resident tiles (AMX CPUs);
+    * `dot_kernel`: our vdpbf16ps micro-kernel on L1-resident operands (`dot_tflops`,
+      AVX512-BF16 CPUs);
+    * on CPUs without bf16 hardware (no AVX512-BF16, no AMX: e.g. Ice Lake, AVX2-only CPUs) our
+      bf16 path is fp32 FMA (the bf16 weights widened to fp32), and torch's bf16 matmul is
+      emulated there (0.02-0.06 TFLOP/s on a 2-core Ice Lake-class Xeon, far below what the same
+      machine multiplies in fp32), so the ceiling of that path counts instead: `torch_fp32`,
+      torch's fp32 matmul (MKL / oneDNN) on the same shapes, and `fma_kernel`, our fp32-FMA
+      micro-kernel on L1-resident operands (`fma_tflops`: the register block of the AVX-512
+      GEMM `avx512_vnni:gemm`, or of `avx2:panel` on AVX2-only CPUs).
     Each figure is measured now: a ratio against it holds on any machine."""
+    from .kernels import _ext, ops
     cfg = cfg or SHAPES["7b"]
+    level = ops.isa_level() if _ext.get() is not None else -1
+    bf16_hw = level >= ops.ISA_LEVELS.index("avx512_bf16")
+    out = {"torch": _torch_matmul_tflops(torch.bfloat16, m, cfg, repeats)}
+    if not bf16_hw:
+        out["torch_fp32"] = _torch_matmul_tflops(torch.float32, m, cfg, repeats)
+    kernel = amx_tile_tflops(True, repeats + 1)
+    if kernel is not None:
+        out["kernel"] = kernel
+    dot = dot_tflops(repeats + 1)
+    if dot is not None:
+        out["dot_kernel"] = dot
+    if not bf16_hw:
+        fma = fma_tflops(repeats + 1)
+        if fma is not None:
+            out["fma_kernel"] = fma
+    out["peak"] = max(out.values())
+    return out
+
+
+def _torch_matmul_tflops(dtype: torch.dtype, m: int, cfg: CodeShellConfig, repeats: int) -> float:
+    """TFLOP/s of torch's matmul in `dtype` over `cfg`'s four linear shapes at M = `m`: total
+    flops / the sum of each shape's best of `repeats` timed calls (after a warm-up call)."""
     d = cfg.n_embd
     flops = secs = 0.0
-    x = torch.randn(m, max(d, cfg.ffn_dim), dtype=torch.bfloat16)
+    x = torch.randn(m, max(d, cfg.ffn_dim)).to(dtype)
     for n_out, n_in in ((cfg.qkv_dim, d), (d, d), (cfg.ffn_dim, d), (d, cfg.ffn_dim)):
-        w = torch.randn(n_out, n_in, dtype=torch.bfloat16)
+        w = torch.randn(n_out, n_in).to(dtype)
         xs = x[:, :n_in].contiguous()
         torch.nn.functional.linear(xs, w)  # warm-up (oneDNN builds its kernel on the first call)
         best = float("inf")
@@ -190,15 +221,26 @@ def bf16_matmul_peak(m: int = 512, cfg: CodeShellConfig | None = None, repeats: 
             torch.nn.functional.linear(xs, w)
             best = min(best, time.perf_counter() - t)
         flops, secs = flops + 2.0 * m * n_out * n_in, secs + best
-    out = {"torch": flops / secs / 1e12}
-    kernel = amx_tile_tflops(True, repeats + 1)
-    if kernel is not None:
-        out["kernel"] = kernel
-    dot = dot_tflops(repeats + 1)
-    if dot is not None:
-        out["dot_kernel"] = dot
-    out["peak"] = max(out.values())
-    return out
+    return flops / secs / 1e12
+
+
+def fma_tflops(repeats: int = 4, reps: int = 20000) -> float | None:
+    """TFLOP/s of our fp32-FMA micro-kernel (the ceiling of the bf16 path on CPUs without bf16
+    hardware, which widens bf16 weights to fp32) with every thread on L1-resident operands, the
+    best of `repeats` timed calls of `reps` passes: on AVX-512 CPUs the register block of the
+    fp32-FMA GEMM `avx512_vnni:gemm` (4 panels x 6 rows, 24 zmm accumulators), on AVX2-only CPUs
+    that of `avx2:panel` (6 rows x 16 outputs, 12 ymm). None without the native kernels."""
+    from .kernels import _ext, ops
+    mod = _ext.get()
+    if mod is None or ops.isa_level() < 0 or not hasattr(mod, "bf16_fma_peak"):
+        return None
+    isa = 1 if ops.isa_level() >= ops.ISA_LEVELS.index("avx512_vnni") else 0
+    best, done = float("inf"), 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        done = mod.bf16_fma_peak(reps, isa)
+        best = min(best, time.perf_counter() - t)
+    return done / best / 1e12
 
 
 def dot_tflops(repeats: int = 4, reps: int = 20000) -> float | None:

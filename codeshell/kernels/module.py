@@ -42,11 +42,11 @@ class FastLinear:
         self._paths: dict = {}      # (M, x dtype, $CODESHELL_KERNEL_ISA) -> plan's path
 
     def raw(self, x: torch.Tensor) -> torch.Tensor | None:
-        """y [M, N] as the kernel returns it (fp32; bf16 for `onednn:bf16`, and for the vdpbf16ps
-        GEMM `avx512_bf16:gemm` with bf16 x, see below) for x [..., K], or None where the fast
+        """y [M, N] as the kernel returns it (fp32; bf16 for `onednn:bf16`, and for the GEMMs of
+        `_GEMMS` (`avx512_bf16:gemm`, `avx512_vnni:gemm`) with bf16 x, see below) for x [..., K], or None where the fast
         path does not apply (the caller then uses `__call__`).
 
-        With bf16 x on `avx512_bf16:gemm` the GEMM's epilogue rounds its fp32 sums (bias added) to
+        With bf16 x on `avx512_bf16:gemm` (or `avx512_vnni:gemm`) the GEMM's epilogue rounds its fp32 sums (bias added) to
         bf16 itself (`prefill_bf16_dot(out_bf16=True)`): the bits of the fp32 result's
         `.to(torch.bfloat16)`, which every caller does next anyway (the model's fused RoPE cast
         of c_attn's rows, the residual add's cast of attn.c_proj / mlp.c_proj, `__call__`'s cast).
@@ -63,10 +63,10 @@ class FastLinear:
         if x.dtype != torch.bfloat16:  # as linear: other dtypes enter the kernels as fp32
             x2 = x2.to(torch.float32).contiguous()
         path = self._path(x2.shape[0], x.dtype)
-        if (path == "avx512_bf16:gemm" and x.dtype == torch.bfloat16
+        if (path in _GEMMS and x.dtype == torch.bfloat16
                 and os.environ.get("CODESHELL_DOT_BF16OUT", "1") != "0"):
-            ops.PATHS_RUN[(p.kind, "avx512_bf16:gemm+bf16")] += 1
-            return mod.prefill_bf16_dot(x2.contiguous(), p.data, p.out_features, self.bias, False, True)
+            ops.PATHS_RUN[(p.kind, path + "+bf16")] += 1
+            return getattr(mod, _GEMMS[path])(x2.contiguous(), p.data, p.out_features, self.bias, False, True)
         return ops._compute(path, mod, x2, p, self.bias)
 
     def _path(self, m: int, dtype: torch.dtype) -> str:
@@ -78,8 +78,8 @@ class FastLinear:
 
     def raw_gelu(self, x: torch.Tensor) -> torch.Tensor | None:
         """bf16 gelu_tanh of y rounded to bf16, [M, N], for bf16 x [..., K] whose path is the
-        vdpbf16ps GEMM (`avx512_bf16:gemm`: its epilogue applies the GELU while the sums are in
-        cache); None elsewhere. By default the epilogue's GELU is `gelu16_fast` (csrc/simd512.h:
+        vdpbf16ps GEMM (`avx512_bf16:gemm`) or the fp32-FMA GEMM (`avx512_vnni:gemm`): their
+        epilogue applies the GELU while the sums are in cache; None elsewhere. By default the epilogue's GELU is `gelu16_fast` (csrc/simd512.h:
         within one bf16 ulp of the exact GELU, as the fused GELU is); `CODESHELL_GELU_FAST=0`
         gives the bits of `raw` then `fused_gelu_tanh(y, None, True)`."""
         p = self.packed
@@ -87,10 +87,11 @@ class FastLinear:
             return None
         mod = _ext.get()
         x2 = x.reshape(-1, p.in_features)
-        if mod is None or self._path(x2.shape[0], x.dtype) != "avx512_bf16:gemm":
+        path = None if mod is None else self._path(x2.shape[0], x.dtype)
+        if path not in _GEMMS:
             return None
-        ops.PATHS_RUN[(p.kind, "avx512_bf16:gemm+gelu")] += 1
-        return mod.prefill_bf16_dot(x2.contiguous(), p.data, p.out_features, self.bias, True)
+        ops.PATHS_RUN[(p.kind, path + "+gelu")] += 1
+        return getattr(mod, _GEMMS[path])(x2.contiguous(), p.data, p.out_features, self.bias, True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """y [..., N] in x's dtype: what `ops.linear(x, packed, bias)` returns."""
@@ -98,6 +99,12 @@ class FastLinear:
         if y is None:
             return linear(x, self.packed, self.bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.packed.out_features)
+
+
+_GEMMS = {"avx512_bf16:gemm": "prefill_bf16_dot", "avx512_vnni:gemm": "prefill_bf16_fma"}
+"""The bf16-weight prefill GEMMs whose epilogue can round to bf16 or apply the GELU (`FastLinear.raw`
+/ `raw_gelu`) -> their binding: the vdpbf16ps GEMM and the fp32-FMA GEMM (AVX-512 without
+AVX512-BF16, session 24), the same epilogues (csrc/panel_bf16.cpp store_rows_b16 / store_rows_gelu)."""
 
 
 class PackedLinear(nn.Module):

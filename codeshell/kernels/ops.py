@@ -202,10 +202,14 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         bf16 = ["onednn:bf16"] if level >= ISA_LEVELS.index("avx512_bf16") else []
         return q8 + (["amx:bf16"] if amx else []) + bf16 + ["sgemm:fp32"]
     if p.kind == "bf16" and level >= ISA_LEVELS.index("avx512_vnni"):
-        # fp32 FMA on an AVX-512 CPU (fp32 x, or bf16 x without AVX512-BF16): the 512-bit panel
-        # kernel in 64-row calls against torch's fp32 sgemm (MKL uses AVX-512 on Intel),
-        # measured (session 23 helper A, docs/kernels.md), not a size threshold
-        return ["avx512_vnni:panel64", "sgemm:fp32"]
+        # fp32 FMA on an AVX-512 CPU (fp32 x, or bf16 x without AVX512-BF16): our fp32-FMA GEMM
+        # (`prefill_bf16_fma`: weight chunks widened to fp32 per K chunk, 4 panels x 6 rows
+        # register blocks; session 24 helper A: 1.2-1.4x sgemm on an Ice Lake-class Xeon), the
+        # 512-bit panel kernel in 64-row calls and torch's fp32 sgemm (MKL uses AVX-512 on Intel),
+        # measured (session 23 helper A, docs/kernels.md), not a size threshold.
+        # CODESHELL_PREFILL_FMA_GEMM=0 leaves the GEMM out (the session-23 candidates).
+        gemm = [] if os.environ.get("CODESHELL_PREFILL_FMA_GEMM", "1") == "0" else ["avx512_vnni:gemm"]
+        return gemm + ["avx512_vnni:panel64", "sgemm:fp32"]
     if p.kind == "bf16" and p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS:
         return ["avx2:panel64"]
     return ["sgemm:fp32"]
@@ -416,6 +420,9 @@ def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tenso
         return mod.decode_bf16(x.to(torch.bfloat16).contiguous(), p.data, n, bias, ISA_LEVELS.index(isa))
     if path == "avx512_bf16:gemm":
         return mod.prefill_bf16_dot(x.to(torch.bfloat16).contiguous(), p.data, n, bias)
+    if path == "avx512_vnni:gemm":  # fp32 FMA GEMM; bf16 x widened inside (exact), fp32 x as is
+        return mod.prefill_bf16_fma((x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous(),
+                                    p.data, n, bias)
     if path == "amx:bf16" and p.kind == "bf16":
         return mod.prefill_bf16_amx(x.to(torch.bfloat16).contiguous(), p.data, n, bias)
     if path in ("amx:bf16", "onednn:bf16"):

@@ -59,8 +59,9 @@ def test_plan_and_isa_cap(monkeypatch):
     want_bf16 = "avx512_vnni:panel" if LEVEL < ops.ISA_LEVELS.index("avx512_bf16") else None
     if want_bf16:
         assert ops.plan(p, 1, torch.bfloat16) == want_bf16
-        assert ops.prefill_candidates(p, torch.bfloat16, LEVEL) == ["avx512_vnni:panel64", "sgemm:fp32"]
-    assert ops.prefill_candidates(p, torch.float32, LEVEL)[0] == "avx512_vnni:panel64"
+        # the fp32-FMA GEMM first (session 24; tests/kernels/test_prefill_fma.py), then session 23's two
+        assert ops.prefill_candidates(p, torch.bfloat16, LEVEL) == ["avx512_vnni:gemm", "avx512_vnni:panel64", "sgemm:fp32"]
+    assert ops.prefill_candidates(p, torch.float32, LEVEL)[:2] == ["avx512_vnni:gemm", "avx512_vnni:panel64"]
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
     assert ops.plan(p, 8, torch.float32) == "avx2:panel"
     assert ops.plan(p, 1, torch.bfloat16) == "avx2:panel"

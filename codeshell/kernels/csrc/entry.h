@@ -33,6 +33,9 @@ int64_t bf16_peak(int64_t Kt, int64_t reps, bool loads);
 torch::Tensor prefill_bf16_dot(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
                                const c10::optional<torch::Tensor>& bias, bool gelu = false, bool out_bf16 = false);
 int64_t bf16_dot_peak(int64_t reps);
+torch::Tensor prefill_bf16_fma(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                               const c10::optional<torch::Tensor>& bias, bool gelu = false, bool out_bf16 = false);
+int64_t bf16_fma_peak(int64_t reps, int64_t isa);
 
 // isa.cpp
 py::dict cpu_features_dict();

@@ -359,6 +359,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 gelu_tanh of it (rounded to bf16 first); out_bf16: it rounded to bf16");
   m.def("bf16_dot_peak", &bf16_dot_peak, kNoGil,
         "vdpbf16ps ceiling: every thread runs the prefill's register block on L1-resident data; flops");
+  m.def("prefill_bf16_fma", &prefill_bf16_fma, kNoGil, py::arg("x"), py::arg("w"), py::arg("N"), py::arg("bias"),
+        py::arg("gelu") = false, py::arg("out_bf16") = false,
+        "AVX-512F fp32-FMA prefill: x bf16 or fp32 [M,K] @ panels^T + bias -> fp32 [M,N]; gelu / out_bf16 "
+        "as prefill_bf16_dot's");
+  m.def("bf16_fma_peak", &bf16_fma_peak, kNoGil,
+        "fp32-FMA ceiling (isa 0: avx2:panel's block; 1: prefill_bf16_fma's): every thread on L1-resident data; flops");
   m.def("rows_bf16", &rows_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> bf16 [R,K] row-major buffer");
   m.def("gather_bf16", &gather_bf16, kNoGil, "rows ids (int64 [R]) of bf16 panels -> bf16 [R,K] row-major buffer");
   m.def("decode_int8", &decode_int8, kNoGil, "x fp32 [M,K] @ (q int8 [N,K] * scale[N])^T + bias");

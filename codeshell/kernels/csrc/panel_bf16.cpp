@@ -983,6 +983,172 @@ int64_t peak_dot(int64_t reps) {
   return reps * Kh * kDotNP * kDotMR * 16 * 2 * 2;  // flops: 16 lanes x 2 k x 2 per vdpbf16ps
 }
 
+// ---- fp32-FMA GEMM for bf16 weights on AVX-512 CPUs without AVX512-BF16 (session 24 helper A) --
+// `avx512_vnni:gemm` (ops.py): x [M, K] (bf16 or fp32) @ panels^T (+ bias), BLIS style. Why: on
+// an Ice Lake-class Xeon (no vdpbf16ps, no AMX) the bf16 prefill ran as `sgemm:fp32` (each block
+// of weight rows widened to fp32 in memory, then MKL's sgemm: 0.21-0.22 TFLOP/s on the small
+// shape's linears at M = 512) or as Avx512Fma's decode panels in 64-row calls (slower still).
+// Here:
+//   * x is widened once per call to fp32 and packed [K chunk][row tile][k][kFmaMR] (zero rows
+//     past M, zero k past K: every tile is a full kFmaMR rows, the padding rows are not stored);
+//   * work items of 4 panels (fp32 sums [T * MR][64] in L2 between K chunks, as prefill_dot);
+//     per K chunk (KC = 256 k) and group of NP = 4 panels the chunk is widened (v << 16,
+//     v & 0xffff0000) into a per-thread fp32 buffer [kc][64], then every row tile runs the
+//     register block over it: 6 rows x 64 columns = 24 zmm accumulators, per k four fp32 loads
+//     of the weights and 6 broadcasts of x for 24 FMAs; no widening in the inner loop
+//     (Avx512Fma::micro widens each weight vector once per tile: 2 ALU ops per 2 x MR FMAs on
+//     the FMA ports);
+//   * the next row tile's x is prefetched into L1 on the way.
+// Measured (session 24 helper A, Ice Lake-class Xeon, 2 threads, M = 512, best of 4 alternating
+// calls, TFLOP/s; `sgemm:fp32` in the same runs 0.22-0.26): register block 4 panels x 6 rows,
+// KC 256, items of 4 panels 0.29-0.31 on the small shape's and 7B's linears (c_attn 1536x1024
+// 0.297, 4096x4096 0.306), 0.24-0.29 on codeshell-mini's; 3 x 8 (KC 128-256, items of 6-12)
+// 0.24-0.30 (1024-wide weights split into uneven items over 2 threads); 2 x 12 0.25-0.27; 2 x 14
+// 0.26 (28 accumulators + 2 weights + a broadcast: GCC spills moves, its L1 peak 0.26 against
+// 0.34 for 4 x 6); KC 128 / 192 0.28-0.30. CODESHELL_FMA_BLOCK=0 (3 x 8) / 2 (2 x 12) / 3 (2 x 14),
+// CODESHELL_FMA_KC=<k>, CODESHELL_FMA_ITEM=<groups of NP panels> (A/B runs; read per call).
+constexpr int kFmaNP = 4, kFmaMR = 6;
+constexpr int64_t kFmaKC = 256;  // k per chunk (a multiple of 32)
+
+// c[MR][NP * 16] (row stride ldc) (+)= a [kc][MR] . b [kc][NP * 16] (fp32); pf: the next tile's a
+// (prefetched into L1, 8 k at a time), or null.
+template <int NP, int MR = kFmaMR>
+inline void fma_block(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, bool first,
+                      const float* pf) {
+  __m512 acc[NP][MR];
+  for (int q = 0; q < NP; ++q)
+    for (int i = 0; i < MR; ++i) acc[q][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldc + q * 16);
+  for (int64_t k8 = 0; k8 < kc; k8 += 8) {
+    if (pf)
+      for (int l = 0; l < 8 * MR * 4; l += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + k8 * MR) + l, _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int64_t k = k8; k < k8 + 8; ++k) {
+      __m512 bv[NP];
+      for (int q = 0; q < NP; ++q) bv[q] = _mm512_load_ps(b + k * NP * 16 + q * 16);
+      for (int i = 0; i < MR; ++i) {
+        const __m512 xb = _mm512_set1_ps(a[k * MR + i]);
+        for (int q = 0; q < NP; ++q) acc[q][i] = _mm512_fmadd_ps(xb, bv[q], acc[q][i]);
+      }
+    }
+  }
+  for (int q = 0; q < NP; ++q)
+    for (int i = 0; i < MR; ++i) _mm512_storeu_ps(c + i * ldc + q * 16, acc[q][i]);
+}
+
+// NP panels' k-pairs [j0, j0 + kc / 2) (panel q at w + q * pstride) widened into b [kc][NP * 16]
+inline void widen_panels(const uint32_t* w, int64_t pstride, int NP, int64_t j0, int64_t kc, float* b) {
+  const __m512i hi = _mm512_set1_epi32(int32_t(0xffff0000u));
+  for (int64_t j = 0; j < kc / 2; ++j)
+    for (int q = 0; q < NP; ++q) {
+      const __m512i v = _mm512_loadu_si512(w + q * pstride + (j0 + j) * kPanel);
+      _mm512_store_ps(b + (2 * j) * NP * 16 + q * 16, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      _mm512_store_ps(b + (2 * j + 1) * NP * 16 + q * 16, _mm512_castsi512_ps(_mm512_and_si512(v, hi)));
+    }
+}
+
+// x (bf16 when xb, else fp32) [M, K] -> out fp32 [M, N] / out_gelu / out_b16 (as prefill_dot's
+// epilogues); register block NP panels x MR rows (prefill_fma picks it).
+template <int NP, int MR>
+void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t* w, int64_t N, const float* bias,
+                   float* out, uint16_t* out_gelu, uint16_t* out_b16, int64_t KC, int64_t item) {
+  const int64_t Kp = padded_k(K), Kh = Kp / 2, P = (N + kPanel - 1) / kPanel, T = (M + MR - 1) / MR;
+  // x packed: chunk c (k [c * KC, c * KC + kc)) at xp + c * KC * T * MR, tile t at + t * kc * MR
+  static thread_local codeshell::ThreadScratch x_keep;
+  codeshell::Scratch<float> xs(x_keep, size_t(T + 1) * MR * Kp);
+  float* xp = xs.data();
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t k0 = 0; k0 < Kp; k0 += KC) {
+        const int64_t kc = std::min(KC, Kp - k0);
+        float* d = xp + k0 * T * MR + t * kc * MR;
+        for (int i = 0; i < MR; ++i) {
+          const int64_t m = t * MR + i;
+          const int64_t kin = m < M ? std::max<int64_t>(0, std::min(kc, K - k0)) : 0;
+          if (xb) {
+            const uint16_t* src = static_cast<const uint16_t*>(x) + m * K + k0;
+            for (int64_t k = 0; k < kin; ++k) {
+              const uint32_t u = uint32_t(src[k]) << 16;  // bf16 -> fp32: exact
+              std::memcpy(d + k * MR + i, &u, 4);
+            }
+          } else {
+            const float* src = static_cast<const float*>(x) + m * K + k0;
+            for (int64_t k = 0; k < kin; ++k) d[k * MR + i] = src[k];
+          }
+          for (int64_t k = kin; k < kc; ++k) d[k * MR + i] = 0.f;
+        }
+      }
+  });
+  const int64_t items = (P + item - 1) / item, ldc = item * kPanel;
+  codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
+    static thread_local codeshell::ThreadScratch c_keep, b_keep;
+    codeshell::Scratch<float> cs(c_keep, size_t(T) * MR * ldc);
+    codeshell::Scratch<float> bs(b_keep, size_t(KC) * NP * kPanel + 16);
+    float* c = cs.data();
+    float* b = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bs.data()) + 63) & ~uintptr_t(63));
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t pa = it * item, pb = std::min(P, pa + item);
+      for (int64_t k0 = 0; k0 < Kp; k0 += KC) {
+        const int64_t kc = std::min(KC, Kp - k0);
+        const float* xc = xp + k0 * T * MR;
+        for (int64_t p = pa; p < pb; p += NP) {
+          const int np = int(std::min<int64_t>(NP, pb - p));
+          widen_panels(w + p * Kh * kPanel, Kh * kPanel, np, k0 / 2, kc, b);
+          float* cp = c + (p - pa) * kPanel;
+          for (int64_t t = 0; t < T; ++t) {
+            const float* pf = t + 1 < T ? xc + (t + 1) * kc * MR : nullptr;
+            const float* a = xc + t * kc * MR;
+            float* ct = cp + t * MR * ldc;
+            // a tail of fewer panels at the item's end
+            if (np == NP) fma_block<NP, MR>(a, b, kc, ct, ldc, k0 == 0, pf);
+            else if (np == 3) fma_block<3, MR>(a, b, kc, ct, ldc, k0 == 0, pf);
+            else if (np == 2) fma_block<2, MR>(a, b, kc, ct, ldc, k0 == 0, pf);
+            else fma_block<1, MR>(a, b, kc, ct, ldc, k0 == 0, pf);
+          }
+        }
+      }
+      const int64_t n0 = pa * kPanel, cols = std::min(N, pb * kPanel) - n0;
+      if (out_gelu) store_rows_gelu(c, ldc, M, out_gelu, N, n0, cols, bias);
+      else if (out_b16) store_rows_b16(c, ldc, M, out_b16, N, n0, cols, bias);
+      else store_rows(c, ldc, M, out, N, n0, cols, bias);
+    }
+  });
+}
+
+void prefill_fma(const void* x, bool xb, int64_t M, int64_t K, const uint32_t* w, int64_t N, const float* bias,
+                 float* out, uint16_t* out_gelu, uint16_t* out_b16) {
+  const int64_t v = codeshell::env_int("CODESHELL_FMA_BLOCK", 1);
+  const int64_t np = v == 0 ? 3 : v == 2 || v == 3 ? 2 : kFmaNP;
+  const int64_t KC = std::max<int64_t>(32, codeshell::env_int("CODESHELL_FMA_KC", kFmaKC) / 32 * 32);
+  const int64_t item = std::max<int64_t>(1, codeshell::env_int("CODESHELL_FMA_ITEM", 1)) * np;
+  switch (v) {
+    case 0: return prefill_fma_t<3, 8>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+    case 2: return prefill_fma_t<2, 12>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+    case 3: return prefill_fma_t<2, 14>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+    default: return prefill_fma_t<kFmaNP, kFmaMR>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+  }
+}
+
+// The fp32-FMA ceiling of one thread: `reps` passes of prefill_fma's register block (4 panels x 6
+// rows, 24 accumulators) over one chunk of L1-resident operands (128 k: 32 KiB of widened
+// weights, 3 KiB of x), the sums stored and reloaded between passes as between K chunks. The
+// ceiling of a bf16 prefill on AVX-512 CPUs without AVX512-BF16, whose bf16 path is fp32 FMA.
+// Returns the flops done.
+int64_t peak_fma(int64_t reps) {
+  constexpr int64_t kc = 128, cols = kFmaNP * kPanel;
+  std::unique_ptr<float, decltype(&std::free)> bb(
+      static_cast<float*>(std::aligned_alloc(64, kc * cols * 4)), &std::free),
+      ab(static_cast<float*>(std::aligned_alloc(64, kc * kFmaMR * 4 + 64)), &std::free);
+  TORCH_CHECK(bb && ab, "bf16_fma_peak: out of memory");
+  std::fill(bb.get(), bb.get() + kc * cols, 1.0f);
+  std::fill(ab.get(), ab.get() + kc * kFmaMR, 0.0f);  // zeros: the sums stay finite
+  alignas(64) float c[kFmaMR * cols];
+  for (int64_t r = 0; r < reps; ++r) {
+    fma_block<kFmaNP, kFmaMR>(ab.get(), bb.get(), kc, c, cols, r == 0, nullptr);
+    __asm__ volatile("" ::"r"(c) : "memory");  // the sums are used: the passes cannot be dropped
+  }
+  return reps * kc * kFmaMR * cols * 2;  // flops: 2 per FMA lane
+}
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
@@ -1019,6 +1185,69 @@ torch::Tensor prefill_bf16_dot(const torch::Tensor& x, const torch::Tensor& w, i
   if (M > 0) {
     uint16_t* ob = b16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
     prefill_dot(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
+                reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>()), N, b,
+                b16 ? nullptr : out.data_ptr<float>(), gelu ? ob : nullptr, gelu ? nullptr : ob);
+  }
+#endif
+  return out;
+}
+
+namespace {
+// The AVX2 fp32-FMA ceiling of one thread: `reps` passes of Avx2::micro's register block (6 rows x
+// 1 panel, 12 ymm accumulators; `avx2:panel`, the bf16 path of AVX2-only CPUs) over one k-block
+// of L1-resident operands (128 k-pairs: 8 KiB of bf16 panel, 6 KiB of x). Returns the flops done.
+int64_t peak_fma_avx2(int64_t reps) {
+  constexpr int64_t Kh = 128, MR = Avx2::kTileRows;
+  std::vector<uint32_t> w(size_t(Kh) * kPanel, 0x3f803f80u);  // pairs of 1.0 in bf16
+  std::vector<float> xt(size_t(2 * Kh) * MR, 0.f);             // zeros: the sums stay finite
+  alignas(64) float c[MR * kPanel];
+  for (int64_t r = 0; r < reps; ++r) {
+    Avx2::micro<MR, 1, false>(xt.data(), MR, w.data(), 0, 0, Kh, c, r == 0);
+    __asm__ volatile("" ::"r"(c) : "memory");
+  }
+  return reps * Kh * 2 * MR * kPanel * 2;
+}
+}  // namespace
+
+// Runs the fp32-FMA ceiling (isa kAvx2: peak_fma_avx2; kAvx512Vnni: peak_fma, prefill_fma's block)
+// on every thread at once; returns the flops done (the caller times the call).
+int64_t bf16_fma_peak(int64_t reps, int64_t isa) {
+  codeshell::check_isa(isa);
+  TORCH_CHECK(isa == codeshell::kAvx2 || isa == codeshell::kAvx512Vnni, "bf16_fma_peak: isa 0 or 1");
+  std::atomic<int64_t> flops{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+#if CODESHELL_HAVE_AVX512
+      if (isa == codeshell::kAvx512Vnni) {
+        flops += peak_fma(reps);
+        continue;
+      }
+#endif
+      flops += peak_fma_avx2(reps);
+    }
+  });
+  return flops.load();
+}
+
+// fp32 FMA (AVX-512F, any AVX-512 CPU): x [M, K] (bf16 or fp32) @ panels^T + bias -> fp32 [M, N]
+// (ops.py: `avx512_vnni:gemm`); gelu / out_bf16 as prefill_bf16_dot's.
+torch::Tensor prefill_bf16_fma(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
+                               const c10::optional<torch::Tensor>& bias, bool gelu, bool out_bf16) {
+  codeshell::check_isa(codeshell::kAvx512Vnni);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32),
+              "x must be a contiguous bf16 or fp32 [M, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_panels(w, N, K);
+  const float* b = bias_ptr(bias, N);
+  const bool b16 = gelu || out_bf16;
+  auto out = b16 ? codeshell::cached_output(1, (M * N + 1) / 2, x.options().dtype(torch::kFloat32))
+                       .view(torch::kBFloat16).narrow(1, 0, M * N).view({M, N})
+                 : codeshell::cached_output(M, N, x.options().dtype(torch::kFloat32));
+#if CODESHELL_HAVE_AVX512
+  if (M > 0) {
+    uint16_t* ob = b16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+    prefill_fma(x.data_ptr(), x.scalar_type() == torch::kBFloat16, M, K,
                 reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>()), N, b,
                 b16 ? nullptr : out.data_ptr<float>(), gelu ? ob : nullptr, gelu ? nullptr : ob);
   }

@@ -284,10 +284,8 @@ def _load(model, dtype, device, quantization=None):
     path = resolve_model_path(model)
     if path.is_file():
         from .quant.gguf_io import is_gguf, load_gguf
-        if is_gguf(path):
-            if quantization is None:
-                quantization = gguf_head_scheme(path)
-            return load_gguf(path, dtype, device, quantization)
+        if is_gguf(path):  # the head's scheme from the tensor records load_gguf reads anyway
+            return load_gguf(path, dtype, device, quantization, choose_scheme=gguf_head_scheme)
     from .quant.scheme import QuantScheme
     QuantScheme.parse(quantization)  # an unknown scheme fails before any weight is read
     if path.is_dir():
@@ -306,7 +304,7 @@ def _load(model, dtype, device, quantization=None):
 GGUF_HEADS = ("int8", "bf16")
 
 
-def gguf_head_scheme(path: Path, environ=os.environ):
+def gguf_head_scheme(path: "Path | dict", environ=os.environ):
     """The scheme a GGUF file loads with when the caller names none: the file's own (Q4_0 blocks:
     int4 g32, their bits as they are; Q8_0: int8), with the output head in int8 where the file
     stores it in Q8_0 (llama.cpp's Q4_0 and Q8_0 files do), instead of widened to bf16. None:
@@ -317,7 +315,9 @@ def gguf_head_scheme(path: Path, environ=os.environ):
     reads the file's Q8_0 head (305 MB); in int8 it is 287 MB (docs/kernels.md, session 21 A).
     The int8 head is the Q8_0 values requantized per output row (one scale a row where Q8_0 has
     one a 32-value block): not bit for bit the file's values, as the bf16 widening nearly was.
-    CODESHELL_GGUF_HEAD=bf16 keeps the head in bf16 (the behaviour before session 21)."""
+    CODESHELL_GGUF_HEAD=bf16 keeps the head in bf16 (the behaviour before session 21).
+    `path`: the file, or its tensor records as `gguf_reader.read_gguf` gives them (`load_gguf`
+    passes those, so the header is read once)."""
     mode = environ.get("CODESHELL_GGUF_HEAD", "int8")
     if mode not in GGUF_HEADS:
         raise ValueError(f"CODESHELL_GGUF_HEAD={mode!r}: expected {' or '.join(GGUF_HEADS)}")
@@ -326,7 +326,7 @@ def gguf_head_scheme(path: Path, environ=os.environ):
     from .quant.gguf_io import _default_scheme, _gguf
     from .quant.gguf_reader import read_gguf
     from .quant.scheme import QuantScheme
-    _, _, tensors = read_gguf(Path(path))
+    tensors = path if isinstance(path, dict) else read_gguf(Path(path))[2]
     scheme = _default_scheme(tensors)
     head = tensors.get("output.weight") or tensors.get("token_embd.weight")
     if scheme is None or head is None or head.tensor_type != _gguf().GGMLQuantizationType.Q8_0:

@@ -484,12 +484,18 @@ def _default_scheme(tensors: dict[str, _Tensor]) -> QuantScheme | None:
 
 
 def load_gguf(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
-              quantization: "str | dict | QuantScheme | None" = None):
-    """(model, config, path, tokenizer) from a CodeShell GGUF file."""
+              quantization: "str | dict | QuantScheme | None" = None, choose_scheme=None):
+    """(model, config, path, tokenizer) from a CodeShell GGUF file.
+
+    Without `quantization`, `choose_scheme(tensors)` (the file's tensor records, read once here)
+    names the scheme, or None for the default (`_default_scheme`: the file's own blocks, the
+    head widened to bf16); `codeshell.llm.gguf_head_scheme` is the caller's choice."""
     gguf = _gguf()
     path = Path(path)
     _, fields, tensors = read_gguf(path)
     cfg = config_from_gguf(fields, tensors)
+    if quantization is None and choose_scheme is not None:
+        quantization = choose_scheme(tensors)
     scheme = QuantScheme.parse(quantization) or _default_scheme(tensors)
     dt = resolve_dtype(dtype, default=torch.bfloat16)
     model = build_quantized_empty(cfg, dt, scheme, device) if scheme else build_empty(cfg, dt, device)

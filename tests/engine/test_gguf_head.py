@@ -54,3 +54,17 @@ def test_int8_head_against_exact_import(files, ty, monkeypatch):
                 assert err < 0.02, err
     a, b = got["int8"], got["bf16"]
     assert ((a - b).norm() / b.norm()).item() < 0.02
+
+
+def test_the_header_is_read_once(files, monkeypatch):
+    """The head's scheme comes from the tensor records `load_gguf` reads anyway (the header of a
+    7B file, its 70k-token vocabulary included, was parsed twice before)."""
+    from codeshell.quant import gguf_io, gguf_reader
+    calls = []
+    real = gguf_reader.read_gguf
+    for mod in (gguf_io, gguf_reader):  # gguf_io's own name and the module's, wherever it is imported from
+        monkeypatch.setattr(mod, "read_gguf", lambda p: calls.append(p) or real(p))
+    monkeypatch.delenv("CODESHELL_GGUF_HEAD", raising=False)
+    llm = LLM(str(files["q4_0"]), dtype="float32")
+    assert len(calls) == 1
+    assert type(llm.model.lm_head) is Int8Linear

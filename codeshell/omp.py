@@ -41,14 +41,22 @@ WAITS = ("passive", "keep")
 LIBRARY_SPINS = "10000"
 
 
+def _ours_to_set(environ: MutableMapping[str, str]) -> bool:
+    """Whether codeshell may set libgomp's waiting (`wait_policy`, `library_spin`): not where
+    CODESHELL_OMP_WAIT=keep, the user set OMP_WAIT_POLICY, or the decode team is not on. A bad
+    CODESHELL_OMP_WAIT value raises ValueError (one line)."""
+    mode = environ.get("CODESHELL_OMP_WAIT", "passive")
+    if mode not in WAITS:
+        raise ValueError(f"CODESHELL_OMP_WAIT={mode!r}: expected {' or '.join(WAITS)}")
+    return not (mode == "keep" or "OMP_WAIT_POLICY" in environ
+                or environ.get("CODESHELL_DECODE_TEAM", "on") != "on")
+
+
 def wait_policy(environ: MutableMapping[str, str] = os.environ) -> str | None:
     """Sets OMP_WAIT_POLICY=passive in `environ` and returns "passive", or returns None where it sets
     nothing: CODESHELL_OMP_WAIT=keep (the behaviour before session 20), an OMP_WAIT_POLICY the user
     set, or the decode team not on. A bad CODESHELL_OMP_WAIT value raises ValueError (one line)."""
-    mode = environ.get("CODESHELL_OMP_WAIT", "passive")
-    if mode not in WAITS:
-        raise ValueError(f"CODESHELL_OMP_WAIT={mode!r}: expected {' or '.join(WAITS)}")
-    if mode == "keep" or "OMP_WAIT_POLICY" in environ or environ.get("CODESHELL_DECODE_TEAM", "on") != "on":
+    if not _ours_to_set(environ):
         return None
     environ["OMP_WAIT_POLICY"] = "passive"
     return "passive"
@@ -59,13 +67,11 @@ def library_spin(environ: MutableMapping[str, str] = os.environ, loaded: bool | 
     nothing: torch (so libgomp) already loaded (`loaded`, default: "torch" in sys.modules),
     CODESHELL_OMP_WAIT=keep, an OMP_WAIT_POLICY or GOMP_SPINCOUNT the user set, or the decode team
     not on. A bad CODESHELL_OMP_WAIT value raises ValueError (one line)."""
-    mode = environ.get("CODESHELL_OMP_WAIT", "passive")
-    if mode not in WAITS:
-        raise ValueError(f"CODESHELL_OMP_WAIT={mode!r}: expected {' or '.join(WAITS)}")
+    if not _ours_to_set(environ) or "GOMP_SPINCOUNT" in environ:
+        return None
     if loaded is None:
         loaded = "torch" in sys.modules
-    if (loaded or mode == "keep" or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ
-            or environ.get("CODESHELL_DECODE_TEAM", "on") != "on"):
+    if loaded:
         return None
     environ["GOMP_SPINCOUNT"] = LIBRARY_SPINS
     return LIBRARY_SPINS

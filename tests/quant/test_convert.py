@@ -4,6 +4,7 @@ bound of loading a quantized folder (no full-precision weight is ever built)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -168,6 +169,19 @@ _MEM_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _child_env():
+    """A bare environment for the memory probe, keeping where the compiled kernels live.
+
+    Without HOME / CODESHELL_KERNELS_CACHE the child would look for (and, when absent, compile)
+    the extension in another cache than this test run's: minutes of compiling inside the timeout.
+    """
+    env = {"CODESHELL_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    for k in ("HOME", "CODESHELL_KERNELS_CACHE"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    return env
+
+
 def test_loading_quantized_folder_never_builds_float_weights(tmp_path):
     """A ~60M-parameter model: loading its int4 folder peaks far below its bf16 size."""
     cfg = CodeShellConfig(vocab_size=2048, n_embd=1024, n_layer=5, n_head=16, num_query_groups=4,
@@ -181,8 +195,7 @@ def test_loading_quantized_folder_never_builds_float_weights(tmp_path):
     bf16_bytes = cfg.num_parameters() * 2
     out = quantize_checkpoint(src, tmp_path / "q4", QuantScheme(bits=4, group_size=128))
     r = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(out)], capture_output=True, text=True,
-                       cwd=REPO, env={"CODESHELL_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin",
-                                      "PYTHONPATH": str(REPO)}, timeout=300)
+                       cwd=REPO, env=_child_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     peak, held = res["peak_kb"] * 1024, res["held"]

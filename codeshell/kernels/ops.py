@@ -395,8 +395,9 @@ def _measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype
     times = {c: min(t[c] for t, _ in looks) for c in cands}
     winner = min(times, key=times.__getitem__)
     winners = [min(t, key=t.__getitem__) for t, _ in looks]
-    steady = [t for t, s in looks if s <= MEASURE_SCATTER_MAX]  # an unsteady look has no vote
-    agree = all(min(t, key=t.__getitem__) == winner for t in steady) or all(_margin(t) < MEASURE_CLOSE for t in steady)
+    # an unsteady look has no vote
+    steady = [(t, w) for (t, s), w in zip(looks, winners) if s <= MEASURE_SCATTER_MAX]
+    agree = all(w == winner for _, w in steady) or all(_margin(t) < MEASURE_CLOSE for t, _ in steady)
     load = _host_load()
     trusted = looks[-1][1] <= MEASURE_SCATTER_MAX and agree and load <= MEASURE_LOAD_MAX
     CHOICE_TIMES[key] = times

@@ -87,3 +87,25 @@ def test_forced_emulation_is_the_default_here(monkeypatch):
         assert torch.equal(a, b)
     else:
         assert (a.float() - b.float()).abs().max().item() < 0.03
+
+
+@needs_avx512
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 128, 100, 0), (2, 4, 2, 32, 37, 9), (1, 4, 1, 64, 70, 20),
+                                         (1, 2, 1, 96, 130, 3)])
+@pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
+@pytest.mark.parametrize("switch", ["", "CODESHELL_PREFILL_ATTN_PREPACK=0", "CODESHELL_PREFILL_ATTN_R4=0",
+                                    "CODESHELL_PREFILL_ATTN_TRIM=0", "CODESHELL_PREFILL_ATTN_FULL=0"])
+def test_widened_operands_are_the_same_bits(B, H, G, D, T, P, kb, switch, monkeypatch):
+    """Session 25: the emulation with keys, values, queries and probabilities widened to fp32 once
+    (CODESHELL_PREFILL_ATTN_WIDE, default) against the widening in the inner loops (=0): the same
+    FMAs in the same order, so the same bits, at every key block and with each other switch."""
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_EMU", "1")
+    if switch:
+        monkeypatch.setenv(*switch.split("="))
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    scale = 1 / math.sqrt(D)
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_WIDE", "0")
+    want = pa.prefill_attention(q, kc, vc, slots, pos, scale, kb)
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_WIDE", "1")
+    got = pa.prefill_attention(q, kc, vc, slots, pos, scale, kb)
+    assert torch.equal(got, want), (got.float() - want.float()).abs().max().item()

@@ -69,6 +69,29 @@ def test_blocks_chunks_and_items_do_not_change_bits(block, kc, item, monkeypatch
 
 
 @needs_512
+@pytest.mark.parametrize("wpf", ["0", "1"])
+@pytest.mark.parametrize("xvec", ["0", "1"])
+@pytest.mark.parametrize("block,kc,item", [("1", "256", "1"), ("0", "64", "2"), ("2", "96", "3")])
+def test_weight_prefetch_and_vector_pack_do_not_change_bits(wpf, xvec, block, kc, item, monkeypatch):
+    # Session 25: the next weight chunk prefetched into L2 (CODESHELL_FMA_WPF) and x packed 16 k
+    # of a row at a time (CODESHELL_FMA_XPACK_V): the panel kernel's bits with either switch, for
+    # bf16 and fp32 x, with rows past the last full tile (M = 131), k past the last 16 (K = 1030,
+    # 17) and several items per thread (the prefetch then reaches into the next item)
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_FMA_WPF", wpf)
+    monkeypatch.setenv("CODESHELL_FMA_XPACK_V", xvec)
+    monkeypatch.setenv("CODESHELL_FMA_BLOCK", block)
+    monkeypatch.setenv("CODESHELL_FMA_KC", kc)
+    monkeypatch.setenv("CODESHELL_FMA_ITEM", item)
+    for n, k in ((300, 1030), (37, 17), (130, 512)):
+        p = prepack(_w(n, k, 7))
+        x = torch.randn(131, k, generator=torch.Generator().manual_seed(2)).bfloat16()
+        want = _panel(mod, x.float(), p, None)
+        assert torch.equal(mod.prefill_bf16_fma(x, p.data, n, None), want), (n, k)
+        assert torch.equal(mod.prefill_bf16_fma(x.float(), p.data, n, None), want), (n, k)
+
+
+@needs_512
 def test_row_bits_do_not_depend_on_m():
     mod = _ext.get()
     p = prepack(_w(130, 520, 5))

@@ -138,6 +138,85 @@ inline void pack_block(const Item& it, int64_t j0, int64_t n, uint32_t* kp, uint
   }
 }
 
+// The widened layout (session 25, W: the emulated kernel without AVX512-BF16): both operands of
+// every emulated vdpbf16ps widened to fp32 once here, not in the products' inner loops, where each
+// operand vector cost two ALU ops (a mask and a shift) on the two ports that also run the FMAs
+// (about a third of the port work of a 64-key x 4-row score tile on an Ice Lake Xeon).
+// kw[d2][0][j] = dim 2 d2 + 1 of key j0 + j (the pair's high half), kw[d2][1][j] = dim 2 d2;
+// vw[j2][0][d] = dim d of value 2 j2 + 1, vw[j2][1][d] = of value 2 j2 (zero past `n`). The
+// products then run dpbf16<true>'s two FMAs on the same values in the same order: the same bits.
+template <int KB>
+inline void pack_block_w(const Item& it, int64_t j0, int64_t n, float* kw, float* vw) {
+  const int64_t D = it.D, D2 = D / 2;
+  for (int64_t j = 0; j < KB; ++j) {
+    const uint16_t* kr = it.k + (j0 + j) * D;
+    for (int64_t d2 = 0; d2 < D2; ++d2) {
+      const uint32_t hi = j < n ? uint32_t(kr[2 * d2 + 1]) << 16 : 0u, lo = j < n ? uint32_t(kr[2 * d2]) << 16 : 0u;
+      std::memcpy(kw + d2 * 2 * KB + j, &hi, 4);
+      std::memcpy(kw + d2 * 2 * KB + KB + j, &lo, 4);
+    }
+  }
+  for (int64_t j2 = 0; j2 < KB / 2; ++j2)
+    for (int u = 0; u < 2; ++u) {  // u = 0: value 2 j2 + 1 (the high half), 1: value 2 j2
+      const int64_t j = 2 * j2 + 1 - u;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512i w = j < n ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                      reinterpret_cast<const __m256i*>(it.v + (j0 + j) * D + d))), 16)
+                                : _mm512_setzero_si512();
+        _mm512_store_si512(vw + (2 * j2 + u) * D + d, w);
+      }
+    }
+}
+
+// scores<true, ..> on the widened layout: qr[i] a query row widened to fp32 (dims in order), kw as
+// pack_block_w lays it out; per dim pair the high halves' FMA, then the low halves' (dpbf16<true>).
+template <int MR, int NB, int KB = 16 * NB>
+inline void scores_w(const float* const* qr, const float* kw, int64_t D2, __m512* s) {
+  __m512 acc[MR][NB];
+  const float* q[MR];
+  for (int i = 0; i < MR; ++i) {
+    q[i] = qr[i];
+    for (int c = 0; c < NB; ++c) acc[i][c] = _mm512_setzero_ps();
+  }
+  for (int64_t d2 = 0; d2 < D2; ++d2) {
+    __m512 kh[NB], kl[NB];
+    for (int c = 0; c < NB; ++c) {
+      kh[c] = _mm512_load_ps(kw + d2 * 2 * KB + 16 * c);
+      kl[c] = _mm512_load_ps(kw + d2 * 2 * KB + KB + 16 * c);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512 qh = _mm512_set1_ps(q[i][2 * d2 + 1]), ql = _mm512_set1_ps(q[i][2 * d2]);
+      for (int c = 0; c < NB; ++c) acc[i][c] = _mm512_fmadd_ps(ql, kl[c], _mm512_fmadd_ps(qh, kh[c], acc[i][c]));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int c = 0; c < NB; ++c) s[i * (KB / 16) + c] = acc[i][c];
+}
+
+// pv_chunk<true, ..> on the widened layout: p[r] a row's probabilities as fp32 (keys in order, each
+// the bf16-rounded value), vw as pack_block_w lays it out; per key pair the odd key's FMA, then the
+// even key's (dpbf16<true> on the pair (p[2 j2], p[2 j2 + 1])).
+template <int NR, int NC>
+inline void pv_chunk_w(float* const* o, const float* const* p, const float* alpha, const float* vw, int64_t D,
+                       int64_t d, int64_t KP, bool first) {
+  __m512 a[NR][NC];
+  for (int r = 0; r < NR; ++r) {
+    const __m512 al = _mm512_set1_ps(alpha[r]);
+    for (int c = 0; c < NC; ++c)
+      a[r][c] = first ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_load_ps(o[r] + d + 16 * c), al);
+  }
+  for (int64_t j2 = 0; j2 < KP; ++j2) {
+    __m512 bh[NR], bl[NR];
+    for (int r = 0; r < NR; ++r) bh[r] = _mm512_set1_ps(p[r][2 * j2 + 1]), bl[r] = _mm512_set1_ps(p[r][2 * j2]);
+    for (int c = 0; c < NC; ++c) {
+      const __m512 vh = _mm512_load_ps(vw + 2 * j2 * D + d + 16 * c), vl = _mm512_load_ps(vw + (2 * j2 + 1) * D + d + 16 * c);
+      for (int r = 0; r < NR; ++r) a[r][c] = _mm512_fmadd_ps(bl[r], vl, _mm512_fmadd_ps(bh[r], vh, a[r][c]));
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) _mm512_store_ps(o[r] + d + 16 * c, a[r][c]);
+}
+
 // Scores of MR query rows (row pointers qr[i], bf16 pairs) against the packed block of NB x 16
 // keys: s[i * NB + c] (keys 16c..16c+15). The sums and the row pointers are locals: __m512 is a
 // may-alias type, so accumulating through `s` itself kept every sum in memory (a store and a
@@ -194,10 +273,17 @@ inline void pv_chunk(float* const* o, const uint32_t* const* p, const float* alp
 // pv_chunk over all D dims: 64 at a time, then a last 32 where D % 64 == 32 (head dim 32, 96, ..:
 // codeshell-mini's heads are 32 wide). Each lane's sum runs over the key pairs in the same order
 // whatever the chunk width, so the width does not change a bit.
-template <bool E, int NR>
+template <bool E, int NR, bool W = false>
 inline void pv_rows(float* const* o, const uint32_t* const* p, const float* alpha, const uint32_t* vp, int64_t D,
                     int64_t KP, bool first) {
   int64_t d = 0;
+  if constexpr (W) {  // p: fp32 rows, vp: pack_block_w's values
+    const float* const* pf = reinterpret_cast<const float* const*>(p);
+    const float* vw = reinterpret_cast<const float*>(vp);
+    for (; d + 64 <= D; d += 64) pv_chunk_w<NR, 4>(o, pf, alpha, vw, D, d, KP, first);
+    if (d < D) pv_chunk_w<NR, 2>(o, pf, alpha, vw, D, d, KP, first);
+    return;
+  }
   for (; d + 64 <= D; d += 64) pv_chunk<E, NR, 4>(o, p, alpha, vp, D, d, KP, first);
   if (d < D) pv_chunk<E, NR, 2>(o, p, alpha, vp, D, d, KP, first);
 }
@@ -205,7 +291,7 @@ inline void pv_rows(float* const* o, const uint32_t* const* p, const float* alph
 // o[i0 + ii] = alpha[ii] o[i0 + ii] + p[ii] . V for a score tile's `rows` rows (probabilities prow
 // [rows][kP] key pairs): PR rows at a time sharing each value vector, then one at a time. Shared by
 // block_rows and block_rows4.
-template <bool E, int PR>
+template <bool E, int PR, bool W = false>
 inline void pv_tile(const int64_t rows, const int64_t i0, float* o, const uint32_t* prow, const int64_t kP,
                     const float* alpha, const uint32_t* vp, const int64_t D, const int64_t kPe, const bool first) {
   int64_t ii = 0;
@@ -213,12 +299,12 @@ inline void pv_tile(const int64_t rows, const int64_t i0, float* o, const uint32
     float* orow[PR];
     const uint32_t* pr[PR];
     for (int r = 0; r < PR; ++r) orow[r] = o + (i0 + ii + r) * D, pr[r] = prow + (ii + r) * kP;
-    pv_rows<E, PR>(orow, pr, alpha + ii, vp, D, kPe, first);
+    pv_rows<E, PR, W>(orow, pr, alpha + ii, vp, D, kPe, first);
   }
   for (; ii < rows; ++ii) {
     float* const orow[1] = {o + (i0 + ii) * D};
     const uint32_t* const pr[1] = {prow + ii * kP};
-    pv_rows<E, 1>(orow, pr, alpha + ii, vp, D, kPe, first);
+    pv_rows<E, 1, W>(orow, pr, alpha + ii, vp, D, kPe, first);
   }
 }
 
@@ -226,16 +312,20 @@ inline void pv_tile(const int64_t rows, const int64_t i0, float* o, const uint32
 // key chunks hold keys (a last, partial block: the chunks past its keys are never computed) and
 // kPe key pairs (the value product stops there). The chunks and pairs left out hold only keys no
 // query sees (zero probabilities on zero values): the same sums, the same bits as the whole block.
-template <bool E, int KB, int MR, int PR, int NBE>
+template <bool E, int KB, int MR, int PR, int NBE, bool W = false>
 inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
                        const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
                        float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane,
                        const bool first) {
   constexpr int NB = KB / 16;
-  constexpr int64_t kP = KB / 2;
+  // a probability row: KB / 2 bf16 pairs, or (W) KB floats
+  constexpr int64_t kP = W ? KB : KB / 2;
     for (int64_t i0 = 0; i0 < R; i0 += MR) {
       __m512 s[MR * NB];
-      scores<E, MR, NBE, KB>(qrowp + i0, kp, D2, s);
+      if constexpr (W)
+        scores_w<MR, NBE, KB>(reinterpret_cast<const float* const*>(qrowp + i0), reinterpret_cast<const float*>(kp), D2, s);
+      else
+        scores<E, MR, NBE, KB>(qrowp + i0, kp, D2, s);
       const int64_t rows = std::min<int64_t>(MR, R - i0);
       float alpha[MR];
       for (int64_t ii = 0; ii < rows; ++ii) {
@@ -265,8 +355,9 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
         __m512 sum = _mm512_setzero_ps();
         for (int c = 0; c < NBE; ++c) {
           const __m256i eb = to_bf16<E>(_mm512_maskz_mov_ps(vis[c], codeshell::exp16(_mm512_sub_ps(x[c], mv))));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), eb);
           const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
+          if constexpr (W) _mm512_store_ps(reinterpret_cast<float*>(p) + 16 * c, er);
+          else _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), eb);
           sum = NBE == 1 ? er : _mm512_add_ps(sum, er);
         }
         // l a l + sum as a rounded product then a rounded sum: not contracted into an FMA (whether the
@@ -278,7 +369,7 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
         alpha[ii] = al;
       }
       // o[i] = alpha o[i] + p[i] . V: vdpbf16ps over key pairs, PR rows at a time sharing each value vector
-      pv_tile<E, PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
+      pv_tile<E, PR, W>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
     }
 }
 
@@ -309,17 +400,20 @@ inline __m512 reduce4(const __m512* v) {
 // move only where it moved (exp(0) = 1 exactly: the same alpha), the scores rescaled and masked
 // again in the exp pass instead of being kept (the same multiply). The same products in the same
 // order: the same bits as block_rows (tests/kernels/test_prefill_attention.py checks them equal).
-template <bool E, int KB, int MR, int PR, int NBE>
+template <bool E, int KB, int MR, int PR, int NBE, bool W = false>
 inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
                         const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
                         float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane,
                        const bool first, const bool full_tiles) {
   static_assert(MR == 4, "block_rows4: four rows a tile");
   constexpr int NB = KB / 16;
-  constexpr int64_t kP = KB / 2;
+  constexpr int64_t kP = W ? KB : KB / 2;  // a probability row (as block_rows)
   for (int64_t i0 = 0; i0 < R; i0 += MR) {
     __m512 s[MR * NB];
-    scores<E, MR, NBE, KB>(qrowp + i0, kp, D2, s);
+    if constexpr (W)
+      scores_w<MR, NBE, KB>(reinterpret_cast<const float* const*>(qrowp + i0), reinterpret_cast<const float*>(kp), D2, s);
+    else
+      scores<E, MR, NBE, KB>(qrowp + i0, kp, D2, s);
     const int64_t rows = std::min<int64_t>(MR, R - i0);
     int64_t last[MR];
     bool all_seen = rows == MR;  // every key of the block's NBE chunks visible to all four rows
@@ -375,8 +469,9 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
           const __mmask16 vis = visible(ii, c);
           const __m512 x = masked(vis, _mm512_mul_ps(s[ii * NB + c], sc));
           const __m256i eb = to_bf16<E>(zeroed(vis, codeshell::exp16(_mm512_sub_ps(x, mv))));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), eb);
           const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
+          if constexpr (W) _mm512_store_ps(reinterpret_cast<float*>(p) + 16 * c, er);
+          else _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), eb);
           sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
         }
       }
@@ -393,7 +488,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
     };
     if (all_seen && full_tiles) softmax(std::true_type{});
     else softmax(std::false_type{});
-    pv_tile<E, PR>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
+    pv_tile<E, PR, W>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
   }
 }
 
@@ -402,7 +497,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
 // R4: the softmax of four rows at a time (block_rows4, MR = 4 only; the same bits).
 // nofill: o is not zero-filled; the first key block's value product starts its sums from zero
 // instead (pv_chunk's `first`: the same bits).
-template <bool E, int KB, int MR, int PR, bool R4 = false>
+template <bool E, int KB, int MR, int PR, bool R4 = false, bool W = false>
 void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow, float* lrow, uint32_t* prow,
               bool nofill) {
   constexpr int NB = KB / 16;
@@ -419,6 +514,18 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
     qpos[i] = it.pos[t];
     maxpos = std::max(maxpos, qpos[i]);
   }
+  // W: the query rows widened to fp32 once per item (dims in order), for scores_w
+  static thread_local codeshell::ThreadScratch qw_keep;
+  codeshell::Scratch<float> qw(qw_keep, W ? size_t(R) * D : 0);
+  if constexpr (W)
+    for (int64_t i = 0; i < R; ++i) {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(qrow[i]);
+      float* dst = qw.data() + i * D;
+      for (int64_t d = 0; d < D; d += 16)
+        _mm512_storeu_si512(dst + d, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                         reinterpret_cast<const __m256i*>(src + d))), 16));
+      qrow[i] = reinterpret_cast<const uint32_t*>(dst);
+    }
   for (int64_t i = R; i < R + kMrMax; ++i) qrow[i] = qrow[0], qpos[i] = qpos[0];  // tile padding
   if (!nofill) std::fill(o, o + R * D, 0.f);
   std::fill(mrow, mrow + R, -INFINITY);
@@ -428,19 +535,28 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
   for (int64_t j0 = 0; j0 <= maxpos; j0 += KB) {
     const uint32_t* kb = kp;
     const uint32_t* vb = vp;
+    // a packed block: keys then values, KB * D / 2 dwords each (bf16 pairs), or KB * D (W: fp32)
+    constexpr int64_t half = W ? 2 : 1;
     if (it.pk != nullptr) {  // packed once for the (row, group): by the first item to reach the block
-      uint32_t* kw = it.pk + (j0 / KB) * KB * D;
+      uint32_t* kw = it.pk + (j0 / KB) * KB * D * half;
       std::atomic<int>& f = it.ready[j0 / KB];
       if (f.load(std::memory_order_acquire) != 2) {
         int idle = 0;
         if (f.compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
-          pack_block<KB>(it, j0, std::min<int64_t>(KB, it.nkeys - j0), kw, kw + KB * D / 2);
+          if constexpr (W)
+            pack_block_w<KB>(it, j0, std::min<int64_t>(KB, it.nkeys - j0), reinterpret_cast<float*>(kw),
+                             reinterpret_cast<float*>(kw + KB * D));
+          else
+            pack_block<KB>(it, j0, std::min<int64_t>(KB, it.nkeys - j0), kw, kw + KB * D / 2);
           f.store(2, std::memory_order_release);
         } else {
           while (f.load(std::memory_order_acquire) != 2) _mm_pause();  // the other thread is packing it (~1 us)
         }
       }
-      kb = kw, vb = kw + KB * D / 2;
+      kb = kw, vb = kw + KB * D * half / 2;
+    } else if constexpr (W) {
+      pack_block_w<KB>(it, j0, std::min<int64_t>(KB, maxpos + 1 - j0), reinterpret_cast<float*>(kp),
+                       reinterpret_cast<float*>(vp));
     } else {
       pack_block<KB>(it, j0, std::min<int64_t>(KB, maxpos + 1 - j0), kp, vp);
     }
@@ -449,10 +565,10 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
     auto block = [&](auto nbe) {
       constexpr int NBE = decltype(nbe)::value;
       if constexpr (R4 && MR == 4)
-        block_rows4<E, KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
+        block_rows4<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                      nofill && j0 == 0, it.full);
       else
-        block_rows<E, KB, MR, PR, NBE>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
+        block_rows<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                     nofill && j0 == 0);
     };
     if constexpr (NB >= 4) if (nb == 3) { block(std::integral_constant<int, 3>{}); continue; }
@@ -537,7 +653,16 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
            : key_block == 32 ? (D == 32 ? run_item<E, 32, 8, 8> : run_item<E, 32, 8, 4>)
                              : (r4 ? run_item<E, 64, 4, 4, true> : run_item<E, 64, 4, 4>);
   };
-  const RunItem run = emu ? pick(std::true_type{}) : pick(std::false_type{});
+  // CODESHELL_PREFILL_ATTN_WIDE=0: the emulated kernel widens its operands in the products' inner
+  // loops (session 23's); by default (emulation only) keys, values, queries and probabilities are
+  // widened to fp32 once (pack_block_w, scores_w, pv_chunk_w): the same FMAs, the same bits.
+  const bool wide = emu && codeshell::env_flag("CODESHELL_PREFILL_ATTN_WIDE", true);
+  auto pick_w = [&]() -> RunItem {
+    return key_block == 16 ? run_item<true, 16, 8, 2, false, true>
+           : key_block == 32 ? (D == 32 ? run_item<true, 32, 8, 8, false, true> : run_item<true, 32, 8, 4, false, true>)
+                             : (r4 ? run_item<true, 64, 4, 4, true, true> : run_item<true, 64, 4, 4, false, true>);
+  };
+  const RunItem run = wide ? pick_w() : emu ? pick(std::true_type{}) : pick(std::false_type{});
   // Prepack (CODESHELL_PREFILL_ATTN_PREPACK=0: off, A/B): each (row, group)'s key blocks packed once
   // for all its T / 32 query items (by the first item to reach a block; another item needing it
   // meanwhile waits for it), where every item packed its own copy of each block it reads (a
@@ -554,7 +679,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     nkeys[b] = *std::max_element(pp + b * T, pp + (b + 1) * T) + 1;
     nblk = std::max(nblk, (nkeys[b] + key_block - 1) / key_block);
   }
-  const int64_t bstride = key_block * D;  // dwords per packed block
+  const int64_t bstride = key_block * D * (wide ? 2 : 1);  // dwords per packed block (W: fp32, twice)
   // kept by the calling thread between calls (scratch.h): a 512-token prompt's blocks are 512 KiB at
   // the small shape (H 8, G 2, D 128), a fresh mapping with a page fault per 4 KiB each call
   static thread_local codeshell::ThreadScratch packed_keep;
@@ -574,9 +699,10 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // (run_item's nofill). Why: at the small shape (H 8, G 2, D 128, T 512) a call made 16 chunks of
   // ~100 KiB zero-filled and 32 items' o of 64 KiB each, ~3.6 MiB of stores before any product.
   const bool lean = codeshell::env_flag("CODESHELL_PREFILL_ATTN_SETUP", true);
-  const size_t nbuf = size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kMrMax) * kKbMax + 2 * Rmax + 64;
+  const size_t nbuf = 2 * size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kMrMax) * kKbMax + 2 * Rmax + 64;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
-    // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs), o [R][D]
+    // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs; W: fp32,
+    // twice the dwords: each given kKbMax * D), o [R][D]
     // fp32, the probabilities of a score tile [MR rows][KB/2 key pairs] (bf16 pairs), row max and sum
     static thread_local codeshell::ThreadScratch buf_keep;
     std::vector<float> buf(lean ? 0 : nbuf);
@@ -584,8 +710,8 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     float* const raw = lean ? kept.data() : buf.data();
     float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t(63));
     uint32_t* kp = reinterpret_cast<uint32_t*>(base);
-    uint32_t* vp = kp + kKbMax * D / 2;
-    float* o = reinterpret_cast<float*>(vp + kKbMax * D / 2);
+    uint32_t* vp = kp + kKbMax * D;
+    float* o = reinterpret_cast<float*>(vp + kKbMax * D);
     uint32_t* prow = reinterpret_cast<uint32_t*>(o + Rmax * D);
     float* mrow = reinterpret_cast<float*>(prow + kMrMax * kKbMax);
     float* lrow = mrow + Rmax;

@@ -1056,12 +1056,41 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
   static thread_local codeshell::ThreadScratch x_keep;
   codeshell::Scratch<float> xs(x_keep, size_t(T + 1) * MR * Kp);
   float* xp = xs.data();
+  // The pack 16 k of a row at a time (a widened vector scattered to stride MR) where a tile's rows
+  // are all inside x, rather than a value at a time: the pack of mlp.c_proj's x (M = 512, K = 4096:
+  // 2 M values) was a scalar load / shift / store each. CODESHELL_FMA_XPACK_V=0: the scalar pack
+  // everywhere (A/B). The same values either way (widening is exact).
+  const bool xvec = codeshell::env_flag("CODESHELL_FMA_XPACK_V", true);
+  const __m512i xidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(MR));
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t k0 = 0; k0 < Kp; k0 += KC) {
         const int64_t kc = std::min(KC, Kp - k0);
         float* d = xp + k0 * T * MR + t * kc * MR;
-        for (int i = 0; i < MR; ++i) {
+        const bool vec = xvec && (t + 1) * MR <= M;
+        for (int i = 0; vec && i < MR; ++i) {
+          const int64_t kin = std::max<int64_t>(0, std::min(kc, K - k0));
+          int64_t k = 0;
+          if (xb) {
+            const uint16_t* src = static_cast<const uint16_t*>(x) + (t * MR + i) * K + k0;
+            for (; k + 16 <= kin; k += 16) {
+              const __m512i u = _mm512_slli_epi32(
+                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))), 16);
+              _mm512_i32scatter_ps(d + k * MR + i, xidx, _mm512_castsi512_ps(u), 4);
+            }
+            for (; k < kin; ++k) {
+              const uint32_t u = uint32_t(src[k]) << 16;
+              std::memcpy(d + k * MR + i, &u, 4);
+            }
+          } else {
+            const float* src = static_cast<const float*>(x) + (t * MR + i) * K + k0;
+            for (; k + 16 <= kin; k += 16) _mm512_i32scatter_ps(d + k * MR + i, xidx, _mm512_loadu_ps(src + k), 4);
+            for (; k < kin; ++k) d[k * MR + i] = src[k];
+          }
+          for (; k < kc; ++k) d[k * MR + i] = 0.f;
+        }
+        for (int i = 0; !vec && i < MR; ++i) {
           const int64_t m = t * MR + i;
           const int64_t kin = m < M ? std::max<int64_t>(0, std::min(kc, K - k0)) : 0;
           if (xb) {
@@ -1079,6 +1108,7 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
       }
   });
   const int64_t items = (P + item - 1) / item, ldc = item * kPanel;
+  const bool wpf = codeshell::env_flag("CODESHELL_FMA_WPF", true);
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
     static thread_local codeshell::ThreadScratch c_keep, b_keep;
     codeshell::Scratch<float> cs(c_keep, size_t(T) * MR * ldc);
@@ -1094,7 +1124,28 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
           const int np = int(std::min<int64_t>(NP, pb - p));
           widen_panels(w + p * Kh * kPanel, Kh * kPanel, np, k0 / 2, kc, b);
           float* cp = c + (p - pa) * kPanel;
+          // The weight chunk widened next (this item's next group at this chunk, else its first
+          // group at the next chunk, else the next item's first chunk), into L2 a few lines per
+          // row tile (a line: one k-pair of one panel), so that the widening does not wait on
+          // memory: the small shape's weights (2-8 MiB a call, 168 MiB for 8 layers) come from
+          // DRAM each prompt, and each panel's chunk (128 lines, 8 KiB) spans two 4 KiB pages,
+          // where the L2 streamer stops. CODESHELL_FMA_WPF=0: none (session 24's kernel; A/B).
+          int64_t wl = 0, wnj = 1, wper = 0;
+          const uint32_t* wn = nullptr;
+          if (wpf) {
+            int64_t pn = p + NP, kn = k0, pend = pb;
+            if (pn >= pb) pn = pa, kn = k0 + KC;
+            if (kn >= Kp && it + 1 < i1) pn = pb, kn = 0, pend = std::min(P, pb + item);
+            if (kn < Kp && pn < pend) {
+              wnj = std::min(KC, Kp - kn) / 2;
+              wl = std::min<int64_t>(NP, pend - pn) * wnj;
+              wper = (wl + T - 1) / T;
+              wn = w + (pn * Kh + kn / 2) * kPanel;
+            }
+          }
           for (int64_t t = 0; t < T; ++t) {
+            for (int64_t l = t * wper, le = std::min(wl, l + wper); l < le; ++l)
+              _mm_prefetch(reinterpret_cast<const char*>(wn + (l / wnj) * Kh * kPanel + (l % wnj) * kPanel), _MM_HINT_T1);
             const float* pf = t + 1 < T ? xc + (t + 1) * kc * MR : nullptr;
             const float* a = xc + t * kc * MR;
             float* ct = cp + t * MR * ldc;

@@ -1,0 +1,96 @@
+"""The bf16 prefill candidates of an AVX-512 CPU without AVX512-BF16 at the Ms a prefill meets
+(session 25 helper A): `avx512_vnni:gemm` (prefill_bf16_fma), `sgemm:fp32` and
+`avx512_vnni:panel64`, on bf16 x as a bf16 model calls them, per weight shape and M, called by
+name (ops._compute, timed up to the bf16 result as ops._time_call times them), rounds alternating
+the paths, medians. Why: serving's time to first token at 1 client is one prefill forward of
+~90 tokens on a 1.7B model of the 7B width (K = 4096), where the GEMM was only measured at
+M = 512; the at-load choice (ops._choose) is one path per weight for every M above 64, measured
+at ops.PREFILL_MEASURE_ROWS, so this prints what that choice would weigh and what it leaves out.
+Also prints, per shape, the path ops._look's measurement picks in this process.
+
+    flock /work/notes/bench.lock python benchmarks/bench_prefill_m.py --model 7b --m 65 90 128 512
+    flock /work/notes/bench.lock python benchmarks/bench_prefill_m.py --model small --m 90 128 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import MODEL_SHAPES  # noqa: E402
+
+from codeshell.kernels import _ext, ops, prepack  # noqa: E402
+
+MINI = {"c_attn": (384, 256, True), "attn.c_proj": (256, 256, True), "c_fc": (1024, 256, True),
+        "mlp.c_proj": (256, 1024, True)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="7b", choices=list(MODEL_SHAPES) + ["mini"])
+    ap.add_argument("--shapes", nargs="+", default=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"])
+    ap.add_argument("--m", nargs="+", type=int, default=[65, 90, 128, 512])
+    ap.add_argument("--paths", nargs="+", default=["avx512_vnni:gemm", "sgemm:fp32", "avx512_vnni:panel64"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--env", nargs="*", default=[], metavar="NAME=V",
+                    help="extra variants of the first path: each NAME=V[,NAME=V] set around its calls (A/B)")
+    args = ap.parse_args()
+    mod = _ext.get()
+    print(f"threads {torch.get_num_threads()}, isa level {ops.ISA_LEVELS[ops.isa_level()]}, "
+          f"load avg {os.getloadavg()[0]:.2f}", flush=True)
+    shapes = MINI if args.model == "mini" else MODEL_SHAPES[args.model]
+    for name in args.shapes:
+        n, k, _ = shapes[name]
+        w = torch.randn(n, k) / k ** 0.5
+        p = prepack(w.bfloat16())
+        bias = torch.randn(n) * 0.1
+        for m in args.m:
+            x = torch.randn(m, k).bfloat16()
+
+            def call(path, env=None):
+                def f():
+                    old = {}
+                    for kv in (env or "").split(","):
+                        if kv:
+                            a, v = kv.split("=", 1)
+                            old[a] = os.environ.get(a)
+                            os.environ[a] = v
+                    try:
+                        return ops._compute(path, mod, x, p, bias).to(torch.bfloat16)
+                    finally:
+                        for a, v in old.items():
+                            if v is None:
+                                del os.environ[a]
+                            else:
+                                os.environ[a] = v
+                return f
+            paths = {c: call(c) for c in args.paths}
+            for e in args.env:
+                paths[f"{args.paths[0]} {e}"] = call(args.paths[0], e)
+            reps = max(1, int(1.5e8 / (2 * m * n * k + 4e6)))
+            times = {v: [] for v in paths}
+            for f in paths.values():
+                f()
+            for r in range(args.rounds):
+                order = list(paths.items())
+                order = order[r % len(order):] + order[:r % len(order)]
+                for v, f in order:
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        f()
+                    times[v].append((time.perf_counter() - t0) / reps)
+            med = {v: statistics.median(t) for v, t in times.items()}
+            base = med[next(iter(paths))]
+            print(f"{args.model} {name:12s} N={n:5d} K={k:5d} M={m:4d}: " + "; ".join(
+                f"{v} {med[v] * 1e3:8.3f} ms {2 * m * n * k / med[v] / 1e12:.3f} TF/s x{med[v] / base:.2f}"
+                for v in paths), flush=True)
+
+
+if __name__ == "__main__":
+    main()

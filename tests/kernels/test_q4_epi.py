@@ -31,14 +31,16 @@ WEIGHTS = [({"group_size": 128, "symmetric": False}, 23, 1536),
            ({"group_size": 64, "symmetric": True}, 40, 512)]
 
 ENV_VARS = ("CODESHELL_Q4_EPI", "CODESHELL_Q4_M1_R16E", "CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q4_M1_PF",
-            "CODESHELL_Q4_ROWS", "CODESHELL_Q4_ROWS_MAX_M", "CODESHELL_Q4_M1_SCT")
+            "CODESHELL_Q4_ROWS", "CODESHELL_Q4_ROWS_MAX_M", "CODESHELL_Q4_M1_SCT",
+            "CODESHELL_Q4_M1_R16E_G")
 _TOP = str(ops.ROW_INVARIANT_MAX_M + 1)
 # Splits per family: epilogue (tile_r16_q4e / tile_v at M = 1-2, q8_panel.h from 3; tile_v at M = 1;
 # the panel at every M; tile_v at every M; tile_r16_q4e without its prefetch), per-lane (tile_q4v /
 # q4_rows.h; run_q4v throughout).
 SPLITS = {"1": [{}, {"CODESHELL_Q4_M1_R16E": "0"}, {"CODESHELL_Q8_PANEL_MIN_M": "1"},
                 {"CODESHELL_Q8_PANEL_MIN_M": _TOP}, {"CODESHELL_Q4_M1_PF": "0"},
-                {"CODESHELL_Q4_M1_R16E": "0", "CODESHELL_Q8_PANEL_MIN_M": "2"}, {"CODESHELL_Q4_M1_SCT": "0"}],
+                {"CODESHELL_Q4_M1_R16E": "0", "CODESHELL_Q8_PANEL_MIN_M": "2"}, {"CODESHELL_Q4_M1_SCT": "0"},
+                {"CODESHELL_Q4_M1_R16E_G": "64"}],
           "0": [{}, {"CODESHELL_Q4_ROWS": "0", "CODESHELL_Q4_ROWS_MAX_M": "0"}]}
 
 

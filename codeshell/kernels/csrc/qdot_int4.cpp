@@ -237,6 +237,9 @@ inline bool q4_m1_r16e() { return env_flag("CODESHELL_Q4_M1_R16E", true); }
 // two a group (scales, offsets) per 1 KiB of nibbles; the gathers took a quarter of the tile's time.
 // CODESHELL_Q4_M1_SCT=0: the gathers (the same values, the same bits; read per call).
 inline bool q4_m1_sct() { return env_flag("CODESHELL_Q4_M1_SCT", true); }
+// Groups a row up to which tile_r16_q4e runs (spans of 16; past it tile_v): 16 (K <= 2048 at G = 128).
+// CODESHELL_Q4_M1_R16E_G overrides (read per call; the same bits either way).
+inline int64_t q4_m1_r16e_groups() { return env_int("CODESHELL_Q4_M1_R16E_G", 16); }
 inline int64_t q4_m1_r16_groups() { return env_int("CODESHELL_Q4_M1_R16_G", kQ4M1R16Groups); }
 
 template <bool OFFS>
@@ -492,7 +495,7 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
   // one span of up to 16 groups a row (K <= 2048 at G = 128): at K = 4096 (two spans, or one of 32
   // groups, a 32 KiB lb) it ran the small shape's mlp.c_proj in 1.05 / 0.99 ms against tile_v's 0.81
   // (b1 step profile, 5 rounds, quiet minute), as tile_r16_q8's two spans did for int8
-  if (r16e && M == 1 && (G == 128 || G == 256) && ng <= 16) {  // raw tree16 results, 16 rows a tile (n0 % 16 == 0)
+  if (r16e && M == 1 && (G == 128 || G == 256) && ng <= q4_m1_r16e_groups()) {  // raw tree16 results, 16 rows a tile (n0 % 16 == 0)
     const Pf pf = q4_m1_pf();
     const bool sct = q4_m1_sct();
     for (int64_t n = n0; n < n1; n += 16) {

@@ -3,7 +3,8 @@ on CPUs whose highest kernel level is avx512_vnni, e.g. the Ice Lake-class Xeon;
 q4_epi_kind) and on tile_q4v's per-lane bits (CODESHELL_Q4_EPI=0: the default elsewhere below AMX).
 
 With the epilogue family int4 runs tile_r16_q4e at M = 1 (16 weight rows a tile, groups of 128 /
-256; CODESHELL_Q4_M1_R16E=0: tile_v), tile_v at M = 1-2 otherwise and q8_panel.h from
+256; CODESHELL_Q4_M1_R16E=0: tile_v; CODESHELL_Q4_M1_SCT=0: its scales / offsets gathered instead of
+transposed once a span; CODESHELL_Q4_M1_R16E_G=64: the tile at K = 4096 too), tile_v at M = 1-2 otherwise and q8_panel.h from
 CODESHELL_Q8_PANEL_MIN_M (3) rows: checked here, per family, the kernel's fp32 output against the
 reference of its path (`ops.reference`) within 2e-5 of the largest output, and each row of every
 M up to ops.ROW_INVARIANT_MAX_M bit for bit against the same row alone, for every split of the
@@ -31,14 +32,16 @@ WEIGHTS = [({"group_size": 128, "symmetric": False}, 23, 1536),
            ({"group_size": 64, "symmetric": True}, 40, 512)]
 
 ENV_VARS = ("CODESHELL_Q4_EPI", "CODESHELL_Q4_M1_R16E", "CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q4_M1_PF",
-            "CODESHELL_Q4_ROWS", "CODESHELL_Q4_ROWS_MAX_M")
+            "CODESHELL_Q4_ROWS", "CODESHELL_Q4_ROWS_MAX_M", "CODESHELL_Q4_M1_SCT",
+            "CODESHELL_Q4_M1_R16E_G")
 _TOP = str(ops.ROW_INVARIANT_MAX_M + 1)
 # Splits per family: epilogue (tile_r16_q4e / tile_v at M = 1-2, q8_panel.h from 3; tile_v at M = 1;
 # the panel at every M; tile_v at every M; tile_r16_q4e without its prefetch), per-lane (tile_q4v /
 # q4_rows.h; run_q4v throughout).
 SPLITS = {"1": [{}, {"CODESHELL_Q4_M1_R16E": "0"}, {"CODESHELL_Q8_PANEL_MIN_M": "1"},
                 {"CODESHELL_Q8_PANEL_MIN_M": _TOP}, {"CODESHELL_Q4_M1_PF": "0"},
-                {"CODESHELL_Q4_M1_R16E": "0", "CODESHELL_Q8_PANEL_MIN_M": "2"}],
+                {"CODESHELL_Q4_M1_R16E": "0", "CODESHELL_Q8_PANEL_MIN_M": "2"}, {"CODESHELL_Q4_M1_SCT": "0"},
+                {"CODESHELL_Q4_M1_R16E_G": "64"}],
           "0": [{}, {"CODESHELL_Q4_ROWS": "0", "CODESHELL_Q4_ROWS_MAX_M": "0"}]}
 
 

@@ -23,6 +23,7 @@
 #include "qdot_q4v.h"
 #include "qdot_tile_v.h"
 #include "simd.h"
+#include "simd512.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -229,6 +230,16 @@ constexpr int64_t kQ4v12MaxGroups = 16;
 // in the step), the 1.7B int4 at 1 thread 1.12x. docs/kernels.md session 19 helper C.
 constexpr int64_t kQ4M1R16Groups = 32;
 inline bool q4_m1_r16e() { return env_flag("CODESHELL_Q4_M1_R16E", true); }
+// tile_r16_q4e's per-group scales / offsets (lane = weight row): a span's block of the 16 rows'
+// scales (and offsets) loaded row by row and transposed in registers once a span (simd512.h
+// transpose16: 64 shuffles), instead of two vgatherdps zmm per group. Why: on the Ice Lake-class Xeon
+// a 16-lane gather costs ~9 ns (~30 cycles, a standalone loop, docs/kernels.md session 25 helper C),
+// two a group (scales, offsets) per 1 KiB of nibbles; the gathers took a quarter of the tile's time.
+// CODESHELL_Q4_M1_SCT=0: the gathers (the same values, the same bits; read per call).
+inline bool q4_m1_sct() { return env_flag("CODESHELL_Q4_M1_SCT", true); }
+// Groups a row up to which tile_r16_q4e runs (spans of 16; past it tile_v): 16 (K <= 2048 at G = 128).
+// CODESHELL_Q4_M1_R16E_G overrides (read per call; the same bits either way).
+inline int64_t q4_m1_r16e_groups() { return env_int("CODESHELL_Q4_M1_R16E_G", 16); }
 inline int64_t q4_m1_r16_groups() { return env_int("CODESHELL_Q4_M1_R16_G", kQ4M1R16Groups); }
 
 template <bool OFFS>
@@ -408,12 +419,26 @@ void run_q4r(const int8_t* xq, const float* dx, const float* xs, int64_t M, int6
 // groups, 15 combines a row), which made M = 1 with CODESHELL_Q4_EPI=1 ~40% slower than tile_q4v
 // on the small shape's K = 1024 linears on the Ice Lake-class Xeon; here one combine serves a
 // (row, group) pair at every K. G = 128 * RUNS (128 / 256). CODESHELL_Q4_M1_R16E=0: tile_v (read per call).
-template <bool OFFS, int SPAN = 16>  // groups a span (lb: SPAN KiB)
+// Rows [0, 16) x columns [g0, g0 + cnt) of a row-major [16, ng] fp32 block (rows past R: zero), as
+// columns: t[c][r] = v[r * ng + g0 + c] (cnt <= 16): 16 masked row loads and transpose16.
+inline void cols16(const float* v, int64_t ng, int64_t g0, int64_t cnt, int64_t R, float (*t)[16]) {
+  const __mmask16 kc = cnt >= 16 ? __mmask16(0xffff) : __mmask16((1u << cnt) - 1);
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < R ? _mm512_maskz_loadu_epi32(kc, v + i * ng + g0) : _mm512_setzero_si512();
+  codeshell::transpose16(r);
+  for (int64_t c = 0; c < cnt; ++c) _mm512_store_si512(t[c], r[c]);
+}
+
+// RUNS = G / 128 (1, 2) at compile time: the group loop's address steps are constants (with G a
+// runtime value it read the small shape's K = 1024 linears warm at 0.9x; docs/kernels.md session 25 helper C).
+template <bool OFFS, int RUNS, int SPAN = 16>  // groups a span (lb: SPAN KiB)
 inline void tile_r16_q4e(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const int32_t* sx,
-                         const float* xs, const uint8_t* w, int64_t R, const float* sc, const float* of, int64_t G,
-                         float* out, const Pf& pf) {
+                         const float* xs, const uint8_t* w, int64_t R, const float* sc, const float* of,
+                         float* out, const Pf& pf, bool sct = true) {
   namespace E = codeshell::q8epi;
-  const int64_t ldq = K / 2, runs = G / 128;
+  constexpr int64_t G = 128 * RUNS;
+  const int64_t ldq = K / 2;
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   alignas(64) int32_t lb[SPAN][16][16];  // [group in span][weight row][lane]: 16 KiB a 16-group span
   alignas(64) float acc[16][16];       // [g % 16][weight row]
@@ -424,15 +449,20 @@ inline void tile_r16_q4e(const int8_t* xq, int64_t K, int64_t ng, const float* d
   const __mmask16 km = R >= 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
   const __m512i gi = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                         _mm512_set1_epi32(int32_t(ng)));
+  alignas(64) float st[SPAN][16], ot[OFFS ? SPAN : 1][16];  // [group in span][weight row] (sct)
   for (int64_t g0 = 0; g0 < ng; g0 += SPAN) {
     const int64_t cnt = std::min<int64_t>(SPAN, ng - g0);
+    if (sct) {  // before the span's nibbles: the block's lines are not in the weight stream
+      cols16(sc, ng, g0, cnt, R, st);
+      if constexpr (OFFS) cols16(of, ng, g0, cnt, R, ot);
+    }
     for (int64_t r = 0; r < R; ++r) {
       const uint8_t* wr = w + r * ldq + g0 * G / 2;
       const int8_t* xr = xq + g0 * G;
       for (int64_t c = 0; c < cnt; ++c) {
         __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-        for (int64_t u = 0; u < runs; ++u) {
-          const uint8_t* p = wr + (c * G + 128 * u) / 2;
+        for (int u = 0; u < RUNS; ++u) {
+          const uint8_t* p = wr + c * (G / 2) + 64 * u;
           if (pf.d) pf_line(p, pf);
           const __m512i q = _mm512_loadu_si512(p);
           const int8_t* xi = xr + c * G + 128 * u;
@@ -445,11 +475,13 @@ inline void tile_r16_q4e(const int8_t* xq, int64_t K, int64_t ng, const float* d
     for (int64_t c = 0; c < cnt; ++c) {
       const int64_t g = g0 + c;
       const __m512i T = _mm512_sub_epi32(E::reduce_lanes<16>(lb[c]), _mm512_set1_epi32(sx[g] << 3));
-      const __m512 scv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, gi, sc + g, 4);
+      const __m512 scv = sct ? _mm512_load_ps(st[c]) : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, gi, sc + g, 4);
       float* a = acc[g % 16];
       __m512 v = E::epi_step(_mm512_load_ps(a), T, E::int4_mul(scv, _mm512_set1_ps(dx[g])));
-      if constexpr (OFFS)
-        v = E::epi_offsets(v, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, gi, of + g, 4), _mm512_set1_ps(xs[g]));
+      if constexpr (OFFS) {
+        const __m512 ofv = sct ? _mm512_load_ps(ot[c]) : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, gi, of + g, 4);
+        v = E::epi_offsets(v, ofv, _mm512_set1_ps(xs[g]));
+      }
       _mm512_store_ps(a, v);
     }
   }
@@ -463,13 +495,18 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
   // one span of up to 16 groups a row (K <= 2048 at G = 128): at K = 4096 (two spans, or one of 32
   // groups, a 32 KiB lb) it ran the small shape's mlp.c_proj in 1.05 / 0.99 ms against tile_v's 0.81
   // (b1 step profile, 5 rounds, quiet minute), as tile_r16_q8's two spans did for int8
-  if (r16e && M == 1 && G % 128 == 0 && ng <= 16) {  // raw tree16 results, 16 rows a tile (n0 % 16 == 0)
+  if (r16e && M == 1 && (G == 128 || G == 256) && ng <= q4_m1_r16e_groups()) {  // raw tree16 results, 16 rows a tile (n0 % 16 == 0)
     const Pf pf = q4_m1_pf();
+    const bool sct = q4_m1_sct();
     for (int64_t n = n0; n < n1; n += 16) {
       const int64_t R = std::min<int64_t>(16, n1 - n);
       const uint8_t* qn = q + n * (K / 2);
-      if (of) tile_r16_q4e<true>(xq, K, ng, dx, sx, xs, qn, R, sc + n * ng, of + n * ng, G, out + n, pf);
-      else tile_r16_q4e<false>(xq, K, ng, dx, sx, xs, qn, R, sc + n * ng, nullptr, G, out + n, pf);
+      const float* sn = sc + n * ng;
+      const float* on = of ? of + n * ng : nullptr;
+      if (of && G == 128) tile_r16_q4e<true, 1>(xq, K, ng, dx, sx, xs, qn, R, sn, on, out + n, pf, sct);
+      else if (of) tile_r16_q4e<true, 2>(xq, K, ng, dx, sx, xs, qn, R, sn, on, out + n, pf, sct);
+      else if (G == 128) tile_r16_q4e<false, 1>(xq, K, ng, dx, sx, xs, qn, R, sn, nullptr, out + n, pf, sct);
+      else tile_r16_q4e<false, 2>(xq, K, ng, dx, sx, xs, qn, R, sn, nullptr, out + n, pf, sct);
     }
     return;
   }

@@ -234,6 +234,9 @@ struct Avx512Fma {
   static int64_t ld(int64_t M) { return M; }
 };
 
+// Batched decode at 4..16 rows: all rows over one widened weight vector (session 25 helper B)
+#include "panel_bf16_rows.h"
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
@@ -345,6 +348,22 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     far_prefetch_k().store(M > 3 ? codeshell::env_int("CODESHELL_BF16_PF2", hint) : 0, std::memory_order_relaxed);
   }
 #endif
+#if CODESHELL_HAVE_AVX512
+  // Avx512Fma at 4..16 rows: panel_bf16_rows.h's tiles (all rows a tile; CODESHELL_BF16_ROWS=0: the
+  // tiles below). Same bits either way.
+  bool rows16 = false;
+  fma_rows::Plan rows_plan{};
+  if constexpr (std::is_same_v<Isa, Avx512Fma>) {
+    rows16 = M >= 4 && M <= kPanel && codeshell::env_flag("CODESHELL_BF16_ROWS", true);
+    if (rows16) rows_plan = fma_rows::plan(M);
+  }
+  std::vector<float> x_tiles;  // x rows packed per tile (panel_bf16_rows.h)
+  if (rows16) {
+    if constexpr (std::is_same_v<Isa, Avx512Fma>) x_tiles = fma_rows::pack(rows_plan, xp, M, Kp);
+  }
+#else
+  constexpr bool rows16 = false;
+#endif
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     alignas(64) float c[std::max<int64_t>(kMaxRows, 8 * kPanel) * kPanel];  // also NP panels x 16 rows for M <= 3
     const Emit emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias
@@ -356,6 +375,11 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     else if (M == 1) panels_small_m<Isa, 1, 4>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 2) panels_small_m<Isa, 2, 3>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 3) panels_small_m<Isa, 3, 2>(xp, Kh, wp, p0, p1, c, emit);
+#if CODESHELL_HAVE_AVX512
+    else if (rows16) {
+      if constexpr (std::is_same_v<Isa, Avx512Fma>) fma_rows::run(rows_plan, x_tiles.data(), M, Kh, wp, p0, p1, c, emit);
+    }
+#endif
     else {
       int64_t p = p0;
       if constexpr (kDot) {  // two panels at a time (the Bf16Dot tile: 8 rows x 2 panels)

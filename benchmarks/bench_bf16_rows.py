@@ -24,7 +24,7 @@ from bench_kernels import MODEL_SHAPES  # noqa: E402
 from codeshell.kernels import _ext, ops, prepack  # noqa: E402
 
 KEYS = ("CODESHELL_BF16_ROWS", "CODESHELL_BF16_ROWS_TILE", "CODESHELL_BF16_ROWS_NP", "CODESHELL_BF16_ROWS_PF",
-        "CODESHELL_BF16_ROWS_KB")
+        "CODESHELL_BF16_ROWS_KB", "CODESHELL_BF16_ROWS_G")
 
 
 def _variant(spec: str) -> dict[str, str]:

@@ -22,9 +22,15 @@ SCHEDULES = [
     {"CODESHELL_BF16_ROWS_NP": "1"},
     {"CODESHELL_BF16_ROWS_NP": "3"},
     {"CODESHELL_BF16_ROWS_TILE": "8"},
+    {"CODESHELL_BF16_ROWS_TILE": "8", "CODESHELL_BF16_ROWS_G": "1"},
+    {"CODESHELL_BF16_ROWS_TILE": "6", "CODESHELL_BF16_ROWS_G": "3", "CODESHELL_BF16_ROWS_KB": "16"},
     {"CODESHELL_BF16_ROWS_TILE": "5", "CODESHELL_BF16_ROWS_NP": "3"},
     {"CODESHELL_BF16_ROWS_TILE": "3", "CODESHELL_BF16_ROWS_NP": "1", "CODESHELL_BF16_ROWS_PF": "0"},
 ]
+
+
+KEYS = ("CODESHELL_BF16_ROWS_NP", "CODESHELL_BF16_ROWS_TILE", "CODESHELL_BF16_ROWS_PF", "CODESHELL_BF16_ROWS_KB",
+        "CODESHELL_BF16_ROWS_G")
 
 
 def _w(n, k, seed=0):
@@ -46,7 +52,7 @@ def test_rows_same_bits(monkeypatch, n, k, m):
     assert torch.equal(old[1], ops._compute("avx2:panel", mod, x, p, bias))
     monkeypatch.setenv("CODESHELL_BF16_ROWS", "1")
     for sched in SCHEDULES:
-        for name in ("CODESHELL_BF16_ROWS_NP", "CODESHELL_BF16_ROWS_TILE", "CODESHELL_BF16_ROWS_PF"):
+        for name in KEYS:
             monkeypatch.delenv(name, raising=False)
         for name, v in sched.items():
             monkeypatch.setenv(name, v)
@@ -65,7 +71,7 @@ def test_rows_invariant(monkeypatch):
     x = torch.randn(16, k)
     one = torch.cat([ops._compute("avx512_vnni:panel", mod, x[i:i + 1], p, None) for i in range(16)])
     for sched in SCHEDULES:
-        for name in ("CODESHELL_BF16_ROWS_NP", "CODESHELL_BF16_ROWS_TILE", "CODESHELL_BF16_ROWS_PF"):
+        for name in KEYS:
             monkeypatch.delenv(name, raising=False)
         for name, v in sched.items():
             monkeypatch.setenv(name, v)

@@ -319,7 +319,24 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 template <class Isa>
 void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_t Kp, const float* b, float* op) {
   const int64_t M = x.size(0), Kh = Kp / 2, P = (N + kPanel - 1) / kPanel;
-  const auto xv = Isa::prepare(x, Kp);
+#if CODESHELL_HAVE_AVX512
+  // Avx512Fma at 4..16 rows: panel_bf16_rows.h's tiles (all rows a tile; CODESHELL_BF16_ROWS=0: the
+  // tiles below). Same bits either way. Their x is packed per tile straight from x (fma_rows::pack),
+  // in place of prepare's transpose.
+  bool rows16 = false;
+  fma_rows::Plan rows_plan{};
+  std::unique_ptr<float[]> x_tiles;
+  if constexpr (std::is_same_v<Isa, Avx512Fma>) {
+    rows16 = M >= 4 && M <= kPanel && codeshell::env_flag("CODESHELL_BF16_ROWS", true);
+    if (rows16) {
+      rows_plan = fma_rows::plan(M);
+      x_tiles = fma_rows::pack(rows_plan, x.data_ptr<float>(), M, x.size(1), Kp);
+    }
+  }
+#else
+  constexpr bool rows16 = false;
+#endif
+  const auto xv = rows16 ? decltype(Isa::prepare(x, Kp)){} : Isa::prepare(x, Kp);
   const typename Isa::X* xp = xv.data();
   // M = 1: the weight is streamed once, so the kernel is bound by reads; NP panels in flight
   // are NP read streams and NP independent vdpbf16ps chains (one chain per panel: row
@@ -348,22 +365,6 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     far_prefetch_k().store(M > 3 ? codeshell::env_int("CODESHELL_BF16_PF2", hint) : 0, std::memory_order_relaxed);
   }
 #endif
-#if CODESHELL_HAVE_AVX512
-  // Avx512Fma at 4..16 rows: panel_bf16_rows.h's tiles (all rows a tile; CODESHELL_BF16_ROWS=0: the
-  // tiles below). Same bits either way.
-  bool rows16 = false;
-  fma_rows::Plan rows_plan{};
-  if constexpr (std::is_same_v<Isa, Avx512Fma>) {
-    rows16 = M >= 4 && M <= kPanel && codeshell::env_flag("CODESHELL_BF16_ROWS", true);
-    if (rows16) rows_plan = fma_rows::plan(M);
-  }
-  std::vector<float> x_tiles;  // x rows packed per tile (panel_bf16_rows.h)
-  if (rows16) {
-    if constexpr (std::is_same_v<Isa, Avx512Fma>) x_tiles = fma_rows::pack(rows_plan, xp, M, Kp);
-  }
-#else
-  constexpr bool rows16 = false;
-#endif
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     alignas(64) float c[std::max<int64_t>(kMaxRows, 8 * kPanel) * kPanel];  // also NP panels x 16 rows for M <= 3
     const Emit emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias
@@ -377,7 +378,7 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     else if (M == 3) panels_small_m<Isa, 3, 2>(xp, Kh, wp, p0, p1, c, emit);
 #if CODESHELL_HAVE_AVX512
     else if (rows16) {
-      if constexpr (std::is_same_v<Isa, Avx512Fma>) fma_rows::run(rows_plan, x_tiles.data(), M, Kh, wp, p0, p1, c, emit);
+      if constexpr (std::is_same_v<Isa, Avx512Fma>) fma_rows::run(rows_plan, x_tiles.get(), M, Kh, wp, p0, p1, c, emit);
     }
 #endif
     else {

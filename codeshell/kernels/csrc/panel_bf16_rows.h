@@ -22,6 +22,8 @@
 //                                    panels' chunk is re-read from L1 by the next tile
 //   CODESHELL_BF16_ROWS_NP=P         panels per pass (1..3; default: 2 for tiles <= 12 rows, else 1)
 //   CODESHELL_BF16_ROWS_KB=J         k-pairs a k-block when M takes several tiles (default kKBlock)
+//   CODESHELL_BF16_ROWS_G=G          panels a group when M takes several tiles (NP..16, default 8;
+//                                    NP: each NP panels over all of K before the next, as first written)
 //   CODESHELL_BF16_ROWS_PF=J         software prefetch J k-pairs ahead on each panel (default
 //                                    kPrefetch; 0 none)
 // What this is not: the M = 1..3 schedules (panels_small_m), M > 16 (panel_product), bf16 x
@@ -107,6 +109,8 @@ inline void tile_rows(int64_t rows, const float* xt, const uint32_t* w, int64_t 
   TORCH_CHECK(false, "fma_rows: no tile of ", rows, " rows x ", NP, " panels");
 }
 
+constexpr int64_t kMaxGroup = 16;  // panels a group (run_panels, several tiles): 16 KiB of sums
+
 // The largest tile a pass of np panels holds (accumulators <= 24, or 16 at one panel).
 constexpr int64_t max_rows(int64_t np) { return np == 1 ? 16 : np == 2 ? 12 : 8; }
 
@@ -116,6 +120,7 @@ struct Plan {
   int64_t np;         // panels a pass
   int64_t pf;         // software prefetch distance (k-pairs)
   int64_t kb;         // k-pairs a block when tiles > 1
+  int64_t group;      // panels a group when tiles > 1
 };
 
 // The schedule for M rows (4..16) from the switches (read per call).
@@ -126,13 +131,16 @@ inline Plan plan(int64_t M) {
   int64_t np = codeshell::env_int("CODESHELL_BF16_ROWS_NP", rows <= 12 ? 2 : 1);
   np = std::clamp<int64_t>(np, 1, 3);
   while (np > 1 && rows > max_rows(np)) --np;
+  // (the group below is at least np panels: a smaller one would run one panel a pass)
   Plan p{rows, tiles, np, codeshell::env_int("CODESHELL_BF16_ROWS_PF", kPrefetch),
-         std::max<int64_t>(16, codeshell::env_int("CODESHELL_BF16_ROWS_KB", kKBlock))};
+         std::max<int64_t>(16, codeshell::env_int("CODESHELL_BF16_ROWS_KB", kKBlock)),
+         std::clamp<int64_t>(codeshell::env_int("CODESHELL_BF16_ROWS_G", 8), 1, kMaxGroup)};
   // rows > 16 cannot happen (M <= 16); a tile over one panel's limit is split further
   while (p.tile_rows > max_rows(p.np)) {
     ++p.tiles;
     p.tile_rows = (M + p.tiles - 1) / p.tiles;
   }
+  p.group = std::max(p.group, p.np);
   return p;
 }
 
@@ -143,47 +151,68 @@ inline int64_t tile_start(const Plan& pl, int64_t M, int64_t t) {
   return m;
 }
 
-// xt [Kp][M] (Avx2::prepare) -> per tile t, [Kp][r_t] at xt_packed + Kp * tile_start(t).
-inline std::vector<float> pack(const Plan& pl, const float* xt, int64_t M, int64_t Kp) {
-  std::vector<float> out(size_t(Kp) * M);
+// x [M, K] fp32 (contiguous) -> per tile t, [Kp][r_t] at the result + Kp * tile_start(t), k rows
+// K..Kp-1 zero: each tile reads its r_t rows as r_t sequential streams and writes one.
+inline std::unique_ptr<float[]> pack(const Plan& pl, const float* x, int64_t M, int64_t K, int64_t Kp) {
+  std::unique_ptr<float[]> out(new float[size_t(Kp) * M]);
   for (int64_t t = 0; t < pl.tiles; ++t) {
     const int64_t m0 = tile_start(pl, M, t), r = tile_start(pl, M, t + 1) - m0;
-    float* dst = out.data() + Kp * m0;
-    for (int64_t k = 0; k < Kp; ++k)
-      for (int64_t i = 0; i < r; ++i) dst[k * r + i] = xt[k * M + m0 + i];
+    float* dst = out.get() + Kp * m0;
+    const float* src = x + m0 * K;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < r; ++i) dst[k * r + i] = src[i * K + k];
+    std::fill(dst + K * r, dst + Kp * r, 0.f);
   }
   return out;
 }
 
 // Panels [p0, p1) of w (Kh k-pairs a panel) for x rows packed per tile (pack); emit(p, c rows of panel p).
 // c holds NP panels x 16 rows.
+//   * one tile (M <= 12 by default): NP panels a pass over all of K, accumulators in registers.
+//   * several tiles (13..16 rows): groups of pl.group panels; per k-block (pl.kb k-pairs), every NP
+//     panels of the group, every tile, accumulating into the group's fp32 sums (gc, 1 KiB a panel;
+//     exact: the same chain per output as one pass). The x k-block (all rows) is then read once a
+//     group, from L1, instead of all of x once per NP panels: at K = 16384 and 16 rows x is 1 MiB,
+//     re-read per pass from L2/L3 as much as the weight itself (7B mlp.c_proj M = 16 ran at half
+//     c_fc's rate before the groups).
 template <int NP>
 inline void run_panels(const Plan& pl, const float* xt, int64_t M, int64_t Kh, const uint32_t* w, int64_t p0,
                        int64_t p1, float* c, const Emit& emit) {
   const int64_t ps = Kh * kPanel;  // uint32 per panel
-  auto pass = [&](auto np_tag, int64_t p) {
-    constexpr int P = decltype(np_tag)::value;
-    const uint32_t* wp = w + p * ps;
-    if (pl.tiles == 1) {
-      tile_rows<P>(M, xt, wp, ps, 0, Kh, c, true, pl.pf);
-    } else {
-      // near-equal tiles, k-blocked: the panels' kKBlock chunk (NP x 16 KiB) is re-read from L1
-      const int64_t Kp = 2 * Kh;
-      for (int64_t j0 = 0; j0 < Kh; j0 += pl.kb) {
-        const int64_t j1 = std::min(Kh, j0 + pl.kb);
+  if (pl.tiles == 1) {
+    int64_t p = p0;
+    for (; p + NP <= p1; p += NP) {
+      tile_rows<NP>(M, xt, w + p * ps, ps, 0, Kh, c, true, pl.pf);
+      for (int q = 0; q < NP; ++q) emit(p + q, c + q * kPanel * kPanel);
+    }
+    for (; p < p1; ++p) {
+      tile_rows<1>(M, xt, w + p * ps, ps, 0, Kh, c, true, pl.pf);
+      emit(p, c);
+    }
+    return;
+  }
+  const int64_t Kp = 2 * Kh;
+  alignas(64) float gc[kMaxGroup * kPanel * kPanel];  // the group's sums, panel g at gc + g * 256
+  for (int64_t g0 = p0; g0 < p1; g0 += pl.group) {
+    const int64_t g1 = std::min(p1, g0 + pl.group);
+    for (int64_t j0 = 0; j0 < Kh; j0 += pl.kb) {
+      const int64_t j1 = std::min(Kh, j0 + pl.kb);
+      auto pass = [&](auto np_tag, int64_t p) {  // NP panels from p: every tile over [j0, j1)
+        constexpr int P = decltype(np_tag)::value;
         int64_t m = 0;
         for (int64_t t = 0; t < pl.tiles; ++t) {
           const int64_t r = (M - m) / (pl.tiles - t);  // split the rest evenly (= tile_start)
-          tile_rows<P>(r, xt + Kp * m, wp, ps, j0, j1, c + m * kPanel, j0 == 0, pl.pf);
+          tile_rows<P>(r, xt + Kp * m, w + p * ps, ps, j0, j1, gc + (p - g0) * kPanel * kPanel + m * kPanel, j0 == 0,
+                       pl.pf);
           m += r;
         }
-      }
+      };
+      int64_t p = g0;
+      for (; p + NP <= g1; p += NP) pass(std::integral_constant<int, NP>{}, p);
+      for (; p < g1; ++p) pass(std::integral_constant<int, 1>{}, p);
     }
-    for (int q = 0; q < P; ++q) emit(p + q, c + q * kPanel * kPanel);
-  };
-  int64_t p = p0;
-  for (; p + NP <= p1; p += NP) pass(std::integral_constant<int, NP>{}, p);
-  for (; p < p1; ++p) pass(std::integral_constant<int, 1>{}, p);
+    for (int64_t p = g0; p < g1; ++p) emit(p, gc + (p - g0) * kPanel * kPanel);
+  }
 }
 
 inline void run(const Plan& pl, const float* xt, int64_t M, int64_t Kh, const uint32_t* w, int64_t p0, int64_t p1,

@@ -234,6 +234,9 @@ struct Avx512Fma {
   static int64_t ld(int64_t M) { return M; }
 };
 
+// Batched decode at 4..16 rows: all rows over one widened weight vector (session 25 helper B)
+#include "panel_bf16_rows.h"
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
@@ -316,7 +319,24 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 template <class Isa>
 void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_t Kp, const float* b, float* op) {
   const int64_t M = x.size(0), Kh = Kp / 2, P = (N + kPanel - 1) / kPanel;
-  const auto xv = Isa::prepare(x, Kp);
+#if CODESHELL_HAVE_AVX512
+  // Avx512Fma at 4..16 rows: panel_bf16_rows.h's tiles (all rows a tile; CODESHELL_BF16_ROWS=0: the
+  // tiles below). Same bits either way. Their x is packed per tile straight from x (fma_rows::pack),
+  // in place of prepare's transpose.
+  bool rows16 = false;
+  fma_rows::Plan rows_plan{};
+  std::unique_ptr<float[]> x_tiles;
+  if constexpr (std::is_same_v<Isa, Avx512Fma>) {
+    rows16 = M >= 4 && M <= kPanel && codeshell::env_flag("CODESHELL_BF16_ROWS", true);
+    if (rows16) {
+      rows_plan = fma_rows::plan(M);
+      x_tiles = fma_rows::pack(rows_plan, x.data_ptr<float>(), M, x.size(1), Kp);
+    }
+  }
+#else
+  constexpr bool rows16 = false;
+#endif
+  const auto xv = rows16 ? decltype(Isa::prepare(x, Kp)){} : Isa::prepare(x, Kp);
   const typename Isa::X* xp = xv.data();
   // M = 1: the weight is streamed once, so the kernel is bound by reads; NP panels in flight
   // are NP read streams and NP independent vdpbf16ps chains (one chain per panel: row
@@ -356,6 +376,11 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     else if (M == 1) panels_small_m<Isa, 1, 4>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 2) panels_small_m<Isa, 2, 3>(xp, Kh, wp, p0, p1, c, emit);
     else if (M == 3) panels_small_m<Isa, 3, 2>(xp, Kh, wp, p0, p1, c, emit);
+#if CODESHELL_HAVE_AVX512
+    else if (rows16) {
+      if constexpr (std::is_same_v<Isa, Avx512Fma>) fma_rows::run(rows_plan, x_tiles.get(), M, Kh, wp, p0, p1, c, emit);
+    }
+#endif
     else {
       int64_t p = p0;
       if constexpr (kDot) {  // two panels at a time (the Bf16Dot tile: 8 rows x 2 panels)

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import MODEL_SHAPES  # noqa: E402
 
+from codeshell.bench import alternating_medians  # noqa: E402
 from codeshell.kernels import _ext, ops, prepack  # noqa: E402
 
 
@@ -51,16 +50,7 @@ def main() -> None:
                          "sgemm:fp32": lambda: ops._compute("sgemm:fp32", mod, x, p, None),
                          "torch fp32 matmul": lambda: x @ wf.T}
             reps = max(1, int(2e8 / (2 * m * n * k + 4e6)))  # ~0.05-0.2 s a round
-            times = {v: [] for v in paths}
-            for f in paths.values():
-                f()
-            for r in range(args.rounds):
-                for v, f in paths.items():
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        f()
-                    times[v].append((time.perf_counter() - t0) / reps)
-            med = {v: statistics.median(t) for v, t in times.items()}
+            med = alternating_medians(paths, reps, args.rounds)
             base = med[next(iter(paths))]
             print(f"{args.model} {name:12s} N={n:5d} K={k:5d} M={m:4d}: " + "; ".join(
                 f"{v} {med[v] * 1e3:7.3f} ms {2 * m * n * k / med[v] / 1e9:6.1f} GF/s x{base / med[v]:.2f}"

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import MODEL_SHAPES  # noqa: E402
 
+from codeshell.bench import alternating_medians  # noqa: E402
 from codeshell.kernels import _ext, ops, prepack  # noqa: E402
 
 KEYS = ("CODESHELL_BF16_ROWS", "CODESHELL_BF16_ROWS_TILE", "CODESHELL_BF16_ROWS_NP", "CODESHELL_BF16_ROWS_PF",
@@ -56,20 +55,10 @@ def main() -> None:
         for m in args.m:
             x = torch.randn(m, k)
             reps = max(1, int(1e8 / (n * k * 2 + 2 * m * n * k)))  # ~0.05-0.1 s a round
-            times: dict[str, list[float]] = {v: [] for v in variants}
-            for r in range(args.rounds + 1):
-                for v, env in variants.items():
-                    for key in KEYS:
-                        os.environ.pop(key, None)
-                    os.environ.update(env)
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        ops._compute("avx512_vnni:panel", mod, x, p, None)
-                    if r:  # round 0 warms up
-                        times[v].append((time.perf_counter() - t0) / reps)
-            for key in KEYS:
+            for key in KEYS:  # the shell's own settings of the switches do not leak into "-"
                 os.environ.pop(key, None)
-            med = {v: statistics.median(t) for v, t in times.items()}
+            fns = {v: (lambda: ops._compute("avx512_vnni:panel", mod, x, p, None)) for v in variants}
+            med = alternating_medians(fns, reps, args.rounds, env=variants)
             base = med[args.ab[0]]
             print(f"{args.model} {name:12s} N={n:5d} K={k:5d} M={m:3d}: " + "; ".join(
                 f"[{v}] {med[v] * 1e3:.3f} ms {2 * m * n * k / med[v] / 1e9:.0f} GF/s "

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import MODEL_SHAPES  # noqa: E402
 
+from codeshell.bench import alternating_medians  # noqa: E402
 from codeshell.kernels import _ext, ops, prepack  # noqa: E402
 
 MINI = {"c_attn": (384, 256, True), "attn.c_proj": (256, 256, True), "c_fc": (1024, 256, True),
@@ -74,18 +73,7 @@ def main() -> None:
             for e in args.env:
                 paths[f"{args.paths[0]} {e}"] = call(args.paths[0], e)
             reps = max(1, int(1.5e8 / (2 * m * n * k + 4e6)))
-            times = {v: [] for v in paths}
-            for f in paths.values():
-                f()
-            for r in range(args.rounds):
-                order = list(paths.items())
-                order = order[r % len(order):] + order[:r % len(order)]
-                for v, f in order:
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        f()
-                    times[v].append((time.perf_counter() - t0) / reps)
-            med = {v: statistics.median(t) for v, t in times.items()}
+            med = alternating_medians(paths, reps, args.rounds, rotate=True)
             base = med[next(iter(paths))]
             print(f"{args.model} {name:12s} N={n:5d} K={k:5d} M={m:4d}: " + "; ".join(
                 f"{v} {med[v] * 1e3:8.3f} ms {2 * m * n * k / med[v] / 1e12:.3f} TF/s x{med[v] / base:.2f}"

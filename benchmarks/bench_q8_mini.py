@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
+from codeshell.bench import alternating_medians
 from codeshell.kernels import _ext, ops
 
 SHAPES = {"head": (16384, 256), "c_fc": (1024, 256), "mlp.c_proj": (256, 1024), "c_attn": (384, 256)}
@@ -31,7 +30,6 @@ def main() -> None:
     isa = ops.isa_level()
     print(f"threads {torch.get_num_threads()}, isa {ops.ISA_LEVELS[isa]}, load avg {os.getloadavg()[0]:.2f}")
     variants = {v: ({} if v == "-" else dict(kv.split("=", 1) for kv in v.split(","))) for v in a.ab}
-    keys = {k for env in variants.values() for k in env}
     for name, (n, k) in SHAPES.items():
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         s = torch.rand(n) * 1e-2
@@ -39,20 +37,8 @@ def main() -> None:
         for m in a.m:
             x = torch.randn(m, k)
             reps = max(20, int(2e7 / (n * k + 4 * m * n * k)))
-            times = {v: [] for v in variants}
-            for r in range(a.rounds + 1):
-                for v, env in variants.items():
-                    for key in keys:
-                        os.environ.pop(key, None)
-                    os.environ.update(env)
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        mod.decode_int8_q8(x, q, s, None, isa)
-                    if r:
-                        times[v].append((time.perf_counter() - t0) / reps)
-            for key in keys:
-                os.environ.pop(key, None)
-            res[m] = {v: statistics.median(t) for v, t in times.items()}
+            fns = {v: (lambda: mod.decode_int8_q8(x, q, s, None, isa)) for v in variants}
+            res[m] = alternating_medians(fns, reps, a.rounds, env=variants)
             print(f"{name:10s} N={n:5d} K={k:4d} M={m:2d}: " + "; ".join(
                 f"[{v}] {t * 1e6:7.1f} us {2 * m * n * k / t / 1e9:5.0f} GOP/s {n * k / t / 1e9:5.1f} GB/s"
                 + (f" x{t / res[a.m[0]][v]:.2f} of M={a.m[0]}" if m != a.m[0] else "")

@@ -87,6 +87,39 @@ class BenchProgress:
         self(phase, 1, 1, figure)
 
 
+def alternating_medians(fns: dict[str, Callable[[], object]], reps: int, rounds: int, rotate: bool = False,
+                        env: dict[str, dict[str, str]] | None = None) -> dict[str, float]:
+    """Median seconds per call of each of `fns` (name -> callable) over `rounds` rounds that
+    alternate them (after one warm-up round that is not counted), `reps` calls a round each.
+
+    For the kernel A/B scripts in benchmarks/: on a shared 2-core host the machine's speed drifts
+    between minutes, so the candidates take turns within each round instead of running one after
+    the other. `rotate` starts each round at the next candidate (no fixed order to favour one);
+    `env` (name -> {VAR: value}) sets a candidate's environment switches before its calls (the
+    switches any candidate names are cleared before every candidate's turn and after the last)."""
+    import statistics
+    keys = {k for e in (env or {}).values() for k in e}
+    times: dict[str, list[float]] = {v: [] for v in fns}
+    try:
+        for r in range(rounds + 1):
+            order = list(fns.items())
+            if rotate:
+                order = order[r % len(order):] + order[:r % len(order)]
+            for v, f in order:
+                for k in keys:
+                    os.environ.pop(k, None)
+                os.environ.update((env or {}).get(v, {}))
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    f()
+                if r:  # round 0 warms up
+                    times[v].append((time.perf_counter() - t0) / reps)
+    finally:
+        for k in keys:
+            os.environ.pop(k, None)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
 def fill_random_(model: torch.nn.Module, seed: int = 0, std: float = 0.02,
                  advance: Callable[[int], None] | None = None) -> None:
     """Fill every parameter with N(0, std) values (LayerNorm weights 1) without a randn per tensor.

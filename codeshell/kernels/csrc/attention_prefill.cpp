@@ -270,6 +270,24 @@ inline void pv_chunk(float* const* o, const uint32_t* const* p, const float* alp
     for (int c = 0; c < NC; ++c) _mm512_store_ps(o[r] + d + 16 * c, a[r][c]);
 }
 
+// A score tile on either layout: scores<E> on bf16 pairs, or (W) scores_w on pack_block_w's fp32
+// keys with qrowp pointing at fp32 query rows (run_item widens them). Shared by block_rows and
+// block_rows4.
+template <bool E, bool W, int MR, int NB, int KB>
+inline void scores_tile(const uint32_t* const* qrowp, const uint32_t* kp, int64_t D2, __m512* s) {
+  if constexpr (W)
+    scores_w<MR, NB, KB>(reinterpret_cast<const float* const*>(qrowp), reinterpret_cast<const float*>(kp), D2, s);
+  else
+    scores<E, MR, NB, KB>(qrowp, kp, D2, s);
+}
+
+// Chunk c (16 keys) of a probability row p: the bf16 values eb as pairs, or (W) their fp32 widening er.
+template <bool W>
+inline void store_probs(uint32_t* p, int c, __m256i eb, __m512 er) {
+  if constexpr (W) _mm512_store_ps(reinterpret_cast<float*>(p) + 16 * c, er);
+  else _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), eb);
+}
+
 // pv_chunk over all D dims: 64 at a time, then a last 32 where D % 64 == 32 (head dim 32, 96, ..:
 // codeshell-mini's heads are 32 wide). Each lane's sum runs over the key pairs in the same order
 // whatever the chunk width, so the width does not change a bit.
@@ -322,10 +340,7 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
   constexpr int64_t kP = W ? KB : KB / 2;
     for (int64_t i0 = 0; i0 < R; i0 += MR) {
       __m512 s[MR * NB];
-      if constexpr (W)
-        scores_w<MR, NBE, KB>(reinterpret_cast<const float* const*>(qrowp + i0), reinterpret_cast<const float*>(kp), D2, s);
-      else
-        scores<E, MR, NBE, KB>(qrowp + i0, kp, D2, s);
+      scores_tile<E, W, MR, NBE, KB>(qrowp + i0, kp, D2, s);
       const int64_t rows = std::min<int64_t>(MR, R - i0);
       float alpha[MR];
       for (int64_t ii = 0; ii < rows; ++ii) {
@@ -356,8 +371,7 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
         for (int c = 0; c < NBE; ++c) {
           const __m256i eb = to_bf16<E>(_mm512_maskz_mov_ps(vis[c], codeshell::exp16(_mm512_sub_ps(x[c], mv))));
           const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
-          if constexpr (W) _mm512_store_ps(reinterpret_cast<float*>(p) + 16 * c, er);
-          else _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), eb);
+          store_probs<W>(p, c, eb, er);
           sum = NBE == 1 ? er : _mm512_add_ps(sum, er);
         }
         // l a l + sum as a rounded product then a rounded sum: not contracted into an FMA (whether the
@@ -410,10 +424,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
   constexpr int64_t kP = W ? KB : KB / 2;  // a probability row (as block_rows)
   for (int64_t i0 = 0; i0 < R; i0 += MR) {
     __m512 s[MR * NB];
-    if constexpr (W)
-      scores_w<MR, NBE, KB>(reinterpret_cast<const float* const*>(qrowp + i0), reinterpret_cast<const float*>(kp), D2, s);
-    else
-      scores<E, MR, NBE, KB>(qrowp + i0, kp, D2, s);
+    scores_tile<E, W, MR, NBE, KB>(qrowp + i0, kp, D2, s);
     const int64_t rows = std::min<int64_t>(MR, R - i0);
     int64_t last[MR];
     bool all_seen = rows == MR;  // every key of the block's NBE chunks visible to all four rows
@@ -470,8 +481,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
           const __m512 x = masked(vis, _mm512_mul_ps(s[ii * NB + c], sc));
           const __m256i eb = to_bf16<E>(zeroed(vis, codeshell::exp16(_mm512_sub_ps(x, mv))));
           const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
-          if constexpr (W) _mm512_store_ps(reinterpret_cast<float*>(p) + 16 * c, er);
-          else _mm256_store_si256(reinterpret_cast<__m256i*>(p + 8 * c), eb);
+          store_probs<W>(p, c, eb, er);
           sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
         }
       }
@@ -647,22 +657,21 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // Without AVX512-BF16 (or CODESHELL_PREFILL_ATTN_EMU=1, to run it on a CPU with it: A/B and
   // tests) the same kernel with the two instructions emulated (dpbf16 / to_bf16 above).
   const bool emu = !codeshell::cpu_features().avx512bf16 || codeshell::env_flag("CODESHELL_PREFILL_ATTN_EMU", false);
-  auto pick = [&](auto e) -> RunItem {
-    constexpr bool E = decltype(e)::value;
-    return key_block == 16 ? run_item<E, 16, 8, 2>
-           : key_block == 32 ? (D == 32 ? run_item<E, 32, 8, 8> : run_item<E, 32, 8, 4>)
-                             : (r4 ? run_item<E, 64, 4, 4, true> : run_item<E, 64, 4, 4>);
+  // e: emulated products, w: the widened layout (emulation only: called with (true, true),
+  // (true, false) and (false, false))
+  auto pick = [&](auto e, auto w) -> RunItem {
+    constexpr bool E = decltype(e)::value, W = decltype(w)::value;
+    return key_block == 16 ? run_item<E, 16, 8, 2, false, W>
+           : key_block == 32 ? (D == 32 ? run_item<E, 32, 8, 8, false, W> : run_item<E, 32, 8, 4, false, W>)
+                             : (r4 ? run_item<E, 64, 4, 4, true, W> : run_item<E, 64, 4, 4, false, W>);
   };
   // CODESHELL_PREFILL_ATTN_WIDE=0: the emulated kernel widens its operands in the products' inner
   // loops (session 23's); by default (emulation only) keys, values, queries and probabilities are
   // widened to fp32 once (pack_block_w, scores_w, pv_chunk_w): the same FMAs, the same bits.
   const bool wide = emu && codeshell::env_flag("CODESHELL_PREFILL_ATTN_WIDE", true);
-  auto pick_w = [&]() -> RunItem {
-    return key_block == 16 ? run_item<true, 16, 8, 2, false, true>
-           : key_block == 32 ? (D == 32 ? run_item<true, 32, 8, 8, false, true> : run_item<true, 32, 8, 4, false, true>)
-                             : (r4 ? run_item<true, 64, 4, 4, true, true> : run_item<true, 64, 4, 4, false, true>);
-  };
-  const RunItem run = wide ? pick_w() : emu ? pick(std::true_type{}) : pick(std::false_type{});
+  const RunItem run = wide  ? pick(std::true_type{}, std::true_type{})
+                      : emu ? pick(std::true_type{}, std::false_type{})
+                            : pick(std::false_type{}, std::false_type{});
   // Prepack (CODESHELL_PREFILL_ATTN_PREPACK=0: off, A/B): each (row, group)'s key blocks packed once
   // for all its T / 32 query items (by the first item to reach a block; another item needing it
   // meanwhile waits for it), where every item packed its own copy of each block it reads (a

@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=["avx512_vnni:gemm", "sgemm:fp32", "avx512_vnni:panel64"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--env", nargs="*", default=[], metavar="NAME=V",
-                    help="extra variants of the first path: each NAME=V[,NAME=V] set around its calls (A/B)")
+                    help="extra variants of the first path: each NAME=V[,NAME=V] set around its turns, cleared for the other candidates (A/B)")
     args = ap.parse_args()
     mod = _ext.get()
     print(f"threads {torch.get_num_threads()}, isa level {ops.ISA_LEVELS[ops.isa_level()]}, "
@@ -52,28 +52,15 @@ def main() -> None:
         for m in args.m:
             x = torch.randn(m, k).bfloat16()
 
-            def call(path, env=None):
-                def f():
-                    old = {}
-                    for kv in (env or "").split(","):
-                        if kv:
-                            a, v = kv.split("=", 1)
-                            old[a] = os.environ.get(a)
-                            os.environ[a] = v
-                    try:
-                        return ops._compute(path, mod, x, p, bias).to(torch.bfloat16)
-                    finally:
-                        for a, v in old.items():
-                            if v is None:
-                                del os.environ[a]
-                            else:
-                                os.environ[a] = v
-                return f
+            def call(path):
+                return lambda: ops._compute(path, mod, x, p, bias).to(torch.bfloat16)
             paths = {c: call(c) for c in args.paths}
+            env = {}  # the --env variants' switches, set around their turns (alternating_medians)
             for e in args.env:
-                paths[f"{args.paths[0]} {e}"] = call(args.paths[0], e)
+                paths[f"{args.paths[0]} {e}"] = call(args.paths[0])
+                env[f"{args.paths[0]} {e}"] = dict(kv.split("=", 1) for kv in e.split(",") if kv)
             reps = max(1, int(1.5e8 / (2 * m * n * k + 4e6)))
-            med = alternating_medians(paths, reps, args.rounds, rotate=True)
+            med = alternating_medians(paths, reps, args.rounds, rotate=True, env=env)
             base = med[next(iter(paths))]
             print(f"{args.model} {name:12s} N={n:5d} K={k:5d} M={m:4d}: " + "; ".join(
                 f"{v} {med[v] * 1e3:8.3f} ms {2 * m * n * k / med[v] / 1e12:.3f} TF/s x{med[v] / base:.2f}"

@@ -320,14 +320,15 @@ template <class Isa>
 void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_t Kp, const float* b, float* op) {
   const int64_t M = x.size(0), Kh = Kp / 2, P = (N + kPanel - 1) / kPanel;
 #if CODESHELL_HAVE_AVX512
-  // Avx512Fma at 4..16 rows: panel_bf16_rows.h's tiles (all rows a tile; CODESHELL_BF16_ROWS=0: the
-  // tiles below). Same bits either way. Their x is packed per tile straight from x (fma_rows::pack),
-  // in place of prepare's transpose.
+  // Avx512Fma at 4..64 rows: panel_bf16_rows.h's tiles (CODESHELL_BF16_ROWS=0: the tiles below at
+  // every M; CODESHELL_BF16_ROWS_MAX=16: them above 16 rows, session 25's split). Same bits either way.
+  // Their x is packed per tile straight from x (fma_rows::pack), in place of prepare's transpose.
   bool rows16 = false;
   fma_rows::Plan rows_plan{};
   std::unique_ptr<float[]> x_tiles;
   if constexpr (std::is_same_v<Isa, Avx512Fma>) {
-    rows16 = M >= 4 && M <= kPanel && codeshell::env_flag("CODESHELL_BF16_ROWS", true);
+    rows16 = M >= 4 && M <= std::min<int64_t>(kMaxRows, codeshell::env_int("CODESHELL_BF16_ROWS_MAX", kMaxRows)) &&
+             codeshell::env_flag("CODESHELL_BF16_ROWS", true);
     if (rows16) {
       rows_plan = fma_rows::plan(M);
       x_tiles = fma_rows::pack(rows_plan, x.data_ptr<float>(), M, x.size(1), Kp);

@@ -2,8 +2,8 @@
 // weight vector (session 25, helper B). Included by panel_bf16.cpp inside its AVX-512 section, after
 // `Avx512Fma` (it uses that file's kPanel, kPrefetch, kKBlock, far_prefetch, Emit).
 //
-// What this is: c [M rows][16] per panel = x [M, K] @ panel^T for 4 <= M <= 16 rows (decode batches,
-// serving steps) on the panel layout (panel_bf16.cpp's header). For each k-pair j the NP panels'
+// What this is: c [M rows][16] per panel = x [M, K] @ panel^T for 4 <= M <= 64 rows (decode batches,
+// serving steps, prompt-lookup verify steps; 17..64 since session 26 helper B) on the panel layout (panel_bf16.cpp's header). For each k-pair j the NP panels'
 // 64-byte vectors are loaded once, widened once (even k = v << 16, odd k = v & 0xffff0000: one ALU
 // op per 16 weights), and each widened vector feeds all MR rows' FMAs (x[m, k] broadcast from the
 // transposed x, xt [Kp][M]). With MR = M the weight is widened once per call instead of once per
@@ -16,7 +16,9 @@
 // Avx512Fma::micro (and Avx2::micro): the SAME BITS as `avx512_vnni:panel` / `avx2:panel` for every
 // tile shape here, so row invariance is unchanged (tests/kernels/test_bf16_rows.py checks bits).
 // Switches (read per call, A/B runs; docs/kernels.md):
-//   CODESHELL_BF16_ROWS=0            the old Avx512Fma tiles (panel_product) at 4..16 rows
+//   CODESHELL_BF16_ROWS=0            the old Avx512Fma tiles (panel_product) at 4..64 rows
+//   CODESHELL_BF16_ROWS_MAX=M        the tiles here up to M rows (default 64), the old ones above
+//                                    (16: session 25's split, the old tiles at 17..64)
 //   CODESHELL_BF16_ROWS_TILE=R       rows per tile (default 12: one tile of all rows up to 12); M > R
 //                                    splits into near-equal tiles, then k-blocked by kKBlock so the
 //                                    panels' chunk is re-read from L1 by the next tile
@@ -26,7 +28,9 @@
 //                                    NP: each NP panels over all of K before the next, as first written)
 //   CODESHELL_BF16_ROWS_PF=J         software prefetch J k-pairs ahead on each panel (default
 //                                    kPrefetch; 0 none)
-// What this is not: the M = 1..3 schedules (panels_small_m), M > 16 (panel_product), bf16 x
+//   CODESHELL_BF16_ROWS_ORDER=0|1    several tiles: per k-block, each pass over every tile (0, default)
+//                                    or each tile over every pass of the group (1)
+// What this is not: the M = 1..3 schedules (panels_small_m), M > 64 (prefill paths), bf16 x
 // (Bf16Dot), or the prefill GEMM (prefill_fma).
 #pragma once
 
@@ -41,14 +45,14 @@ namespace fma_rows {
 // FMA ports' rate with no room for the weights.
 template <int MR, int NP>
 inline void tile(const float* xt, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
-                 float* c, bool first, int64_t pf) {
+                 float* c, int64_t cstride, bool first, int64_t pf) {
   constexpr int64_t ldx = MR;
   const int64_t far = far_prefetch();
   const __m512i hi_mask = _mm512_set1_epi32(int32_t(0xffff0000u));
   __m512 acc[NP][MR];
   for (int q = 0; q < NP; ++q)
     for (int i = 0; i < MR; ++i)
-      acc[q][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + q * kPanel * kPanel + i * kPanel);
+      acc[q][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + q * cstride + i * kPanel);
   for (int64_t j = j0; j < j1; ++j) {
     const float* xe = xt + (2 * j) * ldx;
     const float* xo = xe + ldx;
@@ -74,15 +78,15 @@ inline void tile(const float* xt, const uint32_t* w, int64_t pstride, int64_t j0
     }
   }
   for (int q = 0; q < NP; ++q)
-    for (int i = 0; i < MR; ++i) _mm512_storeu_ps(c + q * kPanel * kPanel + i * kPanel, acc[q][i]);
+    for (int i = 0; i < MR; ++i) _mm512_storeu_ps(c + q * cstride + i * kPanel, acc[q][i]);
 }
 
 template <int NP>
 inline void tile_rows(int64_t rows, const float* xt, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
-                      float* c, bool first, int64_t pf) {
+                      float* c, int64_t cstride, bool first, int64_t pf) {
   switch (rows) {
 #define CODESHELL_ROWS_TILE(R) \
-  case R: tile<R, NP>(xt, w, pstride, j0, j1, c, first, pf); return;
+  case R: tile<R, NP>(xt, w, pstride, j0, j1, c, cstride, first, pf); return;
     CODESHELL_ROWS_TILE(1) CODESHELL_ROWS_TILE(2) CODESHELL_ROWS_TILE(3) CODESHELL_ROWS_TILE(4)
     CODESHELL_ROWS_TILE(5) CODESHELL_ROWS_TILE(6) CODESHELL_ROWS_TILE(7) CODESHELL_ROWS_TILE(8)
 #undef CODESHELL_ROWS_TILE
@@ -91,7 +95,7 @@ inline void tile_rows(int64_t rows, const float* xt, const uint32_t* w, int64_t 
   if constexpr (NP <= 2) {  // 2 x 12 = 24 accumulators; 3 panels stop at 8 rows
     switch (rows) {
 #define CODESHELL_ROWS_TILE(R) \
-  case R: tile<R, NP>(xt, w, pstride, j0, j1, c, first, pf); return;
+  case R: tile<R, NP>(xt, w, pstride, j0, j1, c, cstride, first, pf); return;
       CODESHELL_ROWS_TILE(9) CODESHELL_ROWS_TILE(10) CODESHELL_ROWS_TILE(11) CODESHELL_ROWS_TILE(12)
 #undef CODESHELL_ROWS_TILE
       default: break;
@@ -100,7 +104,7 @@ inline void tile_rows(int64_t rows, const float* xt, const uint32_t* w, int64_t 
   if constexpr (NP == 1) {  // up to 16 accumulators
     switch (rows) {
 #define CODESHELL_ROWS_TILE(R) \
-  case R: tile<R, NP>(xt, w, pstride, j0, j1, c, first, pf); return;
+  case R: tile<R, NP>(xt, w, pstride, j0, j1, c, cstride, first, pf); return;
       CODESHELL_ROWS_TILE(13) CODESHELL_ROWS_TILE(14) CODESHELL_ROWS_TILE(15) CODESHELL_ROWS_TILE(16)
 #undef CODESHELL_ROWS_TILE
       default: break;
@@ -121,9 +125,12 @@ struct Plan {
   int64_t pf;         // software prefetch distance (k-pairs)
   int64_t kb;         // k-pairs a block when tiles > 1
   int64_t group;      // panels a group when tiles > 1
+  int64_t order;      // tiles > 1: 0 per k-block, each pass of NP panels over every tile (the pass's
+                      // weight chunk re-read from L1 by the tiles); 1 per k-block, each tile over every
+                      // pass of the group (the tile's x block re-read from L1 by the passes)
 };
 
-// The schedule for M rows (4..16) from the switches (read per call).
+// The schedule for M rows (4..kMaxRows) from the switches (read per call).
 inline Plan plan(int64_t M) {
   const int64_t want = std::clamp<int64_t>(codeshell::env_int("CODESHELL_BF16_ROWS_TILE", 12), 1, 16);
   const int64_t tiles = (M + want - 1) / want;
@@ -134,8 +141,9 @@ inline Plan plan(int64_t M) {
   // (the group below is at least np panels: a smaller one would run one panel a pass)
   Plan p{rows, tiles, np, codeshell::env_int("CODESHELL_BF16_ROWS_PF", kPrefetch),
          std::max<int64_t>(16, codeshell::env_int("CODESHELL_BF16_ROWS_KB", kKBlock)),
-         std::clamp<int64_t>(codeshell::env_int("CODESHELL_BF16_ROWS_G", 8), 1, kMaxGroup)};
-  // rows > 16 cannot happen (M <= 16); a tile over one panel's limit is split further
+         std::clamp<int64_t>(codeshell::env_int("CODESHELL_BF16_ROWS_G", 8), 1, kMaxGroup),
+         std::clamp<int64_t>(codeshell::env_int("CODESHELL_BF16_ROWS_ORDER", 0), 0, 1)};
+  // a tile over one pass's limit (rows > 16 at one panel, > 12 at two) is split further
   while (p.tile_rows > max_rows(p.np)) {
     ++p.tiles;
     p.tile_rows = (M + p.tiles - 1) / p.tiles;
@@ -169,12 +177,12 @@ inline std::unique_ptr<float[]> pack(const Plan& pl, const float* x, int64_t M, 
 // Panels [p0, p1) of w (Kh k-pairs a panel) for x rows packed per tile (pack); emit(p, c rows of panel p).
 // c holds NP panels x 16 rows.
 //   * one tile (M <= 12 by default): NP panels a pass over all of K, accumulators in registers.
-//   * several tiles (13..16 rows): groups of pl.group panels; per k-block (pl.kb k-pairs), every NP
-//     panels of the group, every tile, accumulating into the group's fp32 sums (gc, 1 KiB a panel;
-//     exact: the same chain per output as one pass). The x k-block (all rows) is then read once a
-//     group, from L1, instead of all of x once per NP panels: at K = 16384 and 16 rows x is 1 MiB,
-//     re-read per pass from L2/L3 as much as the weight itself (7B mlp.c_proj M = 16 ran at half
-//     c_fc's rate before the groups).
+//   * several tiles (13..64 rows): groups of pl.group panels; per k-block (pl.kb k-pairs), every NP
+//     panels of the group and every tile (pl.order: which loop is inside), accumulating into the
+//     group's fp32 sums (gc [group][M][16], M KiB / 16 a panel; exact: the same chain per output as
+//     one pass). The x k-block (all rows) is then read once a group, from L1/L2, instead of all of x
+//     once per NP panels: at K = 16384 and 16 rows x is 1 MiB, re-read per pass from L2/L3 as much
+//     as the weight itself (7B mlp.c_proj M = 16 ran at half c_fc's rate before the groups).
 template <int NP>
 inline void run_panels(const Plan& pl, const float* xt, int64_t M, int64_t Kh, const uint32_t* w, int64_t p0,
                        int64_t p1, float* c, const Emit& emit) {
@@ -182,28 +190,53 @@ inline void run_panels(const Plan& pl, const float* xt, int64_t M, int64_t Kh, c
   if (pl.tiles == 1) {
     int64_t p = p0;
     for (; p + NP <= p1; p += NP) {
-      tile_rows<NP>(M, xt, w + p * ps, ps, 0, Kh, c, true, pl.pf);
+      tile_rows<NP>(M, xt, w + p * ps, ps, 0, Kh, c, kPanel * kPanel, true, pl.pf);
       for (int q = 0; q < NP; ++q) emit(p + q, c + q * kPanel * kPanel);
     }
     for (; p < p1; ++p) {
-      tile_rows<1>(M, xt, w + p * ps, ps, 0, Kh, c, true, pl.pf);
+      tile_rows<1>(M, xt, w + p * ps, ps, 0, Kh, c, kPanel * kPanel, true, pl.pf);
       emit(p, c);
     }
     return;
   }
-  const int64_t Kp = 2 * Kh;
-  alignas(64) float gc[kMaxGroup * kPanel * kPanel];  // the group's sums, panel g at gc + g * 256
+  const int64_t Kp = 2 * Kh, cs = M * kPanel;  // cs: floats a panel in gc
+  // the group's sums, panel g at gc + g * cs: on the stack up to 16 rows (16 KiB), else one heap
+  // buffer a call (up to 64 KiB at 64 rows, 16 panels)
+  alignas(64) float gc_stack[kMaxGroup * kPanel * kPanel];
+  std::unique_ptr<float[]> gc_heap;
+  float* gc = gc_stack;
+  if (M > kPanel) {
+    gc_heap.reset(new float[size_t(pl.group) * cs]);
+    gc = gc_heap.get();
+  }
   for (int64_t g0 = p0; g0 < p1; g0 += pl.group) {
     const int64_t g1 = std::min(p1, g0 + pl.group);
     for (int64_t j0 = 0; j0 < Kh; j0 += pl.kb) {
       const int64_t j1 = std::min(Kh, j0 + pl.kb);
-      auto pass = [&](auto np_tag, int64_t p) {  // NP panels from p: every tile over [j0, j1)
+      // NP panels from p, rows [m, m + r) (one tile) over [j0, j1)
+      auto one = [&](auto np_tag, int64_t p, int64_t m, int64_t r) {
         constexpr int P = decltype(np_tag)::value;
+        tile_rows<P>(r, xt + Kp * m, w + p * ps, ps, j0, j1, gc + (p - g0) * cs + m * kPanel, cs, j0 == 0, pl.pf);
+      };
+      auto passes = [&](int64_t m, int64_t r) {  // every pass of the group over one tile
+        int64_t p = g0;
+        for (; p + NP <= g1; p += NP) one(std::integral_constant<int, NP>{}, p, m, r);
+        for (; p < g1; ++p) one(std::integral_constant<int, 1>{}, p, m, r);
+      };
+      if (pl.order == 1) {
         int64_t m = 0;
         for (int64_t t = 0; t < pl.tiles; ++t) {
           const int64_t r = (M - m) / (pl.tiles - t);  // split the rest evenly (= tile_start)
-          tile_rows<P>(r, xt + Kp * m, w + p * ps, ps, j0, j1, gc + (p - g0) * kPanel * kPanel + m * kPanel, j0 == 0,
-                       pl.pf);
+          passes(m, r);
+          m += r;
+        }
+        continue;
+      }
+      auto pass = [&](auto np_tag, int64_t p) {  // NP panels from p: every tile over [j0, j1)
+        int64_t m = 0;
+        for (int64_t t = 0; t < pl.tiles; ++t) {
+          const int64_t r = (M - m) / (pl.tiles - t);  // split the rest evenly (= tile_start)
+          one(np_tag, p, m, r);
           m += r;
         }
       };
@@ -211,7 +244,7 @@ inline void run_panels(const Plan& pl, const float* xt, int64_t M, int64_t Kh, c
       for (; p + NP <= g1; p += NP) pass(std::integral_constant<int, NP>{}, p);
       for (; p < g1; ++p) pass(std::integral_constant<int, 1>{}, p);
     }
-    for (int64_t p = g0; p < g1; ++p) emit(p, gc + (p - g0) * kPanel * kPanel);
+    for (int64_t p = g0; p < g1; ++p) emit(p, gc + (p - g0) * cs);
   }
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -30,6 +31,10 @@ from .sequence import Sequence
 # A request sharing more prompt tokens than this with one in a pending prefill group waits for
 # that group, so its prefix comes from the cache instead of being computed twice.
 _SHARE = 16
+
+# CODESHELL_LOOKUP_SHARE_RATE=1: the draft budget's odds as session 25 had them (a moving average of
+# each draft's accepted share) instead of lookup.AcceptRate's per-token odds; read once (A/B runs).
+_SHARE_RATE = os.environ.get("CODESHELL_LOOKUP_SHARE_RATE") == "1"
 
 
 class RequestError(ValueError):
@@ -468,6 +473,11 @@ class Engine:
         # not left to the budget's timings
         keep = self.draft_budget.choose(out, [s.accept_rate for s in seqs],
                                         [s.params.seed is not None and not s.params.greedy for s in seqs], _max_rows())
+        if not _SHARE_RATE:
+            for s, d, n in zip(seqs, out, keep):
+                if d and not n:  # a draft the budget dropped: its odds age (lookup.AcceptRate.idle)
+                    s.accept_odds.idle()
+                    s.accept_rate = s.accept_odds.rate
         return [d[:n] for d, n in zip(out, keep)]
 
     def _speculate(self, seqs: list[Sequence], drafts: list[list[int]]) -> int:
@@ -525,7 +535,11 @@ class Engine:
             if d:
                 k = lookup_k(s.params)
                 s.draft_len = min(k, s.draft_len + 2) if accepted == n else max(1, s.draft_len - 1)
-                s.accept_rate += 0.3 * (accepted / n - s.accept_rate)
+                if _SHARE_RATE:  # session 25's estimate: a moving average of the accepted share
+                    s.accept_rate += 0.3 * (accepted / n - s.accept_rate)
+                else:  # the per-token odds (lookup.AcceptRate); a stop inside the draft is no rejection
+                    s.accept_odds.update(accepted, accepted < n and not s.finished)
+                    s.accept_rate = s.accept_odds.rate
             drafted += n
             accepted_all += accepted
         self.spec_drafted += drafted

@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import operator
+import os
 import time
 
 import torch
@@ -114,7 +115,9 @@ class DraftBudget:
     candidates, best first, are nested prefixes of each draft; the step keeps the r that
     maximises E / C(B + r). With few sequences the per-step cost dominates and long drafts pay;
     with many, each row costs real compute (codeshell-mini bf16: ~60 us a row up to 16 rows,
-    ~115 us beyond, against ~2 ms a step: AMX tiles of 16 rows) and only likely tokens pay.
+    ~115 us beyond, against ~2 ms a step: AMX tiles of 16 rows; ~200-300 us a row against ~2.7 ms
+    at 8 rows on an AVX-512 CPU without bf16 instructions, session 26) and only likely tokens pay.
+    The odds a come from each sequence's verified drafts as per-token odds (`AcceptRate`).
 
     C comes from the engine's own verify steps (`observe(M, seconds)`, CPU seconds of the
     step's thread from drafting to the step's outputs: the per-step Python counts too): per row count M the
@@ -250,6 +253,47 @@ class DraftBudget:
         for _, i in cand[:best_r]:
             keep[i] += 1
         return keep
+
+
+class AcceptRate:
+    """A sequence's odds that its next drafted token is accepted given that the ones before it
+    were (the `a` of DraftBudget's a**(j + 1)), from its verified drafts.
+
+    Each verified draft is a run of Bernoulli trials that stops at the first rejection: `accepted`
+    successes, then one failure unless every token was accepted (or the sequence stopped first).
+    The estimate is successes over trials, both decayed by DECAY a draft so that recent drafts
+    weigh most, with a prior of PRIOR worth one trial. (Until session 26 the engine kept a moving
+    average of the accepted *share* of each draft: an 8-token draft accepted for 5 tokens then
+    rejected scored 5/8 = 0.63 where the per-token odds are 5/6 = 0.83, and the budget, taking
+    the share for the odds, kept far fewer drafted rows at batch 8 than paid; a sequence whose
+    drafts it then dropped kept its low figure, as nothing was verified to raise it.)
+    """
+
+    DECAY = 0.7
+    IDLE_DECAY = float(os.environ.get("CODESHELL_LOOKUP_IDLE_DECAY", "0.8"))  # 1: no ageing (A/B runs)
+    PRIOR = 0.7
+
+    __slots__ = ("hits", "trials")
+
+    def __init__(self) -> None:
+        self.hits = 0.0
+        self.trials = 0.0
+
+    def idle(self) -> None:
+        """A step whose draft the budget dropped: the evidence ages (the odds drift back to
+        PRIOR), so that a sequence once rejected is not left out for good on an old figure
+        (with the odds frozen, the simulated batch-8 runs of session 26 ended up drafting nothing
+        but what the budget's exploration forced)."""
+        self.hits *= self.IDLE_DECAY
+        self.trials *= self.IDLE_DECAY
+
+    def update(self, accepted: int, rejected: bool) -> None:
+        self.hits = self.DECAY * self.hits + accepted
+        self.trials = self.DECAY * self.trials + accepted + (1 if rejected else 0)
+
+    @property
+    def rate(self) -> float:
+        return (self.hits + self.PRIOR) / (self.trials + 1.0)
 
 
 def _expected(n: int, a: float) -> float:

@@ -6,6 +6,7 @@ could still turn out to be the start of a stop string is held back from the stre
 
 from __future__ import annotations
 
+from .lookup import AcceptRate
 from .outputs import CompletionOutput, Logprob
 from .sampling import SamplingParams, SequenceSampler
 
@@ -22,7 +23,8 @@ class Sequence:
         self.cached = 0  # positions whose KV is in the cache
         self.lookup = None  # its n-gram index (engine/lookup.py), made at its first draft
         self.draft_len = 0  # the current draft length limit (adapted to how drafts fare)
-        self.accept_rate = 0.7  # moving average of the accepted share of its drafts (DraftBudget's odds)
+        self.accept_odds = AcceptRate()  # its verified drafts, as per-token odds
+        self.accept_rate = self.accept_odds.rate  # DraftBudget's odds (the engine keeps it current)
         self.output_ids: list[int] = []
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
         self.text = ""

@@ -8,7 +8,7 @@ import pytest
 
 from codeshell import LLM
 from codeshell.engine import SamplingParams
-from codeshell.engine.lookup import DraftBudget, NgramLookup
+from codeshell.engine.lookup import AcceptRate, DraftBudget, NgramLookup
 from tests.conftest import require_shared
 
 
@@ -82,6 +82,44 @@ def test_fixed_drafts_stay_whole_and_the_cap_holds():
         keep = cheap.choose([[1] * 9, [2] * 30, [3] * 4], [0.9, 0.9, 0.9], [True, False, False], cap)
         assert 3 + sum(keep) == min(cap, 3 + 9 + 30 + 4), (cap, keep)
     assert cheap.choose([[1] * 9, [2] * 3], [0.9, 0.9], [True, False], 1) == [0, 0]  # fewer rows than sequences
+
+
+def test_accept_rate_is_the_per_token_odds_and_ages_when_idle():
+    r = AcceptRate()
+    assert r.rate == pytest.approx(AcceptRate.PRIOR)
+    r.update(5, True)  # 5 accepted, then a rejection: 5 successes in 6 trials (the share was 5/8)
+    assert r.rate == pytest.approx((5 + AcceptRate.PRIOR) / (6 + 1))
+    r.update(3, False)  # a whole 3-token draft accepted (or the sequence stopped): no failure
+    h, t = 5 * AcceptRate.DECAY + 3, 6 * AcceptRate.DECAY + 3
+    assert r.rate == pytest.approx((h + AcceptRate.PRIOR) / (t + 1))
+    low = AcceptRate()
+    low.update(0, True)
+    low.update(0, True)
+    before = low.rate
+    assert before < 0.3
+    for _ in range(30):  # dropped drafts: the old evidence fades back to the prior
+        low.idle()
+        assert low.rate >= before
+        before = low.rate
+    if AcceptRate.IDLE_DECAY < 1:
+        assert low.rate == pytest.approx(AcceptRate.PRIOR, abs=0.01)
+
+
+def test_engine_keeps_the_per_token_odds(llm, monkeypatch):
+    """After lookup steps each sequence's odds are hits / trials (AcceptRate), not the share."""
+    seen = []
+    real = DraftBudget.choose
+
+    def spy(self, drafts, rates, fixed, cap):
+        seen.append(list(rates))
+        return real(self, drafts, rates, fixed, cap)
+
+    monkeypatch.setattr(DraftBudget, "choose", spy)
+    ps = repetitive_prompts()
+    look = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_lookup_num_tokens=8)
+    llm.generate(ps, look)
+    assert seen and any(r != AcceptRate.PRIOR for rates in seen for r in rates)
+    assert all(0.0 < r <= 1.0 for rates in seen for r in rates)
 
 
 # ---- in the engine -------------------------------------------------------------------------

@@ -54,7 +54,10 @@ class Team {
   }
 
   int64_t threads() const { return threads_; }
-  uint64_t loops() const { return seq_; }  // loops posted to the helpers so far (the master's count; tests)
+  // loops posted to the helpers so far (the master's count; tests), the prefetch side jobs not counted
+  uint64_t loops() const { return seq_ - side_posts_; }
+  uint64_t side_posts() const { return side_posts_; }                                  // prefetch jobs posted (tests)
+  uint64_t side_runs() const { return side_runs_.load(std::memory_order_relaxed); }    // ... that a helper took
 
   // The master: ownership for one call (false: another thread's call holds the team).
   bool try_own() { return owner_.try_lock(); }
@@ -85,6 +88,7 @@ class Team {
       if (n > 0) f(0, n);
       return;
     }
+    cancel_side();
     fn_.store(&call<F>, std::memory_order_relaxed);
     ctx_.store(&f, std::memory_order_relaxed);
     n_.store(n, std::memory_order_relaxed);
@@ -103,7 +107,78 @@ class Team {
     }
   }
 
+  // ---- The prefetch side job (session 26, helper C) ----
+  // The master: a helper prefetches the given byte ranges (round-robin in kSidePiece pieces) while
+  // the master goes on alone with the step's serial ops (layer norms, RoPE + KV store, attention,
+  // argmax, and the engine's Python between two steps); the next `run` (any loop the master posts)
+  // or the next prefetch_async first stops it (a flag the helper reads every piece) or, if no helper
+  // took it yet, withdraws it. Nothing waits for it otherwise: it may outlive end() (the step's last
+  // job runs during the engine's Python). Only prefetch instructions, which never fault, so ranges of
+  // freed memory are harmless, and no result depends on it. hint: 0 T0, 1 T1, 2 T2, 3 NTA.
+  // Why: a batch-1 token of the small shape has ~0.55 ms in which at most one core streams and
+  // memory idles; the next linear's first bytes fetched meanwhile are not fetched again in its time.
+  struct Range {
+    const char* p;
+    int64_t bytes;
+  };
+  static constexpr int kSideRanges = 8;
+  static constexpr int64_t kSidePiece = 4096;
+  void prefetch_async(const Range* r, int n, int hint) {
+    cancel_side();
+    n = std::min(n, kSideRanges);
+    if (threads_ < 2 || n <= 0) return;
+    for (int i = 0; i < n; ++i) side_[i] = r[i];
+    side_n_ = n;
+    side_hint_ = hint;
+    side_stop_.store(false, std::memory_order_relaxed);
+    fn_.store(&side_call, std::memory_order_relaxed);
+    ctx_.store(this, std::memory_order_relaxed);
+    n_.store(1, std::memory_order_relaxed);
+    grain_.store(1, std::memory_order_relaxed);
+    chunks_.store(1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t seq = ++seq_;
+    ++side_posts_;
+    side_seq_ = seq;
+    side_pending_ = true;
+    state_.store(seq << 32, std::memory_order_release);  // a helper claims it as a 1-chunk loop
+  }
+  // The master: the pending side job stopped (or withdrawn before a helper took it), and done.
+  void cancel_side() {
+    if (!side_pending_) return;
+    side_pending_ = false;
+    side_stop_.store(true, std::memory_order_relaxed);
+    uint64_t s = side_seq_ << 32;
+    if (state_.compare_exchange_strong(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) return;
+    for (int64_t spins = 0; done_.load(std::memory_order_acquire) < 1;) pause(spins);
+  }
+
  private:
+  static void side_call(const void* self, int64_t, int64_t) {
+    const Team& t = *static_cast<const Team*>(self);
+    t.side_runs_.fetch_add(1, std::memory_order_relaxed);
+    switch (t.side_hint_) {
+      case 0: t.side_walk<_MM_HINT_T0>(); break;
+      case 1: t.side_walk<_MM_HINT_T1>(); break;
+      case 3: t.side_walk<_MM_HINT_NTA>(); break;
+      default: t.side_walk<_MM_HINT_T2>(); break;
+    }
+  }
+  template <int Hint>
+  void side_walk() const {
+    for (int64_t off = 0;; off += kSidePiece) {
+      bool any = false;
+      for (int i = 0; i < side_n_; ++i) {
+        const int64_t end = std::min(side_[i].bytes, off + kSidePiece);
+        if (off >= end) continue;
+        if (side_stop_.load(std::memory_order_relaxed)) return;
+        any = true;
+        for (int64_t j = off; j < end; j += 64) _mm_prefetch(side_[i].p + j, static_cast<_mm_hint>(Hint));
+      }
+      if (!any) return;
+    }
+  }
+
   explicit Team(int64_t threads) : threads_(std::max<int64_t>(1, threads)) {
     for (int64_t i = 1; i < threads_; ++i) std::thread([this] { serve(); }).detach();
   }
@@ -190,6 +265,13 @@ class Team {
   std::mutex mu_, err_mu_;
   std::condition_variable cv_;
   std::exception_ptr err_;
+  // the side job (master-written while none is pending; read by the helper that claimed it)
+  Range side_[kSideRanges] = {};
+  int side_n_ = 0, side_hint_ = 2;
+  bool side_pending_ = false;
+  uint64_t side_seq_ = 0, side_posts_ = 0;
+  alignas(64) std::atomic<bool> side_stop_{false};
+  mutable std::atomic<uint64_t> side_runs_{0};
 };
 
 // The team the calling thread is the master of (set by the native decode step for its call,

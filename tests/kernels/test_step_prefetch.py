@@ -97,3 +97,29 @@ def test_side_jobs_not_counted_as_loops(monkeypatch, two_threads):  # noqa: F811
         posts, _ = mod.team_side_jobs()
         assert (posts > posts0) == (env == "1")
     assert loops["0"] == loops["1"] > 0
+
+
+def test_many_steps_with_side_jobs(monkeypatch, two_threads):  # noqa: F811
+    """Thousands of batch-1 steps posting side jobs between the team's loops (the pattern that hit
+    the Team's claim race of an older loop against the next loop's fields, fixed by open_post's
+    marker: a crash in int8_q8's body every few thousand small-shape tokens before): every step's
+    logits equal the same step's with the jobs off."""
+    from codeshell.engine.kv_cache import KVCache
+
+    monkeypatch.setenv("CODESHELL_DECODE_TEAM", "on")
+    m = tiny("int8")
+    cache = KVCache(m.cfg, 2, 256, torch.bfloat16)
+
+    def step(tok, pos):
+        with torch.inference_mode():
+            return step_mod.decode(m, cache, [tok], [pos], [0])
+
+    step(1, 0)
+    for i in range(3000):
+        pos = i % 200
+        monkeypatch.setenv("CODESHELL_STEP_PF", "1")
+        a = step(i % 250, pos)
+        if i % 100 == 0:
+            monkeypatch.setenv("CODESHELL_STEP_PF", "0")
+            b = step(i % 250, pos)
+            assert torch.equal(a[0], b[0]) and a[1] == b[1]

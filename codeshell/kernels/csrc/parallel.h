@@ -89,13 +89,13 @@ class Team {
       return;
     }
     cancel_side();
+    const uint64_t seq = open_post();
     fn_.store(&call<F>, std::memory_order_relaxed);
     ctx_.store(&f, std::memory_order_relaxed);
     n_.store(n, std::memory_order_relaxed);
     grain_.store(grain, std::memory_order_relaxed);
     chunks_.store(chunks, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
-    const uint64_t seq = ++seq_;
     state_.store(seq << 32, std::memory_order_release);  // publishes the job above
     work(seq);
     for (int64_t spins = 0; done_.load(std::memory_order_acquire) < chunks;) pause(spins);
@@ -131,13 +131,13 @@ class Team {
     side_n_ = n;
     side_hint_ = hint;
     side_stop_.store(false, std::memory_order_relaxed);
+    const uint64_t seq = open_post();
     fn_.store(&side_call, std::memory_order_relaxed);
     ctx_.store(this, std::memory_order_relaxed);
     n_.store(1, std::memory_order_relaxed);
     grain_.store(1, std::memory_order_relaxed);
     chunks_.store(1, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
-    const uint64_t seq = ++seq_;
     ++side_posts_;
     side_seq_ = seq;
     side_pending_ = true;
@@ -154,6 +154,25 @@ class Team {
   }
 
  private:
+  // The master, before it writes a new loop's fields: the next seq, with state_ set to (seq, kWriting)
+  // first, so that no claim of an older loop can succeed from here on. Why (session 26, helper C): a
+  // helper that finished the last chunk of loop L reloads state_ (L, c) and checks c against chunks_;
+  // the master, which returned from run() as soon as done_ counted that chunk, may already have
+  // written the NEXT loop's chunks_ (> c) while state_ still read (L, c): the helper's claim CAS
+  // then succeeded and it ran chunk c with the next loop's fn_ / ctx_ half written (or of a loop
+  // already done). Rare with run() alone; the prefetch side jobs (one chunk, stopped and waited for
+  // right before the next loop is written) made it a crash in int8_q8's body every few thousand
+  // tokens. With the marker first (and the fields' stores after it: x86 keeps stores in order, the
+  // fence keeps the compiler's), a helper that sees a new field sees the marker too, and its CAS on
+  // (L, c) fails. serve() does not take a seq whose state_ is still kWriting.
+  static constexpr uint64_t kWriting = 0xffffffffu;
+  uint64_t open_post() {
+    const uint64_t seq = ++seq_;
+    state_.store(seq << 32 | kWriting, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    return seq;
+  }
+
   static void side_call(const void* self, int64_t, int64_t) {
     const Team& t = *static_cast<const Team*>(self);
     t.side_runs_.fetch_add(1, std::memory_order_relaxed);
@@ -189,8 +208,8 @@ class Team {
     omp_set_num_threads(1);       // a chunk's own at::parallel_for (attention) stays on this thread
     uint64_t seen = 0;
     for (int64_t spins = 0, idle = 0;;) {
-      const uint64_t seq = state_.load(std::memory_order_acquire) >> 32;
-      if (seq != seen) {
+      const uint64_t st = state_.load(std::memory_order_acquire), seq = st >> 32;
+      if (seq != seen && (st & kWriting) != kWriting) {  // not while the master writes the loop (open_post)
         seen = seq;
         work(seq);
         spins = idle = 0;

@@ -208,6 +208,32 @@ void store_kv(const bf16* qkv, int64_t M, int64_t H, int64_t G, int64_t D, const
     }
 }
 
+// The batch-1 step's prefetch side jobs (session 26, helper C; parallel.h Team::prefetch_async).
+// While the master runs a serial stretch of the step alone (RoPE + KV store + attention after c_attn,
+// the LayerNorm before c_fc and before the next c_attn / the head, and after the argmax the engine's
+// Python until the next token's first c_attn) the team's helper, which would spin, prefetches the
+// first bytes of each thread's share of the linear that comes next (`fronts`), so that linear starts
+// from cache. CODESHELL_STEP_PF (read once a step): 0 off (as before), 1 on (default: see
+// docs/kernels.md, session 26 helper C); CODESHELL_STEP_PF_KB: KiB a share (in the step),
+// CODESHELL_STEP_PF_END_KB: KiB a share for the next token's first c_attn, CODESHELL_STEP_PF_HINT:
+// 0 T0, 1 T1, 2 T2, 3 NTA; CODESHELL_STEP_PF_OWN=1: only the helpers' shares (not the master's).
+// Prefetches only: no bit of any result changes (tests/kernels/test_step_prefetch.py).
+struct StepPf {
+  bool on = false, own = false;
+  int hint = 2;
+  int64_t bytes = 0, end_bytes = 0;  // a share's
+  static StepPf read() {
+    StepPf s;
+    s.on = codeshell::env_flag("CODESHELL_STEP_PF", true);
+    if (!s.on) return s;
+    s.bytes = std::max<int64_t>(0, codeshell::env_int("CODESHELL_STEP_PF_KB", 512)) << 10;
+    s.end_bytes = std::max<int64_t>(0, codeshell::env_int("CODESHELL_STEP_PF_END_KB", 1024)) << 10;
+    s.hint = int(codeshell::env_int("CODESHELL_STEP_PF_HINT", 2));
+    s.own = codeshell::env_flag("CODESHELL_STEP_PF_OWN", false);
+    return s;
+  }
+};
+
 // Where a step's time goes (`DecodeStep.profile`, off by default; benchmarks/bench_decode_step.py
 // --profile prints it): wall nanoseconds per phase summed over the calls, measured on the calling
 // thread between the phases (a phase's parallel loop is inside its own time). Off, each mark is one
@@ -377,8 +403,9 @@ class DecodeStep {
         return torch::from_blob(const_cast<int64_t*>(v.data()), {M}, i64);
       };
       prof_.mark(kEmbed);
+      const StepPf pf = StepPf::read();
       torch::Tensor h = blocks(a, a.x, a.cos, a.sin, kc, vc, as_tensor(slots), as_tensor(positions), as_tensor(lens),
-                               scale);
+                               scale, &head, pf);
       const torch::Tensor y = apply(head, h, a.head, a.xf(C, C));  // fp32 [M, V]
       prof_.mark(kHead);
       const float* yp = y.data_ptr<float>();
@@ -396,6 +423,10 @@ class DecodeStep {
                                    [&](int64_t i0, int64_t i1) { f32_to_bf16(yp + i0, lp + i0, i1 - i0); });
         prof_.mark(kCast);
       }
+      // the next token's first c_attn, over the engine's Python between the steps (the job outlives
+      // the step; the next step's first team loop stops it)
+      codeshell::Team* t = codeshell::current_team();
+      if (pf.on && M == 1 && t != nullptr && layers() > 0) post_prefetch(*t, linears_[layers_[0].attn], pf.end_bytes, pf);
     });
     return {logits, picks};
   }
@@ -606,6 +637,29 @@ class DecodeStep {
   // the per-call cost (an output tensor and scratch vectors a group, ~ microseconds) outweighs the
   // split (session 17 measured (query, group) items on the team slower at codeshell-mini / the small
   // shape's short contexts).
+  // Posts the side job for linear l: `bytes` from the front of each thread's share of its rows at
+  // M = 1 (qdot_int8.cpp / qdot_int4.cpp: one share a thread (parallel_owned) for int8 weights of at
+  // most 8 MiB and int4 under 4 MiB, else parallel_chunks, whose first chunks the threads take first).
+  // The rows a share starts at are multiples of 16; a row's bytes are data's bytes / N (int8 [N, K],
+  // int4 nibbles [N, K/2], bf16 panels of 16 rows). Only where the prefetch lands depends on this.
+  void post_prefetch(codeshell::Team& t, const Linear& l, int64_t bytes, const StepPf& pf) const {
+    const int64_t T = std::min<int64_t>(t.threads(), codeshell::Team::kSideRanges), N = l.N;
+    const int64_t total = l.data.nbytes(), row = total / std::max<int64_t>(N, 1);
+    if (bytes <= 0 || T < 2 || row <= 0) return;
+    const bool owned = (l.kind == kInt8 && total <= (int64_t(8) << 20)) || (l.kind == kInt4 && total < (int64_t(4) << 20));
+    int64_t grain = std::max<int64_t>(64, (N + 8 * T - 1) / (8 * T));
+    grain = (grain + 15) / 16 * 16;
+    codeshell::Team::Range r[codeshell::Team::kSideRanges];
+    int n = 0;
+    const char* base = static_cast<const char*>(l.data.data_ptr());
+    for (int64_t i = pf.own ? 1 : 0; i < T; ++i) {
+      const int64_t r0 = owned ? std::min(N, (N * i / T + 15) / 16 * 16) : std::min(N, i * grain);
+      const int64_t r1 = owned ? (i + 1 == T ? N : std::min(N, (N * (i + 1) / T + 15) / 16 * 16)) : std::min(N, r0 + grain * 4);
+      if (r1 > r0) r[n++] = {base + r0 * row, std::min(bytes, (r1 - r0) * row)};
+    }
+    t.prefetch_async(r, n, pf.hint);
+  }
+
   static constexpr int64_t kTeamAttnMin = 512;
   // CODESHELL_ATTN_M1 (read per call in a team at M = 1): 0 the packed_attention calls below (before
   // session 22), 1 packed_attention_rows / _groups into att (groups split from kTeamAttnMin on), 2 the
@@ -680,8 +734,13 @@ class DecodeStep {
   torch::Tensor blocks(Arena& a, const torch::Tensor& x, const c10::optional<torch::Tensor>& cos,
                        const c10::optional<torch::Tensor>& sin, const torch::Tensor& kc, const torch::Tensor& vc,
                        const torch::Tensor& slots, const torch::Tensor& positions, const torch::Tensor& lens,
-                       double scale) const {
+                       double scale, const Linear* after = nullptr, const StepPf& pf = StepPf()) const {
     const int64_t H = H_, G = G_, D = D_, C = H * D, M = x.size(0);
+    // the prefetch side jobs (StepPf): batch 1 in a team only
+    codeshell::Team* pteam = pf.on && M == 1 ? codeshell::current_team() : nullptr;
+    auto prefetch = [&](const Linear* l) {
+      if (pteam != nullptr && l != nullptr) post_prefetch(*pteam, *l, pf.bytes, pf);
+    };
     const int64_t* sp = slots.data_ptr<int64_t>();
     const int64_t* pp = positions.data_ptr<int64_t>();
     check_cache(kc, vc, M, sp, pp);
@@ -701,6 +760,7 @@ class DecodeStep {
       prof_.mark(kNorm);
       const Linear& la = linears_[ly.attn];
       torch::Tensor y = apply(la, a.y, a.fqkv, a.xf(la.K, C));  // fp32 [M, (H + 2G) D]
+      prefetch(&linears_[ly.proj]);  // over RoPE + KV store + attention
       prof_.mark(kQkv);
       torch::Tensor qkv;
       if (cos) {
@@ -720,6 +780,7 @@ class DecodeStep {
       prof_.mark(kAttention);
       const Linear& lp = linears_[ly.proj];
       y = apply(lp, att.view({M, C}), a.fc, a.xf(lp.K, C));
+      prefetch(&linears_[ly.fc]);  // over ln_2
       prof_.mark(kProj);
       add_ln(y, ly.ln2_w, ly.ln2_b, ly.ln2_eps);
       prof_.mark(kNorm);
@@ -730,6 +791,7 @@ class DecodeStep {
       prof_.mark(kGelu);
       const Linear& lm = linears_[ly.mlp_proj];
       pending = apply(lm, a.g, a.fpend, a.xf(lm.K, C));
+      prefetch(layer + 1 < layers() ? &linears_[layers_[layer + 1].attn] : after);  // over the next LayerNorm
       prof_.mark(kMlpProj);
     }
     add_ln(pending, lnf_w_, lnf_b_, lnf_eps_);
@@ -869,6 +931,14 @@ void register_decode_step(py::module& m) {
       throw;
     }
   }, "fn() as the master of the thread team (as inside a decode step with the team on)");
+  // For the tests (test_step_prefetch.py): the process team's (posted, taken by a helper) prefetch
+  // side jobs so far (parallel.h Team::prefetch_async); (0, 0) with one thread.
+  m.def("team_side_jobs", []() -> py::tuple {
+    const int threads = at::get_num_threads();
+    if (threads < 2) return py::make_tuple(0, 0);
+    const codeshell::Team* t = codeshell::Team::shared(threads);
+    return py::make_tuple(t->side_posts(), t->side_runs());
+  }, "(prefetch side jobs posted, taken by a helper) of the process's thread team");
   // For the tests (test_q8_wsum.py): decode_int8_q8 with the weight's block sums table hinted as
   // the decode step hints it at batch > 1 (q8_wsum.h); the table made here per call.
   m.def("decode_int8_q8_wsum", [](const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,

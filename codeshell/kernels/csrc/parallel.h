@@ -54,7 +54,10 @@ class Team {
   }
 
   int64_t threads() const { return threads_; }
-  uint64_t loops() const { return seq_; }  // loops posted to the helpers so far (the master's count; tests)
+  // loops posted to the helpers so far (the master's count; tests), the prefetch side jobs not counted
+  uint64_t loops() const { return seq_ - side_posts_; }
+  uint64_t side_posts() const { return side_posts_; }                                  // prefetch jobs posted (tests)
+  uint64_t side_runs() const { return side_runs_.load(std::memory_order_relaxed); }    // ... that a helper took
 
   // The master: ownership for one call (false: another thread's call holds the team).
   bool try_own() { return owner_.try_lock(); }
@@ -85,13 +88,14 @@ class Team {
       if (n > 0) f(0, n);
       return;
     }
+    cancel_side();
+    const uint64_t seq = open_post();
     fn_.store(&call<F>, std::memory_order_relaxed);
     ctx_.store(&f, std::memory_order_relaxed);
     n_.store(n, std::memory_order_relaxed);
     grain_.store(grain, std::memory_order_relaxed);
     chunks_.store(chunks, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
-    const uint64_t seq = ++seq_;
     state_.store(seq << 32, std::memory_order_release);  // publishes the job above
     work(seq);
     for (int64_t spins = 0; done_.load(std::memory_order_acquire) < chunks;) pause(spins);
@@ -103,7 +107,97 @@ class Team {
     }
   }
 
+  // ---- The prefetch side job (session 26, helper C) ----
+  // The master: a helper prefetches the given byte ranges (round-robin in kSidePiece pieces) while
+  // the master goes on alone with the step's serial ops (layer norms, RoPE + KV store, attention,
+  // argmax, and the engine's Python between two steps); the next `run` (any loop the master posts)
+  // or the next prefetch_async first stops it (a flag the helper reads every piece) or, if no helper
+  // took it yet, withdraws it. Nothing waits for it otherwise: it may outlive end() (the step's last
+  // job runs during the engine's Python). Only prefetch instructions, which never fault, so ranges of
+  // freed memory are harmless, and no result depends on it. hint: 0 T0, 1 T1, 2 T2, 3 NTA.
+  // Why: a batch-1 token of the small shape has ~0.55 ms in which at most one core streams and
+  // memory idles; the next linear's first bytes fetched meanwhile are not fetched again in its time.
+  struct Range {
+    const char* p;
+    int64_t bytes;
+  };
+  static constexpr int kSideRanges = 8;
+  static constexpr int64_t kSidePiece = 4096;
+  void prefetch_async(const Range* r, int n, int hint) {
+    cancel_side();
+    n = std::min(n, kSideRanges);
+    if (threads_ < 2 || n <= 0) return;
+    for (int i = 0; i < n; ++i) side_[i] = r[i];
+    side_n_ = n;
+    side_hint_ = hint;
+    side_stop_.store(false, std::memory_order_relaxed);
+    const uint64_t seq = open_post();
+    fn_.store(&side_call, std::memory_order_relaxed);
+    ctx_.store(this, std::memory_order_relaxed);
+    n_.store(1, std::memory_order_relaxed);
+    grain_.store(1, std::memory_order_relaxed);
+    chunks_.store(1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    ++side_posts_;
+    side_seq_ = seq;
+    side_pending_ = true;
+    state_.store(seq << 32, std::memory_order_release);  // a helper claims it as a 1-chunk loop
+  }
+  // The master: the pending side job stopped (or withdrawn before a helper took it), and done.
+  void cancel_side() {
+    if (!side_pending_) return;
+    side_pending_ = false;
+    side_stop_.store(true, std::memory_order_relaxed);
+    uint64_t s = side_seq_ << 32;
+    if (state_.compare_exchange_strong(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) return;
+    for (int64_t spins = 0; done_.load(std::memory_order_acquire) < 1;) pause(spins);
+  }
+
  private:
+  // The master, before it writes a new loop's fields: the next seq, with state_ set to (seq, kWriting)
+  // first, so that no claim of an older loop can succeed from here on. Why (session 26, helper C): a
+  // helper that finished the last chunk of loop L reloads state_ (L, c) and checks c against chunks_;
+  // the master, which returned from run() as soon as done_ counted that chunk, may already have
+  // written the NEXT loop's chunks_ (> c) while state_ still read (L, c): the helper's claim CAS
+  // then succeeded and it ran chunk c with the next loop's fn_ / ctx_ half written (or of a loop
+  // already done). Rare with run() alone; the prefetch side jobs (one chunk, stopped and waited for
+  // right before the next loop is written) made it a crash in int8_q8's body every few thousand
+  // tokens. With the marker first (and the fields' stores after it: x86 keeps stores in order, the
+  // fence keeps the compiler's), a helper that sees a new field sees the marker too, and its CAS on
+  // (L, c) fails. serve() does not take a seq whose state_ is still kWriting.
+  static constexpr uint64_t kWriting = 0xffffffffu;
+  uint64_t open_post() {
+    const uint64_t seq = ++seq_;
+    state_.store(seq << 32 | kWriting, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    return seq;
+  }
+
+  static void side_call(const void* self, int64_t, int64_t) {
+    const Team& t = *static_cast<const Team*>(self);
+    t.side_runs_.fetch_add(1, std::memory_order_relaxed);
+    switch (t.side_hint_) {
+      case 0: t.side_walk<_MM_HINT_T0>(); break;
+      case 1: t.side_walk<_MM_HINT_T1>(); break;
+      case 3: t.side_walk<_MM_HINT_NTA>(); break;
+      default: t.side_walk<_MM_HINT_T2>(); break;
+    }
+  }
+  template <int Hint>
+  void side_walk() const {
+    for (int64_t off = 0;; off += kSidePiece) {
+      bool any = false;
+      for (int i = 0; i < side_n_; ++i) {
+        const int64_t end = std::min(side_[i].bytes, off + kSidePiece);
+        if (off >= end) continue;
+        if (side_stop_.load(std::memory_order_relaxed)) return;
+        any = true;
+        for (int64_t j = off; j < end; j += 64) _mm_prefetch(side_[i].p + j, static_cast<_mm_hint>(Hint));
+      }
+      if (!any) return;
+    }
+  }
+
   explicit Team(int64_t threads) : threads_(std::max<int64_t>(1, threads)) {
     for (int64_t i = 1; i < threads_; ++i) std::thread([this] { serve(); }).detach();
   }
@@ -114,8 +208,8 @@ class Team {
     omp_set_num_threads(1);       // a chunk's own at::parallel_for (attention) stays on this thread
     uint64_t seen = 0;
     for (int64_t spins = 0, idle = 0;;) {
-      const uint64_t seq = state_.load(std::memory_order_acquire) >> 32;
-      if (seq != seen) {
+      const uint64_t st = state_.load(std::memory_order_acquire), seq = st >> 32;
+      if (seq != seen && (st & kWriting) != kWriting) {  // not while the master writes the loop (open_post)
         seen = seq;
         work(seq);
         spins = idle = 0;
@@ -190,6 +284,13 @@ class Team {
   std::mutex mu_, err_mu_;
   std::condition_variable cv_;
   std::exception_ptr err_;
+  // the side job (master-written while none is pending; read by the helper that claimed it)
+  Range side_[kSideRanges] = {};
+  int side_n_ = 0, side_hint_ = 2;
+  bool side_pending_ = false;
+  uint64_t side_seq_ = 0, side_posts_ = 0;
+  alignas(64) std::atomic<bool> side_stop_{false};
+  mutable std::atomic<uint64_t> side_runs_{0};
 };
 
 // The team the calling thread is the master of (set by the native decode step for its call,

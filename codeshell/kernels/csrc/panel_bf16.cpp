@@ -1014,8 +1014,10 @@ int64_t peak_dot(int64_t reps) {
 // of weight rows widened to fp32 in memory, then MKL's sgemm: 0.21-0.22 TFLOP/s on the small
 // shape's linears at M = 512) or as Avx512Fma's decode panels in 64-row calls (slower still).
 // Here:
-//   * x is widened once per call to fp32 and packed [K chunk][row tile][k][kFmaMR] (zero rows
-//     past M, zero k past K: every tile is a full kFmaMR rows, the padding rows are not stored);
+//   * x is widened once per call to fp32 and packed [K chunk][row tile][k / 16][kFmaMR][16] (zero
+//     rows past M, zero k past K: every tile is a full kFmaMR rows, the padding rows are not stored;
+//     session 26: a vector copy of each row's 16 k; CODESHELL_FMA_XPACK=0: [K chunk][row tile][k]
+//     [kFmaMR], session 24's layout, a transpose);
 //   * work items of 4 panels (fp32 sums [T * MR][64] in L2 between K chunks, as prefill_dot);
 //     per K chunk (KC = 256 k) and group of NP = 4 panels the chunk is widened (v << 16,
 //     v & 0xffff0000) into a per-thread fp32 buffer [kc][64], then every row tile runs the
@@ -1023,7 +1025,11 @@ int64_t peak_dot(int64_t reps) {
 //     of the weights and 6 broadcasts of x for 24 FMAs; no widening in the inner loop
 //     (Avx512Fma::micro widens each weight vector once per tile: 2 ALU ops per 2 x MR FMAs on
 //     the FMA ports);
-//   * the next row tile's x is prefetched into L1 on the way.
+//   * the next row tile's x is prefetched into L1 on the way;
+//   * session 26: each tile's last K chunk writes the output from its accumulators (+ bias, bf16 /
+//     GELU epilogues: FmaEpi), not c; CODESHELL_FMA_EPI=0: sums to c, store_rows* after the item.
+//     The loop runs at 98-99% of its L1-resident ceiling (benchmarks/standalone/fma_gemm_loop.cpp);
+//     what is left is outside it (docs/kernels.md, Session 26 helper A).
 // Measured (session 24 helper A, Ice Lake-class Xeon, 2 threads, M = 512, best of 4 alternating
 // calls, TFLOP/s; `sgemm:fp32` in the same runs 0.22-0.26): register block 4 panels x 6 rows,
 // KC 256, items of 4 panels 0.29-0.31 on the small shape's and 7B's linears (c_attn 1536x1024
@@ -1031,7 +1037,8 @@ int64_t peak_dot(int64_t reps) {
 // 0.24-0.30 (1024-wide weights split into uneven items over 2 threads); 2 x 12 0.25-0.27; 2 x 14
 // 0.26 (28 accumulators + 2 weights + a broadcast: GCC spills moves, its L1 peak 0.26 against
 // 0.34 for 4 x 6); KC 128 / 192 0.28-0.30. CODESHELL_FMA_BLOCK=0 (3 x 8) / 2 (2 x 12) / 3 (2 x 14),
-// CODESHELL_FMA_KC=<k>, CODESHELL_FMA_ITEM=<groups of NP panels> (A/B runs; read per call).
+// CODESHELL_FMA_KC=<k>, CODESHELL_FMA_ITEM=<groups of NP panels>, CODESHELL_FMA_WPF=0,
+// CODESHELL_FMA_XPACK=0 (+ CODESHELL_FMA_XPACK_V=0), CODESHELL_FMA_EPI=0 (A/B runs; read per call).
 constexpr int kFmaNP = 4, kFmaMR = 6;
 constexpr int64_t kFmaKC = 256;  // k per chunk (a multiple of 32)
 

@@ -1026,8 +1026,9 @@ int64_t peak_dot(int64_t reps) {
 //     (Avx512Fma::micro widens each weight vector once per tile: 2 ALU ops per 2 x MR FMAs on
 //     the FMA ports);
 //   * the next row tile's x is prefetched into L1 on the way;
-//   * session 26: each tile's last K chunk writes the output from its accumulators (+ bias, bf16 /
-//     GELU epilogues: FmaEpi), not c; CODESHELL_FMA_EPI=0: sums to c, store_rows* after the item.
+//   * session 26, CODESHELL_FMA_EPI=1 (off by default: not faster): each tile's last K chunk
+//     writes the output from its accumulators (+ bias, bf16 / GELU epilogues: FmaEpi), not c;
+//     default: sums to c, store_rows* after the item.
 //     The loop runs at 98-99% of its L1-resident ceiling (benchmarks/standalone/fma_gemm_loop.cpp);
 //     what is left is outside it (docs/kernels.md, Session 26 helper A).
 // Measured (session 24 helper A, Ice Lake-class Xeon, 2 threads, M = 512, best of 4 alternating
@@ -1233,10 +1234,12 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
   });
   const int64_t items = (P + item - 1) / item, ldc = item * kPanel;
   const bool wpf = codeshell::env_flag("CODESHELL_FMA_WPF", true);
-  // The epilogue fused into each tile's last chunk (FmaEpi) unless CODESHELL_FMA_EPI=0: then the
-  // sums of every chunk go to c and store_rows / _b16 / _gelu write the item's rows after its last
-  // chunk (session 24's kernel; A/B). The same bits.
-  const bool fuse = codeshell::env_flag("CODESHELL_FMA_EPI", true);
+  // The epilogue fused into each tile's last chunk (FmaEpi) with CODESHELL_FMA_EPI=1; by default
+  // the sums of every chunk go to c and store_rows / _b16 / _gelu write the item's rows after its
+  // last chunk (session 24's kernel). The same bits. Off by default: even on one thread, and in the
+  // whole small prompt (2 threads, alternating, 8 rounds) 1.09x the time of the unfused epilogue
+  // (a busy host; not confirmed, docs/kernels.md Session 26 helper A).
+  const bool fuse = codeshell::env_flag("CODESHELL_FMA_EPI", false);
   const bool gfast = out_gelu && codeshell::env_flag("CODESHELL_GELU_FAST", true);
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
     static thread_local codeshell::ThreadScratch c_keep, b_keep;

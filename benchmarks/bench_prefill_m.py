@@ -37,10 +37,15 @@ def main() -> None:
     ap.add_argument("--m", nargs="+", type=int, default=[65, 90, 128, 512])
     ap.add_argument("--paths", nargs="+", default=["avx512_vnni:gemm", "sgemm:fp32", "avx512_vnni:panel64"])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 gives a kernel's per-core rate, which a busy "
+                         "second core disturbs far less than a 2-thread call (session 26)")
     ap.add_argument("--env", nargs="*", default=[], metavar="NAME=V",
                     help="extra variants of the first path: each NAME=V[,NAME=V] set around its turns, cleared for the other candidates (A/B)")
     args = ap.parse_args()
     mod = _ext.get()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}, isa level {ops.ISA_LEVELS[ops.isa_level()]}, "
           f"load avg {os.getloadavg()[0]:.2f}", flush=True)
     shapes = MINI if args.model == "mini" else MODEL_SHAPES[args.model]

@@ -116,7 +116,8 @@ def _before(change: str):
                      ("CODESHELL_PREFILL_LN_SPLIT", "off"), ("CODESHELL_DOT_XPACK", "1"), ("CODESHELL_GELU_X4", "0"),
                      ("CODESHELL_PREFILL_ATTN_TRIM", "0")]
         else:
-            pairs = [("CODESHELL_PREFILL_ATTN_KB", "16")] if change == "attnkb" else [tuple(change.split("=", 1))]
+            pairs = ([("CODESHELL_PREFILL_ATTN_KB", "16")] if change == "attnkb"  # NAME=V[,NAME=V...]
+                     else [tuple(kv.split("=", 1)) for kv in change.split(",") if kv])
         old = {name: os.environ.get(name) for name, _ in pairs}
         os.environ.update(dict(pairs))
         from codeshell.engine import kv_cache as KV
@@ -209,7 +210,7 @@ def main() -> None:
                          "prefill attention's 64-key blocks: 16 as before), s18 (all of session 18's prefill "
                          "changes: CODESHELL_PREFILL_ATTN_KB=16, CODESHELL_DOT_ITEM=8, CODESHELL_PREFILL_LN_SPLIT=off, "
                          "CODESHELL_DOT_XPACK=1, CODESHELL_GELU_X4=0, CODESHELL_PREFILL_ATTN_TRIM=0 and the KV cache's "
-                         "index_put), or NAME=VALUE (an environment switch "
+                         "index_put), or NAME=VALUE[,NAME=VALUE...] (environment switches "
                          "the kernels read each call: CODESHELL_DOT_ITEM=8, CODESHELL_PREFILL_LN_SPLIT=off)")
     args = ap.parse_args()
     if args.attention_only:

@@ -52,9 +52,10 @@ def test_same_bits_as_the_panel_kernel(n, k, m, record_property):
 
 
 @needs_512
+@pytest.mark.parametrize("xpack", ["0", "1"])
 @pytest.mark.parametrize("block", ["0", "1", "2", "3"])
 @pytest.mark.parametrize("kc,item", [("64", "1"), ("256", "1"), ("96", "3")])
-def test_blocks_chunks_and_items_do_not_change_bits(block, kc, item, monkeypatch):
+def test_blocks_chunks_and_items_do_not_change_bits(block, kc, item, xpack, monkeypatch):
     # Each output sums k in order in one FMA chain whatever the register block (3x8, 4x6, 2x12,
     # 2x14), the K chunk or the work item: the same bits as the panel kernel, tails included
     # (N = 300: 19 panels, a tail of fewer panels than the block; K = 1030: a partial chunk)
@@ -65,14 +66,16 @@ def test_blocks_chunks_and_items_do_not_change_bits(block, kc, item, monkeypatch
     monkeypatch.setenv("CODESHELL_FMA_BLOCK", block)
     monkeypatch.setenv("CODESHELL_FMA_KC", kc)
     monkeypatch.setenv("CODESHELL_FMA_ITEM", item)
-    assert torch.equal(mod.prefill_bf16_fma(x, p.data, 300, None), want), (block, kc, item)
+    # session 26: x packed [kc / 16][MR][16] a tile (CODESHELL_FMA_XPACK=1, the default) or [kc][MR]
+    monkeypatch.setenv("CODESHELL_FMA_XPACK", xpack)
+    assert torch.equal(mod.prefill_bf16_fma(x, p.data, 300, None), want), (block, kc, item, xpack)
 
 
 @needs_512
 @pytest.mark.parametrize("wpf", ["0", "1"])
-@pytest.mark.parametrize("xvec", ["0", "1"])
+@pytest.mark.parametrize("xvec,xpack", [("0", "0"), ("1", "0"), ("1", "1")])
 @pytest.mark.parametrize("block,kc,item", [("1", "256", "1"), ("0", "64", "2"), ("2", "96", "3")])
-def test_weight_prefetch_and_vector_pack_do_not_change_bits(wpf, xvec, block, kc, item, monkeypatch):
+def test_weight_prefetch_and_vector_pack_do_not_change_bits(wpf, xvec, xpack, block, kc, item, monkeypatch):
     # Session 25: the next weight chunk prefetched into L2 (CODESHELL_FMA_WPF) and x packed 16 k
     # of a row at a time (CODESHELL_FMA_XPACK_V): the panel kernel's bits with either switch, for
     # bf16 and fp32 x, with rows past the last full tile (M = 131), k past the last 16 (K = 1030,
@@ -80,6 +83,7 @@ def test_weight_prefetch_and_vector_pack_do_not_change_bits(wpf, xvec, block, kc
     mod = _ext.get()
     monkeypatch.setenv("CODESHELL_FMA_WPF", wpf)
     monkeypatch.setenv("CODESHELL_FMA_XPACK_V", xvec)
+    monkeypatch.setenv("CODESHELL_FMA_XPACK", xpack)  # session 26's k-blocked pack (masked tails)
     monkeypatch.setenv("CODESHELL_FMA_BLOCK", block)
     monkeypatch.setenv("CODESHELL_FMA_KC", kc)
     monkeypatch.setenv("CODESHELL_FMA_ITEM", item)
@@ -103,9 +107,13 @@ def test_row_bits_do_not_depend_on_m():
 
 
 @needs_512
+@pytest.mark.parametrize("epi", ["0", "1"])
 @pytest.mark.parametrize("n,k", [(37, 100), (300, 1030)])
-def test_bf16_and_gelu_epilogues_are_the_unfused_bits(n, k, monkeypatch):
+def test_bf16_and_gelu_epilogues_are_the_unfused_bits(n, k, epi, monkeypatch):
+    # CODESHELL_FMA_EPI=1 (session 26, the default): the epilogues fused into each tile's last K
+    # chunk (from the accumulators); =0: store_rows* over the item's sums after its last chunk
     monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
+    monkeypatch.setenv("CODESHELL_FMA_EPI", epi)
     mod = _ext.get()
     p = prepack(_w(n, k, n))
     bias = torch.randn(n) * 4
@@ -115,6 +123,32 @@ def test_bf16_and_gelu_epilogues_are_the_unfused_bits(n, k, monkeypatch):
     assert b16.dtype == torch.bfloat16 and torch.equal(b16.view(torch.int16), y.bfloat16().view(torch.int16))
     g = mod.prefill_bf16_fma(x, p.data, n, bias, True)
     assert torch.equal(g.view(torch.int16), mod.fused_gelu_tanh(y, None, True).view(torch.int16))
+
+
+@needs_512
+@pytest.mark.parametrize("block,kc,item", [("1", "256", "1"), ("0", "64", "2"), ("2", "96", "3"), ("3", "256", "1")])
+@pytest.mark.parametrize("n,k,m", [(300, 1030, 131), (37, 17, 65), (130, 256, 97)])
+def test_fused_epilogue_is_the_unfused_bits(block, kc, item, n, k, m, monkeypatch):
+    # The fused epilogue (CODESHELL_FMA_EPI=1) against session 24's pass over c (=0): fp32 out,
+    # bf16 out and both GELUs (fast and exact), with bias and without, tails of rows (M % MR),
+    # columns (N % 16), panels (fewer than the block) and a single K chunk (K = 256 / 17)
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_FMA_BLOCK", block)
+    monkeypatch.setenv("CODESHELL_FMA_KC", kc)
+    monkeypatch.setenv("CODESHELL_FMA_ITEM", item)
+    p = prepack(_w(n, k, 11))
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(3)) * 3).bfloat16()
+    for bias in (None, torch.randn(n) * 4):
+        for fast in ("0", "1"):
+            monkeypatch.setenv("CODESHELL_GELU_FAST", fast)
+            got = {}
+            for epi in ("0", "1"):
+                monkeypatch.setenv("CODESHELL_FMA_EPI", epi)
+                got[epi] = (mod.prefill_bf16_fma(x, p.data, n, bias), mod.prefill_bf16_fma(x, p.data, n, bias, False, True),
+                            mod.prefill_bf16_fma(x, p.data, n, bias, True))
+            for a, b in zip(got["0"], got["1"]):
+                assert torch.equal(a.view(torch.int32) if a.dtype == torch.float32 else a.view(torch.int16),
+                                   b.view(torch.int32) if b.dtype == torch.float32 else b.view(torch.int16)), (block, n, k, m, fast)
 
 
 @needs_512

@@ -1015,8 +1015,10 @@ int64_t peak_dot(int64_t reps) {
 // of weight rows widened to fp32 in memory, then MKL's sgemm: 0.21-0.22 TFLOP/s on the small
 // shape's linears at M = 512) or as Avx512Fma's decode panels in 64-row calls (slower still).
 // Here:
-//   * x is widened once per call to fp32 and packed [K chunk][row tile][k][kFmaMR] (zero rows
-//     past M, zero k past K: every tile is a full kFmaMR rows, the padding rows are not stored);
+//   * x is widened once per call to fp32 and packed [K chunk][row tile][k / 16][kFmaMR][16] (zero
+//     rows past M, zero k past K: every tile is a full kFmaMR rows, the padding rows are not stored;
+//     session 26: a vector copy of each row's 16 k; CODESHELL_FMA_XPACK=0: [K chunk][row tile][k]
+//     [kFmaMR], session 24's layout, a transpose);
 //   * work items of 4 panels (fp32 sums [T * MR][64] in L2 between K chunks, as prefill_dot);
 //     per K chunk (KC = 256 k) and group of NP = 4 panels the chunk is widened (v << 16,
 //     v & 0xffff0000) into a per-thread fp32 buffer [kc][64], then every row tile runs the
@@ -1024,7 +1026,12 @@ int64_t peak_dot(int64_t reps) {
 //     of the weights and 6 broadcasts of x for 24 FMAs; no widening in the inner loop
 //     (Avx512Fma::micro widens each weight vector once per tile: 2 ALU ops per 2 x MR FMAs on
 //     the FMA ports);
-//   * the next row tile's x is prefetched into L1 on the way.
+//   * the next row tile's x is prefetched into L1 on the way;
+//   * session 26, CODESHELL_FMA_EPI=1 (off by default: not faster): each tile's last K chunk
+//     writes the output from its accumulators (+ bias, bf16 / GELU epilogues: FmaEpi), not c;
+//     default: sums to c, store_rows* after the item.
+//     The loop runs at 98-99% of its L1-resident ceiling (benchmarks/standalone/fma_gemm_loop.cpp);
+//     what is left is outside it (docs/kernels.md, Session 26 helper A).
 // Measured (session 24 helper A, Ice Lake-class Xeon, 2 threads, M = 512, best of 4 alternating
 // calls, TFLOP/s; `sgemm:fp32` in the same runs 0.22-0.26): register block 4 panels x 6 rows,
 // KC 256, items of 4 panels 0.29-0.31 on the small shape's and 7B's linears (c_attn 1536x1024
@@ -1032,30 +1039,106 @@ int64_t peak_dot(int64_t reps) {
 // 0.24-0.30 (1024-wide weights split into uneven items over 2 threads); 2 x 12 0.25-0.27; 2 x 14
 // 0.26 (28 accumulators + 2 weights + a broadcast: GCC spills moves, its L1 peak 0.26 against
 // 0.34 for 4 x 6); KC 128 / 192 0.28-0.30. CODESHELL_FMA_BLOCK=0 (3 x 8) / 2 (2 x 12) / 3 (2 x 14),
-// CODESHELL_FMA_KC=<k>, CODESHELL_FMA_ITEM=<groups of NP panels> (A/B runs; read per call).
+// CODESHELL_FMA_KC=<k>, CODESHELL_FMA_ITEM=<groups of NP panels>, CODESHELL_FMA_WPF=0,
+// CODESHELL_FMA_XPACK=0 (+ CODESHELL_FMA_XPACK_V=0), CODESHELL_FMA_EPI=0 (A/B runs; read per call).
 constexpr int kFmaNP = 4, kFmaMR = 6;
 constexpr int64_t kFmaKC = 256;  // k per chunk (a multiple of 32)
 
-// c[MR][NP * 16] (row stride ldc) (+)= a [kc][MR] . b [kc][NP * 16] (fp32); pf: the next tile's a
-// (prefetched into L1, 8 k at a time), or null.
-template <int NP, int MR = kFmaMR>
+// c[MR][NP * 16] (row stride ldc) (+)= a . b [kc][NP * 16] (fp32); a is the tile's x, [kc][MR]
+// or, with KB, [kc / 16][MR][16] (16 k of a row contiguous: prefill_fma's default pack, a copy of
+// each row's 16 k rather than a transpose; the same values, the same FMAs in the same order);
+// pf: the next tile's a (prefetched into L1, 8 k at a time), or null.
+// The epilogue of a tile's last K chunk, fused into fma_block (session 26 helper A): the tile's
+// sums (+ bias[col0 + j]) go from the accumulators straight to the output rows [row0, row0 + rows)
+// x columns [col0, col0 + cols): fp32 (out, store_rows' values), bf16 (ob, store_rows_b16's bits)
+// or GELU'd bf16 (og, store_rows_gelu's bits: gelu16_fast of the bf16-rounded sum when fast, else
+// gelu16). Why: the item's sums were stored to c (L2) after the last chunk and read back by a
+// separate pass over the item's 512 rows; here they never leave the registers, and the output
+// stores overlap the next tile's FMAs. The same fp32 adds and roundings: the same bits.
+struct FmaEpi {
+  float* out;
+  uint16_t* ob;
+  uint16_t* og;
+  const float* bias;
+  int64_t N, row0, rows, col0, cols;
+  bool fast;
+};
+
+// s: the tile's sums [NP][MR][16] (fma_block stores its accumulators there first: passing the
+// accumulator array itself by reference took its address, and GCC then kept all 24 in memory
+// through the k loop, 3x slower).
+template <int NP, int MR>
+__attribute__((noinline)) void fma_epilogue(const float* s, const FmaEpi& e) {
+  for (int i = 0; i < MR && i < e.rows; ++i) {
+    const int64_t o = (e.row0 + i) * e.N + e.col0;
+    for (int q = 0; q < NP; ++q) {
+      const int64_t j = q * 16;
+      if (j >= e.cols) break;
+      const __mmask16 mk = e.cols - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (e.cols - j)) - 1);
+      __m512 v = _mm512_load_ps(s + (q * MR + i) * 16);
+      if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, e.bias + e.col0 + j));
+      if (e.og) {
+        const __m512 g = e.fast ? codeshell::gelu16_fast(codeshell::round_bf16_fast(v))
+                                : codeshell::gelu16(codeshell::round_bf16(v));
+        _mm256_mask_storeu_epi16(e.og + o + j, mk, _mm512_cvtepi32_epi16(codeshell::bf16_bits(g)));
+      } else if (e.ob) {
+        _mm256_mask_storeu_epi16(e.ob + o + j, mk, _mm512_cvtepi32_epi16(codeshell::bf16_bits(v)));
+      } else {
+        _mm512_mask_storeu_ps(e.out + o + j, mk, v);
+      }
+    }
+  }
+}
+
+// ep: the tile's last chunk with the fused epilogue (the sums go to the output, not to c), or null.
+template <int NP, int MR = kFmaMR, bool KB = false>
 inline void fma_block(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, bool first,
-                      const float* pf) {
+                      const float* pf, const FmaEpi* ep = nullptr) {
   __m512 acc[NP][MR];
   for (int q = 0; q < NP; ++q)
     for (int i = 0; i < MR; ++i) acc[q][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldc + q * 16);
-  for (int64_t k8 = 0; k8 < kc; k8 += 8) {
-    if (pf)
-      for (int l = 0; l < 8 * MR * 4; l += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + k8 * MR) + l, _MM_HINT_T0);
-#pragma GCC unroll 8
-    for (int64_t k = k8; k < k8 + 8; ++k) {
-      __m512 bv[NP];
-      for (int q = 0; q < NP; ++q) bv[q] = _mm512_load_ps(b + k * NP * 16 + q * 16);
-      for (int i = 0; i < MR; ++i) {
-        const __m512 xb = _mm512_set1_ps(a[k * MR + i]);
-        for (int q = 0; q < NP; ++q) acc[q][i] = _mm512_fmadd_ps(xb, bv[q], acc[q][i]);
+  if constexpr (KB) {
+    // 8 k a step (as below), their x at a8[i * 16 + j] (constant offsets; GCC left the form with
+    // the index (k >> 4) * MR * 16 + i * 16 + (k & 15) rolled, with that arithmetic each k). Unrolled
+    // by 4, not 8: with 8 (or 16) GCC's schedule shuffled the accumulators through ~50 register moves
+    // (14 with 4, as the [kc][MR] loop); a standalone copy under the extension's flags ran 4% slower
+    // that way (1.76 against 1.83 FMAs a cycle), as fast as the [kc][MR] loop at 4.
+    for (int64_t k8 = 0; k8 < kc; k8 += 8) {
+      const float* a8 = a + (k8 >> 4) * (MR * 16) + (k8 & 15);
+      const float* b8 = b + k8 * NP * 16;
+      if (pf)
+        for (int l = 0; l < 8 * MR * 4; l += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + k8 * MR) + l, _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int j = 0; j < 8; ++j) {
+        __m512 bv[NP];
+        for (int q = 0; q < NP; ++q) bv[q] = _mm512_load_ps(b8 + j * NP * 16 + q * 16);
+        for (int i = 0; i < MR; ++i) {
+          const __m512 xb = _mm512_set1_ps(a8[i * 16 + j]);
+          for (int q = 0; q < NP; ++q) acc[q][i] = _mm512_fmadd_ps(xb, bv[q], acc[q][i]);
+        }
       }
     }
+  } else {
+    for (int64_t k8 = 0; k8 < kc; k8 += 8) {
+      if (pf)
+        for (int l = 0; l < 8 * MR * 4; l += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + k8 * MR) + l, _MM_HINT_T0);
+#pragma GCC unroll 8
+      for (int64_t k = k8; k < k8 + 8; ++k) {
+        __m512 bv[NP];
+        for (int q = 0; q < NP; ++q) bv[q] = _mm512_load_ps(b + k * NP * 16 + q * 16);
+        for (int i = 0; i < MR; ++i) {
+          const __m512 xb = _mm512_set1_ps(a[k * MR + i]);
+          for (int q = 0; q < NP; ++q) acc[q][i] = _mm512_fmadd_ps(xb, bv[q], acc[q][i]);
+        }
+      }
+    }
+  }
+  if (ep) {
+    alignas(64) float s[NP * MR * 16];
+    for (int q = 0; q < NP; ++q)
+      for (int i = 0; i < MR; ++i) _mm512_store_ps(s + (q * MR + i) * 16, acc[q][i]);
+    fma_epilogue<NP, MR>(s, *ep);
+    return;
   }
   for (int q = 0; q < NP; ++q)
     for (int i = 0; i < MR; ++i) _mm512_storeu_ps(c + i * ldc + q * 16, acc[q][i]);
@@ -1074,7 +1157,7 @@ inline void widen_panels(const uint32_t* w, int64_t pstride, int NP, int64_t j0,
 
 // x (bf16 when xb, else fp32) [M, K] -> out fp32 [M, N] / out_gelu / out_b16 (as prefill_dot's
 // epilogues); register block NP panels x MR rows (prefill_fma picks it).
-template <int NP, int MR>
+template <int NP, int MR, bool KB>
 void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t* w, int64_t N, const float* bias,
                    float* out, uint16_t* out_gelu, uint16_t* out_b16, int64_t KC, int64_t item) {
   const int64_t Kp = padded_k(K), Kh = Kp / 2, P = (N + kPanel - 1) / kPanel, T = (M + MR - 1) / MR;
@@ -1094,6 +1177,23 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
       for (int64_t k0 = 0; k0 < Kp; k0 += KC) {
         const int64_t kc = std::min(KC, Kp - k0);
         float* d = xp + k0 * T * MR + t * kc * MR;
+        if (KB) {
+          // [kc / 16][MR][16]: each row's 16 k widened and stored as one vector (a masked load where
+          // K ends inside it; zeros past K and for rows past M). kc is a multiple of 32 (kKAlign).
+          for (int64_t kb = 0; kb < kc; kb += 16)
+            for (int i = 0; i < MR; ++i) {
+              const int64_t m = t * MR + i, kin = m < M ? std::max<int64_t>(0, std::min<int64_t>(16, K - k0 - kb)) : 0;
+              const __mmask16 mk = __mmask16((1u << kin) - 1);
+              __m512 v;
+              if (xb)
+                v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                        mk, static_cast<const uint16_t*>(x) + m * K + k0 + kb)), 16));
+              else
+                v = _mm512_maskz_loadu_ps(mk, static_cast<const float*>(x) + m * K + k0 + kb);
+              _mm512_store_ps(d + kb * MR + i * 16, v);
+            }
+          continue;
+        }
         const bool vec = xvec && (t + 1) * MR <= M;
         for (int i = 0; vec && i < MR; ++i) {
           const int64_t kin = std::max<int64_t>(0, std::min(kc, K - k0));
@@ -1135,6 +1235,13 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
   });
   const int64_t items = (P + item - 1) / item, ldc = item * kPanel;
   const bool wpf = codeshell::env_flag("CODESHELL_FMA_WPF", true);
+  // The epilogue fused into each tile's last chunk (FmaEpi) with CODESHELL_FMA_EPI=1; by default
+  // the sums of every chunk go to c and store_rows / _b16 / _gelu write the item's rows after its
+  // last chunk (session 24's kernel). The same bits. Off by default: even on one thread, and in the
+  // whole small prompt (2 threads, alternating, 8 rounds) 1.09x the time of the unfused epilogue
+  // (a busy host; not confirmed, docs/kernels.md Session 26 helper A).
+  const bool fuse = codeshell::env_flag("CODESHELL_FMA_EPI", false);
+  const bool gfast = out_gelu && codeshell::env_flag("CODESHELL_GELU_FAST", true);
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {
     static thread_local codeshell::ThreadScratch c_keep, b_keep;
     codeshell::Scratch<float> cs(c_keep, size_t(T) * MR * ldc);
@@ -1156,7 +1263,7 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
           // memory: the small shape's weights (2-8 MiB a call, 168 MiB for 8 layers) come from
           // DRAM each prompt, and each panel's chunk (128 lines, 8 KiB) spans two 4 KiB pages,
           // where the L2 streamer stops. CODESHELL_FMA_WPF=0: none (session 24's kernel; A/B).
-          int64_t wl = 0, wnj = 1, wper = 0;
+          int64_t wl = 0, wnj = 1, wper = 0, wq = 0, wj = 0;  // wq, wj: line l's panel and k-pair (l = wq * wnj + wj)
           const uint32_t* wn = nullptr;
           if (wpf) {
             int64_t pn = p + NP, kn = k0, pend = pb;
@@ -1170,19 +1277,31 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
             }
           }
           for (int64_t t = 0; t < T; ++t) {
-            for (int64_t l = t * wper, le = std::min(wl, l + wper); l < le; ++l)
-              _mm_prefetch(reinterpret_cast<const char*>(wn + (l / wnj) * Kh * kPanel + (l % wnj) * kPanel), _MM_HINT_T1);
+            // (a panel / k-pair counter: l / wnj and l % wnj were two 64-bit divisions a line, ~1.5%
+            // of a c_attn call's samples at M = 512)
+            for (int64_t l = t * wper, le = std::min(wl, l + wper); l < le; ++l) {
+              _mm_prefetch(reinterpret_cast<const char*>(wn + wq * Kh * kPanel + wj * kPanel), _MM_HINT_T1);
+              if (++wj == wnj) wj = 0, ++wq;
+            }
             const float* pf = t + 1 < T ? xc + (t + 1) * kc * MR : nullptr;
             const float* a = xc + t * kc * MR;
             float* ct = cp + t * MR * ldc;
+            FmaEpi e;
+            const FmaEpi* ep = nullptr;
+            if (fuse && k0 + kc >= Kp) {
+              e = FmaEpi{out, out_b16, out_gelu, bias, N, t * MR, std::min<int64_t>(MR, M - t * MR), p * kPanel,
+                         std::min(N, (p + np) * kPanel) - p * kPanel, gfast};
+              ep = &e;
+            }
             // a tail of fewer panels at the item's end
-            if (np == NP) fma_block<NP, MR>(a, b, kc, ct, ldc, k0 == 0, pf);
-            else if (np == 3) fma_block<3, MR>(a, b, kc, ct, ldc, k0 == 0, pf);
-            else if (np == 2) fma_block<2, MR>(a, b, kc, ct, ldc, k0 == 0, pf);
-            else fma_block<1, MR>(a, b, kc, ct, ldc, k0 == 0, pf);
+            if (np == NP) fma_block<NP, MR, KB>(a, b, kc, ct, ldc, k0 == 0, pf, ep);
+            else if (np == 3) fma_block<3, MR, KB>(a, b, kc, ct, ldc, k0 == 0, pf, ep);
+            else if (np == 2) fma_block<2, MR, KB>(a, b, kc, ct, ldc, k0 == 0, pf, ep);
+            else fma_block<1, MR, KB>(a, b, kc, ct, ldc, k0 == 0, pf, ep);
           }
         }
       }
+      if (fuse) continue;  // the tiles' last chunks wrote the output
       const int64_t n0 = pa * kPanel, cols = std::min(N, pb * kPanel) - n0;
       if (out_gelu) store_rows_gelu(c, ldc, M, out_gelu, N, n0, cols, bias);
       else if (out_b16) store_rows_b16(c, ldc, M, out_b16, N, n0, cols, bias);
@@ -1197,11 +1316,20 @@ void prefill_fma(const void* x, bool xb, int64_t M, int64_t K, const uint32_t* w
   const int64_t np = v == 0 ? 3 : v == 2 || v == 3 ? 2 : kFmaNP;
   const int64_t KC = std::max<int64_t>(32, codeshell::env_int("CODESHELL_FMA_KC", kFmaKC) / 32 * 32);
   const int64_t item = std::max<int64_t>(1, codeshell::env_int("CODESHELL_FMA_ITEM", 1)) * np;
+  // x's pack: [kc / 16][MR][16] a tile (KB, the default since session 26 helper A: a vector copy of
+  // each row's 16 k) or CODESHELL_FMA_XPACK=0: [kc][MR] (session 24's layout, a transpose: a
+  // scatter per 16 k of a row, or scalar with CODESHELL_FMA_XPACK_V=0). The same bits.
+  if (codeshell::env_flag("CODESHELL_FMA_XPACK", true)) switch (v) {
+      case 0: return prefill_fma_t<3, 8, true>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+      case 2: return prefill_fma_t<2, 12, true>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+      case 3: return prefill_fma_t<2, 14, true>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+      default: return prefill_fma_t<kFmaNP, kFmaMR, true>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+    }
   switch (v) {
-    case 0: return prefill_fma_t<3, 8>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
-    case 2: return prefill_fma_t<2, 12>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
-    case 3: return prefill_fma_t<2, 14>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
-    default: return prefill_fma_t<kFmaNP, kFmaMR>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+    case 0: return prefill_fma_t<3, 8, false>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+    case 2: return prefill_fma_t<2, 12, false>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+    case 3: return prefill_fma_t<2, 14, false>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
+    default: return prefill_fma_t<kFmaNP, kFmaMR, false>(x, xb, M, K, w, N, bias, out, out_gelu, out_b16, KC, item);
   }
 }
 

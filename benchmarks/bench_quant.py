@@ -158,7 +158,7 @@ def main() -> None:
         return
     os.environ.setdefault("CODESHELL_NO_PROGRESS", "1")
     from codeshell import llamacpp
-    from codeshell.bench import HostLoad, bf16_matmul_peak, prompt_flops
+    from codeshell.bench import HostLoad, best_peaks, bf16_matmul_peak, prompt_flops
     model = None
     if a.model:
         from codeshell.weights import CheckpointError, load_config
@@ -225,8 +225,8 @@ def main() -> None:
                 print(f"codeshell quantize -> {fmt} ({scheme.name}): {time.perf_counter() - t:.1f} s", flush=True)
         bw = measure_bandwidth(a.threads)
         print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s", flush=True)
-        peak = bf16_matmul_peak(a.prompt_len)  # on a.threads: measure_bandwidth set them
-        print("measured bf16 matmul peak: " + ", ".join(f"{k} {v:.2f}" for k, v in peak.items()) + " TFLOP/s",
+        peaks = [bf16_matmul_peak(a.prompt_len)]  # on a.threads: measure_bandwidth set them
+        print("measured bf16 matmul peak: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks[0].items()) + " TFLOP/s",
               flush=True)
         for fmt in a.formats:
             with HostLoad() as load:  # what else used the cores while this format ran
@@ -255,9 +255,14 @@ def main() -> None:
                     print(f"  measured llama.cpp {gtype} ({load})", flush=True)
                 finally:
                     gfile.unlink(missing_ok=True)
+        if rows:  # again after the formats: the best of the run's probes is the peak (bench.best_peaks says why)
+            peaks.append(bf16_matmul_peak(a.prompt_len))
+            print("measured bf16 matmul peak again: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks[-1].items())
+                  + " TFLOP/s", flush=True)
     finally:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+    peak = best_peaks(*peaks)
     print()
     print(f"| format | files GiB | load s | RSS GiB | prompt tok/s | 1st prompt tok/s | prompt TFLOP/s | % of bf16 peak | "
           f"decode tok/s b=1 | bound tok/s | % of bound | % of own probe | decode tok/s b={a.batch} (aggregate) | b={a.batch} / b=1 |")
@@ -283,7 +288,8 @@ def main() -> None:
           "widened to fp32) and torch's bf16 matmul is emulated, so there the candidates also include torch's "
           f"fp32 matmul on the same shapes (torch_fp32 {peak.get('torch_fp32', float('nan')):.2f}) and our fp32-FMA "
           f"micro-kernel on L1-resident operands (fma_kernel {peak.get('fma_kernel', float('nan')):.2f}); "
-          "measured in this run. "
+          "measured in this run, each the best of its probes before and after the formats ("
+          + " / ".join(f"{p['peak']:.2f}" for p in peaks) + " TFLOP/s: the host's speed moves between minutes). "
           f"Bound: weight bytes per token / {bw / 1e9:.1f} GB/s, the best of the run's read-bandwidth probes "
           f"({', '.join(f'{p / 1e9:.1f}' for p in probes)} GB/s: before the formats, then after each one's decode); "
           "% of own probe: against the probe taken right after that format's decode, in the same process (the "

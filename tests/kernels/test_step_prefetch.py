@@ -9,6 +9,8 @@ count) does not include them."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -66,6 +68,14 @@ def test_prefetch_jobs_posted_where_meant(monkeypatch, two_threads):  # noqa: F8
         # depends on the scheduler: a loaded host may never run the helper in time)
         assert 0 <= runs - runs0 <= posts - posts0
         # the side jobs never run the step's own loops: the results are the same either way
+    # unset, the jobs run only for a model larger than 3/4 of the last-level cache (a tiny model's
+    # weights are already there); where the cache size is unknown, they run
+    monkeypatch.delenv("CODESHELL_STEP_PF")
+    posts0, _ = mod.team_side_jobs()
+    step([5], [25], [0])
+    posts, _ = mod.team_side_jobs()
+    l3_known = os.path.exists("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    assert posts - posts0 == (0 if l3_known else 3 * layers + 1)
     monkeypatch.setenv("CODESHELL_STEP_PF", "1")
     a = step([7], [30], [1])
     monkeypatch.setenv("CODESHELL_STEP_PF", "0")

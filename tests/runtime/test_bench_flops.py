@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from codeshell import LLM
-from codeshell.bench import bf16_matmul_peak, prompt_flops, weight_bytes_per_token
+from codeshell.bench import best_peaks, bf16_matmul_peak, prompt_flops, weight_bytes_per_token
 from codeshell.config import CodeShellConfig
 from codeshell.model import CodeShellForCausalLM
 
@@ -108,3 +108,15 @@ def test_bench_quant_1p7b_shape_is_bench_serves():
     want = {k: v for k, v in mods["bench_serve"].SHAPES["1.7b"].items() if k != "n_positions"}
     assert {k: getattr(cfg, k) for k in want} == want
     assert cfg.vocab_size == 70144
+
+
+def test_best_peaks_takes_each_candidates_best_probe():
+    # bench_quant measures the peak before and after its formats; a slow minute in one probe
+    # must not lower the denominator (it would flatter the prompt's % of peak)
+    nan = float("nan")
+    before = {"torch": 0.06, "torch_fp32": 0.26, "fma_kernel": 0.23, "dot_kernel": nan, "peak": 0.26}
+    after = {"torch": 0.05, "torch_fp32": 0.25, "fma_kernel": 0.33, "dot_kernel": nan, "peak": 0.33}
+    got = best_peaks(before, after)
+    assert got["fma_kernel"] == 0.33 and got["torch"] == 0.06 and got["torch_fp32"] == 0.26
+    assert got["peak"] == 0.33 and "dot_kernel" not in got
+    assert best_peaks(before) == {k: v for k, v in before.items() if v == v}

@@ -214,7 +214,8 @@ void store_kv(const bf16* qkv, int64_t M, int64_t H, int64_t G, int64_t D, const
 // Python until the next token's first c_attn) the team's helper, which would spin, prefetches the
 // first bytes of each thread's share of the linear that comes next (`fronts`), so that linear starts
 // from cache. CODESHELL_STEP_PF (read once a step): 0 off (as before), 1 on (default: see
-// docs/kernels.md, session 26 helper C); CODESHELL_STEP_PF_KB: KiB a share (in the step),
+// docs/kernels.md, session 26 helper C), unset: on unless the weights are LLC-resident (StepPf::read);
+// CODESHELL_STEP_PF_KB: KiB a share (in the step),
 // CODESHELL_STEP_PF_END_KB: KiB a share for the next token's first c_attn, CODESHELL_STEP_PF_HINT:
 // 0 T0, 1 T1, 2 T2, 3 NTA; CODESHELL_STEP_PF_OWN=1: only the helpers' shares (not the master's).
 // Prefetches only: no bit of any result changes (tests/kernels/test_step_prefetch.py).
@@ -222,9 +223,15 @@ struct StepPf {
   bool on = false, own = false;
   int hint = 2;
   int64_t bytes = 0, end_bytes = 0;  // a share's
-  static StepPf read() {
+  // resident: the model's weights sit in the last-level cache (DecodeStep::llc_resident), where
+  // the next linear's bytes are already near and a prefetch only adds the side job's posting and
+  // stopping to every serial stretch: unset, the jobs run only for models larger than that (lead,
+  // session 26: codeshell-mini int8 / int4, 17 MB, bench_quant b1 in 3 alternating pairs 2540 /
+  // 2576 tok/s off against 2083 / 2130 on, medians); "1" runs them on any model.
+  static StepPf read(bool resident) {
     StepPf s;
-    s.on = codeshell::env_flag("CODESHELL_STEP_PF", true);
+    const char* v = std::getenv("CODESHELL_STEP_PF");
+    s.on = v == nullptr || *v == 0 ? !resident : codeshell::env_flag("CODESHELL_STEP_PF", true);
     if (!s.on) return s;
     s.bytes = std::max<int64_t>(0, codeshell::env_int("CODESHELL_STEP_PF_KB", 512)) << 10;
     s.end_bytes = std::max<int64_t>(0, codeshell::env_int("CODESHELL_STEP_PF_END_KB", 1024)) << 10;
@@ -403,7 +410,7 @@ class DecodeStep {
         return torch::from_blob(const_cast<int64_t*>(v.data()), {M}, i64);
       };
       prof_.mark(kEmbed);
-      const StepPf pf = StepPf::read();
+      const StepPf pf = StepPf::read(llc_resident());
       torch::Tensor h = blocks(a, a.x, a.cos, a.sin, kc, vc, as_tensor(slots), as_tensor(positions), as_tensor(lens),
                                scale, &head, pf);
       const torch::Tensor y = apply(head, h, a.head, a.xf(C, C));  // fp32 [M, V]
@@ -503,9 +510,12 @@ class DecodeStep {
   // (all linears, the head included) take at most 3/4 of the last-level cache: they are read
   // from it, not from memory, at every step. 0 otherwise, and when the cache size is unknown.
   static constexpr int64_t kFarPrefetch = 1024;
-  int64_t far_prefetch() const {
+  int64_t far_prefetch() const { return llc_resident() ? kFarPrefetch : 0; }
+  // The weights (all linears, the head included) take at most 3/4 of the last-level cache (false
+  // when its size is unknown): far_prefetch, and the batch-1 prefetch side jobs' default (StepPf).
+  bool llc_resident() const {
     static const int64_t l3 = l3_bytes();
-    return l3 > 0 && weight_bytes_ <= l3 / 4 * 3 ? kFarPrefetch : 0;
+    return l3 > 0 && weight_bytes_ <= l3 / 4 * 3;
   }
   // The L3 one core sees (sysfs index3; in K), 0 if unknown. Not sysconf(_SC_LEVEL3_CACHE_SIZE):
   // on the EPYC VM it gave 384 MiB, the whole package's, where a core's CCD has 32 MiB.

@@ -84,32 +84,26 @@ inline void tile(const float* xt, const uint32_t* w, int64_t pstride, int64_t j0
 template <int NP>
 inline void tile_rows(int64_t rows, const float* xt, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
                       float* c, int64_t cstride, bool first, int64_t pf) {
-  switch (rows) {
 #define CODESHELL_ROWS_TILE(R) \
   case R: tile<R, NP>(xt, w, pstride, j0, j1, c, cstride, first, pf); return;
+  switch (rows) {
     CODESHELL_ROWS_TILE(1) CODESHELL_ROWS_TILE(2) CODESHELL_ROWS_TILE(3) CODESHELL_ROWS_TILE(4)
     CODESHELL_ROWS_TILE(5) CODESHELL_ROWS_TILE(6) CODESHELL_ROWS_TILE(7) CODESHELL_ROWS_TILE(8)
-#undef CODESHELL_ROWS_TILE
     default: break;
   }
   if constexpr (NP <= 2) {  // 2 x 12 = 24 accumulators; 3 panels stop at 8 rows
     switch (rows) {
-#define CODESHELL_ROWS_TILE(R) \
-  case R: tile<R, NP>(xt, w, pstride, j0, j1, c, cstride, first, pf); return;
       CODESHELL_ROWS_TILE(9) CODESHELL_ROWS_TILE(10) CODESHELL_ROWS_TILE(11) CODESHELL_ROWS_TILE(12)
-#undef CODESHELL_ROWS_TILE
       default: break;
     }
   }
   if constexpr (NP == 1) {  // up to 16 accumulators
     switch (rows) {
-#define CODESHELL_ROWS_TILE(R) \
-  case R: tile<R, NP>(xt, w, pstride, j0, j1, c, cstride, first, pf); return;
       CODESHELL_ROWS_TILE(13) CODESHELL_ROWS_TILE(14) CODESHELL_ROWS_TILE(15) CODESHELL_ROWS_TILE(16)
-#undef CODESHELL_ROWS_TILE
       default: break;
     }
   }
+#undef CODESHELL_ROWS_TILE
   TORCH_CHECK(false, "fma_rows: no tile of ", rows, " rows x ", NP, " panels");
 }
 

@@ -213,6 +213,56 @@ def test_full_tiles_without_masks_keep_bits(B, H, G, D, T, P, zeros, monkeypatch
 
 
 @needs_bf16
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (1, 8, 2, 128, 100, 0), (2, 4, 2, 64, 37, 5),
+                                         (2, 4, 1, 256, 70, 20), (1, 2, 2, 64, 2, 0), (1, 4, 2, 96, 50, 3),
+                                         (2, 8, 8, 32, 33, 0), (1, 1, 1, 32, 3, 130), (1, 8, 2, 128, 77, 64)])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_row_groups_keep_bits(B, H, G, D, T, P, zeros, monkeypatch):
+    # block_rows4's row groups (session 27: the score tiles of `group` rows, then their softmax, then
+    # one value product over the group, so each key / value block streams from L2 once a group)
+    # against four rows a group (CODESHELL_PREFILL_ATTN_GROUP=4, the kernel before): rows are
+    # independent and each row's operations are the same, so the same bits for every group size,
+    # also where a group or a tile is cut short by R (R = 4 x 25, 2 x 37, ..), with prefixes (whole
+    # blocks before every query) and zero queries. Out-of-range values are clamped to 4..32.
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    if zeros:
+        q = q * 0
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_GROUP", "4")
+    four = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
+    for group in ["", "8", "12", "16", "32", "1000"]:
+        monkeypatch.setenv("CODESHELL_PREFILL_ATTN_GROUP", group)
+        assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), four), group
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_R4", "0")  # the one-row softmax (no groups): the same bits
+    assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), four)
+    print(f"prefill_attention (64-key tile, row groups 8-32) B{B} H{H} G{G} D{D} T{T} P{P}: the 4-row groups' bits")
+
+
+@needs_bf16
+@pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
+@pytest.mark.parametrize("prepack", ["0", "1"])
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 128, 100, 0), (3, 4, 2, 64, 37, 5), (2, 8, 8, 32, 200, 0),
+                                         (2, 4, 1, 256, 70, 20), (1, 2, 2, 64, 2, 0)])
+def test_costliest_items_first_keep_bits(B, H, G, D, T, P, kb, prepack, monkeypatch):
+    # The work items claimed costliest first (session 27: the last query blocks of every (row, group)
+    # first) against the (row, group, query block) order (CODESHELL_PREFILL_ATTN_ORDER=0): items are
+    # independent and a key block shared by a (row, group)'s items holds the same keys whichever item
+    # packs it, so the same bits; with and without the shared packing, several rows (one with a
+    # shorter prefix) and on 1 and 2 threads.
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_PREPACK", prepack)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            monkeypatch.setenv("CODESHELL_PREFILL_ATTN_ORDER", "0")
+            old = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), kb)
+            monkeypatch.delenv("CODESHELL_PREFILL_ATTN_ORDER")
+            assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), kb), old)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_bf16
 @pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
 @pytest.mark.parametrize("prepack", ["0", "1"])
 @pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (1, 8, 2, 128, 100, 0), (3, 4, 2, 64, 37, 5),

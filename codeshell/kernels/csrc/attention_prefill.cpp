@@ -58,6 +58,7 @@ namespace {
 constexpr int64_t kTq = 32;   // queries per work item (per head of the group)
 constexpr int64_t kKbMax = 64;  // the largest key block (scratch sizes)
 constexpr int kMrMax = 8;       // the most query rows per score tile (scratch sizes, tile padding)
+constexpr int kGroupMax = 32;   // the most rows of a block_rows4 row group (its probabilities' scratch)
 
 // The two AVX512-BF16 instructions the kernel uses, and their emulation on AVX-512 F/BW (E = true:
 // CPUs without AVX512-BF16, such as Ice Lake / Cascade Lake Xeons; session 23). vdpbf16ps adds the
@@ -109,6 +110,7 @@ struct Item {
   std::atomic<int>* ready;  // per block 0 not packed, 1 being packed, 2 packed
   int64_t nkeys;          // the row's keys (its last position + 1): what a shared block holds
   bool full;              // block_rows4: tiles whose keys are all visible skip the masks (the same bits)
+  int64_t group;          // block_rows4: rows per row group (a multiple of 4 up to kGroupMax)
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -414,17 +416,34 @@ inline __m512 reduce4(const __m512* v) {
 // move only where it moved (exp(0) = 1 exactly: the same alpha), the scores rescaled and masked
 // again in the exp pass instead of being kept (the same multiply). The same products in the same
 // order: the same bits as block_rows (tests/kernels/test_prefill_attention.py checks them equal).
+//
+// Row groups (session 27; `group` rows, a multiple of MR, CODESHELL_PREFILL_ATTN_GROUP): the score
+// tiles of a group's rows first (each tile's sums kept in `sg`), then their softmax, then one value
+// product over the whole group, instead of score tile, softmax and value product four rows at a
+// time. Why: at D = 128 the widened key block and value block are 32 KiB each (W), 64 KiB together
+// against a 48 KiB L1d (Ice Lake), so with four rows a tile each score tile streamed the key block
+// and each value product the value block from L2 again, 64 KiB per four rows; a group of 16 rows
+// reads each block from L2 once per 16 rows and from L1 for its other tiles. The rows are
+// independent and each row's products, softmax and sums are the same operations in the same
+// order: the same bits for every group (group = MR is the kernel before; test_prefill_attention*).
 template <bool E, int KB, int MR, int PR, int NBE, bool W = false>
 inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
                         const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
-                        float* o, float* mrow, float* lrow, uint32_t* prow, const __m512 sc, const __m512i lane,
-                       const bool first, const bool full_tiles) {
+                        float* o, float* mrow, float* lrow, uint32_t* prow_g, const __m512 sc, const __m512i lane,
+                       const bool first, const bool full_tiles, const int64_t group) {
   static_assert(MR == 4, "block_rows4: four rows a tile");
   constexpr int NB = KB / 16;
   constexpr int64_t kP = W ? KB : KB / 2;  // a probability row (as block_rows)
-  for (int64_t i0 = 0; i0 < R; i0 += MR) {
-    __m512 s[MR * NB];
-    scores_tile<E, W, MR, NBE, KB>(qrowp + i0, kp, D2, s);
+  for (int64_t g0 = 0; g0 < R; g0 += group) {
+  const int64_t grows = std::min<int64_t>(group, R - g0), ntiles = (grows + MR - 1) / MR;
+  alignas(64) __m512 sg[kGroupMax / MR][MR * NB];
+  float alpha_g[kGroupMax];
+  for (int64_t t = 0; t < ntiles; ++t) scores_tile<E, W, MR, NBE, KB>(qrowp + g0 + t * MR, kp, D2, sg[t]);
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t i0 = g0 + t * MR;
+    const __m512* s = sg[t];
+    uint32_t* prow = prow_g + t * MR * kP;
+    float* alpha = alpha_g + t * MR;
     const int64_t rows = std::min<int64_t>(MR, R - i0);
     int64_t last[MR];
     bool all_seen = rows == MR;  // every key of the block's NBE chunks visible to all four rows
@@ -432,7 +451,6 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
       last[ii] = ii < rows ? qpos[i0 + ii] - j0 : -1;
       all_seen = all_seen && last[ii] >= 16 * NBE - 1;
     }
-    float alpha[MR];
     // FULL: the tile's masks are all ones (a key block wholly before the tile's queries: all but
     // the diagonal blocks of a causal prompt), so the compares and masked moves are left out:
     // a masked move under an all-ones mask is the value itself, the same bits (session 22;
@@ -498,7 +516,8 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
     };
     if (all_seen && full_tiles) softmax(std::true_type{});
     else softmax(std::false_type{});
-    pv_tile<E, PR, W>(rows, i0, o, prow, kP, alpha, vp, D, kPe, first);
+  }
+  pv_tile<E, PR, W>(grows, g0, o, prow_g, kP, alpha_g, vp, D, kPe, first);
   }
 }
 
@@ -576,7 +595,7 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
       constexpr int NBE = decltype(nbe)::value;
       if constexpr (R4 && MR == 4)
         block_rows4<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
-                                     nofill && j0 == 0, it.full);
+                                     nofill && j0 == 0, it.full, it.group);
       else
         block_rows<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                     nofill && j0 == 0);
@@ -654,6 +673,10 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // CODESHELL_PREFILL_ATTN_FULL=0: block_rows4 computes the visibility masks of every tile, also
   // where all its keys are visible (A/B; the same bits)
   const bool full = codeshell::env_flag("CODESHELL_PREFILL_ATTN_FULL", true);
+  // CODESHELL_PREFILL_ATTN_GROUP: rows per row group of block_rows4 (4, 8, .., 32; 4 = the kernel
+  // before session 27, A/B; the same bits for any): the score tiles of a group, then their softmax,
+  // then their value product, so each key / value block is read from L2 once per group
+  const int64_t group = std::clamp<int64_t>(codeshell::env_int("CODESHELL_PREFILL_ATTN_GROUP", 16), 4, kGroupMax) / 4 * 4;
   // Without AVX512-BF16 (or CODESHELL_PREFILL_ATTN_EMU=1, to run it on a CPU with it: A/B and
   // tests) the same kernel with the two instructions emulated (dpbf16 / to_bf16 above).
   const bool emu = !codeshell::cpu_features().avx512bf16 || codeshell::env_flag("CODESHELL_PREFILL_ATTN_EMU", false);
@@ -700,7 +723,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     return Item{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
                 yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale), trim,
                 prepack ? packed.data() + (b * G + g) * nblk * bstride : nullptr,
-                prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b], full};
+                prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b], full, group};
   };
   // CODESHELL_PREFILL_ATTN_SETUP=0: each parallel chunk's scratch a fresh zero-filled vector and o
   // zero-filled per item, as before (A/B; the same bits). By default the scratch is the thread's kept
@@ -708,7 +731,14 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // (run_item's nofill). Why: at the small shape (H 8, G 2, D 128, T 512) a call made 16 chunks of
   // ~100 KiB zero-filled and 32 items' o of 64 KiB each, ~3.6 MiB of stores before any product.
   const bool lean = codeshell::env_flag("CODESHELL_PREFILL_ATTN_SETUP", true);
-  const size_t nbuf = 2 * size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kMrMax) * kKbMax + 2 * Rmax + 64;
+  // CODESHELL_PREFILL_ATTN_ORDER=0: the items in (row, group, query block) order, as before (A/B;
+  // the same bits: items are independent and a shared key block holds the same keys whoever packs
+  // it). By default the costliest first (longest processing time first): query block qi of a causal
+  // prompt reads ~qi + 1 key blocks, and the threads claim chunks of 2 items in order, so in the
+  // old order the last chunk claimed was the costliest (2 x the last items: 31 of the 272 units
+  // of a 512-token prompt at the small shape) and the other thread idled for up to that long.
+  const bool lpt = codeshell::env_flag("CODESHELL_PREFILL_ATTN_ORDER", true);
+  const size_t nbuf = 2 * size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kGroupMax) * kKbMax + 2 * Rmax + 64;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
     // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs; W: fp32,
     // twice the dwords: each given kKbMax * D), o [R][D]
@@ -722,10 +752,13 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     uint32_t* vp = kp + kKbMax * D;
     float* o = reinterpret_cast<float*>(vp + kKbMax * D);
     uint32_t* prow = reinterpret_cast<uint32_t*>(o + Rmax * D);
-    float* mrow = reinterpret_cast<float*>(prow + kMrMax * kKbMax);
+    float* mrow = reinterpret_cast<float*>(prow + kGroupMax * kKbMax);
     float* lrow = mrow + Rmax;
     for (int64_t w = a; w < e; ++w) {
-      const int64_t b = w / (G * nq), g = (w / nq) % G, qi = w % nq;
+      // by default the last query items (the most keys) of every (row, group) first, the first ones
+      // last: see `lpt` above
+      const int64_t b = lpt ? (w % (B * G)) / G : w / (G * nq), g = lpt ? w % G : (w / nq) % G,
+                    qi = lpt ? nq - 1 - w / (B * G) : w % nq;
       run(item_of(b, g, qi), kp, vp, o, mrow, lrow, prow, lean);
     }
   });

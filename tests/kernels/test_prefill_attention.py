@@ -238,6 +238,30 @@ def test_row_groups_keep_bits(B, H, G, D, T, P, zeros, monkeypatch):
 
 
 @needs_bf16
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 128, 100, 0), (2, 4, 2, 64, 37, 5), (2, 4, 1, 256, 70, 20),
+                                         (1, 4, 2, 96, 50, 3), (2, 8, 8, 32, 33, 0), (1, 1, 1, 32, 3, 130)])
+@pytest.mark.parametrize("qscale", [0.0, 1.0, 30.0, 3000.0])
+def test_rounding_and_dims_outside_keep_bits(B, H, G, D, T, P, qscale, monkeypatch):
+    # Session 27's two changes to the widened kernel's row groups against the kernel before them:
+    # the probabilities' bf16 rounding by round_bf16_pos (CODESHELL_PREFILL_ATTN_ROUND=0: to_bf16 and
+    # the widening back) and the value product dims outside (CODESHELL_PREFILL_ATTN_DOUT=1, off by default: rows
+    # outside). The same bits, on zero queries (scores +-0), ordinary ones, and queries scaled so
+    # that most probabilities of a row are denormal before the rounding (x - max below -87: flushed
+    # to +0) or exp16's clamp (below -88), and the largest round up.
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    q = (q.float() * qscale).bfloat16()
+    for key, old, new in (("CODESHELL_PREFILL_ATTN_ROUND", "0", "1"), ("CODESHELL_PREFILL_ATTN_DOUT", "0", "1")):
+        monkeypatch.setenv(key, old)
+        before = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
+        monkeypatch.setenv(key, new)
+        assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), before), key
+        monkeypatch.delenv(key)
+        assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), before), key
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_WIDE", "0")  # the kernel before session 25's widening
+    assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), before)
+
+
+@needs_bf16
 @pytest.mark.parametrize("kb", pa.KEY_BLOCKS)
 @pytest.mark.parametrize("prepack", ["0", "1"])
 @pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 128, 100, 0), (3, 4, 2, 64, 37, 5), (2, 8, 8, 32, 200, 0),

@@ -96,6 +96,21 @@ inline __m256i to_bf16(__m512 v) {
   }
 }
 
+// The fp32 value of to_bf16<true>(v), v an exp16 result: finite and >= +0 (exp16 clamps its input
+// to [-88, 88], a NaN included, and returns +0 or y 2^n), for the widened kernel's probabilities
+// (W: only the rounded value as fp32 is stored and summed). to_bf16<true> flushes a denormal to
+// +0, rounds to nearest even ((u + 0x7fff + lsb) >> 16) and keeps a NaN quiet; here the flush is
+// the and's zero mask and the shift back is the and with 0xffff0000: 6 instructions against
+// to_bf16's 12 plus the widening's 2 (vpmovdw is 2 uops on the FMA ports' port 5), the same bits
+// for every such v (session 27; CODESHELL_PREFILL_ATTN_ROUND=0 keeps to_bf16, A/B).
+inline __m512 round_bf16_pos(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __mmask16 normal = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x7f800000));  // not zero or denormal
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_castsi512_ps(_mm512_maskz_and_epi32(normal, r, _mm512_set1_epi32(int(0xffff0000u))));
+}
+
 struct Item {
   const uint16_t* q;      // q[b] base: [H][T][D] with strides qh, qt (elements)
   int64_t qh, qt;
@@ -111,6 +126,8 @@ struct Item {
   int64_t nkeys;          // the row's keys (its last position + 1): what a shared block holds
   bool full;              // block_rows4: tiles whose keys are all visible skip the masks (the same bits)
   int64_t group;          // block_rows4: rows per row group (a multiple of 4 up to kGroupMax)
+  bool dout;              // block_rows4 (W): the group's value product dims outside, rows inside (pv_tile)
+  bool round;             // block_rows4 (W): the probabilities' bf16 rounding by round_bf16_pos
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -311,9 +328,38 @@ inline void pv_rows(float* const* o, const uint32_t* const* p, const float* alph
 // o[i0 + ii] = alpha[ii] o[i0 + ii] + p[ii] . V for a score tile's `rows` rows (probabilities prow
 // [rows][kP] key pairs): PR rows at a time sharing each value vector, then one at a time. Shared by
 // block_rows and block_rows4.
+// dout (W only, block_rows4's row groups; session 27): the dims outside, the rows inside: each 64-dim
+// chunk of the value block (16 KiB of widened values at KB = 64) for all the group's rows, then the
+// next, where each PR rows read all D dims (the whole 32 KiB block at D = 128) before the next PR
+// rows: the block and the group's o rows then stay in L1 through the group (its value loads were the
+// hottest instructions of pv_chunk_w in a profile). Each (row, dim) sum is the same chain: the same bits.
 template <bool E, int PR, bool W = false>
 inline void pv_tile(const int64_t rows, const int64_t i0, float* o, const uint32_t* prow, const int64_t kP,
-                    const float* alpha, const uint32_t* vp, const int64_t D, const int64_t kPe, const bool first) {
+                    const float* alpha, const uint32_t* vp, const int64_t D, const int64_t kPe, const bool first,
+                    const bool dout = false) {
+  if constexpr (W) if (dout) {
+    const float* vw = reinterpret_cast<const float*>(vp);
+    auto chunk = [&](auto nc, int64_t d) {
+      constexpr int NC = decltype(nc)::value;
+      int64_t ii = 0;
+      for (; ii + PR <= rows; ii += PR) {
+        float* orow[PR];
+        const float* pr[PR];
+        for (int r = 0; r < PR; ++r)
+          orow[r] = o + (i0 + ii + r) * D, pr[r] = reinterpret_cast<const float*>(prow + (ii + r) * kP);
+        pv_chunk_w<PR, NC>(orow, pr, alpha + ii, vw, D, d, kPe, first);
+      }
+      for (; ii < rows; ++ii) {
+        float* const orow[1] = {o + (i0 + ii) * D};
+        const float* const pr[1] = {reinterpret_cast<const float*>(prow + ii * kP)};
+        pv_chunk_w<1, NC>(orow, pr, alpha + ii, vw, D, d, kPe, first);
+      }
+    };
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) chunk(std::integral_constant<int, 4>{}, d);
+    if (d < D) chunk(std::integral_constant<int, 2>{}, d);
+    return;
+  }
   int64_t ii = 0;
   for (; ii + PR <= rows; ii += PR) {
     float* orow[PR];
@@ -422,15 +468,16 @@ inline __m512 reduce4(const __m512* v) {
 // product over the whole group, instead of score tile, softmax and value product four rows at a
 // time. Why: at D = 128 the widened key block and value block are 32 KiB each (W), 64 KiB together
 // against a 48 KiB L1d (Ice Lake), so with four rows a tile each score tile streamed the key block
-// and each value product the value block from L2 again, 64 KiB per four rows; a group of 16 rows
-// reads each block from L2 once per 16 rows and from L1 for its other tiles. The rows are
+// and each value product the value block from L2 again, 64 KiB per four rows; a group of 32 rows
+// (the default) reads each block from L2 once per 32 rows and from L1 for its other tiles. The rows are
 // independent and each row's products, softmax and sums are the same operations in the same
 // order: the same bits for every group (group = MR is the kernel before; test_prefill_attention*).
 template <bool E, int KB, int MR, int PR, int NBE, bool W = false>
 inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
                         const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
                         float* o, float* mrow, float* lrow, uint32_t* prow_g, const __m512 sc, const __m512i lane,
-                       const bool first, const bool full_tiles, const int64_t group) {
+                       const bool first, const bool full_tiles, const int64_t group, const bool dout,
+                       const bool round) {
   static_assert(MR == 4, "block_rows4: four rows a tile");
   constexpr int NB = KB / 16;
   constexpr int64_t kP = W ? KB : KB / 2;  // a probability row (as block_rows)
@@ -455,8 +502,8 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
     // the diagonal blocks of a causal prompt), so the compares and masked moves are left out:
     // a masked move under an all-ones mask is the value itself, the same bits (session 22;
     // CODESHELL_PREFILL_ATTN_FULL=0 keeps the masks everywhere, A/B).
-    auto softmax = [&](auto full_c) {
-      constexpr bool FULL = decltype(full_c)::value;
+    auto softmax = [&](auto full_c, auto round_c) {
+      constexpr bool FULL = decltype(full_c)::value, ROUND = W && decltype(round_c)::value;
       auto visible = [&](int ii, int c) -> __mmask16 {
         if constexpr (FULL) return __mmask16(0xffff);
         return _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last[ii] - 16 * c, 16))),
@@ -497,9 +544,16 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
         for (int c = 0; c < NBE; ++c) {
           const __mmask16 vis = visible(ii, c);
           const __m512 x = masked(vis, _mm512_mul_ps(s[ii * NB + c], sc));
-          const __m256i eb = to_bf16<E>(zeroed(vis, codeshell::exp16(_mm512_sub_ps(x, mv))));
-          const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
-          store_probs<W>(p, c, eb, er);
+          const __m512 pe = zeroed(vis, codeshell::exp16(_mm512_sub_ps(x, mv)));
+          __m512 er;
+          if constexpr (ROUND) {  // W: only the fp32 value of the rounding is used (round_bf16_pos)
+            er = round_bf16_pos(pe);
+            _mm512_store_ps(reinterpret_cast<float*>(p) + 16 * c, er);
+          } else {
+            const __m256i eb = to_bf16<E>(pe);
+            er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
+            store_probs<W>(p, c, eb, er);
+          }
           sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
         }
       }
@@ -514,10 +568,15 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
         mrow[i] = mnew[ii];
       }
     };
-    if (all_seen && full_tiles) softmax(std::true_type{});
-    else softmax(std::false_type{});
+    if (W && round) {
+      if (all_seen && full_tiles) softmax(std::true_type{}, std::true_type{});
+      else softmax(std::false_type{}, std::true_type{});
+    } else {
+      if (all_seen && full_tiles) softmax(std::true_type{}, std::false_type{});
+      else softmax(std::false_type{}, std::false_type{});
+    }
   }
-  pv_tile<E, PR, W>(grows, g0, o, prow_g, kP, alpha_g, vp, D, kPe, first);
+  pv_tile<E, PR, W>(grows, g0, o, prow_g, kP, alpha_g, vp, D, kPe, first, dout);
   }
 }
 
@@ -595,7 +654,7 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
       constexpr int NBE = decltype(nbe)::value;
       if constexpr (R4 && MR == 4)
         block_rows4<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
-                                     nofill && j0 == 0, it.full, it.group);
+                                     nofill && j0 == 0, it.full, it.group, it.dout, it.round);
       else
         block_rows<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                     nofill && j0 == 0);
@@ -676,7 +735,14 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // CODESHELL_PREFILL_ATTN_GROUP: rows per row group of block_rows4 (4, 8, .., 32; 4 = the kernel
   // before session 27, A/B; the same bits for any): the score tiles of a group, then their softmax,
   // then their value product, so each key / value block is read from L2 once per group
-  const int64_t group = std::clamp<int64_t>(codeshell::env_int("CODESHELL_PREFILL_ATTN_GROUP", 16), 4, kGroupMax) / 4 * 4;
+  // CODESHELL_PREFILL_ATTN_DOUT=1: a group's value product each 64-dim chunk of the value block for
+  // all the group's rows (pv_tile's dout), not PR rows at a time over all dims. Off by default: 0.99-1.02x
+  // the time on one thread (bench_prefill_attn.py, two runs), nothing gained; the same bits.
+  const bool dout = codeshell::env_flag("CODESHELL_PREFILL_ATTN_DOUT", false);
+  // CODESHELL_PREFILL_ATTN_ROUND=0: block_rows4's probabilities rounded by to_bf16<true> and widened
+  // back (A/B; the same bits), not by round_bf16_pos (the widened kernel only)
+  const bool round = codeshell::env_flag("CODESHELL_PREFILL_ATTN_ROUND", true);
+  const int64_t group = std::clamp<int64_t>(codeshell::env_int("CODESHELL_PREFILL_ATTN_GROUP", 32), 4, kGroupMax) / 4 * 4;
   // Without AVX512-BF16 (or CODESHELL_PREFILL_ATTN_EMU=1, to run it on a CPU with it: A/B and
   // tests) the same kernel with the two instructions emulated (dpbf16 / to_bf16 above).
   const bool emu = !codeshell::cpu_features().avx512bf16 || codeshell::env_flag("CODESHELL_PREFILL_ATTN_EMU", false);
@@ -723,7 +789,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     return Item{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
                 yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale), trim,
                 prepack ? packed.data() + (b * G + g) * nblk * bstride : nullptr,
-                prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b], full, group};
+                prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b], full, group, dout, round};
   };
   // CODESHELL_PREFILL_ATTN_SETUP=0: each parallel chunk's scratch a fresh zero-filled vector and o
   // zero-filled per item, as before (A/B; the same bits). By default the scratch is the thread's kept

@@ -242,7 +242,9 @@ def test_row_groups_keep_bits(B, H, G, D, T, P, zeros, monkeypatch):
                                          (1, 4, 2, 96, 50, 3), (2, 8, 8, 32, 33, 0), (1, 1, 1, 32, 3, 130)])
 @pytest.mark.parametrize("qscale", [0.0, 1.0, 30.0, 3000.0])
 def test_rounding_and_dims_outside_keep_bits(B, H, G, D, T, P, qscale, monkeypatch):
-    # Session 27's two changes to the widened kernel's row groups against the kernel before them:
+    # Session 27's changes to the widened kernel against the kernel before them: the keys packed by
+    # 16 x 16 transposes (CODESHELL_PREFILL_ATTN_KPACK=0: a value at a time; partial last blocks
+    # zeroed past the keys, D = 32..256) and in the row groups
     # the probabilities' bf16 rounding by round_bf16_pos (CODESHELL_PREFILL_ATTN_ROUND=0: to_bf16 and
     # the widening back) and the value product dims outside (CODESHELL_PREFILL_ATTN_DOUT=1, off by default: rows
     # outside). The same bits, on zero queries (scores +-0), ordinary ones, and queries scaled so
@@ -250,7 +252,8 @@ def test_rounding_and_dims_outside_keep_bits(B, H, G, D, T, P, qscale, monkeypat
     # to +0) or exp16's clamp (below -88), and the largest round up.
     q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
     q = (q.float() * qscale).bfloat16()
-    for key, old, new in (("CODESHELL_PREFILL_ATTN_ROUND", "0", "1"), ("CODESHELL_PREFILL_ATTN_DOUT", "0", "1")):
+    for key, old, new in (("CODESHELL_PREFILL_ATTN_ROUND", "0", "1"), ("CODESHELL_PREFILL_ATTN_DOUT", "0", "1"),
+                          ("CODESHELL_PREFILL_ATTN_KPACK", "0", "1")):
         monkeypatch.setenv(key, old)
         before = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
         monkeypatch.setenv(key, new)

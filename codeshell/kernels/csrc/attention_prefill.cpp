@@ -128,6 +128,7 @@ struct Item {
   int64_t group;          // block_rows4: rows per row group (a multiple of 4 up to kGroupMax)
   bool dout;              // block_rows4 (W): the group's value product dims outside, rows inside (pv_tile)
   bool round;             // block_rows4 (W): the probabilities' bf16 rounding by round_bf16_pos
+  bool kpack;             // pack_block_w: the keys by 16 x 16 transposes
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -164,9 +165,29 @@ inline void pack_block(const Item& it, int64_t j0, int64_t n, uint32_t* kp, uint
 // kw[d2][0][j] = dim 2 d2 + 1 of key j0 + j (the pair's high half), kw[d2][1][j] = dim 2 d2;
 // vw[j2][0][d] = dim d of value 2 j2 + 1, vw[j2][1][d] = of value 2 j2 (zero past `n`). The
 // products then run dpbf16<true>'s two FMAs on the same values in the same order: the same bits.
+// The keys 16 x 16 pairs at a time (session 27; CODESHELL_PREFILL_ATTN_KPACK=0: a value at a time,
+// as before): 16 keys' rows of 16 dim pairs loaded (zeros past `n`), transposed in registers
+// (transpose16), each pair vector then stored as its high halves (and 0xffff0000) and its low ones
+// (shifted up): the same values, one vector op per 16 where the scalar loop did two shifts and two
+// stores per pair (~8 K a block: ~3% of a small-shape call's samples with the other packing).
 template <int KB>
 inline void pack_block_w(const Item& it, int64_t j0, int64_t n, float* kw, float* vw) {
   const int64_t D = it.D, D2 = D / 2;
+  if (it.kpack) {
+    const __m512i hm = _mm512_set1_epi32(int(0xffff0000u));
+    for (int64_t jc = 0; jc < KB; jc += 16)
+      for (int64_t d2c = 0; d2c < D2; d2c += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = jc + i < n ? _mm512_loadu_si512(it.k + (j0 + jc + i) * D + 2 * d2c) : _mm512_setzero_si512();
+        codeshell::transpose16(r);
+        for (int q = 0; q < 16; ++q) {
+          float* dst = kw + (d2c + q) * 2 * KB + jc;
+          _mm512_store_si512(dst, _mm512_and_si512(r[q], hm));
+          _mm512_store_si512(dst + KB, _mm512_slli_epi32(r[q], 16));
+        }
+      }
+  } else
   for (int64_t j = 0; j < KB; ++j) {
     const uint16_t* kr = it.k + (j0 + j) * D;
     for (int64_t d2 = 0; d2 < D2; ++d2) {
@@ -742,6 +763,8 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // CODESHELL_PREFILL_ATTN_ROUND=0: block_rows4's probabilities rounded by to_bf16<true> and widened
   // back (A/B; the same bits), not by round_bf16_pos (the widened kernel only)
   const bool round = codeshell::env_flag("CODESHELL_PREFILL_ATTN_ROUND", true);
+  // CODESHELL_PREFILL_ATTN_KPACK=0: pack_block_w's keys a value at a time (A/B; the same values)
+  const bool kpack = codeshell::env_flag("CODESHELL_PREFILL_ATTN_KPACK", true);
   const int64_t group = std::clamp<int64_t>(codeshell::env_int("CODESHELL_PREFILL_ATTN_GROUP", 32), 4, kGroupMax) / 4 * 4;
   // Without AVX512-BF16 (or CODESHELL_PREFILL_ATTN_EMU=1, to run it on a CPU with it: A/B and
   // tests) the same kernel with the two instructions emulated (dpbf16 / to_bf16 above).
@@ -789,7 +812,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     return Item{qb + b * q.stride(0), q.stride(1), q.stride(2), kb + cell, vb + cell, pp + b * T,
                 yb + b * T * H * D, H, D, r, g, qi * kTq, std::min(T, (qi + 1) * kTq), float(scale), trim,
                 prepack ? packed.data() + (b * G + g) * nblk * bstride : nullptr,
-                prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b], full, group, dout, round};
+                prepack ? ready.get() + (b * G + g) * nblk : nullptr, nkeys[b], full, group, dout, round, kpack};
   };
   // CODESHELL_PREFILL_ATTN_SETUP=0: each parallel chunk's scratch a fresh zero-filled vector and o
   // zero-filled per item, as before (A/B; the same bits). By default the scratch is the thread's kept

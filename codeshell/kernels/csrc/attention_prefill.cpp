@@ -30,6 +30,13 @@
 // ran the whole kernel at 161-182 GFLOP/s; vdpbf16ps does twice the multiply-adds an instruction).
 // Work item: (row b, KV group g, 32 consecutive queries) = the r = H / G query heads of the group
 // x 32 queries, R = 32 r rows of queries sharing each packed key/value block.
+// Session 27 (the widened kernel on an Ice Lake-class Xeon without AVX512-BF16; all the same bits,
+// each behind a switch for A/B): block_rows4 in row groups of 32 (score tiles, softmax, value
+// product per group; CODESHELL_PREFILL_ATTN_GROUP=4 is the kernel before), the probabilities'
+// rounding by round_bf16_pos (CODESHELL_PREFILL_ATTN_ROUND=0: to_bf16), the keys packed by 16 x 16
+// transposes (CODESHELL_PREFILL_ATTN_KPACK=0: scalar), the costliest items claimed first
+// (CODESHELL_PREFILL_ATTN_ORDER=0: row, group, query order); CODESHELL_PREFILL_ATTN_DOUT=1 (off: no
+// gain measured) runs a group's value product dims outside. docs/kernels.md "Session 27, helper A".
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

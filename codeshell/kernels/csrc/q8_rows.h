@@ -42,7 +42,12 @@
 // the model's figure is the reason. The L1 prefetch (kL1Blocks) went from 2 to 4 blocks with it.
 // Prepared / run_chunk: the call's x side and one chunk of weight rows, so that a standalone harness
 // (benchmarks/standalone/q8rows_ab.cpp) runs the kernel without the thread pool.
-// What this is not: int4 (its rows keep qdot.cpp's per-lane tile_q4v bits without AMX), M > 16
+// Session 27 (helper B, docs/kernels.md): run_q4, int4 groups of 128 / 256 at M = 2..16 in this scheme
+// on the CPUs that give int4 the epilogue's bits (qdot_int4.cpp q4_epi_kind: the Ice Lake-class
+// Xeon), instead of q8_panel.h (CODESHELL_Q8R_INT4=0); M = 5..8's results stored as 8-float runs a
+// row of x (store_t8; CODESHELL_Q8R_T8=0 / CODESHELL_Q8R_INT4_T8=0: scalar stores); Prepared's x
+// layout at M = 5..8 by a qword transpose instead of gathers (CODESHELL_Q8R_PREP=0: gathers).
+// What this is not: int4 on the per-lane bits (tile_q4v / q4_rows.h, the CPUs that keep them), M > 16
 // (q8_panel.h), the AMX CPUs' path (their rows below the AMX threshold stay on q8_panel.h).
 #pragma once
 
@@ -370,7 +375,41 @@ struct Prepared {
       if (m < M) valid |= __mmask16(1u << l);
     }
     const __m512i vi = _mm512_load_si512(idx);
-    for (int64_t b = 0; b < nb; ++b) {
+    // E = 2 (M = 5..8): zmm c of the layout is qword c of each row m (lane pair 2m, 2m + 1), so the
+    // layout is the 8 rows' [8][K / 8] qwords transposed: 8 loads and 24 shuffles per 8 zmm instead
+    // of 8 gathers (session 27: Prepared at M = 8 took 1.8 us at K = 256, 6 us at K = 1024, one
+    // thread before the split; a gather ~9 ns). CODESHELL_Q8R_PREP=0 (read per call): the gathers.
+    // The same bytes either way.
+    const bool qt = E == 2 && codeshell::env_flag("CODESHELL_Q8R_PREP", true);
+    if (qt) {
+      const __m512i z = _mm512_setzero_si512(), s80 = _mm512_set1_epi8(int8_t(0x80));
+      for (int64_t c0 = 0; c0 < K / 8; c0 += 8) {
+        __m512i r[8], a[8], b[8];
+        for (int m = 0; m < 8; ++m) r[m] = m < M ? _mm512_loadu_si512(xq + m * K + c0 * 8) : z;
+        for (int i = 0; i < 4; ++i) {  // a[2i]: qwords 0, 2, 4, 6 of rows 2i, 2i + 1 interleaved; a[2i + 1]: 1, 3, 5, 7
+          a[2 * i] = _mm512_unpacklo_epi64(r[2 * i], r[2 * i + 1]);
+          a[2 * i + 1] = _mm512_unpackhi_epi64(r[2 * i], r[2 * i + 1]);
+        }
+        for (int h = 0; h < 2; ++h)  // rows 4h..4h+3: b[4h + j], j = 0: qwords 0 / 4, 1: 2 / 6, 2: 1 / 5, 3: 3 / 7
+          for (int u = 0; u < 2; ++u) {
+            b[4 * h + 2 * u] = _mm512_shuffle_i64x2(a[4 * h + u], a[4 * h + 2 + u], _MM_SHUFFLE(2, 0, 2, 0));
+            b[4 * h + 2 * u + 1] = _mm512_shuffle_i64x2(a[4 * h + u], a[4 * h + 2 + u], _MM_SHUFFLE(3, 1, 3, 1));
+          }
+        // b[j] (rows 0-3) with b[4 + j] (rows 4-7): qword columns 0 / 4 (j = 0), 2 / 6, 1 / 5, 3 / 7
+        const int col[4][2] = {{0, 4}, {2, 6}, {1, 5}, {3, 7}};
+        for (int j = 0; j < 4; ++j) {
+          const __m512i lo = _mm512_shuffle_i64x2(b[j], b[4 + j], _MM_SHUFFLE(2, 0, 2, 0));
+          const __m512i hi = _mm512_shuffle_i64x2(b[j], b[4 + j], _MM_SHUFFLE(3, 1, 3, 1));
+          for (int t = 0; t < 2; ++t) {
+            const __m512i v = t ? hi : lo;
+            const int64_t c = c0 + col[j][t];
+            if (with_xt) _mm512_store_si512(xt + c * 64, v);
+            if (with_xu) _mm512_store_si512(xu + c * 64, _mm512_xor_si512(v, s80));
+          }
+        }
+      }
+    }
+    for (int64_t b = 0; b < nb && !qt; ++b) {
       for (int64_t p = 0; p < np; ++p) {
         const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, vi, xq + b * 128 + 4 * E * p, 1);
         if (with_xt) _mm512_store_si512(xt + (b * np + p) * 64, v);

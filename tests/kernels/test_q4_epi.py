@@ -5,7 +5,10 @@ q4_epi_kind) and on tile_q4v's per-lane bits (CODESHELL_Q4_EPI=0: the default el
 With the epilogue family int4 runs tile_r16_q4e at M = 1 (16 weight rows a tile, groups of 128 /
 256; CODESHELL_Q4_M1_R16E=0: tile_v; CODESHELL_Q4_M1_SCT=0: its scales / offsets gathered instead of
 transposed once a span; CODESHELL_Q4_M1_R16E_G=64: the tile at K = 4096 too), tile_v at M = 1-2 otherwise and q8_panel.h from
-CODESHELL_Q8_PANEL_MIN_M (3) rows: checked here, per family, the kernel's fp32 output against the
+CODESHELL_Q8_PANEL_MIN_M (3) rows, where q8_rows.h's run_q4 takes M up to 16 (session 27;
+CODESHELL_Q8R_INT4=0: q8_panel.h there; CODESHELL_Q8R_INT4_PF0: its L1 prefetch distance;
+CODESHELL_Q8R_INT4_T8=0: its scalar result stores at M = 5..8; CODESHELL_Q8R_PREP=0: x's layout by
+gathers): checked here, per family, the kernel's fp32 output against the
 reference of its path (`ops.reference`) within 2e-5 of the largest output, and each row of every
 M up to ops.ROW_INVARIANT_MAX_M bit for bit against the same row alone, for every split of the
 kernels the switches select (every kernel that can take a row must give it the same bits). Also:
@@ -33,15 +36,19 @@ WEIGHTS = [({"group_size": 128, "symmetric": False}, 23, 1536),
 
 ENV_VARS = ("CODESHELL_Q4_EPI", "CODESHELL_Q4_M1_R16E", "CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q4_M1_PF",
             "CODESHELL_Q4_ROWS", "CODESHELL_Q4_ROWS_MAX_M", "CODESHELL_Q4_M1_SCT",
-            "CODESHELL_Q4_M1_R16E_G")
+            "CODESHELL_Q4_M1_R16E_G", "CODESHELL_Q8R_INT4", "CODESHELL_Q8R_INT4_PF0",
+            "CODESHELL_Q8R_INT4_T8", "CODESHELL_Q8R_PREP")
 _TOP = str(ops.ROW_INVARIANT_MAX_M + 1)
-# Splits per family: epilogue (tile_r16_q4e / tile_v at M = 1-2, q8_panel.h from 3; tile_v at M = 1;
-# the panel at every M; tile_v at every M; tile_r16_q4e without its prefetch), per-lane (tile_q4v /
+# Splits per family: epilogue (tile_r16_q4e / tile_v at M = 1-2, run_q4 at 3-16, q8_panel.h above; tile_v
+# at M = 1; the panel at every M; tile_v at every M; tile_r16_q4e without its prefetch; the panel at
+# 3-16 instead of run_q4; run_q4 from M = 2 without its L1 prefetch; run_q4's scalar result stores; the gathered x layout), per-lane (tile_q4v /
 # q4_rows.h; run_q4v throughout).
 SPLITS = {"1": [{}, {"CODESHELL_Q4_M1_R16E": "0"}, {"CODESHELL_Q8_PANEL_MIN_M": "1"},
                 {"CODESHELL_Q8_PANEL_MIN_M": _TOP}, {"CODESHELL_Q4_M1_PF": "0"},
                 {"CODESHELL_Q4_M1_R16E": "0", "CODESHELL_Q8_PANEL_MIN_M": "2"}, {"CODESHELL_Q4_M1_SCT": "0"},
-                {"CODESHELL_Q4_M1_R16E_G": "64"}],
+                {"CODESHELL_Q4_M1_R16E_G": "64"}, {"CODESHELL_Q8R_INT4": "0"},
+                {"CODESHELL_Q8_PANEL_MIN_M": "2", "CODESHELL_Q8R_INT4_PF0": "0"}, {"CODESHELL_Q8R_INT4_T8": "0"},
+                {"CODESHELL_Q8R_PREP": "0"}],
           "0": [{}, {"CODESHELL_Q4_ROWS": "0", "CODESHELL_Q4_ROWS_MAX_M": "0"}]}
 
 

@@ -22,7 +22,8 @@ needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unava
 LEVEL = ops.isa_level() if available() else -1
 VNNI = ops.ISA_LEVELS.index("avx512_vnni")
 SWITCHES = ("CODESHELL_Q8R_V2", "CODESHELL_Q8R_PF0", "CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q8_ROWS_MAX_M",
-            "CODESHELL_Q8R_ASM", "CODESHELL_Q8R_EPI")
+            "CODESHELL_Q8R_ASM", "CODESHELL_Q8R_EPI", "CODESHELL_Q8R_T8",
+            "CODESHELL_Q8R_PREP")
 SHAPES = [(37, 1024), (301, 128), (67, 256), (1029, 1024), (45, 2048), (29, 4096), (16, 384), (9, 640)]
 
 
@@ -77,3 +78,11 @@ def test_q8_rows_v2_keeps_the_bits(n, k, with_bias, extreme, monkeypatch):
         monkeypatch.delenv("CODESHELL_Q8R_PF0")
         monkeypatch.delenv("CODESHELL_Q8R_V2")
         assert_rows_bitwise(call(x[:m]), old, f"q8_rows.h (defaults) at M={m}, int8 {n}x{k}", against="V2=0")
+        # session 27: M = 5..8's transposed result stores (store_t8) against the scalar stores
+        monkeypatch.setenv("CODESHELL_Q8R_T8", "0")
+        assert_rows_bitwise(call(x[:m]), old, f"q8_rows.h (T8=0) at M={m}, int8 {n}x{k}", against="V2=0")
+        monkeypatch.delenv("CODESHELL_Q8R_T8")
+        # and Prepared's x layout by gathers instead of M = 5..8's qword transpose
+        monkeypatch.setenv("CODESHELL_Q8R_PREP", "0")
+        assert_rows_bitwise(call(x[:m]), old, f"q8_rows.h (PREP=0) at M={m}, int8 {n}x{k}", against="V2=0")
+        monkeypatch.delenv("CODESHELL_Q8R_PREP")

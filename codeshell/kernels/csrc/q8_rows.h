@@ -42,7 +42,12 @@
 // the model's figure is the reason. The L1 prefetch (kL1Blocks) went from 2 to 4 blocks with it.
 // Prepared / run_chunk: the call's x side and one chunk of weight rows, so that a standalone harness
 // (benchmarks/standalone/q8rows_ab.cpp) runs the kernel without the thread pool.
-// What this is not: int4 (its rows keep qdot.cpp's per-lane tile_q4v bits without AMX), M > 16
+// Session 27 (helper B, docs/kernels.md): run_q4, int4 groups of 128 / 256 at M = 2..16 in this scheme
+// on the CPUs that give int4 the epilogue's bits (qdot_int4.cpp q4_epi_kind: the Ice Lake-class
+// Xeon), instead of q8_panel.h (CODESHELL_Q8R_INT4=0); M = 5..8's results stored as 8-float runs a
+// row of x (store_t8; CODESHELL_Q8R_T8=0 / CODESHELL_Q8R_INT4_T8=0: scalar stores); Prepared's x
+// layout at M = 5..8 by a qword transpose instead of gathers (CODESHELL_Q8R_PREP=0: gathers).
+// What this is not: int4 on the per-lane bits (tile_q4v / q4_rows.h, the CPUs that keep them), M > 16
 // (q8_panel.h), the AMX CPUs' path (their rows below the AMX threshold stay on q8_panel.h).
 #pragma once
 
@@ -83,6 +88,7 @@ struct Args {
   bool v2 = true;        // x as the unsigned operand (xu), no per-broadcast xor (run_rows' XU; CODESHELL_Q8R_V2=0: off)
   const int8_t* xu = nullptr;  // xt ^ 0x80 (x + 128, unsigned), for v2
   const int32_t* wsum = nullptr;  // v2: q8_wsum.h's block_sums of w (null: weight_sums per block; CODESHELL_Q8R_WSUM=0)
+  bool t8 = true;        // E = 2 (M = 5..8) with lean_epi: store_t8 (false: scalar stores; CODESHELL_Q8R_T8=0)
 };
 
 // tree16_v over the 16 slots acc[0..15] (stride 16 floats) of which only slots < nb were written
@@ -177,6 +183,28 @@ inline __m512i weight_sums(const uint8_t* const* rp, int64_t b) {
   return E_::combine(e, e);
 }
 
+// E = 2 (M = 5..8): the 4 result vectors of 8 weight rows (y[g] lane i * 8 + m: row n + 2 g + i of
+// row m of x) transposed to one run of 8 rows a row of x and stored with one masked 32-byte store
+// each (rows < 8 at the end of the range). Why: 16 scalar stores a vector meant 64 stores a group of
+// 8 weight rows, the rows of x N floats apart (one L1 set at N = 1024 / 16384); 12 shuffles + 8
+// stores here. The same values: a store order.
+inline void store_t8(const __m512 (&yv)[4], float* out, int64_t N, int64_t n, int64_t rows, int64_t M) {
+  const __m512i il = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  __m512i z[4];
+  for (int g = 0; g < 4; ++g) z[g] = _mm512_permutexvar_epi32(il, _mm512_castps_si512(yv[g]));  // qword m: rows 2g, 2g+1
+  const __m512i lo01 = _mm512_unpacklo_epi64(z[0], z[1]), hi01 = _mm512_unpackhi_epi64(z[0], z[1]);
+  const __m512i lo23 = _mm512_unpacklo_epi64(z[2], z[3]), hi23 = _mm512_unpackhi_epi64(z[2], z[3]);
+  const __m512i p01 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), p23 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  const __m512i r[4] = {_mm512_permutex2var_epi64(lo01, p01, lo23), _mm512_permutex2var_epi64(hi01, p01, hi23),
+                        _mm512_permutex2var_epi64(lo01, p23, lo23), _mm512_permutex2var_epi64(hi01, p23, hi23)};
+  const __mmask8 k8 = __mmask8((1u << rows) - 1);
+  for (int64_t m = 0; m < M; ++m) {  // m = 4 h + 2 t + u: r[2 h + u], 256-bit half t
+    const __m512i v = r[2 * (m / 4) + (m % 2)];
+    const __m256i h = (m / 2) % 2 ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
+    _mm256_mask_storeu_ps(out + m * N + n, k8, _mm256_castsi256_ps(h));
+  }
+}
+
 // Weight rows [n0, n1), all M rows of x: NR weight rows at a time (8, or E where E > 8), the
 // last group's missing rows repeating row n1 - 1 (computed, not stored).
 template <int E, bool XU = false>
@@ -258,6 +286,22 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
         _mm512_store_ps(ac, E_::epi_step(b < 16 ? _mm512_setzero_ps() : _mm512_load_ps(ac), T, d));
       }
     }
+    if constexpr (E == 2 && NG == 4) {
+      if (A.lean_epi && A.t8) {  // M = 5..8: store_t8 (the same values as the lean epilogue below)
+        const int64_t rows = std::min<int64_t>(NR, n1 - n);
+        const __mmask16 kb = __mmask16((1u << rows) - 1);
+        const __m512 s8 = _mm512_maskz_loadu_ps(kb, A.scale + n);
+        const __m512 b8 = A.bias ? _mm512_maskz_loadu_ps(kb, A.bias + n) : _mm512_setzero_ps();
+        const __m512i half = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 3);
+        __m512 yv[4];
+        for (int g = 0; g < 4; ++g) {
+          const __m512i ix = _mm512_add_epi32(half, _mm512_set1_epi32(2 * g));
+          yv[g] = E_::finish_vec(tree16_prefix(&acc[g][0][0], nb), _mm512_permutexvar_ps(ix, s8), _mm512_permutexvar_ps(ix, b8));
+        }
+        store_t8(yv, A.out, A.N, n, rows, A.M);
+        continue;
+      }
+    }
     for (int g = 0; g < NG; ++g) {
       if (A.lean_epi) {
         // lane l = i * MP + m takes weight row n + g E + i (clamped to n1 - 1): the E scales and
@@ -301,20 +345,27 @@ struct Prepared {
   int8_t *xt, *xu;
   int32_t* so;
   float* dT;
+  // int4 (run_q4): G = the group (128 / 256), soff = 8, dx / sx / xs per group ([M][K / G]; so, dT, xsT
+  // [K / G][16]); the x layout (xt / xu) stays in blocks of 128 k.
+  std::vector<float> xsv;
+  float* xsT = nullptr;
   Prepared(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M_, int64_t K_, bool with_xt = true,
-           bool with_xu = true)
+           bool with_xu = true, int64_t G = 128, int32_t soff = 128, const float* xs = nullptr)
       : M(M_), K(K_), nb(K_ / 128), E(quads_per_lane(M_)) {
     const int MP = 16 / E;
     const int64_t np = 32 / E;
     if (with_xt) xtv.resize(size_t(nb * np * 64 + 64));
     if (with_xu) xuv.resize(size_t(nb * np * 64 + 64));
-    sov.resize(size_t(nb * 16 + 16));
-    dv.resize(size_t(nb * 16 + 16));
+    const int64_t ng = K / G;
+    sov.resize(size_t(ng * 16 + 16));
+    dv.resize(size_t(ng * 16 + 16));
+    if (xs) xsv.resize(size_t(ng * 16 + 16));
     auto align = [](auto* p) { return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); };
     xt = with_xt ? align(xtv.data()) : nullptr;
     xu = with_xu ? align(xuv.data()) : nullptr;
     so = align(sov.data());
     dT = align(dv.data());
+    if (xs) xsT = align(xsv.data());
     // One gather per zmm of x: lane l = m * E + e reads the quad e of row m's run (masked: pad rows 0).
     alignas(64) int32_t idx[16];
     __mmask16 valid = 0;
@@ -324,18 +375,54 @@ struct Prepared {
       if (m < M) valid |= __mmask16(1u << l);
     }
     const __m512i vi = _mm512_load_si512(idx);
-    for (int64_t b = 0; b < nb; ++b) {
+    // E = 2 (M = 5..8): zmm c of the layout is qword c of each row m (lane pair 2m, 2m + 1), so the
+    // layout is the 8 rows' [8][K / 8] qwords transposed: 8 loads and 24 shuffles per 8 zmm instead
+    // of 8 gathers (session 27: Prepared at M = 8 took 1.8 us at K = 256, 6 us at K = 1024, one
+    // thread before the split; a gather ~9 ns). CODESHELL_Q8R_PREP=0 (read per call): the gathers.
+    // The same bytes either way.
+    const bool qt = E == 2 && codeshell::env_flag("CODESHELL_Q8R_PREP", true);
+    if (qt) {
+      const __m512i z = _mm512_setzero_si512(), s80 = _mm512_set1_epi8(int8_t(0x80));
+      for (int64_t c0 = 0; c0 < K / 8; c0 += 8) {
+        __m512i r[8], a[8], b[8];
+        for (int m = 0; m < 8; ++m) r[m] = m < M ? _mm512_loadu_si512(xq + m * K + c0 * 8) : z;
+        for (int i = 0; i < 4; ++i) {  // a[2i]: qwords 0, 2, 4, 6 of rows 2i, 2i + 1 interleaved; a[2i + 1]: 1, 3, 5, 7
+          a[2 * i] = _mm512_unpacklo_epi64(r[2 * i], r[2 * i + 1]);
+          a[2 * i + 1] = _mm512_unpackhi_epi64(r[2 * i], r[2 * i + 1]);
+        }
+        for (int h = 0; h < 2; ++h)  // rows 4h..4h+3: b[4h + j], j = 0: qwords 0 / 4, 1: 2 / 6, 2: 1 / 5, 3: 3 / 7
+          for (int u = 0; u < 2; ++u) {
+            b[4 * h + 2 * u] = _mm512_shuffle_i64x2(a[4 * h + u], a[4 * h + 2 + u], _MM_SHUFFLE(2, 0, 2, 0));
+            b[4 * h + 2 * u + 1] = _mm512_shuffle_i64x2(a[4 * h + u], a[4 * h + 2 + u], _MM_SHUFFLE(3, 1, 3, 1));
+          }
+        // b[j] (rows 0-3) with b[4 + j] (rows 4-7): qword columns 0 / 4 (j = 0), 2 / 6, 1 / 5, 3 / 7
+        const int col[4][2] = {{0, 4}, {2, 6}, {1, 5}, {3, 7}};
+        for (int j = 0; j < 4; ++j) {
+          const __m512i lo = _mm512_shuffle_i64x2(b[j], b[4 + j], _MM_SHUFFLE(2, 0, 2, 0));
+          const __m512i hi = _mm512_shuffle_i64x2(b[j], b[4 + j], _MM_SHUFFLE(3, 1, 3, 1));
+          for (int t = 0; t < 2; ++t) {
+            const __m512i v = t ? hi : lo;
+            const int64_t c = c0 + col[j][t];
+            if (with_xt) _mm512_store_si512(xt + c * 64, v);
+            if (with_xu) _mm512_store_si512(xu + c * 64, _mm512_xor_si512(v, s80));
+          }
+        }
+      }
+    }
+    for (int64_t b = 0; b < nb && !qt; ++b) {
       for (int64_t p = 0; p < np; ++p) {
         const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, vi, xq + b * 128 + 4 * E * p, 1);
         if (with_xt) _mm512_store_si512(xt + (b * np + p) * 64, v);
         if (with_xu) _mm512_store_si512(xu + (b * np + p) * 64, _mm512_xor_si512(v, _mm512_set1_epi8(int8_t(0x80))));
       }
+    }
+    for (int64_t g = 0; g < ng; ++g)
       for (int l = 0; l < 16; ++l) {
         const int64_t m = l % MP;
-        so[b * 16 + l] = m < M ? 128 * sx[m * nb + b] : 0;
-        dT[b * 16 + l] = m < M ? dx[m * nb + b] : 0.f;
+        so[g * 16 + l] = m < M ? soff * sx[m * ng + g] : 0;
+        dT[g * 16 + l] = m < M ? dx[m * ng + g] : 0.f;
+        if (xs) xsT[g * 16 + l] = m < M ? xs[m * ng + g] : 0.f;
       }
-    }
   }
   // The call's Args with the switches at their defaults or as the environment sets them (A/B runs,
   // read per call): CODESHELL_Q8R_PF0 (unset: kL1Blocks), _ASM (unset: asm), _EPI (unset: lean), _V2 (unset: v2).
@@ -343,7 +430,7 @@ struct Prepared {
     return Args{M, K, N, nb, xt, so, dT, w, scale, bias, out,
                 std::max<int64_t>(0, codeshell::env_int("CODESHELL_Q8R_PF0", M > 1 ? kL1Blocks : 0)),
                 codeshell::env_flag("CODESHELL_Q8R_ASM", true), codeshell::env_flag("CODESHELL_Q8R_EPI", true),
-                1, codeshell::env_flag("CODESHELL_Q8R_V2", true), xu};
+                1, codeshell::env_flag("CODESHELL_Q8R_V2", true), xu, nullptr, codeshell::env_flag("CODESHELL_Q8R_T8", true)};
   }
 };
 
@@ -391,6 +478,203 @@ inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M,
     return;
   }
   codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) { run_chunk(A, n0, n1); });
+}
+
+
+// ---- int4 (groups of 128 / 256) at M = 2..16 in the same scheme (session 27, helper B) ----
+// What: y[M, N] = x . W^T (+ bias) for int4 nibbles [N, K/2] with the shared epilogue's bits
+// (q8_epilogue.h, as q8_panel.h's int4 and tile_v give them: T_g = S_g - 8 sx_g exact, then per group
+// acc[g % 16] = fma(float(T_g), sc[n, g] * d[m, g], acc) (+ fma(of[n, g], xs[m, g], acc)), tree16,
+// fma(r, 1, bias)). The rows of x sit in the lanes as in run_rows (prepare's xt layout of the
+// perm-128 xq); each 8 weight rows' group of nibbles is unpacked once into a 1-2 KiB L1 buffer
+// (byte j of a 64-byte run holds perm positions j (low nibble) and 64 + j (high), so lows then highs
+// are the run's 128 k in xq's order) and broadcast from it as vpdpbusd's unsigned operand (0..15),
+// x signed as it is: no xor, no weight sums. Why: on this CPU (AVX512-VNNI, no AMX) int4 at M >= 3
+// ran q8_panel.h (16 x 16 transposes, 64 shuffles per KiB of packed weight whatever M): codeshell-mini's
+// int4 block linears at batch 8 took 1.1-1.3x their int8 times on q8_rows.h (docs/kernels.md, session
+// 25 helper B2). CODESHELL_Q8R_INT4=0 (read per call): q8_panel.h again.
+struct Q4Args {
+  int64_t M, K, N, ng;       // ng = K / G
+  const int8_t* xt;          // Prepared's xt (blocks of 128 k)
+  const int32_t* so;         // [ng][16]: 8 * sx[m][g] in lane i * MP + m
+  const float* dT;           // [ng][16]: dx[m][g]
+  const float* xsT;          // [ng][16]: xs[m][g] (offsets) or null
+  const uint8_t* q;          // [N][K / 2]
+  const float* scale;        // [N][ng]
+  const float* offset;       // [N][ng] or null
+  const float* bias;         // [N] or null
+  float* out;                // [M][N]
+  int64_t pf0 = 2;           // L1 prefetch: this many groups ahead (past a row's end: the next 8 rows')
+  bool t8 = true;            // M = 5..8: results transposed to 8-float runs (false: scalar stores; CODESHELL_Q8R_INT4_T8=0)
+};
+
+template <int E, int RUNS, bool OFFS>
+void run_rows_q4(const Q4Args& A, int64_t n0, int64_t n1) {
+  namespace E_ = codeshell::q8epi;
+  constexpr int NR = 8, NG = NR / E, NP = 32 / E, MP = 16 / E;
+  static_assert(E <= 8, "M >= 2");
+  constexpr int64_t G = 128 * RUNS;
+  const int64_t K = A.K, ng = A.ng, ldq = K / 2;
+  alignas(64) float acc[NG][16][16];
+  alignas(64) float y[16];
+  // wb[t]: a group's unpacked nibbles of the 8 rows, written one group ahead of its use (the next
+  // group's, or the next 8 rows' first, while this one's vpdpbusd run). Why: the step loop's 8-byte
+  // broadcasts read the 64-byte stores just made; unpacked right before, they waited on the stores.
+  alignas(64) uint8_t wb[2][NR][RUNS][128];
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  auto unpack = [&](uint8_t (*dst)[RUNS][128], const uint8_t* const* rq, int64_t g) {
+    for (int j = 0; j < NR; ++j)
+      for (int r = 0; r < RUNS; ++r) {
+        const __m512i v = _mm512_loadu_si512(rq[j] + g * (G / 2) + 64 * r);
+        _mm512_store_si512(dst[j][r], _mm512_and_si512(v, m0f));
+        _mm512_store_si512(dst[j][r] + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
+      }
+  };
+  int cur = 0;
+  for (int g = 0; g < NG; ++g)
+    for (int64_t l = std::min<int64_t>(ng, 16); l < 16; ++l) std::memset(acc[g][l], 0, sizeof acc[g][l]);
+  __m512i gix[NG];  // lane l = i * MP + m of sub-group g: weight row g E + i of the 8
+  for (int g = 0; g < NG; ++g) {
+    alignas(64) int32_t ix[16];
+    for (int l = 0; l < 16; ++l) ix[l] = g * E + l / MP;
+    gix[g] = _mm512_load_si512(ix);
+  }
+  // The 8 rows' scales (offsets) of group g, lane j = row n + j: at ng <= 2 the rows' [8][ng] block is
+  // one zmm (a masked load a row group) and a permute picks lane j * ng + g; past that a table
+  // [g][8] written by scalar moves a row group. Why not a gather: two vgatherdps a group were ~20% of
+  // the loop's samples at K = 256 (perf, standalone); a gather costs ~9 ns here (session 25 helper C).
+  const bool one = ng * 8 <= 16;
+  std::vector<float> tabv(one ? 0 : size_t(ng * 16 * (OFFS ? 2 : 1) + 16));
+  float* stab = one ? nullptr : reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tabv.data()) + 63) & ~uintptr_t(63));
+  float* otab = stab && OFFS ? stab + ng * 8 : nullptr;
+  const __m512i lane8 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t n = n0; n < n1; n += NR) {
+    const uint8_t* rp[NR];
+    for (int j = 0; j < NR; ++j) rp[j] = A.q + std::min(n + j, n1 - 1) * ldq;
+    const int64_t rows = std::min<int64_t>(NR, n1 - n);
+    __m512 scz = _mm512_setzero_ps(), ofz = _mm512_setzero_ps();
+    if (one) {  // lanes j * ng + g (rows past n1: 0, computed, never stored)
+      const __mmask16 km = __mmask16((1u << (rows * ng)) - 1);
+      scz = _mm512_maskz_loadu_ps(km, A.scale + n * ng);
+      if constexpr (OFFS) ofz = _mm512_maskz_loadu_ps(km, A.offset + n * ng);
+    } else {
+      for (int j = 0; j < NR; ++j)
+        for (int64_t g = 0; g < ng; ++g) {
+          const int64_t r = std::min<int64_t>(j, rows - 1);
+          stab[g * 8 + j] = A.scale[(n + r) * ng + g];
+          if constexpr (OFFS) otab[g * 8 + j] = A.offset[(n + r) * ng + g];
+        }
+    }
+    if (n == n0) unpack(wb[cur], rp, 0);
+    for (int64_t g = 0; g < ng; ++g) {
+      for (int j = 0; j < NR; ++j) {
+        for (int r = 0; r < RUNS; ++r) {  // the next 8 rows' same bytes into L2, pf0 groups ahead into L1
+          const char* p = reinterpret_cast<const char*>(rp[j] + g * (G / 2) + 64 * r);
+          _mm_prefetch(p + NR * ldq, _MM_HINT_T1);
+          if (A.pf0 > 0) {
+            const int64_t ahead = g + A.pf0 < ng ? A.pf0 * (G / 2) : NR * ldq + (A.pf0 - ng) * (G / 2);
+            _mm_prefetch(p + ahead, _MM_HINT_T0);
+          }
+        }
+      }
+      if (g + 1 < ng) {
+        unpack(wb[cur ^ 1], rp, g + 1);
+      } else if (n + NR < n1) {
+        const uint8_t* rn[NR];
+        for (int j = 0; j < NR; ++j) rn[j] = A.q + std::min(n + NR + j, n1 - 1) * ldq;
+        unpack(wb[cur ^ 1], rn, 0);
+      }
+      const uint8_t (*w8)[RUNS][128] = wb[cur];
+      cur ^= 1;
+      __m512i a[NR];
+      for (int j = 0; j < NR; ++j) a[j] = _mm512_setzero_si512();
+      for (int r = 0; r < RUNS; ++r) {
+        const int8_t* xb = A.xt + (g * RUNS + r) * NP * 64;
+#ifdef Q8R4_UNROLL
+#pragma GCC unroll 32
+#endif
+        for (int p = 0; p < NP; ++p) {
+          const __m512i xv = _mm512_load_si512(xb + 64 * p);
+          for (int j = 0; j < NR; ++j) a[j] = dpbusd(a[j], bcast<E>(w8[j][r] + 4 * E * p), xv);
+        }
+      }
+      const __m512i so = _mm512_load_si512(A.so + g * 16);
+      const __m512 d = _mm512_load_ps(A.dT + g * 16);
+      // sc8 / of8: lane j = row n + j's scale (offset) of group g (one: lane j * ng + g of scz)
+      __m512 sc8, of8 = _mm512_setzero_ps(), xs = _mm512_setzero_ps();
+      __m512i pick = lane8;
+      if (one) {
+        pick = _mm512_add_epi32(_mm512_mullo_epi32(lane8, _mm512_set1_epi32(int32_t(ng))), _mm512_set1_epi32(int32_t(g)));
+        sc8 = scz;
+        if constexpr (OFFS) of8 = ofz;
+      } else {
+        sc8 = _mm512_castps256_ps512(_mm256_load_ps(stab + g * 8));
+        if constexpr (OFFS) of8 = _mm512_castps256_ps512(_mm256_load_ps(otab + g * 8));
+      }
+      if constexpr (OFFS) xs = _mm512_load_ps(A.xsT + g * 16);
+      for (int gg = 0; gg < NG; ++gg) {
+        const __m512i T = _mm512_sub_epi32(reduce<E>(a + gg * E), so);
+        const __m512i ix = _mm512_permutexvar_epi32(gix[gg], pick);  // lane i * MP + m: row gg E + i's
+        const __m512 mul = E_::int4_mul(_mm512_permutexvar_ps(ix, sc8), d);
+        float* ac = acc[gg][g & 15];
+        __m512 v = E_::epi_step(g < 16 ? _mm512_setzero_ps() : _mm512_load_ps(ac), T, mul);
+        if constexpr (OFFS) v = E_::epi_offsets(v, _mm512_permutexvar_ps(ix, of8), xs);
+        _mm512_store_ps(ac, v);
+      }
+    }
+    if constexpr (E == 2) {
+      if (A.t8) {
+        const __mmask16 kb = __mmask16((1u << rows) - 1);
+        const __m512 b8 = A.bias ? _mm512_maskz_loadu_ps(kb, A.bias + n) : _mm512_setzero_ps();
+        const __m512i half = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 3);
+        __m512 yv[4];
+        for (int gg = 0; gg < 4; ++gg)  // bias lane i * 8 + m: row 2 gg + i's
+          yv[gg] = E_::finish_vec(tree16_prefix(&acc[gg][0][0], ng), _mm512_set1_ps(1.f),
+                                  _mm512_permutexvar_ps(_mm512_add_epi32(half, _mm512_set1_epi32(2 * gg)), b8));
+        store_t8(yv, A.out, A.N, n, rows, A.M);
+        continue;
+      }
+    }
+    for (int gg = 0; gg < NG; ++gg) {
+      const int64_t r0 = n + gg * E, left = std::min<int64_t>(E, n1 - r0);
+      if (left <= 0) break;
+      const __mmask16 k = __mmask16((1u << left) - 1);
+      alignas(64) int32_t ix[16];
+      for (int l = 0; l < 16; ++l) ix[l] = int32_t(std::min<int64_t>(l / MP, left - 1));
+      const __m512 bb = A.bias ? _mm512_permutexvar_ps(_mm512_load_si512(ix), _mm512_maskz_loadu_ps(k, A.bias + r0))
+                               : _mm512_setzero_ps();
+      _mm512_store_ps(y, E_::finish_vec(tree16_prefix(&acc[gg][0][0], ng), _mm512_set1_ps(1.f), bb));
+      for (int i = 0; i < left; ++i)
+        for (int64_t m = 0; m < A.M; ++m) A.out[m * A.N + r0 + i] = y[i * MP + m];
+    }
+  }
+}
+
+template <int RUNS, bool OFFS>
+inline void run_chunk_q4(const Q4Args& A, int64_t n0, int64_t n1) {
+  switch (quads_per_lane(A.M)) {
+    case 1: run_rows_q4<1, RUNS, OFFS>(A, n0, n1); break;
+    case 2: run_rows_q4<2, RUNS, OFFS>(A, n0, n1); break;
+    case 4: run_rows_q4<4, RUNS, OFFS>(A, n0, n1); break;
+    default: run_rows_q4<8, RUNS, OFFS>(A, n0, n1); break;
+  }
+}
+
+// y[M, N] = x . W^T (+ bias), int4 groups G = 128 / 256, M = 2..16: xq in quantize_x's perm-128
+// order, dx / sx / xs [M][K / G]. Same split as run.
+inline void run_q4(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t M, int64_t K,
+                   int64_t N, int64_t G, const uint8_t* q, const float* scale, const float* offset, const float* bias,
+                   float* out) {
+  const Prepared P(xq, dx, sx, M, K, true, false, G, 8, offset ? xs : nullptr);
+  Q4Args A{M, K, N, K / G, P.xt, P.so, P.dT, P.xsT, q, scale, offset, bias, out,
+           std::max<int64_t>(0, codeshell::env_int("CODESHELL_Q8R_INT4_PF0", 2)),
+           codeshell::env_flag("CODESHELL_Q8R_INT4_T8", true)};
+  auto chunk = [&](int64_t n0, int64_t n1) {
+    if (G == 256) offset ? run_chunk_q4<2, true>(A, n0, n1) : run_chunk_q4<2, false>(A, n0, n1);
+    else offset ? run_chunk_q4<1, true>(A, n0, n1) : run_chunk_q4<1, false>(A, n0, n1);
+  };
+  const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 15) / 16 * 16;
+  codeshell::parallel_owned(N, 16, step, chunk);
 }
 
 }  // namespace q8rows

@@ -16,6 +16,7 @@
 #include "parallel.h"
 #include "q8_epilogue.h"
 #include "q8_panel.h"
+#include "q8_rows.h"
 #include "q4_rows.h"
 #include "q4_m1.h"
 #include "q4_m1_g32.h"
@@ -609,6 +610,13 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const bool rows4_v2 = rows4 && env_flag("CODESHELL_Q4_ROWS_V2", true);
   std::optional<R::XT> xt;
   if (rows4) xt.emplace(dx, M, K / G);
+  // M = 2..16 on the epilogue's bits (this CPU kind): q8_rows.h's rows-in-lanes scheme, the same
+  // bits as q8_panel.h (CODESHELL_Q8R_INT4=0, read per call: q8_panel.h)
+  if (vnni && epi && isa < codeshell::kAmx && panel_kernel(G) && M >= std::max<int64_t>(2, panel_min_m()) && M <= 16 &&
+      env_flag("CODESHELL_Q8R_INT4", true)) {
+    codeshell::q8rows::run_q4(xqp, dx, sx, xs, M, K, N, G, qp, sp, ofp, b, op);
+    return;
+  }
 #endif
   auto body = [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512

@@ -58,6 +58,8 @@ class Team {
   uint64_t loops() const { return seq_ - side_posts_; }
   uint64_t side_posts() const { return side_posts_; }                                  // prefetch jobs posted (tests)
   uint64_t side_runs() const { return side_runs_.load(std::memory_order_relaxed); }    // ... that a helper took
+  // begin() calls that found a helper asleep (a futex wake; the master's count; traces and tests)
+  uint64_t wakes() const { return wakes_; }
 
   // The master: ownership for one call (false: another thread's call holds the team).
   bool try_own() { return owner_.try_lock(); }
@@ -67,6 +69,7 @@ class Team {
   void begin() {
     active_.store(true, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      ++wakes_;
       std::lock_guard<std::mutex> lock(mu_);
       cv_.notify_all();
     }
@@ -273,6 +276,7 @@ class Team {
   static constexpr int64_t kIdleSpins = 1 << 14;  // ~1 ms of pause out of a call before sleeping
   const int64_t threads_;
   uint64_t seq_ = 0;  // the master's count of posted loops
+  uint64_t wakes_ = 0;
   std::mutex owner_;
   alignas(64) std::atomic<uint64_t> state_{0};
   std::atomic<Fn> fn_{nullptr};

@@ -58,3 +58,50 @@ def test_trace_records_calls_on_the_python_clock(team, monkeypatch, two_threads)
     st.profile = True  # on again: cleared
     assert st.trace_times() == []
     st.profile = False
+
+
+def test_team_helper_spins_by_the_clock_then_sleeps(monkeypatch, two_threads):  # noqa: F811
+    """CODESHELL_TEAM_IDLE_US (parallel.h Team::set_idle_ns): after a step the team's helper spins that
+    long, then sleeps: steps closer than that find it awake (no wake), a step after a longer pause wakes
+    it, and an idle process burns no core once the spin is over."""
+    from codeshell.engine.kv_cache import KVCache
+
+    monkeypatch.setenv("CODESHELL_DECODE_TEAM", "on")
+    monkeypatch.setenv("CODESHELL_STEP_PF", "0")  # no side job keeps the helper busy after a step
+    m = tiny("int8")
+    cache = KVCache(m.cfg, 2, 64, torch.bfloat16)
+    pos = iter(range(64))
+
+    def step():
+        with torch.inference_mode():
+            assert step_mod.decode(m, cache, [5], [next(pos)], [0]) is not None
+
+    step()
+    st = step_mod._DECODERS[m].step
+    if not st.uses_team or torch.get_num_threads() < 2:
+        pytest.skip("no thread team")
+    monkeypatch.setenv("CODESHELL_TEAM_IDLE_US", "200000")  # 0.2 s: steps 10 ms apart never find it asleep
+    for _ in range(3):
+        step()
+    time.sleep(0.05)  # the helper woken by those steps got a core by now (on a loaded host it may wait)
+    st.profile = True
+    for _ in range(6):
+        step()
+        time.sleep(0.01)
+    # none (at most one on a loaded host, where a woken helper may wait long for a core); the count of
+    # pauses before session 27 (0.23 ms here) would have slept before each of the six
+    assert sum(r[4] for r in st.trace_times()) <= 1
+    monkeypatch.setenv("CODESHELL_TEAM_IDLE_US", "0")  # sleeps right after a step
+    step()
+    st.profile = True
+    for _ in range(4):
+        time.sleep(0.02)
+        step()
+    assert [r[4] for r in st.trace_times()] == [1, 1, 1, 1]
+    monkeypatch.setenv("CODESHELL_TEAM_IDLE_US", "1000")  # the default: 1 ms, then asleep
+    step()
+    time.sleep(0.05)
+    c0 = time.process_time()
+    time.sleep(0.3)
+    assert time.process_time() - c0 < 0.05  # no core spinning while idle
+    st.profile = False

@@ -634,6 +634,10 @@ class DecodeStep {
       return;
     }
     omp_set_num_threads(1);
+    // CODESHELL_TEAM_IDLE_US (read each call, as the switches above): the helpers' spin after the call
+    // before they sleep, in microseconds (default 1000; -1: 16384 pauses, as before session 27)
+    const int64_t idle_us = codeshell::env_int("CODESHELL_TEAM_IDLE_US", 1000);
+    team->set_idle_ns(idle_us < 0 ? -1 : idle_us * 1000);
     const uint64_t wakes0 = team->wakes();
     team->begin();
     if (prof_.on) prof_.cur.woke = int64_t(team->wakes() - wakes0);  // Profile::trace

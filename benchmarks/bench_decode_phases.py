@@ -14,6 +14,21 @@ bytes sit on transparent huge pages (/proc/self/smaps_rollup AnonHugePages).
 
     python benchmarks/bench_decode_phases.py W/int8 --rounds 8 --tokens 12
     python benchmarks/bench_decode_phases.py W/int8 --ab - CODESHELL_DECODE_TEAM=on CODESHELL_Q8_PANEL_MIN_M=1
+    python benchmarks/bench_decode_phases.py W/int8 --trace --rounds 6 --tokens 32 [--ab - ENV=V]
+
+--trace (session 27, helper C): instead of the phases, where the time between two batch-1 tokens
+goes outside the native step's body, per token (medians over the rounds' tokens, the prompt's
+step and the first decode step left out): the LLM loop between two engine steps (`loop`), the
+engine's step before the native call (`pre`: the decoding list, the cache check, the arguments),
+kernels.step.decode's Python and pybind's argument conversion and GIL release (`py in`, up to
+the native entry's steady_clock stamp: DecodeStep.trace_times, the same clock as
+time.perf_counter_ns), the native entry to the step's body (`team in`: the arena, RoPE rows,
+the team taken and woken), the body, the body's end to the native exit (`team out`), the
+native exit to the Python return (`py out`: the GIL taken back, the result converted), and the
+engine's step after it (`post`: the appends, stop checks, outputs). Each wrapper adds ~0.2-0.5 us.
+With CODESHELL_DECODE_MULTI > 1 (the default: several greedy tokens a native call,
+kernels.step.decode_greedy) each segment is a call's divided by its tokens, and the token time
+the step's period over its tokens (the last, shorter call of a generation included).
 
 (W: a `bench_quant.py --shape 1.7b --workdir W` folder; any checkpoint the native step runs.)
 """
@@ -49,6 +64,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ab", nargs="+", default=["-"], help="variants: 'NAME=V,NAME=V' or '-' (none)")
+    ap.add_argument("--trace", action="store_true", help="the time between tokens outside the step's body")
     a = ap.parse_args()
     import torch
 
@@ -102,6 +118,9 @@ def main() -> None:
             per[name] += time.perf_counter() - t
         return time.perf_counter() - t0, per
 
+    if a.trace:
+        trace(a, llm, lm, kstep, gen, prompt, bpt, base_env, set_env)
+        return
     buf = hugepages.empty(((1 << 30) // 4,), torch.float32).fill_(1.0)
 
     res: dict[str, list[dict]] = {v: [] for v in a.ab}
@@ -141,6 +160,84 @@ def main() -> None:
         print("   GB/s in the step / alone: " + ", ".join(
             f"{k} {med(lambda x: shape_bytes[k] / x['prof'][k] / 1e9):.1f} / "
             f"{med(lambda x: shape_bytes[k] / x['per'][k] / 1e9):.1f}" for k in LINEARS))
+
+
+SEGMENTS = ("loop", "pre", "py in", "team in", "body", "team out", "py out", "post")
+
+
+def trace(a, llm, lm, kstep, gen, prompt, bpt, base_env, set_env) -> None:
+    """--trace: per variant and round, one greedy generation of TOKENS + 1 tokens with the engine's
+    step and kernels.step.decode wrapped (perf_counter_ns) and the native step's own stamps
+    (DecodeStep.trace_times); per decode token the segments of SEGMENTS (ns), medians printed."""
+    from codeshell import SamplingParams
+
+    eng = llm.engine
+    steps, calls = [], []
+    real_step, real_decode, real_greedy = type(eng).step, kstep.decode, kstep.decode_greedy
+
+    def step_w(*args, **kw):
+        t0 = time.perf_counter_ns()
+        out = real_step(eng, *args, **kw)
+        steps.append((t0, time.perf_counter_ns()))
+        return out
+
+    def decode_w(*args, **kw):
+        t0 = time.perf_counter_ns()
+        out = real_decode(*args, **kw)
+        calls.append((t0, time.perf_counter_ns(), len(steps), 1))  # the engine step it is in: steps' next entry
+        return out
+
+    def greedy_w(*args, **kw):  # CODESHELL_DECODE_MULTI > 1: several tokens a call
+        t0 = time.perf_counter_ns()
+        out = real_greedy(*args, **kw)
+        calls.append((t0, time.perf_counter_ns(), len(steps), len(out) if out is not None else 0))
+        return out
+
+    res: dict[str, list[dict]] = {v: [] for v in a.ab}
+    for r in range(a.rounds):
+        line = []
+        for v in a.ab[r % len(a.ab):] + a.ab[:r % len(a.ab)]:
+            set_env(v, base_env)
+            gen(2)
+            st = kstep._DECODERS[lm].step
+            steps.clear()
+            calls.clear()
+            eng.step, kstep.decode, kstep.decode_greedy = step_w, decode_w, greedy_w
+            st.profile = True
+            try:
+                llm.generate([prompt], SamplingParams(temperature=0, max_tokens=a.tokens + 1, ignore_eos=True))
+            finally:
+                del eng.step
+                kstep.decode, kstep.decode_greedy = real_decode, real_greedy
+            nat = st.trace_times()
+            st.profile = False
+            set_env("-", base_env)
+            if len(nat) != len(calls):
+                sys.exit(f"{len(calls)} decode calls but {len(nat)} native traces (the native step did not run)")
+            segs, wakes = [], sum(t[4] for t in nat[1:])
+            toks = []  # per decode step: ns per token of the step's period
+            for j in range(1, len(calls)):  # the first decode call's previous step is the prompt's
+                (w0, w1, si, nt), (e, b, be, x, _) = calls[j], nat[j]
+                s0, s1 = steps[si]
+                p1 = steps[si - 1][1]
+                nt = max(nt, 1)  # segments per token: a call of nt tokens spreads its Python over them
+                segs.append({k: d / nt for k, d in zip(SEGMENTS, (s0 - p1, w0 - s0, e - w0, b - e, be - b, x - be,
+                                                                 w1 - x, s1 - w1))})
+                toks.append((s1 - p1) / nt)
+            per = {k: statistics.median(sg[k] for sg in segs) for k in SEGMENTS}
+            tok = statistics.median(toks)
+            res[v].append(dict(per=per, tok=tok, wakes=wakes))
+            line.append(f"[{v}] token {tok / 1e3:.0f} us, outside the body {(tok - per['body']) / 1e3:.0f} us, "
+                        f"wakes {wakes}")
+        print(f"round {r}: " + "; ".join(line), flush=True)
+    for v, rs in res.items():
+        def med(f):
+            return statistics.median(f(x) for x in rs)
+        tok = med(lambda x: x["tok"])
+        print(f"== {v}: token {tok / 1e3:.1f} us ({bpt / tok:.1f} GB/s of weights); "
+              f"outside the body {med(lambda x: x['tok'] - x['per']['body']) / 1e3:.1f} us; helper wakes "
+              f"{med(lambda x: x['wakes'])} a run")
+        print("   us: " + ", ".join(f"{k} {med(lambda x: x['per'][k]) / 1e3:.1f}" for k in SEGMENTS))
 
 
 if __name__ == "__main__":

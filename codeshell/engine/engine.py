@@ -103,6 +103,7 @@ class Engine:
         # (kernels/step.py). `set_lean(False)` (CODESHELL_ENGINE_LEAN=off in `LLM`) restores the
         # earlier path for A/B timing; the outputs are the same either way.
         self.lean = True
+        self.multi_step = _multi_step()
 
     # ---- the public surface ---------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -120,8 +121,9 @@ class Engine:
 
     def set_lean(self, on: bool) -> None:
         """The trimmed per-step path on or off (`lean`; this engine's native steps' rebuild check
-        follows: `kernels.step.decode`'s `lean`)."""
+        follows: `kernels.step.decode`'s `lean`). Reads CODESHELL_DECODE_MULTI (`_decode_many`) again."""
         self.lean = bool(on)
+        self.multi_step = _multi_step()
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._aborts)
@@ -185,20 +187,29 @@ class Engine:
                 changed[seq.request_id] = running[seq.request_id]
         elif decoding:                                   # forward one token for everyone else
             plain = all(s.plain_greedy for s in decoding)
-            logits, picks = self._decode(decoding, not plain)
-            mml, running = self.max_model_len, self.running
-            if picks is not None and plain:
-                for seq, tok in zip(decoding, picks):    # the native greedy picks as they are
-                    seq.append(tok, None, mml)
-                    changed[seq.request_id] = running[seq.request_id]
+            many = None
+            if (final_only and lean and self.multi_step > 1 and len(decoding) == 1 and plain and not self.waiting
+                    and not self._aborts and lookup_k(decoding[0].params) <= 0):
+                many = self._decode_many(decoding[0])
+            if many is not None:                         # several greedy tokens in one native call
+                seq = decoding[0]
+                seq.cached += seq.append_many(many, self.max_model_len)
+                changed[seq.request_id] = self.running[seq.request_id]
             else:
-                toks = sample_rows([s.sampler for s in decoding], logits, picks)  # sample
-                for i, seq in enumerate(decoding):       # update
-                    if lean and seq.params.logprobs is None:  # `_append` without the row's view
-                        seq.append(toks[i], None, mml)
-                    else:
-                        self._append(seq, logits[i], toks[i])
-                    changed[seq.request_id] = running[seq.request_id]
+                logits, picks = self._decode(decoding, not plain)
+                mml, running = self.max_model_len, self.running
+                if picks is not None and plain:
+                    for seq, tok in zip(decoding, picks):    # the native greedy picks as they are
+                        seq.append(tok, None, mml)
+                        changed[seq.request_id] = running[seq.request_id]
+                else:
+                    toks = sample_rows([s.sampler for s in decoding], logits, picks)  # sample
+                    for i, seq in enumerate(decoding):       # update
+                        if lean and seq.params.logprobs is None:  # `_append` without the row's view
+                            seq.append(toks[i], None, mml)
+                        else:
+                            self._append(seq, logits[i], toks[i])
+                        changed[seq.request_id] = running[seq.request_id]
         if not final_only:
             outs = [self._output(r) for r in changed.values()]
         else:
@@ -432,6 +443,29 @@ class Engine:
         h = self.model.transformer(ids, view.positions, None, view, seq_len=need)   # [1, M, n_embd]
         return self._logits(h[0]), None
 
+    def _decode_many(self, seq: Sequence) -> list[int] | None:
+        """Up to `multi_step` greedy tokens of the one decoding sequence in one native call
+        (kernels.step.decode_greedy: each pick fed back, stopping at one of its stop ids), at most
+        what its max_tokens and the context window leave; None where that is under 2 tokens or the
+        native step does not run (the caller runs one step). Only for `final_only` steps (LLM.generate:
+        nobody sees the tokens between two steps) of one plain-greedy sequence without drafts, and
+        no request waiting. Why: at the small shape ~0.29 ms of Python, pybind and the team's
+        hand-over ran between two tokens, ~0.22 ms of it cache misses after the weights streamed
+        through the caches (docs/kernels.md, session 27 helper C); here they run once per call.
+        CODESHELL_DECODE_MULTI (read by `set_lean`, i.e. at each LLM.generate): the tokens a call
+        (1: one a step, as before)."""
+        n = self.max_model_len - len(seq.prompt_ids) - len(seq.output_ids)
+        if seq.params.max_tokens is not None:
+            n = min(n, seq.params.max_tokens - len(seq.output_ids))
+        n = min(n, self.multi_step)
+        if n < 2 or self.cache.device.type != "cpu":
+            return None
+        self._ensure_cache(seq.cached + n)
+        if not _STEP:
+            from ..kernels import step
+            _STEP.append(step)
+        return _STEP[0].decode_greedy(self.model, self.cache, seq.last_token, seq.cached, seq.slot, n, seq.stop_ids)
+
     def _decode(self, seqs: list[Sequence], want_logits: bool = True) -> tuple[torch.Tensor | None, list | None]:
         got = self._packed([s.last_token for s in seqs], [s.cached for s in seqs], [s.slot for s in seqs],
                            want_logits)
@@ -612,6 +646,16 @@ def _native_decode(model, cache, tokens, positions, slots, want_logits=True, lea
     if lean:  # the default spelled as before (callers' and tests' wrappers of `decode` keep working)
         return _STEP[0].decode(model, cache, tokens, positions, slots, want_logits)
     return _STEP[0].decode(model, cache, tokens, positions, slots, want_logits, lean=False)
+
+
+def _multi_step() -> int:
+    """CODESHELL_DECODE_MULTI: the greedy tokens one native call may make for LLM.generate's batch-1
+    plain-greedy decode (`Engine._decode_many`); 1 (or less): one a step, as before session 27."""
+    v = os.environ.get("CODESHELL_DECODE_MULTI", "8")
+    try:
+        return max(1, int(v))
+    except ValueError:
+        raise ValueError(f"CODESHELL_DECODE_MULTI={v!r}: expected a whole number of tokens") from None
 
 
 @functools.cache  # the import once, not at every verify step

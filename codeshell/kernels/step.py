@@ -376,3 +376,31 @@ def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots:
     if k.dtype != torch.bfloat16 or k.device.type != "cpu" or not k.is_contiguous() or not v.is_contiguous():
         return None
     return d.step.decode(tokens, positions, slots, k, v, d.scale, logits)
+
+
+def decode_greedy(lm: nn.Module, cache, token: int, position: int, slot: int, n: int, stop) -> list[int] | None:
+    """Up to `n` greedy tokens of one sequence in one native call (session 27, helper C): `token` at
+    `position` of slot `slot` of the engine's KVCache `cache` (which holds room for positions up to
+    position + n - 1), then each pick fed back at the next position, stopping after a pick in `stop`
+    (token ids); the picks, bit for bit what n `decode` calls of one row each give (`decode`'s rows
+    and picks, csrc/decode_step.cpp `decode_greedy`); or None where the native step does not apply
+    (the caller runs one step its usual way). Why: the engine's Python and the native call's entry
+    and exit between two tokens (~0.29 ms of a small-shape int8 token, mostly cache misses after the
+    weights streamed through the caches; bench_decode_phases.py --trace) run once per call."""
+    env = _ENV.get
+    step_env, cap, team = env(_STEP_KEY), env(_ISA_KEY), env(_TEAM_KEY)
+    if step_env is not None and step_env != b"on" and not enabled():
+        return None
+    d = _DECODERS.get(lm)
+    if d is None or d.raw_cap != cap or d.raw_team != team or not (
+            d.checks.valid_native(_SAME[0]) if _SAME else d.checks.valid()):
+        d = _DECODERS[lm] = _build_decoder(lm, os.environ.get("CODESHELL_KERNEL_ISA"))
+        d.raw_cap, d.raw_team = cap, team
+    if d.step is None or d.skip() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return None
+    if _TORCH_MODULE._global_forward_hooks or _TORCH_MODULE._global_forward_pre_hooks:
+        return None
+    k, v = cache.k, cache.v
+    if k.dtype != torch.bfloat16 or k.device.type != "cpu" or not k.is_contiguous() or not v.is_contiguous():
+        return None
+    return d.step.decode_greedy(token, position, slot, n, list(stop), k, v, d.scale)

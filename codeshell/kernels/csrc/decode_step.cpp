@@ -48,6 +48,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -264,6 +265,30 @@ struct Profile {
     ns[p] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count();
     last = now;
   }
+  // The trace of decode's calls (session 27, helper C; `DecodeStep.trace_times`): per call the
+  // steady_clock nanoseconds (CLOCK_MONOTONIC: Python's time.perf_counter_ns reads the same clock) at
+  // decode's entry (pybind's argument conversion and the GIL release done), the body's start (the
+  // arena, the RoPE table, the team taken and woken), the body's end (the step's last op and the
+  // side job posted) and decode's exit (the team handed back), and whether this call's begin() woke
+  // a sleeping helper (a futex wake); so that the time between two tokens can be split into the native call's own entry / exit,
+  // the team's wake and the Python around it (benchmarks/bench_decode_phases.py --trace). The first
+  // kTraceMax calls after the profile was turned on.
+  static constexpr size_t kTraceMax = 1 << 16;
+  struct Call {
+    int64_t entry = 0, body = 0, body_end = 0, exit = 0, woke = 0;
+  };
+  std::vector<Call> trace;
+  Call cur;
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  void finish() {
+    if (!on) return;
+    cur.exit = now_ns();
+    if (trace.size() < kTraceMax) trace.push_back(cur);
+    cur = Call{};
+  }
 };
 
 class DecodeStep {
@@ -373,6 +398,7 @@ class DecodeStep {
                                                          const std::vector<int64_t>& slots, const torch::Tensor& kc,
                                                          const torch::Tensor& vc, double scale,
                                                          bool want_logits) const {
+    if (prof_.on) prof_.cur.entry = Profile::now_ns();
     const int64_t M = int64_t(tokens.size()), C = H_ * D_, half = D_ / 2;
     TORCH_CHECK(M >= 1 && M <= 64, "DecodeStep.decode takes 1..64 tokens, got ", M);
     TORCH_CHECK(int64_t(positions.size()) == M && int64_t(slots.size()) == M,
@@ -381,61 +407,107 @@ class DecodeStep {
                 "DecodeStep.decode needs set_head, set_embedding and set_rope first");
     torch::Tensor logits;
     std::vector<int64_t> picks(M);
-    const Linear& head = linears_[head_];
     const auto table = rope_table(positions);  // before the team is taken (see rope_table)
-    step([&](Arena& a) {
-      a.shape(M, C, (H_ + 2 * G_) * D_, inner_, head.N, half, H_, D_);
-      prof_.start();
-      embed(tokens, a.x);
-      if (table.first.defined()) {  // RoPE rows: copies of the table's rows
-        const float* tc = table.first.data_ptr<float>();
-        const float* ts = table.second.data_ptr<float>();
-        float* cp = a.cos.data_ptr<float>();
-        float* sp = a.sin.data_ptr<float>();
-        for (int64_t i = 0; i < M; ++i) {
-          std::memcpy(cp + i * half, tc + positions[i] * half, half * sizeof(float));
-          std::memcpy(sp + i * half, ts + positions[i] * half, half * sizeof(float));
-        }
-      } else {
-        // RoPE rows: freqs [M, D/2] (rope_freqs), then torch's own cos and sin on the same [M, D/2]
-        // shape (same bits)
-        rope_freqs(M, [&](int64_t i) { return positions[i]; }, a.freqs.data_ptr<float>());
-        at::cos_out(a.cos, a.freqs);
-        at::sin_out(a.sin, a.freqs);
-      }
-      std::vector<int64_t> lens(M);
-      for (int64_t i = 0; i < M; ++i) lens[i] = positions[i] + 1;
-      const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-      auto as_tensor = [&](const std::vector<int64_t>& v) {
-        return torch::from_blob(const_cast<int64_t*>(v.data()), {M}, i64);
-      };
-      prof_.mark(kEmbed);
-      const StepPf pf = StepPf::read(llc_resident());
-      torch::Tensor h = blocks(a, a.x, a.cos, a.sin, kc, vc, as_tensor(slots), as_tensor(positions), as_tensor(lens),
-                               scale, &head, pf);
-      const torch::Tensor y = apply(head, h, a.head, a.xf(C, C));  // fp32 [M, V]
-      prof_.mark(kHead);
-      const float* yp = y.data_ptr<float>();
-      // The greedy picks: each row's first maximal index among the bf16 values its fp32 logits
-      // round to, read from the fp32 rows (argmax_rows_rounded: what argmax_rows gives on the
-      // bf16 logits below, ties included), so a step whose rows are all plain greedy (the
-      // engine's common case) skips the bf16 [M, V] copy and its re-read.
-      argmax_rows_rounded(yp, M, head.N, picks.data());
-      prof_.mark(kPick);
-      if (want_logits) {
-        // the cast to bf16 (FastLinear's `.to(bfloat16)`: the same rounding), split over the team
-        logits = torch::empty({M, head.N}, h.options());
-        bf16* lp = logits.data_ptr<bf16>();
-        codeshell::parallel_chunks(M * head.N, 1024, 8192,
-                                   [&](int64_t i0, int64_t i1) { f32_to_bf16(yp + i0, lp + i0, i1 - i0); });
-        prof_.mark(kCast);
-      }
-      // the next token's first c_attn, over the engine's Python between the steps (the job outlives
-      // the step; the next step's first team loop stops it)
-      codeshell::Team* t = codeshell::current_team();
-      if (pf.on && M == 1 && t != nullptr && layers() > 0) post_prefetch(*t, linears_[layers_[0].attn], pf.end_bytes, pf);
-    });
+    step([&](Arena& a) { decode_rows(a, tokens, positions, slots, kc, vc, scale, want_logits, table, logits, picks); });
+    prof_.finish();
     return {logits, picks};
+  }
+
+  // decode's work for its rows, in the step's arena (inside `step`): the embedding and RoPE rows, the
+  // blocks, the head, the picks and (want_logits) the bf16 logits; `table` is rope_table's.
+  void decode_rows(Arena& a, const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                   const std::vector<int64_t>& slots, const torch::Tensor& kc, const torch::Tensor& vc, double scale,
+                   bool want_logits, const std::pair<torch::Tensor, torch::Tensor>& table, torch::Tensor& logits,
+                   std::vector<int64_t>& picks, bool end_job = true) const {
+    const int64_t M = int64_t(tokens.size()), C = H_ * D_, half = D_ / 2;
+    const Linear& head = linears_[head_];
+    a.shape(M, C, (H_ + 2 * G_) * D_, inner_, head.N, half, H_, D_);
+    prof_.start();
+    if (prof_.on && prof_.cur.body == 0) prof_.cur.body = Profile::now_ns();
+    embed(tokens, a.x);
+    if (table.first.defined()) {  // RoPE rows: copies of the table's rows
+      const float* tc = table.first.data_ptr<float>();
+      const float* ts = table.second.data_ptr<float>();
+      float* cp = a.cos.data_ptr<float>();
+      float* sp = a.sin.data_ptr<float>();
+      for (int64_t i = 0; i < M; ++i) {
+        std::memcpy(cp + i * half, tc + positions[i] * half, half * sizeof(float));
+        std::memcpy(sp + i * half, ts + positions[i] * half, half * sizeof(float));
+      }
+    } else {
+      // RoPE rows: freqs [M, D/2] (rope_freqs), then torch's own cos and sin on the same [M, D/2]
+      // shape (same bits)
+      rope_freqs(M, [&](int64_t i) { return positions[i]; }, a.freqs.data_ptr<float>());
+      at::cos_out(a.cos, a.freqs);
+      at::sin_out(a.sin, a.freqs);
+    }
+    std::vector<int64_t> lens(M);
+    for (int64_t i = 0; i < M; ++i) lens[i] = positions[i] + 1;
+    const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+    auto as_tensor = [&](const std::vector<int64_t>& v) {
+      return torch::from_blob(const_cast<int64_t*>(v.data()), {M}, i64);
+    };
+    prof_.mark(kEmbed);
+    const StepPf pf = StepPf::read(llc_resident());
+    torch::Tensor h = blocks(a, a.x, a.cos, a.sin, kc, vc, as_tensor(slots), as_tensor(positions), as_tensor(lens),
+                             scale, &head, pf);
+    const torch::Tensor y = apply(head, h, a.head, a.xf(C, C));  // fp32 [M, V]
+    prof_.mark(kHead);
+    const float* yp = y.data_ptr<float>();
+    // The greedy picks: each row's first maximal index among the bf16 values its fp32 logits
+    // round to, read from the fp32 rows (argmax_rows_rounded: what argmax_rows gives on the
+    // bf16 logits below, ties included), so a step whose rows are all plain greedy (the
+    // engine's common case) skips the bf16 [M, V] copy and its re-read.
+    argmax_rows_rounded(yp, M, head.N, picks.data());
+    prof_.mark(kPick);
+    if (want_logits) {
+      // the cast to bf16 (FastLinear's `.to(bfloat16)`: the same rounding), split over the team
+      logits = torch::empty({M, head.N}, h.options());
+      bf16* lp = logits.data_ptr<bf16>();
+      codeshell::parallel_chunks(M * head.N, 1024, 8192,
+                                 [&](int64_t i0, int64_t i1) { f32_to_bf16(yp + i0, lp + i0, i1 - i0); });
+      prof_.mark(kCast);
+    }
+    // the next token's first c_attn, over the engine's Python between the steps (the job outlives
+    // the step; the next step's first team loop stops it); not between decode_greedy's tokens
+    // (end_job false), where the next token's first loop would stop it at once
+    codeshell::Team* t = codeshell::current_team();
+    if (end_job && pf.on && M == 1 && t != nullptr && layers() > 0)
+      post_prefetch(*t, linears_[layers_[0].attn], pf.end_bytes, pf);
+    if (prof_.on) prof_.cur.body_end = Profile::now_ns();
+  }
+
+  // Up to n greedy tokens of one sequence in one call (session 27, helper C; the engine's batch-1
+  // plain-greedy steps in LLM.generate, Engine._decode_many): token at `position` of slot `slot`,
+  // then each pick fed back at the next position, as n decode([token], [position], [slot],
+  // want_logits=False) calls in a row give them (the same rows, the same bits); stops after a pick
+  // in `stop`. Returns the picks. Why: between two batch-1 tokens of the small shape the engine's
+  // Python, pybind's conversions and the team's hand-over took ~0.29 ms (of ~8.4), ~0.22 of it
+  // cache misses, the weight stream having evicted the interpreter's data (the L3-resident
+  // codeshell-mini: 0.07 ms; bench_decode_phases.py --trace); here those run once per call.
+  std::vector<int64_t> decode_greedy(int64_t token, int64_t position, int64_t slot, int64_t n,
+                                     const std::vector<int64_t>& stop, const torch::Tensor& kc,
+                                     const torch::Tensor& vc, double scale) const {
+    if (prof_.on) prof_.cur.entry = Profile::now_ns();
+    TORCH_CHECK(n >= 1 && n <= 4096, "DecodeStep.decode_greedy takes 1..4096 tokens, got ", n);
+    TORCH_CHECK(head_ >= 0 && emb_.defined() && inv_freq_.defined(),
+                "DecodeStep.decode_greedy needs set_head, set_embedding and set_rope first");
+    std::vector<int64_t> out;
+    out.reserve(n);
+    const auto table = rope_table({position + n - 1});  // every position's row (before the team is taken)
+    step([&](Arena& a) {
+      std::vector<int64_t> tok{token}, pos{position}, sl{slot}, pick(1);
+      torch::Tensor none;
+      for (int64_t i = 0; i < n; ++i) {
+        decode_rows(a, tok, pos, sl, kc, vc, scale, false, table, none, pick, i + 1 == n);
+        out.push_back(pick[0]);
+        if (std::find(stop.begin(), stop.end(), pick[0]) != stop.end()) break;
+        tok[0] = pick[0];
+        ++pos[0];
+      }
+    });
+    prof_.finish();
+    return out;
   }
 
   // The output head: linear `index` (add_linear; K = C). Its logits are decode's.
@@ -480,6 +552,12 @@ class DecodeStep {
     prof_.on = on;
   }
   bool profile() const { return prof_.on; }
+  // Profile::trace as (entry, body, body end, exit, 1 if the call woke a sleeping helper) per call.
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>> trace_times() const {
+    std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>> out;
+    for (const auto& c : prof_.trace) out.emplace_back(c.entry, c.body, c.body_end, c.exit, c.woke);
+    return out;
+  }
   std::tuple<int64_t, std::vector<std::tuple<std::string, double>>> profile_times() const {
     std::vector<std::tuple<std::string, double>> out;
     for (int p = 0; p < kPhases; ++p) out.emplace_back(kPhaseNames[p], prof_.ns[p] * 1e-9);
@@ -556,7 +634,13 @@ class DecodeStep {
       return;
     }
     omp_set_num_threads(1);
+    // CODESHELL_TEAM_IDLE_US (read each call, as the switches above): the helpers' spin after the call
+    // before they sleep, in microseconds (default 1000; -1: 16384 pauses, as before session 27)
+    const int64_t idle_us = codeshell::env_int("CODESHELL_TEAM_IDLE_US", 1000);
+    team->set_idle_ns(idle_us < 0 ? -1 : idle_us * 1000);
+    const uint64_t wakes0 = team->wakes();
     team->begin();
+    if (prof_.on) prof_.cur.woke = int64_t(team->wakes() - wakes0);  // Profile::trace
     codeshell::current_team() = team;
     std::exception_ptr err;
     try {
@@ -844,6 +928,11 @@ void register_decode_step(py::module& m) {
            py::arg("want_logits") = true,
            "(tokens, positions, slots, k cache, v cache, scale, want_logits=True) -> (logits bf16 [M, V] or None, "
            "greedy picks)")
+      .def("decode_greedy", &DecodeStep::decode_greedy, py::call_guard<py::gil_scoped_release>(), py::arg("token"),
+           py::arg("position"), py::arg("slot"), py::arg("n"), py::arg("stop"), py::arg("k_cache"),
+           py::arg("v_cache"), py::arg("scale"),
+           "(token, position, slot, n, stop ids, k cache, v cache, scale) -> up to n greedy picks of one sequence "
+           "(each fed back at the next position; stops after a pick in stop)")
       .def("set_head", &DecodeStep::set_head, "the output head: a linear index (add_linear)")
       .def("set_embedding", &DecodeStep::set_embedding, "(kind 0 panels / 1 rows, bf16 table, V)")
       .def("set_rope", &DecodeStep::set_rope, "RoPE's inverse frequencies fp32 [D/2]")
@@ -854,7 +943,10 @@ void register_decode_step(py::module& m) {
                              "k-pairs of the bf16 batched rows' L2 prefetch in its calls (0: none; step_hints.h)")
       .def_property("profile", &DecodeStep::profile, &DecodeStep::set_profile,
                     "time each phase of decode's calls (setting it clears the sums)")
-      .def("profile_times", &DecodeStep::profile_times, "(calls, [(phase, seconds summed over the calls)])");
+      .def("profile_times", &DecodeStep::profile_times, "(calls, [(phase, seconds summed over the calls)])")
+      .def("trace_times", &DecodeStep::trace_times,
+           "decode's calls since profile was set on: (entry, body start, body end, exit) steady_clock ns "
+           "(time.perf_counter_ns's clock) and 1 where the call woke a sleeping helper of its team");
   // For the tests: decode's picks without bf16 logits must equal argmax_rows on them, ties included.
   m.def(
       "argmax_rows_rounded",

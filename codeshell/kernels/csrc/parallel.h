@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <condition_variable>
 #include <cstdint>
@@ -33,8 +34,9 @@ namespace codeshell {
 // not an OpenMP region around the call: `end` does not wait for them, so a helper that the OS
 // descheduled on a shared machine never holds the master up unless it holds a chunk (an OpenMP
 // region's closing barrier waited for it: measured, median step 7.7 ms against 0.6 ms with 5
-// jobs on 2 cores). Out of a call the helpers spin ~a millisecond, then sleep until the next
-// begin() (the engine's Python between two steps is ~0.1 ms, so they stay awake in a generation).
+// jobs on 2 cores). Out of a call the helpers spin a millisecond (by the clock: set_idle_ns), then
+// sleep until the next begin() (the engine's Python between two steps is ~0.1-0.3 ms, so they stay
+// awake in a generation).
 // What this is not: a general thread pool. One master at a time (`try_own`); a helper thread runs
 // torch's own parallel loops serially (its OpenMP thread count is 1).
 class Team {
@@ -58,6 +60,8 @@ class Team {
   uint64_t loops() const { return seq_ - side_posts_; }
   uint64_t side_posts() const { return side_posts_; }                                  // prefetch jobs posted (tests)
   uint64_t side_runs() const { return side_runs_.load(std::memory_order_relaxed); }    // ... that a helper took
+  // begin() calls that found a helper asleep (a futex wake; the master's count; traces and tests)
+  uint64_t wakes() const { return wakes_; }
 
   // The master: ownership for one call (false: another thread's call holds the team).
   bool try_own() { return owner_.try_lock(); }
@@ -67,17 +71,21 @@ class Team {
   void begin() {
     active_.store(true, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      ++wakes_;
       std::lock_guard<std::mutex> lock(mu_);
       cv_.notify_all();
     }
   }
 
   // The master: the call is over; the helpers go idle on their own (nothing waits for them): each
-  // spins kIdleSpins pauses (~1 ms), then sleeps until the next begin() (a futex wake). A quiet
+  // spins idle_ns_ (1 ms), then sleeps until the next begin() (a futex wake). A quiet
   // decode loop's next step comes after ~0.1 ms of Python and finds a spinning helper at once.
   // (Session 20's CODESHELL_TEAM_IDLE_US, a settable spin read by a getenv every step, measured no
   // gain in the server and was dropped in session 21.)
   void end() { active_.store(false, std::memory_order_release); }
+  // The master: how long the helpers spin out of a call before they sleep (ns; < 0: kIdleSpins pauses).
+  // The decode step sets it each call from CODESHELL_TEAM_IDLE_US (default 1000).
+  void set_idle_ns(int64_t ns) { idle_ns_.store(ns, std::memory_order_relaxed); }
 
   // The master: f(i0, i1) over [0, n) in chunks of `grain` items, run by the master and the
   // helpers; returns when all are done (rethrows the first exception a chunk threw).
@@ -207,7 +215,7 @@ class Team {
     (void)at::get_num_threads();  // torch's per-thread OpenMP setup first, then 1 thread here:
     omp_set_num_threads(1);       // a chunk's own at::parallel_for (attention) stays on this thread
     uint64_t seen = 0;
-    for (int64_t spins = 0, idle = 0;;) {
+    for (int64_t spins = 0, idle = 0, idle_t0 = 0;;) {
       const uint64_t st = state_.load(std::memory_order_acquire), seq = st >> 32;
       if (seq != seen && (st & kWriting) != kWriting) {  // not while the master writes the loop (open_post)
         seen = seq;
@@ -220,7 +228,9 @@ class Team {
         pause(spins);
         continue;
       }
-      if (++idle < kIdleSpins) {
+      if (idle++ == 0) idle_t0 = now_ns();
+      const int64_t budget = idle_ns_.load(std::memory_order_relaxed);
+      if (budget < 0 ? idle < kIdleSpins : ((idle & 255) != 0 || now_ns() - idle_t0 < budget)) {
         _mm_pause();
         continue;
       }
@@ -270,9 +280,22 @@ class Team {
     }
   }
 
-  static constexpr int64_t kIdleSpins = 1 << 14;  // ~1 ms of pause out of a call before sleeping
+  // Out of a call a helper spins idle_ns_ (the clock read every 256 pauses), then sleeps; < 0: kIdleSpins
+  // pauses, as before session 27 (~1 ms on the EPYC, 0.23 ms on the Ice Lake-class Xeon: 14 ns a pause).
+  // Why by the clock (session 27, helper C): on the Xeon the small shape's batch-1 gap between two steps
+  // (~0.25-0.3 ms of the engine's Python, every object cold) outlasted the count, and with the prefetch
+  // side jobs off the helper slept before 27 of 32 tokens (bench_decode_phases.py --trace: the step's
+  // start 37 us after its entry against 10 awake).
+  static constexpr int64_t kIdleSpins = 1 << 14;
+  static constexpr int64_t kIdleNs = 1000000;
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  std::atomic<int64_t> idle_ns_{kIdleNs};
   const int64_t threads_;
   uint64_t seq_ = 0;  // the master's count of posted loops
+  uint64_t wakes_ = 0;
   std::mutex owner_;
   alignas(64) std::atomic<uint64_t> state_{0};
   std::atomic<Fn> fn_{nullptr};

@@ -43,6 +43,12 @@ def tiny(kind: str = "bf16", group: int = 64, **over) -> CodeShellForCausalLM:
                 mod.bias.normal_(0.0, 0.05)
     if kind == "fp32":
         return m
+    return packed(m, kind, group)
+
+
+def packed(m: CodeShellForCausalLM, kind: str, group: int = 64) -> CodeShellForCausalLM:
+    """`m` in bf16 with its block linears packed bf16 (kind "bf16") or quantized int8 / int4
+    (asymmetric groups of `group`), the head and the tied embedding packed bf16."""
     m = m.to(torch.bfloat16)
     if kind != "bf16":
         for block in m.transformer.h:

@@ -18,7 +18,7 @@ from codeshell.kernels import step as step_mod
 
 pytestmark = pytest.mark.skipif(not available(), reason="native kernels unavailable")
 
-from test_decode_step import VOCAB, prompts  # noqa: E402
+from test_decode_step import VOCAB, packed, prompts  # noqa: E402
 
 
 def varied(kind: str):
@@ -29,9 +29,7 @@ def varied(kind: str):
     from torch import nn
 
     from codeshell.config import CodeShellConfig
-    from codeshell.kernels import prepare_model
     from codeshell.model import CodeShellForCausalLM
-    from codeshell.quant.linear import Int4Linear, Int8Linear
     kw = dict(n_embd=128, n_layer=2, n_head=4, num_query_groups=2, n_inner=256, vocab_size=VOCAB, n_positions=256)
     torch.manual_seed(0)
     m = CodeShellForCausalLM(CodeShellConfig(**kw)).eval()
@@ -39,18 +37,7 @@ def varied(kind: str):
         for mod in m.modules():
             if isinstance(mod, nn.Linear) and mod.weight.shape[0] != VOCAB:
                 mod.weight.mul_(20.0)
-    m = m.to(torch.bfloat16)
-    if kind != "bf16":
-        for block in m.transformer.h:
-            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
-                                 (block.mlp, "c_proj")):
-                lin = getattr(parent, name)
-                w, b = lin.weight.float(), lin.bias.float()
-                q = Int8Linear.from_float(w, b) if kind == "int8" else \
-                    Int4Linear.from_float(w, b, group_size=64, symmetric=False)
-                setattr(parent, name, q)
-    prepare_model(m)
-    return m
+    return packed(m, kind)
 
 
 @pytest.fixture

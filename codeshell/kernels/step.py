@@ -347,21 +347,13 @@ def _build_decoder(lm: nn.Module, cap) -> _Decoder:
     return _Decoder(step, ch, cap, 1.0 / math.sqrt(cfg.head_dim), hooks, attrs)
 
 
-def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots: list[int], logits: bool = True,
-           lean: bool = True):
-    """(logits [M, V] bf16, greedy picks [M]) of a packed step (`Engine._packed`: token i is
-    tokens[i] at positions[i] of slot slots[i] of the engine's KVCache `cache`, which holds
-    room for them), bit for bit what `lm`'s transformer + lm_head + `first_argmax` give; or
-    None where the native step does not apply (the caller runs the model). With `logits`
-    False the first item is None: the caller needs only the picks (every row plain greedy),
-    and the step skips the bf16 [M, V] copy of the head's output. `lean` False: the rebuild
-    check in Python (`_Checks.valid`), as before session 20 (the caller's engine's `lean`, for
-    A/B timing; the same answer as the native check)."""
+def _ready(lm: nn.Module, cache, lean: bool = True):
+    """The model's native decoder, (re)built when its weights, the ISA cap or the team switch
+    changed, or None where the native step does not apply (switched off, the model's hooks, grad or
+    autocast on, a KV cache it cannot read). Shared by `decode` and `decode_greedy`."""
     env = _ENV.get  # os.environ's own dict (bytes keys): the same values as os.environ.get, ~10x cheaper
     step_env, cap, team = env(_STEP_KEY), env(_ISA_KEY), env(_TEAM_KEY)
     if step_env is not None and step_env != b"on" and not enabled():
-        return None
-    if len(tokens) > _MAX_M:
         return None
     d = _DECODERS.get(lm)
     if d is None or d.raw_cap != cap or d.raw_team != team or not (
@@ -375,6 +367,25 @@ def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots:
     k, v = cache.k, cache.v
     if k.dtype != torch.bfloat16 or k.device.type != "cpu" or not k.is_contiguous() or not v.is_contiguous():
         return None
+    return d
+
+
+def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots: list[int], logits: bool = True,
+           lean: bool = True):
+    """(logits [M, V] bf16, greedy picks [M]) of a packed step (`Engine._packed`: token i is
+    tokens[i] at positions[i] of slot slots[i] of the engine's KVCache `cache`, which holds
+    room for them), bit for bit what `lm`'s transformer + lm_head + `first_argmax` give; or
+    None where the native step does not apply (the caller runs the model). With `logits`
+    False the first item is None: the caller needs only the picks (every row plain greedy),
+    and the step skips the bf16 [M, V] copy of the head's output. `lean` False: the rebuild
+    check in Python (`_Checks.valid`), as before session 20 (the caller's engine's `lean`, for
+    A/B timing; the same answer as the native check)."""
+    if len(tokens) > _MAX_M:
+        return None
+    d = _ready(lm, cache, lean)
+    if d is None:
+        return None
+    k, v = cache.k, cache.v
     return d.step.decode(tokens, positions, slots, k, v, d.scale, logits)
 
 
@@ -387,20 +398,8 @@ def decode_greedy(lm: nn.Module, cache, token: int, position: int, slot: int, n:
     (the caller runs one step its usual way). Why: the engine's Python and the native call's entry
     and exit between two tokens (~0.29 ms of a small-shape int8 token, mostly cache misses after the
     weights streamed through the caches; bench_decode_phases.py --trace) run once per call."""
-    env = _ENV.get
-    step_env, cap, team = env(_STEP_KEY), env(_ISA_KEY), env(_TEAM_KEY)
-    if step_env is not None and step_env != b"on" and not enabled():
-        return None
-    d = _DECODERS.get(lm)
-    if d is None or d.raw_cap != cap or d.raw_team != team or not (
-            d.checks.valid_native(_SAME[0]) if _SAME else d.checks.valid()):
-        d = _DECODERS[lm] = _build_decoder(lm, os.environ.get("CODESHELL_KERNEL_ISA"))
-        d.raw_cap, d.raw_team = cap, team
-    if d.step is None or d.skip() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
-        return None
-    if _TORCH_MODULE._global_forward_hooks or _TORCH_MODULE._global_forward_pre_hooks:
+    d = _ready(lm, cache)
+    if d is None:
         return None
     k, v = cache.k, cache.v
-    if k.dtype != torch.bfloat16 or k.device.type != "cpu" or not k.is_contiguous() or not v.is_contiguous():
-        return None
     return d.step.decode_greedy(token, position, slot, n, list(stop), k, v, d.scale)

@@ -69,6 +69,34 @@ def test_add_layer_norm_prefill_split_keeps_bits(rows, C, monkeypatch):
     _bf16_close(y1, F.layer_norm(x + r.to(torch.bfloat16), (C,), w, b, 1e-5))
 
 
+@pytest.mark.parametrize("rows,C", [(1, 8), (2, 1024), (3, 13), (5, 1536), (7, 33), (9, 48), (17, 1000), (66, 129)])
+@pytest.mark.parametrize("dtype,wdtype,rkind", [(torch.bfloat16, torch.bfloat16, "f32"), (torch.bfloat16, torch.bfloat16, "same"),
+                                                (torch.bfloat16, torch.float32, "f32"), (torch.bfloat16, torch.bfloat16, None),
+                                                (torch.float32, torch.float32, "same"), (torch.float32, torch.bfloat16, None)])
+def test_add_layer_norm_rows_at_once_keep_bits(rows, C, dtype, wdtype, rkind, monkeypatch):
+    # fused.cpp add_ln_rows16 (session 28: 2 or 4 rows' passes interleaved, w and b widened once,
+    # 32 bf16 a store) against add_ln_row16 row by row (CODESHELL_LN_ROWS=1): the same bits,
+    # NaN and inf residuals, tails of 1-31 values, with and without each affine parameter.
+    # (without AVX-512 every setting runs add_ln_row: equal trivially)
+    g = torch.Generator().manual_seed(rows * 31 + C)
+    x = (torch.randn(rows, C, generator=g) * 3 + 0.5).to(dtype)
+    r = None if rkind is None else torch.randn(rows, C, generator=g) * 2
+    if r is not None:
+        r = r if rkind == "f32" else r.to(dtype)
+        if rows >= 3:
+            r[1, C // 2] = float("nan")
+            r[2, C - 1] = float("inf")
+    for w, b in [(torch.randn(C, generator=g).to(wdtype), torch.randn(C, generator=g).to(wdtype)),
+                 (torch.randn(C, generator=g).to(wdtype), None), (None, torch.randn(C, generator=g).to(wdtype))]:
+        out = {}
+        for n in ("1", "2", "4"):
+            monkeypatch.setenv("CODESHELL_LN_ROWS", n)
+            out[n] = _mod().fused_add_layer_norm(x, r, w, b, 1e-5)
+        bits = (lambda t: t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32))
+        for n in ("2", "4"):
+            assert all(torch.equal(bits(a), bits(c)) for a, c in zip(out["1"], out[n])), (n, w is None, b is None)
+
+
 def test_add_layer_norm_mixed_and_no_affine():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 77, generator=g).to(torch.bfloat16)
@@ -140,6 +168,27 @@ def test_rope_in_place_matches_model_bits(B, T, H, G, D, dtype):
     c2, s2 = (t.reshape(B * T, D)[:, :D // 2].contiguous() for t in (cos, sin))
     _mod().fused_rope_(half.view(B * T, -1), c2, s2, H + G, D)
     assert torch.equal(half, out)
+
+
+@pytest.mark.parametrize("rows,heads,D,C", [(1, 10, 128, 1536), (7, 3, 64, 256), (5, 2, 34, 100), (9, 4, 20, 97),
+                                          (64, 1, 2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_16_lanes_keep_bits(rows, heads, D, C, dtype, monkeypatch):
+    # fused.cpp rope_row16 (session 28) against the 8-lane loop (CODESHELL_ROPE16=0): in place,
+    # fp32 -> bf16 with the v columns copied, halves of D % 16 != 0, NaN and inf values.
+    g = torch.Generator().manual_seed(rows * C + D)
+    qkv = (torch.randn(rows, C, generator=g) * 2).to(dtype)
+    qkv[0, 0], qkv[-1, D // 2] = float("nan"), float("inf")
+    y32 = qkv.float() + torch.randn(qkv.shape, generator=g) * 1e-3
+    cos, sin = torch.randn(rows, D // 2, generator=g), torch.randn(rows, D // 2, generator=g)
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("CODESHELL_ROPE16", flag)
+        a = qkv.clone()
+        _mod().fused_rope_(a, cos, sin, heads, D)
+        out[flag] = [a, _mod().fused_rope_bf16(y32, cos, sin, heads, D)]
+    bits = (lambda t: t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(out["0"], out["1"]))
 
 
 # ---- FastLinear / PackedLinear --------------------------------------------------------------

@@ -284,11 +284,137 @@ void add_ln_row16(const T* x, const R* r, T* h, T* y, const W* w, const W* b, in
   }
 }
 
+// add_ln_row16 on NR rows at once, the same bits (session 28). Why: at 16 lanes the row's
+// three passes cost ~24 port-0/5 cycles a vector (a 512 x 1024 prompt LayerNorm ~0.33 ms on one
+// thread): pass 2 is one FMA chain a row (4 cycles a vector of latency for 2 uops), the bf16
+// weight and bias were widened again every row (4 ops a vector), and each bf16 store was a
+// 2-uop vpmovdw after a shift. Here:
+//  * NR rows' chains interleave (each lane of each row still adds its values in the row's order);
+//  * w and b arrive widened to fp32 once per call's chunk of rows (wf, bf: exact, a shift);
+//  * the bf16 roundings are round_bf16_fast (the same values as round_bf16: the rounding add,
+//    then the low half masked off) and two rounded vectors of a row leave as one 64-byte store
+//    of their high halves (vpermt2w), where bf16_bits + vpmovdw took 3 uops a vector;
+//  * the tail (C % 32) runs add_ln_row16's code for its last one or two chunks.
+// The sums (mean and variance) run over the same values in the same lanes and order, the third
+// pass is elementwise with the same operations: the bits of add_ln_row16 (and so of add_ln_row).
+// CODESHELL_LN_ROWS=1 (read per call): add_ln_row16 row by row, the kernel before.
+namespace ln16 {
+// 32 bf16 from two rounded fp32 vectors (low 16 bits zero): the odd 16-bit words of a, then of b.
+inline __m512i pack_hi(__m512 a, __m512 b) {
+  const __m512i idx = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                       31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(a), idx, _mm512_castps_si512(b));
+}
+inline void st2(bf16* p, __m512 a, __m512 b) {  // a, b not yet rounded
+  _mm512_storeu_si512(p, pack_hi(codeshell::round_bf16_fast(a), codeshell::round_bf16_fast(b)));
+}
+inline void st2(float* p, __m512 a, __m512 b) {
+  _mm512_storeu_ps(p, a);
+  _mm512_storeu_ps(p + 16, b);
+}
+inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 ld16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+}  // namespace ln16
+
+// Pass 1 of one full chunk of 16 values of a row: v = x + r as add_ln_row16 computes it (unrounded
+// when T is bf16: the caller rounds), the value buf and the sums take.
+template <class T, class R>
+inline __m512 ln_sum_in(const T* x, const R* r) {
+  __m512 v = ln16::ld16(x);
+  if (r != nullptr) {
+    __m512 rv = ln16::ld16(r);
+    if constexpr (std::is_same<T, bf16>::value && std::is_same<R, float>::value) rv = codeshell::round_bf16_fast(rv);
+    v = _mm512_add_ps(v, rv);
+  }
+  return v;
+}
+
+template <int NR, class T, class R>
+void add_ln_rows16(const T* x, const R* r, T* h, T* y, const float* wf, const float* bf, int64_t C, float eps,
+                   float* buf) {
+  using namespace ln16;
+  constexpr bool tb = std::is_same<T, bf16>::value;
+  const int64_t C32 = C / 32 * 32, Cp = (C + 15) / 16 * 16;
+  __m512 s[NR];
+  for (int j = 0; j < NR; ++j) s[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C32; c += 32)
+    for (int j = 0; j < NR; ++j) {
+      const T* xj = x + j * C + c;
+      const R* rj = r != nullptr ? r + j * C + c : nullptr;
+      __m512 v0 = ln_sum_in<T, R>(xj, rj), v1 = ln_sum_in<T, R>(xj + 16, rj != nullptr ? rj + 16 : nullptr);
+      if (r != nullptr) {
+        if constexpr (tb) {
+          v0 = codeshell::round_bf16_fast(v0);
+          v1 = codeshell::round_bf16_fast(v1);
+          _mm512_storeu_si512(h + j * C + c, pack_hi(v0, v1));
+        } else {
+          st2(h + j * C + c, v0, v1);
+        }
+      }
+      _mm512_storeu_ps(buf + j * Cp + c, v0);
+      _mm512_storeu_ps(buf + j * Cp + c + 16, v1);
+      s[j] = _mm512_add_ps(_mm512_add_ps(s[j], v0), v1);
+    }
+  for (int64_t c = C32; c < C; c += 16)  // add_ln_row16's pass 1 on the tail
+    for (int j = 0; j < NR; ++j) {
+      const int64_t n = std::min<int64_t>(16, C - c);
+      const __mmask16 k = lanes(n);
+      __m512 v = ld(x + j * C + c, k);
+      if (r != nullptr) {
+        __m512 rv = ld(r + j * C + c, k);
+        if constexpr (tb && std::is_same<R, float>::value) rv = codeshell::round_bf16(rv);
+        v = _mm512_add_ps(v, rv);
+        st(h + j * C + c, v, k);
+        if constexpr (tb) v = codeshell::round_bf16(v);
+      }
+      _mm512_storeu_ps(buf + j * Cp + c, v);
+      s[j] = _mm512_mask_add_ps(s[j], n > 8 ? __mmask16(0xffff) : __mmask16(0x00ff), s[j], v);
+    }
+  __m512 vm[NR], rstd[NR];
+  for (int j = 0; j < NR; ++j) {
+    vm[j] = _mm512_set1_ps(halves(s[j]) / float(C));
+    s[j] = _mm512_setzero_ps();
+  }
+  const int64_t C16 = C / 16 * 16;
+  for (int64_t c = 0; c < C16; c += 16)
+    for (int j = 0; j < NR; ++j) {
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(buf + j * Cp + c), vm[j]);
+      s[j] = _mm512_fmadd_ps(d, d, s[j]);
+    }
+  if (C16 < C) {
+    const int64_t n = C - C16;
+    for (int j = 0; j < NR; ++j) {
+      const __m512 d = _mm512_maskz_sub_ps(lanes(n), _mm512_loadu_ps(buf + j * Cp + C16), vm[j]);
+      s[j] = _mm512_mask3_fmadd_ps(d, d, s[j], n > 8 ? __mmask16(0xffff) : __mmask16(0x00ff));
+    }
+  }
+  for (int j = 0; j < NR; ++j) rstd[j] = _mm512_set1_ps(1.0f / std::sqrt(halves(s[j]) / float(C) + eps));
+  auto out = [&](int j, int64_t c) {
+    __m512 o = rounded(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + j * Cp + c), vm[j]), rstd[j]));
+    if (wf != nullptr) o = rounded(_mm512_mul_ps(o, _mm512_loadu_ps(wf + c)));
+    if (bf != nullptr) o = _mm512_add_ps(o, _mm512_loadu_ps(bf + c));
+    return o;
+  };
+  for (int64_t c = 0; c < C32; c += 32)
+    for (int j = 0; j < NR; ++j) st2(y + j * C + c, out(j, c), out(j, c + 16));
+  for (int64_t c = C32; c < C; c += 16)
+    for (int j = 0; j < NR; ++j) st(y + j * C + c, out(j, c), lanes(C - c));
+}
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
 
 namespace {
+
+// Rows add_ln_rows16 takes at once (CODESHELL_LN_ROWS, read per call: 1 = add_ln_row16 row by row).
+int ln_rows() {
+  const char* e = std::getenv("CODESHELL_LN_ROWS");
+  const int n = e != nullptr && *e ? std::atoi(e) : 2;
+  return n == 1 || n == 4 ? n : 2;
+}
 
 // The 16-lane LayerNorm where the CPU has AVX-512 and CODESHELL_KERNEL_ISA does not cap the
 // kernels at avx2 (as the GELU's gelu_wide), unless CODESHELL_LN16=0 (read per call; A/B runs).
@@ -313,7 +439,30 @@ void add_ln(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, torch
   const W* bp = b ? b->data_ptr<W>() : nullptr;
   const int64_t Cp = (C + 15) / 16 * 16;
   const bool wide = ln_wide();
+  const int nr = wide ? ln_rows() : 1;
   for_rows(rows, C, [&](int64_t r0, int64_t r1) {
+#if CODESHELL_HAVE_AVX512
+    if (nr > 1 && r1 - r0 >= 2) {  // add_ln_rows16: w and b widened once for the chunk's rows
+      std::vector<float> buf(Cp * (nr + 2), 0.0f);  // nr rows of h in fp32, then w and b in fp32
+      float* wf = wp != nullptr ? buf.data() + Cp * nr : nullptr;
+      float* bf = bp != nullptr ? buf.data() + Cp * (nr + 1) : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        if (wf != nullptr) wf[c] = float(wp[c]);
+        if (bf != nullptr) bf[c] = float(bp[c]);
+      }
+      int64_t i = r0;
+      const auto rows_at = [&](auto tag, int64_t i) {
+        constexpr int N = decltype(tag)::value;
+        add_ln_rows16<N, T, R>(xp + i * C, rp ? rp + i * C : nullptr, hp ? hp + i * C : nullptr, yp + i * C, wf, bf,
+                               C, float(eps), buf.data());
+      };
+      if (nr == 4)
+        for (; i + 4 <= r1; i += 4) rows_at(std::integral_constant<int, 4>(), i);
+      for (; i + 2 <= r1; i += 2) rows_at(std::integral_constant<int, 2>(), i);
+      if (i < r1) rows_at(std::integral_constant<int, 1>(), i);
+      return;
+    }
+#endif
     std::vector<float> buf(Cp);  // the row in fp32 (h as rounded), reread by the two later passes
     for (int64_t i = r0; i < r1; ++i) {
 #if CODESHELL_HAVE_AVX512
@@ -408,11 +557,64 @@ void gelu_row16(const TI* x, const float* bias, TO* o, int64_t N, bool round_in,
   }
 }
 
+// rope_rows (below) in 16 lanes, the same bits: per value the same loads, the same rounding of
+// an fp32 input to bf16 (round_bf16, 16 lanes), the same rounded products and the rounded sum,
+// the same bf16 store rounding (bf16_bits is store8's); a half of D % 16 ends in a masked
+// vector. Why: the 8-lane loop's bf16 loads and stores (a widen, a shift, a 4-op rounding and a
+// pack per 8 values) made the small shape's prompt RoPE ~1.7 ms (8 layers, 512 x 10 heads of
+// 128); session 28. CODESHELL_ROPE16=0 (read per call): the 8-lane loop.
+namespace rope16 {
+inline __m512 rnd(__m512 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+}  // namespace rope16
+
+template <class TI, class TO>
+void rope_row16(const TI* in, TO* out, const float* c, const float* s, int64_t C, int64_t heads, int64_t D,
+                bool copy) {
+  using rope16::rnd;
+  constexpr bool round_in = std::is_same<TI, float>::value && std::is_same<TO, bf16>::value;
+  const int64_t half = D / 2;
+  for (int64_t hd = 0; hd < heads; ++hd) {
+    const TI* xi = in + hd * D;
+    TO* x = out + hd * D;
+    for (int64_t j = 0; j < half; j += 16) {
+      const __mmask16 k = half - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (half - j)) - 1);
+      __m512 x1 = load16(xi + j, k), x2 = load16(xi + half + j, k);
+      if constexpr (round_in) {
+        x1 = round_bf16(x1);
+        x2 = round_bf16(x2);
+      }
+      const __m512 cv = _mm512_maskz_loadu_ps(k, c + j), sv = _mm512_maskz_loadu_ps(k, s + j);
+      const __m512 o1 = _mm512_sub_ps(rnd(_mm512_mul_ps(x1, cv)), rnd(_mm512_mul_ps(x2, sv)));
+      const __m512 o2 = _mm512_add_ps(rnd(_mm512_mul_ps(x2, cv)), rnd(_mm512_mul_ps(x1, sv)));
+      store16(x + j, o1, k);
+      store16(x + half + j, o2, k);
+    }
+  }
+  if (copy)
+    for (int64_t c0 = heads * D; c0 < C; c0 += 16) {
+      const __mmask16 k = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
+      store16(out + c0, load16(in + c0, k), k);
+    }
+}
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
 
 namespace {
+
+// The 16-lane RoPE (rope_row16) where the GELU runs 16 lanes, unless CODESHELL_ROPE16=0.
+bool rope_wide() {
+#if CODESHELL_HAVE_AVX512
+  static const bool cpu = codeshell::cpu_features().max_isa >= codeshell::kAvx512Vnni;
+  return cpu && !codeshell::env_is("CODESHELL_KERNEL_ISA", "avx2") && codeshell::env_flag("CODESHELL_ROPE16", true);
+#else
+  return false;
+#endif
+}
 
 // The 16-lane GELU where the CPU has AVX-512 and CODESHELL_KERNEL_ISA does not cap the kernels
 // at avx2 (the cap ops.py applies to the matmuls; read here per call so a test can set it).
@@ -461,6 +663,14 @@ void rope_rows(const TI* in, TO* out, const float* cs, const float* sn, int64_t 
   const int64_t half = D / 2;
   const bool copy = static_cast<const void*>(in) != static_cast<const void*>(out);
   constexpr bool round_in = std::is_same<TI, float>::value && std::is_same<TO, bf16>::value;
+#if CODESHELL_HAVE_AVX512
+  if (rope_wide()) {
+    at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) rope_row16<TI, TO>(in + i * C, out + i * C, cs + i * cw, sn + i * cw, C, heads, D, copy);
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const float* c = cs + i * cw;  // cos/sin rows of width cw = D or D/2: only the first half is read

@@ -17,6 +17,9 @@
 // at::parallel_for only when there are many (prefill); a decode row runs on the calling
 // thread (waking the OpenMP team costs more than the row); inside the native decode step's
 // thread team a few rows (and GELU row pieces) are split since session 17 (for_rows, for_pieces).
+// Switches (read per call; session 28): CODESHELL_LN_ROWS (4; 2; 1 = one row at a time, the
+// LayerNorm before), CODESHELL_LN_PF (the LayerNorm's prefetch, blocks ahead: 1; 0 = none),
+// CODESHELL_ROPE16 (1; 0 = the 8-lane RoPE), CODESHELL_LN16 (the 16-lane LayerNorm; 0 = 8 lanes).
 // What this is not: autograd ops (training keeps the torch ops) and not a matmul.
 // The native decode step (decode_step.cpp) calls the entry points below directly (entry.h).
 //
@@ -340,9 +343,14 @@ inline __m512 ln_sum_in(const T* x, const R* r) {
   return v;
 }
 
+// pf: the rows pf blocks ahead (x, r, h, y at the same offsets pf * NR rows on; 0: none) are prefetched
+// during this block's third pass: one line of x (and of r, two for fp32 r) per 32 values and row,
+// and the lines of h and y it will write (prefetchw). Why: in the model a prompt LayerNorm's rows
+// come from DRAM (the layer's 21 MiB of weights passed through the caches since they were written):
+// one thread's LayerNorm took ~0.57 ms a call (512 x 1024) against ~0.23 ms with its rows in L3.
 template <int NR, class T, class R>
 void add_ln_rows16(const T* x, const R* r, T* h, T* y, const float* wf, const float* bf, int64_t C, float eps,
-                   float* buf) {
+                   float* buf, int pf) {
   using namespace ln16;
   constexpr bool tb = std::is_same<T, bf16>::value;
   const int64_t C32 = C / 32 * 32, Cp = (C + 15) / 16 * 16;
@@ -407,7 +415,24 @@ void add_ln_rows16(const T* x, const R* r, T* h, T* y, const float* wf, const fl
     return o;
   };
   for (int64_t c = 0; c < C32; c += 32)
-    for (int j = 0; j < NR; ++j) st2(y + j * C + c, out(j, c), out(j, c + 16));
+    for (int j = 0; j < NR; ++j) {
+      if (pf) {
+        const int64_t o = (pf * NR + j) * C + c;
+        _mm_prefetch(reinterpret_cast<const char*>(x + o), _MM_HINT_T0);
+        if (r != nullptr) {
+          _mm_prefetch(reinterpret_cast<const char*>(r + o), _MM_HINT_T0);
+          if constexpr (sizeof(R) == 4) _mm_prefetch(reinterpret_cast<const char*>(r + o + 16), _MM_HINT_T0);
+          _m_prefetchw(h + o);
+        }
+        _m_prefetchw(y + o);
+        if constexpr (sizeof(T) == 4) {
+          _mm_prefetch(reinterpret_cast<const char*>(x + o + 16), _MM_HINT_T0);
+          if (r != nullptr) _m_prefetchw(h + o + 16);
+          _m_prefetchw(y + o + 16);
+        }
+      }
+      st2(y + j * C + c, out(j, c), out(j, c + 16));
+    }
   for (int64_t c = C32; c < C; c += 16)
     for (int j = 0; j < NR; ++j) st(y + j * C + c, out(j, c), lanes(C - c));
 }
@@ -450,6 +475,8 @@ void add_ln(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, torch
   const int64_t Cp = (C + 15) / 16 * 16;
   const bool wide = ln_wide();
   const int nr = wide ? ln_rows() : 1;
+  // add_ln_rows16's prefetch: the rows CODESHELL_LN_PF blocks ahead (default 1; 0 = none)
+  const int pf = [] { const char* e = std::getenv("CODESHELL_LN_PF"); return e != nullptr && *e ? std::max(0, std::min(4, std::atoi(e))) : 1; }();
   for_rows(rows, C, [&](int64_t r0, int64_t r1) {
 #if CODESHELL_HAVE_AVX512
     if (nr > 1 && r1 - r0 >= 2) {  // add_ln_rows16: w and b widened once for the chunk's rows
@@ -464,7 +491,7 @@ void add_ln(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, torch
       const auto rows_at = [&](auto tag, int64_t i) {
         constexpr int N = decltype(tag)::value;
         add_ln_rows16<N, T, R>(xp + i * C, rp ? rp + i * C : nullptr, hp ? hp + i * C : nullptr, yp + i * C, wf, bf,
-                               C, float(eps), buf.data());
+                               C, float(eps), buf.data(), i + (pf + 1) * N <= r1 ? pf : 0);
       };
       if (nr == 4)
         for (; i + 4 <= r1; i += 4) rows_at(std::integral_constant<int, 4>(), i);

@@ -21,8 +21,10 @@
 #include <cstring>
 #include <memory>
 
+#include "isa.h"
 #include "parallel.h"
 #include "simd.h"
+#include "switches.h"
 
 namespace {
 
@@ -306,6 +308,92 @@ void seg_argmax(const typename L::T* p, int64_t i0, int64_t i1, float& mx_out, i
     }
 }
 
+#if CODESHELL_HAVE_AVX512
+// row_argmax<LoadF32AsBF16>'s index without rounding every value (session 28, helper B).
+// Rounding to bf16 is monotone (non-decreasing in float order) for non-NaN values, so the
+// maximum of the rounded row is R = round(max of the raw row), and the first index whose rounded
+// value equals R (float equality: -0 == +0) is the first index with raw value >= lo, where lo is
+// the smallest float that rounds to >= R (round(v) >= R and R maximal means round(v) == R).
+// Pass 1 is one vmaxps a 16 floats (4 chains) with NaN flags; pass 2 one compare a 16 floats:
+// against ~9 integer / blend ops a 8 floats a pass in the LoadF32AsBF16 loops (codeshell-mini's
+// batch-8 argmax: 8 x 16384 fp32 logits, 17-25 us a step). A row holding a NaN returns -1: the
+// caller runs row_argmax (whose NaN handling differs: its max chains reset on a NaN).
+CODESHELL_BEGIN_AVX512
+inline uint32_t f32_key(float f) {  // total order of non-NaN floats as unsigned ints (-0 just below +0)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline float key_f32(uint32_t k) {
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+int64_t row_argmax_rounded512(const float* p, int64_t V) {
+  __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 64 <= V; i += 64) {
+    const __m512 a = _mm512_loadu_ps(p + i), b = _mm512_loadu_ps(p + i + 16);
+    const __m512 c = _mm512_loadu_ps(p + i + 32), d = _mm512_loadu_ps(p + i + 48);
+    m0 = _mm512_max_ps(a, m0);
+    m1 = _mm512_max_ps(b, m1);
+    m2 = _mm512_max_ps(c, m2);
+    m3 = _mm512_max_ps(d, m3);
+    bad |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(c, d, _CMP_UNORD_Q);
+  }
+  for (; i + 16 <= V; i += 16) {
+    const __m512 a = _mm512_loadu_ps(p + i);
+    m0 = _mm512_max_ps(a, m0);
+    bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  }
+  if (i < V) {
+    const __mmask16 k = __mmask16((1u << (V - i)) - 1);
+    const __m512 a = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, p + i);
+    m0 = _mm512_max_ps(a, m0);
+    bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  }
+  if (bad) return -1;
+  const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  const float R = LoadF32AsBF16::load1(&mx);
+  // lo: the smallest key k with round(f(k)) >= R, searched in (key(R) - 2^17, key(R)] (a bf16
+  // value's rounding interval spans < 2^16 keys on each side; NaN keys below -inf fail the test)
+  uint32_t hi_k = f32_key(R), lo_k = hi_k >= (1u << 17) ? hi_k - (1u << 17) : 0;  // pred(lo_k) false
+  auto pred = [&](uint32_t k) {
+    const float f = key_f32(k);
+    return LoadF32AsBF16::load1(&f) >= R;
+  };
+  if (pred(lo_k)) return -1;  // not expected (the interval is narrower); the caller's row_argmax then
+  while (hi_k - lo_k > 1) {
+    const uint32_t mid = lo_k + (hi_k - lo_k) / 2;
+    if (pred(mid)) hi_k = mid;
+    else lo_k = mid;
+  }
+  const __m512 lo = _mm512_set1_ps(key_f32(hi_k));
+  for (i = 0; i + 16 <= V; i += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(p + i), lo, _CMP_GE_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  for (; i < V; ++i)
+    if (p[i] >= key_f32(hi_k)) return i;
+  return 0;  // not reached: the maximum itself passes
+}
+CODESHELL_END_AVX512
+#endif
+
+// CODESHELL_ARGMAX_RAW=0 (read per call; A/B runs): argmax_rows_rounded rounds every value in both
+// passes (LoadF32AsBF16), as before session 28. Default: row_argmax_rounded512 where the CPU has
+// AVX-512 (the same index).
+inline bool argmax_raw_on() {
+#if CODESHELL_HAVE_AVX512
+  static const bool cpu = codeshell::cpu_features().max_isa >= codeshell::kAvx512Vnni;
+  return cpu && codeshell::env_flag("CODESHELL_ARGMAX_RAW", true);
+#else
+  return false;
+#endif
+}
+
 // out[r] = row_argmax<L>(rows + r * V, V) for r < N. With fewer rows than threads inside the
 // native decode step's thread team (a batch-1 step's 70k-logit row: ~10 us on one thread),
 // each row is cut into segments of >= 8192 values that the team's threads take (seg_argmax),
@@ -382,5 +470,19 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
 // docs/kernels.md), where a verify step runs up to 64 rows.
 void argmax_rows_rounded(const float* logits, int64_t N, int64_t V, int64_t* out) {
   TORCH_CHECK(V > 0, "argmax_rows_rounded: empty rows");
+#if CODESHELL_HAVE_AVX512
+  const codeshell::Team* team = codeshell::current_team();
+  const int64_t threads = team ? team->threads() : 1;
+  // a row a chunk (argmax_rows_of's split of a row into segments stays for fewer rows than threads)
+  if (N >= threads && argmax_raw_on()) {
+    codeshell::parallel_chunks(N, 1, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t k = row_argmax_rounded512(logits + r * V, V);
+        out[r] = k >= 0 ? k : row_argmax<LoadF32AsBF16>(logits + r * V, V);
+      }
+    });
+    return;
+  }
+#endif
   argmax_rows_of<LoadF32AsBF16>(logits, N, V, out);
 }

@@ -9,6 +9,11 @@ ratio of each variant's minimum to the first variant's.
 
     flock /work/notes/bench.lock python benchmarks/bench_b8_nonlinear.py --ab - CODESHELL_ARGMAX_RAW=0
     flock /work/notes/bench.lock python benchmarks/bench_b8_nonlinear.py --lens 48 80 --ab - CODESHELL_ATTN_RUN1=1
+    flock /work/notes/bench.lock python benchmarks/bench_b8_nonlinear.py --only team --ab - CODESHELL_ARGMAX_OWNED=0
+
+`--only team`: inside the decode step's thread team (run_in_team, 2 threads), the int8 head (16384 x 256,
+M = 8, as the step calls it) alone and followed by the argmax of its logits; printed: both, and
+their difference (the argmax where the head's two threads left the logits in their own caches).
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=8)
     ap.add_argument("--lens", nargs="+", type=int, default=[16, 48, 80], help="keys each query attends (all rows)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", choices=["argmax", "attention"], default=None)
+    ap.add_argument("--only", choices=["argmax", "attention", "team"], default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     mod = _ext.get()
@@ -69,6 +74,32 @@ def main() -> None:
         logits = torch.randn(M, 16384, generator=g) * 3
         res = timed({v: (e, lambda: mod.argmax_rows_rounded(logits)) for v, e in envs.items()}, 50, a.rounds)
         report(f"argmax {M}x16384", res)
+    if a.only == "team":
+        torch.set_num_threads(2)
+        q8 = torch.randint(-127, 128, (16384, 256), dtype=torch.int8, generator=g)
+        sc = torch.rand(16384, generator=g) * 1e-2
+        x = torch.randn(M, 256, generator=g)
+        reps = 100
+
+        def head_only():
+            for _ in range(reps):
+                mod.decode_int8_q8_wsum(x, q8, sc, None, isa)
+
+        def head_argmax():
+            for _ in range(reps):
+                mod.argmax_rows_rounded(mod.decode_int8_q8_wsum(x, q8, sc, None, isa))
+
+        fns = {}
+        for v, e in envs.items():
+            fns[f"{v} head"] = (e, lambda: mod.run_in_team(head_only))
+            fns[f"{v} head+argmax"] = (e, lambda: mod.run_in_team(head_argmax))
+        res = {k: [t / reps for t in ts] for k, ts in timed(fns, 1, max(5, a.rounds // 4)).items()}
+        report(f"team M={M}", res)
+        for v in envs:
+            h, ha = res[f"{v} head"], res[f"{v} head+argmax"]
+            print(f"{'team argmax (difference)':28s} {v:34s} min {min(ha) - min(h):8.2f}  median "
+                  f"{statistics.median(ha) - statistics.median(h):8.2f} us")
+        return
     if a.only in (None, "attention"):
         H, G, D, L = 8, 2, 32, 128
         q = torch.randn(M, H, D, generator=g).to(torch.bfloat16)

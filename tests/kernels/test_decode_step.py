@@ -590,7 +590,7 @@ def test_rounded_argmax_raw_max_pass(raw, monkeypatch):
             base = torch.randn(6, V, generator=g) * scale
             rows.append(base)
         # boundaries: a bf16 value b and the fp32 values just below / above its rounding edges
-        for b in (1.0, 1.0078125, -3.0, 0.0, 3.3895314e38):
+        for b in (1.0, 1.0078125, -3.0, -3.015625, 0.0, 3.3895314e38, -3.3895314e38, 9.2e-41):
             bb = torch.tensor([b], dtype=torch.bfloat16).float().view(torch.int32)
             near = torch.cat([bb + d for d in (-0x8001, -0x8000, -0x7FFF, 0, 0x7FFF, 0x8000, 0x8001)]).view(torch.float32)
             t = torch.full((len(near), V), -1e38)

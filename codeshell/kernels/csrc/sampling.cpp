@@ -330,11 +330,32 @@ inline float key_f32(uint32_t k) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-int64_t row_argmax_rounded512(const float* p, int64_t V) {
+// The smallest float v with round_bf16(v) >= R, for R a bf16 value (not NaN): for R > 0 the
+// first fp32 pattern that rounds up to R's (ties to even: R's bits - 0x8000, + 1 where R's last
+// bit is odd), for R < 0 minus the largest magnitude that rounds to |R| (+ 0x8000 where even,
+// + 0x7fff where odd), for +-0 minus the largest magnitude rounding to -0 (0x8000), and -inf itself.
+inline float round_lo(float R) {
+  uint32_t u;
+  std::memcpy(&u, &R, 4);
+  const uint32_t r16 = u >> 16;
+  uint32_t lo;
+  if (R == 0.f) lo = 0x80008000u;
+  else if (!(u & 0x80000000u)) lo = (r16 << 16) - 0x8000u + (r16 & 1u);
+  else if (R == -INFINITY) lo = u;
+  else lo = 0x80000000u | (((r16 & 0x7fffu) << 16) + ((r16 & 1u) ? 0x7fffu : 0x8000u));
+  float f;
+  std::memcpy(&f, &lo, 4);
+  return f;
+}
+
+// Values [i0, i1) of a row (i0 a multiple of 16): R = the bf16 rounding of their maximum, `idx` the
+// first index in the range whose rounding is R, `nan` whether the range holds a NaN (then R and idx
+// are not set).
+inline void seg_rounded512(const float* p, int64_t i0, int64_t i1, float& R, int64_t& idx, bool& nan) {
   __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
   __mmask16 bad = 0;
-  int64_t i = 0;
-  for (; i + 64 <= V; i += 64) {
+  int64_t i = i0;
+  for (; i + 64 <= i1; i += 64) {
     const __m512 a = _mm512_loadu_ps(p + i), b = _mm512_loadu_ps(p + i + 16);
     const __m512 c = _mm512_loadu_ps(p + i + 32), d = _mm512_loadu_ps(p + i + 48);
     m0 = _mm512_max_ps(a, m0);
@@ -343,41 +364,39 @@ int64_t row_argmax_rounded512(const float* p, int64_t V) {
     m3 = _mm512_max_ps(d, m3);
     bad |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(c, d, _CMP_UNORD_Q);
   }
-  for (; i + 16 <= V; i += 16) {
-    const __m512 a = _mm512_loadu_ps(p + i);
-    m0 = _mm512_max_ps(a, m0);
-    bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-  }
-  if (i < V) {
-    const __mmask16 k = __mmask16((1u << (V - i)) - 1);
+  for (; i < i1; i += 16) {
+    const __mmask16 k = i1 - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (i1 - i)) - 1);
     const __m512 a = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, p + i);
     m0 = _mm512_max_ps(a, m0);
     bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
   }
-  if (bad) return -1;
+  nan = bad != 0;
+  if (nan) return;
   const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
-  const float R = LoadF32AsBF16::load1(&mx);
-  // lo: the smallest key k with round(f(k)) >= R, searched in (key(R) - 2^17, key(R)] (a bf16
-  // value's rounding interval spans < 2^16 keys on each side; NaN keys below -inf fail the test)
-  uint32_t hi_k = f32_key(R), lo_k = hi_k >= (1u << 17) ? hi_k - (1u << 17) : 0;  // pred(lo_k) false
-  auto pred = [&](uint32_t k) {
-    const float f = key_f32(k);
-    return LoadF32AsBF16::load1(&f) >= R;
-  };
-  if (pred(lo_k)) return -1;  // not expected (the interval is narrower); the caller's row_argmax then
-  while (hi_k - lo_k > 1) {
-    const uint32_t mid = lo_k + (hi_k - lo_k) / 2;
-    if (pred(mid)) hi_k = mid;
-    else lo_k = mid;
+  R = LoadF32AsBF16::load1(&mx);
+  const float lo = round_lo(R);
+  const __m512 lv = _mm512_set1_ps(lo);
+  for (i = i0; i + 16 <= i1; i += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(p + i), lv, _CMP_GE_OQ);
+    if (hit) {
+      idx = i + __builtin_ctz(hit);
+      return;
+    }
   }
-  const __m512 lo = _mm512_set1_ps(key_f32(hi_k));
-  for (i = 0; i + 16 <= V; i += 16) {
-    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(p + i), lo, _CMP_GE_OQ);
-    if (hit) return i + __builtin_ctz(hit);
-  }
-  for (; i < V; ++i)
-    if (p[i] >= key_f32(hi_k)) return i;
-  return 0;  // not reached: the maximum itself passes
+  for (; i < i1; ++i)
+    if (p[i] >= lo) {
+      idx = i;
+      return;
+    }
+  idx = i0;  // not reached: the maximum itself passes
+}
+
+int64_t row_argmax_rounded512(const float* p, int64_t V) {
+  float R;
+  int64_t idx;
+  bool nan;
+  seg_rounded512(p, 0, V, R, idx, nan);
+  return nan ? -1 : idx;
 }
 CODESHELL_END_AVX512
 #endif
@@ -473,6 +492,40 @@ void argmax_rows_rounded(const float* logits, int64_t N, int64_t V, int64_t* out
 #if CODESHELL_HAVE_AVX512
   const codeshell::Team* team = codeshell::current_team();
   const int64_t threads = team ? team->threads() : 1;
+  // In the decode step's team (2+ threads, rows >= threads): each thread takes the columns it wrote as the step's int8
+  // head (q8rows::run: parallel_owned's shares and steps of the same V), every row's piece of them
+  // (seg_rounded512 a piece), then the pieces combine in column order: the first piece holding the
+  // largest rounded maximum gives its first index. Why: a row a chunk read half of each row from the
+  // other core's L2 (8 x 64 KiB of logits at codeshell-mini's batch 8: ~20 us a step in the team,
+  // 4 us of it the reading; session 28). CODESHELL_ARGMAX_OWNED=0 (read per call): a row a chunk.
+  if (team != nullptr && threads >= 2 && N >= threads && argmax_raw_on() &&
+      codeshell::env_flag("CODESHELL_ARGMAX_OWNED", true)) {
+    const int64_t step = std::max<int64_t>(64, (V + 15) / 16 + 15) / 16 * 16, slots = (V + 15) / 16;
+    std::unique_ptr<float[]> rs(new float[size_t(N * slots)]);
+    std::unique_ptr<int64_t[]> is(new int64_t[size_t(N * slots)]);
+    std::unique_ptr<int64_t[]> end(new int64_t[size_t(slots)]);
+    std::unique_ptr<bool[]> bad(new bool[size_t(N * slots)]);
+    std::fill(end.get(), end.get() + slots, int64_t(-1));
+    codeshell::parallel_owned(V, 16, step, [&](int64_t a, int64_t b) {
+      const int64_t s = a / 16;  // a piece starts at a multiple of 16 (parallel_owned's align)
+      end[s] = b;
+      for (int64_t r = 0; r < N; ++r) seg_rounded512(logits + r * V, a, b, rs[r * slots + s], is[r * slots + s], bad[r * slots + s]);
+    });
+    for (int64_t r = 0; r < N; ++r) {
+      float best = 0.f;
+      int64_t at = -1;
+      for (int64_t s = 0; s < slots && end[s] > 0; s = end[s] / 16) {  // the pieces in column order
+        if (bad[r * slots + s]) {
+          at = -1;  // a NaN: row_argmax's own handling
+          break;
+        }
+        if (at < 0 || rs[r * slots + s] > best) best = rs[r * slots + s], at = is[r * slots + s];
+        if (end[s] >= V) break;
+      }
+      out[r] = at >= 0 ? at : row_argmax<LoadF32AsBF16>(logits + r * V, V);
+    }
+    return;
+  }
   // a row a chunk (argmax_rows_of's split of a row into segments stays for fewer rows than threads)
   if (N >= threads && argmax_raw_on()) {
     codeshell::parallel_chunks(N, 1, 1, [&](int64_t r0, int64_t r1) {

@@ -9,7 +9,7 @@ ratio of each variant's minimum to the first variant's.
 
     flock /work/notes/bench.lock python benchmarks/bench_b8_nonlinear.py --ab - CODESHELL_ARGMAX_RAW=0
     flock /work/notes/bench.lock python benchmarks/bench_b8_nonlinear.py --lens 48 80 --ab - CODESHELL_ATTN_RUN1=1
-    flock /work/notes/bench.lock python benchmarks/bench_b8_nonlinear.py --only team --ab - CODESHELL_ARGMAX_OWNED=0
+    flock /work/notes/bench.lock python benchmarks/bench_b8_nonlinear.py --only team --ab - CODESHELL_ARGMAX_RAW=0
 
 `--only team`: inside the decode step's thread team (run_in_team, 2 threads), the int8 head (16384 x 256,
 M = 8, as the step calls it) alone and followed by the argmax of its logits; printed: both, and
@@ -83,11 +83,11 @@ def main() -> None:
 
         def head_only():
             for _ in range(reps):
-                mod.decode_int8_q8_wsum(x, q8, sc, None, isa)
+                mod.decode_int8_q8(x, q8, sc, None, isa)
 
         def head_argmax():
             for _ in range(reps):
-                mod.argmax_rows_rounded(mod.decode_int8_q8_wsum(x, q8, sc, None, isa))
+                mod.argmax_rows_rounded(mod.decode_int8_q8(x, q8, sc, None, isa))
 
         fns = {}
         for v, e in envs.items():

@@ -492,41 +492,11 @@ void argmax_rows_rounded(const float* logits, int64_t N, int64_t V, int64_t* out
 #if CODESHELL_HAVE_AVX512
   const codeshell::Team* team = codeshell::current_team();
   const int64_t threads = team ? team->threads() : 1;
-  // In the decode step's team (2+ threads, rows >= threads): each thread takes the columns it wrote as the step's int8
-  // head (q8rows::run: parallel_owned's shares and steps of the same V), every row's piece of them
-  // (seg_rounded512 a piece), then the pieces combine in column order: the first piece holding the
-  // largest rounded maximum gives its first index. Why: a row a chunk read half of each row from the
-  // other core's L2 (8 x 64 KiB of logits at codeshell-mini's batch 8: ~20 us a step in the team,
-  // 4 us of it the reading; session 28). CODESHELL_ARGMAX_OWNED=0 (read per call): a row a chunk.
-  if (team != nullptr && threads >= 2 && N >= threads && argmax_raw_on() &&
-      codeshell::env_flag("CODESHELL_ARGMAX_OWNED", true)) {
-    const int64_t step = std::max<int64_t>(64, (V + 15) / 16 + 15) / 16 * 16, slots = (V + 15) / 16;
-    std::unique_ptr<float[]> rs(new float[size_t(N * slots)]);
-    std::unique_ptr<int64_t[]> is(new int64_t[size_t(N * slots)]);
-    std::unique_ptr<int64_t[]> end(new int64_t[size_t(slots)]);
-    std::unique_ptr<bool[]> bad(new bool[size_t(N * slots)]);
-    std::fill(end.get(), end.get() + slots, int64_t(-1));
-    codeshell::parallel_owned(V, 16, step, [&](int64_t a, int64_t b) {
-      const int64_t s = a / 16;  // a piece starts at a multiple of 16 (parallel_owned's align)
-      end[s] = b;
-      for (int64_t r = 0; r < N; ++r) seg_rounded512(logits + r * V, a, b, rs[r * slots + s], is[r * slots + s], bad[r * slots + s]);
-    });
-    for (int64_t r = 0; r < N; ++r) {
-      float best = 0.f;
-      int64_t at = -1;
-      for (int64_t s = 0; s < slots && end[s] > 0; s = end[s] / 16) {  // the pieces in column order
-        if (bad[r * slots + s]) {
-          at = -1;  // a NaN: row_argmax's own handling
-          break;
-        }
-        if (at < 0 || rs[r * slots + s] > best) best = rs[r * slots + s], at = is[r * slots + s];
-        if (end[s] >= V) break;
-      }
-      out[r] = at >= 0 ? at : row_argmax<LoadF32AsBF16>(logits + r * V, V);
-    }
-    return;
-  }
-  // a row a chunk (argmax_rows_of's split of a row into segments stays for fewer rows than threads)
+  // A row a chunk (argmax_rows_of's split of a row into segments stays for fewer rows than threads).
+  // Tried and dropped (session 28): in the team, each thread its parallel_owned share of every row's
+  // columns (the int8 head's split, hoping its logits were still in that core's L2), the pieces
+  // combined in column order: 32 against 18 us a b8 step's 8 x 16384 (bench_b8_nonlinear.py --only
+  // team): the logits have left L2 under the head's weight stream, and 128 pieces cost more.
   if (N >= threads && argmax_raw_on()) {
     codeshell::parallel_chunks(N, 1, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {

@@ -207,3 +207,32 @@ def test_attn_v16_is_the_8_lane_values(monkeypatch, H, G, D, dtype):
         monkeypatch.setenv("CODESHELL_ATTN_V16", sw)
         got = packed_attention(q, kc, vc, slots, lens, 0.2, isa=1)
         assert torch.equal(got, want), f"CODESHELL_ATTN_V16={sw} vs decode_attention"
+
+
+@pytest.mark.parametrize("H,G,D", [(8, 2, 32), (6, 2, 48), (6, 2, 24), (4, 4, 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attn_lean_items_are_the_old_items(monkeypatch, H, G, D, dtype):
+    """attn_lean (session 28): a single query's item with 16-lane q / output copies and softmax_rows16
+    against CODESHELL_ATTN_LEAN=0 (scalar copies, 8-lane softmax) and plain decode_attention, bit for
+    bit (NaN payloads included: a NaN query row), at lengths with every softmax tail (1..17 keys past
+    a multiple of 16), with runs of one slot (attend_run's softmax_row16) and D % 16 != 0 (the copies'
+    scalar tail)."""
+    need_wide("attn_lean")
+    from codeshell.kernels.attention import packed_attention
+    g = torch.Generator().manual_seed(H * D)
+    lens = torch.tensor([1, 2, 7, 8, 9, 15, 16, 17, 23, 31, 33, 47, 48, 80, 81, 300])
+    B = len(lens)
+    kc = torch.randn(B, G, 300, D, generator=g).to(dtype)
+    vc = torch.randn(B, G, 300, D, generator=g).to(dtype)
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    q[5, 0, 0, 3] = float("nan")
+    bits = (lambda t: t.view(torch.int16)) if dtype == torch.bfloat16 else (lambda t: t.view(torch.int32))
+    for slots in (torch.randperm(B, generator=g), torch.tensor([2] * 4 + list(range(4, B)))):
+        ln = lens.clone()
+        if slots[0] == slots[1]:
+            ln[:4] = torch.tensor([40, 41, 42, 43])  # one slot's queries: a run (attend_run)
+        want = kernels.decode_attention(q, kc, vc, slots, ln, 0.2)
+        for sw in ("1", "0"):
+            monkeypatch.setenv("CODESHELL_ATTN_LEAN", sw)
+            got = packed_attention(q, kc, vc, slots, ln, 0.2, isa=1)
+            assert torch.equal(bits(got), bits(want)), f"CODESHELL_ATTN_LEAN={sw} vs decode_attention"

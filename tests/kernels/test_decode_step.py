@@ -571,3 +571,42 @@ def test_logits_are_made_when_a_row_samples(monkeypatch):
     mixed = run([greedy, SamplingParams(temperature=0.8, seed=1, max_tokens=12, ignore_eos=True)])
     assert asked and all(asked)
     assert mixed["r0"] == alone["r0"]
+
+
+@pytest.mark.parametrize("raw", ["1", "0"])
+def test_rounded_argmax_raw_max_pass(raw, monkeypatch):
+    """argmax_rows_rounded's raw-max passes (sampling.cpp row_argmax_rounded512: the maximum of the
+    fp32 row, rounded once, then the first value >= the smallest float rounding to it) against the
+    rounding passes (CODESHELL_ARGMAX_RAW=0) and first_argmax of the bf16 rows: values on both sides
+    of every rounding boundary near the maximum (ties to even, ties after rounding at the front and
+    the back), -0 / +0 maxima, all-negative, all -inf, values rounding to inf, subnormals, NaN rows
+    (row_argmax's fallback), lengths with and without a 16-value tail."""
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_ARGMAX_RAW", raw)
+    g = torch.Generator().manual_seed(28)
+    rows = []
+    for V in (16384, 16390, 7, 33, 300):
+        for scale in (1.0, 1e-3, 1e30, 1e-40):
+            base = torch.randn(6, V, generator=g) * scale
+            rows.append(base)
+        # boundaries: a bf16 value b and the fp32 values just below / above its rounding edges
+        for b in (1.0, 1.0078125, -3.0, -3.015625, 0.0, 3.3895314e38, -3.3895314e38, 9.2e-41):
+            bb = torch.tensor([b], dtype=torch.bfloat16).float().view(torch.int32)
+            near = torch.cat([bb + d for d in (-0x8001, -0x8000, -0x7FFF, 0, 0x7FFF, 0x8000, 0x8001)]).view(torch.float32)
+            t = torch.full((len(near), V), -1e38)
+            for r in range(len(near)):
+                j = torch.randint(0, V, (3,), generator=g)
+                t[r, j] = near[torch.randperm(len(near), generator=g)[:3]]
+            rows.append(t)
+    z = torch.full((4, 40), -5.0)
+    z[0, 9], z[0, 20] = -0.0, 0.0
+    z[1, 3], z[1, 30] = 1e-45, -1e-45  # subnormals round to +-0: a tie with the first
+    z[2] = float("-inf")
+    z[3, 17] = float("nan")
+    rows.append(z)
+    for x in rows:
+        x = x.contiguous()
+        got = mod.argmax_rows_rounded(x).tolist()
+        b = x.to(torch.bfloat16)
+        assert got == first_argmax(b).tolist()
+        assert got == mod.argmax_rows(b).tolist()

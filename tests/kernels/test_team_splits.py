@@ -110,3 +110,27 @@ def test_argmax_segments_in_team(mod, V):
         assert got_b.tolist() == mod.argmax_rows(b).tolist() and loops >= 1
     two = torch.cat(_logit_rows(V, V + 1)[:2])  # rows >= threads: a row a chunk, as outside
     assert in_team(mod, lambda: mod.argmax_rows_rounded(two))[0].tolist() == mod.argmax_rows_rounded(two).tolist()
+
+
+
+@pytest.mark.parametrize("V", [16384, 70144, 16390, 9998])
+def test_argmax_raw_rows_in_team(mod, V, monkeypatch):
+    """argmax_rows_rounded at rows >= threads in the team (a row a chunk, session 28's raw-max passes)
+    against the rounding passes (CODESHELL_ARGMAX_RAW=0), outside the team and first_argmax of the
+    bf16 rows: ties after rounding far apart (the earlier, smaller fp32 value wins), the maximum in
+    the tail, -0 / +0, -inf rows and a NaN row among 8."""
+    rows = torch.cat(_logit_rows(V, V + 2) + _logit_rows(V, V + 3)[:2])
+    one = torch.tensor(1.0).view(torch.int32)
+    t = torch.randn(2, V, generator=torch.Generator().manual_seed(V))
+    t[0, 17] = (one + 1).view(torch.float32) * 40
+    t[0, V - 3] = (one + 5).view(torch.float32) * 40  # larger fp32, the same bf16: 17 wins
+    t[1].clamp_(max=-1.0)
+    t[1, V // 2 + 1], t[1, V // 3] = 0.0, -0.0
+    rows = torch.cat([rows, t]).contiguous()
+    want = first_argmax(rows.to(torch.bfloat16)).tolist()
+    assert mod.argmax_rows_rounded(rows).tolist() == want
+    for sw in ("1", "0"):
+        monkeypatch.setenv("CODESHELL_ARGMAX_RAW", sw)
+        got, loops = in_team(mod, lambda: mod.argmax_rows_rounded(rows))
+        assert got.tolist() == want, f"CODESHELL_ARGMAX_RAW={sw}"
+        assert loops >= 1

@@ -256,18 +256,84 @@ void weighted_values16(const float* p, int64_t S, const T* v, int64_t D, float* 
   if (D % 32 == 0) values16<T, RB, 2>(p, S, v, D, o);
   else values16<T, RB, 1>(p, S, v, D, o);
 }
+// softmax_rows for one row, the same bits: max (exact in any order), exps with the sum
+// accumulated 8 lanes at a time in key order, hsum8, the same scalar tail, then the scaling.
+inline void softmax_row16(float* pr, int64_t S) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 16 <= S; s += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(pr + s));
+  float mx = _mm512_reduce_max_ps(mv);
+  for (; s + 8 <= S; s += 8)
+    for (int t = 0; t < 8; ++t) mx = std::max(mx, pr[s + t]);
+  for (int64_t j = s; j < S; ++j) mx = std::max(mx, pr[j]);
+  const __m512 m16 = _mm512_set1_ps(mx);
+  __m256 sv = _mm256_setzero_ps();
+  for (s = 0; s + 16 <= S; s += 16) {
+    const __m512 ev = codeshell::exp16(_mm512_sub_ps(_mm512_loadu_ps(pr + s), m16));
+    _mm512_storeu_ps(pr + s, ev);
+    sv = _mm256_add_ps(sv, _mm512_castps512_ps256(ev));
+    sv = _mm256_add_ps(sv, _mm512_extractf32x8_ps(ev, 1));
+  }
+  for (; s + 8 <= S; s += 8) {
+    const __m256 ev = codeshell::exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + s), _mm512_castps512_ps256(m16)));
+    _mm256_storeu_ps(pr + s, ev);
+    sv = _mm256_add_ps(sv, ev);
+  }
+  float sum = codeshell::hsum8(sv);
+  for (int64_t j = s; j < S; ++j) sum += (pr[j] = std::exp(pr[j] - mx));
+  const __m512 inv = _mm512_set1_ps(1.f / sum);
+  for (s = 0; s + 16 <= S; s += 16) _mm512_storeu_ps(pr + s, _mm512_mul_ps(_mm512_loadu_ps(pr + s), inv));
+  for (; s + 8 <= S; s += 8) _mm256_storeu_ps(pr + s, _mm256_mul_ps(_mm256_loadu_ps(pr + s), _mm512_castps512_ps256(inv)));
+  for (int64_t j = s; j < S; ++j) pr[j] *= 1.f / sum;
+}
+
+// softmax_rows on 16-lane registers (softmax_row16 a row): the same bits.
+inline void softmax_rows16(float* p, int R, int64_t S) {
+  for (int r = 0; r < R; ++r) softmax_row16(p + r * S, S);
+}
+
+// run_packed's copies of a (query, group)'s R x D values, 16 at a time (session 28, helper B: the
+// scalar to_f / to_bf16 loops were ~45% of codeshell-mini's batch-8 attention at 16 keys, the
+// items being 8 queries x 2 groups of only 4 heads x 32). Exact (bf16 -> fp32) / to_bf16's
+// rounding lane by lane (nearest even; a NaN keeps its payload's top bits | 0x40, as to_bf16).
+inline void bf16_to_f32_16(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))), 16)));
+  for (; i < n; ++i) dst[i] = to_f(src[i]);
+}
+inline void f32_to_bf16_16(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                              _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+  }
+  for (; i < n; ++i) dst[i] = to_bf16(src[i]);
+}
 }  // namespace
 CODESHELL_END_AVX512
 #endif
 
 namespace {
 
-// wide: the values in 16-lane registers (values16; the caller's isa has AVX-512F), the same bits.
+// wide (the caller's isa has AVX-512F; the same bits at every level): 1 the values in 16-lane
+// registers (values16), 2 the softmax too (softmax_rows16).
 template <class T, int RB>
 void attend_block(const float* q, int64_t D, const T* k, const T* v, int64_t S, float scale, float* p, float* o,
-                  bool wide = false) {
+                  int wide = 0) {
   scores<T, RB>(q, D, k, S, scale, p);
+#if CODESHELL_HAVE_AVX512
+  if (wide >= 2) softmax_rows16(p, RB, S);
+  else softmax_rows(p, RB, S);
+#else
   softmax_rows(p, RB, S);
+#endif
 #if CODESHELL_HAVE_AVX512
   if (wide) {
     weighted_values16<T, RB>(p, S, v, D, o);
@@ -281,7 +347,7 @@ void attend_block(const float* q, int64_t D, const T* k, const T* v, int64_t S, 
 // Heads go in blocks of up to 4 (K and V are re-read from cache, not memory, per block).
 template <class T>
 void attend_group(const float* q, int R, int64_t D, const T* k, const T* v, int64_t S, float scale, float* p,
-                  float* o, bool wide = false) {
+                  float* o, int wide = 0) {
   if (D % 16 == 0) {
     int r = 0;
     for (; r + 4 <= R; r += 4) attend_block<T, 4>(q + r * D, D, k, v, S, scale, p, o + r * D, wide);
@@ -390,37 +456,6 @@ inline __m512 hsum8x16(const __m512* a) {
 }
 
 
-// softmax_rows for one row, the same bits: max (exact in any order), exps with the sum
-// accumulated 8 lanes at a time in key order, hsum8, the same scalar tail, then the scaling.
-inline void softmax_row(float* pr, int64_t S) {
-  __m512 mv = _mm512_set1_ps(-INFINITY);
-  int64_t s = 0;
-  for (; s + 16 <= S; s += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(pr + s));
-  float mx = _mm512_reduce_max_ps(mv);
-  for (; s + 8 <= S; s += 8)
-    for (int t = 0; t < 8; ++t) mx = std::max(mx, pr[s + t]);
-  for (int64_t j = s; j < S; ++j) mx = std::max(mx, pr[j]);
-  const __m512 m16 = _mm512_set1_ps(mx);
-  __m256 sv = _mm256_setzero_ps();
-  for (s = 0; s + 16 <= S; s += 16) {
-    const __m512 ev = codeshell::exp16(_mm512_sub_ps(_mm512_loadu_ps(pr + s), m16));
-    _mm512_storeu_ps(pr + s, ev);
-    sv = _mm256_add_ps(sv, _mm512_castps512_ps256(ev));
-    sv = _mm256_add_ps(sv, _mm512_extractf32x8_ps(ev, 1));
-  }
-  for (; s + 8 <= S; s += 8) {
-    const __m256 ev = codeshell::exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + s), _mm512_castps512_ps256(m16)));
-    _mm256_storeu_ps(pr + s, ev);
-    sv = _mm256_add_ps(sv, ev);
-  }
-  float sum = codeshell::hsum8(sv);
-  for (int64_t j = s; j < S; ++j) sum += (pr[j] = std::exp(pr[j] - mx));
-  const __m512 inv = _mm512_set1_ps(1.f / sum);
-  for (s = 0; s + 16 <= S; s += 16) _mm512_storeu_ps(pr + s, _mm512_mul_ps(_mm512_loadu_ps(pr + s), inv));
-  for (; s + 8 <= S; s += 8) _mm256_storeu_ps(pr + s, _mm256_mul_ps(_mm256_loadu_ps(pr + s), _mm512_castps512_ps256(inv)));
-  for (int64_t j = s; j < S; ++j) pr[j] *= 1.f / sum;
-}
-
 // Keys [s0, s1) of a cache block as fp32 in score order: per 16-key group and register i,
 // D/8 chunks of 16 floats [key kA[i] chunk c | key kB[i] chunk c] (keys past s1: zeros).
 template <class T>
@@ -515,7 +550,7 @@ void attend_run(const float* q, int n, int R, int64_t D, const T* k, const T* v,
     }
   }
   for (int j = 0; j < n; ++j)
-    for (int r = 0; r < R; ++r) softmax_row(pp + (int64_t(j) * R + r) * smax, lens[j]);
+    for (int r = 0; r < R; ++r) softmax_row16(pp + (int64_t(j) * R + r) * smax, lens[j]);
   std::fill(o, o + int64_t(n) * R * D, 0.f);
   for (int64_t s0 = 0; s0 < smax; s0 += KB) {
     const int64_t s1 = std::min(smax, s0 + KB);
@@ -553,8 +588,17 @@ bool single_queries_run() {
   return codeshell::env_flag("CODESHELL_ATTN_RUN1", false);
 }
 
+// CODESHELL_ATTN_LEAN=0 (read per call; A/B runs): a single query's item as before session 28
+// (scalar q / output copies, softmax_rows in 8-lane registers). Default on AVX-512: the copies
+// 16 lanes at a time and softmax_rows16 (the same bits).
+bool lean_items() {
+  return codeshell::env_flag("CODESHELL_ATTN_LEAN", true);
+}
+
 // The packed path's switches (attention_rows.h), read once a call.
-PackedAttentionSwitches read_switches() { return PackedAttentionSwitches{single_queries_run(), values_wide()}; }
+PackedAttentionSwitches read_switches() {
+  return PackedAttentionSwitches{single_queries_run(), values_wide(), lean_items()};
+}
 
 // Queries [i0, i1) of q (out's rows [i0, i1)); `serial`: on the calling thread (a decode step's
 // team chunk), else split over (run, group) items by at::parallel_for. `sw`: the switches, read
@@ -566,7 +610,8 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
                 int64_t i1, bool serial, int64_t g0 = 0, int64_t g1 = -1) {
   const int64_t H = q.size(1), D = q.size(2), G = kc.size(1), L = kc.size(2);
   const int R = int(H / G);
-  const bool single_run = wide && sw.run1, vwide = wide && sw.v16;
+  const bool single_run = wide && sw.run1, vwide = wide && sw.v16, lean = wide && sw.lean;
+  const int vmode = vwide ? (lean ? 2 : 1) : 0;  // attend_group's `wide`
   std::vector<int64_t> start{i0};  // runs: maximal stretches of consecutive queries of one slot
   for (int64_t i = i0 + 1; i <= i1; ++i)
     if (i == i1 || slots[i] != slots[i - 1]) start.push_back(i);
@@ -586,11 +631,18 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
       const int n = int(start[u + 1] - i0);
       qf.resize(size_t(n) * R * D);
       o.resize(size_t(n) * R * D);
-      for (int j = 0; j < n; ++j)
+      for (int j = 0; j < n; ++j) {
+#if CODESHELL_HAVE_AVX512
+        if (lean && !q32) {
+          bf16_to_f32_16(q_h + ((i0 + j) * H + g * R) * D, qf.data() + size_t(j) * R * D, R * D);
+          continue;
+        }
+#endif
         for (int64_t x = 0; x < R * D; ++x) {
           const int64_t idx = ((i0 + j) * H + g * R) * D + x;
           qf[size_t(j) * R * D + x] = q32 ? q_f[idx] : to_f(q_h[idx]);
         }
+      }
       const int64_t base = (slots[i0] * G + g) * L * D;
       bool done = false;
 #if CODESHELL_HAVE_AVX512
@@ -602,14 +654,21 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
       for (int j = 0; j < n && !done; ++j) {  // decode's code, one query at a time
         p.resize(size_t(R) * lens[i0 + j]);
         attend_group<T>(qf.data() + size_t(j) * R * D, R, D, kp + base, vp + base, lens[i0 + j], float(scale),
-                        p.data(), o.data() + size_t(j) * R * D, vwide);
+                        p.data(), o.data() + size_t(j) * R * D, vmode);
       }
-      for (int j = 0; j < n; ++j)
+      for (int j = 0; j < n; ++j) {
+#if CODESHELL_HAVE_AVX512
+        if (lean && !q32) {
+          f32_to_bf16_16(o.data() + size_t(j) * R * D, o_h + ((i0 + j) * H + g * R) * D, R * D);
+          continue;
+        }
+#endif
         for (int64_t x = 0; x < R * D; ++x) {
           const int64_t idx = ((i0 + j) * H + g * R) * D + x;
           if (q32) o_f[idx] = o[size_t(j) * R * D + x];
           else o_h[idx] = to_bf16(o[size_t(j) * R * D + x]);
         }
+      }
     }
   };
   if (serial && (g0 > 0 || (g1 >= 0 && g1 < G))) {

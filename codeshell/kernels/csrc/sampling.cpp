@@ -21,8 +21,10 @@
 #include <cstring>
 #include <memory>
 
+#include "isa.h"
 #include "parallel.h"
 #include "simd.h"
+#include "switches.h"
 
 namespace {
 
@@ -306,6 +308,111 @@ void seg_argmax(const typename L::T* p, int64_t i0, int64_t i1, float& mx_out, i
     }
 }
 
+#if CODESHELL_HAVE_AVX512
+// row_argmax<LoadF32AsBF16>'s index without rounding every value (session 28, helper B).
+// Rounding to bf16 is monotone (non-decreasing in float order) for non-NaN values, so the
+// maximum of the rounded row is R = round(max of the raw row), and the first index whose rounded
+// value equals R (float equality: -0 == +0) is the first index with raw value >= lo, where lo is
+// the smallest float that rounds to >= R (round(v) >= R and R maximal means round(v) == R).
+// Pass 1 is one vmaxps a 16 floats (4 chains) with NaN flags; pass 2 one compare a 16 floats:
+// against ~9 integer / blend ops a 8 floats a pass in the LoadF32AsBF16 loops (codeshell-mini's
+// batch-8 argmax: 8 x 16384 fp32 logits, 17-25 us a step). A row holding a NaN returns -1: the
+// caller runs row_argmax (whose NaN handling differs: its max chains reset on a NaN).
+CODESHELL_BEGIN_AVX512
+inline uint32_t f32_key(float f) {  // total order of non-NaN floats as unsigned ints (-0 just below +0)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline float key_f32(uint32_t k) {
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// The smallest float v with round_bf16(v) >= R, for R a bf16 value (not NaN): for R > 0 the
+// first fp32 pattern that rounds up to R's (ties to even: R's bits - 0x8000, + 1 where R's last
+// bit is odd), for R < 0 minus the largest magnitude that rounds to |R| (+ 0x8000 where even,
+// + 0x7fff where odd), for +-0 minus the largest magnitude rounding to -0 (0x8000), and -inf itself.
+inline float round_lo(float R) {
+  uint32_t u;
+  std::memcpy(&u, &R, 4);
+  const uint32_t r16 = u >> 16;
+  uint32_t lo;
+  if (R == 0.f) lo = 0x80008000u;
+  else if (!(u & 0x80000000u)) lo = (r16 << 16) - 0x8000u + (r16 & 1u);
+  else if (R == -INFINITY) lo = u;
+  else lo = 0x80000000u | (((r16 & 0x7fffu) << 16) + ((r16 & 1u) ? 0x7fffu : 0x8000u));
+  float f;
+  std::memcpy(&f, &lo, 4);
+  return f;
+}
+
+// Values [i0, i1) of a row (i0 a multiple of 16): R = the bf16 rounding of their maximum, `idx` the
+// first index in the range whose rounding is R, `nan` whether the range holds a NaN (then R and idx
+// are not set).
+inline void seg_rounded512(const float* p, int64_t i0, int64_t i1, float& R, int64_t& idx, bool& nan) {
+  __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+  __mmask16 bad = 0;
+  int64_t i = i0;
+  for (; i + 64 <= i1; i += 64) {
+    const __m512 a = _mm512_loadu_ps(p + i), b = _mm512_loadu_ps(p + i + 16);
+    const __m512 c = _mm512_loadu_ps(p + i + 32), d = _mm512_loadu_ps(p + i + 48);
+    m0 = _mm512_max_ps(a, m0);
+    m1 = _mm512_max_ps(b, m1);
+    m2 = _mm512_max_ps(c, m2);
+    m3 = _mm512_max_ps(d, m3);
+    bad |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(c, d, _CMP_UNORD_Q);
+  }
+  for (; i < i1; i += 16) {
+    const __mmask16 k = i1 - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (i1 - i)) - 1);
+    const __m512 a = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, p + i);
+    m0 = _mm512_max_ps(a, m0);
+    bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  }
+  nan = bad != 0;
+  if (nan) return;
+  const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  R = LoadF32AsBF16::load1(&mx);
+  const float lo = round_lo(R);
+  const __m512 lv = _mm512_set1_ps(lo);
+  for (i = i0; i + 16 <= i1; i += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(p + i), lv, _CMP_GE_OQ);
+    if (hit) {
+      idx = i + __builtin_ctz(hit);
+      return;
+    }
+  }
+  for (; i < i1; ++i)
+    if (p[i] >= lo) {
+      idx = i;
+      return;
+    }
+  idx = i0;  // not reached: the maximum itself passes
+}
+
+int64_t row_argmax_rounded512(const float* p, int64_t V) {
+  float R;
+  int64_t idx;
+  bool nan;
+  seg_rounded512(p, 0, V, R, idx, nan);
+  return nan ? -1 : idx;
+}
+CODESHELL_END_AVX512
+#endif
+
+// CODESHELL_ARGMAX_RAW=0 (read per call; A/B runs): argmax_rows_rounded rounds every value in both
+// passes (LoadF32AsBF16), as before session 28. Default: row_argmax_rounded512 where the CPU has
+// AVX-512 (the same index).
+inline bool argmax_raw_on() {
+#if CODESHELL_HAVE_AVX512
+  static const bool cpu = codeshell::cpu_features().max_isa >= codeshell::kAvx512Vnni;
+  return cpu && codeshell::env_flag("CODESHELL_ARGMAX_RAW", true);
+#else
+  return false;
+#endif
+}
+
 // out[r] = row_argmax<L>(rows + r * V, V) for r < N. With fewer rows than threads inside the
 // native decode step's thread team (a batch-1 step's 70k-logit row: ~10 us on one thread),
 // each row is cut into segments of >= 8192 values that the team's threads take (seg_argmax),
@@ -382,5 +489,23 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
 // docs/kernels.md), where a verify step runs up to 64 rows.
 void argmax_rows_rounded(const float* logits, int64_t N, int64_t V, int64_t* out) {
   TORCH_CHECK(V > 0, "argmax_rows_rounded: empty rows");
+#if CODESHELL_HAVE_AVX512
+  const codeshell::Team* team = codeshell::current_team();
+  const int64_t threads = team ? team->threads() : 1;
+  // A row a chunk (argmax_rows_of's split of a row into segments stays for fewer rows than threads).
+  // Tried and dropped (session 28): in the team, each thread its parallel_owned share of every row's
+  // columns (the int8 head's split, hoping its logits were still in that core's L2), the pieces
+  // combined in column order: 32 against 18 us a b8 step's 8 x 16384 (bench_b8_nonlinear.py --only
+  // team): the logits have left L2 under the head's weight stream, and 128 pieces cost more.
+  if (N >= threads && argmax_raw_on()) {
+    codeshell::parallel_chunks(N, 1, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t k = row_argmax_rounded512(logits + r * V, V);
+        out[r] = k >= 0 ? k : row_argmax<LoadF32AsBF16>(logits + r * V, V);
+      }
+    });
+    return;
+  }
+#endif
   argmax_rows_of<LoadF32AsBF16>(logits, N, V, out);
 }

@@ -25,7 +25,9 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "isa.h"
 #include "q8_epilogue.h"

@@ -607,10 +607,13 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
-  const bool v12 = q4v12(), fused = M == 1 && q4_m1_fused();
-  const Pf pf = M == 1 ? q4_m1_pf() : Pf();
-  const int64_t r16 = M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
-  const bool g32 = M == 1 && (G == 32 || G == 64) && q4_m1_g32();  // run_q4v's 16-row tile at G < 128
+  // run_q4v's switches (the per-lane family: read only where it runs, !epi; session 28 helper C: ~8 getenv
+  // of ~50 ns each a call on the epilogue family's CPUs, ~25 calls a codeshell-mini token)
+  const bool lane = !epi;
+  const bool v12 = lane && q4v12(), fused = lane && M == 1 && q4_m1_fused();
+  const Pf pf = lane && M == 1 ? q4_m1_pf() : Pf();
+  const int64_t r16 = lane && M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
+  const bool g32 = lane && M == 1 && (G == 32 || G == 64) && q4_m1_g32();  // run_q4v's 16-row tile at G < 128
 #if CODESHELL_HAVE_AVX512
   // q4_rows.h's x side (dx transposed to [ng][16]), once a call rather than once a chunk
   namespace R = codeshell::q4rows;

@@ -104,6 +104,7 @@ class Engine:
         # earlier path for A/B timing; the outputs are the same either way.
         self.lean = True
         self.multi_step = _multi_step()
+        self.multi_budget_ns = _multi_budget_ns()
 
     # ---- the public surface ---------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -124,6 +125,7 @@ class Engine:
         follows: `kernels.step.decode`'s `lean`). Reads CODESHELL_DECODE_MULTI (`_decode_many`) again."""
         self.lean = bool(on)
         self.multi_step = _multi_step()
+        self.multi_budget_ns = _multi_budget_ns()
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._aborts)
@@ -453,7 +455,9 @@ class Engine:
         hand-over ran between two tokens, ~0.22 ms of it cache misses after the weights streamed
         through the caches (docs/kernels.md, session 27 helper C); here they run once per call.
         CODESHELL_DECODE_MULTI (read by `set_lean`, i.e. at each LLM.generate): the tokens a call
-        (1: one a step, as before)."""
+        (1: one a step, as before). CODESHELL_DECODE_MULTI_MS (also read there; default 100): a call
+        also stops after the token that passes that many ms (a Ctrl-C, or a request that arrives, waits
+        at most about that plus one token; 0: no time cap, as in session 27)."""
         n = self.max_model_len - len(seq.prompt_ids) - len(seq.output_ids)
         if seq.params.max_tokens is not None:
             n = min(n, seq.params.max_tokens - len(seq.output_ids))
@@ -464,7 +468,8 @@ class Engine:
         if not _STEP:
             from ..kernels import step
             _STEP.append(step)
-        return _STEP[0].decode_greedy(self.model, self.cache, seq.last_token, seq.cached, seq.slot, n, seq.stop_ids)
+        return _STEP[0].decode_greedy(self.model, self.cache, seq.last_token, seq.cached, seq.slot, n, seq.stop_ids,
+                                      self.multi_budget_ns)
 
     def _decode(self, seqs: list[Sequence], want_logits: bool = True) -> tuple[torch.Tensor | None, list | None]:
         got = self._packed([s.last_token for s in seqs], [s.cached for s in seqs], [s.slot for s in seqs],
@@ -656,6 +661,21 @@ def _multi_step() -> int:
         return max(1, int(v))
     except ValueError:
         raise ValueError(f"CODESHELL_DECODE_MULTI={v!r}: expected a whole number of tokens") from None
+
+
+def _multi_budget_ns() -> int:
+    """CODESHELL_DECODE_MULTI_MS (default 100, fractions allowed): the time after which one native
+    call of several greedy tokens (`Engine._decode_many`) stops, after the token that passes it, in
+    ns; 0 (or less): no time cap (only CODESHELL_DECODE_MULTI's count, as in session 27). Why: a
+    Ctrl-C in LLM.generate is seen between two native calls only, and 8 tokens of a 7B on CPU are
+    seconds (~0.16 s a token of a 7B int4 at 25 GB/s: one token a call); 100 ms is ~250 tokens of
+    codeshell-mini and ~13 of the small shape (7.7 ms), so their 8-token calls are unchanged."""
+    v = os.environ.get("CODESHELL_DECODE_MULTI_MS", "100")
+    try:
+        ms = float(v)
+    except ValueError:
+        raise ValueError(f"CODESHELL_DECODE_MULTI_MS={v!r}: expected a number of milliseconds") from None
+    return max(0, int(ms * 1e6))
 
 
 @functools.cache  # the import once, not at every verify step

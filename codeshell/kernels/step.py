@@ -389,7 +389,8 @@ def decode(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots:
     return d.step.decode(tokens, positions, slots, k, v, d.scale, logits)
 
 
-def decode_greedy(lm: nn.Module, cache, token: int, position: int, slot: int, n: int, stop) -> list[int] | None:
+def decode_greedy(lm: nn.Module, cache, token: int, position: int, slot: int, n: int, stop,
+                  budget_ns: int = 0) -> list[int] | None:
     """Up to `n` greedy tokens of one sequence in one native call (session 27, helper C): `token` at
     `position` of slot `slot` of the engine's KVCache `cache` (which holds room for positions up to
     position + n - 1), then each pick fed back at the next position, stopping after a pick in `stop`
@@ -397,9 +398,14 @@ def decode_greedy(lm: nn.Module, cache, token: int, position: int, slot: int, n:
     and picks, csrc/decode_step.cpp `decode_greedy`); or None where the native step does not apply
     (the caller runs one step its usual way). Why: the engine's Python and the native call's entry
     and exit between two tokens (~0.29 ms of a small-shape int8 token, mostly cache misses after the
-    weights streamed through the caches; bench_decode_phases.py --trace) run once per call."""
+    weights streamed through the caches; bench_decode_phases.py --trace) run once per call.
+    `budget_ns` > 0 caps the call by time too (session 28, helper C): it returns after the first token
+    that ends that many ns or more after the call began (at least one token; the same bits), so a
+    Ctrl-C waits about one budget plus one token, not n tokens."""
     d = _ready(lm, cache)
     if d is None:
         return None
     k, v = cache.k, cache.v
+    if budget_ns > 0:
+        return d.step.decode_greedy(token, position, slot, n, list(stop), k, v, d.scale, budget_ns)
     return d.step.decode_greedy(token, position, slot, n, list(stop), k, v, d.scale)

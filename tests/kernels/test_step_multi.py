@@ -182,3 +182,49 @@ def test_greedy_call_side_jobs_and_picks(monkeypatch):
             assert posts - posts0 == 7 * 3 * layers + 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_greedy_call_time_budget(monkeypatch):
+    """Session 28 helper C: decode_greedy's time cap (budget_ns; the engine's CODESHELL_DECODE_MULTI_MS):
+    a budget shorter than a token returns after exactly one token (the pick the uncapped call gives
+    first), a budget far longer changes nothing, and a call with the cap spends it and stops early while
+    its tokens and KV rows are the uncapped call's; no cap (0) is the count alone."""
+    from codeshell.engine.kv_cache import KVCache
+
+    m = varied("int8")
+    c1, c2 = KVCache(m.cfg, 2, 64, torch.bfloat16), KVCache(m.cfg, 2, 64, torch.bfloat16)
+    with torch.inference_mode():
+        want = step_mod.decode_greedy(m, c1, 17, 3, 1, 9, [])
+        assert want is not None and len(want) == 9 and len(set(want)) > 2
+        assert step_mod.decode_greedy(m, c2, 17, 3, 1, 9, [], 10**12) == want  # ~17 minutes: no effect
+        got, pos, tok = [], 3, 17
+        while len(got) < 9:  # 1 ns: one token a call, each fed back by the caller as the engine does
+            out = step_mod.decode_greedy(m, c2, tok, pos, 1, 9 - len(got), [], 1)
+            assert out is not None and len(out) == 1
+            got += out
+            tok, pos = out[0], pos + 1
+    assert got == want
+    assert torch.equal(c1.k[:, 1, :, :12], c2.k[:, 1, :, :12]) and torch.equal(c1.v[:, 1, :, :12], c2.v[:, 1, :, :12])
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_multi_time_cap_bitwise(kind, monkeypatch, greedy_calls):
+    """The engine with CODESHELL_DECODE_MULTI_MS tiny (1e-6 ms): LLM.generate's batch-1 calls make one
+    token each (the cap passed after the first), and the text, finish reasons and whole KV cache are one
+    token a step's; with the cap off (0) the calls run the count (8) as in session 27."""
+    m = varied(kind)
+    ps = prompts(1)
+    params = SamplingParams(temperature=0, max_tokens=21, ignore_eos=True)
+    want = run(m, monkeypatch, 1, ps, params)
+    monkeypatch.setenv("CODESHELL_DECODE_MULTI_MS", "0.000001")
+    greedy_calls.clear()
+    assert_same(run(m, monkeypatch, 8, ps, params), want)
+    # 20 tokens after the prompt's: one a call, the last by an ordinary step (a call needs 2 left)
+    assert greedy_calls and all(c == 1 for c in greedy_calls) and sum(greedy_calls) == 19
+    monkeypatch.setenv("CODESHELL_DECODE_MULTI_MS", "0")
+    greedy_calls.clear()
+    assert_same(run(m, monkeypatch, 8, ps, params), want)
+    assert greedy_calls == [8, 8, 4]
+    monkeypatch.setenv("CODESHELL_DECODE_MULTI_MS", "soon")
+    with pytest.raises(ValueError, match="CODESHELL_DECODE_MULTI_MS"):
+        Engine(m, m.cfg, max_batch=1)

@@ -471,10 +471,14 @@ class DecodeStep {
     // the next token's first c_attn, over the engine's Python between the steps (the job outlives
     // the step; the next step's first team loop stops it); not between decode_greedy's tokens
     // (end_job false), where the next token's first loop would stop it at once
-    codeshell::Team* t = codeshell::current_team();
-    if (end_job && pf.on && M == 1 && t != nullptr && layers() > 0)
-      post_prefetch(*t, linears_[layers_[0].attn], pf.end_bytes, pf);
+    if (end_job && M == 1) end_prefetch(pf);
     if (prof_.on) prof_.cur.body_end = Profile::now_ns();
+  }
+
+  // The batch-1 end-of-step prefetch job (the next token's first c_attn; see decode_rows), inside `step`.
+  void end_prefetch(const StepPf& pf) const {
+    codeshell::Team* t = codeshell::current_team();
+    if (pf.on && t != nullptr && layers() > 0) post_prefetch(*t, linears_[layers_[0].attn], pf.end_bytes, pf);
   }
 
   // Up to n greedy tokens of one sequence in one call (session 27, helper C; the engine's batch-1
@@ -485,10 +489,15 @@ class DecodeStep {
   // Python, pybind's conversions and the team's hand-over took ~0.29 ms (of ~8.4), ~0.22 of it
   // cache misses, the weight stream having evicted the interpreter's data (the L3-resident
   // codeshell-mini: 0.07 ms; bench_decode_phases.py --trace); here those run once per call.
+  // budget_ns > 0 also caps the call by time (session 28, helper C): it stops after the first token
+  // that ends budget_ns or more after the call's entry (at least one token; each token's bits are
+  // unchanged), so that a caller's Ctrl-C or a new request waits at most ~one budget plus one token
+  // (8 tokens of a 7B on CPU are seconds). The clock is read once a token (~20 ns).
   std::vector<int64_t> decode_greedy(int64_t token, int64_t position, int64_t slot, int64_t n,
                                      const std::vector<int64_t>& stop, const torch::Tensor& kc,
-                                     const torch::Tensor& vc, double scale) const {
-    if (prof_.on) prof_.cur.entry = Profile::now_ns();
+                                     const torch::Tensor& vc, double scale, int64_t budget_ns = 0) const {
+    const int64_t t_entry = Profile::now_ns();
+    if (prof_.on) prof_.cur.entry = t_entry;
     TORCH_CHECK(n >= 1 && n <= 4096, "DecodeStep.decode_greedy takes 1..4096 tokens, got ", n);
     TORCH_CHECK(head_ >= 0 && emb_.defined() && inv_freq_.defined(),
                 "DecodeStep.decode_greedy needs set_head, set_embedding and set_rope first");
@@ -502,6 +511,12 @@ class DecodeStep {
         decode_rows(a, tok, pos, sl, kc, vc, scale, false, table, none, pick, i + 1 == n);
         out.push_back(pick[0]);
         if (std::find(stop.begin(), stop.end(), pick[0]) != stop.end()) break;
+        if (budget_ns > 0 && i + 1 < n && Profile::now_ns() - t_entry >= budget_ns) {
+          // the budget is spent: the end-of-call prefetch job this token skipped (end_job false)
+          // is posted now, as after a call's last token
+          end_prefetch(StepPf::read(llc_resident()));
+          break;
+        }
         tok[0] = pick[0];
         ++pos[0];
       }
@@ -930,8 +945,8 @@ void register_decode_step(py::module& m) {
            "greedy picks)")
       .def("decode_greedy", &DecodeStep::decode_greedy, py::call_guard<py::gil_scoped_release>(), py::arg("token"),
            py::arg("position"), py::arg("slot"), py::arg("n"), py::arg("stop"), py::arg("k_cache"),
-           py::arg("v_cache"), py::arg("scale"),
-           "(token, position, slot, n, stop ids, k cache, v cache, scale) -> up to n greedy picks of one sequence "
+           py::arg("v_cache"), py::arg("scale"), py::arg("budget_ns") = 0,
+           "(token, position, slot, n, stop ids, k cache, v cache, scale, budget_ns=0) -> up to n greedy picks of one sequence "
            "(each fed back at the next position; stops after a pick in stop)")
       .def("set_head", &DecodeStep::set_head, "the output head: a linear index (add_linear)")
       .def("set_embedding", &DecodeStep::set_embedding, "(kind 0 panels / 1 rows, bf16 table, V)")

@@ -19,6 +19,7 @@
 #include "q8_rows.h"
 #include "q4_rows.h"
 #include "q4_m1.h"
+#include "q4_m1_e.h"
 #include "q4_m1_g32.h"
 #include "qdot.h"
 #include "qdot_q4v.h"
@@ -241,6 +242,10 @@ inline bool q4_m1_sct() { return env_flag("CODESHELL_Q4_M1_SCT", true); }
 // Groups a row up to which tile_r16_q4e runs (spans of 16; past it tile_v): 16 (K <= 2048 at G = 128).
 // CODESHELL_Q4_M1_R16E_G overrides (read per call; the same bits either way).
 inline int64_t q4_m1_r16e_groups() { return env_int("CODESHELL_Q4_M1_R16E_G", 16); }
+// tile_r16_q4e's rows of 1-16 groups (one span) by q4_m1_e.h (K / G fixed at compile time: one chain a
+// group, the scales as columns without a transpose at 2 groups, acc in registers; the same bits).
+// CODESHELL_Q4_M1E=0: tile_r16_q4e as before session 28 (read per call).
+inline bool q4_m1_e() { return env_flag("CODESHELL_Q4_M1E", true); }
 inline int64_t q4_m1_r16_groups() { return env_int("CODESHELL_Q4_M1_R16_G", kQ4M1R16Groups); }
 
 template <bool OFFS>
@@ -499,6 +504,10 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
   if (r16e && M == 1 && (G == 128 || G == 256) && ng <= q4_m1_r16e_groups()) {  // raw tree16 results, 16 rows a tile (n0 % 16 == 0)
     const Pf pf = q4_m1_pf();
     const bool sct = q4_m1_sct();
+    if (sct && q4_m1_e() &&
+        (of ? codeshell::q4m1e::run<true>(xq, dx, sx, xs, K, G, q, sc, of, out, n0, n1, pf)
+            : codeshell::q4m1e::run<false>(xq, dx, sx, xs, K, G, q, sc, nullptr, out, n0, n1, pf)))
+      return;
     for (int64_t n = n0; n < n1; n += 16) {
       const int64_t R = std::min<int64_t>(16, n1 - n);
       const uint8_t* qn = q + n * (K / 2);
@@ -598,10 +607,13 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
-  const bool v12 = q4v12(), fused = M == 1 && q4_m1_fused();
-  const Pf pf = M == 1 ? q4_m1_pf() : Pf();
-  const int64_t r16 = M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
-  const bool g32 = M == 1 && (G == 32 || G == 64) && q4_m1_g32();  // run_q4v's 16-row tile at G < 128
+  // run_q4v's switches (the per-lane family: read only where it runs, !epi; session 28 helper C: ~8 getenv
+  // of ~50 ns each a call on the epilogue family's CPUs, ~25 calls a codeshell-mini token)
+  const bool lane = !epi;
+  const bool v12 = lane && q4v12(), fused = lane && M == 1 && q4_m1_fused();
+  const Pf pf = lane && M == 1 ? q4_m1_pf() : Pf();
+  const int64_t r16 = lane && M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
+  const bool g32 = lane && M == 1 && (G == 32 || G == 64) && q4_m1_g32();  // run_q4v's 16-row tile at G < 128
 #if CODESHELL_HAVE_AVX512
   // q4_rows.h's x side (dx transposed to [ng][16]), once a call rather than once a chunk
   namespace R = codeshell::q4rows;

@@ -17,6 +17,7 @@
 #include "q8_epilogue.h"
 #include "q8_panel.h"
 #include "q8_rows.h"
+#include "q8_m1_e.h"
 #include "qdot.h"
 #include "qdot_tile_v.h"
 #include "simd.h"
@@ -180,9 +181,13 @@ inline void tile_r16_q8(const int8_t* xq, int64_t K, int64_t nbx, const float* d
 
 // Raw tree16 results of weight rows [n0, n1) for M = 1-2 rows of x (finish_cols applies scale
 // and bias), 16 rows per tile (n0 is a multiple of 16: parallel_chunks' alignment).
+// CODESHELL_Q8_M1E=0 (read per call): M = 1 by tile_r16_q8 as before session 28, not q8_m1_e.h (the same bits).
 void run_r16_q8(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t nbx,
                 const uint8_t* w, float* out, int64_t N, int64_t n0, int64_t n1, const Pf& pf = Pf()) {
   if (pf.prime) prime(w + n0 * K, std::min<int64_t>(pf.d, (n1 - n0) * K));
+  if (M == 1 && nbx == K / 128 && codeshell::env_flag("CODESHELL_Q8_M1E", true) &&
+      codeshell::q8m1e::run(xq, dx, sx, K, w, out, n0, n1, pf))
+    return;
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t R = std::min<int64_t>(16, n1 - n);
     if (M == 1) tile_r16_q8<1>(xq, K, nbx, dx, sx, w + n * K, R, out + n, N, pf);

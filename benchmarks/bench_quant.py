@@ -7,7 +7,8 @@ decode tokens/s at batch 1 and aggregate at batch 8, and decode's fraction of th
 memory-bandwidth bound (bandwidth measured by this script: a streaming read of a 512 MiB
 buffer with the same thread count, before the formats and again after each one's decode, the
 best probe counting; bound = bandwidth / bytes of weights read per token);
-the prompt's TFLOP/s as a fraction of the machine's bf16 matmul peak measured in the same run
+each decode figure the best of repeated samples filling at least half a second (a small model's
+16 tokens take milliseconds); the prompt's TFLOP/s as a fraction of the machine's bf16 matmul peak measured in the same run
 (the best of torch's bf16 matmul on CodeShell-7B's linear shapes and our micro-kernels: AMX tiles, vdpbf16ps;
 on CPUs without bf16 hardware, where our bf16 path is fp32 FMA, also torch's fp32 matmul and our
 fp32-FMA micro-kernel: `codeshell.bench.bf16_matmul_peak`).
@@ -20,7 +21,9 @@ most of the bytes a token reads, so that compares a larger format against llama.
 
 llama.cpp in the same run: the bf16 checkpoint is exported with `codeshell export-gguf` to
 BF16, Q8_0 and Q4_0, and llama.cpp's `llama-bench` runs each file right after our side of
-that format (same threads, same prompt length, same number of decode tokens); the table gives
+that format (same threads, same prompt length, same number of decode tokens, as many
+repetitions as fill about half a second of its decode at our speed, its best sample reported as
+ours is); the table gives
 both sides and the ratios, with the CPU's flags and the bandwidth measured now. llama.cpp is
 found by --compare-llamacpp BIN_DIR, else $CODESHELL_LLAMACPP_BIN, else the cache that
 .ci/install-llamacpp.sh builds (../shared/tools/build_llamacpp.sh builds the same programs).
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -65,6 +69,20 @@ def write_random_checkpoint(cfg, out: Path) -> None:
     """bf16 random weights, one shard per block, with the real tokenizer (GGUF files carry it)."""
     from codeshell.llamacpp import shared_tokenizer_dir, write_random_checkpoint as write
     write(cfg, out, shared_tokenizer_dir())
+
+
+# Seconds of samples each decode figure is the best of (at least two samples): long enough for a
+# small model's best sample to be an undisturbed one; a 7B's two samples already take longer.
+DECODE_MIN_S = 0.5
+
+
+def llamacpp_repeats(decode_tps: float, decode_tokens: int) -> int:
+    """llama-bench's -r for a format whose decode our side ran at `decode_tps`: as many
+    repetitions as fill about DECODE_MIN_S of its decode (2 to 30), so that both sides' best
+    samples come from about as much time (llamacpp.llama_bench reports the best sample)."""
+    if not decode_tps or decode_tps != decode_tps:
+        return 2
+    return max(2, min(30, math.ceil(DECODE_MIN_S * decode_tps / max(decode_tokens, 1))))
 
 
 def _timed(fn) -> float:
@@ -100,10 +118,15 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
     def prompt(n):
         return {"prompt_token_ids": torch.randint(0, V, (n,), generator=g).tolist()}
 
-    def run(prompts, max_tokens, repeats=2):
-        # Best of `repeats`: on a shared machine the slower samples measure the other jobs.
+    def run(prompts, max_tokens, repeats=2, min_s=0.0):
+        # Best of `repeats`, and of as many more as fill `min_s` (at most 100): on a shared
+        # machine the slower samples measure the other jobs, and a small model's 16 tokens
+        # (~4 ms for codeshell-mini) are too short for two samples to miss every preemption.
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        return min(_timed(lambda: llm.generate(prompts, sp)) for _ in range(repeats))
+        times = []
+        while len(times) < repeats or (sum(times) < min_s and len(times) < 100):
+            times.append(_timed(lambda: llm.generate(prompts, sp)))
+        return min(times)
 
     run([prompt(16)], 2)  # warm-up
     # The first prompt of this length is printed apart (the prefill candidates of each weight
@@ -113,9 +136,9 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
     first_s = run([prompt(prompt_len)], 1, repeats=1)
     prefill_s = run([prompt(prompt_len)], 1, repeats=2)
     short = [prompt(16)]
-    t1, tn = run(short, 1), run(short, decode_tokens + 1)
+    t1, tn = run(short, 1, min_s=DECODE_MIN_S), run(short, decode_tokens + 1, min_s=DECODE_MIN_S)
     many = [prompt(16) for _ in range(batch)]
-    b1, bn = run(many, 1), run(many, decode_tokens + 1)
+    b1, bn = run(many, 1, min_s=DECODE_MIN_S), run(many, decode_tokens + 1, min_s=DECODE_MIN_S)
     # The read bandwidth again, in this process right after its decode: on a VM it drifts between
     # minutes (17-27 GB/s here), and a probe taken once before all formats made "% of bound" say
     # the probe more than the kernels. The bound uses the best probe of the run.
@@ -246,13 +269,14 @@ def main() -> None:
                     t = llamacpp.export_with_cli(src, gfile, gtype)
                     print(f"  codeshell export-gguf --type {gtype}: {t:.1f} s", flush=True)
                     with HostLoad() as load:
-                        lb = llamacpp.llama_bench(bins, gfile, a.threads, a.prompt_len, a.decode_tokens)
+                        reps = llamacpp_repeats(rows[-1]["decode1_tps"], a.decode_tokens)
+                        lb = llamacpp.llama_bench(bins, gfile, a.threads, a.prompt_len, a.decode_tokens, repeats=reps)
                 except llamacpp.LlamaCppError as e:
                     print(f"  llama.cpp {gtype}: {e}", flush=True)
                 else:
                     rows[-1].update(llama_prompt_tps=lb.get("prompt_tps"), llama_decode_tps=lb.get("decode_tps"),
                                     gguf_bytes=llamacpp.decode_bytes(gfile), llama_info=lb)
-                    print(f"  measured llama.cpp {gtype} ({load})", flush=True)
+                    print(f"  measured llama.cpp {gtype}, {reps} repetitions ({load})", flush=True)
                 finally:
                     gfile.unlink(missing_ok=True)
         if rows:  # again after the formats: the best of the run's probes is the peak (bench.best_peaks says why)

@@ -24,9 +24,16 @@ METRICS = "metrics.jsonl"
 _PEAKS: dict[tuple[str, torch.dtype], float] = {}
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25) -> float:
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25,
+                       min_runs: int = 3) -> float:
     """FLOP/s of a large square matmul in `dtype` (best of repeated runs): the machine's
-    practical peak that MFU is measured against. Measured once per process."""
+    practical peak that MFU is measured against. Measured once per process.
+
+    At least `min_runs` runs besides `seconds` of them: a 2048 matmul takes ~0.1-0.5 s on one
+    or two CPU cores, so a 0.25 s probe was one or two runs, and one scheduler-delayed run on a
+    busy host made the peak low enough for a training step to read an MFU over 1 (1.058 seen on
+    a loaded 2-core host). A smaller matrix would take more runs in the time but read ~8% under
+    the peak (1024: 206 against 225 GFLOP/s fp32 on 2 cores)."""
     key = (str(device), dtype)
     if key in _PEAKS:
         return _PEAKS[key]
@@ -37,12 +44,13 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
     for _ in range(2):
         a @ b
     sync()
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end or best == float("inf"):
+    best, runs, t_end = float("inf"), 0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end or runs < min_runs:
         t0 = time.perf_counter()
         a @ b
         sync()
         best = min(best, time.perf_counter() - t0)
+        runs += 1
     _PEAKS[key] = 2 * n ** 3 / best
     return _PEAKS[key]
 

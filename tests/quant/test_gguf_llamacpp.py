@@ -157,3 +157,14 @@ def test_bench_compare_without_llamacpp_is_one_line(tmp_path):
     r = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--compare-llamacpp", str(tmp_path)])
     assert r.exit_code == 2
     assert f"error: {tmp_path} has no llama-bench" in r.output and "Traceback" not in r.output
+
+
+def test_llama_bench_reports_its_best_sample(bin_dir, src, tmp_path):
+    """`llamacpp.llama_bench` on llama-bench's own JSON: the figures are the best of its
+    repetitions (as bench_quant's figures for our side), its mean kept beside them."""
+    from codeshell.llamacpp import llama_bench
+    path = export_gguf(src, tmp_path / "m-q8_0.gguf", "q8_0")
+    r = llama_bench(bin_dir, path, threads=1, prompt_len=32, decode_tokens=8, repeats=3)
+    for kind in ("prompt", "decode"):
+        assert r[f"{kind}_mean_tps"] > 0, r
+        assert r[f"{kind}_tps"] >= r[f"{kind}_mean_tps"], r

@@ -31,6 +31,37 @@ def _setup(monkeypatch):
     return _ext.get()
 
 
+def assert_switch_keeps_bits(mod, pw, k: int, n: int, var: str, seed: int) -> None:
+    """`var` = 0 (the former tile) and 1 (the new one) give the same bits at M = 1, with and
+    without a bias (shared with test_q8_m1_e.py)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=g) * 3
+    x[:, ::31] *= 8
+    for bias in (None, torch.randn(n, generator=g)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(var, "0")
+            want = ops._compute(PATH, mod, x, pw, bias)
+            mp.setenv(var, "1")
+            got = ops._compute(PATH, mod, x, pw, bias)
+        assert torch.equal(got, want), f"{var} {n}x{k}: {(got - want).abs().max()}"
+
+
+def assert_rows_invariant_and_reference(mod, pw, n: int, k: int, what: str) -> None:
+    """Each row of every M up to ops.ROW_INVARIANT_MAX_M bit for bit the same row alone at M = 1
+    (the batched rows run other kernels), and the reference within 2e-5 of the largest output
+    (shared with test_q8_m1_e.py)."""
+    g = torch.Generator().manual_seed(k)
+    top = ops.ROW_INVARIANT_MAX_M
+    x = torch.randn(top, k, generator=g) * torch.rand(top, 1, generator=g) * 4
+    x[1] = 0
+    bias = torch.randn(n, generator=g)
+    alone = torch.cat([ops._compute(PATH, mod, x[i:i + 1], pw, bias) for i in range(top)])
+    ref = ops.reference(x, pw, bias, PATH)
+    assert (alone - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    for m in range(2, top + 1):
+        assert_rows_bitwise(ops._compute(PATH, mod, x[:m], pw, bias), alone[:m], f"{what} {n}x{k} M={m}")
+
+
 @needs_native
 @pytest.mark.parametrize("group,ng", [(128, 2), (128, 4), (128, 8), (128, 16), (256, 1), (256, 2), (256, 4),
                                       (256, 8), (128, 12), (128, 32)])
@@ -42,16 +73,7 @@ def test_m1e_bitwise_old_tile(group, ng, symmetric, monkeypatch):
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05
         pw = quantize_int4(w, group_size=group, symmetric=symmetric)
         assert ops.plan(pw, 1, torch.float32) == PATH
-        g = torch.Generator().manual_seed(k + 5)
-        x = torch.randn(1, k, generator=g) * 3
-        x[:, ::31] *= 8
-        for bias in (None, torch.randn(n, generator=g)):
-            monkeypatch.setenv("CODESHELL_Q4_M1E", "0")
-            want = ops._compute(PATH, mod, x, pw, bias)
-            monkeypatch.setenv("CODESHELL_Q4_M1E", "1")
-            got = ops._compute(PATH, mod, x, pw, bias)
-            assert torch.equal(got, want), f"{n}x{k} g{group} sym={symmetric}: {(got - want).abs().max()}"
-        monkeypatch.delenv("CODESHELL_Q4_M1E")
+        assert_switch_keeps_bits(mod, pw, k, n, "CODESHELL_Q4_M1E", k + 5)
         zero = torch.zeros(1, k)  # every group scale of x 0
         assert torch.equal(ops._compute(PATH, mod, zero, pw, None), torch.zeros(1, n))
 
@@ -62,14 +84,4 @@ def test_m1e_bitwise_old_tile(group, ng, symmetric, monkeypatch):
 def test_m1e_rows_invariant_and_reference(n, k, symmetric, monkeypatch):
     mod = _setup(monkeypatch)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
-    pw = quantize_int4(w, group_size=128, symmetric=symmetric)
-    g = torch.Generator().manual_seed(k)
-    top = ops.ROW_INVARIANT_MAX_M
-    x = torch.randn(top, k, generator=g) * torch.rand(top, 1, generator=g) * 4
-    x[1] = 0
-    bias = torch.randn(n, generator=g)
-    alone = torch.cat([ops._compute(PATH, mod, x[i:i + 1], pw, bias) for i in range(top)])
-    ref = ops.reference(x, pw, bias, PATH)
-    assert (alone - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
-    for m in range(2, top + 1):
-        assert_rows_bitwise(ops._compute(PATH, mod, x[:m], pw, bias), alone[:m], f"int4 {n}x{k} M={m}")
+    assert_rows_invariant_and_reference(mod, quantize_int4(w, group_size=128, symmetric=symmetric), n, k, "int4")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from codeshell.kernels import _ext, available, ops, quantize_int8
-from codeshell.testing import assert_rows_bitwise
+from tests.kernels.test_q4_m1_e import assert_rows_invariant_and_reference, assert_switch_keeps_bits
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 LEVEL = ops.isa_level() if available() else -1
@@ -34,15 +34,7 @@ def test_m1e_bitwise_old_tile(k, monkeypatch):
     for n in (16, 45, 384):
         pw = quantize_int8(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05)
         assert ops.plan(pw, 1, torch.float32) == PATH
-        g = torch.Generator().manual_seed(k + 9)
-        x = torch.randn(1, k, generator=g) * 3
-        x[:, ::31] *= 8
-        for bias in (None, torch.randn(n, generator=g)):
-            monkeypatch.setenv("CODESHELL_Q8_M1E", "0")
-            want = ops._compute(PATH, mod, x, pw, bias)
-            monkeypatch.setenv("CODESHELL_Q8_M1E", "1")
-            got = ops._compute(PATH, mod, x, pw, bias)
-            assert torch.equal(got, want), f"{n}x{k}: {(got - want).abs().max()}"
+        assert_switch_keeps_bits(mod, pw, k, n, "CODESHELL_Q8_M1E", k + 9)
 
 
 @needs_native
@@ -50,13 +42,4 @@ def test_m1e_bitwise_old_tile(k, monkeypatch):
 def test_m1e_rows_invariant_and_reference(n, k, monkeypatch):
     mod = _setup(monkeypatch)
     pw = quantize_int8(torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05)
-    g = torch.Generator().manual_seed(k)
-    top = ops.ROW_INVARIANT_MAX_M
-    x = torch.randn(top, k, generator=g) * torch.rand(top, 1, generator=g) * 4
-    x[1] = 0
-    bias = torch.randn(n, generator=g)
-    alone = torch.cat([ops._compute(PATH, mod, x[i:i + 1], pw, bias) for i in range(top)])
-    ref = ops.reference(x, pw, bias, PATH)
-    assert (alone - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
-    for m in range(2, top + 1):
-        assert_rows_bitwise(ops._compute(PATH, mod, x[:m], pw, bias), alone[:m], f"int8 {n}x{k} M={m}")
+    assert_rows_invariant_and_reference(mod, pw, n, k, "int8")

@@ -21,10 +21,16 @@ LEVEL = ops.isa_level() if available() else -1
 PATH = "avx512_vnni:q8"
 
 
-def _setup(monkeypatch):
+def vnni_module(monkeypatch):
+    """The native module with the avx512_vnni kernels forced (skips on a CPU without them)."""
     if LEVEL < ops.ISA_LEVELS.index("avx512_vnni"):
         pytest.skip("needs avx512_vnni")
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_vnni")
+    return _ext.get()
+
+
+def _setup(monkeypatch):
+    vnni_module(monkeypatch)
     monkeypatch.setenv("CODESHELL_Q4_EPI", "1")  # the epilogue family, whatever this CPU's default
     for var in ("CODESHELL_Q4_M1E", "CODESHELL_Q4_M1_R16E", "CODESHELL_Q4_M1_SCT", "CODESHELL_Q4_M1_R16E_G"):
         monkeypatch.delenv(var, raising=False)

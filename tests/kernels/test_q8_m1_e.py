@@ -11,20 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeshell.kernels import _ext, available, ops, quantize_int8
-from tests.kernels.test_q4_m1_e import assert_rows_invariant_and_reference, assert_switch_keeps_bits
-
-needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
-LEVEL = ops.isa_level() if available() else -1
-PATH = "avx512_vnni:q8"
+from codeshell.kernels import ops, quantize_int8
+from tests.kernels.test_q4_m1_e import (PATH, assert_rows_invariant_and_reference, assert_switch_keeps_bits,
+                                        needs_native, vnni_module)
 
 
 def _setup(monkeypatch):
-    if LEVEL < ops.ISA_LEVELS.index("avx512_vnni"):
-        pytest.skip("needs avx512_vnni")
-    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_vnni")
+    mod = vnni_module(monkeypatch)
     monkeypatch.delenv("CODESHELL_Q8_M1E", raising=False)
-    return _ext.get()
+    return mod
 
 
 @needs_native

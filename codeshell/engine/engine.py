@@ -105,6 +105,7 @@ class Engine:
         self.lean = True
         self.multi_step = _multi_step()
         self.multi_budget_ns = _multi_budget_ns()
+        self.multi_rows = _multi_rows()
 
     # ---- the public surface ---------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -122,10 +123,12 @@ class Engine:
 
     def set_lean(self, on: bool) -> None:
         """The trimmed per-step path on or off (`lean`; this engine's native steps' rebuild check
-        follows: `kernels.step.decode`'s `lean`). Reads CODESHELL_DECODE_MULTI (`_decode_many`) again."""
+        follows: `kernels.step.decode`'s `lean`). Reads CODESHELL_DECODE_MULTI (`_decode_many`),
+        _MULTI_MS and _MULTI_ROWS (`_decode_many_rows`) again."""
         self.lean = bool(on)
         self.multi_step = _multi_step()
         self.multi_budget_ns = _multi_budget_ns()
+        self.multi_rows = _multi_rows()
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._aborts)
@@ -190,13 +193,17 @@ class Engine:
         elif decoding:                                   # forward one token for everyone else
             plain = all(s.plain_greedy for s in decoding)
             many = None
-            if (final_only and lean and self.multi_step > 1 and len(decoding) == 1 and plain and not self.waiting
-                    and not self._aborts and lookup_k(decoding[0].params) <= 0):
-                many = self._decode_many(decoding[0])
+            if (final_only and lean and self.multi_step > 1 and plain and not self.waiting and not self._aborts
+                    and all(lookup_k(s.params) <= 0 for s in decoding)):
+                if len(decoding) == 1:
+                    many = self._decode_many(decoding[0])
+                    many = None if many is None else [many]
+                elif self.multi_rows:
+                    many = self._decode_many_rows(decoding)
             if many is not None:                         # several greedy tokens in one native call
-                seq = decoding[0]
-                seq.cached += seq.append_many(many, self.max_model_len)
-                changed[seq.request_id] = self.running[seq.request_id]
+                for seq, toks in zip(decoding, many):
+                    seq.cached += seq.append_many(toks, self.max_model_len)
+                    changed[seq.request_id] = self.running[seq.request_id]
             else:
                 logits, picks = self._decode(decoding, not plain)
                 mml, running = self.max_model_len, self.running
@@ -471,6 +478,29 @@ class Engine:
         return _STEP[0].decode_greedy(self.model, self.cache, seq.last_token, seq.cached, seq.slot, n, seq.stop_ids,
                                       self.multi_budget_ns)
 
+    def _decode_many_rows(self, seqs: list[Sequence]) -> list[list[int]] | None:
+        """`_decode_many` for several decoding sequences (session 28, lead): up to `multi_step`
+        greedy tokens of each in one native call (kernels.step.decode_greedy_rows; a sequence that
+        stops leaves the call's batch), under the same conditions (final_only, all plain greedy, no
+        drafts, no request waiting) and the same time cap. None where no sequence has 2 tokens left
+        or the native step does not run. CODESHELL_DECODE_MULTI_ROWS=0 (read by `set_lean`): one
+        token a step whenever more than one sequence decodes, as before."""
+        ns = []
+        for seq in seqs:
+            n = self.max_model_len - len(seq.prompt_ids) - len(seq.output_ids)
+            if seq.params.max_tokens is not None:
+                n = min(n, seq.params.max_tokens - len(seq.output_ids))
+            ns.append(max(1, min(n, self.multi_step)))
+        if max(ns) < 2 or len(seqs) > _max_rows() or self.cache.device.type != "cpu":
+            return None
+        self._ensure_cache(max(s.cached + n for s, n in zip(seqs, ns)))
+        if not _STEP:
+            from ..kernels import step
+            _STEP.append(step)
+        return _STEP[0].decode_greedy_rows(self.model, self.cache, [s.last_token for s in seqs],
+                                           [s.cached for s in seqs], [s.slot for s in seqs], ns,
+                                           [s.stop_ids for s in seqs], self.multi_budget_ns)
+
     def _decode(self, seqs: list[Sequence], want_logits: bool = True) -> tuple[torch.Tensor | None, list | None]:
         got = self._packed([s.last_token for s in seqs], [s.cached for s in seqs], [s.slot for s in seqs],
                            want_logits)
@@ -676,6 +706,13 @@ def _multi_budget_ns() -> int:
     except ValueError:
         raise ValueError(f"CODESHELL_DECODE_MULTI_MS={v!r}: expected a number of milliseconds") from None
     return max(0, int(ms * 1e6))
+
+
+def _multi_rows() -> bool:
+    """CODESHELL_DECODE_MULTI_ROWS (default 1): whether LLM.generate's plain-greedy decode of
+    several sequences also runs several tokens a native call (`Engine._decode_many_rows`); 0: one
+    token a step whenever more than one sequence decodes, as before session 28."""
+    return os.environ.get("CODESHELL_DECODE_MULTI_ROWS", "1") not in ("0", "off")
 
 
 @functools.cache  # the import once, not at every verify step

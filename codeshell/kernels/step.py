@@ -409,3 +409,18 @@ def decode_greedy(lm: nn.Module, cache, token: int, position: int, slot: int, n:
     if budget_ns > 0:
         return d.step.decode_greedy(token, position, slot, n, list(stop), k, v, d.scale, budget_ns)
     return d.step.decode_greedy(token, position, slot, n, list(stop), k, v, d.scale)
+
+
+def decode_greedy_rows(lm: nn.Module, cache, tokens: list[int], positions: list[int], slots: list[int],
+                       ns: list[int], stops: list, budget_ns: int = 0) -> list[list[int]] | None:
+    """`decode_greedy` for several sequences in one native call (session 28, lead): row r's token at
+    positions[r] of slot slots[r], up to ns[r] picks each fed back, the row stopping after a pick in
+    stops[r] (a stopped row leaves the batch, the others go on); each row's picks bit for bit what
+    one `decode` call a step gives (csrc/decode_step.cpp `decode_greedy_rows`). None where the native
+    step does not apply. Why: an LLM.generate step of 8 codeshell-mini rows spent ~160 us outside its
+    ~710 us native call (docs/kernels.md, session 28, lead)."""
+    d = _ready(lm, cache)
+    if d is None:
+        return None
+    return d.step.decode_greedy_rows(list(tokens), list(positions), list(slots), list(ns),
+                                     [list(s) for s in stops], cache.k, cache.v, d.scale, budget_ns)

@@ -4,7 +4,9 @@ LLM.generate's steps (final_only) of one plain-greedy sequence run up to CODESHE
 tokens a call; the tokens, finish reasons and the whole KV cache are bit for bit one token a step's
 (CODESHELL_DECODE_MULTI=1) and the Python path's, whatever the limit that ends the sequence (its
 max_tokens, a stop token id the native loop stops at, the context window); the calls run where meant
-(batch 1, final_only, greedy, no drafts) and nowhere else (batch 2, streaming steps, sampling)."""
+(batch 1, final_only, greedy, no drafts) and nowhere else (batch 2, streaming steps, sampling).
+Session 28, lead: several plain-greedy sequences a call (`decode_greedy_rows`, Engine._decode_many_rows;
+CODESHELL_DECODE_MULTI_ROWS): the same, row by row, with rows leaving the call as they stop."""
 
 from __future__ import annotations
 
@@ -119,6 +121,7 @@ def test_multi_stops_where_one_a_step_stops(monkeypatch, greedy_calls):
 
 
 def test_multi_only_where_meant(monkeypatch, greedy_calls):
+    monkeypatch.setenv("CODESHELL_DECODE_MULTI_ROWS", "0")  # several rows a call: test_multi_rows_* below
     m = varied("int8")
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     assert_same(run(m, monkeypatch, 8, prompts(2), params), run(m, monkeypatch, 1, prompts(2), params))
@@ -228,3 +231,78 @@ def test_multi_time_cap_bitwise(kind, monkeypatch, greedy_calls):
     monkeypatch.setenv("CODESHELL_DECODE_MULTI_MS", "soon")
     with pytest.raises(ValueError, match="CODESHELL_DECODE_MULTI_MS"):
         Engine(m, m.cfg, max_batch=1)
+
+
+@pytest.fixture
+def rows_calls(monkeypatch):
+    """Each decode_greedy_rows call's tokens per row (None: the native step did not run)."""
+    calls = []
+    orig = step_mod.decode_greedy_rows
+
+    def counted(*a):
+        out = orig(*a)
+        calls.append(None if out is None else [len(t) for t in out])
+        return out
+
+    monkeypatch.setattr(step_mod, "decode_greedy_rows", counted)
+    return calls
+
+
+def run_mixed(m, monkeypatch, multi, params, final_only=True):
+    """Three requests at once, each with its own SamplingParams."""
+    monkeypatch.setenv("CODESHELL_DECODE_MULTI", str(multi))
+    eng = Engine(m, m.cfg, max_batch=4)
+    eng.set_lean(True)
+    for i, (p, sp) in enumerate(zip(prompts(len(params)), params)):
+        eng.add_request(f"r{i}", p, sp)
+    out = {}
+    with torch.inference_mode():
+        while eng.has_unfinished():
+            for o in eng.step(final_only):
+                if o.finished:
+                    c = o.outputs[0]
+                    out[o.request_id] = (c.token_ids, c.finish_reason, c.stop_reason)
+    return out, eng
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_multi_rows_bitwise_one_a_step(kind, monkeypatch, greedy_calls, rows_calls):
+    """Three plain-greedy sequences (max_tokens 4, 11, 23; the second also ended by a stop id its greedy
+    text reaches mid-call) a native call: tokens, finish reasons and the whole KV cache bit for bit one
+    token a step's, rows leaving the call as they stop."""
+    m = varied(kind)
+    free = run_mixed(m, monkeypatch, 1, [SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)] * 3)[0]
+    t1 = free["r1"][0]
+    stop = next(t for i, t in enumerate(t1) if i >= 5 and t not in t1[:i])
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=23, ignore_eos=True, stop_token_ids=[stop]),
+              SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)]
+    want = run_mixed(m, monkeypatch, 1, params)
+    assert want[0]["r1"][1] == "stop" and want[0]["r0"][1] == want[0]["r2"][1] == "length"
+    assert rows_calls == [] and greedy_calls == []
+    for multi in (2, 8):
+        rows_calls.clear()
+        assert_same(run_mixed(m, monkeypatch, multi, params), want)
+        assert rows_calls and all(c is not None and len(c) >= 2 and max(c) <= multi for c in rows_calls)
+        assert any(len(set(c)) > 1 for c in rows_calls)  # a row left a call before the others
+    monkeypatch.setenv("CODESHELL_DECODE_MULTI_ROWS", "0")
+    rows_calls.clear()
+    assert_same(run_mixed(m, monkeypatch, 8, params), want)
+    assert rows_calls == []  # off: one token a step while several sequences decode
+
+
+def test_multi_rows_time_cap_and_streaming(monkeypatch, rows_calls):
+    """A tiny CODESHELL_DECODE_MULTI_MS: every rows call makes one token a row, the same bits; streaming
+    steps (final_only False) and sampled requests never take the rows call."""
+    m = varied("int8")
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 9, 13)]
+    want = run_mixed(m, monkeypatch, 1, params)
+    monkeypatch.setenv("CODESHELL_DECODE_MULTI_MS", "0.000001")
+    assert_same(run_mixed(m, monkeypatch, 8, params), want)
+    assert rows_calls and all(set(c) == {1} for c in rows_calls)
+    monkeypatch.delenv("CODESHELL_DECODE_MULTI_MS")
+    rows_calls.clear()
+    assert_same(run_mixed(m, monkeypatch, 8, params, final_only=False), run_mixed(m, monkeypatch, 1, params, False))
+    sampled = [SamplingParams(temperature=0.8, seed=3, max_tokens=9, ignore_eos=True)] + params[1:]
+    assert run_mixed(m, monkeypatch, 8, sampled)[0] == run_mixed(m, monkeypatch, 1, sampled)[0]
+    assert rows_calls == []

@@ -202,7 +202,7 @@ class Engine:
                     many = self._decode_many_rows(decoding)
             if many is not None:                         # several greedy tokens in one native call
                 for seq, toks in zip(decoding, many):
-                    seq.cached += seq.append_many(toks, self.max_model_len)
+                    seq.cached += seq.append_many(toks, self.max_model_len, stepwise=True)
                     changed[seq.request_id] = self.running[seq.request_id]
             else:
                 logits, picks = self._decode(decoding, not plain)

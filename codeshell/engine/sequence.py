@@ -110,13 +110,19 @@ class Sequence:
         elif len(self.prompt_ids) + len(self.output_ids) >= max_model_len:
             self.finish("length")
 
-    def append_many(self, tokens: list[int], max_model_len: int) -> int:
+    def append_many(self, tokens: list[int], max_model_len: int, stepwise: bool = False) -> int:
         """`append` each of `tokens` (no logprobs) until the sequence finishes; returns how many
-        were appended (a verify step's accepted drafts and the token after them)."""
+        were appended (a verify step's accepted drafts and the token after them). `stepwise`: as
+        many one-token steps of LLM.generate would leave the stream (`skip_output` after each token
+        but the last), so the final output's delta is the last token's text whatever the number of
+        tokens a native call made (Engine._decode_many / _decode_many_rows)."""
+        last = len(tokens) - 1
         for i, t in enumerate(tokens):
             self.append(t, None, max_model_len)
             if self.finish_reason is not None:
                 return i + 1
+            if stepwise and i < last:
+                self.skip_output()
         return len(tokens)
 
     def _check_stop(self, before: int) -> bool:

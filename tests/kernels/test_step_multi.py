@@ -42,28 +42,36 @@ def varied(kind: str):
     return packed(m, kind)
 
 
-@pytest.fixture
-def greedy_calls(monkeypatch):
-    """The tokens each decode_greedy call returned (None: the native step did not run)."""
+def counted_calls(monkeypatch, name, size):
+    """Each call of kernels.step's `name`: size(its result), or None where the native step did not run."""
     calls = []
-    orig = step_mod.decode_greedy
+    orig = getattr(step_mod, name)
 
     def counted(*a):
         out = orig(*a)
-        calls.append(None if out is None else len(out))
+        calls.append(None if out is None else size(out))
         return out
 
-    monkeypatch.setattr(step_mod, "decode_greedy", counted)
+    monkeypatch.setattr(step_mod, name, counted)
     return calls
 
 
+@pytest.fixture
+def greedy_calls(monkeypatch):
+    """The tokens each decode_greedy call returned (None: the native step did not run)."""
+    return counted_calls(monkeypatch, "decode_greedy", len)
+
+
 def run(m, monkeypatch, multi, ps, params, final_only=True, native=True, max_model_len=None):
+    """The engine's outputs for prompts `ps` (params: one SamplingParams, or one per prompt) and the engine."""
+    if not isinstance(params, list):
+        params = [params] * len(ps)
     monkeypatch.setenv("CODESHELL_DECODE_MULTI", str(multi))
     monkeypatch.setenv("CODESHELL_DECODE_STEP", "on" if native else "off")
     eng = Engine(m, m.cfg, max_batch=4, max_model_len=max_model_len)
     eng.set_lean(True)  # reads CODESHELL_DECODE_MULTI
-    for i, p in enumerate(ps):
-        eng.add_request(f"r{i}", p, params)
+    for i, (p, sp) in enumerate(zip(ps, params)):
+        eng.add_request(f"r{i}", p, sp)
     out = {}
     with torch.inference_mode():
         while eng.has_unfinished():
@@ -135,21 +143,7 @@ def test_multi_only_where_meant(monkeypatch, greedy_calls):
     assert greedy_calls == []  # sampling: one token a step
     # batch 3 -> 1 as requests finish: the last one alone runs several tokens a call
     mixed = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 5, 17)]
-    eng_out = {}
-    for multi in (1, 8):
-        monkeypatch.setenv("CODESHELL_DECODE_MULTI", str(multi))
-        eng = Engine(m, m.cfg, max_batch=4)
-        eng.set_lean(True)
-        for i, (p, sp) in enumerate(zip(prompts(3), mixed)):
-            eng.add_request(f"r{i}", p, sp)
-        out = {}
-        with torch.inference_mode():
-            while eng.has_unfinished():
-                for o in eng.step(True):
-                    if o.finished:
-                        out[o.request_id] = o.outputs[0].token_ids
-        eng_out[multi] = (out, eng)
-    assert_same(eng_out[8], eng_out[1])
+    assert_same(run_mixed(m, monkeypatch, 8, mixed), run_mixed(m, monkeypatch, 1, mixed))
     assert greedy_calls and sum(greedy_calls) == 17 - 5
 
 
@@ -236,33 +230,12 @@ def test_multi_time_cap_bitwise(kind, monkeypatch, greedy_calls):
 @pytest.fixture
 def rows_calls(monkeypatch):
     """Each decode_greedy_rows call's tokens per row (None: the native step did not run)."""
-    calls = []
-    orig = step_mod.decode_greedy_rows
-
-    def counted(*a):
-        out = orig(*a)
-        calls.append(None if out is None else [len(t) for t in out])
-        return out
-
-    monkeypatch.setattr(step_mod, "decode_greedy_rows", counted)
-    return calls
+    return counted_calls(monkeypatch, "decode_greedy_rows", lambda out: [len(t) for t in out])
 
 
 def run_mixed(m, monkeypatch, multi, params, final_only=True):
-    """Three requests at once, each with its own SamplingParams."""
-    monkeypatch.setenv("CODESHELL_DECODE_MULTI", str(multi))
-    eng = Engine(m, m.cfg, max_batch=4)
-    eng.set_lean(True)
-    for i, (p, sp) in enumerate(zip(prompts(len(params)), params)):
-        eng.add_request(f"r{i}", p, sp)
-    out = {}
-    with torch.inference_mode():
-        while eng.has_unfinished():
-            for o in eng.step(final_only):
-                if o.finished:
-                    c = o.outputs[0]
-                    out[o.request_id] = (c.token_ids, c.finish_reason, c.stop_reason)
-    return out, eng
+    """Requests at once, one a SamplingParams of `params`."""
+    return run(m, monkeypatch, multi, prompts(len(params)), params, final_only)
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])

@@ -465,10 +465,7 @@ class Engine:
         (1: one a step, as before). CODESHELL_DECODE_MULTI_MS (also read there; default 100): a call
         also stops after the token that passes that many ms (a Ctrl-C, or a request that arrives, waits
         at most about that plus one token; 0: no time cap, as in session 27)."""
-        n = self.max_model_len - len(seq.prompt_ids) - len(seq.output_ids)
-        if seq.params.max_tokens is not None:
-            n = min(n, seq.params.max_tokens - len(seq.output_ids))
-        n = min(n, self.multi_step)
+        n = self._greedy_room(seq)
         if n < 2 or self.cache.device.type != "cpu":
             return None
         self._ensure_cache(seq.cached + n)
@@ -478,6 +475,14 @@ class Engine:
         return _STEP[0].decode_greedy(self.model, self.cache, seq.last_token, seq.cached, seq.slot, n, seq.stop_ids,
                                       self.multi_budget_ns)
 
+    def _greedy_room(self, seq: Sequence) -> int:
+        """Tokens one multi-token call may make for `seq`: what its max_tokens and the context
+        window leave, at most `multi_step`."""
+        n = self.max_model_len - len(seq.prompt_ids) - len(seq.output_ids)
+        if seq.params.max_tokens is not None:
+            n = min(n, seq.params.max_tokens - len(seq.output_ids))
+        return min(n, self.multi_step)
+
     def _decode_many_rows(self, seqs: list[Sequence]) -> list[list[int]] | None:
         """`_decode_many` for several decoding sequences (session 28, lead): up to `multi_step`
         greedy tokens of each in one native call (kernels.step.decode_greedy_rows; a sequence that
@@ -485,12 +490,7 @@ class Engine:
         drafts, no request waiting) and the same time cap. None where no sequence has 2 tokens left
         or the native step does not run. CODESHELL_DECODE_MULTI_ROWS=0 (read by `set_lean`): one
         token a step whenever more than one sequence decodes, as before."""
-        ns = []
-        for seq in seqs:
-            n = self.max_model_len - len(seq.prompt_ids) - len(seq.output_ids)
-            if seq.params.max_tokens is not None:
-                n = min(n, seq.params.max_tokens - len(seq.output_ids))
-            ns.append(max(1, min(n, self.multi_step)))
+        ns = [max(1, self._greedy_room(seq)) for seq in seqs]
         if max(ns) < 2 or len(seqs) > _max_rows() or self.cache.device.type != "cpu":
             return None
         self._ensure_cache(max(s.cached + n for s, n in zip(seqs, ns)))

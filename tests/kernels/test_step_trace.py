@@ -7,6 +7,7 @@ it), and the wake flag 0 or 1 (0 without a team)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -88,9 +89,12 @@ def test_team_helper_spins_by_the_clock_then_sleeps(monkeypatch, two_threads):  
     for _ in range(6):
         step()
         time.sleep(0.01)
-    # none (at most one on a loaded host, where a woken helper may wait long for a core); the count of
-    # pauses before session 27 (0.23 ms here) would have slept before each of the six
-    assert sum(r[4] for r in st.trace_times()) <= 1
+    # none on a quiet host (at most one). On a loaded one the spin's clock runs while the helper waits
+    # for a core (a CI run at load 10 on 2 cores counted 2 of 6, a nice-19 run under that load 4): there
+    # only fewer than six. The spin of before session 27 (0.23 ms here) slept before each of the six.
+    wakes = sum(r[4] for r in st.trace_times())
+    loaded = os.getloadavg()[0] > (os.cpu_count() or 1)
+    assert wakes < 6 if loaded else wakes <= 1, (wakes, os.getloadavg())
     monkeypatch.setenv("CODESHELL_TEAM_IDLE_US", "0")  # sleeps right after a step
     step()
     st.profile = True

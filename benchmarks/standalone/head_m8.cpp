@@ -2,7 +2,8 @@
 // (q8_rows.h run_rows<2, true> with the weight's block sums table, as the decode step runs it):
 // N x K int8 rows at M rows of x, T threads (each a contiguous half), variant A against B
 // alternating in rounds (medians), bits compared. A variant is q8rows::Args switches (VA / VB:
-// comma-separated NAME=V: pf0, pf1, t8, il (run_rows_il: two 8-row groups interleaved)).
+// comma-separated NAME=V: pf0, pf1, t8) or t=1: q8_rows_t.h on the transposed copy (tpf=N: its T0
+// prefetch N blocks ahead).
 // Memory: the weight rotates through COPIES copies (1: re-read from L3 / L2 each call).
 //   g++ -O3 -std=c++20 -march=native -fopenmp -I codeshell/kernels/csrc $(torch includes) \
 //       benchmarks/standalone/head_m8.cpp -o head_m8
@@ -22,7 +23,7 @@
 using namespace codeshell;
 static double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
-static int use_t[2] = {0, 0}, tpf[2] = {2, 2};
+static int use_t[2] = {0, 0}, tpf[2] = {0, 0};
 static void set_variant(q8rows::Args& A, const char* spec, int vi) {
   if (!spec) return;
   std::string s(spec);
@@ -37,7 +38,6 @@ static void set_variant(q8rows::Args& A, const char* spec, int vi) {
     if (k == "pf0") A.pf0 = v;
     else if (k == "pf1") A.pf1 = v;
     else if (k == "t8") A.t8 = v;
-    else if (k == "il") A.il = v;
     else if (k == "t") use_t[vi] = v;
     else if (k == "tpf") tpf[vi] = v;
     i = j + 1;

@@ -90,7 +90,6 @@ struct Args {
   const int8_t* xu = nullptr;  // xt ^ 0x80 (x + 128, unsigned), for v2
   const int32_t* wsum = nullptr;  // v2: q8_wsum.h's block_sums of w (null: weight_sums per block; CODESHELL_Q8R_WSUM=0)
   bool t8 = true;        // E = 2 (M = 5..8) with lean_epi: store_t8 (false: scalar stores; CODESHELL_Q8R_T8=0)
-  int64_t il = 0;        // (experimental) interleave variant
 };
 
 // tree16_v over the 16 slots acc[0..15] (stride 16 floats) of which only slots < nb were written
@@ -185,25 +184,6 @@ inline __m512i weight_sums(const uint8_t* const* rp, int64_t b) {
   return E_::combine(e, e);
 }
 
-// E = 2, XU: one block's 16 steps of 8 weight rows in one asm block (8 accumulators in their
-// registers, x's zmm and the broadcast in two scratch registers).
-#define Q8R_B(P, J) "vpbroadcastq " #P "*8(%[r" #J "]), %%zmm31\n\tvpdpbusd %%zmm31, %%zmm30, %[a" #J "]\n\t"
-#define Q8R_S(P) "vmovdqa64 " #P "*64(%[xb]), %%zmm30\n\t" Q8R_B(P, 0) Q8R_B(P, 1) Q8R_B(P, 2) Q8R_B(P, 3) \
-  Q8R_B(P, 4) Q8R_B(P, 5) Q8R_B(P, 6) Q8R_B(P, 7)
-inline void step_asm_e2(__m512i* a, const int8_t* xb, const uint8_t* const* rp, int64_t off) {
-  __m512i a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], a4 = a[4], a5 = a[5], a6 = a[6], a7 = a[7];
-  asm(Q8R_S(0) Q8R_S(1) Q8R_S(2) Q8R_S(3) Q8R_S(4) Q8R_S(5) Q8R_S(6) Q8R_S(7) Q8R_S(8) Q8R_S(9) Q8R_S(10) Q8R_S(11)
-          Q8R_S(12) Q8R_S(13) Q8R_S(14) Q8R_S(15)
-      : [a0] "+v"(a0), [a1] "+v"(a1), [a2] "+v"(a2), [a3] "+v"(a3), [a4] "+v"(a4), [a5] "+v"(a5), [a6] "+v"(a6),
-        [a7] "+v"(a7)
-      : [xb] "r"(xb), [r0] "r"(rp[0] + off), [r1] "r"(rp[1] + off), [r2] "r"(rp[2] + off), [r3] "r"(rp[3] + off),
-        [r4] "r"(rp[4] + off), [r5] "r"(rp[5] + off), [r6] "r"(rp[6] + off), [r7] "r"(rp[7] + off)
-      : "xmm30", "xmm31", "memory");
-  a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5, a[6] = a6, a[7] = a7;
-}
-#undef Q8R_S
-#undef Q8R_B
-
 // E = 2 (M = 5..8): the 4 result vectors of 8 weight rows (y[g] lane i * 8 + m: row n + 2 g + i of
 // row m of x) transposed to one run of 8 rows a row of x and stored with one masked 32-byte store
 // each (rows < 8 at the end of the range). Why: 16 scalar stores a vector meant 64 stores a group of
@@ -275,17 +255,7 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
       __m512i a[NR];
       for (int j = 0; j < NR; ++j) a[j] = _mm512_setzero_si512();
       const int8_t* xb = (XU ? A.xu : A.xt) + b * NP * 64;
-      if constexpr (XU && E == 2) {
-        if (A.il == 1 || A.il == 9) {
-          step_asm_e2(a, xb, rp, b * 128);
-          if (A.il == 9) { A.out[b] += float(_mm512_reduce_add_epi32(a[0])); continue; }
-        } else {
-          for (int p = 0; p < NP; ++p) {
-            const __m512i xv = _mm512_load_si512(xb + 64 * p);
-            for (int j = 0; j < NR; ++j) a[j] = dpbusd(a[j], xv, bcast<E>(rp[j] + b * 128 + 4 * E * p));
-          }
-        }
-      } else if constexpr (XU) {
+      if constexpr (XU) {
         for (int p = 0; p < NP; ++p) {
           const __m512i xv = _mm512_load_si512(xb + 64 * p);
           for (int j = 0; j < NR; ++j) a[j] = dpbusd(a[j], xv, bcast<E>(rp[j] + b * 128 + 4 * E * p));
@@ -736,11 +706,21 @@ inline void run_q4(const int8_t* xq, const float* dx, const int32_t* sx, const f
         codeshell::env_flag("CODESHELL_Q8R_TP4", true)) {
       const auto& pk = *static_cast<const q8rt::Pack4*>(h.packed4);
       const int64_t ng = K / G;
-      std::vector<int32_t> xpv(size_t(K / 4 * 8 + 16)), sov(size_t(M * ng));
-      for (int64_t i = 0; i < M * ng; ++i) sov[size_t(i)] = 8 * sx[i];
-      q8rt::pack_x(xq, M, K, xpv.data());
+      alignas(64) int32_t xps[8 * 256], sos[8 * 16];  // K <= 1024, ng <= 16 without an allocation
+      std::vector<int32_t> xpv, sov;
+      int32_t *xp = xps, *sop = sos;
+      if (K / 4 * 8 > 8 * 256) {
+        xpv.resize(size_t(K / 4 * 8));
+        xp = xpv.data();
+      }
+      if (M * ng > 8 * 16) {
+        sov.resize(size_t(M * ng));
+        sop = sov.data();
+      }
+      for (int64_t i = 0; i < M * ng; ++i) sop[i] = 8 * sx[i];
+      q8rt::pack_x(xq, M, K, xp);
       const bool offs = offset != nullptr && !pk.of.empty();
-      const q8rt::Args4 T{M, K, N, ng, G, xpv.data(), sov.data(), dx, offs ? xs : nullptr, pk.w.data(), pk.sc.data(),
+      const q8rt::Args4 T{M, K, N, ng, G, xp, sop, dx, offs ? xs : nullptr, pk.w.data(), pk.sc.data(),
                           offs ? pk.of.data() : nullptr, bias, out};
       const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 31) / 32 * 32;
       codeshell::parallel_owned(N, 32, step, [&](int64_t n0, int64_t n1) {

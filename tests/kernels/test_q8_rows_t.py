@@ -26,7 +26,7 @@ needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unava
 LEVEL = ops.isa_level() if available() else -1
 VNNI = ops.ISA_LEVELS.index("avx512_vnni")
 SWITCHES = ("CODESHELL_Q8R_V2", "CODESHELL_Q8R_PF0", "CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q8_ROWS_MAX_M",
-            "CODESHELL_Q8R_ASM", "CODESHELL_Q8R_EPI", "CODESHELL_Q8R_WSUM", "CODESHELL_Q8R_TP", "CODESHELL_Q8R_TP_PF")
+            "CODESHELL_Q8R_ASM", "CODESHELL_Q8R_EPI", "CODESHELL_Q8R_WSUM", "CODESHELL_Q8R_TP", "CODESHELL_Q8R_TP_PF", "CODESHELL_Q8R_TP_SOLO")
 SHAPES = [(37, 1024), (301, 128), (67, 256), (1029, 1280), (45, 2048), (29, 4096), (16, 384), (96, 640), (70, 1920)]
 
 
@@ -67,6 +67,9 @@ def test_q8_rows_t_keeps_the_bits(n, k, with_bias, extreme, monkeypatch, two_thr
         monkeypatch.setenv("CODESHELL_Q8R_TP_PF", "1")  # the software prefetch kept as a switch
         assert_rows_bitwise(call(x[:m]), got, f"TP_PF=1 at M={m}, int8 {n}x{k}")
         monkeypatch.delenv("CODESHELL_Q8R_TP_PF")
+        monkeypatch.setenv("CODESHELL_Q8R_TP_SOLO", str(n * k))  # the whole weight on the calling thread
+        assert_rows_bitwise(call(x[:m]), got, f"TP_SOLO at M={m}, int8 {n}x{k}")
+        monkeypatch.delenv("CODESHELL_Q8R_TP_SOLO")
 
 
 @needs_native
@@ -100,7 +103,7 @@ def test_q4_rows_t_keeps_the_bits(args, n, k, with_bias, monkeypatch, two_thread
         pytest.skip("needs AVX512-VNNI")
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_vnni")
     monkeypatch.setenv("CODESHELL_Q4_EPI", "1")  # the epilogue's bits (run_q4 takes M = 2..16 there)
-    for v in ("CODESHELL_Q8R_TP4", "CODESHELL_Q8R_INT4", "CODESHELL_Q8_PANEL_MIN_M"):
+    for v in ("CODESHELL_Q8R_TP4", "CODESHELL_Q8R_INT4", "CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q8R_TP_SOLO"):
         monkeypatch.delenv(v, raising=False)
     mod = _ext.get()
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k + 5)) * 0.05
@@ -133,6 +136,9 @@ def test_q4_rows_t_keeps_the_bits(args, n, k, with_bias, monkeypatch, two_thread
             want = call(x[:m])
             monkeypatch.delenv("CODESHELL_Q8R_TP4")
             assert_rows_bitwise(got2, want, f"TP4 on / off at M={m}, {n}x{k} {args} (team {team})", against="run_q4")
+        monkeypatch.setenv("CODESHELL_Q8R_TP_SOLO", str(n * k))  # the whole weight on the calling thread
+        assert_rows_bitwise(call(x[:m]), got, f"TP_SOLO at M={m}, int4 {n}x{k} {args}")
+        monkeypatch.delenv("CODESHELL_Q8R_TP_SOLO")
 
 
 @needs_native

@@ -485,6 +485,12 @@ inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M,
       q8rt::pack_x(xq, M, K, xp);
       const q8rt::Args T{M, K, N, nb, xp, sop, dx, h.packed, scale, bias, out,
                          std::max<int64_t>(0, codeshell::env_int("CODESHELL_Q8R_TP_PF", 0))};
+      // CODESHELL_Q8R_TP_SOLO=B (read per call; default 0: off): weights of at most B bytes run on
+      // the calling thread alone (no hand-off to the team): an A/B probe of the small linears' split.
+      if (N * K <= codeshell::env_int("CODESHELL_Q8R_TP_SOLO", 0)) {
+        q8rt::run_cols(T, 0, N);
+        return;
+      }
       const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 31) / 32 * 32;
       codeshell::parallel_owned(N, 32, step, [&](int64_t n0, int64_t n1) { q8rt::run_cols(T, n0, n1); });
       return;
@@ -722,10 +728,15 @@ inline void run_q4(const int8_t* xq, const float* dx, const int32_t* sx, const f
       const bool offs = offset != nullptr && !pk.of.empty();
       const q8rt::Args4 T{M, K, N, ng, G, xp, sop, dx, offs ? xs : nullptr, pk.w.data(), pk.sc.data(),
                           offs ? pk.of.data() : nullptr, bias, out};
-      const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 31) / 32 * 32;
-      codeshell::parallel_owned(N, 32, step, [&](int64_t n0, int64_t n1) {
+      auto cols = [&](int64_t n0, int64_t n1) {
         offs ? q8rt::run_cols_q4<true>(T, n0, n1) : q8rt::run_cols_q4<false>(T, n0, n1);
-      });
+      };
+      if (N * K <= codeshell::env_int("CODESHELL_Q8R_TP_SOLO", 0)) {  // as run's (int8) probe above
+        cols(0, N);
+        return;
+      }
+      const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 31) / 32 * 32;
+      codeshell::parallel_owned(N, 32, step, cols);
       return;
     }
   }

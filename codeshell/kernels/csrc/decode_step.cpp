@@ -43,6 +43,7 @@
 #include "isa.h"
 #include "panel_rows.h"
 #include "parallel.h"
+#include "q8_rows_t.h"
 #include "q8_wsum.h"
 #include "step_hints.h"
 
@@ -83,6 +84,11 @@ enum Kind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
 struct WeightSums {
   std::once_flag once;
   std::vector<int32_t> sums;
+  std::once_flag pack_once;     // session 29: q8_rows_t.h's transposed copy, at the first call of 5..8 rows
+  std::vector<uint8_t> packed;  // (CODESHELL_Q8R_TP=0: neither made nor handed over)
+#if CODESHELL_HAVE_AVX512
+  codeshell::q8rt::Pack4 packed4;  // int4's (CODESHELL_Q8R_TP4=0: neither)
+#endif
 };
 
 struct Linear {
@@ -108,8 +114,39 @@ void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& ou
     std::call_once(ws.once, [&] { ws.sums = codeshell::q8rows::block_sums(w, l.N, l.K); });
     sums = ws.sums.data();
   }
-  codeshell::q8rows::SumsHintScope hint(w, l.N, l.K, sums);
+  const uint8_t* packed = nullptr;
+#if CODESHELL_HAVE_AVX512
+  const int64_t M = xf.size(0);
+  if (sums != nullptr && M >= 5 && M <= 8 && codeshell::env_flag("CODESHELL_Q8R_TP", true)) {
+    WeightSums& ws = *l.wsum;
+    std::call_once(ws.pack_once, [&] { ws.packed = codeshell::q8rt::pack(w, l.N, l.K); });
+    packed = ws.packed.data();
+  }
+#endif
+  codeshell::q8rows::SumsHintScope hint(w, l.N, l.K, sums, packed);
   decode_int8_q8_out(xf, l.data, *l.scales, l.bias, l.isa, out);
+}
+
+// int4 at 5..8 rows (session 29): q8_rows_t.h's byte-a-weight transposed copy with the scales
+// (offsets) beside it, made at the first such call and hinted to q8_rows.h run_q4 (which takes it
+// where it runs: groups of 128 / 256 on the CPUs whose int4 takes the epilogue's bits, the Ice
+// Lake-class Xeon; made only there). CODESHELL_Q8R_TP4=0 (read per call): neither made nor used.
+// The same bits (tests/kernels/test_q8_rows_t.py).
+const void* int4_packed(const Linear& l, int64_t M) {
+#if CODESHELL_HAVE_AVX512
+  if (M < 5 || M > 8 || l.K % 128 != 0 || (l.group != 128 && l.group != 256) ||
+      codeshell::cpu_features().max_isa != codeshell::kAvx512Vnni || !codeshell::env_flag("CODESHELL_Q8R_TP4", true))
+    return nullptr;
+  WeightSums& ws = *l.wsum;
+  std::call_once(ws.pack_once, [&] {
+    ws.packed4 = codeshell::q8rt::pack_q4(l.data.data_ptr<uint8_t>(), l.scales->data_ptr<float>(),
+                                          l.offsets.has_value() ? l.offsets->data_ptr<float>() : nullptr, l.N, l.K, l.group);
+  });
+  return &ws.packed4;
+#else
+  (void)l, (void)M;
+  return nullptr;
+#endif
 }
 
 struct Layer {
@@ -141,7 +178,12 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out,
     case kQ8:  // into `out` as the bf16 paths (no output allocation a call)
       if (l.kind == kInt8 && xf.size(0) > 1) int8_q8_batched(l, xf, out);
       else if (l.kind == kInt8) decode_int8_q8_out(xf, l.data, *l.scales, l.bias, l.isa, out);
-      else decode_int4_q8_out(xf, l.data, *l.scales, l.offsets, l.group, l.bias, l.isa, out);
+      else if (const void* p4 = xf.size(0) >= 5 ? int4_packed(l, xf.size(0)) : nullptr) {
+        codeshell::q8rows::SumsHintScope hint(l.data.data_ptr(), l.N, l.K, nullptr, nullptr, p4);
+        decode_int4_q8_out(xf, l.data, *l.scales, l.offsets, l.group, l.bias, l.isa, out);
+      } else {
+        decode_int4_q8_out(xf, l.data, *l.scales, l.offsets, l.group, l.bias, l.isa, out);
+      }
       return out;
     case kUnpack:
       if (l.kind == kInt8) return decode_int8(xf, l.data, *l.scales, l.bias);
@@ -1133,7 +1175,34 @@ void register_decode_step(py::module& m) {
     const bool on = codeshell::env_flag("CODESHELL_Q8R_WSUM", true);
     const std::vector<int32_t> sums =
         on ? codeshell::q8rows::block_sums(q.data_ptr<int8_t>(), q.size(0), q.size(1)) : std::vector<int32_t>();
-    codeshell::q8rows::SumsHintScope hint(q.data_ptr<int8_t>(), q.size(0), q.size(1), on ? sums.data() : nullptr);
+    // and, as the step, q8_rows_t.h's transposed copy at 5..8 rows (CODESHELL_Q8R_TP=0: none)
+    std::vector<uint8_t> packed;
+#if CODESHELL_HAVE_AVX512
+    if (on && x.dim() == 2 && x.size(0) >= 5 && x.size(0) <= 8 && codeshell::env_flag("CODESHELL_Q8R_TP", true))
+      packed = codeshell::q8rt::pack(q.data_ptr<int8_t>(), q.size(0), q.size(1));
+#endif
+    codeshell::q8rows::SumsHintScope hint(q.data_ptr<int8_t>(), q.size(0), q.size(1), on ? sums.data() : nullptr,
+                                          packed.empty() ? nullptr : packed.data());
     return decode_int8_q8(x, q, scale, bias, isa);
-  }, "decode_int8_q8 with q's block sums hinted (the decode step's batch > 1 int8 calls)");
+  }, "decode_int8_q8 with q's block sums (and at 5..8 rows its transposed copy) hinted (the decode step's batch > 1 int8 calls)");
+  // For the tests (test_q8_rows_t.py): decode_int4_q8 with q's q8_rows_t.h copy hinted at 5..8 rows
+  // as the decode step hints it (made here per call; CODESHELL_Q8R_TP4=0: none).
+  m.def("decode_int4_q8_packed", [](const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                                    const c10::optional<torch::Tensor>& offset, int64_t G,
+                                    const c10::optional<torch::Tensor>& bias, int64_t isa) {
+    TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous() && scale.is_contiguous() &&
+                    (!offset.has_value() || offset->is_contiguous()),
+                "q must be contiguous uint8 nibbles [N, K / 2] with contiguous scales / offsets");
+#if CODESHELL_HAVE_AVX512
+    const int64_t N = q.size(0), K = 2 * q.size(1);
+    if (x.dim() == 2 && x.size(0) >= 5 && x.size(0) <= 8 && K % 128 == 0 && (G == 128 || G == 256) &&
+        codeshell::env_flag("CODESHELL_Q8R_TP4", true)) {
+      const codeshell::q8rt::Pack4 p = codeshell::q8rt::pack_q4(
+          q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.has_value() ? offset->data_ptr<float>() : nullptr, N, K, G);
+      codeshell::q8rows::SumsHintScope hint(q.data_ptr(), N, K, nullptr, nullptr, &p);
+      return decode_int4_q8(x, q, scale, offset, G, bias, isa);
+    }
+#endif
+    return decode_int4_q8(x, q, scale, offset, G, bias, isa);
+  }, "decode_int4_q8 with q's transposed copy hinted at 5..8 rows (the decode step's batch 5..8 int4 calls)");
 }

@@ -62,6 +62,7 @@
 #include "isa.h"
 #include "parallel.h"
 #include "q8_epilogue.h"
+#include "q8_rows_t.h"
 #include "q8_wsum.h"
 
 #if CODESHELL_HAVE_AVX512
@@ -457,6 +458,44 @@ inline void run_chunk(const Args& A, int64_t n0, int64_t n1) {
 // y[M, N] = x . W^T (+ bias): prepare x, then the weight rows in parallel chunks.
 inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t N,
                 const int8_t* w, const float* scale, const float* bias, float* out) {
+  // Session 29: M = 5..8 on the owner's transposed copy of this weight (q8_rows_t.h; the decode
+  // step hands it over with the block sums) where CODESHELL_Q8R_TP (read per call) is not 0. The
+  // same bits (q8_epilogue.h's order per output). Groups of 32 weight rows, one contiguous share a
+  // thread as below; the x copy is made once here, before the split.
+  {
+    const SumsHint& h = sums_hint();
+    if (M >= 5 && M <= 8 && K % 128 == 0 && h.packed != nullptr && h.w == static_cast<const void*>(w) && h.N == N &&
+        h.K == K && codeshell::env_flag("CODESHELL_Q8R_TP", true)) {
+      const int64_t nb = K / 128;
+      alignas(64) int32_t so[8 * 16];
+      std::vector<int32_t> xpv;
+      alignas(64) int32_t xps[8 * 256];  // K <= 1024 without an allocation
+      int32_t* xp = xps;
+      if (K / 4 * 8 > 8 * 256) {
+        xpv.resize(size_t(K / 4 * 8));
+        xp = xpv.data();
+      }
+      std::vector<int32_t> sov;
+      int32_t* sop = so;
+      if (M * nb > 8 * 16) {
+        sov.resize(size_t(M * nb));
+        sop = sov.data();
+      }
+      for (int64_t i = 0; i < M * nb; ++i) sop[i] = 128 * sx[i];
+      q8rt::pack_x(xq, M, K, xp);
+      const q8rt::Args T{M, K, N, nb, xp, sop, dx, h.packed, scale, bias, out,
+                         std::max<int64_t>(0, codeshell::env_int("CODESHELL_Q8R_TP_PF", 0))};
+      // CODESHELL_Q8R_TP_SOLO=B (read per call; default 0: off): weights of at most B bytes run on
+      // the calling thread alone (no hand-off to the team): an A/B probe of the small linears' split.
+      if (N * K <= codeshell::env_int("CODESHELL_Q8R_TP_SOLO", 0)) {
+        q8rt::run_cols(T, 0, N);
+        return;
+      }
+      const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 31) / 32 * 32;
+      codeshell::parallel_owned(N, 32, step, [&](int64_t n0, int64_t n1) { q8rt::run_cols(T, n0, n1); });
+      return;
+    }
+  }
   // v2 reads xu where it applies (E < 16: M >= 2), the xor schedule xt: build only that one
   const bool v2 = codeshell::env_flag("CODESHELL_Q8R_V2", true) && quads_per_lane(M) != 16;
   const Prepared P(xq, dx, sx, M, K, !v2, v2);
@@ -665,6 +704,42 @@ inline void run_chunk_q4(const Q4Args& A, int64_t n0, int64_t n1) {
 inline void run_q4(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t M, int64_t K,
                    int64_t N, int64_t G, const uint8_t* q, const float* scale, const float* offset, const float* bias,
                    float* out) {
+  // Session 29: M = 5..8 on the owner's byte-a-weight transposed copy (q8_rows_t.h Pack4, hinted by
+  // the decode step) where CODESHELL_Q8R_TP4 (read per call) is not 0: the same bits.
+  {
+    const SumsHint& h = sums_hint();
+    if (M >= 5 && M <= 8 && h.packed4 != nullptr && h.w == static_cast<const void*>(q) && h.N == N && h.K == K &&
+        codeshell::env_flag("CODESHELL_Q8R_TP4", true)) {
+      const auto& pk = *static_cast<const q8rt::Pack4*>(h.packed4);
+      const int64_t ng = K / G;
+      alignas(64) int32_t xps[8 * 256], sos[8 * 16];  // K <= 1024, ng <= 16 without an allocation
+      std::vector<int32_t> xpv, sov;
+      int32_t *xp = xps, *sop = sos;
+      if (K / 4 * 8 > 8 * 256) {
+        xpv.resize(size_t(K / 4 * 8));
+        xp = xpv.data();
+      }
+      if (M * ng > 8 * 16) {
+        sov.resize(size_t(M * ng));
+        sop = sov.data();
+      }
+      for (int64_t i = 0; i < M * ng; ++i) sop[i] = 8 * sx[i];
+      q8rt::pack_x(xq, M, K, xp);
+      const bool offs = offset != nullptr && !pk.of.empty();
+      const q8rt::Args4 T{M, K, N, ng, G, xp, sop, dx, offs ? xs : nullptr, pk.w.data(), pk.sc.data(),
+                          offs ? pk.of.data() : nullptr, bias, out};
+      auto cols = [&](int64_t n0, int64_t n1) {
+        offs ? q8rt::run_cols_q4<true>(T, n0, n1) : q8rt::run_cols_q4<false>(T, n0, n1);
+      };
+      if (N * K <= codeshell::env_int("CODESHELL_Q8R_TP_SOLO", 0)) {  // as run's (int8) probe above
+        cols(0, N);
+        return;
+      }
+      const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 31) / 32 * 32;
+      codeshell::parallel_owned(N, 32, step, cols);
+      return;
+    }
+  }
   const Prepared P(xq, dx, sx, M, K, true, false, G, 8, offset ? xs : nullptr);
   Q4Args A{M, K, N, K / G, P.xt, P.so, P.dT, P.xsT, q, scale, offset, bias, out,
            std::max<int64_t>(0, codeshell::env_int("CODESHELL_Q8R_INT4_PF0", 2)),

@@ -43,6 +43,8 @@ struct SumsHint {
   const void* w = nullptr;
   int64_t N = 0, K = 0;
   const int32_t* sums = nullptr;
+  const uint8_t* packed = nullptr;  // q8_rows_t.h's copy of w (q8rt::pack; null: none), for M = 5..8
+  const void* packed4 = nullptr;    // int4: q8_rows_t.h's q8rt::Pack4 of w (null: none), for M = 5..8
 };
 
 inline SumsHint& sums_hint() {
@@ -53,8 +55,10 @@ inline SumsHint& sums_hint() {
 // Sets the hint for one call's duration (restores the previous hint after).
 struct SumsHintScope {
   SumsHint saved;
-  SumsHintScope(const void* w, int64_t N, int64_t K, const int32_t* sums) : saved(sums_hint()) {
-    sums_hint() = SumsHint{w, N, K, sums};
+  SumsHintScope(const void* w, int64_t N, int64_t K, const int32_t* sums, const uint8_t* packed = nullptr,
+                const void* packed4 = nullptr)
+      : saved(sums_hint()) {
+    sums_hint() = SumsHint{w, N, K, sums, packed, packed4};
   }
   ~SumsHintScope() { sums_hint() = saved; }
   SumsHintScope(const SumsHintScope&) = delete;

@@ -1,0 +1,160 @@
+"""Session 29 (helper B): csrc/q8_rows_t.h, the int8 rows kernel at M = 5..8 on a transposed copy of
+the weight (32 weight rows a group, each quad's 32 rows side by side, unsigned) that the native
+decode step makes once per int8 weight and hints with the block sums (q8_wsum.h SumsHint.packed).
+Lanes are weight rows and each output runs q8_epilogue.h's fp32 order, so the bits are q8_rows.h's:
+every output with the copy against `CODESHELL_Q8R_TP=0` (q8_rows.h run_rows with the table) and each
+row alone (M = 1, tile_v), and near the reference, at M = 5..8, N leaving a partial last group of 32
+rows (and of 16), K = 128 .. 4096 (1..32 blocks: tree16's prefix, the full tree and slot reuse),
+extreme weights and x, with and without bias, in a 2-thread team (groups split across threads); and
+the decode step (bf16 logits and picks) at batch 3 and 8 with the copy against CODESHELL_Q8R_TP=0.
+int4 (groups of 128 / 256, with and without offsets) on its byte-a-weight copy (q8rt::Pack4, the
+scales / offsets transposed beside it; hinted to q8_rows.h run_q4): against CODESHELL_Q8R_TP4=0
+(run_q4) and each row alone, near the reference, and the int4 decode step against CODESHELL_Q8R_TP4=0.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codeshell.kernels import _ext, available, ops, quantize_int4
+from codeshell.testing import assert_rows_bitwise
+
+from test_q8_rows_v2 import q8_rows_case  # noqa: E402  (the same int8 weight, bias and x rows)
+
+needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
+LEVEL = ops.isa_level() if available() else -1
+VNNI = ops.ISA_LEVELS.index("avx512_vnni")
+SWITCHES = ("CODESHELL_Q8R_V2", "CODESHELL_Q8R_PF0", "CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q8_ROWS_MAX_M",
+            "CODESHELL_Q8R_ASM", "CODESHELL_Q8R_EPI", "CODESHELL_Q8R_WSUM", "CODESHELL_Q8R_TP", "CODESHELL_Q8R_TP_PF", "CODESHELL_Q8R_TP_SOLO")
+SHAPES = [(37, 1024), (301, 128), (67, 256), (1029, 1280), (45, 2048), (29, 4096), (16, 384), (96, 640), (70, 1920)]
+
+
+@needs_native
+@pytest.mark.parametrize("extreme", [False, True], ids=["randn", "extreme"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("n,k", [pytest.param(*s, id=f"{s[0]}x{s[1]}") for s in SHAPES])
+def test_q8_rows_t_keeps_the_bits(n, k, with_bias, extreme, monkeypatch, two_threads):
+    if LEVEL < VNNI:
+        pytest.skip("needs AVX512-VNNI")
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_vnni")  # below AMX: q8_rows.h runs on an AMX CPU too
+    for v in SWITCHES:
+        monkeypatch.delenv(v, raising=False)
+    mod = _ext.get()
+    pw, bias, x = q8_rows_case(n, k, with_bias, extreme, seed=n * 5 + k)
+
+    def call(xx):  # the step's hints: the block sums, and the transposed copy at 5..8 rows
+        return mod.decode_int8_q8_wsum(xx.contiguous(), pw.data, pw.scales, bias, VNNI)
+
+    alone = torch.cat([mod.decode_int8_q8(x[i:i + 1].contiguous(), pw.data, pw.scales, bias, VNNI) for i in range(8)])
+    ref = ops.reference(x[:8], pw, bias, "avx512_vnni:q8")
+    for m in range(5, 9):
+        got = call(x[:m])
+        err = (got - ref[:m]).abs().max().item()
+        assert err <= 2e-5 * ref.abs().max().item(), f"M={m} {n}x{k}: max abs error {err:.3g} against the reference"
+        assert_rows_bitwise(got, alone[:m], f"q8_rows_t.h at M={m}, int8 {n}x{k}")
+        for team in (False, True):  # the groups of 32 split over the team's 2 threads
+            if team:
+                r = mod.run_in_team(lambda: call(x[:m]))
+                assert r is not False, "no thread team to run in"
+                got2 = r[0]
+            else:
+                got2 = got
+            monkeypatch.setenv("CODESHELL_Q8R_TP", "0")
+            want = call(x[:m])
+            monkeypatch.delenv("CODESHELL_Q8R_TP")
+            assert_rows_bitwise(got2, want, f"TP on / off at M={m}, int8 {n}x{k} (team {team})", against="run_rows")
+        monkeypatch.setenv("CODESHELL_Q8R_TP_PF", "1")  # the software prefetch kept as a switch
+        assert_rows_bitwise(call(x[:m]), got, f"TP_PF=1 at M={m}, int8 {n}x{k}")
+        monkeypatch.delenv("CODESHELL_Q8R_TP_PF")
+        monkeypatch.setenv("CODESHELL_Q8R_TP_SOLO", str(n * k))  # the whole weight on the calling thread
+        assert_rows_bitwise(call(x[:m]), got, f"TP_SOLO at M={m}, int8 {n}x{k}")
+        monkeypatch.delenv("CODESHELL_Q8R_TP_SOLO")
+
+
+@needs_native
+def test_decode_step_with_the_transposed_copy_keeps_the_bits(monkeypatch, two_threads):
+    from test_step_rows import CASES, decode, model_and_cache, same
+
+    monkeypatch.delenv("CODESHELL_Q8R_TP", raising=False)
+    m, cache = model_and_cache("int8")
+    decode(m, cache, [7], [3], [0], team=False)  # builds the step
+    for tokens, positions, slots in CASES:
+        for team in (False, True):
+            monkeypatch.setenv("CODESHELL_Q8R_TP", "0")
+            want = decode(m, cache, tokens, positions, slots, team)
+            monkeypatch.delenv("CODESHELL_Q8R_TP")
+            got = decode(m, cache, tokens, positions, slots, team)
+            assert same(got, want), f"the transposed copy at batch {len(tokens)} (team {team})"
+
+
+W4 = [({"group_size": 128, "symmetric": False}, 23, 1536), ({"group_size": 128, "symmetric": True}, 37, 1024),
+      ({"group_size": 128, "symmetric": False}, 70, 4096), ({"group_size": 256, "symmetric": True}, 33, 1024),
+      ({"group_size": 256, "symmetric": False}, 96, 2048), ({"group_size": 128, "symmetric": False}, 301, 256),
+      ({"group_size": 256, "symmetric": False}, 45, 3840)]
+
+
+@needs_native
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("args,n,k", [pytest.param(*w, id=f"{w[1]}x{w[2]}-g{w[0]['group_size']}-"
+                                      f"{'sym' if w[0]['symmetric'] else 'asym'}") for w in W4])
+def test_q4_rows_t_keeps_the_bits(args, n, k, with_bias, monkeypatch, two_threads):
+    if LEVEL < VNNI:
+        pytest.skip("needs AVX512-VNNI")
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_vnni")
+    monkeypatch.setenv("CODESHELL_Q4_EPI", "1")  # the epilogue's bits (run_q4 takes M = 2..16 there)
+    for v in ("CODESHELL_Q8R_TP4", "CODESHELL_Q8R_INT4", "CODESHELL_Q8_PANEL_MIN_M", "CODESHELL_Q8R_TP_SOLO"):
+        monkeypatch.delenv(v, raising=False)
+    mod = _ext.get()
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k + 5)) * 0.05
+    pw = quantize_int4(w, **args)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(9)) if with_bias else None
+    g = torch.Generator().manual_seed(k + 11)
+    x = torch.randn(8, k, generator=g) * torch.rand(8, 1, generator=g) * 4
+    x[:, ::29] *= 8
+    x[2] = 0  # an all-zero row
+
+    def call(xx):
+        return mod.decode_int4_q8_packed(xx.contiguous(), pw.data, pw.scales, pw.offsets, pw.group_size, bias, VNNI)
+
+    alone = torch.cat([mod.decode_int4_q8(x[i:i + 1].contiguous(), pw.data, pw.scales, pw.offsets, pw.group_size,
+                                          bias, VNNI) for i in range(8)])
+    ref = ops.reference(x, pw, bias, "avx512_vnni:q8")
+    for m in range(5, 9):
+        got = call(x[:m])
+        err = (got - ref[:m]).abs().max().item()
+        assert err <= 2e-5 * ref.abs().max().item(), f"M={m} {n}x{k} {args}: max abs error {err:.3g}"
+        assert_rows_bitwise(got, alone[:m], f"q8_rows_t.h int4 at M={m}, {n}x{k} {args}")
+        for team in (False, True):
+            if team:
+                r = mod.run_in_team(lambda: call(x[:m]))
+                assert r is not False, "no thread team to run in"
+                got2 = r[0]
+            else:
+                got2 = got
+            monkeypatch.setenv("CODESHELL_Q8R_TP4", "0")
+            want = call(x[:m])
+            monkeypatch.delenv("CODESHELL_Q8R_TP4")
+            assert_rows_bitwise(got2, want, f"TP4 on / off at M={m}, {n}x{k} {args} (team {team})", against="run_q4")
+        monkeypatch.setenv("CODESHELL_Q8R_TP_SOLO", str(n * k))  # the whole weight on the calling thread
+        assert_rows_bitwise(call(x[:m]), got, f"TP_SOLO at M={m}, int4 {n}x{k} {args}")
+        monkeypatch.delenv("CODESHELL_Q8R_TP_SOLO")
+
+
+@needs_native
+def test_int4_decode_step_with_the_transposed_copy_keeps_the_bits(monkeypatch, two_threads):
+    from test_step_rows import CASES, decode, model_and_cache, same
+
+    monkeypatch.delenv("CODESHELL_Q8R_TP4", raising=False)
+    m, cache = model_and_cache("int4")
+    decode(m, cache, [7], [3], [0], team=False)
+    for tokens, positions, slots in CASES:
+        for team in (False, True):
+            monkeypatch.setenv("CODESHELL_Q8R_TP4", "0")
+            want = decode(m, cache, tokens, positions, slots, team)
+            monkeypatch.delenv("CODESHELL_Q8R_TP4")
+            got = decode(m, cache, tokens, positions, slots, team)
+            assert same(got, want), f"the int4 transposed copy at batch {len(tokens)} (team {team})"
+
+
+from test_decode_step import two_threads  # noqa: E402,F401  (the fixture: 2 OpenMP threads, restored after)

@@ -83,7 +83,7 @@ def test_decode_step_with_the_transposed_copy_keeps_the_bits(monkeypatch, two_th
         for team in (False, True):
             monkeypatch.setenv("CODESHELL_Q8R_TP", "0")
             want = decode(m, cache, tokens, positions, slots, team)
-            monkeypatch.delenv("CODESHELL_Q8R_TP")
+            monkeypatch.setenv("CODESHELL_Q8R_TP", "1")  # made whatever the LLC rule says (copy_wanted)
             got = decode(m, cache, tokens, positions, slots, team)
             assert same(got, want), f"the transposed copy at batch {len(tokens)} (team {team})"
 
@@ -146,15 +146,60 @@ def test_int4_decode_step_with_the_transposed_copy_keeps_the_bits(monkeypatch, t
     from test_step_rows import CASES, decode, model_and_cache, same
 
     monkeypatch.delenv("CODESHELL_Q8R_TP4", raising=False)
-    m, cache = model_and_cache("int4")
+    m, cache = model_and_cache("int4", group=128)  # the copy takes groups of 128 / 256
     decode(m, cache, [7], [3], [0], team=False)
     for tokens, positions, slots in CASES:
         for team in (False, True):
             monkeypatch.setenv("CODESHELL_Q8R_TP4", "0")
             want = decode(m, cache, tokens, positions, slots, team)
-            monkeypatch.delenv("CODESHELL_Q8R_TP4")
+            monkeypatch.setenv("CODESHELL_Q8R_TP4", "1")  # made whatever the LLC rule says (copy_wanted)
             got = decode(m, cache, tokens, positions, slots, team)
             assert same(got, want), f"the int4 transposed copy at batch {len(tokens)} (team {team})"
+    if ops.isa_level() == ops.ISA_LEVELS.index("avx512_vnni"):  # where decode_step makes int4's copy
+        assert _step(m).copy_bytes_made() > 0  # batch 8 took the copy
+
+
+def _step(m):
+    from codeshell.kernels import step as step_mod
+    return step_mod._DECODERS[m].step
+
+
+def _l3_bytes() -> int:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            v = f.read().strip()
+    except OSError:
+        return 0
+    return int(v[:-1]) * (1 << 20 if v[-1] in "Mm" else 1 << 10) if v[-1] in "KkMm" else int(v)
+
+
+@needs_native
+def test_the_copies_only_where_the_model_and_its_copies_fit_the_llc(monkeypatch, two_threads):
+    """Unset, CODESHELL_Q8R_TP / _TP4 make the copies only for a model whose weights and copies take at
+    most 3/4 of the LLC (a tiny model here, where sysfs gives the L3 size); 0 makes none; a step whose
+    weights alone pass that bound makes none."""
+    from test_step_rows import CASES, decode, model_and_cache
+
+    l3, level = _l3_bytes(), ops.isa_level()
+    makes = {"int8": level in (1, 2), "int4": level == 1}  # decode_step's conditions besides the rule
+    batch8 = CASES[2]
+    for fmt in ("int8", "int4"):
+        for v in ("CODESHELL_Q8R_TP", "CODESHELL_Q8R_TP4"):
+            monkeypatch.setenv(v, "0")
+        m, cache = model_and_cache(fmt, group=128)
+        decode(m, cache, *batch8, team=False)
+        st = _step(m)
+        assert st.copies_fit() == (l3 > 0)
+        assert st.copy_bytes_made() == 0, "CODESHELL_Q8R_TP(4)=0 made a copy"
+        for v in ("CODESHELL_Q8R_TP", "CODESHELL_Q8R_TP4"):
+            monkeypatch.delenv(v)
+        decode(m, cache, *batch8, team=False)
+        assert (st.copy_bytes_made() > 0) == (l3 > 0 and makes[fmt]), fmt
+    # a step whose one int8 weight alone takes the whole LLC: never fits
+    st = _ext.get().DecodeStep(8, 2, 32, 0)
+    n = max(l3, 1 << 20) // 256 + 128
+    st.add_linear(1, 3, 0, torch.zeros(n, 256, dtype=torch.int8), torch.ones(n), None, None, 0, n, 256)
+    assert not st.copies_fit()
 
 
 from test_decode_step import two_threads  # noqa: E402,F401  (the fixture: 2 OpenMP threads, restored after)

@@ -24,11 +24,11 @@ pytestmark = pytest.mark.skipif(not available(), reason=f"native kernels unavail
 from test_decode_step import two_threads  # noqa: E402,F401  (the fixture: 2 OpenMP threads, restored after)
 
 
-def model_and_cache(kind: str, positions: int = 1024, slots: int = 8):
+def model_and_cache(kind: str, positions: int = 1024, slots: int = 8, group: int = 64):
     from codeshell.engine.kv_cache import KVCache
     from test_decode_step import tiny  # the tests' random 2-layer model (C = 128, 4 heads / 2 groups)
 
-    m = tiny(kind, n_positions=positions)
+    m = tiny(kind, group=group, n_positions=positions)
     cache = KVCache(m.cfg, slots, positions, torch.bfloat16)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():

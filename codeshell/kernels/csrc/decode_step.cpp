@@ -89,6 +89,9 @@ struct WeightSums {
 #if CODESHELL_HAVE_AVX512
   codeshell::q8rt::Pack4 packed4;  // int4's (CODESHELL_Q8R_TP4=0: neither)
 #endif
+  // The owning step's verdict: the model's weights and all its copies fit 3/4 of the LLC
+  // (DecodeStep::copies_fit_, kept current by add_linear); null for a Linear outside a step.
+  const std::atomic<bool>* copies_fit = nullptr;
 };
 
 struct Linear {
@@ -103,6 +106,19 @@ struct Linear {
 // by the weight's pointer and shape, so any other kernel the call reaches ignores it.
 // CODESHELL_Q8R_WSUM=0 (read per call): neither made nor used, the per-block weight_sums as before.
 // The same integers either way: the same bits (tests/kernels/test_q8_wsum.py).
+// Whether this linear's batched call takes q8_rows_t.h's transposed copy (made at its first
+// call of 5..8 rows). The copy is a second weight of the same bytes (int8) or twice them (int4's
+// byte a weight), so only where the model with all its copies stays in the last-level cache: there
+// the kernel is bound by its vpdpbusd issue and the copy pays (codeshell-mini's b8 head 197 -> 129
+// us); a DRAM-bound model (the 7B shapes, ~GBs of weights) would double its memory for a kernel that
+// waits on the same bytes from DRAM. `name` (CODESHELL_Q8R_TP int8 / _TP4 int4, read per call):
+// 0 never, 1 always (tests), unset or anything else: the LLC rule.
+bool copy_wanted(const Linear& l, const char* name) {
+  const int64_t v = codeshell::env_int(name, -1);
+  if (v == 0 || v == 1) return v == 1;
+  return l.wsum->copies_fit != nullptr && l.wsum->copies_fit->load(std::memory_order_relaxed);
+}
+
 void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& out) {
   const int8_t* w = l.data.data_ptr<int8_t>();
   const int32_t* sums = nullptr;
@@ -117,7 +133,7 @@ void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& ou
   const uint8_t* packed = nullptr;
 #if CODESHELL_HAVE_AVX512
   const int64_t M = xf.size(0);
-  if (sums != nullptr && M >= 5 && M <= 8 && codeshell::env_flag("CODESHELL_Q8R_TP", true)) {
+  if (sums != nullptr && M >= 5 && M <= 8 && copy_wanted(l, "CODESHELL_Q8R_TP")) {
     WeightSums& ws = *l.wsum;
     std::call_once(ws.pack_once, [&] { ws.packed = codeshell::q8rt::pack(w, l.N, l.K); });
     packed = ws.packed.data();
@@ -135,7 +151,7 @@ void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& ou
 const void* int4_packed(const Linear& l, int64_t M) {
 #if CODESHELL_HAVE_AVX512
   if (M < 5 || M > 8 || l.K % 128 != 0 || (l.group != 128 && l.group != 256) ||
-      codeshell::cpu_features().max_isa != codeshell::kAvx512Vnni || !codeshell::env_flag("CODESHELL_Q8R_TP4", true))
+      codeshell::cpu_features().max_isa != codeshell::kAvx512Vnni || !copy_wanted(l, "CODESHELL_Q8R_TP4"))
     return nullptr;
   WeightSums& ws = *l.wsum;
   std::call_once(ws.pack_once, [&] {
@@ -355,7 +371,11 @@ class DecodeStep {
                 "DecodeStep: the bias must be a contiguous fp32 [N] tensor");
     codeshell::check_isa(isa);
     linears_.push_back(Linear{kind, kernel, isa, N, K, group, data, scales, offsets, bias});
+    linears_.back().wsum->copies_fit = &copies_fit_;
     weight_bytes_ += data.nbytes();
+    if (kind != kBf16 && K % 128 == 0) copy_bytes_ += N * K;  // q8_rows_t.h's copy: a byte a weight
+    static const int64_t l3 = l3_bytes();
+    copies_fit_.store(l3 > 0 && weight_bytes_ + copy_bytes_ <= l3 / 4 * 3, std::memory_order_relaxed);
     return int64_t(linears_.size()) - 1;
   }
 
@@ -630,6 +650,19 @@ class DecodeStep {
   }
 
   // The output head: linear `index` (add_linear; K = C). Its logits are decode's.
+  // The bytes of q8_rows_t.h's transposed copies made so far (tests: whether copy_wanted's rule made them).
+  int64_t copy_bytes_made() const {
+    int64_t b = 0;
+    for (const Linear& l : linears_) {
+      b += int64_t(l.wsum->packed.size());
+#if CODESHELL_HAVE_AVX512
+      b += int64_t(l.wsum->packed4.w.size() + 4 * (l.wsum->packed4.sc.size() + l.wsum->packed4.of.size()));
+#endif
+    }
+    return b;
+  }
+  bool copies_fit() const { return copies_fit_.load(std::memory_order_relaxed); }
+
   void set_head(int64_t index) {
     TORCH_CHECK(0 <= index && index < int64_t(linears_.size()) && linears_[index].K == H_ * D_,
                 "DecodeStep.set_head: no linear ", index, " of width ", H_ * D_);
@@ -1020,6 +1053,8 @@ class DecodeStep {
   int64_t head_ = -1, emb_kind_ = kEmbPanels, vocab_ = 0;
   torch::Tensor emb_, inv_freq_;
   int64_t team_ = 0, layer_bytes_ = 0, inner_ = 0, weight_bytes_ = 0;
+  int64_t copy_bytes_ = 0;                 // the int8 / int4 linears' q8_rows_t.h copies if all were made
+  std::atomic<bool> copies_fit_{false};    // weights + copies <= 3/4 LLC (copy_wanted); Linear points here
   mutable Profile prof_;
   mutable std::mutex arena_mu_;
   mutable std::mutex rope_mu_;
@@ -1067,6 +1102,8 @@ void register_decode_step(py::module& m) {
                              "k-pairs of the bf16 batched rows' L2 prefetch in its calls (0: none; step_hints.h)")
       .def_property("profile", &DecodeStep::profile, &DecodeStep::set_profile,
                     "time each phase of decode's calls (setting it clears the sums)")
+      .def("copy_bytes_made", &DecodeStep::copy_bytes_made, "bytes of q8_rows_t.h's transposed copies made so far")
+      .def("copies_fit", &DecodeStep::copies_fit, "the weights and their transposed copies fit 3/4 of the LLC")
       .def("profile_times", &DecodeStep::profile_times, "(calls, [(phase, seconds summed over the calls)])")
       .def("trace_times", &DecodeStep::trace_times,
            "decode's calls since profile was set on: (entry, body start, body end, exit) steady_clock ns "

@@ -46,6 +46,7 @@
 #include "q8_rows_t.h"
 #include "q8_wsum.h"
 #include "step_hints.h"
+#include "switches.h"
 
 #include <omp.h>
 
@@ -59,6 +60,8 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <set>
+#include <string>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -289,7 +292,7 @@ struct StepPf {
   // 2576 tok/s off against 2083 / 2130 on, medians); "1" runs them on any model.
   static StepPf read(bool resident) {
     StepPf s;
-    const char* v = std::getenv("CODESHELL_STEP_PF");
+    const char* v = codeshell::env_detail::get("CODESHELL_STEP_PF");
     s.on = v == nullptr || *v == 0 ? !resident : codeshell::env_flag("CODESHELL_STEP_PF", true);
     if (!s.on) return s;
     s.bytes = std::max<int64_t>(0, codeshell::env_int("CODESHELL_STEP_PF_KB", 512)) << 10;
@@ -767,6 +770,9 @@ class DecodeStep {
   // as they would inside a parallel region. Exceptions reach the caller.
   template <class Body>
   void step(const Body& body) const {
+    // The switches this call reads (here, in decode_rows and in every kernel it calls on this thread)
+    // trust one check of the environment's fingerprint (switches.h, session 29 helper C)
+    const codeshell::EnvScope env_scope;
     std::unique_lock<std::mutex> lock(arena_mu_, std::try_to_lock);
     Arena fresh;
     Arena& a = lock.owns_lock() ? arena_ : fresh;
@@ -1194,6 +1200,40 @@ void register_decode_step(py::module& m) {
       throw;
     }
   }, "fn() as the master of the thread team (as inside a decode step with the team on)");
+  // For the tests (test_switch_cache.py): the switches' cache (switches.h) from Python. A name is
+  // interned first (the cache is keyed by a name's address; a node set's strings never move).
+  struct Names {
+    std::set<std::string> set;
+    const char* get(const std::string& n) { return set.insert(n).first->c_str(); }
+  };
+  static Names* names = new Names();  // never freed: its strings are cache keys for the process
+  m.def("env_switches", [](const std::vector<std::string>& ns) {
+    std::vector<c10::optional<std::string>> out;
+    for (const std::string& n : ns) {
+      const char* v = codeshell::env_detail::get(names->get(n));
+      out.push_back(v == nullptr ? c10::nullopt : c10::optional<std::string>(v));
+    }
+    return out;
+  }, "each name's value (None: unset) read through the switches' cache, as env_flag / env_int read it");
+  m.def("env_switches_scoped", [](const std::vector<std::string>& ns, py::function fn) {
+    // inside one EnvScope (as a decode step's call): the values before fn(), and after it
+    auto read = [&] {
+      std::vector<c10::optional<std::string>> out;
+      for (const std::string& n : ns) {
+        const char* v = codeshell::env_detail::get(names->get(n));
+        out.push_back(v == nullptr ? c10::nullopt : c10::optional<std::string>(v));
+      }
+      return out;
+    };
+    const codeshell::EnvScope scope;
+    auto before = read();
+    fn();
+    return py::make_tuple(before, read());
+  }, "(values, values after fn()) read inside one EnvScope");
+  m.def("env_cache_stats", [] {
+    const codeshell::env_detail::State& s = codeshell::env_detail::state;
+    return py::make_tuple(s.checks, s.changes, s.lookups, s.off);
+  }, "this thread's switch cache: (fingerprint checks, changes seen, cached lookups, CODESHELL_ENV_CACHE=0)");
   // For the tests (test_step_prefetch.py): the process team's (posted, taken by a helper) prefetch
   // side jobs so far (parallel.h Team::prefetch_async); (0, 0) with one thread.
   m.def("team_side_jobs", []() -> py::tuple {

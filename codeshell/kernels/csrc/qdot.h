@@ -54,9 +54,9 @@ struct Pf {
   bool prime = false;
   int64_t sc = 0;  // int4 M = 1: prefetch the scales / offsets of the rows this many 16-row tiles ahead (0: none)
 };
-inline Pf pf_env(const char* dist, const char* hint) {
+inline Pf pf_env(const char* dist, const char* hint, int64_t dflt = kM1Prefetch) {
   Pf p;
-  p.d = env_int(dist, kM1Prefetch);
+  p.d = env_int(dist, dflt);
   p.h = static_cast<int>(env_int(hint, 0));
   p.prime = env_flag("CODESHELL_M1_PRIME", false);
   return p;

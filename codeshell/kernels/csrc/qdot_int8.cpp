@@ -43,7 +43,19 @@ inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // 33.3 against 24.3 GB/s (1.38x), 2 threads 40.8 against 34.6 (1.18x); the 1.7B model's token
 // (bench_decode_phases, probe 44) 1.059x, mlp.c_proj in the step 39.9 against 34.5. So tile_v again.
 inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", false); }
-inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"); }
+// The distance's default: kM1Prefetch (8 KiB, tuned on the Zen 5 EPYC), but 2 KiB on a CPU with
+// AVX512-VNNI and neither AVX512-BF16 nor AMX (the Ice Lake-class Xeon of sessions 23-29; the read probe
+// prefetches 2 KiB ahead too). Session 29 helper C, bench_m1_threads.py --sets small_head:int8 --threads 2
+// (70144 x 1024, 72 MB, cold), quiet minutes, paired medians: 2 KiB 1.048x (6 rounds, 92% of the probe
+// against 88%) and 1.025x (4 rounds; 1 KiB 1.022x, 4 KiB 1.008x). Prefetches change no bits.
+inline int64_t q8_m1_pf_default() {
+  static const int64_t d = [] {
+    const codeshell::CpuFeatures& f = codeshell::cpu_features();
+    return f.avx512vnni && !f.avx512bf16 && !f.amx_int8 ? int64_t(2048) : kM1Prefetch;
+  }();
+  return d;
+}
+inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH", q8_m1_pf_default()); }
 // int8 M = 1 without AMX: parallel_owned (one contiguous share of the rows a thread, the other's
 // steps stolen from the back) for a weight of at most kQ8SplitMaxBytes, else parallel_chunks (~8
 // chunks a thread); the same bits. CODESHELL_Q8_M1_SPLIT=1 / =0: parallel_owned at every size / never;

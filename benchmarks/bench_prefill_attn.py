@@ -29,6 +29,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="small", help="a codeshell.config.SHAPES name, or small / mid")
+    ap.add_argument("--model", default=None, help="a checkpoint's shape instead of --shape (codeshell-mini: the package's)")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=20)
@@ -39,7 +40,13 @@ def main() -> None:
     from codeshell.kernels import prefill_attention as pa
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_quant import shape_config
-    cfg = SHAPES.get(args.shape) or shape_config(args.shape)
+    if args.model is not None:
+        from codeshell.config import CodeShellConfig
+        from codeshell.mini import MODEL_DIR
+        cfg = CodeShellConfig.from_json(os.path.join(MODEL_DIR if args.model == "codeshell-mini" else args.model,
+                                                     "config.json"))
+    else:
+        cfg = SHAPES.get(args.shape) or shape_config(args.shape)
     H, G, D, T = cfg.n_head, cfg.num_query_groups, cfg.head_dim, args.prompt_len
     g = torch.Generator().manual_seed(0)
     kc = torch.randn(1, G, T + 8, D, generator=g).bfloat16()

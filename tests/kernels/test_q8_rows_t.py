@@ -48,11 +48,19 @@ def test_q8_rows_t_keeps_the_bits(n, k, with_bias, extreme, monkeypatch, two_thr
 
     alone = torch.cat([mod.decode_int8_q8(x[i:i + 1].contiguous(), pw.data, pw.scales, bias, VNNI) for i in range(8)])
     ref = ops.reference(x[:8], pw, bias, "avx512_vnni:q8")
+    check_rows_5_to_8(monkeypatch, mod, call, x, ref, alone, n * k, "CODESHELL_Q8R_TP", "run_rows", f"int8 {n}x{k}",
+                      prefetch=True)
+
+
+def check_rows_5_to_8(monkeypatch, mod, call, x, ref, alone, nk, switch, against, label, prefetch=False):
+    """At M = 5..8: `call` (the copy hinted) near the reference, each row's bits those of the row alone,
+    in and out of the thread team the bits of `switch`=0 (the kernel `against`), and with the
+    CODESHELL_Q8R_TP_SOLO (and, `prefetch`, _TP_PF) switches the same bits."""
     for m in range(5, 9):
         got = call(x[:m])
         err = (got - ref[:m]).abs().max().item()
-        assert err <= 2e-5 * ref.abs().max().item(), f"M={m} {n}x{k}: max abs error {err:.3g} against the reference"
-        assert_rows_bitwise(got, alone[:m], f"q8_rows_t.h at M={m}, int8 {n}x{k}")
+        assert err <= 2e-5 * ref.abs().max().item(), f"M={m} {label}: max abs error {err:.3g} against the reference"
+        assert_rows_bitwise(got, alone[:m], f"q8_rows_t.h at M={m}, {label}")
         for team in (False, True):  # the groups of 32 split over the team's 2 threads
             if team:
                 r = mod.run_in_team(lambda: call(x[:m]))
@@ -60,15 +68,16 @@ def test_q8_rows_t_keeps_the_bits(n, k, with_bias, extreme, monkeypatch, two_thr
                 got2 = r[0]
             else:
                 got2 = got
-            monkeypatch.setenv("CODESHELL_Q8R_TP", "0")
+            monkeypatch.setenv(switch, "0")
             want = call(x[:m])
-            monkeypatch.delenv("CODESHELL_Q8R_TP")
-            assert_rows_bitwise(got2, want, f"TP on / off at M={m}, int8 {n}x{k} (team {team})", against="run_rows")
-        monkeypatch.setenv("CODESHELL_Q8R_TP_PF", "1")  # the software prefetch kept as a switch
-        assert_rows_bitwise(call(x[:m]), got, f"TP_PF=1 at M={m}, int8 {n}x{k}")
-        monkeypatch.delenv("CODESHELL_Q8R_TP_PF")
-        monkeypatch.setenv("CODESHELL_Q8R_TP_SOLO", str(n * k))  # the whole weight on the calling thread
-        assert_rows_bitwise(call(x[:m]), got, f"TP_SOLO at M={m}, int8 {n}x{k}")
+            monkeypatch.delenv(switch)
+            assert_rows_bitwise(got2, want, f"{switch} on / off at M={m}, {label} (team {team})", against=against)
+        if prefetch:
+            monkeypatch.setenv("CODESHELL_Q8R_TP_PF", "1")  # the software prefetch kept as a switch
+            assert_rows_bitwise(call(x[:m]), got, f"TP_PF=1 at M={m}, {label}")
+            monkeypatch.delenv("CODESHELL_Q8R_TP_PF")
+        monkeypatch.setenv("CODESHELL_Q8R_TP_SOLO", str(nk))  # the whole weight on the calling thread
+        assert_rows_bitwise(call(x[:m]), got, f"TP_SOLO at M={m}, {label}")
         monkeypatch.delenv("CODESHELL_Q8R_TP_SOLO")
 
 
@@ -120,25 +129,7 @@ def test_q4_rows_t_keeps_the_bits(args, n, k, with_bias, monkeypatch, two_thread
     alone = torch.cat([mod.decode_int4_q8(x[i:i + 1].contiguous(), pw.data, pw.scales, pw.offsets, pw.group_size,
                                           bias, VNNI) for i in range(8)])
     ref = ops.reference(x, pw, bias, "avx512_vnni:q8")
-    for m in range(5, 9):
-        got = call(x[:m])
-        err = (got - ref[:m]).abs().max().item()
-        assert err <= 2e-5 * ref.abs().max().item(), f"M={m} {n}x{k} {args}: max abs error {err:.3g}"
-        assert_rows_bitwise(got, alone[:m], f"q8_rows_t.h int4 at M={m}, {n}x{k} {args}")
-        for team in (False, True):
-            if team:
-                r = mod.run_in_team(lambda: call(x[:m]))
-                assert r is not False, "no thread team to run in"
-                got2 = r[0]
-            else:
-                got2 = got
-            monkeypatch.setenv("CODESHELL_Q8R_TP4", "0")
-            want = call(x[:m])
-            monkeypatch.delenv("CODESHELL_Q8R_TP4")
-            assert_rows_bitwise(got2, want, f"TP4 on / off at M={m}, {n}x{k} {args} (team {team})", against="run_q4")
-        monkeypatch.setenv("CODESHELL_Q8R_TP_SOLO", str(n * k))  # the whole weight on the calling thread
-        assert_rows_bitwise(call(x[:m]), got, f"TP_SOLO at M={m}, int4 {n}x{k} {args}")
-        monkeypatch.delenv("CODESHELL_Q8R_TP_SOLO")
+    check_rows_5_to_8(monkeypatch, mod, call, x, ref, alone, n * k, "CODESHELL_Q8R_TP4", "run_q4", f"int4 {n}x{k} {args}")
 
 
 @needs_native

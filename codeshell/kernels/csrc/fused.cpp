@@ -446,9 +446,8 @@ namespace {
 // Rows add_ln_rows16 takes at once (CODESHELL_LN_ROWS, read per call: 4 by default, 2, or 1 =
 // add_ln_row16 row by row). One thread, 512 x 1024 bf16: 1 / 2 / 4 rows 0.275 / 0.242 / 0.232 ms.
 int ln_rows() {
-  const char* e = std::getenv("CODESHELL_LN_ROWS");
-  const int n = e != nullptr && *e ? std::atoi(e) : 4;
-  return n == 1 || n == 2 ? n : 4;
+  const int64_t n = codeshell::env_int("CODESHELL_LN_ROWS", 4);  // switches.h: cached while environ is unchanged
+  return n == 1 || n == 2 ? int(n) : 4;
 }
 
 // The 16-lane LayerNorm where the CPU has AVX-512 and CODESHELL_KERNEL_ISA does not cap the
@@ -476,7 +475,7 @@ void add_ln(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, torch
   const bool wide = ln_wide();
   const int nr = wide ? ln_rows() : 1;
   // add_ln_rows16's prefetch: the rows CODESHELL_LN_PF blocks ahead (default 1; 0 = none)
-  const int pf = [] { const char* e = std::getenv("CODESHELL_LN_PF"); return e != nullptr && *e ? std::max(0, std::min(4, std::atoi(e))) : 1; }();
+  const int pf = int(std::max<int64_t>(0, std::min<int64_t>(4, codeshell::env_int("CODESHELL_LN_PF", 1))));
   for_rows(rows, C, [&](int64_t r0, int64_t r1) {
 #if CODESHELL_HAVE_AVX512
     if (nr > 1 && r1 - r0 >= 2) {  // add_ln_rows16: w and b widened once for the chunk's rows

@@ -66,6 +66,25 @@ inline __m512 tree16_v(const float* v, int64_t stride) {
   return _mm512_add_ps(a[0], a[1]);
 }
 
+// tree16_v over the 16 slots v[0], v[stride], ... (64-byte aligned) of which only slots < nb were
+// written (the rest hold +0): the same sum without the adds of +0. Exact: a slot's accumulator is
+// never -0 (it starts at +0), so x + (+0) = x, and the tree's remaining pairs are the same.
+// q8_rows.h (stride 16) and q8_rows_t.h (its slot stride) end their blocks with it.
+inline __m512 tree16_v_prefix(const float* v, int64_t stride, int64_t nb) {
+  auto ld = [&](int i) { return _mm512_load_ps(v + stride * i); };
+  if (nb >= 9) return tree16_v(v, stride);
+  if (nb <= 1) return ld(0);
+  if (nb <= 2) return _mm512_add_ps(ld(0), ld(1));
+  __m512 a[4];
+  if (nb <= 4) {
+    for (int i = 0; i < 4; ++i) a[i] = i < nb ? ld(i) : _mm512_setzero_ps();
+  } else {
+    for (int i = 0; i < 4; ++i) a[i] = i + 4 < nb ? _mm512_add_ps(ld(i), ld(i + 4)) : ld(i);
+  }
+  // levels i + 2 and i + 1 as tree16_v (a slot past nb: +0, added as tree16_v adds it)
+  return _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+}
+
 // out[m, n] = finish_vec(out[m, n], s_n, bias_n) for rows m < M and columns [n0, n1): the raw
 // tree16 results written by a VNNI kernel; scale null: s = 1 (int4).
 inline void finish_cols(float* out, int64_t M, int64_t ldo, int64_t n0, int64_t n1, const float* scale,

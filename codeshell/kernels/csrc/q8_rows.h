@@ -92,25 +92,6 @@ struct Args {
   bool t8 = true;        // E = 2 (M = 5..8) with lean_epi: store_t8 (false: scalar stores; CODESHELL_Q8R_T8=0)
 };
 
-// tree16_v over the 16 slots acc[0..15] (stride 16 floats) of which only slots < nb were written
-// (the rest hold +0): the same sum without the adds of +0. Exact: a slot's acc is never -0
-// (q8_epilogue.h: it starts at +0), so x + (+0) = x, and the tree's remaining pairs are the same.
-inline __m512 tree16_prefix(const float* acc, int64_t nb) {
-  auto ld = [&](int i) { return _mm512_load_ps(acc + 16 * i); };
-  if (nb >= 9) return codeshell::q8epi::tree16_v(acc, 16);
-  if (nb <= 1) return ld(0);
-  if (nb <= 2) return _mm512_add_ps(ld(0), ld(1));
-  __m512 a[4];
-  if (nb <= 4) {
-    for (int i = 0; i < 4; ++i) a[i] = i < nb ? ld(i) : _mm512_setzero_ps();
-  } else {
-    for (int i = 0; i < 4; ++i) a[i] = i + 4 < nb ? _mm512_add_ps(ld(i), ld(i + 4)) : ld(i);
-  }
-  // levels i + 2 and i + 1 as tree16_v (a slot past nb: +0, added as tree16_v adds it)
-  const __m512 c0 = _mm512_add_ps(a[0], a[2]), c1 = _mm512_add_ps(a[1], a[3]);
-  return _mm512_add_ps(c0, c1);
-}
-
 // The L1 prefetch distance in 128-byte blocks (CODESHELL_Q8R_PF0 overrides it; 0 = none; past a
 // row's end the next NR rows' first blocks, so K = 256 rows get it too). The
 // T1 prefetch brings the next NR rows into L2, but the NR rows being read are 8 streams of 8-16
@@ -297,7 +278,7 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
         __m512 yv[4];
         for (int g = 0; g < 4; ++g) {
           const __m512i ix = _mm512_add_epi32(half, _mm512_set1_epi32(2 * g));
-          yv[g] = E_::finish_vec(tree16_prefix(&acc[g][0][0], nb), _mm512_permutexvar_ps(ix, s8), _mm512_permutexvar_ps(ix, b8));
+          yv[g] = E_::finish_vec(codeshell::q8epi::tree16_v_prefix(&acc[g][0][0], 16, nb), _mm512_permutexvar_ps(ix, s8), _mm512_permutexvar_ps(ix, b8));
         }
         store_t8(yv, A.out, A.N, n, rows, A.M);
         continue;
@@ -315,7 +296,7 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
         const __m512i iv = _mm512_load_si512(ix);
         const __m512 s = _mm512_permutexvar_ps(iv, _mm512_maskz_loadu_ps(k, A.scale + r0));
         const __m512 bb = A.bias ? _mm512_permutexvar_ps(iv, _mm512_maskz_loadu_ps(k, A.bias + r0)) : _mm512_setzero_ps();
-        _mm512_store_ps(y, E_::finish_vec(tree16_prefix(&acc[g][0][0], nb), s, bb));
+        _mm512_store_ps(y, E_::finish_vec(codeshell::q8epi::tree16_v_prefix(&acc[g][0][0], 16, nb), s, bb));
       } else {
         for (int l = 0; l < 16; ++l) {
           const int64_t r = std::min<int64_t>(n + g * E + l / MP, n1 - 1);
@@ -668,7 +649,7 @@ void run_rows_q4(const Q4Args& A, int64_t n0, int64_t n1) {
         const __m512i half = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 3);
         __m512 yv[4];
         for (int gg = 0; gg < 4; ++gg)  // bias lane i * 8 + m: row 2 gg + i's
-          yv[gg] = E_::finish_vec(tree16_prefix(&acc[gg][0][0], ng), _mm512_set1_ps(1.f),
+          yv[gg] = E_::finish_vec(codeshell::q8epi::tree16_v_prefix(&acc[gg][0][0], 16, ng), _mm512_set1_ps(1.f),
                                   _mm512_permutexvar_ps(_mm512_add_epi32(half, _mm512_set1_epi32(2 * gg)), b8));
         store_t8(yv, A.out, A.N, n, rows, A.M);
         continue;
@@ -682,7 +663,7 @@ void run_rows_q4(const Q4Args& A, int64_t n0, int64_t n1) {
       for (int l = 0; l < 16; ++l) ix[l] = int32_t(std::min<int64_t>(l / MP, left - 1));
       const __m512 bb = A.bias ? _mm512_permutexvar_ps(_mm512_load_si512(ix), _mm512_maskz_loadu_ps(k, A.bias + r0))
                                : _mm512_setzero_ps();
-      _mm512_store_ps(y, E_::finish_vec(tree16_prefix(&acc[gg][0][0], ng), _mm512_set1_ps(1.f), bb));
+      _mm512_store_ps(y, E_::finish_vec(codeshell::q8epi::tree16_v_prefix(&acc[gg][0][0], 16, ng), _mm512_set1_ps(1.f), bb));
       for (int i = 0; i < left; ++i)
         for (int64_t m = 0; m < A.M; ++m) A.out[m * A.N + r0 + i] = y[i * MP + m];
     }

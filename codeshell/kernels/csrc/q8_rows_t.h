@@ -132,23 +132,6 @@ inline void block(__m512i* s, const uint8_t* w, const int32_t* x) {
 #undef Q8RT_Q
 #undef Q8RT_D
 
-// tree16 lane by lane over the slots acc[0..15] (stride floats apart) of which only slots < nb
-// were written (the rest would hold +0): q8_rows.h tree16_prefix's sums (the adds of +0 left out:
-// exact, a slot is never -0) with a stride.
-inline __m512 tree16_slots(const float* acc, int64_t stride, int64_t nb) {
-  auto ld = [&](int i) { return _mm512_load_ps(acc + stride * i); };
-  if (nb >= 9) return codeshell::q8epi::tree16_v(acc, stride);
-  if (nb <= 1) return ld(0);
-  if (nb <= 2) return _mm512_add_ps(ld(0), ld(1));
-  __m512 a[4];
-  if (nb <= 4) {
-    for (int i = 0; i < 4; ++i) a[i] = i < nb ? ld(i) : _mm512_setzero_ps();
-  } else {
-    for (int i = 0; i < 4; ++i) a[i] = i + 4 < nb ? _mm512_add_ps(ld(i), ld(i + 4)) : ld(i);
-  }
-  return _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-}
-
 struct Args {
   int64_t M, K, N, nb;
   const int32_t* xp;     // pack_x's [K / 4][8]
@@ -195,7 +178,7 @@ inline void run_cols(const Args& A, int64_t n0, int64_t n1) {
       const __m512 sc = _mm512_maskz_loadu_ps(k, A.scale + c0);
       const __m512 bb = A.bias ? _mm512_maskz_loadu_ps(k, A.bias + c0) : _mm512_setzero_ps();
       for (int64_t m = 0; m < M; ++m)
-        _mm512_mask_storeu_ps(A.out + m * A.N + c0, k, E_::finish_vec(tree16_slots(acc + (h * 8 + m) * 16, S, slots), sc, bb));
+        _mm512_mask_storeu_ps(A.out + m * A.N + c0, k, E_::finish_vec(codeshell::q8epi::tree16_v_prefix(acc + (h * 8 + m) * 16, S, slots), sc, bb));
     }
   }
 }
@@ -285,7 +268,7 @@ inline void run_cols_q4(const Args4& A, int64_t n0, int64_t n1) {
       const __m512 bb = A.bias ? _mm512_maskz_loadu_ps(k, A.bias + c0) : _mm512_setzero_ps();
       for (int64_t m = 0; m < M; ++m)
         _mm512_mask_storeu_ps(A.out + m * A.N + c0, k,
-                              E_::finish_vec(tree16_slots(acc + (h * 8 + m) * 16, S, slots), _mm512_set1_ps(1.f), bb));
+                              E_::finish_vec(codeshell::q8epi::tree16_v_prefix(acc + (h * 8 + m) * 16, S, slots), _mm512_set1_ps(1.f), bb));
     }
   }
 }

@@ -82,20 +82,26 @@ def check_rows_5_to_8(monkeypatch, mod, call, x, ref, alone, nk, switch, against
 
 
 @needs_native
-def test_decode_step_with_the_transposed_copy_keeps_the_bits(monkeypatch, two_threads):
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_decode_step_with_the_transposed_copy_keeps_the_bits(fmt, monkeypatch, two_threads):
+    """The tiny model's native step at batches 1-8, in and out of the team: the copy forced on
+    (CODESHELL_Q8R_TP / _TP4 = 1, whatever the LLC rule says) gives the bits of it off (= 0)."""
     from test_step_rows import CASES, decode, model_and_cache, same
 
-    monkeypatch.delenv("CODESHELL_Q8R_TP", raising=False)
-    m, cache = model_and_cache("int8")
+    switch = "CODESHELL_Q8R_TP" if fmt == "int8" else "CODESHELL_Q8R_TP4"
+    monkeypatch.delenv(switch, raising=False)
+    m, cache = model_and_cache(fmt, group=128)  # int4's copy takes groups of 128 / 256
     decode(m, cache, [7], [3], [0], team=False)  # builds the step
     for tokens, positions, slots in CASES:
         for team in (False, True):
-            monkeypatch.setenv("CODESHELL_Q8R_TP", "0")
+            monkeypatch.setenv(switch, "0")
             want = decode(m, cache, tokens, positions, slots, team)
-            monkeypatch.setenv("CODESHELL_Q8R_TP", "1")  # made whatever the LLC rule says (copy_wanted)
+            monkeypatch.setenv(switch, "1")
             got = decode(m, cache, tokens, positions, slots, team)
-            assert same(got, want), f"the transposed copy at batch {len(tokens)} (team {team})"
-
+            assert same(got, want), f"the {fmt} transposed copy at batch {len(tokens)} (team {team})"
+    # where decode_step makes the copy (int8: below AMX with AVX-512; int4: the VNNI level only)
+    if ops.isa_level() in ((1, 2) if fmt == "int8" else (1,)):
+        assert _step(m).copy_bytes_made() > 0  # batch 8 took the copy
 
 W4 = [({"group_size": 128, "symmetric": False}, 23, 1536), ({"group_size": 128, "symmetric": True}, 37, 1024),
       ({"group_size": 128, "symmetric": False}, 70, 4096), ({"group_size": 256, "symmetric": True}, 33, 1024),
@@ -130,24 +136,6 @@ def test_q4_rows_t_keeps_the_bits(args, n, k, with_bias, monkeypatch, two_thread
                                           bias, VNNI) for i in range(8)])
     ref = ops.reference(x, pw, bias, "avx512_vnni:q8")
     check_rows_5_to_8(monkeypatch, mod, call, x, ref, alone, n * k, "CODESHELL_Q8R_TP4", "run_q4", f"int4 {n}x{k} {args}")
-
-
-@needs_native
-def test_int4_decode_step_with_the_transposed_copy_keeps_the_bits(monkeypatch, two_threads):
-    from test_step_rows import CASES, decode, model_and_cache, same
-
-    monkeypatch.delenv("CODESHELL_Q8R_TP4", raising=False)
-    m, cache = model_and_cache("int4", group=128)  # the copy takes groups of 128 / 256
-    decode(m, cache, [7], [3], [0], team=False)
-    for tokens, positions, slots in CASES:
-        for team in (False, True):
-            monkeypatch.setenv("CODESHELL_Q8R_TP4", "0")
-            want = decode(m, cache, tokens, positions, slots, team)
-            monkeypatch.setenv("CODESHELL_Q8R_TP4", "1")  # made whatever the LLC rule says (copy_wanted)
-            got = decode(m, cache, tokens, positions, slots, team)
-            assert same(got, want), f"the int4 transposed copy at batch {len(tokens)} (team {team})"
-    if ops.isa_level() == ops.ISA_LEVELS.index("avx512_vnni"):  # where decode_step makes int4's copy
-        assert _step(m).copy_bytes_made() > 0  # batch 8 took the copy
 
 
 def _step(m):

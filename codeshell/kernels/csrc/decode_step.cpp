@@ -62,7 +62,6 @@
 #include <mutex>
 #include <set>
 #include <string>
-#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -104,11 +103,6 @@ struct Linear {
   std::shared_ptr<WeightSums> wsum = std::make_shared<WeightSums>();
 };
 
-// The int8 q8 path at M > 1 (batch > 1): q8_rows.h's v2 reads the weight's block sums from a
-// table made once per weight (q8_wsum.h) instead of computing them per block; the hint is keyed
-// by the weight's pointer and shape, so any other kernel the call reaches ignores it.
-// CODESHELL_Q8R_WSUM=0 (read per call): neither made nor used, the per-block weight_sums as before.
-// The same integers either way: the same bits (tests/kernels/test_q8_wsum.py).
 // Whether this linear's batched call takes q8_rows_t.h's transposed copy (made at its first
 // call of 5..8 rows). The copy is a second weight of the same bytes (int8) or twice them (int4's
 // byte a weight), so only where the model with all its copies stays in the last-level cache: there
@@ -122,6 +116,11 @@ bool copy_wanted(const Linear& l, const char* name) {
   return l.wsum->copies_fit != nullptr && l.wsum->copies_fit->load(std::memory_order_relaxed);
 }
 
+// The int8 q8 path at M > 1 (batch > 1): q8_rows.h's v2 reads the weight's block sums from a
+// table made once per weight (q8_wsum.h) instead of computing them per block; the hint is keyed
+// by the weight's pointer and shape, so any other kernel the call reaches ignores it.
+// CODESHELL_Q8R_WSUM=0 (read per call): neither made nor used, the per-block weight_sums as before.
+// The same integers either way: the same bits (tests/kernels/test_q8_wsum.py).
 void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& out) {
   const int8_t* w = l.data.data_ptr<int8_t>();
   const int32_t* sums = nullptr;
@@ -652,7 +651,6 @@ class DecodeStep {
     return out;
   }
 
-  // The output head: linear `index` (add_linear; K = C). Its logits are decode's.
   // The bytes of q8_rows_t.h's transposed copies made so far (tests: whether copy_wanted's rule made them).
   int64_t copy_bytes_made() const {
     int64_t b = 0;
@@ -666,6 +664,7 @@ class DecodeStep {
   }
   bool copies_fit() const { return copies_fit_.load(std::memory_order_relaxed); }
 
+  // The output head: linear `index` (add_linear; K = C). Its logits are decode's.
   void set_head(int64_t index) {
     TORCH_CHECK(0 <= index && index < int64_t(linears_.size()) && linears_[index].K == H_ * D_,
                 "DecodeStep.set_head: no linear ", index, " of width ", H_ * D_);
@@ -1207,28 +1206,22 @@ void register_decode_step(py::module& m) {
     const char* get(const std::string& n) { return set.insert(n).first->c_str(); }
   };
   static Names* names = new Names();  // never freed: its strings are cache keys for the process
-  m.def("env_switches", [](const std::vector<std::string>& ns) {
+  static const auto read_switches = [](const std::vector<std::string>& ns) {
     std::vector<c10::optional<std::string>> out;
     for (const std::string& n : ns) {
       const char* v = codeshell::env_detail::get(names->get(n));
       out.push_back(v == nullptr ? c10::nullopt : c10::optional<std::string>(v));
     }
     return out;
-  }, "each name's value (None: unset) read through the switches' cache, as env_flag / env_int read it");
+  };
+  m.def("env_switches", [](const std::vector<std::string>& ns) { return read_switches(ns); },
+        "each name's value (None: unset) read through the switches' cache, as env_flag / env_int read it");
   m.def("env_switches_scoped", [](const std::vector<std::string>& ns, py::function fn) {
     // inside one EnvScope (as a decode step's call): the values before fn(), and after it
-    auto read = [&] {
-      std::vector<c10::optional<std::string>> out;
-      for (const std::string& n : ns) {
-        const char* v = codeshell::env_detail::get(names->get(n));
-        out.push_back(v == nullptr ? c10::nullopt : c10::optional<std::string>(v));
-      }
-      return out;
-    };
     const codeshell::EnvScope scope;
-    auto before = read();
+    auto before = read_switches(ns);
     fn();
-    return py::make_tuple(before, read());
+    return py::make_tuple(before, read_switches(ns));
   }, "(values, values after fn()) read inside one EnvScope");
   m.def("env_cache_stats", [] {
     const codeshell::env_detail::State& s = codeshell::env_detail::state;

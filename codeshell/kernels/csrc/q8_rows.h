@@ -436,6 +436,40 @@ inline void run_chunk(const Args& A, int64_t n0, int64_t n1) {
   }
 }
 
+// The hooks of run / run_q4 onto q8_rows_t.h's copy at M = 5..8 share these two pieces.
+// x's [K / 4][8] copy and the rows' per-block terms so[i] = mult * sx[i] (int8: 128, int4: 8), on
+// the stack for K <= 1024 and M * blocks <= 128 (made once, before the split).
+struct TpRows {
+  alignas(64) int32_t xbuf[8 * 256], sbuf[8 * 16];
+  std::vector<int32_t> xv, sv;
+  int32_t *xp = xbuf, *so = sbuf;
+  TpRows(const int8_t* xq, const int32_t* sx, int64_t M, int64_t K, int64_t nb, int32_t mult) {
+    if (K / 4 * 8 > 8 * 256) {
+      xv.resize(size_t(K / 4 * 8));
+      xp = xv.data();
+    }
+    if (M * nb > 8 * 16) {
+      sv.resize(size_t(M * nb));
+      so = sv.data();
+    }
+    for (int64_t i = 0; i < M * nb; ++i) so[i] = mult * sx[i];
+    q8rt::pack_x(xq, M, K, xp);
+  }
+};
+
+// cols(n0, n1) over the N weight rows: groups of 32, one contiguous share a thread. CODESHELL_Q8R_TP_SOLO=B
+// (read per call; default 0: off): weights of at most B bytes run on the calling thread alone (no
+// hand-off to the team): an A/B probe of the small linears' split.
+template <class F>
+void tp_split(int64_t N, int64_t K, const F& cols) {
+  if (N * K <= codeshell::env_int("CODESHELL_Q8R_TP_SOLO", 0)) {
+    cols(int64_t(0), N);
+    return;
+  }
+  const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 31) / 32 * 32;
+  codeshell::parallel_owned(N, 32, step, cols);
+}
+
 // y[M, N] = x . W^T (+ bias): prepare x, then the weight rows in parallel chunks.
 inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M, int64_t K, int64_t N,
                 const int8_t* w, const float* scale, const float* bias, float* out) {
@@ -448,32 +482,10 @@ inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M,
     if (M >= 5 && M <= 8 && K % 128 == 0 && h.packed != nullptr && h.w == static_cast<const void*>(w) && h.N == N &&
         h.K == K && codeshell::env_flag("CODESHELL_Q8R_TP", true)) {
       const int64_t nb = K / 128;
-      alignas(64) int32_t so[8 * 16];
-      std::vector<int32_t> xpv;
-      alignas(64) int32_t xps[8 * 256];  // K <= 1024 without an allocation
-      int32_t* xp = xps;
-      if (K / 4 * 8 > 8 * 256) {
-        xpv.resize(size_t(K / 4 * 8));
-        xp = xpv.data();
-      }
-      std::vector<int32_t> sov;
-      int32_t* sop = so;
-      if (M * nb > 8 * 16) {
-        sov.resize(size_t(M * nb));
-        sop = sov.data();
-      }
-      for (int64_t i = 0; i < M * nb; ++i) sop[i] = 128 * sx[i];
-      q8rt::pack_x(xq, M, K, xp);
-      const q8rt::Args T{M, K, N, nb, xp, sop, dx, h.packed, scale, bias, out,
+      const TpRows X(xq, sx, M, K, nb, 128);
+      const q8rt::Args T{M, K, N, nb, X.xp, X.so, dx, h.packed, scale, bias, out,
                          std::max<int64_t>(0, codeshell::env_int("CODESHELL_Q8R_TP_PF", 0))};
-      // CODESHELL_Q8R_TP_SOLO=B (read per call; default 0: off): weights of at most B bytes run on
-      // the calling thread alone (no hand-off to the team): an A/B probe of the small linears' split.
-      if (N * K <= codeshell::env_int("CODESHELL_Q8R_TP_SOLO", 0)) {
-        q8rt::run_cols(T, 0, N);
-        return;
-      }
-      const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 31) / 32 * 32;
-      codeshell::parallel_owned(N, 32, step, [&](int64_t n0, int64_t n1) { q8rt::run_cols(T, n0, n1); });
+      tp_split(N, K, [&](int64_t n0, int64_t n1) { q8rt::run_cols(T, n0, n1); });
       return;
     }
   }
@@ -693,31 +705,13 @@ inline void run_q4(const int8_t* xq, const float* dx, const int32_t* sx, const f
         codeshell::env_flag("CODESHELL_Q8R_TP4", true)) {
       const auto& pk = *static_cast<const q8rt::Pack4*>(h.packed4);
       const int64_t ng = K / G;
-      alignas(64) int32_t xps[8 * 256], sos[8 * 16];  // K <= 1024, ng <= 16 without an allocation
-      std::vector<int32_t> xpv, sov;
-      int32_t *xp = xps, *sop = sos;
-      if (K / 4 * 8 > 8 * 256) {
-        xpv.resize(size_t(K / 4 * 8));
-        xp = xpv.data();
-      }
-      if (M * ng > 8 * 16) {
-        sov.resize(size_t(M * ng));
-        sop = sov.data();
-      }
-      for (int64_t i = 0; i < M * ng; ++i) sop[i] = 8 * sx[i];
-      q8rt::pack_x(xq, M, K, xp);
+      const TpRows X(xq, sx, M, K, ng, 8);
       const bool offs = offset != nullptr && !pk.of.empty();
-      const q8rt::Args4 T{M, K, N, ng, G, xp, sop, dx, offs ? xs : nullptr, pk.w.data(), pk.sc.data(),
+      const q8rt::Args4 T{M, K, N, ng, G, X.xp, X.so, dx, offs ? xs : nullptr, pk.w.data(), pk.sc.data(),
                           offs ? pk.of.data() : nullptr, bias, out};
-      auto cols = [&](int64_t n0, int64_t n1) {
+      tp_split(N, K, [&](int64_t n0, int64_t n1) {
         offs ? q8rt::run_cols_q4<true>(T, n0, n1) : q8rt::run_cols_q4<false>(T, n0, n1);
-      };
-      if (N * K <= codeshell::env_int("CODESHELL_Q8R_TP_SOLO", 0)) {  // as run's (int8) probe above
-        cols(0, N);
-        return;
-      }
-      const int64_t step = std::max<int64_t>(64, (N + 15) / 16 + 31) / 32 * 32;
-      codeshell::parallel_owned(N, 32, step, cols);
+      });
       return;
     }
   }

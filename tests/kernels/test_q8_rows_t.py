@@ -103,6 +103,27 @@ def test_decode_step_with_the_transposed_copy_keeps_the_bits(fmt, monkeypatch, t
     if ops.isa_level() in ((1, 2) if fmt == "int8" else (1,)):
         assert _step(m).copy_bytes_made() > 0  # batch 8 took the copy
 
+@needs_native
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_no_copy_and_no_table_below_vnni(fmt, monkeypatch, two_threads):
+    """A model built at the AVX2 level (an AVX2-only CPU, or CODESHELL_KERNEL_ISA=avx2 on any other)
+    makes no transposed copy even when CODESHELL_Q8R_TP / _TP4 = 1 forces it: its kernel never reads
+    one, and the copy's packing is AVX-512 code (session 30: codeshell-mini int8 at batch 8 died of
+    SIGILL on an AVX2-only AMD Zen 3). The logits are those of the copy switched off."""
+    from test_step_rows import CASES, decode, model_and_cache, same
+
+    switch = "CODESHELL_Q8R_TP" if fmt == "int8" else "CODESHELL_Q8R_TP4"
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
+    monkeypatch.setenv(switch, "0")
+    m, cache = model_and_cache(fmt, group=128)
+    batch8 = CASES[2]
+    want = decode(m, cache, *batch8, team=False)
+    monkeypatch.setenv(switch, "1")
+    got = decode(m, cache, *batch8, team=False)
+    assert _step(m).copy_bytes_made() == 0, f"a {fmt} copy was made for AVX2 linears"
+    assert same(got, want)
+
+
 W4 = [({"group_size": 128, "symmetric": False}, 23, 1536), ({"group_size": 128, "symmetric": True}, 37, 1024),
       ({"group_size": 128, "symmetric": False}, 70, 4096), ({"group_size": 256, "symmetric": True}, 33, 1024),
       ({"group_size": 256, "symmetric": False}, 96, 2048), ({"group_size": 128, "symmetric": False}, 301, 256),

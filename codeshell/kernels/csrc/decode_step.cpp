@@ -127,7 +127,11 @@ void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& ou
   // Only where q8_rows.h can run (CPUs without AMX: amx:q8 takes M >= 2 with q8_panel.h / the AMX
   // tiles, which never read the table; session 23: it was built there too). The switch is read here
   // only: with it off no table is made or handed over (q8rows::run uses the hint it is given).
-  if (l.K % 128 == 0 && l.isa < codeshell::kAmx && codeshell::env_flag("CODESHELL_Q8R_WSUM", true)) {
+  // Session 30: and only at the 512-bit VNNI levels (qdot_int8.cpp int8_q8 takes q8_rows.h there
+  // only): an AVX2 linear made the table for nothing and then q8_rows_t.h's copy, whose packing is
+  // AVX-512 code, and died of SIGILL on an AVX2-only CPU (codeshell-mini int8 at batch 8, AMD Zen 3).
+  if (l.K % 128 == 0 && l.isa >= codeshell::kAvx512Vnni && l.isa < codeshell::kAmx &&
+      codeshell::env_flag("CODESHELL_Q8R_WSUM", true)) {
     WeightSums& ws = *l.wsum;
     std::call_once(ws.once, [&] { ws.sums = codeshell::q8rows::block_sums(w, l.N, l.K); });
     sums = ws.sums.data();
@@ -152,7 +156,9 @@ void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& ou
 // The same bits (tests/kernels/test_q8_rows_t.py).
 const void* int4_packed(const Linear& l, int64_t M) {
 #if CODESHELL_HAVE_AVX512
-  if (M < 5 || M > 8 || l.K % 128 != 0 || (l.group != 128 && l.group != 256) ||
+  // l.isa too (session 30): a linear capped below VNNI (CODESHELL_KERNEL_ISA=avx2) runs the AVX2
+  // kernel, which never reads the copy
+  if (M < 5 || M > 8 || l.K % 128 != 0 || (l.group != 128 && l.group != 256) || l.isa != codeshell::kAvx512Vnni ||
       codeshell::cpu_features().max_isa != codeshell::kAvx512Vnni || !copy_wanted(l, "CODESHELL_Q8R_TP4"))
     return nullptr;
   WeightSums& ws = *l.wsum;

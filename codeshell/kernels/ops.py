@@ -210,6 +210,12 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         # CODESHELL_PREFILL_FMA_GEMM=0 leaves the GEMM out (the session-23 candidates).
         gemm = [] if os.environ.get("CODESHELL_PREFILL_FMA_GEMM", "1") == "0" else ["avx512_vnni:gemm"]
         return gemm + ["avx512_vnni:panel64", "sgemm:fp32"]
+    if x_dtype == torch.bfloat16 and p.kind != "bf16" and activation_block(p) is not None:
+        # int8/int4 with bf16 x on AVX2 (no VNNI): the vpmaddubsw streaming kernel at every M on x
+        # rounded to int8 as decode rounds it (`avx2:q8`), or the fp32 sgemm path, measured. Session
+        # 30, AMD Zen 3, 512 rows of the small shapes: q8 0.75-1.27x sgemm by shape (K = 4096 ahead,
+        # K = 1024 behind), where sgemm alone left the int8 / int4 prompt at 0.85x / 0.69x llama.cpp.
+        return ["avx2:q8", "sgemm:fp32"]
     if p.kind == "bf16" and p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS:
         return ["avx2:panel64"]
     return ["sgemm:fp32"]

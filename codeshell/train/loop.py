@@ -28,7 +28,7 @@ from .build import LMLoss, add_lora, check_lora_targets, distribute, load_model,
 from .casts import step_casts
 from .config import PRESETS, TrainConfig, TrainError
 from .data import ExampleRows, ShardRows, Tokenized, check_path, read_rows
-from .metrics import Meter, flops_per_token, measure_peak_flops
+from .metrics import Meter, flops_per_token, training_peak_flops
 
 
 @dataclass
@@ -434,7 +434,7 @@ class Trainer:
     def run(self) -> dict:
         p, cfg = self.plan, self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        peak = measure_peak_flops(self.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+        peak = training_peak_flops(self.device, cfg.precision)
         fpt = flops_per_token(p.model_cfg, p.seq_len, lora=cfg.mode == "lora")
         meter = Meter(self.run_dir, cfg, p, peak, fpt, start_step=self.step, primary=p.rank == 0,
                       device=self.device)

@@ -55,6 +55,21 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
     return _PEAKS[key]
 
 
+
+def training_peak_flops(device: torch.device, precision: str) -> float:
+    """The peak a run's MFU is measured against: the matmul peak in the run's precision (bf16 or
+    fp32); on a CPU in bf16, the better of the bf16 and the fp32 probe. Why: a CPU without bf16
+    hardware (no AVX512-BF16 / AMX: an AVX2-only AMD Zen 3, session 30) emulates torch's bf16
+    matmul at ~0.02 TFLOP/s against ~0.15 in fp32, while a bf16 run's small matmuls reach fp32-like
+    speeds, so the bf16 probe alone read an MFU of 7.4 there. The hardware's best matmul is the
+    honest denominator."""
+    if precision != "bf16":
+        return measure_peak_flops(device, torch.float32)
+    peak = measure_peak_flops(device, torch.bfloat16)
+    if device.type == "cpu":
+        peak = max(peak, measure_peak_flops(device, torch.float32))
+    return peak
+
 def flops_per_token(cfg: CodeShellConfig, seq_len: int, lora: bool = False) -> float:
     """Training FLOPs per token: 6N + 12 L d T (PaLM's count, attention not halved for the
     causal mask; recomputation under activation checkpointing not counted). N counts the

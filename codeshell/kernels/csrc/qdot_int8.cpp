@@ -44,7 +44,7 @@ inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // 33.3 against 24.3 GB/s (1.38x), 2 threads 40.8 against 34.6 (1.18x); the 1.7B model's token
 // (bench_decode_phases, probe 44) 1.059x, mlp.c_proj in the step 39.9 against 34.5. So tile_v again.
 inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", false); }
-// int8 at M >= avx2_rows_min_m() on the AVX2 level: q8_rows_avx2.h (x widened to int16 once a call,
+// int8 at M = avx2_rows_min_m()..64 on the AVX2 level: q8_rows_avx2.h (x widened to int16 once a call,
 // vpmaddwd only: tile_q8's bits with 2 multiply-class instructions a (row of x, 32 weights) instead of
 // 3) in place of tile_q8. CODESHELL_Q8_AVX2_ROWS=0: tile_q8 at every M (A/B timing and tests; read per
 // call); CODESHELL_Q8_AVX2_ROWS_MIN_M overrides the 2 (the same bits at every M either way).
@@ -282,7 +282,10 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
 #endif
   // q8_rows_avx2.h's x (int16, M * K): widened once a call, before the threads share it
   static thread_local codeshell::ThreadScratch x16_keep;
-  const bool rows16 = !vnni && K <= kAvx2RowsMaxK && M >= avx2_rows_min_m();
+  // batched decode only (M <= 64, ops.ROW_INVARIANT_MAX_M): the prefill's avx2:q8 candidate (ops.prefill_candidates
+  // times it against sgemm at M = 512) keeps tile_q8; at M = 512 one thread measured 0.75x / 1.55x of it on
+  // c_attn / c_fc in the same rounds (a contended host: not settled either way)
+  const bool rows16 = !vnni && K <= kAvx2RowsMaxK && M <= 64 && M >= avx2_rows_min_m();
   codeshell::Scratch<int16_t> x16(x16_keep, rows16 ? size_t(M * K) : 1);
   if (rows16) codeshell::q8avx2::widen_x(xqp, M, K, x16.data());
   auto body = [&](int64_t n0, int64_t n1) {

@@ -2,7 +2,8 @@
 // of the integer-dot decode kernels (qdot.cpp's opening comment maps which kernel runs which M on
 // which CPU). Here: the checks and the dispatch (int8_q8: q8_rows.h at M = 3..16 without AMX,
 // tile_r16_q8 / tile_v at M = 1-2, q8_panel.h, the AVX2 tiles), the int8 switches, the AVX2 tiles
-// (tile_q8, range_q8) and tile_r16_q8 / run_r16_q8 (M = 1-2, 16 weight rows a tile).
+// (tile_q8, range_q8; at M = 2..64 with K <= 2048 q8_rows_avx2.h, tile_q8's bits) and tile_r16_q8 /
+// run_r16_q8 (M = 1-2, 16 weight rows a tile).
 // What this is not: int4 weights (qdot_int4.cpp), x's rounding (qdot.cpp), the shared helpers
 // (qdot.h), tile_v (qdot_tile_v.h), the batched rows' kernel (q8_rows.h) or AMX (qgemm_amx.cpp).
 // Split out of qdot.cpp in session 20 (code unchanged).

@@ -2,7 +2,8 @@
 // of the integer-dot decode kernels (qdot.cpp's opening comment maps which kernel runs which M on
 // which CPU). Here: the checks and the dispatch (int8_q8: q8_rows.h at M = 3..16 without AMX,
 // tile_r16_q8 / tile_v at M = 1-2, q8_panel.h, the AVX2 tiles), the int8 switches, the AVX2 tiles
-// (tile_q8, range_q8) and tile_r16_q8 / run_r16_q8 (M = 1-2, 16 weight rows a tile).
+// (tile_q8, range_q8; at M = 2..64 with K <= 2048 q8_rows_avx2.h, tile_q8's bits) and tile_r16_q8 /
+// run_r16_q8 (M = 1-2, 16 weight rows a tile).
 // What this is not: int4 weights (qdot_int4.cpp), x's rounding (qdot.cpp), the shared helpers
 // (qdot.h), tile_v (qdot_tile_v.h), the batched rows' kernel (q8_rows.h) or AMX (qgemm_amx.cpp).
 // Split out of qdot.cpp in session 20 (code unchanged).
@@ -17,6 +18,7 @@
 #include "q8_epilogue.h"
 #include "q8_panel.h"
 #include "q8_rows.h"
+#include "q8_rows_avx2.h"
 #include "q8_m1_e.h"
 #include "qdot.h"
 #include "qdot_tile_v.h"
@@ -43,6 +45,19 @@ inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // 33.3 against 24.3 GB/s (1.38x), 2 threads 40.8 against 34.6 (1.18x); the 1.7B model's token
 // (bench_decode_phases, probe 44) 1.059x, mlp.c_proj in the step 39.9 against 34.5. So tile_v again.
 inline bool m1_rows_q8() { return env_flag("CODESHELL_Q8_M1_ROWS", false); }
+// int8 at M = avx2_rows_min_m()..64 on the AVX2 level: q8_rows_avx2.h (x widened to int16 once a call,
+// vpmaddwd only: tile_q8's bits with 2 multiply-class instructions a (row of x, 32 weights) instead of
+// 3) in place of tile_q8. CODESHELL_Q8_AVX2_ROWS=0: tile_q8 at every M (A/B timing and tests; read per
+// call); CODESHELL_Q8_AVX2_ROWS_MIN_M overrides the 2 (the same bits at every M either way).
+// Up to K = 2048 only: at K = 4096 (the small shape's mlp.c_proj) it ran 0.87-0.98x tile_q8 at M = 4-16
+// (1 thread, standalone copies of both, warm weights), against 1.1-1.3x at K = 256 / 1024. A tile's 4 rows
+// of widened x are 4 * K * 2 bytes (32 KiB at K = 4096: all of L1d), but running K in spans of 2048 (the
+// accumulators carried between spans) measured the same 0.85-0.87x at M = 8: the cause is not found.
+constexpr int64_t kAvx2RowsMaxK = 2048;
+inline int64_t avx2_rows_min_m() {
+  if (!env_flag("CODESHELL_Q8_AVX2_ROWS", true)) return INT64_MAX;
+  return std::max<int64_t>(1, env_int("CODESHELL_Q8_AVX2_ROWS_MIN_M", 2));
+}
 // The distance's default: kM1Prefetch (8 KiB, tuned on the Zen 5 EPYC), but 2 KiB on a CPU with
 // AVX512-VNNI and neither AVX512-BF16 nor AMX (the Ice Lake-class Xeon of sessions 23-29; the read probe
 // prefetches 2 KiB ahead too). Session 29 helper C, bench_m1_threads.py --sets small_head:int8 --threads 2
@@ -266,6 +281,14 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     return;
   }
 #endif
+  // q8_rows_avx2.h's x (int16, M * K): widened once a call, before the threads share it
+  static thread_local codeshell::ThreadScratch x16_keep;
+  // batched decode only (M <= 64, ops.ROW_INVARIANT_MAX_M): the prefill's avx2:q8 candidate (ops.prefill_candidates
+  // times it against sgemm at M = 512) keeps tile_q8; at M = 512 one thread measured 0.75x / 1.55x of it on
+  // c_attn / c_fc in the same rounds (a contended host: not settled either way)
+  const bool rows16 = !vnni && K <= kAvx2RowsMaxK && M <= 64 && M >= avx2_rows_min_m();
+  codeshell::Scratch<int16_t> x16(x16_keep, rows16 ? size_t(M * K) : 1);
+  if (rows16) codeshell::q8avx2::widen_x(xqp, M, K, x16.data());
   auto body = [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
     if (vnni && isa < codeshell::kAmx && M < panel_min_m() && r16) {  // no AMX, M = 1-2: the panel's bits
@@ -286,7 +309,9 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       return;
     }
 #endif
-    {
+    if (rows16) {
+      codeshell::q8avx2::range(x16.data(), dx, M, K, B, wp, op, N, n0, n1);
+    } else {
       // One weight row per tile at every M: measured best (c_fc, M = 4: 5.1 ms vs 5.8 with 2
       // rows, 6.4 with 4; M = 8: 8.8 vs 9.2 / 10.7).
       range_q8<1>(xqp, dx, M, K, B, wp, op, N, n0, n1);

@@ -23,12 +23,33 @@ from codeshell.kernels import _ext, ops, quantize_int4, quantize_int8
 SHAPES = [(1536, 1024), (1024, 1024), (4096, 1024), (1024, 4096), (70144, 1024)]
 
 
+def call(c: str, mod, x: torch.Tensor, p) -> float:
+    """Seconds of one call of path c (PATH@VAR=VALUE: with that switch set), to x's dtype as linear returns it."""
+    path, _, env = c.partition("@")
+    var, _, val = env.partition("=")
+    old = os.environ.get(var) if var else None
+    if var:
+        os.environ[var] = val
+    try:
+        t = time.perf_counter()
+        ops._compute(path, mod, x, p, None).to(x.dtype)
+        return time.perf_counter() - t
+    finally:
+        if var:
+            if old is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = old
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", nargs="+", default=["int8", "int4"])
     ap.add_argument("--m", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--paths", nargs="+", default=["avx2:gemm", "avx2:q8", "sgemm:fp32"])
+    ap.add_argument("--paths", nargs="+", default=["avx2:gemm", "avx2:q8", "sgemm:fp32"],
+                    help="ops paths; PATH@VAR=VALUE runs PATH with that environment switch (e.g. "
+                         "avx2:gemm@CODESHELL_Q8_GEMM_U4=0: int4 by the int16 kernel)")
     ap.add_argument("--shapes", nargs="+", default=None, help="NxK ...")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
@@ -43,12 +64,10 @@ def main() -> None:
             x = torch.randn(a.m, k).bfloat16()
             times = {c: [] for c in a.paths}
             for c in a.paths:
-                ops._compute(c, mod, x, p, None)
+                call(c, mod, x, p)
             for r in range(a.rounds):
                 for c in a.paths[r % len(a.paths):] + a.paths[:r % len(a.paths)]:
-                    t = time.perf_counter()
-                    ops._compute(c, mod, x, p, None).to(torch.bfloat16)
-                    times[c].append(time.perf_counter() - t)
+                    times[c].append(call(c, mod, x, p))
             ops_ = 2 * a.m * n * k
             row = "  ".join(f"{c} {min(t) * 1e3:7.2f} ms {ops_ / min(t) / 1e9:6.1f} GOP/s (med {ops_ / statistics.median(t) / 1e9:6.1f})"
                             for c, t in times.items())

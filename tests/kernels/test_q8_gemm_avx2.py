@@ -4,7 +4,7 @@ to int8 in decode's blocks, vpmaddwd on int16 in 6 x 16 register blocks. Checks:
 offsets, groups 32 / 64 / 128 / 256), tails in M and N, bias; exactness of the integer part (x and the
 weight scaled to integers: every product and block sum is exact, so the result is the exact dot);
 row invariance of the GEMM on its own (a row's bits do not depend on M or on its place in the
-tiles); that it is offered as a measured candidate at the AVX2 level; bad input is one error."""
+tiles); that int4's nibble kernel gives the int16 kernel's bits; that it is offered as a measured candidate at the AVX2 level; bad input is one error."""
 
 from __future__ import annotations
 
@@ -108,3 +108,16 @@ def test_bad_input_is_one_error():
         mod.prefill_q8_avx2(_x(4, 256), p4.data, p4.scales, None, 48, None)
     with pytest.raises(RuntimeError, match="prefill_q8_avx2: scales"):
         mod.prefill_q8_avx2(_x(4, 64), pw.data, pw.scales[:4], None, 0, None)
+
+
+@needs_native
+@pytest.mark.parametrize("group,symmetric", [(128, True), (32, False), (64, False), (256, True)])
+def test_int4_nibble_kernel_same_bits_as_int16(group, symmetric, monkeypatch):
+    # int4 runs the vpmaddubsw nibble kernel (sum nib * x, 8 * sum x taken back out); the int16 kernel
+    # (CODESHELL_Q8_GEMM_U4=0) sums (nib - 8) * x: the same integers, so the same bits
+    pw = _weight("int4", 45, 512, group, symmetric)
+    x, bias = _x(77, 512, seed=4), torch.randn(45, generator=torch.Generator().manual_seed(6))
+    mod = _ext.get()
+    y = ops._compute("avx2:gemm", mod, x, pw, bias)
+    monkeypatch.setenv("CODESHELL_Q8_GEMM_U4", "0")
+    assert torch.equal(ops._compute("avx2:gemm", mod, x, pw, bias), y)

@@ -46,7 +46,9 @@ constexpr int kNR = 16;  // weight rows per panel (two ymm of 8 rows)
 // One row of x [K] -> int16 [K] (the int8 integers), dx[b] = amax / 127, xs[b] = dx[b] * (sum of the
 // block's integers) for blocks of B (B % 8 == 0): quantize_x's arithmetic 8 lanes at a time (the same
 // fp32 product x * (127 / amax) and round half to even: vcvtps2dq under the default MXCSR).
-inline void quantize_row(const float* x, int64_t K, int64_t B, int16_t* o, float* dx, float* xs) {
+// o8 (int4's nibble kernel) instead of o where not null (then B % 16 == 0); sx[b] = the integer sum.
+inline void quantize_row(const float* x, int64_t K, int64_t B, int16_t* o, float* dx, float* xs,
+                         int8_t* o8 = nullptr, int32_t* sx = nullptr) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t b = 0; b < K / B; ++b) {
     const float* xb = x + b * B;
@@ -65,8 +67,12 @@ inline void quantize_row(const float* x, int64_t K, int64_t B, int16_t* o, float
       const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k + 8), iv));
       s = _mm256_add_epi32(s, _mm256_add_epi32(q0, q1));
       // packs interleaves the 128-bit halves: [q0 lo, q1 lo, q0 hi, q1 hi] -> k order by 0xD8
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + b * B + k),
-                          _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8));
+      const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);  // |q| <= 127
+      if (o8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o8 + b * B + k),
+                         _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + b * B + k), w);
     }
     for (; k < B; k += 8) {
       const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k), iv));
@@ -79,6 +85,7 @@ inline void quantize_row(const float* x, int64_t K, int64_t B, int16_t* o, float
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
     dx[b] = d;
     xs[b] = d * float(_mm_cvtsi128_si32(s4));
+    if (sx) sx[b] = _mm_cvtsi128_si32(s4);
   }
 }
 
@@ -136,6 +143,71 @@ inline void pack_panel(const Rows& w, int64_t N, int64_t K, int64_t n, int16_t* 
   }
 }
 
+// int4, the nibble kernel (U4): panel of weight rows [n, n + 16) as unsigned nibbles, uint8
+// [K/4][16][4] (for each k quad, 16 rows x 4 nibbles; rows >= N zero): 32 k of a row are 16 bytes of
+// q (low nibbles k0..15, high k16..31) = 8 quads, transposed 8 rows at a time as pack_panel's pairs.
+inline void pack_panel_u4(const uint8_t* q, int64_t N, int64_t K, int64_t n, uint8_t* p) {
+  const __m128i m0f = _mm_set1_epi8(0x0f);
+  for (int64_t k = 0; k < K; k += 32) {
+    for (int h = 0; h < 2; ++h) {
+      __m256i r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t row = n + 8 * h + i;
+        if (row >= N) {
+          r[i] = _mm256_setzero_si256();
+          continue;
+        }
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + row * (K / 2) + k / 2));
+        r[i] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m0f), _mm_and_si128(v, m0f));
+      }
+      transpose8(r);  // r[j] = k quad (k/4 + j) of the 8 rows
+      for (int j = 0; j < 8; ++j)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + ((k / 4 + j) * kNR + 8 * h) * 4), r[j]);
+    }
+  }
+}
+
+// One block (quads = B / 4, even) of MR rows of x (int8, ldx apart) against a U4 panel: S[2 i + h] =
+// sum over the block of nib * x (exact: vpmaddubsw's pair sums |.| <= 2 * 15 * 127, two quads' added
+// in int16 <= 7620, then vpmaddwd by ones to int32). The caller takes 8 * (x's block sum) back out:
+// the same integers as the int16 kernel's sum of (nib - 8) * x, so the same bits. vpmaddubsw takes
+// the unsigned nibbles as they are (no vpsignb): 3 multiply-pipe ops per 128 products against 4
+// for vpmaddwd on int16 (measured on L1-resident data, one core, same minute: ~60 against ~40
+// GMAC/s). 8 accumulators + 4 weight vectors + ones + 2 broadcasts + 1 = 16 ymm.
+template <int MR>
+__attribute__((noinline)) void block_sums_u4(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t quads,
+                                              __m256i* S) {
+  __m256i a[MR][2];
+  const int8_t* xr[MR];
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    a[i][0] = a[i][1] = _mm256_setzero_si256();
+    xr[i] = x + i * ldx;
+  }
+  for (int64_t s = 0; s < quads; s += 2) {
+    const __m256i* wp = reinterpret_cast<const __m256i*>(w + s * 4 * kNR);
+    const __m256i w0 = _mm256_loadu_si256(wp), w1 = _mm256_loadu_si256(wp + 1);  // quad s: rows 0-7, 8-15
+    const __m256i w2 = _mm256_loadu_si256(wp + 2), w3 = _mm256_loadu_si256(wp + 3);  // quad s + 1
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t qa, qb;
+      std::memcpy(&qa, xr[i] + 4 * s, 4);
+      std::memcpy(&qb, xr[i] + 4 * s + 4, 4);
+      const __m256i xa = _mm256_set1_epi32(qa), xb = _mm256_set1_epi32(qb);
+      a[i][0] = _mm256_add_epi32(
+          a[i][0], _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w0, xa), _mm256_maddubs_epi16(w2, xb)), ones));
+      a[i][1] = _mm256_add_epi32(
+          a[i][1], _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w1, xa), _mm256_maddubs_epi16(w3, xb)), ones));
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    _mm256_store_si256(S + 2 * i, a[i][0]);
+    _mm256_store_si256(S + 2 * i + 1, a[i][1]);
+  }
+}
+
 // One block of B k (steps = B / 2 pairs) for MR rows of x (rows ldx apart, int16) against a panel
 // (w: int16 [steps][16][2] at the block); S[2 i + h] = the exact block sums (int32) of x row i and
 // weight rows 8 h .. 8 h + 7. Not inlined, the accumulators local: inlined into the tile with its fp32
@@ -172,7 +244,9 @@ __attribute__((noinline)) void block_sums(const int16_t* x, int64_t ldx, const i
 
 // The call's constants: x's rounding and the weight's scales as the tiles read them.
 struct Job {
-  const int16_t* xq;  // [M, K]
+  const int16_t* xq;  // [M, K] (the int16 kernel)
+  const int8_t* xq8;  // [M, K] (the U4 kernel)
+  const int32_t* sx;  // [M, nb] x's block sums (the U4 kernel)
   const float *dx, *xs;  // [M, nb]
   int64_t M, K, N, B, nb;
   const float* scale;  // int8: [N]; int4: [N, nb] (groups = blocks)
@@ -184,14 +258,23 @@ struct Job {
 
 // MR rows of x [m, m + MR) x panel [n, n + 16): all K, then the finish into y (columns < N).
 // sc / of: int4's scales / offsets of the panel's 16 rows per block, [nb][16] (of null without).
-template <int MR>
-inline void tile(const Job& J, int64_t m, int64_t n, const int16_t* p, const float* sc, const float* of) {
+template <int MR, bool U4>
+inline void tile(const Job& J, int64_t m, int64_t n, const void* p, const float* sc, const float* of) {
   alignas(32) float acc[MR][kNR] = {};  // fp32 accumulators in L1 (the registers hold the int32 sums)
   alignas(32) __m256i S[MR * 2];
   const int64_t steps = J.B / 2;
-  const int16_t* x = J.xq + m * J.K;
+  const int16_t* x = U4 ? nullptr : J.xq + m * J.K;
   for (int64_t b = 0; b < J.nb; ++b) {
-    block_sums<MR>(x + b * J.B, J.K, p + b * steps * 2 * kNR, steps, S);
+    if constexpr (U4) {
+      block_sums_u4<MR>(J.xq8 + m * J.K + b * J.B, J.K, static_cast<const uint8_t*>(p) + b * J.B * kNR, J.B / 4, S);
+      for (int i = 0; i < MR; ++i) {  // sum (nib - 8) x = sum nib x - 8 sum x
+        const __m256i o = _mm256_set1_epi32(J.sx[(m + i) * J.nb + b] * 8);
+        S[2 * i] = _mm256_sub_epi32(S[2 * i], o);
+        S[2 * i + 1] = _mm256_sub_epi32(S[2 * i + 1], o);
+      }
+    } else {
+      block_sums<MR>(x + b * J.B, J.K, static_cast<const int16_t*>(p) + b * steps * 2 * kNR, steps, S);
+    }
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, o0 = s0, o1 = s0;
     if (J.int4) s0 = _mm256_loadu_ps(sc + b * kNR), s1 = _mm256_loadu_ps(sc + b * kNR + 8);
     if (of) o0 = _mm256_loadu_ps(of + b * kNR), o1 = _mm256_loadu_ps(of + b * kNR + 8);
@@ -234,14 +317,18 @@ inline void tile(const Job& J, int64_t m, int64_t n, const int16_t* p, const flo
   }
 }
 
-template <int MR>
-inline void tile_rows(const Job& J, int64_t m, int64_t n, const int16_t* p, const float* sc, const float* of,
+template <int MR, bool U4>
+inline void tile_rows(const Job& J, int64_t m, int64_t n, const void* p, const float* sc, const float* of,
                       int64_t mr) {
   if constexpr (MR > 1) {
-    if (mr < MR) return tile_rows<MR - 1>(J, m, n, p, sc, of, mr);
+    if (mr < MR) return tile_rows<MR - 1, U4>(J, m, n, p, sc, of, mr);
   }
-  tile<MR>(J, m, n, p, sc, of);
+  tile<MR, U4>(J, m, n, p, sc, of);
 }
+
+// int4 by the nibble kernel (4 x 16 tiles) unless CODESHELL_Q8_GEMM_U4=0 (read per call): then the
+// int16 kernel as int8 (6 x 16); the same bits either way.
+inline bool use_u4() { return env_flag("CODESHELL_Q8_GEMM_U4", true); }
 
 // Rows of weights a thread packs at once (a multiple of 16): the pack (NC x K int16) stays in L2
 // and every 6-row tile of x reads it. CODESHELL_Q8_GEMM_NC overrides (read per call, for tuning).
@@ -251,8 +338,9 @@ inline int64_t block_rows(int64_t K) {
   return std::clamp<int64_t>((int64_t(192) << 10) / (2 * K) / kNR * kNR, kNR, 64);
 }
 
-template <class Rows>
+template <bool U4, class Rows>
 inline void run(const Job& J, const Rows& w) {
+  constexpr int MR = U4 ? 4 : kMR;
   const int64_t NC = block_rows(J.K), steps = J.K / 2, nb = J.nb;
   parallel_chunks(J.N, NC, NC, [&](int64_t n0, int64_t n1) {
     static thread_local ThreadScratch keep;
@@ -264,7 +352,8 @@ inline void run(const Job& J, const Rows& w) {
       const int64_t panels = (std::min(n1, nc + NC) - nc + kNR - 1) / kNR;
       for (int64_t q = 0; q < panels; ++q) {
         const int64_t n = nc + q * kNR;
-        pack_panel(w, J.N, J.K, n, pack + q * steps * 2 * kNR);
+        if constexpr (U4) pack_panel_u4(w.q, J.N, J.K, n, reinterpret_cast<uint8_t*>(pack) + q * J.K * kNR);
+        else pack_panel(w, J.N, J.K, n, pack + q * steps * 2 * kNR);
         if (J.int4)
           for (int64_t b = 0; b < nb; ++b)
             for (int64_t j = 0; j < kNR; ++j) {
@@ -273,10 +362,13 @@ inline void run(const Job& J, const Rows& w) {
               ofp[(q * nb + b) * kNR + j] = in && J.offset ? J.offset[(n + j) * nb + b] : 0.f;
             }
       }
-      for (int64_t m = 0; m < J.M; m += kMR)
-        for (int64_t q = 0; q < panels; ++q)
-          tile_rows<kMR>(J, m, nc + q * kNR, pack + q * steps * 2 * kNR, scp + q * nb * kNR,
-                         J.offset ? ofp + q * nb * kNR : nullptr, std::min<int64_t>(kMR, J.M - m));
+      for (int64_t m = 0; m < J.M; m += MR)
+        for (int64_t q = 0; q < panels; ++q) {
+          const void* pq = U4 ? static_cast<const void*>(reinterpret_cast<const uint8_t*>(pack) + q * J.K * kNR)
+                              : static_cast<const void*>(pack + q * steps * 2 * kNR);
+          tile_rows<MR, U4>(J, m, nc + q * kNR, pq, scp + q * nb * kNR, J.offset ? ofp + q * nb * kNR : nullptr,
+                            std::min<int64_t>(MR, J.M - m));
+        }
     }
   });
 }
@@ -323,17 +415,24 @@ inline torch::Tensor prefill(const torch::Tensor& x, const torch::Tensor& q, con
   }
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt16));
-  auto dx = torch::empty({M, 2 * nb}, x.options());
-  int16_t* xqp = xq.data_ptr<int16_t>();
+  const bool u4 = int4 && Q::use_u4();
+  // x's integers: int16 [M, K] for the int16 kernel, int8 [M, K] and their block sums for U4
+  auto xq = torch::empty({M, K}, x.options().dtype(u4 ? torch::kInt8 : torch::kInt16));
+  auto dx = torch::empty({M, 3 * nb}, x.options());  // dx, xs, sx (int32 bits)
+  int16_t* xqp = u4 ? nullptr : xq.data_ptr<int16_t>();
+  int8_t* xq8 = u4 ? xq.data_ptr<int8_t>() : nullptr;
   float* dxp = dx.data_ptr<float>();
+  int32_t* sxp = reinterpret_cast<int32_t*>(dxp + 2 * M * nb);
   const float* xp = x.data_ptr<float>();
   codeshell::parallel_chunks(M, 1, 8, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) Q::quantize_row(xp + m * K, K, B, xqp + m * K, dxp + m * nb, dxp + M * nb + m * nb);
+    for (int64_t m = m0; m < m1; ++m)
+      Q::quantize_row(xp + m * K, K, B, u4 ? nullptr : xqp + m * K, dxp + m * nb, dxp + M * nb + m * nb,
+                      u4 ? xq8 + m * K : nullptr, sxp + m * nb);
   });
-  Q::Job J{xqp, dxp, dxp + M * nb, M, K, N, B, nb, scale.data_ptr<float>(), of, bp, int4, y.data_ptr<float>()};
-  if (int4) Q::run(J, Q::RowsI4{q.data_ptr<uint8_t>(), K});
-  else Q::run(J, Q::RowsI8{q.data_ptr<int8_t>(), K});
+  Q::Job J{xqp, xq8, sxp, dxp, dxp + M * nb, M, K, N, B, nb, scale.data_ptr<float>(), of, bp, int4, y.data_ptr<float>()};
+  if (u4) Q::run<true>(J, Q::RowsI4{q.data_ptr<uint8_t>(), K});
+  else if (int4) Q::run<false>(J, Q::RowsI4{q.data_ptr<uint8_t>(), K});
+  else Q::run<false>(J, Q::RowsI8{q.data_ptr<int8_t>(), K});
   return y;
 }
 

@@ -297,7 +297,7 @@ def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: li
         # when the measurement is one to trust (`_measure`: steady repeats, a quiet host, a
         # second look where the first was unsteady or close); an untrusted winner holds for this
         # process only and the next process measures again
-        stored = choices.lookup(key)
+        stored = choices.lookup(key, cands)
         if stored in cands:
             _CHOICES[key] = stored
         elif _measure(key, cands, p, x_dtype):

@@ -121,3 +121,25 @@ def test_int4_nibble_kernel_same_bits_as_int16(group, symmetric, monkeypatch):
     y = ops._compute("avx2:gemm", mod, x, pw, bias)
     monkeypatch.setenv("CODESHELL_Q8_GEMM_U4", "0")
     assert torch.equal(ops._compute("avx2:gemm", mod, x, pw, bias), y)
+
+
+@needs_native
+def test_stored_choice_among_other_candidates_is_measured_again(monkeypatch, tmp_path):
+    # a winner stored by a process with the GEMM switched off (CODESHELL_Q8_GEMM_AVX2=0) is not reused
+    # by one that offers it: the shape is measured again among the current candidates
+    from codeshell.kernels import choices
+    monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
+    monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(tmp_path / "choices.json"))
+    monkeypatch.setattr(ops, "_host_load", lambda: 0.0)
+    monkeypatch.setattr(ops, "_time_call", lambda c, *a: {"avx2:gemm": 1.0, "avx2:q8": 3.0, "sgemm:fp32": 2.0}[c])
+    pw = _weight("int8", 32, 256)
+    ops._CHOICES.clear()
+    monkeypatch.setenv("CODESHELL_Q8_GEMM_AVX2", "0")
+    assert ops.plan(pw, 300, torch.bfloat16) == "sgemm:fp32"  # stored among avx2:q8, sgemm:fp32
+    key = ("int8", 32, 256, "prefill", "avx2", "bfloat16")
+    assert choices.lookup(key) == "sgemm:fp32"
+    ops._CHOICES.clear()
+    monkeypatch.delenv("CODESHELL_Q8_GEMM_AVX2")
+    assert choices.lookup(key, ops.prefill_candidates(pw, torch.bfloat16, 0)) is None
+    assert ops.plan(pw, 300, torch.bfloat16) == "avx2:gemm"
+    ops._CHOICES.clear()

@@ -13,8 +13,9 @@
 // unsigned operand, so signed x signed int8 costs a vpsignb per (x row, weight vector) pair and a
 // vpmaddwd to widen (3 multiply-pipe ops for 32 products on Zen 3, whose vector multiplies issue
 // on 2 of the 4 pipes), where vpmaddwd on int16 is one for 16 and its adds take the other pipes:
-// exact for both kinds (|pair| <= 2 * 127 * 127), and one microkernel for int8 and int4 (int4 is
-// unpacked to nib - 8 in the pack). The lane = weight row layout keeps the epilogue vertical: per
+// exact (|pair| <= 2 * 127 * 127). int4 runs its own nibble kernel (block_sums_u4: the nibbles are
+// unsigned, so vpmaddubsw needs no sign op; 4 x 16 tiles) with the int16 kernel's integers and bits;
+// CODESHELL_Q8_GEMM_U4=0 runs int4 on the int16 kernel (nib - 8 in the pack). The lane = weight row layout keeps the epilogue vertical: per
 // block, acc_f[x row][16 weight rows] = fma(float(S_b), dx_b (int8) or s_g * dx_b (int4), acc_f),
 // then (int4 with offsets) fma(o_g, xs_b, acc_f), in block order; at the end y = acc_f * s + bias
 // (int8) or acc_f + bias (int4). Each (row, column) runs the same operations in the same order

@@ -77,8 +77,11 @@ def _read(p: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def lookup(key: tuple) -> str | None:
-    """The stored winner for this choice key, or None."""
+def lookup(key: tuple, cands: list[str] | None = None) -> str | None:
+    """The stored winner for this choice key, or None; with cands, only a winner measured against
+    exactly those candidates (session 30: a process with a candidate switched off, e.g.
+    CODESHELL_Q8_GEMM_AVX2=0, stored `sgemm:fp32` for a shape, and the next process, which offers
+    the AVX2 integer GEMM too, took it without measuring the GEMM)."""
     p = path()
     if p is None:
         return None
@@ -88,6 +91,8 @@ def lookup(key: tuple) -> str | None:
         hit = _memo["data"].get(entry_key(key))  # type: ignore[union-attr]
     if not isinstance(hit, dict) or not isinstance(hit.get("checks"), dict) or not hit["checks"].get("stored"):
         return None  # no record of a trusted measurement (an older entry): measure again
+    if cands is not None and set(hit.get("seconds") or {}) != set(cands):
+        return None  # measured among other candidates: measure again
     return hit.get("path")
 
 

@@ -215,7 +215,11 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         # rounded to int8 as decode rounds it (`avx2:q8`), or the fp32 sgemm path, measured. Session
         # 30, AMD Zen 3, 512 rows of the small shapes: q8 0.75-1.27x sgemm by shape (K = 4096 ahead,
         # K = 1024 behind), where sgemm alone left the int8 / int4 prompt at 0.85x / 0.69x llama.cpp.
-        return ["avx2:q8", "sgemm:fp32"]
+        # Session 30 helper B: an integer GEMM on the same rounding (`avx2:gemm`, csrc/q8_gemm_avx2.h:
+        # 6 x-row x 16 weight-row register blocks of vpmaddwd on int16, the weights unpacked once per
+        # call), measured with them. CODESHELL_Q8_GEMM_AVX2=0 leaves it out (the candidates before).
+        gemm = [] if os.environ.get("CODESHELL_Q8_GEMM_AVX2", "1") == "0" else ["avx2:gemm"]
+        return gemm + ["avx2:q8", "sgemm:fp32"]
     if p.kind == "bf16" and p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS:
         return ["avx2:panel64"]
     return ["sgemm:fp32"]
@@ -293,7 +297,7 @@ def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: li
         # when the measurement is one to trust (`_measure`: steady repeats, a quiet host, a
         # second look where the first was unsteady or close); an untrusted winner holds for this
         # process only and the next process measures again
-        stored = choices.lookup(key)
+        stored = choices.lookup(key, cands)
         if stored in cands:
             _CHOICES[key] = stored
         elif _measure(key, cands, p, x_dtype):
@@ -441,6 +445,8 @@ def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tenso
         return mod.prefill_q8_vnni(x, p.data, p.scales, p.offsets, p.group_size if p.kind == "int4" else 0, bias)
     if path in ("avx2:panel", "avx2:panel64", "avx512_vnni:panel", "avx512_vnni:panel64"):
         return mod.decode_bf16(x, p.data, n, bias, ISA_LEVELS.index(isa))
+    if path == "avx2:gemm" and p.kind != "bf16":  # AVX2 integer GEMM; x rounded as decode rounds it
+        return mod.prefill_q8_avx2(x, p.data, p.scales, p.offsets, p.group_size if p.kind == "int4" else 0, bias)
     if path == "sgemm:fp32":
         return _prefill(mod, x, p, bias)
     if p.kind == "int8" and kernel == "q8":
@@ -533,11 +539,11 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
 
 def reference(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, path: str) -> torch.Tensor:
     """fp32 [M, N]: what `path` computes, in plain torch on the dequantised weight (fp32). The
-    paths differ only in how x is rounded: `*:q8` multiply int8-rounded activations
+    paths differ only in how x is rounded: `*:q8` (and int8 / int4 `avx2:gemm`) multiply int8-rounded activations
     (`quantize_activations`); the bf16 paths take x as it comes (they run only for bf16 x),
     and for int4 weights they multiply the dequantised weight rounded to bf16."""
     x = x.to(torch.float32)
-    if path.endswith(":q8"):
+    if path.endswith(":q8") or (path == "avx2:gemm" and p.kind != "bf16"):
         x = quantize_activations(x.contiguous(), activation_block(p))
     w = dequantize(p)
     if p.kind == "int4" and path in ("amx:bf16", "onednn:bf16"):

@@ -23,6 +23,7 @@ def _weight(kind: str, n: int, k: int):
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_avx2_prefill_candidates_and_bits(kind, monkeypatch, record_property):
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
+    monkeypatch.setenv("CODESHELL_Q8_GEMM_AVX2", "0")  # the two kernels this file is about (the GEMM: test_q8_gemm_avx2.py)
     pw = _weight(kind, 70, 512)
     assert ops.prefill_candidates(pw, torch.bfloat16, 0) == ["avx2:q8", "sgemm:fp32"]
     assert ops.prefill_candidates(pw, torch.float32, 0) == ["sgemm:fp32"]

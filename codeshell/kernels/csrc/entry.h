@@ -57,6 +57,12 @@ torch::Tensor prefill_q8_vnni(const torch::Tensor& x, const torch::Tensor& q, co
                               const c10::optional<torch::Tensor>& offset, int64_t G,
                               const c10::optional<torch::Tensor>& bias);
 
+// kernels.cpp (q8_gemm_avx2.h): AVX2 integer prefill GEMM for int8 (G = 0) / int4 weights on x rounded
+// to int8 in decode's blocks (ops path "avx2:gemm").
+torch::Tensor prefill_q8_avx2(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                              const c10::optional<torch::Tensor>& offset, int64_t G,
+                              const c10::optional<torch::Tensor>& bias);
+
 // sampling.cpp
 int64_t sample_temperature(const torch::Tensor& logits, double temperature, double u);
 torch::Tensor sample_temperature_rows(const torch::Tensor& logits, const torch::Tensor& temperatures,

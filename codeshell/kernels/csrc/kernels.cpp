@@ -24,6 +24,7 @@
 
 #include "entry.h"
 #include "parallel.h"
+#include "q8_gemm_avx2.h"
 #include "simd.h"
 
 #include <atomic>
@@ -341,6 +342,12 @@ int64_t read_stream(const torch::Tensor& buf, int64_t passes) {
   return int64_t(all.load());
 }
 
+torch::Tensor prefill_q8_avx2(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                              const c10::optional<torch::Tensor>& offset, int64_t G,
+                              const c10::optional<torch::Tensor>& bias) {
+  return codeshell::q8gemm::prefill(x, q, scale, offset, G, bias);
+}
+
 // The compute kernels run without the GIL (as torch's own ops do): the server's event loop, in
 // another thread of the same process, keeps streaming tokens while the engine thread computes.
 // The two short calls keep it: giving it up for ~75 us would risk waiting a whole switch
@@ -375,6 +382,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "AMX-INT8: int8 (G = 0) or int4 weight x int8-quantised x (decode's blocks), any M -> fp32 [M,N]");
   m.def("prefill_q8_vnni", &prefill_q8_vnni, kNoGil,
         "AVX512-VNNI: int8 (G = 0) or int4 weight x int8-quantised x (decode's blocks), any M -> fp32 [M,N]");
+  m.def("prefill_q8_avx2", &prefill_q8_avx2, kNoGil,
+        "AVX2 (vpmaddwd) GEMM: int8 (G = 0) or int4 weight x int8-quantised x (decode's blocks), prefill M -> fp32 [M,N]");
   m.def("q8_block_int8", &q8_block_int8, "activation block size the int8 x int8 kernel uses for K");
   m.def("sample_temperature", &sample_temperature, "inverse-CDF draw from softmax(logits / T) with uniform u");
   m.def("sample_temperature_rows", &sample_temperature_rows, kNoGil, "sample_temperature for each row of [B, V]");

@@ -220,8 +220,15 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         # call), measured with them. CODESHELL_Q8_GEMM_AVX2=0 leaves it out (the candidates before).
         gemm = [] if os.environ.get("CODESHELL_Q8_GEMM_AVX2", "1") == "0" else ["avx2:gemm"]
         return gemm + ["avx2:q8", "sgemm:fp32"]
-    if p.kind == "bf16" and p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS:
-        return ["avx2:panel64"]
+    if p.kind == "bf16":
+        # fp32 FMA on an AVX2-only CPU (session 30 helper A, AMD Zen 3): our GEMM on 256-bit vectors
+        # (`avx2:gemm`, csrc/gemm_fma.h: weight chunks widened to fp32 per K chunk, 6 rows x 16
+        # columns register blocks; the same bits as `avx2:panel`), the decode panel kernel in 64-row
+        # calls and torch's fp32 sgemm, measured. CODESHELL_PREFILL_FMA_GEMM=0 leaves the GEMM out
+        # (before: `avx2:panel64` alone from BF16_PANEL_PREFILL_MIN_WEIGHTS values, else sgemm).
+        if os.environ.get("CODESHELL_PREFILL_FMA_GEMM", "1") == "0":
+            return ["avx2:panel64"] if p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS else ["sgemm:fp32"]
+        return ["avx2:gemm", "avx2:panel64", "sgemm:fp32"]
     return ["sgemm:fp32"]
 
 
@@ -434,6 +441,9 @@ def _compute(path: str, mod, x: torch.Tensor, p: PackedWeight, bias: torch.Tenso
     if path == "avx512_vnni:gemm":  # fp32 FMA GEMM; bf16 x widened inside (exact), fp32 x as is
         return mod.prefill_bf16_fma((x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous(),
                                     p.data, n, bias)
+    if path == "avx2:gemm" and p.kind == "bf16":  # the AVX2 fp32-FMA GEMM; bf16 x widened inside (exact), fp32 x as is
+        return mod.prefill_bf16_fma((x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous(),
+                                    p.data, n, bias, isa=0)
     if path == "amx:bf16" and p.kind == "bf16":
         return mod.prefill_bf16_amx(x.to(torch.bfloat16).contiguous(), p.data, n, bias)
     if path in ("amx:bf16", "onednn:bf16"):

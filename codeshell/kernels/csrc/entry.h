@@ -34,7 +34,8 @@ torch::Tensor prefill_bf16_dot(const torch::Tensor& x, const torch::Tensor& w, i
                                const c10::optional<torch::Tensor>& bias, bool gelu = false, bool out_bf16 = false);
 int64_t bf16_dot_peak(int64_t reps);
 torch::Tensor prefill_bf16_fma(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                               const c10::optional<torch::Tensor>& bias, bool gelu = false, bool out_bf16 = false);
+                               const c10::optional<torch::Tensor>& bias, bool gelu = false, bool out_bf16 = false,
+                               int64_t isa = 1);
 int64_t bf16_fma_peak(int64_t reps, int64_t isa);
 
 // isa.cpp

@@ -367,9 +367,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_dot_peak", &bf16_dot_peak, kNoGil,
         "vdpbf16ps ceiling: every thread runs the prefill's register block on L1-resident data; flops");
   m.def("prefill_bf16_fma", &prefill_bf16_fma, kNoGil, py::arg("x"), py::arg("w"), py::arg("N"), py::arg("bias"),
-        py::arg("gelu") = false, py::arg("out_bf16") = false,
-        "AVX-512F fp32-FMA prefill: x bf16 or fp32 [M,K] @ panels^T + bias -> fp32 [M,N]; gelu / out_bf16 "
-        "as prefill_bf16_dot's");
+        py::arg("gelu") = false, py::arg("out_bf16") = false, py::arg("isa") = 1,
+        "fp32-FMA prefill GEMM: x bf16 or fp32 [M,K] @ panels^T + bias -> fp32 [M,N]; isa 1: AVX-512F "
+        "(gelu / out_bf16 as prefill_bf16_dot's), isa 0: AVX2 (gemm_fma.h; fp32 out only)");
   m.def("bf16_fma_peak", &bf16_fma_peak, kNoGil,
         "fp32-FMA ceiling (isa 0: avx2:panel's block; 1: prefill_bf16_fma's): every thread on L1-resident data; flops");
   m.def("rows_bf16", &rows_bf16, kNoGil, "rows [n0,n1) of bf16 panels -> bf16 [R,K] row-major buffer");

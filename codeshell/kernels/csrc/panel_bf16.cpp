@@ -125,6 +125,9 @@ struct Avx2 {
   static int64_t ld(int64_t M) { return M; }  // x row stride per k (Avx2) / per k-pair (Bf16Dot)
 };
 
+// The fp32-FMA prefill GEMM over a vector type (`avx2:gemm` with V256; session 30 helper A)
+#include "gemm_fma.h"
+
 }  // namespace
 
 #if CODESHELL_HAVE_AVX512
@@ -257,18 +260,19 @@ void tile_call(const typename Isa::X* x, int64_t ldx, const uint32_t* w, int64_t
 // for any M <= kMaxRows). NP = 2 at 4..16 rows (decode_panels): one chain per (row, panel) either way, so
 // the same bits; two panels give a vdpbf16ps tile of 8 rows 16 independent chains (8 left the
 // chain latency exposed) and halve the broadcasts of x per weight load.
+// sizes: the row tiles' sizes in order (even_tiles), or null: tiles of T rows, the rest split in two.
 template <class Isa, int NP = 1>
 void panel_product(const typename Isa::X* x, int64_t M, int64_t Kh, const uint32_t* w, float* c,
-                   int64_t pstride = 0) {
+                   int64_t pstride = 0, const int8_t* sizes = nullptr) {
   constexpr int T = Isa::kTileRows;
   for (int64_t j0 = 0; j0 < Kh; j0 += kKBlock) {
     const int64_t j1 = std::min(Kh, j0 + kKBlock);
     const bool first = j0 == 0;
-    for (int64_t m = 0; m < M;) {
+    for (int64_t m = 0, s = 0; m < M; ++s) {
       const int64_t r = M - m;
       const typename Isa::X* xm = x + m;
       float* cm = c + m * kPanel;
-      int64_t take = r >= T + 2 || r == T ? T : (r > T ? (r + 1) / 2 : r);  // T+1 -> two halves
+      int64_t take = sizes ? sizes[s] : r >= T + 2 || r == T ? T : (r > T ? (r + 1) / 2 : r);  // T+1 -> two halves
       switch (take) {
 #define CODESHELL_TILE(R) \
   case R:                 \
@@ -283,6 +287,18 @@ void panel_product(const typename Isa::X* x, int64_t M, int64_t Kh, const uint32
       m += take;
     }
   }
+}
+
+// M rows as ceil(M / T) tiles of near-equal size (the larger first) into sizes; returns the count.
+// Why (AVX2, session 30 helper A): Avx2::micro keeps 2 accumulator chains per row, each 2 FMAs per
+// k-pair, and an FMA has 4 cycles of latency on 2 pipes, so a tile needs >= 4 rows (8 chains) to
+// run at the FMA pipes' rate: the old split ran M = 8 as 6 + 2 rows, the 2-row tile at half rate
+// (latency bound), where 4 + 4 is rate bound in both. Every (row, output) is the same FMA chain
+// whatever the tile: the same bits.
+inline int even_tiles(int64_t M, int T, int8_t* sizes) {
+  const int64_t nt = (M + T - 1) / T, base = M / nt, extra = M % nt;
+  for (int64_t t = 0; t < nt; ++t) sizes[t] = int8_t(base + (t < extra ? 1 : 0));
+  return int(nt);
 }
 
 // Panels [p0, p1) for M <= 3: NP at a time (the rest one at a time); c holds NP panels.
@@ -366,6 +382,14 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     far_prefetch_k().store(M > 3 ? codeshell::env_int("CODESHELL_BF16_PF2", hint) : 0, std::memory_order_relaxed);
   }
 #endif
+  // AVX2 at M >= 4: near-equal row tiles (even_tiles); CODESHELL_BF16_AVX2_EVEN=0: the old split (A/B)
+  int8_t sizes_buf[kMaxRows];
+  const int8_t* sizes = nullptr;
+  if constexpr (std::is_same_v<Isa, Avx2>)
+    if (M >= 4 && codeshell::env_flag("CODESHELL_BF16_AVX2_EVEN", true)) {
+      even_tiles(M, Isa::kTileRows, sizes_buf);
+      sizes = sizes_buf;
+    }
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     alignas(64) float c[std::max<int64_t>(kMaxRows, 8 * kPanel) * kPanel];  // also NP panels x 16 rows for M <= 3
     const Emit emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias
@@ -393,7 +417,7 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
           }
       }
       for (; p < p1; ++p) {
-        panel_product<Isa>(xp, M, Kh, wp + p * Kh * kPanel, c);
+        panel_product<Isa>(xp, M, Kh, wp + p * Kh * kPanel, c, 0, sizes);
         emit(p, c);
       }
     }
@@ -1434,17 +1458,28 @@ int64_t bf16_fma_peak(int64_t reps, int64_t isa) {
   return flops.load();
 }
 
-// fp32 FMA (AVX-512F, any AVX-512 CPU): x [M, K] (bf16 or fp32) @ panels^T + bias -> fp32 [M, N]
-// (ops.py: `avx512_vnni:gemm`); gelu / out_bf16 as prefill_bf16_dot's.
+// fp32 FMA: x [M, K] (bf16 or fp32) @ panels^T + bias -> fp32 [M, N]. isa 1 (AVX-512F, any AVX-512
+// CPU; ops.py `avx512_vnni:gemm`): prefill_fma, gelu / out_bf16 as prefill_bf16_dot's; isa 0 (AVX2,
+// `avx2:gemm`): gemm_fma.h's GEMM on 256-bit vectors, fp32 out only.
 torch::Tensor prefill_bf16_fma(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                               const c10::optional<torch::Tensor>& bias, bool gelu, bool out_bf16) {
-  codeshell::check_isa(codeshell::kAvx512Vnni);
+                               const c10::optional<torch::Tensor>& bias, bool gelu, bool out_bf16, int64_t isa) {
+  TORCH_CHECK(isa == codeshell::kAvx2 || isa == codeshell::kAvx512Vnni, "prefill_bf16_fma: isa 0 (avx2) or 1, got ", isa);
+  codeshell::check_isa(isa);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
                   (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32),
               "x must be a contiguous bf16 or fp32 [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1);
   check_panels(w, N, K);
   const float* b = bias_ptr(bias, N);
+  if (isa == codeshell::kAvx2) {  // gemm_fma.h on 256-bit vectors: fp32 out only
+    TORCH_CHECK(!gelu && !out_bf16, "prefill_bf16_fma: the AVX2 GEMM (isa 0) writes fp32 only (no gelu / out_bf16)");
+    auto out = codeshell::cached_output(M, N, x.options().dtype(torch::kFloat32));
+    if (M > 0)
+      fma_gemm::run<fma_gemm::V256, Avx2::kTileRows, 2>(x.data_ptr(), x.scalar_type() == torch::kBFloat16, M, K,
+                                                         reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>()),
+                                                         N, b, out.data_ptr<float>());
+    return out;
+  }
   const bool b16 = gelu || out_bf16;
   auto out = b16 ? codeshell::cached_output(1, (M * N + 1) / 2, x.options().dtype(torch::kFloat32))
                        .view(torch::kBFloat16).narrow(1, 0, M * N).view({M, N})

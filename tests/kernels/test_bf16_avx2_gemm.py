@@ -1,0 +1,106 @@
+"""The AVX2 fp32-FMA GEMM for bf16 weights (`avx2:gemm`, csrc/gemm_fma.h on 256-bit vectors,
+session 30 helper A): the same bits as the AVX2 panel kernel (`avx2:panel` in 64-row calls) at
+prefill M, for bf16 and fp32 x, with and without bias, any K chunk / work item / prefetch switch
+and shapes with partial panels and K not a multiple of the pair or the 32-k padding; close to the
+fp32 reference; a row's bits do not depend on M; the dispatch offers it beside `avx2:panel64` and
+`sgemm:fp32` (CODESHELL_PREFILL_FMA_GEMM=0 leaves it out); bad input is one clear error.
+Runs on any CPU with the native kernels (AVX2 is the baseline).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codeshell.kernels import _ext, available, ops, prepack
+
+needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
+
+
+def _w(n, k, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
+
+
+def _panel(mod, x, p, bias):
+    """`avx2:panel` in 64-row calls (its limit): the reference bits."""
+    return torch.cat([ops._compute("avx2:panel", mod, x[i:i + 64].float().contiguous(), p, bias)
+                      for i in range(0, x.shape[0], 64)])
+
+
+@needs_native
+@pytest.mark.parametrize("n,k", [(16, 64), (50, 384), (37, 129), (70, 1030), (33, 17), (200, 600)])
+@pytest.mark.parametrize("m", [65, 97, 130, 513])
+def test_same_bits_as_the_panel_kernel(n, k, m, record_property):
+    record_property("isa_path", "avx2:gemm")
+    mod = _ext.get()
+    w = _w(n, k)
+    p = prepack(w)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+    bias = torch.randn(n)
+    for b in (None, bias):
+        want = _panel(mod, x, p, b)
+        y = ops._compute("avx2:gemm", mod, x, p, b)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        assert torch.equal(y, want), (m, n, k, (y - want).abs().max().item())
+        assert torch.equal(ops._compute("avx2:gemm", mod, x.float(), p, b), want)  # fp32 x
+    ref = x.float() @ w.bfloat16().float().T
+    assert (y - bias - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert torch.allclose(y, ops.reference(x, p, bias, "avx2:gemm"), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("kc,item,wpf", [("32", "1", "1"), ("64", "3", "0"), ("256", "4", "1"), ("512", "8", "1"),
+                                         ("96", "2", "1")])
+def test_chunks_items_and_prefetch_do_not_change_bits(kc, item, wpf, monkeypatch):
+    # Each output is one FMA chain over k in order, whatever the K chunk (a store and reload of the
+    # sums between chunks is exact), the panels per work item (tails of fewer) or the prefetch.
+    mod = _ext.get()
+    n, k, m = 300, 1030, 131
+    p = prepack(_w(n, k, 3))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(9))
+    want = _panel(mod, x, p, None)
+    monkeypatch.setenv("CODESHELL_FMA2_KC", kc)
+    monkeypatch.setenv("CODESHELL_FMA2_ITEM", item)
+    monkeypatch.setenv("CODESHELL_FMA2_WPF", wpf)
+    assert torch.equal(mod.prefill_bf16_fma(x, p.data, n, None, isa=0), want), (kc, item, wpf)
+
+
+@needs_native
+@pytest.mark.parametrize("k", [1024, 1030])
+def test_row_bits_do_not_depend_on_m(k):
+    # x's pack copies whole vectors of a row where its k are inside x and the tail (K's end, rows
+    # past M: zeros) value by value; the tiles, chunks and prefetches are the same for every row.
+    # So a row's bits are the same in a full tile (M = 600) or the tail tile (M = 97), or at M < 64.
+    mod = _ext.get()
+    p = prepack(torch.randn(300, k, generator=torch.Generator().manual_seed(k)))
+    x = torch.randn(600, k, generator=torch.Generator().manual_seed(5)).bfloat16()
+    full = mod.prefill_bf16_fma(x, p.data, 300, None, isa=0).clone()
+    for m in (1, 7, 97, 130):
+        assert torch.equal(mod.prefill_bf16_fma(x[:m].contiguous(), p.data, 300, None, isa=0), full[:m]), (m, k)
+        assert torch.equal(mod.prefill_bf16_fma(x[m:].contiguous(), p.data, 300, None, isa=0), full[m:]), (m, k)
+
+
+@needs_native
+def test_the_dispatch_offers_it(monkeypatch):
+    p = prepack(_w(64, 128))
+    assert ops.prefill_candidates(p, torch.bfloat16, 0) == ["avx2:gemm", "avx2:panel64", "sgemm:fp32"]
+    assert ops.prefill_candidates(p, torch.float32, 0) == ["avx2:gemm", "avx2:panel64", "sgemm:fp32"]
+    monkeypatch.setenv("CODESHELL_PREFILL_FMA_GEMM", "0")
+    assert ops.prefill_candidates(p, torch.bfloat16, 0) == ["sgemm:fp32"]  # the size threshold, as before
+    big = prepack(torch.zeros(4096, 4096))
+    assert ops.prefill_candidates(big, torch.bfloat16, 0) == ["avx2:panel64"]
+
+
+@needs_native
+def test_bad_input_is_one_clear_error():
+    mod = _ext.get()
+    p = prepack(_w(40, 64))
+    x = torch.randn(70, 64)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        mod.prefill_bf16_fma(x, p.data, 40, None, True, False, 0)
+    with pytest.raises(RuntimeError, match="isa 0"):
+        mod.prefill_bf16_fma(x, p.data, 40, None, isa=2)
+    with pytest.raises(RuntimeError, match="K=65"):
+        mod.prefill_bf16_fma(torch.randn(70, 65), p.data, 40, None, isa=0)
+    with pytest.raises(RuntimeError, match="bf16 or fp32"):
+        mod.prefill_bf16_fma(x.double(), p.data, 40, None, isa=0)

@@ -1,6 +1,7 @@
 """The AVX2 fp32-FMA GEMM for bf16 weights (`avx2:gemm`, csrc/gemm_fma.h on 256-bit vectors,
 session 30 helper A): the same bits as the AVX2 panel kernel (`avx2:panel` in 64-row calls) at
-prefill M, for bf16 and fp32 x, with and without bias, any K chunk / work item / prefetch switch
+prefill M for bf16 and fp32 x, with and without bias (test_prefill_fma.py's
+test_same_bits_as_the_panel_kernel, parametrized by vector width); here any K chunk / work item / prefetch switch
 and shapes with partial panels and K not a multiple of the pair or the 32-k padding; close to the
 fp32 reference; a row's bits do not depend on M; the dispatch offers it beside `avx2:panel64` and
 `sgemm:fp32` (CODESHELL_PREFILL_FMA_GEMM=0 leaves it out); bad input is one clear error.
@@ -25,27 +26,6 @@ def _panel(mod, x, p, bias):
     """`avx2:panel` in 64-row calls (its limit): the reference bits."""
     return torch.cat([ops._compute("avx2:panel", mod, x[i:i + 64].float().contiguous(), p, bias)
                       for i in range(0, x.shape[0], 64)])
-
-
-@needs_native
-@pytest.mark.parametrize("n,k", [(16, 64), (50, 384), (37, 129), (70, 1030), (33, 17), (200, 600)])
-@pytest.mark.parametrize("m", [65, 97, 130, 513])
-def test_same_bits_as_the_panel_kernel(n, k, m, record_property):
-    record_property("isa_path", "avx2:gemm")
-    mod = _ext.get()
-    w = _w(n, k)
-    p = prepack(w)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
-    bias = torch.randn(n)
-    for b in (None, bias):
-        want = _panel(mod, x, p, b)
-        y = ops._compute("avx2:gemm", mod, x, p, b)
-        assert y.dtype == torch.float32 and y.shape == (m, n)
-        assert torch.equal(y, want), (m, n, k, (y - want).abs().max().item())
-        assert torch.equal(ops._compute("avx2:gemm", mod, x.float(), p, b), want)  # fp32 x
-    ref = x.float() @ w.bfloat16().float().T
-    assert (y - bias - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
-    assert torch.allclose(y, ops.reference(x, p, bias, "avx2:gemm"), rtol=1e-4, atol=1e-4)
 
 
 @needs_native

@@ -26,29 +26,37 @@ def _w(n, k, seed=0):
     return torch.randn(n, k, generator=g) / k ** 0.5
 
 
-def _panel(mod, x, p, bias):
-    """`avx512_vnni:panel` in 64-row calls (its limit): the reference bits."""
-    return torch.cat([ops._compute("avx512_vnni:panel", mod, x[i:i + 64], p, bias) for i in range(0, x.shape[0], 64)])
+def _panel(mod, x, p, bias, isa="avx512_vnni"):
+    """`<isa>:panel` in 64-row calls (its limit): the reference bits."""
+    return torch.cat([ops._compute(f"{isa}:panel", mod, x[i:i + 64].contiguous(), p, bias)
+                      for i in range(0, x.shape[0], 64)])
 
 
-@needs_512
+# the GEMM on each vector width: 512-bit (panel_bf16.cpp prefill_fma) and 256-bit (session 30,
+# csrc/gemm_fma.h, `avx2:gemm`: tests/kernels/test_bf16_avx2_gemm.py has its other checks)
+ISAS = [pytest.param("avx512_vnni", marks=needs_512), pytest.param("avx2", marks=needs_avx2)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,k", [(16, 64), (50, 384), (37, 129), (70, 1030), (33, 17), (200, 600)])
 @pytest.mark.parametrize("m", [65, 97, 130, 513])
-def test_same_bits_as_the_panel_kernel(n, k, m, record_property):
-    record_property("isa_path", "avx512_vnni:gemm")
+def test_same_bits_as_the_panel_kernel(isa, n, k, m, record_property):
+    path = f"{isa}:gemm"
+    record_property("isa_path", path)
     mod = _ext.get()
     w = _w(n, k)
     p = prepack(w)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
     bias = torch.randn(n)
     for b in (None, bias):
-        want = _panel(mod, x.float(), p, b)
-        y = ops._compute("avx512_vnni:gemm", mod, x, p, b)
+        want = _panel(mod, x.float(), p, b, isa)
+        y = ops._compute(path, mod, x, p, b)
         assert y.dtype == torch.float32 and y.shape == (m, n)
         assert torch.equal(y, want), (m, n, k, (y - want).abs().max().item())
-        assert torch.equal(ops._compute("avx512_vnni:gemm", mod, x.float(), p, b), want)  # fp32 x
+        assert torch.equal(ops._compute(path, mod, x.float(), p, b), want)  # fp32 x
     ref = x.float() @ w.bfloat16().float().T
     assert (y - bias - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert torch.allclose(y, ops.reference(x, p, bias, path), rtol=1e-4, atol=1e-4)
 
 
 @needs_512

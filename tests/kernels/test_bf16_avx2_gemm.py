@@ -63,11 +63,13 @@ def test_row_bits_do_not_depend_on_m(k):
 @needs_native
 def test_the_dispatch_offers_it(monkeypatch):
     p = prepack(_w(64, 128))
-    assert ops.prefill_candidates(p, torch.bfloat16, 0) == ["avx2:gemm", "avx2:panel64", "sgemm:fp32"]
-    assert ops.prefill_candidates(p, torch.float32, 0) == ["avx2:gemm", "avx2:panel64", "sgemm:fp32"]
-    monkeypatch.setenv("CODESHELL_PREFILL_FMA_GEMM", "0")
-    assert ops.prefill_candidates(p, torch.bfloat16, 0) == ["sgemm:fp32"]  # the size threshold, as before
     big = prepack(torch.zeros(4096, 4096))
+    # in place of avx2:panel64 (the same bits) from the size threshold; sgemm alone below it, as before
+    assert ops.prefill_candidates(big, torch.bfloat16, 0) == ["avx2:gemm", "avx2:panel64"]
+    assert ops.prefill_candidates(big, torch.float32, 0) == ["avx2:gemm", "avx2:panel64"]
+    assert ops.prefill_candidates(p, torch.bfloat16, 0) == ["sgemm:fp32"]
+    monkeypatch.setenv("CODESHELL_PREFILL_FMA_GEMM", "0")
+    assert ops.prefill_candidates(p, torch.bfloat16, 0) == ["sgemm:fp32"]
     assert ops.prefill_candidates(big, torch.bfloat16, 0) == ["avx2:panel64"]
 
 

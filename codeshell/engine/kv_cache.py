@@ -8,6 +8,8 @@ of scheduling or sampling.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +65,13 @@ class KVCache:
         return PackedView(self, slot_ids, positions)
 
 
+def _prefill_as_decode() -> bool:
+    """CODESHELL_PREFILL_ATTN_DECODE (default 1; read per call, A/B runs): where no native prefill
+    attention applies, a bf16 prompt attends through decode's kernel per query; 0: PyTorch's SDPA
+    with the mask, as before session 31 (not batch-invariant)."""
+    return os.environ.get("CODESHELL_PREFILL_ATTN_DECODE", "1") not in ("0", "off")
+
+
 class CacheView:
     """What the model's attention layers call: write new k, v; read all keys up to the longest row."""
 
@@ -102,6 +111,8 @@ class CacheView:
         native kernel (no gather of the batch's slots, no mask): decode (one new token per row)
         and, on AVX512-BF16 CPUs, prefill (T > 1, causal by position: `prefill_attention`, whose
         result is laid out [B, T, H, D] underneath, so the caller's transpose back is free);
+        and, for bf16 elsewhere with the native kernels (AVX2), prefill as one decode query per
+        prompt token (`packed_attention`: decode's bits for every row);
         None, storing nothing, where neither applies (the caller uses `update` and SDPA)."""
         from ..kernels import decode_attention, decode_attention_ok
         from ..kernels.prefill_attention import prefill_attention, prefill_attention_ok
@@ -112,10 +123,28 @@ class CacheView:
                 return None
             self._store(layer, k, v)
             return decode_attention(q, k_layer, v_layer, self.slot_index, self.lens, scale)
-        if not prefill_attention_ok(q, k_layer):
+        if prefill_attention_ok(q, k_layer):
+            self._store(layer, k, v)
+            return prefill_attention(q, k_layer, v_layer, self.slot_index, self.positions, scale).transpose(1, 2)
+        if q.dtype != torch.bfloat16 or not _prefill_as_decode():
             return None
+        # No native prefill kernel here (AVX2): a bf16 prompt's queries each get decode's own
+        # one-query attention (`packed_attention`, the bits `decode_attention` gives that query),
+        # so with the AVX2 bf16 linears (prefill paths with decode's bits, kernels/ops.py) every
+        # prompt row is computed exactly as a decode step would compute it, whatever the padding,
+        # the batch around it or a cached prefix. PyTorch's SDPA gave a prompt's last row other
+        # bits in a padded batch than alone (session 31: codeshell-mini's greedy text at batch 8
+        # differed from batch 1, tests/engine/test_prompt_lookup.py).
+        B, H, T, D = q.shape
+        qt = q.transpose(1, 2).reshape(B * T, H, 1, D)                          # [B*T, H, 1, D]
+        if not decode_attention_ok(qt, k_layer):
+            return None
+        from ..kernels.attention import packed_attention
         self._store(layer, k, v)
-        return prefill_attention(q, k_layer, v_layer, self.slot_index, self.positions, scale).transpose(1, 2)
+        slots = self.slot_index.repeat_interleave(T)
+        lens = (self.positions + 1).reshape(-1)  # query at position p: keys 0..p of its slot
+        y = packed_attention(qt, k_layer, v_layer, slots, lens, scale)         # [B*T, H, 1, D]
+        return y.view(B, T, H, D).transpose(1, 2)                              # [B, H, T, D], a view
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, G, T, D] at [slot, :, position] of any slots, consecutive or not."""

@@ -226,16 +226,17 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         # columns register blocks; the same bits as `avx2:panel`), the decode panel kernel in 64-row
         # calls and torch's fp32 sgemm, measured. CODESHELL_PREFILL_FMA_GEMM=0 leaves the GEMM out
         # (before: `avx2:panel64` alone from BF16_PANEL_PREFILL_MIN_WEIGHTS values, else sgemm).
-        # Session 30, lead: the GEMM takes the place of `avx2:panel64` only (the same bits, a speed
-        # choice) where that ran before, from BF16_PANEL_PREFILL_MIN_WEIGHTS; smaller weights keep
-        # sgemm alone. Offering all three everywhere moved codeshell-mini's prefill off sgemm, and
-        # its greedy text at batch 8 then differed from batch 1 (tests/engine/test_prompt_lookup.py,
-        # prompt 4, with `avx2:panel64` alone too): the cause is not found yet (the GEMM's rows
-        # are M- and offset-invariant on mini's shapes), so the old bits stay until it is.
-        if p.out_features * p.in_features < BF16_PANEL_PREFILL_MIN_WEIGHTS:
-            return ["sgemm:fp32"]
+        # Session 31, lead: at every weight size only the paths with decode's bits (the GEMM and
+        # the panel kernel, a speed choice between the same bits), no sgemm: with the prompt's
+        # attention also decode's per query (engine/kv_cache.py `CacheView.attend`), a prompt row
+        # gets the bits a decode step would give it, so greedy text does not depend on the batch,
+        # the padding or a cached prefix (session 30 had restricted the GEMM to weights from
+        # BF16_PANEL_PREFILL_MIN_WEIGHTS after codeshell-mini's batch-8 text differed from batch 1:
+        # the cause was PyTorch's SDPA, whose last prompt row had other bits in a padded batch).
+        # CODESHELL_PREFILL_FMA_GEMM=0: the choice before session 30 (`avx2:panel64` from
+        # BF16_PANEL_PREFILL_MIN_WEIGHTS values, else sgemm).
         if os.environ.get("CODESHELL_PREFILL_FMA_GEMM", "1") == "0":
-            return ["avx2:panel64"]
+            return ["avx2:panel64"] if p.out_features * p.in_features >= BF16_PANEL_PREFILL_MIN_WEIGHTS else ["sgemm:fp32"]
         return ["avx2:gemm", "avx2:panel64"]
     return ["sgemm:fp32"]
 

@@ -64,10 +64,11 @@ def test_row_bits_do_not_depend_on_m(k):
 def test_the_dispatch_offers_it(monkeypatch):
     p = prepack(_w(64, 128))
     big = prepack(torch.zeros(4096, 4096))
-    # in place of avx2:panel64 (the same bits) from the size threshold; sgemm alone below it, as before
-    assert ops.prefill_candidates(big, torch.bfloat16, 0) == ["avx2:gemm", "avx2:panel64"]
-    assert ops.prefill_candidates(big, torch.float32, 0) == ["avx2:gemm", "avx2:panel64"]
-    assert ops.prefill_candidates(p, torch.bfloat16, 0) == ["sgemm:fp32"]
+    # with avx2:panel64 (the same bits, decode's) at every size, never sgemm (other bits)
+    for w in (big, p):
+        assert ops.prefill_candidates(w, torch.bfloat16, 0) == ["avx2:gemm", "avx2:panel64"]
+        assert ops.prefill_candidates(w, torch.float32, 0) == ["avx2:gemm", "avx2:panel64"]
+    # the choice before session 30: panel64 from the size threshold, sgemm below it
     monkeypatch.setenv("CODESHELL_PREFILL_FMA_GEMM", "0")
     assert ops.prefill_candidates(p, torch.bfloat16, 0) == ["sgemm:fp32"]
     assert ops.prefill_candidates(big, torch.bfloat16, 0) == ["avx2:panel64"]

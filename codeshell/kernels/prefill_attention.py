@@ -7,8 +7,9 @@ cache slot, grouped-query heads, bf16 in and out with fp32 scores, softmax and s
 keys past a query's position are never computed, and the cache is read in place (no gather of
 the batch's slots, no [B, 1, T, S] mask). What this is not: decode attention (one query per
 row: `ops.decode_attention`, `attention.packed_attention`), or a path for fp32 models or CPUs
-without AVX-512: `prefill_attention_ok` says when it applies, else the model runs PyTorch's SDPA
-with the boolean mask as before. On an AVX-512 CPU without AVX512-BF16 (Ice Lake / Cascade Lake
+without AVX-512: `prefill_attention_ok` says when it applies; else a bf16 prompt attends through
+decode's kernel one query each (engine/kv_cache.py `CacheView.attend`, session 31: decode's bits
+for every prompt row) and anything else runs PyTorch's SDPA with the boolean mask. On an AVX-512 CPU without AVX512-BF16 (Ice Lake / Cascade Lake
 Xeons) the kernel runs with its two bf16 instructions emulated by fp32 FMAs (session 23; see
 `prefill_attention_ok`).
 """

@@ -1,6 +1,8 @@
-"""The prefill attention kernel alone, switch against switch, alternating in one process.
+"""A prompt's attention alone, switch against switch, alternating in one process.
 
-What this is: `prefill_attention` (csrc/attention_prefill.cpp) at one shape (one row, T queries at
+What this is: the engine's prompt attention (`CacheView.attend`, engine/kv_cache.py: the native
+`prefill_attention` of csrc/attention_prefill.cpp on AVX-512 CPUs; on AVX2 decode's kernel one query
+each, or PyTorch's SDPA with CODESHELL_PREFILL_ATTN_DECODE=0) at one shape (one row, T queries at
 positions 0..T-1, as a prompt's layer calls it), timed for the default switches and for each
 `--env` set (NAME=V[,NAME=V...]: set for that variant's calls only), the variants alternating in
 every round so that a host whose speed drifts between minutes slows them alike. It prints, per
@@ -13,6 +15,8 @@ weights evict its caches) or a test (tests/kernels/test_prefill_attention*.py ch
 
     flock /work/notes/bench.lock python benchmarks/bench_prefill_attn.py --shape small --threads 1 \
         --env CODESHELL_PREFILL_ATTN_T=0 --rounds 30
+    flock /work/notes/bench.lock python benchmarks/bench_prefill_attn.py --shape 7b \
+        --env CODESHELL_PREFILL_ATTN_DECODE=0       # AVX2: decode's kernel per query against SDPA
 """
 
 from __future__ import annotations
@@ -37,11 +41,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from codeshell.config import SHAPES
-    from codeshell.kernels import prefill_attention as pa
+    from codeshell.config import CodeShellConfig
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_quant import shape_config
     if args.model is not None:
-        from codeshell.config import CodeShellConfig
         from codeshell.mini import MODEL_DIR
         cfg = CodeShellConfig.from_json(os.path.join(MODEL_DIR if args.model == "codeshell-mini" else args.model,
                                                      "config.json"))
@@ -49,25 +52,31 @@ def main() -> None:
         cfg = SHAPES.get(args.shape) or shape_config(args.shape)
     H, G, D, T = cfg.n_head, cfg.num_query_groups, cfg.head_dim, args.prompt_len
     g = torch.Generator().manual_seed(0)
-    kc = torch.randn(1, G, T + 8, D, generator=g).bfloat16()
-    vc = torch.randn(1, G, T + 8, D, generator=g).bfloat16()
-    q = torch.randn(1, T, H + 2 * G, D, generator=g).bfloat16().transpose(1, 2)[:, :H]  # a view of qkv, as the model's
-    slots, pos = torch.zeros(1, dtype=torch.long), torch.arange(T)[None]
+    from codeshell.engine.kv_cache import KVCache
+    from codeshell.model import _cached_sdpa
+    cache = KVCache(CodeShellConfig(n_layer=1, n_embd=H * D, n_head=H, num_query_groups=G, n_positions=T + 8,
+                                    vocab_size=64), 1, T + 8, torch.bfloat16)
+    qkv = torch.randn(1, T, H + 2 * G, D, generator=g).bfloat16().transpose(1, 2)  # the model's views of qkv
+    q, k, v = qkv[:, :H], qkv[:, H:H + G], qkv[:, H + G:]
+    pos = torch.arange(T)[None]
     variants = [("default", {})] + [(e, dict(kv.split("=", 1) for kv in e.split(","))) for e in args.env]
 
     def call(env):
-        old = {k: os.environ.get(k) for k in env}
+        old = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
         try:
             w, c = time.perf_counter(), time.thread_time()
-            y = pa.prefill_attention(q, kc, vc, slots, pos, D ** -0.5)
+            view = cache.view([0], pos)
+            y = view.attend(0, q, k, v, D ** -0.5)
+            if y is None:  # the model's fallback: SDPA over the cache with the causal mask
+                y = _cached_sdpa(0, q, k, v, None, view)
             return y, time.perf_counter() - w, time.thread_time() - c
         finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
+            for name, val in old.items():
+                if val is None:
+                    os.environ.pop(name, None)
                 else:
-                    os.environ[k] = v
+                    os.environ[name] = val
 
     ys = {name: call(env)[0] for name, env in variants}
     wall = {name: [] for name, _ in variants}
@@ -78,7 +87,7 @@ def main() -> None:
             wall[name].append(w)
             cpu[name].append(c)
     flops = 2.0 * T * T * H * D
-    print(f"prefill attention H {H} G {G} D {D} T {T}, {args.threads} thread(s), {args.rounds} rounds, "
+    print(f"prompt attention H {H} G {G} D {D} T {T}, {args.threads} thread(s), {args.rounds} rounds, "
           f"load avg {os.getloadavg()[0]:.2f}")
     base_w, base_c = statistics.median(wall["default"]), statistics.median(cpu["default"])
     for name, _ in variants:

@@ -174,14 +174,18 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const
 
 // Weight rows [n0, n1) for all M rows of x into out [M, N] (no bias): tiles of 8 weight rows, each with its
 // scales transposed once and then every tile of up to 4 rows of x (M = 1: spans of 32 groups a weight row,
-// prefetching pf_m1 bytes ahead; M > 1: a group at a time for the 8 rows, the first tile of x prefetching pf
-// bytes ahead, the later ones finding the tile's nibbles in L1).
+// prefetching pf_m1 bytes ahead; M > 1: a group at a time for the 8 rows, the first tile of x prefetching the
+// tile(s) ahead where pf != 0, the later ones finding the tile's nibbles in L1).
 template <int RUNS, bool OFFS>
 void range(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8, int64_t M, int64_t K,
            const uint8_t* q, const float* sc, const float* of, float* out, int64_t N, int64_t n0, int64_t n1,
            int64_t pf_m1, int64_t pf) {
   constexpr int64_t G = 64 * RUNS;
   const int64_t ng = K / G, ldq = K / 2;
+  // M > 1: the first tile of x prefetches the same rows and groups of the tile 2 ahead (K <= 1024) or the next
+  // (a tile is 8 * K / 2 bytes): a distance of pf bytes, as tile_q4 used, landed inside the current tile (it
+  // sweeps its 8 rows group by group), so cold weights (the decode step's, one read a step) stalled there
+  const int64_t pft = pf ? 8 * ldq * (ldq <= 512 ? 2 : 1) : 0;
   alignas(32) float st[kMaxGroups][8];
   alignas(32) float ot[OFFS ? kMaxGroups : 1][8];
   for (int64_t n = n0; n < n1; n += 8) {
@@ -210,10 +214,10 @@ void range(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8
     }
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
-      tile<4, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, m ? 0 : pf, acc);
+      tile<4, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, m ? 0 : pft, acc);
       put(acc, 4, m);
     }
-    const int64_t pr = m ? 0 : pf;
+    const int64_t pr = m ? 0 : pft;
     switch (M - m) {
       case 3: tile<3, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc); put(acc, 3, m); break;
       case 2: tile<2, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc); put(acc, 2, m); break;

@@ -1,7 +1,7 @@
 // int4 weights x int8-rounded x (decode_int4_q8 / decode_int4_q8_out): the int4 half of the
 // integer-dot decode kernels (qdot.cpp's opening comment maps which kernel runs which M on which CPU).
 // Here: the checks and the dispatch (int4_q8: the panel / tile_v on AMX CPUs, q4_rows.h, tile_q4r,
-// run_q4v, the AVX2 tiles), the int4 switches, the AVX2 tiles (tile_q4 ...), run_q4v (M = 1's 16-row
+// run_q4v, the AVX2 level's q4_rows_avx2.h and tiles), the int4 switches, the AVX2 tiles (tile_q4 ...), run_q4v (M = 1's 16-row
 // tile of q4_m1.h, tile_q4v12, tile_q4f, tile_q4v_blk, tile_q4v: qdot_q4v.h) and tile_q4r / run_q4r.
 // What this is not: int8 weights (qdot_int8.cpp), x's rounding (qdot.cpp), the shared helpers
 // (qdot.h), tile_v (qdot_tile_v.h), the batched rows' kernel (q4_rows.h) or AMX (qgemm_amx.cpp).
@@ -21,6 +21,7 @@
 #include "q4_m1.h"
 #include "q4_m1_e.h"
 #include "q4_m1_g32.h"
+#include "q4_rows_avx2.h"
 #include "qdot.h"
 #include "qdot_q4v.h"
 #include "qdot_tile_v.h"
@@ -41,6 +42,15 @@ namespace {
 using codeshell::env_flag;
 using codeshell::env_int;
 inline bool q4v12() { return env_flag("CODESHELL_Q4V12", true); }
+// The AVX2 level (isa avx2; also an AVX-512 CPU capped to it), groups of 64 / 128 / 256: q4_rows_avx2.h's
+// tiles (8 weight rows in the lanes, x rounded by its round_x) at every M, instead of tile_q4 on
+// quantize_rows' scalar rounding. Other bits than tile_q4 (the same for every M: row invariance), within
+// the reference tolerance; docs/kernels.md, session 31 helper A. CODESHELL_Q4_AVX2_ROWS=0: tile_q4 as
+// before (A/B timing and tests; read per call, so set it for a whole process: every M must take one path).
+// AVX-512 levels keep tile_q4 where they send K % 128 != 0 to it (their bits unchanged).
+inline bool q4_avx2_rows(int64_t isa, int64_t K, int64_t G) {
+  return isa < codeshell::kAvx512Vnni && codeshell::q4avx2::takes(K, G) && env_flag("CODESHELL_Q4_AVX2_ROWS", true);
+}
 // int4 M = 1 (run_q4v: the 16-row tile and tile_q4v's rows): prefetch the scale (and offset) rows
 // kQ4M1ScalePf tiles of 16 rows ahead, T0. Why: the nibbles sit on huge pages with kM1Prefetch's
 // software prefetch, but the fp32 scales / offsets [N, K/G] (quant/linear.py, torch's allocator) are
@@ -603,7 +613,9 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   int32_t* sx = r.sx;  // the 512-bit kernels' integer block sums of xq
   const bool vnni = use_vnni(isa, K);
   const bool epi = vnni && (isa >= codeshell::kAmx || q4_epi_kind());
-  quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs, sx);
+  const bool avx2rows = !vnni && q4_avx2_rows(isa, K, G);
+  if (avx2rows) codeshell::q4avx2::round_x(x.data_ptr<float>(), M, K, G, xqp, dx, xs, sx);  // quantize_x's values
+  else quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs, sx);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* ofp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
@@ -612,6 +624,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const bool lane = !epi;
   const bool v12 = lane && q4v12(), fused = lane && M == 1 && q4_m1_fused();
   const Pf pf = lane && M == 1 ? q4_m1_pf() : Pf();
+  const int64_t pf1 = avx2rows && M == 1 ? env_int("CODESHELL_Q4_M1_PF", kM1Prefetch) : 0;  // q4_rows_avx2.h's M = 1
   const int64_t r16 = lane && M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
   const bool g32 = lane && M == 1 && (G == 32 || G == 64) && q4_m1_g32();  // run_q4v's 16-row tile at G < 128
 #if CODESHELL_HAVE_AVX512
@@ -672,6 +685,11 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       return;
     }
 #endif
+    if (avx2rows) {  // the AVX2 level, G = 64 / 128 / 256: q4_rows_avx2.h at every M
+      codeshell::q4avx2::run(xqp, dx, xs, sx, M, K, G, qp, sp, ofp, op, N, n0, n1, pf1, kPrefetch);
+      add_bias(b, op, M, N, n0, n1);
+      return;
+    }
     if (G == 32) {
       if (ofp) run_q4<true, true>(xqp, dx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1);
       else run_q4<false, true>(xqp, dx, xs, M, K, qp, sp, nullptr, G, op, N, n0, n1);

@@ -1,0 +1,82 @@
+"""Time the int4 `q8` decode linears (decode_int4_q8: groups of 128, int8-rounded x, the kernel the native decode
+step calls per int4 linear) at M = 1..64 on this CPU's isa level, per shape of the small random shape (1024 wide,
+FFN 4096) or codeshell-mini (256 wide), with a per-call probe: the same K with 16 weight rows, whose time is what a
+call costs beyond its rows (x's rounding, the output tensor, the dispatch from Python), so that `us/row` of the real shapes can be
+split into the fixed part and the rows' part.
+
+    flock /work/notes/bench.lock python benchmarks/bench_q4_avx2.py --set small --threads 1 --m 1 8 \
+        --ab - CODESHELL_Q4_AVX2_ROWS=0
+
+Prints per shape and M: us a call (each variant's fastest round of alternating rounds), weight GB/s, G int8 MAC/s
+(M*N*K / t), and the time against the first M. Written for session 31 helper A (docs/kernels.md); `--ab` variants are
+ENV=V[,ENV=V] or '-' (nothing set). `--offsets` uses asymmetric groups (scales and offsets); bench_quant's int4
+checkpoints are symmetric (scales only). Weights are warm (every shape here fits the L3).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_q8_batch_avx2 import SETS, fastest_rounds  # noqa: E402
+
+from codeshell.kernels import _ext, ops, quantize_int4  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", choices=list(SETS), default="small")
+    ap.add_argument("--m", nargs="+", type=int, default=[1, 2, 4, 8, 16, 64])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--ab", nargs="+", default=["-"])
+    ap.add_argument("--shapes", nargs="+", default=None, help="shape names of the set, and/or 'probe'")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--budget", type=float, default=0.04, help="seconds a variant's round aims at")
+    ap.add_argument("--offsets", action="store_true", help="asymmetric groups (scales and offsets)")
+    ap.add_argument("--group", type=int, default=128)
+    a = ap.parse_args()
+    shapes = {k: v for k, v in SETS[a.set].items() if k != "head"}
+    ks = sorted({k for _, k in shapes.values()})
+    for k in ks:
+        shapes[f"probe{k}"] = (16, k)
+    if a.shapes:
+        shapes = {k: v for k, v in shapes.items() if k in a.shapes or (k.startswith("probe") and "probe" in a.shapes)}
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    # the chunks on the process's Team, as inside the decode step (bench_q8_batch_avx2.py says why)
+    os.environ.setdefault("CODESHELL_CHUNKS_TEAM", "1")
+    mod = _ext.get()
+    isa = ops.isa_level()
+    print(f"threads {torch.get_num_threads()}, isa {ops.ISA_LEVELS[isa]}, load avg {os.getloadavg()[0]:.2f}, "
+          f"int4 g{a.group} {'asym' if a.offsets else 'sym'}, set {a.set}", flush=True)
+    variants = {v: ({} if v == "-" else dict(kv.split("=", 1) for kv in v.split(","))) for v in a.ab}
+    torch.manual_seed(0)
+    for name, (n, k) in shapes.items():
+        pw = quantize_int4(torch.randn(n, k) * 0.05, group_size=a.group, symmetric=not a.offsets)
+        base: dict[str, float] = {}
+        for m in a.m:
+            x = torch.randn(m, k)
+
+            def f(x=x):
+                mod.decode_int4_q8(x, pw.data, pw.scales, pw.offsets, pw.group_size, None, isa)
+
+            import time
+            t0 = time.perf_counter()
+            f()
+            f()
+            one = max((time.perf_counter() - t0) / 2, 1e-6)
+            reps = max(3, int(a.budget / one))
+            res = fastest_rounds(f, variants, reps, a.rounds)
+            if m == a.m[0]:
+                base = res
+            wbytes = n * k // 2
+            print(f"{name:11s} N={n:5d} K={k:4d} M={m:2d}: " + "; ".join(
+                f"[{v}] {t * 1e6:8.2f} us {wbytes / t / 1e9:5.1f} GB/s {m * n * k / t / 1e9:5.1f} GMAC/s x{t / base[v]:.2f}"
+                for v, t in res.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "simd.h"
+
 namespace codeshell {
 namespace q4avx2 {
 
@@ -48,17 +50,11 @@ constexpr int64_t kMaxGroups = 256;
 // the sum in int32, xs = dx * float(sum). G % 64 == 0.
 inline void round_x(const float* x, int64_t M, int64_t K, int64_t G, int8_t* xq, float* dx, float* xs, int32_t* s8) {
   const int64_t ng = K / G;
-  const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i lowb = _mm256_set1_epi32(0xff);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ng; ++g) {
       const float* r = x + m * K + g * G;
-      __m256 mx = _mm256_setzero_ps();
-      for (int64_t k = 0; k < G; k += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(r + k), absm), mx);
-      __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_max_ss(h, _mm_movehdup_ps(h));
-      const float amax = _mm_cvtss_f32(h);
+      const float amax = absmax8(r, G);
       const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
       const __m256 idv = _mm256_set1_ps(id);
       __m256i sum = _mm256_setzero_si256();

@@ -36,6 +36,7 @@
 
 #include "parallel.h"
 #include "scratch.h"
+#include "simd.h"
 #include "switches.h"
 
 namespace codeshell {
@@ -50,15 +51,9 @@ constexpr int kNR = 16;  // weight rows per panel (two ymm of 8 rows)
 // o8 (int4's nibble kernel) instead of o where not null (then B % 16 == 0); sx[b] = the integer sum.
 inline void quantize_row(const float* x, int64_t K, int64_t B, int16_t* o, float* dx, float* xs,
                          int8_t* o8 = nullptr, int32_t* sx = nullptr) {
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t b = 0; b < K / B; ++b) {
     const float* xb = x + b * B;
-    __m256 am = _mm256_setzero_ps();
-    for (int64_t k = 0; k < B; k += 8) am = _mm256_max_ps(am, _mm256_and_ps(_mm256_loadu_ps(xb + k), absmask));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float amax = _mm_cvtss_f32(m4);
+    const float amax = absmax8(xb, B);  // NaN skipped, as quantize_x skips it
     const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
     const __m256 iv = _mm256_set1_ps(id);
     __m256i s = _mm256_setzero_si256();

@@ -3,6 +3,8 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace codeshell {
 
 // Sum of the 8 lanes.
@@ -33,6 +35,20 @@ inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+// max |x[i]| over n floats (n % 8 == 0), 8 lanes then the 4-2-1 reduction: the value of the
+// scalar loop `amax = std::max(amax, std::fabs(x[i]))` (max is order-free; a NaN is skipped as that
+// loop skips it: _mm256_max_ps returns its second operand when the first is NaN). Shared by the
+// AVX2 kernels that round x per block as qdot.cpp's quantize_x does (q8_gemm_avx2.h, q4_rows_avx2.h).
+inline float absmax8(const float* x, int64_t n) {
+  const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + k), absm), mx);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
 }
 
 }  // namespace codeshell

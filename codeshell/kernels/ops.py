@@ -223,9 +223,8 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
     if p.kind == "bf16":
         # fp32 FMA on an AVX2-only CPU (session 30 helper A, AMD Zen 3): our GEMM on 256-bit vectors
         # (`avx2:gemm`, csrc/gemm_fma.h: weight chunks widened to fp32 per K chunk, 6 rows x 16
-        # columns register blocks; the same bits as `avx2:panel`), the decode panel kernel in 64-row
-        # calls and torch's fp32 sgemm, measured. CODESHELL_PREFILL_FMA_GEMM=0 leaves the GEMM out
-        # (before: `avx2:panel64` alone from BF16_PANEL_PREFILL_MIN_WEIGHTS values, else sgemm).
+        # columns register blocks; the same bits as `avx2:panel`) and the decode panel kernel in
+        # 64-row calls, measured (session 30 also offered torch's fp32 sgemm: see below).
         # Session 31, lead: at every weight size only the paths with decode's bits (the GEMM and
         # the panel kernel, a speed choice between the same bits), no sgemm: with the prompt's
         # attention also decode's per query (engine/kv_cache.py `CacheView.attend`), a prompt row

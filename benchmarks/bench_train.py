@@ -84,7 +84,7 @@ def run_hf(a) -> dict:
     from codeshell.hf import CodeShellHFConfig, CodeShellHFForCausalLM
     from codeshell.train.build import new_model
     from codeshell.train.config import PRESETS
-    from codeshell.train.metrics import flops_per_token, measure_peak_flops
+    from codeshell.train.metrics import flops_per_token, training_peak_flops
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -111,7 +111,7 @@ def run_hf(a) -> dict:
                              logging_steps=1000, save_strategy="no", report_to=[], dataloader_num_workers=0,
                              disable_tqdm=True)
     tr = Trainer(model=model, args=args, train_dataset=ds, callbacks=[Clock()])
-    peak = measure_peak_flops(torch.device("cpu"), torch.bfloat16)
+    peak = training_peak_flops(torch.device("cpu"), "bf16")  # the denominator our loop uses
     tr.train()
     step = statistics.median(times[1:])
     tps = a.micro * a.accum * a.seq / step

@@ -65,10 +65,28 @@ def training_peak_flops(device: torch.device, precision: str) -> float:
     honest denominator."""
     if precision != "bf16":
         return measure_peak_flops(device, torch.float32)
-    peak = measure_peak_flops(device, torch.bfloat16)
-    if device.type == "cpu":
-        peak = max(peak, measure_peak_flops(device, torch.float32))
-    return peak
+    if device.type != "cpu":
+        return measure_peak_flops(device, torch.bfloat16)
+    fp32 = measure_peak_flops(device, torch.float32)
+    # A quick look before the bf16 probe: where torch emulates bf16 (no AVX512-BF16 / AMX) its
+    # bf16 matmul runs ~1 GFLOP/s (AMD Zen 3, session 32: 1.0-1.3 at n = 512-1024, fp32 56-150),
+    # so the 2048 probe's 5 runs of 17 GFLOP held every bf16 CPU run ~90 s before its first
+    # step, for a figure the fp32 one beats anyway. Hardware bf16 reads well above fp32 / 8 at
+    # n = 256 (the emulation ~100x below it), so the look cannot mistake one for the other.
+    if bf16_matmul_rate(device) < fp32 / 8:
+        return fp32
+    return max(fp32, measure_peak_flops(device, torch.bfloat16))
+
+
+def bf16_matmul_rate(device: torch.device, n: int = 256) -> float:
+    """FLOP/s of one n x n bf16 matmul after a warm-up call (~70 ms where bf16 is emulated): the
+    quick look `training_peak_flops` takes before the full bf16 probe on a CPU."""
+    a = torch.randn(n, n, device=device).to(torch.bfloat16)
+    b = torch.randn(n, n, device=device).to(torch.bfloat16)
+    a @ b
+    t0 = time.perf_counter()
+    a @ b
+    return 2 * n ** 3 / max(time.perf_counter() - t0, 1e-9)
 
 def flops_per_token(cfg: CodeShellConfig, seq_len: int, lora: bool = False) -> float:
     """Training FLOPs per token: 6N + 12 L d T (PaLM's count, attention not halved for the

@@ -100,3 +100,19 @@ def test_bad_input_is_one_clear_error():
         mod.decode_bf16(torch.randn(8, 64).bfloat16(), p.data, 40, None, 0)
     with pytest.raises(RuntimeError, match="K=65"):
         mod.decode_bf16(torch.randn(8, 65), p.data, 40, None, 0)
+
+
+@needs_native
+@pytest.mark.parametrize("tiles,m", [("53", 8), ("332", 8), ("44", 8), ("6", 6), ("123", 6), ("66", 13)])
+def test_explicit_tiles_do_not_change_bits(tiles, m, monkeypatch):
+    # CODESHELL_BF16_AVX2_TILES (an A/B switch of Avx2::micro's row tiles; ignored where the digits
+    # do not sum to M, as "66" at M = 13): one chain per output whatever the tile
+    mod = _ext.get()
+    n, k = 45, 1030
+    g = torch.Generator().manual_seed(11)
+    p = prepack(torch.randn(n, k, generator=g) / k ** 0.5)
+    x = torch.randn(m, k, generator=g)
+    alone = torch.cat([_dec(mod, x[i:i + 1], p, n, None) for i in range(m)])
+    monkeypatch.setenv("CODESHELL_BF16_AVX2_BLOCK", "0")
+    monkeypatch.setenv("CODESHELL_BF16_AVX2_TILES", tiles)
+    assert torch.equal(_bits(_dec(mod, x, p, n, None)), _bits(alone)), (tiles, m)

@@ -489,6 +489,15 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     if (M >= 4 && codeshell::env_flag("CODESHELL_BF16_AVX2_EVEN", true)) {
       even_tiles(M, Isa::kTileRows, sizes_buf);
       sizes = sizes_buf;
+      // EXPERIMENT (A/B runs): CODESHELL_BF16_AVX2_TILES=<digits>, e.g. 53: tiles of 5 then 3 rows
+      // when the digits (each 1..6) sum to M. The same bits (one chain per output whatever the tile).
+      int64_t d = codeshell::env_int("CODESHELL_BF16_AVX2_TILES", 0), sum = 0, n = 0;
+      int8_t dig[kMaxRows];
+      for (; d > 0 && n < kMaxRows; d /= 10) sum += dig[n++] = int8_t(d % 10);
+      bool ok = sum == M;
+      for (int64_t i = 0; i < n; ++i) ok = ok && dig[i] >= 1 && dig[i] <= Isa::kTileRows;
+      if (ok)
+        for (int64_t i = 0; i < n; ++i) sizes_buf[i] = dig[n - 1 - i];
     }
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     alignas(64) float c[std::max<int64_t>(kMaxRows, 8 * kPanel) * kPanel];  // also NP panels x 16 rows for M <= 3

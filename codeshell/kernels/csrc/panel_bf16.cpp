@@ -13,7 +13,9 @@
 // `Bf16Dot` and the AMX tiles), chosen by ops.py (`plan`):
 //   * decode_bf16 (M <= 64), isa kAvx2: fp32 x, FMA outer product (broadcast x[m, k] times 16
 //     weights), 6 rows of x x 16 weight rows in registers, k-blocked so the panel chunk is
-//     re-read from L1 by every tile; for M <= 3 several panels at once (more read streams).
+//     re-read from L1 by every tile; for M <= 3 several panels at once (more read streams);
+//     from 12 rows (avx2_block_rows, session 32) gemm_fma.h's block on each panel chunk widened
+//     once, x packed by tiles: the same bits.
 //   * decode_bf16, isa kAvx512Bf16: bf16 x (the caller's activations are bf16 already: a bf16
 //     model), vdpbf16ps: one instruction does 16 rows x 2 k for one row of x; at M = 1 several
 //     panels at once, their number and the software prefetch by CPU kind (decode_panels).

@@ -344,7 +344,10 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // broadcasts, 2 mr FMAs, no widening in the inner loop).
 // Why: Avx2::micro widens the panel's bf16 pairs in registers again for every tile (4 integer ops a
 // k-pair a tile, two of them shifts) and reads x from the transposed [Kp][M] copy (prepare's scalar
-// transpose, a std::vector a call); measured in docs/kernels.md (session 32, helper B).
+// transpose, a std::vector a call). Measured (1 thread, docs/kernels.md session 32 helper B): at
+// tiles of 6 rows Avx2::micro ran 42-66% of the fp32-FMA ceiling and this block 62-93% (a verify step
+// of 24 rows 1.26x faster); at 4..11 rows the block lost (25-45%: its widening pass is not overlapped
+// with the FMAs, and 4-row tiles are 8 chains either way), hence kAvx2BlockMinM = 12.
 // Bits: each (row, output) is one FMA chain over k = 0 .. Kp - 1 in order from zero, as
 // Avx2::micro's (even then odd k of each pair) and `avx2:gemm`'s: the same bits at every M and
 // tile (tests/kernels/test_bf16_avx2_rows.py: every M in 1..64 against M = 1 rows and against

@@ -13,7 +13,9 @@
 // `Bf16Dot` and the AMX tiles), chosen by ops.py (`plan`):
 //   * decode_bf16 (M <= 64), isa kAvx2: fp32 x, FMA outer product (broadcast x[m, k] times 16
 //     weights), 6 rows of x x 16 weight rows in registers, k-blocked so the panel chunk is
-//     re-read from L1 by every tile; for M <= 3 several panels at once (more read streams).
+//     re-read from L1 by every tile; for M <= 3 several panels at once (more read streams);
+//     from 12 rows (avx2_block_rows, session 32) gemm_fma.h's block on each panel chunk widened
+//     once, x packed by tiles: the same bits.
 //   * decode_bf16, isa kAvx512Bf16: bf16 x (the caller's activations are bf16 already: a bf16
 //     model), vdpbf16ps: one instruction does 16 rows x 2 k for one row of x; at M = 1 several
 //     panels at once, their number and the software prefetch by CPU kind (decode_panels).
@@ -332,9 +334,112 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
   return bias->data_ptr<float>();
 }
 
+// ---- AVX2 batched decode on gemm_fma.h's register block (session 32 helper B) ----------------
+// What: decode_bf16 at isa kAvx2 for M >= kAvx2BlockMinM rows (default; CODESHELL_BF16_AVX2_BLOCK=<min
+// M>, 0 = off: Avx2::micro's tiles at every M, the path before): x's rows split into near-equal tiles
+// of <= 6 (even_tiles), each tile packed once per call as gemm_fma.h's x pack ([Kp / 8][mr][8], a
+// vector copy of each row's 8 k: no transpose), and per panel and K chunk (kc k) the panel's chunk
+// widened once to fp32 (fma_gemm::widen, [kc][16], 16 KiB at kc = 256: L1) and run by every tile
+// through fma_gemm::block<V256, mr, 2> (the prefill GEMM's 6 x 16 block: per k 2 weight loads, mr
+// broadcasts, 2 mr FMAs, no widening in the inner loop).
+// Why: Avx2::micro widens the panel's bf16 pairs in registers again for every tile (4 integer ops a
+// k-pair a tile, two of them shifts) and reads x from the transposed [Kp][M] copy (prepare's scalar
+// transpose, a std::vector a call). Measured (1 thread, docs/kernels.md session 32 helper B): at
+// tiles of 6 rows Avx2::micro ran 42-66% of the fp32-FMA ceiling and this block 62-93% (a verify step
+// of 24 rows 1.26x faster); at 4..11 rows the block lost (25-45%: its widening pass is not overlapped
+// with the FMAs, and 4-row tiles are 8 chains either way), hence kAvx2BlockMinM = 12.
+// Bits: each (row, output) is one FMA chain over k = 0 .. Kp - 1 in order from zero, as
+// Avx2::micro's (even then odd k of each pair) and `avx2:gemm`'s: the same bits at every M and
+// tile (tests/kernels/test_bf16_avx2_rows.py: every M in 1..64 against M = 1 rows and against
+// CODESHELL_BF16_AVX2_BLOCK=0).
+constexpr int64_t kAvx2BlockMinM = 12;
+constexpr int64_t kAvx2BlockKC = 256;  // k per chunk (a multiple of 32): [256][16] fp32 = 16 KiB
+
+template <int R>
+inline void avx2_block_tile(const float* a, const float* b, int64_t kc, float* c, bool first) {
+  fma_gemm::block<fma_gemm::V256, R, 2>(a, b, kc, c, kPanel, first, nullptr);
+}
+
+void avx2_block_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const uint32_t* wp, int64_t N,
+                     const float* bias, float* op) {
+  using V = fma_gemm::V256;
+  const int64_t Kh = Kp / 2, P = (N + kPanel - 1) / kPanel;
+  const int64_t KC = std::max<int64_t>(32, codeshell::env_int("CODESHELL_BF16_AVX2_KC", kAvx2BlockKC) / 32 * 32);
+  const int64_t wpf = codeshell::env_int("CODESHELL_BF16_AVX2_WPF", 1);  // 0 none, 1 into L2, 2 into L1
+  int8_t sizes[kMaxRows];
+  const int nt = even_tiles(M, Avx2::kTileRows, sizes);
+  // x packed by tiles: tile t (rows r0 .. r0 + mr - 1) at xp + r0 * Kp as [Kp / 8][mr][8], zero k >= K
+  static thread_local codeshell::ThreadScratch x_keep;
+  codeshell::Scratch<float> xs(x_keep, size_t(M) * Kp);
+  float* xp = xs.data();
+  for (int t = 0, r0 = 0; t < nt; r0 += sizes[t++]) {
+    const int mr = sizes[t];
+    float* d = xp + r0 * Kp;
+    for (int64_t k = 0; k < Kp; k += 8)
+      for (int i = 0; i < mr; ++i) {
+        const float* s = x + (r0 + i) * K + k;
+        float* dv = d + k * mr + i * 8;
+        if (k + 8 <= K) {
+          V::store(dv, V::loadu(s));
+        } else {
+          for (int l = 0; l < 8; ++l) dv[l] = k + l < K ? s[l] : 0.f;
+        }
+      }
+  }
+  codeshell::parallel_chunks(P, 4, 4, [&](int64_t p0, int64_t p1) {
+    static thread_local codeshell::ThreadScratch b_keep;
+    codeshell::Scratch<float> bs(b_keep, size_t(KC) * kPanel);
+    float* bw = bs.data();
+    alignas(64) float c[kMaxRows * kPanel];
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t k0 = 0; k0 < Kp; k0 += KC) {
+        const int64_t kc = std::min(KC, Kp - k0);
+        fma_gemm::widen<V, 2>(wp + p * Kh * kPanel, Kh * kPanel, 1, k0 / 2, kc, bw);
+        // The chunk widened next (this panel's next chunk, else the next panel's first: the
+        // panels are one stream) prefetched a line (a k-pair) at a time, spread over the tiles.
+        const uint32_t* wn = nullptr;
+        int64_t lines = 0, per = 0, l = 0;
+        if (wpf) {
+          const int64_t kn = k0 + KC < Kp ? k0 + KC : 0, pn = k0 + KC < Kp ? p : p + 1;
+          if (pn < p1) {
+            wn = wp + (pn * Kh + kn / 2) * kPanel;
+            lines = std::min(KC, Kp - kn) / 2;
+            per = (lines + nt - 1) / nt;
+          }
+        }
+        for (int t = 0, r0 = 0; t < nt; r0 += sizes[t++]) {
+          for (int64_t e = std::min(lines, l + per); l < e; ++l) {
+            if (wpf == 2) _mm_prefetch(reinterpret_cast<const char*>(wn + l * kPanel), _MM_HINT_T0);
+            else _mm_prefetch(reinterpret_cast<const char*>(wn + l * kPanel), _MM_HINT_T1);
+          }
+          const float* a = xp + r0 * Kp + k0 * sizes[t];
+          float* cm = c + r0 * kPanel;
+          switch (sizes[t]) {
+            case 1: avx2_block_tile<1>(a, bw, kc, cm, k0 == 0); break;
+            case 2: avx2_block_tile<2>(a, bw, kc, cm, k0 == 0); break;
+            case 3: avx2_block_tile<3>(a, bw, kc, cm, k0 == 0); break;
+            case 4: avx2_block_tile<4>(a, bw, kc, cm, k0 == 0); break;
+            case 5: avx2_block_tile<5>(a, bw, kc, cm, k0 == 0); break;
+            default: avx2_block_tile<6>(a, bw, kc, cm, k0 == 0); break;
+          }
+        }
+      }
+      const int64_t n0 = p * kPanel;
+      store_rows(c, kPanel, M, op, N, n0, std::min(kPanel, N - n0), bias);
+    }
+  });
+}
+
 template <class Isa>
 void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_t Kp, const float* b, float* op) {
   const int64_t M = x.size(0), Kh = Kp / 2, P = (N + kPanel - 1) / kPanel;
+  if constexpr (std::is_same_v<Isa, Avx2>) {
+    const int64_t from = codeshell::env_int("CODESHELL_BF16_AVX2_BLOCK", kAvx2BlockMinM);
+    if (from > 0 && M >= from) {
+      avx2_block_rows(x.data_ptr<float>(), M, x.size(1), Kp, wp, N, b, op);
+      return;
+    }
+  }
 #if CODESHELL_HAVE_AVX512
   // Avx512Fma at 4..64 rows: panel_bf16_rows.h's tiles (CODESHELL_BF16_ROWS=0: the tiles below at
   // every M; CODESHELL_BF16_ROWS_MAX=16: them above 16 rows, session 25's split). Same bits either way.
@@ -389,6 +494,15 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     if (M >= 4 && codeshell::env_flag("CODESHELL_BF16_AVX2_EVEN", true)) {
       even_tiles(M, Isa::kTileRows, sizes_buf);
       sizes = sizes_buf;
+      // EXPERIMENT (A/B runs): CODESHELL_BF16_AVX2_TILES=<digits>, e.g. 53: tiles of 5 then 3 rows
+      // when the digits (each 1..6) sum to M. The same bits (one chain per output whatever the tile).
+      int64_t d = codeshell::env_int("CODESHELL_BF16_AVX2_TILES", 0), sum = 0, n = 0;
+      int8_t dig[kMaxRows];
+      for (; d > 0 && n < kMaxRows; d /= 10) sum += dig[n++] = int8_t(d % 10);
+      bool ok = sum == M;
+      for (int64_t i = 0; i < n; ++i) ok = ok && dig[i] >= 1 && dig[i] <= Isa::kTileRows;
+      if (ok)
+        for (int64_t i = 0; i < n; ++i) sizes_buf[i] = dig[n - 1 - i];
     }
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     alignas(64) float c[std::max<int64_t>(kMaxRows, 8 * kPanel) * kPanel];  // also NP panels x 16 rows for M <= 3

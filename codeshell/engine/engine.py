@@ -409,8 +409,8 @@ class Engine:
         slot, and set `prefill_cost` to the line through them (the shorter one's best of two; a
         first forward of 4 positions goes before, untimed: first touches). CPU seconds of this
         thread, as the draft budget's timings (lookup.DraftBudget.clock: the thread takes part in
-        every parallel region, and another process's load does not count). ~1.5 s on the 1.7B
-        bf16 shape, a few ms on codeshell-mini. Off the CPU, with CODESHELL_PREFILL_GROUPS=one or
+        every parallel region, and another process's load does not count). 2-5 s on the 1.7B
+        bf16 shape (measured), milliseconds on small models. Off the CPU, with CODESHELL_PREFILL_GROUPS=one or
         no free slot: left as it is. The slot's KV is left as junk that no prompt is told it
         holds (`slot_tokens`; a free slot without a cached prompt is taken if there is one).
         Returns `prefill_cost` (one set by hand, as tests do, is kept by `_prefill`)."""

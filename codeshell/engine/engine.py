@@ -106,9 +106,9 @@ class Engine:
         self.draft_budget: DraftBudget | None = DraftBudget()
         # A prefill forward's cost (fixed + per row) that splits a step's prompts into padded
         # forwards (`prefill_plan.plan`); None: one forward while they fit. `measure_prefill_cost`
-        # sets it: the server at load, else the first step that prefills two prompts or more.
+        # sets it (the server at load). Not measured on its own at a first batch: LLM.generate's
+        # callers (the benchmarks' timed batches) would pay 2-5 s of a 1.7B model inside their clock.
         self.prefill_cost: PrefillCost | None = None
-        self._cost_measured = False
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         # The per-step Python trimmed (session 20: at the small shape ~0.25 ms a token ran between two
         # native steps, every object it touched cold): no abort / admission / draft-clock work when
@@ -376,8 +376,6 @@ class Engine:
         def flush() -> None:
             if not pending:
                 return
-            if len(pending) > 1 and self.prefill_cost is None and not self._cost_measured:
-                self.measure_prefill_cost()
             rest = [len(r.prompt_ids) - u for r, u in pending]
             for g in plan(rest, self.prefill_cost, lambda idx: self._fits([pending[i] for i in idx])):
                 group = [pending[i] for i in g]
@@ -413,13 +411,9 @@ class Engine:
         bf16 shape (measured), milliseconds on small models. Off the CPU, with CODESHELL_PREFILL_GROUPS=one or
         no free slot: left as it is. The slot's KV is left as junk that no prompt is told it
         holds (`slot_tokens`; a free slot without a cached prompt is taken if there is one).
-        Returns `prefill_cost` (one set by hand, as tests do, is kept by `_prefill`)."""
-        if _GROUPS == "one" or self.device.type != "cpu":
-            self._cost_measured = True
+        Returns `prefill_cost`."""
+        if _GROUPS == "one" or self.device.type != "cpu" or not self.free_slots:
             return self.prefill_cost
-        if not self.free_slots:  # every slot taken: a later step measures
-            return self.prefill_cost
-        self._cost_measured = True
         long = min(long, self.max_model_len - 1)
         short = min(short, long - 1)
         if short < 1:

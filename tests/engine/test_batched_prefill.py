@@ -157,7 +157,6 @@ def test_measured_cost_changes_no_tokens(llm, monkeypatch):
     base, a, b = prompts([30, 3, 25], seed=5)
     want = [run_one_step(llm, [p], GREEDY)[0].token_ids for p in (base + a, b, a)]
     monkeypatch.setattr(eng, "prefill_cost", None)
-    monkeypatch.setattr(eng, "_cost_measured", False)
     run_one_step(llm, [base], GREEDY)
     cost = eng.measure_prefill_cost()
     assert cost is eng.prefill_cost and cost.row_s > 0 and cost.fixed_s >= 0
@@ -165,11 +164,11 @@ def test_measured_cost_changes_no_tokens(llm, monkeypatch):
     assert eng.prefix_hits > 0
 
 
-def test_measured_lazily_at_the_first_group(llm, monkeypatch):
+def test_not_measured_unasked(llm, monkeypatch):
+    """Only `measure_prefill_cost` (the server at load) sets the cost: a batch through the engine
+    runs the rule before session 32 and times nothing of its own."""
     eng = llm.engine
     monkeypatch.setattr(eng, "prefill_cost", None)
-    monkeypatch.setattr(eng, "_cost_measured", False)
-    run_one_step(llm, prompts([5]), GREEDY)
-    assert eng.prefill_cost is None  # one prompt: nothing to group
-    run_one_step(llm, prompts([5, 9]), GREEDY)
-    assert eng.prefill_cost is not None and eng._cost_measured
+    groups = spy_groups(monkeypatch, eng)
+    run_one_step(llm, prompts([5, 40, 9], seed=6), GREEDY)
+    assert eng.prefill_cost is None and groups == [[5, 40, 9]]

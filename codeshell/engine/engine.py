@@ -24,6 +24,7 @@ from ..config import CodeShellConfig
 from .kv_cache import KVCache
 from .lookup import DraftBudget, NgramLookup, cap_rows, verify_token
 from .outputs import CompletionOutput, Logprob, RequestOutput
+from .prefill_plan import PrefillCost, plan
 from .sampling import MAX_LOOKUP, SamplingParams, SequenceSampler, greedy_picks, sample_rows, token_logprob
 from .sequence import Sequence
 
@@ -35,6 +36,13 @@ _SHARE = 16
 # CODESHELL_LOOKUP_SHARE_RATE=1: the draft budget's odds as session 25 had them (a moving average of
 # each draft's accepted share) instead of lookup.AcceptRate's per-token odds; read once (A/B runs).
 _SHARE_RATE = os.environ.get("CODESHELL_LOOKUP_SHARE_RATE") == "1"
+
+# CODESHELL_PREFILL_GROUPS=one: a step's short prompts share one padded prefill forward while they
+# fit (the rule before session 32) instead of the grouping of least estimated cost
+# (`prefill_plan.plan`, the cost measured at load by `Engine.measure_prefill_cost`); read once.
+_GROUPS = os.environ.get("CODESHELL_PREFILL_GROUPS", "cost")
+if _GROUPS not in ("cost", "one"):
+    raise ValueError(f"CODESHELL_PREFILL_GROUPS={_GROUPS!r}: expected 'cost' or 'one'")
 
 
 class RequestError(ValueError):
@@ -96,6 +104,11 @@ class Engine:
         # How many drafted tokens a verify step runs, by their odds and the measured cost of
         # the step's rows (`lookup.DraftBudget`); None: every draft, up to the row cap.
         self.draft_budget: DraftBudget | None = DraftBudget()
+        # A prefill forward's cost (fixed + per row) that splits a step's prompts into padded
+        # forwards (`prefill_plan.plan`); None: one forward while they fit. `measure_prefill_cost`
+        # sets it (the server at load). Not measured on its own at a first batch: LLM.generate's
+        # callers (the benchmarks' timed batches) would pay 2-5 s of a 1.7B model inside their clock.
+        self.prefill_cost: PrefillCost | None = None
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         # The per-step Python trimmed (session 20: at the small shape ~0.25 ms a token ran between two
         # native steps, every object it touched cold): no abort / admission / draft-clock work when
@@ -345,24 +358,32 @@ class Engine:
         return self.model.lm_head(h)
 
     def _prefill(self, reqs: list[_Request]) -> list[tuple[_Request, torch.Tensor]]:
-        """Prefill newly admitted requests; returns each with its next-token logits [vocab].
+        """Prefill newly admitted requests; returns each with its next-token logits [vocab], in
+        admission order.
 
-        Short prompts go through one right-padded forward together (16 IDE or chat requests
-        arriving at once cost about one forward instead of 16, and the output head runs once
-        at M = 16); a prompt longer than `prefill_chunk` runs alone in chunks. A request that
-        shares more than `_SHARE` tokens with one in the pending group waits for that group,
-        so that its prefix can come from the cache.
+        Short prompts go through right-padded forwards together (16 IDE or chat requests
+        arriving at once cost a forward or a few instead of 16, and the output head runs once
+        per forward); which prompts share a forward is `prefill_plan.plan`'s choice by
+        `prefill_cost` (a prompt whose rest is much shorter than the others', e.g. one mostly
+        cached, gets a forward of its own where its padding would cost more than a forward).
+        A prompt longer than `prefill_chunk` runs alone in chunks. A request that shares more
+        than `_SHARE` tokens with one pending waits until the pending ones ran, so that its
+        prefix can come from the cache.
         """
         out: list[tuple[_Request, torch.Tensor]] = []
-        group: list[tuple[_Request, int]] = []  # (request, prompt tokens reused from the cache)
+        pending: list[tuple[_Request, int]] = []  # (request, prompt tokens reused from the cache)
 
         def flush() -> None:
-            if group:
+            if not pending:
+                return
+            rest = [len(r.prompt_ids) - u for r, u in pending]
+            for g in plan(rest, self.prefill_cost, lambda idx: self._fits([pending[i] for i in idx])):
+                group = [pending[i] for i in g]
                 out.extend(zip([r for r, _ in group], self._prefill_group(group)))
-                group.clear()
+            pending.clear()
 
         for req in reqs:
-            if any(_common_prefix(g.prompt_ids, req.prompt_ids) > _SHARE for g, _ in group):
+            if any(_common_prefix(g.prompt_ids, req.prompt_ids) > _SHARE for g, _ in pending):
                 flush()
             n = len(req.prompt_ids)
             # room for the prompt and the reply it asks for (one growth, not one per step)
@@ -373,11 +394,49 @@ class Engine:
                 flush()
                 out.append((req, self._prefill_chunked(req, reused)))
                 continue
-            if group and not self._fits(group + [(req, reused)]):
-                flush()
-            group.append((req, reused))
+            pending.append((req, reused))
         flush()
+        if len(out) > 1:
+            order = {id(r): i for i, r in enumerate(reqs)}
+            out.sort(key=lambda o: order[id(o[0])])
         return out
+
+    def measure_prefill_cost(self, short: int = 8, long: int = 72) -> PrefillCost | None:
+        """Time prefill forwards of `short` and `long` positions (one row each; `long` past the
+        row-invariant decode kernels' 64 rows, where prompts of a few clients run) through a free
+        slot, and set `prefill_cost` to the line through them (the shorter one's best of two; a
+        first forward of 4 positions goes before, untimed: first touches). CPU seconds of this
+        thread, as the draft budget's timings (lookup.DraftBudget.clock: the thread takes part in
+        every parallel region, and another process's load does not count). 2-5 s on the 1.7B
+        bf16 shape (measured), milliseconds on small models. Off the CPU, with CODESHELL_PREFILL_GROUPS=one or
+        no free slot: left as it is. The slot's KV is left as junk that no prompt is told it
+        holds (`slot_tokens`; a free slot without a cached prompt is taken if there is one).
+        Returns `prefill_cost`."""
+        if _GROUPS == "one" or self.device.type != "cpu" or not self.free_slots:
+            return self.prefill_cost
+        long = min(long, self.max_model_len - 1)
+        short = min(short, long - 1)
+        if short < 1:
+            return self.prefill_cost
+        slot = min(self.free_slots, key=lambda q: (q in self.slot_tokens, self.slot_used.get(q, -1), q))
+        self.slot_tokens.pop(slot, None)
+        self._ensure_cache(long + 1)
+        clock = DraftBudget.clock
+
+        def timed(T: int) -> float:
+            ids = torch.zeros(1, T, dtype=torch.long, device=self.device)
+            pos = torch.arange(T, device=self.device)[None]
+            t0 = clock()
+            self._logits(self._forward(ids, pos, [slot], seq_len=T))
+            return clock() - t0
+
+        with torch.inference_mode():
+            timed(min(4, short))
+            t_short = timed(short)
+            t_long = timed(long)
+            t_short = min(t_short, timed(short))
+        self.prefill_cost = PrefillCost.from_timings((short, t_short), (long, t_long))
+        return self.prefill_cost
 
     def _fits(self, group: list[tuple[_Request, int]]) -> bool:
         """Whether these prompts may share one padded forward: at most `prefill_chunk` tokens

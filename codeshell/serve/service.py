@@ -118,6 +118,12 @@ class CompletionService:
                 t1 = time.monotonic()
                 warm_up(llm.engine)
                 log.info("warm-up request: %.2fs", time.monotonic() - t1)
+            # the prefill grouping's cost table, before any client waits on it (engine/prefill_plan.py)
+            t1 = time.monotonic()
+            cost = llm.engine.measure_prefill_cost()
+            if cost is not None:
+                log.info("prefill cost: %.2f ms a forward + %.3f ms a row (measured in %.2fs)",
+                         cost.fixed_s * 1e3, cost.row_s * 1e3, time.monotonic() - t1)
             self.llm = llm
         except Exception as e:  # the server stays up and says why in /health
             log.exception("loading %s failed", s.model)

@@ -1,7 +1,9 @@
-"""Prompts admitted in the same step share one padded prefill forward: their first tokens and
+"""Prompts admitted in the same step share padded prefill forwards: their first tokens and
 log-probabilities equal those of one-at-a-time prefills, with and without reused prefixes, and
-the grouping keeps to its token budget and never batches a request with one whose KV it can
-reuse."""
+the grouping keeps to its token budget, never batches a request with one whose KV it can
+reuse, and splits by the forward's cost (`Engine.prefill_cost`, engine/prefill_plan.py): pinned
+here, one forward while the fixed cost outweighs the padding, a mostly cached prompt alone where
+its padding costs more; the measured cost (`measure_prefill_cost`) changes no tokens."""
 
 from __future__ import annotations
 
@@ -10,15 +12,22 @@ import torch
 
 from codeshell import LLM
 from codeshell.engine import SamplingParams
+from codeshell.engine.prefill_plan import PrefillCost
 from tests.conftest import require_shared
 
 FIRST = SamplingParams(temperature=0, max_tokens=1, logprobs=3, ignore_eos=True)
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
+# a forward's fixed cost worth 1000 rows: one forward while the prompts fit (what a tiny model measures)
+ONE = PrefillCost(fixed_s=1.0, row_s=1e-3)
+
+
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(str(require_shared("golden/rope-gqa")), dtype="float32", max_batch=8)
+    llm = LLM(str(require_shared("golden/rope-gqa")), dtype="float32", max_batch=8)
+    llm.engine.prefill_cost = ONE
+    return llm
 
 
 def prompts(lengths, seed=0):
@@ -120,3 +129,46 @@ def test_a_step_admits_up_to_the_token_budget(llm, monkeypatch):
         for o in eng.step():
             outs[o.request_id] = o
     assert [outs[f"r{i}"].outputs[0].token_ids for i in range(len(ps))] == want
+
+
+@pytest.mark.parametrize("fixed_rows, want", [(5, [[2], [20, 20]]), (50, [[2, 20, 20]])])
+def test_a_cached_prompt_gets_its_own_forward(llm, monkeypatch, fixed_rows, want):
+    """4 clients after a 1-client round, in small: the first prompt is cached but for 2 tokens.
+    One forward pads it to 20 rows (60 in all); alone it costs a forward's fixed cost more and
+    18 rows less. The cost table decides; the tokens are those of one-at-a-time runs either way."""
+    eng = llm.engine
+    base, a, b, c = prompts([30, 2, 20, 20], seed=fixed_rows)  # prompts no earlier test cached
+    ps = [base + a, b, c]
+    want_tokens = [run_one_step(llm, [p], GREEDY)[0].token_ids for p in ps]
+    monkeypatch.setattr(eng, "prefix_caching", True)
+    monkeypatch.setattr(eng, "prefill_cost", PrefillCost(fixed_s=fixed_rows * 1e-3, row_s=1e-3))
+    run_one_step(llm, [base], GREEDY)  # leaves `base` (and its output) in a free slot
+    groups = spy_groups(monkeypatch, eng)
+    got = run_one_step(llm, ps, GREEDY)
+    assert groups == want
+    assert [o.token_ids for o in got] == want_tokens
+
+
+def test_measured_cost_changes_no_tokens(llm, monkeypatch):
+    """The load-time measurement runs forwards through a free slot: with prefix caching on, what
+    later prompts reuse and produce is as before, and the cost it finds has a per-row cost > 0."""
+    eng = llm.engine
+    monkeypatch.setattr(eng, "prefix_caching", True)
+    base, a, b = prompts([30, 3, 25], seed=5)
+    want = [run_one_step(llm, [p], GREEDY)[0].token_ids for p in (base + a, b, a)]
+    monkeypatch.setattr(eng, "prefill_cost", None)
+    run_one_step(llm, [base], GREEDY)
+    cost = eng.measure_prefill_cost()
+    assert cost is eng.prefill_cost and cost.row_s > 0 and cost.fixed_s >= 0
+    assert [o.token_ids for o in run_one_step(llm, [base + a, b, a], GREEDY)] == want
+    assert eng.prefix_hits > 0
+
+
+def test_not_measured_unasked(llm, monkeypatch):
+    """Only `measure_prefill_cost` (the server at load) sets the cost: a batch through the engine
+    runs the rule before session 32 and times nothing of its own."""
+    eng = llm.engine
+    monkeypatch.setattr(eng, "prefill_cost", None)
+    groups = spy_groups(monkeypatch, eng)
+    run_one_step(llm, prompts([5, 40, 9], seed=6), GREEDY)
+    assert eng.prefill_cost is None and groups == [[5, 40, 9]]

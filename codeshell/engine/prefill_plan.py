@@ -1,0 +1,85 @@
+"""Which of the prompts admitted in one step share a padded prefill forward (session 32).
+
+The engine prefills short prompts together in one right-padded forward (`Engine._prefill_group`):
+every row runs as many positions as the longest remaining prompt of its group. One forward for
+everything is what small models want (a forward's fixed cost, the Python and the weights' pass,
+outweighs many rows of padding), but on a 1.7B model a row is ~20 ms of compute and a prompt that
+is (almost) all cached pads to the longest one: 4 clients after a 1-client round ran [4, 93]
+= 372 rows where llama-server computed 276 (docs/kernels.md, session 31 helper B). A fixed cap on
+the padding share split small models' groups into forwards that cost more than the padding.
+
+So the split is chosen by cost: a forward of `rows` rows (batch x padded length) is estimated at
+`PrefillCost.fixed_s + PrefillCost.row_s * rows`, both measured once at load
+(`Engine.measure_prefill_cost`: forwards of two lengths through the model), and `plan` picks the
+grouping that minimises the sum over the step's forwards. Sorted by remaining length, an optimal
+grouping is contiguous (a group's cost depends on its longest member only), so a DP over the
+sorted prompts finds it. Groups keep the prompts' arrival order inside and run in the order of
+their first-arrived prompt. Which group a prompt runs in changes none of its bits (every row of a
+prefill forward takes the same kernel path whatever the other rows: tests/engine/
+test_batched_prefill.py and test_prefill_decode_bits.py).
+
+This module neither runs the model nor touches the KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrefillCost:
+    """A prefill forward's estimated seconds: `fixed_s` a forward plus `row_s` a row (a padded
+    position of one prompt counts as a row)."""
+
+    fixed_s: float
+    row_s: float
+
+    def forward(self, rows: int) -> float:
+        return self.fixed_s + self.row_s * rows
+
+    @classmethod
+    def from_timings(cls, short: tuple[int, float], long: tuple[int, float]) -> "PrefillCost":
+        """The line through two (rows, seconds) timings, the longer forward second. A per-row cost
+        that comes out at or below zero (a noisy timing) is taken as a tiny one, so that padding
+        never looks free and one forward is kept; a negative fixed cost as zero."""
+        (m0, t0), (m1, t1) = short, long
+        row = max((t1 - t0) / (m1 - m0), 1e-9) if m1 > m0 else 1e-9
+        return cls(max(t0 - row * m0, 0.0), row)
+
+
+def plan(rest: list[int], cost: PrefillCost | None,
+         fits: Callable[[list[int]], bool]) -> list[list[int]]:
+    """The prompts' indices (into `rest`, each prompt's remaining length) split into groups, one
+    padded forward each. `fits(indices)`: whether those prompts may share one forward (the token
+    budget, the context window); a single prompt always may. Without a cost: the rule before
+    session 32, prompts in arrival order into the current group while it fits."""
+    n = len(rest)
+    if cost is None:
+        groups: list[list[int]] = []
+        for i in range(n):
+            if groups and fits(groups[-1] + [i]):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+    order = sorted(range(n), key=lambda i: (rest[i], i))
+    # best[j]: (estimated seconds, forwards) of the first j sorted prompts; ties go to fewer forwards
+    best: list[tuple[float, int]] = [(0.0, 0)] + [(float("inf"), 0)] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        T = rest[order[j - 1]]  # the group's longest: every row pads to it
+        for i in range(j - 1, -1, -1):
+            if i < j - 1 and not fits(order[i:j]):
+                break  # a longer group (more prompts, same length) fits even less
+            c, f = best[i]
+            cand = (c + cost.forward((j - i) * T), f + 1)
+            if cand[0] < best[j][0] * (1 - 1e-9) or (cand[0] <= best[j][0] * (1 + 1e-9) and cand[1] < best[j][1]):
+                best[j], cut[j] = cand, i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    groups.sort(key=lambda g: g[0])
+    return groups

@@ -1,0 +1,94 @@
+"""The prefill grouping (codeshell/engine/prefill_plan.py): for a given cost table, `plan` finds the
+grouping of least estimated cost among all groupings that fit (checked against every partition of
+small sets), keeps one forward where the fixed cost outweighs the padding, gives a mostly cached
+prompt a forward of its own where its padding costs more, keeps to `fits`, and lists groups in
+arrival order; without a cost table it is the rule before session 32 (one forward while they fit)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from codeshell.engine.prefill_plan import PrefillCost, plan
+
+
+def cost_of(groups, rest, cost):
+    return sum(cost.forward(len(g) * max(rest[i] for i in g)) for g in groups)
+
+
+def partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for p in partitions(rest):
+        for k in range(len(p)):
+            yield p[:k] + [[first] + p[k]] + p[k + 1:]
+        yield [[first]] + p
+
+
+def always(_):
+    return True
+
+
+def test_fixed_cost_dominates_one_forward():
+    # the session-31 test group: 130 of its 200 rows padding, one forward on small models
+    rest = [3, 40, 1, 17, 9]
+    assert plan(rest, PrefillCost(fixed_s=1.0, row_s=1e-3), always) == [[0, 1, 2, 3, 4]]
+
+
+def test_cached_prompt_gets_its_own_forward():
+    # 4 clients after a 1-client round: prompt 0 cached (1 token left), the others ~93 tokens;
+    # a 1.7B bf16 forward is ~5 rows' worth of fixed cost: [1] + [3 x 93] (280 rows) beats [4 x 93] (372)
+    rest = [1, 93, 92, 93]
+    cost = PrefillCost(fixed_s=0.1, row_s=0.02)
+    assert plan(rest, cost, always) == [[0], [1, 2, 3]]
+    # with a fixed cost of 100 rows the padding is cheaper: one forward
+    assert plan(rest, PrefillCost(fixed_s=2.0, row_s=0.02), always) == [[0, 1, 2, 3]]
+
+
+def test_no_padding_no_split():
+    # equal lengths: splitting saves no rows and costs forwards, even at a zero fixed cost
+    assert plan([50, 50, 50], PrefillCost(0.0, 1.0), always) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_least_cost_of_all_groupings(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 6)
+    rest = [rng.randint(1, 120) for _ in range(n)]
+    cost = PrefillCost(fixed_s=rng.choice([0.0, 0.5, 3.0, 20.0, 200.0]), row_s=1.0)
+    limit = rng.choice([10 ** 9, 150, 250])
+
+    def fits(idx):
+        return len(idx) * max(rest[i] for i in idx) <= limit
+
+    got = plan(rest, cost, fits)
+    assert sorted(i for g in got for i in g) == list(range(n))  # every prompt once
+    assert all(len(g) == 1 or fits(g) for g in got)
+    assert [g[0] for g in got] == sorted(g[0] for g in got) and all(g == sorted(g) for g in got)
+    best = min(cost_of(p, rest, cost) for p in partitions(list(range(n)))
+               if all(len(g) == 1 or fits(g) for g in p))
+    assert cost_of(got, rest, cost) == pytest.approx(best)
+
+
+def test_without_a_cost_the_old_rule():
+    rest = [10, 10, 10, 20, 5]
+
+    def fits(idx):
+        return len(idx) * max(rest[i] for i in idx) <= 32
+
+    # in arrival order into the current group while it fits (test_batched_prefill's budget case)
+    assert plan(rest, None, fits) == [[0, 1, 2], [3], [4]]
+    assert plan([3, 40, 1, 17, 9], None, always) == [[0, 1, 2, 3, 4]]
+
+
+def test_cost_from_timings():
+    c = PrefillCost.from_timings((8, 0.3), (72, 1.58))
+    assert c.row_s == pytest.approx(0.02) and c.fixed_s == pytest.approx(0.14)
+    # noise: a longer forward timed no slower keeps padding from looking free, the fixed cost >= 0
+    c = PrefillCost.from_timings((8, 0.3), (72, 0.2))
+    assert c.row_s > 0 and c.fixed_s >= 0
+    c = PrefillCost.from_timings((8, 0.1), (72, 10.0))
+    assert c.fixed_s == 0.0

@@ -21,20 +21,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_q8_batch_avx2 import SETS, fastest_rounds  # noqa: E402
+from linear_ab import SETS, add_common_args, setup, time_call  # noqa: E402
 
-from codeshell.kernels import _ext, ops, quantize_int4  # noqa: E402
+from codeshell.kernels import quantize_int4  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", choices=list(SETS), default="small")
-    ap.add_argument("--m", nargs="+", type=int, default=[1, 2, 4, 8, 16, 64])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--ab", nargs="+", default=["-"])
-    ap.add_argument("--shapes", nargs="+", default=None, help="shape names of the set, and/or 'probe'")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--budget", type=float, default=0.04, help="seconds a variant's round aims at")
+    add_common_args(ap)
     ap.add_argument("--offsets", action="store_true", help="asymmetric groups (scales and offsets)")
     ap.add_argument("--group", type=int, default=128)
     a = ap.parse_args()
@@ -44,15 +38,7 @@ def main() -> None:
         shapes[f"probe{k}"] = (16, k)
     if a.shapes:
         shapes = {k: v for k, v in shapes.items() if k in a.shapes or (k.startswith("probe") and "probe" in a.shapes)}
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    # the chunks on the process's Team, as inside the decode step (bench_q8_batch_avx2.py says why)
-    os.environ.setdefault("CODESHELL_CHUNKS_TEAM", "1")
-    mod = _ext.get()
-    isa = ops.isa_level()
-    print(f"threads {torch.get_num_threads()}, isa {ops.ISA_LEVELS[isa]}, load avg {os.getloadavg()[0]:.2f}, "
-          f"int4 g{a.group} {'asym' if a.offsets else 'sym'}, set {a.set}", flush=True)
-    variants = {v: ({} if v == "-" else dict(kv.split("=", 1) for kv in v.split(","))) for v in a.ab}
+    mod, isa, variants = setup(a, f"int4 g{a.group} {'asym' if a.offsets else 'sym'}")
     torch.manual_seed(0)
     for name, (n, k) in shapes.items():
         pw = quantize_int4(torch.randn(n, k) * 0.05, group_size=a.group, symmetric=not a.offsets)
@@ -63,13 +49,7 @@ def main() -> None:
             def f(x=x):
                 mod.decode_int4_q8(x, pw.data, pw.scales, pw.offsets, pw.group_size, None, isa)
 
-            import time
-            t0 = time.perf_counter()
-            f()
-            f()
-            one = max((time.perf_counter() - t0) / 2, 1e-6)
-            reps = max(3, int(a.budget / one))
-            res = fastest_rounds(f, variants, reps, a.rounds)
+            res = time_call(f, variants, a.budget, a.rounds)
             if m == a.m[0]:
                 base = res
             wbytes = n * k // 2

@@ -18,65 +18,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
 
 import torch
 
-from codeshell.kernels import _ext, ops, quantize_int4
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from linear_ab import SETS, add_common_args, setup, time_call  # noqa: E402
 
-SETS = {
-    "small": {"c_attn": (1536, 1024), "attn.c_proj": (1024, 1024), "c_fc": (4096, 1024),
-              "mlp.c_proj": (1024, 4096), "head": (70144, 1024)},
-    "mini": {"c_attn": (384, 256), "attn.c_proj": (256, 256), "c_fc": (1024, 256), "mlp.c_proj": (256, 1024),
-             "head": (16384, 256)},
-}
-
-
-def fastest_rounds(f, variants: dict[str, dict[str, str]], reps: int, rounds: int) -> dict[str, float]:
-    """Seconds a call of f under each variant's environment: the fastest of `rounds` rounds of `reps`
-    calls, the variants taking turns within each round (after one warm-up round)."""
-    keys = {k for e in variants.values() for k in e}
-    best = dict.fromkeys(variants, float("inf"))
-    try:
-        for r in range(rounds + 1):
-            for v, env in variants.items():
-                for k in keys:
-                    os.environ.pop(k, None)
-                os.environ.update(env)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    f()
-                if r:
-                    best[v] = min(best[v], (time.perf_counter() - t0) / reps)
-    finally:
-        for k in keys:
-            os.environ.pop(k, None)
-    return best
+from codeshell.kernels import quantize_int4  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", choices=list(SETS), default="small")
+    add_common_args(ap)
     ap.add_argument("--format", choices=["int8", "int4"], default="int8")
-    ap.add_argument("--m", nargs="+", type=int, default=[1, 2, 4, 8, 16, 64])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--ab", nargs="+", default=["-"])
-    ap.add_argument("--shapes", nargs="+", default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--budget", type=float, default=0.04, help="seconds a candidate's round aims at")
     a = ap.parse_args()
     shapes = {k: v for k, v in SETS[a.set].items() if a.shapes is None or k in a.shapes}
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    # the chunks on the process's shared Team (parallel.h chunks_in_team), as inside the decode step: a
-    # 2-thread at::parallel_for region waits for its second thread to be scheduled (~8 ms a call on a
-    # host with other runnable processes), which is all such a benchmark would measure there
-    os.environ.setdefault("CODESHELL_CHUNKS_TEAM", "1")
-    mod = _ext.get()
-    isa = ops.isa_level()
-    print(f"threads {torch.get_num_threads()}, isa {ops.ISA_LEVELS[isa]}, load avg {os.getloadavg()[0]:.2f}, "
-          f"format {a.format}, set {a.set}", flush=True)
-    variants = {v: ({} if v == "-" else dict(kv.split("=", 1) for kv in v.split(","))) for v in a.ab}
+    mod, isa, variants = setup(a, f"format {a.format}")
     torch.manual_seed(0)
     for name, (n, k) in shapes.items():
         fmt = "int8" if name == "head" else a.format
@@ -96,12 +54,7 @@ def main() -> None:
                 def f(x=x):
                     mod.decode_int8_q8(x, q, s, None, isa)
                 wbytes = n * k
-            t0 = time.perf_counter()
-            f()
-            f()
-            one = max((time.perf_counter() - t0) / 2, 1e-6)
-            reps = max(3, int(a.budget / one))
-            res = fastest_rounds(f, variants, reps, a.rounds)
+            res = time_call(f, variants, a.budget, a.rounds)
             if m == a.m[0]:
                 base = res
             print(f"{fmt} {name:11s} N={n:5d} K={k:4d} M={m:2d}: " + "; ".join(

@@ -11,6 +11,9 @@ int8-rounded x times the dequantised weight in float64; the fp32 `ops.reference`
 row than one 8x8 scale transpose, and fewer), N not a multiple of the 8-row tile, with and without bias, an
 all-zero row of x (group scales 0: the output is the bias exactly), x and weights at the rounding's extremes.
 Groups of 32 keep tile_q4 (checked: the switch changes nothing there).
+Session 32 (helper C): the tiles reduce the 8 weight rows' sums a pair of rows at a time (tile2); the
+integers and the fp32 steps are unchanged, so CODESHELL_Q4_AVX2_V2=0 (the session-31 tiles) must give the
+same bits at every M (checked on M = 1..9, 16, 33, the cap and a prefill-sized M).
 Runs at the avx2 level on any AVX2 CPU (CODESHELL_KERNEL_ISA=avx2 caps an AVX-512 one).
 """
 
@@ -46,6 +49,7 @@ def _call(mod, x, pw, bias):
 def test_rows_match_m1_and_reference(n, k, g, sym, with_bias, monkeypatch):
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
     monkeypatch.delenv("CODESHELL_Q4_AVX2_ROWS", raising=False)
+    monkeypatch.delenv("CODESHELL_Q4_AVX2_V2", raising=False)
     mod = _ext.get()
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
     w[0, :g] = torch.linspace(-1, 1, g)  # nibbles 0..15 in one group
@@ -72,6 +76,10 @@ def test_rows_match_m1_and_reference(n, k, g, sym, with_bias, monkeypatch):
     assert torch.equal(alone[3], bias if with_bias else torch.zeros(n)), "an all-zero row of x gives the bias"
     for m in list(range(1, top + 1)) + [top + 6]:
         assert_rows_bitwise(_call(mod, x[:m], pw, bias), alone[:m], f"q4_rows_avx2.h {n}x{k} g{g} bias={with_bias}")
+    monkeypatch.setenv("CODESHELL_Q4_AVX2_V2", "0")
+    for m in list(range(1, 10)) + [16, 33, top, top + 6]:
+        assert torch.equal(_call(mod, x[:m], pw, bias), alone[:m]), f"session-31 tiles {n}x{k} g{g} M={m}: other bits"
+    monkeypatch.delenv("CODESHELL_Q4_AVX2_V2")
 
 
 @needs_native

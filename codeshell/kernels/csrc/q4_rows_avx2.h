@@ -168,11 +168,103 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const
   }
 }
 
+// Session 32 (helper C): the same integers and fp32 steps with fewer vector ops a (weight row, group). The
+// 8 weight rows' int16 sums are reduced in registers a pair of rows at a time instead of one vpmaddwd, a store
+// and a reload per (row of x, weight row, group) then reduce8: for groups of 64 / 128 two rows' int16 vectors
+// are interleaved by 32-bit pairs and added in int16 (a lane then sums 2 * 8 products: |lane| <= 2 * 15240 =
+// 30480 at G = 128, exact), one vpmaddwd(ones) for the two rows, giving int32 [r0 r1 r0 r1 | r0 r1 r0 r1];
+// groups of 256 (|lane| <= 30480 already) take one vpmaddwd a row and the same interleave in int32. Then
+// [r0..r3 | r0..r3] by 64-bit interleaves, and the halves added: lane r = row r's exact group sum S, as
+// reduce8 gives it, so the fp32 step and every output bit are the session-31 tile's. Per 8 (weight row,
+// group) pairs of a row of x: 4 vpmaddwd + 12 + 9 reduction ops (G <= 128) against 8 vpmaddwd + 8 stores +
+// 8 loads + 21. At M = 1 the tile runs group by group over its 8 rows (x's group stays in registers) and
+// prefetches each line the same (row, group) place of the tile pf_tiles tiles ahead. Counted in
+// docs/kernels.md, session 32 helper C.
+template <int RUNS>
+inline __m256i pair_rows(__m256i a, __m256i b, __m256i ones) {
+  if constexpr (RUNS <= 2) {
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b)), ones);
+  } else {
+    const __m256i c = _mm256_madd_epi16(a, ones), d = _mm256_madd_epi16(b, ones);
+    return _mm256_add_epi32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+  }
+}
+
+// Two pair vectors [r r+1 r r+1 | ...] (r, r + 2) -> [r..r+3 | r..r+3]; then rows 0-3 and 4-7 -> lane r = row r's
+// sum.
+inline __m256i quad_rows(__m256i a, __m256i b) {
+  return _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+}
+inline __m256i halves_rows(__m256i u0, __m256i u1) {
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+// The session-32 tile: as tile with SPAN = 1 and the pairwise reduction above; pf: bytes ahead to prefetch each
+// nibble line (0: none; a template flag inside, so the row loop carries no test). range() takes it for M = 1 at
+// K <= 1024 only (MB = 1; MB > 1 is correct, the same bits, but measured slower: range's comment).
+template <int MB, int RUNS, bool OFFS, bool PF>
+inline void tile2i(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const float* xs, const int32_t* s8,
+                  const uint8_t* const* wr, const float (*st)[8], const float (*ot)[8], int64_t pf, __m256* acc) {
+  constexpr int64_t G = 64 * RUNS;
+  const __m256i m0f = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const int8_t* x = xq + g * G;
+    __m256i pr[MB][4];
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) {
+      __m256i a[MB][2];
+#pragma GCC unroll 2
+      for (int e = 0; e < 2; ++e) {
+        const uint8_t* w = wr[2 * h + e] + g * (G / 2);
+#pragma GCC unroll 4
+        for (int u = 0; u < RUNS; ++u) {
+          const uint8_t* p = w + 32 * u;
+          if (PF && (u % 2 == 0)) _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T0);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+#pragma GCC unroll 4
+          for (int i = 0; i < MB; ++i) {
+            const int8_t* xi = x + i * K + 64 * u;
+            const __m256i s = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi))),
+                _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi + 32))));
+            a[i][e] = u == 0 ? s : _mm256_add_epi16(a[i][e], s);
+          }
+        }
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) pr[i][h] = pair_rows<RUNS>(a[i][0], a[i][1], ones);
+    }
+    const __m256 sv = _mm256_load_ps(st[g]);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const __m256i S = halves_rows(quad_rows(pr[i][0], pr[i][1]), quad_rows(pr[i][2], pr[i][3]));
+      const __m256i T = _mm256_sub_epi32(S, _mm256_set1_epi32(s8[i * ng + g]));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(sv, _mm256_set1_ps(dx[i * ng + g])), acc[i]);
+      if (OFFS) acc[i] = _mm256_fmadd_ps(_mm256_load_ps(ot[g]), _mm256_set1_ps(xs[i * ng + g]), acc[i]);
+    }
+  }
+}
+
+template <int MB, int RUNS, bool OFFS>
+inline void tile2(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const float* xs, const int32_t* s8,
+                  const uint8_t* const* wr, const float (*st)[8], const float (*ot)[8], int64_t pf, __m256* acc) {
+  if (pf) tile2i<MB, RUNS, OFFS, true>(xq, K, ng, dx, xs, s8, wr, st, ot, pf, acc);
+  else tile2i<MB, RUNS, OFFS, false>(xq, K, ng, dx, xs, s8, wr, st, ot, 0, acc);
+}
+
 // Weight rows [n0, n1) for all M rows of x into out [M, N] (no bias): tiles of 8 weight rows, each with its
 // scales transposed once and then every tile of up to 4 rows of x (M = 1: spans of 32 groups a weight row,
 // prefetching pf_m1 bytes ahead; M > 1: a group at a time for the 8 rows, the first tile of x prefetching the
-// tile(s) ahead where pf != 0, the later ones finding the tile's nibbles in L1).
-template <int RUNS, bool OFFS>
+// tile(s) ahead where pf != 0, the later ones finding the tile's nibbles in L1). V2: tile2 for M = 1 at K <= 1024
+// (group by group, each line prefetched at the same place of the tile whole tiles ahead, the tiles nearest
+// pf_m1 bytes and at least one); longer rows and every M > 1 keep the session-31 tiles, measured faster there
+// (docs/kernels.md, session 32 helper C: at K = 4096 tile2's 8 row streams 2 KiB apart ran 0.88x the one
+// sequential stream, with or without the prefetch; at M = 2 tile2<2> ran 0.87-0.95x; at M = 8 tile2<4> keeps
+// 4 * 4 pair vectors live, which the compiler spilled: 0.83x). !V2: the session-31 tiles everywhere
+// (CODESHELL_Q4_AVX2_V2=0; the same bits).
+template <int RUNS, bool OFFS, bool V2>
 void range(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8, int64_t M, int64_t K,
            const uint8_t* q, const float* sc, const float* of, float* out, int64_t N, int64_t n0, int64_t n1,
            int64_t pf_m1, int64_t pf) {
@@ -182,6 +274,7 @@ void range(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8
   // (a tile is 8 * K / 2 bytes): a distance of pf bytes, as tile_q4 used, landed inside the current tile (it
   // sweeps its 8 rows group by group), so cold weights (the decode step's, one read a step) stalled there
   const int64_t pft = pf ? 8 * ldq * (ldq <= 512 ? 2 : 1) : 0;
+  const int64_t pft1 = pf_m1 > 0 ? 8 * ldq * std::max<int64_t>(1, pf_m1 / (8 * ldq)) : 0;
   alignas(32) float st[kMaxGroups][8];
   alignas(32) float ot[OFFS ? kMaxGroups : 1][8];
   for (int64_t n = n0; n < n1; n += 8) {
@@ -204,7 +297,8 @@ void range(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8
     };
     __m256 acc[4];
     if (M == 1) {
-      tile<1, RUNS, 32, OFFS>(xq, K, ng, dx, xs, s8, wr, st, ot, pf_m1, acc);
+      if (V2 && ldq <= 512) tile2<1, RUNS, OFFS>(xq, K, ng, dx, xs, s8, wr, st, ot, pft1, acc);
+      else tile<1, RUNS, 32, OFFS>(xq, K, ng, dx, xs, s8, wr, st, ot, pf_m1, acc);
       put(acc, 1, 0);
       continue;
     }
@@ -215,24 +309,39 @@ void range(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8
     }
     const int64_t pr = m ? 0 : pft;
     switch (M - m) {
-      case 3: tile<3, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc); put(acc, 3, m); break;
-      case 2: tile<2, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc); put(acc, 2, m); break;
-      case 1: tile<1, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc); put(acc, 1, m); break;
+      case 3:
+        tile<3, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
+        put(acc, 3, m);
+        break;
+      case 2:
+        tile<2, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
+        put(acc, 2, m);
+        break;
+      case 1:
+        tile<1, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
+        put(acc, 1, m);
+        break;
       default: break;
     }
   }
 }
 
-// The entry for one range of weight rows: G in {64, 128, 256}, K / G <= kMaxGroups (the caller checks: takes()).
+// The entry for one range of weight rows: G in {64, 128, 256}, K / G <= kMaxGroups (the caller checks: takes());
+// v2: tile2 (session 32), else the session-31 tiles (the same bits).
 inline bool takes(int64_t K, int64_t G) { return (G == 64 || G == 128 || G == 256) && K % G == 0 && K / G <= kMaxGroups; }
 
 inline void run(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8, int64_t M, int64_t K, int64_t G,
                 const uint8_t* q, const float* sc, const float* of, float* out, int64_t N, int64_t n0, int64_t n1,
-                int64_t pf_m1, int64_t pf) {
+                int64_t pf_m1, int64_t pf, bool v2 = true) {
   auto go = [&](auto runs) {
     constexpr int RU = decltype(runs)::value;
-    if (of) range<RU, true>(xq, dx, xs, s8, M, K, q, sc, of, out, N, n0, n1, pf_m1, pf);
-    else range<RU, false>(xq, dx, xs, s8, M, K, q, sc, nullptr, out, N, n0, n1, pf_m1, pf);
+    if (v2) {
+      if (of) range<RU, true, true>(xq, dx, xs, s8, M, K, q, sc, of, out, N, n0, n1, pf_m1, pf);
+      else range<RU, false, true>(xq, dx, xs, s8, M, K, q, sc, nullptr, out, N, n0, n1, pf_m1, pf);
+    } else {
+      if (of) range<RU, true, false>(xq, dx, xs, s8, M, K, q, sc, of, out, N, n0, n1, pf_m1, pf);
+      else range<RU, false, false>(xq, dx, xs, s8, M, K, q, sc, nullptr, out, N, n0, n1, pf_m1, pf);
+    }
   };
   if (G == 64) go(std::integral_constant<int, 1>{});
   else if (G == 128) go(std::integral_constant<int, 2>{});

@@ -51,6 +51,11 @@ inline bool q4v12() { return env_flag("CODESHELL_Q4V12", true); }
 inline bool q4_avx2_rows(int64_t isa, int64_t K, int64_t G) {
   return isa < codeshell::kAvx512Vnni && codeshell::q4avx2::takes(K, G) && env_flag("CODESHELL_Q4_AVX2_ROWS", true);
 }
+// q4_rows_avx2.h's session-32 tiles (tile2: the 8 weight rows' int16 sums reduced a pair of rows at a time in
+// registers; fewer vector ops a (weight row, group), the same bits; docs/kernels.md, session 32 helper C).
+// CODESHELL_Q4_AVX2_V2=0: its session-31 tiles (A/B timing; read per call through the switch cache, the same
+// bits either way).
+inline bool q4_avx2_v2() { return env_flag("CODESHELL_Q4_AVX2_V2", true); }
 // int4 M = 1 (run_q4v: the 16-row tile and tile_q4v's rows): prefetch the scale (and offset) rows
 // kQ4M1ScalePf tiles of 16 rows ahead, T0. Why: the nibbles sit on huge pages with kM1Prefetch's
 // software prefetch, but the fp32 scales / offsets [N, K/G] (quant/linear.py, torch's allocator) are
@@ -625,6 +630,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const bool v12 = lane && q4v12(), fused = lane && M == 1 && q4_m1_fused();
   const Pf pf = lane && M == 1 ? q4_m1_pf() : Pf();
   const int64_t pf1 = avx2rows && M == 1 ? env_int("CODESHELL_Q4_M1_PF", kM1Prefetch) : 0;  // q4_rows_avx2.h's M = 1
+  const bool v2 = avx2rows && q4_avx2_v2();
   const int64_t r16 = lane && M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
   const bool g32 = lane && M == 1 && (G == 32 || G == 64) && q4_m1_g32();  // run_q4v's 16-row tile at G < 128
 #if CODESHELL_HAVE_AVX512
@@ -686,7 +692,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     }
 #endif
     if (avx2rows) {  // the AVX2 level, G = 64 / 128 / 256: q4_rows_avx2.h at every M
-      codeshell::q4avx2::run(xqp, dx, xs, sx, M, K, G, qp, sp, ofp, op, N, n0, n1, pf1, kPrefetch);
+      codeshell::q4avx2::run(xqp, dx, xs, sx, M, K, G, qp, sp, ofp, op, N, n0, n1, pf1, kPrefetch, v2);
       add_bias(b, op, M, N, n0, n1);
       return;
     }

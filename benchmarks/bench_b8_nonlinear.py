@@ -20,32 +20,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+import sys
 
 import torch
 
 from codeshell.kernels import _ext, ops
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from linear_ab import round_times  # noqa: E402
+
 
 def timed(fns: dict[str, tuple[dict[str, str], object]], reps: int, rounds: int) -> dict[str, list[float]]:
     """us a call of each variant per round (reps calls), variants alternating round by round."""
-    keys = {k for env, _ in fns.values() for k in env}
-    out: dict[str, list[float]] = {v: [] for v in fns}
-    try:
-        for r in range(rounds + 1):
-            for v, (env, f) in fns.items():
-                for k in keys:
-                    os.environ.pop(k, None)
-                os.environ.update(env)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    f()
-                if r:
-                    out[v].append((time.perf_counter() - t0) / reps * 1e6)
-    finally:
-        for k in keys:
-            os.environ.pop(k, None)
-    return out
+    return {v: [t * 1e6 for t in ts] for v, ts in round_times(fns, reps, rounds).items()}
 
 
 def report(name: str, res: dict[str, list[float]]) -> None:

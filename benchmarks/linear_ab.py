@@ -56,14 +56,15 @@ def parse_variants(ab: list[str]) -> dict[str, dict[str, str]]:
     return {v: ({} if v == "-" else dict(kv.split("=", 1) for kv in v.split(","))) for v in ab}
 
 
-def fastest_rounds(f, variants: dict[str, dict[str, str]], reps: int, rounds: int) -> dict[str, float]:
-    """Seconds a call of f under each variant's environment: the fastest of `rounds` rounds of `reps`
-    calls, the variants taking turns within each round (after one warm-up round)."""
-    keys = {k for e in variants.values() for k in e}
-    best = dict.fromkeys(variants, float("inf"))
+def round_times(fns: dict[str, tuple[dict[str, str], object]], reps: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds a call of each variant's function under its environment, one figure per round of `reps`
+    calls: `rounds` rounds, the variants taking turns within each round (after one warm-up round).
+    fns: variant -> (environment, function)."""
+    keys = {k for env, _ in fns.values() for k in env}
+    out: dict[str, list[float]] = {v: [] for v in fns}
     try:
         for r in range(rounds + 1):
-            for v, env in variants.items():
+            for v, (env, f) in fns.items():
                 for k in keys:
                     os.environ.pop(k, None)
                 os.environ.update(env)
@@ -71,11 +72,18 @@ def fastest_rounds(f, variants: dict[str, dict[str, str]], reps: int, rounds: in
                 for _ in range(reps):
                     f()
                 if r:
-                    best[v] = min(best[v], (time.perf_counter() - t0) / reps)
+                    out[v].append((time.perf_counter() - t0) / reps)
     finally:
         for k in keys:
             os.environ.pop(k, None)
-    return best
+    return out
+
+
+def fastest_rounds(f, variants: dict[str, dict[str, str]], reps: int, rounds: int) -> dict[str, float]:
+    """Seconds a call of f under each variant's environment: the fastest of `rounds` rounds of `reps`
+    calls, the variants taking turns within each round (after one warm-up round)."""
+    times = round_times({v: (env, f) for v, env in variants.items()}, reps, rounds)
+    return {v: min(t) for v, t in times.items()}
 
 
 def time_call(f, variants: dict[str, dict[str, str]], budget: float, rounds: int) -> dict[str, float]:

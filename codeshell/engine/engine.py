@@ -37,12 +37,16 @@ _SHARE = 16
 # each draft's accepted share) instead of lookup.AcceptRate's per-token odds; read once (A/B runs).
 _SHARE_RATE = os.environ.get("CODESHELL_LOOKUP_SHARE_RATE") == "1"
 
-# CODESHELL_PREFILL_GROUPS=one: a step's short prompts share one padded prefill forward while they
-# fit (the rule before session 32) instead of the grouping of least estimated cost
-# (`prefill_plan.plan`, the cost measured at load by `Engine.measure_prefill_cost`); read once.
-_GROUPS = os.environ.get("CODESHELL_PREFILL_GROUPS", "cost")
-if _GROUPS not in ("cost", "one"):
-    raise ValueError(f"CODESHELL_PREFILL_GROUPS={_GROUPS!r}: expected 'cost' or 'one'")
+
+def _prefill_groups() -> str:
+    """CODESHELL_PREFILL_GROUPS=one: a step's short prompts share one padded prefill forward while
+    they fit (the rule before session 32) instead of the grouping of least estimated cost
+    (`prefill_plan.plan`, the cost measured at load by `Engine.measure_prefill_cost`); read when an
+    engine is made (a bad value is that engine's error, not an import failure of the package)."""
+    v = os.environ.get("CODESHELL_PREFILL_GROUPS", "cost")
+    if v not in ("cost", "one"):
+        raise ValueError(f"CODESHELL_PREFILL_GROUPS={v!r}: expected 'cost' or 'one'")
+    return v
 
 
 class RequestError(ValueError):
@@ -109,6 +113,7 @@ class Engine:
         # sets it (the server at load). Not measured on its own at a first batch: LLM.generate's
         # callers (the benchmarks' timed batches) would pay 2-5 s of a 1.7B model inside their clock.
         self.prefill_cost: PrefillCost | None = None
+        self._groups = _prefill_groups()
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         # The per-step Python trimmed (session 20: at the small shape ~0.25 ms a token ran between two
         # native steps, every object it touched cold): no abort / admission / draft-clock work when
@@ -412,7 +417,7 @@ class Engine:
         no free slot: left as it is. The slot's KV is left as junk that no prompt is told it
         holds (`slot_tokens`; a free slot without a cached prompt is taken if there is one).
         Returns `prefill_cost`."""
-        if _GROUPS == "one" or self.device.type != "cpu" or not self.free_slots:
+        if self._groups == "one" or self.device.type != "cpu" or not self.free_slots:
             return self.prefill_cost
         long = min(long, self.max_model_len - 1)
         short = min(short, long - 1)

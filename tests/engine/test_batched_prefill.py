@@ -172,3 +172,14 @@ def test_not_measured_unasked(llm, monkeypatch):
     groups = spy_groups(monkeypatch, eng)
     run_one_step(llm, prompts([5, 40, 9], seed=6), GREEDY)
     assert eng.prefill_cost is None and groups == [[5, 40, 9]]
+
+
+def test_groups_switch(monkeypatch):
+    """CODESHELL_PREFILL_GROUPS: `one` keeps the rule before session 32 (nothing measured); another
+    value is a clear error where an engine is made, not an import failure."""
+    monkeypatch.setenv("CODESHELL_PREFILL_GROUPS", "one")
+    llm = LLM(str(require_shared("golden/rope-gqa")), dtype="float32", max_batch=2)
+    assert llm.engine.measure_prefill_cost() is None and llm.engine.prefill_cost is None
+    monkeypatch.setenv("CODESHELL_PREFILL_GROUPS", "some")
+    with pytest.raises(ValueError, match="CODESHELL_PREFILL_GROUPS='some': expected 'cost' or 'one'"):
+        LLM(str(require_shared("golden/rope-gqa")), dtype="float32", max_batch=2)

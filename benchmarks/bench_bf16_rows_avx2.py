@@ -19,41 +19,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import sys
 import time
 
 import torch
 
 from codeshell.kernels import _ext, prepack
 
-SHAPES = {  # (N, K): codeshell-mini's linears and head, bench_quant's small shape
-    "mini": {"c_attn": (384, 256), "attn.c_proj": (256, 256), "c_fc": (1024, 256), "mlp.c_proj": (256, 1024),
-             "lm_head": (16384, 256)},
-    "small": {"c_attn": (1536, 1024), "attn.c_proj": (1024, 1024), "c_fc": (4096, 1024),
-              "mlp.c_proj": (1024, 4096), "lm_head": (70144, 1024)},
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from linear_ab import SETS, parse_variants, round_times  # noqa: E402
+
+# (N, K): codeshell-mini's linears and head, bench_quant's small shape (the head named as the checkpoints name it)
+SHAPES = {m: {("lm_head" if k == "head" else k): nk for k, nk in shapes.items()} for m, shapes in SETS.items()}
 
 
 def alternating(fns, envs, reps: int, rounds: int, clock) -> dict[str, float]:
     """Median seconds a call of each candidate over `rounds` rounds in rotating order (after a warm-up
     round), each candidate's environment switches set for its turn."""
-    import statistics
-    keys = {k for e in envs.values() for k in e}
-    times: dict[str, list[float]] = {v: [] for v in fns}
-    names = list(fns)
-    try:
-        for r in range(rounds + 1):
-            for v in names[r % len(names):] + names[:r % len(names)]:
-                for k in keys:
-                    os.environ.pop(k, None)
-                os.environ.update(envs[v])
-                t0 = clock()
-                for _ in range(reps):
-                    fns[v]()
-                if r:
-                    times[v].append((clock() - t0) / reps)
-    finally:
-        for k in keys:
-            os.environ.pop(k, None)
+    times = round_times({v: (envs[v], f) for v, f in fns.items()}, reps, rounds, clock=clock, rotate=True)
     return {v: statistics.median(t) for v, t in times.items()}
 
 
@@ -79,7 +63,7 @@ def main() -> None:
     peak = best / 1e9
     print(f"threads {args.threads} ({'thread CPU time' if args.threads == 1 else 'wall clock'}), load avg {os.getloadavg()[0]:.2f}, fp32-FMA ceiling {peak:.1f} GF/s "
           f"({args.threads} thread(s), Avx2::micro on L1 operands)", flush=True)
-    env = {v: ({} if v == "-" else dict(kv.split("=", 1) for kv in v.split(","))) for v in args.ab}
+    env = parse_variants(args.ab)
     total = {}
     for name in args.shapes or list(SHAPES[args.model]):
         n, k = SHAPES[args.model][name]

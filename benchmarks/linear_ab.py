@@ -1,4 +1,5 @@
-"""Shared setup of the decode-linear kernel benchmarks (bench_q8_batch_avx2.py, bench_q4_avx2.py): the shapes
+"""Shared setup of the decode-linear kernel benchmarks (bench_q8_batch_avx2.py, bench_q4_avx2.py; the shapes,
+variants and rounds of bench_bf16_rows_avx2.py and bench_b8_nonlinear.py): the shapes
 of the small random shape and codeshell-mini, the common command-line options, the process setup (torch threads,
 the chunks on the process's Team), the `--ab` variants' parsing and the alternating timing of one call.
 
@@ -56,23 +57,28 @@ def parse_variants(ab: list[str]) -> dict[str, dict[str, str]]:
     return {v: ({} if v == "-" else dict(kv.split("=", 1) for kv in v.split(","))) for v in ab}
 
 
-def round_times(fns: dict[str, tuple[dict[str, str], object]], reps: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds a call of each variant's function under its environment, one figure per round of `reps`
-    calls: `rounds` rounds, the variants taking turns within each round (after one warm-up round).
+def round_times(fns: dict[str, tuple[dict[str, str], object]], reps: int, rounds: int,
+                clock=time.perf_counter, rotate: bool = False) -> dict[str, list[float]]:
+    """Seconds (by `clock`) a call of each variant's function under its environment, one figure per round
+    of `reps` calls: `rounds` rounds, the variants taking turns within each round (after one warm-up round),
+    in the same order each round or, with `rotate`, starting one later each round.
     fns: variant -> (environment, function)."""
     keys = {k for env, _ in fns.values() for k in env}
     out: dict[str, list[float]] = {v: [] for v in fns}
+    names = list(fns)
     try:
         for r in range(rounds + 1):
-            for v, (env, f) in fns.items():
+            k0 = r % len(names) if rotate else 0
+            for v in names[k0:] + names[:k0]:
+                env, f = fns[v]
                 for k in keys:
                     os.environ.pop(k, None)
                 os.environ.update(env)
-                t0 = time.perf_counter()
+                t0 = clock()
                 for _ in range(reps):
                     f()
                 if r:
-                    out[v].append((time.perf_counter() - t0) / reps)
+                    out[v].append((clock() - t0) / reps)
     finally:
         for k in keys:
             os.environ.pop(k, None)

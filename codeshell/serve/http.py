@@ -1,7 +1,9 @@
 """Request-body parsing and response framing shared by every API family.
 
 `read_body` enforces the body limit, strict UTF-8 and JSON, and validates against a pydantic
-model, turning every failure into an `ApiError` that names the field. `sse` frames one
+model, turning every failure into an `ApiError` that names the field; `begin` is every body-taking
+route's first three steps (the app's service, its body, readiness) in the one order all APIs answer
+errors in. `sse` frames one
 server-sent event; `until_disconnect` runs a non-streaming generation but aborts it when the
 client goes away. Nothing here knows a particular API's field names.
 """
@@ -11,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from .errors import ApiError
+
+if TYPE_CHECKING:
+    from .service import CompletionService
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -71,6 +76,20 @@ def validate(model: type[M], data: Any) -> M:
 
 async def read_model(request: Request, model: type[M], limit: int) -> M:
     return validate(model, await read_json(request, limit))
+
+
+def service(request: Request) -> CompletionService:
+    """The app's one completion service: every API family is an adapter over it."""
+    return request.app.state.service
+
+
+async def begin(request: Request, model: type[M]) -> tuple[CompletionService, M]:
+    """A body-taking route's start: the body within the server's limit and valid for `model` (413 / 400
+    otherwise), then readiness (503 while loading), in that order for every API."""
+    svc = service(request)
+    body = await read_model(request, model, svc.settings.max_body_bytes)
+    svc.ready()
+    return svc, body
 
 
 def sse(payload: Any, *, space: bool = True) -> bytes:

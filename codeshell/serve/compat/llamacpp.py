@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from ...engine.outputs import RequestOutput
 from ...prompts import FIM
 from ..errors import ApiError
-from ..http import EventStream, read_model, sse, until_disconnect
+from ..http import EventStream, begin, service, sse, until_disconnect
 from ..schema import SEED, Out, both_responses, doc, error_responses, json_response, request_body, sse_response
 from ..service import CompletionService, GenRequest, with_stops
 
@@ -120,10 +120,6 @@ class LlamaError(Out):
     error: LlamaErrorDetail
 
 
-def _service(request: Request) -> CompletionService:
-    return request.app.state.service
-
-
 def _max_tokens(n_predict: int) -> int | None:
     if n_predict == -1:
         return None  # llama.cpp: until the context is full
@@ -210,9 +206,7 @@ def _respond(request: Request, svc: CompletionService, req: GenRequest, b: _Llam
              responses={200: sse_response(StreamEvent, "the middle, then a final `CompletionResult` event"),
                         **error_responses(LlamaError, 400, 401, 413, 503)})
 async def infill(request: Request):
-    svc = _service(request)
-    b = await read_model(request, InfillBody, svc.settings.max_body_bytes)
-    svc.ready()
+    svc, b = await begin(request, InfillBody)
     if not b.input_prefix and not b.input_suffix:
         raise ApiError(400, "input_prefix and input_suffix are both empty: nothing to complete",
                        param="input_prefix")
@@ -228,9 +222,7 @@ async def infill(request: Request):
              responses={200: both_responses(CompletionResult, StreamEvent, "the completion"),
                         **error_responses(LlamaError, 400, 401, 413, 499, 503)})
 async def completion(request: Request):
-    svc = _service(request)
-    b = await read_model(request, CompletionBody, svc.settings.max_body_bytes)
-    svc.ready()
+    svc, b = await begin(request, CompletionBody)
     if isinstance(b.prompt, str):
         if not b.prompt:
             raise ApiError(400, "prompt is empty", param="prompt")
@@ -252,9 +244,7 @@ async def completion(request: Request):
              responses={200: json_response(TokenizeResult, "the token ids"),
                         **error_responses(LlamaError, 400, 401, 413, 503)})
 async def tokenize(request: Request):
-    svc = _service(request)
-    b = await read_model(request, TokenizeBody, svc.settings.max_body_bytes)
-    svc.ready()
+    svc, b = await begin(request, TokenizeBody)
     return JSONResponse({"tokens": svc.encode(b.content)})
 
 
@@ -263,8 +253,6 @@ async def tokenize(request: Request):
              responses={200: json_response(DetokenizeResult, "the text"),
                         **error_responses(LlamaError, 400, 401, 413, 503)})
 async def detokenize(request: Request):
-    svc = _service(request)
-    b = await read_model(request, DetokenizeBody, svc.settings.max_body_bytes)
-    svc.ready()
+    svc, b = await begin(request, DetokenizeBody)
     svc.check_ids(b.tokens, "tokens")
     return JSONResponse({"content": svc.decode(b.tokens)})

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...engine.outputs import CompletionOutput
 from ...prompts import EOS_TEXT, FIM
 from ..errors import ApiError
-from ..http import EventStream, read_model, sse, until_disconnect
+from ..http import EventStream, begin, service, sse, until_disconnect
 from ..schema import SEED, Out, doc, error_responses, json_response, request_body, sse_response
 from ..service import CompletionService, GenRequest, with_stops
 
@@ -91,10 +91,6 @@ class TgiError(Out):
     error_type: str
 
 
-def _service(request: Request) -> CompletionService:
-    return request.app.state.service
-
-
 def _prepare(request: Request, svc: CompletionService, b: GenerateBody, endpoint: str, stream: bool) -> GenRequest:
     p = b.parameters
     if not b.inputs:
@@ -147,9 +143,7 @@ def _details(o: CompletionOutput, seed: int | None) -> dict:
              responses={200: json_response(GenerateResult, "the generated text"),
                         **error_responses(TgiError, 401, 413, 422, 499, 503)})
 async def generate(request: Request):
-    svc = _service(request)
-    b = await read_model(request, GenerateBody, svc.settings.max_body_bytes)
-    svc.ready()
+    svc, b = await begin(request, GenerateBody)
     req = _prepare(request, svc, b, "/generate", stream=False)
     out = await until_disconnect(request, svc.collect(svc.run(req)))
     o = out.outputs[0]
@@ -165,9 +159,7 @@ async def generate(request: Request):
              responses={200: sse_response(StreamToken, "token events"),
                         **error_responses(TgiError, 401, 413, 422, 503)})
 async def generate_stream(request: Request):
-    svc = _service(request)
-    b = await read_model(request, GenerateBody, svc.settings.max_body_bytes)
-    svc.ready()
+    svc, b = await begin(request, GenerateBody)
     req = _prepare(request, svc, b, "/generate_stream", stream=True)
     gen = svc.run(req)
     tok = svc.llm.tokenizer

@@ -18,17 +18,13 @@ from fastapi.responses import JSONResponse
 from ...engine.outputs import CompletionOutput, RequestOutput
 from ...prompts import CHAT, FIM, PromptError, chat_prompt, fim_prompt
 from ..errors import ApiError
-from ..http import EventStream, read_model, sse, until_disconnect
+from ..http import EventStream, begin, service, sse, until_disconnect
 from ..schema import both_responses, error_responses, json_response, request_body
 from ..service import CompletionService, GenRequest, with_stops
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest,
                        ErrorResponse, ModelList)
 
 router = APIRouter()
-
-
-def _service(request: Request) -> CompletionService:
-    return request.app.state.service
 
 
 def _check_model(svc: CompletionService, name: str) -> None:
@@ -42,7 +38,7 @@ def _check_model(svc: CompletionService, name: str) -> None:
             responses={200: json_response(ModelList, "the one model this server serves"),
                        **error_responses(ErrorResponse, 401)})
 async def models(request: Request) -> JSONResponse:
-    svc = _service(request)
+    svc = service(request)
     s = svc.settings
     data = [{"id": s.model_name, "object": "model", "created": int(svc.started), "owned_by": "codeshell",
              "max_model_len": svc.llm.max_model_len if svc.llm else None}]
@@ -172,9 +168,7 @@ def _completion_logprobs(svc: CompletionService, o: CompletionOutput, start: int
              responses={200: both_responses(Completion, Completion, "the completion"),
                         **error_responses(ErrorResponse, 400, 401, 404, 413, 499, 503)})
 async def completions(request: Request):
-    svc = _service(request)
-    body = await read_model(request, CompletionRequest, svc.settings.max_body_bytes)
-    svc.ready()
+    svc, body = await begin(request, CompletionRequest)
     _check_model(svc, body.model)
     if body.best_of not in (None, body.n):
         raise ApiError(400, "best_of is only supported equal to n", param="best_of")
@@ -291,9 +285,7 @@ def _chat_logprobs(svc: CompletionService, o: CompletionOutput, start: int) -> d
              responses={200: both_responses(ChatCompletion, ChatCompletionChunk, "the answer"),
                         **error_responses(ErrorResponse, 400, 401, 404, 413, 499, 503)})
 async def chat_completions(request: Request):
-    svc = _service(request)
-    body = await read_model(request, ChatRequest, svc.settings.max_body_bytes)
-    svc.ready()
+    svc, body = await begin(request, ChatRequest)
     _check_model(svc, body.model)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:

@@ -21,16 +21,11 @@ from test_decode_step import two_threads  # noqa: E402,F401  (the fixture: 2 Ope
 
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 def test_batch1_attention_modes_bitwise(kind, monkeypatch, two_threads):  # noqa: F811
-    from codeshell.engine.kv_cache import KVCache
-    from test_decode_step import tiny  # the tests' random 2-layer model (C = 128, 4 heads / 2 groups)
+    from test_decode_step import filled_cache, tiny  # the tests' random 2-layer model (C = 128, 4 heads / 2 groups)
 
     mod = _ext.get()
     m = tiny(kind)
-    cache = KVCache(m.cfg, 3, 256, torch.bfloat16)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        cache.k.copy_(torch.randn(cache.k.shape, generator=g).to(cache.k.dtype))
-        cache.v.copy_(torch.randn(cache.v.shape, generator=g).to(cache.v.dtype))
+    cache = filled_cache(m, 3, 256, seed=11)
     layers = m.cfg.n_layer
 
     def run(pos, slot):

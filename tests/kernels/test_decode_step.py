@@ -46,6 +46,19 @@ def tiny(kind: str = "bf16", group: int = 64, **over) -> CodeShellForCausalLM:
     return packed(m, kind, group)
 
 
+def filled_cache(m: CodeShellForCausalLM, slots: int, positions: int, seed: int):
+    """A bf16 KV cache of `slots` x `positions` for `m`, every key and value random (seeded), so
+    attention reads non-trivial history at any position without a prefill first."""
+    from codeshell.engine.kv_cache import KVCache
+
+    cache = KVCache(m.cfg, slots, positions, torch.bfloat16)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        cache.k.copy_(torch.randn(cache.k.shape, generator=g).to(cache.k.dtype))
+        cache.v.copy_(torch.randn(cache.v.shape, generator=g).to(cache.v.dtype))
+    return cache
+
+
 def packed(m: CodeShellForCausalLM, kind: str, group: int = 64) -> CodeShellForCausalLM:
     """`m` in bf16 with its block linears packed bf16 (kind "bf16") or quantized int8 / int4
     (asymmetric groups of `group`), the head and the tied embedding packed bf16."""
@@ -425,15 +438,9 @@ def test_team_attention_group_split(kind, monkeypatch, two_threads):
     group): the same logits and picks as unsplit (CODESHELL_TEAM_ATTN_MIN=0) and as outside a team,
     bit for bit, at short and long contexts, in slot 0 and a later slot; the split posts one more loop
     a layer, and only from the threshold on."""
-    from codeshell.engine.kv_cache import KVCache
-
     mod = _ext.get()
     m = tiny(kind)
-    cache = KVCache(m.cfg, 3, 256, torch.bfloat16)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        cache.k.copy_(torch.randn(cache.k.shape, generator=g).to(cache.k.dtype))
-        cache.v.copy_(torch.randn(cache.v.shape, generator=g).to(cache.v.dtype))
+    cache = filled_cache(m, 3, 256, seed=3)
     layers = m.cfg.n_layer
 
     def run(pos, slot):

@@ -25,16 +25,10 @@ from test_decode_step import two_threads  # noqa: E402,F401  (the fixture: 2 Ope
 
 
 def model_and_cache(kind: str, positions: int = 1024, slots: int = 8, group: int = 64):
-    from codeshell.engine.kv_cache import KVCache
-    from test_decode_step import tiny  # the tests' random 2-layer model (C = 128, 4 heads / 2 groups)
+    from test_decode_step import filled_cache, tiny  # the tests' random 2-layer model (C = 128, 4 heads / 2 groups)
 
     m = tiny(kind, group=group, n_positions=positions)
-    cache = KVCache(m.cfg, slots, positions, torch.bfloat16)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        cache.k.copy_(torch.randn(cache.k.shape, generator=g).to(cache.k.dtype))
-        cache.v.copy_(torch.randn(cache.v.shape, generator=g).to(cache.v.dtype))
-    return m, cache
+    return m, filled_cache(m, slots, positions, seed=5)
 
 
 def decode(m, cache, tokens, positions, slots, team: bool):

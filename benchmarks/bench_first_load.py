@@ -14,6 +14,8 @@ What this is: a benchmark with two parts.
   different path within the full measurement's margin of error is either one).
   The measuring cost is per distinct weight shape, not per layer: the 7B has the 1.7b shape's four
   weight shapes (8 layers of the 7B's width), so its first load measures what the 1.7b's does.
+* `--part rows`: each candidate's time per row on slices of growing rows of the shape's c_fc (is a
+  slice's order the whole weight's?).
 * `--part load FOLDER...` (subprocesses): `LLM(folder)` load seconds with an empty choices file in
   each mode ("first quick", "first full") and with the file the quick first load wrote ("cached"),
   in alternating rounds; the ratio first / cached is the first load's overhead.
@@ -185,9 +187,34 @@ def _load(folder: str, choices_file: str, mode: str, threads: int, fill: bool = 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def part_rows(a) -> None:
+    """Each candidate's time per (x row, weight row) on slices of growing rows of the shape's c_fc
+    (the largest N), best of 5 alternating calls: where a slice stops standing for the whole weight."""
+    import torch
+    from codeshell.kernels import _ext, ops
+    torch.set_num_threads(a.threads)
+    mod = _ext.get()
+    n, k = SHAPES[a.shape][2]
+    for fmt in a.formats:
+        p = packed(fmt, n, k)
+        cands = ops.prefill_candidates(p, torch.bfloat16, ops.isa_level())
+        for m in (128, 512):
+            x = torch.randn(m, k).bfloat16()
+            for rows in sorted({r for r in (256, 512, 1024, 2048, 4096) if r < n} | {n}):
+                part = ops._row_slice(p, rows)
+                for c in cands:
+                    ops._time_call(c, mod, x, part, torch.bfloat16)
+                ts = {c: [] for c in cands}
+                for _ in range(5):
+                    for c in cands:
+                        ts[c].append(ops._time_call(c, mod, x, part, torch.bfloat16))
+                print(f"{fmt} {n}x{k} M={m} rows={rows} ({part.nbytes / 2**20:.1f} MiB): " + ", ".join(
+                    f"{c} {min(t) / rows / m * 1e9:.2f}" for c, t in ts.items()) + " ns a (row, weight row)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["shapes", "load"], default="shapes")
+    ap.add_argument("--part", choices=["shapes", "load", "rows"], default="shapes")
     ap.add_argument("folders", nargs="*", help="checkpoint folders (--part load)")
     ap.add_argument("--shape", choices=list(SHAPES), default="small")
     ap.add_argument("--formats", nargs="+", choices=["bf16", "int8", "int4"], default=["bf16", "int8", "int4"])
@@ -197,6 +224,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.part == "shapes":
         part_shapes(a)
+    elif a.part == "rows":
+        part_rows(a)
     else:
         if not a.folders:
             raise SystemExit("--part load needs checkpoint folders")

@@ -339,8 +339,9 @@ MEASURE_SLICE_WEIGHTS = 1 << 20
 (rows x K; rows a multiple of MEASURE_SLICE_ALIGN, at least MEASURE_SLICE_MIN_ROWS), where the whole
 weight is larger: the prefill paths' cost is linear in N for a fixed K and M (they split N between
 the threads and stream it in panels; x and its int8 rounding are per call, whatever N), so the time
-per row of the slice, scaled by N / rows, stands for the whole weight's. 1M weights: >= 1.5 ms a
-call at M = 128 on the 2-core AVX2 host, past the calls' fixed costs. The slice is a view of the
+per row of the slice, scaled by N / rows, stands for the whole weight's. 1M weights: ~1.3 ms a
+call at M = 128 on the 2-core AVX2 host, past the calls' fixed costs; the candidates' order on
+slices of 512 rows and more was the whole weight's (`bench_first_load.py --part rows`). The slice is a view of the
 packed weight (no copy); a candidate that expands the weight (sgemm:fp32, the bf16 blocks) expands
 only the slice's rows. Weights of one kind, K (and int4 group / symmetry) measure the same slice
 shape, so they share one measurement (`_SLICE_LOOKS`): the 7B's c_attn, attn.c_proj and c_fc (K =
@@ -439,7 +440,7 @@ MEASURE_OTHERS_MAX = 0.15
 cores' worth per core of the host while it was measured (`_others_per_core`: /proc/stat's busy and
 steal time less this process's CPU time, over the measurement's wall time). Session 33: the 1-minute
 load average lags, and a quick measurement (about a second) can sit wholly inside another process's
-burst and still look steady: the 1.7b int4 shapes' quick look stored `avx2:q8` with a 32% lead (load
+burst and still look steady: the 1.7b int4 shapes' quick look took `avx2:q8` as one to store, a 32% lead (load
 average 1.15 a core, other jobs running) where quiet runs measure `avx2:gemm` ahead at every slice
 size (benchmarks/bench_first_load.py). 0.15 a core: 0.3 cores of the 2-core host, past the jiffies'
 rounding over a measurement of a few tenths of a second."""

@@ -22,7 +22,14 @@ look where the first was unsteady or close, a quiet host) and the entry records 
 (`checks`); an entry without them (written before session 22, when one loaded minute could stick
 a wrong path for good) is not used: the first process to need it measures again.
 
-`CODESHELL_KERNEL_CHOICES=off` turns it off; `=PATH` uses that file instead.
+`CODESHELL_KERNEL_CHOICES=off` turns it off; `=PATH` uses that file instead (a folder there is a
+ValueError that says so: before session 33 such a value measured in every process, silently).
+
+Session 33: the entries of the quick measurement (`ops._measure`, the default) record in their
+checks the rows of the weight measured (`rows`, N where the whole weight ran) and whether the
+measurement was another weight's of the same slice shape (`shared`); `seconds` are per row of x
+for the whole weight (the slice's scaled by N / rows). `CODESHELL_KERNEL_MEASURE=full` (the
+measurement before) uses only entries measured on the whole weight.
 """
 
 from __future__ import annotations
@@ -44,7 +51,11 @@ def path() -> Path | None:
     if env.lower() in ("off", "0", "none"):
         return None
     if env:
-        return Path(env)
+        p = Path(env)
+        if p.is_dir():
+            raise ValueError(f"CODESHELL_KERNEL_CHOICES={env!r} is a folder: give a file path "
+                             "(it is created), or off")
+        return p
     from . import _ext
     return _ext.cache_dir() / "kernel-choices.json"
 
@@ -77,11 +88,12 @@ def _read(p: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def lookup(key: tuple, cands: list[str] | None = None) -> str | None:
+def lookup(key: tuple, cands: list[str] | None = None, whole: bool = False) -> str | None:
     """The stored winner for this choice key, or None; with cands, only a winner measured against
     exactly those candidates (session 30: a process with a candidate switched off, e.g.
     CODESHELL_Q8_GEMM_AVX2=0, stored `sgemm:fp32` for a shape, and the next process, which offers
-    the AVX2 integer GEMM too, took it without measuring the GEMM)."""
+    the AVX2 integer GEMM too, took it without measuring the GEMM). whole: only a winner measured
+    on the whole weight (checks' `rows` absent or N = key[1]; the full measurement's A/B)."""
     p = path()
     if p is None:
         return None
@@ -93,6 +105,8 @@ def lookup(key: tuple, cands: list[str] | None = None) -> str | None:
         return None  # no record of a trusted measurement (an older entry): measure again
     if cands is not None and set(hit.get("seconds") or {}) != set(cands):
         return None  # measured among other candidates: measure again
+    if whole and hit["checks"].get("rows", key[1]) != key[1]:
+        return None  # measured on a slice of the weight (quick), the full measurement asked for
     return hit.get("path")
 
 

@@ -131,6 +131,7 @@ def test_stored_choice_among_other_candidates_is_measured_again(monkeypatch, tmp
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
     monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(tmp_path / "choices.json"))
     monkeypatch.setattr(ops, "_host_load", lambda: 0.0)
+    monkeypatch.setattr(ops, "_others_per_core", lambda mark: 0.0)
     monkeypatch.setattr(ops, "_time_call", lambda c, *a: {"avx2:gemm": 1.0, "avx2:q8": 3.0, "sgemm:fp32": 2.0}[c])
     pw = _weight("int8", 32, 256)
     ops._CHOICES.clear()

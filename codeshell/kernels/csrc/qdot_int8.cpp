@@ -18,6 +18,8 @@
 #include "q8_epilogue.h"
 #include "q8_panel.h"
 #include "q8_rows.h"
+#include "q8_lanes_avx2.h"
+#include "q8_m1_avx2.h"
 #include "q8_rows_avx2.h"
 #include "q8_m1_e.h"
 #include "qdot.h"
@@ -71,6 +73,16 @@ inline int64_t q8_m1_pf_default() {
   return d;
 }
 inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH", q8_m1_pf_default()); }
+// int8 at M = 1 on the AVX2 level (isa == kAvx2): q8_m1_avx2.h (tile_q8's bits, 8 weight rows a step with the
+// horizontal sums and the scale / bias as vectors; docs/kernels.md session 33 helper A).
+// CODESHELL_Q8_AVX2_M1=0 (read per call through the switch cache): tile_q8 as before (the same bits), for A/B.
+inline bool q8_avx2_m1() { return env_flag("CODESHELL_Q8_AVX2_M1", true); }
+// Off by default (session 33 helper A, measured): CODESHELL_Q8_AVX2_LANES=1 (read per call through the switch
+// cache; set it for a whole process: it changes the bits, for every M together) runs int8 at every M on the
+// AVX2 level (isa == kAvx2; M > 64 too: the prompt's avx2:q8 candidate) on q8_lanes_avx2.h: 8 weight rows in
+// the lanes, exact block sums, the bits of the prompt GEMM (avx2:gemm). Its M = 1 ran 1.06-1.56x tile_q8 but
+// its M = 8 0.89-0.97x q8_rows_avx2.h / tile_q8 (1 thread): not the default.
+inline bool q8_avx2_lanes() { return env_flag("CODESHELL_Q8_AVX2_LANES", false); }
 // int8 M = 1 without AMX: parallel_owned (one contiguous share of the rows a thread, the other's
 // steps stolen from the back) for a weight of at most kQ8SplitMaxBytes, else parallel_chunks (~8
 // chunks a thread); the same bits. CODESHELL_Q8_M1_SPLIT=1 / =0: parallel_owned at every size / never;
@@ -262,6 +274,39 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
              const c10::optional<torch::Tensor>& bias, int64_t isa, float* op) {
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0), B = q8_block_int8(K), nb = K / B;
   const float* b = bias_ptr(bias, N);
+  if (isa == codeshell::kAvx2 && q8_avx2_lanes()) {  // q8_lanes_avx2.h: its own rounding of x
+    static thread_local codeshell::ThreadScratch lanes_keep;
+    // x16 [M, K] int16 (M > 1) or x8 [K] int8 (M = 1), then dx and xs [M, nb]
+    codeshell::Scratch<char> buf(lanes_keep, size_t(M * K) * 3 + 2 * size_t(M * nb) * 4 + 64);
+    int16_t* x16 = reinterpret_cast<int16_t*>(buf.data());
+    int8_t* x8 = reinterpret_cast<int8_t*>(buf.data() + size_t(M * K) * 2);
+    float* dx = reinterpret_cast<float*>(buf.data() + size_t(M * K) * 3);
+    if (M > 1)
+      codeshell::q8lanes::round_x_eo(x.data_ptr<float>(), M, K, B, x8, x16, dx, dx + M * nb);
+    else
+      codeshell::q8lanes::round_x(x.data_ptr<float>(), M, K, B, x8, x16, dx, dx + M * nb);
+    const int8_t* wp = q.data_ptr<int8_t>();
+    const float* sp = scale.data_ptr<float>();
+    const int64_t pf1 = M == 1 ? q8_m1_pf().d : 0;
+    codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
+      codeshell::q8lanes::run(x8, x16, dx, M, K, B, wp, sp, b, op, N, n0, n1, pf1, true);
+    });
+    return;
+  }
+  if (isa == codeshell::kAvx2 && M == 1 && q8_avx2_m1()) {  // q8_m1_avx2.h: tile_q8's bits
+    static thread_local codeshell::ThreadScratch m1_keep;
+    codeshell::Scratch<char> buf(m1_keep, size_t(K) + 2 * size_t(nb) * 4 + 64);
+    int8_t* x8 = reinterpret_cast<int8_t*>(buf.data());
+    float* dx = reinterpret_cast<float*>(buf.data() + (K + 31) / 32 * 32);
+    codeshell::q8gemm::quantize_row(x.data_ptr<float>(), K, B, nullptr, dx, dx + nb, x8, nullptr);
+    const int8_t* wp = q.data_ptr<int8_t>();
+    const float* sp = scale.data_ptr<float>();
+    const int64_t pf1 = q8_m1_pf().d;
+    codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
+      codeshell::q8m1avx2::run(x8, dx, K, B, wp, sp, b, op, n0, n1, pf1);
+    });
+    return;
+  }
   RoundedX r(M, K, nb);
   int8_t* xqp = r.xq;
   float* dx = r.dx;

@@ -1,5 +1,6 @@
-// int8 weights x int8-rounded x at every M (1..64, the decode calls) on the AVX2 level (`avx2:q8`,
-// qdot_int8.cpp int8_q8): eight weight rows a tile with the rows in the vector lanes, exact block sums.
+// int8 weights x int8-rounded x at every M on the AVX2 level with CODESHELL_Q8_AVX2_LANES=1 (`avx2:q8`,
+// qdot_int8.cpp int8_q8; off by default: see "Measured" below): eight weight rows a tile with the rows in the
+// vector lanes, exact block sums.
 //
 // What this is: for a tile of 8 weight rows (w [N, K] int8, one scale a row) and MB rows of x rounded to int8
 // in blocks of B (q8_block_int8(K): 128 where it divides K), the exact integer dot S of every (row of x, weight
@@ -9,23 +10,23 @@
 //     acc = fma(float(S_b), dx_b, acc)        (blocks in order)
 //     y   = acc * scale (+ bias)              (a multiply, then an add)
 // which are the bits of the int8 prompt GEMM (q8_gemm_avx2.h: the same rounding of x, the same exact S_b, the
-// same fp32 steps in the same order): decode (M <= 64) and prompt (avx2:gemm, M > 64) give a row the same bits.
-// Two exact ways to S, chosen by M (both give the same integers, hence the same bits at every M):
-//  * M = 1 ("sign"): tile_q8's vpsignb(w, w) + vpsignb(x, w) + vpmaddubsw + vpmaddwd(ones) + vpaddd on int8 x
-//    (5 ops a (weight row, 32 weights), 3 of them on Zen 3's two multiply pipes; x is K bytes, in L1);
-//  * M >= 2 ("wide"): x widened to int16 once a call, each weight chunk once a tile (2 vpmovsxbw of 16 bytes),
-//    then 2 vpmaddwd + 2 vpaddd a (row of x, weight row, 32 weights): 2 multiply-pipe ops instead of 3.
-//    Weight rows in pairs (x's int16 vectors loaded once for both rows).
-// Why (docs/kernels.md, session 33 helper A): tile_q8 (one weight row a tile, 8 fp32 lanes a row of x, a
-// cvt + fma a block and an hsum8 an output) and q8_rows_avx2.h (its bits at M >= 2, K <= 2048 only) spent
-// per output an hsum8 and per (output, block) a cvt and an fma, and at M >= 2 3 multiply-pipe ops a
-// (row, 32 weights) in tile_q8; here the fp32 work is per 8 outputs and the reduction per block is the
-// int4 tile's. Every (row of x, weight row) gets the same operations in the same order whatever M, its tile
-// or lane: each row has the M = 1 bits (tests/kernels/test_q8_lanes_avx2.py, test_invariance.py).
-// K: any multiple of B (32 / 64 / 128); M > 1 runs K in spans of kSpanK (the weight tile's span and the x
-// tiles' spans stay in L1; the fp32 accumulators carried in order: the same bits).
-// What this is not: the 512-bit kernels (q8_rows.h, q8_panel.h, tile_v), int4 (q4_rows_avx2.h), the prompt
-// GEMM (q8_gemm_avx2.h, whose rounding of x this reuses: quantize_row).
+// same fp32 steps in the same order): decode and prompt give a row the same bits, closer to exact than
+// tile_q8's 8 fp32 lanes a row (within 2e-6 of a float64 reference: tests/kernels/test_q8_lanes_avx2.py).
+// Two exact ways to S, chosen by M (the same integers, hence the same bits at every M):
+//  * M = 1 ("sign"): tile_q8's vpsignb(w, w) + vpsignb(x, w) + vpmaddubsw + vpmaddwd(ones) + vpaddd on int8 x,
+//    a weight row's blocks (up to kM1Span) one after another: one sequential stream;
+//  * M >= 2 ("wide"): x rounded to int8 and widened to int16 once a call in q8_rows_avx2.h's E / O order, each
+//    weight chunk once a tile by 3 shifts, then 2 vpmaddwd + 2 vpaddd a (row of x, weight row, 32 weights);
+//    tiles of up to 4 rows of x, K in spans of kSpanK with the fp32 accumulators carried in order; rows of x 64
+//    at a time (M > 64: the prompt's avx2:q8 candidate).
+// Measured (docs/kernels.md, session 33 helper A; 1 thread, AMD EPYC Zen 3): M = 1 1.06-1.56x tile_q8, but
+// q8_m1_avx2.h (tile_q8's bits) gains as much there; M = 8 0.89-0.97x q8_rows_avx2.h / tile_q8 (the same
+// vector ops a (row, 32 weights) as q8_rows_avx2.h; the per-block reduction through lb was not made cheaper).
+// Variants measured slower at M = 8 and removed: weight rows in pairs sharing x's loads (0.82-0.92x of this
+// one), vpmovsxbw instead of the shifts with x in natural order, spans of 8 blocks a weight row; the chunk loop
+// unrolled (GCC issued a block's products first and spilled them: objdump).
+// What this is not: the default (q8_m1_avx2.h at M = 1, q8_rows_avx2.h / tile_q8 at M >= 2), the 512-bit
+// kernels, int4 (q4_rows_avx2.h), the prompt GEMM (q8_gemm_avx2.h, whose rounding of x this reuses).
 #pragma once
 
 #include <immintrin.h>
@@ -41,15 +42,9 @@
 namespace codeshell {
 namespace q8lanes {
 
-// x fp32 [M, K] -> dx [M, K / B] and, for M = 1, x8 int8 [K]; for M > 1, x16 int16 [M, K] (natural order).
-// quantize_row's integers and dx are qdot.cpp quantize_x's (its comment); xs is scratch here.
-inline void round_x(const float* x, int64_t M, int64_t K, int64_t B, int8_t* x8, int16_t* x16, float* dx,
-                    float* xs) {
-  const int64_t nb = K / B;
-  for (int64_t m = 0; m < M; ++m) {
-    if (M == 1) q8gemm::quantize_row(x, K, B, nullptr, dx, xs, x8, nullptr);
-    else q8gemm::quantize_row(x + m * K, K, B, x16 + m * K, dx + m * nb, xs + m * nb);
-  }
+// x fp32 [K] (M = 1) -> x8 int8 [K], dx [K / B] (quantize_row: qdot.cpp quantize_x's integers and dx); xs scratch.
+inline void round_x1(const float* x, int64_t K, int64_t B, int8_t* x8, float* dx, float* xs) {
+  q8gemm::quantize_row(x, K, B, nullptr, dx, xs, x8, nullptr);
 }
 
 // x fp32 [M, K] -> x8 int8 [M, K], then x16 in q8_rows_avx2.h's E / O order (widen_x), dx [M, K / B].

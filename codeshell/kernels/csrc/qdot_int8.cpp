@@ -2,7 +2,8 @@
 // of the integer-dot decode kernels (qdot.cpp's opening comment maps which kernel runs which M on
 // which CPU). Here: the checks and the dispatch (int8_q8: q8_rows.h at M = 3..16 without AMX,
 // tile_r16_q8 / tile_v at M = 1-2, q8_panel.h, the AVX2 tiles), the int8 switches, the AVX2 tiles
-// (tile_q8, range_q8; at M = 2..64 with K <= 2048 q8_rows_avx2.h, tile_q8's bits) and tile_r16_q8 /
+// (tile_q8, range_q8; at M = 1 q8_m1_avx2.h and at M = 2..64 with K <= 2048 q8_rows_avx2.h, tile_q8's bits;
+// q8_lanes_avx2.h, other bits, behind CODESHELL_Q8_AVX2_LANES=1) and tile_r16_q8 /
 // run_r16_q8 (M = 1-2, 16 weight rows a tile).
 // What this is not: int4 weights (qdot_int4.cpp), x's rounding (qdot.cpp), the shared helpers
 // (qdot.h), tile_v (qdot_tile_v.h), the batched rows' kernel (q8_rows.h) or AMX (qgemm_amx.cpp).
@@ -276,15 +277,13 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const float* b = bias_ptr(bias, N);
   if (isa == codeshell::kAvx2 && q8_avx2_lanes()) {  // q8_lanes_avx2.h: its own rounding of x
     static thread_local codeshell::ThreadScratch lanes_keep;
-    // x16 [M, K] int16 (M > 1) or x8 [K] int8 (M = 1), then dx and xs [M, nb]
+    // x16 [M, K] int16 (M > 1, E / O order), x8 [M, K] int8, then dx and xs [M, nb]
     codeshell::Scratch<char> buf(lanes_keep, size_t(M * K) * 3 + 2 * size_t(M * nb) * 4 + 64);
     int16_t* x16 = reinterpret_cast<int16_t*>(buf.data());
     int8_t* x8 = reinterpret_cast<int8_t*>(buf.data() + size_t(M * K) * 2);
     float* dx = reinterpret_cast<float*>(buf.data() + size_t(M * K) * 3);
-    if (M > 1)
-      codeshell::q8lanes::round_x_eo(x.data_ptr<float>(), M, K, B, x8, x16, dx, dx + M * nb);
-    else
-      codeshell::q8lanes::round_x(x.data_ptr<float>(), M, K, B, x8, x16, dx, dx + M * nb);
+    if (M > 1) codeshell::q8lanes::round_x_eo(x.data_ptr<float>(), M, K, B, x8, x16, dx, dx + M * nb);
+    else codeshell::q8lanes::round_x1(x.data_ptr<float>(), K, B, x8, dx, dx + nb);
     const int8_t* wp = q.data_ptr<int8_t>();
     const float* sp = scale.data_ptr<float>();
     const int64_t pf1 = M == 1 ? q8_m1_pf().d : 0;

@@ -82,7 +82,7 @@ inline bool q8_avx2_m1() { return env_flag("CODESHELL_Q8_AVX2_M1", true); }
 // cache; set it for a whole process: it changes the bits, for every M together) runs int8 at every M on the
 // AVX2 level (isa == kAvx2; M > 64 too: the prompt's avx2:q8 candidate) on q8_lanes_avx2.h: 8 weight rows in
 // the lanes, exact block sums, the bits of the prompt GEMM (avx2:gemm). Its M = 1 ran 1.06-1.56x tile_q8 but
-// its M = 8 0.89-0.97x q8_rows_avx2.h / tile_q8 (1 thread): not the default.
+// its M = 8 0.87-0.99x q8_rows_avx2.h / tile_q8 (1 thread): not the default.
 inline bool q8_avx2_lanes() { return env_flag("CODESHELL_Q8_AVX2_LANES", false); }
 // int8 M = 1 without AMX: parallel_owned (one contiguous share of the rows a thread, the other's
 // steps stolen from the back) for a weight of at most kQ8SplitMaxBytes, else parallel_chunks (~8

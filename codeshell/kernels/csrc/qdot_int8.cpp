@@ -78,6 +78,7 @@ inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"
 // horizontal sums and the scale / bias as vectors; docs/kernels.md session 33 helper A).
 // CODESHELL_Q8_AVX2_M1=0 (read per call through the switch cache): tile_q8 as before (the same bits), for A/B.
 inline bool q8_avx2_m1() { return env_flag("CODESHELL_Q8_AVX2_M1", true); }
+constexpr int64_t kQ8M1Avx2MaxBytes = int64_t(32) << 20;
 // Off by default (session 33 helper A, measured): CODESHELL_Q8_AVX2_LANES=1 (read per call through the switch
 // cache; set it for a whole process: it changes the bits, for every M together) runs int8 at every M on the
 // AVX2 level (isa == kAvx2; M > 64 too: the prompt's avx2:q8 candidate) on q8_lanes_avx2.h: 8 weight rows in
@@ -292,7 +293,10 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     });
     return;
   }
-  if (isa == codeshell::kAvx2 && M == 1 && q8_avx2_m1()) {  // q8_m1_avx2.h: tile_q8's bits
+  // q8_m1_avx2.h (tile_q8's bits) up to kQ8M1Avx2MaxBytes of weight: the small shape's 72 MB head (cold, read
+  // from DRAM each token) ran 0.90-0.97x tile_q8 on it in three runs (the kernel alone at 1 and 2 threads, the
+  // decode step), where the 1-4 MB layers (cold too in that step) and codeshell-mini's ran 1.03-1.7x
+  if (isa == codeshell::kAvx2 && M == 1 && N * K <= kQ8M1Avx2MaxBytes && q8_avx2_m1()) {
     static thread_local codeshell::ThreadScratch m1_keep;
     codeshell::Scratch<char> buf(m1_keep, size_t(K) + 2 * size_t(nb) * 4 + 64);
     int8_t* x8 = reinterpret_cast<int8_t*>(buf.data());
@@ -300,7 +304,9 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     codeshell::q8gemm::quantize_row(x.data_ptr<float>(), K, B, nullptr, dx, dx + nb, x8, nullptr);
     const int8_t* wp = q.data_ptr<int8_t>();
     const float* sp = scale.data_ptr<float>();
-    const int64_t pf1 = q8_m1_pf().d;
+    // tile_q8's distance (kPrefetch, 2 KiB) unless CODESHELL_Q8_M1_PF is set: the small shape's cold 72 MB head
+    // at 2 threads read 0.96x tile_q8 with 8 KiB (q8_m1_pf's default), 1.0x with 2 KiB (session 33 helper A)
+    const int64_t pf1 = pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH", kPrefetch).d;
     codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
       codeshell::q8m1avx2::run(x8, dx, K, B, wp, sp, b, op, n0, n1, pf1);
     });

@@ -6,6 +6,8 @@ wide), to see where batch 8 loses against batch 1: per-call cost, x's rounding, 
     flock /work/notes/bench.lock python benchmarks/bench_q8_batch_avx2.py --set small --format int8
     flock /work/notes/bench.lock python benchmarks/bench_q8_batch_avx2.py --set mini --format int4 --m 1 8 \
         --ab - CODESHELL_Q8_AVX2_ROWS=0
+    flock /work/notes/bench.lock python benchmarks/bench_q8_batch_avx2.py --set mini --threads 1 --m 1 8 \
+        --ab - CODESHELL_Q8_AVX2_M1=0 CODESHELL_Q8_AVX2_LANES=1     # session 33: the M = 1 kernel, the lanes kernel
 
 Prints per shape and M: us a call (median of alternating rounds, weights warm unless they exceed
 the caches), us per row of x, weight GB/s, int8 GOP/s (2*M*N*K), and the time against M = 1 (x1.00

@@ -11,6 +11,10 @@ small shape's K = 1024, K = 2048 (the widened kernel's largest, kAvx2RowsMaxK) a
 at every M), N not a multiple of the threads' chunks, weights at -127 and 127
 (the pair sums' extremes), with and without bias, an all-zero row of x (block scales 0).
 Runs at the avx2 level on any AVX2 CPU (CODESHELL_KERNEL_ISA=avx2 caps an AVX-512 one).
+Session 33: M = 1 runs csrc/q8_m1_avx2.h (tile_q8's bits, 8 weight rows a step; CODESHELL_Q8_AVX2_M1=0: tile_q8),
+so the rows alone here are its outputs and every comparison below also checks it against tile_q8, and directly
+against tile_q8 at M = 1 (the switch off). CODESHELL_Q8_AVX2_LANES=0 is set (the lanes kernel, off by default,
+has other bits: test_q8_lanes_avx2.py).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from codeshell.testing import assert_rows_bitwise
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 AVX2 = ops.ISA_LEVELS.index("avx2")
-SWITCHES = ("CODESHELL_Q8_AVX2_ROWS", "CODESHELL_Q8_AVX2_ROWS_MIN_M")
+SWITCHES = ("CODESHELL_Q8_AVX2_ROWS", "CODESHELL_Q8_AVX2_ROWS_MIN_M", "CODESHELL_Q8_AVX2_M1")
 SHAPES = [(37, 384), (45, 1024), (23, 2048), (19, 4096), (33, 1088), (70, 96)]
 
 
@@ -42,6 +46,7 @@ def test_rows_match_m1_tile_q8_and_reference(n, k, with_bias, monkeypatch):
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
     for var in SWITCHES:
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CODESHELL_Q8_AVX2_LANES", "0")
     mod = _ext.get()
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
     w[0, :64] = 1.0  # quantised to 127 (the row's largest |w|)
@@ -66,6 +71,11 @@ def test_rows_match_m1_tile_q8_and_reference(n, k, with_bias, monkeypatch):
         new = mod.decode_int8_q8(x[:m], pw.data, pw.scales, bias, AVX2)
         assert_rows_bitwise(new, alone[:m], f"q8_rows_avx2.h {n}x{k} bias={with_bias}")
         assert_rows_bitwise(old, alone[:m], f"tile_q8 {n}x{k} bias={with_bias}")
+    # tile_q8 at M = 1 (CODESHELL_Q8_AVX2_M1=0): the bits of q8_m1_avx2.h
+    monkeypatch.setenv("CODESHELL_Q8_AVX2_M1", "0")
+    t1 = torch.cat([mod.decode_int8_q8(x[i:i + 1], pw.data, pw.scales, bias, AVX2) for i in range(top)])
+    assert_rows_bitwise(t1, alone, f"tile_q8 vs q8_m1_avx2.h at M = 1 {n}x{k} bias={with_bias}")
+    monkeypatch.delenv("CODESHELL_Q8_AVX2_M1")
     # q8_rows_avx2.h at M = 1 too (CODESHELL_Q8_AVX2_ROWS_MIN_M=1): the same bits as tile_q8
     monkeypatch.setenv("CODESHELL_Q8_AVX2_ROWS_MIN_M", "1")
     one = torch.cat([mod.decode_int8_q8(x[i:i + 1], pw.data, pw.scales, bias, AVX2) for i in range(top)])

@@ -2,7 +2,8 @@
 // of the integer-dot decode kernels (qdot.cpp's opening comment maps which kernel runs which M on
 // which CPU). Here: the checks and the dispatch (int8_q8: q8_rows.h at M = 3..16 without AMX,
 // tile_r16_q8 / tile_v at M = 1-2, q8_panel.h, the AVX2 tiles), the int8 switches, the AVX2 tiles
-// (tile_q8, range_q8; at M = 2..64 with K <= 2048 q8_rows_avx2.h, tile_q8's bits) and tile_r16_q8 /
+// (tile_q8, range_q8; at M = 1 q8_m1_avx2.h and at M = 2..64 with K <= 2048 q8_rows_avx2.h, tile_q8's bits;
+// q8_lanes_avx2.h, other bits, behind CODESHELL_Q8_AVX2_LANES=1) and tile_r16_q8 /
 // run_r16_q8 (M = 1-2, 16 weight rows a tile).
 // What this is not: int4 weights (qdot_int4.cpp), x's rounding (qdot.cpp), the shared helpers
 // (qdot.h), tile_v (qdot_tile_v.h), the batched rows' kernel (q8_rows.h) or AMX (qgemm_amx.cpp).
@@ -18,6 +19,8 @@
 #include "q8_epilogue.h"
 #include "q8_panel.h"
 #include "q8_rows.h"
+#include "q8_lanes_avx2.h"
+#include "q8_m1_avx2.h"
 #include "q8_rows_avx2.h"
 #include "q8_m1_e.h"
 #include "qdot.h"
@@ -71,6 +74,17 @@ inline int64_t q8_m1_pf_default() {
   return d;
 }
 inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH", q8_m1_pf_default()); }
+// int8 at M = 1 on the AVX2 level (isa == kAvx2): q8_m1_avx2.h (tile_q8's bits, 8 weight rows a step with the
+// horizontal sums and the scale / bias as vectors; docs/kernels.md session 33 helper A).
+// CODESHELL_Q8_AVX2_M1=0 (read per call through the switch cache): tile_q8 as before (the same bits), for A/B.
+inline bool q8_avx2_m1() { return env_flag("CODESHELL_Q8_AVX2_M1", true); }
+constexpr int64_t kQ8M1Avx2MaxBytes = int64_t(32) << 20;
+// Off by default (session 33 helper A, measured): CODESHELL_Q8_AVX2_LANES=1 (read per call through the switch
+// cache; set it for a whole process: it changes the bits, for every M together) runs int8 at every M on the
+// AVX2 level (isa == kAvx2; M > 64 too: the prompt's avx2:q8 candidate) on q8_lanes_avx2.h: 8 weight rows in
+// the lanes, exact block sums, the bits of the prompt GEMM (avx2:gemm). Its M = 1 ran 1.06-1.56x tile_q8 but
+// its M = 8 0.87-0.99x q8_rows_avx2.h / tile_q8 (1 thread): not the default.
+inline bool q8_avx2_lanes() { return env_flag("CODESHELL_Q8_AVX2_LANES", false); }
 // int8 M = 1 without AMX: parallel_owned (one contiguous share of the rows a thread, the other's
 // steps stolen from the back) for a weight of at most kQ8SplitMaxBytes, else parallel_chunks (~8
 // chunks a thread); the same bits. CODESHELL_Q8_M1_SPLIT=1 / =0: parallel_owned at every size / never;
@@ -262,6 +276,42 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
              const c10::optional<torch::Tensor>& bias, int64_t isa, float* op) {
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0), B = q8_block_int8(K), nb = K / B;
   const float* b = bias_ptr(bias, N);
+  if (isa == codeshell::kAvx2 && q8_avx2_lanes()) {  // q8_lanes_avx2.h: its own rounding of x
+    static thread_local codeshell::ThreadScratch lanes_keep;
+    // x16 [M, K] int16 (M > 1, E / O order), x8 [M, K] int8, then dx and xs [M, nb]
+    codeshell::Scratch<char> buf(lanes_keep, size_t(M * K) * 3 + 2 * size_t(M * nb) * 4 + 64);
+    int16_t* x16 = reinterpret_cast<int16_t*>(buf.data());
+    int8_t* x8 = reinterpret_cast<int8_t*>(buf.data() + size_t(M * K) * 2);
+    float* dx = reinterpret_cast<float*>(buf.data() + size_t(M * K) * 3);
+    if (M > 1) codeshell::q8lanes::round_x_eo(x.data_ptr<float>(), M, K, B, x8, x16, dx, dx + M * nb);
+    else codeshell::q8lanes::round_x1(x.data_ptr<float>(), K, B, x8, dx, dx + nb);
+    const int8_t* wp = q.data_ptr<int8_t>();
+    const float* sp = scale.data_ptr<float>();
+    const int64_t pf1 = M == 1 ? q8_m1_pf().d : 0;
+    codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
+      codeshell::q8lanes::run(x8, x16, dx, M, K, B, wp, sp, b, op, N, n0, n1, pf1, true);
+    });
+    return;
+  }
+  // q8_m1_avx2.h (tile_q8's bits) up to kQ8M1Avx2MaxBytes of weight: the small shape's 72 MB head (cold, read
+  // from DRAM each token) ran 0.90-0.97x tile_q8 on it in three runs (the kernel alone at 1 and 2 threads, the
+  // decode step), where the 1-4 MB layers (cold too in that step) and codeshell-mini's ran 1.03-1.7x
+  if (isa == codeshell::kAvx2 && M == 1 && N * K <= kQ8M1Avx2MaxBytes && q8_avx2_m1()) {
+    static thread_local codeshell::ThreadScratch m1_keep;
+    codeshell::Scratch<char> buf(m1_keep, size_t(K) + 2 * size_t(nb) * 4 + 64);
+    int8_t* x8 = reinterpret_cast<int8_t*>(buf.data());
+    float* dx = reinterpret_cast<float*>(buf.data() + (K + 31) / 32 * 32);
+    codeshell::q8gemm::quantize_row(x.data_ptr<float>(), K, B, nullptr, dx, dx + nb, x8, nullptr);
+    const int8_t* wp = q.data_ptr<int8_t>();
+    const float* sp = scale.data_ptr<float>();
+    // tile_q8's distance (kPrefetch, 2 KiB) unless CODESHELL_Q8_M1_PF is set: the small shape's cold 72 MB head
+    // at 2 threads read 0.96x tile_q8 with 8 KiB (q8_m1_pf's default), 1.0x with 2 KiB (session 33 helper A)
+    const int64_t pf1 = pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH", kPrefetch).d;
+    codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
+      codeshell::q8m1avx2::run(x8, dx, K, B, wp, sp, b, op, n0, n1, pf1);
+    });
+    return;
+  }
   RoundedX r(M, K, nb);
   int8_t* xqp = r.xq;
   float* dx = r.dx;

@@ -329,7 +329,7 @@ inline int even_tiles(int64_t M, int T, int8_t* sizes) {
 
 // ---- AVX2 decode rows at M = 2..11 (session 33 helper B) ------------------------------------
 // What: (1) Avx2::micro's row tiles as functions of their own (avx2_tile_ool<MR>, called by
-// panel_product at M = 4..11); (2) M = 2 and 3 on x-stationary tiles over 8-output
+// panel_product at M = 4..31: the block from 32 rows, kAvx2BlockMinM33); (2) M = 2 and 3 on x-stationary tiles over 8-output
 // blocks (avx2_xtile: block b = panel b / 2, outputs 8 (b % 2) .. + 8; per k the MR rows' x
 // broadcast once, then per block one weight load, its widening and MR FMAs), in place of
 // panels_small_m's 2 x 3 and 3 x 2 panel tiles. CODESHELL_BF16_AVX2_SMALL=0 (read per call through
@@ -458,6 +458,12 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // tile (tests/kernels/test_bf16_avx2_rows.py: every M in 1..64 against M = 1 rows and against
 // CODESHELL_BF16_AVX2_BLOCK=0).
 constexpr int64_t kAvx2BlockMinM = 12;
+// Session 33 helper B: with Avx2::micro's tiles out of line (no spills, panel_product's s33) the tiles
+// beat this block up to ~30 rows (1 thread, thread CPU time, same minute: codeshell-mini M = 12 / 14 /
+// 16 / 24 / 30 1.19 / 1.20 / 1.13 / 1.07 / 1.05x, the small shape M = 12 / 16 / 24 1.21 / 1.16 / 1.09x;
+// M = 36 within 3% either way; M = 48 / 64 the block 1.03 / 1.09x): the block from 32 rows then
+// (CODESHELL_BF16_AVX2_BLOCK still sets it; CODESHELL_BF16_AVX2_SMALL=0: 12, the threshold before).
+constexpr int64_t kAvx2BlockMinM33 = 32;
 constexpr int64_t kAvx2BlockKC = 256;  // k per chunk (a multiple of 32): [256][16] fp32 = 16 KiB
 
 template <int R>
@@ -538,8 +544,13 @@ void avx2_block_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const uin
 template <class Isa>
 void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_t Kp, const float* b, float* op) {
   const int64_t M = x.size(0), Kh = Kp / 2, P = (N + kPanel - 1) / kPanel;
+  // AVX2 at M >= 2: the session-33 tiles (avx2_xrows at M = 2 / 3, Avx2::micro's tiles out of line,
+  // gemm_fma.h's block from kAvx2BlockMinM33 rows); CODESHELL_BF16_AVX2_SMALL=0: the code before
+  // (inlined tiles, the block from 12 rows; A/B runs; the same bits either way)
+  const bool small33 = std::is_same_v<Isa, Avx2> && M >= 2 && codeshell::env_flag("CODESHELL_BF16_AVX2_SMALL", true);
   if constexpr (std::is_same_v<Isa, Avx2>) {
-    const int64_t from = codeshell::env_int("CODESHELL_BF16_AVX2_BLOCK", kAvx2BlockMinM);
+    const int64_t from =
+        codeshell::env_int("CODESHELL_BF16_AVX2_BLOCK", small33 ? kAvx2BlockMinM33 : kAvx2BlockMinM);
     if (from > 0 && M >= from) {
       avx2_block_rows(x.data_ptr<float>(), M, x.size(1), Kp, wp, N, b, op);
       return;
@@ -609,9 +620,6 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
       if (ok)
         for (int64_t i = 0; i < n; ++i) sizes_buf[i] = dig[n - 1 - i];
     }
-  // AVX2 at M = 2..11: the session-33 tiles (avx2_xrows at M = 2 / 3, the 6-row tile out of line);
-  // CODESHELL_BF16_AVX2_SMALL=0: the code before (A/B runs; the same bits)
-  const bool small33 = std::is_same_v<Isa, Avx2> && M >= 2 && codeshell::env_flag("CODESHELL_BF16_AVX2_SMALL", true);
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     if constexpr (std::is_same_v<Isa, Avx2>) {
       if (small33 && M == 2) return avx2_xrows<2, 5>(xp, Kh, wp, N, p0, p1, b, op);

@@ -4,8 +4,11 @@ otherwise): at every M in 1..64 each row is bitwise the row alone (M = 1, which 
 Avx2::micro), bitwise the path before (CODESHELL_BF16_AVX2_BLOCK=0) and bitwise `avx2:gemm`
 (prefill_bf16_fma isa 0) on the same rows; any K chunk (CODESHELL_BF16_AVX2_KC) or threshold gives
 the same bits; NaN / inf in x and bias keep the same bits; in and out of the decode step's thread
-team (through the decode step's tests, which run this kernel). Runs on any CPU with the native
-kernels (AVX2 is the baseline).
+team (through the decode step's tests, which run this kernel). Session 33 helper B's tiles
+(`avx2_xrows` at M = 2 / 3 over 8-output blocks, Avx2::micro's tiles out of line at 4..31 rows, the
+block from 32): every M the same bits as CODESHELL_BF16_AVX2_SMALL=0 (the code before) and as the rows alone, at partial
+panels and blocks wholly past N, 1 and 2 threads. Runs on any CPU with the native kernels (AVX2 is
+the baseline).
 """
 
 from __future__ import annotations
@@ -116,3 +119,34 @@ def test_explicit_tiles_do_not_change_bits(tiles, m, monkeypatch):
     monkeypatch.setenv("CODESHELL_BF16_AVX2_BLOCK", "0")
     monkeypatch.setenv("CODESHELL_BF16_AVX2_TILES", tiles)
     assert torch.equal(_bits(_dec(mod, x, p, n, None)), _bits(alone)), (tiles, m)
+
+
+@needs_native
+@pytest.mark.parametrize("n,k", SHAPES + [(8, 64), (16 * 11 + 5, 256)])
+def test_small_m_tiles_give_the_bits_before(n, k, monkeypatch):
+    # M = 2 / 3 on 8-output blocks 5 / 3 at a time (a thread's last step shorter; the second block of
+    # a panel past N at n = 8, 37, 19, 50: not stored), the row tiles out of line (M = 4..31) and the
+    # block from 32 rows (12 before): the same chains, so the bits of CODESHELL_BF16_AVX2_SMALL=0 and
+    # of the rows alone, at 1 and 2 threads
+    mod = _ext.get()
+    g = torch.Generator().manual_seed(n + k)
+    p = prepack(torch.randn(n, k, generator=g) / k ** 0.5)
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(40, k, generator=g)
+    x[1, 3 % k] = float("nan")
+    x[2, 1 % k] = float("-inf")
+    alone = torch.cat([_dec(mod, x[i:i + 1], p, n, bias) for i in range(40)])
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for m in range(2, 41 if threads == 1 else 13):
+                monkeypatch.delenv("CODESHELL_BF16_AVX2_SMALL", raising=False)
+                got = _dec(mod, x[:m], p, n, bias)
+                nob = _dec(mod, x[:m], p, n, None)
+                assert torch.equal(_bits(got), _bits(alone[:m])), (n, k, m, threads)
+                monkeypatch.setenv("CODESHELL_BF16_AVX2_SMALL", "0")
+                assert torch.equal(_bits(_dec(mod, x[:m], p, n, bias)), _bits(got)), (n, k, m, threads)
+                assert torch.equal(_bits(_dec(mod, x[:m], p, n, None)), _bits(nob)), (n, k, m, threads)
+    finally:
+        torch.set_num_threads(old)

@@ -15,7 +15,8 @@
 //     weights), 6 rows of x x 16 weight rows in registers, k-blocked so the panel chunk is
 //     re-read from L1 by every tile; for M <= 3 several panels at once (more read streams);
 //     from 12 rows (avx2_block_rows, session 32) gemm_fma.h's block on each panel chunk widened
-//     once, x packed by tiles: the same bits.
+//     once, x packed by tiles; at 2 / 3 rows x-stationary tiles over 8-output blocks (avx2_xrows,
+//     session 33): the same bits.
 //   * decode_bf16, isa kAvx512Bf16: bf16 x (the caller's activations are bf16 already: a bf16
 //     model), vdpbf16ps: one instruction does 16 rows x 2 k for one row of x; at M = 1 several
 //     panels at once, their number and the software prefetch by CPU kind (decode_panels).
@@ -82,10 +83,11 @@ struct Avx2 {
   static constexpr int kTileRows = 6;  // 12 accumulators + 2 weight vectors + a broadcast: 15 ymm
   using X = float;                     // x transposed [Kp][M], padded with zero k rows
   // c[q][MR][16] (+)= x[MR rows] . panel q over k-pairs [j0, j1); NP panels at w + q * pstride;
-  // kPf: software prefetch on the weight streams (as Bf16Dot's).
+  // kPf: software prefetch on the weight streams (as Bf16Dot's). Always inlined (session 33): where
+  // it runs out of line is the caller's choice (avx2_tile_ool), not GCC's (the old path's A/B twin).
   template <int MR, int NP, bool kPf = true>
-  static void micro(const float* xt, int64_t ldx, const uint32_t* w, int64_t pstride, int64_t j0, int64_t j1,
-                    float* c, bool first) {
+  __attribute__((always_inline)) static void micro(const float* xt, int64_t ldx, const uint32_t* w, int64_t pstride,
+                                                   int64_t j0, int64_t j1, float* c, bool first) {
     const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
     __m256 acc[NP][MR][2];
     for (int q = 0; q < NP; ++q)
@@ -257,15 +259,24 @@ void tile_call(const typename Isa::X* x, int64_t ldx, const uint32_t* w, int64_t
                float* c, bool first) {
   Isa::template micro<MR, NP>(x, ldx, w, pstride, j0, j1, c, first);
 }
+// Avx2::micro's tile of MR rows as a function of its own (session 33 helper B, below: GCC spilled
+// the 6-row tile's accumulators inlined into panel_product's loop)
+template <int MR>
+__attribute__((noinline)) void avx2_tile_ool(const float* xt, int64_t ldx, const uint32_t* w, int64_t j0, int64_t j1,
+                                             float* c, bool first) {
+  Avx2::micro<MR, 1>(xt, ldx, w, 0, j0, j1, c, first);
+}
 
 // c = x [M rows] @ NP panels^T (panel q's c rows at c + q * kPanel * kPanel when NP > 1, else c + m * kPanel
 // for any M <= kMaxRows). NP = 2 at 4..16 rows (decode_panels): one chain per (row, panel) either way, so
 // the same bits; two panels give a vdpbf16ps tile of 8 rows 16 independent chains (8 left the
 // chain latency exposed) and halve the broadcasts of x per weight load.
 // sizes: the row tiles' sizes in order (even_tiles), or null: tiles of T rows, the rest split in two.
+// s33 (Avx2, NP = 1; session 33 helper B): the tiles out of line (avx2_tile_ool: GCC 12 spilled the
+// 6-row tile's accumulators inlined here in one build, not in another: its choice, so not left to it).
 template <class Isa, int NP = 1>
 void panel_product(const typename Isa::X* x, int64_t M, int64_t Kh, const uint32_t* w, float* c,
-                   int64_t pstride = 0, const int8_t* sizes = nullptr) {
+                   int64_t pstride = 0, const int8_t* sizes = nullptr, bool s33 = false) {
   constexpr int T = Isa::kTileRows;
   for (int64_t j0 = 0; j0 < Kh; j0 += kKBlock) {
     const int64_t j1 = std::min(Kh, j0 + kKBlock);
@@ -275,6 +286,19 @@ void panel_product(const typename Isa::X* x, int64_t M, int64_t Kh, const uint32
       const typename Isa::X* xm = x + m;
       float* cm = c + m * kPanel;
       int64_t take = sizes ? sizes[s] : r >= T + 2 || r == T ? T : (r > T ? (r + 1) / 2 : r);  // T+1 -> two halves
+      if constexpr (std::is_same_v<Isa, Avx2> && NP == 1)
+        if (s33) {
+          switch (take) {
+            case 1: avx2_tile_ool<1>(xm, M, w, j0, j1, cm, first); break;
+            case 2: avx2_tile_ool<2>(xm, M, w, j0, j1, cm, first); break;
+            case 3: avx2_tile_ool<3>(xm, M, w, j0, j1, cm, first); break;
+            case 4: avx2_tile_ool<4>(xm, M, w, j0, j1, cm, first); break;
+            case 5: avx2_tile_ool<5>(xm, M, w, j0, j1, cm, first); break;
+            default: avx2_tile_ool<6>(xm, M, w, j0, j1, cm, first); break;
+          }
+          m += take;
+          continue;
+        }
       switch (take) {
 #define CODESHELL_TILE(R) \
   case R:                 \
@@ -301,6 +325,87 @@ inline int even_tiles(int64_t M, int T, int8_t* sizes) {
   const int64_t nt = (M + T - 1) / T, base = M / nt, extra = M % nt;
   for (int64_t t = 0; t < nt; ++t) sizes[t] = int8_t(base + (t < extra ? 1 : 0));
   return int(nt);
+}
+
+// ---- AVX2 decode rows at M = 2..11 (session 33 helper B) ------------------------------------
+// What: (1) Avx2::micro's row tiles as functions of their own (avx2_tile_ool<MR>, called by
+// panel_product at M = 4..31: the block from 32 rows, kAvx2BlockMinM33); (2) M = 2 and 3 on x-stationary tiles over 8-output
+// blocks (avx2_xtile: block b = panel b / 2, outputs 8 (b % 2) .. + 8; per k the MR rows' x
+// broadcast once, then per block one weight load, its widening and MR FMAs), in place of
+// panels_small_m's 2 x 3 and 3 x 2 panel tiles. CODESHELL_BF16_AVX2_SMALL=0 (read per call through
+// switches.h's cache; A/B runs): the code before at every M.
+// Why: inlined into decode_panels' loop, GCC 12 kept the 6-row tile's 12 accumulators + 2 weight
+// vectors + the broadcast + the 0xffff0000 mask in 16 ymm by spilling 5 accumulators a k-pair (a
+// store and an FMA with a memory operand each: store-to-load forwarding on the FMA chains), and the
+// 2 x 3 / 3 x 2 panel tiles made 10 stack loads or stores a k-pair (objdump of the built
+// panel_bf16.o: `rsp` operands in the loops; docs/kernels.md session 33 helper B). Out of line the
+// same 6-row loop keeps them in registers; the x-stationary tiles keep MR x NB accumulators + MR
+// broadcasts + 1 weight vector + the mask (2 x 5 and 3 x 3: 14 ymm) and broadcast each x once a k
+// for all NB blocks (the panel tiles broadcast it again for each panel).
+// Bits: every (row, output) is still one FMA chain over k = 0 .. Kp - 1 in order (even then odd k of
+// each pair) from zero: the same bits as Avx2::micro at every M (tests/kernels/test_bf16_avx2_rows.py).
+// c [MR][ldc] (columns [0, 8 NB)) = x rows (xt [Kp][MR], transposed) . blocks b0 .. b0 + NB - 1 of
+// the panels at w (ps uint32 a panel) over all Kh k-pairs; the next lines of each panel touched are
+// prefetched kPrefetch k-pairs ahead (as Avx2::micro).
+template <int MR, int NB>
+__attribute__((noinline)) void avx2_xtile(const float* xt, const uint32_t* w, int64_t ps, int64_t b0, int64_t Kh,
+                                          float* c, int64_t ldc) {
+  const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
+  const uint32_t* wb[NB];
+#pragma GCC unroll 16
+  for (int v = 0; v < NB; ++v) wb[v] = w + ((b0 + v) >> 1) * ps + ((b0 + v) & 1) * 8;
+  __m256 acc[MR][NB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NB; ++v) acc[i][v] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < Kh; ++j) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NB; ++v)  // one prefetch a panel line: the blocks that start a panel, and the first
+      if (v == 0 || ((b0 + v) & 1) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(wb[v] + (j + kPrefetch) * kPanel), _MM_HINT_T0);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const float* xk = xt + (2 * j + h) * MR;
+      __m256 xb[MR];
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) xb[i] = _mm256_broadcast_ss(xk + i);
+#pragma GCC unroll 16
+      for (int v = 0; v < NB; ++v) {
+        const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[v] + j * kPanel));
+        const __m256 wv = _mm256_castsi256_ps(h ? _mm256_and_si256(r, hi_mask) : _mm256_slli_epi32(r, 16));
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) acc[i][v] = _mm256_fmadd_ps(xb[i], wv, acc[i][v]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NB; ++v) _mm256_storeu_ps(c + i * ldc + v * 8, acc[i][v]);
+}
+
+// Rows of x (MR = 2 or 3, xt [Kp][MR]) @ panels [p0, p1) -> out (+ bias): the panels' 8-output blocks
+// NB at a time (the rest at the end), avx2_xtile over all of K (no reuse of a chunk: one tile).
+template <int MR, int NB>
+void avx2_xrows(const float* xt, int64_t Kh, const uint32_t* w, int64_t N, int64_t p0, int64_t p1, const float* bias,
+                float* out) {
+  constexpr int64_t ldc = NB * 8;
+  alignas(64) float c[MR * ldc];
+  const int64_t ps = Kh * kPanel, b1 = 2 * p1;
+  for (int64_t b = 2 * p0; b < b1; b += NB) {
+    switch (std::min<int64_t>(NB, b1 - b)) {
+#define CODESHELL_XTILE(R) \
+  case R:                  \
+    if constexpr (R <= NB) avx2_xtile<MR, R>(xt, w, ps, b, Kh, c, ldc); \
+    break;
+      CODESHELL_XTILE(1) CODESHELL_XTILE(2) CODESHELL_XTILE(3) CODESHELL_XTILE(4) CODESHELL_XTILE(5)
+#undef CODESHELL_XTILE
+      default: TORCH_CHECK(false, "bad block count");
+    }
+    const int64_t n0 = b * 8, cols = std::min<int64_t>(std::min<int64_t>(NB, b1 - b) * 8, N - n0);
+    if (cols > 0) store_rows(c, ldc, MR, out, N, n0, cols, bias);
+  }
 }
 
 // Panels [p0, p1) for M <= 3: NP at a time (the rest one at a time); c holds NP panels.
@@ -353,6 +458,12 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // tile (tests/kernels/test_bf16_avx2_rows.py: every M in 1..64 against M = 1 rows and against
 // CODESHELL_BF16_AVX2_BLOCK=0).
 constexpr int64_t kAvx2BlockMinM = 12;
+// Session 33 helper B: with Avx2::micro's tiles out of line (no spills, panel_product's s33) the tiles
+// beat this block up to ~30 rows (1 thread, thread CPU time, same minute: codeshell-mini M = 12 / 14 /
+// 16 / 24 / 30 1.19 / 1.20 / 1.13 / 1.07 / 1.05x, the small shape M = 12 / 16 / 24 1.21 / 1.16 / 1.09x;
+// M = 36 within 3% either way; M = 48 / 64 the block 1.03 / 1.09x): the block from 32 rows then
+// (CODESHELL_BF16_AVX2_BLOCK still sets it; CODESHELL_BF16_AVX2_SMALL=0: 12, the threshold before).
+constexpr int64_t kAvx2BlockMinM33 = 32;
 constexpr int64_t kAvx2BlockKC = 256;  // k per chunk (a multiple of 32): [256][16] fp32 = 16 KiB
 
 template <int R>
@@ -433,8 +544,13 @@ void avx2_block_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const uin
 template <class Isa>
 void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_t Kp, const float* b, float* op) {
   const int64_t M = x.size(0), Kh = Kp / 2, P = (N + kPanel - 1) / kPanel;
+  // AVX2 at M >= 2: the session-33 tiles (avx2_xrows at M = 2 / 3, Avx2::micro's tiles out of line,
+  // gemm_fma.h's block from kAvx2BlockMinM33 rows); CODESHELL_BF16_AVX2_SMALL=0: the code before
+  // (inlined tiles, the block from 12 rows; A/B runs; the same bits either way)
+  const bool small33 = std::is_same_v<Isa, Avx2> && M >= 2 && codeshell::env_flag("CODESHELL_BF16_AVX2_SMALL", true);
   if constexpr (std::is_same_v<Isa, Avx2>) {
-    const int64_t from = codeshell::env_int("CODESHELL_BF16_AVX2_BLOCK", kAvx2BlockMinM);
+    const int64_t from =
+        codeshell::env_int("CODESHELL_BF16_AVX2_BLOCK", small33 ? kAvx2BlockMinM33 : kAvx2BlockMinM);
     if (from > 0 && M >= from) {
       avx2_block_rows(x.data_ptr<float>(), M, x.size(1), Kp, wp, N, b, op);
       return;
@@ -505,6 +621,10 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
         for (int64_t i = 0; i < n; ++i) sizes_buf[i] = dig[n - 1 - i];
     }
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
+    if constexpr (std::is_same_v<Isa, Avx2>) {
+      if (small33 && M == 2) return avx2_xrows<2, 5>(xp, Kh, wp, N, p0, p1, b, op);
+      if (small33 && M == 3) return avx2_xrows<3, 3>(xp, Kh, wp, N, p0, p1, b, op);
+    }
     alignas(64) float c[std::max<int64_t>(kMaxRows, 8 * kPanel) * kPanel];  // also NP panels x 16 rows for M <= 3
     const Emit emit = [&](int64_t p, const float* cp) {  // c rows of panel p -> out[:, 16p : 16p+16) + bias
       const int64_t n0 = p * kPanel;
@@ -531,7 +651,7 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
           }
       }
       for (; p < p1; ++p) {
-        panel_product<Isa>(xp, M, Kh, wp + p * Kh * kPanel, c, 0, sizes);
+        panel_product<Isa>(xp, M, Kh, wp + p * Kh * kPanel, c, 0, sizes, small33);
         emit(p, c);
       }
     }

@@ -18,21 +18,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeshell.kernels import _ext, available, ops, quantize_int8
+from codeshell.kernels import _ext, available, ops
 from codeshell.testing import assert_rows_bitwise
+from test_q8_rows_avx2 import extreme_case  # the weight and x at the rounding's extremes
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 AVX2 = ops.ISA_LEVELS.index("avx2")
 SWITCHES = ("CODESHELL_Q8_AVX2_LANES", "CODESHELL_Q8_AVX2_ROWS", "CODESHELL_Q8_AVX2_ROWS_MIN_M")
 SHAPES = [(37, 384), (45, 1024), (21, 4096), (33, 1088), (70, 96), (51, 256)]
-
-
-def _x(m: int, k: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(k + m)
-    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4
-    x[:, ::37] *= 8
-    x[min(3, m - 1)] = 0  # an all-zero row: every block scale 0
-    return x
 
 
 def _ref64(x: torch.Tensor, pw, bias, B: int) -> torch.Tensor:
@@ -56,17 +49,9 @@ def test_lanes_rows_match_m1_gemm_and_reference(n, k, with_bias, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("CODESHELL_Q8_AVX2_LANES", "1")
     mod = _ext.get()
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
-    w[0, :64] = 1.0  # quantised to 127 (the row's largest |w|)
-    w[0, 64:96] = -1.0
-    pw = quantize_int8(w)
-    assert pw.data[0, :64].eq(127).all() and pw.data[0, 64:96].eq(-127).all()
+    pw, bias, x = extreme_case(n, k, with_bias, neg=96)
     assert ops.plan(pw, 1, torch.float32) == "avx2:q8"
-    bias = torch.randn(n, generator=torch.Generator().manual_seed(5)) if with_bias else None
     top = ops.ROW_INVARIANT_MAX_M
-    x = _x(top, k)
-    x[1] = 127.0  # a row of x at the rounding's extreme against the weight's extremes
-    x[2, ::2] = -127.0
     alone = torch.cat([mod.decode_int8_q8(x[i:i + 1], pw.data, pw.scales, bias, AVX2) for i in range(top)])
     ref = _ref64(x, pw, bias, mod.q8_block_int8(k))
     err = (alone.double() - ref).abs().max().item()

@@ -39,6 +39,22 @@ def _x(m: int, k: int) -> torch.Tensor:
     return x
 
 
+def extreme_case(n: int, k: int, with_bias: bool, neg: int):
+    """(int8 weight, bias or None, x of ROW_INVARIANT_MAX_M rows) at the rounding's extremes: weight row 0 at
+    127 over its first 64 columns and -127 over columns 64..`neg` (the pair sums' extremes), x's row 1 at 127
+    and row 2 at -127 on every second column, row 3 all zero (test_q8_lanes_avx2 shares it)."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
+    w[0, :64] = 1.0  # quantised to 127 (the row's largest |w|)
+    w[0, 64:neg] = -1.0
+    pw = quantize_int8(w)
+    assert pw.data[0, :64].eq(127).all() and pw.data[0, 64:neg].eq(-127).all()
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(5)) if with_bias else None
+    x = _x(ops.ROW_INVARIANT_MAX_M, k)
+    x[1] = 127.0  # a row of x at the rounding's extreme against the weight's extremes
+    x[2, ::2] = -127.0
+    return pw, bias, x
+
+
 @needs_native
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("n,k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
@@ -48,18 +64,10 @@ def test_rows_match_m1_tile_q8_and_reference(n, k, with_bias, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("CODESHELL_Q8_AVX2_LANES", "0")
     mod = _ext.get()
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
-    w[0, :64] = 1.0  # quantised to 127 (the row's largest |w|)
-    w[0, 64:128] = -1.0
-    pw = quantize_int8(w)
-    assert pw.data[0, :64].eq(127).all() and pw.data[0, 64:128].eq(-127).all()
+    pw, bias, x = extreme_case(n, k, with_bias, neg=128)
     path = ops.plan(pw, 1, torch.float32)
     assert path == "avx2:q8", path
-    bias = torch.randn(n, generator=torch.Generator().manual_seed(5)) if with_bias else None
     top = ops.ROW_INVARIANT_MAX_M
-    x = _x(top, k)
-    x[1] = 127.0  # a row of x at the rounding's extreme against the weight's extremes
-    x[2, ::2] = -127.0
     alone = torch.cat([mod.decode_int8_q8(x[i:i + 1], pw.data, pw.scales, bias, AVX2) for i in range(top)])
     ref = ops.reference(x, pw, bias, path)
     err = (alone - ref).abs().max().item()

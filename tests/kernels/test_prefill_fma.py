@@ -1,4 +1,4 @@
-"""The fp32-FMA GEMM for bf16 weights on AVX-512 CPUs (`avx512_vnni:gemm`, csrc/panel_bf16.cpp
+"""The fp32-FMA GEMM for bf16 weights on AVX-512 CPUs (`avx512_vnni:gemm`, csrc/prefill_bf16_avx512.h
 prefill_fma, session 24): the same bits as the AVX-512 panel kernel (`avx512_vnni:panel`, itself
 the bits of `avx2:panel`) at prefill M, for bf16 and fp32 x, every register block behind
 CODESHELL_FMA_BLOCK and any K chunk / work item; close to the fp32 reference; its bf16 and GELU

@@ -1,4 +1,4 @@
-"""What a model's first load on a machine pays for measuring its prefill paths (`ops._measure`), the
+"""What a model's first load on a machine pays for measuring its prefill paths (`measure.measure`), the
 quick measurement (session 33, the default) against the full one before it
 (`CODESHELL_KERNEL_MEASURE=full`), and whether they choose the same paths.
 
@@ -60,14 +60,14 @@ def packed(fmt: str, n: int, k: int):
 def plan_all(weights, mode: str) -> list[dict]:
     """Plans every weight's prefill in `mode` from nothing (no file, no in-process choice)."""
     import torch
-    from codeshell.kernels import ops
+    from codeshell.kernels import measure, ops
     os.environ["CODESHELL_KERNEL_MEASURE"] = mode
     ops._CHOICES.clear()
     ops.CHOICE_TIMES.clear()
     ops.CHOICE_CHECKS.clear()
-    ops._SLICE_LOOKS.clear()
+    measure._SLICE_LOOKS.clear()
     spent: dict = collections.defaultdict(float)
-    real = ops._time_call
+    real = measure._time_call
 
     def timed(c, mod, x, p, x_dtype):
         t = time.perf_counter()
@@ -75,7 +75,7 @@ def plan_all(weights, mode: str) -> list[dict]:
         spent[(c, x.shape[0])] += time.perf_counter() - t
         return r
 
-    ops._time_call = timed
+    measure._time_call = timed
     out = []
     try:
         for name, p in weights:
@@ -89,7 +89,7 @@ def plan_all(weights, mode: str) -> list[dict]:
                         "times": dict(ops.CHOICE_TIMES.get(key, {})), "checks": dict(ops.CHOICE_CHECKS.get(key, {})),
                         "spent": dict(spent)})
     finally:
-        ops._time_call = real
+        measure._time_call = real
     return out
 
 
@@ -138,7 +138,7 @@ LOAD_CODE = """
 import json, sys, time
 t = time.perf_counter()
 from codeshell import LLM
-from codeshell.kernels import ops
+from codeshell.kernels import measure, ops
 llm = LLM(sys.argv[1], dtype="bfloat16", threads=%d, max_batch=1, max_model_len=1024)
 s = time.perf_counter() - t
 if sys.argv[2] == "fill":  # an untrusted measurement (scatter) stored anyway
@@ -191,7 +191,7 @@ def part_rows(a) -> None:
     """Each candidate's time per (x row, weight row) on slices of growing rows of the shape's c_fc
     (the largest N), best of 5 alternating calls: where a slice stops standing for the whole weight."""
     import torch
-    from codeshell.kernels import _ext, ops
+    from codeshell.kernels import _ext, measure, ops
     torch.set_num_threads(a.threads)
     mod = _ext.get()
     n, k = SHAPES[a.shape][2]
@@ -201,13 +201,13 @@ def part_rows(a) -> None:
         for m in (128, 512):
             x = torch.randn(m, k).bfloat16()
             for rows in sorted({r for r in (256, 512, 1024, 2048, 4096) if r < n} | {n}):
-                part = ops._row_slice(p, rows)
+                part = measure._row_slice(p, rows)
                 for c in cands:
-                    ops._time_call(c, mod, x, part, torch.bfloat16)
+                    measure._time_call(c, mod, x, part, torch.bfloat16)
                 ts = {c: [] for c in cands}
                 for _ in range(5):
                     for c in cands:
-                        ts[c].append(ops._time_call(c, mod, x, part, torch.bfloat16))
+                        ts[c].append(measure._time_call(c, mod, x, part, torch.bfloat16))
                 print(f"{fmt} {n}x{k} M={m} rows={rows} ({part.nbytes / 2**20:.1f} MiB): " + ", ".join(
                     f"{c} {min(t) / rows / m * 1e9:.2f}" for c, t in ts.items()) + " ns a (row, weight row)", flush=True)
 

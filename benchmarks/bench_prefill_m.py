@@ -1,12 +1,12 @@
 """The bf16 prefill candidates of an AVX-512 CPU without AVX512-BF16 at the Ms a prefill meets
 (session 25 helper A): `avx512_vnni:gemm` (prefill_bf16_fma), `sgemm:fp32` and
 `avx512_vnni:panel64`, on bf16 x as a bf16 model calls them, per weight shape and M, called by
-name (ops._compute, timed up to the bf16 result as ops._time_call times them), rounds alternating
+name (ops._compute, timed up to the bf16 result as measure._time_call times them), rounds alternating
 the paths, medians. Why: serving's time to first token at 1 client is one prefill forward of
 ~90 tokens on a 1.7B model of the 7B width (K = 4096), where the GEMM was only measured at
 M = 512; the at-load choice (ops._choose) is one path per weight for every M above 64, measured
-at ops.PREFILL_MEASURE_ROWS, so this prints what that choice would weigh and what it leaves out.
-Also prints, per shape, the path ops._look's measurement picks in this process.
+at measure.PREFILL_MEASURE_ROWS, so this prints what that choice would weigh and what it leaves out.
+Also prints, per shape, the path measure._look's measurement picks in this process.
 
     flock /work/notes/bench.lock python benchmarks/bench_prefill_m.py --model 7b --m 65 90 128 512
     flock /work/notes/bench.lock python benchmarks/bench_prefill_m.py --model small --m 90 128 512

@@ -17,7 +17,7 @@ merge what is on disk with their own entries and replace the file atomically, so
 processes at once can lose one another's new entries, never corrupt the file (a lost entry
 is measured again next time).
 
-Trust (session 22): `ops._measure` stores only a measurement it trusts (steady repeats, a second
+Trust (session 22): `measure.measure` (ops._choose) stores only a measurement it trusts (steady repeats, a second
 look where the first was unsteady or close, a quiet host) and the entry records those checks
 (`checks`); an entry without them (written before session 22, when one loaded minute could stick
 a wrong path for good) is not used: the first process to need it measures again.
@@ -25,7 +25,7 @@ a wrong path for good) is not used: the first process to need it measures again.
 `CODESHELL_KERNEL_CHOICES=off` turns it off; `=PATH` uses that file instead (a folder there is a
 ValueError that says so: before session 33 such a value measured in every process, silently).
 
-Session 33: the entries of the quick measurement (`ops._measure`, the default) record in their
+Session 33: the entries of the quick measurement (`measure.measure`, the default) record in their
 checks the rows of the weight measured (`rows`, N where the whole weight ran) and whether the
 measurement was another weight's of the same slice shape (`shared`); `seconds` are per row of x
 for the whole weight (the slice's scaled by N / rows). `CODESHELL_KERNEL_MEASURE=full` (the
@@ -112,7 +112,7 @@ def lookup(key: tuple, cands: list[str] | None = None, whole: bool = False) -> s
 
 def store(key: tuple, winner: str, times: dict[str, float], checks: dict) -> None:
     """Record a measured choice (merged into the file, which is replaced atomically) with the
-    checks that made it one to trust (`ops._measure`'s `CHOICE_CHECKS` entry, `stored` true)."""
+    checks that made it one to trust (`ops.CHOICE_CHECKS` entry from `measure.measure`, `stored` true)."""
     p = path()
     if p is None:
         return

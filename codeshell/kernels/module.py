@@ -241,7 +241,7 @@ def choose_prefill_paths(model: nn.Module, max_rows: int) -> dict[tuple, str]:
     """At load: the prefill path of each distinct weight shape of the model's linears (the output
     head excepted), with activations of the model's dtype, when a prefill of up to `max_rows`
     rows goes past the decode kernels (M > ROW_INVARIANT_MAX_M): `ops.plan` measures the
-    candidates where several compete (at each of `ops.PREFILL_MEASURE_ROWS`) and keeps the winner
+    candidates where several compete (at each of `measure.PREFILL_MEASURE_ROWS`) and keeps the winner
     for every prefill M (in this process and on disk, `choices.py`), so no request pays for it
     later. Returns {(kind, N, K, group size, symmetric): path}; {} when nothing is packed for the
     native kernels or no prefill goes past the decode kernels.

@@ -1,7 +1,7 @@
 """The measured kernel choices kept on disk (`codeshell.kernels.choices`): a fresh process
 reuses a stored winner instead of measuring again; a damaged file, a stale path or another
 thread count means measuring again, never a failure. Only a measurement to trust is stored
-(`ops._measure`: steady repeats, a second look where the first was unsteady or close, a quiet
+(`measure.measure`: steady repeats, a second look where the first was unsteady or close, a quiet
 host): tested with scripted call times (`_Clock`), nothing timed.
 
 The rest of the suite runs with CODESHELL_KERNEL_CHOICES=off (tests/conftest.py), so tests
@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from codeshell.kernels import available, choices, ops
+from codeshell.kernels import available, choices, measure, ops
 from codeshell.kernels.packing import quantize_int8
 
 needs_native = pytest.mark.skipif(not available(), reason="native kernels unavailable")
@@ -39,8 +39,8 @@ def store(request, tmp_path, monkeypatch):
     # the real kernels run (their calls are counted) but their times are scripted: a clear,
     # steady winner on a quiet host, so one look and a stored entry whatever this host's load
     _install(monkeypatch, _Clock({"sgemm:fp32": 1e-6, "avx2:unpack": 2e-6}, run=True))
-    monkeypatch.setattr(ops, "_host_load", lambda: 0.1)
-    monkeypatch.setattr(ops, "_others_per_core", lambda mark: 0.0)
+    monkeypatch.setattr(measure, "_host_load", lambda: 0.1)
+    monkeypatch.setattr(measure, "_others_per_core", lambda mark: 0.0)
     choices.forget()
     yield f
     choices.forget()
@@ -50,12 +50,12 @@ def _fresh_process_state(key):
     # what a new process starts with: no in-memory choice or measurement (the file stays)
     ops._CHOICES.pop(key, None)
     ops.CHOICE_TIMES.pop(key, None)
-    ops._SLICE_LOOKS.clear()
+    measure._SLICE_LOOKS.clear()
     choices.forget()
 
 
 class _Clock:
-    """A scripted `ops._time_call`: candidate c's n-th call of a look (its own count, warm-ups
+    """A scripted `measure._time_call`: candidate c's n-th call of a look (its own count, warm-ups
     included) takes per_row[c] x M seconds, times burst(c, look, n) (1 unless the test says).
     run=True also runs the real kernel (so `PATHS_RUN` counts it); `seen` records each call's
     (candidate, rows of the weight it ran on, the weight's data pointer). Installed with
@@ -79,14 +79,14 @@ class _Clock:
 
 
 def _install(monkeypatch, clock):
-    monkeypatch.setattr(ops, "_time_call", clock)
-    look = ops._look
+    monkeypatch.setattr(measure, "_time_call", clock)
+    look = measure._look
 
     def counted(*a, **kw):
         clock.new_look()
         return look(*a, **kw)
 
-    monkeypatch.setattr(ops, "_look", counted)
+    monkeypatch.setattr(measure, "_look", counted)
     return clock
 
 
@@ -95,8 +95,8 @@ def _measured(mode, cands=CANDS, looks=1):
     """Candidate calls of a measurement whose every M has a clear steady lead (scripted), then the call:
     full: a warm-up and MEASURE_ROUNDS rounds at each M; quick: warm-ups at the first M only and
     MEASURE_MIN_ROUNDS rounds."""
-    ms = len(ops.PREFILL_MEASURE_ROWS)
-    per_look = ((1 + ops.MEASURE_ROUNDS) * ms if mode == "full" else 1 + ops.MEASURE_MIN_ROUNDS * ms) * len(cands)
+    ms = len(measure.PREFILL_MEASURE_ROWS)
+    per_look = ((1 + measure.MEASURE_ROUNDS) * ms if mode == "full" else 1 + measure.MEASURE_MIN_ROUNDS * ms) * len(cands)
     return per_look * looks + 1
 
 
@@ -208,8 +208,8 @@ FAKE_KEY = ("bf16", 16, 8, "prefill", "fake", "bfloat16")
 
 @pytest.fixture(params=MODES)
 def fake(request, tmp_path, monkeypatch):
-    """Runs `ops._measure` + the store as `_choose` does, on scripted times, in each measuring mode
-    (the trust checks hold in both): returns measure(per_row, burst=None, load=0.1) -> (winner,
+    """Runs `measure.measure` + the store as `_choose` does, on scripted times, in each measuring mode
+    (the trust checks hold in both): returns run(per_row, burst=None, load=0.1) -> (winner,
     stored entry or None, checks); others: `_others_per_core`)."""
     f = tmp_path / "choices.json"
     monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(f))
@@ -217,19 +217,21 @@ def fake(request, tmp_path, monkeypatch):
     monkeypatch.setattr(ops._ext, "get", lambda: None)
     weight = types.SimpleNamespace(out_features=16, in_features=8)
 
-    def measure(per_row, burst=None, load=0.1, others=0.0):
+    def run(per_row, burst=None, load=0.1, others=0.0):
         _install(monkeypatch, _Clock(per_row, burst))
-        monkeypatch.setattr(ops, "_host_load", lambda: load)
-        monkeypatch.setattr(ops, "_others_per_core", lambda mark: others)
+        monkeypatch.setattr(measure, "_host_load", lambda: load)
+        monkeypatch.setattr(measure, "_others_per_core", lambda mark: others)
         _fresh_process_state(FAKE_KEY)
         ops._CHOICES.pop(FAKE_KEY, None)
-        if ops._measure(FAKE_KEY, list(per_row), weight, torch.bfloat16):
+        (ops._CHOICES[FAKE_KEY], ops.CHOICE_TIMES[FAKE_KEY], ops.CHOICE_CHECKS[FAKE_KEY],
+         trusted) = measure.measure(FAKE_KEY, list(per_row), weight, torch.bfloat16, ops._CHOICES)
+        if trusted:
             choices.store(FAKE_KEY, ops._CHOICES[FAKE_KEY], ops.CHOICE_TIMES[FAKE_KEY], ops.CHOICE_CHECKS[FAKE_KEY])
         choices.forget()
         return ops._CHOICES[FAKE_KEY], choices.lookup(FAKE_KEY), ops.CHOICE_CHECKS[FAKE_KEY]
 
     choices.forget()
-    yield measure
+    yield run
     _fresh_process_state(FAKE_KEY)
 
 
@@ -248,7 +250,7 @@ def test_a_burst_in_the_first_look_gets_a_second_one(fake):
     # oneDNN wins it (and its repeats scatter); the second look, quiet, finds the GEMM again
     burst = lambda c, look, n: (1.5 if n % 3 == 0 else 3.0) if (c == GEMM and look == 0) else 1.0
     winner, stored, checks = fake(QUIET, burst)
-    assert checks["winners"][0] == ONEDNN and checks["scatter"][0] > ops.MEASURE_SCATTER_MAX
+    assert checks["winners"][0] == ONEDNN and checks["scatter"][0] > measure.MEASURE_SCATTER_MAX
     assert checks["looks"] == 2 and winner == stored == GEMM  # the unsteady look has no vote
 
 
@@ -266,7 +268,7 @@ def test_a_uniformly_slowed_candidate_in_the_first_look_is_not_stored_if_the_sec
 def test_repeats_that_keep_scattering_are_not_stored(fake):
     burst = lambda c, look, n: 2.0 if n % 2 else 1.0  # every candidate, both looks
     winner, stored, checks = fake(QUIET, burst)
-    assert checks["looks"] == 2 and min(checks["scatter"]) > ops.MEASURE_SCATTER_MAX
+    assert checks["looks"] == 2 and min(checks["scatter"]) > measure.MEASURE_SCATTER_MAX
     assert winner == GEMM and stored is None  # the winner holds for this process only
 
 
@@ -317,14 +319,14 @@ def sliced(tmp_path, monkeypatch):
     monkeypatch.setenv("CODESHELL_KERNEL_MEASURE", "quick")
     monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
     monkeypatch.setattr(ops, "prefill_candidates", lambda p, dt, level: list(CANDS))
-    monkeypatch.setattr(ops, "MEASURE_SLICE_WEIGHTS", SLICE_ROWS * K)
-    monkeypatch.setattr(ops, "MEASURE_SLICE_MIN_ROWS", 64)
-    monkeypatch.setattr(ops, "_host_load", lambda: 0.1)
-    monkeypatch.setattr(ops, "_others_per_core", lambda mark: 0.0)
-    ops._SLICE_LOOKS.clear()
+    monkeypatch.setattr(measure, "MEASURE_SLICE_WEIGHTS", SLICE_ROWS * K)
+    monkeypatch.setattr(measure, "MEASURE_SLICE_MIN_ROWS", 64)
+    monkeypatch.setattr(measure, "_host_load", lambda: 0.1)
+    monkeypatch.setattr(measure, "_others_per_core", lambda mark: 0.0)
+    measure._SLICE_LOOKS.clear()
     choices.forget()
     yield f
-    ops._SLICE_LOOKS.clear()
+    measure._SLICE_LOOKS.clear()
     choices.forget()
 
 
@@ -353,7 +355,7 @@ def test_quick_measures_a_slice_shared_by_the_weights_of_one_kind_and_k(sliced, 
     ea = _entry(sliced, 512)
     assert ea["path"] == "sgemm:fp32" and ea["checks"]["rows"] == SLICE_ROWS and ea["checks"]["shared"] is False
     assert ea["checks"]["stored"] and ea["checks"]["calls"] == len(clock.seen) == _measured("quick") - 1
-    per_row = len(ops.PREFILL_MEASURE_ROWS) * 1e-6  # each M's best per row, summed
+    per_row = len(measure.PREFILL_MEASURE_ROWS) * 1e-6  # each M's best per row, summed
     assert ea["seconds"]["sgemm:fp32"] == pytest.approx(per_row * 512 / SLICE_ROWS)
 
     seen = len(clock.seen)
@@ -365,7 +367,7 @@ def test_quick_measures_a_slice_shared_by_the_weights_of_one_kind_and_k(sliced, 
     torch.testing.assert_close(y, ops.linear(x, b, impl="reference"), rtol=1e-4, atol=1e-4)
 
     # a fresh process reads both entries; the full measurement (A/B) does not take a slice's entry
-    ops._SLICE_LOOKS.clear()
+    measure._SLICE_LOOKS.clear()
     choices.forget()
     key = ("int8", 512, K, "prefill", ops.ISA_LEVELS[ops.isa_level()], "float32")
     assert choices.lookup(key, CANDS) == ea["path"] and choices.lookup(key, CANDS, whole=True) is None
@@ -391,7 +393,7 @@ def test_full_measures_every_weight_whole(sliced, monkeypatch):
 def test_an_untrusted_slice_measurement_is_stored_for_no_weight(sliced, monkeypatch):
     # a loaded host: the shared measurement holds for this process (both weights, no second
     # measurement) and is stored for neither
-    monkeypatch.setattr(ops, "_host_load", lambda: 2.5)
+    monkeypatch.setattr(measure, "_host_load", lambda: 2.5)
     monkeypatch.setattr(ops, "CHOICE_CHECKS", {})  # only this test's checks (earlier tests' entries of these shapes stay out)
     clock = _install(monkeypatch, _Clock({"sgemm:fp32": 1e-6, "avx2:unpack": 2e-6}, run=True))
     a, b = _weights(512, 1024)
@@ -415,7 +417,7 @@ def test_an_unsteady_slice_look_is_not_stored(sliced, monkeypatch):
     checks = ops.CHOICE_CHECKS[key]
     assert checks["looks"] == 2 and not checks["stored"] and not sliced.exists()
     # at an M whose three calls read steady by chance (2, 1, 2 x: median 2) the rounds go on
-    assert 2 * (_measured("quick") - 1) < checks["calls"] <= 2 * len(CANDS) * (1 + ops.MEASURE_ROUNDS * 3)
+    assert 2 * (_measured("quick") - 1) < checks["calls"] <= 2 * len(CANDS) * (1 + measure.MEASURE_ROUNDS * 3)
 
 
 @needs_native
@@ -425,7 +427,7 @@ def test_a_row_slice_is_a_view_giving_the_first_rows(kind):
     from codeshell.kernels.packing import prepack, quantize_int4
     w = torch.randn(320, K)
     p = {"bf16": prepack, "int8": quantize_int8, "int4": lambda t: quantize_int4(t, 128, symmetric=False)}[kind](w)
-    part = ops._row_slice(p, 128)
+    part = measure._row_slice(p, 128)
     assert part.out_features == 128 and part.data.data_ptr() == p.data.data_ptr()
     assert part.data.untyped_storage().data_ptr() == p.data.untyped_storage().data_ptr()  # no copy
     x = torch.randn(M, K)
@@ -438,16 +440,16 @@ def test_slice_rows():
     # at least MEASURE_SLICE_WEIGHTS weights, in MEASURE_SLICE_ALIGN rows, the whole weight
     # where the slice would be 3/4 of it or more
     pw = lambda n, k: types.SimpleNamespace(out_features=n, in_features=k)
-    assert ops._measure_rows(pw(16384, 4096)) == max(ops.MEASURE_SLICE_MIN_ROWS, ops.MEASURE_SLICE_WEIGHTS // 4096)
-    assert ops._measure_rows(pw(300, 4096)) == 300
-    r = ops._measure_rows(pw(100000, 1000))
-    assert r % ops.MEASURE_SLICE_ALIGN == 0 and r * 1000 >= ops.MEASURE_SLICE_WEIGHTS
+    assert measure._measure_rows(pw(16384, 4096)) == max(measure.MEASURE_SLICE_MIN_ROWS, measure.MEASURE_SLICE_WEIGHTS // 4096)
+    assert measure._measure_rows(pw(300, 4096)) == 300
+    r = measure._measure_rows(pw(100000, 1000))
+    assert r % measure.MEASURE_SLICE_ALIGN == 0 and r * 1000 >= measure.MEASURE_SLICE_WEIGHTS
 
 
 def test_a_bad_switch_value_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CODESHELL_KERNEL_MEASURE", "fast")
     with pytest.raises(ValueError, match="CODESHELL_KERNEL_MEASURE='fast': expected quick or full") as e:
-        ops._measure_mode()
+        measure.mode()
     assert "\n" not in str(e.value)
     monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(tmp_path))  # a folder
     choices.forget()
@@ -464,6 +466,6 @@ def test_other_processes_during_the_measurement_mean_not_stored(fake):
 
 
 def test_others_per_core_reads_this_host():
-    mark = ops._cpu_mark()
+    mark = measure._cpu_mark()
     sum(i * i for i in range(200000))  # this process's own work is not another's
-    assert 0.0 <= ops._others_per_core(mark) <= 1.0 + 1e-9 or mark is None
+    assert 0.0 <= measure._others_per_core(mark) <= 1.0 + 1e-9 or mark is None

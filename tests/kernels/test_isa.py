@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeshell.kernels import _ext, available, linear, ops, prepack, quantize_int4, quantize_int8
+from codeshell.kernels import _ext, available, linear, measure, ops, prepack, quantize_int4, quantize_int8
 from codeshell.kernels.packing import activation_block
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
@@ -132,11 +132,11 @@ def test_prefill_choice_is_measured_once_and_cached(monkeypatch):
     assert set(ops.CHOICE_TIMES[key]) == set(cands) and ops._CHOICES[key] in cands
     after = sum(ops.PATHS_RUN[("bf16", c)] for c in cands)
     # the measurement's calls (warm-ups and timed rounds, each candidate at each measured M, a
-    # look or two, ops._measure: `calls` in its checks), then the call itself
+    # look or two, measure.measure: `calls` in its checks), then the call itself
     looks = ops.CHOICE_CHECKS[key]["looks"]
     assert looks in (1, 2)
     assert after - before == ops.CHOICE_CHECKS[key]["calls"] + 1
-    per_look = len(cands) * len(ops.PREFILL_MEASURE_ROWS) * (1 + ops.MEASURE_ROUNDS)  # the most a look takes
+    per_look = len(cands) * len(measure.PREFILL_MEASURE_ROWS) * (1 + measure.MEASURE_ROUNDS)  # the most a look takes
     assert 0 < ops.CHOICE_CHECKS[key]["calls"] <= per_look * looks
     linear(x, pw, impl="native")
     assert sum(ops.PATHS_RUN[("bf16", c)] for c in cands) == after + 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeshell.kernels import _ext, available, int4_from_parts, int8_from_parts, ops, quantize_int4, quantize_int8
+from codeshell.kernels import _ext, available, int4_from_parts, int8_from_parts, measure, ops, quantize_int4, quantize_int8
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 
@@ -85,8 +85,8 @@ def test_offered_and_chosen_by_measurement(kind, monkeypatch):
     assert ops.prefill_candidates(pw, torch.bfloat16, 0) == ["avx2:q8", "sgemm:fp32"]
     monkeypatch.delenv("CODESHELL_Q8_GEMM_AVX2")
     # scripted times: the GEMM wins when it measures fastest
-    monkeypatch.setattr(ops, "_time_call", lambda c, *a: {"avx2:gemm": 1.0, "avx2:q8": 2.0, "sgemm:fp32": 3.0}[c])
-    monkeypatch.setattr(ops, "_host_load", lambda: 0.0)
+    monkeypatch.setattr(measure, "_time_call", lambda c, *a: {"avx2:gemm": 1.0, "avx2:q8": 2.0, "sgemm:fp32": 3.0}[c])
+    monkeypatch.setattr(measure, "_host_load", lambda: 0.0)
     ops._CHOICES.clear()
     assert ops.plan(pw, 200, torch.bfloat16) == "avx2:gemm"
     x = _x(200, 256).bfloat16()
@@ -130,9 +130,9 @@ def test_stored_choice_among_other_candidates_is_measured_again(monkeypatch, tmp
     from codeshell.kernels import choices
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx2")
     monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(tmp_path / "choices.json"))
-    monkeypatch.setattr(ops, "_host_load", lambda: 0.0)
-    monkeypatch.setattr(ops, "_others_per_core", lambda mark: 0.0)
-    monkeypatch.setattr(ops, "_time_call", lambda c, *a: {"avx2:gemm": 1.0, "avx2:q8": 3.0, "sgemm:fp32": 2.0}[c])
+    monkeypatch.setattr(measure, "_host_load", lambda: 0.0)
+    monkeypatch.setattr(measure, "_others_per_core", lambda mark: 0.0)
+    monkeypatch.setattr(measure, "_time_call", lambda c, *a: {"avx2:gemm": 1.0, "avx2:q8": 3.0, "sgemm:fp32": 2.0}[c])
     pw = _weight("int8", 32, 256)
     ops._CHOICES.clear()
     monkeypatch.setenv("CODESHELL_Q8_GEMM_AVX2", "0")

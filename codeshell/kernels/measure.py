@@ -1,0 +1,292 @@
+"""How a prefill path is chosen on this machine: the candidates measured on the weight, and whether
+the result is one to keep on disk.
+
+What this is: `measure(key, cands, p, x_dtype, held)`, which `ops._choose` calls once per weight
+shape (and x dtype, ISA level) where `ops.prefill_candidates` offers more than one path for prefill
+M (above ROW_INVARIANT_MAX_M): the looks at the candidates (`_look`: timed calls at each of
+PREFILL_MEASURE_ROWS, rotated rounds), the quick measurement on a slice of the weight's rows shared
+by weights of one slice shape (session 33, `mode()`), and the checks that decide whether the winner
+is stored for later processes (steady repeats, a second look where the first was unsteady or close,
+a quiet host). It returns the winner, its times and checks; `ops` keeps them (`_CHOICES`,
+`CHOICE_TIMES`, `CHOICE_CHECKS`) and `choices.py` keeps trusted winners on disk.
+What this is not: the dispatch (`ops.plan`, `ops.prefill_candidates`), the kernels' calls
+(`ops._compute`) or the on-disk store (`choices.py`). Moved out of ops.py in session 34 (ops.py had
+grown to 790 lines around it); tests replace `_time_call`, `_host_load` and `_others_per_core` here.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+from . import _ext, ops
+from .packing import PackedWeight
+
+# Rows of x at which a prefill choice is measured: the M buckets of the engine's prefill steps
+# (its prefill_chunk, 512 tokens a step, in padded groups of any size up to it).
+PREFILL_MEASURE_ROWS = (128, 256, 512)
+
+
+MEASURE_ROUNDS = 5
+"""Timed calls per candidate per M in `_measure` (after one warm-up call), candidates alternating;
+at most this many in a quick measurement (`MEASURE_MIN_ROUNDS`)."""
+
+MEASURE_MIN_ROUNDS = 3
+"""Quick measurement (session 33): at each M the rounds stop after this many once the look there is
+steady (every candidate's median within MEASURE_SCATTER_MAX of its best) and its leader is ahead of
+every other candidate by MEASURE_CLEAR; else they go on to MEASURE_ROUNDS. Three calls are the
+fewest whose median a single burst cannot move."""
+
+MEASURE_CLEAR = 0.20
+"""Quick measurement: a lead at one M of at least this fraction (twice MEASURE_CLOSE) ends that M's
+rounds at MEASURE_MIN_ROUNDS (two more calls of each, best kept, do not turn such a lead)."""
+
+MEASURE_SLICE_WEIGHTS = 1 << 20
+"""Quick measurement: the candidates run on the weight's first rows, at least this many weights
+(rows x K; rows a multiple of MEASURE_SLICE_ALIGN, at least MEASURE_SLICE_MIN_ROWS), where the whole
+weight is larger: the prefill paths' cost is linear in N for a fixed K and M (they split N between
+the threads and stream it in panels; x and its int8 rounding are per call, whatever N), so the time
+per row of the slice, scaled by N / rows, stands for the whole weight's. 1M weights: ~1.3 ms a
+call at M = 128 on the 2-core AVX2 host, past the calls' fixed costs; the candidates' order on
+slices of 512 rows and more was the whole weight's (`bench_first_load.py --part rows`). The slice is a view of the
+packed weight (no copy); a candidate that expands the weight (sgemm:fp32, the bf16 blocks) expands
+only the slice's rows. Weights of one kind, K (and int4 group / symmetry) measure the same slice
+shape, so they share one measurement (`_SLICE_LOOKS`): the 7B's c_attn, attn.c_proj and c_fc (K =
+4096) are one measurement."""
+
+MEASURE_SLICE_ALIGN = 64  # slice rows: a multiple of the bf16 panel (16) and of the integer GEMM's 16-row blocks, per thread
+MEASURE_SLICE_MIN_ROWS = 256
+
+_MEASURE_MODES = ("quick", "full")
+_MODE: dict[str | None, str] = {}  # CODESHELL_KERNEL_MEASURE value -> mode (read once per value)
+
+
+def mode() -> str:
+    """`CODESHELL_KERNEL_MEASURE`: `quick` (default, session 33: a slice of the weight, shared by the
+    weights of one (kind, K), rounds that stop early on a clear steady lead) or `full` (the
+    measurement before: every candidate on the whole weight of every shape, MEASURE_ROUNDS rounds;
+    for A/B, `benchmarks/bench_first_load.py`). Another value is a ValueError naming both."""
+    env = os.environ.get("CODESHELL_KERNEL_MEASURE")
+    hit = _MODE.get(env)
+    if hit is None:
+        hit = (env or "quick").strip().lower()
+        if hit not in _MEASURE_MODES:
+            raise ValueError(f"CODESHELL_KERNEL_MEASURE={env!r}: expected quick or full")
+        _MODE[env] = hit
+    return hit
+
+
+def _measure_rows(p) -> int:
+    """Rows of the weight a quick measurement runs the candidates on (all N where the slice would
+    be most of it)."""
+    n, k = p.out_features, p.in_features
+    rows = max(MEASURE_SLICE_MIN_ROWS, -(-MEASURE_SLICE_WEIGHTS // k))
+    rows = -(-rows // MEASURE_SLICE_ALIGN) * MEASURE_SLICE_ALIGN
+    return n if rows * 4 >= n * 3 else rows
+
+
+def _row_slice(p: PackedWeight, rows: int) -> PackedWeight:
+    """The packed weight's first `rows` output rows as a PackedWeight sharing its storage (views:
+    bf16 keeps whole 16-row panels, rows being a multiple of MEASURE_SLICE_ALIGN)."""
+    if rows >= p.out_features:
+        return p
+    data = p.data[: -(-rows // 16)] if p.kind == "bf16" else p.data[:rows]
+    return PackedWeight(p.kind, rows, p.in_features, data, None if p.scales is None else p.scales[:rows],
+                        None if p.offsets is None else p.offsets[:rows], p.group_size)
+
+
+_SLICE_LOOKS: dict[tuple, tuple[tuple, dict[str, float], dict, bool]] = {}
+"""Quick measurements of this process by slice shape (kind, K, rows, int4 group, symmetric, ISA
+level, x dtype, candidates, threads): (the choice key measured, seconds per row of the slice,
+checks, trusted); a weight of another N with the same slice shape takes it instead of measuring."""
+
+_CALLS = [0]  # `_look`'s candidate calls since import (warm-ups included): the checks' `calls`
+
+MEASURE_SCATTER_MAX = 0.25
+"""A look at the candidates is steady when, for every candidate at every measured M, the median of
+its MEASURE_ROUNDS calls is within this fraction of their best. In quiet minutes of the 2-core Zen 5
+host the small shape's and codeshell-mini's bf16 candidates read 1.00-1.09 (session 22); another
+process's burst inside one candidate's calls reads 1.5-3x."""
+
+MEASURE_CLOSE = 0.10
+"""A winner within this fraction of the runner-up gets a second look before it is stored (a close
+call is where a little load flips the order)."""
+
+MEASURE_LOAD_MAX = 1.5
+"""No choice is stored while the host's 1-minute load average is above this many runnable tasks
+per core (this process's own threads count: 2 on the 2-core host while it measures): session 21
+stored `onednn:bf16` for the small shape's 4096 x 1024 and 1024 x 1024 weights in a minute where
+helpers' builds held the load at 3-35, where a quiet minute measures the vdpbf16ps GEMM 1.3-1.5x
+faster. The load average lags by up to a minute, so it is one check of three (with the repeats'
+scatter and the second look), not the only one."""
+
+def _time_call(c: str, mod, x: torch.Tensor, p: PackedWeight, x_dtype: torch.dtype) -> float:
+    """One call of candidate c, timed up to the result in x's dtype (as `linear` returns it: the
+    fp32 paths' conversion to bf16 is part of their cost; oneDNN returns bf16 itself). Tests
+    replace this with scripted times."""
+    t = time.perf_counter()
+    ops._compute(c, mod, x, p, None).to(x_dtype)
+    return time.perf_counter() - t
+
+
+def _host_load() -> float:
+    """The host's 1-minute load average per core (0 where the OS does not say). Tests replace it."""
+    try:
+        return os.getloadavg()[0] / max(1, os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return 0.0
+
+
+MEASURE_OTHERS_MAX = 0.15
+"""No choice is stored when other processes (and the hypervisor's steal) took more than this many
+cores' worth per core of the host while it was measured (`_others_per_core`: /proc/stat's busy and
+steal time less this process's CPU time, over the measurement's wall time). Session 33: the 1-minute
+load average lags, and a quick measurement (about a second) can sit wholly inside another process's
+burst and still look steady: the 1.7b int4 shapes' quick look took `avx2:q8` as one to store, a 32% lead (load
+average 1.15 a core, other jobs running) where quiet runs measure `avx2:gemm` ahead at every slice
+size (benchmarks/bench_first_load.py). 0.15 a core: 0.3 cores of the 2-core host, past the jiffies'
+rounding over a measurement of a few tenths of a second."""
+
+
+def _cpu_mark() -> tuple[float, float, int] | None:
+    """(wall, this process's CPU seconds, the host's busy + steal jiffies) now; None without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return time.perf_counter(), time.process_time(), user + nice + system + irq + softirq + steal
+
+
+def _others_per_core(mark: tuple[float, float, int] | None) -> float:
+    """Cores' worth of CPU time per core of the host that other processes (and steal) took since
+    `mark` (`_cpu_mark`); 0 where the OS does not say. Tests replace it."""
+    now = _cpu_mark()
+    if mark is None or now is None:
+        return 0.0
+    cpus, hz = max(1, os.cpu_count() or 1), os.sysconf("SC_CLK_TCK")
+    wall = max(now[0] - mark[0], 1e-6)
+    # less two jiffies a CPU: the busy count's rounding (a scripted measurement of no time reads 0)
+    others = (now[2] - mark[2] - 2 * cpus) / hz - (now[1] - mark[1])
+    return max(0.0, others / wall) / cpus
+
+
+def _look(cands: list[str], p: PackedWeight, x_dtype: torch.dtype, mod, turn: int,
+          quick: bool = False) -> tuple[dict[str, float], float]:
+    """One look at the candidates: at each of PREFILL_MEASURE_ROWS a warm-up call each, then
+    MEASURE_ROUNDS rounds, the candidates alternating in a rotated order each round (starting at
+    `turn`, so a second look does not repeat the first's order). Returns (seconds per row summed
+    over the Ms, the best call of each candidate at each M; the look's scatter: the largest
+    median / best - 1 over the candidates and Ms).
+    quick (session 33): the warm-up calls at the first M only (the kernels are warm after it; a
+    slow first call at the next M is one of at least three, and the best and the median pass
+    over it), and at each M the rounds stop after MEASURE_MIN_ROUNDS where the look there is
+    steady and its leader clear (`_clear_lead`)."""
+    times: dict[str, float] = dict.fromkeys(cands, 0.0)
+    scatter = 0.0
+    for i, m in enumerate(PREFILL_MEASURE_ROWS):
+        x = torch.randn(m, p.in_features, generator=torch.Generator().manual_seed(0)).to(x_dtype)
+        calls: dict[str, list[float]] = {c: [] for c in cands}
+        if not quick or i == 0:
+            for c in cands:
+                _time_call(c, mod, x, p, x_dtype)
+            _CALLS[0] += len(cands)
+        for r in range(MEASURE_ROUNDS):
+            k = (r + turn) % len(cands)
+            for c in cands[k:] + cands[:k]:
+                calls[c].append(_time_call(c, mod, x, p, x_dtype))
+            _CALLS[0] += len(cands)
+            if quick and r + 1 >= MEASURE_MIN_ROUNDS and _clear_lead(calls):
+                break
+        for c in cands:
+            best = min(calls[c])
+            times[c] += best / m
+            scatter = max(scatter, statistics.median(calls[c]) / best - 1 if best > 0 else float("inf"))
+    return times, scatter
+
+
+def _clear_lead(calls: dict[str, list[float]]) -> bool:
+    """Whether the calls so far at one M are steady (each candidate's median within
+    MEASURE_SCATTER_MAX of its best) and one candidate's best leads every other's by MEASURE_CLEAR."""
+    best = {c: min(t) for c, t in calls.items()}
+    if any(b <= 0 or statistics.median(calls[c]) / b - 1 > MEASURE_SCATTER_MAX for c, b in best.items()):
+        return False
+    return _margin(best) >= MEASURE_CLEAR
+
+
+def _margin(times: dict[str, float]) -> float:
+    """The runner-up's time over the winner's, less 1 (inf with one candidate)."""
+    t = sorted(times.values())
+    return t[1] / t[0] - 1 if len(t) > 1 and t[0] > 0 else float("inf")
+
+
+def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
+            held: dict[tuple, str]) -> tuple[str, dict[str, float], dict, bool]:
+    """Measures the candidates (`_look`) and returns (the one with the least time per row summed over
+    PREFILL_MEASURE_ROWS, the best call of each at each M; each candidate's seconds per row of the
+    whole weight; the checks; whether the measurement is one to store on disk for later processes).
+    held: the choices this process holds now (`ops._CHOICES`), for the shared slice measurements. Costs 1 + MEASURE_ROUNDS calls per
+    candidate per M a look, once per (weight shape, x dtype) per machine.
+
+    Why rotated rounds and the best of them (was the best of 2 in a fixed order): on a shared
+    2-core host a burst of another process's work inside both of one candidate's calls made it
+    lose. Why the checks before storing (session 22): the choice is kept on disk and reused by every
+    later process, so one loaded minute stuck a wrong path (session 18: the small shape's
+    mlp.c_proj stored as `avx512_bf16:panel64`, 78 us a row against the GEMM's 98, and in another
+    build `onednn:bf16`, where a quiet minute measures the GEMM 27, oneDNN 34, panel64 48; session
+    21: `onednn:bf16` for two of the small shape's weights). So:
+    * a look whose repeats scatter (median / best > 1 + MEASURE_SCATTER_MAX for any candidate at
+      any M) or whose winner is within MEASURE_CLOSE of the runner-up gets a second look (another
+      rotation); the winner is then the least of each candidate's best over both looks;
+    * the choice is stored only when the last look is steady, the steady looks agree on the winner
+      (or all call it close: the candidates then run at the same speed and either is right), and the
+      host's load average is at most MEASURE_LOAD_MAX per core, and (session 33) other processes
+      took at most MEASURE_OTHERS_MAX of the host's cores while it measured. Otherwise the winner
+      holds for this process only and the next one measures again.
+
+    Quick (the default, session 33, `mode`): the same looks and checks on a slice of the
+    weight's rows (`_measure_rows`, `_row_slice`), with `_look`'s quick rounds, and one measurement
+    for the weights of one slice shape (`_SLICE_LOOKS`: a later weight of the shape takes its
+    times, checks and trust, and its winner); the times kept are the slice's per row scaled by
+    N / rows, and the checks say `rows` (the slice's) and `shared` (taken from an earlier weight).
+    Full: every weight measured whole, MEASURE_ROUNDS rounds (the measurement before session 33)."""
+    t0 = time.perf_counter()
+    quick = mode() == "quick"
+    rows = _measure_rows(p) if quick else p.out_features
+    shape = (key[0], key[2], rows, getattr(p, "group_size", None), getattr(p, "offsets", None) is None,
+             key[4], key[5], tuple(cands), torch.get_num_threads())
+    hit = _SLICE_LOOKS.get(shape) if quick else None
+    # a measurement holds while the choice it was made for does (dropping that choice from
+    # `ops._CHOICES`, as tests do to measure again, drops it for its slice shape too)
+    if hit is not None and held.get(hit[0]) == min(hit[1], key=hit[1].__getitem__):
+        _, times, checks, trusted = hit
+        checks = dict(checks, shared=True, measure_s=0.0, calls=0)
+    else:
+        mod = _ext.get()
+        part = _row_slice(p, rows)
+        calls0, mark = _CALLS[0], _cpu_mark()
+        looks = [_look(cands, part, x_dtype, mod, 0, quick)]
+        if looks[0][1] > MEASURE_SCATTER_MAX or _margin(looks[0][0]) < MEASURE_CLOSE:
+            looks.append(_look(cands, part, x_dtype, mod, 1, quick))
+        times = {c: min(t[c] for t, _ in looks) for c in cands}
+        winner = min(times, key=times.__getitem__)
+        winners = [min(t, key=t.__getitem__) for t, _ in looks]
+        # an unsteady look has no vote
+        steady = [(t, w) for (t, s), w in zip(looks, winners) if s <= MEASURE_SCATTER_MAX]
+        agree = all(w == winner for _, w in steady) or all(_margin(t) < MEASURE_CLOSE for t, _ in steady)
+        load, others = _host_load(), _others_per_core(mark)
+        trusted = (looks[-1][1] <= MEASURE_SCATTER_MAX and agree and load <= MEASURE_LOAD_MAX
+                   and others <= MEASURE_OTHERS_MAX)
+        checks = {"looks": len(looks), "scatter": [round(s, 4) for _, s in looks], "winners": winners,
+                  "margin": round(_margin(times), 4), "load_per_core": round(load, 3),
+                  "others_per_core": round(others, 3), "stored": trusted,
+                  "rows": rows, "shared": False, "measure_s": round(time.perf_counter() - t0, 3),
+                  "calls": _CALLS[0] - calls0}
+        if quick:
+            _SLICE_LOOKS[shape] = (key, times, checks, trusted)
+    scale = p.out_features / rows
+    return min(times, key=times.__getitem__), {c: t * scale for c, t in times.items()}, checks, trusted

@@ -18,7 +18,8 @@
 //     re-read from L1 by every tile; for M <= 3 several panels at once (more read streams);
 //     from 12 rows (avx2_block_rows, session 32) gemm_fma.h's block on each panel chunk widened
 //     once, x packed by tiles; at 2 / 3 rows x-stationary tiles over 8-output blocks (avx2_xrows,
-//     session 33): the same bits.
+//     session 33): the same bits. At M = 1 avx2_m1_tile (session 34): 4 panels, the next tile
+//     prefetched into L2 at K <= 512.
 //   * decode_bf16, isa kAvx512Bf16: bf16 x (the caller's activations are bf16 already: a bf16
 //     model), vdpbf16ps: one instruction does 16 rows x 2 k for one row of x; at M = 1 several
 //     panels at once, their number and the software prefetch by CPU kind (decode_panels).
@@ -415,7 +416,8 @@ void avx2_xrows(const float* xt, int64_t Kh, const uint32_t* w, int64_t N, int64
 // once, then per 8-output block one weight load, its widening and one FMA), in place of
 // panels_small_m's Avx2::micro<1, 4> inlined into decode_panels' lambda; it prefetches the next tile's
 // weight (NP panels, contiguous) into L2 spread evenly over this tile's k-pairs (NP lines a k-pair: the
-// rate the tile reads), in place of each panel's own stream kPrefetch k-pairs ahead into L1;
+// rate the tile reads), in place of each panel's own stream kPrefetch k-pairs ahead into L1, where a
+// tile's weight is at most kAvx2M1NextMax (K <= 512; above it the stream prefetch as before);
 // x itself is the tile's x when K == Kp (no copy), else a zero-padded copy in a per-thread scratch.
 // (2) At M >= 2 x's transpose [Kp][M] goes to a per-thread scratch (csrc/scratch.h) in place of
 // Avx2::prepare's new zero-filled std::vector a call.
@@ -423,13 +425,21 @@ void avx2_xrows(const float* xt, int64_t Kh, const uint32_t* w, int64_t N, int64
 //   CODESHELL_BF16_AVX2_M1=0        M = 1 on the code before (Avx2::prepare + Avx2::micro<1, 4>)
 //   CODESHELL_BF16_AVX2_M1_PF=0|1|2 M = 1's prefetch: 0 each panel's stream kPrefetch ahead into L1
 //                                   (the code before's), 1 that and the next tile into L2, 2 the next
-//                                   tile into L2 only (default)
+//                                   tile into L2 only; default: 2 where a tile's weight is at most
+//                                   kAvx2M1NextMax bytes (K <= 512), else 0
 //   CODESHELL_BF16_AVX2_XKEEP=0     M >= 2: x's transpose into a std::vector a call again
-// Why: measured (docs/kernels.md, session 34 helper B).
+// Why (docs/kernels.md, session 34 helper B): the tile before was spill-free in this build (54
+// instructions a k-pair, as this one's 54-57), but at K = 256 a tile's 4 panels are 32 KiB of
+// contiguous weight whose stream prefetches land inside the tile and the next tile started cold:
+// with the next tile in L2 codeshell-mini's M = 1 linears ran 1.10-1.15x (head 1.08-1.17x); x's
+// std::vector cost ~1.2 us a call at M = 8 (16 x 256 weight: 4.0 against 5.2 us).
 // Bits: every output is still one FMA chain over k = 0 .. Kp - 1 in order (even then odd k of each
 // pair) from zero, over the same zero k rows past K: the same bits as Avx2::micro at every M
 // (tests/kernels/test_bf16_avx2_m1.py, test_bf16_avx2_rows.py).
 constexpr int kAvx2M1Panels = 4;  // 8 accumulators = 8 FMA chains: 4 cycles of latency x 2 pipes
+// The next tile prefetched into L2 up to this tile size (4 panels x Kh k-pairs x 64 bytes): at K = 4096
+// (512 KiB, all of Zen 3's L2) it read the small shape's mlp.c_proj 0.74x the code before (1 thread).
+constexpr int64_t kAvx2M1NextMax = int64_t(64) << 10;
 
 // xt [Kp][M] = x [M, K] transposed, k rows K..Kp-1 zero (Avx2::prepare's layout and loop) into dst.
 inline void avx2_transpose_x(const float* x, int64_t M, int64_t K, int64_t Kp, float* dst) {
@@ -679,7 +689,8 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
   // scratch; CODESHELL_BF16_AVX2_M1=0 / CODESHELL_BF16_AVX2_XKEEP=0: Avx2::prepare's vector (see above)
   const bool m1_34 = std::is_same_v<Isa, Avx2> && M == 1 && codeshell::env_flag("CODESHELL_BF16_AVX2_M1", true);
   const bool keep34 = std::is_same_v<Isa, Avx2> && (m1_34 || (M >= 2 && codeshell::env_flag("CODESHELL_BF16_AVX2_XKEEP", true)));
-  const int64_t m1_pf = m1_34 ? codeshell::env_int("CODESHELL_BF16_AVX2_M1_PF", 2) : 0;
+  const int64_t m1_pf =
+      m1_34 ? codeshell::env_int("CODESHELL_BF16_AVX2_M1_PF", kAvx2M1Panels * Kh * 64 <= kAvx2M1NextMax ? 2 : 0) : 0;
   static thread_local codeshell::ThreadScratch xt_keep;
   codeshell::Scratch<float> xt_s(xt_keep, keep34 ? size_t(Kp) * M : 0);
   const typename Isa::X* xp = nullptr;

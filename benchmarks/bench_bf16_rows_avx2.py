@@ -90,7 +90,7 @@ def main() -> None:
             wbytes = p.data.numel() * p.data.element_size()
             if args.read:  # the read probe on the weight's bytes (session 34 helper B)
                 buf = torch.ones((wbytes + 127) // 128 * 32, dtype=torch.int32)
-                fns["read"] = lambda: mod.read_stream(buf, 1)
+                fns["read"] = lambda buf=buf: mod.read_stream(buf, 1)
                 envs["read"] = {}
             flops = 2 * m * n * k
             reps = max(1, int(args.seconds * peak * 1e9 / flops))
@@ -99,10 +99,10 @@ def main() -> None:
             for v in fns:
                 total.setdefault((v, m), 0.0)
                 total[(v, m)] += med[v]
-            gbs = (lambda v: f" {wbytes / med[v] / 1e9:5.1f} GB/s") if args.read else (lambda v: "")
+            gbs = {v: f" {wbytes / med[v] / 1e9:5.1f} GB/s" if args.read else "" for v in fns}
             print(f"{args.model} {name:12s} N={n:5d} K={k:5d} M={m:3d}: " + "; ".join(
                 f"{v} {med[v] * 1e6:8.1f} us {flops / med[v] / 1e9:5.1f} GF/s ({flops / med[v] / 1e9 / peak * 100:3.0f}%)"
-                f"{gbs(v)} x{base / med[v]:.2f}" for v in fns), flush=True)
+                f"{gbs[v]} x{base / med[v]:.2f}" for v in fns), flush=True)
     print("sum over the shapes (us a call of each):")
     for m in args.m:
         print(f"  M={m:3d}: " + "; ".join(f"{v} {total[(v, m)] * 1e6:8.1f}" for v in fns if (v, m) in total))

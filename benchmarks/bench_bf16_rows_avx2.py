@@ -11,6 +11,11 @@ it; steadier than the wall clock on a shared host), or of the wall clock with --
 
     flock /work/notes/bench.lock python benchmarks/bench_bf16_rows_avx2.py --model mini --m 8 16 36 64
     flock /work/notes/bench.lock python benchmarks/bench_bf16_rows_avx2.py --model mini --ab - CODESHELL_BF16_AVX2_BLOCK=0
+    flock /work/notes/bench.lock python benchmarks/bench_bf16_rows_avx2.py --model small --m 1 --shapes lm_head --read --threads 2
+
+--read (session 34 helper B) adds the read probe (`read_stream`, the weight's bytes once a call) to the
+rounds and prints each candidate as GB/s of the weight's bytes too: the M = 1 stream against what a
+plain read achieves in the same process and minute.
 
 Not a test: prints figures.
 """
@@ -45,9 +50,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mini", choices=list(SHAPES))
     ap.add_argument("--shapes", nargs="+", default=None)
+    ap.add_argument("--nk", nargs="+", default=[], metavar="NxK",
+                    help="extra shapes N x K (e.g. 16x256: one panel, a call's fixed costs)")
     ap.add_argument("--m", nargs="+", type=int, default=[1, 2, 4, 8, 16, 36, 64])
     ap.add_argument("--ab", nargs="+", default=["-"], help="variants of decode_bf16: 'NAME=V,NAME=V' or '-' (none)")
     ap.add_argument("--gemm", action="store_true", help="also prefill_bf16_fma isa 0 (avx2:gemm) at the same M")
+    ap.add_argument("--read", action="store_true",
+                    help="also read_stream over a buffer of the weight's bytes (the read probe) in the same rounds; "
+                         "every candidate's figure then also as GB/s of the weight's bytes")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=0.02, help="time a candidate's turn takes a round")
@@ -65,8 +75,9 @@ def main() -> None:
           f"({args.threads} thread(s), Avx2::micro on L1 operands)", flush=True)
     env = parse_variants(args.ab)
     total = {}
-    for name in args.shapes or list(SHAPES[args.model]):
-        n, k = SHAPES[args.model][name]
+    shapes = {name: SHAPES[args.model][name] for name in (args.shapes or list(SHAPES[args.model]))}
+    shapes.update({nk: tuple(int(v) for v in nk.split("x")) for nk in args.nk})
+    for name, (n, k) in shapes.items():
         p = prepack(torch.randn(n, k) / k ** 0.5)
         bias = torch.randn(n)
         for m in args.m:
@@ -76,6 +87,11 @@ def main() -> None:
             if args.gemm:
                 fns["gemm"] = lambda: mod.prefill_bf16_fma(x, p.data, n, bias, False, False, 0)
                 envs["gemm"] = {}
+            wbytes = p.data.numel() * p.data.element_size()
+            if args.read:  # the read probe on the weight's bytes (session 34 helper B)
+                buf = torch.ones((wbytes + 127) // 128 * 32, dtype=torch.int32)
+                fns["read"] = lambda buf=buf: mod.read_stream(buf, 1)
+                envs["read"] = {}
             flops = 2 * m * n * k
             reps = max(1, int(args.seconds * peak * 1e9 / flops))
             med = alternating(fns, envs, reps, args.rounds, clock)
@@ -83,9 +99,10 @@ def main() -> None:
             for v in fns:
                 total.setdefault((v, m), 0.0)
                 total[(v, m)] += med[v]
+            gbs = {v: f" {wbytes / med[v] / 1e9:5.1f} GB/s" if args.read else "" for v in fns}
             print(f"{args.model} {name:12s} N={n:5d} K={k:5d} M={m:3d}: " + "; ".join(
                 f"{v} {med[v] * 1e6:8.1f} us {flops / med[v] / 1e9:5.1f} GF/s ({flops / med[v] / 1e9 / peak * 100:3.0f}%)"
-                f" x{base / med[v]:.2f}" for v in fns), flush=True)
+                f"{gbs[v]} x{base / med[v]:.2f}" for v in fns), flush=True)
     print("sum over the shapes (us a call of each):")
     for m in args.m:
         print(f"  M={m:3d}: " + "; ".join(f"{v} {total[(v, m)] * 1e6:8.1f}" for v in fns if (v, m) in total))

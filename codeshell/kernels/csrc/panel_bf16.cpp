@@ -18,7 +18,8 @@
 //     re-read from L1 by every tile; for M <= 3 several panels at once (more read streams);
 //     from 12 rows (avx2_block_rows, session 32) gemm_fma.h's block on each panel chunk widened
 //     once, x packed by tiles; at 2 / 3 rows x-stationary tiles over 8-output blocks (avx2_xrows,
-//     session 33): the same bits.
+//     session 33): the same bits. At M = 1 avx2_m1_tile (session 34): 4 panels, the next tile
+//     prefetched into L2 at K <= 512.
 //   * decode_bf16, isa kAvx512Bf16: bf16 x (the caller's activations are bf16 already: a bf16
 //     model), vdpbf16ps: one instruction does 16 rows x 2 k for one row of x; at M = 1 several
 //     panels at once, their number and the software prefetch by CPU kind (decode_panels).
@@ -410,6 +411,114 @@ void avx2_xrows(const float* xt, int64_t Kh, const uint32_t* w, int64_t N, int64
   }
 }
 
+// ---- AVX2 decode at M = 1, and x without a std::vector a call (session 34 helper B) ----------
+// What: (1) M = 1 on a tile of its own (avx2_m1_tile<NP, kIn, kNext>: NP = 4 panels, per k x broadcast
+// once, then per 8-output block one weight load, its widening and one FMA), in place of
+// panels_small_m's Avx2::micro<1, 4> inlined into decode_panels' lambda; it prefetches the next tile's
+// weight (NP panels, contiguous) into L2 spread evenly over this tile's k-pairs (NP lines a k-pair: the
+// rate the tile reads), in place of each panel's own stream kPrefetch k-pairs ahead into L1, where a
+// tile's weight is at most kAvx2M1NextMax (K <= 512; above it the stream prefetch as before);
+// x itself is the tile's x when K == Kp (no copy), else a zero-padded copy in a per-thread scratch.
+// (2) At M >= 2 x's transpose [Kp][M] goes to a per-thread scratch (csrc/scratch.h) in place of
+// Avx2::prepare's new zero-filled std::vector a call.
+// Switches (read per call through switches.h's cache; A/B runs; the same bits either way):
+//   CODESHELL_BF16_AVX2_M1=0        M = 1 on the code before (Avx2::prepare + Avx2::micro<1, 4>)
+//   CODESHELL_BF16_AVX2_M1_PF=0|1|2 M = 1's prefetch: 0 each panel's stream kPrefetch ahead into L1
+//                                   (the code before's), 1 that and the next tile into L2, 2 the next
+//                                   tile into L2 only; default: 2 where a tile's weight is at most
+//                                   kAvx2M1NextMax bytes (K <= 512), else 0
+//   CODESHELL_BF16_AVX2_XKEEP=0     M >= 2: x's transpose into a std::vector a call again
+// Why (docs/kernels.md, session 34 helper B): the tile before was spill-free in this build (54
+// instructions a k-pair, as this one's 54-57), but at K = 256 a tile's 4 panels are 32 KiB of
+// contiguous weight whose stream prefetches land inside the tile and the next tile started cold:
+// with the next tile in L2 codeshell-mini's M = 1 linears ran 1.10-1.15x (head 1.08-1.17x); x's
+// std::vector cost ~1.2 us a call at M = 8 (16 x 256 weight: 4.0 against 5.2 us).
+// Bits: every output is still one FMA chain over k = 0 .. Kp - 1 in order (even then odd k of each
+// pair) from zero, over the same zero k rows past K: the same bits as Avx2::micro at every M
+// (tests/kernels/test_bf16_avx2_m1.py, test_bf16_avx2_rows.py).
+constexpr int kAvx2M1Panels = 4;  // 8 accumulators = 8 FMA chains: 4 cycles of latency x 2 pipes
+// The next tile prefetched into L2 up to this tile size (4 panels x Kh k-pairs x 64 bytes): at K = 4096
+// (512 KiB, all of Zen 3's L2) it read the small shape's mlp.c_proj 0.74x the code before (1 thread).
+constexpr int64_t kAvx2M1NextMax = int64_t(64) << 10;
+
+// xt [Kp][M] = x [M, K] transposed, k rows K..Kp-1 zero (Avx2::prepare's layout and loop) into dst.
+inline void avx2_transpose_x(const float* x, int64_t M, int64_t K, int64_t Kp, float* dst) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) dst[k * M + m] = x[m * K + k];
+  std::fill(dst + K * M, dst + Kp * M, 0.f);
+}
+
+// c [16 NP] = x (Kp floats) . NP panels at w (ps uint32 a panel) over all Kh k-pairs; next: the next
+// tile's first panel (NP panels, contiguous) or null.
+template <int NP, bool kIn, bool kNext>
+__attribute__((noinline)) void avx2_m1_tile(const float* x, const uint32_t* w, int64_t ps, int64_t Kh, float* c,
+                                            const uint32_t* next) {
+  const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
+  __m256 acc[NP][2];
+#pragma GCC unroll 16
+  for (int q = 0; q < NP; ++q) acc[q][0] = acc[q][1] = _mm256_setzero_ps();
+  const char* nx = reinterpret_cast<const char*>(next);
+  for (int64_t j = 0; j < Kh; ++j) {
+    if constexpr (kIn) {
+#pragma GCC unroll 16
+      for (int q = 0; q < NP; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(w + q * ps + (j + kPrefetch) * kPanel), _MM_HINT_T0);
+    }
+    if constexpr (kNext) {
+      if (nx != nullptr) {
+#pragma GCC unroll 16
+        for (int q = 0; q < NP; ++q) _mm_prefetch(nx + (j * NP + q) * 64, _MM_HINT_T1);
+      }
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256 xb = _mm256_broadcast_ss(x + 2 * j + h);
+#pragma GCC unroll 16
+      for (int q = 0; q < NP; ++q)
+#pragma GCC unroll 2
+        for (int v = 0; v < 2; ++v) {
+          const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * ps + j * kPanel + v * 8));
+          const __m256 wv = _mm256_castsi256_ps(h ? _mm256_and_si256(r, hi_mask) : _mm256_slli_epi32(r, 16));
+          acc[q][v] = _mm256_fmadd_ps(xb, wv, acc[q][v]);
+        }
+    }
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < NP; ++q)
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) _mm256_storeu_ps(c + q * kPanel + v * 8, acc[q][v]);
+}
+
+// M = 1: panels [p0, p1) of the weight -> out (+ bias), kAvx2M1Panels a tile (the rest in one
+// smaller tile); pf: CODESHELL_BF16_AVX2_M1_PF.
+template <bool kIn, bool kNext>
+void avx2_m1_panels(const float* x, int64_t Kh, const uint32_t* w, int64_t N, int64_t p0, int64_t p1,
+                    const float* bias, float* out) {
+  constexpr int NP = kAvx2M1Panels;
+  alignas(64) float c[NP * kPanel];
+  const int64_t ps = Kh * kPanel;
+  for (int64_t p = p0; p < p1; p += NP) {
+    const int64_t np = std::min<int64_t>(NP, p1 - p);
+    const uint32_t* wp = w + p * ps;
+    const uint32_t* next = p + NP < p1 ? wp + NP * ps : nullptr;  // the chunk's next tile
+    switch (np) {
+      case 1: avx2_m1_tile<1, kIn, kNext>(x, wp, ps, Kh, c, nullptr); break;
+      case 2: avx2_m1_tile<2, kIn, kNext>(x, wp, ps, Kh, c, nullptr); break;
+      case 3: avx2_m1_tile<3, kIn, kNext>(x, wp, ps, Kh, c, nullptr); break;
+      default: avx2_m1_tile<NP, kIn, kNext>(x, wp, ps, Kh, c, next); break;
+    }
+    const int64_t n0 = p * kPanel;
+    store_rows(c, NP * kPanel, 1, out, N, n0, std::min<int64_t>(np * kPanel, N - n0), bias);
+  }
+}
+
+void avx2_m1_rows(int64_t pf, const float* x, int64_t Kh, const uint32_t* w, int64_t N, int64_t p0, int64_t p1,
+                  const float* bias, float* out) {
+  if (pf == 0) avx2_m1_panels<true, false>(x, Kh, w, N, p0, p1, bias, out);
+  else if (pf == 1) avx2_m1_panels<true, true>(x, Kh, w, N, p0, p1, bias, out);
+  else avx2_m1_panels<false, true>(x, Kh, w, N, p0, p1, bias, out);
+}
+
 // Panels [p0, p1) for M <= 3: NP at a time (the rest one at a time); c holds NP panels.
 template <class Isa, int MR, int NP, bool kPf = true>
 void panels_small_m(const typename Isa::X* x, int64_t Kh, const uint32_t* w, int64_t p0, int64_t p1, float* c,
@@ -576,8 +685,31 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
 #else
   constexpr bool rows16 = false;
 #endif
-  const auto xv = rows16 ? decltype(Isa::prepare(x, Kp)){} : Isa::prepare(x, Kp);
-  const typename Isa::X* xp = xv.data();
+  // AVX2 (session 34): x at M = 1 as it is (K == Kp) or padded, at M >= 2 transposed, in a per-thread
+  // scratch; CODESHELL_BF16_AVX2_M1=0 / CODESHELL_BF16_AVX2_XKEEP=0: Avx2::prepare's vector (see above)
+  const bool m1_34 = std::is_same_v<Isa, Avx2> && M == 1 && codeshell::env_flag("CODESHELL_BF16_AVX2_M1", true);
+  const bool keep34 = std::is_same_v<Isa, Avx2> && (m1_34 || (M >= 2 && codeshell::env_flag("CODESHELL_BF16_AVX2_XKEEP", true)));
+  const int64_t m1_pf =
+      m1_34 ? codeshell::env_int("CODESHELL_BF16_AVX2_M1_PF", kAvx2M1Panels * Kh * 64 <= kAvx2M1NextMax ? 2 : 0) : 0;
+  static thread_local codeshell::ThreadScratch xt_keep;
+  codeshell::Scratch<float> xt_s(xt_keep, keep34 ? size_t(Kp) * M : 0);
+  const typename Isa::X* xp = nullptr;
+  decltype(Isa::prepare(x, Kp)) xv;
+  if constexpr (std::is_same_v<Isa, Avx2>) {
+    if (keep34) {
+      const float* xs = x.data_ptr<float>();
+      if (M == 1 && x.size(1) == Kp) {
+        xp = xs;  // [Kp][1] is x itself
+      } else {
+        avx2_transpose_x(xs, M, x.size(1), Kp, xt_s.data());
+        xp = xt_s.data();
+      }
+    }
+  }
+  if (xp == nullptr) {
+    if (!rows16) xv = Isa::prepare(x, Kp);
+    xp = xv.data();
+  }
   // M = 1: the weight is streamed once, so the kernel is bound by reads; NP panels in flight
   // are NP read streams and NP independent vdpbf16ps chains (one chain per panel: row
   // invariance). Two schedules, by the CPU they were measured on:
@@ -624,6 +756,7 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     }
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     if constexpr (std::is_same_v<Isa, Avx2>) {
+      if (m1_34) return avx2_m1_rows(m1_pf, xp, Kh, wp, N, p0, p1, b, op);
       if (small33 && M == 2) return avx2_xrows<2, 5>(xp, Kh, wp, N, p0, p1, b, op);
       if (small33 && M == 3) return avx2_xrows<3, 3>(xp, Kh, wp, N, p0, p1, b, op);
     }

@@ -46,6 +46,29 @@ def test_chunks_items_and_prefetch_do_not_change_bits(kc, item, wpf, monkeypatch
 
 
 @needs_native
+@pytest.mark.parametrize("kc", ["256", "64"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_tile_store_is_the_item_store_bits(kc, bias, monkeypatch):
+    # Each tile's final sums go to out (+ bias) right after its last block call (`store_tile`,
+    # session 34) instead of the item's store_rows pass (CODESHELL_FMA2_EPI=0): the same fp32 adds,
+    # so the same bits, with a partial last panel (N = 300), a tail tile (M = 131), K of one chunk
+    # (K = 250 at KC 256) or several, and both against the panel kernel.
+    mod = _ext.get()
+    n, m = 300, 131
+    for k in (250, 1030):
+        p = prepack(_w(n, k, 4))
+        b = torch.randn(n, generator=torch.Generator().manual_seed(2)) if bias else None
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(8)).bfloat16()
+        monkeypatch.setenv("CODESHELL_FMA2_KC", kc)
+        monkeypatch.setenv("CODESHELL_FMA2_EPI", "0")
+        old = mod.prefill_bf16_fma(x, p.data, n, b, isa=0).clone()
+        monkeypatch.setenv("CODESHELL_FMA2_EPI", "1")
+        new = mod.prefill_bf16_fma(x, p.data, n, b, isa=0)
+        assert torch.equal(new, old), (k, kc, bias)
+        assert torch.equal(new, _panel(mod, x, p, b)), (k, kc, bias)
+
+
+@needs_native
 @pytest.mark.parametrize("k", [1024, 1030])
 def test_row_bits_do_not_depend_on_m(k):
     # x's pack copies whole vectors of a row where its k are inside x and the tail (K's end, rows

@@ -28,8 +28,10 @@
 // Included by panel_bf16.cpp inside its anonymous namespace, after kPanel, padded_k and store_rows.
 // Switches (read per call, A/B runs): CODESHELL_FMA2_KC=<k> (K chunk, a multiple of 32; default
 // kKC), CODESHELL_FMA2_ITEM=<panels per work item> (default kItem), CODESHELL_FMA2_WPF=0 (no
-// software prefetch of the next weight chunk).
-// What this is not: the M <= 64 decode kernels (decode_panels), a fused-epilogue GEMM, or bf16 out.
+// software prefetch of the next weight chunk), CODESHELL_FMA2_EPI=0 (session 34: the item's sums
+// stored to out by one store_rows pass after its last chunk, instead of each tile's rows (+ bias)
+// right after its last block call, `store_tile`; the same bits either way).
+// What this is not: the M <= 64 decode kernels (decode_panels), a GELU / bf16-out epilogue.
 #pragma once
 
 namespace fma_gemm {
@@ -46,6 +48,7 @@ struct V256 {
   static void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static I loadi(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static F even(I v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
   static F odd(I v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xffff0000u)))); }
@@ -121,6 +124,29 @@ inline void widen(const uint32_t* w, int64_t pstride, int64_t np, int64_t j0, in
   }
 }
 
+// One tile's final sums c [rows][NV * L] (row stride ldc, just written by block: L1) -> out rows
+// (stride N), columns [0, cols) (+ bias[j]): store_rows' arithmetic (c + bias in fp32, else a
+// copy), so the same bits. Why (session 34 helper C): the item's one store_rows pass after its
+// last chunk re-read every row of c (T * MR rows x item * 16 fp32, 128 KiB at M = 512: L2) on
+// one thread between two items; at K <= KC (codeshell-mini's K = 256: one chunk) that pass was
+// a copy of each sum right after it was computed.
+template <class V, int MR, int NV>
+inline void store_tile(const float* c, int64_t ldc, int64_t rows, float* out, int64_t N, int64_t cols,
+                       const float* bias) {
+  constexpr int L = V::kLanes;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* ci = c + i * ldc;
+    float* o = out + i * N;
+    if (cols == NV * L) {
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v)
+        V::storeu(o + v * L, bias ? V::add(V::loadu(ci + v * L), V::loadu(bias + v * L)) : V::loadu(ci + v * L));
+      continue;
+    }
+    for (int64_t j = 0; j < cols; ++j) o[j] = bias ? ci[j] + bias[j] : ci[j];
+  }
+}
+
 // x (bf16 when xb, else fp32) [M, K] @ panels w ([P][Kh][16] uint32 k-pairs) -> out fp32 [M, N] (+ bias).
 template <class V, int MR, int NV>
 void run(const void* x, bool xb, int64_t M, int64_t K, const uint32_t* w, int64_t N, const float* bias, float* out) {
@@ -129,6 +155,7 @@ void run(const void* x, bool xb, int64_t M, int64_t K, const uint32_t* w, int64_
   const int64_t KC = std::max<int64_t>(32, codeshell::env_int("CODESHELL_FMA2_KC", kKC) / 32 * 32);
   const int64_t item = std::max<int64_t>(G, codeshell::env_int("CODESHELL_FMA2_ITEM", kItem) / G * G);
   const bool wpf = codeshell::env_flag("CODESHELL_FMA2_WPF", true);
+  const bool epi = codeshell::env_flag("CODESHELL_FMA2_EPI", true);  // 0: the item's store_rows pass (A/B)
   // x packed: chunk at k0 at xp + k0 * T * MR, tile t at + t * kc * MR, [kc / L][MR][L]
   static thread_local codeshell::ThreadScratch x_keep;
   codeshell::Scratch<float> xs(x_keep, size_t(T) * MR * Kp);
@@ -201,11 +228,18 @@ void run(const void* x, bool xb, int64_t M, int64_t K, const uint32_t* w, int64_
             }
             block<V, MR, NV>(xc + t * kc * MR, bg, kc, cg + t * MR * ldc, ldc, k0 == 0,
                              t + 1 < T ? xc + (t + 1) * kc * MR : nullptr);
+            if (epi && k0 + kc >= Kp) {  // the tile's sums are final: out (+ bias) while in L1
+              const int64_t n0 = (pa + g * G) * kPanel;
+              store_tile<V, MR, NV>(cg + t * MR * ldc, ldc, std::min<int64_t>(MR, M - t * MR), out + t * MR * N + n0, N,
+                                    std::min<int64_t>(NV * L, N - n0), bias ? bias + n0 : nullptr);
+            }
           }
         }
       }
-      const int64_t n0 = pa * kPanel;
-      store_rows(c, ldc, M, out, N, n0, std::min(N, pb * kPanel) - n0, bias);
+      if (!epi) {
+        const int64_t n0 = pa * kPanel;
+        store_rows(c, ldc, M, out, N, n0, std::min(N, pb * kPanel) - n0, bias);
+      }
     }
   });
 }

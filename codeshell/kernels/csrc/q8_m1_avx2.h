@@ -40,8 +40,9 @@ inline __m256 hsum8x8(const __m256* v) {
 }
 
 // Weight rows [n0, n1) (w [N, K] int8, scale [N], bias [N] or null) x one row of x (xq int8 [K], dx [K / B]):
-// out[n] for n in [n0, n1). B = 32 * RUNS. pf: bytes ahead to prefetch the weight stream (0: none).
-template <int RUNS, bool PF>
+// out[n] for n in [n0, n1). B = 32 * RUNS. pf: bytes ahead to prefetch the weight stream (0: none), HINT the
+// prefetch's level (0: T0, 1: T1, 2: T2, 3: NTA).
+template <int RUNS, bool PF, int HINT = 0>
 void range(const int8_t* xq, const float* dx, int64_t K, const int8_t* w, const float* scale, const float* bias,
            float* out, int64_t n0, int64_t n1, int64_t pf) {
   constexpr int64_t B = 32 * RUNS;
@@ -58,7 +59,13 @@ void range(const int8_t* xq, const float* dx, int64_t K, const int8_t* w, const 
 #pragma GCC unroll 4
         for (int u = 0; u < RUNS; ++u) {
           const int64_t k = b * B + 32 * u;
-          if (PF && u % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + k) + pf, _MM_HINT_T0);
+          if (PF && u % 2 == 0) {
+            const char* p = reinterpret_cast<const char*>(wr + k) + pf;
+            if constexpr (HINT == 1) _mm_prefetch(p, _MM_HINT_T1);
+            else if constexpr (HINT == 2) _mm_prefetch(p, _MM_HINT_T2);
+            else if constexpr (HINT == 3) _mm_prefetch(p, _MM_HINT_NTA);
+            else _mm_prefetch(p, _MM_HINT_T0);
+          }
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
           s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v)), ones));
@@ -85,11 +92,14 @@ void range(const int8_t* xq, const float* dx, int64_t K, const int8_t* w, const 
 }
 
 inline void run(const int8_t* xq, const float* dx, int64_t K, int64_t B, const int8_t* w, const float* scale,
-                const float* bias, float* out, int64_t n0, int64_t n1, int64_t pf) {
+                const float* bias, float* out, int64_t n0, int64_t n1, int64_t pf, int hint = 0) {
   auto go = [&](auto runs) {
     constexpr int RU = decltype(runs)::value;
-    if (pf > 0) range<RU, true>(xq, dx, K, w, scale, bias, out, n0, n1, pf);
-    else range<RU, false>(xq, dx, K, w, scale, bias, out, n0, n1, 0);
+    if (pf <= 0) range<RU, false>(xq, dx, K, w, scale, bias, out, n0, n1, 0);
+    else if (hint == 1) range<RU, true, 1>(xq, dx, K, w, scale, bias, out, n0, n1, pf);
+    else if (hint == 2) range<RU, true, 2>(xq, dx, K, w, scale, bias, out, n0, n1, pf);
+    else if (hint == 3) range<RU, true, 3>(xq, dx, K, w, scale, bias, out, n0, n1, pf);
+    else range<RU, true>(xq, dx, K, w, scale, bias, out, n0, n1, pf);
   };
   if (B == 128) go(std::integral_constant<int, 4>{});
   else if (B == 64) go(std::integral_constant<int, 2>{});

@@ -79,6 +79,14 @@ inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH"
 // CODESHELL_Q8_AVX2_M1=0 (read per call through the switch cache): tile_q8 as before (the same bits), for A/B.
 inline bool q8_avx2_m1() { return env_flag("CODESHELL_Q8_AVX2_M1", true); }
 constexpr int64_t kQ8M1Avx2MaxBytes = int64_t(32) << 20;
+// CODESHELL_Q8_AVX2_M1_MAX_MB (MiB, read per call through the switch cache): overrides kQ8M1Avx2MaxBytes (A/B;
+// session 34 helper A: with 100 the small head on q8_m1_avx2.h read 2543-2564 us a token against tile_q8's
+// 2521, 94-114% of the same round's probe either way: no side, so tile_q8 stays there).
+// CODESHELL_Q8_M1_PFH (0 T0, 1 T1, 2 T2, 3 NTA) picks q8_m1_avx2.h's prefetch hint (T0 by default).
+inline int64_t q8_avx2_m1_max_bytes() {
+  const int64_t mb = env_int("CODESHELL_Q8_AVX2_M1_MAX_MB", -1);
+  return mb >= 0 ? mb << 20 : kQ8M1Avx2MaxBytes;
+}
 // Off by default (session 33 helper A, measured): CODESHELL_Q8_AVX2_LANES=1 (read per call through the switch
 // cache; set it for a whole process: it changes the bits, for every M together) runs int8 at every M on the
 // AVX2 level (isa == kAvx2; M > 64 too: the prompt's avx2:q8 candidate) on q8_lanes_avx2.h: 8 weight rows in
@@ -95,6 +103,8 @@ inline bool q8_avx2_lanes() { return env_flag("CODESHELL_Q8_AVX2_LANES", false);
 // against 46-49, mlp.c_proj 71-84 against 56-69, the token 1.05-1.08x faster (in a slow minute, probe
 // ~48, 0.97-1.04x); the small head (68.5 MiB) showed no clear side, and at the 1.7B / 7B width (16-64
 // MiB linears, a 274 MiB head) the split measured 0.99x (as int4's, session 17): those keep parallel_chunks.
+// On the AVX2 level (q8_m1_avx2.h's M = 1) too since session 34 helper A: the small shape's step 1.045-1.06x in
+// two runs (its 1-4 MiB layers cold, read at 96-115% of the round's read probe), the 72 MB head unchanged.
 constexpr int64_t kQ8SplitMaxBytes = int64_t(8) << 20;
 inline bool q8_m1_split(int64_t bytes) {
   const int64_t max = env_int("CODESHELL_Q8_M1_SPLIT_MAX_MB", -1);
@@ -296,7 +306,7 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   // q8_m1_avx2.h (tile_q8's bits) up to kQ8M1Avx2MaxBytes of weight: the small shape's 72 MB head (cold, read
   // from DRAM each token) ran 0.90-0.97x tile_q8 on it in three runs (the kernel alone at 1 and 2 threads, the
   // decode step), where the 1-4 MB layers (cold too in that step) and codeshell-mini's ran 1.03-1.7x
-  if (isa == codeshell::kAvx2 && M == 1 && N * K <= kQ8M1Avx2MaxBytes && q8_avx2_m1()) {
+  if (isa == codeshell::kAvx2 && M == 1 && N * K <= q8_avx2_m1_max_bytes() && q8_avx2_m1()) {
     static thread_local codeshell::ThreadScratch m1_keep;
     codeshell::Scratch<char> buf(m1_keep, size_t(K) + 2 * size_t(nb) * 4 + 64);
     int8_t* x8 = reinterpret_cast<int8_t*>(buf.data());
@@ -306,10 +316,14 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     const float* sp = scale.data_ptr<float>();
     // tile_q8's distance (kPrefetch, 2 KiB) unless CODESHELL_Q8_M1_PF is set: the small shape's cold 72 MB head
     // at 2 threads read 0.96x tile_q8 with 8 KiB (q8_m1_pf's default), 1.0x with 2 KiB (session 33 helper A)
-    const int64_t pf1 = pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH", kPrefetch).d;
-    codeshell::parallel_chunks(N, 16, 64, [&](int64_t n0, int64_t n1) {
-      codeshell::q8m1avx2::run(x8, dx, K, B, wp, sp, b, op, n0, n1, pf1);
-    });
+    const Pf pfm = pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH", kPrefetch);
+    auto body1 = [&](int64_t n0, int64_t n1) { codeshell::q8m1avx2::run(x8, dx, K, B, wp, sp, b, op, n0, n1, pfm.d, pfm.h); };
+    // one contiguous share of the rows a thread up to kQ8SplitMaxBytes (q8_m1_split, as the VNNI CPUs' int8 M = 1
+    // since session 21): the small shape's 1-4 MiB layers, cold in the step, restarted each thread's stream at
+    // every one of parallel_chunks' ~8 chunks; the step 1.045-1.06x (docs/kernels.md, session 34 helper A).
+    // CODESHELL_Q8_M1_SPLIT=0: parallel_chunks as before (A/B; the same bits).
+    if (q8_m1_split(N * K)) codeshell::parallel_owned(N, 16, 64, body1);
+    else codeshell::parallel_chunks(N, 16, 64, body1);
     return;
   }
   RoundedX r(M, K, nb);

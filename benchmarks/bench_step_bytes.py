@@ -1,0 +1,141 @@
+"""A batch-1 decode step's phases against the bytes they read and the read probe, in one process and minute.
+
+What this measures (session 34 helper A, issue 14's "b1 >= 90% of the read bound"): a loaded checkpoint's
+native decode step (`DecodeStep.profile`, per call) at batch 1, and per round, in turn with it, the read probe
+(kernels.cpp read_stream over 1 GiB on huge pages, best of 3: the bound's denominator, codeshell.bench); per
+linear phase (c_attn, attn.c_proj, c_fc, mlp.c_proj summed over the layers, the head) its weight bytes (the
+packed tensors the kernels stream: data, scales, offsets) over its time = GB/s and % of the same round's
+probe; the non-linear phases' share of the step. Variants (--ab: environment switches the kernels read per
+call) alternate inside each round; medians over the rounds.
+
+    flock /work/notes/bench.lock python benchmarks/bench_step_bytes.py /work/ckpt/qsmall/int8 --ab - CODESHELL_X=1
+
+Not a test: prints figures.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+LINEARS = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "head"]
+
+
+def linear_bytes(lm) -> dict[str, int]:
+    """Bytes a batch-1 token streams per linear phase: every tensor of the matching modules (weights, scales,
+    offsets, bias), summed over the layers."""
+    import torch
+    out = {k: 0 for k in LINEARS}
+    for name, mod in lm.named_modules():
+        key = "head" if name.endswith("lm_head") else next(
+            (k for k in LINEARS[:4] if name.endswith(k)), None)
+        if key is None or any(True for _ in mod.children()):
+            continue
+        pw = getattr(mod, "_kernel", None)  # the packed weight the kernels stream, where the module holds one
+        if pw is not None and hasattr(pw, "data"):
+            ts = [t for t in (pw.data, pw.scales, pw.offsets, getattr(mod, "bias", None)) if isinstance(t, torch.Tensor)]
+        else:
+            ts = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)) + [
+                v for v in vars(mod).values() if isinstance(v, torch.Tensor)]
+        seen = set()
+        for t in ts:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out[key] += t.numel() * t.element_size()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ab", nargs="+", default=["-"], help="variants: 'NAME=V,NAME=V' or '-' (none)")
+    a = ap.parse_args()
+    import torch
+
+    from codeshell import LLM, SamplingParams
+    from codeshell.kernels import _ext, hugepages
+    from codeshell.kernels import step as kstep
+
+    llm = LLM(a.folder, dtype="bfloat16", threads=a.threads, max_batch=1, max_model_len=a.tokens + 64)
+    lm = llm.model
+    nbytes = linear_bytes(lm)
+    mod = _ext.get()
+    probe_buf = hugepages.empty(((1 << 30) // 4,), torch.float32).fill_(1.0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"prompt_token_ids": torch.randint(0, min(lm.cfg.vocab_size, 70000), (16,), generator=g).tolist()}]
+    keys = {kv.split("=", 1)[0] for v in a.ab if v != "-" for kv in v.split(",")}
+
+    def set_env(v: str) -> None:
+        for k in keys:
+            os.environ.pop(k, None)
+        if v != "-":
+            os.environ.update(dict(kv.split("=", 1) for kv in v.split(",")))
+
+    def gen(n: int) -> float:
+        t = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        return time.perf_counter() - t
+
+    def probe() -> float:
+        mod.read_stream(probe_buf, 1)
+        best = min(_t(lambda: mod.read_stream(probe_buf, 1)) for _ in range(3))
+        return probe_buf.numel() * 4 / best / 1e9
+
+    def _t(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    gen(4)
+    dec = kstep._DECODERS.get(lm)
+    if dec is None or dec.step is None:
+        sys.exit("the native decode step does not run this model")
+    print(f"bytes a token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in nbytes.items())
+          + f"; total {sum(nbytes.values()) / 1e6:.1f} MB", flush=True)
+    res: dict[str, list[tuple[float, float, dict[str, float]]]] = {v: [] for v in a.ab}
+    for r in range(a.rounds):
+        for v in a.ab[r % len(a.ab):] + a.ab[:r % len(a.ab)]:
+            p = probe()
+            set_env(v)
+            gen(2)
+            st = kstep._DECODERS[lm].step
+            t1 = min(gen(1) for _ in range(2))
+            st.profile = True
+            tn = gen(a.tokens + 1)
+            n, phases = st.profile_times()
+            st.profile = False
+            res[v].append((p, (tn - t1) / a.tokens, {k: t / max(n, 1) for k, t in phases}))
+            set_env("-")
+    total = sum(nbytes.values())
+    for v, rows in res.items():
+        pr = statistics.median(p for p, _, _ in rows)
+        step = statistics.median(s for _, s, _ in rows)
+        pct = statistics.median(100 * total / s / 1e9 / p for p, s, _ in rows)
+        print(f"[{v}] probe {pr:.1f} GB/s; step {step * 1e3:.2f} ms ({1 / step:.1f} tok/s, {pct:.0f}% of the "
+              f"round's bound {total / pr / 1e6:.2f} ms)", flush=True)
+        names = list(rows[0][2])
+        cells = []
+        for k in names:
+            us = statistics.median(ph.get(k, 0.0) for _, _, ph in rows) * 1e6
+            if k in nbytes and nbytes[k]:
+                gbs = statistics.median(nbytes[k] / max(ph.get(k, 1e-9), 1e-9) / 1e9 for _, _, ph in rows)
+                pp = statistics.median(100 * nbytes[k] / max(ph.get(k, 1e-9), 1e-9) / 1e9 / p for p, _, ph in rows)
+                cells.append(f"{k} {us:.0f} us {gbs:.1f} GB/s ({pp:.0f}%)")
+            else:
+                cells.append(f"{k} {us:.0f} us")
+        lin = statistics.median(sum(ph.get(k, 0.0) for k in nbytes) for _, _, ph in rows) * 1e6
+        allp = statistics.median(sum(ph.values()) for _, _, ph in rows) * 1e6
+        print("   " + "; ".join(cells), flush=True)
+        print(f"   linears {lin:.0f} us of the phases' {allp:.0f} us ({100 * lin / allp:.0f}%); "
+              f"non-linear {allp - lin:.0f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,9 +4,13 @@ A variant is '-' (as loaded: the defaults), `team=N` (the native decode step's t
 `DecodeStep.team`, set on the built step; the last one given wins) and / or comma-separated
 ENV=V settings the kernels read per call (CODESHELL_Q8R_ASM=0, ...), e.g. `team=0,CODESHELL_CHUNKS_TEAM=1`.
 What this is not: bench_kernels.py's --sweep variants (environment only; `set_env`, which this uses).
+Also the decode-step benchmarks' common load and profiled round (`load_step_model`, `profiled_step`).
 """
 
 from __future__ import annotations
+
+import sys
+import time
 
 from bench_kernels import set_env
 
@@ -36,3 +40,58 @@ def restore(step, team0: int, env0: dict[str, str]) -> None:
     """Back to the step's own team and the environment as it was (`env0`)."""
     set_env("-", env0)
     step.team = team0
+
+
+# ---- the decode-step benchmarks' common load and round (bench_batch_phases.py, bench_step_bytes.py,
+# bench_decode_phases.py had the same ~25 lines each: session 34 folded them here)
+
+def add_step_args(ap, rounds: int, tokens: int) -> None:
+    """FOLDER, --rounds, --tokens, --threads (2) and --ab (ENV=V[,ENV=V] or '-')."""
+    ap.add_argument("folder")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--tokens", type=int, default=tokens)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ab", nargs="+", default=["-"], help="variants: 'NAME=V,NAME=V' or '-' (none)")
+
+
+def load_step_model(folder: str, threads: int, batch: int, tokens: int):
+    """Loads `folder` in bf16 activations for `batch` random 16-token prompts (seed 1) and runs one
+    warm-up generation; returns (llm, its model, gen, the prompts) where gen(n) is the seconds of n
+    greedy tokens of every prompt. Exits with one line when the native decode step does not run the model."""
+    import torch
+
+    from codeshell import LLM, SamplingParams
+    from codeshell.kernels import step as kstep
+
+    llm = LLM(folder, dtype="bfloat16", threads=threads, max_batch=batch, max_model_len=tokens + 64)
+    lm = llm.model
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"prompt_token_ids": torch.randint(0, min(lm.cfg.vocab_size, 70000), (16,), generator=g).tolist()}
+               for _ in range(batch)]
+
+    def gen(n: int) -> float:
+        t = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        return time.perf_counter() - t
+
+    gen(4)
+    dec = kstep._DECODERS.get(lm)
+    if dec is None or dec.step is None:
+        sys.exit("the native decode step does not run this model")
+    return llm, lm, gen, prompts
+
+
+def profiled_step(lm, gen, tokens: int) -> tuple[float, dict[str, float]]:
+    """One measurement of the variant set now: seconds a decode step (a `tokens + 1`-token run less
+    the best of two 1-token runs, over `tokens`) and the native step's phases per call
+    (`DecodeStep.profile`) over that run."""
+    from codeshell.kernels import step as kstep
+
+    gen(2)
+    st = kstep._DECODERS[lm].step
+    t1 = min(gen(1) for _ in range(2))
+    st.profile = True
+    tn = gen(tokens + 1)
+    n, phases = st.profile_times()
+    st.profile = False
+    return (tn - t1) / tokens, {k: t / max(n, 1) for k, t in phases}

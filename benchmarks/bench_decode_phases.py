@@ -44,6 +44,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from ab_variant import add_step_args, load_step_model  # noqa: E402
+
 LINEARS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "head")
 
 
@@ -59,16 +61,11 @@ def smaps() -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder")
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ab", nargs="+", default=["-"], help="variants: 'NAME=V,NAME=V' or '-' (none)")
+    add_step_args(ap, rounds=8, tokens=12)
     ap.add_argument("--trace", action="store_true", help="the time between tokens outside the step's body")
     a = ap.parse_args()
     import torch
 
-    from codeshell import LLM, SamplingParams
     from codeshell.bench import weight_bytes_per_token
     from codeshell.kernels import _ext, hugepages, ops
     from codeshell.kernels import step as kstep
@@ -77,22 +74,12 @@ def main() -> None:
 
     base_env = dict(os.environ)
 
-    llm = LLM(a.folder, dtype="bfloat16", threads=a.threads, max_batch=1, max_model_len=a.tokens + 64)
-    lm, mod = llm.model, _ext.get()
+    llm, lm, gen, (prompt,) = load_step_model(a.folder, a.threads, 1, a.tokens)
+    mod = _ext.get()
     bpt, s = weight_bytes_per_token(lm), smaps()
     print(f"{a.folder}: {bpt / 1e6:.0f} MB a token; RSS {s['Rss'] / 1e9:.2f} GB, on huge pages "
           f"{s.get('AnonHugePages', 0) / 1e9:.2f} GB", flush=True)
-    g = torch.Generator().manual_seed(1)
-    prompt = {"prompt_token_ids": torch.randint(0, min(lm.cfg.vocab_size, 70000), (16,), generator=g).tolist()}
-
-    def gen(n: int) -> float:
-        t = time.perf_counter()
-        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-        return time.perf_counter() - t
-
-    gen(4)
-    if kstep._DECODERS.get(lm) is None or kstep._DECODERS[lm].step is None:
-        sys.exit("the native decode step does not run this model")
+    g = torch.Generator().manual_seed(2)  # each linear's random x row
     fasts = []
     for blk in lm.transformer.h:
         fasts += [("c_attn", blk.attn.c_attn), ("attn.c_proj", blk.attn.c_proj), ("c_fc", blk.mlp.c_fc),

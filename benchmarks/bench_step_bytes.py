@@ -18,9 +18,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ab_variant import add_step_args, load_step_model, profiled_step  # noqa: E402
+from bench_kernels import read_probe, set_env  # noqa: E402
 
 LINEARS = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "head"]
 
@@ -51,68 +53,25 @@ def linear_bytes(lm) -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ab", nargs="+", default=["-"], help="variants: 'NAME=V,NAME=V' or '-' (none)")
+    add_step_args(ap, rounds=5, tokens=16)
     a = ap.parse_args()
     import torch
 
-    from codeshell import LLM, SamplingParams
-    from codeshell.kernels import _ext, hugepages
-    from codeshell.kernels import step as kstep
+    from codeshell.kernels import hugepages
 
-    llm = LLM(a.folder, dtype="bfloat16", threads=a.threads, max_batch=1, max_model_len=a.tokens + 64)
-    lm = llm.model
+    base_env = dict(os.environ)
+    _, lm, gen, _ = load_step_model(a.folder, a.threads, 1, a.tokens)
     nbytes = linear_bytes(lm)
-    mod = _ext.get()
     probe_buf = hugepages.empty(((1 << 30) // 4,), torch.float32).fill_(1.0)
-    g = torch.Generator().manual_seed(1)
-    prompts = [{"prompt_token_ids": torch.randint(0, min(lm.cfg.vocab_size, 70000), (16,), generator=g).tolist()}]
-    keys = {kv.split("=", 1)[0] for v in a.ab if v != "-" for kv in v.split(",")}
-
-    def set_env(v: str) -> None:
-        for k in keys:
-            os.environ.pop(k, None)
-        if v != "-":
-            os.environ.update(dict(kv.split("=", 1) for kv in v.split(",")))
-
-    def gen(n: int) -> float:
-        t = time.perf_counter()
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-        return time.perf_counter() - t
-
-    def probe() -> float:
-        mod.read_stream(probe_buf, 1)
-        best = min(_t(lambda: mod.read_stream(probe_buf, 1)) for _ in range(3))
-        return probe_buf.numel() * 4 / best / 1e9
-
-    def _t(fn) -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
-    gen(4)
-    dec = kstep._DECODERS.get(lm)
-    if dec is None or dec.step is None:
-        sys.exit("the native decode step does not run this model")
-    print(f"bytes a token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in nbytes.items())
+    print("bytes a token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in nbytes.items())
           + f"; total {sum(nbytes.values()) / 1e6:.1f} MB", flush=True)
     res: dict[str, list[tuple[float, float, dict[str, float]]]] = {v: [] for v in a.ab}
     for r in range(a.rounds):
         for v in a.ab[r % len(a.ab):] + a.ab[:r % len(a.ab)]:
-            p = probe()
-            set_env(v)
-            gen(2)
-            st = kstep._DECODERS[lm].step
-            t1 = min(gen(1) for _ in range(2))
-            st.profile = True
-            tn = gen(a.tokens + 1)
-            n, phases = st.profile_times()
-            st.profile = False
-            res[v].append((p, (tn - t1) / a.tokens, {k: t / max(n, 1) for k, t in phases}))
-            set_env("-")
+            p = read_probe(probe_buf)
+            set_env(v, base_env)
+            res[v].append((p, *profiled_step(lm, gen, a.tokens)))
+            set_env("-", base_env)
     total = sum(nbytes.values())
     for v, rows in res.items():
         pr = statistics.median(p for p, _, _ in rows)

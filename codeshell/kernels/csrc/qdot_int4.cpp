@@ -709,8 +709,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   // rows a thread (parallel.h parallel_owned; q4_m1_split). The split changes no bits. On the AVX2 level
   // (q4_rows_avx2.h) too since session 34 helper A (the small shape's step 1.05x in one run; CODESHELL_Q4_M1_SPLIT=0:
   // parallel_chunks as before).
-  if (M == 1 && ((vnni && isa < codeshell::kAmx && q4_m1_split(N * K / 2)) ||
-                 (avx2rows && q4_m1_split(N * K / 2))))
+  if (M == 1 && ((vnni && isa < codeshell::kAmx) || avx2rows) && q4_m1_split(N * K / 2))
     codeshell::parallel_owned(N, 16, 64, body);
   else codeshell::parallel_chunks(N, 16, 64, body);
 }

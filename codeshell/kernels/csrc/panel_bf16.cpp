@@ -81,6 +81,14 @@ inline void store_rows(const float* c, int64_t ldc, int64_t M, float* out, int64
   }
 }
 
+// xt [Kp][M] = x [M, K] transposed, k rows K..Kp-1 zero into dst: Avx2::prepare's
+// vector and, since session 34, the AVX2 decode's per-thread scratch (x without a std::vector a call).
+inline void avx2_transpose_x(const float* x, int64_t M, int64_t K, int64_t Kp, float* dst) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) dst[k * M + m] = x[m * K + k];
+  std::fill(dst + K * M, dst + Kp * M, 0.f);
+}
+
 // ---- AVX2 + FMA: fp32 x ------------------------------------------------------------------
 struct Avx2 {
   static constexpr int kTileRows = 6;  // 12 accumulators + 2 weight vectors + a broadcast: 15 ymm
@@ -123,10 +131,8 @@ struct Avx2 {
   // xt[k][m] = x[m][k] (fp32), k-rows K..Kp-1 zero
   static std::vector<float> prepare(const torch::Tensor& x, int64_t Kp) {
     const int64_t M = x.size(0), K = x.size(1);
-    std::vector<float> xt(size_t(Kp) * M, 0.f);
-    const float* xp = x.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xt[k * M + m] = xp[m * K + k];
+    std::vector<float> xt(size_t(Kp) * M);
+    avx2_transpose_x(x.data_ptr<float>(), M, K, Kp, xt.data());
     return xt;
   }
   static int64_t ld(int64_t M) { return M; }  // x row stride per k (Avx2) / per k-pair (Bf16Dot)
@@ -440,13 +446,6 @@ constexpr int kAvx2M1Panels = 4;  // 8 accumulators = 8 FMA chains: 4 cycles of 
 // The next tile prefetched into L2 up to this tile size (4 panels x Kh k-pairs x 64 bytes): at K = 4096
 // (512 KiB, all of Zen 3's L2) it read the small shape's mlp.c_proj 0.74x the code before (1 thread).
 constexpr int64_t kAvx2M1NextMax = int64_t(64) << 10;
-
-// xt [Kp][M] = x [M, K] transposed, k rows K..Kp-1 zero (Avx2::prepare's layout and loop) into dst.
-inline void avx2_transpose_x(const float* x, int64_t M, int64_t K, int64_t Kp, float* dst) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) dst[k * M + m] = x[m * K + k];
-  std::fill(dst + K * M, dst + Kp * M, 0.f);
-}
 
 // c [16 NP] = x (Kp floats) . NP panels at w (ps uint32 a panel) over all Kh k-pairs; next: the next
 // tile's first panel (NP panels, contiguous) or null.

@@ -40,6 +40,9 @@ ALIGN = True
 # Tensors from ARENA_MIN_BYTES up to MIN_BYTES share huge-page chunks of ARENA_CHUNK (`_arena`),
 # each at a 4 KiB boundary of its chunk; below ARENA_MIN_BYTES they stay on torch's allocator.
 # CODESHELL_HUGE_ARENA=0 turns the sharing off (for A/B timing: such tensors then stay on 4 KiB pages).
+# CODESHELL_HUGE_ARENA_MIN=BYTES (read per call, as the others; session 35) moves the floor, for A/B
+# timing of smaller weights on huge pages (codeshell-mini's 64-256 KiB linears). Session 35 measured
+# no page-colour effect of 4 KiB pages on an L2-resident stream (docs/kernels.md), so the floor stays.
 ARENA_MIN_BYTES = 256 << 10
 ARENA_CHUNK = 16 << 20
 
@@ -56,7 +59,7 @@ def _map(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
     for s in shape:
         n *= s
     nbytes = n * torch.empty((), dtype=dtype).element_size()
-    if ARENA_MIN_BYTES <= nbytes < MIN_BYTES:
+    if arena_min_bytes() <= nbytes < MIN_BYTES:
         return _arena(shape, dtype, nbytes)
     if nbytes < MIN_BYTES or not enabled():
         return None
@@ -89,6 +92,21 @@ def _map(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
 
 _ARENA_LOCK = threading.Lock()
 _arena_state: list = []  # [mmap, next free offset, end offset] of the chunk being filled
+
+
+def arena_min_bytes() -> int:
+    """The smallest tensor that goes into the arena: CODESHELL_HUGE_ARENA_MIN (bytes) where set,
+    else ARENA_MIN_BYTES. A bad value raises ValueError (one line)."""
+    env = os.environ.get("CODESHELL_HUGE_ARENA_MIN", "").strip()
+    if not env:
+        return ARENA_MIN_BYTES
+    try:
+        v = int(env)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise ValueError(f"CODESHELL_HUGE_ARENA_MIN={env!r}: expected a byte count >= 0")
+    return v
 
 
 def arena_enabled() -> bool:

@@ -194,3 +194,22 @@ def test_a_chunk_of_small_tensors_is_backed_by_huge_pages(monkeypatch):
     kb = _anon_huge_kb(ts[0])
     print(f"AnonHugePages of a chunk holding six 1 MiB tensors: {kb} kB")
     assert kb >= 2048 and all(bool((t == 3).all()) for t in ts)
+
+
+def test_arena_floor_switch(monkeypatch):
+    # session 35: CODESHELL_HUGE_ARENA_MIN (bytes) moves the arena's floor (ARENA_MIN_BYTES by default,
+    # for the A/B of mini's 64-256 KiB linears on huge pages); a bad value is one clear ValueError
+    monkeypatch.delenv("CODESHELL_HUGE_ARENA", raising=False)
+    monkeypatch.delenv("CODESHELL_HUGE_ARENA_MIN", raising=False)
+    src = torch.randn(16_384)  # 64 KiB
+    assert hugepages.arena_min_bytes() == hugepages.ARENA_MIN_BYTES
+    assert hugepages.resident(src) is src
+    monkeypatch.setenv("CODESHELL_HUGE_ARENA_MIN", "4096")
+    out = hugepages.resident(src)
+    assert _mapped(out) and torch.equal(out, src) and out.data_ptr() % mmap.PAGESIZE == 0
+    tiny = torch.randn(100)
+    assert hugepages.resident(tiny) is tiny
+    for bad in ("-1", "lots"):
+        monkeypatch.setenv("CODESHELL_HUGE_ARENA_MIN", bad)
+        with pytest.raises(ValueError, match="CODESHELL_HUGE_ARENA_MIN"):
+            hugepages.resident(src)

@@ -69,6 +69,17 @@ def _huge_kib() -> tuple[int, int]:
     return d.get("AnonHugePages", 0), d.get("Anonymous", 0)
 
 
+def _cpu_stat() -> dict[str, list[int]]:
+    """/proc/stat's per-CPU lines: user nice system idle iowait irq softirq steal (ticks)."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                k, *v = line.split()
+                out[k] = [int(x) for x in v[:8]]
+    return out
+
+
 def _switches() -> dict[int, tuple[int, int]]:
     out = {}
     for tid in os.listdir("/proc/self/task"):
@@ -170,12 +181,14 @@ def child(a) -> dict:
         return out
 
     run([prompt(16)], 2)
-    pin = os.environ.get("SPREAD_PIN", "")  # experiment: "split" = this thread on CPU 0, every other on CPU 1
-    if pin == "split":
-        me = threading.get_native_id()
+    # experiment (SPREAD_PIN): "split0" = this (the master) thread on CPU 0, every other on CPU 1;
+    # "split1" the other way round (whether the vCPU the master lands on decides a process's speed)
+    pin = os.environ.get("SPREAD_PIN", "")
+    if pin in ("split0", "split1"):
+        me, mine = threading.get_native_id(), int(pin[-1])
         for tid in _tasks():
-            os.sched_setaffinity(tid, {0} if tid == me else {1})
-    sw0 = _switches()
+            os.sched_setaffinity(tid, {mine} if tid == me else {1 - mine})
+    sw0, st0 = _switches(), _cpu_stat()
     tk0 = {t: d["ticks"] for t, d in _tasks().items()}
     rounds = []
     with Sampler() as smp:
@@ -193,7 +206,10 @@ def child(a) -> dict:
                            "prompt_cpu": a.prompt_len / pre_cpu, "b1_cpu": 16 / (cn - c1) if cn > c1 else float("nan"),
                            "t": time.perf_counter() - t0})
         p1 = probes()
-    sw1 = _switches()
+    sw1, st1 = _switches(), _cpu_stat()
+    # per CPU over the rounds: ticks busy (not idle / iowait) and stolen by the host
+    cpu_use = {k: {"busy": sum(st1[k][i] - st0[k][i] for i in (0, 1, 2, 5, 6)), "steal": st1[k][7] - st0[k][7],
+                   "all": sum(st1[k]) - sum(st0[k])} for k in st1 if k in st0}
     tasks = _tasks()
     threads = []
     for tid, d in tasks.items():
@@ -216,7 +232,7 @@ def child(a) -> dict:
             same += on[0] == on[1]
     from codeshell.kernels import ops
     choices = {str(k): str(v) for k, v in ops._CHOICES.items()}
-    return {"load_s": load_s, "rounds": rounds, "choices": choices, "loadavg": float(open("/proc/loadavg").read().split()[0]), "huge_kib": huge, "probes": [p0, p1], "threads": threads,
+    return {"load_s": load_s, "rounds": rounds, "cpu_use": cpu_use, "choices": choices, "loadavg": float(open("/proc/loadavg").read().split()[0]), "huge_kib": huge, "probes": [p0, p1], "threads": threads,
             "nthreads": len(tasks) - 1, "both_running": both, "same_cpu": same, "samples": len(smp.snaps)}
 
 
@@ -368,7 +384,9 @@ def main() -> None:
                   f"{pb[0]['fma2']:.3f}/{pb[0]['fma1']:.3f}  "
                   f"{pb[0]['lin2']:.1f}/{pb[0]['lin1']:.1f}->{pb[1]['lin2']:.1f}/{pb[1]['lin1']:.1f}  "
                   f"1t b1 {pb[0]['b1_1t']:.0f}->{pb[1]['b1_1t']:.0f} pre {pb[0]['pre_1t']:.0f}->{pb[1]['pre_1t']:.0f}  "
-                  f"{r['nthreads']:2d}  load {r['loadavg']:.1f}  thp {r['huge_kib'][0] >> 10}/{r['huge_kib'][1] >> 10}M  {' | '.join(busy)}  {r['same_cpu']}/{r['both_running']}  "
+                  f"{r['nthreads']:2d}  load {r['loadavg']:.1f}  steal "
+                  f"{'/'.join(str(u['steal']) for u in r['cpu_use'].values())} of "
+                  f"{'/'.join(str(u['all']) for u in r['cpu_use'].values())}  thp {r['huge_kib'][0] >> 10}/{r['huge_kib'][1] >> 10}M  {' | '.join(busy)}  {r['same_cpu']}/{r['both_running']}  "
                   f"choices {','.join(sorted(set(r['choices'].values())))}#{zlib.crc32(json.dumps(r['choices'], sort_keys=True).encode()) % 1000:03d}", flush=True)
     print("\nper variant: median over processes of each process's median (spread = max / min of them)")
     for name, rs in per.items():

@@ -194,7 +194,9 @@ def child(a) -> dict:
     with Sampler() as smp:
         p0 = probes()
         run([prompt(a.prompt_len)], 1, repeats=1)
-        for _ in range(a.rounds):
+        for i in range(a.rounds):
+            if i and a.gap:  # spread the rounds over the process's life (sleeping: the threads go idle too)
+                time.sleep(a.gap)
             pre = run([prompt(a.prompt_len)], 1, repeats=2)
             pre_cpu = run.cpu
             short = [prompt(16)]
@@ -310,6 +312,28 @@ def colour(total_kib: int, trials: int) -> None:
               f"{statistics.median(v):.2f}  max/min {max(v) / min(v):.2f}")
 
 
+def host_series(seconds: float) -> None:
+    """The host's speed over time, in one process and one thread: every ~0.5 s the fp32-FMA peak
+    (`codeshell.bench.fma_tflops`, best of 4 passes of ~5 ms) pinned to CPU 0, then to CPU 1. A guest
+    whose single-thread figures move by as much as a model's over seconds has a host that moves."""
+    import torch
+    from codeshell import bench
+    torch.set_num_threads(1)
+    t0, rows = time.perf_counter(), []
+    while time.perf_counter() - t0 < seconds:
+        row = [time.perf_counter() - t0]
+        for cpu in (0, 1):
+            os.sched_setaffinity(0, {cpu})
+            row.append(bench.fma_tflops(repeats=4, reps=5000) * 1e3)
+        rows.append(row)
+        time.sleep(0.4)
+    print("host series: 1-thread fp32-FMA peak GFLOP/s, CPU 0 / CPU 1, every ~0.5 s")
+    print("  " + "  ".join(f"{t:.0f}s {a:.0f}/{b:.0f}" for t, a, b in rows))
+    for i, name in ((1, "CPU 0"), (2, "CPU 1")):
+        v = [r[i] for r in rows]
+        print(f"  {name}: median {statistics.median(v):.0f}  min {min(v):.0f}  max {max(v):.0f}  max/min {max(v) / min(v):.2f}")
+
+
 def _variant(spec: str) -> tuple[str, dict[str, str], list[str]]:
     name, _, items = spec.partition(":")
     env, prefix = {}, []
@@ -330,15 +354,21 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--min-s", type=float, default=0.4, help="each b1 sample set fills this many seconds")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gap", type=float, default=0.0, help="seconds of sleep between two rounds")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:ITEM ... (KEY=VALUE: child env; other items: a command prefix); repeatable")
     ap.add_argument("--json", default=None, help="append each process's record to this file")
     ap.add_argument("--colour", type=int, default=0, metavar="KIB",
                     help="instead: the page-colour probe on KIB of 64 KiB buffers (4 KiB pages against one huge page)")
+    ap.add_argument("--host-series", type=float, default=0.0, metavar="SECONDS",
+                    help="instead: the 1-thread FMA peak on CPU 0 and CPU 1 every ~0.5 s for SECONDS")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.colour:
         colour(a.colour, 16)
+        return
+    if a.host_series:
+        host_series(a.host_series)
         return
     if a.child:
         print("RESULT " + json.dumps(child(a)), flush=True)
@@ -354,7 +384,7 @@ def main() -> None:
         for name, env, prefix in order:
             cmd = prefix + [sys.executable, os.path.abspath(__file__), "--child", "--model", a.model,
                             "--rounds", str(a.rounds), "--prompt-len", str(a.prompt_len),
-                            "--min-s", str(a.min_s), "--threads", str(a.threads)]
+                            "--min-s", str(a.min_s), "--threads", str(a.threads), "--gap", str(a.gap)]
             p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode != 0 or not line:
@@ -369,6 +399,10 @@ def main() -> None:
                 with open(a.json, "a") as f:
                     f.write(json.dumps(r) + "\n")
             pr = [x["prompt"] for x in r["rounds"]]
+            if len(pr) > 3:
+                at = " ".join(f"{x['t']:.0f}s" for x in r["rounds"])
+                b1s = " ".join(f"{x['b1']:.0f}" for x in r["rounds"])
+                print(f"         rounds at {at}: prompt {' '.join(f'{x:.0f}' for x in pr)}; b1 {b1s}")
             b1 = [x["b1"] for x in r["rounds"]]
             pb = r["probes"]
             busy = []

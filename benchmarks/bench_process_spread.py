@@ -18,12 +18,20 @@ same code and environment, prompt and b1 moving together in one process, while l
 8750-8821 (docs/kernels.md, session 34 lead): something fixed per process sets the figure.
 
 A variant is `NAME:ITEM ITEM ...`; an item `KEY=VALUE` is set in the child's environment, any other
-item is a word of a command prefix (e.g. `noaslr:setarch x86_64 -R`). Not a timed test: figures only.
+item is a word of a command prefix (e.g. `noaslr:setarch x86_64 -R`); SPREAD_PIN=split0 / split1 in a
+child's environment pins its master thread to CPU 0 / 1 and every other thread to the other CPU.
+`--gap S` sleeps S seconds between rounds, so the rounds cover the process's life (session 35: one
+process's figures then moved more than the processes' medians differed). Two probes instead of the
+processes: `--colour KIB` (page colour in L2: 4 KiB pages against one huge page) and `--host-series S`
+(one thread's FMA peak on CPU 0 and CPU 1 every ~0.5 s: the host's speed over time).
+Not a timed test: figures only (docs/kernels.md, session 35 helper A).
 
     python benchmarks/bench_process_spread.py --procs 10
     python benchmarks/bench_process_spread.py --procs 6 --variant base: --variant 'arena:CODESHELL_HUGE_ARENA_MIN=0'
     python benchmarks/bench_process_spread.py --model codeshell-mini --procs 4     # bf16
+    python benchmarks/bench_process_spread.py --procs 4 --rounds 8 --gap 2   # rounds over ~20 s of each process
     python benchmarks/bench_process_spread.py --colour 896    # page colour in L2: 4 KiB pages vs one huge page
+    python benchmarks/bench_process_spread.py --host-series 40
 """
 
 from __future__ import annotations
@@ -98,7 +106,6 @@ class Sampler:
     def __init__(self, period: float = 0.002):
         self.period, self.stop, self.me = period, threading.Event(), None
         self.cpus: dict[int, dict[int, int]] = {}  # tid -> cpu -> samples in state R
-        self.same = self.both = 0  # samples with the two busiest... (filled in `summary`)
         self.snaps: list[dict[int, tuple[str, int]]] = []
         self.t = threading.Thread(target=self._run, daemon=True)
 

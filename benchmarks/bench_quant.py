@@ -8,7 +8,8 @@ memory-bandwidth bound (bandwidth measured by this script: a streaming read of a
 buffer with the same thread count, before the formats and again after each one's decode, the
 best probe counting; bound = bandwidth / bytes of weights read per token);
 each decode figure the best of repeated samples filling at least half a second (a small model's
-16 tokens take milliseconds); the prompt's TFLOP/s as a fraction of the machine's bf16 matmul peak measured in the same run
+16 tokens take milliseconds), the prompt figure the best of as many samples as llama-bench takes of
+its prompt (its -r, below); the prompt's TFLOP/s as a fraction of the machine's bf16 matmul peak measured in the same run
 (the best of torch's bf16 matmul on CodeShell-7B's linear shapes and our micro-kernels: AMX tiles, vdpbf16ps;
 on CPUs without bf16 hardware, where our bf16 path is fp32 FMA, also torch's fp32 matmul and our
 fp32-FMA micro-kernel: `codeshell.bench.bf16_matmul_peak`).
@@ -131,14 +132,20 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
     run([prompt(16)], 2)  # warm-up
     # The first prompt of this length is printed apart (the prefill candidates of each weight
     # shape were measured at load, `kernels.choose_prefill_paths`; what is left is first-touch
-    # cost); the prompt figure is the best of two after it, as llama-bench's figure follows its
-    # warm-up run.
+    # cost), as llama-bench's figures follow its warm-up run.
     first_s = run([prompt(prompt_len)], 1, repeats=1)
-    prefill_s = run([prompt(prompt_len)], 1, repeats=2)
     short = [prompt(16)]
     t1, tn = run(short, 1, min_s=DECODE_MIN_S), run(short, decode_tokens + 1, min_s=DECODE_MIN_S)
     many = [prompt(16) for _ in range(batch)]
     b1, bn = run(many, 1, min_s=DECODE_MIN_S), run(many, decode_tokens + 1, min_s=DECODE_MIN_S)
+    decode1_tps = decode_tokens / (tn - t1) if tn > t1 else float("nan")
+    # The prompt figure: the best of as many samples as llama-bench takes of its prompt (its -r,
+    # `llamacpp_repeats`, from this decode speed), so both sides' best prompt comes from as many
+    # samples. Why: llama-bench runs pp -r times, up to 30 for a small model, and this host's speed
+    # moves over seconds (docs/kernels.md, session 35 helper A: one thread's FMA peak 46-101
+    # GFLOP/s within 40 s); a best of 2 against a best of 30 measured the host's minute, not ours.
+    prompt_samples = llamacpp_repeats(decode1_tps, decode_tokens)
+    prefill_s = run([prompt(prompt_len)], 1, repeats=prompt_samples)
     # The read bandwidth again, in this process right after its decode: on a VM it drifts between
     # minutes (17-27 GB/s here), and a probe taken once before all formats made "% of bound" say
     # the probe more than the kernels. The bound uses the best probe of the run.
@@ -147,8 +154,9 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
     return {"format": fmt, "load_s": load_s, "rss_gib": rss / 2**30, "prompt_tps": prompt_len / prefill_s,
             "first_prompt_tps": prompt_len / first_s, "choices": {f"{k[0]} {k[1]}x{k[2]}": v
                                                                for k, v in ops._CHOICES.items()},
+            "prompt_samples": prompt_samples,
             # nan where the decode time is lost in the noise of the 1-token run it is the difference of
-            "decode1_tps": decode_tokens / (tn - t1) if tn > t1 else float("nan"),
+            "decode1_tps": decode1_tps,
             "decodeb_tps": batch * decode_tokens / (bn - b1) if bn > b1 else float("nan"),
             "bytes_per_token": weight_bytes_per_token(llm.model), "bandwidth": bw,
             "folder_gib": sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**30}
@@ -303,7 +311,9 @@ def main() -> None:
               f"{100 * r['decode1_tps'] / bound:.0f}% | {100 * r['decode1_tps'] * r['bytes_per_token'] / r['bandwidth']:.0f}% | "
               f"{r['decodeb_tps']:.2f} | {r['decodeb_tps'] / r['decode1_tps']:.1f}x |")
     print("(1st prompt: the first prompt after load (each weight shape's prefill path is chosen at load, in "
-          "load s: measured there once per machine, then read from disk); prompt: best of the next two. Prompt TFLOP/s: the blocks' linears, causal attention "
+          "load s: measured there once per machine, then read from disk); prompt: best of the next "
+          + "/".join(str(r["prompt_samples"]) for r in rows) + " (per format: llama-bench's -r, from our decode "
+          "speed), taken after the decode figures. Prompt TFLOP/s: the blocks' linears, causal attention "
           f"and the last token's head (`codeshell.bench.prompt_flops`); bf16 peak {peak['peak']:.2f} TFLOP/s, the "
           f"best of torch's bf16 matmul on the 7B shapes at M = {a.prompt_len} (torch {peak['torch']:.2f}) and our "
           f"micro-kernels (AMX tiles on L2-resident data: kernel {peak.get('kernel', float('nan')):.2f}; vdpbf16ps on "

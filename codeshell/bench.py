@@ -427,8 +427,10 @@ def peak_rss_gib() -> float:
 
 
 def measure_engine(llm, prompt_len: int, decode_tokens: int, batch: int,
-                   progress: ProgressFn = _no_progress) -> dict:
-    """Prefill tokens/s, decode tokens/s at batch 1 and aggregate at `batch`, through the engine.
+                   progress: ProgressFn = _no_progress, samples: int = 1) -> dict:
+    """Prefill tokens/s, decode tokens/s at batch 1 and aggregate at `batch`, through the engine;
+    each the best of `samples` runs (`codeshell bench --compare-llamacpp` takes as many as
+    llama-bench's -r: both sides' best of the same count).
 
     `progress` hears of each engine step of each phase, with the phase's running tokens/s.
     """
@@ -455,33 +457,42 @@ def measure_engine(llm, prompt_len: int, decode_tokens: int, batch: int,
     progress("warm-up", 0, 1, "")
     run([prompt(8)], 2)
     progress("warm-up", 1, 1, "")
+    samples = max(1, samples)
     phase = f"prefill ({prompt_len} tokens)"
-    progress(phase, 0, 1, "")
-    t0 = time.perf_counter()
-    run([prompt(prompt_len)], 1)
-    prefill_s = time.perf_counter() - t0
+    progress(phase, 0, samples, "")
+    prefill_s = float("inf")
+    for i in range(samples):
+        t0 = time.perf_counter()
+        run([prompt(prompt_len)], 1)
+        prefill_s = min(prefill_s, time.perf_counter() - t0)
+        progress(phase, i + 1, samples, f"{prompt_len / prefill_s:.1f} tokens/s")  # the best so far
     res = {"prompt_len": prompt_len, "prefill_s": prefill_s, "prefill_tok_s": prompt_len / prefill_s}
-    progress(phase, 1, 1, f"{res['prefill_tok_s']:.1f} tokens/s")
     for b in sorted({1, batch}):
         phase = f"decode, batch {b}"
         steps = decode_tokens + 1
-        progress(phase, 0, steps, "")
-
-        def on_step(stamps, phase=phase, b=b, steps=steps):
-            # The first step prefills and samples token 1; the rest are pure decode steps.
-            n = len(stamps) - 1
-            figure = f"{b * n / (stamps[-1] - stamps[0]):.2f} tokens/s" if n else ""
-            progress(phase, min(len(stamps), steps), steps, figure)
-        stamps = run([prompt(16) for _ in range(b)], steps, on_step)
-        dt = stamps[-1] - stamps[0]
+        total = steps * samples
+        progress(phase, 0, total, "")
+        dt = float("inf")
+        for i in range(samples):
+            def on_step(stamps, phase=phase, b=b, steps=steps, total=total, before=i * steps):
+                # The first step prefills and samples token 1; the rest are pure decode steps.
+                n = len(stamps) - 1
+                figure = f"{b * n / (stamps[-1] - stamps[0]):.2f} tokens/s" if n else ""
+                progress(phase, before + min(len(stamps), steps), total, figure)
+            stamps = run([prompt(16) for _ in range(b)], steps, on_step)
+            dt = min(dt, stamps[-1] - stamps[0])
         res[f"decode_b{b}_tok_s"] = b * decode_tokens / dt
+        if samples > 1:  # the figure shown last is the best sample's, the result
+            progress(phase, total, total, f"{res[f'decode_b{b}_tok_s']:.2f} tokens/s")
     return res
 
 
 def run_bench(model: str | None, shape: str | None, dtype: str = "bfloat16", device: str = "cpu",
               prompt_len: int = 512, decode_tokens: int = 16, batch: int = 8, threads: int | None = None,
-              json_out: Path | None = None, print_table: bool = True, progress: bool | None = None) -> dict:
-    """Measure and (by default) print the table; `progress` None shows it unless CODESHELL_NO_PROGRESS=1."""
+              json_out: Path | None = None, print_table: bool = True, progress: bool | None = None,
+              samples: int = 1) -> dict:
+    """Measure and (by default) print the table; `progress` None shows it unless CODESHELL_NO_PROGRESS=1;
+    each speed figure the best of `samples` runs (`measure_engine`)."""
     from .llm import LLM, default_threads
     from .weights import resolve_dtype
     threads = threads or default_threads()
@@ -510,7 +521,7 @@ def run_bench(model: str | None, shape: str | None, dtype: str = "bfloat16", dev
             what = f"random {shape} ({_values(cfg.num_parameters())} parameters)"
         load_s = time.perf_counter() - t0
         res = {"model": what, "dtype": dtype, "threads": threads, "load_s": load_s}
-        res.update(measure_engine(llm, min(prompt_len, llm.max_model_len - 2), decode_tokens, batch, report))
+        res.update(measure_engine(llm, min(prompt_len, llm.max_model_len - 2), decode_tokens, batch, report, samples))
         res["peak_rss_gib"] = peak_rss_gib()
         bw = read_bandwidth_gbs(progress=report)
     wb = weight_bytes_per_token(llm.model)

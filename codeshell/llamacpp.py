@@ -320,6 +320,11 @@ def print_comparison(rows: list[dict], threads: int, prompt_len: int, decode_tok
           "(our checkpoint folders and the GGUF files `codeshell export-gguf` wrote from them).")
 
 
+# `codeshell bench --compare-llamacpp`: each side's figures are the best of this many samples (our
+# engine's runs; llama-bench's -r), the same count on both sides.
+COMPARE_SAMPLES = 3
+
+
 def bench_compare(model: str | None, shape: str | None, bin_dir: str | os.PathLike | None,
                   formats: tuple[str, ...] = ("bf16", "int8", "int4"), threads: int | None = None,
                   prompt_len: int = 512, decode_tokens: int = 16, workdir: str | os.PathLike | None = None) -> list[dict]:
@@ -359,8 +364,9 @@ def bench_compare(model: str | None, shape: str | None, bin_dir: str | os.PathLi
                 folder = quantize_checkpoint(src, work / fmt, scheme, overwrite=True)
             gguf = work / f"model-{GGUF_OF[fmt][0]}.gguf"
             export_with_cli(src, gguf, GGUF_OF[fmt][0])
-            ours = _ours_subprocess(folder, threads, prompt_len, decode_tokens)
-            lb = llama_bench(bins, gguf, threads, prompt_len, decode_tokens)
+            # both sides the best of the same number of samples (llama-bench's -r)
+            ours = _ours_subprocess(folder, threads, prompt_len, decode_tokens, COMPARE_SAMPLES)
+            lb = llama_bench(bins, gguf, threads, prompt_len, decode_tokens, repeats=COMPARE_SAMPLES)
             info = info or lb
             rows.append({"format": fmt, "prompt_tps": ours["prefill_tok_s"], "decode_tps": ours["decode_b1_tok_s"],
                          "llama_prompt_tps": lb.get("prompt_tps"), "llama_decode_tps": lb.get("decode_tps"),
@@ -382,11 +388,12 @@ def decode_bytes(path: Path) -> int:
     return sum(t.n_bytes for name, t in read_gguf(Path(path))[2].items() if name != "token_embd.weight")
 
 
-def _ours_subprocess(folder: Path, threads: int, prompt_len: int, decode_tokens: int) -> dict:
-    """codeshell.bench.run_bench on `folder` in a fresh process (memory of one format at a time)."""
+def _ours_subprocess(folder: Path, threads: int, prompt_len: int, decode_tokens: int, samples: int = 1) -> dict:
+    """codeshell.bench.run_bench on `folder` in a fresh process (memory of one format at a time),
+    each figure the best of `samples` runs."""
     code = ("import json, sys; from codeshell.bench import run_bench; "
             f"r = run_bench(model={str(folder)!r}, shape=None, dtype='bfloat16', prompt_len={prompt_len}, "
-            f"decode_tokens={decode_tokens}, batch=1, threads={threads}, print_table=False); "
+            f"decode_tokens={decode_tokens}, batch=1, threads={threads}, print_table=False, samples={samples}); "
             "print('RESULT ' + json.dumps(r))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "CODESHELL_NO_PROGRESS": "1"})

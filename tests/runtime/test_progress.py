@@ -52,6 +52,27 @@ def test_bench_phases_report_counts_and_running_figures():
     assert rec.of("memory read bandwidth")[-1][3].endswith("GB/s")
 
 
+def test_bench_samples_take_the_best_and_progress_never_goes_back(monkeypatch):
+    """`samples` (codeshell bench --compare-llamacpp: as many as llama-bench's -r): each figure is the
+    best of that many runs, and each phase's progress counts every run's steps once, ending at the
+    best run's figure."""
+    rec = Recorder()
+    cfg = SHAPES["tiny"]
+    llm = LLM.from_model(random_model(cfg, torch.float32), cfg, max_batch=2, kernels=False)
+    runs = []
+    add = llm.engine.add_request
+    monkeypatch.setattr(llm.engine, "add_request", lambda rid, p, sp: (runs.append(len(p)), add(rid, p, sp))[1])
+    res = measure_engine(llm, prompt_len=16, decode_tokens=3, batch=2, progress=rec, samples=3)
+    assert runs == [8] + [16] * 3 + [16] * 3 + [16] * 6  # warm-up, 3 prompts, 3 x b1, 3 x b2 (2 rows each)
+    prefill = rec.of("prefill (16 tokens)")
+    assert [c[1] for c in prefill] == [0, 1, 2, 3] and prefill[-1][2] == 3
+    assert prefill[-1][3] == f"{res['prefill_tok_s']:.1f} tokens/s"
+    for b in (1, 2):
+        steps = rec.of(f"decode, batch {b}")
+        assert [c[1] for c in steps] == sorted(c[1] for c in steps) and steps[-1][1] == steps[-1][2] == 3 * 4
+        assert steps[-1][3] == f"{res[f'decode_b{b}_tok_s']:.2f} tokens/s"
+
+
 def test_bench_progress_without_a_terminal_prints_one_line_per_finished_phase():
     from io import StringIO
 

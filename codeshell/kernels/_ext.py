@@ -21,7 +21,7 @@ from types import ModuleType
 
 _SRCS = [Path(__file__).with_name("csrc") / f
          for f in ("kernels.cpp", "isa.cpp", "panel_bf16.cpp", "qdot.cpp", "qdot_int4.cpp", "qdot_int8.cpp", "qgemm_amx.cpp", "attention.cpp", "sampling.cpp",
-                   "fused.cpp", "decode_step.cpp", "attention_prefill.cpp")]
+                   "fused.cpp", "decode_step.cpp", "step_layers.cpp", "step_bind.cpp", "attention_prefill.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

@@ -3,7 +3,8 @@
 avx2): M = 1 gives bitwise the code before (CODESHELL_BF16_AVX2_M1=0: Avx2::micro<1, 4>) at partial
 panels and 8-output blocks past N, K tails (x copied zero-padded) and K a multiple of 32 (x read in
 place, also from a row inside a larger tensor), NaN / -inf / -0 in x, with and without bias, every
-prefetch mode (CODESHELL_BF16_AVX2_M1_PF), 1 and 2 threads; every M in 2..64 gives bitwise the rows alone
+prefetch mode (CODESHELL_BF16_AVX2_M1_PF), every split (CODESHELL_BF16_AVX2_M1_SPLIT: session 35's
+parallel_owned over 1 MiB, also forced on and off), 1 and 2 threads; every M in 2..64 gives bitwise the rows alone
 and the std::vector transpose before (CODESHELL_BF16_AVX2_XKEEP=0). Runs on any CPU with the native
 kernels (AVX2 is the baseline).
 """
@@ -18,8 +19,10 @@ from codeshell.kernels import _ext, available, prepack
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 
 # (N, K): N of 1..14 panels (a last tile of 1..4 panels, one or several tiles a thread), a partial panel, K tails
-# (13, 100, 1030: padded) and K = Kp (256, 1024: x in place)
-SHAPES = [(40, 256), (37, 100), (19, 1030), (50, 13), (8, 64), (16 * 13 + 5, 256), (16 * 14, 256), (104, 1024), (96, 32)]
+# (13, 100, 1030: padded) and K = Kp (256, 1024: x in place); 2563 x 256: over 1 MiB (the owned split by
+# default at K <= 512), 161 panels (a last tile of one partial panel at the weight's end)
+SHAPES = [(40, 256), (37, 100), (19, 1030), (50, 13), (8, 64), (16 * 13 + 5, 256), (16 * 14, 256), (104, 1024), (96, 32),
+          (16 * 160 + 3, 256)]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -56,11 +59,17 @@ def test_m1_gives_the_bits_before(n, k, monkeypatch):
                     monkeypatch.setenv("CODESHELL_BF16_AVX2_M1", "0")
                     want = _dec(mod, row, p, n, b)
                     monkeypatch.delenv("CODESHELL_BF16_AVX2_M1")
-                    for pf in ("0", "1", "2"):
-                        monkeypatch.setenv("CODESHELL_BF16_AVX2_M1_PF", pf)
-                        got = mod.decode_bf16(row, p.data, n, b, 0)
-                        assert torch.equal(_bits(got), _bits(want)), (n, k, i, pf, threads, b is None)
+                    for split in (None, "0", "1"):
+                        if split is None:
+                            monkeypatch.delenv("CODESHELL_BF16_AVX2_M1_SPLIT", raising=False)
+                        else:
+                            monkeypatch.setenv("CODESHELL_BF16_AVX2_M1_SPLIT", split)
+                        for pf in ("0", "1", "2"):
+                            monkeypatch.setenv("CODESHELL_BF16_AVX2_M1_PF", pf)
+                            got = mod.decode_bf16(row, p.data, n, b, 0)
+                            assert torch.equal(_bits(got), _bits(want)), (n, k, i, pf, split, threads, b is None)
                     monkeypatch.delenv("CODESHELL_BF16_AVX2_M1_PF")
+                    monkeypatch.delenv("CODESHELL_BF16_AVX2_M1_SPLIT", raising=False)
     finally:
         torch.set_num_threads(old)
 

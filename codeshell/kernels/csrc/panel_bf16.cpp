@@ -434,6 +434,7 @@ void avx2_xrows(const float* xt, int64_t Kh, const uint32_t* w, int64_t N, int64
 //                                   tile into L2 only; default: 2 where a tile's weight is at most
 //                                   kAvx2M1NextMax bytes (K <= 512), else 0
 //   CODESHELL_BF16_AVX2_XKEEP=0     M >= 2: x's transpose into a std::vector a call again
+//   CODESHELL_BF16_AVX2_M1_SPLIT=0|1 M = 1's split over the threads (session 35, avx2_m1_owned below)
 // Why (docs/kernels.md, session 34 helper B): the tile before was spill-free in this build (54
 // instructions a k-pair, as this one's 54-57), but at K = 256 a tile's 4 panels are 32 KiB of
 // contiguous weight whose stream prefetches land inside the tile and the next tile started cold:
@@ -448,10 +449,11 @@ constexpr int kAvx2M1Panels = 4;  // 8 accumulators = 8 FMA chains: 4 cycles of 
 constexpr int64_t kAvx2M1NextMax = int64_t(64) << 10;
 
 // c [16 NP] = x (Kp floats) . NP panels at w (ps uint32 a panel) over all Kh k-pairs; next: the next
-// tile's first panel (NP panels, contiguous) or null.
+// tile's first panel (contiguous) or null, prefetched over this tile's first next_kh k-pairs (NP lines
+// a k-pair: next_kh = Kh for a full next tile of NP panels, Kh * n / NP for one of n panels).
 template <int NP, bool kIn, bool kNext>
 __attribute__((noinline)) void avx2_m1_tile(const float* x, const uint32_t* w, int64_t ps, int64_t Kh, float* c,
-                                            const uint32_t* next) {
+                                            const uint32_t* next, int64_t next_kh) {
   const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
   __m256 acc[NP][2];
 #pragma GCC unroll 16
@@ -464,7 +466,7 @@ __attribute__((noinline)) void avx2_m1_tile(const float* x, const uint32_t* w, i
         _mm_prefetch(reinterpret_cast<const char*>(w + q * ps + (j + kPrefetch) * kPanel), _MM_HINT_T0);
     }
     if constexpr (kNext) {
-      if (nx != nullptr) {
+      if (nx != nullptr && j < next_kh) {
 #pragma GCC unroll 16
         for (int q = 0; q < NP; ++q) _mm_prefetch(nx + (j * NP + q) * 64, _MM_HINT_T1);
       }
@@ -489,22 +491,26 @@ __attribute__((noinline)) void avx2_m1_tile(const float* x, const uint32_t* w, i
 }
 
 // M = 1: panels [p0, p1) of the weight -> out (+ bias), kAvx2M1Panels a tile (the rest in one
-// smaller tile); pf: CODESHELL_BF16_AVX2_M1_PF.
+// smaller tile); pf: CODESHELL_BF16_AVX2_M1_PF. A tile prefetches the panels after it up to pend, never
+// past it: p1 under parallel_chunks (the chunk after p1 is usually the other thread's: prefetched into
+// this core's L2 it made codeshell-mini's c_fc 0.83x in the step, session 35), the weight's P under
+// parallel_owned (the next step of this thread's own share; only a share's last tile crosses).
 template <bool kIn, bool kNext>
-void avx2_m1_panels(const float* x, int64_t Kh, const uint32_t* w, int64_t N, int64_t p0, int64_t p1,
+void avx2_m1_panels(const float* x, int64_t Kh, const uint32_t* w, int64_t N, int64_t p0, int64_t p1, int64_t pend,
                     const float* bias, float* out) {
   constexpr int NP = kAvx2M1Panels;
   alignas(64) float c[NP * kPanel];
   const int64_t ps = Kh * kPanel;
   for (int64_t p = p0; p < p1; p += NP) {
-    const int64_t np = std::min<int64_t>(NP, p1 - p);
+    const int64_t np = std::min<int64_t>(NP, p1 - p), nn = std::min<int64_t>(NP, pend - p - np);
     const uint32_t* wp = w + p * ps;
-    const uint32_t* next = p + NP < p1 ? wp + NP * ps : nullptr;  // the chunk's next tile
+    const uint32_t* next = nn > 0 ? wp + np * ps : nullptr;  // the next tile's nn panels
+    const int64_t next_kh = nn > 0 ? Kh * nn / NP : 0;
     switch (np) {
-      case 1: avx2_m1_tile<1, kIn, kNext>(x, wp, ps, Kh, c, nullptr); break;
-      case 2: avx2_m1_tile<2, kIn, kNext>(x, wp, ps, Kh, c, nullptr); break;
-      case 3: avx2_m1_tile<3, kIn, kNext>(x, wp, ps, Kh, c, nullptr); break;
-      default: avx2_m1_tile<NP, kIn, kNext>(x, wp, ps, Kh, c, next); break;
+      case 1: avx2_m1_tile<1, kIn, kNext>(x, wp, ps, Kh, c, nullptr, 0); break;
+      case 2: avx2_m1_tile<2, kIn, kNext>(x, wp, ps, Kh, c, nullptr, 0); break;
+      case 3: avx2_m1_tile<3, kIn, kNext>(x, wp, ps, Kh, c, nullptr, 0); break;
+      default: avx2_m1_tile<NP, kIn, kNext>(x, wp, ps, Kh, c, next, next_kh); break;
     }
     const int64_t n0 = p * kPanel;
     store_rows(c, NP * kPanel, 1, out, N, n0, std::min<int64_t>(np * kPanel, N - n0), bias);
@@ -512,10 +518,28 @@ void avx2_m1_panels(const float* x, int64_t Kh, const uint32_t* w, int64_t N, in
 }
 
 void avx2_m1_rows(int64_t pf, const float* x, int64_t Kh, const uint32_t* w, int64_t N, int64_t p0, int64_t p1,
-                  const float* bias, float* out) {
-  if (pf == 0) avx2_m1_panels<true, false>(x, Kh, w, N, p0, p1, bias, out);
-  else if (pf == 1) avx2_m1_panels<true, true>(x, Kh, w, N, p0, p1, bias, out);
-  else avx2_m1_panels<false, true>(x, Kh, w, N, p0, p1, bias, out);
+                  int64_t pend, const float* bias, float* out) {
+  if (pf == 0) avx2_m1_panels<true, false>(x, Kh, w, N, p0, p1, pend, bias, out);
+  else if (pf == 1) avx2_m1_panels<true, true>(x, Kh, w, N, p0, p1, pend, bias, out);
+  else avx2_m1_panels<false, true>(x, Kh, w, N, p0, p1, pend, bias, out);
+}
+
+// Session 35 (helper B): M = 1 with the next-tile prefetch (pf != 0) on a weight over kAvx2M1OwnedMin
+// bytes splits its panels by parallel_owned (parallel.h: one contiguous share a thread, in steps of
+// P / (4 threads) panels, 4..64; a thread done with its share takes steps from the back of the other's)
+// in place of parallel_chunks' ~8 chunks a thread taken in turn, and a step's last tile prefetches the
+// next step's first tile. Why: codeshell-mini's head (16384 x 256, 8 MiB) inside the decode step at 2
+// threads, 21 alternating rounds: 117.4 us against 124.3 (1.06x; docs/kernels.md, session 35 helper B);
+// the K = 256 linears (<= 1 MiB) run a few chunks each and stay on parallel_chunks. K > 512 (the stream
+// prefetch, the DRAM-sized small shape) stays as it was. The same tiles and chunk-independent sums:
+// the same bits whichever thread runs a panel (tests/kernels/test_bf16_avx2_m1.py).
+// CODESHELL_BF16_AVX2_M1_SPLIT (read per call through switches.h's cache): 0 parallel_chunks at every
+// size (session 34's), 1 parallel_owned at every size and prefetch mode (tests), unset: the rule above.
+constexpr int64_t kAvx2M1OwnedMin = int64_t(1) << 20;
+bool avx2_m1_owned(int64_t pf, int64_t bytes) {
+  const int64_t v = codeshell::env_int("CODESHELL_BF16_AVX2_M1_SPLIT", -1);
+  if (v == 0 || v == 1) return v == 1;
+  return pf != 0 && bytes > kAvx2M1OwnedMin;
 }
 
 // Panels [p0, p1) for M <= 3: NP at a time (the rest one at a time); c holds NP panels.
@@ -753,9 +777,20 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
       if (ok)
         for (int64_t i = 0; i < n; ++i) sizes_buf[i] = dig[n - 1 - i];
     }
+  if constexpr (std::is_same_v<Isa, Avx2>) {
+    if (m1_34 && avx2_m1_owned(m1_pf, P * Kh * 64)) {
+      const int64_t T = std::max<int64_t>(1, codeshell::current_team() ? codeshell::current_team()->threads()
+                                                                       : at::get_num_threads());
+      const int64_t step = std::clamp<int64_t>(P / (4 * T) / kAvx2M1Panels * kAvx2M1Panels, kAvx2M1Panels, 64);
+      codeshell::parallel_owned(P, kAvx2M1Panels, step, [&](int64_t p0, int64_t p1) {
+        avx2_m1_rows(m1_pf, xp, Kh, wp, N, p0, p1, P, b, op);
+      });
+      return;
+    }
+  }
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     if constexpr (std::is_same_v<Isa, Avx2>) {
-      if (m1_34) return avx2_m1_rows(m1_pf, xp, Kh, wp, N, p0, p1, b, op);
+      if (m1_34) return avx2_m1_rows(m1_pf, xp, Kh, wp, N, p0, p1, p1, b, op);
       if (small33 && M == 2) return avx2_xrows<2, 5>(xp, Kh, wp, N, p0, p1, b, op);
       if (small33 && M == 3) return avx2_xrows<3, 3>(xp, Kh, wp, N, p0, p1, b, op);
     }

@@ -1,6 +1,6 @@
 """The native decode step: a decode or prompt-lookup verify step's blocks in one native call.
 
-What this is: the Python side of csrc/decode_step.cpp. `forward` is what
+What this is: the Python side of the native decode step (csrc/decode_step.h and the files it names). `forward` is what
 `CodeShellModel._forward_inference` calls first: when the step is one the native `DecodeStep`
 takes (the engine's `PackedView` cache, bf16 rows, M <= ROW_INVARIANT_MAX_M, every linear a
 native `FastLinear`, GELU-tanh, the native attention), it runs every block and ln_f in one call

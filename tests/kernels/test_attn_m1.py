@@ -1,5 +1,5 @@
 """Session 22 helper A: the native decode step's batch-1 attention in a team without
-packed_attention's tensors (decode_step.cpp `attend`, CODESHELL_ATTN_M1; attention.cpp
+packed_attention's tensors (step_layers.cpp `attend`, CODESHELL_ATTN_M1; attention.cpp
 packed_attention_rows / packed_attention_groups): the logits and picks bit for bit those of the
 packed_attention calls it replaces (CODESHELL_ATTN_M1=0) and of the step outside a team, at short and
 long contexts, in slot 0 and later slots, for a KV group split at every length (=2), from

@@ -1,4 +1,4 @@
-"""Session 26 helper C: the batch-1 decode step's prefetch side jobs (decode_step.cpp StepPf,
+"""Session 26 helper C: the batch-1 decode step's prefetch side jobs (step_state.h StepPf,
 parallel.h Team::prefetch_async): while the master runs a serial stretch alone, the team's helper
 prefetches the next linear's first bytes. Prefetches only: the engine's logits, greedy tokens and KV
 cache are bit for bit the Python path's with the jobs on (every hint, the helpers' shares only, a

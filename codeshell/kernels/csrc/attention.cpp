@@ -741,7 +741,7 @@ torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& kc, 
 
 // packed_attention's queries [i0, i1) into rows [i0, i1) of the caller's `out` (q's shape and
 // dtype, contiguous), on the calling thread: the native decode step's share of a step's queries
-// (decode_step.cpp `attend`), each row the bits packed_attention gives it (the same run_packed
+// (step_layers.cpp `attend`), each row the bits packed_attention gives it (the same run_packed
 // items; a query's result does not depend on the others in the call). What it saves against a
 // packed_attention call on narrowed tensors: the output tensor, three views, the OpenMP region and
 // two getenv scans a call (at batch 8 each of the 8 layers' attention ran as two such calls; after
@@ -775,7 +775,7 @@ void packed_attention_rows(const torch::Tensor& q, const torch::Tensor& kc, cons
 
 // KV groups [g0, g1) of every query of q [M, H, D] (heads [g0 R, g1 R)) into those heads of out,
 // on the calling thread: the decode step's batch-1 query split over its team by groups
-// (decode_step.cpp `attend`), each (query, group) item the run_packed item packed_attention
+// (step_layers.cpp `attend`), each (query, group) item the run_packed item packed_attention
 // computes for it (an item reads only its group's heads of q and writes only its heads of out), so
 // the bits are packed_attention's. Checks and switches as packed_attention_rows.
 void packed_attention_groups(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,

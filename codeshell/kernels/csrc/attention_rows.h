@@ -1,5 +1,5 @@
 // packed_attention for a share of a step's queries into the caller's buffer (attention.cpp), for the
-// native decode step's thread team (decode_step.cpp `attend`): the arguments checked and the
+// native decode step's thread team (step_layers.cpp `attend`): the arguments checked and the
 // switches read once a call by the master, then one packed_attention_rows call per chunk on the
 // thread that runs it. Each row gets the bits packed_attention gives it.
 #pragma once

@@ -10,9 +10,11 @@
 //       benchmarks/standalone/q4avx2_m1_cold.cpp -o /tmp/q4cold && OMP_WAIT_POLICY=active /tmp/q4cold [rounds] [variant...]
 //
 // Variants: probe (kernels.cpp read_stream's loop over 1 GiB), seq (the same loop over each linear's bytes,
-// split as the kernel: the read with the kernel's calls and split but no compute), pat (tile2's load order
-// with its prefetch, no compute), run (q4avx2::run as the extension calls it, pf 8 KiB), and the candidates
-// named in main().
+// split as the kernel: the read with the kernel's calls and split but no compute: the % column's reference),
+// pat same-place / pat seq (tile2's load order without its compute, the tile ahead prefetched at each line's own
+// (row, group) place or in ascending order), run 8K mode M (q4avx2::run as the extension calls it, pf 8 KiB,
+// pfmode M: 0 session 32's prefetch, 1 ascending, 3 and the scales), run 4K mode 3 (4 KiB ahead), t2all
+// (tile2 at K = 4096 too: t2k 4096). Names given after the rounds pick variants (the probe always runs).
 #include <immintrin.h>
 #include <omp.h>
 #include <sys/mman.h>

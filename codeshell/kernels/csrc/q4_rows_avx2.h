@@ -137,14 +137,19 @@ inline void cols8(const float* s, int64_t ng, int R, float (*st)[8]) {
 // bytes apart; the caller's tail tile repeats its last row), groups of G = 64 * RUNS, the scales / offsets
 // transposed (st / ot [ng][8]); acc[i] lane r = the output (row i of x, weight row r). SPAN groups of a
 // weight row are summed before the next row (one sequential stream for M = 1: the tile's rows are
-// contiguous); pf: bytes ahead to prefetch (0: none).
-template <int MB, int RUNS, int SPAN, bool OFFS>
+// contiguous); pf: bytes ahead to prefetch (0: none). SEQ (SPAN = 1 only, M > 1; session 35 helper C, part 2):
+// the tile pf bytes ahead is prefetched in ascending address order, as tile2i's SEQ (the k-th prefetch of the
+// tile takes the k-th line of the tile ahead) rather than each line at its own (row, group) place, which with
+// SPAN = 1 is eight lines ldq bytes apart a group: the same bits (prefetches only).
+template <int MB, int RUNS, int SPAN, bool OFFS, bool SEQ = false>
 inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const float* xs, const int32_t* s8,
                  const uint8_t* const* wr, const float (*st)[8], const float (*ot)[8], int64_t pf, __m256* acc) {
   constexpr int64_t G = 64 * RUNS;
   const __m256i m0f = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  static_assert(!SEQ || SPAN == 1, "the ascending prefetch follows SPAN = 1's load order");
   alignas(32) int32_t lb[MB][SPAN][8][8];
   for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+  const char* pfb = reinterpret_cast<const char*>(wr[0]) + pf;  // SEQ: the tile pf bytes ahead, from its start
   for (int64_t g0 = 0; g0 < ng; g0 += SPAN) {
     const int cnt = int(std::min<int64_t>(SPAN, ng - g0));
     for (int r = 0; r < 8; ++r) {
@@ -154,7 +159,11 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const
         __m256i a[MB];
         for (int u = 0; u < RUNS; ++u) {
           const uint8_t* p = w + c * (G / 2) + 32 * u;
-          if (pf && (u % 2 == 0)) _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T0);
+          if (!SEQ && pf && (u % 2 == 0)) _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T0);
+          // SEQ: this (group, row, run)'s 32 bytes' place in the tile's loads (8 * g0 + r rows of 32 * RUNS
+          // bytes) names the line of the tile ahead it prefetches, a line each 64 bytes
+          if (SEQ && pf && ((r * RUNS + u) % 2 == 0))
+            _mm_prefetch(pfb + ((8 * g0 + r) * RUNS + u) * 32, _MM_HINT_T0);
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
           const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
           for (int i = 0; i < MB; ++i) {
@@ -277,6 +286,36 @@ inline void tile2(const int8_t* xq, int64_t K, int64_t ng, const float* dx, cons
   else tile2i<MB, RUNS, OFFS, false, false>(xq, K, ng, dx, xs, s8, wr, st, ot, 0, acc);
 }
 
+// M > 1: the tiles of up to 4 rows of x over one tile of 8 weight rows, the first prefetching pft bytes ahead
+// (SEQ: in ascending order, range's pfmode kPfSeq), the later ones finding the tile's nibbles in L1.
+template <int RUNS, bool OFFS, bool SEQ, class Put>
+inline void rest(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8, int64_t M, int64_t K,
+                 int64_t ng, const uint8_t* const* wr, const float (*st)[8], const float (*ot)[8], int64_t pft,
+                 Put& put) {
+  __m256 acc[4];
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    tile<4, RUNS, 1, OFFS, SEQ>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, m ? 0 : pft, acc);
+    put(acc, 4, m);
+  }
+  const int64_t pr = m ? 0 : pft;
+  switch (M - m) {
+    case 3:
+      tile<3, RUNS, 1, OFFS, SEQ>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
+      put(acc, 3, m);
+      break;
+    case 2:
+      tile<2, RUNS, 1, OFFS, SEQ>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
+      put(acc, 2, m);
+      break;
+    case 1:
+      tile<1, RUNS, 1, OFFS, SEQ>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
+      put(acc, 1, m);
+      break;
+    default: break;
+  }
+}
+
 // Weight rows [n0, n1) for all M rows of x into out [M, N] (no bias): tiles of 8 weight rows, each with its
 // scales transposed once and then every tile of up to 4 rows of x (M = 1: spans of 32 groups a weight row,
 // prefetching pf_m1 bytes ahead; M > 1: a group at a time for the 8 rows, the first tile of x prefetching the
@@ -336,26 +375,10 @@ void range(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8
       put(acc, 1, 0);
       continue;
     }
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-      tile<4, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, m ? 0 : pft, acc);
-      put(acc, 4, m);
-    }
-    const int64_t pr = m ? 0 : pft;
-    switch (M - m) {
-      case 3:
-        tile<3, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
-        put(acc, 3, m);
-        break;
-      case 2:
-        tile<2, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
-        put(acc, 2, m);
-        break;
-      case 1:
-        tile<1, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
-        put(acc, 1, m);
-        break;
-      default: break;
+    if (pfmode & kPfSeq) {
+      rest<RUNS, OFFS, true>(xq, dx, xs, s8, M, K, ng, wr, st, ot, pft, put);
+    } else {
+      rest<RUNS, OFFS, false>(xq, dx, xs, s8, M, K, ng, wr, st, ot, pft, put);
     }
   }
 }

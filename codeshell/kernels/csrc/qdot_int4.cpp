@@ -64,6 +64,13 @@ inline bool q4_avx2_v2() { return env_flag("CODESHELL_Q4_AVX2_V2", true); }
 inline int q4_avx2_m1_pfmode() {
   return int(env_int("CODESHELL_Q4_AVX2_M1_PFMODE", codeshell::q4avx2::kPfSeq | codeshell::q4avx2::kPfScales) & 3);
 }
+// q4_rows_avx2.h's M > 1 prefetch order (session 35 helper C, part 2: its tiles of 4 rows of x also walk a tile of
+// 8 weight rows group by group and prefetched each line at its own place, eight lines ldq bytes apart a group).
+// CODESHELL_Q4_AVX2_MN_PFMODE: 1 (default) the tile ahead in ascending order (kPfSeq), 0 the session-31 same-place
+// prefetch (A/B timing; read per call through the switch cache; prefetches change no bits).
+inline int q4_avx2_mn_pfmode() {
+  return env_int("CODESHELL_Q4_AVX2_MN_PFMODE", 1) ? codeshell::q4avx2::kPfSeq : 0;
+}
 // The longest rows (K) q4_rows_avx2.h's tile2 takes at M = 1 (kTile2MaxK, 4096 since session 35 helper C;
 // longer rows keep the session-31 tile). CODESHELL_Q4_AVX2_M1_T2K=1024: session 32's limit (A/B timing; read per
 // call through the switch cache; the same bits either way).
@@ -643,7 +650,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const Pf pf = lane && M == 1 ? q4_m1_pf() : Pf();
   const int64_t pf1 = avx2rows && M == 1 ? env_int("CODESHELL_Q4_M1_PF", kM1Prefetch) : 0;  // q4_rows_avx2.h's M = 1
   const bool v2 = avx2rows && q4_avx2_v2();
-  const int pfmode = avx2rows && M == 1 ? q4_avx2_m1_pfmode() : 0;
+  const int pfmode = !avx2rows ? 0 : M == 1 ? q4_avx2_m1_pfmode() : q4_avx2_mn_pfmode();
   const int64_t t2k = avx2rows && M == 1 ? q4_avx2_m1_t2k() : 0;
   const int64_t r16 = lane && M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
   const bool g32 = lane && M == 1 && (G == 32 || G == 64) && q4_m1_g32();  // run_q4v's 16-row tile at G < 128

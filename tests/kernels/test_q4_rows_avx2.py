@@ -14,6 +14,9 @@ Groups of 32 keep tile_q4 (checked: the switch changes nothing there).
 Session 32 (helper C): the tiles reduce the 8 weight rows' sums a pair of rows at a time (tile2); the
 integers and the fp32 steps are unchanged, so CODESHELL_Q4_AVX2_V2=0 (the session-31 tiles) must give the
 same bits at every M (checked on M = 1..9, 16, 33, the cap and a prefill-sized M).
+Session 35 (helper C): M = 1's prefetch order and the scales' prefetch (CODESHELL_Q4_AVX2_M1_PFMODE 0..3)
+and M > 1's prefetch order (CODESHELL_Q4_AVX2_MN_PFMODE 0 / 1)
+change no bits (checked at M = 1 on every shape; M > 1 at M = 2, 3, 5, 8 and the cap).
 Runs at the avx2 level on any AVX2 CPU (CODESHELL_KERNEL_ISA=avx2 caps an AVX-512 one).
 """
 
@@ -80,6 +83,18 @@ def test_rows_match_m1_and_reference(n, k, g, sym, with_bias, monkeypatch):
     for m in list(range(1, 10)) + [16, 33, top, top + 6]:
         assert torch.equal(_call(mod, x[:m], pw, bias), alone[:m]), f"session-31 tiles {n}x{k} g{g} M={m}: other bits"
     monkeypatch.delenv("CODESHELL_Q4_AVX2_V2")
+    # M = 1's prefetch modes (session 35: ascending order, the scales ahead, both, session 32's): the same bits
+    for mode in ("0", "1", "2", "3"):
+        monkeypatch.setenv("CODESHELL_Q4_AVX2_M1_PFMODE", mode)
+        for i in (0, 1, 3):
+            assert torch.equal(_call(mod, x[i:i + 1], pw, bias), alone[i:i + 1]), f"M = 1 prefetch mode {mode}: other bits"
+    monkeypatch.delenv("CODESHELL_Q4_AVX2_M1_PFMODE")
+    # M > 1's prefetch order (session 35 part 2: ascending, 1; session 31's same-place, 0): the same bits
+    for mode in ("0", "1"):
+        monkeypatch.setenv("CODESHELL_Q4_AVX2_MN_PFMODE", mode)
+        for m in (2, 3, 5, 8, top):
+            assert torch.equal(_call(mod, x[:m], pw, bias), alone[:m]), f"M > 1 prefetch mode {mode} M={m}: other bits"
+    monkeypatch.delenv("CODESHELL_Q4_AVX2_MN_PFMODE")
 
 
 @needs_native

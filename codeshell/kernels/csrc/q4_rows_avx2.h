@@ -42,6 +42,19 @@ namespace q4avx2 {
 // G = 128. Past it the caller keeps tile_q4.
 constexpr int64_t kMaxGroups = 256;
 
+// M = 1's prefetch, bits of range()'s pfmode (session 35 helper C, docs/kernels.md; the same bits whichever):
+// kPfSeq: tile2 prefetches the tile ahead in ascending address order (one line a 64 loaded bytes, the k-th
+// prefetch of a tile taking the k-th line of the tile ahead) rather than each line at its own (row, group)
+// place, the order tile2 loads: eight lines 512 bytes apart a group at K = 1024; kPfScales: the scales (and
+// offsets) of the tile pf_m1 bytes ahead too, a line at a time. qdot_int4.cpp reads the mode
+// (CODESHELL_Q4_AVX2_M1_PFMODE; 0: session 32's same-place prefetch without the scales).
+constexpr int kPfSeq = 1, kPfScales = 2;
+// M = 1: tile2 for rows up to kTile2MaxK (range()'s t2k; qdot_int4.cpp's CODESHELL_Q4_AVX2_M1_T2K), longer
+// rows on the session-31 tile. 1024 in session 32 (tile2's 8 row streams 2 KiB apart at K = 4096 ran 0.88x the
+// old tile's one stream with the same-place prefetch); 4096 since session 35 (with the ascending prefetch, cold,
+// 2 threads: the small shape's mlp.c_proj 70 us a call against the old tile's 82-89, the plain read's 70-72).
+constexpr int64_t kTile2MaxK = 4096;
+
 // x fp32 [M, K] -> xq int8 [M, K] in the perm-64 order (within each run of 64: x0..15 x32..47 | x16..31
 // x48..63, the order of a 32-byte load's low / high nibbles), dx, xs fp32 [M, K/G] and s8 int32 [M, K/G]
 // (8 * the group's integer sum). The same integers, dx and xs as qdot.cpp's quantize_x(perm = 64): amax by
@@ -124,14 +137,19 @@ inline void cols8(const float* s, int64_t ng, int R, float (*st)[8]) {
 // bytes apart; the caller's tail tile repeats its last row), groups of G = 64 * RUNS, the scales / offsets
 // transposed (st / ot [ng][8]); acc[i] lane r = the output (row i of x, weight row r). SPAN groups of a
 // weight row are summed before the next row (one sequential stream for M = 1: the tile's rows are
-// contiguous); pf: bytes ahead to prefetch (0: none).
-template <int MB, int RUNS, int SPAN, bool OFFS>
+// contiguous); pf: bytes ahead to prefetch (0: none). SEQ (SPAN = 1 only, M > 1; session 35 helper C, part 2):
+// the tile pf bytes ahead is prefetched in ascending address order, as tile2i's SEQ (the k-th prefetch of the
+// tile takes the k-th line of the tile ahead) rather than each line at its own (row, group) place, which with
+// SPAN = 1 is eight lines ldq bytes apart a group: the same bits (prefetches only).
+template <int MB, int RUNS, int SPAN, bool OFFS, bool SEQ = false>
 inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const float* xs, const int32_t* s8,
                  const uint8_t* const* wr, const float (*st)[8], const float (*ot)[8], int64_t pf, __m256* acc) {
   constexpr int64_t G = 64 * RUNS;
   const __m256i m0f = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  static_assert(!SEQ || SPAN == 1, "the ascending prefetch follows SPAN = 1's load order");
   alignas(32) int32_t lb[MB][SPAN][8][8];
   for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+  const char* pfb = reinterpret_cast<const char*>(wr[0]) + pf;  // SEQ: the tile pf bytes ahead, from its start
   for (int64_t g0 = 0; g0 < ng; g0 += SPAN) {
     const int cnt = int(std::min<int64_t>(SPAN, ng - g0));
     for (int r = 0; r < 8; ++r) {
@@ -141,7 +159,11 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const
         __m256i a[MB];
         for (int u = 0; u < RUNS; ++u) {
           const uint8_t* p = w + c * (G / 2) + 32 * u;
-          if (pf && (u % 2 == 0)) _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T0);
+          if (!SEQ && pf && (u % 2 == 0)) _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T0);
+          // SEQ: this (group, row, run)'s 32 bytes' place in the tile's loads (8 * g0 + r rows of 32 * RUNS
+          // bytes) names the line of the tile ahead it prefetches, a line each 64 bytes
+          if (SEQ && pf && ((r * RUNS + u) % 2 == 0))
+            _mm_prefetch(pfb + ((8 * g0 + r) * RUNS + u) * 32, _MM_HINT_T0);
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
           const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
           for (int i = 0; i < MB; ++i) {
@@ -200,14 +222,16 @@ inline __m256i halves_rows(__m256i u0, __m256i u1) {
 }
 
 // The session-32 tile: as tile with SPAN = 1 and the pairwise reduction above; pf: bytes ahead to prefetch each
-// nibble line (0: none; a template flag inside, so the row loop carries no test). range() takes it for M = 1 at
-// K <= 1024 only (MB = 1; MB > 1 is correct, the same bits, but measured slower: range's comment).
-template <int MB, int RUNS, bool OFFS, bool PF>
+// nibble line (0: none; a template flag inside, so the row loop carries no test), SEQ: in ascending order
+// (kPfSeq). range() takes it for M = 1 at K <= t2k only (MB = 1; MB > 1 is correct, the same bits, but measured
+// slower: range's comment).
+template <int MB, int RUNS, bool OFFS, bool PF, bool SEQ>
 inline void tile2i(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const float* xs, const int32_t* s8,
                   const uint8_t* const* wr, const float (*st)[8], const float (*ot)[8], int64_t pf, __m256* acc) {
   constexpr int64_t G = 64 * RUNS;
   const __m256i m0f = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+  const char* pfb = reinterpret_cast<const char*>(wr[0]) + pf;  // SEQ: the tile pf bytes ahead, from its start
   for (int64_t g = 0; g < ng; ++g) {
     const int8_t* x = xq + g * G;
     __m256i pr[MB][4];
@@ -220,7 +244,13 @@ inline void tile2i(const int8_t* xq, int64_t K, int64_t ng, const float* dx, con
 #pragma GCC unroll 4
         for (int u = 0; u < RUNS; ++u) {
           const uint8_t* p = w + 32 * u;
-          if (PF && (u % 2 == 0)) _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T0);
+          const int r = 2 * h + e;
+          if (PF && !SEQ && (u % 2 == 0)) _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T0);
+          // SEQ: this (group, row, run)'s 32 bytes' place in the tile's loads, 8 * g + r rows of 32 * RUNS bytes,
+          // names the line of the tile ahead it prefetches (a line each 64 bytes): the tile ahead is prefetched
+          // in ascending order (session 35 helper C)
+          if (PF && SEQ && ((r * RUNS + u) % 2 == 0))
+            _mm_prefetch(pfb + ((8 * g + r) * RUNS + u) * 32, _MM_HINT_T0);
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
           const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
 #pragma GCC unroll 4
@@ -249,25 +279,57 @@ inline void tile2i(const int8_t* xq, int64_t K, int64_t ng, const float* dx, con
 
 template <int MB, int RUNS, bool OFFS>
 inline void tile2(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const float* xs, const int32_t* s8,
-                  const uint8_t* const* wr, const float (*st)[8], const float (*ot)[8], int64_t pf, __m256* acc) {
-  if (pf) tile2i<MB, RUNS, OFFS, true>(xq, K, ng, dx, xs, s8, wr, st, ot, pf, acc);
-  else tile2i<MB, RUNS, OFFS, false>(xq, K, ng, dx, xs, s8, wr, st, ot, 0, acc);
+                  const uint8_t* const* wr, const float (*st)[8], const float (*ot)[8], int64_t pf, bool seq,
+                  __m256* acc) {
+  if (pf && seq) tile2i<MB, RUNS, OFFS, true, true>(xq, K, ng, dx, xs, s8, wr, st, ot, pf, acc);
+  else if (pf) tile2i<MB, RUNS, OFFS, true, false>(xq, K, ng, dx, xs, s8, wr, st, ot, pf, acc);
+  else tile2i<MB, RUNS, OFFS, false, false>(xq, K, ng, dx, xs, s8, wr, st, ot, 0, acc);
+}
+
+// M > 1: the tiles of up to 4 rows of x over one tile of 8 weight rows, the first prefetching pft bytes ahead
+// (SEQ: in ascending order, range's pfmode kPfSeq), the later ones finding the tile's nibbles in L1.
+template <int RUNS, bool OFFS, bool SEQ, class Put>
+inline void rest(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8, int64_t M, int64_t K,
+                 int64_t ng, const uint8_t* const* wr, const float (*st)[8], const float (*ot)[8], int64_t pft,
+                 Put& put) {
+  __m256 acc[4];
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    tile<4, RUNS, 1, OFFS, SEQ>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, m ? 0 : pft, acc);
+    put(acc, 4, m);
+  }
+  const int64_t pr = m ? 0 : pft;
+  switch (M - m) {
+    case 3:
+      tile<3, RUNS, 1, OFFS, SEQ>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
+      put(acc, 3, m);
+      break;
+    case 2:
+      tile<2, RUNS, 1, OFFS, SEQ>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
+      put(acc, 2, m);
+      break;
+    case 1:
+      tile<1, RUNS, 1, OFFS, SEQ>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
+      put(acc, 1, m);
+      break;
+    default: break;
+  }
 }
 
 // Weight rows [n0, n1) for all M rows of x into out [M, N] (no bias): tiles of 8 weight rows, each with its
 // scales transposed once and then every tile of up to 4 rows of x (M = 1: spans of 32 groups a weight row,
 // prefetching pf_m1 bytes ahead; M > 1: a group at a time for the 8 rows, the first tile of x prefetching the
-// tile(s) ahead where pf != 0, the later ones finding the tile's nibbles in L1). V2: tile2 for M = 1 at K <= 1024
-// (group by group, each line prefetched at the same place of the tile whole tiles ahead, the tiles nearest
-// pf_m1 bytes and at least one); longer rows and every M > 1 keep the session-31 tiles, measured faster there
-// (docs/kernels.md, session 32 helper C: at K = 4096 tile2's 8 row streams 2 KiB apart ran 0.88x the one
-// sequential stream, with or without the prefetch; at M = 2 tile2<2> ran 0.87-0.95x; at M = 8 tile2<4> keeps
-// 4 * 4 pair vectors live, which the compiler spilled: 0.83x). !V2: the session-31 tiles everywhere
-// (CODESHELL_Q4_AVX2_V2=0; the same bits).
+// tile(s) ahead where pf != 0, the later ones finding the tile's nibbles in L1). V2: tile2 for M = 1 at K <= t2k
+// (kTile2MaxK; group by group, the tile whole tiles ahead prefetched, the tiles nearest pf_m1 bytes and at
+// least one: in ascending order under pfmode's kPfSeq, else each line at its own place; the scales of the tile
+// pf_m1 bytes ahead under kPfScales); longer rows and every M > 1 keep the session-31 tiles, measured faster
+// there (docs/kernels.md, session 32 helper C: at M = 2 tile2<2> ran 0.87-0.95x; at M = 8 tile2<4> keeps
+// 4 * 4 pair vectors live, which the compiler spilled: 0.83x; session 35 helper C for K = 4096). !V2: the
+// session-31 tiles everywhere (CODESHELL_Q4_AVX2_V2=0; the same bits).
 template <int RUNS, bool OFFS, bool V2>
 void range(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8, int64_t M, int64_t K,
            const uint8_t* q, const float* sc, const float* of, float* out, int64_t N, int64_t n0, int64_t n1,
-           int64_t pf_m1, int64_t pf) {
+           int64_t pf_m1, int64_t pf, int pfmode, int64_t t2k) {
   constexpr int64_t G = 64 * RUNS;
   const int64_t ng = K / G, ldq = K / 2;
   // M > 1: the first tile of x prefetches the same rows and groups of the tile 2 ahead (K <= 1024) or the next
@@ -275,6 +337,7 @@ void range(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8
   // sweeps its 8 rows group by group), so cold weights (the decode step's, one read a step) stalled there
   const int64_t pft = pf ? 8 * ldq * (ldq <= 512 ? 2 : 1) : 0;
   const int64_t pft1 = pf_m1 > 0 ? 8 * ldq * std::max<int64_t>(1, pf_m1 / (8 * ldq)) : 0;
+  const int64_t pfr = std::max<int64_t>(8, pf_m1 / ldq / 8 * 8);  // M = 1: the scales' prefetch, rows ahead
   alignas(32) float st[kMaxGroups][8];
   alignas(32) float ot[OFFS ? kMaxGroups : 1][8];
   for (int64_t n = n0; n < n1; n += 8) {
@@ -297,31 +360,25 @@ void range(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8
     };
     __m256 acc[4];
     if (M == 1) {
-      if (V2 && ldq <= 512) tile2<1, RUNS, OFFS>(xq, K, ng, dx, xs, s8, wr, st, ot, pft1, acc);
+      // the scales (and offsets) of the tile pfr rows ahead, a prefetch a line (kPfScales): they are [N, K/G]
+      // fp32 on torch's allocator, 4 KiB pages, a stream the hardware prefetcher restarts every page
+      if ((pfmode & kPfScales) && pf_m1 > 0 && n + pfr + 8 <= n1) {
+        const char* sp = reinterpret_cast<const char*>(sc + (n + pfr) * ng);
+        for (int64_t b = 0; b < 8 * ng * 4; b += 64) _mm_prefetch(sp + b, _MM_HINT_T0);
+        if (OFFS) {
+          const char* op = reinterpret_cast<const char*>(of + (n + pfr) * ng);
+          for (int64_t b = 0; b < 8 * ng * 4; b += 64) _mm_prefetch(op + b, _MM_HINT_T0);
+        }
+      }
+      if (V2 && K <= t2k) tile2<1, RUNS, OFFS>(xq, K, ng, dx, xs, s8, wr, st, ot, pft1, pfmode & kPfSeq, acc);
       else tile<1, RUNS, 32, OFFS>(xq, K, ng, dx, xs, s8, wr, st, ot, pf_m1, acc);
       put(acc, 1, 0);
       continue;
     }
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-      tile<4, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, m ? 0 : pft, acc);
-      put(acc, 4, m);
-    }
-    const int64_t pr = m ? 0 : pft;
-    switch (M - m) {
-      case 3:
-        tile<3, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
-        put(acc, 3, m);
-        break;
-      case 2:
-        tile<2, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
-        put(acc, 2, m);
-        break;
-      case 1:
-        tile<1, RUNS, 1, OFFS>(xq + m * K, K, ng, dx + m * ng, xs + m * ng, s8 + m * ng, wr, st, ot, pr, acc);
-        put(acc, 1, m);
-        break;
-      default: break;
+    if (pfmode & kPfSeq) {
+      rest<RUNS, OFFS, true>(xq, dx, xs, s8, M, K, ng, wr, st, ot, pft, put);
+    } else {
+      rest<RUNS, OFFS, false>(xq, dx, xs, s8, M, K, ng, wr, st, ot, pft, put);
     }
   }
 }
@@ -332,15 +389,15 @@ inline bool takes(int64_t K, int64_t G) { return (G == 64 || G == 128 || G == 25
 
 inline void run(const int8_t* xq, const float* dx, const float* xs, const int32_t* s8, int64_t M, int64_t K, int64_t G,
                 const uint8_t* q, const float* sc, const float* of, float* out, int64_t N, int64_t n0, int64_t n1,
-                int64_t pf_m1, int64_t pf, bool v2 = true) {
+                int64_t pf_m1, int64_t pf, bool v2 = true, int pfmode = kPfSeq | kPfScales, int64_t t2k = kTile2MaxK) {
   auto go = [&](auto runs) {
     constexpr int RU = decltype(runs)::value;
     if (v2) {
-      if (of) range<RU, true, true>(xq, dx, xs, s8, M, K, q, sc, of, out, N, n0, n1, pf_m1, pf);
-      else range<RU, false, true>(xq, dx, xs, s8, M, K, q, sc, nullptr, out, N, n0, n1, pf_m1, pf);
+      if (of) range<RU, true, true>(xq, dx, xs, s8, M, K, q, sc, of, out, N, n0, n1, pf_m1, pf, pfmode, t2k);
+      else range<RU, false, true>(xq, dx, xs, s8, M, K, q, sc, nullptr, out, N, n0, n1, pf_m1, pf, pfmode, t2k);
     } else {
-      if (of) range<RU, true, false>(xq, dx, xs, s8, M, K, q, sc, of, out, N, n0, n1, pf_m1, pf);
-      else range<RU, false, false>(xq, dx, xs, s8, M, K, q, sc, nullptr, out, N, n0, n1, pf_m1, pf);
+      if (of) range<RU, true, false>(xq, dx, xs, s8, M, K, q, sc, of, out, N, n0, n1, pf_m1, pf, pfmode, t2k);
+      else range<RU, false, false>(xq, dx, xs, s8, M, K, q, sc, nullptr, out, N, n0, n1, pf_m1, pf, pfmode, t2k);
     }
   };
   if (G == 64) go(std::integral_constant<int, 1>{});

@@ -56,6 +56,25 @@ inline bool q4_avx2_rows(int64_t isa, int64_t K, int64_t G) {
 // CODESHELL_Q4_AVX2_V2=0: its session-31 tiles (A/B timing; read per call through the switch cache, the same
 // bits either way).
 inline bool q4_avx2_v2() { return env_flag("CODESHELL_Q4_AVX2_V2", true); }
+// q4_rows_avx2.h's M = 1 prefetch (its kPfSeq / kPfScales bits; docs/kernels.md, session 35 helper C: the
+// small shape's cold block linears read below the probe with session 32's same-place prefetch, whose address
+// order is tile2's: eight lines 512 bytes apart a group). CODESHELL_Q4_AVX2_M1_PFMODE: 3 (default) the tile
+// ahead in ascending order plus its scales, 1 the order only, 2 the scales only, 0 session 32's prefetch
+// (A/B timing; read per call through the switch cache; prefetches change no bits).
+inline int q4_avx2_m1_pfmode() {
+  return int(env_int("CODESHELL_Q4_AVX2_M1_PFMODE", codeshell::q4avx2::kPfSeq | codeshell::q4avx2::kPfScales) & 3);
+}
+// q4_rows_avx2.h's M > 1 prefetch order (session 35 helper C, part 2: its tiles of 4 rows of x also walk a tile of
+// 8 weight rows group by group and prefetched each line at its own place, eight lines ldq bytes apart a group).
+// CODESHELL_Q4_AVX2_MN_PFMODE: 1 (default) the tile ahead in ascending order (kPfSeq), 0 the session-31 same-place
+// prefetch (A/B timing; read per call through the switch cache; prefetches change no bits).
+inline int q4_avx2_mn_pfmode() {
+  return env_int("CODESHELL_Q4_AVX2_MN_PFMODE", 1) ? codeshell::q4avx2::kPfSeq : 0;
+}
+// The longest rows (K) q4_rows_avx2.h's tile2 takes at M = 1 (kTile2MaxK, 4096 since session 35 helper C;
+// longer rows keep the session-31 tile). CODESHELL_Q4_AVX2_M1_T2K=1024: session 32's limit (A/B timing; read per
+// call through the switch cache; the same bits either way).
+inline int64_t q4_avx2_m1_t2k() { return env_int("CODESHELL_Q4_AVX2_M1_T2K", codeshell::q4avx2::kTile2MaxK); }
 // int4 M = 1 (run_q4v: the 16-row tile and tile_q4v's rows): prefetch the scale (and offset) rows
 // kQ4M1ScalePf tiles of 16 rows ahead, T0. Why: the nibbles sit on huge pages with kM1Prefetch's
 // software prefetch, but the fp32 scales / offsets [N, K/G] (quant/linear.py, torch's allocator) are
@@ -631,6 +650,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const Pf pf = lane && M == 1 ? q4_m1_pf() : Pf();
   const int64_t pf1 = avx2rows && M == 1 ? env_int("CODESHELL_Q4_M1_PF", kM1Prefetch) : 0;  // q4_rows_avx2.h's M = 1
   const bool v2 = avx2rows && q4_avx2_v2();
+  const int pfmode = !avx2rows ? 0 : M == 1 ? q4_avx2_m1_pfmode() : q4_avx2_mn_pfmode();
+  const int64_t t2k = avx2rows && M == 1 ? q4_avx2_m1_t2k() : 0;
   const int64_t r16 = lane && M == 1 && q4_m1_r16() ? q4_m1_r16_groups() : 0;  // run_q4v's 16-row tile: up to r16 groups
   const bool g32 = lane && M == 1 && (G == 32 || G == 64) && q4_m1_g32();  // run_q4v's 16-row tile at G < 128
 #if CODESHELL_HAVE_AVX512
@@ -692,7 +713,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     }
 #endif
     if (avx2rows) {  // the AVX2 level, G = 64 / 128 / 256: q4_rows_avx2.h at every M
-      codeshell::q4avx2::run(xqp, dx, xs, sx, M, K, G, qp, sp, ofp, op, N, n0, n1, pf1, kPrefetch, v2);
+      codeshell::q4avx2::run(xqp, dx, xs, sx, M, K, G, qp, sp, ofp, op, N, n0, n1, pf1, kPrefetch, v2, pfmode, t2k);
       add_bias(b, op, M, N, n0, n1);
       return;
     }

@@ -3,7 +3,7 @@ steps) and ms a prompt, per variant, with N competing CPU-bound processes runnin
 measurement (`--load N`), all in one process with the variants (and loads) alternating.
 
 Why: on the 2-core machine, any other runnable process sharing the second core made every 2-thread
-at::parallel_for (OpenMP) call wait ~8 ms for its second thread to be scheduled (docs/kernels.md,
+at::parallel_for (OpenMP) call wait ~8 ms for its second thread to be scheduled (docs/kernels-log.md,
 session 18 helper A): a small-shape decode token took 124-344 ms instead of 3. A user's laptop
 always runs other processes (the IDE, a browser, the server's own clients), so the defaults have to
 hold up there, and this makes that minute reproducible: the load is a plain busy loop per process,

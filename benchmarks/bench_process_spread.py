@@ -15,7 +15,7 @@ process differ (so a process that is fast for its whole life shows as such).
 
 Why: codeshell-mini's int8 prompt read 7133-13287 tok/s in consecutive bench_quant.py runs of the
 same code and environment, prompt and b1 moving together in one process, while llama-bench held
-8750-8821 (docs/kernels.md, session 34 lead): something fixed per process sets the figure.
+8750-8821 (docs/kernels-log.md, session 34 lead): something fixed per process sets the figure.
 
 A variant is `NAME:ITEM ITEM ...`; an item `KEY=VALUE` is set in the child's environment, any other
 item is a word of a command prefix (e.g. `noaslr:setarch x86_64 -R`); SPREAD_PIN=split0 / split1 in a
@@ -24,7 +24,7 @@ child's environment pins its master thread to CPU 0 / 1 and every other thread t
 process's figures then moved more than the processes' medians differed). Two probes instead of the
 processes: `--colour KIB` (page colour in L2: 4 KiB pages against one huge page) and `--host-series S`
 (one thread's FMA peak on CPU 0 and CPU 1 every ~0.5 s: the host's speed over time).
-Not a timed test: figures only (docs/kernels.md, session 35 helper A).
+Not a timed test: figures only (docs/kernels-log.md, session 35 helper A).
 
     python benchmarks/bench_process_spread.py --procs 10
     python benchmarks/bench_process_spread.py --procs 6 --variant base: --variant 'arena:CODESHELL_HUGE_ARENA_MIN=0'

@@ -142,7 +142,7 @@ def worker(fmt: str, folder: str, threads: int, prompt_len: int, decode_tokens: 
     # The prompt figure: the best of as many samples as llama-bench takes of its prompt (its -r,
     # `llamacpp_repeats`, from this decode speed), so both sides' best prompt comes from as many
     # samples. Why: llama-bench runs pp -r times, up to 30 for a small model, and this host's speed
-    # moves over seconds (docs/kernels.md, session 35 helper A: one thread's FMA peak 46-101
+    # moves over seconds (docs/kernels-log.md, session 35 helper A: one thread's FMA peak 46-101
     # GFLOP/s within 40 s); a best of 2 against a best of 30 measured the host's minute, not ours.
     prompt_samples = llamacpp_repeats(decode1_tps, decode_tokens)
     prefill_s = run([prompt(prompt_len)], 1, repeats=prompt_samples)

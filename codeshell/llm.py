@@ -312,7 +312,7 @@ def gguf_head_scheme(path: "Path | dict", environ=os.environ):
 
     Why: the head is a sixth of a 1.7B model's weights (70,144 x 4,096): widened to bf16 it was
     575 MB read per decode token, 11.1 ms of the 1.7B q4_0 server's ~30 ms step, where llama-server
-    reads the file's Q8_0 head (305 MB); in int8 it is 287 MB (docs/kernels.md, session 21 A).
+    reads the file's Q8_0 head (305 MB); in int8 it is 287 MB (docs/kernels-log.md, session 21 A).
     The int8 head is the Q8_0 values requantized per output row (one scale a row where Q8_0 has
     one a 32-value block): not bit for bit the file's values, as the bf16 widening nearly was.
     CODESHELL_GGUF_HEAD=bf16 keeps the head in bf16 (the behaviour before session 21).

@@ -12,7 +12,7 @@ rows, a prompt's prefill) leaves libgomp's worker spinning (its default, ~300k s
 next step beside the team's master and helper: three busy threads on two cores. Since session 21
 a temperature-only row at one client runs no OpenMP region between steps (engine/sampling.py's
 lean sampler), so there the policy no longer matters; it still guards the other cases.
-Measured (docs/kernels.md, session 20): the 1.7B q4_0 server at one client, temperature 0.8, 37-48 ms
+Measured (docs/kernels-log.md, session 20): the 1.7B q4_0 server at one client, temperature 0.8, 37-48 ms
 a step with the spinning worker against 33-43 passive (1.16x llama-server against 0.99x);
 `codeshell generate` on the 1.7B int4 at -t 0.8, 26.5-29.4 tok/s against 35.4-36.4 passive.
 Passive costs a futex wake per OpenMP region, nothing next to a prompt's regions of milliseconds;

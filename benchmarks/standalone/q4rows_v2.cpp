@@ -1,4 +1,4 @@
-// Standalone harness (session 19 helper B, docs/kernels.md): q4_rows.h's int4 rows (groups of 128,
+// Standalone harness (session 19 helper B, docs/kernels-log.md): q4_rows.h's int4 rows (groups of 128,
 // symmetric) at M rows of x, 1 thread, the session 17 schedule (V2 = false) against the session 19
 // one (V2 = true) alternating in rounds (4 calls each, medians), bits compared. Weights cold (copies
 // rotated through ~96 MB) or warm (one copy). Shapes: the small shape's four block linears, or

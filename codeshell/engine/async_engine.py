@@ -42,7 +42,7 @@ GATHER_QUIET_S = 0.015
 def gather_window(environ=os.environ) -> float:
     """CODESHELL_ADMIT_GATHER_MS (default 50): the most milliseconds an idle engine waits for
     requests arriving together before its first step; 0 restores the immediate start (the
-    behaviour before session 24). Measured (docs/kernels.md, session 24 helper D): 4 streaming
+    behaviour before session 24). Measured (docs/kernels-log.md, session 24 helper D): 4 streaming
     clients on the 1.7B bf16 model, the first request's 90-token prefill ran alone (3.2 s on
     the Ice Lake-class Xeon) and the other three after it, time to first token p50 7.4 s against
     4.8 s when the four shared one forward."""

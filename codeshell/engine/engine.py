@@ -504,7 +504,7 @@ class Engine:
         (`kernels.step.decode`: embedding to logits in one call) takes the bf16 models whose
         modules it runs; any other model runs its transformer and head here. want_logits False
         (every row plain greedy): where the native step ran, the logits are None (only its picks
-        are made; the bf16 [M, V] copy cost ~2-5 us a row at a 16k vocabulary on Zen 4, docs/kernels.md
+        are made; the bf16 [M, V] copy cost ~2-5 us a row at a 16k vocabulary on Zen 4, docs/kernels-log.md
         session 13)."""
         need = max(positions) + 1
         self._ensure_cache(need)
@@ -524,7 +524,7 @@ class Engine:
         nobody sees the tokens between two steps) of one plain-greedy sequence without drafts, and
         no request waiting. Why: at the small shape ~0.29 ms of Python, pybind and the team's
         hand-over ran between two tokens, ~0.22 ms of it cache misses after the weights streamed
-        through the caches (docs/kernels.md, session 27 helper C); here they run once per call.
+        through the caches (docs/kernels-log.md, session 27 helper C); here they run once per call.
         CODESHELL_DECODE_MULTI (read by `set_lean`, i.e. at each LLM.generate): the tokens a call
         (1: one a step, as before). CODESHELL_DECODE_MULTI_MS (also read there; default 100): a call
         also stops after the token that passes that many ms (a Ctrl-C, or a request that arrives, waits

@@ -5,7 +5,7 @@ every row runs as many positions as the longest remaining prompt of its group. O
 everything is what small models want (a forward's fixed cost, the Python and the weights' pass,
 outweighs many rows of padding), but on a 1.7B model a row is ~20 ms of compute and a prompt that
 is (almost) all cached pads to the longest one: 4 clients after a 1-client round ran [4, 93]
-= 372 rows where llama-server computed 276 (docs/kernels.md, session 31 helper B). A fixed cap on
+= 372 rows where llama-server computed 276 (docs/kernels-log.md, session 31 helper B). A fixed cap on
 the padding share split small models' groups into forwards that cost more than the padding.
 
 So the split is chosen by cost: a forward of `rows` rows (batch x padded length) is estimated at

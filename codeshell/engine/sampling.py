@@ -266,7 +266,7 @@ def _draw_top_k(row: torch.Tensor, temperature: float, k: int, top_p: float, u: 
 
     Why: the whole-row ops (divide, topk, masked_fill, sort, softmax twice, scatter, cumsum over
     70,144 logits, each an OpenMP region on 2 threads) put ~2.0 ms between two ~26 ms decode steps
-    of the 1.7B q4_0 engine, ~0.6 ms this way (docs/kernels.md, session 21 A): the
+    of the 1.7B q4_0 engine, ~0.6 ms this way (docs/kernels-log.md, session 21 A): the
     llama.cpp-compatible /completion route's defaults (top_k 10, top_p 0.95: the IDE plugin's
     requests) take this path. Here: one topk over the row (one slice: no OpenMP region) and
     ops on k values."""

@@ -119,7 +119,7 @@ def _arena(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Ten
     at the chunk's next 4 KiB boundary; None where it is off or refused.
     Why: the small shape's c_attn and attn.c_proj (int8 1.5 / 1 MiB, int4 0.75 / 0.5 MiB) sat on
     4 KiB pages (a TLB miss every 4 KiB of the stream) and read slower in the decode step than
-    c_fc and mlp.c_proj on huge pages (docs/kernels.md, session 18 helper A). A chunk lives as long
+    c_fc and mlp.c_proj on huge pages (docs/kernels-log.md, session 18 helper A). A chunk lives as long
     as any tensor in it (each tensor's storage holds the mapping); at most the chunk being filled
     is held here. Cost: up to 2 MiB of resident memory past the last tensor of a chunk (its last
     huge page), and the rest of the chunk's address space."""

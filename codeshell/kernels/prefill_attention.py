@@ -29,7 +29,7 @@ def prefill_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     a contiguous bf16 cache layer, D a multiple of 32 up to 256, and AVX512-BF16 here, or AVX-512
     without it: there the kernel's vdpbf16ps steps run as two fp32 FMAs on the widened pairs and its
     bf16 rounding in integer steps (csrc/attention_prefill.cpp `dpbf16`, `to_bf16`), where PyTorch's
-    SDPA computes the whole masked square (docs/kernels.md "Session 23, helper C");
+    SDPA computes the whole masked square (docs/kernels-log.md "Session 23, helper C");
     CODESHELL_PREFILL_ATTN_NOBF16=0 keeps PyTorch's SDPA there."""
     if not (q.device.type == "cpu" and q.dim() == 4 and q.shape[2] > 1 and q.dtype == torch.bfloat16
             and k_cache.dtype == torch.bfloat16 and k_cache.is_contiguous() and q.stride(3) == 1
@@ -61,7 +61,7 @@ def key_block(head_dim: int) -> int:
 
 DEFAULT_KEY_BLOCK = 64
 """Measured (`python benchmarks/trace_prefill.py --shape small --attention-only --rounds 40 --kb 16 32 64`,
-key blocks alternating in one process, medians; docs/kernels.md "Session 18, helper C"): 16 / 32 / 64
+key blocks alternating in one process, medians; docs/kernels-log.md "Session 18, helper C"): 16 / 32 / 64
 keys 1.90 / 1.30 / 1.04 ms at the small shape (H 8, G 2, D 128, T 512), 7.89 / 5.49 / 4.44 ms at the
 7B's (H 32, G 8), 0.228 / 0.149 / 0.139 ms at codeshell-mini's (D 32, T 256)."""
 

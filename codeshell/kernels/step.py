@@ -50,7 +50,7 @@ _DECODERS: "weakref.WeakKeyDictionary[nn.Module, _Decoder]" = weakref.WeakKeyDic
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _PACKED_VIEW: list = []  # codeshell.engine.kv_cache.PackedView, imported at first use
 # `decode`'s per-step reads, made cheap (it runs before every native call, with the caches cold
-# from the step before: docs/kernels.md, session 20 helper B): the environment as os.environ's
+# from the step before: docs/kernels-log.md, session 20 helper B): the environment as os.environ's
 # own dict (bytes keys and values; os.environ.get encodes the key and decodes the value at each
 # call, and `os.putenv` bypasses both alike), ROW_INVARIANT_MAX_M bound once, and the extension's
 # `same_entries` for the rebuild check (`_Checks.valid_native`).
@@ -86,7 +86,7 @@ def team_mode() -> int:
     path may wait ~8 ms for its second thread to get a core (codeshell-mini: 240 ms a step in one
     process of three against 0.3 ms with the team), while the team's master takes the chunks of a
     helper that is not running; quiet, the team measured faster at codeshell-mini and the small
-    shape and within the noise at the 1.7B (docs/kernels.md, session 19 helper A). `off` keeps each
+    shape and within the noise at the 1.7B (docs/kernels-log.md, session 19 helper A). `off` keeps each
     kernel's own OpenMP fork (the default before session 19)."""
     v = os.environ.get("CODESHELL_DECODE_TEAM", "on")
     if v not in _TEAM:
@@ -265,7 +265,7 @@ class _Checks:
         """`valid()` by the extension's `same_entries` (the same answer): after a step has streamed
         the weights through the caches the ~200 dicts read here are cold, and Python's loop takes
         their misses one at a time (small shape: ~65 us a token in place against ~11 in a hot loop;
-        docs/kernels.md, session 20 helper B); the native loop overlaps them."""
+        docs/kernels-log.md, session 20 helper B); the native loop overlaps them."""
         return same_entries(self.dicts, self.keys, self.objs, self.tensors, self.versions)
 
 
@@ -418,7 +418,7 @@ def decode_greedy_rows(lm: nn.Module, cache, tokens: list[int], positions: list[
     stops[r] (a stopped row leaves the batch, the others go on); each row's picks bit for bit what
     one `decode` call a step gives (csrc/decode_step.cpp `decode_greedy_rows`). None where the native
     step does not apply. Why: an LLM.generate step of 8 codeshell-mini rows spent ~160 us outside its
-    ~710 us native call (docs/kernels.md, session 28, lead)."""
+    ~710 us native call (docs/kernels-log.md, session 28, lead)."""
     d = _ready(lm, cache)
     if d is None:
         return None

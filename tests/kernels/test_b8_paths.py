@@ -1,4 +1,4 @@
-"""Session 18's batch-decode paths (docs/kernels.md, "Session 18, helper B") give the bits of the
+"""Session 18's batch-decode paths (docs/kernels-log.md, "Session 18, helper B") give the bits of the
 paths they replace, each named by the switch that selects it:
 
 * `ln16`: the LayerNorm (fused.cpp add_ln_row16, 16 lanes) against the 8-lane add_ln_row

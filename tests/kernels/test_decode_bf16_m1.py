@@ -4,7 +4,7 @@ at once, chunks claimed by the threads, a tail of single panels. Each M = 1 row 
 over N that spans several groups and chunks and leaves a tail (test_invariance.py's N <= 45 are
 at most 3 panels, so they never run a whole group at M = 1).
 
-What this is not: a speed test (docs/kernels.md, session 14 helper A, has the figures).
+What this is not: a speed test (docs/kernels-log.md, session 14 helper A, has the figures).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Session 21 (helper D): the native decode step's batch-8 paths give the bits of the paths they
-replace, each named by the switch that restores the old one (docs/kernels.md, "Session 21, helper D"):
+replace, each named by the switch that restores the old one (docs/kernels-log.md, "Session 21, helper D"):
 
 * `rope_table`: decode's RoPE cos / sin rows copied from a per-step table of every position
   (csrc/decode_step.cpp `rope_table`) against torch's cos / sin on the step's [M, D/2] rows

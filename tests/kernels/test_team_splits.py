@@ -1,4 +1,4 @@
-"""The loops that the native decode step's thread team splits since session 17 (docs/kernels.md,
+"""The loops that the native decode step's thread team splits since session 17 (docs/kernels-log.md,
 "Session 17, helper C"): inside the team (`run_in_team`, csrc/step_bind.cpp: the calling
 thread as the team's master, as in a step with CODESHELL_DECODE_TEAM=on) a few LayerNorm rows
 (fused.cpp for_rows: chunks of >= 2048 values), GELU row pieces of 1024 values (for_pieces), a batch-1 row of >= 16384

@@ -220,7 +220,7 @@ namespace {
 // output lane is its own FMA chain over the keys in order, from +0 at the first chunk and from o
 // at the next, as in the 8-lane loop; the lanes are independent, so their width does not matter.
 // Why: at D = 32 and 4 heads the 8-lane loop spent 16 FMAs a key (and 4 value conversions), half
-// of decode attention's per-key work (docs/kernels.md, session 18 helper B).
+// of decode attention's per-key work (docs/kernels-log.md, session 18 helper B).
 inline __m512 load16v(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16v(const uint16_t* p) {
   return _mm512_castsi512_ps(
@@ -577,7 +577,7 @@ CODESHELL_END_AVX512
 // (attend_run is attend_group's arithmetic per query, see above); what differs is the cost per
 // (key, head): attend_group reduces each score's 8-lane chain by its own hsum8, attend_run 16
 // keys' chains in one transposing tree, after converting a block of keys to fp32 once for the
-// group's R heads. Measured slower at codeshell-mini's short contexts (docs/kernels.md, session 18
+// group's R heads. Measured slower at codeshell-mini's short contexts (docs/kernels-log.md, session 18
 // helper B), so it stays an A/B switch.
 // CODESHELL_ATTN_V16=0 (read per call; A/B runs): the packed path's values in 8-lane registers.
 bool values_wide() {

@@ -12,7 +12,7 @@
 // exp and the rescale of its fp32 output (now folded into the value product's load of o), and
 // the 16-key block ran 8 vdpbf16ps chains in both products; 64 keys x 4 rows (16 chains in both
 // products) measured 1.83x / 1.78x / 1.64x faster than 16 x 8 at the small / 7B / codeshell-mini
-// shapes (T = 512 / 512 / 256; docs/kernels.md "Session 18, helper C"). Another block gives other
+// shapes (T = 512 / 512 / 256; docs/kernels-log.md "Session 18, helper C"). Another block gives other
 // last bits (another running-max schedule); the 16-key block gives the session-15 kernel's.
 // What this is not: decode attention (one query per row: attention.cpp), a training kernel (no
 // gradient, no dropout), or an AVX2 kernel. Without AVX512-BF16 (AVX-512 F/BW only: Ice Lake /
@@ -36,7 +36,7 @@
 // rounding by round_bf16_pos (CODESHELL_PREFILL_ATTN_ROUND=0: to_bf16), the keys packed by 16 x 16
 // transposes (CODESHELL_PREFILL_ATTN_KPACK=0: scalar), the costliest items claimed first
 // (CODESHELL_PREFILL_ATTN_ORDER=0: row, group, query order); CODESHELL_PREFILL_ATTN_DOUT=1 (off: no
-// gain measured) runs a group's value product dims outside. docs/kernels.md "Session 27, helper A".
+// gain measured) runs a group's value product dims outside. docs/kernels-log.md "Session 27, helper A".
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

@@ -428,7 +428,7 @@ int64_t DecodeStep::l3_bytes() {
 // step with the team on, batch 8's [8, 64] rows forked an OpenMP region whose second thread had to
 // get the core the team's helper spins on, ~4-8 ms (the scheduler's slice) in many steps: the
 // small shape's b8 "embed+rope rows" phase measured 0.14-4.0 ms a call against 12 us at batch 1
-// ([1, 64]: serial) (docs/kernels.md, session 21 helper D). VML's cos / sin are elementwise: a
+// ([1, 64]: serial) (docs/kernels-log.md, session 21 helper D). VML's cos / sin are elementwise: a
 // row's values do not depend on the call's length or threads (measured: [64, 64] rows one by one
 // and the whole, 1 and 2 threads, the same bits; test_decode_step compares the step with the
 // Python path), so the table's rows are the bits decode computed. The table is made here, before

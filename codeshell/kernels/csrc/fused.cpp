@@ -117,7 +117,7 @@ inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, (int64_t(1
 // so a loop costs a post and a few cache-line transfers) items of kTeamItem values and up go
 // to its threads. Outside a team the split stays row_grain's: an OpenMP fork per LayerNorm /
 // GELU measured faster in one same-process A/B and 1.8-3x slower in another (a loaded host:
-// LayerNorms 382 against 125 us a batch-8 step; docs/kernels.md, session 17).
+// LayerNorms 382 against 125 us a batch-8 step; docs/kernels-log.md, session 17).
 // Which thread runs an item does not change its bits. CODESHELL_SMALL_SPLIT=off: row_grain.
 constexpr int64_t kTeamItem = 1024;
 inline int64_t split_item() {
@@ -228,7 +228,7 @@ namespace {
 // Tails: the lanes past C load as zeros, and a last chunk of <= 8 values adds into the low half
 // only (the 8-lane loop has no odd chunk there). Why: at decode a LayerNorm row is short (256 at
 // codeshell-mini) and the 8-lane loop's instruction count was the cost: 13 LayerNorms of 8 rows
-// ~27 us of a ~430 us batch-8 step (docs/kernels.md, session 18 helper B).
+// ~27 us of a ~430 us batch-8 step (docs/kernels-log.md, session 18 helper B).
 namespace ln16 {
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 inline __m512 ld(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }

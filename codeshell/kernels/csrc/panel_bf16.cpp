@@ -347,7 +347,7 @@ inline int even_tiles(int64_t M, int T, int8_t* sizes) {
 // vectors + the broadcast + the 0xffff0000 mask in 16 ymm by spilling 5 accumulators a k-pair (a
 // store and an FMA with a memory operand each: store-to-load forwarding on the FMA chains), and the
 // 2 x 3 / 3 x 2 panel tiles made 10 stack loads or stores a k-pair (objdump of the built
-// panel_bf16.o: `rsp` operands in the loops; docs/kernels.md session 33 helper B). Out of line the
+// panel_bf16.o: `rsp` operands in the loops; docs/kernels-log.md session 33 helper B). Out of line the
 // same 6-row loop keeps them in registers; the x-stationary tiles keep MR x NB accumulators + MR
 // broadcasts + 1 weight vector + the mask (2 x 5 and 3 x 3: 14 ymm) and broadcast each x once a k
 // for all NB blocks (the panel tiles broadcast it again for each panel).
@@ -435,7 +435,7 @@ void avx2_xrows(const float* xt, int64_t Kh, const uint32_t* w, int64_t N, int64
 //                                   kAvx2M1NextMax bytes (K <= 512), else 0
 //   CODESHELL_BF16_AVX2_XKEEP=0     M >= 2: x's transpose into a std::vector a call again
 //   CODESHELL_BF16_AVX2_M1_SPLIT=0|1 M = 1's split over the threads (session 35, avx2_m1_owned below)
-// Why (docs/kernels.md, session 34 helper B): the tile before was spill-free in this build (54
+// Why (docs/kernels-log.md, session 34 helper B): the tile before was spill-free in this build (54
 // instructions a k-pair, as this one's 54-57), but at K = 256 a tile's 4 panels are 32 KiB of
 // contiguous weight whose stream prefetches land inside the tile and the next tile started cold:
 // with the next tile in L2 codeshell-mini's M = 1 linears ran 1.10-1.15x (head 1.08-1.17x); x's
@@ -529,7 +529,7 @@ void avx2_m1_rows(int64_t pf, const float* x, int64_t Kh, const uint32_t* w, int
 // P / (4 threads) panels, 4..64; a thread done with its share takes steps from the back of the other's)
 // in place of parallel_chunks' ~8 chunks a thread taken in turn, and a step's last tile prefetches the
 // next step's first tile. Why: codeshell-mini's head (16384 x 256, 8 MiB) inside the decode step at 2
-// threads, 21 alternating rounds: 117.4 us against 124.3 (1.06x; docs/kernels.md, session 35 helper B);
+// threads, 21 alternating rounds: 117.4 us against 124.3 (1.06x; docs/kernels-log.md, session 35 helper B);
 // the K = 256 linears (<= 1 MiB) run a few chunks each and stay on parallel_chunks. K > 512 (the stream
 // prefetch, the DRAM-sized small shape) stays as it was. The same tiles and chunk-independent sums:
 // the same bits whichever thread runs a panel (tests/kernels/test_bf16_avx2_m1.py).
@@ -583,7 +583,7 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // broadcasts, 2 mr FMAs, no widening in the inner loop).
 // Why: Avx2::micro widens the panel's bf16 pairs in registers again for every tile (4 integer ops a
 // k-pair a tile, two of them shifts) and reads x from the transposed [Kp][M] copy (prepare's scalar
-// transpose, a std::vector a call). Measured (1 thread, docs/kernels.md session 32 helper B): at
+// transpose, a std::vector a call). Measured (1 thread, docs/kernels-log.md session 32 helper B): at
 // tiles of 6 rows Avx2::micro ran 42-66% of the fp32-FMA ceiling and this block 62-93% (a verify step
 // of 24 rows 1.26x faster); at 4..11 rows the block lost (25-45%: its widening pass is not overlapped
 // with the FMAs, and 4-row tiles are 8 chains either way), hence kAvx2BlockMinM = 12.
@@ -747,7 +747,7 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
   //     it read 49-51 GB/s on the 7B shapes, without it 58-60, NP = 4 without it 62-64, where
   //     read_stream read 63-69 in the same rounds; NP = 4 with the prefetch 58-61, NP = 2, 6, 12,
   //     16 without it and prefetch to L2 / non-temporal / 32-256 k-pairs ahead no better
-  //     (docs/kernels.md, session 14 helper A).
+  //     (docs/kernels-log.md, session 14 helper A).
   // Both sum each (row, output) the same way (one chain per panel, k-pairs in order): only
   // which panels share a pass and the prefetch differ, so a row's bits are the same either way.
   constexpr bool kDot = !std::is_same_v<Isa, Avx2>;
@@ -1040,7 +1040,7 @@ void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t
 // (512 at K = 1024) from anywhere in the weight (144 MB at the small shape): the lines of the next
 // row are prefetched while this one is copied, and the rows split over the threads. Why: the torch
 // gather of the same rows (packing.bf16_rows: advanced indexing, 4 bytes an element) took 1.3 ms
-// of a 512-token small-shape prompt and 0.18 ms of codeshell-mini's 256 (docs/kernels.md, session 21 B).
+// of a 512-token small-shape prompt and 0.18 ms of codeshell-mini's 256 (docs/kernels-log.md, session 21 B).
 void gather_bf16(const torch::Tensor& w, int64_t N, int64_t K, const torch::Tensor& ids, torch::Tensor& out) {
   check_panels(w, N, K);
   TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1 && ids.is_contiguous(), "ids must be int64 [R]");

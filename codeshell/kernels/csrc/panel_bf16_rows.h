@@ -11,7 +11,7 @@
 // over all of K).
 // Why: `Avx512Fma`'s decode tiles (12 rows x 2 panels, k-blocked) ran 16 rows as a 12-row and a
 // 4-row tile at ~0.12 TFLOP/s on the 7B shapes where 8 rows ran at ~0.15 and the fp32-FMA peak
-// is ~0.33 (docs/kernels.md, session 25 helper B).
+// is ~0.33 (docs/kernels-log.md, session 25 helper B).
 // Bits: every (row, output) is one FMA chain over k-pairs in order, even k then odd k, as in
 // Avx512Fma::micro (and Avx2::micro): the SAME BITS as `avx512_vnni:panel` / `avx2:panel` for every
 // tile shape here, so row invariance is unchanged (tests/kernels/test_bf16_rows.py checks bits).

@@ -337,7 +337,7 @@ inline bool& small_split_off() {
 // an at::parallel_for region. Why try it: with another runnable process on the second core, every
 // 2-thread at::parallel_for call waited ~8 ms for its second thread to be scheduled (the OpenMP
 // region joins both threads), whatever its size; the Team's master claims the chunks a descheduled
-// helper never took and returns (docs/kernels.md, session 18 helper A).
+// helper never took and returns (docs/kernels-log.md, session 18 helper A).
 inline bool chunks_in_team() {
   return env_flag("CODESHELL_CHUNKS_TEAM", false);
 }
@@ -394,7 +394,7 @@ inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F
 // Why: parallel_chunks' ~8 chunks a thread restart each thread's read stream 8 times a call; for a
 // batch-1 decode linear that streams its weights once, one stream a thread read faster on the AMD
 // EPYC (a standalone copy of the int4 M = 1 loops, 2 threads, cold, a fast minute of the host:
-// +4-9% with 1-2 chunks a thread; docs/kernels.md, session 17 helper B). The steal from the back
+// +4-9% with 1-2 chunks a thread; docs/kernels-log.md, session 17 helper B). The steal from the back
 // keeps what parallel_chunks is for: a descheduled thread's share is finished by the other.
 // In the extension's int4 M = 1 calls (bench_kernels --sweep, slow minutes) it ran 0.97-0.98x
 // parallel_chunks, so it is not the default there.

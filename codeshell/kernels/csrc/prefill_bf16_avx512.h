@@ -26,7 +26,7 @@ constexpr int kDotNP = 4, kDotMR = 6;
 // micro calls until the chunk spills L1). Work items of kDotItem panels keep their fp32 sums
 // (M x 128 x 4 B) in L2 between passes; 16 panels measured the same (0.66).
 // Session 14 (the same Zen 5, 2 threads, in-process A/B with the old schedule, 7B shapes,
-// M = 512; figures and the harness in docs/kernels.md, "Session 14, helper D"): what kept the
+// M = 512; figures and the harness in docs/kernels-log.md, "Session 14, helper D"): what kept the
 // block below its L1 peak was the x stream, not the sums' round trip -- with every tile reading the same x the old
 // schedule ran 0.78 vs 0.70 TFLOP/s, with the same sums 0.69, the same weight chunk 0.72. Each
 // item re-reads all of x (M x K x 2 B: 4 MiB at K = 4096, 16 MiB at K = 16384, from L3 or DRAM)
@@ -357,7 +357,7 @@ int64_t peak_dot(int64_t reps) {
 //     writes the output from its accumulators (+ bias, bf16 / GELU epilogues: FmaEpi), not c;
 //     default: sums to c, store_rows* after the item.
 //     The loop runs at 98-99% of its L1-resident ceiling (benchmarks/standalone/fma_gemm_loop.cpp);
-//     what is left is outside it (docs/kernels.md, Session 26 helper A).
+//     what is left is outside it (docs/kernels-log.md, Session 26 helper A).
 // Measured (session 24 helper A, Ice Lake-class Xeon, 2 threads, M = 512, best of 4 alternating
 // calls, TFLOP/s; `sgemm:fp32` in the same runs 0.22-0.26): register block 4 panels x 6 rows,
 // KC 256, items of 4 panels 0.29-0.31 on the small shape's and 7B's linears (c_attn 1536x1024
@@ -565,7 +565,7 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
   // the sums of every chunk go to c and store_rows / _b16 / _gelu write the item's rows after its
   // last chunk (session 24's kernel). The same bits. Off by default: even on one thread, and in the
   // whole small prompt (2 threads, alternating, 8 rounds) 1.09x the time of the unfused epilogue
-  // (a busy host; not confirmed, docs/kernels.md Session 26 helper A).
+  // (a busy host; not confirmed, docs/kernels-log.md Session 26 helper A).
   const bool fuse = codeshell::env_flag("CODESHELL_FMA_EPI", false);
   const bool gfast = out_gelu && codeshell::env_flag("CODESHELL_GELU_FAST", true);
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t i0, int64_t i1) {

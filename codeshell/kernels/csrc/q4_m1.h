@@ -15,7 +15,7 @@
 // stays in L1.
 // Why: tile_q4v / tile_q4v12 finish every row on its own (a reduce_add and a call of
 // affine_const_v a row, ~40 dependent instructions) and were compute bound at M = 1: warm
-// (L3-resident, 1 thread, docs/kernels.md session 18 helper A) 4096 x 1024 read 26 GB/s, under the
+// (L3-resident, 1 thread, docs/kernels-log.md session 18 helper A) 4096 x 1024 read 26 GB/s, under the
 // 41-43 GB/s one core streams from memory. q4_rows.h's 1 x 16 tile (the same bits) ran it at 49
 // warm but 0.6x cold at K = 4096: it reads the 16 rows side by side, a group of each in turn (16
 // streams K / 2 bytes apart). Here the per-row costs are shared by 16 rows and the read is one

@@ -18,7 +18,7 @@
 // Why: at K = 256 (2 groups) a 16-row tile does 64 vpdpbusd, and the former tile added ~200 vector
 // instructions besides (16 acc stores + tree16_v's 16 loads / 15 adds, cols16's 16 loads + 64
 // shuffles, two chains' adds): the mini's int4 linears at M = 1 ran ~0.15 us a tile warm (1 thread),
-// i.e. compute bound with the weights in L2 / L3 (docs/kernels.md, session 28 helper C).
+// i.e. compute bound with the weights in L2 / L3 (docs/kernels-log.md, session 28 helper C).
 // What this is not: K past 2048 (two spans: tile_r16_q4e), M >= 2, groups of 32 / 64, the per-lane
 // family (qdot_q4v.h, q4_m1.h: CPUs that take tile_q4v's bits).
 #pragma once

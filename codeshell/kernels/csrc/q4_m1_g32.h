@@ -15,7 +15,7 @@
 // Why: at G = 32 every int4 M = 1 row ran tile_q4v on its own: a reduce_add and a call of
 // affine_const_v over K / 32 groups a row (128 at K = 4096, 512 at 16384), and the scale rows read
 // beside the weights one row at a time; the Q4_0 file's layers took ~15 ms a 1.7B token where the
-// g128 checkpoint's took ~11 (docs/kernels.md, session 21 helper A). Here the per-row costs are
+// g128 checkpoint's took ~11 (docs/kernels-log.md, session 21 helper A). Here the per-row costs are
 // shared by 16 rows and the read is one stream (q4_m1.h's reasons).
 // What this is not: G >= 128 (q4_m1.h), M > 1 (tile_q4v / q4_rows.h), the AMX CPUs' int4.
 #pragma once

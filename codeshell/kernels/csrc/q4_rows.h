@@ -11,7 +11,7 @@
 // Register tiles of MB rows of x by NR weight rows (MB * NR <= 16: 8 x 2, 4 x 4, 2 x 8; M = 9..16:
 // 8 rows, then the rest), so each unpacked weight vector feeds MB rows and each x load NR rows.
 // Why (measured on the 2-core Zen 5 EPYC, 1 thread, a standalone copy, weights L2-resident, M = 8,
-// K = 1024, docs/kernels.md session 17 helper A): qdot.cpp's tile_q4r ran ~0.6 vpdpbusd a cycle
+// K = 1024, docs/kernels-log.md session 17 helper A): qdot.cpp's tile_q4r ran ~0.6 vpdpbusd a cycle
 // where its group loop alone (2 vpdpbusd + cvt + fma per row, weight row and group; the fma shares
 // vpdpbusd's two pipes) runs 1.33 a cycle. The rest was per output, not per group: each of a
 // tile's 16 outputs ran its own _mm512_reduce_add_ps and a call of affine_const_v (~40
@@ -72,7 +72,7 @@ constexpr int64_t KC2 = Q4R_KC2;
 
 // The v2 schedule (CODESHELL_Q4_ROWS_V2, default on; off: the session 17 schedule, for A/B). Same
 // integers, same fp32 operations in the same order, so the same bits; what changes is when things
-// are issued (docs/kernels.md, session 19 helper B):
+// are issued (docs/kernels-log.md, session 19 helper B):
 // (1) The scale-product table sd of a pass of KC2 groups is written one pass ahead (the next pass's
 //     table at the start of this one; the next tile's first pass at the start of this tile's last
 //     pass), into the other of two buffers. Why: the group loop reads it as 4-byte broadcast

@@ -13,7 +13,7 @@
 // and acc is the output (bias added after, as before). Every (row of x, weight row) gets those operations in
 // that order whatever M, the tile of x it sits in or its lane: each row of the result has the M = 1 bits (row
 // invariance; tests/kernels/test_q4_rows_avx2.py checks M = 1..64 bitwise against the rows alone).
-// Why (docs/kernels.md, session 31 helper A): the tile it replaces (qdot_int4.cpp tile_q4, one weight row and
+// Why (docs/kernels-log.md, session 31 helper A): the tile it replaces (qdot_int4.cpp tile_q4, one weight row and
 // a runtime group size a loop) spent per (row of x, weight row, group) a vpmaddwd, a convert, a scalar
 // scale * dx product and broadcast and an fma, plus a horizontal sum and a non-inlined affine_const per
 // output, and ~2x the vector instructions in loop and index overhead: at M = 1 it ran ~2x below what the
@@ -201,7 +201,7 @@ inline void tile(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const
 // group) pairs of a row of x: 4 vpmaddwd + 12 + 9 reduction ops (G <= 128) against 8 vpmaddwd + 8 stores +
 // 8 loads + 21. At M = 1 the tile runs group by group over its 8 rows (x's group stays in registers) and
 // prefetches each line the same (row, group) place of the tile pf_tiles tiles ahead. Counted in
-// docs/kernels.md, session 32 helper C.
+// docs/kernels-log.md, session 32 helper C.
 template <int RUNS>
 inline __m256i pair_rows(__m256i a, __m256i b, __m256i ones) {
   if constexpr (RUNS <= 2) {
@@ -323,7 +323,7 @@ inline void rest(const int8_t* xq, const float* dx, const float* xs, const int32
 // (kTile2MaxK; group by group, the tile whole tiles ahead prefetched, the tiles nearest pf_m1 bytes and at
 // least one: in ascending order under pfmode's kPfSeq, else each line at its own place; the scales of the tile
 // pf_m1 bytes ahead under kPfScales); longer rows and every M > 1 keep the session-31 tiles, measured faster
-// there (docs/kernels.md, session 32 helper C: at M = 2 tile2<2> ran 0.87-0.95x; at M = 8 tile2<4> keeps
+// there (docs/kernels-log.md, session 32 helper C: at M = 2 tile2<2> ran 0.87-0.95x; at M = 8 tile2<4> keeps
 // 4 * 4 pair vectors live, which the compiler spilled: 0.83x; session 35 helper C for K = 4096). !V2: the
 // session-31 tiles everywhere (CODESHELL_Q4_AVX2_V2=0; the same bits).
 template <int RUNS, bool OFFS, bool V2>

@@ -19,7 +19,7 @@
 //    weight chunk once a tile by 3 shifts, then 2 vpmaddwd + 2 vpaddd a (row of x, weight row, 32 weights);
 //    tiles of up to 4 rows of x, K in spans of kSpanK with the fp32 accumulators carried in order; rows of x 64
 //    at a time (M > 64: the prompt's avx2:q8 candidate).
-// Measured (docs/kernels.md, session 33 helper A; 1 thread, AMD EPYC Zen 3): M = 1 1.06-1.56x tile_q8, but
+// Measured (docs/kernels-log.md, session 33 helper A; 1 thread, AMD EPYC Zen 3): M = 1 1.06-1.56x tile_q8, but
 // q8_m1_avx2.h (tile_q8's bits) gains as much there; M = 8 0.87-0.99x q8_rows_avx2.h / tile_q8 (the same
 // vector ops a (row, 32 weights) as q8_rows_avx2.h; the per-block reduction through lb was not made cheaper).
 // Variants measured slower at M = 8 and removed: weight rows in pairs sharing x's loads (0.82-0.92x of this

@@ -8,7 +8,7 @@
 // those two: the same fp32 additions on the same operands, so the same sums), then y = sum * scale + bias
 // (a multiply, then an add of the bias or of 0, as qdot_int8.cpp's scalar epilogue). So every output has the
 // bits tile_q8 gives it, and M = 1 keeps the bits of M >= 2 (q8_rows_avx2.h / tile_q8: row invariance).
-// Why (docs/kernels.md, session 33 helper A): at M = 1 tile_q8 ran one weight row a tile through for_x_tiles,
+// Why (docs/kernels-log.md, session 33 helper A): at M = 1 tile_q8 ran one weight row a tile through for_x_tiles,
 // a scalar hsum8 an output and a second pass for the scale and bias; codeshell-mini's int8 linears (K = 256:
 // 8 chunks a row) spent a large part of each row there. x is rounded by q8_gemm_avx2.h's quantize_row
 // (vectorised; qdot.cpp quantize_x's integers and dx). A weight tile's 8 rows are read one after another (one

@@ -36,7 +36,7 @@
 // Session 20 (v2, the default at M = 2..16; CODESHELL_Q8R_V2=0: the xor schedule above, read per call):
 // x + 128 as the unsigned operand and the weight broadcast signed as stored, so no xor per broadcast;
 // T_b = S'_b - 128 sum_b(w) with the 8 weight rows' block sums from two vpdpbusd a row (weight_sums).
-// The same T_b, so the same bits. Measured (docs/kernels.md, session 20 helper D): the small int8
+// The same T_b, so the same bits. Measured (docs/kernels-log.md, session 20 helper D): the small int8
 // checkpoint's batch-8 step in the model (2 threads, weights from DRAM) 4.0% faster, its linears
 // 5.4%; a 1-thread standalone copy ran the block linears 2-14% slower and the head 6-10% faster, so
 // the model's figure is the reason. The L1 prefetch (kL1Blocks) went from 2 to 4 blocks with it.
@@ -97,7 +97,7 @@ struct Args {
 // T1 prefetch brings the next NR rows into L2, but the NR rows being read are 8 streams of 8-16
 // bytes a vpdpbusd, and their L1 misses stalled the loop: prefetching each row's block 2 ahead
 // into L1 cut the small shape's int8 block linears at M = 8 by 17-30% (bench_decode_step.py
-// --profile, docs/kernels.md session 18 helper B); 1 and 4 blocks ran within a few % of 2 there.
+// --profile, docs/kernels-log.md session 18 helper B); 1 and 4 blocks ran within a few % of 2 there.
 // Session 20 (helper D): 4 blocks, same process, 10 rounds: the small int8 batch-8 step 4.3% faster
 // (its linears 4.9%), with v2 4.5% (linears 6.0%); 1 thread cold standalone 6% (6 blocks: 11%).
 // CODESHELL_Q8R_PF0=2: session 18's distance.
@@ -202,7 +202,7 @@ void run_rows(const Args& A, int64_t n0, int64_t n1) {
   // instead of a load (the same +0), so only the slots no block reaches (L >= nb) are zeroed,
   // once per call: a memset of all NG x 16 slots per NR weight rows (4 KiB at E = 2) cost as
   // much as the rows' vpdpbusd at K = 256 (codeshell-mini's head at M = 8: 162 -> see
-  // docs/kernels.md, session 15 helper C).
+  // docs/kernels-log.md, session 15 helper C).
   for (int g = 0; g < NG; ++g)
     for (int64_t l = std::min<int64_t>(nb, 16); l < 16; ++l) std::memset(acc[g][l], 0, sizeof acc[g][l]);
   __m512i gix[NG];  // XU: lane l = i * MP + m of group g takes weight row g E + i's sum (weight_sums' lane)

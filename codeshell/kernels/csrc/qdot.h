@@ -38,7 +38,7 @@ constexpr int64_t kPrefetch = CODESHELL_PREFETCH;
 // The M = 1 tiles' software prefetch (int8: tile_r16_q8, tile_v; int4: tile_q4v, tile_q4v12, q4_m1.h):
 // kM1Prefetch bytes ahead of the weight stream, T0. Why 8 KiB, not kPrefetch's 2 KiB: measured
 // cold on the 2-core Zen 5 EPYC, the same weights on huge pages, same process, alternating
-// (benchmarks/bench_m1_threads.py; docs/kernels.md session 18 helper A): 1 thread, int8 c_fc
+// (benchmarks/bench_m1_threads.py; docs/kernels-log.md session 18 helper A): 1 thread, int8 c_fc
 // (16384 x 4096) 32.5 -> 38.4 GB/s and the small head (70144 x 1024) 32.9 -> 35.3 against a
 // 1-thread probe of ~40-42 (plain read of the same bytes 42-43); 2 threads in a fast minute
 // (probe 75.6) int8 c_fc 60.4 -> 75.9, the head 61.4 -> 68.6, int4 c_fc 57.4 -> 69.2 (probe 76.6);
@@ -141,7 +141,7 @@ inline bool use_vnni(int64_t isa, int64_t K) { return CODESHELL_HAVE_AVX512 && i
 // Rows of x from which `amx:q8` (isa = kAmx, M <= ops.ROW_INVARIANT_MAX_M) runs the AMX-INT8
 // tiles (qgemm_amx.cpp) instead of the vpdpbusd kernels: the same bits either way (both end in
 // q8_epilogue.h), so this is a speed choice only. Measured per core, cold, 7B and mid shapes
-// (docs/kernels.md, "session 12"): the tiles cost about the same whatever M up to 16 (x padded
+// (docs/kernels-log.md, "session 12"): the tiles cost about the same whatever M up to 16 (x padded
 // to 16 rows), the transposed-panel kernel (q8_panel.h) grows with M from its M = 1 memory
 // bound: at M = 9 the panel kernel won on most shapes, at M = 16 the tiles (int8 and int4), so
 // the tiles run from 12; int4 groups of 32 / 64 (tile_v, session 11, below) from 8: at 2

@@ -45,18 +45,18 @@ inline bool q4v12() { return env_flag("CODESHELL_Q4V12", true); }
 // The AVX2 level (isa avx2; also an AVX-512 CPU capped to it), groups of 64 / 128 / 256: q4_rows_avx2.h's
 // tiles (8 weight rows in the lanes, x rounded by its round_x) at every M, instead of tile_q4 on
 // quantize_rows' scalar rounding. Other bits than tile_q4 (the same for every M: row invariance), within
-// the reference tolerance; docs/kernels.md, session 31 helper A. CODESHELL_Q4_AVX2_ROWS=0: tile_q4 as
+// the reference tolerance; docs/kernels-log.md, session 31 helper A. CODESHELL_Q4_AVX2_ROWS=0: tile_q4 as
 // before (A/B timing and tests; read per call, so set it for a whole process: every M must take one path).
 // AVX-512 levels keep tile_q4 where they send K % 128 != 0 to it (their bits unchanged).
 inline bool q4_avx2_rows(int64_t isa, int64_t K, int64_t G) {
   return isa < codeshell::kAvx512Vnni && codeshell::q4avx2::takes(K, G) && env_flag("CODESHELL_Q4_AVX2_ROWS", true);
 }
 // q4_rows_avx2.h's session-32 tiles (tile2: the 8 weight rows' int16 sums reduced a pair of rows at a time in
-// registers; fewer vector ops a (weight row, group), the same bits; docs/kernels.md, session 32 helper C).
+// registers; fewer vector ops a (weight row, group), the same bits; docs/kernels-log.md, session 32 helper C).
 // CODESHELL_Q4_AVX2_V2=0: its session-31 tiles (A/B timing; read per call through the switch cache, the same
 // bits either way).
 inline bool q4_avx2_v2() { return env_flag("CODESHELL_Q4_AVX2_V2", true); }
-// q4_rows_avx2.h's M = 1 prefetch (its kPfSeq / kPfScales bits; docs/kernels.md, session 35 helper C: the
+// q4_rows_avx2.h's M = 1 prefetch (its kPfSeq / kPfScales bits; docs/kernels-log.md, session 35 helper C: the
 // small shape's cold block linears read below the probe with session 32's same-place prefetch, whose address
 // order is tile2's: eight lines 512 bytes apart a group). CODESHELL_Q4_AVX2_M1_PFMODE: 3 (default) the tile
 // ahead in ascending order plus its scales, 1 the order only, 2 the scales only, 0 session 32's prefetch
@@ -81,7 +81,7 @@ inline int64_t q4_avx2_m1_t2k() { return env_int("CODESHELL_Q4_AVX2_M1_T2K", cod
 // two more streams a call (K = 1024, G = 128: 32 + 32 bytes a row against 512 of nibbles) on 4 KiB
 // pages, which the hardware prefetcher restarts at every page (every 128 rows at K = 1024): a
 // demand miss there stalls the row loop. Measured cold on the 2-core Zen 5 (bench_m1_threads.py,
-// 1 thread, same rounds; docs/kernels.md session 19 helper C): the small shape's c_fc (4096 x 1024)
+// 1 thread, same rounds; docs/kernels-log.md session 19 helper C): the small shape's c_fc (4096 x 1024)
 // 25-27 -> 32-35 GB/s, c_attn (1536 x 1024) 22-24 -> 30-31 (+27-35%); tile_q4v's K = 4096 / 16384
 // rows +-3%. In a loaded model's decode step the same linears read ~37 GB/s a core either way (their
 // scales' pages evidently stream better there): within the noise, kept as it costs nothing measurable.
@@ -220,7 +220,7 @@ namespace {
 // int4 M = 1 without AMX, groups of 128 / 256, up to kQ4v12MaxGroups groups a row (K <= 2048 at
 // G = 128: the small shape's linears; since session 19 up to kQ4M1R16Groups, below): 16 weight rows a tile (q4_m1.h, tile_q4v's bits) instead
 // of tile_q4v12. Cold, 1 / 2 threads, the small shape's 32 linears and int8 head (bench_m1_threads,
-// docs/kernels.md session 18 helper A): 1.08-1.22x / 1.04-1.13x. Not past 16 groups: at K = 4096
+// docs/kernels-log.md session 18 helper A): 1.08-1.22x / 1.04-1.13x. Not past 16 groups: at K = 4096
 // (the 7B width's c_attn, attn.c_proj, c_fc) tile_q4v with kM1Prefetch read faster (c_fc 37.5
 // against 34.3 GB/s on 1 thread, 69.2 against 60.7 on 2; warm the 16-row tile was 1.5x faster, so
 // the loss is in how it streams, not found); K = 16384 was mixed (0.94x on 1 thread, 1.06x on 2).
@@ -234,7 +234,7 @@ inline bool q4_m1_g32() { return !codeshell::env_is("CODESHELL_Q4_M1_G32", "off"
 // Switches read per call (A/B timing and tests), both off by default: in the model's linears (the
 // extension, bench_kernels --sweep, slow minutes of the host, probe 44-52 GB/s) tile_q4f ran 0.93-0.95x
 // tile_q4v (K = 4096 12% slower, K = 16384 +1%) and parallel_owned 0.97-0.98x parallel_chunks,
-// although the standalone copy ran both faster (docs/kernels.md, session 17 helper B).
+// although the standalone copy ran both faster (docs/kernels-log.md, session 17 helper B).
 // int4 M = 1 without AMX past kQ4v12MaxGroups: tile_q4f with CODESHELL_Q4_M1_FUSED=1, else tile_q4v
 // (the same bits).
 inline bool q4_m1_fused() { return env_flag("CODESHELL_Q4_M1_FUSED", false); }
@@ -245,7 +245,7 @@ inline bool q4_m1_fused() { return env_flag("CODESHELL_Q4_M1_FUSED", false); }
 // stream cold at every one of parallel_chunks' ~8 chunks a thread, and barely gained from the
 // second thread (small_attn int4, 1536 x 1024: 31.2 GB/s at 2 threads against 28.6 at 1); one
 // share a thread measured 1.23x there, the small shape's 32 linears + head 1.12x (1.17-1.18x in the
-// fast rounds, probe 72-79 GB/s), docs/kernels.md session 18 helper A. At the 7B width (8-32 MiB
+// fast rounds, probe 72-79 GB/s), docs/kernels-log.md session 18 helper A. At the 7B width (8-32 MiB
 // a linear) session 17 measured it 0.97-0.99x, so those keep parallel_chunks.
 constexpr int64_t kQ4SplitMaxBytes = 4 << 20;
 inline bool q4_m1_split(int64_t bytes) {
@@ -254,7 +254,7 @@ inline bool q4_m1_split(int64_t bytes) {
 
 // Groups a row up to which tile_q4v12 runs M = 1-2: at K = 4096 (32 groups of 128) tile_q4v
 // measured faster (1024x4096, warm, 2 threads: 33-35 against 39-42 us; 1 thread 55 vs 67), its
-// table's wait then shared by 32 groups; at K = 256 and 1024 tile_q4v12 (docs/kernels.md, session 14).
+// table's wait then shared by 32 groups; at K = 256 and 1024 tile_q4v12 (docs/kernels-log.md, session 14).
 constexpr int64_t kQ4v12MaxGroups = 16;
 // The groups a row up to which int4 M = 1 runs the 16-row tile (q4_m1.h): kQ4M1R16Groups = 32 since
 // session 19 (K <= 4096 at G = 128: the small shape's mlp.c_proj 1024 x 4096, the 7B width's c_attn,
@@ -263,13 +263,13 @@ constexpr int64_t kQ4v12MaxGroups = 16;
 // here it reads faster cold on 1 thread (with kQ4M1ScalePf): c_fc 16384 x 4096 35.9 -> 40.4 GB/s
 // (1.11x), 1024 x 4096 31.7 -> 35.5 (1.12x; alone, without the scale prefetch, 1.11x); 2 threads in
 // slow minutes 0.99-1.06x. Whole model: small int4 in a fast minute 1.08x (mlp.c_proj 48.5 -> 66.9 GB/s
-// in the step), the 1.7B int4 at 1 thread 1.12x. docs/kernels.md session 19 helper C.
+// in the step), the 1.7B int4 at 1 thread 1.12x. docs/kernels-log.md session 19 helper C.
 constexpr int64_t kQ4M1R16Groups = 32;
 inline bool q4_m1_r16e() { return env_flag("CODESHELL_Q4_M1_R16E", true); }
 // tile_r16_q4e's per-group scales / offsets (lane = weight row): a span's block of the 16 rows'
 // scales (and offsets) loaded row by row and transposed in registers once a span (simd512.h
 // transpose16: 64 shuffles), instead of two vgatherdps zmm per group. Why: on the Ice Lake-class Xeon
-// a 16-lane gather costs ~9 ns (~30 cycles, a standalone loop, docs/kernels.md session 25 helper C),
+// a 16-lane gather costs ~9 ns (~30 cycles, a standalone loop, docs/kernels-log.md session 25 helper C),
 // two a group (scales, offsets) per 1 KiB of nibbles; the gathers took a quarter of the tile's time.
 // CODESHELL_Q4_M1_SCT=0: the gathers (the same values, the same bits; read per call).
 inline bool q4_m1_sct() { return env_flag("CODESHELL_Q4_M1_SCT", true); }
@@ -471,7 +471,7 @@ inline void cols16(const float* v, int64_t ng, int64_t g0, int64_t cnt, int64_t 
 }
 
 // RUNS = G / 128 (1, 2) at compile time: the group loop's address steps are constants (with G a
-// runtime value it read the small shape's K = 1024 linears warm at 0.9x; docs/kernels.md session 25 helper C).
+// runtime value it read the small shape's K = 1024 linears warm at 0.9x; docs/kernels-log.md session 25 helper C).
 template <bool OFFS, int RUNS, int SPAN = 16>  // groups a span (lb: SPAN KiB)
 inline void tile_r16_q4e(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const int32_t* sx,
                          const float* xs, const uint8_t* w, int64_t R, const float* sc, const float* of,
@@ -579,7 +579,7 @@ bool q4r_takes(int64_t M, int64_t G) {
 }
 
 // int4 without AMX, groups of 128 / 256: rows of x (3..16) that q4_rows.h takes (tile_q4v's bits,
-// docs/kernels.md session 17 helper A) before run_q4r / run_q4v. M = 2 stays on tile_q4v12 /
+// docs/kernels-log.md session 17 helper A) before run_q4r / run_q4v. M = 2 stays on tile_q4v12 /
 // tile_q4v: q4_rows.h (2 x 8 tiles) ran it 6% slower in the small shape's cold sweep. CODESHELL_Q4_ROWS=0
 // turns it off (the earlier kernels; read per call, for A/B and tests); CODESHELL_Q4_ROWS_MIN_M
 // overrides the 3 (at least 2).
@@ -591,7 +591,7 @@ bool q4r_takes(int64_t M, int64_t G) {
 // ran vpdpbusd zmm at 1.2 /ns and fma zmm at 0.8-1.4 /ns a core, 2 vpdpbusd + cvt + fma at 0.7
 // vpdpbusd/ns (one port), and the small int4 checkpoint's batch-8 step took 2.9x its batch-1 time
 // (block linears 4.6x). The epilogue family reduces the lane sums in integers first (one fp32 step
-// per 16 outputs), docs/kernels.md "Session 23, helper B". Zen 5 (2 vpdpbusd zmm a cycle, AVX512-BF16)
+// per 16 outputs), docs/kernels-log.md "Session 23, helper B". Zen 5 (2 vpdpbusd zmm a cycle, AVX512-BF16)
 // measured the other way (qdot.h's panel_kernel comment): it keeps tile_q4v's bits.
 // CODESHELL_Q4_EPI=1 / =0 forces either family (read per call: A/B runs and tests); every M of one
 // process must take one family (row invariance), so set it for a whole process.

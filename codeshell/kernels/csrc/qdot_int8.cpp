@@ -75,7 +75,7 @@ inline int64_t q8_m1_pf_default() {
 }
 inline Pf q8_m1_pf() { return pf_env("CODESHELL_Q8_M1_PF", "CODESHELL_Q8_M1_PFH", q8_m1_pf_default()); }
 // int8 at M = 1 on the AVX2 level (isa == kAvx2): q8_m1_avx2.h (tile_q8's bits, 8 weight rows a step with the
-// horizontal sums and the scale / bias as vectors; docs/kernels.md session 33 helper A).
+// horizontal sums and the scale / bias as vectors; docs/kernels-log.md session 33 helper A).
 // CODESHELL_Q8_AVX2_M1=0 (read per call through the switch cache): tile_q8 as before (the same bits), for A/B.
 inline bool q8_avx2_m1() { return env_flag("CODESHELL_Q8_AVX2_M1", true); }
 constexpr int64_t kQ8M1Avx2MaxBytes = int64_t(32) << 20;
@@ -320,7 +320,7 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
     auto body1 = [&](int64_t n0, int64_t n1) { codeshell::q8m1avx2::run(x8, dx, K, B, wp, sp, b, op, n0, n1, pfm.d, pfm.h); };
     // one contiguous share of the rows a thread up to kQ8SplitMaxBytes (q8_m1_split, as the VNNI CPUs' int8 M = 1
     // since session 21): the small shape's 1-4 MiB layers, cold in the step, restarted each thread's stream at
-    // every one of parallel_chunks' ~8 chunks; the step 1.045-1.06x (docs/kernels.md, session 34 helper A).
+    // every one of parallel_chunks' ~8 chunks; the step 1.045-1.06x (docs/kernels-log.md, session 34 helper A).
     // CODESHELL_Q8_M1_SPLIT=0: parallel_chunks as before (A/B; the same bits).
     if (q8_m1_split(N * K)) codeshell::parallel_owned(N, 16, 64, body1);
     else codeshell::parallel_chunks(N, 16, 64, body1);

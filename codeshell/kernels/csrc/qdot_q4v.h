@@ -194,7 +194,7 @@ inline void rows_q4v_blk(const int8_t* xq, const float* dx, const float* xs, int
 // of from the table tile_q4v writes first (the same fp32 product either way).
 // Why: tile_q4v ran ~70 cycles a row for ~60 instructions at K = 256 (codeshell-mini; its int4
 // decode was slower than bf16), the rows one after another; tile_q4v12 runs the same shapes in
-// about half the time (docs/kernels.md, session 14). The likely cause (inferred, not profiled):
+// about half the time (docs/kernels-log.md, session 14). The likely cause (inferred, not profiled):
 // the table is written with a masked 512-bit store and read back at once with 4-byte loads, which
 // a masked store does not forward to, so each row waited for the store to retire.
 template <int MB, bool OFFS>
@@ -227,7 +227,7 @@ inline void tile_q4v12(const int8_t* xq, int64_t K, const float* dx, const float
 // Why try it: tile_q4v reads a row's offsets in affine_const_v after the row's last group (2 lines
 // at K = 4096, 8 at K = 16384: a burst of the offset stream per row) and its scale table before the
 // first. A standalone copy of the loops, cold (the four 7B shapes, 3 layers, 283 MB; 1 thread: a
-// per-core streaming test; docs/kernels.md, session 17 helper B): 35.1 against 32.7 GB/s (probe
+// per-core streaming test; docs/kernels-log.md, session 17 helper B): 35.1 against 32.7 GB/s (probe
 // 41), mlp.c_proj (K = 16384) 34.6 against 28.9; tile_q4v without reading the offsets at all ran
 // 35.1. In the extension it did not win (q4_m1_fused below), so it is off by default.
 template <bool OFFS>
@@ -256,7 +256,7 @@ inline void tile_q4f(const int8_t* xq, int64_t K, const float* dx, const float* 
     _mm512_store_ps(sd, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, dx + g)));
     // Read back from memory (a broadcast load a group): without this GCC kept sd in a register and
     // took each lane by vpbroadcastd + vpermd (the form session 14 measured slower); the sweep A/B
-    // put both forms below tile_q4v at K = 4096 (docs/kernels.md, session 17 helper B).
+    // put both forms below tile_q4v at K = 4096 (docs/kernels-log.md, session 17 helper B).
     __asm__ __volatile__("" ::: "memory");
     __m512 c = _mm512_mul_ps(s, m8);
     if (OFFS) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(k, of + g));

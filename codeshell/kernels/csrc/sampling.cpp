@@ -53,7 +53,7 @@ struct LoadBF16 {
 
 // Why bf16 rows: the native decode step hands the engine its logits in bf16; widening a 70k row
 // with torch (`logits.float()`) forked an OpenMP region between two native steps, whose worker
-// then spun through the next step beside the decode team's two threads (docs/kernels.md,
+// then spun through the next step beside the decode team's two threads (docs/kernels-log.md,
 // session 20 helper A); reading the bf16 row here needs no torch op at all (session 21 A).
 template <class L>
 int64_t draw(const typename L::T* l, int64_t V, double temperature, double u) {

@@ -8,7 +8,7 @@
 // codeshell-mini's batch-8 step 5-13% (its head 100-180 -> 95-122 us; the whole model, 16.6 MB
 // of bf16 weights, sits in the 32 MiB L3), and made the small shape's (DRAM-bound, 150 MB)
 // 9% slower. The same weight shape occurs in both (an 8 MB c_fc there, the 8 MB head here), so
-// the choice is the model's, not the weight's (docs/kernels.md, session 18 helper B).
+// the choice is the model's, not the weight's (docs/kernels-log.md, session 18 helper B).
 // What this is not: a correctness input. The hints change only prefetches, never a result bit;
 // two steps of different models running at once may see each other's hint.
 #pragma once

@@ -68,7 +68,7 @@ struct Arena {
 // Python until the next token's first c_attn) the team's helper, which would spin, prefetches the
 // first bytes of each thread's share of the linear that comes next (`fronts`), so that linear starts
 // from cache. CODESHELL_STEP_PF (read once a step): 0 off (as before), 1 on (default: see
-// docs/kernels.md, session 26 helper C), unset: on unless the weights are LLC-resident (StepPf::read);
+// docs/kernels-log.md, session 26 helper C), unset: on unless the weights are LLC-resident (StepPf::read);
 // CODESHELL_STEP_PF_KB: KiB a share (in the step),
 // CODESHELL_STEP_PF_END_KB: KiB a share for the next token's first c_attn, CODESHELL_STEP_PF_HINT:
 // 0 T0, 1 T1, 2 T2, 3 NTA; CODESHELL_STEP_PF_OWN=1: only the helpers' shares (not the master's).

@@ -1,4 +1,4 @@
-# Session 22 helper D (docs/kernels.md): python benchmarks/ab_gguf_scales_thp.py /work/ckpt/serve/model-1.7b-q4_0.gguf 12
+# Session 22 helper D (docs/kernels-log.md): python benchmarks/ab_gguf_scales_thp.py /work/ckpt/serve/model-1.7b-q4_0.gguf 12
 # Same-process A/B: a q4_0 GGUF's int4 scales on 4 KiB pages (as loaded) against on huge pages,
 # crossed with CODESHELL_Q4_M1_G32 off / on. Two LLMs, greedy generate, rounds alternate.
 import os, sys, time, statistics, dataclasses

@@ -1,4 +1,4 @@
-# Session 22 helper D (docs/kernels.md): python benchmarks/ab_int4_g32_m1.py [threads]
+# Session 22 helper D (docs/kernels-log.md): python benchmarks/ab_int4_g32_m1.py [threads]
 # int4 g32 M = 1 linears of the 7B width (Q4_0's group), cold (2 copies alternating), 2 threads:
 # tile_q4v (CODESHELL_Q4_M1_G32=off) against the 16-row tile with the scale prefetch (PFS=1, default) / without (PFS=0).
 import os, time, statistics, torch

@@ -1,4 +1,4 @@
-# Session 22 helper D (docs/kernels.md): python benchmarks/ab_sample_rows_team.py team  (run under OMP_WAIT_POLICY=passive for the server's setting)
+# Session 22 helper D (docs/kernels-log.md): python benchmarks/ab_sample_rows_team.py team  (run under OMP_WAIT_POLICY=passive for the server's setting)
 # sample_temperature_rows at B = 4 / 16 rows of a 70,144-logit bf16 vocabulary, the team (default)
 # against CODESHELL_SAMPLE_ROWS_TEAM=off (OpenMP), alternating, 2 threads; each call preceded by a
 # 4096 x 4096 bf16 decode linear: with the argument `team` the native one inside run_in_team (the

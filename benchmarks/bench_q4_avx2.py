@@ -8,7 +8,7 @@ split into the fixed part and the rows' part.
         --ab - CODESHELL_Q4_AVX2_ROWS=0
 
 Prints per shape and M: us a call (each variant's fastest round of alternating rounds), weight GB/s, G int8 MAC/s
-(M*N*K / t), and the time against the first M. Written for session 31 helper A (docs/kernels.md); `--ab` variants are
+(M*N*K / t), and the time against the first M. Written for session 31 helper A (docs/kernels-log.md); `--ab` variants are
 ENV=V[,ENV=V] or '-' (nothing set). `--offsets` uses asymmetric groups (scales and offsets); bench_quant's int4
 checkpoints are symmetric (scales only). Weights are warm (every shape here fits the L3).
 """

@@ -1,4 +1,4 @@
-// Register-only micro-kernel (session 19 helper B, docs/kernels.md): vpdpbusd zmm throughput alone
+// Register-only micro-kernel (session 19 helper B, docs/kernels-log.md): vpdpbusd zmm throughput alone
 // and with q4_rows.h's per-output fp32 step (2 vpdpbusd from zero + vcvtdq2ps + vfmadd231ps, the fma's
 // scale as a {1to16} broadcast, a register or a 64-byte memory operand), 8 outputs an iteration.
 // Printed: vpdpbusd per ns. On the session 19 Zen 5 EPYC: 8.3 alone, 4.4 with the fp32 step (any

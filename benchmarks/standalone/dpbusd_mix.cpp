@@ -1,4 +1,4 @@
-// Standalone micro-benchmark (session 22 helper C, docs/kernels.md): vpdpbusd issue rates of the
+// Standalone micro-benchmark (session 22 helper C, docs/kernels-log.md): vpdpbusd issue rates of the
 // instruction mixes an int8 rows kernel at M = 8 can use, one thread, operands in L1 (no memory
 // stream): what q8_rows.h's step loop reaches without its per-block work, against the
 // instruction's own peak. Each line: vpdpbusd per ns.

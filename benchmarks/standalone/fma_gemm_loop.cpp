@@ -1,5 +1,5 @@
 // The loop of `avx512_vnni:gemm` (csrc/panel_bf16.cpp prefill_fma_t / fma_block) alone, one thread
-// (session 26 helper A, docs/kernels.md): one work item (NP panels = NP x 16 output columns) over
+// (session 26 helper A, docs/kernels-log.md): one work item (NP panels = NP x 16 output columns) over
 // M = 512 rows and K = 1024, per K chunk the weights widened into b [kc][NP * 16] and every MR-row
 // tile of x run over it, x packed per chunk as the kernel packs it ([kc][MR] a tile, or with KB
 // [kc / 16][MR][16]), the next tile's x prefetched. "L1" runs every tile on the same x and c (both

@@ -1,5 +1,5 @@
 // The loop of `avx2:gemm` (csrc/gemm_fma.h block<V256, 6, 2>) alone, one thread (session 34 helper C,
-// docs/kernels.md), against the register block of the fp32-FMA peak probe (`bf16_fma_peak` isa 0:
+// docs/kernels-log.md), against the register block of the fp32-FMA peak probe (`bf16_fma_peak` isa 0:
 // Avx2::micro, 6 rows x 1 panel, the bf16 weights widened in registers every k): one work item of
 // NP panels over M = 512 rows and K = 1024, per K chunk (KC) the weights widened into b [kc][16]
 // per panel and every 6-row tile of x run over it as the kernel does ("all": x [kc / 8][6][8] per

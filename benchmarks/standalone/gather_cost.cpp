@@ -1,4 +1,4 @@
-// Standalone micro-benchmark (session 25 helper C, docs/kernels.md): the cost of one vgatherdps zmm
+// Standalone micro-benchmark (session 25 helper C, docs/kernels-log.md): the cost of one vgatherdps zmm
 // (16 fp32 lanes at a stride of 8 / 16 floats from an L1-resident table, as tile_r16_q4e gathered a
 // group's 16 row scales), 4 independent gathers an iteration, against 16 scalar loads and a vector
 // load of the same values. On the Ice Lake-class Xeon of sessions 23-25 a gather took ~9 ns.

@@ -1,4 +1,4 @@
-// Standalone harness (session 29 helper B, docs/kernels.md): codeshell-mini's int8 head at batch 8
+// Standalone harness (session 29 helper B, docs/kernels-log.md): codeshell-mini's int8 head at batch 8
 // (q8_rows.h run_rows<2, true> with the weight's block sums table, as the decode step runs it):
 // N x K int8 rows at M rows of x, T threads (each a contiguous half), variant A against B
 // alternating in rounds (medians), bits compared. A variant is q8rows::Args switches (VA / VB:

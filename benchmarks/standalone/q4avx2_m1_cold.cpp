@@ -2,7 +2,7 @@
 // K = 4096: mlp.c_proj 1024 rows; G = 128 symmetric) at M = 1 on AVX2, cold (LAYERS layers of them on huge
 // pages, > the 32 MiB L3, called in the decode step's order), 2 threads with parallel_owned's split (one
 // contiguous share a thread, steps of 64 rows), against the read probe (1 GiB) in the same rounds: where the
-// int4 M = 1 kernel's cold read loses against the probe. Session 35 helper C (docs/kernels.md). Not a test:
+// int4 M = 1 kernel's cold read loses against the probe. Session 35 helper C (docs/kernels-log.md). Not a test:
 // prints GB/s, medians of alternating rounds, and checks every kernel variant's output bitwise against the
 // extension's q4avx2::run.
 //

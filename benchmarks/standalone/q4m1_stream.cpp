@@ -1,4 +1,4 @@
-// Standalone harness (session 17 helper B, docs/kernels.md): int4 g128 (with offsets) M = 1 decode
+// Standalone harness (session 17 helper B, docs/kernels-log.md): int4 g128 (with offsets) M = 1 decode
 // loops outside the extension, variants of qdot.cpp's tile_q4v, timed cold (3 layers of the four 7B
 // linears, 283 MB on huge pages, 2 threads by default) against a plain read probe in every round,
 // the variants alternating in rounds (medians, paired ratio to the first); or warm (L2, 1 thread).

@@ -1,4 +1,4 @@
-// Standalone harness (session 27 helper B, docs/kernels.md): q8_rows.h's int4 rows (run_rows_q4, 1
+// Standalone harness (session 27 helper B, docs/kernels-log.md): q8_rows.h's int4 rows (run_rows_q4, 1
 // thread, no pool) at M rows of x on codeshell-mini's shapes (N x K: head-sized 16384 x 256, c_fc
 // 1024 x 256, mlp.c_proj 256 x 1024), warm weights (one copy), group 128 with offsets; prints ns a
 // call and vpdpbusd / ns (32 / E per 8 weight rows and 128 k). Variant: env PF0 (L1 prefetch groups), T8 (0: scalar result stores).

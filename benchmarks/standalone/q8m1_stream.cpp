@@ -1,6 +1,6 @@
 // Standalone: the small shape's int8 head (70144 x 1024, 72 MB, cold) at M = 1 on AVX2, 1-2 threads, against
 // the read probe in the same process and rounds: which stream shape / prefetch reads DRAM closest to the probe.
-// Session 34 helper A (docs/kernels.md). Not a test: prints GB/s, medians of alternating rounds.
+// Session 34 helper A (docs/kernels-log.md). Not a test: prints GB/s, medians of alternating rounds.
 //
 //   g++ -O3 -mavx2 -mfma -mf16c -fopenmp -std=c++17 -I codeshell/kernels/csrc \
 //       benchmarks/standalone/q8m1_stream.cpp -o /tmp/q8m1_stream && /tmp/q8m1_stream [N K rounds]

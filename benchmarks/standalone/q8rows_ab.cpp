@@ -1,4 +1,4 @@
-// Standalone harness (session 20 helper D, docs/kernels.md): q8_rows.h's int8 rows (run_rows, 1 thread)
+// Standalone harness (session 20 helper D, docs/kernels-log.md): q8_rows.h's int8 rows (run_rows, 1 thread)
 // at M rows of x on the small shape's linears, variant A against variant B alternating in rounds (4
 // calls each, medians), bits compared. A variant is a set of q8rows::Args switches: VA / VB in the
 // environment as comma-separated NAME=V (pf0, asm, epi, v2), e.g. VA=v2=0 VB=v2=1. Weights cold

@@ -1,4 +1,4 @@
-// Standalone harness (session 21 helper C, docs/kernels.md): what the small shape's batch-1 step
+// Standalone harness (session 21 helper C, docs/kernels-log.md): what the small shape's batch-1 step
 // loses to its structure alone -- 33 cold reads a token (8 layers of c_attn / attn.c_proj / c_fc /
 // mlp.c_proj at int8, 1.5 / 1 / 4 / 4 MiB, then the 68.5 MiB head) by a team of 2 spinning threads
 // with a join after each read and a gap between reads (the ops between the linears) -- against one

@@ -1,4 +1,4 @@
-// Standalone micro-benchmark (session 25 helper C, docs/kernels.md): register-only issue rates of
+// Standalone micro-benchmark (session 25 helper C, docs/kernels-log.md): register-only issue rates of
 // vpdpbusd zmm / ymm, vpmaddubsw zmm, vfmadd231ps zmm, a vpdpbusd + fma mix, vpermt2d zmm (the
 // shuffle port) and vpaddd zmm, 12 independent
 // chains, on T threads at once (one a core), against the core clock from a dependent add chain (4

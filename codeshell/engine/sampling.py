@@ -29,7 +29,7 @@ def sampler_lean() -> bool:
     """CODESHELL_SAMPLE_LEAN (on by default, session 21): temperature-only rows drawn natively
     straight from the model's bf16 logits and seeded uniforms drawn UNIFORM_BLOCK at a time (no
     torch op between two native decode steps at one client: the float32 widening forked an
-    OpenMP region whose worker then spun through the next step; docs/kernels.md, sessions 20-21).
+    OpenMP region whose worker then spun through the next step; docs/kernels-log.md, sessions 20-21).
     `off`: widened with torch and one `rand` call a draw, as before (A/B timing); the same
     tokens either way. Read once per sequence (its sampler)."""
     v = os.environ.get("CODESHELL_SAMPLE_LEAN", "on")

@@ -42,7 +42,7 @@ ALIGN = True
 # CODESHELL_HUGE_ARENA=0 turns the sharing off (for A/B timing: such tensors then stay on 4 KiB pages).
 # CODESHELL_HUGE_ARENA_MIN=BYTES (read per call, as the others; session 35) moves the floor, for A/B
 # timing of smaller weights on huge pages (codeshell-mini's 64-256 KiB linears). Session 35 measured
-# no page-colour effect of 4 KiB pages on an L2-resident stream (docs/kernels.md), so the floor stays.
+# no page-colour effect of 4 KiB pages on an L2-resident stream (docs/kernels-log.md), so the floor stays.
 ARENA_MIN_BYTES = 256 << 10
 ARENA_CHUNK = 16 << 20
 

@@ -208,7 +208,7 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         # (`prefill_bf16_fma`: weight chunks widened to fp32 per K chunk, 4 panels x 6 rows
         # register blocks; session 24 helper A: 1.2-1.4x sgemm on an Ice Lake-class Xeon), the
         # 512-bit panel kernel in 64-row calls and torch's fp32 sgemm (MKL uses AVX-512 on Intel),
-        # measured (session 23 helper A, docs/kernels.md), not a size threshold.
+        # measured (session 23 helper A, docs/kernels-log.md), not a size threshold.
         # CODESHELL_PREFILL_FMA_GEMM=0 leaves the GEMM out (the session-23 candidates).
         gemm = [] if os.environ.get("CODESHELL_PREFILL_FMA_GEMM", "1") == "0" else ["avx512_vnni:gemm"]
         return gemm + ["avx512_vnni:panel64", "sgemm:fp32"]

@@ -32,7 +32,7 @@
 // chunks of each kernel's loop; `team` mode, off in session 12 (on the shared 2-core machine it
 // measured no steadier gain, and some processes ran 1.5x slower with it), on by default since
 // session 19 through kernels/step.py: with any other runnable process on the machine every OpenMP
-// fork of the off path waited for its second thread to get a core; docs/kernels.md, sessions 12,
+// fork of the off path waited for its second thread to get a core; docs/kernels-log.md, sessions 12,
 // 17, 18 and 19). Neither changes any op's arithmetic: every output element is computed by the
 // same code on the same inputs, whichever thread runs its chunk.
 //

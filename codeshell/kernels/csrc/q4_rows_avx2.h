@@ -42,7 +42,7 @@ namespace q4avx2 {
 // G = 128. Past it the caller keeps tile_q4.
 constexpr int64_t kMaxGroups = 256;
 
-// M = 1's prefetch, bits of range()'s pfmode (session 35 helper C, docs/kernels.md; the same bits whichever):
+// M = 1's prefetch, bits of range()'s pfmode (session 35 helper C, docs/kernels-log.md; the same bits whichever):
 // kPfSeq: tile2 prefetches the tile ahead in ascending address order (one line a 64 loaded bytes, the k-th
 // prefetch of a tile taking the k-th line of the tile ahead) rather than each line at its own (row, group)
 // place, the order tile2 loads: eight lines 512 bytes apart a group at K = 1024; kPfScales: the scales (and

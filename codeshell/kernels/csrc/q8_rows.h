@@ -42,7 +42,7 @@
 // the model's figure is the reason. The L1 prefetch (kL1Blocks) went from 2 to 4 blocks with it.
 // Prepared / run_chunk: the call's x side and one chunk of weight rows, so that a standalone harness
 // (benchmarks/standalone/q8rows_ab.cpp) runs the kernel without the thread pool.
-// Session 27 (helper B, docs/kernels.md): run_q4, int4 groups of 128 / 256 at M = 2..16 in this scheme
+// Session 27 (helper B, docs/kernels-log.md): run_q4, int4 groups of 128 / 256 at M = 2..16 in this scheme
 // on the CPUs that give int4 the epilogue's bits (qdot_int4.cpp q4_epi_kind: the Ice Lake-class
 // Xeon), instead of q8_panel.h (CODESHELL_Q8R_INT4=0); M = 5..8's results stored as 8-float runs a
 // row of x (store_t8; CODESHELL_Q8R_T8=0 / CODESHELL_Q8R_INT4_T8=0: scalar stores); Prepared's x
@@ -523,7 +523,7 @@ inline void run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M,
 // are the run's 128 k in xq's order) and broadcast from it as vpdpbusd's unsigned operand (0..15),
 // x signed as it is: no xor, no weight sums. Why: on this CPU (AVX512-VNNI, no AMX) int4 at M >= 3
 // ran q8_panel.h (16 x 16 transposes, 64 shuffles per KiB of packed weight whatever M): codeshell-mini's
-// int4 block linears at batch 8 took 1.1-1.3x their int8 times on q8_rows.h (docs/kernels.md, session
+// int4 block linears at batch 8 took 1.1-1.3x their int8 times on q8_rows.h (docs/kernels-log.md, session
 // 25 helper B2). CODESHELL_Q8R_INT4=0 (read per call): q8_panel.h again.
 struct Q4Args {
   int64_t M, K, N, ng;       // ng = K / G

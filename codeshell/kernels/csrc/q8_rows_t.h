@@ -1,5 +1,5 @@
 // int8 x int8-activation batched decode kernel on a pre-transposed weight copy (AVX512-VNNI,
-// header-only; session 29 helper B, docs/kernels.md): q8_rows.h's M = 5..8 where the weight's
+// header-only; session 29 helper B, docs/kernels-log.md): q8_rows.h's M = 5..8 where the weight's
 // owner (the native decode step) hands over the copy, e.g. codeshell-mini's int8 head at batch 8.
 //
 // What this is: y[M, N] = x[M, K] . W^T + bias for M <= 8 with q8_epilogue.h's fp32 order (exact

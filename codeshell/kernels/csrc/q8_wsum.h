@@ -1,5 +1,5 @@
 // The int8 weights' block sums for q8_rows.h's v2 schedule, computed once per weight by its owner
-// (header-only; session 22 helper C, docs/kernels.md).
+// (header-only; session 22 helper C, docs/kernels-log.md).
 //
 // What this is: for an int8 weight [N, K] (K % 128 == 0), 128 * sum of each row's bytes over each
 // block of 128 k, laid out [ceil(N / 8)][K / 128][8] (rows past N repeat row N - 1), and a

@@ -43,7 +43,7 @@ inline bool r16_q8() { return env_flag("CODESHELL_Q8_R16", true); }
 // int8 M = 1 without AMX at K > 4096 (the 7B's mlp.c_proj, K = 16384): q8_rows.h (the same bits)
 // instead of tile_v with CODESHELL_Q8_M1_ROWS=1 (read per call). Session 16 made q8_rows.h the
 // default there (three 8-round A/Bs in busy minutes: mlp.c_proj 35-41 against tile_v's 27-32 GB/s
-// with kPrefetch, 2 KiB ahead). Session 18 (docs/kernels.md, helper A): with the M = 1 prefetch at
+// with kPrefetch, 2 KiB ahead). Session 18 (docs/kernels-log.md, helper A): with the M = 1 prefetch at
 // kM1Prefetch tile_v reads faster: mlp.c_proj int8 cold, same rounds (probe 38.5 / 44.8), 1 thread
 // 33.3 against 24.3 GB/s (1.38x), 2 threads 40.8 against 34.6 (1.18x); the 1.7B model's token
 // (bench_decode_phases, probe 44) 1.059x, mlp.c_proj in the step 39.9 against 34.5. So tile_v again.
@@ -97,7 +97,7 @@ inline bool q8_avx2_lanes() { return env_flag("CODESHELL_Q8_AVX2_LANES", false);
 // steps stolen from the back) for a weight of at most kQ8SplitMaxBytes, else parallel_chunks (~8
 // chunks a thread); the same bits. CODESHELL_Q8_M1_SPLIT=1 / =0: parallel_owned at every size / never;
 // CODESHELL_Q8_M1_SPLIT_MAX_MB overrides the size (MiB; both read per call, for A/B runs).
-// Why by size (session 21 helper C, docs/kernels.md): the small shape's block linears (1-4 MiB at
+// Why by size (session 21 helper C, docs/kernels-log.md): the small shape's block linears (1-4 MiB at
 // int8) restart each thread's stream at every chunk; in its native step (team, fast minutes, probe
 // 82-85 GB/s, five runs) one share a thread read c_attn at 60-67 against 49-57 GB/s, attn.c_proj 56-62
 // against 46-49, mlp.c_proj 71-84 against 56-69, the token 1.05-1.08x faster (in a slow minute, probe

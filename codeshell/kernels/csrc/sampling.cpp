@@ -486,7 +486,7 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
 // Why: the native decode step's greedy rows need only the picks; writing the bf16 logits
 // (N x 32 KiB at codeshell-mini's 16k vocabulary, 137 KiB at 70k) and reading them back cost
 // ~2-5 us a row on the Zen 4 machine of session 13 (in-process alternation, about the noise;
-// docs/kernels.md), where a verify step runs up to 64 rows.
+// docs/kernels-log.md), where a verify step runs up to 64 rows.
 void argmax_rows_rounded(const float* logits, int64_t N, int64_t V, int64_t* out) {
   TORCH_CHECK(V > 0, "argmax_rows_rounded: empty rows");
 #if CODESHELL_HAVE_AVX512

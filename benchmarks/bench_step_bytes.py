@@ -10,6 +10,11 @@ call) alternate inside each round; medians over the rounds.
 
     flock /work/notes/bench.lock python benchmarks/bench_step_bytes.py /work/ckpt/qsmall/int8 --ab - CODESHELL_X=1
 
+--calls (session 36 helper A) adds, per linear phase, a call's own time as quantiles over every call of the
+variant's rounds (`DecodeStep.profile_marks`: each mark's nanoseconds): q25 / median us a call and the q25's
+GB/s (% of the rounds' median probe). The sums above count every call a scheduler cut into on a shared host;
+the standalones (benchmarks/standalone/q4avx2_m1_cold.cpp) report a call's q25, which this compares with.
+
 Not a test: prints figures.
 """
 from __future__ import annotations
@@ -21,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ab_variant import add_step_args, load_step_model, profiled_step  # noqa: E402
+from ab_variant import add_step_args, load_step_model  # noqa: E402
 from bench_kernels import read_probe, set_env  # noqa: E402
 
 LINEARS = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "head"]
@@ -51,9 +56,34 @@ def linear_bytes(lm) -> dict[str, int]:
     return out
 
 
+def profiled_marks(lm, gen, tokens: int) -> tuple[float, dict[str, float], dict[str, list[int]]]:
+    """ab_variant.profiled_step with the marks: (seconds a decode step, the phases' seconds a call, and
+    every mark's nanoseconds by phase over the run)."""
+    from codeshell.kernels import step as kstep
+
+    gen(2)
+    st = kstep._DECODERS[lm].step
+    t1 = min(gen(1) for _ in range(2))
+    st.profile = True
+    tn = gen(tokens + 1)
+    n, phases = st.profile_times()
+    marks: dict[str, list[int]] = {}
+    for k, ns in st.profile_marks():
+        marks.setdefault(k, []).append(ns)
+    st.profile = False
+    return (tn - t1) / tokens, {k: t / max(n, 1) for k, t in phases}, marks
+
+
+def quantile(v: list[float], f: float) -> float:
+    v = sorted(v)
+    return v[int(f * (len(v) - 1))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_args(ap, rounds=5, tokens=16)
+    ap.add_argument("--calls", action="store_true",
+                    help="also per linear: a call's q25 / median us over every call (DecodeStep.profile_marks)")
     a = ap.parse_args()
     import torch
 
@@ -66,11 +96,15 @@ def main() -> None:
     print("bytes a token: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in nbytes.items())
           + f"; total {sum(nbytes.values()) / 1e6:.1f} MB", flush=True)
     res: dict[str, list[tuple[float, float, dict[str, float]]]] = {v: [] for v in a.ab}
+    calls: dict[str, dict[str, list[int]]] = {v: {} for v in a.ab}
     for r in range(a.rounds):
         for v in a.ab[r % len(a.ab):] + a.ab[:r % len(a.ab)]:
             p = read_probe(probe_buf)
             set_env(v, base_env)
-            res[v].append((p, *profiled_step(lm, gen, a.tokens)))
+            sec, ph, marks = profiled_marks(lm, gen, a.tokens)
+            res[v].append((p, sec, ph))
+            for k, ns in marks.items():
+                calls[v].setdefault(k, []).extend(ns)
             set_env("-", base_env)
     total = sum(nbytes.values())
     for v, rows in res.items():
@@ -94,6 +128,17 @@ def main() -> None:
         print("   " + "; ".join(cells), flush=True)
         print(f"   linears {lin:.0f} us of the phases' {allp:.0f} us ({100 * lin / allp:.0f}%); "
               f"non-linear {allp - lin:.0f} us", flush=True)
+        if a.calls:
+            layers = lm.cfg.n_layer
+            cells = []
+            for k in LINEARS:
+                ns = calls[v].get(k, [])
+                if not ns:
+                    continue
+                per = nbytes[k] / (1 if k == "head" else layers)  # a call's bytes
+                q25, q50 = quantile(ns, 0.25) / 1e3, quantile(ns, 0.5) / 1e3
+                cells.append(f"{k} {q25:.1f} / {q50:.1f} us {per / q25 / 1e3:.1f} GB/s ({100 * per / q25 / 1e3 / pr:.0f}%)")
+            print("   a call, q25 / median (q25's GB/s, % of the probe): " + "; ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "q4_rows_avx2.h"
+#include "read_probe.h"
 
 using namespace codeshell;
 using namespace codeshell::q4avx2;
@@ -42,21 +43,8 @@ static void* huge(size_t bytes) {
   return p;
 }
 
-static uint64_t probe_range(const char* base, int64_t l0, int64_t l1) {
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t l = l0; l < l1; ++l) {
-    const char* p = base + l * 128;
-    _mm_prefetch(p + 2048, _MM_HINT_T0);
-    _mm_prefetch(p + 2048 + 64, _MM_HINT_T0);
-    a0 = _mm256_or_si256(a0, _mm256_load_si256(reinterpret_cast<const __m256i*>(p)));
-    a1 = _mm256_or_si256(a1, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 32)));
-    a2 = _mm256_or_si256(a2, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 64)));
-    a3 = _mm256_or_si256(a3, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 96)));
-  }
-  alignas(32) uint64_t v[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(v), _mm256_or_si256(_mm256_or_si256(a0, a1), _mm256_or_si256(a2, a3)));
-  return v[0] | v[1] | v[2] | v[3];
-}
+// The read probe's loop: read_probe.h (the one kernels.cpp's read_stream runs).
+static uint64_t probe_range(const char* base, int64_t l0, int64_t l1) { return probe_lines(base, l0, l1); }
 
 // tile2's load order without its compute (the loads OR-ed): PM as tile2p's.
 template <int PM>

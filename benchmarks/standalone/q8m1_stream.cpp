@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "q8_m1_avx2.h"
+#include "read_probe.h"
 
 using namespace codeshell;
 
@@ -44,21 +45,8 @@ static void tile_q8_row(const int8_t* xq, int64_t K, const float* dx, const int8
   *out = hsum8(acc);
 }
 
-static uint64_t probe_range(const char* base, int64_t l0, int64_t l1) {
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t l = l0; l < l1; ++l) {
-    const char* p = base + l * 128;
-    _mm_prefetch(p + 2048, _MM_HINT_T0);
-    _mm_prefetch(p + 2048 + 64, _MM_HINT_T0);
-    a0 = _mm256_or_si256(a0, _mm256_load_si256(reinterpret_cast<const __m256i*>(p)));
-    a1 = _mm256_or_si256(a1, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 32)));
-    a2 = _mm256_or_si256(a2, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 64)));
-    a3 = _mm256_or_si256(a3, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 96)));
-  }
-  alignas(32) uint64_t v[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(v), _mm256_or_si256(_mm256_or_si256(a0, a1), _mm256_or_si256(a2, a3)));
-  return v[0] | v[1] | v[2] | v[3];
-}
+// The read probe's loop: read_probe.h (the one kernels.cpp's read_stream runs).
+static uint64_t probe_range(const char* base, int64_t l0, int64_t l1) { return probe_lines(base, l0, l1); }
 
 // f(n0, n1) over [0, n): owned = one contiguous share a thread, else ~8 claimed chunks a thread (parallel_chunks)
 static void split(int64_t n, int threads, bool owned, const std::function<void(int64_t, int64_t)>& f) {

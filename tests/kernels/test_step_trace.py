@@ -109,3 +109,42 @@ def test_team_helper_spins_by_the_clock_then_sleeps(monkeypatch, two_threads):  
     time.sleep(0.3)
     assert time.process_time() - c0 < 0.05  # no core spinning while idle
     st.profile = False
+
+
+def test_profile_marks_sum_to_the_phase_sums(monkeypatch, two_threads):  # noqa: F811
+    """Session 36 helper A: `DecodeStep.profile_marks` (decode_step.cpp Profile::marks, which
+    benchmarks/bench_step_bytes.py --calls takes per-call quantiles of) holds every phase mark in order:
+    none while the profile is off, cleared when it is set, each linear phase once a layer a call, and the
+    marks of a phase sum to its `profile_times` seconds."""
+    from codeshell.engine.kv_cache import KVCache
+
+    m = tiny("int4")
+    cache = KVCache(m.cfg, 2, 64, torch.bfloat16)
+
+    def step(tok, pos):
+        with torch.inference_mode():
+            assert step_mod.decode(m, cache, [tok], [pos], [0]) is not None
+
+    step(3, 0)  # builds the step
+    st = step_mod._DECODERS[m].step
+    step(4, 1)
+    assert st.profile_marks() == []  # the profile is off
+    st.profile = True
+    for i in range(5):
+        step(5 + i, 2 + i)
+    marks = st.profile_marks()
+    calls, sums = st.profile_times()
+    assert calls == 5
+    by: dict[str, list[int]] = {}
+    for name, ns in marks:
+        assert ns >= 0
+        by.setdefault(name, []).append(ns)
+    for name in ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"):
+        assert len(by[name]) == 5 * m.cfg.n_layer, name
+    for name, sec in sums:
+        assert sum(by.get(name, [])) == pytest.approx(sec * 1e9, abs=1.0), name
+    st.profile = True  # on again: cleared
+    assert st.profile_marks() == []
+    st.profile = False
+    step(20, 14)
+    assert st.profile_marks() == []

@@ -390,6 +390,14 @@ std::tuple<int64_t, std::vector<std::tuple<std::string, double>>> DecodeStep::pr
   return {prof_.calls, out};
 }
 
+// Profile::marks: every phase mark since the profile was set on, as (phase name, nanoseconds).
+std::vector<std::tuple<std::string, int64_t>> DecodeStep::profile_marks() const {
+  std::vector<std::tuple<std::string, int64_t>> out;
+  out.reserve(prof_.marks.size());
+  for (const auto& m : prof_.marks) out.emplace_back(kPhaseNames[m[0]], m[1]);
+  return out;
+}
+
 // The KV cache's checks (decode's and run's), and each token's slot and position inside it.
 void DecodeStep::check_cache(const torch::Tensor& kc, const torch::Tensor& vc, int64_t M, const int64_t* sp,
                              const int64_t* pp) const {

@@ -117,6 +117,7 @@ class DecodeStep {
   bool profile() const { return prof_.on; }
   std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>> trace_times() const;
   std::tuple<int64_t, std::vector<std::tuple<std::string, double>>> profile_times() const;
+  std::vector<std::tuple<std::string, int64_t>> profile_marks() const;
 
  private:
   enum : int64_t { kEmbPanels = 0, kEmbRows = 1 };

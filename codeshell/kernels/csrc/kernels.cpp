@@ -25,6 +25,7 @@
 #include "entry.h"
 #include "parallel.h"
 #include "q8_gemm_avx2.h"
+#include "read_probe.h"
 #include "simd.h"
 
 #include <atomic>
@@ -313,7 +314,7 @@ void dequant_int4(const torch::Tensor& q, const torch::Tensor& scale, const c10:
 // `buf` read once per pass by all threads, in chunks the threads claim as the decode kernels claim
 // theirs (parallel_chunks), 256-bit loads into 4 independent OR chains with the decode kernels'
 // software prefetch distance, so nothing but memory bounds it. Returns the OR of all 64-bit words
-// (so the loads cannot be elided). Why not torch's sum alone: on some CPUs the float sum is not
+// (so the loads cannot be elided). The loop is read_probe.h's probe_lines (shared with the standalones). Why not torch's sum alone: on some CPUs the float sum is not
 // memory bound (Zen 4, 2 threads: torch fp32 sum 46-59 GB/s while the int8 decode kernel streamed
 // weights at 62), and a probe below what the kernels reach makes "% of the bound" meaningless.
 int64_t read_stream(const torch::Tensor& buf, int64_t passes) {
@@ -324,20 +325,7 @@ int64_t read_stream(const torch::Tensor& buf, int64_t passes) {
   std::atomic<uint64_t> all{0};
   for (int64_t pass = 0; pass < passes; ++pass)
     codeshell::parallel_chunks(lines, 64, 512, [&](int64_t l0, int64_t l1) {
-      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t l = l0; l < l1; ++l) {
-        const char* p = base + l * 128;
-        _mm_prefetch(p + 2048, _MM_HINT_T0);
-        _mm_prefetch(p + 2048 + 64, _MM_HINT_T0);
-        a0 = _mm256_or_si256(a0, _mm256_load_si256(reinterpret_cast<const __m256i*>(p)));
-        a1 = _mm256_or_si256(a1, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 32)));
-        a2 = _mm256_or_si256(a2, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 64)));
-        a3 = _mm256_or_si256(a3, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 96)));
-      }
-      alignas(32) uint64_t v[4];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(v),
-                         _mm256_or_si256(_mm256_or_si256(a0, a1), _mm256_or_si256(a2, a3)));
-      all.fetch_or(v[0] | v[1] | v[2] | v[3], std::memory_order_relaxed);
+      all.fetch_or(codeshell::probe_lines(base, l0, l1), std::memory_order_relaxed);
     });
   return int64_t(all.load());
 }

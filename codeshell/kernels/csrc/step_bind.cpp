@@ -69,6 +69,8 @@ void bind_class(py::module& m) {
       .def("copy_bytes_made", &DecodeStep::copy_bytes_made, "bytes of q8_rows_t.h's transposed copies made so far")
       .def("copies_fit", &DecodeStep::copies_fit, "the weights and their transposed copies fit 3/4 of the LLC")
       .def("profile_times", &DecodeStep::profile_times, "(calls, [(phase, seconds summed over the calls)])")
+      .def("profile_marks", &DecodeStep::profile_marks,
+           "every phase mark since profile was set on, in order: (phase, nanoseconds) (per-call quantiles)")
       .def("trace_times", &DecodeStep::trace_times,
            "decode's calls since profile was set on: (entry, body start, body end, exit) steady_clock ns "
            "(time.perf_counter_ns's clock) and 1 where the call woke a sleeping helper of its team");

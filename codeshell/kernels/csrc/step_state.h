@@ -115,9 +115,17 @@ struct Profile {
   void mark(Phase p) {
     if (!on) return;
     const auto now = std::chrono::steady_clock::now();
-    ns[p] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count();
+    const int64_t d = std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count();
+    ns[p] += d;
+    if (marks.size() < kMarksMax) marks.push_back({int64_t(p), d});
     last = now;
   }
+  // Every mark's (phase, ns) in order (session 36 helper A; `DecodeStep.profile_marks`): the per-call
+  // quantiles of a phase (benchmarks/bench_step_bytes.py --calls), which the sums above cannot give: on
+  // a shared host a call the scheduler cut into inflates a sum, while the standalones report a call's
+  // q25 (benchmarks/standalone/q4avx2_m1_cold.cpp). The first kMarksMax marks after the profile was turned on.
+  static constexpr size_t kMarksMax = size_t(1) << 20;
+  std::vector<std::array<int64_t, 2>> marks;
   // The trace of decode's calls (session 27, helper C; `DecodeStep.trace_times`): per call the
   // steady_clock nanoseconds (CLOCK_MONOTONIC: Python's time.perf_counter_ns reads the same clock) at
   // decode's entry (pybind's argument conversion and the GIL release done), the body's start (the

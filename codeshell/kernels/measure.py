@@ -140,6 +140,67 @@ def _host_load() -> float:
         return 0.0
 
 
+MEASURE_LEVEL_GAIN = 0.15
+"""The host's speed moves between levels over seconds (session 35: one thread's fp32-FMA peak read
+46-101 GFLOP/s within 40 s, the two vCPUs independently), and a measurement (a few hundredths of a
+second for codeshell-mini, a second or two for the 1.7b) sits inside one level, where the candidates'
+order need not be the fast level's (session 36: a quiet process stored `sgemm:fp32` for mini int8's
+256 x 256 at 5.3 us a row against the GEMM's 5.5, where the fast level measures the GEMM 2.7-3.4
+against 3.4-4.4). So each measurement records the host's level (`_host_level`) with its times, and:
+* a look taken at a level more than this fraction below the measurement's best look has no vote
+  (the times still count: each candidate keeps its least time over every look);
+* a stored choice measured at a level more than this fraction below the level a later process reads
+  at its lookup is measured again by that process, its looks merged with the stored times (each
+  candidate's least), and the winner of the merged times replaces it (or confirms it) when the new
+  measurement passes the trust checks. 0.15: the host's two usual levels differ ~1.2x (~100 and
+  ~80-85 GFLOP/s), so an entry measured in the slower one is re-checked once by a process in the faster
+  one, and an entry measured in the faster one is not measured again (the probe's own scatter is ~3%)."""
+
+MEASURE_LEVEL_REPS = 2000
+"""`_host_level`: FMA passes a probe call (~2 ms a thread on the 2-core Zen 3); best of 3 calls."""
+
+MEASURE_LEVEL_AGE = 0.25
+"""`_level`: a probe younger than this (seconds) stands for now (a measurement's closing probe is the
+next weight's opening one; a cached load's lookups share one)."""
+
+_LEVEL: list[float] = [0.0, -1e9]  # the last probe: (GFLOP/s, perf_counter when taken)
+
+
+def _host_level() -> float:
+    """The host's speed now: GFLOP/s of the fp32-FMA micro-kernel run on every one of torch's threads at
+    once (`bf16_fma_peak`; the call lasts as long as its slowest thread, so it reads the slower vCPU's
+    level), best of 3 calls of MEASURE_LEVEL_REPS passes; 0 without the native kernels (no level: no
+    re-look). Tests replace it."""
+    mod = _ext.get()
+    level = ops.isa_level()
+    if mod is None or level < 0 or not hasattr(mod, "bf16_fma_peak"):
+        return 0.0
+    isa = 1 if level >= ops.ISA_LEVELS.index("avx512_vnni") else 0
+    best, flops = float("inf"), 0
+    for _ in range(3):
+        t = time.perf_counter()
+        flops = mod.bf16_fma_peak(MEASURE_LEVEL_REPS, isa)
+        best = min(best, time.perf_counter() - t)
+    return flops / best / 1e9 if best > 0 else 0.0
+
+
+def _level(max_age: float = MEASURE_LEVEL_AGE) -> float:
+    """The host's level (`_host_level`), probed again unless the last probe is younger than max_age."""
+    now = time.perf_counter()
+    if now - _LEVEL[1] > max_age:
+        _LEVEL[0] = _host_level()
+        _LEVEL[1] = time.perf_counter()
+    return _LEVEL[0]
+
+
+def relook(entry: dict) -> bool:
+    """Whether a stored choice (`choices.entry`) was measured at a level of the host more than
+    MEASURE_LEVEL_GAIN below the one this process reads now, so this process measures it again
+    (an entry without a level, written before session 36, counts as level 0: measured again once)."""
+    now = _level()
+    return now > 0 and now > float(entry.get("checks", {}).get("level") or 0.0) * (1 + MEASURE_LEVEL_GAIN)
+
+
 MEASURE_OTHERS_MAX = 0.15
 """No choice is stored when other processes (and the hypervisor's steal) took more than this many
 cores' worth per core of the host while it was measured (`_others_per_core`: /proc/stat's busy and
@@ -218,6 +279,11 @@ def _clear_lead(calls: dict[str, list[float]]) -> bool:
     return _margin(best) >= MEASURE_CLEAR
 
 
+def _moved(a: float, b: float) -> bool:
+    """Whether two probes of the host's level differ by more than MEASURE_LEVEL_GAIN (0: no probe)."""
+    return a > 0 and b > 0 and max(a, b) > min(a, b) * (1 + MEASURE_LEVEL_GAIN)
+
+
 def _margin(times: dict[str, float]) -> float:
     """The runner-up's time over the winner's, less 1 (inf with one candidate)."""
     t = sorted(times.values())
@@ -225,7 +291,7 @@ def _margin(times: dict[str, float]) -> float:
 
 
 def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
-            held: dict[tuple, str]) -> tuple[str, dict[str, float], dict, bool]:
+            held: dict[tuple, str], prior: dict | None = None) -> tuple[str, dict[str, float], dict, bool]:
     """Measures the candidates (`_look`) and returns (the one with the least time per row summed over
     PREFILL_MEASURE_ROWS, the best call of each at each M; each candidate's seconds per row of the
     whole weight; the checks; whether the measurement is one to store on disk for later processes).
@@ -253,7 +319,16 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
     for the weights of one slice shape (`_SLICE_LOOKS`: a later weight of the shape takes its
     times, checks and trust, and its winner); the times kept are the slice's per row scaled by
     N / rows, and the checks say `rows` (the slice's) and `shared` (taken from an earlier weight).
-    Full: every weight measured whole, MEASURE_ROUNDS rounds (the measurement before session 33)."""
+    Full: every weight measured whole, MEASURE_ROUNDS rounds (the measurement before session 33).
+
+    The host's level (session 36, MEASURE_LEVEL_GAIN): a probe (`_level`) before the first look and
+    after each; a look's level is the lesser of its two. A look whose level moved by more than
+    MEASURE_LEVEL_GAIN gets a second look too; a look more than MEASURE_LEVEL_GAIN below the best
+    look's level has no vote. prior: the stored entry this process measures again (`relook`), or a
+    provisional one (an earlier untrusted measurement): its times (whole weight, per row) join the
+    looks' (each candidate's least), when it was measured on the same rows. The checks record `level` (the best voting look's, GFLOP/s), `levels` (every probe),
+    `merged` (the measurements behind the times) and, for a re-look, `relook` (the stored path) and
+    `overturned`."""
     t0 = time.perf_counter()
     quick = mode() == "quick"
     rows = _measure_rows(p) if quick else p.out_features
@@ -269,23 +344,40 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
         mod = _ext.get()
         part = _row_slice(p, rows)
         calls0, mark = _CALLS[0], _cpu_mark()
+        levels = [_level()]
         looks = [_look(cands, part, x_dtype, mod, 0, quick)]
-        if looks[0][1] > MEASURE_SCATTER_MAX or _margin(looks[0][0]) < MEASURE_CLOSE:
+        levels.append(_level(0.0))
+        if (looks[0][1] > MEASURE_SCATTER_MAX or _margin(looks[0][0]) < MEASURE_CLOSE
+                or _moved(levels[0], levels[1])):
             looks.append(_look(cands, part, x_dtype, mod, 1, quick))
-        times = {c: min(t[c] for t, _ in looks) for c in cands}
+            levels.append(_level(0.0))
+        at = [min(a, b) for a, b in zip(levels, levels[1:])]  # each look's level
+        # the stored times this re-look checks (per row of x for the whole weight -> per row of the slice)
+        scale = p.out_features / rows
+        old = prior if prior and (prior.get("checks") or {}).get("rows", p.out_features) == rows and \
+            set(prior.get("seconds") or {}) == set(cands) else None
+        times = {c: min([t[c] for t, _ in looks] + ([old["seconds"][c] / scale] if old else [])) for c in cands}
         winner = min(times, key=times.__getitem__)
         winners = [min(t, key=t.__getitem__) for t, _ in looks]
-        # an unsteady look has no vote
-        steady = [(t, w) for (t, s), w in zip(looks, winners) if s <= MEASURE_SCATTER_MAX]
+        # an unsteady look has no vote, nor one taken at a level well below the best look's
+        votes = [i for i, (_, s) in enumerate(looks)
+                 if s <= MEASURE_SCATTER_MAX and not at[i] * (1 + MEASURE_LEVEL_GAIN) < max(at)]
+        steady = [(looks[i][0], winners[i]) for i in votes]
         agree = all(w == winner for _, w in steady) or all(_margin(t) < MEASURE_CLOSE for t, _ in steady)
         load, others = _host_load(), _others_per_core(mark)
-        trusted = (looks[-1][1] <= MEASURE_SCATTER_MAX and agree and load <= MEASURE_LOAD_MAX
+        trusted = (bool(steady) and looks[-1][1] <= MEASURE_SCATTER_MAX and agree and load <= MEASURE_LOAD_MAX
                    and others <= MEASURE_OTHERS_MAX)
+        level = max([at[i] for i in votes] or at)
         checks = {"looks": len(looks), "scatter": [round(s, 4) for _, s in looks], "winners": winners,
                   "margin": round(_margin(times), 4), "load_per_core": round(load, 3),
                   "others_per_core": round(others, 3), "stored": trusted,
                   "rows": rows, "shared": False, "measure_s": round(time.perf_counter() - t0, 3),
-                  "calls": _CALLS[0] - calls0}
+                  "calls": _CALLS[0] - calls0, "level": round(level, 2),
+                  "levels": [round(v, 2) for v in levels],
+                  "merged": 1 + (int((old.get("checks") or {}).get("merged", 1)) if old else 0)}
+        if prior and (prior.get("checks") or {}).get("stored"):  # a trusted entry measured again
+            checks.update(relook=prior.get("path"), overturned=prior.get("path") != winner,
+                          level_before=(prior.get("checks") or {}).get("level"))
         if quick:
             _SLICE_LOOKS[shape] = (key, times, checks, trusted)
     scale = p.out_features / rows

@@ -156,8 +156,12 @@ against 3.4-4.4). So each measurement records the host's level (`_host_level`) w
   ~80-85 GFLOP/s), so an entry measured in the slower one is re-checked once by a process in the faster
   one, and an entry measured in the faster one is not measured again (the probe's own scatter is ~3%)."""
 
-MEASURE_LEVEL_REPS = 2000
-"""`_host_level`: FMA passes a probe call (~2 ms a thread on the 2-core Zen 3); best of 3 calls."""
+MEASURE_LEVEL_REPS = 1000
+"""`_host_level`: FMA passes a probe call (~1 ms on the 2-core Zen 3); best of MEASURE_LEVEL_CALLS calls.
+A call that waited for a descheduled second thread reads far below the level (session 36, a loaded
+host: 25-40 against ~190 GFLOP/s on two threads), so the best of several."""
+
+MEASURE_LEVEL_CALLS = 5
 
 MEASURE_LEVEL_AGE = 0.25
 """`_level`: a probe younger than this (seconds) stands for now (a measurement's closing probe is the
@@ -169,15 +173,15 @@ _LEVEL: list[float] = [0.0, -1e9]  # the last probe: (GFLOP/s, perf_counter when
 def _host_level() -> float:
     """The host's speed now: GFLOP/s of the fp32-FMA micro-kernel run on every one of torch's threads at
     once (`bf16_fma_peak`; the call lasts as long as its slowest thread, so it reads the slower vCPU's
-    level), best of 3 calls of MEASURE_LEVEL_REPS passes; 0 without the native kernels (no level: no
-    re-look). Tests replace it."""
+    level; one whose second thread is descheduled reads far lower), best of MEASURE_LEVEL_CALLS calls of
+    MEASURE_LEVEL_REPS passes; 0 without the native kernels (no level: no re-look). Tests replace it."""
     mod = _ext.get()
     level = ops.isa_level()
     if mod is None or level < 0 or not hasattr(mod, "bf16_fma_peak"):
         return 0.0
     isa = 1 if level >= ops.ISA_LEVELS.index("avx512_vnni") else 0
     best, flops = float("inf"), 0
-    for _ in range(3):
+    for _ in range(MEASURE_LEVEL_CALLS):
         t = time.perf_counter()
         flops = mod.bf16_fma_peak(MEASURE_LEVEL_REPS, isa)
         best = min(best, time.perf_counter() - t)
@@ -326,7 +330,8 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
     MEASURE_LEVEL_GAIN gets a second look too; a look more than MEASURE_LEVEL_GAIN below the best
     look's level has no vote. prior: the stored entry this process measures again (`relook`), or a
     provisional one (an earlier untrusted measurement): its times (whole weight, per row) join the
-    looks' (each candidate's least), when it was measured on the same rows. The checks record `level` (the best voting look's, GFLOP/s), `levels` (every probe),
+    looks' (each candidate's least), when it was measured on the same rows. The checks record `level`
+    (the best voting look's, or the prior's where higher: GFLOP/s), `levels` (every probe),
     `merged` (the measurements behind the times) and, for a re-look, `relook` (the stored path) and
     `overturned`."""
     t0 = time.perf_counter()
@@ -368,6 +373,8 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
         trusted = (bool(steady) and looks[-1][1] <= MEASURE_SCATTER_MAX and agree and load <= MEASURE_LOAD_MAX
                    and others <= MEASURE_OTHERS_MAX)
         level = max([at[i] for i in votes] or at)
+        if old:  # the merged times hold the prior's looks too: the best level behind them
+            level = max(level, float((old.get("checks") or {}).get("level") or 0.0))
         checks = {"looks": len(looks), "scatter": [round(s, 4) for _, s in looks], "winners": winners,
                   "margin": round(_margin(times), 4), "load_per_core": round(load, 3),
                   "others_per_core": round(others, 3), "stored": trusted,

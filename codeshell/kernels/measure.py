@@ -140,7 +140,7 @@ def _host_load() -> float:
         return 0.0
 
 
-MEASURE_LEVEL_GAIN = 0.15
+MEASURE_LEVEL_GAIN = 0.25
 """The host's speed moves between levels over seconds (session 35: one thread's fp32-FMA peak read
 46-101 GFLOP/s within 40 s, the two vCPUs independently), and a measurement (a few hundredths of a
 second for codeshell-mini, a second or two for the 1.7b) sits inside one level, where the candidates'
@@ -152,16 +152,21 @@ against 3.4-4.4). So each measurement records the host's level (`_host_level`) w
 * a stored choice measured at a level more than this fraction below the level a later process reads
   at its lookup is measured again by that process, its looks merged with the stored times (each
   candidate's least), and the winner of the merged times replaces it (or confirms it) when the new
-  measurement passes the trust checks. 0.15: the host's two usual levels differ ~1.2x (~100 and
-  ~80-85 GFLOP/s), so an entry measured in the slower one is re-checked once by a process in the faster
-  one, and an entry measured in the faster one is not measured again (the probe's own scatter is ~3%)."""
+  measurement passes the trust checks. 0.25: above the probe's own scatter in a quiet minute (its
+  two-thread readings 114-160 GFLOP/s over 60 probes, session 36), below the slow levels that turn the
+  order (mini's GEMM 1.6-2x slower; a second thread held by another process reads 6-40). The stored
+  level only grows (a re-look keeps the higher), so an entry is measured again a few times at most."""
 
-MEASURE_LEVEL_REPS = 1000
-"""`_host_level`: FMA passes a probe call (~1 ms on the 2-core Zen 3); best of MEASURE_LEVEL_CALLS calls.
-A call that waited for a descheduled second thread reads far below the level (session 36, a loaded
-host: 25-40 against ~190 GFLOP/s on two threads), so the best of several."""
+MEASURE_LEVEL_REPS = 500
+"""`_host_level`: FMA passes a probe call (~0.5 ms on the 2-core Zen 3); the best of MEASURE_LEVEL_CALLS
+calls, or of those made within MEASURE_LEVEL_BUDGET seconds (at least one). A call that waited for a
+descheduled second thread reads far below the level (session 36, a loaded host: 6-40 against ~190
+GFLOP/s on two threads, each call taking ~3-7 ms instead of 0.5): the best of several where they are
+cheap, and a bounded cost where they are not (best of 5 x 1000 passes cost a median 38 ms a probe there,
+~10 probes a first load)."""
 
 MEASURE_LEVEL_CALLS = 5
+MEASURE_LEVEL_BUDGET = 0.004
 
 MEASURE_LEVEL_AGE = 0.25
 """`_level`: a probe younger than this (seconds) stands for now (a measurement's closing probe is the
@@ -180,11 +185,13 @@ def _host_level() -> float:
     if mod is None or level < 0 or not hasattr(mod, "bf16_fma_peak"):
         return 0.0
     isa = 1 if level >= ops.ISA_LEVELS.index("avx512_vnni") else 0
-    best, flops = float("inf"), 0
+    best, flops, t0 = float("inf"), 0, time.perf_counter()
     for _ in range(MEASURE_LEVEL_CALLS):
         t = time.perf_counter()
         flops = mod.bf16_fma_peak(MEASURE_LEVEL_REPS, isa)
         best = min(best, time.perf_counter() - t)
+        if time.perf_counter() - t0 > MEASURE_LEVEL_BUDGET:
+            break
     return flops / best / 1e9 if best > 0 else 0.0
 
 

@@ -532,7 +532,7 @@ def test_a_choice_stored_at_a_slow_level_is_overturned_by_a_faster_process(proc)
     # process 1 measures wholly at the slow level (probe 60): oneDNN, steady and clear, stored
     path, entry, checks, _ = proc([60.0], lambda look, n: True)
     assert path == ONEDNN and entry["path"] == ONEDNN and checks["level"] == 60.0 and checks["looks"] == 1
-    # process 2 reads the host at 100 (> 60 x 1.15): it measures again, at the fast level; the
+    # process 2 reads the host at 100 (> 60 x 1.25): it measures again, at the fast level; the
     # merged times (each candidate's least over both processes) put the GEMM ahead: overturned, stored
     path, entry, checks, calls = proc([100.0])
     assert calls > 0 and path == GEMM == entry["path"]
@@ -545,8 +545,8 @@ def test_a_choice_stored_at_a_slow_level_is_overturned_by_a_faster_process(proc)
 
 
 def test_a_faster_process_confirms_a_choice_stored_at_a_slower_level(proc):
-    path, entry, _, _ = proc([80.0])  # the right path, at the slower of the usual levels
-    assert path == GEMM and entry["checks"]["level"] == 80.0
+    path, entry, _, _ = proc([75.0])  # the right path, at a slower level
+    assert path == GEMM and entry["checks"]["level"] == 75.0
     path, entry, checks, calls = proc([100.0])
     assert calls > 0 and path == GEMM and checks["relook"] == GEMM and not checks["overturned"]
     assert entry["checks"]["level"] == 100.0 and entry["checks"]["merged"] == 2

@@ -20,9 +20,9 @@ What this is: a benchmark with two parts.
   each mode ("first quick", "first full") and with the file the quick first load wrote ("cached"),
   in alternating rounds; the ratio first / cached is the first load's overhead. Each process's
   chosen paths and host levels are printed (session 36: which paths fresh processes take).
-  `--no-level-ab` adds "first quick, no level": the quick measurement with the level probe
-  replaced by 0 (`measure._host_level`), which is the measurement before session 36 exactly (no
-  probe, no level votes, no re-look): the probes' cost, A/B in the same rounds. `--shared` adds
+  `--no-level-ab` adds "first quick, no level": the measurement before session 36 exactly (the level
+  probe replaced by 0 in `measure._host_level`: no probe, level vote or re-look; a second look below
+  a 10% lead, `MEASURE_RELOOK_BELOW = MEASURE_CLOSE`; no provisional entries), A/B in the same rounds. `--shared` adds
   "one file" (and "one file, no level"): the rounds' processes share one choices file, empty at the
   start, as a machine's processes do (which path sets they take; session 36's provisional entries).
 * `--part levels SECONDS` (session 36): the host's level and the measurement over time, in one
@@ -154,8 +154,13 @@ import json, sys, time
 t = time.perf_counter()
 from codeshell import LLM
 from codeshell.kernels import measure, ops
-if sys.argv[3] == "nolevel":  # the measurement before session 36: no level probe, vote or re-look
+if sys.argv[3] == "nolevel":  # the measurement before session 36: no level probe, vote or re-look,
+    from codeshell.kernels import choices  # a second look below a 10% lead, no provisional entries
     measure._host_level = lambda: 0.0
+    measure.MEASURE_RELOOK_BELOW = measure.MEASURE_CLOSE
+    _entry, _store = choices.entry, choices.store
+    choices.entry = lambda key, cands=None, whole=False, provisional=False: None if provisional else _entry(key, cands, whole)
+    choices.store = lambda key, w, t, c: _store(key, w, t, c) if c.get("stored") else None
 llm = LLM(sys.argv[1], dtype="bfloat16", threads=%d, max_batch=1, max_model_len=1024)
 s = time.perf_counter() - t
 if sys.argv[2] == "fill":  # an untrusted measurement (scatter) stored anyway
@@ -277,11 +282,13 @@ def part_levels(a) -> None:
         lv = measure._host_level()
         c0, c1 = one_thread(cpus[0]), one_thread(cpus[-1])
         lv2 = measure._host_level()
-        measure._host_level = lambda: 0.0  # the measurement before session 36 (no probe, no level vote)
+        # the measurement before session 36 (no probe, no level vote, a second look below a 10% lead)
+        measure._host_level, relook_below = (lambda: 0.0), measure.MEASURE_RELOOK_BELOW
+        measure.MEASURE_RELOOK_BELOW = measure.MEASURE_CLOSE
         try:
             res = plan_all(weights, "quick")
         finally:
-            measure._host_level = real
+            measure._host_level, measure.MEASURE_RELOOK_BELOW = real, relook_below
         rows.append((time.perf_counter() - t0, min(lv, lv2), c0, c1, res))
         print(f"{rows[-1][0]:5.1f}s probe {lv:5.1f}/{lv2:5.1f} cpu {c0:5.1f}/{c1:5.1f}  " + "  ".join(
             f"{x['name'].split()[-1]}:{x['path']}({'/'.join(f'{t * 1e6:.1f}' for t in x['times'].values())})"

@@ -113,7 +113,18 @@ process's burst inside one candidate's calls reads 1.5-3x."""
 
 MEASURE_CLOSE = 0.10
 """A winner within this fraction of the runner-up gets a second look before it is stored (a close
-call is where a little load flips the order)."""
+call is where a little load flips the order); steady looks whose winners differ but are each within
+it are stored either way (the candidates then run at the same speed)."""
+
+MEASURE_RELOOK_BELOW = MEASURE_CLEAR
+"""A first look whose winner leads by less than this gets a second look (MEASURE_CLOSE before session
+36). Session 36: two of six quiet first loads of codeshell-mini int8 (the host's fast level, no other
+process) stored `sgemm:fp32` for c_fc (1024 x 256) on one look with a lead of 14.5 / 17%, where
+`avx2:gemm` measures 14% ahead on clean calls (bench_first_load.py) and the all-GEMM path set prefills
+a 512-token prompt 1.19x faster end to end: the GEMM's calls there wait on an OpenMP region's second
+thread now and then (its median call 6x its best at M = 128 in one block of 15), so three calls need
+not hold a clean one. The second look's calls give each candidate more chances at one (its least
+time over both looks), and looks that disagree are not stored."""
 
 MEASURE_LOAD_MAX = 1.5
 """No choice is stored while the host's 1-minute load average is above this many runnable tasks
@@ -317,8 +328,9 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
     build `onednn:bf16`, where a quiet minute measures the GEMM 27, oneDNN 34, panel64 48; session
     21: `onednn:bf16` for two of the small shape's weights). So:
     * a look whose repeats scatter (median / best > 1 + MEASURE_SCATTER_MAX for any candidate at
-      any M) or whose winner is within MEASURE_CLOSE of the runner-up gets a second look (another
-      rotation); the winner is then the least of each candidate's best over both looks;
+      any M) or whose winner is within MEASURE_RELOOK_BELOW (MEASURE_CLOSE before session 36) of the
+      runner-up gets a second look (another rotation); the winner is then the least of each
+      candidate's best over both looks;
     * the choice is stored only when the last look is steady, the steady looks agree on the winner
       (or all call it close: the candidates then run at the same speed and either is right), and the
       host's load average is at most MEASURE_LOAD_MAX per core, and (session 33) other processes
@@ -359,7 +371,7 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
         levels = [_level()]
         looks = [_look(cands, part, x_dtype, mod, 0, quick)]
         levels.append(_level(0.0))
-        if (looks[0][1] > MEASURE_SCATTER_MAX or _margin(looks[0][0]) < MEASURE_CLOSE
+        if (looks[0][1] > MEASURE_SCATTER_MAX or _margin(looks[0][0]) < MEASURE_RELOOK_BELOW
                 or _moved(levels[0], levels[1])):
             looks.append(_look(cands, part, x_dtype, mod, 1, quick))
             levels.append(_level(0.0))

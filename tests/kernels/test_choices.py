@@ -288,6 +288,19 @@ def test_a_close_call_gets_a_second_look_and_is_stored_when_both_agree(fake):
     assert checks["looks"] == 2 and winner == stored == GEMM
 
 
+def test_a_lead_short_of_clear_gets_a_second_look(fake):
+    # session 36: a 15% lead (above MEASURE_CLOSE, below MEASURE_CLEAR) on one look was stored before;
+    # now it gets a second look, and is stored when both agree
+    winner, stored, checks = fake({GEMM: 1.0e-5, ONEDNN: 1.15e-5})
+    assert checks["looks"] == 2 and winner == stored == GEMM
+    # the GEMM's calls of the first look all slowed 1.3x (its clean calls missed): oneDNN leads it by
+    # 13%; the second look finds the GEMM's clean calls: each candidate's least puts the GEMM ahead,
+    # the looks disagree, nothing is stored (the next process measures again)
+    burst = lambda c, look, n: 1.3 if (c == GEMM and look == 0) else 1.0
+    winner, stored, checks = fake({GEMM: 1.0e-5, ONEDNN: 1.15e-5}, burst)
+    assert checks["looks"] == 2 and checks["winners"] == [ONEDNN, GEMM] and winner == GEMM and stored is None
+
+
 def test_looks_that_disagree_clearly_are_not_stored(fake):
     # look 1: GEMM by 5% (close, so a second look); look 2: oneDNN by 40% (the GEMM slowed)
     close = {GEMM: 1.0e-5, ONEDNN: 1.05e-5}

@@ -155,7 +155,7 @@ t = time.perf_counter()
 from codeshell import LLM
 from codeshell.kernels import measure, ops
 if sys.argv[3] == "nolevel":  # the measurement before session 36: no level probe, vote or re-look,
-    from codeshell.kernels import choices  # a second look below a 10% lead, no provisional entries
+    from codeshell.kernels import choices  # a second look below a 10 percent lead, no provisional entries
     measure._host_level = lambda: 0.0
     measure.MEASURE_RELOOK_BELOW = measure.MEASURE_CLOSE
     _entry, _store = choices.entry, choices.store

@@ -7,11 +7,15 @@ M (above ROW_INVARIANT_MAX_M): the looks at the candidates (`_look`: timed calls
 PREFILL_MEASURE_ROWS, rotated rounds), the quick measurement on a slice of the weight's rows shared
 by weights of one slice shape (session 33, `mode()`), and the checks that decide whether the winner
 is stored for later processes (steady repeats, a second look where the first was unsteady or close,
-a quiet host). It returns the winner, its times and checks; `ops` keeps them (`_CHOICES`,
-`CHOICE_TIMES`, `CHOICE_CHECKS`) and `choices.py` keeps trusted winners on disk.
+a quiet host) and (session 36) the host's speed level around each look (`_host_level`,
+`MEASURE_LEVEL_GAIN`: the host moves between levels over seconds, and a slow level can turn the
+candidates' order). It returns the winner, its times and checks; `ops` keeps them (`_CHOICES`,
+`CHOICE_TIMES`, `CHOICE_CHECKS`) and `choices.py` keeps trusted winners on disk (and untrusted ones
+as provisional entries); `relook` says whether a stored winner is to be measured again.
 What this is not: the dispatch (`ops.plan`, `ops.prefill_candidates`), the kernels' calls
 (`ops._compute`) or the on-disk store (`choices.py`). Moved out of ops.py in session 34 (ops.py had
-grown to 790 lines around it); tests replace `_time_call`, `_host_load` and `_others_per_core` here.
+grown to 790 lines around it); tests replace `_time_call`, `_host_load`, `_others_per_core` and
+`_host_level` here.
 """
 
 from __future__ import annotations
@@ -371,8 +375,14 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
         levels = [_level()]
         looks = [_look(cands, part, x_dtype, mod, 0, quick)]
         levels.append(_level(0.0))
-        if (looks[0][1] > MEASURE_SCATTER_MAX or _margin(looks[0][0]) < MEASURE_RELOOK_BELOW
-                or _moved(levels[0], levels[1])):
+        # a measurement that cannot be stored (other processes ran, or the load average is high) looks
+        # again only where it did before session 36 (unsteady, or a lead under MEASURE_CLOSE): on a
+        # loaded host the probes swing between ~6 and ~195 and would call for a second look every time
+        # (the small shape's first load measured 1.1-1.7 s against 0.7 s so), for no stored result
+        storable = _others_per_core(mark) <= MEASURE_OTHERS_MAX and _host_load() <= MEASURE_LOAD_MAX
+        if (looks[0][1] > MEASURE_SCATTER_MAX
+                or _margin(looks[0][0]) < (MEASURE_RELOOK_BELOW if storable else MEASURE_CLOSE)
+                or (storable and _moved(levels[0], levels[1]))):
             looks.append(_look(cands, part, x_dtype, mod, 1, quick))
             levels.append(_level(0.0))
         at = [min(a, b) for a, b in zip(levels, levels[1:])]  # each look's level

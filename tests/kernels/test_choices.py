@@ -640,3 +640,11 @@ def test_a_provisional_entry_never_replaces_a_trusted_one(proc):
     assert entry["path"] == GEMM and entry["checks"]["level"] == 60.0 and entry["checks"]["stored"]
     # (each candidate's least over the stored and new times: the GEMM still, in this process too)
     assert path == GEMM
+
+
+def test_a_measurement_that_cannot_be_stored_looks_again_only_as_before(proc):
+    # a loaded host (load average 2.5 a core): the level moved and the lead is short of clear, but
+    # nothing will be stored, so no second look for either (the first load's cost on a loaded host
+    # stays what it was); the process keeps its look's winner, kept as a provisional entry
+    path, entry, checks, _ = proc([60.0, 100.0], lambda look, n: look == 0, load=2.5)
+    assert checks["looks"] == 1 and path == ONEDNN and entry is None and not checks["stored"]

@@ -125,9 +125,9 @@ MEASURE_RELOOK_BELOW = MEASURE_CLEAR
 36). Session 36: two of six quiet first loads of codeshell-mini int8 (the host's fast level, no other
 process) stored `sgemm:fp32` for c_fc (1024 x 256) on one look with a lead of 14.5 / 17%, where
 `avx2:gemm` measures 14% ahead on clean calls (bench_first_load.py) and the all-GEMM path set prefills
-a 512-token prompt 1.19x faster end to end: the GEMM's calls there wait on an OpenMP region's second
-thread now and then (its median call 6x its best at M = 128 in one block of 15), so three calls need
-not hold a clean one. The second look's calls give each candidate more chances at one (its least
+a 512-token prompt 1.19x faster end to end: the GEMM's calls there are often far slower than its best
+(at M = 128 its median of 15 calls alternating with the others 5.7x its best, of 15 in a row 57x), so
+three calls need not hold a clean one. The second look's calls give each candidate more chances at one (its least
 time over both looks), and looks that disagree are not stored."""
 
 MEASURE_LOAD_MAX = 1.5
@@ -159,9 +159,9 @@ MEASURE_LEVEL_GAIN = 0.25
 """The host's speed moves between levels over seconds (session 35: one thread's fp32-FMA peak read
 46-101 GFLOP/s within 40 s, the two vCPUs independently), and a measurement (a few hundredths of a
 second for codeshell-mini, a second or two for the 1.7b) sits inside one level, where the candidates'
-order need not be the fast level's (session 36: a quiet process stored `sgemm:fp32` for mini int8's
-256 x 256 at 5.3 us a row against the GEMM's 5.5, where the fast level measures the GEMM 2.7-3.4
-against 3.4-4.4). So each measurement records the host's level (`_host_level`) with its times, and:
+order need not be the fast level's (session 35's cache: a quiet process stored `sgemm:fp32` for mini
+int8's 256 x 256 at 5.3 us a row against the GEMM's 5.5, every candidate 1.3-2x its time in other
+entries, where those measure the GEMM 2.7-3.4 against 3.4-4.4). So each measurement records the host's level (`_host_level`) with its times, and:
 * a look taken at a level more than this fraction below the measurement's best look has no vote
   (the times still count: each candidate keeps its least time over every look);
 * a stored choice measured at a level more than this fraction below the level a later process reads

@@ -30,6 +30,14 @@ checks the rows of the weight measured (`rows`, N where the whole weight ran) an
 measurement was another weight's of the same slice shape (`shared`); `seconds` are per row of x
 for the whole weight (the slice's scaled by N / rows). `CODESHELL_KERNEL_MEASURE=full` (the
 measurement before) uses only entries measured on the whole weight.
+
+Session 36: an entry records the host's level it was measured at (`checks["level"]`, `measure.relook`):
+a later process that reads the host faster by more than `measure.MEASURE_LEVEL_GAIN` measures it
+again, merges its looks with the entry's times (each candidate's least) and stores the merged winner
+(the same path: confirmed; another: overturned) when its measurement passes the trust checks.
+A measurement that does not pass them is kept as a provisional entry (`stored` false) where no trusted
+one is: no process takes its path without measuring, but the next measurement of the key merges its
+times, so processes on a loaded host converge on one path set instead of each taking its own.
 """
 
 from __future__ import annotations
@@ -89,11 +97,22 @@ def _read(p: Path) -> dict:
 
 
 def lookup(key: tuple, cands: list[str] | None = None, whole: bool = False) -> str | None:
+    """The stored winner for this choice key, or None (`entry`'s path)."""
+    hit = entry(key, cands, whole)
+    return None if hit is None else hit.get("path")
+
+
+def entry(key: tuple, cands: list[str] | None = None, whole: bool = False,
+          provisional: bool = False) -> dict | None:
     """The stored winner for this choice key, or None; with cands, only a winner measured against
     exactly those candidates (session 30: a process with a candidate switched off, e.g.
     CODESHELL_Q8_GEMM_AVX2=0, stored `sgemm:fp32` for a shape, and the next process, which offers
     the AVX2 integer GEMM too, took it without measuring the GEMM). whole: only a winner measured
-    on the whole weight (checks' `rows` absent or N = key[1]; the full measurement's A/B)."""
+    on the whole weight (checks' `rows` absent or N = key[1]; the full measurement's A/B).
+    Returns the whole entry (path, seconds, checks: session 36's `measure.relook` reads its level).
+    provisional (session 36): an untrusted measurement's entry too (checks' `stored` false: what a
+    process measured on a loaded host; no process takes its path without measuring, the next
+    measurement merges its times)."""
     p = path()
     if p is None:
         return None
@@ -101,22 +120,27 @@ def lookup(key: tuple, cands: list[str] | None = None, whole: bool = False) -> s
         if _memo.get("file") != str(p):
             _memo["file"], _memo["data"] = str(p), _read(p)
         hit = _memo["data"].get(entry_key(key))  # type: ignore[union-attr]
-    if not isinstance(hit, dict) or not isinstance(hit.get("checks"), dict) or not hit["checks"].get("stored"):
+    if not isinstance(hit, dict) or not isinstance(hit.get("checks"), dict) or \
+            not (provisional or hit["checks"].get("stored")):
         return None  # no record of a trusted measurement (an older entry): measure again
     if cands is not None and set(hit.get("seconds") or {}) != set(cands):
         return None  # measured among other candidates: measure again
     if whole and hit["checks"].get("rows", key[1]) != key[1]:
         return None  # measured on a slice of the weight (quick), the full measurement asked for
-    return hit.get("path")
+    return hit
 
 
 def store(key: tuple, winner: str, times: dict[str, float], checks: dict) -> None:
     """Record a measured choice (merged into the file, which is replaced atomically) with the
-    checks that made it one to trust (`ops.CHOICE_CHECKS` entry from `measure.measure`, `stored` true)."""
+    checks that made it one to trust (`ops.CHOICE_CHECKS` entry from `measure.measure`, `stored` true),
+    or (session 36) an untrusted one as a provisional entry (`stored` false; `ops._choose` writes one
+    only where no trusted entry is stored)."""
     p = path()
     if p is None:
         return
-    entry = {"path": winner, "seconds": {k: round(v, 7) for k, v in times.items()}, "checks": dict(checks)}
+    # 4 significant digits (was round(v, 7): 0.1 us, 3% of codeshell-mini's ~3 us a row; session 36's
+    # re-looks take each candidate's least of the stored and new times)
+    entry = {"path": winner, "seconds": {k: float(f"{v:.4g}") for k, v in times.items()}, "checks": dict(checks)}
     with _lock:
         try:
             p.parent.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,15 @@ M (above ROW_INVARIANT_MAX_M): the looks at the candidates (`_look`: timed calls
 PREFILL_MEASURE_ROWS, rotated rounds), the quick measurement on a slice of the weight's rows shared
 by weights of one slice shape (session 33, `mode()`), and the checks that decide whether the winner
 is stored for later processes (steady repeats, a second look where the first was unsteady or close,
-a quiet host). It returns the winner, its times and checks; `ops` keeps them (`_CHOICES`,
-`CHOICE_TIMES`, `CHOICE_CHECKS`) and `choices.py` keeps trusted winners on disk.
+a quiet host) and (session 36) the host's speed level around each look (`_host_level`,
+`MEASURE_LEVEL_GAIN`: the host moves between levels over seconds, and a slow level can turn the
+candidates' order). It returns the winner, its times and checks; `ops` keeps them (`_CHOICES`,
+`CHOICE_TIMES`, `CHOICE_CHECKS`) and `choices.py` keeps trusted winners on disk (and untrusted ones
+as provisional entries); `relook` says whether a stored winner is to be measured again.
 What this is not: the dispatch (`ops.plan`, `ops.prefill_candidates`), the kernels' calls
 (`ops._compute`) or the on-disk store (`choices.py`). Moved out of ops.py in session 34 (ops.py had
-grown to 790 lines around it); tests replace `_time_call`, `_host_load` and `_others_per_core` here.
+grown to 790 lines around it); tests replace `_time_call`, `_host_load`, `_others_per_core` and
+`_host_level` here.
 """
 
 from __future__ import annotations
@@ -113,7 +117,18 @@ process's burst inside one candidate's calls reads 1.5-3x."""
 
 MEASURE_CLOSE = 0.10
 """A winner within this fraction of the runner-up gets a second look before it is stored (a close
-call is where a little load flips the order)."""
+call is where a little load flips the order); steady looks whose winners differ but are each within
+it are stored either way (the candidates then run at the same speed)."""
+
+MEASURE_RELOOK_BELOW = MEASURE_CLEAR
+"""A first look whose winner leads by less than this gets a second look (MEASURE_CLOSE before session
+36). Session 36: two of six quiet first loads of codeshell-mini int8 (the host's fast level, no other
+process) stored `sgemm:fp32` for c_fc (1024 x 256) on one look with a lead of 14.5 / 17%, where
+`avx2:gemm` measures 14% ahead on clean calls (bench_first_load.py) and the all-GEMM path set prefills
+a 512-token prompt 1.19x faster end to end: the GEMM's calls there are often far slower than its best
+(at M = 128 its median of 15 calls alternating with the others 5.7x its best, of 15 in a row 57x), so
+three calls need not hold a clean one. The second look's calls give each candidate more chances at one (its least
+time over both looks), and looks that disagree are not stored."""
 
 MEASURE_LOAD_MAX = 1.5
 """No choice is stored while the host's 1-minute load average is above this many runnable tasks
@@ -138,6 +153,78 @@ def _host_load() -> float:
         return os.getloadavg()[0] / max(1, os.cpu_count() or 1)
     except (AttributeError, OSError):
         return 0.0
+
+
+MEASURE_LEVEL_GAIN = 0.25
+"""The host's speed moves between levels over seconds (session 35: one thread's fp32-FMA peak read
+46-101 GFLOP/s within 40 s, the two vCPUs independently), and a measurement (a few hundredths of a
+second for codeshell-mini, a second or two for the 1.7b) sits inside one level, where the candidates'
+order need not be the fast level's (session 35's cache: a quiet process stored `sgemm:fp32` for mini
+int8's 256 x 256 at 5.3 us a row against the GEMM's 5.5, every candidate 1.3-2x its time in other
+entries, where those measure the GEMM 2.7-3.4 against 3.4-4.4). So each measurement records the host's level (`_host_level`) with its times, and:
+* a look taken at a level more than this fraction below the measurement's best look has no vote
+  (the times still count: each candidate keeps its least time over every look);
+* a stored choice measured at a level more than this fraction below the level a later process reads
+  at its lookup is measured again by that process, its looks merged with the stored times (each
+  candidate's least), and the winner of the merged times replaces it (or confirms it) when the new
+  measurement passes the trust checks. 0.25: above the probe's own scatter in a quiet minute (its
+  two-thread readings 114-160 GFLOP/s over 60 probes, session 36), below the slow levels that turn the
+  order (mini's GEMM 1.6-2x slower; a second thread held by another process reads 6-40). The stored
+  level only grows (a re-look keeps the higher), so an entry is measured again a few times at most."""
+
+MEASURE_LEVEL_REPS = 500
+"""`_host_level`: FMA passes a probe call (~0.5 ms on the 2-core Zen 3); the best of MEASURE_LEVEL_CALLS
+calls, or of those made within MEASURE_LEVEL_BUDGET seconds (at least one). A call that waited for a
+descheduled second thread reads far below the level (session 36, a loaded host: 6-40 against ~190
+GFLOP/s on two threads, each call taking ~3-7 ms instead of 0.5): the best of several where they are
+cheap, and a bounded cost where they are not (best of 5 x 1000 passes cost a median 38 ms a probe there,
+~10 probes a first load)."""
+
+MEASURE_LEVEL_CALLS = 5
+MEASURE_LEVEL_BUDGET = 0.004
+
+MEASURE_LEVEL_AGE = 0.25
+"""`_level`: a probe younger than this (seconds) stands for now (a measurement's closing probe is the
+next weight's opening one; a cached load's lookups share one)."""
+
+_LEVEL: list[float] = [0.0, -1e9]  # the last probe: (GFLOP/s, perf_counter when taken)
+
+
+def _host_level() -> float:
+    """The host's speed now: GFLOP/s of the fp32-FMA micro-kernel run on every one of torch's threads at
+    once (`bf16_fma_peak`; the call lasts as long as its slowest thread, so it reads the slower vCPU's
+    level; one whose second thread is descheduled reads far lower), best of MEASURE_LEVEL_CALLS calls of
+    MEASURE_LEVEL_REPS passes; 0 without the native kernels (no level: no re-look). Tests replace it."""
+    mod = _ext.get()
+    level = ops.isa_level()
+    if mod is None or level < 0 or not hasattr(mod, "bf16_fma_peak"):
+        return 0.0
+    isa = 1 if level >= ops.ISA_LEVELS.index("avx512_vnni") else 0
+    best, flops, t0 = float("inf"), 0, time.perf_counter()
+    for _ in range(MEASURE_LEVEL_CALLS):
+        t = time.perf_counter()
+        flops = mod.bf16_fma_peak(MEASURE_LEVEL_REPS, isa)
+        best = min(best, time.perf_counter() - t)
+        if time.perf_counter() - t0 > MEASURE_LEVEL_BUDGET:
+            break
+    return flops / best / 1e9 if best > 0 else 0.0
+
+
+def _level(max_age: float = MEASURE_LEVEL_AGE) -> float:
+    """The host's level (`_host_level`), probed again unless the last probe is younger than max_age."""
+    now = time.perf_counter()
+    if now - _LEVEL[1] > max_age:
+        _LEVEL[0] = _host_level()
+        _LEVEL[1] = time.perf_counter()
+    return _LEVEL[0]
+
+
+def relook(entry: dict) -> bool:
+    """Whether a stored choice (`choices.entry`) was measured at a level of the host more than
+    MEASURE_LEVEL_GAIN below the one this process reads now, so this process measures it again
+    (an entry without a level, written before session 36, counts as level 0: measured again once)."""
+    now = _level()
+    return now > 0 and now > float(entry.get("checks", {}).get("level") or 0.0) * (1 + MEASURE_LEVEL_GAIN)
 
 
 MEASURE_OTHERS_MAX = 0.15
@@ -218,6 +305,11 @@ def _clear_lead(calls: dict[str, list[float]]) -> bool:
     return _margin(best) >= MEASURE_CLEAR
 
 
+def _moved(a: float, b: float) -> bool:
+    """Whether two probes of the host's level differ by more than MEASURE_LEVEL_GAIN (0: no probe)."""
+    return a > 0 and b > 0 and max(a, b) > min(a, b) * (1 + MEASURE_LEVEL_GAIN)
+
+
 def _margin(times: dict[str, float]) -> float:
     """The runner-up's time over the winner's, less 1 (inf with one candidate)."""
     t = sorted(times.values())
@@ -225,7 +317,7 @@ def _margin(times: dict[str, float]) -> float:
 
 
 def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
-            held: dict[tuple, str]) -> tuple[str, dict[str, float], dict, bool]:
+            held: dict[tuple, str], prior: dict | None = None) -> tuple[str, dict[str, float], dict, bool]:
     """Measures the candidates (`_look`) and returns (the one with the least time per row summed over
     PREFILL_MEASURE_ROWS, the best call of each at each M; each candidate's seconds per row of the
     whole weight; the checks; whether the measurement is one to store on disk for later processes).
@@ -240,8 +332,9 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
     build `onednn:bf16`, where a quiet minute measures the GEMM 27, oneDNN 34, panel64 48; session
     21: `onednn:bf16` for two of the small shape's weights). So:
     * a look whose repeats scatter (median / best > 1 + MEASURE_SCATTER_MAX for any candidate at
-      any M) or whose winner is within MEASURE_CLOSE of the runner-up gets a second look (another
-      rotation); the winner is then the least of each candidate's best over both looks;
+      any M) or whose winner is within MEASURE_RELOOK_BELOW (MEASURE_CLOSE before session 36) of the
+      runner-up gets a second look (another rotation); the winner is then the least of each
+      candidate's best over both looks;
     * the choice is stored only when the last look is steady, the steady looks agree on the winner
       (or all call it close: the candidates then run at the same speed and either is right), and the
       host's load average is at most MEASURE_LOAD_MAX per core, and (session 33) other processes
@@ -253,7 +346,17 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
     for the weights of one slice shape (`_SLICE_LOOKS`: a later weight of the shape takes its
     times, checks and trust, and its winner); the times kept are the slice's per row scaled by
     N / rows, and the checks say `rows` (the slice's) and `shared` (taken from an earlier weight).
-    Full: every weight measured whole, MEASURE_ROUNDS rounds (the measurement before session 33)."""
+    Full: every weight measured whole, MEASURE_ROUNDS rounds (the measurement before session 33).
+
+    The host's level (session 36, MEASURE_LEVEL_GAIN): a probe (`_level`) before the first look and
+    after each; a look's level is the lesser of its two. A look whose level moved by more than
+    MEASURE_LEVEL_GAIN gets a second look too; a look more than MEASURE_LEVEL_GAIN below the best
+    look's level has no vote. prior: the stored entry this process measures again (`relook`), or a
+    provisional one (an earlier untrusted measurement): its times (whole weight, per row) join the
+    looks' (each candidate's least), when it was measured on the same rows. The checks record `level`
+    (the best voting look's, or the prior's where higher: GFLOP/s), `levels` (every probe),
+    `merged` (the measurements behind the times) and, for a re-look, `relook` (the stored path) and
+    `overturned`."""
     t0 = time.perf_counter()
     quick = mode() == "quick"
     rows = _measure_rows(p) if quick else p.out_features
@@ -269,23 +372,48 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
         mod = _ext.get()
         part = _row_slice(p, rows)
         calls0, mark = _CALLS[0], _cpu_mark()
+        levels = [_level()]
         looks = [_look(cands, part, x_dtype, mod, 0, quick)]
-        if looks[0][1] > MEASURE_SCATTER_MAX or _margin(looks[0][0]) < MEASURE_CLOSE:
+        levels.append(_level(0.0))
+        # a measurement that cannot be stored (other processes ran, or the load average is high) looks
+        # again only where it did before session 36 (unsteady, or a lead under MEASURE_CLOSE): on a
+        # loaded host the probes swing between ~6 and ~195 and would call for a second look every time
+        # (the small shape's first load measured 1.1-1.7 s against 0.7 s so), for no stored result
+        storable = _others_per_core(mark) <= MEASURE_OTHERS_MAX and _host_load() <= MEASURE_LOAD_MAX
+        if (looks[0][1] > MEASURE_SCATTER_MAX
+                or _margin(looks[0][0]) < (MEASURE_RELOOK_BELOW if storable else MEASURE_CLOSE)
+                or (storable and _moved(levels[0], levels[1]))):
             looks.append(_look(cands, part, x_dtype, mod, 1, quick))
-        times = {c: min(t[c] for t, _ in looks) for c in cands}
+            levels.append(_level(0.0))
+        at = [min(a, b) for a, b in zip(levels, levels[1:])]  # each look's level
+        # the stored times this re-look checks (per row of x for the whole weight -> per row of the slice)
+        scale = p.out_features / rows
+        old = prior if prior and (prior.get("checks") or {}).get("rows", p.out_features) == rows and \
+            set(prior.get("seconds") or {}) == set(cands) else None
+        times = {c: min([t[c] for t, _ in looks] + ([old["seconds"][c] / scale] if old else [])) for c in cands}
         winner = min(times, key=times.__getitem__)
         winners = [min(t, key=t.__getitem__) for t, _ in looks]
-        # an unsteady look has no vote
-        steady = [(t, w) for (t, s), w in zip(looks, winners) if s <= MEASURE_SCATTER_MAX]
+        # an unsteady look has no vote, nor one taken at a level well below the best look's
+        votes = [i for i, (_, s) in enumerate(looks)
+                 if s <= MEASURE_SCATTER_MAX and not at[i] * (1 + MEASURE_LEVEL_GAIN) < max(at)]
+        steady = [(looks[i][0], winners[i]) for i in votes]
         agree = all(w == winner for _, w in steady) or all(_margin(t) < MEASURE_CLOSE for t, _ in steady)
         load, others = _host_load(), _others_per_core(mark)
-        trusted = (looks[-1][1] <= MEASURE_SCATTER_MAX and agree and load <= MEASURE_LOAD_MAX
+        trusted = (bool(steady) and looks[-1][1] <= MEASURE_SCATTER_MAX and agree and load <= MEASURE_LOAD_MAX
                    and others <= MEASURE_OTHERS_MAX)
+        level = max([at[i] for i in votes] or at)
+        if old:  # the merged times hold the prior's looks too: the best level behind them
+            level = max(level, float((old.get("checks") or {}).get("level") or 0.0))
         checks = {"looks": len(looks), "scatter": [round(s, 4) for _, s in looks], "winners": winners,
                   "margin": round(_margin(times), 4), "load_per_core": round(load, 3),
                   "others_per_core": round(others, 3), "stored": trusted,
                   "rows": rows, "shared": False, "measure_s": round(time.perf_counter() - t0, 3),
-                  "calls": _CALLS[0] - calls0}
+                  "calls": _CALLS[0] - calls0, "level": round(level, 2),
+                  "levels": [round(v, 2) for v in levels],
+                  "merged": 1 + (int((old.get("checks") or {}).get("merged", 1)) if old else 0)}
+        if prior and (prior.get("checks") or {}).get("stored"):  # a trusted entry measured again
+            checks.update(relook=prior.get("path"), overturned=prior.get("path") != winner,
+                          level_before=(prior.get("checks") or {}).get("level"))
         if quick:
             _SLICE_LOOKS[shape] = (key, times, checks, trusted)
     scale = p.out_features / rows

@@ -309,13 +309,20 @@ def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: li
         # when the measurement is one to trust (`measure.measure`: steady repeats, a quiet host, a
         # second look where the first was unsteady or close); an untrusted winner holds for this
         # process only and the next process measures again
-        stored = choices.lookup(key, cands, whole=measure.mode() == "full")
-        if stored in cands:
-            _CHOICES[key] = stored
+        # (session 36) a stored winner measured while the host ran well below the speed it runs at
+        # now (`measure.relook`) is measured again, and the stored times join the new looks
+        # and an untrusted measurement is kept as a provisional entry whose times the next
+        # measurement merges (each candidate's least), unless a trusted entry is stored
+        whole = measure.mode() == "full"
+        stored = choices.entry(key, cands, whole=whole)
+        stored = stored if stored is not None and stored.get("path") in cands else None
+        if stored is not None and not measure.relook(stored):
+            _CHOICES[key] = stored["path"]
         else:
+            prior = stored or choices.entry(key, cands, whole=whole, provisional=True)
             _CHOICES[key], CHOICE_TIMES[key], CHOICE_CHECKS[key], trusted = measure.measure(
-                key, cands, p, x_dtype, _CHOICES)
-            if trusted:
+                key, cands, p, x_dtype, _CHOICES, prior=prior if prior and prior.get("path") in cands else None)
+            if trusted or stored is None:
                 choices.store(key, _CHOICES[key], CHOICE_TIMES[key], CHOICE_CHECKS[key])
     return _CHOICES[key]
 

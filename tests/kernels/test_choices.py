@@ -41,9 +41,18 @@ def store(request, tmp_path, monkeypatch):
     _install(monkeypatch, _Clock({"sgemm:fp32": 1e-6, "avx2:unpack": 2e-6}, run=True))
     monkeypatch.setattr(measure, "_host_load", lambda: 0.1)
     monkeypatch.setattr(measure, "_others_per_core", lambda mark: 0.0)
+    _levels(monkeypatch, 100.0)
     choices.forget()
     yield f
     choices.forget()
+
+
+def _levels(monkeypatch, *probes):
+    """A scripted `measure._host_level`: the given probes in turn, the last repeated; the memo of
+    the last probe cleared (a new process's first lookup probes)."""
+    seq = list(probes)
+    monkeypatch.setattr(measure, "_host_level", lambda: seq.pop(0) if len(seq) > 1 else seq[0])
+    monkeypatch.setattr(measure, "_LEVEL", [0.0, -1e9])
 
 
 def _fresh_process_state(key):
@@ -221,6 +230,7 @@ def fake(request, tmp_path, monkeypatch):
         _install(monkeypatch, _Clock(per_row, burst))
         monkeypatch.setattr(measure, "_host_load", lambda: load)
         monkeypatch.setattr(measure, "_others_per_core", lambda mark: others)
+        _levels(monkeypatch, 100.0)
         _fresh_process_state(FAKE_KEY)
         ops._CHOICES.pop(FAKE_KEY, None)
         (ops._CHOICES[FAKE_KEY], ops.CHOICE_TIMES[FAKE_KEY], ops.CHOICE_CHECKS[FAKE_KEY],
@@ -278,6 +288,19 @@ def test_a_close_call_gets_a_second_look_and_is_stored_when_both_agree(fake):
     assert checks["looks"] == 2 and winner == stored == GEMM
 
 
+def test_a_lead_short_of_clear_gets_a_second_look(fake):
+    # session 36: a 15% lead (above MEASURE_CLOSE, below MEASURE_CLEAR) on one look was stored before;
+    # now it gets a second look, and is stored when both agree
+    winner, stored, checks = fake({GEMM: 1.0e-5, ONEDNN: 1.15e-5})
+    assert checks["looks"] == 2 and winner == stored == GEMM
+    # the GEMM's calls of the first look all slowed 1.3x (its clean calls missed): oneDNN leads it by
+    # 13%; the second look finds the GEMM's clean calls: each candidate's least puts the GEMM ahead,
+    # the looks disagree, nothing is stored (the next process measures again)
+    burst = lambda c, look, n: 1.3 if (c == GEMM and look == 0) else 1.0
+    winner, stored, checks = fake({GEMM: 1.0e-5, ONEDNN: 1.15e-5}, burst)
+    assert checks["looks"] == 2 and checks["winners"] == [ONEDNN, GEMM] and winner == GEMM and not checks["stored"]
+
+
 def test_looks_that_disagree_clearly_are_not_stored(fake):
     # look 1: GEMM by 5% (close, so a second look); look 2: oneDNN by 40% (the GEMM slowed)
     close = {GEMM: 1.0e-5, ONEDNN: 1.05e-5}
@@ -323,6 +346,7 @@ def sliced(tmp_path, monkeypatch):
     monkeypatch.setattr(measure, "MEASURE_SLICE_MIN_ROWS", 64)
     monkeypatch.setattr(measure, "_host_load", lambda: 0.1)
     monkeypatch.setattr(measure, "_others_per_core", lambda mark: 0.0)
+    _levels(monkeypatch, 100.0)
     measure._SLICE_LOOKS.clear()
     choices.forget()
     yield f
@@ -401,8 +425,13 @@ def test_an_untrusted_slice_measurement_is_stored_for_no_weight(sliced, monkeypa
     ops.linear(x, a, impl="native")
     seen = len(clock.seen)
     ops.linear(x, b, impl="native")
-    assert len(clock.seen) == seen and not sliced.exists()
+    assert len(clock.seen) == seen
     assert {c["stored"] for k, c in ops.CHOICE_CHECKS.items() if k[1] in (512, 1024) and k[2] == K} == {False}
+    # kept as provisional entries only (session 36: no process takes them without measuring)
+    choices.forget()
+    for n in (512, 1024):
+        key = ("int8", n, K, "prefill", ops.ISA_LEVELS[ops.isa_level()], "float32")
+        assert choices.lookup(key, CANDS) is None and _entry(sliced, n)["checks"]["stored"] is False
 
 
 @needs_native
@@ -415,7 +444,8 @@ def test_an_unsteady_slice_look_is_not_stored(sliced, monkeypatch):
     ops.linear(torch.randn(M, K), a, impl="native")
     key = ("int8", 512, K, "prefill", ops.ISA_LEVELS[ops.isa_level()], "float32")
     checks = ops.CHOICE_CHECKS[key]
-    assert checks["looks"] == 2 and not checks["stored"] and not sliced.exists()
+    choices.forget()
+    assert checks["looks"] == 2 and not checks["stored"] and choices.lookup(key, CANDS) is None
     # at an M whose three calls read steady by chance (2, 1, 2 x: median 2) the rounds go on
     assert 2 * (_measured("quick") - 1) < checks["calls"] <= 2 * len(CANDS) * (1 + measure.MEASURE_ROUNDS * 3)
 
@@ -469,3 +499,152 @@ def test_others_per_core_reads_this_host():
     mark = measure._cpu_mark()
     sum(i * i for i in range(200000))  # this process's own work is not another's
     assert 0.0 <= measure._others_per_core(mark) <= 1.0 + 1e-9 or mark is None
+
+
+# ---- the host's level (session 36): the host moves between speed levels over seconds ----
+# The scripted case is session 36's: at the slow level the GEMM slows more than the other paths (its
+# calls 1.9x, oneDNN's 1.2x), so a measurement wholly inside it finds oneDNN ahead, steadily and
+# clearly; at the fast level the GEMM leads by 30%.
+
+SLOW = {GEMM: 1.9, ONEDNN: 1.2, PANEL: 1.2}
+
+
+@pytest.fixture(params=MODES)
+def proc(request, tmp_path, monkeypatch):
+    """`ops._choose` for a fake bf16 weight as a fresh process runs it, in each measuring mode:
+    returns run(level_probes, slow) -> (the path chosen, the stored entry or None, the process's
+    checks or None where nothing was measured, the scripted calls made). slow(look, n) -> whether
+    call n of a candidate in that look runs at the slow level."""
+    monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(tmp_path / "choices.json"))
+    monkeypatch.setenv("CODESHELL_KERNEL_MEASURE", request.param)
+    monkeypatch.setattr(ops._ext, "get", lambda: None)
+    monkeypatch.setattr(measure, "_host_load", lambda: 0.1)
+    monkeypatch.setattr(measure, "_others_per_core", lambda mark: 0.0)
+    weight = types.SimpleNamespace(kind="bf16", out_features=16, in_features=8)
+    key = ("bf16", 16, 8, "prefill", ops.ISA_LEVELS[0], "bfloat16")
+    cands = [GEMM, ONEDNN, PANEL]
+
+    def run(probes, slow=lambda look, n: False, load=0.1, burst=lambda c, look, n: 1.0):
+        clock = _install(monkeypatch, _Clock(QUIET, lambda c, look, n: (SLOW[c] if slow(look, n) else 1.0)
+                                             * burst(c, look, n)))
+        monkeypatch.setattr(measure, "_host_load", lambda: load)
+        _levels(monkeypatch, *probes)
+        _fresh_process_state(key)
+        ops.CHOICE_CHECKS.pop(key, None)
+        path = ops._choose(weight, 100, torch.bfloat16, 0, cands)
+        choices.forget()
+        return path, choices.entry(key, cands), ops.CHOICE_CHECKS.get(key), len(clock.seen)
+
+    choices.forget()
+    yield run
+    _fresh_process_state(key)
+    ops.CHOICE_CHECKS.pop(key, None)
+
+
+def test_a_choice_stored_at_a_slow_level_is_overturned_by_a_faster_process(proc):
+    # process 1 measures wholly at the slow level (probe 60): oneDNN, steady and clear, stored
+    path, entry, checks, _ = proc([60.0], lambda look, n: True)
+    assert path == ONEDNN and entry["path"] == ONEDNN and checks["level"] == 60.0 and checks["looks"] == 1
+    # process 2 reads the host at 100 (> 60 x 1.25): it measures again, at the fast level; the
+    # merged times (each candidate's least over both processes) put the GEMM ahead: overturned, stored
+    path, entry, checks, calls = proc([100.0])
+    assert calls > 0 and path == GEMM == entry["path"]
+    assert checks["relook"] == ONEDNN and checks["overturned"] and checks["merged"] == 2
+    assert entry["checks"]["level"] == 100.0 and entry["checks"]["level_before"] == 60.0
+    # process 3, back at the slow level (or at the same level): the stored GEMM, nothing measured
+    for probe in (60.0, 110.0):
+        path, entry, checks, calls = proc([probe])
+        assert (path, calls, checks) == (GEMM, 0, None)
+
+
+def test_a_faster_process_confirms_a_choice_stored_at_a_slower_level(proc):
+    path, entry, _, _ = proc([75.0])  # the right path, at a slower level
+    assert path == GEMM and entry["checks"]["level"] == 75.0
+    path, entry, checks, calls = proc([100.0])
+    assert calls > 0 and path == GEMM and checks["relook"] == GEMM and not checks["overturned"]
+    assert entry["checks"]["level"] == 100.0 and entry["checks"]["merged"] == 2
+    assert proc([100.0])[3] == 0  # settled: not measured again at the same level
+
+
+def test_an_entry_without_a_level_is_measured_again_once(proc, tmp_path):
+    # an entry of a version before the levels (checks without "level"): one re-look records its level
+    proc([100.0])
+    f = tmp_path / "choices.json"
+    data = json.loads(f.read_text())
+    (k,), = [tuple(data)]
+    del data[k]["checks"]["level"]
+    f.write_text(json.dumps(data))
+    choices.forget()
+    path, entry, checks, calls = proc([100.0])
+    assert calls > 0 and checks["relook"] == GEMM and entry["checks"]["level"] == 100.0
+    assert proc([100.0])[3] == 0
+
+
+def test_no_level_probe_means_no_relook(proc):
+    # a host without the probe (no native kernels: level 0) keeps the stored choice as before
+    proc([0.0])
+    assert proc([0.0])[3] == 0
+
+
+def test_a_level_change_after_the_first_look_gets_a_second_look_and_only_the_fast_one_votes(proc):
+    # the first look runs at the slow level and finds oneDNN clearly ahead (one look before session
+    # 36: oneDNN stored); the probe after it reads the host 1.67x faster, so a second look, at the
+    # fast level: the slow look has no vote, each candidate keeps its least time, the GEMM is stored
+    path, entry, checks, _ = proc([60.0, 100.0], lambda look, n: look == 0)
+    assert checks["looks"] == 2 and checks["winners"] == [ONEDNN, GEMM] and checks["levels"] == [60.0, 100.0, 100.0]
+    assert path == GEMM == entry["path"] and checks["level"] == 100.0
+
+
+def test_a_level_change_back_to_slow_after_the_first_look_keeps_the_fast_times(proc):
+    # the other way round: the first look fast (GEMM), the second slow (oneDNN). Which level the
+    # first look ran at is not known (the host moved during or after it: its level is the lesser
+    # probe), so both vote, they disagree, nothing is stored; this process keeps the least times: the GEMM
+    path, entry, checks, _ = proc([100.0, 60.0], lambda look, n: look == 1)
+    assert checks["looks"] == 2 and checks["winners"] == [GEMM, ONEDNN]
+    assert path == GEMM and entry is None and not checks["stored"]
+
+
+def test_a_level_change_inside_a_look_does_not_pick_the_slower_path(proc):
+    # the host goes fast after each candidate's first two calls of the look (the warm-up and the first
+    # round, every candidate alike, as the calls alternate): each candidate's best is a fast call
+    path, entry, checks, _ = proc([100.0], lambda look, n: n < 2)
+    assert path == GEMM
+    assert entry is None or entry["path"] == GEMM
+
+
+def test_untrusted_measurements_are_merged_by_the_next_process(proc):
+    # a loaded host (load average 2.5 a core: nothing is trusted) and another process's work on
+    # different candidates in each process. Before session 36 each process took its own winner.
+    # Now each measurement is kept as a provisional entry and the next one merges its times (each
+    # candidate's least): from the second process on, every process takes the GEMM.
+    on = lambda victim: (lambda c, look, n: 2.0 if c == victim else 1.0)
+    path, entry, checks, _ = proc([100.0], load=2.5, burst=on(GEMM))
+    assert path == ONEDNN and entry is None and not checks["stored"] and checks["merged"] == 1
+    paths = []
+    for i, victim in enumerate([ONEDNN, GEMM, GEMM, PANEL]):
+        path, entry, checks, calls = proc([100.0], load=2.5, burst=on(victim))
+        assert calls > 0 and entry is None and checks["merged"] == i + 2  # measured every time, never trusted
+        paths.append(path)
+    assert paths == [GEMM] * 4
+    # a quiet process then measures, merges and stores the GEMM as trusted; the next one takes it
+    path, entry, checks, calls = proc([100.0])
+    assert path == GEMM == entry["path"] and "relook" not in checks and checks["merged"] == 6
+    assert proc([100.0])[3] == 0
+
+
+def test_a_provisional_entry_never_replaces_a_trusted_one(proc):
+    proc([60.0])  # trusted GEMM at level 60
+    # a faster process re-looks on a loaded host: untrusted, so the stored entry stays as it was
+    path, entry, checks, calls = proc([100.0], load=2.5, burst=lambda c, look, n: 2.0 if c == GEMM else 1.0)
+    assert calls > 0 and not checks["stored"] and checks["relook"] == GEMM
+    assert entry["path"] == GEMM and entry["checks"]["level"] == 60.0 and entry["checks"]["stored"]
+    # (each candidate's least over the stored and new times: the GEMM still, in this process too)
+    assert path == GEMM
+
+
+def test_a_measurement_that_cannot_be_stored_looks_again_only_as_before(proc):
+    # a loaded host (load average 2.5 a core): the level moved and the lead is short of clear, but
+    # nothing will be stored, so no second look for either (the first load's cost on a loaded host
+    # stays what it was); the process keeps its look's winner, kept as a provisional entry
+    path, entry, checks, _ = proc([60.0, 100.0], lambda look, n: look == 0, load=2.5)
+    assert checks["looks"] == 1 and path == ONEDNN and entry is None and not checks["stored"]

@@ -779,8 +779,7 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
     }
   if constexpr (std::is_same_v<Isa, Avx2>) {
     if (m1_34 && avx2_m1_owned(m1_pf, P * Kh * 64)) {
-      const int64_t T = std::max<int64_t>(1, codeshell::current_team() ? codeshell::current_team()->threads()
-                                                                       : at::get_num_threads());
+      const int64_t T = std::max<int64_t>(1, codeshell::current_threads());
       const int64_t step = std::clamp<int64_t>(P / (4 * T) / kAvx2M1Panels * kAvx2M1Panels, kAvx2M1Panels, 64);
       codeshell::parallel_owned(P, kAvx2M1Panels, step, [&](int64_t p0, int64_t p1) {
         avx2_m1_rows(m1_pf, xp, Kh, wp, N, p0, p1, P, b, op);

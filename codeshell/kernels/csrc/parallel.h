@@ -323,6 +323,15 @@ inline Team*& current_team() {
   return team;
 }
 
+// The threads a split made here runs on: the current team's (inside a decode step's call), else
+// torch's (at::get_num_threads(), the at::parallel_for region's). One expression, so that the
+// splits that size their pieces by it (parallel_chunks, parallel_owned, panel_bf16.cpp's owned
+// M = 1 split) cannot drift apart.
+inline int64_t current_threads() {
+  const Team* team = current_team();
+  return team ? team->threads() : at::get_num_threads();
+}
+
 // CODESHELL_SMALL_SPLIT=off (read once a call by the native decode step; for A/B runs only):
 // the small loops split over the threads since session 17 (fused.cpp's few rows and GELU
 // pieces, sampling.cpp's argmax segments) run as before session 17. This thread's flag;
@@ -352,7 +361,7 @@ inline bool chunks_in_team() {
 template <class F>
 inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F& f) {
   Team* team = current_team();
-  const int64_t threads = team ? team->threads() : at::get_num_threads();
+  const int64_t threads = current_threads();
   int64_t grain = std::max(min_items, (n + 8 * threads - 1) / (8 * threads));
   grain = (grain + align - 1) / align * align;
   const int64_t chunks = (n + grain - 1) / grain;
@@ -404,7 +413,7 @@ inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F
 template <class F>
 inline void parallel_owned(int64_t n, int64_t align, int64_t step, const F& f) {
   Team* team = current_team();
-  const int64_t threads = std::min<int64_t>(team ? team->threads() : at::get_num_threads(), 64);
+  const int64_t threads = std::min<int64_t>(current_threads(), 64);
   step = std::max<int64_t>(align, step / align * align);
   if (threads == 1 || n <= step || n >= (int64_t(1) << 31) || (team == nullptr && at::in_parallel_region())) {
     f(0, n);

@@ -113,6 +113,14 @@ def _before(change: str):
     % 64 == 32), attnkb (the prefill attention's 16-key blocks, session 15's kernel)."""
     from codeshell.kernels import module as KM
     from codeshell.kernels import prefill_attention as PA
+    if change == "lastrows":  # every row through the last block (CODESHELL_PREFILL_LAST_ROWS=0)
+        from codeshell.engine import engine as E
+        was, E._LAST_ROWS = E._LAST_ROWS, False
+        try:
+            yield
+        finally:
+            E._LAST_ROWS = was
+        return
     if change in ("attnkb", "s18") or "=" in change:  # environment switches the kernels read each call
         if change == "s18":  # all of session 18's prefill changes off (helper C): the three switches and
             pairs = [("CODESHELL_PREFILL_ATTN_KB", "16"), ("CODESHELL_DOT_ITEM", "8"),  # the KV-cache index_put
@@ -210,7 +218,8 @@ def main() -> None:
     ap.add_argument("--ab", default=None,
                     help="also time each round with one change off, alternating: gelu (c_fc's GELU in the GEMM "
                          "epilogue), attn32 (the native prefill attention at head dims %% 64 == 32), attnkb (the "
-                         "prefill attention's 64-key blocks: 16 as before), s18 (all of session 18's prefill "
+                         "prefill attention's 64-key blocks: 16 as before), lastrows (the prompt's last "
+                         "block on every row, CODESHELL_PREFILL_LAST_ROWS=0), s18 (all of session 18's prefill "
                          "changes: CODESHELL_PREFILL_ATTN_KB=16, CODESHELL_DOT_ITEM=8, CODESHELL_PREFILL_LN_SPLIT=off, "
                          "CODESHELL_DOT_XPACK=1, CODESHELL_GELU_X4=0, CODESHELL_PREFILL_ATTN_TRIM=0 and the KV cache's "
                          "index_put), or NAME=VALUE[,NAME=VALUE...] (environment switches "

@@ -72,15 +72,6 @@ def _prefill_as_decode() -> bool:
     return os.environ.get("CODESHELL_PREFILL_ATTN_DECODE", "1") not in ("0", "off")
 
 
-def _prompt_kernel() -> bool:
-    """CODESHELL_PREFILL_ATTN_AVX2 (default 1; read per call, A/B runs): where a bf16 prompt attends
-    with decode's bits (`CacheView.attend` without a native prefill kernel: AVX2), the whole prompt in
-    one call of the AVX2 prompt kernel (`prefill_attention` key block 0, csrc/attention_prefill.cpp:
-    decode's arithmetic per query, the keys 8 to a register); 0: decode's `packed_attention`, one
-    query after another, as sessions 31-35 (the same bits)."""
-    return os.environ.get("CODESHELL_PREFILL_ATTN_AVX2", "1") not in ("0", "off")
-
-
 class CacheView:
     """What the model's attention layers call: write new k, v; read all keys up to the longest row."""
 
@@ -148,12 +139,6 @@ class CacheView:
         qt = q.transpose(1, 2).reshape(B * T, H, 1, D)                          # [B*T, H, 1, D]
         if not decode_attention_ok(qt, k_layer):
             return None
-        if (_prompt_kernel() and k_layer.dtype == torch.bfloat16 and q.stride(3) == 1 and D % 32 == 0
-                and D <= 128):  # the whole prompt in one call, the same bits per query
-            from ..kernels import _ext
-            self._store(layer, k, v)
-            return _ext.get().prefill_attention(q, k_layer, v_layer, self.slot_index, self.positions.contiguous(),
-                                                scale, 0).transpose(1, 2)      # [B, H, T, D], a view
         from ..kernels.attention import packed_attention
         self._store(layer, k, v)
         slots = self.slot_index.repeat_interleave(T)

@@ -45,7 +45,6 @@
 #include "isa.h"
 #include "parallel.h"
 #include "scratch.h"
-#include "simd.h"
 #include "simd512.h"
 #include "switches.h"
 
@@ -715,235 +714,9 @@ CODESHELL_END_AVX512
 // [B]; positions int64 [B, T]: query t of row b sits at positions[b, t] and sees keys
 // 0..positions[b, t] of slot slots[b]. Returns y bf16 [B, T, H, D].
 // key_block: keys per block, 16, 32 or 64 (prefill_attention.py's `key_block` picks it by head dim).
-// ---- AVX2: the prompt's attention with decode's bits (key_block 0) ------------------------------
-//
-// What this is: on CPUs without AVX-512 a bf16 prompt's queries each get exactly what decode's
-// kernel gives that query alone (attention.cpp attend_group / attend_block on bf16, the bits
-// engine/kv_cache.py `CacheView.attend` needs there: a prompt row is computed as a decode step
-// would compute it, whatever the batch, padding or cached prefix), computed for the whole prompt
-// at once instead of one packed_attention query after another. Per (query, head, key) the same
-// arithmetic as attend_block: the score an FMA chain over d in 8-lane steps from zero (lane l
-// sums q[8t + l] k[8t + l] over t), reduced in hsum8's order ((a0 + a4) + (a2 + a6)) + ((a1 + a5) +
-// (a3 + a7)), times scale; softmax_rows on the query's own keys (8-lane max and sum over the first
-// S / 8 * 8 keys, std::exp and scalar sums on the rest, times 1 / sum); each output lane an FMA
-// chain over keys 0..S-1 in order from zero (weighted_values). What differs is the layout: the
-// scores are computed 8 keys to a register (keys in lanes: the 8 lanes of one d-step chain are 8
-// registers, and hsum8's tree becomes 7 vertical adds for 8 scores, where attend_block reduces 8
-// scores by a 21-instruction shuffle tree and scatters them with 4 partial stores), from the
-// group's keys widened to fp32 and transposed once per item ([chunk of 8 keys][D][8]), and the
-// value product reads the group's values widened once (no bf16 widening in its inner loop).
-// Why: on the AVX2 Zen 3 codeshell-mini's prompt attention (head dim 32, 4 query heads a group,
-// one packed_attention query at a time) ran at ~0.045 TFLOP/s on one thread, the largest part of
-// its prompt outside the linears (docs/kernels-log.md, session 36 helper B).
-namespace avx2_prompt {
-
-inline float widen(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint16_t round_bf16(float f) {  // round to nearest even, as torch does (attention.cpp to_bf16)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-// attention.cpp softmax_rows on one row, the same code
-inline void softmax_row(float* pr, int64_t S) {
-  __m256 mv = _mm256_set1_ps(-INFINITY);
-  int64_t s = 0;
-  for (; s + 8 <= S; s += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(pr + s));
-  float mx = -INFINITY;
-  alignas(32) float t[8];
-  _mm256_store_ps(t, mv);
-  for (float v : t) mx = std::max(mx, v);
-  for (int64_t j = s; j < S; ++j) mx = std::max(mx, pr[j]);
-  const __m256 m8 = _mm256_set1_ps(mx);
-  __m256 sv = _mm256_setzero_ps();
-  for (s = 0; s + 8 <= S; s += 8) {
-    const __m256 ev = codeshell::exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + s), m8));
-    _mm256_storeu_ps(pr + s, ev);
-    sv = _mm256_add_ps(sv, ev);
-  }
-  float sum = codeshell::hsum8(sv);
-  for (int64_t j = s; j < S; ++j) sum += (pr[j] = std::exp(pr[j] - mx));
-  const __m256 inv = _mm256_set1_ps(1.f / sum);
-  for (s = 0; s + 8 <= S; s += 8) _mm256_storeu_ps(pr + s, _mm256_mul_ps(_mm256_loadu_ps(pr + s), inv));
-  for (int64_t j = s; j < S; ++j) pr[j] *= 1.f / sum;
-}
-
-// One half of a score's 8 chains for 2 heads: lanes L0..L3 ({0, 4, 2, 6} or {1, 5, 3, 7}) over all
-// d-steps, then (a_L0 + a_L1) + (a_L2 + a_L3): hsum8's c0 or c1. k: one chunk [D][8] (fp32).
-template <int ND>
-inline void half2(const float* q0, const float* q1, const float* k, int h, __m256& c0, __m256& c1) {
-  const int L[4] = {h, h + 4, h + 2, h + 6};
-  __m256 a0[4], a1[4];
-  const __m256 z = _mm256_setzero_ps();
-  for (int j = 0; j < 4; ++j) {
-    const __m256 kv = _mm256_loadu_ps(k + L[j] * 8);
-    a0[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(q0 + L[j]), kv, z);
-    a1[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(q1 + L[j]), kv, z);
-  }
-  for (int t = 1; t < ND; ++t)
-    for (int j = 0; j < 4; ++j) {
-      const __m256 kv = _mm256_loadu_ps(k + (8 * t + L[j]) * 8);
-      a0[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(q0 + 8 * t + L[j]), kv, a0[j]);
-      a1[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(q1 + 8 * t + L[j]), kv, a1[j]);
-    }
-  c0 = _mm256_add_ps(_mm256_add_ps(a0[0], a0[1]), _mm256_add_ps(a0[2], a0[3]));
-  c1 = _mm256_add_ps(_mm256_add_ps(a1[0], a1[1]), _mm256_add_ps(a1[2], a1[3]));
-}
-
-// Scores of heads q0, q1 ([D] fp32 each) against keys [0, S) of kt ([chunk][D][8] fp32) into rows
-// p0, p1 (8 keys a register; a last partial chunk through a buffer: kt holds finite values there).
-template <int ND>
-void scores2(const float* q0, const float* q1, const float* kt, int64_t S, float scale, float* p0, float* p1) {
-  const __m256 sc = _mm256_set1_ps(scale);
-  constexpr int64_t D = 8 * ND;
-  for (int64_t c = 0; c * 8 < S; ++c) {
-    const float* k = kt + c * D * 8;
-    __m256 x0, x1, y0, y1;
-    half2<ND>(q0, q1, k, 0, x0, x1);
-    half2<ND>(q0, q1, k, 1, y0, y1);
-    const __m256 s0 = _mm256_mul_ps(_mm256_add_ps(x0, y0), sc), s1 = _mm256_mul_ps(_mm256_add_ps(x1, y1), sc);
-    if (c * 8 + 8 <= S) {
-      _mm256_storeu_ps(p0 + c * 8, s0);
-      _mm256_storeu_ps(p1 + c * 8, s1);
-    } else {
-      alignas(32) float t0[8], t1[8];
-      _mm256_store_ps(t0, s0);
-      _mm256_store_ps(t1, s1);
-      for (int64_t j = c * 8; j < S; ++j) {
-        p0[j] = t0[j - c * 8];
-        p1[j] = t1[j - c * 8];
-      }
-    }
-  }
-}
-
-// attention.cpp weighted_values<float, RB> (the same chains), o [RB][D] = p [RB][S] @ v [S][D] fp32.
-constexpr int64_t kValueChunk = 256;
-template <int RB>
-void values(const float* p, int64_t ps, int64_t S, const float* v, int64_t D, float* o) {
-  for (int64_t s0 = 0; s0 < S; s0 += kValueChunk) {
-    const int64_t s1 = std::min(S, s0 + kValueChunk);
-    for (int64_t d = 0; d < D; d += 16) {
-      __m256 acc[RB][2];
-      for (int r = 0; r < RB; ++r)
-        for (int h = 0; h < 2; ++h)
-          acc[r][h] = s0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(o + r * D + d + 8 * h);
-      for (int64_t s = s0; s < s1; ++s) {
-        const __m256 a = _mm256_loadu_ps(v + s * D + d), b = _mm256_loadu_ps(v + s * D + d + 8);
-        for (int r = 0; r < RB; ++r) {
-          const __m256 w = _mm256_broadcast_ss(p + r * ps + s);
-          acc[r][0] = _mm256_fmadd_ps(w, a, acc[r][0]);
-          acc[r][1] = _mm256_fmadd_ps(w, b, acc[r][1]);
-        }
-      }
-      for (int r = 0; r < RB; ++r) {
-        _mm256_storeu_ps(o + r * D + d, acc[r][0]);
-        _mm256_storeu_ps(o + r * D + d + 8, acc[r][1]);
-      }
-    }
-  }
-}
-
-// One work item: row b's group g, queries t = t0, t0 + step, ... (< T), every head of the group.
-template <int ND>
-void item(const uint16_t* qb, int64_t qs1, int64_t qs2, const uint16_t* kc, const uint16_t* vc, const int64_t* pos,
-          int64_t T, int64_t t0, int64_t step, int64_t H, int64_t R, int64_t g, float scale, uint16_t* yb,
-          std::vector<float>& kt, std::vector<float>& vf, std::vector<float>& qf, std::vector<float>& p,
-          std::vector<float>& o) {
-  constexpr int64_t D = 8 * ND;
-  int64_t smax = 0;
-  for (int64_t t = t0; t < T; t += step) smax = std::max(smax, pos[t] + 1);
-  const int64_t nc = (smax + 7) / 8;
-  kt.resize(size_t(nc * D * 8));
-  vf.resize(size_t(smax * D));
-  for (int64_t c = 0; c < nc; ++c)  // keys [8c, 8c + 8) transposed: kt[c][d][i] = k[8c + i][d] (0 past smax)
-    for (int i = 0; i < 8; ++i) {
-      const int64_t s = c * 8 + i;
-      float* dst = kt.data() + c * D * 8 + i;
-      for (int64_t d = 0; d < D; ++d) dst[d * 8] = s < smax ? widen(kc[s * D + d]) : 0.f;
-    }
-  for (int64_t x = 0; x < smax * D; ++x) vf[size_t(x)] = widen(vc[x]);
-  qf.resize(size_t(R * D));
-  p.resize(size_t(R * smax));
-  o.resize(size_t(R * D));
-  for (int64_t t = t0; t < T; t += step) {
-    const int64_t S = pos[t] + 1;
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t d = 0; d < D; ++d) qf[size_t(r * D + d)] = widen(qb[(g * R + r) * qs1 + t * qs2 + d]);
-    int64_t r = 0;
-    for (; r + 2 <= R; r += 2)
-      scores2<ND>(qf.data() + r * D, qf.data() + (r + 1) * D, kt.data(), S, scale, p.data() + r * S, p.data() + (r + 1) * S);
-    if (r < R)  // an odd head count: the last head paired with itself
-      scores2<ND>(qf.data() + r * D, qf.data() + r * D, kt.data(), S, scale, p.data() + r * S, p.data() + r * S);
-    for (int64_t h = 0; h < R; ++h) softmax_row(p.data() + h * S, S);
-    // values: heads in blocks of up to 4 as attend_group (each head's chains are its own: the
-    // blocking does not change the bits)
-    for (r = 0; r < R;) {
-      const int64_t n = std::min<int64_t>(4, R - r);
-      float* orr = o.data() + r * D;
-      const float* pr = p.data() + r * S;
-      if (n == 4) values<4>(pr, S, S, vf.data(), D, orr);
-      else if (n == 3) values<3>(pr, S, S, vf.data(), D, orr);
-      else if (n == 2) values<2>(pr, S, S, vf.data(), D, orr);
-      else values<1>(pr, S, S, vf.data(), D, orr);
-      r += n;
-    }
-    uint16_t* y = yb + (t * H + g * R) * D;
-    for (int64_t x = 0; x < R * D; ++x) y[x] = round_bf16(o[size_t(x)]);
-  }
-}
-
-}  // namespace avx2_prompt
-
-// key_block 0: the AVX2 prompt kernel above (q [B, H, T, D] bf16, D % 16 == 0 up to 128; returns y
-// [B, T, H, D] bf16, each query decode's bits). Items (row, group, query residue j of `split`):
-// queries t = j, j + split, ... so that the items of a causal prompt cost alike (each widens the
-// group's keys for itself: ~T D values, against ~T^2 D / (2 split) multiply-adds of its own).
-torch::Tensor prefill_attention_avx2(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                                     const int64_t* sp, const int64_t* pp, double scale) {
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), G = k_cache.size(1), L = k_cache.size(2);
-  TORCH_CHECK(D % 16 == 0 && D <= 128, "prefill_attention (key block 0): head dim ", D, " (16, 32, .., 128 needed)");
-  auto y = torch::empty({B, T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t R = H / G, threads = at::get_num_threads();
-  const int64_t split = std::max<int64_t>(1, std::min<int64_t>(T, (2 * threads + B * G - 1) / (B * G)));
-  const auto* qb = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
-  const auto* kb = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
-  const auto* vb = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
-  auto* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
-  at::parallel_for(0, B * G * split, 1, [&](int64_t a, int64_t e) {
-    thread_local std::vector<float> kt, vf, qf, p, o;  // kept between calls (resized per item)
-    for (int64_t w = a; w < e; ++w) {
-      const int64_t b = w / (G * split), g = (w / split) % G, j = w % split;
-      const int64_t cell = (sp[b] * G + g) * L * D;
-      const uint16_t* qrow = qb + b * qs0;
-      uint16_t* yrow = yb + b * T * H * D;
-      const float sc = float(scale);
-      switch (D / 8) {
-        case 2: avx2_prompt::item<2>(qrow, qs1, qs2, kb + cell, vb + cell, pp + b * T, T, j, split, H, R, g, sc, yrow, kt, vf, qf, p, o); break;
-        case 4: avx2_prompt::item<4>(qrow, qs1, qs2, kb + cell, vb + cell, pp + b * T, T, j, split, H, R, g, sc, yrow, kt, vf, qf, p, o); break;
-        case 6: avx2_prompt::item<6>(qrow, qs1, qs2, kb + cell, vb + cell, pp + b * T, T, j, split, H, R, g, sc, yrow, kt, vf, qf, p, o); break;
-        case 8: avx2_prompt::item<8>(qrow, qs1, qs2, kb + cell, vb + cell, pp + b * T, T, j, split, H, R, g, sc, yrow, kt, vf, qf, p, o); break;
-        case 10: avx2_prompt::item<10>(qrow, qs1, qs2, kb + cell, vb + cell, pp + b * T, T, j, split, H, R, g, sc, yrow, kt, vf, qf, p, o); break;
-        case 12: avx2_prompt::item<12>(qrow, qs1, qs2, kb + cell, vb + cell, pp + b * T, T, j, split, H, R, g, sc, yrow, kt, vf, qf, p, o); break;
-        case 14: avx2_prompt::item<14>(qrow, qs1, qs2, kb + cell, vb + cell, pp + b * T, T, j, split, H, R, g, sc, yrow, kt, vf, qf, p, o); break;
-        default: avx2_prompt::item<16>(qrow, qs1, qs2, kb + cell, vb + cell, pp + b * T, T, j, split, H, R, g, sc, yrow, kt, vf, qf, p, o); break;
-      }
-    }
-  });
-  return y;
-}
-
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                 const torch::Tensor& slots, const torch::Tensor& positions, double scale, int64_t key_block) {
-  if (key_block != 0)  // key block 0: the AVX2 kernel with decode's bits (any x86-64 with AVX2 + FMA)
-    codeshell::check_isa(codeshell::kAvx512Vnni);  // AVX-512 F/BW: the emulated BF16 steps without AVX512-BF16
+  codeshell::check_isa(codeshell::kAvx512Vnni);  // AVX-512 F/BW: the emulated BF16 steps without AVX512-BF16
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kBFloat16 && q.stride(3) == 1,
               "prefill_attention: q must be bf16 [B, H, T, D] with a contiguous last dim");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == torch::kBFloat16 && k_cache.is_contiguous() &&
@@ -954,8 +727,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   TORCH_CHECK(k_cache.size(3) == D && D % 32 == 0 && D <= 256 && G > 0 && H % G == 0,
               "prefill_attention: head dim ", D, " (a multiple of 32 up to 256 needed) or groups ", G,
               " not dividing ", H, " heads");
-  TORCH_CHECK(key_block == 0 || key_block == 16 || key_block == 32 || key_block == 64, "prefill_attention: key block ",
-              key_block, " (16, 32 or 64; 0: AVX2, decode's bits)");
+  TORCH_CHECK(key_block == 16 || key_block == 32 || key_block == 64, "prefill_attention: key block ", key_block, " (16, 32 or 64)");
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1 && slots.size(0) == B && slots.is_contiguous(),
               "prefill_attention: slots must be int64 [B]");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 2 && positions.size(0) == B &&
@@ -969,7 +741,6 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
       TORCH_CHECK(0 <= pp[b * T + t] && pp[b * T + t] < L, "prefill_attention: position ", pp[b * T + t],
                   " outside the cache's ", L);
   }
-  if (key_block == 0) return prefill_attention_avx2(q, k_cache, v_cache, sp, pp, scale);
   auto y = torch::empty({B, T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
 #if CODESHELL_HAVE_AVX512
   const int64_t r = H / G, nq = (T + kTq - 1) / kTq, items = B * G * nq;

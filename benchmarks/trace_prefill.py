@@ -113,6 +113,14 @@ def _before(change: str):
     % 64 == 32), attnkb (the prefill attention's 16-key blocks, session 15's kernel)."""
     from codeshell.kernels import module as KM
     from codeshell.kernels import prefill_attention as PA
+    if change == "lastrows":  # every row through the last block (CODESHELL_PREFILL_LAST_ROWS=0)
+        from codeshell.engine import engine as E
+        was, E._LAST_ROWS = E._LAST_ROWS, False
+        try:
+            yield
+        finally:
+            E._LAST_ROWS = was
+        return
     if change in ("attnkb", "s18") or "=" in change:  # environment switches the kernels read each call
         if change == "s18":  # all of session 18's prefill changes off (helper C): the three switches and
             pairs = [("CODESHELL_PREFILL_ATTN_KB", "16"), ("CODESHELL_DOT_ITEM", "8"),  # the KV-cache index_put
@@ -210,7 +218,8 @@ def main() -> None:
     ap.add_argument("--ab", default=None,
                     help="also time each round with one change off, alternating: gelu (c_fc's GELU in the GEMM "
                          "epilogue), attn32 (the native prefill attention at head dims %% 64 == 32), attnkb (the "
-                         "prefill attention's 64-key blocks: 16 as before), s18 (all of session 18's prefill "
+                         "prefill attention's 64-key blocks: 16 as before), lastrows (the prompt's last "
+                         "block on every row, CODESHELL_PREFILL_LAST_ROWS=0), s18 (all of session 18's prefill "
                          "changes: CODESHELL_PREFILL_ATTN_KB=16, CODESHELL_DOT_ITEM=8, CODESHELL_PREFILL_LN_SPLIT=off, "
                          "CODESHELL_DOT_XPACK=1, CODESHELL_GELU_X4=0, CODESHELL_PREFILL_ATTN_TRIM=0 and the KV cache's "
                          "index_put), or NAME=VALUE[,NAME=VALUE...] (environment switches "
@@ -279,13 +288,21 @@ def report(cfg, args, peak, flops, plain, traced, parts) -> None:
         print(f"plain prompt (median of {len(plain)}; best {min(plain) * 1e3:.1f} ms): {p * 1e3:.1f} ms = {flops / p / 1e12:.3f} TFLOP/s = {100 * flops / p / 1e12 / peak:.1f}% of peak")
     print(f"traced prompt: {total * 1e3:.1f} ms (median of {len(traced)})")
     rows = sorted(med.items(), key=lambda kv: -kv[1])
+    from codeshell.engine import engine as E
+    # the rows each linear ran on: with the engine's CODESHELL_PREFILL_LAST_ROWS (default on) the last
+    # block's linears past c_attn run on the sampled row only (the flops counted are the work done)
+    done = {k: T * cfg.n_layer for k in lf}
+    if E._LAST_ROWS:
+        for k in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj", "mlp.c_fc + GELU"):
+            done[k] = T * (cfg.n_layer - 1) + 1
     for k, v in rows:
         extra = ""
         if k in lf:  # per linear: its own rate against the peak
-            tf = 2.0 * T * lf[k] * kin[k] * cfg.n_layer / v / 1e12
+            tf = 2.0 * done[k] * lf[k] * kin[k] / v / 1e12
             extra = f"  {tf:.3f} TFLOP/s = {100 * tf / peak:.0f}% of peak"
         elif k == "attention kernel":
-            tf = 2.0 * T * T * cfg.n_embd * cfg.n_layer / v / 1e12
+            layers = cfg.n_layer - 1 if E._LAST_ROWS else cfg.n_layer  # the last block's: one query
+            tf = 2.0 * T * T * cfg.n_embd * layers / v / 1e12
             extra = f"  {tf:.3f} TFLOP/s (causal, as prompt_flops counts it)"
         print(f"  {k:24s} {v * 1e3:8.2f} ms  {100 * v / total:5.1f}%{extra}")
     rest = total - sum(med.values())

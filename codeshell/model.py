@@ -185,13 +185,19 @@ class CodeShellAttention(nn.Module):
         return self.c_proj(y)
 
     def forward_inference(self, x: torch.Tensor, rope_rows: tuple[torch.Tensor, torch.Tensor] | None,
-                          mask: torch.Tensor | None, cache: LayerCache | None, f) -> torch.Tensor:
+                          mask: torch.Tensor | None, cache: LayerCache | None, f,
+                          rows: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` without autograd, with RoPE done by one native call instead of ~12 torch
         ops (`f.fused_rope_bf16` from the kernel's fp32 qkv: the cast and the rotation in one
         pass; `f.fused_rope_` in place otherwise; the same fp32 math as `_rotate`, the same
         bits); q, k, v are then views of qkv. rope_rows: cos, sin [B*T, D/2] float32.
         Returns c_proj's output rows [B*T, C] as the kernel gives them (fp32 in a bf16 model:
-        the caller's fused add rounds them as the plain path's cast would)."""
+        the caller's fused add rounds them as the plain path's cast would).
+        rows (int64 [R], flat indices into the B*T rows; the prompt's last block, see
+        `CodeShellModel.forward`): every row's keys and values are stored, but only these
+        queries attend (the cache's `attend_rows` where it has one: decode's kernel per query,
+        whose bits do not depend on the other queries; else the whole attention, then these
+        rows) and c_proj runs on these R rows only: returns [R, C]."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, G, D = cfg.n_head, cfg.num_query_groups, cfg.head_dim
@@ -204,11 +210,19 @@ class CodeShellAttention(nn.Module):
             qkv = qkv.to(x.dtype)
         heads = qkv.view(B, T, H + 2 * G, D).transpose(1, 2)  # [B, H + 2G, T, D], a view
         q, k, v = heads[:, :H], heads[:, H:H + G], heads[:, H + G:]
+        if rows is not None:
+            attend_rows = getattr(cache, "attend_rows", None)
+            y = attend_rows(self.layer, q, k, v, 1.0 / math.sqrt(D), rows) if attend_rows is not None else None
+            if y is not None:  # [R, C]
+                return _linear_rows(self.c_proj, y)
         attend = getattr(cache, "attend", None)
         y = attend(self.layer, q, k, v, 1.0 / math.sqrt(D)) if attend is not None else None
         if y is None:
             y = _cached_sdpa(self.layer, q, k, v, mask, cache)
-        return _linear_rows(self.c_proj, y.transpose(1, 2).reshape(B, T, cfg.n_embd))  # [B*T, C]
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)
+        if rows is not None:
+            y = y.reshape(B * T, cfg.n_embd)[rows]
+        return _linear_rows(self.c_proj, y)  # [B*T, C] (or [R, C])
 
 
 class CodeShellMLP(nn.Module):
@@ -270,8 +284,18 @@ class CodeShellModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor,
                 mask: torch.Tensor | None = None, cache: LayerCache | None = None,
-                seq_len: int | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                seq_len: int | None = None, inputs_embeds: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T], position_ids [B, T] -> hidden [B, T, n_embd].
+
+        rows: int64 [R] flat indices into the B*T positions (row b, position t: b * T + t); then
+        only those positions' hidden states are returned, [R, n_embd] (the engine's prefill
+        samples one position a row). On the fused inference path the last block then runs its
+        attention output, MLP and the final LayerNorm on those R rows only (every position's
+        keys and values are still stored): each of those ops' per-row bits do not depend on the
+        other rows (the row-invariant linears, decode's attention kernel per query on AVX2), so
+        the returned rows are what the whole forward gives them, for ~1/n_layer less work.
+        Elsewhere the whole forward runs and the rows are picked from it.
 
         mask: bool [B, 1, T, S] (True = attend) over the S keys this call attends to (cache
         plus new tokens), or None for plain causal attention over the T new tokens.
@@ -293,7 +317,7 @@ class CodeShellModel(nn.Module):
                                  "(learned absolute position embeddings cannot extrapolate)")
             x = x + self.wpe(position_ids)
         if fused:
-            return self._forward_inference(x, rope, mask, cache, f)
+            return self._forward_inference(x, rope, mask, cache, f, rows)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:
             if checkpointing:
@@ -301,7 +325,8 @@ class CodeShellModel(nn.Module):
                 x = fn(block.__call__, x, rope, mask, cache)
             else:
                 x = block(x, rope, mask, cache)
-        return self.ln_f(x)
+        x = self.ln_f(x)
+        return x if rows is None else x.reshape(-1, x.shape[-1])[rows]
 
 
     def _rope_rows(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +345,7 @@ class CodeShellModel(nn.Module):
         freqs = (t[..., None] * cached[1]).reshape(-1, cached[1].shape[0])  # [B*T, D/2]
         return freqs.cos(), freqs.sin()
 
-    def _forward_inference(self, x: torch.Tensor, rope, mask, cache, f) -> torch.Tensor:
+    def _forward_inference(self, x: torch.Tensor, rope, mask, cache, f, rows=None) -> torch.Tensor:
         """The blocks and the final LayerNorm without autograd (grad disabled: the engine, HF
         generate), on rows [B*T, C] with fused native ops (csrc/fused.cpp): each residual add
         and the LayerNorm after it in one pass (`fused_add_layer_norm`: the block's
@@ -328,27 +353,31 @@ class CodeShellModel(nn.Module):
         (`CodeShellAttention.forward_inference`) and cast + GELU in one call. Per layer at decode
         that is ~20 fewer torch ops (each a few microseconds at any model size). The same math
         as `CodeShellBlock.forward` (the adds rounded as torch rounds them); tests/kernels/
-        test_fused.py compares the two paths."""
+        test_fused.py compares the two paths. `rows` (see `forward`): the last block past its
+        keys and values, and the final LayerNorm, on those rows only; returns [R, C]."""
         from .kernels import step as native_step
         out = native_step.forward(self, x, rope, mask, cache)  # a packed decode / verify step in one
         if out is not None:                                     # native call (kernels/step.py), else None
-            return out
+            return out if rows is None else out.reshape(-1, out.shape[-1])[rows]
         cfg = self.cfg
         B, T, C = x.shape
-        rows = B * T
         rope_rows = rope  # cos, sin [B*T, D/2] (`_rope_rows`) or None
         gelu_tanh = cfg.activation_function in _GELU_TANH
-        h, pending = x.reshape(rows, C).contiguous(), None
-        for block in self.h:
+        h, pending = x.reshape(B * T, C).contiguous(), None
+        last = len(self.h) - 1
+        for i, block in enumerate(self.h):
             ln = block.ln_1
             h, a = f.fused_add_layer_norm(h, pending, ln.weight, ln.bias, ln.eps)
-            y = block.attn.forward_inference(a.view(B, T, C), rope_rows, mask, cache, f)
+            sel = rows if i == last else None
+            y = block.attn.forward_inference(a.view(B, T, C), rope_rows, mask, cache, f, sel)
+            if sel is not None:  # the residual of the rows that go on ([R, C], contiguous)
+                h = h[sel]
             ln = block.ln_2
             h, a = f.fused_add_layer_norm(h, _residual(y, h), ln.weight, ln.bias, ln.eps)
             pending = _residual(block.mlp.forward_inference(a, f, gelu_tanh), h)
         ln = self.ln_f
         _, out = f.fused_add_layer_norm(h, pending, ln.weight, ln.bias, ln.eps)
-        return out.view(B, T, C)
+        return out.view(B, T, C) if rows is None else out if last >= 0 else out[rows]
 
 
 def _residual(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CodeShellConfig
+from ..model import CodeShellModel
 from .kv_cache import KVCache
 from .lookup import DraftBudget, NgramLookup, cap_rows, verify_token
 from .outputs import CompletionOutput, Logprob, RequestOutput
@@ -36,6 +37,13 @@ _SHARE = 16
 # CODESHELL_LOOKUP_SHARE_RATE=1: the draft budget's odds as session 25 had them (a moving average of
 # each draft's accepted share) instead of lookup.AcceptRate's per-token odds; read once (A/B runs).
 _SHARE_RATE = os.environ.get("CODESHELL_LOOKUP_SHARE_RATE") == "1"
+
+
+# CODESHELL_PREFILL_LAST_ROWS=0: a prompt's last block runs all its rows (attention output, MLP,
+# final LayerNorm) and the sampled rows are picked after, as before session 36; default 1: only the
+# sampled rows go on past that block's keys and values (`CodeShellModel.forward`'s `rows`: the same
+# bits for those rows, ~1/n_layer less work a prompt). Read once (A/B runs).
+_LAST_ROWS = os.environ.get("CODESHELL_PREFILL_LAST_ROWS", "1") not in ("0", "off")
 
 
 def _prefill_groups() -> str:
@@ -352,8 +360,13 @@ class Engine:
                  last: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [B, n_embd] at index `last` [B] of each row (default: the last one)."""
         view = self.cache.view(slots, pos)
+        B, T = ids.shape
+        idx = torch.arange(B, device=ids.device)
+        if _LAST_ROWS and isinstance(self.model.transformer, CodeShellModel):  # only the sampled rows
+            rows = idx * T + (T - 1 if last is None else last)              # past the last block's KV
+            return self.model.transformer(ids, pos, None, view, seq_len=seq_len, rows=rows)
         h = self.model.transformer(ids, pos, None, view, seq_len=seq_len)  # the view's mask, if SDPA runs
-        return h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
+        return h[:, -1] if last is None else h[idx, last]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [M, V] in the model's dtype, as the head returns them. Not widened to float32

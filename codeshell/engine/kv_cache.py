@@ -146,6 +146,31 @@ class CacheView:
         y = packed_attention(qt, k_layer, v_layer, slots, lens, scale)         # [B*T, H, 1, D]
         return y.view(B, T, H, D).transpose(1, 2)                              # [B, H, T, D], a view
 
+    def attend_rows(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    rows: torch.Tensor) -> torch.Tensor | None:
+        """Store every row's k, v and return attention [R, H * D] for the queries at flat indices
+        `rows` [R] of q's B*T (the prompt's last block: only the sampled positions go on, see
+        `CodeShellModel.forward`), or None, storing nothing, where `attend` would not take the
+        prompt as one decode query a token (the caller then runs the whole attention and picks
+        the rows): each of those queries through decode's kernel (`packed_attention`), the bits
+        `attend` gives it, since a query's result there does not depend on the other queries."""
+        from ..kernels import decode_attention_ok
+        from ..kernels.prefill_attention import prefill_attention_ok
+        k_layer, v_layer = self.cache.k[layer], self.cache.v[layer]
+        if self.positions.shape[1] == 1 or prefill_attention_ok(q, k_layer):
+            return None
+        if q.dtype != torch.bfloat16 or not _prefill_as_decode():
+            return None
+        B, H, T, D = q.shape
+        qt = q.transpose(1, 2).reshape(B * T, H, 1, D)[rows]                      # [R, H, 1, D]
+        if not decode_attention_ok(qt, k_layer):
+            return None
+        from ..kernels.attention import packed_attention
+        self._store(layer, k, v)
+        slots = self.slot_index.repeat_interleave(T)[rows]
+        lens = (self.positions + 1).reshape(-1)[rows]
+        return packed_attention(qt, k_layer, v_layer, slots, lens, scale).view(-1, H * D)
+
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, G, T, D] at [slot, :, position] of any slots, consecutive or not."""
         c = self.cache

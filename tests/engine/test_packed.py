@@ -113,9 +113,9 @@ def test_verify_step_packs_rows_without_padding(monkeypatch):
     transformer = eng.model.transformer
     forward = transformer.forward
 
-    def spy(ids, pos, mask, cache, seq_len=None):
+    def spy(ids, pos, mask, cache, seq_len=None, **kw):  # kw: the prefill's `rows`
         sizes.append((tuple(ids.shape), mask is None and pos.shape == ids.shape))
-        return forward(ids, pos, mask, cache, seq_len=seq_len)
+        return forward(ids, pos, mask, cache, seq_len=seq_len, **kw)
 
     monkeypatch.setattr(transformer, "forward", spy)
     monkeypatch.setattr(eng, "_drafts", lambda seqs: [drafts[int(s.request_id)] for s in seqs])
@@ -162,10 +162,10 @@ def test_verify_steps_stay_within_the_row_invariant_cap(monkeypatch):
     transformer = llm.engine.model.transformer
     forward = transformer.forward
 
-    def spy(ids, pos, mask, cache, seq_len=None):
+    def spy(ids, pos, mask, cache, seq_len=None, **kw):  # kw: the prefill's `rows`
         if isinstance(cache, kv_mod.PackedView):
             sizes.append(ids.shape[1])
-        return forward(ids, pos, mask, cache, seq_len=seq_len)
+        return forward(ids, pos, mask, cache, seq_len=seq_len, **kw)
 
     monkeypatch.setattr(transformer, "forward", spy)
     drafted = llm.engine.spec_drafted

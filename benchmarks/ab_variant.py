@@ -81,10 +81,11 @@ def load_step_model(folder: str, threads: int, batch: int, tokens: int):
     return llm, lm, gen, prompts
 
 
-def profiled_step(lm, gen, tokens: int) -> tuple[float, dict[str, float]]:
+def profiled_step(lm, gen, tokens: int, marks: dict[str, list[int]] | None = None) -> tuple[float, dict[str, float]]:
     """One measurement of the variant set now: seconds a decode step (a `tokens + 1`-token run less
     the best of two 1-token runs, over `tokens`) and the native step's phases per call
-    (`DecodeStep.profile`) over that run."""
+    (`DecodeStep.profile`) over that run. marks: a dict that takes every phase mark's nanoseconds of
+    the run, by phase (`DecodeStep.profile_marks`: per-call quantiles, bench_step_bytes.py --calls)."""
     from codeshell.kernels import step as kstep
 
     gen(2)
@@ -93,5 +94,8 @@ def profiled_step(lm, gen, tokens: int) -> tuple[float, dict[str, float]]:
     st.profile = True
     tn = gen(tokens + 1)
     n, phases = st.profile_times()
+    if marks is not None:
+        for k, ns in st.profile_marks():
+            marks.setdefault(k, []).append(ns)
     st.profile = False
     return (tn - t1) / tokens, {k: t / max(n, 1) for k, t in phases}

@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ab_variant import add_step_args, load_step_model  # noqa: E402
+from ab_variant import add_step_args, load_step_model, profiled_step  # noqa: E402
 from bench_kernels import read_probe, set_env  # noqa: E402
 
 LINEARS = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "head"]
@@ -56,24 +56,6 @@ def linear_bytes(lm) -> dict[str, int]:
     return out
 
 
-def profiled_marks(lm, gen, tokens: int) -> tuple[float, dict[str, float], dict[str, list[int]]]:
-    """ab_variant.profiled_step with the marks: (seconds a decode step, the phases' seconds a call, and
-    every mark's nanoseconds by phase over the run)."""
-    from codeshell.kernels import step as kstep
-
-    gen(2)
-    st = kstep._DECODERS[lm].step
-    t1 = min(gen(1) for _ in range(2))
-    st.profile = True
-    tn = gen(tokens + 1)
-    n, phases = st.profile_times()
-    marks: dict[str, list[int]] = {}
-    for k, ns in st.profile_marks():
-        marks.setdefault(k, []).append(ns)
-    st.profile = False
-    return (tn - t1) / tokens, {k: t / max(n, 1) for k, t in phases}, marks
-
-
 def quantile(v: list[float], f: float) -> float:
     v = sorted(v)
     return v[int(f * (len(v) - 1))]
@@ -101,10 +83,8 @@ def main() -> None:
         for v in a.ab[r % len(a.ab):] + a.ab[:r % len(a.ab)]:
             p = read_probe(probe_buf)
             set_env(v, base_env)
-            sec, ph, marks = profiled_marks(lm, gen, a.tokens)
+            sec, ph = profiled_step(lm, gen, a.tokens, calls[v])  # the marks join calls[v]
             res[v].append((p, sec, ph))
-            for k, ns in marks.items():
-                calls[v].setdefault(k, []).extend(ns)
             set_env("-", base_env)
     total = sum(nbytes.values())
     for v, rows in res.items():

@@ -191,14 +191,28 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, progress: ProgressFn 
     return x.numel() * 4 / best / 1e9
 
 
-def prompt_flops(cfg: CodeShellConfig, tokens: int) -> float:
-    """Floating-point operations of one `tokens`-long prefill: 2 per weight of the blocks' linears
-    per token, causal attention's QK^T and PV (T^2 / 2 query-key pairs, 2 * n_embd flops each, per
-    layer, counted as 2 T^2 n_embd), and the output head for the last token only (the engine's
-    prefill computes logits for the position it samples)."""
+def prompt_flops(cfg: CodeShellConfig, tokens: int, last_rows: bool | None = None) -> float:
+    """Floating-point operations of one `tokens`-long prefill, as the engine does it: 2 per weight of
+    the blocks' linears per token, causal attention's QK^T and PV (T^2 / 2 query-key pairs, 2 *
+    n_embd flops each, per layer, counted as 2 T^2 n_embd), and the output head for the last token
+    only (the engine's prefill computes logits for the position it samples). last_rows (the engine's
+    default since session 36, `CODESHELL_PREFILL_LAST_ROWS`): the last block runs c_attn on every
+    token (its keys and values are stored) but its attention, attn.c_proj and MLP on the sampled
+    token only, so the count is the work done, not the work a whole forward would do (a "% of peak"
+    must not count skipped work); False: the whole last block, as a plain forward; None: as the
+    engine's switch stands now (`engine._LAST_ROWS`, which A/B runs turn)."""
+    if last_rows is None:
+        from .engine import engine as _engine
+        last_rows = _engine._LAST_ROWS
     d = cfg.n_embd
-    per_layer = d * cfg.qkv_dim + d * d + 2 * d * cfg.ffn_dim  # c_attn, attn.c_proj, c_fc, mlp.c_proj
-    return 2.0 * per_layer * cfg.n_layer * tokens + 2.0 * tokens * tokens * d * cfg.n_layer + 2.0 * cfg.vocab_size * d
+    rest = d * d + 2 * d * cfg.ffn_dim  # attn.c_proj, c_fc, mlp.c_proj
+    per_layer = d * cfg.qkv_dim + rest  # and c_attn
+    full = 2.0 * per_layer * cfg.n_layer * tokens + 2.0 * tokens * tokens * d * cfg.n_layer + 2.0 * cfg.vocab_size * d
+    if not last_rows or cfg.n_layer == 0:
+        return full
+    # the last block's rows past its keys and values: T - 1 rows of the three linears, and of the
+    # attention's T^2 / 2 pairs only the sampled query's T (4 * n_embd flops a pair)
+    return full - 2.0 * rest * (tokens - 1) - (2.0 * tokens * tokens * d - 4.0 * tokens * d)
 
 
 def bf16_matmul_peak(m: int = 512, cfg: CodeShellConfig | None = None, repeats: int = 3) -> dict[str, float]:

@@ -33,7 +33,20 @@ def test_prompt_flops_agrees_with_torch_flop_counter():
         torch.softmax(q @ k.transpose(-1, -2), -1) @ v
     attention = CFG.n_layer * counter.get_total_flops() // 2
     head_rows_not_needed = 2 * (T - 1) * CFG.vocab_size * CFG.n_embd
-    assert prompt_flops(CFG, T) == linears_and_heads - head_rows_not_needed + attention
+    whole = linears_and_heads - head_rows_not_needed + attention
+    assert prompt_flops(CFG, T, last_rows=False) == whole
+    # the engine's prefill (default): the last block past its keys and values on the sampled row
+    # only, counted from torch's counter over that block's three linears at T - 1 rows and the
+    # attention of one query over T keys (QK^T and PV: q [1, H, 1, D] against [1, H, T, D])
+    block = model.transformer.h[-1]
+    x = torch.randn(T - 1, CFG.n_embd)
+    with FlopCounterMode(display=False) as counter:
+        block.attn.c_proj(x), block.mlp.c_proj(block.mlp.c_fc(x))
+    rows_not_needed = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        torch.softmax(q[:, :, -1:] @ k.transpose(-1, -2), -1) @ v
+    one_query = counter.get_total_flops()
+    assert prompt_flops(CFG, T) == whole - rows_not_needed - (attention // CFG.n_layer - one_query)
 
 
 def test_bf16_matmul_peak_is_the_best_measured_figure():

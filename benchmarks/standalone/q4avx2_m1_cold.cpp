@@ -30,21 +30,11 @@
 #include <vector>
 
 #include "q4_rows_avx2.h"
+#include "huge_buffer.h"
 #include "read_probe.h"
 
 using namespace codeshell;
 using namespace codeshell::q4avx2;
-
-static void* huge(size_t bytes) {
-  bytes = (bytes + (2u << 20) - 1) / (2u << 20) * (2u << 20);
-  void* p = std::aligned_alloc(2u << 20, bytes);
-  madvise(p, bytes, MADV_HUGEPAGE);
-  std::memset(p, 1, bytes);
-  return p;
-}
-
-// The read probe's loop: read_probe.h (the one kernels.cpp's read_stream runs).
-static uint64_t probe_range(const char* base, int64_t l0, int64_t l1) { return probe_lines(base, l0, l1); }
 
 // tile2's load order without its compute (the loads OR-ed): PM as tile2p's.
 template <int PM>
@@ -76,7 +66,7 @@ int main(int argc, char** argv) {
   const char* lname[4] = {"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"};
   for (auto& L : lins)
     for (int l = 0; l < LAYERS; ++l) {
-      uint8_t* q = static_cast<uint8_t*>(huge(size_t(L.N * L.K / 2)));
+      uint8_t* q = static_cast<uint8_t*>(huge_buffer(size_t(L.N * L.K / 2), 1));
       for (int64_t i = 0; i < L.N * L.K / 2; ++i) q[i] = uint8_t((i * 2654435761u + l) >> 9);
       // the scales as the model has them: torch's allocator, 4 KiB pages (under hugepages.py's arena minimum)
       const size_t sb = size_t(L.N) * size_t(L.K / 128) * 4;
@@ -86,7 +76,7 @@ int main(int argc, char** argv) {
       L.sc.push_back(s);
     }
   const size_t pbytes = size_t(1) << 30;
-  char* pbuf = static_cast<char*>(huge(pbytes));
+  char* pbuf = static_cast<char*>(huge_buffer(pbytes, 1));
   const int64_t KM = 4096;
   std::vector<float> x(KM);
   for (int64_t k = 0; k < KM; ++k) x[k] = std::sin(0.37f * float(k)) * (1 + k % 5);
@@ -115,7 +105,7 @@ int main(int argc, char** argv) {
   vs.push_back({"probe 1 GiB", nullptr, false});
   vs.push_back({"seq (read only)", [&](const Lin& L, int l, float*) {
                   const int64_t lines = L.N * L.K / 2 / 128;
-                  owned(lines, [&](int64_t a, int64_t b) { sink |= probe_range(reinterpret_cast<const char*>(L.q[l]), a, b); });
+                  owned(lines, [&](int64_t a, int64_t b) { sink |= probe_lines(reinterpret_cast<const char*>(L.q[l]), a, b); });
                 }, false});
   auto runv = [&](int64_t pf1, int mode, int64_t t2k = 1024) -> KFn {
     return [&, pf1, mode, t2k](const Lin& L, int l, float* o) {
@@ -128,7 +118,7 @@ int main(int argc, char** argv) {
   auto patv = [&](int pm) -> KFn {
     return [&, pm](const Lin& L, int l, float*) {
       if (L.K != 1024) {
-        owned(L.N * L.K / 2 / 128, [&](int64_t a, int64_t b) { sink |= probe_range(reinterpret_cast<const char*>(L.q[l]), a, b); });
+        owned(L.N * L.K / 2 / 128, [&](int64_t a, int64_t b) { sink |= probe_lines(reinterpret_cast<const char*>(L.q[l]), a, b); });
         return;
       }
       owned(L.N, [&](int64_t n0, int64_t n1) {
@@ -185,7 +175,7 @@ int main(int argc, char** argv) {
         double best = 1e30;
         for (int p = 0; p < 3; ++p) {
           const auto t0 = std::chrono::steady_clock::now();
-          owned(int64_t(pbytes / 128), [&](int64_t a, int64_t b) { sink |= probe_range(pbuf, a, b); });
+          owned(int64_t(pbytes / 128), [&](int64_t a, int64_t b) { sink |= probe_lines(pbuf, a, b); });
           best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         }
         probe.push_back(pbytes / best / 1e9);

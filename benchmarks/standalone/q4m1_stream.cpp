@@ -27,6 +27,8 @@
 #include <string>
 #include <vector>
 
+#include "huge_buffer.h"
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
@@ -395,14 +397,6 @@ struct Layer {
   float *sc, *of, *out;
 };
 
-static void* huge_alloc(size_t bytes) {
-  bytes = (bytes + (2 << 20) - 1) & ~size_t((2 << 20) - 1);
-  void* p = aligned_alloc(2 << 20, bytes);
-  madvise(p, bytes, MADV_HUGEPAGE);
-  memset(p, 0, bytes);
-  return p;
-}
-
 static double now() {
   timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
@@ -541,12 +535,12 @@ int main(int argc, char** argv) {
   mkx(16384, x16, d16, s16);
   auto mklayer = [](int64_t N, int64_t K) {
     Layer L{N, K};
-    L.q = (uint8_t*)huge_alloc(N * K / 2);
+    L.q = (uint8_t*)huge_buffer(N * K / 2, 0);
     for (int64_t i = 0; i < N * K / 2; ++i) L.q[i] = uint8_t(rand());
     const int64_t ng = K / 128;
-    L.sc = (float*)huge_alloc(N * ng * 4 + 64);
+    L.sc = (float*)huge_buffer(N * ng * 4 + 64, 0);
     static int64_t ofs = getenv("OFS") ? atoll(getenv("OFS")) : 0;
-    L.of = (float*)((char*)huge_alloc(N * ng * 4 + 64 + ofs) + ofs);
+    L.of = (float*)((char*)huge_buffer(N * ng * 4 + 64 + ofs, 0) + ofs);
     for (int64_t i = 0; i < N * ng; ++i) L.sc[i] = 0.001f * (1 + rand() % 100), L.of[i] = 0.001f * (rand() % 100);
     L.out = (float*)aligned_alloc(64, N * 4);
     return L;
@@ -604,7 +598,7 @@ int main(int argc, char** argv) {
       bytes += s[0] * s[1] / 2 + 2 * s[0] * (s[1] / 128) * 4;
     }
   size_t pb = size_t(1) << 30;
-  char* pbuf = (char*)huge_alloc(pb);
+  char* pbuf = (char*)huge_buffer(pb, 0);
   memset(pbuf, 1, pb);
   std::vector<std::vector<double>> gbs(vs.size()), pct(vs.size()), ratio(vs.size());
   std::vector<std::vector<std::vector<double>>> per(vs.size(), std::vector<std::vector<double>>(4));

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "q8_m1_avx2.h"
+#include "huge_buffer.h"
 #include "read_probe.h"
 
 using namespace codeshell;
@@ -44,9 +45,6 @@ static void tile_q8_row(const int8_t* xq, int64_t K, const float* dx, const int8
   }
   *out = hsum8(acc);
 }
-
-// The read probe's loop: read_probe.h (the one kernels.cpp's read_stream runs).
-static uint64_t probe_range(const char* base, int64_t l0, int64_t l1) { return probe_lines(base, l0, l1); }
 
 // f(n0, n1) over [0, n): owned = one contiguous share a thread, else ~8 claimed chunks a thread (parallel_chunks)
 static void split(int64_t n, int threads, bool owned, const std::function<void(int64_t, int64_t)>& f) {
@@ -72,25 +70,17 @@ static void split(int64_t n, int threads, bool owned, const std::function<void(i
   }
 }
 
-static void* huge(size_t bytes) {
-  bytes = (bytes + (2u << 20) - 1) / (2u << 20) * (2u << 20);
-  void* p = std::aligned_alloc(2u << 20, bytes);
-  madvise(p, bytes, MADV_HUGEPAGE);
-  std::memset(p, 1, bytes);
-  return p;
-}
-
 int main(int argc, char** argv) {
   const int64_t N = argc > 1 ? atoll(argv[1]) : 70144, K = argc > 2 ? atoll(argv[2]) : 1024;
   const int rounds = argc > 3 ? atoi(argv[3]) : 5;
   const int copies = 2;  // a pass reads copy (pass % 2): the other was read a whole 72 MB ago (> the 32 MiB L3)
   std::vector<int8_t*> w(copies);
   for (int c = 0; c < copies; ++c) {
-    w[c] = static_cast<int8_t*>(huge(size_t(N * K)));
+    w[c] = static_cast<int8_t*>(huge_buffer(size_t(N * K), 1));
     for (int64_t i = 0; i < N * K; ++i) w[c][i] = int8_t((i * 2654435761u >> 7) % 255 - 127);
   }
   const size_t pbytes = size_t(1) << 30;
-  char* pbuf = static_cast<char*>(huge(pbytes));
+  char* pbuf = static_cast<char*>(huge_buffer(pbytes, 1));
   std::vector<int8_t> xq(K);
   for (int64_t k = 0; k < K; ++k) xq[k] = int8_t((k * 37) % 255 - 127);
   std::vector<float> dx(K / 128, 0.01f), scale(N, 0.02f), out(N);
@@ -101,10 +91,10 @@ int main(int argc, char** argv) {
   std::vector<V> vs;
   std::atomic<uint64_t> sink{0};
   vs.push_back({"probe 1 GiB", [&](const int8_t*, int t) {
-                  split(int64_t(pbytes / 128), t, false, [&](int64_t a, int64_t b) { sink |= probe_range(pbuf, a, b); });
+                  split(int64_t(pbytes / 128), t, false, [&](int64_t a, int64_t b) { sink |= probe_lines(pbuf, a, b); });
                 }});
   vs.push_back({"probe W", [&](const int8_t* wc, int t) {
-                  split(N * K / 128, t, false, [&](int64_t a, int64_t b) { sink |= probe_range(reinterpret_cast<const char*>(wc), a, b); });
+                  split(N * K / 128, t, false, [&](int64_t a, int64_t b) { sink |= probe_lines(reinterpret_cast<const char*>(wc), a, b); });
                 }});
   vs.push_back({"tile_q8 2K", [&](const int8_t* wc, int t) {
                   split(N, t, false, [&](int64_t a, int64_t b) {

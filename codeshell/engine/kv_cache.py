@@ -112,7 +112,7 @@ class CacheView:
         and, on AVX512-BF16 CPUs, prefill (T > 1, causal by position: `prefill_attention`, whose
         result is laid out [B, T, H, D] underneath, so the caller's transpose back is free);
         and, for bf16 elsewhere with the native kernels (AVX2), prefill as one decode query per
-        prompt token (`packed_attention`: decode's bits for every row);
+        prompt token (`_attend_as_decode`: decode's bits for every row);
         None, storing nothing, where neither applies (the caller uses `update` and SDPA)."""
         from ..kernels import decode_attention, decode_attention_ok
         from ..kernels.prefill_attention import prefill_attention, prefill_attention_ok
@@ -126,24 +126,10 @@ class CacheView:
         if prefill_attention_ok(q, k_layer):
             self._store(layer, k, v)
             return prefill_attention(q, k_layer, v_layer, self.slot_index, self.positions, scale).transpose(1, 2)
-        if q.dtype != torch.bfloat16 or not _prefill_as_decode():
+        y = self._attend_as_decode(layer, q, k, v, scale)                        # [B*T, H, 1, D]
+        if y is None:
             return None
-        # No native prefill kernel here (AVX2): a bf16 prompt's queries each get decode's own
-        # one-query attention (`packed_attention`, the bits `decode_attention` gives that query),
-        # so with the AVX2 bf16 linears (prefill paths with decode's bits, kernels/ops.py) every
-        # prompt row is computed exactly as a decode step would compute it, whatever the padding,
-        # the batch around it or a cached prefix. PyTorch's SDPA gave a prompt's last row other
-        # bits in a padded batch than alone (session 31: codeshell-mini's greedy text at batch 8
-        # differed from batch 1, tests/engine/test_prompt_lookup.py).
         B, H, T, D = q.shape
-        qt = q.transpose(1, 2).reshape(B * T, H, 1, D)                          # [B*T, H, 1, D]
-        if not decode_attention_ok(qt, k_layer):
-            return None
-        from ..kernels.attention import packed_attention
-        self._store(layer, k, v)
-        slots = self.slot_index.repeat_interleave(T)
-        lens = (self.positions + 1).reshape(-1)  # query at position p: keys 0..p of its slot
-        y = packed_attention(qt, k_layer, v_layer, slots, lens, scale)         # [B*T, H, 1, D]
         return y.view(B, T, H, D).transpose(1, 2)                              # [B, H, T, D], a view
 
     def attend_rows(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -152,24 +138,44 @@ class CacheView:
         `rows` [R] of q's B*T (the prompt's last block: only the sampled positions go on, see
         `CodeShellModel.forward`), or None, storing nothing, where `attend` would not take the
         prompt as one decode query a token (the caller then runs the whole attention and picks
-        the rows): each of those queries through decode's kernel (`packed_attention`), the bits
+        the rows): each of those queries through decode's kernel (`_attend_as_decode`), the bits
         `attend` gives it, since a query's result there does not depend on the other queries."""
-        from ..kernels import decode_attention_ok
         from ..kernels.prefill_attention import prefill_attention_ok
-        k_layer, v_layer = self.cache.k[layer], self.cache.v[layer]
-        if self.positions.shape[1] == 1 or prefill_attention_ok(q, k_layer):
+        if self.positions.shape[1] == 1 or prefill_attention_ok(q, self.cache.k[layer]):
             return None
+        y = self._attend_as_decode(layer, q, k, v, scale, rows)                  # [R, H, 1, D]
+        return None if y is None else y.view(-1, q.shape[1] * q.shape[3])
+
+    def _attend_as_decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A bf16 prompt's queries [B, H, T, D] (every one, or those at the flat indices `rows` [R]
+        of B*T) each as one decode query: store k, v and return attention [B*T or R, H, 1, D], or
+        None, storing nothing, where this does not apply (not bf16, switched off, or the decode
+        kernel does not take the shape).
+        Why (`attend` and `attend_rows`' path where no native prefill kernel runs, AVX2): each query
+        gets decode's own one-query attention (`packed_attention`, the bits `decode_attention`
+        gives that query), so with the AVX2 bf16 linears (prefill paths with decode's bits,
+        kernels/ops.py) every prompt row is computed exactly as a decode step would compute it,
+        whatever the padding, the batch around it or a cached prefix. PyTorch's SDPA gave a
+        prompt's last row other bits in a padded batch than alone (session 31: codeshell-mini's
+        greedy text at batch 8 differed from batch 1, tests/engine/test_prompt_lookup.py)."""
+        from ..kernels import decode_attention_ok
         if q.dtype != torch.bfloat16 or not _prefill_as_decode():
             return None
+        k_layer, v_layer = self.cache.k[layer], self.cache.v[layer]
         B, H, T, D = q.shape
-        qt = q.transpose(1, 2).reshape(B * T, H, 1, D)[rows]                      # [R, H, 1, D]
+        qt = q.transpose(1, 2).reshape(B * T, H, 1, D)                          # [B*T, H, 1, D]
+        if rows is not None:
+            qt = qt[rows]                                                       # [R, H, 1, D]
         if not decode_attention_ok(qt, k_layer):
             return None
         from ..kernels.attention import packed_attention
         self._store(layer, k, v)
-        slots = self.slot_index.repeat_interleave(T)[rows]
-        lens = (self.positions + 1).reshape(-1)[rows]
-        return packed_attention(qt, k_layer, v_layer, slots, lens, scale).view(-1, H * D)
+        slots = self.slot_index.repeat_interleave(T)
+        lens = (self.positions + 1).reshape(-1)  # query at position p: keys 0..p of its slot
+        if rows is not None:
+            slots, lens = slots[rows], lens[rows]
+        return packed_attention(qt, k_layer, v_layer, slots, lens, scale)
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, G, T, D] at [slot, :, position] of any slots, consecutive or not."""

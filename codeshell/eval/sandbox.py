@@ -391,8 +391,8 @@ class SlotPool:
             while not self._free:
                 self._cond.wait()
             slot = self._free.pop()
+        try:  # a Sandbox that cannot be made (no isolation here) must hand its slot back, or the next job waits forever
             box = self._boxes.get(slot) or self._boxes.setdefault(slot, Sandbox(slot, allow_unsafe=self.allow_unsafe))
-        try:
             yield box
         finally:
             with self._cond:

@@ -297,3 +297,25 @@ def test_non_root_user_gets_the_same_sandbox():
         shutil.rmtree(tmp_path)
     assert r.returncode == 0, r.stderr
     assert [x.strip() for x in r.stdout.splitlines()] == ["bwrap", "0 65534 ['1', '2'] 0000000000000000 []"], r.stdout
+
+
+def test_no_isolation_fails_every_job_instead_of_hanging(monkeypatch):
+    """A slot whose Sandbox cannot be made (no bwrap here) goes back to the pool: with more jobs
+    than workers the next job used to wait forever for it (a fresh machine hung the test run)."""
+    import concurrent.futures
+    import threading
+
+    from codeshell.eval import execution, sandbox
+    monkeypatch.setattr(sandbox, "probe_isolation", lambda: sandbox.IsolationInfo("none", "no bwrap (test)"))
+    done = concurrent.futures.Future()
+
+    def go():
+        try:
+            execution.execute([("py", "print(1)")] * 4, execution.ExecOptions(workers=1))
+            done.set_result(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            done.set_exception(e)
+
+    threading.Thread(target=go, daemon=True).start()
+    with pytest.raises(sandbox.SandboxUnavailable, match="no bwrap"):
+        done.result(timeout=30)

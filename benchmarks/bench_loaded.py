@@ -111,6 +111,9 @@ def hold(n: int, own_group: bool = True) -> None:
     """--hold-load N (for tests/kernels/test_loaded.py): start the load, print its pids and this
     process's niceness, then wait for a signal."""
     signal.signal(signal.SIGTERM, _sigterm)
+    # Ctrl-C too, even where the parent ignored SIGINT (a background job of a non-interactive shell
+    # starts with it ignored, and Python then leaves it so: the test's SIGINT went unheard)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with Load(n, own_group) as load:
         print(" ".join(map(str, [os.getpriority(os.PRIO_PROCESS, 0)] + load.pids)), flush=True)
         while True:

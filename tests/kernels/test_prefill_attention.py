@@ -117,6 +117,8 @@ def test_engine_prefill_matches_the_sdpa_path(monkeypatch):
     assert calls, "the native prefill attention did not run"
     assert not masks, "a mask was built for the native prefill attention"
     monkeypatch.setattr(pa, "prefill_attention_ok", lambda q, k: False)
+    # and not decode's kernel a query at a time (the bf16 fallback without a native prefill kernel, since session 31)
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_DECODE", "0")
     sdpa = [o.outputs[0] for o in llm.generate(prompts, sp)] + [llm.generate(prompts[:1], sp)[0].outputs[0]]
     assert masks, "SDPA ran without the view's mask"
     for a, b in zip(native, sdpa):

@@ -2,6 +2,10 @@
 variant (environment settings read per call, alternating in rounds), the call's fixed cost included
 (pybind, the output tensor, x's rounding: the 16-row shapes t16 / t16k show it).
 
+Session 37, helper A: the bf16 model's linears too (--kinds bf16: ops.plan's M = 1 path for bf16 x;
+CODESHELL_AMX_BF16_M1=0 the AMX M = 1 before session 37) and CODESHELL_AMX_Q8_M1=0 (int8 / int4 M = 1 on
+AMX CPUs before session 37).
+
 Session 28, helper C: the int4 / int8 M = 1 tiles for rows of 1-16 groups / blocks (q4_m1_e.h,
 q8_m1_e.h) against the former tiles. With 1 thread (the default) the time is the thread's CPU time
 (time.thread_time_ns: steadier on a shared host); with more, wall time.
@@ -27,7 +31,10 @@ SHAPES = {"t16 int4": (16, 256, "int4"), "t16k int4": (16, 1024, "int4"),
           "c_attn int4": (384, 256, "int4"), "attn.c_proj int4": (256, 256, "int4"),
           "c_fc int4": (1024, 256, "int4"), "mlp.c_proj int4": (256, 1024, "int4"),
           "c_attn int8": (384, 256, "int8"), "c_fc int8": (1024, 256, "int8"), "mlp.c_proj int8": (256, 1024, "int8"),
-          "head int8": (16384, 256, "int8")}
+          "head int8": (16384, 256, "int8"),
+          # session 37 helper A: the bf16 model's (amx:bf16 on AMX CPUs, else the vdpbf16ps / fp32 panels)
+          "c_attn bf16": (384, 256, "bf16"), "attn.c_proj bf16": (256, 256, "bf16"), "c_fc bf16": (1024, 256, "bf16"),
+          "mlp.c_proj bf16": (256, 1024, "bf16"), "head bf16": (16384, 256, "bf16")}
 
 
 def main() -> None:
@@ -35,10 +42,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ab", nargs="+", default=["-"], help="variants: 'NAME=V,NAME=V' or '-' (none)")
+    ap.add_argument("--kinds", nargs="+", default=["int4", "int8", "bf16"], choices=["int4", "int8", "bf16"])
     a = ap.parse_args()
+    shapes = {k: v for k, v in SHAPES.items() if v[2] in a.kinds}
     import torch
 
-    from codeshell.kernels import _ext, isa_level, quantize_int4, quantize_int8
+    from codeshell.kernels import _ext, isa_level, ops, prepack, quantize_int4, quantize_int8
 
     from bench_kernels import set_env
 
@@ -47,22 +56,29 @@ def main() -> None:
     clock = time.thread_time_ns if a.threads == 1 else time.perf_counter_ns
     g = torch.Generator().manual_seed(0)
     calls = {}
-    for name, (n, k, kind) in SHAPES.items():
+    for name, (n, k, kind) in shapes.items():
         w = torch.randn(n, k, generator=g) * 0.05
         x = torch.randn(1, k, generator=g)
-        if kind == "int8":
+        if kind == "bf16":  # ops.plan's path for bf16 x at M = 1, called as ops._compute calls it
+            pw, xb = prepack(w), x.to(torch.bfloat16)
+            path = ops.plan(pw, 1, torch.bfloat16)
+            if path == "amx:bf16":
+                calls[name] = (lambda xb=xb, pw=pw, n=n: mod.prefill_bf16_amx(xb, pw.data, n, None))
+            else:
+                calls[name] = (lambda xb=xb, pw=pw, path=path: ops._compute(path, mod, xb, pw, None))
+        elif kind == "int8":
             pw = quantize_int8(w)
             calls[name] = (lambda x=x, pw=pw: mod.decode_int8_q8(x, pw.data, pw.scales, None, isa))
         else:
             pw = quantize_int4(w, 128, symmetric=True)
             calls[name] = (lambda x=x, pw=pw: mod.decode_int4_q8(x, pw.data, pw.scales, pw.offsets, 128, None, isa))
     base = dict(os.environ)
-    res = {(v, name): [] for v in a.ab for name in SHAPES}
+    res = {(v, name): [] for v in a.ab for name in shapes}
     for r in range(a.rounds):
         for v in a.ab[r % len(a.ab):] + a.ab[:r % len(a.ab)]:
             set_env(v, base)
             for name, f in calls.items():
-                reps = 200 if SHAPES[name][0] > 4096 else 2000
+                reps = 200 if shapes[name][0] > 4096 else 2000
                 for _ in range(20):
                     f()
                 t = clock()
@@ -71,7 +87,7 @@ def main() -> None:
                 res[(v, name)].append((clock() - t) / reps / 1e3)
             set_env("-", base)
     print(f"{a.threads} thread(s), {'thread CPU' if a.threads == 1 else 'wall'} us a call, medians of {a.rounds} rounds")
-    for name, (n, k, _) in SHAPES.items():
+    for name, (n, k, _) in shapes.items():
         first = statistics.median(res[(a.ab[0], name)])
         cells = []
         for v in a.ab:

@@ -115,9 +115,13 @@ void amx_block(const uint16_t* a, int64_t mt, int64_t Kt, const uint16_t* w, int
 // are exact), so a row's bits do not depend on which schedule ran: row invariance across M.
 constexpr int64_t kAmxPrefetchTiles = 4;
 
-template <int TN>
+// `as`: bf16 from one k-tile of x to the next: 512 for the packed A tiles (pack_a), 32 for M = 1's row
+// read in place (decode_amx_m1: a 1-row A tile is 64 contiguous bytes of x).
+// `pfd` / HINT (M = 1 only, session 37: CODESHELL_AMX_BF16_M1_PF / _PFH): tiles ahead and the prefetch's
+// cache level (0 L1, 1 L2, 2 L3); past the panels' end the stream goes on in the next block's panels.
+template <int TN, int HINT = 0>
 void amx_decode_block(const uint16_t* a, int64_t Kt, const uint16_t* w, int64_t p, int64_t Kh, float* c,
-                      int64_t ldc, int64_t p_end) {
+                      int64_t ldc, int64_t p_end, int64_t as = 512, int64_t pfd = kAmxPrefetchTiles) {
   const int64_t ps = Kh * 32;  // bf16 per panel
   const uint16_t* b = w + p * ps;
   const int64_t ldb = ldc * 4;
@@ -134,14 +138,19 @@ void amx_decode_block(const uint16_t* a, int64_t Kt, const uint16_t* w, int64_t 
     // M = 1, weights cold (cycled through 64 MiB), CPU time, a loaded machine (load ~5): the
     // 16384 x 256 head 879 -> 793 us and 550 -> 498, 256 x 1024 38.4 -> 34.1, 4096 x 1024
     // 473 -> 450, 1024 x 4096 419 -> 435 (noise level), 1024 x 256 / 384 x 256 the same.
-    const int64_t ahead = kt + kAmxPrefetchTiles;
+    const int64_t ahead = kt + pfd;
+    const int64_t blk = ahead < Kt ? 0 : ahead / Kt, at = ahead < Kt ? ahead : ahead % Kt;
     for (int q = 0; q < TN; ++q) {
-      const int64_t pq = ahead < Kt ? p + q : p + 4 + q;
+      const int64_t pq = p + 4 * blk + q;
       if (pq >= p_end) continue;
-      const char* pf = reinterpret_cast<const char*>(w + pq * ps + (ahead < Kt ? ahead : ahead - Kt) * 512);
-      for (int l = 0; l < 16; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
+      const char* pf = reinterpret_cast<const char*>(w + pq * ps + at * 512);
+      for (int l = 0; l < 16; ++l) {
+        if constexpr (HINT == 0) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
+        else if constexpr (HINT == 1) _mm_prefetch(pf + 64 * l, _MM_HINT_T1);
+        else _mm_prefetch(pf + 64 * l, _MM_HINT_T2);
+      }
     }
-    _tile_loadd(4, a + kt * 512, 64);
+    _tile_loadd(4, a + kt * as, 64);
     _tile_loadd(5, b + kt * 512, 64);
     _tile_dpbf16ps(0, 4, 5);
     if constexpr (TN > 1) {
@@ -183,6 +192,93 @@ void decode_amx(const uint16_t* a, int64_t M, int64_t Kt, const uint16_t* w, int
   });
 }
 
+// ---- M = 1 (session 37, helper A) -------------------------------------------------------------
+// What: one row of x on tiles of one row: the A tile (tmm4) and the C tiles (tmm0..3) configured with
+// rows = 1 (B, tmm5..7, keeps its 16 k-pair rows), x's row read in place as the A tile (64 contiguous
+// bytes a k-tile: no pack_a copy of 16 zero-padded rows a call, no C rows of zeros stored and reloaded),
+// and the tile configuration loaded once per thread and call (chunks_scoped: each thread claims
+// parallel_chunks' chunks in a loop of its own between one amx_configure_m1 and one _tile_release)
+// instead of once a chunk. Why: on this Sapphire Rapids-class VM one ldtilecfg costs ~0.4 us (a
+// standalone loop: ldtilecfg + a tile zero / store ~425 ns, the zero / store alone ~5 ns), and a
+// codeshell-mini token ran ~200 chunks of decode_amx (6 chunks c_attn, 4 attn.c_proj, 16 c_fc,
+// 4 mlp.c_proj a layer, 16 the head) at one ldtilecfg + tilerelease each. The TMUL on one row also
+// spends no time on the 15 padding rows (standalone, K = 1024, 4 panels: rows 1 ~0.85x the time
+// of rows 16). The same bits: tdpbf16ps computes each row of C from its own row of A, whatever
+// the tile's row count (tests/kernels/test_invariance.py compares M = 1 with every row of M = 2..64).
+// CODESHELL_AMX_BF16_M1=0 (read per call; A/B runs and tests): M = 1 through decode_amx as before.
+inline bool amx_bf16_m1() { return codeshell::env_flag("CODESHELL_AMX_BF16_M1", true); }
+
+void amx_configure_m1() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = t <= 4 ? 1 : 16;  // C tmm0..3 and A tmm4: one row of x; B tmm5..7: 16 k-pairs
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// parallel_chunks' chunks (the same grain: ~8 a thread, none under min_items, multiples of align),
+// claimed one after another by whichever thread is free, with enter() before a thread's first chunk
+// and leave() after its last, once a thread and call (parallel_chunks calls f per chunk).
+template <class E, class F, class L>
+void chunks_scoped(int64_t n, int64_t align, int64_t min_items, const E& enter, const F& f, const L& leave) {
+  codeshell::Team* team = codeshell::current_team();
+  const int64_t threads = codeshell::current_threads();
+  int64_t grain = std::max(min_items, (n + 8 * threads - 1) / (8 * threads));
+  grain = (grain + align - 1) / align * align;
+  const int64_t chunks = (n + grain - 1) / grain;
+  if (threads <= 1 || chunks <= 1 || (team == nullptr && at::in_parallel_region())) {
+    enter();
+    f(0, n);
+    leave();
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto share = [&](int64_t, int64_t) {
+    bool in = false;
+    for (int64_t ch; (ch = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      if (!in) {
+        enter();
+        in = true;
+      }
+      f(ch * grain, std::min(n, (ch + 1) * grain));
+    }
+    if (in) leave();
+  };
+  if (team != nullptr) team->run(std::min(threads, chunks), 1, share);
+  else at::parallel_for(0, std::min(threads, chunks), 1, share);
+}
+
+// y [1, N] for one row of x (bf16 [K], K % 32 == 0 read in place; else `x` is pack_a's tiles, as 512).
+void decode_amx_m1(const uint16_t* x, int64_t as, int64_t Kt, const uint16_t* w, int64_t N, int64_t Kh,
+                   const float* bias, float* out) {
+  const int64_t P = (N + kPanel - 1) / kPanel;
+  const int64_t pfd = std::max<int64_t>(1, codeshell::env_int("CODESHELL_AMX_BF16_M1_PF", kAmxPrefetchTiles));
+  const int64_t hint = codeshell::env_int("CODESHELL_AMX_BF16_M1_PFH", 0);
+  auto go = [&](auto h) {
+    constexpr int H = decltype(h)::value;
+    chunks_scoped(
+      P, 4, 4, [] { amx_configure_m1(); },
+      [&](int64_t p0, int64_t p1) {
+        alignas(64) float c[64];  // one row x 4 panels
+        for (int64_t p = p0; p < p1; p += 4) {
+          const int64_t tn = std::min<int64_t>(4, p1 - p);
+          if (tn == 4) amx_decode_block<4, H>(x, Kt, w, p, Kh, c, 64, p1, as, pfd);
+          else if (tn == 3) amx_decode_block<3, H>(x, Kt, w, p, Kh, c, 64, p1, as, pfd);
+          else if (tn == 2) amx_decode_block<2, H>(x, Kt, w, p, Kh, c, 64, p1, as, pfd);
+          else amx_decode_block<1, H>(x, Kt, w, p, Kh, c, 64, p1, as, pfd);
+          __asm__ volatile("" ::: "memory");  // c was written by tile stores (asm)
+          const int64_t n0 = p * kPanel;
+          store_rows(c, 64, 1, out, N, n0, std::min(N, (p + tn) * kPanel) - n0, bias);
+        }
+      },
+      [] { _tile_release(); });
+  };
+  if (hint == 1) go(std::integral_constant<int, 1>{});
+  else if (hint == 2) go(std::integral_constant<int, 2>{});
+  else go(std::integral_constant<int, 0>{});
+}
+
 // Blocking (measured, 7B shapes at M = 512, 1 core, a busy machine, +-15%): work items of
 // kAmxPanels panels; K in chunks of kAmxKTiles k-tiles; within a chunk, for each panel pair,
 // every 32-row block of x. The pair's B chunk (2 x 8 KiB) and one A block (2 x 8 KiB) then fit
@@ -199,10 +295,20 @@ constexpr int64_t kAmxPanels = 16;
 void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
                  float* out) {
   const int64_t Kp = padded_k(K), Kh = Kp / 2, Kt = Kp / 32, Mt = (M + 15) / 16, P = (N + kPanel - 1) / kPanel;
+  const bool m1 = M == 1 && amx_bf16_m1();
+  if (m1 && K == Kp) {  // x's row is the A tiles (1 row each): no copy
+    __asm__ volatile("" ::: "memory");
+    decode_amx_m1(xb, 32, Kt, w, N, Kh, bias, out);
+    return;
+  }
   static thread_local codeshell::ThreadScratch a_keep;
   codeshell::Scratch<uint16_t> a(a_keep, size_t(Mt) * Kt * 512);  // aligned, kept between calls (scratch.h)
   pack_a(xb, M, K, Kp, a.data());
   __asm__ volatile("" ::: "memory");  // the tile loads below are asm without memory operands
+  if (m1) {  // K not a multiple of 32: row 0 of the packed (zero-padded) tiles
+    decode_amx_m1(a.data(), 512, Kt, w, N, Kh, bias, out);
+    return;
+  }
   if (Mt == 1) {  // decode-sized: stream the weight once (decode_amx)
     decode_amx(a.data(), M, Kt, w, N, Kh, bias, out);
     return;

@@ -637,6 +637,11 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   int32_t* sx = r.sx;  // the 512-bit kernels' integer block sums of xq
   const bool vnni = use_vnni(isa, K);
   const bool epi = vnni && (isa >= codeshell::kAmx || q4_epi_kind());
+  // session 37 helper A: M = 1 on AMX CPUs as on the epilogue family's VNNI CPUs (tile_r16_q4e / q4_m1_e.h up
+  // to 16 groups a row, tile_v past them; parallel_owned under kQ4SplitMaxBytes) instead of tile_v on
+  // parallel_chunks: the same bits (tests/kernels/test_amx_m1.py). CODESHELL_AMX_Q8_M1=0 (read per call, as
+  // int8's in qdot_int8.cpp): as before.
+  const bool amx_m1 = M == 1 && vnni && isa >= codeshell::kAmx && env_flag("CODESHELL_AMX_Q8_M1", true);
   const bool avx2rows = !vnni && q4_avx2_rows(isa, K, G);
   if (avx2rows) codeshell::q4avx2::round_x(x.data_ptr<float>(), M, K, G, xqp, dx, xs, sx);  // quantize_x's values
   else quantize_rows(x.data_ptr<float>(), M, K, G, /*perm=*/vnni ? 128 : 64, isa, xqp, dx, xs, sx);
@@ -679,9 +684,9 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
       return;
     }
     if (vnni && epi) {  // amx:q8 below the AMX row threshold: the AMX rows' bits
-      // M = 1: tile_r16_q4e on the CPUs that take the epilogue for its speed (q4_epi_kind; AMX CPUs
-      // keep tile_v, not measured there)
-      run_q4v_epi(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, isa < codeshell::kAmx && q4_m1_r16e());
+      // M = 1: tile_r16_q4e on the CPUs that take the epilogue for its speed (q4_epi_kind) and, since
+      // session 37, on AMX CPUs (amx_m1 above; before, tile_v)
+      run_q4v_epi(xqp, dx, sx, xs, M, K, qp, sp, ofp, G, op, N, n0, n1, (isa < codeshell::kAmx || amx_m1) && q4_m1_r16e());
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, nullptr, b);
       return;
     }
@@ -730,7 +735,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   // rows a thread (parallel.h parallel_owned; q4_m1_split). The split changes no bits. On the AVX2 level
   // (q4_rows_avx2.h) too since session 34 helper A (the small shape's step 1.05x in one run; CODESHELL_Q4_M1_SPLIT=0:
   // parallel_chunks as before).
-  if (M == 1 && ((vnni && isa < codeshell::kAmx) || avx2rows) && q4_m1_split(N * K / 2))
+  if (M == 1 && ((vnni && (isa < codeshell::kAmx || amx_m1)) || avx2rows) && q4_m1_split(N * K / 2))
     codeshell::parallel_owned(N, 16, 64, body);
   else codeshell::parallel_chunks(N, 16, 64, body);
 }

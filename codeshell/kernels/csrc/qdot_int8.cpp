@@ -105,10 +105,20 @@ inline bool q8_avx2_lanes() { return env_flag("CODESHELL_Q8_AVX2_LANES", false);
 // MiB linears, a 274 MiB head) the split measured 0.99x (as int4's, session 17): those keep parallel_chunks.
 // On the AVX2 level (q8_m1_avx2.h's M = 1) too since session 34 helper A: the small shape's step 1.045-1.06x in
 // two runs (its 1-4 MiB layers cold, read at 96-115% of the round's read probe), the 72 MB head unchanged.
+// int8 M = 1 on AMX CPUs (session 37, helper A): the VNNI CPUs' M = 1 (run_r16_q8: q8_m1_e.h / tile_r16_q8
+// where a row is one span of blocks, K <= 2048; parallel_owned up to kQ8SplitMaxBytes) instead of
+// q8_panel.h's 16-row transposes at M = 1 (written for the AMX rows' M >= 3): the same bits (q8_epilogue.h,
+// tests/kernels/test_amx_m1.py). CODESHELL_AMX_Q8_M1=0 (read per call; A/B runs and tests): q8_panel.h as
+// before. The int4 side reads the same switch (qdot_int4.cpp).
+inline bool amx_q8_m1() { return env_flag("CODESHELL_AMX_Q8_M1", true); }
+// On AMX CPUs (session 37 helper A, amx_q8_m1 below) up to kQ8SplitMaxBytesAmx: codeshell-mini's int8 head
+// (4 MiB) read faster on parallel_chunks there (native step, 21 alternating rounds: 84.0 / 74.7 us against
+// 92.0 / 85.2 owned, int8 / int4 checkpoints), its 0.25-0.5 MiB layers on parallel_owned (c_fc 44.8 against 55.8).
 constexpr int64_t kQ8SplitMaxBytes = int64_t(8) << 20;
-inline bool q8_m1_split(int64_t bytes) {
+constexpr int64_t kQ8SplitMaxBytesAmx = int64_t(1) << 20;
+inline bool q8_m1_split(int64_t bytes, bool amx = false) {
   const int64_t max = env_int("CODESHELL_Q8_M1_SPLIT_MAX_MB", -1);
-  return env_flag("CODESHELL_Q8_M1_SPLIT", bytes <= (max >= 0 ? max << 20 : kQ8SplitMaxBytes));
+  return env_flag("CODESHELL_Q8_M1_SPLIT", bytes <= (max >= 0 ? max << 20 : amx ? kQ8SplitMaxBytesAmx : kQ8SplitMaxBytes));
 }
 
 // ---- int8 ---------------------------------------------------------------------------
@@ -337,6 +347,7 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   // tile_r16_q8 where a row's blocks are one span (K <= 2048 at M = 1, 1024 at M = 2): at K = 4096
   // its two spans measured slower than tile_v (1024x4096, warm: 45 against 38-40 us at 2 threads)
   const bool r16 = M <= 2 && nb <= 16 / M && r16_q8();
+  const bool amx_m1 = M == 1 && isa >= codeshell::kAmx && r16 && amx_q8_m1();  // run_r16_q8 at M = 1 with AMX
   const Pf pf = M == 1 ? q8_m1_pf() : Pf();
 #if CODESHELL_HAVE_AVX512
   const bool m1_rows = M == 1 && K > 4096 && m1_rows_q8();  // q8_rows.h at M = 1, K > 4096 only if switched on (m1_rows_q8)
@@ -355,7 +366,7 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   if (rows16) codeshell::q8avx2::widen_x(xqp, M, K, x16.data());
   auto body = [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
-    if (vnni && isa < codeshell::kAmx && M < panel_min_m() && r16) {  // no AMX, M = 1-2: the panel's bits
+    if (vnni && (isa < codeshell::kAmx || amx_m1) && M < panel_min_m() && r16) {  // no AMX, M = 1-2 (AMX: M = 1): the panel's bits
       run_r16_q8(xqp, dx, sx, M, K, nb, reinterpret_cast<const uint8_t*>(wp), op, N, n0, n1, pf);
       codeshell::q8epi::finish_cols(op, M, N, n0, n1, sp, b);
       return;
@@ -385,7 +396,7 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   };
   // M = 1 without AMX, a weight of at most kQ8SplitMaxBytes (or CODESHELL_Q8_M1_SPLIT=1): one contiguous
   // share of the rows a thread (parallel.h parallel_owned; q8_m1_split). The split changes no bits.
-  if (M == 1 && vnni && isa < codeshell::kAmx && q8_m1_split(N * K)) codeshell::parallel_owned(N, 16, 64, body);
+  if (M == 1 && vnni && (isa < codeshell::kAmx || amx_m1) && q8_m1_split(N * K, amx_m1)) codeshell::parallel_owned(N, 16, 64, body);
   else codeshell::parallel_chunks(N, 16, 64, body);
 }
 }  // namespace

@@ -25,7 +25,9 @@
 //     panels at once, their number and the software prefetch by CPU kind (decode_panels).
 //   * prefill_bf16_amx (any M; ops.py sends bf16 x here at every M on an AMX CPU), isa kAmx:
 //     2x2 tiles of 16x16 fp32 accumulators (32 rows of x x 32 weight rows), tdpbf16ps over 32 k
-//     per step; M <= 16 in a decode schedule (decode_amx: 4 panels over all of K, prefetched).
+//     per step; M <= 16 in a decode schedule (decode_amx: 4 panels over all of K, prefetched);
+//     M = 1 on 1-row A / C tiles, x read in place, one tile configuration a thread and call
+//     (decode_amx_m1, session 37; CODESHELL_AMX_BF16_M1=0: decode_amx).
 // Row invariance (ops.ROW_INVARIANT_MAX_M): every kernel here sums each (row of x, output) in
 // an order that does not depend on M or on the row's tile, so a row's bits are the same in a
 // call of any M (tests/kernels/test_invariance.py).

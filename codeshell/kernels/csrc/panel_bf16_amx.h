@@ -219,34 +219,72 @@ void amx_configure_m1() {
 
 // parallel_chunks' chunks (the same grain: ~8 a thread, none under min_items, multiples of align),
 // claimed one after another by whichever thread is free, with enter() before a thread's first chunk
-// and leave() after its last, once a thread and call (parallel_chunks calls f per chunk).
+// and leave() after its last, once a thread and call (parallel_chunks calls f per chunk); f(i0, i1,
+// pend): pend = i1. With `owned` (CODESHELL_AMX_BF16_M1_SPLIT=1, an experiment): parallel_owned's
+// split instead (one contiguous share a thread taken front to back in steps of the grain, a thread
+// done stealing steps from the back of the other's), pend = the end of the thread's own share
+// still ahead (a step's prefetch runs on into the thread's next step; a stolen step: its own end).
 template <class E, class F, class L>
-void chunks_scoped(int64_t n, int64_t align, int64_t min_items, const E& enter, const F& f, const L& leave) {
+void chunks_scoped(int64_t n, int64_t align, int64_t min_items, bool owned, const E& enter, const F& f,
+                   const L& leave) {
   codeshell::Team* team = codeshell::current_team();
-  const int64_t threads = codeshell::current_threads();
+  const int64_t threads = std::min<int64_t>(codeshell::current_threads(), 64);
   int64_t grain = std::max(min_items, (n + 8 * threads - 1) / (8 * threads));
   grain = (grain + align - 1) / align * align;
   const int64_t chunks = (n + grain - 1) / grain;
   if (threads <= 1 || chunks <= 1 || (team == nullptr && at::in_parallel_region())) {
     enter();
-    f(0, n);
+    f(0, n, n);
     leave();
     return;
   }
   std::atomic<int64_t> next{0};
-  auto share = [&](int64_t, int64_t) {
+  struct alignas(64) Share {
+    std::atomic<uint64_t> fb;
+  };
+  Share sh[64];
+  if (owned)
+    for (int64_t t = 0; t < threads; ++t) {
+      auto edge = [&](int64_t i) { return i == threads ? n : std::min(n, (n * i / threads + align - 1) / align * align); };
+      sh[t].fb.store(uint64_t(edge(t)) << 32 | uint64_t(edge(t + 1)), std::memory_order_relaxed);
+    }
+  auto share = [&](int64_t me, int64_t) {
     bool in = false;
-    for (int64_t ch; (ch = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+    auto run = [&](int64_t a, int64_t b, int64_t pend) {
       if (!in) {
         enter();
         in = true;
       }
-      f(ch * grain, std::min(n, (ch + 1) * grain));
+      f(a, b, pend);
+    };
+    if (!owned) {
+      for (int64_t ch; (ch = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+        run(ch * grain, std::min(n, (ch + 1) * grain), std::min(n, (ch + 1) * grain));
+    } else {
+      for (int64_t o = 0; o < threads; ++o) {
+        std::atomic<uint64_t>& w = sh[(me + o) % threads].fb;
+        for (uint64_t v = w.load(std::memory_order_acquire);;) {
+          const int64_t fr = int64_t(v >> 32), bk = int64_t(v & 0xffffffffu);
+          if (fr >= bk) break;
+          int64_t a, b;
+          uint64_t nv;
+          if (o == 0) {
+            a = fr, b = std::min(bk, fr + grain);
+            nv = uint64_t(b) << 32 | uint64_t(bk);
+          } else {
+            a = std::max(fr, (bk - grain) / align * align), b = bk;
+            nv = uint64_t(fr) << 32 | uint64_t(a);
+          }
+          if (!w.compare_exchange_weak(v, nv, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+          run(a, b, o == 0 ? bk : b);
+          v = w.load(std::memory_order_acquire);
+        }
+      }
     }
     if (in) leave();
   };
-  if (team != nullptr) team->run(std::min(threads, chunks), 1, share);
-  else at::parallel_for(0, std::min(threads, chunks), 1, share);
+  if (team != nullptr) team->run(threads, 1, share);
+  else at::parallel_for(0, threads, 1, share);
 }
 
 // y [1, N] for one row of x (bf16 [K], K % 32 == 0 read in place; else `x` is pack_a's tiles, as 512).
@@ -255,18 +293,20 @@ void decode_amx_m1(const uint16_t* x, int64_t as, int64_t Kt, const uint16_t* w,
   const int64_t P = (N + kPanel - 1) / kPanel;
   const int64_t pfd = std::max<int64_t>(1, codeshell::env_int("CODESHELL_AMX_BF16_M1_PF", kAmxPrefetchTiles));
   const int64_t hint = codeshell::env_int("CODESHELL_AMX_BF16_M1_PFH", 0);
+  const int64_t grain = std::max<int64_t>(4, codeshell::env_int("CODESHELL_AMX_BF16_M1_GRAIN", 4));
+  const bool owned = codeshell::env_flag("CODESHELL_AMX_BF16_M1_SPLIT", false);
   auto go = [&](auto h) {
     constexpr int H = decltype(h)::value;
     chunks_scoped(
-      P, 4, 4, [] { amx_configure_m1(); },
-      [&](int64_t p0, int64_t p1) {
+      P, 4, grain, owned, [] { amx_configure_m1(); },
+      [&](int64_t p0, int64_t p1, int64_t pend) {
         alignas(64) float c[64];  // one row x 4 panels
         for (int64_t p = p0; p < p1; p += 4) {
           const int64_t tn = std::min<int64_t>(4, p1 - p);
-          if (tn == 4) amx_decode_block<4, H>(x, Kt, w, p, Kh, c, 64, p1, as, pfd);
-          else if (tn == 3) amx_decode_block<3, H>(x, Kt, w, p, Kh, c, 64, p1, as, pfd);
-          else if (tn == 2) amx_decode_block<2, H>(x, Kt, w, p, Kh, c, 64, p1, as, pfd);
-          else amx_decode_block<1, H>(x, Kt, w, p, Kh, c, 64, p1, as, pfd);
+          if (tn == 4) amx_decode_block<4, H>(x, Kt, w, p, Kh, c, 64, pend, as, pfd);
+          else if (tn == 3) amx_decode_block<3, H>(x, Kt, w, p, Kh, c, 64, pend, as, pfd);
+          else if (tn == 2) amx_decode_block<2, H>(x, Kt, w, p, Kh, c, 64, pend, as, pfd);
+          else amx_decode_block<1, H>(x, Kt, w, p, Kh, c, 64, pend, as, pfd);
           __asm__ volatile("" ::: "memory");  // c was written by tile stores (asm)
           const int64_t n0 = p * kPanel;
           store_rows(c, 64, 1, out, N, n0, std::min(N, (p + tn) * kPanel) - n0, bias);

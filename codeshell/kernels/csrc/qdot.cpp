@@ -14,7 +14,7 @@
 // AMX (`amx:q8`), where qgemm_amx.cpp's AMX-INT8 row tiles take the larger M with the same
 // epilogue, and from 17 rows without AMX (`avx512_vnni:q8`), where tile_v (the same epilogue
 // after a lane reduction) runs M = 1-2 (the panel's transposes ran int8 M = 1 2.1x slower than
-// AVX2 on AMD Zen: panel_min_m) and q8_rows.h (rows of x in the lanes, the same epilogue) M = 3-16. int4 on AMX CPUs runs tile_v at M = 1-2, q8_panel.h (groups of
+// AVX2 on AMD Zen: panel_min_m) and q8_rows.h (rows of x in the lanes, the same epilogue) M = 3-16. int4 on AMX CPUs runs tile_v at M = 2 (M = 1: tile_r16_q4e / q4_m1_e.h as without AMX, session 37; int8 M = 1 likewise tile_r16_q8 / q8_m1_e.h, not q8_panel.h; CODESHELL_AMX_Q8_M1=0: before), q8_panel.h (groups of
 // 128 / 256) up to the AMX rows, the AMX rows above: the same bits from all three
 // (tests/kernels/test_invariance.py). int4 without AMX: tile_q4v / tile_q4v_blk, and q4_rows.h at
 // M = 3-16 with groups of 128 / 256 (tile_q4r there with CODESHELL_Q4_ROWS=0; per-lane epilogue, tile_q4v's bits;

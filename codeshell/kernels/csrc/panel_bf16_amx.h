@@ -198,13 +198,15 @@ void decode_amx(const uint16_t* a, int64_t M, int64_t Kt, const uint16_t* w, int
 // bytes a k-tile: no pack_a copy of 16 zero-padded rows a call, no C rows of zeros stored and reloaded),
 // and the tile configuration loaded once per thread and call (chunks_scoped: each thread claims
 // parallel_chunks' chunks in a loop of its own between one amx_configure_m1 and one _tile_release)
-// instead of once a chunk. Why: on this Sapphire Rapids-class VM one ldtilecfg costs ~0.4 us (a
-// standalone loop: ldtilecfg + a tile zero / store ~425 ns, the zero / store alone ~5 ns), and a
-// codeshell-mini token ran ~200 chunks of decode_amx (6 chunks c_attn, 4 attn.c_proj, 16 c_fc,
-// 4 mlp.c_proj a layer, 16 the head) at one ldtilecfg + tilerelease each. The TMUL on one row also
-// spends no time on the 15 padding rows (standalone, K = 1024, 4 panels: rows 1 ~0.85x the time
-// of rows 16). The same bits: tdpbf16ps computes each row of C from its own row of A, whatever
-// the tile's row count (tests/kernels/test_invariance.py compares M = 1 with every row of M = 2..64).
+// instead of once a chunk. Why (session 37's AMX VM, a standalone loop, quiet): ldtilecfg + a tile
+// zero / store + tilerelease ~60 ns (~425 ns while the host ran load 10), the zero / store alone ~5
+// ns, and a codeshell-mini token ran ~200 chunks of decode_amx (6 chunks c_attn, 4 attn.c_proj, 16
+// c_fc, 4 mlp.c_proj a layer, 16 the head) at one configuration each; one 4-panel block over K = 1024
+// took 1.16 us on 1-row tiles against 1.39 us on 16 rows (K = 256: 180 ns both); pack_a wrote 16 rows
+// x K (32 KiB at K = 1024) a call and each k-tile loaded a 1 KiB A tile. Measured together, not one
+// by one: the native step's bf16 call 440.6 against 499.6 us (docs/kernels-log.md, session 37 helper A).
+// The same bits: tdpbf16ps computes each row of C from its own row of A, whatever the tile's row
+// count (tests/kernels/test_amx_m1.py, test_invariance.py compare M = 1 with every row of M = 2..64).
 // CODESHELL_AMX_BF16_M1=0 (read per call; A/B runs and tests): M = 1 through decode_amx as before.
 inline bool amx_bf16_m1() { return codeshell::env_flag("CODESHELL_AMX_BF16_M1", true); }
 

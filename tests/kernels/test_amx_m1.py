@@ -2,7 +2,7 @@
 
 bf16 (`amx:bf16`, panel_bf16_amx.h `decode_amx_m1`): one row of x on 1-row A / C tiles, x read in place
 (K % 32 == 0) or row 0 of the packed tiles (else), the tile configuration loaded once a thread and call
-(CODESHELL_AMX_BF16_M1=0: decode_amx as before). int8 / int4 (`amx:q8`, qdot.h `amx_q8_m1`): the 16-row
+(CODESHELL_AMX_BF16_M1=0: decode_amx as before), on owned shares or chunks (CODESHELL_AMX_BF16_M1_SPLIT). int8 / int4 (`amx:q8`, qdot_int8.cpp / qdot_int4.cpp `amx_m1`): the 16-row
 tiles the VNNI-only CPUs run at M = 1 (tile_r16_q8 / q8_m1_e.h, tile_r16_q4e / q4_m1_e.h) and their
 split instead of q8_panel.h / tile_v (CODESHELL_AMX_Q8_M1=0: as before).
 
@@ -73,9 +73,11 @@ BF16_SHAPES = [(45, 37), (149, 100), (384, 256), (1024, 256), (2065, 256), (256,
 
 
 @needs_native
+@pytest.mark.parametrize("split", ["1", "0"], ids=["owned", "chunks"])
 @pytest.mark.parametrize("n,k", BF16_SHAPES, ids=[f"{n}x{k}" for n, k in BF16_SHAPES])
-def test_bf16_m1(n, k, threads, monkeypatch):
+def test_bf16_m1(n, k, split, threads, monkeypatch):
     mod = _amx(monkeypatch)
+    monkeypatch.setenv("CODESHELL_AMX_BF16_M1_SPLIT", split)  # decode_amx_m1's split (the default: owned)
     pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05)
     assert ops.plan(pw, 1, torch.bfloat16) == "amx:bf16"
     _switch_keeps_bits(mod, "amx:bf16", pw, k, n, "CODESHELL_AMX_BF16_M1", k + 3)

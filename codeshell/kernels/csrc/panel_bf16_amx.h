@@ -196,9 +196,10 @@ void decode_amx(const uint16_t* a, int64_t M, int64_t Kt, const uint16_t* w, int
 // What: one row of x on tiles of one row: the A tile (tmm4) and the C tiles (tmm0..3) configured with
 // rows = 1 (B, tmm5..7, keeps its 16 k-pair rows), x's row read in place as the A tile (64 contiguous
 // bytes a k-tile: no pack_a copy of 16 zero-padded rows a call, no C rows of zeros stored and reloaded),
-// and the tile configuration loaded once per thread and call (chunks_scoped: each thread claims
-// parallel_chunks' chunks in a loop of its own between one amx_configure_m1 and one _tile_release)
-// instead of once a chunk. Why (session 37's AMX VM, a standalone loop, quiet): ldtilecfg + a tile
+// and the tile configuration loaded once per thread and call (chunks_scoped: each thread takes its
+// steps in a loop of its own between one amx_configure_m1 and one _tile_release) instead of once a
+// chunk; the panels split in owned shares (one contiguous share a thread, steps of 4 panels, the block
+// prefetch running on into the thread's next step; the other's steps stolen from the back). Why (session 37's AMX VM, a standalone loop, quiet): ldtilecfg + a tile
 // zero / store + tilerelease ~60 ns (~425 ns while the host ran load 10), the zero / store alone ~5
 // ns, and a codeshell-mini token ran ~200 chunks of decode_amx (6 chunks c_attn, 4 attn.c_proj, 16
 // c_fc, 4 mlp.c_proj a layer, 16 the head) at one configuration each; one 4-panel block over K = 1024
@@ -222,7 +223,7 @@ void amx_configure_m1() {
 // parallel_chunks' chunks (the same grain: ~8 a thread, none under min_items, multiples of align),
 // claimed one after another by whichever thread is free, with enter() before a thread's first chunk
 // and leave() after its last, once a thread and call (parallel_chunks calls f per chunk); f(i0, i1,
-// pend): pend = i1. With `owned` (CODESHELL_AMX_BF16_M1_SPLIT=1, an experiment): parallel_owned's
+// pend): pend = i1. With `owned` (the default at M = 1; CODESHELL_AMX_BF16_M1_SPLIT=0: without): parallel_owned's
 // split instead (one contiguous share a thread taken front to back in steps of the grain, a thread
 // done stealing steps from the back of the other's), pend = the end of the thread's own share
 // still ahead (a step's prefetch runs on into the thread's next step; a stolen step: its own end).
@@ -296,7 +297,10 @@ void decode_amx_m1(const uint16_t* x, int64_t as, int64_t Kt, const uint16_t* w,
   const int64_t pfd = std::max<int64_t>(1, codeshell::env_int("CODESHELL_AMX_BF16_M1_PF", kAmxPrefetchTiles));
   const int64_t hint = codeshell::env_int("CODESHELL_AMX_BF16_M1_PFH", 0);
   const int64_t grain = std::max<int64_t>(4, codeshell::env_int("CODESHELL_AMX_BF16_M1_GRAIN", 4));
-  const bool owned = codeshell::env_flag("CODESHELL_AMX_BF16_M1_SPLIT", false);
+  // owned shares by default (session 37: the step's bf16 call 434.6 / 419.7 us against 453.5 / 442.5 on
+  // chunks in two in-process runs of 25 rounds, c_fc 73.0 / 69.7 against 81.8 / 77.3; bench_quant b1 1.02x,
+  // 1.11x, 1.07x chunks in three alternating pairs); CODESHELL_AMX_BF16_M1_SPLIT=0: parallel_chunks' claims
+  const bool owned = codeshell::env_flag("CODESHELL_AMX_BF16_M1_SPLIT", true);
   auto go = [&](auto h) {
     constexpr int H = decltype(h)::value;
     chunks_scoped(

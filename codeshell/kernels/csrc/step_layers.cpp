@@ -138,7 +138,9 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out,
   to_f32(x, xf);  // every other path takes fp32 x (ops._compute's x.to(float32))
   switch (l.kernel) {
     case kPanelF32: decode_bf16_out(xf, l.data, l.N, l.bias, l.isa, out); return out;  // avx2 or avx512_vnni (Avx512Fma)
-    case kQ8:  // into `out` as the bf16 paths (no output allocation a call)
+    case kQ8: {  // into `out` as the bf16 paths (no output allocation a call)
+      // session 37: q8_rows.h at 2..16 rows on AMX CPUs for a step whose weights are small (q8_amx_vrows)
+      const Q8AmxVrowsScope vrows(l.wsum->vrows_fit != nullptr && l.wsum->vrows_fit->load(std::memory_order_relaxed));
       if (l.kind == kInt8 && xf.size(0) > 1) int8_q8_batched(l, xf, out);
       else if (l.kind == kInt8) decode_int8_q8_out(xf, l.data, *l.scales, l.bias, l.isa, out);
       else if (const void* p4 = xf.size(0) >= 5 ? int4_packed(l, xf.size(0)) : nullptr) {
@@ -148,6 +150,7 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out,
         decode_int4_q8_out(xf, l.data, *l.scales, l.offsets, l.group, l.bias, l.isa, out);
       }
       return out;
+    }
     case kUnpack:
       if (l.kind == kInt8) return decode_int8(xf, l.data, *l.scales, l.bias);
       return decode_int4(xf, l.data, *l.scales, l.offsets, l.group, l.bias);

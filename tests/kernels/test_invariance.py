@@ -161,6 +161,7 @@ def test_amx_int8_tiles_give_the_vnni_rows(kind, args, n, k, monkeypatch):
     monkeypatch.delenv("CODESHELL_KERNEL_ISA", raising=False)
     monkeypatch.delenv("CODESHELL_Q8_AMX_MIN_M", raising=False)
     monkeypatch.delenv("CODESHELL_Q8_PANEL_MIN_M", raising=False)
+    monkeypatch.delenv("CODESHELL_Q8_AMX_VROWS", raising=False)
     pw = _weight(kind, args, n, k)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
     x = _x(k, torch.float32)
@@ -182,8 +183,12 @@ def test_amx_int8_tiles_give_the_vnni_rows(kind, args, n, k, monkeypatch):
             monkeypatch.setenv("CODESHELL_Q8_PANEL_MIN_M", panel)
             outs[f"vpdpbusd, shared epilogue (amx:q8 below the tiles, panel from {panel})"] = _q8_call(
                 mod, pw, xm, bias, amx)
-        monkeypatch.delenv("CODESHELL_Q8_AMX_MIN_M")
         monkeypatch.delenv("CODESHELL_Q8_PANEL_MIN_M")
+        for vrows in ("0", "1"):  # session 37: q8_rows.h (int8, int4 run_q4) at M = 2..16 on AMX CPUs, or not
+            monkeypatch.setenv("CODESHELL_Q8_AMX_VROWS", vrows)
+            outs[f"vpdpbusd below the tiles, CODESHELL_Q8_AMX_VROWS={vrows}"] = _q8_call(mod, pw, xm, bias, amx)
+        monkeypatch.delenv("CODESHELL_Q8_AMX_VROWS")
+        monkeypatch.delenv("CODESHELL_Q8_AMX_MIN_M")
         for name, y in outs.items():
             assert_rows_bitwise(y, epi1[:m], f"{kind} {n}x{k} {args}: {name}", "vpdpbusd at M=1")
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "amx")

@@ -181,7 +181,9 @@ def test_the_copies_only_where_the_model_and_its_copies_fit_the_llc(monkeypatch,
     from test_step_rows import CASES, decode, model_and_cache
 
     l3, level = _l3_bytes(), ops.isa_level()
-    makes = {"int8": level in (1, 2), "int4": level == 1}  # decode_step's conditions besides the rule
+    # decode_step's conditions besides the rule (AMX, level 3: where the step takes q8_rows.h at 2..16 rows,
+    # a model of at most kAmxVrowsMaxBytes as this one; session 37)
+    makes = {"int8": level in (1, 2, 3), "int4": level in (1, 3)}
     batch8 = CASES[2]
     for fmt in ("int8", "int4"):
         for v in ("CODESHELL_Q8R_TP", "CODESHELL_Q8R_TP4"):

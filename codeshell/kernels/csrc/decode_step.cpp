@@ -49,10 +49,12 @@ int64_t DecodeStep::add_linear(int64_t kind, int64_t kernel, int64_t isa, const 
   codeshell::check_isa(isa);
   linears_.push_back(Linear{kind, kernel, isa, N, K, group, data, scales, offsets, bias});
   linears_.back().wsum->copies_fit = &copies_fit_;
+  linears_.back().wsum->vrows_fit = &vrows_fit_;
   weight_bytes_ += data.nbytes();
   if (kind != kBf16 && K % 128 == 0) copy_bytes_ += N * K;  // q8_rows_t.h's copy: a byte a weight
   static const int64_t l3 = l3_bytes();
   copies_fit_.store(l3 > 0 && weight_bytes_ + copy_bytes_ <= l3 / 4 * 3, std::memory_order_relaxed);
+  vrows_fit_.store(weight_bytes_ <= kAmxVrowsMaxBytes, std::memory_order_relaxed);
   return int64_t(linears_.size()) - 1;
 }
 

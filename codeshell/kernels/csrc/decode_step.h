@@ -235,6 +235,7 @@ class DecodeStep {
   int64_t team_ = 0, layer_bytes_ = 0, inner_ = 0, weight_bytes_ = 0;
   int64_t copy_bytes_ = 0;                 // the int8 / int4 linears' q8_rows_t.h copies if all were made
   std::atomic<bool> copies_fit_{false};    // weights + copies <= 3/4 LLC (copy_wanted); Linear points here
+  std::atomic<bool> vrows_fit_{false};     // weights <= kAmxVrowsMaxBytes (step_linear.h WeightSums::vrows_fit)
   mutable Profile prof_;
   mutable std::mutex arena_mu_;
   mutable std::mutex rope_mu_;

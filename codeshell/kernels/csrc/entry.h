@@ -111,6 +111,15 @@ void decode_int8_q8_out(const torch::Tensor& x, const torch::Tensor& q, const to
 void decode_int4_q8_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                         const c10::optional<torch::Tensor>& offset, int64_t G,
                         const c10::optional<torch::Tensor>& bias, int64_t isa, torch::Tensor& out);
+// qdot_int8.cpp (session 37): whether an AMX CPU runs M rows of x (2..16, below the AMX rows) on
+// q8_rows.h (int8; int4 groups of 128 / 256: run_q4) rather than q8_panel.h: CODESHELL_Q8_AMX_VROWS=0 / 1
+// (read per call), else this thread's Q8AmxVrowsScope (the decode step's choice for a linear), else no.
+bool q8_amx_vrows(int64_t M);
+struct Q8AmxVrowsScope {
+  bool prev;
+  explicit Q8AmxVrowsScope(bool on);
+  ~Q8AmxVrowsScope();
+};
 
 // decode_step.cpp: the blocks of a decode / verify step in one call (DecodeStep).
 void register_decode_step(py::module& m);

@@ -48,7 +48,9 @@
 // row of x (store_t8; CODESHELL_Q8R_T8=0 / CODESHELL_Q8R_INT4_T8=0: scalar stores); Prepared's x
 // layout at M = 5..8 by a qword transpose instead of gathers (CODESHELL_Q8R_PREP=0: gathers).
 // What this is not: int4 on the per-lane bits (tile_q4v / q4_rows.h, the CPUs that keep them), M > 16
-// (q8_panel.h), the AMX CPUs' path (their rows below the AMX threshold stay on q8_panel.h).
+// (q8_panel.h), the AMX CPUs' default path (their rows below the AMX threshold stay on q8_panel.h, but for the
+// native decode step of a model of at most 32 MiB of weights and CODESHELL_Q8_AMX_VROWS=1: session 37, qdot_int8.cpp
+// q8_amx_vrows).
 #pragma once
 
 #include <immintrin.h>

@@ -669,7 +669,8 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   if (rows4) xt.emplace(dx, M, K / G);
   // M = 2..16 on the epilogue's bits (this CPU kind): q8_rows.h's rows-in-lanes scheme, the same
   // bits as q8_panel.h (CODESHELL_Q8R_INT4=0, read per call: q8_panel.h)
-  if (vnni && epi && isa < codeshell::kAmx && panel_kernel(G) && M >= std::max<int64_t>(2, panel_min_m()) && M <= 16 &&
+  if (vnni && epi && panel_kernel(G) && M <= 16 &&
+      (isa < codeshell::kAmx ? M >= std::max<int64_t>(2, panel_min_m()) : q8_amx_vrows(M)) &&
       env_flag("CODESHELL_Q8R_INT4", true)) {
     codeshell::q8rows::run_q4(xqp, dx, sx, xs, M, K, N, G, qp, sp, ofp, b, op);
     return;

@@ -271,6 +271,22 @@ int64_t rows_max_m() {
 }
 }  // namespace
 
+// AMX CPUs, 2 <= M <= 16 below the AMX rows (session 37, helper B): q8_rows.h (int8 with the decode
+// step's block-sum table and, at 5..8 rows, q8_rows_t.h's transposed copy; int4 groups of 128 / 256 its
+// run_q4) instead of q8_panel.h, as the AVX512-VNNI CPUs without AMX run them since sessions 14-29. The
+// same bits (both end in q8_epilogue.h). CODESHELL_Q8_AMX_VROWS=0 / 1 (read per call): either.
+// Unset, the calling thread's Q8AmxVrowsScope decides (the decode step sets it for the linears of a step
+// whose weights are small: step_linear.h kAmxVrowsMaxBytes), else no.
+namespace {
+bool& amx_vrows_default() {
+  static thread_local bool on = false;
+  return on;
+}
+}  // namespace
+bool q8_amx_vrows(int64_t M) { return M >= 2 && M <= 16 && env_flag("CODESHELL_Q8_AMX_VROWS", amx_vrows_default()); }
+Q8AmxVrowsScope::Q8AmxVrowsScope(bool on) : prev(amx_vrows_default()) { amx_vrows_default() = on; }
+Q8AmxVrowsScope::~Q8AmxVrowsScope() { amx_vrows_default() = prev; }
+
 // Block size along K for the activation quantisation of int8 weights: 128 when it divides K.
 int64_t q8_block_int8(int64_t K) {
   for (int64_t b : {128, 64, 32})
@@ -351,7 +367,8 @@ void int8_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
   const Pf pf = M == 1 ? q8_m1_pf() : Pf();
 #if CODESHELL_HAVE_AVX512
   const bool m1_rows = M == 1 && K > 4096 && m1_rows_q8();  // q8_rows.h at M = 1, K > 4096 only if switched on (m1_rows_q8)
-  if (vnni && isa < codeshell::kAmx && ((M >= panel_min_m() && M <= rows_max_m()) || m1_rows)) {  // amx:q8's bits
+  const bool amx_rows = vnni && isa >= codeshell::kAmx && M <= rows_max_m() && q8_amx_vrows(M);
+  if (vnni && ((isa < codeshell::kAmx && M >= panel_min_m() && M <= rows_max_m()) || m1_rows || amx_rows)) {  // amx:q8's bits
     codeshell::q8rows::run(xqp, dx, sx, M, K, N, wp, sp, b, op);
     return;
   }

@@ -41,6 +41,7 @@
 
 #include "isa.h"
 #include "parallel.h"
+#include "switches.h"
 #include "q8_epilogue.h"
 #include "quant_x.h"
 #include "scratch.h"
@@ -517,45 +518,42 @@ void rows_panel(const RowsProblem& P, int64_t p, const RowsScratch& S) {
   rows_store<MT>(P, n0, rows, S.acc);
 }
 
-// Panels shared out as parallel_chunks does (claimed chunks, ~8 per thread), with the tile
-// configuration loaded once per thread per call and the scratch allocated once per thread.
+// Panels shared out by parallel_chunks (claimed chunks, ~8 per thread, at least 4 panels), with the
+// tile configuration loaded once per chunk and the scratch kept per thread between calls.
+// Session 37 (helper B): parallel_chunks rather than an at::parallel_for region of its own, so that
+// inside the native decode step (a Team's call, OpenMP at 1 thread there) the panels go to the team's
+// threads: before, at::get_num_threads() read 1 in a step and every AMX rows call (batched decode at
+// M >= the AMX threshold) ran on the step's master alone. The same panels, the same bits.
+// CODESHELL_Q8_TILES_TEAM=0 (read per call; A/B only): inside a team, all panels on the calling thread
+// as before.
 void rows_tiles(const RowsProblem& P) {
-  const int64_t Pn = (P.N + 15) / 16, threads = at::get_num_threads();
-  const int64_t grain = std::max<int64_t>(4, (Pn + 8 * threads - 1) / (8 * threads)), chunks = (Pn + grain - 1) / grain;
-  auto work = [&](std::atomic<int64_t>* next) {
+  const int64_t Pn = (P.N + 15) / 16;
+  auto body = [&](int64_t p0, int64_t p1) {
     configure(int(P.D));
     const size_t acc_n = size_t(P.Mt) * 16 * 256;
     const size_t abuf_n = P.G ? size_t(16) * std::min(P.K, kRowsChunkK) : (P.N % 16 ? size_t(16) * P.K : 0);
-    std::vector<float> accv(acc_n + 16);
-    std::vector<int8_t> abufv(abuf_n + 64);
+    static thread_local std::vector<float> accv;
+    static thread_local std::vector<int8_t> abufv;
+    if (accv.size() < acc_n + 16) accv.resize(acc_n + 16);
+    if (abufv.size() < abuf_n + 64) abufv.resize(abuf_n + 64);
     alignas(64) int32_t ci[kRing * 1024];
     float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(accv.data()) + 63) & ~uintptr_t(63));
     // lanes L >= nb are never written: +0 for the tree (as the VNNI kernels' empty lanes)
     for (int64_t mt = 0; mt < P.Mt; ++mt)
       for (int64_t L = P.nb; L < 16; ++L) std::memset(acc + (mt * 16 + L) * 256, 0, 256 * sizeof(float));
     const RowsScratch S{acc, abufv.data(), ci};
-    auto panel = [&](int64_t p) {
+    for (int64_t p = p0; p < p1; ++p) {
       switch (P.Mt) {
         case 1: rows_panel<1>(P, p, S); break;
         case 2: rows_panel<2>(P, p, S); break;
         case 3: rows_panel<3>(P, p, S); break;
         default: rows_panel<4>(P, p, S); break;
       }
-    };
-    if (!next) {
-      for (int64_t p = 0; p < Pn; ++p) panel(p);
-    } else {
-      for (int64_t c; (c = next->fetch_add(1, std::memory_order_relaxed)) < chunks;)
-        for (int64_t p = c * grain; p < std::min(Pn, (c + 1) * grain); ++p) panel(p);
     }
     _tile_release();
   };
-  if (threads == 1 || chunks == 1 || at::in_parallel_region()) {
-    work(nullptr);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) { work(&next); });
+  if (codeshell::current_team() != nullptr && !codeshell::env_flag("CODESHELL_Q8_TILES_TEAM", true)) body(0, Pn);
+  else codeshell::parallel_chunks(Pn, 1, 4, body);
 }
 
 }  // namespace

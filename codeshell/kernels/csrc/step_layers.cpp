@@ -56,7 +56,8 @@ void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& ou
   // Session 30: and only at the 512-bit VNNI levels (qdot_int8.cpp int8_q8 takes q8_rows.h there
   // only): an AVX2 linear made the table for nothing and then q8_rows_t.h's copy, whose packing is
   // AVX-512 code, and died of SIGILL on an AVX2-only CPU (codeshell-mini int8 at batch 8, AMD Zen 3).
-  if (l.K % 128 == 0 && l.isa >= codeshell::kAvx512Vnni && l.isa < codeshell::kAmx &&
+  // Session 37: on AMX CPUs where q8_amx_vrows sends these rows to q8_rows.h too.
+  if (l.K % 128 == 0 && l.isa >= codeshell::kAvx512Vnni && (l.isa < codeshell::kAmx || q8_amx_vrows(xf.size(0))) &&
       codeshell::env_flag("CODESHELL_Q8R_WSUM", true)) {
     WeightSums& ws = *l.wsum;
     std::call_once(ws.once, [&] { ws.sums = codeshell::q8rows::block_sums(w, l.N, l.K); });
@@ -84,8 +85,11 @@ const void* int4_packed(const Linear& l, int64_t M) {
 #if CODESHELL_HAVE_AVX512
   // l.isa too (session 30): a linear capped below VNNI (CODESHELL_KERNEL_ISA=avx2) runs the AVX2
   // kernel, which never reads the copy
-  if (M < 5 || M > 8 || l.K % 128 != 0 || (l.group != 128 && l.group != 256) || l.isa != codeshell::kAvx512Vnni ||
-      codeshell::cpu_features().max_isa != codeshell::kAvx512Vnni || !copy_wanted(l, "CODESHELL_Q8R_TP4"))
+  // session 37: and AMX CPUs where q8_amx_vrows sends these rows to run_q4
+  const bool vnni_cpu = l.isa == codeshell::kAvx512Vnni && codeshell::cpu_features().max_isa == codeshell::kAvx512Vnni;
+  const bool amx_rows = l.isa >= codeshell::kAmx && q8_amx_vrows(M);
+  if (M < 5 || M > 8 || l.K % 128 != 0 || (l.group != 128 && l.group != 256) || !(vnni_cpu || amx_rows) ||
+      !copy_wanted(l, "CODESHELL_Q8R_TP4"))
     return nullptr;
   WeightSums& ws = *l.wsum;
   std::call_once(ws.pack_once, [&] {
@@ -134,7 +138,9 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out,
   to_f32(x, xf);  // every other path takes fp32 x (ops._compute's x.to(float32))
   switch (l.kernel) {
     case kPanelF32: decode_bf16_out(xf, l.data, l.N, l.bias, l.isa, out); return out;  // avx2 or avx512_vnni (Avx512Fma)
-    case kQ8:  // into `out` as the bf16 paths (no output allocation a call)
+    case kQ8: {  // into `out` as the bf16 paths (no output allocation a call)
+      // session 37: q8_rows.h at 2..16 rows on AMX CPUs for a step whose weights are small (q8_amx_vrows)
+      const Q8AmxVrowsScope vrows(l.wsum->vrows_fit != nullptr && l.wsum->vrows_fit->load(std::memory_order_relaxed));
       if (l.kind == kInt8 && xf.size(0) > 1) int8_q8_batched(l, xf, out);
       else if (l.kind == kInt8) decode_int8_q8_out(xf, l.data, *l.scales, l.bias, l.isa, out);
       else if (const void* p4 = xf.size(0) >= 5 ? int4_packed(l, xf.size(0)) : nullptr) {
@@ -144,6 +150,7 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out,
         decode_int4_q8_out(xf, l.data, *l.scales, l.offsets, l.group, l.bias, l.isa, out);
       }
       return out;
+    }
     case kUnpack:
       if (l.kind == kInt8) return decode_int8(xf, l.data, *l.scales, l.bias);
       return decode_int4(xf, l.data, *l.scales, l.offsets, l.group, l.bias);

@@ -49,7 +49,18 @@ struct WeightSums {
   // The owning step's verdict: the model's weights and all its copies fit 3/4 of the LLC
   // (DecodeStep::copies_fit_, kept current by add_linear); null for a Linear outside a step.
   const std::atomic<bool>* copies_fit = nullptr;
+  // Session 37: the owning step's weights total at most kAmxVrowsMaxBytes (DecodeStep::vrows_fit_): then
+  // an AMX CPU runs this linear's 2..16 rows below the AMX rows on q8_rows.h (q8_amx_vrows) unless
+  // CODESHELL_Q8_AMX_VROWS says otherwise; null for a Linear outside a step.
+  const std::atomic<bool>* vrows_fit = nullptr;
 };
+
+// Session 37 (helper B, docs/kernels-log.md): the step weights up to which AMX CPUs take q8_rows.h at 2..16
+// rows by default. Measured (batch 8, bench_batch_phases, same runs): codeshell-mini (~15 MB of weights)
+// int8 1.3-1.46x and int4 1.3x a step faster than q8_panel.h; the small shape (90-156 MB) 0.77-0.9x (int8
+// and int4). Between these sizes not measured; why the larger model loses is not settled (its weights
+// stream from farther than L2 each step, where q8_panel.h's / the tiles' reads keep up better).
+constexpr int64_t kAmxVrowsMaxBytes = int64_t(32) << 20;
 
 struct Linear {
   int64_t kind, kernel, isa, N, K, group;

@@ -196,8 +196,12 @@ void decode_amx(const uint16_t* a, int64_t M, int64_t Kt, const uint16_t* w, int
 constexpr int64_t kAmxKTiles = 8;
 constexpr int64_t kAmxPanels = 16;
 
+// out_gelu / out_b16 (bf16 [M, N], M > 16; session 37): the result through prefill_dot's epilogues
+// (store_rows_gelu: c_fc's GELU; store_rows_b16: rounded to bf16) instead of fp32 into out, while
+// the item's sums are in L2: the small shape's c_fc wrote 8 MiB of fp32 a layer for the fused GELU
+// to read back.
 void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
-                 float* out) {
+                 float* out, uint16_t* out_gelu = nullptr, uint16_t* out_b16 = nullptr) {
   const int64_t Kp = padded_k(K), Kh = Kp / 2, Kt = Kp / 32, Mt = (M + 15) / 16, P = (N + kPanel - 1) / kPanel;
   static thread_local codeshell::ThreadScratch a_keep;
   codeshell::Scratch<uint16_t> a(a_keep, size_t(Mt) * Kt * 512);  // aligned, kept between calls (scratch.h)
@@ -237,8 +241,10 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
         }
       }
       __asm__ volatile("" ::: "memory");  // c was written by tile stores (asm)
-      const int64_t n0 = pa * kPanel;
-      store_rows(c, ldc, M, out, N, n0, std::min(N, pb * kPanel) - n0, bias);
+      const int64_t n0 = pa * kPanel, cols = std::min(N, pb * kPanel) - n0;
+      if (out_gelu) store_rows_gelu(c, ldc, M, out_gelu, N, n0, cols, bias);
+      else if (out_b16) store_rows_b16(c, ldc, M, out_b16, N, n0, cols, bias);
+      else store_rows(c, ldc, M, out, N, n0, cols, bias);
     }
     _tile_release();  // AMX state off: cheaper context switches for this thread
   });

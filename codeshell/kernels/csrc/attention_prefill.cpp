@@ -813,41 +813,61 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
       _tile_stored(2, S + 32, KB * 4);
       _tile_stored(3, S + 48, KB * 4);
       __asm__ volatile("" ::: "memory");
-      for (int64_t ii = 0; ii < 16; ++ii) {
-        const int64_t ri = rt * 16 + ii, last = qpos[ri] - j0;
-        uint16_t* p = P + ii * KB;
-        alpha[ii] = 1.f;
-        if (last < 0) {  // a block wholly past this query (or a padding row): nothing to add
-          std::memset(p, 0, KB * 2);
-          continue;
+      // the softmax four rows at a time: their maxima and sums reduced together (reduce4, as
+      // block_rows4), the rows' exp16 chains interleaved
+      for (int64_t i4 = 0; i4 < 16; i4 += 4) {
+        int64_t last[4];
+        __m512 x[4][4], mx[4];
+        __mmask16 vis[4][4];
+        for (int u = 0; u < 4; ++u) {
+          last[u] = qpos[rt * 16 + i4 + u] - j0;
+          mx[u] = _mm512_set1_ps(-INFINITY);
+          for (int c = 0; c < 4; ++c) {
+            vis[u][c] = _mm512_cmp_epi32_mask(
+                lane, _mm512_set1_epi32(int32_t(std::clamp<int64_t>(last[u] - 16 * c, -1, 16))), _MM_CMPINT_LE);
+            x[u][c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis[u][c],
+                                         _mm512_mul_ps(_mm512_load_ps(S + (i4 + u) * KB + 16 * c), sc));
+            mx[u] = _mm512_max_ps(mx[u], x[u][c]);
+          }
         }
-        __m512 x[4];
-        __mmask16 vis[4];
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int c = 0; c < 4; ++c) {
-          vis[c] = _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last - 16 * c, 16))),
-                                         _MM_CMPINT_LE);
-          x[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis[c], _mm512_mul_ps(_mm512_load_ps(S + ii * KB + 16 * c), sc));
-          mx = _mm512_max_ps(mx, x[c]);
+        alignas(64) float red[16];
+        _mm512_store_ps(red, reduce4<true>(mx));
+        __m512 sum[4];
+        float mnew[4];
+        for (int u = 0; u < 4; ++u) {
+          const int64_t ri = rt * 16 + i4 + u;
+          uint16_t* p = P + (i4 + u) * KB;
+          sum[u] = _mm512_setzero_ps();
+          alpha[i4 + u] = 1.f;
+          if (last[u] < 0) {  // a block wholly past this query (or a padding row): nothing to add
+            std::memset(p, 0, KB * 2);
+            continue;
+          }
+          const float mo = mrow[ri];
+          mnew[u] = std::max(mo, red[4 * u]);
+          alpha[i4 + u] = mo == mnew[u] ? 1.f : std::exp(mo - mnew[u]);  // 0 on the first visible block (-inf)
+          const __m512 mv = _mm512_set1_ps(mnew[u]);
+          for (int c = 0; c < 4; ++c) {
+            const __m256i eb = (__m256i)_mm512_cvtneps_pbh(
+                _mm512_maskz_mov_ps(vis[u][c], codeshell::exp16(_mm512_sub_ps(x[u][c], mv))));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(p + 16 * c), eb);
+            sum[u] = _mm512_add_ps(sum[u], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16)));
+          }
         }
-        const float mo = mrow[ri], mnew = std::max(mo, _mm512_reduce_max_ps(mx));
-        const float al = mo == mnew ? 1.f : std::exp(mo - mnew);  // 0 on the first visible block (-inf)
-        const __m512 mv = _mm512_set1_ps(mnew);
-        __m512 sum = _mm512_setzero_ps();
-        for (int c = 0; c < 4; ++c) {
-          const __m256i eb = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(vis[c], codeshell::exp16(_mm512_sub_ps(x[c], mv))));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(p + 16 * c), eb);
-          sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16)));
-        }
-        float lp = lrow[ri] * al;
-        __asm__("" : "+x"(lp));
-        lrow[ri] = lp + _mm512_reduce_add_ps(sum);
-        mrow[ri] = mnew;
-        alpha[ii] = al;
-        if (!first && al != 1.f) {
-          float* orow = o + ri * D;
-          const __m512 a = _mm512_set1_ps(al);
-          for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(_mm512_load_ps(orow + d), a));
+        _mm512_store_ps(red, reduce4<false>(sum));
+        for (int u = 0; u < 4; ++u) {
+          if (last[u] < 0) continue;
+          const int64_t ri = rt * 16 + i4 + u;
+          const float al = alpha[i4 + u];
+          float lp = lrow[ri] * al;
+          __asm__("" : "+x"(lp));
+          lrow[ri] = lp + red[4 * u];
+          mrow[ri] = mnew[u];
+          if (!first && al != 1.f) {
+            float* orow = o + ri * D;
+            const __m512 a = _mm512_set1_ps(al);
+            for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(_mm512_load_ps(orow + d), a));
+          }
         }
       }
       __asm__ volatile("" ::: "memory");  // P and o written above, read by the tile loads below

@@ -212,8 +212,13 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
     return;
   }
   // fewer panels per item when there are few panels: >= 4 items per thread to share out
-  const int64_t kc = std::min(Kt, kAmxKTiles);
-  const int64_t nb = std::max<int64_t>(2, std::min<int64_t>(kAmxPanels, P / (4 * at::get_num_threads()) / 2 * 2));
+  // CODESHELL_AMX_KTILES / CODESHELL_AMX_PANELS (read per call; A/B, session 37): the K chunk in
+  // k-tiles and the most panels an item holds (even), kAmxKTiles / kAmxPanels by default. Every
+  // output's sum runs over the k-tiles in order whatever the chunk (tile stores and loads between
+  // chunks are exact): the same bits.
+  const int64_t kc = std::min(Kt, std::max<int64_t>(1, codeshell::env_int("CODESHELL_AMX_KTILES", kAmxKTiles)));
+  const int64_t most = std::max<int64_t>(2, codeshell::env_int("CODESHELL_AMX_PANELS", kAmxPanels) / 2 * 2);
+  const int64_t nb = std::max<int64_t>(2, std::min<int64_t>(most, P / (4 * at::get_num_threads()) / 2 * 2));
   // C rows padded by 16 floats: the next 32-row block's C tiles (loaded right after this
   // block's are stored) then sit at other 4 KiB page offsets than the stores still in flight
   const int64_t items = (P + nb - 1) / nb, ldc = nb * 16 + 16;

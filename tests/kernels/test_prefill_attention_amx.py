@@ -89,13 +89,15 @@ def test_a_row_does_not_depend_on_the_batch_around_it(D, T, P):
 
 
 @needs_amx
-@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 128, 200, 0), (2, 4, 2, 32, 77, 9), (1, 4, 1, 64, 40, 3)])
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 128, 200, 0), (2, 4, 2, 32, 77, 9), (1, 4, 1, 64, 40, 3),
+                                         (1, 8, 2, 32, 512, 0), (2, 4, 2, 64, 100, 70)])
 def test_prepack_threads_and_order_keep_bits(B, H, G, D, T, P, monkeypatch):
     # Key blocks packed once per (row, group) or per item, the items in either order, on 1 or 2
-    # threads: each row's sums are the same tile sequence, so the same bits.
+    # threads, full blocks with or without masks: each row's sums are the same sequence, so the same bits.
     q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
     base = pa.prefill_attention(q, kc, vc, slots, pos, 0.1)
-    for env in ("CODESHELL_PREFILL_ATTN_PREPACK", "CODESHELL_PREFILL_ATTN_ORDER"):
+    # (and CODESHELL_PREFILL_ATTN_FULL=0: the masks on every block, also where all keys are visible)
+    for env in ("CODESHELL_PREFILL_ATTN_PREPACK", "CODESHELL_PREFILL_ATTN_ORDER", "CODESHELL_PREFILL_ATTN_FULL"):
         monkeypatch.setenv(env, "0")
         assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 0.1), base), env
         monkeypatch.delenv(env)

@@ -54,6 +54,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -742,6 +743,7 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
   const int64_t D = it.D, Dt = D / 32, Tn = it.t1 - it.t0, nsub = (Tn + 15) / 16, RT = it.r * nsub, NR = RT * 16;
   std::vector<int64_t> qpos(static_cast<size_t>(NR), 0);
   std::vector<int64_t> tmax(static_cast<size_t>(RT), -1);
+  std::vector<int64_t> tmin(static_cast<size_t>(RT), std::numeric_limits<int64_t>::max());
   int64_t maxpos = 0;
   // row ri = rt * 16 + ii of row tile rt = hl * nsub + sub: head g r + hl, query t0 + 16 sub + ii
   for (int64_t rt = 0; rt < RT; ++rt) {
@@ -757,6 +759,7 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
         qpos[ri] = -1;  // a padding row: past every key block, never stored
       }
       tmax[rt] = std::max(tmax[rt], qpos[ri]);
+      tmin[rt] = std::min(tmin[rt], qpos[ri]);  // a padding row (-1): never a full block
     }
     maxpos = std::max(maxpos, tmax[rt]);
   }
@@ -814,7 +817,10 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
       _tile_stored(3, S + 48, KB * 4);
       __asm__ volatile("" ::: "memory");
       // the softmax four rows at a time: their maxima and sums reduced together (reduce4, as
-      // block_rows4), the rows' exp16 chains interleaved
+      // block_rows4), the rows' exp16 chains interleaved; FULL: every row of the tile sees all 64
+      // keys of the block (no masks: the same values; CODESHELL_PREFILL_ATTN_FULL=0 masks every block)
+      auto softmax = [&](auto full_c) {
+      constexpr bool FULL = decltype(full_c)::value;
       for (int64_t i4 = 0; i4 < 16; i4 += 4) {
         int64_t last[4];
         __m512 x[4][4], mx[4];
@@ -823,10 +829,15 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
           last[u] = qpos[rt * 16 + i4 + u] - j0;
           mx[u] = _mm512_set1_ps(-INFINITY);
           for (int c = 0; c < 4; ++c) {
-            vis[u][c] = _mm512_cmp_epi32_mask(
-                lane, _mm512_set1_epi32(int32_t(std::clamp<int64_t>(last[u] - 16 * c, -1, 16))), _MM_CMPINT_LE);
-            x[u][c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis[u][c],
-                                         _mm512_mul_ps(_mm512_load_ps(S + (i4 + u) * KB + 16 * c), sc));
+            const __m512 sv = _mm512_mul_ps(_mm512_load_ps(S + (i4 + u) * KB + 16 * c), sc);
+            if constexpr (FULL) {
+              vis[u][c] = __mmask16(0xffff);
+              x[u][c] = sv;
+            } else {
+              vis[u][c] = _mm512_cmp_epi32_mask(
+                  lane, _mm512_set1_epi32(int32_t(std::clamp<int64_t>(last[u] - 16 * c, -1, 16))), _MM_CMPINT_LE);
+              x[u][c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis[u][c], sv);
+            }
             mx[u] = _mm512_max_ps(mx[u], x[u][c]);
           }
         }
@@ -848,8 +859,9 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
           alpha[i4 + u] = mo == mnew[u] ? 1.f : std::exp(mo - mnew[u]);  // 0 on the first visible block (-inf)
           const __m512 mv = _mm512_set1_ps(mnew[u]);
           for (int c = 0; c < 4; ++c) {
-            const __m256i eb = (__m256i)_mm512_cvtneps_pbh(
-                _mm512_maskz_mov_ps(vis[u][c], codeshell::exp16(_mm512_sub_ps(x[u][c], mv))));
+            __m512 e = codeshell::exp16(_mm512_sub_ps(x[u][c], mv));
+            if constexpr (!FULL) e = _mm512_maskz_mov_ps(vis[u][c], e);
+            const __m256i eb = (__m256i)_mm512_cvtneps_pbh(e);
             _mm256_store_si256(reinterpret_cast<__m256i*>(p + 16 * c), eb);
             sum[u] = _mm512_add_ps(sum[u], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16)));
           }
@@ -870,6 +882,9 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
           }
         }
       }
+      };
+      if (it.full && tmin[rt] - j0 >= KB - 1) softmax(std::true_type{});
+      else softmax(std::false_type{});
       __asm__ volatile("" ::: "memory");  // P and o written above, read by the tile loads below
       float* ot = o + rt * 16 * D;
       for (int64_t d0 = 0; d0 < D; d0 += 64) {

@@ -26,6 +26,10 @@ void amx_configure() {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
+  // GCC's _tile_loadconfig is an asm whose memory operand is 8 bytes: inlined, the stores above
+  // may be dropped as dead (session 37: attention_prefill.cpp's copy of this ran ldtilecfg on a
+  // half-written config); the barrier keeps them
+  __asm__ volatile("" ::"r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 

@@ -63,10 +63,11 @@ class FastLinear:
         if x.dtype != torch.bfloat16:  # as linear: other dtypes enter the kernels as fp32
             x2 = x2.to(torch.float32).contiguous()
         path = self._path(x2.shape[0], x.dtype)
-        if (path in _GEMMS and x.dtype == torch.bfloat16
+        gemm = _gemm(path, p, x2.shape[0])
+        if (gemm is not None and x.dtype == torch.bfloat16
                 and os.environ.get("CODESHELL_DOT_BF16OUT", "1") != "0"):
             ops.PATHS_RUN[(p.kind, path + "+bf16")] += 1
-            return getattr(mod, _GEMMS[path])(x2.contiguous(), p.data, p.out_features, self.bias, False, True)
+            return getattr(mod, gemm)(x2.contiguous(), p.data, p.out_features, self.bias, False, True)
         return ops._compute(path, mod, x2, p, self.bias)
 
     def _path(self, m: int, dtype: torch.dtype) -> str:
@@ -88,10 +89,11 @@ class FastLinear:
         mod = _ext.get()
         x2 = x.reshape(-1, p.in_features)
         path = None if mod is None else self._path(x2.shape[0], x.dtype)
-        if path not in _GEMMS:
+        gemm = _gemm(path, p, x2.shape[0])
+        if gemm is None:
             return None
         ops.PATHS_RUN[(p.kind, path + "+gelu")] += 1
-        return getattr(mod, _GEMMS[path])(x2.contiguous(), p.data, p.out_features, self.bias, True)
+        return getattr(mod, gemm)(x2.contiguous(), p.data, p.out_features, self.bias, True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """y [..., N] in x's dtype: what `ops.linear(x, packed, bias)` returns."""
@@ -104,7 +106,22 @@ class FastLinear:
 _GEMMS = {"avx512_bf16:gemm": "prefill_bf16_dot", "avx512_vnni:gemm": "prefill_bf16_fma"}
 """The bf16-weight prefill GEMMs whose epilogue can round to bf16 or apply the GELU (`FastLinear.raw`
 / `raw_gelu`) -> their binding: the vdpbf16ps GEMM and the fp32-FMA GEMM (AVX-512 without
-AVX512-BF16, session 24), the same epilogues (csrc/panel_bf16.cpp store_rows_b16 / store_rows_gelu)."""
+AVX512-BF16, session 24), the same epilogues (csrc/panel_bf16.cpp store_rows_b16 / store_rows_gelu);
+and `amx:bf16` on bf16 weights above ROW_INVARIANT_MAX_M rows (`_gemm`)."""
+
+
+def _gemm(path: str | None, p, m: int) -> str | None:
+    """The binding whose epilogue rounds to bf16 / applies the GELU for this call, or None. Session
+    37 (helper C): `amx:bf16` (`prefill_bf16_amx`, the same store_rows_b16 / store_rows_gelu) on a
+    bf16 weight at M > ROW_INVARIANT_MAX_M: the prompt only, where the vdpbf16ps GEMM takes them too
+    (at M <= 64 the AMX tiles are also decode's path, whose rows keep the fp32 result and the fused
+    GELU: row invariance). CODESHELL_AMX_EPI=0 (read per call, A/B): fp32 out as before."""
+    if path in _GEMMS:
+        return _GEMMS[path]
+    if (path == "amx:bf16" and p.kind == "bf16" and m > ops.ROW_INVARIANT_MAX_M
+            and os.environ.get("CODESHELL_AMX_EPI", "1") != "0"):
+        return "prefill_bf16_amx"
+    return None
 
 
 class PackedLinear(nn.Module):

@@ -1,5 +1,5 @@
 """Causal prefill attention straight from the engine's KV cache, through the native kernel
-`prefill_attention` (csrc/attention_prefill.cpp, AVX512-BF16).
+`prefill_attention` (csrc/attention_prefill.cpp, AVX512-BF16; AMX-BF16 tiles on AMX CPUs, `use_amx`).
 
 What this is: T new queries per row (a prompt, a chunk of one, a padded batch of prompts, the
 part of a prompt after a cached prefix), each attending to keys 0..its position of its own
@@ -66,6 +66,18 @@ keys 1.90 / 1.30 / 1.04 ms at the small shape (H 8, G 2, D 128, T 512), 7.89 / 5
 7B's (H 32, G 8), 0.228 / 0.149 / 0.139 ms at codeshell-mini's (D 32, T 256)."""
 
 
+def use_amx(kb: int) -> bool:
+    """Whether a call with this key block runs the AMX-BF16 kernel (csrc/attention_prefill.cpp
+    `run_item_amx`, session 37): on an AMX CPU (`isa_level()`, so CODESHELL_KERNEL_ISA caps it) with
+    64-key blocks, unless CODESHELL_PREFILL_ATTN_AMX=0 (read per call: A/B runs and tests), which
+    keeps the vdpbf16ps kernel. Measured on a 2-vCPU Sapphire Rapids-class Xeon
+    (`benchmarks/bench_prefill_attn.py`, docs/kernels-log.md "Session 37, helper C"): the vdpbf16ps
+    kernel is bound by vdpbf16ps's rate there (0.07-0.09 TFLOP/s a core). Its own last bits (the
+    tiles sum in another order); every row still independent of the batch around it."""
+    return (kb == 64 and isa_level() >= ISA_LEVELS.index("amx")
+            and os.environ.get("CODESHELL_PREFILL_ATTN_AMX", "1") not in ("0", "off"))
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                       positions: torch.Tensor, scale: float, kb: int | None = None) -> torch.Tensor:
     """q [B, H, T, D] bf16 (a view is fine: the last dim contiguous); k_cache, v_cache [slots, G,
@@ -77,4 +89,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError("prefill_attention needs CPU bf16 queries [B, H, T > 1, D % 32 == 0], a contiguous bf16 "
                          f"cache and AVX512-BF16 ({_ext.unavailable_reason() or 'available'})")
     kb = key_block(q.shape[3]) if kb is None else kb
-    return _ext.get().prefill_attention(q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale, kb)
+    return _ext.get().prefill_attention(q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale, kb,
+                                        use_amx(kb))

@@ -115,3 +115,45 @@ def test_q8_scratch_and_output_reuse(kind, threads):
     assert torch.equal(first, again)
     ref = ops.reference(x, p, None, "amx:q8")
     assert (again - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("n,k,m", [(1024, 256, 512), (1536, 1024, 131), (100, 96, 65), (37, 1030, 17)])
+def test_bf16_epilogues_give_the_cast_and_the_fused_gelu_bits(n, k, m, threads, monkeypatch):
+    # Session 37: prefill_bf16_amx(out_bf16=True) is its fp32 result (bias added) rounded to bf16
+    # (`.to(torch.bfloat16)`), and gelu=True with CODESHELL_GELU_FAST=0 is fused_gelu_tanh of that
+    # rounding: the bits of the model's path without the epilogue (FastLinear.raw / raw_gelu).
+    mod = _ext.get()
+    p = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n)) / k ** 0.5)
+    bias = torch.randn(n)
+    x = _bf16(m, k, seed=m)
+    y = mod.prefill_bf16_amx(x, p.data, n, bias).clone()
+    b16 = mod.prefill_bf16_amx(x, p.data, n, bias, False, True)
+    assert b16.dtype == torch.bfloat16 and b16.shape == (m, n)
+    assert torch.equal(b16, y.to(torch.bfloat16))
+    monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
+    assert torch.equal(mod.prefill_bf16_amx(x, p.data, n, bias, True), mod.fused_gelu_tanh(y, None, True))
+    monkeypatch.delenv("CODESHELL_GELU_FAST")
+    fast = mod.prefill_bf16_amx(x, p.data, n, bias, True).float()
+    exact = mod.fused_gelu_tanh(y, None, True).float()
+    assert ((fast - exact).abs() <= exact.abs() * 2 ** -7 + 1e-6).all()  # gelu16_fast: within a bf16 ulp
+    with pytest.raises(RuntimeError, match="M > 16"):
+        mod.prefill_bf16_amx(x[:16], p.data, n, bias, False, True)
+
+
+def test_packed_linear_epilogue_only_above_the_row_invariant_m(monkeypatch):
+    # FastLinear.raw on amx:bf16: bf16 rows from the epilogue at prompt M (> ROW_INVARIANT_MAX_M),
+    # fp32 at M <= 64 (decode's rows keep their bits); CODESHELL_AMX_EPI=0: fp32 everywhere.
+    from codeshell.kernels.module import PackedLinear
+    lin = PackedLinear(prepack(torch.randn(96, 128)), torch.randn(96))
+    x = torch.randn(100, 128).to(torch.bfloat16)
+    assert lin.fast._path(100, torch.bfloat16) == "amx:bf16"
+    y = lin.forward_raw(x)
+    assert y.dtype == torch.bfloat16
+    monkeypatch.setenv("CODESHELL_AMX_EPI", "0")
+    y32 = lin.forward_raw(x)
+    assert y32.dtype == torch.float32 and torch.equal(y, y32.to(torch.bfloat16))
+    assert lin.forward_gelu(x) is None
+    monkeypatch.delenv("CODESHELL_AMX_EPI")
+    assert lin.forward_raw(x[:ops.ROW_INVARIANT_MAX_M]).dtype == torch.float32
+    assert lin.forward_gelu(x[:ops.ROW_INVARIANT_MAX_M]) is None
+    assert lin.forward_gelu(x) is not None

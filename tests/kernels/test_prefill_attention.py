@@ -17,6 +17,13 @@ needs_bf16 = pytest.mark.skipif(not available() or not pa.prefill_attention_ok(t
                                 reason="prefill_attention needs the native kernels and AVX-512 (AVX512-BF16, or its emulation)")
 
 
+
+@pytest.fixture(autouse=True)
+def _vdpbf16ps_kernel(monkeypatch):
+    """These tests check the vdpbf16ps kernel (and its switches): on an AMX CPU a 64-key call
+    would run the AMX kernel (`pa.use_amx`), which tests/kernels/test_prefill_attention_amx.py checks."""
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_AMX", "0")
+
 def _case(B, H, G, D, T, P, seed=0):
     g = torch.Generator().manual_seed(seed)
     S = P + T

@@ -21,6 +21,13 @@ needs_avx512 = pytest.mark.skipif(not available() or isa_level() < ISA_LEVELS.in
                                   reason="the emulated prefill attention needs the native kernels and AVX-512")
 
 
+
+@pytest.fixture(autouse=True)
+def _vdpbf16ps_kernel(monkeypatch):
+    """These tests check the emulated vdpbf16ps kernel: on an AMX CPU a 64-key call would run
+    the AMX kernel (`pa.use_amx`), which tests/kernels/test_prefill_attention_amx.py checks."""
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_AMX", "0")
+
 def _emulated_scores(q, k):
     """vdpbf16ps as the emulation computes it, in torch: per lane (a dim pair), the odd element's
     product added first, then the even one's, each a rounded fp32 add of an exact product."""

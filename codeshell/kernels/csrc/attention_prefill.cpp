@@ -54,6 +54,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -703,6 +704,241 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
   }
 }
 
+// ---- AMX-BF16 (session 37, helper C) --------------------------------------------------------------
+// The same item (a (row, group)'s r heads x 32 queries), the same 64-key blocks packed by pack_block
+// (or prepack: the same layout), the same online softmax per key block (running max and sum per
+// query row, probabilities rounded to bf16), but both products on AMX tiles instead of vdpbf16ps
+// chains: on the Sapphire Rapids-class Xeon of session 37 the vdpbf16ps kernel ran 0.07-0.09 TFLOP/s
+// a core (its inner loops are vdpbf16ps-bound: perf annotate, 16 chains; the emulated fp32-FMA
+// kernel ran faster, 0.12), 28% of a 512-token small-shape prompt and 54% of codeshell-mini's.
+// Per row tile of 16 query rows (one head, 16 consecutive queries): scores S [16 x 64] = Q . K^T in
+// 4 C tiles over D / 32 k-tiles (A = the queries, copied once per item into qa [16][D]; B = 16 dim
+// pairs x 16 keys of the packed keys, row stride 256 bytes); the softmax on S in 512-bit vectors;
+// o [16 x D] = alpha o + P . V in C tiles of 16 dims (4 at a time; A = the probabilities P [16][64]
+// bf16, two k-tiles of 32 keys; B = 16 key pairs x 16 dims of the packed values), o rescaled by
+// alpha in memory before its C tiles load it (the first block's tiles start from zero: o is not
+// filled). Other last bits than the vdpbf16ps kernel (the tile sums a pair's products in its own
+// order); a row's result depends only on its own query and keys (row tiles never mix rows' sums), so
+// a row does not depend on the batch around it. CODESHELL_PREFILL_ATTN_AMX=0 (prefill_attention.py):
+// the vdpbf16ps kernel.
+struct alignas(64) AttnTileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void attn_amx_configure() {
+  AttnTileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  // GCC's _tile_loadconfig is an asm whose memory operand is 8 bytes: without this the stores of
+  // colsb / rows were dropped as dead (seen: ldtilecfg on a half-written config, a #GP)
+  __asm__ volatile("" ::"r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+void attn_amx_release() { _tile_release(); }  // (a function of this section: the caller's lambda is not)
+
+void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow, float* lrow, uint16_t* qa) {
+  constexpr int64_t KB = 64;
+  const int64_t D = it.D, Dt = D / 32, Tn = it.t1 - it.t0, nsub = (Tn + 15) / 16, RT = it.r * nsub, NR = RT * 16;
+  std::vector<int64_t> qpos(static_cast<size_t>(NR), 0);
+  std::vector<int64_t> tmax(static_cast<size_t>(RT), -1);
+  std::vector<int64_t> tmin(static_cast<size_t>(RT), std::numeric_limits<int64_t>::max());
+  int64_t maxpos = 0;
+  // row ri = rt * 16 + ii of row tile rt = hl * nsub + sub: head g r + hl, query t0 + 16 sub + ii
+  for (int64_t rt = 0; rt < RT; ++rt) {
+    const int64_t hl = rt / nsub, sub = rt % nsub, h = it.g * it.r + hl;
+    for (int64_t ii = 0; ii < 16; ++ii) {
+      const int64_t ri = rt * 16 + ii, t = it.t0 + sub * 16 + ii;
+      uint16_t* dst = qa + ri * D;
+      if (t < it.t1) {
+        std::memcpy(dst, it.q + h * it.qh + t * it.qt, size_t(D) * 2);
+        qpos[ri] = it.pos[t];
+      } else {
+        std::memset(dst, 0, size_t(D) * 2);
+        qpos[ri] = -1;  // a padding row: past every key block, never stored
+      }
+      tmax[rt] = std::max(tmax[rt], qpos[ri]);
+      tmin[rt] = std::min(tmin[rt], qpos[ri]);  // a padding row (-1): never a full block
+    }
+    maxpos = std::max(maxpos, tmax[rt]);
+  }
+  std::fill(mrow, mrow + NR, -INFINITY);
+  std::fill(lrow, lrow + NR, 0.f);
+  const __m512 sc = _mm512_set1_ps(it.scale);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  alignas(64) float S[16 * KB];
+  alignas(64) uint16_t P[16 * KB];
+  alignas(64) float alpha[16];
+  __asm__ volatile("" ::: "memory");  // qa written above; the tile loads below are asm
+  for (int64_t j0 = 0; j0 <= maxpos; j0 += KB) {
+    const uint32_t* kb = kp;
+    const uint32_t* vb = vp;
+    if (it.pk != nullptr) {  // packed once for the (row, group), as run_item does
+      uint32_t* kw = it.pk + (j0 / KB) * KB * D;
+      std::atomic<int>& f = it.ready[j0 / KB];
+      if (f.load(std::memory_order_acquire) != 2) {
+        int idle = 0;
+        if (f.compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
+          pack_block<KB>(it, j0, std::min<int64_t>(KB, it.nkeys - j0), kw, kw + KB * D / 2);
+          f.store(2, std::memory_order_release);
+        } else {
+          while (f.load(std::memory_order_acquire) != 2) _mm_pause();
+        }
+      }
+      kb = kw, vb = kw + KB * D / 2;
+    } else {
+      pack_block<KB>(it, j0, std::min<int64_t>(KB, maxpos + 1 - j0), kp, vp);
+    }
+    __asm__ volatile("" ::: "memory");
+    const bool first = j0 == 0;
+    for (int64_t rt = 0; rt < RT; ++rt) {
+      if (tmax[rt] < j0) continue;  // every query of the tile before this block
+      const uint16_t* qt = qa + rt * 16 * D;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kt = 0; kt < Dt; ++kt) {
+        const uint32_t* bk = kb + kt * 16 * KB;
+        _tile_loadd(4, qt + kt * 32, D * 2);
+        _tile_loadd(5, bk, KB * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, bk + 16, KB * 4);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(7, bk + 32, KB * 4);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, bk + 48, KB * 4);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      _tile_stored(0, S, KB * 4);
+      _tile_stored(1, S + 16, KB * 4);
+      _tile_stored(2, S + 32, KB * 4);
+      _tile_stored(3, S + 48, KB * 4);
+      __asm__ volatile("" ::: "memory");
+      // the softmax four rows at a time: their maxima and sums reduced together (reduce4, as
+      // block_rows4), the rows' exp16 chains interleaved; FULL: every row of the tile sees all 64
+      // keys of the block (no masks: the same values; CODESHELL_PREFILL_ATTN_FULL=0 masks every block)
+      auto softmax = [&](auto full_c) {
+      constexpr bool FULL = decltype(full_c)::value;
+      for (int64_t i4 = 0; i4 < 16; i4 += 4) {
+        int64_t last[4];
+        __m512 x[4][4], mx[4];
+        __mmask16 vis[4][4];
+        for (int u = 0; u < 4; ++u) {
+          last[u] = qpos[rt * 16 + i4 + u] - j0;
+          mx[u] = _mm512_set1_ps(-INFINITY);
+          for (int c = 0; c < 4; ++c) {
+            const __m512 sv = _mm512_mul_ps(_mm512_load_ps(S + (i4 + u) * KB + 16 * c), sc);
+            if constexpr (FULL) {
+              vis[u][c] = __mmask16(0xffff);
+              x[u][c] = sv;
+            } else {
+              vis[u][c] = _mm512_cmp_epi32_mask(
+                  lane, _mm512_set1_epi32(int32_t(std::clamp<int64_t>(last[u] - 16 * c, -1, 16))), _MM_CMPINT_LE);
+              x[u][c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis[u][c], sv);
+            }
+            mx[u] = _mm512_max_ps(mx[u], x[u][c]);
+          }
+        }
+        alignas(64) float red[16];
+        _mm512_store_ps(red, reduce4<true>(mx));
+        __m512 sum[4];
+        float mnew[4];
+        for (int u = 0; u < 4; ++u) {
+          const int64_t ri = rt * 16 + i4 + u;
+          uint16_t* p = P + (i4 + u) * KB;
+          sum[u] = _mm512_setzero_ps();
+          alpha[i4 + u] = 1.f;
+          if (last[u] < 0) {  // a block wholly past this query (or a padding row): nothing to add
+            std::memset(p, 0, KB * 2);
+            continue;
+          }
+          const float mo = mrow[ri];
+          mnew[u] = std::max(mo, red[4 * u]);
+          alpha[i4 + u] = mo == mnew[u] ? 1.f : std::exp(mo - mnew[u]);  // 0 on the first visible block (-inf)
+          const __m512 mv = _mm512_set1_ps(mnew[u]);
+          for (int c = 0; c < 4; ++c) {
+            __m512 e = codeshell::exp16(_mm512_sub_ps(x[u][c], mv));
+            if constexpr (!FULL) e = _mm512_maskz_mov_ps(vis[u][c], e);
+            const __m256i eb = (__m256i)_mm512_cvtneps_pbh(e);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(p + 16 * c), eb);
+            sum[u] = _mm512_add_ps(sum[u], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16)));
+          }
+        }
+        _mm512_store_ps(red, reduce4<false>(sum));
+        for (int u = 0; u < 4; ++u) {
+          if (last[u] < 0) continue;
+          const int64_t ri = rt * 16 + i4 + u;
+          const float al = alpha[i4 + u];
+          float lp = lrow[ri] * al;
+          __asm__("" : "+x"(lp));
+          lrow[ri] = lp + red[4 * u];
+          mrow[ri] = mnew[u];
+          if (!first && al != 1.f) {
+            float* orow = o + ri * D;
+            const __m512 a = _mm512_set1_ps(al);
+            for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(_mm512_load_ps(orow + d), a));
+          }
+        }
+      }
+      };
+      if (it.full && tmin[rt] - j0 >= KB - 1) softmax(std::true_type{});
+      else softmax(std::false_type{});
+      __asm__ volatile("" ::: "memory");  // P and o written above, read by the tile loads below
+      float* ot = o + rt * 16 * D;
+      for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int nc = D - d0 >= 64 ? 4 : 2;
+        if (first) {
+          _tile_zero(0);
+          _tile_zero(1);
+          if (nc == 4) {
+            _tile_zero(2);
+            _tile_zero(3);
+          }
+        } else {
+          _tile_loadd(0, ot + d0, D * 4);
+          _tile_loadd(1, ot + d0 + 16, D * 4);
+          if (nc == 4) {
+            _tile_loadd(2, ot + d0 + 32, D * 4);
+            _tile_loadd(3, ot + d0 + 48, D * 4);
+          }
+        }
+        for (int64_t k2 = 0; k2 < 2; ++k2) {  // keys 32 k2 .. 32 k2 + 31: key pairs 16 k2 ..
+          const uint32_t* bv = vb + k2 * 16 * D + d0;
+          _tile_loadd(4, P + k2 * 32, KB * 2);
+          _tile_loadd(5, bv, D * 4);
+          _tile_dpbf16ps(0, 4, 5);
+          _tile_loadd(6, bv + 16, D * 4);
+          _tile_dpbf16ps(1, 4, 6);
+          if (nc == 4) {
+            _tile_loadd(7, bv + 32, D * 4);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, bv + 48, D * 4);
+            _tile_dpbf16ps(3, 4, 5);
+          }
+        }
+        _tile_stored(0, ot + d0, D * 4);
+        _tile_stored(1, ot + d0 + 16, D * 4);
+        if (nc == 4) {
+          _tile_stored(2, ot + d0 + 32, D * 4);
+          _tile_stored(3, ot + d0 + 48, D * 4);
+        }
+      }
+      __asm__ volatile("" ::: "memory");
+    }
+  }
+  for (int64_t ri = 0; ri < NR; ++ri) {
+    if (qpos[ri] < 0) continue;
+    const int64_t rt = ri / 16, hl = rt / nsub, t = it.t0 + (rt % nsub) * 16 + ri % 16, h = it.g * it.r + hl;
+    const __m512 inv = _mm512_set1_ps(1.f / lrow[ri]);
+    uint16_t* yr = it.y + (t * it.H + h) * D;
+    for (int64_t d = 0; d < D; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + d),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(o + ri * D + d), inv)));
+  }
+}
+
 using RunItem = void (*)(const Item&, uint32_t*, uint32_t*, float*, float*, float*, uint32_t*, bool);
 
 }  // namespace
@@ -715,8 +951,9 @@ CODESHELL_END_AVX512
 // 0..positions[b, t] of slot slots[b]. Returns y bf16 [B, T, H, D].
 // key_block: keys per block, 16, 32 or 64 (prefill_attention.py's `key_block` picks it by head dim).
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                                const torch::Tensor& slots, const torch::Tensor& positions, double scale, int64_t key_block) {
-  codeshell::check_isa(codeshell::kAvx512Vnni);  // AVX-512 F/BW: the emulated BF16 steps without AVX512-BF16
+                                const torch::Tensor& slots, const torch::Tensor& positions, double scale, int64_t key_block,
+                                bool amx) {
+  codeshell::check_isa(amx ? codeshell::kAmx : codeshell::kAvx512Vnni);  // AVX-512 F/BW: the emulated BF16 steps without AVX512-BF16
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kBFloat16 && q.stride(3) == 1,
               "prefill_attention: q must be bf16 [B, H, T, D] with a contiguous last dim");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == torch::kBFloat16 && k_cache.is_contiguous() &&
@@ -728,6 +965,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
               "prefill_attention: head dim ", D, " (a multiple of 32 up to 256 needed) or groups ", G,
               " not dividing ", H, " heads");
   TORCH_CHECK(key_block == 16 || key_block == 32 || key_block == 64, "prefill_attention: key block ", key_block, " (16, 32 or 64)");
+  TORCH_CHECK(!amx || key_block == 64, "prefill_attention: the AMX kernel takes 64-key blocks, not ", key_block);
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1 && slots.size(0) == B && slots.is_contiguous(),
               "prefill_attention: slots must be int64 [B]");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 2 && positions.size(0) == B &&
@@ -787,7 +1025,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // CODESHELL_PREFILL_ATTN_WIDE=0: the emulated kernel widens its operands in the products' inner
   // loops (session 23's); by default (emulation only) keys, values, queries and probabilities are
   // widened to fp32 once (pack_block_w, scores_w, pv_chunk_w): the same FMAs, the same bits.
-  const bool wide = emu && codeshell::env_flag("CODESHELL_PREFILL_ATTN_WIDE", true);
+  const bool wide = !amx && emu && codeshell::env_flag("CODESHELL_PREFILL_ATTN_WIDE", true);
   const RunItem run = wide  ? pick(std::true_type{}, std::true_type{})
                       : emu ? pick(std::true_type{}, std::false_type{})
                             : pick(std::false_type{}, std::false_type{});
@@ -850,6 +1088,18 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
     uint32_t* prow = reinterpret_cast<uint32_t*>(o + Rmax * D);
     float* mrow = reinterpret_cast<float*>(prow + kGroupMax * kKbMax);
     float* lrow = mrow + Rmax;
+    if (amx) {  // the AMX item (run_item_amx): its queries copied into qa [r * 32][D] bf16 per item
+      static thread_local codeshell::ThreadScratch qa_keep;
+      codeshell::Scratch<uint16_t> qa(qa_keep, size_t(Rmax) * D);
+      attn_amx_configure();
+      for (int64_t w = a; w < e; ++w) {
+        const int64_t b = lpt ? (w % (B * G)) / G : w / (G * nq), g = lpt ? w % G : (w / nq) % G,
+                      qi = lpt ? nq - 1 - w / (B * G) : w % nq;
+        run_item_amx(item_of(b, g, qi), kp, vp, o, mrow, lrow, qa.data());
+      }
+      attn_amx_release();
+      return;
+    }
     for (int64_t w = a; w < e; ++w) {
       // by default the last query items (the most keys) of every (row, group) first, the first ones
       // last: see `lpt` above

@@ -24,7 +24,7 @@ torch::Tensor decode_int4(const torch::Tensor& x, const torch::Tensor& q, const 
 torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
                           const c10::optional<torch::Tensor>& bias, int64_t isa);
 torch::Tensor prefill_bf16_amx(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                               const c10::optional<torch::Tensor>& bias);
+                               const c10::optional<torch::Tensor>& bias, bool gelu, bool out_bf16);
 void dequant_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
 void rows_bf16(const torch::Tensor& w, int64_t N, int64_t K, int64_t n0, int64_t n1, torch::Tensor& out);
 void gather_bf16(const torch::Tensor& w, int64_t N, int64_t K, const torch::Tensor& ids, torch::Tensor& out);
@@ -124,6 +124,7 @@ struct Q8AmxVrowsScope {
 // decode_step.cpp: the blocks of a decode / verify step in one call (DecodeStep).
 void register_decode_step(py::module& m);
 
-// attention_prefill.cpp: causal prefill attention over the KV cache (AVX512-BF16).
+// attention_prefill.cpp: causal prefill attention over the KV cache (AVX512-BF16; amx: AMX-BF16 tiles).
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                                const torch::Tensor& slots, const torch::Tensor& positions, double scale, int64_t key_block);
+                                const torch::Tensor& slots, const torch::Tensor& positions, double scale, int64_t key_block,
+                                bool amx);

@@ -346,7 +346,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_features", &cpu_features_dict, "cpuid/OS features and the highest usable ISA level (isa.h)");
   m.def("decode_bf16", &decode_bf16, kNoGil,
         "x [M,K] (fp32 for isa 0, bf16 for isa 2) @ w bf16 panels [ceil(N/16),Kp/2,32]^T + bias -> fp32 [M,N]");
-  m.def("prefill_bf16_amx", &prefill_bf16_amx, kNoGil, "AMX-BF16: x bf16 [M,K] @ panels^T + bias -> fp32 [M,N]");
+  m.def("prefill_bf16_amx", &prefill_bf16_amx, kNoGil, py::arg("x"), py::arg("w"), py::arg("N"), py::arg("bias"),
+        py::arg("gelu") = false, py::arg("out_bf16") = false,
+        "AMX-BF16: x bf16 [M,K] @ panels^T + bias -> fp32 [M,N]; gelu / out_bf16 (M > 16): bf16 as prefill_bf16_dot's");
   m.def("bf16_peak", &bf16_peak, kNoGil, "AMX bf16 ceiling: every thread runs tiles on L2-resident data; flops");
   m.def("prefill_bf16_dot", &prefill_bf16_dot, kNoGil, py::arg("x"), py::arg("w"), py::arg("N"), py::arg("bias"),
         py::arg("gelu") = false, py::arg("out_bf16") = false,
@@ -384,7 +386,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_int8", &dequant_int8, kNoGil, "rows [n0,n1) of int8 weight -> fp32 buffer");
   m.def("dequant_int4", &dequant_int4, kNoGil, "rows [n0,n1) of int4 weight -> fp32 buffer");
   m.def("prefill_attention", &prefill_attention, kNoGil,
-        "causal GQA attention of T queries per row straight from the KV cache (AVX512-BF16) -> bf16 [B,T,H,D]");
+        "causal GQA attention of T queries per row straight from the KV cache (AVX512-BF16, or AMX-BF16 tiles with amx) -> bf16 [B,T,H,D]");
   m.def("read_stream", &read_stream, kNoGil, "read every byte of a buffer `passes` times on all threads (bandwidth probe)");
   register_fused(m);
   register_decode_step(m);

@@ -830,9 +830,10 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
 
 }  // namespace
 
-#include "panel_bf16_amx.h"  // ---- AMX-BF16 prefill and decode tiles
-
+// (the vdpbf16ps GEMMs first: the AMX prefill shares their bf16 / GELU epilogues, session 37)
 #include "prefill_bf16_avx512.h"  // ---- vdpbf16ps and AVX-512 fp32-FMA prefill GEMMs
+
+#include "panel_bf16_amx.h"  // ---- AMX-BF16 prefill and decode tiles
 
 // Runs peak_dot on every thread at once; returns the flops done (the caller times the call).
 int64_t bf16_dot_peak(int64_t reps) {
@@ -969,15 +970,30 @@ torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_
   return out;
 }
 
-// AMX-BF16: bf16 x [M, K] @ panels^T + bias -> fp32 [M, N], any M.
+// AMX-BF16: bf16 x [M, K] @ panels^T + bias -> fp32 [M, N], any M; gelu / out_bf16 (M > 16 only:
+// the prefill schedule's epilogue) as prefill_bf16_dot's: bf16 [M, N], the GELU'd or rounded result.
 torch::Tensor prefill_bf16_amx(const torch::Tensor& x, const torch::Tensor& w, int64_t N,
-                               const c10::optional<torch::Tensor>& bias) {
+                               const c10::optional<torch::Tensor>& bias, bool gelu, bool out_bf16) {
   codeshell::check_isa(codeshell::kAmx);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
               "x must be a contiguous bf16 [M, K] tensor");
   check_panels(w, N, x.size(1));  // before N sizes the result
-  auto out = codeshell::cached_output(x.size(0), N, x.options());  // large results reuse freed blocks (scratch.h)
-  prefill_bf16_amx_out(x, w, N, bias, out);
+  if (!gelu && !out_bf16) {
+    auto out = codeshell::cached_output(x.size(0), N, x.options());  // large results reuse freed blocks (scratch.h)
+    prefill_bf16_amx_out(x, w, N, bias, out);
+    return out;
+  }
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M > 16, "prefill_bf16_amx: gelu / out_bf16 take M > 16 (the prefill tiles), got M = ", M);
+  const float* b = bias_ptr(bias, N);
+  auto out = codeshell::cached_output(1, (M * N + 1) / 2, x.options().dtype(torch::kFloat32))
+                 .view(torch::kBFloat16).narrow(1, 0, M * N).view({M, N});
+#if CODESHELL_HAVE_AVX512
+  uint16_t* ob = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  prefill_amx(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
+              reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), N, b, nullptr, gelu ? ob : nullptr,
+              gelu ? nullptr : ob);
+#endif
   return out;
 }
 

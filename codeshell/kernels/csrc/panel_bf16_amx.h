@@ -26,6 +26,10 @@ void amx_configure() {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
+  // GCC's _tile_loadconfig is an asm whose memory operand is 8 bytes: inlined, the stores above
+  // may be dropped as dead (session 37: attention_prefill.cpp's copy of this ran ldtilecfg on a
+  // half-written config); the barrier keeps them
+  __asm__ volatile("" ::"r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
@@ -338,8 +342,12 @@ void decode_amx_m1(const uint16_t* x, int64_t as, int64_t Kt, const uint16_t* w,
 constexpr int64_t kAmxKTiles = 8;
 constexpr int64_t kAmxPanels = 16;
 
+// out_gelu / out_b16 (bf16 [M, N], M > 16; session 37): the result through prefill_dot's epilogues
+// (store_rows_gelu: c_fc's GELU; store_rows_b16: rounded to bf16) instead of fp32 into out, while
+// the item's sums are in L2: the small shape's c_fc wrote 8 MiB of fp32 a layer for the fused GELU
+// to read back.
 void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
-                 float* out) {
+                 float* out, uint16_t* out_gelu = nullptr, uint16_t* out_b16 = nullptr) {
   const int64_t Kp = padded_k(K), Kh = Kp / 2, Kt = Kp / 32, Mt = (M + 15) / 16, P = (N + kPanel - 1) / kPanel;
   const bool m1 = M == 1 && amx_bf16_m1();
   if (m1 && K == Kp) {  // x's row is the A tiles (1 row each): no copy
@@ -360,8 +368,13 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
     return;
   }
   // fewer panels per item when there are few panels: >= 4 items per thread to share out
-  const int64_t kc = std::min(Kt, kAmxKTiles);
-  const int64_t nb = std::max<int64_t>(2, std::min<int64_t>(kAmxPanels, P / (4 * at::get_num_threads()) / 2 * 2));
+  // CODESHELL_AMX_KTILES / CODESHELL_AMX_PANELS (read per call; A/B, session 37): the K chunk in
+  // k-tiles and the most panels an item holds (even), kAmxKTiles / kAmxPanels by default. Every
+  // output's sum runs over the k-tiles in order whatever the chunk (tile stores and loads between
+  // chunks are exact): the same bits.
+  const int64_t kc = std::min(Kt, std::max<int64_t>(1, codeshell::env_int("CODESHELL_AMX_KTILES", kAmxKTiles)));
+  const int64_t most = std::max<int64_t>(2, codeshell::env_int("CODESHELL_AMX_PANELS", kAmxPanels) / 2 * 2);
+  const int64_t nb = std::max<int64_t>(2, std::min<int64_t>(most, P / (4 * at::get_num_threads()) / 2 * 2));
   // C rows padded by 16 floats: the next 32-row block's C tiles (loaded right after this
   // block's are stored) then sit at other 4 KiB page offsets than the stores still in flight
   const int64_t items = (P + nb - 1) / nb, ldc = nb * 16 + 16;
@@ -389,8 +402,10 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
         }
       }
       __asm__ volatile("" ::: "memory");  // c was written by tile stores (asm)
-      const int64_t n0 = pa * kPanel;
-      store_rows(c, ldc, M, out, N, n0, std::min(N, pb * kPanel) - n0, bias);
+      const int64_t n0 = pa * kPanel, cols = std::min(N, pb * kPanel) - n0;
+      if (out_gelu) store_rows_gelu(c, ldc, M, out_gelu, N, n0, cols, bias);
+      else if (out_b16) store_rows_b16(c, ldc, M, out_b16, N, n0, cols, bias);
+      else store_rows(c, ldc, M, out, N, n0, cols, bias);
     }
     _tile_release();  // AMX state off: cheaper context switches for this thread
   });

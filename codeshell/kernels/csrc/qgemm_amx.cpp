@@ -70,6 +70,7 @@ void configure(int D) {
     c.rows[t] = t >= 6 ? uint8_t(D / 4) : 16;
     c.colsb[t] = t == 4 || t == 5 ? uint16_t(D) : 64;
   }
+  __asm__ volatile("" ::"r"(&c) : "memory");  // _tile_loadconfig's asm names 8 bytes: keep the stores (session 37)
   _tile_loadconfig(&c);
 }
 

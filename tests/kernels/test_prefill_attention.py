@@ -56,11 +56,18 @@ def test_against_fp32_attention(B, H, G, D, T, P, kb):
     q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
     scale = 1 / math.sqrt(D)
     got = pa.prefill_attention(q, kc, vc, slots, pos, scale, kb)
+    _check_against_fp32(got, q, kc, vc, slots, pos, scale,
+                        f"avx512_bf16, key block {kb}) B{B} H{H} G{G} D{D} T{T} P{P}")
+
+
+def _check_against_fp32(got, q, kc, vc, slots, pos, scale, label):
+    """got [B, T, H, D] bf16 against fp32 attention: fp32 scores and sums, the probabilities rounded to
+    bf16 for the value product (as torch's bf16 CPU attention rounds them) and the result once: no
+    further from fp32 attention than torch's own SDPA on the same bf16 tensors (with the cache's mask),
+    and close in absolute terms (also the AMX kernel's test, test_prefill_attention_amx.py)."""
+    B, H, T, D = q.shape
     assert got.shape == (B, T, H, D) and got.dtype == torch.bfloat16
     ref = _reference(q, kc, vc, slots, pos, scale).transpose(1, 2)
-    # fp32 scores and sums, the probabilities rounded to bf16 for the value product (as torch's
-    # bf16 CPU attention rounds them) and the result once: no further from fp32 attention than
-    # torch's own SDPA on the same bf16 tensors (with the cache's mask), and close in absolute terms
     S = int(pos.max()) + 1
     mask = (torch.arange(S)[None, None, :] <= pos[:, :, None])[:, None]
     torch_bf16 = F.scaled_dot_product_attention(q, kc[slots, :, :S], vc[slots, :, :S], attn_mask=mask, scale=scale,
@@ -68,7 +75,7 @@ def test_against_fp32_attention(B, H, G, D, T, P, kb):
     err, err_torch = (got.float() - ref).abs(), (torch_bf16 - ref).abs()
     assert err.max() <= 1.5 * err_torch.max() + 1e-3 and err.mean() <= 1.5 * err_torch.mean() + 1e-4
     torch.testing.assert_close(got.float(), ref, rtol=2 ** -6, atol=2e-2)
-    print(f"prefill_attention (avx512_bf16, key block {kb}) B{B} H{H} G{G} D{D} T{T} P{P}: max err {err.max():.1e} "
+    print(f"prefill_attention ({label}: max err {err.max():.1e} "
           f"(torch bf16 SDPA {err_torch.max():.1e}), mean {err.mean():.1e} ({err_torch.mean():.1e})")
 
 

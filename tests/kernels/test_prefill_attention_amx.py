@@ -10,12 +10,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from codeshell.kernels import ISA_LEVELS, available, isa_level
 from codeshell.kernels import prefill_attention as pa
 
-from test_prefill_attention import _case, _reference  # noqa: E402  (the same q, KV cache, slots and positions)
+from test_prefill_attention import _case, _check_against_fp32  # noqa: E402  (the same cases and check)
 
 needs_amx = pytest.mark.skipif(not available() or isa_level() < ISA_LEVELS.index("amx"),
                                reason="the AMX prefill attention needs the native kernels and AMX")
@@ -49,17 +48,7 @@ def test_against_fp32_attention(B, H, G, D, T, P):
     q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
     scale = 1 / math.sqrt(D)
     got = pa.prefill_attention(q, kc, vc, slots, pos, scale)
-    assert got.shape == (B, T, H, D) and got.dtype == torch.bfloat16
-    ref = _reference(q, kc, vc, slots, pos, scale).transpose(1, 2)
-    S = int(pos.max()) + 1
-    mask = (torch.arange(S)[None, None, :] <= pos[:, :, None])[:, None]
-    torch_bf16 = F.scaled_dot_product_attention(q, kc[slots, :, :S], vc[slots, :, :S], attn_mask=mask, scale=scale,
-                                                enable_gqa=True).transpose(1, 2).float()
-    err, err_torch = (got.float() - ref).abs(), (torch_bf16 - ref).abs()
-    assert err.max() <= 1.5 * err_torch.max() + 1e-3 and err.mean() <= 1.5 * err_torch.mean() + 1e-4
-    torch.testing.assert_close(got.float(), ref, rtol=2 ** -6, atol=2e-2)
-    print(f"prefill_attention (amx, key block 64) B{B} H{H} G{G} D{D} T{T} P{P}: max err {err.max():.1e} "
-          f"(torch bf16 SDPA {err_torch.max():.1e}), mean {err.mean():.1e} ({err_torch.mean():.1e})")
+    _check_against_fp32(got, q, kc, vc, slots, pos, scale, f"amx, key block 64) B{B} H{H} G{G} D{D} T{T} P{P}")
 
 
 @needs_amx

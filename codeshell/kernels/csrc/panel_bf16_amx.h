@@ -246,15 +246,8 @@ void chunks_scoped(int64_t n, int64_t align, int64_t min_items, bool owned, cons
     return;
   }
   std::atomic<int64_t> next{0};
-  struct alignas(64) Share {
-    std::atomic<uint64_t> fb;
-  };
-  Share sh[64];
-  if (owned)
-    for (int64_t t = 0; t < threads; ++t) {
-      auto edge = [&](int64_t i) { return i == threads ? n : std::min(n, (n * i / threads + align - 1) / align * align); };
-      sh[t].fb.store(uint64_t(edge(t)) << 32 | uint64_t(edge(t + 1)), std::memory_order_relaxed);
-    }
+  codeshell::OwnedShare sh[64];
+  if (owned) codeshell::owned_shares_init(sh, threads, n, align);
   auto share = [&](int64_t me, int64_t) {
     bool in = false;
     auto run = [&](int64_t a, int64_t b, int64_t pend) {
@@ -268,25 +261,7 @@ void chunks_scoped(int64_t n, int64_t align, int64_t min_items, bool owned, cons
       for (int64_t ch; (ch = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
         run(ch * grain, std::min(n, (ch + 1) * grain), std::min(n, (ch + 1) * grain));
     } else {
-      for (int64_t o = 0; o < threads; ++o) {
-        std::atomic<uint64_t>& w = sh[(me + o) % threads].fb;
-        for (uint64_t v = w.load(std::memory_order_acquire);;) {
-          const int64_t fr = int64_t(v >> 32), bk = int64_t(v & 0xffffffffu);
-          if (fr >= bk) break;
-          int64_t a, b;
-          uint64_t nv;
-          if (o == 0) {
-            a = fr, b = std::min(bk, fr + grain);
-            nv = uint64_t(b) << 32 | uint64_t(bk);
-          } else {
-            a = std::max(fr, (bk - grain) / align * align), b = bk;
-            nv = uint64_t(fr) << 32 | uint64_t(a);
-          }
-          if (!w.compare_exchange_weak(v, nv, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-          run(a, b, o == 0 ? bk : b);
-          v = w.load(std::memory_order_acquire);
-        }
-      }
+      codeshell::owned_claims(sh, threads, me, align, grain, run);
     }
     if (in) leave();
   };

@@ -396,6 +396,45 @@ inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F
   });
 }
 
+// parallel_owned's shares: one atomic word a thread (front << 32 | back), each thread's contiguous share of
+// [0, n) in multiples of `align`. Also chunks_scoped's owned split (panel_bf16_amx.h).
+struct alignas(64) OwnedShare {
+  std::atomic<uint64_t> fb;
+};
+
+inline void owned_shares_init(OwnedShare* sh, int64_t threads, int64_t n, int64_t align) {
+  for (int64_t t = 0; t < threads; ++t) {
+    auto edge = [&](int64_t i) { return std::min(n, i == threads ? n : (n * i / threads + align - 1) / align * align); };
+    sh[t].fb.store(uint64_t(edge(t)) << 32 | uint64_t(edge(t + 1)), std::memory_order_relaxed);
+  }
+}
+
+// Thread `me`'s claims: its own share from the front in steps of `step`, then steps from the back of the
+// others' (every step claimed by one CAS, so each item runs once); f(a, b, pend): pend = the end of the
+// thread's own share still ahead (a stolen step: b), for a prefetch that runs on into the next step.
+template <class F>
+inline void owned_claims(OwnedShare* sh, int64_t threads, int64_t me, int64_t align, int64_t step, const F& f) {
+  for (int64_t o = 0; o < threads; ++o) {
+    std::atomic<uint64_t>& w = sh[(me + o) % threads].fb;
+    for (uint64_t v = w.load(std::memory_order_acquire);;) {
+      const int64_t fr = int64_t(v >> 32), bk = int64_t(v & 0xffffffffu);
+      if (fr >= bk) break;
+      int64_t a, b;
+      uint64_t nv;
+      if (o == 0) {  // own share: the next step from the front
+        a = fr, b = std::min(bk, fr + step);
+        nv = uint64_t(b) << 32 | uint64_t(bk);
+      } else {  // another's: a step from its back
+        a = std::max(fr, (bk - step) / align * align), b = bk;
+        nv = uint64_t(fr) << 32 | uint64_t(a);
+      }
+      if (!w.compare_exchange_weak(v, nv, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      f(a, b, o == 0 ? bk : b);
+      v = w.load(std::memory_order_acquire);
+    }
+  }
+}
+
 // Runs f(i0, i1) over [0, n) with one contiguous share per thread, taken front to back in steps of
 // `step` items (a multiple of `align`), and a thread whose share is done then takes steps from the
 // BACK of the other shares (each share is one atomic word: front << 32 | back; every step is
@@ -419,34 +458,10 @@ inline void parallel_owned(int64_t n, int64_t align, int64_t step, const F& f) {
     f(0, n);
     return;
   }
-  struct alignas(64) Share {
-    std::atomic<uint64_t> fb;
-  };
-  Share sh[64];
-  for (int64_t t = 0; t < threads; ++t) {
-    auto edge = [&](int64_t i) { return std::min(n, i == threads ? n : (n * i / threads + align - 1) / align * align); };
-    sh[t].fb.store(uint64_t(edge(t)) << 32 | uint64_t(edge(t + 1)), std::memory_order_relaxed);
-  }
+  OwnedShare sh[64];
+  owned_shares_init(sh, threads, n, align);
   auto share = [&](int64_t me) {
-    for (int64_t o = 0; o < threads; ++o) {
-      std::atomic<uint64_t>& w = sh[(me + o) % threads].fb;
-      for (uint64_t v = w.load(std::memory_order_acquire);;) {
-        const int64_t fr = int64_t(v >> 32), bk = int64_t(v & 0xffffffffu);
-        if (fr >= bk) break;
-        int64_t a, b;
-        uint64_t nv;
-        if (o == 0) {  // own share: the next step from the front
-          a = fr, b = std::min(bk, fr + step);
-          nv = uint64_t(b) << 32 | uint64_t(bk);
-        } else {  // another's: a step from its back
-          a = std::max(fr, (bk - step) / align * align), b = bk;
-          nv = uint64_t(fr) << 32 | uint64_t(a);
-        }
-        if (!w.compare_exchange_weak(v, nv, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-        f(a, b);
-        v = w.load(std::memory_order_acquire);
-      }
-    }
+    owned_claims(sh, threads, me, align, step, [&](int64_t a, int64_t b, int64_t) { f(a, b); });
   };
   if (team != nullptr) {
     team->run(threads, 1, [&](int64_t i0, int64_t i1) {

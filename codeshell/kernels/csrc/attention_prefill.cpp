@@ -42,6 +42,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "amx_tiles.h"
 #include "isa.h"
 #include "parallel.h"
 #include "scratch.h"
@@ -721,19 +722,10 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
 // order); a row's result depends only on its own query and keys (row tiles never mix rows' sums), so
 // a row does not depend on the batch around it. CODESHELL_PREFILL_ATTN_AMX=0 (prefill_attention.py):
 // the vdpbf16ps kernel.
-struct alignas(64) AttnTileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 inline void attn_amx_configure() {
-  AttnTileConfig cfg;
+  codeshell::AmxTileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  // GCC's _tile_loadconfig is an asm whose memory operand is 8 bytes: without this the stores of
-  // colsb / rows were dropped as dead (seen: ldtilecfg on a half-written config, a #GP)
-  __asm__ volatile("" ::"r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
+  codeshell::amx_load_config(cfg);  // (its barrier: this copy's stores were dropped without it, a #GP)
 }
 
 void attn_amx_release() { _tile_release(); }  // (a function of this section: the caller's lambda is not)

@@ -48,6 +48,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "entry.h"
 #include "isa.h"
 #include "panel_rows.h"

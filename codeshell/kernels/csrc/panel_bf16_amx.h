@@ -14,23 +14,13 @@ namespace {
 
 // Tile registers: tmm0..3 C (16 rows x 16 fp32), tmm4/5 A (16 rows of x x 32 bf16), tmm6/7 B
 // (16 k-pairs x 16 weight rows x 2). All 16 rows x 64 bytes.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 void amx_configure() {
-  TileConfig cfg;
+  codeshell::AmxTileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
-  // GCC's _tile_loadconfig is an asm whose memory operand is 8 bytes: inlined, the stores above
-  // may be dropped as dead (session 37: attention_prefill.cpp's copy of this ran ldtilecfg on a
-  // half-written config); the barrier keeps them
-  __asm__ volatile("" ::"r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
+  codeshell::amx_load_config(cfg);
 }
 
 // x bf16 [M, K] -> A tiles [Mt = ceil(M/16)][Kt = Kp/32][16][32] bf16 (zero padded), so each
@@ -216,12 +206,12 @@ void decode_amx(const uint16_t* a, int64_t M, int64_t Kt, const uint16_t* w, int
 inline bool amx_bf16_m1() { return codeshell::env_flag("CODESHELL_AMX_BF16_M1", true); }
 
 void amx_configure_m1() {
-  TileConfig cfg;
+  codeshell::AmxTileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = t <= 4 ? 1 : 16;  // C tmm0..3 and A tmm4: one row of x; B tmm5..7: 16 k-pairs
   }
-  _tile_loadconfig(&cfg);
+  codeshell::amx_load_config(cfg);
 }
 
 // parallel_chunks' chunks (the same grain: ~8 a thread, none under min_items, multiples of align),

@@ -39,6 +39,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "isa.h"
 #include "parallel.h"
 #include "switches.h"
@@ -56,22 +57,15 @@ namespace {
 constexpr int64_t kChunkK = 512;    // k per pass: 4 panels of A (32 KiB) stay in L1 while B tiles stream past
 constexpr int64_t kItemPanels = 16; // panels of 16 weight rows per work item (fewer when there are few panels)
 
-struct alignas(64) TileCfg {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // tmm0..3: C^T int32 [16 weight rows][16 rows of x]; tmm4/5: A [16 weight rows][D bytes];
 // tmm6/7: B [D/4 k-quads][16 rows of x x 4 bytes].
 void configure(int D) {
-  TileCfg c;
+  codeshell::AmxTileConfig c;
   for (int t = 0; t < 8; ++t) {
     c.rows[t] = t >= 6 ? uint8_t(D / 4) : 16;
     c.colsb[t] = t == 4 || t == 5 ? uint16_t(D) : 64;
   }
-  __asm__ volatile("" ::"r"(&c) : "memory");  // _tile_loadconfig's asm names 8 bytes: keep the stores (session 37)
-  _tile_loadconfig(&c);
+  codeshell::amx_load_config(c);
 }
 
 

@@ -68,6 +68,10 @@ class FastLinear:
                 and os.environ.get("CODESHELL_DOT_BF16OUT", "1") != "0"):
             ops.PATHS_RUN[(p.kind, path + "+bf16")] += 1
             return getattr(mod, gemm)(x2.contiguous(), p.data, p.out_features, self.bias, False, True)
+        if _q8_epi(path, p, x2.shape[0], x.dtype):
+            ops.PATHS_RUN[(p.kind, path + "+bf16")] += 1
+            return mod.prefill_q8_amx_epi(x2.contiguous(), p.data, p.scales, p.group_size if p.kind == "int4" else 0,
+                                          self.bias, False)
         return ops._compute(path, mod, x2, p, self.bias)
 
     def _path(self, m: int, dtype: torch.dtype) -> str:
@@ -90,6 +94,10 @@ class FastLinear:
         x2 = x.reshape(-1, p.in_features)
         path = None if mod is None else self._path(x2.shape[0], x.dtype)
         gemm = _gemm(path, p, x2.shape[0])
+        if gemm is None and _q8_epi(path, p, x2.shape[0], x.dtype):
+            ops.PATHS_RUN[(p.kind, path + "+gelu")] += 1
+            return mod.prefill_q8_amx_epi(x2.contiguous(), p.data, p.scales, p.group_size if p.kind == "int4" else 0,
+                                          self.bias, True)
         if gemm is None:
             return None
         ops.PATHS_RUN[(p.kind, path + "+gelu")] += 1
@@ -122,6 +130,19 @@ def _gemm(path: str | None, p, m: int) -> str | None:
             and os.environ.get("CODESHELL_AMX_EPI", "1") != "0"):
         return "prefill_bf16_amx"
     return None
+
+
+def _q8_epi(path: str | None, p, m: int, x_dtype: torch.dtype) -> bool:
+    """Whether this call takes `prefill_q8_amx_epi` (session 38, helper A): the AMX-INT8 prompt
+    tiles (`amx:q8` at M > DECODE_MAX_M) on an int8 / int4 weight without offsets, bf16 x, the
+    result as bf16 (the sum rounded, or c_fc's GELU of it) from the tiles' epilogue, as `_gemm`
+    gives bf16 weights: the fp32 result, its cast and the fused GELU's pass were the int8 / int4
+    prompt's extra traffic (and x's fp32 copy). The bits: `raw`'s fp32 then the model's cast / the
+    fused GELU (gelu16 with CODESHELL_GELU_FAST=0; gelu16_fast by default, within one bf16 ulp).
+    Offsets (asymmetric int4) are added to the fp32 result after the tiles, so they keep the fp32
+    path. CODESHELL_Q8_EPI=0 (read per call, A/B): fp32 out as before."""
+    return (path == "amx:q8" and p.kind in ("int8", "int4") and p.offsets is None and m > ops.DECODE_MAX_M
+            and x_dtype == torch.bfloat16 and os.environ.get("CODESHELL_Q8_EPI", "1") != "0")
 
 
 class PackedLinear(nn.Module):

@@ -135,3 +135,20 @@ def test_engine_prefill_matches_the_sdpa_path(monkeypatch):
     for a, b in zip(native, sdpa):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
+
+
+@needs_amx
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (2, 4, 2, 32, 37, 9), (1, 8, 2, 128, 512, 0),
+                                         (2, 4, 1, 256, 70, 20), (1, 4, 4, 32, 17, 64)])
+def test_the_softmax_exp_switch_both_against_fp32(B, H, G, D, T, P, monkeypatch):
+    # Session 38: the AMX kernel's softmax takes exp2_poly4 on one fmsub of the raw score by default
+    # (other last bits); CODESHELL_PREFILL_ATTN_FEXP=0 keeps exp16. Both as close to fp32 attention
+    # as torch's own bf16 SDPA, and the switch runs another exp.
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    scale = 1 / math.sqrt(D)
+    fast = pa.prefill_attention(q, kc, vc, slots, pos, scale)
+    _check_against_fp32(fast, q, kc, vc, slots, pos, scale, f"amx, exp2_poly4) B{B} H{H} G{G} D{D} T{T} P{P}")
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_FEXP", "0")
+    old = pa.prefill_attention(q, kc, vc, slots, pos, scale)
+    _check_against_fp32(old, q, kc, vc, slots, pos, scale, f"amx, exp16) B{B} H{H} G{G} D{D} T{T} P{P}")
+    assert not torch.equal(fast, old)

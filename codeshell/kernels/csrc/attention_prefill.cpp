@@ -138,6 +138,7 @@ struct Item {
   bool dout;              // block_rows4 (W): the group's value product dims outside, rows inside (pv_tile)
   bool round;             // block_rows4 (W): the probabilities' bf16 rounding by round_bf16_pos
   bool kpack;             // pack_block_w: the keys by 16 x 16 transposes
+  bool fexp = false;      // run_item_amx: the softmax's exp by exp2_poly4 (session 38; other last bits)
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -722,6 +723,26 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
 // order); a row's result depends only on its own query and keys (row tiles never mix rows' sums), so
 // a row does not depend on the batch around it. CODESHELL_PREFILL_ATTN_AMX=0 (prefill_attention.py):
 // the vdpbf16ps kernel.
+// 2^t for the AMX softmax (session 38, helper A; CODESHELL_PREFILL_ATTN_FEXP=0: exp16 as before):
+// n = round(t), f = t - n in [-1/2, 1/2], 2^f by a degree-4 polynomial (Taylor in f ln 2: relative
+// error <= 4.5e-5, against the 2^-9 of the bf16 rounding every probability gets next), 2^n by
+// vscalefps (0 for t below -149, no clamp needed). t = s * scale * log2(e) - m * log2(e) comes from
+// one fmsub on the raw score: the scale multiply, the subtraction and exp16's range reduction
+// (mul, roundscale, two fnmadd), its 6 fmadds, clamps and exponent arithmetic were ~18 vector ops a
+// 16 scores; this is 8. Why: at codeshell-mini's head dim 32 a score costs one 32-deep k-tile of
+// TMUL work and the softmax's vector ops bound the kernel (session 37, helper C: 0.15 TFLOP/s a core,
+// 30% of the prompt). Masked lanes (-inf) give NaN here and are zeroed by the caller's mask.
+inline __m512 exp2_poly4(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 y = _mm512_set1_ps(9.6181291e-3f);                  // ln2^4 / 24
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504109e-2f));  // ln2^3 / 6
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022651e-1f));  // ln2^2 / 2
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718e-1f));  // ln2
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+
 inline void attn_amx_configure() {
   codeshell::AmxTileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
@@ -811,8 +832,11 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
       // the softmax four rows at a time: their maxima and sums reduced together (reduce4, as
       // block_rows4), the rows' exp16 chains interleaved; FULL: every row of the tile sees all 64
       // keys of the block (no masks: the same values; CODESHELL_PREFILL_ATTN_FULL=0 masks every block)
-      auto softmax = [&](auto full_c) {
-      constexpr bool FULL = decltype(full_c)::value;
+      auto softmax = [&](auto full_c, auto fexp_c) {
+      constexpr bool FULL = decltype(full_c)::value, FEXP = decltype(fexp_c)::value;
+      // FEXP: x holds the raw scores (the maxima scaled after the reduction: scale > 0), the exp
+      // argument one fmsub of them (exp2_poly4 above)
+      const __m512 sc2 = _mm512_set1_ps(it.scale * 1.44269504088896341f);
       for (int64_t i4 = 0; i4 < 16; i4 += 4) {
         int64_t last[4];
         __m512 x[4][4], mx[4];
@@ -821,7 +845,8 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
           last[u] = qpos[rt * 16 + i4 + u] - j0;
           mx[u] = _mm512_set1_ps(-INFINITY);
           for (int c = 0; c < 4; ++c) {
-            const __m512 sv = _mm512_mul_ps(_mm512_load_ps(S + (i4 + u) * KB + 16 * c), sc);
+            const __m512 sv = FEXP ? _mm512_load_ps(S + (i4 + u) * KB + 16 * c)
+                                   : _mm512_mul_ps(_mm512_load_ps(S + (i4 + u) * KB + 16 * c), sc);
             if constexpr (FULL) {
               vis[u][c] = __mmask16(0xffff);
               x[u][c] = sv;
@@ -847,11 +872,12 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
             continue;
           }
           const float mo = mrow[ri];
-          mnew[u] = std::max(mo, red[4 * u]);
+          mnew[u] = std::max(mo, FEXP ? red[4 * u] * it.scale : red[4 * u]);
           alpha[i4 + u] = mo == mnew[u] ? 1.f : std::exp(mo - mnew[u]);  // 0 on the first visible block (-inf)
-          const __m512 mv = _mm512_set1_ps(mnew[u]);
+          const __m512 mv = _mm512_set1_ps(FEXP ? mnew[u] * 1.44269504088896341f : mnew[u]);
           for (int c = 0; c < 4; ++c) {
-            __m512 e = codeshell::exp16(_mm512_sub_ps(x[u][c], mv));
+            __m512 e = FEXP ? exp2_poly4(_mm512_fmsub_ps(x[u][c], sc2, mv))
+                            : codeshell::exp16(_mm512_sub_ps(x[u][c], mv));
             if constexpr (!FULL) e = _mm512_maskz_mov_ps(vis[u][c], e);
             const __m256i eb = (__m256i)_mm512_cvtneps_pbh(e);
             _mm256_store_si256(reinterpret_cast<__m256i*>(p + 16 * c), eb);
@@ -875,8 +901,14 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
         }
       }
       };
-      if (it.full && tmin[rt] - j0 >= KB - 1) softmax(std::true_type{});
-      else softmax(std::false_type{});
+      const bool fl = it.full && tmin[rt] - j0 >= KB - 1;
+      if (it.fexp) {
+        if (fl) softmax(std::true_type{}, std::true_type{});
+        else softmax(std::false_type{}, std::true_type{});
+      } else {
+        if (fl) softmax(std::true_type{}, std::false_type{});
+        else softmax(std::false_type{}, std::false_type{});
+      }
       __asm__ volatile("" ::: "memory");  // P and o written above, read by the tile loads below
       float* ot = o + rt * 16 * D;
       for (int64_t d0 = 0; d0 < D; d0 += 64) {
@@ -1064,6 +1096,9 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // old order the last chunk claimed was the costliest (2 x the last items: 31 of the 272 units
   // of a 512-token prompt at the small shape) and the other thread idled for up to that long.
   const bool lpt = codeshell::env_flag("CODESHELL_PREFILL_ATTN_ORDER", true);
+  // CODESHELL_PREFILL_ATTN_FEXP=0: the AMX kernel's softmax through exp16 as in session 37 (A/B and
+  // its bits); by default exp2_poly4 on one fmsub of the raw score (other last bits)
+  const bool fexp = codeshell::env_flag("CODESHELL_PREFILL_ATTN_FEXP", true);
   const size_t nbuf = 2 * size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kGroupMax) * kKbMax + 2 * Rmax + 64;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
     // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs; W: fp32,
@@ -1087,7 +1122,9 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
       for (int64_t w = a; w < e; ++w) {
         const int64_t b = lpt ? (w % (B * G)) / G : w / (G * nq), g = lpt ? w % G : (w / nq) % G,
                       qi = lpt ? nq - 1 - w / (B * G) : w % nq;
-        run_item_amx(item_of(b, g, qi), kp, vp, o, mrow, lrow, qa.data());
+        Item item = item_of(b, g, qi);
+        item.fexp = fexp;
+        run_item_amx(item, kp, vp, o, mrow, lrow, qa.data());
       }
       attn_amx_release();
       return;

@@ -54,6 +54,8 @@ torch::Tensor decode_int8_q8(const torch::Tensor& x, const torch::Tensor& q, con
 torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                              const c10::optional<torch::Tensor>& offset, int64_t G,
                              const c10::optional<torch::Tensor>& bias);
+torch::Tensor prefill_q8_amx_epi(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                                 int64_t G, const c10::optional<torch::Tensor>& bias, bool gelu);
 torch::Tensor prefill_q8_vnni(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                               const c10::optional<torch::Tensor>& offset, int64_t G,
                               const c10::optional<torch::Tensor>& bias);

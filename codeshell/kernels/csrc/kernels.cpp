@@ -370,6 +370,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_int8_q8", &decode_int8_q8, kNoGil, "int8 weight x int8-quantised x (blocks of q8_block_int8(K))");
   m.def("prefill_q8_amx", &prefill_q8_amx, kNoGil,
         "AMX-INT8: int8 (G = 0) or int4 weight x int8-quantised x (decode's blocks), any M -> fp32 [M,N]");
+  m.def("prefill_q8_amx_epi", &prefill_q8_amx_epi, kNoGil, py::arg("x"), py::arg("q"), py::arg("scale"),
+        py::arg("G"), py::arg("bias"), py::arg("gelu") = false,
+        "AMX-INT8 prompt tiles (M > 64, no int4 offsets): x bf16 or fp32 -> bf16 [M,N], the sum rounded "
+        "(gelu: its GELU), as prefill_bf16_amx's epilogues");
   m.def("prefill_q8_vnni", &prefill_q8_vnni, kNoGil,
         "AVX512-VNNI: int8 (G = 0) or int4 weight x int8-quantised x (decode's blocks), any M -> fp32 [M,N]");
   m.def("prefill_q8_avx2", &prefill_q8_avx2, kNoGil,

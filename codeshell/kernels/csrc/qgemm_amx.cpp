@@ -79,16 +79,33 @@ inline int64_t xt_offset(int64_t Mt, int64_t K, int64_t mt, int64_t k) {
 
 // x fp32 [M, K] -> xt int8 B tiles (xt_offset: k-quad j of row block mt holds rows 16mt..16mt+15,
 // 4 bytes each, zero past M), dxt fp32 [K/B][Mp] (block scales, zero past M), xs fp32 [M][K/B].
-void quantize_xt(const float* x, int64_t M, int64_t K, int64_t B, int8_t* xt, float* dxt, float* xs) {
+// xb (bf16 [M, K], session 38, the epilogue entry prefill_q8_amx_epi) instead of x: each row widened
+// to fp32 (exact) into a row buffer first, so the integers and scales are x.float()'s, without the
+// caller's M x K fp32 copy (2 MiB written and read back a linear at the small shape).
+void quantize_xt(const float* x, int64_t M, int64_t K, int64_t B, int8_t* xt, float* dxt, float* xs,
+                 const uint16_t* xb = nullptr) {
   const int64_t nb = K / B, Mt = (M + 15) / 16, Mp = Mt * 16;
   at::parallel_for(0, Mt, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int8_t> rows(size_t(16) * K);
+    std::vector<float> wide(xb ? size_t(K) : 0);
     for (int64_t mt = t0; mt < t1; ++mt) {
       for (int64_t r = 0; r < 16; ++r) {
         const int64_t m = mt * 16 + r;
         int8_t* o = rows.data() + r * K;
         if (m < M) {
-          codeshell::quantize_row_avx512(x + m * K, K, B, /*perm=*/0, o, dxt + m, Mp, xs ? xs + m * nb : nullptr);
+          const float* xr = x ? x + m * K : wide.data();
+          if (xb) {
+            const uint16_t* src = xb + m * K;
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16)  // bf16 -> fp32: the 16 bits above 16 zero bits
+              _mm512_storeu_si512(wide.data() + k, _mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))), 16));
+            for (; k < K; ++k) {
+              const uint32_t u = uint32_t(src[k]) << 16;
+              std::memcpy(wide.data() + k, &u, 4);
+            }
+          }
+          codeshell::quantize_row_avx512(xr, K, B, /*perm=*/0, o, dxt + m, Mp, xs ? xs + m * nb : nullptr);
         } else {
           std::memset(o, 0, size_t(K));
           for (int64_t b = 0; b < nb; ++b) dxt[b * Mp + m] = 0.f;
@@ -181,7 +198,15 @@ struct Problem {
   const int8_t* xt;          // quantize_xt
   const float* dxt;
   float* out;
+  uint16_t* out16 = nullptr;  // bf16 [M, N] instead of out (prefill_q8_amx_epi), by `epi`
+  int epi = 0;                // kEpiF32 / kEpiB16 / kEpiGeluFast / kEpiGelu
 };
+
+// store_item's epilogues (session 38): fp32 into out (as before); the fp32 value rounded to bf16
+// (bf16_bits: the bits of out's `.to(torch.bfloat16)`, which the model does next anyway); the GELU of
+// that rounded value, gelu16_fast (within one bf16 ulp) or gelu16 (the bits of the fused GELU on
+// out, CODESHELL_GELU_FAST=0), as panel_bf16's store_rows_b16 / store_rows_gelu do for bf16 weights.
+enum { kEpiF32 = 0, kEpiB16 = 1, kEpiGeluFast = 2, kEpiGelu = 3 };
 
 // The fp32 sums of a work item: acc [Mt][item rows][16] (row block mt of x, weight row n: 16
 // floats at (mt * rows + n) * 16), so the 4 panels x 1 row block a block updates are 4 KiB in a
@@ -227,9 +252,19 @@ void store_item(const Problem& P, int64_t pa, int64_t pb, const float* acc, int6
       const float* a = acc + (mt * rows_item + (p - pa) * 16) * 16;
       for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_si512(a + r * 16);
       codeshell::transpose16(v);
-      for (int64_t j = 0; j < 16 && mt * 16 + j < P.M; ++j)
-        _mm512_mask_storeu_ps(P.out + (mt * 16 + j) * P.N + n0, cm,
-                              _mm512_fmadd_ps(_mm512_castsi512_ps(v[j]), sv, bv));
+      const int64_t rows = std::min<int64_t>(16, P.M - mt * 16);
+      if (P.epi == kEpiF32) {
+        for (int64_t j = 0; j < rows; ++j)
+          _mm512_mask_storeu_ps(P.out + (mt * 16 + j) * P.N + n0, cm,
+                                _mm512_fmadd_ps(_mm512_castsi512_ps(v[j]), sv, bv));
+        continue;
+      }
+      for (int64_t j = 0; j < rows; ++j) {  // the fp32 path's value, then its epilogue
+        __m512 y = _mm512_fmadd_ps(_mm512_castsi512_ps(v[j]), sv, bv);
+        if (P.epi == kEpiGeluFast) y = codeshell::gelu16_fast(codeshell::round_bf16_fast(y));
+        else if (P.epi == kEpiGelu) y = codeshell::gelu16(codeshell::round_bf16(y));
+        _mm256_mask_storeu_epi16(P.out16 + (mt * 16 + j) * P.N + n0, cm, _mm512_cvtepi32_epi16(codeshell::bf16_bits(y)));
+      }
     }
   }
 }
@@ -790,9 +825,10 @@ CODESHELL_END_AVX512
 // (int8: q8_block_int8(K); int4: the group) and sets *b to the bias (or null).
 static int64_t check_q8_prefill(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                                 const c10::optional<torch::Tensor>& offset, int64_t G,
-                                const c10::optional<torch::Tensor>& bias, const float** bp) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be a contiguous fp32 [M, K] tensor");
+                                const c10::optional<torch::Tensor>& bias, const float** bp, bool bf16_x = false) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == torch::kFloat32 || (bf16_x && x.scalar_type() == torch::kBFloat16)),
+              bf16_x ? "x must be a contiguous bf16 or fp32 [M, K] tensor" : "x must be a contiguous fp32 [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   TORCH_CHECK(M >= 1 && N >= 1, "empty matmul");
   int64_t B;
@@ -861,6 +897,40 @@ torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, con
             scale.data_ptr<float>(), b, xt.data(), dxt.data_ptr<float>(), out.data_ptr<float>()};
   prefill_q8_tiles(P);
   if (offs) out.addmm_(xs, offset->view({N, nb}).t());  // sum_g off[n, g] * xs[m, g]
+#endif
+  return out;
+}
+
+// prefill_q8_amx's prompt tiles (M > 64) with a bf16 result [M, N] (session 38): `gelu`: the GELU of
+// each sum rounded to bf16 (c_fc), else the sum rounded to bf16 (the other linears), from store_item
+// while the item's sums are in L2, as prefill_bf16_amx's epilogues do for bf16 weights; x bf16 (read
+// as x.float(): the same integers) or fp32. Why: the int8 / int4 prompt wrote c_fc's 8 MiB of fp32 a
+// layer (small shape) for the fused GELU to read back and round, and the other linears' fp32 for the
+// RoPE / residual casts, plus a fp32 copy of x for every linear. The int4 offsets' correction (an
+// addmm on the fp32 result) has no place before the rounding here: weights with offsets keep
+// prefill_q8_amx (the caller, module.py FastLinear, sends only offset-free weights).
+torch::Tensor prefill_q8_amx_epi(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                                 int64_t G, const c10::optional<torch::Tensor>& bias, bool gelu) {
+  codeshell::check_isa(codeshell::kAmx);
+  const float* b = nullptr;
+  const int64_t B = check_q8_prefill(x, q, scale, c10::nullopt, G, bias, &b, /*bf16_x=*/true);
+  const bool b16 = x.scalar_type() == torch::kBFloat16;
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(M > kRowsMaxM, "prefill_q8_amx_epi takes the prompt's M > ", kRowsMaxM, " rows, got M = ", M);
+  auto out = torch::empty({M, N}, x.options().dtype(torch::kBFloat16));
+#if CODESHELL_HAVE_AVX512
+  const int64_t Mt = (M + 15) / 16, Mp = Mt * 16, nb = K / B;
+  static thread_local codeshell::ThreadScratch xt_keep;
+  codeshell::Scratch<int8_t> xt(xt_keep, size_t(Mt) * 16 * K);
+  auto dxt = torch::empty({nb * Mp}, x.options().dtype(torch::kFloat32));
+  quantize_xt(b16 ? nullptr : x.data_ptr<float>(), M, K, B, xt.data(), dxt.data_ptr<float>(), nullptr,
+              b16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr);
+  Problem P{M, K, N, B, B % 64 == 0 ? 64 : 32, G,
+            G ? nullptr : q.data_ptr<int8_t>(), G ? q.data_ptr<uint8_t>() : nullptr,
+            scale.data_ptr<float>(), b, xt.data(), dxt.data_ptr<float>(), nullptr};
+  P.out16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  P.epi = !gelu ? kEpiB16 : codeshell::env_flag("CODESHELL_GELU_FAST", true) ? kEpiGeluFast : kEpiGelu;
+  prefill_q8_tiles(P);
 #endif
   return out;
 }

@@ -292,7 +292,9 @@ def test_decode_untied_embedding_and_int8_head(kind, monkeypatch, native_calls):
     m = tiny(kind, tie_word_embeddings=False)
     assert type(m.transformer.wte) is nn.Embedding and type(m.lm_head) is PackedLinear
     start = len(native_calls)
-    assert_same_runs(m, monkeypatch, native_calls, prompts(3), lookup=4)
+    # 16 tokens (not 10): whether the random model's greedy text repeats within reach of the lookup
+    # depends on the prompt's last bits (session 38's AMX softmax exp moved it past 10 tokens here)
+    assert_same_runs(m, monkeypatch, native_calls, prompts(3), lookup=4, max_tokens=16)
     assert decoded(start, native_calls, m)
     w = m.lm_head.packed
     g = torch.Generator().manual_seed(5)

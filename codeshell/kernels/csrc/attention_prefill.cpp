@@ -139,6 +139,7 @@ struct Item {
   bool round;             // block_rows4 (W): the probabilities' bf16 rounding by round_bf16_pos
   bool kpack;             // pack_block_w: the keys by 16 x 16 transposes
   bool fexp = false;      // run_item_amx: the softmax's exp by exp2_poly4 (session 38; other last bits)
+  bool fsum = false;      // run_item_amx with fexp: fp32 row sums and the four rows' alpha in one vector
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -862,6 +863,7 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
         _mm512_store_ps(red, reduce4<true>(mx));
         __m512 sum[4];
         float mnew[4];
+        alignas(16) float mo4[4] = {0.f, 0.f, 0.f, 0.f}, mn4[4] = {0.f, 0.f, 0.f, 0.f};  // FEXP: alpha's inputs
         for (int u = 0; u < 4; ++u) {
           const int64_t ri = rt * 16 + i4 + u;
           uint16_t* p = P + (i4 + u) * KB;
@@ -873,7 +875,8 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
           }
           const float mo = mrow[ri];
           mnew[u] = std::max(mo, FEXP ? red[4 * u] * it.scale : red[4 * u]);
-          alpha[i4 + u] = mo == mnew[u] ? 1.f : std::exp(mo - mnew[u]);  // 0 on the first visible block (-inf)
+          if (FEXP && it.fsum) mo4[u] = mo, mn4[u] = mnew[u];
+          else alpha[i4 + u] = mo == mnew[u] ? 1.f : std::exp(mo - mnew[u]);  // 0 on the first visible block (-inf)
           const __m512 mv = _mm512_set1_ps(FEXP ? mnew[u] * 1.44269504088896341f : mnew[u]);
           for (int c = 0; c < 4; ++c) {
             __m512 e = FEXP ? exp2_poly4(_mm512_fmsub_ps(x[u][c], sc2, mv))
@@ -881,8 +884,20 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
             if constexpr (!FULL) e = _mm512_maskz_mov_ps(vis[u][c], e);
             const __m256i eb = (__m256i)_mm512_cvtneps_pbh(e);
             _mm256_store_si256(reinterpret_cast<__m256i*>(p + 16 * c), eb);
-            sum[u] = _mm512_add_ps(sum[u], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16)));
+            // FEXP: the row sum of the fp32 probabilities (as torch's CPU flash kernel sums them; the
+            // bf16 rounding of each is within 2^-9 and unbiased), not of their bf16 roundings widened
+            // back: two ops fewer a vector
+            if (FEXP && it.fsum) sum[u] = _mm512_add_ps(sum[u], e);
+            else sum[u] = _mm512_add_ps(sum[u], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16)));
           }
+        }
+        if (FEXP && it.fsum) {  // the four rows' alpha = e^(mo - mnew) in one vector, not four scalar expf calls:
+          // exp2_poly4 (0 exactly where mo = mnew: 2^0 = 1; the first visible block's mo = -inf gives NaN there,
+          // set to 0; a skipped row's 0 - 0 gives 1, unused). An alpha error scales o and l alike.
+          const __m128 mo_v = _mm_load_ps(mo4);
+          const __m512 t = _mm512_zextps128_ps512(_mm_mul_ps(_mm_sub_ps(mo_v, _mm_load_ps(mn4)), _mm_set1_ps(1.44269504088896341f)));
+          const __m128 a = _mm512_castps512_ps128(exp2_poly4(t));
+          _mm_storeu_ps(alpha + i4, _mm_mask_mov_ps(a, _mm_cmp_ps_mask(mo_v, _mm_set1_ps(-INFINITY), _CMP_EQ_OQ), _mm_setzero_ps()));
         }
         _mm512_store_ps(red, reduce4<false>(sum));
         for (int u = 0; u < 4; ++u) {
@@ -1099,6 +1114,9 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // CODESHELL_PREFILL_ATTN_FEXP=0: the AMX kernel's softmax through exp16 as in session 37 (A/B and
   // its bits); by default exp2_poly4 on one fmsub of the raw score (other last bits)
   const bool fexp = codeshell::env_flag("CODESHELL_PREFILL_ATTN_FEXP", true);
+  // CODESHELL_PREFILL_ATTN_FSUM=0 (with FEXP): the row sums of the bf16-rounded probabilities and a
+  // scalar expf a row for alpha, as with exp16; by default fp32 sums and one vector exp2_poly4 for four rows
+  const bool fsum = codeshell::env_flag("CODESHELL_PREFILL_ATTN_FSUM", true);
   const size_t nbuf = 2 * size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kGroupMax) * kKbMax + 2 * Rmax + 64;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
     // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs; W: fp32,
@@ -1124,6 +1142,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
                       qi = lpt ? nq - 1 - w / (B * G) : w % nq;
         Item item = item_of(b, g, qi);
         item.fexp = fexp;
+        item.fsum = fsum;
         run_item_amx(item, kp, vp, o, mrow, lrow, qa.data());
       }
       attn_amx_release();

@@ -109,3 +109,37 @@ def test_packed_linear_int4_offsets_keep_the_fp32_path():
     x = torch.randn(100, 128).to(torch.bfloat16)
     assert lin.forward_raw(x).dtype == torch.float32
     assert lin.forward_gelu(x) is None
+
+
+def test_bf16_epilogues_keep_their_bits_on_denormals_nan_and_inf(monkeypatch):
+    # bf16_pack.h: vcvtneps2bf16 flushes denormals and keeps NaN payloads, bf16_bits does neither; a
+    # vector with such a lane takes bf16_bits, so CODESHELL_B16_CVT on / off give the same bits. A zero
+    # weight makes each output 0 + its bias (fp32), so every special value reaches both epilogues
+    # (amx:bf16's store_rows_b16, amx:q8's store_item); the non-NaN lanes are torch's cast of the fp32
+    # result, NaN lanes NaN.
+    from codeshell.kernels import prepack
+    mod = _ext.get()
+    n, k, m = 64, 128, 80
+    specials = torch.tensor([1e-40, -3e-39, float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 3.4e38,
+                             -1.2e-38, 2.0 ** -126, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -9, -5.5, 7e-39, 65504.0, 1e-45])
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    bias[:16] = specials  # panel 0: every lane special; panel 1 a NaN in one lane only
+    bias[17] = float("nan")
+    x = torch.randn(m, k).to(torch.bfloat16)
+    zero = prepack(torch.zeros(n, k))
+    p, g = _weight("int8", n, k)
+    pw = prepack(torch.randn(n, k) / k ** 0.5)
+    y32 = {"zero": mod.prefill_bf16_amx(x, zero.data, n, bias, False, False).clone(),
+           "rand": mod.prefill_bf16_amx(x, pw.data, n, bias, False, False).clone()}
+    got = {}
+    for hw in ("1", "0"):
+        monkeypatch.setenv("CODESHELL_B16_CVT", hw)
+        got[hw] = (mod.prefill_bf16_amx(x, zero.data, n, bias, False, True),
+                   mod.prefill_q8_amx_epi(x, torch.zeros_like(p.data), p.scales, g, bias, False),
+                   mod.prefill_bf16_amx(x, pw.data, n, bias, False, True))
+    for a, b in zip(got["1"], got["0"]):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    for out, ref in zip(got["1"], (y32["zero"], y32["zero"], y32["rand"])):
+        nan = ref.isnan()
+        assert torch.equal(out.isnan(), nan)
+        assert torch.equal(out[~nan].view(torch.int16), ref[~nan].to(torch.bfloat16).view(torch.int16))

@@ -48,6 +48,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16_pack.h"
 #include "amx_tiles.h"
 #include "entry.h"
 #include "isa.h"

@@ -129,9 +129,10 @@ inline bool dot_rows_direct(int64_t K, int64_t N) {
 }
 
 // store_rows_gelu's rows with gelu16_fast (FAST) or gelu16, each on its input rounded to bf16.
+// hw: bf16_pack by vcvtneps2bf16 (bf16_pack.h; the same bits).
 template <bool FAST>
 inline void gelu_rows(const float* c, int64_t ldc, int64_t M, uint16_t* out, int64_t N, int64_t n0, int64_t cols,
-                      const float* bias, bool x4) {
+                      const float* bias, bool x4, bool hw) {
   auto gelu = [](__m512 v) {
     return FAST ? codeshell::gelu16_fast(codeshell::round_bf16_fast(v)) : codeshell::gelu16(codeshell::round_bf16(v));
   };
@@ -148,14 +149,14 @@ inline void gelu_rows(const float* c, int64_t ldc, int64_t M, uint16_t* out, int
           v[u] = gelu(v[u]);
         }
         for (int u = 0; u < 4; ++u)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j + 16 * u), _mm512_cvtepi32_epi16(codeshell::bf16_bits(v[u])));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j + 16 * u), codeshell::bf16_pack(v[u], hw));
       }
     for (; j < cols; j += 16) {
       const __mmask16 k = cols - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (cols - j)) - 1);
       __m512 v = _mm512_maskz_loadu_ps(k, cm + j);
       if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + n0 + j));
       const __m512 g = gelu(v);
-      _mm256_mask_storeu_epi16(o + j, k, _mm512_cvtepi32_epi16(codeshell::bf16_bits(g)));
+      _mm256_mask_storeu_epi16(o + j, k, codeshell::bf16_pack(g, hw));
     }
   }
 }
@@ -177,11 +178,12 @@ inline void store_rows_gelu(const float* c, int64_t ldc, int64_t M, uint16_t* ou
   // gelu16_fast (simd512.h: a shorter dependency chain; within one bf16 ulp of the exact GELU,
   // as gelu16) unless CODESHELL_GELU_FAST=0: gelu16, the bits of forward_raw + fused_gelu_tanh
   // (A/B and the reference; read each call).
+  const bool hw = codeshell::bf16_cvt_hw();
   if (codeshell::env_flag("CODESHELL_GELU_FAST", true)) {
-    gelu_rows<true>(c, ldc, M, out, N, n0, cols, bias, x4);
+    gelu_rows<true>(c, ldc, M, out, N, n0, cols, bias, x4, hw);
     return;
   }
-  gelu_rows<false>(c, ldc, M, out, N, n0, cols, bias, x4);
+  gelu_rows<false>(c, ldc, M, out, N, n0, cols, bias, x4, hw);
 }
 
 // prefill_dot's bf16 epilogue (`out_b16`): c [M][ldc] (columns [0, cols)) + bias[n0 + j], rounded
@@ -192,6 +194,7 @@ inline void store_rows_gelu(const float* c, int64_t ldc, int64_t M, uint16_t* ou
 // layer wrote 7 MiB of fp32 for the next op to read back and round; bf16 halves both.
 inline void store_rows_b16(const float* c, int64_t ldc, int64_t M, uint16_t* out, int64_t N, int64_t n0,
                            int64_t cols, const float* bias) {
+  const bool hw = codeshell::bf16_cvt_hw();  // vcvtneps2bf16 where it gives bf16_bits' bits (bf16_pack.h)
   for (int64_t m = 0; m < M; ++m) {
     const float* cm = c + m * ldc;
     uint16_t* o = out + m * N + n0;
@@ -202,14 +205,14 @@ inline void store_rows_b16(const float* c, int64_t ldc, int64_t M, uint16_t* out
         v0 = _mm512_add_ps(v0, _mm512_loadu_ps(bias + n0 + j));
         v1 = _mm512_add_ps(v1, _mm512_loadu_ps(bias + n0 + j + 16));
       }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), _mm512_cvtepi32_epi16(codeshell::bf16_bits(v0)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j + 16), _mm512_cvtepi32_epi16(codeshell::bf16_bits(v1)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), codeshell::bf16_pack(v0, hw));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j + 16), codeshell::bf16_pack(v1, hw));
     }
     for (; j < cols; j += 16) {
       const __mmask16 k = cols - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (cols - j)) - 1);
       __m512 v = _mm512_maskz_loadu_ps(k, cm + j);
       if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + n0 + j));
-      _mm256_mask_storeu_epi16(o + j, k, _mm512_cvtepi32_epi16(codeshell::bf16_bits(v)));
+      _mm256_mask_storeu_epi16(o + j, k, codeshell::bf16_pack(v, hw));
     }
   }
 }

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "bf16_pack.h"
 #include "isa.h"
 #include "parallel.h"
 #include "switches.h"
@@ -200,6 +201,7 @@ struct Problem {
   float* out;
   uint16_t* out16 = nullptr;  // bf16 [M, N] instead of out (prefill_q8_amx_epi), by `epi`
   int epi = 0;                // kEpiF32 / kEpiB16 / kEpiGeluFast / kEpiGelu
+  bool hw = false;            // bf16_pack by vcvtneps2bf16 (bf16_pack.h: the same bits)
 };
 
 // store_item's epilogues (session 38): fp32 into out (as before); the fp32 value rounded to bf16
@@ -263,7 +265,7 @@ void store_item(const Problem& P, int64_t pa, int64_t pb, const float* acc, int6
         __m512 y = _mm512_fmadd_ps(_mm512_castsi512_ps(v[j]), sv, bv);
         if (P.epi == kEpiGeluFast) y = codeshell::gelu16_fast(codeshell::round_bf16_fast(y));
         else if (P.epi == kEpiGelu) y = codeshell::gelu16(codeshell::round_bf16(y));
-        _mm256_mask_storeu_epi16(P.out16 + (mt * 16 + j) * P.N + n0, cm, _mm512_cvtepi32_epi16(codeshell::bf16_bits(y)));
+        _mm256_mask_storeu_epi16(P.out16 + (mt * 16 + j) * P.N + n0, cm, codeshell::bf16_pack(y, P.hw));
       }
     }
   }
@@ -929,6 +931,7 @@ torch::Tensor prefill_q8_amx_epi(const torch::Tensor& x, const torch::Tensor& q,
             G ? nullptr : q.data_ptr<int8_t>(), G ? q.data_ptr<uint8_t>() : nullptr,
             scale.data_ptr<float>(), b, xt.data(), dxt.data_ptr<float>(), nullptr};
   P.out16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  P.hw = codeshell::bf16_cvt_hw();
   P.epi = !gelu ? kEpiB16 : codeshell::env_flag("CODESHELL_GELU_FAST", true) ? kEpiGeluFast : kEpiGelu;
   prefill_q8_tiles(P);
 #endif

@@ -58,13 +58,15 @@ def reference(q, kc, vc, slots, lens, scale):
 RUNS = [(0, 0, 1), (1, 5, 9), (2, 14, 3), (3, 126, 13), (1, 120, 1), (2, 250, 49), (0, 31, 2), (3, 16, 1)]
 
 
-@pytest.mark.parametrize("transposed", ["1", "0"])
+@pytest.mark.parametrize("transposed", ["1", "0", "pairs off"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("H,G,D", [(8, 2, 32), (12, 4, 64), (4, 1, 128), (6, 6, 16), (10, 2, 48), (4, 2, 24)])
 def test_packed_attention_is_decode_attention_bitwise(dtype, H, G, D, transposed, monkeypatch):
     """Both layouts of a run's keys (CODESHELL_ATTN_RUN_T: the transposed keys and vertical sums of
-    session 38 for bf16 at D % 32 == 0, or keys_paired + hsum8x16) give decode's bits."""
-    monkeypatch.setenv("CODESHELL_ATTN_RUN_T", transposed)
+    session 38 for bf16 at D % 32 == 0, or keys_paired + hsum8x16), and the transposed scores two heads
+    at a time or one (CODESHELL_ATTN_RUN_T2; odd head counts per group included), give decode's bits."""
+    monkeypatch.setenv("CODESHELL_ATTN_RUN_T", "1" if transposed == "pairs off" else transposed)
+    monkeypatch.setenv("CODESHELL_ATTN_RUN_T2", "0" if transposed == "pairs off" else "1")
     q, kc, vc, slots, lens = case(dtype, H, G, D, RUNS)
     scale = D ** -0.5
     want = per_token(q, kc, vc, slots, lens, scale)

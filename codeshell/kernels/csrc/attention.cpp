@@ -547,6 +547,28 @@ inline void scores16_t(const float* q, const float* kt, int64_t D, int n, __m512
   _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), _mm512_mul_ps(_mm512_add_ps(f0, f1), scale));
 }
 
+// scores16_t for two query heads q0, q1 (p0, p1) on one key group: each key vector loaded once for
+// both heads' FMAs (one head's FMAs took two loads each, the key and q's broadcast: more than the
+// load ports give at two FMAs a cycle). Each head's chains and sums are scores16_t's: the same bits.
+inline void scores16_t2(const float* q0, const float* q1, const float* kt, int64_t D, int n, __m512 scale, float* p0,
+                        float* p1) {
+  __m512 a[8], b[8];
+  for (int l = 0; l < 8; ++l) a[l] = b[l] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 8)
+    for (int l = 0; l < 8; ++l) {
+      const __m512 k = _mm512_loadu_ps(kt + (c + l) * 16);
+      a[l] = _mm512_fmadd_ps(_mm512_set1_ps(q0[c + l]), k, a[l]);
+      b[l] = _mm512_fmadd_ps(_mm512_set1_ps(q1[c + l]), k, b[l]);
+    }
+  const __mmask16 m = __mmask16((1u << n) - 1);
+  const __m512 f0 = _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6]));
+  const __m512 f1 = _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]));
+  _mm512_mask_storeu_ps(p0, m, _mm512_mul_ps(_mm512_add_ps(f0, f1), scale));
+  const __m512 g0 = _mm512_add_ps(_mm512_add_ps(b[0], b[4]), _mm512_add_ps(b[2], b[6]));
+  const __m512 g1 = _mm512_add_ps(_mm512_add_ps(b[1], b[5]), _mm512_add_ps(b[3], b[7]));
+  _mm512_mask_storeu_ps(p1, m, _mm512_mul_ps(_mm512_add_ps(g0, g1), scale));
+}
+
 // values_f32 for bf16 rows 16 values a step (one 512-bit store each instead of two 256-bit ones:
 // the copy was store-bound); the same values.
 inline void values_f32_16(const uint16_t* src, int64_t s0, int64_t s1, int64_t D, float* buf) {
@@ -608,6 +630,8 @@ void attend_run(const float* q, int n, int R, int64_t D, const T* k, const T* v,
   // the transposed keys (keys_transposed / scores16_t) for bf16 caches at D % 32 == 0
   constexpr bool b16 = std::is_same_v<T, uint16_t>;
   const bool tr = b16 && transposed && D % 32 == 0;
+  // CODESHELL_ATTN_RUN_T2=0 (read per call; A/B runs): the transposed scores one head at a time
+  const bool pair = codeshell::env_flag("CODESHELL_ATTN_RUN_T2", true);
   int64_t smax = 0;
   for (int j = 0; j < n; ++j) smax = std::max(smax, lens[j]);
   const int64_t KB = std::max<int64_t>(16, (4096 / D) / 16 * 16);  // keys per fp32 block: 16 KiB
@@ -628,7 +652,12 @@ void attend_run(const float* q, int n, int R, int64_t D, const T* k, const T* v,
       for (int r = 0; r < R; ++r) {
         const float* qr = q + (int64_t(j) * R + r) * D;
         float* pr = pp + (int64_t(j) * R + r) * smax;
-        if (tr) {
+        if (tr && pair && r + 1 < R) {  // heads r and r + 1 together (scores16_t2)
+          for (int64_t s = s0; s < e; s += 16)
+            scores16_t2(qr, qr + D, kb.data() + (s - s0) * D, D, int(std::min<int64_t>(16, e - s)), sc, pr + s,
+                        pr + smax + s);
+          ++r;
+        } else if (tr) {
           for (int64_t s = s0; s < e; s += 16)
             scores16_t(qr, kb.data() + (s - s0) * D, D, int(std::min<int64_t>(16, e - s)), sc, pr + s);
         } else {

@@ -58,9 +58,15 @@ def reference(q, kc, vc, slots, lens, scale):
 RUNS = [(0, 0, 1), (1, 5, 9), (2, 14, 3), (3, 126, 13), (1, 120, 1), (2, 250, 49), (0, 31, 2), (3, 16, 1)]
 
 
+@pytest.mark.parametrize("transposed", ["1", "0", "pairs off"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("H,G,D", [(8, 2, 32), (12, 4, 64), (4, 1, 128), (6, 6, 16), (10, 2, 48), (4, 2, 24)])
-def test_packed_attention_is_decode_attention_bitwise(dtype, H, G, D):
+def test_packed_attention_is_decode_attention_bitwise(dtype, H, G, D, transposed, monkeypatch):
+    """Both layouts of a run's keys (CODESHELL_ATTN_RUN_T: the transposed keys and vertical sums of
+    session 38 for bf16 at D % 32 == 0, or keys_paired + hsum8x16), and the transposed scores two heads
+    at a time or one (CODESHELL_ATTN_RUN_T2; odd head counts per group included), give decode's bits."""
+    monkeypatch.setenv("CODESHELL_ATTN_RUN_T", "1" if transposed == "pairs off" else transposed)
+    monkeypatch.setenv("CODESHELL_ATTN_RUN_T2", "0" if transposed == "pairs off" else "1")
     q, kc, vc, slots, lens = case(dtype, H, G, D, RUNS)
     scale = D ** -0.5
     want = per_token(q, kc, vc, slots, lens, scale)
@@ -72,10 +78,12 @@ def test_packed_attention_is_decode_attention_bitwise(dtype, H, G, D):
     torch.testing.assert_close(want.float(), reference(q, kc, vc, slots, lens, scale), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("transposed", ["1", "0"])
 @pytest.mark.parametrize("drafts", [0, 1, 2, 7, 15, 16, 17, 40])
 @pytest.mark.parametrize("first", [0, 7, 15, 16, 127, 128, 200])
-def test_one_sequence_and_its_drafts_at_many_lengths(drafts, first):
+def test_one_sequence_and_its_drafts_at_many_lengths(drafts, first, transposed, monkeypatch):
     """A verify step of one sequence: its last token at `first` and `drafts` drafts after it."""
+    monkeypatch.setenv("CODESHELL_ATTN_RUN_T", transposed)
     q, kc, vc, slots, lens = case(torch.bfloat16, 8, 2, 32, [(1, first, 1 + drafts)], max_len=first + drafts + 1,
                                   seed=first * 100 + drafts)
     want = per_token(q, kc, vc, slots, lens, 0.17)

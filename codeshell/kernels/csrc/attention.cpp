@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -481,6 +482,103 @@ void values_f32(const T* src, int64_t s0, int64_t s1, int64_t D, float* buf) {
   for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(buf + i, load8(src + s0 * D + i));
 }
 
+// ---- the transposed run (session 38; CODESHELL_ATTN_RUN_T, bf16 caches with D % 32 == 0) --------
+// A 16-key group's scores as attend_group / scores16 compute them, without hsum8x16's shuffles: the
+// keys stored transposed ([D][16 keys] fp32 a group), so that lane l of each score's 8-lane FMA chain
+// (dims l, l + 8, l + 16, ... in order) is register a[l] over 16 keys, and hsum8's tree
+// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) is seven vertical adds. The same products, the
+// same FMA chains, the same pairs added: the same bits (fp32 addition and multiplication commute).
+// Why: at codeshell-mini's head dim 32 a score was 2 FMAs and ~1.3 shuffles / adds on the same two
+// ports, and verify rows cost a plain row's attention each (~43 us a row of ~56, session 38).
+
+// r[16] rows of 16 dwords -> r[c] = column c (rows 0..15): unpack 32 / 64, then a 4 x 4 transpose of
+// the 128-bit lanes.
+inline void transpose16_epi32(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[4b + j], lane L: rows 4b..4b+3 of column 4L + j
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i u0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88), u1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
+    const __m512i u2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88), u3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
+    t[j] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+    t[8 + j] = _mm512_shuffle_i32x4(u0, u2, 0xdd);
+    t[12 + j] = _mm512_shuffle_i32x4(u1, u3, 0xdd);
+  }
+  for (int c = 0; c < 16; ++c) r[c] = t[c];
+}
+
+// bf16 keys [s0, s1) as fp32 [group][D][16 keys] (keys past s1: zeros); D % 32 == 0. A 32-dim slice
+// of 16 keys is 16 rows of 16 bf16 pairs: transposed as dwords, each pair's low half is dim 2c and
+// its high half dim 2c + 1 (bf16 -> fp32 is the bits shifted up 16: exact, as load8).
+inline void keys_transposed(const uint16_t* src, int64_t s0, int64_t s1, int64_t D, float* buf) {
+  const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
+  for (int64_t g = s0; g < s1; g += 16) {
+    float* dst = buf + (g - s0) * D;
+    for (int64_t dp = 0; dp < D; dp += 32) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = g + i < s1 ? _mm512_loadu_si512(src + (g + i) * D + dp) : _mm512_setzero_si512();
+      transpose16_epi32(r);
+      for (int c = 0; c < 16; ++c) {
+        _mm512_storeu_si512(dst + (dp + 2 * c) * 16, _mm512_slli_epi32(r[c], 16));
+        _mm512_storeu_si512(dst + (dp + 2 * c + 1) * 16, _mm512_and_si512(r[c], hi));
+      }
+    }
+  }
+}
+
+// scores16's p[s] for keys [0, n) of a 16-key group stored by keys_transposed.
+inline void scores16_t(const float* q, const float* kt, int64_t D, int n, __m512 scale, float* p) {
+  __m512 a[8];
+  for (int l = 0; l < 8; ++l) a[l] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 8)
+    for (int l = 0; l < 8; ++l) a[l] = _mm512_fmadd_ps(_mm512_set1_ps(q[c + l]), _mm512_loadu_ps(kt + (c + l) * 16), a[l]);
+  const __m512 f0 = _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6]));
+  const __m512 f1 = _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]));
+  _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), _mm512_mul_ps(_mm512_add_ps(f0, f1), scale));
+}
+
+// scores16_t for two query heads q0, q1 (p0, p1) on one key group: each key vector loaded once for
+// both heads' FMAs (one head's FMAs took two loads each, the key and q's broadcast: more than the
+// load ports give at two FMAs a cycle). Each head's chains and sums are scores16_t's: the same bits.
+inline void scores16_t2(const float* q0, const float* q1, const float* kt, int64_t D, int n, __m512 scale, float* p0,
+                        float* p1) {
+  __m512 a[8], b[8];
+  for (int l = 0; l < 8; ++l) a[l] = b[l] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 8)
+    for (int l = 0; l < 8; ++l) {
+      const __m512 k = _mm512_loadu_ps(kt + (c + l) * 16);
+      a[l] = _mm512_fmadd_ps(_mm512_set1_ps(q0[c + l]), k, a[l]);
+      b[l] = _mm512_fmadd_ps(_mm512_set1_ps(q1[c + l]), k, b[l]);
+    }
+  const __mmask16 m = __mmask16((1u << n) - 1);
+  const __m512 f0 = _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6]));
+  const __m512 f1 = _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]));
+  _mm512_mask_storeu_ps(p0, m, _mm512_mul_ps(_mm512_add_ps(f0, f1), scale));
+  const __m512 g0 = _mm512_add_ps(_mm512_add_ps(b[0], b[4]), _mm512_add_ps(b[2], b[6]));
+  const __m512 g1 = _mm512_add_ps(_mm512_add_ps(b[1], b[5]), _mm512_add_ps(b[3], b[7]));
+  _mm512_mask_storeu_ps(p1, m, _mm512_mul_ps(_mm512_add_ps(g0, g1), scale));
+}
+
+// values_f32 for bf16 rows 16 values a step (one 512-bit store each instead of two 256-bit ones:
+// the copy was store-bound); the same values.
+inline void values_f32_16(const uint16_t* src, int64_t s0, int64_t s1, int64_t D, float* buf) {
+  const int64_t n = (s1 - s0) * D;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + s0 * D + i)));
+    _mm512_storeu_si512(buf + i, _mm512_slli_epi32(w, 16));
+  }
+}
+
 // p[s] for keys [0, n) of a 16-key group (n <= 16), keys paired as keys_paired stores them.
 inline void scores16(const float* q, const float* kp, int64_t D, int n, __m512 scale, float* p) {
   const int64_t C = D / 8;
@@ -528,7 +626,12 @@ void values_heads(const float* p, int64_t ps, const float* v, int64_t n, int64_t
 // attend_run with 16-lane registers; D % 16 == 0.
 template <class T>
 void attend_run(const float* q, int n, int R, int64_t D, const T* k, const T* v, const int64_t* lens, float scale,
-                std::vector<float>& p, std::vector<float>& kb, float* o) {
+                std::vector<float>& p, std::vector<float>& kb, float* o, bool transposed) {
+  // the transposed keys (keys_transposed / scores16_t) for bf16 caches at D % 32 == 0
+  constexpr bool b16 = std::is_same_v<T, uint16_t>;
+  const bool tr = b16 && transposed && D % 32 == 0;
+  // CODESHELL_ATTN_RUN_T2=0 (read per call; A/B runs): the transposed scores one head at a time
+  const bool pair = codeshell::env_flag("CODESHELL_ATTN_RUN_T2", true);
   int64_t smax = 0;
   for (int j = 0; j < n; ++j) smax = std::max(smax, lens[j]);
   const int64_t KB = std::max<int64_t>(16, (4096 / D) / 16 * 16);  // keys per fp32 block: 16 KiB
@@ -538,14 +641,29 @@ void attend_run(const float* q, int n, int R, int64_t D, const T* k, const T* v,
   float* pp = p.data();
   for (int64_t s0 = 0; s0 < smax; s0 += KB) {
     const int64_t s1 = std::min(smax, s0 + KB);
-    keys_paired(k, s0, s1, D, kb.data());
+    if constexpr (b16) {
+      if (tr) keys_transposed(k, s0, s1, D, kb.data());
+      else keys_paired(k, s0, s1, D, kb.data());
+    } else {
+      keys_paired(k, s0, s1, D, kb.data());
+    }
     for (int j = 0; j < n; ++j) {
       const int64_t e = std::min(s1, lens[j]);
       for (int r = 0; r < R; ++r) {
         const float* qr = q + (int64_t(j) * R + r) * D;
         float* pr = pp + (int64_t(j) * R + r) * smax;
-        for (int64_t s = s0; s < e; s += 16)
-          scores16(qr, kb.data() + (s - s0) * D, D, int(std::min<int64_t>(16, e - s)), sc, pr + s);
+        if (tr && pair && r + 1 < R) {  // heads r and r + 1 together (scores16_t2)
+          for (int64_t s = s0; s < e; s += 16)
+            scores16_t2(qr, qr + D, kb.data() + (s - s0) * D, D, int(std::min<int64_t>(16, e - s)), sc, pr + s,
+                        pr + smax + s);
+          ++r;
+        } else if (tr) {
+          for (int64_t s = s0; s < e; s += 16)
+            scores16_t(qr, kb.data() + (s - s0) * D, D, int(std::min<int64_t>(16, e - s)), sc, pr + s);
+        } else {
+          for (int64_t s = s0; s < e; s += 16)
+            scores16(qr, kb.data() + (s - s0) * D, D, int(std::min<int64_t>(16, e - s)), sc, pr + s);
+        }
       }
     }
   }
@@ -554,7 +672,12 @@ void attend_run(const float* q, int n, int R, int64_t D, const T* k, const T* v,
   std::fill(o, o + int64_t(n) * R * D, 0.f);
   for (int64_t s0 = 0; s0 < smax; s0 += KB) {
     const int64_t s1 = std::min(smax, s0 + KB);
-    values_f32(v, s0, s1, D, kb.data());
+    if constexpr (b16) {
+      if (tr) values_f32_16(v, s0, s1, D, kb.data());
+      else values_f32(v, s0, s1, D, kb.data());
+    } else {
+      values_f32(v, s0, s1, D, kb.data());
+    }
     for (int j = 0; j < n; ++j) {
       const int64_t e = std::min(s1, lens[j]);
       if (e <= s0) continue;
@@ -565,9 +688,9 @@ void attend_run(const float* q, int n, int R, int64_t D, const T* k, const T* v,
 }
 
 template void attend_run<uint16_t>(const float*, int, int, int64_t, const uint16_t*, const uint16_t*, const int64_t*,
-                                   float, std::vector<float>&, std::vector<float>&, float*);
+                                   float, std::vector<float>&, std::vector<float>&, float*, bool);
 template void attend_run<float>(const float*, int, int, int64_t, const float*, const float*, const int64_t*, float,
-                                std::vector<float>&, std::vector<float>&, float*);
+                                std::vector<float>&, std::vector<float>&, float*, bool);
 }  // namespace avx512
 CODESHELL_END_AVX512
 #endif
@@ -596,8 +719,12 @@ bool lean_items() {
 }
 
 // The packed path's switches (attention_rows.h), read once a call.
+// CODESHELL_ATTN_RUN_T=0 (read per call; A/B runs): a verify run's keys in keys_paired's layout and
+// its scores reduced by hsum8x16, as before session 38 (default: keys_transposed / scores16_t for bf16
+// caches at D % 32 == 0). The same bits either way.
 PackedAttentionSwitches read_switches() {
-  return PackedAttentionSwitches{single_queries_run(), values_wide(), lean_items()};
+  return PackedAttentionSwitches{single_queries_run(), values_wide(), lean_items(),
+                                 codeshell::env_flag("CODESHELL_ATTN_RUN_T", true)};
 }
 
 // Queries [i0, i1) of q (out's rows [i0, i1)); `serial`: on the calling thread (a decode step's
@@ -647,7 +774,7 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
       bool done = false;
 #if CODESHELL_HAVE_AVX512
       if (wide && (n >= 2 || single_run) && D % 16 == 0) {
-        avx512::attend_run<T>(qf.data(), n, R, D, kp + base, vp + base, lens + i0, float(scale), p, kb, o.data());
+        avx512::attend_run<T>(qf.data(), n, R, D, kp + base, vp + base, lens + i0, float(scale), p, kb, o.data(), sw.run_t);
         done = true;
       }
 #endif

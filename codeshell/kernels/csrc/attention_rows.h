@@ -8,10 +8,10 @@
 
 #include <cstdint>
 
-// CODESHELL_ATTN_RUN1, CODESHELL_ATTN_V16 and CODESHELL_ATTN_LEAN as read for one call (and
+// CODESHELL_ATTN_RUN1, CODESHELL_ATTN_V16, CODESHELL_ATTN_LEAN and CODESHELL_ATTN_RUN_T as read for one call (and
 // CODESHELL_ATTN_TREE, which packed_attention_switches stores process-wide as packed_attention does).
 struct PackedAttentionSwitches {
-  bool run1, v16, lean;
+  bool run1, v16, lean, run_t;
 };
 
 // packed_attention's checks of its arguments, and out contiguous of q's shape and dtype.

@@ -13,7 +13,8 @@
 // pan4: 4 panels a block (tmm0..3), one B load a k-tile for the four;
 // tmul: cur without the epilogue and C stores (the tiles alone); read: the same bytes read in order (a probe);
 // pf2: cur with its L2 prefetch 2 panels ahead; nopf: cur without it; panel8: q8_panel.h's transposes and
-// block_rows<8> (8 rows of x, vpdpbusd) on the same weights.
+// block_rows<8> (8 rows of x, vpdpbusd) on the same weights; cpyA: cur with each block's A rows copied to a
+// contiguous L1 stage first (K = 4096: 16 rows 4 KiB apart share L1 sets).
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -115,6 +116,36 @@ static void run(const int8_t* w, const int8_t* xt, float* acc, int32_t* ci, cons
       s3 = _mm512_dpbusd_epi32(s3, one, _mm512_load_si512(w + o + 192));
     }
     _mm512_store_si512(ci, _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
+    return;
+  }
+  if constexpr (V == 9) {  // cpyA: each block's 16 rows x 128 k copied to a contiguous L1 stage, A tiles from it
+    alignas(64) static int8_t stage[2][16 * 128];
+    for (int64_t p = 0; p < P; ++p) {
+      const int8_t* a = w + p * 16 * K;
+      const int8_t* nx = a + 16 * K;
+      for (int64_t j = 0; j < nb; ++j) {
+        int8_t* st = stage[j & 1];
+        for (int r = 0; r < 16; ++r) {
+          const int8_t* src = a + r * K + j * B;
+          _mm512_store_si512(st + r * 128, _mm512_loadu_si512(src));
+          _mm512_store_si512(st + r * 128 + 64, _mm512_loadu_si512(src + 64));
+        }
+        if (p + 1 < P) pf_l2(nx + j * B * 16, B * 16);
+        __asm__ volatile("" ::: "memory");
+        const bool odd = j & 1;
+        if (odd) _tile_zero(1); else _tile_zero(0);
+        const int8_t* b = xt + j * B * 16;
+        _tile_loadd(4, st, 128); _tile_loadd(6, b, 64);
+        if (odd) _tile_dpbssd(1, 4, 6); else _tile_dpbssd(0, 4, 6);
+        _tile_loadd(5, st + 64, 128); _tile_loadd(7, b + D * 16, 64);
+        if (odd) _tile_dpbssd(1, 5, 7); else _tile_dpbssd(0, 5, 7);
+        if (j >= 3) epi(ci + ((j - 3) & 3) * 256, acc, j - 3, d);
+        __asm__ volatile("" ::: "memory");
+        if (odd) _tile_stored(1, ci + (j & 3) * 256, 64); else _tile_stored(0, ci + (j & 3) * 256, 64);
+        __asm__ volatile("" ::: "memory");
+      }
+      for (int64_t j = std::max<int64_t>(0, nb - 3); j < nb; ++j) epi(ci + (j & 3) * 256, acc, j, d);
+    }
     return;
   }
   if constexpr (V == 0 || V == 4 || V == 6 || V == 7) {  // cur / tmul / cur pf 2 panels ahead / cur no prefetch
@@ -241,8 +272,8 @@ int main(int argc, char** argv) {
   float d[256];
   for (int i = 0; i < 256; ++i) d[i] = 0.001f * (i % 7 + 1);
   cfg_load();
-  const char* names[] = {"cur", "blk4", "pan2", "pan4", "tmul", "read", "pf2", "nopf", "panel8"};
-  constexpr int NV = 9;
+  const char* names[] = {"cur", "blk4", "pan2", "pan4", "tmul", "read", "pf2", "nopf", "panel8", "cpyA"};
+  constexpr int NV = 10;
   int32_t* wt = static_cast<int32_t*>(std::aligned_alloc(64, 32 * 16 * 4));
   std::vector<double> t[NV];
   int64_t c = 0;
@@ -262,6 +293,7 @@ int main(int argc, char** argv) {
           case 5: run<5>(wc, xt, acc, ci, d); break;
           case 6: run<6>(wc, xt, acc, ci, d); break;
           case 8: panel8(wc, xt, acc, wt, d); break;
+          case 9: run<9>(wc, xt, acc, ci, d); break;
           default: run<7>(wc, xt, acc, ci, d); break;
         }
       }

@@ -93,3 +93,44 @@ def test_bf16_rows_lower_levels_keep_their_paths(level, monkeypatch):
     got = ops._compute(path, mod, x if "bf16" in path else x.float(), pw, None)
     ref = ops.reference(x, pw, None, path)
     assert (got - ref).abs().max().item() <= 2e-3 * ref.abs().max().item(), path
+
+
+@needs_native
+@pytest.mark.parametrize("kind,group", [("int8", 64), ("int4", 128)], ids=["int8", "int4g128"])
+def test_step_rows_tuning_keeps_bits(kind, group, monkeypatch, capfd):
+    """The native step's measured kernel for 2..16 rows (q8_rows_tune.h: q8_panel.h, q8_rows.h and the AMX
+    tiles tried in turn on the step's own calls, then the fastest kept per linear and M): every call, while
+    measuring and after the choice, gives the bits of the rules before (CODESHELL_Q8_ROWS_TUNE=0), and the
+    choices are made (CODESHELL_Q8_ROWS_TUNE_LOG=1 prints them)."""
+    if LEVEL < ops.ISA_LEVELS.index("amx"):
+        pytest.skip("needs AMX")
+    from codeshell.kernels import step as step_mod
+    from test_decode_step import filled_cache, tiny
+
+    for var in ("CODESHELL_KERNEL_ISA", "CODESHELL_Q8_AMX_VROWS", "CODESHELL_Q8_AMX_MIN_M", "CODESHELL_Q8_ROWS_TUNE"):
+        monkeypatch.delenv(var, raising=False)
+    m = tiny(kind, group=group)
+    cache = filled_cache(m, 8, 256, seed=7)
+    cases = [([1, 2, 3, 4, 5, 6, 7, 8], [16, 20, 31, 47, 2, 100, 64, 33], list(range(8))),
+             ([9, 8, 7], [40, 5, 200], [7, 3, 1])]
+
+    def run(case):
+        with torch.inference_mode():
+            out = step_mod.decode(m, cache, *case)
+        assert out is not None, "the native step did not run"
+        return out[0].clone().view(torch.int16), list(out[1])
+
+    monkeypatch.setenv("CODESHELL_Q8_ROWS_TUNE", "0")
+    for c in cases:  # a round first: each case writes its k, v rows where the other one reads (then steady)
+        run(c)
+    want = [run(c) for c in cases]
+    monkeypatch.setenv("CODESHELL_Q8_ROWS_TUNE", "1")
+    monkeypatch.setenv("CODESHELL_Q8_ROWS_TUNE_LOG", "1")
+    capfd.readouterr()
+    for i in range(3 * 5 + 3):  # the candidates (<= 3) x kRounds calls of each M, then the kept path
+        for c, w in zip(cases, want):
+            got = run(c)
+            assert torch.equal(got[0], w[0]) and got[1] == w[1], f"call {i}, M={len(c[0])}"
+    log = capfd.readouterr().err
+    for mm in (8, 3):
+        assert f" M={mm} tiles:" in log and f" M={mm} q8_panel.h:" in log, log[-2000:]

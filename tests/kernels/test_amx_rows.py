@@ -127,7 +127,7 @@ def test_step_rows_tuning_keeps_bits(kind, group, monkeypatch, capfd):
     monkeypatch.setenv("CODESHELL_Q8_ROWS_TUNE", "1")
     monkeypatch.setenv("CODESHELL_Q8_ROWS_TUNE_LOG", "1")
     capfd.readouterr()
-    for i in range(3 * 5 + 3):  # the candidates (<= 3) x kRounds calls of each M, then the kept path
+    for i in range(3 * 2 * 4 + 3):  # the candidates (<= 3) x kRounds blocks of kBlock calls of each M, then the kept path
         for c, w in zip(cases, want):
             got = run(c)
             assert torch.equal(got[0], w[0]) and got[1] == w[1], f"call {i}, M={len(c[0])}"

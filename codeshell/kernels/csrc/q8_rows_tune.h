@@ -3,9 +3,12 @@
 //
 // What this is: `RowsTune` (kept per Linear, in its WeightSums) and `RowsTuneCall`, a scope around one call of
 // `apply` (step_layers.cpp) that names the path of this call (a Q8AmxVrowsScope code, entry.h: kQ8PathPanel
-// q8_panel.h, kQ8PathRows q8_rows.h, kQ8PathTiles the AMX-INT8 row tiles) and times it. The first kRounds calls of each row count M try the
-// candidates in turn (rotated each round); then the path with the least median time is kept for that
-// (linear, M). The three give the same bits (all end in q8_epilogue.h: tests/kernels/test_invariance.py,
+// q8_panel.h, kQ8PathRows q8_rows.h, kQ8PathTiles the AMX-INT8 row tiles) and times it. The first calls of each
+// row count M try the candidates in blocks of kBlock calls (a step calls each linear once, so all the step's
+// linears run one path for kBlock steps; the first call of a block is not counted), kRounds blocks a path in
+// rotated order; then the path with the least median time is kept for that (linear, M). Blocks, not one call
+// a path in turn: per-call rotation measured each path just after the others had run (codeshell-mini int8:
+// its choices made the b8 step 1.13x slower than session 37's rule, every linear 1.5-2.5 us slower a call). The three give the same bits (all end in q8_epilogue.h: tests/kernels/test_invariance.py,
 // test_amx_rows.py), so switching between calls changes no result, only the time.
 // Why: which of the three is fastest at 2..16 rows depends on the weight's shape and on where it is read
 // from in the step (session 37: warm alone q8_rows.h beat q8_panel.h at M = 2..8 on every shape, but in the
@@ -16,7 +19,10 @@
 // step's cold weights, its thread team and its neighbours.
 // Candidates: q8_panel.h and the tiles always; q8_rows.h only where the session 37 rule allowed it (the step's
 // weights at most kAmxVrowsMaxBytes: its 5..8-row transposed copy is a second weight in memory).
-// CODESHELL_Q8_ROWS_TUNE=0 (read per call): the rules before (q8_rows.h by the 32 MiB rule, tiles from 12).
+// Default: measured only in steps whose weights exceed kAmxVrowsMaxBytes, where the rules ran q8_panel.h below
+// 12 rows (codeshell-mini's step, of at most 32 MiB, keeps session 37's q8_rows.h: measured there with per-call
+// rotation the choices cost its b8 step 1.13x; the blocks below were not measured on it in a quiet minute).
+// CODESHELL_Q8_ROWS_TUNE=1: measured in every step; =0 (read per call): the rules before everywhere.
 // CODESHELL_Q8_AMX_VROWS or CODESHELL_Q8_AMX_MIN_M set: those switches decide (A/B runs), nothing is tuned.
 // CODESHELL_Q8_ROWS_TUNE_LOG=1: each choice to stderr with its medians.
 // What this is not: thread-safe for two callers of one Linear at once (a step's linears are applied by its
@@ -34,10 +40,12 @@
 namespace codeshell::step {
 
 struct RowsTune {
-  static constexpr int kPaths = 3, kRounds = 5, kMaxM = 16;
-  int8_t chosen[kMaxM + 1];              // per M: the kept path, -1 while measuring
-  uint8_t calls[kMaxM + 1];              // per M: measured calls so far
-  float ns[kMaxM + 1][kPaths][kRounds];  // per M, path, round: the call's wall time
+  // kBlock calls in a row on one path (the first of them not counted: it runs after the other paths' calls,
+  // with their caches), kRounds blocks of each path, the paths' blocks rotated each round
+  static constexpr int kPaths = 3, kRounds = 2, kBlock = 4, kSamples = kRounds * (kBlock - 1), kMaxM = 16;
+  int8_t chosen[kMaxM + 1];               // per M: the kept path, -1 while measuring
+  uint8_t calls[kMaxM + 1];               // per M: calls so far while measuring
+  float ns[kMaxM + 1][kPaths][kSamples];  // per M, path: the counted calls' wall times
   RowsTune() {
     std::fill(chosen, chosen + kMaxM + 1, int8_t(-1));
     std::fill(calls, calls + kMaxM + 1, uint8_t(0));
@@ -52,7 +60,9 @@ class RowsTuneCall {
   RowsTuneCall(RowsTune& t, int64_t M, bool tunable, bool vrows_fit, int64_t N, int64_t K)
       : t_(t), M_(M), N_(N), K_(K), vrows_fit_(vrows_fit) {
     code_ = vrows_fit ? kQ8PathVrowsRule : kQ8PathRules;  // the rules before
-    if (!tunable || M < 2 || M > RowsTune::kMaxM || !env_flag("CODESHELL_Q8_ROWS_TUNE", true) ||
+    // unset: measured only in steps past the 32 MiB rule (vrows_fit false); 1: in every step; 0: never
+    const int64_t on = env_int("CODESHELL_Q8_ROWS_TUNE", -1);
+    if (!tunable || M < 2 || M > RowsTune::kMaxM || on == 0 || (on < 0 && vrows_fit) ||
         env_int("CODESHELL_Q8_AMX_VROWS", -1) >= 0 || env_int("CODESHELL_Q8_AMX_MIN_M", -1) >= 0)
       return;
     if (t.chosen[M] >= 0) {
@@ -60,10 +70,11 @@ class RowsTuneCall {
       return;
     }
     const int n = cands();  // candidates: 0 panel, 2 tiles (, 1 q8_rows.h)
-    const int c = t.calls[M], round = c / n, slot = (c + round) % n;  // rotated each round
+    const int c = t.calls[M], blk = c / RowsTune::kBlock, in = c % RowsTune::kBlock;
+    const int round = blk / n, slot = (blk + round) % n;  // the blocks' order rotated each round
     path_ = n == 3 ? slot : (slot == 0 ? 0 : 2);
     code_ = kCodes[path_];
-    round_ = round;
+    sample_ = in == 0 ? -1 : round * (RowsTune::kBlock - 1) + in - 1;
     timing_ = true;
     t0_ = std::chrono::steady_clock::now();
   }
@@ -71,16 +82,16 @@ class RowsTuneCall {
     if (!timing_) return;
     const float ns = float(std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0_).count());
     RowsTune& t = t_;
-    t.ns[M_][path_][round_] = ns;
-    if (++t.calls[M_] < cands() * RowsTune::kRounds) return;
+    if (sample_ >= 0) t.ns[M_][path_][sample_] = ns;
+    if (++t.calls[M_] < cands() * RowsTune::kRounds * RowsTune::kBlock) return;
     float best = 0;
     int keep = -1;
     for (int p = 0; p < RowsTune::kPaths; ++p) {
       if (!used(p)) continue;
-      float v[RowsTune::kRounds];
-      std::copy(t.ns[M_][p], t.ns[M_][p] + RowsTune::kRounds, v);
-      std::nth_element(v, v + RowsTune::kRounds / 2, v + RowsTune::kRounds);
-      const float med = v[RowsTune::kRounds / 2];
+      float v[RowsTune::kSamples];
+      std::copy(t.ns[M_][p], t.ns[M_][p] + RowsTune::kSamples, v);
+      std::nth_element(v, v + RowsTune::kSamples / 2, v + RowsTune::kSamples);
+      const float med = v[RowsTune::kSamples / 2];
       if (env_flag("CODESHELL_Q8_ROWS_TUNE_LOG", false))
         std::fprintf(stderr, "q8 rows tune %ldx%ld M=%ld %s: %.1f us\n", long(N_), long(K_), long(M_), kNames[p], med / 1e3);
       if (keep < 0 || med < best) {
@@ -100,7 +111,7 @@ class RowsTuneCall {
   RowsTune& t_;
   int64_t M_, N_, K_;
   bool vrows_fit_;
-  int code_, path_ = 0, round_ = 0;
+  int code_, path_ = 0, sample_ = -1;
   bool timing_ = false;
   std::chrono::steady_clock::time_point t0_;
 };

@@ -56,6 +56,10 @@ torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, con
                              const c10::optional<torch::Tensor>& bias);
 torch::Tensor prefill_q8_amx_epi(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                                  int64_t G, const c10::optional<torch::Tensor>& bias, bool gelu);
+// qgemm_amx.cpp (session 38): prefill_q8_amx's M <= 64 rows into `out` (no result tensor, no copy).
+void rows_q8_amx_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                     const c10::optional<torch::Tensor>& offset, int64_t G, const c10::optional<torch::Tensor>& bias,
+                     torch::Tensor& out);
 torch::Tensor prefill_q8_vnni(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                               const c10::optional<torch::Tensor>& offset, int64_t G,
                               const c10::optional<torch::Tensor>& bias);
@@ -117,11 +121,19 @@ void decode_int4_q8_out(const torch::Tensor& x, const torch::Tensor& q, const to
 // q8_rows.h (int8; int4 groups of 128 / 256: run_q4) rather than q8_panel.h: CODESHELL_Q8_AMX_VROWS=0 / 1
 // (read per call), else this thread's Q8AmxVrowsScope (the decode step's choice for a linear), else no.
 bool q8_amx_vrows(int64_t M);
+// The scope's codes (session 38: the step's measured choice, q8_rows_tune.h): kQ8PathRules the rules
+// (q8_panel.h, the tiles from amx_rows_min_m), kQ8PathVrowsRule q8_rows.h below the tiles (session 37's
+// rule for small steps), and for M = 2..16 the path forced: kQ8PathPanel q8_panel.h (int4 at M = 2:
+// tile_v / q4_m1_e.h as the rules have it), kQ8PathRows q8_rows.h, kQ8PathTiles the AMX-INT8 row tiles.
+enum Q8Path : int { kQ8PathRules = 0, kQ8PathVrowsRule = 1, kQ8PathTiles = 2, kQ8PathPanel = 3, kQ8PathRows = 4 };
 struct Q8AmxVrowsScope {
-  bool prev;
-  explicit Q8AmxVrowsScope(bool on);
+  int prev;
+  explicit Q8AmxVrowsScope(int code);
   ~Q8AmxVrowsScope();
 };
+// This thread's Q8AmxVrowsScope code where it forces M's path (M = 2..16), else kQ8PathRules (qdot.h
+// use_amx_rows reads it).
+int q8_amx_forced(int64_t M);
 
 // decode_step.cpp: the blocks of a decode / verify step in one call (DecodeStep).
 void register_decode_step(py::module& m);

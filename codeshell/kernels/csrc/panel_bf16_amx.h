@@ -294,6 +294,8 @@ void decode_amx_m1(const uint16_t* x, int64_t as, int64_t Kt, const uint16_t* w,
   else go(std::integral_constant<int, 0>{});
 }
 
+#include "panel_bf16_amx_rows.h"  // M = 2..16 on M-row tiles (session 38): decode_amx_rows
+
 // Blocking (measured, 7B shapes at M = 512, 1 core, a busy machine, +-15%): work items of
 // kAmxPanels panels; K in chunks of kAmxKTiles k-tiles; within a chunk, for each panel pair,
 // every 32-row block of x. The pair's B chunk (2 x 8 KiB) and one A block (2 x 8 KiB) then fit
@@ -320,12 +322,21 @@ void prefill_amx(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, in
     decode_amx_m1(xb, 32, Kt, w, N, Kh, bias, out);
     return;
   }
+  if (Mt == 1 && M > 1 && K == Kp && amx_bf16_rows()) {  // M = 2..16 (session 38): x's rows are the A tiles
+    __asm__ volatile("" ::: "memory");
+    decode_amx_rows(xb, M, 32, 2 * K, Kt, w, N, Kh, bias, out);
+    return;
+  }
   static thread_local codeshell::ThreadScratch a_keep;
   codeshell::Scratch<uint16_t> a(a_keep, size_t(Mt) * Kt * 512);  // aligned, kept between calls (scratch.h)
   pack_a(xb, M, K, Kp, a.data());
   __asm__ volatile("" ::: "memory");  // the tile loads below are asm without memory operands
   if (m1) {  // K not a multiple of 32: row 0 of the packed (zero-padded) tiles
     decode_amx_m1(a.data(), 512, Kt, w, N, Kh, bias, out);
+    return;
+  }
+  if (Mt == 1 && M > 1 && amx_bf16_rows()) {  // M = 2..16 (session 38): M-row tiles of pack_a's rows (K % 32 != 0)
+    decode_amx_rows(a.data(), M, 512, 64, Kt, w, N, Kh, bias, out);
     return;
   }
   if (Mt == 1) {  // decode-sized: stream the weight once (decode_amx)

@@ -20,6 +20,8 @@
 #include "scratch.h"
 #include "switches.h"
 
+int q8_amx_forced(int64_t M);  // entry.h (session 38): the decode step's measured choice for M = 2..16
+
 namespace codeshell {
 namespace qdot {
 
@@ -173,7 +175,10 @@ inline int64_t panel_min_m() {
 }
 
 inline bool use_amx_rows(int64_t isa, int64_t K, int64_t M, int64_t G) {
-  return use_vnni(isa, K) && isa >= codeshell::kAmx && M >= amx_rows_min_m(panel_kernel(G));
+  if (!use_vnni(isa, K) || isa < codeshell::kAmx) return false;
+  const int forced = ::q8_amx_forced(M);  // 2 tiles, 3 q8_panel.h, 4 q8_rows.h (entry.h Q8Path), 0: the rule
+  if (forced != 0) return forced == 2;
+  return M >= amx_rows_min_m(panel_kernel(G));
 }
 
 // x's rounding for one call: xq int8 [M, K], then dx, xs fp32 and sx int32 [M, nb] each, in a

@@ -277,14 +277,23 @@ int64_t rows_max_m() {
 // same bits (both end in q8_epilogue.h). CODESHELL_Q8_AMX_VROWS=0 / 1 (read per call): either.
 // Unset, the calling thread's Q8AmxVrowsScope decides (the decode step sets it for the linears of a step
 // whose weights are small: step_linear.h kAmxVrowsMaxBytes), else no.
+// Session 38: the scope holds a code (entry.h Q8Path): the decode step's measured choice (q8_rows_tune.h)
+// forces one of q8_panel.h, q8_rows.h, the tiles at 2..16 rows; kQ8PathVrowsRule is session 37's rule.
 namespace {
-bool& amx_vrows_default() {
-  static thread_local bool on = false;
-  return on;
+int& amx_vrows_default() {
+  static thread_local int code = kQ8PathRules;
+  return code;
 }
 }  // namespace
-bool q8_amx_vrows(int64_t M) { return M >= 2 && M <= 16 && env_flag("CODESHELL_Q8_AMX_VROWS", amx_vrows_default()); }
-Q8AmxVrowsScope::Q8AmxVrowsScope(bool on) : prev(amx_vrows_default()) { amx_vrows_default() = on; }
+bool q8_amx_vrows(int64_t M) {
+  const int c = amx_vrows_default();
+  return M >= 2 && M <= 16 && env_flag("CODESHELL_Q8_AMX_VROWS", c == kQ8PathVrowsRule || c == kQ8PathRows);
+}
+int q8_amx_forced(int64_t M) {
+  const int c = amx_vrows_default();
+  return M >= 2 && M <= 16 && c >= kQ8PathTiles ? c : kQ8PathRules;
+}
+Q8AmxVrowsScope::Q8AmxVrowsScope(int code) : prev(amx_vrows_default()) { amx_vrows_default() = code; }
 Q8AmxVrowsScope::~Q8AmxVrowsScope() { amx_vrows_default() = prev; }
 
 // Block size along K for the activation quantisation of int8 weights: 128 when it divides K.
@@ -434,8 +443,7 @@ void decode_int8_q8_out(const torch::Tensor& x, const torch::Tensor& q, const to
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   check_out(out, M, N);
   if (use_amx_rows(isa, K, M, 0)) {
-    const auto y = prefill_q8_amx(x, q, scale, c10::nullopt, 0, bias);
-    std::memcpy(out.data_ptr<float>(), y.data_ptr<float>(), size_t(M * N) * sizeof(float));
+    rows_q8_amx_out(x, q, scale, c10::nullopt, 0, bias, out);  // session 38: into out, no copy
     return;
   }
   int8_q8(x, q, scale, bias, isa, out.data_ptr<float>());

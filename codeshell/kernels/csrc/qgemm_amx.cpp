@@ -384,6 +384,7 @@ struct RowsProblem {
   const float* dxt;   // [nb][Mp]
   const float* xst;   // [nb][Mp]: xs transposed (int4 offsets), or null
   float* out;
+  bool pf8 = true;    // int8: the next panel prefetched into L2 (session 38: CODESHELL_Q8_TILES_PF_MAXK)
 };
 
 // One k-tile of all MT row blocks: A (weight rows at a, stride la) into tmm4 (even k-tiles) or
@@ -470,7 +471,10 @@ inline void rows_store(const RowsProblem& P, int64_t n0, int64_t cols, const flo
   const __m512 bv = P.bias ? _mm512_maskz_loadu_ps(cm, P.bias + n0) : _mm512_setzero_ps();
   for (int mt = 0; mt < MT; ++mt) {
     __m512i v[16];
-    for (int r = 0; r < 16; ++r) v[r] = _mm512_castps_si512(E::tree16_v(acc + mt * 16 * 256 + r * 16, 256));
+    // session 38: the slots past nb (+0, never written) not added (tree16_v_prefix: exact, the same bits);
+    // K = 1024 (8 blocks) read and added 16 slots for 8 per (weight row, row block) at the panel's end
+    for (int r = 0; r < 16; ++r)
+      v[r] = _mm512_castps_si512(E::tree16_v_prefix(acc + mt * 16 * 256 + r * 16, 256, std::min<int64_t>(P.nb, 16)));
     codeshell::transpose16(v);  // v[j]: row 16 mt + j of x, lane = weight row
     for (int64_t j = 0; j < 16 && mt * 16 + j < P.M; ++j)
       _mm512_mask_storeu_ps(P.out + (mt * 16 + j) * P.N + n0, cm, E::finish_vec(_mm512_castsi512_ps(v[j]), sv, bv));
@@ -523,7 +527,7 @@ void rows_panel(const RowsProblem& P, int64_t p, const RowsScratch& S) {
       else rows_zero<MT, false>();
       for (int64_t s = 0; s < tpb; ++s) {
         const int64_t k = kb + s * D;
-        if (!P.G) prefetch_l2(next, k * 16, (k + D) * 16, next_size);  // 16 rows x D bytes
+        if (!P.G && P.pf8) prefetch_l2(next, k * 16, (k + D) * 16, next_size);  // 16 rows x D bytes
         for (int mt = 0; mt < MT; ++mt) bt[mt] = P.xt + xt_offset(P.Mt, K, mt, k);
         const int8_t* at = a + (k - ka);
         if (odd) {
@@ -865,6 +869,72 @@ static int64_t check_q8_prefill(const torch::Tensor& x, const torch::Tensor& q, 
   return B;
 }
 
+#if CODESHELL_HAVE_AVX512
+CODESHELL_BEGIN_AVX512
+namespace {
+// M <= kRowsMaxM (decode / verify sizes) into out [M, N]: the row-invariant tiles (the VNNI kernels' bits).
+// Session 38: x's B tiles, block scales and offsets' sums in buffers this thread keeps between calls
+// (scratch.h) instead of two torch::empty and a std::vector a call, and the result straight into the
+// caller's buffer: the decode step's `_out` calls copied the tiles' M x N result into theirs (the small
+// shape's head at M = 8: 2.2 MB a step).
+void rows_q8_amx_into(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                      const c10::optional<torch::Tensor>& offset, int64_t G, const float* b, int64_t B, float* out) {
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const int64_t Mt = (M + 15) / 16, Mp = Mt * 16, nb = K / B;
+  const bool offs = G > 0 && offset.has_value();
+  static thread_local codeshell::ThreadScratch xt_keep, f_keep;
+  codeshell::Scratch<int8_t> xt(xt_keep, size_t(Mt) * 16 * K);
+  // dxt [nb][Mp], xs [M][nb], xst [nb][Mp] (zero past M)
+  codeshell::Scratch<float> fb(f_keep, size_t(nb) * Mp + (offs ? size_t(M) * nb + size_t(nb) * Mp : 0));
+  float* dxt = fb.data();
+  float* xs = offs ? dxt + nb * Mp : nullptr;
+  float* xst = offs ? xs + M * nb : nullptr;
+  quantize_xt(x.data_ptr<float>(), M, K, B, xt.data(), dxt, xs);
+  if (offs) {
+    std::fill(xst, xst + nb * Mp, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < nb; ++g) xst[g * Mp + m] = xs[m * nb + g];
+  }
+  RowsProblem R{M, K, N, B, B % 64 == 0 ? 64 : 32, G, Mt, Mp, nb,
+                G ? nullptr : q.data_ptr<int8_t>(), G ? q.data_ptr<uint8_t>() : nullptr, scale.data_ptr<float>(),
+                offs ? offset->data_ptr<float>() : nullptr, b, xt.data(), dxt, xst, out};
+  // session 38: int8 weights with K above CODESHELL_Q8_TILES_PF_MAXK (read per call; default 2048) skip the next
+  // panel's L2 prefetch, whose bytes come row after row while the tiles read the 16 rows side by side. Alone,
+  // from L3, M = 8, 1 thread (docs/kernels-log.md, session 38 helper B): K = 4096 1.07-1.15x faster without it
+  // (the hardware's streams keep up with 4 KiB rows), K = 1024 1.3x slower
+  R.pf8 = K <= codeshell::env_int("CODESHELL_Q8_TILES_PF_MAXK", 2048);
+  rows_tiles(R);
+}
+}  // namespace
+CODESHELL_END_AVX512
+#endif
+
+torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& offset, int64_t G,
+                             const c10::optional<torch::Tensor>& bias);
+
+// M <= 64 rows (the decode entry points' AMX rows, qdot_int8.cpp / qdot_int4.cpp) into out (fp32, at least M x N
+// contiguous): prefill_q8_amx's bits without its result tensor. CODESHELL_Q8_TILES_OUT=0 (read per call):
+// prefill_q8_amx and a copy, as before session 38.
+void rows_q8_amx_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                     const c10::optional<torch::Tensor>& offset, int64_t G, const c10::optional<torch::Tensor>& bias,
+                     torch::Tensor& out) {
+  const int64_t M = x.size(0), N = q.size(0);
+  if (M > 64 || !codeshell::env_flag("CODESHELL_Q8_TILES_OUT", true)) {
+    const auto y = prefill_q8_amx(x, q, scale, offset, G, bias);
+    std::memcpy(out.data_ptr<float>(), y.data_ptr<float>(), size_t(M * N) * sizeof(float));
+    return;
+  }
+  codeshell::check_isa(codeshell::kAmx);
+  const float* b = nullptr;
+  const int64_t B = check_q8_prefill(x, q, scale, offset, G, bias, &b);
+#if CODESHELL_HAVE_AVX512
+  rows_q8_amx_into(x, q, scale, offset, G, b, B, out.data_ptr<float>());
+#else
+  (void)B;
+#endif
+}
+
 torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                              const c10::optional<torch::Tensor>& offset, int64_t G,
                              const c10::optional<torch::Tensor>& bias) {
@@ -874,6 +944,10 @@ torch::Tensor prefill_q8_amx(const torch::Tensor& x, const torch::Tensor& q, con
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto out = codeshell::cached_output(M, N, x.options());  // large results reuse freed blocks (scratch.h)
 #if CODESHELL_HAVE_AVX512
+  if (M <= kRowsMaxM && codeshell::env_flag("CODESHELL_Q8_TILES_OUT", true)) {  // session 38: rows_q8_amx_into
+    rows_q8_amx_into(x, q, scale, offset, G, b, B, out.data_ptr<float>());
+    return out;
+  }
   const int64_t Mt = (M + 15) / 16, Mp = Mt * 16, nb = K / B;
   static thread_local codeshell::ThreadScratch xt_keep;  // x's B tiles, kept between calls (scratch.h)
   codeshell::Scratch<int8_t> xt(xt_keep, size_t(Mt) * 16 * K);

@@ -139,8 +139,11 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x, torch::Tensor& out,
   switch (l.kernel) {
     case kPanelF32: decode_bf16_out(xf, l.data, l.N, l.bias, l.isa, out); return out;  // avx2 or avx512_vnni (Avx512Fma)
     case kQ8: {  // into `out` as the bf16 paths (no output allocation a call)
-      // session 37: q8_rows.h at 2..16 rows on AMX CPUs for a step whose weights are small (q8_amx_vrows)
-      const Q8AmxVrowsScope vrows(l.wsum->vrows_fit != nullptr && l.wsum->vrows_fit->load(std::memory_order_relaxed));
+      // session 37: q8_rows.h at 2..16 rows on AMX CPUs for a step whose weights are small (q8_amx_vrows);
+      // session 38: the path of 2..16 rows measured on the step's own calls (q8_rows_tune.h; timed to the return)
+      const bool fit = l.wsum->vrows_fit != nullptr && l.wsum->vrows_fit->load(std::memory_order_relaxed);
+      const RowsTuneCall tune(l.wsum->tune, xf.size(0), rows_tunable(l), fit, l.N, l.K);
+      const Q8AmxVrowsScope vrows(tune.code());
       if (l.kind == kInt8 && xf.size(0) > 1) int8_q8_batched(l, xf, out);
       else if (l.kind == kInt8) decode_int8_q8_out(xf, l.data, *l.scales, l.bias, l.isa, out);
       else if (const void* p4 = xf.size(0) >= 5 ? int4_packed(l, xf.size(0)) : nullptr) {

@@ -20,6 +20,7 @@
 
 #include "isa.h"
 #include "q8_rows_t.h"
+#include "q8_rows_tune.h"
 
 namespace codeshell::step {
 
@@ -53,6 +54,8 @@ struct WeightSums {
   // an AMX CPU runs this linear's 2..16 rows below the AMX rows on q8_rows.h (q8_amx_vrows) unless
   // CODESHELL_Q8_AMX_VROWS says otherwise; null for a Linear outside a step.
   const std::atomic<bool>* vrows_fit = nullptr;
+  // Session 38: the measured kernel of this linear's 2..16-row calls on AMX CPUs (q8_rows_tune.h).
+  RowsTune tune;
 };
 
 // Session 37 (helper B, docs/kernels-log.md): the step weights up to which AMX CPUs take q8_rows.h at 2..16
@@ -68,6 +71,13 @@ struct Linear {
   c10::optional<torch::Tensor> scales, offsets, bias;  // fp32; bias [N] or none
   std::shared_ptr<WeightSums> wsum = std::make_shared<WeightSums>();
 };
+
+// Session 38: whether apply's q8 path measures this linear's 2..16-row kernel (q8_rows_tune.h): AMX, K a
+// multiple of 128, int8 or int4 in groups of 128 / 256 (the weights q8_panel.h, q8_rows.h and the tiles all take).
+inline bool rows_tunable(const Linear& l) {
+  return l.isa >= codeshell::kAmx && l.K % 128 == 0 &&
+         (l.kind == kInt8 || (l.kind == kInt4 && (l.group == 128 || l.group == 256)));
+}
 
 struct Layer {
   c10::optional<torch::Tensor> ln1_w, ln1_b, ln2_w, ln2_b;

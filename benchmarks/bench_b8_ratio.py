@@ -1,0 +1,44 @@
+"""Issue 14's batched-decode ratio (b8 / b1 aggregate tokens/s) in one process: batch 1 and batch 8 decode steps
+(LLM.generate of 16-token prompts: TOKENS + 1 greedy tokens less the best of two 1-token runs, per step) with
+variants (environment switches read per call: ENV=V[,ENV=V] or '-' for none) alternating each round, so the
+ratio of a switch's on and off is taken against a batch 1 measured in the same rounds. Medians over the rounds.
+Each variant first generates 48 tokens at batch 8 (a warm-up; the decode step's measured kernel choices,
+csrc/q8_rows_tune.h, are made there).
+
+    flock /work/notes/bench.lock python benchmarks/bench_b8_ratio.py /tmp/bq-small/int8 --ab - CODESHELL_Q8_ROWS_TUNE=0
+
+Not a test: prints figures (session 38 helper B, docs/kernels-log.md)."""
+from __future__ import annotations
+import argparse, os, statistics, sys, time
+import torch
+from codeshell import LLM, SamplingParams
+ap = argparse.ArgumentParser(); ap.add_argument("folder"); ap.add_argument("--rounds", type=int, default=5)
+ap.add_argument("--tokens", type=int, default=32); ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--ab", nargs="+", default=["-"]); a = ap.parse_args()
+llm = LLM(a.folder, dtype="bfloat16", threads=a.threads, max_batch=8, max_model_len=a.tokens + 64)
+g = torch.Generator().manual_seed(1)
+vocab = min(llm.model.cfg.vocab_size, 70000)
+p8 = [{"prompt_token_ids": torch.randint(0, vocab, (16,), generator=g).tolist()} for _ in range(8)]
+p1 = p8[:1]
+def gen(ps, n):
+    t = time.perf_counter(); llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)); return time.perf_counter() - t
+def step(ps):
+    one = min(gen(ps, 1), gen(ps, 1)); return (gen(ps, a.tokens + 1) - one) / a.tokens
+base = dict(os.environ)
+def setv(v):
+    os.environ.clear(); os.environ.update(base)
+    if v != "-":
+        for kv in v.split(","): k, val = kv.split("=", 1); os.environ[k] = val
+for v in a.ab:  # warm-up (and the step's measured choices) per variant
+    setv(v); gen(p8, 48); gen(p1, 4)
+res = {v: ([], []) for v in a.ab}
+for r in range(a.rounds):
+    for v in a.ab[r % len(a.ab):] + a.ab[:r % len(a.ab)]:
+        setv(v); res[v][0].append(step(p1)); res[v][1].append(step(p8))
+    setv("-")
+print(f"load avg {os.getloadavg()[0]:.2f}")
+for v, (t1, t8) in res.items():
+    m1, m8 = statistics.median(t1), statistics.median(t8)
+    ratios = sorted(8 * x / y for x, y in zip(t1, t8))
+    print(f"[{v}] b1 {m1*1e3:.3f} ms ({1/m1:.0f} tok/s), b8 {m8*1e3:.3f} ms ({8/m8:.0f} tok/s), b8/b1 {8*m1/m8:.2f}x "
+          f"(per round {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)

@@ -1,7 +1,20 @@
 """Kernel tests: at the end of the session, name the CPU features and the kernel paths (ISA)
-that actually ran, so a test log says which instruction sets were checked on this machine."""
+that actually ran, so a test log says which instruction sets were checked on this machine; and the
+`threads` fixture the AMX tests share (each case on 1 and on 2 threads: the kernels split work
+over the team, and a row's bits must not depend on the split)."""
 
 from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -31,13 +31,6 @@ def _amx(monkeypatch):
     return _ext.get()
 
 
-@pytest.fixture(params=[1, 2], ids=["t1", "t2"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
 
 def _switch_keeps_bits(mod, path, pw, k, n, var, seed):
     g = torch.Generator().manual_seed(seed)

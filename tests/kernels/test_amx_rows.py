@@ -30,13 +30,6 @@ def _amx(monkeypatch):
     return _ext.get()
 
 
-@pytest.fixture(params=[1, 2], ids=["t1", "t2"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
 
 SHAPES = [(45, 37), (149, 100), (384, 256), (1024, 256), (2065, 256), (256, 1024), (300, 2048)]
 MS = (2, 3, 5, 8, 9, 13, 16)

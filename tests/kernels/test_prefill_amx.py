@@ -31,13 +31,6 @@ def _bf16(m, k=K, seed=0):
     return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
 
 def _ref(x, p):
     return ops.reference(x, p, None, "amx:bf16")

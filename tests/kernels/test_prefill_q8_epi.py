@@ -26,13 +26,6 @@ pytestmark = pytest.mark.skipif(LEVEL < ops.ISA_LEVELS.index("amx") if LEVEL >= 
                                 reason="needs the native kernels on an AMX CPU")
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
 
 def _weight(kind, n, k, group=128, symmetric=True):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) / k ** 0.5

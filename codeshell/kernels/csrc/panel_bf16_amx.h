@@ -113,9 +113,12 @@ constexpr int64_t kAmxPrefetchTiles = 4;
 // read in place (decode_amx_m1: a 1-row A tile is 64 contiguous bytes of x).
 // `pfd` / HINT (M = 1 only, session 37: CODESHELL_AMX_BF16_M1_PF / _PFH): tiles ahead and the prefetch's
 // cache level (0 L1, 1 L2, 2 L3); past the panels' end the stream goes on in the next block's panels.
+// `lda`: bytes from one row of the A tile to the next: 64 for pack_a's tiles and M = 1; 2K for the M = 2..16 rows
+// of x read in place (panel_bf16_amx_rows.h's decode_amx_rows, session 38).
 template <int TN, int HINT = 0>
 void amx_decode_block(const uint16_t* a, int64_t Kt, const uint16_t* w, int64_t p, int64_t Kh, float* c,
-                      int64_t ldc, int64_t p_end, int64_t as = 512, int64_t pfd = kAmxPrefetchTiles) {
+                      int64_t ldc, int64_t p_end, int64_t as = 512, int64_t pfd = kAmxPrefetchTiles,
+                      int64_t lda = 64) {
   const int64_t ps = Kh * 32;  // bf16 per panel
   const uint16_t* b = w + p * ps;
   const int64_t ldb = ldc * 4;
@@ -144,7 +147,7 @@ void amx_decode_block(const uint16_t* a, int64_t Kt, const uint16_t* w, int64_t 
         else _mm_prefetch(pf + 64 * l, _MM_HINT_T2);
       }
     }
-    _tile_loadd(4, a + kt * as, 64);
+    _tile_loadd(4, a + kt * as, lda);
     _tile_loadd(5, b + kt * 512, 64);
     _tile_dpbf16ps(0, 4, 5);
     if constexpr (TN > 1) {

@@ -30,50 +30,6 @@ void amx_configure_rows(int64_t M) {
   codeshell::amx_load_config(cfg);
 }
 
-// amx_decode_block (panel_bf16_amx.h) with the A tile's row stride `lda` (bytes): M rows of x at
-// a + kt * as, a + lda + kt * as, ... The weight streams and their prefetch are amx_decode_block's.
-template <int TN>
-void amx_rows_block(const uint16_t* a, int64_t as, int64_t lda, int64_t Kt, const uint16_t* w, int64_t p, int64_t Kh,
-                    float* c, int64_t ldc, int64_t p_end, int64_t pfd) {
-  const int64_t ps = Kh * 32;  // bf16 per panel
-  const uint16_t* b = w + p * ps;
-  const int64_t ldb = ldc * 4;
-  _tile_zero(0);
-  if constexpr (TN > 1) _tile_zero(1);
-  if constexpr (TN > 2) _tile_zero(2);
-  if constexpr (TN > 3) _tile_zero(3);
-  for (int64_t kt = 0; kt < Kt; ++kt) {
-    // stream q: panel p + q, then the next block's p + 4 + q (amx_decode_block's order)
-    const int64_t ahead = kt + pfd;
-    const int64_t blk = ahead < Kt ? 0 : ahead / Kt, at = ahead < Kt ? ahead : ahead % Kt;
-    for (int q = 0; q < TN; ++q) {
-      const int64_t pq = p + 4 * blk + q;
-      if (pq >= p_end) continue;
-      const char* pf = reinterpret_cast<const char*>(w + pq * ps + at * 512);
-      for (int l = 0; l < 16; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
-    }
-    _tile_loadd(4, a + kt * as, lda);
-    _tile_loadd(5, b + kt * 512, 64);
-    _tile_dpbf16ps(0, 4, 5);
-    if constexpr (TN > 1) {
-      _tile_loadd(6, b + ps + kt * 512, 64);
-      _tile_dpbf16ps(1, 4, 6);
-    }
-    if constexpr (TN > 2) {
-      _tile_loadd(7, b + 2 * ps + kt * 512, 64);
-      _tile_dpbf16ps(2, 4, 7);
-    }
-    if constexpr (TN > 3) {
-      _tile_loadd(5, b + 3 * ps + kt * 512, 64);
-      _tile_dpbf16ps(3, 4, 5);
-    }
-  }
-  _tile_stored(0, c, ldb);
-  if constexpr (TN > 1) _tile_stored(1, c + 16, ldb);
-  if constexpr (TN > 2) _tile_stored(2, c + 32, ldb);
-  if constexpr (TN > 3) _tile_stored(3, c + 48, ldb);
-}
-
 // y [M, N] for M = 2..16 rows of x: `x` bf16 rows at a stride of lda bytes, k-tile kt at x + kt * as
 // (in place: as = 32, lda = 2K; pack_a's tiles: as = 512, lda = 64).
 void decode_amx_rows(const uint16_t* x, int64_t M, int64_t as, int64_t lda, int64_t Kt, const uint16_t* w, int64_t N,
@@ -89,10 +45,10 @@ void decode_amx_rows(const uint16_t* x, int64_t M, int64_t as, int64_t lda, int6
       alignas(64) float c[16 * 64];  // M rows x 4 panels
       for (int64_t p = p0; p < p1; p += 4) {
         const int64_t tn = std::min<int64_t>(4, p1 - p);
-        if (tn == 4) amx_rows_block<4>(x, as, lda, Kt, w, p, Kh, c, 64, pend, pfd);
-        else if (tn == 3) amx_rows_block<3>(x, as, lda, Kt, w, p, Kh, c, 64, pend, pfd);
-        else if (tn == 2) amx_rows_block<2>(x, as, lda, Kt, w, p, Kh, c, 64, pend, pfd);
-        else amx_rows_block<1>(x, as, lda, Kt, w, p, Kh, c, 64, pend, pfd);
+        if (tn == 4) amx_decode_block<4>(x, Kt, w, p, Kh, c, 64, pend, as, pfd, lda);
+        else if (tn == 3) amx_decode_block<3>(x, Kt, w, p, Kh, c, 64, pend, as, pfd, lda);
+        else if (tn == 2) amx_decode_block<2>(x, Kt, w, p, Kh, c, 64, pend, as, pfd, lda);
+        else amx_decode_block<1>(x, Kt, w, p, Kh, c, 64, pend, as, pfd, lda);
         __asm__ volatile("" ::: "memory");  // c was written by tile stores (asm)
         const int64_t n0 = p * kPanel;
         store_rows(c, 64, M, out, N, n0, std::min(N, (p + tn) * kPanel) - n0, bias);

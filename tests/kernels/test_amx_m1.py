@@ -18,6 +18,7 @@ import torch
 
 from codeshell.kernels import _ext, available, ops, prepack, quantize_int4, quantize_int8
 from codeshell.testing import assert_rows_bitwise
+from tests.kernels.test_q4_m1_e import assert_switch_keeps_bits
 
 needs_native = pytest.mark.skipif(not available(), reason=f"native kernels unavailable: {_ext.unavailable_reason()}")
 LEVEL = ops.isa_level() if available() else -1
@@ -29,22 +30,6 @@ def _amx(monkeypatch):
     for var in ("CODESHELL_KERNEL_ISA", "CODESHELL_AMX_BF16_M1", "CODESHELL_AMX_Q8_M1"):
         monkeypatch.delenv(var, raising=False)
     return _ext.get()
-
-
-
-def _switch_keeps_bits(mod, path, pw, k, n, var, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, k, generator=g) * 3
-    x[:, ::31] *= 8
-    if path == "amx:bf16":
-        x = x.to(torch.bfloat16)
-    for bias in (None, torch.randn(n, generator=g)):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv(var, "0")
-            want = ops._compute(path, mod, x, pw, bias)
-            mp.setenv(var, "1")
-            got = ops._compute(path, mod, x, pw, bias)
-        assert torch.equal(got, want), f"{var} {path} {n}x{k}: {(got - want).abs().max()}"
 
 
 def _rows_invariant(mod, path, pw, n, k, tol):
@@ -73,7 +58,7 @@ def test_bf16_m1(n, k, split, threads, monkeypatch):
     monkeypatch.setenv("CODESHELL_AMX_BF16_M1_SPLIT", split)  # decode_amx_m1's split (the default: owned)
     pw = prepack(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05)
     assert ops.plan(pw, 1, torch.bfloat16) == "amx:bf16"
-    _switch_keeps_bits(mod, "amx:bf16", pw, k, n, "CODESHELL_AMX_BF16_M1", k + 3)
+    assert_switch_keeps_bits(mod, pw, k, n, "CODESHELL_AMX_BF16_M1", k + 3, "amx:bf16", torch.bfloat16)
     _rows_invariant(mod, "amx:bf16", pw, n, k, 1e-4)
 
 
@@ -86,7 +71,7 @@ def test_int8_m1(n, k, threads, monkeypatch):
     mod = _amx(monkeypatch)
     pw = quantize_int8(torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05)
     assert ops.plan(pw, 1, torch.float32) == "amx:q8"
-    _switch_keeps_bits(mod, "amx:q8", pw, k, n, "CODESHELL_AMX_Q8_M1", k + 9)
+    assert_switch_keeps_bits(mod, pw, k, n, "CODESHELL_AMX_Q8_M1", k + 9, "amx:q8")
     _rows_invariant(mod, "amx:q8", pw, n, k, 2e-5)
 
 
@@ -101,5 +86,5 @@ def test_int4_m1(n, k, group, symmetric, threads, monkeypatch):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k + group)) * 0.05
     pw = quantize_int4(w, group_size=group, symmetric=symmetric)
     assert ops.plan(pw, 1, torch.float32) == "amx:q8"
-    _switch_keeps_bits(mod, "amx:q8", pw, k, n, "CODESHELL_AMX_Q8_M1", k + 5)
+    assert_switch_keeps_bits(mod, pw, k, n, "CODESHELL_AMX_Q8_M1", k + 5, "amx:q8")
     _rows_invariant(mod, "amx:q8", pw, n, k, 2e-5)

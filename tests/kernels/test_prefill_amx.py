@@ -31,7 +31,6 @@ def _bf16(m, k=K, seed=0):
     return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
 
-
 def _ref(x, p):
     return ops.reference(x, p, None, "amx:bf16")
 

@@ -26,7 +26,6 @@ pytestmark = pytest.mark.skipif(LEVEL < ops.ISA_LEVELS.index("amx") if LEVEL >= 
                                 reason="needs the native kernels on an AMX CPU")
 
 
-
 def _weight(kind, n, k, group=128, symmetric=True):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) / k ** 0.5
     if kind == "int8":

@@ -37,19 +37,21 @@ def _setup(monkeypatch):
     return _ext.get()
 
 
-def assert_switch_keeps_bits(mod, pw, k: int, n: int, var: str, seed: int) -> None:
-    """`var` = 0 (the former tile) and 1 (the new one) give the same bits at M = 1, with and
-    without a bias (shared with test_q8_m1_e.py)."""
+def assert_switch_keeps_bits(mod, pw, k: int, n: int, var: str, seed: int, path: str = PATH,
+                             dtype: torch.dtype = torch.float32) -> None:
+    """`var` = 0 (the former tile) and 1 (the new one) give the same bits at M = 1 on `path` (x in
+    `dtype`), with and without a bias (shared with test_q8_m1_e.py and test_amx_m1.py)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, k, generator=g) * 3
     x[:, ::31] *= 8
+    x = x.to(dtype)
     for bias in (None, torch.randn(n, generator=g)):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(var, "0")
-            want = ops._compute(PATH, mod, x, pw, bias)
+            want = ops._compute(path, mod, x, pw, bias)
             mp.setenv(var, "1")
-            got = ops._compute(PATH, mod, x, pw, bias)
-        assert torch.equal(got, want), f"{var} {n}x{k}: {(got - want).abs().max()}"
+            got = ops._compute(path, mod, x, pw, bias)
+        assert torch.equal(got, want), f"{var} {path} {n}x{k}: {(got - want).abs().max()}"
 
 
 def assert_rows_invariant_and_reference(mod, pw, n: int, k: int, what: str) -> None:

@@ -570,13 +570,9 @@ inline void scores16_t2(const float* q0, const float* q1, const float* kt, int64
 }
 
 // values_f32 for bf16 rows 16 values a step (one 512-bit store each instead of two 256-bit ones:
-// the copy was store-bound); the same values.
+// the copy was store-bound); the same values: bf16_to_f32_16 over the block's rows.
 inline void values_f32_16(const uint16_t* src, int64_t s0, int64_t s1, int64_t D, float* buf) {
-  const int64_t n = (s1 - s0) * D;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + s0 * D + i)));
-    _mm512_storeu_si512(buf + i, _mm512_slli_epi32(w, 16));
-  }
+  bf16_to_f32_16(src + s0 * D, buf, (s1 - s0) * D);
 }
 
 // p[s] for keys [0, n) of a 16-key group (n <= 16), keys paired as keys_paired stores them.

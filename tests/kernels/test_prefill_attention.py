@@ -108,36 +108,48 @@ def test_bad_input_is_one_clear_error():
     assert not pa.prefill_attention_ok(q48, kc48)  # head dim not a multiple of 32: SDPA
 
 
-@needs_bf16
-def test_engine_prefill_matches_the_sdpa_path(monkeypatch):
-    # The same prompts (alone, a padded batch, after a cached prefix) through the engine with the
-    # native prefill attention and with SDPA: the same greedy tokens and close logits.
+def engine_native_then_sdpa(monkeypatch) -> tuple[int, int]:
+    """The same prompts (alone, a padded batch, after a cached prefix) through the engine with the
+    native prefill attention, then with SDPA (and not decode's kernel a query at a time, the bf16
+    fallback without a native prefill kernel since session 31): the same greedy tokens and close
+    logits. Returns how many [B, 1, T, S] masks each run built (only SDPA needs one: the native
+    kernel reads positions). The caller's spies on which kernel ran are installed before the call."""
     from codeshell import LLM, SamplingParams
     from codeshell.bench import random_model
     from codeshell.config import CodeShellConfig
+    from codeshell.engine import kv_cache
     cfg = CodeShellConfig(vocab_size=512, n_embd=256, n_layer=2, n_head=4, num_query_groups=2, n_inner=512,
                           n_positions=512)
     llm = LLM.from_model(random_model(cfg, torch.bfloat16), cfg, max_batch=4)
     prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 for j in range(60 + 11 * i)]} for i in range(3)]
     sp = SamplingParams(max_tokens=8, temperature=0, logprobs=1)
-    calls, masks = [], []
-    real = pa.prefill_attention
-    monkeypatch.setattr(pa, "prefill_attention", lambda *a: calls.append(1) or real(*a))
-    # The [B, 1, T, S] mask is built only where SDPA runs (the native kernel reads positions).
-    from codeshell.engine import kv_cache
+    masks = []
     real_mask = kv_cache.CacheView.mask
     monkeypatch.setattr(kv_cache.CacheView, "mask", lambda self: masks.append(1) or real_mask(self))
-    native = [o.outputs[0] for o in llm.generate(prompts, sp)] + [llm.generate(prompts[:1], sp)[0].outputs[0]]
-    assert calls, "the native prefill attention did not run"
-    assert not masks, "a mask was built for the native prefill attention"
+
+    def run():
+        return [o.outputs[0] for o in llm.generate(prompts, sp)] + [llm.generate(prompts[:1], sp)[0].outputs[0]]
+
+    native = run()
+    native_masks = len(masks)
     monkeypatch.setattr(pa, "prefill_attention_ok", lambda q, k: False)
-    # and not decode's kernel a query at a time (the bf16 fallback without a native prefill kernel, since session 31)
     monkeypatch.setenv("CODESHELL_PREFILL_ATTN_DECODE", "0")
-    sdpa = [o.outputs[0] for o in llm.generate(prompts, sp)] + [llm.generate(prompts[:1], sp)[0].outputs[0]]
-    assert masks, "SDPA ran without the view's mask"
+    sdpa = run()
     for a, b in zip(native, sdpa):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
+    return native_masks, len(masks) - native_masks
+
+
+@needs_bf16
+def test_engine_prefill_matches_the_sdpa_path(monkeypatch):
+    calls = []
+    real = pa.prefill_attention
+    monkeypatch.setattr(pa, "prefill_attention", lambda *a: calls.append(1) or real(*a))
+    native_masks, sdpa_masks = engine_native_then_sdpa(monkeypatch)
+    assert calls, "the native prefill attention did not run"
+    assert not native_masks, "a mask was built for the native prefill attention"
+    assert sdpa_masks, "SDPA ran without the view's mask"
 
 
 @needs_bf16

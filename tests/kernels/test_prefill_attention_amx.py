@@ -14,7 +14,7 @@ import torch
 from codeshell.kernels import ISA_LEVELS, available, isa_level
 from codeshell.kernels import prefill_attention as pa
 
-from test_prefill_attention import _case, _check_against_fp32  # noqa: E402  (the same cases and check)
+from test_prefill_attention import _case, _check_against_fp32, engine_native_then_sdpa  # noqa: E402  (the same cases and checks)
 
 needs_amx = pytest.mark.skipif(not available() or isa_level() < ISA_LEVELS.index("amx"),
                                reason="the AMX prefill attention needs the native kernels and AMX")
@@ -111,30 +111,12 @@ def test_a_query_alone_gets_its_bits_in_a_longer_prompt():
 
 @needs_amx
 def test_engine_prefill_matches_the_sdpa_path(monkeypatch):
-    from codeshell import LLM, SamplingParams
-    from codeshell.bench import random_model
-    from codeshell.config import CodeShellConfig
-    from codeshell.engine import kv_cache
-    cfg = CodeShellConfig(vocab_size=512, n_embd=256, n_layer=2, n_head=4, num_query_groups=2, n_inner=512,
-                          n_positions=512)
-    llm = LLM.from_model(random_model(cfg, torch.bfloat16), cfg, max_batch=4)
-    prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 for j in range(60 + 11 * i)]} for i in range(3)]
-    sp = SamplingParams(max_tokens=8, temperature=0, logprobs=1)
     amx = []
     real = pa.use_amx
     monkeypatch.setattr(pa, "use_amx", lambda kb: amx.append(real(kb)) or amx[-1])
-    native = [o.outputs[0] for o in llm.generate(prompts, sp)] + [llm.generate(prompts[:1], sp)[0].outputs[0]]
+    native_masks, sdpa_masks = engine_native_then_sdpa(monkeypatch)
     assert amx and all(amx), "the AMX prefill attention did not run"
-    monkeypatch.setattr(pa, "prefill_attention_ok", lambda q, k: False)
-    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_DECODE", "0")
-    masks = []
-    real_mask = kv_cache.CacheView.mask
-    monkeypatch.setattr(kv_cache.CacheView, "mask", lambda self: masks.append(1) or real_mask(self))
-    sdpa = [o.outputs[0] for o in llm.generate(prompts, sp)] + [llm.generate(prompts[:1], sp)[0].outputs[0]]
-    assert masks, "SDPA did not run"
-    for a, b in zip(native, sdpa):
-        assert a.token_ids == b.token_ids
-        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
+    assert not native_masks and sdpa_masks
 
 
 @needs_amx

@@ -34,17 +34,9 @@
 namespace {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
+inline __m256 load8(const uint16_t* p) { return codeshell::load_bf16x8(p); }
 inline float to_f(float v) { return v; }
-inline float to_f(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float to_f(uint16_t v) { return codeshell::bf16_to_f32(v); }
 inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -223,10 +215,7 @@ namespace {
 // Why: at D = 32 and 4 heads the 8-lane loop spent 16 FMAs a key (and 4 value conversions), half
 // of decode attention's per-key work (docs/kernels-log.md, session 18 helper B).
 inline __m512 load16v(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16v(const uint16_t* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
+inline __m512 load16v(const uint16_t* p) { return codeshell::load_bf16x16(p); }
 
 template <class T, int RB, int NV>
 void values16(const float* p, int64_t S, const T* v, int64_t D, float* o) {
@@ -297,13 +286,6 @@ inline void softmax_rows16(float* p, int R, int64_t S) {
 // scalar to_f / to_bf16 loops were ~45% of codeshell-mini's batch-8 attention at 16 keys, the
 // items being 8 queries x 2 groups of only 4 heads x 32). Exact (bf16 -> fp32) / to_bf16's
 // rounding lane by lane (nearest even; a NaN keeps its payload's top bits | 0x40, as to_bf16).
-inline void bf16_to_f32_16(const uint16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))), 16)));
-  for (; i < n; ++i) dst[i] = to_f(src[i]);
-}
 inline void f32_to_bf16_16(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -572,7 +554,7 @@ inline void scores16_t2(const float* q0, const float* q1, const float* kt, int64
 // values_f32 for bf16 rows 16 values a step (one 512-bit store each instead of two 256-bit ones:
 // the copy was store-bound); the same values: bf16_to_f32_16 over the block's rows.
 inline void values_f32_16(const uint16_t* src, int64_t s0, int64_t s1, int64_t D, float* buf) {
-  bf16_to_f32_16(src + s0 * D, buf, (s1 - s0) * D);
+  codeshell::widen_bf16_row(src + s0 * D, buf, (s1 - s0) * D);
 }
 
 // p[s] for keys [0, n) of a 16-key group (n <= 16), keys paired as keys_paired stores them.
@@ -757,7 +739,7 @@ void run_packed(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
       for (int j = 0; j < n; ++j) {
 #if CODESHELL_HAVE_AVX512
         if (lean && !q32) {
-          bf16_to_f32_16(q_h + ((i0 + j) * H + g * R) * D, qf.data() + size_t(j) * R * D, R * D);
+          codeshell::widen_bf16_row(q_h + ((i0 + j) * H + g * R) * D, qf.data() + size_t(j) * R * D, R * D);
           continue;
         }
 #endif

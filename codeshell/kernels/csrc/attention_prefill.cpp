@@ -211,10 +211,8 @@ inline void pack_block_w(const Item& it, int64_t j0, int64_t n, float* kw, float
     for (int u = 0; u < 2; ++u) {  // u = 0: value 2 j2 + 1 (the high half), 1: value 2 j2
       const int64_t j = 2 * j2 + 1 - u;
       for (int64_t d = 0; d < D; d += 16) {
-        const __m512i w = j < n ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                      reinterpret_cast<const __m256i*>(it.v + (j0 + j) * D + d))), 16)
-                                : _mm512_setzero_si512();
-        _mm512_store_si512(vw + (2 * j2 + u) * D + d, w);
+        const __m512 w = j < n ? codeshell::load_bf16x16(it.v + (j0 + j) * D + d) : _mm512_setzero_ps();
+        _mm512_store_si512(vw + (2 * j2 + u) * D + d, _mm512_castps_si512(w));
       }
     }
 }
@@ -450,7 +448,7 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
         __m512 sum = _mm512_setzero_ps();
         for (int c = 0; c < NBE; ++c) {
           const __m256i eb = to_bf16<E>(_mm512_maskz_mov_ps(vis[c], codeshell::exp16(_mm512_sub_ps(x[c], mv))));
-          const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
+          const __m512 er = codeshell::widen_bf16x16(eb);
           store_probs<W>(p, c, eb, er);
           sum = NBE == 1 ? er : _mm512_add_ps(sum, er);
         }
@@ -583,7 +581,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
             _mm512_store_ps(reinterpret_cast<float*>(p) + 16 * c, er);
           } else {
             const __m256i eb = to_bf16<E>(pe);
-            er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
+            er = codeshell::widen_bf16x16(eb);
             store_probs<W>(p, c, eb, er);
           }
           sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
@@ -641,9 +639,7 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
     for (int64_t i = 0; i < R; ++i) {
       const uint16_t* src = reinterpret_cast<const uint16_t*>(qrow[i]);
       float* dst = qw.data() + i * D;
-      for (int64_t d = 0; d < D; d += 16)
-        _mm512_storeu_si512(dst + d, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                         reinterpret_cast<const __m256i*>(src + d))), 16));
+      codeshell::widen_bf16_row(src, dst, D);
       qrow[i] = reinterpret_cast<const uint32_t*>(dst);
     }
   for (int64_t i = R; i < R + kMrMax; ++i) qrow[i] = qrow[0], qpos[i] = qpos[0];  // tile padding
@@ -888,7 +884,7 @@ void run_item_amx(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* m
             // bf16 rounding of each is within 2^-9 and unbiased), not of their bf16 roundings widened
             // back: two ops fewer a vector
             if (FEXP && it.fsum) sum[u] = _mm512_add_ps(sum[u], e);
-            else sum[u] = _mm512_add_ps(sum[u], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16)));
+            else sum[u] = _mm512_add_ps(sum[u], codeshell::widen_bf16x16(eb));
           }
         }
         if (FEXP && it.fsum) {  // the four rows' alpha = e^(mo - mnew) in one vector, not four scalar expf calls:

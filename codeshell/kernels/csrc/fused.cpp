@@ -55,10 +55,7 @@ using bf16 = at::BFloat16;
 // 8 values <-> 8 fp32 lanes. bf16 -> fp32 is exact (a shift); fp32 -> bf16 rounds to nearest
 // even as c10::BFloat16 does (NaN -> quiet NaN 0x7fc0).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+inline __m256 load8(const bf16* p) { return codeshell::load_bf16x8(p); }
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store8(bf16* p, __m256 v) {
   __m256i u = _mm256_castps_si256(v);
@@ -232,9 +229,7 @@ namespace {
 namespace ln16 {
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 inline __m512 ld(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
-inline __m512 ld(const bf16* p, __mmask16 k) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
-}
+inline __m512 ld(const bf16* p, __mmask16 k) { return codeshell::load_bf16x16(p, k); }
 inline void st(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
 inline void st(bf16* p, __m512 v, __mmask16 k) {
   _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(codeshell::bf16_bits(v)));
@@ -325,9 +320,7 @@ inline void st2(float* p, __m512 a, __m512 b) {
   _mm512_storeu_ps(p + 16, b);
 }
 inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 ld16(const bf16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
+inline __m512 ld16(const bf16* p) { return codeshell::load_bf16x16(p); }
 }  // namespace ln16
 
 // Pass 1 of one full chunk of 16 values of a row: v = x + r as add_ln_row16 computes it (unrounded
@@ -550,10 +543,7 @@ namespace {
 // compute-bound (~25 instructions a vector with a divide; ~1.1 ns a value on 8 lanes here),
 // 10-17% of a 512-token prefill and ~8 us of each verify row of codeshell-mini.
 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
-inline __m512 load16(const bf16* p, __mmask16 k) {
-  const __m256i h = _mm256_maskz_loadu_epi16(k, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+inline __m512 load16(const bf16* p, __mmask16 k) { return codeshell::load_bf16x16(p, k); }
 inline void store16(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
 inline void store16(bf16* p, __m512 v, __mmask16 k) {
   _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(codeshell::bf16_bits(v)));

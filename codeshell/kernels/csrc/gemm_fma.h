@@ -53,10 +53,7 @@ struct V256 {
   static F even(I v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
   static F odd(I v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xffff0000u)))); }
   // kLanes consecutive bf16 values widened to fp32 (exact)
-  static F from_bf16(const uint16_t* p) {
-    return _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-  }
+  static F from_bf16(const uint16_t* p) { return codeshell::load_bf16x8(p); }
 };
 
 constexpr int64_t kKC = 256;   // k per chunk: the group's widened chunk 16 KiB (L1) at NV * L = 16
@@ -178,12 +175,8 @@ void run(const void* x, bool xb, int64_t M, int64_t K, const uint32_t* w, int64_
             for (int l = 0; l < L; ++l) {
               float f = 0.f;
               if (l < kin) {
-                if (xb) {
-                  const uint32_t u = uint32_t(static_cast<const uint16_t*>(x)[m * K + k + l]) << 16;
-                  std::memcpy(&f, &u, 4);
-                } else {
-                  f = static_cast<const float*>(x)[m * K + k + l];
-                }
+                f = xb ? codeshell::bf16_to_f32(static_cast<const uint16_t*>(x)[m * K + k + l])
+                       : static_cast<const float*>(x)[m * K + k + l];
               }
               dv[l] = f;
             }

@@ -515,8 +515,7 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
               const __mmask16 mk = __mmask16((1u << kin) - 1);
               __m512 v;
               if (xb)
-                v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                        mk, static_cast<const uint16_t*>(x) + m * K + k0 + kb)), 16));
+                v = codeshell::load_bf16x16(static_cast<const uint16_t*>(x) + m * K + k0 + kb, mk);
               else
                 v = _mm512_maskz_loadu_ps(mk, static_cast<const float*>(x) + m * K + k0 + kb);
               _mm512_store_ps(d + kb * MR + i * 16, v);
@@ -529,15 +528,8 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
           int64_t k = 0;
           if (xb) {
             const uint16_t* src = static_cast<const uint16_t*>(x) + (t * MR + i) * K + k0;
-            for (; k + 16 <= kin; k += 16) {
-              const __m512i u = _mm512_slli_epi32(
-                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))), 16);
-              _mm512_i32scatter_ps(d + k * MR + i, xidx, _mm512_castsi512_ps(u), 4);
-            }
-            for (; k < kin; ++k) {
-              const uint32_t u = uint32_t(src[k]) << 16;
-              std::memcpy(d + k * MR + i, &u, 4);
-            }
+            for (; k + 16 <= kin; k += 16) _mm512_i32scatter_ps(d + k * MR + i, xidx, codeshell::load_bf16x16(src + k), 4);
+            for (; k < kin; ++k) d[k * MR + i] = codeshell::bf16_to_f32(src[k]);
           } else {
             const float* src = static_cast<const float*>(x) + (t * MR + i) * K + k0;
             for (; k + 16 <= kin; k += 16) _mm512_i32scatter_ps(d + k * MR + i, xidx, _mm512_loadu_ps(src + k), 4);
@@ -550,10 +542,7 @@ void prefill_fma_t(const void* x, bool xb, int64_t M, int64_t K, const uint32_t*
           const int64_t kin = m < M ? std::max<int64_t>(0, std::min(kc, K - k0)) : 0;
           if (xb) {
             const uint16_t* src = static_cast<const uint16_t*>(x) + m * K + k0;
-            for (int64_t k = 0; k < kin; ++k) {
-              const uint32_t u = uint32_t(src[k]) << 16;  // bf16 -> fp32: exact
-              std::memcpy(d + k * MR + i, &u, 4);
-            }
+            for (int64_t k = 0; k < kin; ++k) d[k * MR + i] = codeshell::bf16_to_f32(src[k]);
           } else {
             const float* src = static_cast<const float*>(x) + m * K + k0;
             for (int64_t k = 0; k < kin; ++k) d[k * MR + i] = src[k];

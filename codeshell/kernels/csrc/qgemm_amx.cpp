@@ -96,15 +96,7 @@ void quantize_xt(const float* x, int64_t M, int64_t K, int64_t B, int8_t* xt, fl
         if (m < M) {
           const float* xr = x ? x + m * K : wide.data();
           if (xb) {
-            const uint16_t* src = xb + m * K;
-            int64_t k = 0;
-            for (; k + 16 <= K; k += 16)  // bf16 -> fp32: the 16 bits above 16 zero bits
-              _mm512_storeu_si512(wide.data() + k, _mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))), 16));
-            for (; k < K; ++k) {
-              const uint32_t u = uint32_t(src[k]) << 16;
-              std::memcpy(wide.data() + k, &u, 4);
-            }
+            codeshell::widen_bf16_row(xb + m * K, wide.data(), K);
           }
           codeshell::quantize_row_avx512(xr, K, B, /*perm=*/0, o, dxt + m, Mp, xs ? xs + m * nb : nullptr);
         } else {

@@ -39,16 +39,8 @@ struct LoadF32 {
 
 struct LoadBF16 {
   using T = uint16_t;
-  static inline __m256 load8(const T* p) {
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
-  static inline float load1(const T* p) {
-    uint32_t u = uint32_t(*p) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
+  static inline __m256 load8(const T* p) { return codeshell::load_bf16x8(p); }
+  static inline float load1(const T* p) { return codeshell::bf16_to_f32(*p); }
 };
 
 // Why bf16 rows: the native decode step hands the engine its logits in bf16; widening a 70k row

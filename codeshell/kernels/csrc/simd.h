@@ -4,8 +4,21 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace codeshell {
+
+// bf16 -> fp32, exact (the bf16 bits above 16 zero bits): one value, or 8 lanes from a register /
+// from memory. One copy for every kernel that widens bf16 activations or weights (simd512.h has
+// the 16-lane forms).
+inline float bf16_to_f32(uint16_t v) {
+  const uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __m256 widen_bf16x8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+inline __m256 load_bf16x8(const void* p) { return widen_bf16x8(_mm_loadu_si128(static_cast<const __m128i*>(p))); }
 
 // Sum of the 8 lanes.
 inline float hsum8(__m256 v) {

@@ -1,6 +1,7 @@
 // AVX-512 helpers shared by the kernels (header-only, inlined): one copy of each.
 //
-// What this is: `exp16`, exp8's operations (simd.h) on 16 lanes, the same bits per lane (the
+// What this is: the bf16 -> fp32 widening on 16 lanes (`load_bf16x16`, `widen_bf16_row`);
+// `exp16`, exp8's operations (simd.h) on 16 lanes, the same bits per lane (the
 // fused GELU and attention's softmax rely on that to give the same results on either width),
 // `gelu16` and the bf16 rounding (`bf16_bits`, `round_bf16`) shared by fused.cpp and the prefill
 // GEMM's GELU epilogue,
@@ -12,10 +13,22 @@
 #include <immintrin.h>
 
 #include "isa.h"
+#include "simd.h"
 
 #if CODESHELL_HAVE_AVX512
 CODESHELL_BEGIN_AVX512
 namespace codeshell {
+
+// bf16 -> fp32 on 16 lanes, exact (simd.h's bf16_to_f32 a lane): from a register, from memory,
+// from memory under a mask (lanes outside k read nothing and are 0), and a row of n values.
+inline __m512 widen_bf16x16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 load_bf16x16(const void* p) { return widen_bf16x16(_mm256_loadu_si256(static_cast<const __m256i*>(p))); }
+inline __m512 load_bf16x16(const void* p, __mmask16 k) { return widen_bf16x16(_mm256_maskz_loadu_epi16(k, p)); }
+inline void widen_bf16_row(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load_bf16x16(src + i));
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
 
 // exp(x) for 16 lanes: exp8's steps (clamp to [-88, 88], n = round(x log2 e), a degree-6
 // polynomial of the remainder, scale by 2^n; 0 below -88).

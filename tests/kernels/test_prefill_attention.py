@@ -60,6 +60,25 @@ def test_against_fp32_attention(B, H, G, D, T, P, kb):
                         f"avx512_bf16, key block {kb}) B{B} H{H} G{G} D{D} T{T} P{P}")
 
 
+@needs_bf16
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (2, 4, 2, 32, 37, 9), (1, 8, 2, 128, 100, 0),
+                                         (1, 4, 2, 96, 50, 3), (1, 1, 1, 32, 3, 130)])
+@pytest.mark.parametrize("qscale", [1.0, 30.0])
+@pytest.mark.parametrize("env", ["CODESHELL_PREFILL_ATTN_FEXP=0", "CODESHELL_PREFILL_ATTN_FSUM=0"])
+def test_softmax_forms_against_fp32_attention(B, H, G, D, T, P, qscale, env, monkeypatch):
+    # The 64-key tile's softmax (block_rows4) by exp16 (CODESHELL_PREFILL_ATTN_FEXP=0, the kernel before
+    # session 39) and by exp2_poly4 with the bf16 probabilities' sums (CODESHELL_PREFILL_ATTN_FSUM=0):
+    # the default (exp2_poly4, fp32 sums) is test_against_fp32_attention's; each within the same bounds,
+    # also on peaked scores (qscale 30: most probabilities 0, the running max moving often).
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    q = (q.float() * qscale).to(torch.bfloat16)
+    name, value = env.split("=")
+    monkeypatch.setenv(name, value)
+    scale = 1 / math.sqrt(D)
+    got = pa.prefill_attention(q, kc, vc, slots, pos, scale, 64)
+    _check_against_fp32(got, q, kc, vc, slots, pos, scale, f"avx512_bf16, {env}, q x {qscale}) B{B} H{H} G{G} D{D} T{T} P{P}")
+
+
 def _check_against_fp32(got, q, kc, vc, slots, pos, scale, label):
     """got [B, T, H, D] bf16 against fp32 attention: fp32 scores and sums, the probabilities rounded to
     bf16 for the value product (as torch's bf16 CPU attention rounds them) and the result once: no
@@ -202,7 +221,9 @@ def test_four_row_softmax_keeps_bits(B, H, G, D, T, P, zeros, monkeypatch):
     # The 64-key tile's softmax four rows at a time (block_rows4: the maxima and sums by reduce4,
     # the same reduction trees as _mm512_reduce_max_ps / _mm512_reduce_add_ps; the running max's
     # exp only where it moved) against one row at a time (CODESHELL_PREFILL_ATTN_R4=0): the same
-    # bits, also with rows of a tile past R (R % 4 != 0) and on zero queries (scores of +-0).
+    # bits, also with rows of a tile past R (R % 4 != 0) and on zero queries (scores of +-0). With
+    # exp16 (CODESHELL_PREFILL_ATTN_FEXP=0): the one-row softmax has no exp2_poly4 form (session 39).
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_FEXP", "0")
     q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
     if zeros:
         q = q * 0
@@ -220,12 +241,15 @@ def test_four_row_softmax_keeps_bits(B, H, G, D, T, P, zeros, monkeypatch):
                                          (2, 4, 1, 256, 70, 20), (1, 2, 2, 64, 2, 0), (1, 4, 2, 96, 50, 3),
                                          (2, 8, 8, 32, 33, 0), (1, 1, 1, 32, 3, 130)])
 @pytest.mark.parametrize("zeros", [False, True])
-def test_full_tiles_without_masks_keep_bits(B, H, G, D, T, P, zeros, monkeypatch):
+@pytest.mark.parametrize("fexp", ["0", "1"])
+def test_full_tiles_without_masks_keep_bits(B, H, G, D, T, P, zeros, fexp, monkeypatch):
     # block_rows4 leaves out the visibility masks of a tile whose keys are all visible to its four
     # rows (session 22) against the masks everywhere (CODESHELL_PREFILL_ATTN_FULL=0): a masked move
     # under an all-ones mask is the value itself, so the same bits; with prefixes (P > 0: whole
-    # blocks before every query), R % 4 != 0 tiles (masked), and zero queries. Also the one-row
-    # softmax's bits (CODESHELL_PREFILL_ATTN_R4=0).
+    # blocks before every query), R % 4 != 0 tiles (masked), and zero queries; with either softmax
+    # (fexp: exp2_poly4, session 39, or exp16). Also, with exp16, the one-row softmax's bits
+    # (CODESHELL_PREFILL_ATTN_R4=0).
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_FEXP", fexp)
     q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
     if zeros:
         q = q * 0
@@ -234,8 +258,9 @@ def test_full_tiles_without_masks_keep_bits(B, H, G, D, T, P, zeros, monkeypatch
     monkeypatch.delenv("CODESHELL_PREFILL_ATTN_FULL")
     full = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
     assert torch.equal(full, masked)
-    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_R4", "0")
-    assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), full)
+    if fexp == "0":
+        monkeypatch.setenv("CODESHELL_PREFILL_ATTN_R4", "0")
+        assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), full)
     print(f"prefill_attention (avx512_bf16, 64-key tile, unmasked full tiles) B{B} H{H} G{G} D{D} T{T} P{P}: "
           "the masked tiles' bits")
 
@@ -245,13 +270,16 @@ def test_full_tiles_without_masks_keep_bits(B, H, G, D, T, P, zeros, monkeypatch
                                          (2, 4, 1, 256, 70, 20), (1, 2, 2, 64, 2, 0), (1, 4, 2, 96, 50, 3),
                                          (2, 8, 8, 32, 33, 0), (1, 1, 1, 32, 3, 130), (1, 8, 2, 128, 77, 64)])
 @pytest.mark.parametrize("zeros", [False, True])
-def test_row_groups_keep_bits(B, H, G, D, T, P, zeros, monkeypatch):
+@pytest.mark.parametrize("fexp", ["0", "1"])
+def test_row_groups_keep_bits(B, H, G, D, T, P, zeros, fexp, monkeypatch):
     # block_rows4's row groups (session 27: the score tiles of `group` rows, then their softmax, then
     # one value product over the group, so each key / value block streams from L2 once a group)
     # against four rows a group (CODESHELL_PREFILL_ATTN_GROUP=4, the kernel before): rows are
     # independent and each row's operations are the same, so the same bits for every group size,
     # also where a group or a tile is cut short by R (R = 4 x 25, 2 x 37, ..), with prefixes (whole
-    # blocks before every query) and zero queries. Out-of-range values are clamped to 4..32.
+    # blocks before every query) and zero queries. Out-of-range values are clamped to 4..32. Either
+    # softmax (fexp); the one-row softmax (exp16 only) with exp16.
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_FEXP", fexp)
     q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
     if zeros:
         q = q * 0
@@ -260,8 +288,9 @@ def test_row_groups_keep_bits(B, H, G, D, T, P, zeros, monkeypatch):
     for group in ["", "8", "12", "16", "32", "1000"]:
         monkeypatch.setenv("CODESHELL_PREFILL_ATTN_GROUP", group)
         assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), four), group
-    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_R4", "0")  # the one-row softmax (no groups): the same bits
-    assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), four)
+    if fexp == "0":
+        monkeypatch.setenv("CODESHELL_PREFILL_ATTN_R4", "0")  # the one-row softmax (no groups): the same bits
+        assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), four)
     print(f"prefill_attention (64-key tile, row groups 8-32) B{B} H{H} G{G} D{D} T{T} P{P}: the 4-row groups' bits")
 
 

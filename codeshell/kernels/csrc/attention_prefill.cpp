@@ -138,8 +138,8 @@ struct Item {
   bool dout;              // block_rows4 (W): the group's value product dims outside, rows inside (pv_tile)
   bool round;             // block_rows4 (W): the probabilities' bf16 rounding by round_bf16_pos
   bool kpack;             // pack_block_w: the keys by 16 x 16 transposes
-  bool fexp = false;      // run_item_amx: the softmax's exp by exp2_poly4 (session 38; other last bits)
-  bool fsum = false;      // run_item_amx with fexp: fp32 row sums and the four rows' alpha in one vector
+  bool fexp = false;      // run_item_amx, block_rows4 (not E): the softmax's exp by exp2_poly4 (sessions 38, 39; other last bits)
+  bool fsum = false;      // with fexp: fp32 row sums and the four rows' alpha in one vector
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -465,6 +465,27 @@ inline void block_rows(const int64_t R, const int64_t D, const int64_t D2, const
     }
 }
 
+// 2^t for the prefill softmax (session 38, helper A, for the AMX kernel; session 39 helper A: also
+// block_rows4's, the vdpbf16ps kernel's; CODESHELL_PREFILL_ATTN_FEXP=0: exp16 as before):
+// n = round(t), f = t - n in [-1/2, 1/2], 2^f by a degree-4 polynomial (Taylor in f ln 2: relative
+// error <= 4.5e-5, against the 2^-9 of the bf16 rounding every probability gets next), 2^n by
+// vscalefps (0 for t below -149, no clamp needed). t = s * scale * log2(e) - m * log2(e) comes from
+// one fmsub on the raw score: the scale multiply, the subtraction and exp16's range reduction
+// (mul, roundscale, two fnmadd), its 6 fmadds, clamps and exponent arithmetic were ~18 vector ops a
+// 16 scores; this is 8. Why: at codeshell-mini's head dim 32 a score costs one 32-deep k-tile of
+// TMUL work and the softmax's vector ops bound the kernel (session 37, helper C: 0.15 TFLOP/s a core,
+// 30% of the prompt). Masked lanes (-inf) give NaN here and are zeroed by the caller's mask.
+inline __m512 exp2_poly4(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 y = _mm512_set1_ps(9.6181291e-3f);                  // ln2^4 / 24
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504109e-2f));  // ln2^3 / 6
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022651e-1f));  // ln2^2 / 2
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718e-1f));  // ln2
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+
 // The horizontal max (MAX) or sum of four rows' vectors v[0..3] at once, lane 4 r holding row r's:
 // the same tree, operand for operand, as GCC's _mm512_reduce_max_ps / _mm512_reduce_add_ps
 // (avx512fintrin.h's __MM512_REDUCE_OP: the high 256 bits op the low, then the high 128 op the
@@ -502,12 +523,24 @@ inline __m512 reduce4(const __m512* v) {
 // (the default) reads each block from L2 once per 32 rows and from L1 for its other tiles. The rows are
 // independent and each row's products, softmax and sums are the same operations in the same
 // order: the same bits for every group (group = MR is the kernel before; test_prefill_attention*).
+//
+// fexp (session 39 helper A; vdpbf16ps only, not the emulation (E, W), whose forms keep one
+// another's bits; CODESHELL_PREFILL_ATTN_FEXP=0: exp16 as above, block_rows' bits):
+// the AMX kernel's softmax arithmetic (run_item_amx, session 38): the row max taken on the raw
+// scores (scale > 0: max(s) * scale is the max of the scaled ones), exp2_poly4 on one fmsub of the raw
+// score, and with fsum (CODESHELL_PREFILL_ATTN_FSUM, default on) the row sums of the fp32
+// probabilities and the four rows' alpha in one vector exp2_poly4 instead of scalar expf calls. Other
+// last bits (within the tests' tolerance against fp32 attention, as the AMX kernel's). Why: at
+// codeshell-mini's head dim 32 a 64-key block of four rows is 256 vdpbf16ps of scores, 256 of values
+// and 16 vectors of softmax at ~25 vector ops each (the scale multiply twice, exp16's ~18, the
+// probabilities widened back for the sum); perf on the 2-core Zen 4 of session 39 (one thread,
+// T = 512, H 8, G 2): the softmax 33% of the kernel's samples, the scores 25%, the values 27%.
 template <bool E, int KB, int MR, int PR, int NBE, bool W = false>
 inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, const int64_t j0, const int64_t kPe,
                         const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
                         float* o, float* mrow, float* lrow, uint32_t* prow_g, const __m512 sc, const __m512i lane,
                        const bool first, const bool full_tiles, const int64_t group, const bool dout,
-                       const bool round) {
+                       const bool round, const bool fexp, const bool fsum) {
   static_assert(MR == 4, "block_rows4: four rows a tile");
   constexpr int NB = KB / 16;
   constexpr int64_t kP = W ? KB : KB / 2;  // a probability row (as block_rows)
@@ -532,8 +565,12 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
     // the diagonal blocks of a causal prompt), so the compares and masked moves are left out:
     // a masked move under an all-ones mask is the value itself, the same bits (session 22;
     // CODESHELL_PREFILL_ATTN_FULL=0 keeps the masks everywhere, A/B).
-    auto softmax = [&](auto full_c, auto round_c) {
+    auto softmax = [&](auto full_c, auto round_c, auto fexp_c) {
       constexpr bool FULL = decltype(full_c)::value, ROUND = W && decltype(round_c)::value;
+      constexpr bool FEXP = !E && !W && decltype(fexp_c)::value;
+      constexpr float kLog2e = 1.44269504088896341f;
+      const float scale = _mm512_cvtss_f32(sc);
+      const __m512 sc2 = _mm512_set1_ps(scale * kLog2e);  // FEXP: the fmsub's scale (run_item_amx's)
       auto visible = [&](int ii, int c) -> __mmask16 {
         if constexpr (FULL) return __mmask16(0xffff);
         return _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(int32_t(std::min<int64_t>(last[ii] - 16 * c, 16))),
@@ -553,12 +590,14 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
       for (int ii = 0; ii < MR; ++ii) {
         mx[ii] = _mm512_set1_ps(-INFINITY);
         if (last[ii] < 0) continue;
-        for (int c = 0; c < NBE; ++c) mx[ii] = _mm512_max_ps(mx[ii], masked(visible(ii, c), _mm512_mul_ps(s[ii * NB + c], sc)));
+        for (int c = 0; c < NBE; ++c)
+          mx[ii] = _mm512_max_ps(mx[ii], masked(visible(ii, c), FEXP ? s[ii * NB + c] : _mm512_mul_ps(s[ii * NB + c], sc)));
       }
       alignas(64) float red[16];
       _mm512_store_ps(red, reduce4<true>(mx));
       float mnew[MR];
       __m512 sum[MR];
+      alignas(16) float mo4[MR] = {}, mn4[MR] = {};  // FEXP with fsum: alpha's inputs (0, 0: alpha 1)
       for (int ii = 0; ii < MR; ++ii) {
         sum[ii] = _mm512_setzero_ps();
         alpha[ii] = 1.f;
@@ -568,11 +607,20 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
           continue;
         }
         const float mo = mrow[i0 + ii];
-        mnew[ii] = std::max(mo, red[4 * ii]);
-        alpha[ii] = mo == mnew[ii] ? 1.f : std::exp(mo - mnew[ii]);  // 0 on the first visible block (-inf)
-        const __m512 mv = _mm512_set1_ps(mnew[ii]);
+        mnew[ii] = std::max(mo, FEXP ? red[4 * ii] * scale : red[4 * ii]);
+        if (FEXP && fsum) mo4[ii] = mo, mn4[ii] = mnew[ii];
+        else alpha[ii] = mo == mnew[ii] ? 1.f : std::exp(mo - mnew[ii]);  // 0 on the first visible block (-inf)
+        const __m512 mv = _mm512_set1_ps(FEXP ? mnew[ii] * kLog2e : mnew[ii]);
         for (int c = 0; c < NBE; ++c) {
           const __mmask16 vis = visible(ii, c);
+          if constexpr (FEXP) {  // masked lanes (any score) are zeroed after the exp
+            const __m512 pe = zeroed(vis, exp2_poly4(_mm512_fmsub_ps(s[ii * NB + c], sc2, mv)));
+            const __m256i eb = to_bf16<E>(pe);
+            store_probs<false>(p, c, eb, pe);
+            const __m512 er = fsum ? pe : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
+            sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
+            continue;
+          }
           const __m512 x = masked(vis, _mm512_mul_ps(s[ii * NB + c], sc));
           const __m512 pe = zeroed(vis, codeshell::exp16(_mm512_sub_ps(x, mv)));
           __m512 er;
@@ -587,6 +635,12 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
           sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
         }
       }
+      if (FEXP && fsum) {  // the four rows' alpha = e^(mo - mnew) in one vector (as run_item_amx)
+        const __m128 mo_v = _mm_load_ps(mo4);
+        const __m512 t = _mm512_zextps128_ps512(_mm_mul_ps(_mm_sub_ps(mo_v, _mm_load_ps(mn4)), _mm_set1_ps(kLog2e)));
+        const __m128 a = _mm512_castps512_ps128(exp2_poly4(t));
+        _mm_storeu_ps(alpha, _mm_mask_mov_ps(a, _mm_cmp_ps_mask(mo_v, _mm_set1_ps(-INFINITY), _CMP_EQ_OQ), _mm_setzero_ps()));
+      }
       _mm512_store_ps(red, reduce4<false>(sum));
       for (int ii = 0; ii < rows; ++ii) {
         if (last[ii] < 0) continue;
@@ -598,12 +652,16 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
         mrow[i] = mnew[ii];
       }
     };
+    const bool fl = all_seen && full_tiles;
     if (W && round) {
-      if (all_seen && full_tiles) softmax(std::true_type{}, std::true_type{});
-      else softmax(std::false_type{}, std::true_type{});
+      if (fl) softmax(std::true_type{}, std::true_type{}, std::false_type{});
+      else softmax(std::false_type{}, std::true_type{}, std::false_type{});
+    } else if (!E && !W && fexp) {
+      if (fl) softmax(std::true_type{}, std::false_type{}, std::true_type{});
+      else softmax(std::false_type{}, std::false_type{}, std::true_type{});
     } else {
-      if (all_seen && full_tiles) softmax(std::true_type{}, std::false_type{});
-      else softmax(std::false_type{}, std::false_type{});
+      if (fl) softmax(std::true_type{}, std::false_type{}, std::false_type{});
+      else softmax(std::false_type{}, std::false_type{}, std::false_type{});
     }
   }
   pv_tile<E, PR, W>(grows, g0, o, prow_g, kP, alpha_g, vp, D, kPe, first, dout);
@@ -682,7 +740,7 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
       constexpr int NBE = decltype(nbe)::value;
       if constexpr (R4 && MR == 4)
         block_rows4<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
-                                     nofill && j0 == 0, it.full, it.group, it.dout, it.round);
+                                     nofill && j0 == 0, it.full, it.group, it.dout, it.round, it.fexp, it.fsum);
       else
         block_rows<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                     nofill && j0 == 0);
@@ -720,26 +778,6 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
 // order); a row's result depends only on its own query and keys (row tiles never mix rows' sums), so
 // a row does not depend on the batch around it. CODESHELL_PREFILL_ATTN_AMX=0 (prefill_attention.py):
 // the vdpbf16ps kernel.
-// 2^t for the AMX softmax (session 38, helper A; CODESHELL_PREFILL_ATTN_FEXP=0: exp16 as before):
-// n = round(t), f = t - n in [-1/2, 1/2], 2^f by a degree-4 polynomial (Taylor in f ln 2: relative
-// error <= 4.5e-5, against the 2^-9 of the bf16 rounding every probability gets next), 2^n by
-// vscalefps (0 for t below -149, no clamp needed). t = s * scale * log2(e) - m * log2(e) comes from
-// one fmsub on the raw score: the scale multiply, the subtraction and exp16's range reduction
-// (mul, roundscale, two fnmadd), its 6 fmadds, clamps and exponent arithmetic were ~18 vector ops a
-// 16 scores; this is 8. Why: at codeshell-mini's head dim 32 a score costs one 32-deep k-tile of
-// TMUL work and the softmax's vector ops bound the kernel (session 37, helper C: 0.15 TFLOP/s a core,
-// 30% of the prompt). Masked lanes (-inf) give NaN here and are zeroed by the caller's mask.
-inline __m512 exp2_poly4(__m512 t) {
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 y = _mm512_set1_ps(9.6181291e-3f);                  // ln2^4 / 24
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504109e-2f));  // ln2^3 / 6
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022651e-1f));  // ln2^2 / 2
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718e-1f));  // ln2
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(y, n);
-}
-
 inline void attn_amx_configure() {
   codeshell::AmxTileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
@@ -1107,8 +1145,9 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // old order the last chunk claimed was the costliest (2 x the last items: 31 of the 272 units
   // of a 512-token prompt at the small shape) and the other thread idled for up to that long.
   const bool lpt = codeshell::env_flag("CODESHELL_PREFILL_ATTN_ORDER", true);
-  // CODESHELL_PREFILL_ATTN_FEXP=0: the AMX kernel's softmax through exp16 as in session 37 (A/B and
-  // its bits); by default exp2_poly4 on one fmsub of the raw score (other last bits)
+  // CODESHELL_PREFILL_ATTN_FEXP=0: the AMX kernel's softmax through exp16 as in session 37, and (session
+  // 39) the vdpbf16ps kernel's 64-key tiles' (block_rows4) as before (A/B and their bits); by default
+  // exp2_poly4 on one fmsub of the raw score (other last bits)
   const bool fexp = codeshell::env_flag("CODESHELL_PREFILL_ATTN_FEXP", true);
   // CODESHELL_PREFILL_ATTN_FSUM=0 (with FEXP): the row sums of the bf16-rounded probabilities and a
   // scalar expf a row for alpha, as with exp16; by default fp32 sums and one vector exp2_poly4 for four rows
@@ -1149,7 +1188,10 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
       // last: see `lpt` above
       const int64_t b = lpt ? (w % (B * G)) / G : w / (G * nq), g = lpt ? w % G : (w / nq) % G,
                     qi = lpt ? nq - 1 - w / (B * G) : w % nq;
-      run(item_of(b, g, qi), kp, vp, o, mrow, lrow, prow, lean);
+      Item item = item_of(b, g, qi);
+      item.fexp = fexp;  // block_rows4's softmax (session 39; the emulation keeps exp16)
+      item.fsum = fsum;
+      run(item, kp, vp, o, mrow, lrow, prow, lean);
     }
   });
 #else

@@ -108,6 +108,7 @@ py::dict cpu_features_dict() {
   d["amx_int8"] = f.amx_int8;
   d["os_avx512"] = f.os_avx512;
   d["amx_permitted"] = f.amx_permitted;
+  d["zen4"] = f.zen4;
   d["compiled_avx512"] = bool(CODESHELL_HAVE_AVX512);
   d["max_isa"] = f.max_isa;
   return d;

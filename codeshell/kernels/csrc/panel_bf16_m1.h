@@ -16,7 +16,7 @@
 // huge pages, the thread's CPU time (the host ran three kernel builds), this loop's shape at K = 1024:
 // NP = 1 34.7 GB/s, NP = 2 29.9, NP = 4 30.3, NP = 8 28.3, NP = 4 with a 1-4 KiB prefetch 26.3-28.5; a plain
 // read of 2 streams 256 MiB apart 20.0, one stream 34.6. In the extension, the small shape's 8 layers and
-// head (320 MB, bench_m1_threads.py --sets small:bf16 --threads 1 --clock thread, 4 rounds): NP = 1 1.101x
+// head (320 MB, bench_m1_threads.py --sets small:bf16 --threads 1 --clock thread, 5 rounds): NP = 1 1.101x
 // NP = 4 (31.4 against 28.6 GB/s, 99.8% of the probe), NP = 2 0.958x, NP = 1 with a 2 KiB prefetch 0.988x.
 // llama.cpp's bf16 GEMV (4 rows of 2 KiB at K = 1024 side by side: one region) read the small shape at 112%
 // of our probe's bound in the session's first table. One vdpbf16ps chain a core (its latency unhidden) still

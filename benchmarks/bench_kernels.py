@@ -361,16 +361,17 @@ def set_env(variant: str, base: dict[str, str]) -> None:
 
 def read_probe(buf: torch.Tensor) -> float:
     """GB/s of the native plain read (`read_stream`) over `buf` (a buffer on huge pages larger
-    than the LLC, as the weights are placed): best of 3 passes after one. Also used by
-    bench_decode_phases.py."""
+    than the LLC, as the weights are placed): best of 3 passes after one, with the 2 KiB prefetch and
+    without (session 39). Also used by bench_decode_phases.py."""
     from codeshell.kernels import _ext
     mod = _ext.get()
-    mod.read_stream(buf, 1)
     best = float("inf")
-    for _ in range(3):  # not timeit(..., 0.0, 3, 3): a zero budget makes that one timed pass
-        t = time.perf_counter()
-        mod.read_stream(buf, 1)
-        best = min(best, time.perf_counter() - t)
+    for pf in (2048, 0):  # with the decode kernels' prefetch and without (read_probe.h; Zen 4 reads faster without)
+        mod.read_stream(buf, 1, pf)
+        for _ in range(3):  # not timeit(..., 0.0, 3, 3): a zero budget makes that one timed pass
+            t = time.perf_counter()
+            mod.read_stream(buf, 1, pf)
+            best = min(best, time.perf_counter() - t)
     return buf.numel() * buf.element_size() / best / 1e9
 
 

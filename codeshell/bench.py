@@ -167,15 +167,17 @@ def _values(n: int) -> str:
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, progress: ProgressFn = _no_progress) -> float:
     """Best-of-N memory read bandwidth in GB/s over a buffer larger than any cache, on torch's
-    thread count: the better of torch's float32 sum and, with the native kernels, a plain read of
-    every byte (`read_stream`: 256-bit loads, the decode kernels' prefetch and chunking). Either
-    alone can read low: the sum is not memory bound on every CPU (Zen 4, 2 threads: 46-59 GB/s
+    thread count: the best of torch's float32 sum and, with the native kernels, a plain read of
+    every byte (`read_stream`: 256-bit loads, the decode kernels' chunking, with their 2 KiB software
+    prefetch and without any: on the Zen 4 EPYC a core read ~8% faster without it, session 39). Any
+    one alone can read low: the sum is not memory bound on every CPU (Zen 4, 2 threads: 46-59 GB/s
     while the int8 decode kernel streamed 62), and a probe below what the kernels reach would make
     a "% of the bound" over 100% mean nothing."""
     from .kernels import _ext, hugepages
     phase = "memory read bandwidth"
     mod = _ext.get()
-    probes = [lambda: x.sum()] + ([lambda: mod.read_stream(x, 1)] if mod is not None else [])
+    probes = [lambda: x.sum()] + ([lambda: mod.read_stream(x, 1), lambda: mod.read_stream(x, 1, 0)]
+                                  if mod is not None else [])
     progress(phase, 0, repeats * len(probes), "")
     # placed as the weights are (kernels/hugepages.py): the bound is the best read of the machine
     x = hugepages.empty((int(gib * (1 << 30)) // 128 * 32,), torch.float32).fill_(1.0)

@@ -43,3 +43,38 @@ def test_m1_rows_are_right_and_those_of_larger_m(isa, dtype, n, k):
     for m in (2, 3, 4, 5):
         y = mod.decode_bf16(x[:m].contiguous(), pw.data, n, bias, isa)
         assert_rows_bitwise(y, alone[:m], f"{n}x{k} isa {isa}")
+
+
+# panel_bf16_m1.h (session 39): avx512_bf16's M = 1 without AMX under its switches (panels in flight, the
+# prefetch, a claimed chunk's panels, 1 and 2 threads) gives the bits of the default schedule and so of
+# the rows of larger M above (one vdpbf16ps chain a panel whatever the schedule).
+M1_SWITCHES = [{"CODESHELL_BF16_M1_NP": "1"}, {"CODESHELL_BF16_M1_NP": "2"}, {"CODESHELL_BF16_M1_NP": "4"},
+               {"CODESHELL_BF16_M1_NP": "8"}, {"CODESHELL_BF16_M1_NP": "1", "CODESHELL_BF16_M1_PF": "2048"},
+               {"CODESHELL_BF16_M1_NP": "4", "CODESHELL_BF16_M1_PF": "4096"},
+               {"CODESHELL_BF16_M1_NP": "1", "CODESHELL_BF16_M1_GRAIN": "1"},
+               {"CODESHELL_BF16_M1_NP": "8", "CODESHELL_BF16_M1_GRAIN": "3"}]
+
+
+@needs_native
+@pytest.mark.parametrize("n,k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_m1_switches_keep_the_bits(n, k, threads):
+    if LEVEL < 2:
+        pytest.skip("needs avx512_bf16")
+    mod = _ext.get()
+    g = torch.Generator().manual_seed(n * k)
+    pw = prepack(torch.randn(n, k, generator=g) * 0.05)
+    bias = torch.randn(n, generator=g)
+    x = (torch.randn(1, k, generator=g) * 2).to(torch.bfloat16)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        want = mod.decode_bf16(x, pw.data, n, bias, 2)
+        for sw in M1_SWITCHES:
+            with pytest.MonkeyPatch.context() as mp:
+                for name, v in sw.items():
+                    mp.setenv(name, v)
+                got = mod.decode_bf16(x, pw.data, n, bias, 2)
+            assert torch.equal(got, want), f"{sw} {n}x{k} T{threads}: {(got - want).abs().max()}"
+    finally:
+        torch.set_num_threads(old)

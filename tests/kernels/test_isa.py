@@ -152,6 +152,22 @@ def test_features_name_the_isa():
             assert feats["amx_permitted"]
 
 
+def test_zen4_is_amd_family_19h_with_avx512():
+    # CpuFeatures::zen4 (session 39: the Zen 4 read-loop defaults) against /proc/cpuinfo's first processor
+    feats = _ext.features()
+    if "zen4" not in feats:
+        pytest.skip("native kernels unavailable")
+    try:
+        info = open("/proc/cpuinfo").read().split("\n\n")[0]
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    fields = dict(ln.split(":", 1) for ln in info.splitlines() if ":" in ln)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    want = (fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
+            and "avx512f" in fields.get("flags", "").split() and feats["os_avx512"])
+    assert feats["zen4"] == want
+
+
 @needs_native
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_prefill_measures_amx_int8(kind, monkeypatch, record_property):

@@ -82,7 +82,8 @@ def test_read_stream_reads_every_byte():
     for pos in (0, 77, (1 << 19) + 5, (1 << 20) - 1):
         buf.zero_()
         buf[pos] = 1 << (pos % 8)
-        assert mod.read_stream(buf, 1) % (1 << 64) == 1 << (8 * (pos % 8) + pos % 8), pos  # int64 -> its bits
+        for pf in (2048, 0, 512):  # the prefetching loop, the one without (session 39), another distance
+            assert mod.read_stream(buf, 1, pf) % (1 << 64) == 1 << (8 * (pos % 8) + pos % 8), (pos, pf)  # int64 -> its bits
     with pytest.raises(RuntimeError, match="multiple of 128 bytes"):
         mod.read_stream(torch.zeros(100, dtype=torch.uint8), 1)
 

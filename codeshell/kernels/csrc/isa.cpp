@@ -39,6 +39,9 @@ CpuFeatures detect() {
   CpuFeatures f;
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const unsigned fam = ((a >> 8) & 0xf) + (((a >> 8) & 0xf) == 0xf ? (a >> 20) & 0xff : 0);  // display family
+  unsigned v0, vb, vc, vd;
+  const bool amd = __get_cpuid(0, &v0, &vb, &vc, &vd) && vb == 0x68747541u;  // "AuthenticAMD" ("Auth" in ebx)
   const bool osxsave = (c >> 27) & 1;
   f.fma = (c >> 12) & 1;
   const uint64_t xcr0 = osxsave ? xgetbv0() : 0;
@@ -58,6 +61,7 @@ CpuFeatures detect() {
     if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512bf16 = f.os_avx512 && ((a >> 5) & 1);
   }
   f.fma = f.fma && os_avx;
+  f.zen4 = amd && fam == 0x19 && f.avx512f;
   if (f.amx_tile && f.amx_bf16 && (xcr0 & (3ull << 17)) == (3ull << 17)) f.amx_permitted = request_amx();
   if (f.avx2 && f.fma) {
     f.max_isa = kAvx2;
@@ -104,6 +108,7 @@ py::dict cpu_features_dict() {
   d["amx_int8"] = f.amx_int8;
   d["os_avx512"] = f.os_avx512;
   d["amx_permitted"] = f.amx_permitted;
+  d["zen4"] = f.zen4;
   d["compiled_avx512"] = bool(CODESHELL_HAVE_AVX512);
   d["max_isa"] = f.max_isa;
   return d;

@@ -57,6 +57,9 @@ struct CpuFeatures {
   bool os_avx512 = false;  // XCR0 enables the zmm/opmask state
   bool amx_permitted = false;  // arch_prctl granted XTILEDATA to this process
   int64_t max_isa = -1;  // highest Isa whose features are all usable, -1 without AVX2
+  // AMD family 19h with AVX-512 (Zen 4: 512-bit ops run as two 256-bit halves). Only for defaults measured
+  // on that core (session 39 helper C: the M = 1 read loops, panel_bf16_m1.h and qdot_int8.cpp's prefetch).
+  bool zen4 = false;
 };
 
 // Detected once per process (thread-safe static); asks the kernel for AMX permission once.

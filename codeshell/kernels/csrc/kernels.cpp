@@ -317,15 +317,16 @@ void dequant_int4(const torch::Tensor& q, const torch::Tensor& scale, const c10:
 // (so the loads cannot be elided). The loop is read_probe.h's probe_lines (shared with the standalones). Why not torch's sum alone: on some CPUs the float sum is not
 // memory bound (Zen 4, 2 threads: torch fp32 sum 46-59 GB/s while the int8 decode kernel streamed
 // weights at 62), and a probe below what the kernels reach makes "% of the bound" meaningless.
-int64_t read_stream(const torch::Tensor& buf, int64_t passes) {
-  TORCH_CHECK(buf.is_contiguous() && buf.nbytes() % 128 == 0 && passes > 0,
-              "read_stream needs a contiguous buffer of a multiple of 128 bytes and passes > 0");
+// pf: the loop's prefetch distance in bytes (0: none; read_probe.h).
+int64_t read_stream(const torch::Tensor& buf, int64_t passes, int64_t pf) {
+  TORCH_CHECK(buf.is_contiguous() && buf.nbytes() % 128 == 0 && passes > 0 && pf >= 0,
+              "read_stream needs a contiguous buffer of a multiple of 128 bytes, passes > 0 and pf >= 0");
   const char* base = static_cast<const char*>(buf.data_ptr());
   const int64_t lines = int64_t(buf.nbytes()) / 128;  // 128-byte units: 4 loads of 32 bytes
   std::atomic<uint64_t> all{0};
   for (int64_t pass = 0; pass < passes; ++pass)
     codeshell::parallel_chunks(lines, 64, 512, [&](int64_t l0, int64_t l1) {
-      all.fetch_or(codeshell::probe_lines(base, l0, l1), std::memory_order_relaxed);
+      all.fetch_or(codeshell::probe_lines(base, l0, l1, pf), std::memory_order_relaxed);
     });
   return int64_t(all.load());
 }
@@ -391,7 +392,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_int4", &dequant_int4, kNoGil, "rows [n0,n1) of int4 weight -> fp32 buffer");
   m.def("prefill_attention", &prefill_attention, kNoGil,
         "causal GQA attention of T queries per row straight from the KV cache (AVX512-BF16, or AMX-BF16 tiles with amx) -> bf16 [B,T,H,D]");
-  m.def("read_stream", &read_stream, kNoGil, "read every byte of a buffer `passes` times on all threads (bandwidth probe)");
+  m.def("read_stream", &read_stream, kNoGil, py::arg("buf"), py::arg("passes"), py::arg("pf") = 2048,
+        "read every byte of a buffer `passes` times on all threads (bandwidth probe); pf: prefetch distance in "
+        "bytes (0: none)");
   register_fused(m);
   register_decode_step(m);
 }

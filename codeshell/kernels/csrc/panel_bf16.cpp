@@ -257,6 +257,8 @@ struct Avx512Fma {
 // Batched decode at 4..16 rows: all rows over one widened weight vector (session 25 helper B)
 #include "panel_bf16_rows.h"
 
+#include "panel_bf16_m1.h"  // ---- vdpbf16ps at M = 1 without AMX (session 39)
+
 }  // namespace
 CODESHELL_END_AVX512
 #endif
@@ -791,6 +793,13 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
       return;
     }
   }
+#if CODESHELL_HAVE_AVX512
+  if constexpr (std::is_same_v<Isa, Bf16Dot>)
+    if (M == 1 && lean) {  // panel_bf16_m1.h: the same bits as panels_small_m<Bf16Dot, 1, 4, false>
+      bf16m1::run(xp, Kh, wp, N, P, b, op);
+      return;
+    }
+#endif
   codeshell::parallel_chunks(P, M == 1 ? np1 : 4, M == 1 ? np1 : 4, [&](int64_t p0, int64_t p1) {
     if constexpr (std::is_same_v<Isa, Avx2>) {
       if (m1_34) return avx2_m1_rows(m1_pf, xp, Kh, wp, N, p0, p1, p1, b, op);

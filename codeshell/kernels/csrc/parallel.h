@@ -351,19 +351,14 @@ inline bool chunks_in_team() {
   return env_flag("CODESHELL_CHUNKS_TEAM", false);
 }
 
-// Runs f(i0, i1) over [0, n) in chunks of a multiple of `align` items that the threads claim
-// one after another (about 8 per thread, none below `min_items`), instead of at::parallel_for's
-// one fixed share per thread.
-// Why: on a machine whose cores are shared (the server's event loop and its clients, other
-// processes), a fixed split makes every call wait for its slowest thread; claimed chunks let a
-// thread that was descheduled do less. The chunks stay long enough to stream sequentially.
-// Inside a Team's call (current_team()), the chunks go to that team's threads.
+// Runs f(i0, i1) over [0, n) in chunks of exactly `grain` items (the last one shorter) that the threads
+// claim one after another: parallel_chunks' runner, also called with a grain of the caller's own (bf16
+// M = 1, panel_bf16_m1.h). Inside a Team's call the chunks go to that team's threads.
 template <class F>
-inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F& f) {
+inline void parallel_grain(int64_t n, int64_t grain, const F& f) {
   Team* team = current_team();
   const int64_t threads = current_threads();
-  int64_t grain = std::max(min_items, (n + 8 * threads - 1) / (8 * threads));
-  grain = (grain + align - 1) / align * align;
+  grain = std::max<int64_t>(1, grain);
   const int64_t chunks = (n + grain - 1) / grain;
   if (team != nullptr && threads > 1 && chunks > 1) {
     team->run(n, grain, f);
@@ -394,6 +389,21 @@ inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
       f(c * grain, std::min(n, (c + 1) * grain));
   });
+}
+
+// Runs f(i0, i1) over [0, n) in chunks of a multiple of `align` items that the threads claim
+// one after another (about 8 per thread, none below `min_items`), instead of at::parallel_for's
+// one fixed share per thread.
+// Why: on a machine whose cores are shared (the server's event loop and its clients, other
+// processes), a fixed split makes every call wait for its slowest thread; claimed chunks let a
+// thread that was descheduled do less. The chunks stay long enough to stream sequentially.
+// Inside a Team's call (current_team()), the chunks go to that team's threads.
+template <class F>
+inline void parallel_chunks(int64_t n, int64_t align, int64_t min_items, const F& f) {
+  const int64_t threads = current_threads();
+  int64_t grain = std::max(min_items, (n + 8 * threads - 1) / (8 * threads));
+  grain = (grain + align - 1) / align * align;
+  parallel_grain(n, grain, f);
 }
 
 // parallel_owned's shares: one atomic word a thread (front << 32 | back), each thread's contiguous share of

@@ -66,9 +66,15 @@ inline int64_t avx2_rows_min_m() {
 // prefetches 2 KiB ahead too). Session 29 helper C, bench_m1_threads.py --sets small_head:int8 --threads 2
 // (70144 x 1024, 72 MB, cold), quiet minutes, paired medians: 2 KiB 1.048x (6 rounds, 92% of the probe
 // against 88%) and 1.025x (4 rounds; 1 KiB 1.022x, 4 KiB 1.008x). Prefetches change no bits.
+// On Zen 4 (session 39 helper C) none: its core reads one sequential stream fastest with the hardware
+// prefetchers alone (a plain read 34.6 GB/s without, 32.1 with 2 KiB T0; 1 thread, 512 MiB, the thread's CPU
+// time); the small shape's int8 step linears (bench_m1_threads.py --sets small:int8 --threads 1 --clock thread,
+// 5 rounds) 1.165x the 8 KiB default without it (23.4 against 20.2 GB/s), 2 KiB 0.93x, T1 0.96x; the int4
+// checkpoint's int8 head the same way 1.136x.
 inline int64_t q8_m1_pf_default() {
   static const int64_t d = [] {
     const codeshell::CpuFeatures& f = codeshell::cpu_features();
+    if (f.zen4) return int64_t(0);
     return f.avx512vnni && !f.avx512bf16 && !f.amx_int8 ? int64_t(2048) : kM1Prefetch;
   }();
   return d;

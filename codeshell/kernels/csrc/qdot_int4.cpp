@@ -590,8 +590,10 @@ static bool amd_zen4() {
 // per 16 outputs), docs/kernels-log.md "Session 23, helper B". Zen 5 (2 vpdpbusd zmm a cycle, AVX512-BF16)
 // measured the other way (qdot.h's panel_kernel comment): it keeps tile_q4v's bits. Zen 4 (AMD family 0x19
 // with AVX-512: AVX512-BF16, no AMX) issues 512-bit ops as two 256-bit halves (one vpdpbusd zmm a cycle, as
-// Ice Lake): since session 39 (helper B) it takes the epilogue's family too (docs/kernels-log.md, session 39
-// helper B: codeshell-mini int4 at batch 8).
+// Ice Lake; benchmarks/standalone/vnni_ports.cpp: a vpdpbusd + fma zmm mix 1.00 a cycle in all): since session 39
+// (helper B) it takes the epilogue's family too. codeshell-mini int4 in the decode step (2 threads, loaded host, least
+// of rounds): the block linears at batch 8 1.24-1.65x faster, at batch 1 within the noise; the engine's b8 aggregate
+// 1.21-1.32x (docs/kernels-log.md, session 39 helper B).
 // CODESHELL_Q4_EPI=1 / =0 forces either family (read per call: A/B runs and tests); every M of one
 // process must take one family (row invariance), so set it for a whole process.
 bool q4_epi_kind() {

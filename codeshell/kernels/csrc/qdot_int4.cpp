@@ -592,7 +592,7 @@ static bool amd_zen4() {
 // with AVX-512: AVX512-BF16, no AMX) issues 512-bit ops as two 256-bit halves (one vpdpbusd zmm a cycle, as
 // Ice Lake; benchmarks/standalone/vnni_ports.cpp: a vpdpbusd + fma zmm mix 1.00 a cycle in all): since session 39
 // (helper B) it takes the epilogue's family too. codeshell-mini int4 in the decode step (2 threads, loaded host, least
-// of rounds): the block linears at batch 8 1.24-1.65x faster, at batch 1 within the noise; the engine's b8 aggregate
+// of rounds): the block linears at batch 8 1.24-1.65x faster, at batch 1 up to 10% slower (q4_m1_e.h); the b8 aggregate
 // 1.21-1.32x (docs/kernels-log.md, session 39 helper B).
 // CODESHELL_Q4_EPI=1 / =0 forces either family (read per call: A/B runs and tests); every M of one
 // process must take one family (row invariance), so set it for a whole process.

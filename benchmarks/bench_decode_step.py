@@ -122,13 +122,14 @@ def calls(model: str, batch: int, threads: int, blocks: int) -> None:
 
 
 def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: int, variants: list[str],
-            prompt_len: int = 16) -> None:
+            prompt_len: int = 16, stat: str = "median") -> None:
     """Per-phase wall time of the native step (`DecodeStep.profile` / `profile_times`, us a call,
     medians over the rounds) for each batch and variant, in one process: greedy generations of
     `tokens` tokens after `prompt_len`-token prompts (--prompt-len; bench_quant's codeshell-mini
     figures use 256), the variants' order reversed every other round.
     A variant is '-' (as loaded), `team=0|1` (DecodeStep.team, set on the built step) or
-    comma-separated ENV=V settings the kernels read per call (CODESHELL_Q4_ROWS_MAX_M=0, ...)."""
+    comma-separated ENV=V settings the kernels read per call (CODESHELL_Q4_ROWS_MAX_M=0, ...).
+    stat "min" (--stat): the least of the rounds instead of the median (a loaded host: preemption only adds)."""
     import torch
 
     from codeshell import LLM, SamplingParams
@@ -161,11 +162,13 @@ def profile(model: str, tokens: int, batches: list[int], threads: int, rounds: i
                 res.setdefault((v, b), []).append(row)
     restore(st, team0, env0)
     cols = [(v, b) for v in variants for b in batches]
-    print("us a call, medians over rounds".ljust(22) + "".join(f"{v[:14] + ' b' + str(b):>20}" for v, b in cols))
+    agg = min if stat == "min" else statistics.median
+    print(f"us a call, {'least' if stat == 'min' else 'medians'} over rounds".ljust(22) +
+          "".join(f"{v[:14] + ' b' + str(b):>20}" for v, b in cols))
     for name in res[cols[0]][0]:
-        print(name.ljust(22) + "".join(f"{statistics.median(x[name] for x in res[c]):20.1f}" for c in cols))
+        print(name.ljust(22) + "".join(f"{agg([x[name] for x in res[c]]):20.1f}" for c in cols))
     for v in variants:
-        w = {b: statistics.median(x["whole call"] for x in res[(v, b)]) for b in batches}
+        w = {b: agg([x["whole call"] for x in res[(v, b)]]) for b in batches}
         print(f"{v}: " + ", ".join(f"b{b}/b{batches[0]} rows per second {b * w[batches[0]] / (batches[0] * w[b]):.2f}x"
                                    for b in batches[1:]))
 
@@ -196,6 +199,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=16, help="with --profile: prompt tokens (default 16)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="with --profile: the rounds' median (default) or least per phase (a loaded host)")
     ap.add_argument("--compare", choices=["step", "team"], default="step",
                     help="step: the native step off / on (CODESHELL_DECODE_STEP); team: the native step "
                          "without / with its thread team (CODESHELL_DECODE_TEAM off / on)")
@@ -212,7 +217,7 @@ def main() -> None:
     if a.profile:
         print(f"model {a.model}, {a.threads} threads, {a.tokens} tokens, rounds {a.rounds}; "
               f"load average before: {os.getloadavg()}")
-        profile(a.model, a.tokens, a.batch, a.threads, a.rounds, a.ab, a.prompt_len)
+        profile(a.model, a.tokens, a.batch, a.threads, a.rounds, a.ab, a.prompt_len, a.stat)
         print(f"load average after: {os.getloadavg()}")
         return
     if a.calls:

@@ -288,7 +288,8 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
         # at every M, so the choice inside is a speed choice only. int8 gives the same bits with
         # and without AMX (csrc/q8_panel.h; without AMX tile_v at M = 1-2, where the panel ran
         # 1.6-2.1x slower than AVX2 on AMD Zen); int4 without AMX keeps the per-lane epilogue of its
-        # vpdpbusd kernels (other last bits, the same invariance).
+        # vpdpbusd kernels (other last bits, the same invariance) but on the Ice Lake-class Xeon and
+        # Zen 4 (csrc/qdot_int4.cpp q4_epi_kind: amx:q8's bits).
         return "amx:q8" if level >= ISA_LEVELS.index("amx") else "avx512_vnni:q8"
     return _choose(p, m, x_dtype, level, prefill_candidates(p, x_dtype, level))
 

@@ -121,6 +121,10 @@ void decode_int4_q8_out(const torch::Tensor& x, const torch::Tensor& q, const to
 // q8_rows.h (int8; int4 groups of 128 / 256: run_q4) rather than q8_panel.h: CODESHELL_Q8_AMX_VROWS=0 / 1
 // (read per call), else this thread's Q8AmxVrowsScope (the decode step's choice for a linear), else no.
 bool q8_amx_vrows(int64_t M);
+// qdot_int4.cpp: whether int4 weights without AMX take the shared epilogue's bits (q8_epilogue.h: q8_rows.h,
+// q8_rows_t.h's copy, q4_m1_e.h) rather than tile_q4v's per-lane bits: by CPU kind (Ice Lake, Zen 4), or
+// CODESHELL_Q4_EPI=0 / 1 (read per call). The decode step makes the int4 copy only for this family.
+bool q4_epi_kind();
 // The scope's codes (session 38: the step's measured choice, q8_rows_tune.h): kQ8PathRules the rules
 // (q8_panel.h, the tiles from amx_rows_min_m), kQ8PathVrowsRule q8_rows.h below the tiles (session 37's
 // rule for small steps), and for M = 2..16 the path forced: kQ8PathPanel q8_panel.h (int4 at M = 2:

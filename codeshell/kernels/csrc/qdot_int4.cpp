@@ -9,6 +9,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include "entry.h"
@@ -569,6 +570,38 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
 CODESHELL_END_AVX512
 #endif
 
+// AMD family 0x19 (Zen 3 / Zen 4) with AVX-512, i.e. Zen 4 (Zen 3 has none; Zen 5 is family 0x1a).
+static bool amd_zen4() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u) return false;  // AuthenticAMD
+  __get_cpuid(1, &a, &b, &c, &d);
+  const unsigned family = ((a >> 8) & 0xf) + ((a >> 8 & 0xf) == 0xf ? (a >> 20) & 0xff : 0);
+  return family == 0x19 && codeshell::cpu_features().max_isa >= codeshell::kAvx512Vnni;
+}
+
+// int4 without AMX on the shared epilogue's bits (q8_epilogue.h: tile_v at M = 1-2, q8_panel.h from
+// panel_min_m, as amx:q8 below its AMX rows) instead of tile_q4v's per-lane bits (qdot_q4v.h, q4_rows.h).
+// Why by CPU kind: the per-lane family spends a cvt + fma per (row of x, weight row, group) beside its
+// 2 vpdpbusd; on a core with one 512-bit vector port those issue on the same port as vpdpbusd. On the
+// Ice Lake-class Xeon (AVX512-VNNI without AVX512-BF16: isa max = avx512_vnni) a register-only loop
+// ran vpdpbusd zmm at 1.2 /ns and fma zmm at 0.8-1.4 /ns a core, 2 vpdpbusd + cvt + fma at 0.7
+// vpdpbusd/ns (one port), and the small int4 checkpoint's batch-8 step took 2.9x its batch-1 time
+// (block linears 4.6x). The epilogue family reduces the lane sums in integers first (one fp32 step
+// per 16 outputs), docs/kernels-log.md "Session 23, helper B". Zen 5 (2 vpdpbusd zmm a cycle, AVX512-BF16)
+// measured the other way (qdot.h's panel_kernel comment): it keeps tile_q4v's bits. Zen 4 (AMD family 0x19
+// with AVX-512: AVX512-BF16, no AMX) issues 512-bit ops as two 256-bit halves (one vpdpbusd zmm a cycle, as
+// Ice Lake; benchmarks/standalone/vnni_ports.cpp: a vpdpbusd + fma zmm mix 1.00 a cycle in all): since session 39
+// (helper B) it takes the epilogue's family too. codeshell-mini int4 in the decode step (2 threads, loaded host, least
+// of rounds): the block linears at batch 8 1.24-1.65x faster, at batch 1 up to 10% slower (q4_m1_e.h); the b8 aggregate
+// 1.21-1.32x (docs/kernels-log.md, session 39 helper B).
+// CODESHELL_Q4_EPI=1 / =0 forces either family (read per call: A/B runs and tests); every M of one
+// process must take one family (row invariance), so set it for a whole process.
+bool q4_epi_kind() {
+  static const bool kind = codeshell::cpu_features().max_isa == codeshell::kAvx512Vnni ||
+                           (amd_zen4() && codeshell::cpu_features().max_isa < codeshell::kAmx);
+  return env_flag("CODESHELL_Q4_EPI", kind);
+}
+
 namespace {
 // int4 without AMX: rows of x (from 5) up to which run_q4r (two weight rows per x load, tile_q4v's
 // bits) takes groups of 128 / 256 instead of run_q4v; CODESHELL_Q4_ROWS_MAX_M overrides the 16
@@ -583,22 +616,6 @@ bool q4r_takes(int64_t M, int64_t G) {
 // tile_q4v: q4_rows.h (2 x 8 tiles) ran it 6% slower in the small shape's cold sweep. CODESHELL_Q4_ROWS=0
 // turns it off (the earlier kernels; read per call, for A/B and tests); CODESHELL_Q4_ROWS_MIN_M
 // overrides the 3 (at least 2).
-// int4 without AMX on the shared epilogue's bits (q8_epilogue.h: tile_v at M = 1-2, q8_panel.h from
-// panel_min_m, as amx:q8 below its AMX rows) instead of tile_q4v's per-lane bits (qdot_q4v.h, q4_rows.h).
-// Why by CPU kind: the per-lane family spends a cvt + fma per (row of x, weight row, group) beside its
-// 2 vpdpbusd; on a core with one 512-bit vector port those issue on the same port as vpdpbusd. On the
-// Ice Lake-class Xeon (AVX512-VNNI without AVX512-BF16: isa max = avx512_vnni) a register-only loop
-// ran vpdpbusd zmm at 1.2 /ns and fma zmm at 0.8-1.4 /ns a core, 2 vpdpbusd + cvt + fma at 0.7
-// vpdpbusd/ns (one port), and the small int4 checkpoint's batch-8 step took 2.9x its batch-1 time
-// (block linears 4.6x). The epilogue family reduces the lane sums in integers first (one fp32 step
-// per 16 outputs), docs/kernels-log.md "Session 23, helper B". Zen 5 (2 vpdpbusd zmm a cycle, AVX512-BF16)
-// measured the other way (qdot.h's panel_kernel comment): it keeps tile_q4v's bits.
-// CODESHELL_Q4_EPI=1 / =0 forces either family (read per call: A/B runs and tests); every M of one
-// process must take one family (row invariance), so set it for a whole process.
-bool q4_epi_kind() {
-  static const bool kind = codeshell::cpu_features().max_isa == codeshell::kAvx512Vnni;
-  return env_flag("CODESHELL_Q4_EPI", kind);
-}
 
 bool q4rows_takes(int64_t M, int64_t G) {
   if (!env_flag("CODESHELL_Q4_ROWS", true)) return false;

@@ -79,14 +79,16 @@ void int8_q8_batched(const Linear& l, const torch::Tensor& xf, torch::Tensor& ou
 // int4 at 5..8 rows (session 29): q8_rows_t.h's byte-a-weight transposed copy with the scales
 // (offsets) beside it, made at the first such call and hinted to q8_rows.h run_q4 (which takes it
 // where it runs: groups of 128 / 256 on the CPUs whose int4 takes the epilogue's bits, the Ice
-// Lake-class Xeon; made only there). CODESHELL_Q8R_TP4=0 (read per call): neither made nor used.
+// Lake-class Xeon and Zen 4; made only there). CODESHELL_Q8R_TP4=0 (read per call): neither made nor used.
 // The same bits (tests/kernels/test_q8_rows_t.py).
 const void* int4_packed(const Linear& l, int64_t M) {
 #if CODESHELL_HAVE_AVX512
   // l.isa too (session 30): a linear capped below VNNI (CODESHELL_KERNEL_ISA=avx2) runs the AVX2
   // kernel, which never reads the copy
   // session 37: and AMX CPUs where q8_amx_vrows sends these rows to run_q4
-  const bool vnni_cpu = l.isa == codeshell::kAvx512Vnni && codeshell::cpu_features().max_isa == codeshell::kAvx512Vnni;
+  // session 39: the VNNI levels without AMX wherever int4 takes the epilogue's bits (q4_epi_kind: Zen 4 too, whose
+  // level is avx512_bf16; before, the Ice Lake-class Xeon only: CODESHELL_Q4_EPI=0 there gives no copy)
+  const bool vnni_cpu = l.isa >= codeshell::kAvx512Vnni && l.isa < codeshell::kAmx && q4_epi_kind();
   const bool amx_rows = l.isa >= codeshell::kAmx && q8_amx_vrows(M);
   if (M < 5 || M > 8 || l.K % 128 != 0 || (l.group != 128 && l.group != 256) || !(vnni_cpu || amx_rows) ||
       !copy_wanted(l, "CODESHELL_Q8R_TP4"))

@@ -8,10 +8,11 @@
 // the panels' k-block from L1.
 // Why: Bf16Dot's tiles hold 8 rows x 2 panels, so M = 16 was two passes over every weight vector and
 // M = 24 / 32 (past 16 rows the 2-panel c layout does not fit) three / four 8-row passes of one panel,
-// 8 chains each. On Zen 4 (1 thread, codeshell-mini's shapes) the per-row cost of M = 9..32 was ~2x that
-// of M = 8 (the session's bench_verify_rows); a tile of all the call's rows over one panel loads each
-// weight vector once and keeps up to 16 chains in flight (the figures: docs/kernels-log.md, session 39
-// helper D, benchmarks/bench_bf16_dot_rows.py).
+// 8 chains each. A tile of up to 16 rows over one panel loads each weight vector once a tile and keeps 16
+// chains in flight: on Zen 4 (1 thread, codeshell-mini's shapes, weights from L3) 1.1-1.5x faster at
+// M = 9..16 (head M = 16: 657 against 806 us, 204 GFLOP/s of a 221 peak), 1.0-1.25x at 24..32; in the
+// native verify step 2-4% of the call at 16..24 rows (docs/kernels-log.md, session 39 helper D;
+// benchmarks/bench_bf16_dot_rows.py).
 // Bits: every (row, output) is one vdpbf16ps chain over the k-pairs in order from zero, as in
 // Bf16Dot::micro (k-blocks stored and reloaded in fp32: exact), so the SAME BITS as the 8-row tiles and
 // as the row alone (row invariance; tests/kernels/test_bf16_dot_rows.py).

@@ -256,6 +256,8 @@ struct Avx512Fma {
 
 // Batched decode at 4..16 rows: all rows over one widened weight vector (session 25 helper B)
 #include "panel_bf16_rows.h"
+// vdpbf16ps at 9..64 rows: tiles of up to 24 rows x 1 panel (session 39 helper D)
+#include "panel_bf16_dot_rows.h"
 
 #include "panel_bf16_m1.h"  // ---- vdpbf16ps at M = 1 without AMX (session 39)
 
@@ -711,6 +713,10 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
       x_tiles = fma_rows::pack(rows_plan, x.data_ptr<float>(), M, x.size(1), Kp);
     }
   }
+  // Bf16Dot at 9..64 rows: panel_bf16_dot_rows.h's tiles (CODESHELL_BF16_DOT_ROWS=0: the 8-row tiles
+  // below). Same bits either way.
+  dot_rows::Plan dot_plan{};
+  if constexpr (std::is_same_v<Isa, Bf16Dot>) dot_plan = dot_rows::plan(M);
 #else
   constexpr bool rows16 = false;
 #endif
@@ -819,6 +825,8 @@ void decode_panels(const torch::Tensor& x, const uint32_t* wp, int64_t N, int64_
 #if CODESHELL_HAVE_AVX512
     else if (rows16) {
       if constexpr (std::is_same_v<Isa, Avx512Fma>) fma_rows::run(rows_plan, x_tiles.get(), M, Kh, wp, p0, p1, c, emit);
+    } else if (dot_plan.tiles > 0) {
+      if constexpr (std::is_same_v<Isa, Bf16Dot>) dot_rows::run(dot_plan, xp, M, Kh, wp, p0, p1, c, emit);
     }
 #endif
     else {

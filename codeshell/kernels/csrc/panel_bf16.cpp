@@ -256,7 +256,7 @@ struct Avx512Fma {
 
 // Batched decode at 4..16 rows: all rows over one widened weight vector (session 25 helper B)
 #include "panel_bf16_rows.h"
-// vdpbf16ps at 9..64 rows: tiles of up to 24 rows x 1 panel (session 39 helper D)
+// vdpbf16ps at 9..64 rows: tiles of up to 16 rows x 1 panel (session 39 helper D)
 #include "panel_bf16_dot_rows.h"
 
 #include "panel_bf16_m1.h"  // ---- vdpbf16ps at M = 1 without AMX (session 39)

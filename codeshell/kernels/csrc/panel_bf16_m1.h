@@ -6,7 +6,8 @@
 // it): NP panels in flight, each panel one vdpbf16ps chain over its k-pairs in order from zero (so the same
 // bits as Bf16Dot::micro<1, NP> at every NP, prefetch and split: row invariance), with three knobs read per
 // call through switches.h's cache, for A/B runs on the CPU at hand:
-//   CODESHELL_BF16_M1_NP=1|2|4|8   panels in flight (read streams a thread; default np_default())
+//   CODESHELL_BF16_M1_NP=1|2|4|8   panels in flight (read streams a thread; default np_default(): 1 on Zen 4
+//                                  for a model read from memory, else 4)
 //   CODESHELL_BF16_M1_PF=BYTES     software prefetch (T0) this far ahead on each panel's stream (0: none, the
 //                                  hardware prefetchers alone; default kPf)
 //   CODESHELL_BF16_M1_GRAIN=PANELS panels a claimed chunk (rounded up to NP); 0: parallel_chunks' rule (~8
@@ -26,7 +27,14 @@
 
 namespace bf16m1 {
 
-inline int64_t np_default() { return codeshell::cpu_features().zen4 ? 1 : 4; }
+// NP = 1 only for weights read from memory: a cache-resident model's (the decode step's hint, step_hints.h)
+// come from L3, where one vdpbf16ps chain a core waits on its latency. Measured (session 39, lead; 2 threads,
+// bench_b8_ratio.py CODESHELL_MINI --rounds 8 --tokens 64 --ab - CODESHELL_BF16_M1_NP=4): codeshell-mini's b1
+// step 0.379 ms at NP = 1 against 0.313 at NP = 4 (medians), so it keeps NP = 4.
+inline int64_t np_default() {
+  const bool resident = codeshell::bf16_far_prefetch_hint().load(std::memory_order_relaxed) > 0;
+  return codeshell::cpu_features().zen4 && !resident ? 1 : 4;
+}
 constexpr int64_t kPf = 0;
 constexpr int64_t kGrain = 0;
 

@@ -9,7 +9,6 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include "entry.h"
@@ -570,15 +569,6 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
 CODESHELL_END_AVX512
 #endif
 
-// AMD family 0x19 (Zen 3 / Zen 4) with AVX-512, i.e. Zen 4 (Zen 3 has none; Zen 5 is family 0x1a).
-static bool amd_zen4() {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u) return false;  // AuthenticAMD
-  __get_cpuid(1, &a, &b, &c, &d);
-  const unsigned family = ((a >> 8) & 0xf) + ((a >> 8 & 0xf) == 0xf ? (a >> 20) & 0xff : 0);
-  return family == 0x19 && codeshell::cpu_features().max_isa >= codeshell::kAvx512Vnni;
-}
-
 // int4 without AMX on the shared epilogue's bits (q8_epilogue.h: tile_v at M = 1-2, q8_panel.h from
 // panel_min_m, as amx:q8 below its AMX rows) instead of tile_q4v's per-lane bits (qdot_q4v.h, q4_rows.h).
 // Why by CPU kind: the per-lane family spends a cvt + fma per (row of x, weight row, group) beside its
@@ -597,8 +587,9 @@ static bool amd_zen4() {
 // CODESHELL_Q4_EPI=1 / =0 forces either family (read per call: A/B runs and tests); every M of one
 // process must take one family (row invariance), so set it for a whole process.
 bool q4_epi_kind() {
-  static const bool kind = codeshell::cpu_features().max_isa == codeshell::kAvx512Vnni ||
-                           (amd_zen4() && codeshell::cpu_features().max_isa < codeshell::kAmx);
+  const codeshell::CpuFeatures& f = codeshell::cpu_features();
+  static const bool kind = f.max_isa == codeshell::kAvx512Vnni ||
+                           (f.zen4 && f.max_isa >= codeshell::kAvx512Vnni && f.max_isa < codeshell::kAmx);
   return env_flag("CODESHELL_Q4_EPI", kind);
 }
 

@@ -617,7 +617,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
             const __m512 pe = zeroed(vis, exp2_poly4(_mm512_fmsub_ps(s[ii * NB + c], sc2, mv)));
             const __m256i eb = to_bf16<E>(pe);
             store_probs<false>(p, c, eb, pe);
-            const __m512 er = fsum ? pe : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16));
+            const __m512 er = fsum ? pe : codeshell::widen_bf16x16(eb);
             sum[ii] = NBE == 1 ? er : _mm512_add_ps(sum[ii], er);
             continue;
           }

@@ -182,11 +182,41 @@ def median_or_nan(xs) -> float:
 
 def quiet(args) -> str:
     """Before a round: wait (at most --quiet-wait seconds) for a window in which the processes
-    outside this run used at most --quiet-cores cores; a note for the round's line ('' when off)."""
-    if not getattr(args, "quiet_wait", 0):
-        return ""
-    waited, other = wait_quiet(args.quiet_cores, 1.0, args.quiet_wait)
-    return f"; waited {waited:.0f} s for quiet" + ("" if other is None else f" (last {other:.2f} cores)")
+    outside this run used at most --quiet-cores cores, then (--read-probe) read a 512 MiB buffer;
+    a note for the round's line ('' when both are off)."""
+    note = ""
+    if getattr(args, "quiet_wait", 0):
+        waited, other = wait_quiet(args.quiet_cores, 1.0, args.quiet_wait)
+        note = f"; waited {waited:.0f} s for quiet" + ("" if other is None else f" (last {other:.2f} cores)")
+    if getattr(args, "read_probe", False):
+        gbs = read_probe()
+        if gbs is not None:
+            note += f"; read probe {gbs:.1f} GB/s"
+    return note
+
+
+_PROBE: list = []
+
+
+def read_probe(mib: int = 512) -> float | None:
+    """GB/s of the best of two plain reads (the native `read_stream`, no software prefetch) of a 512 MiB
+    buffer on huge pages, on this process's threads; None without the native kernels. Why: this host's
+    read bandwidth moves between two levels (~37 and ~66 GB/s) within seconds, and a batch-1 bf16 step of
+    the 1.7B shape follows it (57 against 95 ms, in process or served, docs/kernels-log.md session 40
+    helper A): a round's level says which one it met."""
+    import torch
+    from codeshell.kernels import _ext, hugepages
+    mod = _ext.get()
+    if mod is None:
+        return None
+    if not _PROBE or _PROBE[0].numel() != (mib << 20) // 4:
+        _PROBE[:] = [hugepages.empty(((mib << 20) // 4,), torch.float32).fill_(1.0)]
+    buf, best = _PROBE[0], float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        mod.read_stream(buf, 1, 0)
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best / 1e9
 
 
 def task_prompt(k: int) -> str:
@@ -529,6 +559,8 @@ def main() -> None:
                     help="before each round wait up to S seconds for a 1-s window in which the processes outside "
                          "this run used at most --quiet-cores cores (0: start at once)")
     ap.add_argument("--quiet-cores", type=float, default=0.2)
+    ap.add_argument("--read-probe", action="store_true",
+                    help="before each round, read a 512 MiB buffer and print the GB/s (the host's level)")
     ap.add_argument("--work-dir", type=Path,
                     help="keep the random checkpoint (DIR/codeshell-SHAPE) and its GGUF files here and reuse them "
                          "in later runs (default: a temporary folder, written each run)")

@@ -50,3 +50,12 @@ def test_quiet_is_off_by_default_and_notes_its_wait(monkeypatch):
 def test_cli_takes_the_quiet_options():
     src = (REPO / "benchmarks" / "bench_serve.py").read_text()
     assert '"--quiet-wait"' in src and '"--quiet-cores"' in src
+
+
+def test_read_probe_reads_a_rate_and_the_note_says_it(monkeypatch):
+    gbs = bench_serve.read_probe(mib=8)
+    if gbs is None:
+        pytest.skip("no native kernels")
+    assert gbs > 0
+    monkeypatch.setattr(bench_serve, "read_probe", lambda: 41.25)
+    assert bench_serve.quiet(types.SimpleNamespace(quiet_wait=0, read_probe=True)) == "; read probe 41.2 GB/s"

@@ -19,7 +19,13 @@ ours (`--max-batch 16`; bf16 on the checkpoint folder, q8_0/q4_0 on the GGUF fil
 between the two, round after round: 1 / 4 / 16 streaming clients with distinct ~90-token
 prompts (64 new tokens each, sampled), and the IDE re-completion case (a ~1.9k-token FIM
 prompt through /infill, then the same file with 20 characters typed at the cursor: the second
-request is the one a plugin user waits for). It prints both sides and the ratios.
+request is the one a plugin user waits for). It prints both sides and the ratios, and each round's
+decode ms a token (a request's time after its first token: the step without the prefill that tok/s holds).
+
+On a shared host: `--quiet-wait 20` starts each round in a 1-s window in which other processes used at most
+`--quiet-cores` (0.2) cores, and `--read-probe` prints the read bandwidth level the round met (the Zen 4 VM's
+moves between ~37 and ~66 GB/s within seconds, and a batch-1 bf16 step follows it: docs/kernels-log.md,
+session 40 helper A).
 """
 
 from __future__ import annotations

@@ -19,7 +19,13 @@ ours (`--max-batch 16`; bf16 on the checkpoint folder, q8_0/q4_0 on the GGUF fil
 between the two, round after round: 1 / 4 / 16 streaming clients with distinct ~90-token
 prompts (64 new tokens each, sampled), and the IDE re-completion case (a ~1.9k-token FIM
 prompt through /infill, then the same file with 20 characters typed at the cursor: the second
-request is the one a plugin user waits for). It prints both sides and the ratios.
+request is the one a plugin user waits for). It prints both sides and the ratios, and each round's
+decode ms a token (a request's time after its first token: the step without the prefill that tok/s holds).
+
+On a shared host: `--quiet-wait 20` starts each round in a 1-s window in which other processes used at most
+`--quiet-cores` (0.2) cores, and `--read-probe` prints the read bandwidth level the round met (the Zen 4 VM's
+moves between ~37 and ~66 GB/s within seconds, and a batch-1 bf16 step follows it: docs/kernels-log.md,
+session 40 helper A).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ HTTP = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64, max_kee
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from codeshell.bench import HostLoad  # noqa: E402  (after the path: runs from a checkout)
+from codeshell.bench import HostLoad, wait_quiet  # noqa: E402  (after the path: runs from a checkout)
 
 SHAPES = {
     # ~110M parameters (55M of them the 70144-token embedding): a few minutes on 2 CPU cores.
@@ -164,6 +170,61 @@ def stream_one(url: str, headers: dict, body: dict) -> tuple[float, int, float]:
     return ttft or 0.0, tokens, total
 
 
+def decode_ms(ttft: float | None, tokens: int | None, total: float) -> float | None:
+    """One request's decode time a token after its first, in ms: (total - time to first token) /
+    (tokens - 1); None where it made fewer than 2 tokens. Why beside tok/s: a round's tok/s holds
+    the prompt's prefill too (at one client ~0.7 s of a ~4-7 s request of the 1.7B shape), so a
+    slower decode step and a slower prefill read the same there; this is the step alone, the
+    figure to put against a bare step (bench_b8_ratio.py) or llama-bench's tg."""
+    if ttft is None or not tokens or tokens < 2:
+        return None
+    return (total - ttft) / (tokens - 1) * 1e3
+
+
+def median_or_nan(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def quiet(args) -> str:
+    """Before a round: wait (at most --quiet-wait seconds) for a window in which the processes
+    outside this run used at most --quiet-cores cores, then (--read-probe) read a 512 MiB buffer;
+    a note for the round's line ('' when both are off)."""
+    note = ""
+    if getattr(args, "quiet_wait", 0):
+        waited, other = wait_quiet(args.quiet_cores, 1.0, args.quiet_wait)
+        note = f"; waited {waited:.0f} s for quiet" + ("" if other is None else f" (last {other:.2f} cores)")
+    if getattr(args, "read_probe", False):
+        gbs = read_probe()
+        if gbs is not None:
+            note += f"; read probe {gbs:.1f} GB/s"
+    return note
+
+
+_PROBE: list = []
+
+
+def read_probe(mib: int = 512) -> float | None:
+    """GB/s of the best of two plain reads (the native `read_stream`, no software prefetch) of a 512 MiB
+    buffer on huge pages, on this process's threads; None without the native kernels. Why: this host's
+    read bandwidth moves between two levels (~37 and ~66 GB/s) within seconds, and a batch-1 bf16 step of
+    the 1.7B shape follows it (57 against 95 ms, in process or served, docs/kernels-log.md session 40
+    helper A): a round's level says which one it met."""
+    import torch
+    from codeshell.kernels import _ext, hugepages
+    mod = _ext.get()
+    if mod is None:
+        return None
+    if not _PROBE or _PROBE[0].numel() != (mib << 20) // 4:
+        _PROBE[:] = [hugepages.empty(((mib << 20) // 4,), torch.float32).fill_(1.0)]
+    buf, best = _PROBE[0], float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        mod.read_stream(buf, 1, 0)
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best / 1e9
+
+
 def task_prompt(k: int) -> str:
     """A distinct prompt of ~90 tokens (90-93 with the CodeShell tokenizer)."""
     return (f"# Task {k}: the records in `data` are dicts with the keys 'kind', 'score' and 'when'.\n"
@@ -184,6 +245,7 @@ def throughput(url: str, headers: dict, clients: int, rounds: int, max_tokens: i
     ttfts = sorted(r[0] for r in res)
     return {"clients": clients, "tokens": sum(r[1] for r in res), "wall": wall, "other": load.other or 0.0,
             "tok_s": sum(r[1] for r in res) / wall, "ttft_p50": statistics.median(ttfts),
+            "decode_ms": median_or_nan(decode_ms(*r) for r in res),
             "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]}
 
 
@@ -218,20 +280,25 @@ def direct(llm, ks: list[int], max_tokens: int) -> dict:
     engine in this process, all added at once: no HTTP, no engine thread, no event loop."""
     from codeshell.engine import SamplingParams
     eng = llm.engine
+    load = HostLoad().__enter__()
     t0 = time.perf_counter()
     for k in ks:
         sp = SamplingParams(temperature=0.8, seed=k % 1000, max_tokens=max_tokens, ignore_eos=True)
         eng.add_request(f"direct-{k}-{time.time_ns()}", llm.tokenizer.encode(task_prompt(k)), sp)
     first: dict[str, float] = {}
+    last: dict[str, float] = {}
     tokens: dict[str, int] = {}
     while eng.has_unfinished():
         for out in eng.step():
             tokens[out.request_id] = n = len(out.outputs[0].token_ids)
+            last[out.request_id] = time.perf_counter() - t0
             if n and out.request_id not in first:
-                first[out.request_id] = time.perf_counter() - t0
+                first[out.request_id] = last[out.request_id]
     wall = time.perf_counter() - t0
+    load.__exit__(None, None, None)
     return {"clients": len(ks), "tokens": sum(tokens.values()), "wall": wall, "tok_s": sum(tokens.values()) / wall,
-            "ttft_p50": statistics.median(first.values())}
+            "ttft_p50": statistics.median(first.values()), "other": load.other or 0.0,
+            "decode_ms": median_or_nan(decode_ms(first.get(r), tokens[r], last[r]) for r in tokens)}
 
 
 def engine_metrics(url: str, headers: dict) -> tuple[float, float]:
@@ -265,6 +332,7 @@ def engine_vs_served(args, model: Path, threads: int) -> None:
             for c in counts:
                 offset = 2000 + 100 * r
                 for side in (("engine", "served") if r % 2 == 0 else ("served", "engine")):
+                    note = quiet(args)
                     if side == "engine":
                         x = direct(llm, [offset + k for k in range(c)], args.max_tokens)
                         x["busy"] = 1.0
@@ -274,8 +342,10 @@ def engine_vs_served(args, model: Path, threads: int) -> None:
                         x["busy"] = (engine_metrics(server.url, headers)[0] - s0) / x["wall"]
                     rows[side, c].append(x)
                     print(f"  round {r + 1}: {side:>6} {c:>3} clients: {x['tok_s']:7.2f} tok/s  ttft p50 "
-                          f"{x['ttft_p50'] * 1e3:6.0f} ms  ({x['tokens']} tokens in {x['wall']:.2f} s"
-                          + (f"; {x['busy'] * 100:.0f}% in engine steps)" if side == "served" else ")"), flush=True)
+                          f"{x['ttft_p50'] * 1e3:6.0f} ms  decode {x['decode_ms']:6.1f} ms a token  "
+                          f"({x['tokens']} tokens in {x['wall']:.2f} s"
+                          + (f"; {x['busy'] * 100:.0f}% in engine steps" if side == "served" else "")
+                          + f"; other processes {x['other']:.2f} cores{note})", flush=True)
     finally:
         server.stop()
 
@@ -284,13 +354,14 @@ def engine_vs_served(args, model: Path, threads: int) -> None:
     print(f"\n## engine alone vs served ({args.format}, shape {args.shape}, {threads} threads; medians of "
           f"{args.engine_vs_served} alternating rounds; ratio: the median of each round's served / engine)")
     print("| clients | engine tok/s | served tok/s | ratio | engine TTFT p50 ms | served TTFT p50 ms | "
-          "served wall in engine steps |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "served wall in engine steps | decode ms a token engine / served |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in counts:
         ratio = statistics.median(s["tok_s"] / e["tok_s"] for s, e in zip(rows["served", c], rows["engine", c]))
         print(f"| {c} | {med('engine', c, 'tok_s'):.2f} | {med('served', c, 'tok_s'):.2f} | {ratio:.2f}x | "
               f"{med('engine', c, 'ttft_p50') * 1e3:.0f} | {med('served', c, 'ttft_p50') * 1e3:.0f} | "
-              f"{med('served', c, 'busy') * 100:.0f}% |")
+              f"{med('served', c, 'busy') * 100:.0f}% | {med('engine', c, 'decode_ms'):.1f} / "
+              f"{med('served', c, 'decode_ms'):.1f} |")
 
 
 def fim_source(n_tokens: int, url: str, headers: dict) -> tuple[str, str]:
@@ -377,6 +448,7 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
                     # each round in a new order, so no side always follows the same one
                     order = sides[k % len(sides):] + sides[:k % len(sides)]
                     for side in order:
+                        note = quiet(args)
                         srv = servers.get(side)
                         if srv is not None:
                             cpu0, (s0, n0) = thread_cpu(srv.proc.pid), engine_metrics(srv.url, headers)
@@ -389,8 +461,9 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
                                      f"{(s1 - s0) / r['wall'] * 100:.0f}% of the wall; CPU "
                                      + cpu_split(srv.proc.pid, cpu0, thread_cpu(srv.proc.pid)))
                         print(f"  round {k + 1}: {side:>12} {c:>3} clients: {r['tok_s']:8.1f} tok/s  "
-                              f"ttft p50 {r['ttft_p50'] * 1e3:7.0f} ms  ({r['tokens']} tokens in {r['wall']:.1f} s; "
-                              f"other processes {r['other']:.2f} cores){extra}", flush=True)
+                              f"ttft p50 {r['ttft_p50'] * 1e3:7.0f} ms  decode {r['decode_ms']:6.1f} ms a token  "
+                              f"({r['tokens']} tokens in {r['wall']:.1f} s; "
+                              f"other processes {r['other']:.2f} cores{note}){extra}", flush=True)
             for i in range(args.fim_repeats):
                 for side in sides:
                     f = fim_latency(urls[side], headers, args.fim_tokens, 1)
@@ -425,6 +498,16 @@ def compare_llamacpp(args, bins: Path, model: Path, tmp: Path) -> None:
                   f"{ratio:.2f}x | {med([r['ttft_p50'] for r in o]) * 1e3:.0f} | "
                   f"{med([r['ttft_p50'] for r in t_]) * 1e3:.0f} | {tt:.2f}x |")
     if args.repeats:
+        # the decode step alone (a request's time after its first token, a token), apart from tok/s,
+        # which holds the prefill: which of the two a ratio comes from (session 40, helper A)
+        print("\n| clients | ours decode ms a token | llama-server decode ms a token | ratio (< 1: ours faster) |")
+        print("|---:|---:|---:|---:|")
+        for v in variants:
+            for c in counts:
+                o, t_ = runs[v][c], runs["llama-server"][c]
+                label = f"{c}" if v == "ours" else f"{c} {v}"
+                print(f"| {label} | {med([r['decode_ms'] for r in o]):.1f} | {med([r['decode_ms'] for r in t_]):.1f} | "
+                      f"{med([a['decode_ms'] / b['decode_ms'] for a, b in zip(o, t_)]):.2f}x |")
         busy = {side: med([r["other"] for c in counts for r in runs[side][c]]) for side in sides}
         print(f"(other processes on the machine during the rounds, median: {busy['ours']:.2f} cores in ours', "
               f"{busy['llama-server']:.2f} in llama-server's; from /proc/stat, this run's own processes excluded)")
@@ -478,6 +561,12 @@ def main() -> None:
     ap.add_argument("--engine-vs-served", type=int, metavar="ROUNDS",
                     help="only time the --clients workloads straight on the engine and through the server, "
                          "alternating for ROUNDS rounds (the server's own cost)")
+    ap.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                    help="before each round wait up to S seconds for a 1-s window in which the processes outside "
+                         "this run used at most --quiet-cores cores (0: start at once)")
+    ap.add_argument("--quiet-cores", type=float, default=0.2)
+    ap.add_argument("--read-probe", action="store_true",
+                    help="before each round, read a 512 MiB buffer and print the GB/s (the host's level)")
     ap.add_argument("--work-dir", type=Path,
                     help="keep the random checkpoint (DIR/codeshell-SHAPE) and its GGUF files here and reuse them "
                          "in later runs (default: a temporary folder, written each run)")
@@ -521,11 +610,12 @@ def main() -> None:
         runs: dict[int, list[dict]] = {c: [] for c in counts}
         for k in range(args.repeats):
             for c in counts:
+                note = quiet(args)
                 r = throughput(url, headers, c, args.rounds, args.max_tokens)
                 runs[c].append(r)
                 print(f"  round {k + 1}: {c:>3} clients: {r['tok_s']:8.1f} tok/s  ttft p50 {r['ttft_p50'] * 1e3:7.0f} ms  "
                       f"p95 {r['ttft_p95'] * 1e3:7.0f} ms  ({r['tokens']} tokens in {r['wall']:.1f} s; "
-                      f"other processes {r['other']:.2f} cores)", flush=True)
+                      f"other processes {r['other']:.2f} cores{note})", flush=True)
         rows = [median_run(runs[c], runs[counts[0]]) for c in counts]
         fim = fim_latency(url, headers, args.fim_tokens, args.fim_repeats)
     finally:

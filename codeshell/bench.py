@@ -438,6 +438,22 @@ class HostLoad:
         return f"other processes {self.other:.2f} cores, steal {self.steal:.2f}"
 
 
+def wait_quiet(max_cores: float = 0.2, window_s: float = 1.0, timeout_s: float = 30.0) -> tuple[float, float | None]:
+    """Wait until the processes outside this one's tree used at most `max_cores` cores over a
+    `window_s` window (`HostLoad`), or until `timeout_s` has passed; returns (seconds waited, the
+    last window's other cores; None where /proc cannot say, at once).
+    Why: on the shared 2-core VM another job (a test run, a compile) that takes one core doubles a
+    batch-1 decode step of a memory-bound model: the 1.7B bf16 step read 112 ms with "other
+    processes 1.0 cores" and 57 ms a minute later with 0.01 (docs/kernels-log.md, session 40 helper
+    A); a benchmark round that starts in a quiet window measures the code, not the neighbour."""
+    t0 = time.monotonic()
+    while True:
+        with HostLoad() as h:
+            time.sleep(window_s)
+        if h.other is None or h.other <= max_cores or time.monotonic() - t0 >= timeout_s:
+            return time.monotonic() - t0, h.other
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 

@@ -38,3 +38,19 @@ def test_orphan_process_is_other_load(tmp_path):
             time.sleep(0.02)
     assert done.exists()
     assert h.other * h.wall >= 0.4           # its 0.5 s of CPU seen as the others'
+
+
+def test_wait_quiet_returns_after_one_window_when_the_limit_is_loose():
+    from codeshell.bench import wait_quiet
+    t0 = time.monotonic()
+    waited, other = wait_quiet(max_cores=1e9, window_s=0.05, timeout_s=10.0)
+    assert other is not None and other >= 0.0
+    assert 0.04 <= waited < 5.0 and time.monotonic() - t0 < 5.0   # one window, not the timeout
+
+
+def test_wait_quiet_gives_up_at_its_timeout():
+    from codeshell.bench import wait_quiet
+    # a limit no window can meet (other cores are >= 0): it waits windows until the timeout
+    waited, other = wait_quiet(max_cores=-1.0, window_s=0.05, timeout_s=0.2)
+    assert 0.2 <= waited < 5.0
+    assert other is not None

@@ -85,7 +85,7 @@ def test_softmax_forms_against_fp32_attention(B, H, G, D, T, P, qscale, env, mon
                                          (2, 8, 8, 32, 33, 0), (1, 1, 1, 32, 3, 130), (1, 8, 2, 128, 77, 64)])
 @pytest.mark.parametrize("qscale", [0.0, 1.0, 30.0, 3000.0])
 @pytest.mark.parametrize("group", ["4", "32"])
-def test_vector_softmax_bookkeeping_keeps_bits(B, H, G, D, T, P, qscale, group, monkeypatch):
+def test_vector_softmax_and_pv8_keep_bits(B, H, G, D, T, P, qscale, group, monkeypatch):
     # block_rows4's default softmax (exp2_poly4, fp32 sums) with the four rows' maxima, alpha, sums and
     # running max / sum updates in vector lanes (session 40; CODESHELL_PREFILL_ATTN_VSM) against the
     # scalar bookkeeping one row at a time (VSM=0, session 39): the same operations lane for lane, so the
@@ -96,8 +96,13 @@ def test_vector_softmax_bookkeeping_keeps_bits(B, H, G, D, T, P, qscale, group, 
     q = (q.float() * qscale).to(torch.bfloat16)
     monkeypatch.setenv("CODESHELL_PREFILL_ATTN_GROUP", group)
     monkeypatch.setenv("CODESHELL_PREFILL_ATTN_VSM", "0")
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_PV8", "0")
     scalar = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
     monkeypatch.delenv("CODESHELL_PREFILL_ATTN_VSM")
+    assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), scalar)
+    # and the value product 8 rows at a time at D = 32 (PV8, session 40; rows past a multiple of 8
+    # 4 and 1 at a time): each (row, dim) sum the same chain
+    monkeypatch.delenv("CODESHELL_PREFILL_ATTN_PV8")
     vector = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
     assert torch.equal(vector, scalar)
     if qscale == 1.0:

@@ -141,6 +141,7 @@ struct Item {
   bool fexp = false;      // run_item_amx, block_rows4 (not E): the softmax's exp by exp2_poly4 (sessions 38, 39; other last bits)
   bool fsum = false;      // with fexp: fp32 row sums and the four rows' alpha in one vector
   bool vsm = false;       // with fexp and fsum: block_rows4's row maxima, alpha, sums in vector lanes (session 40)
+  bool pv8 = false;       // block_rows4 (not W), D = 32: the value product 8 rows at a time (session 40)
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -541,7 +542,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
                         const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
                         float* o, float* mrow, float* lrow, uint32_t* prow_g, const __m512 sc, const __m512i lane,
                        const bool first, const bool full_tiles, const int64_t group, const bool dout,
-                       const bool round, const bool fexp, const bool fsum, const bool vsm) {
+                       const bool round, const bool fexp, const bool fsum, const bool vsm, const bool pv8) {
   static_assert(MR == 4, "block_rows4: four rows a tile");
   constexpr int NB = KB / 16;
   constexpr int64_t kP = W ? KB : KB / 2;  // a probability row (as block_rows)
@@ -718,7 +719,21 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
       else softmax(std::false_type{}, std::false_type{}, std::false_type{});
     }
   }
-  pv_tile<E, PR, W>(grows, g0, o, prow_g, kP, alpha_g, vp, D, kPe, first, dout);
+  // pv8 (session 40, helper C; CODESHELL_PREFILL_ATTN_PV8=0: PR rows at a time throughout): at head
+  // dim 32 the group's rows 8 at a time (16 accumulators sharing each value vector, half the value
+  // loads and twice the independent vdpbf16ps chains of 4 rows), the rest PR at a time. Each (row,
+  // dim) sum is the same chain over the key pairs: the same bits.
+  int64_t done = 0;
+  if constexpr (!W) if (pv8 && D == 32) {
+    for (; done + 8 <= grows; done += 8) {
+      float* orow[8];
+      const uint32_t* pr[8];
+      for (int r = 0; r < 8; ++r) orow[r] = o + (g0 + done + r) * D, pr[r] = prow_g + (done + r) * kP;
+      pv_chunk<E, 8, 2>(orow, pr, alpha_g + done, vp, D, 0, kPe, first);
+    }
+  }
+  if (done < grows)
+    pv_tile<E, PR, W>(grows - done, g0 + done, o, prow_g + done * kP, kP, alpha_g + done, vp, D, kPe, first, dout);
   }
 }
 
@@ -795,7 +810,7 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
       if constexpr (R4 && MR == 4)
         block_rows4<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                      nofill && j0 == 0, it.full, it.group, it.dout, it.round, it.fexp, it.fsum,
-                                     it.vsm);
+                                     it.vsm, it.pv8);
       else
         block_rows<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                     nofill && j0 == 0);
@@ -1210,6 +1225,9 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // CODESHELL_PREFILL_ATTN_VSM=0 (with FEXP and FSUM): block_rows4's maxima, alpha and row sums one row
   // at a time through memory as in session 39; by default in vector lanes (the same bits, see block_rows4)
   const bool vsm = codeshell::env_flag("CODESHELL_PREFILL_ATTN_VSM", true);
+  // CODESHELL_PREFILL_ATTN_PV8=0: block_rows4's value product 4 rows at a time at head dim 32 as before
+  // session 40 (by default 8; the same bits, see block_rows4)
+  const bool pv8 = codeshell::env_flag("CODESHELL_PREFILL_ATTN_PV8", true);
   const size_t nbuf = 2 * size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kGroupMax) * kKbMax + 2 * Rmax + 64;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
     // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs; W: fp32,
@@ -1250,6 +1268,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
       item.fexp = fexp;  // block_rows4's softmax (session 39; the emulation keeps exp16)
       item.fsum = fsum;
       item.vsm = vsm;
+      item.pv8 = pv8;
       run(item, kp, vp, o, mrow, lrow, prow, lean);
     }
   });

@@ -593,8 +593,8 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
       // 128-bit vector (the reductions' lanes 0, 4, 8, 12 picked by one permute), each row's max
       // broadcast by a permute. Why: the path below stores each reduction to memory and reads it
       // back a float at a time (a 512-bit store forwarded to 32-bit loads), takes std::max as a
-      // data-dependent branch (whether the running max moved: mispredicted on some blocks, each
-      // flushing the score / value products in flight) and updates the rows one at a time: a
+      // data-dependent branch (whether the running max moved; a mispredicted one flushes the work in
+      // flight; not measured apart) and updates the rows one at a time: a
       // latency chain between the score tile and the probabilities that the out-of-order window did
       // not hide (perf, one thread: the softmax ~44% of block_rows4's samples at head dim 32, ~19
       // cycles a 16 scores against ~9 of FMA-pipe operations). The same operations lane for lane:

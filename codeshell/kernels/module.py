@@ -84,7 +84,8 @@ class FastLinear:
     def raw_gelu(self, x: torch.Tensor) -> torch.Tensor | None:
         """bf16 gelu_tanh of y rounded to bf16, [M, N], for bf16 x [..., K] whose path is the
         vdpbf16ps GEMM (`avx512_bf16:gemm`) or the fp32-FMA GEMM (`avx512_vnni:gemm`): their
-        epilogue applies the GELU while the sums are in cache; None elsewhere. By default the epilogue's GELU is `gelu16_fast` (csrc/simd512.h:
+        epilogue applies the GELU while the sums are in cache (the vdpbf16ps GEMM also where the plan
+        chose another of its candidates: `_gelu_epi_gemm`); None elsewhere. By default the epilogue's GELU is `gelu16_fast` (csrc/simd512.h:
         within one bf16 ulp of the exact GELU, as the fused GELU is); `CODESHELL_GELU_FAST=0`
         gives the bits of `raw` then `fused_gelu_tanh(y, None, True)`."""
         p = self.packed
@@ -94,6 +95,8 @@ class FastLinear:
         x2 = x.reshape(-1, p.in_features)
         path = None if mod is None else self._path(x2.shape[0], x.dtype)
         gemm = _gemm(path, p, x2.shape[0])
+        if gemm is None and _gelu_epi_gemm(path, p, x.dtype):
+            path, gemm = "avx512_bf16:gemm", _GEMMS["avx512_bf16:gemm"]
         if gemm is None and _q8_epi(path, p, x2.shape[0], x.dtype):
             ops.PATHS_RUN[(p.kind, path + "+gelu")] += 1
             return mod.prefill_q8_amx_epi(x2.contiguous(), p.data, p.scales, p.group_size if p.kind == "int4" else 0,
@@ -130,6 +133,25 @@ def _gemm(path: str | None, p, m: int) -> str | None:
             and os.environ.get("CODESHELL_AMX_EPI", "1") != "0"):
         return "prefill_bf16_amx"
     return None
+
+
+def _gelu_epi_gemm(path: str | None, p, x_dtype: torch.dtype) -> bool:
+    """Whether a GELU linear's prompt call takes the vdpbf16ps GEMM with its GELU epilogue
+    (`prefill_bf16_dot(gelu=True)`) although the measured plan chose another prefill path for the
+    weight (`onednn:bf16` or `avx512_bf16:panel64`, which return the GEMM's output, then the
+    model's fused GELU pass). Why (session 40, helper C): the plan measures the GEMMs alone, so
+    it cannot see that for c_fc the alternative is the GEMM plus a pass that writes the output,
+    reads it back and writes it again through the GELU; on the 2-core Zen 4 a measurement in a
+    loaded minute stored `onednn:bf16` for codeshell-mini's c_fc at 2 threads (its two looks 6.2
+    against 6.9 us a row), and in quiet minutes that c_fc then took 1.34 ms + 0.18 ms of GELU a
+    layer against ~0.8 ms for the GEMM with its epilogue (the 2-thread prompt 41.6% of the peak,
+    docs/kernels-log.md "Session 40, helper C"). Only where the GEMM is one of the weight's
+    candidates (bf16 weight and x, AVX512-BF16 without AMX); the bits are the GEMM path's, the
+    same path for every prompt M of this weight. CODESHELL_GELU_EPI_GEMM=0 (read per call, A/B):
+    the plan's path and the fused GELU as before."""
+    return (path in ("onednn:bf16", "avx512_bf16:panel64") and p.kind == "bf16" and x_dtype == torch.bfloat16
+            and os.environ.get("CODESHELL_GELU_EPI_GEMM", "1") != "0"
+            and "avx512_bf16:gemm" in ops.prefill_candidates(p, x_dtype, ops.isa_level()))
 
 
 def _q8_epi(path: str | None, p, m: int, x_dtype: torch.dtype) -> bool:

@@ -79,6 +79,37 @@ def test_softmax_forms_against_fp32_attention(B, H, G, D, T, P, qscale, env, mon
     _check_against_fp32(got, q, kc, vc, slots, pos, scale, f"avx512_bf16, {env}, q x {qscale}) B{B} H{H} G{G} D{D} T{T} P{P}")
 
 
+@needs_bf16
+@pytest.mark.parametrize("B,H,G,D,T,P", [(1, 8, 2, 32, 256, 0), (2, 4, 2, 32, 37, 9), (1, 8, 2, 128, 100, 0),
+                                         (2, 4, 1, 256, 70, 20), (1, 2, 2, 64, 2, 0), (1, 4, 2, 96, 50, 3),
+                                         (2, 8, 8, 32, 33, 0), (1, 1, 1, 32, 3, 130), (1, 8, 2, 128, 77, 64)])
+@pytest.mark.parametrize("qscale", [0.0, 1.0, 30.0, 3000.0])
+@pytest.mark.parametrize("group", ["4", "32"])
+def test_vector_softmax_and_pv8_keep_bits(B, H, G, D, T, P, qscale, group, monkeypatch):
+    # block_rows4's default softmax (exp2_poly4, fp32 sums) with the four rows' maxima, alpha, sums and
+    # running max / sum updates in vector lanes (session 40; CODESHELL_PREFILL_ATTN_VSM) against the
+    # scalar bookkeeping one row at a time (VSM=0, session 39): the same operations lane for lane, so the
+    # same bits, also with rows of a tile past R, prefixes (blocks wholly past no query / every query),
+    # zero queries (scores +-0: std::max's operand order), peaked scores (the running max moving often,
+    # probabilities 0) and both row-group sizes.
+    q, kc, vc, slots, pos = _case(B, H, G, D, T, P)
+    q = (q.float() * qscale).to(torch.bfloat16)
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_GROUP", group)
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_VSM", "0")
+    monkeypatch.setenv("CODESHELL_PREFILL_ATTN_PV8", "0")
+    scalar = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
+    monkeypatch.delenv("CODESHELL_PREFILL_ATTN_VSM")
+    assert torch.equal(pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64), scalar)
+    # and the value product 8 rows at a time at D = 32 (PV8, session 40; rows past a multiple of 8
+    # 4 and 1 at a time): each (row, dim) sum the same chain
+    monkeypatch.delenv("CODESHELL_PREFILL_ATTN_PV8")
+    vector = pa.prefill_attention(q, kc, vc, slots, pos, 1 / math.sqrt(D), 64)
+    assert torch.equal(vector, scalar)
+    if qscale == 1.0:
+        _check_against_fp32(vector, q, kc, vc, slots, pos, 1 / math.sqrt(D), f"vector softmax bookkeeping, group {group}) "
+                            f"B{B} H{H} G{G} D{D} T{T} P{P}")
+
+
 def _check_against_fp32(got, q, kc, vc, slots, pos, scale, label):
     """got [B, T, H, D] bf16 against fp32 attention: fp32 scores and sums, the probabilities rounded to
     bf16 for the value product (as torch's bf16 CPU attention rounds them) and the result once: no

@@ -182,13 +182,44 @@ def test_packed_linear_gelu_only_on_the_gemm_path(monkeypatch):
     lin = PackedLinear(prepack(torch.randn(96, 128)), torch.randn(96))
     x = torch.randn(100, 128).to(torch.bfloat16)
     # (amx:bf16 at prefill M too, since session 37: prefill_bf16_amx's epilogues)
-    if lin.fast._path(100, torch.bfloat16) in ("avx512_bf16:gemm", "amx:bf16"):
+    from codeshell.kernels.module import _gelu_epi_gemm
+    path = lin.fast._path(100, torch.bfloat16)
+    if path in ("avx512_bf16:gemm", "amx:bf16"):
         g = lin.forward_gelu(x)
         assert torch.equal(g, _ext.get().fused_gelu_tanh(lin.forward_raw(x), None, True))
+    elif _gelu_epi_gemm(path, lin.packed, torch.bfloat16):  # another measured candidate: the GEMM's
+        assert lin.forward_gelu(x) is not None                # epilogue still (the next test's bits)
     else:
         assert lin.forward_gelu(x) is None
     assert lin.forward_gelu(x[:8]) is None
     assert lin.forward_gelu(x.float()) is None
+
+
+@needs_bf16
+@pytest.mark.parametrize("chosen", ["onednn:bf16", "avx512_bf16:panel64"])
+def test_gelu_linear_takes_the_gemm_epilogue_over_another_choice(chosen, monkeypatch):
+    # Session 40: where the plan's measurement (the GEMMs alone) chose another of the vdpbf16ps GEMM's
+    # candidates for a weight, its GELU call (forward_gelu: c_fc) still runs the GEMM with its GELU
+    # epilogue: the GEMM path's bits, i.e. forward_raw on the GEMM path then the fused GELU (the exact
+    # GELU here, CODESHELL_GELU_FAST=0); CODESHELL_GELU_EPI_GEMM=0: None (the plan's path, then the
+    # model's fused GELU, as before).
+    import os
+    from codeshell.kernels.module import PackedLinear
+    if LEVEL >= ops.ISA_LEVELS.index("amx"):  # the candidates of a CPU without AMX
+        monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_bf16")
+    monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
+    lin = PackedLinear(prepack(torch.randn(96, 128)), torch.randn(96))
+    x = torch.randn(100, 128).to(torch.bfloat16)
+    fast = lin.fast
+    key = (100, torch.bfloat16, os.environ.get("CODESHELL_KERNEL_ISA"))
+    fast._paths[key] = "avx512_bf16:gemm"
+    want = _ext.get().fused_gelu_tanh(lin.forward_raw(x), None, True)
+    fast._paths[key] = chosen
+    before = ops.PATHS_RUN[("bf16", "avx512_bf16:gemm+gelu")]
+    assert torch.equal(lin.forward_gelu(x), want)
+    assert ops.PATHS_RUN[("bf16", "avx512_bf16:gemm+gelu")] == before + 1
+    monkeypatch.setenv("CODESHELL_GELU_EPI_GEMM", "0")
+    assert lin.forward_gelu(x) is None
 
 
 @needs_bf16

@@ -140,6 +140,8 @@ struct Item {
   bool kpack;             // pack_block_w: the keys by 16 x 16 transposes
   bool fexp = false;      // run_item_amx, block_rows4 (not E): the softmax's exp by exp2_poly4 (sessions 38, 39; other last bits)
   bool fsum = false;      // with fexp: fp32 row sums and the four rows' alpha in one vector
+  bool vsm = false;       // with fexp and fsum: block_rows4's row maxima, alpha, sums in vector lanes (session 40)
+  bool pv8 = false;       // block_rows4 (not W), D = 32: the value product 8 rows at a time (session 40)
 };
 
 // kp[d2][j] = the (2 d2, 2 d2 + 1) pair of key j0 + j, vp[j2][d] = (value 2 j2, value 2 j2 + 1) of
@@ -540,7 +542,7 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
                         const uint32_t* const* qrowp, const int64_t* qpos, const uint32_t* kp, const uint32_t* vp,
                         float* o, float* mrow, float* lrow, uint32_t* prow_g, const __m512 sc, const __m512i lane,
                        const bool first, const bool full_tiles, const int64_t group, const bool dout,
-                       const bool round, const bool fexp, const bool fsum) {
+                       const bool round, const bool fexp, const bool fsum, const bool vsm, const bool pv8) {
   static_assert(MR == 4, "block_rows4: four rows a tile");
   constexpr int NB = KB / 16;
   constexpr int64_t kP = W ? KB : KB / 2;  // a probability row (as block_rows)
@@ -586,6 +588,59 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
         if constexpr (FULL) return v;
         return _mm512_maskz_mov_ps(vis, v);
       };
+      // vsm (session 40, helper C; CODESHELL_PREFILL_ATTN_VSM=0: the scalar bookkeeping below): the
+      // four rows' new maxima, alpha, sums and the running max / sum updates kept in the lanes of one
+      // 128-bit vector (the reductions' lanes 0, 4, 8, 12 picked by one permute), each row's max
+      // broadcast by a permute. Why: the path below stores each reduction to memory and reads it
+      // back a float at a time (a 512-bit store forwarded to 32-bit loads), takes std::max as a
+      // data-dependent branch (whether the running max moved; a mispredicted one flushes the work in
+      // flight; not measured apart) and updates the rows one at a time: a
+      // latency chain between the score tile and the probabilities that the out-of-order window did
+      // not hide (perf, one thread: the softmax ~44% of block_rows4's samples at head dim 32, ~19
+      // cycles a 16 scores against ~9 of FMA-pipe operations). The same operations lane for lane:
+      // max(m scale, mo) keeps std::max(mo, m scale)'s operand (the same value, NaN included),
+      // the rows without keys here get mo = mnew = 0 (alpha 1) and no update, as below: the same bits.
+      if constexpr (FEXP) if (fsum && vsm) {
+        __m512 mx[MR];
+        __mmask8 kv = 0;  // the rows with keys in this block
+        for (int ii = 0; ii < MR; ++ii) {
+          mx[ii] = _mm512_set1_ps(-INFINITY);
+          if (last[ii] < 0) continue;
+          kv = __mmask8(kv | (1u << ii));
+          for (int c = 0; c < NBE; ++c) mx[ii] = _mm512_max_ps(mx[ii], masked(visible(ii, c), s[ii * NB + c]));
+        }
+        const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __m128 rmax = _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, reduce4<true>(mx)));
+        const __m128 mo = _mm_maskz_loadu_ps(kv, mrow + i0);
+        const __m128 mn = _mm_maskz_max_ps(kv, _mm_mul_ps(rmax, _mm_set1_ps(scale)), mo);
+        const __m512 mnl = _mm512_castps128_ps512(_mm_mul_ps(mn, _mm_set1_ps(kLog2e)));
+        __m512 sum[MR];
+        for (int ii = 0; ii < MR; ++ii) {
+          sum[ii] = _mm512_setzero_ps();
+          uint32_t* p = prow + ii * kP;
+          if (last[ii] < 0) {  // a block wholly past this query (or a row past R): nothing to add
+            if (ii < rows) std::memset(p, 0, kP * 4);
+            continue;
+          }
+          const __m512 mv = _mm512_permutexvar_ps(_mm512_set1_epi32(ii), mnl);
+          for (int c = 0; c < NBE; ++c) {
+            const __m512 pe = zeroed(visible(ii, c), exp2_poly4(_mm512_fmsub_ps(s[ii * NB + c], sc2, mv)));
+            store_probs<false>(p, c, to_bf16<E>(pe), pe);
+            sum[ii] = NBE == 1 ? pe : _mm512_add_ps(sum[ii], pe);
+          }
+        }
+        const __m512 t = _mm512_zextps128_ps512(_mm_mul_ps(_mm_sub_ps(mo, mn), _mm_set1_ps(kLog2e)));
+        const __m128 a = _mm_mask_mov_ps(_mm512_castps512_ps128(exp2_poly4(t)),
+                                         _mm_cmp_ps_mask(mo, _mm_set1_ps(-INFINITY), _CMP_EQ_OQ), _mm_setzero_ps());
+        _mm_storeu_ps(alpha, a);
+        const __m128 rsum = _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, reduce4<false>(sum)));
+        // l alpha + sum: a rounded product then a rounded sum (not an FMA), as below
+        __m128 lp = _mm_mul_ps(_mm_maskz_loadu_ps(kv, lrow + i0), a);
+        __asm__("" : "+x"(lp));
+        _mm_mask_storeu_ps(lrow + i0, kv, _mm_add_ps(lp, rsum));
+        _mm_mask_storeu_ps(mrow + i0, kv, mn);
+        return;
+      }
       __m512 mx[MR];
       for (int ii = 0; ii < MR; ++ii) {
         mx[ii] = _mm512_set1_ps(-INFINITY);
@@ -664,7 +719,21 @@ inline void block_rows4(const int64_t R, const int64_t D, const int64_t D2, cons
       else softmax(std::false_type{}, std::false_type{}, std::false_type{});
     }
   }
-  pv_tile<E, PR, W>(grows, g0, o, prow_g, kP, alpha_g, vp, D, kPe, first, dout);
+  // pv8 (session 40, helper C; CODESHELL_PREFILL_ATTN_PV8=0: PR rows at a time throughout): at head
+  // dim 32 the group's rows 8 at a time (16 accumulators sharing each value vector, half the value
+  // loads and twice the independent vdpbf16ps chains of 4 rows), the rest PR at a time. Each (row,
+  // dim) sum is the same chain over the key pairs: the same bits.
+  int64_t done = 0;
+  if constexpr (!W) if (pv8 && D == 32) {
+    for (; done + 8 <= grows; done += 8) {
+      float* orow[8];
+      const uint32_t* pr[8];
+      for (int r = 0; r < 8; ++r) orow[r] = o + (g0 + done + r) * D, pr[r] = prow_g + (done + r) * kP;
+      pv_chunk<E, 8, 2>(orow, pr, alpha_g + done, vp, D, 0, kPe, first);
+    }
+  }
+  if (done < grows)
+    pv_tile<E, PR, W>(grows - done, g0 + done, o, prow_g + done * kP, kP, alpha_g + done, vp, D, kPe, first, dout);
   }
 }
 
@@ -740,7 +809,8 @@ void run_item(const Item& it, uint32_t* kp, uint32_t* vp, float* o, float* mrow,
       constexpr int NBE = decltype(nbe)::value;
       if constexpr (R4 && MR == 4)
         block_rows4<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
-                                     nofill && j0 == 0, it.full, it.group, it.dout, it.round, it.fexp, it.fsum);
+                                     nofill && j0 == 0, it.full, it.group, it.dout, it.round, it.fexp, it.fsum,
+                                     it.vsm, it.pv8);
       else
         block_rows<E, KB, MR, PR, NBE, W>(R, D, D2, j0, kPe, qrow.data(), qpos.data(), kb, vb, o, mrow, lrow, prow, sc, lane,
                                     nofill && j0 == 0);
@@ -1152,6 +1222,12 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
   // CODESHELL_PREFILL_ATTN_FSUM=0 (with FEXP): the row sums of the bf16-rounded probabilities and a
   // scalar expf a row for alpha, as with exp16; by default fp32 sums and one vector exp2_poly4 for four rows
   const bool fsum = codeshell::env_flag("CODESHELL_PREFILL_ATTN_FSUM", true);
+  // CODESHELL_PREFILL_ATTN_VSM=0 (with FEXP and FSUM): block_rows4's maxima, alpha and row sums one row
+  // at a time through memory as in session 39; by default in vector lanes (the same bits, see block_rows4)
+  const bool vsm = codeshell::env_flag("CODESHELL_PREFILL_ATTN_VSM", true);
+  // CODESHELL_PREFILL_ATTN_PV8=0: block_rows4's value product 4 rows at a time at head dim 32 as before
+  // session 40 (by default 8; the same bits, see block_rows4)
+  const bool pv8 = codeshell::env_flag("CODESHELL_PREFILL_ATTN_PV8", true);
   const size_t nbuf = 2 * size_t(kKbMax) * D + size_t(Rmax) * D + size_t(kGroupMax) * kKbMax + 2 * Rmax + 64;
   codeshell::parallel_chunks(items, 1, 1, [&](int64_t a, int64_t e) {
     // per-thread scratch, 64-byte aligned: packed keys [D/2][KB] and values [KB/2][D] (pairs; W: fp32,
@@ -1191,6 +1267,8 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
       Item item = item_of(b, g, qi);
       item.fexp = fexp;  // block_rows4's softmax (session 39; the emulation keeps exp16)
       item.fsum = fsum;
+      item.vsm = vsm;
+      item.pv8 = pv8;
       run(item, kp, vp, o, mrow, lrow, prow, lean);
     }
   });

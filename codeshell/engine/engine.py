@@ -763,9 +763,14 @@ def _native_decode(model, cache, tokens, positions, slots, want_logits=True, lea
 
 
 def _multi_step() -> int:
-    """CODESHELL_DECODE_MULTI: the greedy tokens one native call may make for LLM.generate's batch-1
-    plain-greedy decode (`Engine._decode_many`); 1 (or less): one a step, as before session 27."""
-    v = os.environ.get("CODESHELL_DECODE_MULTI", "8")
+    """CODESHELL_DECODE_MULTI: the greedy tokens one native call may make for LLM.generate's
+    plain-greedy decode (`Engine._decode_many`, `_decode_many_rows`); 1 (or less): one a step, as
+    before session 27. Default 64 since session 40 (8 before): the engine's Python between two calls
+    runs with the caches the call left cold (codeshell-mini: ~140 us at batch 1, ~200-250 at batch 8
+    a call on the loaded Zen 4, against ~55 hot), so fewer calls cut it; the call's time cap
+    (CODESHELL_DECODE_MULTI_MS, 100 ms) still bounds how long a Ctrl-C waits (~13 tokens of the small
+    shape, ~64 of codeshell-mini's batch-8 steps in ~40 ms)."""
+    v = os.environ.get("CODESHELL_DECODE_MULTI", "64")
     try:
         return max(1, int(v))
     except ValueError:

@@ -126,6 +126,8 @@ def main() -> None:
 
     from bench_kernels import set_env
 
+    if a.stub:  # the stub replays `decode` calls: one token a step (LLM.generate's several-token calls otherwise)
+        os.environ.setdefault("CODESHELL_DECODE_MULTI", "1")
     model = a.model
     if model == "codeshell-mini":
         from codeshell.mini import MODEL_DIR

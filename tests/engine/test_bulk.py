@@ -41,14 +41,15 @@ def _state(s: Sequence):
             dict(s.sampler.output_counts))
 
 
-def _drive(bulk: bool, runs, plan, params, tokenizer, stop_ids, mml):
-    """append_many(run, stepwise=True) per run (as Engine._decode_many*), then an output made or
-    skipped as `plan` says; the final output after."""
+def _drive(bulk: bool, runs, plan, params, tokenizer, stop_ids, mml, stepwise=True):
+    """append_many(run, stepwise) per run (stepwise: as Engine._decode_many*; not: as a verify step's
+    accepted drafts, Engine._speculate), then an output made or skipped as `plan` says; the final
+    output after."""
     s = _seq(bulk, params, tokenizer, stop_ids)
     assert s._bulk == (bulk and s._lazy or bulk and s.decoder is None)
     outs = []
     for run, p in zip(runs, plan):
-        n = s.append_many(run, mml, stepwise=True)
+        n = s.append_many(run, mml, stepwise=stepwise)
         outs.append((n, _state(s)))
         if s.finished:
             break
@@ -62,8 +63,9 @@ def _drive(bulk: bool, runs, plan, params, tokenizer, stop_ids, mml):
     return outs
 
 
+@pytest.mark.parametrize("stepwise", [True, False])
 @pytest.mark.parametrize("tok", ["pairs", "pairs_many", "none"])
-def test_append_bulk_is_append_one_at_a_time(tok):
+def test_append_bulk_is_append_one_at_a_time(tok, stepwise):
     tokenizer = {"pairs": _Pairs(), "pairs_many": _PairsMany(), "none": None}[tok]
     rng = random.Random(11)
     for _ in range(400):
@@ -81,8 +83,8 @@ def test_append_bulk_is_append_one_at_a_time(tok):
                                 ignore_eos=True)
         mml = rng.choice([10**6, 3 + rng.randint(1, total + 2)])  # the context window (3 prompt tokens)
         plan = [rng.randint(0, 1) for _ in runs]
-        a = _drive(False, runs, plan, params, tokenizer, stop_ids, mml)
-        b = _drive(True, runs, plan, params, tokenizer, stop_ids, mml)
+        a = _drive(False, runs, plan, params, tokenizer, stop_ids, mml, stepwise)
+        b = _drive(True, runs, plan, params, tokenizer, stop_ids, mml, stepwise)
         assert a == b, (runs, plan, stop_ids, params.max_tokens, mml)
 
 
@@ -122,9 +124,9 @@ def llm(tmp_path_factory, tokenizer_dir):
     return LLM(str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer_dir)), max_batch=8)
 
 
-def _results(outs):
-    return [(o.prompt_token_ids, o.finished, [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.delta)
-                                              for c in o.outputs]) for o in outs]
+def _results(outs, delta=True):
+    return [(o.prompt_token_ids, o.finished, [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason,
+                                               c.delta if delta else None) for c in o.outputs]) for o in outs]
 
 
 @pytest.mark.parametrize("multi", ["8", "1"])
@@ -135,11 +137,19 @@ def test_generate_is_the_same_bulk_or_not(llm, monkeypatch, multi):
     prompts = ["def fib(n):", "import os\n", "class A:\n    def", "x = [1, 2", "# sum", "for i in", "a", "b = 3\n"]
     params = [[SamplingParams(temperature=0, max_tokens=5 + 3 * i, ignore_eos=i % 2 == 0) for i in range(8)],
               SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
-              SamplingParams(temperature=0.8, max_tokens=20, seed=3)]
+              SamplingParams(temperature=0.8, max_tokens=20, seed=3),
+              # prompt lookup: a verify step's accepted drafts go through append_many (Engine._speculate)
+              SamplingParams(temperature=0, max_tokens=24, prompt_lookup_num_tokens=3, ignore_eos=True)]
     got = {}
     for mode in ("off", "on"):
         monkeypatch.setenv("CODESHELL_ENGINE_BULK", mode)
-        got[mode] = [_results(llm.generate(prompts, sp)) for sp in params]
+        # with prompt lookup how many tokens a step accepts (so the final delta, and the stream's steps)
+        # follows the draft budget's timings (as in test_lean): the tokens and the text must agree
+        got[mode] = [_results(llm.generate(prompts, sp), delta=not getattr(sp, "prompt_lookup_num_tokens", 0))
+                     for sp in params]
+        # the streaming path (Engine.step, every output made) with lookup's bulk appends: the deltas joined
+        outs = list(llm.stream_outputs(prompts[0] * 3, params[-1]))
+        got[mode].append((_results(outs[-1:], delta=False), "".join(o.outputs[0].delta for o in outs)))
         assert llm.engine.bulk == (mode == "on")
     assert got["on"] == got["off"]
 

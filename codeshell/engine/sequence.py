@@ -60,9 +60,11 @@ class Sequence:
         # decoder; no stop strings, no logprobs), `append_many` takes a native call's tokens in one go
         # (`_append_bulk`: one extend, the finish found by one search, the stream mark set once) and the
         # lazy decoder is fed a run of tokens by one call (`IncrementalDecoder.add_many`: the same
-        # decodes of the same windows). Why: LLM.generate's batch-8 greedy steps of codeshell-mini
-        # spent ~30 us a step on `append` / `skip_output` per token and ~25 more on the final outputs'
-        # per-token detokenization, against a ~560 us step (docs/kernels-log.md, session 40 helper B).
+        # decodes of the same windows). Why: the per-token Python of LLM.generate's batch-8 greedy steps
+        # (codeshell-mini: `append_many` ~65 us of a ~250 us gap between two 8-token calls, the final
+        # outputs' detokenization ~2 us a token). Hot this takes ~11 us off such a gap, ~10% off the
+        # decoder's time; in the real run the gap's cold first touches dominate and the difference was
+        # within the noise (docs/kernels-log.md, session 40 helper B).
         self._bulk = (bulk and params.logprobs is None and not self.max_stop
                       and (self._lazy or self.decoder is None))
         self._add_many = getattr(self.decoder, "add_many", None) if self._bulk and self._lazy else None

@@ -129,6 +129,7 @@ class Engine:
         # (kernels/step.py). `set_lean(False)` (CODESHELL_ENGINE_LEAN=off in `LLM`) restores the
         # earlier path for A/B timing; the outputs are the same either way.
         self.lean = True
+        self.bulk = _bulk()
         self.multi_step = _multi_step()
         self.multi_budget_ns = _multi_budget_ns()
         self.multi_rows = _multi_rows()
@@ -150,8 +151,9 @@ class Engine:
     def set_lean(self, on: bool) -> None:
         """The trimmed per-step path on or off (`lean`; this engine's native steps' rebuild check
         follows: `kernels.step.decode`'s `lean`). Reads CODESHELL_DECODE_MULTI (`_decode_many`),
-        _MULTI_MS and _MULTI_ROWS (`_decode_many_rows`) again."""
+        _MULTI_MS and _MULTI_ROWS (`_decode_many_rows`) and CODESHELL_ENGINE_BULK (`_bulk`) again."""
         self.lean = bool(on)
+        self.bulk = _bulk()
         self.multi_step = _multi_step()
         self.multi_budget_ns = _multi_budget_ns()
         self.multi_rows = _multi_rows()
@@ -307,7 +309,7 @@ class Engine:
                     if i == 0:
                         req.own_cache = own
                     req.seqs.append(Sequence(req.request_id, i, req.prompt_ids, p, sampler,
-                                             slot, self.tokenizer, self.eos_id, self.lean))
+                                             slot, self.tokenizer, self.eos_id, self.lean, self.lean and self.bulk))
                 self.running[req.request_id] = req
                 admitted.append(req)
         return admitted
@@ -761,9 +763,14 @@ def _native_decode(model, cache, tokens, positions, slots, want_logits=True, lea
 
 
 def _multi_step() -> int:
-    """CODESHELL_DECODE_MULTI: the greedy tokens one native call may make for LLM.generate's batch-1
-    plain-greedy decode (`Engine._decode_many`); 1 (or less): one a step, as before session 27."""
-    v = os.environ.get("CODESHELL_DECODE_MULTI", "8")
+    """CODESHELL_DECODE_MULTI: the greedy tokens one native call may make for LLM.generate's
+    plain-greedy decode (`Engine._decode_many`, `_decode_many_rows`); 1 (or less): one a step, as
+    before session 27. Default 64 since session 40 (8 before): the engine's Python between two calls
+    runs with the caches the call left cold (codeshell-mini: ~140 us at batch 1, ~200-250 at batch 8
+    a call on the loaded Zen 4, against ~55 hot), so fewer calls cut it; the call's time cap
+    (CODESHELL_DECODE_MULTI_MS, 100 ms) still bounds how long a Ctrl-C waits (~13 tokens of the small
+    shape, ~64 of codeshell-mini's batch-8 steps in ~40 ms)."""
+    v = os.environ.get("CODESHELL_DECODE_MULTI", "64")
     try:
         return max(1, int(v))
     except ValueError:
@@ -783,6 +790,18 @@ def _multi_budget_ns() -> int:
     except ValueError:
         raise ValueError(f"CODESHELL_DECODE_MULTI_MS={v!r}: expected a number of milliseconds") from None
     return max(0, int(ms * 1e6))
+
+
+def _bulk() -> bool:
+    """CODESHELL_ENGINE_BULK (default on, session 40): a sequence whose text and logprobs nobody reads
+    per token takes a native call's tokens in one go and feeds its lazy decoder a run at a time
+    (`Sequence._append_bulk`, `IncrementalDecoder.add_many`; the same tokens, text, finish and stream);
+    off: one `append` and one decoder `add` a token, as before (A/B timing). Read by `set_lean`, i.e.
+    at each LLM.generate, and when an engine is made."""
+    v = os.environ.get("CODESHELL_ENGINE_BULK", "on")
+    if v not in ("on", "off", "1", "0"):
+        raise ValueError(f"CODESHELL_ENGINE_BULK={v!r}: expected on or off")
+    return v in ("on", "1")
 
 
 def _multi_rows() -> bool:

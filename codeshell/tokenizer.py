@@ -115,33 +115,6 @@ class IncrementalDecoder:
             return new_text[len(prefix_text):]
         return ""
 
-    def add_many(self, token_ids: list[int]) -> str:
-        """`add` of each id in turn, the deltas joined: the same decodes of the same windows, so the
-        same text and the same state after (engine/sequence.py's bulk path feeds a lazy sequence's
-        tokens this way). Cheaper by the Python of one call a token, and a window's prefix text
-        decoded once while no text is emitted (`add` decodes it again at each token)."""
-        tok, skip, ids = self.tok, self.skip, self.ids
-        if type(tok).decode is Tokenizer.decode:  # the tokenizers library's decode as Tokenizer.decode calls it
-            raw = tok._tok.decode
-
-            def dec(window):
-                return raw(window, skip_special_tokens=skip)
-        else:
-            def dec(window):
-                return tok.decode(window, skip)
-        po, ro = self.prefix_offset, self.read_offset
-        parts, prefix_text = [], None  # prefix_text: ids[po:ro]'s text while po, ro stay
-        for t in token_ids:
-            ids.append(t)
-            if prefix_text is None:
-                prefix_text = dec(ids[po:ro])
-            new_text = dec(ids[po:])
-            if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-                parts.append(new_text[len(prefix_text):])
-                po, ro, prefix_text = ro, len(ids), None
-        self.prefix_offset, self.read_offset = po, ro
-        return "".join(parts)
-
     def flush(self) -> str:
         """Whatever is left at the end of the stream (a dangling partial character decodes as U+FFFD)."""
         prefix_text = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)

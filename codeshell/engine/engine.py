@@ -129,7 +129,6 @@ class Engine:
         # (kernels/step.py). `set_lean(False)` (CODESHELL_ENGINE_LEAN=off in `LLM`) restores the
         # earlier path for A/B timing; the outputs are the same either way.
         self.lean = True
-        self.bulk = _bulk()
         self.multi_step = _multi_step()
         self.multi_budget_ns = _multi_budget_ns()
         self.multi_rows = _multi_rows()
@@ -151,9 +150,8 @@ class Engine:
     def set_lean(self, on: bool) -> None:
         """The trimmed per-step path on or off (`lean`; this engine's native steps' rebuild check
         follows: `kernels.step.decode`'s `lean`). Reads CODESHELL_DECODE_MULTI (`_decode_many`),
-        _MULTI_MS and _MULTI_ROWS (`_decode_many_rows`) and CODESHELL_ENGINE_BULK (`_bulk`) again."""
+        _MULTI_MS and _MULTI_ROWS (`_decode_many_rows`) again."""
         self.lean = bool(on)
-        self.bulk = _bulk()
         self.multi_step = _multi_step()
         self.multi_budget_ns = _multi_budget_ns()
         self.multi_rows = _multi_rows()
@@ -309,7 +307,7 @@ class Engine:
                     if i == 0:
                         req.own_cache = own
                     req.seqs.append(Sequence(req.request_id, i, req.prompt_ids, p, sampler,
-                                             slot, self.tokenizer, self.eos_id, self.lean, self.lean and self.bulk))
+                                             slot, self.tokenizer, self.eos_id, self.lean))
                 self.running[req.request_id] = req
                 admitted.append(req)
         return admitted
@@ -790,18 +788,6 @@ def _multi_budget_ns() -> int:
     except ValueError:
         raise ValueError(f"CODESHELL_DECODE_MULTI_MS={v!r}: expected a number of milliseconds") from None
     return max(0, int(ms * 1e6))
-
-
-def _bulk() -> bool:
-    """CODESHELL_ENGINE_BULK (default on, session 40): a sequence whose text and logprobs nobody reads
-    per token takes a native call's tokens in one go and feeds its lazy decoder a run at a time
-    (`Sequence._append_bulk`, `IncrementalDecoder.add_many`; the same tokens, text, finish and stream);
-    off: one `append` and one decoder `add` a token, as before (A/B timing). Read by `set_lean`, i.e.
-    at each LLM.generate, and when an engine is made."""
-    v = os.environ.get("CODESHELL_ENGINE_BULK", "on")
-    if v not in ("on", "off", "1", "0"):
-        raise ValueError(f"CODESHELL_ENGINE_BULK={v!r}: expected on or off")
-    return v in ("on", "1")
 
 
 def _multi_rows() -> bool:

@@ -13,8 +13,7 @@ from .sampling import SamplingParams, SequenceSampler
 
 class Sequence:
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
-                 sampler: SequenceSampler, slot: int, tokenizer, eos_id: int | None, lazy: bool = True,
-                 bulk: bool = True):
+                 sampler: SequenceSampler, slot: int, tokenizer, eos_id: int | None, lazy: bool = True):
         self.request_id = request_id
         self.index = index
         self.prompt_ids = prompt_ids
@@ -55,19 +54,6 @@ class Sequence:
         self._lazy = lazy and self.decoder is not None and not self.max_stop
         self._fed = 0    # output_ids fed to the decoder (lazy)
         self._mark = -1  # lazy: len(output_ids) at the last skipped output (-1: none since)
-        # Bulk (`bulk`, the default; the engine passes False under CODESHELL_ENGINE_BULK=off or
-        # CODESHELL_ENGINE_LEAN=off): where nothing reads the text or a logprob per token (lazy, or no
-        # decoder; no stop strings, no logprobs), `append_many` takes a native call's tokens in one go
-        # (`_append_bulk`: one extend, the finish found by one search, the stream mark set once) and the
-        # lazy decoder is fed a run of tokens by one call (`IncrementalDecoder.add_many`: the same
-        # decodes of the same windows). Why: the per-token Python of LLM.generate's batch-8 greedy steps
-        # (codeshell-mini: `append_many` ~65 us of a ~250 us gap between two 8-token calls, the final
-        # outputs' detokenization ~2 us a token). Hot this takes ~11 us off such a gap, ~10% off the
-        # decoder's time; in the real run the gap's cold first touches dominate and the difference was
-        # within the noise (docs/kernels-log.md, session 40 helper B).
-        self._bulk = (bulk and params.logprobs is None and not self.max_stop
-                      and (self._lazy or self.decoder is None))
-        self._add_many = getattr(self.decoder, "add_many", None) if self._bulk and self._lazy else None
 
     @property
     def finished(self) -> bool:
@@ -94,11 +80,6 @@ class Sequence:
 
     def _sync(self, n: int) -> None:
         """Lazy: feed the decoder output_ids[_fed:n], as `append` would have one at a time."""
-        if self._add_many is not None:  # bulk: the run in one call (the same deltas, joined)
-            if self._fed < n:
-                self.text += self._add_many(self.output_ids[self._fed:n])
-                self._fed = n
-            return
         ids, add = self.output_ids, self.decoder.add
         while self._fed < n:
             self.text += add(ids[self._fed])
@@ -135,8 +116,6 @@ class Sequence:
         many one-token steps of LLM.generate would leave the stream (`skip_output` after each token
         but the last), so the final output's delta is the last token's text whatever the number of
         tokens a native call made (Engine._decode_many / _decode_many_rows)."""
-        if self._bulk and tokens and self.finish_reason is None:
-            return self._append_bulk(tokens, max_model_len, stepwise)
         last = len(tokens) - 1
         for i, t in enumerate(tokens):
             self.append(t, None, max_model_len)
@@ -145,45 +124,6 @@ class Sequence:
             if stepwise and i < last:
                 self.skip_output()
         return len(tokens)
-
-    def _append_bulk(self, tokens: list[int], max_model_len: int, stepwise: bool) -> int:
-        """`append_many` for a bulk sequence (see `__init__`): the same tokens appended, the same
-        counts, finish and stream mark as appending them one at a time. With no text read per token,
-        `append` ends the sequence at the first token in `stop_ids` (a stop) or at the first that
-        reaches max_tokens or the context window (a length; the stop wins at the same token), and a
-        lazy `skip_output` after token i only records len(output_ids): after a run of n >= 2 tokens
-        the last such record is the length before the run's last token."""
-        out = self.output_ids
-        n0, end = len(out), len(tokens)
-        room = max_model_len - len(self.prompt_ids) - n0
-        if self.params.max_tokens is not None:
-            room = min(room, self.params.max_tokens - n0)
-        room = max(room, 1)  # tokens appended when the length ends the sequence (at least the first)
-        reason = None
-        stop = self.stop_ids
-        if stop and not stop.isdisjoint(tokens):
-            at = next(i for i, t in enumerate(tokens) if t in stop) + 1
-            if at <= room:
-                end, reason = at, "stop"
-        if reason is None and room <= end:
-            end, reason = room, "length"
-        toks = tokens if end == len(tokens) else tokens[:end]
-        out.extend(toks)
-        counts = getattr(self.sampler, "output_counts", None)
-        if type(counts) is dict and type(self.sampler) is SequenceSampler:  # observe, inlined
-            get = counts.get
-            for t in toks:
-                counts[t] = get(t, 0) + 1
-        else:
-            for t in toks:
-                self.sampler.observe(t)
-        if stepwise and end >= 2 and self._lazy:
-            self._mark = n0 + end - 1
-        if reason == "stop":
-            self.finish("stop", toks[-1])
-        elif reason == "length":
-            self.finish("length")
-        return end
 
     def _check_stop(self, before: int) -> bool:
         start = max(0, before - self.max_stop + 1)

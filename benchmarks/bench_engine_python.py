@@ -9,7 +9,7 @@ steps take, `Engine._decode_many*`) are wrapped to record when each call starts 
 * gap: from the end of one native call to the start of the next (all of the Python: the
   LLM's loop, `Engine.step`, the sequence's bookkeeping and detokenization, the outputs, the
   step's own Python checks before the call); "between calls" is the gap over the decode steps
-  a call makes (8 in LLM.generate's plain-greedy calls), in wall and in the thread's CPU time,
+  a call makes (up to CODESHELL_DECODE_MULTI, 64, in LLM.generate's plain-greedy calls), in wall and in the thread's CPU time,
 * after the last call: from the last native call's end to generate's return (the last tokens'
   bookkeeping, the final outputs and their detokenization), over TOKENS,
 * native: the call itself (pybind's argument conversion, the thread team, the kernels),
@@ -20,7 +20,7 @@ steps take, `Engine._decode_many*`) are wrapped to record when each call starts 
   t(TOKENS + 1) - t(1) less the calls' summed time, over TOKENS), i.e. everything of a step that is
   not the native call: the engine's Python, the outputs, the detokenization, pybind's conversion.
   With CODESHELL_DECODE_MULTI=1 every step is one native call (the server's and a sampled batch's
-  path); by default LLM.generate's greedy batch makes up to 8 tokens a call (`calls` a step says
+  path); by default LLM.generate's greedy batch makes up to 64 tokens a call (`calls` a step says
   which ran). Also as the main thread's CPU time (`time.thread_time`: the same less the 1-token run's
   and the calls' CPU time), which a loaded host's preemption does not lengthen.
 
@@ -60,41 +60,36 @@ class _Timed:
         object.__setattr__(self, "cstarts", [])  # the thread's CPU clock at each call's start and end
         object.__setattr__(self, "cends", [])
 
-    def decode(self, *a):
-        pc = time.perf_counter
+    def _timed(self, call):
+        """call() with its start and end recorded by the wall clock and the thread's CPU clock."""
         c = time.thread_time()
-        t = pc()
-        if self.stub is not None:
-            i = len(self.starts) % len(self.stub)
-            out = (self.stub_rows[i], [self.stub[i]] * len(a[0]))
-        else:
-            out = self._step.decode(*a)
-            self.rows.append(out[0])
-        self.ends.append(pc())
+        t = time.perf_counter()
+        out = call()
+        self.ends.append(time.perf_counter())
         e = time.thread_time()
         self.cpu[0] += e - c
         self.cstarts.append(c), self.cends.append(e)
         self.starts.append(t)
+        return out
+
+    def decode(self, *a):
+        def call():
+            if self.stub is not None:
+                i = len(self.starts) % len(self.stub)
+                return self.stub_rows[i], [self.stub[i]] * len(a[0])
+            out = self._step.decode(*a)
+            self.rows.append(out[0])
+            return out
+
+        out = self._timed(call)
         self.picks.append(out[1][0])
         return out
 
-    def _many(self, name, *a):
-        pc = time.perf_counter
-        c = time.thread_time()
-        t = pc()
-        out = getattr(self._step, name)(*a)
-        self.ends.append(pc())
-        e = time.thread_time()
-        self.cpu[0] += e - c
-        self.cstarts.append(c), self.cends.append(e)
-        self.starts.append(t)
-        return out
-
     def decode_greedy(self, *a):
-        return self._many("decode_greedy", *a)
+        return self._timed(lambda: self._step.decode_greedy(*a))
 
     def decode_greedy_rows(self, *a):
-        return self._many("decode_greedy_rows", *a)
+        return self._timed(lambda: self._step.decode_greedy_rows(*a))
 
     def __getattr__(self, k):
         return getattr(self._step, k)

@@ -52,7 +52,7 @@ HTTP = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64, max_kee
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from codeshell.bench import HostLoad, wait_quiet  # noqa: E402  (after the path: runs from a checkout)
+from codeshell.bench import HostLoad, read_bandwidth_gbs, wait_quiet  # noqa: E402  (after the path: runs from a checkout)
 
 SHAPES = {
     # ~110M parameters (55M of them the 70144-token embedding): a few minutes on 2 CPU cores.
@@ -195,34 +195,17 @@ def quiet(args) -> str:
         waited, other = wait_quiet(args.quiet_cores, 1.0, args.quiet_wait)
         note = f"; waited {waited:.0f} s for quiet" + ("" if other is None else f" (last {other:.2f} cores)")
     if getattr(args, "read_probe", False):
-        gbs = read_probe()
-        if gbs is not None:
-            note += f"; read probe {gbs:.1f} GB/s"
+        note += f"; read probe {read_probe():.1f} GB/s"
     return note
 
 
-_PROBE: list = []
-
-
-def read_probe(mib: int = 512) -> float | None:
-    """GB/s of the best of two plain reads (the native `read_stream`, no software prefetch) of a 512 MiB
-    buffer on huge pages, on this process's threads; None without the native kernels. Why: this host's
-    read bandwidth moves between two levels (~37 and ~66 GB/s) within seconds, and a batch-1 bf16 step of
-    the 1.7B shape follows it (57 against 95 ms, in process or served, docs/kernels-log.md session 40
-    helper A): a round's level says which one it met."""
-    import torch
-    from codeshell.kernels import _ext, hugepages
-    mod = _ext.get()
-    if mod is None:
-        return None
-    if not _PROBE or _PROBE[0].numel() != (mib << 20) // 4:
-        _PROBE[:] = [hugepages.empty(((mib << 20) // 4,), torch.float32).fill_(1.0)]
-    buf, best = _PROBE[0], float("inf")
-    for _ in range(2):
-        t = time.perf_counter()
-        mod.read_stream(buf, 1, 0)
-        best = min(best, time.perf_counter() - t)
-    return buf.numel() * 4 / best / 1e9
+def read_probe(mib: int = 512) -> float:
+    """The host's read bandwidth level now, GB/s: `codeshell.bench.read_bandwidth_gbs` (the bound every
+    benchmark uses: the best of its probes, on huge pages) over `mib` MiB, best of two passes each. Why:
+    this host's read bandwidth moves between two levels (~37 and ~66 GB/s) within seconds, and a batch-1
+    bf16 step of the 1.7B shape follows it (57 against 95 ms, in process or served, docs/kernels-log.md
+    session 40 helper A): a round's level says which one it met."""
+    return read_bandwidth_gbs(gib=mib / 1024, repeats=2)
 
 
 def task_prompt(k: int) -> str:
@@ -280,22 +263,21 @@ def direct(llm, ks: list[int], max_tokens: int) -> dict:
     engine in this process, all added at once: no HTTP, no engine thread, no event loop."""
     from codeshell.engine import SamplingParams
     eng = llm.engine
-    load = HostLoad().__enter__()
-    t0 = time.perf_counter()
-    for k in ks:
-        sp = SamplingParams(temperature=0.8, seed=k % 1000, max_tokens=max_tokens, ignore_eos=True)
-        eng.add_request(f"direct-{k}-{time.time_ns()}", llm.tokenizer.encode(task_prompt(k)), sp)
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    tokens: dict[str, int] = {}
-    while eng.has_unfinished():
-        for out in eng.step():
-            tokens[out.request_id] = n = len(out.outputs[0].token_ids)
-            last[out.request_id] = time.perf_counter() - t0
-            if n and out.request_id not in first:
-                first[out.request_id] = last[out.request_id]
-    wall = time.perf_counter() - t0
-    load.__exit__(None, None, None)
+    with HostLoad() as load:
+        t0 = time.perf_counter()
+        for k in ks:
+            sp = SamplingParams(temperature=0.8, seed=k % 1000, max_tokens=max_tokens, ignore_eos=True)
+            eng.add_request(f"direct-{k}-{time.time_ns()}", llm.tokenizer.encode(task_prompt(k)), sp)
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        tokens: dict[str, int] = {}
+        while eng.has_unfinished():
+            for out in eng.step():
+                tokens[out.request_id] = n = len(out.outputs[0].token_ids)
+                last[out.request_id] = time.perf_counter() - t0
+                if n and out.request_id not in first:
+                    first[out.request_id] = last[out.request_id]
+        wall = time.perf_counter() - t0
     return {"clients": len(ks), "tokens": sum(tokens.values()), "wall": wall, "tok_s": sum(tokens.values()) / wall,
             "ttft_p50": statistics.median(first.values()), "other": load.other or 0.0,
             "decode_ms": median_or_nan(decode_ms(first.get(r), tokens[r], last[r]) for r in tokens)}

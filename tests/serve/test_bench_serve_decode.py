@@ -53,9 +53,6 @@ def test_cli_takes_the_quiet_options():
 
 
 def test_read_probe_reads_a_rate_and_the_note_says_it(monkeypatch):
-    gbs = bench_serve.read_probe(mib=8)
-    if gbs is None:
-        pytest.skip("no native kernels")
-    assert gbs > 0
+    assert bench_serve.read_probe(mib=8) > 0
     monkeypatch.setattr(bench_serve, "read_probe", lambda: 41.25)
     assert bench_serve.quiet(types.SimpleNamespace(quiet_wait=0, read_probe=True)) == "; read probe 41.2 GB/s"

@@ -587,9 +587,11 @@ CODESHELL_END_AVX512
 // CODESHELL_Q4_EPI=1 / =0 forces either family (read per call: A/B runs and tests); every M of one
 // process must take one family (row invariance), so set it for a whole process.
 bool q4_epi_kind() {
-  const codeshell::CpuFeatures& f = codeshell::cpu_features();
-  static const bool kind = f.max_isa == codeshell::kAvx512Vnni ||
-                           (f.zen4 && f.max_isa >= codeshell::kAvx512Vnni && f.max_isa < codeshell::kAmx);
+  static const bool kind = [] {
+    const codeshell::CpuFeatures& f = codeshell::cpu_features();
+    return f.max_isa == codeshell::kAvx512Vnni ||
+           (f.zen4 && f.max_isa >= codeshell::kAvx512Vnni && f.max_isa < codeshell::kAmx);
+  }();
   return env_flag("CODESHELL_Q4_EPI", kind);
 }
 
@@ -607,7 +609,6 @@ bool q4r_takes(int64_t M, int64_t G) {
 // tile_q4v: q4_rows.h (2 x 8 tiles) ran it 6% slower in the small shape's cold sweep. CODESHELL_Q4_ROWS=0
 // turns it off (the earlier kernels; read per call, for A/B and tests); CODESHELL_Q4_ROWS_MIN_M
 // overrides the 3 (at least 2).
-
 bool q4rows_takes(int64_t M, int64_t G) {
   if (!env_flag("CODESHELL_Q4_ROWS", true)) return false;
   const int64_t m0 = std::max<int64_t>(1, env_int("CODESHELL_Q4_ROWS_MIN_M", 3));

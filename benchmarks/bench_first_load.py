@@ -84,9 +84,9 @@ def plan_all(weights, mode: str) -> list[dict]:
     spent: dict = collections.defaultdict(float)
     real = measure._time_call
 
-    def timed(c, mod, x, p, x_dtype):
+    def timed(c, mod, x, p, x_dtype, epilogue=None):
         t = time.perf_counter()
-        r = real(c, mod, x, p, x_dtype)
+        r = real(c, mod, x, p, x_dtype, epilogue)
         spent[(c, x.shape[0])] += time.perf_counter() - t
         return r
 

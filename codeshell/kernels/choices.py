@@ -38,6 +38,10 @@ again, merges its looks with the entry's times (each candidate's least) and stor
 A measurement that does not pass them is kept as a provisional entry (`stored` false) where no trusted
 one is: no process takes its path without measuring, but the next measurement of the key merges its
 times, so processes on a loaded host converge on one path set instead of each taking its own.
+
+Session 41: a GELU linear (c_fc) has its own entry (the choice key ends in "gelu"), its candidates
+timed with the GELU; keys end in `|timed=epilogue` (`MEASURED`), so the entries of older files are
+left unread (measured again once) rather than misread.
 """
 
 from __future__ import annotations
@@ -82,10 +86,19 @@ def _sources_hash() -> str:
     return _memo["src"]  # type: ignore[return-value]
 
 
+MEASURED = "epilogue"
+"""What an entry's times are of (the file's keys end in `|timed=` this): since session 41 each
+candidate timed with the epilogue the model runs after it (`measure._time_call`: the GEMMs' bf16 /
+GELU epilogues, the others' cast / separate GELU pass) and a GELU linear's choice keyed apart
+(`ops._choose`: the key ends in "gelu"). Entries written before (the candidates timed bare, no
+such mark) are not read: the first process to need one measures again."""
+
+
 def entry_key(key: tuple) -> str:
-    """The file's key for an `ops` choice key: the key itself, torch's threads, the sources' hash."""
+    """The file's key for an `ops` choice key: the key itself, torch's threads, the sources' hash,
+    what the times are of (`MEASURED`)."""
     import torch
-    return "|".join(map(str, key)) + f"|threads={torch.get_num_threads()}|src={_sources_hash()}"
+    return "|".join(map(str, key)) + f"|threads={torch.get_num_threads()}|src={_sources_hash()}|timed={MEASURED}"
 
 
 def _read(p: Path) -> dict:

@@ -138,12 +138,21 @@ helpers' builds held the load at 3-35, where a quiet minute measures the vdpbf16
 faster. The load average lags by up to a minute, so it is one check of three (with the repeats'
 scatter and the second look), not the only one."""
 
-def _time_call(c: str, mod, x: torch.Tensor, p: PackedWeight, x_dtype: torch.dtype) -> float:
-    """One call of candidate c, timed up to the result in x's dtype (as `linear` returns it: the
-    fp32 paths' conversion to bf16 is part of their cost; oneDNN returns bf16 itself). Tests
-    replace this with scripted times."""
+def _time_call(c: str, mod, x: torch.Tensor, p: PackedWeight, x_dtype: torch.dtype,
+               epilogue: str | None = None) -> float:
+    """One call of candidate c, timed up to what the model takes from it: the result in x's dtype
+    (as `linear` returns it: the GEMMs' bf16 epilogue where they have one, `module.epilogue_call`;
+    the other fp32 paths' conversion to bf16 is part of their cost; oneDNN returns bf16 itself), or
+    with epilogue="gelu" the GELU of it (`module.gelu_call`: the GEMMs' GELU epilogue, the others'
+    output then the fused GELU pass). Session 41: the candidates were timed bare, so a GELU linear's
+    choice left out the pass the paths without the epilogue need after them (session 40, helper C).
+    Tests replace this with scripted times."""
+    from . import module  # (module imports ops, which imports this)
     t = time.perf_counter()
-    ops._compute(c, mod, x, p, None).to(x_dtype)
+    if epilogue == "gelu" and x_dtype == torch.bfloat16:
+        module.gelu_call(c, mod, x, p, None)
+    elif x_dtype != torch.bfloat16 or module.epilogue_call(c, mod, x, p, None, False) is None:
+        ops._compute(c, mod, x, p, None).to(x_dtype)
     return time.perf_counter() - t
 
 
@@ -263,7 +272,7 @@ def _others_per_core(mark: tuple[float, float, int] | None) -> float:
 
 
 def _look(cands: list[str], p: PackedWeight, x_dtype: torch.dtype, mod, turn: int,
-          quick: bool = False) -> tuple[dict[str, float], float]:
+          quick: bool = False, epilogue: str | None = None) -> tuple[dict[str, float], float]:
     """One look at the candidates: at each of PREFILL_MEASURE_ROWS a warm-up call each, then
     MEASURE_ROUNDS rounds, the candidates alternating in a rotated order each round (starting at
     `turn`, so a second look does not repeat the first's order). Returns (seconds per row summed
@@ -272,7 +281,7 @@ def _look(cands: list[str], p: PackedWeight, x_dtype: torch.dtype, mod, turn: in
     quick (session 33): the warm-up calls at the first M only (the kernels are warm after it; a
     slow first call at the next M is one of at least three, and the best and the median pass
     over it), and at each M the rounds stop after MEASURE_MIN_ROUNDS where the look there is
-    steady and its leader clear (`_clear_lead`)."""
+    steady and its leader clear (`_clear_lead`). epilogue: `_time_call`'s (a GELU linear's "gelu")."""
     times: dict[str, float] = dict.fromkeys(cands, 0.0)
     scatter = 0.0
     for i, m in enumerate(PREFILL_MEASURE_ROWS):
@@ -280,12 +289,12 @@ def _look(cands: list[str], p: PackedWeight, x_dtype: torch.dtype, mod, turn: in
         calls: dict[str, list[float]] = {c: [] for c in cands}
         if not quick or i == 0:
             for c in cands:
-                _time_call(c, mod, x, p, x_dtype)
+                _time_call(c, mod, x, p, x_dtype, epilogue)
             _CALLS[0] += len(cands)
         for r in range(MEASURE_ROUNDS):
             k = (r + turn) % len(cands)
             for c in cands[k:] + cands[:k]:
-                calls[c].append(_time_call(c, mod, x, p, x_dtype))
+                calls[c].append(_time_call(c, mod, x, p, x_dtype, epilogue))
             _CALLS[0] += len(cands)
             if quick and r + 1 >= MEASURE_MIN_ROUNDS and _clear_lead(calls):
                 break
@@ -360,8 +369,9 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
     t0 = time.perf_counter()
     quick = mode() == "quick"
     rows = _measure_rows(p) if quick else p.out_features
+    epilogue = key[6] if len(key) > 6 else None  # a GELU linear's key ends in "gelu" (`ops._choose`)
     shape = (key[0], key[2], rows, getattr(p, "group_size", None), getattr(p, "offsets", None) is None,
-             key[4], key[5], tuple(cands), torch.get_num_threads())
+             key[4], key[5], tuple(cands), torch.get_num_threads(), epilogue)
     hit = _SLICE_LOOKS.get(shape) if quick else None
     # a measurement holds while the choice it was made for does (dropping that choice from
     # `ops._CHOICES`, as tests do to measure again, drops it for its slice shape too)
@@ -373,7 +383,7 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
         part = _row_slice(p, rows)
         calls0, mark = _CALLS[0], _cpu_mark()
         levels = [_level()]
-        looks = [_look(cands, part, x_dtype, mod, 0, quick)]
+        looks = [_look(cands, part, x_dtype, mod, 0, quick, epilogue)]
         levels.append(_level(0.0))
         # a measurement that cannot be stored (other processes ran, or the load average is high) looks
         # again only where it did before session 36 (unsteady, or a lead under MEASURE_CLOSE): on a
@@ -383,7 +393,7 @@ def measure(key: tuple, cands: list[str], p: PackedWeight, x_dtype: torch.dtype,
         if (looks[0][1] > MEASURE_SCATTER_MAX
                 or _margin(looks[0][0]) < (MEASURE_RELOOK_BELOW if storable else MEASURE_CLOSE)
                 or (storable and _moved(levels[0], levels[1]))):
-            looks.append(_look(cands, part, x_dtype, mod, 1, quick))
+            looks.append(_look(cands, part, x_dtype, mod, 1, quick, epilogue))
             levels.append(_level(0.0))
         at = [min(a, b) for a, b in zip(levels, levels[1:])]  # each look's level
         # the stored times this re-look checks (per row of x for the whole weight -> per row of the slice)

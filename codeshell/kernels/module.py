@@ -63,48 +63,37 @@ class FastLinear:
         if x.dtype != torch.bfloat16:  # as linear: other dtypes enter the kernels as fp32
             x2 = x2.to(torch.float32).contiguous()
         path = self._path(x2.shape[0], x.dtype)
-        gemm = _gemm(path, p, x2.shape[0])
-        if (gemm is not None and x.dtype == torch.bfloat16
-                and os.environ.get("CODESHELL_DOT_BF16OUT", "1") != "0"):
-            ops.PATHS_RUN[(p.kind, path + "+bf16")] += 1
-            return getattr(mod, gemm)(x2.contiguous(), p.data, p.out_features, self.bias, False, True)
-        if _q8_epi(path, p, x2.shape[0], x.dtype):
-            ops.PATHS_RUN[(p.kind, path + "+bf16")] += 1
-            return mod.prefill_q8_amx_epi(x2.contiguous(), p.data, p.scales, p.group_size if p.kind == "int4" else 0,
-                                          self.bias, False)
-        return ops._compute(path, mod, x2, p, self.bias)
+        y = epilogue_call(path, mod, x2, p, self.bias, False) if x.dtype == torch.bfloat16 else None
+        return ops._compute(path, mod, x2, p, self.bias) if y is None else y
 
-    def _path(self, m: int, dtype: torch.dtype) -> str:
-        key = (m, dtype, os.environ.get("CODESHELL_KERNEL_ISA"))
+    def _path(self, m: int, dtype: torch.dtype, epilogue: str | None = None) -> str:
+        key = (m, dtype, os.environ.get("CODESHELL_KERNEL_ISA"), epilogue)
         path = self._paths.get(key)
         if path is None:
-            path = self._paths[key] = ops.plan(self.packed, m, dtype)
+            path = self._paths[key] = ops.plan(self.packed, m, dtype, epilogue)
         return path
 
     def raw_gelu(self, x: torch.Tensor) -> torch.Tensor | None:
-        """bf16 gelu_tanh of y rounded to bf16, [M, N], for bf16 x [..., K] whose path is the
-        vdpbf16ps GEMM (`avx512_bf16:gemm`) or the fp32-FMA GEMM (`avx512_vnni:gemm`): their
-        epilogue applies the GELU while the sums are in cache (the vdpbf16ps GEMM also where the plan
-        chose another of its candidates: `_gelu_epi_gemm`); None elsewhere. By default the epilogue's GELU is `gelu16_fast` (csrc/simd512.h:
-        within one bf16 ulp of the exact GELU, as the fused GELU is); `CODESHELL_GELU_FAST=0`
-        gives the bits of `raw` then `fused_gelu_tanh(y, None, True)`."""
+        """bf16 gelu_tanh of y rounded to bf16, [M, N], for bf16 x [..., K] at prefill M (above
+        ROW_INVARIANT_MAX_M) by the path `ops.plan` chose for this weight as a GELU linear
+        (`epilogue="gelu"`: its candidates timed with the GELU, session 41): the GEMMs whose epilogue
+        applies it while the sums are in cache (`epilogue_call`), else the path's output then the
+        fused GELU pass (`gelu_call`); None at decode M (one path for every M up to
+        ROW_INVARIANT_MAX_M, none with a GELU epilogue: the model runs `forward_raw` and the fused GELU)
+        and for other x.
+        By default the epilogue's GELU is `gelu16_fast` (csrc/simd512.h: within one bf16 ulp of the
+        exact GELU, as the fused GELU is); `CODESHELL_GELU_FAST=0` gives the bits of `raw` then
+        `fused_gelu_tanh(y, None, True)`."""
         p = self.packed
         if x.dtype != torch.bfloat16 or x.shape[-1] != p.in_features or x.device.type != "cpu":
             return None
         mod = _ext.get()
-        x2 = x.reshape(-1, p.in_features)
-        path = None if mod is None else self._path(x2.shape[0], x.dtype)
-        gemm = _gemm(path, p, x2.shape[0])
-        if gemm is None and _gelu_epi_gemm(path, p, x.dtype):
-            path, gemm = "avx512_bf16:gemm", _GEMMS["avx512_bf16:gemm"]
-        if gemm is None and _q8_epi(path, p, x2.shape[0], x.dtype):
-            ops.PATHS_RUN[(p.kind, path + "+gelu")] += 1
-            return mod.prefill_q8_amx_epi(x2.contiguous(), p.data, p.scales, p.group_size if p.kind == "int4" else 0,
-                                          self.bias, True)
-        if gemm is None:
+        if mod is None:
             return None
-        ops.PATHS_RUN[(p.kind, path + "+gelu")] += 1
-        return getattr(mod, gemm)(x2.contiguous(), p.data, p.out_features, self.bias, True)
+        x2 = x.reshape(-1, p.in_features)
+        if x2.shape[0] <= ops.ROW_INVARIANT_MAX_M:
+            return None
+        return gelu_call(self._path(x2.shape[0], x.dtype, "gelu"), mod, x2, p, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """y [..., N] in x's dtype: what `ops.linear(x, packed, bias)` returns."""
@@ -135,23 +124,45 @@ def _gemm(path: str | None, p, m: int) -> str | None:
     return None
 
 
-def _gelu_epi_gemm(path: str | None, p, x_dtype: torch.dtype) -> bool:
-    """Whether a GELU linear's prompt call takes the vdpbf16ps GEMM with its GELU epilogue
-    (`prefill_bf16_dot(gelu=True)`) although the measured plan chose another prefill path for the
-    weight (`onednn:bf16` or `avx512_bf16:panel64`, which return the GEMM's output, then the
-    model's fused GELU pass). Why (session 40, helper C): the plan measures the GEMMs alone, so
-    it cannot see that for c_fc the alternative is the GEMM plus a pass that writes the output,
-    reads it back and writes it again through the GELU; on the 2-core Zen 4 a measurement in a
-    loaded minute stored `onednn:bf16` for codeshell-mini's c_fc at 2 threads (its two looks 6.2
-    against 6.9 us a row), and in quiet minutes that c_fc then took 1.34 ms + 0.18 ms of GELU a
-    layer against ~0.8 ms for the GEMM with its epilogue (the 2-thread prompt 41.6% of the peak,
-    docs/kernels-log.md "Session 40, helper C"). Only where the GEMM is one of the weight's
-    candidates (bf16 weight and x, AVX512-BF16 without AMX); the bits are the GEMM path's, the
-    same path for every prompt M of this weight. CODESHELL_GELU_EPI_GEMM=0 (read per call, A/B):
-    the plan's path and the fused GELU as before."""
-    return (path in ("onednn:bf16", "avx512_bf16:panel64") and p.kind == "bf16" and x_dtype == torch.bfloat16
-            and os.environ.get("CODESHELL_GELU_EPI_GEMM", "1") != "0"
-            and "avx512_bf16:gemm" in ops.prefill_candidates(p, x_dtype, ops.isa_level()))
+def epilogue_call(path: str, mod, x2: torch.Tensor, p, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor | None:
+    """y [M, N] as bf16 from the epilogue of `path`'s kernel for bf16 x2 [M, K]: the sums (bias
+    added) rounded to bf16, or (gelu) the GELU of them rounded, while they are in cache (`_gemm`'s
+    GEMMs, `_q8_epi`'s AMX-INT8 tiles); None where the path has no such epilogue (or
+    CODESHELL_DOT_BF16OUT=0 for the rounding). What `FastLinear.raw` / `raw_gelu` run, and what
+    the plan times for such a candidate (`measure._time_call`)."""
+    m = x2.shape[0]
+    gemm = _gemm(path, p, m)
+    if gemm is not None and (gelu or os.environ.get("CODESHELL_DOT_BF16OUT", "1") != "0"):
+        ops.PATHS_RUN[(p.kind, path + ("+gelu" if gelu else "+bf16"))] += 1
+        if gelu:
+            return getattr(mod, gemm)(x2.contiguous(), p.data, p.out_features, bias, True)
+        return getattr(mod, gemm)(x2.contiguous(), p.data, p.out_features, bias, False, True)
+    if _q8_epi(path, p, m, x2.dtype):
+        ops.PATHS_RUN[(p.kind, path + ("+gelu" if gelu else "+bf16"))] += 1
+        return mod.prefill_q8_amx_epi(x2.contiguous(), p.data, p.scales, p.group_size if p.kind == "int4" else 0,
+                                      bias, gelu)
+    return None
+
+
+def gelu_call(path: str, mod, x2: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
+    """bf16 gelu_tanh(y) [M, N] for bf16 x2 [M, K] by one path: its kernel's GELU epilogue where it
+    has one (`epilogue_call`), else its output (fp32, or bf16 from oneDNN) then the fused GELU pass,
+    as the model's inference path runs it (model.py `CodeShellMLP.forward_inference`: the same
+    call, so the same bits). The call `ops.plan` times for each candidate of a GELU linear
+    (`epilogue="gelu"`, `measure._time_call`) and `FastLinear.raw_gelu` runs at prefill M.
+    Why (session 41): the plan timed the GEMMs alone, so for c_fc it weighed the vdpbf16ps GEMM
+    with its epilogue against oneDNN / panel64 without the pass that writes their output, reads it
+    back and writes it again through the GELU (session 40, helper C: a stored `onednn:bf16` for
+    codeshell-mini's c_fc, 1.34 ms + 0.18 ms of GELU a layer against ~0.8 ms for the GEMM with its
+    epilogue; session 40 then overrode the plan for GELU linears, `_gelu_epi_gemm`, now gone)."""
+    y = epilogue_call(path, mod, x2, p, bias, True)
+    if y is not None:
+        return y
+    ops.PATHS_RUN[(p.kind, path + "+gelu pass")] += 1
+    y = ops._compute(path, mod, x2, p, bias)
+    if y.dtype not in (torch.float32, torch.bfloat16):
+        y = y.to(torch.bfloat16)
+    return mod.fused_gelu_tanh(y.contiguous(), None, True)
 
 
 def _q8_epi(path: str | None, p, m: int, x_dtype: torch.dtype) -> bool:
@@ -213,8 +224,9 @@ class PackedLinear(nn.Module):
         return self.forward(x).reshape(-1, self.out_features) if y is None else y
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor | None:
-        """bf16 gelu_tanh(y) [M, N] from the GEMM's epilogue where the path has one, else None
-        (`FastLinear.raw_gelu`; the model then runs `forward_raw` and the fused GELU)."""
+        """bf16 gelu_tanh(y) [M, N] at prefill M by the path planned for a GELU linear (its GEMM's
+        epilogue, or its output then the fused GELU), else None (`FastLinear.raw_gelu`; the model
+        then runs `forward_raw` and the fused GELU)."""
         return self.fast.raw_gelu(x)
 
     def extra_repr(self) -> str:
@@ -297,14 +309,29 @@ def prepare_model(model: nn.Module) -> int:
     return len(swaps)
 
 
+def gelu_linears(model: nn.Module) -> set[int]:
+    """ids of the model's linears whose output the model's inference path feeds to the GELU-tanh
+    (`forward_gelu`: each block's mlp.c_fc where the activation is one of model.py's
+    `_GELU_TANH`); empty for other activations or models without those blocks."""
+    from ..model import _GELU_TANH
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if getattr(cfg, "activation_function", None) not in _GELU_TANH or blocks is None:
+        return set()
+    return {id(b.mlp.c_fc) for b in blocks if hasattr(getattr(b, "mlp", None), "c_fc")}
+
+
 def choose_prefill_paths(model: nn.Module, max_rows: int) -> dict[tuple, str]:
     """At load: the prefill path of each distinct weight shape of the model's linears (the output
     head excepted), with activations of the model's dtype, when a prefill of up to `max_rows`
     rows goes past the decode kernels (M > ROW_INVARIANT_MAX_M): `ops.plan` measures the
     candidates where several compete (at each of `measure.PREFILL_MEASURE_ROWS`) and keeps the winner
     for every prefill M (in this process and on disk, `choices.py`), so no request pays for it
-    later. Returns {(kind, N, K, group size, symmetric): path}; {} when nothing is packed for the
-    native kernels or no prefill goes past the decode kernels.
+    later. A linear whose output goes through the GELU (`gelu_linears`: c_fc) is planned as one
+    (`epilogue="gelu"`: each candidate timed with its GELU epilogue or its separate GELU pass,
+    session 41), apart from a linear of the same shape without it. Returns {(kind, N, K, group
+    size, symmetric, epilogue): path}; {} when nothing is packed for the native kernels or no
+    prefill goes past the decode kernels.
     Why at load: measured at first use, the first prompt paid ~6 extra calls per weight shape
     and M (a 7B bf16 prompt of 512 tokens: seconds) -- the request a user waits for. The output
     head is left out: a prefill computes its logits for the last rows only.
@@ -314,12 +341,15 @@ def choose_prefill_paths(model: nn.Module, max_rows: int) -> dict[tuple, str]:
     head = getattr(model, "lm_head", None)
     wte = model.transformer.wte
     x_dtype = wte.dtype if isinstance(wte, PackedEmbedding) else wte.weight.dtype
+    gelu = gelu_linears(model)
     seen: dict[tuple, PackedWeight] = {}
     for mod in model.modules():
         if mod is head:
             continue
         p = mod.packed if isinstance(mod, PackedLinear) else getattr(mod, "_kernel", None)
         if isinstance(p, PackedWeight):
-            seen.setdefault((p.kind, p.out_features, p.in_features, p.group_size, p.offsets is None), p)
+            # (a PackedLinear's forward_gelu plans its own path; other linears run forward_raw then the GELU)
+            epi = "gelu" if id(mod) in gelu and isinstance(mod, PackedLinear) and x_dtype == torch.bfloat16 else None
+            seen.setdefault((p.kind, p.out_features, p.in_features, p.group_size, p.offsets is None, epi), p)
     # keyed as `seen`: int4 weights of one shape may differ in group size or symmetry
-    return {key: ops.plan(p, ops.ROW_INVARIANT_MAX_M + 1, x_dtype) for key, p in seen.items()}
+    return {key: ops.plan(p, ops.ROW_INVARIANT_MAX_M + 1, x_dtype, key[-1]) for key, p in seen.items()}

@@ -145,7 +145,7 @@ kernels on an AVX-512 machine, which is how their tests run here)."""
 PATHS_RUN: Counter = Counter()
 """(kind, path) -> calls since import: which kernels actually ran (tests print it)."""
 
-_CHOICES: dict[tuple, str] = {}  # (kind, N, K, "prefill", level, x dtype) -> the measured winner
+_CHOICES: dict[tuple, str] = {}  # (kind, N, K, "prefill", level, x dtype[, "gelu"]) -> the measured winner
 CHOICE_TIMES: dict[tuple, dict[str, float]] = {}
 """The measurements behind each choice: key -> {path: seconds per row of the whole weight (best of
 measure.MEASURE_ROUNDS), summed over measure.PREFILL_MEASURE_ROWS}."""
@@ -242,7 +242,7 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
     return ["sgemm:fp32"]
 
 
-def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
+def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32, epilogue: str | None = None) -> str:
     """The path `linear(impl="native")` takes for M rows of x of this dtype: "<isa>:<kernel>".
 
     * bf16 weights, bf16 x: `amx:bf16` at every M on an AMX CPU; else, M <= BF16_PANEL_MAX_M,
@@ -254,7 +254,10 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
       `avx2:q8` (vpmaddubsw) on int8-rounded x (the same integers either way), or
       `avx2:unpack` (exact fp32) for shapes the integer kernels do not take.
     * larger M: `prefill_candidates`; one candidate runs as is, several are measured once
-      (one winner per weight shape for every prefill M).
+      (one winner per weight shape for every prefill M). epilogue="gelu" (session 41): the
+      weight is a GELU linear's (c_fc, `FastLinear.raw_gelu`): its own choice, each candidate timed
+      with its GELU (the GEMM's epilogue, or its output then the fused GELU pass: `module.gelu_call`);
+      None: timed up to the output in x's dtype (the GEMMs' bf16 epilogue where they have it).
     Up to ROW_INVARIANT_MAX_M rows every M takes the same path (row invariance).
     "torch" without the native kernels.
     """
@@ -291,10 +294,11 @@ def plan(p: PackedWeight, m: int, x_dtype: torch.dtype = torch.float32) -> str:
         # vpdpbusd kernels (other last bits, the same invariance) but on the Ice Lake-class Xeon and
         # Zen 4 (csrc/qdot_int4.cpp q4_epi_kind: amx:q8's bits).
         return "amx:q8" if level >= ISA_LEVELS.index("amx") else "avx512_vnni:q8"
-    return _choose(p, m, x_dtype, level, prefill_candidates(p, x_dtype, level))
+    return _choose(p, m, x_dtype, level, prefill_candidates(p, x_dtype, level), epilogue)
 
 
-def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: list[str]) -> str:
+def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: list[str],
+            epilogue: str | None = None) -> str:
     if len(cands) == 1:
         return cands[0]
     # One path per weight for every prefill M, not one per M bucket: the candidates differ in
@@ -303,7 +307,11 @@ def _choose(p: PackedWeight, m: int, x_dtype: torch.dtype, level: int, cands: li
     # prefilled (alone: M = T; padded into a group: M = B x T) wherever the buckets' measured
     # winners differed (seen: codeshell-mini's greedy text at batch 8 unlike batch 1).
     # x's dtype too: the candidates differ by dtype (bf16 x may take bf16 paths, fp32 x never).
+    # A GELU linear's choice is its own (session 41): the candidates' order with the GELU (the GEMM's
+    # epilogue against the others' separate pass) need not be the order without it.
     key = (p.kind, p.out_features, p.in_features, "prefill", ISA_LEVELS[level], str(x_dtype).split(".")[-1])
+    if epilogue is not None:
+        key += (epilogue,)
     if key not in _CHOICES:
         # a winner measured by an earlier process on this machine (choices.py), while this
         # code still offers it; else measure now and keep the result for later processes, only

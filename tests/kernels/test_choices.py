@@ -73,12 +73,13 @@ class _Clock:
 
     def __init__(self, per_row, burst=None, run=False):
         self.per_row, self.burst, self.run = per_row, burst or (lambda c, look, n: 1.0), run
-        self.look, self.n, self.seen = -1, {}, []
+        self.look, self.n, self.seen, self.epilogues = -1, {}, [], []
 
-    def __call__(self, c, mod, x, p, x_dtype):
+    def __call__(self, c, mod, x, p, x_dtype, epilogue=None):
         if self.run:
             ops._compute(c, mod, x, p, None)
         self.seen.append((c, p.out_features, p.data.data_ptr() if hasattr(p, "data") else None))
+        self.epilogues.append(epilogue)
         n = self.n.get(c, 0)
         self.n[c] = n + 1
         return self.per_row[c] * x.shape[0] * self.burst(c, self.look, n)
@@ -202,6 +203,9 @@ def test_prefill_paths_are_chosen_at_load(tmp_path, monkeypatch):
     made = dict(ops._CHOICES)
     assert {(k[1], k[2]) for k in made} == {(cfg.qkv_dim, 128), (128, 128), (256, 128), (128, 256)}
     assert {k[3] for k in made} == {"prefill"} and llm.engine.prefill_chunk == 512
+    # c_fc (256 x 128) is a GELU linear (the config's gelu-tanh): planned as one (session 41), the others plain
+    assert {k[1:3] for k in made if k[6:] == ("gelu",)} == {(256, 128)}
+    assert all(k[6:] in ((), ("gelu",)) for k in made)
     prompts = [{"prompt_token_ids": list(range(i, 100 + i))} for i in range(4)]
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))
     llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0))
@@ -648,3 +652,83 @@ def test_a_measurement_that_cannot_be_stored_looks_again_only_as_before(proc):
     # stays what it was); the process keeps its look's winner, kept as a provisional entry
     path, entry, checks, _ = proc([60.0, 100.0], lambda look, n: look == 0, load=2.5)
     assert checks["looks"] == 1 and path == ONEDNN and entry is None and not checks["stored"]
+
+
+# ---- a GELU linear's own choice (session 41) ----
+
+def _gelu_clock(seen):
+    """Scripted `measure._time_call` for the three bf16 candidates: bare, oneDNN leads the GEMM by 20%;
+    with the GELU (epilogue "gelu") the GEMM's epilogue adds 10% and the others' separate pass 60%,
+    which turns the order. Records (candidate, epilogue) of each call in `seen`."""
+    def clock(c, mod, x, p, x_dtype, epilogue=None):
+        seen.append((c, epilogue))
+        base = {GEMM: 1.2e-6, ONEDNN: 1.0e-6, PANEL: 3.0e-6}[c]
+        return base * x.shape[0] * ((1.1 if c == GEMM else 1.6) if epilogue == "gelu" else 1.0)
+    return clock
+
+
+@pytest.fixture(params=MODES)
+def gelu_case(request, tmp_path, monkeypatch):
+    """A fake bf16 weight, its plain and GELU choice keys and the candidates, on a quiet scripted host
+    with a choices file in tmp_path, in each measuring mode; yields (weight, plain key, gelu key,
+    cands, seen calls, the file)."""
+    f = tmp_path / "choices.json"
+    monkeypatch.setenv("CODESHELL_KERNEL_CHOICES", str(f))
+    monkeypatch.setenv("CODESHELL_KERNEL_MEASURE", request.param)
+    monkeypatch.setattr(ops._ext, "get", lambda: None)
+    monkeypatch.setattr(measure, "_host_load", lambda: 0.1)
+    monkeypatch.setattr(measure, "_others_per_core", lambda mark: 0.0)
+    _levels(monkeypatch, 100.0)
+    seen: list = []
+    monkeypatch.setattr(measure, "_time_call", _gelu_clock(seen))
+    weight = types.SimpleNamespace(kind="bf16", out_features=16, in_features=8)
+    plain = ("bf16", 16, 8, "prefill", ops.ISA_LEVELS[0], "bfloat16")
+    gelu = plain + ("gelu",)
+    for key in (plain, gelu):
+        _fresh_process_state(key)
+    yield weight, plain, gelu, [GEMM, ONEDNN, PANEL], seen, f
+    for key in (plain, gelu):
+        _fresh_process_state(key)
+        ops.CHOICE_CHECKS.pop(key, None)
+
+
+def test_a_gelu_linear_is_planned_with_its_gelu_apart_from_the_plain_choice(gelu_case):
+    # ops.plan(..., epilogue="gelu") (c_fc, FastLinear.raw_gelu) is a choice of its own, every candidate
+    # timed with the GELU (the GEMM's epilogue, the others' separate pass: measure._time_call's
+    # epilogue); the plain choice of the same weight shape is measured apart (not shared as a slice
+    # shape either: the quick measurement keys its slice looks by the epilogue too)
+    weight, plain, gelu, cands, seen, f = gelu_case
+    assert ops._choose(weight, 100, torch.bfloat16, 0, cands) == ONEDNN
+    assert seen and {e for _, e in seen} == {None}
+    seen.clear()
+    assert ops._choose(weight, 100, torch.bfloat16, 0, cands, "gelu") == GEMM
+    assert {c for c, _ in seen} == set(cands) and {e for _, e in seen} == {"gelu"}
+    t = ops.CHOICE_TIMES[gelu]
+    assert t[GEMM] < t[ONEDNN] < t[PANEL] and ops.CHOICE_TIMES[plain][ONEDNN] < ops.CHOICE_TIMES[plain][GEMM]
+    # both stored, apart, marked as timed with their epilogues; a fresh process reads each, measuring nothing
+    data = json.loads(f.read_text())
+    assert {data[choices.entry_key(k)]["path"] for k in (plain, gelu)} == {ONEDNN, GEMM}
+    assert all(k.endswith(f"|timed={choices.MEASURED}") for k in data)
+    for key in (plain, gelu):
+        _fresh_process_state(key)
+    seen.clear()
+    assert ops._choose(weight, 100, torch.bfloat16, 0, cands) == ONEDNN
+    assert ops._choose(weight, 100, torch.bfloat16, 0, cands, "gelu") == GEMM
+    assert not seen
+
+
+def test_entries_of_an_older_file_are_measured_again_not_misread(gelu_case):
+    # a file written before session 41: its keys have no `|timed=` mark (the candidates were timed
+    # bare), trusted entries naming panel64 for this weight; they are left unread: both choices
+    # measured again and stored under the new keys, the old entries kept as they were, nothing raised
+    weight, plain, gelu, cands, seen, f = gelu_case
+    old_key = choices.entry_key(plain).rsplit("|timed=", 1)[0]
+    entry = {"path": PANEL, "seconds": {c: 1e-6 for c in cands}, "checks": {"stored": True, "level": 1e9}}
+    f.write_text(json.dumps({old_key: entry, old_key.replace("|bfloat16|", "|bfloat16|gelu|"): entry,
+                             "not|a|key": [1, 2]}))
+    choices.forget()
+    assert ops._choose(weight, 100, torch.bfloat16, 0, cands) == ONEDNN
+    assert ops._choose(weight, 100, torch.bfloat16, 0, cands, "gelu") == GEMM
+    assert {e for _, e in seen} == {None, "gelu"}
+    data = json.loads(f.read_text())
+    assert data[old_key] == entry and data[choices.entry_key(gelu)]["path"] == GEMM

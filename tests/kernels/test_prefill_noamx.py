@@ -173,53 +173,84 @@ def test_bf16_gemm_gelu_epilogue_is_the_unfused_bits(n, k, with_bias, monkeypatc
 
 
 @needs_bf16
-def test_packed_linear_gelu_only_on_the_gemm_path(monkeypatch):
-    # forward_gelu: the GEMM with its epilogue at prefill M (bf16 x), None where the path has no
-    # epilogue (decode M, fp32 x), so the model falls back to forward_raw + fused GELU there
-    # (the exact GELU here, CODESHELL_GELU_FAST=0, for a bitwise comparison)
-    monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
+def test_packed_linear_gelu_only_at_prompt_rows(monkeypatch):
+    # forward_gelu: at prefill M (bf16 x) the GELU of the path planned for the weight as a GELU linear
+    # (ops.plan(..., "gelu")): the GEMMs' epilogue, or the path's output then the fused GELU, the
+    # bits of forward_raw on that path then the fused GELU (the exact GELU here, CODESHELL_GELU_FAST=0,
+    # for a bitwise comparison); None at decode M and for fp32 x (the model's forward_raw + fused GELU)
+    import os
     from codeshell.kernels.module import PackedLinear
+    monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
     lin = PackedLinear(prepack(torch.randn(96, 128)), torch.randn(96))
     x = torch.randn(100, 128).to(torch.bfloat16)
-    # (amx:bf16 at prefill M too, since session 37: prefill_bf16_amx's epilogues)
-    from codeshell.kernels.module import _gelu_epi_gemm
-    path = lin.fast._path(100, torch.bfloat16)
-    if path in ("avx512_bf16:gemm", "amx:bf16"):
-        g = lin.forward_gelu(x)
-        assert torch.equal(g, _ext.get().fused_gelu_tanh(lin.forward_raw(x), None, True))
-    elif _gelu_epi_gemm(path, lin.packed, torch.bfloat16):  # another measured candidate: the GEMM's
-        assert lin.forward_gelu(x) is not None                # epilogue still (the next test's bits)
-    else:
-        assert lin.forward_gelu(x) is None
+    g = lin.forward_gelu(x)
+    path = lin.fast._path(100, torch.bfloat16, "gelu")
+    key = (100, torch.bfloat16, os.environ.get("CODESHELL_KERNEL_ISA"), None)
+    lin.fast._paths[key] = path  # forward_raw on the GELU plan's path
+    assert torch.equal(g, _ext.get().fused_gelu_tanh(lin.forward_raw(x), None, True)), path
     assert lin.forward_gelu(x[:8]) is None
     assert lin.forward_gelu(x.float()) is None
 
 
 @needs_bf16
-@pytest.mark.parametrize("chosen", ["onednn:bf16", "avx512_bf16:panel64"])
-def test_gelu_linear_takes_the_gemm_epilogue_over_another_choice(chosen, monkeypatch):
-    # Session 40: where the plan's measurement (the GEMMs alone) chose another of the vdpbf16ps GEMM's
-    # candidates for a weight, its GELU call (forward_gelu: c_fc) still runs the GEMM with its GELU
-    # epilogue: the GEMM path's bits, i.e. forward_raw on the GEMM path then the fused GELU (the exact
-    # GELU here, CODESHELL_GELU_FAST=0); CODESHELL_GELU_EPI_GEMM=0: None (the plan's path, then the
-    # model's fused GELU, as before).
+@pytest.mark.parametrize("chosen", ["avx512_bf16:gemm", "onednn:bf16", "avx512_bf16:panel64"])
+@pytest.mark.parametrize("fast", ["0", "1"])
+def test_gelu_linear_runs_the_planned_path_with_its_gelu(chosen, fast, monkeypatch, record_property):
+    # Session 41: whichever candidate the GELU plan holds for the weight, forward_gelu runs it with its
+    # GELU (module.gelu_call): the GEMM's epilogue ("+gelu") or the path's output then the fused GELU
+    # pass ("+gelu pass"), as the model ran a path without the epilogue; the bits of forward_raw on
+    # that path then fused_gelu_tanh (exact GELU: CODESHELL_GELU_FAST=0), within one bf16 ulp with the
+    # fast GELU, and close to the GELU of the fp32 reference. The plain path of the weight is apart.
     import os
-    from codeshell.kernels.module import PackedLinear
+    from codeshell.kernels.module import PackedLinear, gelu_call
+    record_property("isa_path", chosen + " + GELU")
     if LEVEL >= ops.ISA_LEVELS.index("amx"):  # the candidates of a CPU without AMX
         monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_bf16")
-    monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
-    lin = PackedLinear(prepack(torch.randn(96, 128)), torch.randn(96))
-    x = torch.randn(100, 128).to(torch.bfloat16)
-    fast = lin.fast
-    key = (100, torch.bfloat16, os.environ.get("CODESHELL_KERNEL_ISA"))
-    fast._paths[key] = "avx512_bf16:gemm"
-    want = _ext.get().fused_gelu_tanh(lin.forward_raw(x), None, True)
-    fast._paths[key] = chosen
-    before = ops.PATHS_RUN[("bf16", "avx512_bf16:gemm+gelu")]
-    assert torch.equal(lin.forward_gelu(x), want)
-    assert ops.PATHS_RUN[("bf16", "avx512_bf16:gemm+gelu")] == before + 1
-    monkeypatch.setenv("CODESHELL_GELU_EPI_GEMM", "0")
-    assert lin.forward_gelu(x) is None
+    monkeypatch.setenv("CODESHELL_GELU_FAST", fast)
+    bias = torch.randn(96)
+    lin = PackedLinear(prepack(torch.randn(96, 128, generator=torch.Generator().manual_seed(7))), bias)
+    x = (torch.randn(100, 128, generator=torch.Generator().manual_seed(8)) * 0.5).to(torch.bfloat16)
+    isa = os.environ.get("CODESHELL_KERNEL_ISA")
+    lin.fast._paths[(100, torch.bfloat16, isa, "gelu")] = chosen
+    lin.fast._paths[(100, torch.bfloat16, isa, None)] = chosen
+    mod = _ext.get()
+    want = mod.fused_gelu_tanh(lin.forward_raw(x), None, True)
+    run = ("bf16", chosen + ("+gelu" if chosen == "avx512_bf16:gemm" else "+gelu pass"))
+    before = ops.PATHS_RUN[run]
+    g = lin.forward_gelu(x)
+    assert ops.PATHS_RUN[run] == before + 1
+    assert g.dtype == torch.bfloat16 and g.shape == (100, 96)
+    assert torch.equal(g, gelu_call(chosen, mod, x, lin.packed, lin.fast.bias))
+    if fast == "0" or chosen != "avx512_bf16:gemm":
+        assert torch.equal(g, want)
+    else:  # the epilogue's gelu16_fast: within one bf16 ulp of the exact GELU
+        assert ((g.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
+    ref = torch.nn.functional.gelu(ops.reference(x, lin.packed, lin.fast.bias, chosen).float(), approximate="tanh")
+    assert (g.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+@needs_bf16
+def test_gelu_plan_times_each_candidate_with_its_gelu(monkeypatch):
+    # ops.plan(..., "gelu") on the real kernels: a choice of its own among the same candidates, each
+    # timed with its GELU (measure._time_call: the GEMM's GELU epilogue, oneDNN's / panel64's output then
+    # the fused GELU pass: the calls PATHS_RUN counts), apart from the weight's plain choice
+    from codeshell.kernels import measure
+    if LEVEL >= ops.ISA_LEVELS.index("amx"):
+        monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_bf16")
+    pw = prepack(torch.randn(80, 256))
+    key = ("bf16", 80, 256, "prefill", "avx512_bf16", "bfloat16", "gelu")
+    for k in (key, key[:6]):
+        ops._CHOICES.pop(k, None)
+    measure._SLICE_LOOKS.clear()
+    runs = [("bf16", "avx512_bf16:gemm+gelu"), ("bf16", "onednn:bf16+gelu pass"), ("bf16", "avx512_bf16:panel64+gelu pass")]
+    before = [ops.PATHS_RUN[r] for r in runs]
+    path = ops.plan(pw, 100, torch.bfloat16, "gelu")
+    cands = ops.prefill_candidates(pw, torch.bfloat16, BF16)
+    assert path in cands and set(ops.CHOICE_TIMES[key]) == set(cands)
+    assert all(ops.PATHS_RUN[r] > b for r, b in zip(runs, before))
+    assert key[:6] not in ops._CHOICES  # the plain choice is not made by the GELU one
+    ops.plan(pw, 100, torch.bfloat16)
+    assert key[:6] in ops._CHOICES
 
 
 @needs_bf16

@@ -136,15 +136,17 @@ def test_packed_linear_epilogue_only_above_the_row_invariant_m(monkeypatch):
     # FastLinear.raw on amx:bf16: bf16 rows from the epilogue at prompt M (> ROW_INVARIANT_MAX_M),
     # fp32 at M <= 64 (decode's rows keep their bits); CODESHELL_AMX_EPI=0: fp32 everywhere.
     from codeshell.kernels.module import PackedLinear
+    mod = _ext.get()
     lin = PackedLinear(prepack(torch.randn(96, 128)), torch.randn(96))
     x = torch.randn(100, 128).to(torch.bfloat16)
-    assert lin.fast._path(100, torch.bfloat16) == "amx:bf16"
+    assert lin.fast._path(100, torch.bfloat16) == "amx:bf16" == lin.fast._path(100, torch.bfloat16, "gelu")
     y = lin.forward_raw(x)
     assert y.dtype == torch.bfloat16
     monkeypatch.setenv("CODESHELL_AMX_EPI", "0")
     y32 = lin.forward_raw(x)
     assert y32.dtype == torch.float32 and torch.equal(y, y32.to(torch.bfloat16))
-    assert lin.forward_gelu(x) is None
+    # (session 41: a GELU linear's prompt call is its path's output then the fused GELU pass there)
+    assert torch.equal(lin.forward_gelu(x), mod.fused_gelu_tanh(y32, None, True))
     monkeypatch.delenv("CODESHELL_AMX_EPI")
     assert lin.forward_raw(x[:ops.ROW_INVARIANT_MAX_M]).dtype == torch.float32
     assert lin.forward_gelu(x[:ops.ROW_INVARIANT_MAX_M]) is None

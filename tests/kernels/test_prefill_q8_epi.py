@@ -8,7 +8,8 @@ CODESHELL_GELU_FAST=0 is `fused_gelu_tanh` of that fp32 result (the model's path
 epilogue: the same bits), and by default within one bf16 ulp of it; the entry refuses M <= 64
 (decode's rows keep the row-invariant tiles' fp32). `PackedLinear.forward_raw / forward_gelu` on
 `amx:q8` take the epilogue at prompt M only, not for weights with offsets, not with
-CODESHELL_Q8_EPI=0. Skips without AMX.
+CODESHELL_Q8_EPI=0 (there `forward_gelu` is the fp32 result then the fused GELU pass, session 41).
+Skips without AMX.
 What this is not: a speed test (benchmarks/bench_quant.py, trace_prefill.py).
 """
 
@@ -73,7 +74,8 @@ def _linear(kind, symmetric=True):
     p, _ = _weight(kind, 96, 128, group=32, symmetric=symmetric)
     lin = PackedLinear(p, torch.randn(96))
     for m in (100, ops.ROW_INVARIANT_MAX_M):  # the prompt's path pinned: the choice is measured per machine
-        lin.fast._paths[(m, torch.bfloat16, os.environ.get("CODESHELL_KERNEL_ISA"))] = "amx:q8"
+        for epi in (None, "gelu"):  # (a GELU linear's own choice, session 41)
+            lin.fast._paths[(m, torch.bfloat16, os.environ.get("CODESHELL_KERNEL_ISA"), epi)] = "amx:q8"
     return lin
 
 
@@ -88,7 +90,9 @@ def test_packed_linear_q8_epilogue_only_at_prompt_rows(kind, monkeypatch):
     monkeypatch.setenv("CODESHELL_Q8_EPI", "0")
     y32 = lin.forward_raw(x)
     assert y32.dtype == torch.float32 and torch.equal(y, y32.to(torch.bfloat16))
-    assert lin.forward_gelu(x) is None
+    # without the epilogue the planned path's fp32 output, then the fused GELU pass (session 41: the
+    # GELU linear's call on its own path, as the model ran it)
+    assert torch.equal(lin.forward_gelu(x), _ext.get().fused_gelu_tanh(y32, None, True))
     monkeypatch.setenv("CODESHELL_GELU_FAST", "0")
     monkeypatch.delenv("CODESHELL_Q8_EPI")
     assert torch.equal(lin.forward_gelu(x), _ext.get().fused_gelu_tanh(y32, None, True))
@@ -99,8 +103,9 @@ def test_packed_linear_q8_epilogue_only_at_prompt_rows(kind, monkeypatch):
 def test_packed_linear_int4_offsets_keep_the_fp32_path():
     lin = _linear("int4", symmetric=False)
     x = torch.randn(100, 128).to(torch.bfloat16)
-    assert lin.forward_raw(x).dtype == torch.float32
-    assert lin.forward_gelu(x) is None
+    y32 = lin.forward_raw(x)
+    assert y32.dtype == torch.float32
+    assert torch.equal(lin.forward_gelu(x), _ext.get().fused_gelu_tanh(y32, None, True))  # the separate pass
 
 
 def test_bf16_epilogues_keep_their_bits_on_denormals_nan_and_inf(monkeypatch):

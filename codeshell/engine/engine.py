@@ -452,13 +452,15 @@ class Engine:
             out.sort(key=lambda o: order[id(o[0])])
         return out
 
-    def measure_prefill_cost(self, short: int = 8, long: int = 72) -> PrefillCost | None:
-        """Time prefill forwards of `short` and `long` positions (one row each; `long` past the
-        row-invariant decode kernels' 64 rows, where prompts of a few clients run) through a free
-        slot, and set `prefill_cost` to the line through them (the shorter one's best of two; a
-        first forward of 4 positions goes before, untimed: first touches). CPU seconds of this
+    def measure_prefill_cost(self, short: int = 8, long: int = 72, longer: int = 216) -> PrefillCost | None:
+        """Time prefill forwards of `short`, `long` and `longer` positions (one row each; `long`
+        past the row-invariant decode kernels' 64 rows, where prompts of a few clients run;
+        `longer`, a few prompts' rows in one forward, on the same prefill kernels as `long`)
+        through a free slot, and set `prefill_cost` to the lines through them (`PrefillCost`: the
+        shorter one's best of two; a first forward of 4 positions goes before, untimed: first
+        touches). CPU seconds of this
         thread, as the draft budget's timings (lookup.DraftBudget.clock: the thread takes part in
-        every parallel region, and another process's load does not count). 2-5 s on the 1.7B
+        every parallel region, and another process's load does not count). 4-7 s on the 1.7B
         bf16 shape (measured), milliseconds on small models. Off the CPU, with CODESHELL_PREFILL_GROUPS=one or
         no free slot: left as it is. The slot's KV is left as junk that no prompt is told it
         holds (`slot_tokens`; a free slot without a cached prompt is taken if there is one).
@@ -469,9 +471,10 @@ class Engine:
         short = min(short, long - 1)
         if short < 1:
             return self.prefill_cost
+        longer = min(longer, self.max_model_len - 1, self.prefill_chunk)
         slot = min(self.free_slots, key=lambda q: (q in self.slot_tokens, self.slot_used.get(q, -1), q))
         self.slot_tokens.pop(slot, None)
-        self._ensure_cache(long + 1)
+        self._ensure_cache(max(long, longer) + 1)
         clock = DraftBudget.clock
 
         def timed(T: int) -> float:
@@ -486,7 +489,8 @@ class Engine:
             t_short = timed(short)
             t_long = timed(long)
             t_short = min(t_short, timed(short))
-        self.prefill_cost = PrefillCost.from_timings((short, t_short), (long, t_long))
+            far = (longer, timed(longer)) if longer > long else None
+        self.prefill_cost = PrefillCost.from_timings((short, t_short), (long, t_long), far)
         return self.prefill_cost
 
     def _fits(self, group: list[tuple[_Request, int]]) -> bool:

@@ -167,6 +167,7 @@ def test_measured_cost_changes_no_tokens(llm, monkeypatch):
     run_one_step(llm, [base], GREEDY)
     cost = eng.measure_prefill_cost()
     assert cost is eng.prefill_cost and cost.row_s > 0 and cost.fixed_s >= 0
+    assert cost.knee == 72 and cost.far_row_s > 0  # the golden model's context takes the 216-row forward
     assert [o.token_ids for o in run_one_step(llm, [base + a, b, a], GREEDY)] == want
     assert eng.prefix_hits > 0
 

@@ -96,6 +96,22 @@ def test_cost_from_timings():
     assert c.fixed_s == 0.0
 
 
+def test_cost_with_a_knee():
+    # the 1.7B q4_0 model's shape: 8 rows on the decode kernels, 72 and 216 on the prefill GEMMs with
+    # a per-call repack: the line through 8 and 72 overstates 5 prompts of 90 tokens by ~2x
+    c = PrefillCost.from_timings((8, 0.13), (72, 0.80), (216, 1.50))
+    assert c.knee == 72 and c.row_s == pytest.approx(0.67 / 64)
+    assert c.far_row_s == pytest.approx(0.70 / 144) and c.far_fixed_s == pytest.approx(0.80 - 72 * 0.70 / 144)
+    assert c.forward(72) == pytest.approx(0.80) and c.forward(216) == pytest.approx(1.50)
+    assert c.forward(8) == pytest.approx(0.13) and c.forward(450) == pytest.approx(c.far_fixed_s + 450 * c.far_row_s)
+    # a third timing no longer than the second: one line, as before
+    assert PrefillCost.from_timings((8, 0.1), (72, 0.5), (72, 0.6)).knee is None
+    # the knee changes the admission: 5 prompts of 90 arriving together share steps where the far
+    # line says a forward's repack outweighs a prompt's rows; one line: a prompt a step
+    assert first_group([90] * 5, c, always, 0.08) == 3
+    assert first_group([90] * 5, PrefillCost.from_timings((8, 0.13), (72, 0.80)), always, 0.08) == 1
+
+
 def ttft_sum(sizes, lengths, cost, between_s, fits):
     """Summed time to first token of the prompts admitted in consecutive groups of `sizes`, one
     step a group (its forwards as `plan` splits it), a decode step of `between_s` between steps."""

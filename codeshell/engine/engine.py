@@ -16,6 +16,7 @@ import collections
 import functools
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from ..model import CodeShellModel
 from .kv_cache import KVCache
 from .lookup import DraftBudget, NgramLookup, cap_rows, verify_token
 from .outputs import CompletionOutput, Logprob, RequestOutput
-from .prefill_plan import PrefillCost, plan
+from .prefill_plan import PrefillCost, first_group, plan
 from .sampling import MAX_LOOKUP, SamplingParams, SequenceSampler, greedy_picks, sample_rows, token_logprob
 from .sequence import Sequence
 
@@ -122,6 +123,9 @@ class Engine:
         # callers (the benchmarks' timed batches) would pay 2-5 s of a 1.7B model inside their clock.
         self.prefill_cost: PrefillCost | None = None
         self._groups = _prefill_groups()
+        # The last decode step's wall seconds: what a prompt admitted a step later waits beyond the
+        # forwards before it (`_admit`'s split of prompts that arrive together); 0 until one ran.
+        self._decode_s = 0.0
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         # The per-step Python trimmed (session 20: at the small shape ~0.25 ms a token ran between two
         # native steps, every object it touched cold): no abort / admission / draft-clock work when
@@ -210,7 +214,8 @@ class Engine:
         if not lean or any(lookup_k(s.params) > 0 for s in decoding):
             t0 = DraftBudget.clock()
             drafts = self._drafts(decoding)
-        rows = 0
+        rows, many = 0, None
+        t_decode = time.perf_counter()
         if any(drafts):                                  # last token + drafts, verified in one forward
             rows = self._speculate(decoding, drafts)
             running = self.running
@@ -218,7 +223,6 @@ class Engine:
                 changed[seq.request_id] = running[seq.request_id]
         elif decoding:                                   # forward one token for everyone else
             plain = all(s.plain_greedy for s in decoding)
-            many = None
             if (final_only and lean and self.multi_step > 1 and plain and not self.waiting and not self._aborts
                     and all(lookup_k(s.params) <= 0 for s in decoding)):
                 if len(decoding) == 1:
@@ -245,6 +249,8 @@ class Engine:
                         else:
                             self._append(seq, logits[i], toks[i])
                         changed[seq.request_id] = running[seq.request_id]
+        if decoding and many is None:  # a step of one token (or one verify) a sequence: `_admit_take`
+            self._decode_s = time.perf_counter() - t_decode
         if not final_only:
             outs = [self._output(r) for r in changed.values()]
         else:
@@ -286,15 +292,20 @@ class Engine:
         the ones admitted before, and the first groups stream their first tokens while the later
         ones prefill (vLLM's chunked prefill does the same with its token budget). Admitting all
         at once put every first token after the last group's forward: 16 clients of ~90 tokens
-        on a 1.7B bf16 model, time to first token p50 7.8 s against llama-server's 4.8 s."""
+        on a 1.7B bf16 model, time to first token p50 7.8 s against llama-server's 4.8 s.
+        With a measured prefill cost (the server), fewer may go in a step: the first group of the
+        split that minimises the prompts' summed time to first token (`prefill_plan.first_group`;
+        4 prompts of ~90 tokens on the 1.7B bf16 model: one a step, p50 ~1.7 s instead of ~2.25 s).
+        Greedy bits do not depend on the grouping (tests/engine/test_batched_prefill.py)."""
         admitted = []
         if not self.waiting:  # the common decode step (a request added meanwhile: next step)
             return admitted
         budget = self.prefill_chunk
         with self._lock:
+            take = self._admit_take()
             while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
                 n = len(self.waiting[0].prompt_ids)  # an upper bound: a cached prefix is not run
-                if admitted and n > budget:
+                if admitted and (n > budget or len(admitted) >= take):
                     break
                 budget -= n
                 req = self.waiting.popleft()
@@ -311,6 +322,28 @@ class Engine:
                 self.running[req.request_id] = req
                 admitted.append(req)
         return admitted
+
+    def _admit_take(self) -> int:
+        """How many waiting requests this step may admit by the time-to-first-token split
+        (`prefill_plan.first_group` over those the free slots can take: the step's token budget as
+        the loop below has it, the forwards' padded budget as `_fits` has it); unbounded without a measured prefill cost, with CODESHELL_PREFILL_GROUPS=one
+        or with CODESHELL_PREFILL_ADMIT=budget (the rule before session 41, read per step: A/B)."""
+        if (self.prefill_cost is None or self._groups == "one" or len(self.waiting) < 2
+                or os.environ.get("CODESHELL_PREFILL_ADMIT") == "budget"):
+            return len(self.waiting) or 1
+        lengths, seqs = [], 0
+        for req in self.waiting:
+            seqs += req.params.n
+            if seqs > len(self.free_slots):
+                break
+            lengths.append(len(req.prompt_ids))
+        if len(lengths) < 2:
+            return 1
+        chunk, cost = self.prefill_chunk, self.prefill_cost
+        # the decode step between two admitting steps: the last one measured, else a one-row forward
+        between = self._decode_s or cost.forward(1)
+        return first_group(lengths, cost, lambda idx: len(idx) * max(lengths[i] for i in idx) <= chunk,
+                           between, chunk)
 
     def _pick_slot(self, prompt_ids: list[int] | None) -> int:
         """A free slot: the one whose cached tokens share the longest prefix with the prompt,
@@ -419,13 +452,15 @@ class Engine:
             out.sort(key=lambda o: order[id(o[0])])
         return out
 
-    def measure_prefill_cost(self, short: int = 8, long: int = 72) -> PrefillCost | None:
-        """Time prefill forwards of `short` and `long` positions (one row each; `long` past the
-        row-invariant decode kernels' 64 rows, where prompts of a few clients run) through a free
-        slot, and set `prefill_cost` to the line through them (the shorter one's best of two; a
-        first forward of 4 positions goes before, untimed: first touches). CPU seconds of this
+    def measure_prefill_cost(self, short: int = 8, long: int = 72, longer: int = 216) -> PrefillCost | None:
+        """Time prefill forwards of `short`, `long` and `longer` positions (one row each; `long`
+        past the row-invariant decode kernels' 64 rows, where prompts of a few clients run;
+        `longer`, a few prompts' rows in one forward, on the same prefill kernels as `long`)
+        through a free slot, and set `prefill_cost` to the lines through them (`PrefillCost`: the
+        shorter one's best of two; a first forward of 4 positions goes before, untimed: first
+        touches). CPU seconds of this
         thread, as the draft budget's timings (lookup.DraftBudget.clock: the thread takes part in
-        every parallel region, and another process's load does not count). 2-5 s on the 1.7B
+        every parallel region, and another process's load does not count). 4-7 s on the 1.7B
         bf16 shape (measured), milliseconds on small models. Off the CPU, with CODESHELL_PREFILL_GROUPS=one or
         no free slot: left as it is. The slot's KV is left as junk that no prompt is told it
         holds (`slot_tokens`; a free slot without a cached prompt is taken if there is one).
@@ -436,9 +471,10 @@ class Engine:
         short = min(short, long - 1)
         if short < 1:
             return self.prefill_cost
+        longer = min(longer, self.max_model_len - 1, self.prefill_chunk)
         slot = min(self.free_slots, key=lambda q: (q in self.slot_tokens, self.slot_used.get(q, -1), q))
         self.slot_tokens.pop(slot, None)
-        self._ensure_cache(long + 1)
+        self._ensure_cache(max(long, longer) + 1)
         clock = DraftBudget.clock
 
         def timed(T: int) -> float:
@@ -453,7 +489,8 @@ class Engine:
             t_short = timed(short)
             t_long = timed(long)
             t_short = min(t_short, timed(short))
-        self.prefill_cost = PrefillCost.from_timings((short, t_short), (long, t_long))
+            far = (longer, timed(longer)) if longer > long else None
+        self.prefill_cost = PrefillCost.from_timings((short, t_short), (long, t_long), far)
         return self.prefill_cost
 
     def _fits(self, group: list[tuple[_Request, int]]) -> bool:

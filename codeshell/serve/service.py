@@ -122,8 +122,10 @@ class CompletionService:
             t1 = time.monotonic()
             cost = llm.engine.measure_prefill_cost()
             if cost is not None:
-                log.info("prefill cost: %.2f ms a forward + %.3f ms a row (measured in %.2fs)",
-                         cost.fixed_s * 1e3, cost.row_s * 1e3, time.monotonic() - t1)
+                far = "" if cost.knee is None else \
+                    f"; past {cost.knee} rows {cost.far_fixed_s * 1e3:.2f} ms + {cost.far_row_s * 1e3:.3f} ms a row"
+                log.info("prefill cost: %.2f ms a forward + %.3f ms a row%s (measured in %.2fs)",
+                         cost.fixed_s * 1e3, cost.row_s * 1e3, far, time.monotonic() - t1)
             self.llm = llm
         except Exception as e:  # the server stays up and says why in /health
             log.exception("loading %s failed", s.model)

@@ -3,7 +3,10 @@ log-probabilities equal those of one-at-a-time prefills, with and without reused
 the grouping keeps to its token budget, never batches a request with one whose KV it can
 reuse, and splits by the forward's cost (`Engine.prefill_cost`, engine/prefill_plan.py): pinned
 here, one forward while the fixed cost outweighs the padding, a mostly cached prompt alone where
-its padding costs more; the measured cost (`measure_prefill_cost`) changes no tokens."""
+its padding costs more; the measured cost (`measure_prefill_cost`) changes no tokens. Where a
+prompt's rows outweigh a forward's fixed cost, prompts that arrive together are admitted a group a
+step (`prefill_plan.first_group`): the first prompt's output leaves after its own forward, the
+tokens are the same."""
 
 from __future__ import annotations
 
@@ -120,6 +123,9 @@ def test_a_step_admits_up_to_the_token_budget(llm, monkeypatch):
     monkeypatch.setattr(eng, "prefill_chunk", 32)
     ps = prompts([10, 10, 10, 20, 5, 40], seed=3)
     want = [run_one_step(llm, [p], GREEDY)[0].token_ids for p in ps]
+    # no decode step timed: the admission split takes a one-row forward of the module's cost table
+    # (1 s, the same world as its 1 s forwards) as the decode step between two steps
+    monkeypatch.setattr(eng, "_decode_s", 0.0)
     for i, ids in enumerate(ps):
         eng.add_request(f"r{i}", ids, GREEDY)
     firsts = [sorted(o.request_id for o in eng.step() if len(o.outputs[0].token_ids) == 1) for _ in range(3)]
@@ -142,6 +148,7 @@ def test_a_cached_prompt_gets_its_own_forward(llm, monkeypatch, fixed_rows, want
     want_tokens = [run_one_step(llm, [p], GREEDY)[0].token_ids for p in ps]
     monkeypatch.setattr(eng, "prefix_caching", True)
     monkeypatch.setattr(eng, "prefill_cost", PrefillCost(fixed_s=fixed_rows * 1e-3, row_s=1e-3))
+    monkeypatch.setenv("CODESHELL_PREFILL_ADMIT", "budget")  # all three admitted in one step, as before session 41
     run_one_step(llm, [base], GREEDY)  # leaves `base` (and its output) in a free slot
     groups = spy_groups(monkeypatch, eng)
     got = run_one_step(llm, ps, GREEDY)
@@ -160,6 +167,7 @@ def test_measured_cost_changes_no_tokens(llm, monkeypatch):
     run_one_step(llm, [base], GREEDY)
     cost = eng.measure_prefill_cost()
     assert cost is eng.prefill_cost and cost.row_s > 0 and cost.fixed_s >= 0
+    assert cost.knee == 72 and cost.far_row_s > 0  # the golden model's context takes the 216-row forward
     assert [o.token_ids for o in run_one_step(llm, [base + a, b, a], GREEDY)] == want
     assert eng.prefix_hits > 0
 
@@ -183,3 +191,27 @@ def test_groups_switch(monkeypatch):
     monkeypatch.setenv("CODESHELL_PREFILL_GROUPS", "some")
     with pytest.raises(ValueError, match="CODESHELL_PREFILL_GROUPS='some': expected 'cost' or 'one'"):
         LLM(str(require_shared("golden/rope-gqa")), dtype="float32", max_batch=2)
+
+
+@pytest.mark.parametrize("rule", ["ttft", "budget"])
+def test_admitted_a_prompt_a_step_where_rows_dominate(llm, monkeypatch, rule):
+    """Three prompts arriving together on a cost table where a prompt's rows outweigh a forward's
+    fixed cost (the 1.7B model's): one admitted a step, so the first request's first token comes
+    out of the first step alone (CODESHELL_PREFILL_ADMIT=budget: all three in the first step, the
+    rule before session 41); the tokens equal one-at-a-time runs either way."""
+    eng = llm.engine
+    ps = prompts([12, 9, 14], seed=11)
+    want = [run_one_step(llm, [p], GREEDY)[0].token_ids for p in ps]
+    monkeypatch.setattr(eng, "prefill_cost", PrefillCost(fixed_s=1e-4, row_s=1e-3))
+    monkeypatch.setattr(eng, "_decode_s", 0.0)  # estimated as a one-row forward of this table
+    if rule == "budget":
+        monkeypatch.setenv("CODESHELL_PREFILL_ADMIT", "budget")
+    for i, ids in enumerate(ps):
+        eng.add_request(f"r{i}", ids, GREEDY)
+    first = [o.request_id for o in eng.step()]
+    assert first == (["r0"] if rule == "ttft" else ["r0", "r1", "r2"])
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert [outs[f"r{i}"].outputs[0].token_ids for i in range(3)] == want

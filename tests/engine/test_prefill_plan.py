@@ -2,7 +2,9 @@
 grouping of least estimated cost among all groupings that fit (checked against every partition of
 small sets), keeps one forward where the fixed cost outweighs the padding, gives a mostly cached
 prompt a forward of its own where its padding costs more, keeps to `fits`, and lists groups in
-arrival order; without a cost table it is the rule before session 32 (one forward while they fit)."""
+arrival order; without a cost table it is the rule before session 32 (one forward while they fit).
+`first_group` (how many waiting prompts a step admits) is checked the same way: against every split
+into consecutive groups, by the summed time to first token it claims to minimise."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import random
 
 import pytest
 
-from codeshell.engine.prefill_plan import PrefillCost, plan
+from codeshell.engine.prefill_plan import PrefillCost, first_group, plan
 
 
 def cost_of(groups, rest, cost):
@@ -92,3 +94,93 @@ def test_cost_from_timings():
     assert c.row_s > 0 and c.fixed_s >= 0
     c = PrefillCost.from_timings((8, 0.1), (72, 10.0))
     assert c.fixed_s == 0.0
+
+
+def test_cost_with_a_knee():
+    # the 1.7B q4_0 model's shape: 8 rows on the decode kernels, 72 and 216 on the prefill GEMMs with
+    # a per-call repack: the line through 8 and 72 overstates 5 prompts of 90 tokens by ~2x
+    c = PrefillCost.from_timings((8, 0.13), (72, 0.80), (216, 1.50))
+    assert c.knee == 72 and c.row_s == pytest.approx(0.67 / 64)
+    assert c.far_row_s == pytest.approx(0.70 / 144) and c.far_fixed_s == pytest.approx(0.80 - 72 * 0.70 / 144)
+    assert c.forward(72) == pytest.approx(0.80) and c.forward(216) == pytest.approx(1.50)
+    assert c.forward(8) == pytest.approx(0.13) and c.forward(450) == pytest.approx(c.far_fixed_s + 450 * c.far_row_s)
+    # a third timing no longer than the second: one line, as before
+    assert PrefillCost.from_timings((8, 0.1), (72, 0.5), (72, 0.6)).knee is None
+    # the knee changes the admission: 5 prompts of 90 arriving together share steps where the far
+    # line says a forward's repack outweighs a prompt's rows; one line: a prompt a step
+    assert first_group([90] * 5, c, always, 0.08) == 3
+    assert first_group([90] * 5, PrefillCost.from_timings((8, 0.13), (72, 0.80)), always, 0.08) == 1
+
+
+def ttft_sum(sizes, lengths, cost, between_s, fits):
+    """Summed time to first token of the prompts admitted in consecutive groups of `sizes`, one
+    step a group (its forwards as `plan` splits it), a decode step of `between_s` between steps."""
+    t, total, i = 0.0, 0.0, 0
+    for g, k in enumerate(sizes):
+        sub = lengths[i:i + k]
+        step = sum(cost.forward(len(f) * max(sub[m] for m in f))
+                   for f in plan(sub, cost, lambda idx, i=i: fits([i + m for m in idx])))
+        t += (between_s if g else 0.0) + step
+        total += k * t
+        i += k
+    return total
+
+
+def compositions(n):
+    if n == 0:
+        yield []
+        return
+    for k in range(1, n + 1):
+        for rest in compositions(n - k):
+            yield [k] + rest
+
+
+def test_first_group_one_prompt_a_step_where_rows_dominate():
+    # 4 clients of ~90 tokens on the 1.7B bf16 model (a row ~7 ms, a forward ~50 ms fixed, a
+    # decode step ~80 ms): a prompt a step (p50 of the first tokens after 2 and 3 prompts' rows,
+    # not all 4 prompts' rows)
+    assert first_group([90, 91, 89, 90], PrefillCost(0.05, 0.007), always, 0.08) == 1
+    # small models: the fixed cost outweighs a prompt's rows, all in one forward
+    assert first_group([90, 91, 89, 90], PrefillCost(1.0, 1e-4), always, 0.002) == 4
+    assert first_group([], PrefillCost(0.05, 0.007), always) == 0
+    assert first_group([40], PrefillCost(0.05, 0.007), always) == 1
+
+
+def test_first_group_keeps_to_the_budget():
+    lengths = [30, 30, 30, 30]
+    # a huge fixed cost wants one step; the step's budget takes two prompts
+    assert first_group(lengths, PrefillCost(100.0, 1e-3), always, budget=60) == 2
+    # the padded rule splits a step into forwards, it does not end the step: [20, 5] in one step
+    # (two forwards) where a decode step between two steps costs as much as a forward
+    fits = lambda idx: len(idx) * max([20, 5, 40][i] for i in idx) <= 32  # noqa: E731
+    assert first_group([20, 5, 40], PrefillCost(1.0, 1e-3), fits, 1.0, budget=32) == 2
+    # with no decode step between, [20] alone: its first token leaves a forward sooner
+    assert first_group([20, 5, 40], PrefillCost(1.0, 1e-3), fits, 0.0, budget=32) == 1
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_first_group_least_summed_ttft(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 7)
+    lengths = [rng.randint(1, 120) for _ in range(n)]
+    cost = PrefillCost(fixed_s=rng.choice([0.0, 0.5, 3.0, 20.0, 200.0]), row_s=1.0)
+    between = rng.choice([0.0, 5.0, 50.0, 500.0])
+    limit = rng.choice([10 ** 9, 150, 250])
+    budget = rng.choice([None, 200, 400])
+
+    def fits(idx):
+        return len(idx) * max(lengths[i] for i in idx) <= limit
+
+    def ok(sizes):
+        i = 0
+        for k in sizes:
+            if k > 1 and budget is not None and sum(lengths[i:i + k]) > budget:
+                return False
+            i += k
+        return True
+
+    k = first_group(lengths, cost, fits, between, budget)
+    assert 1 <= k <= n and (k == 1 or budget is None or sum(lengths[:k]) <= budget)
+    best = min(ttft_sum(c, lengths, cost, between, fits) for c in compositions(n) if ok(c))
+    mine = min(ttft_sum(c, lengths, cost, between, fits) for c in compositions(n) if ok(c) and c[0] == k)
+    assert mine == pytest.approx(best)

@@ -55,3 +55,28 @@ def test_int4_g32_panel_gives_tile_v_bits(n, k, group, symmetric, threads, monke
         set_num_threads(old_threads)
     ref = ops.reference(x[:16], pw, bias, "avx512_vnni:q8")
     assert (new[:16] - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind,n,k,group,m", [("int4", 50, 4096, 32, 16), ("int4", 19, 1024, 64, 9),
+                                              ("int4", 35, 1024, 128, 33), ("int8", 37, 1536, 0, 33),
+                                              ("int8", 21, 512, 0, 64)])
+def test_panel_asm_loop_keeps_bits(kind, n, k, group, m, monkeypatch):
+    # Session 41: q8_panel.h's row loop by inline asm (an embedded {1to16} broadcast of x's quad, the accumulators
+    # in place) gives the intrinsic loop's sums (CODESHELL_Q8_PANEL_ASM=0): the panel's users without AMX, int4
+    # groups of 32 / 64 from 8 rows, int4 groups of 128 and int8 from 17 rows (q8_rows.h below).
+    from codeshell.kernels import quantize_int8
+    if ops.isa_level() >= ops.ISA_LEVELS.index("amx"):
+        monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_bf16")
+    monkeypatch.setenv("CODESHELL_Q4_EPI", "1")
+    g = torch.Generator().manual_seed(n + k + m)
+    w = torch.randn(n, k, generator=g) * 0.05
+    pw = quantize_int8(w) if kind == "int8" else quantize_int4(w, group_size=group, symmetric=False)
+    x = torch.randn(m, k, generator=g) * 3
+    bias = torch.randn(n, generator=g)
+    mod = _ext.get()
+    monkeypatch.setenv("CODESHELL_Q8_PANEL_ASM", "0")
+    old = ops._compute("avx512_vnni:q8", mod, x, pw, bias).clone()
+    monkeypatch.delenv("CODESHELL_Q8_PANEL_ASM")
+    new = ops._compute("avx512_vnni:q8", mod, x, pw, bias)
+    assert torch.equal(new.view(torch.int32), old.view(torch.int32))

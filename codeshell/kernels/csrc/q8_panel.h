@@ -42,6 +42,7 @@
 #include "isa.h"
 #include "q8_epilogue.h"
 #include "simd512.h"
+#include "switches.h"
 
 #if CODESHELL_HAVE_AVX512
 CODESHELL_BEGIN_AVX512
@@ -102,11 +103,20 @@ inline void transpose_block(const uint8_t* const* rp, int64_t ldw, int64_t k0, i
   }
 }
 
+// acc + vpdpbusd(u, the 4 bytes at s broadcast to 16 lanes) as inline asm with an embedded {1to16} broadcast
+// (session 41): with the intrinsic GCC 12 copied the accumulators to spare registers and back around each
+// vpdpbusd of block_rows' row loop (seen in qdot_int4.o's run_panels), as qgemm_amx.cpp's dpbusd notes, and moved
+// the rows' addresses between xmm and general registers; a "+v" operand keeps the sums in place. The same sums.
+inline __m512i dpbusd_b4(__m512i acc, __m512i u, const int8_t* s) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*reinterpret_cast<const int32_t*>(s)));
+  return acc;
+}
+
 // MB rows of x (m0..m0+MB-1) against one transposed block: the int32 sums S (lanes = the panel's
 // weight rows), then T = S - offset * sx and acc[m][b mod 16] = fma(float(T), mul, ...).
 // G < 128 (session 41): the block's quads are [qa, qa + nq) and [q2, q2 + nq) of the transposed run whose
 // first k is kx (x's quad Q at xq[m][kx + 4 Q]); else (q2 < 0) [0, nq) from kx = b * B.
-template <int MB, bool INT4, bool OFFS>
+template <int MB, bool INT4, bool OFFS, bool ASM = true>
 inline void block_rows(const Args& A, int64_t m0, int64_t b, int64_t B, int64_t nq, const int32_t* wt,
                        const float* sT, const float* oT, float* acc, int64_t kx = -1, int64_t qa = 0,
                        int64_t q2 = -1) {
@@ -121,9 +131,13 @@ inline void block_rows(const Args& A, int64_t m0, int64_t b, int64_t B, int64_t 
       for (int c = 0; c < CH; ++c) {
         const __m512i w = _mm512_load_si512(wt + (q + c) * 16);
         for (int i = 0; i < MB; ++i) {
-          int32_t xv;
-          std::memcpy(&xv, x0 + i * A.K + 4 * (q + c), 4);
-          a[i][c] = _mm512_dpbusd_epi32(a[i][c], w, _mm512_set1_epi32(xv));
+          if constexpr (ASM) {
+            a[i][c] = dpbusd_b4(a[i][c], w, x0 + i * A.K + 4 * (q + c));
+          } else {
+            int32_t xv;
+            std::memcpy(&xv, x0 + i * A.K + 4 * (q + c), 4);
+            a[i][c] = _mm512_dpbusd_epi32(a[i][c], w, _mm512_set1_epi32(xv));
+          }
         }
       }
   };
@@ -145,8 +159,8 @@ inline void block_rows(const Args& A, int64_t m0, int64_t b, int64_t B, int64_t 
 }
 
 // Weight rows [n0, n1) (n0 a multiple of 16 or the call's start), all M rows of x.
-template <bool INT4, bool OFFS>
-void run_panels(const Args& A, int64_t n0, int64_t n1) {
+template <bool INT4, bool OFFS, bool ASM = true>
+void run_panels_t(const Args& A, int64_t n0, int64_t n1) {
   namespace E = codeshell::q8epi;
   const int64_t K = A.K, M = A.M, ldw = INT4 ? K / 2 : K, B = INT4 ? A.G : 128, nb = K / B, runs = B / 128;
   const int64_t nq = 32 * std::max<int64_t>(runs, 1);  // a transposed block, or (B < 128) a run of 128 / B blocks
@@ -174,15 +188,15 @@ void run_panels(const Args& A, int64_t n0, int64_t n1) {
     // the block's two quad ranges of the run transposed last (see the top)
     auto rows_of = [&](int64_t b, int64_t n, int64_t kx, int64_t qa, int64_t q2) {
       int64_t m = 0;
-      for (; m + 8 <= M; m += 8) block_rows<8, INT4, OFFS>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2);
+      for (; m + 8 <= M; m += 8) block_rows<8, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2);
       switch (M - m) {
-        case 7: block_rows<7, INT4, OFFS>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
-        case 6: block_rows<6, INT4, OFFS>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
-        case 5: block_rows<5, INT4, OFFS>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
-        case 4: block_rows<4, INT4, OFFS>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
-        case 3: block_rows<3, INT4, OFFS>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
-        case 2: block_rows<2, INT4, OFFS>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
-        case 1: block_rows<1, INT4, OFFS>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 7: block_rows<7, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 6: block_rows<6, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 5: block_rows<5, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 4: block_rows<4, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 3: block_rows<3, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 2: block_rows<2, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 1: block_rows<1, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
         default: break;
       }
     };
@@ -204,6 +218,14 @@ void run_panels(const Args& A, int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M; ++m)
       _mm512_mask_storeu_ps(A.out + m * A.N + p, cm, E::finish_vec(E::tree16_v(acc + m * 256, 16), sv, bv));
   }
+}
+
+// Weight rows [n0, n1) (n0 a multiple of 16 or the call's start), all M rows of x. CODESHELL_Q8_PANEL_ASM=0 (read
+// per call): block_rows' vpdpbusd by the intrinsic, as before session 41.
+template <bool INT4, bool OFFS>
+void run_panels(const Args& A, int64_t n0, int64_t n1) {
+  if (env_flag("CODESHELL_Q8_PANEL_ASM", true)) run_panels_t<INT4, OFFS, true>(A, n0, n1);
+  else run_panels_t<INT4, OFFS, false>(A, n0, n1);
 }
 
 }  // namespace q8panel

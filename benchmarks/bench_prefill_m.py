@@ -10,6 +10,14 @@ Also prints, per shape, the path measure._look's measurement picks in this proce
 
     flock /work/notes/bench.lock python benchmarks/bench_prefill_m.py --model 7b --m 65 90 128 512
     flock /work/notes/bench.lock python benchmarks/bench_prefill_m.py --model small --m 90 128 512
+
+Session 41 (helper C): `--kind int4 --group 32` (or int8) times the quantized weight's prompt candidates
+(`avx512_vnni:q8`, `onednn:bf16`, `sgemm:fp32`); a bf16-only path named among them (`avx512_bf16:gemm`)
+runs on the same weight dequantised and packed as bf16, the bf16 model's figure for the same rows
+(serving's q4_0 prefill of ~90 tokens against bf16's):
+
+    flock /work/notes/bench.lock python benchmarks/bench_prefill_m.py --kind int4 --group 32 --m 6 90 \
+        --paths avx512_vnni:q8 avx512_bf16:gemm --env CODESHELL_VNNI_Q4_NIB=0
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import MODEL_SHAPES  # noqa: E402
 
 from codeshell.bench import alternating_medians  # noqa: E402
-from codeshell.kernels import _ext, ops, prepack  # noqa: E402
+from codeshell.kernels import _ext, ops, prepack, quantize_int4, quantize_int8  # noqa: E402
+from codeshell.kernels.packing import dequantize  # noqa: E402
+
+BF16_ONLY = ("avx512_bf16:gemm", "avx512_bf16:panel64", "avx512_bf16:panel")  # paths of a bf16 weight only
 
 MINI = {"c_attn": (384, 256, True), "attn.c_proj": (256, 256, True), "c_fc": (1024, 256, True),
         "mlp.c_proj": (256, 1024, True)}
@@ -36,6 +47,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"])
     ap.add_argument("--m", nargs="+", type=int, default=[65, 90, 128, 512])
     ap.add_argument("--paths", nargs="+", default=["avx512_vnni:gemm", "sgemm:fp32", "avx512_vnni:panel64"])
+    ap.add_argument("--kind", choices=["bf16", "int8", "int4"], default="bf16",
+                    help="the weight's format (int4: symmetric, --group); bf16-only paths run on its bf16 copy")
+    ap.add_argument("--group", type=int, default=32, help="int4 group size (GGUF q4_0: 32)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's); 1 gives a kernel's per-core rate, which a busy "
@@ -52,13 +66,20 @@ def main() -> None:
     for name in args.shapes:
         n, k, _ = shapes[name]
         w = torch.randn(n, k) / k ** 0.5
-        p = prepack(w.bfloat16())
+        if args.kind == "int4":
+            p = quantize_int4(w, args.group)
+        elif args.kind == "int8":
+            p = quantize_int8(w)
+        else:
+            p = prepack(w.bfloat16())
+        pb = p if args.kind == "bf16" else prepack(dequantize(p).bfloat16())
         bias = torch.randn(n) * 0.1
         for m in args.m:
             x = torch.randn(m, k).bfloat16()
 
             def call(path):
-                return lambda: ops._compute(path, mod, x, p, bias).to(torch.bfloat16)
+                pw = pb if path in BF16_ONLY else p
+                return lambda: ops._compute(path, mod, x, pw, bias).to(torch.bfloat16)
             paths = {c: call(c) for c in args.paths}
             env = {}  # the --env variants' switches, set around their turns (alternating_medians)
             for e in args.env:
@@ -67,7 +88,7 @@ def main() -> None:
             reps = max(1, int(1.5e8 / (2 * m * n * k + 4e6)))
             med = alternating_medians(paths, reps, args.rounds, rotate=True, env=env)
             base = med[next(iter(paths))]
-            print(f"{args.model} {name:12s} N={n:5d} K={k:5d} M={m:4d}: " + "; ".join(
+            print(f"{args.model} {args.kind} {name:12s} N={n:5d} K={k:5d} M={m:4d}: " + "; ".join(
                 f"{v} {med[v] * 1e3:8.3f} ms {2 * m * n * k / med[v] / 1e12:.3f} TF/s x{med[v] / base:.2f}"
                 for v in paths), flush=True)
 

@@ -201,6 +201,16 @@ def prefill_candidates(p: PackedWeight, x_dtype: torch.dtype, level: int) -> lis
         # (sgemm) at prefill.
         amx = level >= ISA_LEVELS.index("amx")
         q8 = [] if activation_block(p) is None else ["amx:q8"] if amx else ["avx512_vnni:q8"]
+        if q8 and not amx and p.kind == "int4" and os.environ.get("CODESHELL_VNNI_Q4_MEASURE", "0") != "1":
+            # Session 41 (helper C, Zen 4): int4 without AMX takes the vpdpbusd GEMM, unmeasured. The others
+            # dequantise the whole weight every call (onednn:bf16: to fp32 then bf16 a 1024-row block at a time;
+            # sgemm:fp32 likewise), a cost per call that a serving prompt's ~90 rows cannot carry: the 7B
+            # shapes (group 32) at M = 90 ran 3.9-8.8x slower on oneDNN than on avx512_vnni:q8, at M = 512
+            # 1.7-2.9x; yet a measurement in a loaded minute (and on its 256-row slice, which charges the
+            # call's x rounding, whatever N, to the q8 path's few rows) stored onednn:bf16 for all four
+            # shapes of the 1.7B q4_0 model: its 90-token prompt then took 6.5 s instead of ~0.5
+            # (docs/kernels-log.md, session 41 helper C). CODESHELL_VNNI_Q4_MEASURE=1: measured as before.
+            return q8
         bf16 = ["onednn:bf16"] if level >= ISA_LEVELS.index("avx512_bf16") else []
         return q8 + (["amx:bf16"] if amx else []) + bf16 + ["sgemm:fp32"]
     if p.kind == "bf16" and level >= ISA_LEVELS.index("avx512_vnni"):

@@ -111,6 +111,8 @@ def test_prefill_candidates_without_amx(kind, monkeypatch, record_property):
     """Without AMX (or capped below it) a bf16-x prefill measures our kernels against torch's
     bf16 matmul, and the measured winner matches its own reference."""
     monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_bf16")
+    # int4: measured only under CODESHELL_VNNI_Q4_MEASURE=1 (next test); the switch is read per call
+    monkeypatch.setenv("CODESHELL_VNNI_Q4_MEASURE", "1")
     pw = prepack(torch.randn(70, 512)) if kind == "bf16" else _quant(kind, 70, 512, 128, False)
     cands = ops.prefill_candidates(pw, torch.bfloat16, BF16)
     ours = "avx512_bf16:gemm" if kind == "bf16" else "avx512_vnni:q8"
@@ -126,6 +128,32 @@ def test_prefill_candidates_without_amx(kind, monkeypatch, record_property):
     # fp32 x keeps exact weight-only math at prefill for int8/int4
     if kind != "bf16":
         assert ops.prefill_candidates(pw, torch.float32, BF16) == ["sgemm:fp32"]
+
+
+@needs_vnni
+@pytest.mark.parametrize("group,symmetric", [(32, True), (128, False)])
+def test_int4_prompt_takes_the_vnni_gemm_unmeasured(group, symmetric, monkeypatch):
+    # Session 41: int4 with bf16 x on AVX512-VNNI without AMX runs the vpdpbusd GEMM at every prompt M with no
+    # measurement (the other candidates dequantise the whole weight per call: 3.9-8.8x slower at a serving
+    # prompt's M = 90 on Zen 4, yet chosen by a loaded minute's measurement); CODESHELL_VNNI_Q4_MEASURE=1: the
+    # measured candidates as before. int8 is unchanged (measured).
+    if LEVEL >= ops.ISA_LEVELS.index("amx"):
+        monkeypatch.setenv("CODESHELL_KERNEL_ISA", "avx512_bf16")
+    level = min(LEVEL, BF16)
+    pw = _quant("int4", 70, 512, group, symmetric)
+    assert ops.prefill_candidates(pw, torch.bfloat16, level) == ["avx512_vnni:q8"]
+    assert ops.prefill_candidates(pw, torch.float32, level) == ["sgemm:fp32"]  # fp32 x: exact, as before
+    assert "onednn:bf16" in ops.prefill_candidates(_quant("int8", 70, 512), torch.bfloat16, level)
+    monkeypatch.setenv("CODESHELL_VNNI_Q4_MEASURE", "1")
+    assert ops.prefill_candidates(pw, torch.bfloat16, level)[0] == "avx512_vnni:q8"
+    assert len(ops.prefill_candidates(pw, torch.bfloat16, level)) > 1
+    monkeypatch.delenv("CODESHELL_VNNI_Q4_MEASURE")
+    before = dict(ops.CHOICE_TIMES)
+    x = torch.randn(90, 512).bfloat16()
+    y = linear(x, pw, impl="native")
+    assert ops.plan(pw, 90, torch.bfloat16) == "avx512_vnni:q8" and dict(ops.CHOICE_TIMES) == before  # nothing measured
+    ref = ops.reference(x, pw, None, "avx512_vnni:q8")
+    assert (y.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
 
 
 @needs_bf16
@@ -465,3 +493,31 @@ def test_model_prefill_bf16_epilogues(monkeypatch, record_property):
     fast = _tiny_bf16_logits(ids, monkeypatch, {})
     err = (fast.float() - new.float()).abs().max().item()
     assert err <= 0.05 * new.float().abs().max().item(), err
+
+
+Q4_NIB = [(35, 384, 32, True), (19, 256, 64, False), (150, 640, 128, False), (17, 576, 32, True),
+          (40, 576, 64, False), (130, 1024, 128, True), (17, 512, 256, True), (33, 4160, 32, True)]
+
+
+@needs_vnni
+@pytest.mark.parametrize("n,k,group,symmetric", Q4_NIB, ids=[f"{q[0]}x{q[1]}-g{q[2]}-{'sym' if q[3] else 'asym'}"
+                                                              for q in Q4_NIB])
+def test_vnni_q4_nibble_form_keeps_bits(n, k, group, symmetric, monkeypatch, record_property):
+    # Session 41: prefill_q8_vnni's int4 runs on the nibbles as stored (vpdpbusd's unsigned operand; x's int8
+    # the signed one; the block's correction -8 * its xq sum per row of x; the repack a 16 x 16 dword transpose)
+    # where it ran on nib - 8 against xq + 128 (CODESHELL_VNNI_Q4_NIB=0: the scalar repack with -128 * the
+    # weight's block sums). The same int32 sums, so the same bits: N past a panel / item, K with a 64-k run past
+    # the 512-k chunk (576, 4160), groups 32..256, offsets and not, bias and not, M tails of the 6-row tiles.
+    record_property("isa_path", "avx512_vnni:q8 (prefill_q8_vnni, int4 nibbles)")
+    mod = _ext.get()
+    pw = _quant("int4", n, k, group, symmetric)
+    for m, with_bias in ((65, False), (71, True), (90, True), (130, False), (513, True)):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * 2
+        bias = torch.randn(n, generator=torch.Generator().manual_seed(n)) if with_bias else None
+        monkeypatch.setenv("CODESHELL_VNNI_Q4_NIB", "0")
+        old = mod.prefill_q8_vnni(x, pw.data, pw.scales, pw.offsets, group, bias).clone()
+        monkeypatch.delenv("CODESHELL_VNNI_Q4_NIB")
+        new = mod.prefill_q8_vnni(x, pw.data, pw.scales, pw.offsets, group, bias)
+        assert torch.equal(new.view(torch.int32), old.view(torch.int32)), (n, k, group, symmetric, m)
+    ref = ops.reference(x, pw, bias, "avx512_vnni:q8")
+    assert (new - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()

@@ -22,7 +22,14 @@
 // reads twice the weights per byte at M = 1-2 qdot.cpp runs its per-row kernels instead.
 // Prefetch: the next panel's same bytes into L2 as each row is read (a panel's rows are one
 // contiguous range); a near L1 prefetch (256-1024 bytes ahead per row) measured the same.
-// What this is not: int4 groups below 128 (qdot.cpp's tile_v), the AVX2 kernels.
+// Session 41 (helper C): int4 groups of 32 / 64 too (a GGUF Q4_0's), on CPUs without AMX from
+// q4_panel_g32_min_m rows (qdot_int4.cpp; Zen 4's batched decode, where tile_v's lane reduction per
+// 16 blocks of 32 k cost more than the block's 8 vpdpbusd: the 1.7B q4_0 model's 16-row step 249 ms).
+// A run of 128 k is transposed once and holds 128 / G blocks: with x in quantize_x's perm-128 order,
+// group g of the run is perm positions [16g, 16g + 16) and [64 + 16g, 64 + 16g + 16), i.e. the
+// transposed quads [4g, 4g + 4) (low nibbles) and [16 + 4g, 16 + 4g + 4) (high); G = 64: [8h, 8h + 8)
+// and [16 + 8h, 16 + 8h + 8). The same T_b, the same epilogue: tile_v's bits.
+// What this is not: the AVX2 kernels.
 #pragma once
 
 #include <immintrin.h>
@@ -35,6 +42,7 @@
 #include "isa.h"
 #include "q8_epilogue.h"
 #include "simd512.h"
+#include "switches.h"
 
 #if CODESHELL_HAVE_AVX512
 CODESHELL_BEGIN_AVX512
@@ -95,26 +103,46 @@ inline void transpose_block(const uint8_t* const* rp, int64_t ldw, int64_t k0, i
   }
 }
 
+// acc + vpdpbusd(u, the 4 bytes at s broadcast to 16 lanes) as inline asm with an embedded {1to16} broadcast
+// (session 41): with the intrinsic GCC 12 copied the accumulators to spare registers and back around each
+// vpdpbusd of block_rows' row loop (seen in qdot_int4.o's run_panels), as qgemm_amx.cpp's dpbusd notes, and moved
+// the rows' addresses between xmm and general registers; a "+v" operand keeps the sums in place. The same sums.
+inline __m512i dpbusd_b4(__m512i acc, __m512i u, const int8_t* s) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*reinterpret_cast<const int32_t*>(s)));
+  return acc;
+}
+
 // MB rows of x (m0..m0+MB-1) against one transposed block: the int32 sums S (lanes = the panel's
 // weight rows), then T = S - offset * sx and acc[m][b mod 16] = fma(float(T), mul, ...).
-template <int MB, bool INT4, bool OFFS>
+// G < 128 (session 41): the block's quads are [qa, qa + nq) and [q2, q2 + nq) of the transposed run whose
+// first k is kx (x's quad Q at xq[m][kx + 4 Q]); else (q2 < 0) [0, nq) from kx = b * B.
+template <int MB, bool INT4, bool OFFS, bool ASM = true>
 inline void block_rows(const Args& A, int64_t m0, int64_t b, int64_t B, int64_t nq, const int32_t* wt,
-                       const float* sT, const float* oT, float* acc) {
+                       const float* sT, const float* oT, float* acc, int64_t kx = -1, int64_t qa = 0,
+                       int64_t q2 = -1) {
   constexpr int CH = MB == 1 ? 4 : MB == 2 ? 2 : 1;  // independent chains per row (vpdpbusd latency)
   const int64_t nb = A.K / B;
   __m512i a[MB][CH];
   for (int i = 0; i < MB; ++i)
     for (int c = 0; c < CH; ++c) a[i][c] = _mm512_setzero_si512();
-  const int8_t* x0 = A.xq + m0 * A.K + b * B;
-  for (int64_t q = 0; q < nq; q += CH)
-    for (int c = 0; c < CH; ++c) {
-      const __m512i w = _mm512_load_si512(wt + (q + c) * 16);
-      for (int i = 0; i < MB; ++i) {
-        int32_t xv;
-        std::memcpy(&xv, x0 + i * A.K + 4 * (q + c), 4);
-        a[i][c] = _mm512_dpbusd_epi32(a[i][c], w, _mm512_set1_epi32(xv));
+  const int8_t* x0 = A.xq + m0 * A.K + (kx < 0 ? b * B : kx);
+  auto range = [&](int64_t q0) {
+    for (int64_t q = q0; q < q0 + nq; q += CH)
+      for (int c = 0; c < CH; ++c) {
+        const __m512i w = _mm512_load_si512(wt + (q + c) * 16);
+        for (int i = 0; i < MB; ++i) {
+          if constexpr (ASM) {
+            a[i][c] = dpbusd_b4(a[i][c], w, x0 + i * A.K + 4 * (q + c));
+          } else {
+            int32_t xv;
+            std::memcpy(&xv, x0 + i * A.K + 4 * (q + c), 4);
+            a[i][c] = _mm512_dpbusd_epi32(a[i][c], w, _mm512_set1_epi32(xv));
+          }
+        }
       }
-    }
+  };
+  range(qa);
+  if (q2 >= 0) range(q2);
   namespace E = codeshell::q8epi;
   for (int i = 0; i < MB; ++i) {
     const int64_t m = m0 + i;
@@ -131,11 +159,11 @@ inline void block_rows(const Args& A, int64_t m0, int64_t b, int64_t B, int64_t 
 }
 
 // Weight rows [n0, n1) (n0 a multiple of 16 or the call's start), all M rows of x.
-template <bool INT4, bool OFFS>
-void run_panels(const Args& A, int64_t n0, int64_t n1) {
+template <bool INT4, bool OFFS, bool ASM = true>
+void run_panels_t(const Args& A, int64_t n0, int64_t n1) {
   namespace E = codeshell::q8epi;
   const int64_t K = A.K, M = A.M, ldw = INT4 ? K / 2 : K, B = INT4 ? A.G : 128, nb = K / B, runs = B / 128;
-  const int64_t nq = 32 * runs;
+  const int64_t nq = 32 * std::max<int64_t>(runs, 1);  // a transposed block, or (B < 128) a run of 128 / B blocks
   std::vector<float> bufv(size_t(M) * 256 + size_t(INT4 ? nb * 16 * (OFFS ? 2 : 1) : 0) + 16);
   float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bufv.data()) + 63) & ~uintptr_t(63));
   float* sT = acc + M * 256;      // int4: [nb][16] the panel's scales, transposed
@@ -156,19 +184,32 @@ void run_panels(const Args& A, int64_t n0, int64_t n1) {
       }
     }
     std::memset(acc, 0, size_t(M) * 256 * sizeof(float));  // +0 in every lane L (blocks L, L + 16, ...)
-    for (int64_t b = 0; b < nb; ++b) {
-      transpose_block<INT4>(rp, ldw, b * B, runs, wt);
+    // one block's rows: B >= 128 its own transposed runs ([0, nq) from b * B); B < 128 (int4 groups of 32 / 64)
+    // the block's two quad ranges of the run transposed last (see the top)
+    auto rows_of = [&](int64_t b, int64_t n, int64_t kx, int64_t qa, int64_t q2) {
       int64_t m = 0;
-      for (; m + 8 <= M; m += 8) block_rows<8, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc);
+      for (; m + 8 <= M; m += 8) block_rows<8, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2);
       switch (M - m) {
-        case 7: block_rows<7, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
-        case 6: block_rows<6, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
-        case 5: block_rows<5, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
-        case 4: block_rows<4, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
-        case 3: block_rows<3, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
-        case 2: block_rows<2, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
-        case 1: block_rows<1, INT4, OFFS>(A, m, b, B, nq, wt, sT, oT, acc); break;
+        case 7: block_rows<7, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 6: block_rows<6, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 5: block_rows<5, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 4: block_rows<4, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 3: block_rows<3, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 2: block_rows<2, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
+        case 1: block_rows<1, INT4, OFFS, ASM>(A, m, b, B, n, wt, sT, oT, acc, kx, qa, q2); break;
         default: break;
+      }
+    };
+    if (INT4 && B < 128) {
+      const int64_t per = 128 / B, n = B / 8;  // blocks a run; quads a block in each half
+      for (int64_t r = 0; r < K / 128; ++r) {
+        transpose_block<INT4>(rp, ldw, r * 128, 1, wt);
+        for (int64_t j = 0; j < per; ++j) rows_of(r * per + j, n, r * 128, j * n, 16 + j * n);
+      }
+    } else {
+      for (int64_t b = 0; b < nb; ++b) {
+        transpose_block<INT4>(rp, ldw, b * B, runs, wt);
+        rows_of(b, nq, -1, 0, -1);
       }
     }
     const __mmask16 cm = rows >= 16 ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
@@ -177,6 +218,14 @@ void run_panels(const Args& A, int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M; ++m)
       _mm512_mask_storeu_ps(A.out + m * A.N + p, cm, E::finish_vec(E::tree16_v(acc + m * 256, 16), sv, bv));
   }
+}
+
+// Weight rows [n0, n1) (n0 a multiple of 16 or the call's start), all M rows of x. CODESHELL_Q8_PANEL_ASM=0 (read
+// per call): block_rows' vpdpbusd by the intrinsic, as before session 41.
+template <bool INT4, bool OFFS>
+void run_panels(const Args& A, int64_t n0, int64_t n1) {
+  if (env_flag("CODESHELL_Q8_PANEL_ASM", true)) run_panels_t<INT4, OFFS, true>(A, n0, n1);
+  else run_panels_t<INT4, OFFS, false>(A, n0, n1);
 }
 
 }  // namespace q8panel

@@ -604,6 +604,17 @@ bool q4r_takes(int64_t M, int64_t G) {
   return M >= 5 && M <= hi && (G == 128 || G == 256);
 }
 
+// int4 without AMX on the epilogue's family (q4_epi_kind), groups of 32 / 64 (a GGUF Q4_0's), K % 128 == 0: rows of
+// x from which q8_panel.h takes them (its transposed runs of 128 k hold 128 / G blocks; session 41, helper C) instead
+// of tile_v, whose lane reduction every 16 blocks (512 k at G = 32) outweighed the 8 vpdpbusd a (row, weight row)
+// it feeds: the 1.7B q4_0 model's 16-row step spent 249 ms, its c_fc at ~21% of vpdpbusd's rate. The same bits
+// (q8_epilogue.h). CODESHELL_Q4_PANEL_G32_MIN_M (read per call; default 8; 0: tile_v at every M, as before).
+bool q4_panel_g32(int64_t isa, int64_t M, int64_t K, int64_t G) {
+  if (isa >= codeshell::kAmx || (G != 32 && G != 64) || K % 128 != 0) return false;
+  const int64_t m0 = env_int("CODESHELL_Q4_PANEL_G32_MIN_M", 8);
+  return m0 > 0 && M >= m0;
+}
+
 // int4 without AMX, groups of 128 / 256: rows of x (3..16) that q4_rows.h takes (tile_q4v's bits,
 // docs/kernels-log.md session 17 helper A) before run_q4r / run_q4v. M = 2 stays on tile_q4v12 /
 // tile_q4v: q4_rows.h (2 x 8 tiles) ran it 6% slower in the small shape's cold sweep. CODESHELL_Q4_ROWS=0
@@ -687,7 +698,7 @@ void int4_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor
 #endif
   auto body = [&](int64_t n0, int64_t n1) {
 #if CODESHELL_HAVE_AVX512
-    if (vnni && epi && panel_kernel(G) && M >= panel_min_m()) {  // the AMX rows' bits (q8_panel.h)
+    if (vnni && epi && ((panel_kernel(G) && M >= panel_min_m()) || q4_panel_g32(isa, M, K, G))) {  // the AMX rows' bits (q8_panel.h)
       const codeshell::q8panel::Args A{xqp, dx, sx, xs, M, K, N, qp, sp, ofp, G, b, op};
       if (ofp) codeshell::q8panel::run_panels<true, true>(A, n0, n1);
       else codeshell::q8panel::run_panels<true, false>(A, n0, n1);

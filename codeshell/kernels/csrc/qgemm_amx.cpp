@@ -620,6 +620,7 @@ struct VnniProblem {
   const uint32_t* xp;            // packed u8 x (see above)
   const float *d, *xs;           // [T * MR][nb]: block scales, d * (sum of the block's xq) (int4 offsets)
   float* out;
+  const int32_t* cx = nullptr;   // [T * MR][nb]: -8 * (sum of the block's xq) (int4 on nibbles, see vnni_repack_nib)
 };
 
 // Rows of panel p, k in [k0, k0 + kc), to w [kc/4][16] dwords (signed bytes), the block
@@ -663,6 +664,64 @@ void vnni_repack(const VnniProblem& P, int64_t p, int64_t k0, int64_t kc, uint32
   }
 }
 
+// 16 rows of 16 dwords -> r[j] = dword j of the 16 rows (lane i = row i): a 16 x 16 transpose by 32-bit and 64-bit
+// unpacks within 128-bit lanes, then two rounds of 128-bit lane shuffles.
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);      // lane L: r0[4L], r1[4L], r0[4L+1], r1[4L+1]
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);  // lane L: r0[4L+2], r1[4L+2], r0[4L+3], r1[4L+3]
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + c] lane L = dword 4L + c of rows 4i..4i+3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);       // dword c: lane 0 of u[c], u[4+c], u[8+c], u[12+c]
+    r[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);   // dword 4 + c: their lane 1
+    r[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xdd);   // lane 2
+    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xdd);  // lane 3
+  }
+}
+
+// int4 (session 41): rows of panel p, k in [k0, k0 + kc), to w [kc/4][16] dwords of the nibbles as stored (0..15,
+// unsigned: vpdpbusd's first operand, x's int8 the second), the group scales / offsets to sc / of [kc/B][16]. The
+// packed row holds 32 k in 16 bytes (byte i: k = i low, k = 16 + i high), so its dword c (c = 0..3) holds quad c
+// in its low nibbles and quad 4 + c in its high ones: a 16 x 16 transpose of 16 rows x 64 bytes (128 k) and a mask
+// and a shift give 32 quads of the panel. No block sums: the offset's correction, -8 * (the block's xq sum),
+// belongs to x's row (vnni_pack_x), where the offset form (x + 128, nib - 8) needs -128 * (the block's weight sum)
+// per weight row -- the scalar repack (vnni_repack) took ~1/3 of an int4 prompt call at M = 90 on Zen 4.
+void vnni_repack_nib(const VnniProblem& P, int64_t p, int64_t k0, int64_t kc, uint32_t* w, float* sc, float* of) {
+  const int64_t n0 = p * 16, rows = std::min<int64_t>(16, P.N - n0), rb = P.K / 2;
+  const __m512i lo4 = _mm512_set1_epi8(0x0f);
+  for (int64_t kk = 0; kk < kc; kk += 128) {
+    const int64_t nd = std::min<int64_t>(16, (kc - kk) / 8);  // packed dwords of this run (kc % 64 == 0: 8 or 16)
+    const __mmask16 m = nd == 16 ? __mmask16(0xffff) : __mmask16((1u << nd) - 1);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < rows ? _mm512_maskz_loadu_epi32(m, P.q4 + (n0 + i) * rb + (k0 + kk) / 2) : _mm512_setzero_si512();
+    transpose16x16(r);
+    for (int64_t j = 0; j < nd; ++j) {  // dword j = 4g + c of the run: quads 8g + c (low) and 8g + 4 + c (high)
+      uint32_t* dst = w + (kk / 4 + 8 * (j / 4) + j % 4) * 16;
+      _mm512_store_si512(dst, _mm512_and_si512(r[j], lo4));
+      _mm512_store_si512(dst + 4 * 16, _mm512_and_si512(_mm512_srli_epi16(r[j], 4), lo4));
+    }
+  }
+  const int64_t nbc = kc / P.B, g0 = k0 / P.B;
+  for (int64_t r = 0; r < 16; ++r) {
+    const bool in = r < rows;
+    for (int64_t b = 0; b < nbc; ++b) {
+      sc[b * 16 + r] = in ? P.scale[(n0 + r) * P.nb + g0 + b] : 0.f;
+      if (of) of[b * 16 + r] = in ? P.offset[(n0 + r) * P.nb + g0 + b] : 0.f;
+    }
+  }
+}
+
 // acc + the 4-byte dot of unsigned u and signed s per int32 lane (vpdpbusd), as inline asm:
 // with the intrinsic, GCC 12 copied every accumulator to a spare register and stored it to the
 // stack around each vpdpbusd of vnni_block (3 extra moves per instruction, in the 2 x 6 block
@@ -682,10 +741,12 @@ inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
 // first version kept 2 x 6 int32 and 2 x 6 fp32 sums in registers. int8 at M = 512, the four
 // 7B shapes, 2 threads, alternating processes on a loaded machine: first 0.52 and 0.25 TOP/s
 // wall, this 0.22 and 0.56 -- no difference shown beyond the noise.
-template <int NP, int MR, bool I4, bool OFF>
+// NIB (int4, session 41): w holds the nibbles (unsigned), xt x's int8 (signed), and the block's correction is
+// cx[i * nb + b0 + b] (-8 * its xq sum) for row i, not corr[] a weight row: the same int32 sums, the same bits.
+template <int NP, int MR, bool I4, bool OFF, bool NIB = false>
 inline void vnni_block(const uint32_t* xt, const uint32_t* w, int64_t pstride, const int32_t* corr, const float* sc,
                        const float* of, int64_t vstride, const float* d, const float* xs, int64_t nb, int64_t b0,
-                       int64_t nbc, int64_t bq, float* c, int64_t ldc, bool first) {
+                       int64_t nbc, int64_t bq, float* c, int64_t ldc, bool first, const int32_t* cx = nullptr) {
   for (int64_t b = 0; b < nbc; ++b) {
     // every loop over q / i fully unrolled (the pragmas): ia[][] is indexed by constants only
     __m512i ia[NP][MR];
@@ -703,18 +764,19 @@ inline void vnni_block(const uint32_t* xt, const uint32_t* w, int64_t pstride, c
       for (int i = 0; i < MR; ++i) {
         const __m512i xv = _mm512_set1_epi32(int(xb[j * MR + i]));
 #pragma GCC unroll 8
-        for (int q = 0; q < NP; ++q) ia[q][i] = dpbusd(ia[q][i], xv, wv[q]);
+        for (int q = 0; q < NP; ++q) ia[q][i] = NIB ? dpbusd(ia[q][i], wv[q], xv) : dpbusd(ia[q][i], xv, wv[q]);
       }
     }
     const bool zero = first && b == 0;
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 dv = _mm512_set1_ps(d[i * nb + b0 + b]);
+      const __m512i cv = NIB ? _mm512_set1_epi32(cx[i * nb + b0 + b]) : _mm512_setzero_si512();
 #pragma GCC unroll 8
       for (int q = 0; q < NP; ++q) {
         float* cp = c + i * ldc + q * 16;
         const __m512 s = I4 ? _mm512_mul_ps(dv, _mm512_load_ps(sc + q * vstride + b * 16)) : dv;
-        const __m512i sum = _mm512_add_epi32(ia[q][i], _mm512_load_si512(corr + q * vstride + b * 16));
+        const __m512i sum = _mm512_add_epi32(ia[q][i], NIB ? cv : _mm512_load_si512(corr + q * vstride + b * 16));
         __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, zero ? _mm512_setzero_ps() : _mm512_load_ps(cp));
         if (OFF)
           v = _mm512_fmadd_ps(_mm512_load_ps(of + q * vstride + b * 16), _mm512_set1_ps(xs[i * nb + b0 + b]), v);
@@ -724,7 +786,7 @@ inline void vnni_block(const uint32_t* xt, const uint32_t* w, int64_t pstride, c
   }
 }
 
-template <bool I4, bool OFF>
+template <bool I4, bool OFF, bool NIB = false>
 void vnni_items(const VnniProblem& P) {
   constexpr int NP = kVnNP, MR = kVnMR;
   const int64_t Pn = (P.N + 15) / 16, items = (Pn + kVnItem - 1) / kVnItem, ldc = kVnItem * 16;
@@ -745,8 +807,12 @@ void vnni_items(const VnniProblem& P) {
       for (int64_t k0 = 0; k0 < P.K; k0 += kVnKC) {
         const int64_t kc = std::min(kVnKC, P.K - k0), nbc = kc / P.B;
         for (int64_t p = pa; p < pb; ++p)
-          vnni_repack(P, p, k0, kc, wbuf + (p - pa) * pstride, corr + (p - pa) * vstride,
-                      I4 ? sc + (p - pa) * vstride : nullptr, OFF ? of + (p - pa) * vstride : nullptr);
+          if (NIB)
+            vnni_repack_nib(P, p, k0, kc, wbuf + (p - pa) * pstride, sc + (p - pa) * vstride,
+                            OFF ? of + (p - pa) * vstride : nullptr);
+          else
+            vnni_repack(P, p, k0, kc, wbuf + (p - pa) * pstride, corr + (p - pa) * vstride,
+                        I4 ? sc + (p - pa) * vstride : nullptr, OFF ? of + (p - pa) * vstride : nullptr);
         const uint32_t* xc = P.xp + k0 / 4 * P.T * MR;
         for (int64_t p = pa; p < pb; p += NP) {
           const int64_t l = p - pa;
@@ -754,12 +820,14 @@ void vnni_items(const VnniProblem& P) {
             const uint32_t* xt = xc + t * (kc / 4) * MR;
             const float* dt = P.d + t * MR * P.nb;
             const float* xst = OFF ? P.xs + t * MR * P.nb : nullptr;
+            const int32_t* cxt = NIB ? P.cx + t * MR * P.nb : nullptr;
             float* ct = c + t * MR * ldc + l * 16;
             switch (std::min<int64_t>(NP, pb - p)) {  // a tail of 1-3 panels in the last item
 #define CODESHELL_VNNI(R)                                                                                   \
   case R:                                                                                                   \
-    vnni_block<R, MR, I4, OFF>(xt, wbuf + l * pstride, pstride, corr + l * vstride, sc + l * vstride,       \
-                               of + l * vstride, vstride, dt, xst, P.nb, k0 / P.B, nbc, bq, ct, ldc, k0 == 0); \
+    vnni_block<R, MR, I4, OFF, NIB>(xt, wbuf + l * pstride, pstride, corr + l * vstride, sc + l * vstride,  \
+                                    of + l * vstride, vstride, dt, xst, P.nb, k0 / P.B, nbc, bq, ct, ldc,      \
+                                    k0 == 0, cxt);                                                             \
     break;
               CODESHELL_VNNI(4) CODESHELL_VNNI(3) CODESHELL_VNNI(2) CODESHELL_VNNI(1)
 #undef CODESHELL_VNNI
@@ -780,8 +848,10 @@ void vnni_items(const VnniProblem& P) {
   });
 }
 
-// x fp32 [M, K] -> xp (u8 = xq + 128, packed as vnni_items reads it), d / xs [T * MR][nb].
-void vnni_pack_x(const float* x, int64_t M, int64_t K, int64_t B, int64_t T, uint32_t* xp, float* d, float* xs) {
+// x fp32 [M, K] -> xp (u8 = xq + 128, packed as vnni_items reads it), d / xs [T * MR][nb]. cx (int4 on
+// nibbles, NIB): xp holds xq itself (signed) and cx [T * MR][nb] -8 * (the block's xq sum).
+void vnni_pack_x(const float* x, int64_t M, int64_t K, int64_t B, int64_t T, uint32_t* xp, float* d, float* xs,
+                 int32_t* cx = nullptr) {
   constexpr int MR = kVnMR;
   const int64_t nb = K / B;
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
@@ -791,13 +861,16 @@ void vnni_pack_x(const float* x, int64_t M, int64_t K, int64_t B, int64_t T, uin
         const int64_t m = t * MR + i;
         float* dm = d + m * nb;
         float* xm = xs ? xs + m * nb : nullptr;
+        int32_t* cm = cx ? cx + m * nb : nullptr;
         if (m < M) {
-          codeshell::quantize_row_avx512(x + m * K, K, B, 0, q.data() + i * K, dm, 1, xm);
+          codeshell::quantize_row_avx512(x + m * K, K, B, 0, q.data() + i * K, dm, 1, xm, cm);
+          for (int64_t b = 0; cm && b < nb; ++b) cm[b] *= -8;
         } else {
           std::memset(q.data() + i * K, 0, size_t(K));
           for (int64_t b = 0; b < nb; ++b) {
             dm[b] = 0.f;
             if (xm) xm[b] = 0.f;
+            if (cm) cm[b] = 0;
           }
         }
       }
@@ -808,7 +881,7 @@ void vnni_pack_x(const float* x, int64_t M, int64_t K, int64_t B, int64_t T, uin
           for (int i = 0; i < MR; ++i) {
             uint32_t v;
             std::memcpy(&v, q.data() + i * K + k0 + 4 * j, 4);
-            dst[j * MR + i] = v ^ 0x80808080u;  // xq + 128 as unsigned bytes
+            dst[j * MR + i] = cx ? v : v ^ 0x80808080u;  // xq + 128 as unsigned bytes (NIB: xq, signed)
           }
       }
     }
@@ -1017,15 +1090,22 @@ torch::Tensor prefill_q8_vnni(const torch::Tensor& x, const torch::Tensor& q, co
 #if CODESHELL_HAVE_AVX512
   const int64_t T = (M + kVnMR - 1) / kVnMR, nb = K / B;
   const bool offs = G > 0 && offset.has_value();
+  // session 41: int4 on its nibbles (vnni_repack_nib); CODESHELL_VNNI_Q4_NIB=0 (read per call): the offset form
+  // (vnni_repack's scalar repack with its block sums), as before. The same bits.
+  const bool nib = G > 0 && codeshell::env_flag("CODESHELL_VNNI_Q4_NIB", true);
   static thread_local codeshell::ThreadScratch x_keep, d_keep;
   codeshell::Scratch<uint32_t> xp(x_keep, size_t(T) * kVnMR * K / 4);
-  codeshell::Scratch<float> dx(d_keep, size_t(T) * kVnMR * nb * 2);  // d, then xs
-  vnni_pack_x(x.data_ptr<float>(), M, K, B, T, xp.data(), dx.data(), offs ? dx.data() + T * kVnMR * nb : nullptr);
+  codeshell::Scratch<float> dx(d_keep, size_t(T) * kVnMR * nb * 3);  // d, then xs, then cx (int32)
+  float* xsp = offs ? dx.data() + T * kVnMR * nb : nullptr;
+  int32_t* cxp = nib ? reinterpret_cast<int32_t*>(dx.data() + 2 * T * kVnMR * nb) : nullptr;
+  vnni_pack_x(x.data_ptr<float>(), M, K, B, T, xp.data(), dx.data(), xsp, cxp);
   VnniProblem P{M, K, N, B, G, nb, T,
                 G ? nullptr : q.data_ptr<int8_t>(), G ? q.data_ptr<uint8_t>() : nullptr,
                 scale.data_ptr<float>(), offs ? offset->data_ptr<float>() : nullptr, b,
-                xp.data(), dx.data(), offs ? dx.data() + T * kVnMR * nb : nullptr, out.data_ptr<float>()};
+                xp.data(), dx.data(), xsp, out.data_ptr<float>(), cxp};
   if (G == 0) vnni_items<false, false>(P);
+  else if (nib && offs) vnni_items<true, true, true>(P);
+  else if (nib) vnni_items<true, false, true>(P);
   else if (offs) vnni_items<true, true>(P);
   else vnni_items<true, false>(P);
 #endif

@@ -1,0 +1,111 @@
+"""Same-process A/B of the serving workload straight on the engine (no HTTP): bench_serve.py's requests
+(`direct`: C clients' distinct ~90-token prompts added at once, 64 sampled tokens each, one token a step as
+the server runs them) with sets of environment switches read per call, the variants alternating round after
+round in one process, so old and new meet the same host minutes. Per variant and client count the medians
+of tok/s, time to first token p50, decode ms a token (a request's time after its first token, a token), the
+engine's steps and the seconds in steps that prefilled (a step that admitted prompts) against decode-only steps.
+
+    flock /work/notes/bench.lock python benchmarks/ab_serve_direct.py /tmp/bs-A/model-1.7b-q4_0.gguf \\
+        --clients 1 16 --rounds 3 --variant old CODESHELL_VNNI_Q4_NIB=0 --variant new ''
+
+Session 41 (helper C): the int4 (GGUF q4_0) prompt's vpdpbusd GEMM on the nibbles as stored. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_serve import decode_ms, median_or_nan, task_prompt  # noqa: E402
+
+from codeshell.bench import HostLoad  # noqa: E402
+
+
+def run(llm, ks: list[int], max_tokens: int) -> dict:
+    """bench_serve.direct's round with each step timed: prefill steps (some prompt waiting before it) apart."""
+    from codeshell.engine import SamplingParams
+    eng = llm.engine
+    with HostLoad() as load:
+        t0 = time.perf_counter()
+        for k in ks:
+            sp = SamplingParams(temperature=0.8, seed=k % 1000, max_tokens=max_tokens, ignore_eos=True)
+            eng.add_request(f"ab-{k}-{time.time_ns()}", llm.tokenizer.encode(task_prompt(k)), sp)
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        tokens: dict[str, int] = {}
+        pre, dec = [], []
+        while eng.has_unfinished():
+            prefill = bool(eng.waiting)
+            s = time.perf_counter()
+            outs = eng.step()
+            e = time.perf_counter()
+            (pre if prefill else dec).append(e - s)
+            for out in outs:
+                tokens[out.request_id] = n = len(out.outputs[0].token_ids)
+                last[out.request_id] = e - t0
+                if n and out.request_id not in first:
+                    first[out.request_id] = e - t0
+        wall = time.perf_counter() - t0
+    return {"tok_s": sum(tokens.values()) / wall, "ttft": statistics.median(first.values()),
+            "decode_ms": median_or_nan(decode_ms(first.get(r), tokens[r], last[r]) for r in tokens),
+            "steps": len(pre) + len(dec), "pre_s": sum(pre), "pre_n": len(pre),
+            "dec_ms": 1e3 * statistics.median(dec) if dec else float("nan"), "other": load.other or 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="a checkpoint folder or GGUF file")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "SWITCHES"), required=True,
+                    help="a name and NAME=VALUE[,NAME=VALUE...] set for its rounds ('' for none)")
+    args = ap.parse_args()
+    from codeshell import LLM
+    from codeshell.engine import SamplingParams
+    llm = LLM(args.model, max_batch=16, threads=args.threads)  # the server's engine (`--max-batch 16`)
+    llm.generate("warm up", SamplingParams(temperature=0, max_tokens=2))
+    variants = [(name, dict(p.split("=", 1) for p in sw.split(",") if p)) for name, sw in args.variant]
+    res: dict[tuple[str, int], list[dict]] = {}
+    off = 0
+    for r in range(args.rounds + 1):  # round 0 warms up every variant and is not counted
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for c in args.clients:
+            for name, env in order:
+                old = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                try:
+                    x = run(llm, list(range(off, off + c)), args.max_tokens)  # distinct prompts: no prefix hits
+                finally:
+                    for k, v in old.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+                off += c
+                if r:
+                    res.setdefault((name, c), []).append(x)
+                print(f"  round {r}{' (warm-up)' if not r else ''} {name:6s} {c:2d} clients: {x['tok_s']:6.1f} tok/s, "
+                      f"TTFT p50 {x['ttft'] * 1e3:6.0f} ms, decode {x['decode_ms']:6.1f} ms a token, {x['steps']} steps "
+                      f"({x['pre_n']} with prefill: {x['pre_s']:.2f} s; decode-only median {x['dec_ms']:.1f} ms), "
+                      f"other processes {x['other']:.2f} cores, load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"\n{args.model}: medians of {args.rounds} rounds, {args.threads} threads")
+    print("| variant | clients | tok/s | TTFT p50 ms | decode ms a token | prefill steps s | decode-only step ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for c in args.clients:
+        for name, _ in variants:
+            xs = res[(name, c)]
+            med = {k: statistics.median(x[k] for x in xs) for k in ("tok_s", "ttft", "decode_ms", "pre_s", "dec_ms")}
+            print(f"| {name} | {c} | {med['tok_s']:.1f} | {med['ttft'] * 1e3:.0f} | {med['decode_ms']:.1f} | "
+                  f"{med['pre_s']:.2f} | {med['dec_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

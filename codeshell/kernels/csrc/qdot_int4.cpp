@@ -539,8 +539,8 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
     const Pf pf = q4_m1_pf();
     const bool sct = q4_m1_sct();
     if (sct && q4_m1_e() &&
-        (of ? codeshell::q4m1e::run<true>(xq, dx, sx, xs, K, G, q, sc, of, out, n0, n1, pf)
-            : codeshell::q4m1e::run<false>(xq, dx, sx, xs, K, G, q, sc, nullptr, out, n0, n1, pf)))
+        (of ? codeshell::q4m1e::run<true>(xq, dx, sx, xs, K, G, q, sc, of, out, n0, n1, pf, m1_unpack())
+            : codeshell::q4m1e::run<false>(xq, dx, sx, xs, K, G, q, sc, nullptr, out, n0, n1, pf, m1_unpack())))
       return;
     for (int64_t n = n0; n < n1; n += 16) {
       const int64_t R = std::min<int64_t>(16, n1 - n);

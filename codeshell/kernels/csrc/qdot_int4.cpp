@@ -88,8 +88,18 @@ inline int64_t q4_avx2_m1_t2k() { return env_int("CODESHELL_Q4_AVX2_M1_T2K", cod
 // CODESHELL_Q4_M1_PFS = tiles ahead (0: none, as before session 19; read per call).
 constexpr int64_t kQ4M1ScalePf = 1;
 inline int64_t q4_m1_pfs() { return env_int("CODESHELL_Q4_M1_PFS", kQ4M1ScalePf); }
+// The weight stream's prefetch distance at int4 M = 1: kM1Prefetch (8 KiB T0), none on Zen 4 (session 41 helper B,
+// as qdot_int8.cpp's q8_m1_pf_default since session 39): its core streams one sequential read fastest with the
+// hardware prefetchers alone. The small shape's int4 K = 1024 tile cold on 1 thread (a standalone, 256 MiB on huge
+// pages, the thread's CPU time, quiet): 27.6 GB/s without, 21.0 with 2 KiB, 18.4 with 8 KiB; in the step
+// (bench_step_bytes.py /tmp/bq-small/int4 --calls, 2 threads, probe ~37 GB/s, 12 rounds) c_fc's call q25 89.1 ->
+// 77.6 us, c_attn 32.5 -> 31.0, the step 4.65 -> 4.31 ms. CODESHELL_Q4_M1_PF=8192: as before (prefetches change no bits).
+inline int64_t q4_m1_pf_default() {
+  static const int64_t d = codeshell::cpu_features().zen4 ? int64_t(0) : kM1Prefetch;
+  return d;
+}
 inline Pf q4_m1_pf() {
-  Pf p = pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH");
+  Pf p = pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH", q4_m1_pf_default());
   p.sc = q4_m1_pfs();
   return p;
 }

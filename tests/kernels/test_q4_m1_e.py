@@ -115,3 +115,19 @@ def test_m1e_unpack_reduce_keeps_bits(group, ng, symmetric, monkeypatch):
         ref = ops.reference(x, pw, None, PATH)
         got = ops._compute(PATH, mod, x, pw, None)
         assert (got - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+
+
+@needs_native
+@pytest.mark.parametrize("group,ng", [(128, 8), (128, 12), (128, 32), (256, 4), (256, 16)])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_r16_q4e_unpack_reduce_keeps_bits(group, ng, symmetric, monkeypatch):
+    """tile_r16_q4e (CODESHELL_Q4_M1E=0, spans of 16 groups up to CODESHELL_Q4_M1_R16E_G=32) with the unpack
+    tree against vpermt2d's: the same bits, one span and two."""
+    mod = _setup(monkeypatch)
+    monkeypatch.setenv("CODESHELL_Q4_M1E", "0")
+    monkeypatch.setenv("CODESHELL_Q4_M1_R16E_G", "32")
+    k = group * ng
+    for n in (16, 45):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(5 * n + k)) * 0.05
+        pw = quantize_int4(w, group_size=group, symmetric=symmetric)
+        assert_switch_keeps_bits(mod, pw, k, n, "CODESHELL_M1_UNPACK", k + 17)

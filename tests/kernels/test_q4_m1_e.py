@@ -6,7 +6,9 @@ Checked: bit for bit tile_r16_q4e's results (the switch off) for every K / G the
 that end in a partial 16-row tile; K / G it does not take (12, 32 groups) fall back to the old tile; and at
 codeshell-mini's shapes (K = 256 / 1024) each row of every M up to ops.ROW_INVARIANT_MAX_M bit for bit the
 same row alone at M = 1 (the batched rows run other kernels: row invariance), and the reference within
-2e-5 of the largest output."""
+2e-5 of the largest output.
+Session 41 helper B: the lane sums' reduction by unpacks (q8_epilogue.h reduce_lanes16_unpack, CODESHELL_M1_UNPACK,
+default on) gives the same bits as vpermt2d's tree (=0) at every K / G the header takes, with offsets or without."""
 
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def vnni_module(monkeypatch):
 def _setup(monkeypatch):
     vnni_module(monkeypatch)
     monkeypatch.setenv("CODESHELL_Q4_EPI", "1")  # the epilogue family, whatever this CPU's default
-    for var in ("CODESHELL_Q4_M1E", "CODESHELL_Q4_M1_R16E", "CODESHELL_Q4_M1_SCT", "CODESHELL_Q4_M1_R16E_G"):
+    for var in ("CODESHELL_Q4_M1E", "CODESHELL_Q4_M1_R16E", "CODESHELL_Q4_M1_SCT", "CODESHELL_Q4_M1_R16E_G",
+                "CODESHELL_M1_UNPACK"):
         monkeypatch.delenv(var, raising=False)
     return _ext.get()
 
@@ -93,3 +96,38 @@ def test_m1e_rows_invariant_and_reference(n, k, symmetric, monkeypatch):
     mod = _setup(monkeypatch)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
     assert_rows_invariant_and_reference(mod, quantize_int4(w, group_size=128, symmetric=symmetric), n, k, "int4")
+
+
+@needs_native
+@pytest.mark.parametrize("group,ng", [(128, 2), (128, 4), (128, 8), (128, 16), (256, 1), (256, 4)])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_m1e_unpack_reduce_keeps_bits(group, ng, symmetric, monkeypatch):
+    """CODESHELL_M1_UNPACK=1 (the unpack tree) against =0 (vpermt2d's), partial 16-row tiles included; the
+    reference within 2e-5 of the largest output with the default."""
+    mod = _setup(monkeypatch)
+    k = group * ng
+    for n in (16, 45, 384):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(3 * n + k)) * 0.05
+        pw = quantize_int4(w, group_size=group, symmetric=symmetric)
+        assert ops.plan(pw, 1, torch.float32) == PATH
+        assert_switch_keeps_bits(mod, pw, k, n, "CODESHELL_M1_UNPACK", k + 11)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(n))
+        ref = ops.reference(x, pw, None, PATH)
+        got = ops._compute(PATH, mod, x, pw, None)
+        assert (got - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+
+
+@needs_native
+@pytest.mark.parametrize("group,ng", [(128, 8), (128, 12), (128, 32), (256, 4), (256, 16)])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_r16_q4e_unpack_reduce_keeps_bits(group, ng, symmetric, monkeypatch):
+    """tile_r16_q4e (CODESHELL_Q4_M1E=0, spans of 16 groups up to CODESHELL_Q4_M1_R16E_G=32) with the unpack
+    tree against vpermt2d's: the same bits, one span and two."""
+    mod = _setup(monkeypatch)
+    monkeypatch.setenv("CODESHELL_Q4_M1E", "0")
+    monkeypatch.setenv("CODESHELL_Q4_M1_R16E_G", "32")
+    k = group * ng
+    for n in (16, 45):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(5 * n + k)) * 0.05
+        pw = quantize_int4(w, group_size=group, symmetric=symmetric)
+        assert_switch_keeps_bits(mod, pw, k, n, "CODESHELL_M1_UNPACK", k + 17)

@@ -19,6 +19,7 @@ from tests.kernels.test_q4_m1_e import (PATH, assert_rows_invariant_and_referenc
 def _setup(monkeypatch):
     mod = vnni_module(monkeypatch)
     monkeypatch.delenv("CODESHELL_Q8_M1E", raising=False)
+    monkeypatch.delenv("CODESHELL_M1_UNPACK", raising=False)
     return mod
 
 
@@ -38,3 +39,15 @@ def test_m1e_rows_invariant_and_reference(n, k, monkeypatch):
     mod = _setup(monkeypatch)
     pw = quantize_int8(torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05)
     assert_rows_invariant_and_reference(mod, pw, n, k, "int8")
+
+
+@needs_native
+@pytest.mark.parametrize("k", [128, 256, 512, 1024, 2048])
+def test_m1e_unpack_reduce_keeps_bits(k, monkeypatch):
+    """Session 41 helper B: CODESHELL_M1_UNPACK=1 (q8_epilogue.h reduce_lanes16_unpack) against =0 (vpermt2d's
+    tree), the same bits; partial 16-row tiles included."""
+    mod = _setup(monkeypatch)
+    for n in (16, 45, 384):
+        pw = quantize_int8(torch.randn(n, k, generator=torch.Generator().manual_seed(2 * n + k)) * 0.05)
+        assert ops.plan(pw, 1, torch.float32) == PATH
+        assert_switch_keeps_bits(mod, pw, k, n, "CODESHELL_M1_UNPACK", k + 13)

@@ -80,7 +80,8 @@ inline __m512 tree_prefix(__m512 (&s)[NG]) {
 // 16 weight rows (w: row 0, stride K / 2; R <= 16 of them; sc, of: row 0, stride NG) against one
 // row of x (xq [K] permuted in runs of 128, dx / xs [NG], sx [NG] its integer block sums); K = NG * G,
 // G = 128 * RUNS. out[0..R): the raw tree16 results (finish_cols applies the bias), as tile_r16_q4e.
-template <bool OFFS, int RUNS, int NG>
+// U: the lane sums reduced by q8_epilogue.h's reduce_lanes16_unpack (session 41), else reduce_lanes<16>.
+template <bool OFFS, int RUNS, int NG, bool U = true>
 inline void tile(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, const uint8_t* w, int64_t R,
                  const float* sc, const float* of, float* out, const codeshell::qdot::Pf& pf) {
   namespace E = codeshell::q8epi;
@@ -114,7 +115,7 @@ inline void tile(const int8_t* xq, const float* dx, const int32_t* sx, const flo
   }
   __m512 acc[NG];
   for (int c = 0; c < NG; ++c) {
-    const __m512i T = _mm512_sub_epi32(E::reduce_lanes<16>(lb[c]), _mm512_set1_epi32(sx[c] << 3));
+    const __m512i T = _mm512_sub_epi32(E::reduce16<U>(lb[c]), _mm512_set1_epi32(sx[c] << 3));
     __m512 v = E::epi_step(_mm512_setzero_ps(), T, E::int4_mul(st[c], _mm512_set1_ps(dx[c])));
     if constexpr (OFFS) v = E::epi_offsets(v, ot[c], _mm512_set1_ps(xs[c]));
     acc[c] = v;
@@ -125,16 +126,23 @@ inline void tile(const int8_t* xq, const float* dx, const int32_t* sx, const flo
 
 // Weight rows [n0, n1) (n0 % 16 == 0) of int4 [N, K] at M = 1 in 16-row tiles when K / G is one of
 // the NG this header is compiled for (2, 4, 8, 16) and G is 128 / 256; false (nothing done) otherwise.
+// unpack: tile's U (the lane sums' reduction; the same bits either way).
 template <bool OFFS>
 inline bool run(const int8_t* xq, const float* dx, const int32_t* sx, const float* xs, int64_t K, int64_t G,
                 const uint8_t* q, const float* sc, const float* of, float* out, int64_t n0, int64_t n1,
-                const codeshell::qdot::Pf& pf) {
+                const codeshell::qdot::Pf& pf, bool unpack = true) {
   const int64_t ng = K / G;
   auto go = [&](auto runs, auto ngc) {
     constexpr int RU = decltype(runs)::value, NG = decltype(ngc)::value;
-    for (int64_t n = n0; n < n1; n += 16)
-      tile<OFFS, RU, NG>(xq, dx, sx, xs, q + n * (K / 2), std::min<int64_t>(16, n1 - n), sc + n * NG,
-                         OFFS ? of + n * NG : nullptr, out + n, pf);
+    for (int64_t n = n0; n < n1; n += 16) {
+      const int64_t R = std::min<int64_t>(16, n1 - n);
+      if (unpack)
+        tile<OFFS, RU, NG, true>(xq, dx, sx, xs, q + n * (K / 2), R, sc + n * NG, OFFS ? of + n * NG : nullptr,
+                                 out + n, pf);
+      else
+        tile<OFFS, RU, NG, false>(xq, dx, sx, xs, q + n * (K / 2), R, sc + n * NG, OFFS ? of + n * NG : nullptr,
+                                  out + n, pf);
+    }
     return true;
   };
   using I1 = std::integral_constant<int, 1>;

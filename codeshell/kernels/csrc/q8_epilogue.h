@@ -116,6 +116,39 @@ inline __m512i reduce_lanes(const int32_t (*lb)[16]) {
   return v[0];
 }
 
+// reduce_lanes<16> (lane r = the sum of lb[r]'s 16 lanes) by in-lane unpacks and 128-bit lane shuffles
+// instead of vpermt2d: the same integers (exact sums in any order), so the same bits downstream.
+// Why (session 41 helper B): on Zen 4 a vpermt2d zmm takes vpdpbusd's issue slot (a 1:1 mix of the two ran
+// 1.06 ops a cycle in all), while vpunpckldq zmm issues beside it (1.73 a cycle with vpdpbusd) and
+// vshufi32x4 half beside it (1.47); the M = 1 tiles (q4_m1_e.h, q8_m1_e.h) spend one reduce_lanes<16> a
+// (16 rows, group): 30 vpermt2d against 2 x 16 vpdpbusd (int4, G = 128). Here 24 unpacks, 6 vshufi32x4 and
+// the same 15 adds. Steps (rows a, b, c, d, ... ; per 128-bit lane k, elements e0..e3):
+//   1. rows (2i, 2i+1): unpacklo_epi32 + unpackhi_epi32 = [a0+a2, b0+b2, a1+a3, b1+b3];
+//   2. pairs of those: unpacklo_epi64 + unpackhi_epi64 = [A, B, C, D], rows 4j..4j+3, lane k's part;
+//   3. w0, w1 (rows 0-7): shuffle_i32x4 0x88 + 0xdd = [w0 (k0+k1), w0 (k2+k3), w1 (k0+k1), w1 (k2+k3)];
+//   4. the two of step 3 the same way: [w0, w1, w2, w3] summed over k: lane r = row r.
+inline __m512i reduce_lanes16_unpack(const int32_t (*lb)[16]) {
+  __m512i u[8], w[4], x[2];
+  for (int i = 0; i < 8; ++i) {
+    const __m512i a = _mm512_load_si512(lb[2 * i]), b = _mm512_load_si512(lb[2 * i + 1]);
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  }
+  for (int j = 0; j < 4; ++j)
+    w[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(u[2 * j], u[2 * j + 1]),
+                            _mm512_unpackhi_epi64(u[2 * j], u[2 * j + 1]));
+  for (int j = 0; j < 2; ++j)
+    x[j] = _mm512_add_epi32(_mm512_shuffle_i32x4(w[2 * j], w[2 * j + 1], 0x88),
+                            _mm512_shuffle_i32x4(w[2 * j], w[2 * j + 1], 0xdd));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(x[0], x[1], 0x88), _mm512_shuffle_i32x4(x[0], x[1], 0xdd));
+}
+
+// reduce_lanes<16> by either tree (U: reduce_lanes16_unpack): the same integers.
+template <bool U>
+inline __m512i reduce16(const int32_t (*lb)[16]) {
+  if constexpr (U) return reduce_lanes16_unpack(lb);
+  else return reduce_lanes<16>(lb);
+}
+
 }  // namespace q8epi
 }  // namespace codeshell
 CODESHELL_END_AVX512

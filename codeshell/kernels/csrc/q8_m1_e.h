@@ -32,8 +32,9 @@ namespace q8m1e {
 
 // 16 weight rows (w: row 0, stride K = 128 NB; R <= 16 of them) against one row of x (xq [K] in
 // blocks of 128, dx [NB], sx [NB] its integer block sums). out[0..R): the raw tree16 results
-// (finish_cols applies scale and bias), as tile_r16_q8<1>.
-template <int NB>
+// (finish_cols applies scale and bias), as tile_r16_q8<1>. U: the lane sums reduced by q8_epilogue.h's
+// reduce_lanes16_unpack (session 41), else reduce_lanes<16> (the same bits).
+template <int NB, bool U = true>
 inline void tile(const int8_t* xq, const float* dx, const int32_t* sx, const uint8_t* w, int64_t R, float* out,
                  const codeshell::qdot::Pf& pf) {
   namespace E = codeshell::q8epi;
@@ -64,7 +65,7 @@ inline void tile(const int8_t* xq, const float* dx, const int32_t* sx, const uin
   }
   __m512 acc[NB];
   for (int c = 0; c < NB; ++c) {
-    const __m512i T = _mm512_sub_epi32(E::reduce_lanes<16>(lb[c]), _mm512_set1_epi32(sx[c] << 7));
+    const __m512i T = _mm512_sub_epi32(E::reduce16<U>(lb[c]), _mm512_set1_epi32(sx[c] << 7));
     acc[c] = E::epi_step(_mm512_setzero_ps(), T, _mm512_set1_ps(dx[c]));
   }
   const __mmask16 km = R >= 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
@@ -72,12 +73,15 @@ inline void tile(const int8_t* xq, const float* dx, const int32_t* sx, const uin
 }
 
 // Weight rows [n0, n1) (n0 % 16 == 0) of int8 [N, K] at M = 1 when K / 128 is 1, 2, 4, 8 or 16; false
-// (nothing done) otherwise.
+// (nothing done) otherwise. unpack: tile's U (the same bits either way).
 inline bool run(const int8_t* xq, const float* dx, const int32_t* sx, int64_t K, const uint8_t* w, float* out,
-                int64_t n0, int64_t n1, const codeshell::qdot::Pf& pf) {
+                int64_t n0, int64_t n1, const codeshell::qdot::Pf& pf, bool unpack = true) {
   auto go = [&](auto nbc) {
     constexpr int NB = decltype(nbc)::value;
-    for (int64_t n = n0; n < n1; n += 16) tile<NB>(xq, dx, sx, w + n * K, std::min<int64_t>(16, n1 - n), out + n, pf);
+    for (int64_t n = n0; n < n1; n += 16) {
+      if (unpack) tile<NB, true>(xq, dx, sx, w + n * K, std::min<int64_t>(16, n1 - n), out + n, pf);
+      else tile<NB, false>(xq, dx, sx, w + n * K, std::min<int64_t>(16, n1 - n), out + n, pf);
+    }
     return true;
   };
   if (K % 128) return false;

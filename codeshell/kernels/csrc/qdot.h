@@ -63,6 +63,12 @@ inline Pf pf_env(const char* dist, const char* hint, int64_t dflt = kM1Prefetch)
   p.prime = env_flag("CODESHELL_M1_PRIME", false);
   return p;
 }
+// The M = 1 epilogue tiles' lane-sum reduction (q4_m1_e.h, q8_m1_e.h: q8_epilogue.h reduce16<U>): the unpack
+// tree (default) or vpermt2d's (CODESHELL_M1_UNPACK=0, as before session 41; read per call; the same bits).
+// Why: on Zen 4 vpermt2d zmm takes vpdpbusd's issue slot, unpacks issue beside it; warm (L2, 1 thread) the
+// small shape's int4 K = 1024 tile 29.5 -> 32.6 GB/s, the int8 head's 54.8 -> 59.6 (docs/kernels-log.md,
+// session 41 helper B).
+inline bool m1_unpack() { return env_flag("CODESHELL_M1_UNPACK", true); }
 // EXPERIMENT: CODESHELL_M1_PRIME=1: at the start of a chunk of rows, prefetch its first pf.d bytes
 // (the lines the running prefetch never covers: it starts pf.d ahead).
 // `bytes` from p into L1, a line at a time (that experiment's prime, and int4 M = 1's scale rows: Pf::sc).

@@ -88,8 +88,18 @@ inline int64_t q4_avx2_m1_t2k() { return env_int("CODESHELL_Q4_AVX2_M1_T2K", cod
 // CODESHELL_Q4_M1_PFS = tiles ahead (0: none, as before session 19; read per call).
 constexpr int64_t kQ4M1ScalePf = 1;
 inline int64_t q4_m1_pfs() { return env_int("CODESHELL_Q4_M1_PFS", kQ4M1ScalePf); }
+// The weight stream's prefetch distance at int4 M = 1: kM1Prefetch (8 KiB T0), none on Zen 4 (session 41 helper B,
+// as qdot_int8.cpp's q8_m1_pf_default since session 39): its core streams one sequential read fastest with the
+// hardware prefetchers alone. The small shape's int4 K = 1024 tile cold on 1 thread (a standalone, 256 MiB on huge
+// pages, the thread's CPU time, quiet): 27.6 GB/s without, 21.0 with 2 KiB, 18.4 with 8 KiB; in the step
+// (bench_step_bytes.py /tmp/bq-small/int4 --calls, 2 threads, probe ~37 GB/s, 12 rounds) c_fc's call q25 89.1 ->
+// 77.6 us, c_attn 32.5 -> 31.0, the step 4.65 -> 4.31 ms. CODESHELL_Q4_M1_PF=8192: as before (prefetches change no bits).
+inline int64_t q4_m1_pf_default() {
+  static const int64_t d = codeshell::cpu_features().zen4 ? int64_t(0) : kM1Prefetch;
+  return d;
+}
 inline Pf q4_m1_pf() {
-  Pf p = pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH");
+  Pf p = pf_env("CODESHELL_Q4_M1_PF", "CODESHELL_Q4_M1_PFH", q4_m1_pf_default());
   p.sc = q4_m1_pfs();
   return p;
 }
@@ -472,7 +482,8 @@ inline void cols16(const float* v, int64_t ng, int64_t g0, int64_t cnt, int64_t 
 
 // RUNS = G / 128 (1, 2) at compile time: the group loop's address steps are constants (with G a
 // runtime value it read the small shape's K = 1024 linears warm at 0.9x; docs/kernels-log.md session 25 helper C).
-template <bool OFFS, int RUNS, int SPAN = 16>  // groups a span (lb: SPAN KiB)
+// U: the lane sums reduced by q8_epilogue.h's reduce_lanes16_unpack (CODESHELL_M1_UNPACK, session 41; the same bits).
+template <bool OFFS, int RUNS, int SPAN = 16, bool U = true>  // groups a span (lb: SPAN KiB)
 inline void tile_r16_q4e(const int8_t* xq, int64_t K, int64_t ng, const float* dx, const int32_t* sx,
                          const float* xs, const uint8_t* w, int64_t R, const float* sc, const float* of,
                          float* out, const Pf& pf, bool sct = true) {
@@ -514,7 +525,7 @@ inline void tile_r16_q4e(const int8_t* xq, int64_t K, int64_t ng, const float* d
     }
     for (int64_t c = 0; c < cnt; ++c) {
       const int64_t g = g0 + c;
-      const __m512i T = _mm512_sub_epi32(E::reduce_lanes<16>(lb[c]), _mm512_set1_epi32(sx[g] << 3));
+      const __m512i T = _mm512_sub_epi32(E::reduce16<U>(lb[c]), _mm512_set1_epi32(sx[g] << 3));
       const __m512 scv = sct ? _mm512_load_ps(st[c]) : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, gi, sc + g, 4);
       float* a = acc[g % 16];
       __m512 v = E::epi_step(_mm512_load_ps(a), T, E::int4_mul(scv, _mm512_set1_ps(dx[g])));
@@ -539,19 +550,24 @@ void run_q4v_epi(const int8_t* xq, const float* dx, const int32_t* sx, const flo
     const Pf pf = q4_m1_pf();
     const bool sct = q4_m1_sct();
     if (sct && q4_m1_e() &&
-        (of ? codeshell::q4m1e::run<true>(xq, dx, sx, xs, K, G, q, sc, of, out, n0, n1, pf)
-            : codeshell::q4m1e::run<false>(xq, dx, sx, xs, K, G, q, sc, nullptr, out, n0, n1, pf)))
+        (of ? codeshell::q4m1e::run<true>(xq, dx, sx, xs, K, G, q, sc, of, out, n0, n1, pf, m1_unpack())
+            : codeshell::q4m1e::run<false>(xq, dx, sx, xs, K, G, q, sc, nullptr, out, n0, n1, pf, m1_unpack())))
       return;
-    for (int64_t n = n0; n < n1; n += 16) {
-      const int64_t R = std::min<int64_t>(16, n1 - n);
-      const uint8_t* qn = q + n * (K / 2);
-      const float* sn = sc + n * ng;
-      const float* on = of ? of + n * ng : nullptr;
-      if (of && G == 128) tile_r16_q4e<true, 1>(xq, K, ng, dx, sx, xs, qn, R, sn, on, out + n, pf, sct);
-      else if (of) tile_r16_q4e<true, 2>(xq, K, ng, dx, sx, xs, qn, R, sn, on, out + n, pf, sct);
-      else if (G == 128) tile_r16_q4e<false, 1>(xq, K, ng, dx, sx, xs, qn, R, sn, nullptr, out + n, pf, sct);
-      else tile_r16_q4e<false, 2>(xq, K, ng, dx, sx, xs, qn, R, sn, nullptr, out + n, pf, sct);
-    }
+    auto go = [&](auto u) {
+      constexpr bool U = decltype(u)::value;
+      for (int64_t n = n0; n < n1; n += 16) {
+        const int64_t R = std::min<int64_t>(16, n1 - n);
+        const uint8_t* qn = q + n * (K / 2);
+        const float* sn = sc + n * ng;
+        const float* on = of ? of + n * ng : nullptr;
+        if (of && G == 128) tile_r16_q4e<true, 1, 16, U>(xq, K, ng, dx, sx, xs, qn, R, sn, on, out + n, pf, sct);
+        else if (of) tile_r16_q4e<true, 2, 16, U>(xq, K, ng, dx, sx, xs, qn, R, sn, on, out + n, pf, sct);
+        else if (G == 128) tile_r16_q4e<false, 1, 16, U>(xq, K, ng, dx, sx, xs, qn, R, sn, nullptr, out + n, pf, sct);
+        else tile_r16_q4e<false, 2, 16, U>(xq, K, ng, dx, sx, xs, qn, R, sn, nullptr, out + n, pf, sct);
+      }
+    };
+    if (m1_unpack()) go(std::true_type{});
+    else go(std::false_type{});
     return;
   }
   if (of) {

@@ -253,7 +253,7 @@ void run_r16_q8(const int8_t* xq, const float* dx, const int32_t* sx, int64_t M,
                 const uint8_t* w, float* out, int64_t N, int64_t n0, int64_t n1, const Pf& pf = Pf()) {
   if (pf.prime) prime(w + n0 * K, std::min<int64_t>(pf.d, (n1 - n0) * K));
   if (M == 1 && nbx == K / 128 && codeshell::env_flag("CODESHELL_Q8_M1E", true) &&
-      codeshell::q8m1e::run(xq, dx, sx, K, w, out, n0, n1, pf))
+      codeshell::q8m1e::run(xq, dx, sx, K, w, out, n0, n1, pf, m1_unpack()))
     return;
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t R = std::min<int64_t>(16, n1 - n);

@@ -17,45 +17,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_serve import decode_ms, median_or_nan, task_prompt  # noqa: E402
-
-from codeshell.bench import HostLoad  # noqa: E402
-
-
-def run(llm, ks: list[int], max_tokens: int) -> dict:
-    """bench_serve.direct's round with each step timed: prefill steps (some prompt waiting before it) apart."""
-    from codeshell.engine import SamplingParams
-    eng = llm.engine
-    with HostLoad() as load:
-        t0 = time.perf_counter()
-        for k in ks:
-            sp = SamplingParams(temperature=0.8, seed=k % 1000, max_tokens=max_tokens, ignore_eos=True)
-            eng.add_request(f"ab-{k}-{time.time_ns()}", llm.tokenizer.encode(task_prompt(k)), sp)
-        first: dict[str, float] = {}
-        last: dict[str, float] = {}
-        tokens: dict[str, int] = {}
-        pre, dec = [], []
-        while eng.has_unfinished():
-            prefill = bool(eng.waiting)
-            s = time.perf_counter()
-            outs = eng.step()
-            e = time.perf_counter()
-            (pre if prefill else dec).append(e - s)
-            for out in outs:
-                tokens[out.request_id] = n = len(out.outputs[0].token_ids)
-                last[out.request_id] = e - t0
-                if n and out.request_id not in first:
-                    first[out.request_id] = e - t0
-        wall = time.perf_counter() - t0
-    return {"tok_s": sum(tokens.values()) / wall, "ttft": statistics.median(first.values()),
-            "decode_ms": median_or_nan(decode_ms(first.get(r), tokens[r], last[r]) for r in tokens),
-            "steps": len(pre) + len(dec), "pre_s": sum(pre), "pre_n": len(pre),
-            "dec_ms": 1e3 * statistics.median(dec) if dec else float("nan"), "other": load.other or 0.0}
+from bench_serve import direct  # noqa: E402 (the round, each step timed)
 
 
 def main() -> None:
@@ -82,7 +48,7 @@ def main() -> None:
                 old = {k: os.environ.get(k) for k in env}
                 os.environ.update(env)
                 try:
-                    x = run(llm, list(range(off, off + c)), args.max_tokens)  # distinct prompts: no prefix hits
+                    x = direct(llm, list(range(off, off + c)), args.max_tokens)  # distinct prompts: no prefix hits
                 finally:
                     for k, v in old.items():
                         if v is None:
@@ -93,7 +59,7 @@ def main() -> None:
                 if r:
                     res.setdefault((name, c), []).append(x)
                 print(f"  round {r}{' (warm-up)' if not r else ''} {name:6s} {c:2d} clients: {x['tok_s']:6.1f} tok/s, "
-                      f"TTFT p50 {x['ttft'] * 1e3:6.0f} ms, decode {x['decode_ms']:6.1f} ms a token, {x['steps']} steps "
+                      f"TTFT p50 {x['ttft_p50'] * 1e3:6.0f} ms, decode {x['decode_ms']:6.1f} ms a token, {x['steps']} steps "
                       f"({x['pre_n']} with prefill: {x['pre_s']:.2f} s; decode-only median {x['dec_ms']:.1f} ms), "
                       f"other processes {x['other']:.2f} cores, load {os.getloadavg()[0]:.2f}", flush=True)
     print(f"\n{args.model}: medians of {args.rounds} rounds, {args.threads} threads")
@@ -102,8 +68,8 @@ def main() -> None:
     for c in args.clients:
         for name, _ in variants:
             xs = res[(name, c)]
-            med = {k: statistics.median(x[k] for x in xs) for k in ("tok_s", "ttft", "decode_ms", "pre_s", "dec_ms")}
-            print(f"| {name} | {c} | {med['tok_s']:.1f} | {med['ttft'] * 1e3:.0f} | {med['decode_ms']:.1f} | "
+            med = {k: statistics.median(x[k] for x in xs) for k in ("tok_s", "ttft_p50", "decode_ms", "pre_s", "dec_ms")}
+            print(f"| {name} | {c} | {med['tok_s']:.1f} | {med['ttft_p50'] * 1e3:.0f} | {med['decode_ms']:.1f} | "
                   f"{med['pre_s']:.2f} | {med['dec_ms']:.1f} |")
 
 

@@ -260,7 +260,9 @@ def engine_throughput(model: Path, clients: list[int], max_tokens: int, threads:
 
 def direct(llm, ks: list[int], max_tokens: int) -> dict:
     """The requests `throughput` sends for prompts `ks` (one round), run straight on `llm`'s
-    engine in this process, all added at once: no HTTP, no engine thread, no event loop."""
+    engine in this process, all added at once: no HTTP, no engine thread, no event loop. Each
+    step timed too: the steps that admitted a waiting prompt (`pre_s`, `pre_n`) apart from the
+    decode-only ones (`dec_ms`, their median; ab_serve_direct.py prints both)."""
     from codeshell.engine import SamplingParams
     eng = llm.engine
     with HostLoad() as load:
@@ -271,16 +273,24 @@ def direct(llm, ks: list[int], max_tokens: int) -> dict:
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         tokens: dict[str, int] = {}
+        pre, dec = [], []  # seconds of the steps that admitted a prompt / of the decode-only ones
         while eng.has_unfinished():
-            for out in eng.step():
+            prefill = bool(eng.waiting)
+            s = time.perf_counter()
+            outs = eng.step()
+            e = time.perf_counter()
+            (pre if prefill else dec).append(e - s)
+            for out in outs:
                 tokens[out.request_id] = n = len(out.outputs[0].token_ids)
-                last[out.request_id] = time.perf_counter() - t0
+                last[out.request_id] = e - t0
                 if n and out.request_id not in first:
-                    first[out.request_id] = last[out.request_id]
+                    first[out.request_id] = e - t0
         wall = time.perf_counter() - t0
     return {"clients": len(ks), "tokens": sum(tokens.values()), "wall": wall, "tok_s": sum(tokens.values()) / wall,
             "ttft_p50": statistics.median(first.values()), "other": load.other or 0.0,
-            "decode_ms": median_or_nan(decode_ms(first.get(r), tokens[r], last[r]) for r in tokens)}
+            "decode_ms": median_or_nan(decode_ms(first.get(r), tokens[r], last[r]) for r in tokens),
+            "steps": len(pre) + len(dec), "pre_s": sum(pre), "pre_n": len(pre),
+            "dec_ms": 1e3 * statistics.median(dec) if dec else float("nan")}
 
 
 def engine_metrics(url: str, headers: dict) -> tuple[float, float]:

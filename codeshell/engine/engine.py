@@ -326,24 +326,25 @@ class Engine:
     def _admit_take(self) -> int:
         """How many waiting requests this step may admit by the time-to-first-token split
         (`prefill_plan.first_group` over those the free slots can take: the step's token budget as
-        the loop below has it, the forwards' padded budget as `_fits` has it); unbounded without a measured prefill cost, with CODESHELL_PREFILL_GROUPS=one
+        the loop below has it, which prompts may share a forward as `_fits` says, nothing cached
+        assumed); unbounded without a measured prefill cost, with CODESHELL_PREFILL_GROUPS=one
         or with CODESHELL_PREFILL_ADMIT=budget (the rule before session 41, read per step: A/B)."""
         if (self.prefill_cost is None or self._groups == "one" or len(self.waiting) < 2
                 or os.environ.get("CODESHELL_PREFILL_ADMIT") == "budget"):
             return len(self.waiting) or 1
-        lengths, seqs = [], 0
+        reqs, seqs = [], 0
         for req in self.waiting:
             seqs += req.params.n
             if seqs > len(self.free_slots):
                 break
-            lengths.append(len(req.prompt_ids))
-        if len(lengths) < 2:
+            reqs.append(req)
+        if len(reqs) < 2:
             return 1
-        chunk, cost = self.prefill_chunk, self.prefill_cost
+        cost = self.prefill_cost
         # the decode step between two admitting steps: the last one measured, else a one-row forward
         between = self._decode_s or cost.forward(1)
-        return first_group(lengths, cost, lambda idx: len(idx) * max(lengths[i] for i in idx) <= chunk,
-                           between, chunk)
+        return first_group([len(r.prompt_ids) for r in reqs], cost,
+                           lambda idx: self._fits([(reqs[i], 0) for i in idx]), between, self.prefill_chunk)
 
     def _pick_slot(self, prompt_ids: list[int] | None) -> int:
         """A free slot: the one whose cached tokens share the longest prefix with the prompt,

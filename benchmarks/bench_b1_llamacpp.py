@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -39,12 +39,9 @@ def gguf_bytes_per_token(path: str) -> int:
 
 
 def llama_tg(bin_dir: str, gguf_path: str, threads: int, tokens: int, reps: int) -> float:
-    """Seconds a token of llama-bench's tg (its best sample)."""
-    import json
-    r = subprocess.run([os.path.join(bin_dir, "llama-bench"), "-m", gguf_path, "-t", str(threads), "-p", "0",
-                        "-n", str(tokens), "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True)
-    row = json.loads(r.stdout)[0]
-    return 1.0 / max(row.get("samples_ts") or [row["avg_ts"]])
+    """Seconds a token of llama-bench's tg (its best sample: codeshell.llamacpp.llama_bench, no prompt run)."""
+    from codeshell import llamacpp
+    return 1.0 / llamacpp.llama_bench(Path(bin_dir), gguf_path, threads, 0, tokens, reps)["decode_tps"]
 
 
 def main() -> None:

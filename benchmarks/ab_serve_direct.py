@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_kernels import set_env  # noqa: E402
 from bench_serve import direct  # noqa: E402 (the round, each step timed)
 
 
@@ -38,23 +39,19 @@ def main() -> None:
     from codeshell.engine import SamplingParams
     llm = LLM(args.model, max_batch=16, threads=args.threads)  # the server's engine (`--max-batch 16`)
     llm.generate("warm up", SamplingParams(temperature=0, max_tokens=2))
-    variants = [(name, dict(p.split("=", 1) for p in sw.split(",") if p)) for name, sw in args.variant]
+    variants = [(name, sw or "-") for name, sw in args.variant]
+    base_env = dict(os.environ)
     res: dict[tuple[str, int], list[dict]] = {}
     off = 0
     for r in range(args.rounds + 1):  # round 0 warms up every variant and is not counted
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for c in args.clients:
-            for name, env in order:
-                old = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
+            for name, sw in order:
+                set_env(sw, base_env)
                 try:
                     x = direct(llm, list(range(off, off + c)), args.max_tokens)  # distinct prompts: no prefix hits
                 finally:
-                    for k, v in old.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
+                    set_env("-", base_env)
                 off += c
                 if r:
                     res.setdefault((name, c), []).append(x)

@@ -4,7 +4,10 @@ small sets), keeps one forward where the fixed cost outweighs the padding, gives
 prompt a forward of its own where its padding costs more, keeps to `fits`, and lists groups in
 arrival order; without a cost table it is the rule before session 32 (one forward while they fit).
 `first_group` (how many waiting prompts a step admits) is checked the same way: against every split
-into consecutive groups, by the summed time to first token it claims to minimise."""
+into consecutive groups, by the summed time to first token it claims to minimise. Both keep the
+results of the rule as written before session 42 (`plan` re-run for every candidate group, kept here
+as `plan_before` / `first_group_before`) on random sets, ties and odd `fits` included, with fewer
+`fits` calls."""
 
 from __future__ import annotations
 
@@ -184,3 +187,134 @@ def test_first_group_least_summed_ttft(seed):
     best = min(ttft_sum(c, lengths, cost, between, fits) for c in compositions(n) if ok(c))
     mine = min(ttft_sum(c, lengths, cost, between, fits) for c in compositions(n) if ok(c) and c[0] == k)
     assert mine == pytest.approx(best)
+
+
+# ---- session 42: the group cost grown a prompt at a time (prefill_plan._Grouping) -------------------
+def plan_before(rest, cost, fits):
+    """`plan` with a cost as written before session 42 (one DP over the sorted prompts)."""
+    n = len(rest)
+    order = sorted(range(n), key=lambda i: (rest[i], i))
+    best = [(0.0, 0)] + [(float("inf"), 0)] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        T = rest[order[j - 1]]
+        for i in range(j - 1, -1, -1):
+            if i < j - 1 and not fits(order[i:j]):
+                break
+            c, f = best[i]
+            cand = (c + cost.forward((j - i) * T), f + 1)
+            if cand[0] < best[j][0] * (1 - 1e-9) or (cand[0] <= best[j][0] * (1 + 1e-9) and cand[1] < best[j][1]):
+                best[j], cut[j] = cand, i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    groups.sort(key=lambda g: g[0])
+    return groups
+
+
+def first_group_before(lengths, cost, fits, between_s=0.0, budget=None):
+    """`first_group` as written before session 42: `plan_before` re-run for every candidate group."""
+    n = len(lengths)
+    if n <= 1:
+        return n
+
+    def group_s(i, j):
+        sub = lengths[i:j]
+        return sum(cost.forward(len(g) * max(sub[k] for k in g))
+                   for g in plan_before(sub, cost, lambda idx: fits([i + k for k in idx])))
+
+    best = [(0.0, 0)] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        cand_best, tokens = (float("inf"), 1), 0
+        for j in range(i + 1, n + 1):
+            tokens += lengths[j - 1]
+            if j > i + 1 and budget is not None and tokens > budget:
+                break
+            after = n - j
+            t = group_s(i, j) * (n - i) + (between_s * after if after else 0.0) + best[j][0]
+            if t < cand_best[0] * (1 - 1e-9):
+                cand_best = (t, j - i)
+        best[i] = cand_best
+    return best[0][1]
+
+
+class Counted:
+    """A `fits` that counts its calls; `kind` picks the rule: the engine's padded budget, a budget on
+    the summed tokens, or pairs of prompts that may not share a forward (drawn at random: fits that
+    follow no length order). All subset-closed, as `plan` asks."""
+
+    def __init__(self, lengths, kind, limit, seed):
+        self.lengths, self.kind, self.limit, self.calls = lengths, kind, limit, 0
+        rng = random.Random(seed)
+        n = len(lengths)
+        self.apart = {(a, b) for a in range(n) for b in range(a + 1, n) if rng.random() < 0.1}
+
+    def __call__(self, idx):
+        self.calls += 1
+        if self.kind == "padded":
+            return len(idx) * max(self.lengths[i] for i in idx) <= self.limit
+        if self.kind == "summed":
+            return sum(self.lengths[i] for i in idx) <= self.limit
+        return not any((a, b) in self.apart for a in idx for b in idx)
+
+
+def random_case(rng):
+    n = rng.randint(1, 16)
+    spread = rng.choice([0, 1, 3, 40, 200])  # 0: all one length (ties everywhere)
+    base = rng.choice([1, 10, 30, 90])
+    lengths = [base + rng.randint(0, spread) for _ in range(n)]
+    fixed = rng.choice([0.0, 0.01, 0.06, 0.5, 5.0])
+    row = rng.choice([1e-4, 0.0065, 0.02])
+    if rng.random() < 0.4:
+        cost = PrefillCost.from_timings((8, fixed + 8 * row), (72, fixed + 72 * row),
+                                        (216, rng.uniform(0.3, 1.2) * (fixed + 216 * row)))
+    else:
+        cost = PrefillCost(fixed, row)
+    return lengths, cost
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_grouping_keeps_the_results_before(seed):
+    # the same groups and admissions as the rule before (exact equality: ties, float sums), for the
+    # engine's padded budget and two other subset-closed rules
+    rng = random.Random(1000 + seed)
+    lengths, cost = random_case(rng)
+    kind = rng.choice(["padded", "summed", "apart"])
+    limit = rng.choice([10 ** 9, 150, 512])
+    between = rng.choice([0.0, 0.005, 0.08, 0.25, 2.0])
+    budget = rng.choice([None, 200, 512])
+    new, old = Counted(lengths, kind, limit, seed), Counted(lengths, kind, limit, seed)
+    assert plan(lengths, cost, new) == plan_before(lengths, cost, old)
+    assert new.calls <= old.calls + len(lengths)  # at most one whole-set question more a prompt
+    assert first_group(lengths, cost, new, between, budget) == first_group_before(lengths, cost, old, between, budget)
+
+
+def test_grouping_fewer_fits_calls_on_a_burst():
+    # 16 prompts of ~10 tokens under the engine's 512-token budget (every group fits): the rule before
+    # asked fits for every run of every candidate group (~1000 questions); grown, a group whose whole
+    # set fits asks once (136)
+    rng = random.Random(7)
+    lengths = [10 + rng.randint(-2, 3) for _ in range(16)]
+    cost = PrefillCost(0.06, 0.0065)
+    new, old = Counted(lengths, "padded", 512, 0), Counted(lengths, "padded", 512, 0)
+    assert first_group(lengths, cost, new, 0.25, 512) == first_group_before(lengths, cost, old, 0.25, 512)
+    assert new.calls <= 136 < old.calls // 5, (new.calls, old.calls)
+
+
+def test_grouping_grown_in_any_order_is_plan():
+    # the group's DP after prompts added in arrival order (inserted anywhere in the sorted order)
+    # equals plan's over the same prompts, groups and summed cost
+    from codeshell.engine.prefill_plan import _Grouping
+    rng = random.Random(3)
+    for _ in range(200):
+        lengths, cost = random_case(rng)
+        fits = Counted(lengths, "padded", rng.choice([150, 512, 10 ** 9]), 0)
+        g = _Grouping(cost, fits)
+        for i, n in enumerate(lengths):
+            g.add(n, i)
+            sub = lengths[:i + 1]
+            want = plan_before(sub, cost, fits)
+            assert g.groups() == want
+            assert g.total() == sum(cost.forward(len(x) * max(sub[k] for k in x)) for x in want)

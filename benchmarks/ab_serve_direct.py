@@ -8,7 +8,9 @@ engine's steps and the seconds in steps that prefilled (a step that admitted pro
     flock /work/notes/bench.lock python benchmarks/ab_serve_direct.py /tmp/bs-A/model-1.7b-q4_0.gguf \\
         --clients 1 16 --rounds 3 --variant old CODESHELL_VNNI_Q4_NIB=0 --variant new ''
 
-Session 41 (helper C): the int4 (GGUF q4_0) prompt's vpdpbusd GEMM on the nibbles as stored. Not a test.
+Session 41 (helper C): the int4 (GGUF q4_0) prompt's vpdpbusd GEMM on the nibbles as stored. Session 42:
+`--measure-cost` measures the prefill cost as the server does at load, so the rounds admit as the server
+does (an A/B of CODESHELL_PREFILL_ADMIT=budget needs it). Not a test.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--measure-cost", action="store_true",
+                    help="measure the prefill cost at load as the server does (Engine.measure_prefill_cost): "
+                         "the server's admission (prefill_plan.first_group) and grouping; without it the "
+                         "engine admits by the token budget, as LLM.generate")
     ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "SWITCHES"), required=True,
                     help="a name and NAME=VALUE[,NAME=VALUE...] set for its rounds ('' for none)")
     args = ap.parse_args()
@@ -39,6 +45,8 @@ def main() -> None:
     from codeshell.engine import SamplingParams
     llm = LLM(args.model, max_batch=16, threads=args.threads)  # the server's engine (`--max-batch 16`)
     llm.generate("warm up", SamplingParams(temperature=0, max_tokens=2))
+    if args.measure_cost:
+        print(f"prefill cost: {llm.engine.measure_prefill_cost()}", flush=True)
     variants = [(name, sw or "-") for name, sw in args.variant]
     base_env = dict(os.environ)
     res: dict[tuple[str, int], list[dict]] = {}

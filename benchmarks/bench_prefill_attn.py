@@ -1,8 +1,10 @@
 """A prompt's attention alone, switch against switch, alternating in one process.
 
 What this is: the engine's prompt attention (`CacheView.attend`, engine/kv_cache.py: the native
-`prefill_attention` of csrc/attention_prefill.cpp on AVX-512 CPUs; on AVX2 decode's kernel one query
-each, or PyTorch's SDPA with CODESHELL_PREFILL_ATTN_DECODE=0) at one shape (one row, T queries at
+`prefill_attention` of csrc/attention_prefill.cpp on AVX-512 CPUs; on AVX2 its AVX2 section
+`prefill_attention_lanes` (8 queries in lanes, decode's bits per query; session 42), decode's kernel
+one query each with CODESHELL_PREFILL_ATTN_LANES=0, or PyTorch's SDPA with
+CODESHELL_PREFILL_ATTN_DECODE=0) at one shape (one row, T queries at
 positions 0..T-1, as a prompt's layer calls it), timed for the default switches and for each
 `--env` set (NAME=V[,NAME=V...]: set for that variant's calls only), the variants alternating in
 every round so that a host whose speed drifts between minutes slows them alike. It prints, per
@@ -15,8 +17,10 @@ weights evict its caches) or a test (tests/kernels/test_prefill_attention*.py ch
 
     flock /work/notes/bench.lock python benchmarks/bench_prefill_attn.py --shape small --threads 1 \
         --env CODESHELL_PREFILL_ATTN_T=0 --rounds 30
+    flock /work/notes/bench.lock python benchmarks/bench_prefill_attn.py --model codeshell-mini --threads 1 \
+        --rounds 30 --env CODESHELL_PREFILL_ATTN_LANES=0  # AVX2: the lanes kernel against decode's per query
     flock /work/notes/bench.lock python benchmarks/bench_prefill_attn.py --shape 7b \
-        --env CODESHELL_PREFILL_ATTN_DECODE=0       # AVX2: decode's kernel per query against SDPA
+        --env CODESHELL_PREFILL_ATTN_DECODE=0       # AVX2: the lanes kernel against SDPA
 """
 
 from __future__ import annotations

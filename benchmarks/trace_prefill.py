@@ -11,7 +11,8 @@ alternating:
   the figure issue 14 sets at >= 80%;
 * traced: the same prompt with `time.perf_counter` around every part the model's inference
   path calls (each linear by name, `fused_add_layer_norm`, the RoPE cast, the KV-cache write,
-  the prefill attention kernel (on AVX2 decode's `packed_attention`, one query a token), GELU, the residual copies, the embedding, the RoPE tables, the
+  the prefill attention kernel (on AVX2 `prefill_attention_lanes`, or decode's `packed_attention` one
+  query a token with CODESHELL_PREFILL_ATTN_LANES=0, and for the last block's sampled rows), GELU, the residual copies, the embedding, the RoPE tables, the
   output head); "rest" is the prompt's time less the parts (engine, Python between calls).
 
 Every part runs on torch's thread count and returns when done, so wall time per call adds up.
@@ -84,6 +85,7 @@ def install_tracing(llm) -> list:
     saved = [(KM.PackedLinear, "forward_gelu", gelu), (M, "_cached_sdpa", M._cached_sdpa), (M, "_linear_rows", lin), (M, "_fused_ops", fused), (M, "_residual", M._residual),
              (KV.CacheView, "_store", KV.CacheView._store), (PA, "prefill_attention", PA.prefill_attention),
              (AT, "packed_attention", AT.packed_attention),
+             (PA, "prefill_attention_lanes", PA.prefill_attention_lanes),
              (E.Engine, "_logits", E.Engine._logits), (M.CodeShellModel, "_rope_rows", M.CodeShellModel._rope_rows),
              (wte, "forward", None)]
     M._linear_rows = lambda linear, x: _wrap(lin, names.get(id(linear), "linear (other)"))(linear, x)
@@ -94,6 +96,7 @@ def install_tracing(llm) -> list:
     KV.CacheView._store = _wrap(KV.CacheView._store, "KV-cache write")
     PA.prefill_attention = _wrap(PA.prefill_attention, "attention kernel")
     AT.packed_attention = _wrap(AT.packed_attention, "attention kernel")  # AVX2: one decode query a token
+    PA.prefill_attention_lanes = _wrap(PA.prefill_attention_lanes, "attention kernel")  # AVX2 (session 42)
     E.Engine._logits = _wrap(E.Engine._logits, "output head")
     M.CodeShellModel._rope_rows = _wrap(M.CodeShellModel._rope_rows, "RoPE tables")
     wte.forward = _wrap(wte.forward, "embedding")

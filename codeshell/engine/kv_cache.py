@@ -112,7 +112,8 @@ class CacheView:
         and, on AVX512-BF16 CPUs, prefill (T > 1, causal by position: `prefill_attention`, whose
         result is laid out [B, T, H, D] underneath, so the caller's transpose back is free);
         and, for bf16 elsewhere with the native kernels (AVX2), prefill as one decode query per
-        prompt token (`_attend_as_decode`: decode's bits for every row);
+        prompt token (`_attend_as_decode`: decode's bits for every row; on AVX2 by
+        `prefill_attention_lanes`, 8 queries a pass with those bits, unless CODESHELL_PREFILL_ATTN_LANES=0);
         None, storing nothing, where neither applies (the caller uses `update` and SDPA)."""
         from ..kernels import decode_attention, decode_attention_ok
         from ..kernels.prefill_attention import prefill_attention, prefill_attention_ok
@@ -158,12 +159,21 @@ class CacheView:
         kernels/ops.py) every prompt row is computed exactly as a decode step would compute it,
         whatever the padding, the batch around it or a cached prefix. PyTorch's SDPA gave a
         prompt's last row other bits in a padded batch than alone (session 31: codeshell-mini's
-        greedy text at batch 8 differed from batch 1, tests/engine/test_prompt_lookup.py)."""
+        greedy text at batch 8 differed from batch 1, tests/engine/test_prompt_lookup.py).
+        The whole prompt (rows None) on AVX2 goes through `prefill_attention_lanes` (the same bits
+        per query, 8 queries in a register's lanes; `lanes_ok`, CODESHELL_PREFILL_ATTN_LANES=0: off);
+        the sampled rows of the last block, and other ISAs, through `packed_attention`."""
         from ..kernels import decode_attention_ok
         if q.dtype != torch.bfloat16 or not _prefill_as_decode():
             return None
         k_layer, v_layer = self.cache.k[layer], self.cache.v[layer]
         B, H, T, D = q.shape
+        from ..kernels.prefill_attention import lanes_ok, prefill_attention_lanes
+        if rows is None and T > 1 and lanes_ok(q, k_layer):
+            # the same bits per query, 8 queries a pass (session 42): y [B, T, H, D]
+            self._store(layer, k, v)
+            y = prefill_attention_lanes(q, k_layer, v_layer, self.slot_index, self.positions, scale)
+            return y.view(B * T, H, 1, D)
         qt = q.transpose(1, 2).reshape(B * T, H, 1, D)                          # [B*T, H, 1, D]
         if rows is not None:
             qt = qt[rows]                                                       # [R, H, 1, D]

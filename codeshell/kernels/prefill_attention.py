@@ -12,6 +12,10 @@ decode's kernel one query each (engine/kv_cache.py `CacheView.attend`, session 3
 for every prompt row) and anything else runs PyTorch's SDPA with the boolean mask. On an AVX-512 CPU without AVX512-BF16 (Ice Lake / Cascade Lake
 Xeons) the kernel runs with its two bf16 instructions emulated by fp32 FMAs (session 23; see
 `prefill_attention_ok`).
+On AVX2 CPUs (no AVX-512) a bf16 prompt whose head dim is a multiple of 16 runs
+`prefill_attention_lanes` (the same source's AVX2 section, session 42): 8 queries in a register's
+lanes, each query's row still exactly decode's (`lanes_ok`; CODESHELL_PREFILL_ATTN_LANES=0 runs
+decode's kernel one query each as before).
 """
 
 from __future__ import annotations
@@ -91,3 +95,31 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     kb = key_block(q.shape[3]) if kb is None else kb
     return _ext.get().prefill_attention(q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale, kb,
                                         use_amx(kb))
+
+
+def lanes_enabled() -> bool:
+    """CODESHELL_PREFILL_ATTN_LANES (default 1; read per call: A/B runs and tests): 0 or off runs an
+    AVX2 prompt's attention through decode's kernel one query at a time (`packed_attention`, the
+    path before session 42) instead of `prefill_attention_lanes`. The same bits either way."""
+    return os.environ.get("CODESHELL_PREFILL_ATTN_LANES", "1") not in ("0", "off")
+
+
+def lanes_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `prefill_attention_lanes` runs for these tensors: CPU bf16 queries [B, H, T, D] (the
+    last dim contiguous), a contiguous bf16 cache layer, D a multiple of 16 (decode's vector path,
+    whose bits it reproduces), the native kernels at the AVX2 level (`isa_level()`: on AVX-512 CPUs
+    `prefill_attention` runs, or decode's kernel with 16-lane registers; the lanes kernel is not
+    measured there), and the switch on (`lanes_enabled`)."""
+    return (q.device.type == "cpu" and q.dim() == 4 and q.dtype == torch.bfloat16 and q.stride(3) == 1
+            and k_cache.dtype == torch.bfloat16 and k_cache.is_contiguous() and q.shape[3] % 16 == 0
+            and isa_level() == ISA_LEVELS.index("avx2") and lanes_enabled())
+
+
+def prefill_attention_lanes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                            positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """`prefill_attention`'s arguments and result ([B, T, H, D] bf16) on AVX2 (csrc/attention_prefill.cpp,
+    its AVX2 section): 8 consecutive queries of a row share each key broadcast and value row, and every
+    query's row has exactly the bits `decode_attention` gives that query alone (its FMA chains, hsum8
+    tree, softmax sums and value chains in decode's order). Any positions (a padded row, a prefix);
+    D % 16 == 0. The caller checks `lanes_ok` (or calls it directly: tests, benchmarks)."""
+    return _ext.get().prefill_attention_lanes(q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale)

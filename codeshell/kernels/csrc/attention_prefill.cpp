@@ -46,6 +46,7 @@
 #include "isa.h"
 #include "parallel.h"
 #include "scratch.h"
+#include "simd.h"
 #include "simd512.h"
 #include "switches.h"
 
@@ -1275,5 +1276,381 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_c
 #else
   TORCH_CHECK(false, "prefill_attention: built without AVX-512 support");
 #endif
+  return y;
+}
+
+// ---- AVX2: queries in lanes, decode's bits ---------------------------------------------------------
+//
+// What this is: prefill_attention_lanes, the same causal prompt attention (q [B, H, T, D] bf16 -> y
+// [B, T, H, D] bf16) for CPUs without AVX-512 (x86-64-v3: the baseline of this file's build, no
+// target pragma), whose every query gets exactly the bits decode's kernel gives it alone
+// (attention.cpp attend_group on 8-lane registers: packed_attention / decode_attention). The
+// engine's AVX2 prompt ran that kernel one query at a time (engine/kv_cache.py `_attend_as_decode`;
+// session 31: decode's bits for every prompt row, whatever the padding or the batch around it).
+// Why: at codeshell-mini's head dim 32 that path ran at 38% of the FMA rate (~24% of the prompt;
+// docs/kernels-log.md session 36 helper B): per 8 scores its 4-head tree took 8 permutes + 8
+// shuffles + 7 adds beside 32 FMAs, and every key / value vector was widened from bf16 in the inner
+// loops for each query again.
+// How (work item: row b, KV group g, 8 consecutive queries; the group's R = H / G heads):
+//   * keys and values of each (row, group) widened to fp32 once per call (lanes_widen), shared by
+//     all the row's query items;
+//   * scores with the 8 QUERIES IN LANES: Qt[h][d] = the 8 queries' q[h][d], and score (key s,
+//     head h) = for each d-residue j (0..7) an FMA chain over d = j, j + 8, .. from +0 (decode's
+//     8 d-lane chains, the same operands in the same order), then hsum8's tree ((a0 + a4) + (a2 +
+//     a6)) + ((a1 + a5) + (a3 + a7)) as vertical adds, times scale: a key broadcast serves the
+//     tile's HB heads, a Qt vector its KB keys (lanes_scores);
+//   * softmax per lane (lanes_softmax): the max over the query's own keys; exp8 (lane-wise, so
+//     each lane's value is decode's) for the keys of the query's full 8-key chunks, summed into
+//     8 registers by key % 8 (decode's sv lanes) and reduced by hsum8's tree; the keys past the
+//     last full chunk (at most 7, on the diagonal) by std::exp in key order after it, as decode's
+//     scalar tail; every probability times 1.f / sum;
+//   * the probabilities transposed back to one row per query (Pt[query][h][s]) and the value
+//     product in decode's own layout (d in lanes, 16-wide strips, each output lane an FMA chain
+//     over the query's keys 0..S-1 in order from +0; weighted_values) on the widened values, so a
+//     query reads only its own keys (no masks there);
+//   * the output rounded to bf16 as attention_prims.h's to_bf16 (nearest even, NaN kept quiet).
+// What this is not: faster on AVX-512 CPUs (prefill_attention above runs there), or for fp32 caches.
+
+namespace {
+namespace lanes {
+
+constexpr int64_t kQ = 8;  // queries per item (the lanes)
+constexpr int kMaxR = 64;  // the most query heads a KV group (an item's 1 / sum registers)
+
+// 8 x 8 transpose: r[i] lane j <- r[j] lane i.
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// v, kept in a register: GCC otherwise folds a vector reused by several FMAs into each one as a
+// memory operand (one load an FMA: the scores' Qt vectors and the values' rows measured ~1.5x slower
+// with 1.25-1.5 loads an FMA).
+inline __m256 in_reg(__m256 v) {
+  asm("" : "+x"(v));
+  return v;
+}
+
+// hsum8's tree over 8 registers, lane by lane: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
+inline __m256 tree8(const __m256* v) {
+  return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[4]), _mm256_add_ps(v[2], v[6])),
+                       _mm256_add_ps(_mm256_add_ps(v[1], v[5]), _mm256_add_ps(v[3], v[7])));
+}
+
+// 16 fp32 -> 16 bf16, attention_prims.h to_bf16's rounding lane by lane (nearest even; a NaN keeps
+// its top bits | 0x40).
+inline void store_bf16x16(uint16_t* dst, __m256 a, __m256 b) {
+  auto round = [](__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i hi = _mm256_srli_epi32(u, 16);
+    const __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(hi, _mm256_set1_epi32(1)))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+  };
+  const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(round(a), round(b)), _MM_SHUFFLE(3, 1, 2, 0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), p);
+}
+
+// Scores of HB heads (Qt rows qt [HB][D][8]) against KB keys kf [KB][D] (fp32) into p [HB][.][8]
+// (head h at p + h * hs, key k at + k * 8). res: scratch of KB * HB * 8 vectors. D % 8 == 0.
+// Per residue j the KB x HB chains (decode's lane-j chain of each score) side by side: a Qt
+// vector loaded once for the KB keys, a key value broadcast once for the HB heads.
+template <int HB, int KB, int DT>
+__attribute__((always_inline)) inline void scores_tile(const float* qt, int64_t Dr, const float* kf, __m256 sc, float* p, int64_t hs, __m256* res,
+                        __m256* mx, bool masked, int64_t s, __m256i lenv) {
+  const int64_t D = DT ? DT : Dr;  // DT: the head dim as a constant (the chains unrolled), 0: any
+  for (int j = 0; j < 8; ++j) {
+    __m256 acc[KB][HB];
+    for (int k = 0; k < KB; ++k)
+      for (int h = 0; h < HB; ++h) acc[k][h] = _mm256_setzero_ps();
+    for (int64_t d = j; d < D; d += 8) {
+      __m256 qv[HB];
+      for (int h = 0; h < HB; ++h) qv[h] = in_reg(_mm256_load_ps(qt + (h * D + d) * kQ));
+      for (int k = 0; k < KB; ++k) {
+        const __m256 kv = _mm256_broadcast_ss(kf + k * D + d);
+        for (int h = 0; h < HB; ++h) acc[k][h] = _mm256_fmadd_ps(qv[h], kv, acc[k][h]);
+      }
+    }
+    for (int k = 0; k < KB; ++k)
+      for (int h = 0; h < HB; ++h) res[(k * HB + h) * 8 + j] = acc[k][h];
+  }
+  for (int k = 0; k < KB; ++k) {
+    // the running max of each lane over its own keys (keys past a lane's length: -inf)
+    const __m256 in = masked ? _mm256_castsi256_ps(_mm256_cmpgt_epi32(lenv, _mm256_set1_epi32(int32_t(s + k))))
+                             : _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int h = 0; h < HB; ++h) {
+      const __m256 x = _mm256_mul_ps(tree8(res + (k * HB + h) * 8), sc);
+      _mm256_store_ps(p + h * hs + k * kQ, x);
+      mx[h] = _mm256_max_ps(mx[h], masked ? _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, in) : x);
+    }
+  }
+}
+
+// Scores of HB heads against keys [0, S): KB keys a tile, the rest one at a time.
+// mx [HB]: each head's running max per lane (from -inf), over keys < len[lane] (lenv) only: keys
+// [Smin, S) are some lanes' past their own.
+template <int HB, int KB, int DT>
+void scores_heads_d(const float* qt, int64_t D, const float* kf, int64_t S, int64_t Smin, __m256i lenv, __m256 sc,
+                    float* p, int64_t hs, __m256* res, __m256* mx) {
+  int64_t s = 0;
+  for (; s + KB <= std::min(S, Smin); s += KB)  // every lane's keys
+    scores_tile<HB, KB, DT>(qt, D, kf + s * D, sc, p + s * kQ, hs, res, mx, false, s, lenv);
+  for (; s + KB <= S; s += KB)
+    scores_tile<HB, KB, DT>(qt, D, kf + s * D, sc, p + s * kQ, hs, res, mx, true, s, lenv);
+  for (; s < S; ++s) scores_tile<HB, 1, DT>(qt, D, kf + s * D, sc, p + s * kQ, hs, res, mx, s + 1 > Smin, s, lenv);
+}
+
+template <int HB, int KB>
+void scores_heads(const float* qt, int64_t D, const float* kf, int64_t S, int64_t Smin, __m256i lenv, __m256 sc,
+                  float* p, int64_t hs, __m256* res, __m256* mx) {
+  switch (D) {
+    case 32: scores_heads_d<HB, KB, 32>(qt, D, kf, S, Smin, lenv, sc, p, hs, res, mx); break;
+    case 64: scores_heads_d<HB, KB, 64>(qt, D, kf, S, Smin, lenv, sc, p, hs, res, mx); break;
+    case 128: scores_heads_d<HB, KB, 128>(qt, D, kf, S, Smin, lenv, sc, p, hs, res, mx); break;
+    default: scores_heads_d<HB, KB, 0>(qt, D, kf, S, Smin, lenv, sc, p, hs, res, mx); break;
+  }
+}
+
+// Every head of the group: blocks of 4 heads x 2 keys (8 chains: 4 + 2 loads an 8 FMAs), the
+// rest as 3 x 2, 2 x 4 or 1 x 8.
+// mx [R]: each head's max per lane over the lane's keys (0..len - 1; len[i] >= 1).
+inline void scores_all(const float* qt, int R, int64_t D, const float* kf, int64_t S, int64_t Smin, const int32_t* len,
+                       float scale, float* p, int64_t hs, __m256* res, __m256* mx) {
+  const __m256 sc = _mm256_set1_ps(scale);
+  const __m256i lenv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(len));
+  for (int h = 0; h < R; ++h) mx[h] = _mm256_set1_ps(-INFINITY);
+  int h = 0;
+  for (; h + 4 <= R; h += 4) scores_heads<4, 2>(qt + h * D * kQ, D, kf, S, Smin, lenv, sc, p + h * hs, hs, res, mx + h);
+  switch (R - h) {
+    case 3: scores_heads<3, 2>(qt + h * D * kQ, D, kf, S, Smin, lenv, sc, p + h * hs, hs, res, mx + h); break;
+    case 2: scores_heads<2, 4>(qt + h * D * kQ, D, kf, S, Smin, lenv, sc, p + h * hs, hs, res, mx + h); break;
+    case 1: scores_heads<1, 8>(qt + h * D * kQ, D, kf, S, Smin, lenv, sc, p + h * hs, hs, res, mx + h); break;
+    default: break;
+  }
+}
+
+// softmax_rows for the 8 lanes of one head's scores p [Smax][8] (lane i: query i with len[i]
+// keys; len >= 1; m: each lane's max over its keys, from scores_all): the probabilities of lane i's keys 0..len[i]-1 in place, times 1 / sum in
+// `inv` (not yet applied: lanes_probs does it while transposing). What lane i gets is what
+// softmax_rows computes for that query's row alone (see the section's header).
+inline __m256 lanes_softmax(float* p, const int32_t* len, __m256 m, int64_t Smax) {
+  const __m256i lenv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(len));
+  const __m256i fullv = _mm256_and_si256(lenv, _mm256_set1_epi32(~7));  // each lane's end of its full 8-key chunks
+  int64_t s = 0;
+  alignas(32) int32_t full[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(full), fullv);
+  int64_t fmin = full[0];
+  for (int i = 1; i < 8; ++i) fmin = std::min<int64_t>(fmin, full[i]);
+  __m256 sv[8];
+  for (int l = 0; l < 8; ++l) sv[l] = _mm256_setzero_ps();
+  for (s = 0; s < fmin; s += 8)
+    for (int l = 0; l < 8; ++l) {
+      const __m256 e = codeshell::exp8(_mm256_sub_ps(_mm256_load_ps(p + (s + l) * kQ), m));
+      _mm256_store_ps(p + (s + l) * kQ, e);
+      sv[l] = _mm256_add_ps(sv[l], e);
+    }
+  for (; s < Smax; s += 8)  // lanes still in a full chunk: exp8 and its sum; the others keep their score
+    for (int l = 0; l < 8 && s + l < Smax; ++l) {  // (fmin % 8 == 0: key s + l goes to sv[l])
+      const __m256 in = _mm256_castsi256_ps(_mm256_cmpgt_epi32(fullv, _mm256_set1_epi32(int32_t(s + l))));
+      const __m256 x = _mm256_load_ps(p + (s + l) * kQ);
+      const __m256 e = codeshell::exp8(_mm256_sub_ps(x, m));
+      _mm256_store_ps(p + (s + l) * kQ, _mm256_blendv_ps(x, e, in));
+      sv[l] = _mm256_add_ps(sv[l], _mm256_and_ps(e, in));  // + (+0) where out: sv stays as it was
+    }
+  alignas(32) float sum[8], mx[8];
+  _mm256_store_ps(sum, tree8(sv));
+  _mm256_store_ps(mx, m);
+  for (int i = 0; i < 8; ++i)  // decode's scalar tail: the keys past lane i's last full chunk, in order
+    for (int64_t j = full[i]; j < len[i]; ++j) sum[i] += (p[j * kQ + i] = std::exp(p[j * kQ + i] - mx[i]));
+  return _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_load_ps(sum));  // 1.f / sum, lane by lane
+}
+
+// pt [8][R][Sp] (query i, head h: its probabilities over keys 0..Sp-1, Sp % 8 == 0) <- p [R][Sp][8] times inv[h].
+inline void lanes_probs(const float* p, const __m256* inv, int R, int64_t Sp, float* pt) {
+  for (int h = 0; h < R; ++h)
+    for (int64_t s = 0; s < Sp; s += 8) {
+      __m256 r[8];
+      for (int k = 0; k < 8; ++k) r[k] = _mm256_mul_ps(_mm256_load_ps(p + (h * Sp + s + k) * kQ), inv[h]);
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(pt + (i * R + h) * Sp + s, r[i]);
+    }
+}
+
+// attention_prims.h weighted_values on fp32 values, for keys [s0, s1) of one query (o carries the
+// sums from s0 > 0: a store and reload of fp32, exact): RB heads' probabilities p [RB][ps],
+// values vf [S][D], o [RB][D]. Each output lane an FMA chain over the keys in order from +0.
+template <int RB>
+inline void values_block(const float* p, int64_t ps, int64_t s0, int64_t s1, const float* vf, int64_t D, float* o) {
+  for (int64_t d = 0; d < D; d += 16) {
+    __m256 acc[RB][2];
+    for (int r = 0; r < RB; ++r)
+      for (int h = 0; h < 2; ++h) acc[r][h] = s0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(o + r * D + d + 8 * h);
+    for (int64_t s = s0; s < s1; ++s) {
+      const __m256 a = in_reg(_mm256_load_ps(vf + s * D + d)), b = in_reg(_mm256_load_ps(vf + s * D + d + 8));
+      for (int r = 0; r < RB; ++r) {
+        const __m256 w = _mm256_broadcast_ss(p + r * ps + s);
+        acc[r][0] = _mm256_fmadd_ps(w, a, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(w, b, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      _mm256_store_ps(o + r * D + d, acc[r][0]);
+      _mm256_store_ps(o + r * D + d + 8, acc[r][1]);
+    }
+  }
+}
+
+inline void values_query(const float* p, int R, int64_t ps, int64_t s0, int64_t s1, const float* vf, int64_t D, float* o) {
+  int h = 0;
+  for (; h + 4 <= R; h += 4) values_block<4>(p + h * ps, ps, s0, s1, vf, D, o + h * D);
+  switch (R - h) {
+    case 3: values_block<3>(p + h * ps, ps, s0, s1, vf, D, o + h * D); break;
+    case 2: values_block<2>(p + h * ps, ps, s0, s1, vf, D, o + h * D); break;
+    case 1: values_block<1>(p + h * ps, ps, s0, s1, vf, D, o + h * D); break;
+    default: break;
+  }
+}
+
+}  // namespace lanes
+}  // namespace
+
+// q bf16 [B, H, T, D] (last dim contiguous); k_cache, v_cache bf16 [slots, G, max_len, D] contiguous,
+// the new keys stored; slots int64 [B]; positions int64 [B, T] (query t of row b sees keys
+// 0..positions[b, t]). Returns y bf16 [B, T, H, D]: each query's row the bits decode_attention
+// gives that query alone. D % 16 == 0 (decode's vector path).
+torch::Tensor prefill_attention_lanes(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                      const torch::Tensor& slots, const torch::Tensor& positions, double scale) {
+  using namespace lanes;
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kBFloat16 && q.stride(3) == 1,
+              "prefill_attention_lanes: q must be bf16 [B, H, T, D] with a contiguous last dim");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == torch::kBFloat16 && k_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == torch::kBFloat16 &&
+                  v_cache.is_contiguous(),
+              "prefill_attention_lanes: k_cache and v_cache must be contiguous bf16 [slots, G, max_len, D] of one shape");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), G = k_cache.size(1), L = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && D > 0 && G > 0 && H % G == 0,
+              "prefill_attention_lanes: head dim ", D, " (a multiple of 16 needed) or groups ", G, " not dividing ", H,
+              " heads");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1 && slots.size(0) == B && slots.is_contiguous(),
+              "prefill_attention_lanes: slots must be int64 [B]");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 2 && positions.size(0) == B &&
+                  positions.size(1) == T && positions.is_contiguous(),
+              "prefill_attention_lanes: positions must be contiguous int64 [B, T]");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  std::vector<int64_t> rowlen(size_t(B), 0);  // keys each row's queries reach (its largest position + 1)
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= sp[b] && sp[b] < k_cache.size(0), "prefill_attention_lanes: slot ", sp[b], " out of range");
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(0 <= pp[b * T + t] && pp[b * T + t] < L, "prefill_attention_lanes: position ", pp[b * T + t],
+                  " outside the cache's ", L);
+      rowlen[b] = std::max(rowlen[b], pp[b * T + t] + 1);
+    }
+  }
+  auto y = torch::empty({B, T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0 || T == 0) return y;
+  const int R = int(H / G);
+  TORCH_CHECK(R <= kMaxR, "prefill_attention_lanes: more than ", kMaxR, " query heads a KV group");
+  const int64_t Lmax = *std::max_element(rowlen.begin(), rowlen.end());
+  const int64_t Sp = (Lmax + 7) / 8 * 8;
+  const auto* qb = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const auto* kb = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
+  const auto* vb = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
+  auto* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsT = q.stride(2);
+  // 1. each (row, group)'s keys and values 0..rowlen-1 widened to fp32 (kf, vf [B][G][Lmax][D]), in
+  // chunks of 64 keys over the threads. The buffer is the calling thread's, kept between calls.
+  static thread_local codeshell::ThreadScratch kv_keep;
+  codeshell::Scratch<float> kv(kv_keep, 2 * size_t(B * G) * Lmax * D);
+  float* const kf = kv.data();
+  float* const vf = kf + size_t(B * G) * Lmax * D;
+  constexpr int64_t kWiden = 64;
+  const int64_t wchunks = (Lmax + kWiden - 1) / kWiden;
+  codeshell::parallel_grain(B * G * wchunks, 1, [&](int64_t a, int64_t e) {
+    for (int64_t w = a; w < e; ++w) {
+      const int64_t bg = w / wchunks, b = bg / G, g = bg % G, s0 = (w % wchunks) * kWiden;
+      const int64_t s1 = std::min(rowlen[b], s0 + kWiden);
+      const size_t src = size_t((sp[b] * G + g) * L) * D, dst = size_t(bg * Lmax) * D;
+      for (int64_t x = s0 * D; x < s1 * D; x += 8) {
+        _mm256_store_ps(kf + dst + x, codeshell::load_bf16x8(kb + src + x));
+        _mm256_store_ps(vf + dst + x, codeshell::load_bf16x8(vb + src + x));
+      }
+    }
+  });
+  // 2. items (row, group, 8 queries), the latest queries (the most keys) first, claimed by the
+  // threads one at a time.
+  const int64_t nq = (T + kQ - 1) / kQ, items = B * G * nq;
+  const float fscale = float(scale);
+  const int64_t qt_n = int64_t(R) * D * kQ, p_n = int64_t(R) * Sp * kQ, o_n = int64_t(R) * D * kQ;
+  codeshell::parallel_grain(items, 1, [&](int64_t a, int64_t e) {
+    static thread_local codeshell::ThreadScratch keep;
+    // Qt [R][D][8], scores / probabilities [R][Sp][8], their rows Pt [8][R][Sp], outputs [8][R][D],
+    // the score tiles' residues (64 vectors)
+    codeshell::Scratch<float> buf(keep, size_t(qt_n + 2 * p_n + o_n + 64 * 8));
+    float* const qt = buf.data();
+    float* const p = qt + qt_n;
+    float* const pt = p + p_n;
+    float* const o = pt + p_n;
+    __m256* const res = reinterpret_cast<__m256*>(o + o_n);
+    for (int64_t w = a; w < e; ++w) {
+      const int64_t qi = nq - 1 - w / (B * G), bg = w % (B * G), b = bg / G, g = bg % G, t0 = qi * kQ;
+      const int n = int(std::min<int64_t>(kQ, T - t0));
+      alignas(32) int32_t len[8];
+      int64_t Smin = INT64_MAX, Smax = 0;
+      for (int i = 0; i < n; ++i) {
+        len[i] = int32_t(pp[b * T + t0 + i] + 1);
+        Smin = std::min<int64_t>(Smin, len[i]);
+        Smax = std::max<int64_t>(Smax, len[i]);
+      }
+      for (int i = n; i < 8; ++i) len[i] = int32_t(Smin);  // idle lanes: zero queries over the shortest keys
+      // Qt: the 8 queries' q of each head, 8 dims at a time transposed to [d][query]
+      for (int h = 0; h < R; ++h) {
+        const uint16_t* qh = qb + b * qsB + (g * R + h) * qsH + t0 * qsT;
+        for (int64_t d = 0; d < D; d += 8) {
+          __m256 r[8];
+          for (int i = 0; i < 8; ++i) r[i] = i < n ? codeshell::load_bf16x8(qh + i * qsT + d) : _mm256_setzero_ps();
+          transpose8(r);
+          for (int k = 0; k < 8; ++k) _mm256_store_ps(qt + (h * D + d + k) * kQ, r[k]);
+        }
+      }
+      const int64_t Spi = (Smax + 7) / 8 * 8;  // this item's key stride (p, pt)
+      const float* kfg = kf + size_t(bg * Lmax) * D;
+      const float* vfg = vf + size_t(bg * Lmax) * D;
+      __m256 mx[kMaxR], inv[kMaxR];
+      scores_all(qt, R, D, kfg, Smax, Smin, len, fscale, p, Spi * kQ, res, mx);
+      for (int h = 0; h < R; ++h) inv[h] = lanes_softmax(p + h * Spi * kQ, len, mx[h], Smax);
+      lanes_probs(p, inv, R, Spi, pt);
+      // values: keys in chunks whose fp32 rows (16 KiB) stay in L1 for the 8 queries
+      const int64_t kc = std::max<int64_t>(16, 4096 / D);
+      for (int64_t s0 = 0; s0 < Smax; s0 += kc)
+        for (int i = 0; i < n; ++i)
+          if (s0 < len[i])
+            values_query(pt + i * R * Spi, R, Spi, s0, std::min<int64_t>(len[i], s0 + kc), vfg, D, o + i * R * D);
+      for (int i = 0; i < n; ++i) {
+        uint16_t* yr = yb + ((b * T + t0 + i) * H + g * R) * D;
+        for (int64_t x = 0; x < R * D; x += 16)
+          store_bf16x16(yr + x, _mm256_load_ps(o + i * R * D + x), _mm256_load_ps(o + i * R * D + x + 8));
+      }
+    }
+  });
   return y;
 }

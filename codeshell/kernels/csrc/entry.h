@@ -146,3 +146,6 @@ void register_decode_step(py::module& m);
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                 const torch::Tensor& slots, const torch::Tensor& positions, double scale, int64_t key_block,
                                 bool amx);
+// attention_prefill.cpp, AVX2: the same attention, each query decode_attention's bits (8 queries in lanes).
+torch::Tensor prefill_attention_lanes(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                      const torch::Tensor& slots, const torch::Tensor& positions, double scale);

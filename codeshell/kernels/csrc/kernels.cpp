@@ -392,6 +392,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_int4", &dequant_int4, kNoGil, "rows [n0,n1) of int4 weight -> fp32 buffer");
   m.def("prefill_attention", &prefill_attention, kNoGil,
         "causal GQA attention of T queries per row straight from the KV cache (AVX512-BF16, or AMX-BF16 tiles with amx) -> bf16 [B,T,H,D]");
+  m.def("prefill_attention_lanes", &prefill_attention_lanes, kNoGil,
+        "AVX2 causal GQA prompt attention from the KV cache, 8 queries in lanes, each query decode_attention's "
+        "bits -> bf16 [B,T,H,D]");
   m.def("read_stream", &read_stream, kNoGil, py::arg("buf"), py::arg("passes"), py::arg("pf") = 2048,
         "read every byte of a buffer `passes` times on all threads (bandwidth probe); pf: prefetch distance in "
         "bytes (0: none)");
